@@ -1,0 +1,217 @@
+"""The paper's models (Sec. 3.5, 4.2.5, 4.3.5; Tables 5-6; SPEC §2) and hyperlayer selection (Sec. 3.1.2).
+
+Every model is called as model(image, tabular) and returns (B,) brain ages or (B, C) logits.
+build_model(task, name, **options) is the one entry point:
+    build_model("brain-age", "hyperfusion")          # Table 5, 1,482,206 parameters
+    build_model("ad", "hyperfusion", n_tabular=15)   # Table 6, 3,853,716 parameters
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from layers import (HyperLayer, HyperLinear, HyperPreactResBlock, ModulatedPreactResBlock, PreactResBlock,
+                    init_hyperlayers)
+
+BRAIN_AGE_MODELS = ("imaging", "concat", "hyperfusion")
+AD_MODELS = ("imaging", "tabular", "concat", "film", "daft", "hyperfusion")
+
+
+# ----------------------------------------------------------------------------------------------
+# Brain age (Sec. 3.5.1, Fig. 2, Table 5)
+
+class BrainAgeNet(nn.Module):
+    """VGG-like 3D CNN (Levakov et al. 2020) with four linear layers at the end.
+
+    name "imaging": plain linears; "concat": the one-hot sex vector is concatenated to the input
+    of each linear layer (Sec. 4.2.5); "hyperfusion": the four linears are HyperLinear layers, each
+    with its own embedding Linear(2, embedding_dim) of the sex vector (Sec. 3.5.1, Fig. 2D).
+    """
+
+    def __init__(self, name="hyperfusion", image_shape=(90, 120, 99), embedding_dim=1, n_tabular=2,
+                 hyper_mode="factorised"):
+        super().__init__()
+        assert name in BRAIN_AGE_MODELS, name
+        self.name, self.n_tabular = name, n_tabular
+        chans = [1, 16, 32, 64]
+        for i in range(3):
+            setattr(self, f"conv{i + 1}_a", nn.Conv3d(chans[i], chans[i + 1], 3))
+            setattr(self, f"conv{i + 1}_b", nn.Conv3d(chans[i + 1], chans[i + 1], 3))
+            setattr(self, f"batchnorm{i + 1}", nn.BatchNorm3d(chans[i + 1]))
+        self.dropout1 = nn.Dropout3d(0.2)
+        spatial = list(image_shape)
+        for _ in range(3):  # two unpadded 3x3x3 convolutions, then a 2x max-pool
+            spatial = [(s - 4) // 2 for s in spatial]
+        assert min(spatial) > 0, f"image shape {tuple(image_shape)} is too small for three conv blocks"
+        self.flat_features = 64 * math.prod(spatial)  # 64*7*11*8 = 39424 at 90x120x99
+
+        sizes = [self.flat_features, 16, 32, 64, 1]
+        names = ["linear1", "linear2", "linear3", "final_layer"]
+        for i, n in enumerate(names):
+            fin, fout = sizes[i], sizes[i + 1]
+            if name == "imaging":
+                layer = nn.Linear(fin, fout)
+            elif name == "concat":
+                layer = nn.Linear(fin + n_tabular, fout)
+            else:
+                embedding = nn.Linear(n_tabular, embedding_dim)
+                with torch.no_grad():  # e = 1 for both sexes at the start (SPEC §1); 2-D: e = one-hot
+                    embedding.weight.copy_(torch.ones(1, n_tabular) if embedding_dim == 1
+                                           else torch.eye(embedding_dim, n_tabular))
+                    embedding.bias.zero_()
+                layer = HyperLinear(fin, fout, embedding, embedding_dim, relu_follows=n != "final_layer",
+                                    mode=hyper_mode)
+            setattr(self, n, layer)
+        self.linears = names
+
+    def forward(self, image, tabular):  # image (B, 1, D, H, W), tabular (B, 2) one-hot sex
+        x = image
+        for i in range(1, 4):
+            x = F.relu(getattr(self, f"conv{i}_a")(x))
+            x = F.relu(getattr(self, f"conv{i}_b")(x))
+            x = getattr(self, f"batchnorm{i}")(F.max_pool3d(x, 2))
+        x = self.dropout1(x).flatten(1)                   # (B, 39424)
+        for i, n in enumerate(self.linears):
+            layer = getattr(self, n)
+            if self.name == "hyperfusion":
+                x = layer(x, tabular)
+            elif self.name == "concat":
+                x = layer(torch.cat([x, tabular], 1))
+            else:
+                x = layer(x)
+            if n != "final_layer":
+                x = F.relu(x)
+        return x.squeeze(1)                               # (B,)
+
+
+# ----------------------------------------------------------------------------------------------
+# AD classification (Sec. 3.5.2, Fig. 3, Table 6)
+
+class TabularMLP(nn.Module):
+    """Tabular-only model, Linear(n_tab, 8) BatchNorm1d(8) PReLU Linear(8, C) (Fig. 3C). Its first
+    three modules are the HyperFusion embedding, pre-trained on the same split and fold (Sec. 4.3.6)."""
+
+    def __init__(self, n_tabular=15, n_classes=3, hidden=8):
+        super().__init__()
+        self.embedding = tabular_embedding(n_tabular, hidden)
+        self.head = nn.Linear(hidden, n_classes)
+
+    def forward(self, image, tabular):  # the image is ignored
+        return self.head(self.embedding(tabular))
+
+
+def tabular_embedding(n_tabular, hidden=8):
+    return nn.Sequential(nn.Linear(n_tabular, hidden), nn.BatchNorm1d(hidden), nn.PReLU())
+
+
+class ADNet(nn.Module):
+    """Pre-activation ResNet on one hippocampus crop, f = 16 (Fig. 3B). block4 is what differs:
+    "imaging" and "concat": a plain pre-act block; "film" / "daft": the modulated block;
+    "hyperfusion": the HyperRes block, whose downsample conv is generated from the tabular embedding.
+    "concat" also feeds the tabular vector to fc1 next to the pooled image features."""
+
+    def __init__(self, name="hyperfusion", n_tabular=15, n_classes=3, f=16, hyperlayers=("downsample",),
+                 embedding_dim=8, hyper_mode="materialised"):
+        super().__init__()
+        assert name in AD_MODELS and name != "tabular", name
+        self.name, self.n_tabular = name, n_tabular
+        self.conv_bn_relu = nn.Sequential(nn.Conv3d(1, f, 3, padding=1), nn.BatchNorm3d(f, momentum=0.05), nn.ReLU())
+        self.max_pool3d_1 = nn.MaxPool3d(2)
+        self.block1 = PreactResBlock(f, 2 * f, 1, 0.1)
+        self.block2 = PreactResBlock(2 * f, 4 * f, 2, 0.2)
+        self.block3 = PreactResBlock(4 * f, 8 * f, 2, 0.2)
+        if name == "hyperfusion":
+            self.block4 = HyperPreactResBlock(8 * f, 16 * f, 2, 0.3, tabular_embedding(n_tabular, embedding_dim),
+                                              embedding_dim, hyperlayers, hyper_mode)
+        elif name in ("film", "daft"):
+            self.block4 = ModulatedPreactResBlock(8 * f, 16 * f, 2, 0.3, n_tabular, name)
+        else:
+            self.block4 = PreactResBlock(8 * f, 16 * f, 2, 0.3)
+        self.adaptive_avg_pool3d = nn.AdaptiveAvgPool3d(1)
+        self.linear_drop1 = nn.Dropout(0.6)
+        self.fc1 = nn.Linear(16 * f + (n_tabular if name == "concat" else 0), 4 * f)
+        self.linear_drop2 = nn.Dropout(0.5)
+        self.fc2 = nn.Linear(4 * f, n_classes)
+
+    @property
+    def embedding(self):
+        """The HyperFusion tabular embedding (shared by the block's hyperlayers)."""
+        return next(m for m in self.block4.modules() if isinstance(m, HyperLayer)).hypernet.embedding
+
+    def load_embedding(self, tabular_model):
+        """Start the embedding from a trained TabularMLP's first three modules (Sec. 4.3.6)."""
+        self.embedding.load_state_dict(tabular_model.embedding.state_dict())
+
+    def forward(self, image, tabular):  # image (B, 1, D, H, W), tabular (B, n_tab)
+        x = self.max_pool3d_1(self.conv_bn_relu(image))
+        x = self.block3(self.block2(self.block1(x)))
+        x = self.block4(x, tabular)
+        x = self.adaptive_avg_pool3d(x).flatten(1)         # (B, 16f)
+        if self.name == "concat":
+            x = torch.cat([x, tabular], 1)
+        x = F.relu(self.fc1(self.linear_drop1(x)))
+        return self.fc2(self.linear_drop2(x))              # (B, C) logits
+
+
+def build_model(task, name, image_shape=None, n_tabular=None, n_classes=3, embedding_dim=None, **options):
+    """Every model of SPEC §2 by task ("brain-age" or "ad") and name; defaults are the paper's sizes."""
+    if task == "brain-age":
+        return BrainAgeNet(name, image_shape or (90, 120, 99), embedding_dim or 1, n_tabular or 2, **options)
+    if task == "ad":
+        if name == "tabular":
+            return TabularMLP(n_tabular or 15, n_classes)
+        return ADNet(name, n_tabular or 15, n_classes, embedding_dim=embedding_dim or 8, **options)
+    raise ValueError(f"unknown task {task!r}: expected 'brain-age' or 'ad'")
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# Hyperlayer selection (Sec. 3.1.2, App. D)
+
+def candidate_layers(model):
+    """Names of the layers that could become hyperlayers: every convolution and linear layer."""
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv3d, nn.Linear)) and n]
+
+
+@torch.no_grad()
+def layer_loss_entropy(model, batch, loss_fn, names=None, n_draws=100, bins=10, seed=0):
+    """Sec. 3.1.2: for each candidate layer of an untrained backbone, re-initialise that layer alone
+    n_draws times, every other weight fixed, and record the loss on one fixed batch; the layer's
+    score is the entropy of the normalised histogram of its losses.
+
+    All layers share one histogram range (the span of every loss drawn), so the entropy measures how
+    widely a layer's initialisation moves the loss, comparably across layers. Returns a list of
+    (name, entropy) sorted from most to least influential.
+    """
+    image, tabular, target = batch
+    names = names or candidate_layers(model)
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(seed)
+    losses = {}
+    for name in names:
+        layer = model.get_submodule(name)
+        saved = {k: v.clone() for k, v in layer.state_dict().items()}
+        draws = []
+        for _ in range(n_draws):
+            layer.reset_parameters()
+            draws.append(float(loss_fn(model(image, tabular), target)))
+        layer.load_state_dict(saved)
+        losses[name] = torch.tensor(draws)
+    everything = torch.cat(list(losses.values()))
+    lo, hi = float(everything.min()), float(everything.max())
+    scores = []
+    for name, l in losses.items():
+        p = torch.histc(l, bins=bins, min=lo, max=hi if hi > lo else lo + 1) / len(l)
+        p = p[p > 0]
+        scores.append((name, float(-(p * p.log()).sum())))
+    model.train(was_training)
+    return sorted(scores, key=lambda s: -s[1])
+
+
+__all__ = ["BrainAgeNet", "TabularMLP", "ADNet", "build_model", "count_parameters", "init_hyperlayers",
+           "candidate_layers", "layer_loss_entropy", "BRAIN_AGE_MODELS", "AD_MODELS"]
