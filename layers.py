@@ -249,12 +249,12 @@ class HyperPreactResBlock(nn.Module):
         else:
             self.downsample = nn.Sequential(_bn(in_channels), nn.Conv3d(in_channels, out_channels, 1, stride))
 
-    def _apply(self, layer, x, tabular):
+    def _call(self, layer, x, tabular):
         return layer(x, tabular) if isinstance(layer, HyperLayer) else layer(x)
 
     def forward(self, x, tabular):  # x (B, C_in, D, H, W), tabular (B, n_tab)
-        h = self._apply(self.conv1, self.dropout(F.relu(self.bn1(x))), tabular)
-        h = self._apply(self.conv2, self.dropout(F.relu(self.bn2(h))), tabular)
+        h = self._call(self.conv1, self.dropout(F.relu(self.bn1(x))), tabular)
+        h = self._call(self.conv2, self.dropout(F.relu(self.bn2(h))), tabular)
         if "downsample" in self.hyperlayers:
             return h + self.downsample_bn(self.downsample(x, tabular))
         return h + self.downsample(x)

@@ -166,7 +166,7 @@ def _inputs(task, model, batch=3):
 
 @pytest.mark.parametrize("task,name,options", list(_all_models()))
 def test_every_model_runs_forward_and_backward(task, name, options):
-    model = build_model(task, name, **options).train()
+    model = build_model(task, name, **options).to("cpu").train()  # .to() walks every submodule
     image, tabular = _inputs(task, model)
     out = model(image, tabular)
     assert out.shape == ((3,) if task == "brain-age" else (3, 3))
