@@ -29,7 +29,7 @@ import sys
 import time
 import uuid
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -621,7 +621,7 @@ class ImageCache:
             now = time.time()
             if progress and len(todo) >= 50 and (now - last > 5 or k + 1 == len(todo)):
                 left = (now - t0) / (k + 1) * (len(todo) - k - 1)
-                print(f"cache {self.cache_dir}: {k + 1}/{len(todo)} decoded, {left:.0f} s left", file=sys.stderr)
+                print(f"cache {self.cache_dir}: {k + 1}/{len(todo)} decoded, {left:.0f} s left", flush=True)
                 last = now
         return self
 
@@ -648,6 +648,8 @@ class ADDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         vol = self.images[i]
+        if vol.ndim == 3 and self.crops is None:
+            raise DataError(f"item {i}: a whole volume {tuple(vol.shape)} needs `crops` (or a cache with crops as transform)")
         pair = self.crops(vol) if vol.ndim == 3 else vol                           # (2, D, H, W)
         if self.train:
             side = int(torch.randint(2, (1,)))
@@ -861,7 +863,7 @@ def make_synthetic_ad(out_dir, n=360, seed=0, verbose=False):
                 row[col] = "" if gone else _fmt_censored(max(v, 0.01), lim, dec)
             rows.append(row)
             if verbose and (i + 1) % 100 == 0:
-                print(f"synth-ad: {i + 1}/{n} subjects, {time.time() - t0:.0f} s", file=sys.stderr)
+                print(f"synth-ad: {i + 1}/{n} subjects, {time.time() - t0:.0f} s", flush=True)
         _write_csv(rows, ["Subject", "Group"] + list(AD_ATTRIBUTES), os.path.join(tmp, "ad.csv"))
         crops.save(os.path.join(tmp, "crops.json"))
         _save_json({"task": "ad", "n": int(n), "seed": int(seed), "image_shape": list(shape),
@@ -894,7 +896,7 @@ def make_synthetic_brain_age(out_dir, n=400, seed=0, verbose=False):
             rows.append({"Subject": subj, "Age": f"{age:.1f}", "Sex": "M" if male else "F",
                          "image": f"images/{subj}.nii.gz"})
             if verbose and (i + 1) % 100 == 0:
-                print(f"synth-brain-age: {i + 1}/{n} subjects, {time.time() - t0:.0f} s", file=sys.stderr)
+                print(f"synth-brain-age: {i + 1}/{n} subjects, {time.time() - t0:.0f} s", flush=True)
         _write_csv(rows, ["Subject", "Age", "Sex", "image"], os.path.join(tmp, "brain_age.csv"))
         _save_json({"task": "brain_age", "n": int(n), "seed": int(seed), "image_shape": list(P["shape"]),
                     "spacing_mm": P["spacing_mm"], "generator": P}, os.path.join(tmp, "cohort.json"))
@@ -918,7 +920,7 @@ def _check_images(paths, subjects):
         sh = load_volume(p, s, expected_shape=shape).shape
         shape = shape or sh
         if len(paths) >= 200 and (k + 1) % 200 == 0:
-            print(f"checked {k + 1}/{len(paths)} images, {time.time() - t0:.0f} s", file=sys.stderr)
+            print(f"checked {k + 1}/{len(paths)} images, {time.time() - t0:.0f} s", flush=True)
     return shape
 
 

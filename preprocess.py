@@ -11,6 +11,8 @@ Steps, in order:
   6. fuzzy c-means (3 classes) on brain voxels; the brightest class is white matter; divide by
      the mean of voxels with WM membership > 0.8 (Reinhold et al. 2019, as in the paper);
   7. zero outside the mask, z-score over non-zero voxels (Sec. 4.2.3).
+The paper normalises intensities before resampling; doing it after (on the cropped grid) is
+the same up to interpolation and much cheaper.
 
 Steps that need external tools and are not done here: neck removal (FSL robustfov), skull
 stripping (ROBEX, or FSL bet / HD-BET; then pass the brain mask with --mask) and N4 bias
@@ -237,7 +239,7 @@ def _batch(a):
         except DataError as exc:
             raise DataError(f"{a.csv} line {line}: {exc}") from None
         left = (time.time() - t0) / (k + 1) * (len(rows) - k - 1)
-        print(f"{k + 1}/{len(rows)} {subj} -> {out} ({left:.0f} s left)", file=sys.stderr)
+        print(f"{k + 1}/{len(rows)} {subj} -> {out} ({left:.0f} s left)", flush=True)
 
 
 def main(argv=None):
@@ -276,7 +278,7 @@ def main(argv=None):
         if not a.output.endswith((".nii", ".nii.gz")):
             ap.error("output must end in .nii or .nii.gz")
         preprocess_file(a.input, a.output, a.mask, a.spacing, a.shape, a.n4)
-        print(f"wrote {a.output}", file=sys.stderr)
+        print(f"wrote {a.output}", flush=True)
 
 
 if __name__ == "__main__":

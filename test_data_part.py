@@ -364,6 +364,18 @@ def test_preprocess_gives_a_centred_zscored_90x120x99_volume_at_1_75mm(tmp_path,
     assert abs(vol[nz].mean()) < 1e-4 and abs(vol[nz].std() - 1) < 1e-3
 
 
+def test_preprocess_batch_mode_writes_every_subject_and_names_a_bad_row(tmp_path):
+    csv_path = tiny_ad(tmp_path)
+    args = ["--csv", csv_path, "--out-dir", tmp_path / "pre", "--shape", 6, 6, 6, "--spacing", 2]
+    p = run("preprocess.py", *args)
+    assert p.returncode == 0, p.stderr
+    assert sorted(os.listdir(tmp_path / "pre")) == ["S0.nii.gz", "S1.nii.gz", "S2.nii.gz"]
+    assert nib.load(tmp_path / "pre" / "S1.nii.gz").shape == (6, 6, 6)
+    os.remove(tmp_path / "images" / "S2.nii.gz")
+    assert_clean_error(run("preprocess.py", *args, "--overwrite"), "ad.csv line 4", "S2.nii.gz")
+    assert no_temp_files(tmp_path / "pre")
+
+
 def test_fuzzy_cmeans_finds_three_tissue_classes():
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(m, 0.03, 3000) for m in (0.2, 0.55, 0.9)])
@@ -399,7 +411,8 @@ def test_truncated_nifti_is_named(tmp_path):
     p = tmp_path / "images" / "S2.nii.gz"
     p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
     assert_clean_error(run("data.py", "check-ad", csv_path), "S2.nii.gz", "truncated")
-    assert_clean_error(run("preprocess.py", p, tmp_path / "o.nii.gz"), "S2.nii.gz")
+    with pytest.raises(data.DataError, match="S2.nii.gz"):
+        preprocess.preprocess_file(p, tmp_path / "o.nii.gz")
     assert not (tmp_path / "o.nii.gz").exists() and no_temp_files(tmp_path)
 
 
@@ -463,5 +476,6 @@ def test_failed_synthesis_leaves_no_partial_cohort(tmp_path, monkeypatch):
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     assert_clean_error(run("data.py", "synth-ad", "--out", tmp_path / "mine", "--n", 12), "mine")
     assert os.listdir(tmp_path / "mine") == ["notes.txt"] and no_temp_files(tmp_path)
-    assert_clean_error(run("data.py", "synth-brain-age", "--out", tmp_path / "x", "--n", 3), "--n")
+    with pytest.raises(data.DataError, match="--n"):
+        data.make_synthetic_brain_age(tmp_path / "x", n=3)
     assert not (tmp_path / "x").exists()
