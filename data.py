@@ -114,7 +114,8 @@ def load_nifti(path, subject=None, canonical=True):
     """Load and validate one NIfTI -> nibabel image holding float32 3D data (RAS if canonical).
 
     Errors (DataError naming the file and subject): missing, unreadable, truncated or corrupt
-    gzip, 4D (a trailing singleton dimension is squeezed), NaN or inf voxels.
+    gzip, not 3D (trailing singleton dimensions are squeezed; the shape is checked from the
+    header, before decoding), NaN or inf voxels.
     """
     import nibabel as nib
     where = _where(path, subject)
@@ -122,23 +123,22 @@ def load_nifti(path, subject=None, canonical=True):
         raise DataError(f"{where}: image file not found")
     try:
         img = nib.load(path)
-        if canonical:
-            img = nib.as_closest_canonical(img)
-        data = np.asarray(img.get_fdata(dtype=np.float32))
-    except (EOFError, zlib.error, nib.filebasedimages.ImageFileError) as exc:
-        raise DataError(f"{where}: truncated or corrupt NIfTI ({type(exc).__name__}: {exc})") from None
-    except (OSError, ValueError) as exc:  # gzip 'Not a gzipped file', short reads, bad headers
-        raise DataError(f"{where}: unreadable NIfTI ({type(exc).__name__}: {exc})") from None
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
+    except (OSError, ValueError, EOFError, zlib.error, nib.filebasedimages.ImageFileError) as exc:
+        raise DataError(f"{where}: unreadable NIfTI header ({type(exc).__name__}: {exc})") from None
+    shape = tuple(img.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
         raise DataError(f"{where}: expected a 3D image, got shape {tuple(img.shape)}")
-    bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+    try:
+        data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
+    except (OSError, ValueError, EOFError, zlib.error) as exc:  # short gzip stream, bad CRC, short file
+        raise DataError(f"{where}: truncated or corrupt NIfTI ({type(exc).__name__}: {exc})") from None
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
     if bad:
         raise DataError(f"{where}: {bad} NaN/inf voxels")
     out = nib.Nifti1Image(data, img.affine)
-    out.header.set_zooms(img.header.get_zooms()[:3])
-    return out
+    return nib.as_closest_canonical(out) if canonical else out
 
 
 def load_volume(path, subject=None, expected_shape=None):
@@ -383,7 +383,8 @@ class TabularPreprocessor:
             init = imp.initial_imputer_.statistics_
             for t in imp.imputation_sequence_:
                 steps.append({"feat": int(t.feat_idx), "neighbors": [int(k) for k in t.neighbor_feat_idx],
-                              "coef": [float(c) for c in t.estimator.coef_], "intercept": float(t.estimator.intercept_)})
+                              "coef": [float(c) for c in t.estimator.coef_],
+                              "intercept": float(t.estimator.intercept_)})
         indicators = [AD_CONTINUOUS[j] for j in range(Z.shape[1]) if missing[:, j].any()]
         self.state = {
             "version": 1, "attributes": list(AD_CONTINUOUS),
@@ -649,7 +650,8 @@ class ADDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         vol = self.images[i]
         if vol.ndim == 3 and self.crops is None:
-            raise DataError(f"item {i}: a whole volume {tuple(vol.shape)} needs `crops` (or a cache with crops as transform)")
+            raise DataError(f"item {i}: a whole volume {tuple(vol.shape)} needs `crops` "
+                            "(or a cache with the crops as transform)")
         pair = self.crops(vol) if vol.ndim == 3 else vol                           # (2, D, H, W)
         if self.train:
             side = int(torch.randint(2, (1,)))
@@ -703,7 +705,7 @@ class TabularDataset(torch.utils.data.Dataset):
 # diagnosis only, with large noise, assay censoring and ~50% missingness (more for CN); APOE4
 # is more frequent in AD. So each modality holds diagnosis information the other lacks.
 # Brain age: an atrophy index grows after 20 and faster after 40, faster in men, plus a
-# per-subject "brain age gap"; it drives ventricle size, outer CSF, cortical thinning and
+# per-subject "brain age gap" (wider in men, cf. Sec. 4.2.6); it drives ventricle size, outer CSF, cortical thinning and
 # hippocampal shrinkage. Sex changes the slope, so sex-aware reading of the image helps.
 
 AD_SYNTH = {
@@ -724,7 +726,7 @@ AD_SYNTH = {
     "shape": (64, 80, 64), "spacing_mm": 2.0, "crop_size": (32, 48, 32),
 }
 BRAIN_AGE_SYNTH = {"age_range": (8, 90), "shape": (45, 60, 50), "spacing_mm": 3.5,
-                   "atrophy_slope_after_40": {"M": 0.6, "F": 0.35}, "brain_age_gap_sd": 0.07}
+                   "atrophy_slope_after_40": {"M": 0.6, "F": 0.35}, "brain_age_gap_sd": {"M": 0.08, "F": 0.06}}
 HIPPO_CENTRE = (0.36, -0.12, -0.32)  # normalised (|x|, y, z) of the hippocampi
 
 
@@ -885,9 +887,9 @@ def make_synthetic_brain_age(out_dir, n=400, seed=0, verbose=False):
             male = bool(rng.random() < 0.5)
             lo, hi = P["age_range"]  # a mix: uniform over the life span and a UK-Biobank-like bump at ~63
             age = float(rng.uniform(lo, hi) if rng.random() < 0.4 else np.clip(rng.normal(63, 8), lo, hi))
-            k = P["atrophy_slope_after_40"]["M" if male else "F"]
-            a = (0.25 * max(age - 20, 0) / 50 + k * max(age - 40, 0) ** 2 / 2500
-                 + rng.normal(0, P["brain_age_gap_sd"]))                                 # atrophy index
+            sx = "M" if male else "F"
+            a = (0.25 * max(age - 20, 0) / 50 + P["atrophy_slope_after_40"][sx] * max(age - 40, 0) ** 2 / 2500
+                 + rng.normal(0, P["brain_age_gap_sd"][sx]))                      # atrophy index
             scale = (1.0 if male else 0.95) * (0.92 + 0.08 * min(age, 14) / 14) * math.exp(rng.normal(0, 0.02))
             anat = _anatomy(rng, scale, hippo=max(1 - 0.3 * a, 0.3), vent=0.8 + 1.2 * a, csf=0.04 + 0.08 * a,
                             cortex=0.15 - 0.02 * (min(age, 20) - 8) / 12 - 0.05 * a)
