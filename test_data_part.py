@@ -392,8 +392,8 @@ def test_preprocess_n4_without_simpleitk_says_so(tmp_path):
         pass
     head = tmp_path / "h.nii.gz"
     data._save_nifti(np.ones((8, 8, 8), np.float32), 1.0, head)
-    p = run("preprocess.py", head, tmp_path / "o.nii.gz", "--n4")
-    assert_clean_error(p, "SimpleITK")
+    with pytest.raises(data.DataError, match="SimpleITK"):
+        preprocess.main([str(head), str(tmp_path / "o.nii.gz"), "--n4"])
     assert not (tmp_path / "o.nii.gz").exists()
 
 # -----------------------------------------------------------------------------
@@ -453,9 +453,10 @@ def test_non_numeric_age_names_the_row_and_column(tmp_path):
         data.read_ad_table(csv_path)
 
 
-def test_check_ad_accepts_a_good_table(tmp_path):
-    p = run("data.py", "check-ad", tiny_ad(tmp_path))
-    assert p.returncode == 0 and p.stdout.startswith("ok:") and "CN 1" in p.stdout, p.stderr
+def test_check_ad_accepts_a_good_table(tmp_path, capsys):
+    data.main(["check-ad", str(tiny_ad(tmp_path))])
+    out = capsys.readouterr().out
+    assert out.startswith("ok:") and "CN 1, MCI 0, AD 2" in out
 
 
 def test_failed_synthesis_leaves_no_partial_cohort(tmp_path, monkeypatch):
@@ -474,7 +475,8 @@ def test_failed_synthesis_leaves_no_partial_cohort(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    assert_clean_error(run("data.py", "synth-ad", "--out", tmp_path / "mine", "--n", 12), "mine")
+    with pytest.raises(data.DataError, match="mine"):
+        data.main(["synth-ad", "--out", str(tmp_path / "mine"), "--n", "12"])
     assert os.listdir(tmp_path / "mine") == ["notes.txt"] and no_temp_files(tmp_path)
     with pytest.raises(data.DataError, match="--n"):
         data.make_synthetic_brain_age(tmp_path / "x", n=3)
