@@ -562,10 +562,11 @@ class HippocampusCrops:
 
 
 class ImageCache:
-    """NIfTI decoded once into `cache_dir/<subject>-<key>.npy`, then served memory-mapped.
+    """NIfTI decoded once into `cache_dir/<subject>-<config>-<stamp>.npy`, then served memory-mapped.
 
-    The key hashes the source path, its mtime and size, the dtype and the transform's
-    cache_key() (or repr), so an edited source or a different transform is never served stale.
+    config hashes the source path, the dtype and the transform's cache_key() (or repr); stamp
+    hashes the source's mtime and size. An edited source or a different transform is never
+    served stale; a re-decode replaces the entry it supersedes, other configs are kept.
     Items are read-only memmaps: memory is bounded by what the batches touch, not by the cohort.
     Every image is validated on decode (see load_nifti) and, if given, against expected_shape.
     """
@@ -584,12 +585,14 @@ class ImageCache:
         return len(self.paths)
 
     def entry(self, i):
+        """Cache file `<subject>-<config hash>-<source stamp hash>.npy` of item i."""
         st = os.stat(self.paths[i]) if os.path.exists(self.paths[i]) else None
         t = self.transform
         tkey = "" if t is None else (t.cache_key() if hasattr(t, "cache_key") else repr(t))
-        src = f"{self.paths[i]}|{st.st_mtime_ns if st else 0}|{st.st_size if st else 0}|{self.dtype}|{tkey}"
+        conf = hashlib.sha1(f"{self.paths[i]}|{self.dtype}|{tkey}".encode()).hexdigest()[:10]
+        stamp = hashlib.sha1(f"{st.st_mtime_ns if st else 0}|{st.st_size if st else 0}".encode()).hexdigest()[:10]
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in self.names[i])[:64]
-        return os.path.join(self.cache_dir, f"{safe}-{hashlib.sha1(src.encode()).hexdigest()[:16]}.npy")
+        return os.path.join(self.cache_dir, f"{safe}-{conf}-{stamp}.npy")
 
     def _decode(self, i, out):
         vol = load_volume(self.paths[i], self.names[i], self.expected_shape)
@@ -598,9 +601,9 @@ class ImageCache:
         arr = np.ascontiguousarray(vol, dtype=self.dtype)
         if not np.isfinite(arr).all():
             raise DataError(f"{self.paths[i]} (subject {self.names[i]}): values overflow {self.dtype}; use float32")
-        stem = os.path.basename(out).rsplit("-", 1)[0] + "-"
-        for old in os.listdir(self.cache_dir):  # drop stale entries of this subject
-            if old.startswith(stem) and old.endswith(".npy") and len(old) == len(stem) + 20:
+        prefix = os.path.basename(out)[:-len("0123456789.npy")]   # same subject and config, older source
+        for old in os.listdir(self.cache_dir):
+            if old.startswith(prefix) and old.endswith(".npy") and len(old) == len(prefix) + 14:
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(self.cache_dir, old))
         with atomic_path(out) as tmp:

@@ -290,7 +290,8 @@ def test_cache_decodes_once_and_redecodes_a_changed_source(tmp_path):
     assert again.n_decoded == 1
     assert len(os.listdir(tmp_path / "cache")) == 3             # the stale entry was removed
     other = data.ImageCache(paths, tmp_path / "cache", "float32", transform=crops)
-    assert other[0].dtype == np.float32 and other.n_decoded == 1
+    assert other[0].dtype == np.float32 and other.n_decoded == 1  # another dtype: its own entry
+    assert len(os.listdir(tmp_path / "cache")) == 4 and again[0].dtype == np.float16
 
 
 def test_dataset_items_have_one_side_in_training_and_both_in_evaluation(ad_cohort, tmp_path):
