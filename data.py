@@ -169,21 +169,27 @@ def parse_value(text):
 
 
 def _read_csv(csv_path, required):
-    """-> (list of (line number, row dict), fieldnames). Checks that the required columns exist."""
+    """-> (list of (line number, row dict), fieldnames). Checks columns, field counts and encoding."""
     if not os.path.isfile(csv_path):
         raise DataError(f"{csv_path}: table not found")
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        fields = [c.strip() for c in (reader.fieldnames or [])]
-        reader.fieldnames = fields
-        missing = [c for c in required if c not in fields]
-        if missing:
-            raise DataError(f"{csv_path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
-        rows = []
-        for row in reader:
-            if all((v or "").strip() == "" for v in row.values() if isinstance(v, str)):
-                continue  # blank line
-            rows.append((reader.line_num, {k: (v or "").strip() if isinstance(v, str) else "" for k, v in row.items()}))
+    rows = []
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = [c.strip() for c in (reader.fieldnames or [])]
+            reader.fieldnames = fields
+            missing = [c for c in required if c not in fields]
+            if missing:
+                raise DataError(f"{csv_path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+            for row in reader:
+                if None in row:
+                    raise DataError(f"{csv_path} line {reader.line_num}: {len(fields) + len(row[None])} fields, "
+                                    f"the header has {len(fields)}")
+                row = {k: (v or "").strip() for k, v in row.items()}  # short rows: absent cells are empty
+                if any(row.values()):                                  # skip blank lines
+                    rows.append((reader.line_num, row))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{csv_path}: not a readable UTF-8 CSV table ({type(exc).__name__}: {exc})") from None
     if not rows:
         raise DataError(f"{csv_path}: no data rows")
     return rows, fields
@@ -228,6 +234,9 @@ def _number(csv_path, line, row, col, required):
                         f"not a number: {row.get(col)!r}") from None
     if required and math.isnan(v):
         raise DataError(f"{csv_path} line {line}: subject {row.get('Subject')}: column {col} is empty")
+    if col in ("AGE", "Age") and not 0 <= v <= 120:
+        raise DataError(f"{csv_path} line {line}: subject {row.get('Subject')}: column {col}: "
+                        f"implausible age {row.get(col)!r}")
     return v
 
 

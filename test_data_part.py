@@ -452,6 +452,12 @@ def test_non_numeric_age_names_the_row_and_column(tmp_path):
     assert_clean_error(run("data.py", "check-ad", csv_path, "--no-images"), "line 3", "AGE", "seventy")
     with pytest.raises(data.DataError, match="line 3.*AGE"):
         data.read_ad_table(csv_path)
+    csv_path.write_text(csv_path.read_text().replace("seventy", "70,extra"))
+    with pytest.raises(data.DataError, match="line 3: 12 fields, the header has 11"):
+        data.read_ad_table(csv_path)
+    csv_path.write_bytes(b"Subject,Group\n\xff\xfe,CN\n")
+    with pytest.raises(data.DataError, match="UTF-8"):
+        data.read_ad_table(csv_path)
 
 
 def test_check_ad_accepts_a_good_table(tmp_path, capsys):
