@@ -22,13 +22,13 @@ correction (ANTs N4BiasFieldCorrection, or --n4 with SimpleITK installed: pip in
     python preprocess.py --csv TABLE.csv --out-dir DIR [--column image] [--mask-column mask]
 
 Batch mode reads input paths (relative to the CSV) from --column (default `image`, else
-<csv folder>/images/<Subject>.nii.gz), writes DIR/<Subject>.nii.gz and skips outputs that
-exist unless --overwrite. Bad input: one line `error: ...` on stderr, exit status 2, and no
+<csv folder>/images/<Subject>.nii.gz), writes DIR/<Subject>.nii.gz (skipping outputs that
+exist unless --overwrite) and a copy of the table in DIR whose `image` column points at them,
+ready for data.py's loaders. Bad input: one line `error: ...` on stderr, exit status 2, and no
 output file is left behind (every file is written atomically).
 """
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -37,7 +37,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from data import DataError, atomic_path, load_nifti, run_cli
+from data import DataError, _read_csv, _subjects, _write_csv, atomic_path, load_nifti, run_cli
 
 # -----------------------------------------------------------------------------
 # building blocks
@@ -214,32 +214,27 @@ def preprocess_file(in_path, out_path, mask_path=None, spacing=1.75, shape=(90, 
 
 
 def _batch(a):
-    if not os.path.isfile(a.csv):
-        raise DataError(f"{a.csv}: table not found")
+    """Preprocess every row of a table; write DIR/<Subject>.nii.gz and DIR/<table name> pointing at them."""
+    rows, fields = _read_csv(a.csv, ("Subject",) + ((a.mask_column,) if a.mask_column else ()))
+    subjects = _subjects(a.csv, rows)
     base = os.path.dirname(os.path.abspath(a.csv))
-    with open(a.csv, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        if "Subject" not in fields:
-            raise DataError(f"{a.csv}: missing column Subject")
-        if a.mask_column and a.mask_column not in fields:
-            raise DataError(f"{a.csv}: missing column {a.mask_column}")
-        rows = [(reader.line_num, r) for r in reader]
-    t0 = time.time()
-    for k, (line, r) in enumerate(rows):
-        subj = (r.get("Subject") or "").strip()
-        src = r.get(a.column) if a.column in fields else None
-        src = os.path.join(base, src.strip()) if src and src.strip() else os.path.join(base, "images", f"{subj}.nii.gz")
-        mask = os.path.join(base, r[a.mask_column].strip()) if a.mask_column and r.get(a.mask_column) else None
+    t0, out_rows = time.time(), []
+    for k, ((line, r), subj) in enumerate(zip(rows, subjects)):
+        src = r.get(a.column) or os.path.join("images", f"{subj}.nii.gz")
+        mask = os.path.join(base, r[a.mask_column]) if a.mask_column and r.get(a.mask_column) else None
         out = os.path.join(a.out_dir, f"{subj}.nii.gz")
+        out_rows.append({**r, "image": f"{subj}.nii.gz"})
         if os.path.exists(out) and not a.overwrite:
             continue
         try:
-            preprocess_file(src, out, mask, a.spacing, a.shape, a.n4, subj)
+            preprocess_file(os.path.join(base, src), out, mask, a.spacing, a.shape, a.n4, subj)
         except DataError as exc:
             raise DataError(f"{a.csv} line {line}: {exc}") from None
         left = (time.time() - t0) / (k + 1) * (len(rows) - k - 1)
         print(f"{k + 1}/{len(rows)} {subj} -> {out} ({left:.0f} s left)", flush=True)
+    columns = [c for c in fields if c != a.mask_column] + ([] if "image" in fields else ["image"])
+    _write_csv([{c: r.get(c, "") for c in columns} for r in out_rows], columns,
+               os.path.join(a.out_dir, os.path.basename(a.csv)))
 
 
 def main(argv=None):

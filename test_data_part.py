@@ -370,7 +370,8 @@ def test_preprocess_batch_mode_writes_every_subject_and_names_a_bad_row(tmp_path
     args = ["--csv", csv_path, "--out-dir", tmp_path / "pre", "--shape", 6, 6, 6, "--spacing", 2]
     p = run("preprocess.py", *args)
     assert p.returncode == 0, p.stderr
-    assert sorted(os.listdir(tmp_path / "pre")) == ["S0.nii.gz", "S1.nii.gz", "S2.nii.gz"]
+    assert sorted(os.listdir(tmp_path / "pre")) == ["S0.nii.gz", "S1.nii.gz", "S2.nii.gz", "ad.csv"]
+    assert data.read_ad_table(tmp_path / "pre" / "ad.csv").image_paths[2] == str(tmp_path / "pre" / "S2.nii.gz")
     assert nib.load(tmp_path / "pre" / "S1.nii.gz").shape == (6, 6, 6)
     os.remove(tmp_path / "images" / "S2.nii.gz")
     assert_clean_error(run("preprocess.py", *args, "--overwrite"), "ad.csv line 4", "S2.nii.gz")
