@@ -227,3 +227,128 @@ def test_loss_entropy_scores_every_layer_of_the_ad_backbone():
     scores = layer_loss_entropy(model, batch, F.cross_entropy, n_draws=5)
     assert len(scores) == 1 + 4 * 3 + 2 and scores[0][1] >= scores[-1][1]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights restored
+
+
+# ------------------------------------------------------------------------------------------------
+# Training (Sec. 3.2, 4.2.2, 4.3.6): tiny synthetic cohorts, two epochs
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+import data
+import train_ad
+import train_brain_age
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="session")
+def ad_cohort(tmp_path_factory):
+    return data.make_synthetic_ad(tmp_path_factory.mktemp("ad"), n=60, seed=0)
+
+
+@pytest.fixture(scope="session")
+def brain_age_cohort(tmp_path_factory):
+    return data.make_synthetic_brain_age(tmp_path_factory.mktemp("brain_age"), n=40, seed=0)
+
+
+def _ad_args(csv_path, out, *extra):
+    return ["--data-csv", str(csv_path), "--out", str(out), "--epochs", "2", "--batch-size", "8", "--quiet",
+            "--split-seed", "0", "--fold", "1", *extra]
+
+
+def _run_dir(out, model, fold=1, task="ad"):
+    return os.path.join(out, task, model, "seed0", "v0", f"fold{fold}")
+
+
+def test_a_two_epoch_hyperfusion_run_writes_its_checkpoints_log_and_metrics(ad_cohort, tmp_path):
+    metrics = train_ad.main(_ad_args(ad_cohort, tmp_path))
+    run = _run_dir(tmp_path, "hyperfusion")
+    for f in ["best.pt", "last.pt", "log.csv", "metrics.json", "predictions.npz"]:
+        assert os.path.isfile(os.path.join(run, f)), f
+    assert os.path.isfile(os.path.join(_run_dir(tmp_path, "tabular"), "best.pt"))  # the pre-trained embedding
+    assert not [f for f in os.listdir(run) if f.startswith(".tmp")]
+    with open(os.path.join(run, "metrics.json")) as f:
+        saved = json.load(f)
+    assert saved["test"] == metrics["test"]
+    for split in ("val", "test"):
+        m = saved[split]
+        for k in ("balanced_accuracy", "precision", "f1_macro"):
+            assert 0.0 <= m[k] <= 1.0
+        assert set(m["tp_rate"]) == {"CN", "MCI", "AD"}
+        assert np.array(m["confusion_matrix"]).shape == (3, 3)
+    assert sum(map(sum, saved["test"]["confusion_matrix"])) == 12  # subset 4 of 60 subjects
+    with open(os.path.join(run, "log.csv")) as f:
+        assert len(f.read().strip().splitlines()) == 1 + 2
+    ckpt = train_ad.load_checkpoint(os.path.join(run, "last.pt"))
+    assert ckpt["epoch"] == 1 and ckpt["config"]["model"] == "hyperfusion"
+    assert data.TabularPreprocessor(state=ckpt["tabular"]).n_features == ckpt["config"]["n_tabular"] == 15
+
+
+def test_resume_after_an_interruption_ends_as_an_uninterrupted_run(ad_cohort, tmp_path, monkeypatch):
+    straight = train_ad.main(_ad_args(ad_cohort, tmp_path / "a", "--model", "concat"))
+
+    real_write_log = train_ad.write_log
+
+    def interrupt_after_first_epoch(history, path):
+        real_write_log(history, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_ad, "write_log", interrupt_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_ad.main(_ad_args(ad_cohort, tmp_path / "b", "--model", "concat"))
+    monkeypatch.setattr(train_ad, "write_log", real_write_log)
+    assert train_ad.load_checkpoint(os.path.join(_run_dir(tmp_path / "b", "concat"), "last.pt"))["epoch"] == 0
+    resumed = train_ad.main(_ad_args(ad_cohort, tmp_path / "b", "--model", "concat", "--resume"))
+    assert resumed == straight
+
+
+def test_the_tabular_model_trains_from_the_table_alone(ad_cohort, tmp_path):
+    table_only = tmp_path / "table.csv"
+    table_only.write_text(open(ad_cohort).read())  # no images folder next to it
+    metrics = train_ad.main(_ad_args(table_only, tmp_path, "--model", "tabular"))
+    assert 0.0 <= metrics["test"]["balanced_accuracy"] <= 1.0
+
+
+def test_a_corrupt_checkpoint_given_to_resume_stops_with_a_clear_error(ad_cohort, tmp_path):
+    run = _run_dir(tmp_path, "imaging")
+    os.makedirs(run)
+    with open(os.path.join(run, "last.pt"), "wb") as f:
+        f.write(b"PK\x03\x04 not really a checkpoint")
+    p = subprocess.run([sys.executable, "train_ad.py", *_ad_args(ad_cohort, tmp_path, "--model", "imaging",
+                                                                 "--resume")],
+                       cwd=HERE, capture_output=True, text=True)
+    assert p.returncode == 2
+    assert p.stderr.startswith("error: ") and "last.pt" in p.stderr and "corrupt" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_a_checkpoint_of_another_run_is_refused(ad_cohort, tmp_path):
+    train_ad.main(_ad_args(ad_cohort, tmp_path, "--model", "tabular"))
+    with pytest.raises(data.DataError, match="another run"):
+        train_ad.load_checkpoint(os.path.join(_run_dir(tmp_path, "tabular"), "last.pt"),
+                                 {"model": "tabular", "fold": 3})
+
+
+def test_a_two_epoch_brain_age_run_writes_its_files_with_maes_in_years(brain_age_cohort, tmp_path):
+    metrics = train_brain_age.main(["--data-csv", str(brain_age_cohort), "--out", str(tmp_path), "--epochs", "2",
+                                    "--batch-size", "8", "--quiet"])
+    run = os.path.join(tmp_path, "brain-age", "hyperfusion", "v0")
+    for f in ["best.pt", "last.pt", "log.csv", "metrics.json", "predictions.npz"]:
+        assert os.path.isfile(os.path.join(run, f)), f
+    for split in ("val", "test"):
+        for k in ("mae", "mae_male", "mae_female"):
+            assert 0.0 < metrics[split][k] < 100.0
+
+
+def test_fig4a_training_sets_are_single_sex_or_a_balanced_mix_of_the_same_size():
+    sex = np.array([0] * 30 + [1] * 20)
+    idx = np.arange(50)
+    m, f = (train_brain_age.select_training_sex(idx, sex, s, 0) for s in ("M", "F"))
+    mixed = train_brain_age.select_training_sex(idx, sex, "mixed", 0)
+    assert set(sex[m]) == {0} and set(sex[f]) == {1}
+    assert len(mixed) == 20 and (sex[mixed] == 0).sum() == 10
