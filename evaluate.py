@@ -1,10 +1,39 @@
-"""Metrics (Eq. 9-10), ensembles (Eq. 6-8) and the paper's tables (Sec. 3.4, 4.2.2, 4.3.6).
+"""Metrics (Eq. 9-10), ensembles (Eq. 6-8) and the paper's tables (Sec. 3.4, 4.2.2, 4.3.6-4.3.7).
 
 The training scripts import the metrics from here, so a number means the same thing everywhere.
+
+    python evaluate.py ad --runs runs/                    # Table 3: one row per (split seed, version)
+    python evaluate.py ad --runs runs/ --binary           # App. B: CN vs AD, from runs/ad-binary/
+    python evaluate.py brain-age --runs runs/             # Fig. 4: ensemble of the 5 best versions
+    python evaluate.py select-layers --task ad            # Sec. 3.1.2: loss entropy of every layer
+    python evaluate.py sweep runs/ad/hyperfusion/seed0/v0/fold0/best.pt --attribute ABETA --values 500 1500
+    python evaluate.py sweep runs/brain-age/hyperfusion/v0/best.pt --attribute Sex --values M F
+    python evaluate.py run-protocol --task ad --split-seeds 0 1 2 --versions 0 1 2   # train what is missing
+
+`ad` ensembles the four fold models of every (model, split seed, version) on their shared test
+set with Eq. 7-8 and writes results_ad.{md,csv,json} next to the runs; `brain-age` averages
+(Eq. 6) the 5 versions with the lowest validation MAE and writes results_brain-age.{md,csv,json}.
+`sweep` re-reads the same test scans with one tabular attribute set to each value in turn: the
+model is adjusted at test time (Sec. 1), which only a conditioned model can show.
+Bad input (mismatched runs, missing files) -> one line `error: ...` on stderr, exit status 2.
 """
+import argparse
+import csv
+import json
+import os
+import re
+import time
+
 import numpy as np
+from scipy.stats import mannwhitneyu
 from sklearn.metrics import (balanced_accuracy_score, confusion_matrix, f1_score, precision_score,
                              roc_auc_score)
+
+import data
+from data import DataError, atomic_path
+
+# train_ad / train_brain_age / models import this module, so they are imported inside the functions
+# that need them (a top-level `import train_ad` here would run before classification_metrics exists).
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,3 +98,675 @@ def entropy_weighted_ensemble(probs, eps=1e-12):
     inv_h = 1.0 / np.maximum(entropy(probs), eps)          # (K, B)
     alpha = inv_h / inv_h.sum(0, keepdims=True)            # Eq. 8
     return (alpha[..., None] * probs).sum(0)               # Eq. 7
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading finished runs
+
+AD_MODEL_TITLES = {"imaging": "Imaging only", "tabular": "Tabular only", "late-fusion": "Late fusion",
+                   "concat": "Concatenation", "film": "FiLM-like", "daft": "DAFT-like", "hyperfusion": "HyperFusion"}
+AD_ORDER = ("imaging", "tabular", "late-fusion", "concat", "film", "daft", "hyperfusion")  # Table 3's order
+ENSEMBLE_KEYS = ("split_seed", "tabular_columns", "classes")        # the four folds of one ensemble share these
+BRAIN_AGE_KEYS = ("model", "split_seed", "embedding_dim", "train_sex")
+N_FOLDS = 4
+
+
+def finished(run_dir):
+    """A run is finished when its metrics.json exists (written last, atomically, by the training scripts)."""
+    return os.path.isfile(os.path.join(run_dir, "metrics.json"))
+
+
+def read_run(run_dir):
+    """One finished run -> {"dir", "config", "metrics", "pred"}: best.pt's config, metrics.json, predictions.npz."""
+    import train_ad
+    ckpt = train_ad.load_checkpoint(os.path.join(run_dir, "best.pt"))
+    path = os.path.join(run_dir, "metrics.json")
+    try:
+        with open(path) as f:
+            metrics = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+    path = os.path.join(run_dir, "predictions.npz")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            pred = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: missing or unreadable test predictions ({type(exc).__name__})") from None
+    return {"dir": run_dir, "config": ckpt["config"], "metrics": metrics, "pred": pred}
+
+
+def check_compatible(runs, keys):
+    """Refuse to ensemble runs whose configs differ on `keys` or whose test subjects differ."""
+    first = runs[0]
+    for other in runs[1:]:
+        for k in keys:
+            a, b = first["config"].get(k), other["config"].get(k)
+            if a != b:
+                raise DataError(f"cannot ensemble {first['dir']} and {other['dir']}: {k} differs ({a!r} vs {b!r})")
+        if not np.array_equal(first["pred"]["subjects"], other["pred"]["subjects"]):
+            raise DataError(f"cannot ensemble {first['dir']} and {other['dir']}: their test subjects differ")
+
+
+def _numbered(folder, prefix):
+    """{number: path} of the sub-folders of `folder` named <prefix><number>."""
+    if not os.path.isdir(folder):
+        return {}
+    out = {}
+    for name in os.listdir(folder):
+        m = re.fullmatch(re.escape(prefix) + r"(\d+)", name)
+        if m and os.path.isdir(os.path.join(folder, name)):
+            out[int(m.group(1))] = os.path.join(folder, name)
+    return dict(sorted(out.items()))
+
+
+# ----------------------------------------------------------------------------------------------
+# AD: Table 3 (Sec. 4.3.6-4.3.7) and late fusion (App. B)
+
+def ad_run_dir(runs, model, split_seed, version, fold, binary=False):
+    """Where train_ad.py writes one run."""
+    return os.path.join(runs, "ad-binary" if binary else "ad", model, f"seed{split_seed}", f"v{version}",
+                        f"fold{fold}")
+
+
+def find_ad_groups(runs, binary=False):
+    """-> ({model: {(split seed, version): [4 fold dirs]}}, [incomplete groups as text]).
+
+    Only (seed, version) groups whose four folds are all finished form an ensemble."""
+    root = os.path.join(runs, "ad-binary" if binary else "ad")
+    groups, incomplete = {}, []
+    models = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    for model in models:
+        for seed, seed_dir in _numbered(os.path.join(root, model), "seed").items():
+            for version, v_dir in _numbered(seed_dir, "v").items():
+                folds = [os.path.join(v_dir, f"fold{f}") for f in range(N_FOLDS)]
+                done = [f for f in range(N_FOLDS) if finished(folds[f])]
+                if len(done) == N_FOLDS:
+                    groups.setdefault(model, {})[(seed, version)] = folds
+                else:
+                    incomplete.append(f"{model} seed {seed} v{version}: folds {done or 'none'} of 0-3 finished")
+    return groups, incomplete
+
+
+def ensemble_ad_folds(fold_dirs):
+    """The fold models of one (split seed, version) on their shared test set, combined by Eq. 7-8.
+
+    Each predictions.npz already holds the test probabilities with both hippocampi averaged
+    (Sec. 4.3.6). -> {"subjects", "labels", "probs" (N, C), "class_names", "config"}."""
+    runs = [read_run(d) for d in fold_dirs]
+    check_compatible(runs, ENSEMBLE_KEYS)
+    first = runs[0]
+    for r in runs[1:]:
+        if not np.array_equal(first["pred"]["labels"], r["pred"]["labels"]):
+            raise DataError(f"cannot ensemble {first['dir']} and {r['dir']}: their test labels differ")
+    probs = entropy_weighted_ensemble(np.stack([r["pred"]["probs"] for r in runs]))      # (K, N, C) -> (N, C)
+    cfg = first["config"]
+    names = list(cfg.get("class_names") or data.CLASS_NAMES[:cfg["classes"]])
+    return {"subjects": first["pred"]["subjects"], "labels": first["pred"]["labels"], "probs": probs,
+            "class_names": names, "config": cfg}
+
+
+def metric_columns(class_names):
+    """Table 3's columns: (title, getter of classification_metrics' dict)."""
+    cols = [("BA", lambda m: m["balanced_accuracy"]), ("PRC", lambda m: m["precision"]),
+            ("F1", lambda m: m["f1_macro"]), ("AUC", lambda m: m["auc_macro"])]
+    return cols + [(f"TP-{c}", lambda m, c=c: m["tp_rate"][c]) for c in class_names]
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (ddof 1) of the finite values; std NaN below 2 values."""
+    v = np.asarray([x for x in values if np.isfinite(x)], float)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+
+
+def mann_whitney_p(x, y):
+    """Two-sided Mann-Whitney U p-value of two samples of rows (Sec. 4.3.7); NaN below 2 finite values each."""
+    x = [v for v in x if np.isfinite(v)]
+    y = [v for v in y if np.isfinite(v)]
+    if len(x) < 2 or len(y) < 2:
+        return float("nan")
+    return float(mannwhitneyu(x, y, alternative="two-sided").pvalue)
+
+
+def ad_results(runs, binary=False, reference="hyperfusion"):
+    """Table 3 from the runs folder.
+
+    For every model and every (split seed, version) whose four folds are finished, the fold models
+    are ensembled (Eq. 7-8) on the shared test set: one row of metrics. Late fusion (App. B) is
+    the plain average of the imaging-only and tabular-only ensembles' probabilities for every
+    (seed, version) both have. Per model: mean +- std over its rows, the Mann-Whitney p-value of
+    each metric against the reference model's rows, and the confusion matrix summed over rows.
+    """
+    groups, incomplete = find_ad_groups(runs, binary)
+    if not groups:
+        raise DataError(f"{os.path.join(runs, 'ad-binary' if binary else 'ad')}: no model has four finished folds "
+                        f"for any (split seed, version)" + (f" ({'; '.join(incomplete)})" if incomplete else ""))
+    ensembles = {m: {key: ensemble_ad_folds(dirs) for key, dirs in g.items()} for m, g in groups.items()}
+    if "imaging" in ensembles and "tabular" in ensembles:                          # App. B: late fusion
+        late = {}
+        for key in sorted(set(ensembles["imaging"]) & set(ensembles["tabular"])):
+            a, b = ensembles["imaging"][key], ensembles["tabular"][key]
+            if not np.array_equal(a["subjects"], b["subjects"]) or a["class_names"] != b["class_names"]:
+                raise DataError(f"late fusion of split seed {key[0]} v{key[1]}: the imaging and tabular runs have "
+                                f"different test subjects or classes")
+            late[key] = dict(a, probs=(a["probs"] + b["probs"]) / 2)
+        if late:
+            ensembles["late-fusion"] = late
+    class_names = next(iter(next(iter(ensembles.values())).values()))["class_names"]
+    for m, ens in ensembles.items():
+        for key, e in ens.items():
+            if e["class_names"] != class_names:
+                raise DataError(f"{m} split seed {key[0]} v{key[1]}: classes {e['class_names']}, other runs have "
+                                f"{class_names}")
+    columns = metric_columns(class_names)
+    order = [m for m in AD_ORDER if m in ensembles] + sorted(m for m in ensembles if m not in AD_ORDER)
+    models = []
+    for m in order:
+        rows = []
+        for (seed, version), e in sorted(ensembles[m].items()):
+            met = classification_metrics(e["labels"], e["probs"], class_names)
+            rows.append({"split_seed": seed, "version": version, "metrics": met,
+                         **{t: float(get(met)) for t, get in columns}})
+        summary = {t: mean_std([r[t] for r in rows]) for t, _ in columns}
+        models.append({"model": m, "title": AD_MODEL_TITLES.get(m, m), "n_rows": len(rows), "rows": rows,
+                       "mean": {t: s[0] for t, s in summary.items()}, "std": {t: s[1] for t, s in summary.items()},
+                       "confusion_matrix": np.sum([r["metrics"]["confusion_matrix"] for r in rows], 0).tolist()})
+    ref = next((x for x in models if x["model"] == reference), None)
+    for x in models:
+        x["p_value"] = {t: (mann_whitney_p([r[t] for r in x["rows"]], [r[t] for r in ref["rows"]])
+                            if ref is not None and x is not ref else float("nan")) for t, _ in columns}
+    return {"task": "ad-binary" if binary else "ad", "runs": os.path.abspath(runs), "class_names": class_names,
+            "columns": [t for t, _ in columns], "reference": reference, "models": models, "incomplete": incomplete}
+
+
+def fmt(v, digits=3):
+    """.673 style (as Table 3) for values in [0, 1]; '-' for NaN."""
+    if v is None or not np.isfinite(v):
+        return "-"
+    s = f"{v:.{digits}f}"
+    return s[1:] if s.startswith("0.") else ("-" + s[2:] if s.startswith("-0.") else s)
+
+
+def fmt_p(p):
+    if p is None or not np.isfinite(p):
+        return "-"
+    return "p<0.001" if p < 0.001 else "p<0.01" if p < 0.01 else f"{p:.2f}"
+
+
+def markdown_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def ad_markdown(res):
+    cols = res["columns"]
+    out = [f"# {'Binary CN vs AD (App. B)' if res['task'] == 'ad-binary' else 'AD classification (Table 3)'}",
+           "", f"Runs: {res['runs']}. Each row of a model is the Eq. 7-8 ensemble of its four fold models for one "
+           f"(split seed, version); mean +- std (ddof 1) over those rows.", ""]
+    out.append(markdown_table(["model", "rows"] + cols,
+                              [[m["title"], m["n_rows"]] + [f"{fmt(m['mean'][t])} ± {fmt(m['std'][t])}" for t in cols]
+                               for m in res["models"]]))
+    ref = AD_MODEL_TITLES.get(res["reference"], res["reference"])
+    out += ["", f"Two-sided Mann-Whitney U p-value of each model's rows against {ref}'s:", ""]
+    out.append(markdown_table(["model"] + cols, [[m["title"]] + [fmt_p(m["p_value"][t]) for t in cols]
+                                                 for m in res["models"] if m["model"] != res["reference"]]))
+    out += ["", "Confusion matrices summed over rows (rows: true class, columns: predicted):", ""]
+    names = res["class_names"]
+    for m in res["models"]:
+        out += [f"**{m['title']}**", "", markdown_table(["true \\ pred"] + names,
+                                                        [[c] + row for c, row in zip(names, m["confusion_matrix"])]), ""]
+    out += ["Rows per (split seed, version):", ""]
+    out.append(markdown_table(["model", "seed", "version"] + cols,
+                              [[m["title"], r["split_seed"], r["version"]] + [fmt(r[t]) for t in cols]
+                               for m in res["models"] for r in m["rows"]]))
+    if res["incomplete"]:
+        out += ["", "Left out (not all four folds finished): " + "; ".join(res["incomplete"])]
+    return "\n".join(out) + "\n"
+
+
+def ad_csv_rows(res):
+    """One line per model: mean, std and p-value of every column, then the summed confusion matrix."""
+    header = ["model", "rows"] + [f"{t} {s}" for t in res["columns"] for s in ("mean", "std", "p")] + ["confusion_matrix"]
+    rows = [[m["title"], m["n_rows"]] + [v for t in res["columns"] for v in (m["mean"][t], m["std"][t], m["p_value"][t])]
+            + [json.dumps(m["confusion_matrix"])] for m in res["models"]]
+    return header, rows
+
+
+def write_results(res, markdown, csv_table, out_dir, name):
+    """results_<name>.md / .csv / .json in out_dir, each written atomically. -> the three paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, f"results_{name}.{ext}") for ext in ("md", "csv", "json")]
+    with atomic_path(paths[0]) as tmp, open(tmp, "w") as f:
+        f.write(markdown)
+    with atomic_path(paths[1]) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(csv_table[0])
+        w.writerows(csv_table[1])
+    with atomic_path(paths[2]) as tmp, open(tmp, "w") as f:
+        json.dump(_json_safe(res), f, indent=2)
+    return paths
+
+
+def _json_safe(obj):
+    """NaN -> None (JSON has no NaN), numpy scalars and arrays -> Python numbers and lists."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _json_safe(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def evaluate_ad(runs, binary=False, out_dir=None, quiet=False):
+    """The `ad` subcommand: Table 3 printed and written to results_ad.{md,csv,json}."""
+    res = ad_results(runs, binary)
+    md = ad_markdown(res)
+    paths = write_results(res, md, ad_csv_rows(res), out_dir or runs, res["task"])
+    if not quiet:
+        print(md)
+        print("wrote " + ", ".join(paths))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Brain age: ensembles of the 5 best versions (Sec. 4.2.2) and Fig. 4A
+
+FIG4A = re.compile(r"(?P<base>.+)-train(?P<sex>M|F|mixed)")
+FIG4A_TRAIN = {"M": "males", "F": "females", "mixed": "mixed (sex-balanced)"}
+
+
+def brain_age_ensemble(version_dirs, top=5):
+    """Eq. 6 over the `top` versions with the lowest validation MAE (Sec. 4.2.2).
+
+    version_dirs {version: run dir} of finished runs -> {"versions", "val_mae", "members_mae",
+    "metrics" (regression_metrics of the ensemble), "pred", "age", "sex", "subjects"}."""
+    runs = {v: read_run(d) for v, d in version_dirs.items()}
+    ranked = sorted(runs, key=lambda v: (runs[v]["metrics"]["val"]["mae"], v))[:top]
+    chosen = [runs[v] for v in ranked]
+    check_compatible(chosen, BRAIN_AGE_KEYS)
+    p = chosen[0]["pred"]
+    pred = mean_ensemble([r["pred"]["pred"] for r in chosen])                         # Eq. 6
+    return {"versions": ranked, "val_mae": [runs[v]["metrics"]["val"]["mae"] for v in ranked],
+            "members_mae": [runs[v]["metrics"]["test"]["mae"] for v in ranked],
+            "metrics": regression_metrics(p["age"], pred, p["sex"]), "pred": pred, "age": p["age"], "sex": p["sex"],
+            "subjects": p["subjects"], "available": sorted(runs)}
+
+
+def brain_age_results(runs, top=5):
+    """Per model folder of <runs>/brain-age/: the top-5 ensemble's MAE overall, male, female; and the
+    Fig. 4A table (rows: training set, columns: male / female / all test MAE) when -trainM/-trainF/
+    -trainmixed folders exist."""
+    root = os.path.join(runs, "brain-age")
+    folders = {}
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        done = {v: d for v, d in _numbered(os.path.join(root, name), "v").items() if finished(d)}
+        if done:
+            folders[name] = done
+    if not folders:
+        raise DataError(f"{root}: no finished brain-age run")
+    models = []
+    for name, dirs in folders.items():
+        e = brain_age_ensemble(dirs, top)
+        models.append({"folder": name, **{k: e[k] for k in ("versions", "available", "val_mae", "members_mae",
+                                                             "metrics")}})
+    fig4a = []
+    for m in models:
+        match = FIG4A.fullmatch(m["folder"])
+        if match:
+            fig4a.append({"model": match["base"], "train": match["sex"], "folder": m["folder"],
+                          "male": m["metrics"]["mae_male"], "female": m["metrics"]["mae_female"],
+                          "all": m["metrics"]["mae"]})
+    order = {"M": 0, "F": 1, "mixed": 2}
+    fig4a.sort(key=lambda r: (r["model"], order[r["train"]]))
+    return {"task": "brain-age", "runs": os.path.abspath(runs), "top": top, "models": models, "fig4a": fig4a}
+
+
+def brain_age_markdown(res):
+    out = ["# Brain age (Sec. 4.2, Fig. 4)", "",
+           f"Runs: {res['runs']}. Each row is the Eq. 6 ensemble of the {res['top']} versions with the lowest "
+           f"validation MAE (fewer when fewer exist); MAE in years on the test set.", ""]
+    out.append(markdown_table(
+        ["model", "versions used", "MAE", "MAE male", "MAE female", "members' test MAE"],
+        [[m["folder"], f"{', '.join(map(str, m['versions']))} of {len(m['available'])}",
+          f"{m['metrics']['mae']:.2f}", f"{m['metrics']['mae_male']:.2f}", f"{m['metrics']['mae_female']:.2f}",
+          f"{np.mean(m['members_mae']):.2f} ± {np.std(m['members_mae']):.2f}"] for m in res["models"]]))
+    if res["fig4a"]:
+        out += ["", "Fig. 4A: training set (rows) against test set (columns), ensemble MAE in years:", ""]
+        out.append(markdown_table(["model", "trained on", "test: male", "test: female", "test: all"],
+                                  [[r["model"], FIG4A_TRAIN[r["train"]], f"{r['male']:.2f}", f"{r['female']:.2f}",
+                                    f"{r['all']:.2f}"] for r in res["fig4a"]]))
+    return "\n".join(out) + "\n"
+
+
+def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False):
+    """The `brain-age` subcommand: printed and written to results_brain-age.{md,csv,json}."""
+    res = brain_age_results(runs, top)
+    md = brain_age_markdown(res)
+    table = (["model", "versions", "mae", "mae_male", "mae_female", "n"],
+             [[m["folder"], " ".join(map(str, m["versions"])), m["metrics"]["mae"], m["metrics"]["mae_male"],
+               m["metrics"]["mae_female"], m["metrics"]["n"]] for m in res["models"]])
+    paths = write_results(res, md, table, out_dir or runs, "brain-age")
+    if not quiet:
+        print(md)
+        print("wrote " + ", ".join(paths))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Hyperlayer selection (Sec. 3.1.2, App. D)
+
+def _ad_crops(crops, data_csv):
+    """The hippocampus boxes as train_ad.py picks them: --crops, else crops.json next to the CSV, else MNI152."""
+    path = crops or os.path.join(os.path.dirname(os.path.abspath(data_csv)), "crops.json")
+    return data.HippocampusCrops.load(path) if (crops or os.path.isfile(path)) else data.HippocampusCrops.mni152_1mm()
+
+
+def _spread(labels, n):
+    """n indices taking the classes in turn (first subjects of each class), so a small batch holds every class."""
+    by_class = [list(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    out = []
+    while len(out) < min(n, len(labels)):
+        for idx in by_class:
+            if idx and len(out) < n:
+                out.append(idx.pop(0))
+    return np.array(sorted(out))
+
+
+def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=8, draws=100, seed=0):
+    """Sec. 3.1.2: the loss entropy of every candidate layer of the untrained image-only backbone
+    (models.layer_loss_entropy), on one fixed batch of `samples` subjects. -> [(layer, entropy)], sorted."""
+    import torch
+    import torch.nn.functional as F
+    import train_ad
+    from models import build_model, layer_loss_entropy
+    torch.manual_seed(seed)
+    csv_path = data_csv or train_ad.synthetic_cohort(task, data_dir)
+    if task == "ad":
+        table = data.read_ad_table(csv_path, image_dir)
+        pick = _spread(table.labels, samples)
+        crops = _ad_crops(None, csv_path)
+        image = np.stack([crops(data.load_volume(table.image_paths[i], table.subjects[i]))[0] for i in pick])
+        tabular = data.TabularPreprocessor().fit(table.raw).transform([table.raw[i] for i in pick])
+        target = torch.as_tensor(table.labels[pick])
+        model = build_model("ad", "imaging", n_tabular=tabular.shape[1], n_classes=3)
+        loss_fn = F.cross_entropy
+    elif task == "brain-age":
+        table = data.read_brain_age_table(csv_path, image_dir)
+        pick = _spread(table.sex, samples)
+        image = np.stack([data.load_volume(table.image_paths[i], table.subjects[i]) for i in pick])
+        tabular = data.sex_onehot(table.sex[pick])
+        target = torch.as_tensor((table.age[pick] - table.age.mean()) / 10)      # as train_brain_age.py's target
+        model = build_model("brain-age", "imaging", image_shape=image.shape[1:])
+        loss_fn = lambda pred, y: F.mse_loss(pred.float(), y)                    # Eq. 4
+    else:
+        raise DataError(f"unknown task {task!r}: expected ad or brain-age")
+    batch = (torch.as_tensor(image, dtype=torch.float32)[:, None], torch.as_tensor(tabular), target)
+    return layer_loss_entropy(model, batch, loss_fn, n_draws=draws, seed=seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Test-time adjustment (Sec. 1): the same test scans with one tabular attribute changed
+
+def _test_set(ckpt, data_csv=None, image_dir=None):
+    """Rebuild a run's test set exactly as its training script did. -> (table, test_idx, images or None)."""
+    import torch
+    import train_ad
+    cfg = dict(ckpt["config"])
+    cfg["data_csv"] = data_csv or cfg["data_csv"]
+    cfg["image_dir"] = image_dir or cfg["image_dir"]
+    if cfg["task"] == "ad":
+        image_model = cfg["model"] != "tabular"
+        table = data.read_ad_table(cfg["data_csv"], cfg["image_dir"], need_images=image_model, classes=cfg["classes"])
+        test_idx = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, cfg["split_seed"]), cfg["fold"])[2]
+        transform = _ad_crops(cfg["crops"], cfg["data_csv"]) if image_model else None
+    else:
+        image_model = True
+        table = data.read_brain_age_table(cfg["data_csv"], cfg["image_dir"])
+        test_idx = data.brain_age_split(table.age, table.sex, cfg["split_seed"])[2]
+        transform = None
+    images = None
+    if image_model:  # the training run's cache (same folder, dtype and transform), so nothing is decoded again
+        cache = data.ImageCache(table.image_paths, train_ad.cache_dir_for(cfg), cfg["cache_dtype"], transform=transform,
+                                names=table.subjects)
+        images = torch.utils.data.Subset(cache, test_idx)
+    return cfg, table, test_idx, images
+
+
+def sweep(checkpoint, attribute, values, data_csv=None, image_dir=None, batch_size=16, device="auto"):
+    """Predict the run's test set once as recorded and once per value of `attribute`.
+
+    AD: the raw attribute (e.g. ABETA 500, PTGENDER Female, AGE 80) is written into every test
+    row, then the checkpoint's own TabularPreprocessor turns the rows into features; both
+    hippocampi are averaged. Brain age: attribute Sex, values M / F, the one-hot sex vector.
+    -> {"task", "attribute", "header", "rows" (table cells), "summary" (numbers per value)}."""
+    import torch
+    import train_ad
+    import train_brain_age
+    from models import build_model
+    ckpt = train_ad.load_checkpoint(checkpoint)
+    cfg, table, test_idx, images = _test_set(ckpt, data_csv, image_dir)
+    saved = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "predictions.npz")
+    if os.path.isfile(saved):
+        with np.load(saved, allow_pickle=False) as npz:
+            if not np.array_equal(npz["subjects"], np.array(table.subjects)[test_idx]):
+                raise DataError(f"{checkpoint}: the rebuilt test set differs from the run's predictions.npz "
+                                f"(another table than {cfg['data_csv']}?)")
+    dev = train_ad.setup_device({"device": device, "workers": 0})
+    loader = lambda ds: torch.utils.data.DataLoader(ds, batch_size=batch_size)
+    n = len(test_idx)
+    if cfg["task"] == "ad":
+        attr = next((a for a in data.AD_ATTRIBUTES if a.lower() == attribute.lower()), None)
+        if attr is None:
+            raise DataError(f"--attribute {attribute}: not a tabular attribute of the AD model "
+                            f"(one of {', '.join(data.AD_ATTRIBUTES)})")
+        prep = data.TabularPreprocessor(state=ckpt["tabular"])
+        model = build_model("ad", cfg["model"], n_tabular=cfg["n_tabular"], n_classes=cfg["classes"]).to(dev)
+        model.load_state_dict(ckpt["model"])
+        names = list(cfg.get("class_names") or table.class_names)
+        header = [attr, "n"] + [f"mean P({c})" for c in names] + [f"predicted {c}" for c in names] + ["BA"]
+        rows, summary = [], []
+        for value in [None] + list(values):
+            raw = [dict(table.raw[i], **({} if value is None else {attr: str(value)})) for i in test_idx]
+            tab = prep.transform(raw)
+            ds = (data.ADDataset(images, tab, table.labels[test_idx], train=False) if images is not None
+                  else data.TabularDataset(tab, table.labels[test_idx]))
+            met, probs = train_ad.ad_predict_metrics(model, loader(ds), dev, names)
+            frac = np.bincount(probs.argmax(1), minlength=len(names)) / n
+            label = "(as recorded)" if value is None else str(value)
+            rows.append([label, n] + [f"{p:.3f}" for p in probs.mean(0)] + [f"{f:.0%}" for f in frac]
+                        + [fmt(met["balanced_accuracy"])])
+            summary.append({"value": value, "mean_probs": probs.mean(0).tolist(), "predicted_fraction": frac.tolist(),
+                            "balanced_accuracy": met["balanced_accuracy"]})
+    else:
+        if attribute.lower() not in ("sex", "ptgender"):
+            raise DataError(f"--attribute {attribute}: the brain-age models take one attribute, Sex (values M F)")
+        attr = "Sex"
+        codes = []
+        for v in values:
+            if str(v).lower() not in data.SEX_CODES:
+                raise DataError(f"--values {v}: expected M or F")
+            codes.append(data.SEX_CODES[str(v).lower()])
+        model = build_model("brain-age", cfg["model"], image_shape=tuple(cfg["image_shape"]),
+                            embedding_dim=cfg["embedding_dim"]).to(dev)
+        model.load_state_dict(ckpt["model"])
+        sex, age = table.sex[test_idx], table.age[test_idx]
+        header = [attr, "n", "mean predicted age", "true males", "true females", "MAE", "per-scan change vs first"]
+        rows, summary, first = [], [], None
+        for value, code in [(None, None)] + list(zip(values, codes)):
+            onehot = data.sex_onehot(sex if code is None else np.full(n, code))
+            ds = data.BrainAgeDataset(images, onehot, age)
+            met, pred = train_brain_age.predict_metrics(model, loader(ds), dev, ckpt["age_centre"], sex)
+            if value is not None and first is None:
+                first = pred
+            diff = pred - first if value is not None else None
+            mean_sex = [float(pred[sex == s].mean()) if (sex == s).any() else float("nan") for s in (0, 1)]
+            rows.append(["(as recorded)" if value is None else str(value), n, f"{pred.mean():.2f}",
+                         f"{mean_sex[0]:.2f}", f"{mean_sex[1]:.2f}", f"{met['mae']:.2f}",
+                         "-" if diff is None else f"{diff.mean():+.2f} ± {diff.std():.2f}"])
+            summary.append({"value": value, "mean_pred": float(pred.mean()), "mean_pred_male": mean_sex[0],
+                            "mean_pred_female": mean_sex[1], "mae": met["mae"],
+                            "change_vs_first": None if diff is None else float(diff.mean())})
+    return {"task": cfg["task"], "model": cfg["model"], "checkpoint": checkpoint, "attribute": attr, "header": header,
+            "rows": rows, "summary": summary}
+
+
+def sweep_markdown(res):
+    what = ("class probabilities" if res["task"] == "ad" else "predicted brain age in years")
+    return (f"# {res['model']}: {what} on the test set as {res['attribute']} varies\n\n"
+            f"Checkpoint: {res['checkpoint']}. Every test subject is read once per value (Sec. 1: the model is "
+            f"adjusted at test time).\n\n" + markdown_table(res["header"], res["rows"]) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# The protocol (Sec. 4.2.2, 4.3.6): train whatever run is missing, then the table
+
+def brain_age_folder(model, embedding_dim=1, train_sex="all"):
+    """The folder name train_brain_age.py writes to (model, -emb2, -train<sex>)."""
+    return model + (f"-emb{embedding_dim}" if embedding_dim != 1 else "") + \
+        (f"-train{train_sex}" if train_sex != "all" else "")
+
+
+def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None, epochs=None, data_csv=None,
+                 image_dir=None, data_dir="data", binary=False, train_sex=("all",), embedding_dim=1, verbose=False):
+    """Train every run of the protocol that has no metrics.json yet (an interrupted one resumes from
+    last.pt), skip the finished ones, then build the task's table. -> (trained, skipped, results)."""
+    import train_ad
+    import train_brain_age
+    from models import AD_MODELS, BRAIN_AGE_MODELS
+    t0 = time.time()
+    common = ["--out", runs, "--data-dir", data_dir] + (["--epochs", str(epochs)] if epochs else []) \
+        + (["--data-csv", data_csv] if data_csv else []) + (["--image-dir", image_dir] if image_dir else []) \
+        + ([] if verbose else ["--quiet"])
+    jobs = []  # (run dir, parser, train function, argv)
+    if task == "ad":
+        for model in models or AD_MODELS:
+            if model not in AD_MODELS:
+                raise DataError(f"--models {model}: not an AD model (one of {', '.join(AD_MODELS)})")
+            for s in split_seeds:
+                for v in versions if versions is not None else (0,):
+                    for f in range(N_FOLDS):
+                        argv = ["--model", model, "--split-seed", str(s), "--version", str(v), "--fold", str(f)] \
+                            + (["--classes", "2"] if binary else []) + common
+                        jobs.append((ad_run_dir(runs, model, s, v, f, binary), train_ad.ad_arguments,
+                                     lambda a: train_ad.train_ad(a), argv))
+    elif task == "brain-age":
+        if len(split_seeds) != 1:
+            raise DataError("brain-age runs are not kept per split seed (runs/brain-age/<model>/v<V>): give one "
+                            "--split-seeds value")
+        for model in models or BRAIN_AGE_MODELS:
+            if model not in BRAIN_AGE_MODELS:
+                raise DataError(f"--models {model}: not a brain-age model (one of {', '.join(BRAIN_AGE_MODELS)})")
+            for sex in train_sex:
+                for v in versions if versions is not None else range(5):
+                    argv = ["--model", model, "--version", str(v), "--split-seed", str(split_seeds[0]),
+                            "--embedding-dim", str(embedding_dim), "--train-sex", sex] + common
+                    run_dir = os.path.join(runs, "brain-age", brain_age_folder(model, embedding_dim, sex), f"v{v}")
+                    jobs.append((run_dir, train_brain_age.brain_age_arguments,
+                                 lambda a: train_brain_age.train_brain_age(a), argv))
+    else:
+        raise DataError(f"unknown task {task!r}: expected ad or brain-age")
+    trained, skipped = [], []
+    for k, (run_dir, parser, train, argv) in enumerate(jobs):
+        if finished(run_dir):
+            skipped.append(run_dir)
+            print(f"[{k + 1}/{len(jobs)}] skipped (finished): {run_dir}", flush=True)
+            continue
+        resume = os.path.isfile(os.path.join(run_dir, "last.pt"))
+        print(f"[{k + 1}/{len(jobs)}] {'resuming' if resume else 'training'}: {run_dir}", flush=True)
+        train(vars(parser().parse_args(argv + (["--resume"] if resume else []))))
+        trained.append(run_dir)
+    print(f"protocol: {len(trained)} trained, {len(skipped)} skipped, {(time.time() - t0) / 60:.1f} min", flush=True)
+    res = evaluate_ad(runs, binary) if task == "ad" else evaluate_brain_age(runs)
+    print(f"total wall time {(time.time() - t0) / 60:.1f} min")
+    return trained, skipped, res
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+def arguments():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("ad", help="Table 3 from <runs>/ad (or ad-binary): ensembles of the four folds")
+    a.add_argument("--runs", default="runs")
+    a.add_argument("--binary", action="store_true", help="CN vs AD runs (App. B), <runs>/ad-binary")
+    a.add_argument("--out", help="folder of results_ad.{md,csv,json} (default: --runs)")
+    b = sub.add_parser("brain-age", help="MAE of the 5-best ensembles (Eq. 6) and Fig. 4A from <runs>/brain-age")
+    b.add_argument("--runs", default="runs")
+    b.add_argument("--top", type=int, default=5, help="versions per ensemble, lowest validation MAE first")
+    b.add_argument("--out", help="folder of results_brain-age.{md,csv,json} (default: --runs)")
+    s = sub.add_parser("select-layers", help="Sec. 3.1.2: loss entropy of every candidate layer, sorted")
+    s.add_argument("--task", required=True, choices=["ad", "brain-age"])
+    s.add_argument("--data-csv", help="default: the built-in synthetic cohort")
+    s.add_argument("--image-dir")
+    s.add_argument("--data-dir", default="data", help="where the synthetic cohort is generated")
+    s.add_argument("--samples", type=int, default=8, help="subjects in the fixed batch")
+    s.add_argument("--draws", type=int, default=100, help="re-initialisations per layer")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", help="also write the table to this markdown file")
+    w = sub.add_parser("sweep", help="the test set read with one tabular attribute set to each value in turn")
+    w.add_argument("checkpoint", help="best.pt of a run")
+    w.add_argument("--attribute", required=True, help="AD: AGE, PTGENDER, ABETA, ...; brain age: Sex")
+    w.add_argument("--values", required=True, nargs="+")
+    w.add_argument("--data-csv", help="default: the run's own (its path is stored relative to where it ran)")
+    w.add_argument("--image-dir")
+    w.add_argument("--batch-size", type=int, default=16)
+    w.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r = sub.add_parser("run-protocol", help="train every missing run of the protocol, then print the table")
+    r.add_argument("--task", required=True, choices=["ad", "brain-age"])
+    r.add_argument("--runs", default="runs")
+    r.add_argument("--split-seeds", type=int, nargs="+", default=[0])
+    r.add_argument("--versions", type=int, nargs="+", help="default: 0 (AD), 0 1 2 3 4 (brain age)")
+    r.add_argument("--models", nargs="+", help="default: every model of the task")
+    r.add_argument("--epochs", type=int, help="default: the training scripts' (Table 1, or the demo schedule)")
+    r.add_argument("--binary", action="store_true", help="AD: CN vs AD (App. B)")
+    r.add_argument("--train-sex", nargs="+", default=["all"], choices=["all", "M", "F", "mixed"],
+                   help="brain age: training sets (Fig. 4A: M F mixed)")
+    r.add_argument("--embedding-dim", type=int, default=1, choices=[1, 2], help="brain age: sex embedding size")
+    r.add_argument("--data-csv")
+    r.add_argument("--image-dir")
+    r.add_argument("--data-dir", default="data")
+    r.add_argument("--verbose", action="store_true", help="the training scripts' per-epoch lines")
+    return p
+
+
+def main(argv=None):
+    a = arguments().parse_args(argv)
+    if a.command == "ad":
+        return evaluate_ad(a.runs, a.binary, a.out)
+    if a.command == "brain-age":
+        return evaluate_brain_age(a.runs, a.top, a.out)
+    if a.command == "select-layers":
+        t0 = time.time()
+        scores = select_layers(a.task, a.data_csv, a.image_dir, a.data_dir, a.samples, a.draws, a.seed)
+        md = (f"# Loss entropy per layer (Sec. 3.1.2), {a.task}: image-only backbone, untrained, {a.samples} "
+              f"subjects, {a.draws} draws\n\n" + markdown_table(["rank", "layer", "entropy"],
+                                                                 [[k + 1, n, f"{h:.3f}"] for k, (n, h) in enumerate(scores)]) + "\n")
+        print(md)
+        if a.out:
+            with atomic_path(a.out) as tmp, open(tmp, "w") as f:
+                f.write(md)
+            print(f"wrote {a.out}")
+        print(f"{time.time() - t0:.0f} s")
+        return scores
+    if a.command == "sweep":
+        res = sweep(a.checkpoint, a.attribute, a.values, a.data_csv, a.image_dir, a.batch_size, a.device)
+        md = sweep_markdown(res)
+        path = os.path.join(os.path.dirname(os.path.abspath(a.checkpoint)), f"sweep_{res['attribute']}.md")
+        with atomic_path(path) as tmp, open(tmp, "w") as f:
+            f.write(md)
+        print(md)
+        print(f"wrote {path}")
+        return res
+    return run_protocol(a.task, a.runs, a.split_seeds, a.versions, a.models, a.epochs, a.data_csv, a.image_dir,
+                        a.data_dir, a.binary, a.train_sex, a.embedding_dim, a.verbose)
+
+
+if __name__ == "__main__":
+    data.run_cli(main)
