@@ -737,7 +737,7 @@ AD_SYNTH = {
     "missing_prob": {"CSF": (0.6, 0.45, 0.45), "FDG": (0.55, 0.45, 0.4), "AV45": (0.55, 0.45, 0.45)},
     "shape": (64, 80, 64), "spacing_mm": 2.0, "crop_size": (32, 48, 32),
 }
-BRAIN_AGE_SYNTH = {"age_range": (8, 90), "shape": (45, 60, 50), "spacing_mm": 3.5,
+BRAIN_AGE_SYNTH = {"age_range": (8, 90), "shape": (40, 48, 40), "spacing_mm": 4.0,
                    "atrophy_slope_after_40": {"M": 0.6, "F": 0.35}, "brain_age_gap_sd": {"M": 0.08, "F": 0.06}}
 HIPPO_CENTRE = (0.36, -0.12, -0.32)  # normalised (|x|, y, z) of the hippocampi
 

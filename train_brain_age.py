@@ -27,7 +27,7 @@ from train_ad import (add_common_arguments, autocast, cache_dir_for, fit, load_c
                       resolve_schedule, resuming, seed_all, setup_device, synthetic_cohort, write_json)
 
 REAL_BRAIN_AGE = dict(epochs=70, batch_size=64, lr=1.5e-4, weight_decay=0.05)  # Table 1
-DEMO_BRAIN_AGE = dict(epochs=15, batch_size=16, lr=1e-3, weight_decay=1e-4)
+DEMO_BRAIN_AGE = dict(epochs=12, batch_size=16, lr=1e-3, weight_decay=1e-4)
 
 
 def brain_age_arguments():
