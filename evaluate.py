@@ -478,13 +478,13 @@ def _spread(labels, n):
     return np.array(sorted(out))
 
 
-def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=8, draws=100, seed=0):
+def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=8, draws=100, seed=0, verbose=False):
     """Sec. 3.1.2: the loss entropy of every candidate layer of the untrained image-only backbone
     (models.layer_loss_entropy), on one fixed batch of `samples` subjects. -> [(layer, entropy)], sorted."""
     import torch
     import torch.nn.functional as F
     import train_ad
-    from models import build_model, layer_loss_entropy
+    from models import build_model, candidate_layers, layer_loss_entropy
     torch.manual_seed(seed)
     csv_path = data_csv or train_ad.synthetic_cohort(task, data_dir)
     if task == "ad":
@@ -507,6 +507,14 @@ def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=
     else:
         raise DataError(f"unknown task {task!r}: expected ad or brain-age")
     batch = (torch.as_tensor(image, dtype=torch.float32)[:, None], torch.as_tensor(tabular), target)
+    if verbose:  # every draw is one forward pass of the whole network: say how long that will take
+        model.eval()
+        with torch.no_grad():
+            t0 = time.time()
+            model(*batch[:2])
+        n = len(candidate_layers(model))
+        print(f"{n} candidate layers x {draws} draws, {len(pick)} subjects of {csv_path}: about "
+              f"{(time.time() - t0) * n * draws / 60:.1f} min", flush=True)
     return layer_loss_entropy(model, batch, loss_fn, n_draws=draws, seed=seed)
 
 
@@ -573,7 +581,10 @@ def sweep(checkpoint, attribute, values, data_csv=None, image_dir=None, batch_si
         rows, summary = [], []
         for value in [None] + list(values):
             raw = [dict(table.raw[i], **({} if value is None else {attr: str(value)})) for i in test_idx]
-            tab = prep.transform(raw)
+            try:
+                tab = prep.transform(raw)
+            except DataError as exc:
+                raise DataError(f"--values {value}: {exc}") from None
             ds = (data.ADDataset(images, tab, table.labels[test_idx], train=False) if images is not None
                   else data.TabularDataset(tab, table.labels[test_idx]))
             met, probs = train_ad.ad_predict_metrics(model, loader(ds), dev, names)
@@ -744,7 +755,7 @@ def main(argv=None):
         return evaluate_brain_age(a.runs, a.top, a.out)
     if a.command == "select-layers":
         t0 = time.time()
-        scores = select_layers(a.task, a.data_csv, a.image_dir, a.data_dir, a.samples, a.draws, a.seed)
+        scores = select_layers(a.task, a.data_csv, a.image_dir, a.data_dir, a.samples, a.draws, a.seed, verbose=True)
         md = (f"# Loss entropy per layer (Sec. 3.1.2), {a.task}: image-only backbone, untrained, {a.samples} "
               f"subjects, {a.draws} draws\n\n" + markdown_table(["rank", "layer", "entropy"],
                                                                  [[k + 1, n, f"{h:.3f}"] for k, (n, h) in enumerate(scores)]) + "\n")

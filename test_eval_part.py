@@ -316,7 +316,7 @@ def test_ad_sweep_changes_the_tabular_attribute_of_every_test_row(ad_cohort, tmp
 
 def test_select_layers_scores_every_candidate_layer(ba_cohort):
     from models import build_model, candidate_layers
-    scores = evaluate.select_layers("brain-age", data_csv=str(ba_cohort), samples=4, draws=4)
+    scores = evaluate.select_layers("brain-age", data_csv=str(ba_cohort), samples=2, draws=3)
     expected = candidate_layers(build_model("brain-age", "imaging", image_shape=data.BRAIN_AGE_SYNTH["shape"]))
     assert sorted(n for n, _ in scores) == sorted(expected)
     assert [h for _, h in scores] == sorted((h for _, h in scores), reverse=True)
