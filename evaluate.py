@@ -314,8 +314,8 @@ def ad_markdown(res):
     out += ["", "Confusion matrices summed over rows (rows: true class, columns: predicted):", ""]
     names = res["class_names"]
     for m in res["models"]:
-        out += [f"**{m['title']}**", "", markdown_table(["true \\ pred"] + names,
-                                                        [[c] + row for c, row in zip(names, m["confusion_matrix"])]), ""]
+        cm = [[c] + row for c, row in zip(names, m["confusion_matrix"])]
+        out += [f"**{m['title']}**", "", markdown_table(["true \\ pred"] + names, cm), ""]
     out += ["Rows per (split seed, version):", ""]
     out.append(markdown_table(["model", "seed", "version"] + cols,
                               [[m["title"], r["split_seed"], r["version"]] + [fmt(r[t]) for t in cols]
@@ -327,8 +327,9 @@ def ad_markdown(res):
 
 def ad_csv_rows(res):
     """One line per model: mean, std and p-value of every column, then the summed confusion matrix."""
-    header = ["model", "rows"] + [f"{t} {s}" for t in res["columns"] for s in ("mean", "std", "p")] + ["confusion_matrix"]
-    rows = [[m["title"], m["n_rows"]] + [v for t in res["columns"] for v in (m["mean"][t], m["std"][t], m["p_value"][t])]
+    cols = res["columns"]
+    header = ["model", "rows"] + [f"{t} {s}" for t in cols for s in ("mean", "std", "p")] + ["confusion_matrix"]
+    rows = [[m["title"], m["n_rows"]] + [v for t in cols for v in (m["mean"][t], m["std"][t], m["p_value"][t])]
             + [json.dumps(m["confusion_matrix"])] for m in res["models"]]
     return header, rows
 
@@ -435,7 +436,7 @@ def brain_age_markdown(res):
         ["model", "versions used", "MAE", "MAE male", "MAE female", "members' test MAE"],
         [[m["folder"], f"{', '.join(map(str, m['versions']))} of {len(m['available'])}",
           f"{m['metrics']['mae']:.2f}", f"{m['metrics']['mae_male']:.2f}", f"{m['metrics']['mae_female']:.2f}",
-          f"{np.mean(m['members_mae']):.2f} ± {np.std(m['members_mae']):.2f}"] for m in res["models"]]))
+          "{:.2f} ± {:.2f}".format(*mean_std(m["members_mae"])).replace("nan", "-")] for m in res["models"]]))
     if res["fig4a"]:
         out += ["", "Fig. 4A: training set (rows) against test set (columns), ensemble MAE in years:", ""]
         out.append(markdown_table(["model", "trained on", "test: male", "test: female", "test: all"],
@@ -756,9 +757,10 @@ def main(argv=None):
     if a.command == "select-layers":
         t0 = time.time()
         scores = select_layers(a.task, a.data_csv, a.image_dir, a.data_dir, a.samples, a.draws, a.seed, verbose=True)
+        table = markdown_table(["rank", "layer", "entropy"],
+                               [[k + 1, n, f"{h:.3f}"] for k, (n, h) in enumerate(scores)])
         md = (f"# Loss entropy per layer (Sec. 3.1.2), {a.task}: image-only backbone, untrained, {a.samples} "
-              f"subjects, {a.draws} draws\n\n" + markdown_table(["rank", "layer", "entropy"],
-                                                                 [[k + 1, n, f"{h:.3f}"] for k, (n, h) in enumerate(scores)]) + "\n")
+              f"subjects, {a.draws} draws\n\n{table}\n")
         print(md)
         if a.out:
             with atomic_path(a.out) as tmp, open(tmp, "w") as f:

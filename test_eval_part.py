@@ -154,7 +154,8 @@ def test_ad_table_has_a_row_per_seed_and_version_with_mean_std_and_mann_whitney(
         ba = [r["BA"] for r in rows]
         assert by[model]["mean"]["BA"] == pytest.approx(np.mean(ba))
         assert by[model]["std"]["BA"] == pytest.approx(np.std(ba, ddof=1))
-        assert np.array_equal(by[model]["confusion_matrix"], np.sum([r["metrics"]["confusion_matrix"] for r in rows], 0))
+        summed = np.sum([r["metrics"]["confusion_matrix"] for r in rows], 0)
+        assert np.array_equal(by[model]["confusion_matrix"], summed)
     for col in ("BA", "AUC", "TP-MCI"):
         expected = mannwhitneyu([r[col] for r in by["imaging"]["rows"]], [r[col] for r in by["hyperfusion"]["rows"]],
                                 alternative="two-sided").pvalue
@@ -163,7 +164,8 @@ def test_ad_table_has_a_row_per_seed_and_version_with_mean_std_and_mann_whitney(
     # late fusion: the plain average of the imaging and tabular ensembles, per (seed, version)
     for r in by["late-fusion"]["rows"]:
         key = (r["split_seed"], r["version"])
-        fused = (entropy_weighted_ensemble(made[("imaging", *key)]) + entropy_weighted_ensemble(made[("tabular", *key)])) / 2
+        fused = (entropy_weighted_ensemble(made[("imaging", *key)])
+                 + entropy_weighted_ensemble(made[("tabular", *key)])) / 2
         assert r["metrics"] == classification_metrics(labels[key[0]], fused, NAMES)
     # written in three forms, and printed
     md = (runs / "results_ad.md").read_text()
@@ -181,7 +183,8 @@ def test_folds_whose_configs_differ_are_refused(tmp_path, key, value):
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 3, 10)
     for fold in range(4):
-        fake_ad_run(tmp_path, "concat", 0, 0, fold, random_probs(rng, 10), labels, **({key: value} if fold == 2 else {}))
+        differ = {key: value} if fold == 2 else {}
+        fake_ad_run(tmp_path, "concat", 0, 0, fold, random_probs(rng, 10), labels, **differ)
     with pytest.raises(data.DataError, match=f"cannot ensemble .*fold0 and .*fold2: {key} differs"):
         evaluate.ad_results(str(tmp_path))
 
@@ -277,7 +280,7 @@ def test_brain_age_sweep_reads_every_test_scan_as_male_and_as_female(ba_cohort, 
     results = {}
     for name in ("hyperfusion", "imaging"):
         model = build_model("brain-age", name, image_shape=shape)
-        if name == "hyperfusion":  # embeddings start at e = 1 for both sexes (SPEC §1): make them differ, as training would
+        if name == "hyperfusion":  # the embeddings start at e = 1 for both sexes (SPEC §1): make them differ
             for layer in model.linears:
                 getattr(model, layer).hypernet.embedding.weight.data = torch.tensor([[1.0, 2.0]])
             init_hyperlayers(model, torch.eye(2)[torch.arange(10) % 2])
@@ -316,7 +319,7 @@ def test_ad_sweep_changes_the_tabular_attribute_of_every_test_row(ad_cohort, tmp
 
 def test_select_layers_scores_every_candidate_layer(ba_cohort):
     from models import build_model, candidate_layers
-    scores = evaluate.select_layers("brain-age", data_csv=str(ba_cohort), samples=2, draws=3)
+    scores = evaluate.select_layers("brain-age", data_csv=str(ba_cohort), samples=2, draws=2)
     expected = candidate_layers(build_model("brain-age", "imaging", image_shape=data.BRAIN_AGE_SYNTH["shape"]))
     assert sorted(n for n, _ in scores) == sorted(expected)
     assert [h for _, h in scores] == sorted((h for _, h in scores), reverse=True)
