@@ -511,6 +511,7 @@ def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=
     if verbose:  # every draw is one forward pass of the whole network: say how long that will take
         model.eval()
         with torch.no_grad():
+            model(*batch[:2])                                   # warm-up, then time one forward pass
             t0 = time.time()
             model(*batch[:2])
         n = len(candidate_layers(model))
@@ -758,7 +759,7 @@ def main(argv=None):
         t0 = time.time()
         scores = select_layers(a.task, a.data_csv, a.image_dir, a.data_dir, a.samples, a.draws, a.seed, verbose=True)
         table = markdown_table(["rank", "layer", "entropy"],
-                               [[k + 1, n, f"{h:.3f}"] for k, (n, h) in enumerate(scores)])
+                               [[k + 1, n, f"{max(h, 0.0):.3f}"] for k, (n, h) in enumerate(scores)])
         md = (f"# Loss entropy per layer (Sec. 3.1.2), {a.task}: image-only backbone, untrained, {a.samples} "
               f"subjects, {a.draws} draws\n\n{table}\n")
         print(md)
