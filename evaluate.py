@@ -130,8 +130,10 @@ def read_run(run_dir):
     try:
         with np.load(path, allow_pickle=False) as npz:
             pred = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # missing, truncated, not a zip, pickled objects
         raise DataError(f"{path}: missing or unreadable test predictions ({type(exc).__name__})") from None
+    if "subjects" not in pred or not ({"probs", "labels"} <= set(pred) or {"pred", "age", "sex"} <= set(pred)):
+        raise DataError(f"{path}: not the test predictions of a training run (arrays: {', '.join(pred)})")
     return {"dir": run_dir, "config": ckpt["config"], "metrics": metrics, "pred": pred}
 
 
