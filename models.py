@@ -55,11 +55,10 @@ class BrainAgeNet(nn.Module):
             elif name == "concat":
                 layer = nn.Linear(fin + n_tabular, fout)
             else:
+                # PyTorch's default init, so the sexes start with different embeddings; Eq. 1-2 then
+                # scale the generators by the measured E[e^2]. (Starting both at e = 1 makes the two
+                # sexes' weights equal, and Adam's nearly sign-like first steps keep them close.)
                 embedding = nn.Linear(n_tabular, embedding_dim)
-                with torch.no_grad():  # e = 1 for both sexes at the start (SPEC §1); 2-D: e = one-hot
-                    embedding.weight.copy_(torch.ones(1, n_tabular) if embedding_dim == 1
-                                           else torch.eye(embedding_dim, n_tabular))
-                    embedding.bias.zero_()
                 layer = HyperLinear(fin, fout, embedding, embedding_dim, relu_follows=n != "final_layer",
                                     mode=hyper_mode)
             setattr(self, n, layer)
