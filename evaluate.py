@@ -464,12 +464,6 @@ def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False):
 # ----------------------------------------------------------------------------------------------
 # Hyperlayer selection (Sec. 3.1.2, App. D)
 
-def _ad_crops(crops, data_csv):
-    """The hippocampus boxes as train_ad.py picks them: --crops, else crops.json next to the CSV, else MNI152."""
-    path = crops or os.path.join(os.path.dirname(os.path.abspath(data_csv)), "crops.json")
-    return data.HippocampusCrops.load(path) if (crops or os.path.isfile(path)) else data.HippocampusCrops.mni152_1mm()
-
-
 def _spread(labels, n):
     """n indices taking the classes in turn (first subjects of each class), so a small batch holds every class."""
     by_class = [list(np.flatnonzero(labels == c)) for c in np.unique(labels)]
@@ -493,7 +487,7 @@ def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=
     if task == "ad":
         table = data.read_ad_table(csv_path, image_dir)
         pick = _spread(table.labels, samples)
-        crops = _ad_crops(None, csv_path)
+        crops = train_ad.hippocampus_crops(None, csv_path)
         image = np.stack([crops(data.load_volume(table.image_paths[i], table.subjects[i]))[0] for i in pick])
         tabular = data.TabularPreprocessor().fit(table.raw).transform([table.raw[i] for i in pick])
         target = torch.as_tensor(table.labels[pick])
@@ -536,7 +530,7 @@ def _test_set(ckpt, data_csv=None, image_dir=None):
         image_model = cfg["model"] != "tabular"
         table = data.read_ad_table(cfg["data_csv"], cfg["image_dir"], need_images=image_model, classes=cfg["classes"])
         test_idx = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, cfg["split_seed"]), cfg["fold"])[2]
-        transform = _ad_crops(cfg["crops"], cfg["data_csv"]) if image_model else None
+        transform = train_ad.hippocampus_crops(cfg["crops"], cfg["data_csv"]) if image_model else None
     else:
         image_model = True
         table = data.read_brain_age_table(cfg["data_csv"], cfg["image_dir"])
@@ -641,12 +635,6 @@ def sweep_markdown(res):
 # ----------------------------------------------------------------------------------------------
 # The protocol (Sec. 4.2.2, 4.3.6): train whatever run is missing, then the table
 
-def brain_age_folder(model, embedding_dim=1, train_sex="all"):
-    """The folder name train_brain_age.py writes to (model, -emb2, -train<sex>)."""
-    return model + (f"-emb{embedding_dim}" if embedding_dim != 1 else "") + \
-        (f"-train{train_sex}" if train_sex != "all" else "")
-
-
 def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None, epochs=None, data_csv=None,
                  image_dir=None, data_dir="data", binary=False, train_sex=("all",), embedding_dim=1, verbose=False):
     """Train every run of the protocol that has no metrics.json yet (an interrupted one resumes from
@@ -681,7 +669,7 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
                 for v in versions if versions is not None else range(5):
                     argv = ["--model", model, "--version", str(v), "--split-seed", str(split_seeds[0]),
                             "--embedding-dim", str(embedding_dim), "--train-sex", sex] + common
-                    run_dir = os.path.join(runs, "brain-age", brain_age_folder(model, embedding_dim, sex), f"v{v}")
+                    run_dir = os.path.join(runs, "brain-age", train_brain_age.run_folder(model, embedding_dim, sex), f"v{v}")
                     jobs.append((run_dir, train_brain_age.brain_age_arguments,
                                  lambda a: train_brain_age.train_brain_age(a), argv))
     else:

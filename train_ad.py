@@ -74,9 +74,7 @@ def train_ad(args):
              f"{cfg['n_tabular']} tabular features -> {run_dir}")
 
     if image_model:
-        crops_path = os.path.join(os.path.dirname(os.path.abspath(cfg["data_csv"])), "crops.json")
-        crops = (data.HippocampusCrops.load(cfg["crops"] or crops_path) if (cfg["crops"] or os.path.isfile(crops_path))
-                 else data.HippocampusCrops.mni152_1mm())
+        crops = hippocampus_crops(cfg["crops"], cfg["data_csv"])
         cache = data.ImageCache(table.image_paths, cache_dir_for(cfg), cfg["cache_dtype"], transform=crops,
                                 names=table.subjects).prepare(progress=not cfg["quiet"])
         make = lambda idx, train: data.ADDataset(torch.utils.data.Subset(cache, idx), tabular[idx], table.labels[idx], train=train)
@@ -123,6 +121,12 @@ def train_ad(args):
              f"{best['metrics']['balanced_accuracy']:.3f}) -> {run_dir}", force=True)
     return metrics
 
+
+
+def hippocampus_crops(crops_json, data_csv):
+    """The two hippocampus boxes: --crops, else crops.json next to the CSV, else the MNI152 default."""
+    path = crops_json or os.path.join(os.path.dirname(os.path.abspath(data_csv)), "crops.json")
+    return data.HippocampusCrops.load(path) if (crops_json or os.path.isfile(path)) else data.HippocampusCrops.mni152_1mm()
 
 
 def wce_loss(logits, target, weights):
@@ -208,7 +212,7 @@ def resolve_schedule(cfg, defaults, synthetic):
 def synthetic_cohort(task, data_dir):
     """The built-in synthetic cohort, generated on first use (SPEC §4)."""
     name = {"ad": ("synthetic_ad", "ad.csv"), "brain-age": ("synthetic_brain_age", "brain_age.csv")}[task]
-    csv_path = os.path.join(data_dir, *name)
+    csv_path = os.path.abspath(os.path.join(data_dir, *name))
     if not os.path.isfile(csv_path):
         print(f"generating the synthetic {task} cohort in {os.path.dirname(csv_path)} (first use only) ...",
               flush=True)

@@ -59,9 +59,8 @@ def train_brain_age(args):
                             names=table.subjects).prepare(progress=not cfg["quiet"])
     image_shape = tuple(cache[0].shape)
     sex = data.sex_onehot(table.sex)                                            # (N, 2) [male, female]
-    folder = cfg["model"] + (f"-emb{cfg['embedding_dim']}" if cfg["embedding_dim"] != 1 else "") \
-        + (f"-train{cfg['train_sex']}" if cfg["train_sex"] != "all" else "")
-    run_dir = os.path.join(cfg["out"], "brain-age", folder, f"v{cfg['version']}")
+    run_dir = os.path.join(cfg["out"], "brain-age", run_folder(cfg["model"], cfg["embedding_dim"], cfg["train_sex"]),
+                           f"v{cfg['version']}")
     cfg.update(n_tabular=2, image_shape=list(image_shape))
     log(cfg, f"{cfg['model']}: version {cfg['version']}: {len(train_idx)} train / {len(val_idx)} val / "
              f"{len(test_idx)} test subjects, images {image_shape} -> {run_dir}")
@@ -92,6 +91,12 @@ def train_brain_age(args):
     log(cfg, f"test MAE {test_metrics['mae']:.2f} (male {test_metrics['mae_male']:.2f}, female "
              f"{test_metrics['mae_female']:.2f}) years, best epoch {best['epoch'] + 1} -> {run_dir}", force=True)
     return metrics
+
+
+def run_folder(model, embedding_dim=1, train_sex="all"):
+    """The run's folder under <out>/brain-age/: the model, then -emb2 and -train<M|F|mixed> for the ablations."""
+    return model + (f"-emb{embedding_dim}" if embedding_dim != 1 else "") + \
+        (f"-train{train_sex}" if train_sex != "all" else "")
 
 
 def select_training_sex(train_idx, sex, which, seed):
