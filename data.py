@@ -735,7 +735,7 @@ AD_SYNTH = {
                    "FDG": ((6.5, 6.2, 5.4), (0.5, 0.6, 0.7), None, 3),
                    "AV45": ((1.1, 1.2, 1.4), (0.15, 0.2, 0.2), None, 3)},
     "missing_prob": {"CSF": (0.6, 0.45, 0.45), "FDG": (0.55, 0.45, 0.4), "AV45": (0.55, 0.45, 0.45)},
-    "shape": (64, 80, 64), "spacing_mm": 2.0, "crop_size": (32, 48, 32),
+    "shape": (48, 60, 48), "spacing_mm": 2.67, "crop_size": (24, 36, 24),
 }
 BRAIN_AGE_SYNTH = {"age_range": (8, 90), "shape": (40, 48, 40), "spacing_mm": 4.0,
                    "atrophy_slope_after_40": {"M": 0.6, "F": 0.35}, "brain_age_gap_sd": {"M": 0.08, "F": 0.06}}

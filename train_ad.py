@@ -32,9 +32,9 @@ from models import AD_MODELS, build_model
 
 # Table 1 (real data) and the demo schedule used on the built-in synthetic cohort
 REAL_AD = dict(epochs=250, batch_size=32, lr=1e-4, weight_decay=1e-5)
-DEMO_AD = dict(epochs=12, batch_size=16, lr=1e-3, weight_decay=1e-5)
+DEMO_AD = dict(epochs=25, batch_size=16, lr=1e-3, weight_decay=1e-5)
 DEMO_TABULAR = dict(DEMO_AD, epochs=100)  # the MLP costs nothing per epoch
-DEMO_AD_COHORT = dict(n=360, seed=0)
+DEMO_AD_COHORT = dict(n=600, seed=0)
 
 
 def ad_arguments():
@@ -77,7 +77,8 @@ def train_ad(args):
         crops = hippocampus_crops(cfg["crops"], cfg["data_csv"])
         cache = data.ImageCache(table.image_paths, cache_dir_for(cfg), cfg["cache_dtype"], transform=crops,
                                 names=table.subjects).prepare(progress=not cfg["quiet"])
-        make = lambda idx, train: data.ADDataset(torch.utils.data.Subset(cache, idx), tabular[idx], table.labels[idx], train=train)
+        make = lambda idx, train: data.ADDataset(torch.utils.data.Subset(cache, idx), tabular[idx],
+                                                 table.labels[idx], train=train)
     else:
         make = lambda idx, train: data.TabularDataset(tabular[idx], table.labels[idx])
     train_set, val_set, test_set = make(train_idx, True), make(val_idx, False), make(test_idx, False)
@@ -93,10 +94,11 @@ def train_ad(args):
         w = 1.0 / np.maximum(train_counts[table.labels[train_idx]], 1)
         sampler = torch.utils.data.WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), len(w))
 
-    seed_all(cfg["version"])  # the initialisation seed
+    # Sec. 4.3.6: the HyperFusion embedding starts from the tabular-only MLP of this split and fold
+    tab_model = pretrained_tabular(cfg) if cfg["model"] == "hyperfusion" and not resuming(cfg, run_dir) else None
+    seed_all(cfg["version"])  # the initialisation seed, the same whether the MLP was trained now or reused
     model = build_model("ad", cfg["model"], n_tabular=cfg["n_tabular"], n_classes=cfg["classes"]).to(device)
-    if cfg["model"] == "hyperfusion" and not resuming(cfg, run_dir):
-        tab_model = pretrained_tabular(cfg)                       # Sec. 4.3.6: the embedding starts pre-trained
+    if tab_model is not None:
         model.load_embedding(tab_model)
         measured = init_hyperlayers(model, torch.as_tensor(tabular[train_idx], device=device))  # Eq. 1-2
         log(cfg, "hyperlayer init (Eq. 1-2), E[e^2] on the training rows: "
@@ -120,7 +122,6 @@ def train_ad(args):
              f"F1 {test_metrics['f1_macro']:.3f} (best epoch {best['epoch'] + 1}, val BA "
              f"{best['metrics']['balanced_accuracy']:.3f}) -> {run_dir}", force=True)
     return metrics
-
 
 
 def hippocampus_crops(crops_json, data_csv):
@@ -321,6 +322,8 @@ def fit(model, train_loader, loss_fn, validate, score_key, cfg, run_dir, extra, 
         opt.load_state_dict(ckpt["optimizer"])
         start, best, history = ckpt["epoch"] + 1, ckpt["best"], ckpt["history"]
         log(cfg, f"resuming {last_path} after epoch {start}")
+    elif cfg.get("resume"):
+        log(cfg, f"--resume: no {last_path} yet, starting afresh")
     config = {k: v for k, v in cfg.items() if k != "args"}
     t_start = time.time()
     for epoch in range(start, cfg["epochs"]):
