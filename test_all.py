@@ -468,11 +468,11 @@ def test_synthetic_ad_cohort_loads_back_with_its_shapes_and_labels(ad_cohort40):
 
 
 def test_synthetic_ad_anatomy_depends_on_diagnosis():
-    rng = np.random.default_rng(0)
     grid = data._grid(data.AD_SYNTH["shape"])
     crops = data._ad_crops(data.AD_SYNTH["shape"], data.AD_SYNTH["crop_size"])
     dark = []
     for hippo in (1.0, 0.7):
+        rng = np.random.default_rng(0)  # the same head, noise and bias field: only the hippocampus differs
         vol = data._render(grid, data._anatomy(rng, 1.0, hippo, 1.0, 0.06, 0.12), rng)
         dark.append((crops(vol) < -1.2).sum())                  # CSF around a smaller hippocampus
     assert dark[1] > dark[0] * 1.05
