@@ -636,16 +636,19 @@ def sweep_markdown(res):
 # The protocol (Sec. 4.2.2, 4.3.6): train whatever run is missing, then the table
 
 def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None, epochs=None, data_csv=None,
-                 image_dir=None, data_dir="data", binary=False, train_sex=("all",), embedding_dim=1, verbose=False):
+                 image_dir=None, data_dir="data", binary=False, train_sex=("all",), embedding_dim=1, verbose=False,
+                 tabular_epochs=None):
     """Train every run of the protocol that has no metrics.json yet (an interrupted one resumes from
     last.pt), skip the finished ones, then build the task's table. -> (trained, skipped, results)."""
     import train_ad
     import train_brain_age
     from models import AD_MODELS, BRAIN_AGE_MODELS
     t0 = time.time()
-    common = ["--out", runs, "--data-dir", data_dir] + (["--epochs", str(epochs)] if epochs else []) \
+    common = ["--out", runs, "--data-dir", data_dir] \
         + (["--data-csv", data_csv] if data_csv else []) + (["--image-dir", image_dir] if image_dir else []) \
         + ([] if verbose else ["--quiet"])
+    schedule = lambda model: ["--epochs", str(tabular_epochs if model == "tabular" and tabular_epochs else epochs)] \
+        if (epochs or (model == "tabular" and tabular_epochs)) else []
     jobs = []  # (run dir, parser, train function, argv)
     if task == "ad":
         for model in models or AD_MODELS:
@@ -655,7 +658,7 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
                 for v in versions if versions is not None else (0,):
                     for f in range(N_FOLDS):
                         argv = ["--model", model, "--split-seed", str(s), "--version", str(v), "--fold", str(f)] \
-                            + (["--classes", "2"] if binary else []) + common
+                            + (["--classes", "2"] if binary else []) + schedule(model) + common
                         jobs.append((ad_run_dir(runs, model, s, v, f, binary), train_ad.ad_arguments,
                                      lambda a: train_ad.train_ad(a), argv))
     elif task == "brain-age":
@@ -668,7 +671,7 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
             for sex in train_sex:
                 for v in versions if versions is not None else range(5):
                     argv = ["--model", model, "--version", str(v), "--split-seed", str(split_seeds[0]),
-                            "--embedding-dim", str(embedding_dim), "--train-sex", sex] + common
+                            "--embedding-dim", str(embedding_dim), "--train-sex", sex] + schedule(model) + common
                     run_dir = os.path.join(runs, "brain-age", train_brain_age.run_folder(model, embedding_dim, sex), f"v{v}")
                     jobs.append((run_dir, train_brain_age.brain_age_arguments,
                                  lambda a: train_brain_age.train_brain_age(a), argv))
@@ -728,6 +731,7 @@ def arguments():
     r.add_argument("--versions", type=int, nargs="+", help="default: 0 (AD), 0 1 2 3 4 (brain age)")
     r.add_argument("--models", nargs="+", help="default: every model of the task")
     r.add_argument("--epochs", type=int, help="default: the training scripts' (Table 1, or the demo schedule)")
+    r.add_argument("--tabular-epochs", type=int, help="AD: epochs of the tabular-only MLP (cheap; default --epochs)")
     r.add_argument("--binary", action="store_true", help="AD: CN vs AD (App. B)")
     r.add_argument("--train-sex", nargs="+", default=["all"], choices=["all", "M", "F", "mixed"],
                    help="brain age: training sets (Fig. 4A: M F mixed)")
@@ -769,7 +773,7 @@ def main(argv=None):
         print(f"wrote {path}")
         return res
     return run_protocol(a.task, a.runs, a.split_seeds, a.versions, a.models, a.epochs, a.data_csv, a.image_dir,
-                        a.data_dir, a.binary, a.train_sex, a.embedding_dim, a.verbose)
+                        a.data_dir, a.binary, a.train_sex, a.embedding_dim, a.verbose, a.tabular_epochs)
 
 
 if __name__ == "__main__":

@@ -1083,6 +1083,8 @@ def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_trains_the_
     calls.clear()
     trained, skipped, _ = evaluate.run_protocol("ad", str(tmp_path), models=["hyperfusion"], epochs=1)
     assert calls == [] and trained == [] and len(skipped) == 4                          # a restart trains nothing
+    evaluate.run_protocol("ad", str(tmp_path / "b"), models=["tabular", "imaging"], epochs=2, tabular_epochs=50)
+    assert {(a["model"], a["epochs"]) for a in calls} == {("tabular", 50), ("imaging", 2)}   # the MLP gets its own
 
 
 # ------------------------------------------------------------------------------------------------
