@@ -165,9 +165,9 @@ def _numbered(folder, prefix):
 # AD: Table 3 (Sec. 4.3.6-4.3.7) and late fusion (App. B)
 
 def ad_run_dir(runs, model, split_seed, version, fold, binary=False):
-    """Where train_ad.py writes one run."""
-    return os.path.join(runs, "ad-binary" if binary else "ad", model, f"seed{split_seed}", f"v{version}",
-                        f"fold{fold}")
+    """Where train_ad.py writes one run (its own rule)."""
+    import train_ad
+    return train_ad.ad_run_dir(runs, model, split_seed, version, fold, binary)
 
 
 def find_ad_groups(runs, binary=False):

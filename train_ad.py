@@ -67,8 +67,7 @@ def train_ad(args):
     prep = data.TabularPreprocessor().fit([table.raw[i] for i in train_idx])  # Sec. 3.3: training rows only
     tabular = prep.transform(table.raw)                                        # (N, n_tab)
     cfg.update(n_tabular=int(tabular.shape[1]), tabular_columns=prep.columns, class_names=list(table.class_names))
-    run_dir = os.path.join(cfg["out"], "ad" if cfg["classes"] == 3 else "ad-binary", cfg["model"],
-                           f"seed{cfg['split_seed']}", f"v{cfg['version']}", f"fold{cfg['fold']}")
+    run_dir = ad_run_dir(cfg["out"], cfg["model"], cfg["split_seed"], cfg["version"], cfg["fold"], cfg["classes"] == 2)
     log(cfg, f"{cfg['model']}: split seed {cfg['split_seed']}, fold {cfg['fold']}, version {cfg['version']}: "
              f"{len(train_idx)} train / {len(val_idx)} val / {len(test_idx)} test subjects, "
              f"{cfg['n_tabular']} tabular features -> {run_dir}")
@@ -124,6 +123,11 @@ def train_ad(args):
     return metrics
 
 
+def ad_run_dir(out, model, split_seed, version, fold, binary=False):
+    """Where one run lives: <out>/ad[-binary]/<model>/seed<S>/v<V>/fold<F>."""
+    return os.path.join(out, "ad-binary" if binary else "ad", model, f"seed{split_seed}", f"v{version}", f"fold{fold}")
+
+
 def hippocampus_crops(crops_json, data_csv):
     """The two hippocampus boxes: --crops, else crops.json next to the CSV, else the MNI152 default."""
     path = crops_json or os.path.join(os.path.dirname(os.path.abspath(data_csv)), "crops.json")
@@ -160,8 +164,7 @@ def ad_predict_metrics(model, loader, device, class_names):
 
 def pretrained_tabular(cfg):
     """The tabular-only MLP of the same split seed, fold and version: reused if trained, else trained now."""
-    run_dir = os.path.join(cfg["out"], "ad" if cfg["classes"] == 3 else "ad-binary", "tabular",
-                           f"seed{cfg['split_seed']}", f"v{cfg['version']}", f"fold{cfg['fold']}")
+    run_dir = ad_run_dir(cfg["out"], "tabular", cfg["split_seed"], cfg["version"], cfg["fold"], cfg["classes"] == 2)
     path = os.path.join(run_dir, "best.pt")
     if not os.path.isfile(os.path.join(run_dir, "metrics.json")):
         log(cfg, f"pre-training the tabular embedding (Sec. 4.3.6) -> {run_dir}")
