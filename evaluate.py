@@ -1,12 +1,13 @@
-"""Metrics (Eq. 9-10), ensembles (Eq. 6-8) and the paper's tables (Sec. 3.4, 4.2.2, 4.3.6-4.3.7).
+"""The paper's evaluation: Table 3, the brain-age ensembles, layer selection, test-time sweeps, the protocol runner.
 
-The training scripts import the metrics from here, so a number means the same thing everywhere.
+Finished runs are read back with runs.load_run and combined with the ensembles of metrics.py
+(Eq. 6-8, Sec. 3.4, 4.2.2, 4.3.6-4.3.7); run-protocol trains whatever run is missing first.
 
     python evaluate.py ad --runs runs/                    # Table 3: one row per (split seed, version)
     python evaluate.py ad --runs runs/ --binary           # App. B: CN vs AD, from runs/ad-binary/
     python evaluate.py brain-age --runs runs/             # Fig. 4: ensemble of the 5 best versions
     python evaluate.py select-layers --task ad            # Sec. 3.1.2: loss entropy of every layer
-    python evaluate.py sweep runs/ad/hyperfusion/seed0/v0/fold0/best.pt --attribute ABETA --values 500 1500
+    python evaluate.py sweep runs/ad/hyperfusion/seed0/v0/fold0 --attribute ABETA --values 500 1500
     python evaluate.py sweep runs/brain-age/hyperfusion/v0/best.pt --attribute Sex --values M F
     python evaluate.py run-protocol --task ad --split-seeds 0 1 2 --versions 0 1 2   # train what is missing
 
@@ -18,87 +19,26 @@ model is adjusted at test time (Sec. 1), which only a conditioned model can show
 Bad input (mismatched runs, missing files) -> one line `error: ...` on stderr, exit status 2.
 """
 import argparse
-import csv
 import json
 import os
 import re
 import time
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from scipy.stats import mannwhitneyu
-from sklearn.metrics import (balanced_accuracy_score, confusion_matrix, f1_score, precision_score,
-                             roc_auc_score)
 
 import data
-from data import DataError, atomic_path
-
-# train_ad / train_brain_age / models import this module, so they are imported inside the functions
-# that need them (a top-level `import train_ad` here would run before classification_metrics exists).
-
-
-# ----------------------------------------------------------------------------------------------
-# Metrics
-
-def classification_metrics(labels, probs, class_names):
-    """labels (N,) ints, probs (N, C) soft predictions -> the metrics of Sec. 4.3.6.
-
-    balanced_accuracy is Eq. 9 (mean per-class recall), precision is Eq. 10 (macro precision),
-    then macro F1, macro one-vs-rest AUC (NaN when a class is absent from labels), the per-class
-    TP rate and the confusion matrix (rows: true class, columns: predicted class)."""
-    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
-    n_classes = len(class_names)
-    pred = probs.argmax(1)
-    cm = confusion_matrix(labels, pred, labels=list(range(n_classes)))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        tp_rate = np.diag(cm) / cm.sum(1)
-    present = np.unique(labels)
-    if len(present) == n_classes and n_classes > 1:
-        auc = (roc_auc_score(labels, probs[:, 1]) if n_classes == 2 else
-               roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=list(range(n_classes))))
-    else:
-        auc = float("nan")
-    return {
-        "balanced_accuracy": float(np.nanmean(tp_rate)),                                   # Eq. 9
-        "precision": float(precision_score(labels, pred, labels=list(range(n_classes)), average="macro",
-                                           zero_division=0)),                              # Eq. 10
-        "f1_macro": float(f1_score(labels, pred, labels=list(range(n_classes)), average="macro", zero_division=0)),
-        "auc_macro": float(auc),
-        "tp_rate": {c: float(r) for c, r in zip(class_names, tp_rate)},
-        "confusion_matrix": cm.tolist(),
-        "n": int(len(labels)),
-    }
-
-
-def regression_metrics(target, pred, sex):
-    """Brain age (Sec. 4.2.2): MAE overall, on males (sex 0) and on females (sex 1)."""
-    target, pred, sex = np.asarray(target, float), np.asarray(pred, float), np.asarray(sex)
-    err = np.abs(pred - target)
-    mean = lambda e: float(e.mean()) if len(e) else float("nan")
-    return {"mae": mean(err), "mae_male": mean(err[sex == 0]), "mae_female": mean(err[sex == 1]), "n": int(len(err))}
-
-
-# ----------------------------------------------------------------------------------------------
-# Ensembles (Sec. 3.4)
-
-def mean_ensemble(preds):
-    """Eq. 6: the plain average of K regressors' predictions, (K, B) -> (B,)."""
-    return np.asarray(preds, dtype=np.float64).mean(0)
-
-
-def entropy(p, axis=-1, eps=1e-12):
-    """H(p) = -sum_c p_c log p_c."""
-    p = np.asarray(p, dtype=np.float64)
-    return -(p * np.log(np.clip(p, eps, 1.0))).sum(axis)
-
-
-def entropy_weighted_ensemble(probs, eps=1e-12):
-    """Eq. 7-8: per sample, p = sum_k alpha_k p_k with alpha_k proportional to 1 / H(p_k), so a
-    confident (low-entropy) member weighs more. probs (K, B, C) -> (B, C)."""
-    probs = np.asarray(probs, dtype=np.float64)
-    inv_h = 1.0 / np.maximum(entropy(probs), eps)          # (K, B)
-    alpha = inv_h / inv_h.sum(0, keepdims=True)            # Eq. 8
-    return (alpha[..., None] * probs).sum(0)               # Eq. 7
-
+import train_ad
+import train_brain_age
+from metrics import classification_metrics, entropy_weighted_ensemble, mean_ensemble, regression_metrics
+from models import AD_MODELS, BRAIN_AGE_MODELS, AgeTarget, build_model, candidate_layers, layer_loss_entropy
+from runs import finished, load_run
+from safeio import UserError, run_cli, write_csv, write_json, write_text
+from synthetic import builtin_cohort
+from tabular import AD_ATTRIBUTES, SEX_CODES, TabularPreprocessor
+from training import ad_run_dir, brain_age_run_dir, make_loader, setup_device
 
 # ----------------------------------------------------------------------------------------------
 # Reading finished runs
@@ -111,30 +51,11 @@ BRAIN_AGE_KEYS = ("model", "split_seed", "embedding_dim", "train_sex")
 N_FOLDS = 4
 
 
-def finished(run_dir):
-    """A run is finished when its metrics.json exists (written last, atomically, by the training scripts)."""
-    return os.path.isfile(os.path.join(run_dir, "metrics.json"))
-
-
 def read_run(run_dir):
-    """One finished run -> {"dir", "config", "metrics", "pred"}: best.pt's config, metrics.json, predictions.npz."""
-    import train_ad
-    ckpt = train_ad.load_checkpoint(os.path.join(run_dir, "best.pt"))
-    path = os.path.join(run_dir, "metrics.json")
-    try:
-        with open(path) as f:
-            metrics = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
-    path = os.path.join(run_dir, "predictions.npz")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            pred = {k: npz[k] for k in npz.files}
-    except Exception as exc:  # missing, truncated, not a zip, pickled objects
-        raise DataError(f"{path}: missing or unreadable test predictions ({type(exc).__name__})") from None
-    if "subjects" not in pred or not ({"probs", "labels"} <= set(pred) or {"pred", "age", "sex"} <= set(pred)):
-        raise DataError(f"{path}: not the test predictions of a training run (arrays: {', '.join(pred)})")
-    return {"dir": run_dir, "config": ckpt["config"], "metrics": metrics, "pred": pred}
+    """One finished run -> {"dir", "config", "metrics", "pred"}: its run options and data facts, metrics.json
+    and the test predictions in predictions.npz."""
+    r = load_run(run_dir)
+    return {"dir": run_dir, "config": r.config, "metrics": r.read_metrics(), "pred": r.read_predictions()}
 
 
 def check_compatible(runs, keys):
@@ -144,9 +65,9 @@ def check_compatible(runs, keys):
         for k in keys:
             a, b = first["config"].get(k), other["config"].get(k)
             if a != b:
-                raise DataError(f"cannot ensemble {first['dir']} and {other['dir']}: {k} differs ({a!r} vs {b!r})")
+                raise UserError(f"cannot ensemble {first['dir']} and {other['dir']}: {k} differs ({a!r} vs {b!r})")
         if not np.array_equal(first["pred"]["subjects"], other["pred"]["subjects"]):
-            raise DataError(f"cannot ensemble {first['dir']} and {other['dir']}: their test subjects differ")
+            raise UserError(f"cannot ensemble {first['dir']} and {other['dir']}: their test subjects differ")
 
 
 def _numbered(folder, prefix):
@@ -163,12 +84,6 @@ def _numbered(folder, prefix):
 
 # ----------------------------------------------------------------------------------------------
 # AD: Table 3 (Sec. 4.3.6-4.3.7) and late fusion (App. B)
-
-def ad_run_dir(runs, model, split_seed, version, fold, binary=False):
-    """Where train_ad.py writes one run (its own rule)."""
-    import train_ad
-    return train_ad.ad_run_dir(runs, model, split_seed, version, fold, binary)
-
 
 def find_ad_groups(runs, binary=False):
     """-> ({model: {(split seed, version): [4 fold dirs]}}, [incomplete groups as text]).
@@ -199,7 +114,7 @@ def ensemble_ad_folds(fold_dirs):
     first = runs[0]
     for r in runs[1:]:
         if not np.array_equal(first["pred"]["labels"], r["pred"]["labels"]):
-            raise DataError(f"cannot ensemble {first['dir']} and {r['dir']}: their test labels differ")
+            raise UserError(f"cannot ensemble {first['dir']} and {r['dir']}: their test labels differ")
     probs = entropy_weighted_ensemble(np.stack([r["pred"]["probs"] for r in runs]))      # (K, N, C) -> (N, C)
     cfg = first["config"]
     names = list(cfg.get("class_names") or data.CLASS_NAMES[:cfg["classes"]])
@@ -242,7 +157,7 @@ def ad_results(runs, binary=False, reference="hyperfusion"):
     """
     groups, incomplete = find_ad_groups(runs, binary)
     if not groups:
-        raise DataError(f"{os.path.join(runs, 'ad-binary' if binary else 'ad')}: no model has four finished folds "
+        raise UserError(f"{os.path.join(runs, 'ad-binary' if binary else 'ad')}: no model has four finished folds "
                         f"for any (split seed, version)" + (f" ({'; '.join(incomplete)})" if incomplete else ""))
     ensembles = {m: {key: ensemble_ad_folds(dirs) for key, dirs in g.items()} for m, g in groups.items()}
     if "imaging" in ensembles and "tabular" in ensembles:                          # App. B: late fusion
@@ -250,7 +165,7 @@ def ad_results(runs, binary=False, reference="hyperfusion"):
         for key in sorted(set(ensembles["imaging"]) & set(ensembles["tabular"])):
             a, b = ensembles["imaging"][key], ensembles["tabular"][key]
             if not np.array_equal(a["subjects"], b["subjects"]) or a["class_names"] != b["class_names"]:
-                raise DataError(f"late fusion of split seed {key[0]} v{key[1]}: the imaging and tabular runs have "
+                raise UserError(f"late fusion of split seed {key[0]} v{key[1]}: the imaging and tabular runs have "
                                 f"different test subjects or classes")
             late[key] = dict(a, probs=(a["probs"] + b["probs"]) / 2)
         if late:
@@ -259,7 +174,7 @@ def ad_results(runs, binary=False, reference="hyperfusion"):
     for m, ens in ensembles.items():
         for key, e in ens.items():
             if e["class_names"] != class_names:
-                raise DataError(f"{m} split seed {key[0]} v{key[1]}: classes {e['class_names']}, other runs have "
+                raise UserError(f"{m} split seed {key[0]} v{key[1]}: classes {e['class_names']}, other runs have "
                                 f"{class_names}")
     columns = metric_columns(class_names)
     order = [m for m in AD_ORDER if m in ensembles] + sorted(m for m in ensembles if m not in AD_ORDER)
@@ -340,14 +255,9 @@ def write_results(res, markdown, csv_table, out_dir, name):
     """results_<name>.md / .csv / .json in out_dir, each written atomically. -> the three paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, f"results_{name}.{ext}") for ext in ("md", "csv", "json")]
-    with atomic_path(paths[0]) as tmp, open(tmp, "w") as f:
-        f.write(markdown)
-    with atomic_path(paths[1]) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(csv_table[0])
-        w.writerows(csv_table[1])
-    with atomic_path(paths[2]) as tmp, open(tmp, "w") as f:
-        json.dump(_json_safe(res), f, indent=2)
+    write_text(markdown, paths[0])
+    write_csv(csv_table[1], csv_table[0], paths[1])
+    write_json(_json_safe(res), paths[2])
     return paths
 
 
@@ -412,7 +322,7 @@ def brain_age_results(runs, top=5):
         if done:
             folders[name] = done
     if not folders:
-        raise DataError(f"{root}: no finished brain-age run")
+        raise UserError(f"{root}: no finished brain-age run")
     models = []
     for name, dirs in folders.items():
         e = brain_age_ensemble(dirs, top)
@@ -478,18 +388,14 @@ def _spread(labels, n):
 def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=8, draws=100, seed=0, verbose=False):
     """Sec. 3.1.2: the loss entropy of every candidate layer of the untrained image-only backbone
     (models.layer_loss_entropy), on one fixed batch of `samples` subjects. -> [(layer, entropy)], sorted."""
-    import torch
-    import torch.nn.functional as F
-    import train_ad
-    from models import build_model, candidate_layers, layer_loss_entropy
     torch.manual_seed(seed)
-    csv_path = data_csv or train_ad.synthetic_cohort(task, data_dir)
+    csv_path = data_csv or builtin_cohort(task, data_dir)
     if task == "ad":
         table = data.read_ad_table(csv_path, image_dir)
         pick = _spread(table.labels, samples)
-        crops = train_ad.hippocampus_crops(None, csv_path)
+        crops = data.load_crops(None, csv_path)
         image = np.stack([crops(data.load_volume(table.image_paths[i], table.subjects[i]))[0] for i in pick])
-        tabular = data.TabularPreprocessor().fit(table.raw).transform([table.raw[i] for i in pick])
+        tabular = TabularPreprocessor().fit(table.raw).transform([table.raw[i] for i in pick])
         target = torch.as_tensor(table.labels[pick])
         model = build_model("ad", "imaging", n_tabular=tabular.shape[1], n_classes=3)
         loss_fn = F.cross_entropy
@@ -498,11 +404,11 @@ def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=
         pick = _spread(table.sex, samples)
         image = np.stack([data.load_volume(table.image_paths[i], table.subjects[i]) for i in pick])
         tabular = data.sex_onehot(table.sex[pick])
-        target = torch.as_tensor((table.age[pick] - table.age.mean()) / 10)      # as train_brain_age.py's target
+        target = torch.as_tensor(AgeTarget(float(table.age.mean())).encode(table.age[pick]))  # as in training
         model = build_model("brain-age", "imaging", image_shape=image.shape[1:])
         loss_fn = lambda pred, y: F.mse_loss(pred.float(), y)                    # Eq. 4
     else:
-        raise DataError(f"unknown task {task!r}: expected ad or brain-age")
+        raise UserError(f"unknown task {task!r}: expected ad or brain-age")
     batch = (torch.as_tensor(image, dtype=torch.float32)[:, None], torch.as_tensor(tabular), target)
     if verbose:  # every draw is one forward pass of the whole network: say how long that will take
         model.eval()
@@ -519,73 +425,62 @@ def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=
 # ----------------------------------------------------------------------------------------------
 # Test-time adjustment (Sec. 1): the same test scans with one tabular attribute changed
 
-def _test_set(ckpt, data_csv=None, image_dir=None):
-    """Rebuild a run's test set exactly as its training script did. -> (table, test_idx, images or None)."""
-    import torch
-    import train_ad
-    cfg = dict(ckpt["config"])
-    cfg["data_csv"] = data_csv or cfg["data_csv"]
-    cfg["image_dir"] = image_dir or cfg["image_dir"]
-    if cfg["task"] == "ad":
-        image_model = cfg["model"] != "tabular"
-        table = data.read_ad_table(cfg["data_csv"], cfg["image_dir"], need_images=image_model, classes=cfg["classes"])
-        test_idx = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, cfg["split_seed"]), cfg["fold"])[2]
-        transform = train_ad.hippocampus_crops(cfg["crops"], cfg["data_csv"]) if image_model else None
+def test_set(finished_run, data_csv=None, image_dir=None):
+    """Rebuild a finished run's test set exactly as its training script did (the table, the split and,
+    for image models, the training run's image cache with its crops). -> (table, test_idx, images or None)."""
+    run = finished_run.run.replace(data_csv=data_csv or finished_run.run.data_csv,
+                                   image_dir=image_dir or finished_run.run.image_dir)
+    if run.task == "ad":
+        image_model = run.model != "tabular"
+        table = data.read_ad_table(run.data_csv, run.image_dir, need_images=image_model, classes=run.classes)
+        test_idx = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, run.split_seed), run.fold)[2]
     else:
         image_model = True
-        table = data.read_brain_age_table(cfg["data_csv"], cfg["image_dir"])
-        test_idx = data.brain_age_split(table.age, table.sex, cfg["split_seed"])[2]
-        transform = None
+        table = data.read_brain_age_table(run.data_csv, run.image_dir)
+        test_idx = data.brain_age_split(table.age, table.sex, run.split_seed)[2]
     images = None
-    if image_model:  # the training run's cache (same folder, dtype and transform), so nothing is decoded again
-        cache = data.ImageCache(table.image_paths, train_ad.cache_dir_for(cfg), cfg["cache_dtype"], transform=transform,
-                                names=table.subjects)
+    if image_model:  # the training run's cache (same folder, dtype and crops), so nothing is decoded again
+        cache = data.ImageCache(table.image_paths, run.cache_dir or data.default_cache_dir(run.data_csv),
+                                run.cache_dtype, transform=finished_run.crops, names=table.subjects)
         images = torch.utils.data.Subset(cache, test_idx)
-    return cfg, table, test_idx, images
+    return run, table, test_idx, images
 
 
 def sweep(checkpoint, attribute, values, data_csv=None, image_dir=None, batch_size=16, device="auto"):
     """Predict the run's test set once as recorded and once per value of `attribute`.
 
     AD: the raw attribute (e.g. ABETA 500, PTGENDER Female, AGE 80) is written into every test
-    row, then the checkpoint's own TabularPreprocessor turns the rows into features; both
-    hippocampi are averaged. Brain age: attribute Sex, values M / F, the one-hot sex vector.
+    row, then the run's own TabularPreprocessor turns the rows into features; both hippocampi are
+    averaged. Brain age: attribute Sex, values M / F, the one-hot sex vector.
     -> {"task", "attribute", "header", "rows" (table cells), "summary" (numbers per value)}."""
-    import torch
-    import train_ad
-    import train_brain_age
-    from models import build_model
-    ckpt = train_ad.load_checkpoint(checkpoint)
-    cfg, table, test_idx, images = _test_set(ckpt, data_csv, image_dir)
-    saved = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "predictions.npz")
+    finished_run = load_run(checkpoint)
+    run, table, test_idx, images = test_set(finished_run, data_csv, image_dir)
+    saved = os.path.join(finished_run.dir, "predictions.npz")
     if os.path.isfile(saved):
         with np.load(saved, allow_pickle=False) as npz:
             if not np.array_equal(npz["subjects"], np.array(table.subjects)[test_idx]):
-                raise DataError(f"{checkpoint}: the rebuilt test set differs from the run's predictions.npz "
-                                f"(another table than {cfg['data_csv']}?)")
-    dev = train_ad.setup_device({"device": device, "workers": 0})
-    loader = lambda ds: torch.utils.data.DataLoader(ds, batch_size=batch_size)
+                raise UserError(f"{checkpoint}: the rebuilt test set differs from the run's predictions.npz "
+                                f"(another table than {run.data_csv}?)")
+    dev = setup_device(device)
+    loader = lambda ds: make_loader(ds, batch_size, 0, dev)
     n = len(test_idx)
-    if cfg["task"] == "ad":
-        attr = next((a for a in data.AD_ATTRIBUTES if a.lower() == attribute.lower()), None)
+    if run.task == "ad":
+        attr = next((a for a in AD_ATTRIBUTES if a.lower() == attribute.lower()), None)
         if attr is None:
-            raise DataError(f"--attribute {attribute}: not a tabular attribute of the AD model "
-                            f"(one of {', '.join(data.AD_ATTRIBUTES)})")
-        prep = data.TabularPreprocessor(state=ckpt["tabular"])
-        model = build_model("ad", cfg["model"], n_tabular=cfg["n_tabular"], n_classes=cfg["classes"]).to(dev)
-        model.load_state_dict(ckpt["model"])
-        names = list(cfg.get("class_names") or table.class_names)
+            raise UserError(f"--attribute {attribute}: not a tabular attribute of the AD model "
+                            f"(one of {', '.join(AD_ATTRIBUTES)})")
+        prep, model, names = finished_run.tabular, finished_run.model(dev), finished_run.class_names
         header = [attr, "n"] + [f"mean P({c})" for c in names] + [f"predicted {c}" for c in names] + ["BA"]
         rows, summary = [], []
         for value in [None] + list(values):
             raw = [dict(table.raw[i], **({} if value is None else {attr: str(value)})) for i in test_idx]
             try:
                 tab = prep.transform(raw)
-            except DataError as exc:
-                raise DataError(f"--values {value}: {exc}") from None
+            except UserError as exc:
+                raise UserError(f"--values {value}: {exc}") from None
             ds = (data.ADDataset(images, tab, table.labels[test_idx], train=False) if images is not None
                   else data.TabularDataset(tab, table.labels[test_idx]))
-            met, probs = train_ad.ad_predict_metrics(model, loader(ds), dev, names)
+            met, probs = train_ad.ad_metrics(model, loader(ds), dev, names)
             frac = np.bincount(probs.argmax(1), minlength=len(names)) / n
             label = "(as recorded)" if value is None else str(value)
             rows.append([label, n] + [f"{p:.3f}" for p in probs.mean(0)] + [f"{f:.0%}" for f in frac]
@@ -594,23 +489,21 @@ def sweep(checkpoint, attribute, values, data_csv=None, image_dir=None, batch_si
                             "balanced_accuracy": met["balanced_accuracy"]})
     else:
         if attribute.lower() not in ("sex", "ptgender"):
-            raise DataError(f"--attribute {attribute}: the brain-age models take one attribute, Sex (values M F)")
+            raise UserError(f"--attribute {attribute}: the brain-age models take one attribute, Sex (values M F)")
         attr = "Sex"
         codes = []
         for v in values:
-            if str(v).lower() not in data.SEX_CODES:
-                raise DataError(f"--values {v}: expected M or F")
-            codes.append(data.SEX_CODES[str(v).lower()])
-        model = build_model("brain-age", cfg["model"], image_shape=tuple(cfg["image_shape"]),
-                            embedding_dim=cfg["embedding_dim"]).to(dev)
-        model.load_state_dict(ckpt["model"])
+            if str(v).lower() not in SEX_CODES:
+                raise UserError(f"--values {v}: expected M or F")
+            codes.append(SEX_CODES[str(v).lower()])
+        model = finished_run.model(dev)
         sex, age = table.sex[test_idx], table.age[test_idx]
         header = [attr, "n", "mean predicted age", "true males", "true females", "MAE", "per-scan change vs first"]
         rows, summary, first = [], [], None
         for value, code in [(None, None)] + list(zip(values, codes)):
             onehot = data.sex_onehot(sex if code is None else np.full(n, code))
             ds = data.BrainAgeDataset(images, onehot, age)
-            met, pred = train_brain_age.predict_metrics(model, loader(ds), dev, ckpt["age_centre"], sex)
+            met, pred = train_brain_age.age_metrics(model, loader(ds), dev, finished_run.target, sex)
             if value is not None and first is None:
                 first = pred
             diff = pred - first if value is not None else None
@@ -621,7 +514,7 @@ def sweep(checkpoint, attribute, values, data_csv=None, image_dir=None, batch_si
             summary.append({"value": value, "mean_pred": float(pred.mean()), "mean_pred_male": mean_sex[0],
                             "mean_pred_female": mean_sex[1], "mae": met["mae"],
                             "change_vs_first": None if diff is None else float(diff.mean())})
-    return {"task": cfg["task"], "model": cfg["model"], "checkpoint": checkpoint, "attribute": attr, "header": header,
+    return {"task": run.task, "model": run.model, "checkpoint": checkpoint, "dir": finished_run.dir, "attribute": attr, "header": header,
             "rows": rows, "summary": summary}
 
 
@@ -640,9 +533,6 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
                  tabular_epochs=None):
     """Train every run of the protocol that has no metrics.json yet (an interrupted one resumes from
     last.pt), skip the finished ones, then build the task's table. -> (trained, skipped, results)."""
-    import train_ad
-    import train_brain_age
-    from models import AD_MODELS, BRAIN_AGE_MODELS
     t0 = time.time()
     common = ["--out", runs, "--data-dir", data_dir] \
         + (["--data-csv", data_csv] if data_csv else []) + (["--image-dir", image_dir] if image_dir else []) \
@@ -653,7 +543,7 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
     if task == "ad":
         for model in models or AD_MODELS:
             if model not in AD_MODELS:
-                raise DataError(f"--models {model}: not an AD model (one of {', '.join(AD_MODELS)})")
+                raise UserError(f"--models {model}: not an AD model (one of {', '.join(AD_MODELS)})")
             for s in split_seeds:
                 for v in versions if versions is not None else (0,):
                     for f in range(N_FOLDS):
@@ -663,20 +553,19 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
                                      lambda a: train_ad.train_ad(a), argv))
     elif task == "brain-age":
         if len(split_seeds) != 1:
-            raise DataError("brain-age runs are not kept per split seed (runs/brain-age/<model>/v<V>): give one "
+            raise UserError("brain-age runs are not kept per split seed (runs/brain-age/<model>/v<V>): give one "
                             "--split-seeds value")
         for model in models or BRAIN_AGE_MODELS:
             if model not in BRAIN_AGE_MODELS:
-                raise DataError(f"--models {model}: not a brain-age model (one of {', '.join(BRAIN_AGE_MODELS)})")
+                raise UserError(f"--models {model}: not a brain-age model (one of {', '.join(BRAIN_AGE_MODELS)})")
             for sex in train_sex:
                 for v in versions if versions is not None else range(5):
                     argv = ["--model", model, "--version", str(v), "--split-seed", str(split_seeds[0]),
                             "--embedding-dim", str(embedding_dim), "--train-sex", sex] + schedule(model) + common
-                    run_dir = os.path.join(runs, "brain-age", train_brain_age.run_folder(model, embedding_dim, sex), f"v{v}")
-                    jobs.append((run_dir, train_brain_age.brain_age_arguments,
+                    jobs.append((brain_age_run_dir(runs, model, v, embedding_dim, sex), train_brain_age.brain_age_arguments,
                                  lambda a: train_brain_age.train_brain_age(a), argv))
     else:
-        raise DataError(f"unknown task {task!r}: expected ad or brain-age")
+        raise UserError(f"unknown task {task!r}: expected ad or brain-age")
     trained, skipped = [], []
     for k, (run_dir, parser, train, argv) in enumerate(jobs):
         if finished(run_dir):
@@ -717,7 +606,7 @@ def arguments():
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", help="also write the table to this markdown file")
     w = sub.add_parser("sweep", help="the test set read with one tabular attribute set to each value in turn")
-    w.add_argument("checkpoint", help="best.pt of a run")
+    w.add_argument("checkpoint", help="a run folder, or its best.pt")
     w.add_argument("--attribute", required=True, help="AD: AGE, PTGENDER, ABETA, ...; brain age: Sex")
     w.add_argument("--values", required=True, nargs="+")
     w.add_argument("--data-csv", help="default: the run's own (its path is stored relative to where it ran)")
@@ -758,17 +647,15 @@ def main(argv=None):
               f"subjects, {a.draws} draws\n\n{table}\n")
         print(md)
         if a.out:
-            with atomic_path(a.out) as tmp, open(tmp, "w") as f:
-                f.write(md)
+            write_text(md, a.out)
             print(f"wrote {a.out}")
         print(f"{time.time() - t0:.0f} s")
         return scores
     if a.command == "sweep":
         res = sweep(a.checkpoint, a.attribute, a.values, a.data_csv, a.image_dir, a.batch_size, a.device)
         md = sweep_markdown(res)
-        path = os.path.join(os.path.dirname(os.path.abspath(a.checkpoint)), f"sweep_{res['attribute']}.md")
-        with atomic_path(path) as tmp, open(tmp, "w") as f:
-            f.write(md)
+        path = os.path.join(res["dir"], f"sweep_{res['attribute']}.md")
+        write_text(md, path)
         print(md)
         print(f"wrote {path}")
         return res
@@ -777,4 +664,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.run_cli(main)
+    run_cli(main)

@@ -6,6 +6,7 @@ build_model(task, name, **options) is the one entry point:
     build_model("ad", "hyperfusion", n_tabular=15)   # Table 6, 3,853,716 parameters
 """
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -82,6 +83,21 @@ class BrainAgeNet(nn.Module):
             if n != "final_layer":
                 x = F.relu(x)
         return x.squeeze(1)                               # (B,)
+
+
+@dataclass(frozen=True)
+class AgeTarget:
+    """What BrainAgeNet regresses: (age - centre) / scale, the age relative to the training mean in
+    decades (Eq. 4 on a better-conditioned target). Stored in every brain-age checkpoint, so a run's
+    outputs are turned back into years exactly as in training. Works on arrays and tensors."""
+    centre: float
+    scale: float = 10.0
+
+    def encode(self, age):
+        return (age - self.centre) / self.scale
+
+    def decode(self, output):
+        return output * self.scale + self.centre
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,5 +228,5 @@ def layer_loss_entropy(model, batch, loss_fn, names=None, n_draws=100, bins=10, 
     return sorted(scores, key=lambda s: -s[1])
 
 
-__all__ = ["BrainAgeNet", "TabularMLP", "ADNet", "build_model", "count_parameters", "init_hyperlayers",
+__all__ = ["BrainAgeNet", "AgeTarget", "TabularMLP", "ADNet", "build_model", "count_parameters", "init_hyperlayers",
            "candidate_layers", "layer_loss_entropy", "BRAIN_AGE_MODELS", "AD_MODELS"]

@@ -30,14 +30,14 @@ output file is left behind (every file is written atomically).
 
 import argparse
 import os
-import sys
 import time
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from data import DataError, _read_csv, _subjects, _write_csv, atomic_path, load_nifti, run_cli
+from data import check_subjects, load_nifti, read_csv_rows
+from safeio import UserError, atomic_path, run_cli, write_csv
 
 # -----------------------------------------------------------------------------
 # building blocks
@@ -80,7 +80,7 @@ def estimate_brain_mask(data):
     mask = data > otsu_threshold(vals) * 0.5
     lab, n = ndimage.label(mask)
     if n == 0:
-        raise DataError("no foreground found to estimate a brain mask")
+        raise UserError("no foreground found to estimate a brain mask")
     sizes = ndimage.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1))
     mask = lab == (1 + int(np.argmax(sizes)))
     return ndimage.binary_fill_holes(mask)
@@ -107,7 +107,7 @@ def fuzzy_cmeans(values, n_classes=3, m=2.0, max_iter=100, tol=1e-4, max_fit=200
     """
     x = np.asarray(values, np.float64).ravel()
     if x.size < n_classes:
-        raise DataError(f"fuzzy c-means needs at least {n_classes} brain voxels, got {x.size}")
+        raise UserError(f"fuzzy c-means needs at least {n_classes} brain voxels, got {x.size}")
     fit = x if x.size <= max_fit else np.random.default_rng(seed).choice(x, max_fit, replace=False)
     c = np.percentile(fit, np.linspace(10, 90, n_classes))
     p = 2.0 / (m - 1)
@@ -137,7 +137,7 @@ def wm_normalise(data, mask, threshold=0.8):
         wm = u.argmax(1) == u.shape[1] - 1
     wm_mean = float(vals[wm].mean())
     if not wm_mean > 0:
-        raise DataError(f"white-matter mean is {wm_mean:.3g}; is this a T1 image?")
+        raise UserError(f"white-matter mean is {wm_mean:.3g}; is this a T1 image?")
     return data / wm_mean
 
 
@@ -146,7 +146,7 @@ def n4_correct(img, mask=None):
     try:
         import SimpleITK as sitk
     except ImportError:
-        raise DataError("--n4 needs SimpleITK, which is not installed (pip install SimpleITK), "
+        raise UserError("--n4 needs SimpleITK, which is not installed (pip install SimpleITK), "
                         "or run ANTs N4BiasFieldCorrection yourself and drop --n4") from None
     data = np.asarray(img.dataobj, np.float32)
     s = sitk.GetImageFromArray(np.transpose(data, (2, 1, 0)).copy())              # sitk arrays are (z, y, x)
@@ -171,7 +171,7 @@ def preprocess_volume(img, mask=None, spacing=1.75, shape=(90, 120, 99), n4=Fals
     if mask is not None:
         mask = nib.as_closest_canonical(mask)
         if mask.shape[:3] != img.shape[:3] or not np.allclose(mask.affine, img.affine, atol=1e-3):
-            raise DataError(f"mask shape {mask.shape[:3]} / affine does not match the image {img.shape[:3]}")
+            raise UserError(f"mask shape {mask.shape[:3]} / affine does not match the image {img.shape[:3]}")
     if n4:
         img = n4_correct(img, None if mask is None else np.asarray(mask.dataobj) > 0.5)
     res = resample_isotropic(img, spacing, order=1)
@@ -182,7 +182,7 @@ def preprocess_volume(img, mask=None, spacing=1.75, shape=(90, 120, 99), n4=Fals
     else:
         m = estimate_brain_mask(data)
     if not m.any():
-        raise DataError("the brain mask is empty")
+        raise UserError("the brain mask is empty")
     centre = ndimage.center_of_mass(m)
     data, affine = crop_or_pad(data * m, res.affine, centre, tuple(shape))
     m, _ = crop_or_pad(m, res.affine, centre, tuple(shape))
@@ -202,9 +202,9 @@ def preprocess_file(in_path, out_path, mask_path=None, spacing=1.75, shape=(90, 
     mask = load_nifti(mask_path, subject, canonical=False) if mask_path else None
     try:
         out = preprocess_volume(img, mask, spacing, shape, n4)
-    except DataError as exc:
+    except UserError as exc:
         where = f"{in_path}" + (f" (subject {subject})" if subject else "")
-        raise DataError(f"{where}: {exc}") from None
+        raise UserError(f"{where}: {exc}") from None
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with atomic_path(out_path) as tmp:
         nib.save(out, tmp)
@@ -215,8 +215,8 @@ def preprocess_file(in_path, out_path, mask_path=None, spacing=1.75, shape=(90, 
 
 def _batch(a):
     """Preprocess every row of a table; write DIR/<Subject>.nii.gz and DIR/<table name> pointing at them."""
-    rows, fields = _read_csv(a.csv, ("Subject",) + ((a.mask_column,) if a.mask_column else ()))
-    subjects = _subjects(a.csv, rows)
+    rows, fields = read_csv_rows(a.csv, ("Subject",) + ((a.mask_column,) if a.mask_column else ()))
+    subjects = check_subjects(a.csv, rows)
     base = os.path.dirname(os.path.abspath(a.csv))
     t0, out_rows = time.time(), []
     for k, ((line, r), subj) in enumerate(zip(rows, subjects)):
@@ -228,12 +228,12 @@ def _batch(a):
             continue
         try:
             preprocess_file(os.path.join(base, src), out, mask, a.spacing, a.shape, a.n4, subj)
-        except DataError as exc:
-            raise DataError(f"{a.csv} line {line}: {exc}") from None
+        except UserError as exc:
+            raise UserError(f"{a.csv} line {line}: {exc}") from None
         left = (time.time() - t0) / (k + 1) * (len(rows) - k - 1)
         print(f"{k + 1}/{len(rows)} {subj} -> {out} ({left:.0f} s left)", flush=True)
     columns = [c for c in fields if c != a.mask_column] + ([] if "image" in fields else ["image"])
-    _write_csv([{c: r.get(c, "") for c in columns} for r in out_rows], columns,
+    write_csv([{c: r.get(c, "") for c in columns} for r in out_rows], columns,
                os.path.join(a.out_dir, os.path.basename(a.csv)))
 
 
@@ -261,7 +261,7 @@ def main(argv=None):
         try:
             import SimpleITK  # noqa: F401
         except ImportError:
-            raise DataError("--n4 needs SimpleITK, which is not installed (pip install SimpleITK); "
+            raise UserError("--n4 needs SimpleITK, which is not installed (pip install SimpleITK); "
                             "or run ANTs N4BiasFieldCorrection beforehand and drop --n4") from None
     if a.csv:
         if a.input or a.output or not a.out_dir:

@@ -1,4 +1,6 @@
 """The paper's claims about this code, as tests. Run: python -m pytest -q test_all.py"""
+import ast
+import dataclasses
 import json
 import math
 import os
@@ -17,19 +19,92 @@ from scipy.stats import mannwhitneyu
 import data
 import evaluate
 import preprocess
+import safeio
+import synthetic
+import tabular
 import train_ad
 import train_brain_age
+import training
 
-from evaluate import classification_metrics, entropy, entropy_weighted_ensemble
+from metrics import classification_metrics, entropy, entropy_weighted_ensemble, regression_metrics
 from layers import HyperConv, HyperLinear, HyperPreactResBlock, init_hyperlayers
-from models import AD_MODELS, BRAIN_AGE_MODELS, build_model, count_parameters, layer_loss_entropy
+from models import AD_MODELS, BRAIN_AGE_MODELS, build_model, candidate_layers, count_parameters, layer_loss_entropy
+from runs import load_run
+from safeio import UserError
+from tabular import TabularPreprocessor
+from training import RunConfig
 
 torch.set_num_threads(2)
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+# ----------------------------------------------------------------------------------------------
+# Shared fixtures and helpers
+
 # small inputs for CPU: brain age needs >= 36 voxels a side for its three conv blocks
 BRAIN_AGE_SMALL = (36, 38, 36)
 AD_SMALL = (16, 24, 16)
+COLUMNS = ["PTGENDER_Male", "PTGENDER_Female"] + list(tabular.AD_CONTINUOUS)
+NAMES = ["CN", "MCI", "AD"]
+SCHEDULE = dict(epochs=2, batch_size=8, lr=1e-3, weight_decay=1e-5)
+
+
+# one synthetic cohort per size, generated once per test session
+@pytest.fixture(scope="session")
+def ad_cohort40(tmp_path_factory):
+    return synthetic.make_synthetic_ad(tmp_path_factory.mktemp("ad40") / "cohort", n=40, seed=3)
+
+
+@pytest.fixture(scope="session")
+def ad_cohort60(tmp_path_factory):
+    return synthetic.make_synthetic_ad(tmp_path_factory.mktemp("ad60"), n=60, seed=0)
+
+
+@pytest.fixture(scope="session")
+def brain_age_cohort20(tmp_path_factory):
+    return synthetic.make_synthetic_brain_age(tmp_path_factory.mktemp("ba20") / "cohort", n=20, seed=4)
+
+
+@pytest.fixture(scope="session")
+def brain_age_cohort40(tmp_path_factory):
+    return synthetic.make_synthetic_brain_age(tmp_path_factory.mktemp("ba40"), n=40, seed=0)
+
+
+def table2_cohort(seed=0):
+    """Labels, sex and age with the sizes and proportions of Table 2 (2120 subjects)."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat([0, 1, 2], [740, 1015, 365])
+    male = rng.random(len(labels)) < np.array([309 / 740, 569 / 1015, 198 / 365])[labels]
+    age = rng.normal(np.array([72.2, 72.8, 75.1])[labels], 7.4)
+    return (~male).astype(np.int64), labels, age
+
+
+def tiny_ad(folder, n=3, group="CN", age="70.5"):
+    """A 3-subject AD table with tiny 8x8x8 images; returns the CSV path."""
+    os.makedirs(folder / "images", exist_ok=True)
+    rows = ["Subject,Group,AGE,PTGENDER,PTEDUCAT,APOE4,ABETA,PTAU,TAU,FDG,AV45"]
+    for i in range(n):
+        data.save_nifti(np.random.default_rng(i).random((8, 8, 8)).astype(np.float32), 2.0,
+                        folder / "images" / f"S{i}.nii.gz")
+        rows.append(f"S{i},{group if i == 1 else 'AD'},{age if i == 1 else '71'},Female,16,1,>1700,<8,300,,1.2")
+    (folder / "ad.csv").write_text("\n".join(rows) + "\n")
+    return folder / "ad.csv"
+
+
+def run(script, *args):
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=HERE, capture_output=True, text=True)
+
+
+def assert_clean_error(proc, *names):
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    for n in names:
+        assert str(n) in proc.stderr, (n, proc.stderr)
+
+
+def no_temp_files(folder):
+    return not any(".tmp-" in f for f in os.listdir(folder))
 
 
 def _randomise(module, seed=0):
@@ -51,7 +126,61 @@ def _per_sample(layer, x, tabular, functional, **kwargs):
     return torch.cat(outs)
 
 
-# ------------------------------------------------------------------------------------------------
+def _ad_args(csv_path, out, *extra):
+    return ["--data-csv", str(csv_path), "--out", str(out), "--epochs", "2", "--batch-size", "8", "--quiet",
+            "--split-seed", "0", "--fold", "1", *extra]
+
+
+def _run_dir(out, model, fold=1):
+    return training.ad_run_dir(out, model, 0, 0, fold)
+
+
+def save_run_checkpoint(run_dir, run, inputs, model=None, **state):
+    """A best.pt as the training scripts write it (untrained or empty weights), for evaluation tests."""
+    os.makedirs(run_dir, exist_ok=True)
+    training.save_checkpoint({"model": model.state_dict() if model is not None else {}, "epoch": 0, "best": {},
+                              "run": dataclasses.asdict(run), "inputs": inputs, **state},
+                             os.path.join(run_dir, "best.pt"))
+
+
+def fake_ad_run(runs, model, seed, version, fold, probs, labels, subjects=None, **config):
+    """The files train_ad.py writes, with made-up test probabilities; `config` overrides run options or inputs."""
+    run_dir = training.ad_run_dir(runs, model, seed, version, fold)
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    run = RunConfig(task="ad", model=model, version=version, split_seed=seed, fold=fold, classes=3, loss="wce",
+                    data_csv="ad.csv", **SCHEDULE).replace(**{k: v for k, v in config.items() if k in fields})
+    inputs = {"n_tabular": len(COLUMNS), "tabular_columns": COLUMNS, "class_names": NAMES, "crops": None,
+              **{k: v for k, v in config.items() if k not in fields}}
+    save_run_checkpoint(run_dir, run, inputs)
+    subjects = subjects if subjects is not None else [f"S{seed}-{i}" for i in range(len(labels))]
+    np.savez(os.path.join(run_dir, "predictions.npz"), subjects=np.array(subjects), labels=np.asarray(labels),
+             probs=np.asarray(probs))
+    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+        json.dump({"val": {}, "test": classification_metrics(labels, probs, NAMES), "best_epoch": 0}, f)
+    return run_dir
+
+
+def random_probs(rng, n, c=3, sharp=2.0):
+    logits = rng.normal(0, sharp, (n, c))
+    p = np.exp(logits)
+    return p / p.sum(1, keepdims=True)
+
+
+def fake_brain_age_run(runs, version, val_mae, pred, age, sex, model="hyperfusion", train_sex="all"):
+    """The files train_brain_age.py writes, with made-up test predictions."""
+    run_dir = training.brain_age_run_dir(runs, model, version, train_sex=train_sex)
+    run = RunConfig(task="brain-age", model=model, version=version, split_seed=0, embedding_dim=1,
+                    train_sex=train_sex, data_csv="brain_age.csv", **SCHEDULE)
+    save_run_checkpoint(run_dir, run, {"n_tabular": 2, "image_shape": [36, 38, 36]},
+                        target={"centre": 50.0, "scale": 10.0})
+    np.savez(os.path.join(run_dir, "predictions.npz"), subjects=np.array([f"B{i}" for i in range(len(age))]),
+             age=np.asarray(age, np.float32), sex=np.asarray(sex), pred=np.asarray(pred, np.float32))
+    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+        json.dump({"val": {"mae": val_mae}, "test": regression_metrics(age, pred, sex), "best_epoch": 0}, f)
+    return run_dir
+
+
+# ----------------------------------------------------------------------------------------------
 # Hyperlayers (Sec. 3.1)
 
 @pytest.mark.parametrize("mode", ["factorised", "materialised"])
@@ -143,7 +272,7 @@ def test_init_measures_the_embedding_mean_square_on_training_rows():
         assert 0.9 * bound < float(g.abs().max()) <= bound
 
 
-# ------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # The paper's models (Tables 5-6)
 
 def test_brain_age_parameter_counts_equal_table_5():
@@ -224,7 +353,7 @@ def test_hyper_block_can_make_any_convolution_a_hyperlayer():
     assert block(torch.randn(2, 8, 6, 6, 6), torch.randn(2, 4)).shape == (2, 16, 3, 3, 3)
 
 
-# ------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Hyperlayer selection (Sec. 3.1.2, App. D)
 
 def test_loss_entropy_ranks_a_layer_the_loss_depends_on_above_one_it_ignores():
@@ -250,61 +379,10 @@ def test_loss_entropy_scores_every_layer_of_the_ad_backbone():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights restored
 
 
-# ------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Data (Sec. 3.3, 4.2.3, 4.3.1-4.3.4, App. A.1)
 
-# -----------------------------------------------------------------------------
-# fixtures
-
-
-@pytest.fixture(scope="module")
-def ad_cohort40(tmp_path_factory):
-    return data.make_synthetic_ad(tmp_path_factory.mktemp("ad") / "cohort", n=40, seed=3)
-
-
-@pytest.fixture(scope="module")
-def ba_cohort(tmp_path_factory):
-    return data.make_synthetic_brain_age(tmp_path_factory.mktemp("ba") / "cohort", n=20, seed=4)
-
-
-def table2_cohort(seed=0):
-    """Labels, sex and age with the sizes and proportions of Table 2 (2120 subjects)."""
-    rng = np.random.default_rng(seed)
-    labels = np.repeat([0, 1, 2], [740, 1015, 365])
-    male = rng.random(len(labels)) < np.array([309 / 740, 569 / 1015, 198 / 365])[labels]
-    age = rng.normal(np.array([72.2, 72.8, 75.1])[labels], 7.4)
-    return (~male).astype(np.int64), labels, age
-
-
-def run(script, *args):
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=HERE, capture_output=True, text=True)
-
-
-def assert_clean_error(proc, *names):
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith("error:"), proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    for n in names:
-        assert str(n) in proc.stderr, (n, proc.stderr)
-
-
-def no_temp_files(folder):
-    return not any(".tmp-" in f for f in os.listdir(folder))
-
-
-def tiny_ad(folder, n=3, group="CN", age="70.5"):
-    """A 3-subject AD table with tiny 8x8x8 images; returns the CSV path."""
-    os.makedirs(folder / "images", exist_ok=True)
-    rows = ["Subject,Group,AGE,PTGENDER,PTEDUCAT,APOE4,ABETA,PTAU,TAU,FDG,AV45"]
-    for i in range(n):
-        data._save_nifti(np.random.default_rng(i).random((8, 8, 8)).astype(np.float32), 2.0,
-                         folder / "images" / f"S{i}.nii.gz")
-        rows.append(f"S{i},{group if i == 1 else 'AD'},{age if i == 1 else '71'},Female,16,1,>1700,<8,300,,1.2")
-    (folder / "ad.csv").write_text("\n".join(rows) + "\n")
-    return folder / "ad.csv"
-
-# -----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # splits (Sec. 4.3.4, App. C.1; Sec. 4.2.3)
 
 
@@ -326,7 +404,7 @@ def test_test_subset_is_the_same_for_every_fold():
     assert all(np.array_equal(tests[0], t) for t in tests)
     vals = [set(data.ad_fold(subsets, f)[1]) for f in range(4)]
     assert all(not (vals[i] & vals[j]) for i in range(4) for j in range(i))
-    with pytest.raises(data.DataError):
+    with pytest.raises(UserError):
         data.ad_fold(subsets, 4)
 
 
@@ -361,16 +439,16 @@ def test_brain_age_split_is_80_10_10_and_keeps_age_and_sex():
         assert abs(sex[part].mean() - sex.mean()) < 0.03
         assert abs(np.median(age[part]) - np.median(age)) < 3
 
-# -----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # tabular preprocessing (Sec. 3.3, 4.3.3)
 
 
 def test_censored_csf_values_read_as_the_assay_limit():
-    assert data.parse_value(">1700") == 1700.0
-    assert data.parse_value("<8") == 8.0
-    assert np.isnan(data.parse_value(""))
+    assert tabular.parse_value(">1700") == 1700.0
+    assert tabular.parse_value("<8") == 8.0
+    assert np.isnan(tabular.parse_value(""))
     with pytest.raises(ValueError):
-        data.parse_value("high")
+        tabular.parse_value("high")
 
 
 def rows_with_missing(n=60, seed=0):
@@ -397,18 +475,18 @@ def rows_with_missing(n=60, seed=0):
 def test_imputation_is_fitted_on_training_rows_only():
     rows = rows_with_missing()
     train, test = rows[:45], [dict(r) for r in rows[45:]]
-    state = data.TabularPreprocessor().fit(train).state_dict()
+    state = TabularPreprocessor().fit(train).state_dict()
     test[0]["ABETA"], test[1]["FDG"], test[2]["AGE"] = "5", "", "99"
     test.append({"AGE": "55", "PTGENDER": "Male", "PTEDUCAT": "", "APOE4": "2", "ABETA": ">1700",
                  "PTAU": "<8", "TAU": "", "FDG": "", "AV45": ""})
-    again = data.TabularPreprocessor().fit(train)
+    again = TabularPreprocessor().fit(train)
     again.transform(test)
     assert again.state_dict() == state
 
 
 def test_missing_indicators_are_added_and_no_nan_remains():
     rows = rows_with_missing()
-    tp = data.TabularPreprocessor().fit(rows[:45])
+    tp = TabularPreprocessor().fit(rows[:45])
     assert tp.columns[:2] == ["PTGENDER_Male", "PTGENDER_Female"]
     ind = [c for c in tp.columns if c.endswith("_missing")]
     assert ind == ["ABETA_missing", "PTAU_missing", "TAU_missing", "FDG_missing", "AV45_missing"]
@@ -422,10 +500,10 @@ def test_missing_indicators_are_added_and_no_nan_remains():
 
 def test_tabular_state_round_trips_exactly(tmp_path):
     rows = rows_with_missing()
-    tp = data.TabularPreprocessor().fit(rows[:45])
+    tp = TabularPreprocessor().fit(rows[:45])
     torch.save({"tabular": tp.state_dict()}, tmp_path / "ck.pt")
-    back = data.TabularPreprocessor.from_state_dict(torch.load(tmp_path / "ck.pt", weights_only=True)["tabular"])
-    via_json = data.TabularPreprocessor(state=json.loads(json.dumps(tp.state_dict())))
+    back = TabularPreprocessor.from_state_dict(torch.load(tmp_path / "ck.pt", weights_only=True)["tabular"])
+    via_json = TabularPreprocessor(state=json.loads(json.dumps(tp.state_dict())))
     assert np.array_equal(tp.transform(rows), back.transform(rows))
     assert np.array_equal(tp.transform(rows), via_json.transform(rows))
     assert back.columns == tp.columns
@@ -435,7 +513,7 @@ def test_imputation_replays_scikit_learns_iterative_imputer():
     from sklearn.experimental import enable_iterative_imputer  # noqa: F401
     from sklearn.impute import IterativeImputer
     rows = rows_with_missing()
-    tp = data.TabularPreprocessor().fit(rows[:45])
+    tp = TabularPreprocessor().fit(rows[:45])
     _, X = tp.parse(rows)
     Z = (X - np.array(tp.state["mean"])) / np.array(tp.state["std"])
     imp = IterativeImputer(max_iter=10, random_state=0, keep_empty_features=True)
@@ -444,7 +522,7 @@ def test_imputation_replays_scikit_learns_iterative_imputer():
         imp.fit(Z[:45])
     np.testing.assert_allclose(tp.transform(rows)[:, 2:10], imp.transform(Z), atol=1e-5)
 
-# -----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # synthetic cohorts, loading, crops, cache, datasets
 
 
@@ -459,7 +537,7 @@ def test_synthetic_ad_cohort_loads_back_with_its_shapes_and_labels(ad_cohort40):
     assert np.allclose(nib.load(t.image_paths[0]).header.get_zooms(), meta["spacing_mm"])
     crops = data.HippocampusCrops.load(os.path.join(os.path.dirname(ad_cohort40), "crops.json"))
     assert crops(vol).shape == (2,) + crops.size
-    X = data.TabularPreprocessor().fit_transform(t.raw)
+    X = TabularPreprocessor().fit_transform(t.raw)
     assert X.shape == (40, 15)                                  # the paper's n_tab = 15
     two = data.read_ad_table(ad_cohort40, classes=2)
     assert set(two.labels.tolist()) == {0, 1} and len(two.subjects) == 14 + 7
@@ -468,25 +546,25 @@ def test_synthetic_ad_cohort_loads_back_with_its_shapes_and_labels(ad_cohort40):
 
 
 def test_synthetic_ad_anatomy_depends_on_diagnosis():
-    grid = data._grid(data.AD_SYNTH["shape"])
-    crops = data._ad_crops(data.AD_SYNTH["shape"], data.AD_SYNTH["crop_size"])
+    grid = synthetic.head_grid(synthetic.AD_SYNTH["shape"])
+    crops = synthetic.synthetic_crops(synthetic.AD_SYNTH["shape"], synthetic.AD_SYNTH["crop_size"])
     dark = []
     for hippo in (1.0, 0.7):
         rng = np.random.default_rng(0)  # the same head, noise and bias field: only the hippocampus differs
-        vol = data._render(grid, data._anatomy(rng, 1.0, hippo, 1.0, 0.06, 0.12), rng)
+        vol = synthetic.render_head(grid, synthetic.head_anatomy(rng, 1.0, hippo, 1.0, 0.06, 0.12), rng)
         dark.append((crops(vol) < -1.2).sum())                  # CSF around a smaller hippocampus
     assert dark[1] > dark[0] * 1.03  # deterministic: same head, noise and bias field
 
 
-def test_synthetic_brain_age_cohort_loads_back(ba_cohort):
-    t = data.read_brain_age_table(ba_cohort)
+def test_synthetic_brain_age_cohort_loads_back(brain_age_cohort20):
+    t = data.read_brain_age_table(brain_age_cohort20)
     assert len(t.subjects) == 20 and t.age.dtype == np.float32 and set(t.sex.tolist()) <= {0, 1}
     assert 8 <= t.age.min() and t.age.max() <= 90
-    cache = data.ImageCache(t.image_paths, os.path.join(os.path.dirname(ba_cohort), "cache"), "float32",
-                            expected_shape=data.BRAIN_AGE_SYNTH["shape"])
+    cache = data.ImageCache(t.image_paths, os.path.join(os.path.dirname(brain_age_cohort20), "cache"), "float32",
+                            expected_shape=synthetic.BRAIN_AGE_SYNTH["shape"])
     ds = data.BrainAgeDataset(cache, data.sex_onehot(t.sex), t.age)
     img, tab, y = ds[0]
-    assert img.shape == (1,) + data.BRAIN_AGE_SYNTH["shape"] and img.dtype == torch.float32
+    assert img.shape == (1,) + synthetic.BRAIN_AGE_SYNTH["shape"] and img.dtype == torch.float32
     assert tab.shape == (2,) and tab.sum() == 1 and y.dtype == torch.float32 and y.shape == ()
     brain = img[img != 0]
     assert abs(float(brain.mean())) < 1e-3 and abs(float(brain.std()) - 1) < 1e-2
@@ -505,7 +583,7 @@ def test_mirrored_crop_is_the_flip_of_the_right_box():
     left, right = c(vol)
     assert np.array_equal(left, vol[1:7, 2:10, 3:10])
     assert np.array_equal(right, np.flip(vol[11:17, 4:12, 5:12], axis=0))
-    with pytest.raises(data.DataError):
+    with pytest.raises(UserError):
         data.HippocampusCrops((15, 0, 0), (0, 0, 0), (6, 8, 7))(vol)
 
 
@@ -521,7 +599,7 @@ def test_cache_decodes_once_and_redecodes_a_changed_source(tmp_path):
     again.prepare(progress=False)
     np.array(again[1])
     assert again.n_decoded == 0                                 # served from the .npy, no gzip decode
-    data._save_nifti(np.ones((8, 8, 8), np.float32), 2.0, paths[1])
+    data.save_nifti(np.ones((8, 8, 8), np.float32), 2.0, paths[1])
     os.utime(paths[1], ns=(1, 10**18))                          # a changed source (new mtime)
     assert np.array_equal(np.array(again[1]), np.ones((2, 4, 8, 8)))
     assert again.n_decoded == 1
@@ -535,7 +613,7 @@ def test_dataset_items_have_one_side_in_training_and_both_in_evaluation(ad_cohor
     t = data.read_ad_table(ad_cohort40)
     crops = data.HippocampusCrops.load(os.path.join(os.path.dirname(ad_cohort40), "crops.json"))
     cache = data.ImageCache(t.image_paths[:4], tmp_path / "c", "float16", transform=crops, names=t.subjects[:4])
-    X = data.TabularPreprocessor().fit_transform(t.raw)[:4]
+    X = TabularPreprocessor().fit_transform(t.raw)[:4]
     train = data.ADDataset(cache, X, t.labels[:4], train=True)
     img, tab, y = train[2]
     assert img.shape == (1,) + crops.size and img.dtype == torch.float32
@@ -559,15 +637,15 @@ def test_dataset_items_have_one_side_in_training_and_both_in_evaluation(ad_cohor
 def test_atomic_path_leaves_nothing_behind_on_failure(tmp_path):
     target = tmp_path / "out.json"
     with pytest.raises(RuntimeError):
-        with data.atomic_path(target) as tmp:
+        with safeio.atomic_path(target) as tmp:
             open(tmp, "w").write("half")
             raise RuntimeError("boom")
     assert os.listdir(tmp_path) == []
-    with data.atomic_path(target) as tmp:
+    with safeio.atomic_path(target) as tmp:
         open(tmp, "w").write("{}")
     assert os.listdir(tmp_path) == ["out.json"]
 
-# -----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # preprocess.py (App. A.1)
 
 
@@ -630,12 +708,12 @@ def test_preprocess_n4_without_simpleitk_says_so(tmp_path):
     except ImportError:
         pass
     head = tmp_path / "h.nii.gz"
-    data._save_nifti(np.ones((8, 8, 8), np.float32), 1.0, head)
-    with pytest.raises(data.DataError, match="SimpleITK"):
+    data.save_nifti(np.ones((8, 8, 8), np.float32), 1.0, head)
+    with pytest.raises(UserError, match="SimpleITK"):
         preprocess.main([str(head), str(tmp_path / "o.nii.gz"), "--n4"])
     assert not (tmp_path / "o.nii.gz").exists()
 
-# -----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # bad input: one line `error: ...`, exit status 2, no traceback, no partial output
 
 
@@ -650,7 +728,7 @@ def test_truncated_nifti_is_named(tmp_path):
     p = tmp_path / "images" / "S2.nii.gz"
     p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
     assert_clean_error(run("data.py", "check-ad", csv_path), "S2.nii.gz", "truncated")
-    with pytest.raises(data.DataError, match="S2.nii.gz"):
+    with pytest.raises(UserError, match="S2.nii.gz"):
         preprocess.preprocess_file(p, tmp_path / "o.nii.gz")
     assert not (tmp_path / "o.nii.gz").exists() and no_temp_files(tmp_path)
 
@@ -667,7 +745,7 @@ def test_nan_voxels_are_named_and_preprocess_writes_nothing(tmp_path):
     csv_path = tiny_ad(tmp_path)
     vol = np.ones((8, 8, 8), np.float32)
     vol[1, 2, 3] = np.nan
-    data._save_nifti(vol, 2.0, tmp_path / "images" / "S1.nii.gz")
+    data.save_nifti(vol, 2.0, tmp_path / "images" / "S1.nii.gz")
     assert_clean_error(run("data.py", "check-ad", csv_path), "S1.nii.gz", "NaN")
     out = tmp_path / "out" / "o.nii.gz"
     assert_clean_error(run("preprocess.py", tmp_path / "images" / "S1.nii.gz", out), "S1.nii.gz", "NaN")
@@ -688,13 +766,13 @@ def test_unknown_diagnosis_names_the_row_and_value(tmp_path):
 def test_non_numeric_age_names_the_row_and_column(tmp_path):
     csv_path = tiny_ad(tmp_path, age="seventy")
     assert_clean_error(run("data.py", "check-ad", csv_path, "--no-images"), "line 3", "AGE", "seventy")
-    with pytest.raises(data.DataError, match="line 3.*AGE"):
+    with pytest.raises(UserError, match="line 3.*AGE"):
         data.read_ad_table(csv_path)
     csv_path.write_text(csv_path.read_text().replace("seventy", "70,extra"))
-    with pytest.raises(data.DataError, match="line 3: 12 fields, the header has 11"):
+    with pytest.raises(UserError, match="line 3: 12 fields, the header has 11"):
         data.read_ad_table(csv_path)
     csv_path.write_bytes(b"Subject,Group\n\xff\xfe,CN\n")
-    with pytest.raises(data.DataError, match="UTF-8"):
+    with pytest.raises(UserError, match="UTF-8"):
         data.read_ad_table(csv_path)
 
 
@@ -713,46 +791,27 @@ def test_failed_synthesis_leaves_no_partial_cohort(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device", str(path))
         return real(vol, spacing, path)
 
-    real = data._save_nifti
-    monkeypatch.setattr(data, "_save_nifti", failing_save)
+    real = synthetic.save_nifti
+    monkeypatch.setattr(synthetic, "save_nifti", failing_save)
     with pytest.raises(OSError):
-        data.make_synthetic_ad(tmp_path / "cohort", n=12)
+        synthetic.make_synthetic_ad(tmp_path / "cohort", n=12)
     assert os.listdir(tmp_path) == []
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(data.DataError, match="mine"):
-        data.main(["synth-ad", "--out", str(tmp_path / "mine"), "--n", "12"])
+    with pytest.raises(UserError, match="mine"):
+        synthetic.main(["ad", "--out", str(tmp_path / "mine"), "--n", "12"])
     assert os.listdir(tmp_path / "mine") == ["notes.txt"] and no_temp_files(tmp_path)
-    with pytest.raises(data.DataError, match="--n"):
-        data.make_synthetic_brain_age(tmp_path / "x", n=3)
+    with pytest.raises(UserError, match="--n"):
+        synthetic.make_synthetic_brain_age(tmp_path / "x", n=3)
     assert not (tmp_path / "x").exists()
 
 
-# ------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Training (Sec. 3.2, 4.2.2, 4.3.6): tiny synthetic cohorts, two epochs
 
 
-@pytest.fixture(scope="session")
-def ad_cohort(tmp_path_factory):
-    return data.make_synthetic_ad(tmp_path_factory.mktemp("ad"), n=60, seed=0)
-
-
-@pytest.fixture(scope="session")
-def brain_age_cohort(tmp_path_factory):
-    return data.make_synthetic_brain_age(tmp_path_factory.mktemp("brain_age"), n=40, seed=0)
-
-
-def _ad_args(csv_path, out, *extra):
-    return ["--data-csv", str(csv_path), "--out", str(out), "--epochs", "2", "--batch-size", "8", "--quiet",
-            "--split-seed", "0", "--fold", "1", *extra]
-
-
-def _run_dir(out, model, fold=1, task="ad"):
-    return os.path.join(out, task, model, "seed0", "v0", f"fold{fold}")
-
-
-def test_a_two_epoch_hyperfusion_run_writes_its_checkpoints_log_and_metrics(ad_cohort, tmp_path):
-    metrics = train_ad.main(_ad_args(ad_cohort, tmp_path))
+def test_a_two_epoch_hyperfusion_run_writes_its_checkpoints_log_and_metrics(ad_cohort60, tmp_path):
+    metrics = train_ad.main(_ad_args(ad_cohort60, tmp_path))
     run = _run_dir(tmp_path, "hyperfusion")
     for f in ["best.pt", "last.pt", "log.csv", "metrics.json", "predictions.npz"]:
         assert os.path.isfile(os.path.join(run, f)), f
@@ -770,42 +829,42 @@ def test_a_two_epoch_hyperfusion_run_writes_its_checkpoints_log_and_metrics(ad_c
     assert sum(map(sum, saved["test"]["confusion_matrix"])) == 12  # subset 4 of 60 subjects
     with open(os.path.join(run, "log.csv")) as f:
         assert len(f.read().strip().splitlines()) == 1 + 2
-    ckpt = train_ad.load_checkpoint(os.path.join(run, "last.pt"))
-    assert ckpt["epoch"] == 1 and ckpt["config"]["model"] == "hyperfusion"
-    assert data.TabularPreprocessor(state=ckpt["tabular"]).n_features == ckpt["config"]["n_tabular"] == 15
+    ckpt = training.load_checkpoint(os.path.join(run, "last.pt"))
+    assert ckpt["epoch"] == 1 and ckpt["run"]["model"] == "hyperfusion"
+    assert TabularPreprocessor(state=ckpt["tabular"]).n_features == ckpt["inputs"]["n_tabular"] == 15
 
 
-def test_resume_after_an_interruption_ends_as_an_uninterrupted_run(ad_cohort, tmp_path, monkeypatch):
-    straight = train_ad.main(_ad_args(ad_cohort, tmp_path / "a", "--model", "concat"))
+def test_resume_after_an_interruption_ends_as_an_uninterrupted_run(ad_cohort60, tmp_path, monkeypatch):
+    straight = train_ad.main(_ad_args(ad_cohort60, tmp_path / "a", "--model", "concat"))
 
-    real_write_log = train_ad.write_log
+    real_write_log = training.write_log
 
     def interrupt_after_first_epoch(history, path):
         real_write_log(history, path)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_ad, "write_log", interrupt_after_first_epoch)
+    monkeypatch.setattr(training, "write_log", interrupt_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train_ad.main(_ad_args(ad_cohort, tmp_path / "b", "--model", "concat"))
-    monkeypatch.setattr(train_ad, "write_log", real_write_log)
-    assert train_ad.load_checkpoint(os.path.join(_run_dir(tmp_path / "b", "concat"), "last.pt"))["epoch"] == 0
-    resumed = train_ad.main(_ad_args(ad_cohort, tmp_path / "b", "--model", "concat", "--resume"))
+        train_ad.main(_ad_args(ad_cohort60, tmp_path / "b", "--model", "concat"))
+    monkeypatch.setattr(training, "write_log", real_write_log)
+    assert training.load_checkpoint(os.path.join(_run_dir(tmp_path / "b", "concat"), "last.pt"))["epoch"] == 0
+    resumed = train_ad.main(_ad_args(ad_cohort60, tmp_path / "b", "--model", "concat", "--resume"))
     assert resumed == straight
 
 
-def test_the_tabular_model_trains_from_the_table_alone(ad_cohort, tmp_path):
+def test_the_tabular_model_trains_from_the_table_alone(ad_cohort60, tmp_path):
     table_only = tmp_path / "table.csv"
-    table_only.write_text(open(ad_cohort).read())  # no images folder next to it
+    table_only.write_text(open(ad_cohort60).read())  # no images folder next to it
     metrics = train_ad.main(_ad_args(table_only, tmp_path, "--model", "tabular"))
     assert 0.0 <= metrics["test"]["balanced_accuracy"] <= 1.0
 
 
-def test_a_corrupt_checkpoint_given_to_resume_stops_with_a_clear_error(ad_cohort, tmp_path):
+def test_a_corrupt_checkpoint_given_to_resume_stops_with_a_clear_error(ad_cohort60, tmp_path):
     run = _run_dir(tmp_path, "imaging")
     os.makedirs(run)
     with open(os.path.join(run, "last.pt"), "wb") as f:
         f.write(b"PK\x03\x04 not really a checkpoint")
-    p = subprocess.run([sys.executable, "train_ad.py", *_ad_args(ad_cohort, tmp_path, "--model", "imaging",
+    p = subprocess.run([sys.executable, "train_ad.py", *_ad_args(ad_cohort60, tmp_path, "--model", "imaging",
                                                                  "--resume")],
                        cwd=HERE, capture_output=True, text=True)
     assert p.returncode == 2
@@ -813,17 +872,28 @@ def test_a_corrupt_checkpoint_given_to_resume_stops_with_a_clear_error(ad_cohort
     assert "Traceback" not in p.stderr
 
 
-def test_a_checkpoint_of_another_run_is_refused(ad_cohort, tmp_path):
-    train_ad.main(_ad_args(ad_cohort, tmp_path, "--model", "tabular"))
-    with pytest.raises(data.DataError, match="another run"):
-        train_ad.load_checkpoint(os.path.join(_run_dir(tmp_path, "tabular"), "last.pt"),
+def test_a_checkpoint_of_another_run_is_refused(ad_cohort60, tmp_path):
+    train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "tabular"))
+    with pytest.raises(UserError, match="another run"):
+        training.load_checkpoint(os.path.join(_run_dir(tmp_path, "tabular"), "last.pt"),
                                  {"model": "tabular", "fold": 3})
 
 
-def test_a_two_epoch_brain_age_run_writes_its_files_with_maes_in_years(brain_age_cohort, tmp_path):
-    metrics = train_brain_age.main(["--data-csv", str(brain_age_cohort), "--out", str(tmp_path), "--epochs", "2",
+def test_a_finished_run_predicts_its_test_set_again_from_its_saved_state(ad_cohort60, tmp_path):
+    train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "concat", "--epochs", "1"))
+    finished = load_run(_run_dir(tmp_path, "concat"))
+    assert finished.run.model == "concat" and finished.run.fold == 1 and finished.crops is not None
+    _, table, test_idx, images = evaluate.test_set(finished)
+    tab = finished.tabular.transform([table.raw[i] for i in test_idx])      # the run's own imputation
+    loader = torch.utils.data.DataLoader(data.ADDataset(images, tab, table.labels[test_idx], train=False), 8)
+    _, probs = train_ad.ad_metrics(finished.model(), loader, torch.device("cpu"), finished.class_names)
+    np.testing.assert_allclose(probs, finished.read_predictions()["probs"], atol=1e-6)
+
+
+def test_a_two_epoch_brain_age_run_writes_its_files_with_maes_in_years(brain_age_cohort40, tmp_path):
+    metrics = train_brain_age.main(["--data-csv", str(brain_age_cohort40), "--out", str(tmp_path), "--epochs", "2",
                                     "--batch-size", "8", "--quiet"])
-    run = os.path.join(tmp_path, "brain-age", "hyperfusion", "v0")
+    run = training.brain_age_run_dir(tmp_path, "hyperfusion", 0)
     for f in ["best.pt", "last.pt", "log.csv", "metrics.json", "predictions.npz"]:
         assert os.path.isfile(os.path.join(run, f)), f
     for split in ("val", "test"):
@@ -840,51 +910,9 @@ def test_fig4a_training_sets_are_single_sex_or_a_balanced_mix_of_the_same_size()
     assert len(mixed) == 20 and (sex[mixed] == 0).sum() == 10
 
 
-# ------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Evaluation (Sec. 3.4, 4.2.2, 4.3.6-4.3.7): metrics, ensembles, tables, sweeps, the protocol runner
-
-COLUMNS = ["PTGENDER_Male", "PTGENDER_Female"] + list(data.AD_CONTINUOUS)
-NAMES = ["CN", "MCI", "AD"]
-
-
-# ------------------------------------------------------------------------------------------------
-# fake runs: the files train_ad.py / train_brain_age.py write, with made-up predictions
-
-def fake_ad_run(runs, model, seed, version, fold, probs, labels, subjects=None, **config):
-    run_dir = evaluate.ad_run_dir(runs, model, seed, version, fold)
-    os.makedirs(run_dir, exist_ok=True)
-    cfg = {"task": "ad", "model": model, "split_seed": seed, "fold": fold, "version": version, "classes": 3,
-           "n_tabular": len(COLUMNS), "tabular_columns": COLUMNS, "class_names": NAMES, **config}
-    torch.save({"model": {}, "config": cfg, "epoch": 0, "best": {}}, os.path.join(run_dir, "best.pt"))
-    subjects = subjects if subjects is not None else [f"S{seed}-{i}" for i in range(len(labels))]
-    np.savez(os.path.join(run_dir, "predictions.npz"), subjects=np.array(subjects), labels=np.asarray(labels),
-             probs=np.asarray(probs))
-    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
-        json.dump({"val": {}, "test": classification_metrics(labels, probs, NAMES), "best_epoch": 0}, f)
-    return run_dir
-
-
-def random_probs(rng, n, c=3, sharp=2.0):
-    logits = rng.normal(0, sharp, (n, c))
-    p = np.exp(logits)
-    return p / p.sum(1, keepdims=True)
-
-
-def fake_brain_age_run(runs, folder, version, val_mae, pred, age, sex, model="hyperfusion", train_sex="all"):
-    run_dir = os.path.join(runs, "brain-age", folder, f"v{version}")
-    os.makedirs(run_dir, exist_ok=True)
-    cfg = {"task": "brain-age", "model": model, "split_seed": 0, "version": version, "embedding_dim": 1,
-           "train_sex": train_sex}
-    torch.save({"model": {}, "config": cfg, "epoch": 0, "best": {}, "age_centre": 50.0},
-               os.path.join(run_dir, "best.pt"))
-    np.savez(os.path.join(run_dir, "predictions.npz"), subjects=np.array([f"B{i}" for i in range(len(age))]),
-             age=np.asarray(age, np.float32), sex=np.asarray(sex), pred=np.asarray(pred, np.float32))
-    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
-        json.dump({"val": {"mae": val_mae}, "test": evaluate.regression_metrics(age, pred, sex), "best_epoch": 0}, f)
-    return run_dir
-
-
-# ------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Eq. 7-8
 
 def test_eq7_8_equal_entropies_give_the_plain_mean():
@@ -910,7 +938,7 @@ def test_eq7_8_a_near_one_hot_member_dominates_a_flat_one():
     np.testing.assert_allclose(out.sum(1), 1.0)
 
 
-# ------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Eq. 9-10 and the other metrics
 
 def test_metrics_against_a_hand_made_confusion_matrix():
@@ -934,11 +962,11 @@ def test_auc_and_maes_by_hand():
     # binary AUC: of the 4 (negative, positive) pairs, 3 rank the positive higher
     m = classification_metrics([0, 0, 1, 1], [[0.9, 0.1], [0.6, 0.4], [0.65, 0.35], [0.2, 0.8]], ["CN", "AD"])
     assert m["auc_macro"] == pytest.approx(0.75)
-    r = evaluate.regression_metrics([50, 60, 70, 80], [52, 57, 70, 84], [0, 1, 0, 1])
+    r = regression_metrics([50, 60, 70, 80], [52, 57, 70, 84], [0, 1, 0, 1])
     assert (r["mae"], r["mae_male"], r["mae_female"]) == pytest.approx((2.25, 1.0, 3.5))
 
 
-# ------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # the AD table (Table 3), late fusion (App. B), refusals
 
 GROUPS = [(0, 0), (0, 1), (1, 0)]
@@ -1011,7 +1039,7 @@ def test_folds_whose_configs_differ_are_refused(tmp_path, key, value):
     for fold in range(4):
         differ = {key: value} if fold == 2 else {}
         fake_ad_run(tmp_path, "concat", 0, 0, fold, random_probs(rng, 10), labels, **differ)
-    with pytest.raises(data.DataError, match=f"cannot ensemble .*fold0 and .*fold2: {key} differs"):
+    with pytest.raises(UserError, match=f"cannot ensemble .*fold0 and .*fold2: {key} differs"):
         evaluate.ad_results(str(tmp_path))
 
 
@@ -1021,7 +1049,7 @@ def test_folds_with_other_test_subjects_are_refused_and_the_cli_says_so_in_one_l
     for fold in range(4):
         subjects = [f"S{i + (fold == 3)}" for i in range(10)]
         fake_ad_run(tmp_path, "film", 0, 0, fold, random_probs(rng, 10), labels, subjects=subjects)
-    with pytest.raises(data.DataError, match="fold0 and .*fold3: their test subjects differ"):
+    with pytest.raises(UserError, match="fold0 and .*fold3: their test subjects differ"):
         evaluate.ad_results(str(tmp_path))
     proc = subprocess.run([sys.executable, "evaluate.py", "ad", "--runs", str(tmp_path)], cwd=HERE,
                           capture_output=True, text=True)
@@ -1029,7 +1057,7 @@ def test_folds_with_other_test_subjects_are_refused_and_the_cli_says_so_in_one_l
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
-# ------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # brain age: the ensemble of the 5 best versions (Sec. 4.2.2), Fig. 4A
 
 def test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae(tmp_path):
@@ -1038,13 +1066,13 @@ def test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae(tm
     val_mae = [5.0, 1.0, 6.0, 2.0, 3.0, 7.0, 4.0]
     preds = {v: age + rng.normal(0, 3, 30) for v in range(7)}
     for v, mae in enumerate(val_mae):
-        fake_brain_age_run(tmp_path, "hyperfusion", v, mae, preds[v], age, sex)
+        fake_brain_age_run(tmp_path, v, mae, preds[v], age, sex)
     for train_sex in ("M", "F"):
-        fake_brain_age_run(tmp_path, f"hyperfusion-train{train_sex}", 0, 1.0, age + 2, age, sex, train_sex=train_sex)
+        fake_brain_age_run(tmp_path, 0, 1.0, age + 2, age, sex, train_sex=train_sex)
     res = evaluate.evaluate_brain_age(str(tmp_path), quiet=True)
     hf = next(m for m in res["models"] if m["folder"] == "hyperfusion")
     assert hf["versions"] == [1, 3, 4, 6, 0]                              # val MAE 1, 2, 3, 4, 5
-    expected = evaluate.regression_metrics(age, np.mean([preds[v] for v in (1, 3, 4, 6, 0)], 0), sex)   # Eq. 6
+    expected = regression_metrics(age, np.mean([preds[v] for v in (1, 3, 4, 6, 0)], 0), sex)   # Eq. 6
     assert hf["metrics"] == pytest.approx(expected)
     assert [r["train"] for r in res["fig4a"]] == ["M", "F"]
     assert [(r["male"], r["female"], r["all"]) for r in res["fig4a"]] == [pytest.approx((2, 2, 2), abs=1e-4)] * 2
@@ -1052,7 +1080,7 @@ def test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae(tm
     assert "Fig. 4A" in md and "1, 3, 4, 6, 0 of 7" in md
 
 
-# ------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # run-protocol: trains only what is missing
 
 def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_trains_the_rest(tmp_path, monkeypatch, capsys):
@@ -1060,7 +1088,7 @@ def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_trains_the_
     labels = rng.integers(0, 3, 12)
     fake_ad_run(tmp_path, "hyperfusion", 0, 0, 0, random_probs(rng, 12), labels)       # finished
     fake_ad_run(tmp_path, "hyperfusion", 0, 0, 1, random_probs(rng, 12), labels)       # finished
-    interrupted = evaluate.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 2)
+    interrupted = training.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 2)
     os.makedirs(interrupted)
     open(os.path.join(interrupted, "last.pt"), "w").close()                              # no metrics.json
     calls = []
@@ -1087,14 +1115,12 @@ def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_trains_the_
     assert {(a["model"], a["epochs"]) for a in calls} == {("tabular", 50), ("imaging", 2)}   # the MLP gets its own
 
 
-# ------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # sweep (Sec. 1: adjusted at test time) and select-layers, on tiny cohorts with untrained models
 
-def test_brain_age_sweep_reads_every_test_scan_as_male_and_as_female(ba_cohort, tmp_path):
-    from layers import init_hyperlayers
-    from models import build_model
+def test_brain_age_sweep_reads_every_test_scan_as_male_and_as_female(brain_age_cohort20, tmp_path):
     torch.manual_seed(0)
-    shape = data.BRAIN_AGE_SYNTH["shape"]
+    shape = synthetic.BRAIN_AGE_SYNTH["shape"]
     results = {}
     for name in ("hyperfusion", "imaging"):
         model = build_model("brain-age", name, image_shape=shape)
@@ -1102,11 +1128,13 @@ def test_brain_age_sweep_reads_every_test_scan_as_male_and_as_female(ba_cohort, 
             for layer in model.linears:
                 getattr(model, layer).hypernet.embedding.weight.data = torch.tensor([[1.0, 2.0]])
             init_hyperlayers(model, torch.eye(2)[torch.arange(10) % 2])
-        cfg = {"task": "brain-age", "model": name, "data_csv": str(ba_cohort), "image_dir": None, "split_seed": 0,
-               "cache_dir": str(tmp_path / "cache"), "cache_dtype": "float32", "image_shape": list(shape),
-               "embedding_dim": 1}
+        run = RunConfig(task="brain-age", model=name, version=0, split_seed=0, embedding_dim=1, train_sex="all",
+                        data_csv=str(brain_age_cohort20), cache_dir=str(tmp_path / "cache"), cache_dtype="float32",
+                        **SCHEDULE)
         path = tmp_path / f"{name}.pt"
-        torch.save({"model": model.state_dict(), "config": cfg, "epoch": 0, "age_centre": 50.0}, path)
+        training.save_checkpoint({"model": model.state_dict(), "run": dataclasses.asdict(run), "epoch": 0,
+                                  "inputs": {"n_tabular": 2, "image_shape": list(shape)},
+                                  "target": {"centre": 50.0, "scale": 10.0}}, path)
         results[name] = evaluate.main(["sweep", str(path), "--attribute", "Sex", "--values", "M", "F"])
     hf, im = results["hyperfusion"]["summary"], results["imaging"]["summary"]
     assert [s["value"] for s in hf] == [None, "M", "F"]
@@ -1116,28 +1144,85 @@ def test_brain_age_sweep_reads_every_test_scan_as_male_and_as_female(ba_cohort, 
 
 
 def test_ad_sweep_changes_the_tabular_attribute_of_every_test_row(ad_cohort40, tmp_path):
-    from models import build_model
     table = data.read_ad_table(ad_cohort40)
     train_idx, _, test_idx = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 0)
-    prep = data.TabularPreprocessor().fit([table.raw[i] for i in train_idx])
+    prep = TabularPreprocessor().fit([table.raw[i] for i in train_idx])
     torch.manual_seed(0)
     model = build_model("ad", "hyperfusion", n_tabular=prep.n_features)
-    cfg = {"task": "ad", "model": "hyperfusion", "data_csv": str(ad_cohort40), "image_dir": None, "classes": 3,
-           "split_seed": 0, "fold": 0, "crops": None, "cache_dir": str(tmp_path / "cache"), "cache_dtype": "float16",
-           "n_tabular": prep.n_features, "tabular_columns": prep.columns, "class_names": NAMES}
+    run = RunConfig(task="ad", model="hyperfusion", version=0, split_seed=0, fold=0, classes=3, loss="wce",
+                    data_csv=str(ad_cohort40), cache_dir=str(tmp_path / "cache"), **SCHEDULE)
+    crops = data.load_crops(None, ad_cohort40)
+    save_run_checkpoint(tmp_path, run, {"n_tabular": prep.n_features, "tabular_columns": prep.columns,
+                                        "class_names": NAMES, "crops": crops.as_dict()}, model,
+                        tabular=prep.state_dict())
     path = tmp_path / "best.pt"
-    torch.save({"model": model.state_dict(), "config": cfg, "epoch": 0, "tabular": prep.state_dict()}, path)
     res = evaluate.sweep(str(path), "abeta", ["200", "1700"])
     assert res["attribute"] == "ABETA" and len(res["rows"]) == 3 and res["rows"][0][1] == len(test_idx)
     p = [np.array(s["mean_probs"]) for s in res["summary"]]
     assert all(np.isclose(q.sum(), 1) for q in p) and not np.allclose(p[1], p[2], atol=1e-6)
-    with pytest.raises(data.DataError, match="not a tabular attribute"):
+    with pytest.raises(UserError, match="not a tabular attribute"):
         evaluate.sweep(str(path), "MMSE", ["30"])
 
 
-def test_select_layers_scores_every_candidate_layer(ba_cohort):
-    from models import build_model, candidate_layers
-    scores = evaluate.select_layers("brain-age", data_csv=str(ba_cohort), samples=2, draws=2)
-    expected = candidate_layers(build_model("brain-age", "imaging", image_shape=data.BRAIN_AGE_SYNTH["shape"]))
+def test_select_layers_scores_every_candidate_layer(brain_age_cohort20):
+    scores = evaluate.select_layers("brain-age", data_csv=str(brain_age_cohort20), samples=2, draws=2)
+    expected = candidate_layers(build_model("brain-age", "imaging", image_shape=synthetic.BRAIN_AGE_SYNTH["shape"]))
     assert sorted(n for n, _ in scores) == sorted(expected)
     assert [h for _, h in scores] == sorted((h for _, h in scores), reverse=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The code's shape: one job per file, imports that form a tree
+
+SOURCES = sorted(f for f in os.listdir(HERE) if f.endswith(".py"))
+
+
+def _project_imports(tree, modules):
+    """(module, imported name or None, inside a function?) for every import of a project module."""
+    inside = {id(n) for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for n in ast.walk(fn)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            pairs = [(a.name.split(".")[0], None) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            pairs = [(node.module.split(".")[0], a.name) for a in node.names]
+        else:
+            continue
+        for module, name in pairs:
+            if module in modules:
+                yield module, name, id(node) in inside
+
+
+def test_imports_form_a_tree_with_no_circles_and_no_private_names():
+    modules = {f[:-3] for f in SOURCES}
+    graph = {}
+    for f in SOURCES:
+        tree = ast.parse(open(os.path.join(HERE, f)).read(), f)
+        graph[f[:-3]] = set()
+        for module, name, in_function in _project_imports(tree, modules):
+            graph[f[:-3]].add(module)
+            assert not in_function, f"{f} imports {module} inside a function"
+            assert not (name or "").startswith("_"), f"{f} imports {module}.{name}"
+        for node in ast.walk(tree):  # module._name is a private name too
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules:
+                assert not (node.attr.startswith("_") and not node.attr.startswith("__")), \
+                    f"{f} uses {node.value.id}.{node.attr}"
+    assert graph["layers"] == set()                        # copy-pasteable: imports nothing but torch
+    assert "train_ad" not in graph["train_brain_age"]
+
+    def visit(module, path):
+        assert module not in path, "import circle: " + " -> ".join(path + [module])
+        for dep in graph[module]:
+            visit(dep, path + [module])
+
+    for module in graph:
+        visit(module, [])
+
+
+def test_every_source_file_names_its_one_job_and_fits_one_sitting():
+    for f in SOURCES:
+        text = open(os.path.join(HERE, f)).read()
+        doc = ast.get_docstring(ast.parse(text))
+        assert doc and doc.splitlines()[0].strip(), f"{f}: no docstring naming its job"
+        if not f.startswith("test_"):
+            assert len(text.splitlines()) <= 700, f"{f}: {len(text.splitlines())} lines"

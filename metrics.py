@@ -1,0 +1,71 @@
+"""What a number means, everywhere: the metrics (Eq. 9-10) and the ensembles (Eq. 6-8) of Sec. 3.4 and 4.3.6.
+
+Training (validation every epoch), evaluation (the tables) and prediction all call these, so a
+balanced accuracy or an MAE is computed one way only.
+"""
+import numpy as np
+from sklearn.metrics import confusion_matrix, f1_score, precision_score, roc_auc_score
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+def classification_metrics(labels, probs, class_names):
+    """labels (N,) ints, probs (N, C) soft predictions -> the metrics of Sec. 4.3.6.
+
+    balanced_accuracy is Eq. 9 (mean per-class recall), precision is Eq. 10 (macro precision),
+    then macro F1, macro one-vs-rest AUC (NaN when a class is absent from labels), the per-class
+    TP rate and the confusion matrix (rows: true class, columns: predicted class)."""
+    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+    n_classes = len(class_names)
+    pred = probs.argmax(1)
+    cm = confusion_matrix(labels, pred, labels=list(range(n_classes)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tp_rate = np.diag(cm) / cm.sum(1)
+    present = np.unique(labels)
+    if len(present) == n_classes and n_classes > 1:
+        auc = (roc_auc_score(labels, probs[:, 1]) if n_classes == 2 else
+               roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=list(range(n_classes))))
+    else:
+        auc = float("nan")
+    return {
+        "balanced_accuracy": float(np.nanmean(tp_rate)),                                   # Eq. 9
+        "precision": float(precision_score(labels, pred, labels=list(range(n_classes)), average="macro",
+                                           zero_division=0)),                              # Eq. 10
+        "f1_macro": float(f1_score(labels, pred, labels=list(range(n_classes)), average="macro", zero_division=0)),
+        "auc_macro": float(auc),
+        "tp_rate": {c: float(r) for c, r in zip(class_names, tp_rate)},
+        "confusion_matrix": cm.tolist(),
+        "n": int(len(labels)),
+    }
+
+
+def regression_metrics(target, pred, sex):
+    """Brain age (Sec. 4.2.2): MAE overall, on males (sex 0) and on females (sex 1)."""
+    target, pred, sex = np.asarray(target, float), np.asarray(pred, float), np.asarray(sex)
+    err = np.abs(pred - target)
+    mean = lambda e: float(e.mean()) if len(e) else float("nan")
+    return {"mae": mean(err), "mae_male": mean(err[sex == 0]), "mae_female": mean(err[sex == 1]), "n": int(len(err))}
+
+
+# ----------------------------------------------------------------------------------------------
+# Ensembles (Sec. 3.4)
+
+def mean_ensemble(preds):
+    """Eq. 6: the plain average of K regressors' predictions, (K, B) -> (B,)."""
+    return np.asarray(preds, dtype=np.float64).mean(0)
+
+
+def entropy(p, axis=-1, eps=1e-12):
+    """H(p) = -sum_c p_c log p_c."""
+    p = np.asarray(p, dtype=np.float64)
+    return -(p * np.log(np.clip(p, eps, 1.0))).sum(axis)
+
+
+def entropy_weighted_ensemble(probs, eps=1e-12):
+    """Eq. 7-8: per sample, p = sum_k alpha_k p_k with alpha_k proportional to 1 / H(p_k), so a
+    confident (low-entropy) member weighs more. probs (K, B, C) -> (B, C)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    inv_h = 1.0 / np.maximum(entropy(probs), eps)          # (K, B)
+    alpha = inv_h / inv_h.sum(0, keepdims=True)            # Eq. 8
+    return (alpha[..., None] * probs).sum(0)               # Eq. 7

@@ -1,0 +1,105 @@
+"""A finished run read back: what defined it, its trained model, and the saved state it predicts with.
+
+Evaluation (the tables), the test-time sweep and prediction all go through load_run, so a run is
+always replayed with its own state: the tabular preprocessing with its imputation (Sec. 3.3), the
+hippocampus boxes, the image shape and the brain-age target scale, all stored in its checkpoint.
+"""
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from data import CLASS_NAMES, HippocampusCrops
+from models import AgeTarget
+from safeio import UserError
+from tabular import TabularPreprocessor
+from training import RunConfig, load_checkpoint
+
+
+def finished(run_dir):
+    """A run is finished when its metrics.json exists (written last, atomically, by the training scripts)."""
+    return os.path.isfile(os.path.join(run_dir, "metrics.json"))
+
+
+@dataclass
+class FinishedRun:
+    """One trained run: its folder, its best.pt, the RunConfig and data facts (`inputs`) stored there."""
+    dir: str
+    checkpoint_path: str
+    checkpoint: dict
+    run: RunConfig
+    inputs: dict
+
+    @property
+    def config(self):
+        """Run options and data facts in one flat dict, for comparing runs before they are ensembled."""
+        return {**dataclasses.asdict(self.run), **self.inputs}
+
+    @property
+    def class_names(self):
+        return list(self.inputs.get("class_names") or CLASS_NAMES[:self.run.classes or 3])
+
+    @property
+    def tabular(self):
+        """AD: the TabularPreprocessor fitted on the run's training rows; brain age: None."""
+        state = self.checkpoint.get("tabular")
+        return TabularPreprocessor(state=state) if state is not None else None
+
+    @property
+    def crops(self):
+        """AD image models: the hippocampus boxes the run was trained with; otherwise None."""
+        boxes = self.inputs.get("crops")
+        return HippocampusCrops(**boxes) if boxes else None
+
+    @property
+    def target(self):
+        """Brain age: the AgeTarget that turns the network's output into years; AD: None."""
+        t = self.checkpoint.get("target")
+        return AgeTarget(**t) if t is not None else None
+
+    def model(self, device="cpu"):
+        """The trained network, in eval mode on `device`."""
+        model = self.run.build_model(self.inputs)
+        try:
+            model.load_state_dict(self.checkpoint["model"])
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[1:2] or [str(exc)]
+            raise UserError(f"{self.checkpoint_path}: the weights do not fit the {self.run.model} model "
+                            f"({first[0].strip()})") from None
+        return model.to(device).eval()
+
+    def read_metrics(self):
+        path = os.path.join(self.dir, "metrics.json")
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+
+    def read_predictions(self):
+        """predictions.npz: the test subjects and the run's soft predictions (AD) or ages (brain age)."""
+        path = os.path.join(self.dir, "predictions.npz")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                pred = {k: npz[k] for k in npz.files}
+        except Exception as exc:  # missing, truncated, not a zip, pickled objects
+            raise UserError(f"{path}: missing or unreadable test predictions ({type(exc).__name__})") from None
+        if "subjects" not in pred or not ({"probs", "labels"} <= set(pred) or {"pred", "age", "sex"} <= set(pred)):
+            raise UserError(f"{path}: not the test predictions of a training run (arrays: {', '.join(pred)})")
+        return pred
+
+
+def load_run(path, expected=None):
+    """A run folder, or a checkpoint file in one, -> FinishedRun (best.pt unless a file is named).
+    `expected` ({key: value}, see training.identity) refuses a run that is not the one asked for."""
+    path = os.fspath(path)
+    checkpoint_path = path if os.path.isfile(path) else os.path.join(path, "best.pt")
+    ckpt = load_checkpoint(checkpoint_path, expected)
+    try:
+        run = RunConfig(**ckpt["run"])
+    except TypeError as exc:
+        raise UserError(f"{checkpoint_path}: not a run description this code knows ({exc})") from None
+    folder = os.path.dirname(path) if os.path.isfile(path) else path
+    return FinishedRun(folder, checkpoint_path, ckpt, run, dict(ckpt["inputs"]))

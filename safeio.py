@@ -1,0 +1,72 @@
+"""What every script promises at its edges: bad input stops with one `error:` line, and no file is half-written.
+
+    UserError    bad input or a bad request from the user (a table, an image, an option, a run folder);
+                 its message is one line naming the file, row, column or option
+    run_cli      a script's __main__: UserError / OSError -> `error: <one line>` on stderr, exit status 2
+    atomic_path  write to a temporary name beside the target, rename onto it only when complete
+    write_json, write_csv, write_text   the three atomic writers the scripts use
+"""
+import contextlib
+import csv
+import json
+import os
+import sys
+import uuid
+
+
+class UserError(ValueError):
+    """Bad input or a bad request from the user. The message is one line naming the culprit."""
+
+
+def run_cli(main, argv=None):
+    """Run `main(argv)`; a UserError or OSError becomes `error: <one line>` on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except (UserError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.filename:
+            msg = f"{exc.filename}: {exc.strerror or exc}"
+        else:
+            msg = str(exc)
+        print("error: " + " ".join(msg.split()), file=sys.stderr)
+        sys.exit(2)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path next to `path`; os.replace it onto `path` on success, delete it on error.
+
+    The temporary name ends with the final basename, so extension-sniffing writers (nibabel's
+    `.nii.gz`, np.save's `.npy`) behave as for the real name. Readers never see a partial file.
+    """
+    path = os.fspath(path)
+    d, base = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex[:12]}-{base}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_json(obj, path):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def write_csv(rows, columns, path):
+    """rows: dicts keyed by column (DictWriter) or lists in column order."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        if rows and isinstance(rows[0], dict):
+            w = csv.DictWriter(f, fieldnames=list(columns))
+            w.writeheader()
+        else:
+            w = csv.writer(f)
+            w.writerow(columns)
+        w.writerows(rows)
+
+
+def write_text(text, path):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)

@@ -1,0 +1,279 @@
+"""The built-in synthetic cohorts (SPEC §4): brain-like MRIs and tables written in the real on-disk format.
+
+No ADNI or UK Biobank access is needed to run anything: each task has a generator that writes one
+NIfTI per subject plus the CSV table (and, for AD, crops.json), so the real loading path of data.py
+is the one the demos and tests exercise. Deterministic for a seed. Results on these cohorts are
+sanity checks of the code, not clinical results.
+
+    python synthetic.py ad --out DIR [--n N] [--seed S]
+    python synthetic.py brain-age --out DIR [--n N] [--seed S]
+
+The training scripts generate the default cohort on first use (builtin_cohort).
+"""
+import argparse
+import contextlib
+import math
+import os
+import shutil
+import time
+import uuid
+
+import numpy as np
+from scipy import ndimage
+
+from data import CLASS_NAMES, HippocampusCrops, save_nifti
+from safeio import UserError, run_cli, write_csv, write_json
+from tabular import AD_ATTRIBUTES
+
+# ----------------------------------------------------------------------------------------------
+# The generative model
+#
+# Every image is a skull-stripped, brain-like volume: an ellipsoidal brain
+# with an outer CSF shell, a folded cortex (GM), white matter, deep GM, two lateral ventricles
+# and two hippocampi (GM) sitting in CSF pockets (temporal horns); intensities CSF < GM < WM as
+# in T1, a smooth multiplicative bias field, Gaussian noise, then z-scoring over brain voxels.
+# AD: hippocampal volume = sex baseline (women smaller) x age decline x (1 - diagnosis atrophy,
+# CN < MCI < AD, stronger in women) x noise, left and right a little different. The image alone
+# is ambiguous (a small hippocampus may be an old woman's or an AD patient's); age and sex
+# disambiguate it, so conditioning helps. Ventricles and outer CSF grow with age and diagnosis.
+# The table: CSF (ABETA low in AD, PTAU/TAU high) and PET (FDG low, AV45 high) depend on the
+# diagnosis only, with large noise, assay censoring and ~50% missingness (more for CN); APOE4
+# is more frequent in AD. So each modality holds diagnosis information the other lacks.
+# Brain age: an atrophy index grows after 20 and faster after 40, faster in men, plus a
+# per-subject "brain age gap" (wider in men, cf. Sec. 4.2.6); it drives ventricle size, outer CSF,
+# cortical thinning and hippocampal shrinkage. Sex changes the slope, so sex-aware reading of the image helps.
+
+AD_SYNTH = {
+    "class_fraction": {"CN": 740 / 2120, "MCI": 1015 / 2120, "AD": 365 / 2120},   # Table 2
+    "age_mean_sd": {"CN": (72.2, 6.8), "MCI": (72.8, 7.6), "AD": (75.1, 7.8)},   # Table 2
+    "male_fraction": {"CN": 309 / 740, "MCI": 569 / 1015, "AD": 198 / 365},       # Table 2
+    "hippo_female_factor": 0.88, "hippo_age_slope": 0.012,
+    "hippo_atrophy": {"CN": 0.0, "MCI": 0.12, "AD": 0.25}, "hippo_atrophy_female_gain": 1.15,
+    "hippo_noise_sd": 0.05,
+    "apoe4_probs": {"CN": (0.72, 0.25, 0.03), "MCI": (0.5, 0.4, 0.1), "AD": (0.33, 0.47, 0.2)},
+    # attribute: (mean CN, MCI, AD), (sd CN, MCI, AD), assay range or None, decimals
+    "biomarkers": {"ABETA": ((1200, 950, 650), (400, 400, 260), (200, 1700), 1),
+                   "PTAU": ((21, 26, 36), (8, 12, 14), (8, 120), 2),
+                   "TAU": ((230, 280, 370), (80, 110, 130), (80, 1300), 1),
+                   "FDG": ((6.5, 6.2, 5.4), (0.5, 0.6, 0.7), None, 3),
+                   "AV45": ((1.1, 1.2, 1.4), (0.15, 0.2, 0.2), None, 3)},
+    "missing_prob": {"CSF": (0.6, 0.45, 0.45), "FDG": (0.55, 0.45, 0.4), "AV45": (0.55, 0.45, 0.45)},
+    "shape": (48, 60, 48), "spacing_mm": 2.67, "crop_size": (24, 36, 24),
+}
+BRAIN_AGE_SYNTH = {"age_range": (8, 90), "shape": (40, 48, 40), "spacing_mm": 4.0,
+                   "atrophy_slope_after_40": {"M": 0.6, "F": 0.35}, "brain_age_gap_sd": {"M": 0.08, "F": 0.06}}
+HIPPO_CENTRE = (0.36, -0.12, -0.32)  # normalised (|x|, y, z) of the hippocampi
+
+
+def head_grid(shape):
+    """Normalised coordinates in [-1, 1] per axis and a fixed cortical folding pattern."""
+    u, v, w = np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in shape], indexing="ij")
+    fold = np.sin(9 * np.arctan2(v, u)) * np.sin(7 * np.arctan2(w, np.hypot(u, v)))
+    return u, v, w, fold.astype(np.float32)
+
+
+def _ell(u, v, w, c, r):
+    """Normalised ellipsoid distance (< 1 inside) for centre c and radii r."""
+    return ((u - c[0]) / r[0]) ** 2 + ((v - c[1]) / r[1]) ** 2 + ((w - c[2]) / r[2]) ** 2
+
+
+def render_head(grid, p, rng):
+    """Brain-like float32 volume from anatomy parameters p (see the model above), z-scored in the brain."""
+    u, v, w, fold = grid
+    s = p["scale"]
+    r = np.sqrt(_ell(u, v, w, (0, 0, 0), (0.82 * s, 0.88 * s, 0.78 * s)))         # 1 at the surface
+    brain = r < 1
+    lab = np.where(brain, 3, 0).astype(np.uint8)                                  # 0 bg 1 CSF 2 GM 3 WM 4 hippo
+    lab[brain & (r > 1 - p["csf"] - p["cortex"] * (1 + 0.35 * fold))] = 2
+    lab[brain & (r > 1 - p["csf"])] = 1
+    au = np.abs(u)
+    lab[_ell(au, v, w, (0.12 * s, -0.2 * s, -0.02), (0.09 * s, 0.12 * s, 0.1 * s)) < 1] = 2   # deep GM
+    vs = p["vent"]
+    lab[_ell(au, v, w, (0.12 * s, -0.03, 0.12 * s), (0.07 * s * vs, 0.3 * s * vs ** 0.5, 0.1 * s * vs)) < 1] = 1
+    for side, f in ((-1, p["hippo_left"]), (1, p["hippo_right"])):
+        c = (side * HIPPO_CENTRE[0] * s, HIPPO_CENTRE[1] * s, HIPPO_CENTRE[2] * s)
+        lab[_ell(u, v, w, c, (0.14 * s, 0.3 * s, 0.13 * s)) < 1] = 1                # CSF pocket
+        k = s * f ** (1 / 3)
+        lab[_ell(u, v, w, c, (0.1 * k, 0.24 * k, 0.09 * k)) < 1] = 4                # hippocampus
+    img = np.array([0.0, 0.15, 0.55, 0.9, 0.6], np.float32)[lab]
+    img = ndimage.gaussian_filter(img, 0.6, truncate=2.0)                          # partial volume
+    b = p["bias"]
+    img *= 1 + b[0] * u + b[1] * v + b[2] * w + b[3] * u * v + b[4] * (w * w - 0.3)  # smooth bias field
+    img += rng.normal(0, p["noise"], img.shape).astype(np.float32)
+    img[~brain] = 0
+    vals = img[brain]
+    img[brain] = (vals - vals.mean()) / vals.std()                                 # Sec. 4.2.3
+    return img
+
+
+def head_anatomy(rng, scale, hippo, vent, csf, cortex):
+    return {"scale": scale, "hippo_left": hippo * math.exp(-0.02 + rng.normal(0, 0.03)),
+            "hippo_right": hippo * math.exp(0.02 + rng.normal(0, 0.03)), "vent": max(vent, 0.5),
+            "csf": float(np.clip(csf, 0.02, 0.2)), "cortex": float(np.clip(cortex, 0.04, 0.2)),
+            "bias": rng.normal(0, 0.06, 5), "noise": 0.04}
+
+
+def synthetic_crops(shape, size):
+    """Boxes centred on the synthetic hippocampi; the right box is the exact mirror of the left."""
+    centre = [(c + 1) / 2 * (n - 1) for c, n in zip((-HIPPO_CENTRE[0],) + HIPPO_CENTRE[1:], shape)]
+    left = [int(np.clip(round(c - d / 2), 0, n - d)) for c, d, n in zip(centre, size, shape)]
+    right = [shape[0] - left[0] - size[0]] + left[1:]
+    return HippocampusCrops(left, right, size)
+
+
+@contextlib.contextmanager
+def _cohort_dir(out_dir):
+    """Build a cohort in a hidden sibling folder and move it onto out_dir only when complete.
+
+    out_dir may be absent, empty, or an earlier synthetic cohort (has cohort.json; replaced);
+    anything else is refused, so nothing of the user's is deleted and no half cohort is left.
+    """
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and (not os.listdir(out_dir)
+                                        or os.path.isfile(os.path.join(out_dir, "cohort.json")))):
+        raise UserError(f"{out_dir}: exists and is not an empty folder or a synthetic cohort; choose another --out")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex[:12]}-{os.path.basename(out_dir)}")
+    os.makedirs(os.path.join(tmp, "images"))
+    try:
+        yield tmp
+        old = None
+        if os.path.exists(out_dir):
+            old = tmp + ".old"
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _class_counts(n, fractions):
+    """Largest-remainder rounding of n * fractions, at least one per class."""
+    f = np.array(fractions)
+    c = np.floor(n * f).astype(int)
+    c[np.argsort(-(n * f - c))[: n - c.sum()]] += 1
+    return np.maximum(c, 1)
+
+
+def _fmt_censored(v, rng_limits, decimals):
+    if rng_limits is not None and v >= rng_limits[1]:
+        return f">{rng_limits[1]}"
+    if rng_limits is not None and v <= rng_limits[0]:
+        return f"<{rng_limits[0]}"
+    return f"{v:.{decimals}f}"
+
+
+def make_synthetic_ad(out_dir, n=360, seed=0, verbose=False):
+    """Write a synthetic AD cohort (ad.csv, images/<Subject>.nii.gz, crops.json, cohort.json) -> csv path."""
+    P = AD_SYNTH
+    if n < 10:
+        raise UserError(f"--n must be at least 10 for an AD cohort (got {n})")
+    rng = np.random.default_rng(seed)
+    counts = _class_counts(n, [P["class_fraction"][c] for c in CLASS_NAMES])
+    groups = rng.permutation(np.repeat(np.arange(3), counts))
+    shape, crops, grid = P["shape"], synthetic_crops(P["shape"], P["crop_size"]), head_grid(P["shape"])
+    t0 = time.time()
+    with _cohort_dir(out_dir) as tmp:
+        rows = []
+        for i, g in enumerate(groups):
+            dx = CLASS_NAMES[g]
+            male = rng.random() < P["male_fraction"][dx]
+            age = float(np.clip(rng.normal(*P["age_mean_sd"][dx]), 55, 92))
+            atrophy = P["hippo_atrophy"][dx] * (1 if male else P["hippo_atrophy_female_gain"])
+            hippo = ((1 if male else P["hippo_female_factor"]) * (1 - P["hippo_age_slope"] * (age - 73))
+                     * (1 - atrophy) * math.exp(rng.normal(0, P["hippo_noise_sd"])))
+            anat = head_anatomy(rng, (1.0 if male else 0.96) * math.exp(rng.normal(0, 0.02)), hippo,
+                            vent=1 + 0.025 * (age - 73) + (0, 0.1, 0.25)[g] + rng.normal(0, 0.08),
+                            csf=0.06 + 0.002 * (age - 73) + 0.01 * g, cortex=0.12 - 0.001 * (age - 73) - 0.008 * g)
+            subj = f"SYN{i + 1:05d}"
+            save_nifti(render_head(grid, anat, rng), P["spacing_mm"], os.path.join(tmp, "images", f"{subj}.nii.gz"))
+            row = {"Subject": subj, "Group": dx, "AGE": f"{age:.1f}", "PTGENDER": "Male" if male else "Female",
+                   "PTEDUCAT": str(int(np.clip(round(rng.normal(16.2 - 0.6 * (g == 2), 2.8)), 6, 20))),
+                   "APOE4": str(int(rng.choice(3, p=P["apoe4_probs"][dx])))}
+            miss = {k: rng.random() < p[g] for k, p in P["missing_prob"].items()}
+            for col, (mu, sd, lim, dec) in P["biomarkers"].items():
+                v = rng.normal(mu[g], sd[g])
+                gone = miss["CSF"] if col in ("ABETA", "PTAU", "TAU") else miss[col]
+                row[col] = "" if gone else _fmt_censored(max(v, 0.01), lim, dec)
+            rows.append(row)
+            if verbose and (i + 1) % 100 == 0:
+                print(f"synth-ad: {i + 1}/{n} subjects, {time.time() - t0:.0f} s", flush=True)
+        write_csv(rows, ["Subject", "Group"] + list(AD_ATTRIBUTES), os.path.join(tmp, "ad.csv"))
+        crops.save(os.path.join(tmp, "crops.json"))
+        write_json({"task": "ad", "n": int(n), "seed": int(seed), "image_shape": list(shape),
+                    "spacing_mm": P["spacing_mm"], "crops": "crops.json", "class_counts":
+                    dict(zip(CLASS_NAMES, map(int, counts))), "generator": P}, os.path.join(tmp, "cohort.json"))
+    return os.path.join(os.path.abspath(out_dir), "ad.csv")
+
+
+def make_synthetic_brain_age(out_dir, n=400, seed=0, verbose=False):
+    """Write a synthetic brain-age cohort (brain_age.csv with an `image` column, images/, cohort.json) -> csv path."""
+    P = BRAIN_AGE_SYNTH
+    if n < 10:
+        raise UserError(f"--n must be at least 10 for a brain-age cohort (got {n})")
+    rng = np.random.default_rng(seed)
+    grid, t0 = head_grid(P["shape"]), time.time()
+    with _cohort_dir(out_dir) as tmp:
+        rows = []
+        for i in range(n):
+            male = bool(rng.random() < 0.5)
+            lo, hi = P["age_range"]  # a mix: uniform over the life span and a UK-Biobank-like bump at ~63
+            age = float(rng.uniform(lo, hi) if rng.random() < 0.4 else np.clip(rng.normal(63, 8), lo, hi))
+            sx = "M" if male else "F"
+            a = (0.25 * max(age - 20, 0) / 50 + P["atrophy_slope_after_40"][sx] * max(age - 40, 0) ** 2 / 2500
+                 + rng.normal(0, P["brain_age_gap_sd"][sx]))                      # atrophy index
+            scale = (1.0 if male else 0.95) * (0.92 + 0.08 * min(age, 14) / 14) * math.exp(rng.normal(0, 0.02))
+            anat = head_anatomy(rng, scale, hippo=max(1 - 0.3 * a, 0.3), vent=0.8 + 1.2 * a, csf=0.04 + 0.08 * a,
+                            cortex=0.15 - 0.02 * (min(age, 20) - 8) / 12 - 0.05 * a)
+            subj = f"BA{i + 1:05d}"
+            save_nifti(render_head(grid, anat, rng), P["spacing_mm"], os.path.join(tmp, "images", f"{subj}.nii.gz"))
+            rows.append({"Subject": subj, "Age": f"{age:.1f}", "Sex": "M" if male else "F",
+                         "image": f"images/{subj}.nii.gz"})
+            if verbose and (i + 1) % 100 == 0:
+                print(f"synth-brain-age: {i + 1}/{n} subjects, {time.time() - t0:.0f} s", flush=True)
+        write_csv(rows, ["Subject", "Age", "Sex", "image"], os.path.join(tmp, "brain_age.csv"))
+        write_json({"task": "brain_age", "n": int(n), "seed": int(seed), "image_shape": list(P["shape"]),
+                    "spacing_mm": P["spacing_mm"], "generator": P}, os.path.join(tmp, "cohort.json"))
+    return os.path.join(os.path.abspath(out_dir), "brain_age.csv")
+
+
+# ----------------------------------------------------------------------------------------------
+# The built-in cohorts and the command line
+
+BUILTIN = {"ad": ("synthetic_ad", "ad.csv", make_synthetic_ad, dict(n=600, seed=0)),
+           "brain-age": ("synthetic_brain_age", "brain_age.csv", make_synthetic_brain_age, dict(n=400, seed=0))}
+
+
+def builtin_cohort(task, data_dir):
+    """The task's built-in demo cohort under data_dir, generated on first use -> its CSV path (absolute)."""
+    folder, name, make, options = BUILTIN[task]
+    csv_path = os.path.abspath(os.path.join(data_dir, folder, name))
+    if not os.path.isfile(csv_path):
+        print(f"generating the synthetic {task} cohort in {os.path.dirname(csv_path)} (first use only) ...",
+              flush=True)
+        t0 = time.time()
+        make(os.path.dirname(csv_path), **options)
+        print(f"generated in {time.time() - t0:.0f} s", flush=True)
+    return csv_path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Write a synthetic cohort in the real on-disk format (SPEC §4).")
+    ap.add_argument("task", choices=sorted(BUILTIN))
+    ap.add_argument("--out", required=True, help="output folder (absent, empty, or an earlier cohort)")
+    ap.add_argument("--n", type=int, help="subjects (default: the built-in cohort's, 600 AD / 400 brain age)")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    t0 = time.time()
+    _, _, make, options = BUILTIN[a.task]
+    n = a.n if a.n is not None else options["n"]
+    path = make(a.out, n, a.seed, verbose=True)
+    P = AD_SYNTH if a.task == "ad" else BRAIN_AGE_SYNTH
+    print(f"wrote {n} subjects to {path}, images {P['shape']} at {P['spacing_mm']} mm"
+          + (f", crops {P['crop_size']}" if a.task == "ad" else "") + f", {time.time() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    run_cli(main)

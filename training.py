@@ -1,0 +1,289 @@
+"""The training machinery both tasks share: what defines a run, where it lives, device and loaders, the loop, checkpoints.
+
+train_ad.py and train_brain_age.py each describe one run of their task (data, model, loss, metric)
+and hand it to `fit`, the hand-written loop of both (Adam with weight decay, Eq. 3). A run is a
+RunConfig: the options that define it, written into every checkpoint with the facts it learned from
+its data (`inputs`: tabular columns, classes, crops, image shape), so that a checkpoint of another
+run is refused and a finished run can be replayed exactly (runs.py).
+"""
+import dataclasses
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models import build_model
+from safeio import UserError, atomic_path, write_csv
+
+SCHEDULE_KEYS = ("epochs", "batch_size", "lr", "weight_decay")
+SCHEDULE_TYPES = {"epochs": int, "batch_size": int, "lr": float, "weight_decay": float}
+# a checkpoint belongs to a run when these match (epochs may grow on --resume; the data may move)
+DATA_KEYS = ("task", "model", "split_seed", "fold", "version", "classes", "n_tabular", "tabular_columns",
+             "embedding_dim", "train_sex")
+IDENTITY_KEYS = DATA_KEYS + ("loss", "batch_size", "lr", "weight_decay")
+
+
+# ----------------------------------------------------------------------------------------------
+# What defines a run, and where it lives
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The options that define one run of either task; fields that belong to the other task are None."""
+    task: str                        # "ad" or "brain-age"
+    model: str
+    version: int                     # the initialisation seed (Sec. 4.3.6 "versions")
+    split_seed: int
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    data_csv: str                    # as given; the built-in synthetic cohort's is absolute
+    image_dir: str = None
+    cache_dir: str = None            # None: data.default_cache_dir(data_csv)
+    cache_dtype: str = "float16"
+    fold: int = None                 # AD: the validation subset, 0..3
+    classes: int = None              # AD: 3, or 2 for CN vs AD (App. B)
+    loss: str = None                 # AD: "wce" (Eq. 5), "ce" or "ce-oversample" (App. C.4)
+    crops: str = None                # AD: crops.json (None: next to the CSV, else the MNI152 boxes)
+    embedding_dim: int = None        # brain age: the sex embedding 2->1 or 2->2
+    train_sex: str = None            # brain age: "all", or Fig. 4A's "M", "F", "mixed"
+
+    def run_dir(self, out):
+        if self.task == "ad":
+            return ad_run_dir(out, self.model, self.split_seed, self.version, self.fold, self.classes == 2)
+        return brain_age_run_dir(out, self.model, self.version, self.embedding_dim, self.train_sex)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def build_model(self, inputs):
+        """The run's network (models.build_model) for the inputs it was trained on."""
+        return build_model(self.task, self.model, image_shape=inputs.get("image_shape"),
+                           n_tabular=inputs["n_tabular"], n_classes=self.classes or 3,
+                           embedding_dim=self.embedding_dim)
+
+
+def ad_run_dir(out, model, split_seed, version, fold, binary=False):
+    """Where one AD run lives: <out>/ad[-binary]/<model>/seed<S>/v<V>/fold<F>."""
+    return os.path.join(out, "ad-binary" if binary else "ad", model, f"seed{split_seed}", f"v{version}", f"fold{fold}")
+
+
+def brain_age_run_dir(out, model, version, embedding_dim=1, train_sex="all"):
+    """Where one brain-age run lives: <out>/brain-age/<model>[-emb2][-train<M|F|mixed>]/v<V>."""
+    folder = model + (f"-emb{embedding_dim}" if embedding_dim not in (None, 1) else "") + \
+        (f"-train{train_sex}" if train_sex not in (None, "all") else "")
+    return os.path.join(out, "brain-age", folder, f"v{version}")
+
+
+def identity(run, inputs, keys=IDENTITY_KEYS):
+    """The values of `keys` that a checkpoint of this run must hold (run options and data facts)."""
+    flat = {**dataclasses.asdict(run), **inputs}
+    return {k: flat.get(k) for k in keys}
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line and schedule
+
+def add_common_arguments(p):
+    """The options both training scripts take (run-defining ones and the session's own)."""
+    p.add_argument("--version", type=int, default=0, help="initialisation seed (Sec. 4.3.6 'versions')")
+    p.add_argument("--data-csv", help="the table; default: the built-in synthetic cohort")
+    p.add_argument("--image-dir", help="folder of <Subject>.nii.gz (default: <csv folder>/images)")
+    p.add_argument("--data-dir", default="data", help="where the synthetic cohort is generated")
+    p.add_argument("--crops", help="crops.json with the hippocampus boxes (default: next to the CSV)")
+    p.add_argument("--cache-dir", help="decoded-image cache (default: <csv folder>/cache)")
+    p.add_argument("--cache-dtype", default="float16", choices=["float16", "float32"])
+    for k in SCHEDULE_KEYS:
+        p.add_argument("--" + k.replace("_", "-"), type=SCHEDULE_TYPES[k], help="default: Table 1, or the demo")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--workers", type=int, default=None, help="loader workers (default: 4 on CUDA, 0 on CPU)")
+    p.add_argument("--out", default="runs")
+    p.add_argument("--resume", action="store_true", help="continue from last.pt")
+    p.add_argument("--quiet", action="store_true", help="print only the final line")
+
+
+def resolve_schedule(args, defaults, name, quiet=False):
+    """Unset schedule options from `defaults` (Table 1 on real data, the demo schedule on synthetic)."""
+    schedule = {k: args[k] if args[k] is not None else defaults[k] for k in SCHEDULE_KEYS}
+    log(f"schedule ({name}): " + ", ".join(f"{k} {schedule[k]}" for k in SCHEDULE_KEYS), quiet)
+    return schedule
+
+
+def log(message, quiet=False):
+    if not quiet:
+        print(message, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Device, randomness, loaders
+
+def setup_device(name):
+    """auto: CUDA when present. On CUDA, cudnn.benchmark (fixed input shapes)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def loader_workers(requested, device):
+    """--workers, else 4 on CUDA (decoding overlaps the GPU) and 0 on CPU (the cores train)."""
+    return requested if requested is not None else (4 if device.type == "cuda" else 0)
+
+
+def autocast(device):
+    """Mixed precision on CUDA, full precision on CPU."""
+    return torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
+
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def make_loader(dataset, batch_size, workers, device, shuffle=False, sampler=None):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
+                                       num_workers=workers, pin_memory=device.type == "cuda",
+                                       drop_last=shuffle and len(dataset) > batch_size,
+                                       persistent_workers=workers > 0)
+
+
+@torch.no_grad()
+def predict(model, loader, device, transform=None):
+    """Every item of a loader through the model in eval mode -> (outputs (N, ...), targets (N,)) as numpy.
+
+    `transform` maps the network's output (softmax for AD, AgeTarget.decode for brain age). An item
+    that holds both hippocampi, image (B, 2, 1, D, H, W), is read as 2B images and the transformed
+    outputs of its two sides are averaged (Sec. 4.3.6)."""
+    model.eval()
+    outputs, targets = [], []
+    for image, tabular, target in loader:
+        tabular = tabular.to(device, non_blocking=True)
+        both = image.dim() == 6
+        if both:
+            B = image.shape[0]
+            image, tabular = image.flatten(0, 1), tabular.repeat_interleave(2, 0)    # (2B, 1, D, H, W)
+        with autocast(device):
+            out = model(image.to(device, non_blocking=True), tabular).float()
+        out = transform(out) if transform is not None else out
+        if both:
+            out = out.view(B, 2, *out.shape[1:]).mean(1)                             # (B, ...)
+        outputs.append(out.cpu())
+        targets.append(target)
+    return torch.cat(outputs).numpy(), torch.cat(targets).numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+def save_checkpoint(obj, path):
+    """Atomic: a temporary file, then a rename, so an interruption never leaves half a checkpoint."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_checkpoint(path, expected=None):
+    """Load a checkpoint of ours; a corrupt file, or one whose identity differs from `expected`
+    ({key: value} of run options and data facts), stops with a clear error."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: checkpoint not found") from None
+    except Exception as exc:
+        raise UserError(f"{path}: corrupt or unreadable checkpoint ({type(exc).__name__}); "
+                        f"delete it to start the run afresh") from None
+    if not isinstance(ckpt, dict) or not {"model", "run", "inputs", "epoch"} <= set(ckpt):
+        raise UserError(f"{path}: not a checkpoint written by this version of the code")
+    if expected:
+        held = {**ckpt["run"], **ckpt["inputs"]}
+        diff = [f"{k}: checkpoint {held.get(k)!r}, now {v!r}" for k, v in expected.items() if held.get(k) != v]
+        if diff:
+            raise UserError(f"{path}: checkpoint belongs to another run ({'; '.join(diff)})")
+    return ckpt
+
+
+def resumable(run_dir, resume):
+    """--resume and a last.pt to resume from."""
+    return resume and os.path.isfile(os.path.join(run_dir, "last.pt"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs, state=None, resume=False,
+        quiet=False, lower_is_better=False):
+    """The hand-written training loop of both tasks.
+
+    Adam with weight decay lambda on every trained parameter, internal and hypernetwork alike
+    (Eq. 3: the generated weights are not parameters, so they are not decayed). Each epoch's
+    randomness (shuffling, dropout, the hippocampus side) is seeded from (version, epoch), so a run
+    resumed from last.pt ends exactly as an uninterrupted one on CPU. Keeps the best epoch by
+    validate(model)[score_key]; writes best.pt and last.pt (each with the run, its data facts `inputs`
+    and the run's saved `state`, such as its tabular preprocessing) and log.csv in run_dir every epoch.
+    -> {"epoch", "score", "metrics"} of the best epoch.
+    """
+    os.makedirs(run_dir, exist_ok=True)
+    device = next(model.parameters()).device
+    opt = torch.optim.Adam(model.parameters(), lr=run.lr, weight_decay=run.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    start, best, history = 0, None, []
+    last_path, best_path = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "best.pt")
+    if resumable(run_dir, resume):
+        ckpt = load_checkpoint(last_path, identity(run, inputs))
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start, best, history = ckpt["epoch"] + 1, ckpt["best"], ckpt["history"]
+        log(f"resuming {last_path} after epoch {start}", quiet)
+    elif resume:
+        log(f"--resume: no {last_path} yet, starting afresh", quiet)
+    header = {"run": dataclasses.asdict(run), "inputs": inputs, **(state or {})}
+    t_start = time.time()
+    for epoch in range(start, run.epochs):
+        t0 = time.time()
+        torch.manual_seed(run.version * 1_000_003 + epoch)
+        model.train()
+        total, n = 0.0, 0
+        for image, tabular, target in train_loader:
+            image = image.to(device, non_blocking=True)
+            tabular, target = tabular.to(device, non_blocking=True), target.to(device, non_blocking=True)
+            with autocast(device):
+                loss = loss_fn(model(image, tabular), target)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"epoch {epoch + 1}: the loss is {loss.item()}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            total, n = total + loss.item() * len(target), n + len(target)
+        metrics = validate(model)
+        score = metrics[score_key]
+        improved = best is None or (score < best["score"] if lower_is_better else score > best["score"])
+        if improved:
+            best = {"epoch": epoch, "score": score, "metrics": metrics}
+        seconds = time.time() - t0
+        history.append({"epoch": epoch + 1, "train_loss": total / max(n, 1), score_key: score, "seconds": seconds,
+                        **{k: v for k, v in metrics.items() if isinstance(v, float) and k != score_key}})
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best,
+                 "history": history, **header}
+        if improved:
+            save_checkpoint(state, best_path)
+        save_checkpoint(state, last_path)
+        write_log(history, os.path.join(run_dir, "log.csv"))
+        left = (time.time() - t_start) / (epoch + 1 - start) * (run.epochs - epoch - 1)
+        log(f"epoch {epoch + 1:3d}/{run.epochs} | train loss {total / max(n, 1):.4f} | "
+            f"val {score_key.replace('balanced_accuracy', 'BA')} {score:.3f}{' *' if improved else '  '} | "
+            f"{seconds:.1f} s | {left / 60:.1f} min left", quiet)
+    if best is None:
+        raise UserError(f"{run_dir}: no epoch was trained (--epochs {run.epochs})")
+    return best
+
+
+def write_log(history, path):
+    write_csv(history, list(dict.fromkeys(k for row in history for k in row)), path)
