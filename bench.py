@@ -145,7 +145,7 @@ def main():
         return
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("\n(a) hyperlayer forward+backward, ms (median); speed-up = naive per-sample loop / batched")
-    print(f"| case | factorised | materialised | naive loop | speed-up factorised | speed-up materialised |")
+    print("| case | factorised | materialised | naive loop | speed-up factorised | speed-up materialised |")
     print("|---|---|---|---|---|---|")
     for r in bench_hyperlayers(args.quick, device):
         print(f"| {r['case']} | {r['factorised']:.1f} | {r['materialised']:.1f} | {r['naive']:.1f} | "

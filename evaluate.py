@@ -514,8 +514,8 @@ def sweep(checkpoint, attribute, values, data_csv=None, image_dir=None, batch_si
             summary.append({"value": value, "mean_pred": float(pred.mean()), "mean_pred_male": mean_sex[0],
                             "mean_pred_female": mean_sex[1], "mae": met["mae"],
                             "change_vs_first": None if diff is None else float(diff.mean())})
-    return {"task": run.task, "model": run.model, "checkpoint": checkpoint, "dir": finished_run.dir, "attribute": attr, "header": header,
-            "rows": rows, "summary": summary}
+    return {"task": run.task, "model": run.model, "checkpoint": checkpoint, "dir": finished_run.dir, "attribute": attr,
+            "header": header, "rows": rows, "summary": summary}
 
 
 def sweep_markdown(res):
@@ -562,7 +562,8 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
                 for v in versions if versions is not None else range(5):
                     argv = ["--model", model, "--version", str(v), "--split-seed", str(split_seeds[0]),
                             "--embedding-dim", str(embedding_dim), "--train-sex", sex] + schedule(model) + common
-                    jobs.append((brain_age_run_dir(runs, model, v, embedding_dim, sex), train_brain_age.brain_age_arguments,
+                    run_dir = brain_age_run_dir(runs, model, v, embedding_dim, sex)
+                    jobs.append((run_dir, train_brain_age.brain_age_arguments,
                                  lambda a: train_brain_age.train_brain_age(a), argv))
     else:
         raise UserError(f"unknown task {task!r}: expected ad or brain-age")

@@ -39,9 +39,9 @@ from scipy import ndimage
 from data import check_subjects, load_nifti, read_csv_rows
 from safeio import UserError, atomic_path, run_cli, write_csv
 
-# -----------------------------------------------------------------------------
-# building blocks
 
+# ----------------------------------------------------------------------------------------------
+# Building blocks
 
 def resample_isotropic(img, spacing, order=1):
     """Resample a nibabel image onto an axis-aligned grid of `spacing` mm covering the same field of view.
@@ -157,9 +157,9 @@ def n4_correct(img, mask=None):
     out = sitk.N4BiasFieldCorrectionImageFilter().Execute(s, sm)
     return nib.Nifti1Image(np.transpose(sitk.GetArrayFromImage(out), (2, 1, 0)).astype(np.float32), img.affine)
 
-# -----------------------------------------------------------------------------
-# the pipeline
 
+# ----------------------------------------------------------------------------------------------
+# The pipeline
 
 def preprocess_volume(img, mask=None, spacing=1.75, shape=(90, 120, 99), n4=False):
     """App. A.1 after skull stripping: nibabel image [+ mask image] -> preprocessed nibabel image.
@@ -209,9 +209,9 @@ def preprocess_file(in_path, out_path, mask_path=None, spacing=1.75, shape=(90, 
     with atomic_path(out_path) as tmp:
         nib.save(out, tmp)
 
-# -----------------------------------------------------------------------------
-# command line
 
+# ----------------------------------------------------------------------------------------------
+# Command line
 
 def _batch(a):
     """Preprocess every row of a table; write DIR/<Subject>.nii.gz and DIR/<table name> pointing at them."""

@@ -1,4 +1,4 @@
-"""The AD tabular record (Sec. 3.3, 4.3.3): attribute names, cell parsing, and the preprocessing fitted on training rows.
+"""The AD tabular record (Sec. 3.3, 4.3.3): attribute names, cell parsing, preprocessing fitted on training rows.
 
 Attributes use ADNIMERGE's column names. A cell is a number, empty (missing), or a censored CSF
 value such as `>1700` / `<8` (read as the assay limit). TabularPreprocessor turns raw rows into the

@@ -1,4 +1,4 @@
-"""The training machinery both tasks share: what defines a run, where it lives, device and loaders, the loop, checkpoints.
+"""The training machinery both tasks share: what defines a run, where it lives, device, loaders, the loop, checkpoints.
 
 train_ad.py and train_brain_age.py each describe one run of their task (data, model, loss, metric)
 and hand it to `fit`, the hand-written loop of both (Adam with weight decay, Eq. 3). A run is a
