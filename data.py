@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from safeio import UserError, atomic_path, run_cli, write_json
-from tabular import AD_ATTRIBUTES, AD_CONTINUOUS, SEX_CODES, TabularPreprocessor, parse_value
+from tabular import AD_ATTRIBUTES, AD_CONTINUOUS, SEX_CODES, parse_value
 
 CLASS_NAMES = ("CN", "MCI", "AD")
 GROUP_ALIASES = {"CN": "CN", "MCI": "MCI", "EMCI": "MCI", "LMCI": "MCI", "AD": "AD", "DEMENTIA": "AD"}
@@ -159,7 +159,7 @@ def _number(csv_path, line, row, col, required):
                         f"not a number: {row.get(col)!r}") from None
     if required and math.isnan(v):
         raise UserError(f"{csv_path} line {line}: subject {row.get('Subject')}: column {col} is empty")
-    if col in ("AGE", "Age") and not 0 <= v <= 120:
+    if col in ("AGE", "Age") and not math.isnan(v) and not 0 <= v <= 120:
         raise UserError(f"{csv_path} line {line}: subject {row.get('Subject')}: column {col}: "
                         f"implausible age {row.get(col)!r}")
     return v
@@ -169,50 +169,87 @@ def _number(csv_path, line, row, col, required):
 class ADTable:
     """The AD cohort as read from the CSV. `raw` rows feed TabularPreprocessor."""
     subjects: list
-    labels: np.ndarray      # (N,) int64, index into CLASS_NAMES (classes=2: CN=0, AD=1)
+    labels: np.ndarray      # (N,) int64, index into class_names; -1 = no diagnosis (prediction tables only)
     raw: list               # (N,) dicts attribute -> cell text, for AD_ATTRIBUTES
-    sex: np.ndarray         # (N,) int64, 0 = male, 1 = female
-    age: np.ndarray         # (N,) float32
+    sex: np.ndarray         # (N,) int64, 0 = male, 1 = female, -1 = unknown (empty cell)
+    age: np.ndarray         # (N,) float32, NaN = unknown (empty cell)
     image_paths: list       # (N,) str, or None when need_images=False
     csv_path: str
     class_names: tuple = CLASS_NAMES
+    skipped: dict = None    # {Group value: rows skipped}, "" for an empty Group
 
 
-def read_ad_table(csv_path, image_dir=None, need_images=True, classes=3):
+def parse_group_map(pairs):
+    """--group-map SMC=CN X=AD -> {"SMC": "CN", "X": "AD"} (keys upper-case; targets must be diagnoses)."""
+    out = {}
+    for p in pairs or ():
+        key, sep, value = p.partition("=")
+        target = GROUP_ALIASES.get(value.strip().upper())
+        if not sep or not key.strip() or target is None:
+            raise UserError(f"--group-map {p}: expected VALUE=DIAGNOSIS with DIAGNOSIS one of CN, MCI, AD")
+        out[key.strip().upper()] = target
+    return out
+
+
+def diagnosis(group, group_map=None):
+    """A Group cell -> "CN", "MCI", "AD" or None (unknown or empty): --group-map first, then the aliases."""
+    g = group.strip().upper()
+    return (group_map or {}).get(g) or GROUP_ALIASES.get(g)
+
+
+def read_ad_table(csv_path, image_dir=None, need_images=True, classes=3, group_map=None, for_prediction=False):
     """Read and validate an ADNIMERGE-like AD table (SPEC Sec. 3, paper Sec. 4.3.1, 4.3.3).
 
+    Only Subject and Group must be filled: any attribute cell may be empty (imputed, Sec. 3.3), AGE
+    and PTGENDER included. Rows whose Group is empty or not a diagnosis (ADNI's SMC, say) are
+    skipped and counted in `skipped`, unless --group-map names them; with classes=2 the MCI rows are
+    left out. for_prediction: Group is optional and no row is left out (label -1 where unknown).
     Line numbers in errors are CSV line numbers (the header is line 1).
     """
     if classes not in (2, 3):
         raise UserError(f"classes must be 2 (CN vs AD) or 3, got {classes}")
-    rows, fields = read_csv_rows(csv_path, ("Subject", "Group") + AD_ATTRIBUTES)
-    keep, labels, sexes, ages = [], [], [], []
+    names = CLASS_NAMES if classes == 3 else ("CN", "AD")
+    required = ("Subject",) + (() if for_prediction else ("Group",)) + AD_ATTRIBUTES
+    rows, fields = read_csv_rows(csv_path, required)
+    keep, labels, sexes, ages, skipped = [], [], [], [], {}
     for line, row in rows:
-        g = GROUP_ALIASES.get(row["Group"].upper())
-        if g is None:
-            raise UserError(f"{csv_path} line {line}: subject {row['Subject']}: column Group: unknown diagnosis "
-                            f"{row['Group']!r} (expected CN, MCI, EMCI, LMCI, AD or Dementia)")
-        sx = SEX_CODES.get(row["PTGENDER"].lower())
+        g = diagnosis(row.get("Group", ""), group_map)
+        if g is None and not for_prediction:
+            skipped[row["Group"]] = skipped.get(row["Group"], 0) + 1
+            continue
+        cell = row["PTGENDER"]
+        sx = SEX_CODES.get(cell.lower(), -1 if not cell else None)
         if sx is None:
             raise UserError(f"{csv_path} line {line}: subject {row['Subject']}: column PTGENDER: "
-                            f"expected Male or Female, got {row['PTGENDER']!r}")
-        age = _number(csv_path, line, row, "AGE", required=True)
+                            f"expected Male or Female, got {cell!r}")
+        age = _number(csv_path, line, row, "AGE", required=False)
         for col in AD_CONTINUOUS[1:]:
             _number(csv_path, line, row, col, required=False)  # validate now, parse in the preprocessor
-        if classes == 2 and g == "MCI":
+        if classes == 2 and g == "MCI" and not for_prediction:
             continue
         keep.append((line, row))
-        labels.append(CLASS_NAMES.index(g) if classes == 3 else int(g == "AD"))
+        labels.append(names.index(g) if g in names else -1)
         sexes.append(sx)
         ages.append(age)
     if not keep:
-        raise UserError(f"{csv_path}: no CN or AD subjects")
+        seen = ", ".join(f"{k or '(empty)'} {n}" for k, n in skipped.items())
+        raise UserError(f"{csv_path}: no {' or '.join(names)} subjects" + (f" (Group values: {seen}; "
+                        f"map them with --group-map VALUE=CN|MCI|AD)" if seen else ""))
     subjects = check_subjects(csv_path, keep)
     paths = _image_paths(csv_path, keep, fields, subjects, image_dir, need_images)
     raw = [{a: row[a] for a in AD_ATTRIBUTES} for _, row in keep]
-    names = CLASS_NAMES if classes == 3 else ("CN", "AD")
     return ADTable(subjects, np.array(labels, np.int64), raw, np.array(sexes, np.int64),
-                   np.array(ages, np.float32), paths, os.fspath(csv_path), names)
+                   np.array(ages, np.float32), paths, os.fspath(csv_path), names, skipped)
+
+
+def skipped_summary(table):
+    """'' or a line saying which Group values were skipped, for the scripts to print."""
+    if not table.skipped:
+        return ""
+    n = sum(table.skipped.values())
+    return (f"{table.csv_path}: skipped {n} row{'s' * (n > 1)} whose Group is not CN, MCI or AD: "
+            + ", ".join(f"{k or '(empty)'} {v}" for k, v in sorted(table.skipped.items()))
+            + " (map them with --group-map VALUE=CN|MCI|AD)")
 
 
 @dataclass
@@ -250,9 +287,14 @@ def sex_onehot(sex):
 # Splits (Sec. 4.3.4, App. C.1; Sec. 4.2.3)
 
 def _bins(age, n_bins):
+    """Equal-width age bins over the known ages; an unknown age (NaN) is a bin of its own (-1), so the
+    split never depends on imputation."""
     age = np.asarray(age, np.float64)
-    edges = np.linspace(age.min(), age.max(), n_bins + 1)[1:-1]
-    return np.digitize(age, edges)
+    known = np.isfinite(age)
+    if not known.any():
+        return np.full(len(age), -1)
+    edges = np.linspace(age[known].min(), age[known].max(), n_bins + 1)[1:-1]
+    return np.where(known, np.digitize(np.where(known, age, 0.0), edges), -1)
 
 
 def _stratified_order(keys, seed):
@@ -267,8 +309,9 @@ def ad_split(sex, labels, age, seed, n_subsets=5, n_age_bins=20):
     """-> (N,) int64 subset id 0..n_subsets-1 per subject (Sec. 4.3.4).
 
     Shuffled with `seed`, then dealt round-robin into the subsets within each (sex, diagnosis,
-    age bin) group; the dealing position carries over from one group to the next, so the
-    subsets differ in size by at most one and keep the joint distribution.
+    age bin) group, an unknown sex or age forming groups of their own; the dealing position carries
+    over from one group to the next, so the subsets differ in size by at most one and keep the
+    joint distribution.
     """
     n = len(labels)
     if n < n_subsets:
@@ -529,10 +572,11 @@ def _check_images(paths, subjects):
     return shape
 
 
-def _missing_summary(raw):
-    _, X = TabularPreprocessor.parse(raw)
-    frac = np.isnan(X).mean(0)
-    return ", ".join(f"{c} {f:.0%}" for c, f in zip(AD_CONTINUOUS, frac) if f > 0) or "none"
+def _empty_cells(raw):
+    """How many cells of each attribute column are empty (missing), with the fraction."""
+    n = len(raw)
+    counts = {a: sum(1 for r in raw if not r[a].strip()) for a in AD_ATTRIBUTES}
+    return ", ".join(f"{a} {c}" + (f" ({c / n:.0%})" if c else "") for a, c in counts.items())
 
 
 def main(argv=None):
@@ -543,16 +587,20 @@ def main(argv=None):
         sp.add_argument("csv")
         sp.add_argument("--image-dir", default=None, help="default: <csv folder>/images")
         sp.add_argument("--no-images", action="store_true", help="check the table only")
+        if name == "check-ad":
+            sp.add_argument("--group-map", nargs="+", metavar="VALUE=DX", help="as in train_ad.py, e.g. SMC=CN")
     a = ap.parse_args(argv)
     if a.cmd == "check-ad":
-        t = read_ad_table(a.csv, a.image_dir, need_images=not a.no_images)
+        t = read_ad_table(a.csv, a.image_dir, need_images=not a.no_images, group_map=parse_group_map(a.group_map))
+        if t.skipped:
+            print(skipped_summary(t))
         shape = _check_images(t.image_paths, t.subjects) if t.image_paths else None
         crops_path = os.path.join(os.path.dirname(os.path.abspath(a.csv)), "crops.json")
         if shape and os.path.isfile(crops_path):
             HippocampusCrops.load(crops_path).check(shape, crops_path)
         counts = ", ".join(f"{c} {int((t.labels == k).sum())}" for k, c in enumerate(CLASS_NAMES))
         print(f"ok: {a.csv}: {len(t.subjects)} subjects ({counts}), {int((t.sex == 0).sum())} male, age "
-              f"{t.age.mean():.1f} +- {t.age.std():.1f}, missing: {_missing_summary(t.raw)}"
+              f"{np.nanmean(t.age):.1f} +- {np.nanstd(t.age):.1f}, empty cells: {_empty_cells(t.raw)}"
               + (f", images {shape}" if shape else ""))
     else:
         t = read_brain_age_table(a.csv, a.image_dir, need_images=not a.no_images)

@@ -432,7 +432,8 @@ def test_set(finished_run, data_csv=None, image_dir=None):
                                    image_dir=image_dir or finished_run.run.image_dir)
     if run.task == "ad":
         image_model = run.model != "tabular"
-        table = data.read_ad_table(run.data_csv, run.image_dir, need_images=image_model, classes=run.classes)
+        table = data.read_ad_table(run.data_csv, run.image_dir, need_images=image_model, classes=run.classes,
+                                   group_map=run.group_map)
         test_idx = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, run.split_seed), run.fold)[2]
     else:
         image_model = True

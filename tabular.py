@@ -44,8 +44,9 @@ class TabularPreprocessor:
 
     Output columns, in order: PTGENDER one-hot (Male, Female); the 8 other attributes z-scored
     with the training mean/std (APOE4 as a number); then one 0/1 indicator per attribute that
-    had missing values in the training rows. Missing values are imputed in z-score space by
-    iterative imputation (Sec. 3.3: each column regressed on the others, in turns).
+    had missing values in the training rows. Missing values, sex included, are imputed by iterative
+    imputation (Sec. 3.3: each column regressed on the others, in turns) over the 8 z-scored
+    attributes and sex as 0 (male) / 1 (female); an imputed sex s in [0, 1] becomes (1 - s, s).
 
     The imputer is fitted with scikit-learn's IterativeImputer (BayesianRidge, its default,
     deterministic: sample_posterior=False), as in the paper and DAFT. What transform needs is
@@ -85,7 +86,7 @@ class TabularPreprocessor:
         return sex, X
 
     def fit(self, raw_rows):
-        _, X = self.parse(raw_rows)
+        sex, X = self.parse(raw_rows)
         if len(X) < 2:
             raise UserError("tabular preprocessing needs at least 2 training rows")
         with warnings.catch_warnings():
@@ -93,7 +94,7 @@ class TabularPreprocessor:
             mean, std = np.nanmean(X, axis=0), np.nanstd(X, axis=0)
         mean = np.where(np.isnan(mean), 0.0, mean)
         std = np.where(~np.isfinite(std) | (std < 1e-12), 1.0, std)
-        Z = (X - mean) / std
+        Z = np.concatenate([(X - mean) / std, sex[:, None]], 1)                  # (N, 8 + 1): attributes, sex
         missing = np.isnan(Z)
         steps, init = [], np.zeros(Z.shape[1])
         if missing.any():
@@ -106,9 +107,10 @@ class TabularPreprocessor:
                 steps.append({"feat": int(t.feat_idx), "neighbors": [int(k) for k in t.neighbor_feat_idx],
                               "coef": [float(c) for c in t.estimator.coef_],
                               "intercept": float(t.estimator.intercept_)})
-        indicators = [AD_CONTINUOUS[j] for j in range(Z.shape[1]) if missing[:, j].any()]
+        imputed = list(AD_CONTINUOUS) + ["PTGENDER"]
+        indicators = [imputed[j] for j in range(Z.shape[1]) if missing[:, j].any()]
         self.state = {
-            "version": 1, "attributes": list(AD_CONTINUOUS),
+            "version": 2, "attributes": list(AD_CONTINUOUS), "imputed": imputed,
             "mean": [float(v) for v in mean], "std": [float(v) for v in std],
             "init": [float(v) for v in init], "steps": steps, "indicators": indicators,
         }
@@ -129,23 +131,22 @@ class TabularPreprocessor:
         return self.state
 
     def transform(self, raw_rows):
-        """raw rows -> (N, n_features) float32, no NaN."""
+        """raw rows -> (N, n_features) float32, no NaN. Each row is transformed on its own."""
         s = self._state()
         sex, X = self.parse(raw_rows)
-        Z = (X - np.array(s["mean"])) / np.array(s["std"])                         # (N, 8)
+        Z = np.concatenate([(X - np.array(s["mean"])) / np.array(s["std"]), sex[:, None]], 1)   # (N, 9)
         missing = np.isnan(Z)
         Z = np.where(missing, np.array(s["init"])[None, :], Z)                    # initial (mean) fill
-        if missing.any() and not missing.all():                                   # as IterativeImputer
+        if missing.any():                                                         # as IterativeImputer
             for st in s["steps"]:
                 rows = missing[:, st["feat"]]
                 if rows.any():
                     Z[rows, st["feat"]] = Z[rows][:, st["neighbors"]] @ np.array(st["coef"]) + st["intercept"]
-        onehot = np.zeros((len(sex), 2))
-        ok = ~np.isnan(sex)
-        onehot[ok, sex[ok].astype(int)] = 1.0                                    # missing sex -> (0, 0)
-        ind = np.stack([missing[:, s["attributes"].index(a)] for a in s["indicators"]], 1) \
+        female = np.clip(Z[:, -1], 0.0, 1.0)                                      # imputed sex in [0, 1]
+        onehot = np.stack([1.0 - female, female], 1)
+        ind = np.stack([missing[:, s["imputed"].index(a)] for a in s["indicators"]], 1) \
             if s["indicators"] else np.zeros((len(sex), 0))
-        return np.concatenate([onehot, Z, ind.astype(np.float64)], 1).astype(np.float32)
+        return np.concatenate([onehot, Z[:, :-1], ind.astype(np.float64)], 1).astype(np.float32)
 
     def fit_transform(self, raw_rows):
         return self.fit(raw_rows).transform(raw_rows)
@@ -154,7 +155,8 @@ class TabularPreprocessor:
         return json.loads(json.dumps(self._state()))  # a deep copy of plain numbers, lists and str
 
     def load_state_dict(self, state):
-        if not isinstance(state, dict) or state.get("version") != 1 or "steps" not in state:
-            raise UserError("tabular preprocessor state is not a version-1 TabularPreprocessor state")
+        if not isinstance(state, dict) or state.get("version") != 2 or "steps" not in state:
+            raise UserError("tabular preprocessor state is not a version-2 TabularPreprocessor state "
+                            "(written by an older version of this code?)")
         self.state = json.loads(json.dumps(state))
         return self

@@ -513,14 +513,21 @@ def test_imputation_replays_scikit_learns_iterative_imputer():
     from sklearn.experimental import enable_iterative_imputer  # noqa: F401
     from sklearn.impute import IterativeImputer
     rows = rows_with_missing()
+    for i in (3, 50):
+        rows[i]["PTGENDER"] = ""                                # sex is imputed like the others
     tp = TabularPreprocessor().fit(rows[:45])
-    _, X = tp.parse(rows)
-    Z = (X - np.array(tp.state["mean"])) / np.array(tp.state["std"])
+    sex, X = tp.parse(rows)
+    Z = np.concatenate([(X - np.array(tp.state["mean"])) / np.array(tp.state["std"]), sex[:, None]], 1)
     imp = IterativeImputer(max_iter=10, random_state=0, keep_empty_features=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                         # ConvergenceWarning after max_iter rounds
         imp.fit(Z[:45])
-    np.testing.assert_allclose(tp.transform(rows)[:, 2:10], imp.transform(Z), atol=1e-5)
+    expected = imp.transform(Z)
+    out = tp.transform(rows)
+    np.testing.assert_allclose(out[:, 2:10], expected[:, :8], atol=1e-5)
+    female = np.clip(expected[:, 8], 0, 1)
+    np.testing.assert_allclose(out[:, :2], np.stack([1 - female, female], 1), atol=1e-5)
+    assert tp.columns[-1] == "PTGENDER_missing" and out[3, -1] == 1 and out[4, -1] == 0
 
 # ----------------------------------------------------------------------------------------------
 # synthetic cohorts, loading, crops, cache, datasets
@@ -758,9 +765,17 @@ def test_csv_without_group_names_the_column(tmp_path):
     assert_clean_error(run("data.py", "check-ad", csv_path), "ad.csv", "Group")
 
 
-def test_unknown_diagnosis_names_the_row_and_value(tmp_path):
-    csv_path = tiny_ad(tmp_path, group="XYZ")
-    assert_clean_error(run("data.py", "check-ad", csv_path), "ad.csv", "line 3", "XYZ", "S1")
+def test_rows_whose_group_is_not_a_diagnosis_are_skipped_with_a_count_or_mapped(tmp_path):
+    csv_path = tiny_ad(tmp_path, group="SMC")
+    p = run("data.py", "check-ad", csv_path)
+    assert p.returncode == 0 and "skipped 1 row whose Group is not CN, MCI or AD: SMC 1" in p.stdout, p.stderr
+    assert "2 subjects (CN 0, MCI 0, AD 2)" in p.stdout
+    p = run("data.py", "check-ad", csv_path, "--group-map", "smc=CN")
+    assert p.returncode == 0 and "3 subjects (CN 1, MCI 0, AD 2)" in p.stdout and "skipped" not in p.stdout
+    csv_path.write_text(csv_path.read_text().replace(",AD,", ",XYZ,").replace(",SMC,", ",,"))
+    assert_clean_error(run("data.py", "check-ad", csv_path), "ad.csv", "no CN or MCI or AD subjects", "XYZ 2",
+                       "(empty) 1", "--group-map")
+    assert_clean_error(run("data.py", "check-ad", csv_path, "--group-map", "XYZ=sick"), "--group-map XYZ=sick")
 
 
 def test_non_numeric_age_names_the_row_and_column(tmp_path):
@@ -888,6 +903,35 @@ def test_a_finished_run_predicts_its_test_set_again_from_its_saved_state(ad_coho
     loader = torch.utils.data.DataLoader(data.ADDataset(images, tab, table.labels[test_idx], train=False), 8)
     _, probs = train_ad.ad_metrics(finished.model(), loader, torch.device("cpu"), finished.class_names)
     np.testing.assert_allclose(probs, finished.read_predictions()["probs"], atol=1e-6)
+
+
+def test_empty_age_sex_education_and_apoe4_cells_are_imputed_and_the_split_does_not_depend_on_them(ad_cohort60,
+                                                                                                       tmp_path):
+    lines = open(ad_cohort60).read().splitlines()
+    header = lines[0].split(",")
+    for k, col in [(2, "AGE"), (3, "AGE"), (4, "PTGENDER"), (5, "PTGENDER"), (6, "PTEDUCAT"), (7, "APOE4"),
+                   (8, "AGE")]:
+        cells = lines[k].split(",")
+        cells[header.index(col)] = ""
+        lines[k] = ",".join(cells)
+    csv_path = os.path.join(os.path.dirname(ad_cohort60), "ad_empty_cells.csv")   # beside the images
+    with open(csv_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    table = data.read_ad_table(csv_path)
+    unknown = np.flatnonzero(np.isnan(table.age) | (table.sex < 0))
+    assert len(unknown) == 5
+    subsets = data.ad_split(table.sex, table.labels, table.age, 0)
+    assert np.array_equal(subsets, data.ad_split(table.sex, table.labels, table.age, 0))    # run to run
+    assert set(subsets[unknown]) <= set(range(5))                                          # each lands in a subset
+    tests = [data.ad_fold(subsets, f)[2] for f in range(4)]
+    assert all(np.array_equal(tests[0], t) for t in tests)                                 # every fold alike
+    prep = TabularPreprocessor().fit([table.raw[i] for i in data.ad_fold(subsets, 1)[0]])
+    X = prep.transform(table.raw)
+    assert np.isfinite(X).all() and {"AGE_missing", "PTGENDER_missing"} <= set(prep.columns)  # no NaN reaches it
+    for model in ("tabular", "hyperfusion"):
+        metrics = train_ad.main(_ad_args(csv_path, tmp_path, "--model", model, "--epochs", "1"))
+        assert sum(map(sum, metrics["test"]["confusion_matrix"])) == len(tests[0])
+        assert np.isfinite(load_run(_run_dir(tmp_path, model)).read_predictions()["probs"]).all()
 
 
 def test_a_two_epoch_brain_age_run_writes_its_files_with_maes_in_years(brain_age_cohort40, tmp_path):

@@ -42,6 +42,8 @@ def ad_arguments():
     p.add_argument("--fold", type=int, default=0, choices=range(4), help="validation subset, 0..3")
     p.add_argument("--loss", default="wce", choices=["wce", "ce", "ce-oversample"], help="Eq. 5, or App. C.4")
     p.add_argument("--classes", type=int, default=3, choices=[3, 2], help="2: CN vs AD (App. B)")
+    p.add_argument("--group-map", nargs="+", metavar="VALUE=DX",
+                   help="read other Group values as a diagnosis, e.g. SMC=CN (default: such rows are skipped)")
     add_common_arguments(p)
     return p
 
@@ -57,7 +59,8 @@ def ad_run_config(args):
     defaults = (DEMO_TABULAR if args["model"] == "tabular" else DEMO_AD) if synthetic else REAL_AD
     schedule = resolve_schedule(args, defaults, "demo (synthetic cohort)" if synthetic else "Table 1", args["quiet"])
     return RunConfig(task="ad", model=args["model"], version=args["version"], split_seed=args["split_seed"],
-                     fold=args["fold"], classes=args["classes"], loss=args["loss"], **schedule, data_csv=data_csv,
+                     fold=args["fold"], classes=args["classes"], loss=args["loss"],
+                     group_map=data.parse_group_map(args["group_map"]) or None, **schedule, data_csv=data_csv,
                      image_dir=args["image_dir"], crops=args["crops"], cache_dir=args["cache_dir"],
                      cache_dtype=args["cache_dtype"])
 
@@ -69,7 +72,10 @@ def train_ad(args):
     device = setup_device(args["device"])
     workers = loader_workers(args["workers"], device)
     image_model = run.model != "tabular"
-    table = data.read_ad_table(run.data_csv, run.image_dir, need_images=image_model, classes=run.classes)
+    table = data.read_ad_table(run.data_csv, run.image_dir, need_images=image_model, classes=run.classes,
+                               group_map=run.group_map)
+    if table.skipped:
+        log(data.skipped_summary(table), quiet)
     subsets = data.ad_split(table.sex, table.labels, table.age, run.split_seed)
     train_idx, val_idx, test_idx = data.ad_fold(subsets, run.fold)
     prep = TabularPreprocessor().fit([table.raw[i] for i in train_idx])  # Sec. 3.3: training rows only

@@ -21,8 +21,8 @@ from safeio import UserError, atomic_path, write_csv
 SCHEDULE_KEYS = ("epochs", "batch_size", "lr", "weight_decay")
 SCHEDULE_TYPES = {"epochs": int, "batch_size": int, "lr": float, "weight_decay": float}
 # a checkpoint belongs to a run when these match (epochs may grow on --resume; the data may move)
-DATA_KEYS = ("task", "model", "split_seed", "fold", "version", "classes", "n_tabular", "tabular_columns",
-             "embedding_dim", "train_sex")
+DATA_KEYS = ("task", "model", "split_seed", "fold", "version", "classes", "group_map", "n_tabular",
+             "tabular_columns", "embedding_dim", "train_sex")
 IDENTITY_KEYS = DATA_KEYS + ("loss", "batch_size", "lr", "weight_decay")
 
 
@@ -48,6 +48,7 @@ class RunConfig:
     classes: int = None              # AD: 3, or 2 for CN vs AD (App. B)
     loss: str = None                 # AD: "wce" (Eq. 5), "ce" or "ce-oversample" (App. C.4)
     crops: str = None                # AD: crops.json (None: next to the CSV, else the MNI152 boxes)
+    group_map: dict = None           # AD: extra Group values read as a diagnosis, {"SMC": "CN"}
     embedding_dim: int = None        # brain age: the sex embedding 2->1 or 2->2
     train_sex: str = None            # brain age: "all", or Fig. 4A's "M", "F", "mixed"
 
