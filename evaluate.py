@@ -257,23 +257,8 @@ def write_results(res, markdown, csv_table, out_dir, name):
     paths = [os.path.join(out_dir, f"results_{name}.{ext}") for ext in ("md", "csv", "json")]
     write_text(markdown, paths[0])
     write_csv(csv_table[1], csv_table[0], paths[1])
-    write_json(_json_safe(res), paths[2])
+    write_json(res, paths[2])   # NaN -> null
     return paths
-
-
-def _json_safe(obj):
-    """NaN -> None (JSON has no NaN), numpy scalars and arrays -> Python numbers and lists."""
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _json_safe(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def evaluate_ad(runs, binary=False, out_dir=None, quiet=False):

@@ -4,11 +4,14 @@
                  its message is one line naming the file, row, column or option
     run_cli      a script's __main__: UserError / OSError -> `error: <one line>` on stderr, exit status 2
     atomic_path  write to a temporary name beside the target, rename onto it only when complete
-    write_json, write_csv, write_text   the three atomic writers the scripts use
+    write_json, write_csv, write_text   the three atomic writers the scripts use (JSON: NaN/inf -> null)
+    warn         a legitimate but odd input: one `warning:` line on stderr, the run goes on
 """
 import contextlib
 import csv
 import json
+import math
+import numbers
 import os
 import sys
 import uuid
@@ -50,9 +53,33 @@ def atomic_path(path):
         raise
 
 
+def warn(message):
+    """A legitimate but odd input (ADNI's missing codes, say): one `warning: ...` line on stderr."""
+    print("warning: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
+
+
+def json_safe(obj):
+    """obj with NaN / inf as None (JSON null: a bare NaN is not JSON and strict readers refuse it), numpy
+    scalars and arrays as plain numbers and lists, tuples as lists and dict keys as strings."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):   # numpy arrays and scalars
+        return json_safe(obj.tolist())
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, numbers.Integral):
+        return int(obj)
+    if isinstance(obj, numbers.Real):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
 def write_json(obj, path):
+    """Atomic, strict JSON: non-finite numbers are written as null (json_safe)."""
     with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(json_safe(obj), f, indent=2, allow_nan=False)
 
 
 def write_csv(rows, columns, path):
