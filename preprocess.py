@@ -37,7 +37,7 @@ import numpy as np
 from scipy import ndimage
 
 from data import check_subjects, find_image, load_nifti, read_csv_rows
-from safeio import UserError, atomic_path, run_cli, write_csv
+from safeio import UserError, atomic_path, check_number, run_cli, write_csv
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,10 +261,8 @@ def main(argv=None):
     ap.add_argument("--mask-column", default=None, help="batch mode: brain mask path column")
     ap.add_argument("--overwrite", action="store_true", help="batch mode: redo existing outputs")
     a = ap.parse_args(argv)
-    if not 0.1 <= a.spacing <= 20:   # also refuses nan and inf
-        raise UserError(f"--spacing {a.spacing}: the voxel size must be 0.1 to 20 mm")
-    if not all(1 <= n <= 2048 for n in a.shape):
-        raise UserError(f"--shape {' '.join(map(str, a.shape))}: each size must be 1 to 2048 voxels")
+    check_number("--spacing", a.spacing, least=0.1, most=20)   # mm
+    check_number("--shape", a.shape, least=1, most=2048)       # voxels
     if a.n4:
         try:
             import SimpleITK  # noqa: F401

@@ -6,6 +6,7 @@
     atomic_path  write to a temporary name beside the target, rename onto it only when complete
     write_json, write_csv, write_text   the three atomic writers the scripts use (JSON: NaN/inf -> null)
     warn         a legitimate but odd input: one `warning:` line on stderr, the run goes on
+    check_number a numeric option within its range, else a UserError naming the option
 """
 import contextlib
 import csv
@@ -51,6 +52,21 @@ def atomic_path(path):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def check_number(option, value, least=None, above=None, most=None):
+    """A numeric option (or each of a list of them) finite and within its range, else a UserError naming it.
+    least: value >= least; above: value > above; most: value <= most. None values (unset options) pass."""
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if v is None:
+            continue
+        if not math.isfinite(v):
+            raise UserError(f"{option} {v}: must be a finite number")
+        if least is not None and v < least or above is not None and v <= above or most is not None and v > most:
+            want = " and ".join(w for w in (least is not None and f"at least {least}",
+                                            above is not None and f"above {above}",
+                                            most is not None and f"at most {most}") if w)
+            raise UserError(f"{option} {v}: must be {want}")
 
 
 def warn(message):

@@ -22,7 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from data import CLASS_NAMES, HippocampusCrops, save_nifti
-from safeio import UserError, run_cli, write_csv, write_json
+from safeio import UserError, check_number, run_cli, write_csv, write_json
 from tabular import AD_ATTRIBUTES
 
 # ----------------------------------------------------------------------------------------------
@@ -266,6 +266,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, help="subjects (default: the built-in cohort's, 600 AD / 400 brain age)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
+    check_number("--seed", a.seed, least=0)
     t0 = time.time()
     _, _, make, options = BUILTIN[a.task]
     n = a.n if a.n is not None else options["n"]

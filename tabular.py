@@ -52,9 +52,11 @@ def is_missing_code(text):
         return False
 
 
-def parse_attribute(col, text):
-    """An AD attribute cell -> float: parse_value, then ADNI's -4 / -1 read as missing (NaN), then the value
-    checked against what `col` can hold. Raises ValueError saying what is wrong (callers add row and column)."""
+def parse_attribute(col, text, checked=True):
+    """An AD attribute cell -> float: ADNI's -4 / -1 read as missing (NaN), else parse_value; if `checked`,
+    the value must be one `col` can hold (ATTRIBUTE_RANGES: where tables and options come in; the
+    preprocessor, fed rows already read, only parses). Raises ValueError saying what is wrong (callers
+    add the row and column)."""
     if is_missing_code(text):
         return math.nan
     try:
@@ -62,7 +64,7 @@ def parse_attribute(col, text):
     except ValueError:
         raise ValueError(f"not a number: {text!r}") from None
     lo, hi, count = ATTRIBUTE_RANGES[col]
-    if not math.isnan(v):
+    if checked and not math.isnan(v):
         if v < lo or v > hi or (count and v != int(v)):
             what = f"one of {', '.join(str(k) for k in range(int(lo), int(hi) + 1))}" if count else f"{lo:g} to {hi:g}"
             kind = "negative" if v < 0 else "impossible"
@@ -114,7 +116,7 @@ class TabularPreprocessor:
                 sex[i] = SEX_CODES[s]
             for j, col in enumerate(AD_CONTINUOUS):
                 try:
-                    X[i, j] = parse_attribute(col, str(row.get(col, "") or ""))
+                    X[i, j] = parse_attribute(col, str(row.get(col, "") or ""), checked=False)
                 except ValueError as exc:
                     raise UserError(f"tabular row {i + 1}: column {col}: {exc}") from None
         return sex, X

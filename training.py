@@ -7,7 +7,6 @@ its data (`inputs`: tabular columns, classes, crops, image shape), so that a che
 run is refused and a finished run can be replayed exactly (runs.py).
 """
 import dataclasses
-import math
 import os
 import random
 import time
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 from models import build_model
-from safeio import UserError, atomic_path, write_csv
+from safeio import UserError, atomic_path, check_number, write_csv
 
 SCHEDULE_KEYS = ("epochs", "batch_size", "lr", "weight_decay")
 SCHEDULE_TYPES = {"epochs": int, "batch_size": int, "lr": float, "weight_decay": float}
@@ -110,18 +109,10 @@ def add_common_arguments(p):
 
 def check_options(args):
     """Numeric options within their range, refused naming the option (argparse only checks the type)."""
-    least = {"epochs": 1, "batch_size": 1, "workers": 0, "version": 0, "split_seed": 0, "weight_decay": 0.0}
-    for k in ("epochs", "batch_size", "lr", "weight_decay", "workers", "version", "split_seed"):
-        v = args.get(k)
-        option = "--" + k.replace("_", "-")
-        if v is None:
-            continue
-        if not math.isfinite(v):
-            raise UserError(f"{option} {v}: must be a finite number")
-        if k == "lr" and not v > 0:
-            raise UserError(f"{option} {v}: the learning rate must be above 0")
-        if k in least and v < least[k]:
-            raise UserError(f"{option} {v}: must be at least {least[k]}")
+    for k, least in (("epochs", 1), ("batch_size", 1), ("weight_decay", 0), ("workers", 0), ("version", 0),
+                     ("split_seed", 0)):
+        check_number("--" + k.replace("_", "-"), args.get(k), least=least)
+    check_number("--lr", args.get("lr"), above=0)
 
 
 def resolve_schedule(args, defaults, name, quiet=False):
