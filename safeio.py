@@ -57,16 +57,18 @@ def atomic_path(path):
 def check_number(option, value, least=None, above=None, most=None):
     """A numeric option (or each of a list of them) finite and within its range, else a UserError naming it.
     least: value >= least; above: value > above; most: value <= most. None values (unset options) pass."""
-    for v in value if isinstance(value, (list, tuple)) else [value]:
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    shown = " ".join(map(str, values))
+    for v in values:
         if v is None:
             continue
         if not math.isfinite(v):
-            raise UserError(f"{option} {v}: must be a finite number")
+            raise UserError(f"{option} {shown}: must be a finite number")
         if least is not None and v < least or above is not None and v <= above or most is not None and v > most:
             want = " and ".join(w for w in (least is not None and f"at least {least}",
                                             above is not None and f"above {above}",
                                             most is not None and f"at most {most}") if w)
-            raise UserError(f"{option} {v}: must be {want}")
+            raise UserError(f"{option} {shown}: " + ("each " if len(values) > 1 else "") + f"must be {want}")
 
 
 def warn(message):

@@ -46,33 +46,36 @@ def _check_delimiter(csv_path, header):
                         f"commas in the header line): save the table comma-separated")
 
 
-def _check_multiline(csv_path, row, end_line):
-    """A cell spanning lines is, in these tables, a quote that was never closed: name the line it opened on."""
-    cells = [(k, v) for k, v in row.items() if isinstance(v, str)] + \
-        [(None, v) for v in (row.get(None) or [])]
-    first = next((j for j, (_, v) in enumerate(cells) if "\n" in v or "\r" in v), None)
-    if first is None:
-        return
-    opened = end_line - sum(v.count("\n") for _, v in cells[first:])
-    col = cells[first][0]
-    raise UserError(f"{csv_path} line {opened}: a quote opened in column {col or '(beyond the header)'} is not "
-                    f"closed before line {end_line} (cells cannot span lines)")
+class _CountedLines:
+    """A file's lines with a count of those read, so each row's first and last line are known exactly."""
+
+    def __init__(self, f):
+        self.f, self.n = f, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        line = next(self.f)
+        self.n += 1
+        return line
 
 
 def read_csv_rows(csv_path, required):
     """-> (list of (line number, row dict), fieldnames). Checks the delimiter, columns (present, not
-    repeated), quotes, field counts and encoding."""
+    repeated), quotes (a cell spanning lines is a quote never closed), field counts and encoding."""
     if not os.path.isfile(csv_path):
         raise UserError(f"{csv_path}: table not found")
     rows = []
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None:
+            lines = _CountedLines(f)
+            reader = csv.reader(lines)
+            header = next(reader, None)
+            if header is None:
                 raise UserError(f"{csv_path}: empty file, no header line")
-            fields = [c.strip() for c in reader.fieldnames]
-            reader.fieldnames = fields
-            _check_delimiter(csv_path, ",".join(fields) if len(fields) > 1 else fields[0])
+            fields = [c.strip() for c in header]
+            _check_delimiter(csv_path, ",".join(fields))
             seen = {}
             for k, c in enumerate(fields):
                 if c and c in seen:
@@ -82,14 +85,21 @@ def read_csv_rows(csv_path, required):
             missing = [c for c in required if c not in fields]
             if missing:
                 raise UserError(f"{csv_path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
-            for row in reader:
-                _check_multiline(csv_path, row, reader.line_num)
-                if None in row:
-                    raise UserError(f"{csv_path} line {reader.line_num}: {len(fields) + len(row[None])} fields, "
-                                    f"the header has {len(fields)}")
-                row = {k: (v or "").strip() for k, v in row.items()}  # short rows: absent cells are empty
-                if any(row.values()):                                  # skip blank lines
-                    rows.append((reader.line_num, row))
+            while True:
+                start = lines.n + 1
+                cells = next(reader, None)
+                if cells is None:
+                    break
+                multi = next((j for j, v in enumerate(cells) if "\n" in v or "\r" in v), None)
+                if multi is not None:
+                    col = fields[multi] if multi < len(fields) else "(beyond the header)"
+                    raise UserError(f"{csv_path} line {start}: a quote opened in column {col} is not closed "
+                                    f"before line {lines.n} (cells cannot span lines)")
+                if len(cells) > len(fields):
+                    raise UserError(f"{csv_path} line {start}: {len(cells)} fields, the header has {len(fields)}")
+                row = {k: v.strip() for k, v in zip(fields, cells + [""] * (len(fields) - len(cells)))}
+                if any(row.values()):                                  # skip blank lines; short rows: empty cells
+                    rows.append((start, row))
     except (UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"{csv_path}: not a readable UTF-8 CSV table ({type(exc).__name__}: {exc})") from None
     if not rows:

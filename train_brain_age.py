@@ -64,11 +64,11 @@ def train_brain_age(args):
     device = setup_device(args["device"])
     workers = loader_workers(args["workers"], device)
     table = data.read_brain_age_table(run.data_csv, run.image_dir)
+    train_idx, val_idx, test_idx = data.brain_age_split(table.age, table.sex, run.split_seed)
+    train_idx = select_training_sex(train_idx, table.sex, run.train_sex, run.split_seed)
     for code, name in ((0, "male"), (1, "female")):
         if not (table.sex == code).any():
             warn(f"{run.data_csv}: no {name} subjects: sex has nothing to condition on, and mae_{name} is null")
-    train_idx, val_idx, test_idx = data.brain_age_split(table.age, table.sex, run.split_seed)
-    train_idx = select_training_sex(train_idx, table.sex, run.train_sex, run.split_seed)
     data.check_image_geometry(table.image_paths, table.subjects)  # every header first, before the cache decodes
     cache = data.ImageCache(table.image_paths, run.cache_dir or data.default_cache_dir(run.data_csv), run.cache_dtype,
                             names=table.subjects).prepare(progress=not quiet)
