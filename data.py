@@ -1,4 +1,4 @@
-"""Real data in: NIfTI images read and validated, the tables (tables.py), splits, hippocampus crops, the cache, Datasets.
+"""Real data in: NIfTI images read and validated, the tables (tables.py), splits, crops, the image cache, Datasets.
 
 On-disk format (the synthetic cohorts of synthetic.py use it too, so the demos exercise the real path):
     AD:        a CSV with Subject, Group, AGE, PTGENDER, PTEDUCAT, APOE4, ABETA, PTAU, TAU, FDG, AV45
@@ -12,7 +12,6 @@ Command line (bad input -> one line `error: ...` on stderr, exit status 2):
     python data.py check-ad CSV [--image-dir DIR] [--no-images]
     python data.py check-brain-age CSV [--image-dir DIR] [--no-images]
 """
-import argparse
 import contextlib
 import hashlib
 import json
@@ -26,7 +25,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from safeio import UserError, atomic_path, run_cli, warn, write_json
+from safeio import ArgumentParser, UserError, atomic_path, run_cli, warn, write_json
 from tables import (CLASS_NAMES, GROUP_ALIASES, ADTable, BrainAgeTable, check_subjects, diagnosis,  # noqa: F401
                     find_image, parse_group_map, read_ad_table, read_brain_age_table, read_csv_rows,
                     skipped_summary, table_sha256)
@@ -53,6 +52,9 @@ def _open_nifti(path, where):
         shape = shape[:-1]
     if len(shape) != 3:
         raise UserError(f"{where}: expected a 3D image, got shape {tuple(img.shape)}")
+    if not np.isfinite(img.affine).all() or abs(np.linalg.det(img.affine[:3, :3])) < 1e-9:
+        raise UserError(f"{where}: the header's voxel-to-world affine is degenerate (a zero voxel size?): "
+                        f"{img.affine[:3, :3].round(4).tolist()}")
     return img, shape
 
 
@@ -459,7 +461,7 @@ def _empty_cells(raw):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Validate a table and every image it names, before a long run.")
+    ap = ArgumentParser(description="Validate a table and every image it names, before a long run.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("check-ad", "check-brain-age"):
         sp = sub.add_parser(name, help="validate a table and all its images, print a one-line summary")

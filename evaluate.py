@@ -35,7 +35,7 @@ import train_brain_age
 from metrics import classification_metrics, entropy_weighted_ensemble, mean_ensemble, regression_metrics
 from models import AD_MODELS, BRAIN_AGE_MODELS, AgeTarget, build_model, candidate_layers, layer_loss_entropy
 from runs import finished, load_run
-from safeio import UserError, check_number, run_cli, write_csv, write_json, write_text
+from safeio import ArgumentParser, UserError, check_number, run_cli, write_csv, write_json, write_text
 from synthetic import builtin_cohort
 from tabular import AD_ATTRIBUTES, AD_CONTINUOUS, SEX_CODES, TabularPreprocessor, parse_attribute
 from training import ad_run_dir, brain_age_run_dir, make_loader, setup_device
@@ -582,7 +582,7 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
 # Command line
 
 def arguments():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("ad", help="Table 3 from <runs>/ad (or ad-binary): ensembles of the four folds")
     a.add_argument("--runs", default="runs")

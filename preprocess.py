@@ -37,7 +37,7 @@ import numpy as np
 from scipy import ndimage
 
 from data import check_subjects, find_image, load_nifti, read_csv_rows
-from safeio import UserError, atomic_path, check_number, run_cli, write_csv
+from safeio import ArgumentParser, UserError, atomic_path, check_number, run_cli, write_csv
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,7 +244,7 @@ def _batch(a):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Skull stripping (ROBEX/bet), neck removal (robustfov) and, without "
                                         "--n4, N4 bias correction (ANTs) must be run beforehand. --n4 without "
@@ -278,6 +278,8 @@ def main(argv=None):
             raise UserError("give IN.nii[.gz] OUT.nii.gz, or --csv TABLE --out-dir DIR")
         if not a.output.endswith((".nii", ".nii.gz")):
             raise UserError(f"{a.output}: the output must end in .nii or .nii.gz")
+        if os.path.abspath(a.output) == os.path.abspath(a.input):
+            raise UserError(f"{a.output}: the output would overwrite its own input")
         preprocess_file(a.input, a.output, a.mask, a.spacing, a.shape, a.n4)
         print(f"wrote {a.output}", flush=True)
 

@@ -7,7 +7,9 @@
     write_json, write_csv, write_text   the three atomic writers the scripts use (JSON: NaN/inf -> null)
     warn         a legitimate but odd input: one `warning:` line on stderr, the run goes on
     check_number a numeric option within its range, else a UserError naming the option
+    ArgumentParser  argparse's parser whose errors are a UserError too (one line, not usage + error)
 """
+import argparse
 import contextlib
 import csv
 import json
@@ -52,6 +54,14 @@ def atomic_path(path):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but an unknown option, a bad choice or a missing argument raises a UserError, so
+    under run_cli it is the one `error:` line (argparse would print its usage line first), exit status 2."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def check_number(option, value, least=None, above=None, most=None):

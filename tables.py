@@ -147,7 +147,7 @@ def _image_paths(csv_path, rows, fields, subjects, image_dir, need):
     if image_dir is not None and not os.path.isdir(image_dir):
         raise UserError(f"--image-dir {image_dir}: folder not found")
     image_dir = image_dir if image_dir is not None else os.path.join(base, "images")
-    paths = []
+    paths, seen = [], {}
     for (line, row), subj in zip(rows, subjects):
         if "image" in fields and row.get("image"):
             p = os.path.join(base, row["image"])
@@ -161,6 +161,10 @@ def _image_paths(csv_path, rows, fields, subjects, image_dir, need):
             if p is None:
                 raise UserError(f"{csv_path} line {line}: subject {subj}: image file not found: "
                                 f"{os.path.join(image_dir, subj)}.nii.gz (or .nii)")
+        other = seen.setdefault(os.path.realpath(p), (subj, line))
+        if other != (subj, line):   # one scan under two subjects could sit in training and test at once
+            raise UserError(f"{csv_path} line {line}: subject {subj}: image {p} is also subject {other[0]}'s "
+                            f"(line {other[1]})")
         paths.append(p)
     return paths
 

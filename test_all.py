@@ -1255,7 +1255,7 @@ def test_a_run_refuses_a_tabular_model_or_checkpoint_trained_on_another_table(ad
     tab = _run_dir(tmp_path, "tabular")
     before = _files(tmp_path), open(os.path.join(tab, "last.pt"), "rb").read()
     ckpt = torch.load(os.path.join(tab, "last.pt"), weights_only=True)
-    assert len(ckpt["inputs"]["table_sha256"]) == 64 and ckpt["inputs"]["table_sha256"] == data.table_sha256(ad_cohort60)
+    assert ckpt["inputs"]["table_sha256"] == data.table_sha256(ad_cohort60) and len(data.table_sha256(other)) == 64
     # HyperFusion on the other table finds the tabular model of this split, fold and version: refused
     assert_clean_error(run("train_ad.py", *_ad_args(other, tmp_path, "--model", "hyperfusion")),
                        "best.pt", "another run", "table_sha256", str(ad_cohort60))
@@ -1326,7 +1326,8 @@ def test_one_class_or_a_class_absent_from_a_subset_is_refused_after_the_split(ad
     one = _edit_table(ad_cohort40, tmp_path / "one.csv", lambda k, c: c[:1] + ["CN"] + c[2:])
     assert_clean_error(run("train_ad.py", *_ad_args(one, out, "--model", "tabular")), "one.csv",
                        "every subject is CN")
-    no_mci = _edit_table(ad_cohort40, tmp_path / "no_mci.csv", lambda k, c: c[:1] + ["CN" if c[1] == "MCI" else c[1]] + c[2:])
+    no_mci = _edit_table(ad_cohort40, tmp_path / "no_mci.csv",
+                         lambda k, c: c[:1] + ["CN" if c[1] == "MCI" else c[1]] + c[2:])
     assert_clean_error(run_main(train_ad.main, *_ad_args(no_mci, out, "--model", "tabular")), "no MCI subjects",
                        "--classes 2")
     n_ad = []
@@ -1407,8 +1408,12 @@ def test_numeric_options_out_of_range_are_refused_naming_the_option(tmp_path):
         assert_clean_error(run_main(preprocess.main, head, tmp_path / "o.nii.gz", "--spacing", spacing),
                            f"--spacing {spacing}")
     assert_clean_error(run_main(preprocess.main, head, tmp_path / "o.nii.gz", "--shape", 0, 9, 9), "--shape 0 9 9")
+    assert_clean_error(run_main(preprocess.main, head, head), "S0.nii.gz", "overwrite its own input")
     assert not (tmp_path / "o.nii.gz").exists()
     assert_clean_error(run_main(evaluate.main, "brain-age", "--runs", tmp_path, "--top", "0"), "--top 0")
+    # argparse's own refusals are one line too (not its usage line first)
+    assert_clean_error(run("train_ad.py", "--fold", "7"), "--fold", "invalid choice")
+    assert_clean_error(run_main(train_brain_age.main, "--batch-size", "abc"), "--batch-size", "abc")
     assert_clean_error(run_main(synthetic.main, "ad", "--out", tmp_path / "syn", "--seed", "-1"), "--seed -1")
     # crops.json: two numbers, a zero size
     for boxes, culprit in [({"left_start": [1, 2], "right_start": [0, 0, 0], "size": [4, 4, 4]}, "left_start"),
@@ -1443,6 +1448,15 @@ def test_semicolon_or_tab_tables_are_named_and_nii_images_beside_nii_gz_are_foun
     assert_clean_error(run_main(data.main, "check-ad", tmp_path / "empty.csv"), "empty.csv", "no header")
     assert_clean_error(run_main(data.main, "check-ad", csv_path, "--image-dir", tmp_path / "nope"),
                        "--image-dir", "not found")
+    # ... one image named by two subjects, an image whose header has a zero voxel size
+    data.save_nifti(np.ones((8, 8, 8), np.float32), 2.0, tmp_path / "images" / "S1.nii.gz")
+    twice = good.replace("Subject,", "Subject,image,").replace("S0,", "S0,images/S2.nii.gz,")
+    (tmp_path / "twice.csv").write_text(twice.replace("S1,", "S1,,").replace("S2,", "S2,images/S2.nii.gz,"))
+    assert_clean_error(run_main(data.main, "check-ad", tmp_path / "twice.csv"), "line 4", "subject S2",
+                       "also subject S0's")
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.diag([2.0, 0.0, 2.0, 1.0])),
+             tmp_path / "images" / "S1.nii.gz")
+    assert_clean_error(run_main(data.main, "check-ad", csv_path), "S1.nii.gz", "degenerate")
 
 
 def test_metrics_json_is_strict_json_with_null_where_a_metric_is_undefined(brain_age_cohort20, tmp_path):

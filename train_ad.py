@@ -23,7 +23,7 @@ from layers import init_hyperlayers
 from metrics import classification_metrics
 from models import AD_MODELS
 from runs import load_run
-from safeio import UserError, atomic_path, run_cli, write_json
+from safeio import ArgumentParser, UserError, atomic_path, run_cli, write_json
 from synthetic import builtin_cohort
 from tabular import TabularPreprocessor
 from training import (DATA_KEYS, RunConfig, add_common_arguments, fit, identity, load_checkpoint, log,
@@ -36,7 +36,7 @@ DEMO_TABULAR = dict(DEMO_AD, epochs=100)  # the MLP costs nothing per epoch
 
 
 def ad_arguments():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="hyperfusion", choices=AD_MODELS)
     p.add_argument("--split-seed", type=int, default=0, help="seed of the 5-subset split (Sec. 4.3.4)")
     p.add_argument("--fold", type=int, default=0, choices=range(4), help="validation subset, 0..3")

@@ -22,7 +22,7 @@ import data
 from layers import init_hyperlayers
 from metrics import regression_metrics
 from models import BRAIN_AGE_MODELS, AgeTarget
-from safeio import UserError, atomic_path, run_cli, warn, write_json
+from safeio import ArgumentParser, UserError, atomic_path, run_cli, warn, write_json
 from synthetic import builtin_cohort
 from training import (RunConfig, add_common_arguments, fit, identity, load_checkpoint, log, loader_workers,
                       make_loader, predict, resolve_schedule, resumable, seed_all, setup_device)
@@ -32,7 +32,7 @@ DEMO_BRAIN_AGE = dict(epochs=12, batch_size=16, lr=1e-3, weight_decay=1e-4)
 
 
 def brain_age_arguments():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="hyperfusion", choices=BRAIN_AGE_MODELS)
     p.add_argument("--embedding-dim", type=int, default=1, choices=[1, 2], help="sex embedding 2->1 or 2->2")
     p.add_argument("--train-sex", default="all", choices=["all", "M", "F", "mixed"],
