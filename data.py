@@ -78,6 +78,24 @@ def load_volume(path, subject=None, expected_shape=None):
     return data
 
 
+def image_geometry(path, subject=None):
+    """(shape, voxel size in mm) of a NIfTI in RAS order (as load_volume returns it), read from the header
+    alone, so a whole cohort is checked in seconds; trailing singleton dimensions are ignored."""
+    where = _where(path, subject)
+    if not os.path.isfile(path):
+        raise UserError(f"{where}: image file not found")
+    try:
+        img = nib.load(path)
+    except (OSError, ValueError, EOFError, zlib.error, nib.filebasedimages.ImageFileError) as exc:
+        raise UserError(f"{where}: unreadable NIfTI header ({type(exc).__name__}: {exc})") from None
+    axes = nib.orientations.io_orientation(img.affine)[:, 0].astype(int)   # input axis i -> RAS axis axes[i]
+    shape, zooms = [0] * 3, [0.0] * 3
+    for i in range(3):
+        shape[axes[i]] = int(img.shape[i]) if i < len(img.shape) else 1
+        zooms[axes[i]] = round(float(img.header.get_zooms()[i]), 4) if i < len(img.shape) else 1.0
+    return tuple(shape), tuple(zooms)
+
+
 def save_nifti(volume, spacing, path):
     """Write a float32 volume with a RAS affine of isotropic `spacing` mm, centred on the origin."""
     shape = np.array(volume.shape[:3])

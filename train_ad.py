@@ -81,8 +81,10 @@ def train_ad(args):
     prep = TabularPreprocessor().fit([table.raw[i] for i in train_idx])  # Sec. 3.3: training rows only
     tabular = prep.transform(table.raw)                                   # (N, n_tab)
     crops = data.load_crops(run.crops, run.data_csv) if image_model else None
+    shape, voxel = data.image_geometry(table.image_paths[0], table.subjects[0]) if image_model else (None, None)
     inputs = {"n_tabular": int(tabular.shape[1]), "tabular_columns": prep.columns,
-              "class_names": list(table.class_names), "crops": crops.as_dict() if crops else None}
+              "class_names": list(table.class_names), "crops": crops.as_dict() if crops else None,
+              "image_shape": list(shape) if shape else None, "voxel_size": list(voxel) if voxel else None}
     run_dir = run.run_dir(args["out"])
     log(f"{run.model}: split seed {run.split_seed}, fold {run.fold}, version {run.version}: "
         f"{len(train_idx)} train / {len(val_idx)} val / {len(test_idx)} test subjects, "

@@ -70,7 +70,8 @@ def train_brain_age(args):
                             names=table.subjects).prepare(progress=not quiet)
     image_shape = tuple(cache[0].shape)
     sex = data.sex_onehot(table.sex)                                            # (N, 2) [male, female]
-    inputs = {"n_tabular": 2, "image_shape": list(image_shape)}
+    inputs = {"n_tabular": 2, "image_shape": list(image_shape),
+              "voxel_size": list(data.image_geometry(table.image_paths[0], table.subjects[0])[1])}
     run_dir = run.run_dir(args["out"])
     log(f"{run.model}: version {run.version}: {len(train_idx)} train / {len(val_idx)} val / "
         f"{len(test_idx)} test subjects, images {image_shape} -> {run_dir}", quiet)
