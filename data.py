@@ -279,12 +279,13 @@ class BrainAgeTable:
     csv_path: str
 
 
-def read_brain_age_table(csv_path, image_dir=None, need_images=True):
-    """Read and validate a brain-age table: Subject, Age, Sex (M/F) [, image] (Sec. 4.2.1)."""
-    rows, fields = read_csv_rows(csv_path, ("Subject", "Age", "Sex"))
+def read_brain_age_table(csv_path, image_dir=None, need_images=True, for_prediction=False):
+    """Read and validate a brain-age table: Subject, Age, Sex (M/F) [, image] (Sec. 4.2.1).
+    for_prediction: Age is optional (NaN where absent or empty); Sex, which conditions the model, is not."""
+    rows, fields = read_csv_rows(csv_path, ("Subject", "Sex") if for_prediction else ("Subject", "Age", "Sex"))
     ages, sexes = [], []
     for line, row in rows:
-        ages.append(_number(csv_path, line, row, "Age", required=True))
+        ages.append(_number(csv_path, line, row, "Age", required=not for_prediction))
         sx = SEX_CODES.get(row["Sex"].lower())
         if sx is None:
             raise UserError(f"{csv_path} line {line}: subject {row['Subject']}: column Sex: "

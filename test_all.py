@@ -18,6 +18,7 @@ from scipy.stats import mannwhitneyu
 
 import data
 import evaluate
+import predict
 import preprocess
 import safeio
 import synthetic
@@ -1213,6 +1214,98 @@ def test_select_layers_scores_every_candidate_layer(brain_age_cohort20):
     expected = candidate_layers(build_model("brain-age", "imaging", image_shape=synthetic.BRAIN_AGE_SYNTH["shape"]))
     assert sorted(n for n, _ in scores) == sorted(expected)
     assert [h for _, h in scores] == sorted((h for _, h in scores), reverse=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# predict.py: new patients, every member with its own saved state, combined by Eq. 7-8 / Eq. 6
+
+@pytest.fixture(scope="session")
+def ad_fold_runs(ad_cohort60, tmp_path_factory):
+    """Folds 0 and 1 of HyperFusion, split seed 0, version 0, one epoch each (with their tabular MLPs)."""
+    out = tmp_path_factory.mktemp("fold_runs")
+    for fold in (0, 1):
+        train_ad.main(["--data-csv", str(ad_cohort60), "--out", str(out), "--epochs", "1", "--batch-size", "8",
+                       "--quiet", "--split-seed", "0", "--fold", str(fold)])
+    return out
+
+
+def _predict(*args):
+    return predict.main([*map(str, args), "--quiet"])
+
+
+def test_predict_combines_the_members_by_eq7_8_and_each_member_reproduces_its_test_predictions(
+        ad_cohort60, ad_fold_runs, tmp_path):
+    runs = [_run_dir(ad_fold_runs, "hyperfusion", fold) for fold in (0, 1)]
+    both = _predict(os.path.dirname(runs[0]), "--data-csv", ad_cohort60, "--out", tmp_path / "p.csv")
+    assert both["members"] == runs and len(both["subjects"]) == 60
+    alone = [_predict(r, "--data-csv", ad_cohort60, "--out", tmp_path / f"p{k}.csv") for k, r in enumerate(runs)]
+    members = np.stack([a["combined"] for a in alone])                      # (K, N, C), one checkpoint at a time
+    np.testing.assert_allclose(both["combined"], entropy_weighted_ensemble(members), atol=1e-6)   # Eq. 7-8
+    for r, a in zip(runs, alone):
+        saved = load_run(r).read_predictions()
+        rows = [a["subjects"].index(s) for s in saved["subjects"]]
+        np.testing.assert_allclose(a["combined"][rows], saved["probs"], atol=1e-5)
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert lines[0] == "Subject,prob_CN,prob_MCI,prob_AD,predicted,n_models,prob_spread" and len(lines) == 61
+    assert lines[1].split(",")[5] == "2"
+
+
+def test_a_prediction_depends_on_its_own_row_only_and_empty_cells_use_the_runs_saved_imputation(
+        ad_cohort60, ad_fold_runs, tmp_path):
+    lines = open(ad_cohort60).read().splitlines()
+    header = lines[0].split(",")
+    cells = lines[5].split(",")
+    for col in ("AGE", "ABETA", "PTAU", "TAU", "FDG"):
+        cells[header.index(col)] = ""
+    lines[5] = ",".join(cells)
+    folder = os.path.dirname(ad_cohort60)
+    everyone, one = os.path.join(folder, "new_all.csv"), os.path.join(folder, "new_one.csv")
+    drop = header.index("Group")                                            # a new patient has no diagnosis
+    strip = lambda line: ",".join(c for i, c in enumerate(line.split(",")) if i != drop)
+    open(everyone, "w").write("\n".join(map(strip, lines)) + "\n")
+    open(one, "w").write("\n".join(map(strip, [lines[0], lines[5]])) + "\n")
+    run_dir = _run_dir(ad_fold_runs, "hyperfusion", 0)
+    a = _predict(run_dir, "--data-csv", everyone, "--out", tmp_path / "a.csv")
+    b = _predict(run_dir, "--data-csv", one, "--out", tmp_path / "b.csv")
+    np.testing.assert_allclose(a["combined"][4], b["combined"][0], atol=1e-6)
+    finished_run = load_run(run_dir)                                        # by hand: the run's own state
+    table = data.read_ad_table(one, for_prediction=True)
+    tab = finished_run.tabular.transform(table.raw)
+    assert np.isfinite(tab).all() and tab[0, finished_run.tabular.columns.index("ABETA_missing")] == 1
+    image = torch.as_tensor(np.array(finished_run.crops(data.load_volume(table.image_paths[0])), np.float32))
+    with torch.no_grad():
+        logits = finished_run.model()(image[:, None], torch.as_tensor(tab).repeat(2, 1))  # both hippocampi
+    np.testing.assert_allclose(b["combined"][0], torch.softmax(logits, 1).mean(0).numpy(), atol=1e-5)
+
+
+def test_predict_refuses_other_grids_mixed_runs_and_unfinished_runs_in_one_line(ad_cohort60, ad_fold_runs,
+                                                                                tmp_path):
+    run_dir = _run_dir(ad_fold_runs, "hyperfusion", 0)
+    out = tmp_path / "out.csv"
+    for name, shape, spacing in [("big", (50, 60, 48), 2.67), ("coarse", synthetic.AD_SYNTH["shape"], 3.0)]:
+        folder = tmp_path / name
+        os.makedirs(folder / "images")
+        data.save_nifti(np.zeros(shape, np.float32), spacing, folder / "images" / "NEW1.nii.gz")
+        (folder / "t.csv").write_text("Subject,AGE,PTGENDER,PTEDUCAT,APOE4,ABETA,PTAU,TAU,FDG,AV45\n"
+                                      "NEW1,70,Male,16,0,,,,,\n")
+        assert_clean_error(run("predict.py", run_dir, "--data-csv", folder / "t.csv", "--out", out),
+                           "NEW1", "NEW1.nii.gz", "trained on")
+    rng = np.random.default_rng(0)
+    age = rng.uniform(40, 80, 5)
+    other_task = fake_brain_age_run(tmp_path / "fake", 0, 3.0, age, age, np.arange(5) % 2)
+    binary = fake_ad_run(tmp_path / "fake", "imaging", 0, 0, 0, random_probs(rng, 5, 2), np.arange(5) % 2,
+                         classes=2, class_names=["CN", "AD"])
+    for other, what in [(other_task, "task"), (binary, "classes")]:
+        assert_clean_error(run("predict.py", run_dir, other, "--data-csv", ad_cohort60, "--out", out),
+                           "cannot combine", what)
+    unfinished = tmp_path / "unfinished"
+    os.makedirs(unfinished)
+    training.save_checkpoint(load_run(run_dir).checkpoint, unfinished / "best.pt")
+    assert_clean_error(run("predict.py", unfinished / "best.pt", "--data-csv", ad_cohort60, "--out", out),
+                       "best.pt", "not the checkpoint of a finished run")
+    assert_clean_error(run("predict.py", unfinished, "--data-csv", ad_cohort60, "--out", out),
+                       "unfinished", "no finished run")
+    assert not out.exists() and no_temp_files(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import data
 from layers import init_hyperlayers
 from metrics import classification_metrics
-from models import AD_MODELS
+from models import AD_MODELS, class_probabilities
 from runs import load_run
 from safeio import atomic_path, run_cli, write_json
 from synthetic import builtin_cohort
@@ -147,13 +147,9 @@ def wce_loss(logits, target, weights):
     return -(weights[target] * F.log_softmax(logits.float(), 1).gather(1, target[:, None]).squeeze(1)).mean()
 
 
-def softmax(logits):
-    return F.softmax(logits, 1)
-
-
 def ad_metrics(model, loader, device, class_names):
     """Soft predictions of a loader's subjects, both hippocampi averaged (Sec. 4.3.6), and their metrics."""
-    probs, labels = predict(model, loader, device, softmax)
+    probs, labels = predict(model, loader, device, class_probabilities)
     return classification_metrics(labels, probs, class_names), probs
 
 
