@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from scipy.stats import mannwhitneyu
 
 import data
+import splits
 import train_ad
 import train_brain_age
 from metrics import classification_metrics, entropy_weighted_ensemble, mean_ensemble, regression_metrics
@@ -434,11 +435,11 @@ def test_set(finished_run, data_csv=None, image_dir=None):
         image_model = run.model != "tabular"
         table = data.read_ad_table(run.data_csv, run.image_dir, need_images=image_model, classes=run.classes,
                                    group_map=run.group_map)
-        test_idx = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, run.split_seed), run.fold)[2]
+        test_idx = splits.ad_fold(splits.ad_split(table.sex, table.labels, table.age, run.split_seed), run.fold)[2]
     else:
         image_model = True
         table = data.read_brain_age_table(run.data_csv, run.image_dir)
-        test_idx = data.brain_age_split(table.age, table.sex, run.split_seed)[2]
+        test_idx = splits.brain_age_split(table.age, table.sex, run.split_seed)[2]
     images = None
     if image_model:  # the training run's cache (same folder, dtype and crops), so nothing is decoded again
         cache = data.ImageCache(table.image_paths, run.cache_dir or data.default_cache_dir(run.data_csv),

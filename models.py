@@ -233,5 +233,5 @@ def layer_loss_entropy(model, batch, loss_fn, names=None, n_draws=100, bins=10, 
     return sorted(scores, key=lambda s: -s[1])
 
 
-__all__ = ["BrainAgeNet", "AgeTarget", "TabularMLP", "ADNet", "class_probabilities", "build_model", "count_parameters", "init_hyperlayers",
-           "candidate_layers", "layer_loss_entropy", "BRAIN_AGE_MODELS", "AD_MODELS"]
+__all__ = ["BrainAgeNet", "AgeTarget", "TabularMLP", "ADNet", "class_probabilities", "build_model", "count_parameters",
+           "init_hyperlayers", "candidate_layers", "layer_loss_entropy", "BRAIN_AGE_MODELS", "AD_MODELS"]

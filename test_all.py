@@ -4,9 +4,11 @@ import dataclasses
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
 import warnings
+import zlib
 
 import nibabel as nib
 import numpy as np
@@ -21,6 +23,7 @@ import evaluate
 import predict
 import preprocess
 import safeio
+import splits
 import synthetic
 import tabular
 import train_ad
@@ -389,30 +392,30 @@ def test_loss_entropy_scores_every_layer_of_the_ad_backbone():
 
 def test_subsets_are_disjoint_and_together_hold_every_subject():
     sex, labels, age = table2_cohort()
-    subsets = data.ad_split(sex, labels, age, seed=0)
+    subsets = splits.ad_split(sex, labels, age, seed=0)
     assert set(subsets.tolist()) == {0, 1, 2, 3, 4}
     assert np.bincount(subsets).max() - np.bincount(subsets).min() <= 1
     for fold in range(4):
-        tr, va, te = data.ad_fold(subsets, fold)
+        tr, va, te = splits.ad_fold(subsets, fold)
         assert not (set(tr) & set(va) or set(tr) & set(te) or set(va) & set(te))
         assert sorted(np.concatenate([tr, va, te]).tolist()) == list(range(len(labels)))
 
 
 def test_test_subset_is_the_same_for_every_fold():
     sex, labels, age = table2_cohort()
-    subsets = data.ad_split(sex, labels, age, seed=1)
-    tests = [data.ad_fold(subsets, f)[2] for f in range(4)]
+    subsets = splits.ad_split(sex, labels, age, seed=1)
+    tests = [splits.ad_fold(subsets, f)[2] for f in range(4)]
     assert all(np.array_equal(tests[0], t) for t in tests)
-    vals = [set(data.ad_fold(subsets, f)[1]) for f in range(4)]
+    vals = [set(splits.ad_fold(subsets, f)[1]) for f in range(4)]
     assert all(not (vals[i] & vals[j]) for i in range(4) for j in range(i))
     with pytest.raises(UserError):
-        data.ad_fold(subsets, 4)
+        splits.ad_fold(subsets, 4)
 
 
 def test_each_subset_keeps_the_diagnosis_and_sex_proportions():
     sex, labels, age = table2_cohort()
     for seed in range(3):
-        subsets = data.ad_split(sex, labels, age, seed)
+        subsets = splits.ad_split(sex, labels, age, seed)
         for k in range(5):
             m = subsets == k
             for c in range(3):
@@ -422,18 +425,18 @@ def test_each_subset_keeps_the_diagnosis_and_sex_proportions():
 
 def test_same_split_seed_same_split_other_seed_other_split():
     sex, labels, age = table2_cohort()
-    a, b, c = (data.ad_split(sex, labels, age, s) for s in (7, 7, 8))
+    a, b, c = (splits.ad_split(sex, labels, age, s) for s in (7, 7, 8))
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     ages = np.random.default_rng(0).uniform(8, 90, 500)
     sexes = np.arange(500) % 2
-    x, y, z = (data.brain_age_split(ages, sexes, s) for s in (1, 1, 2))
+    x, y, z = (splits.brain_age_split(ages, sexes, s) for s in (1, 1, 2))
     assert all(np.array_equal(p, q) for p, q in zip(x, y)) and not np.array_equal(x[2], z[2])
 
 
 def test_brain_age_split_is_80_10_10_and_keeps_age_and_sex():
     rng = np.random.default_rng(0)
     age, sex = rng.uniform(8, 90, 2000), rng.integers(0, 2, 2000)
-    tr, va, te = data.brain_age_split(age, sex, seed=0)
+    tr, va, te = splits.brain_age_split(age, sex, seed=0)
     assert (len(tr), len(va), len(te)) == (1600, 200, 200)
     assert len(set(tr) | set(va) | set(te)) == 2000
     for part in (tr, va, te):
@@ -798,6 +801,58 @@ def test_check_ad_accepts_a_good_table(tmp_path, capsys):
     assert out.startswith("ok:") and "CN 1, MCI 0, AD 2" in out
 
 
+ADNIMERGE = """RID,PTID,VISCODE,EXAMDATE,DX_bl,DX,AGE,PTGENDER,PTEDUCAT,APOE4,ABETA,PTAU,TAU,FDG,AV45,Years_bl,MMSE
+1,011_S_0001,bl,2005-09-08,CN,CN,74.3,Male,16,0,>1700,20.1,230,6.5,,0,29
+1,011_S_0001,m12,2006-09-12,CN,MCI,74.3,Male,16,0,,,,6.1,,1.0,27
+2,011_S_0002,m06,2006-03-01,AD,Dementia,80.1,Female,12,1,,,,,,0.5,20
+3,011_S_0003,bl,2005-11-08,SMC,CN,70.0,Female,18,0,900,,,,1.1,0,30
+3,011_S_0003,m06,2006-05-02,SMC,CN,70.0,Female,18,0,,,,,,0.5,30
+4,011_S_0004,bl,2005-11-10,LMCI,MCI,,Male,,1,640,31,330,,,0,26
+5,011_S_0005,bl,2005-12-01,AD,Dementia,77.7,Female,14,2,<200,55,520,5.2,1.5,0,21
+"""
+
+
+def test_from_adnimerge_keeps_one_row_per_subject_with_the_diagnosis_of_that_visit(tmp_path):
+    (tmp_path / "ADNIMERGE.csv").write_text(ADNIMERGE)
+    p = run("data.py", "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out", tmp_path / "t.csv")
+    assert p.returncode == 0, p.stderr
+    assert "kept 3 subjects (CN 1, MCI 1, AD 1)" in p.stdout and "1 subjects without a 'bl' visit" in p.stdout
+    assert "DX_bl SMC 1" in p.stdout
+    t = data.read_ad_table(tmp_path / "t.csv", need_images=False)
+    assert t.subjects == ["011_S_0001", "011_S_0004", "011_S_0005"] and t.labels.tolist() == [0, 1, 2]
+    assert np.isnan(t.age[1]) and t.raw[0]["ABETA"] == ">1700"        # empty and censored cells as exported
+    p = run("data.py", "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out", tmp_path / "t.csv",
+            "--group-map", "SMC=CN")
+    assert "kept 4 subjects (CN 2, MCI 1, AD 1)" in p.stdout
+    p = run("data.py", "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out", tmp_path / "m12.csv", "--visit", "m12")
+    t = data.read_ad_table(tmp_path / "m12.csv", need_images=False)
+    assert t.subjects == ["011_S_0001"] and t.labels.tolist() == [1] and t.age[0] == pytest.approx(75.3)
+    assert_clean_error(run("data.py", "from-adnimerge", tmp_path / "t.csv", "--out", tmp_path / "x.csv"),
+                       "t.csv", "missing columns PTID, VISCODE")
+    assert not (tmp_path / "x.csv").exists()
+
+
+def _png_size(path):
+    """(width, height) from a PNG's IHDR, after checking the signature and that the pixels decompress."""
+    blob = open(path, "rb").read()
+    assert blob[:8] == b"\x89PNG\r\n\x1a\n" and blob[12:16] == b"IHDR"
+    w, h = struct.unpack(">II", blob[16:24])
+    idat = blob.index(b"IDAT")
+    n = struct.unpack(">I", blob[idat - 4:idat])[0]
+    assert len(zlib.decompress(blob[idat + 4:idat + 4 + n])) == h * (1 + 3 * w)   # RGB rows, one filter byte
+    return w, h
+
+
+def test_check_ad_preview_draws_the_boxes_and_writes_the_crops_as_png(ad_cohort40, tmp_path):
+    p = run("data.py", "check-ad", ad_cohort40, "--preview", tmp_path / "pv", "--preview-n", "2")
+    assert p.returncode == 0 and "wrote 4 PNGs" in p.stdout, p.stderr
+    X, Y, Z = synthetic.AD_SYNTH["shape"]
+    D, H, W = synthetic.AD_SYNTH["crop_size"]
+    subject = data.read_ad_table(ad_cohort40).subjects[0]
+    assert _png_size(tmp_path / "pv" / f"{subject}_boxes.png") == (2 * (X + 2), max(Y, Z))  # axial | coronal
+    assert _png_size(tmp_path / "pv" / f"{subject}_crops.png") == (2 * (D + 2 + D + 2), max(H, W))
+
+
 def test_failed_synthesis_leaves_no_partial_cohort(tmp_path, monkeypatch):
     calls = []
 
@@ -921,12 +976,12 @@ def test_empty_age_sex_education_and_apoe4_cells_are_imputed_and_the_split_does_
     table = data.read_ad_table(csv_path)
     unknown = np.flatnonzero(np.isnan(table.age) | (table.sex < 0))
     assert len(unknown) == 5
-    subsets = data.ad_split(table.sex, table.labels, table.age, 0)
-    assert np.array_equal(subsets, data.ad_split(table.sex, table.labels, table.age, 0))    # run to run
+    subsets = splits.ad_split(table.sex, table.labels, table.age, 0)
+    assert np.array_equal(subsets, splits.ad_split(table.sex, table.labels, table.age, 0))    # run to run
     assert set(subsets[unknown]) <= set(range(5))                                          # each lands in a subset
-    tests = [data.ad_fold(subsets, f)[2] for f in range(4)]
+    tests = [splits.ad_fold(subsets, f)[2] for f in range(4)]
     assert all(np.array_equal(tests[0], t) for t in tests)                                 # every fold alike
-    prep = TabularPreprocessor().fit([table.raw[i] for i in data.ad_fold(subsets, 1)[0]])
+    prep = TabularPreprocessor().fit([table.raw[i] for i in splits.ad_fold(subsets, 1)[0]])
     X = prep.transform(table.raw)
     assert np.isfinite(X).all() and {"AGE_missing", "PTGENDER_missing"} <= set(prep.columns)  # no NaN reaches it
     for model in ("tabular", "hyperfusion"):
@@ -1190,7 +1245,7 @@ def test_brain_age_sweep_reads_every_test_scan_as_male_and_as_female(brain_age_c
 
 def test_ad_sweep_changes_the_tabular_attribute_of_every_test_row(ad_cohort40, tmp_path):
     table = data.read_ad_table(ad_cohort40)
-    train_idx, _, test_idx = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 0)
+    train_idx, _, test_idx = splits.ad_fold(splits.ad_split(table.sex, table.labels, table.age, 0), 0)
     prep = TabularPreprocessor().fit([table.raw[i] for i in train_idx])
     torch.manual_seed(0)
     model = build_model("ad", "hyperfusion", n_tabular=prep.n_features)

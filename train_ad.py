@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import splits
 from layers import init_hyperlayers
 from metrics import classification_metrics
 from models import AD_MODELS, class_probabilities
@@ -76,8 +77,8 @@ def train_ad(args):
                                group_map=run.group_map)
     if table.skipped:
         log(data.skipped_summary(table), quiet)
-    subsets = data.ad_split(table.sex, table.labels, table.age, run.split_seed)
-    train_idx, val_idx, test_idx = data.ad_fold(subsets, run.fold)
+    subsets = splits.ad_split(table.sex, table.labels, table.age, run.split_seed)
+    train_idx, val_idx, test_idx = splits.ad_fold(subsets, run.fold)
     prep = TabularPreprocessor().fit([table.raw[i] for i in train_idx])  # Sec. 3.3: training rows only
     tabular = prep.transform(table.raw)                                   # (N, n_tab)
     crops = data.load_crops(run.crops, run.data_csv) if image_model else None

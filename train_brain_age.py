@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import splits
 from layers import init_hyperlayers
 from metrics import regression_metrics
 from models import BRAIN_AGE_MODELS, AgeTarget
@@ -64,7 +65,7 @@ def train_brain_age(args):
     device = setup_device(args["device"])
     workers = loader_workers(args["workers"], device)
     table = data.read_brain_age_table(run.data_csv, run.image_dir)
-    train_idx, val_idx, test_idx = data.brain_age_split(table.age, table.sex, run.split_seed)
+    train_idx, val_idx, test_idx = splits.brain_age_split(table.age, table.sex, run.split_seed)
     train_idx = select_training_sex(train_idx, table.sex, run.train_sex, run.split_seed)
     cache = data.ImageCache(table.image_paths, run.cache_dir or data.default_cache_dir(run.data_csv), run.cache_dtype,
                             names=table.subjects).prepare(progress=not quiet)
