@@ -33,7 +33,8 @@ import data
 import splits
 import train_ad
 import train_brain_age
-from metrics import classification_metrics, entropy_weighted_ensemble, mean_ensemble, regression_metrics
+from metrics import (age_bias_fit, classification_metrics, entropy_weighted_ensemble, gap_summary, mean_ensemble,
+                     regression_metrics)
 from models import AD_MODELS, BRAIN_AGE_MODELS, AgeTarget, build_model, candidate_layers, layer_loss_entropy
 from runs import finished, load_run
 from safeio import UserError, run_cli, write_csv, write_json, write_text
@@ -306,10 +307,14 @@ def brain_age_ensemble(version_dirs, top=5):
     check_compatible(chosen, BRAIN_AGE_KEYS)
     p = chosen[0]["pred"]
     pred = mean_ensemble([r["pred"]["pred"] for r in chosen])                         # Eq. 6
+    gap = None
+    if all("val_pred" in r["pred"] and np.array_equal(r["pred"]["val_subjects"], p["val_subjects"]) for r in chosen):
+        val_pred = mean_ensemble([r["pred"]["val_pred"] for r in chosen])             # the same ensemble
+        gap = gap_summary(p["age"], pred, p["sex"], age_bias_fit(p["val_age"], val_pred))
     return {"versions": ranked, "val_mae": [runs[v]["metrics"]["val"]["mae"] for v in ranked],
             "members_mae": [runs[v]["metrics"]["test"]["mae"] for v in ranked],
             "metrics": regression_metrics(p["age"], pred, p["sex"]), "pred": pred, "age": p["age"], "sex": p["sex"],
-            "subjects": p["subjects"], "available": sorted(runs)}
+            "subjects": p["subjects"], "available": sorted(runs), "gap": gap}
 
 
 def brain_age_results(runs, top=5):
@@ -328,7 +333,7 @@ def brain_age_results(runs, top=5):
     for name, dirs in folders.items():
         e = brain_age_ensemble(dirs, top)
         models.append({"folder": name, **{k: e[k] for k in ("versions", "available", "val_mae", "members_mae",
-                                                             "metrics")}})
+                                                             "metrics", "gap")}})
     fig4a = []
     for m in models:
         match = FIG4A.fullmatch(m["folder"])
@@ -350,6 +355,16 @@ def brain_age_markdown(res):
         [[m["folder"], f"{', '.join(map(str, m['versions']))} of {len(m['available'])}",
           f"{m['metrics']['mae']:.2f}", f"{m['metrics']['mae_male']:.2f}", f"{m['metrics']['mae_female']:.2f}",
           "{:.2f} ± {:.2f}".format(*mean_std(m["members_mae"])).replace("nan", "-")] for m in res["models"]]))
+    gaps = [m for m in res["models"] if m["gap"]]
+    if gaps:
+        out += ["", "Brain-age gap (predicted minus chronological age) on the test set, mean in years; corrected: "
+                "minus the linear age bias fitted on the validation set (Smith et al. 2019); r: correlation with age:",
+                ""]
+        out.append(markdown_table(
+            ["model", "gap", "gap male", "gap female", "corrected male", "corrected female", "r before", "r after"],
+            [[m["folder"]] + [f"{m['gap'][k]:+.2f}" for k in ("gap", "gap_male", "gap_female", "corrected_gap_male",
+                                                               "corrected_gap_female", "r_gap_age",
+                                                               "r_corrected_gap_age")] for m in gaps]))
     if res["fig4a"]:
         out += ["", "Fig. 4A: training set (rows) against test set (columns), ensemble MAE in years:", ""]
         out.append(markdown_table(["model", "trained on", "test: male", "test: female", "test: all"],

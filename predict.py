@@ -12,7 +12,8 @@ for brain age. NEW.csv needs no diagnosis or age; when it has them, the metrics 
 
 Output columns. AD: Subject, prob_<class> for each class, predicted, n_models, prob_spread (the
 largest standard deviation of a class probability across members). Brain age: Subject,
-predicted_age, n_models, age_spread, and gap (predicted minus chronological age) when Age is given.
+predicted_age, n_models, age_spread, and when Age is given gap (predicted minus chronological age)
+and corrected_gap (minus the linear age bias fitted on the runs' validation sets).
 Bad input -> one line `error: ...` on stderr, exit status 2, and no output file.
 """
 import argparse
@@ -22,7 +23,8 @@ import time
 import numpy as np
 
 import data
-from metrics import classification_metrics, entropy_weighted_ensemble, mean_ensemble, regression_metrics
+from metrics import (classification_metrics, corrected_gap, entropy_weighted_ensemble, gap_summary, mean_ensemble,
+                     regression_metrics)
 from models import class_probabilities
 from runs import finished, load_run
 from safeio import UserError, run_cli, write_csv
@@ -109,6 +111,15 @@ def combine(task, outputs):
     return mean_ensemble(outputs), outputs.std(0)
 
 
+def ensemble_age_bias(members):
+    """The age-bias correction of the Eq. 6 ensemble: the mean of the members' fits, each on its validation
+    set (exact when they share one, as the versions of a brain-age protocol do); None if a member has none."""
+    fits = [m.read_metrics().get("age_bias") for m in members]
+    if any(f is None for f in fits):
+        return None
+    return {k: float(np.mean([f[k] for f in fits])) for k in ("intercept", "slope")}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN", help="finished run folders, or folders above them")
@@ -143,11 +154,18 @@ def main(argv=None):
         rows = [[s] + [f"{q:.6f}" for q in pr] + [names[int(pr.argmax())], K, f"{sp:.6f}"]
                 for s, pr, sp in zip(table.subjects, combined, spread)]
     else:
-        header = ["Subject", "predicted_age", "n_models", "age_spread"] + (["gap"] if np.isfinite(table.age).any()
-                                                                           else [])
-        rows = [[s, f"{y:.3f}", K, f"{sp:.3f}"] + ([f"{y - age:.3f}" if np.isfinite(age) else ""]
-                                                   if len(header) == 5 else [])
-                for s, y, sp, age in zip(table.subjects, combined, spread, table.age)]
+        bias = ensemble_age_bias(members)
+        header = ["Subject", "predicted_age", "n_models", "age_spread"]
+        gaps = []
+        if np.isfinite(table.age).any():
+            header.append("gap")
+            gaps.append(combined - table.age)
+            if bias is not None:
+                header.append("corrected_gap")
+                gaps.append(corrected_gap(table.age, combined, bias))
+        cell = lambda v: f"{v:.3f}" if np.isfinite(v) else ""
+        rows = [[s, f"{y:.3f}", K, f"{sp:.3f}"] + [cell(g[i]) for g in gaps]
+                for i, (s, y, sp) in enumerate(zip(table.subjects, combined, spread))]
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     write_csv(rows, header, a.out)
     seconds = time.time() - t0
@@ -162,8 +180,13 @@ def main(argv=None):
         known = np.isfinite(table.age)
         m = regression_metrics(table.age[known], combined[known], table.sex[known])
         print(f"ensemble on the {int(known.sum())} subjects with an age: MAE {m['mae']:.2f} (male "
-              f"{m['mae_male']:.2f}, female {m['mae_female']:.2f}) years, mean gap "
-              f"{float(np.mean(combined[known] - table.age[known])):+.2f}")
+              f"{m['mae_male']:.2f}, female {m['mae_female']:.2f}) years")
+        if bias is not None:
+            g = gap_summary(table.age[known], combined[known], table.sex[known], bias)
+            print(f"brain-age gap: mean {g['gap']:+.2f} (male {g['gap_male']:+.2f}, female {g['gap_female']:+.2f}), "
+                  f"bias-corrected {g['corrected_gap']:+.2f} (male {g['corrected_gap_male']:+.2f}, female "
+                  f"{g['corrected_gap_female']:+.2f}); r(gap, age) {g['r_gap_age']:+.2f} -> "
+                  f"{g['r_corrected_gap_age']:+.2f}")
     return {"task": task, "subjects": table.subjects, "combined": combined, "spread": spread,
             "outputs": outputs, "members": [m.dir for m in members]}
 

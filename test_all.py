@@ -20,6 +20,7 @@ from scipy.stats import mannwhitneyu
 
 import data
 import evaluate
+import metrics
 import predict
 import preprocess
 import safeio
@@ -170,15 +171,18 @@ def random_probs(rng, n, c=3, sharp=2.0):
     return p / p.sum(1, keepdims=True)
 
 
-def fake_brain_age_run(runs, version, val_mae, pred, age, sex, model="hyperfusion", train_sex="all"):
-    """The files train_brain_age.py writes, with made-up test predictions."""
+def fake_brain_age_run(runs, version, val_mae, pred, age, sex, model="hyperfusion", train_sex="all", val=None):
+    """The files train_brain_age.py writes, with made-up test (and, given `val` = (age, pred), validation)
+    predictions."""
     run_dir = training.brain_age_run_dir(runs, model, version, train_sex=train_sex)
     run = RunConfig(task="brain-age", model=model, version=version, split_seed=0, embedding_dim=1,
                     train_sex=train_sex, data_csv="brain_age.csv", **SCHEDULE)
     save_run_checkpoint(run_dir, run, {"n_tabular": 2, "image_shape": [36, 38, 36]},
                         target={"centre": 50.0, "scale": 10.0})
+    extra = {} if val is None else dict(val_subjects=np.array([f"V{i}" for i in range(len(val[0]))]),
+                                        val_age=np.asarray(val[0], np.float32), val_pred=np.asarray(val[1], np.float32))
     np.savez(os.path.join(run_dir, "predictions.npz"), subjects=np.array([f"B{i}" for i in range(len(age))]),
-             age=np.asarray(age, np.float32), sex=np.asarray(sex), pred=np.asarray(pred, np.float32))
+             age=np.asarray(age, np.float32), sex=np.asarray(sex), pred=np.asarray(pred, np.float32), **extra)
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump({"val": {"mae": val_mae}, "test": regression_metrics(age, pred, sex), "best_epoch": 0}, f)
     return run_dir
@@ -990,15 +994,63 @@ def test_empty_age_sex_education_and_apoe4_cells_are_imputed_and_the_split_does_
         assert np.isfinite(load_run(_run_dir(tmp_path, model)).read_predictions()["probs"]).all()
 
 
-def test_a_two_epoch_brain_age_run_writes_its_files_with_maes_in_years(brain_age_cohort40, tmp_path):
-    metrics = train_brain_age.main(["--data-csv", str(brain_age_cohort40), "--out", str(tmp_path), "--epochs", "2",
+@pytest.fixture(scope="session")
+def brain_age_run(brain_age_cohort40, tmp_path_factory):
+    """A two-epoch HyperFusion brain-age run on the 40-subject cohort -> (its metrics, its folder)."""
+    out = tmp_path_factory.mktemp("brain_age_run")
+    metrics = train_brain_age.main(["--data-csv", str(brain_age_cohort40), "--out", str(out), "--epochs", "2",
                                     "--batch-size", "8", "--quiet"])
-    run = training.brain_age_run_dir(tmp_path, "hyperfusion", 0)
+    return metrics, training.brain_age_run_dir(out, "hyperfusion", 0)
+
+
+def test_a_two_epoch_brain_age_run_writes_its_files_with_maes_in_years(brain_age_run):
+    metrics, run = brain_age_run
     for f in ["best.pt", "last.pt", "log.csv", "metrics.json", "predictions.npz"]:
         assert os.path.isfile(os.path.join(run, f)), f
     for split in ("val", "test"):
         for k in ("mae", "mae_male", "mae_female"):
             assert 0.0 < metrics[split][k] < 100.0
+
+
+def test_after_a_short_run_the_two_sexes_generate_different_weights_in_every_hyperlayer(brain_age_run):
+    model = load_run(brain_age_run[1]).model()
+    for name in model.linears:
+        h = getattr(model, name).hypernet
+        with torch.no_grad():
+            (w_male, b_male), (w_female, b_female) = (h.generate(h(torch.eye(2)[[s]])) for s in (0, 1))
+        assert not torch.allclose(w_male, w_female, rtol=1e-3, atol=1e-6), name
+        assert not torch.allclose(b_male, b_female, rtol=1e-3, atol=1e-6), name
+
+
+def test_the_age_bias_correction_leaves_a_gap_uncorrelated_with_age_on_its_fitting_set():
+    age = np.array([20.0, 30.0, 40.0, 50.0, 60.0, 70.0])
+    pred = np.array([30.0, 36.0, 43.0, 50.0, 56.0, 61.0])  # regression to the mean: young over-, old under-estimated
+    gap = pred - age                                      # 10, 6, 3, 0, -4, -9
+    slope = ((age - age.mean()) * (gap - gap.mean())).sum() / ((age - age.mean()) ** 2).sum()   # by hand
+    fit = metrics.age_bias_fit(age, pred)
+    assert fit["slope"] == pytest.approx(slope) and fit["intercept"] == pytest.approx(gap.mean() - slope * age.mean())
+    corrected = metrics.corrected_gap(age, pred, fit)
+    assert abs(np.corrcoef(corrected, age)[0, 1]) < 1e-9 and abs(corrected.mean()) < 1e-9
+    summary = metrics.gap_summary(age, pred, np.array([0, 1, 0, 1, 0, 1]), fit)
+    assert summary["r_gap_age"] < -0.99 and abs(summary["r_corrected_gap_age"]) < 1e-9
+    assert summary["gap_male"] == pytest.approx(np.mean(gap[[0, 2, 4]]))
+
+
+def test_predict_reproduces_a_brain_age_runs_test_predictions_and_reports_the_corrected_gap(brain_age_cohort40,
+                                                                                           brain_age_run, tmp_path):
+    _, run_dir = brain_age_run
+    res = _predict(run_dir, "--data-csv", brain_age_cohort40, "--out", tmp_path / "ages.csv")
+    saved = load_run(run_dir).read_predictions()
+    rows = [res["subjects"].index(s) for s in saved["subjects"]]
+    np.testing.assert_allclose(res["combined"][rows], saved["pred"], atol=1e-4)
+    lines = (tmp_path / "ages.csv").read_text().splitlines()
+    assert lines[0] == "Subject,predicted_age,n_models,age_spread,gap,corrected_gap" and len(lines) == 41
+    bias = load_run(run_dir).read_metrics()["age_bias"]
+    table = data.read_brain_age_table(brain_age_cohort40)
+    first = lines[1].split(",")
+    age = float(table.age[table.subjects.index(first[0])])
+    expected = float(first[1]) - age - (bias["intercept"] + bias["slope"] * age)
+    assert float(first[5]) == pytest.approx(expected, abs=2e-3)
 
 
 def test_fig4a_training_sets_are_single_sex_or_a_balanced_mix_of_the_same_size():
@@ -1165,8 +1217,10 @@ def test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae(tm
     age, sex = rng.uniform(20, 80, 30), np.arange(30) % 2
     val_mae = [5.0, 1.0, 6.0, 2.0, 3.0, 7.0, 4.0]
     preds = {v: age + rng.normal(0, 3, 30) for v in range(7)}
+    val_age = rng.uniform(20, 80, 12)
+    val_preds = {v: 0.7 * val_age + 15 + rng.normal(0, 2, 12) for v in range(7)}     # regression to the mean
     for v, mae in enumerate(val_mae):
-        fake_brain_age_run(tmp_path, v, mae, preds[v], age, sex)
+        fake_brain_age_run(tmp_path, v, mae, preds[v], age, sex, val=(val_age, val_preds[v]))
     for train_sex in ("M", "F"):
         fake_brain_age_run(tmp_path, 0, 1.0, age + 2, age, sex, train_sex=train_sex)
     res = evaluate.evaluate_brain_age(str(tmp_path), quiet=True)
@@ -1174,10 +1228,16 @@ def test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae(tm
     assert hf["versions"] == [1, 3, 4, 6, 0]                              # val MAE 1, 2, 3, 4, 5
     expected = regression_metrics(age, np.mean([preds[v] for v in (1, 3, 4, 6, 0)], 0), sex)   # Eq. 6
     assert hf["metrics"] == pytest.approx(expected)
+    chosen = (1, 3, 4, 6, 0)   # the gap is corrected with the fit of the same ensemble's validation predictions
+    val_ensemble = np.mean([val_preds[v].astype(np.float32) for v in chosen], 0)
+    fit = metrics.age_bias_fit(val_age.astype(np.float32), val_ensemble)
+    gap = metrics.gap_summary(age.astype(np.float32), np.mean([preds[v].astype(np.float32) for v in chosen], 0), sex,
+                              fit)
+    assert hf["gap"] == pytest.approx(gap, abs=1e-4)
     assert [r["train"] for r in res["fig4a"]] == ["M", "F"]
     assert [(r["male"], r["female"], r["all"]) for r in res["fig4a"]] == [pytest.approx((2, 2, 2), abs=1e-4)] * 2
     md = (tmp_path / "results_brain-age.md").read_text()
-    assert "Fig. 4A" in md and "1, 3, 4, 6, 0 of 7" in md
+    assert "Fig. 4A" in md and "1, 3, 4, 6, 0 of 7" in md and "Brain-age gap" in md
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@
 The cohort is split 80/10/10 by age and sex (Sec. 4.2.3, split seed 0 unless --split-seed); the
 epoch with the best validation MAE is kept and tested. Output in <out>/brain-age/<model>/v<V>/
 (with --train-sex or --embedding-dim 2 in the model's folder name): best.pt, last.pt, log.csv,
-metrics.json ({"val": ..., "test": ...} with mae, mae_male, mae_female) and predictions.npz.
+metrics.json ({"val": ..., "test": ...} with mae, mae_male, mae_female and the brain-age gap; "age_bias":
+the linear age-bias correction fitted on the validation set) and predictions.npz (test and validation).
 The loop, checkpoints and device handling are training.py's.
 """
 import argparse
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 import data
 import splits
 from layers import init_hyperlayers
-from metrics import regression_metrics
+from metrics import age_bias_fit, gap_summary, regression_metrics
 from models import BRAIN_AGE_MODELS, AgeTarget
 from safeio import atomic_path, run_cli, write_json
 from synthetic import builtin_cohort
@@ -94,13 +95,18 @@ def train_brain_age(args):
 
     model.load_state_dict(load_checkpoint(os.path.join(run_dir, "best.pt"), identity(run, inputs))["model"])
     test_metrics, pred = age_metrics(model, test_loader, device, target, table.sex[test_idx])
+    _, val_pred = age_metrics(model, val_loader, device, target, table.sex[val_idx])
+    bias = age_bias_fit(table.age[val_idx], val_pred)          # the gap's age bias, fitted on validation
+    test_metrics["gap"] = gap_summary(table.age[test_idx], pred, table.sex[test_idx], bias)
     with atomic_path(os.path.join(run_dir, "predictions.npz")) as tmp:
         np.savez(tmp, subjects=np.array(table.subjects)[test_idx], age=table.age[test_idx],
-                 sex=table.sex[test_idx], pred=pred)
-    metrics = {"val": best["metrics"], "test": test_metrics, "best_epoch": best["epoch"]}
+                 sex=table.sex[test_idx], pred=pred, val_subjects=np.array(table.subjects)[val_idx],
+                 val_age=table.age[val_idx], val_sex=table.sex[val_idx], val_pred=val_pred)
+    metrics = {"val": best["metrics"], "test": test_metrics, "best_epoch": best["epoch"], "age_bias": bias}
     write_json(metrics, os.path.join(run_dir, "metrics.json"))
     log(f"test MAE {test_metrics['mae']:.2f} (male {test_metrics['mae_male']:.2f}, female "
-        f"{test_metrics['mae_female']:.2f}) years, best epoch {best['epoch'] + 1} -> {run_dir}")
+        f"{test_metrics['mae_female']:.2f}) years, mean gap {test_metrics['gap']['gap']:+.2f}, bias-corrected "
+        f"{test_metrics['gap']['corrected_gap']:+.2f}, best epoch {best['epoch'] + 1} -> {run_dir}")
     return metrics
 
 
