@@ -1,4 +1,4 @@
-"""Real data in: NIfTI images read and validated, the tables (tables.py), splits, crops, the image cache, Datasets.
+"""Real data in: NIfTI images read and validated, the tables (tables.py), hippocampus crops, the image cache, Datasets.
 
 On-disk format (the synthetic cohorts of synthetic.py use it too, so the demos exercise the real path):
     AD:        a CSV with Subject, Group, AGE, PTGENDER, PTEDUCAT, APOE4, ABETA, PTAU, TAU, FDG, AV45
@@ -9,14 +9,16 @@ Every error is a UserError naming the file, subject, line or column. The tables 
 its readers are re-exported here, so `data` stays the one door for data coming in.
 
 Command line (bad input -> one line `error: ...` on stderr, exit status 2):
-    python data.py check-ad CSV [--image-dir DIR] [--no-images]
+    python data.py check-ad CSV [--image-dir DIR] [--no-images] [--group-map SMC=CN] [--preview DIR]
     python data.py check-brain-age CSV [--image-dir DIR] [--no-images]
+    python data.py from-adnimerge ADNIMERGE.csv --out table.csv [--visit bl] [--group-map SMC=CN]
 """
 import contextlib
 import hashlib
 import json
 import math
 import os
+import struct
 import time
 import zlib
 from dataclasses import dataclass
@@ -25,9 +27,9 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from safeio import ArgumentParser, UserError, atomic_path, run_cli, warn, write_json
+from safeio import ArgumentParser, UserError, atomic_path, run_cli, warn, write_csv, write_json
 from tables import (CLASS_NAMES, GROUP_ALIASES, ADTable, BrainAgeTable, check_subjects, diagnosis,  # noqa: F401
-                    find_image, parse_group_map, read_ad_table, read_brain_age_table, read_csv_rows,
+                    find_image, number_cell, parse_group_map, read_ad_table, read_brain_age_table, read_csv_rows,
                     skipped_summary, table_sha256)
 from tabular import AD_ATTRIBUTES
 
@@ -145,74 +147,6 @@ def sex_onehot(sex):
     """(N,) 0/1 -> (N, 2) float32 one-hot [male, female] (Sec. 4.2.3)."""
     sex = np.asarray(sex, np.int64)
     return np.eye(2, dtype=np.float32)[sex]
-
-
-# ----------------------------------------------------------------------------------------------
-# Splits (Sec. 4.3.4, App. C.1; Sec. 4.2.3)
-
-def _bins(age, n_bins):
-    """Equal-width age bins over the known ages; an unknown age (NaN) is a bin of its own (-1), so the
-    split never depends on imputation."""
-    age = np.asarray(age, np.float64)
-    known = np.isfinite(age)
-    if not known.any():
-        return np.full(len(age), -1)
-    edges = np.linspace(age[known].min(), age[known].max(), n_bins + 1)[1:-1]
-    return np.where(known, np.digitize(np.where(known, age, 0.0), edges), -1)
-
-
-def _stratified_order(keys, seed):
-    """Shuffle with the seed, then group by the stratification keys (random order within a group)."""
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(keys[0]))
-    order = np.lexsort(tuple(np.asarray(k)[perm] for k in reversed(keys)))  # stable: keeps perm inside groups
-    return perm[order]
-
-
-def ad_split(sex, labels, age, seed, n_subsets=5, n_age_bins=20):
-    """-> (N,) int64 subset id 0..n_subsets-1 per subject (Sec. 4.3.4).
-
-    Shuffled with `seed`, then dealt round-robin into the subsets within each (sex, diagnosis,
-    age bin) group, an unknown sex or age forming groups of their own; the dealing position carries
-    over from one group to the next, so the subsets differ in size by at most one and keep the
-    joint distribution.
-    """
-    n = len(labels)
-    if n < n_subsets:
-        raise UserError(f"{n} subjects cannot be split into {n_subsets} subsets")
-    order = _stratified_order([sex, labels, _bins(age, n_age_bins)], seed)
-    subsets = np.empty(n, np.int64)
-    subsets[order] = np.arange(n) % n_subsets
-    return subsets
-
-
-def ad_fold(subsets, fold, test_subset=4):
-    """-> (train_idx, val_idx, test_idx): test = subset 4, validation = subset `fold` (0..3), train = rest."""
-    subsets = np.asarray(subsets)
-    n_sub = int(subsets.max()) + 1
-    if not (0 <= fold < n_sub) or fold == test_subset:
-        raise UserError(f"fold must be in 0..{n_sub - 2} (subset {test_subset} is the test set), got {fold}")
-    idx = np.arange(len(subsets))
-    return (idx[(subsets != fold) & (subsets != test_subset)], idx[subsets == fold], idx[subsets == test_subset])
-
-
-def brain_age_split(age, sex, seed, fractions=(0.8, 0.1, 0.1), n_age_bins=20):
-    """-> (train_idx, val_idx, test_idx), 80/10/10 stratified by sex and age bins (Sec. 4.2.3).
-
-    Same dealing as ad_split, but by quotas: the next subject goes to the part furthest below
-    its share so far, so every (sex, age bin) group is cut in the given fractions.
-    """
-    fr = np.asarray(fractions, np.float64)
-    if len(age) < len(fr) or np.any(fr < 0) or abs(fr.sum() - 1) > 1e-6:
-        raise UserError(f"cannot split {len(age)} subjects into fractions {tuple(fractions)}")
-    order = _stratified_order([sex, _bins(age, n_age_bins)], seed)
-    counts = np.zeros(len(fr))
-    part = np.empty(len(order), np.int64)
-    for k, i in enumerate(order):
-        j = int(np.argmax(fr * (k + 1) - counts))
-        part[i] = j
-        counts[j] += 1
-    return tuple(np.flatnonzero(part == j) for j in range(len(fr)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -439,6 +373,86 @@ class TabularDataset(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------------------------
+# ADNIMERGE as downloaded: one row per visit -> one row per subject
+
+def from_adnimerge(path, out, visit="bl", dx_column=None, group_map=None):
+    """Keep one row per subject of an ADNIMERGE export (PTID, VISCODE, DX_bl / DX, ...): the `visit`
+    row, its diagnosis mapped to CN / MCI / AD (aliases and --group-map; other values and empty cells
+    dropped with a count), the columns named as this project reads them; AGE is the age at that visit
+    (AGE + Years_bl). Writes `out` atomically. -> a report of what was kept and dropped."""
+    dx_column = dx_column or ("DX_bl" if visit == "bl" else "DX")
+    rows, fields = read_csv_rows(path, ("PTID", "VISCODE", dx_column) + AD_ATTRIBUTES)
+    kept, seen, dropped = [], set(), {}
+    subjects = {r["PTID"] for _, r in rows if r["PTID"]}
+    for line, r in rows:
+        if r["VISCODE"].strip().lower() != visit.lower() or not r["PTID"] or r["PTID"] in seen:
+            continue
+        seen.add(r["PTID"])
+        g = diagnosis(r[dx_column], group_map)
+        if g is None:
+            dropped[r[dx_column]] = dropped.get(r[dx_column], 0) + 1
+            continue
+        row = {"Subject": r["PTID"], "Group": g, **{a: r[a] for a in AD_ATTRIBUTES}}
+        years = number_cell(path, line, r, "Years_bl", required=False) if "Years_bl" in fields else math.nan
+        age = number_cell(path, line, r, "AGE", required=False)
+        if math.isfinite(years) and math.isfinite(age):
+            row["AGE"] = f"{age + years:.1f}"
+        kept.append(row)
+    if not kept:
+        raise UserError(f"{path}: no subject has a {visit!r} visit with a CN, MCI or AD diagnosis in {dx_column}")
+    write_csv(kept, ["Subject", "Group"] + list(AD_ATTRIBUTES), out)
+    counts = ", ".join(f"{c} {sum(r['Group'] == c for r in kept)}" for c in CLASS_NAMES)
+    return (f"kept {len(kept)} subjects ({counts}) from {len(rows)} rows -> {out}; dropped: "
+            f"{len(subjects) - len(seen)} subjects without a {visit!r} visit"
+            + "".join(f", {dx_column} {k or '(empty)'} {v}" for k, v in sorted(dropped.items())))
+
+
+# ----------------------------------------------------------------------------------------------
+# Previews: see the hippocampus boxes before training for days
+
+def write_png(rgb, path):
+    """(H, W, 3) uint8 -> an RGB PNG file, with the standard library's zlib (no imaging dependency)."""
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[i].tobytes() for i in range(h))                 # filter 0 on every row
+    chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body
+                                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(png)
+
+
+def _gray(plane):
+    """A 2D slice -> (H, W, 3) uint8, 1st-99th percentile window, anterior / superior at the top."""
+    lo, hi = np.percentile(plane, [1, 99])
+    g = (np.clip((plane - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8).T[::-1]
+    return np.repeat(g[:, :, None], 3, 2).copy()
+
+
+def preview_crops(volume, crops, path_boxes, path_crops):
+    """Two PNGs: the axial and coronal mid-slices through the boxes with the left (red) and right (green)
+    boxes drawn; and the two crops' axial and coronal mid-slices (the right one mirrored)."""
+    crops.check(volume.shape)
+    panels = []
+    for axis in (2, 1):                                                            # axial (z), coronal (y)
+        k = crops.left_start[axis] + crops.size[axis] // 2
+        img = _gray(np.take(volume, k, axis))
+        a, b = [d for d in range(3) if d != axis]                                  # (x, y) or (x, z)
+        for start, colour in ((crops.left_start, (255, 0, 0)), (crops.right_start, (0, 255, 0))):
+            x0, x1 = start[a], start[a] + crops.size[a] - 1
+            r0, r1 = img.shape[0] - 1 - (start[b] + crops.size[b] - 1), img.shape[0] - 1 - start[b]
+            img[[r0, r1], x0:x1 + 1], img[r0:r1 + 1, [x0, x1]] = colour, colour
+        panels.append(img)
+    height = max(p.shape[0] for p in panels)
+    pad = lambda p: np.pad(p, ((0, height - p.shape[0]), (0, 2), (0, 0)))
+    write_png(np.concatenate([pad(p) for p in panels], 1), path_boxes)
+    pair = crops(volume)                                                           # (2, D, H, W)
+    tiles = [_gray(np.take(side, side.shape[axis] // 2, axis)) for side in pair for axis in (2, 1)]
+    height = max(t.shape[0] for t in tiles)
+    write_png(np.concatenate([np.pad(t, ((0, height - t.shape[0]), (0, 2), (0, 0))) for t in tiles], 1), path_crops)
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 
 def _check_images(paths, subjects):
@@ -470,15 +484,40 @@ def main(argv=None):
         sp.add_argument("--no-images", action="store_true", help="check the table only")
         if name == "check-ad":
             sp.add_argument("--group-map", nargs="+", metavar="VALUE=DX", help="as in train_ad.py, e.g. SMC=CN")
+            sp.add_argument("--crops", help="crops.json (default: next to the CSV, else the MNI152 boxes)")
+            sp.add_argument("--preview", metavar="DIR", help="write PNGs of the boxes and crops of a few subjects")
+            sp.add_argument("--preview-n", type=int, default=3, help="subjects to preview (default 3)")
+    sp = sub.add_parser("from-adnimerge", help="one row per subject from ADNIMERGE.csv (one row per visit)")
+    sp.add_argument("csv")
+    sp.add_argument("--out", required=True, help="the table to write, as train_ad.py reads it")
+    sp.add_argument("--visit", default="bl", help="VISCODE to keep (default bl, the baseline)")
+    sp.add_argument("--dx-column", help="diagnosis column (default DX_bl at baseline, else DX)")
+    sp.add_argument("--group-map", nargs="+", metavar="VALUE=DX", help="e.g. SMC=CN (default: such rows dropped)")
     a = ap.parse_args(argv)
+    if a.cmd == "from-adnimerge":
+        print(from_adnimerge(a.csv, a.out, a.visit, a.dx_column, parse_group_map(a.group_map)))
+        return
     if a.cmd == "check-ad":
         t = read_ad_table(a.csv, a.image_dir, need_images=not a.no_images, group_map=parse_group_map(a.group_map))
         if t.skipped:
             print(skipped_summary(t))
         shape = _check_images(t.image_paths, t.subjects) if t.image_paths else None
-        boxes = crops_path(None, a.csv)
-        if shape and boxes:
-            HippocampusCrops.load(boxes).check(shape, boxes)
+        crops = load_crops(a.crops, a.csv)
+        own = crops_path(a.crops, a.csv)
+        if shape and own:
+            crops.check(shape, own)
+        elif shape and any(s + d > n for st in (crops.left_start, crops.right_start)
+                           for s, d, n in zip(st, crops.size, shape)):
+            warn(f"no crops.json: the default MNI152 1 mm boxes do not fit images {shape}; image models "
+                 f"need --crops FILE")
+        if a.preview and t.image_paths:
+            os.makedirs(a.preview, exist_ok=True)
+            for i in range(min(a.preview_n, len(t.subjects))):
+                base = os.path.join(a.preview, t.subjects[i])
+                preview_crops(load_volume(t.image_paths[i], t.subjects[i]), crops, base + "_boxes.png",
+                              base + "_crops.png")
+            print(f"wrote {2 * min(a.preview_n, len(t.subjects))} PNGs to {a.preview}: <Subject>_boxes.png (axial and "
+                  f"coronal mid-slices, left box red, right box green) and <Subject>_crops.png (both crops)")
         counts = ", ".join(f"{c} {int((t.labels == k).sum())}" for k, c in enumerate(CLASS_NAMES))
         absent = [c for k, c in enumerate(CLASS_NAMES) if not (t.labels == k).any()]
         if absent:

@@ -30,9 +30,11 @@ import torch.nn.functional as F
 from scipy.stats import mannwhitneyu
 
 import data
+import splits
 import train_ad
 import train_brain_age
-from metrics import classification_metrics, entropy_weighted_ensemble, mean_ensemble, regression_metrics
+from metrics import (age_bias_fit, classification_metrics, entropy_weighted_ensemble, gap_summary, mean_ensemble,
+                     regression_metrics)
 from models import AD_MODELS, BRAIN_AGE_MODELS, AgeTarget, build_model, candidate_layers, layer_loss_entropy
 from runs import finished, load_run
 from safeio import ArgumentParser, UserError, check_number, run_cli, write_csv, write_json, write_text
@@ -290,10 +292,14 @@ def brain_age_ensemble(version_dirs, top=5):
     check_compatible(chosen, BRAIN_AGE_KEYS)
     p = chosen[0]["pred"]
     pred = mean_ensemble([r["pred"]["pred"] for r in chosen])                         # Eq. 6
+    gap = None
+    if all("val_pred" in r["pred"] and np.array_equal(r["pred"]["val_subjects"], p["val_subjects"]) for r in chosen):
+        val_pred = mean_ensemble([r["pred"]["val_pred"] for r in chosen])             # the same ensemble
+        gap = gap_summary(p["age"], pred, p["sex"], age_bias_fit(p["val_age"], val_pred))
     return {"versions": ranked, "val_mae": [runs[v]["metrics"]["val"]["mae"] for v in ranked],
             "members_mae": [runs[v]["metrics"]["test"]["mae"] for v in ranked],
             "metrics": regression_metrics(p["age"], pred, p["sex"]), "pred": pred, "age": p["age"], "sex": p["sex"],
-            "subjects": p["subjects"], "available": sorted(runs)}
+            "subjects": p["subjects"], "available": sorted(runs), "gap": gap}
 
 
 def brain_age_results(runs, top=5):
@@ -312,7 +318,7 @@ def brain_age_results(runs, top=5):
     for name, dirs in folders.items():
         e = brain_age_ensemble(dirs, top)
         models.append({"folder": name, **{k: e[k] for k in ("versions", "available", "val_mae", "members_mae",
-                                                             "metrics")}})
+                                                             "metrics", "gap")}})
     fig4a = []
     for m in models:
         match = FIG4A.fullmatch(m["folder"])
@@ -334,6 +340,16 @@ def brain_age_markdown(res):
         [[m["folder"], f"{', '.join(map(str, m['versions']))} of {len(m['available'])}",
           f"{m['metrics']['mae']:.2f}", f"{m['metrics']['mae_male']:.2f}", f"{m['metrics']['mae_female']:.2f}",
           "{:.2f} ± {:.2f}".format(*mean_std(m["members_mae"])).replace("nan", "-")] for m in res["models"]]))
+    gaps = [m for m in res["models"] if m["gap"]]
+    if gaps:
+        out += ["", "Brain-age gap (predicted minus chronological age) on the test set, mean in years; corrected: "
+                "minus the linear age bias fitted on the validation set (Smith et al. 2019); r: correlation with age:",
+                ""]
+        out.append(markdown_table(
+            ["model", "gap", "gap male", "gap female", "corrected male", "corrected female", "r before", "r after"],
+            [[m["folder"]] + [f"{m['gap'][k]:+.2f}" for k in ("gap", "gap_male", "gap_female", "corrected_gap_male",
+                                                               "corrected_gap_female", "r_gap_age",
+                                                               "r_corrected_gap_age")] for m in gaps]))
     if res["fig4a"]:
         out += ["", "Fig. 4A: training set (rows) against test set (columns), ensemble MAE in years:", ""]
         out.append(markdown_table(["model", "trained on", "test: male", "test: female", "test: all"],
@@ -423,11 +439,11 @@ def test_set(finished_run, data_csv=None, image_dir=None):
         image_model = run.model != "tabular"
         table = data.read_ad_table(run.data_csv, run.image_dir, need_images=image_model, classes=run.classes,
                                    group_map=run.group_map)
-        test_idx = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, run.split_seed), run.fold)[2]
+        test_idx = splits.ad_fold(splits.ad_split(table.sex, table.labels, table.age, run.split_seed), run.fold)[2]
     else:
         image_model = True
         table = data.read_brain_age_table(run.data_csv, run.image_dir)
-        test_idx = data.brain_age_split(table.age, table.sex, run.split_seed)[2]
+        test_idx = splits.brain_age_split(table.age, table.sex, run.split_seed)[2]
     images = None
     if image_model:  # the training run's cache (same folder, dtype and crops), so nothing is decoded again
         cache = data.ImageCache(table.image_paths, run.cache_dir or data.default_cache_dir(run.data_csv),

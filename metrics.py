@@ -48,6 +48,35 @@ def regression_metrics(target, pred, sex):
     return {"mae": mean(err), "mae_male": mean(err[sex == 0]), "mae_female": mean(err[sex == 1]), "n": int(len(err))}
 
 
+def age_bias_fit(age, pred):
+    """The linear age-bias correction of the brain-age gap (Smith et al. 2019; de Lange and Cole 2020):
+    least squares of gap = pred - age on age, over a fitting set (the validation subjects, never the
+    test ones). -> {"intercept", "slope", "n"}. Linear in the predictions, so the fit of an Eq. 6
+    ensemble on a shared fitting set is the mean of its members' fits."""
+    age, gap = np.asarray(age, float), np.asarray(pred, float) - np.asarray(age, float)
+    slope, intercept = np.polyfit(age, gap, 1) if len(age) > 1 and np.ptp(age) > 0 else (0.0, float(gap.mean()))
+    return {"intercept": float(intercept), "slope": float(slope), "n": int(len(age))}
+
+
+def corrected_gap(age, pred, fit):
+    """gap - (intercept + slope * age): the brain-age gap with the age bias that regression to the mean
+    puts into every brain-age model (over-estimating the young, under-estimating the old) removed."""
+    age = np.asarray(age, float)
+    return np.asarray(pred, float) - age - (fit["intercept"] + fit["slope"] * age)
+
+
+def gap_summary(age, pred, sex, fit):
+    """Mean gap and bias-corrected gap, overall and by sex, and the correlation of each with age."""
+    age, sex = np.asarray(age, float), np.asarray(sex)
+    raw, corr = np.asarray(pred, float) - age, corrected_gap(age, pred, fit)
+    mean = lambda v: float(v.mean()) if len(v) else float("nan")
+    r = lambda v: float(np.corrcoef(v, age)[0, 1]) if len(v) > 2 and np.ptp(age) > 0 and np.ptp(v) > 0 else 0.0
+    out = {"r_gap_age": r(raw), "r_corrected_gap_age": r(corr)}
+    for name, m in (("", np.ones(len(age), bool)), ("_male", sex == 0), ("_female", sex == 1)):
+        out[f"gap{name}"], out[f"corrected_gap{name}"] = mean(raw[m]), mean(corr[m])
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Ensembles (Sec. 3.4)
 

@@ -169,6 +169,11 @@ class ADNet(nn.Module):
         return self.fc2(self.linear_drop2(x))              # (B, C) logits
 
 
+def class_probabilities(logits):
+    """(B, C) logits of the AD models -> (B, C) probabilities, what every ensemble and metric reads."""
+    return F.softmax(logits, 1)
+
+
 def build_model(task, name, image_shape=None, n_tabular=None, n_classes=3, embedding_dim=None, **options):
     """Every model of SPEC §2 by task ("brain-age" or "ad") and name; defaults are the paper's sizes."""
     if task == "brain-age":
@@ -228,5 +233,5 @@ def layer_loss_entropy(model, batch, loss_fn, names=None, n_draws=100, bins=10, 
     return sorted(scores, key=lambda s: -s[1])
 
 
-__all__ = ["BrainAgeNet", "AgeTarget", "TabularMLP", "ADNet", "build_model", "count_parameters", "init_hyperlayers",
-           "candidate_layers", "layer_loss_entropy", "BRAIN_AGE_MODELS", "AD_MODELS"]
+__all__ = ["BrainAgeNet", "AgeTarget", "TabularMLP", "ADNet", "class_probabilities", "build_model", "count_parameters",
+           "init_hyperlayers", "candidate_layers", "layer_loss_entropy", "BRAIN_AGE_MODELS", "AD_MODELS"]

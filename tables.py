@@ -169,7 +169,7 @@ def _image_paths(csv_path, rows, fields, subjects, image_dir, need):
     return paths
 
 
-def _number(csv_path, line, row, col, required, codes=None):
+def number_cell(csv_path, line, row, col, required, codes=None):
     """A numeric cell, validated: AD attributes by tabular.parse_attribute (range, ADNI missing codes, counted
     in `codes`), others (brain age's Age) as a number within 0-120 when the column is an age."""
     where = f"{csv_path} line {line}: subject {row.get('Subject')}: column {col}"
@@ -254,9 +254,9 @@ def read_ad_table(csv_path, image_dir=None, need_images=True, classes=3, group_m
         if sx is None:
             raise UserError(f"{csv_path} line {line}: subject {row['Subject']}: column PTGENDER: "
                             f"expected Male or Female, got {cell!r}")
-        age = _number(csv_path, line, row, "AGE", required=False, codes=codes)
-        for col in AD_CONTINUOUS[1:]:
-            _number(csv_path, line, row, col, required=False, codes=codes)  # validate now, parse in the preprocessor
+        age = number_cell(csv_path, line, row, "AGE", required=False, codes=codes)
+        for col in AD_CONTINUOUS[1:]:   # validated now, parsed by the preprocessor
+            number_cell(csv_path, line, row, col, required=False, codes=codes)
         if classes == 2 and g == "MCI" and not for_prediction:
             continue
         keep.append((line, row))
@@ -300,12 +300,13 @@ class BrainAgeTable:
     csv_path: str
 
 
-def read_brain_age_table(csv_path, image_dir=None, need_images=True):
-    """Read and validate a brain-age table: Subject, Age, Sex (M/F) [, image] (Sec. 4.2.1)."""
-    rows, fields = read_csv_rows(csv_path, ("Subject", "Age", "Sex"))
+def read_brain_age_table(csv_path, image_dir=None, need_images=True, for_prediction=False):
+    """Read and validate a brain-age table: Subject, Age, Sex (M/F) [, image] (Sec. 4.2.1).
+    for_prediction: Age is optional (NaN where absent or empty); Sex, which conditions the model, is not."""
+    rows, fields = read_csv_rows(csv_path, ("Subject", "Sex") if for_prediction else ("Subject", "Age", "Sex"))
     ages, sexes = [], []
     for line, row in rows:
-        ages.append(_number(csv_path, line, row, "Age", required=True))
+        ages.append(number_cell(csv_path, line, row, "Age", required=not for_prediction))
         sx = SEX_CODES.get(row["Sex"].lower())
         if sx is None:
             raise UserError(f"{csv_path} line {line}: subject {row['Subject']}: column Sex: "

@@ -6,10 +6,12 @@ import io
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
 import types
 import warnings
+import zlib
 
 import nibabel as nib
 import numpy as np
@@ -21,8 +23,11 @@ from scipy.stats import mannwhitneyu
 
 import data
 import evaluate
+import metrics
+import predict
 import preprocess
 import safeio
+import splits
 import synthetic
 import tabular
 import train_ad
@@ -169,15 +174,18 @@ def random_probs(rng, n, c=3, sharp=2.0):
     return p / p.sum(1, keepdims=True)
 
 
-def fake_brain_age_run(runs, version, val_mae, pred, age, sex, model="hyperfusion", train_sex="all"):
-    """The files train_brain_age.py writes, with made-up test predictions."""
+def fake_brain_age_run(runs, version, val_mae, pred, age, sex, model="hyperfusion", train_sex="all", val=None):
+    """The files train_brain_age.py writes, with made-up test (and, given `val` = (age, pred), validation)
+    predictions."""
     run_dir = training.brain_age_run_dir(runs, model, version, train_sex=train_sex)
     run = RunConfig(task="brain-age", model=model, version=version, split_seed=0, embedding_dim=1,
                     train_sex=train_sex, data_csv="brain_age.csv", **SCHEDULE)
     save_run_checkpoint(run_dir, run, {"n_tabular": 2, "image_shape": [36, 38, 36]},
                         target={"centre": 50.0, "scale": 10.0})
+    extra = {} if val is None else dict(val_subjects=np.array([f"V{i}" for i in range(len(val[0]))]),
+                                        val_age=np.asarray(val[0], np.float32), val_pred=np.asarray(val[1], np.float32))
     np.savez(os.path.join(run_dir, "predictions.npz"), subjects=np.array([f"B{i}" for i in range(len(age))]),
-             age=np.asarray(age, np.float32), sex=np.asarray(sex), pred=np.asarray(pred, np.float32))
+             age=np.asarray(age, np.float32), sex=np.asarray(sex), pred=np.asarray(pred, np.float32), **extra)
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump({"val": {"mae": val_mae}, "test": regression_metrics(age, pred, sex), "best_epoch": 0}, f)
     return run_dir
@@ -391,30 +399,30 @@ def test_loss_entropy_scores_every_layer_of_the_ad_backbone():
 
 def test_subsets_are_disjoint_and_together_hold_every_subject():
     sex, labels, age = table2_cohort()
-    subsets = data.ad_split(sex, labels, age, seed=0)
+    subsets = splits.ad_split(sex, labels, age, seed=0)
     assert set(subsets.tolist()) == {0, 1, 2, 3, 4}
     assert np.bincount(subsets).max() - np.bincount(subsets).min() <= 1
     for fold in range(4):
-        tr, va, te = data.ad_fold(subsets, fold)
+        tr, va, te = splits.ad_fold(subsets, fold)
         assert not (set(tr) & set(va) or set(tr) & set(te) or set(va) & set(te))
         assert sorted(np.concatenate([tr, va, te]).tolist()) == list(range(len(labels)))
 
 
 def test_test_subset_is_the_same_for_every_fold():
     sex, labels, age = table2_cohort()
-    subsets = data.ad_split(sex, labels, age, seed=1)
-    tests = [data.ad_fold(subsets, f)[2] for f in range(4)]
+    subsets = splits.ad_split(sex, labels, age, seed=1)
+    tests = [splits.ad_fold(subsets, f)[2] for f in range(4)]
     assert all(np.array_equal(tests[0], t) for t in tests)
-    vals = [set(data.ad_fold(subsets, f)[1]) for f in range(4)]
+    vals = [set(splits.ad_fold(subsets, f)[1]) for f in range(4)]
     assert all(not (vals[i] & vals[j]) for i in range(4) for j in range(i))
     with pytest.raises(UserError):
-        data.ad_fold(subsets, 4)
+        splits.ad_fold(subsets, 4)
 
 
 def test_each_subset_keeps_the_diagnosis_and_sex_proportions():
     sex, labels, age = table2_cohort()
     for seed in range(3):
-        subsets = data.ad_split(sex, labels, age, seed)
+        subsets = splits.ad_split(sex, labels, age, seed)
         for k in range(5):
             m = subsets == k
             for c in range(3):
@@ -424,18 +432,18 @@ def test_each_subset_keeps_the_diagnosis_and_sex_proportions():
 
 def test_same_split_seed_same_split_other_seed_other_split():
     sex, labels, age = table2_cohort()
-    a, b, c = (data.ad_split(sex, labels, age, s) for s in (7, 7, 8))
+    a, b, c = (splits.ad_split(sex, labels, age, s) for s in (7, 7, 8))
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     ages = np.random.default_rng(0).uniform(8, 90, 500)
     sexes = np.arange(500) % 2
-    x, y, z = (data.brain_age_split(ages, sexes, s) for s in (1, 1, 2))
+    x, y, z = (splits.brain_age_split(ages, sexes, s) for s in (1, 1, 2))
     assert all(np.array_equal(p, q) for p, q in zip(x, y)) and not np.array_equal(x[2], z[2])
 
 
 def test_brain_age_split_is_80_10_10_and_keeps_age_and_sex():
     rng = np.random.default_rng(0)
     age, sex = rng.uniform(8, 90, 2000), rng.integers(0, 2, 2000)
-    tr, va, te = data.brain_age_split(age, sex, seed=0)
+    tr, va, te = splits.brain_age_split(age, sex, seed=0)
     assert (len(tr), len(va), len(te)) == (1600, 200, 200)
     assert len(set(tr) | set(va) | set(te)) == 2000
     for part in (tr, va, te):
@@ -800,6 +808,58 @@ def test_check_ad_accepts_a_good_table(tmp_path, capsys):
     assert out.startswith("ok:") and "CN 1, MCI 0, AD 2" in out
 
 
+ADNIMERGE = """RID,PTID,VISCODE,EXAMDATE,DX_bl,DX,AGE,PTGENDER,PTEDUCAT,APOE4,ABETA,PTAU,TAU,FDG,AV45,Years_bl,MMSE
+1,011_S_0001,bl,2005-09-08,CN,CN,74.3,Male,16,0,>1700,20.1,230,6.5,,0,29
+1,011_S_0001,m12,2006-09-12,CN,MCI,74.3,Male,16,0,,,,6.1,,1.0,27
+2,011_S_0002,m06,2006-03-01,AD,Dementia,80.1,Female,12,1,,,,,,0.5,20
+3,011_S_0003,bl,2005-11-08,SMC,CN,70.0,Female,18,0,900,,,,1.1,0,30
+3,011_S_0003,m06,2006-05-02,SMC,CN,70.0,Female,18,0,,,,,,0.5,30
+4,011_S_0004,bl,2005-11-10,LMCI,MCI,,Male,,1,640,31,330,,,0,26
+5,011_S_0005,bl,2005-12-01,AD,Dementia,77.7,Female,14,2,<200,55,520,5.2,1.5,0,21
+"""
+
+
+def test_from_adnimerge_keeps_one_row_per_subject_with_the_diagnosis_of_that_visit(tmp_path):
+    (tmp_path / "ADNIMERGE.csv").write_text(ADNIMERGE)
+    p = run("data.py", "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out", tmp_path / "t.csv")
+    assert p.returncode == 0, p.stderr
+    assert "kept 3 subjects (CN 1, MCI 1, AD 1)" in p.stdout and "1 subjects without a 'bl' visit" in p.stdout
+    assert "DX_bl SMC 1" in p.stdout
+    t = data.read_ad_table(tmp_path / "t.csv", need_images=False)
+    assert t.subjects == ["011_S_0001", "011_S_0004", "011_S_0005"] and t.labels.tolist() == [0, 1, 2]
+    assert np.isnan(t.age[1]) and t.raw[0]["ABETA"] == ">1700"        # empty and censored cells as exported
+    p = run("data.py", "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out", tmp_path / "t.csv",
+            "--group-map", "SMC=CN")
+    assert "kept 4 subjects (CN 2, MCI 1, AD 1)" in p.stdout
+    p = run("data.py", "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out", tmp_path / "m12.csv", "--visit", "m12")
+    t = data.read_ad_table(tmp_path / "m12.csv", need_images=False)
+    assert t.subjects == ["011_S_0001"] and t.labels.tolist() == [1] and t.age[0] == pytest.approx(75.3)
+    assert_clean_error(run("data.py", "from-adnimerge", tmp_path / "t.csv", "--out", tmp_path / "x.csv"),
+                       "t.csv", "missing columns PTID, VISCODE")
+    assert not (tmp_path / "x.csv").exists()
+
+
+def _png_size(path):
+    """(width, height) from a PNG's IHDR, after checking the signature and that the pixels decompress."""
+    blob = open(path, "rb").read()
+    assert blob[:8] == b"\x89PNG\r\n\x1a\n" and blob[12:16] == b"IHDR"
+    w, h = struct.unpack(">II", blob[16:24])
+    idat = blob.index(b"IDAT")
+    n = struct.unpack(">I", blob[idat - 4:idat])[0]
+    assert len(zlib.decompress(blob[idat + 4:idat + 4 + n])) == h * (1 + 3 * w)   # RGB rows, one filter byte
+    return w, h
+
+
+def test_check_ad_preview_draws_the_boxes_and_writes_the_crops_as_png(ad_cohort40, tmp_path):
+    p = run("data.py", "check-ad", ad_cohort40, "--preview", tmp_path / "pv", "--preview-n", "2")
+    assert p.returncode == 0 and "wrote 4 PNGs" in p.stdout, p.stderr
+    X, Y, Z = synthetic.AD_SYNTH["shape"]
+    D, H, W = synthetic.AD_SYNTH["crop_size"]
+    subject = data.read_ad_table(ad_cohort40).subjects[0]
+    assert _png_size(tmp_path / "pv" / f"{subject}_boxes.png") == (2 * (X + 2), max(Y, Z))  # axial | coronal
+    assert _png_size(tmp_path / "pv" / f"{subject}_crops.png") == (2 * (D + 2 + D + 2), max(H, W))
+
+
 def test_failed_synthesis_leaves_no_partial_cohort(tmp_path, monkeypatch):
     calls = []
 
@@ -923,12 +983,12 @@ def test_empty_age_sex_education_and_apoe4_cells_are_imputed_and_the_split_does_
     table = data.read_ad_table(csv_path)
     unknown = np.flatnonzero(np.isnan(table.age) | (table.sex < 0))
     assert len(unknown) == 5
-    subsets = data.ad_split(table.sex, table.labels, table.age, 0)
-    assert np.array_equal(subsets, data.ad_split(table.sex, table.labels, table.age, 0))    # run to run
+    subsets = splits.ad_split(table.sex, table.labels, table.age, 0)
+    assert np.array_equal(subsets, splits.ad_split(table.sex, table.labels, table.age, 0))    # run to run
     assert set(subsets[unknown]) <= set(range(5))                                          # each lands in a subset
-    tests = [data.ad_fold(subsets, f)[2] for f in range(4)]
+    tests = [splits.ad_fold(subsets, f)[2] for f in range(4)]
     assert all(np.array_equal(tests[0], t) for t in tests)                                 # every fold alike
-    prep = TabularPreprocessor().fit([table.raw[i] for i in data.ad_fold(subsets, 1)[0]])
+    prep = TabularPreprocessor().fit([table.raw[i] for i in splits.ad_fold(subsets, 1)[0]])
     X = prep.transform(table.raw)
     assert np.isfinite(X).all() and {"AGE_missing", "PTGENDER_missing"} <= set(prep.columns)  # no NaN reaches it
     for model in ("tabular", "hyperfusion"):
@@ -937,15 +997,63 @@ def test_empty_age_sex_education_and_apoe4_cells_are_imputed_and_the_split_does_
         assert np.isfinite(load_run(_run_dir(tmp_path, model)).read_predictions()["probs"]).all()
 
 
-def test_a_two_epoch_brain_age_run_writes_its_files_with_maes_in_years(brain_age_cohort40, tmp_path):
-    metrics = train_brain_age.main(["--data-csv", str(brain_age_cohort40), "--out", str(tmp_path), "--epochs", "2",
+@pytest.fixture(scope="session")
+def brain_age_run(brain_age_cohort40, tmp_path_factory):
+    """A two-epoch HyperFusion brain-age run on the 40-subject cohort -> (its metrics, its folder)."""
+    out = tmp_path_factory.mktemp("brain_age_run")
+    metrics = train_brain_age.main(["--data-csv", str(brain_age_cohort40), "--out", str(out), "--epochs", "2",
                                     "--batch-size", "8", "--quiet"])
-    run = training.brain_age_run_dir(tmp_path, "hyperfusion", 0)
+    return metrics, training.brain_age_run_dir(out, "hyperfusion", 0)
+
+
+def test_a_two_epoch_brain_age_run_writes_its_files_with_maes_in_years(brain_age_run):
+    metrics, run = brain_age_run
     for f in ["best.pt", "last.pt", "log.csv", "metrics.json", "predictions.npz"]:
         assert os.path.isfile(os.path.join(run, f)), f
     for split in ("val", "test"):
         for k in ("mae", "mae_male", "mae_female"):
             assert 0.0 < metrics[split][k] < 100.0
+
+
+def test_after_a_short_run_the_two_sexes_generate_different_weights_in_every_hyperlayer(brain_age_run):
+    model = load_run(brain_age_run[1]).model()
+    for name in model.linears:
+        h = getattr(model, name).hypernet
+        with torch.no_grad():
+            (w_male, b_male), (w_female, b_female) = (h.generate(h(torch.eye(2)[[s]])) for s in (0, 1))
+        assert not torch.allclose(w_male, w_female, rtol=1e-3, atol=1e-6), name
+        assert not torch.allclose(b_male, b_female, rtol=1e-3, atol=1e-6), name
+
+
+def test_the_age_bias_correction_leaves_a_gap_uncorrelated_with_age_on_its_fitting_set():
+    age = np.array([20.0, 30.0, 40.0, 50.0, 60.0, 70.0])
+    pred = np.array([30.0, 36.0, 43.0, 50.0, 56.0, 61.0])  # regression to the mean: young over-, old under-estimated
+    gap = pred - age                                      # 10, 6, 3, 0, -4, -9
+    slope = ((age - age.mean()) * (gap - gap.mean())).sum() / ((age - age.mean()) ** 2).sum()   # by hand
+    fit = metrics.age_bias_fit(age, pred)
+    assert fit["slope"] == pytest.approx(slope) and fit["intercept"] == pytest.approx(gap.mean() - slope * age.mean())
+    corrected = metrics.corrected_gap(age, pred, fit)
+    assert abs(np.corrcoef(corrected, age)[0, 1]) < 1e-9 and abs(corrected.mean()) < 1e-9
+    summary = metrics.gap_summary(age, pred, np.array([0, 1, 0, 1, 0, 1]), fit)
+    assert summary["r_gap_age"] < -0.99 and abs(summary["r_corrected_gap_age"]) < 1e-9
+    assert summary["gap_male"] == pytest.approx(np.mean(gap[[0, 2, 4]]))
+
+
+def test_predict_reproduces_a_brain_age_runs_test_predictions_and_reports_the_corrected_gap(brain_age_cohort40,
+                                                                                           brain_age_run, tmp_path):
+    _, run_dir = brain_age_run
+    res = _predict(run_dir, "--data-csv", brain_age_cohort40, "--out", tmp_path / "ages.csv")
+    saved = load_run(run_dir).read_predictions()
+    rows = [res["subjects"].index(s) for s in saved["subjects"]]
+    np.testing.assert_allclose(res["combined"][rows], saved["pred"], atol=1e-4)
+    lines = (tmp_path / "ages.csv").read_text().splitlines()
+    assert lines[0] == "Subject,predicted_age,n_models,age_spread,gap,corrected_gap" and len(lines) == 41
+    bias = load_run(run_dir).read_metrics()["age_bias"]
+    table = data.read_brain_age_table(brain_age_cohort40)
+    first = lines[1].split(",")
+    age = float(table.age[table.subjects.index(first[0])])
+    expected = float(first[1]) - age - (bias["intercept"] + bias["slope"] * age)
+    assert float(first[5]) == pytest.approx(expected, abs=2e-3)
 
 
 def test_fig4a_training_sets_are_single_sex_or_a_balanced_mix_of_the_same_size():
@@ -1112,8 +1220,10 @@ def test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae(tm
     age, sex = rng.uniform(20, 80, 30), np.arange(30) % 2
     val_mae = [5.0, 1.0, 6.0, 2.0, 3.0, 7.0, 4.0]
     preds = {v: age + rng.normal(0, 3, 30) for v in range(7)}
+    val_age = rng.uniform(20, 80, 12)
+    val_preds = {v: 0.7 * val_age + 15 + rng.normal(0, 2, 12) for v in range(7)}     # regression to the mean
     for v, mae in enumerate(val_mae):
-        fake_brain_age_run(tmp_path, v, mae, preds[v], age, sex)
+        fake_brain_age_run(tmp_path, v, mae, preds[v], age, sex, val=(val_age, val_preds[v]))
     for train_sex in ("M", "F"):
         fake_brain_age_run(tmp_path, 0, 1.0, age + 2, age, sex, train_sex=train_sex)
     res = evaluate.evaluate_brain_age(str(tmp_path), quiet=True)
@@ -1121,10 +1231,16 @@ def test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae(tm
     assert hf["versions"] == [1, 3, 4, 6, 0]                              # val MAE 1, 2, 3, 4, 5
     expected = regression_metrics(age, np.mean([preds[v] for v in (1, 3, 4, 6, 0)], 0), sex)   # Eq. 6
     assert hf["metrics"] == pytest.approx(expected)
+    chosen = (1, 3, 4, 6, 0)   # the gap is corrected with the fit of the same ensemble's validation predictions
+    val_ensemble = np.mean([val_preds[v].astype(np.float32) for v in chosen], 0)
+    fit = metrics.age_bias_fit(val_age.astype(np.float32), val_ensemble)
+    gap = metrics.gap_summary(age.astype(np.float32), np.mean([preds[v].astype(np.float32) for v in chosen], 0), sex,
+                              fit)
+    assert hf["gap"] == pytest.approx(gap, abs=1e-4)
     assert [r["train"] for r in res["fig4a"]] == ["M", "F"]
     assert [(r["male"], r["female"], r["all"]) for r in res["fig4a"]] == [pytest.approx((2, 2, 2), abs=1e-4)] * 2
     md = (tmp_path / "results_brain-age.md").read_text()
-    assert "Fig. 4A" in md and "1, 3, 4, 6, 0 of 7" in md
+    assert "Fig. 4A" in md and "1, 3, 4, 6, 0 of 7" in md and "Brain-age gap" in md
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1192,7 +1308,7 @@ def test_brain_age_sweep_reads_every_test_scan_as_male_and_as_female(brain_age_c
 
 def test_ad_sweep_changes_the_tabular_attribute_of_every_test_row(ad_cohort40, tmp_path):
     table = data.read_ad_table(ad_cohort40)
-    train_idx, _, test_idx = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 0)
+    train_idx, _, test_idx = splits.ad_fold(splits.ad_split(table.sex, table.labels, table.age, 0), 0)
     prep = TabularPreprocessor().fit([table.raw[i] for i in train_idx])
     torch.manual_seed(0)
     model = build_model("ad", "hyperfusion", n_tabular=prep.n_features)
@@ -1476,6 +1592,98 @@ def test_metrics_json_is_strict_json_with_null_where_a_metric_is_undefined(brain
                       tmp_path / "x.json")
     assert json.loads((tmp_path / "x.json").read_text(), parse_constant=refuse) == \
         {"a": None, "b": [None, 3], "c": [1.5, None]}
+
+
+# ----------------------------------------------------------------------------------------------
+# predict.py: new patients, every member with its own saved state, combined by Eq. 7-8 / Eq. 6
+
+@pytest.fixture(scope="session")
+def ad_fold_runs(ad_cohort60, tmp_path_factory):
+    """Folds 0 and 1 of HyperFusion, split seed 0, version 0, one epoch each (with their tabular MLPs)."""
+    out = tmp_path_factory.mktemp("fold_runs")
+    for fold in (0, 1):
+        train_ad.main(["--data-csv", str(ad_cohort60), "--out", str(out), "--epochs", "1", "--batch-size", "8",
+                       "--quiet", "--split-seed", "0", "--fold", str(fold)])
+    return out
+
+
+def _predict(*args):
+    return predict.main([*map(str, args), "--quiet"])
+
+
+def test_predict_combines_the_members_by_eq7_8_and_each_member_reproduces_its_test_predictions(
+        ad_cohort60, ad_fold_runs, tmp_path):
+    runs = [_run_dir(ad_fold_runs, "hyperfusion", fold) for fold in (0, 1)]
+    both = _predict(os.path.dirname(runs[0]), "--data-csv", ad_cohort60, "--out", tmp_path / "p.csv")
+    assert both["members"] == runs and len(both["subjects"]) == 60
+    alone = [_predict(r, "--data-csv", ad_cohort60, "--out", tmp_path / f"p{k}.csv") for k, r in enumerate(runs)]
+    members = np.stack([a["combined"] for a in alone])                      # (K, N, C), one checkpoint at a time
+    np.testing.assert_allclose(both["combined"], entropy_weighted_ensemble(members), atol=1e-6)   # Eq. 7-8
+    for r, a in zip(runs, alone):
+        saved = load_run(r).read_predictions()
+        rows = [a["subjects"].index(s) for s in saved["subjects"]]
+        np.testing.assert_allclose(a["combined"][rows], saved["probs"], atol=1e-5)
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert lines[0] == "Subject,prob_CN,prob_MCI,prob_AD,predicted,n_models,prob_spread" and len(lines) == 61
+    assert lines[1].split(",")[5] == "2"
+
+
+def test_a_prediction_depends_on_its_own_row_only_and_empty_cells_use_the_runs_saved_imputation(
+        ad_cohort60, ad_fold_runs, tmp_path):
+    lines = open(ad_cohort60).read().splitlines()
+    header = lines[0].split(",")
+    cells = lines[5].split(",")
+    for col in ("AGE", "ABETA", "PTAU", "TAU", "FDG"):
+        cells[header.index(col)] = ""
+    lines[5] = ",".join(cells)
+    folder = os.path.dirname(ad_cohort60)
+    everyone, one = os.path.join(folder, "new_all.csv"), os.path.join(folder, "new_one.csv")
+    drop = header.index("Group")                                            # a new patient has no diagnosis
+    strip = lambda line: ",".join(c for i, c in enumerate(line.split(",")) if i != drop)
+    open(everyone, "w").write("\n".join(map(strip, lines)) + "\n")
+    open(one, "w").write("\n".join(map(strip, [lines[0], lines[5]])) + "\n")
+    run_dir = _run_dir(ad_fold_runs, "hyperfusion", 0)
+    a = _predict(run_dir, "--data-csv", everyone, "--out", tmp_path / "a.csv")
+    b = _predict(run_dir, "--data-csv", one, "--out", tmp_path / "b.csv")
+    np.testing.assert_allclose(a["combined"][4], b["combined"][0], atol=1e-6)
+    finished_run = load_run(run_dir)                                        # by hand: the run's own state
+    table = data.read_ad_table(one, for_prediction=True)
+    tab = finished_run.tabular.transform(table.raw)
+    assert np.isfinite(tab).all() and tab[0, finished_run.tabular.columns.index("ABETA_missing")] == 1
+    image = torch.as_tensor(np.array(finished_run.crops(data.load_volume(table.image_paths[0])), np.float32))
+    with torch.no_grad():
+        logits = finished_run.model()(image[:, None], torch.as_tensor(tab).repeat(2, 1))  # both hippocampi
+    np.testing.assert_allclose(b["combined"][0], torch.softmax(logits, 1).mean(0).numpy(), atol=1e-5)
+
+
+def test_predict_refuses_other_grids_mixed_runs_and_unfinished_runs_in_one_line(ad_cohort60, ad_fold_runs,
+                                                                                tmp_path):
+    run_dir = _run_dir(ad_fold_runs, "hyperfusion", 0)
+    out = tmp_path / "out.csv"
+    for name, shape, spacing in [("big", (50, 60, 48), 2.67), ("coarse", synthetic.AD_SYNTH["shape"], 3.0)]:
+        folder = tmp_path / name
+        os.makedirs(folder / "images")
+        data.save_nifti(np.zeros(shape, np.float32), spacing, folder / "images" / "NEW1.nii.gz")
+        (folder / "t.csv").write_text("Subject,AGE,PTGENDER,PTEDUCAT,APOE4,ABETA,PTAU,TAU,FDG,AV45\n"
+                                      "NEW1,70,Male,16,0,,,,,\n")
+        assert_clean_error(run("predict.py", run_dir, "--data-csv", folder / "t.csv", "--out", out),
+                           "NEW1", "NEW1.nii.gz", "trained on")
+    rng = np.random.default_rng(0)
+    age = rng.uniform(40, 80, 5)
+    other_task = fake_brain_age_run(tmp_path / "fake", 0, 3.0, age, age, np.arange(5) % 2)
+    binary = fake_ad_run(tmp_path / "fake", "imaging", 0, 0, 0, random_probs(rng, 5, 2), np.arange(5) % 2,
+                         classes=2, class_names=["CN", "AD"])
+    for other, what in [(other_task, "task"), (binary, "classes")]:
+        assert_clean_error(run("predict.py", run_dir, other, "--data-csv", ad_cohort60, "--out", out),
+                           "cannot combine", what)
+    unfinished = tmp_path / "unfinished"
+    os.makedirs(unfinished)
+    training.save_checkpoint(load_run(run_dir).checkpoint, unfinished / "best.pt")
+    assert_clean_error(run("predict.py", unfinished / "best.pt", "--data-csv", ad_cohort60, "--out", out),
+                       "best.pt", "not the checkpoint of a finished run")
+    assert_clean_error(run("predict.py", unfinished, "--data-csv", ad_cohort60, "--out", out),
+                       "unfinished", "no finished run")
+    assert not out.exists() and no_temp_files(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------

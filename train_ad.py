@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 import data
+import splits
 from layers import init_hyperlayers
 from metrics import classification_metrics
-from models import AD_MODELS
+from models import AD_MODELS, class_probabilities
 from runs import load_run
 from safeio import ArgumentParser, UserError, atomic_path, run_cli, write_json
 from synthetic import builtin_cohort
@@ -77,17 +78,19 @@ def train_ad(args):
     if table.skipped:
         log(data.skipped_summary(table), quiet)
     check_classes(table)
-    subsets = data.ad_split(table.sex, table.labels, table.age, run.split_seed)
-    train_idx, val_idx, test_idx = data.ad_fold(subsets, run.fold)
+    subsets = splits.ad_split(table.sex, table.labels, table.age, run.split_seed)
+    train_idx, val_idx, test_idx = splits.ad_fold(subsets, run.fold)
     check_classes(table, {"training": train_idx, "validation": val_idx, "test": test_idx}, run)
     prep = TabularPreprocessor().fit([table.raw[i] for i in train_idx])  # Sec. 3.3: training rows only
     tabular = prep.transform(table.raw)                                   # (N, n_tab)
     crops = data.load_crops(run.crops, run.data_csv) if image_model else None
+    shape, voxel = None, None
     if image_model:  # every header first (seconds), so a wrong image stops the run before the cache decodes
-        shape, _ = data.check_image_geometry(table.image_paths, table.subjects)
+        shape, voxel = data.check_image_geometry(table.image_paths, table.subjects)
         crops.check(shape, data.crops_path(run.crops, run.data_csv) or "the default (MNI152) hippocampus boxes")
     inputs = {"n_tabular": int(tabular.shape[1]), "tabular_columns": prep.columns,
               "class_names": list(table.class_names), "crops": crops.as_dict() if crops else None,
+              "image_shape": list(shape) if shape else None, "voxel_size": list(voxel) if voxel else None,
               "table_sha256": data.table_sha256(run.data_csv),
               "images_sha256": data.image_fingerprint(table.image_paths) if image_model else None}
     run_dir = run.run_dir(args["out"])
@@ -175,13 +178,9 @@ def wce_loss(logits, target, weights):
     return -(weights[target] * F.log_softmax(logits.float(), 1).gather(1, target[:, None]).squeeze(1)).mean()
 
 
-def softmax(logits):
-    return F.softmax(logits, 1)
-
-
 def ad_metrics(model, loader, device, class_names):
     """Soft predictions of a loader's subjects, both hippocampi averaged (Sec. 4.3.6), and their metrics."""
-    probs, labels = predict(model, loader, device, softmax)
+    probs, labels = predict(model, loader, device, class_probabilities)
     return classification_metrics(labels, probs, class_names), probs
 
 

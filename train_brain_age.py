@@ -8,7 +8,8 @@
 The cohort is split 80/10/10 by age and sex (Sec. 4.2.3, split seed 0 unless --split-seed); the
 epoch with the best validation MAE is kept and tested. Output in <out>/brain-age/<model>/v<V>/
 (with --train-sex or --embedding-dim 2 in the model's folder name): best.pt, last.pt, log.csv,
-metrics.json ({"val": ..., "test": ...} with mae, mae_male, mae_female) and predictions.npz.
+metrics.json ({"val": ..., "test": ...} with mae, mae_male, mae_female and the brain-age gap; "age_bias":
+the linear age-bias correction fitted on the validation set) and predictions.npz (test and validation).
 The loop, checkpoints and device handling are training.py's.
 """
 import argparse
@@ -19,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 import data
+import splits
 from layers import init_hyperlayers
-from metrics import regression_metrics
+from metrics import age_bias_fit, gap_summary, regression_metrics
 from models import BRAIN_AGE_MODELS, AgeTarget
 from safeio import ArgumentParser, UserError, atomic_path, run_cli, warn, write_json
 from synthetic import builtin_cohort
@@ -64,17 +66,19 @@ def train_brain_age(args):
     device = setup_device(args["device"])
     workers = loader_workers(args["workers"], device)
     table = data.read_brain_age_table(run.data_csv, run.image_dir)
-    train_idx, val_idx, test_idx = data.brain_age_split(table.age, table.sex, run.split_seed)
+    train_idx, val_idx, test_idx = splits.brain_age_split(table.age, table.sex, run.split_seed)
     train_idx = select_training_sex(train_idx, table.sex, run.train_sex, run.split_seed)
     for code, name in ((0, "male"), (1, "female")):
         if not (table.sex == code).any():
             warn(f"{run.data_csv}: no {name} subjects: sex has nothing to condition on, and mae_{name} is null")
-    data.check_image_geometry(table.image_paths, table.subjects)  # every header first, before the cache decodes
+    # every header first (seconds), before the cache decodes: one shape and voxel size
+    _, voxel = data.check_image_geometry(table.image_paths, table.subjects)
     cache = data.ImageCache(table.image_paths, run.cache_dir or data.default_cache_dir(run.data_csv), run.cache_dtype,
                             names=table.subjects).prepare(progress=not quiet)
     image_shape = tuple(cache[0].shape)
     sex = data.sex_onehot(table.sex)                                            # (N, 2) [male, female]
-    inputs = {"n_tabular": 2, "image_shape": list(image_shape), "table_sha256": data.table_sha256(run.data_csv),
+    inputs = {"n_tabular": 2, "image_shape": list(image_shape), "voxel_size": list(voxel),
+              "table_sha256": data.table_sha256(run.data_csv),
               "images_sha256": data.image_fingerprint(table.image_paths)}
     run_dir = run.run_dir(args["out"])
     log(f"{run.model}: version {run.version}: {len(train_idx)} train / {len(val_idx)} val / "
@@ -97,13 +101,18 @@ def train_brain_age(args):
 
     model.load_state_dict(load_checkpoint(os.path.join(run_dir, "best.pt"), identity(run, inputs))["model"])
     test_metrics, pred = age_metrics(model, test_loader, device, target, table.sex[test_idx])
+    _, val_pred = age_metrics(model, val_loader, device, target, table.sex[val_idx])
+    bias = age_bias_fit(table.age[val_idx], val_pred)          # the gap's age bias, fitted on validation
+    test_metrics["gap"] = gap_summary(table.age[test_idx], pred, table.sex[test_idx], bias)
     with atomic_path(os.path.join(run_dir, "predictions.npz")) as tmp:
         np.savez(tmp, subjects=np.array(table.subjects)[test_idx], age=table.age[test_idx],
-                 sex=table.sex[test_idx], pred=pred)
-    metrics = {"val": best["metrics"], "test": test_metrics, "best_epoch": best["epoch"]}
+                 sex=table.sex[test_idx], pred=pred, val_subjects=np.array(table.subjects)[val_idx],
+                 val_age=table.age[val_idx], val_sex=table.sex[val_idx], val_pred=val_pred)
+    metrics = {"val": best["metrics"], "test": test_metrics, "best_epoch": best["epoch"], "age_bias": bias}
     write_json(metrics, os.path.join(run_dir, "metrics.json"))
     log(f"test MAE {test_metrics['mae']:.2f} (male {test_metrics['mae_male']:.2f}, female "
-        f"{test_metrics['mae_female']:.2f}) years, best epoch {best['epoch'] + 1} -> {run_dir}")
+        f"{test_metrics['mae_female']:.2f}) years, mean gap {test_metrics['gap']['gap']:+.2f}, bias-corrected "
+        f"{test_metrics['gap']['corrected_gap']:+.2f}, best epoch {best['epoch'] + 1} -> {run_dir}")
     return metrics
 
 
