@@ -1570,8 +1570,9 @@ def test_semicolon_or_tab_tables_are_named_and_nii_images_beside_nii_gz_are_foun
     (tmp_path / "twice.csv").write_text(twice.replace("S1,", "S1,,").replace("S2,", "S2,images/S2.nii.gz,"))
     assert_clean_error(run_main(data.main, "check-ad", tmp_path / "twice.csv"), "line 4", "subject S2",
                        "also subject S0's")
-    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.diag([2.0, 0.0, 2.0, 1.0])),
-             tmp_path / "images" / "S1.nii.gz")
+    header = nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)).header
+    header["qform_code"], header["sform_code"], header["srow_y"] = 0, 1, [0, 0, 0, 0]   # a y axis of 0 mm
+    nib.Nifti1Image(np.ones((8, 8, 8), np.float32), None, header).to_filename(tmp_path / "images" / "S1.nii.gz")
     assert_clean_error(run_main(data.main, "check-ad", csv_path), "S1.nii.gz", "degenerate")
 
 
