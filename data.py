@@ -31,7 +31,7 @@ from safeio import ArgumentParser, UserError, atomic_path, run_cli, warn, write_
 from tables import (CLASS_NAMES, GROUP_ALIASES, ADTable, BrainAgeTable, check_subjects, diagnosis,  # noqa: F401
                     find_image, number_cell, parse_group_map, read_ad_table, read_brain_age_table, read_csv_rows,
                     skipped_summary, table_sha256)
-from tabular import AD_ATTRIBUTES
+from tabular import AD_ATTRIBUTES, is_missing_code
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,9 +468,9 @@ def _check_images(paths, subjects):
 
 
 def _empty_cells(raw):
-    """How many cells of each attribute column are empty (missing), with the fraction."""
+    """How many cells of each attribute column are missing (empty, or ADNI's -4 / -1), with the fraction."""
     n = len(raw)
-    counts = {a: sum(1 for r in raw if not r[a].strip()) for a in AD_ATTRIBUTES}
+    counts = {a: sum(1 for r in raw if not r[a].strip() or is_missing_code(r[a])) for a in AD_ATTRIBUTES}
     return ", ".join(f"{a} {c}" + (f" ({c / n:.0%})" if c else "") for a, c in counts.items())
 
 
