@@ -269,8 +269,8 @@ def read_ad_table(csv_path, image_dir=None, need_images=True, classes=3, group_m
                         f"map them with --group-map VALUE=CN|MCI|AD)" if seen else ""))
     for col in AD_ATTRIBUTES:
         if codes.get(col):
-            warn(f"{csv_path}: column {col}: {codes[col]} cell{'s hold' if codes[col] > 1 else ' holds'} ADNI's missing-value "
-                 f"code -4 or -1, read as missing")
+            cells = f"{codes[col]} cell{'s hold' if codes[col] > 1 else ' holds'}"
+            warn(f"{csv_path}: column {col}: {cells} ADNI's missing-value code -4 or -1, read as missing")
     subjects = check_subjects(csv_path, keep)
     paths = _image_paths(csv_path, keep, fields, subjects, image_dir, need_images)
     raw = [{a: row[a] for a in AD_ATTRIBUTES} for _, row in keep]
