@@ -1,26 +1,24 @@
-"""Real data in: tables and NIfTI images read and validated, hippocampus crops, the image cache, Datasets.
+"""Real data in: NIfTI images read and validated, the tables (tables.py), hippocampus crops, the image cache, Datasets.
 
 On-disk format (the synthetic cohorts of synthetic.py use it too, so the demos exercise the real path):
     AD:        a CSV with Subject, Group, AGE, PTGENDER, PTEDUCAT, APOE4, ABETA, PTAU, TAU, FDG, AV45
                (ADNIMERGE names) and optionally `image` (path relative to the CSV), else
                <image dir>/<Subject>.nii.gz; crops.json with the hippocampus boxes.
     brain age: a CSV with Subject, Age, Sex (M/F) [, image]; images as above.
-Every error is a UserError naming the file, subject, line or column.
+Every error is a UserError naming the file, subject, line or column. The tables are read by tables.py;
+its readers are re-exported here, so `data` stays the one door for data coming in.
 
 Command line (bad input -> one line `error: ...` on stderr, exit status 2):
     python data.py check-ad CSV [--image-dir DIR] [--no-images] [--group-map SMC=CN] [--preview DIR]
     python data.py check-brain-age CSV [--image-dir DIR] [--no-images]
     python data.py from-adnimerge ADNIMERGE.csv --out table.csv [--visit bl] [--group-map SMC=CN]
 """
-import argparse
 import contextlib
-import csv
 import hashlib
 import json
 import math
 import os
 import struct
-import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -29,11 +27,11 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from safeio import UserError, atomic_path, run_cli, write_csv, write_json
-from tabular import AD_ATTRIBUTES, AD_CONTINUOUS, SEX_CODES, parse_value
-
-CLASS_NAMES = ("CN", "MCI", "AD")
-GROUP_ALIASES = {"CN": "CN", "MCI": "MCI", "EMCI": "MCI", "LMCI": "MCI", "AD": "AD", "DEMENTIA": "AD"}
+from safeio import ArgumentParser, UserError, atomic_path, run_cli, warn, write_csv, write_json
+from tables import (CLASS_NAMES, GROUP_ALIASES, ADTable, BrainAgeTable, check_subjects, diagnosis,  # noqa: F401
+                    find_image, number_cell, parse_group_map, read_ad_table, read_brain_age_table, read_csv_rows,
+                    skipped_summary, table_sha256)
+from tabular import AD_ATTRIBUTES, is_missing_code
 
 
 # ----------------------------------------------------------------------------------------------
@@ -43,14 +41,8 @@ def _where(path, subject=None):
     return f"{path} (subject {subject})" if subject is not None else f"{path}"
 
 
-def load_nifti(path, subject=None, canonical=True):
-    """Load and validate one NIfTI -> nibabel image holding float32 3D data (RAS if canonical).
-
-    Errors (UserError naming the file and subject): missing, unreadable, truncated or corrupt
-    gzip, not 3D (trailing singleton dimensions are squeezed; the shape is checked from the
-    header, before decoding), NaN or inf voxels.
-    """
-    where = _where(path, subject)
+def _open_nifti(path, where):
+    """One NIfTI's header, nothing decoded -> (nibabel image, its 3D shape with trailing 1s squeezed)."""
     if not os.path.isfile(path):
         raise UserError(f"{where}: image file not found")
     try:
@@ -62,6 +54,21 @@ def load_nifti(path, subject=None, canonical=True):
         shape = shape[:-1]
     if len(shape) != 3:
         raise UserError(f"{where}: expected a 3D image, got shape {tuple(img.shape)}")
+    if not np.isfinite(img.affine).all() or abs(np.linalg.det(img.affine[:3, :3])) < 1e-9:
+        raise UserError(f"{where}: the header's voxel-to-world affine is degenerate (a zero voxel size?): "
+                        f"{img.affine[:3, :3].round(4).tolist()}")
+    return img, shape
+
+
+def load_nifti(path, subject=None, canonical=True):
+    """Load and validate one NIfTI -> nibabel image holding float32 3D data (RAS if canonical).
+
+    Errors (UserError naming the file and subject): missing, unreadable, truncated or corrupt
+    gzip, not 3D (trailing singleton dimensions are squeezed; the shape is checked from the
+    header, before decoding), NaN or inf voxels.
+    """
+    where = _where(path, subject)
+    img, shape = _open_nifti(path, where)
     try:
         data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
     except (OSError, ValueError, EOFError, zlib.error) as exc:  # short gzip stream, bad CRC, short file
@@ -73,30 +80,55 @@ def load_nifti(path, subject=None, canonical=True):
     return nib.as_closest_canonical(out) if canonical else out
 
 
+def image_geometry(path, subject=None):
+    """-> (shape, voxel size in mm) of one image as load_volume will return it (RAS), from its header alone."""
+    img, shape = _open_nifti(path, _where(path, subject))
+    zooms = nib.affines.voxel_sizes(img.affine)[:3]
+    ornt = nib.orientations.io_orientation(img.affine)
+    axes = ornt[:, 0].astype(int) if np.isfinite(ornt).all() else np.arange(3)  # input axis i -> RAS axis axes[i]
+    ras_shape, ras_zooms = [0] * 3, [0.0] * 3
+    for i, j in enumerate(axes):
+        ras_shape[j], ras_zooms[j] = int(shape[i]), round(float(zooms[i]), 4)
+    return tuple(ras_shape), tuple(ras_zooms)
+
+
+def check_image_geometry(paths, subjects):
+    """Every image of a cohort has one shape and one voxel size, read from the headers (nothing decoded,
+    so a cohort is checked in seconds, before the cache decodes it). -> (shape, voxel size in mm).
+
+    The first image that differs is refused naming it, the first image and both shapes (or voxel sizes):
+    a network sees a fixed grid, and mixed voxel sizes mean the same voxel is not the same anatomy."""
+    first = None
+    for p, s in zip(paths, subjects):
+        shape, zooms = image_geometry(p, s)
+        if first is None:
+            first = (shape, zooms, _where(p, s))
+        elif shape != first[0]:
+            raise UserError(f"{_where(p, s)}: image shape {shape} differs from {first[0]} of {first[2]}; every "
+                            f"image of a cohort must have one shape (resample them, e.g. with preprocess.py)")
+        elif not np.allclose(zooms, first[1], rtol=1e-3, atol=1e-4):
+            raise UserError(f"{_where(p, s)}: voxel size {zooms} mm differs from {first[1]} mm of {first[2]}; every "
+                            f"image of a cohort must have one voxel size (resample them, e.g. with preprocess.py)")
+    return (first[0], first[1]) if first else (None, None)
+
+
+def image_fingerprint(paths):
+    """The images' part of a run's identity: sha256 of every image's file name and size, in table order.
+
+    Cheap (no image is read) and stable when the folder is moved or copied; re-exported, re-preprocessed
+    or re-ordered images change it."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(f"{os.path.basename(p)}\t{os.path.getsize(p)}\n".encode())
+    return h.hexdigest()
+
+
 def load_volume(path, subject=None, expected_shape=None):
     """Validated float32 (X, Y, Z) array in RAS orientation (see load_nifti)."""
     data = np.asarray(load_nifti(path, subject).dataobj, dtype=np.float32)
     if expected_shape is not None and tuple(data.shape) != tuple(expected_shape):
         raise UserError(f"{_where(path, subject)}: image shape {tuple(data.shape)}, expected {tuple(expected_shape)}")
     return data
-
-
-def image_geometry(path, subject=None):
-    """(shape, voxel size in mm) of a NIfTI in RAS order (as load_volume returns it), read from the header
-    alone, so a whole cohort is checked in seconds; trailing singleton dimensions are ignored."""
-    where = _where(path, subject)
-    if not os.path.isfile(path):
-        raise UserError(f"{where}: image file not found")
-    try:
-        img = nib.load(path)
-    except (OSError, ValueError, EOFError, zlib.error, nib.filebasedimages.ImageFileError) as exc:
-        raise UserError(f"{where}: unreadable NIfTI header ({type(exc).__name__}: {exc})") from None
-    axes = nib.orientations.io_orientation(img.affine)[:, 0].astype(int)   # input axis i -> RAS axis axes[i]
-    shape, zooms = [0] * 3, [0.0] * 3
-    for i in range(3):
-        shape[axes[i]] = int(img.shape[i]) if i < len(img.shape) else 1
-        zooms[axes[i]] = round(float(img.header.get_zooms()[i]), 4) if i < len(img.shape) else 1.0
-    return tuple(shape), tuple(zooms)
 
 
 def save_nifti(volume, spacing, path):
@@ -109,194 +141,6 @@ def save_nifti(volume, spacing, path):
     img.set_sform(affine, code=1)
     with atomic_path(path) as tmp:
         nib.save(img, tmp)
-
-
-# ----------------------------------------------------------------------------------------------
-# Tables
-
-def read_csv_rows(csv_path, required):
-    """-> (list of (line number, row dict), fieldnames). Checks columns, field counts and encoding."""
-    if not os.path.isfile(csv_path):
-        raise UserError(f"{csv_path}: table not found")
-    rows = []
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            fields = [c.strip() for c in (reader.fieldnames or [])]
-            reader.fieldnames = fields
-            missing = [c for c in required if c not in fields]
-            if missing:
-                raise UserError(f"{csv_path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
-            for row in reader:
-                if None in row:
-                    raise UserError(f"{csv_path} line {reader.line_num}: {len(fields) + len(row[None])} fields, "
-                                    f"the header has {len(fields)}")
-                row = {k: (v or "").strip() for k, v in row.items()}  # short rows: absent cells are empty
-                if any(row.values()):                                  # skip blank lines
-                    rows.append((reader.line_num, row))
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise UserError(f"{csv_path}: not a readable UTF-8 CSV table ({type(exc).__name__}: {exc})") from None
-    if not rows:
-        raise UserError(f"{csv_path}: no data rows")
-    return rows, fields
-
-
-def _image_paths(csv_path, rows, fields, subjects, image_dir, need):
-    """Image path per subject: the `image` column (relative to the CSV) or <image_dir>/<Subject>.nii.gz."""
-    if not need:
-        return None
-    base = os.path.dirname(os.path.abspath(csv_path))
-    image_dir = image_dir if image_dir is not None else os.path.join(base, "images")
-    paths = []
-    for (line, row), subj in zip(rows, subjects):
-        if "image" in fields and row.get("image"):
-            p = os.path.join(base, row["image"])
-        else:
-            p = os.path.join(image_dir, f"{subj}.nii.gz")
-        if not os.path.isfile(p):
-            raise UserError(f"{csv_path} line {line}: subject {subj}: image file not found: {p}")
-        paths.append(p)
-    return paths
-
-
-def check_subjects(csv_path, rows):
-    subjects, seen = [], {}
-    for line, row in rows:
-        s = row.get("Subject", "")
-        if not s:
-            raise UserError(f"{csv_path} line {line}: empty Subject")
-        if s in seen:
-            raise UserError(f"{csv_path} line {line}: subject {s} repeats line {seen[s]}")
-        seen[s] = line
-        subjects.append(s)
-    return subjects
-
-
-def _number(csv_path, line, row, col, required):
-    try:
-        v = parse_value(row.get(col, ""))
-    except ValueError:
-        raise UserError(f"{csv_path} line {line}: subject {row.get('Subject')}: column {col}: "
-                        f"not a number: {row.get(col)!r}") from None
-    if required and math.isnan(v):
-        raise UserError(f"{csv_path} line {line}: subject {row.get('Subject')}: column {col} is empty")
-    if col in ("AGE", "Age") and not math.isnan(v) and not 0 <= v <= 120:
-        raise UserError(f"{csv_path} line {line}: subject {row.get('Subject')}: column {col}: "
-                        f"implausible age {row.get(col)!r}")
-    return v
-
-
-@dataclass
-class ADTable:
-    """The AD cohort as read from the CSV. `raw` rows feed TabularPreprocessor."""
-    subjects: list
-    labels: np.ndarray      # (N,) int64, index into class_names; -1 = no diagnosis (prediction tables only)
-    raw: list               # (N,) dicts attribute -> cell text, for AD_ATTRIBUTES
-    sex: np.ndarray         # (N,) int64, 0 = male, 1 = female, -1 = unknown (empty cell)
-    age: np.ndarray         # (N,) float32, NaN = unknown (empty cell)
-    image_paths: list       # (N,) str, or None when need_images=False
-    csv_path: str
-    class_names: tuple = CLASS_NAMES
-    skipped: dict = None    # {Group value: rows skipped}, "" for an empty Group
-
-
-def parse_group_map(pairs):
-    """--group-map SMC=CN X=AD -> {"SMC": "CN", "X": "AD"} (keys upper-case; targets must be diagnoses)."""
-    out = {}
-    for p in pairs or ():
-        key, sep, value = p.partition("=")
-        target = GROUP_ALIASES.get(value.strip().upper())
-        if not sep or not key.strip() or target is None:
-            raise UserError(f"--group-map {p}: expected VALUE=DIAGNOSIS with DIAGNOSIS one of CN, MCI, AD")
-        out[key.strip().upper()] = target
-    return out
-
-
-def diagnosis(group, group_map=None):
-    """A Group cell -> "CN", "MCI", "AD" or None (unknown or empty): --group-map first, then the aliases."""
-    g = group.strip().upper()
-    return (group_map or {}).get(g) or GROUP_ALIASES.get(g)
-
-
-def read_ad_table(csv_path, image_dir=None, need_images=True, classes=3, group_map=None, for_prediction=False):
-    """Read and validate an ADNIMERGE-like AD table (SPEC Sec. 3, paper Sec. 4.3.1, 4.3.3).
-
-    Only Subject and Group must be filled: any attribute cell may be empty (imputed, Sec. 3.3), AGE
-    and PTGENDER included. Rows whose Group is empty or not a diagnosis (ADNI's SMC, say) are
-    skipped and counted in `skipped`, unless --group-map names them; with classes=2 the MCI rows are
-    left out. for_prediction: Group is optional and no row is left out (label -1 where unknown).
-    Line numbers in errors are CSV line numbers (the header is line 1).
-    """
-    if classes not in (2, 3):
-        raise UserError(f"classes must be 2 (CN vs AD) or 3, got {classes}")
-    names = CLASS_NAMES if classes == 3 else ("CN", "AD")
-    required = ("Subject",) + (() if for_prediction else ("Group",)) + AD_ATTRIBUTES
-    rows, fields = read_csv_rows(csv_path, required)
-    keep, labels, sexes, ages, skipped = [], [], [], [], {}
-    for line, row in rows:
-        g = diagnosis(row.get("Group", ""), group_map)
-        if g is None and not for_prediction:
-            skipped[row["Group"]] = skipped.get(row["Group"], 0) + 1
-            continue
-        cell = row["PTGENDER"]
-        sx = SEX_CODES.get(cell.lower(), -1 if not cell else None)
-        if sx is None:
-            raise UserError(f"{csv_path} line {line}: subject {row['Subject']}: column PTGENDER: "
-                            f"expected Male or Female, got {cell!r}")
-        age = _number(csv_path, line, row, "AGE", required=False)
-        for col in AD_CONTINUOUS[1:]:
-            _number(csv_path, line, row, col, required=False)  # validate now, parse in the preprocessor
-        if classes == 2 and g == "MCI" and not for_prediction:
-            continue
-        keep.append((line, row))
-        labels.append(names.index(g) if g in names else -1)
-        sexes.append(sx)
-        ages.append(age)
-    if not keep:
-        seen = ", ".join(f"{k or '(empty)'} {n}" for k, n in skipped.items())
-        raise UserError(f"{csv_path}: no {' or '.join(names)} subjects" + (f" (Group values: {seen}; "
-                        f"map them with --group-map VALUE=CN|MCI|AD)" if seen else ""))
-    subjects = check_subjects(csv_path, keep)
-    paths = _image_paths(csv_path, keep, fields, subjects, image_dir, need_images)
-    raw = [{a: row[a] for a in AD_ATTRIBUTES} for _, row in keep]
-    return ADTable(subjects, np.array(labels, np.int64), raw, np.array(sexes, np.int64),
-                   np.array(ages, np.float32), paths, os.fspath(csv_path), names, skipped)
-
-
-def skipped_summary(table):
-    """'' or a line saying which Group values were skipped, for the scripts to print."""
-    if not table.skipped:
-        return ""
-    n = sum(table.skipped.values())
-    return (f"{table.csv_path}: skipped {n} row{'s' * (n > 1)} whose Group is not CN, MCI or AD: "
-            + ", ".join(f"{k or '(empty)'} {v}" for k, v in sorted(table.skipped.items()))
-            + " (map them with --group-map VALUE=CN|MCI|AD)")
-
-
-@dataclass
-class BrainAgeTable:
-    subjects: list
-    age: np.ndarray         # (N,) float32, years
-    sex: np.ndarray         # (N,) int64, 0 = male, 1 = female
-    image_paths: list       # (N,) str, or None
-    csv_path: str
-
-
-def read_brain_age_table(csv_path, image_dir=None, need_images=True, for_prediction=False):
-    """Read and validate a brain-age table: Subject, Age, Sex (M/F) [, image] (Sec. 4.2.1).
-    for_prediction: Age is optional (NaN where absent or empty); Sex, which conditions the model, is not."""
-    rows, fields = read_csv_rows(csv_path, ("Subject", "Sex") if for_prediction else ("Subject", "Age", "Sex"))
-    ages, sexes = [], []
-    for line, row in rows:
-        ages.append(_number(csv_path, line, row, "Age", required=not for_prediction))
-        sx = SEX_CODES.get(row["Sex"].lower())
-        if sx is None:
-            raise UserError(f"{csv_path} line {line}: subject {row['Subject']}: column Sex: "
-                            f"expected M or F, got {row['Sex']!r}")
-        sexes.append(sx)
-    subjects = check_subjects(csv_path, rows)
-    paths = _image_paths(csv_path, rows, fields, subjects, image_dir, need_images)
-    return BrainAgeTable(subjects, np.array(ages, np.float32), np.array(sexes, np.int64), paths, os.fspath(csv_path))
 
 
 def sex_onehot(sex):
@@ -357,18 +201,34 @@ class HippocampusCrops:
 
     @classmethod
     def load(cls, path):
+        """crops.json -> HippocampusCrops; each box must be three whole numbers, starts >= 0, sizes >= 1."""
         try:
             with open(path) as f:
                 d = json.load(f)
-            return cls(d["left_start"], d["right_start"], d["size"])
+            boxes = {k: d[k] for k in ("left_start", "right_start", "size")}
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{path}: not a crops file ({type(exc).__name__}: {exc})") from None
+        for k, v in boxes.items():
+            whole = isinstance(v, list) and len(v) == 3 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x == int(x) for x in v)
+            if not whole:
+                raise UserError(f"{path}: {k} must be three whole numbers (x, y, z voxels), got {v!r}")
+            if min(v) < (1 if k == "size" else 0):
+                raise UserError(f"{path}: {k} {v}: " + ("every size must be at least 1 voxel" if k == "size"
+                                                        else "a box cannot start before voxel 0"))
+        return cls(**boxes)
+
+
+def crops_path(crops_json, data_csv):
+    """Where a table's hippocampus boxes come from: --crops, else crops.json next to the CSV; None: the default."""
+    path = crops_json or os.path.join(os.path.dirname(os.path.abspath(data_csv)), "crops.json")
+    return path if (crops_json or os.path.isfile(path)) else None
 
 
 def load_crops(crops_json, data_csv):
     """The two hippocampus boxes of a table: --crops, else crops.json next to the CSV, else the MNI152 default."""
-    path = crops_json or os.path.join(os.path.dirname(os.path.abspath(data_csv)), "crops.json")
-    return HippocampusCrops.load(path) if (crops_json or os.path.isfile(path)) else HippocampusCrops.mni152_1mm()
+    path = crops_path(crops_json, data_csv)
+    return HippocampusCrops.load(path) if path else HippocampusCrops.mni152_1mm()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -533,8 +393,8 @@ def from_adnimerge(path, out, visit="bl", dx_column=None, group_map=None):
             dropped[r[dx_column]] = dropped.get(r[dx_column], 0) + 1
             continue
         row = {"Subject": r["PTID"], "Group": g, **{a: r[a] for a in AD_ATTRIBUTES}}
-        years = _number(path, line, r, "Years_bl", required=False) if "Years_bl" in fields else math.nan
-        age = _number(path, line, r, "AGE", required=False)
+        years = number_cell(path, line, r, "Years_bl", required=False) if "Years_bl" in fields else math.nan
+        age = number_cell(path, line, r, "AGE", required=False)
         if math.isfinite(years) and math.isfinite(age):
             row["AGE"] = f"{age + years:.1f}"
         kept.append(row)
@@ -596,8 +456,9 @@ def preview_crops(volume, crops, path_boxes, path_crops):
 # Command line
 
 def _check_images(paths, subjects):
-    """Decode and validate every image; all must share one shape. -> that shape."""
+    """Every image's header (one shape, one voxel size), then every image decoded and validated. -> the shape."""
     shape, t0 = None, time.time()
+    check_image_geometry(paths, subjects)
     for k, (p, s) in enumerate(zip(paths, subjects)):
         sh = load_volume(p, s, expected_shape=shape).shape
         shape = shape or sh
@@ -607,14 +468,14 @@ def _check_images(paths, subjects):
 
 
 def _empty_cells(raw):
-    """How many cells of each attribute column are empty (missing), with the fraction."""
+    """How many cells of each attribute column are missing (empty, or ADNI's -4 / -1), with the fraction."""
     n = len(raw)
-    counts = {a: sum(1 for r in raw if not r[a].strip()) for a in AD_ATTRIBUTES}
+    counts = {a: sum(1 for r in raw if not r[a].strip() or is_missing_code(r[a])) for a in AD_ATTRIBUTES}
     return ", ".join(f"{a} {c}" + (f" ({c / n:.0%})" if c else "") for a, c in counts.items())
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Validate a table and every image it names, before a long run.")
+    ap = ArgumentParser(description="Validate a table and every image it names, before a long run.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("check-ad", "check-brain-age"):
         sp = sub.add_parser(name, help="validate a table and all its images, print a one-line summary")
@@ -642,13 +503,13 @@ def main(argv=None):
             print(skipped_summary(t))
         shape = _check_images(t.image_paths, t.subjects) if t.image_paths else None
         crops = load_crops(a.crops, a.csv)
-        own = a.crops or os.path.join(os.path.dirname(os.path.abspath(a.csv)), "crops.json")
-        if shape and os.path.isfile(own):
+        own = crops_path(a.crops, a.csv)
+        if shape and own:
             crops.check(shape, own)
         elif shape and any(s + d > n for st in (crops.left_start, crops.right_start)
                            for s, d, n in zip(st, crops.size, shape)):
-            print(f"warning: no crops.json: the default MNI152 1 mm boxes do not fit images {shape}; image models "
-                  f"need --crops FILE", file=sys.stderr)
+            warn(f"no crops.json: the default MNI152 1 mm boxes do not fit images {shape}; image models "
+                 f"need --crops FILE")
         if a.preview and t.image_paths:
             os.makedirs(a.preview, exist_ok=True)
             for i in range(min(a.preview_n, len(t.subjects))):
@@ -658,6 +519,10 @@ def main(argv=None):
             print(f"wrote {2 * min(a.preview_n, len(t.subjects))} PNGs to {a.preview}: <Subject>_boxes.png (axial and "
                   f"coronal mid-slices, left box red, right box green) and <Subject>_crops.png (both crops)")
         counts = ", ".join(f"{c} {int((t.labels == k).sum())}" for k, c in enumerate(CLASS_NAMES))
+        absent = [c for k, c in enumerate(CLASS_NAMES) if not (t.labels == k).any()]
+        if absent:
+            warn(f"{a.csv}: no {' or '.join(absent)} subjects: train_ad.py needs every class in every subset "
+                 f"(--classes 2 for CN vs AD)")
         print(f"ok: {a.csv}: {len(t.subjects)} subjects ({counts}), {int((t.sex == 0).sum())} male, age "
               f"{np.nanmean(t.age):.1f} +- {np.nanstd(t.age):.1f}, empty cells: {_empty_cells(t.raw)}"
               + (f", images {shape}" if shape else ""))

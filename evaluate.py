@@ -37,9 +37,9 @@ from metrics import (age_bias_fit, classification_metrics, entropy_weighted_ense
                      regression_metrics)
 from models import AD_MODELS, BRAIN_AGE_MODELS, AgeTarget, build_model, candidate_layers, layer_loss_entropy
 from runs import finished, load_run
-from safeio import UserError, run_cli, write_csv, write_json, write_text
+from safeio import ArgumentParser, UserError, check_number, run_cli, write_csv, write_json, write_text
 from synthetic import builtin_cohort
-from tabular import AD_ATTRIBUTES, SEX_CODES, TabularPreprocessor
+from tabular import AD_ATTRIBUTES, AD_CONTINUOUS, SEX_CODES, TabularPreprocessor, parse_attribute
 from training import ad_run_dir, brain_age_run_dir, make_loader, setup_device
 
 # ----------------------------------------------------------------------------------------------
@@ -259,23 +259,8 @@ def write_results(res, markdown, csv_table, out_dir, name):
     paths = [os.path.join(out_dir, f"results_{name}.{ext}") for ext in ("md", "csv", "json")]
     write_text(markdown, paths[0])
     write_csv(csv_table[1], csv_table[0], paths[1])
-    write_json(_json_safe(res), paths[2])
+    write_json(res, paths[2])   # NaN -> null
     return paths
-
-
-def _json_safe(obj):
-    """NaN -> None (JSON has no NaN), numpy scalars and arrays -> Python numbers and lists."""
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _json_safe(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def evaluate_ad(runs, binary=False, out_dir=None, quiet=False):
@@ -446,6 +431,10 @@ def test_set(finished_run, data_csv=None, image_dir=None):
     for image models, the training run's image cache with its crops). -> (table, test_idx, images or None)."""
     run = finished_run.run.replace(data_csv=data_csv or finished_run.run.data_csv,
                                    image_dir=image_dir or finished_run.run.image_dir)
+    held = finished_run.inputs.get("table_sha256")   # absent in runs written before runs were tied to their data
+    if held and os.path.isfile(run.data_csv) and data.table_sha256(run.data_csv) != held:
+        raise UserError(f"{run.data_csv}: not the table {finished_run.checkpoint_path} was trained on "
+                        f"(its sha256 differs); give that run's table with --data-csv")
     if run.task == "ad":
         image_model = run.model != "tabular"
         table = data.read_ad_table(run.data_csv, run.image_dir, need_images=image_model, classes=run.classes,
@@ -489,6 +478,11 @@ def sweep(checkpoint, attribute, values, data_csv=None, image_dir=None, batch_si
         prep, model, names = finished_run.tabular, finished_run.model(dev), finished_run.class_names
         header = [attr, "n"] + [f"mean P({c})" for c in names] + [f"predicted {c}" for c in names] + ["BA"]
         rows, summary = [], []
+        for value in values:
+            try:
+                parse_attribute(attr, str(value)) if attr in AD_CONTINUOUS else None
+            except ValueError as exc:
+                raise UserError(f"--values {value}: {attr}: {exc}") from None
         for value in [None] + list(values):
             raw = [dict(table.raw[i], **({} if value is None else {attr: str(value)})) for i in test_idx]
             try:
@@ -604,7 +598,7 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
 # Command line
 
 def arguments():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("ad", help="Table 3 from <runs>/ad (or ad-binary): ensembles of the four folds")
     a.add_argument("--runs", default="runs")
@@ -652,6 +646,9 @@ def arguments():
 
 def main(argv=None):
     a = arguments().parse_args(argv)
+    for option, least in (("top", 1), ("samples", 2), ("draws", 1), ("seed", 0), ("batch_size", 1),
+                          ("split_seeds", 0), ("versions", 0), ("epochs", 1), ("tabular_epochs", 1)):
+        check_number("--" + option.replace("_", "-"), getattr(a, option, None), least=least)
     if a.command == "ad":
         return evaluate_ad(a.runs, a.binary, a.out)
     if a.command == "brain-age":

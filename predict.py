@@ -27,7 +27,7 @@ from metrics import (classification_metrics, corrected_gap, entropy_weighted_ens
                      regression_metrics)
 from models import class_probabilities
 from runs import finished, load_run
-from safeio import UserError, run_cli, write_csv
+from safeio import ArgumentParser, UserError, check_number, run_cli, write_csv
 from training import make_loader, predict, setup_device
 
 
@@ -121,7 +121,7 @@ def ensemble_age_bias(members):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN", help="finished run folders, or folders above them")
     p.add_argument("--data-csv", required=True, help="the new subjects (no diagnosis or age needed)")
     p.add_argument("--image-dir", help="folder of <Subject>.nii.gz (default: <csv folder>/images)")
@@ -131,6 +131,9 @@ def main(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
+    check_number("--batch-size", a.batch_size, least=1)
+    if os.path.abspath(a.out) == os.path.abspath(a.data_csv):
+        raise UserError(f"--out {a.out}: the predictions would overwrite the table --data-csv")
     t0 = time.time()
     members = find_runs(a.runs)
     check_members(members)

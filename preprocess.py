@@ -36,8 +36,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from data import check_subjects, load_nifti, read_csv_rows
-from safeio import UserError, atomic_path, run_cli, write_csv
+from data import check_subjects, find_image, load_nifti, read_csv_rows
+from safeio import ArgumentParser, UserError, atomic_path, check_number, run_cli, write_csv
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,14 +216,21 @@ def preprocess_file(in_path, out_path, mask_path=None, spacing=1.75, shape=(90, 
 def _batch(a):
     """Preprocess every row of a table; write DIR/<Subject>.nii.gz and DIR/<table name> pointing at them."""
     rows, fields = read_csv_rows(a.csv, ("Subject",) + ((a.mask_column,) if a.mask_column else ()))
-    subjects = check_subjects(a.csv, rows)
+    subjects = check_subjects(a.csv, rows, as_file_names=True)  # DIR/<Subject>.nii.gz stays inside DIR
     base = os.path.dirname(os.path.abspath(a.csv))
+    table_out = os.path.join(a.out_dir, os.path.basename(a.csv))
+    if os.path.abspath(table_out) == os.path.abspath(a.csv):
+        raise UserError(f"--out-dir {a.out_dir}: the table's copy would overwrite {a.csv} itself; "
+                        f"choose another output folder")
     t0, out_rows = time.time(), []
     for k, ((line, r), subj) in enumerate(zip(rows, subjects)):
-        src = r.get(a.column) or os.path.join("images", f"{subj}.nii.gz")
+        src = r.get(a.column) or find_image(os.path.join(base, "images"), subj) or \
+            os.path.join("images", f"{subj}.nii.gz")
         mask = os.path.join(base, r[a.mask_column]) if a.mask_column and r.get(a.mask_column) else None
         out = os.path.join(a.out_dir, f"{subj}.nii.gz")
         out_rows.append({**r, "image": f"{subj}.nii.gz"})
+        if os.path.abspath(out) == os.path.abspath(os.path.join(base, src)):
+            raise UserError(f"{a.csv} line {line}: --out-dir {a.out_dir}: {out} would overwrite its own input")
         if os.path.exists(out) and not a.overwrite:
             continue
         try:
@@ -233,12 +240,11 @@ def _batch(a):
         left = (time.time() - t0) / (k + 1) * (len(rows) - k - 1)
         print(f"{k + 1}/{len(rows)} {subj} -> {out} ({left:.0f} s left)", flush=True)
     columns = [c for c in fields if c != a.mask_column] + ([] if "image" in fields else ["image"])
-    write_csv([{c: r.get(c, "") for c in columns} for r in out_rows], columns,
-               os.path.join(a.out_dir, os.path.basename(a.csv)))
+    write_csv([{c: r.get(c, "") for c in columns} for r in out_rows], columns, table_out)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Skull stripping (ROBEX/bet), neck removal (robustfov) and, without "
                                         "--n4, N4 bias correction (ANTs) must be run beforehand. --n4 without "
@@ -255,8 +261,8 @@ def main(argv=None):
     ap.add_argument("--mask-column", default=None, help="batch mode: brain mask path column")
     ap.add_argument("--overwrite", action="store_true", help="batch mode: redo existing outputs")
     a = ap.parse_args(argv)
-    if a.spacing <= 0 or min(a.shape) <= 0:
-        ap.error("--spacing and --shape must be positive")
+    check_number("--spacing", a.spacing, least=0.1, most=20)   # mm
+    check_number("--shape", a.shape, least=1, most=2048)       # voxels
     if a.n4:
         try:
             import SimpleITK  # noqa: F401
@@ -265,13 +271,15 @@ def main(argv=None):
                             "or run ANTs N4BiasFieldCorrection beforehand and drop --n4") from None
     if a.csv:
         if a.input or a.output or not a.out_dir:
-            ap.error("batch mode takes --csv and --out-dir and no positional paths")
+            raise UserError("--csv: batch mode takes --csv and --out-dir and no positional paths")
         _batch(a)
     else:
         if not (a.input and a.output):
-            ap.error("give IN.nii[.gz] OUT.nii.gz, or --csv TABLE --out-dir DIR")
+            raise UserError("give IN.nii[.gz] OUT.nii.gz, or --csv TABLE --out-dir DIR")
         if not a.output.endswith((".nii", ".nii.gz")):
-            ap.error("output must end in .nii or .nii.gz")
+            raise UserError(f"{a.output}: the output must end in .nii or .nii.gz")
+        if os.path.abspath(a.output) == os.path.abspath(a.input):
+            raise UserError(f"{a.output}: the output would overwrite its own input")
         preprocess_file(a.input, a.output, a.mask, a.spacing, a.shape, a.n4)
         print(f"wrote {a.output}", flush=True)
 

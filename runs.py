@@ -15,7 +15,7 @@ from data import CLASS_NAMES, HippocampusCrops
 from models import AgeTarget
 from safeio import UserError
 from tabular import TabularPreprocessor
-from training import RunConfig, load_checkpoint
+from training import RunConfig, load_checkpoint, load_weights
 
 
 def finished(run_dir):
@@ -62,12 +62,7 @@ class FinishedRun:
     def model(self, device="cpu"):
         """The trained network, in eval mode on `device`."""
         model = self.run.build_model(self.inputs)
-        try:
-            model.load_state_dict(self.checkpoint["model"])
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[1:2] or [str(exc)]
-            raise UserError(f"{self.checkpoint_path}: the weights do not fit the {self.run.model} model "
-                            f"({first[0].strip()})") from None
+        load_weights(model, self.checkpoint["model"], self.checkpoint_path, f"{self.run.model} model")
         return model.to(device).eval()
 
     def read_metrics(self):

@@ -4,11 +4,17 @@
                  its message is one line naming the file, row, column or option
     run_cli      a script's __main__: UserError / OSError -> `error: <one line>` on stderr, exit status 2
     atomic_path  write to a temporary name beside the target, rename onto it only when complete
-    write_json, write_csv, write_text   the three atomic writers the scripts use
+    write_json, write_csv, write_text   the three atomic writers the scripts use (JSON: NaN/inf -> null)
+    warn         a legitimate but odd input: one `warning:` line on stderr, the run goes on
+    check_number a numeric option within its range, else a UserError naming the option
+    ArgumentParser  argparse's parser whose errors are a UserError too (one line, not usage + error)
 """
+import argparse
 import contextlib
 import csv
 import json
+import math
+import numbers
 import os
 import sys
 import uuid
@@ -50,9 +56,58 @@ def atomic_path(path):
         raise
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but an unknown option, a bad choice or a missing argument raises a UserError, so
+    under run_cli it is the one `error:` line (argparse would print its usage line first), exit status 2."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def check_number(option, value, least=None, above=None, most=None):
+    """A numeric option (or each of a list of them) finite and within its range, else a UserError naming it.
+    least: value >= least; above: value > above; most: value <= most. None values (unset options) pass."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    shown = " ".join(map(str, values))
+    for v in values:
+        if v is None:
+            continue
+        if not math.isfinite(v):
+            raise UserError(f"{option} {shown}: must be a finite number")
+        if least is not None and v < least or above is not None and v <= above or most is not None and v > most:
+            want = " and ".join(w for w in (least is not None and f"at least {least}",
+                                            above is not None and f"above {above}",
+                                            most is not None and f"at most {most}") if w)
+            raise UserError(f"{option} {shown}: " + ("each " if len(values) > 1 else "") + f"must be {want}")
+
+
+def warn(message):
+    """A legitimate but odd input (ADNI's missing codes, say): one `warning: ...` line on stderr."""
+    print("warning: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
+
+
+def json_safe(obj):
+    """obj with NaN / inf as None (JSON null: a bare NaN is not JSON and strict readers refuse it), numpy
+    scalars and arrays as plain numbers and lists, tuples as lists and dict keys as strings."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):   # numpy arrays and scalars
+        return json_safe(obj.tolist())
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, numbers.Integral):
+        return int(obj)
+    if isinstance(obj, numbers.Real):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
 def write_json(obj, path):
+    """Atomic, strict JSON: non-finite numbers are written as null (json_safe)."""
     with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(json_safe(obj), f, indent=2, allow_nan=False)
 
 
 def write_csv(rows, columns, path):

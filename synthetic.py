@@ -10,7 +10,6 @@ sanity checks of the code, not clinical results.
 
 The training scripts generate the default cohort on first use (builtin_cohort).
 """
-import argparse
 import contextlib
 import math
 import os
@@ -22,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from data import CLASS_NAMES, HippocampusCrops, save_nifti
-from safeio import UserError, run_cli, write_csv, write_json
+from safeio import ArgumentParser, UserError, check_number, run_cli, write_csv, write_json
 from tabular import AD_ATTRIBUTES
 
 # ----------------------------------------------------------------------------------------------
@@ -260,12 +259,13 @@ def builtin_cohort(task, data_dir):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Write a synthetic cohort in the real on-disk format (SPEC §4).")
+    ap = ArgumentParser(description="Write a synthetic cohort in the real on-disk format (SPEC §4).")
     ap.add_argument("task", choices=sorted(BUILTIN))
     ap.add_argument("--out", required=True, help="output folder (absent, empty, or an earlier cohort)")
     ap.add_argument("--n", type=int, help="subjects (default: the built-in cohort's, 600 AD / 400 brain age)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
+    check_number("--seed", a.seed, least=0)
     t0 = time.time()
     _, _, make, options = BUILTIN[a.task]
     n = a.n if a.n is not None else options["n"]

@@ -1,7 +1,8 @@
 """The AD tabular record (Sec. 3.3, 4.3.3): attribute names, cell parsing, preprocessing fitted on training rows.
 
-Attributes use ADNIMERGE's column names. A cell is a number, empty (missing), or a censored CSF
-value such as `>1700` / `<8` (read as the assay limit). TabularPreprocessor turns raw rows into the
+Attributes use ADNIMERGE's column names. A cell is a number, empty or ADNI's code -4 / -1 (missing), or
+a censored CSF value such as `>1700` / `<8` (read as the assay limit); a value outside what the
+attribute can hold (ATTRIBUTE_RANGES) is refused. TabularPreprocessor turns raw rows into the
 model's input: one-hot sex, z-scores, iterative imputation (Sec. 3.3) and missing indicators;
 its state is plain numbers, saved in every checkpoint so a run predicts exactly as it trained.
 """
@@ -33,6 +34,41 @@ def parse_value(text):
     v = float(s)
     if not math.isfinite(v):
         raise ValueError(s)
+    return v
+
+
+# What an attribute can hold: (lowest, highest) and whether it counts (APOE4: copies of the e4 allele).
+# The biomarkers (CSF pg/mL, PET SUVR) cannot be negative; beyond 1e6 is a unit or export error.
+ATTRIBUTE_RANGES = {"AGE": (0, 120, False), "PTEDUCAT": (0, 40, False), "APOE4": (0, 2, True),
+                    **{a: (0, 1e6, False) for a in ("ABETA", "PTAU", "TAU", "FDG", "AV45")}}
+MISSING_CODES = (-4.0, -1.0)   # ADNI: -4 "not applicable / not collected", -1 "missing"
+
+
+def is_missing_code(text):
+    """True for ADNI's missing-value codes -4 and -1 (as '-4', '-1', '-4.0', ...) in an attribute cell."""
+    try:
+        return float(str(text or "").strip()) in MISSING_CODES
+    except ValueError:
+        return False
+
+
+def parse_attribute(col, text, checked=True):
+    """An AD attribute cell -> float: ADNI's -4 / -1 read as missing (NaN), else parse_value; if `checked`,
+    the value must be one `col` can hold (ATTRIBUTE_RANGES: where tables and options come in; the
+    preprocessor, fed rows already read, only parses). Raises ValueError saying what is wrong (callers
+    add the row and column)."""
+    if is_missing_code(text):
+        return math.nan
+    try:
+        v = parse_value(text)
+    except ValueError:
+        raise ValueError(f"not a number: {text!r}") from None
+    lo, hi, count = ATTRIBUTE_RANGES[col]
+    if checked and not math.isnan(v):
+        if v < lo or v > hi or (count and v != int(v)):
+            what = f"one of {', '.join(str(k) for k in range(int(lo), int(hi) + 1))}" if count else f"{lo:g} to {hi:g}"
+            kind = "negative" if v < 0 else "impossible"
+            raise ValueError(f"{kind} value {text.strip()!r} (expected {what})")
     return v
 
 
@@ -74,15 +110,15 @@ class TabularPreprocessor:
         X = np.full((n, len(AD_CONTINUOUS)), np.nan)
         for i, row in enumerate(raw_rows):
             s = str(row.get("PTGENDER", "") or "").strip().lower()
-            if s:
+            if s and not is_missing_code(s):
                 if s not in SEX_CODES:
                     raise UserError(f"tabular row {i + 1}: column PTGENDER: expected Male or Female, got {s!r}")
                 sex[i] = SEX_CODES[s]
             for j, col in enumerate(AD_CONTINUOUS):
                 try:
-                    X[i, j] = parse_value(str(row.get(col, "") or ""))
-                except ValueError:
-                    raise UserError(f"tabular row {i + 1}: column {col}: not a number: {row.get(col)!r}") from None
+                    X[i, j] = parse_attribute(col, str(row.get(col, "") or ""), checked=False)
+                except ValueError as exc:
+                    raise UserError(f"tabular row {i + 1}: column {col}: {exc}") from None
         return sex, X
 
     def fit(self, raw_rows):

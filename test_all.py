@@ -1,12 +1,15 @@
 """The paper's claims about this code, as tests. Run: python -m pytest -q test_all.py"""
 import ast
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
 import struct
 import subprocess
 import sys
+import types
 import warnings
 import zlib
 
@@ -1329,6 +1332,267 @@ def test_select_layers_scores_every_candidate_layer(brain_age_cohort20):
     expected = candidate_layers(build_model("brain-age", "imaging", image_shape=synthetic.BRAIN_AGE_SYNTH["shape"]))
     assert sorted(n for n, _ in scores) == sorted(expected)
     assert [h for _, h in scores] == sorted((h for _, h in scores), reverse=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing silent: every wrong input refused in one line, every run tied to its data
+
+
+def run_main(main, *args):
+    """A script's main through safeio.run_cli in this process, as its __main__ runs it (no interpreter start-up)
+    -> an object with returncode, stdout and stderr, like run()'s."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            safeio.run_cli(main, [str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def _edit_table(src, dst, edit):
+    """Copy a CSV applying edit(line number, cells) -> cells to every data line (line 1 is the header)."""
+    lines = open(src).read().splitlines()
+    out = [lines[0]] + [",".join(edit(k, line.split(","))) for k, line in enumerate(lines[1:], start=2)]
+    with open(dst, "w") as f:
+        f.write("\n".join(out) + "\n")
+    return dst
+
+
+def _files(folder):
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
+
+
+def test_a_run_refuses_a_tabular_model_or_checkpoint_trained_on_another_table(ad_cohort60, tmp_path):
+    other = _edit_table(ad_cohort60, os.path.join(os.path.dirname(ad_cohort60), "ad_other_values.csv"),
+                        lambda k, c: c[:6] + ["123.4"] + c[7:] if k == 5 else c)   # one ABETA cell differs
+    train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "tabular", "--epochs", "1"))
+    tab = _run_dir(tmp_path, "tabular")
+    before = _files(tmp_path), open(os.path.join(tab, "last.pt"), "rb").read()
+    ckpt = torch.load(os.path.join(tab, "last.pt"), weights_only=True)
+    assert ckpt["inputs"]["table_sha256"] == data.table_sha256(ad_cohort60) and len(data.table_sha256(other)) == 64
+    # HyperFusion on the other table finds the tabular model of this split, fold and version: refused
+    assert_clean_error(run("train_ad.py", *_ad_args(other, tmp_path, "--model", "hyperfusion")),
+                       "best.pt", "another run", "table_sha256", str(ad_cohort60))
+    # --resume with another --data-csv: refused
+    assert_clean_error(run_main(train_ad.main, *_ad_args(other, tmp_path, "--model", "tabular", "--resume")),
+                       "last.pt", "table_sha256")
+    assert (_files(tmp_path), open(os.path.join(tab, "last.pt"), "rb").read()) == before
+    # the evaluation tools refuse it too, and an impossible sweep value
+    assert_clean_error(run_main(evaluate.main, "sweep", tab, "--attribute", "ABETA", "--values", "500",
+                                "--data-csv", other), "ad_other_values.csv", "sha256")
+    assert_clean_error(run_main(evaluate.main, "sweep", tab, "--attribute", "ABETA", "--values", "-5"),
+                       "--values -5", "ABETA", "negative")
+    # a checkpoint whose tensors have other shapes: refused naming it, not a traceback
+    ckpt["model"] = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) if v.dim() else v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, os.path.join(tab, "last.pt"))
+    assert_clean_error(run_main(train_ad.main, *_ad_args(ad_cohort60, tmp_path, "--model", "tabular", "--resume")),
+                       "last.pt", "does not fit")
+    assert no_temp_files(tab)
+
+
+def _tiny_brain_age(folder, n=10, sex="MF", shapes=None, spacing=None):
+    """An n-subject brain-age table with 8x8x8 images (shapes / spacing: {index: other}); returns the CSV path."""
+    os.makedirs(folder / "images", exist_ok=True)
+    rows = ["Subject,Age,Sex"]
+    for i in range(n):
+        vol = np.random.default_rng(i).random((shapes or {}).get(i, (8, 8, 8))).astype(np.float32)
+        data.save_nifti(vol, (spacing or {}).get(i, 2.0), folder / "images" / f"B{i}.nii.gz")
+        rows.append(f"B{i},{40 + 3 * i},{sex[i % len(sex)]}")
+    (folder / "ba.csv").write_text("\n".join(rows) + "\n")
+    return folder / "ba.csv"
+
+
+def test_images_of_another_shape_or_voxel_size_are_refused_from_their_headers(ad_cohort40, tmp_path):
+    ba = ["--out", tmp_path / "runs", "--epochs", "1", "--quiet"]
+    csv_path = _tiny_brain_age(tmp_path / "a", shapes={6: (8, 9, 8)})
+    assert_clean_error(run("train_brain_age.py", "--data-csv", csv_path, *ba), "B6.nii.gz", "subject B6",
+                       "(8, 9, 8)", "(8, 8, 8)", "B0.nii.gz")
+    assert not (tmp_path / "a" / "cache").exists() and not (tmp_path / "runs").exists()
+    csv_path = _tiny_brain_age(tmp_path / "b", spacing={3: 1.0})
+    assert_clean_error(run_main(data.main, "check-brain-age", csv_path), "B3.nii.gz", "voxel size",
+                       "(1.0, 1.0, 1.0)", "(2.0, 2.0, 2.0)")
+    assert_clean_error(run_main(train_brain_age.main, "--data-csv", csv_path, *ba), "B3.nii.gz", "voxel size")
+    # AD: one scan of another shape among the cohort's, through train_ad.py, before any crop is decoded
+    images = tmp_path / "ad_images"
+    images.mkdir()
+    table = data.read_ad_table(ad_cohort40)
+    for s, p in zip(table.subjects, table.image_paths):
+        os.symlink(p, images / os.path.basename(p))
+    odd = table.subjects[7]
+    os.remove(images / f"{odd}.nii.gz")
+    data.save_nifti(np.zeros((20, 20, 20), np.float32), 1.0, images / f"{odd}.nii.gz")
+    args = _ad_args(ad_cohort40, tmp_path / "runs", "--model", "imaging", "--image-dir", images,
+                    "--cache-dir", tmp_path / "cache")
+    assert_clean_error(run_main(train_ad.main, *args), f"subject {odd}", "(20, 20, 20)")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_column_named_twice_is_refused_naming_it(tmp_path):
+    csv_path = tiny_ad(tmp_path)
+    lines = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join([lines[0] + ",ABETA"] + [ln + ",900" for ln in lines[1:]]) + "\n")
+    assert_clean_error(run("data.py", "check-ad", csv_path), "ad.csv", "column ABETA appears twice",
+                       "columns 7 and 12")
+
+
+def test_one_class_or_a_class_absent_from_a_subset_is_refused_after_the_split(ad_cohort40, tmp_path):
+    out = tmp_path / "runs"
+    one = _edit_table(ad_cohort40, tmp_path / "one.csv", lambda k, c: c[:1] + ["CN"] + c[2:])
+    assert_clean_error(run("train_ad.py", *_ad_args(one, out, "--model", "tabular")), "one.csv",
+                       "every subject is CN")
+    no_mci = _edit_table(ad_cohort40, tmp_path / "no_mci.csv",
+                         lambda k, c: c[:1] + ["CN" if c[1] == "MCI" else c[1]] + c[2:])
+    assert_clean_error(run_main(train_ad.main, *_ad_args(no_mci, out, "--model", "tabular")), "no MCI subjects",
+                       "--classes 2")
+    n_ad = []
+    few_ad = _edit_table(ad_cohort40, tmp_path / "few_ad.csv",
+                         lambda k, c: c[:1] + ["CN" if c[1] == "AD" and n_ad.append(k) is None and len(n_ad) > 2
+                                               else c[1]] + c[2:])
+    assert_clean_error(run_main(train_ad.main, *_ad_args(few_ad, out, "--model", "tabular")), "few_ad.csv",
+                       "class AD is absent from the", "split seed 0, fold 1", "2 AD subjects")
+    assert not out.exists()
+
+
+def test_adni_missing_codes_read_as_missing_with_a_warning_and_impossible_values_are_refused(tmp_path):
+    csv_path = tiny_ad(tmp_path)
+    good = csv_path.read_text()
+    csv_path.write_text(good.replace(",>1700,", ",-4,").replace(",1.2\n", ",-1\n", 1))
+    p = run_main(data.main, "check-ad", csv_path, "--no-images")
+    assert p.returncode == 0 and p.stdout.startswith("ok:"), p.stderr
+    warned = p.stderr.strip().splitlines()
+    assert [w for w in warned if w.startswith("warning:") and "ABETA: 3 cells" in w and "-4 or -1" in w]
+    assert [w for w in warned if w.startswith("warning:") and "AV45: 1 cell " in w]
+    raw = data.read_ad_table(csv_path, need_images=False).raw
+    _, X = TabularPreprocessor.parse(raw)
+    assert np.isnan(X[:, tabular.AD_CONTINUOUS.index("ABETA")]).all()
+    assert np.isnan(X[0, tabular.AD_CONTINUOUS.index("AV45")]) and X[1, tabular.AD_CONTINUOUS.index("AV45")] == 1.2
+    for col, bad, why in [("TAU", "-3", "negative"), ("PTAU", "1e300", "impossible"), ("APOE4", "3", "one of 0, 1, 2"),
+                          ("PTEDUCAT", "55", "0 to 40"), ("FDG", "-0.5", "negative")]:
+        header = good.splitlines()[0].split(",")
+        csv_path.write_text(_cells(good, 3, header.index(col), bad))
+        assert_clean_error(run_main(data.main, "check-ad", csv_path, "--no-images"), "line 3", "subject S1",
+                           f"column {col}", bad, why)
+    assert_clean_error(run("train_ad.py", *_ad_args(csv_path, tmp_path / "runs", "--model", "tabular")),
+                       "line 3", "column FDG")
+    assert not (tmp_path / "runs").exists()
+
+
+def _cells(text, line, col, value):
+    """text with the cell of CSV line `line` (1 = header), column index `col` set to value."""
+    lines = text.splitlines()
+    cells = lines[line - 1].split(",")
+    cells[col] = value
+    lines[line - 1] = ",".join(cells)
+    return "\n".join(lines) + "\n"
+
+
+def test_preprocess_refuses_a_subject_that_is_not_a_plain_file_name(tmp_path):
+    csv_path = tiny_ad(tmp_path)
+    good = csv_path.read_text()
+    for subject in ("../escape", str(tmp_path / "abs"), ".."):
+        csv_path.write_text(good.replace("S1,", f"{subject},") + "")
+        assert_clean_error(run_main(preprocess.main, "--csv", csv_path, "--out-dir", tmp_path / "pre"),
+                           "ad.csv line 3", repr(subject), "not a plain file name")
+        assert not (tmp_path / "pre").exists() and not (tmp_path / "escape.nii.gz").exists()
+        assert_clean_error(run_main(data.main, "check-ad", csv_path), "line 3", "not a plain file name")
+    # found beside it: --out-dir beside the table would overwrite the table with its copy
+    csv_path.write_text(good)
+    assert_clean_error(run_main(preprocess.main, "--csv", csv_path, "--out-dir", tmp_path), "--out-dir",
+                       "overwrite", "ad.csv")
+    assert csv_path.read_text() == good
+
+
+def test_an_unclosed_quote_is_named_at_the_line_where_it_opens(tmp_path):
+    csv_path = tiny_ad(tmp_path)
+    csv_path.write_text(csv_path.read_text().replace("S1,CN,", 'S1,"CN,'))
+    assert_clean_error(run("data.py", "check-ad", csv_path), "ad.csv line 3", "quote", "Group", "not closed")
+
+
+def test_numeric_options_out_of_range_are_refused_naming_the_option(tmp_path):
+    csv_path = tiny_ad(tmp_path)
+    base = ["--data-csv", csv_path, "--out", tmp_path / "runs", "--model", "tabular", "--quiet"]
+    for option, value in [("--batch-size", "0"), ("--lr", "-1"), ("--weight-decay", "nan"), ("--workers", "-1"),
+                          ("--version", "-5"), ("--epochs", "0"), ("--split-seed", "-1"), ("--lr", "inf")]:
+        assert_clean_error(run_main(train_ad.main, *base, option, value), f"{option} {value}")
+    assert_clean_error(run("train_ad.py", *base, "--batch-size", "0"), "--batch-size 0", "at least 1")
+    assert_clean_error(run_main(train_brain_age.main, "--data-csv", csv_path, "--lr", "0"), "--lr 0", "above 0")
+    assert not (tmp_path / "runs").exists()
+    head = tmp_path / "images" / "S0.nii.gz"
+    for spacing in ("0.01", "50", "nan"):
+        assert_clean_error(run_main(preprocess.main, head, tmp_path / "o.nii.gz", "--spacing", spacing),
+                           f"--spacing {spacing}")
+    assert_clean_error(run_main(preprocess.main, head, tmp_path / "o.nii.gz", "--shape", 0, 9, 9), "--shape 0 9 9")
+    assert_clean_error(run_main(preprocess.main, head, head), "S0.nii.gz", "overwrite its own input")
+    assert not (tmp_path / "o.nii.gz").exists()
+    assert_clean_error(run_main(evaluate.main, "brain-age", "--runs", tmp_path, "--top", "0"), "--top 0")
+    # argparse's own refusals are one line too (not its usage line first)
+    assert_clean_error(run("train_ad.py", "--fold", "7"), "--fold", "invalid choice")
+    assert_clean_error(run_main(train_brain_age.main, "--batch-size", "abc"), "--batch-size", "abc")
+    assert_clean_error(run_main(synthetic.main, "ad", "--out", tmp_path / "syn", "--seed", "-1"), "--seed -1")
+    # crops.json: two numbers, a zero size
+    for boxes, culprit in [({"left_start": [1, 2], "right_start": [0, 0, 0], "size": [4, 4, 4]}, "left_start"),
+                           ({"left_start": [0, 0, 0], "right_start": [0, 0, 0], "size": [4, 0, 4]}, "size")]:
+        (tmp_path / "crops.json").write_text(json.dumps(boxes))
+        assert_clean_error(run_main(data.main, "check-ad", csv_path), "crops.json", culprit)
+    # brain age: --train-sex with no such subjects in the training split
+    ba = _tiny_brain_age(tmp_path / "ba", sex="M")
+    assert_clean_error(run_main(train_brain_age.main, "--data-csv", ba, "--train-sex", "F", "--out", tmp_path / "r",
+                                "--quiet"), "--train-sex F", "no female subjects")
+    assert not (tmp_path / "r").exists()
+
+
+def test_semicolon_or_tab_tables_are_named_and_nii_images_beside_nii_gz_are_found(tmp_path):
+    csv_path = tiny_ad(tmp_path)
+    good = csv_path.read_text()
+    for sep, name in ((";", "semicolon"), ("\t", "tab")):
+        csv_path.write_text(good.replace(",", sep))
+        assert_clean_error(run("data.py", "check-ad", csv_path), "ad.csv", f"delimiter looks like a {name}",
+                           "comma-separated")
+    csv_path.write_text(good)
+    img = nib.load(tmp_path / "images" / "S1.nii.gz")
+    nib.save(img, tmp_path / "images" / "S1.nii")
+    os.remove(tmp_path / "images" / "S1.nii.gz")
+    p = run_main(data.main, "check-ad", csv_path)
+    assert p.returncode == 0 and "images (8, 8, 8)" in p.stdout, p.stderr
+    assert data.read_ad_table(csv_path).image_paths[1] == str(tmp_path / "images" / "S1.nii")
+    os.remove(tmp_path / "images" / "S1.nii")
+    assert_clean_error(run_main(data.main, "check-ad", csv_path), "line 3", "S1.nii.gz (or .nii)")
+    # found beside them: an empty file, an --image-dir that is not a folder
+    (tmp_path / "empty.csv").write_text("")
+    assert_clean_error(run_main(data.main, "check-ad", tmp_path / "empty.csv"), "empty.csv", "no header")
+    assert_clean_error(run_main(data.main, "check-ad", csv_path, "--image-dir", tmp_path / "nope"),
+                       "--image-dir", "not found")
+    # ... one image named by two subjects, an image whose header has a zero voxel size
+    data.save_nifti(np.ones((8, 8, 8), np.float32), 2.0, tmp_path / "images" / "S1.nii.gz")
+    twice = good.replace("Subject,", "Subject,image,").replace("S0,", "S0,images/S2.nii.gz,")
+    (tmp_path / "twice.csv").write_text(twice.replace("S1,", "S1,,").replace("S2,", "S2,images/S2.nii.gz,"))
+    assert_clean_error(run_main(data.main, "check-ad", tmp_path / "twice.csv"), "line 4", "subject S2",
+                       "also subject S0's")
+    header = nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)).header
+    header["qform_code"], header["sform_code"], header["srow_y"] = 0, 1, [0, 0, 0, 0]   # a y axis of 0 mm
+    nib.Nifti1Image(np.ones((8, 8, 8), np.float32), None, header).to_filename(tmp_path / "images" / "S1.nii.gz")
+    assert_clean_error(run_main(data.main, "check-ad", csv_path), "S1.nii.gz", "degenerate")
+
+
+def test_metrics_json_is_strict_json_with_null_where_a_metric_is_undefined(brain_age_cohort20, tmp_path):
+    men = _edit_table(brain_age_cohort20, os.path.join(os.path.dirname(brain_age_cohort20), "men_only.csv"),
+                      lambda k, c: c[:2] + ["M"] + c[3:])
+    p = run_main(train_brain_age.main, "--data-csv", men, "--out", tmp_path, "--epochs", "1", "--batch-size", "8",
+                 "--quiet", "--model", "imaging")
+    assert p.returncode == 0 and "warning:" in p.stderr and "no female subjects" in p.stderr, p.stderr
+    text = open(os.path.join(training.brain_age_run_dir(tmp_path, "imaging", 0), "metrics.json")).read()
+
+    def refuse(name):
+        raise ValueError(name)
+
+    metrics = json.loads(text, parse_constant=refuse)                   # no bare NaN / Infinity
+    assert metrics["test"]["mae_female"] is None and metrics["test"]["mae_male"] > 0
+    safeio.write_json({"a": np.float32("nan"), "b": [np.inf, np.int64(3)], "c": np.array([1.5, np.nan])},
+                      tmp_path / "x.json")
+    assert json.loads((tmp_path / "x.json").read_text(), parse_constant=refuse) == \
+        {"a": None, "b": [None, 3], "c": [1.5, None]}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from layers import init_hyperlayers
 from metrics import classification_metrics
 from models import AD_MODELS, class_probabilities
 from runs import load_run
-from safeio import atomic_path, run_cli, write_json
+from safeio import ArgumentParser, UserError, atomic_path, run_cli, write_json
 from synthetic import builtin_cohort
 from tabular import TabularPreprocessor
 from training import (DATA_KEYS, RunConfig, add_common_arguments, fit, identity, load_checkpoint, log,
@@ -37,7 +37,7 @@ DEMO_TABULAR = dict(DEMO_AD, epochs=100)  # the MLP costs nothing per epoch
 
 
 def ad_arguments():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="hyperfusion", choices=AD_MODELS)
     p.add_argument("--split-seed", type=int, default=0, help="seed of the 5-subset split (Sec. 4.3.4)")
     p.add_argument("--fold", type=int, default=0, choices=range(4), help="validation subset, 0..3")
@@ -77,19 +77,31 @@ def train_ad(args):
                                group_map=run.group_map)
     if table.skipped:
         log(data.skipped_summary(table), quiet)
+    check_classes(table)
     subsets = splits.ad_split(table.sex, table.labels, table.age, run.split_seed)
     train_idx, val_idx, test_idx = splits.ad_fold(subsets, run.fold)
+    check_classes(table, {"training": train_idx, "validation": val_idx, "test": test_idx}, run)
     prep = TabularPreprocessor().fit([table.raw[i] for i in train_idx])  # Sec. 3.3: training rows only
     tabular = prep.transform(table.raw)                                   # (N, n_tab)
     crops = data.load_crops(run.crops, run.data_csv) if image_model else None
-    shape, voxel = data.image_geometry(table.image_paths[0], table.subjects[0]) if image_model else (None, None)
+    shape, voxel = None, None
+    if image_model:  # every header first (seconds), so a wrong image stops the run before the cache decodes
+        shape, voxel = data.check_image_geometry(table.image_paths, table.subjects)
+        crops.check(shape, data.crops_path(run.crops, run.data_csv) or "the default (MNI152) hippocampus boxes")
     inputs = {"n_tabular": int(tabular.shape[1]), "tabular_columns": prep.columns,
               "class_names": list(table.class_names), "crops": crops.as_dict() if crops else None,
-              "image_shape": list(shape) if shape else None, "voxel_size": list(voxel) if voxel else None}
+              "image_shape": list(shape) if shape else None, "voxel_size": list(voxel) if voxel else None,
+              "table_sha256": data.table_sha256(run.data_csv),
+              "images_sha256": data.image_fingerprint(table.image_paths) if image_model else None}
     run_dir = run.run_dir(args["out"])
     log(f"{run.model}: split seed {run.split_seed}, fold {run.fold}, version {run.version}: "
         f"{len(train_idx)} train / {len(val_idx)} val / {len(test_idx)} test subjects, "
         f"{inputs['n_tabular']} tabular features -> {run_dir}", quiet)
+
+    # Sec. 4.3.6: the HyperFusion embedding starts from the tabular-only MLP of this split and fold
+    # (found or trained before the images are decoded, so a tabular model of another table stops the run at once)
+    resume = resumable(run_dir, args["resume"])
+    tab_model = pretrained_tabular(args, run, inputs) if run.model == "hyperfusion" and not resume else None
 
     if image_model:
         cache = data.ImageCache(table.image_paths, run.cache_dir or data.default_cache_dir(run.data_csv),
@@ -111,9 +123,6 @@ def train_ad(args):
         w = 1.0 / np.maximum(train_counts[table.labels[train_idx]], 1)
         sampler = torch.utils.data.WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), len(w))
 
-    # Sec. 4.3.6: the HyperFusion embedding starts from the tabular-only MLP of this split and fold
-    resume = resumable(run_dir, args["resume"])
-    tab_model = pretrained_tabular(args, run, inputs) if run.model == "hyperfusion" and not resume else None
     seed_all(run.version)  # the initialisation seed, the same whether the MLP was trained now or reused
     model = run.build_model(inputs).to(device)
     if tab_model is not None:
@@ -140,6 +149,27 @@ def train_ad(args):
         f"F1 {test_metrics['f1_macro']:.3f} (best epoch {best['epoch'] + 1}, val BA "
         f"{best['metrics']['balanced_accuracy']:.3f}) -> {run_dir}")
     return metrics
+
+
+def check_classes(table, parts=None, run=None):
+    """Every class of the task in the cohort and, after the split, in each of `parts` ({name: indices}):
+    a class absent from training cannot be learnt, and one absent from validation or test leaves its
+    balanced accuracy and AUC undefined, so the run would report numbers that mean nothing."""
+    names = table.class_names
+    counts = np.bincount(table.labels[table.labels >= 0], minlength=len(names))
+    if (counts > 0).sum() < 2:
+        raise UserError(f"{table.csv_path}: every subject is {names[int(np.argmax(counts))]}: "
+                        f"a classifier needs subjects of at least two classes")
+    for k, c in enumerate(names):
+        if counts[k] == 0:
+            raise UserError(f"{table.csv_path}: no {c} subjects, but --classes {len(names)} needs them"
+                            + (" (--classes 2: CN vs AD)" if c == "MCI" else ""))
+    for part, idx in (parts or {}).items():
+        for k, c in enumerate(names):
+            if not (table.labels[idx] == k).any():
+                raise UserError(f"{table.csv_path}: class {c} is absent from the {part} subset (split seed "
+                                f"{run.split_seed}, fold {run.fold}): the cohort has {counts[k]} {c} subject"
+                                f"{'s' * int(counts[k] != 1)}, each of the 5 subsets needs at least one")
 
 
 def wce_loss(logits, target, weights):

@@ -24,7 +24,7 @@ import splits
 from layers import init_hyperlayers
 from metrics import age_bias_fit, gap_summary, regression_metrics
 from models import BRAIN_AGE_MODELS, AgeTarget
-from safeio import atomic_path, run_cli, write_json
+from safeio import ArgumentParser, UserError, atomic_path, run_cli, warn, write_json
 from synthetic import builtin_cohort
 from training import (RunConfig, add_common_arguments, fit, identity, load_checkpoint, log, loader_workers,
                       make_loader, predict, resolve_schedule, resumable, seed_all, setup_device)
@@ -34,7 +34,7 @@ DEMO_BRAIN_AGE = dict(epochs=12, batch_size=16, lr=1e-3, weight_decay=1e-4)
 
 
 def brain_age_arguments():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="hyperfusion", choices=BRAIN_AGE_MODELS)
     p.add_argument("--embedding-dim", type=int, default=1, choices=[1, 2], help="sex embedding 2->1 or 2->2")
     p.add_argument("--train-sex", default="all", choices=["all", "M", "F", "mixed"],
@@ -68,12 +68,18 @@ def train_brain_age(args):
     table = data.read_brain_age_table(run.data_csv, run.image_dir)
     train_idx, val_idx, test_idx = splits.brain_age_split(table.age, table.sex, run.split_seed)
     train_idx = select_training_sex(train_idx, table.sex, run.train_sex, run.split_seed)
+    for code, name in ((0, "male"), (1, "female")):
+        if not (table.sex == code).any():
+            warn(f"{run.data_csv}: no {name} subjects: sex has nothing to condition on, and mae_{name} is null")
+    # every header first (seconds), before the cache decodes: one shape and voxel size
+    _, voxel = data.check_image_geometry(table.image_paths, table.subjects)
     cache = data.ImageCache(table.image_paths, run.cache_dir or data.default_cache_dir(run.data_csv), run.cache_dtype,
                             names=table.subjects).prepare(progress=not quiet)
     image_shape = tuple(cache[0].shape)
     sex = data.sex_onehot(table.sex)                                            # (N, 2) [male, female]
-    inputs = {"n_tabular": 2, "image_shape": list(image_shape),
-              "voxel_size": list(data.image_geometry(table.image_paths[0], table.subjects[0])[1])}
+    inputs = {"n_tabular": 2, "image_shape": list(image_shape), "voxel_size": list(voxel),
+              "table_sha256": data.table_sha256(run.data_csv),
+              "images_sha256": data.image_fingerprint(table.image_paths)}
     run_dir = run.run_dir(args["out"])
     log(f"{run.model}: version {run.version}: {len(train_idx)} train / {len(val_idx)} val / "
         f"{len(test_idx)} test subjects, images {image_shape} -> {run_dir}", quiet)
@@ -115,6 +121,10 @@ def select_training_sex(train_idx, sex, which, seed):
     if which == "all":
         return train_idx
     males, females = train_idx[sex[train_idx] == 0], train_idx[sex[train_idx] == 1]
+    for name, part in (("male", males), ("female", females)):
+        if which in (name[0].upper(), "mixed") and len(part) == 0:
+            raise UserError(f"--train-sex {which}: the training split holds no {name} subjects "
+                            f"({len(males)} male, {len(females)} female)")
     if which == "M":
         return males
     if which == "F":

@@ -16,14 +16,15 @@ import numpy as np
 import torch
 
 from models import build_model
-from safeio import UserError, atomic_path, write_csv
+from safeio import UserError, atomic_path, check_number, write_csv
 
 SCHEDULE_KEYS = ("epochs", "batch_size", "lr", "weight_decay")
 SCHEDULE_TYPES = {"epochs": int, "batch_size": int, "lr": float, "weight_decay": float}
-# a checkpoint belongs to a run when these match (epochs may grow on --resume; the data may move)
+# a checkpoint belongs to a run when these match (epochs may grow on --resume; the data may move, but its
+# content is compared: the table's sha256 and the images' fingerprint, see data.table_sha256, image_fingerprint)
 DATA_KEYS = ("task", "model", "split_seed", "fold", "version", "classes", "group_map", "n_tabular",
-             "tabular_columns", "embedding_dim", "train_sex")
-IDENTITY_KEYS = DATA_KEYS + ("loss", "batch_size", "lr", "weight_decay")
+             "tabular_columns", "embedding_dim", "train_sex", "table_sha256")
+IDENTITY_KEYS = DATA_KEYS + ("loss", "batch_size", "lr", "weight_decay", "images_sha256", "image_shape", "crops")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,8 +107,17 @@ def add_common_arguments(p):
     p.add_argument("--quiet", action="store_true", help="print only the final line")
 
 
+def check_options(args):
+    """Numeric options within their range, refused naming the option (argparse only checks the type)."""
+    for k, least in (("epochs", 1), ("batch_size", 1), ("weight_decay", 0), ("workers", 0), ("version", 0),
+                     ("split_seed", 0)):
+        check_number("--" + k.replace("_", "-"), args.get(k), least=least)
+    check_number("--lr", args.get("lr"), above=0)
+
+
 def resolve_schedule(args, defaults, name, quiet=False):
     """Unset schedule options from `defaults` (Table 1 on real data, the demo schedule on synthetic)."""
+    check_options(args)
     schedule = {k: args[k] if args[k] is not None else defaults[k] for k in SCHEDULE_KEYS}
     log(f"schedule ({name}): " + ", ".join(f"{k} {schedule[k]}" for k in SCHEDULE_KEYS), quiet)
     return schedule
@@ -206,8 +216,20 @@ def load_checkpoint(path, expected=None):
         held = {**ckpt["run"], **ckpt["inputs"]}
         diff = [f"{k}: checkpoint {held.get(k)!r}, now {v!r}" for k, v in expected.items() if held.get(k) != v]
         if diff:
-            raise UserError(f"{path}: checkpoint belongs to another run ({'; '.join(diff)})")
+            data = [k for k in ("table_sha256", "images_sha256") if held.get(k) != expected.get(k, held.get(k))]
+            hint = f"; it was trained on other data: {held.get('data_csv')}" if data else ""
+            raise UserError(f"{path}: checkpoint belongs to another run ({'; '.join(diff)}){hint}")
     return ckpt
+
+
+def load_weights(module, state, path, what="model"):
+    """module.load_state_dict(state), with tensors of other shapes or names refused in one line naming `path`."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
+        raise UserError(f"{path}: the saved {what} does not fit this run's ({detail})") from None
 
 
 def resumable(run_dir, resume):
@@ -238,8 +260,8 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
     last_path, best_path = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "best.pt")
     if resumable(run_dir, resume):
         ckpt = load_checkpoint(last_path, identity(run, inputs))
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        load_weights(model, ckpt["model"], last_path)
+        load_weights(opt, ckpt["optimizer"], last_path, "optimiser state")
         start, best, history = ckpt["epoch"] + 1, ckpt["best"], ckpt["history"]
         log(f"resuming {last_path} after epoch {start}", quiet)
     elif resume:
