@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from scipy.stats import mannwhitneyu
 
 import data
+import distributed
 import evaluate
 import preprocess
 import safeio
@@ -609,6 +610,22 @@ def test_cache_decodes_once_and_redecodes_a_changed_source(tmp_path):
     assert len(os.listdir(tmp_path / "cache")) == 4 and again[0].dtype == np.float16
 
 
+def test_a_parallel_cache_decode_writes_entries_byte_identical_to_a_serial_decode(ad_cohort40, tmp_path):
+    table = data.read_ad_table(ad_cohort40)
+    crops = data.load_crops(None, ad_cohort40)
+    caches = {}
+    for workers in (1, 2):
+        caches[workers] = data.ImageCache(table.image_paths, tmp_path / f"w{workers}", "float16", transform=crops,
+                                          names=table.subjects)
+        caches[workers].PARALLEL_FROM = 1                       # 40 subjects: decode them in 2 processes anyway
+        caches[workers].prepare(progress=False, workers=workers)
+    names = sorted(os.listdir(tmp_path / "w1"))
+    assert len(names) == len(table.subjects) and names == sorted(os.listdir(tmp_path / "w2"))
+    for name in names:
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
+    assert caches[2].n_decoded == len(names) and no_temp_files(tmp_path / "w2")
+
+
 def test_dataset_items_have_one_side_in_training_and_both_in_evaluation(ad_cohort40, tmp_path):
     t = data.read_ad_table(ad_cohort40)
     crops = data.HippocampusCrops.load(os.path.join(os.path.dirname(ad_cohort40), "crops.json"))
@@ -1169,6 +1186,78 @@ def test_select_layers_scores_every_candidate_layer(brain_age_cohort20):
     expected = candidate_layers(build_model("brain-age", "imaging", image_shape=synthetic.BRAIN_AGE_SYNTH["shape"]))
     assert sorted(n for n, _ in scores) == sorted(expected)
     assert [h for _, h in scores] == sorted((h for _, h in scores), reverse=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scale: one run on many processes (torchrun, DDP), many runs at a time (run-protocol --jobs)
+
+def test_a_two_process_torchrun_run_writes_each_file_once_and_tests_each_subject_once(ad_cohort60, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "train_ad.py", *_ad_args(ad_cohort60, tmp_path, "--device", "cpu", "--sync-bn")],
+                       cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("test BA") for line in lines), p.stdout   # rank 0 alone prints:
+    assert "tabular" in lines[0] and "hyperfusion" in lines[1]                        # the MLP once, then the run
+    run = _run_dir(tmp_path, "hyperfusion")
+    assert sorted(os.listdir(run)) == ["best.pt", "last.pt", "log.csv", "metrics.json", "predictions.npz"]
+    with open(os.path.join(run, "log.csv")) as f:
+        assert len(f.read().strip().splitlines()) == 1 + 2                            # one row per epoch
+    table = data.read_ad_table(ad_cohort60)
+    test_idx = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 1)[2]
+    with open(os.path.join(run, "metrics.json")) as f:
+        assert np.sum(json.load(f)["test"]["confusion_matrix"]) == len(test_idx) == 12
+    pred = load_run(run).read_predictions()
+    assert list(pred["subjects"]) == [table.subjects[i] for i in test_idx]             # every subject once, in order
+    assert np.array_equal(pred["labels"], table.labels[test_idx])
+
+
+def _ddp_step_worker(rank, world, init_file, batch, out):
+    """One process of test_one_ddp_step_...: a fresh model, its share of the batch, one SGD step."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    results = {}
+    for sync_bn in (True, False):
+        model, net = distributed.wrap(_no_dropout_model(), torch.device("cpu"), sync_bn)
+        _one_sgd_step(model, net, *(t.chunk(world)[rank] for t in batch))
+        results[sync_bn] = {k: v.clone() for k, v in model.state_dict().items()}
+    if rank == 0:
+        torch.save(results, out)
+    torch.distributed.destroy_process_group()
+
+
+def _no_dropout_model():
+    torch.manual_seed(0)
+    model = build_model("ad", "hyperfusion", n_tabular=15)
+    for m in model.modules():
+        if isinstance(m, (nn.Dropout, nn.Dropout3d)):
+            m.p = 0.0
+    return model
+
+
+def _one_sgd_step(model, net, image, tabular, target):
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    net.train()
+    F.cross_entropy(net(image, tabular), target).backward()
+    opt.step()
+
+
+def test_one_ddp_step_with_sync_bn_on_two_processes_equals_one_step_on_the_whole_batch(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(8, 1, *AD_SMALL, generator=g), torch.randn(8, 15, generator=g), torch.arange(8) % 3)
+    torch.multiprocessing.spawn(_ddp_step_worker, (2, str(tmp_path / "init"), batch, str(tmp_path / "ddp.pt")),
+                                nprocs=2)
+    ddp = torch.load(tmp_path / "ddp.pt")
+    model = _no_dropout_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _one_sgd_step(model, model, *batch)
+    for k, v in model.state_dict().items():                      # parameters and batch-norm running statistics
+        torch.testing.assert_close(ddp[True][k], v, rtol=1e-5, atol=1e-6, msg=k)
+        if v.is_floating_point():                                # the step itself, not just the starting point
+            torch.testing.assert_close(ddp[True][k] - before[k], v - before[k], rtol=1e-3, atol=1e-6, msg=k)
+    moved = [k for k, v in model.state_dict().items() if v.is_floating_point() and "running" not in k
+             and not torch.allclose(ddp[False][k] - before[k], v - before[k], rtol=1e-3, atol=1e-6)]
+    assert moved                                                 # without --sync-bn the step differs
 
 
 # ----------------------------------------------------------------------------------------------

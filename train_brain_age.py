@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 
 import data
+from distributed import is_main, main_first
 from layers import init_hyperlayers
 from metrics import regression_metrics
 from models import BRAIN_AGE_MODELS, AgeTarget
 from safeio import atomic_path, run_cli, write_json
 from synthetic import builtin_cohort
 from training import (RunConfig, add_common_arguments, fit, identity, load_checkpoint, log, loader_workers,
-                      make_loader, predict, resolve_schedule, resumable, seed_all, setup_device)
+                      make_loader, predict, resolve_schedule, resumable, seed_all, setup_device, speed_options)
 
 REAL_BRAIN_AGE = dict(epochs=70, batch_size=64, lr=1.5e-4, weight_decay=0.05)  # Table 1
 DEMO_BRAIN_AGE = dict(epochs=12, batch_size=16, lr=1e-3, weight_decay=1e-4)
@@ -49,7 +50,8 @@ def main(argv=None):
 def brain_age_run_config(args):
     """The RunConfig that the parsed options describe (the schedule resolved for the data)."""
     synthetic = args["data_csv"] is None
-    data_csv = builtin_cohort("brain-age", args["data_dir"]) if synthetic else args["data_csv"]
+    with main_first():  # torchrun: rank 0 generates the synthetic cohort, the others wait for it
+        data_csv = builtin_cohort("brain-age", args["data_dir"]) if synthetic else args["data_csv"]
     schedule = resolve_schedule(args, DEMO_BRAIN_AGE if synthetic else REAL_BRAIN_AGE,
                                 "demo (synthetic cohort)" if synthetic else "Table 1", args["quiet"])
     return RunConfig(task="brain-age", model=args["model"], version=args["version"], split_seed=args["split_seed"],
@@ -60,14 +62,16 @@ def brain_age_run_config(args):
 def train_brain_age(args):
     """One brain-age run from its parsed options (a dict, as vars(brain_age_arguments().parse_args())). -> metrics."""
     quiet = args["quiet"]
-    run = brain_age_run_config(args)
     device = setup_device(args["device"])
+    run = brain_age_run_config(args)
     workers = loader_workers(args["workers"], device)
     table = data.read_brain_age_table(run.data_csv, run.image_dir)
     train_idx, val_idx, test_idx = data.brain_age_split(table.age, table.sex, run.split_seed)
     train_idx = select_training_sex(train_idx, table.sex, run.train_sex, run.split_seed)
-    cache = data.ImageCache(table.image_paths, run.cache_dir or data.default_cache_dir(run.data_csv), run.cache_dtype,
-                            names=table.subjects).prepare(progress=not quiet)
+    with main_first():  # torchrun: rank 0 decodes, the others then find every entry decoded
+        cache = data.ImageCache(table.image_paths, run.cache_dir or data.default_cache_dir(run.data_csv),
+                                run.cache_dtype, names=table.subjects).prepare(progress=not quiet,
+                                                                               workers=args["decode_workers"])
     image_shape = tuple(cache[0].shape)
     sex = data.sex_onehot(table.sex)                                            # (N, 2) [male, female]
     inputs = {"n_tabular": 2, "image_shape": list(image_shape)}
@@ -88,15 +92,16 @@ def train_brain_age(args):
     validate = lambda m: age_metrics(m, val_loader, device, target, table.sex[val_idx])[0]
     best = fit(model, train_loader, loss_fn, validate, "mae", run, run_dir, inputs,
                state={"target": {"centre": target.centre, "scale": target.scale}}, resume=args["resume"],
-               quiet=quiet, lower_is_better=True)
+               quiet=quiet, lower_is_better=True, **speed_options(args))
 
     model.load_state_dict(load_checkpoint(os.path.join(run_dir, "best.pt"), identity(run, inputs))["model"])
     test_metrics, pred = age_metrics(model, test_loader, device, target, table.sex[test_idx])
-    with atomic_path(os.path.join(run_dir, "predictions.npz")) as tmp:
-        np.savez(tmp, subjects=np.array(table.subjects)[test_idx], age=table.age[test_idx],
-                 sex=table.sex[test_idx], pred=pred)
     metrics = {"val": best["metrics"], "test": test_metrics, "best_epoch": best["epoch"]}
-    write_json(metrics, os.path.join(run_dir, "metrics.json"))
+    if is_main():  # torchrun: every rank holds all test predictions (gathered); one writes them
+        with atomic_path(os.path.join(run_dir, "predictions.npz")) as tmp:
+            np.savez(tmp, subjects=np.array(table.subjects)[test_idx], age=table.age[test_idx],
+                     sex=table.sex[test_idx], pred=pred)
+        write_json(metrics, os.path.join(run_dir, "metrics.json"))
     log(f"test MAE {test_metrics['mae']:.2f} (male {test_metrics['mae_male']:.2f}, female "
         f"{test_metrics['mae_female']:.2f}) years, best epoch {best['epoch'] + 1} -> {run_dir}")
     return metrics
