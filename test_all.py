@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -1130,6 +1131,26 @@ def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_trains_the_
     assert calls == [] and trained == [] and len(skipped) == 4                          # a restart trains nothing
     evaluate.run_protocol("ad", str(tmp_path / "b"), models=["tabular", "imaging"], epochs=2, tabular_epochs=50)
     assert {(a["model"], a["epochs"]) for a in calls} == {("tabular", 50), ("imaging", 2)}   # the MLP gets its own
+
+
+def test_run_protocol_with_two_jobs_trains_each_missing_run_once_and_prints_the_serial_table(ad_cohort60, tmp_path,
+                                                                                             capsys):
+    options = dict(models=["tabular"], epochs=2, data_csv=str(ad_cohort60))
+    evaluate.run_protocol("ad", str(tmp_path / "serial"), **options)
+    serial = capsys.readouterr().out
+    done = training.ad_run_dir(tmp_path / "parallel", "tabular", 0, 0, 2)
+    os.makedirs(os.path.dirname(done))
+    shutil.copytree(training.ad_run_dir(tmp_path / "serial", "tabular", 0, 0, 2), done)   # one run already finished
+    trained, skipped, _ = evaluate.run_protocol("ad", str(tmp_path / "parallel"), jobs=2, **options)
+    parallel = capsys.readouterr().out
+    missing = [training.ad_run_dir(tmp_path / "parallel", "tabular", 0, 0, f) for f in (0, 1, 3)]
+    assert skipped == [done] and sorted(trained) == missing
+    assert parallel.count("finished] ") == 3 and "min left" in parallel
+    for run_dir in missing:                                      # each trained once: two epochs in its log
+        with open(os.path.join(run_dir, "log.csv")) as log:
+            assert len(log.read().strip().splitlines()) == 1 + 2
+    table = lambda out: out[out.index("| model |"):out.index("wrote ")]
+    assert table(parallel) == table(serial)
 
 
 # ----------------------------------------------------------------------------------------------
