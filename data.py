@@ -22,6 +22,11 @@ import multiprocessing
 import os
 import time
 import zlib
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: prepare() then takes no lock
+    fcntl = None
 from dataclasses import dataclass
 
 import nibabel as nib
@@ -445,31 +450,47 @@ class ImageCache:
 
         workers > 1 and at least PARALLEL_FROM entries to decode: that many processes decode them
         (spawned, so nothing of the parent's threads is inherited); each entry is the same file, byte
-        for byte, as a serial decode writes (the same decode, np.save and atomic rename)."""
-        todo = [i for i in range(len(self)) if not os.path.exists(self.entry(i))]
-        t0, last = time.time(), 0.0
-        pool = None
-        if workers > 1 and len(todo) >= self.PARALLEL_FROM:
-            pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
-                                                          initializer=_hold_cache, initargs=(self,))
-            done = pool.map(_decode_held, todo, chunksize=max(1, min(16, len(todo) // (4 * workers))))
-        else:
-            done = (self._decode(i, self.entry(i)) for i in todo)
-        try:
-            for k, _ in enumerate(done):
-                now = time.time()
-                if pool is not None and k == 0:
-                    t0 = now                  # time left from the pace once the processes have started
-                elif progress and len(todo) >= 50 and (now - last > 5 or k + 1 == len(todo)):
-                    left = (now - t0) / (k + (pool is None)) * (len(todo) - k - 1)
-                    print(f"cache {self.cache_dir}: {k + 1}/{len(todo)} decoded"
-                          f"{f' by {workers} processes' if pool else ''}, {left:.0f} s left", flush=True)
-                    last = now
-            self.n_decoded += len(todo) if pool is not None else 0
-        finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
+        for byte, as a serial decode writes (the same decode, np.save and atomic rename).
+        Processes that share the cache (run-protocol --jobs) take turns: the first decodes, the others
+        then find its entries (`lock`)."""
+        with self.lock():
+            todo = [i for i in range(len(self)) if not os.path.exists(self.entry(i))]
+            t0, last = time.time(), 0.0
+            pool = None
+            if workers > 1 and len(todo) >= self.PARALLEL_FROM:
+                pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
+                                                              initializer=_hold_cache, initargs=(self,))
+                done = pool.map(_decode_held, todo, chunksize=max(1, min(16, len(todo) // (4 * workers))))
+            else:
+                done = (self._decode(i, self.entry(i)) for i in todo)
+            try:
+                for k, _ in enumerate(done):
+                    now = time.time()
+                    if pool is not None and k == 0:
+                        t0 = now                  # time left from the pace once the processes have started
+                    elif progress and len(todo) >= 50 and (now - last > 5 or k + 1 == len(todo)):
+                        left = (now - t0) / (k + (pool is None)) * (len(todo) - k - 1)
+                        print(f"cache {self.cache_dir}: {k + 1}/{len(todo)} decoded"
+                              f"{f' by {workers} processes' if pool else ''}, {left:.0f} s left", flush=True)
+                        last = now
+                self.n_decoded += len(todo) if pool is not None else 0
+            finally:
+                if pool is not None:
+                    pool.shutdown(cancel_futures=True)
         return self
+
+    @contextlib.contextmanager
+    def lock(self):
+        """No other process is inside `lock` of this cache folder meanwhile (fcntl.flock on the folder).
+        Where that is not to be had (no fcntl, a file system without flock) it locks nothing: the
+        entries stay right (atomic writes), only decoded more than once."""
+        fd = os.open(self.cache_dir, os.O_RDONLY)
+        try:
+            with contextlib.suppress(OSError, AttributeError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)                   # releases the lock
 
     PARALLEL_FROM = 200  # below this many entries, starting the processes costs more than it saves
 

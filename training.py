@@ -254,7 +254,7 @@ def resumable(run_dir, resume):
 # The loop
 
 def speed_options(args):
-    """The options of `fit` that change how fast a run trains, not what it learns (from the parsed options)."""
+    """The options of `fit` that are the session's, not the run's identity: how it trains (from the parsed options)."""
     return {k: args[k] for k in ("sync_bn", "compile", "channels_last")}
 
 
