@@ -1233,8 +1233,9 @@ def test_a_two_process_torchrun_run_writes_each_file_once_and_tests_each_subject
     assert np.array_equal(pred["labels"], table.labels[test_idx])
 
 
-def _ddp_step_worker(rank, world, init_file, batch, out):
-    """One process of test_one_ddp_step_...: a fresh model, its share of the batch, one SGD step."""
+def _ddp_worker(rank, world, init_file, batch, out):
+    """One of two gloo processes: one SGD step on its share of the batch, with and without SyncBatchNorm
+    (a fresh model each time), then the rows of its share of 5 items gathered back."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     results = {}
@@ -1242,9 +1243,21 @@ def _ddp_step_worker(rank, world, init_file, batch, out):
         model, net = distributed.wrap(_no_dropout_model(), torch.device("cpu"), sync_bn)
         _one_sgd_step(model, net, *(t.chunk(world)[rank] for t in batch))
         results[sync_bn] = {k: v.clone() for k, v in model.state_dict().items()}
+    share = list(distributed.shard(range(5), shuffle=False))             # rank 0: 0 2 4, rank 1: 1 3 0 (padding)
+    results["gathered"] = distributed.gather(np.arange(5)[share] * 10, 5)
     if rank == 0:
         torch.save(results, out)
     torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ddp_processes(tmp_path_factory):
+    """What _ddp_worker's rank 0 saw, and the batch both processes shared."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(8, 1, *AD_SMALL, generator=g), torch.randn(8, 15, generator=g), torch.arange(8) % 3)
+    torch.multiprocessing.spawn(_ddp_worker, (2, str(tmp / "init"), batch, str(tmp / "ddp.pt")), nprocs=2)
+    return torch.load(tmp / "ddp.pt", weights_only=False), batch
 
 
 def _no_dropout_model():
@@ -1263,12 +1276,8 @@ def _one_sgd_step(model, net, image, tabular, target):
     opt.step()
 
 
-def test_one_ddp_step_with_sync_bn_on_two_processes_equals_one_step_on_the_whole_batch(tmp_path):
-    g = torch.Generator().manual_seed(1)
-    batch = (torch.randn(8, 1, *AD_SMALL, generator=g), torch.randn(8, 15, generator=g), torch.arange(8) % 3)
-    torch.multiprocessing.spawn(_ddp_step_worker, (2, str(tmp_path / "init"), batch, str(tmp_path / "ddp.pt")),
-                                nprocs=2)
-    ddp = torch.load(tmp_path / "ddp.pt")
+def test_one_ddp_step_with_sync_bn_on_two_processes_equals_one_step_on_the_whole_batch(two_ddp_processes):
+    ddp, batch = two_ddp_processes
     model = _no_dropout_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _one_sgd_step(model, model, *batch)
@@ -1279,6 +1288,10 @@ def test_one_ddp_step_with_sync_bn_on_two_processes_equals_one_step_on_the_whole
     moved = [k for k, v in model.state_dict().items() if v.is_floating_point() and "running" not in k
              and not torch.allclose(ddp[False][k] - before[k], v - before[k], rtol=1e-3, atol=1e-6)]
     assert moved                                                 # without --sync-bn the step differs
+
+
+def test_gathered_shares_hold_every_item_once_in_order_when_the_sampler_pads(two_ddp_processes):
+    assert two_ddp_processes[0]["gathered"].tolist() == [0, 10, 20, 30, 40]
 
 
 # ----------------------------------------------------------------------------------------------
