@@ -1294,6 +1294,28 @@ def test_gathered_shares_hold_every_item_once_in_order_when_the_sampler_pads(two
     assert two_ddp_processes[0]["gathered"].tolist() == [0, 10, 20, 30, 40]
 
 
+def test_images_kept_on_the_device_predict_what_the_loader_predicts_and_train_on_one_side_each(ad_cohort40,
+                                                                                                tmp_path):
+    table = data.read_ad_table(ad_cohort40)
+    crops = data.load_crops(None, ad_cohort40)
+    cache = data.ImageCache(table.image_paths[:16], tmp_path / "cache", "float16", transform=crops)    # 16 subjects
+    both = data.ADDataset(cache, np.random.default_rng(0).standard_normal((16, 15)), table.labels[:16], train=False)
+    torch.manual_seed(0)
+    model, cpu = build_model("ad", "imaging", n_tabular=15), torch.device("cpu")
+    loaded = training.predict(model, training.make_loader(both, 8, 0, cpu), cpu)
+    kept = training.predict(model, training.DeviceBatches(both, 8, cpu), cpu)
+    np.testing.assert_array_equal(kept[0], loaded[0])
+    np.testing.assert_array_equal(kept[1], table.labels[:16])
+    torch.manual_seed(1)
+    pairs, sides, n = [both[i][0] for i in range(len(both))], [], 0
+    for image, _, _ in training.DeviceBatches(both, 8, cpu, shuffle=True, pick_side=True):
+        assert image.shape[1] == 1 and image.dtype == torch.float32                      # (B, 1, D, H, W)
+        for img in image:
+            sides += [s for pair in pairs for s in (0, 1) if torch.equal(img, pair[s])]
+        n += len(image)
+    assert n == 16 and len(sides) == n and set(sides) == {0, 1}                      # each a real side; both drawn
+
+
 # ----------------------------------------------------------------------------------------------
 # The code's shape: one job per file, imports that form a tree
 

@@ -27,9 +27,8 @@ from runs import load_run
 from safeio import atomic_path, run_cli, write_json
 from synthetic import builtin_cohort
 from tabular import TabularPreprocessor
-from training import (DATA_KEYS, RunConfig, add_common_arguments, fit, identity, load_checkpoint, log,
-                      loader_workers, make_loader, predict, resolve_schedule, resumable, seed_all, setup_device,
-                      speed_options)
+from training import (DATA_KEYS, RunConfig, add_common_arguments, batches, fit, identity, load_checkpoint, log,
+                      loader_workers, predict, resolve_schedule, resumable, seed_all, setup_device, speed_options)
 
 # Table 1 (real data) and the demo schedule used on the built-in synthetic cohort
 REAL_AD = dict(epochs=250, batch_size=32, lr=1e-4, weight_decay=1e-5)
@@ -94,7 +93,8 @@ def train_ad(args):
                                                  table.labels[idx], train=train)
     else:
         make = lambda idx, train: data.TabularDataset(tabular[idx], table.labels[idx])
-    train_set, val_set, test_set = make(train_idx, True), make(val_idx, False), make(test_idx, False)
+    pick_side = args["images_on_device"] and image_model   # on the device, a batch draws the sides itself
+    train_set, val_set, test_set = make(train_idx, not pick_side), make(val_idx, False), make(test_idx, False)
 
     # Eq. 5: class weights inversely proportional to the class frequencies of training + validation
     counts = np.bincount(table.labels[np.concatenate([train_idx, val_idx])], minlength=run.classes)
@@ -118,8 +118,9 @@ def train_ad(args):
         log("hyperlayer init (Eq. 1-2), E[e^2] on the training rows: "
             + ", ".join(f"{k} {v:.3g}" for k, v in measured.items()), quiet)
 
-    loader = lambda ds, **kw: make_loader(ds, run.batch_size, workers, device, **kw)
-    train_loader, val_loader = loader(train_set, shuffle=sampler is None, sampler=sampler), loader(val_set)
+    loader = lambda ds, **kw: batches(ds, run.batch_size, workers, device, args["images_on_device"], **kw)
+    train_loader = loader(train_set, shuffle=sampler is None, sampler=sampler, pick_side=pick_side)
+    val_loader = loader(val_set)
     names = list(table.class_names)
     validate = lambda m: ad_metrics(m, val_loader, device, names)[0]
     best = fit(model, train_loader, loss_fn, validate, "balanced_accuracy", run, run_dir, inputs,

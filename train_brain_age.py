@@ -25,8 +25,8 @@ from metrics import regression_metrics
 from models import BRAIN_AGE_MODELS, AgeTarget
 from safeio import atomic_path, run_cli, write_json
 from synthetic import builtin_cohort
-from training import (RunConfig, add_common_arguments, fit, identity, load_checkpoint, log, loader_workers,
-                      make_loader, predict, resolve_schedule, resumable, seed_all, setup_device, speed_options)
+from training import (RunConfig, add_common_arguments, batches, fit, identity, load_checkpoint, log,
+                      loader_workers, predict, resolve_schedule, resumable, seed_all, setup_device, speed_options)
 
 REAL_BRAIN_AGE = dict(epochs=70, batch_size=64, lr=1.5e-4, weight_decay=0.05)  # Table 1
 DEMO_BRAIN_AGE = dict(epochs=12, batch_size=16, lr=1e-3, weight_decay=1e-4)
@@ -80,7 +80,7 @@ def train_brain_age(args):
         f"{len(test_idx)} test subjects, images {image_shape} -> {run_dir}", quiet)
 
     make = lambda idx: data.BrainAgeDataset(torch.utils.data.Subset(cache, idx), sex[idx], table.age[idx])
-    loader = lambda idx, **kw: make_loader(make(idx), run.batch_size, workers, device, **kw)
+    loader = lambda idx, **kw: batches(make(idx), run.batch_size, workers, device, args["images_on_device"], **kw)
     train_loader, val_loader, test_loader = loader(train_idx, shuffle=True), loader(val_idx), loader(test_idx)
 
     seed_all(run.version)
