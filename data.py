@@ -13,14 +13,21 @@ Command line (bad input -> one line `error: ...` on stderr, exit status 2):
     python data.py check-brain-age CSV [--image-dir DIR] [--no-images]
     python data.py from-adnimerge ADNIMERGE.csv --out table.csv [--visit bl] [--group-map SMC=CN]
 """
+import concurrent.futures
 import contextlib
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import struct
 import time
 import zlib
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: prepare() then takes no lock
+    fcntl = None
 from dataclasses import dataclass
 
 import nibabel as nib
@@ -280,8 +287,9 @@ class ImageCache:
         if not np.isfinite(arr).all():
             raise UserError(f"{self.paths[i]} (subject {self.names[i]}): values overflow {self.dtype}; use float32")
         prefix = os.path.basename(out)[:-len("0123456789.npy")]   # same subject and config, older source
-        for old in os.listdir(self.cache_dir):
-            if old.startswith(prefix) and old.endswith(".npy") and len(old) == len(prefix) + 14:
+        for old in os.listdir(self.cache_dir):   # (never `out` itself, which another process may be reading)
+            if old.startswith(prefix) and old.endswith(".npy") and len(old) == len(prefix) + 14 \
+                    and old != os.path.basename(out):
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(self.cache_dir, old))
         with atomic_path(out) as tmp:
@@ -294,18 +302,66 @@ class ImageCache:
             self._decode(i, out)
         return np.load(out, mmap_mode="r")
 
-    def prepare(self, progress=True):
-        """Decode every missing entry now, printing progress (count, time left) when there are many."""
-        todo = [i for i in range(len(self)) if not os.path.exists(self.entry(i))]
-        t0, last = time.time(), 0.0
-        for k, i in enumerate(todo):
-            self._decode(i, self.entry(i))
-            now = time.time()
-            if progress and len(todo) >= 50 and (now - last > 5 or k + 1 == len(todo)):
-                left = (now - t0) / (k + 1) * (len(todo) - k - 1)
-                print(f"cache {self.cache_dir}: {k + 1}/{len(todo)} decoded, {left:.0f} s left", flush=True)
-                last = now
+    def prepare(self, progress=True, workers=1):
+        """Decode every missing entry now, printing progress (count, time left) when there are many.
+
+        workers > 1 and at least PARALLEL_FROM entries to decode: that many processes decode them
+        (spawned, so nothing of the parent's threads is inherited); each entry is the same file, byte
+        for byte, as a serial decode writes (the same decode, np.save and atomic rename).
+        Processes that share the cache (run-protocol --jobs) take turns: the first decodes, the others
+        then find its entries (`lock`)."""
+        with self.lock():
+            todo = [i for i in range(len(self)) if not os.path.exists(self.entry(i))]
+            t0, last = time.time(), 0.0
+            pool = None
+            if workers > 1 and len(todo) >= self.PARALLEL_FROM:
+                pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
+                                                              initializer=_hold_cache, initargs=(self,))
+                done = pool.map(_decode_held, todo, chunksize=max(1, min(16, len(todo) // (4 * workers))))
+            else:
+                done = (self._decode(i, self.entry(i)) for i in todo)
+            try:
+                for k, _ in enumerate(done):
+                    now = time.time()
+                    if pool is not None and k == 0:
+                        t0 = now                  # time left from the pace once the processes have started
+                    elif progress and len(todo) >= 50 and (now - last > 5 or k + 1 == len(todo)):
+                        left = (now - t0) / (k + (pool is None)) * (len(todo) - k - 1)
+                        print(f"cache {self.cache_dir}: {k + 1}/{len(todo)} decoded"
+                              f"{f' by {workers} processes' if pool else ''}, {left:.0f} s left", flush=True)
+                        last = now
+                self.n_decoded += len(todo) if pool is not None else 0
+            finally:
+                if pool is not None:
+                    pool.shutdown(cancel_futures=True)
         return self
+
+    @contextlib.contextmanager
+    def lock(self):
+        """No other process is inside `lock` of this cache folder meanwhile (fcntl.flock on the folder).
+        Where that is not to be had (no fcntl, a file system without flock) it locks nothing: the
+        entries stay right (atomic writes), only decoded more than once."""
+        fd = os.open(self.cache_dir, os.O_RDONLY)
+        try:
+            with contextlib.suppress(OSError, AttributeError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)                   # releases the lock
+
+    PARALLEL_FROM = 200  # below this many entries, starting the processes costs more than it saves
+
+
+_held = {}  # the ImageCache a decoding process works for (set once per process by _hold_cache)
+
+
+def _hold_cache(cache):
+    _held["cache"] = cache
+
+
+def _decode_held(i):
+    cache = _held["cache"]
+    cache._decode(i, cache.entry(i))
 
 
 # ----------------------------------------------------------------------------------------------

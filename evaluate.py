@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import sys
 import time
 
 import numpy as np
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from scipy.stats import mannwhitneyu
 
 import data
+import launcher
 import splits
 import train_ad
 import train_brain_age
@@ -541,16 +543,22 @@ def sweep_markdown(res):
 
 def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None, epochs=None, data_csv=None,
                  image_dir=None, data_dir="data", binary=False, train_sex=("all",), embedding_dim=1, verbose=False,
-                 tabular_epochs=None):
+                 tabular_epochs=None, jobs=1, gpus=None):
     """Train every run of the protocol that has no metrics.json yet (an interrupted one resumes from
-    last.pt), skip the finished ones, then build the task's table. -> (trained, skipped, results)."""
+    last.pt), skip the finished ones, then build the task's table. -> (trained, skipped, results).
+
+    jobs > 1: that many runs at a time, each its training script in its own process (launcher.py),
+    with `gpus` one GPU each; HyperFusion waits for the tabular-only run of its split seed, version
+    and fold when that run is part of the protocol (its embedding starts from it, Sec. 4.3.6)."""
     t0 = time.time()
     common = ["--out", runs, "--data-dir", data_dir] \
         + (["--data-csv", data_csv] if data_csv else []) + (["--image-dir", image_dir] if image_dir else []) \
         + ([] if verbose else ["--quiet"])
     schedule = lambda model: ["--epochs", str(tabular_epochs if model == "tabular" and tabular_epochs else epochs)] \
         if (epochs or (model == "tabular" and tabular_epochs)) else []
-    jobs = []  # (run dir, parser, train function, argv)
+    if jobs < 1:
+        raise UserError(f"--jobs {jobs}: give 1 or more runs at a time")
+    n_jobs, jobs = jobs, []  # (run dir, parser, train function, argv, script, run dir to wait for)
     if task == "ad":
         for model in models or AD_MODELS:
             if model not in AD_MODELS:
@@ -560,8 +568,9 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
                     for f in range(N_FOLDS):
                         argv = ["--model", model, "--split-seed", str(s), "--version", str(v), "--fold", str(f)] \
                             + (["--classes", "2"] if binary else []) + schedule(model) + common
+                        after = ad_run_dir(runs, "tabular", s, v, f, binary) if model == "hyperfusion" else None
                         jobs.append((ad_run_dir(runs, model, s, v, f, binary), train_ad.ad_arguments,
-                                     lambda a: train_ad.train_ad(a), argv))
+                                     lambda a: train_ad.train_ad(a), argv, train_ad.__file__, after))
     elif task == "brain-age":
         if len(split_seeds) != 1:
             raise UserError("brain-age runs are not kept per split seed (runs/brain-age/<model>/v<V>): give one "
@@ -575,19 +584,25 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
                             "--embedding-dim", str(embedding_dim), "--train-sex", sex] + schedule(model) + common
                     run_dir = brain_age_run_dir(runs, model, v, embedding_dim, sex)
                     jobs.append((run_dir, train_brain_age.brain_age_arguments,
-                                 lambda a: train_brain_age.train_brain_age(a), argv))
+                                 lambda a: train_brain_age.train_brain_age(a), argv, train_brain_age.__file__, None))
     else:
         raise UserError(f"unknown task {task!r}: expected ad or brain-age")
-    trained, skipped = [], []
-    for k, (run_dir, parser, train, argv) in enumerate(jobs):
+    trained, skipped, todo = [], [], []
+    for k, (run_dir, parser, train, argv, script, after) in enumerate(jobs):
         if finished(run_dir):
             skipped.append(run_dir)
             print(f"[{k + 1}/{len(jobs)}] skipped (finished): {run_dir}", flush=True)
             continue
         resume = os.path.isfile(os.path.join(run_dir, "last.pt"))
+        argv = argv + (["--resume"] if resume else [])
+        if n_jobs > 1:
+            todo.append(launcher.Job(run_dir, [sys.executable, script] + argv, after))
+            continue
         print(f"[{k + 1}/{len(jobs)}] {'resuming' if resume else 'training'}: {run_dir}", flush=True)
-        train(vars(parser().parse_args(argv + (["--resume"] if resume else []))))
+        train(vars(parser().parse_args(argv)))
         trained.append(run_dir)
+    if todo:
+        trained = launcher.run_jobs(todo, n_jobs, gpus)
     print(f"protocol: {len(trained)} trained, {len(skipped)} skipped, {(time.time() - t0) / 60:.1f} min", flush=True)
     res = evaluate_ad(runs, binary) if task == "ad" else evaluate_brain_age(runs)
     print(f"total wall time {(time.time() - t0) / 60:.1f} min")
@@ -640,7 +655,10 @@ def arguments():
     r.add_argument("--data-csv")
     r.add_argument("--image-dir")
     r.add_argument("--data-dir", default="data")
-    r.add_argument("--verbose", action="store_true", help="the training scripts' per-epoch lines")
+    r.add_argument("--verbose", action="store_true", help="the training scripts' per-epoch lines (--jobs 1)")
+    r.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process (1: in this one)")
+    r.add_argument("--gpus", type=lambda v: [int(g) for g in v.split(",") if g != ""],
+                   help="with --jobs: GPU indices shared out to the runs, one each, e.g. 0,1,2,3")
     return p
 
 
@@ -675,7 +693,7 @@ def main(argv=None):
         print(f"wrote {path}")
         return res
     return run_protocol(a.task, a.runs, a.split_seeds, a.versions, a.models, a.epochs, a.data_csv, a.image_dir,
-                        a.data_dir, a.binary, a.train_sex, a.embedding_dim, a.verbose, a.tabular_epochs)
+                        a.data_dir, a.binary, a.train_sex, a.embedding_dim, a.verbose, a.tabular_epochs, a.jobs, a.gpus)
 
 
 if __name__ == "__main__":

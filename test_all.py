@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from scipy.stats import mannwhitneyu
 
 import data
+import distributed
 import evaluate
 import metrics
 import predict
@@ -625,6 +627,22 @@ def test_cache_decodes_once_and_redecodes_a_changed_source(tmp_path):
     other = data.ImageCache(paths, tmp_path / "cache", "float32", transform=crops)
     assert other[0].dtype == np.float32 and other.n_decoded == 1  # another dtype: its own entry
     assert len(os.listdir(tmp_path / "cache")) == 4 and again[0].dtype == np.float16
+
+
+def test_a_parallel_cache_decode_writes_entries_byte_identical_to_a_serial_decode(ad_cohort40, tmp_path):
+    table = data.read_ad_table(ad_cohort40)
+    crops = data.load_crops(None, ad_cohort40)
+    caches = {}
+    for workers in (1, 2):
+        caches[workers] = data.ImageCache(table.image_paths, tmp_path / f"w{workers}", "float16", transform=crops,
+                                          names=table.subjects)
+        caches[workers].PARALLEL_FROM = 1                       # 40 subjects: decode them in 2 processes anyway
+        caches[workers].prepare(progress=False, workers=workers)
+    names = sorted(os.listdir(tmp_path / "w1"))
+    assert len(names) == len(table.subjects) and names == sorted(os.listdir(tmp_path / "w2"))
+    for name in names:
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
+    assert caches[2].n_decoded == len(names) and no_temp_files(tmp_path / "w2")
 
 
 def test_dataset_items_have_one_side_in_training_and_both_in_evaluation(ad_cohort40, tmp_path):
@@ -1278,6 +1296,26 @@ def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_trains_the_
     assert {(a["model"], a["epochs"]) for a in calls} == {("tabular", 50), ("imaging", 2)}   # the MLP gets its own
 
 
+def test_run_protocol_with_two_jobs_trains_each_missing_run_once_and_prints_the_serial_table(ad_cohort60, tmp_path,
+                                                                                             capsys):
+    options = dict(models=["tabular"], epochs=2, data_csv=str(ad_cohort60))
+    evaluate.run_protocol("ad", str(tmp_path / "serial"), **options)
+    serial = capsys.readouterr().out
+    done = training.ad_run_dir(tmp_path / "parallel", "tabular", 0, 0, 2)
+    os.makedirs(os.path.dirname(done))
+    shutil.copytree(training.ad_run_dir(tmp_path / "serial", "tabular", 0, 0, 2), done)   # one run already finished
+    trained, skipped, _ = evaluate.run_protocol("ad", str(tmp_path / "parallel"), jobs=2, **options)
+    parallel = capsys.readouterr().out
+    missing = [training.ad_run_dir(tmp_path / "parallel", "tabular", 0, 0, f) for f in (0, 1, 3)]
+    assert skipped == [done] and sorted(trained) == missing
+    assert parallel.count("finished] ") == 3 and "min left" in parallel
+    for run_dir in missing:                                      # each trained once: two epochs in its log
+        with open(os.path.join(run_dir, "log.csv")) as log:
+            assert len(log.read().strip().splitlines()) == 1 + 2
+    table = lambda out: out[out.index("| model |"):out.index("wrote ")]
+    assert table(parallel) == table(serial)
+
+
 # ----------------------------------------------------------------------------------------------
 # sweep (Sec. 1: adjusted at test time) and select-layers, on tiny cohorts with untrained models
 
@@ -1685,6 +1723,113 @@ def test_predict_refuses_other_grids_mixed_runs_and_unfinished_runs_in_one_line(
     assert_clean_error(run("predict.py", unfinished, "--data-csv", ad_cohort60, "--out", out),
                        "unfinished", "no finished run")
     assert not out.exists() and no_temp_files(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scale: one run on many processes (torchrun, DDP), many runs at a time (run-protocol --jobs)
+
+def test_a_two_process_torchrun_run_writes_each_file_once_and_tests_each_subject_once(ad_cohort60, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "train_ad.py", *_ad_args(ad_cohort60, tmp_path, "--device", "cpu", "--sync-bn")],
+                       cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("test BA") for line in lines), p.stdout   # rank 0 alone prints:
+    assert "tabular" in lines[0] and "hyperfusion" in lines[1]                        # the MLP once, then the run
+    run = _run_dir(tmp_path, "hyperfusion")
+    assert sorted(os.listdir(run)) == ["best.pt", "last.pt", "log.csv", "metrics.json", "predictions.npz"]
+    with open(os.path.join(run, "log.csv")) as f:
+        assert len(f.read().strip().splitlines()) == 1 + 2                            # one row per epoch
+    table = data.read_ad_table(ad_cohort60)
+    test_idx = splits.ad_fold(splits.ad_split(table.sex, table.labels, table.age, 0), 1)[2]
+    with open(os.path.join(run, "metrics.json")) as f:
+        assert np.sum(json.load(f)["test"]["confusion_matrix"]) == len(test_idx) == 12
+    pred = load_run(run).read_predictions()
+    assert list(pred["subjects"]) == [table.subjects[i] for i in test_idx]             # every subject once, in order
+    assert np.array_equal(pred["labels"], table.labels[test_idx])
+
+
+def _ddp_worker(rank, world, init_file, batch, out):
+    """One of two gloo processes: one SGD step on its share of the batch, with and without SyncBatchNorm
+    (a fresh model each time), then the rows of its share of 5 items gathered back."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    results = {}
+    for sync_bn in (True, False):
+        model, net = distributed.wrap(_no_dropout_model(), torch.device("cpu"), sync_bn)
+        _one_sgd_step(model, net, *(t.chunk(world)[rank] for t in batch))
+        results[sync_bn] = {k: v.clone() for k, v in model.state_dict().items()}
+    share = list(distributed.shard(range(5), shuffle=False))             # rank 0: 0 2 4, rank 1: 1 3 0 (padding)
+    results["gathered"] = distributed.gather(np.arange(5)[share] * 10, 5)
+    if rank == 0:
+        torch.save(results, out)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ddp_processes(tmp_path_factory):
+    """What _ddp_worker's rank 0 saw, and the batch both processes shared."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(8, 1, *AD_SMALL, generator=g), torch.randn(8, 15, generator=g), torch.arange(8) % 3)
+    torch.multiprocessing.spawn(_ddp_worker, (2, str(tmp / "init"), batch, str(tmp / "ddp.pt")), nprocs=2)
+    return torch.load(tmp / "ddp.pt", weights_only=False), batch
+
+
+def _no_dropout_model():
+    torch.manual_seed(0)
+    model = build_model("ad", "hyperfusion", n_tabular=15)
+    for m in model.modules():
+        if isinstance(m, (nn.Dropout, nn.Dropout3d)):
+            m.p = 0.0
+    return model
+
+
+def _one_sgd_step(model, net, image, tabular, target):
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    net.train()
+    F.cross_entropy(net(image, tabular), target).backward()
+    opt.step()
+
+
+def test_one_ddp_step_with_sync_bn_on_two_processes_equals_one_step_on_the_whole_batch(two_ddp_processes):
+    ddp, batch = two_ddp_processes
+    model = _no_dropout_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _one_sgd_step(model, model, *batch)
+    for k, v in model.state_dict().items():                      # parameters and batch-norm running statistics
+        torch.testing.assert_close(ddp[True][k], v, rtol=1e-5, atol=1e-6, msg=k)
+        if v.is_floating_point():                                # the step itself, not just the starting point
+            torch.testing.assert_close(ddp[True][k] - before[k], v - before[k], rtol=1e-3, atol=1e-6, msg=k)
+    moved = [k for k, v in model.state_dict().items() if v.is_floating_point() and "running" not in k
+             and not torch.allclose(ddp[False][k] - before[k], v - before[k], rtol=1e-3, atol=1e-6)]
+    assert moved                                                 # without --sync-bn the step differs
+
+
+def test_gathered_shares_hold_every_item_once_in_order_when_the_sampler_pads(two_ddp_processes):
+    assert two_ddp_processes[0]["gathered"].tolist() == [0, 10, 20, 30, 40]
+
+
+def test_images_kept_on_the_device_predict_what_the_loader_predicts_and_train_on_one_side_each(ad_cohort40,
+                                                                                                tmp_path):
+    table = data.read_ad_table(ad_cohort40)
+    crops = data.load_crops(None, ad_cohort40)
+    cache = data.ImageCache(table.image_paths[:16], tmp_path / "cache", "float16", transform=crops)    # 16 subjects
+    both = data.ADDataset(cache, np.random.default_rng(0).standard_normal((16, 15)), table.labels[:16], train=False)
+    torch.manual_seed(0)
+    model, cpu = build_model("ad", "imaging", n_tabular=15), torch.device("cpu")
+    loaded = training.predict(model, training.make_loader(both, 8, 0, cpu), cpu)
+    kept = training.predict(model, training.DeviceBatches(both, 8, cpu), cpu)
+    np.testing.assert_array_equal(kept[0], loaded[0])
+    np.testing.assert_array_equal(kept[1], table.labels[:16])
+    torch.manual_seed(1)
+    pairs, sides, n = [both[i][0] for i in range(len(both))], [], 0
+    for image, _, _ in training.DeviceBatches(both, 8, cpu, shuffle=True, pick_side=True):
+        assert image.shape[1] == 1 and image.dtype == torch.float32                      # (B, 1, D, H, W)
+        for img in image:
+            sides += [s for pair in pairs for s in (0, 1) if torch.equal(img, pair[s])]
+        n += len(image)
+    assert n == 16 and len(sides) == n and set(sides) == {0, 1}                      # each a real side; both drawn
 
 
 # ----------------------------------------------------------------------------------------------

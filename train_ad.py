@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import data
 import splits
+from distributed import alone, is_main, main_first
 from layers import init_hyperlayers
 from metrics import classification_metrics
 from models import AD_MODELS, class_probabilities
@@ -27,8 +28,8 @@ from runs import load_run
 from safeio import ArgumentParser, UserError, atomic_path, run_cli, write_json
 from synthetic import builtin_cohort
 from tabular import TabularPreprocessor
-from training import (DATA_KEYS, RunConfig, add_common_arguments, fit, identity, load_checkpoint, log,
-                      loader_workers, make_loader, predict, resolve_schedule, resumable, seed_all, setup_device)
+from training import (DATA_KEYS, RunConfig, add_common_arguments, batches, fit, identity, load_checkpoint, log,
+                      loader_workers, predict, resolve_schedule, resumable, seed_all, setup_device, speed_options)
 
 # Table 1 (real data) and the demo schedule used on the built-in synthetic cohort
 REAL_AD = dict(epochs=250, batch_size=32, lr=1e-4, weight_decay=1e-5)
@@ -56,7 +57,8 @@ def main(argv=None):
 def ad_run_config(args):
     """The RunConfig that the parsed options describe (the schedule resolved for the data and model)."""
     synthetic = args["data_csv"] is None
-    data_csv = builtin_cohort("ad", args["data_dir"]) if synthetic else args["data_csv"]
+    with main_first():  # torchrun: rank 0 generates the synthetic cohort, the others wait for it
+        data_csv = builtin_cohort("ad", args["data_dir"]) if synthetic else args["data_csv"]
     defaults = (DEMO_TABULAR if args["model"] == "tabular" else DEMO_AD) if synthetic else REAL_AD
     schedule = resolve_schedule(args, defaults, "demo (synthetic cohort)" if synthetic else "Table 1", args["quiet"])
     return RunConfig(task="ad", model=args["model"], version=args["version"], split_seed=args["split_seed"],
@@ -69,8 +71,8 @@ def ad_run_config(args):
 def train_ad(args):
     """One AD run from its parsed options (a dict, as vars(ad_arguments().parse_args())). -> metrics."""
     quiet = args["quiet"]
-    run = ad_run_config(args)
     device = setup_device(args["device"])
+    run = ad_run_config(args)
     workers = loader_workers(args["workers"], device)
     image_model = run.model != "tabular"
     table = data.read_ad_table(run.data_csv, run.image_dir, need_images=image_model, classes=run.classes,
@@ -104,13 +106,16 @@ def train_ad(args):
     tab_model = pretrained_tabular(args, run, inputs) if run.model == "hyperfusion" and not resume else None
 
     if image_model:
-        cache = data.ImageCache(table.image_paths, run.cache_dir or data.default_cache_dir(run.data_csv),
-                                run.cache_dtype, transform=crops, names=table.subjects).prepare(progress=not quiet)
+        with main_first():  # torchrun: rank 0 decodes, the others then find every entry decoded
+            cache = data.ImageCache(table.image_paths, run.cache_dir or data.default_cache_dir(run.data_csv),
+                                    run.cache_dtype, transform=crops, names=table.subjects).prepare(
+                progress=not quiet, workers=args["decode_workers"])
         make = lambda idx, train: data.ADDataset(torch.utils.data.Subset(cache, idx), tabular[idx],
                                                  table.labels[idx], train=train)
     else:
         make = lambda idx, train: data.TabularDataset(tabular[idx], table.labels[idx])
-    train_set, val_set, test_set = make(train_idx, True), make(val_idx, False), make(test_idx, False)
+    pick_side = args["images_on_device"] and image_model   # on the device, a batch draws the sides itself
+    train_set, val_set, test_set = make(train_idx, not pick_side), make(val_idx, False), make(test_idx, False)
 
     # Eq. 5: class weights inversely proportional to the class frequencies of training + validation
     counts = np.bincount(table.labels[np.concatenate([train_idx, val_idx])], minlength=run.classes)
@@ -131,20 +136,22 @@ def train_ad(args):
         log("hyperlayer init (Eq. 1-2), E[e^2] on the training rows: "
             + ", ".join(f"{k} {v:.3g}" for k, v in measured.items()), quiet)
 
-    loader = lambda ds, **kw: make_loader(ds, run.batch_size, workers, device, **kw)
-    train_loader, val_loader = loader(train_set, shuffle=sampler is None, sampler=sampler), loader(val_set)
+    loader = lambda ds, **kw: batches(ds, run.batch_size, workers, device, args["images_on_device"], **kw)
+    train_loader = loader(train_set, shuffle=sampler is None, sampler=sampler, pick_side=pick_side)
+    val_loader = loader(val_set)
     names = list(table.class_names)
     validate = lambda m: ad_metrics(m, val_loader, device, names)[0]
     best = fit(model, train_loader, loss_fn, validate, "balanced_accuracy", run, run_dir, inputs,
-               state={"tabular": prep.state_dict()},
-               resume=args["resume"], quiet=quiet)
+               state={"tabular": prep.state_dict()}, resume=args["resume"], quiet=quiet, **speed_options(args))
 
     model.load_state_dict(load_checkpoint(os.path.join(run_dir, "best.pt"), identity(run, inputs))["model"])
     test_metrics, test_probs = ad_metrics(model, loader(test_set), device, names)
-    with atomic_path(os.path.join(run_dir, "predictions.npz")) as tmp:
-        np.savez(tmp, subjects=np.array(table.subjects)[test_idx], labels=table.labels[test_idx], probs=test_probs)
     metrics = {"val": best["metrics"], "test": test_metrics, "best_epoch": best["epoch"]}
-    write_json(metrics, os.path.join(run_dir, "metrics.json"))
+    if is_main():  # torchrun: every rank holds all test predictions (gathered); one writes them
+        with atomic_path(os.path.join(run_dir, "predictions.npz")) as tmp:
+            np.savez(tmp, subjects=np.array(table.subjects)[test_idx], labels=table.labels[test_idx],
+                     probs=test_probs)
+        write_json(metrics, os.path.join(run_dir, "metrics.json"))
     log(f"test BA {test_metrics['balanced_accuracy']:.3f} AUC {test_metrics['auc_macro']:.3f} "
         f"F1 {test_metrics['f1_macro']:.3f} (best epoch {best['epoch'] + 1}, val BA "
         f"{best['metrics']['balanced_accuracy']:.3f}) -> {run_dir}")
@@ -188,11 +195,13 @@ def pretrained_tabular(args, run, inputs):
     """The tabular-only MLP of the same split seed, fold and version: reused if trained, else trained now."""
     tab_run = run.replace(model="tabular")
     run_dir = tab_run.run_dir(args["out"])
-    if not os.path.isfile(os.path.join(run_dir, "metrics.json")):
-        log(f"pre-training the tabular embedding (Sec. 4.3.6) -> {run_dir}", args["quiet"])
-        train_ad(dict(args, model="tabular", resume=False))
-    else:
-        log(f"reusing the tabular embedding of {run_dir}", args["quiet"])
+    with main_first():  # torchrun: rank 0 pre-trains it alone while the others wait, then all load it
+        if not os.path.isfile(os.path.join(run_dir, "metrics.json")):
+            log(f"pre-training the tabular embedding (Sec. 4.3.6) -> {run_dir}", args["quiet"])
+            with alone():
+                train_ad(dict(args, model="tabular", resume=False))
+        else:
+            log(f"reusing the tabular embedding of {run_dir}", args["quiet"])
     return load_run(run_dir, expected=identity(tab_run, inputs, DATA_KEYS)).model()
 
 

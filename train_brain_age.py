@@ -21,13 +21,14 @@ import torch.nn.functional as F
 
 import data
 import splits
+from distributed import is_main, main_first
 from layers import init_hyperlayers
 from metrics import age_bias_fit, gap_summary, regression_metrics
 from models import BRAIN_AGE_MODELS, AgeTarget
 from safeio import ArgumentParser, UserError, atomic_path, run_cli, warn, write_json
 from synthetic import builtin_cohort
-from training import (RunConfig, add_common_arguments, fit, identity, load_checkpoint, log, loader_workers,
-                      make_loader, predict, resolve_schedule, resumable, seed_all, setup_device)
+from training import (RunConfig, add_common_arguments, batches, fit, identity, load_checkpoint, log,
+                      loader_workers, predict, resolve_schedule, resumable, seed_all, setup_device, speed_options)
 
 REAL_BRAIN_AGE = dict(epochs=70, batch_size=64, lr=1.5e-4, weight_decay=0.05)  # Table 1
 DEMO_BRAIN_AGE = dict(epochs=12, batch_size=16, lr=1e-3, weight_decay=1e-4)
@@ -51,7 +52,8 @@ def main(argv=None):
 def brain_age_run_config(args):
     """The RunConfig that the parsed options describe (the schedule resolved for the data)."""
     synthetic = args["data_csv"] is None
-    data_csv = builtin_cohort("brain-age", args["data_dir"]) if synthetic else args["data_csv"]
+    with main_first():  # torchrun: rank 0 generates the synthetic cohort, the others wait for it
+        data_csv = builtin_cohort("brain-age", args["data_dir"]) if synthetic else args["data_csv"]
     schedule = resolve_schedule(args, DEMO_BRAIN_AGE if synthetic else REAL_BRAIN_AGE,
                                 "demo (synthetic cohort)" if synthetic else "Table 1", args["quiet"])
     return RunConfig(task="brain-age", model=args["model"], version=args["version"], split_seed=args["split_seed"],
@@ -62,8 +64,8 @@ def brain_age_run_config(args):
 def train_brain_age(args):
     """One brain-age run from its parsed options (a dict, as vars(brain_age_arguments().parse_args())). -> metrics."""
     quiet = args["quiet"]
-    run = brain_age_run_config(args)
     device = setup_device(args["device"])
+    run = brain_age_run_config(args)
     workers = loader_workers(args["workers"], device)
     table = data.read_brain_age_table(run.data_csv, run.image_dir)
     train_idx, val_idx, test_idx = splits.brain_age_split(table.age, table.sex, run.split_seed)
@@ -73,8 +75,10 @@ def train_brain_age(args):
             warn(f"{run.data_csv}: no {name} subjects: sex has nothing to condition on, and mae_{name} is null")
     # every header first (seconds), before the cache decodes: one shape and voxel size
     _, voxel = data.check_image_geometry(table.image_paths, table.subjects)
-    cache = data.ImageCache(table.image_paths, run.cache_dir or data.default_cache_dir(run.data_csv), run.cache_dtype,
-                            names=table.subjects).prepare(progress=not quiet)
+    with main_first():  # torchrun: rank 0 decodes, the others then find every entry decoded
+        cache = data.ImageCache(table.image_paths, run.cache_dir or data.default_cache_dir(run.data_csv),
+                                run.cache_dtype, names=table.subjects).prepare(progress=not quiet,
+                                                                               workers=args["decode_workers"])
     image_shape = tuple(cache[0].shape)
     sex = data.sex_onehot(table.sex)                                            # (N, 2) [male, female]
     inputs = {"n_tabular": 2, "image_shape": list(image_shape), "voxel_size": list(voxel),
@@ -85,7 +89,7 @@ def train_brain_age(args):
         f"{len(test_idx)} test subjects, images {image_shape} -> {run_dir}", quiet)
 
     make = lambda idx: data.BrainAgeDataset(torch.utils.data.Subset(cache, idx), sex[idx], table.age[idx])
-    loader = lambda idx, **kw: make_loader(make(idx), run.batch_size, workers, device, **kw)
+    loader = lambda idx, **kw: batches(make(idx), run.batch_size, workers, device, args["images_on_device"], **kw)
     train_loader, val_loader, test_loader = loader(train_idx, shuffle=True), loader(val_idx), loader(test_idx)
 
     seed_all(run.version)
@@ -97,19 +101,20 @@ def train_brain_age(args):
     validate = lambda m: age_metrics(m, val_loader, device, target, table.sex[val_idx])[0]
     best = fit(model, train_loader, loss_fn, validate, "mae", run, run_dir, inputs,
                state={"target": {"centre": target.centre, "scale": target.scale}}, resume=args["resume"],
-               quiet=quiet, lower_is_better=True)
+               quiet=quiet, lower_is_better=True, **speed_options(args))
 
     model.load_state_dict(load_checkpoint(os.path.join(run_dir, "best.pt"), identity(run, inputs))["model"])
     test_metrics, pred = age_metrics(model, test_loader, device, target, table.sex[test_idx])
     _, val_pred = age_metrics(model, val_loader, device, target, table.sex[val_idx])
     bias = age_bias_fit(table.age[val_idx], val_pred)          # the gap's age bias, fitted on validation
     test_metrics["gap"] = gap_summary(table.age[test_idx], pred, table.sex[test_idx], bias)
-    with atomic_path(os.path.join(run_dir, "predictions.npz")) as tmp:
-        np.savez(tmp, subjects=np.array(table.subjects)[test_idx], age=table.age[test_idx],
-                 sex=table.sex[test_idx], pred=pred, val_subjects=np.array(table.subjects)[val_idx],
-                 val_age=table.age[val_idx], val_sex=table.sex[val_idx], val_pred=val_pred)
     metrics = {"val": best["metrics"], "test": test_metrics, "best_epoch": best["epoch"], "age_bias": bias}
-    write_json(metrics, os.path.join(run_dir, "metrics.json"))
+    if is_main():  # torchrun: every rank holds all predictions (gathered); one writes them
+        with atomic_path(os.path.join(run_dir, "predictions.npz")) as tmp:
+            np.savez(tmp, subjects=np.array(table.subjects)[test_idx], age=table.age[test_idx],
+                     sex=table.sex[test_idx], pred=pred, val_subjects=np.array(table.subjects)[val_idx],
+                     val_age=table.age[val_idx], val_sex=table.sex[val_idx], val_pred=val_pred)
+        write_json(metrics, os.path.join(run_dir, "metrics.json"))
     log(f"test MAE {test_metrics['mae']:.2f} (male {test_metrics['mae_male']:.2f}, female "
         f"{test_metrics['mae_female']:.2f}) years, mean gap {test_metrics['gap']['gap']:+.2f}, bias-corrected "
         f"{test_metrics['gap']['corrected_gap']:+.2f}, best epoch {best['epoch'] + 1} -> {run_dir}")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import distributed
 from models import build_model
 from safeio import UserError, atomic_path, check_number, write_csv
 
@@ -101,7 +102,17 @@ def add_common_arguments(p):
     for k in SCHEDULE_KEYS:
         p.add_argument("--" + k.replace("_", "-"), type=SCHEDULE_TYPES[k], help="default: Table 1, or the demo")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--workers", type=int, default=None, help="loader workers (default: 4 on CUDA, 0 on CPU)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="loader workers (default: min(8, cores / processes on this machine) on CUDA, 0 on CPU)")
+    p.add_argument("--decode-workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="processes that decode the image cache on first use (default: min(8, cores))")
+    p.add_argument("--sync-bn", action="store_true", help="torchrun: batch norms over the whole batch (SyncBatchNorm)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step (unmeasured on GPU here)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels_last_3d memory format (unmeasured on GPU here)")
+    p.add_argument("--images-on-device", action="store_true",
+                   help="keep the run's decoded images on the training device and batch them there, no loader "
+                        "(unmeasured on GPU here)")
     p.add_argument("--out", default="runs")
     p.add_argument("--resume", action="store_true", help="continue from last.pt")
     p.add_argument("--quiet", action="store_true", help="print only the final line")
@@ -124,7 +135,8 @@ def resolve_schedule(args, defaults, name, quiet=False):
 
 
 def log(message, quiet=False):
-    if not quiet:
+    """Print, unless quiet or not rank 0 of a torchrun run."""
+    if not quiet and distributed.is_main():
         print(message, flush=True)
 
 
@@ -132,7 +144,8 @@ def log(message, quiet=False):
 # Device, randomness, loaders
 
 def setup_device(name):
-    """auto: CUDA when present. On CUDA, cudnn.benchmark (fixed input shapes)."""
+    """auto: CUDA when present. On CUDA, cudnn.benchmark (fixed input shapes). Under torchrun, joins the
+    process group (distributed.init) and, on CUDA, takes the GPU of its local rank."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -140,17 +153,34 @@ def setup_device(name):
     device = torch.device(name)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+        if distributed.launched():
+            if distributed.local_rank() >= torch.cuda.device_count():
+                raise UserError(f"--nproc_per_node: process {distributed.local_rank()} has no GPU of its own "
+                                f"({torch.cuda.device_count()} visible)")
+            device = torch.device("cuda", distributed.local_rank())
+            torch.cuda.set_device(device)
+    distributed.init(device.type)
     return device
 
 
 def loader_workers(requested, device):
-    """--workers, else 4 on CUDA (decoding overlaps the GPU) and 0 on CPU (the cores train)."""
-    return requested if requested is not None else (4 if device.type == "cuda" else 0)
+    """--workers, else on CUDA min(8, cores / processes on this machine) (decoding overlaps the GPU) and 0 on
+    CPU (the cores train)."""
+    if requested is not None:
+        return requested
+    return min(8, (os.cpu_count() or 1) // distributed.local_world_size()) if device.type == "cuda" else 0
+
+
+def amp_dtype(device):
+    """Mixed precision on CUDA: bfloat16 where supported (no loss scaling needed), else float16; None on CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def autocast(device):
-    """Mixed precision on CUDA, full precision on CPU."""
-    return torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
+    """Mixed precision on CUDA (amp_dtype), full precision on CPU."""
+    return torch.autocast(device.type, dtype=amp_dtype(device), enabled=device.type == "cuda")
 
 
 def seed_all(seed):
@@ -160,10 +190,56 @@ def seed_all(seed):
 
 
 def make_loader(dataset, batch_size, workers, device, shuffle=False, sampler=None):
+    """Batches of `dataset`; a training loader (shuffle, or a sampler) drops a last partial batch.
+
+    Under torchrun each process reads its share (distributed.shard, re-shuffled by fit every epoch) in
+    batches of batch_size / N, so a step still sees batch_size samples."""
+    drop_last = shuffle and len(dataset) > batch_size
+    if distributed.world_size() > 1:
+        sampler, batch_size = distributed.shard(dataset, shuffle, sampler), distributed.local_batch(batch_size)
+        shuffle, drop_last = False, drop_last and len(sampler) > batch_size
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
-                                       num_workers=workers, pin_memory=device.type == "cuda",
-                                       drop_last=shuffle and len(dataset) > batch_size,
+                                       num_workers=workers, pin_memory=device.type == "cuda", drop_last=drop_last,
                                        persistent_workers=workers > 0)
+
+
+class DeviceBatches:
+    """A dataset's items stacked once on the training device and batched there: no loader, no copies
+    (--images-on-device; the AD crops of 2,120 subjects in float16 are about 3.3 GB).
+
+    Images are kept in float16 and handed out as float32 batches. pick_side: the items hold both
+    hippocampi, (2, 1, D, H, W), and every training batch draws one side per sample on the device
+    (Sec. 4.3.6), as ADDataset does per item. Batches follow the sampler make_loader would use
+    (shuffled with the seeded global generator; under torchrun this process's share)."""
+
+    def __init__(self, dataset, batch_size, device, shuffle=False, sampler=None, pick_side=False):
+        self.dataset, self.pick_side = dataset, pick_side
+        image, tabular, target = zip(*(dataset[i] for i in range(len(dataset))))
+        self.image = torch.stack(image).to(device, torch.float16)                  # (N, [2,] 1, D, H, W)
+        self.tabular, self.target = torch.stack(tabular).to(device), torch.stack(target).to(device)
+        drop_last = shuffle and len(dataset) > batch_size
+        if distributed.world_size() > 1:
+            sampler, batch_size = distributed.shard(dataset, shuffle, sampler), distributed.local_batch(batch_size)
+            shuffle, drop_last = False, drop_last and len(sampler) > batch_size
+        self.sampler = sampler or (torch.utils.data.RandomSampler(dataset) if shuffle else range(len(dataset)))
+        self.batch_size, self.drop_last = batch_size, drop_last
+
+    def __iter__(self):
+        idx = torch.as_tensor(list(self.sampler), device=self.image.device)
+        stop = len(idx) - len(idx) % self.batch_size if self.drop_last else len(idx)
+        for start in range(0, stop, self.batch_size):
+            b = idx[start:start + self.batch_size]
+            image = self.image[b]
+            if self.pick_side:                                   # (B, 2, 1, D, H, W) -> (B, 1, D, H, W)
+                image = image[torch.arange(len(b), device=b.device), torch.randint(2, (len(b),), device=b.device)]
+            yield image.float(), self.tabular[b], self.target[b]
+
+
+def batches(dataset, batch_size, workers, device, on_device=False, shuffle=False, sampler=None, pick_side=False):
+    """The batches of a dataset: a DataLoader (make_loader), or DeviceBatches with on_device."""
+    if on_device:
+        return DeviceBatches(dataset, batch_size, device, shuffle, sampler, pick_side)
+    return make_loader(dataset, batch_size, workers, device, shuffle, sampler)
 
 
 @torch.no_grad()
@@ -172,7 +248,8 @@ def predict(model, loader, device, transform=None):
 
     `transform` maps the network's output (softmax for AD, AgeTarget.decode for brain age). An item
     that holds both hippocampi, image (B, 2, 1, D, H, W), is read as 2B images and the transformed
-    outputs of its two sides are averaged (Sec. 4.3.6)."""
+    outputs of its two sides are averaged (Sec. 4.3.6). Under torchrun every process predicts its share
+    and gets everyone's back, in dataset order (distributed.gather)."""
     model.eval()
     outputs, targets = [], []
     for image, tabular, target in loader:
@@ -187,8 +264,9 @@ def predict(model, loader, device, transform=None):
         if both:
             out = out.view(B, 2, *out.shape[1:]).mean(1)                             # (B, ...)
         outputs.append(out.cpu())
-        targets.append(target)
-    return torch.cat(outputs).numpy(), torch.cat(targets).numpy()
+        targets.append(target.cpu())
+    n = len(loader.dataset)
+    return distributed.gather(torch.cat(outputs).numpy(), n), distributed.gather(torch.cat(targets).numpy(), n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,8 +318,13 @@ def resumable(run_dir, resume):
 # ----------------------------------------------------------------------------------------------
 # The loop
 
+def speed_options(args):
+    """The options of `fit` that are the session's, not the run's identity: how it trains (from the parsed options)."""
+    return {k: args[k] for k in ("sync_bn", "compile", "channels_last")}
+
+
 def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs, state=None, resume=False,
-        quiet=False, lower_is_better=False):
+        quiet=False, lower_is_better=False, sync_bn=False, compile=False, channels_last=False):
     """The hand-written training loop of both tasks.
 
     Adam with weight decay lambda on every trained parameter, internal and hypernetwork alike
@@ -251,11 +334,19 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
     validate(model)[score_key]; writes best.pt and last.pt (each with the run, its data facts `inputs`
     and the run's saved `state`, such as its tabular preprocessing) and log.csv in run_dir every epoch.
     -> {"epoch", "score", "metrics"} of the best epoch.
+
+    Under torchrun (distributed.py) the model trains inside DDP (SyncBatchNorm with sync_bn), each
+    process on its share of the batch and with its own dropout draws; rank 0 alone writes. The
+    speed options: channels_last (channels_last_3d memory format) and compile (torch.compile).
     """
     os.makedirs(run_dir, exist_ok=True)
     device = next(model.parameters()).device
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    model, net = distributed.wrap(model, device, sync_bn)   # net trains; model is saved and validated
+    net = torch.compile(net) if compile else net
     opt = torch.optim.Adam(model.parameters(), lr=run.lr, weight_decay=run.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device) == torch.float16)  # bfloat16 needs none
     start, best, history = 0, None, []
     last_path, best_path = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "best.pt")
     if resumable(run_dir, resume):
@@ -270,14 +361,18 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
     t_start = time.time()
     for epoch in range(start, run.epochs):
         t0 = time.time()
-        torch.manual_seed(run.version * 1_000_003 + epoch)
-        model.train()
+        torch.manual_seed(run.version * 1_000_003 + epoch + 7_919 * distributed.rank())
+        if hasattr(train_loader.sampler, "set_epoch"):            # torchrun: a new shuffle, the same on all ranks
+            train_loader.sampler.set_epoch(run.version * 1_000_003 + epoch)
+        net.train()
         total, n = 0.0, 0
         for image, tabular, target in train_loader:
             image = image.to(device, non_blocking=True)
+            if channels_last and image.dim() == 5:
+                image = image.contiguous(memory_format=torch.channels_last_3d)
             tabular, target = tabular.to(device, non_blocking=True), target.to(device, non_blocking=True)
             with autocast(device):
-                loss = loss_fn(model(image, tabular), target)
+                loss = loss_fn(net(image, tabular), target)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"epoch {epoch + 1}: the loss is {loss.item()}; lower --lr")
             opt.zero_grad(set_to_none=True)
@@ -285,6 +380,7 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
             scaler.step(opt)
             scaler.update()
             total, n = total + loss.item() * len(target), n + len(target)
+        total, n = distributed.sum_all(total, n)
         metrics = validate(model)
         score = metrics[score_key]
         improved = best is None or (score < best["score"] if lower_is_better else score > best["score"])
@@ -295,14 +391,16 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
                         **{k: v for k, v in metrics.items() if isinstance(v, float) and k != score_key}})
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best,
                  "history": history, **header}
-        if improved:
-            save_checkpoint(state, best_path)
-        save_checkpoint(state, last_path)
-        write_log(history, os.path.join(run_dir, "log.csv"))
+        if distributed.is_main():
+            if improved:
+                save_checkpoint(state, best_path)
+            save_checkpoint(state, last_path)
+            write_log(history, os.path.join(run_dir, "log.csv"))
         left = (time.time() - t_start) / (epoch + 1 - start) * (run.epochs - epoch - 1)
         log(f"epoch {epoch + 1:3d}/{run.epochs} | train loss {total / max(n, 1):.4f} | "
             f"val {score_key.replace('balanced_accuracy', 'BA')} {score:.3f}{' *' if improved else '  '} | "
             f"{seconds:.1f} s | {left / 60:.1f} min left", quiet)
+    distributed.barrier()                                         # best.pt is written before anyone reads it
     if best is None:
         raise UserError(f"{run_dir}: no epoch was trained (--epochs {run.epochs})")
     return best

@@ -1,0 +1,81 @@
+"""Independent training runs launched as separate processes, K at a time, one GPU each (run-protocol --jobs K).
+
+The paper's AD protocol is 216 runs of a small model (Sec. 4.3.6): on several GPUs one run per GPU
+beats splitting each run over all of them. Each run here is its training script started with the
+same options the serial runner parses in-process, in its own process; a run may wait for another
+(HyperFusion for the tabular-only MLP of its split seed, version and fold, whose embedding it starts
+from). With `gpus` each process sees one GPU (CUDA_VISIBLE_DEVICES); without, each gets cores / K
+threads (OMP_NUM_THREADS, unless set).
+"""
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+
+from safeio import UserError
+
+
+@dataclass
+class Job:
+    run_dir: str
+    command: list                  # [python, script, options...]
+    after: str = None              # run_dir of a job that must finish first (None: none)
+
+
+def run_jobs(jobs, k, gpus=None, poll_s=0.2):
+    """Run every job, at most k at a time, each after its `after`; one line per job started and finished,
+    the finished one with the time left. A failure stops new starts, lets the running ones finish, then
+    raises UserError naming the run and the end of its output. -> the run dirs in the order they finished."""
+    if gpus is not None and not gpus:
+        raise UserError("--gpus: give at least one GPU index, e.g. --gpus 0,1")
+    waiting, running, finished, failed = list(jobs), {}, [], None
+    slots = list(range(k))                                   # slot s runs on gpus[s % len(gpus)]
+    pending = {j.run_dir for j in jobs}
+    t0 = time.time()
+    while waiting or running:
+        while failed is None and slots and waiting:
+            job = next((j for j in waiting if j.after not in pending), None)
+            if job is None:
+                break
+            waiting.remove(job)
+            slot = slots.pop(0)
+            running[job.run_dir] = (job, slot, start(job, slot, k, gpus), time.time())
+            where = f" on GPU {gpus[slot % len(gpus)]}" if gpus else ""
+            print(f"started{where}: {job.run_dir}", flush=True)
+        if failed is not None and not running:
+            break
+        time.sleep(poll_s)
+        for run_dir, (job, slot, (proc, out), started) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[run_dir]
+            slots.append(slot)
+            out.seek(0)
+            lines = out.read().decode(errors="replace").strip().splitlines()
+            out.close()
+            if proc.returncode != 0:
+                failed = failed or f"{run_dir}: training failed (exit {proc.returncode}): " + \
+                    (lines[-1] if lines else "no output")
+                continue
+            pending.discard(run_dir)
+            finished.append(run_dir)
+            done = len(finished)
+            left = (time.time() - t0) / done * (len(jobs) - done)
+            result = lines[-1].replace(f" -> {run_dir}", "") if lines else "done"    # its final line
+            print(f"[{done}/{len(jobs)} finished] {run_dir} in {(time.time() - started) / 60:.1f} min: {result} | "
+                  f"about {left / 60:.1f} min left", flush=True)
+    if failed is not None:
+        raise UserError(failed)
+    return finished
+
+
+def start(job, slot, k, gpus):
+    """-> (the process of one job, the file that collects its output)."""
+    env = dict(os.environ)
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpus[slot % len(gpus)])
+    else:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // k)))
+    out = tempfile.TemporaryFile()
+    return subprocess.Popen(job.command, stdout=out, stderr=subprocess.STDOUT, env=env), out
