@@ -239,3 +239,12 @@ def sum_all(*values):
     parts = [None] * world_size()
     dist.all_gather_object(parts, values)          # objects, so NCCL needs no CUDA tensor here
     return tuple(map(sum, zip(*parts)))
+
+
+def average(tensors):
+    """Each tensor replaced, in place, by its mean over the processes (e.g. re-estimated BatchNorm statistics)."""
+    if world_size() == 1:
+        return
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(world_size())

@@ -1033,6 +1033,29 @@ def test_a_two_epoch_brain_age_run_writes_its_files_with_maes_in_years(brain_age
             assert 0.0 < metrics[split][k] < 100.0
 
 
+def test_precise_bn_re_estimates_the_running_statistics_from_the_training_batches_alone():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.norm = nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=0.05)
+
+        def forward(self, image, tabular):
+            return self.norm(self.linear(tabular))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    net.norm.running_mean.fill_(99.0)                                        # stale statistics
+    xs = [torch.randn(8, 3) * 2 + 1 for _ in range(3)]
+    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "num_batches" not in k}
+    training.recalibrate_batchnorm(net, [(torch.zeros(8, 0), x, torch.zeros(8)) for x in xs], torch.device("cpu"))
+    with torch.no_grad():
+        h = [net.linear(x) for x in xs]
+    torch.testing.assert_close(net.norm.running_mean, torch.stack([v.mean(0) for v in h]).mean(0))
+    torch.testing.assert_close(net.norm.running_var, torch.stack([v.var(0) for v in h]).mean(0))
+    assert net.norm.momentum == 0.05 and not net.training                   # left as it was found
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in weights.items())
+
+
 def test_after_a_short_run_the_two_sexes_generate_different_weights_in_every_hyperlayer(brain_age_run):
     model = load_run(brain_age_run[1]).model()
     for name in model.linears:

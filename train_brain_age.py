@@ -28,7 +28,8 @@ from models import BRAIN_AGE_MODELS, AgeTarget
 from safeio import ArgumentParser, UserError, atomic_path, run_cli, warn, write_json
 from synthetic import builtin_cohort
 from training import (RunConfig, add_common_arguments, batches, fit, identity, load_checkpoint, log,
-                      loader_workers, predict, resolve_schedule, resumable, seed_all, setup_device, speed_options)
+                      loader_workers, predict, recalibrate_batchnorm, resolve_schedule, resumable, seed_all,
+                      setup_device, speed_options)
 
 REAL_BRAIN_AGE = dict(epochs=70, batch_size=64, lr=1.5e-4, weight_decay=0.05)  # Table 1
 DEMO_BRAIN_AGE = dict(epochs=12, batch_size=16, lr=1e-3, weight_decay=1e-4)
@@ -99,9 +100,11 @@ def train_brain_age(args):
     target = AgeTarget(centre=float(table.age[train_idx].mean()))
     loss_fn = lambda pred, age: F.mse_loss(pred.float(), target.encode(age))   # Eq. 4
     validate = lambda m: age_metrics(m, val_loader, device, target, table.sex[val_idx])[0]
+    statistics_loader = loader(train_idx)       # the training set in order, for the BatchNorm statistics
     best = fit(model, train_loader, loss_fn, validate, "mae", run, run_dir, inputs,
                state={"target": {"centre": target.centre, "scale": target.scale}}, resume=args["resume"],
-               quiet=quiet, lower_is_better=True, **speed_options(args))
+               quiet=quiet, lower_is_better=True, **speed_options(args),
+               before_validation=lambda m: recalibrate_batchnorm(m, statistics_loader, device))
 
     model.load_state_dict(load_checkpoint(os.path.join(run_dir, "best.pt"), identity(run, inputs))["model"])
     test_metrics, pred = age_metrics(model, test_loader, device, target, table.sex[test_idx])

@@ -243,6 +243,31 @@ def batches(dataset, batch_size, workers, device, on_device=False, shuffle=False
 
 
 @torch.no_grad()
+def recalibrate_batchnorm(model, loader, device):
+    """"Precise BN": every BatchNorm's running statistics re-estimated over `loader` (the training set,
+    in order) with the current weights, as a plain average over its batches (momentum None); the
+    weights do not change. Evaluation reads running statistics, and with a high learning rate and
+    small batches the moving averages lag the weights so far that a validation score jumps by
+    epochs (brain age: MAE 20.2 with the epoch's running statistics, 5.4 re-estimated, same weights).
+    Under torchrun each process averages its share, then the processes' statistics are averaged."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta, was_training = [m.momentum for m in norms], model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for image, tabular, _ in loader:
+        with autocast(device):
+            model(image.to(device, non_blocking=True), tabular.to(device, non_blocking=True))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    distributed.average([b for m in norms for b in (m.running_mean, m.running_var)])
+    model.train(was_training)
+
+
+@torch.no_grad()
 def predict(model, loader, device, transform=None):
     """Every item of a loader through the model in eval mode -> (outputs (N, ...), targets (N,)) as numpy.
 
@@ -324,7 +349,7 @@ def speed_options(args):
 
 
 def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs, state=None, resume=False,
-        quiet=False, lower_is_better=False, sync_bn=False, compile=False, channels_last=False):
+        quiet=False, lower_is_better=False, sync_bn=False, compile=False, channels_last=False, before_validation=None):
     """The hand-written training loop of both tasks.
 
     Adam with weight decay lambda on every trained parameter, internal and hypernetwork alike
@@ -333,6 +358,7 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
     resumed from last.pt ends exactly as an uninterrupted one on CPU. Keeps the best epoch by
     validate(model)[score_key]; writes best.pt and last.pt (each with the run, its data facts `inputs`
     and the run's saved `state`, such as its tabular preprocessing) and log.csv in run_dir every epoch.
+    before_validation(model), if given, runs each epoch before validate (brain age: recalibrate_batchnorm).
     -> {"epoch", "score", "metrics"} of the best epoch.
 
     Under torchrun (distributed.py) the model trains inside DDP (SyncBatchNorm with sync_bn), each
@@ -381,6 +407,8 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
             scaler.update()
             total, n = total + loss.item() * len(target), n + len(target)
         total, n = distributed.sum_all(total, n)
+        if before_validation is not None:
+            before_validation(model)
         metrics = validate(model)
         score = metrics[score_key]
         improved = best is None or (score < best["score"] if lower_is_better else score > best["score"])
