@@ -32,17 +32,17 @@ from scipy.stats import mannwhitneyu
 
 import data
 import launcher
-import splits
+import predict
 import train_ad
 import train_brain_age
-from metrics import (age_bias_fit, classification_metrics, entropy_weighted_ensemble, gap_summary, mean_ensemble,
-                     regression_metrics)
+from metrics import (age_bias_fit, classification_metrics, entropy_weighted_ensemble, fmt, gap_summary,
+                     markdown_table, mean_ensemble, regression_metrics)
 from models import AD_MODELS, BRAIN_AGE_MODELS, AgeTarget, build_model, candidate_layers, layer_loss_entropy
 from runs import finished, load_run
 from safeio import ArgumentParser, UserError, check_number, run_cli, write_csv, write_json, write_text
 from synthetic import builtin_cohort
-from tabular import AD_ATTRIBUTES, AD_CONTINUOUS, SEX_CODES, TabularPreprocessor, parse_attribute
-from training import ad_run_dir, brain_age_run_dir, make_loader, setup_device
+from tabular import TabularPreprocessor
+from training import ad_run_dir, brain_age_run_dir
 
 # ----------------------------------------------------------------------------------------------
 # Reading finished runs
@@ -201,23 +201,10 @@ def ad_results(runs, binary=False, reference="hyperfusion"):
             "columns": [t for t, _ in columns], "reference": reference, "models": models, "incomplete": incomplete}
 
 
-def fmt(v, digits=3):
-    """.673 style (as Table 3) for values in [0, 1]; '-' for NaN."""
-    if v is None or not np.isfinite(v):
-        return "-"
-    s = f"{v:.{digits}f}"
-    return s[1:] if s.startswith("0.") else ("-" + s[2:] if s.startswith("-0.") else s)
-
-
 def fmt_p(p):
     if p is None or not np.isfinite(p):
         return "-"
     return "p<0.001" if p < 0.001 else "p<0.01" if p < 0.01 else f"{p:.2f}"
-
-
-def markdown_table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
 def ad_markdown(res):
@@ -426,119 +413,6 @@ def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=
 
 
 # ----------------------------------------------------------------------------------------------
-# Test-time adjustment (Sec. 1): the same test scans with one tabular attribute changed
-
-def test_set(finished_run, data_csv=None, image_dir=None):
-    """Rebuild a finished run's test set exactly as its training script did (the table, the split and,
-    for image models, the training run's image cache with its crops). -> (table, test_idx, images or None)."""
-    run = finished_run.run.replace(data_csv=data_csv or finished_run.run.data_csv,
-                                   image_dir=image_dir or finished_run.run.image_dir)
-    held = finished_run.inputs.get("table_sha256")   # absent in runs written before runs were tied to their data
-    if held and os.path.isfile(run.data_csv) and data.table_sha256(run.data_csv) != held:
-        raise UserError(f"{run.data_csv}: not the table {finished_run.checkpoint_path} was trained on "
-                        f"(its sha256 differs); give that run's table with --data-csv")
-    if run.task == "ad":
-        image_model = run.model != "tabular"
-        table = data.read_ad_table(run.data_csv, run.image_dir, need_images=image_model, classes=run.classes,
-                                   group_map=run.group_map)
-        test_idx = splits.ad_fold(splits.ad_split(table.sex, table.labels, table.age, run.split_seed), run.fold)[2]
-    else:
-        image_model = True
-        table = data.read_brain_age_table(run.data_csv, run.image_dir)
-        test_idx = splits.brain_age_split(table.age, table.sex, run.split_seed)[2]
-    images = None
-    if image_model:  # the training run's cache (same folder, dtype and crops), so nothing is decoded again
-        cache = data.ImageCache(table.image_paths, run.cache_dir or data.default_cache_dir(run.data_csv),
-                                run.cache_dtype, transform=finished_run.crops, names=table.subjects)
-        images = torch.utils.data.Subset(cache, test_idx)
-    return run, table, test_idx, images
-
-
-def sweep(checkpoint, attribute, values, data_csv=None, image_dir=None, batch_size=16, device="auto"):
-    """Predict the run's test set once as recorded and once per value of `attribute`.
-
-    AD: the raw attribute (e.g. ABETA 500, PTGENDER Female, AGE 80) is written into every test
-    row, then the run's own TabularPreprocessor turns the rows into features; both hippocampi are
-    averaged. Brain age: attribute Sex, values M / F, the one-hot sex vector.
-    -> {"task", "attribute", "header", "rows" (table cells), "summary" (numbers per value)}."""
-    finished_run = load_run(checkpoint)
-    run, table, test_idx, images = test_set(finished_run, data_csv, image_dir)
-    saved = os.path.join(finished_run.dir, "predictions.npz")
-    if os.path.isfile(saved):
-        with np.load(saved, allow_pickle=False) as npz:
-            if not np.array_equal(npz["subjects"], np.array(table.subjects)[test_idx]):
-                raise UserError(f"{checkpoint}: the rebuilt test set differs from the run's predictions.npz "
-                                f"(another table than {run.data_csv}?)")
-    dev = setup_device(device)
-    loader = lambda ds: make_loader(ds, batch_size, 0, dev)
-    n = len(test_idx)
-    if run.task == "ad":
-        attr = next((a for a in AD_ATTRIBUTES if a.lower() == attribute.lower()), None)
-        if attr is None:
-            raise UserError(f"--attribute {attribute}: not a tabular attribute of the AD model "
-                            f"(one of {', '.join(AD_ATTRIBUTES)})")
-        prep, model, names = finished_run.tabular, finished_run.model(dev), finished_run.class_names
-        header = [attr, "n"] + [f"mean P({c})" for c in names] + [f"predicted {c}" for c in names] + ["BA"]
-        rows, summary = [], []
-        for value in values:
-            try:
-                parse_attribute(attr, str(value)) if attr in AD_CONTINUOUS else None
-            except ValueError as exc:
-                raise UserError(f"--values {value}: {attr}: {exc}") from None
-        for value in [None] + list(values):
-            raw = [dict(table.raw[i], **({} if value is None else {attr: str(value)})) for i in test_idx]
-            try:
-                tab = prep.transform(raw)
-            except UserError as exc:
-                raise UserError(f"--values {value}: {exc}") from None
-            ds = (data.ADDataset(images, tab, table.labels[test_idx], train=False) if images is not None
-                  else data.TabularDataset(tab, table.labels[test_idx]))
-            met, probs = train_ad.ad_metrics(model, loader(ds), dev, names)
-            frac = np.bincount(probs.argmax(1), minlength=len(names)) / n
-            label = "(as recorded)" if value is None else str(value)
-            rows.append([label, n] + [f"{p:.3f}" for p in probs.mean(0)] + [f"{f:.0%}" for f in frac]
-                        + [fmt(met["balanced_accuracy"])])
-            summary.append({"value": value, "mean_probs": probs.mean(0).tolist(), "predicted_fraction": frac.tolist(),
-                            "balanced_accuracy": met["balanced_accuracy"]})
-    else:
-        if attribute.lower() not in ("sex", "ptgender"):
-            raise UserError(f"--attribute {attribute}: the brain-age models take one attribute, Sex (values M F)")
-        attr = "Sex"
-        codes = []
-        for v in values:
-            if str(v).lower() not in SEX_CODES:
-                raise UserError(f"--values {v}: expected M or F")
-            codes.append(SEX_CODES[str(v).lower()])
-        model = finished_run.model(dev)
-        sex, age = table.sex[test_idx], table.age[test_idx]
-        header = [attr, "n", "mean predicted age", "true males", "true females", "MAE", "per-scan change vs first"]
-        rows, summary, first = [], [], None
-        for value, code in [(None, None)] + list(zip(values, codes)):
-            onehot = data.sex_onehot(sex if code is None else np.full(n, code))
-            ds = data.BrainAgeDataset(images, onehot, age)
-            met, pred = train_brain_age.age_metrics(model, loader(ds), dev, finished_run.target, sex)
-            if value is not None and first is None:
-                first = pred
-            diff = pred - first if value is not None else None
-            mean_sex = [float(pred[sex == s].mean()) if (sex == s).any() else float("nan") for s in (0, 1)]
-            rows.append(["(as recorded)" if value is None else str(value), n, f"{pred.mean():.2f}",
-                         f"{mean_sex[0]:.2f}", f"{mean_sex[1]:.2f}", f"{met['mae']:.2f}",
-                         "-" if diff is None else f"{diff.mean():+.2f} ± {diff.std():.2f}"])
-            summary.append({"value": value, "mean_pred": float(pred.mean()), "mean_pred_male": mean_sex[0],
-                            "mean_pred_female": mean_sex[1], "mae": met["mae"],
-                            "change_vs_first": None if diff is None else float(diff.mean())})
-    return {"task": run.task, "model": run.model, "checkpoint": checkpoint, "dir": finished_run.dir, "attribute": attr,
-            "header": header, "rows": rows, "summary": summary}
-
-
-def sweep_markdown(res):
-    what = ("class probabilities" if res["task"] == "ad" else "predicted brain age in years")
-    return (f"# {res['model']}: {what} on the test set as {res['attribute']} varies\n\n"
-            f"Checkpoint: {res['checkpoint']}. Every test subject is read once per value (Sec. 1: the model is "
-            f"adjusted at test time).\n\n" + markdown_table(res["header"], res["rows"]) + "\n")
-
-
-# ----------------------------------------------------------------------------------------------
 # The protocol (Sec. 4.2.2, 4.3.6): train whatever run is missing, then the table
 
 def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None, epochs=None, data_csv=None,
@@ -685,8 +559,8 @@ def main(argv=None):
         print(f"{time.time() - t0:.0f} s")
         return scores
     if a.command == "sweep":
-        res = sweep(a.checkpoint, a.attribute, a.values, a.data_csv, a.image_dir, a.batch_size, a.device)
-        md = sweep_markdown(res)
+        res = predict.sweep(a.checkpoint, a.attribute, a.values, a.data_csv, a.image_dir, a.batch_size, a.device)
+        md = predict.sweep_markdown(res)
         path = os.path.join(res["dir"], f"sweep_{res['attribute']}.md")
         write_text(md, path)
         print(md)

@@ -98,3 +98,19 @@ def entropy_weighted_ensemble(probs, eps=1e-12):
     inv_h = 1.0 / np.maximum(entropy(probs), eps)          # (K, B)
     alpha = inv_h / inv_h.sum(0, keepdims=True)            # Eq. 8
     return (alpha[..., None] * probs).sum(0)               # Eq. 7
+
+
+# ----------------------------------------------------------------------------------------------
+# How the tables show numbers
+
+def fmt(v, digits=3):
+    """.673 style (as Table 3) for values in [0, 1]; '-' for NaN."""
+    if v is None or not np.isfinite(v):
+        return "-"
+    s = f"{v:.{digits}f}"
+    return s[1:] if s.startswith("0.") else ("-" + s[2:] if s.startswith("-0.") else s)
+
+
+def markdown_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])

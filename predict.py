@@ -1,4 +1,4 @@
-"""Predict for new patients: every finished run applies its own saved state, then the members are combined (Eq. 6-8).
+"""Predict with finished runs: new patients through every member, combined (Eq. 6-8); a test set swept (Sec. 1).
 
     python predict.py runs/ad/hyperfusion/seed0/v0 --data-csv new.csv --out predictions.csv
     python predict.py runs/brain-age/hyperfusion --data-csv new_scans.csv --image-dir preprocessed/ --out ages.csv
@@ -15,19 +15,26 @@ largest standard deviation of a class probability across members). Brain age: Su
 predicted_age, n_models, age_spread, and when Age is given gap (predicted minus chronological age)
 and corrected_gap (minus the linear age bias fitted on the runs' validation sets).
 Bad input -> one line `error: ...` on stderr, exit status 2, and no output file.
+
+The test-time sweep lives here too, as a prediction with one attribute set (`sweep`, run by
+`python evaluate.py sweep RUN --attribute ABETA --values 200 1700`): a finished run's own test set,
+read once as recorded and once per value (Sec. 1: the image analysis adjusted at test time).
 """
 import argparse
 import os
 import time
 
 import numpy as np
+import torch
 
 import data
-from metrics import (classification_metrics, corrected_gap, entropy_weighted_ensemble, gap_summary, mean_ensemble,
-                     regression_metrics)
+import splits
+from metrics import (classification_metrics, corrected_gap, entropy_weighted_ensemble, fmt, gap_summary, markdown_table,
+                     mean_ensemble, regression_metrics)
 from models import class_probabilities
 from runs import finished, load_run
 from safeio import ArgumentParser, UserError, check_number, run_cli, write_csv
+from tabular import AD_ATTRIBUTES, AD_CONTINUOUS, SEX_CODES, parse_attribute
 from training import make_loader, predict, setup_device
 
 
@@ -119,6 +126,124 @@ def ensemble_age_bias(members):
         return None
     return {k: float(np.mean([f[k] for f in fits])) for k in ("intercept", "slope")}
 
+
+# ----------------------------------------------------------------------------------------------
+# Test-time adjustment (Sec. 1): the same test scans with one tabular attribute changed
+
+def test_set(finished_run, data_csv=None, image_dir=None):
+    """Rebuild a finished run's test set exactly as its training script did (the table, the split and,
+    for image models, the training run's image cache with its crops). -> (table, test_idx, images or None)."""
+    run = finished_run.run.replace(data_csv=data_csv or finished_run.run.data_csv,
+                                   image_dir=image_dir or finished_run.run.image_dir)
+    held = finished_run.inputs.get("table_sha256")   # absent in runs written before runs were tied to their data
+    if held and os.path.isfile(run.data_csv) and data.table_sha256(run.data_csv) != held:
+        raise UserError(f"{run.data_csv}: not the table {finished_run.checkpoint_path} was trained on "
+                        f"(its sha256 differs); give that run's table with --data-csv")
+    if run.task == "ad":
+        image_model = run.model != "tabular"
+        table = data.read_ad_table(run.data_csv, run.image_dir, need_images=image_model, classes=run.classes,
+                                   group_map=run.group_map)
+        test_idx = splits.ad_fold(splits.ad_split(table.sex, table.labels, table.age, run.split_seed), run.fold)[2]
+    else:
+        image_model = True
+        table = data.read_brain_age_table(run.data_csv, run.image_dir)
+        test_idx = splits.brain_age_split(table.age, table.sex, run.split_seed)[2]
+    images = None
+    if image_model:  # the training run's cache (same folder, dtype and crops), so nothing is decoded again
+        cache = data.ImageCache(table.image_paths, run.cache_dir or data.default_cache_dir(run.data_csv),
+                                run.cache_dtype, transform=finished_run.crops, names=table.subjects)
+        images = torch.utils.data.Subset(cache, test_idx)
+    return run, table, test_idx, images
+
+
+def sweep(checkpoint, attribute, values, data_csv=None, image_dir=None, batch_size=16, device="auto"):
+    """Predict the run's test set once as recorded and once per value of `attribute`.
+
+    AD: the raw attribute (e.g. ABETA 500, PTGENDER Female, AGE 80) is written into every test
+    row, then the run's own TabularPreprocessor turns the rows into features; both hippocampi are
+    averaged. Brain age: attribute Sex, values M / F, the one-hot sex vector.
+    -> {"task", "attribute", "header", "rows" (table cells), "summary" (numbers per value)}."""
+    finished_run = load_run(checkpoint)
+    run, table, test_idx, images = test_set(finished_run, data_csv, image_dir)
+    saved = os.path.join(finished_run.dir, "predictions.npz")
+    if os.path.isfile(saved):
+        with np.load(saved, allow_pickle=False) as npz:
+            if not np.array_equal(npz["subjects"], np.array(table.subjects)[test_idx]):
+                raise UserError(f"{checkpoint}: the rebuilt test set differs from the run's predictions.npz "
+                                f"(another table than {run.data_csv}?)")
+    dev = setup_device(device)
+    loader = lambda ds: make_loader(ds, batch_size, 0, dev)
+    n = len(test_idx)
+    if run.task == "ad":
+        attr = next((a for a in AD_ATTRIBUTES if a.lower() == attribute.lower()), None)
+        if attr is None:
+            raise UserError(f"--attribute {attribute}: not a tabular attribute of the AD model "
+                            f"(one of {', '.join(AD_ATTRIBUTES)})")
+        prep, model, names = finished_run.tabular, finished_run.model(dev), finished_run.class_names
+        header = [attr, "n"] + [f"mean P({c})" for c in names] + [f"predicted {c}" for c in names] + ["BA"]
+        rows, summary = [], []
+        for value in values:
+            try:
+                parse_attribute(attr, str(value)) if attr in AD_CONTINUOUS else None
+            except ValueError as exc:
+                raise UserError(f"--values {value}: {attr}: {exc}") from None
+        for value in [None] + list(values):
+            raw = [dict(table.raw[i], **({} if value is None else {attr: str(value)})) for i in test_idx]
+            try:
+                tab = prep.transform(raw)
+            except UserError as exc:
+                raise UserError(f"--values {value}: {exc}") from None
+            ds = (data.ADDataset(images, tab, table.labels[test_idx], train=False) if images is not None
+                  else data.TabularDataset(tab, table.labels[test_idx]))
+            probs, labels = predict(model, loader(ds), dev, class_probabilities)
+            met = classification_metrics(labels, probs, names)
+            frac = np.bincount(probs.argmax(1), minlength=len(names)) / n
+            label = "(as recorded)" if value is None else str(value)
+            rows.append([label, n] + [f"{p:.3f}" for p in probs.mean(0)] + [f"{f:.0%}" for f in frac]
+                        + [fmt(met["balanced_accuracy"])])
+            summary.append({"value": value, "mean_probs": probs.mean(0).tolist(), "predicted_fraction": frac.tolist(),
+                            "balanced_accuracy": met["balanced_accuracy"]})
+    else:
+        if attribute.lower() not in ("sex", "ptgender"):
+            raise UserError(f"--attribute {attribute}: the brain-age models take one attribute, Sex (values M F)")
+        attr = "Sex"
+        codes = []
+        for v in values:
+            if str(v).lower() not in SEX_CODES:
+                raise UserError(f"--values {v}: expected M or F")
+            codes.append(SEX_CODES[str(v).lower()])
+        model = finished_run.model(dev)
+        sex, age = table.sex[test_idx], table.age[test_idx]
+        header = [attr, "n", "mean predicted age", "true males", "true females", "MAE", "per-scan change vs first"]
+        rows, summary, first = [], [], None
+        for value, code in [(None, None)] + list(zip(values, codes)):
+            onehot = data.sex_onehot(sex if code is None else np.full(n, code))
+            ds = data.BrainAgeDataset(images, onehot, age)
+            pred, _ = predict(model, loader(ds), dev, finished_run.target.decode)
+            met = regression_metrics(age, pred, sex)
+            if value is not None and first is None:
+                first = pred
+            diff = pred - first if value is not None else None
+            mean_sex = [float(pred[sex == s].mean()) if (sex == s).any() else float("nan") for s in (0, 1)]
+            rows.append(["(as recorded)" if value is None else str(value), n, f"{pred.mean():.2f}",
+                         f"{mean_sex[0]:.2f}", f"{mean_sex[1]:.2f}", f"{met['mae']:.2f}",
+                         "-" if diff is None else f"{diff.mean():+.2f} ± {diff.std():.2f}"])
+            summary.append({"value": value, "mean_pred": float(pred.mean()), "mean_pred_male": mean_sex[0],
+                            "mean_pred_female": mean_sex[1], "mae": met["mae"],
+                            "change_vs_first": None if diff is None else float(diff.mean())})
+    return {"task": run.task, "model": run.model, "checkpoint": checkpoint, "dir": finished_run.dir, "attribute": attr,
+            "header": header, "rows": rows, "summary": summary}
+
+
+def sweep_markdown(res):
+    what = ("class probabilities" if res["task"] == "ad" else "predicted brain age in years")
+    return (f"# {res['model']}: {what} on the test set as {res['attribute']} varies\n\n"
+            f"Checkpoint: {res['checkpoint']}. Every test subject is read once per value (Sec. 1: the model is "
+            f"adjusted at test time).\n\n" + markdown_table(res["header"], res["rows"]) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -979,7 +979,7 @@ def test_a_finished_run_predicts_its_test_set_again_from_its_saved_state(ad_coho
     train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "concat", "--epochs", "1"))
     finished = load_run(_run_dir(tmp_path, "concat"))
     assert finished.run.model == "concat" and finished.run.fold == 1 and finished.crops is not None
-    _, table, test_idx, images = evaluate.test_set(finished)
+    _, table, test_idx, images = predict.test_set(finished)
     tab = finished.tabular.transform([table.raw[i] for i in test_idx])      # the run's own imputation
     loader = torch.utils.data.DataLoader(data.ADDataset(images, tab, table.labels[test_idx], train=False), 8)
     _, probs = train_ad.ad_metrics(finished.model(), loader, torch.device("cpu"), finished.class_names)
@@ -1380,12 +1380,12 @@ def test_ad_sweep_changes_the_tabular_attribute_of_every_test_row(ad_cohort40, t
                                         "class_names": NAMES, "crops": crops.as_dict()}, model,
                         tabular=prep.state_dict())
     path = tmp_path / "best.pt"
-    res = evaluate.sweep(str(path), "abeta", ["200", "1700"])
+    res = predict.sweep(str(path), "abeta", ["200", "1700"])
     assert res["attribute"] == "ABETA" and len(res["rows"]) == 3 and res["rows"][0][1] == len(test_idx)
     p = [np.array(s["mean_probs"]) for s in res["summary"]]
     assert all(np.isclose(q.sum(), 1) for q in p) and not np.allclose(p[1], p[2], atol=1e-6)
     with pytest.raises(UserError, match="not a tabular attribute"):
-        evaluate.sweep(str(path), "MMSE", ["30"])
+        predict.sweep(str(path), "MMSE", ["30"])
 
 
 def test_select_layers_scores_every_candidate_layer(brain_age_cohort20):
