@@ -241,9 +241,9 @@ def load_crops(crops_json, data_csv):
 # ----------------------------------------------------------------------------------------------
 # Decode-once image cache
 
-def default_cache_dir(data_csv):
-    """Where decoded images are cached unless --cache-dir says otherwise: <csv folder>/cache."""
-    return os.path.join(os.path.dirname(os.path.abspath(data_csv)), "cache")
+def cache_folder(cache_dir, data_csv):
+    """Where decoded images are cached: --cache-dir, else <csv folder>/cache."""
+    return cache_dir or os.path.join(os.path.dirname(os.path.abspath(data_csv)), "cache")
 
 
 class ImageCache:

@@ -69,15 +69,16 @@ def check_members(members):
 
 
 def check_images(table, members):
-    """Every image on the grid the members were trained on (shape and voxel size, read from the headers)."""
-    wanted = {(tuple(m.inputs["image_shape"]), tuple(m.inputs.get("voxel_size") or ()), m.dir) for m in members
-              if m.inputs.get("image_shape")}
-    for path, subject in zip(table.image_paths, table.subjects):
-        shape, voxel = data.image_geometry(path, subject)
-        for train_shape, train_voxel, run_dir in wanted:
-            if shape != train_shape or (train_voxel and not np.allclose(voxel, train_voxel, atol=1e-3)):
-                raise UserError(f"{path} (subject {subject}): image {shape} at {voxel} mm, but {run_dir} was "
-                                f"trained on {train_shape} at {train_voxel} mm; preprocess it the same way")
+    """The table's images on one grid (data.check_image_geometry, from the headers), and that grid the one
+    every member was trained on (shape and voxel size)."""
+    shape, voxel = data.check_image_geometry(table.image_paths, table.subjects)
+    for m in members:
+        train_shape, train_voxel = m.inputs.get("image_shape"), m.inputs.get("voxel_size")
+        if train_shape and (shape != tuple(train_shape)
+                            or (train_voxel and not np.allclose(voxel, train_voxel, atol=1e-3))):
+            raise UserError(f"{table.image_paths[0]} (subject {table.subjects[0]}) and the table's other images: "
+                            f"{shape} at {voxel} mm, but {m.dir} was trained on {tuple(train_shape)} at "
+                            f"{train_voxel} mm; preprocess them the same way")
 
 
 def member_outputs(members, table, cache_dir, batch_size, device, progress=True):
@@ -150,7 +151,7 @@ def test_set(finished_run, data_csv=None, image_dir=None):
         test_idx = splits.brain_age_split(table.age, table.sex, run.split_seed)[2]
     images = None
     if image_model:  # the training run's cache (same folder, dtype and crops), so nothing is decoded again
-        cache = data.ImageCache(table.image_paths, run.cache_dir or data.default_cache_dir(run.data_csv),
+        cache = data.ImageCache(table.image_paths, data.cache_folder(run.cache_dir, run.data_csv),
                                 run.cache_dtype, transform=finished_run.crops, names=table.subjects)
         images = torch.utils.data.Subset(cache, test_idx)
     return run, table, test_idx, images
@@ -272,7 +273,7 @@ def main(argv=None):
     if need_images:
         check_images(table, members)
     device = setup_device(a.device)
-    outputs = member_outputs(members, table, a.cache_dir or data.default_cache_dir(a.data_csv), a.batch_size,
+    outputs = member_outputs(members, table, data.cache_folder(a.cache_dir, a.data_csv), a.batch_size,
                              device, progress=not a.quiet)
     combined, spread = combine(task, outputs)
     K, n = len(members), len(table.subjects)

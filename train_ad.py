@@ -107,7 +107,7 @@ def train_ad(args):
 
     if image_model:
         with main_first():  # torchrun: rank 0 decodes, the others then find every entry decoded
-            cache = data.ImageCache(table.image_paths, run.cache_dir or data.default_cache_dir(run.data_csv),
+            cache = data.ImageCache(table.image_paths, data.cache_folder(run.cache_dir, run.data_csv),
                                     run.cache_dtype, transform=crops, names=table.subjects).prepare(
                 progress=not quiet, workers=args["decode_workers"])
         make = lambda idx, train: data.ADDataset(torch.utils.data.Subset(cache, idx), tabular[idx],

@@ -75,12 +75,11 @@ def train_brain_age(args):
         if not (table.sex == code).any():
             warn(f"{run.data_csv}: no {name} subjects: sex has nothing to condition on, and mae_{name} is null")
     # every header first (seconds), before the cache decodes: one shape and voxel size
-    _, voxel = data.check_image_geometry(table.image_paths, table.subjects)
+    image_shape, voxel = data.check_image_geometry(table.image_paths, table.subjects)
     with main_first():  # torchrun: rank 0 decodes, the others then find every entry decoded
-        cache = data.ImageCache(table.image_paths, run.cache_dir or data.default_cache_dir(run.data_csv),
+        cache = data.ImageCache(table.image_paths, data.cache_folder(run.cache_dir, run.data_csv),
                                 run.cache_dtype, names=table.subjects).prepare(progress=not quiet,
                                                                                workers=args["decode_workers"])
-    image_shape = tuple(cache[0].shape)
     sex = data.sex_onehot(table.sex)                                            # (N, 2) [male, female]
     inputs = {"n_tabular": 2, "image_shape": list(image_shape), "voxel_size": list(voxel),
               "table_sha256": data.table_sha256(run.data_csv),

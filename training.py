@@ -44,7 +44,7 @@ class RunConfig:
     weight_decay: float
     data_csv: str                    # as given; the built-in synthetic cohort's is absolute
     image_dir: str = None
-    cache_dir: str = None            # None: data.default_cache_dir(data_csv)
+    cache_dir: str = None            # None: <csv folder>/cache (data.cache_folder)
     cache_dtype: str = "float16"
     fold: int = None                 # AD: the validation subset, 0..3
     classes: int = None              # AD: 3, or 2 for CN vs AD (App. B)
