@@ -51,7 +51,7 @@ AD_MODEL_TITLES = {"imaging": "Imaging only", "tabular": "Tabular only", "late-f
                    "concat": "Concatenation", "film": "FiLM-like", "daft": "DAFT-like", "hyperfusion": "HyperFusion"}
 AD_ORDER = ("imaging", "tabular", "late-fusion", "concat", "film", "daft", "hyperfusion")  # Table 3's order
 ENSEMBLE_KEYS = ("split_seed", "tabular_columns", "classes")        # the four folds of one ensemble share these
-BRAIN_AGE_KEYS = ("model", "split_seed", "embedding_dim", "train_sex")
+BRAIN_AGE_KEYS = ("model", "split_seed", "split", "embedding_dim", "train_sex")
 N_FOLDS = 4
 
 

@@ -148,7 +148,7 @@ def test_set(finished_run, data_csv=None, image_dir=None):
     else:
         image_model = True
         table = data.read_brain_age_table(run.data_csv, run.image_dir)
-        test_idx = splits.brain_age_split(table.age, table.sex, run.split_seed)[2]
+        test_idx = splits.brain_age_split(table.age, table.sex, run.split_seed, run.split)[2]
     images = None
     if image_model:  # the training run's cache (same folder, dtype and crops), so nothing is decoded again
         cache = data.ImageCache(table.image_paths, data.cache_folder(run.cache_dir, run.data_csv),

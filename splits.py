@@ -54,12 +54,16 @@ def ad_fold(subsets, fold, test_subset=4):
     return (idx[(subsets != fold) & (subsets != test_subset)], idx[subsets == fold], idx[subsets == test_subset])
 
 
-def brain_age_split(age, sex, seed, fractions=(0.8, 0.1, 0.1), n_age_bins=20):
-    """-> (train_idx, val_idx, test_idx), 80/10/10 stratified by sex and age bins (Sec. 4.2.3).
+BRAIN_AGE_FRACTIONS = (0.8, 0.1, 0.1)  # Sec. 4.2.3
+
+
+def brain_age_split(age, sex, seed, fractions=None, n_age_bins=20):
+    """-> (train_idx, val_idx, test_idx), 80/10/10 (or `fractions`) stratified by sex and age bins (Sec. 4.2.3).
 
     Same dealing as ad_split, but by quotas: the next subject goes to the part furthest below
     its share so far, so every (sex, age bin) group is cut in the given fractions.
     """
+    fractions = BRAIN_AGE_FRACTIONS if fractions is None else fractions
     fr = np.asarray(fractions, np.float64)
     if len(age) < len(fr) or np.any(fr < 0) or abs(fr.sum() - 1) > 1e-6:
         raise UserError(f"cannot split {len(age)} subjects into fractions {tuple(fractions)}")

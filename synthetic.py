@@ -38,9 +38,18 @@ from tabular import AD_ATTRIBUTES
 # The table: CSF (ABETA low in AD, PTAU/TAU high) and PET (FDG low, AV45 high) depend on the
 # diagnosis only, with large noise, assay censoring and ~50% missingness (more for CN); APOE4
 # is more frequent in AD. So each modality holds diagnosis information the other lacks.
-# Brain age: an atrophy index grows after 20 and faster after 40, faster in men, plus a
-# per-subject "brain age gap" (wider in men, cf. Sec. 4.2.6); it drives ventricle size, outer CSF,
-# cortical thinning and hippocampal shrinkage. Sex changes the slope, so sex-aware reading of the image helps.
+# Brain age (BRAIN_AGE_SYNTH, brain_age_anatomy): one latent "atrophy index" a per subject, a
+# curve of age that starts after 20 and steepens after 40, steeper in men (men's age-related
+# atrophy, sulcal and ventricular CSF growth, exceeds women's: Coffey et al. 1998, the paper's
+# ref. for Sec. 2.3; the 1.5x rate is our choice, at the strong end of reported effects), plus a
+# per-subject deviation (the "brain-age gap"), wider in men (Sec. 4.2.6: male brain age varies
+# more). Each structure reads a with its own person-to-person variability: ventricles grow (and
+# vary most), outer CSF grows, the cortex thins (and thickens with development before 20), the
+# hippocampi shrink. Head size is ~11% smaller in volume in women (linear 0.962) with a 9% spread
+# and grows until 14. So the image shows a, and sex only partly (through head size); a given a
+# means an older woman than man, which is what sex conditioning can exploit. brain_age_oracle
+# reads the latent anatomy with the exact generative model: its MAE with and without the sex
+# (cohort.json, oracle.csv) bounds what any model could reach on these images.
 
 AD_SYNTH = {
     "class_fraction": {"CN": 740 / 2120, "MCI": 1015 / 2120, "AD": 365 / 2120},   # Table 2
@@ -59,8 +68,15 @@ AD_SYNTH = {
     "missing_prob": {"CSF": (0.6, 0.45, 0.45), "FDG": (0.55, 0.45, 0.4), "AV45": (0.55, 0.45, 0.45)},
     "shape": (48, 60, 48), "spacing_mm": 2.67, "crop_size": (24, 36, 24),
 }
-BRAIN_AGE_SYNTH = {"age_range": (8, 90), "shape": (40, 48, 40), "spacing_mm": 4.0,
-                   "atrophy_slope_after_40": {"M": 0.6, "F": 0.35}, "brain_age_gap_sd": {"M": 0.08, "F": 0.06}}
+BRAIN_AGE_SYNTH = {
+    "age_range": (8, 90), "age_uniform_fraction": 0.4, "age_bump": (63, 8),   # life span + a UK-Biobank-like bump
+    "shape": (40, 48, 40), "spacing_mm": 4.0,
+    "atrophy_linear": 0.25, "atrophy_after_40": {"M": 0.525, "F": 0.35},       # men 1.5x (Coffey et al. 1998)
+    "brain_age_gap_sd": {"M": 3.5, "F": 3.0},                 # years; Sec. 4.2.6: wider in men; Sec. 2.3: < 3 MAE
+    "head_scale": {"M": 1.0, "F": 0.962}, "head_scale_sd": 0.03,               # ICV: women ~11% smaller, CV ~9%
+    # structure = f(a) with its own variability: log ventricle and hippocampus, CSF shell and cortex widths
+    "vent_sd": 0.1, "csf_sd": 0.002, "cortex_sd": 0.002, "hippo_sd": 0.02,
+}
 HIPPO_CENTRE = (0.36, -0.12, -0.32)  # normalised (|x|, y, z) of the hippocampi
 
 
@@ -207,34 +223,110 @@ def make_synthetic_ad(out_dir, n=360, seed=0, verbose=False):
     return os.path.join(os.path.abspath(out_dir), "ad.csv")
 
 
-def make_synthetic_brain_age(out_dir, n=400, seed=0, verbose=False):
-    """Write a synthetic brain-age cohort (brain_age.csv with an `image` column, images/, cohort.json) -> csv path."""
+def brain_age_atrophy(age, male):
+    """The atrophy index's mean at `age` (years) for men (male True) or women: flat to 20, linear, then
+    a steeper quadratic term after 40 whose rate is sex's (arrays broadcast)."""
+    P = BRAIN_AGE_SYNTH
+    rate = np.where(male, P["atrophy_after_40"]["M"], P["atrophy_after_40"]["F"])
+    return P["atrophy_linear"] * np.maximum(age - 20, 0) / 50 + rate * np.maximum(age - 40, 0) ** 2 / 2500
+
+
+def brain_age_structures(a, age, male):
+    """Each structure's mean given the atrophy index a, age and sex -> dict of arrays (broadcast)."""
+    P = BRAIN_AGE_SYNTH
+    return {"log_scale": np.log(np.where(male, P["head_scale"]["M"], P["head_scale"]["F"]))
+            + np.log(0.92 + 0.08 * np.minimum(age, 14) / 14),                      # development to 14
+            "log_vent": np.log(np.maximum(0.8 + 1.2 * a, 0.05)), "csf": 0.04 + 0.08 * a,
+            "cortex": 0.15 - 0.02 * (np.minimum(age, 20) - 8) / 12 - 0.05 * a,      # thickens to 20, then thins
+            "log_hippo": np.log(np.maximum(1 - 0.3 * a, 0.3))}
+
+
+STRUCTURE_SD = {"log_scale": "head_scale_sd", "log_vent": "vent_sd", "csf": "csf_sd", "cortex": "cortex_sd",
+                "log_hippo": "hippo_sd"}
+
+
+def brain_age_anatomy(rng, n):
+    """n subjects' latent variables (ages, sexes, atrophy index, structures) -> dict of (n,) arrays."""
+    P = BRAIN_AGE_SYNTH
+    lo, hi = P["age_range"]
+    male = rng.random(n) < 0.5
+    age = np.where(rng.random(n) < P["age_uniform_fraction"], rng.uniform(lo, hi, n),
+                   np.clip(rng.normal(*P["age_bump"], n), lo, hi))
+    gap_sd = np.where(male, P["brain_age_gap_sd"]["M"], P["brain_age_gap_sd"]["F"])
+    brain_age = age + rng.normal(0, 1, n) * gap_sd             # the brain looks `gap` years older than it is
+    a = brain_age_atrophy(brain_age, male)
+    mean = brain_age_structures(a, age, male)
+    return {"age": age, "male": male, "brain_age": brain_age, "atrophy": a,
+            **{k: mean[k] + rng.normal(0, P[sd], n) for k, sd in STRUCTURE_SD.items()}}
+
+
+def brain_age_oracle(anatomy, know_sex=True, age_step=0.25):
+    """The posterior-median age of each subject given its latent structures (and its sex when know_sex),
+    under the exact generative model (the brain-age gap integrated out) -> (n,) years.
+
+    The median minimises the expected absolute error, so this oracle's MAE is the floor for any reader
+    of these images: with know_sex=False it is what the image alone can give (sex only through head size)."""
+    P = BRAIN_AGE_SYNTH
+    lo, hi = P["age_range"]
+    ages = np.arange(lo, hi + age_step / 2, age_step)                              # (G,) chronological
+    gap = np.arange(-15, 15 + age_step / 2, age_step)                              # (K,) brain age - age
+    u, (mu, sd) = P["age_uniform_fraction"], P["age_bump"]
+    log_prior = np.log(u / (hi - lo) + (1 - u) * np.exp(-0.5 * ((ages - mu) / sd) ** 2) / (sd * math.sqrt(2 * math.pi)))
+    log_normal = lambda x, m, s: -0.5 * ((x - m) / s) ** 2 - math.log(s)
+    means, log_gap = [], []                                # per sex: structure means on the (G, K) grid
+    for male in (True, False):
+        means.append(brain_age_structures(brain_age_atrophy(ages[:, None] + gap[None, :], male), ages[:, None], male))
+        log_gap.append(log_normal(gap, 0, P["brain_age_gap_sd"]["M" if male else "F"])[None, :])
+    out = np.empty(len(anatomy["age"]))
+    for i in range(len(out)):
+        log_lik = []                                                               # per sex: (G,)
+        for mean, joint in zip(means, log_gap):
+            for k, sd in STRUCTURE_SD.items():
+                joint = joint + log_normal(anatomy[k][i], mean[k], P[sd])
+            top = joint.max(1, keepdims=True)
+            log_lik.append(top[:, 0] + np.log(np.exp(joint - top).sum(1)))
+        if know_sex:
+            log_post = log_lik[0 if anatomy["male"][i] else 1] + log_prior
+        else:
+            log_post = np.logaddexp(log_lik[0], log_lik[1]) + log_prior
+        p = np.exp(log_post - log_post.max())
+        cdf = np.cumsum(p) / p.sum()
+        out[i] = np.interp(0.5, cdf, ages)
+    return out
+
+
+def make_synthetic_brain_age(out_dir, n=800, seed=0, verbose=False):
+    """Write a synthetic brain-age cohort (brain_age.csv with an `image` column, images/, oracle.csv,
+    cohort.json with the oracle's MAE) -> csv path."""
     P = BRAIN_AGE_SYNTH
     if n < 10:
         raise UserError(f"--n must be at least 10 for a brain-age cohort (got {n})")
     rng = np.random.default_rng(seed)
     grid, t0 = head_grid(P["shape"]), time.time()
+    anat = brain_age_anatomy(rng, n)
+    oracle = {"with_sex": brain_age_oracle(anat, True), "without_sex": brain_age_oracle(anat, False)}
     with _cohort_dir(out_dir) as tmp:
-        rows = []
-        for i in range(n):
-            male = bool(rng.random() < 0.5)
-            lo, hi = P["age_range"]  # a mix: uniform over the life span and a UK-Biobank-like bump at ~63
-            age = float(rng.uniform(lo, hi) if rng.random() < 0.4 else np.clip(rng.normal(63, 8), lo, hi))
-            sx = "M" if male else "F"
-            a = (0.25 * max(age - 20, 0) / 50 + P["atrophy_slope_after_40"][sx] * max(age - 40, 0) ** 2 / 2500
-                 + rng.normal(0, P["brain_age_gap_sd"][sx]))                      # atrophy index
-            scale = (1.0 if male else 0.95) * (0.92 + 0.08 * min(age, 14) / 14) * math.exp(rng.normal(0, 0.02))
-            anat = head_anatomy(rng, scale, hippo=max(1 - 0.3 * a, 0.3), vent=0.8 + 1.2 * a, csf=0.04 + 0.08 * a,
-                            cortex=0.15 - 0.02 * (min(age, 20) - 8) / 12 - 0.05 * a)
-            subj = f"BA{i + 1:05d}"
-            save_nifti(render_head(grid, anat, rng), P["spacing_mm"], os.path.join(tmp, "images", f"{subj}.nii.gz"))
-            rows.append({"Subject": subj, "Age": f"{age:.1f}", "Sex": "M" if male else "F",
+        rows, subjects = [], [f"BA{i + 1:05d}" for i in range(n)]
+        for i, subj in enumerate(subjects):
+            head = head_anatomy(rng, math.exp(anat["log_scale"][i]), hippo=math.exp(anat["log_hippo"][i]),
+                                vent=math.exp(anat["log_vent"][i]), csf=anat["csf"][i], cortex=anat["cortex"][i])
+            save_nifti(render_head(grid, head, rng), P["spacing_mm"], os.path.join(tmp, "images", f"{subj}.nii.gz"))
+            rows.append({"Subject": subj, "Age": f"{anat['age'][i]:.1f}", "Sex": "M" if anat["male"][i] else "F",
                          "image": f"images/{subj}.nii.gz"})
-            if verbose and (i + 1) % 100 == 0:
+            if verbose and (i + 1) % 200 == 0:
                 print(f"synth-brain-age: {i + 1}/{n} subjects, {time.time() - t0:.0f} s", flush=True)
         write_csv(rows, ["Subject", "Age", "Sex", "image"], os.path.join(tmp, "brain_age.csv"))
+        write_csv([{"Subject": s, "oracle_with_sex": f"{w:.2f}", "oracle_without_sex": f"{wo:.2f}"}
+                   for s, w, wo in zip(subjects, oracle["with_sex"], oracle["without_sex"])],
+                  ["Subject", "oracle_with_sex", "oracle_without_sex"], os.path.join(tmp, "oracle.csv"))
+        age = np.round(anat["age"], 1)
+        mae = {k: float(np.mean(np.abs(v - age))) for k, v in oracle.items()}
         write_json({"task": "brain_age", "n": int(n), "seed": int(seed), "image_shape": list(P["shape"]),
-                    "spacing_mm": P["spacing_mm"], "generator": P}, os.path.join(tmp, "cohort.json"))
+                    "spacing_mm": P["spacing_mm"], "oracle_mae": mae, "generator": P},
+                   os.path.join(tmp, "cohort.json"))
+    if verbose:
+        print(f"oracle MAE (the generative model, latent anatomy read exactly): {mae['with_sex']:.2f} years "
+              f"knowing sex, {mae['without_sex']:.2f} without")
     return os.path.join(os.path.abspath(out_dir), "brain_age.csv")
 
 
@@ -242,7 +334,7 @@ def make_synthetic_brain_age(out_dir, n=400, seed=0, verbose=False):
 # The built-in cohorts and the command line
 
 BUILTIN = {"ad": ("synthetic_ad", "ad.csv", make_synthetic_ad, dict(n=600, seed=0)),
-           "brain-age": ("synthetic_brain_age", "brain_age.csv", make_synthetic_brain_age, dict(n=400, seed=0))}
+           "brain-age": ("synthetic_brain_age", "brain_age.csv", make_synthetic_brain_age, dict(n=800, seed=0))}
 
 
 def builtin_cohort(task, data_dir):
@@ -262,7 +354,7 @@ def main(argv=None):
     ap = ArgumentParser(description="Write a synthetic cohort in the real on-disk format (SPEC §4).")
     ap.add_argument("task", choices=sorted(BUILTIN))
     ap.add_argument("--out", required=True, help="output folder (absent, empty, or an earlier cohort)")
-    ap.add_argument("--n", type=int, help="subjects (default: the built-in cohort's, 600 AD / 400 brain age)")
+    ap.add_argument("--n", type=int, help="subjects (default: the built-in cohort's, 600 AD / 800 brain age)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     check_number("--seed", a.seed, least=0)

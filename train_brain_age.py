@@ -5,7 +5,8 @@
     python train_brain_age.py --train-sex F                       # Fig. 4A: trained on women only
     python train_brain_age.py --data-csv ages.csv --image-dir preprocessed/
 
-The cohort is split 80/10/10 by age and sex (Sec. 4.2.3, split seed 0 unless --split-seed); the
+The cohort is split 80/10/10 by age and sex (Sec. 4.2.3, split seed 0 unless --split-seed; the
+synthetic demo splits 50/25/25, so that its validation and test sets of 200 show half a year); the
 epoch with the best validation MAE is kept and tested. Output in <out>/brain-age/<model>/v<V>/
 (with --train-sex or --embedding-dim 2 in the model's folder name): best.pt, last.pt, log.csv,
 metrics.json ({"val": ..., "test": ...} with mae, mae_male, mae_female and the brain-age gap; "age_bias":
@@ -33,6 +34,7 @@ from training import (RunConfig, add_common_arguments, batches, fit, identity, l
 
 REAL_BRAIN_AGE = dict(epochs=70, batch_size=64, lr=1.5e-4, weight_decay=0.05)  # Table 1
 DEMO_BRAIN_AGE = dict(epochs=12, batch_size=16, lr=1e-3, weight_decay=1e-4)
+DEMO_SPLIT = (0.5, 0.25, 0.25)  # the demo's 800 subjects: 400 train, 200 validation, 200 test
 
 
 def brain_age_arguments():
@@ -42,6 +44,9 @@ def brain_age_arguments():
     p.add_argument("--train-sex", default="all", choices=["all", "M", "F", "mixed"],
                    help="Fig. 4A: train on males, females, or a sex-balanced mix the size of the single-sex sets")
     p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
+                   help=f"fractions (default: {' '.join(map(str, splits.BRAIN_AGE_FRACTIONS))}, Sec. 4.2.3; "
+                        f"the synthetic demo: {' '.join(map(str, DEMO_SPLIT))})")
     add_common_arguments(p)
     return p
 
@@ -57,8 +62,11 @@ def brain_age_run_config(args):
         data_csv = builtin_cohort("brain-age", args["data_dir"]) if synthetic else args["data_csv"]
     schedule = resolve_schedule(args, DEMO_BRAIN_AGE if synthetic else REAL_BRAIN_AGE,
                                 "demo (synthetic cohort)" if synthetic else "Table 1", args["quiet"])
+    split = tuple(args.get("split") or (DEMO_SPLIT if synthetic else splits.BRAIN_AGE_FRACTIONS))
+    if min(split) <= 0 or abs(sum(split) - 1) > 1e-6:
+        raise UserError(f"--split {' '.join(map(str, split))}: three positive fractions that sum to 1")
     return RunConfig(task="brain-age", model=args["model"], version=args["version"], split_seed=args["split_seed"],
-                     embedding_dim=args["embedding_dim"], train_sex=args["train_sex"], **schedule, data_csv=data_csv,
+                     embedding_dim=args["embedding_dim"], train_sex=args["train_sex"], split=split, **schedule, data_csv=data_csv,
                      image_dir=args["image_dir"], cache_dir=args["cache_dir"], cache_dtype=args["cache_dtype"])
 
 
@@ -69,7 +77,7 @@ def train_brain_age(args):
     run = brain_age_run_config(args)
     workers = loader_workers(args["workers"], device)
     table = data.read_brain_age_table(run.data_csv, run.image_dir)
-    train_idx, val_idx, test_idx = splits.brain_age_split(table.age, table.sex, run.split_seed)
+    train_idx, val_idx, test_idx = splits.brain_age_split(table.age, table.sex, run.split_seed, run.split)
     train_idx = select_training_sex(train_idx, table.sex, run.train_sex, run.split_seed)
     for code, name in ((0, "male"), (1, "female")):
         if not (table.sex == code).any():

@@ -24,7 +24,7 @@ SCHEDULE_TYPES = {"epochs": int, "batch_size": int, "lr": float, "weight_decay":
 # a checkpoint belongs to a run when these match (epochs may grow on --resume; the data may move, but its
 # content is compared: the table's sha256 and the images' fingerprint, see data.table_sha256, image_fingerprint)
 DATA_KEYS = ("task", "model", "split_seed", "fold", "version", "classes", "group_map", "n_tabular",
-             "tabular_columns", "embedding_dim", "train_sex", "table_sha256")
+             "tabular_columns", "embedding_dim", "train_sex", "split", "table_sha256")
 IDENTITY_KEYS = DATA_KEYS + ("loss", "batch_size", "lr", "weight_decay", "images_sha256", "image_shape", "crops")
 
 
@@ -53,6 +53,7 @@ class RunConfig:
     group_map: dict = None           # AD: extra Group values read as a diagnosis, {"SMC": "CN"}
     embedding_dim: int = None        # brain age: the sex embedding 2->1 or 2->2
     train_sex: str = None            # brain age: "all", or Fig. 4A's "M", "F", "mixed"
+    split: tuple = None              # brain age: train/val/test fractions (None: Sec. 4.2.3's 80/10/10)
 
     def run_dir(self, out):
         if self.task == "ad":
