@@ -7,10 +7,13 @@ sanity checks of the code, not clinical results.
 
     python synthetic.py ad --out DIR [--n N] [--seed S]
     python synthetic.py brain-age --out DIR [--n N] [--seed S]
+    python synthetic.py oracle --cohort DIR [--predictions RUN/predictions.npz]   # the brain-age oracle's MAE
 
 The training scripts generate the default cohort on first use (builtin_cohort).
 """
 import contextlib
+import csv
+import json
 import math
 import os
 import shutil
@@ -20,7 +23,8 @@ import uuid
 import numpy as np
 from scipy import ndimage
 
-from data import CLASS_NAMES, HippocampusCrops, save_nifti
+from data import CLASS_NAMES, HippocampusCrops, read_brain_age_table, save_nifti
+from metrics import fmt, markdown_table, regression_metrics
 from safeio import ArgumentParser, UserError, check_number, run_cli, write_csv, write_json
 from tabular import AD_ATTRIBUTES
 
@@ -338,25 +342,77 @@ BUILTIN = {"ad": ("synthetic_ad", "ad.csv", make_synthetic_ad, dict(n=600, seed=
 
 
 def builtin_cohort(task, data_dir):
-    """The task's built-in demo cohort under data_dir, generated on first use -> its CSV path (absolute)."""
+    """The task's built-in demo cohort under data_dir, generated on first use -> its CSV path (absolute).
+
+    A cohort that an earlier version of its generator wrote is written again (runs trained on it are
+    then refused by their table's hash), so a demo never mixes two generative models silently."""
     folder, name, make, options = BUILTIN[task]
     csv_path = os.path.abspath(os.path.join(data_dir, folder, name))
-    if not os.path.isfile(csv_path):
-        print(f"generating the synthetic {task} cohort in {os.path.dirname(csv_path)} (first use only) ...",
-              flush=True)
-        t0 = time.time()
-        make(os.path.dirname(csv_path), **options)
-        print(f"generated in {time.time() - t0:.0f} s", flush=True)
+    info_path = os.path.join(os.path.dirname(csv_path), "cohort.json")
+    why = "first use only"
+    if os.path.isfile(csv_path):
+        try:
+            with open(info_path) as f:
+                info = json.load(f)
+        except (OSError, ValueError):
+            info = {}
+        wanted = json.loads(json.dumps({"generator": AD_SYNTH if task == "ad" else BRAIN_AGE_SYNTH, **options}))
+        if all(info.get(k) == v for k, v in wanted.items()):
+            return csv_path
+        why = "its cohort.json is not the current generator's"
+    print(f"generating the synthetic {task} cohort in {os.path.dirname(csv_path)} ({why}) ...", flush=True)
+    t0 = time.time()
+    make(os.path.dirname(csv_path), **options)
+    print(f"generated in {time.time() - t0:.0f} s", flush=True)
     return csv_path
 
 
+def oracle_report(cohort_dir, predictions=None):
+    """The oracle's MAE (brain_age_oracle, with and without sex) on a synthetic brain-age cohort, or on the
+    test subjects of a run's predictions.npz beside that run's own MAE. -> {name: {"mae", "mae_male", "mae_female"}}"""
+    table = read_brain_age_table(os.path.join(cohort_dir, "brain_age.csv"))
+    path = os.path.join(cohort_dir, "oracle.csv")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: not found; --cohort must be a folder that `synthetic.py brain-age` wrote")
+    with open(path, newline="") as f:
+        oracle = {r["Subject"]: r for r in csv.DictReader(f)}
+    index = {s: i for i, s in enumerate(table.subjects)}
+    subjects = list(table.subjects)
+    run_pred = None
+    if predictions is not None:
+        with np.load(predictions) as p:
+            subjects, run_pred = [str(s) for s in p["subjects"]], p["pred"]
+    missing = [s for s in subjects if s not in oracle or s not in index]
+    if missing:
+        raise UserError(f"{predictions or path}: subject {missing[0]} is not in the cohort {cohort_dir} "
+                        f"({len(missing)} of {len(subjects)} missing)")
+    rows = [index[s] for s in subjects]
+    age, sex = table.age[rows], table.sex[rows]
+    out = {name: regression_metrics(age, np.array([float(oracle[s][col]) for s in subjects]), sex)
+           for name, col in (("oracle knowing sex", "oracle_with_sex"), ("oracle without sex", "oracle_without_sex"))}
+    if run_pred is not None:
+        out["the run"] = regression_metrics(age, run_pred, sex)
+    return out
+
+
 def main(argv=None):
-    ap = ArgumentParser(description="Write a synthetic cohort in the real on-disk format (SPEC §4).")
-    ap.add_argument("task", choices=sorted(BUILTIN))
-    ap.add_argument("--out", required=True, help="output folder (absent, empty, or an earlier cohort)")
-    ap.add_argument("--n", type=int, help="subjects (default: the built-in cohort's, 600 AD / 800 brain age)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap = ArgumentParser(description="Write a synthetic cohort in the real on-disk format (SPEC §4), or report "
+                                    "the brain-age oracle's MAE.")
+    sub = ap.add_subparsers(dest="task", required=True)
+    for task in sorted(BUILTIN):
+        s = sub.add_parser(task, help=f"write a synthetic {task} cohort")
+        s.add_argument("--out", required=True, help="output folder (absent, empty, or an earlier cohort)")
+        s.add_argument("--n", type=int, help="subjects (default: the built-in cohort's, 600 AD / 800 brain age)")
+        s.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("oracle", help="the oracle's MAE on a brain-age cohort or on a run's test subjects")
+    s.add_argument("--cohort", required=True, help="a folder that `synthetic.py brain-age` wrote")
+    s.add_argument("--predictions", help="a brain-age run's predictions.npz: the oracle on its test subjects")
     a = ap.parse_args(argv)
+    if a.task == "oracle":
+        res = oracle_report(a.cohort, a.predictions)
+        print(markdown_table(["", "MAE", "MAE male", "MAE female"],
+                             [[k, fmt(m["mae"]), fmt(m["mae_male"]), fmt(m["mae_female"])] for k, m in res.items()]))
+        return res
     check_number("--seed", a.seed, least=0)
     t0 = time.time()
     _, _, make, options = BUILTIN[a.task]

@@ -452,6 +452,15 @@ def test_brain_age_split_is_80_10_10_and_keeps_age_and_sex():
         assert abs(sex[part].mean() - sex.mean()) < 0.03
         assert abs(np.median(age[part]) - np.median(age)) < 3
 
+
+def test_the_brain_age_demo_split_holds_validation_and_test_sets_of_200():
+    rng = np.random.default_rng(0)
+    age, sex = rng.uniform(8, 90, 800), rng.integers(0, 2, 800)
+    tr, va, te = splits.brain_age_split(age, sex, seed=0, fractions=train_brain_age.DEMO_SPLIT)
+    assert (len(tr), len(va), len(te)) == (400, 200, 200)
+    assert np.array_equal(splits.brain_age_split(age, sex, 0)[2], splits.brain_age_split(age, sex, 0, (.8, .1, .1))[2])
+
+
 # ----------------------------------------------------------------------------------------------
 # tabular preprocessing (Sec. 3.3, 4.3.3)
 
@@ -900,6 +909,48 @@ def test_failed_synthesis_leaves_no_partial_cohort(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="--n"):
         synthetic.make_synthetic_brain_age(tmp_path / "x", n=3)
     assert not (tmp_path / "x").exists()
+
+
+def test_in_the_brain_age_cohort_mens_brains_age_faster_so_reading_the_image_without_sex_leaves_years_behind():
+    P = synthetic.BRAIN_AGE_SYNTH
+    assert P["atrophy_after_40"]["M"] > P["atrophy_after_40"]["F"]                     # Coffey et al. 1998
+    assert P["brain_age_gap_sd"]["M"] > P["brain_age_gap_sd"]["F"]                     # Sec. 4.2.6
+    assert synthetic.brain_age_atrophy(75.0, True) > synthetic.brain_age_atrophy(75.0, False)
+    anatomy = synthetic.brain_age_anatomy(np.random.default_rng(0), 600)
+    age = anatomy["age"]
+    mae = lambda know_sex, male: np.abs(synthetic.brain_age_oracle({**anatomy, "male": male}, know_sex) - age).mean()
+    knowing, without = mae(True, anatomy["male"]), mae(False, anatomy["male"])
+    misled = mae(True, ~anatomy["male"])          # the oracle told the other sex
+    assert knowing < without < misled
+    assert knowing < 3.5                          # Sec. 2.3: healthy brains are read to within ~3 years
+
+
+def test_the_oracle_report_names_both_oracles_and_the_run_on_its_test_subjects(brain_age_cohort20, tmp_path):
+    cohort = os.path.dirname(brain_age_cohort20)
+    res = synthetic.oracle_report(cohort)
+    assert set(res) == {"oracle knowing sex", "oracle without sex"} and res["oracle knowing sex"]["n"] == 20
+    table = data.read_brain_age_table(brain_age_cohort20)
+    np.savez(tmp_path / "p.npz", subjects=np.array(table.subjects[:5]), pred=table.age[:5] + 1.0)
+    res = synthetic.oracle_report(cohort, str(tmp_path / "p.npz"))
+    assert res["the run"]["mae"] == pytest.approx(1.0) and res["oracle without sex"]["n"] == 5
+    np.savez(tmp_path / "q.npz", subjects=np.array(["nobody"]), pred=np.zeros(1))
+    assert_clean_error(run_main(synthetic.main, "oracle", "--cohort", cohort, "--predictions", tmp_path / "q.npz"),
+                       "nobody")
+
+
+def test_a_built_in_cohort_that_another_generator_wrote_is_written_again(tmp_path, monkeypatch):
+    folder, name, make, _ = synthetic.BUILTIN["brain-age"]
+    monkeypatch.setitem(synthetic.BUILTIN, "brain-age", (folder, name, make, dict(n=12, seed=0)))
+    csv_path = synthetic.builtin_cohort("brain-age", tmp_path)
+    stamp = os.stat(csv_path).st_mtime_ns
+    assert synthetic.builtin_cohort("brain-age", tmp_path) == csv_path and os.stat(csv_path).st_mtime_ns == stamp
+    info_path = os.path.join(os.path.dirname(csv_path), "cohort.json")
+    info = json.load(open(info_path))
+    info["generator"]["atrophy_after_40"]["M"] = 0.6                                  # an older generator's
+    json.dump(info, open(info_path, "w"))
+    synthetic.builtin_cohort("brain-age", tmp_path)
+    assert json.load(open(info_path))["generator"]["atrophy_after_40"]["M"] == synthetic.BRAIN_AGE_SYNTH[
+        "atrophy_after_40"]["M"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1579,6 +1630,9 @@ def test_numeric_options_out_of_range_are_refused_naming_the_option(tmp_path):
         assert_clean_error(run_main(train_ad.main, *base, option, value), f"{option} {value}")
     assert_clean_error(run("train_ad.py", *base, "--batch-size", "0"), "--batch-size 0", "at least 1")
     assert_clean_error(run_main(train_brain_age.main, "--data-csv", csv_path, "--lr", "0"), "--lr 0", "above 0")
+    for fractions in (("0.5", "0.5", "0.5"), ("0.9", "0.1", "0"), ("nan", "0.5", "0.5")):
+        assert_clean_error(run_main(train_brain_age.main, "--data-csv", csv_path, "--split", *fractions),
+                           "--split " + " ".join(fractions))
     assert not (tmp_path / "runs").exists()
     head = tmp_path / "images" / "S0.nii.gz"
     for spacing in ("0.01", "50", "nan"):

@@ -63,7 +63,7 @@ def brain_age_run_config(args):
     schedule = resolve_schedule(args, DEMO_BRAIN_AGE if synthetic else REAL_BRAIN_AGE,
                                 "demo (synthetic cohort)" if synthetic else "Table 1", args["quiet"])
     split = tuple(args.get("split") or (DEMO_SPLIT if synthetic else splits.BRAIN_AGE_FRACTIONS))
-    if min(split) <= 0 or abs(sum(split) - 1) > 1e-6:
+    if not (all(f > 0 for f in split) and abs(sum(split) - 1) <= 1e-6):   # NaN fails both
         raise UserError(f"--split {' '.join(map(str, split))}: three positive fractions that sum to 1")
     return RunConfig(task="brain-age", model=args["model"], version=args["version"], split_seed=args["split_seed"],
                      embedding_dim=args["embedding_dim"], train_sex=args["train_sex"], split=split, **schedule, data_csv=data_csv,
