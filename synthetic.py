@@ -308,7 +308,9 @@ def make_synthetic_brain_age(out_dir, n=800, seed=0, verbose=False):
     rng = np.random.default_rng(seed)
     grid, t0 = head_grid(P["shape"]), time.time()
     anat = brain_age_anatomy(rng, n)
-    oracle = {"with_sex": brain_age_oracle(anat, True), "without_sex": brain_age_oracle(anat, False)}
+    oracle = {"without_sex": brain_age_oracle(anat, False),        # and each scan read as a man's and a woman's:
+              **{f"as_{k}": brain_age_oracle({**anat, "male": np.full(n, m)}) for k, m in (("male", True), ("female", False))}}
+    oracle["with_sex"] = np.where(anat["male"], oracle["as_male"], oracle["as_female"])
     with _cohort_dir(out_dir) as tmp:
         rows, subjects = [], [f"BA{i + 1:05d}" for i in range(n)]
         for i, subj in enumerate(subjects):
@@ -320,11 +322,12 @@ def make_synthetic_brain_age(out_dir, n=800, seed=0, verbose=False):
             if verbose and (i + 1) % 200 == 0:
                 print(f"synth-brain-age: {i + 1}/{n} subjects, {time.time() - t0:.0f} s", flush=True)
         write_csv(rows, ["Subject", "Age", "Sex", "image"], os.path.join(tmp, "brain_age.csv"))
-        write_csv([{"Subject": s, "oracle_with_sex": f"{w:.2f}", "oracle_without_sex": f"{wo:.2f}"}
-                   for s, w, wo in zip(subjects, oracle["with_sex"], oracle["without_sex"])],
-                  ["Subject", "oracle_with_sex", "oracle_without_sex"], os.path.join(tmp, "oracle.csv"))
+        columns = ["with_sex", "without_sex", "as_male", "as_female"]
+        write_csv([{"Subject": s, **{"oracle_" + c: f"{oracle[c][i]:.2f}" for c in columns}}
+                   for i, s in enumerate(subjects)], ["Subject"] + ["oracle_" + c for c in columns],
+                  os.path.join(tmp, "oracle.csv"))
         age = np.round(anat["age"], 1)
-        mae = {k: float(np.mean(np.abs(v - age))) for k, v in oracle.items()}
+        mae = {k: float(np.mean(np.abs(oracle[k] - age))) for k in ("with_sex", "without_sex")}
         write_json({"task": "brain_age", "n": int(n), "seed": int(seed), "image_shape": list(P["shape"]),
                     "spacing_mm": P["spacing_mm"], "oracle_mae": mae, "generator": P},
                    os.path.join(tmp, "cohort.json"))
@@ -369,7 +372,8 @@ def builtin_cohort(task, data_dir):
 
 def oracle_report(cohort_dir, predictions=None):
     """The oracle's MAE (brain_age_oracle, with and without sex) on a synthetic brain-age cohort, or on the
-    test subjects of a run's predictions.npz beside that run's own MAE. -> {name: {"mae", "mae_male", "mae_female"}}"""
+    test subjects of a run's predictions.npz beside that run's own MAE; and the sweep the cohort encodes
+    (every scan read as a woman's minus as a man's). -> {name: {"mae", "mae_male", "mae_female"}, "sweep": {...}}"""
     table = read_brain_age_table(os.path.join(cohort_dir, "brain_age.csv"))
     path = os.path.join(cohort_dir, "oracle.csv")
     if not os.path.isfile(path):
@@ -392,6 +396,8 @@ def oracle_report(cohort_dir, predictions=None):
            for name, col in (("oracle knowing sex", "oracle_with_sex"), ("oracle without sex", "oracle_without_sex"))}
     if run_pred is not None:
         out["the run"] = regression_metrics(age, run_pred, sex)
+    change = np.array([float(oracle[s]["oracle_as_female"]) - float(oracle[s]["oracle_as_male"]) for s in subjects])
+    out["sweep"] = {"female_minus_male": float(change.mean()), "sd": float(change.std()), "n": len(change)}
     return out
 
 
@@ -410,8 +416,11 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.task == "oracle":
         res = oracle_report(a.cohort, a.predictions)
+        sweep = res.pop("sweep")
         print(markdown_table(["", "MAE", "MAE male", "MAE female"],
                              [[k, fmt(m["mae"]), fmt(m["mae_male"]), fmt(m["mae_female"])] for k, m in res.items()]))
+        print(f"the oracle's sweep: each of the {sweep['n']} scans read as a woman's is "
+              f"{sweep['female_minus_male']:+.2f} ± {sweep['sd']:.2f} years older than read as a man's")
         return res
     check_number("--seed", a.seed, least=0)
     t0 = time.time()

@@ -928,7 +928,7 @@ def test_in_the_brain_age_cohort_mens_brains_age_faster_so_reading_the_image_wit
 def test_the_oracle_report_names_both_oracles_and_the_run_on_its_test_subjects(brain_age_cohort20, tmp_path):
     cohort = os.path.dirname(brain_age_cohort20)
     res = synthetic.oracle_report(cohort)
-    assert set(res) == {"oracle knowing sex", "oracle without sex"} and res["oracle knowing sex"]["n"] == 20
+    assert set(res) == {"oracle knowing sex", "oracle without sex", "sweep"} and res["oracle knowing sex"]["n"] == 20
     table = data.read_brain_age_table(brain_age_cohort20)
     np.savez(tmp_path / "p.npz", subjects=np.array(table.subjects[:5]), pred=table.age[:5] + 1.0)
     res = synthetic.oracle_report(cohort, str(tmp_path / "p.npz"))
