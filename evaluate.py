@@ -287,6 +287,7 @@ def brain_age_ensemble(version_dirs, top=5):
         gap = gap_summary(p["age"], pred, p["sex"], age_bias_fit(p["val_age"], val_pred))
     return {"versions": ranked, "val_mae": [runs[v]["metrics"]["val"]["mae"] for v in ranked],
             "members_mae": [runs[v]["metrics"]["test"]["mae"] for v in ranked],
+            "version_mae": {v: runs[v]["metrics"]["test"]["mae"] for v in sorted(runs)},
             "metrics": regression_metrics(p["age"], pred, p["sex"]), "pred": pred, "age": p["age"], "sex": p["sex"],
             "subjects": p["subjects"], "available": sorted(runs), "gap": gap}
 
@@ -307,7 +308,7 @@ def brain_age_results(runs, top=5):
     for name, dirs in folders.items():
         e = brain_age_ensemble(dirs, top)
         models.append({"folder": name, **{k: e[k] for k in ("versions", "available", "val_mae", "members_mae",
-                                                             "metrics", "gap")}})
+                                                             "version_mae", "metrics", "gap")}})
     fig4a = []
     for m in models:
         match = FIG4A.fullmatch(m["folder"])
@@ -325,10 +326,11 @@ def brain_age_markdown(res):
            f"Runs: {res['runs']}. Each row is the Eq. 6 ensemble of the {res['top']} versions with the lowest "
            f"validation MAE (fewer when fewer exist); MAE in years on the test set.", ""]
     out.append(markdown_table(
-        ["model", "versions used", "MAE", "MAE male", "MAE female", "members' test MAE"],
+        ["model", "versions used", "MAE", "MAE male", "MAE female", "members' test MAE", "test MAE per version"],
         [[m["folder"], f"{', '.join(map(str, m['versions']))} of {len(m['available'])}",
           f"{m['metrics']['mae']:.2f}", f"{m['metrics']['mae_male']:.2f}", f"{m['metrics']['mae_female']:.2f}",
-          "{:.2f} ± {:.2f}".format(*mean_std(m["members_mae"])).replace("nan", "-")] for m in res["models"]]))
+          "{:.2f} ± {:.2f}".format(*mean_std(m["members_mae"])).replace("nan", "-"),
+          ", ".join(f"v{v} {mae:.2f}" for v, mae in m["version_mae"].items())] for m in res["models"]]))
     gaps = [m for m in res["models"] if m["gap"]]
     if gaps:
         out += ["", "Brain-age gap (predicted minus chronological age) on the test set, mean in years; corrected: "

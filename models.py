@@ -56,10 +56,16 @@ class BrainAgeNet(nn.Module):
             elif name == "concat":
                 layer = nn.Linear(fin + n_tabular, fout)
             else:
-                # PyTorch's default init, so the sexes start with different embeddings; Eq. 1-2 then
-                # scale the generators by the measured E[e^2]. (Starting both at e = 1 makes the two
-                # sexes' weights equal, and Adam's nearly sign-like first steps keep them close.)
+                # The embedding starts at ones (SPEC §1): both sexes start from one shared set of weights
+                # and part only as far as training moves their embeddings (Sec. 3.5.1: the embedding keeps
+                # the sexes from getting distinct weights). PyTorch's random init often gives the sexes
+                # embeddings of opposite sign; with c = 0 (Eq. 1-2) their weights then start as each
+                # other's negatives and an update of G from one sex moves the other's weights the opposite
+                # way: measured, such runs ended with near-opposite weights per sex, a higher training
+                # loss and a sex sweep without direction (README, "Brain age on the synthetic cohort").
                 embedding = nn.Linear(n_tabular, embedding_dim)
+                nn.init.ones_(embedding.weight)
+                nn.init.zeros_(embedding.bias)
                 layer = HyperLinear(fin, fout, embedding, embedding_dim, relu_follows=n != "final_layer",
                                     mode=hyper_mode)
             setattr(self, n, layer)
