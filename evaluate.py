@@ -304,11 +304,18 @@ def brain_age_results(runs, top=5):
             folders[name] = done
     if not folders:
         raise UserError(f"{root}: no finished brain-age run")
-    models = []
+    models, errors = [], {}
     for name, dirs in folders.items():
         e = brain_age_ensemble(dirs, top)
         models.append({"folder": name, **{k: e[k] for k in ("versions", "available", "val_mae", "members_mae",
                                                              "version_mae", "metrics", "gap")}})
+        errors[name] = (list(e["subjects"]), np.abs(e["pred"] - e["age"]))
+    for m in models:  # paired on the same test scans: mean of |error| - |HyperFusion's error|, and its SE
+        m["vs_hyperfusion"] = None
+        if "hyperfusion" in errors and m["folder"] != "hyperfusion" and errors[m["folder"]][0] == errors[
+                "hyperfusion"][0]:
+            d = errors[m["folder"]][1] - errors["hyperfusion"][1]
+            m["vs_hyperfusion"] = {"mean": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d)))}
     fig4a = []
     for m in models:
         match = FIG4A.fullmatch(m["folder"])
@@ -324,11 +331,14 @@ def brain_age_results(runs, top=5):
 def brain_age_markdown(res):
     out = ["# Brain age (Sec. 4.2, Fig. 4)", "",
            f"Runs: {res['runs']}. Each row is the Eq. 6 ensemble of the {res['top']} versions with the lowest "
-           f"validation MAE (fewer when fewer exist); MAE in years on the test set.", ""]
+           f"validation MAE (fewer when fewer exist); MAE in years on the test set; a model's MAE minus "
+           f"HyperFusion's is paired over the same test scans.", ""]
     out.append(markdown_table(
-        ["model", "versions used", "MAE", "MAE male", "MAE female", "members' test MAE", "test MAE per version"],
-        [[m["folder"], f"{', '.join(map(str, m['versions']))} of {len(m['available'])}",
-          f"{m['metrics']['mae']:.2f}", f"{m['metrics']['mae_male']:.2f}", f"{m['metrics']['mae_female']:.2f}",
+        ["model", "versions used", "MAE", "minus HyperFusion's (paired, ± SE)", "MAE male", "MAE female",
+         "members' test MAE", "test MAE per version"],
+        [[m["folder"], f"{', '.join(map(str, m['versions']))} of {len(m['available'])}", f"{m['metrics']['mae']:.2f}",
+          "-" if not m["vs_hyperfusion"] else "{mean:+.2f} ± {se:.2f}".format(**m["vs_hyperfusion"]),
+          f"{m['metrics']['mae_male']:.2f}", f"{m['metrics']['mae_female']:.2f}",
           "{:.2f} ± {:.2f}".format(*mean_std(m["members_mae"])).replace("nan", "-"),
           ", ".join(f"v{v} {mae:.2f}" for v, mae in m["version_mae"].items())] for m in res["models"]]))
     gaps = [m for m in res["models"] if m["gap"]]

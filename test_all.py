@@ -1339,6 +1339,11 @@ def test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae(tm
     assert [(r["male"], r["female"], r["all"]) for r in res["fig4a"]] == [pytest.approx((2, 2, 2), abs=1e-4)] * 2
     md = (tmp_path / "results_brain-age.md").read_text()
     assert "Fig. 4A" in md and "1, 3, 4, 6, 0 of 7" in md and "Brain-age gap" in md
+    assert hf["version_mae"] == {v: pytest.approx(np.abs(preds[v] - age).mean(), abs=1e-4) for v in range(7)}
+    trained_on_men = next(m for m in res["models"] if m["folder"] == "hyperfusion-trainM")
+    paired = np.abs(age + 2 - age) - np.abs(np.mean([preds[v] for v in chosen], 0) - age)   # the same scans
+    assert trained_on_men["vs_hyperfusion"]["mean"] == pytest.approx(paired.mean(), abs=1e-4)
+    assert trained_on_men["vs_hyperfusion"]["se"] == pytest.approx(paired.std(ddof=1) / np.sqrt(30), abs=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------
