@@ -42,12 +42,13 @@ from tabular import AD_ATTRIBUTES
 # The table: CSF (ABETA low in AD, PTAU/TAU high) and PET (FDG low, AV45 high) depend on the
 # diagnosis only, with large noise, assay censoring and ~50% missingness (more for CN); APOE4
 # is more frequent in AD. So each modality holds diagnosis information the other lacks.
-# Brain age (BRAIN_AGE_SYNTH, brain_age_anatomy): one latent "atrophy index" a per subject, a
-# curve of age that starts after 20 and steepens after 40, steeper in men (men's age-related
-# atrophy, sulcal and ventricular CSF growth, exceeds women's: Coffey et al. 1998, the paper's
-# ref. for Sec. 2.3; the 1.5x rate is our choice, at the strong end of reported effects), plus a
-# per-subject deviation (the "brain-age gap"), wider in men (Sec. 4.2.6: male brain age varies
-# more). Each structure reads a with its own person-to-person variability: ventricles grow (and
+# Brain age (BRAIN_AGE_SYNTH, brain_age_anatomy): each subject's brain age is the age plus a
+# "brain-age gap" in years, wider in men (Sec. 4.2.6: male brain age varies more; sd 3.5 and 3,
+# so that a perfect reader errs by under 3 years, as Sec. 2.3 reports of the best image models).
+# The brain age sets one latent "atrophy index" a along a curve that starts after 20 and steepens
+# after 40, steeper in men (men's age-related atrophy, sulcal and ventricular CSF growth exceeds
+# women's: Coffey et al. 1998, the paper's ref. [10] in Sec. 2.3; the 1.5x rate is our choice, at
+# the strong end). Each structure reads a with its own person-to-person variability: ventricles grow (and
 # vary most), outer CSF grows, the cortex thins (and thickens with development before 20), the
 # hippocampi shrink. Head size is ~11% smaller in volume in women (linear 0.962) with a 9% spread
 # and grows until 14. So the image shows a, and sex only partly (through head size); a given a
@@ -309,7 +310,8 @@ def make_synthetic_brain_age(out_dir, n=800, seed=0, verbose=False):
     grid, t0 = head_grid(P["shape"]), time.time()
     anat = brain_age_anatomy(rng, n)
     oracle = {"without_sex": brain_age_oracle(anat, False),        # and each scan read as a man's and a woman's:
-              **{f"as_{k}": brain_age_oracle({**anat, "male": np.full(n, m)}) for k, m in (("male", True), ("female", False))}}
+              **{f"as_{k}": brain_age_oracle({**anat, "male": np.full(n, m)})
+                 for k, m in (("male", True), ("female", False))}}
     oracle["with_sex"] = np.where(anat["male"], oracle["as_male"], oracle["as_female"])
     with _cohort_dir(out_dir) as tmp:
         rows, subjects = [], [f"BA{i + 1:05d}" for i in range(n)]

@@ -1116,7 +1116,8 @@ def test_after_a_short_run_the_two_sexes_generate_different_weights_in_every_hyp
             h = getattr(model, name).hypernet
             with torch.no_grad():
                 (w_male, b_male), (w_female, b_female) = (h.generate(h(torch.eye(2)[[s]])) for s in (0, 1))
-            out += [float((w_male - w_female).norm() / w_male.norm()), float((b_male - b_female).norm() / b_male.norm())]
+            out += [float((w_male - w_female).norm() / w_male.norm()),
+                    float((b_male - b_female).norm() / b_male.norm())]
         return out
     untrained = build_model("brain-age", "hyperfusion", image_shape=synthetic.BRAIN_AGE_SYNTH["shape"])
     assert relative_differences(untrained) == [0.0] * 8

@@ -66,8 +66,9 @@ def brain_age_run_config(args):
     if not (all(f > 0 for f in split) and abs(sum(split) - 1) <= 1e-6):   # NaN fails both
         raise UserError(f"--split {' '.join(map(str, split))}: three positive fractions that sum to 1")
     return RunConfig(task="brain-age", model=args["model"], version=args["version"], split_seed=args["split_seed"],
-                     embedding_dim=args["embedding_dim"], train_sex=args["train_sex"], split=split, **schedule, data_csv=data_csv,
-                     image_dir=args["image_dir"], cache_dir=args["cache_dir"], cache_dtype=args["cache_dtype"])
+                     embedding_dim=args["embedding_dim"], train_sex=args["train_sex"], split=split, **schedule,
+                     data_csv=data_csv, image_dir=args["image_dir"], cache_dir=args["cache_dir"],
+                     cache_dtype=args["cache_dtype"])
 
 
 def train_brain_age(args):
