@@ -285,9 +285,9 @@ def brain_age_ensemble(version_dirs, top=5):
     if all("val_pred" in r["pred"] and np.array_equal(r["pred"]["val_subjects"], p["val_subjects"]) for r in chosen):
         val_pred = mean_ensemble([r["pred"]["val_pred"] for r in chosen])             # the same ensemble
         gap = gap_summary(p["age"], pred, p["sex"], age_bias_fit(p["val_age"], val_pred))
+    version_mae = {v: runs[v]["metrics"]["test"]["mae"] for v in sorted(runs)}
     return {"versions": ranked, "val_mae": [runs[v]["metrics"]["val"]["mae"] for v in ranked],
-            "members_mae": [runs[v]["metrics"]["test"]["mae"] for v in ranked],
-            "version_mae": {v: runs[v]["metrics"]["test"]["mae"] for v in sorted(runs)},
+            "members_mae": [version_mae[v] for v in ranked], "version_mae": version_mae,
             "metrics": regression_metrics(p["age"], pred, p["sex"]), "pred": pred, "age": p["age"], "sex": p["sex"],
             "subjects": p["subjects"], "available": sorted(runs), "gap": gap}
 
@@ -310,11 +310,12 @@ def brain_age_results(runs, top=5):
         models.append({"folder": name, **{k: e[k] for k in ("versions", "available", "val_mae", "members_mae",
                                                              "version_mae", "metrics", "gap")}})
         errors[name] = (list(e["subjects"]), np.abs(e["pred"] - e["age"]))
+    base = errors.get("hyperfusion")
     for m in models:  # paired on the same test scans: mean of |error| - |HyperFusion's error|, and its SE
+        subjects, err = errors[m["folder"]]
         m["vs_hyperfusion"] = None
-        if "hyperfusion" in errors and m["folder"] != "hyperfusion" and errors[m["folder"]][0] == errors[
-                "hyperfusion"][0]:
-            d = errors[m["folder"]][1] - errors["hyperfusion"][1]
+        if base and m["folder"] != "hyperfusion" and subjects == base[0]:
+            d = err - base[1]
             m["vs_hyperfusion"] = {"mean": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d)))}
     fig4a = []
     for m in models:

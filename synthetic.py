@@ -251,7 +251,7 @@ STRUCTURE_SD = {"log_scale": "head_scale_sd", "log_vent": "vent_sd", "csf": "csf
 
 
 def brain_age_anatomy(rng, n):
-    """n subjects' latent variables (ages, sexes, atrophy index, structures) -> dict of (n,) arrays."""
+    """n subjects' ages, sexes and structures (the latent anatomy the images are drawn from) -> dict of (n,) arrays."""
     P = BRAIN_AGE_SYNTH
     lo, hi = P["age_range"]
     male = rng.random(n) < 0.5
@@ -261,16 +261,16 @@ def brain_age_anatomy(rng, n):
     brain_age = age + rng.normal(0, 1, n) * gap_sd             # the brain looks `gap` years older than it is
     a = brain_age_atrophy(brain_age, male)
     mean = brain_age_structures(a, age, male)
-    return {"age": age, "male": male, "brain_age": brain_age, "atrophy": a,
-            **{k: mean[k] + rng.normal(0, P[sd], n) for k, sd in STRUCTURE_SD.items()}}
+    return {"age": age, "male": male, **{k: mean[k] + rng.normal(0, P[sd], n) for k, sd in STRUCTURE_SD.items()}}
 
 
-def brain_age_oracle(anatomy, know_sex=True, age_step=0.25):
-    """The posterior-median age of each subject given its latent structures (and its sex when know_sex),
-    under the exact generative model (the brain-age gap integrated out) -> (n,) years.
+def brain_age_oracle(anatomy, age_step=0.25):
+    """The posterior-median age of each subject given its latent structures, under the exact generative
+    model (the brain-age gap integrated out), read three ways -> {"as_male", "as_female", "without_sex"}:
+    (n,) years each, the scan read as a man's, as a woman's, and with the sex unknown.
 
     The median minimises the expected absolute error, so this oracle's MAE is the floor for any reader
-    of these images: with know_sex=False it is what the image alone can give (sex only through head size)."""
+    of these images: without the sex it is what the image alone can give (sex only through head size)."""
     P = BRAIN_AGE_SYNTH
     lo, hi = P["age_range"]
     ages = np.arange(lo, hi + age_step / 2, age_step)                              # (G,) chronological
@@ -282,21 +282,22 @@ def brain_age_oracle(anatomy, know_sex=True, age_step=0.25):
     for male in (True, False):
         means.append(brain_age_structures(brain_age_atrophy(ages[:, None] + gap[None, :], male), ages[:, None], male))
         log_gap.append(log_normal(gap, 0, P["brain_age_gap_sd"]["M" if male else "F"])[None, :])
-    out = np.empty(len(anatomy["age"]))
-    for i in range(len(out)):
+
+    def median(log_post):
+        p = np.exp(log_post - log_post.max())
+        return np.interp(0.5, np.cumsum(p) / p.sum(), ages)
+
+    n = len(anatomy["age"])
+    out = {k: np.empty(n) for k in ("as_male", "as_female", "without_sex")}
+    for i in range(n):
         log_lik = []                                                               # per sex: (G,)
         for mean, joint in zip(means, log_gap):
             for k, sd in STRUCTURE_SD.items():
                 joint = joint + log_normal(anatomy[k][i], mean[k], P[sd])
             top = joint.max(1, keepdims=True)
             log_lik.append(top[:, 0] + np.log(np.exp(joint - top).sum(1)))
-        if know_sex:
-            log_post = log_lik[0 if anatomy["male"][i] else 1] + log_prior
-        else:
-            log_post = np.logaddexp(log_lik[0], log_lik[1]) + log_prior
-        p = np.exp(log_post - log_post.max())
-        cdf = np.cumsum(p) / p.sum()
-        out[i] = np.interp(0.5, cdf, ages)
+        out["as_male"][i], out["as_female"][i] = (median(ll + log_prior) for ll in log_lik)
+        out["without_sex"][i] = median(np.logaddexp(*log_lik) + log_prior)
     return out
 
 
@@ -309,9 +310,7 @@ def make_synthetic_brain_age(out_dir, n=800, seed=0, verbose=False):
     rng = np.random.default_rng(seed)
     grid, t0 = head_grid(P["shape"]), time.time()
     anat = brain_age_anatomy(rng, n)
-    oracle = {"without_sex": brain_age_oracle(anat, False),        # and each scan read as a man's and a woman's:
-              **{f"as_{k}": brain_age_oracle({**anat, "male": np.full(n, m)})
-                 for k, m in (("male", True), ("female", False))}}
+    oracle = brain_age_oracle(anat)
     oracle["with_sex"] = np.where(anat["male"], oracle["as_male"], oracle["as_female"])
     with _cohort_dir(out_dir) as tmp:
         rows, subjects = [], [f"BA{i + 1:05d}" for i in range(n)]
