@@ -94,10 +94,17 @@ class BrainAgeNet(nn.Module):
 @dataclass(frozen=True)
 class AgeTarget:
     """What BrainAgeNet regresses: (age - centre) / scale, the age relative to the training mean in
-    decades (Eq. 4 on a better-conditioned target). Stored in every brain-age checkpoint, so a run's
-    outputs are turned back into years exactly as in training. Works on arrays and tensors."""
+    decades, Eq. 4 on a target of unit order. Adam's L2 term (Eq. 3) is not divided with the loss: a
+    target divided by s makes a decay lambda act s^2 times as strongly relative to the data, so the
+    run's decay is applied as `decay(lambda)` = lambda / s^2, and Table 1's 0.05 means what it means
+    on ages in years (SPEC Sec. 3). Stored in every brain-age checkpoint, so a run's outputs are turned
+    back into years exactly as in training. Works on arrays and tensors."""
     centre: float
     scale: float = 10.0
+
+    def decay(self, weight_decay):
+        """The Adam weight decay on this target that equals `weight_decay` on the age in years."""
+        return weight_decay / self.scale ** 2
 
     def encode(self, age):
         return (age - self.centre) / self.scale

@@ -1155,13 +1155,22 @@ def test_predict_reproduces_a_brain_age_runs_test_predictions_and_reports_the_co
     assert float(first[5]) == pytest.approx(expected, abs=2e-3)
 
 
-def test_fig4a_training_sets_are_single_sex_or_a_balanced_mix_of_the_same_size():
-    sex = np.array([0] * 30 + [1] * 20)
-    idx = np.arange(50)
-    m, f = (train_brain_age.select_training_sex(idx, sex, s, 0) for s in ("M", "F"))
-    mixed = train_brain_age.select_training_sex(idx, sex, "mixed", 0)
-    assert set(sex[m]) == {0} and set(sex[f]) == {1}
-    assert len(mixed) == 20 and (sex[mixed] == 0).sum() == 10
+def test_fig4a_training_sets_are_one_size_min_men_women_drawn_with_the_seed_and_the_mix_is_half_and_half():
+    """Sec. 4.2.4: M, F and the mix each hold min(men, women) of the training split, the mix half and half."""
+    sex = np.array([0] * 30 + [1] * 21)
+    idx = np.arange(100, 151)                             # training-split indices into the table
+    sets = {s: train_brain_age.select_training_sex(idx, np.r_[np.zeros(100, int), sex], s, 0)
+            for s in ("M", "F", "mixed")}
+    full = np.r_[np.zeros(100, int), sex]
+    assert {s: len(v) for s, v in sets.items()} == {"M": 21, "F": 21, "mixed": 21}
+    assert set(full[sets["M"]]) == {0} and set(full[sets["F"]]) == {1}
+    assert sorted(np.bincount(full[sets["mixed"]], minlength=2)) == [10, 11]
+    for v in sets.values():
+        assert set(v) <= set(idx) and len(set(v)) == len(v)
+    again = train_brain_age.select_training_sex(idx, full, "M", 0)
+    other = train_brain_age.select_training_sex(idx, full, "M", 1)
+    assert np.array_equal(again, sets["M"]) and not np.array_equal(other, sets["M"])   # drawn with the seed
+    assert np.array_equal(train_brain_age.select_training_sex(idx, full, "all", 0), idx)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ def brain_age_arguments():
     p.add_argument("--model", default="hyperfusion", choices=BRAIN_AGE_MODELS)
     p.add_argument("--embedding-dim", type=int, default=1, choices=[1, 2], help="sex embedding 2->1 or 2->2")
     p.add_argument("--train-sex", default="all", choices=["all", "M", "F", "mixed"],
-                   help="Fig. 4A: train on males, females, or a sex-balanced mix the size of the single-sex sets")
+                   help="Fig. 4A: train on males, females, or a sex-balanced mix, each of min(men, women) of the "
+                        "training split (Sec. 4.2.4)")
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
                    help=f"fractions (default: {' '.join(map(str, splits.BRAIN_AGE_FRACTIONS))}, Sec. 4.2.3; "
@@ -79,7 +80,12 @@ def train_brain_age(args):
     workers = loader_workers(args["workers"], device)
     table = data.read_brain_age_table(run.data_csv, run.image_dir)
     train_idx, val_idx, test_idx = splits.brain_age_split(table.age, table.sex, run.split_seed, run.split)
-    train_idx = select_training_sex(train_idx, table.sex, run.train_sex, run.split_seed)
+    if run.train_sex != "all":
+        men, women = (table.sex[train_idx] == 0).sum(), (table.sex[train_idx] == 1).sum()
+        train_idx = select_training_sex(train_idx, table.sex, run.train_sex, run.split_seed)
+        log(f"Fig. 4A: --train-sex {run.train_sex}: {len(train_idx)} training subjects ({(table.sex[train_idx] == 0).sum()}"
+            f" male, {(table.sex[train_idx] == 1).sum()} female), min(men, women) of the training split's {men} men "
+            f"and {women} women", quiet)
     for code, name in ((0, "male"), (1, "female")):
         if not (table.sex == code).any():
             warn(f"{run.data_csv}: no {name} subjects: sex has nothing to condition on, and mae_{name} is null")
@@ -111,7 +117,8 @@ def train_brain_age(args):
     statistics_loader = loader(train_idx)       # the training set in order, for the BatchNorm statistics
     best = fit(model, train_loader, loss_fn, validate, "mae", run, run_dir, inputs,
                state={"target": {"centre": target.centre, "scale": target.scale}}, resume=args["resume"],
-               quiet=quiet, lower_is_better=True, **speed_options(args),
+               quiet=quiet, lower_is_better=True, weight_decay=target.decay(run.weight_decay),  # Table 1's, in years
+               **speed_options(args),
                before_validation=lambda m: recalibrate_batchnorm(m, statistics_loader, device))
 
     model.load_state_dict(load_checkpoint(os.path.join(run_dir, "best.pt"), identity(run, inputs))["model"])
@@ -133,22 +140,20 @@ def train_brain_age(args):
 
 
 def select_training_sex(train_idx, sex, which, seed):
-    """Fig. 4A's training sets: males only, females only, or a sex-balanced mix of the same size."""
+    """Fig. 4A's training sets (Sec. 4.2.4, "maintaining equal-size training sets"): males only, females
+    only, or a sex-balanced mix, each of n = min(men, women) of the training split, drawn with the run's
+    split seed, so that the comparison is about sex and not about the amount of data. The mix takes
+    ceil(n/2) men and floor(n/2) women. "all": the whole training split."""
     if which == "all":
         return train_idx
     males, females = train_idx[sex[train_idx] == 0], train_idx[sex[train_idx] == 1]
-    for name, part in (("male", males), ("female", females)):
-        if which in (name[0].upper(), "mixed") and len(part) == 0:
-            raise UserError(f"--train-sex {which}: the training split holds no {name} subjects "
-                            f"({len(males)} male, {len(females)} female)")
-    if which == "M":
-        return males
-    if which == "F":
-        return females
     n = min(len(males), len(females))
+    if n == 0:
+        raise UserError(f"--train-sex {which}: Fig. 4A's training sets are min(men, women) of the training "
+                        f"split, and it holds {len(males)} male and {len(females)} female subjects")
     rng = np.random.default_rng(seed)
-    return np.sort(np.concatenate([rng.choice(males, n // 2 + n % 2, replace=False),
-                                   rng.choice(females, n // 2, replace=False)]))
+    parts = {"M": [(males, n)], "F": [(females, n)], "mixed": [(males, n - n // 2), (females, n // 2)]}[which]
+    return np.sort(np.concatenate([rng.choice(part, k, replace=False) for part, k in parts]))
 
 
 def age_metrics(model, loader, device, target, sex):

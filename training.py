@@ -350,11 +350,13 @@ def speed_options(args):
 
 
 def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs, state=None, resume=False,
-        quiet=False, lower_is_better=False, sync_bn=False, compile=False, channels_last=False, before_validation=None):
+        quiet=False, lower_is_better=False, sync_bn=False, compile=False, channels_last=False, before_validation=None,
+        weight_decay=None):
     """The hand-written training loop of both tasks.
 
     Adam with weight decay lambda on every trained parameter, internal and hypernetwork alike
-    (Eq. 3: the generated weights are not parameters, so they are not decayed). Each epoch's
+    (Eq. 3: the generated weights are not parameters, so they are not decayed). lambda is
+    run.weight_decay unless `weight_decay` is given (brain age: rescaled to its target, AgeTarget). Each epoch's
     randomness (shuffling, dropout, the hippocampus side) is seeded from (version, epoch), so a run
     resumed from last.pt ends exactly as an uninterrupted one on CPU. Keeps the best epoch by
     validate(model)[score_key]; writes best.pt and last.pt (each with the run, its data facts `inputs`
@@ -372,7 +374,8 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
         model = model.to(memory_format=torch.channels_last_3d)
     model, net = distributed.wrap(model, device, sync_bn)   # net trains; model is saved and validated
     net = torch.compile(net) if compile else net
-    opt = torch.optim.Adam(model.parameters(), lr=run.lr, weight_decay=run.weight_decay)
+    decay = run.weight_decay if weight_decay is None else weight_decay
+    opt = torch.optim.Adam(model.parameters(), lr=run.lr, weight_decay=decay)           # Eq. 3
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device) == torch.float16)  # bfloat16 needs none
     start, best, history = 0, None, []
     last_path, best_path = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "best.pt")
