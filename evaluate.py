@@ -342,6 +342,11 @@ def brain_age_markdown(res):
           f"{m['metrics']['mae_male']:.2f}", f"{m['metrics']['mae_female']:.2f}",
           "{:.2f} ± {:.2f}".format(*mean_std(m["members_mae"])).replace("nan", "-"),
           ", ".join(f"v{v} {mae:.2f}" for v, mae in m["version_mae"].items())] for m in res["models"]]))
+    kept_all = [m["folder"] for m in res["models"] if len(m["available"]) <= res["top"]]
+    if kept_all:  # Sec. 4.2.2's "5 best" chooses only among more than five
+        out += ["", f"All versions kept, none chosen by validation MAE (no more than {res['top']} exist): "
+                f"{', '.join(kept_all)}. Train more than {res['top']} versions (run-protocol --versions) for "
+                f"Sec. 4.2.2's choice of the {res['top']} best."]
     gaps = [m for m in res["models"] if m["gap"]]
     if gaps:
         out += ["", "Brain-age gap (predicted minus chronological age) on the test set, mean in years; corrected: "

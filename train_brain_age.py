@@ -112,6 +112,8 @@ def train_brain_age(args):
     if run.model == "hyperfusion" and not resumable(run_dir, args["resume"]):
         init_hyperlayers(model, torch.as_tensor(sex[train_idx], device=device))  # Eq. 1-2, E[e^2] on training rows
     target = AgeTarget(centre=float(table.age[train_idx].mean()))
+    log(f"target (age - {target.centre:.1f}) / {target.scale:g} years; weight decay {run.weight_decay:g} on ages in "
+        f"years, applied as {target.decay(run.weight_decay):g} on this target (Eq. 3-4, AgeTarget.decay)", quiet)
     loss_fn = lambda pred, age: F.mse_loss(pred.float(), target.encode(age))   # Eq. 4
     validate = lambda m: age_metrics(m, val_loader, device, target, table.sex[val_idx])[0]
     statistics_loader = loader(train_idx)       # the training set in order, for the BatchNorm statistics
