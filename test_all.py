@@ -1675,7 +1675,7 @@ def test_numeric_options_out_of_range_are_refused_naming_the_option(tmp_path):
     # brain age: --train-sex with no such subjects in the training split
     ba = _tiny_brain_age(tmp_path / "ba", sex="M")
     assert_clean_error(run_main(train_brain_age.main, "--data-csv", ba, "--train-sex", "F", "--out", tmp_path / "r",
-                                "--quiet"), "--train-sex F", "no female subjects")
+                                "--quiet"), "--train-sex F", "0 female subjects")
     assert not (tmp_path / "r").exists()
 
 
