@@ -1176,6 +1176,123 @@ def test_fig4a_training_sets_are_one_size_min_men_women_drawn_with_the_seed_and_
 # ----------------------------------------------------------------------------------------------
 # Evaluation (Sec. 3.4, 4.2.2, 4.3.6-4.3.7): metrics, ensembles, tables, sweeps, the protocol runner
 # ----------------------------------------------------------------------------------------------
+# Eq. 5 (the AD loss) and the kept epoch (Sec. 4.2.2, 4.3.6)
+
+def test_eq5_weighted_cross_entropy_is_divided_by_the_batch_size_not_by_the_sum_of_the_targets_weights():
+    torch.manual_seed(0)
+    logits, target = torch.randn(5, 3), torch.tensor([0, 1, 1, 2, 2])
+    w = torch.tensor([0.9, 0.6, 2.4])                                     # the targets' weights sum to 6.9, B = 5
+    log_p = [math.log(float(torch.softmax(logits[b], 0)[y])) for b, y in enumerate(target.tolist())]
+    by_hand = -sum(float(w[y]) * lp for y, lp in zip(target.tolist(), log_p)) / 5          # Eq. 5
+    assert float(train_ad.wce_loss(logits, target, w)) == pytest.approx(by_hand, rel=1e-6)
+    assert float(F.cross_entropy(logits, target, weight=w)) == pytest.approx(by_hand * 5 / 6.9, rel=1e-6)
+
+
+def test_eq5_class_weights_are_n_over_c_n_c_counted_on_the_training_and_validation_rows(ad_cohort60, tmp_path,
+                                                                                       monkeypatch):
+    seen, real = [], train_ad.wce_loss
+
+    def spy(logits, target, weights):
+        seen.append(weights.detach().cpu().numpy().copy())
+        return real(logits, target, weights)
+
+    monkeypatch.setattr(train_ad, "wce_loss", spy)
+    train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "tabular", "--epochs", "1"))   # split seed 0, fold 1
+    table = data.read_ad_table(ad_cohort60, need_images=False)
+    train, val, _ = splits.ad_fold(splits.ad_split(table.sex, table.labels, table.age, 0), 1)
+    weights = lambda idx: (lambda n: n.sum() / (3 * n))(np.bincount(table.labels[idx], minlength=3))   # N / (C n_c)
+    expected = weights(np.concatenate([train, val]))
+    assert len(seen) == len(train) // 8                                    # every training batch, no other weights
+    for w in seen:
+        np.testing.assert_allclose(w, expected, rtol=1e-6)
+    for other in (train, np.arange(len(table.labels))):    # the cohort tells them apart: training only, or with test
+        assert not np.allclose(weights(other), expected, rtol=1e-3)
+
+
+def _scripted_fit(folder, scores, lower_is_better):
+    """training.fit on a tiny net whose validation scores are `scores`, one per epoch -> (best, weights per epoch)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, 2)
+
+        def forward(self, image, tabular):
+            return self.linear(tabular)
+
+    torch.manual_seed(0)
+    items = torch.utils.data.TensorDataset(torch.zeros(8, 0), torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    batches = torch.utils.data.DataLoader(items, batch_size=4)
+    run = RunConfig(task="ad", model="tabular", version=0, split_seed=0, fold=0, classes=2, loss="ce", data_csv="x",
+                    epochs=len(scores), batch_size=4, lr=0.1, weight_decay=0.0)
+    weights, left = [], list(scores)
+
+    def validate(model):
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"score": left.pop(0)}
+
+    best = training.fit(Net(), batches, F.cross_entropy, validate, "score", run, str(folder), {}, quiet=True,
+                        lower_is_better=lower_is_better)
+    return best, weights
+
+
+@pytest.mark.parametrize("scores,lower_is_better", [([0.3, 0.9, 0.5, 0.7], False),    # balanced accuracy
+                                                    ([6.0, 2.0, 4.0, 3.0], True)])     # MAE
+def test_best_pt_holds_the_epoch_with_the_best_validation_score_and_last_pt_the_last(tmp_path, scores,
+                                                                                      lower_is_better):
+    best, weights = _scripted_fit(tmp_path, scores, lower_is_better)
+    assert best["epoch"] == 1 and best["score"] == scores[1]
+    kept, last = (training.load_checkpoint(os.path.join(tmp_path, f)) for f in ("best.pt", "last.pt"))
+    assert kept["epoch"] == 1 and last["epoch"] == len(scores) - 1
+    for k, v in weights[1].items():
+        torch.testing.assert_close(kept["model"][k], v, rtol=0, atol=0)               # epoch 2's weights
+        torch.testing.assert_close(last["model"][k], weights[-1][k], rtol=0, atol=0)
+    assert not torch.equal(weights[1]["linear.weight"], weights[-1]["linear.weight"])  # the epochs differ
+
+
+@pytest.mark.parametrize("task", ["ad", "brain-age"])
+def test_the_training_scripts_test_with_the_best_epochs_checkpoint_not_the_last(task, ad_cohort60, brain_age_cohort20,
+                                                                                tmp_path, monkeypatch):
+    def best_then_worse(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs, state=None, **_):
+        """fit's contract without training: best.pt holds epoch 1, then the model in memory and last.pt move on."""
+        os.makedirs(run_dir, exist_ok=True)
+        metrics = validate(model)
+        header = {"run": dataclasses.asdict(run), "inputs": inputs, **(state or {})}
+        training.save_checkpoint({"model": model.state_dict(), "epoch": 0, **header}, os.path.join(run_dir, "best.pt"))
+        _randomise(model, seed=1)
+        training.save_checkpoint({"model": model.state_dict(), "epoch": 1, **header}, os.path.join(run_dir, "last.pt"))
+        return {"epoch": 0, "score": metrics[score_key], "metrics": metrics}
+
+    module = train_ad if task == "ad" else train_brain_age
+    monkeypatch.setattr(module, "fit", best_then_worse)
+    cohort = ad_cohort60 if task == "ad" else brain_age_cohort20
+    options = ["--model", "tabular"] if task == "ad" else ["--model", "imaging"]
+    module.main(["--data-csv", str(cohort), "--out", str(tmp_path), "--epochs", "1", "--quiet", *options])
+    run_dir = _run_dir(tmp_path, "tabular", 0) if task == "ad" else training.brain_age_run_dir(tmp_path, "imaging", 0)
+    saved = load_run(run_dir).read_predictions()
+    tested = saved["probs"] if task == "ad" else saved["pred"]
+    for name, same in (("best.pt", True), ("last.pt", False)):
+        subjects, outputs = _test_set_outputs(os.path.join(run_dir, name))
+        assert list(subjects) == list(saved["subjects"])
+        assert np.allclose(outputs, tested, atol=1e-5) == same, name
+
+
+def _test_set_outputs(checkpoint):
+    """A checkpoint's outputs on its run's test set, rebuilt as the sweep rebuilds it (predict.test_set):
+    class probabilities of the AD tabular model, ages in years for brain age. -> (subjects, outputs)."""
+    finished_run, cpu = load_run(checkpoint), torch.device("cpu")
+    run, table, test_idx, images = predict.test_set(finished_run)
+    if run.task == "ad":
+        tab = finished_run.tabular.transform([table.raw[i] for i in test_idx])
+        ds = data.TabularDataset(tab, table.labels[test_idx])
+        decode = lambda logits: torch.softmax(logits, 1)
+    else:
+        ds = data.BrainAgeDataset(images, data.sex_onehot(table.sex[test_idx]), table.age[test_idx])
+        decode = finished_run.target.decode
+    outputs, _ = training.predict(finished_run.model(), training.make_loader(ds, 8, 0, cpu), cpu, decode)
+    return np.array(table.subjects)[test_idx], outputs
+
+
+# ----------------------------------------------------------------------------------------------
 # Eq. 7-8
 
 def test_eq7_8_equal_entropies_give_the_plain_mean():
@@ -1201,6 +1318,29 @@ def test_eq7_8_a_near_one_hot_member_dominates_a_flat_one():
     np.testing.assert_allclose(out.sum(1), 1.0)
 
 
+def _eq7_8_by_hand(probs):
+    """Eq. 7-8 member by member, sample by sample: H_k = -sum_c p_c log p_c, alpha_k = (1/H_k) / sum_j (1/H_j),
+    p = sum_k alpha_k p_k. probs (K, B, C) -> (B, C)."""
+    probs = np.asarray(probs, np.float64)
+    out = np.zeros(probs.shape[1:])
+    for b in range(probs.shape[1]):
+        h = [-sum(p * math.log(p) for p in member[b] if p > 0) for member in probs]
+        alpha = [(1 / h_k) / sum(1 / h_j for h_j in h) for h_k in h]
+        out[b] = sum(a * member[b] for a, member in zip(alpha, probs))
+    return out
+
+
+def test_predict_combines_ad_members_by_eq7_8_and_brain_age_members_by_eq6_sample_by_sample():
+    rng = np.random.default_rng(5)
+    probs = np.stack([random_probs(rng, 6, sharp=s) for s in (0.3, 3.0, 1.0)])       # flat, sharp, between
+    combined, _ = predict.combine("ad", probs)
+    np.testing.assert_allclose(combined, _eq7_8_by_hand(probs), rtol=1e-12)
+    assert not np.allclose(combined, probs.mean(0), atol=1e-3)                       # not the plain mean
+    ages = np.array([[50.0, 20.0], [52.0, 30.0], [60.0, 70.0]])                      # (K=3, N=2)
+    combined, _ = predict.combine("brain-age", ages)
+    np.testing.assert_allclose(combined, [(50 + 52 + 60) / 3, (20 + 30 + 70) / 3], rtol=1e-12)    # Eq. 6, not 52, 30
+
+
 # ----------------------------------------------------------------------------------------------
 # Eq. 9-10 and the other metrics
 
@@ -1215,6 +1355,8 @@ def test_metrics_against_a_hand_made_confusion_matrix():
     precision = [4 / 6, 2 / 4, 1 / 2]               # TP / (TP + FP), columns
     assert m["confusion_matrix"] == cm.tolist()
     assert m["tp_rate"] == pytest.approx(dict(zip(NAMES, recall)))
+    accuracy = 7 / 12                               # = micro precision; neither is Eq. 9 or 10
+    assert len({round(v, 4) for v in (accuracy, np.mean(recall), np.mean(precision))}) == 3
     assert m["balanced_accuracy"] == pytest.approx(np.mean(recall))     # Eq. 9: 0.5667
     assert m["precision"] == pytest.approx(np.mean(precision))          # Eq. 10: 0.5556
     assert m["f1_macro"] == pytest.approx(np.mean([2 * p * r / (p + r) for p, r in zip(precision, recall)]))
@@ -1277,6 +1419,9 @@ def test_ad_table_has_a_row_per_seed_and_version_with_mean_std_and_mann_whitney(
         expected = mannwhitneyu([r[col] for r in by["imaging"]["rows"]], [r[col] for r in by["hyperfusion"]["rows"]],
                                 alternative="two-sided").pvalue
         assert by["imaging"]["p_value"][col] == pytest.approx(expected)
+        for one_sided in ("less", "greater"):                                 # the rows tell them apart
+            assert mannwhitneyu([r[col] for r in by["imaging"]["rows"]], [r[col] for r in by["hyperfusion"]["rows"]],
+                                alternative=one_sided).pvalue != pytest.approx(expected)
     assert math.isnan(by["hyperfusion"]["p_value"]["BA"])
     # late fusion: the plain average of the imaging and tabular ensembles, per (seed, version)
     for r in by["late-fusion"]["rows"]:
@@ -1292,6 +1437,17 @@ def test_ad_table_has_a_row_per_seed_and_version_with_mean_std_and_mann_whitney(
     csv_lines = (runs / "results_ad.csv").read_text().strip().splitlines()
     assert len(csv_lines) == 1 + 4 and csv_lines[0].startswith("model,rows,BA mean,BA std,BA p")
     assert "Imaging only" in capsys.readouterr().out
+
+
+def test_eq7_8_each_row_of_the_ad_table_ensembles_its_folds_sample_by_sample(ad_runs):
+    runs, made, _ = ad_runs
+    for model in ("imaging", "tabular", "hyperfusion"):
+        for seed, version in GROUPS:
+            folds = [training.ad_run_dir(runs, model, seed, version, f) for f in range(4)]
+            expected = _eq7_8_by_hand(made[(model, seed, version)])
+            np.testing.assert_allclose(evaluate.ensemble_ad_folds(folds)["probs"], expected, rtol=1e-12)
+    imaging = made[("imaging", 0, 0)]
+    assert not np.allclose(_eq7_8_by_hand(imaging), imaging.mean(0), atol=1e-3)       # the folds' weights differ
 
 
 @pytest.mark.parametrize("key,value", [("split_seed", 1), ("tabular_columns", COLUMNS + ["ABETA_missing"]),
@@ -1755,7 +1911,8 @@ def test_predict_combines_the_members_by_eq7_8_and_each_member_reproduces_its_te
     assert both["members"] == runs and len(both["subjects"]) == 60
     alone = [_predict(r, "--data-csv", ad_cohort60, "--out", tmp_path / f"p{k}.csv") for k, r in enumerate(runs)]
     members = np.stack([a["combined"] for a in alone])                      # (K, N, C), one checkpoint at a time
-    np.testing.assert_allclose(both["combined"], entropy_weighted_ensemble(members), atol=1e-6)   # Eq. 7-8
+    np.testing.assert_allclose(both["combined"], _eq7_8_by_hand(members), atol=1e-6)       # Eq. 7-8
+    assert not np.allclose(both["combined"], members.mean(0), atol=1e-5)         # not the plain mean
     for r, a in zip(runs, alone):
         saved = load_run(r).read_predictions()
         rows = [a["subjects"].index(s) for s in saved["subjects"]]
