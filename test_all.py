@@ -1505,6 +1505,9 @@ def test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae(tm
     assert [(r["male"], r["female"], r["all"]) for r in res["fig4a"]] == [pytest.approx((2, 2, 2), abs=1e-4)] * 2
     md = (tmp_path / "results_brain-age.md").read_text()
     assert "Fig. 4A" in md and "1, 3, 4, 6, 0 of 7" in md and "Brain-age gap" in md
+    # Sec. 4.2.2's "5 best" is a choice only among more than five: the folders with fewer are named as all kept
+    assert "All versions kept, none chosen by validation MAE (no more than 5 exist): hyperfusion-trainF, " \
+           "hyperfusion-trainM." in md
     assert hf["version_mae"] == {v: pytest.approx(np.abs(preds[v] - age).mean(), abs=1e-4) for v in range(7)}
     trained_on_men = next(m for m in res["models"] if m["folder"] == "hyperfusion-trainM")
     paired = np.abs(age + 2 - age) - np.abs(np.mean([preds[v] for v in chosen], 0) - age)   # the same scans
