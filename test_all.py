@@ -311,6 +311,18 @@ def test_ad_parameter_counts_equal_table_6():
     assert count_parameters(build_model("ad", "tabular", n_tabular=15)) == 15 * 8 + 8 + 16 + 1 + 8 * 3 + 3
 
 
+@pytest.mark.parametrize("name", [m for m in AD_MODELS if m != "tabular"])
+def test_every_batch_norm_of_the_ad_image_network_has_momentum_0_05(name):
+    model = build_model("ad", name, n_tabular=15)
+    norms = {n: m.momentum for n, m in model.named_modules() if isinstance(m, nn.BatchNorm3d)}
+    shortcut = "block4.downsample_bn" if name == "hyperfusion" else "block4.downsample.0"   # after / before its conv
+    assert len(norms) == 1 + 4 * 3 and {"block1.downsample.0", "block4.bn1", "block4.bn2", shortcut} <= set(norms)
+    assert set(norms.values()) == {0.05}, norms
+    if name == "hyperfusion":                  # another choice of hyperlayer keeps the plain downsample, BN first
+        other = build_model("ad", name, n_tabular=15, hyperlayers=("conv1",)).block4
+        assert {m.momentum for m in other.modules() if isinstance(m, nn.BatchNorm3d)} == {0.05}
+
+
 def _all_models():
     for name in BRAIN_AGE_MODELS:
         yield ("brain-age", name, dict(image_shape=BRAIN_AGE_SMALL))
@@ -366,6 +378,28 @@ def test_hyper_block_can_make_any_convolution_a_hyperlayer():
     assert block(torch.randn(2, 8, 6, 6, 6), torch.randn(2, 4)).shape == (2, 16, 3, 3, 3)
 
 
+def _eval_bn(norm, h):
+    return F.batch_norm(h, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
+
+
+@pytest.mark.parametrize("method", ["film", "daft"])
+def test_film_and_daft_scale_and_shift_the_residual_branch_only_and_the_shortcut_reads_the_original_map(method):
+    block = _randomise(build_model("ad", method, n_tabular=5, f=2).block4).eval()        # 16 -> 32 channels, stride 2
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(3, 16, 6, 6, 6, generator=g), torch.randn(3, 5, generator=g)
+    z = t if method == "film" else torch.cat([x.mean((2, 3, 4)), t], 1)                  # DAFT: pooled F, tabular
+    assert block.aux[0].in_features == z.shape[1]
+    aux = F.relu(z @ block.aux[0].weight.T) @ block.aux[2].weight.T                        # both without bias
+    scale, shift = aux.view(3, 2, 16, 1, 1, 1).unbind(1)                                   # no activation on the scale
+    h = scale * x + shift
+    h = F.conv3d(F.relu(_eval_bn(block.bn1, h)), block.conv1.weight, block.conv1.bias, 2, 1)
+    h = F.conv3d(F.relu(_eval_bn(block.bn2, h)), block.conv2.weight, block.conv2.bias, 1, 1)
+    norm, conv = block.downsample
+    shortcut = F.conv3d(_eval_bn(norm, x), conv.weight, conv.bias, 2)                      # the unmodulated map
+    torch.testing.assert_close(block(x, t), h + shortcut)
+    assert (scale < 0).any() and (shift.abs() > 0.1).any()                                # a real modulation
+
+
 # ----------------------------------------------------------------------------------------------
 # Hyperlayer selection (Sec. 3.1.2, App. D)
 
@@ -419,6 +453,10 @@ def test_test_subset_is_the_same_for_every_fold():
     assert all(not (vals[i] & vals[j]) for i in range(4) for j in range(i))
     with pytest.raises(UserError):
         splits.ad_fold(subsets, 4)
+    for fold in range(4):                                           # subset 4 tests, subset `fold` validates
+        tr, va, te = splits.ad_fold(subsets, fold)
+        assert np.array_equal(te, np.flatnonzero(subsets == 4)) and np.array_equal(va, np.flatnonzero(subsets == fold))
+        assert np.array_equal(tr, np.flatnonzero((subsets != 4) & (subsets != fold)))
 
 
 def test_each_subset_keeps_the_diagnosis_and_sex_proportions():
@@ -430,6 +468,44 @@ def test_each_subset_keeps_the_diagnosis_and_sex_proportions():
             for c in range(3):
                 assert abs((labels[m] == c).mean() - (labels == c).mean()) < 0.03
             assert abs(sex[m].mean() - sex.mean()) < 0.03
+
+
+def _strata(*keys):
+    """One group id per subject from its stratification keys."""
+    return np.unique(np.stack(keys, 1), axis=0, return_inverse=True)[1].ravel()
+
+
+def _age_bins(age, n_bins=20):
+    """Equal-width age bins over the known ages, computed here on their own; an unknown age is bin -1."""
+    known = np.isfinite(age)
+    edges = np.linspace(np.nanmin(age), np.nanmax(age), n_bins + 1)
+    inside = np.clip(np.searchsorted(edges, np.where(known, age, edges[0]), side="right") - 1, 0, n_bins - 1)
+    return np.where(known, inside, -1)
+
+
+def test_within_every_sex_diagnosis_and_20_age_bin_stratum_the_five_subsets_differ_by_at_most_one():
+    sex, labels, age = table2_cohort()
+    age[::97], sex[5::131] = np.nan, -1                             # unknown age or sex: strata of their own
+    strata = _strata(sex, labels, _age_bins(age))
+    assert len(np.unique(strata)) > 80
+    for seed in range(3):
+        subsets = splits.ad_split(sex, labels, age, seed)
+        for g in np.unique(strata):
+            counts = np.bincount(subsets[strata == g], minlength=5)
+            assert counts.max() - counts.min() <= 1, (seed, g, counts)
+
+
+def test_brain_age_split_cuts_every_sex_and_20_age_bin_stratum_80_10_10_within_one_subject():
+    rng = np.random.default_rng(0)
+    age, sex = rng.uniform(8, 90, 2000), rng.integers(0, 2, 2000)
+    strata = _strata(sex, _age_bins(age))
+    assert len(np.unique(strata)) == 40
+    for seed in range(3):
+        parts = splits.brain_age_split(age, sex, seed)
+        for g in np.unique(strata):
+            members = np.flatnonzero(strata == g)
+            for part, share in zip(parts, (0.8, 0.1, 0.1)):
+                assert abs(np.isin(members, part).sum() - share * len(members)) <= 1 + 1e-9, (seed, g)
 
 
 def test_same_split_seed_same_split_other_seed_other_split():
@@ -518,6 +594,25 @@ def test_missing_indicators_are_added_and_no_nan_remains():
     assert X[0, j] == 1 and X[1, j] == 0
     z = X[:45, tp.columns.index("AGE")]
     assert abs(z.mean()) < 1e-5 and abs(z.std() - 1) < 1e-4       # z-scored with training statistics
+
+
+def test_missing_indicators_are_for_the_attributes_with_empty_cells_in_the_training_rows_alone():
+    rows = rows_with_missing()
+    train, held_out = rows[:45], [dict(r) for r in rows[45:]]
+    train[7]["APOE4"] = ""                                          # empty in one training row only
+    for r in held_out:                                              # empty, or -4, outside training only
+        r["AGE"], r["PTEDUCAT"], r["PTGENDER"] = "", "-4", ""
+    tp = TabularPreprocessor().fit(train)
+    empty_in_training = [a for a in tabular.AD_CONTINUOUS if any(r[a] == "" for r in train)]
+    assert empty_in_training == ["APOE4", "ABETA", "PTAU", "TAU", "FDG", "AV45"]
+    assert [c for c in tp.columns if c.endswith("_missing")] == [f"{a}_missing" for a in empty_in_training]
+    for part in (train, held_out, held_out[:1], rows):              # the same columns whatever rows come in
+        X = tp.transform(part)
+        assert X.shape == (len(part), tp.n_features) and np.isfinite(X).all()
+    X = tp.transform(held_out)
+    assert (X[:, tp.columns.index("APOE4_missing")] == 0).all()     # filled in every held-out row
+    j = tp.columns.index("ABETA_missing")
+    np.testing.assert_array_equal(X[:, j], [r["ABETA"] == "" for r in held_out])
 
 
 def test_tabular_state_round_trips_exactly(tmp_path):
@@ -677,6 +772,30 @@ def test_dataset_items_have_one_side_in_training_and_both_in_evaluation(ad_cohor
     assert img.numel() == 0 and tab.shape == (15,) and y.dtype == torch.int64
     batch = next(iter(torch.utils.data.DataLoader(train, batch_size=4)))
     assert batch[0].shape == (4, 1) + crops.size
+
+
+class _LogitsOfTheImage(nn.Module):
+    """Logits that depend on the image nonlinearly, so that averaging probabilities and averaging logits differ."""
+
+    def forward(self, image, tabular):
+        x = image.flatten(1)
+        return torch.stack([3 * x.mean(1), x.amax(1), -2 * x.mean(1)], 1) + tabular[:, :3]
+
+
+def test_validation_and_test_average_the_soft_predictions_of_both_hippocampi():
+    g = torch.Generator().manual_seed(0)
+    pairs = torch.randn(6, 2, 1, 3, 4, 3, generator=g) * torch.tensor([1.0, 3.0]).view(1, 2, 1, 1, 1, 1)
+    tab, model, cpu = torch.randn(6, 4, generator=g), _LogitsOfTheImage(), torch.device("cpu")
+    left, right = (model(pairs[:, k], tab) for k in (0, 1))
+    expected = ((F.softmax(left, 1) + F.softmax(right, 1)) / 2).numpy()                   # (B, C)
+    assert np.abs(expected - F.softmax((left + right) / 2, 1).numpy()).max() > 0.05       # logits would differ
+    assert np.abs(expected - F.softmax(left, 1).numpy()).max() > 0.05                     # so would one side
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(pairs, tab, torch.arange(6) % 3), 4)
+    probs, labels = training.predict(model, loader, cpu, lambda out: F.softmax(out, 1))
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
+    np.testing.assert_array_equal(labels, np.arange(6) % 3)
+    _, probs = train_ad.ad_metrics(model, loader, cpu, NAMES)                              # what train_ad scores
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
 
 
 def test_atomic_path_leaves_nothing_behind_on_failure(tmp_path):
@@ -1026,8 +1145,12 @@ def test_a_checkpoint_of_another_run_is_refused(ad_cohort60, tmp_path):
                                  {"model": "tabular", "fold": 3})
 
 
-def test_a_finished_run_predicts_its_test_set_again_from_its_saved_state(ad_cohort60, tmp_path):
+def test_a_finished_run_predicts_its_test_set_again_from_its_saved_state(ad_cohort60, tmp_path, monkeypatch):
+    scored, real_ad_metrics = [], train_ad.ad_metrics
+    monkeypatch.setattr(train_ad, "ad_metrics", lambda model, loader, *a: scored.append(
+        (len(loader.dataset), loader.dataset[0][0].shape[:2])) or real_ad_metrics(model, loader, *a))
     train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "concat", "--epochs", "1"))
+    assert scored == [(12, (2, 1))] * 2       # validation (subset 1) and test (subset 4): both hippocampi, averaged
     finished = load_run(_run_dir(tmp_path, "concat"))
     assert finished.run.model == "concat" and finished.run.fold == 1 and finished.crops is not None
     _, table, test_idx, images = predict.test_set(finished)
@@ -1066,6 +1189,64 @@ def test_empty_age_sex_education_and_apoe4_cells_are_imputed_and_the_split_does_
         assert np.isfinite(load_run(_run_dir(tmp_path, model)).read_predictions()["probs"]).all()
 
 
+@pytest.fixture(scope="module")
+def ad_run_with_extreme_held_out_rows(ad_cohort60, tmp_path_factory):
+    """A 2-epoch tabular run of train_ad.py (split seed 0, fold 1) on ad_cohort60 edited so that only the
+    validation and test rows hold extreme ABETA, FDG and AV45 values and empty education cells, and one training
+    row an empty APOE4 (age, sex and diagnosis untouched: the split stays). -> (table, (train, val, test), best.pt)"""
+    tmp = tmp_path_factory.mktemp("extreme_held_out")
+    table = data.read_ad_table(ad_cohort60, need_images=False)
+    parts = splits.ad_fold(splits.ad_split(table.sex, table.labels, table.age, 0), 1)
+    header = open(ad_cohort60).readline().strip().split(",")
+    held_out_lines = set((np.concatenate(parts[1:]) + 2).tolist())        # CSV line numbers, the header is line 1
+
+    def edit(line, cells):
+        if line in held_out_lines:
+            for col, value in (("PTEDUCAT", ""), ("ABETA", "900000"), ("FDG", "60"), ("AV45", "40")):
+                cells[header.index(col)] = value
+        elif line == parts[0][0] + 2:
+            cells[header.index("APOE4")] = ""
+        return cells
+
+    csv_path = _edit_table(ad_cohort60, tmp / "ad.csv", edit)
+    train_ad.main(_ad_args(csv_path, tmp, "--model", "tabular"))
+    edited = data.read_ad_table(csv_path, need_images=False)
+    assert edited.subjects == table.subjects
+    assert all(np.array_equal(a, b) for a, b in zip(parts, splits.ad_fold(
+        splits.ad_split(edited.sex, edited.labels, edited.age, 0), 1)))
+    return edited, parts, training.load_checkpoint(os.path.join(_run_dir(tmp, "tabular"), "best.pt"))
+
+
+def _attribute_values(table, idx):
+    """(len(idx), 8) the continuous attributes of those rows as numbers, NaN where empty."""
+    return np.array([[tabular.parse_attribute(a, table.raw[i][a]) for a in tabular.AD_CONTINUOUS] for i in idx])
+
+
+def test_a_training_run_fits_its_z_scores_and_imputation_on_its_training_rows_only(ad_run_with_extreme_held_out_rows):
+    table, (tr, va, te), ckpt = ad_run_with_extreme_held_out_rows
+    state = ckpt["tabular"]
+    X = _attribute_values(table, tr)
+    np.testing.assert_allclose(state["mean"], np.nanmean(X, 0), rtol=1e-12)
+    np.testing.assert_allclose(state["std"], np.nanstd(X, 0), rtol=1e-12)
+    # the imputer starts from the training means (0 once z-scored; sex: the share of women) and fits its steps there
+    np.testing.assert_allclose(state["init"][:8], 0, atol=1e-9)
+    assert state["init"][8] == pytest.approx(table.sex[tr].mean()) and state["steps"]
+    assert state == TabularPreprocessor().fit([table.raw[i] for i in tr]).state_dict()
+    for rows in (np.concatenate([tr, va]), np.arange(len(table.labels))):  # the edited rows would show
+        assert state != TabularPreprocessor().fit([table.raw[i] for i in rows]).state_dict()
+
+
+def test_a_training_run_adds_missing_indicators_for_the_attributes_empty_in_its_training_rows_alone(
+        ad_run_with_extreme_held_out_rows):
+    table, (tr, va, te), ckpt = ad_run_with_extreme_held_out_rows
+    empty = np.isnan(_attribute_values(table, tr)).any(0)
+    expected = [a for a, e in zip(tabular.AD_CONTINUOUS, empty) if e] + ["PTGENDER"] * bool((table.sex[tr] < 0).any())
+    assert "APOE4" in expected and "PTEDUCAT" not in expected      # empty in one training row / in held-out rows only
+    assert ckpt["tabular"]["indicators"] == expected
+    assert ckpt["inputs"]["tabular_columns"] == COLUMNS + [f"{a}_missing" for a in expected]
+    assert ckpt["inputs"]["n_tabular"] == len(COLUMNS) + len(expected)
+
+
 @pytest.fixture(scope="session")
 def brain_age_run(brain_age_cohort40, tmp_path_factory):
     """A two-epoch HyperFusion brain-age run on the 40-subject cohort -> (its metrics, its folder)."""
@@ -1096,6 +1277,8 @@ def test_precise_bn_re_estimates_the_running_statistics_from_the_training_batche
     torch.manual_seed(0)
     net = Net().eval()
     net.norm.running_mean.fill_(99.0)                                        # stale statistics
+    net.norm.running_var.fill_(50.0)
+    net.norm.num_batches_tracked.fill_(1000)                                 # as after an epoch of training
     xs = [torch.randn(8, 3) * 2 + 1 for _ in range(3)]
     weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "num_batches" not in k}
     training.recalibrate_batchnorm(net, [(torch.zeros(8, 0), x, torch.zeros(8)) for x in xs], torch.device("cpu"))
@@ -2081,13 +2264,22 @@ def test_images_kept_on_the_device_predict_what_the_loader_predicts_and_train_on
     np.testing.assert_array_equal(kept[0], loaded[0])
     np.testing.assert_array_equal(kept[1], table.labels[:16])
     torch.manual_seed(1)
-    pairs, sides, n = [both[i][0] for i in range(len(both))], [], 0
-    for image, _, _ in training.DeviceBatches(both, 8, cpu, shuffle=True, pick_side=True):
-        assert image.shape[1] == 1 and image.dtype == torch.float32                      # (B, 1, D, H, W)
-        for img in image:
-            sides += [s for pair in pairs for s in (0, 1) if torch.equal(img, pair[s])]
-        n += len(image)
-    assert n == 16 and len(sides) == n and set(sides) == {0, 1}                      # each a real side; both drawn
+    pairs, passes = [both[i][0] for i in range(len(both))], []
+    device_batches = training.DeviceBatches(both, 8, cpu, shuffle=True, pick_side=True)
+    for _ in range(2):                                                               # two epochs
+        sides, n = {}, 0
+        for image, tab, _ in device_batches:
+            assert image.shape[1] == 1 and image.dtype == torch.float32                  # (B, 1, D, H, W)
+            drawn = []
+            for img, t in zip(image, tab):
+                i = next(i for i in range(16) if torch.equal(t, both[i][1]))
+                drawn += [s for s in (0, 1) if torch.equal(img, pairs[i][s])]
+                sides[i] = drawn[-1]
+            assert len(drawn) == len(image) and set(drawn) == {0, 1}               # a side per sample, not per batch
+            n += len(image)
+        assert n == 16 and len(sides) == 16                                         # each a real side of its own pair
+        passes.append(sides)
+    assert passes[0] != passes[1]                                                    # drawn again every epoch
 
 
 # ----------------------------------------------------------------------------------------------
