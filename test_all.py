@@ -470,12 +470,14 @@ def test_brain_age_training_gives_adam_the_runs_decay_over_the_target_scale_squa
             raise _Stop
 
     monkeypatch.setattr(torch.optim, "Adam", SpyAdam)
+    # the default target is Eq. 4 as written, centred years (scale 1); a target in decades must get lambda / 100
+    assert AgeTarget(centre=50.0).encode(np.array([62.0])) == pytest.approx([12.0])
+    scale = 10.0
+    monkeypatch.setattr(train_brain_age, "AgeTarget", lambda centre: AgeTarget(centre, scale))
     with pytest.raises(_Stop):
         train_brain_age.main(["--data-csv", str(brain_age_cohort20), "--out", str(tmp_path), "--epochs", "1",
                               "--batch-size", "4", "--weight-decay", "0.05", "--quiet"])
     (params, kwargs), = made
-    scale = AgeTarget(centre=0.0).scale
-    assert scale != 1
     assert kwargs["weight_decay"] == pytest.approx(0.05 / scale ** 2, rel=1e-9)
     assert len(params) == len(list(build_model("brain-age", "hyperfusion", image_shape=BRAIN_AGE_SMALL).parameters()))
 

@@ -83,9 +83,9 @@ def train_brain_age(args):
     if run.train_sex != "all":
         men, women = (table.sex[train_idx] == 0).sum(), (table.sex[train_idx] == 1).sum()
         train_idx = select_training_sex(train_idx, table.sex, run.train_sex, run.split_seed)
-        log(f"Fig. 4A: --train-sex {run.train_sex}: {len(train_idx)} training subjects ({(table.sex[train_idx] == 0).sum()}"
-            f" male, {(table.sex[train_idx] == 1).sum()} female), min(men, women) of the training split's {men} men "
-            f"and {women} women", quiet)
+        kept = np.bincount(table.sex[train_idx], minlength=2)
+        log(f"Fig. 4A: --train-sex {run.train_sex}: {len(train_idx)} training subjects ({kept[0]} male, {kept[1]} "
+            f"female), min(men, women) of the training split's {men} men and {women} women", quiet)
     for code, name in ((0, "male"), (1, "female")):
         if not (table.sex == code).any():
             warn(f"{run.data_csv}: no {name} subjects: sex has nothing to condition on, and mae_{name} is null")
@@ -96,8 +96,9 @@ def train_brain_age(args):
                                 run.cache_dtype, names=table.subjects).prepare(progress=not quiet,
                                                                                workers=args["decode_workers"])
     sex = data.sex_onehot(table.sex)                                            # (N, 2) [male, female]
+    target = AgeTarget(centre=float(table.age[train_idx].mean()))
     inputs = {"n_tabular": 2, "image_shape": list(image_shape), "voxel_size": list(voxel),
-              "table_sha256": data.table_sha256(run.data_csv),
+              "target_scale": target.scale, "table_sha256": data.table_sha256(run.data_csv),
               "images_sha256": data.image_fingerprint(table.image_paths)}
     run_dir = run.run_dir(args["out"])
     log(f"{run.model}: version {run.version}: {len(train_idx)} train / {len(val_idx)} val / "
@@ -111,9 +112,8 @@ def train_brain_age(args):
     model = run.build_model(inputs).to(device)
     if run.model == "hyperfusion" and not resumable(run_dir, args["resume"]):
         init_hyperlayers(model, torch.as_tensor(sex[train_idx], device=device))  # Eq. 1-2, E[e^2] on training rows
-    target = AgeTarget(centre=float(table.age[train_idx].mean()))
-    log(f"target (age - {target.centre:.1f}) / {target.scale:g} years; weight decay {run.weight_decay:g} on ages in "
-        f"years, applied as {target.decay(run.weight_decay):g} on this target (Eq. 3-4, AgeTarget.decay)", quiet)
+    log(f"target: age - {target.centre:.1f} years (Eq. 4); weight decay {run.weight_decay:g} on ages in years "
+        f"(Eq. 3, AgeTarget.decay)", quiet)
     loss_fn = lambda pred, age: F.mse_loss(pred.float(), target.encode(age))   # Eq. 4
     validate = lambda m: age_metrics(m, val_loader, device, target, table.sex[val_idx])[0]
     statistics_loader = loader(train_idx)       # the training set in order, for the BatchNorm statistics

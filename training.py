@@ -25,7 +25,8 @@ SCHEDULE_TYPES = {"epochs": int, "batch_size": int, "lr": float, "weight_decay":
 # content is compared: the table's sha256 and the images' fingerprint, see data.table_sha256, image_fingerprint)
 DATA_KEYS = ("task", "model", "split_seed", "fold", "version", "classes", "group_map", "n_tabular",
              "tabular_columns", "embedding_dim", "train_sex", "split", "table_sha256")
-IDENTITY_KEYS = DATA_KEYS + ("loss", "batch_size", "lr", "weight_decay", "images_sha256", "image_shape", "crops")
+IDENTITY_KEYS = DATA_KEYS + ("loss", "batch_size", "lr", "weight_decay", "images_sha256", "image_shape", "crops",
+                             "target_scale")   # brain age: what its network regresses (models.AgeTarget)
 
 
 # ----------------------------------------------------------------------------------------------
