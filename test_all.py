@@ -2294,12 +2294,12 @@ def test_a_preview_of_a_subject_named_like_a_path_stays_in_its_folder_under_a_di
     everything = sorted(os.path.relpath(os.path.join(r, f), tmp_path) for r, _, fs in os.walk(tmp_path) for f in fs)
     assert everything == sorted(["t.csv"] + [os.path.join("one", "two", "pv", n) for n in names])   # nothing outside
     assert len({n.lower() for n in names}) == 10                # distinct on a case-insensitive file system too
-    assert_clean_error(run_main(data.main, "check-ad", table, "--no-images", "--preview", tmp_path / "no"),
-                       "--preview", "--no-images")
     assert "S1_boxes.png" in names and not any(n.startswith(".") or "/" in n or "\\" in n for n in names)
     X, Y, Z = synthetic.AD_SYNTH["shape"]
     assert _png_size(pv / next(n for n in names if n.startswith("_.._x-") and n.endswith("_boxes.png"))) == \
         (2 * (X + 2), max(Y, Z))
+    assert_clean_error(run_main(data.main, "check-ad", table, "--no-images", "--preview", tmp_path / "no"),
+                       "--preview", "--no-images")
 
 
 FORMULA_IDS = ['=HYPERLINK("evil.example";"open me")', "+1+1", "@SUM(1)", "-2+3", "'quoted"]
@@ -2388,6 +2388,15 @@ def test_one_image_under_two_subjects_is_refused_when_a_hard_link_names_it_twice
     (tmp_path / "linked.csv").write_text("\n".join(rows) + "\n")
     assert_clean_error(run_main(data.main, "check-ad", tmp_path / "linked.csv"), "line 4", "subject S2",
                        "also subject S0's")
+
+
+def test_a_table_saved_by_a_spreadsheet_with_a_bom_and_crlf_line_ends_reads_as_the_plain_one(tmp_path):
+    table = tiny_ad(tmp_path)
+    excel = tmp_path / "excel.csv"                              # Excel's "CSV UTF-8": a BOM, then CRLF lines
+    excel.write_bytes(b"\xef\xbb\xbf" + table.read_text().replace("\n", "\r\n").encode())
+    plain, saved = data.read_ad_table(table), data.read_ad_table(excel)
+    assert saved.subjects == plain.subjects == ["S0", "S1", "S2"] and saved.raw == plain.raw
+    assert saved.labels.tolist() == plain.labels.tolist()
 
 
 # ----------------------------------------------------------------------------------------------
