@@ -12,6 +12,9 @@ Command line (bad input -> one line `error: ...` on stderr, exit status 2):
     python data.py check-ad CSV [--image-dir DIR] [--no-images] [--group-map SMC=CN] [--preview DIR]
     python data.py check-brain-age CSV [--image-dir DIR] [--no-images]
     python data.py from-adnimerge ADNIMERGE.csv --out table.csv [--visit bl] [--group-map SMC=CN]
+--preview writes DIR/<name>_boxes.png and _crops.png, <name> the Subject, or for one that is not a plain
+file name (`../../x`, from an `image` column) a safe name inside DIR (tables.output_names), printed.
+from-adnimerge's table is written verbatim (the code reads it back), not escaped for spreadsheets.
 """
 import concurrent.futures
 import contextlib
@@ -34,10 +37,11 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from safeio import ArgumentParser, UserError, atomic_path, run_cli, warn, write_csv, write_json
+from safeio import (ArgumentParser, UserError, atomic_path, check_number, check_output, run_cli, warn, write_csv,
+                    write_json)
 from tables import (CLASS_NAMES, GROUP_ALIASES, ADTable, BrainAgeTable, check_subjects, diagnosis,  # noqa: F401
-                    find_image, number_cell, parse_group_map, read_ad_table, read_brain_age_table, read_csv_rows,
-                    skipped_summary, table_sha256)
+                    find_image, number_cell, output_names, parse_group_map, read_ad_table, read_brain_age_table,
+                    read_csv_rows, skipped_summary, table_sha256)
 from tabular import AD_ATTRIBUTES, is_missing_code
 
 
@@ -551,9 +555,13 @@ def main(argv=None):
     sp.add_argument("--group-map", nargs="+", metavar="VALUE=DX", help="e.g. SMC=CN (default: such rows dropped)")
     a = ap.parse_args(argv)
     if a.cmd == "from-adnimerge":
+        check_output("--out", a.out, [a.csv])
         print(from_adnimerge(a.csv, a.out, a.visit, a.dx_column, parse_group_map(a.group_map)))
         return
     if a.cmd == "check-ad":
+        check_number("--preview-n", a.preview_n, least=1)
+        if a.preview and a.no_images:
+            raise UserError(f"--preview {a.preview}: previews need the images; drop --no-images")
         t = read_ad_table(a.csv, a.image_dir, need_images=not a.no_images, group_map=parse_group_map(a.group_map))
         if t.skipped:
             print(skipped_summary(t))
@@ -568,12 +576,16 @@ def main(argv=None):
                  f"need --crops FILE")
         if a.preview and t.image_paths:
             os.makedirs(a.preview, exist_ok=True)
-            for i in range(min(a.preview_n, len(t.subjects))):
-                base = os.path.join(a.preview, t.subjects[i])
+            shown = t.subjects[:a.preview_n]
+            names = output_names(shown)   # inside --preview whatever the Subject (`../../x` from an image column)
+            for i, name in enumerate(names):
+                base = os.path.join(a.preview, name)
                 preview_crops(load_volume(t.image_paths[i], t.subjects[i]), crops, base + "_boxes.png",
                               base + "_crops.png")
-            print(f"wrote {2 * min(a.preview_n, len(t.subjects))} PNGs to {a.preview}: <Subject>_boxes.png (axial and "
-                  f"coronal mid-slices, left box red, right box green) and <Subject>_crops.png (both crops)")
+            renamed = [f"{s!r} as {n}" for s, n in zip(shown, names) if s != n]
+            print(f"wrote {2 * len(names)} PNGs to {a.preview}: <Subject>_boxes.png (axial and "
+                  f"coronal mid-slices, left box red, right box green) and <Subject>_crops.png (both crops)"
+                  + (f"; written under a safe file name: {', '.join(renamed)}" if renamed else ""))
         counts = ", ".join(f"{c} {int((t.labels == k).sum())}" for k, c in enumerate(CLASS_NAMES))
         absent = [c for k, c in enumerate(CLASS_NAMES) if not (t.labels == k).any()]
         if absent:

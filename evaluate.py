@@ -39,7 +39,8 @@ from metrics import (age_bias_fit, classification_metrics, entropy_weighted_ense
                      markdown_table, mean_ensemble, regression_metrics)
 from models import AD_MODELS, BRAIN_AGE_MODELS, AgeTarget, build_model, candidate_layers, layer_loss_entropy
 from runs import finished, load_run
-from safeio import ArgumentParser, UserError, check_number, run_cli, write_csv, write_json, write_text
+from safeio import (ArgumentParser, UserError, check_number, check_output, run_cli, write_csv, write_json,
+                    write_text)
 from synthetic import builtin_cohort
 from tabular import TabularPreprocessor
 from training import ad_run_dir, brain_age_run_dir
@@ -247,7 +248,7 @@ def write_results(res, markdown, csv_table, out_dir, name):
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, f"results_{name}.{ext}") for ext in ("md", "csv", "json")]
     write_text(markdown, paths[0])
-    write_csv(csv_table[1], csv_table[0], paths[1])
+    write_csv(csv_table[1], csv_table[0], paths[1], for_people=True)   # a folder named =1+1 shows as text
     write_json(res, paths[2])   # NaN -> null
     return paths
 
@@ -564,6 +565,8 @@ def main(argv=None):
     if a.command == "brain-age":
         return evaluate_brain_age(a.runs, a.top, a.out)
     if a.command == "select-layers":
+        if a.out:
+            check_output("--out", a.out, [a.data_csv])
         t0 = time.time()
         scores = select_layers(a.task, a.data_csv, a.image_dir, a.data_dir, a.samples, a.draws, a.seed, verbose=True)
         table = markdown_table(["rank", "layer", "entropy"],

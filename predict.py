@@ -13,7 +13,11 @@ for brain age. NEW.csv needs no diagnosis or age; when it has them, the metrics 
 Output columns. AD: Subject, prob_<class> for each class, predicted, n_models, prob_spread (the
 largest standard deviation of a class probability across members). Brain age: Subject,
 predicted_age, n_models, age_spread, and when Age is given gap (predicted minus chronological age)
-and corrected_gap (minus the linear age bias fitted on the runs' validation sets).
+and corrected_gap (minus the linear age bias fitted on the runs' validation sets). The file is for
+people and spreadsheets: a Subject that a spreadsheet would run as a formula (`=HYPERLINK(...)`, `+1+1`,
+`@SUM(1)`) is written with a leading ' (safeio.spreadsheet_safe; numbers are never touched); strip one
+leading ' from a cell that starts with one to get the id back. --out is never the table, an image or a
+file of a run it reads.
 Bad input -> one line `error: ...` on stderr, exit status 2, and no output file.
 
 The test-time sweep lives here too, as a prediction with one attribute set (`sweep`, run by
@@ -33,7 +37,7 @@ from metrics import (classification_metrics, corrected_gap, entropy_weighted_ens
                      mean_ensemble, regression_metrics)
 from models import class_probabilities
 from runs import finished, load_run
-from safeio import ArgumentParser, UserError, check_number, run_cli, write_csv
+from safeio import ArgumentParser, UserError, check_number, check_output, run_cli, write_csv
 from tabular import AD_ATTRIBUTES, AD_CONTINUOUS, SEX_CODES, parse_attribute
 from training import make_loader, predict, setup_device
 
@@ -258,8 +262,7 @@ def main(argv=None):
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     check_number("--batch-size", a.batch_size, least=1)
-    if os.path.abspath(a.out) == os.path.abspath(a.data_csv):
-        raise UserError(f"--out {a.out}: the predictions would overwrite the table --data-csv")
+    check_output("--out", a.out, [a.data_csv])
     t0 = time.time()
     members = find_runs(a.runs)
     check_members(members)
@@ -270,6 +273,9 @@ def main(argv=None):
                                    first.run.group_map, for_prediction=True)
     else:
         table = data.read_brain_age_table(a.data_csv, a.image_dir, for_prediction=True)
+    runs_files = [os.path.join(m.dir, f) for m in members for f in os.listdir(m.dir)] + \
+        [m.checkpoint_path for m in members]
+    check_output("--out", a.out, (table.image_paths or []) + runs_files)   # never over what it reads
     if need_images:
         check_images(table, members)
     device = setup_device(a.device)
@@ -296,7 +302,7 @@ def main(argv=None):
         rows = [[s, f"{y:.3f}", K, f"{sp:.3f}"] + [cell(g[i]) for g in gaps]
                 for i, (s, y, sp) in enumerate(zip(table.subjects, combined, spread))]
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    write_csv(rows, header, a.out)
+    write_csv(rows, header, a.out, for_people=True)   # `=HYPERLINK(..)` as '=HYPERLINK(..): a spreadsheet shows it
     seconds = time.time() - t0
     print(f"{n} subjects x {K} models ({task}, {', '.join(sorted({m.run.model for m in members}))}) -> {a.out}, "
           f"{seconds:.1f} s ({n / seconds:.1f} subjects/s)")

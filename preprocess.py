@@ -37,7 +37,7 @@ import numpy as np
 from scipy import ndimage
 
 from data import check_subjects, find_image, load_nifti, read_csv_rows
-from safeio import ArgumentParser, UserError, atomic_path, check_number, run_cli, write_csv
+from safeio import ArgumentParser, UserError, atomic_path, check_number, run_cli, same_file, write_csv
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +219,7 @@ def _batch(a):
     subjects = check_subjects(a.csv, rows, as_file_names=True)  # DIR/<Subject>.nii.gz stays inside DIR
     base = os.path.dirname(os.path.abspath(a.csv))
     table_out = os.path.join(a.out_dir, os.path.basename(a.csv))
-    if os.path.abspath(table_out) == os.path.abspath(a.csv):
+    if same_file(table_out, a.csv):
         raise UserError(f"--out-dir {a.out_dir}: the table's copy would overwrite {a.csv} itself; "
                         f"choose another output folder")
     t0, out_rows = time.time(), []
@@ -229,7 +229,8 @@ def _batch(a):
         mask = os.path.join(base, r[a.mask_column]) if a.mask_column and r.get(a.mask_column) else None
         out = os.path.join(a.out_dir, f"{subj}.nii.gz")
         out_rows.append({**r, "image": f"{subj}.nii.gz"})
-        if os.path.abspath(out) == os.path.abspath(os.path.join(base, src)):
+        if any(same_file(out, p) or os.path.exists(out) and os.path.exists(p) and os.path.samefile(out, p)
+               for p in (os.path.join(base, src), mask) if p):         # by another path, or a link to it
             raise UserError(f"{a.csv} line {line}: --out-dir {a.out_dir}: {out} would overwrite its own input")
         if os.path.exists(out) and not a.overwrite:
             continue
@@ -278,7 +279,7 @@ def main(argv=None):
             raise UserError("give IN.nii[.gz] OUT.nii.gz, or --csv TABLE --out-dir DIR")
         if not a.output.endswith((".nii", ".nii.gz")):
             raise UserError(f"{a.output}: the output must end in .nii or .nii.gz")
-        if os.path.abspath(a.output) == os.path.abspath(a.input):
+        if any(same_file(a.output, p) for p in (a.input, a.mask) if p):
             raise UserError(f"{a.output}: the output would overwrite its own input")
         preprocess_file(a.input, a.output, a.mask, a.spacing, a.shape, a.n4)
         print(f"wrote {a.output}", flush=True)

@@ -5,6 +5,8 @@
     run_cli      a script's __main__: UserError / OSError -> `error: <one line>` on stderr, exit status 2
     atomic_path  write to a temporary name beside the target, rename onto it only when complete
     write_json, write_csv, write_text   the three atomic writers the scripts use (JSON: NaN/inf -> null)
+    spreadsheet_safe  a CSV cell a spreadsheet would run as a formula, made text (write_csv's for_people)
+    check_output  an output file named by an option that is a folder or one of the command's inputs: refused
     warn         a legitimate but odd input: one `warning:` line on stderr, the run goes on
     check_number a numeric option within its range, else a UserError naming the option
     ArgumentParser  argparse's parser whose errors are a UserError too (one line, not usage + error)
@@ -16,6 +18,7 @@ import json
 import math
 import numbers
 import os
+import re
 import sys
 import uuid
 
@@ -81,6 +84,27 @@ def check_number(option, value, least=None, above=None, most=None):
             raise UserError(f"{option} {shown}: " + ("each " if len(values) > 1 else "") + f"must be {want}")
 
 
+def same_file(a, b):
+    """Whether writing `a` would replace `b`: the same path, or another spelling of it (a symlinked folder,
+    `..`, a case-insensitive file system; a hard link too, to be safe). A symlink `a` does not count: an
+    atomic write replaces the link, not what it points to."""
+    if os.path.abspath(a) == os.path.abspath(b):
+        return True
+    with contextlib.suppress(OSError):
+        return not os.path.islink(a) and os.path.samefile(a, b)
+    return False
+
+
+def check_output(option, path, inputs=()):
+    """An output file named by `option`: refused when it is a folder, or when writing it would replace one
+    of `inputs` (the table, an image, a checkpoint the command reads), see same_file."""
+    if os.path.isdir(path):
+        raise UserError(f"{option} {path}: is a folder; give the file to write")
+    for p in inputs:
+        if p and same_file(path, p):
+            raise UserError(f"{option} {path}: would overwrite {p}, an input of this command; choose another file")
+
+
 def warn(message):
     """A legitimate but odd input (ADNI's missing codes, say): one `warning: ...` line on stderr."""
     print("warning: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
@@ -110,16 +134,32 @@ def write_json(obj, path):
         json.dump(json_safe(obj), f, indent=2, allow_nan=False)
 
 
-def write_csv(rows, columns, path):
-    """rows: dicts keyed by column (DictWriter) or lists in column order."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def spreadsheet_safe(cell):
+    """A text cell that a spreadsheet would run as a formula (it starts with = + - @ tab or carriage return:
+    `=HYPERLINK(...)`, `+1+1`, `@SUM(1)`) with a ' in front, so it shows as text (OWASP's advice on CSV
+    injection). Numbers (`-4`, `-1.5e3`, and anything not a str) are left as they are. Text that starts
+    with ' gets one more, so removing one leading ' from every cell that starts with one gives back
+    exactly what was escaped."""
+    if isinstance(cell, str) and cell.startswith(FORMULA_START) and not _NUMBER.fullmatch(cell):
+        return "'" + cell
+    return cell
+
+
+def write_csv(rows, columns, path, for_people=False):
+    """rows: dicts keyed by column (DictWriter) or lists in column order; UTF-8, as the tables are read.
+    for_people: a file for a spreadsheet that this code never reads back (predictions, results): every
+    cell and column name through spreadsheet_safe. Tables the code reads back are written verbatim."""
+    columns, cell = list(columns), (spreadsheet_safe if for_people else (lambda v: v))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerow([cell(c) for c in columns])
         if rows and isinstance(rows[0], dict):
-            w = csv.DictWriter(f, fieldnames=list(columns))
-            w.writeheader()
+            csv.DictWriter(f, fieldnames=columns).writerows({k: cell(v) for k, v in r.items()} for r in rows)
         else:
-            w = csv.writer(f)
-            w.writerow(columns)
-        w.writerows(rows)
+            csv.writer(f).writerows([cell(v) for v in r] for r in rows)
 
 
 def write_text(text, path):

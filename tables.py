@@ -12,6 +12,7 @@ import csv
 import hashlib
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,9 +114,33 @@ def plain_file_name(name):
         os.path.basename(name) == name
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
+
+
+def output_names(ids):
+    """A file name for each id (a Subject, for the files a command writes per subject), all inside the
+    folder they are joined to and distinct even on a case-insensitive file system: an id of letters,
+    digits and . _ - (not starting with . or -, at most 100 characters) is its own name; any other id
+    (`../../x`, `a/b`, spaces, `=HYPERLINK(...)`), and an id equal but for case to an earlier one,
+    is mapped to its characters outside that set replaced by _ plus `-` and 8 hex digits of its
+    sha1 (`../../x` -> `_.._x-9bdbf20b`), numbered on in the (never seen) case of a clash."""
+    names, used = [], set()
+    for s in ids:
+        name = s if _SAFE_NAME.fullmatch(s) else None
+        stem = re.sub(r"[^A-Za-z0-9._-]", "_", s)[:64].lstrip(".-") or "subject"
+        tag, k = hashlib.sha1(s.encode()).hexdigest()[:8], 0
+        while name is None or name.lower() in used:
+            name, k = f"{stem}-{tag}" + (f"-{k}" if k else ""), k + 1
+        used.add(name.lower())
+        names.append(name)
+    return names
+
+
 def check_subjects(csv_path, rows, as_file_names=False):
-    """-> the Subject of every row: filled, unique and, where it names a file, a plain file name."""
-    subjects, seen = [], {}
+    """-> the Subject of every row: filled, unique and, where it names a file, a plain file name of at most
+    200 bytes that no earlier subject's equals but for case (on a case-insensitive file system they are
+    one file)."""
+    subjects, seen, folded = [], {}, {}
     for line, row in rows:
         s = row.get("Subject", "")
         if not s:
@@ -125,7 +150,16 @@ def check_subjects(csv_path, rows, as_file_names=False):
         if as_file_names and not plain_file_name(s):
             raise UserError(f"{csv_path} line {line}: Subject {s!r} is not a plain file name (it names the "
                             f"subject's image file, so it may not hold / or \\ or be . or ..)")
+        if as_file_names and len(s.encode()) > 200:    # + `.nii.gz` + the atomic write's `.tmp-` prefix < 255
+            raise UserError(f"{csv_path} line {line}: Subject {s[:40]}... is {len(s.encode())} bytes long: as a "
+                            f"file name it may have at most 200")
+        if as_file_names and s.casefold() in folded:
+            other = folded[s.casefold()]
+            raise UserError(f"{csv_path} line {line}: Subject {s} differs from subject {other[1]} (line "
+                            f"{other[0]}) only in case: as file names they are one file on a case-insensitive "
+                            f"file system; rename one")
         seen[s] = line
+        folded[s.casefold()] = (line, s)
         subjects.append(s)
     return subjects
 
@@ -161,7 +195,8 @@ def _image_paths(csv_path, rows, fields, subjects, image_dir, need):
             if p is None:
                 raise UserError(f"{csv_path} line {line}: subject {subj}: image file not found: "
                                 f"{os.path.join(image_dir, subj)}.nii.gz (or .nii)")
-        other = seen.setdefault(os.path.realpath(p), (subj, line))
+        st = os.stat(p)     # one file, whatever the spelling: a symlink, a hard link, a case-insensitive system
+        other = seen.setdefault((st.st_dev, st.st_ino) if st.st_ino else os.path.realpath(p), (subj, line))
         if other != (subj, line):   # one scan under two subjects could sit in training and test at once
             raise UserError(f"{csv_path} line {line}: subject {subj}: image {p} is also subject {other[0]}'s "
                             f"(line {other[1]})")

@@ -2271,6 +2271,137 @@ def test_metrics_json_is_strict_json_with_null_where_a_metric_is_undefined(brain
 
 
 # ----------------------------------------------------------------------------------------------
+# Writes stay inside their folder; ids a spreadsheet would run
+
+def _renamed(src, dst, ids):
+    """A copy of table `src` with its first len(ids) subjects renamed `ids` (the other rows dropped), each
+    image named by an `image` column (an absolute path), so that an id need not be a file name."""
+    rows, fields = data.read_csv_rows(src, ("Subject",))
+    images = os.path.join(os.path.dirname(os.path.abspath(src)), "images")
+    out = [dict(r, Subject=s, image=data.find_image(images, r["Subject"])) for s, (_, r) in zip(ids, rows)]
+    safeio.write_csv(out, fields + ["image"], dst)
+    return dst
+
+
+def test_a_preview_of_a_subject_named_like_a_path_stays_in_its_folder_under_a_distinct_safe_name(ad_cohort40,
+                                                                                                  tmp_path):
+    ids = ["../../x", "a/b", "S1", "s1", ".."]                  # possible with an image column
+    table = _renamed(ad_cohort40, tmp_path / "t.csv", ids)
+    pv = tmp_path / "one" / "two" / "pv"
+    crops = os.path.join(os.path.dirname(ad_cohort40), "crops.json")
+    p = run_main(data.main, "check-ad", table, "--crops", crops, "--preview", pv, "--preview-n", len(ids))
+    assert p.returncode == 0 and "wrote 10 PNGs" in p.stdout, p.stderr
+    assert "'../../x' as _.._x-" in p.stdout and "'s1' as s1-" in p.stdout and "'S1' as" not in p.stdout
+    names = sorted(os.listdir(pv))
+    everything = sorted(os.path.relpath(os.path.join(r, f), tmp_path) for r, _, fs in os.walk(tmp_path) for f in fs)
+    assert everything == sorted(["t.csv"] + [os.path.join("one", "two", "pv", n) for n in names])   # nothing outside
+    assert len({n.lower() for n in names}) == 10                # distinct on a case-insensitive file system too
+    assert "S1_boxes.png" in names and not any(n.startswith(".") or "/" in n or "\\" in n for n in names)
+    X, Y, Z = synthetic.AD_SYNTH["shape"]
+    assert _png_size(pv / next(n for n in names if n.startswith("_.._x-") and n.endswith("_boxes.png"))) == \
+        (2 * (X + 2), max(Y, Z))
+    assert_clean_error(run_main(data.main, "check-ad", table, "--no-images", "--preview", tmp_path / "no"),
+                       "--preview", "--no-images")
+
+
+FORMULA_IDS = ['=HYPERLINK("evil.example";"open me")', "+1+1", "@SUM(1)", "-2+3", "'quoted"]
+
+
+def test_formula_ids_are_text_in_predictions_csv_and_the_code_reads_its_own_tables_back_unchanged(
+        ad_cohort60, ad_fold_runs, tmp_path):
+    ids = FORMULA_IDS + ["-4", "011_S_0001"]
+    rows, _ = data.read_csv_rows(ad_cohort60, ("Subject",))
+    os.makedirs(tmp_path / "images")
+    for s, (_, r) in zip(ids, rows):                            # an ADNIMERGE export with these PTIDs
+        shutil.copy(data.find_image(os.path.join(os.path.dirname(ad_cohort60), "images"), r["Subject"]),
+                    tmp_path / "images" / f"{s}.nii.gz")
+    adnimerge = [dict({a: r[a] for a in tabular.AD_ATTRIBUTES}, PTID=s, VISCODE="bl", DX_bl=r["Group"])
+                 for s, (_, r) in zip(ids, rows)]
+    safeio.write_csv(adnimerge, ["PTID", "VISCODE", "DX_bl"] + list(tabular.AD_ATTRIBUTES), tmp_path / "ADNIMERGE.csv")
+    table = tmp_path / "t.csv"
+    assert run_main(data.main, "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out", table).returncode == 0
+    assert data.read_ad_table(table).subjects == ids            # the code's own table: ids come back as they were
+    out = tmp_path / "predictions.csv"
+    p = run_main(predict.main, _run_dir(ad_fold_runs, "hyperfusion", 0), "--data-csv", table, "--out", out, "--quiet")
+    assert p.returncode == 0, p.stderr
+    written, _ = data.read_csv_rows(out, ("Subject", "prob_CN"))
+    cells = [r["Subject"] for _, r in written]
+    assert cells == ["'" + s for s in FORMULA_IDS] + ["-4", "011_S_0001"]   # text in a spreadsheet; numbers kept
+    assert [c[1:] if c.startswith("'") else c for c in cells] == ids          # one ' off gives every id back
+    assert all(0 <= float(r["prob_CN"]) <= 1 for _, r in written)
+    assert [safeio.spreadsheet_safe(v) for v in ("-1.5e3", "+7", -4, "\tx", "\r=1")] == ["-1.5e3", "+7", -4,
+                                                                                         "'\tx", "'\r=1"]
+
+
+def test_a_results_table_shows_a_model_folder_named_like_a_formula_as_text(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.arange(30) % 3
+    for fold in range(4):
+        fake_ad_run(tmp_path, "=1+1", 0, 0, fold, random_probs(rng, 30), labels)
+    assert run_main(evaluate.main, "ad", "--runs", tmp_path, "--out", tmp_path / "res").returncode == 0
+    lines = (tmp_path / "res" / "results_ad.csv").read_text().splitlines()
+    assert lines[0].startswith("model,rows,") and lines[1].startswith("'=1+1,1,0."), lines[1]
+
+
+def test_an_out_file_that_is_an_input_or_a_folder_is_refused_and_the_input_kept(ad_cohort60, ad_fold_runs,
+                                                                                tmp_path):
+    (tmp_path / "ADNIMERGE.csv").write_text(ADNIMERGE)
+    os.makedirs(tmp_path / "sub")
+    os.symlink(tmp_path, tmp_path / "sub" / "here")             # the same file by another path
+    assert_clean_error(run_main(data.main, "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out",
+                                tmp_path / "sub" / "here" / "ADNIMERGE.csv"), "would overwrite", "ADNIMERGE.csv")
+    assert (tmp_path / "ADNIMERGE.csv").read_text() == ADNIMERGE
+    assert_clean_error(run_main(data.main, "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out", tmp_path / "sub"),
+                       "--out", "is a folder")
+    run_dir = _run_dir(ad_fold_runs, "hyperfusion", 0)
+    image = data.read_ad_table(ad_cohort60).image_paths[0]
+    before = open(image, "rb").read()
+    for out in (image, os.path.join(run_dir, "metrics.json"), tmp_path / "sub"):
+        assert_clean_error(run_main(predict.main, run_dir, "--data-csv", ad_cohort60, "--out", out, "--quiet"),
+                           "--out", out)
+    assert open(image, "rb").read() == before and no_temp_files(tmp_path / "sub")
+
+
+def test_preprocess_refuses_an_out_dir_that_is_its_image_folder_by_a_symlink_and_subjects_equal_but_for_case(
+        tmp_path):
+    table = tiny_ad(tmp_path)
+    os.symlink(tmp_path / "images", tmp_path / "link")
+    before = (tmp_path / "images" / "S0.nii.gz").read_bytes()
+    assert_clean_error(run_main(preprocess.main, "--csv", table, "--out-dir", tmp_path / "link", "--overwrite"),
+                       "ad.csv line 2", "would overwrite its own input")
+    assert (tmp_path / "images" / "S0.nii.gz").read_bytes() == before
+    lines = table.read_text().splitlines()
+    shutil.copy(tmp_path / "images" / "S0.nii.gz", tmp_path / "images" / "s0.nii.gz")
+    (tmp_path / "case.csv").write_text("\n".join([lines[0], lines[1], lines[2].replace("S1,", "s0,", 1)]) + "\n")
+    assert_clean_error(run_main(preprocess.main, "--csv", tmp_path / "case.csv", "--out-dir", tmp_path / "pp"),
+                       "case.csv line 3", "s0", "S0", "only in case")
+    (tmp_path / "long.csv").write_text("\n".join([lines[0], lines[1].replace("S0,", "S" * 240 + ",", 1)]) + "\n")
+    assert_clean_error(run_main(preprocess.main, "--csv", tmp_path / "long.csv", "--out-dir", tmp_path / "pp"),
+                       "long.csv line 2", "240 bytes long")             # not a `File name too long` on a temp name
+    assert not (tmp_path / "pp").exists()
+
+
+def test_one_image_under_two_subjects_is_refused_when_a_hard_link_names_it_twice(tmp_path):
+    table = tiny_ad(tmp_path)
+    os.link(tmp_path / "images" / "S0.nii.gz", tmp_path / "images" / "again.nii.gz")
+    lines = table.read_text().splitlines()
+    rows = [lines[0] + ",image"] + [f"{line},images/{'again' if k == 2 else f'S{k}'}.nii.gz"
+                                    for k, line in enumerate(lines[1:])]
+    (tmp_path / "linked.csv").write_text("\n".join(rows) + "\n")
+    assert_clean_error(run_main(data.main, "check-ad", tmp_path / "linked.csv"), "line 4", "subject S2",
+                       "also subject S0's")
+
+
+def test_a_table_saved_by_a_spreadsheet_with_a_bom_and_crlf_line_ends_reads_as_the_plain_one(tmp_path):
+    table = tiny_ad(tmp_path)
+    excel = tmp_path / "excel.csv"                              # Excel's "CSV UTF-8": a BOM, then CRLF lines
+    excel.write_bytes(b"\xef\xbb\xbf" + table.read_text().replace("\n", "\r\n").encode())
+    plain, saved = data.read_ad_table(table), data.read_ad_table(excel)
+    assert saved.subjects == plain.subjects == ["S0", "S1", "S2"] and saved.raw == plain.raw
+    assert saved.labels.tolist() == plain.labels.tolist()
+
+
+# ----------------------------------------------------------------------------------------------
 # predict.py: new patients, every member with its own saved state, combined by Eq. 7-8 / Eq. 6
 
 @pytest.fixture(scope="session")
