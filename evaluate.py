@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 import time
 
@@ -436,13 +437,17 @@ def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=
 
 def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None, epochs=None, data_csv=None,
                  image_dir=None, data_dir="data", binary=False, train_sex=("all",), embedding_dim=1, verbose=False,
-                 tabular_epochs=None, jobs=1, gpus=None):
+                 tabular_epochs=None, jobs=1, gpus=None, print_commands=False):
     """Train every run of the protocol that has no metrics.json yet (an interrupted one resumes from
     last.pt), skip the finished ones, then build the task's table. -> (trained, skipped, results).
 
     jobs > 1: that many runs at a time, each its training script in its own process (launcher.py),
     with `gpus` one GPU each; HyperFusion waits for the tabular-only run of its split seed, version
-    and fold when that run is part of the protocol (its embedding starts from it, Sec. 4.3.6)."""
+    and fold when that run is part of the protocol (its embedding starts from it, Sec. 4.3.6).
+
+    print_commands: train nothing; print one shell command per missing run instead (with --resume where
+    a last.pt exists), every tabular-only run before any HyperFusion run, for a scheduler (a SLURM job
+    array, GNU parallel). -> (commands, skipped, None)."""
     t0 = time.time()
     common = ["--out", runs, "--data-dir", data_dir] \
         + (["--data-csv", data_csv] if data_csv else []) + (["--image-dir", image_dir] if image_dir else []) \
@@ -481,19 +486,28 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
     else:
         raise UserError(f"unknown task {task!r}: expected ad or brain-age")
     trained, skipped, todo = [], [], []
+    if print_commands:    # the tabular-only MLPs first: HyperFusion's embedding starts from them (Sec. 4.3.6)
+        jobs.sort(key=lambda j: j[4] != train_ad.__file__ or "--model tabular" not in " ".join(j[3]))
     for k, (run_dir, parser, train, argv, script, after) in enumerate(jobs):
         if finished(run_dir):
             skipped.append(run_dir)
-            print(f"[{k + 1}/{len(jobs)}] skipped (finished): {run_dir}", flush=True)
+            if not print_commands:
+                print(f"[{k + 1}/{len(jobs)}] skipped (finished): {run_dir}", flush=True)
             continue
         resume = os.path.isfile(os.path.join(run_dir, "last.pt"))
         argv = argv + (["--resume"] if resume else [])
+        if print_commands:
+            trained.append(shlex.join(["python", os.path.basename(script)] + argv))
+            print(trained[-1], flush=True)
+            continue
         if n_jobs > 1:
             todo.append(launcher.Job(run_dir, [sys.executable, script] + argv, after))
             continue
         print(f"[{k + 1}/{len(jobs)}] {'resuming' if resume else 'training'}: {run_dir}", flush=True)
         train(vars(parser().parse_args(argv)))
         trained.append(run_dir)
+    if print_commands:
+        return trained, skipped, None
     if todo:
         trained = launcher.run_jobs(todo, n_jobs, gpus)
     print(f"protocol: {len(trained)} trained, {len(skipped)} skipped, {(time.time() - t0) / 60:.1f} min", flush=True)
@@ -552,6 +566,8 @@ def arguments():
     r.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process (1: in this one)")
     r.add_argument("--gpus", type=lambda v: [int(g) for g in v.split(",") if g != ""],
                    help="with --jobs: GPU indices shared out to the runs, one each, e.g. 0,1,2,3")
+    r.add_argument("--print-commands", action="store_true",
+                   help="train nothing: print one command per missing run (tabular-only first), for a scheduler")
     return p
 
 
@@ -588,7 +604,8 @@ def main(argv=None):
         print(f"wrote {path}")
         return res
     return run_protocol(a.task, a.runs, a.split_seeds, a.versions, a.models, a.epochs, a.data_csv, a.image_dir,
-                        a.data_dir, a.binary, a.train_sex, a.embedding_dim, a.verbose, a.tabular_epochs, a.jobs, a.gpus)
+                        a.data_dir, a.binary, a.train_sex, a.embedding_dim, a.verbose, a.tabular_epochs, a.jobs, a.gpus,
+                        a.print_commands)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import shlex
 import shutil
 import struct
 import subprocess
@@ -1928,6 +1929,30 @@ def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_trains_the_
     assert calls == [] and trained == [] and len(skipped) == 4                          # a restart trains nothing
     evaluate.run_protocol("ad", str(tmp_path / "b"), models=["tabular", "imaging"], epochs=2, tabular_epochs=50)
     assert {(a["model"], a["epochs"]) for a in calls} == {("tabular", 50), ("imaging", 2)}   # the MLP gets its own
+
+
+def test_print_commands_gives_one_command_per_missing_run_tabular_first_and_trains_nothing(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """For a scheduler: one shell line per missing run, --resume where a last.pt exists, finished runs left out,
+    every tabular-only MLP before any HyperFusion run (its embedding starts from them, Sec. 4.3.6)."""
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 3, 12)
+    fake_ad_run(tmp_path, "tabular", 0, 0, 0, random_probs(rng, 12), labels)           # finished
+    interrupted = training.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 1)
+    os.makedirs(interrupted)
+    open(os.path.join(interrupted, "last.pt"), "w").close()
+    monkeypatch.setattr(train_ad, "train_ad", lambda a: pytest.fail("--print-commands trained a run"))
+    evaluate.main(["run-protocol", "--task", "ad", "--runs", str(tmp_path), "--models", "hyperfusion", "tabular",
+                   "--epochs", "3", "--print-commands"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 7                                             # 2 models x 4 folds, one finished
+    argvs = [shlex.split(line) for line in lines]
+    assert all(a[:2] == ["python", "train_ad.py"] for a in argvs)
+    parsed = [vars(train_ad.ad_arguments().parse_args(a[2:])) for a in argvs]
+    assert [(p["model"], p["fold"]) for p in parsed] == [("tabular", 1), ("tabular", 2), ("tabular", 3)] + \
+        [("hyperfusion", f) for f in range(4)]
+    assert [p["resume"] for p in parsed] == [False] * 4 + [True, False, False]
+    assert all(p["epochs"] == 3 and p["out"] == str(tmp_path) for p in parsed)
 
 
 def test_run_protocol_with_two_jobs_trains_each_missing_run_once_and_prints_the_serial_table(ad_cohort60, tmp_path,
