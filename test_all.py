@@ -1537,21 +1537,22 @@ def test_predict_reproduces_a_brain_age_runs_test_predictions_and_reports_the_co
 
 
 def test_fig4a_training_sets_are_one_size_min_men_women_drawn_with_the_seed_and_the_mix_is_half_and_half():
-    """Sec. 4.2.4: M, F and the mix each hold min(men, women) of the training split, the mix half and half."""
-    sex = np.array([0] * 30 + [1] * 21)
+    """Sec. 4.2.4: M, F and the mix each hold min(men, women) of the training split, the mix half and half,
+    whichever sex is the larger."""
     idx = np.arange(100, 151)                             # training-split indices into the table
-    sets = {s: train_brain_age.select_training_sex(idx, np.r_[np.zeros(100, int), sex], s, 0)
-            for s in ("M", "F", "mixed")}
-    full = np.r_[np.zeros(100, int), sex]
-    assert {s: len(v) for s, v in sets.items()} == {"M": 21, "F": 21, "mixed": 21}
-    assert set(full[sets["M"]]) == {0} and set(full[sets["F"]]) == {1}
-    assert sorted(np.bincount(full[sets["mixed"]], minlength=2)) == [10, 11]
-    for v in sets.values():
-        assert set(v) <= set(idx) and len(set(v)) == len(v)
-    again = train_brain_age.select_training_sex(idx, full, "M", 0)
-    other = train_brain_age.select_training_sex(idx, full, "M", 1)
-    assert np.array_equal(again, sets["M"]) and not np.array_equal(other, sets["M"])   # drawn with the seed
-    assert np.array_equal(train_brain_age.select_training_sex(idx, full, "all", 0), idx)
+    for men in (30, 21):
+        full = np.r_[np.zeros(100, int), np.zeros(men, int), np.ones(51 - men, int)]
+        sets = {s: train_brain_age.select_training_sex(idx, full, s, 0) for s in ("M", "F", "mixed")}
+        assert {s: len(v) for s, v in sets.items()} == {"M": 21, "F": 21, "mixed": 21}
+        assert set(full[sets["M"]]) == {0} and set(full[sets["F"]]) == {1}
+        assert sorted(np.bincount(full[sets["mixed"]], minlength=2)) == [10, 11]
+        for v in sets.values():
+            assert set(v) <= set(idx) and len(set(v)) == len(v)
+        larger = "M" if men > 21 else "F"                 # the larger sex's set is a draw, made with the seed
+        again = train_brain_age.select_training_sex(idx, full, larger, 0)
+        other = train_brain_age.select_training_sex(idx, full, larger, 1)
+        assert np.array_equal(again, sets[larger]) and not np.array_equal(other, sets[larger])
+        assert np.array_equal(train_brain_age.select_training_sex(idx, full, "all", 0), idx)
 
 
 # ----------------------------------------------------------------------------------------------
