@@ -241,6 +241,17 @@ def sum_all(*values):
     return tuple(map(sum, zip(*parts)))
 
 
+def first_reported(value):
+    """The first process's value that is not None, on every process (rank 0's refusal of a run folder, or
+    what one process found non-finite): one verdict for all, so that no process stops while the others
+    wait for it in a collective. Alone: value."""
+    if world_size() == 1:
+        return value
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, value)
+    return next((p for p in parts if p is not None), None)
+
+
 def average(tensors):
     """Each tensor replaced, in place, by its mean over the processes (e.g. re-estimated BatchNorm statistics)."""
     if world_size() == 1:

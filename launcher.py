@@ -26,10 +26,36 @@ class Job:
 def run_jobs(jobs, k, gpus=None, poll_s=0.2):
     """Run every job, at most k at a time, each after its `after`; one line per job started and finished,
     the finished one with the time left. A failure stops new starts, lets the running ones finish, then
-    raises UserError naming the run and the end of its output. -> the run dirs in the order they finished."""
+    raises UserError naming the run and the end of its output. -> the run dirs in the order they finished.
+    Interrupted (Ctrl-C, SIGTERM as safeio.Terminated, or any error here), it ends the runs it started
+    (stop) before it goes on up, so that no training is left running with no one to wait for it."""
     if gpus is not None and not gpus:
         raise UserError("--gpus: give at least one GPU index, e.g. --gpus 0,1")
-    waiting, running, finished, failed = list(jobs), {}, [], None
+    running = {}
+    try:
+        return schedule(jobs, k, gpus, poll_s, running)
+    except BaseException:
+        stop(running)
+        raise
+
+
+def stop(running, grace_s=60):
+    """SIGTERM to every running job (a training script saves nothing more and exits, last.pt intact), then
+    SIGKILL to any still there after grace_s."""
+    procs = [proc for _, _, (proc, _), _ in running.values()]
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def schedule(jobs, k, gpus, poll_s, running):
+    """run_jobs's loop; `running` ({run_dir: (job, slot, (process, output), started)}) is its caller's to stop."""
+    waiting, finished, failed = list(jobs), [], None
     slots = list(range(k))                                   # slot s runs on gpus[s % len(gpus)]
     pending = {j.run_dir for j in jobs}
     t0 = time.time()

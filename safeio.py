@@ -2,7 +2,9 @@
 
     UserError    bad input or a bad request from the user (a table, an image, an option, a run folder);
                  its message is one line naming the file, row, column or option
-    run_cli      a script's __main__: UserError / OSError -> `error: <one line>` on stderr, exit status 2
+    run_cli      a script's __main__: UserError / OSError -> `error: <one line>` on stderr, exit status 2;
+                 Ctrl-C / SIGTERM -> `interrupted (...)` in one line (what is kept, the command to resume),
+                 exit status 130 / 143 as a shell reports them (128 + the signal's number)
     atomic_path  write to a temporary name beside the target, rename onto it only when complete
     write_json, write_csv, write_text   the three atomic writers the scripts use (JSON: NaN/inf -> null)
     spreadsheet_safe  a CSV cell a spreadsheet would run as a formula, made text (write_csv's for_people)
@@ -19,7 +21,10 @@ import math
 import numbers
 import os
 import re
+import shlex
+import signal
 import sys
+import threading
 import uuid
 
 
@@ -27,8 +32,25 @@ class UserError(ValueError):
     """Bad input or a bad request from the user. The message is one line naming the culprit."""
 
 
-def run_cli(main, argv=None):
-    """Run `main(argv)`; a UserError or OSError becomes `error: <one line>` on stderr and exit status 2."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's kill, `kill PID`), raised where the process is, like Ctrl-C's KeyboardInterrupt,
+    so that the same clean-up runs (files closed, temporary files removed, locks released) and the same line is
+    printed."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def run_cli(main, argv=None, resume_option=None):
+    """Run `main(argv)`; a UserError or OSError becomes `error: <one line>` on stderr and exit status 2.
+
+    Ctrl-C (KeyboardInterrupt) and SIGTERM (Terminated) become one `interrupted (Ctrl-C)` / `interrupted
+    (SIGTERM)` line, not a traceback: where the run was and what it kept (the exception's `progress`, set by
+    training.fit), then the command to resume with (this one, plus `resume_option` for the training scripts,
+    `--resume`); exit status 130 for Ctrl-C and 143 for SIGTERM, 128 + the signal as a shell reports them."""
+    installed = threading.current_thread() is threading.main_thread()     # signals reach the main thread only
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if installed else None
     try:
         return main(argv)
     except (UserError, OSError) as exc:
@@ -38,6 +60,21 @@ def run_cli(main, argv=None):
             msg = str(exc)
         print("error: " + " ".join(msg.split()), file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as exc:
+        args = list(sys.argv[1:] if argv is None else argv)
+        if resume_option and resume_option not in args:
+            args.append(resume_option)
+        progress = getattr(exc, "progress", None)
+        command = shlex.join([sys.executable, sys.argv[0], *args])
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:                # one of torchrun's processes
+            command = "torchrun <its options> " + shlex.join([sys.argv[0], *args])
+        print(f"interrupted ({'SIGTERM' if isinstance(exc, Terminated) else 'Ctrl-C'})"
+              + (f" {' '.join(progress.split())}" if progress else "")
+              + f"; {'resume' if resume_option else 'run again'} with: {command}", file=sys.stderr, flush=True)
+        sys.exit(128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT))
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -27,9 +28,11 @@ from scipy.stats import mannwhitneyu
 import data
 import distributed
 import evaluate
+import launcher
 import metrics
 import predict
 import preprocess
+import runfolder
 import safeio
 import splits
 import synthetic
@@ -1553,6 +1556,296 @@ def test_fig4a_training_sets_are_one_size_min_men_women_drawn_with_the_seed_and_
         other = train_brain_age.select_training_sex(idx, full, larger, 1)
         assert np.array_equal(again, sets[larger]) and not np.array_equal(other, sets[larger])
         assert np.array_equal(train_brain_age.select_training_sex(idx, full, "all", 0), idx)
+
+
+# ----------------------------------------------------------------------------------------------
+# A run folder is one run; divergence; interruption
+
+def _tabular_args(csv_path, out, *extra):
+    """train_ad.py options of the cheapest AD run that trains (the tabular MLP: well under a second an epoch)."""
+    return _ad_args(csv_path, out, "--model", "tabular", *extra)
+
+
+def _snapshot(folder):
+    """{file: (bytes, modification time)} of every file under folder: equal snapshots mean nothing was touched."""
+    return {f: (open(os.path.join(folder, f), "rb").read(), os.stat(os.path.join(folder, f)).st_mtime_ns)
+            for f in _files(folder)}
+
+
+def _epoch_of(run_dir, name="last.pt"):
+    return training.load_checkpoint(os.path.join(run_dir, name))["epoch"] + 1
+
+
+def test_a_run_folder_that_holds_a_run_is_refused_to_a_new_one_before_any_file_changes(ad_cohort60, tmp_path):
+    """The issue's re-run: a finished run's command again with another --lr (no --resume), interrupted after an
+    epoch, left the old metrics.json beside a half-trained best.pt, which predict.py then used. Now a folder
+    that holds a run, finished or not, is refused to a new run before anything is written."""
+    train_ad.main(_tabular_args(ad_cohort60, tmp_path, "--epochs", "1"))
+    run_dir = _run_dir(tmp_path, "tabular")
+    before = _snapshot(tmp_path)
+    again = _tabular_args(ad_cohort60, tmp_path, "--epochs", "1", "--lr", "2e-3")
+    assert_clean_error(run_main(train_ad.main, *again), run_dir, "holds a finished run", "metrics.json", "--resume",
+                       "another --out")
+    assert _snapshot(tmp_path) == before                          # no lock file, no checkpoint, nothing left
+    for f in runfolder.FINISHED_FILES:                             # an unfinished run: refused, naming its epoch
+        os.remove(os.path.join(run_dir, f))
+    assert_clean_error(run_main(train_ad.main, *again), run_dir, "unfinished run (last.pt after epoch 1)",
+                       "--resume", "another --out")
+    os.remove(os.path.join(run_dir, "last.pt"))                   # --resume with nothing to resume, but best.pt
+    assert_clean_error(run_main(train_ad.main, *again, "--resume"), run_dir, "no last.pt", "best.pt")
+    assert _files(tmp_path) == [os.path.relpath(os.path.join(run_dir, f), tmp_path) for f in ("best.pt", "log.csv")]
+
+
+def test_a_resumed_run_that_trains_further_never_leaves_the_old_metrics_beside_its_new_checkpoints(
+        ad_cohort60, tmp_path, monkeypatch):
+    """--resume with a larger --epochs continues a finished run: its metrics.json and predictions.npz go before
+    the first new epoch, so an interruption leaves an unfinished run that predict.py refuses and run-protocol
+    resumes; --epochs may grow on --resume, never shrink (epochs is not part of a run's identity)."""
+    train_ad.main(_tabular_args(ad_cohort60, tmp_path, "--epochs", "1"))
+    run_dir = _run_dir(tmp_path, "tabular")
+    real_write_log = training.write_log
+
+    def interrupt_after_epoch_2(history, path):
+        real_write_log(history, path)
+        if len(history) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "write_log", interrupt_after_epoch_2)
+    p = run_main(train_ad.main, *_tabular_args(ad_cohort60, tmp_path, "--epochs", "3", "--resume"))
+    assert p.returncode == 130 and p.stderr.startswith("interrupted (Ctrl-C) in epoch 3 of 3: ") and \
+        f"{run_dir}/last.pt holds epoch 2" in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr
+    assert _epoch_of(run_dir) == 2 and not {"metrics.json", "predictions.npz"} & set(os.listdir(run_dir))
+    with pytest.raises(UserError, match="no finished run"):
+        predict.find_runs([run_dir])
+    monkeypatch.setattr(training, "write_log", real_write_log)
+    assert_clean_error(run_main(train_ad.main, *_tabular_args(ad_cohort60, tmp_path, "--epochs", "1", "--resume")),
+                       "--epochs 1", "trained 2 epochs", "may grow but not shrink")
+    train_ad.main(_tabular_args(ad_cohort60, tmp_path, "--epochs", "3", "--resume"))
+    assert set(runfolder.RUN_FILES) == set(os.listdir(run_dir)) and _epoch_of(run_dir) == 3
+    assert [r.dir for r in predict.find_runs([run_dir])] == [run_dir]
+
+
+def test_a_folder_in_use_by_a_live_process_is_refused_and_a_killed_one_leaves_no_stuck_lock(ad_cohort60, tmp_path):
+    """Two trainings into one folder at once: the second is refused at its start (it used to be refused at its end,
+    leaving its last.pt). The lock is an flock, which the OS drops with its process: kill -9 leaves no stuck one."""
+    run_dir, args = _run_dir(tmp_path, "tabular"), _tabular_args(ad_cohort60, tmp_path, "--epochs", "1")
+    with runfolder.claim_run_folder(run_dir, resume=False):        # held by this process (another open file)
+        assert_clean_error(run_main(train_ad.main, *args), run_dir, "in use by another training process",
+                           f"pid {os.getpid()}", "another --out")
+    os.makedirs(run_dir)                                          # released, it removed the folders it made
+    lock = os.path.join(run_dir, runfolder.LOCK_NAME)
+    hold = "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); " \
+           "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'pid %d on test' % os.getpid()); " \
+           "print('held', flush=True); time.sleep(120)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, lock], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert_clean_error(run_main(train_ad.main, *args, "--resume"), run_dir, f"pid {holder.pid} on test")
+    finally:
+        holder.kill()                                             # SIGKILL: no clean-up of its own runs
+        holder.wait()
+    assert os.path.isfile(lock)                                    # its file stays, its lock went with it
+    train_ad.main(args)
+    assert sorted(os.listdir(run_dir)) == sorted(runfolder.RUN_FILES)   # trained; the lock file removed at its end
+
+
+def test_hyperfusion_continues_an_interrupted_pre_training_of_its_tabular_mlp(ad_cohort60, tmp_path, monkeypatch):
+    """HyperFusion's tabular MLP (Sec. 4.3.6) is pre-trained as part of its run, in its own folder: interrupted,
+    the next HyperFusion run continues it there (--resume of its own), rather than being refused a folder that
+    holds an unfinished run the user never started by name."""
+    real_write_log, tabular_dir = training.write_log, _run_dir(tmp_path, "tabular")
+
+    def interrupt_the_mlp_after_epoch_1(history, path):
+        real_write_log(history, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "write_log", interrupt_the_mlp_after_epoch_1)
+    p = run_main(train_ad.main, *_ad_args(ad_cohort60, tmp_path))
+    assert p.returncode == 130 and f"{tabular_dir}/last.pt holds epoch 1" in p.stderr, p.stderr
+    def stop_at_hyperfusion(*args):
+        raise _Stop
+
+    monkeypatch.setattr(training, "write_log", real_write_log)
+    monkeypatch.setattr(train_ad, "init_hyperlayers", stop_at_hyperfusion)
+    with pytest.raises(_Stop):                               # past the MLP, where HyperFusion's own training starts
+        train_ad.main(_ad_args(ad_cohort60, tmp_path))
+    assert _epoch_of(tabular_dir) == 2 and os.path.isfile(os.path.join(tabular_dir, "metrics.json"))
+
+
+def test_a_non_finite_training_loss_stops_the_run_naming_the_epoch_with_the_last_good_checkpoint_kept(
+        ad_cohort60, tmp_path, monkeypatch):
+    """It was a RuntimeError traceback. Now one line, exit 2, the epoch stopped at its first NaN loss (no step
+    taken with it) and last.pt and best.pt left holding epoch 1."""
+    real_loss, steps = train_ad.wce_loss, []
+
+    def nan_from_epoch_2(logits, target, weights):              # 36 training subjects, batches of 8: 4 steps an epoch
+        steps.append(len(target))
+        return real_loss(logits, target, weights) * (float("nan") if len(steps) > 4 else 1.0)
+
+    monkeypatch.setattr(train_ad, "wce_loss", nan_from_epoch_2)
+    run_dir = _run_dir(tmp_path, "tabular")
+    assert_clean_error(run_main(train_ad.main, *_tabular_args(ad_cohort60, tmp_path, "--epochs", "3")), run_dir,
+                       "diverged in epoch 2", "the training loss is nan (step 1 of 4)", "last.pt still holds epoch 1")
+    assert len(steps) == 5 and sorted(os.listdir(run_dir)) == ["best.pt", "last.pt", "log.csv"]
+    for name in ("last.pt", "best.pt"):
+        ckpt = training.load_checkpoint(os.path.join(run_dir, name))
+        assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_a_loss_a_million_times_the_untrained_networks_stops_the_run_though_finite(ad_cohort60, tmp_path):
+    """The issue's --lr 1e3: the AD run finished at a training loss of 4e17 without a word. The tabular MLP's first
+    epoch there is at 2e9 against an untrained 1.3: stopped in epoch 1, nothing saved, no folder left behind."""
+    p = run_main(train_ad.main, *_tabular_args(ad_cohort60, tmp_path, "--epochs", "2", "--lr", "1e3"))
+    assert_clean_error(p, "diverged in epoch 1", "the training loss", "times the untrained network's",
+                       "nothing was saved")
+    assert _files(tmp_path) == []
+
+
+def test_nan_validation_outputs_stop_the_run_in_one_line_not_a_scikit_learn_traceback(ad_cohort60, tmp_path,
+                                                                                       monkeypatch):
+    """--lr 1e3 on AD gave scikit-learn's `Input contains NaN` traceback: the validation probabilities were NaN."""
+    real_predict, calls = train_ad.predict, []
+
+    def nan_in_epoch_2(model, loader, device, transform):
+        calls.append(1)
+        out, targets = real_predict(model, loader, device, transform)
+        return out * (float("nan") if len(calls) == 2 else 1.0), targets
+
+    monkeypatch.setattr(train_ad, "predict", nan_in_epoch_2)
+    run_dir = _run_dir(tmp_path, "tabular")
+    assert_clean_error(run_main(train_ad.main, *_tabular_args(ad_cohort60, tmp_path, "--epochs", "3")), run_dir,
+                       "diverged in epoch 2", "validation outputs are nan for 12 of 12 subjects",
+                       "last.pt still holds epoch 1")
+    assert _epoch_of(run_dir) == _epoch_of(run_dir, "best.pt") == 1
+    with pytest.raises(UserError, match=r"diverged in epoch 2: the validation score \(score\) is nan"):
+        _scripted_fit(tmp_path / "scripted", [0.5, float("nan")], False)
+
+
+def test_a_non_finite_batchnorm_statistic_stops_the_run_after_the_epoch_or_after_precise_bn(ad_cohort60, tmp_path,
+                                                                                            monkeypatch):
+    """Voxels of 1e30 in a float32 cache gave exit 0 and a best.pt with an infinite BatchNorm variance (every
+    test subject the same probabilities): the loss stays finite, as training normalises with the batch's own
+    statistics. A running statistic is checked after each epoch's steps and after brain age's precise-BN."""
+    real_forward, steps = nn.BatchNorm1d.forward, []
+
+    def forward(self, x):                                     # the AD tabular MLP's one BatchNorm1d
+        out = real_forward(self, x)
+        if self.training:
+            steps.append(1)
+            if len(steps) == 6:                               # epoch 2, step 2 (4 steps an epoch); a new tensor,
+                self.running_var = self.running_var.clone().fill_(float("inf"))   # the old one is autograd's
+        return out
+
+    monkeypatch.setattr(nn.BatchNorm1d, "forward", forward)
+    run_dir = _run_dir(tmp_path, "tabular")
+    assert_clean_error(run_main(train_ad.main, *_tabular_args(ad_cohort60, tmp_path, "--epochs", "3")), run_dir,
+                       "diverged in epoch 2", "BatchNorm running statistic embedding.1.running_var is inf",
+                       "after the epoch's steps", "last.pt still holds epoch 1")
+    assert _epoch_of(run_dir) == 1 and torch.isfinite(training.load_checkpoint(
+        os.path.join(run_dir, "last.pt"))["model"]["embedding.1.running_var"]).all()
+    monkeypatch.undo()
+
+    # brain age's precise BN (re-estimated before each validation; a brain-age run costs 10 s an epoch here, so
+    # fit is called as train_brain_age.py calls it, on a tiny net)
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.norm = nn.Linear(3, 4), nn.BatchNorm1d(4)
+
+        def forward(self, image, tabular):
+            return self.norm(self.linear(tabular))
+
+    items = torch.utils.data.TensorDataset(torch.zeros(16, 0), torch.randn(16, 3), torch.randn(16, 4))
+    train_batches = torch.utils.data.DataLoader(items, batch_size=8)
+    run = RunConfig(task="brain-age", model="imaging", version=0, split_seed=0, data_csv="x", epochs=3, batch_size=8,
+                    lr=1e-3, weight_decay=0.0)
+    calls = []
+
+    def precise_bn_nan_in_epoch_2(model):
+        training.recalibrate_batchnorm(model, train_batches, torch.device("cpu"))
+        calls.append(1)
+        if len(calls) == 2:
+            model.norm.running_mean.fill_(float("nan"))
+
+    folder = tmp_path / "precise_bn"
+    with pytest.raises(UserError, match=r"diverged in epoch 2: the BatchNorm running statistic norm\.running_mean is "
+                                        r"nan after the precise-BN re-estimation; last\.pt still holds epoch 1"):
+        training.fit(Net(), train_batches, F.mse_loss, lambda m: {"mae": 1.0}, "mae", run, str(folder),
+                     {}, quiet=True, lower_is_better=True, before_validation=precise_bn_nan_in_epoch_2)
+    assert _epoch_of(folder) == 1
+
+
+def test_ctrl_c_during_training_prints_one_line_with_what_is_kept_and_the_command_to_resume(ad_cohort60, tmp_path):
+    """Ctrl-C printed a traceback. Now one line: the epoch, what last.pt holds, the exact command with --resume;
+    exit 130 as a shell reports SIGINT. While it trains, the folder is refused to a second run naming its pid."""
+    args = [str(a) for a in ("--data-csv", ad_cohort60, "--out", tmp_path, "--model", "tabular", "--epochs", "500",
+                             "--batch-size", "8", "--split-seed", "0", "--fold", "1")]
+    proc = subprocess.Popen([sys.executable, "train_ad.py", *args], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    run_dir = _run_dir(tmp_path, "tabular")
+    try:
+        assert any(line.startswith("epoch   1/500") for line in proc.stdout), "no epoch line"
+        assert_clean_error(run_main(train_ad.main, *args, "--resume"), run_dir, f"pid {proc.pid}")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    saved = _epoch_of(run_dir)
+    assert proc.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"interrupted (Ctrl-C) in epoch {saved + 1} of 500: {run_dir}/last.pt holds epoch {saved}; "
+                          f"resume with: {shlex.join([sys.executable, 'train_ad.py', *args, '--resume'])}\n"), err
+    assert runfolder.LOCK_NAME not in os.listdir(run_dir)
+
+
+def test_sigterm_during_training_prints_the_same_one_line_and_exits_143(ad_cohort60, tmp_path, monkeypatch):
+    """A scheduler's SIGTERM (or `kill PID`) ends a run as Ctrl-C does: one line, exit 143 (128 + 15)."""
+    class Unhandled(Exception):
+        pass
+
+    def fallback(signum, frame):                       # were SIGTERM not handled, this test fails, pytest lives on
+        raise Unhandled
+
+    real_write_log = training.write_log
+
+    def sigterm_after_epoch_1(history, path):
+        real_write_log(history, path)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(training, "write_log", sigterm_after_epoch_1)
+    previous = signal.signal(signal.SIGTERM, fallback)
+    try:
+        p = run_main(train_ad.main, *_tabular_args(ad_cohort60, tmp_path, "--epochs", "3"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    run_dir = _run_dir(tmp_path, "tabular")
+    assert p.returncode == 143 and len(p.stderr.splitlines()) == 1, p.stderr
+    assert p.stderr.startswith(f"interrupted (SIGTERM) in epoch 2 of 3: {run_dir}/last.pt holds epoch 1; "), p.stderr
+    assert _epoch_of(run_dir) == 1 and runfolder.LOCK_NAME not in os.listdir(run_dir)
+
+
+def test_an_interrupted_run_protocol_with_jobs_ends_the_trainings_it_started(tmp_path, monkeypatch):
+    """run-protocol --jobs K runs each training in a process of its own: Ctrl-C or SIGTERM of the runner (or an
+    error in it) left them training with no one waiting for them. Now it stops them (SIGTERM) before it ends."""
+    pid_file = tmp_path / "pid"
+    child = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)"
+    real_sleep, interrupted = launcher.time.sleep, []
+
+    def interrupt_once_it_runs(seconds):                      # time.sleep, of the runner's poll and of Popen.wait
+        if not interrupted and pid_file.exists() and pid_file.read_text():
+            interrupted.append(True)
+            raise KeyboardInterrupt
+        real_sleep(min(seconds, 0.05))
+
+    monkeypatch.setattr(launcher.time, "sleep", interrupt_once_it_runs)
+    with pytest.raises(KeyboardInterrupt):
+        launcher.run_jobs([launcher.Job(str(tmp_path / "run"), [sys.executable, "-c", child, str(pid_file)])], 1)
+    pid = int(pid_file.read_text())
+    try:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)                                   # ended, and waited for (no zombie left either)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ metrics.json and predictions.npz (the test probabilities that evaluate.py ensemb
 The loop, checkpoints and device handling are training.py's.
 """
 import argparse
+import contextlib
 import os
 
 import numpy as np
@@ -25,11 +26,13 @@ from layers import init_hyperlayers
 from metrics import classification_metrics
 from models import AD_MODELS, class_probabilities
 from runs import load_run
+from runfolder import claim_run_folder
 from safeio import ArgumentParser, UserError, atomic_path, run_cli, write_json
 from synthetic import builtin_cohort
 from tabular import TabularPreprocessor
-from training import (DATA_KEYS, RunConfig, add_common_arguments, batches, fit, identity, load_checkpoint, log,
-                      loader_workers, predict, resolve_schedule, resumable, seed_all, setup_device, speed_options)
+from training import (DATA_KEYS, RunConfig, add_common_arguments, batches, check_finite_outputs, fit, identity,
+                      load_checkpoint, log, loader_workers, predict, resolve_schedule, resumable, seed_all,
+                      setup_device, speed_options)
 
 # Table 1 (real data) and the demo schedule used on the built-in synthetic cohort
 REAL_AD = dict(epochs=250, batch_size=32, lr=1e-4, weight_decay=1e-5)
@@ -69,10 +72,18 @@ def ad_run_config(args):
 
 
 def train_ad(args):
-    """One AD run from its parsed options (a dict, as vars(ad_arguments().parse_args())). -> metrics."""
+    """One AD run from its parsed options (a dict, as vars(ad_arguments().parse_args())). -> metrics.
+    Its run folder is its own while it runs (runfolder.claim_run_folder), released however the run ends."""
+    with contextlib.ExitStack() as folder:
+        return run_ad(args, folder)
+
+
+def run_ad(args, folder):
+    """train_ad's run; `folder` (an ExitStack) holds the claim of the run folder until the run ends."""
     quiet = args["quiet"]
     device = setup_device(args["device"])
     run = ad_run_config(args)
+    folder.enter_context(claim_run_folder(run.run_dir(args["out"]), args["resume"]))   # refused before any work
     workers = loader_workers(args["workers"], device)
     image_model = run.model != "tabular"
     table = data.read_ad_table(run.data_csv, run.image_dir, need_images=image_model, classes=run.classes,
@@ -188,6 +199,7 @@ def wce_loss(logits, target, weights):
 def ad_metrics(model, loader, device, class_names):
     """Soft predictions of a loader's subjects, both hippocampi averaged (Sec. 4.3.6), and their metrics."""
     probs, labels = predict(model, loader, device, class_probabilities)
+    check_finite_outputs(probs)                 # NaN probabilities would be scikit-learn's traceback
     return classification_metrics(labels, probs, class_names), probs
 
 
@@ -199,11 +211,11 @@ def pretrained_tabular(args, run, inputs):
         if not os.path.isfile(os.path.join(run_dir, "metrics.json")):
             log(f"pre-training the tabular embedding (Sec. 4.3.6) -> {run_dir}", args["quiet"])
             with alone():
-                train_ad(dict(args, model="tabular", resume=False))
+                train_ad(dict(args, model="tabular", resume=True))   # an interrupted pre-training continues
         else:
             log(f"reusing the tabular embedding of {run_dir}", args["quiet"])
     return load_run(run_dir, expected=identity(tab_run, inputs, DATA_KEYS)).model()
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, resume_option="--resume")

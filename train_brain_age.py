@@ -14,6 +14,7 @@ the linear age-bias correction fitted on the validation set) and predictions.npz
 The loop, checkpoints and device handling are training.py's.
 """
 import argparse
+import contextlib
 import os
 
 import numpy as np
@@ -26,10 +27,11 @@ from distributed import is_main, main_first
 from layers import init_hyperlayers
 from metrics import age_bias_fit, gap_summary, regression_metrics
 from models import BRAIN_AGE_MODELS, AgeTarget
+from runfolder import claim_run_folder
 from safeio import ArgumentParser, UserError, atomic_path, run_cli, warn, write_json
 from synthetic import builtin_cohort
-from training import (RunConfig, add_common_arguments, batches, fit, identity, load_checkpoint, log,
-                      loader_workers, predict, recalibrate_batchnorm, resolve_schedule, resumable, seed_all,
+from training import (RunConfig, add_common_arguments, batches, check_finite_outputs, fit, identity, load_checkpoint,
+                      log, loader_workers, predict, recalibrate_batchnorm, resolve_schedule, resumable, seed_all,
                       setup_device, speed_options)
 
 REAL_BRAIN_AGE = dict(epochs=70, batch_size=64, lr=1.5e-4, weight_decay=0.05)  # Table 1
@@ -73,10 +75,18 @@ def brain_age_run_config(args):
 
 
 def train_brain_age(args):
-    """One brain-age run from its parsed options (a dict, as vars(brain_age_arguments().parse_args())). -> metrics."""
+    """One brain-age run from its parsed options (a dict, as vars(brain_age_arguments().parse_args())).
+    -> metrics. Its run folder is its own while it runs (runfolder.claim_run_folder), released however it ends."""
+    with contextlib.ExitStack() as folder:
+        return run_brain_age(args, folder)
+
+
+def run_brain_age(args, folder):
+    """train_brain_age's run; `folder` (an ExitStack) holds the claim of the run folder until the run ends."""
     quiet = args["quiet"]
     device = setup_device(args["device"])
     run = brain_age_run_config(args)
+    folder.enter_context(claim_run_folder(run.run_dir(args["out"]), args["resume"]))   # refused before any work
     workers = loader_workers(args["workers"], device)
     table = data.read_brain_age_table(run.data_csv, run.image_dir)
     train_idx, val_idx, test_idx = splits.brain_age_split(table.age, table.sex, run.split_seed, run.split)
@@ -161,8 +171,9 @@ def select_training_sex(train_idx, sex, which, seed):
 def age_metrics(model, loader, device, target, sex):
     """Predicted ages in years (the network's output decoded by `target`) and their MAEs (Sec. 4.2.2)."""
     pred, age = predict(model, loader, device, target.decode)
+    check_finite_outputs(pred)
     return regression_metrics(age, pred, sex), pred
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, resume_option="--resume")

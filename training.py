@@ -4,9 +4,11 @@ train_ad.py and train_brain_age.py each describe one run of their task (data, mo
 and hand it to `fit`, the hand-written loop of both (Adam with weight decay, Eq. 3). A run is a
 RunConfig: the options that define it, written into every checkpoint with the facts it learned from
 its data (`inputs`: tabular columns, classes, crops, image shape), so that a checkpoint of another
-run is refused and a finished run can be replayed exactly (runs.py).
+run is refused and a finished run can be replayed exactly (runs.py). A run that diverges stops in one line
+with its last good checkpoint kept (fit); its folder holds that one run alone (runfolder.py).
 """
 import dataclasses
+import math
 import os
 import random
 import time
@@ -17,6 +19,7 @@ import torch
 
 import distributed
 from models import build_model
+from runfolder import discard_finished_outputs
 from safeio import UserError, atomic_path, check_number, write_csv
 
 SCHEDULE_KEYS = ("epochs", "batch_size", "lr", "weight_decay")
@@ -226,6 +229,10 @@ class DeviceBatches:
         self.sampler = sampler or (torch.utils.data.RandomSampler(dataset) if shuffle else range(len(dataset)))
         self.batch_size, self.drop_last = batch_size, drop_last
 
+    def __len__(self):
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
     def __iter__(self):
         idx = torch.as_tensor(list(self.sampler), device=self.image.device)
         stop = len(idx) - len(idx) % self.batch_size if self.drop_last else len(idx)
@@ -296,6 +303,24 @@ def predict(model, loader, device, transform=None):
     return distributed.gather(torch.cat(outputs).numpy(), n), distributed.gather(torch.cat(targets).numpy(), n)
 
 
+class NonFiniteOutputs(UserError):
+    """A model's outputs hold NaN or inf (check_finite_outputs): diverged weights, or absurd inputs."""
+
+    def __init__(self, detail):
+        super().__init__(f"the model's outputs are {detail}")
+        self.detail = detail
+
+
+def check_finite_outputs(outputs):
+    """outputs (N, ...) as they are, or NonFiniteOutputs saying for how many of the N subjects they are NaN or inf
+    (a metric of them would be a scikit-learn traceback, or a number that means nothing)."""
+    bad = ~np.isfinite(outputs).reshape(len(outputs), -1).all(1)
+    if bad.any():
+        raise NonFiniteOutputs(f"{'nan' if np.isnan(outputs).any() else 'inf'} for {int(bad.sum())} of "
+                               f"{len(bad)} subjects")
+    return outputs
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -350,6 +375,15 @@ def speed_options(args):
     return {k: args[k] for k in ("sync_bn", "compile", "channels_last")}
 
 
+# Diverged though finite: an epoch's mean training loss over LOSS_BOUND times the untrained network's
+# (its first batch, before any step). A network that learns stays within a few times its starting loss
+# (cross-entropy starts near log C, brain age's MSE near the variance of its scaled target), while one a
+# million times worse has weights blown up past recovery: --lr 1e3 on the AD cohort gives 2e9 in the
+# tabular MLP's first epoch, 1e17 in HyperFusion's, and the epochs after it learn nothing (chance-level
+# validation). A fixed bound would depend on the loss's units; this one is relative to the run's own start.
+LOSS_BOUND = 1e6
+
+
 def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs, state=None, resume=False,
         quiet=False, lower_is_better=False, sync_bn=False, compile=False, channels_last=False, before_validation=None,
         weight_decay=None):
@@ -365,6 +399,13 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
     before_validation(model), if given, runs each epoch before validate (brain age: recalibrate_batchnorm).
     -> {"epoch", "score", "metrics"} of the best epoch.
 
+    resume continues last.pt (its run must be this one, epochs excepted: --epochs may grow, not shrink); when
+    it trains further, a finished run's metrics.json and predictions.npz are removed first, so that a
+    half-trained best.pt is never taken for a finished run's (runs.finished). Divergence stops the run with a
+    UserError naming the epoch and what went non-finite (check_divergence), before that epoch is saved: last.pt
+    and best.pt keep the last good epoch. A KeyboardInterrupt (Ctrl-C, or SIGTERM as safeio.Terminated)
+    goes on up with `progress`, what last.pt holds, for safeio.run_cli's one line.
+
     Under torchrun (distributed.py) the model trains inside DDP (SyncBatchNorm with sync_bn), each
     process on its share of the batch and with its own dropout draws; rank 0 alone writes. The
     speed options: channels_last (channels_last_3d memory format) and compile (torch.compile).
@@ -378,65 +419,136 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
     decay = run.weight_decay if weight_decay is None else weight_decay
     opt = torch.optim.Adam(model.parameters(), lr=run.lr, weight_decay=decay)           # Eq. 3
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device) == torch.float16)  # bfloat16 needs none
-    start, best, history = 0, None, []
+    start, best, history, initial = 0, None, [], None
     last_path, best_path = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "best.pt")
     if resumable(run_dir, resume):
         ckpt = load_checkpoint(last_path, identity(run, inputs))
         load_weights(model, ckpt["model"], last_path)
         load_weights(opt, ckpt["optimizer"], last_path, "optimiser state")
-        start, best, history = ckpt["epoch"] + 1, ckpt["best"], ckpt["history"]
+        start, best, history, initial = ckpt["epoch"] + 1, ckpt["best"], ckpt["history"], ckpt.get("initial_loss")
+        if start > run.epochs:
+            raise UserError(f"--epochs {run.epochs}: {last_path} has trained {start} epochs already; --resume "
+                            f"continues that run, so --epochs may grow but not shrink")
         log(f"resuming {last_path} after epoch {start}", quiet)
+        if start < run.epochs:
+            gone = discard_finished_outputs(run_dir)
+            if gone:
+                log(gone, quiet)
     elif resume:
         log(f"--resume: no {last_path} yet, starting afresh", quiet)
     header = {"run": dataclasses.asdict(run), "inputs": inputs, **(state or {})}
-    t_start = time.time()
-    for epoch in range(start, run.epochs):
-        t0 = time.time()
-        torch.manual_seed(run.version * 1_000_003 + epoch + 7_919 * distributed.rank())
-        if hasattr(train_loader.sampler, "set_epoch"):            # torchrun: a new shuffle, the same on all ranks
-            train_loader.sampler.set_epoch(run.version * 1_000_003 + epoch)
-        net.train()
-        total, n = 0.0, 0
-        for image, tabular, target in train_loader:
-            image = image.to(device, non_blocking=True)
-            if channels_last and image.dim() == 5:
-                image = image.contiguous(memory_format=torch.channels_last_3d)
-            tabular, target = tabular.to(device, non_blocking=True), target.to(device, non_blocking=True)
-            with autocast(device):
-                loss = loss_fn(net(image, tabular), target)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"epoch {epoch + 1}: the loss is {loss.item()}; lower --lr")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            total, n = total + loss.item() * len(target), n + len(target)
-        total, n = distributed.sum_all(total, n)
-        if before_validation is not None:
-            before_validation(model)
-        metrics = validate(model)
-        score = metrics[score_key]
-        improved = best is None or (score < best["score"] if lower_is_better else score > best["score"])
-        if improved:
-            best = {"epoch": epoch, "score": score, "metrics": metrics}
-        seconds = time.time() - t0
-        history.append({"epoch": epoch + 1, "train_loss": total / max(n, 1), score_key: score, "seconds": seconds,
-                        **{k: v for k, v in metrics.items() if isinstance(v, float) and k != score_key}})
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best,
-                 "history": history, **header}
-        if distributed.is_main():
+    t_start, saved = time.time(), start - 1                       # saved: the epoch last.pt holds (-1: none)
+    try:
+        for epoch in range(start, run.epochs):
+            t0 = time.time()
+            torch.manual_seed(run.version * 1_000_003 + epoch + 7_919 * distributed.rank())
+            if hasattr(train_loader.sampler, "set_epoch"):        # torchrun: a new shuffle, the same on all ranks
+                train_loader.sampler.set_epoch(run.version * 1_000_003 + epoch)
+            total, n, first, problem = train_epoch(net, opt, scaler, train_loader, loss_fn, device, channels_last)
+            total, n, first = distributed.sum_all(total, n, first)
+            if initial is None and epoch == 0:                    # the untrained network's loss (LOSS_BOUND)
+                initial = first / distributed.world_size()
+            mean_loss = total / max(n, 1)
+            if problem is None and initial is not None and initial > 0 and mean_loss > LOSS_BOUND * initial:
+                problem = f"the training loss {mean_loss:.3g} is over {LOSS_BOUND:g} times the untrained " \
+                          f"network's ({initial:.3g})"
+            check_divergence(problem, epoch, run_dir, saved)
+            check_divergence(non_finite(model), epoch, run_dir, saved, "after the epoch's steps")
+            if before_validation is not None:
+                before_validation(model)
+                check_divergence(non_finite(model), epoch, run_dir, saved, "after the precise-BN re-estimation")
+            try:
+                metrics = validate(model)
+            except NonFiniteOutputs as exc:
+                check_divergence(f"the validation outputs are {exc.detail}", epoch, run_dir, saved)
+            score = metrics[score_key]
+            if not math.isfinite(score):
+                check_divergence(f"the validation score ({score_key}) is {score}", epoch, run_dir, saved)
+            improved = best is None or (score < best["score"] if lower_is_better else score > best["score"])
             if improved:
-                save_checkpoint(state, best_path)
-            save_checkpoint(state, last_path)
-            write_log(history, os.path.join(run_dir, "log.csv"))
-        left = (time.time() - t_start) / (epoch + 1 - start) * (run.epochs - epoch - 1)
-        log(f"epoch {epoch + 1:3d}/{run.epochs} | train loss {total / max(n, 1):.4f} | "
-            f"val {score_key.replace('balanced_accuracy', 'BA')} {score:.3f}{' *' if improved else '  '} | "
-            f"{seconds:.1f} s | {left / 60:.1f} min left", quiet)
+                best = {"epoch": epoch, "score": score, "metrics": metrics}
+            seconds = time.time() - t0
+            history.append({"epoch": epoch + 1, "train_loss": mean_loss, score_key: score, "seconds": seconds,
+                            **{k: v for k, v in metrics.items() if isinstance(v, float) and k != score_key}})
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best,
+                     "history": history, "initial_loss": initial, **header}
+            if distributed.is_main():
+                if improved:
+                    save_checkpoint(state, best_path)
+                save_checkpoint(state, last_path)
+            saved = epoch                                         # what last.pt holds from now on
+            if distributed.is_main():
+                write_log(history, os.path.join(run_dir, "log.csv"))
+            left = (time.time() - t_start) / (epoch + 1 - start) * (run.epochs - epoch - 1)
+            log(f"epoch {epoch + 1:3d}/{run.epochs} | train loss {mean_loss:.4f} | "
+                f"val {score_key.replace('balanced_accuracy', 'BA')} {score:.3f}{' *' if improved else '  '} | "
+                f"{seconds:.1f} s | {left / 60:.1f} min left", quiet)
+    except KeyboardInterrupt as exc:          # Ctrl-C or SIGTERM: safeio.run_cli says what is kept, in one line
+        if not hasattr(exc, "progress"):                          # the epoch after the saved one was training
+            when = f"in epoch {saved + 2}" if saved + 1 < run.epochs else f"after epoch {run.epochs}"
+            exc.progress = f"{when} of {run.epochs}: " + (
+                f"{last_path} holds epoch {saved + 1}" if saved >= 0 else f"nothing saved yet in {run_dir}")
+        raise
     distributed.barrier()                                         # best.pt is written before anyone reads it
     if best is None:
         raise UserError(f"{run_dir}: no epoch was trained (--epochs {run.epochs})")
     return best
+
+
+def train_epoch(net, opt, scaler, loader, loss_fn, device, channels_last=False):
+    """One pass of Adam steps over the training batches -> (loss total, samples, first batch's loss, problem).
+
+    problem: None, or "the training loss is nan (step k of K)" at the first non-finite loss, whose step is
+    not taken; alone, the epoch stops there (under torchrun the others would wait for this process's
+    gradients, so it goes on, its non-finite gradients reach every process, and all stop after the epoch)."""
+    net.train()
+    total, n, first, problem = 0.0, 0, None, None
+    for step, (image, tabular, target) in enumerate(loader):
+        image = image.to(device, non_blocking=True)
+        if channels_last and image.dim() == 5:
+            image = image.contiguous(memory_format=torch.channels_last_3d)
+        tabular, target = tabular.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        with autocast(device):
+            loss = loss_fn(net(image, tabular), target)
+        value = loss.item()
+        first = value if first is None else first
+        if not math.isfinite(value) and problem is None:
+            problem = f"the training loss is {value} (step {step + 1} of {len(loader)})"
+            if distributed.world_size() == 1:
+                break
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        total, n = total + value * len(target), n + len(target)
+    return total, n, first or 0.0, problem
+
+
+def non_finite(model):
+    """The first parameter or BatchNorm running statistic of `model` that holds NaN or inf, in words; else None."""
+    tensors = [(f"parameter {k}", p) for k, p in model.named_parameters()]
+    tensors += [(f"BatchNorm running statistic {name}.{k}", getattr(m, k)) for name, m in model.named_modules()
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                for k in ("running_mean", "running_var") if getattr(m, k) is not None]
+    if not tensors:
+        return None
+    finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in tensors]).cpu()    # one device sync
+    if bool(finite.all()):
+        return None
+    name, t = tensors[int((~finite).nonzero()[0])]
+    return f"the {name} is {'nan' if torch.isnan(t).any() else 'inf'}"
+
+
+def check_divergence(problem, epoch, run_dir, saved, when=""):
+    """A UserError naming the epoch and `problem` (what went non-finite) if any process reports one, else
+    nothing. Raised before the epoch is saved, so last.pt and best.pt keep the last good epoch."""
+    problem = distributed.first_reported(problem)
+    if problem is None:
+        return
+    kept = f"last.pt still holds epoch {saved + 1}, the last good one" if saved >= 0 else "nothing was saved"
+    raise UserError(f"{run_dir}: training diverged in epoch {epoch + 1}: {problem}{' ' + when if when else ''}; "
+                    f"{kept}. Lower --lr (or look for extreme values in the inputs) and train again"
+                    + (" into another --out" if saved >= 0 else ""))
 
 
 def write_log(history, path):
