@@ -918,14 +918,17 @@ def test_cache_decodes_once_and_redecodes_a_changed_source(tmp_path):
     again.prepare(progress=False)
     np.array(again[1])
     assert again.n_decoded == 0                                 # served from the .npy, no gzip decode
-    data.save_nifti(np.ones((8, 8, 8), np.float32), 2.0, paths[1])
+    changed = np.ones((8, 8, 8), np.float32)
+    changed[0, 0, 0] = 2                                        # (a constant image would be refused: no signal)
+    data.save_nifti(changed, 2.0, paths[1])
     os.utime(paths[1], ns=(1, 10**18))                          # a changed source (new mtime)
-    assert np.array_equal(np.array(again[1]), np.ones((2, 4, 8, 8)))
+    assert np.array_equal(np.array(again[1]), crops(changed))
     assert again.n_decoded == 1
-    assert len(os.listdir(tmp_path / "cache")) == 3             # the stale entry was removed
+    entries = lambda: [f for f in os.listdir(tmp_path / "cache") if f.endswith(".npy")]   # (and sources.json)
+    assert len(entries()) == 3                                  # the stale entry was removed
     other = data.ImageCache(paths, tmp_path / "cache", "float32", transform=crops)
     assert other[0].dtype == np.float32 and other.n_decoded == 1  # another dtype: its own entry
-    assert len(os.listdir(tmp_path / "cache")) == 4 and again[0].dtype == np.float16
+    assert len(entries()) == 4 and again[0].dtype == np.float16
 
 
 def test_a_parallel_cache_decode_writes_entries_byte_identical_to_a_serial_decode(ad_cohort40, tmp_path):
@@ -938,10 +941,11 @@ def test_a_parallel_cache_decode_writes_entries_byte_identical_to_a_serial_decod
         caches[workers].PARALLEL_FROM = 1                       # 40 subjects: decode them in 2 processes anyway
         caches[workers].prepare(progress=False, workers=workers)
     names = sorted(os.listdir(tmp_path / "w1"))
-    assert len(names) == len(table.subjects) and names == sorted(os.listdir(tmp_path / "w2"))
+    assert names == sorted(os.listdir(tmp_path / "w2")) and data.SOURCES_INDEX in names
+    assert len(names) == len(table.subjects) + 1                # an entry per subject, and the sources' hashes
     for name in names:
         assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
-    assert caches[2].n_decoded == len(names) and no_temp_files(tmp_path / "w2")
+    assert caches[2].n_decoded == len(table.subjects) and no_temp_files(tmp_path / "w2")
 
 
 def test_dataset_items_have_one_side_in_training_and_both_in_evaluation(ad_cohort40, tmp_path):
