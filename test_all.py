@@ -1474,7 +1474,8 @@ def test_4d_image_is_named_with_its_shape(tmp_path):
     csv_path = tiny_ad(tmp_path)
     nib.save(nib.Nifti1Image(np.ones((8, 8, 8, 2), np.float32), np.eye(4)), tmp_path / "images" / "S0.nii.gz")
     assert_clean_error(run("data.py", "check-ad", csv_path), "S0.nii.gz", "(8, 8, 8, 2)")
-    nib.save(nib.Nifti1Image(np.ones((8, 8, 8, 1), np.float32), np.eye(4)), tmp_path / "images" / "S0.nii.gz")
+    nib.save(nib.Nifti1Image(np.arange(512, dtype=np.float32).reshape(8, 8, 8, 1), np.eye(4)),   # not constant
+             tmp_path / "images" / "S0.nii.gz")
     assert data.load_volume(tmp_path / "images" / "S0.nii.gz").shape == (8, 8, 8)   # trailing 1 squeezed
 
 
