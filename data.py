@@ -1,12 +1,13 @@
-"""Real data in: NIfTI images read and validated, the tables (tables.py), hippocampus crops, the image cache, Datasets.
+"""Real data in: the tables (tables.py), the images (images.py), Datasets, ADNIMERGE, previews, the checks.
 
 On-disk format (the synthetic cohorts of synthetic.py use it too, so the demos exercise the real path):
     AD:        a CSV with Subject, Group, AGE, PTGENDER, PTEDUCAT, APOE4, ABETA, PTAU, TAU, FDG, AV45
                (ADNIMERGE names) and optionally `image` (path relative to the CSV), else
                <image dir>/<Subject>.nii.gz; crops.json with the hippocampus boxes.
     brain age: a CSV with Subject, Age, Sex (M/F) [, image]; images as above.
-Every error is a UserError naming the file, subject, line or column. The tables are read by tables.py;
-its readers are re-exported here, so `data` stays the one door for data coming in.
+Every error is a UserError naming the file, subject, line or column. The tables are read by tables.py,
+the images read, hashed, cropped and cached by images.py; their names are re-exported here, so `data`
+stays the one door for data coming in.
 
 Command line (bad input -> one line `error: ...` on stderr, exit status 2):
     python data.py check-ad CSV [--image-dir DIR] [--no-images] [--group-map SMC=CN] [--preview DIR]
@@ -16,27 +17,18 @@ Command line (bad input -> one line `error: ...` on stderr, exit status 2):
 file name (`../../x`, from an `image` column) a safe name inside DIR (tables.output_names), printed.
 from-adnimerge's table is written verbatim (the code reads it back), not escaped for spreadsheets.
 """
-import concurrent.futures
-import contextlib
-import hashlib
-import json
 import math
-import multiprocessing
 import os
 import struct
 import time
 import zlib
 
-try:
-    import fcntl
-except ImportError:  # not on Windows: prepare() then takes no lock
-    fcntl = None
-from dataclasses import dataclass
-
-import nibabel as nib
 import numpy as np
 import torch
 
+from images import (ENTRY_MAGIC, FLOAT16_MAX, SOURCES_INDEX, HippocampusCrops, ImageCache, cache_folder,  # noqa: F401
+                    cache_lock, check_image_geometry, check_values, crops_path, entry_bytes, file_sha256,
+                    image_fingerprint, image_geometry, load_crops, load_nifti, load_volume, save_nifti, source_hashes)
 from safeio import (ArgumentParser, UserError, atomic_path, check_number, check_output, run_cli, warn, write_csv,
                     write_json)
 from tables import (CLASS_NAMES, GROUP_ALIASES, ADTable, BrainAgeTable, check_subjects, diagnosis,  # noqa: F401
@@ -45,327 +37,10 @@ from tables import (CLASS_NAMES, GROUP_ALIASES, ADTable, BrainAgeTable, check_su
 from tabular import AD_ATTRIBUTES, is_missing_code
 
 
-# ----------------------------------------------------------------------------------------------
-# NIfTI volumes, read with validation
-
-def _where(path, subject=None):
-    return f"{path} (subject {subject})" if subject is not None else f"{path}"
-
-
-def _open_nifti(path, where):
-    """One NIfTI's header, nothing decoded -> (nibabel image, its 3D shape with trailing 1s squeezed)."""
-    if not os.path.isfile(path):
-        raise UserError(f"{where}: image file not found")
-    try:
-        img = nib.load(path)
-    except (OSError, ValueError, EOFError, zlib.error, nib.filebasedimages.ImageFileError) as exc:
-        raise UserError(f"{where}: unreadable NIfTI header ({type(exc).__name__}: {exc})") from None
-    shape = tuple(img.shape)
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    if len(shape) != 3:
-        raise UserError(f"{where}: expected a 3D image, got shape {tuple(img.shape)}")
-    if not np.isfinite(img.affine).all() or abs(np.linalg.det(img.affine[:3, :3])) < 1e-9:
-        raise UserError(f"{where}: the header's voxel-to-world affine is degenerate (a zero voxel size?): "
-                        f"{img.affine[:3, :3].round(4).tolist()}")
-    return img, shape
-
-
-def load_nifti(path, subject=None, canonical=True):
-    """Load and validate one NIfTI -> nibabel image holding float32 3D data (RAS if canonical).
-
-    Errors (UserError naming the file and subject): missing, unreadable, truncated or corrupt
-    gzip, not 3D (trailing singleton dimensions are squeezed; the shape is checked from the
-    header, before decoding), NaN or inf voxels.
-    """
-    where = _where(path, subject)
-    img, shape = _open_nifti(path, where)
-    try:
-        data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
-    except (OSError, ValueError, EOFError, zlib.error) as exc:  # short gzip stream, bad CRC, short file
-        raise UserError(f"{where}: truncated or corrupt NIfTI ({type(exc).__name__}: {exc})") from None
-    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
-    if bad:
-        raise UserError(f"{where}: {bad} NaN/inf voxels")
-    out = nib.Nifti1Image(data, img.affine)
-    return nib.as_closest_canonical(out) if canonical else out
-
-
-def image_geometry(path, subject=None):
-    """-> (shape, voxel size in mm) of one image as load_volume will return it (RAS), from its header alone."""
-    img, shape = _open_nifti(path, _where(path, subject))
-    zooms = nib.affines.voxel_sizes(img.affine)[:3]
-    ornt = nib.orientations.io_orientation(img.affine)
-    axes = ornt[:, 0].astype(int) if np.isfinite(ornt).all() else np.arange(3)  # input axis i -> RAS axis axes[i]
-    ras_shape, ras_zooms = [0] * 3, [0.0] * 3
-    for i, j in enumerate(axes):
-        ras_shape[j], ras_zooms[j] = int(shape[i]), round(float(zooms[i]), 4)
-    return tuple(ras_shape), tuple(ras_zooms)
-
-
-def check_image_geometry(paths, subjects):
-    """Every image of a cohort has one shape and one voxel size, read from the headers (nothing decoded,
-    so a cohort is checked in seconds, before the cache decodes it). -> (shape, voxel size in mm).
-
-    The first image that differs is refused naming it, the first image and both shapes (or voxel sizes):
-    a network sees a fixed grid, and mixed voxel sizes mean the same voxel is not the same anatomy."""
-    first = None
-    for p, s in zip(paths, subjects):
-        shape, zooms = image_geometry(p, s)
-        if first is None:
-            first = (shape, zooms, _where(p, s))
-        elif shape != first[0]:
-            raise UserError(f"{_where(p, s)}: image shape {shape} differs from {first[0]} of {first[2]}; every "
-                            f"image of a cohort must have one shape (resample them, e.g. with preprocess.py)")
-        elif not np.allclose(zooms, first[1], rtol=1e-3, atol=1e-4):
-            raise UserError(f"{_where(p, s)}: voxel size {zooms} mm differs from {first[1]} mm of {first[2]}; every "
-                            f"image of a cohort must have one voxel size (resample them, e.g. with preprocess.py)")
-    return (first[0], first[1]) if first else (None, None)
-
-
-def image_fingerprint(paths):
-    """The images' part of a run's identity: sha256 of every image's file name and size, in table order.
-
-    Cheap (no image is read) and stable when the folder is moved or copied; re-exported, re-preprocessed
-    or re-ordered images change it."""
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(f"{os.path.basename(p)}\t{os.path.getsize(p)}\n".encode())
-    return h.hexdigest()
-
-
-def load_volume(path, subject=None, expected_shape=None):
-    """Validated float32 (X, Y, Z) array in RAS orientation (see load_nifti)."""
-    data = np.asarray(load_nifti(path, subject).dataobj, dtype=np.float32)
-    if expected_shape is not None and tuple(data.shape) != tuple(expected_shape):
-        raise UserError(f"{_where(path, subject)}: image shape {tuple(data.shape)}, expected {tuple(expected_shape)}")
-    return data
-
-
-def save_nifti(volume, spacing, path):
-    """Write a float32 volume with a RAS affine of isotropic `spacing` mm, centred on the origin."""
-    shape = np.array(volume.shape[:3])
-    affine = np.diag([spacing, spacing, spacing, 1.0])
-    affine[:3, 3] = -spacing * (shape - 1) / 2  # world (0,0,0) at the volume centre
-    img = nib.Nifti1Image(volume.astype(np.float32), affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    with atomic_path(path) as tmp:
-        nib.save(img, tmp)
-
-
 def sex_onehot(sex):
     """(N,) 0/1 -> (N, 2) float32 one-hot [male, female] (Sec. 4.2.3)."""
     sex = np.asarray(sex, np.int64)
     return np.eye(2, dtype=np.float32)[sex]
-
-
-# ----------------------------------------------------------------------------------------------
-# Hippocampus crops (Sec. 3.5.2)
-
-@dataclass
-class HippocampusCrops:
-    """Two boxes around the hippocampi of a RAS volume (axis 0 runs left -> right).
-
-    __call__(volume (X, Y, Z)) -> (2, D, H, W): [left box, right box flipped along axis 0], so
-    both look like a left hippocampus. Starts are voxel corners, size is (D, H, W).
-    """
-    left_start: tuple
-    right_start: tuple
-    size: tuple
-
-    def __post_init__(self):
-        self.left_start, self.right_start, self.size = (tuple(int(v) for v in t)
-                                                        for t in (self.left_start, self.right_start, self.size))
-
-    @classmethod
-    def mni152_1mm(cls):
-        """Approximate 64x96x64 boxes (the paper's crop size) for a 1 mm MNI152 182x218x182 RAS volume.
-
-        Centred on the hippocampi at about MNI (x=-/+26, y=-22, z=-14) mm, i.e. voxels (64|116, 104, 58).
-        Check them on your own registration before use.
-        """
-        return cls((32, 56, 26), (84, 56, 26), (64, 96, 64))
-
-    def check(self, shape, where="volume"):
-        for name, st in (("left", self.left_start), ("right", self.right_start)):
-            if any(s < 0 or s + d > n for s, d, n in zip(st, self.size, shape)):
-                raise UserError(f"{where}: {name} hippocampus box start {st} size {self.size} "
-                                f"does not fit in image shape {tuple(shape)}")
-
-    def __call__(self, volume):
-        self.check(volume.shape)
-        l, r, s = self.left_start, self.right_start, self.size
-        left = volume[l[0]:l[0] + s[0], l[1]:l[1] + s[1], l[2]:l[2] + s[2]]
-        right = volume[r[0]:r[0] + s[0], r[1]:r[1] + s[1], r[2]:r[2] + s[2]][::-1]
-        return np.stack([left, right])                                             # (2, D, H, W)
-
-    def cache_key(self):
-        return f"crops{self.left_start}{self.right_start}{self.size}"
-
-    def as_dict(self):
-        """The three boxes' numbers as crops.json holds them (and checkpoints, so a run replays its crops)."""
-        return {"left_start": list(self.left_start), "right_start": list(self.right_start), "size": list(self.size)}
-
-    def save(self, path):
-        write_json(self.as_dict(), path)
-
-    @classmethod
-    def load(cls, path):
-        """crops.json -> HippocampusCrops; each box must be three whole numbers, starts >= 0, sizes >= 1."""
-        try:
-            with open(path) as f:
-                d = json.load(f)
-            boxes = {k: d[k] for k in ("left_start", "right_start", "size")}
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"{path}: not a crops file ({type(exc).__name__}: {exc})") from None
-        for k, v in boxes.items():
-            whole = isinstance(v, list) and len(v) == 3 and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x == int(x) for x in v)
-            if not whole:
-                raise UserError(f"{path}: {k} must be three whole numbers (x, y, z voxels), got {v!r}")
-            if min(v) < (1 if k == "size" else 0):
-                raise UserError(f"{path}: {k} {v}: " + ("every size must be at least 1 voxel" if k == "size"
-                                                        else "a box cannot start before voxel 0"))
-        return cls(**boxes)
-
-
-def crops_path(crops_json, data_csv):
-    """Where a table's hippocampus boxes come from: --crops, else crops.json next to the CSV; None: the default."""
-    path = crops_json or os.path.join(os.path.dirname(os.path.abspath(data_csv)), "crops.json")
-    return path if (crops_json or os.path.isfile(path)) else None
-
-
-def load_crops(crops_json, data_csv):
-    """The two hippocampus boxes of a table: --crops, else crops.json next to the CSV, else the MNI152 default."""
-    path = crops_path(crops_json, data_csv)
-    return HippocampusCrops.load(path) if path else HippocampusCrops.mni152_1mm()
-
-
-# ----------------------------------------------------------------------------------------------
-# Decode-once image cache
-
-def cache_folder(cache_dir, data_csv):
-    """Where decoded images are cached: --cache-dir, else <csv folder>/cache."""
-    return cache_dir or os.path.join(os.path.dirname(os.path.abspath(data_csv)), "cache")
-
-
-class ImageCache:
-    """NIfTI decoded once into `cache_dir/<subject>-<config>-<stamp>.npy`, then served memory-mapped.
-
-    config hashes the source path, the dtype and the transform's cache_key() (or repr); stamp
-    hashes the source's mtime and size. An edited source or a different transform is never
-    served stale; a re-decode replaces the entry it supersedes, other configs are kept.
-    Items are read-only memmaps: memory is bounded by what the batches touch, not by the cohort.
-    Every image is validated on decode (see load_nifti) and, if given, against expected_shape.
-    """
-
-    def __init__(self, paths, cache_dir, dtype="float16", transform=None, expected_shape=None, names=None):
-        if dtype not in ("float16", "float32"):
-            raise UserError(f"cache dtype must be float16 or float32, got {dtype!r}")
-        self.paths = [os.path.abspath(p) for p in paths]
-        self.names = list(names) if names is not None else [os.path.basename(p).split(".")[0] for p in paths]
-        self.cache_dir, self.dtype, self.transform = cache_dir, dtype, transform
-        self.expected_shape = expected_shape
-        self.n_decoded = 0  # decodes done by this object (tests check the cache is used)
-        os.makedirs(cache_dir, exist_ok=True)
-
-    def __len__(self):
-        return len(self.paths)
-
-    def entry(self, i):
-        """Cache file `<subject>-<config hash>-<source stamp hash>.npy` of item i."""
-        st = os.stat(self.paths[i]) if os.path.exists(self.paths[i]) else None
-        t = self.transform
-        tkey = "" if t is None else (t.cache_key() if hasattr(t, "cache_key") else repr(t))
-        conf = hashlib.sha1(f"{self.paths[i]}|{self.dtype}|{tkey}".encode()).hexdigest()[:10]
-        stamp = hashlib.sha1(f"{st.st_mtime_ns if st else 0}|{st.st_size if st else 0}".encode()).hexdigest()[:10]
-        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in self.names[i])[:64]
-        return os.path.join(self.cache_dir, f"{safe}-{conf}-{stamp}.npy")
-
-    def _decode(self, i, out):
-        vol = load_volume(self.paths[i], self.names[i], self.expected_shape)
-        if self.transform is not None:
-            vol = self.transform(vol)
-        arr = np.ascontiguousarray(vol, dtype=self.dtype)
-        if not np.isfinite(arr).all():
-            raise UserError(f"{self.paths[i]} (subject {self.names[i]}): values overflow {self.dtype}; use float32")
-        prefix = os.path.basename(out)[:-len("0123456789.npy")]   # same subject and config, older source
-        for old in os.listdir(self.cache_dir):   # (never `out` itself, which another process may be reading)
-            if old.startswith(prefix) and old.endswith(".npy") and len(old) == len(prefix) + 14 \
-                    and old != os.path.basename(out):
-                with contextlib.suppress(OSError):
-                    os.remove(os.path.join(self.cache_dir, old))
-        with atomic_path(out) as tmp:
-            np.save(tmp, arr)
-        self.n_decoded += 1
-
-    def __getitem__(self, i):
-        out = self.entry(i)
-        if not os.path.exists(out):
-            self._decode(i, out)
-        return np.load(out, mmap_mode="r")
-
-    def prepare(self, progress=True, workers=1):
-        """Decode every missing entry now, printing progress (count, time left) when there are many.
-
-        workers > 1 and at least PARALLEL_FROM entries to decode: that many processes decode them
-        (spawned, so nothing of the parent's threads is inherited); each entry is the same file, byte
-        for byte, as a serial decode writes (the same decode, np.save and atomic rename).
-        Processes that share the cache (run-protocol --jobs) take turns: the first decodes, the others
-        then find its entries (`lock`)."""
-        with self.lock():
-            todo = [i for i in range(len(self)) if not os.path.exists(self.entry(i))]
-            t0, last = time.time(), 0.0
-            pool = None
-            if workers > 1 and len(todo) >= self.PARALLEL_FROM:
-                pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
-                                                              initializer=_hold_cache, initargs=(self,))
-                done = pool.map(_decode_held, todo, chunksize=max(1, min(16, len(todo) // (4 * workers))))
-            else:
-                done = (self._decode(i, self.entry(i)) for i in todo)
-            try:
-                for k, _ in enumerate(done):
-                    now = time.time()
-                    if pool is not None and k == 0:
-                        t0 = now                  # time left from the pace once the processes have started
-                    elif progress and len(todo) >= 50 and (now - last > 5 or k + 1 == len(todo)):
-                        left = (now - t0) / (k + (pool is None)) * (len(todo) - k - 1)
-                        print(f"cache {self.cache_dir}: {k + 1}/{len(todo)} decoded"
-                              f"{f' by {workers} processes' if pool else ''}, {left:.0f} s left", flush=True)
-                        last = now
-                self.n_decoded += len(todo) if pool is not None else 0
-            finally:
-                if pool is not None:
-                    pool.shutdown(cancel_futures=True)
-        return self
-
-    @contextlib.contextmanager
-    def lock(self):
-        """No other process is inside `lock` of this cache folder meanwhile (fcntl.flock on the folder).
-        Where that is not to be had (no fcntl, a file system without flock) it locks nothing: the
-        entries stay right (atomic writes), only decoded more than once."""
-        fd = os.open(self.cache_dir, os.O_RDONLY)
-        try:
-            with contextlib.suppress(OSError, AttributeError):
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)                   # releases the lock
-
-    PARALLEL_FROM = 200  # below this many entries, starting the processes costs more than it saves
-
-
-_held = {}  # the ImageCache a decoding process works for (set once per process by _hold_cache)
-
-
-def _hold_cache(cache):
-    _held["cache"] = cache
-
-
-def _decode_held(i):
-    cache = _held["cache"]
-    cache._decode(i, cache.entry(i))
 
 
 # ----------------------------------------------------------------------------------------------

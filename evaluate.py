@@ -40,7 +40,7 @@ from metrics import (age_bias_fit, classification_metrics, entropy_weighted_ense
                      markdown_table, mean_ensemble, regression_metrics)
 from models import AD_MODELS, BRAIN_AGE_MODELS, AgeTarget, build_model, candidate_layers, layer_loss_entropy
 from runs import finished, load_run
-from safeio import (ArgumentParser, UserError, check_number, check_output, run_cli, write_csv, write_json,
+from safeio import (ArgumentParser, UserError, check_number, check_output, run_cli, warn, write_csv, write_json,
                     write_text)
 from synthetic import builtin_cohort
 from tabular import TabularPreprocessor
@@ -74,6 +74,23 @@ def check_compatible(runs, keys):
                 raise UserError(f"cannot ensemble {first['dir']} and {other['dir']}: {k} differs ({a!r} vs {b!r})")
         if not np.array_equal(first["pred"]["subjects"], other["pred"]["subjects"]):
             raise UserError(f"cannot ensemble {first['dir']} and {other['dir']}: their test subjects differ")
+
+
+DATA_HASHES = {"table_sha256": "tables", "images_sha256": "images"}   # stored in every checkpoint's `inputs`
+
+
+def check_same_data(runs, why="cannot combine {a} and {b}"):
+    """Refuse runs trained on different data: their checkpoints' table sha256 or images' fingerprint differ (the
+    table was edited, or images replaced, between their trainings). runs: dicts with "dir" and "config"; a run
+    without a hash (a tabular-only run has no images) is not compared on it."""
+    for key, what in DATA_HASHES.items():
+        held = [r for r in runs if r["config"].get(key)]
+        for other in held[1:]:
+            a, b = held[0]["config"][key], other["config"][key]
+            if a != b:
+                raise UserError(why.format(a=held[0]["dir"], b=other["dir"]) + f": they were trained on different "
+                                f"{what} ({key} {a[:12]}... vs {b[:12]}...: changed between their trainings?); "
+                                f"train them again on the same data, or keep each version's runs in their own --runs")
 
 
 def _numbered(folder, prefix):
@@ -116,6 +133,7 @@ def ensemble_ad_folds(fold_dirs):
     Each predictions.npz already holds the test probabilities with both hippocampi averaged
     (Sec. 4.3.6). -> {"subjects", "labels", "probs" (N, C), "class_names", "config"}."""
     runs = [read_run(d) for d in fold_dirs]
+    check_same_data(runs, "cannot ensemble {a} and {b}")
     check_compatible(runs, ENSEMBLE_KEYS)
     first = runs[0]
     for r in runs[1:]:
@@ -125,7 +143,7 @@ def ensemble_ad_folds(fold_dirs):
     cfg = first["config"]
     names = list(cfg.get("class_names") or data.CLASS_NAMES[:cfg["classes"]])
     return {"subjects": first["pred"]["subjects"], "labels": first["pred"]["labels"], "probs": probs,
-            "class_names": names, "config": cfg}
+            "class_names": names, "config": cfg, "dir": first["dir"]}
 
 
 def metric_columns(class_names):
@@ -166,6 +184,8 @@ def ad_results(runs, binary=False, reference="hyperfusion"):
         raise UserError(f"{os.path.join(runs, 'ad-binary' if binary else 'ad')}: no model has four finished folds "
                         f"for any (split seed, version)" + (f" ({'; '.join(incomplete)})" if incomplete else ""))
     ensembles = {m: {key: ensemble_ad_folds(dirs) for key, dirs in g.items()} for m, g in groups.items()}
+    check_same_data([e for ens in ensembles.values() for e in ens.values()],   # the rows and models of one table too
+                    "cannot put {a} and {b} in one table")
     if "imaging" in ensembles and "tabular" in ensembles:                          # App. B: late fusion
         late = {}
         for key in sorted(set(ensembles["imaging"]) & set(ensembles["tabular"])):
@@ -278,6 +298,7 @@ def brain_age_ensemble(version_dirs, top=5):
     version_dirs {version: run dir} of finished runs -> {"versions", "val_mae", "members_mae",
     "metrics" (regression_metrics of the ensemble), "pred", "age", "sex", "subjects"}."""
     runs = {v: read_run(d) for v, d in version_dirs.items()}
+    check_same_data(list(runs.values()), "cannot ensemble {a} and {b}")
     ranked = sorted(runs, key=lambda v: (runs[v]["metrics"]["val"]["mae"], v))[:top]
     chosen = [runs[v] for v in ranked]
     check_compatible(chosen, BRAIN_AGE_KEYS)
@@ -291,7 +312,8 @@ def brain_age_ensemble(version_dirs, top=5):
     return {"versions": ranked, "val_mae": [runs[v]["metrics"]["val"]["mae"] for v in ranked],
             "members_mae": [version_mae[v] for v in ranked], "version_mae": version_mae,
             "metrics": regression_metrics(p["age"], pred, p["sex"]), "pred": pred, "age": p["age"], "sex": p["sex"],
-            "subjects": p["subjects"], "available": sorted(runs), "gap": gap}
+            "subjects": p["subjects"], "available": sorted(runs), "gap": gap, "dir": chosen[0]["dir"],
+            "config": chosen[0]["config"]}
 
 
 def brain_age_results(runs, top=5):
@@ -306,9 +328,11 @@ def brain_age_results(runs, top=5):
             folders[name] = done
     if not folders:
         raise UserError(f"{root}: no finished brain-age run")
-    models, errors = [], {}
+    models, errors, ensembles = [], {}, []
     for name, dirs in folders.items():
         e = brain_age_ensemble(dirs, top)
+        ensembles.append(e)
+        check_same_data(ensembles, "cannot put {a} and {b} in one table")
         models.append({"folder": name, **{k: e[k] for k in ("versions", "available", "val_mae", "members_mae",
                                                              "version_mae", "metrics", "gap")}})
         errors[name] = (list(e["subjects"]), np.abs(e["pred"] - e["age"]))
@@ -435,6 +459,41 @@ def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=
 # ----------------------------------------------------------------------------------------------
 # The protocol (Sec. 4.2.2, 4.3.6): train whatever run is missing, then the table
 
+def check_protocol_data(finished_dirs, task, data_csv=None, image_dir=None, data_dir="data", must=True):
+    """The finished runs a protocol skips were trained on the table and the images it would train the others on:
+    the table's sha256 and the images' fingerprint held in their checkpoints, compared with those of the data now.
+    A difference is refused before anything trains (must: some runs are still to train, which would mix two
+    versions of the data in one result), else warned (the results are then all of the data the runs had)."""
+    csv_path, now, fingerprints = None, None, {}
+    for d in finished_dirs:
+        r = load_run(d)
+        held, problem = r.inputs.get("table_sha256"), None
+        if not held:            # a run of a version of this code that did not tie runs to their data
+            continue
+        if now is None:
+            csv_path = data_csv or builtin_cohort(task, data_dir)
+            now = data.table_sha256(csv_path)
+        if held != now:
+            problem = (f"{d} was trained on another version of {csv_path} (table sha256 {held[:12]}..., now "
+                       f"{now[:12]}...: edited since?)")
+        elif r.inputs.get("images_sha256"):
+            key = (r.run.classes, json.dumps(r.run.group_map, sort_keys=True))   # the rows, so the images, it read
+            if key not in fingerprints:
+                table = (data.read_ad_table(csv_path, image_dir, classes=r.run.classes, group_map=r.run.group_map)
+                         if task == "ad" else data.read_brain_age_table(csv_path, image_dir))
+                fingerprints[key] = data.image_fingerprint(table.image_paths, data.cache_folder(None, csv_path),
+                                                           table.subjects)
+            if fingerprints[key] != r.inputs["images_sha256"]:
+                problem = (f"{d} was trained on other images than {csv_path} names now (images_sha256 "
+                           f"{r.inputs['images_sha256'][:12]}..., now {fingerprints[key][:12]}...: replaced or "
+                           f"re-preprocessed since?)")
+        if problem and must:
+            raise UserError(problem + "; training the missing runs would mix two versions of the data in one result: "
+                            "restore the data, or train them all again into another --runs folder")
+        if problem:
+            warn(problem + "; every run is finished, so the results are all of the data they were trained on")
+
+
 def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None, epochs=None, data_csv=None,
                  image_dir=None, data_dir="data", binary=False, train_sex=("all",), embedding_dim=1, verbose=False,
                  tabular_epochs=None, jobs=1, gpus=None, print_commands=False):
@@ -486,6 +545,9 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
     else:
         raise UserError(f"unknown task {task!r}: expected ad or brain-age")
     trained, skipped, todo = [], [], []
+    done = [job[0] for job in jobs if finished(job[0])]
+    if done:   # before anything trains: the finished runs must be of the data the others would train on
+        check_protocol_data(done, task, data_csv, image_dir, data_dir, must=len(done) < len(jobs))
     if print_commands:    # the tabular-only MLPs first: HyperFusion's embedding starts from them (Sec. 4.3.6)
         jobs.sort(key=lambda j: j[4] != train_ad.__file__ or "--model tabular" not in " ".join(j[3]))
     for k, (run_dir, parser, train, argv, script, after) in enumerate(jobs):

@@ -5,8 +5,9 @@
     run_cli      a script's __main__: UserError / OSError -> `error: <one line>` on stderr, exit status 2;
                  Ctrl-C / SIGTERM -> `interrupted (...)` in one line (what is kept, the command to resume),
                  exit status 130 / 143 as a shell reports them (128 + the signal's number)
-    atomic_path  write to a temporary name beside the target, rename onto it only when complete
-    write_json, write_csv, write_text   the three atomic writers the scripts use (JSON: NaN/inf -> null)
+    atomic_path  write to a temporary name beside the target, rename onto it only when complete; a full disk or
+                 an unwritable folder is a UserError naming the folder and the bytes the file needed
+    write_json, write_csv, write_text, write_bytes   the atomic writers the scripts use (JSON: NaN/inf -> null)
     spreadsheet_safe  a CSV cell a spreadsheet would run as a formula, made text (write_csv's for_people)
     check_output  an output file named by an option that is a folder or one of the command's inputs: refused
     warn         a legitimate but odd input: one `warning:` line on stderr, the run goes on
@@ -16,6 +17,8 @@
 import argparse
 import contextlib
 import csv
+import errno
+import io
 import json
 import math
 import numbers
@@ -77,12 +80,41 @@ def run_cli(main, argv=None, resume_option=None):
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+# errors of a write that are the folder's, not the program's: the disk or quota is full, or it cannot be written
+DISK_FULL = {errno.ENOSPC, errno.EFBIG} | ({errno.EDQUOT} if hasattr(errno, "EDQUOT") else set())
+UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOENT}
+
+
+def size_text(n):
+    """A byte count as '41472 bytes', with MiB / GiB beside it when large."""
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20)):
+        if n >= scale:
+            return f"{n} bytes ({n / scale:.1f} {unit})"
+    return f"{n} bytes"
+
+
+def write_failure(folder, name, exc, nbytes=None, written=0):
+    """The one line of a write into `folder` that the disk or the folder refused (exc: the OSError)."""
+    need = size_text(nbytes) if nbytes else f"more than {size_text(written)}" if written else "some space"
+    free = ""
+    with contextlib.suppress(OSError, AttributeError):
+        st = os.statvfs(folder)
+        free = f", {size_text(st.f_bavail * st.f_frsize)} free there"
+    if exc.errno in DISK_FULL:
+        return (f"{folder}: no space left to write {name} ({exc.strerror or exc}): it needs {need}{free}; free "
+                f"some space or choose another folder")
+    return (f"{folder}: cannot write {name} there ({exc.strerror or exc}); it needs {need}; choose a folder you "
+            f"can write to")
+
+
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, nbytes=None):
     """Yield a temporary path next to `path`; os.replace it onto `path` on success, delete it on error.
 
     The temporary name ends with the final basename, so extension-sniffing writers (nibabel's
     `.nii.gz`, np.save's `.npy`) behave as for the real name. Readers never see a partial file.
+    A full disk or quota, or a folder that cannot be written, is a UserError naming the folder and the
+    bytes the file needed (`nbytes` when the caller knows them, else more than were written).
     """
     path = os.fspath(path)
     d, base = os.path.split(os.path.abspath(path))
@@ -90,6 +122,15 @@ def atomic_path(path):
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        written = 0
+        with contextlib.suppress(OSError):
+            written = os.path.getsize(tmp)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if exc.errno in DISK_FULL | UNWRITABLE:
+            raise UserError(write_failure(d, base, exc, nbytes, written)) from None
+        raise
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -167,8 +208,7 @@ def json_safe(obj):
 
 def write_json(obj, path):
     """Atomic, strict JSON: non-finite numbers are written as null (json_safe)."""
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(json_safe(obj), f, indent=2, allow_nan=False)
+    write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False), path)
 
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
@@ -191,14 +231,23 @@ def write_csv(rows, columns, path, for_people=False):
     for_people: a file for a spreadsheet that this code never reads back (predictions, results): every
     cell and column name through spreadsheet_safe. Tables the code reads back are written verbatim."""
     columns, cell = list(columns), (spreadsheet_safe if for_people else (lambda v: v))
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerow([cell(c) for c in columns])
-        if rows and isinstance(rows[0], dict):
-            csv.DictWriter(f, fieldnames=columns).writerows({k: cell(v) for k, v in r.items()} for r in rows)
-        else:
-            csv.writer(f).writerows([cell(v) for v in r] for r in rows)
+    buf = io.StringIO(newline="")
+    csv.writer(buf).writerow([cell(c) for c in columns])
+    if rows and isinstance(rows[0], dict):
+        csv.DictWriter(buf, fieldnames=columns).writerows({k: cell(v) for k, v in r.items()} for r in rows)
+    else:
+        csv.writer(buf).writerows([cell(v) for v in r] for r in rows)
+    write_text(buf.getvalue(), path, newline="")
 
 
-def write_text(text, path):
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
+def write_text(text, path, newline=None):
+    """Atomic; the text is whole before the file is opened, so a full disk is named with the bytes it needed."""
+    with atomic_path(path, len(text.encode())) as tmp, open(tmp, "w", newline=newline, encoding="utf-8") as f:
         f.write(text)
+
+
+def write_bytes(blob, path):
+    """Atomic write of bytes (or a buffer: a checkpoint serialised in memory, a cache entry)."""
+    blob = memoryview(blob)
+    with atomic_path(path, blob.nbytes) as tmp, open(tmp, "wb") as f:
+        f.write(blob)

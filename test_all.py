@@ -3,16 +3,19 @@ import ast
 import contextlib
 import copy
 import dataclasses
+import errno
 import io
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
 import struct
 import subprocess
 import sys
+import time
 import types
 import warnings
 import zlib
@@ -28,6 +31,7 @@ from scipy.stats import mannwhitneyu
 import data
 import distributed
 import evaluate
+import images
 import launcher
 import metrics
 import predict
@@ -924,14 +928,17 @@ def test_cache_decodes_once_and_redecodes_a_changed_source(tmp_path):
     again.prepare(progress=False)
     np.array(again[1])
     assert again.n_decoded == 0                                 # served from the .npy, no gzip decode
-    data.save_nifti(np.ones((8, 8, 8), np.float32), 2.0, paths[1])
+    changed = np.ones((8, 8, 8), np.float32)
+    changed[0, 0, 0] = 2                                        # (a constant image would be refused: no signal)
+    data.save_nifti(changed, 2.0, paths[1])
     os.utime(paths[1], ns=(1, 10**18))                          # a changed source (new mtime)
-    assert np.array_equal(np.array(again[1]), np.ones((2, 4, 8, 8)))
+    assert np.array_equal(np.array(again[1]), crops(changed))
     assert again.n_decoded == 1
-    assert len(os.listdir(tmp_path / "cache")) == 3             # the stale entry was removed
+    entries = lambda: [f for f in os.listdir(tmp_path / "cache") if f.endswith(".npy")]   # (and sources.json)
+    assert len(entries()) == 3                                  # the stale entry was removed
     other = data.ImageCache(paths, tmp_path / "cache", "float32", transform=crops)
     assert other[0].dtype == np.float32 and other.n_decoded == 1  # another dtype: its own entry
-    assert len(os.listdir(tmp_path / "cache")) == 4 and again[0].dtype == np.float16
+    assert len(entries()) == 4 and again[0].dtype == np.float16
 
 
 def test_a_parallel_cache_decode_writes_entries_byte_identical_to_a_serial_decode(ad_cohort40, tmp_path):
@@ -944,10 +951,11 @@ def test_a_parallel_cache_decode_writes_entries_byte_identical_to_a_serial_decod
         caches[workers].PARALLEL_FROM = 1                       # 40 subjects: decode them in 2 processes anyway
         caches[workers].prepare(progress=False, workers=workers)
     names = sorted(os.listdir(tmp_path / "w1"))
-    assert len(names) == len(table.subjects) and names == sorted(os.listdir(tmp_path / "w2"))
+    assert names == sorted(os.listdir(tmp_path / "w2")) and data.SOURCES_INDEX in names
+    assert len(names) == len(table.subjects) + 1                # an entry per subject, and the sources' hashes
     for name in names:
         assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
-    assert caches[2].n_decoded == len(names) and no_temp_files(tmp_path / "w2")
+    assert caches[2].n_decoded == len(table.subjects) and no_temp_files(tmp_path / "w2")
 
 
 def test_dataset_items_have_one_side_in_training_and_both_in_evaluation(ad_cohort40, tmp_path):
@@ -1009,6 +1017,375 @@ def test_atomic_path_leaves_nothing_behind_on_failure(tmp_path):
     with safeio.atomic_path(target) as tmp:
         open(tmp, "w").write("{}")
     assert os.listdir(tmp_path) == ["out.json"]
+
+# ----------------------------------------------------------------------------------------------
+# Data changes, damaged caches, full disks, orphans
+
+
+def _nii_copy(cohort_csv, folder):
+    """The cohort's table, crops and images in `folder`, the images as uncompressed .nii: one volume of one shape
+    then always has one file size, as re-registered scans do. -> the CSV path."""
+    os.makedirs(folder / "images")
+    src = os.path.dirname(cohort_csv)
+    for name in ("ad.csv", "crops.json"):
+        shutil.copy(os.path.join(src, name), folder / name)
+    for f in os.listdir(os.path.join(src, "images")):
+        nib.save(nib.load(os.path.join(src, "images", f)), folder / "images" / f.replace(".nii.gz", ".nii"))
+    return folder / "ad.csv"
+
+
+@pytest.fixture(scope="module")
+def nii_imaging_run(ad_cohort40, tmp_path_factory):
+    """An imaging-only AD run (one epoch) on a .nii copy of the 40-subject cohort, its cache beside the table.
+    -> (the table, the runs folder)."""
+    folder = tmp_path_factory.mktemp("nii40")
+    csv_path = _nii_copy(ad_cohort40, folder / "cohort")
+    proc = run_main(train_ad.main, *_ad_args(csv_path, folder / "runs", "--model", "imaging", "--epochs", "1"))
+    assert proc.returncode == 0, proc.stderr
+    return csv_path, folder / "runs"
+
+
+def _predict_rows(run_dir, csv_path, out, n=8):
+    """predict.py's rows for the table's first n subjects (a table beside it, so the same cache), through its
+    command line -> ({subject: row}, stderr)."""
+    first = os.path.join(os.path.dirname(csv_path), f"first{n}.csv")
+    with open(first, "w") as f:
+        f.write("\n".join(open(csv_path).read().splitlines()[:n + 1]) + "\n")
+    proc = run_main(predict.main, run_dir, "--data-csv", first, "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    rows = open(out).read().splitlines()[1:]
+    return {r.split(",")[0]: r for r in rows}, proc.stderr
+
+
+def _set_inputs(run_dir, **inputs):
+    """Overwrite data facts in a run's best.pt, as a training on other data would have stored them."""
+    path = os.path.join(run_dir, "best.pt")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["inputs"].update(inputs)
+    training.save_checkpoint(ckpt, path)
+
+
+def test_a_table_edited_between_two_protocol_calls_is_refused_before_training_and_evaluate_never_mixes_it(
+        ad_cohort60, tmp_path):
+    """The issue's case: run-protocol stopped after two folds, the table edited, run-protocol again. The finished
+    folds hold the old table's sha256: the second call is refused before anything trains, naming a finished run
+    and the table; folds trained on the edited table anyway are never ensembled with the old ones."""
+    csv_path = tmp_path / "ad.csv"
+    shutil.copy(ad_cohort60, csv_path)
+    runs = tmp_path / "runs"
+    protocol = ["run-protocol", "--task", "ad", "--models", "tabular", "--epochs", "1", "--data-csv", csv_path,
+                "--runs", runs]
+    assert run_main(evaluate.main, *protocol).returncode == 0
+    results = (runs / "results_ad.json").read_bytes()
+    folds = [training.ad_run_dir(runs, "tabular", 0, 0, f) for f in range(4)]
+    for f in (2, 3):                                           # as if the first call had been stopped after two
+        shutil.rmtree(folds[f])
+    _edit_table(csv_path, csv_path, lambda k, c: c[:6] + ["123.4"] + c[7:] if k == 5 else c)   # one ABETA cell
+    assert_clean_error(run_main(evaluate.main, *protocol), folds[0], str(csv_path), "another version", "sha256")
+    assert not os.path.exists(folds[2]) and not os.path.exists(folds[3])          # nothing trained
+    for f in (2, 3):                                           # trained on the edited table by hand
+        assert run_main(train_ad.main, *_ad_args(csv_path, runs, "--model", "tabular", "--epochs", "1",
+                                                 "--fold", str(f))).returncode == 0
+    assert_clean_error(run_main(evaluate.main, "ad", "--runs", runs), "cannot ensemble", folds[0], folds[2],
+                       "different tables", "table_sha256")
+    assert (runs / "results_ad.json").read_bytes() == results                       # no table of mixed folds
+
+
+def test_runs_trained_on_other_images_or_tables_are_not_ensembled_nor_put_in_one_table(tmp_path):
+    """Within one ensemble (an AD row's four folds, a brain-age model's versions) and across the rows and models
+    of one table, runs whose checkpoints hold other images' fingerprints or another table's sha256 are refused
+    naming two of them; a run without images (tabular-only) is not compared on images."""
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 3, 10)
+    for fold in range(4):
+        fake_ad_run(tmp_path / "a", "imaging", 0, 0, fold, random_probs(rng, 10), labels, table_sha256="t1",
+                    images_sha256="i2" if fold == 2 else "i1")
+    with pytest.raises(UserError, match="cannot ensemble .*fold0 and .*fold2: they were trained on different images"):
+        evaluate.ad_results(str(tmp_path / "a"))
+    for fold in range(4):                                      # each row sound, the two models of two tables
+        fake_ad_run(tmp_path / "b", "imaging", 0, 0, fold, random_probs(rng, 10), labels, table_sha256="t1",
+                    images_sha256="i1")
+        fake_ad_run(tmp_path / "b", "tabular", 0, 0, fold, random_probs(rng, 10), labels, table_sha256="t1",
+                    images_sha256=None)
+    assert [m["model"] for m in evaluate.ad_results(str(tmp_path / "b"))["models"]] == ["imaging", "tabular",
+                                                                                       "late-fusion"]
+    for fold in range(4):
+        fake_ad_run(tmp_path / "b", "hyperfusion", 0, 0, fold, random_probs(rng, 10), labels, table_sha256="t2",
+                    images_sha256="i1")
+    assert_clean_error(run_main(evaluate.main, "ad", "--runs", tmp_path / "b"), "cannot put", "in one table",
+                       "hyperfusion", "different tables")
+    age, sex = rng.uniform(20, 80, 12), np.arange(12) % 2
+    for v in range(3):
+        run_dir = fake_brain_age_run(tmp_path / "c", v, 1.0 + v, age + rng.normal(0, 3, 12), age, sex)
+        _set_inputs(run_dir, table_sha256="t1" if v != 1 else "t2")
+    assert_clean_error(run_main(evaluate.main, "brain-age", "--runs", tmp_path / "c"), "cannot ensemble", "v0",
+                       "v1", "different tables")
+
+
+def test_an_image_replaced_in_place_by_one_of_the_same_size_with_its_times_kept_is_noticed(nii_imaging_run,
+                                                                                         tmp_path):
+    """A subject's .nii overwritten with another scan of the same size, its access and modification times set back
+    (as a copy that keeps times does): --resume is refused by the images' fingerprint, so is run-protocol adding
+    folds to the finished one, and predict.py reads the new scan (its row changes, no other does), never the old
+    decoded crops."""
+    csv_path, runs = nii_imaging_run
+    run_dir = _run_dir(runs, "imaging")
+    before, _ = _predict_rows(run_dir, csv_path, tmp_path / "before.csv")
+    table = data.read_ad_table(csv_path)
+    target, other = table.image_paths[3], table.image_paths[5]
+    st = os.stat(target)
+    blob = open(other, "rb").read()
+    assert len(blob) == st.st_size and blob != open(target, "rb").read()
+    with open(target, "r+b") as f:                            # in place: the same file, size and inode
+        f.write(blob)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (os.stat(target).st_size, os.stat(target).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    after, _ = _predict_rows(run_dir, csv_path, tmp_path / "after.csv")
+    changed = [s for s in before if before[s] != after[s]]
+    assert changed == [table.subjects[3]], changed
+    resume = _ad_args(csv_path, runs, "--model", "imaging", "--epochs", "2", "--resume")
+    assert_clean_error(run_main(train_ad.main, *resume), "last.pt", "another run", "images_sha256")
+    protocol = ["run-protocol", "--task", "ad", "--models", "imaging", "--epochs", "1", "--data-csv", csv_path,
+                "--runs", runs]                                # folds 0, 2, 3 would train on the new scan
+    assert_clean_error(run_main(evaluate.main, *protocol), run_dir, "other images", "images_sha256")
+    assert sorted(os.listdir(os.path.dirname(run_dir))) == ["fold1"]
+
+
+def test_a_damaged_or_mismatched_cache_entry_is_decoded_again_with_one_warning_and_never_used(nii_imaging_run,
+                                                                                            tmp_path, capsys):
+    """Cache entries whose data bytes were zeroed, that were cut short (in the data, in the header), or that hold
+    another subject's crops are decoded again, with one `warning:` line naming them: predict.py's output is the
+    same as from a sound cache (never the zeros, never a traceback). A reader that skips prepare() (evaluate.py
+    sweep) checks each entry too."""
+    csv_path, runs = nii_imaging_run
+    run_dir = _run_dir(runs, "imaging")
+    sound, err = _predict_rows(run_dir, csv_path, tmp_path / "sound.csv")
+    assert "warning" not in err
+    cache = data.ImageCache(data.read_ad_table(csv_path).image_paths, os.path.join(os.path.dirname(csv_path), "cache"),
+                            transform=data.load_crops(None, csv_path), names=data.read_ad_table(csv_path).subjects)
+    zeroed, cut, wrong, headless, donor = (cache.entry(i) for i in (0, 1, 2, 3, 7))
+    held = np.load(zeroed, mmap_mode="r+")
+    held[:] = 0                                                # every data byte zero, the file's size kept
+    held.flush()
+    del held
+    with open(cut, "r+b") as f:
+        f.truncate(os.path.getsize(cut) // 2)
+    with open(headless, "r+b") as f:
+        f.truncate(40)                                         # cut inside the .npy header
+    shutil.copy(donor, wrong)                                  # a sound entry, of another subject
+    again, err = _predict_rows(run_dir, csv_path, tmp_path / "again.csv")
+    assert again == sound
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning:") and "4 entries" in lines[0], err
+    for i, why in ((0, "checksum"), (1, "truncated"), (2, "another path"), (3, "unreadable")):
+        assert f"{cache.names[i]} (" in lines[0] and why in lines[0], (why, err)
+    first = np.array(cache[0])                                 # a reader without prepare()
+    held = np.load(zeroed, mmap_mode="r+")
+    held[:] = 0
+    held.flush()
+    del held
+    capsys.readouterr()
+    fresh = data.ImageCache(cache.paths, cache.cache_dir, transform=cache.transform, names=cache.names)
+    np.testing.assert_array_equal(np.array(fresh[0]), first)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: cache entry") and "decoded again" in err[0], err
+    assert fresh.n_decoded == 1 and no_temp_files(cache.cache_dir)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_images_with_non_finite_absurd_or_no_signal_values_are_refused_in_either_cache_dtype(ad_cohort40, tmp_path,
+                                                                                            dtype):
+    """One subject's scan with an inf voxel, a voxel of +-1e30 (beyond float16's 65504: a float32 cache would train
+    on it, its BatchNorm variance infinite), all zeros (a failed registration) or one constant: train_ad.py
+    refuses it in one line naming the subject and the file, before any epoch, in either --cache-dtype; so does
+    check-ad."""
+    table = data.read_ad_table(ad_cohort40)
+    subject, source = table.subjects[4], table.image_paths[4]
+    good = data.load_volume(source)
+    cases = {"inf": ("NaN/inf", lambda v: v.__setitem__((3, 4, 5), np.inf)),
+             "huge": ("beyond +-65504", lambda v: v.__setitem__((3, 4, 5), 1e30)),
+             "negative": ("beyond +-65504", lambda v: v.__setitem__((9, 9, 9), -1e30)),
+             "zeros": ("no signal: every voxel is 0", lambda v: v.__setitem__(slice(None), 0)),
+             "constant": ("no signal: every voxel is 3.5", lambda v: v.__setitem__(slice(None), 3.5))}
+    for case, (says, spoil) in cases.items():
+        folder = tmp_path / case / "images"
+        folder.mkdir(parents=True)
+        for p in table.image_paths:
+            if p != source:
+                os.symlink(p, folder / os.path.basename(p))
+        vol = good.copy()
+        spoil(vol)
+        data.save_nifti(vol, synthetic.AD_SYNTH["spacing_mm"], folder / os.path.basename(source))
+        runs = tmp_path / case / "runs"
+        args = _ad_args(ad_cohort40, runs, "--model", "imaging", "--image-dir", folder, "--cache-dtype", dtype,
+                        "--cache-dir", tmp_path / case / "cache")
+        assert_clean_error(run_main(train_ad.main, *args), f"subject {subject}", folder / os.path.basename(source),
+                           says)
+        assert not runs.exists()
+        if dtype == "float32":
+            assert_clean_error(run_main(data.main, "check-ad", ad_cohort40, "--image-dir", folder),
+                               f"subject {subject}", says)
+
+
+def _full_disk_open(folder, error=errno.ENOSPC):
+    """open() whose files opened for writing under `folder` take a little, then fail as a full disk (or, with
+    EACCES, an unwritable folder) does: OSError(error) from write."""
+    folder, real = os.path.abspath(folder), open
+
+    def patched(file, mode="r", *args, **kwargs):
+        f = real(file, mode, *args, **kwargs)
+        if any(c in mode for c in "wax") and os.path.abspath(os.fspath(file)).startswith(folder + os.sep):
+            def write(b, _write=f.write):
+                _write(b[:100])
+                raise OSError(error, os.strerror(error))
+            f.write = write
+        return f
+    return patched
+
+
+def test_a_full_disk_or_an_unwritable_folder_is_one_error_line_naming_the_folder_and_the_bytes(ad_cohort40, tmp_path,
+                                                                                             monkeypatch):
+    """A write that fails with ENOSPC (a full --cache-dir, a full --out) or EACCES is one `error:` line naming the
+    folder and the bytes the file needed, exit status 2; no entry, checkpoint or temporary file is left. An
+    --out under a file is one line too. (Patched writes: tests run as root, where chmod stops nothing.)"""
+    cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
+    monkeypatch.setattr(images, "open", _full_disk_open(cache_dir), raising=False)
+    proc = run_main(train_ad.main, *_ad_args(ad_cohort40, runs, "--model", "imaging", "--cache-dir", cache_dir))
+    assert_clean_error(proc, f"{cache_dir}: no space left to write", ".npy", "No space left on device")
+    assert re.search(r"it needs \d+ bytes", proc.stderr), proc.stderr
+    assert not [f for f in os.listdir(cache_dir) if f.endswith(".npy")] and no_temp_files(cache_dir)
+    monkeypatch.undo()
+    run_dir = _run_dir(runs, "tabular")
+    for error, says in ((errno.ENOSPC, "no space left to write best.pt"), (errno.EACCES, "cannot write best.pt")):
+        monkeypatch.setattr(safeio, "open", _full_disk_open(runs, error), raising=False)
+        proc = run_main(train_ad.main, *_ad_args(ad_cohort40, runs, "--model", "tabular"))
+        assert_clean_error(proc, f"{run_dir}: {says}", os.strerror(error))
+        assert re.search(r"it needs \d+ bytes", proc.stderr), proc.stderr
+        assert os.listdir(run_dir) == []                       # no checkpoint, no log, no temporary file
+        monkeypatch.undo()
+    (tmp_path / "a_file").write_text("")
+    assert_clean_error(run_main(train_ad.main, *_ad_args(ad_cohort40, tmp_path / "a_file" / "runs", "--model",
+                                                         "tabular")), tmp_path / "a_file", "Not a directory")
+
+
+DECODE_SCRIPT = '''"""A cache decode slow enough to stop midway: each entry written half, the rest 0.3 s later."""
+import os
+import sys
+import time
+
+import images
+import safeio
+
+MARKER, real_open = os.environ["DECODE_MARKER"], open
+
+
+def slow_open(file, mode="r", *args, **kwargs):
+    """open() for the cache's writes (this top level runs in every decoding process too): a stop during the
+    pause finds a half-written temporary file, which must not be left."""
+    f = real_open(file, mode, *args, **kwargs)
+    if "w" in mode:
+        def write(blob, _write=f.write):
+            n = _write(blob[:len(blob) // 2])
+            real_open(MARKER, "a").close()
+            time.sleep(0.3)
+            return n + _write(blob[len(blob) // 2:])
+        f.write = write
+    return f
+
+
+images.open = slow_open
+
+
+def main(argv):
+    folder, cache_dir = argv
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))
+    cache = images.ImageCache(paths, cache_dir)
+    cache.PARALLEL_FROM = 1
+    cache.prepare(progress=False, workers=2)
+
+
+if __name__ == "__main__":
+    safeio.run_cli(main, sys.argv[1:])
+'''
+
+
+def _children(pid):
+    """The ids of the processes whose parent is `pid` (Linux /proc)."""
+    out = []
+    for d in os.listdir("/proc"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = open(f"/proc/{d}/stat").read()
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+                out.append(int(d))
+    return out
+
+
+def _alive(pid):
+    """The process exists and is not a zombie (a zombie has ended; only its parent has not read its status)."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _start_decode(ad_cohort40, tmp_path):
+    """A parallel decode of the cohort's images in its own process group, once a decoding process is writing an
+    entry. -> (the process, its children then)."""
+    script, marker = tmp_path / "decode.py", tmp_path / "began"
+    script.write_text(DECODE_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=HERE, DECODE_MARKER=str(marker))
+    proc = subprocess.Popen([sys.executable, str(script), os.path.join(os.path.dirname(ad_cohort40), "images"),
+                             str(tmp_path / "cache")], cwd=HERE, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    t0 = time.time()
+    while not marker.exists() and proc.poll() is None and time.time() - t0 < 60:
+        time.sleep(0.05)
+    assert marker.exists(), proc.communicate()
+    kids = _children(proc.pid)
+    assert len(kids) >= 2, kids                                # the two decoding processes (and a tracker)
+    return proc, kids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_parallel_decode_killed_with_sigkill_leaves_no_process_behind_nor_its_pipes_open(ad_cohort40, tmp_path):
+    """kill -9 of a process whose cache decode runs in worker processes: they end too, within seconds, close its
+    output pipes (a `| tee` or a wrapper reading them would otherwise wait for good) and leave no half-written
+    temporary file."""
+    proc, kids = _start_decode(ad_cohort40, tmp_path)
+    os.kill(proc.pid, signal.SIGKILL)
+    try:
+        proc.communicate(timeout=10)                           # returns once every holder of the pipes is gone
+    except subprocess.TimeoutExpired:
+        for k in kids:
+            with contextlib.suppress(OSError):
+                os.kill(k, signal.SIGKILL)
+        pytest.fail("the decoding processes outlived their parent, holding its pipes open")
+    t0 = time.time()
+    while any(_alive(k) for k in kids) and time.time() - t0 < 5:
+        time.sleep(0.05)
+    assert not [k for k in kids if _alive(k)] and no_temp_files(tmp_path / "cache")   # each removed its own
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_during_a_parallel_decode_is_one_line_and_leaves_no_process(ad_cohort40, tmp_path, how):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) or SIGTERM (to the process alone, as a
+    scheduler sends it) during a parallel decode: one `error:` line saying what was kept, exit status 2, no
+    traceback from any process, no decoding process left, no temporary file in the cache."""
+    proc, kids = _start_decode(ad_cohort40, tmp_path)
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert_clean_error(types.SimpleNamespace(returncode=proc.returncode, stderr=err), "interrupted",
+                       tmp_path / "cache", "decoded and kept", "no process left")
+    assert int(re.search(r"(\d+) of 40 images decoded", err).group(1)) < 40   # stopped, not waited for
+    t0 = time.time()
+    while any(_alive(k) for k in kids) and time.time() - t0 < 5:
+        time.sleep(0.05)
+    assert not [k for k in kids if _alive(k)] and no_temp_files(tmp_path / "cache")
 
 # ----------------------------------------------------------------------------------------------
 # preprocess.py (App. A.1)
@@ -1102,7 +1479,8 @@ def test_4d_image_is_named_with_its_shape(tmp_path):
     csv_path = tiny_ad(tmp_path)
     nib.save(nib.Nifti1Image(np.ones((8, 8, 8, 2), np.float32), np.eye(4)), tmp_path / "images" / "S0.nii.gz")
     assert_clean_error(run("data.py", "check-ad", csv_path), "S0.nii.gz", "(8, 8, 8, 2)")
-    nib.save(nib.Nifti1Image(np.ones((8, 8, 8, 1), np.float32), np.eye(4)), tmp_path / "images" / "S0.nii.gz")
+    nib.save(nib.Nifti1Image(np.arange(512, dtype=np.float32).reshape(8, 8, 8, 1), np.eye(4)),   # not constant
+             tmp_path / "images" / "S0.nii.gz")
     assert data.load_volume(tmp_path / "images" / "S0.nii.gz").shape == (8, 8, 8)   # trailing 1 squeezed
 
 

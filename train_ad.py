@@ -105,7 +105,8 @@ def run_ad(args, folder):
               "class_names": list(table.class_names), "crops": crops.as_dict() if crops else None,
               "image_shape": list(shape) if shape else None, "voxel_size": list(voxel) if voxel else None,
               "table_sha256": data.table_sha256(run.data_csv),
-              "images_sha256": data.image_fingerprint(table.image_paths) if image_model else None}
+              "images_sha256": data.image_fingerprint(table.image_paths, data.cache_folder(run.cache_dir, run.data_csv),
+                                                      table.subjects, not quiet) if image_model else None}
     run_dir = run.run_dir(args["out"])
     log(f"{run.model}: split seed {run.split_seed}, fold {run.fold}, version {run.version}: "
         f"{len(train_idx)} train / {len(val_idx)} val / {len(test_idx)} test subjects, "

@@ -109,7 +109,7 @@ def run_brain_age(args, folder):
     target = AgeTarget(centre=float(table.age[train_idx].mean()))
     inputs = {"n_tabular": 2, "image_shape": list(image_shape), "voxel_size": list(voxel),
               "target_scale": target.scale, "table_sha256": data.table_sha256(run.data_csv),
-              "images_sha256": data.image_fingerprint(table.image_paths)}
+              "images_sha256": data.image_fingerprint(table.image_paths, cache.cache_dir, table.subjects)}
     run_dir = run.run_dir(args["out"])
     log(f"{run.model}: version {run.version}: {len(train_idx)} train / {len(val_idx)} val / "
         f"{len(test_idx)} test subjects, images {image_shape} -> {run_dir}", quiet)

@@ -8,6 +8,7 @@ run is refused and a finished run can be replayed exactly (runs.py). A run that 
 with its last good checkpoint kept (fit); its folder holds that one run alone (runfolder.py).
 """
 import dataclasses
+import io
 import math
 import os
 import random
@@ -20,7 +21,7 @@ import torch
 import distributed
 from models import build_model
 from runfolder import discard_finished_outputs
-from safeio import UserError, atomic_path, check_number, write_csv
+from safeio import UserError, check_number, write_bytes, write_csv
 
 SCHEDULE_KEYS = ("epochs", "batch_size", "lr", "weight_decay")
 SCHEDULE_TYPES = {"epochs": int, "batch_size": int, "lr": float, "weight_decay": float}
@@ -325,9 +326,12 @@ def check_finite_outputs(outputs):
 # Checkpoints
 
 def save_checkpoint(obj, path):
-    """Atomic: a temporary file, then a rename, so an interruption never leaves half a checkpoint."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """Atomic: a temporary file, then a rename, so an interruption never leaves half a checkpoint. Serialised in
+    memory first, so a full disk is one error naming the folder and the bytes it needed (torch.save onto a
+    file would fail inside its C++ writer with a traceback)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(buf.getbuffer(), path)
 
 
 def load_checkpoint(path, expected=None):
