@@ -3,6 +3,8 @@
     python bench.py                  # the three tables, at the paper's shapes
     python bench.py --quick          # smaller shapes, a smoke run
     python bench.py --device cuda    # on the GPU: the paper's batch sizes, mixed precision as training uses it
+    python bench.py --check --device cuda            # the prepared GPU check (below), within 8 minutes
+    python bench.py --check --device cpu --quick     # its dry run at tiny shapes, each section's code path
 
 (a) each hyperlayer, forward + backward, in both exact formulations, against the naive hypernetwork:
     one generator call and one F.linear / F.conv3d per sample with that sample's weights.
@@ -14,6 +16,20 @@
     age imaging / HyperFusion at 90x120x99 (B = 32 and 64 on CUDA as Table 1, 4 and 2 on CPU), the
     loader's samples per second reading the same shapes from an ImageCache with the workers training
     would use, and the wall time of the paper's two protocols estimated from them.
+
+--check --quick: tiny shapes, two timed steps, K = 1, 2, torch.compile of AD HyperFusion alone, and
+the tests without their compile ones (a minute each on a small CPU). --check: what a session lent a GPU
+for a few minutes runs, prepared so that it only runs it. One report,
+printed and written as check.md and check.json under --out (default bench_results/), its sections each
+caught on its own (a failure is reported, the rest still runs) and skipped once --budget seconds (450)
+would be exceeded, the report rewritten after each: tests (pytest on test_all.py's test_check_* with the
+device's id: hyperlayers equal the per-sample loop, a bfloat16 step stays within tolerance of float32,
+--images-on-device predicts what the loader predicts, --compile and --channels-last train as eager);
+throughput of backbone and HyperFusion at Table 1's shapes and batches in float32, bfloat16, bfloat16 +
+channels_last and bfloat16 + compile (samples/s, peak memory, HyperFusion / backbone); the loader's
+samples/s with the default workers beside the model's; K = 1, 2, 4 processes training AD HyperFusion on
+one device at once (aggregate samples/s, as run-protocol --jobs with one GPU listed K times); the
+protocols' wall time from these rates. data.py (nibabel) is needed by the tests and the loader alone.
 """
 import argparse
 import json
@@ -292,6 +308,8 @@ def print_throughput(rows, quick, device):
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # (precision, channels_last, compile); fit trains at bfloat16 on CUDA, float32 on CPU
+MODELS = ("imaging", "hyperfusion")
+QUICK_VARIANTS = [("fp32", False, False), ("bf16", True, False), ("bf16", False, True)]   # every code path
 CHECK_VARIANTS = [("fp32", False, False), ("bf16", False, False), ("bf16", True, False), ("bf16", False, True)]
 
 
@@ -301,8 +319,10 @@ def check_settings(device, quick):
     cases = ([("ad", (16, 24, 16), 4), ("brain-age", (36, 40, 36), 2)] if quick else
              [("ad", (64, 96, 64), 32 if cuda else 4), ("brain-age", (90, 120, 99), 64 if cuda else 2)])
     return dict(cases=cases, steps=2 if quick else 10, warmup=1 if quick else 3, ks=(1, 2) if quick else (1, 2, 4),
-                duration=2.0 if quick else 10.0, variants=CHECK_VARIANTS,
-                tests="test_check_ and device-" + device)
+                duration=2.0 if quick else 10.0, variants=QUICK_VARIANTS if quick else CHECK_VARIANTS,
+                threads=1 if quick and not cuda else None,     # a small loaded CPU: threads contend
+                compile_cases=cases[:1] if quick else cases, compile_models=("hyperfusion",) if quick else MODELS,
+                tests="test_check_ and device-" + device + (" and not compile" if quick else ""))
 
 
 def variant_name(precision, channels_last, compile):
@@ -341,11 +361,14 @@ def check_tests(device, settings, left):
     return dict(**counts, cases=cases)
 
 
-def check_throughput(device, settings, budget, spawn):
-    """Samples/s and peak memory of backbone and HyperFusion per variant; compiled ones last (the dearest)."""
+def check_throughput(device, settings, budget, spawn, compiled=False):
+    """Samples/s and peak memory of backbone and HyperFusion per variant, the eager ones or (compiled, the
+    dearest, a section of their own after the others) the torch.compile ones."""
     rows = []
-    jobs = [(v, c, m) for v in settings["variants"] for c in settings["cases"] for m in ("imaging", "hyperfusion")]
-    for (precision, cl, comp), (task, shape, batch), name in sorted(jobs, key=lambda j: j[0][2]):
+    jobs = [(v, c, m) for v in settings["variants"] if v[2] == compiled
+            for c in (settings["compile_cases"] if compiled else settings["cases"])
+            for m in (settings["compile_models"] if compiled else MODELS)]
+    for (precision, cl, comp), (task, shape, batch), name in jobs:
         row = dict(task=task, model=name, variant=variant_name(precision, cl, comp), shape="x".join(map(str, shape)),
                    batch=batch)
         need = 60 if comp else 15
@@ -353,7 +376,8 @@ def check_throughput(device, settings, budget, spawn):
             rows.append(dict(row, skipped=f"budget: {budget():.0f} s left, {need} s needed"))
             continue
         args = dict(task=task, name=name, shape=shape, batch=batch, steps=settings["steps"], device=device,
-                    precision=precision, channels_last=cl, compile=comp, warmup=settings["warmup"])
+                    precision=precision, channels_last=cl, compile=comp, warmup=settings["warmup"],
+                    threads=settings["threads"])
         try:
             r = run_child(args, budget(), spawn)
             rows.append(dict(row, samples_s=batch / r["seconds"], peak_mb=r["peak_mb"]))
@@ -399,7 +423,8 @@ def check_sharing(device, settings, budget, spawn):
             go = os.path.join(tmp, "go")
             base = dict(task=task, name="hyperfusion", shape=shape, batch=batch, steps=0, device=device, amp=True,
                         warmup=settings["warmup"], duration=settings["duration"], go=go,
-                        threads=None if device == "cuda" else max(1, (os.cpu_count() or 1) // k))
+                        threads=settings["threads"] or (None if device == "cuda" else
+                                                        max(1, (os.cpu_count() or 1) // k)))
             if not spawn:
                 open(go, "w").close()
                 results = [train_step_measure(**base, ready=os.path.join(tmp, "ready"))]
@@ -442,10 +467,10 @@ def settings_margin(base):
     return base["duration"] + 5
 
 
-def check_protocols(device, throughput, sharing):
+def check_protocols(device, rows, sharing):
     """The paper's two protocols' training wall time from the measured rates: as fit trains by default
     (bfloat16 on CUDA, float32 on CPU), at the fastest variant, and AD with the best K sharing the device."""
-    rows = [r for r in throughput["rows"] if "samples_s" in r]
+    rows = [r for r in rows if "samples_s" in r]
     out = {}
     for label, variant in [("default", "bf16" if device == "cuda" else "fp32")] + \
             [(v, v) for v in dict.fromkeys(r["variant"] for r in rows)]:
@@ -480,7 +505,9 @@ def run_check(device, quick, out, budget_s=450, spawn=True, **overrides):
                 ("loader", 20, lambda: check_loader(device, settings,
                                                     report["sections"]["throughput"].get("rows", []))),
                 ("sharing", 30, lambda: check_sharing(device, settings, budget, spawn)),
-                ("protocols", 0, lambda: check_protocols(device, report["sections"]["throughput"],
+                ("compile", 60, lambda: check_throughput(device, settings, budget, spawn, compiled=True)),
+                ("protocols", 0, lambda: check_protocols(device, [r for s in ("throughput", "compile") for r in
+                                                                  report["sections"][s].get("rows", [])],
                                                         report["sections"]["sharing"]))]
     for name, need, fn in sections:
         t = time.monotonic()
@@ -524,11 +551,11 @@ def render_report(report):
         elif name == "protocols":
             lines += [f"- {label}: " + (", ".join(f"{t} {h:,.1f} h" for t, h in v.items()) if label !=
                                         "ad_default_best_k" else f"AD x{v['speedup']:.2f} -> {v['hours']:,.1f} h")
-                      for label, v in sec.items() if isinstance(v, dict)]
+                      for label, v in sec.items() if isinstance(v, dict) and v]
             tables = []
         else:
             tables = [sec[k] for k in ("rows", "ratios") if k in sec]
-        for rows in tables:
+        for rows in filter(None, tables):
             keys = list(dict.fromkeys(k for r in rows for k in r))
             lines += ["", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
             lines += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rows]

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.stats import mannwhitneyu
 
+import bench
 import data
 import distributed
 import evaluate
@@ -3472,3 +3473,23 @@ def test_check_compile_and_channels_last_train_as_eager_does(device, option):
             results.append((first, torch.softmax(net.eval()(eval_image, eval_tabular).float(), 1)))
     assert abs(results[1][0] - results[0][0]) <= 0.02 * abs(results[0][0])
     torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=0.02)
+
+
+def test_the_gpu_checks_report_has_every_section_with_numbers(tmp_path):
+    """bench.py --check's report-building on CPU at the smallest settings, measured in this process: each
+    section ran, with numbers in it, and the markdown and JSON were written."""
+    report = bench.run_check("cpu", True, str(tmp_path), spawn=False, steps=1, warmup=0, duration=0.2, threads=None,
+                             variants=[("fp32", False, False)], compile_cases=[], ks=(1,),
+                             tests="test_check_hyperlayers and factorised and device-cpu")
+    sections = report["sections"]
+    assert list(sections) == ["tests", "throughput", "loader", "sharing", "compile", "protocols"]
+    assert all(s["status"] == "ok" for s in sections.values()), {k: s.get("error") for k, s in sections.items()}
+    assert sections["tests"]["passed"] == 1 and sections["tests"]["failed"] == 0
+    assert {(r["task"], r["model"]) for r in sections["throughput"]["rows"] if r["samples_s"] > 0} == \
+        {(t, m) for t in ("ad", "brain-age") for m in ("imaging", "hyperfusion")}
+    assert all(r["time_ratio"] > 0 for r in sections["throughput"]["ratios"])
+    assert all(r["loader_samples_s"] > 0 and r["loader_over_model"] > 0 for r in sections["loader"]["rows"])
+    assert sections["sharing"]["rows"][0]["aggregate_samples_s"] > 0
+    assert all(h > 0 for h in sections["protocols"]["default"].values()) and len(sections["protocols"]["default"]) == 2
+    assert json.load(open(tmp_path / "check.json"))["sections"].keys() == sections.keys()
+    assert "## protocols: ok" in (tmp_path / "check.md").read_text()
