@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.stats import mannwhitneyu
 
+import bench
 import data
 import distributed
 import evaluate
@@ -3362,3 +3363,133 @@ def test_every_source_file_names_its_one_job_and_fits_one_sitting():
         assert doc and doc.splitlines()[0].strip(), f"{f}: no docstring naming its job"
         if not f.startswith("test_"):
             assert len(text.splitlines()) <= 700, f"{f}: {len(text.splitlines())} lines"
+
+
+# ----------------------------------------------------------------------------------------------
+# The prepared GPU check's tests (bench.py --check runs those whose id holds "device-cuda"). Each body takes
+# a device: the cuda parameter is skipped where no GPU is (CI), the cpu one runs in CI when it is fast.
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = [pytest.param("cpu", id="device-cpu"), pytest.param("cuda", id="device-cuda", marks=cuda)]
+# cpu parameters over 3 s here (bfloat16's first kernels, loader workers, torch.compile) run only when asked, as
+# bench.py --check --device cpu asks
+SLOW_CPU = pytest.mark.skipif(not os.environ.get("HYPERFUSION_SLOW_CPU_TESTS"), reason="HYPERFUSION_SLOW_CPU_TESTS=1")
+DEVICES_SLOW_CPU = [pytest.param("cpu", id="device-cpu", marks=SLOW_CPU), DEVICES[1]]
+
+
+def _tiny_batch(task, batch=4, seed=0):
+    """A small (image, tabular, target) batch of either task: AD 12x16x12 with 15 attributes, brain age 36^3."""
+    g = torch.Generator().manual_seed(seed)
+    if task == "ad":
+        return torch.randn(batch, 1, 12, 16, 12, generator=g), torch.randn(batch, 15, generator=g), \
+            torch.arange(batch) % 3
+    return torch.randn(batch, 1, 36, 36, 36, generator=g), torch.eye(2)[torch.arange(batch) % 2], \
+        torch.rand(batch, generator=g)
+
+
+def _tiny_model(task, device):
+    """HyperFusion of a task at _tiny_batch's shapes, dropout off (eager and compiled draw different masks)."""
+    torch.manual_seed(0)
+    model = build_model(task, "hyperfusion", image_shape=(36, 36, 36) if task == "brain-age" else None,
+                        n_tabular=15 if task == "ad" else 2)
+    for m in model.modules():
+        if isinstance(m, (nn.Dropout, nn.Dropout3d)):
+            m.p = 0.0
+    return model.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["factorised", "materialised"])
+def test_check_hyperlayers_on_the_device_equal_the_per_sample_computation(device, mode):
+    torch.manual_seed(0)
+    linear = _randomise(HyperLinear(37, 11, nn.Sequential(nn.Linear(5, 3), nn.Tanh()), 3, mode=mode)).to(device)
+    conv = _randomise(HyperConv(3, 4, 6, 3, 2, 1, nn.Linear(5, 2), 2, mode=mode)).to(device)
+    x, image, tabular = (torch.randn(6, 37, device=device), torch.randn(6, 4, 9, 8, 7, device=device),
+                         torch.randn(6, 5, device=device))
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False):  # fp32
+        torch.testing.assert_close(linear(x, tabular), _per_sample(linear, x, tabular, F.linear), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(conv(image, tabular), _per_sample(conv, image, tabular, F.conv3d, stride=2,
+                                                                     padding=1), rtol=1e-4, atol=1e-5)
+
+
+def _loss_and_gradient(model, batch, task, device, dtype):
+    """One forward + backward of a train step under autocast to dtype (None: float32) -> (loss, flat gradient)."""
+    image, tabular, target = (t.to(device) for t in batch)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        out = model(image, tabular).float()
+    loss = F.cross_entropy(out, target) if task == "ad" else F.mse_loss(out, target)
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("device", DEVICES_SLOW_CPU)
+@pytest.mark.parametrize("task", ["ad", "brain-age"])
+def test_check_a_bfloat16_train_step_stays_within_tolerance_of_float32(device, task):
+    """Stated tolerance, from bfloat16's 8-bit mantissa through a whole network at a batch of 4 (seen here: AD
+    loss within 0.1% and gradient cosine 0.99, brain age 1.7% and 0.95, norms within 15%): the loss within 3%,
+    the gradient at cosine >= 0.9 and its norm within 25% of float32's."""
+    model, batch = _tiny_model(task, device), _tiny_batch(task)
+    state = copy.deepcopy(model.state_dict())                 # batch norm's running statistics move in train mode
+    loss32, grad32 = _loss_and_gradient(model.train(), batch, task, device, None)
+    model.load_state_dict(state)
+    loss16, grad16 = _loss_and_gradient(model.train(), batch, task, device, torch.bfloat16)
+    assert abs(loss16 - loss32) <= 0.03 * abs(loss32), (loss16, loss32)
+    assert F.cosine_similarity(grad16, grad32, dim=0).item() >= 0.9
+    assert abs(grad16.norm().item() - grad32.norm().item()) <= 0.25 * grad32.norm().item()
+
+
+@pytest.mark.parametrize("device", DEVICES_SLOW_CPU)
+def test_check_images_on_the_device_predict_what_the_loaders_batches_predict(device):
+    dev = torch.device(device)
+    image, tabular, target = _tiny_batch("ad", batch=12)
+    dataset = torch.utils.data.TensorDataset(image.half().float(), tabular, target)   # DeviceBatches holds float16
+    model = _tiny_model("ad", dev)
+    loaded = training.predict(model, training.make_loader(dataset, 4, 2 if dev.type == "cuda" else 0, dev), dev)
+    kept = training.predict(model, training.DeviceBatches(dataset, 4, dev), dev)
+    np.testing.assert_allclose(kept[0], loaded[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(kept[1], target.numpy())
+
+
+@pytest.mark.parametrize("device", DEVICES_SLOW_CPU)
+@pytest.mark.parametrize("option", ["channels_last", "compile"])
+def test_check_compile_and_channels_last_train_as_eager_does(device, option):
+    """training.train_epoch, as fit runs it, two Adam steps (autocast as training uses it): the first loss
+    within 2% and the outputs after the steps within 0.02 of eager's."""
+    dev, batches = torch.device(device), [_tiny_batch("ad", seed=s) for s in (0, 1)]
+    eval_image, eval_tabular, _ = (t.to(dev) for t in _tiny_batch("ad", seed=2))
+    results = []
+    for variant in ("eager", option):
+        model = _tiny_model("ad", dev)
+        if variant == "channels_last":
+            model = model.to(memory_format=torch.channels_last_3d)
+        net = torch.compile(model) if variant == "compile" else model
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        scaler = torch.amp.GradScaler("cuda", enabled=training.amp_dtype(dev) == torch.float16)
+        total, n, first, problem = training.train_epoch(net, opt, scaler, batches, F.cross_entropy, dev,
+                                                        channels_last=variant == "channels_last")
+        assert problem is None and n == 8
+        with torch.no_grad():
+            results.append((first, torch.softmax(net.eval()(eval_image, eval_tabular).float(), 1)))
+    assert abs(results[1][0] - results[0][0]) <= 0.02 * abs(results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=0.02)
+
+
+def test_the_gpu_checks_report_has_every_section_with_numbers(tmp_path):
+    """bench.py --check's report-building on CPU at the smallest settings, measured in this process: each
+    section ran, with numbers in it, and the markdown and JSON were written."""
+    report = bench.run_check("cpu", True, str(tmp_path), spawn=False, steps=1, warmup=0, duration=0.2, threads=None,
+                             variants=[("fp32", False, False)], compile_cases=[], ks=(1,),
+                             tests="test_check_hyperlayers and factorised and device-cpu")
+    sections = report["sections"]
+    assert list(sections) == ["tests", "throughput", "loader", "sharing", "compile", "protocols"]
+    assert all(s["status"] == "ok" for s in sections.values()), {k: s.get("error") for k, s in sections.items()}
+    assert sections["tests"]["passed"] == 1 and sections["tests"]["failed"] == 0
+    assert {(r["task"], r["model"]) for r in sections["throughput"]["rows"] if r["samples_s"] > 0} == \
+        {(t, m) for t in ("ad", "brain-age") for m in ("imaging", "hyperfusion")}
+    assert all(r["time_ratio"] > 0 for r in sections["throughput"]["ratios"])
+    assert all(r["loader_samples_s"] > 0 and r["loader_over_model"] > 0 for r in sections["loader"]["rows"])
+    assert sections["sharing"]["rows"][0]["aggregate_samples_s"] > 0
+    assert all(h > 0 for h in sections["protocols"]["default"].values()) and len(sections["protocols"]["default"]) == 2
+    assert json.load(open(tmp_path / "check.json"))["sections"].keys() == sections.keys()
+    assert "## protocols: ok" in (tmp_path / "check.md").read_text()
