@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 
-from safeio import UserError, atomic_path, warn, write_json
+from safeio import UserError, atomic_path, file_sha256, warn, write_json
 
 # ----------------------------------------------------------------------------------------------
 # NIfTI volumes, read with validation
@@ -123,15 +123,6 @@ def _file_key(st):
     back (os.utime sets only atime and mtime), so a file replaced by one of the same size whose old mtime was kept
     (a copy that preserves times) still has another key."""
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-
-
-def file_sha256(path):
-    """sha256 of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_sources(folder):

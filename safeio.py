@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import csv
 import errno
+import hashlib
 import io
 import json
 import math
@@ -181,6 +182,15 @@ def check_output(option, path, inputs=()):
     for p in inputs:
         if p and same_file(path, p):
             raise UserError(f"{option} {path}: would overwrite {p}, an input of this command; choose another file")
+
+
+def file_sha256(path):
+    """sha256 of a file's bytes, read in 1 MiB blocks (a table's identity, an image's content)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def warn(message):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from safeio import UserError, warn
+from safeio import UserError, file_sha256, warn
 from tabular import AD_ATTRIBUTES, AD_CONTINUOUS, SEX_CODES, is_missing_code, parse_attribute, parse_value
 
 CLASS_NAMES = ("CN", "MCI", "AD")
@@ -30,11 +30,7 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii")
 
 def table_sha256(csv_path):
     """The table's identity: sha256 of its bytes (stored in checkpoints, so a run is tied to its data)."""
-    h = hashlib.sha256()
-    with open(csv_path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(csv_path)
 
 
 def _check_delimiter(csv_path, header):
