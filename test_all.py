@@ -1870,6 +1870,26 @@ def test_precise_bn_re_estimates_the_running_statistics_from_the_training_batche
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in weights.items())
 
 
+def test_brain_age_training_re_estimates_batch_norm_before_every_validation_from_its_training_rows_in_order(
+        brain_age_cohort20, tmp_path, monkeypatch):
+    """Precise BN in train_brain_age.py's own path: each epoch, before validation, the statistics are
+    re-estimated over the training split, every training subject once, in order (not validation, not shuffled)."""
+    seen = []
+
+    def spy(model, loader, device):
+        seen.append(torch.cat([age for _, _, age in loader]).numpy())
+        return training.recalibrate_batchnorm(model, loader, device)
+
+    monkeypatch.setattr(train_brain_age, "recalibrate_batchnorm", spy)
+    train_brain_age.main(["--data-csv", str(brain_age_cohort20), "--out", str(tmp_path), "--epochs", "2",
+                          "--batch-size", "4", "--model", "imaging", "--quiet"])
+    table = data.read_brain_age_table(str(brain_age_cohort20), None)
+    train_idx, _, _ = splits.brain_age_split(table.age, table.sex, 0)
+    assert len(seen) == 2
+    for ages in seen:
+        np.testing.assert_allclose(ages, table.age[train_idx].astype(np.float32))
+
+
 def test_after_a_short_run_the_two_sexes_generate_different_weights_in_every_hyperlayer(brain_age_run):
     """The embeddings start at ones (SPEC §1), so both sexes start from one shared set of weights; training
     parts them (8 Adam steps at lr 1.5e-4 here: ~1e-4 relative, a 2e-5 bound is 100x float32 rounding)."""
