@@ -12,7 +12,6 @@ metrics.json and predictions.npz (the test probabilities that evaluate.py ensemb
 The loop, checkpoints and device handling are training.py's.
 """
 import argparse
-import contextlib
 import os
 
 import numpy as np
@@ -74,16 +73,15 @@ def ad_run_config(args):
 def train_ad(args):
     """One AD run from its parsed options (a dict, as vars(ad_arguments().parse_args())). -> metrics.
     Its run folder is its own while it runs (runfolder.claim_run_folder), released however the run ends."""
-    with contextlib.ExitStack() as folder:
-        return run_ad(args, folder)
-
-
-def run_ad(args, folder):
-    """train_ad's run; `folder` (an ExitStack) holds the claim of the run folder until the run ends."""
-    quiet = args["quiet"]
     device = setup_device(args["device"])
     run = ad_run_config(args)
-    folder.enter_context(claim_run_folder(run.run_dir(args["out"]), args["resume"]))   # refused before any work
+    with claim_run_folder(run.run_dir(args["out"]), args["resume"]):   # refused before any work
+        return run_ad(args, device, run)
+
+
+def run_ad(args, device, run):
+    """train_ad's run on `device`, in its claimed folder."""
+    quiet = args["quiet"]
     workers = loader_workers(args["workers"], device)
     image_model = run.model != "tabular"
     table = data.read_ad_table(run.data_csv, run.image_dir, need_images=image_model, classes=run.classes,

@@ -14,7 +14,6 @@ the linear age-bias correction fitted on the validation set) and predictions.npz
 The loop, checkpoints and device handling are training.py's.
 """
 import argparse
-import contextlib
 import os
 
 import numpy as np
@@ -77,16 +76,15 @@ def brain_age_run_config(args):
 def train_brain_age(args):
     """One brain-age run from its parsed options (a dict, as vars(brain_age_arguments().parse_args())).
     -> metrics. Its run folder is its own while it runs (runfolder.claim_run_folder), released however it ends."""
-    with contextlib.ExitStack() as folder:
-        return run_brain_age(args, folder)
-
-
-def run_brain_age(args, folder):
-    """train_brain_age's run; `folder` (an ExitStack) holds the claim of the run folder until the run ends."""
-    quiet = args["quiet"]
     device = setup_device(args["device"])
     run = brain_age_run_config(args)
-    folder.enter_context(claim_run_folder(run.run_dir(args["out"]), args["resume"]))   # refused before any work
+    with claim_run_folder(run.run_dir(args["out"]), args["resume"]):   # refused before any work
+        return run_brain_age(args, device, run)
+
+
+def run_brain_age(args, device, run):
+    """train_brain_age's run on `device`, in its claimed folder."""
+    quiet = args["quiet"]
     workers = loader_workers(args["workers"], device)
     table = data.read_brain_age_table(run.data_csv, run.image_dir)
     train_idx, val_idx, test_idx = splits.brain_age_split(table.age, table.sex, run.split_seed, run.split)
