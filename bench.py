@@ -11,9 +11,9 @@
 (b) a HyperFusion train step (forward, loss, backward, Adam) against its image-only backbone:
     time, and peak memory (CUDA: max_memory_allocated; CPU: the peak resident set size a fresh
     subprocess reaches during the steps, above what it held before building the model).
-(c) training throughput per model as `training.fit` runs it (autocast on CUDA, the grad scaler with
-    float16): samples per second and peak memory of AD imaging / HyperFusion at 64x96x64 and brain
-    age imaging / HyperFusion at 90x120x99 (B = 32 and 64 on CUDA as Table 1, 4 and 2 on CPU), the
+(c) training throughput per model as `training.fit` runs it (--precision auto: bfloat16 autocast where
+    native, the grad scaler with float16): samples per second and peak memory of AD imaging / HyperFusion at 64x96x64
+    and brain age imaging / HyperFusion at 90x120x99 (B = 32 and 64 on CUDA as Table 1, 4 and 2 on CPU), the
     loader's samples per second reading the same shapes from an ImageCache with the workers training
     would use, and the wall time of the paper's two protocols estimated from them.
 
@@ -56,7 +56,7 @@ except ImportError as error:
     data, DATA_MISSING = None, error
 from layers import HyperConv3d, HyperLinear
 from models import build_model
-from training import amp_dtype, autocast, loader_workers, make_loader
+from training import autocast, loader_workers, make_loader, resolve_precision
 
 
 def timeit(fn, repeats, warmup=2, device="cpu"):
@@ -141,12 +141,12 @@ def train_step_measure(task, name, shape, batch, steps, device, amp=False, preci
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     loss_fn = F.mse_loss if task == "brain-age" else F.cross_entropy
     dev = torch.device(device)
-    dtype = {"fp32": None, "bf16": torch.bfloat16}[precision] if precision else (amp_dtype(dev) if amp else None)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    precision = precision or (fit_precision(device) if amp else "fp32")
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(dev, precision):
             loss = loss_fn(net(image, tabular).float(), target)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -307,7 +307,7 @@ def print_throughput(rows, quick, device):
 # --check: the prepared GPU check, one report (markdown and JSON under --out), each section on its own
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# (precision, channels_last, compile); fit trains at bfloat16 on CUDA, float32 on CPU
+# (precision, channels_last, compile); fit trains at fit_precision (--precision auto) unless told otherwise
 MODELS = ("imaging", "hyperfusion")
 QUICK_VARIANTS = [("fp32", False, False), ("bf16", True, False), ("bf16", False, True)]   # every code path
 CHECK_VARIANTS = [("fp32", False, False), ("bf16", False, False), ("bf16", True, False), ("bf16", False, True)]
@@ -323,6 +323,11 @@ def check_settings(device, quick):
                 threads=1 if quick and not cuda else None,     # a small loaded CPU: threads contend
                 compile_cases=cases[:1] if quick else cases, compile_models=("hyperfusion",) if quick else MODELS,
                 tests="test_check_ and device-" + device + (" and not compile" if quick else ""))
+
+
+def fit_precision(device):
+    """The precision training takes by default on `device` (--precision auto)."""
+    return resolve_precision("auto", torch.device(device), quiet=True)
 
 
 def variant_name(precision, channels_last, compile):
@@ -398,7 +403,7 @@ def check_loader(device, settings, model_rows):
     """The loader's samples/s with the workers training would use, beside HyperFusion's default-variant rate."""
     if data is None:
         raise RuntimeError(f"data.py cannot be imported ({DATA_MISSING}); carry nibabel (README, bench section)")
-    default = "bf16" if device == "cuda" else "fp32"
+    default = fit_precision(device)
     rows = []
     for task, shape, batch in settings["cases"]:
         r = loader_measure(task, shape, batch, device, n=4 * batch)
@@ -469,10 +474,10 @@ def settings_margin(base):
 
 def check_protocols(device, rows, sharing):
     """The paper's two protocols' training wall time from the measured rates: as fit trains by default
-    (bfloat16 on CUDA, float32 on CPU), at the fastest variant, and AD with the best K sharing the device."""
+    (fit_precision), at the fastest variant, and AD with the best K sharing the device."""
     rows = [r for r in rows if "samples_s" in r]
     out = {}
-    for label, variant in [("default", "bf16" if device == "cuda" else "fp32")] + \
+    for label, variant in [("default", fit_precision(device))] + \
             [(v, v) for v in dict.fromkeys(r["variant"] for r in rows)]:
         chosen = [r for r in rows if r["variant"] == variant]
         hours = {}

@@ -132,6 +132,26 @@ class HyperLinear(HyperLayer):
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
 
 
+def padded_conv(conv, x, weight, bias, stride, padding, groups=1):
+    """conv(x, weight, bias, stride, padding, 1, groups), zero-padded. On a CPU under autocast, where a side of
+    the input is shorter than the kernel's, the padding is made explicit first: there oneDNN 3.12's (torch 2.13)
+    bfloat16 weight gradient with implicit padding reads memory outside the input (a different gradient at every
+    call, now and then NaN; input (8, 256, 2, 3, 2), 3x3x3 kernel, padding 1: the AD network's block4 on the
+    demo's 24x36x24 crops). The same convolution either way."""
+    if (any(padding) and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and any(side < k for side, k in zip(x.shape[2:], weight.shape[2:]))):
+        x = F.pad(x, [p for q in reversed(padding) for p in (q, q)])             # (B, C, *(S + 2 padding))
+        padding = 0
+    return conv(x, weight, bias, stride, padding, 1, groups)
+
+
+class Conv3d(nn.Conv3d):
+    """nn.Conv3d (same parameters, same state dict) through padded_conv."""
+
+    def _conv_forward(self, input, weight, bias):
+        return padded_conv(F.conv3d, input, weight, bias, self.stride, self.padding, self.groups)
+
+
 class HyperConv(HyperLayer):
     """A 1D, 2D or 3D convolution whose kernel and bias are generated per sample (Sec. 3.1)."""
 
@@ -148,7 +168,8 @@ class HyperConv(HyperLayer):
         e = self.hypernet(tabular)                                               # (B, k)
         B = x.shape[0]
         if self.mode == "factorised":
-            z = self.conv(x, self.factorised_weight(), None, self.stride, self.padding)  # (B, (k+1)*out, *S')
+            z = padded_conv(self.conv, x, self.factorised_weight(), None, self.stride, self.padding)
+            # z (B, (k+1)*out, *S')
             y = self.mix(z, e)                                                   # (B, out, *S')
             b = self.hypernet.bias_gen(e) if self.hypernet.bias_gen is not None else None
             return self.add_bias(y, b)
@@ -161,8 +182,8 @@ class HyperConv(HyperLayer):
             y = y.view(B, self.out_features, *x.shape[2:])                       # (B, out, *S')
         else:
             # one grouped convolution: sample b's channels form group b
-            y = self.conv(x.reshape(1, B * self.in_channels, *x.shape[2:]), w.flatten(0, 1), None,
-                          self.stride, self.padding, 1, B)                       # (1, B*out, *S')
+            y = padded_conv(self.conv, x.reshape(1, B * self.in_channels, *x.shape[2:]), w.flatten(0, 1), None,
+                            self.stride, self.padding, B)                        # (1, B*out, *S')
             y = y.view(B, self.out_features, *y.shape[2:])                       # (B, out, *S')
         return self.add_bias(y, b)
 
@@ -206,8 +227,8 @@ class PreactResBlock(nn.Module):
     def __init__(self, in_channels, out_channels, stride=1, dropout=0.0):
         super().__init__()
         self.bn1, self.bn2 = _bn(in_channels), _bn(out_channels)
-        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, stride, 1)
-        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, 1, 1)
+        self.conv1 = Conv3d(in_channels, out_channels, 3, stride, 1)
+        self.conv2 = Conv3d(out_channels, out_channels, 3, 1, 1)
         self.dropout = nn.Dropout3d(dropout)
         self.downsample = None
         if stride != 1 or in_channels != out_channels:
@@ -239,9 +260,9 @@ class HyperPreactResBlock(nn.Module):
         hyper = dict(embedding=embedding, embedding_dim=embedding_dim, mode=mode)
         self.bn1, self.bn2 = _bn(in_channels), _bn(out_channels)
         self.conv1 = (HyperConv3d(in_channels, out_channels, 3, stride, 1, **hyper) if "conv1" in hyperlayers
-                      else nn.Conv3d(in_channels, out_channels, 3, stride, 1))
+                      else Conv3d(in_channels, out_channels, 3, stride, 1))
         self.conv2 = (HyperConv3d(out_channels, out_channels, 3, 1, 1, **hyper) if "conv2" in hyperlayers
-                      else nn.Conv3d(out_channels, out_channels, 3, 1, 1))
+                      else Conv3d(out_channels, out_channels, 3, 1, 1))
         self.dropout = nn.Dropout3d(dropout)
         if "downsample" in hyperlayers:
             self.downsample = HyperConv3d(in_channels, out_channels, 1, stride, **hyper)

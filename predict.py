@@ -39,7 +39,7 @@ from models import class_probabilities
 from runs import finished, load_run
 from safeio import ArgumentParser, UserError, check_number, check_output, run_cli, write_csv
 from tabular import AD_ATTRIBUTES, AD_CONTINUOUS, SEX_CODES, parse_attribute
-from training import make_loader, predict, setup_device
+from training import make_loader, predict, replay_precision, setup_device
 
 
 def find_runs(paths):
@@ -104,10 +104,12 @@ def member_outputs(members, table, cache_dir, batch_size, device, progress=True)
             targets = np.zeros(n, np.int64)
             ds = (data.ADDataset(images, tab, targets, train=False) if images is not None
                   else data.TabularDataset(tab, targets))
-            out, _ = predict(m.model(device), make_loader(ds, batch_size, 0, device), device, class_probabilities)
+            out, _ = predict(m.model(device), make_loader(ds, batch_size, 0, device), device, class_probabilities,
+                             replay_precision(m.run.precision, device))
         else:
             ds = data.BrainAgeDataset(images, data.sex_onehot(table.sex), np.zeros(n, np.float32))
-            out, _ = predict(m.model(device), make_loader(ds, batch_size, 0, device), device, m.target.decode)
+            out, _ = predict(m.model(device), make_loader(ds, batch_size, 0, device), device, m.target.decode,
+                             replay_precision(m.run.precision, device))
         outputs.append(out)
         if progress:
             left = (time.time() - t0) / (k + 1) * (len(members) - k - 1)
@@ -177,6 +179,7 @@ def sweep(checkpoint, attribute, values, data_csv=None, image_dir=None, batch_si
                 raise UserError(f"{checkpoint}: the rebuilt test set differs from the run's predictions.npz "
                                 f"(another table than {run.data_csv}?)")
     dev = setup_device(device)
+    precision = replay_precision(run.precision, dev)     # as the run predicted its test set
     loader = lambda ds: make_loader(ds, batch_size, 0, dev)
     n = len(test_idx)
     if run.task == "ad":
@@ -200,7 +203,7 @@ def sweep(checkpoint, attribute, values, data_csv=None, image_dir=None, batch_si
                 raise UserError(f"--values {value}: {exc}") from None
             ds = (data.ADDataset(images, tab, table.labels[test_idx], train=False) if images is not None
                   else data.TabularDataset(tab, table.labels[test_idx]))
-            probs, labels = predict(model, loader(ds), dev, class_probabilities)
+            probs, labels = predict(model, loader(ds), dev, class_probabilities, precision)
             met = classification_metrics(labels, probs, names)
             frac = np.bincount(probs.argmax(1), minlength=len(names)) / n
             label = "(as recorded)" if value is None else str(value)
@@ -224,7 +227,7 @@ def sweep(checkpoint, attribute, values, data_csv=None, image_dir=None, batch_si
         for value, code in [(None, None)] + list(zip(values, codes)):
             onehot = data.sex_onehot(sex if code is None else np.full(n, code))
             ds = data.BrainAgeDataset(images, onehot, age)
-            pred, _ = predict(model, loader(ds), dev, finished_run.target.decode)
+            pred, _ = predict(model, loader(ds), dev, finished_run.target.decode, precision)
             met = regression_metrics(age, pred, sex)
             if value is not None and first is None:
                 first = pred

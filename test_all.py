@@ -47,7 +47,7 @@ import train_brain_age
 import training
 
 from metrics import classification_metrics, entropy, entropy_weighted_ensemble, regression_metrics
-from layers import HyperConv, HyperLinear, HyperPreactResBlock, init_hyperlayers
+from layers import Conv3d, HyperConv, HyperConv3d, HyperLinear, HyperPreactResBlock, init_hyperlayers
 from models import (AD_MODELS, BRAIN_AGE_MODELS, AgeTarget, build_model, candidate_layers, count_parameters,
                     layer_loss_entropy)
 from runs import load_run
@@ -1004,7 +1004,7 @@ def test_validation_and_test_average_the_soft_predictions_of_both_hippocampi():
     probs, labels = training.predict(model, loader, cpu, lambda out: F.softmax(out, 1))
     np.testing.assert_allclose(probs, expected, atol=1e-6)
     np.testing.assert_array_equal(labels, np.arange(6) % 3)
-    _, probs = train_ad.ad_metrics(model, loader, cpu, NAMES)                              # what train_ad scores
+    _, probs = train_ad.ad_metrics(model, loader, cpu, NAMES, "fp32")                      # what train_ad scores
     np.testing.assert_allclose(probs, expected, atol=1e-6)
 
 
@@ -1680,8 +1680,11 @@ def test_a_two_epoch_hyperfusion_run_writes_its_checkpoints_log_and_metrics(ad_c
     assert TabularPreprocessor(state=ckpt["tabular"]).n_features == ckpt["inputs"]["n_tabular"] == 15
 
 
-def test_resume_after_an_interruption_ends_as_an_uninterrupted_run(ad_cohort60, tmp_path, monkeypatch):
-    straight = train_ad.main(_ad_args(ad_cohort60, tmp_path / "a", "--model", "concat"))
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_after_an_interruption_ends_as_an_uninterrupted_run(ad_cohort60, tmp_path, monkeypatch, precision):
+    """On CPU, at float32 and at bfloat16 (autocast is deterministic there too)."""
+    precise = ("--precision", precision)
+    straight = train_ad.main(_ad_args(ad_cohort60, tmp_path / "a", "--model", "concat", *precise))
 
     real_write_log = training.write_log
 
@@ -1691,10 +1694,10 @@ def test_resume_after_an_interruption_ends_as_an_uninterrupted_run(ad_cohort60, 
 
     monkeypatch.setattr(training, "write_log", interrupt_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train_ad.main(_ad_args(ad_cohort60, tmp_path / "b", "--model", "concat"))
+        train_ad.main(_ad_args(ad_cohort60, tmp_path / "b", "--model", "concat", *precise))
     monkeypatch.setattr(training, "write_log", real_write_log)
     assert training.load_checkpoint(os.path.join(_run_dir(tmp_path / "b", "concat"), "last.pt"))["epoch"] == 0
-    resumed = train_ad.main(_ad_args(ad_cohort60, tmp_path / "b", "--model", "concat", "--resume"))
+    resumed = train_ad.main(_ad_args(ad_cohort60, tmp_path / "b", "--model", "concat", "--resume", *precise))
     assert resumed == straight
 
 
@@ -1736,7 +1739,8 @@ def test_a_finished_run_predicts_its_test_set_again_from_its_saved_state(ad_coho
     _, table, test_idx, images = predict.test_set(finished)
     tab = finished.tabular.transform([table.raw[i] for i in test_idx])      # the run's own imputation
     loader = torch.utils.data.DataLoader(data.ADDataset(images, tab, table.labels[test_idx], train=False), 8)
-    _, probs = train_ad.ad_metrics(finished.model(), loader, torch.device("cpu"), finished.class_names)
+    _, probs = train_ad.ad_metrics(finished.model(), loader, torch.device("cpu"), finished.class_names,
+                                   finished.run.precision)
     np.testing.assert_allclose(probs, finished.read_predictions()["probs"], atol=1e-6)
 
 
@@ -1876,9 +1880,9 @@ def test_brain_age_training_re_estimates_batch_norm_before_every_validation_from
     re-estimated over the training split, every training subject once, in order (not validation, not shuffled)."""
     seen = []
 
-    def spy(model, loader, device):
+    def spy(model, loader, device, precision):
         seen.append(torch.cat([age for _, _, age in loader]).numpy())
-        return training.recalibrate_batchnorm(model, loader, device)
+        return training.recalibrate_batchnorm(model, loader, device, precision)
 
     monkeypatch.setattr(train_brain_age, "recalibrate_batchnorm", spy)
     train_brain_age.main(["--data-csv", str(brain_age_cohort20), "--out", str(tmp_path), "--epochs", "2",
@@ -2105,9 +2109,9 @@ def test_nan_validation_outputs_stop_the_run_in_one_line_not_a_scikit_learn_trac
     """--lr 1e3 on AD gave scikit-learn's `Input contains NaN` traceback: the validation probabilities were NaN."""
     real_predict, calls = train_ad.predict, []
 
-    def nan_in_epoch_2(model, loader, device, transform):
+    def nan_in_epoch_2(model, loader, device, transform, precision):
         calls.append(1)
-        out, targets = real_predict(model, loader, device, transform)
+        out, targets = real_predict(model, loader, device, transform, precision)
         return out * (float("nan") if len(calls) == 2 else 1.0), targets
 
     monkeypatch.setattr(train_ad, "predict", nan_in_epoch_2)
@@ -2362,7 +2366,8 @@ def _test_set_outputs(checkpoint):
     else:
         ds = data.BrainAgeDataset(images, data.sex_onehot(table.sex[test_idx]), table.age[test_idx])
         decode = finished_run.target.decode
-    outputs, _ = training.predict(finished_run.model(), training.make_loader(ds, 8, 0, cpu), cpu, decode)
+    outputs, _ = training.predict(finished_run.model(), training.make_loader(ds, 8, 0, cpu), cpu, decode,
+                                  training.replay_precision(run.precision, cpu))       # as the run tested
     return np.array(table.subjects)[test_idx], outputs
 
 
@@ -3397,6 +3402,79 @@ SLOW_CPU = pytest.mark.skipif(not os.environ.get("HYPERFUSION_SLOW_CPU_TESTS"), 
 DEVICES_SLOW_CPU = [pytest.param("cpu", id="device-cpu", marks=SLOW_CPU), DEVICES[1]]
 
 
+# ----------------------------------------------------------------------------------------------
+# Precision: bfloat16 where the hardware computes it natively, float32 otherwise
+
+@pytest.mark.parametrize("native, device, expected", [(True, "cpu", "bf16"), (False, "cpu", "fp32")])
+def test_precision_auto_takes_bfloat16_where_the_hardware_has_it_and_float32_elsewhere(native, device, expected,
+                                                                                        monkeypatch, capsys):
+    monkeypatch.setattr(training, "native_bf16", lambda dev: native)
+    assert training.resolve_precision("auto", torch.device(device)) == expected
+    assert f"precision {expected} (--precision auto" in capsys.readouterr().out
+    assert training.resolve_precision("fp32", torch.device(device), quiet=True) == "fp32"
+
+
+def test_this_cpu_is_seen_as_computing_bfloat16_natively_exactly_when_it_has_avx512_bf16_or_amx():
+    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo")
+    assert training.native_bf16(torch.device("cpu")) == bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
+
+
+@pytest.mark.parametrize("layer", ["Conv3d", "HyperConv3d-materialised", "HyperConv3d-factorised"])
+def test_a_3x3x3_convolution_on_sides_shorter_than_its_kernel_has_one_finite_bfloat16_gradient_on_cpu(layer):
+    """oneDNN's bfloat16 weight gradient with implicit padding on an input side shorter than the kernel (the AD
+    block4 on the demo's crops) differs at every call and is now and then NaN; layers.padded_conv pads first."""
+    torch.manual_seed(0)
+    conv = (Conv3d(64, 64, 3, 1, 1) if layer == "Conv3d" else
+            HyperConv3d(64, 64, 3, 1, 1, nn.Linear(5, 2), 2, mode=layer.split("-")[1]))
+    x, tabular = torch.relu(torch.randn(4, 64, 2, 3, 2)), torch.randn(4, 5)
+    out = conv(x) if layer == "Conv3d" else conv(x, tabular)
+    gy = torch.randn_like(out)
+    grads = []
+    for _ in range(12):
+        conv.zero_grad()
+        with training.autocast(torch.device("cpu"), "bf16"):
+            y = conv(x) if layer == "Conv3d" else conv(x, tabular)
+        y.float().backward(gy)
+        grads.append(torch.cat([p.grad.flatten() for p in conv.parameters() if p.grad is not None]))
+    assert all(torch.isfinite(g).all() and torch.equal(g, grads[0]) for g in grads)
+    conv.zero_grad()
+    out.backward(gy)                                                              # float32
+    grad32 = torch.cat([p.grad.flatten() for p in conv.parameters() if p.grad is not None])
+    assert F.cosine_similarity(grads[0], grad32, dim=0) > 0.99
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_a_run_computes_its_network_in_the_precision_it_names(precision, dtype):
+    model, (image, tabular, _) = _tiny_model("ad", "cpu"), _tiny_batch("ad")
+    with training.autocast(torch.device("cpu"), precision):
+        assert model(image, tabular).dtype == dtype
+
+
+def test_float16_on_a_cpu_is_refused_in_one_line_naming_the_option(tmp_path):
+    p = subprocess.run([sys.executable, "train_ad.py", "--model", "tabular", "--precision", "fp16", "--device", "cpu",
+                        "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "runs")],
+                       cwd=HERE, capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.startswith("error: --precision fp16: ") and len(p.stderr.splitlines()) == 1
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_the_precision_is_stored_in_the_run_and_a_resume_at_another_precision_is_refused(ad_cohort60, tmp_path):
+    train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "tabular", "--precision", "fp32"))
+    run_dir = _run_dir(tmp_path, "tabular")
+    assert load_run(run_dir).run.precision == "fp32"
+    with pytest.raises(UserError, match="precision: checkpoint 'fp32', now 'bf16'"):
+        train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "tabular", "--precision", "bf16", "--resume",
+                               "--epochs", "3"))
+
+
+def test_replaying_a_run_uses_its_own_precision_where_the_device_can_and_float32_where_it_cannot():
+    cpu = torch.device("cpu")
+    assert [training.replay_precision(p, cpu) for p in ("bf16", "fp32", "fp16", None)] == \
+        ["bf16", "fp32", "fp32", "fp32"]
+
+
 def _tiny_batch(task, batch=4, seed=0):
     """A small (image, tabular, target) batch of either task: AD 12x16x12 with 15 attributes, brain age 36^3."""
     g = torch.Generator().manual_seed(seed)
@@ -3432,18 +3510,18 @@ def test_check_hyperlayers_on_the_device_equal_the_per_sample_computation(device
                                                                      padding=1), rtol=1e-4, atol=1e-5)
 
 
-def _loss_and_gradient(model, batch, task, device, dtype):
-    """One forward + backward of a train step under autocast to dtype (None: float32) -> (loss, flat gradient)."""
+def _loss_and_gradient(model, batch, task, device, precision):
+    """One forward + backward of a train step at a precision, as training autocasts it -> (loss, flat gradient)."""
     image, tabular, target = (t.to(device) for t in batch)
     model.zero_grad(set_to_none=True)
-    with torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    with training.autocast(torch.device(device), precision):
         out = model(image, tabular).float()
     loss = F.cross_entropy(out, target) if task == "ad" else F.mse_loss(out, target)
     loss.backward()
     return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
-@pytest.mark.parametrize("device", DEVICES_SLOW_CPU)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("task", ["ad", "brain-age"])
 def test_check_a_bfloat16_train_step_stays_within_tolerance_of_float32(device, task):
     """Stated tolerance, from bfloat16's 8-bit mantissa through a whole network at a batch of 4 (seen here: AD
@@ -3451,9 +3529,9 @@ def test_check_a_bfloat16_train_step_stays_within_tolerance_of_float32(device, t
     the gradient at cosine >= 0.9 and its norm within 25% of float32's."""
     model, batch = _tiny_model(task, device), _tiny_batch(task)
     state = copy.deepcopy(model.state_dict())                 # batch norm's running statistics move in train mode
-    loss32, grad32 = _loss_and_gradient(model.train(), batch, task, device, None)
+    loss32, grad32 = _loss_and_gradient(model.train(), batch, task, device, "fp32")
     model.load_state_dict(state)
-    loss16, grad16 = _loss_and_gradient(model.train(), batch, task, device, torch.bfloat16)
+    loss16, grad16 = _loss_and_gradient(model.train(), batch, task, device, "bf16")
     assert abs(loss16 - loss32) <= 0.03 * abs(loss32), (loss16, loss32)
     assert F.cosine_similarity(grad16, grad32, dim=0).item() >= 0.9
     assert abs(grad16.norm().item() - grad32.norm().item()) <= 0.25 * grad32.norm().item()
@@ -3485,9 +3563,10 @@ def test_check_compile_and_channels_last_train_as_eager_does(device, option):
             model = model.to(memory_format=torch.channels_last_3d)
         net = torch.compile(model) if variant == "compile" else model
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-        scaler = torch.amp.GradScaler("cuda", enabled=training.amp_dtype(dev) == torch.float16)
+        precision = training.resolve_precision("auto", dev, quiet=True)
+        scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
         total, n, first, problem = training.train_epoch(net, opt, scaler, batches, F.cross_entropy, dev,
-                                                        channels_last=variant == "channels_last")
+                                                        channels_last=variant == "channels_last", precision=precision)
         assert problem is None and n == 8
         with torch.no_grad():
             results.append((first, torch.softmax(net.eval()(eval_image, eval_tabular).float(), 1)))
@@ -3499,7 +3578,7 @@ def test_the_gpu_checks_report_has_every_section_with_numbers(tmp_path):
     """bench.py --check's report-building on CPU at the smallest settings, measured in this process: each
     section ran, with numbers in it, and the markdown and JSON were written."""
     report = bench.run_check("cpu", True, str(tmp_path), spawn=False, steps=1, warmup=0, duration=0.2, threads=None,
-                             variants=[("fp32", False, False)], compile_cases=[], ks=(1,),
+                             variants=[(bench.fit_precision("cpu"), False, False)], compile_cases=[], ks=(1,),
                              tests="test_check_hyperlayers and factorised and device-cpu")
     sections = report["sections"]
     assert list(sections) == ["tests", "throughput", "loader", "sharing", "compile", "protocols"]

@@ -30,7 +30,8 @@ from safeio import ArgumentParser, UserError, atomic_path, run_cli, write_json
 from synthetic import builtin_cohort
 from tabular import TabularPreprocessor
 from training import (DATA_KEYS, RunConfig, add_common_arguments, batches, check_finite_outputs, fit, identity,
-                      load_checkpoint, log, loader_workers, predict, resolve_schedule, resumable, seed_all,
+                      load_checkpoint, log, loader_workers, predict, resolve_precision, resolve_schedule, resumable,
+                      seed_all,
                       setup_device, speed_options)
 
 # Table 1 (real data) and the demo schedule used on the built-in synthetic cohort
@@ -56,8 +57,9 @@ def main(argv=None):
     return train_ad(vars(ad_arguments().parse_args(argv)))
 
 
-def ad_run_config(args):
-    """The RunConfig that the parsed options describe (the schedule resolved for the data and model)."""
+def ad_run_config(args, device):
+    """The RunConfig that the parsed options describe (the schedule resolved for the data and model, the
+    precision for `device`)."""
     synthetic = args["data_csv"] is None
     with main_first():  # torchrun: rank 0 generates the synthetic cohort, the others wait for it
         data_csv = builtin_cohort("ad", args["data_dir"]) if synthetic else args["data_csv"]
@@ -67,14 +69,15 @@ def ad_run_config(args):
                      fold=args["fold"], classes=args["classes"], loss=args["loss"],
                      group_map=data.parse_group_map(args["group_map"]) or None, **schedule, data_csv=data_csv,
                      image_dir=args["image_dir"], crops=args["crops"], cache_dir=args["cache_dir"],
-                     cache_dtype=args["cache_dtype"])
+                     cache_dtype=args["cache_dtype"],
+                     precision=resolve_precision(args["precision"], device, args["quiet"]))
 
 
 def train_ad(args):
     """One AD run from its parsed options (a dict, as vars(ad_arguments().parse_args())). -> metrics.
     Its run folder is its own while it runs (runfolder.claim_run_folder), released however the run ends."""
     device = setup_device(args["device"])
-    run = ad_run_config(args)
+    run = ad_run_config(args, device)
     with claim_run_folder(run.run_dir(args["out"]), args["resume"]):   # refused before any work
         return run_ad(args, device, run)
 
@@ -150,12 +153,12 @@ def run_ad(args, device, run):
     train_loader = loader(train_set, shuffle=sampler is None, sampler=sampler, pick_side=pick_side)
     val_loader = loader(val_set)
     names = list(table.class_names)
-    validate = lambda m: ad_metrics(m, val_loader, device, names)[0]
+    validate = lambda m: ad_metrics(m, val_loader, device, names, run.precision)[0]
     best = fit(model, train_loader, loss_fn, validate, "balanced_accuracy", run, run_dir, inputs,
                state={"tabular": prep.state_dict()}, resume=args["resume"], quiet=quiet, **speed_options(args))
 
     model.load_state_dict(load_checkpoint(os.path.join(run_dir, "best.pt"), identity(run, inputs))["model"])
-    test_metrics, test_probs = ad_metrics(model, loader(test_set), device, names)
+    test_metrics, test_probs = ad_metrics(model, loader(test_set), device, names, run.precision)
     metrics = {"val": best["metrics"], "test": test_metrics, "best_epoch": best["epoch"]}
     if is_main():  # torchrun: every rank holds all test predictions (gathered); one writes them
         with atomic_path(os.path.join(run_dir, "predictions.npz")) as tmp:
@@ -195,9 +198,9 @@ def wce_loss(logits, target, weights):
     return -(weights[target] * F.log_softmax(logits.float(), 1).gather(1, target[:, None]).squeeze(1)).mean()
 
 
-def ad_metrics(model, loader, device, class_names):
+def ad_metrics(model, loader, device, class_names, precision):
     """Soft predictions of a loader's subjects, both hippocampi averaged (Sec. 4.3.6), and their metrics."""
-    probs, labels = predict(model, loader, device, class_probabilities)
+    probs, labels = predict(model, loader, device, class_probabilities, precision)
     check_finite_outputs(probs)                 # NaN probabilities would be scikit-learn's traceback
     return classification_metrics(labels, probs, class_names), probs
 

@@ -30,8 +30,8 @@ from runfolder import claim_run_folder
 from safeio import ArgumentParser, UserError, atomic_path, run_cli, warn, write_json
 from synthetic import builtin_cohort
 from training import (RunConfig, add_common_arguments, batches, check_finite_outputs, fit, identity, load_checkpoint,
-                      log, loader_workers, predict, recalibrate_batchnorm, resolve_schedule, resumable, seed_all,
-                      setup_device, speed_options)
+                      log, loader_workers, predict, recalibrate_batchnorm, resolve_precision, resolve_schedule,
+                      resumable, seed_all, setup_device, speed_options)
 
 REAL_BRAIN_AGE = dict(epochs=70, batch_size=64, lr=1.5e-4, weight_decay=0.05)  # Table 1
 DEMO_BRAIN_AGE = dict(epochs=12, batch_size=16, lr=1e-3, weight_decay=1e-4)
@@ -57,8 +57,9 @@ def main(argv=None):
     return train_brain_age(vars(brain_age_arguments().parse_args(argv)))
 
 
-def brain_age_run_config(args):
-    """The RunConfig that the parsed options describe (the schedule resolved for the data)."""
+def brain_age_run_config(args, device):
+    """The RunConfig that the parsed options describe (the schedule resolved for the data, the precision for
+    `device`)."""
     synthetic = args["data_csv"] is None
     with main_first():  # torchrun: rank 0 generates the synthetic cohort, the others wait for it
         data_csv = builtin_cohort("brain-age", args["data_dir"]) if synthetic else args["data_csv"]
@@ -70,14 +71,15 @@ def brain_age_run_config(args):
     return RunConfig(task="brain-age", model=args["model"], version=args["version"], split_seed=args["split_seed"],
                      embedding_dim=args["embedding_dim"], train_sex=args["train_sex"], split=split, **schedule,
                      data_csv=data_csv, image_dir=args["image_dir"], cache_dir=args["cache_dir"],
-                     cache_dtype=args["cache_dtype"])
+                     cache_dtype=args["cache_dtype"],
+                     precision=resolve_precision(args["precision"], device, args["quiet"]))
 
 
 def train_brain_age(args):
     """One brain-age run from its parsed options (a dict, as vars(brain_age_arguments().parse_args())).
     -> metrics. Its run folder is its own while it runs (runfolder.claim_run_folder), released however it ends."""
     device = setup_device(args["device"])
-    run = brain_age_run_config(args)
+    run = brain_age_run_config(args, device)
     with claim_run_folder(run.run_dir(args["out"]), args["resume"]):   # refused before any work
         return run_brain_age(args, device, run)
 
@@ -123,17 +125,17 @@ def run_brain_age(args, device, run):
     log(f"target: age - {target.centre:.1f} years (Eq. 4); weight decay {run.weight_decay:g} on ages in years "
         f"(Eq. 3, AgeTarget.decay)", quiet)
     loss_fn = lambda pred, age: F.mse_loss(pred.float(), target.encode(age))   # Eq. 4
-    validate = lambda m: age_metrics(m, val_loader, device, target, table.sex[val_idx])[0]
+    validate = lambda m: age_metrics(m, val_loader, device, target, table.sex[val_idx], run.precision)[0]
     statistics_loader = loader(train_idx)       # the training set in order, for the BatchNorm statistics
     best = fit(model, train_loader, loss_fn, validate, "mae", run, run_dir, inputs,
                state={"target": {"centre": target.centre, "scale": target.scale}}, resume=args["resume"],
                quiet=quiet, lower_is_better=True, weight_decay=target.decay(run.weight_decay),  # Table 1's, in years
                **speed_options(args),
-               before_validation=lambda m: recalibrate_batchnorm(m, statistics_loader, device))
+               before_validation=lambda m: recalibrate_batchnorm(m, statistics_loader, device, run.precision))
 
     model.load_state_dict(load_checkpoint(os.path.join(run_dir, "best.pt"), identity(run, inputs))["model"])
-    test_metrics, pred = age_metrics(model, test_loader, device, target, table.sex[test_idx])
-    _, val_pred = age_metrics(model, val_loader, device, target, table.sex[val_idx])
+    test_metrics, pred = age_metrics(model, test_loader, device, target, table.sex[test_idx], run.precision)
+    _, val_pred = age_metrics(model, val_loader, device, target, table.sex[val_idx], run.precision)
     bias = age_bias_fit(table.age[val_idx], val_pred)          # the gap's age bias, fitted on validation
     test_metrics["gap"] = gap_summary(table.age[test_idx], pred, table.sex[test_idx], bias)
     metrics = {"val": best["metrics"], "test": test_metrics, "best_epoch": best["epoch"], "age_bias": bias}
@@ -166,9 +168,9 @@ def select_training_sex(train_idx, sex, which, seed):
     return np.sort(np.concatenate([rng.choice(part, k, replace=False) for part, k in parts]))
 
 
-def age_metrics(model, loader, device, target, sex):
+def age_metrics(model, loader, device, target, sex, precision):
     """Predicted ages in years (the network's output decoded by `target`) and their MAEs (Sec. 4.2.2)."""
-    pred, age = predict(model, loader, device, target.decode)
+    pred, age = predict(model, loader, device, target.decode, precision)
     check_finite_outputs(pred)
     return regression_metrics(age, pred, sex), pred
 

@@ -30,7 +30,8 @@ SCHEDULE_TYPES = {"epochs": int, "batch_size": int, "lr": float, "weight_decay":
 DATA_KEYS = ("task", "model", "split_seed", "fold", "version", "classes", "group_map", "n_tabular",
              "tabular_columns", "embedding_dim", "train_sex", "split", "table_sha256")
 IDENTITY_KEYS = DATA_KEYS + ("loss", "batch_size", "lr", "weight_decay", "images_sha256", "image_shape", "crops",
-                             "target_scale")   # brain age: what its network regresses (models.AgeTarget)
+                             "target_scale",   # brain age: what its network regresses (models.AgeTarget)
+                             "precision")      # the arithmetic it trained in (resolve_precision)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,6 +60,7 @@ class RunConfig:
     embedding_dim: int = None        # brain age: the sex embedding 2->1 or 2->2
     train_sex: str = None            # brain age: "all", or Fig. 4A's "M", "F", "mixed"
     split: tuple = None              # brain age: train/val/test fractions (None: Sec. 4.2.3's 80/10/10)
+    precision: str = None            # "fp32", "bf16" or "fp16" (resolve_precision); None: a run from before
 
     def run_dir(self, out):
         if self.task == "ad":
@@ -108,6 +110,8 @@ def add_common_arguments(p):
     for k in SCHEDULE_KEYS:
         p.add_argument("--" + k.replace("_", "-"), type=SCHEDULE_TYPES[k], help="default: Table 1, or the demo")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: bfloat16 where the CPU or GPU has it natively, float16 on older GPUs, else fp32")
     p.add_argument("--workers", type=int, default=None,
                    help="loader workers (default: min(8, cores / processes on this machine) on CUDA, 0 on CPU)")
     p.add_argument("--decode-workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -177,16 +181,56 @@ def loader_workers(requested, device):
     return min(8, (os.cpu_count() or 1) // distributed.local_world_size()) if device.type == "cuda" else 0
 
 
-def amp_dtype(device):
-    """Mixed precision on CUDA: bfloat16 where supported (no loss scaling needed), else float16; None on CPU."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def autocast(device):
-    """Mixed precision on CUDA (amp_dtype), full precision on CPU."""
-    return torch.autocast(device.type, dtype=amp_dtype(device), enabled=device.type == "cuda")
+def native_bf16(device):
+    """Whether `device` computes bfloat16 natively: a GPU with bf16 units (Ampere and later), a CPU with
+    AVX512-BF16 or AMX. Elsewhere bfloat16 is emulated, slower than float32."""
+    if device.type == "cuda":
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # older torch: no emulation to exclude
+            return torch.cuda.is_bf16_supported()
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def resolve_precision(name, device, quiet=False):
+    """--precision -> "fp32", "bf16" or "fp16", the run's arithmetic on `device` (stored in its identity).
+    auto: bfloat16 where the hardware has it natively (autocast, no loss scaling), float16 with the grad
+    scaler on older GPUs, float32 otherwise. float16 is for CUDA only."""
+    if name == "auto":
+        chosen = "bf16" if native_bf16(device) else ("fp16" if device.type == "cuda" else "fp32")
+        why = {"bf16": f"this {device.type.upper()} computes bfloat16 natively", "fp16": "this GPU has no bfloat16",
+               "fp32": "this CPU has no native bfloat16"}[chosen]
+        log(f"precision {chosen} (--precision auto: {why}; --precision fp32 for full precision)", quiet)
+        return chosen
+    if name not in AMP_DTYPES:
+        raise UserError(f"--precision {name}: one of {', '.join(PRECISIONS)}")
+    if name == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16: float16 with loss scaling is for CUDA; on CPU use bf16 or fp32")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use fp16 or fp32")
+    log(f"precision {name}" + (" (emulated on this CPU: slower than fp32)"
+                               if name == "bf16" and not native_bf16(device) else ""), quiet)
+    return name
+
+
+def replay_precision(trained, device):
+    """The precision that replays a run on `device` as it was trained and tested: its own, unless the device
+    cannot do it (float16 on a CPU, bfloat16 on an old GPU, a run from before precision was stored): float32."""
+    if trained == "fp16" and device.type != "cuda":
+        return "fp32"
+    if trained == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "fp32"
+    return trained if trained in AMP_DTYPES else "fp32"
+
+
+def autocast(device, precision):
+    """The forward pass at the run's precision: autocast to bfloat16 / float16, or none for fp32."""
+    dtype = AMP_DTYPES[precision]
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def seed_all(seed):
@@ -253,7 +297,7 @@ def batches(dataset, batch_size, workers, device, on_device=False, shuffle=False
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model, loader, device):
+def recalibrate_batchnorm(model, loader, device, precision="fp32"):
     """"Precise BN": every BatchNorm's running statistics re-estimated over `loader` (the training set,
     in order) with the current weights, as a plain average over its batches (momentum None); the
     weights do not change. Evaluation reads running statistics, and with a high learning rate and
@@ -269,7 +313,7 @@ def recalibrate_batchnorm(model, loader, device):
         m.momentum = None
     model.train()
     for image, tabular, _ in loader:
-        with autocast(device):
+        with autocast(device, precision):
             model(image.to(device, non_blocking=True), tabular.to(device, non_blocking=True))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
@@ -278,7 +322,7 @@ def recalibrate_batchnorm(model, loader, device):
 
 
 @torch.no_grad()
-def predict(model, loader, device, transform=None):
+def predict(model, loader, device, transform=None, precision="fp32"):
     """Every item of a loader through the model in eval mode -> (outputs (N, ...), targets (N,)) as numpy.
 
     `transform` maps the network's output (softmax for AD, AgeTarget.decode for brain age). An item
@@ -293,7 +337,7 @@ def predict(model, loader, device, transform=None):
         if both:
             B = image.shape[0]
             image, tabular = image.flatten(0, 1), tabular.repeat_interleave(2, 0)    # (2B, 1, D, H, W)
-        with autocast(device):
+        with autocast(device, precision):
             out = model(image.to(device, non_blocking=True), tabular).float()
         out = transform(out) if transform is not None else out
         if both:
@@ -422,13 +466,15 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
     net = torch.compile(net) if compile else net
     decay = run.weight_decay if weight_decay is None else weight_decay
     opt = torch.optim.Adam(model.parameters(), lr=run.lr, weight_decay=decay)           # Eq. 3
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device) == torch.float16)  # bfloat16 needs none
+    scaler = torch.amp.GradScaler("cuda", enabled=run.precision == "fp16")  # bfloat16 needs no loss scaling
     start, best, history, initial = 0, None, [], None
     last_path, best_path = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "best.pt")
     if resumable(run_dir, resume):
         ckpt = load_checkpoint(last_path, identity(run, inputs))
         load_weights(model, ckpt["model"], last_path)
         load_weights(opt, ckpt["optimizer"], last_path, "optimiser state")
+        if ckpt.get("scaler"):   # float16: the loss scale continues where it was
+            scaler.load_state_dict(ckpt["scaler"])
         start, best, history, initial = ckpt["epoch"] + 1, ckpt["best"], ckpt["history"], ckpt.get("initial_loss")
         if start > run.epochs:
             raise UserError(f"--epochs {run.epochs}: {last_path} has trained {start} epochs already; --resume "
@@ -448,7 +494,8 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
             torch.manual_seed(run.version * 1_000_003 + epoch + 7_919 * distributed.rank())
             if hasattr(train_loader.sampler, "set_epoch"):        # torchrun: a new shuffle, the same on all ranks
                 train_loader.sampler.set_epoch(run.version * 1_000_003 + epoch)
-            total, n, first, problem = train_epoch(net, opt, scaler, train_loader, loss_fn, device, channels_last)
+            total, n, first, problem = train_epoch(net, opt, scaler, train_loader, loss_fn, device, channels_last,
+                                                   run.precision or "fp32")
             total, n, first = distributed.sum_all(total, n, first)
             if initial is None and epoch == 0:                    # the untrained network's loss (LOSS_BOUND)
                 initial = first / distributed.world_size()
@@ -474,7 +521,8 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
             seconds = time.time() - t0
             history.append({"epoch": epoch + 1, "train_loss": mean_loss, score_key: score, "seconds": seconds,
                             **{k: v for k, v in metrics.items() if isinstance(v, float) and k != score_key}})
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best,
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                     "epoch": epoch, "best": best,
                      "history": history, "initial_loss": initial, **header}
             if distributed.is_main():
                 if improved:
@@ -499,7 +547,7 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
     return best
 
 
-def train_epoch(net, opt, scaler, loader, loss_fn, device, channels_last=False):
+def train_epoch(net, opt, scaler, loader, loss_fn, device, channels_last=False, precision="fp32"):
     """One pass of Adam steps over the training batches -> (loss total, samples, first batch's loss, problem).
 
     problem: None, or "the training loss is nan (step k of K)" at the first non-finite loss, whose step is
@@ -512,7 +560,7 @@ def train_epoch(net, opt, scaler, loader, loss_fn, device, channels_last=False):
         if channels_last and image.dim() == 5:
             image = image.contiguous(memory_format=torch.channels_last_3d)
         tabular, target = tabular.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        with autocast(device):
+        with autocast(device, precision):
             loss = loss_fn(net(image, tabular), target)
         value = loss.item()
         first = value if first is None else first
