@@ -5,6 +5,7 @@
     python bench.py --device cuda    # on the GPU: the paper's batch sizes, mixed precision as training uses it
     python bench.py --check --device cuda            # the prepared GPU check (below), within 8 minutes
     python bench.py --check --device cpu --quick     # its dry run at tiny shapes, each section's code path
+    python bench.py --data-scale --subjects 96       # full-size images on this CPU machine (below)
 
 (a) each hyperlayer, forward + backward, in both exact formulations, against the naive hypernetwork:
     one generator call and one F.linear / F.conv3d per sample with that sample's weights.
@@ -30,9 +31,16 @@ channels_last and bfloat16 + compile (samples/s, peak memory, HyperFusion / back
 samples/s with the default workers beside the model's; K = 1, 2, 4 processes training AD HyperFusion on
 one device at once (aggregate samples/s, as run-protocol --jobs with one GPU listed K times); the
 protocols' wall time from these rates. data.py (nibabel) is needed by the tests and the loader alone.
+
+--data-scale: N float32 .nii.gz per task (synthetic heads at AD's MNI152 1 mm 182x218x182, cropped as the AD
+cache holds them, and brain age's 90x120x99): ImageCache.prepare from scratch per --decode-workers W (images/s,
+per worker; a spawned pool's start timed alone), the entries' size per subject and cohort (float16, float32),
+the training loader's samples/s with 0, 1, 2 workers (Table 1's batches); the machine, its load, the command.
 """
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import resource
 import platform
@@ -52,8 +60,9 @@ import torch.nn.functional as F
 
 try:
     import data          # needs nibabel, absent on the GPU machine unless carried: --check's loader section fails alone
+    import synthetic     # (and scipy): --data-scale's images
 except ImportError as error:
-    data, DATA_MISSING = None, error
+    data, synthetic, DATA_MISSING = None, None, error
 from layers import HyperConv3d, HyperLinear
 from models import build_model
 from training import autocast, loader_workers, make_loader, resolve_precision
@@ -65,12 +74,10 @@ def timeit(fn, repeats, warmup=2, device="cpu"):
         fn()
     times = []
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         t = time.perf_counter()
         fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -242,16 +249,20 @@ def loader_measure(task, shape, batch, device, n=None):
         labels = np.arange(n) % 3
         ds = (data.ADDataset(cache, rng.standard_normal((n, 15)), labels) if task == "ad" else
               data.BrainAgeDataset(cache, np.eye(2)[labels % 2], 20.0 + labels))
-        loader = make_loader(ds, batch, workers, dev, shuffle=True)
-        for _ in loader:                     # the first pass reads the files into the page cache, starts workers
-            pass
-        t, count = time.perf_counter(), 0
-        for image, _, _ in loader:
-            image = image.to(dev, non_blocking=True)
-            count += len(image)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return dict(samples_s=count / (time.perf_counter() - t), workers=workers)
+        return dict(samples_s=loader_rate(ds, batch, workers, dev), workers=workers)
+
+
+def loader_rate(ds, batch, workers, dev):
+    """Samples per second of the training loader (make_loader, shuffled) over `ds`, timed on its second pass."""
+    loader = make_loader(ds, batch, workers, dev, shuffle=True)
+    for _ in loader:                     # the first pass reads the files into the page cache, starts workers
+        pass
+    t, count = time.perf_counter(), 0
+    for image, _, _ in loader:
+        image = image.to(dev, non_blocking=True)
+        count += len(image)
+    _sync(dev.type)
+    return count / (time.perf_counter() - t)
 
 
 def bench_throughput(quick, device):
@@ -529,12 +540,12 @@ def run_check(device, quick, out, budget_s=450, spawn=True, **overrides):
     return report
 
 
-def write_report(report, out):
+def write_report(report, out, name="check", render=None):
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "check.json"), "w") as f:
+    with open(os.path.join(out, name + ".json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
-    with open(os.path.join(out, "check.md"), "w") as f:
-        f.write(render_report(report))
+    with open(os.path.join(out, name + ".md"), "w") as f:
+        f.write((render or render_report)(report))
 
 
 def _fmt(v):
@@ -561,9 +572,77 @@ def render_report(report):
         else:
             tables = [sec[k] for k in ("rows", "ratios") if k in sec]
         for rows in filter(None, tables):
-            keys = list(dict.fromkeys(k for r in rows for k in r))
-            lines += ["", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-            lines += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rows]
+            lines += [""] + markdown_rows(rows)
+    return "\n".join(lines) + "\n"
+
+
+def markdown_rows(rows):
+    """A list of dicts as the lines of one markdown table, a column per key."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)] + \
+        ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rows]
+
+
+# ----------------------------------------------------------------------------------------------
+# --data-scale: full-size images on one machine: first-use decode, the cache's size, the training loader
+
+def data_scale(n=48, decode_workers=(1, 2), workers=(0, 1, 2), quick=False, steps=10):
+    """Per task: ImageCache.prepare of n images from scratch (hash, decode, crop, write; a fresh folder per
+    decode-workers count, processes even below PARALLEL_FROM) and a spawned pool's start alone, the entries'
+    bytes, and loader_rate over the Dataset the training script builds (a Subset of the cache, its rows
+    repeated to `steps` batches) -> report dict."""
+    rng, dev, out = np.random.default_rng(0), torch.device("cpu"), dict(decode=[], cache=[], loader=[])
+    tag, load = lambda shape: "x".join(map(str, shape)), lambda: " ".join(f"{v:.2f}" for v in os.getloadavg())
+    env = dict(cpu=next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+                        platform.machine()), cores=os.cpu_count(), usable=len(os.sched_getaffinity(0)),
+               torch=torch.__version__, threads=torch.get_num_threads(), load_before=load(),
+               command=" ".join(["python", os.path.basename(sys.argv[0])] + sys.argv[1:]))
+    start = {1: 0.0}
+    for w in sorted(set(decode_workers) - {1}):   # a spawned pool alone: each process imports the main module
+        t = time.perf_counter()                    # (bench.py, torch with it) as prepare's import train_*.py
+        with concurrent.futures.ProcessPoolExecutor(w, multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(abs, range(w)))
+        start[w] = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as tmp:
+        for task, shape, spacing, batch, crops in ([  # (task, image shape, voxel mm, Table 1's batch, AD crops)
+                ("ad", (24, 28, 24), 1.0, 4, synthetic.synthetic_crops((24, 28, 24), (8, 12, 8))),
+                ("brain-age", (12, 14, 12), 1.75, 4, None)] if quick else [
+                ("ad", (182, 218, 182), 1.0, 32, data.HippocampusCrops.mni152_1mm()),
+                ("brain-age", (90, 120, 99), 1.75, 64, None)]):
+            grid, anatomy = synthetic.head_grid(shape), synthetic.head_anatomy(rng, 1, 1, 1, 0.06, 0.12)
+            head, paths = synthetic.render_head(grid, anatomy, rng), [f"{tmp}/{task}{i:04d}.nii.gz" for i in range(n)]
+            for p in paths:       # float32 as preprocess.py writes it (brain z-scored, zero outside), noise of its own
+                data.save_nifti(np.where(head != 0, head + rng.normal(0, 0.1, shape).astype(np.float32), 0), spacing, p)
+            for w in decode_workers:
+                cache = data.ImageCache(paths, os.path.join(tmp, f"{task}-{w}"), "float16", transform=crops)
+                cache.PARALLEL_FROM, t = 1, time.perf_counter()
+                cache.prepare(progress=False, workers=w)
+                s = time.perf_counter() - t
+                out["decode"].append(dict(task=task, image=tag(shape), subjects=n, decode_workers=w, seconds=s,
+                                          nii_gz_mb=sum(map(os.path.getsize, paths)) / n / 2 ** 20, images_s=n / s,
+                                          images_s_per_worker=n / s / w, spawn_start_s=start[w],
+                                          per_worker_after_start=n / (s - start[w]) / w if s > start[w] else None))
+            f32 = data.ImageCache(paths[:2], os.path.join(tmp, f"{task}-f32"), "float32", transform=crops)
+            for c in (cache, f32.prepare(progress=False)):
+                b, scans = statistics.mean(map(os.path.getsize, map(c.entry, range(len(c))))), \
+                    (AD_PROTOCOL if task == "ad" else BRAIN_AGE_PROTOCOL)["scans"]
+                out["cache"].append(dict(task=task, entry=tag(c[0].shape), dtype=c.dtype, mb_per_subject=b / 2 ** 20,
+                                         paper_subjects=scans, paper_cohort_gb=b * scans / 2 ** 30))
+            idx = np.arange(steps * batch) % n
+            ds = (data.ADDataset(torch.utils.data.Subset(cache, idx), rng.standard_normal((len(idx), 15)), idx % 3)
+                  if task == "ad" else data.BrainAgeDataset(torch.utils.data.Subset(cache, idx),
+                                                            data.sex_onehot(idx % 2), 20.0 + idx % 60))
+            for w in workers:
+                r = loader_rate(ds, batch, w, dev)
+                out["loader"].append(dict(task=task, sample=tag(ds[0][0].shape), batch=batch, samples=len(ds),
+                                          workers=w, samples_s=r, samples_s_per_worker=r / max(w, 1)))
+    return dict(environment=dict(env, load_after=load()), **out)
+
+
+def render_data_scale(report):
+    lines = ["# bench.py --data-scale", "", ", ".join(f"{k} {v}" for k, v in report["environment"].items())]
+    for name in ("decode", "cache", "loader"):
+        lines += ["", f"## {name}", ""] + markdown_rows(report[name])
     return "\n".join(lines) + "\n"
 
 
@@ -575,7 +654,12 @@ def main():
     p.add_argument("--only", choices=["a", "b", "c"], help="one table")
     p.add_argument("--check", action="store_true", help="the prepared GPU check: tests, throughput, loader, K "
                    "processes sharing the device, protocol estimates; one report")
-    p.add_argument("--out", default="bench_results", help="--check: folder of check.md and check.json")
+    p.add_argument("--out", help="--check: folder of check.md and check.json (default bench_results); "
+                   "--data-scale: of data_scale.md and .json (default none)")
+    p.add_argument("--data-scale", action="store_true", help="full-size images: decode rate, cache size, "
+                   "loader samples/s per worker (--quick: tiny shapes)")
+    p.add_argument("--subjects", type=int, default=48, help="--data-scale: images written per task")
+    p.add_argument("--decode-workers", type=int, nargs="+", default=[1, 2], help="--data-scale: prepare's workers")
     p.add_argument("--budget", type=float, default=450, help="--check: seconds; sections past it are skipped")
     args = p.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -583,8 +667,12 @@ def main():
         print(json.dumps(train_step_measure(**json.loads(args.child))))
         return
     if args.check:
-        print(render_report(run_check(device, args.quick, args.out, args.budget)), end="")
+        print(render_report(run_check(device, args.quick, args.out or "bench_results", args.budget)), end="")
         return
+    if args.data_scale:
+        report = data_scale(args.subjects, args.decode_workers, quick=args.quick)
+        print(render_data_scale(report), end="")
+        return args.out and write_report(report, args.out, "data_scale", render_data_scale)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.only in (None, "a"):
         print_hyperlayers(args.quick, device)

@@ -3592,3 +3592,29 @@ def test_the_gpu_checks_report_has_every_section_with_numbers(tmp_path):
     assert all(h > 0 for h in sections["protocols"]["default"].values()) and len(sections["protocols"]["default"]) == 2
     assert json.load(open(tmp_path / "check.json"))["sections"].keys() == sections.keys()
     assert "## protocols: ok" in (tmp_path / "check.md").read_text()
+
+
+def test_data_scale_reports_decode_cache_and_loader_with_a_positive_number_in_every_row(tmp_path, capsys, monkeypatch):
+    """bench.py --data-scale at tiny shapes (3 subjects, decode workers 1 and 2): the machine, torch and the
+    command, then the three tables, every row with its rates positive; the same report in data_scale.json."""
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--data-scale", "--quick", "--subjects", "3", "--out", str(tmp_path)])
+    bench.main()
+    printed, report = capsys.readouterr().out, json.load(open(tmp_path / "data_scale.json"))
+    assert (tmp_path / "data_scale.md").read_text() == printed
+    head = printed.splitlines()[2]
+    assert all(f"{k} " in head for k in ("cpu", "cores", "torch", "load_before", "load_after")), head
+    assert "command python bench.py --data-scale --quick --subjects 3" in head
+    tasks = ("ad", "brain-age")
+    keys = dict(decode=("decode_workers", (1, 2), ("seconds", "nii_gz_mb", "images_s", "images_s_per_worker")),
+                cache=("dtype", ("float16", "float32"), ("mb_per_subject", "paper_cohort_gb")),
+                loader=("workers", (0, 1, 2), ("samples_s", "samples_s_per_worker")))
+    for name, (column, values, rates) in keys.items():
+        rows = report[name]
+        assert sorted((r["task"], r[column]) for r in rows) == [(t, v) for t in tasks for v in values], name
+        assert all(r[k] > 0 for r in rows for k in rates), (name, rows)
+        table = printed.split(f"## {name}\n\n")[1].split("\n\n")[0].splitlines()
+        assert len(table) == 2 + len(rows) and table[0].startswith("| task |"), table
+    assert all(r["spawn_start_s"] > 0 and (r["per_worker_after_start"] or 1) > 0 for r in report["decode"]
+               if r["decode_workers"] == 2)           # (after the start: none when the tiny decode is within its noise)
+    mb = {(r["task"], r["dtype"]): r["mb_per_subject"] for r in report["cache"]}
+    assert all(mb[t, "float32"] > 1.8 * mb[t, "float16"] for t in tasks)
