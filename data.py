@@ -19,9 +19,7 @@ from-adnimerge's table is written verbatim (the code reads it back), not escaped
 """
 import math
 import os
-import struct
 import time
-import zlib
 
 import numpy as np
 import torch
@@ -29,7 +27,8 @@ import torch
 from images import (ENTRY_MAGIC, FLOAT16_MAX, SOURCES_INDEX, HippocampusCrops, ImageCache, cache_folder,  # noqa: F401
                     cache_lock, check_image_geometry, check_values, crops_path, entry_bytes, file_sha256,
                     image_fingerprint, image_geometry, load_crops, load_nifti, load_volume, save_nifti, source_hashes)
-from safeio import (ArgumentParser, UserError, atomic_path, check_number, check_output, run_cli, warn, write_csv,
+from plots import write_png
+from safeio import (ArgumentParser, UserError, check_number, check_output, run_cli, warn, write_csv,
                     write_json)
 from tables import (CLASS_NAMES, GROUP_ALIASES, ADTable, BrainAgeTable, check_subjects, diagnosis,  # noqa: F401
                     find_image, number_cell, output_names, parse_group_map, read_ad_table, read_brain_age_table,
@@ -143,19 +142,8 @@ def from_adnimerge(path, out, visit="bl", dx_column=None, group_map=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Previews: see the hippocampus boxes before training for days
-
-def write_png(rgb, path):
-    """(H, W, 3) uint8 -> an RGB PNG file, with the standard library's zlib (no imaging dependency)."""
-    h, w, _ = rgb.shape
-    raw = b"".join(b"\x00" + rgb[i].tobytes() for i in range(h))                 # filter 0 on every row
-    chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body
-                                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(png)
-
+# Previews: see the hippocampus boxes before training for days (plots.write_png: matplotlib's imsave when
+# installed, else the standard library's zlib)
 
 def _gray(plane):
     """A 2D slice -> (H, W, 3) uint8, 1st-99th percentile window, anterior / superior at the top."""

@@ -16,6 +16,7 @@ set with Eq. 7-8 and writes results_ad.{md,csv,json} next to the runs; `brain-ag
 (Eq. 6) the 5 versions with the lowest validation MAE and writes results_brain-age.{md,csv,json}.
 `sweep` re-reads the same test scans with one tabular attribute set to each value in turn: the
 model is adjusted at test time (Sec. 1), which only a conditioned model can show.
+`--plots DIR` (ad, brain-age, sweep) also draws the figures as PNG files (plots.py; needs matplotlib).
 Bad input (mismatched runs, missing files) -> one line `error: ...` on stderr, exit status 2.
 """
 import argparse
@@ -33,6 +34,7 @@ from scipy.stats import mannwhitneyu
 
 import data
 import launcher
+import plots
 import predict
 import train_ad
 import train_brain_age
@@ -143,7 +145,7 @@ def ensemble_ad_folds(fold_dirs):
     cfg = first["config"]
     names = list(cfg.get("class_names") or data.CLASS_NAMES[:cfg["classes"]])
     return {"subjects": first["pred"]["subjects"], "labels": first["pred"]["labels"], "probs": probs,
-            "class_names": names, "config": cfg, "dir": first["dir"]}
+            "class_names": names, "config": cfg, "dir": first["dir"], "dirs": list(fold_dirs)}
 
 
 def metric_columns(class_names):
@@ -170,7 +172,7 @@ def mann_whitney_p(x, y):
     return float(mannwhitneyu(x, y, alternative="two-sided").pvalue)
 
 
-def ad_results(runs, binary=False, reference="hyperfusion"):
+def ad_results(runs, binary=False, reference="hyperfusion", keep=None):
     """Table 3 from the runs folder.
 
     For every model and every (split seed, version) whose four folds are finished, the fold models
@@ -178,6 +180,7 @@ def ad_results(runs, binary=False, reference="hyperfusion"):
     the plain average of the imaging-only and tabular-only ensembles' probabilities for every
     (seed, version) both have. Per model: mean +- std over its rows, the Mann-Whitney p-value of
     each metric against the reference model's rows, and the confusion matrix summed over rows.
+    keep: a dict to receive the ensembles, {model: {(seed, version): ensemble}}, for the figures (plots.py).
     """
     groups, incomplete = find_ad_groups(runs, binary)
     if not groups:
@@ -193,9 +196,11 @@ def ad_results(runs, binary=False, reference="hyperfusion"):
             if not np.array_equal(a["subjects"], b["subjects"]) or a["class_names"] != b["class_names"]:
                 raise UserError(f"late fusion of split seed {key[0]} v{key[1]}: the imaging and tabular runs have "
                                 f"different test subjects or classes")
-            late[key] = dict(a, probs=(a["probs"] + b["probs"]) / 2)
+            late[key] = dict(a, probs=(a["probs"] + b["probs"]) / 2, dirs=[])     # no runs of its own
         if late:
             ensembles["late-fusion"] = late
+    if keep is not None:
+        keep.update(ensembles)
     class_names = next(iter(next(iter(ensembles.values())).values()))["class_names"]
     for m, ens in ensembles.items():
         for key, e in ens.items():
@@ -274,14 +279,17 @@ def write_results(res, markdown, csv_table, out_dir, name):
     return paths
 
 
-def evaluate_ad(runs, binary=False, out_dir=None, quiet=False):
-    """The `ad` subcommand: Table 3 printed and written to results_ad.{md,csv,json}."""
-    res = ad_results(runs, binary)
+def evaluate_ad(runs, binary=False, out_dir=None, quiet=False, plots_dir=None):
+    """The `ad` subcommand: Table 3 printed and written to results_ad.{md,csv,json}; its figures in plots_dir."""
+    ensembles = {}
+    res = ad_results(runs, binary, keep=ensembles)
     md = ad_markdown(res)
     paths = write_results(res, md, ad_csv_rows(res), out_dir or runs, res["task"])
     if not quiet:
         print(md)
         print("wrote " + ", ".join(paths))
+    if plots_dir:
+        res["plots"] = plots.ad_figures(res, ensembles, plots_dir, quiet)
     return res
 
 
@@ -304,22 +312,23 @@ def brain_age_ensemble(version_dirs, top=5):
     check_compatible(chosen, BRAIN_AGE_KEYS)
     p = chosen[0]["pred"]
     pred = mean_ensemble([r["pred"]["pred"] for r in chosen])                         # Eq. 6
-    gap = None
+    gap = fit = None
     if all("val_pred" in r["pred"] and np.array_equal(r["pred"]["val_subjects"], p["val_subjects"]) for r in chosen):
         val_pred = mean_ensemble([r["pred"]["val_pred"] for r in chosen])             # the same ensemble
-        gap = gap_summary(p["age"], pred, p["sex"], age_bias_fit(p["val_age"], val_pred))
+        fit = age_bias_fit(p["val_age"], val_pred)
+        gap = gap_summary(p["age"], pred, p["sex"], fit)
     version_mae = {v: runs[v]["metrics"]["test"]["mae"] for v in sorted(runs)}
     return {"versions": ranked, "val_mae": [runs[v]["metrics"]["val"]["mae"] for v in ranked],
             "members_mae": [version_mae[v] for v in ranked], "version_mae": version_mae,
             "metrics": regression_metrics(p["age"], pred, p["sex"]), "pred": pred, "age": p["age"], "sex": p["sex"],
-            "subjects": p["subjects"], "available": sorted(runs), "gap": gap, "dir": chosen[0]["dir"],
-            "config": chosen[0]["config"]}
+            "subjects": p["subjects"], "available": sorted(runs), "gap": gap, "fit": fit, "dir": chosen[0]["dir"],
+            "dirs": [version_dirs[v] for v in sorted(version_dirs)], "config": chosen[0]["config"]}
 
 
-def brain_age_results(runs, top=5):
+def brain_age_results(runs, top=5, keep=None):
     """Per model folder of <runs>/brain-age/: the top-5 ensemble's MAE overall, male, female; and the
     Fig. 4A table (rows: training set, columns: male / female / all test MAE) when -trainM/-trainF/
-    -trainmixed folders exist."""
+    -trainmixed folders exist. keep: a dict to receive each folder's ensemble, for the figures (plots.py)."""
     root = os.path.join(runs, "brain-age")
     folders = {}
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
@@ -332,6 +341,8 @@ def brain_age_results(runs, top=5):
     for name, dirs in folders.items():
         e = brain_age_ensemble(dirs, top)
         ensembles.append(e)
+        if keep is not None:
+            keep[name] = e
         check_same_data(ensembles, "cannot put {a} and {b} in one table")
         models.append({"folder": name, **{k: e[k] for k in ("versions", "available", "val_mae", "members_mae",
                                                              "version_mae", "metrics", "gap")}})
@@ -391,9 +402,10 @@ def brain_age_markdown(res):
     return "\n".join(out) + "\n"
 
 
-def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False):
-    """The `brain-age` subcommand: printed and written to results_brain-age.{md,csv,json}."""
-    res = brain_age_results(runs, top)
+def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False, plots_dir=None):
+    """The `brain-age` subcommand: printed and written to results_brain-age.{md,csv,json}; figures in plots_dir."""
+    ensembles = {}
+    res = brain_age_results(runs, top, keep=ensembles)
     md = brain_age_markdown(res)
     table = (["model", "versions", "mae", "mae_male", "mae_female", "n"],
              [[m["folder"], " ".join(map(str, m["versions"])), m["metrics"]["mae"], m["metrics"]["mae_male"],
@@ -402,6 +414,8 @@ def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False):
     if not quiet:
         print(md)
         print("wrote " + ", ".join(paths))
+    if plots_dir:
+        res["plots"] = plots.brain_age_figures(res, ensembles, plots_dir, quiet)
     return res
 
 
@@ -609,6 +623,8 @@ def arguments():
     w.add_argument("--image-dir")
     w.add_argument("--batch-size", type=int, default=16)
     w.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    for sp in (a, b, w):
+        sp.add_argument("--plots", metavar="DIR", help="also draw the figures as PNG files in DIR (needs matplotlib)")
     r = sub.add_parser("run-protocol", help="train every missing run of the protocol, then print the table")
     r.add_argument("--task", required=True, choices=["ad", "brain-age"])
     r.add_argument("--runs", default="runs")
@@ -638,10 +654,12 @@ def main(argv=None):
     for option, least in (("top", 1), ("samples", 2), ("draws", 1), ("seed", 0), ("batch_size", 1),
                           ("split_seeds", 0), ("versions", 0), ("epochs", 1), ("tabular_epochs", 1)):
         check_number("--" + option.replace("_", "-"), getattr(a, option, None), least=least)
+    if getattr(a, "plots", None):      # before any work: without matplotlib nothing is computed, nothing written
+        plots.check_plots_folder(a.plots)
     if a.command == "ad":
-        return evaluate_ad(a.runs, a.binary, a.out)
+        return evaluate_ad(a.runs, a.binary, a.out, plots_dir=a.plots)
     if a.command == "brain-age":
-        return evaluate_brain_age(a.runs, a.top, a.out)
+        return evaluate_brain_age(a.runs, a.top, a.out, plots_dir=a.plots)
     if a.command == "select-layers":
         if a.out:
             check_output("--out", a.out, [a.data_csv])
@@ -664,6 +682,8 @@ def main(argv=None):
         write_text(md, path)
         print(md)
         print(f"wrote {path}")
+        if a.plots:
+            res["plots"] = plots.sweep_figure(res, a.plots)
         return res
     return run_protocol(a.task, a.runs, a.split_seeds, a.versions, a.models, a.epochs, a.data_csv, a.image_dir,
                         a.data_dir, a.binary, a.train_sex, a.embedding_dim, a.verbose, a.tabular_epochs, a.jobs, a.gpus,

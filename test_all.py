@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy.stats import mannwhitneyu
+from sklearn.metrics import roc_auc_score
 
 import bench
 import data
@@ -35,6 +36,7 @@ import evaluate
 import images
 import launcher
 import metrics
+import plots
 import predict
 import preprocess
 import runfolder
@@ -1565,15 +1567,29 @@ def test_from_adnimerge_keeps_one_row_per_subject_with_the_diagnosis_of_that_vis
     assert not (tmp_path / "x.csv").exists()
 
 
-def _png_size(path):
-    """(width, height) from a PNG's IHDR, after checking the signature and that the pixels decompress."""
+def _png_header(path):
+    """(width, height, colour type) from a PNG's IHDR, after checking the signature, every chunk's CRC, the
+    IEND at the end and that the IDAT chunks decompress to height rows of width 8-bit RGB (colour type 2: the
+    standard-library writer) or RGBA (6: matplotlib's) pixels, one filter byte a row."""
     blob = open(path, "rb").read()
     assert blob[:8] == b"\x89PNG\r\n\x1a\n" and blob[12:16] == b"IHDR"
-    w, h = struct.unpack(">II", blob[16:24])
-    idat = blob.index(b"IDAT")
-    n = struct.unpack(">I", blob[idat - 4:idat])[0]
-    assert len(zlib.decompress(blob[idat + 4:idat + 4 + n])) == h * (1 + 3 * w)   # RGB rows, one filter byte
-    return w, h
+    w, h, depth, colour = struct.unpack(">IIBB", blob[16:26])
+    pos, kinds, idat = 8, [], b""
+    while pos < len(blob):
+        n, kind = struct.unpack(">I4s", blob[pos:pos + 8])
+        body = blob[pos + 8:pos + 8 + n]
+        assert struct.unpack(">I", blob[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(kind + body) & 0xFFFFFFFF
+        kinds.append(kind)
+        idat += body if kind == b"IDAT" else b""
+        pos += 12 + n
+    assert kinds[-1] == b"IEND" and depth == 8 and colour in (2, 6), (kinds[-1], depth, colour)
+    assert len(zlib.decompress(idat)) == h * (1 + (3 if colour == 2 else 4) * w)
+    return w, h, colour
+
+
+def _png_size(path):
+    """(width, height) of a valid PNG (_png_header)."""
+    return _png_header(path)[:2]
 
 
 def test_check_ad_preview_draws_the_boxes_and_writes_the_crops_as_png(ad_cohort40, tmp_path):
@@ -3388,6 +3404,218 @@ def test_every_source_file_names_its_one_job_and_fits_one_sitting():
         assert doc and doc.splitlines()[0].strip(), f"{f}: no docstring naming its job"
         if not f.startswith("test_"):
             assert len(text.splitlines()) <= 700, f"{f}: {len(text.splitlines())} lines"
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures (plots.py, --plots): each drawn when its runs exist, skipped in one line when not, small PNGs of the
+# stated pixel size; matplotlib optional (refused before any work without it; the previews fall back)
+
+def _pixels(size):
+    return tuple(int(round(v * plots.DPI)) for v in size)
+
+
+def _spy_on_figures(monkeypatch):
+    """{file name: the texts of the figure (titles, legends, annotations)} and {file name: its Figure}, recorded
+    as each is saved."""
+    texts, figures, save = {}, {}, plots.Figures.save
+
+    def spy(self, fig, name):
+        found = [fig.get_suptitle()]
+        for ax in fig.axes:
+            legend = ax.get_legend()
+            found += [ax.get_title(), ax.get_xlabel()] + [t.get_text() for t in ax.texts] \
+                + ([t.get_text() for t in legend.get_texts()] if legend else [])
+        texts[name], figures[name] = found, fig
+        return save(self, fig, name)
+
+    monkeypatch.setattr(plots.Figures, "save", spy)
+    return texts, figures
+
+
+def _write_logs(run_dir, epochs=3, score="balanced_accuracy"):
+    training.write_log([{"epoch": e + 1, "train_loss": 1.0 / (e + 1), score: 0.5 + 0.1 * e, "seconds": 1.0}
+                        for e in range(epochs)], os.path.join(run_dir, "log.csv"))
+
+
+def test_ad_plots_draw_each_rows_confusion_and_roc_table3_and_learning_curves_at_their_size(ad_runs, monkeypatch,
+                                                                                          capsys):
+    pytest.importorskip("matplotlib")
+    runs, made, labels = ad_runs
+    for seed, version in GROUPS:
+        for fold in range(4):
+            _write_logs(training.ad_run_dir(runs, "hyperfusion", seed, version, fold))
+    texts, _ = _spy_on_figures(monkeypatch)
+    out = runs / "figures"
+    res = evaluate.main(["ad", "--runs", str(runs), "--plots", str(out)])
+    printed = capsys.readouterr().out
+    models = ["imaging", "tabular", "late-fusion", "hyperfusion"]
+    rows = [f"{kind}_{m}_seed{s}_v{v}.png" for m in models for s, v in GROUPS for kind in ("confusion", "roc")]
+    expected = sorted(rows + ["table3.png", "learning_curves_hyperfusion.png"])
+    assert sorted(os.listdir(out)) == expected and no_temp_files(out)
+    for name in expected:
+        assert os.path.getsize(out / name) > 0
+        size = plots.SMALL if name.startswith("roc_") else plots.WIDE
+        assert _png_size(out / name) == _pixels(size), name
+        assert f"wrote {out / name}\n" in printed
+    for m in ("imaging", "tabular"):                  # no log.csv in their runs; late fusion has no runs of its own
+        assert f"skipped learning_curves_{m}.png: no log.csv in the 12 runs of {m}" in printed
+    assert "skipped learning_curves_late-fusion.png: late-fusion has no runs of its own" in printed
+    assert sorted(res["plots"]["skipped"]) == ["learning_curves_imaging.png", "learning_curves_late-fusion.png",
+                                               "learning_curves_tabular.png"]
+    # what is drawn is the row's: its confusion matrix (counts and rows normalised), its classes' one-vs-rest AUCs
+    hf = next(m for m in res["models"] if m["model"] == "hyperfusion")["rows"][0]
+    cm = np.array(hf["metrics"]["confusion_matrix"], float)
+    cells = texts["confusion_hyperfusion_seed0_v0.png"]
+    assert [t for t in cells if t.isdigit()] == [str(int(v)) for v in cm.ravel()]
+    assert [t for t in cells if t.startswith("0.") or t == "1.00"] == \
+        [f"{v:.2f}" for v in (cm / cm.sum(1, keepdims=True)).ravel()]
+    probs = entropy_weighted_ensemble(made[("hyperfusion", 0, 0)])
+    for c, name in enumerate(NAMES):
+        auc = metrics.fmt(roc_auc_score(labels[0] == c, probs[:, c]))
+        assert f"{name} vs rest: AUC {auc}" in texts["roc_hyperfusion_seed0_v0.png"]
+    assert any(f"macro AUC {metrics.fmt(hf['AUC'])}" in t for t in texts["roc_hyperfusion_seed0_v0.png"])
+    assert "Imaging only (3 rows)" in texts["table3.png"] and "HyperFusion (3 rows)" in texts["table3.png"]
+
+
+def test_brain_age_plots_draw_the_scatters_fig4a_fig4b_and_the_gap_or_say_which_is_skipped(tmp_path, monkeypatch,
+                                                                                         capsys):
+    pytest.importorskip("matplotlib")
+    rng = np.random.default_rng(5)
+    age, sex = rng.uniform(20, 80, 24), np.arange(24) % 2
+    val_age = rng.uniform(20, 80, 10)
+    full, partial, alone = tmp_path / "full", tmp_path / "partial", tmp_path / "alone"
+    for v in range(2):
+        for runs in (full, partial, alone):
+            d = fake_brain_age_run(runs, v, 2.0 + v, age + rng.normal(0, 3, 24), age, sex,
+                                   val=(val_age, 0.7 * val_age + 15 + rng.normal(0, 1, 10)))
+            _write_logs(d, score="mae")
+        fake_brain_age_run(full, v, 3.0, age + rng.normal(1, 4, 24), age, sex, model="imaging")
+    for train_sex, bias in (("M", 1.0), ("F", -1.0), ("mixed", 0.0)):
+        for runs in (full, partial) if train_sex != "mixed" else (full,):
+            fake_brain_age_run(runs, 0, 3.0, age + bias + rng.normal(0, 3, 24), age, sex, model="imaging",
+                               train_sex=train_sex)
+    texts, figures = _spy_on_figures(monkeypatch)
+    res = evaluate.main(["brain-age", "--runs", str(full), "--plots", str(full / "figures")])
+    printed = capsys.readouterr().out
+    folders = ["hyperfusion", "imaging", "imaging-trainF", "imaging-trainM", "imaging-trainmixed"]
+    expected = sorted([f"brain_age_scatter_{f}.png" for f in folders] + ["fig4a.png", "fig4b.png",
+                      "brain_age_gap_by_sex.png", "learning_curves_hyperfusion.png"])
+    assert sorted(os.listdir(full / "figures")) == expected
+    for name in expected:   # the ensembles with validation predictions get the corrected panel beside the first
+        wide = name in ("brain_age_scatter_hyperfusion.png", "learning_curves_hyperfusion.png")
+        assert _png_size(full / "figures" / name) == _pixels(plots.WIDE if wide else plots.SMALL), name
+        assert f"wrote {full / 'figures' / name}\n" in printed
+    by = {m["folder"]: m for m in res["models"]}
+    # the scatter's bias line is the one the code subtracts: the validation fit of the same Eq. 6 ensemble
+    fit = evaluate.brain_age_ensemble({v: training.brain_age_run_dir(full, "hyperfusion", v) for v in (0, 1)})["fit"]
+    assert any(f"slope {fit['slope']:+.2f}" in t and "validation fit" in t
+               for t in texts["brain_age_scatter_hyperfusion.png"])
+    red = next(ln for ln in figures["brain_age_scatter_hyperfusion.png"].axes[0].lines if ln.get_color() == "tab:red")
+    x, y = red.get_data()
+    np.testing.assert_allclose(y, x + fit["intercept"] + fit["slope"] * x)
+    assert f"r(gap, age) {by['hyperfusion']['gap']['r_corrected_gap_age']:+.2f}" in \
+        " ".join(texts["brain_age_scatter_hyperfusion.png"])
+    # Fig. 4A and 4B draw the MAEs of the table, by test sex, in the paper's order of bars
+    for name, folders_in_order in (("fig4a.png", ["imaging-trainM", "imaging-trainF", "imaging-trainmixed"]),
+                                   ("fig4b.png", ["imaging", "hyperfusion"])):
+        bars = [p.get_height() for p in figures[name].axes[0].patches]
+        assert bars == pytest.approx([by[f]["metrics"][k] for f in folders_in_order
+                                      for k in ("mae_male", "mae_female", "mae")])
+    assert "not trained: concatenation, HyperFusion (sex -> 2D)" in texts["fig4b.png"]
+    gap_bars = [p.get_height() for p in figures["brain_age_gap_by_sex.png"].axes[0].patches]
+    assert gap_bars == pytest.approx([by[f]["gap"][k] for k in ("gap_male", "gap_female", "corrected_gap_male",
+                                                                "corrected_gap_female") for f in ("hyperfusion",)])
+    # absent runs: not drawn, one line each saying why
+    evaluate.main(["brain-age", "--runs", str(partial), "--plots", str(partial / "figures")])
+    printed = capsys.readouterr().out
+    assert "skipped fig4a.png: Fig. 4A compares three training sets: no finished runs in imaging-trainmixed" in printed
+    assert "skipped fig4b.png: Fig. 4B compares image-only and HyperFusion: no finished runs in imaging" in printed
+    evaluate.main(["brain-age", "--runs", str(alone), "--plots", str(alone / "figures")])
+    printed = capsys.readouterr().out
+    assert "skipped fig4a.png: no runs trained on one sex" in printed
+    for runs in (partial, alone):
+        assert not {"fig4a.png", "fig4b.png"} & set(os.listdir(runs / "figures"))
+        assert "brain_age_scatter_hyperfusion.png" in os.listdir(runs / "figures")
+
+
+def test_sweep_plots_draw_how_the_prediction_moves_with_the_attribute(brain_age_cohort20, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    torch.manual_seed(0)
+    shape = synthetic.BRAIN_AGE_SYNTH["shape"]
+    model = build_model("brain-age", "hyperfusion", image_shape=shape)
+    for layer in model.linears:     # sexes embedded far apart, as after training
+        getattr(model, layer).hypernet.embedding.weight.data = torch.tensor([[1.0, 2.0]])
+    run = RunConfig(task="brain-age", model="hyperfusion", version=0, split_seed=0, embedding_dim=1, train_sex="all",
+                    data_csv=str(brain_age_cohort20), cache_dir=str(tmp_path / "cache"), cache_dtype="float32",
+                    **SCHEDULE)
+    path = tmp_path / "best.pt"
+    training.save_checkpoint({"model": model.state_dict(), "run": dataclasses.asdict(run), "epoch": 0,
+                              "inputs": {"n_tabular": 2, "image_shape": list(shape)},
+                              "target": {"centre": 50.0, "scale": 10.0}}, path)
+    res = evaluate.main(["sweep", str(path), "--attribute", "Sex", "--values", "M", "F", "--plots",
+                         str(tmp_path / "fig")])
+    file = tmp_path / "fig" / "sweep_hyperfusion_Sex.png"
+    assert os.listdir(tmp_path / "fig") == [file.name] and _png_size(file) == _pixels(plots.SMALL)
+    assert f"wrote {file}\n" in capsys.readouterr().out
+    assert res["plots"]["written"] == [str(file)]
+    # AD: the mean probability and the predicted fraction of each class against the values (predict.sweep's form)
+    ad = {"task": "ad", "model": "daft", "attribute": "ABETA", "header": ["ABETA", "n", "mean P(CN)", "mean P(MCI)",
+                                                                          "mean P(AD)"],
+          "summary": [{"value": v, "mean_probs": p, "predicted_fraction": p, "balanced_accuracy": 0.5}
+                      for v, p in ((None, [0.5, 0.3, 0.2]), ("500", [0.2, 0.3, 0.5]), ("1500", [0.6, 0.3, 0.1]))]}
+    drawn = plots.sweep_figure(ad, str(tmp_path / "ad"), quiet=True)
+    assert drawn["written"] == [str(tmp_path / "ad" / "sweep_daft_ABETA.png")]
+    assert _png_size(drawn["written"][0]) == _pixels(plots.SMALL)
+
+
+@pytest.mark.parametrize("command", ["ad", "brain-age", "sweep"])
+def test_without_matplotlib_plots_stops_before_any_work_in_one_line_and_writes_nothing(tmp_path, monkeypatch,
+                                                                                     command):
+    rng = np.random.default_rng(6)
+    if command == "ad":
+        labels = rng.integers(0, 3, 12)
+        for fold in range(4):
+            fake_ad_run(tmp_path, "hyperfusion", 0, 0, fold, random_probs(rng, 12), labels)
+    elif command == "brain-age":
+        age = rng.uniform(20, 80, 12)
+        fake_brain_age_run(tmp_path, 0, 2.0, age + 1, age, np.arange(12) % 2)
+    args = ["sweep", tmp_path / "no-such-run", "--attribute", "Sex", "--values", "M"] if command == "sweep" \
+        else [command, "--runs", tmp_path]
+    before = _files(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)         # `import matplotlib` raises ImportError
+    p = run_main(evaluate.main, *args, "--plots", tmp_path / "figures")
+    assert p.returncode == 2 and p.stderr == "error: --plots needs matplotlib: pip install matplotlib\n", p.stderr
+    assert p.stdout == "" and _files(tmp_path) == before                           # no table, no temp file
+    assert not (tmp_path / "figures").exists()                                     # no folder
+    if command == "ad":    # the script itself, in a fresh interpreter that cannot import matplotlib
+        proc = subprocess.run([sys.executable, "-c", "import sys; sys.modules['matplotlib'] = None; import evaluate, "
+                               "safeio; safeio.run_cli(evaluate.main)", "ad", "--runs", str(tmp_path), "--plots",
+                               str(tmp_path / "figures")], cwd=HERE, capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stderr == "error: --plots needs matplotlib: pip install matplotlib\n"
+        assert proc.stdout == "" and _files(tmp_path) == before
+
+
+def test_the_preview_is_one_png_of_the_same_pixels_through_matplotlib_and_through_the_fallback(ad_cohort40,
+                                                                                             tmp_path, monkeypatch):
+    mpl_image = pytest.importorskip("matplotlib.image")
+    written = {}
+    for how in ("matplotlib", "fallback"):
+        if how == "fallback":
+            monkeypatch.setitem(sys.modules, "matplotlib", None)
+        p = run_main(data.main, "check-ad", ad_cohort40, "--preview", tmp_path / how, "--preview-n", 1)
+        assert p.returncode == 0 and "wrote 2 PNGs" in p.stdout, p.stderr
+        written[how] = sorted(os.listdir(tmp_path / how))
+        assert no_temp_files(tmp_path / how)
+    monkeypatch.undo()
+    assert written["matplotlib"] == written["fallback"] and len(written["fallback"]) == 2
+    X, Y, Z = synthetic.AD_SYNTH["shape"]
+    for name in written["fallback"]:
+        a, b = _png_header(tmp_path / "matplotlib" / name), _png_header(tmp_path / "fallback" / name)
+        assert a[:2] == b[:2] and (a[2], b[2]) == (6, 2)          # matplotlib writes RGBA, the fallback RGB
+        if name.endswith("_boxes.png"):
+            assert a[:2] == (2 * (X + 2), max(Y, Z))
+        pixels = [mpl_image.imread(tmp_path / how / name)[..., :3] for how in ("matplotlib", "fallback")]
+        np.testing.assert_array_equal(*pixels)                    # the same image either way
 
 
 # ----------------------------------------------------------------------------------------------
