@@ -3411,19 +3411,19 @@ def test_progress_time_left_is_the_pace_so_far_per_kind_for_runs_and_durations_r
         rate_limited.advance()
     lines = capsys.readouterr().out.splitlines()
     assert 9 <= len(lines) <= 20 and all(" of 1000 items (" in line for line in lines)
-    runs = safeio.Progress("train", None, "runs", kinds=["imaging", "imaging", "tabular", "tabular"],
+    runs = safeio.Progress("train", None, "runs", kinds=["imaging", "tabular", "imaging", "hyperfusion"],
                            clock=lambda: now[0])
     runs.item_done("imaging", 190, "ad imaging seed0 v0 fold0")
-    runs.item_done("tabular", 10, "ad tabular seed0 v0 fold0")
+    runs.item_done("tabular", 10, "ad tabular seed0 v0 fold0")       # HyperFusion, unseen, as an image model
     runs.item_done("imaging", 200, "ad imaging seed0 v0 fold1", ": test BA 0.5")
-    runs.item_done("tabular", 12, "ad tabular seed0 v0 fold1")
+    runs.item_done("hyperfusion", 300, "ad hyperfusion seed0 v0 fold0")
     lines = capsys.readouterr().out.splitlines()
     assert lines[:3] == [
         "run 1 of 4 done (ad imaging seed0 v0 fold0, 3 min 10 s); about 9 min 30 s left for the 3 still to train",
-        "run 2 of 4 done (ad tabular seed0 v0 fold0, 10 s); about 3 min 20 s left for the 2 still to train",
-        "run 3 of 4 done (ad imaging seed0 v0 fold1, 3 min 20 s): test BA 0.5; about 10 s left for the 1 still to "
-        "train"]
-    assert lines[3].startswith("run 4 of 4 done (ad tabular seed0 v0 fold1, 12 s); all 4 in ")
+        "run 2 of 4 done (ad tabular seed0 v0 fold0, 10 s); about 6 min 20 s left for the 2 still to train",
+        "run 3 of 4 done (ad imaging seed0 v0 fold1, 3 min 20 s): test BA 0.5; about 3 min 15 s left for the 1 "
+        "still to train"]
+    assert lines[3].startswith("run 4 of 4 done (ad hyperfusion seed0 v0 fold0, 5 min); all 4 in ")
     two = safeio.Progress("train", None, "runs", kinds=["imaging"] * 5, parallel=2)
     two.item_done("imaging", 100, "a", spent=40)                   # 4 x 100 s less the 40 s run, on 2 at a time
     assert "about 3 min left for the 4" in capsys.readouterr().out
@@ -3508,7 +3508,18 @@ def test_predict_shows_progress_over_its_batches_when_long_one_line_per_member_a
     assert len(out) == 2 and out[0].startswith("60 subjects x 1 models") and out[1].startswith("ensemble on"), out
 
 
-def test_preprocess_and_the_data_checks_say_their_progress_and_nothing_of_it_with_quiet(tmp_path, monkeypatch):
+def test_preprocess_the_data_checks_and_the_demo_cohort_say_their_progress_and_nothing_of_it_with_quiet(
+        tmp_path, monkeypatch, capsys):
+    folder, name, make, _ = synthetic.BUILTIN["ad"]
+    monkeypatch.setitem(synthetic.BUILTIN, "ad", (folder, name, make, dict(n=10, seed=0)))
+    monkeypatch.setattr(synthetic, "Progress", lambda *a, **k: safeio.Progress(*a, **{**k, "every": 0}))
+    synthetic.builtin_cohort("ad", tmp_path / "quiet", quiet=True)           # train_ad.py --quiet's first use
+    assert capsys.readouterr().out == ""
+    synthetic.builtin_cohort("ad", tmp_path / "loud")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("generating the synthetic ad cohort in ") and re.fullmatch(r"generated in [\d.]+ s",
+                                                                                        out[-1]), out
+    assert "synth-ad: 5 of 10 subjects (50%), " in "\n".join(out)
     csv_path = tiny_ad(tmp_path)
     batch = ["--csv", csv_path, "--out-dir", tmp_path / "pre", "--shape", 6, 6, 6, "--spacing", 2, "--overwrite"]
     out = run_main(preprocess.main, *batch).stdout.splitlines()
