@@ -99,7 +99,7 @@ def member_outputs(members, table, cache_dir, batch_size, device, progress=True)
     done = Progress("predict", None, "members", not progress, kinds=[m.run.model for m in members])
     shown = Progress(f"predicting {n} subjects x {len(members)} model{'s' * (len(members) > 1)}", n * len(members),
                      "predictions", not progress, every=PROGRESS_EVERY)
-    for k, m in enumerate(members):
+    for m in members:
         t0 = time.time()
         images = None
         if m.run.model != "tabular":
