@@ -19,7 +19,6 @@ from-adnimerge's table is written verbatim (the code reads it back), not escaped
 """
 import math
 import os
-import time
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from images import (ENTRY_MAGIC, FLOAT16_MAX, SOURCES_INDEX, HippocampusCrops, I
                     cache_lock, check_image_geometry, check_values, crops_path, entry_bytes, file_sha256,
                     image_fingerprint, image_geometry, load_crops, load_nifti, load_volume, save_nifti, source_hashes)
 from plots import write_png
-from safeio import (ArgumentParser, UserError, check_number, check_output, run_cli, warn, write_csv,
+from safeio import (ArgumentParser, Progress, UserError, check_number, check_output, run_cli, warn, write_csv,
                     write_json)
 from tables import (CLASS_NAMES, GROUP_ALIASES, ADTable, BrainAgeTable, check_subjects, diagnosis,  # noqa: F401
                     find_image, number_cell, output_names, parse_group_map, read_ad_table, read_brain_age_table,
@@ -178,15 +177,16 @@ def preview_crops(volume, crops, path_boxes, path_crops):
 # ----------------------------------------------------------------------------------------------
 # Command line
 
-def _check_images(paths, subjects):
-    """Every image's header (one shape, one voxel size), then every image decoded and validated. -> the shape."""
-    shape, t0 = None, time.time()
+def _check_images(paths, subjects, quiet=False):
+    """Every image's header (one shape, one voxel size), then every image decoded and validated, with progress
+    lines when it is long (safeio.Progress, none when quiet). -> the shape."""
+    shape, shown = None, Progress("checking the images", len(paths), "images", quiet)
     check_image_geometry(paths, subjects)
-    for k, (p, s) in enumerate(zip(paths, subjects)):
+    for p, s in zip(paths, subjects):
         sh = load_volume(p, s, expected_shape=shape).shape
         shape = shape or sh
-        if len(paths) >= 200 and (k + 1) % 200 == 0:
-            print(f"checked {k + 1}/{len(paths)} images, {time.time() - t0:.0f} s", flush=True)
+        shown.advance()
+    shown.finish()
     return shape
 
 
@@ -205,6 +205,7 @@ def main(argv=None):
         sp.add_argument("csv")
         sp.add_argument("--image-dir", default=None, help="default: <csv folder>/images")
         sp.add_argument("--no-images", action="store_true", help="check the table only")
+        sp.add_argument("--quiet", action="store_true", help="no progress lines: the summary, warnings and errors")
         if name == "check-ad":
             sp.add_argument("--group-map", nargs="+", metavar="VALUE=DX", help="as in train_ad.py, e.g. SMC=CN")
             sp.add_argument("--crops", help="crops.json (default: next to the CSV, else the MNI152 boxes)")
@@ -228,7 +229,7 @@ def main(argv=None):
         t = read_ad_table(a.csv, a.image_dir, need_images=not a.no_images, group_map=parse_group_map(a.group_map))
         if t.skipped:
             print(skipped_summary(t))
-        shape = _check_images(t.image_paths, t.subjects) if t.image_paths else None
+        shape = _check_images(t.image_paths, t.subjects, a.quiet) if t.image_paths else None
         crops = load_crops(a.crops, a.csv)
         own = crops_path(a.crops, a.csv)
         if shape and own:
@@ -259,7 +260,7 @@ def main(argv=None):
               + (f", images {shape}" if shape else ""))
     else:
         t = read_brain_age_table(a.csv, a.image_dir, need_images=not a.no_images)
-        shape = _check_images(t.image_paths, t.subjects) if t.image_paths else None
+        shape = _check_images(t.image_paths, t.subjects, a.quiet) if t.image_paths else None
         print(f"ok: {a.csv}: {len(t.subjects)} subjects, {int((t.sex == 0).sum())} male, age "
               f"{t.age.mean():.1f} +- {t.age.std():.1f} ({t.age.min():.0f}-{t.age.max():.0f})"
               + (f", images {shape}" if shape else ""))

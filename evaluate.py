@@ -42,8 +42,8 @@ from metrics import (age_bias_fit, classification_metrics, entropy_weighted_ense
                      markdown_table, mean_ensemble, regression_metrics)
 from models import AD_MODELS, BRAIN_AGE_MODELS, AgeTarget, build_model, candidate_layers, layer_loss_entropy
 from runs import finished, load_run
-from safeio import (ArgumentParser, UserError, check_number, check_output, run_cli, warn, write_csv, write_json,
-                    write_text)
+from safeio import (ArgumentParser, Progress, UserError, check_number, check_output, duration_text, run_cli, warn,
+                    write_csv, write_json, write_text)
 from synthetic import builtin_cohort
 from tabular import TabularPreprocessor
 from training import ad_run_dir, brain_age_run_dir
@@ -466,7 +466,7 @@ def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=
             model(*batch[:2])
         n = len(candidate_layers(model))
         print(f"{n} candidate layers x {draws} draws, {len(pick)} subjects of {csv_path}: about "
-              f"{(time.time() - t0) * n * draws / 60:.1f} min", flush=True)
+              f"{duration_text((time.time() - t0) * n * draws)}", flush=True)
     return layer_loss_entropy(model, batch, loss_fn, n_draws=draws, seed=seed)
 
 
@@ -510,7 +510,7 @@ def check_protocol_data(finished_dirs, task, data_csv=None, image_dir=None, data
 
 def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None, epochs=None, data_csv=None,
                  image_dir=None, data_dir="data", binary=False, train_sex=("all",), embedding_dim=1, verbose=False,
-                 tabular_epochs=None, jobs=1, gpus=None, print_commands=False):
+                 tabular_epochs=None, jobs=1, gpus=None, print_commands=False, quiet=False):
     """Train every run of the protocol that has no metrics.json yet (an interrupted one resumes from
     last.pt), skip the finished ones, then build the task's table. -> (trained, skipped, results).
 
@@ -520,7 +520,8 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
 
     print_commands: train nothing; print one shell command per missing run instead (with --resume where
     a last.pt exists), every tabular-only run before any HyperFusion run, for a scheduler (a SLURM job
-    array, GNU parallel). -> (commands, skipped, None)."""
+    array, GNU parallel). -> (commands, skipped, None). After each run, `run k of N done (...); about ... left`
+    (Progress.item_done, per model); quiet: no line but the table's."""
     t0 = time.time()
     common = ["--out", runs, "--data-dir", data_dir] \
         + (["--data-csv", data_csv] if data_csv else []) + (["--image-dir", image_dir] if image_dir else []) \
@@ -564,11 +565,13 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
         check_protocol_data(done, task, data_csv, image_dir, data_dir, must=len(done) < len(jobs))
     if print_commands:    # the tabular-only MLPs first: HyperFusion's embedding starts from them (Sec. 4.3.6)
         jobs.sort(key=lambda j: j[4] != train_ad.__file__ or "--model tabular" not in " ".join(j[3]))
+    shown = Progress("train", None, "runs", quiet or print_commands,     # kinds: the models, each its own pace
+                     kinds=[argv[1] for run_dir, _, _, argv, _, _ in jobs if not finished(run_dir)])
+    label = lambda run_dir: " ".join(os.path.relpath(run_dir, runs).split(os.sep))     # ad hyperfusion seed0 v0 fold2
     for k, (run_dir, parser, train, argv, script, after) in enumerate(jobs):
         if finished(run_dir):
             skipped.append(run_dir)
-            if not print_commands:
-                print(f"[{k + 1}/{len(jobs)}] skipped (finished): {run_dir}", flush=True)
+            shown.say(f"[{k + 1}/{len(jobs)}] skipped (finished): {run_dir}")
             continue
         resume = os.path.isfile(os.path.join(run_dir, "last.pt"))
         argv = argv + (["--resume"] if resume else [])
@@ -577,18 +580,21 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
             print(trained[-1], flush=True)
             continue
         if n_jobs > 1:
-            todo.append(launcher.Job(run_dir, [sys.executable, script] + argv, after))
+            todo.append(launcher.Job(run_dir, [sys.executable, script] + argv, after, argv[1], label(run_dir)))
             continue
-        print(f"[{k + 1}/{len(jobs)}] {'resuming' if resume else 'training'}: {run_dir}", flush=True)
-        train(vars(parser().parse_args(argv)))
+        shown.say(f"[{k + 1}/{len(jobs)}] {'resuming' if resume else 'training'}: {run_dir}")
+        with shown.hushed():
+            t1 = time.time()
+            train(vars(parser().parse_args(argv)))
         trained.append(run_dir)
+        shown.item_done(argv[1], time.time() - t1, label(run_dir))
     if print_commands:
         return trained, skipped, None
     if todo:
-        trained = launcher.run_jobs(todo, n_jobs, gpus)
-    print(f"protocol: {len(trained)} trained, {len(skipped)} skipped, {(time.time() - t0) / 60:.1f} min", flush=True)
+        trained = launcher.run_jobs(todo, n_jobs, gpus, quiet=quiet)
+    shown.say(f"protocol: {len(trained)} trained, {len(skipped)} skipped, {duration_text(time.time() - t0)}")
     res = evaluate_ad(runs, binary) if task == "ad" else evaluate_brain_age(runs)
-    print(f"total wall time {(time.time() - t0) / 60:.1f} min")
+    shown.say(f"total wall time {duration_text(time.time() - t0)}")
     return trained, skipped, res
 
 
@@ -615,6 +621,7 @@ def arguments():
     s.add_argument("--draws", type=int, default=100, help="re-initialisations per layer")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", help="also write the table to this markdown file")
+    s.add_argument("--quiet", action="store_true", help="no estimate nor time taken: the table alone")
     w = sub.add_parser("sweep", help="the test set read with one tabular attribute set to each value in turn")
     w.add_argument("checkpoint", help="a run folder, or its best.pt")
     w.add_argument("--attribute", required=True, help="AD: AGE, PTGENDER, ABETA, ...; brain age: Sex")
@@ -646,6 +653,7 @@ def arguments():
                    help="with --jobs: GPU indices shared out to the runs, one each, e.g. 0,1,2,3")
     r.add_argument("--print-commands", action="store_true",
                    help="train nothing: print one command per missing run (tabular-only first), for a scheduler")
+    r.add_argument("--quiet", action="store_true", help="no progress lines: the table (and its files) alone")
     return p
 
 
@@ -664,7 +672,7 @@ def main(argv=None):
         if a.out:
             check_output("--out", a.out, [a.data_csv])
         t0 = time.time()
-        scores = select_layers(a.task, a.data_csv, a.image_dir, a.data_dir, a.samples, a.draws, a.seed, verbose=True)
+        scores = select_layers(a.task, a.data_csv, a.image_dir, a.data_dir, a.samples, a.draws, a.seed, not a.quiet)
         table = markdown_table(["rank", "layer", "entropy"],
                                [[k + 1, n, f"{max(h, 0.0):.3f}"] for k, (n, h) in enumerate(scores)])
         md = (f"# Loss entropy per layer (Sec. 3.1.2), {a.task}: image-only backbone, untrained, {a.samples} "
@@ -673,7 +681,8 @@ def main(argv=None):
         if a.out:
             write_text(md, a.out)
             print(f"wrote {a.out}")
-        print(f"{time.time() - t0:.0f} s")
+        if not a.quiet:
+            print(duration_text(time.time() - t0))
         return scores
     if a.command == "sweep":
         res = predict.sweep(a.checkpoint, a.attribute, a.values, a.data_csv, a.image_dir, a.batch_size, a.device)
@@ -687,7 +696,7 @@ def main(argv=None):
         return res
     return run_protocol(a.task, a.runs, a.split_seeds, a.versions, a.models, a.epochs, a.data_csv, a.image_dir,
                         a.data_dir, a.binary, a.train_sex, a.embedding_dim, a.verbose, a.tabular_epochs, a.jobs, a.gpus,
-                        a.print_commands)
+                        a.print_commands, a.quiet)
 
 
 if __name__ == "__main__":

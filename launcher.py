@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from safeio import UserError
+from safeio import Progress, UserError
 
 
 @dataclass
@@ -21,19 +21,22 @@ class Job:
     run_dir: str
     command: list                  # [python, script, options...]
     after: str = None              # run_dir of a job that must finish first (None: none)
+    kind: str = ""                 # what it trains (the model): the time left is estimated per kind (Progress)
+    label: str = None              # how its progress line names it (None: run_dir)
 
 
-def run_jobs(jobs, k, gpus=None, poll_s=0.2):
+def run_jobs(jobs, k, gpus=None, poll_s=0.2, quiet=False):
     """Run every job, at most k at a time, each after its `after`; one line per job started and finished,
-    the finished one with the time left. A failure stops new starts, lets the running ones finish, then
-    raises UserError naming the run and the end of its output. -> the run dirs in the order they finished.
+    the finished one with its final line and the time left (Progress.item_done, per kind; quiet: none). A
+    failure stops new starts, lets the running ones finish, then raises UserError naming the run and the end of
+    its output. -> the run dirs in the order they finished.
     Interrupted (Ctrl-C, SIGTERM as safeio.Terminated, or any error here), it ends the runs it started
     (stop) before it goes on up, so that no training is left running with no one to wait for it."""
     if gpus is not None and not gpus:
         raise UserError("--gpus: give at least one GPU index, e.g. --gpus 0,1")
     running = {}
     try:
-        return schedule(jobs, k, gpus, poll_s, running)
+        return schedule(jobs, k, gpus, poll_s, running, quiet)
     except BaseException:
         stop(running)
         raise
@@ -53,12 +56,12 @@ def stop(running, grace_s=60):
             proc.wait()
 
 
-def schedule(jobs, k, gpus, poll_s, running):
+def schedule(jobs, k, gpus, poll_s, running, quiet=False):
     """run_jobs's loop; `running` ({run_dir: (job, slot, (process, output), started)}) is its caller's to stop."""
     waiting, finished, failed = list(jobs), [], None
     slots = list(range(k))                                   # slot s runs on gpus[s % len(gpus)]
     pending = {j.run_dir for j in jobs}
-    t0 = time.time()
+    shown = Progress("train", None, "runs", quiet, kinds=[j.kind for j in jobs], parallel=k)
     while waiting or running:
         while failed is None and slots and waiting:
             job = next((j for j in waiting if j.after not in pending), None)
@@ -68,7 +71,7 @@ def schedule(jobs, k, gpus, poll_s, running):
             slot = slots.pop(0)
             running[job.run_dir] = (job, slot, start(job, slot, k, gpus), time.time())
             where = f" on GPU {gpus[slot % len(gpus)]}" if gpus else ""
-            print(f"started{where}: {job.run_dir}", flush=True)
+            shown.say(f"started{where}: {job.run_dir}")
         if failed is not None and not running:
             break
         time.sleep(poll_s)
@@ -86,11 +89,10 @@ def schedule(jobs, k, gpus, poll_s, running):
                 continue
             pending.discard(run_dir)
             finished.append(run_dir)
-            done = len(finished)
-            left = (time.time() - t0) / done * (len(jobs) - done)
-            result = lines[-1].replace(f" -> {run_dir}", "") if lines else "done"    # its final line
-            print(f"[{done}/{len(jobs)} finished] {run_dir} in {(time.time() - started) / 60:.1f} min: {result} | "
-                  f"about {left / 60:.1f} min left", flush=True)
+            result = f": {lines[-1].replace(f' -> {run_dir}', '')}" if lines else ""    # its final line
+            now = time.time()
+            shown.item_done(job.kind, now - started, job.label or run_dir, result,
+                            spent=sum(now - t for _, _, _, t in running.values()))
     if failed is not None:
         raise UserError(failed)
     return finished

@@ -30,14 +30,13 @@ output file is left behind (every file is written atomically).
 
 import argparse
 import os
-import time
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from data import check_subjects, find_image, load_nifti, read_csv_rows
-from safeio import ArgumentParser, UserError, atomic_path, check_number, run_cli, same_file, write_csv
+from safeio import ArgumentParser, Progress, UserError, atomic_path, check_number, run_cli, same_file, write_csv
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,8 +221,8 @@ def _batch(a):
     if same_file(table_out, a.csv):
         raise UserError(f"--out-dir {a.out_dir}: the table's copy would overwrite {a.csv} itself; "
                         f"choose another output folder")
-    t0, out_rows = time.time(), []
-    for k, ((line, r), subj) in enumerate(zip(rows, subjects)):
+    out_rows, shown = [], Progress("preprocessing", len(rows), "subjects", a.quiet)
+    for (line, r), subj in zip(rows, subjects):
         src = r.get(a.column) or find_image(os.path.join(base, "images"), subj) or \
             os.path.join("images", f"{subj}.nii.gz")
         mask = os.path.join(base, r[a.mask_column]) if a.mask_column and r.get(a.mask_column) else None
@@ -233,15 +232,17 @@ def _batch(a):
                for p in (os.path.join(base, src), mask) if p):         # by another path, or a link to it
             raise UserError(f"{a.csv} line {line}: --out-dir {a.out_dir}: {out} would overwrite its own input")
         if os.path.exists(out) and not a.overwrite:
+            shown.total -= 1                      # kept as it is: no work, and not in the pace
             continue
         try:
             preprocess_file(os.path.join(base, src), out, mask, a.spacing, a.shape, a.n4, subj)
         except UserError as exc:
             raise UserError(f"{a.csv} line {line}: {exc}") from None
-        left = (time.time() - t0) / (k + 1) * (len(rows) - k - 1)
-        print(f"{k + 1}/{len(rows)} {subj} -> {out} ({left:.0f} s left)", flush=True)
+        shown.advance()
     columns = [c for c in fields if c != a.mask_column] + ([] if "image" in fields else ["image"])
     write_csv([{c: r.get(c, "") for c in columns} for r in out_rows], columns, table_out)
+    shown.finish(always=True)
+    shown.say(f"wrote {table_out}")
 
 
 def main(argv=None):
@@ -261,6 +262,7 @@ def main(argv=None):
     ap.add_argument("--column", default="image", help="batch mode: input path column (default image)")
     ap.add_argument("--mask-column", default=None, help="batch mode: brain mask path column")
     ap.add_argument("--overwrite", action="store_true", help="batch mode: redo existing outputs")
+    ap.add_argument("--quiet", action="store_true", help="batch mode: no progress lines, only errors")
     a = ap.parse_args(argv)
     check_number("--spacing", a.spacing, least=0.1, most=20)   # mm
     check_number("--shape", a.shape, least=1, most=2048)       # voxels

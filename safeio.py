@@ -13,6 +13,8 @@
     warn         a legitimate but odd input: one `warning:` line on stderr, the run goes on
     check_number a numeric option within its range, else a UserError naming the option
     ArgumentParser  argparse's parser whose errors are a UserError too (one line, not usage + error)
+    duration_text  a duration as a person says it: '45 s', '3 min 10 s', '2 h 5 min' (every progress line's)
+    Progress     progress lines of a long job (count, share, pace, time left; a final line), silenced by quiet
 """
 import argparse
 import contextlib
@@ -29,6 +31,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 import uuid
 
 
@@ -261,3 +264,102 @@ def write_bytes(blob, path):
     blob = memoryview(blob)
     with atomic_path(path, blob.nbytes) as tmp, open(tmp, "wb") as f:
         f.write(blob)
+
+
+def duration_text(seconds):
+    """A duration as a person says it, the one format of every progress line: '0.4 s', '45 s', '3 min 10 s',
+    '2 h 5 min' (to a tenth of a second below 10 s, to the second below an hour, to the minute above)."""
+    if seconds < 9.95:
+        return f"{max(0.0, seconds):.1f} s"
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min" + (f" {s % 60} s" if s % 60 else "")
+    m = round(s / 60)
+    return f"{m // 60} h" + (f" {m % 60} min" if m % 60 else "")
+
+
+class Progress:
+    """Progress of a long job that a person can follow, on stdout as the scripts' other log lines; quiet prints none.
+
+    advance(n): n more of `total` done; a line `<what>: 1200 of 5000 images (24%), 38 images/s, about 1 min 40 s
+    left` at most every `every` seconds and every `step` of the work (thousands of items give some twenty lines,
+    a few seconds' work none). finish(): `<what>: 5000 images in 2 min 12 s (38 images/s)`, if the job was long
+    enough to print a line (or `always`). Time left: the pace so far, elapsed * (total - done) / done, measured
+    from rebase() when the start is not the pace (processes starting up).
+
+    Jobs of unequal kinds (run-protocol's runs: a tabular MLP costs far less than an image model) give each item
+    a kind (`kinds`, one per item, in any order; `what` is then the verb, "train") and report
+    item_done(kind, seconds, label) instead, one line per item: the time
+    left is, per kind, the mean duration of its finished items times the items of it still to do; a kind none
+    of whose items has finished yet counts as the costliest kind finished so far (an image model is not
+    estimated from MLPs), all divided by `parallel` for jobs run that many at a time."""
+
+    def __init__(self, what, total, unit="items", quiet=False, every=5.0, step=0.05, clock=time.monotonic,
+                 kinds=None, parallel=1):
+        self.what, self.unit, self.quiet, self.every, self.step, self.clock = what, unit, quiet, every, step, clock
+        self.kinds, self.parallel, self.seconds = list(kinds or []), parallel, {}   # seconds: {kind: [each's]}
+        self.total = len(self.kinds) if kinds is not None else total
+        self.done, self.printed = 0, False
+        self.t0 = self.last = clock()
+        self.base_t, self.base_done, self.last_done = self.t0, 0, 0
+
+    def say(self, line):
+        if not self.quiet:
+            print(line, flush=True)
+            self.printed = True
+
+    def hushed(self):
+        """A with-block whose stdout is swallowed when quiet (work run in this process that prints its own lines)."""
+        return contextlib.redirect_stdout(io.StringIO()) if self.quiet else contextlib.nullcontext()
+
+    def rebase(self):
+        """The pace from now on (time left after a start-up that the rest of the job will not repeat)."""
+        self.base_t, self.base_done = self.clock(), self.done
+
+    def elapsed(self):
+        return self.clock() - self.t0
+
+    def left(self, spent=0.0):
+        """Seconds still to go at the pace so far (None before the first item); by kind, less `spent` seconds
+        that the items in progress have run already."""
+        if self.seconds:
+            mean = {k: sum(v) / len(v) for k, v in self.seconds.items()}
+            return max(0.0, sum(mean.get(k, max(mean.values())) for k in self.kinds) - spent) / self.parallel
+        n = self.done - self.base_done
+        return (self.clock() - self.base_t) / n * (self.total - self.done) if n > 0 else None
+
+    def pace(self, done, seconds):
+        """'38 images/s', '2.5 images/s', '0.04 images/s'."""
+        r = done / max(seconds, 1e-9)
+        return (f"{r:.0f}" if r >= 10 else f"{r:.1f}" if r >= 1 else f"{r:.2g}") + f" {self.unit}/s"
+
+    def advance(self, n=1):
+        self.done += n
+        now = self.clock()
+        if (now - self.last >= self.every and self.done - self.last_done >= self.step * self.total
+                and self.done < self.total and self.left() is not None):
+            pace = self.pace(self.done - self.base_done, now - self.base_t)
+            self.say(f"{self.what}: {self.done} of {self.total} {self.unit} ({100 * self.done // self.total}%), "
+                     f"{pace}, about {duration_text(self.left())} left")
+            self.last, self.last_done = now, self.done
+
+    def finish(self, always=False):
+        if self.printed or always or self.elapsed() >= self.every:
+            self.say(f"{self.what}: {self.done} {self.unit} in {duration_text(self.elapsed())}"
+                     + (f" ({self.pace(self.done, self.elapsed())})" if self.done else ""))
+
+    def item_done(self, kind, seconds, label, result="", spent=0.0):
+        """One item of `kind` done in `seconds`: `run 7 of 40 done (<label>, 3 min 10 s)<result>; about 2 h 5 min
+        left for the 33 still to train` (unit "runs" -> "run"), the last one `...; all 40 in 2 h 5 min`.
+        spent: seconds the items still running have run (jobs in parallel), off the time left."""
+        self.kinds.remove(kind)
+        self.seconds.setdefault(kind, []).append(seconds)
+        self.done += 1
+        head = f"{self.unit.rstrip('s')} {self.done} of {self.total} done ({label}, {duration_text(seconds)}){result}"
+        if self.kinds:
+            self.say(f"{head}; about {duration_text(self.left(spent))} left for the {len(self.kinds)} still to "
+                     f"{self.what}")
+        else:
+            self.say(f"{head}; all {self.total} in {duration_text(self.elapsed())}")

@@ -25,7 +25,7 @@ from scipy import ndimage
 
 from data import CLASS_NAMES, HippocampusCrops, read_brain_age_table, save_nifti
 from metrics import fmt, markdown_table, regression_metrics
-from safeio import ArgumentParser, UserError, check_number, run_cli, write_csv, write_json
+from safeio import ArgumentParser, Progress, UserError, check_number, duration_text, run_cli, write_csv, write_json
 from tabular import AD_ATTRIBUTES
 
 # ----------------------------------------------------------------------------------------------
@@ -194,7 +194,7 @@ def make_synthetic_ad(out_dir, n=360, seed=0, verbose=False):
     counts = _class_counts(n, [P["class_fraction"][c] for c in CLASS_NAMES])
     groups = rng.permutation(np.repeat(np.arange(3), counts))
     shape, crops, grid = P["shape"], synthetic_crops(P["shape"], P["crop_size"]), head_grid(P["shape"])
-    t0 = time.time()
+    shown = Progress("synth-ad", n, "subjects", quiet=not verbose)
     with _cohort_dir(out_dir) as tmp:
         rows = []
         for i, g in enumerate(groups):
@@ -218,8 +218,7 @@ def make_synthetic_ad(out_dir, n=360, seed=0, verbose=False):
                 gone = miss["CSF"] if col in ("ABETA", "PTAU", "TAU") else miss[col]
                 row[col] = "" if gone else _fmt_censored(max(v, 0.01), lim, dec)
             rows.append(row)
-            if verbose and (i + 1) % 100 == 0:
-                print(f"synth-ad: {i + 1}/{n} subjects, {time.time() - t0:.0f} s", flush=True)
+            shown.advance()
         write_csv(rows, ["Subject", "Group"] + list(AD_ATTRIBUTES), os.path.join(tmp, "ad.csv"))
         crops.save(os.path.join(tmp, "crops.json"))
         write_json({"task": "ad", "n": int(n), "seed": int(seed), "image_shape": list(shape),
@@ -308,7 +307,7 @@ def make_synthetic_brain_age(out_dir, n=800, seed=0, verbose=False):
     if n < 10:
         raise UserError(f"--n must be at least 10 for a brain-age cohort (got {n})")
     rng = np.random.default_rng(seed)
-    grid, t0 = head_grid(P["shape"]), time.time()
+    grid, shown = head_grid(P["shape"]), Progress("synth-brain-age", n, "subjects", quiet=not verbose)
     anat = brain_age_anatomy(rng, n)
     oracle = brain_age_oracle(anat)
     oracle["with_sex"] = np.where(anat["male"], oracle["as_male"], oracle["as_female"])
@@ -320,8 +319,7 @@ def make_synthetic_brain_age(out_dir, n=800, seed=0, verbose=False):
             save_nifti(render_head(grid, head, rng), P["spacing_mm"], os.path.join(tmp, "images", f"{subj}.nii.gz"))
             rows.append({"Subject": subj, "Age": f"{anat['age'][i]:.1f}", "Sex": "M" if anat["male"][i] else "F",
                          "image": f"images/{subj}.nii.gz"})
-            if verbose and (i + 1) % 200 == 0:
-                print(f"synth-brain-age: {i + 1}/{n} subjects, {time.time() - t0:.0f} s", flush=True)
+            shown.advance()
         write_csv(rows, ["Subject", "Age", "Sex", "image"], os.path.join(tmp, "brain_age.csv"))
         columns = ["with_sex", "without_sex", "as_male", "as_female"]
         write_csv([{"Subject": s, **{"oracle_" + c: f"{oracle[c][i]:.2f}" for c in columns}}
@@ -345,8 +343,9 @@ BUILTIN = {"ad": ("synthetic_ad", "ad.csv", make_synthetic_ad, dict(n=600, seed=
            "brain-age": ("synthetic_brain_age", "brain_age.csv", make_synthetic_brain_age, dict(n=800, seed=0))}
 
 
-def builtin_cohort(task, data_dir):
-    """The task's built-in demo cohort under data_dir, generated on first use -> its CSV path (absolute).
+def builtin_cohort(task, data_dir, quiet=False):
+    """The task's built-in demo cohort under data_dir, generated on first use -> its CSV path (absolute);
+    quiet: without the lines saying so and its progress.
 
     A cohort that an earlier version of its generator wrote is written again (runs trained on it are
     then refused by their table's hash), so a demo never mixes two generative models silently."""
@@ -364,10 +363,10 @@ def builtin_cohort(task, data_dir):
         if all(info.get(k) == v for k, v in wanted.items()):
             return csv_path
         why = "its cohort.json is not the current generator's"
-    print(f"generating the synthetic {task} cohort in {os.path.dirname(csv_path)} ({why}) ...", flush=True)
-    t0 = time.time()
-    make(os.path.dirname(csv_path), **options)
-    print(f"generated in {time.time() - t0:.0f} s", flush=True)
+    shown = Progress(f"generating the synthetic {task} cohort", 1, quiet=quiet)
+    shown.say(f"generating the synthetic {task} cohort in {os.path.dirname(csv_path)} ({why}) ...")
+    make(os.path.dirname(csv_path), **options, verbose=not quiet)
+    shown.say(f"generated in {duration_text(shown.elapsed())}")
     return csv_path
 
 

@@ -2681,7 +2681,8 @@ def test_run_protocol_with_two_jobs_trains_each_missing_run_once_and_prints_the_
     parallel = capsys.readouterr().out
     missing = [training.ad_run_dir(tmp_path / "parallel", "tabular", 0, 0, f) for f in (0, 1, 3)]
     assert skipped == [done] and sorted(trained) == missing
-    assert parallel.count("finished] ") == 3 and "min left" in parallel
+    done_lines = re.findall(r"^run [123] of 3 done \(ad tabular seed0 v0 fold[013], .*", parallel, re.M)
+    assert len(done_lines) == 3 and "left for the 1 still to train" in parallel and "; all 3 in " in done_lines[-1]
     for run_dir in missing:                                      # each trained once: two epochs in its log
         with open(os.path.join(run_dir, "log.csv")) as log:
             assert len(log.read().strip().splitlines()) == 1 + 2
@@ -3616,6 +3617,150 @@ def test_the_preview_is_one_png_of_the_same_pixels_through_matplotlib_and_throug
             assert a[:2] == (2 * (X + 2), max(Y, Z))
         pixels = [mpl_image.imread(tmp_path / how / name)[..., :3] for how in ("matplotlib", "fallback")]
         np.testing.assert_array_equal(*pixels)                    # the same image either way
+# Progress a person can follow on long work (safeio.Progress), and --quiet silencing all of it
+
+def test_progress_time_left_is_the_pace_so_far_per_kind_for_runs_and_durations_read_one_way(capsys):
+    """After k of N items in t seconds the time left is t (N - k) / k; jobs of unequal kinds are estimated per
+    kind (an unseen kind as the costliest seen), divided by the jobs run at once; quiet prints nothing."""
+    now = [0.0]
+    p = safeio.Progress("decoding the image cache", 5000, "images", every=0, step=0, clock=lambda: now[0])
+    now[0] = 120.0
+    p.advance(1200)
+    assert p.left() == pytest.approx(120 * (5000 - 1200) / 1200)                        # 380 s
+    now[0] = 500.0
+    p.advance(3800)
+    p.finish()
+    assert capsys.readouterr().out.splitlines() == [
+        "decoding the image cache: 1200 of 5000 images (24%), 10 images/s, about 6 min 20 s left",
+        "decoding the image cache: 5000 images in 8 min 20 s (10 images/s)"]
+    assert [safeio.duration_text(t) for t in (0.42, 9.96, 45, 59.6, 190, 3599, 3600, 7500)] == \
+        ["0.4 s", "10 s", "45 s", "1 min", "3 min 10 s", "59 min 59 s", "1 h", "2 h 5 min"]
+    rate_limited = safeio.Progress("x", 1000, every=5, clock=lambda: now[0])              # 5 s and 5% at most
+    for k in range(1000):
+        now[0] += 0.01 if k < 500 else 1.0
+        rate_limited.advance()
+    lines = capsys.readouterr().out.splitlines()
+    assert 9 <= len(lines) <= 20 and all(" of 1000 items (" in line for line in lines)
+    runs = safeio.Progress("train", None, "runs", kinds=["imaging", "tabular", "imaging", "hyperfusion"],
+                           clock=lambda: now[0])
+    runs.item_done("imaging", 190, "ad imaging seed0 v0 fold0")
+    runs.item_done("tabular", 10, "ad tabular seed0 v0 fold0")       # HyperFusion, unseen, as an image model
+    runs.item_done("imaging", 200, "ad imaging seed0 v0 fold1", ": test BA 0.5")
+    runs.item_done("hyperfusion", 300, "ad hyperfusion seed0 v0 fold0")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == [
+        "run 1 of 4 done (ad imaging seed0 v0 fold0, 3 min 10 s); about 9 min 30 s left for the 3 still to train",
+        "run 2 of 4 done (ad tabular seed0 v0 fold0, 10 s); about 6 min 20 s left for the 2 still to train",
+        "run 3 of 4 done (ad imaging seed0 v0 fold1, 3 min 20 s): test BA 0.5; about 3 min 15 s left for the 1 "
+        "still to train"]
+    assert lines[3].startswith("run 4 of 4 done (ad hyperfusion seed0 v0 fold0, 5 min); all 4 in ")
+    two = safeio.Progress("train", None, "runs", kinds=["imaging"] * 5, parallel=2)
+    two.item_done("imaging", 100, "a", spent=40)                   # 4 x 100 s less the 40 s run, on 2 at a time
+    assert "about 3 min left for the 4" in capsys.readouterr().out
+    quiet = safeio.Progress("train", None, "runs", quiet=True, kinds=["imaging"] * 2)
+    quiet.item_done("imaging", 100, "a")
+    quiet_items = safeio.Progress("x", 3, quiet=True, every=0)
+    quiet_items.advance(2)
+    quiet_items.finish(always=True)
+    assert capsys.readouterr().out == ""
+
+
+def test_the_first_cache_decode_shows_its_progress_and_a_final_line_and_nothing_when_quiet_or_short(
+        tmp_path, monkeypatch, capsys):
+    paths = data.read_ad_table(tiny_ad(tmp_path, n=6)).image_paths
+    decoding = lambda out: [line for line in out.splitlines() if line.startswith("decoding the image cache")]
+    data.ImageCache(paths, tmp_path / "short", "float16").prepare()          # a fraction of a second: no line
+    assert decoding(capsys.readouterr().out) == []
+    monkeypatch.setattr(images.ImageCache, "PROGRESS_EVERY", 0)              # a line as often as 5% allows
+    data.ImageCache(paths, tmp_path / "quiet", "float16").prepare(progress=False)
+    assert capsys.readouterr().out == ""
+    cache = data.ImageCache(paths, tmp_path / "cache", "float16").prepare()
+    lines = decoding(capsys.readouterr().out)
+    assert cache.n_decoded == 6 and len(lines) == 6, lines
+    for k, line in enumerate(lines[:-1], start=1):
+        assert re.fullmatch(rf"decoding the image cache: {k} of 6 images \({100 * k // 6}%\), \S+ images/s, "
+                            r"about [\d.]+ s left", line), line
+    assert re.fullmatch(r"decoding the image cache: 6 images in [\d.]+ s \(\S+ images/s\)", lines[-1]), lines[-1]
+
+
+def test_run_protocol_says_after_each_run_how_many_are_done_and_the_time_left_and_quiet_says_none(
+        tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(6)
+    labels = rng.integers(0, 3, 12)
+
+    def fake_train(args):
+        print("a line of the training script's own")
+        fake_ad_run(args["out"], args["model"], args["split_seed"], args["version"], args["fold"],
+                    random_probs(rng, 12), labels)
+
+    monkeypatch.setattr(train_ad, "train_ad", fake_train)
+    fake_ad_run(tmp_path / "loud", "hyperfusion", 0, 0, 0, random_probs(rng, 12), labels)      # one finished
+    protocol = ["run-protocol", "--task", "ad", "--models", "hyperfusion", "--epochs", "1"]
+    evaluate.main(protocol + ["--runs", str(tmp_path / "loud")])
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("run ")]
+    assert [re.sub(r"[\d.]+ s\)", "T)", line.split(";")[0]) for line in done] == \
+        [f"run {k} of 3 done (ad hyperfusion seed0 v0 fold{k}, T)" for k in (1, 2, 3)]
+    assert re.search(r"; about [\d.]+ s left for the 2 still to train$", done[0]), done
+    assert done[1].endswith("left for the 1 still to train") and re.search(r"; all 3 in [\d.]+ s$", done[2])
+    evaluate.main(protocol + ["--runs", str(tmp_path / "quiet"), "--quiet"])
+    out = capsys.readouterr().out
+    assert out.startswith("# ") and "| model |" in out and "wrote " in out, out      # the table alone
+    assert not re.search(r"^(run \d|\[\d|a line of|protocol:|total wall time)", out, re.M), out
+    assert os.path.isfile(os.path.join(training.ad_run_dir(tmp_path / "quiet", "hyperfusion", 0, 0, 3), "metrics.json"))
+    jobs = lambda: [launcher.Job(str(tmp_path / f"job{i}"), [sys.executable, "-c", "print('test BA 0.5')"],
+                                 kind="tabular", label=f"job {i}") for i in range(2)]
+    launcher.run_jobs(jobs(), 2, poll_s=0.02)                  # --jobs 2: the same lines, each run's last line in
+    out = capsys.readouterr().out
+    assert re.search(r"^run 1 of 2 done \(job \d, [\d.]+ s\): test BA 0\.5; about [\d.]+ s left for the 1 still",
+                     out, re.M), out
+    launcher.run_jobs(jobs(), 2, poll_s=0.02, quiet=True)
+    assert capsys.readouterr().out == ""
+
+
+def test_predict_shows_progress_over_its_batches_when_long_one_line_per_member_and_nothing_with_quiet(
+        ad_cohort60, tmp_path, monkeypatch, capsys):
+    train_ad.main(["--model", "tabular", "--data-csv", str(ad_cohort60), "--out", str(tmp_path), "--epochs", "1",
+                   "--quiet"])
+    capsys.readouterr()
+    run_dir = training.ad_run_dir(tmp_path, "tabular", 0, 0, 0)
+    args = [run_dir, "--data-csv", str(ad_cohort60), "--out", str(tmp_path / "p.csv"), "--batch-size", "8"]
+    predict.main(args)                                                  # short: the member's line, no batches'
+    out = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(rf"member 1 of 1 done \({re.escape(run_dir)}, [\d.]+ s\); all 1 in [\d.]+ s", out[0]), out
+    assert not any(line.startswith("predicting") for line in out) and out[1].startswith("60 subjects x 1 models")
+    monkeypatch.setattr(predict, "PROGRESS_EVERY", 0)                   # long work: a line every batch or so
+    predict.main(args)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("predicting")]
+    assert len(lines) == 7 and lines[0].startswith("predicting 60 subjects x 1 model: 8 of 60 predictions (13%), ")
+    assert all(re.search(r", \S+ predictions/s, about [\d.]+ s left$", line) for line in lines)
+    predict.main(args + ["--quiet"])
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[0].startswith("60 subjects x 1 models") and out[1].startswith("ensemble on"), out
+
+
+def test_preprocess_the_data_checks_and_the_demo_cohort_say_their_progress_and_nothing_of_it_with_quiet(
+        tmp_path, monkeypatch, capsys):
+    folder, name, make, _ = synthetic.BUILTIN["ad"]
+    monkeypatch.setitem(synthetic.BUILTIN, "ad", (folder, name, make, dict(n=10, seed=0)))
+    monkeypatch.setattr(synthetic, "Progress", lambda *a, **k: safeio.Progress(*a, **{**k, "every": 0}))
+    synthetic.builtin_cohort("ad", tmp_path / "quiet", quiet=True)           # train_ad.py --quiet's first use
+    assert capsys.readouterr().out == ""
+    synthetic.builtin_cohort("ad", tmp_path / "loud")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("generating the synthetic ad cohort in ") and re.fullmatch(r"generated in [\d.]+ s",
+                                                                                        out[-1]), out
+    assert "synth-ad: 5 of 10 subjects (50%), " in "\n".join(out)
+    csv_path = tiny_ad(tmp_path)
+    batch = ["--csv", csv_path, "--out-dir", tmp_path / "pre", "--shape", 6, 6, 6, "--spacing", 2, "--overwrite"]
+    out = run_main(preprocess.main, *batch).stdout.splitlines()
+    assert re.fullmatch(r"preprocessing: 3 subjects in [\d.]+ s \(\S+ subjects/s\)", out[0]), out
+    assert out[1].startswith("wrote ") and len(out) == 2
+    assert run_main(preprocess.main, *batch, "--quiet").stdout == ""
+    monkeypatch.setattr(data, "Progress", lambda *a, **k: safeio.Progress(*a, **k, every=0))
+    out = run_main(data.main, "check-ad", csv_path).stdout
+    assert "checking the images: 2 of 3 images (66%), " in out and "checking the images: 3 images in " in out
+    out = run_main(data.main, "check-ad", csv_path, "--quiet").stdout
+    assert out.startswith("ok: ") and "checking" not in out
 
 
 # ----------------------------------------------------------------------------------------------

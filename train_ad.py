@@ -62,7 +62,7 @@ def ad_run_config(args, device):
     precision for `device`)."""
     synthetic = args["data_csv"] is None
     with main_first():  # torchrun: rank 0 generates the synthetic cohort, the others wait for it
-        data_csv = builtin_cohort("ad", args["data_dir"]) if synthetic else args["data_csv"]
+        data_csv = builtin_cohort("ad", args["data_dir"], args["quiet"]) if synthetic else args["data_csv"]
     defaults = (DEMO_TABULAR if args["model"] == "tabular" else DEMO_AD) if synthetic else REAL_AD
     schedule = resolve_schedule(args, defaults, "demo (synthetic cohort)" if synthetic else "Table 1", args["quiet"])
     return RunConfig(task="ad", model=args["model"], version=args["version"], split_seed=args["split_seed"],

@@ -62,7 +62,7 @@ def brain_age_run_config(args, device):
     `device`)."""
     synthetic = args["data_csv"] is None
     with main_first():  # torchrun: rank 0 generates the synthetic cohort, the others wait for it
-        data_csv = builtin_cohort("brain-age", args["data_dir"]) if synthetic else args["data_csv"]
+        data_csv = builtin_cohort("brain-age", args["data_dir"], args["quiet"]) if synthetic else args["data_csv"]
     schedule = resolve_schedule(args, DEMO_BRAIN_AGE if synthetic else REAL_BRAIN_AGE,
                                 "demo (synthetic cohort)" if synthetic else "Table 1", args["quiet"])
     split = tuple(args.get("split") or (DEMO_SPLIT if synthetic else splits.BRAIN_AGE_FRACTIONS))

@@ -21,7 +21,7 @@ import torch
 import distributed
 from models import build_model
 from runfolder import discard_finished_outputs
-from safeio import UserError, check_number, write_bytes, write_csv
+from safeio import Progress, UserError, check_number, write_bytes, write_csv
 
 SCHEDULE_KEYS = ("epochs", "batch_size", "lr", "weight_decay")
 SCHEDULE_TYPES = {"epochs": int, "batch_size": int, "lr": float, "weight_decay": float}
@@ -322,8 +322,9 @@ def recalibrate_batchnorm(model, loader, device, precision="fp32"):
 
 
 @torch.no_grad()
-def predict(model, loader, device, transform=None, precision="fp32"):
+def predict(model, loader, device, transform=None, precision="fp32", on_batch=None):
     """Every item of a loader through the model in eval mode -> (outputs (N, ...), targets (N,)) as numpy.
+    on_batch(n), if given, is told each batch's n items once they are through (predict.py's progress).
 
     `transform` maps the network's output (softmax for AD, AgeTarget.decode for brain age). An item
     that holds both hippocampi, image (B, 2, 1, D, H, W), is read as 2B images and the transformed
@@ -344,6 +345,8 @@ def predict(model, loader, device, transform=None, precision="fp32"):
             out = out.view(B, 2, *out.shape[1:]).mean(1)                             # (B, ...)
         outputs.append(out.cpu())
         targets.append(target.cpu())
+        if on_batch is not None:
+            on_batch(len(target))
     n = len(loader.dataset)
     return distributed.gather(torch.cat(outputs).numpy(), n), distributed.gather(torch.cat(targets).numpy(), n)
 
@@ -487,7 +490,7 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
     elif resume:
         log(f"--resume: no {last_path} yet, starting afresh", quiet)
     header = {"run": dataclasses.asdict(run), "inputs": inputs, **(state or {})}
-    t_start, saved = time.time(), start - 1                       # saved: the epoch last.pt holds (-1: none)
+    pace, saved = Progress("epochs", run.epochs - start, quiet=True), start - 1  # saved: the epoch last.pt holds
     try:
         for epoch in range(start, run.epochs):
             t0 = time.time()
@@ -531,7 +534,8 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
             saved = epoch                                         # what last.pt holds from now on
             if distributed.is_main():
                 write_log(history, os.path.join(run_dir, "log.csv"))
-            left = (time.time() - t_start) / (epoch + 1 - start) * (run.epochs - epoch - 1)
+            pace.advance()                                        # its time left: the pace of this call's epochs
+            left = pace.left()
             log(f"epoch {epoch + 1:3d}/{run.epochs} | train loss {mean_loss:.4f} | "
                 f"val {score_key.replace('balanced_accuracy', 'BA')} {score:.3f}{' *' if improved else '  '} | "
                 f"{seconds:.1f} s | {left / 60:.1f} min left", quiet)
