@@ -320,6 +320,7 @@ def print_throughput(rows, quick, device):
 HERE = os.path.dirname(os.path.abspath(__file__))
 # (precision, channels_last, compile); fit trains at fit_precision (--precision auto) unless told otherwise
 MODELS = ("imaging", "hyperfusion")
+fit_precision = lambda device: resolve_precision("auto", torch.device(device), quiet=True)   # training's default
 QUICK_VARIANTS = [("fp32", False, False), ("bf16", True, False), ("bf16", False, True)]   # every code path
 CHECK_VARIANTS = [("fp32", False, False), ("bf16", False, False), ("bf16", True, False), ("bf16", False, True)]
 
@@ -334,11 +335,6 @@ def check_settings(device, quick):
                 threads=1 if quick and not cuda else None,     # a small loaded CPU: threads contend
                 compile_cases=cases[:1] if quick else cases, compile_models=("hyperfusion",) if quick else MODELS,
                 tests="test_check_ and device-" + device + (" and not compile" if quick else ""))
-
-
-def fit_precision(device):
-    """The precision training takes by default on `device` (--precision auto)."""
-    return resolve_precision("auto", torch.device(device), quiet=True)
 
 
 def variant_name(precision, channels_last, compile):

@@ -605,18 +605,13 @@ def arguments():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("ad", help="Table 3 from <runs>/ad (or ad-binary): ensembles of the four folds")
-    a.add_argument("--runs", default="runs")
     a.add_argument("--binary", action="store_true", help="CN vs AD runs (App. B), <runs>/ad-binary")
     a.add_argument("--out", help="folder of results_ad.{md,csv,json} (default: --runs)")
     b = sub.add_parser("brain-age", help="MAE of the 5-best ensembles (Eq. 6) and Fig. 4A from <runs>/brain-age")
-    b.add_argument("--runs", default="runs")
     b.add_argument("--top", type=int, default=5, help="versions per ensemble, lowest validation MAE first")
     b.add_argument("--out", help="folder of results_brain-age.{md,csv,json} (default: --runs)")
     s = sub.add_parser("select-layers", help="Sec. 3.1.2: loss entropy of every candidate layer, sorted")
     s.add_argument("--task", required=True, choices=["ad", "brain-age"])
-    s.add_argument("--data-csv", help="default: the built-in synthetic cohort")
-    s.add_argument("--image-dir")
-    s.add_argument("--data-dir", default="data", help="where the synthetic cohort is generated")
     s.add_argument("--samples", type=int, default=8, help="subjects in the fixed batch")
     s.add_argument("--draws", type=int, default=100, help="re-initialisations per layer")
     s.add_argument("--seed", type=int, default=0)
@@ -634,7 +629,6 @@ def arguments():
         sp.add_argument("--plots", metavar="DIR", help="also draw the figures as PNG files in DIR (needs matplotlib)")
     r = sub.add_parser("run-protocol", help="train every missing run of the protocol, then print the table")
     r.add_argument("--task", required=True, choices=["ad", "brain-age"])
-    r.add_argument("--runs", default="runs")
     r.add_argument("--split-seeds", type=int, nargs="+", default=[0])
     r.add_argument("--versions", type=int, nargs="+", help="default: 0 (AD), 0 1 2 3 4 (brain age)")
     r.add_argument("--models", nargs="+", help="default: every model of the task")
@@ -644,9 +638,6 @@ def arguments():
     r.add_argument("--train-sex", nargs="+", default=["all"], choices=["all", "M", "F", "mixed"],
                    help="brain age: training sets (Fig. 4A: M F mixed)")
     r.add_argument("--embedding-dim", type=int, default=1, choices=[1, 2], help="brain age: sex embedding size")
-    r.add_argument("--data-csv")
-    r.add_argument("--image-dir")
-    r.add_argument("--data-dir", default="data")
     r.add_argument("--verbose", action="store_true", help="the training scripts' per-epoch lines (--jobs 1)")
     r.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process (1: in this one)")
     r.add_argument("--gpus", type=lambda v: [int(g) for g in v.split(",") if g != ""],
@@ -654,6 +645,12 @@ def arguments():
     r.add_argument("--print-commands", action="store_true",
                    help="train nothing: print one command per missing run (tabular-only first), for a scheduler")
     r.add_argument("--quiet", action="store_true", help="no progress lines: the table (and its files) alone")
+    for sp in (a, b, r):
+        sp.add_argument("--runs", default="runs")
+    for sp in (s, r):
+        sp.add_argument("--data-csv", help="default: the built-in synthetic cohort")
+        sp.add_argument("--image-dir")
+        sp.add_argument("--data-dir", default="data", help="where the synthetic cohort is generated")
     return p
 
 
