@@ -3407,6 +3407,40 @@ def test_every_source_file_names_its_one_job_and_fits_one_sitting():
             assert len(text.splitlines()) <= 700, f"{f}: {len(text.splitlines())} lines"
 
 
+def _documented_commands(*files):
+    """Every `python <script>.py ...` command of the markdown files' shell blocks and inline code, as
+    (script, subcommand or None, [options]): continuation lines joined, comments and shell glue dropped."""
+    commands = []
+    for name in files:
+        text = open(os.path.join(HERE, name)).read()
+        pieces = [ln for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+                  for ln in block.replace("\\\n", " ").splitlines()] + re.findall(r"`([^`\n]*python[^`\n]*)`", text)
+        for piece in pieces:
+            for part in re.split(r"&&|;|\||\$\(|\)|'", piece.split(" # ")[0]):
+                words = part.replace("[", " ").replace("]", " ").split()
+                script = next((k for k, w in enumerate(words) if re.fullmatch(r"\w+\.py", w)
+                               and {"python", "python3", "torchrun"} & set(words[:k])), None)
+                if script is None or words[script] == "test_all.py":
+                    continue
+                rest = words[script + 1:]
+                sub = rest[0] if rest and words[script] in ("evaluate.py", "data.py", "synthetic.py") else None
+                commands.append((words[script], sub, [w.split("=")[0] for w in rest if w.startswith("--")]))
+    return commands
+
+
+def test_every_command_the_readme_and_results_show_parses_with_the_options_it_shows():
+    commands, helps = _documented_commands("README.md", "RESULTS.md"), {}
+    assert len(commands) > 30 and {c[0] for c in commands} >= {"train_ad.py", "train_brain_age.py", "evaluate.py",
+                                                               "predict.py", "preprocess.py", "data.py", "bench.py"}
+    for script, sub, options in commands:
+        if (script, sub) not in helps:
+            p = subprocess.run([sys.executable, script, *([sub] if sub else []), "--help"], cwd=HERE,
+                               capture_output=True, text=True)
+            assert p.returncode == 0, (script, sub, p.stderr)
+            helps[script, sub] = set(re.findall(r"--[\w-]+", p.stdout))
+        assert set(options) <= helps[script, sub], (script, sub, set(options) - helps[script, sub])
+
+
 # ----------------------------------------------------------------------------------------------
 # Figures (plots.py, --plots): each drawn when its runs exist, skipped in one line when not, small PNGs of the
 # stated pixel size; matplotlib optional (refused before any work without it; the previews fall back)
@@ -3777,40 +3811,6 @@ DEVICES_SLOW_CPU = [pytest.param("cpu", id="device-cpu", marks=SLOW_CPU), DEVICE
 
 # ----------------------------------------------------------------------------------------------
 # Precision: bfloat16 where the hardware computes it natively, float32 otherwise
-
-def _documented_commands(*files):
-    """Every `python <script>.py ...` command of the markdown files' shell blocks and inline code, as
-    (script, subcommand or None, [options]): continuation lines joined, comments and shell glue dropped."""
-    commands = []
-    for name in files:
-        text = open(os.path.join(HERE, name)).read()
-        pieces = [ln for block in re.findall(r"```bash\n(.*?)```", text, re.S)
-                  for ln in block.replace("\\\n", " ").splitlines()] + re.findall(r"`([^`\n]*python[^`\n]*)`", text)
-        for piece in pieces:
-            for part in re.split(r"&&|;|\||\$\(|\)|'", piece.split(" # ")[0]):
-                words = part.replace("[", " ").replace("]", " ").split()
-                script = next((k for k, w in enumerate(words) if re.fullmatch(r"\w+\.py", w)
-                               and {"python", "python3", "torchrun"} & set(words[:k])), None)
-                if script is None or words[script] == "test_all.py":
-                    continue
-                rest = words[script + 1:]
-                sub = rest[0] if rest and words[script] in ("evaluate.py", "data.py", "synthetic.py") else None
-                commands.append((words[script], sub, [w.split("=")[0] for w in rest if w.startswith("--")]))
-    return commands
-
-
-def test_every_command_the_readme_and_results_show_parses_with_the_options_it_shows():
-    commands, helps = _documented_commands("README.md", "RESULTS.md"), {}
-    assert len(commands) > 30 and {c[0] for c in commands} >= {"train_ad.py", "train_brain_age.py", "evaluate.py",
-                                                               "predict.py", "preprocess.py", "data.py", "bench.py"}
-    for script, sub, options in commands:
-        if (script, sub) not in helps:
-            p = subprocess.run([sys.executable, script, *([sub] if sub else []), "--help"], cwd=HERE,
-                               capture_output=True, text=True)
-            assert p.returncode == 0, (script, sub, p.stderr)
-            helps[script, sub] = set(re.findall(r"--[\w-]+", p.stdout))
-        assert set(options) <= helps[script, sub], (script, sub, set(options) - helps[script, sub])
-
 
 @pytest.mark.parametrize("native, device, expected", [(True, "cpu", "bf16"), (False, "cpu", "fp32")])
 def test_precision_auto_takes_bfloat16_where_the_hardware_has_it_and_float32_elsewhere(native, device, expected,
