@@ -78,17 +78,22 @@ class BrainAgeNet(nn.Module):
             x = F.relu(getattr(self, f"conv{i}_b")(x))
             x = getattr(self, f"batchnorm{i}")(F.max_pool3d(x, 2))
         x = self.dropout1(x).flatten(1)                   # (B, 39424)
-        for i, n in enumerate(self.linears):
-            layer = getattr(self, n)
-            if self.name == "hyperfusion":
-                x = layer(x, tabular)
-            elif self.name == "concat":
-                x = layer(torch.cat([x, tabular], 1))
-            else:
-                x = layer(x)
-            if n != "final_layer":
-                x = F.relu(x)
+        for n in self.linears[:-1]:
+            x = F.relu(self.linear(n, x, tabular))
+        # the age itself in float32: under bfloat16 autocast (8 bits of mantissa) it would be rounded to
+        # 1/8 year between 16 and 32 years from the centre and to 1/4 year beyond, in training and prediction
+        with torch.autocast(x.device.type, enabled=False):
+            x = self.linear(self.linears[-1], x.float(), tabular.float())
         return x.squeeze(1)                               # (B,)
+
+    def linear(self, name, x, tabular):
+        """Linear layer `name` of the model's kind: HyperLinear of the sex, the sex concatenated, or plain."""
+        layer = getattr(self, name)
+        if self.name == "hyperfusion":
+            return layer(x, tabular)
+        if self.name == "concat":
+            return layer(torch.cat([x, tabular], 1))
+        return layer(x)
 
 
 @dataclass(frozen=True)

@@ -3859,6 +3859,21 @@ def test_a_run_computes_its_network_in_the_precision_it_names(precision, dtype):
         assert model(image, tabular).dtype == dtype
 
 
+@pytest.mark.parametrize("name", BRAIN_AGE_MODELS)
+def test_the_brain_age_network_gives_the_age_in_float32_under_bfloat16(name):
+    """bfloat16 would round an age 16-32 years from the centre to 1/8 year, beyond to 1/4: the last layer runs
+    in float32, on float32 features, while the rest of the network runs in bfloat16."""
+    torch.manual_seed(0)
+    model = build_model("brain-age", name, image_shape=(36, 36, 36)).eval()
+    image, tabular = torch.randn(3, 1, 36, 36, 36), torch.eye(2)[torch.arange(3) % 2]
+    features = {}
+    model.final_layer.register_forward_pre_hook(lambda m, args: features.update(x=args[0]))
+    with torch.no_grad(), training.autocast(torch.device("cpu"), "bf16"):
+        age = model(image, tabular)
+        assert age.dtype == torch.float32 and features["x"].dtype == torch.float32
+        assert model.conv1_a(image).dtype == torch.bfloat16          # the rest of the network in bfloat16
+
+
 def test_float16_on_a_cpu_is_refused_in_one_line_naming_the_option(tmp_path):
     p = subprocess.run([sys.executable, "train_ad.py", "--model", "tabular", "--precision", "fp16", "--device", "cpu",
                         "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "runs")],
