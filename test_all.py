@@ -2194,6 +2194,16 @@ def test_a_non_finite_batchnorm_statistic_stops_the_run_after_the_epoch_or_after
     assert _epoch_of(folder) == 1
 
 
+def test_a_command_piped_into_head_stops_quietly_when_head_has_read_enough(tmp_path):
+    """`run-protocol --print-commands | head -1` printed `error: [Errno 32] Broken pipe`."""
+    p = subprocess.run(f"{shlex.quote(sys.executable)} evaluate.py run-protocol --task ad --split-seeds 0 1 2 3 4 5 "
+                       f"--versions 0 1 2 3 4 5 6 7 8 9 --runs "           # 1,440 lines: more than a pipe holds
+                       f"{shlex.quote(str(tmp_path))} --print-commands | head -1", shell=True, cwd=HERE,
+                       capture_output=True, text=True)
+    assert p.stdout.startswith("python train_ad.py --model ") and len(p.stdout.splitlines()) == 1
+    assert p.stderr == "", p.stderr
+
+
 def test_ctrl_c_during_training_prints_one_line_with_what_is_kept_and_the_command_to_resume(ad_cohort60, tmp_path):
     """Ctrl-C printed a traceback. Now one line: the epoch, what last.pt holds, the exact command with --resume;
     exit 130 as a shell reports SIGINT. While it trains, the folder is refused to a second run naming its pid."""
