@@ -242,9 +242,9 @@ def table3_figure(figs, file, res):
         pos = x - 0.4 + width * (k + 0.5)
         mean = np.array([m["mean"][t] for t in cols], float)
         std = np.array([m["std"][t] for t in cols], float) if m["n_rows"] > 1 else None
+        label = f"{m['title']} ({m['n_rows']} row{'s' * (m['n_rows'] != 1)})"
         ax.bar(pos, np.nan_to_num(mean), width, yerr=None if std is None else np.nan_to_num(std), capsize=1.5,
-               color=AD_COLOURS.get(m["model"], colours(k % 10)), label=f"{m['title']} ({m['n_rows']} row{'s' * (m['n_rows'] != 1)})",
-               error_kw={"lw": 0.8})
+               color=AD_COLOURS.get(m["model"], colours(k % 10)), label=label, error_kw={"lw": 0.8})
         if m["n_rows"] > 1:
             for j, t in enumerate(cols):
                 ax.scatter(np.full(m["n_rows"], pos[j]), [r[t] for r in m["rows"]], s=3, color="black", zorder=3)

@@ -115,12 +115,12 @@ def member_outputs(members, table, cache_dir, batch_size, device, progress=True)
             targets = np.zeros(n, np.int64)
             ds = (data.ADDataset(images, tab, targets, train=False) if images is not None
                   else data.TabularDataset(tab, targets))
-            out, _ = predict(m.model(device), make_loader(ds, batch_size, 0, device), device, class_probabilities,
-                             replay_precision(m.run.precision, device), shown.advance)
+            transform = class_probabilities
         else:
             ds = data.BrainAgeDataset(images, data.sex_onehot(table.sex), np.zeros(n, np.float32))
-            out, _ = predict(m.model(device), make_loader(ds, batch_size, 0, device), device, m.target.decode,
-                             replay_precision(m.run.precision, device), shown.advance)
+            transform = m.target.decode
+        out, _ = predict(m.model(device), make_loader(ds, batch_size, 0, device), device, transform,
+                         replay_precision(m.run.precision, device), shown.advance)
         outputs.append(out)
         done.item_done(m.run.model, time.time() - t0, m.dir)
     return np.stack(outputs)

@@ -208,23 +208,27 @@ def resolve_precision(name, device, quiet=False):
         return chosen
     if name not in AMP_DTYPES:
         raise UserError(f"--precision {name}: one of {', '.join(PRECISIONS)}")
-    if name == "fp16" and device.type != "cuda":
-        raise UserError("--precision fp16: float16 with loss scaling is for CUDA; on CPU use bf16 or fp32")
-    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use fp16 or fp32")
+    if unsupported(name, device):
+        raise UserError(f"--precision {name}: {unsupported(name, device)}")
     log(f"precision {name}" + (" (emulated on this CPU: slower than fp32)"
                                if name == "bf16" and not native_bf16(device) else ""), quiet)
     return name
 
 
+def unsupported(precision, device):
+    """Why `device` cannot compute in `precision`, or None when it can: float16 (with loss scaling) is for
+    CUDA, bfloat16 on CUDA needs a GPU that has it."""
+    if precision == "fp16" and device.type != "cuda":
+        return "float16 with loss scaling is for CUDA; on CPU use bf16 or fp32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return f"{torch.cuda.get_device_name(device)} has no bfloat16; use fp16 or fp32"
+    return None
+
+
 def replay_precision(trained, device):
     """The precision that replays a run on `device` as it was trained and tested: its own, unless the device
-    cannot do it (float16 on a CPU, bfloat16 on an old GPU, a run from before precision was stored): float32."""
-    if trained == "fp16" and device.type != "cuda":
-        return "fp32"
-    if trained == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return "fp32"
-    return trained if trained in AMP_DTYPES else "fp32"
+    cannot do it (unsupported) or the run is from before precision was stored: float32."""
+    return trained if trained in AMP_DTYPES and not unsupported(trained, device) else "fp32"
 
 
 def autocast(device, precision):
