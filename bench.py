@@ -65,7 +65,8 @@ except ImportError as error:
     data, synthetic, DATA_MISSING = None, None, error
 from layers import HyperConv3d, HyperLinear
 from models import build_model
-from training import autocast, loader_workers, make_loader, resolve_precision
+from precision import autocast, resolve_precision
+from training import loader_workers, make_loader
 
 
 def timeit(fn, repeats, warmup=2, device="cpu"):

@@ -30,6 +30,8 @@ class BrainAgeNet(nn.Module):
     with its own embedding Linear(2, embedding_dim) of the sex vector (Sec. 3.5.1, Fig. 2D).
     """
 
+    head_layers = ("linear1", "linear2", "linear3", "final_layer")   # after the image features (precision.PARTS)
+
     def __init__(self, name="hyperfusion", image_shape=(90, 120, 99), embedding_dim=1, n_tabular=2,
                  hyper_mode="factorised"):
         super().__init__()
@@ -127,6 +129,8 @@ class TabularMLP(nn.Module):
     """Tabular-only model, Linear(n_tab, 8) BatchNorm1d(8) PReLU Linear(8, C) (Fig. 3C). Its first
     three modules are the HyperFusion embedding, pre-trained on the same split and fold (Sec. 4.3.6)."""
 
+    head_layers = ("head",)
+
     def __init__(self, n_tabular=15, n_classes=3, hidden=8):
         super().__init__()
         self.embedding = tabular_embedding(n_tabular, hidden)
@@ -145,6 +149,8 @@ class ADNet(nn.Module):
     "imaging" and "concat": a plain pre-act block; "film" / "daft": the modulated block;
     "hyperfusion": the HyperRes block, whose downsample conv is generated from the tabular embedding.
     "concat" also feeds the tabular vector to fc1 next to the pooled image features."""
+
+    head_layers = ("fc1", "fc2")   # after the image features (precision.PARTS)
 
     def __init__(self, name="hyperfusion", n_tabular=15, n_classes=3, f=16, hyperlayers=("downsample",),
                  embedding_dim=8, hyper_mode="materialised"):

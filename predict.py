@@ -39,7 +39,8 @@ from models import class_probabilities
 from runs import finished, load_run
 from safeio import ArgumentParser, Progress, UserError, check_number, check_output, run_cli, write_csv
 from tabular import AD_ATTRIBUTES, AD_CONTINUOUS, SEX_CODES, parse_attribute
-from training import make_loader, predict, replay_precision, setup_device
+from precision import replay_precision
+from training import make_loader, predict, setup_device
 
 
 def find_runs(paths):

@@ -37,6 +37,7 @@ import images
 import launcher
 import metrics
 import plots
+import precision as prec
 import predict
 import preprocess
 import runfolder
@@ -2393,7 +2394,7 @@ def _test_set_outputs(checkpoint):
         ds = data.BrainAgeDataset(images, data.sex_onehot(table.sex[test_idx]), table.age[test_idx])
         decode = finished_run.target.decode
     outputs, _ = training.predict(finished_run.model(), training.make_loader(ds, 8, 0, cpu), cpu, decode,
-                                  training.replay_precision(run.precision, cpu))       # as the run tested
+                                  prec.replay_precision(run.precision, cpu))       # as the run tested
     return np.array(table.subjects)[test_idx], outputs
 
 
@@ -3209,7 +3210,7 @@ def test_a_prediction_depends_on_its_own_row_only_and_empty_cells_use_the_runs_s
     tab = finished_run.tabular.transform(table.raw)
     assert np.isfinite(tab).all() and tab[0, finished_run.tabular.columns.index("ABETA_missing")] == 1
     image = torch.as_tensor(np.array(finished_run.crops(data.load_volume(table.image_paths[0])), np.float32))
-    with torch.no_grad(), training.autocast(torch.device("cpu"), finished_run.run.precision):   # as it trained
+    with torch.no_grad(), prec.autocast(torch.device("cpu"), finished_run.run.precision):   # as it trained
         logits = finished_run.model()(image[:, None], torch.as_tensor(tab).repeat(2, 1)).float()  # both hippocampi
     np.testing.assert_allclose(b["combined"][0], torch.softmax(logits, 1).mean(0).numpy(), atol=1e-5)
 
@@ -3845,16 +3846,16 @@ DEVICES_SLOW_CPU = [pytest.param("cpu", id="device-cpu", marks=SLOW_CPU), DEVICE
 def test_precision_auto_takes_bfloat16_where_the_hardware_has_it_and_float32_elsewhere(native, device, expected,
                                                                                         monkeypatch, capsys):
     monkeypatch.setattr(training, "native_bf16", lambda dev: native)
-    assert training.resolve_precision("auto", torch.device(device)) == expected
+    assert prec.resolve_precision("auto", torch.device(device)) == expected
     assert f"precision {expected} (--precision auto" in capsys.readouterr().out
-    assert training.resolve_precision("fp32", torch.device(device), quiet=True) == "fp32"
+    assert prec.resolve_precision("fp32", torch.device(device), quiet=True) == "fp32"
 
 
 def test_this_cpu_is_seen_as_computing_bfloat16_natively_exactly_when_it_has_avx512_bf16_or_amx():
     flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
     if not flags:
         pytest.skip("no /proc/cpuinfo")
-    assert training.native_bf16(torch.device("cpu")) == bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
+    assert prec.native_bf16(torch.device("cpu")) == bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
 
 
 @pytest.mark.parametrize("layer", ["Conv3d", "HyperConv3d-materialised", "HyperConv3d-factorised"])
@@ -3870,7 +3871,7 @@ def test_a_3x3x3_convolution_on_sides_shorter_than_its_kernel_has_one_finite_bfl
     grads = []
     for _ in range(12):
         conv.zero_grad()
-        with training.autocast(torch.device("cpu"), "bf16"):
+        with prec.autocast(torch.device("cpu"), "bf16"):
             y = conv(x) if layer == "Conv3d" else conv(x, tabular)
         y.float().backward(gy)
         grads.append(torch.cat([p.grad.flatten() for p in conv.parameters() if p.grad is not None]))
@@ -3884,7 +3885,7 @@ def test_a_3x3x3_convolution_on_sides_shorter_than_its_kernel_has_one_finite_bfl
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
 def test_a_run_computes_its_network_in_the_precision_it_names(precision, dtype):
     model, (image, tabular, _) = _tiny_model("ad", "cpu"), _tiny_batch("ad")
-    with training.autocast(torch.device("cpu"), precision):
+    with prec.autocast(torch.device("cpu"), precision):
         assert model(image, tabular).dtype == dtype
 
 
@@ -3897,7 +3898,7 @@ def test_the_brain_age_network_gives_the_age_in_float32_under_bfloat16(name):
     image, tabular = torch.randn(3, 1, 36, 36, 36), torch.eye(2)[torch.arange(3) % 2]
     features = {}
     model.final_layer.register_forward_pre_hook(lambda m, args: features.update(x=args[0]))
-    with torch.no_grad(), training.autocast(torch.device("cpu"), "bf16"):
+    with torch.no_grad(), prec.autocast(torch.device("cpu"), "bf16"):
         age = model(image, tabular)
         assert age.dtype == torch.float32 and features["x"].dtype == torch.float32
         assert model.conv1_a(image).dtype == torch.bfloat16          # the rest of the network in bfloat16
@@ -3922,7 +3923,7 @@ def test_the_precision_is_stored_in_the_run_and_a_resume_at_another_precision_is
 
 def test_replaying_a_run_uses_its_own_precision_where_the_device_can_and_float32_where_it_cannot():
     cpu = torch.device("cpu")
-    assert [training.replay_precision(p, cpu) for p in ("bf16", "fp32", "fp16", None)] == \
+    assert [prec.replay_precision(p, cpu) for p in ("bf16", "fp32", "fp16", None)] == \
         ["bf16", "fp32", "fp32", "fp32"]
 
 
@@ -3965,7 +3966,7 @@ def _loss_and_gradient(model, batch, task, device, precision):
     """One forward + backward of a train step at a precision, as training autocasts it -> (loss, flat gradient)."""
     image, tabular, target = (t.to(device) for t in batch)
     model.zero_grad(set_to_none=True)
-    with training.autocast(torch.device(device), precision):
+    with prec.autocast(torch.device(device), precision):
         out = model(image, tabular).float()
     loss = F.cross_entropy(out, target) if task == "ad" else F.mse_loss(out, target)
     loss.backward()
@@ -4014,7 +4015,7 @@ def test_check_compile_and_channels_last_train_as_eager_does(device, option):
             model = model.to(memory_format=torch.channels_last_3d)
         net = torch.compile(model) if variant == "compile" else model
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-        precision = training.resolve_precision("auto", dev, quiet=True)
+        precision = prec.resolve_precision("auto", dev, quiet=True)
         scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
         total, n, first, problem = training.train_epoch(net, opt, scaler, batches, F.cross_entropy, dev,
                                                         channels_last=variant == "channels_last", precision=precision)

@@ -28,10 +28,10 @@ from runs import load_run
 from runfolder import claim_run_folder
 from safeio import ArgumentParser, UserError, atomic_path, run_cli, write_json
 from synthetic import builtin_cohort
+from precision import resolve_precision
 from tabular import TabularPreprocessor
 from training import (DATA_KEYS, RunConfig, add_common_arguments, batches, check_finite_outputs, fit, identity,
-                      load_checkpoint, log, loader_workers, predict, resolve_precision, resolve_schedule, resumable,
-                      seed_all,
+                      load_checkpoint, log, loader_workers, predict, resolve_schedule, resumable, seed_all,
                       setup_device, speed_options)
 
 # Table 1 (real data) and the demo schedule used on the built-in synthetic cohort

@@ -27,11 +27,12 @@ from layers import init_hyperlayers
 from metrics import age_bias_fit, gap_summary, regression_metrics
 from models import BRAIN_AGE_MODELS, AgeTarget
 from runfolder import claim_run_folder
+from precision import resolve_precision
 from safeio import ArgumentParser, UserError, atomic_path, run_cli, warn, write_json
 from synthetic import builtin_cohort
 from training import (RunConfig, add_common_arguments, batches, check_finite_outputs, fit, identity, load_checkpoint,
-                      log, loader_workers, predict, recalibrate_batchnorm, resolve_precision, resolve_schedule,
-                      resumable, seed_all, setup_device, speed_options)
+                      log, loader_workers, predict, recalibrate_batchnorm, resolve_schedule, resumable, seed_all,
+                      setup_device, speed_options)
 
 REAL_BRAIN_AGE = dict(epochs=70, batch_size=64, lr=1.5e-4, weight_decay=0.05)  # Table 1
 DEMO_BRAIN_AGE = dict(epochs=12, batch_size=16, lr=1e-3, weight_decay=1e-4)

@@ -20,6 +20,7 @@ import torch
 
 import distributed
 from models import build_model
+from precision import autocast, base, keep_float32, keeps
 from runfolder import discard_finished_outputs
 from safeio import Progress, UserError, check_number, write_bytes, write_csv
 
@@ -60,7 +61,7 @@ class RunConfig:
     embedding_dim: int = None        # brain age: the sex embedding 2->1 or 2->2
     train_sex: str = None            # brain age: "all", or Fig. 4A's "M", "F", "mixed"
     split: tuple = None              # brain age: train/val/test fractions (None: Sec. 4.2.3's 80/10/10)
-    precision: str = None            # "fp32", "bf16" or "fp16" (resolve_precision); None: a run from before
+    precision: str = None            # a recipe of precision.py ("fp32", "bf16", ...); None: a run from before
 
     def run_dir(self, out):
         if self.task == "ad":
@@ -71,10 +72,11 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
     def build_model(self, inputs):
-        """The run's network (models.build_model) for the inputs it was trained on."""
-        return build_model(self.task, self.model, image_shape=inputs.get("image_shape"),
-                           n_tabular=inputs["n_tabular"], n_classes=self.classes or 3,
-                           embedding_dim=self.embedding_dim)
+        """The run's network (models.build_model) for the inputs it was trained on, with the parts its precision
+        recipe keeps in float32 marked so (precision.keep_float32)."""
+        return keep_float32(build_model(self.task, self.model, image_shape=inputs.get("image_shape"),
+                                        n_tabular=inputs["n_tabular"], n_classes=self.classes or 3,
+                                        embedding_dim=self.embedding_dim), self.precision)
 
 
 def ad_run_dir(out, model, split_seed, version, fold, binary=False):
@@ -110,8 +112,9 @@ def add_common_arguments(p):
     for k in SCHEDULE_KEYS:
         p.add_argument("--" + k.replace("_", "-"), type=SCHEDULE_TYPES[k], help="default: Table 1, or the demo")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto: bfloat16 where the CPU or GPU has it natively, float16 on older GPUs, else fp32")
+    p.add_argument("--precision", default="auto", metavar="{auto,fp32,bf16,fp16}",
+                   help="auto: float32 until a faster recipe is shown as accurate on this kind of device "
+                        "(precision.AUTO); bf16, fp16 (CUDA), or a recipe such as bf16+fp32:hyper,bn")
     p.add_argument("--workers", type=int, default=None,
                    help="loader workers (default: min(8, cores / processes on this machine) on CUDA, 0 on CPU)")
     p.add_argument("--decode-workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -179,62 +182,6 @@ def loader_workers(requested, device):
     if requested is not None:
         return requested
     return min(8, (os.cpu_count() or 1) // distributed.local_world_size()) if device.type == "cuda" else 0
-
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def native_bf16(device):
-    """Whether `device` computes bfloat16 natively: a GPU with bf16 units (Ampere and later), a CPU with
-    AVX512-BF16 or AMX. Elsewhere bfloat16 is emulated, slower than float32."""
-    if device.type == "cuda":
-        try:
-            return torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # older torch: no emulation to exclude
-            return torch.cuda.is_bf16_supported()
-    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
-def resolve_precision(name, device, quiet=False):
-    """--precision -> "fp32", "bf16" or "fp16", the run's arithmetic on `device` (stored in its identity).
-    auto: bfloat16 where the hardware has it natively (autocast, no loss scaling), float16 with the grad
-    scaler on older GPUs, float32 otherwise. float16 is for CUDA only."""
-    if name == "auto":
-        chosen = "bf16" if native_bf16(device) else ("fp16" if device.type == "cuda" else "fp32")
-        why = {"bf16": f"this {device.type.upper()} computes bfloat16 natively", "fp16": "this GPU has no bfloat16",
-               "fp32": "this CPU has no native bfloat16"}[chosen]
-        log(f"precision {chosen} (--precision auto: {why}; --precision fp32 for full precision)", quiet)
-        return chosen
-    if name not in AMP_DTYPES:
-        raise UserError(f"--precision {name}: one of {', '.join(PRECISIONS)}")
-    if unsupported(name, device):
-        raise UserError(f"--precision {name}: {unsupported(name, device)}")
-    log(f"precision {name}" + (" (emulated on this CPU: slower than fp32)"
-                               if name == "bf16" and not native_bf16(device) else ""), quiet)
-    return name
-
-
-def unsupported(precision, device):
-    """Why `device` cannot compute in `precision`, or None when it can: float16 (with loss scaling) is for
-    CUDA, bfloat16 on CUDA needs a GPU that has it."""
-    if precision == "fp16" and device.type != "cuda":
-        return "float16 with loss scaling is for CUDA; on CPU use bf16 or fp32"
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return f"{torch.cuda.get_device_name(device)} has no bfloat16; use fp16 or fp32"
-    return None
-
-
-def replay_precision(trained, device):
-    """The precision that replays a run on `device` as it was trained and tested: its own, unless the device
-    cannot do it (unsupported) or the run is from before precision was stored: float32."""
-    return trained if trained in AMP_DTYPES and not unsupported(trained, device) else "fp32"
-
-
-def autocast(device, precision):
-    """The forward pass at the run's precision: autocast to bfloat16 / float16, or none for fp32."""
-    dtype = AMP_DTYPES[precision]
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def seed_all(seed):
@@ -317,7 +264,7 @@ def recalibrate_batchnorm(model, loader, device, precision="fp32"):
         m.momentum = None
     model.train()
     for image, tabular, _ in loader:
-        with autocast(device, precision):
+        with autocast(device, precision, "precise-bn"):
             model(image.to(device, non_blocking=True), tabular.to(device, non_blocking=True))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
@@ -342,7 +289,7 @@ def predict(model, loader, device, transform=None, precision="fp32", on_batch=No
         if both:
             B = image.shape[0]
             image, tabular = image.flatten(0, 1), tabular.repeat_interleave(2, 0)    # (2B, 1, D, H, W)
-        with autocast(device, precision):
+        with autocast(device, precision, "eval"):
             out = model(image.to(device, non_blocking=True), tabular).float()
         out = transform(out) if transform is not None else out
         if both:
@@ -473,7 +420,7 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
     net = torch.compile(net) if compile else net
     decay = run.weight_decay if weight_decay is None else weight_decay
     opt = torch.optim.Adam(model.parameters(), lr=run.lr, weight_decay=decay)           # Eq. 3
-    scaler = torch.amp.GradScaler("cuda", enabled=run.precision == "fp16")  # bfloat16 needs no loss scaling
+    scaler = torch.amp.GradScaler("cuda", enabled=base(run.precision) == "fp16")  # bfloat16 needs no loss scaling
     start, best, history, initial = 0, None, [], None
     last_path, best_path = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "best.pt")
     if resumable(run_dir, resume):
@@ -569,7 +516,9 @@ def train_epoch(net, opt, scaler, loader, loss_fn, device, channels_last=False, 
             image = image.contiguous(memory_format=torch.channels_last_3d)
         tabular, target = tabular.to(device, non_blocking=True), target.to(device, non_blocking=True)
         with autocast(device, precision):
-            loss = loss_fn(net(image, tabular), target)
+            out = net(image, tabular)
+        with autocast(device, precision, "loss"):
+            loss = loss_fn(out.float() if keeps(precision, "loss") else out, target)
         value = loss.item()
         first = value if first is None else first
         if not math.isfinite(value) and problem is None:

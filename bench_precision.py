@@ -1,0 +1,256 @@
+"""The paired accuracy benchmark of precision recipes: is a faster arithmetic as accurate as float32?
+
+    python bench_precision.py --task ad --versions 0-7 --recipes fp32 bf16
+    python bench_precision.py --task brain-age --versions 0-7 --recipes fp32 bf16
+    python bench_precision.py --task ad --versions 0-3 --recipes fp32 bf16 bf16+fp32:hyper bf16+fp32:bn   # ablation
+
+For one task it trains the demo's runs (the training scripts as a user runs them, on the built-in
+synthetic cohort unless --data-csv says otherwise) once per recipe (precision.py) with the same
+versions, split and data, K runs at a time (--jobs; one version's recipes side by side, each with
+cores / K threads). Then, per recipe against float32, version by version, the paired loss of accuracy:
+AD test balanced accuracy (Eq. 9) and macro AUC, fp32 minus the recipe; brain age test MAE, the recipe
+minus fp32, in years. It prints the mean loss, its 95% confidence interval (Student t over the
+versions), the one-sided 95% upper bound, and the training-time ratio (the runs' epochs as log.csv
+timed them, the tabular MLP included for AD HyperFusion), with the command line, commit and machine.
+
+A recipe is non-inferior when at least 8 versions put the upper end of the 95% interval of its loss below
+the margin: 0.02 BA for AD, 0.15 years for brain age (MARGINS). Only such a recipe may become what
+`--precision auto` takes on that kind of device (precision.AUTO). Finished runs are kept and reused:
+running it again with more versions or recipes trains only what is missing. A benchmark, not a test.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import numpy as np
+from scipy import stats
+
+import precision
+from launcher import Job, run_jobs
+from safeio import ArgumentParser, UserError, run_cli, write_json, write_text
+from synthetic import builtin_cohort
+from training import ad_run_dir, brain_age_run_dir
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MARGINS = {"ad": 0.02, "brain-age": 0.15}        # the largest loss of accuracy that counts as none (issue text)
+MIN_VERSIONS = 8
+METRICS = {"ad": [("balanced_accuracy", "BA", 1.0), ("auc_macro", "AUC", 1.0)],   # (key, name, +1: higher is better)
+           "brain-age": [("mae", "MAE", -1.0)]}
+
+
+def parse_versions(text):
+    """"0-7" or "0,2,5" or "3" -> [0, ..., 7]; one error naming the option otherwise."""
+    try:
+        out = []
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            out += list(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise UserError(f"--versions {text}: give versions as 0-7 or 0,1,2") from None
+    if not out or min(out) < 0:
+        raise UserError(f"--versions {text}: give versions as 0-7 or 0,1,2 (none below 0)")
+    return sorted(set(out))
+
+
+def slug(recipe):
+    """A folder name for a recipe: bf16+fp32:hyper,bn -> bf16-fp32-hyper-bn."""
+    return recipe.replace("+", "-").replace(":", "-").replace(",", "-")
+
+
+def run_dir(args, recipe, version):
+    out = os.path.join(args.out, slug(recipe))
+    if args.task == "ad":
+        return ad_run_dir(out, args.model, args.split_seed, version, args.fold)
+    return brain_age_run_dir(out, args.model, version)
+
+
+def command(args, recipe, version):
+    """The training command of one (recipe, version): the demo command a user types, with --version and --precision."""
+    script = "train_ad.py" if args.task == "ad" else "train_brain_age.py"
+    cmd = [sys.executable, os.path.join(HERE, script), "--model", args.model, "--version", str(version),
+           "--precision", recipe, "--out", os.path.join(args.out, slug(recipe)), "--data-dir", args.data_dir, "--quiet"]
+    if args.task == "ad":
+        cmd += ["--split-seed", str(args.split_seed), "--fold", str(args.fold)]
+    if args.data_csv:
+        cmd += ["--data-csv", args.data_csv] + (["--image-dir", args.image_dir] if args.image_dir else [])
+    return cmd + (["--epochs", str(args.epochs)] if args.epochs else [])
+
+
+def training_seconds(folder, args):
+    """Seconds the run's epochs took (log.csv), with the tabular MLP's that AD HyperFusion trained first."""
+    folders = [folder]
+    if args.task == "ad" and args.model == "hyperfusion":
+        folders.append(folder.replace(os.sep + "hyperfusion" + os.sep, os.sep + "tabular" + os.sep))
+    total = 0.0
+    for f in folders:
+        with open(os.path.join(f, "log.csv")) as fh:
+            rows = fh.read().splitlines()
+        col = rows[0].split(",").index("seconds")
+        total += sum(float(r.split(",")[col]) for r in rows[1:])
+    return total
+
+
+def last_epochs_spread(folder, task, n=4):
+    """Brain age: max - min of the validation MAE over the last n epochs (how settled the demo ends)."""
+    with open(os.path.join(folder, "log.csv")) as fh:
+        rows = [r.split(",") for r in fh.read().splitlines()]
+    col = rows[0].index("mae" if task == "brain-age" else "balanced_accuracy")
+    values = [float(r[col]) for r in rows[1:][-n:]]
+    return max(values) - min(values)
+
+
+def read_results(args, recipes, versions):
+    """{recipe: {version: {"metrics": {key: test value}, "seconds": s, "spread": s}}} of the finished runs."""
+    results = {}
+    for recipe in recipes:
+        for v in versions:
+            folder = run_dir(args, recipe, v)
+            with open(os.path.join(folder, "metrics.json")) as fh:
+                test = json.load(fh)["test"]
+            results.setdefault(recipe, {})[v] = {
+                "metrics": {k: float(test[k]) for k, _, _ in METRICS[args.task]},
+                "seconds": training_seconds(folder, args), "spread": last_epochs_spread(folder, args.task)}
+    return results
+
+
+def paired_loss(reference, other, sign):
+    """The loss of accuracy per version (reference minus other where higher is better, sign +1; other minus
+    reference where lower is better, sign -1) and its summary: mean, 95% t interval, one-sided 95% bound."""
+    d = sign * (np.asarray(reference) - np.asarray(other))
+    n = len(d)
+    mean = float(d.mean())
+    if n < 2:
+        return {"n": n, "losses": d.tolist(), "mean": mean, "low": float("nan"), "high": float("nan"),
+                "one_sided": float("nan"), "width": float("nan")}
+    se = float(d.std(ddof=1) / np.sqrt(n))
+    t2, t1 = stats.t.ppf(0.975, n - 1), stats.t.ppf(0.95, n - 1)
+    return {"n": n, "losses": d.tolist(), "mean": mean, "low": mean - t2 * se, "high": mean + t2 * se,
+            "one_sided": mean + t1 * se, "width": 2 * t2 * se}
+
+
+def verdict(summary, margin):
+    """non-inferior (the 95% interval's upper end below the margin, over >= MIN_VERSIONS versions), or why not."""
+    if summary["n"] < MIN_VERSIONS:
+        return f"not shown ({summary['n']} versions, {MIN_VERSIONS} needed)"
+    if summary["high"] < margin:
+        return f"non-inferior (upper bound {summary['high']:.3f} < {margin})"
+    return f"not shown (upper bound {summary['high']:.3f} >= {margin})"
+
+
+def report(args, recipes, versions, results, argv):
+    """The markdown report and its JSON: per version, then per recipe against fp32."""
+    keys = METRICS[args.task]
+    lines = [f"# Paired precision benchmark: {args.task}, {args.model}" + (
+        f", split seed {args.split_seed}, fold {args.fold}" if args.task == "ad" else ""), "",
+        f"command: `python bench_precision.py {' '.join(argv)}`  ", f"commit: {commit()}  ", f"machine: {machine()}", "",
+        "## Per version (test set)", "",
+        "| version | " + " | ".join(f"{r} {name}" for r in recipes for _, name, _ in keys) + " | " +
+        " | ".join(f"{r} s" for r in recipes) + " |", "|---" * (1 + len(recipes) * (len(keys) + 1)) + "|"]
+    for v in versions:
+        lines.append(f"| {v} | " + " | ".join(f"{results[r][v]['metrics'][k]:.3f}" for r in recipes for k, _, _ in keys)
+                     + " | " + " | ".join(f"{results[r][v]['seconds']:.0f}" for r in recipes) + " |")
+    margin, summary = MARGINS[args.task], {}
+    lines += ["", f"## Loss of accuracy against fp32 (positive: worse than fp32; margin {margin})", "",
+              "| recipe | metric | mean loss | 95% interval | width | one-sided 95% bound | time ratio fp32 / recipe |"
+              " verdict |", "|---|---|---|---|---|---|---|---|"]
+    fp32_time = sum(results["fp32"][v]["seconds"] for v in versions)
+    for r in recipes:
+        if r == "fp32":
+            continue
+        ratio = fp32_time / sum(results[r][v]["seconds"] for v in versions)
+        for k, name, sign in keys:
+            s = paired_loss([results["fp32"][v]["metrics"][k] for v in versions],
+                            [results[r][v]["metrics"][k] for v in versions], sign)
+            s["time_ratio"] = ratio
+            s["verdict"] = verdict(s, margin) if k == keys[0][0] else "(secondary)"
+            summary.setdefault(r, {})[k] = s
+            lines.append(f"| {r} | {name} | {s['mean']:+.4f} | [{s['low']:+.4f}, {s['high']:+.4f}] | {s['width']:.4f} "
+                         f"| {s['one_sided']:+.4f} | {ratio:.2f}x | {s['verdict']} |")
+    spread_name = "validation MAE" if args.task == "brain-age" else "validation BA"
+    lines += ["", f"## How settled the runs end: max - min of the {spread_name} over the last four epochs", "",
+              "| recipe | " + " | ".join(f"v{v}" for v in versions) + " | largest |",
+              "|---" * (len(versions) + 2) + "|"]
+    for r in recipes:
+        spreads = [results[r][v]["spread"] for v in versions]
+        lines.append(f"| {r} | " + " | ".join(f"{s:.2f}" for s in spreads) + f" | {max(spreads):.2f} |")
+    return "\n".join(lines) + "\n", {"task": args.task, "model": args.model, "versions": versions, "recipes": recipes,
+                                      "command": argv, "commit": commit(), "machine": machine(), "margin": margin,
+                                      "runs": {r: {str(v): x for v, x in results[r].items()} for r in recipes},
+                                      "summary": summary}
+
+
+def commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def parse_args(argv):
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=["ad", "brain-age"], required=True)
+    p.add_argument("--model", default="hyperfusion")
+    p.add_argument("--versions", default="0-7", help="initialisation seeds, 0-7 or 0,1,2 (default 0-7)")
+    p.add_argument("--recipes", nargs="+", default=["fp32", "bf16"],
+                   help="precision recipes (precision.py); fp32, the reference, is added when missing")
+    p.add_argument("--split-seed", type=int, default=0, help="AD (the demo command's)")
+    p.add_argument("--fold", type=int, default=2, help="AD (the demo command's)")
+    p.add_argument("--epochs", type=int, help="default: the scripts' own (the demo schedule on the demo cohort)")
+    p.add_argument("--data-csv", help="default: the built-in synthetic cohort")
+    p.add_argument("--image-dir")
+    p.add_argument("--data-dir", default="data", help="where the built-in cohort lives")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time, each with cores / jobs threads")
+    p.add_argument("--out", default="bench_results/precision")
+    p.add_argument("--report-only", action="store_true", help="train nothing; report the finished runs")
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs}: at least 1")
+    recipes = []
+    for r in ["fp32"] + args.recipes:
+        try:
+            r = precision.canonical(r)
+        except ValueError as exc:
+            raise UserError(f"--recipes {r}: {exc}") from None
+        if r not in recipes:
+            recipes.append(r)
+    return args, recipes, parse_versions(args.versions)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args, recipes, versions = parse_args(argv)
+    jobs = [Job(run_dir(args, r, v), command(args, r, v), kind=r, label=f"{r} v{v}")
+            for v in versions for r in recipes if not os.path.isfile(os.path.join(run_dir(args, r, v), "metrics.json"))]
+    if args.report_only:
+        missing = [j.label for j in jobs]
+        if missing:
+            raise UserError(f"--report-only: {len(missing)} runs are not finished ({', '.join(missing[:4])} ...)")
+    elif jobs:
+        if not args.data_csv:                     # generated once here, not by two runs at a time
+            builtin_cohort(args.task, args.data_dir)
+        print(f"{len(jobs)} runs to train, {args.jobs} at a time", flush=True)
+        run_jobs(jobs, args.jobs)
+    text, summary = report(args, recipes, versions, read_results(args, recipes, versions), argv)
+    os.makedirs(args.out, exist_ok=True)
+    name = f"{args.task}-{args.model}"
+    write_text(text, os.path.join(args.out, f"report-{name}.md"))
+    write_json(summary, os.path.join(args.out, f"report-{name}.json"))
+    print(text, end="")
+
+
+if __name__ == "__main__":
+    run_cli(main)
