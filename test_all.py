@@ -1,6 +1,7 @@
 """The paper's claims about this code, as tests. Run: python -m pytest -q test_all.py"""
 import ast
 import contextlib
+import csv
 import copy
 import dataclasses
 import errno
@@ -152,7 +153,7 @@ def _per_sample(layer, x, tabular, functional, **kwargs):
 
 def _ad_args(csv_path, out, *extra):
     return ["--data-csv", str(csv_path), "--out", str(out), "--epochs", "2", "--batch-size", "8", "--quiet",
-            "--split-seed", "0", "--fold", "1", *extra]
+            "--split-seed", "0", "--fold", "1", "--precision", "fp32", *extra]
 
 
 def _run_dir(out, model, fold=1):
@@ -1853,7 +1854,7 @@ def brain_age_run(brain_age_cohort40, tmp_path_factory):
     """A two-epoch HyperFusion brain-age run on the 40-subject cohort -> (its metrics, its folder)."""
     out = tmp_path_factory.mktemp("brain_age_run")
     metrics = train_brain_age.main(["--data-csv", str(brain_age_cohort40), "--out", str(out), "--epochs", "2",
-                                    "--batch-size", "8", "--quiet"])
+                                    "--batch-size", "8", "--quiet", "--precision", "fp32"])
     return metrics, training.brain_age_run_dir(out, "hyperfusion", 0)
 
 
@@ -1864,6 +1865,24 @@ def test_a_two_epoch_brain_age_run_writes_its_files_with_maes_in_years(brain_age
     for split in ("val", "test"):
         for k in ("mae", "mae_male", "mae_female"):
             assert 0.0 < metrics[split][k] < 100.0
+
+
+def test_the_brain_age_demo_anneals_its_learning_rate_by_a_cosine_and_real_data_keeps_table_1s_constant_rate(
+        brain_age_run, brain_age_cohort40, tmp_path, monkeypatch):
+    """The demo's last epochs settle (a cosine from lr towards 0, epoch by epoch as log.csv records it); a table
+    of the user's trains at Table 1's constant rate."""
+    _, real = brain_age_run
+    assert load_run(real).run.lr_schedule == "constant"
+    with open(os.path.join(real, "log.csv")) as f:
+        assert [float(r["lr"]) for r in csv.DictReader(f)] == [1.5e-4] * 2
+    monkeypatch.setattr(train_brain_age, "builtin_cohort", lambda task, data_dir, quiet: str(brain_age_cohort40))
+    train_brain_age.main(["--out", str(tmp_path), "--epochs", "3", "--batch-size", "8", "--quiet"])   # the demo
+    run_dir = training.brain_age_run_dir(tmp_path, "hyperfusion", 0)
+    assert load_run(run_dir).run.lr_schedule == "cosine"
+    with open(os.path.join(run_dir, "log.csv")) as f:
+        rows = list(csv.DictReader(f))
+    expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * e / 3)) for e in range(3)]      # 1e-3, 7.5e-4, 2.5e-4
+    assert [float(r["lr"]) for r in rows] == pytest.approx(expected, rel=1e-12)
 
 
 def test_precise_bn_re_estimates_the_running_statistics_from_the_training_batches_alone():
@@ -3161,7 +3180,7 @@ def ad_fold_runs(ad_cohort60, tmp_path_factory):
     out = tmp_path_factory.mktemp("fold_runs")
     for fold in (0, 1):
         train_ad.main(["--data-csv", str(ad_cohort60), "--out", str(out), "--epochs", "1", "--batch-size", "8",
-                       "--quiet", "--split-seed", "0", "--fold", str(fold)])
+                       "--quiet", "--split-seed", "0", "--fold", str(fold), "--precision", "fp32"])
     return out
 
 
@@ -3210,9 +3229,10 @@ def test_a_prediction_depends_on_its_own_row_only_and_empty_cells_use_the_runs_s
     tab = finished_run.tabular.transform(table.raw)
     assert np.isfinite(tab).all() and tab[0, finished_run.tabular.columns.index("ABETA_missing")] == 1
     image = torch.as_tensor(np.array(finished_run.crops(data.load_volume(table.image_paths[0])), np.float32))
-    with torch.no_grad(), prec.autocast(torch.device("cpu"), finished_run.run.precision):   # as it trained
-        logits = finished_run.model()(image[:, None], torch.as_tensor(tab).repeat(2, 1)).float()  # both hippocampi
-    np.testing.assert_allclose(b["combined"][0], torch.softmax(logits, 1).mean(0).numpy(), atol=1e-5)
+    assert finished_run.run.precision == "fp32"                             # the same arithmetic both ways
+    with torch.no_grad():
+        logits = finished_run.model()(image[:, None], torch.as_tensor(tab).repeat(2, 1))    # both hippocampi
+    np.testing.assert_allclose(b["combined"][0], torch.softmax(logits, 1).mean(0).numpy(), rtol=1e-5, atol=1e-7)
 
 
 def test_predict_refuses_other_grids_mixed_runs_and_unfinished_runs_in_one_line(ad_cohort60, ad_fold_runs,
@@ -3842,13 +3862,131 @@ DEVICES_SLOW_CPU = [pytest.param("cpu", id="device-cpu", marks=SLOW_CPU), DEVICE
 # ----------------------------------------------------------------------------------------------
 # Precision: bfloat16 where the hardware computes it natively, float32 otherwise
 
-@pytest.mark.parametrize("native, device, expected", [(True, "cpu", "bf16"), (False, "cpu", "fp32")])
-def test_precision_auto_takes_bfloat16_where_the_hardware_has_it_and_float32_elsewhere(native, device, expected,
-                                                                                        monkeypatch, capsys):
-    monkeypatch.setattr(training, "native_bf16", lambda dev: native)
-    assert prec.resolve_precision("auto", torch.device(device)) == expected
-    assert f"precision {expected} (--precision auto" in capsys.readouterr().out
-    assert prec.resolve_precision("fp32", torch.device(device), quiet=True) == "fp32"
+def test_the_default_precision_is_float32_on_cpu_and_cuda_until_a_recipe_is_shown_as_accurate(capsys):
+    """No reduced-precision recipe has been shown non-inferior to float32 (bench_precision.py, RESULTS.md): auto
+    is float32 on both kinds of device, even where bfloat16 is native, and says so."""
+    for device in ("cpu", "cuda"):
+        assert prec.resolve_precision("auto", torch.device(device)) == "fp32"
+        assert "precision fp32 (--precision auto: float32 until" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("auto, native, expected", [("bf16", True, "bf16"), ("bf16", False, "fp32"),
+                                                     ("bf16+fp32:hyper", True, "bf16+fp32:hyper"),
+                                                     ("fp32", True, "fp32")])
+def test_precision_auto_takes_the_recipe_shown_for_the_device_only_where_the_device_computes_it_natively(
+        auto, native, expected, monkeypatch):
+    monkeypatch.setitem(prec.AUTO, "cpu", auto)
+    monkeypatch.setattr(prec, "native_bf16", lambda dev: native)
+    assert prec.resolve_precision("auto", torch.device("cpu"), quiet=True) == expected
+    assert prec.resolve_precision("fp32", torch.device("cpu"), quiet=True) == "fp32"
+
+
+def test_a_training_script_run_at_the_default_precision_trains_in_float32_on_this_cpu(ad_cohort60, tmp_path):
+    train_ad.main(["--data-csv", str(ad_cohort60), "--out", str(tmp_path), "--epochs", "1", "--batch-size", "8",
+                   "--quiet", "--split-seed", "0", "--fold", "1", "--model", "tabular"])
+    assert load_run(_run_dir(tmp_path, "tabular")).run.precision == "fp32"
+
+
+def test_a_recipe_is_spelt_one_way_and_a_recipe_that_is_none_is_refused_in_one_line_naming_the_option(tmp_path):
+    assert prec.canonical("bf16+fp32:bn,hyper") == prec.canonical("bf16+fp32:hyper,bn") == "bf16+fp32:hyper,bn"
+    assert prec.parse("bf16+fp32:eval,loss") == ("bf16", ("loss", "eval"))
+    for bad in ("bf32", "fp32+fp32:bn", "bf16+fp32:nothing", "bf16+bn"):
+        with pytest.raises(ValueError):
+            prec.parse(bad)
+    p = run("train_ad.py", "--model", "tabular", "--precision", "bf16+fp32:nothing", "--data-dir", tmp_path / "d",
+            "--out", tmp_path / "runs")
+    assert_clean_error(p, "--precision bf16+fp32:nothing", "nothing")
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_on_a_gpu_float32_means_float32_tf32_is_switched_off():
+    """cuDNN's convolutions (and matmuls where enabled) default to TF32 on Ampere and later, a 10-bit mantissa."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        prec.resolve_precision("fp32", torch.device("cuda"), quiet=True)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _output_dtypes(model, run_forward):
+    """{module name: dtype of its output} of one forward pass run_forward(model)."""
+    seen, hooks = {}, []
+
+    def record(name):
+        def hook(module, args, out):
+            seen.setdefault(name, out.dtype if torch.is_tensor(out) else None)
+        return hook
+    for name, m in model.named_modules():
+        hooks.append(m.register_forward_hook(record(name)))
+    run_forward(model)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+PART_MODULES = {   # (task, part): modules that the part holds, modules it does not (both compute in bfloat16 otherwise)
+    ("ad", "hyper"): (["block4.downsample", "block4.downsample.hypernet.weights_gen",
+                       "block4.downsample.hypernet.embedding.0"], ["block4.conv2", "fc1"]),
+    ("ad", "bn"): (["conv_bn_relu.1", "block2.bn1", "block4.downsample.hypernet.embedding.1"], ["block2.conv1"]),
+    ("ad", "first"): (["conv_bn_relu.0"], ["block1.conv1", "fc2"]),
+    ("ad", "head"): (["fc1", "fc2"], ["block4.conv2", "block1.conv1"]),
+    ("brain-age", "hyper"): (["linear1", "linear2", "linear3"], ["conv2_a"]),
+    ("brain-age", "bn"): (["batchnorm1", "batchnorm3"], ["conv1_b"]),
+    ("brain-age", "first"): (["conv1_a"], ["conv1_b", "conv3_b"]),
+    ("brain-age", "head"): (["linear1", "linear2", "linear3"], ["conv3_b"]),
+}
+
+
+@pytest.mark.parametrize("task, part", list(PART_MODULES))
+def test_a_recipe_computes_the_parts_it_keeps_in_float32_and_the_rest_in_bfloat16(task, part):
+    """bench_precision.py's ablation keeps one part at a time in float32 under bfloat16 autocast: that part's
+    modules compute in float32 (and the state dict is the same), the others in bfloat16, in training and as
+    a finished run is replayed (RunConfig.build_model)."""
+    inside, outside = PART_MODULES[task, part]
+    image, tabular, _ = _tiny_batch(task)
+    run = RunConfig(task=task, model="hyperfusion", version=0, split_seed=0, epochs=1, batch_size=4, lr=1e-3,
+                    weight_decay=0.0, data_csv="x", precision=f"bf16+fp32:{part}", classes=3, embedding_dim=1)
+    model = run.build_model({"n_tabular": tabular.shape[1], "image_shape": (36, 36, 36)})
+    plain = build_model(task, "hyperfusion", image_shape=(36, 36, 36) if task == "brain-age" else None,
+                        n_tabular=tabular.shape[1])
+    assert list(model.state_dict()) == list(plain.state_dict())
+
+    def forward(m):
+        with prec.autocast(torch.device("cpu"), run.precision):
+            m.train()(image, tabular)
+    kept, autocast_only = _output_dtypes(model, forward), _output_dtypes(plain, forward)
+    for name in inside:
+        assert kept[name] == torch.float32, (name, kept[name])
+    for name in outside + inside:                                   # without the recipe: all of them bfloat16,
+        # but brain age's BatchNorms, to which CPU autocast's float32 max_pool3d hands float32 already
+        assert autocast_only[name] == torch.bfloat16 or (task, part) == ("brain-age", "bn"), name
+    for name in outside:
+        assert kept[name] == torch.bfloat16, (name, kept[name])
+
+
+def test_a_recipe_that_keeps_the_loss_evaluation_or_precise_bn_in_float32_computes_them_so():
+    """The phases a recipe keeps: the loss on float32 outputs (train_epoch), the validation / test forward
+    (predict) and the precise-BN pass (recalibrate_batchnorm) without autocast; under plain bf16 with it."""
+    cpu = torch.device("cpu")
+    batch = _tiny_batch("ad")
+    for recipe, phase_dtype in [("bf16", torch.bfloat16), ("bf16+fp32:loss,eval,precise-bn", torch.float32)]:
+        model, seen = _tiny_model("ad", "cpu"), {}
+        model.fc2.register_forward_hook(lambda m, a, out: seen.setdefault("fc2", []).append(out.dtype) and None)
+
+        def loss_fn(out, target):
+            seen["loss input"], seen["loss autocast"] = out.dtype, torch.is_autocast_enabled("cpu")
+            return F.cross_entropy(out, target)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        training.train_epoch(model, opt, torch.amp.GradScaler("cuda", enabled=False), [batch], loss_fn, cpu,
+                             precision=recipe)
+        assert seen["fc2"] == [torch.bfloat16]                               # training's forward: bfloat16 always
+        assert (seen["loss input"] == torch.float32) == (not seen["loss autocast"]) == (recipe != "bf16")
+        dataset = torch.utils.data.TensorDataset(*batch)
+        training.predict(model, training.make_loader(dataset, 4, 0, cpu), cpu, precision=recipe)
+        training.recalibrate_batchnorm(model, training.make_loader(dataset, 4, 0, cpu), cpu, precision=recipe)
+        assert seen["fc2"][1:] == [phase_dtype, phase_dtype]                 # evaluation, then precise BN
 
 
 def test_this_cpu_is_seen_as_computing_bfloat16_natively_exactly_when_it_has_avx512_bf16_or_amx():

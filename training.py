@@ -24,13 +24,14 @@ from precision import autocast, base, keep_float32, keeps
 from runfolder import discard_finished_outputs
 from safeio import Progress, UserError, check_number, write_bytes, write_csv
 
-SCHEDULE_KEYS = ("epochs", "batch_size", "lr", "weight_decay")
-SCHEDULE_TYPES = {"epochs": int, "batch_size": int, "lr": float, "weight_decay": float}
+SCHEDULE_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "lr_schedule")
+SCHEDULE_TYPES = {"epochs": int, "batch_size": int, "lr": float, "weight_decay": float, "lr_schedule": str}
+LR_SCHEDULES = ("constant", "cosine")   # constant: Table 1's; cosine: the brain-age demo's (learning_rate)
 # a checkpoint belongs to a run when these match (epochs may grow on --resume; the data may move, but its
 # content is compared: the table's sha256 and the images' fingerprint, see data.table_sha256, image_fingerprint)
 DATA_KEYS = ("task", "model", "split_seed", "fold", "version", "classes", "group_map", "n_tabular",
              "tabular_columns", "embedding_dim", "train_sex", "split", "table_sha256")
-IDENTITY_KEYS = DATA_KEYS + ("loss", "batch_size", "lr", "weight_decay", "images_sha256", "image_shape", "crops",
+IDENTITY_KEYS = DATA_KEYS + ("loss", "batch_size", "lr", "weight_decay", "lr_schedule", "images_sha256", "image_shape", "crops",
                              "target_scale",   # brain age: what its network regresses (models.AgeTarget)
                              "precision")      # the arithmetic it trained in (resolve_precision)
 
@@ -62,6 +63,7 @@ class RunConfig:
     train_sex: str = None            # brain age: "all", or Fig. 4A's "M", "F", "mixed"
     split: tuple = None              # brain age: train/val/test fractions (None: Sec. 4.2.3's 80/10/10)
     precision: str = None            # a recipe of precision.py ("fp32", "bf16", ...); None: a run from before
+    lr_schedule: str = None          # "constant" or "cosine" (learning_rate); None: constant, a run from before
 
     def run_dir(self, out):
         if self.task == "ad":
@@ -110,7 +112,8 @@ def add_common_arguments(p):
     p.add_argument("--cache-dir", help="decoded-image cache (default: <csv folder>/cache)")
     p.add_argument("--cache-dtype", default="float16", choices=["float16", "float32"])
     for k in SCHEDULE_KEYS:
-        p.add_argument("--" + k.replace("_", "-"), type=SCHEDULE_TYPES[k], help="default: Table 1, or the demo")
+        p.add_argument("--" + k.replace("_", "-"), type=SCHEDULE_TYPES[k], help="default: Table 1, or the demo",
+                       **({"choices": LR_SCHEDULES} if k == "lr_schedule" else {}))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", metavar="{auto,fp32,bf16,fp16}",
                    help="auto: float32 until a faster recipe is shown as accurate on this kind of device "
@@ -446,6 +449,8 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
         for epoch in range(start, run.epochs):
             t0 = time.time()
             torch.manual_seed(run.version * 1_000_003 + epoch + 7_919 * distributed.rank())
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(run, epoch)
             if hasattr(train_loader.sampler, "set_epoch"):        # torchrun: a new shuffle, the same on all ranks
                 train_loader.sampler.set_epoch(run.version * 1_000_003 + epoch)
             total, n, first, problem = train_epoch(net, opt, scaler, train_loader, loss_fn, device, channels_last,
@@ -474,6 +479,7 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
                 best = {"epoch": epoch, "score": score, "metrics": metrics}
             seconds = time.time() - t0
             history.append({"epoch": epoch + 1, "train_loss": mean_loss, score_key: score, "seconds": seconds,
+                            "lr": opt.param_groups[0]["lr"],
                             **{k: v for k, v in metrics.items() if isinstance(v, float) and k != score_key}})
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                      "epoch": epoch, "best": best,
@@ -500,6 +506,15 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
     if best is None:
         raise UserError(f"{run_dir}: no epoch was trained (--epochs {run.epochs})")
     return best
+
+
+def learning_rate(run, epoch):
+    """The learning rate of `epoch` (0-based): run.lr throughout ("constant", Table 1), or a cosine from run.lr
+    down towards 0 over run.epochs ("cosine": the brain-age demo's, so that its last epochs settle instead of
+    moving the validation MAE by a year or more from one epoch to the next)."""
+    if run.lr_schedule == "cosine":
+        return run.lr * 0.5 * (1 + math.cos(math.pi * epoch / run.epochs))
+    return run.lr
 
 
 def train_epoch(net, opt, scaler, loader, loss_fn, device, channels_last=False, precision="fp32"):
