@@ -3,6 +3,7 @@
     python bench_precision.py --task ad --versions 0-7 --recipes fp32 bf16
     python bench_precision.py --task brain-age --versions 0-7 --recipes fp32 bf16
     python bench_precision.py --task ad --versions 0-3 --recipes fp32 bf16 bf16+fp32:hyper bf16+fp32:bn   # ablation
+    python bench_precision.py --task ad --per-step --recipes bf16 bf16+fp32:hyper ...   # where the error arises
 
 For one task it trains the demo's runs (the training scripts as a user runs them, on the built-in
 synthetic cohort unless --data-csv says otherwise) once per recipe (precision.py) with the same
@@ -17,6 +18,13 @@ A recipe is non-inferior when at least 8 versions put the upper end of the 95% i
 the margin: 0.02 BA for AD, 0.15 years for brain age (MARGINS). Only such a recipe may become what
 `--precision auto` takes on that kind of device (precision.AUTO). Finished runs are kept and reused:
 running it again with more versions or recipes trains only what is missing. A benchmark, not a test.
+
+--per-step trains nothing: it replays the first version's finished float32 run, with its trained weights,
+on batches of its own test set, once per recipe, and measures how far each recipe's arithmetic lands from
+float32's on the same weights and batches: the training-mode outputs, loss and gradient (what a step
+follows), the evaluation outputs (what a score reads), the precise-BN statistics (brain age), and the time of
+a training step. Keeping one part in float32 at a time (bf16+fp32:PART) shows which part's rounding the
+error comes from, at the cost of seconds instead of a whole paired benchmark.
 """
 import argparse
 import json
@@ -24,15 +32,21 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from scipy import stats
 
+import data
 import precision
 from launcher import Job, run_jobs
+from predict import test_set
+from runs import load_run
 from safeio import ArgumentParser, UserError, run_cli, write_json, write_text
 from synthetic import builtin_cohort
-from training import ad_run_dir, brain_age_run_dir
+from training import ad_run_dir, brain_age_run_dir, load_weights, make_loader, recalibrate_batchnorm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MARGINS = {"ad": 0.02, "brain-age": 0.15}        # the largest loss of accuracy that counts as none (issue text)
@@ -182,6 +196,110 @@ def report(args, recipes, versions, results, argv):
                                       "summary": summary}
 
 
+# ----------------------------------------------------------------------------------------------
+# --per-step: where the arithmetic departs from float32, on one trained run's weights
+
+def step_batches(finished, n_batches, seed=0):
+    """Up to n_batches training-sized batches of the run's test subjects (one hippocampus drawn per AD sample, as
+    in training; brain-age targets encoded as the run's network regresses them)."""
+    run, table, test_idx, images = test_set(finished)
+    if run.task == "ad":
+        tab = finished.tabular.transform([table.raw[i] for i in test_idx])
+        ds = data.ADDataset(images, tab, table.labels[test_idx], train=True)
+    else:
+        ds = data.BrainAgeDataset(images, data.sex_onehot(table.sex[test_idx]),
+                                  finished.target.encode(table.age[test_idx]))
+    torch.manual_seed(seed)
+    loader = make_loader(ds, run.batch_size, 0, torch.device("cpu"), shuffle=True)
+    return [batch for _, batch in zip(range(n_batches), loader)]
+
+
+def step_outputs(finished, recipe, batches):
+    """The run's trained network at `recipe` on each batch: training-mode outputs, loss and gradient, evaluation
+    outputs, the precise-BN running statistics re-estimated over the batches, and the median seconds of a step."""
+    cpu = torch.device("cpu")
+    model = finished.run.replace(precision=recipe).build_model(finished.inputs)
+    load_weights(model, finished.checkpoint["model"], finished.checkpoint_path)
+    for m in model.modules():                       # the same computation for every recipe: no dropout draws
+        if isinstance(m, (torch.nn.Dropout, torch.nn.Dropout3d)):
+            m.p = 0.0
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    loss_fn = F.cross_entropy if finished.run.task == "ad" else F.mse_loss
+    out = {"train": [], "loss": [], "grad": [], "eval": [], "seconds": []}
+    for image, tabular, target in [batches[0]] + batches:          # the first once more, untimed, to warm up
+        model.load_state_dict(state)                               # train mode moves the running statistics
+        model.train().zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        with precision.autocast(cpu, recipe):
+            y = model(image, tabular)
+        with precision.autocast(cpu, recipe, "loss"):
+            loss = loss_fn(y.float() if precision.keeps(recipe, "loss") else y, target)
+        loss.backward()
+        out["seconds"].append(time.perf_counter() - t0)
+        out["train"].append(y.detach().float())
+        out["loss"].append(float(loss))
+        out["grad"].append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        with torch.no_grad(), precision.autocast(cpu, recipe, "eval"):
+            out["eval"].append(model.eval()(image, tabular).float())
+    for k in ("train", "loss", "grad", "eval"):
+        out[k] = out[k][1:]
+    out["seconds"] = float(np.median(out["seconds"][1:]))
+    model.load_state_dict(state)
+    recalibrate_batchnorm(model, batches, cpu, recipe)
+    out["bn"] = torch.cat([b.flatten() for k, b in model.state_dict().items() if k.endswith(("running_mean",
+                                                                                            "running_var"))])
+    return out
+
+
+def relative(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def per_step(args, recipes, versions, argv):
+    """The --per-step report: each recipe against float32 on the same trained weights and batches."""
+    folder = run_dir(args, "fp32", versions[0])
+    if not os.path.isfile(os.path.join(folder, "metrics.json")):
+        raise UserError(f"--per-step: {folder} is not finished; train it first (the same command without --per-step)")
+    finished = load_run(folder)
+    batches = step_batches(finished, args.batches)
+    ref = step_outputs(finished, "fp32", batches)
+    ad = args.task == "ad"
+    head = ("max abs. probability change (eval)" if ad else "mean abs. age change, years (eval)")
+    lines = [f"# Per-step precision ablation: {args.task}, {args.model}, the trained fp32 run {folder}", "",
+             f"command: `python bench_precision.py {' '.join(argv)}`  ", f"commit: {commit()}  ",
+             f"machine: {machine()}  ", f"{len(batches)} batches of {finished.run.batch_size} test subjects, "
+             f"dropout off; errors relative to fp32 on the same weights and batches (0 = float32's result)", "",
+             f"| recipe | outputs (train) | loss | gradient | 1 - gradient cosine | {head} | "
+             f"{'predicted class changed' if ad else 'precise-BN statistics'} | step time fp32 / recipe |",
+             "|---|---|---|---|---|---|---|---|"]
+    rows = []
+    for r in recipes:
+        o = ref if r == "fp32" else step_outputs(finished, r, batches)
+        grad = [relative(g, g32) for g, g32 in zip(o["grad"], ref["grad"])]
+        cos = [1 - float(F.cosine_similarity(g.double(), g32.double(), dim=0))
+               for g, g32 in zip(o["grad"], ref["grad"])]
+        outs = float(np.mean([relative(y, y32) for y, y32 in zip(o["train"], ref["train"])]))
+        loss = float(np.mean([abs(a - b) / abs(b) for a, b in zip(o["loss"], ref["loss"])]))
+        if ad:
+            p, p32 = (torch.cat([torch.softmax(y, 1) for y in x["eval"]]) for x in (o, ref))
+            ev, last = float((p - p32).abs().max()), float((p.argmax(1) != p32.argmax(1)).float().mean())
+            last_text = f"{100 * last:.1f}%"
+        else:
+            scale = finished.target.scale
+            ev = float(np.mean([float((y - y32).abs().mean()) * scale for y, y32 in zip(o["eval"], ref["eval"])]))
+            last = relative(o["bn"], ref["bn"])
+            last_text = f"{last:.2e}"
+        row = {"recipe": r, "outputs": outs, "loss": loss, "gradient": float(np.mean(grad)),
+               "one_minus_cosine": float(np.mean(cos)), "eval": ev, "last": last,
+               "speed": ref["seconds"] / o["seconds"]}
+        rows.append(row)
+        lines.append(f"| {r} | {outs:.2e} | {loss:.2e} | {row['gradient']:.2e} | {row['one_minus_cosine']:.2e} | "
+                     f"{ev:.2e} | {last_text} | {row['speed']:.2f}x |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines) + "\n", {"task": args.task, "model": args.model, "run": folder, "command": argv,
+                                      "commit": commit(), "machine": machine(), "rows": rows}
+
+
 def commit():
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
@@ -216,6 +334,10 @@ def parse_args(argv):
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, each with cores / jobs threads")
     p.add_argument("--out", default="bench_results/precision")
     p.add_argument("--report-only", action="store_true", help="train nothing; report the finished runs")
+    p.add_argument("--per-step", action="store_true",
+                   help="train nothing: each recipe's arithmetic against float32 on the first version's trained "
+                        "fp32 run (see above)")
+    p.add_argument("--batches", type=int, default=8, help="--per-step: batches of test subjects")
     args = p.parse_args(argv)
     if args.jobs < 1:
         raise UserError(f"--jobs {args.jobs}: at least 1")
@@ -233,6 +355,14 @@ def parse_args(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args, recipes, versions = parse_args(argv)
+    if args.per_step:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.jobs))
+        text, summary = per_step(args, recipes, versions, argv)
+        os.makedirs(args.out, exist_ok=True)
+        write_text(text, os.path.join(args.out, f"per-step-{args.task}-{args.model}.md"))
+        write_json(summary, os.path.join(args.out, f"per-step-{args.task}-{args.model}.json"))
+        print(text, end="")
+        return
     jobs = [Job(run_dir(args, r, v), command(args, r, v), kind=r, label=f"{r} v{v}")
             for v in versions for r in recipes if not os.path.isfile(os.path.join(run_dir(args, r, v), "metrics.json"))]
     if args.report_only:

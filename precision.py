@@ -26,11 +26,12 @@ PARTS = {
     "bn": "every BatchNorm's forward (training, precise BN, evaluation)",
     "first": "the first layer, on the raw input",
     "head": "the layers after the image features (AD fc1 and fc2, brain age its four linears)",
+    "conv": "every convolution of the image network that is not a hyperlayer",
     "loss": "the loss, on float32 outputs",
     "precise-bn": "the precise-BN re-estimation pass (brain age)",
     "eval": "validation, test and prediction forward passes",
 }
-MODULE_PARTS = ("hyper", "bn", "first", "head")      # kept in float32 by keep_float32, on the model's modules
+MODULE_PARTS = ("hyper", "bn", "first", "head", "conv")      # kept in float32 by keep_float32, on the model's modules
 AUTO = {"cpu": "fp32", "cuda": "fp32"}               # what auto takes per device type (see the docstring)
 PRECISIONS = ("auto",) + tuple(BASES)                # the plain choices; recipes with parts are accepted too
 
@@ -143,12 +144,13 @@ def autocast(device, recipe, part=None):
 
 def module_parts(model):
     """{part: [modules]} of MODULE_PARTS in `model`: its HyperLayers, BatchNorms, first layer (the first
-    convolution or linear registered) and its head (the model's `head_layers`, models.py)."""
+    convolution or linear registered), its head (the model's `head_layers`, models.py) and its convolutions."""
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.Linear, HyperLayer))]
     return {"hyper": [m for m in model.modules() if isinstance(m, HyperLayer)],
             "bn": [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)],
             "first": layers[:1],
-            "head": [model.get_submodule(n) for n in getattr(model, "head_layers", ())]}
+            "head": [model.get_submodule(n) for n in getattr(model, "head_layers", ())],
+            "conv": [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)]}
 
 
 def keep_float32(model, recipe):
