@@ -3,8 +3,7 @@
     python bench.py                  # the three tables, at the paper's shapes
     python bench.py --quick          # smaller shapes, a smoke run
     python bench.py --device cuda    # on the GPU: the paper's batch sizes, mixed precision as training uses it
-    python bench.py --check --device cuda            # the prepared GPU check (below), within 8 minutes
-    python bench.py --check --device cpu --quick     # its dry run at tiny shapes, each section's code path
+    python gpu_check.py --device cuda                # the prepared GPU check (gpu_check.py; --check here runs it)
     python bench.py --data-scale --subjects 96       # full-size images on this CPU machine (below)
 
 (a) each hyperlayer, forward + backward, in both exact formulations, against the naive hypernetwork:
@@ -17,20 +16,6 @@
     and brain age imaging / HyperFusion at 90x120x99 (B = 32 and 64 on CUDA as Table 1, 4 and 2 on CPU), the
     loader's samples per second reading the same shapes from an ImageCache with the workers training
     would use, and the wall time of the paper's two protocols estimated from them.
-
---check --quick: tiny shapes, two timed steps, K = 1, 2, torch.compile of AD HyperFusion alone, and
-the tests without their compile ones (a minute each on a small CPU). --check: what a session lent a GPU
-for a few minutes runs, prepared so that it only runs it. One report,
-printed and written as check.md and check.json under --out (default bench_results/), its sections each
-caught on its own (a failure is reported, the rest still runs) and skipped once --budget seconds (450)
-would be exceeded, the report rewritten after each: tests (pytest on test_all.py's test_check_* with the
-device's id: hyperlayers equal the per-sample loop, a bfloat16 step stays within tolerance of float32,
---images-on-device predicts what the loader predicts, --compile and --channels-last train as eager);
-throughput of backbone and HyperFusion at Table 1's shapes and batches in float32, bfloat16, bfloat16 +
-channels_last and bfloat16 + compile (samples/s, peak memory, HyperFusion / backbone); the loader's
-samples/s with the default workers beside the model's; K = 1, 2, 4 processes training AD HyperFusion on
-one device at once (aggregate samples/s, as run-protocol --jobs with one GPU listed K times); the
-protocols' wall time from these rates. data.py (nibabel) is needed by the tests and the loader alone.
 
 --data-scale: N float32 .nii.gz per task (synthetic heads at AD's MNI152 1 mm 182x218x182, cropped as the AD
 cache holds them, and brain age's 90x120x99): ImageCache.prepare from scratch per --decode-workers W (images/s,
@@ -49,8 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
-import xml.etree.ElementTree as ET
 
 import numpy as np
 
@@ -59,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 try:
-    import data          # needs nibabel, absent on the GPU machine unless carried: --check's loader section fails alone
+    import data          # needs nibabel: without it, gpu_check.py's loader section fails alone
     import synthetic     # (and scipy): --data-scale's images
 except ImportError as error:
     data, synthetic, DATA_MISSING = None, None, error
@@ -316,268 +299,30 @@ def print_throughput(rows, quick, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# --check: the prepared GPU check, one report (markdown and JSON under --out), each section on its own
+# Reports as markdown and JSON (--data-scale here, gpu_check.py's check)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# (precision, channels_last, compile); fit trains at fit_precision (--precision auto) unless told otherwise
-MODELS = ("imaging", "hyperfusion")
 fit_precision = lambda device: resolve_precision("auto", torch.device(device), quiet=True)   # training's default
-QUICK_VARIANTS = [("fp32", False, False), ("bf16", True, False), ("bf16", False, True)]   # every code path
-CHECK_VARIANTS = [("fp32", False, False), ("bf16", False, False), ("bf16", True, False), ("bf16", False, True)]
 
 
-def check_settings(device, quick):
-    """What --check measures: Table 1's shapes and batches (B = 32 and 64 on CUDA), or tiny ones with --quick."""
-    cuda = device == "cuda"
-    cases = ([("ad", (16, 24, 16), 4), ("brain-age", (36, 40, 36), 2)] if quick else
-             [("ad", (64, 96, 64), 32 if cuda else 4), ("brain-age", (90, 120, 99), 64 if cuda else 2)])
-    return dict(cases=cases, steps=2 if quick else 10, warmup=1 if quick else 3, ks=(1, 2) if quick else (1, 2, 4),
-                duration=2.0 if quick else 10.0, variants=QUICK_VARIANTS if quick else CHECK_VARIANTS,
-                threads=1 if quick and not cuda else None,     # a small loaded CPU: threads contend
-                compile_cases=cases[:1] if quick else cases, compile_models=("hyperfusion",) if quick else MODELS,
-                tests="test_check_ and device-" + device + (" and not compile" if quick else ""))
-
-
-def variant_name(precision, channels_last, compile):
-    return precision + ("+channels_last" if channels_last else "") + ("+compile" if compile else "")
-
-
-def run_child(args, timeout, spawn=True):
-    """train_step_measure(**args) in a fresh process (spawn=False: in this one, for the test of the report)."""
-    if not spawn:
-        return train_step_measure(**args)
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(args)],
-                         capture_output=True, text=True, timeout=max(1, timeout))
-    if out.returncode:
-        raise RuntimeError(f"exit {out.returncode}: {out.stderr.strip()[-600:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def check_tests(device, settings, left):
-    """The check's tests (test_all.py, ids with device-<device>) in pytest -> counts and each test's outcome."""
-    with tempfile.TemporaryDirectory() as tmp:
-        junit = os.path.join(tmp, "junit.xml")
-        env = dict(os.environ, HYPERFUSION_SLOW_CPU_TESTS="1")
-        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_all.py",
-                              "-k", settings["tests"], f"--junitxml={junit}"], cwd=HERE, env=env,
-                             capture_output=True, text=True, timeout=max(1, left))
-        if not os.path.exists(junit):
-            raise RuntimeError(f"pytest exit {out.returncode}: {(out.stdout + out.stderr).strip()[-800:]}")
-        cases = []
-        for case in ET.parse(junit).iter("testcase"):
-            bad = next((c for c in case if c.tag in ("failure", "error", "skipped")), None)
-            cases.append(dict(test=case.get("name"), outcome="passed" if bad is None else bad.tag,
-                              seconds=float(case.get("time", 0)),
-                              message="" if bad is None else (bad.get("message") or "")[:300]))
-    counts = {k: sum(c["outcome"] in v for c in cases) for k, v in
-              dict(passed=("passed",), failed=("failure", "error"), skipped=("skipped",)).items()}
-    return dict(**counts, cases=cases)
-
-
-def check_throughput(device, settings, budget, spawn, compiled=False):
-    """Samples/s and peak memory of backbone and HyperFusion per variant, the eager ones or (compiled, the
-    dearest, a section of their own after the others) the torch.compile ones."""
-    rows = []
-    jobs = [(v, c, m) for v in settings["variants"] if v[2] == compiled
-            for c in (settings["compile_cases"] if compiled else settings["cases"])
-            for m in (settings["compile_models"] if compiled else MODELS)]
-    for (precision, cl, comp), (task, shape, batch), name in jobs:
-        row = dict(task=task, model=name, variant=variant_name(precision, cl, comp), shape="x".join(map(str, shape)),
-                   batch=batch)
-        need = 60 if comp else 15
-        if budget() < need:
-            rows.append(dict(row, skipped=f"budget: {budget():.0f} s left, {need} s needed"))
-            continue
-        args = dict(task=task, name=name, shape=shape, batch=batch, steps=settings["steps"], device=device,
-                    precision=precision, channels_last=cl, compile=comp, warmup=settings["warmup"],
-                    threads=settings["threads"])
-        try:
-            r = run_child(args, budget(), spawn)
-            rows.append(dict(row, samples_s=batch / r["seconds"], peak_mb=r["peak_mb"]))
-        except Exception as e:                                       # one failing variant leaves the others
-            rows.append(dict(row, error=f"{type(e).__name__}: {e}"[:600]))
-    ratios = []
-    for v in dict.fromkeys(r["variant"] for r in rows):
-        for task in dict.fromkeys(r["task"] for r in rows):
-            im, hf = [next((r for r in rows if (r["task"], r["model"], r["variant"]) == (task, m, v)
-                            and "samples_s" in r), None) for m in ("imaging", "hyperfusion")]
-            if im and hf:
-                ratios.append(dict(task=task, variant=v, time_ratio=im["samples_s"] / hf["samples_s"],
-                                   memory_ratio=hf["peak_mb"] / im["peak_mb"]))
-    return dict(rows=rows, ratios=ratios)
-
-
-def check_loader(device, settings, model_rows):
-    """The loader's samples/s with the workers training would use, beside HyperFusion's default-variant rate."""
-    if data is None:
-        raise RuntimeError(f"data.py cannot be imported ({DATA_MISSING}); carry nibabel (README, bench section)")
-    default = fit_precision(device)
-    rows = []
-    for task, shape, batch in settings["cases"]:
-        r = loader_measure(task, shape, batch, device, n=4 * batch)
-        model = next((m["samples_s"] for m in model_rows if (m["task"], m["model"], m["variant"]) ==
-                      (task, "hyperfusion", default) and "samples_s" in m), None)
-        rows.append(dict(task=task, shape="x".join(map(str, shape)), batch=batch, workers=r["workers"],
-                         loader_samples_s=r["samples_s"], model_samples_s=model,
-                         loader_over_model=r["samples_s"] / model if model else None))
-    return dict(rows=rows)
-
-
-def check_sharing(device, settings, budget, spawn):
-    """Aggregate training samples/s of K processes (AD HyperFusion, as fit trains) sharing one device, all
-    timed over the same wall-clock window; on CPU each takes cores / K threads, as run-protocol --jobs."""
-    task, shape, batch = settings["cases"][0]
-    rows = []
-    for k in settings["ks"] if spawn else (1,):
-        if budget() < 30 + settings["duration"]:
-            rows.append(dict(k=k, skipped=f"budget: {budget():.0f} s left"))
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            go = os.path.join(tmp, "go")
-            base = dict(task=task, name="hyperfusion", shape=shape, batch=batch, steps=0, device=device, amp=True,
-                        warmup=settings["warmup"], duration=settings["duration"], go=go,
-                        threads=settings["threads"] or (None if device == "cuda" else
-                                                        max(1, (os.cpu_count() or 1) // k)))
-            if not spawn:
-                open(go, "w").close()
-                results = [train_step_measure(**base, ready=os.path.join(tmp, "ready"))]
-            else:
-                results = _run_together(base, k, tmp, budget)
-        per = [batch / r["seconds"] for r in results]
-        rows.append(dict(k=k, aggregate_samples_s=sum(per), per_process_samples_s=statistics.mean(per),
-                         peak_mb_per_process=max(r["peak_mb"] for r in results)))
-    one = next((r["aggregate_samples_s"] for r in rows if r["k"] == 1 and "aggregate_samples_s" in r), None)
-    for r in rows:
-        r["speedup"] = r["aggregate_samples_s"] / one if one and "aggregate_samples_s" in r else None
-    return dict(task=task, shape="x".join(map(str, shape)), batch=batch, rows=rows)
-
-
-def _run_together(base, k, tmp, budget):
-    """K children of train_step_measure; once all have warmed up, one file starts their timed window."""
-    ready = [os.path.join(tmp, f"ready{i}") for i in range(k)]
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", json.dumps(dict(base, ready=r))],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in ready]
-    try:
-        while not all(os.path.exists(r) for r in ready):
-            if any(p.poll() is not None for p in procs) or budget() < settings_margin(base):
-                raise RuntimeError("a process ended or the budget ran out before all warmed up: " +
-                                   "; ".join((p.stderr.read() or "")[-300:] for p in procs if p.poll() is not None))
-            time.sleep(0.05)
-        open(os.path.join(tmp, "go"), "w").close()
-        outs = [p.communicate(timeout=base["duration"] + 120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (stdout, stderr) in zip(procs, outs):
-        if p.returncode:
-            raise RuntimeError(f"exit {p.returncode}: {stderr.strip()[-600:]}")
-    return [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outs]
-
-
-def settings_margin(base):
-    """Budget left below which K processes still warming up are given up: their window and a little more."""
-    return base["duration"] + 5
-
-
-def check_protocols(device, rows, sharing):
-    """The paper's two protocols' training wall time from the measured rates: as fit trains by default
-    (fit_precision), at the fastest variant, and AD with the best K sharing the device."""
-    rows = [r for r in rows if "samples_s" in r]
-    out = {}
-    for label, variant in [("default", fit_precision(device))] + \
-            [(v, v) for v in dict.fromkeys(r["variant"] for r in rows)]:
-        chosen = [r for r in rows if r["variant"] == variant]
-        hours = {}
-        for task, protocol in (("ad", AD_PROTOCOL), ("brain-age", BRAIN_AGE_PROTOCOL)):
-            if {r["model"] for r in chosen if r["task"] == task} >= {"imaging", "hyperfusion"}:
-                hours[task] = protocol_hours(chosen, task, protocol)
-        out[label] = hours
-    best = max((r["speedup"] for r in sharing.get("rows", []) if r.get("speedup")), default=None)
-    if best and "ad" in out.get("default", {}):
-        out["ad_default_best_k"] = dict(speedup=best, hours=out["default"]["ad"] / best)
-    return out
-
-
-def run_check(device, quick, out, budget_s=450, spawn=True, **overrides):
-    """Every section of the check in turn, each caught on its own and skipped when the budget is spent;
-    the report (check.md, check.json under out) is rewritten after each section -> the report dict."""
-    settings = dict(check_settings(device, quick), **overrides)
-    end = time.monotonic() + budget_s
-
-    def budget():
-        return end - time.monotonic()
-
-    report = dict(environment=dict(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor()
-                                   or platform.machine(), torch=torch.__version__, cuda=torch.version.cuda,
-                                   python=platform.python_version(), cpus=os.cpu_count(), quick=quick,
-                                   budget_s=budget_s, nibabel=data is not None),
-                  sections={})
-    sections = [("tests", 120, lambda: check_tests(device, settings, budget() - 60)),
-                ("throughput", 30, lambda: check_throughput(device, settings, budget, spawn)),
-                ("loader", 20, lambda: check_loader(device, settings,
-                                                    report["sections"]["throughput"].get("rows", []))),
-                ("sharing", 30, lambda: check_sharing(device, settings, budget, spawn)),
-                ("compile", 60, lambda: check_throughput(device, settings, budget, spawn, compiled=True)),
-                ("protocols", 0, lambda: check_protocols(device, [r for s in ("throughput", "compile") for r in
-                                                                  report["sections"][s].get("rows", [])],
-                                                        report["sections"]["sharing"]))]
-    for name, need, fn in sections:
-        t = time.monotonic()
-        if budget() < need:
-            result = dict(status="skipped", reason=f"budget: {budget():.0f} s left, {need} s needed")
-        else:
-            try:
-                result = dict(status="ok", **fn())
-            except Exception as e:                                   # reported; the other sections still run
-                result = dict(status="failed", error=f"{type(e).__name__}: {e}"[:800],
-                              traceback=traceback.format_exc()[-1500:])
-        report["sections"][name] = dict(result, seconds=time.monotonic() - t)
-        write_report(report, out)
-    return report
-
-
-def write_report(report, out, name="check", render=None):
+def write_report(report, out, name, render):
+    """report as <out>/<name>.json and, through render(report), <out>/<name>.md."""
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, name + ".json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
     with open(os.path.join(out, name + ".md"), "w") as f:
-        f.write((render or render_report)(report))
+        f.write(render(report))
 
 
-def _fmt(v):
+def fmt_cell(v):
     return f"{v:,.3g}" if isinstance(v, float) else ("-" if v is None else str(v))
-
-
-def render_report(report):
-    """The report as markdown: environment, then each section's status and its tables."""
-    env, lines = report["environment"], ["# bench.py --check", ""]
-    lines.append(", ".join(f"{k} {v}" for k, v in env.items()))
-    for name, sec in report["sections"].items():
-        lines += ["", f"## {name}: {sec['status']} ({sec['seconds']:.0f} s)"]
-        if sec["status"] != "ok":
-            lines.append(sec.get("reason") or sec.get("error", ""))
-            continue
-        if name == "tests":
-            lines.append(f"passed {sec['passed']}, failed {sec['failed']}, skipped {sec['skipped']}")
-            tables = [sec["cases"]]
-        elif name == "protocols":
-            lines += [f"- {label}: " + (", ".join(f"{t} {h:,.1f} h" for t, h in v.items()) if label !=
-                                        "ad_default_best_k" else f"AD x{v['speedup']:.2f} -> {v['hours']:,.1f} h")
-                      for label, v in sec.items() if isinstance(v, dict) and v]
-            tables = []
-        else:
-            tables = [sec[k] for k in ("rows", "ratios") if k in sec]
-        for rows in filter(None, tables):
-            lines += [""] + markdown_rows(rows)
-    return "\n".join(lines) + "\n"
 
 
 def markdown_rows(rows):
     """A list of dicts as the lines of one markdown table, a column per key."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
     return ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)] + \
-        ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rows]
+        ["| " + " | ".join(fmt_cell(r.get(k)) for k in keys) + " |" for r in rows]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -649,23 +394,23 @@ def main():
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--only", choices=["a", "b", "c"], help="one table")
-    p.add_argument("--check", action="store_true", help="the prepared GPU check: tests, throughput, loader, K "
-                   "processes sharing the device, protocol estimates; one report")
-    p.add_argument("--out", help="--check: folder of check.md and check.json (default bench_results); "
-                   "--data-scale: of data_scale.md and .json (default none)")
+    p.add_argument("--check", action="store_true", help="the prepared GPU check: runs gpu_check.py with the same "
+                   "--device, --quick, --out and --budget")
+    p.add_argument("--out", help="--data-scale: folder of data_scale.md and .json (default none)")
     p.add_argument("--data-scale", action="store_true", help="full-size images: decode rate, cache size, "
                    "loader samples/s per worker (--quick: tiny shapes)")
     p.add_argument("--subjects", type=int, default=48, help="--data-scale: images written per task")
     p.add_argument("--decode-workers", type=int, nargs="+", default=[1, 2], help="--data-scale: prepare's workers")
-    p.add_argument("--budget", type=float, default=450, help="--check: seconds; sections past it are skipped")
+    p.add_argument("--budget", type=float, default=600, help="--check: gpu_check.py's --budget")
     args = p.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.child:
         print(json.dumps(train_step_measure(**json.loads(args.child))))
         return
-    if args.check:
-        print(render_report(run_check(device, args.quick, args.out or "bench_results", args.budget)), end="")
-        return
+    if args.check:   # the old command: gpu_check.py, in its own process (it imports this file)
+        sys.exit(subprocess.run([sys.executable, os.path.join(HERE, "gpu_check.py"), "--device", device,
+                                 *(["--quick"] if args.quick else []), "--budget", str(args.budget),
+                                 *(["--out", args.out] if args.out else [])]).returncode)
     if args.data_scale:
         report = data_scale(args.subjects, args.decode_workers, quick=args.quick)
         print(render_data_scale(report), end="")

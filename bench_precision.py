@@ -159,7 +159,8 @@ def report(args, recipes, versions, results, argv):
     keys = METRICS[args.task]
     lines = [f"# Paired precision benchmark: {args.task}, {args.model}" + (
         f", split seed {args.split_seed}, fold {args.fold}" if args.task == "ad" else ""), "",
-        f"command: `python bench_precision.py {' '.join(argv)}`  ", f"commit: {commit()}  ", f"machine: {machine()}", "",
+        f"command: `python bench_precision.py {' '.join(argv)}`  ", f"commit: {commit()}  ",
+        f"machine: {machine()}", "",
         "## Per version (test set)", "",
         "| version | " + " | ".join(f"{r} {name}" for r in recipes for _, name, _ in keys) + " | " +
         " | ".join(f"{r} s" for r in recipes) + " |", "|---" * (1 + len(recipes) * (len(keys) + 1)) + "|"]

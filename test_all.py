@@ -31,9 +31,11 @@ from scipy.stats import mannwhitneyu
 from sklearn.metrics import roc_auc_score
 
 import bench
+import bench_precision
 import data
 import distributed
 import evaluate
+import gpu_check
 import images
 import launcher
 import metrics
@@ -3848,13 +3850,13 @@ def test_preprocess_the_data_checks_and_the_demo_cohort_say_their_progress_and_n
 
 
 # ----------------------------------------------------------------------------------------------
-# The prepared GPU check's tests (bench.py --check runs those whose id holds "device-cuda"). Each body takes
+# The prepared GPU check's tests (gpu_check.py runs those whose id holds "device-cuda"). Each body takes
 # a device: the cuda parameter is skipped where no GPU is (CI), the cpu one runs in CI when it is fast.
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = [pytest.param("cpu", id="device-cpu"), pytest.param("cuda", id="device-cuda", marks=cuda)]
 # cpu parameters over 3 s here (bfloat16's first kernels, loader workers, torch.compile) run only when asked, as
-# bench.py --check --device cpu asks
+# gpu_check.py --device cpu asks
 SLOW_CPU = pytest.mark.skipif(not os.environ.get("HYPERFUSION_SLOW_CPU_TESTS"), reason="HYPERFUSION_SLOW_CPU_TESTS=1")
 DEVICES_SLOW_CPU = [pytest.param("cpu", id="device-cpu", marks=SLOW_CPU), DEVICES[1]]
 
@@ -4167,14 +4169,57 @@ def test_check_compile_and_channels_last_train_as_eager_does(device, option):
     torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=0.02)
 
 
+def test_the_paired_precision_benchmark_gives_the_t_interval_of_the_loss_and_calls_non_inferior_only_over_8_versions():
+    ref = np.array([0.70, 0.72, 0.68, 0.71, 0.69, 0.73, 0.70, 0.72])
+    loss = np.array([0.010, -0.005, 0.0, 0.004, 0.002, -0.001, 0.003, 0.0])
+    s = bench_precision.paired_loss(ref, ref - loss, +1)                   # BA: fp32 minus the recipe
+    se = loss.std(ddof=1) / math.sqrt(8)
+    assert s["mean"] == pytest.approx(loss.mean()) and s["n"] == 8
+    assert s["high"] == pytest.approx(loss.mean() + 2.364624251592784 * se)      # Student t, 7 degrees of freedom
+    assert s["low"] == pytest.approx(loss.mean() - 2.364624251592784 * se)
+    assert s["one_sided"] == pytest.approx(loss.mean() + 1.8945786050900062 * se)
+    assert bench_precision.verdict(s, 0.02).startswith("non-inferior")
+    assert bench_precision.verdict(bench_precision.paired_loss(ref, ref - loss - 0.02, +1), 0.02).startswith(
+        "not shown (upper bound")
+    assert bench_precision.verdict(bench_precision.paired_loss(ref[:7], ref[:7] - loss[:7], +1), 0.02) == \
+        "not shown (7 versions, 8 needed)"
+    mae = bench_precision.paired_loss([3.0, 3.2], [3.5, 3.6], -1)          # MAE: the recipe minus fp32
+    assert mae["losses"] == pytest.approx([0.5, 0.4])
+
+
+def test_the_paired_precision_benchmark_pairs_each_version_with_itself_from_the_runs_files(tmp_path, capsys):
+    """--report-only over finished brain-age runs: version v of each recipe against version v of fp32, MAE from
+    metrics.json, training time and the last four epochs' spread from log.csv."""
+    out = tmp_path / "bp"
+    for recipe, shift, seconds in (("fp32", 0.0, 10.0), ("bf16", 0.05, 5.0)):
+        for v in range(8):
+            folder = training.brain_age_run_dir(str(out / recipe), "hyperfusion", v)
+            os.makedirs(folder)
+            mae = 4.0 + 0.3 * (v % 3) + shift + 0.001 * v * (recipe == "bf16")
+            json.dump({"test": {"mae": mae}}, open(os.path.join(folder, "metrics.json"), "w"))
+            rows = ["epoch,train_loss,mae,seconds"] + [f"{e},1.0,{5 + (e == 6) * (1 + v)},{seconds}"
+                                                       for e in range(1, 7)]
+            open(os.path.join(folder, "log.csv"), "w").write("\n".join(rows) + "\n")
+    bench_precision.main(["--task", "brain-age", "--versions", "0-7", "--recipes", "bf16", "--out", str(out),
+                          "--report-only"])
+    report = json.load(open(out / "report-brain-age-hyperfusion.json"))
+    s = report["summary"]["bf16"]["mae"]
+    assert s["losses"] == pytest.approx([0.05 + 0.001 * v for v in range(8)]) and s["n"] == 8
+    assert s["time_ratio"] == pytest.approx(2.0) and s["verdict"].startswith("non-inferior")
+    assert [report["runs"]["fp32"][str(v)]["spread"] for v in range(8)] == [1.0 + v for v in range(8)]
+    assert "| bf16 | MAE | +0.0535 |" in capsys.readouterr().out
+
+
 def test_the_gpu_checks_report_has_every_section_with_numbers(tmp_path):
-    """bench.py --check's report-building on CPU at the smallest settings, measured in this process: each
-    section ran, with numbers in it, and the markdown and JSON were written."""
-    report = bench.run_check("cpu", True, str(tmp_path), spawn=False, steps=1, warmup=0, duration=0.2, threads=None,
-                             variants=[(bench.fit_precision("cpu"), False, False)], compile_cases=[], ks=(1,),
-                             tests="test_check_hyperlayers and factorised and device-cpu")
+    """gpu_check.py's report-building on CPU at the smallest settings, measured in this process: each section
+    ran (the precision section trains demo runs: bench_precision.py's own tests hold it), with numbers in it, and
+    the markdown and JSON were written."""
+    report = gpu_check.run_check("cpu", True, str(tmp_path), spawn=False, skip=("precision",), steps=1, warmup=0,
+                                 duration=0.2, threads=None, variants=[(bench.fit_precision("cpu"), False, False)],
+                                 compile_cases=[], ks=(1,),
+                                 tests="test_check_hyperlayers and factorised and device-cpu")
     sections = report["sections"]
-    assert list(sections) == ["tests", "throughput", "loader", "sharing", "compile", "protocols"]
+    assert list(sections) == ["tests", "compile", "throughput", "loader", "sharing", "protocols"]
     assert all(s["status"] == "ok" for s in sections.values()), {k: s.get("error") for k, s in sections.items()}
     assert sections["tests"]["passed"] == 1 and sections["tests"]["failed"] == 0
     assert {(r["task"], r["model"]) for r in sections["throughput"]["rows"] if r["samples_s"] > 0} == \

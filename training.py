@@ -31,9 +31,10 @@ LR_SCHEDULES = ("constant", "cosine")   # constant: Table 1's; cosine: the brain
 # content is compared: the table's sha256 and the images' fingerprint, see data.table_sha256, image_fingerprint)
 DATA_KEYS = ("task", "model", "split_seed", "fold", "version", "classes", "group_map", "n_tabular",
              "tabular_columns", "embedding_dim", "train_sex", "split", "table_sha256")
-IDENTITY_KEYS = DATA_KEYS + ("loss", "batch_size", "lr", "weight_decay", "lr_schedule", "images_sha256", "image_shape", "crops",
+IDENTITY_KEYS = DATA_KEYS + ("loss", "batch_size", "lr", "weight_decay", "lr_schedule", "images_sha256", "image_shape",
+                             "crops",
                              "target_scale",   # brain age: what its network regresses (models.AgeTarget)
-                             "precision")      # the arithmetic it trained in (resolve_precision)
+                             "precision")      # the arithmetic it trained in (precision.resolve_precision)
 
 
 # ----------------------------------------------------------------------------------------------
