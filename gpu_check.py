@@ -66,7 +66,8 @@ def check_settings(device, quick):
                 threads=1 if quick and not cuda else None,     # a small loaded CPU: threads contend
                 compile_cases=cases[:1] if quick else cases, compile_models=("hyperfusion",) if quick else MODELS,
                 tests="test_check_ and device-" + device + (" and not compile" if quick else ""),
-                precision_versions=2 if quick else 4, precision_epochs=3 if quick else None, precision_jobs=2)
+                precision_versions=2 if quick else 4, precision_epochs=3 if quick else None, precision_jobs=2,
+                data_dir="data")
 
 
 def variant_name(precision, channels_last, compile):
@@ -255,7 +256,7 @@ def check_precision(device, settings, budget, out, report):
                 return dict(tasks=tasks, stopped=f"budget: {budget():.0f} s left after version {v - 1}")
             cmd = [sys.executable, os.path.join(HERE, "bench_precision.py"), "--task", task, "--versions", f"0-{v}",
                    "--recipes", "fp32", "bf16", "--jobs", str(settings["precision_jobs"]), "--out", folder,
-                   "--data-dir", os.path.join(out, "data"), *(["--epochs", str(settings["precision_epochs"])]
+                   "--data-dir", settings["data_dir"], *(["--epochs", str(settings["precision_epochs"])]
                                                              if settings["precision_epochs"] else [])]
             env = dict(os.environ, **({} if device == "cuda" else {"CUDA_VISIBLE_DEVICES": ""}))
             try:
@@ -352,11 +353,14 @@ def main(argv=None):
     p.add_argument("--tests-budget", type=float, default=150, help="seconds for the tests section at most")
     p.add_argument("--precision-versions", type=int, help="versions per task in the precision section "
                    "(default 4, --quick 2)")
+    p.add_argument("--data-dir", default="data", help="where the precision section's demo cohorts are (generated "
+                   "on first use, as the training scripts do)")
     p.add_argument("--skip", nargs="+", default=[], choices=["tests", "precision", "compile", "throughput", "loader",
                                                                "sharing", "protocols"], help="sections to leave out")
     args = p.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    overrides = {"precision_versions": args.precision_versions} if args.precision_versions else {}
+    overrides = dict(data_dir=args.data_dir, **({"precision_versions": args.precision_versions}
+                                                if args.precision_versions else {}))
     report = run_check(device, args.quick, args.out, args.budget, tests_budget=args.tests_budget, skip=args.skip,
                        **overrides)
     print(render_report(report), end="")

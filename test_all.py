@@ -75,7 +75,7 @@ NAMES = ["CN", "MCI", "AD"]
 SCHEDULE = dict(epochs=2, batch_size=8, lr=1e-3, weight_decay=1e-5)
 
 
-# one synthetic cohort per size, generated once per test session
+# one synthetic cohort per size, generated once per pytest run
 @pytest.fixture(scope="session")
 def ad_cohort40(tmp_path_factory):
     return synthetic.make_synthetic_ad(tmp_path_factory.mktemp("ad40") / "cohort", n=40, seed=3)

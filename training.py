@@ -104,7 +104,7 @@ def identity(run, inputs, keys=IDENTITY_KEYS):
 # Command line and schedule
 
 def add_common_arguments(p):
-    """The options both training scripts take (run-defining ones and the session's own)."""
+    """The options both training scripts take (run-defining ones and those of this invocation alone)."""
     p.add_argument("--version", type=int, default=0, help="initialisation seed (Sec. 4.3.6 'versions')")
     p.add_argument("--data-csv", help="the table; default: the built-in synthetic cohort")
     p.add_argument("--image-dir", help="folder of <Subject>.nii.gz (default: <csv folder>/images)")
@@ -377,7 +377,7 @@ def resumable(run_dir, resume):
 # The loop
 
 def speed_options(args):
-    """The options of `fit` that are the session's, not the run's identity: how it trains (from the parsed options)."""
+    """The options of `fit` that belong to this invocation, not to the run's identity: how it trains."""
     return {k: args[k] for k in ("sync_bn", "compile", "channels_last")}
 
 
