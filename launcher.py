@@ -25,6 +25,23 @@ class Job:
     label: str = None              # how its progress line names it (None: run_dir)
 
 
+def gpu_masks(gpus, visible_count, environ=None):
+    """--gpus indices -> the CUDA_VISIBLE_DEVICES of each slot's process. An index counts among the GPUs this
+    process sees: under CUDA_VISIBLE_DEVICES=4,5,6,7, --gpus 0,1 means physical GPUs 4 and 5. An index past the
+    `visible_count` GPUs seen is refused in one line."""
+    environ = os.environ if environ is None else environ
+    mask = [g.strip() for g in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    seen = mask if "CUDA_VISIBLE_DEVICES" in environ else [str(i) for i in range(visible_count)]
+    seen = seen[:visible_count]
+    bad = [g for g in gpus if not 0 <= g < len(seen)]
+    if bad:
+        where = f" (CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']})" if "CUDA_VISIBLE_DEVICES" in environ else ""
+        raise UserError(f"--gpus {','.join(map(str, gpus))}: GPU {bad[0]} does not exist here: {len(seen)} visible"
+                        f"{where}, indices 0 to {len(seen) - 1}" if seen else
+                        f"--gpus {','.join(map(str, gpus))}: no GPU is visible here{where}")
+    return [seen[g] for g in gpus]
+
+
 def run_jobs(jobs, k, gpus=None, poll_s=0.2, quiet=False):
     """Run every job, at most k at a time, each after its `after`; one line per job started and finished,
     the finished one with its final line and the time left (Progress.item_done, per kind; quiet: none). A
@@ -35,6 +52,7 @@ def run_jobs(jobs, k, gpus=None, poll_s=0.2, quiet=False):
     if gpus is not None and not gpus:
         raise UserError("--gpus: give at least one GPU index, e.g. --gpus 0,1")
     running = {}
+    # gpus: the CUDA_VISIBLE_DEVICES of each slot (gpu_masks), from here on
     try:
         return schedule(jobs, k, gpus, poll_s, running, quiet)
     except BaseException:
@@ -99,11 +117,12 @@ def schedule(jobs, k, gpus, poll_s, running, quiet=False):
 
 
 def start(job, slot, k, gpus):
-    """-> (the process of one job, the file that collects its output)."""
-    env = dict(os.environ)
+    """-> (the process of one job, the file that collects its output). gpus: CUDA_VISIBLE_DEVICES values."""
+    env = dict(os.environ, LOCAL_WORLD_SIZE=str(k))          # k processes share this machine's cores
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // k)))
+    command = job.command
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = str(gpus[slot % len(gpus)])
-    else:
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // k)))
+        command = command + ["--device", "cuda"]
     out = tempfile.TemporaryFile()
-    return subprocess.Popen(job.command, stdout=out, stderr=subprocess.STDOUT, env=env), out
+    return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env), out

@@ -42,6 +42,7 @@ import metrics
 import plots
 import precision as prec
 import predict
+import protocol as protocol_runner
 import preprocess
 import runfolder
 import safeio
@@ -1080,15 +1081,15 @@ def test_a_table_edited_between_two_protocol_calls_is_refused_before_training_an
     csv_path = tmp_path / "ad.csv"
     shutil.copy(ad_cohort60, csv_path)
     runs = tmp_path / "runs"
-    protocol = ["run-protocol", "--task", "ad", "--models", "tabular", "--epochs", "1", "--data-csv", csv_path,
+    protocol = ["--task", "ad", "--models", "tabular", "--epochs", "1", "--data-csv", csv_path,
                 "--runs", runs]
-    assert run_main(evaluate.main, *protocol).returncode == 0
+    assert run_main(protocol_runner.main, *protocol).returncode == 0
     results = (runs / "results_ad.json").read_bytes()
     folds = [training.ad_run_dir(runs, "tabular", 0, 0, f) for f in range(4)]
     for f in (2, 3):                                           # as if the first call had been stopped after two
         shutil.rmtree(folds[f])
     _edit_table(csv_path, csv_path, lambda k, c: c[:6] + ["123.4"] + c[7:] if k == 5 else c)   # one ABETA cell
-    assert_clean_error(run_main(evaluate.main, *protocol), folds[0], str(csv_path), "another version", "sha256")
+    assert_clean_error(run_main(protocol_runner.main, *protocol), folds[0], str(csv_path), "another version", "sha256")
     assert not os.path.exists(folds[2]) and not os.path.exists(folds[3])          # nothing trained
     for f in (2, 3):                                           # trained on the edited table by hand
         assert run_main(train_ad.main, *_ad_args(csv_path, runs, "--model", "tabular", "--epochs", "1",
@@ -1152,9 +1153,9 @@ def test_an_image_replaced_in_place_by_one_of_the_same_size_with_its_times_kept_
     assert changed == [table.subjects[3]], changed
     resume = _ad_args(csv_path, runs, "--model", "imaging", "--epochs", "2", "--resume")
     assert_clean_error(run_main(train_ad.main, *resume), "last.pt", "another run", "images_sha256")
-    protocol = ["run-protocol", "--task", "ad", "--models", "imaging", "--epochs", "1", "--data-csv", csv_path,
+    protocol = ["--task", "ad", "--models", "imaging", "--epochs", "1", "--data-csv", csv_path,
                 "--runs", runs]                                # folds 0, 2, 3 would train on the new scan
-    assert_clean_error(run_main(evaluate.main, *protocol), run_dir, "other images", "images_sha256")
+    assert_clean_error(run_main(protocol_runner.main, *protocol), run_dir, "other images", "images_sha256")
     assert sorted(os.listdir(os.path.dirname(run_dir))) == ["fold1"]
 
 
@@ -2274,6 +2275,34 @@ def test_sigterm_during_training_prints_the_same_one_line_and_exits_143(ad_cohor
     assert _epoch_of(run_dir) == 1 and runfolder.LOCK_NAME not in os.listdir(run_dir)
 
 
+def test_gpus_are_indices_among_the_gpus_this_process_sees_and_one_that_does_not_exist_is_refused():
+    """CUDA_VISIBLE_DEVICES=4,5,6,7 ... --gpus 0,1 lands on physical GPUs 4 and 5, not 0 and 1."""
+    assert launcher.gpu_masks([0, 1], 4, {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}) == ["4", "5"]
+    assert launcher.gpu_masks([1, 0], 2, {}) == ["1", "0"]
+    with pytest.raises(UserError, match=r"--gpus 0,2: GPU 2 does not exist here: 2 visible \(CUDA_VISIBLE_DEVICES"):
+        launcher.gpu_masks([0, 2], 2, {"CUDA_VISIBLE_DEVICES": "4,5"})
+    with pytest.raises(UserError, match="no GPU is visible"):
+        launcher.gpu_masks([0], 0, {})
+
+
+def test_a_launched_run_is_told_its_gpu_the_cuda_device_and_how_many_runs_share_the_machine(monkeypatch):
+    """Each child of run-protocol --jobs K --gpus: its own GPU, --device cuda (a missing GPU is then an error, not
+    a run on the CPU at the CPU's precision), LOCAL_WORLD_SIZE=K and cores / K threads (its loader's workers)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    child = "import os, sys, json; print(json.dumps([os.environ.get(k) for k in " \
+            "('CUDA_VISIBLE_DEVICES', 'LOCAL_WORLD_SIZE', 'OMP_NUM_THREADS')] + sys.argv[1:]))"
+    seen = []
+    for gpus in (["4", "5"], None):
+        proc, out = launcher.start(launcher.Job("x", [sys.executable, "-c", child, "--model", "imaging"]), 1, 2, gpus)
+        proc.wait()
+        out.seek(0)
+        seen.append(json.loads(out.read().decode()))
+        out.close()
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    assert seen[0] == ["5", "2", threads, "--model", "imaging", "--device", "cuda"]
+    assert seen[1][1:] == ["2", threads, "--model", "imaging"]
+
+
 def test_an_interrupted_run_protocol_with_jobs_ends_the_trainings_it_started(tmp_path, monkeypatch):
     """run-protocol --jobs K runs each training in a process of its own: Ctrl-C or SIGTERM of the runner (or an
     error in it) left them training with no one waiting for them. Now it stops them (SIGTERM) before it ends."""
@@ -2662,7 +2691,7 @@ def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_trains_the_
         return {}
 
     monkeypatch.setattr(train_ad, "train_ad", fake_train)
-    trained, skipped, res = evaluate.run_protocol("ad", str(tmp_path), models=["hyperfusion"], epochs=1,
+    trained, skipped, res = protocol_runner.run_protocol("ad", str(tmp_path), models=["hyperfusion"], epochs=1,
                                                   data_csv="x.csv")
     assert [(a["fold"], a["resume"]) for a in calls] == [(2, True), (3, False)]
     assert all(a["epochs"] == 1 and a["data_csv"] == "x.csv" and a["quiet"] and a["model"] == "hyperfusion"
@@ -2671,9 +2700,9 @@ def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_trains_the_
     assert [m["model"] for m in res["models"]] == ["hyperfusion"] and res["models"][0]["n_rows"] == 1
     assert "skipped (finished)" in capsys.readouterr().out
     calls.clear()
-    trained, skipped, _ = evaluate.run_protocol("ad", str(tmp_path), models=["hyperfusion"], epochs=1)
+    trained, skipped, _ = protocol_runner.run_protocol("ad", str(tmp_path), models=["hyperfusion"], epochs=1)
     assert calls == [] and trained == [] and len(skipped) == 4                          # a restart trains nothing
-    evaluate.run_protocol("ad", str(tmp_path / "b"), models=["tabular", "imaging"], epochs=2, tabular_epochs=50)
+    protocol_runner.run_protocol("ad", str(tmp_path / "b"), models=["tabular", "imaging"], epochs=2, tabular_epochs=50)
     assert {(a["model"], a["epochs"]) for a in calls} == {("tabular", 50), ("imaging", 2)}   # the MLP gets its own
 
 
@@ -2688,8 +2717,8 @@ def test_print_commands_gives_one_command_per_missing_run_tabular_first_and_trai
     os.makedirs(interrupted)
     open(os.path.join(interrupted, "last.pt"), "w").close()
     monkeypatch.setattr(train_ad, "train_ad", lambda a: pytest.fail("--print-commands trained a run"))
-    evaluate.main(["run-protocol", "--task", "ad", "--runs", str(tmp_path), "--models", "hyperfusion", "tabular",
-                   "--epochs", "3", "--print-commands"])
+    protocol_runner.main(["--task", "ad", "--runs", str(tmp_path), "--models", "hyperfusion", "tabular",
+                          "--epochs", "3", "--print-commands"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 7                                             # 2 models x 4 folds, one finished
     argvs = [shlex.split(line) for line in lines]
@@ -2704,12 +2733,12 @@ def test_print_commands_gives_one_command_per_missing_run_tabular_first_and_trai
 def test_run_protocol_with_two_jobs_trains_each_missing_run_once_and_prints_the_serial_table(ad_cohort60, tmp_path,
                                                                                              capsys):
     options = dict(models=["tabular"], epochs=2, data_csv=str(ad_cohort60))
-    evaluate.run_protocol("ad", str(tmp_path / "serial"), **options)
+    protocol_runner.run_protocol("ad", str(tmp_path / "serial"), **options)
     serial = capsys.readouterr().out
     done = training.ad_run_dir(tmp_path / "parallel", "tabular", 0, 0, 2)
     os.makedirs(os.path.dirname(done))
     shutil.copytree(training.ad_run_dir(tmp_path / "serial", "tabular", 0, 0, 2), done)   # one run already finished
-    trained, skipped, _ = evaluate.run_protocol("ad", str(tmp_path / "parallel"), jobs=2, **options)
+    trained, skipped, _ = protocol_runner.run_protocol("ad", str(tmp_path / "parallel"), jobs=2, **options)
     parallel = capsys.readouterr().out
     missing = [training.ad_run_dir(tmp_path / "parallel", "tabular", 0, 0, f) for f in (0, 1, 3)]
     assert skipped == [done] and sorted(trained) == missing
@@ -3781,14 +3810,14 @@ def test_run_protocol_says_after_each_run_how_many_are_done_and_the_time_left_an
 
     monkeypatch.setattr(train_ad, "train_ad", fake_train)
     fake_ad_run(tmp_path / "loud", "hyperfusion", 0, 0, 0, random_probs(rng, 12), labels)      # one finished
-    protocol = ["run-protocol", "--task", "ad", "--models", "hyperfusion", "--epochs", "1"]
-    evaluate.main(protocol + ["--runs", str(tmp_path / "loud")])
+    protocol = ["--task", "ad", "--models", "hyperfusion", "--epochs", "1"]
+    protocol_runner.main(protocol + ["--runs", str(tmp_path / "loud")])
     done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("run ")]
     assert [re.sub(r"[\d.]+ s\)", "T)", line.split(";")[0]) for line in done] == \
         [f"run {k} of 3 done (ad hyperfusion seed0 v0 fold{k}, T)" for k in (1, 2, 3)]
     assert re.search(r"; about [\d.]+ s left for the 2 still to train$", done[0]), done
     assert done[1].endswith("left for the 1 still to train") and re.search(r"; all 3 in [\d.]+ s$", done[2])
-    evaluate.main(protocol + ["--runs", str(tmp_path / "quiet"), "--quiet"])
+    protocol_runner.main(protocol + ["--runs", str(tmp_path / "quiet"), "--quiet"])
     out = capsys.readouterr().out
     assert out.startswith("# ") and "| model |" in out and "wrote " in out, out      # the table alone
     assert not re.search(r"^(run \d|\[\d|a line of|protocol:|total wall time)", out, re.M), out
