@@ -2114,6 +2114,41 @@ def test_hyperfusion_continues_an_interrupted_pre_training_of_its_tabular_mlp(ad
     assert _epoch_of(tabular_dir) == 2 and os.path.isfile(os.path.join(tabular_dir, "metrics.json"))
 
 
+def test_a_training_epoch_reads_its_losses_back_every_sync_every_steps_not_every_step(monkeypatch):
+    """On a GPU a read per step (loss.item()) makes the host wait for every forward pass: train_epoch keeps the
+    losses on the device and reads them every sync_every steps (GPU_SYNC_EVERY there), still naming the step of
+    the first non-finite loss and stopping the epoch at the next read."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, image, tabular):
+            return self.fc(tabular)
+    torch.manual_seed(0)
+    batches = [(torch.zeros(4, 1), torch.randn(4, 3), torch.arange(4) % 2) for _ in range(8)]
+    reads, real = [], {k: getattr(torch.Tensor, k) for k in ("item", "__int__", "__float__", "__bool__")}
+    for k, f in real.items():
+        monkeypatch.setattr(torch.Tensor, k, lambda self, *a, f=f, k=k: reads.append(k) or f(self, *a))
+    cpu, scaler = torch.device("cpu"), torch.amp.GradScaler("cuda", enabled=False)
+    for every, expected in ((4, 8 // 4 + 3), (1, 8 + 3)):
+        net = Net()
+        start = copy.deepcopy(net)
+        reads.clear()
+        total, n, first, problem = training.train_epoch(net, torch.optim.SGD(net.parameters(), lr=0.1), scaler,
+                                                        batches, F.cross_entropy, cpu, sync_every=every)
+        assert len(reads) == expected and n == 32 and problem is None, reads
+        with torch.no_grad():
+            assert first == pytest.approx(float(F.cross_entropy(start(*batches[0][:2]), batches[0][2])), rel=1e-6)
+    steps = []
+    loss = lambda out, target: steps.append(1) or F.cross_entropy(out, target) * (float("nan") if len(steps) == 2
+                                                                                 else 1.0)
+    net = Net()
+    total, n, first, problem = training.train_epoch(net, torch.optim.SGD(net.parameters(), lr=0.1), scaler, batches,
+                                                    loss, cpu, sync_every=4)
+    assert problem == "the training loss is nan (step 2 of 8)" and len(steps) == 4 and n == 12   # read at step 4
+
+
 def test_a_non_finite_training_loss_stops_the_run_naming_the_epoch_with_the_last_good_checkpoint_kept(
         ad_cohort60, tmp_path, monkeypatch):
     """It was a RuntimeError traceback. Now one line, exit 2, the epoch stopped at its first NaN loss (no step

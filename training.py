@@ -518,14 +518,25 @@ def learning_rate(run, epoch):
     return run.lr
 
 
-def train_epoch(net, opt, scaler, loader, loss_fn, device, channels_last=False, precision="fp32"):
+# How often a training epoch on a GPU reads its losses back (a host sync): every step would make the host wait for
+# each forward pass before it even launches the backward, idling a GPU whose steps take a few milliseconds
+GPU_SYNC_EVERY = 32
+
+
+def train_epoch(net, opt, scaler, loader, loss_fn, device, channels_last=False, precision="fp32", sync_every=None):
     """One pass of Adam steps over the training batches -> (loss total, samples, first batch's loss, problem).
 
-    problem: None, or "the training loss is nan (step k of K)" at the first non-finite loss, whose step is
-    not taken; alone, the epoch stops there (under torchrun the others would wait for this process's
-    gradients, so it goes on, its non-finite gradients reach every process, and all stop after the epoch)."""
+    The losses stay on the device: their sum, the first batch's and the first non-finite one with its step,
+    read back every `sync_every` steps (default: every step on a CPU, where reading costs nothing, every
+    GPU_SYNC_EVERY on a GPU) and at the end. problem: None, or "the training loss is nan (step k of K)" at the
+    first non-finite loss; alone, the epoch stops at the next read (on a CPU before that step is taken; on a GPU
+    up to sync_every - 1 poisoned steps later, which changes nothing: a diverged epoch is never saved, last.pt
+    keeps the last good one). Under torchrun the others would wait for this process's gradients, so it goes on,
+    its non-finite gradients reach every process, and all stop after the epoch."""
     net.train()
-    total, n, first, problem = 0.0, 0, None, None
+    every = sync_every or (GPU_SYNC_EVERY if device.type == "cuda" else 1)
+    total, first, n = torch.zeros((), dtype=torch.float64, device=device), None, 0
+    bad_step, bad_value = torch.full((), -1, device=device), torch.zeros((), device=device)
     for step, (image, tabular, target) in enumerate(loader):
         image = image.to(device, non_blocking=True)
         if channels_last and image.dim() == 5:
@@ -535,18 +546,21 @@ def train_epoch(net, opt, scaler, loader, loss_fn, device, channels_last=False, 
             out = net(image, tabular)
         with autocast(device, precision, "loss"):
             loss = loss_fn(out.float() if keeps(precision, "loss") else out, target)
-        value = loss.item()
+        value = loss.detach().float()
         first = value if first is None else first
-        if not math.isfinite(value) and problem is None:
-            problem = f"the training loss is {value} (step {step + 1} of {len(loader)})"
-            if distributed.world_size() == 1:
-                break
+        newly = ~torch.isfinite(value) & (bad_step < 0)                    # on the device: no sync
+        bad_step, bad_value = torch.where(newly, step, bad_step), torch.where(newly, value, bad_value)
+        if (step + 1) % every == 0 and distributed.world_size() == 1 and int(bad_step) >= 0:
+            break
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        total, n = total + value * len(target), n + len(target)
-    return total, n, first or 0.0, problem
+        total, n = total + value.double() * len(target), n + len(target)
+    problem = None
+    if int(bad_step) >= 0:
+        problem = f"the training loss is {float(bad_value)} (step {int(bad_step) + 1} of {len(loader)})"
+    return float(total), n, float(first) if first is not None else 0.0, problem
 
 
 def non_finite(model):
