@@ -218,10 +218,13 @@ def throughput_cases(quick, device):
 
 def loader_measure(task, shape, batch, device, n=None):
     """Samples per second of the training loader alone (make_loader, the workers training would use),
-    reading `shape` images from an ImageCache of n synthetic volumes, over two passes."""
+    reading `shape` images from an ImageCache of n synthetic volumes, timed on its second pass. A pass reads the n
+    volumes over and over, so that every worker makes several batches of it (3 x workers batches, at least 4):
+    with fewer batches than workers the pass times the latency of one batch, not the loader's rate."""
     dev = torch.device(device)
     workers = loader_workers(None, dev)
     n = n or max(2 * batch, 16)
+    length = max(n, batch * max(4, 3 * workers))                  # samples a pass reads, cycling over the n
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         paths = [os.path.join(tmp, f"s{i}.nii") for i in range(n)]
@@ -233,7 +236,8 @@ def loader_measure(task, shape, batch, device, n=None):
         labels = np.arange(n) % 3
         ds = (data.ADDataset(cache, rng.standard_normal((n, 15)), labels) if task == "ad" else
               data.BrainAgeDataset(cache, np.eye(2)[labels % 2], 20.0 + labels))
-        return dict(samples_s=loader_rate(ds, batch, workers, dev), workers=workers)
+        ds = torch.utils.data.Subset(ds, [i % n for i in range(length)])
+        return dict(samples_s=loader_rate(ds, batch, workers, dev), workers=workers, batches=length // batch)
 
 
 def loader_rate(ds, batch, workers, dev):

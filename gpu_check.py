@@ -157,10 +157,11 @@ def check_loader(device, settings, model_rows):
     default = fit_precision(device)
     rows = []
     for task, shape, batch in settings["cases"]:
-        r = loader_measure(task, shape, batch, device, n=4 * batch)
+        r = loader_measure(task, shape, batch, device)             # 3 batches a worker, each pass
         model = next((m["samples_s"] for m in model_rows if (m["task"], m["model"], m["variant"]) ==
                       (task, "hyperfusion", default) and "samples_s" in m), None)
         rows.append(dict(task=task, shape="x".join(map(str, shape)), batch=batch, workers=r["workers"],
+                         batches=r["batches"],
                          loader_samples_s=r["samples_s"], model_samples_s=model,
                          loader_over_model=r["samples_s"] / model if model else None))
     return dict(rows=rows)

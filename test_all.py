@@ -4274,6 +4274,15 @@ def test_the_paired_precision_benchmark_pairs_each_version_with_itself_from_the_
     assert "| bf16 | MAE | +0.0535 |" in capsys.readouterr().out
 
 
+def test_the_loader_measure_gives_every_worker_several_batches_of_each_timed_pass(monkeypatch):
+    """With 4 batches for 8 workers a pass timed one batch's latency, not the loader's rate."""
+    seen = {}
+    monkeypatch.setattr(bench, "loader_workers", lambda requested, dev: 8)
+    monkeypatch.setattr(bench, "loader_rate", lambda ds, batch, workers, dev: seen.update(n=len(ds), w=workers) or 1.0)
+    r = bench.loader_measure("brain-age", (8, 8, 8), 4, "cpu")
+    assert seen == {"n": 4 * 3 * 8, "w": 8} and r["batches"] == 24
+
+
 def test_the_gpu_checks_report_has_every_section_with_numbers(tmp_path):
     """gpu_check.py's report-building on CPU at the smallest settings, measured in this process: each section
     ran (the precision section trains demo runs: bench_precision.py's own tests hold it), with numbers in it, and
