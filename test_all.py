@@ -3417,6 +3417,42 @@ def test_gathered_shares_hold_every_item_once_in_order_when_the_sampler_pads(two
     assert two_ddp_processes[0]["gathered"].tolist() == [0, 10, 20, 30, 40]
 
 
+def test_images_kept_on_the_device_are_filled_one_by_one_in_float16_and_precise_bn_reuses_them_in_order(monkeypatch):
+    """--images-on-device at the paper's scale: no float32 stack of the whole set on the host (it would need about
+    88 GB for brain age), and the precise-BN pass reads the training tensors themselves, in order, not a copy."""
+    g = torch.Generator().manual_seed(0)
+    dataset = torch.utils.data.TensorDataset(torch.randn(10, 1, 4, 5, 4, generator=g), torch.randn(10, 2),
+                                             torch.rand(10))
+    stacked, real_stack = [], torch.stack
+    monkeypatch.setattr(torch, "stack", lambda ts, *a, **k: stacked.append(sum(t.numel() for t in ts)) or
+                        real_stack(ts, *a, **k))
+    train = training.DeviceBatches(dataset, 4, torch.device("cpu"), shuffle=True)
+    assert train.image.dtype == torch.float16 and train.image.shape == (10, 1, 4, 5, 4)
+    assert max(stacked) <= 20                                        # the tabular rows and targets, never images
+    assert torch.equal(train.image.float(), dataset.tensors[0].half().float())
+    stats = train.ordered()
+    assert stats.image.data_ptr() == train.image.data_ptr()                          # the same tensors
+    got = torch.cat([tab for _, tab, _ in stats])
+    assert torch.equal(got, dataset.tensors[1]) and len(stats) == 3                  # every item once, in order
+    assert not torch.equal(torch.cat([tab for _, tab, _ in train]), dataset.tensors[1][:8])  # training: shuffled
+
+
+def test_precise_bn_over_the_images_on_the_device_equals_precise_bn_over_the_loader_in_order():
+    """train_brain_age.py --images-on-device re-estimates BatchNorm from the training tensors on the device
+    (DeviceBatches.ordered): the same statistics as from the training loader read in order."""
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(12, 1, 36, 36, 36, generator=g).half().float()                # what a float16 cache holds
+    dataset = torch.utils.data.TensorDataset(image, torch.eye(2)[torch.arange(12) % 2], torch.rand(12, generator=g))
+    cpu, stats = torch.device("cpu"), []
+    for loader in (training.make_loader(dataset, 4, 0, cpu),
+                   training.DeviceBatches(dataset, 4, cpu, shuffle=True).ordered()):
+        torch.manual_seed(0)
+        model = build_model("brain-age", "hyperfusion", image_shape=(36, 36, 36))
+        training.recalibrate_batchnorm(model, loader, cpu)
+        stats.append(torch.cat([b.flatten() for k, b in model.state_dict().items() if "running" in k]))
+    assert torch.equal(stats[0], stats[1])
+
+
 def test_images_kept_on_the_device_predict_what_the_loader_predicts_and_train_on_one_side_each(ad_cohort40,
                                                                                                 tmp_path):
     table = data.read_ad_table(ad_cohort40)

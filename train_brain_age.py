@@ -129,7 +129,8 @@ def run_brain_age(args, device, run):
         f"(Eq. 3, AgeTarget.decay)", quiet)
     loss_fn = lambda pred, age: F.mse_loss(pred.float(), target.encode(age))   # Eq. 4
     validate = lambda m: age_metrics(m, val_loader, device, target, table.sex[val_idx], run.precision)[0]
-    statistics_loader = loader(train_idx)       # the training set in order, for the BatchNorm statistics
+    # the training set in order, for the BatchNorm statistics (on the device: the training tensors themselves)
+    statistics_loader = train_loader.ordered() if args["images_on_device"] else loader(train_idx)
     best = fit(model, train_loader, loss_fn, validate, "mae", run, run_dir, inputs,
                state={"target": {"centre": target.centre, "scale": target.scale}}, resume=args["resume"],
                quiet=quiet, lower_is_better=True, weight_decay=target.decay(run.weight_decay),  # Table 1's, in years
