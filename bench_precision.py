@@ -46,7 +46,8 @@ from predict import test_set
 from runs import load_run
 from safeio import ArgumentParser, UserError, run_cli, write_json, write_text
 from synthetic import builtin_cohort
-from training import ad_run_dir, brain_age_run_dir, load_weights, make_loader, recalibrate_batchnorm
+from runconfig import ad_run_dir, brain_age_run_dir
+from training import load_weights, make_loader, recalibrate_batchnorm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MARGINS = {"ad": 0.02, "brain-age": 0.15}        # the largest loss of accuracy that counts as none (issue text)

@@ -23,7 +23,7 @@ import argparse
 import json
 import os
 import re
-import subprocess
+import runpy
 import sys
 import time
 
@@ -509,8 +509,9 @@ def arguments():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["run-protocol"]:   # the old command: protocol.py, in a process of its own (it imports this file)
-        sys.exit(subprocess.run([sys.executable, os.path.join(HERE, "protocol.py"), *argv[1:]]).returncode)
+    if argv[:1] == ["run-protocol"]:   # the old command: protocol.py run as its own script (it imports this file)
+        sys.argv = [os.path.join(HERE, "protocol.py"), *argv[1:]]
+        return runpy.run_path(sys.argv[0], run_name="__main__")
     a = arguments().parse_args(argv)
     for option, least in (("top", 1), ("samples", 2), ("draws", 1), ("seed", 0), ("batch_size", 1)):
         check_number("--" + option.replace("_", "-"), getattr(a, option, None), least=least)

@@ -35,7 +35,8 @@ def gpu_masks(gpus, visible_count, environ=None):
     seen = seen[:visible_count]
     bad = [g for g in gpus if not 0 <= g < len(seen)]
     if bad:
-        where = f" (CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']})" if "CUDA_VISIBLE_DEVICES" in environ else ""
+        where = (f" (CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']})" if "CUDA_VISIBLE_DEVICES" in environ
+                 else "")
         raise UserError(f"--gpus {','.join(map(str, gpus))}: GPU {bad[0]} does not exist here: {len(seen)} visible"
                         f"{where}, indices 0 to {len(seen) - 1}" if seen else
                         f"--gpus {','.join(map(str, gpus))}: no GPU is visible here{where}")

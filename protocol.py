@@ -29,7 +29,7 @@ from models import AD_MODELS, BRAIN_AGE_MODELS
 from runs import finished, load_run
 from safeio import ArgumentParser, Progress, UserError, check_number, duration_text, run_cli, warn
 from synthetic import builtin_cohort
-from training import ad_run_dir, brain_age_run_dir
+from runconfig import ad_run_dir, brain_age_run_dir
 
 
 def check_protocol_data(finished_dirs, task, data_csv=None, image_dir=None, data_dir="data", must=True):

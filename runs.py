@@ -15,7 +15,8 @@ from data import CLASS_NAMES, HippocampusCrops
 from models import AgeTarget
 from safeio import UserError
 from tabular import TabularPreprocessor
-from training import RunConfig, load_checkpoint, load_weights
+from runconfig import RunConfig
+from training import load_checkpoint, load_weights
 
 
 def finished(run_dir):

@@ -44,6 +44,7 @@ import precision as prec
 import predict
 import protocol as protocol_runner
 import preprocess
+import runconfig
 import runfolder
 import safeio
 import splits
@@ -60,7 +61,7 @@ from models import (AD_MODELS, BRAIN_AGE_MODELS, AgeTarget, build_model, candida
 from runs import load_run
 from safeio import UserError
 from tabular import TabularPreprocessor
-from training import RunConfig
+from runconfig import RunConfig
 
 torch.set_num_threads(2)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -160,7 +161,7 @@ def _ad_args(csv_path, out, *extra):
 
 
 def _run_dir(out, model, fold=1):
-    return training.ad_run_dir(out, model, 0, 0, fold)
+    return runconfig.ad_run_dir(out, model, 0, 0, fold)
 
 
 def save_run_checkpoint(run_dir, run, inputs, model=None, **state):
@@ -173,7 +174,7 @@ def save_run_checkpoint(run_dir, run, inputs, model=None, **state):
 
 def fake_ad_run(runs, model, seed, version, fold, probs, labels, subjects=None, **config):
     """The files train_ad.py writes, with made-up test probabilities; `config` overrides run options or inputs."""
-    run_dir = training.ad_run_dir(runs, model, seed, version, fold)
+    run_dir = runconfig.ad_run_dir(runs, model, seed, version, fold)
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     run = RunConfig(task="ad", model=model, version=version, split_seed=seed, fold=fold, classes=3, loss="wce",
                     data_csv="ad.csv", **SCHEDULE).replace(**{k: v for k, v in config.items() if k in fields})
@@ -197,7 +198,7 @@ def random_probs(rng, n, c=3, sharp=2.0):
 def fake_brain_age_run(runs, version, val_mae, pred, age, sex, model="hyperfusion", train_sex="all", val=None):
     """The files train_brain_age.py writes, with made-up test (and, given `val` = (age, pred), validation)
     predictions."""
-    run_dir = training.brain_age_run_dir(runs, model, version, train_sex=train_sex)
+    run_dir = runconfig.brain_age_run_dir(runs, model, version, train_sex=train_sex)
     run = RunConfig(task="brain-age", model=model, version=version, split_seed=0, embedding_dim=1,
                     train_sex=train_sex, data_csv="brain_age.csv", **SCHEDULE)
     save_run_checkpoint(run_dir, run, {"n_tabular": 2, "image_shape": [36, 38, 36]},
@@ -1085,7 +1086,7 @@ def test_a_table_edited_between_two_protocol_calls_is_refused_before_training_an
                 "--runs", runs]
     assert run_main(protocol_runner.main, *protocol).returncode == 0
     results = (runs / "results_ad.json").read_bytes()
-    folds = [training.ad_run_dir(runs, "tabular", 0, 0, f) for f in range(4)]
+    folds = [runconfig.ad_run_dir(runs, "tabular", 0, 0, f) for f in range(4)]
     for f in (2, 3):                                           # as if the first call had been stopped after two
         shutil.rmtree(folds[f])
     _edit_table(csv_path, csv_path, lambda k, c: c[:6] + ["123.4"] + c[7:] if k == 5 else c)   # one ABETA cell
@@ -1858,7 +1859,7 @@ def brain_age_run(brain_age_cohort40, tmp_path_factory):
     out = tmp_path_factory.mktemp("brain_age_run")
     metrics = train_brain_age.main(["--data-csv", str(brain_age_cohort40), "--out", str(out), "--epochs", "2",
                                     "--batch-size", "8", "--quiet", "--precision", "fp32"])
-    return metrics, training.brain_age_run_dir(out, "hyperfusion", 0)
+    return metrics, runconfig.brain_age_run_dir(out, "hyperfusion", 0)
 
 
 def test_a_two_epoch_brain_age_run_writes_its_files_with_maes_in_years(brain_age_run):
@@ -1880,7 +1881,7 @@ def test_the_brain_age_demo_anneals_its_learning_rate_by_a_cosine_and_real_data_
         assert [float(r["lr"]) for r in csv.DictReader(f)] == [1.5e-4] * 2
     monkeypatch.setattr(train_brain_age, "builtin_cohort", lambda task, data_dir, quiet: str(brain_age_cohort40))
     train_brain_age.main(["--out", str(tmp_path), "--epochs", "3", "--batch-size", "8", "--quiet"])   # the demo
-    run_dir = training.brain_age_run_dir(tmp_path, "hyperfusion", 0)
+    run_dir = runconfig.brain_age_run_dir(tmp_path, "hyperfusion", 0)
     assert load_run(run_dir).run.lr_schedule == "cosine"
     with open(os.path.join(run_dir, "log.csv")) as f:
         rows = list(csv.DictReader(f))
@@ -2457,7 +2458,7 @@ def test_the_training_scripts_test_with_the_best_epochs_checkpoint_not_the_last(
     cohort = ad_cohort60 if task == "ad" else brain_age_cohort20
     options = ["--model", "tabular"] if task == "ad" else ["--model", "imaging"]
     module.main(["--data-csv", str(cohort), "--out", str(tmp_path), "--epochs", "1", "--quiet", *options])
-    run_dir = _run_dir(tmp_path, "tabular", 0) if task == "ad" else training.brain_age_run_dir(tmp_path, "imaging", 0)
+    run_dir = _run_dir(tmp_path, "tabular", 0) if task == "ad" else runconfig.brain_age_run_dir(tmp_path, "imaging", 0)
     saved = load_run(run_dir).read_predictions()
     tested = saved["probs"] if task == "ad" else saved["pred"]
     for name, same in (("best.pt", True), ("last.pt", False)):
@@ -2634,7 +2635,7 @@ def test_eq7_8_each_row_of_the_ad_table_ensembles_its_folds_sample_by_sample(ad_
     runs, made, _ = ad_runs
     for model in ("imaging", "tabular", "hyperfusion"):
         for seed, version in GROUPS:
-            folds = [training.ad_run_dir(runs, model, seed, version, f) for f in range(4)]
+            folds = [runconfig.ad_run_dir(runs, model, seed, version, f) for f in range(4)]
             expected = _eq7_8_by_hand(made[(model, seed, version)])
             np.testing.assert_allclose(evaluate.ensemble_ad_folds(folds)["probs"], expected, rtol=1e-12)
     imaging = made[("imaging", 0, 0)]
@@ -2714,7 +2715,7 @@ def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_trains_the_
     labels = rng.integers(0, 3, 12)
     fake_ad_run(tmp_path, "hyperfusion", 0, 0, 0, random_probs(rng, 12), labels)       # finished
     fake_ad_run(tmp_path, "hyperfusion", 0, 0, 1, random_probs(rng, 12), labels)       # finished
-    interrupted = training.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 2)
+    interrupted = runconfig.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 2)
     os.makedirs(interrupted)
     open(os.path.join(interrupted, "last.pt"), "w").close()                              # no metrics.json
     calls = []
@@ -2748,7 +2749,7 @@ def test_print_commands_gives_one_command_per_missing_run_tabular_first_and_trai
     rng = np.random.default_rng(5)
     labels = rng.integers(0, 3, 12)
     fake_ad_run(tmp_path, "tabular", 0, 0, 0, random_probs(rng, 12), labels)           # finished
-    interrupted = training.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 1)
+    interrupted = runconfig.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 1)
     os.makedirs(interrupted)
     open(os.path.join(interrupted, "last.pt"), "w").close()
     monkeypatch.setattr(train_ad, "train_ad", lambda a: pytest.fail("--print-commands trained a run"))
@@ -2770,12 +2771,12 @@ def test_run_protocol_with_two_jobs_trains_each_missing_run_once_and_prints_the_
     options = dict(models=["tabular"], epochs=2, data_csv=str(ad_cohort60))
     protocol_runner.run_protocol("ad", str(tmp_path / "serial"), **options)
     serial = capsys.readouterr().out
-    done = training.ad_run_dir(tmp_path / "parallel", "tabular", 0, 0, 2)
+    done = runconfig.ad_run_dir(tmp_path / "parallel", "tabular", 0, 0, 2)
     os.makedirs(os.path.dirname(done))
-    shutil.copytree(training.ad_run_dir(tmp_path / "serial", "tabular", 0, 0, 2), done)   # one run already finished
+    shutil.copytree(runconfig.ad_run_dir(tmp_path / "serial", "tabular", 0, 0, 2), done)   # one run already finished
     trained, skipped, _ = protocol_runner.run_protocol("ad", str(tmp_path / "parallel"), jobs=2, **options)
     parallel = capsys.readouterr().out
-    missing = [training.ad_run_dir(tmp_path / "parallel", "tabular", 0, 0, f) for f in (0, 1, 3)]
+    missing = [runconfig.ad_run_dir(tmp_path / "parallel", "tabular", 0, 0, f) for f in (0, 1, 3)]
     assert skipped == [done] and sorted(trained) == missing
     done_lines = re.findall(r"^run [123] of 3 done \(ad tabular seed0 v0 fold[013], .*", parallel, re.M)
     assert len(done_lines) == 3 and "left for the 1 still to train" in parallel and "; all 3 in " in done_lines[-1]
@@ -3093,7 +3094,7 @@ def test_metrics_json_is_strict_json_with_null_where_a_metric_is_undefined(brain
     p = run_main(train_brain_age.main, "--data-csv", men, "--out", tmp_path, "--epochs", "1", "--batch-size", "8",
                  "--quiet", "--model", "imaging")
     assert p.returncode == 0 and "warning:" in p.stderr and "no female subjects" in p.stderr, p.stderr
-    text = open(os.path.join(training.brain_age_run_dir(tmp_path, "imaging", 0), "metrics.json")).read()
+    text = open(os.path.join(runconfig.brain_age_run_dir(tmp_path, "imaging", 0), "metrics.json")).read()
 
     def refuse(name):
         raise ValueError(name)
@@ -3630,7 +3631,7 @@ def test_ad_plots_draw_each_rows_confusion_and_roc_table3_and_learning_curves_at
     runs, made, labels = ad_runs
     for seed, version in GROUPS:
         for fold in range(4):
-            _write_logs(training.ad_run_dir(runs, "hyperfusion", seed, version, fold))
+            _write_logs(runconfig.ad_run_dir(runs, "hyperfusion", seed, version, fold))
     texts, _ = _spy_on_figures(monkeypatch)
     out = runs / "figures"
     res = evaluate.main(["ad", "--runs", str(runs), "--plots", str(out)])
@@ -3694,7 +3695,7 @@ def test_brain_age_plots_draw_the_scatters_fig4a_fig4b_and_the_gap_or_say_which_
         assert f"wrote {full / 'figures' / name}\n" in printed
     by = {m["folder"]: m for m in res["models"]}
     # the scatter's bias line is the one the code subtracts: the validation fit of the same Eq. 6 ensemble
-    fit = evaluate.brain_age_ensemble({v: training.brain_age_run_dir(full, "hyperfusion", v) for v in (0, 1)})["fit"]
+    fit = evaluate.brain_age_ensemble({v: runconfig.brain_age_run_dir(full, "hyperfusion", v) for v in (0, 1)})["fit"]
     assert any(f"slope {fit['slope']:+.2f}" in t and "validation fit" in t
                for t in texts["brain_age_scatter_hyperfusion.png"])
     red = next(ln for ln in figures["brain_age_scatter_hyperfusion.png"].axes[0].lines if ln.get_color() == "tab:red")
@@ -3892,7 +3893,8 @@ def test_run_protocol_says_after_each_run_how_many_are_done_and_the_time_left_an
     out = capsys.readouterr().out
     assert out.startswith("# ") and "| model |" in out and "wrote " in out, out      # the table alone
     assert not re.search(r"^(run \d|\[\d|a line of|protocol:|total wall time)", out, re.M), out
-    assert os.path.isfile(os.path.join(training.ad_run_dir(tmp_path / "quiet", "hyperfusion", 0, 0, 3), "metrics.json"))
+    assert os.path.isfile(os.path.join(runconfig.ad_run_dir(tmp_path / "quiet", "hyperfusion", 0, 0, 3),
+                                       "metrics.json"))
     jobs = lambda: [launcher.Job(str(tmp_path / f"job{i}"), [sys.executable, "-c", "print('test BA 0.5')"],
                                  kind="tabular", label=f"job {i}") for i in range(2)]
     launcher.run_jobs(jobs(), 2, poll_s=0.02)                  # --jobs 2: the same lines, each run's last line in
@@ -3908,7 +3910,7 @@ def test_predict_shows_progress_over_its_batches_when_long_one_line_per_member_a
     train_ad.main(["--model", "tabular", "--data-csv", str(ad_cohort60), "--out", str(tmp_path), "--epochs", "1",
                    "--quiet"])
     capsys.readouterr()
-    run_dir = training.ad_run_dir(tmp_path, "tabular", 0, 0, 0)
+    run_dir = runconfig.ad_run_dir(tmp_path, "tabular", 0, 0, 0)
     args = [run_dir, "--data-csv", str(ad_cohort60), "--out", str(tmp_path / "p.csv"), "--batch-size", "8"]
     predict.main(args)                                                  # short: the member's line, no batches'
     out = capsys.readouterr().out.splitlines()
@@ -4293,7 +4295,7 @@ def test_the_paired_precision_benchmark_pairs_each_version_with_itself_from_the_
     out = tmp_path / "bp"
     for recipe, shift, seconds in (("fp32", 0.0, 10.0), ("bf16", 0.05, 5.0)):
         for v in range(8):
-            folder = training.brain_age_run_dir(str(out / recipe), "hyperfusion", v)
+            folder = runconfig.brain_age_run_dir(str(out / recipe), "hyperfusion", v)
             os.makedirs(folder)
             mae = 4.0 + 0.3 * (v % 3) + shift + 0.001 * v * (recipe == "bf16")
             json.dump({"test": {"mae": mae}}, open(os.path.join(folder, "metrics.json"), "w"))

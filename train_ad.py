@@ -27,11 +27,11 @@ from models import AD_MODELS, class_probabilities
 from runs import load_run
 from runfolder import claim_run_folder
 from safeio import ArgumentParser, UserError, atomic_path, run_cli, write_json
-from synthetic import builtin_cohort
 from precision import resolve_precision
+from runconfig import DATA_KEYS, RunConfig, add_common_arguments, identity, log, resolve_schedule
+from synthetic import builtin_cohort
 from tabular import TabularPreprocessor
-from training import (DATA_KEYS, RunConfig, add_common_arguments, batches, check_finite_outputs, fit, identity,
-                      load_checkpoint, log, loader_workers, predict, resolve_schedule, resumable, seed_all,
+from training import (batches, check_finite_outputs, fit, load_checkpoint, loader_workers, predict, resumable, seed_all,
                       setup_device, speed_options)
 
 # Table 1 (real data) and the demo schedule used on the built-in synthetic cohort

@@ -26,13 +26,13 @@ from distributed import is_main, main_first
 from layers import init_hyperlayers
 from metrics import age_bias_fit, gap_summary, regression_metrics
 from models import BRAIN_AGE_MODELS, AgeTarget
-from runfolder import claim_run_folder
 from precision import resolve_precision
+from runconfig import RunConfig, add_common_arguments, identity, log, resolve_schedule
+from runfolder import claim_run_folder
 from safeio import ArgumentParser, UserError, atomic_path, run_cli, warn, write_json
 from synthetic import builtin_cohort
-from training import (RunConfig, add_common_arguments, batches, check_finite_outputs, fit, identity, load_checkpoint,
-                      log, loader_workers, predict, recalibrate_batchnorm, resolve_schedule, resumable, seed_all,
-                      setup_device, speed_options)
+from training import (batches, check_finite_outputs, fit, load_checkpoint, loader_workers, predict,
+                      recalibrate_batchnorm, resumable, seed_all, setup_device, speed_options)
 
 REAL_BRAIN_AGE = dict(epochs=70, batch_size=64, lr=1.5e-4, weight_decay=0.05, lr_schedule="constant")  # Table 1
 # the demo: a cosine learning rate, so that its last epochs settle (at a constant 1e-3 the validation MAE still
