@@ -533,6 +533,117 @@ def test_every_batch_norm_of_the_ad_image_network_has_momentum_0_05(name):
         assert {m.momentum for m in other.modules() if isinstance(m, nn.BatchNorm3d)} == {0.05}
 
 
+# Tables 5-6, Fig. 2-3 written out from SPEC §2 as plain functional calls: order of conv / activation / pool / BN /
+# dropout, each dropout rate in its place, each BN's momentum, what is concatenated where. Run in training mode from
+# one RNG seed, model and reference draw the same dropout masks only when every rate and place agree; the running
+# statistics the reference's BN calls leave (with the momenta written here) must equal the model's.
+
+def _bn_train(x, norm, momentum):
+    return F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias, True, momentum, norm.eps)
+
+
+def _hyper_weights(layer, e):
+    """Eq. (Sec. 3.1): W = G_w e + c_w, b = G_b e + c_b, per sample."""
+    g, gb = layer.hypernet.weights_gen, layer.hypernet.bias_gen
+    return (e @ g.weight.T + g.bias).view(-1, *layer.weight_shape), e @ gb.weight.T + gb.bias
+
+
+def _brain_age_by_hand(net, name, image, sex):
+    x = image
+    for i in (1, 2, 3):                               # Conv ReLU Conv ReLU MaxPool BN (Fig. 2), BN momentum 0.1
+        a, b = getattr(net, f"conv{i}_a"), getattr(net, f"conv{i}_b")
+        x = F.relu(F.conv3d(F.relu(F.conv3d(x, a.weight, a.bias)), b.weight, b.bias))
+        x = _bn_train(F.max_pool3d(x, 2), getattr(net, f"batchnorm{i}"), 0.1)
+    x = F.dropout3d(x, 0.2, True).flatten(1)          # Dropout3d(0.2), then flatten
+    for n in ("linear1", "linear2", "linear3", "final_layer"):
+        layer = getattr(net, n)
+        if name == "hyperfusion":                     # its own embedding Linear(2, k) of the sex vector
+            emb = layer.hypernet.embedding
+            w, b = _hyper_weights(layer, sex @ emb.weight.T + emb.bias)
+            x = torch.einsum("boi,bi->bo", w, x) + b
+        else:                                         # concat: the sex vector at the input of every linear
+            x = F.linear(torch.cat([x, sex], 1) if name == "concat" else x, layer.weight, layer.bias)
+        x = F.relu(x) if n != "final_layer" else x
+    return x.squeeze(1)
+
+
+def _conv_by_hand(conv, x, e, stride, padding):
+    if isinstance(conv, HyperConv):                   # per-sample generated kernel and bias
+        w, b = _hyper_weights(conv, e)
+        return torch.cat([F.conv3d(x[i:i + 1], w[i], b[i], stride, padding) for i in range(len(x))])
+    return F.conv3d(x, conv.weight, conv.bias, stride, padding)
+
+
+def _ad_block_by_hand(block, x, tabular, stride, rate, name):
+    """PreactResBlock: BN ReLU Dropout3d Conv3d(3, stride) BN ReLU Dropout3d Conv3d(3) + shortcut, BN momentum
+    0.05; the shortcut BN Conv3d(1x1, stride), in the HyperRes block HyperConv3d(1x1, stride) BN."""
+    def embed():                                      # Linear BatchNorm1d(8) PReLU, one call per hyperlayer
+        lin, norm, prelu = block.conv1.hypernet.embedding if isinstance(block.conv1, HyperConv) else \
+            block.downsample.hypernet.embedding
+        return F.prelu(_bn_train(F.linear(tabular, lin.weight, lin.bias), norm, 0.1), prelu.weight)
+    h = x
+    if name in ("film", "daft"):                      # scale * F + shift, no activation on the scale
+        z = tabular if name == "film" else torch.cat([x.mean((2, 3, 4)), tabular], 1)
+        scale, shift = (F.relu(z @ block.aux[0].weight.T) @ block.aux[2].weight.T)[:, :, None, None, None].chunk(2, 1)
+        h = scale * x + shift
+    e1 = embed() if isinstance(block.conv1, HyperConv) else None
+    h = _conv_by_hand(block.conv1, F.dropout3d(F.relu(_bn_train(h, block.bn1, 0.05)), rate, True), e1, stride, 1)
+    e2 = embed() if isinstance(block.conv2, HyperConv) else None
+    h = _conv_by_hand(block.conv2, F.dropout3d(F.relu(_bn_train(h, block.bn2, 0.05)), rate, True), e2, 1, 1)
+    if isinstance(block.downsample, HyperConv):
+        return h + _bn_train(_conv_by_hand(block.downsample, x, embed(), stride, 0), block.downsample_bn, 0.05)
+    if block.downsample is None:
+        return h + x
+    norm, conv = block.downsample
+    return h + F.conv3d(_bn_train(x, norm, 0.05), conv.weight, conv.bias, stride)
+
+
+def _ad_by_hand(net, name, image, tabular):
+    if name == "tabular":                             # Linear(n_tab, 8) BatchNorm1d(8) PReLU Linear(8, 3), Fig. 3C
+        lin, norm, prelu = net.embedding
+        e = F.prelu(_bn_train(F.linear(tabular, lin.weight, lin.bias), norm, 0.1), prelu.weight)
+        return F.linear(e, net.head.weight, net.head.bias)
+    c = net.conv_bn_relu[0]                           # Conv3d(1, f, 3, pad 1) BN(0.05) ReLU, MaxPool3d(2)
+    x = F.max_pool3d(F.relu(_bn_train(F.conv3d(image, c.weight, c.bias, 1, 1), net.conv_bn_relu[1], 0.05)), 2)
+    for i, stride, rate in ((1, 1, 0.1), (2, 2, 0.2), (3, 2, 0.2), (4, 2, 0.3)):
+        x = _ad_block_by_hand(getattr(net, f"block{i}"), x, tabular, stride, rate, name if i == 4 else "imaging")
+    x = F.adaptive_avg_pool3d(x, 1).flatten(1)
+    if name == "concat":                              # the tabular vector next to the pooled image features
+        x = torch.cat([x, tabular], 1)
+    x = F.relu(F.linear(F.dropout(x, 0.6, True), net.fc1.weight, net.fc1.bias))     # Dropout(0.6) fc1 ReLU
+    return F.linear(F.dropout(x, 0.5, True), net.fc2.weight, net.fc2.bias)            # Dropout(0.5) fc2
+
+
+def _tables_5_6_cases():
+    for name in BRAIN_AGE_MODELS:
+        yield "brain-age", name, dict(image_shape=BRAIN_AGE_SMALL)
+    yield "brain-age", "hyperfusion", dict(image_shape=BRAIN_AGE_SMALL, embedding_dim=2)
+    for name in ("imaging", "concat", "film", "daft", "hyperfusion"):
+        yield "ad", name, dict(n_tabular=5, f=4)
+    yield "ad", "hyperfusion", dict(n_tabular=5, f=4, hyperlayers=("conv1", "conv2", "downsample"))
+    yield "ad", "tabular", dict(n_tabular=5)
+
+
+@pytest.mark.parametrize("task,name,options", list(_tables_5_6_cases()))
+def test_tables_5_6_each_network_computes_its_layers_in_the_papers_order_with_its_dropout_rates_and_bn_momenta(
+        task, name, options):
+    net = _randomise(build_model(task, name, **options)).train()
+    by_hand = copy.deepcopy(net)                      # its running statistics are updated by the calls above
+    g = torch.Generator().manual_seed(1)
+    if task == "brain-age":
+        image, tab = torch.randn(4, 1, *BRAIN_AGE_SMALL, generator=g), torch.eye(2)[[0, 1, 1, 0]]
+    else:
+        image, tab = torch.randn(4, 1, *AD_SMALL, generator=g), torch.randn(4, 5, generator=g)
+    torch.manual_seed(7)
+    out = net(image, tab)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        expected = (_brain_age_by_hand if task == "brain-age" else _ad_by_hand)(by_hand, name, image, tab)
+    torch.testing.assert_close(out, expected)
+    for (k, v), (k2, v2) in zip(net.state_dict().items(), by_hand.state_dict().items()):     # BN momenta
+        assert k == k2 and (k.endswith("num_batches_tracked") or torch.allclose(v, v2, rtol=1e-5, atol=1e-6)), k
+
+
 def _all_models():
     for name in BRAIN_AGE_MODELS:
         yield ("brain-age", name, dict(image_shape=BRAIN_AGE_SMALL))
