@@ -2108,6 +2108,54 @@ def test_fig4a_training_sets_are_one_size_min_men_women_drawn_with_the_seed_and_
         assert np.array_equal(train_brain_age.select_training_sex(idx, full, "all", 0), idx)
 
 
+@pytest.fixture(scope="module")
+def fig4a_women_run(brain_age_cohort20, tmp_path_factory):
+    """A one-epoch imaging run of train_brain_age.py trained on women only (Fig. 4A), split 50/25/25, with what
+    select_training_sex was given -> (table, (train, val, test) of the split, what it was given, the run folder)."""
+    out, given = tmp_path_factory.mktemp("fig4a_women"), []
+    real = train_brain_age.select_training_sex
+
+    def spy(train_idx, sex, which, seed):
+        given.append(np.array(train_idx))
+        return real(train_idx, sex, which, seed)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_brain_age, "select_training_sex", spy)
+        train_brain_age.main(["--data-csv", str(brain_age_cohort20), "--out", str(out), "--epochs", "1",
+                              "--batch-size", "4", "--model", "imaging", "--train-sex", "F", "--split", "0.5", "0.25",
+                              "0.25", "--quiet", "--precision", "fp32"])
+    table = data.read_brain_age_table(str(brain_age_cohort20), None)
+    parts = splits.brain_age_split(table.age, table.sex, 0, (0.5, 0.25, 0.25))
+    return table, parts, given, training.brain_age_run_dir(out, "imaging", 0, train_sex="F")
+
+
+def test_fig4a_training_sets_are_drawn_from_the_training_split_alone(fig4a_women_run):
+    table, (train, val, test), given, _ = fig4a_women_run
+    assert len(given) == 1 and np.array_equal(given[0], train)
+    assert (table.sex[val] == 1).any() or (table.sex[test] == 1).any()     # women the wrong rows would add
+
+
+def test_the_brain_age_target_is_centred_on_the_mean_age_of_the_training_rows_it_trains_on(fig4a_women_run):
+    table, (train, val, test), _, run_dir = fig4a_women_run
+    women = train_brain_age.select_training_sex(train, table.sex, "F", 0)
+    centre = load_run(run_dir).target.centre
+    assert centre == float(table.age[women].mean())
+    for other in (train, np.concatenate([women, val]), np.arange(len(table.age))):   # would move it
+        assert abs(float(table.age[other].mean()) - centre) > 0.1
+
+
+def test_the_age_bias_of_the_brain_age_gap_is_fitted_on_the_validation_rows_never_the_test_rows(fig4a_women_run):
+    table, (train, val, test), _, run_dir = fig4a_women_run
+    finished_run = load_run(run_dir)
+    saved, bias = finished_run.read_predictions(), finished_run.read_metrics()["age_bias"]
+    assert list(saved["val_subjects"]) == [table.subjects[i] for i in val]
+    assert bias == metrics.age_bias_fit(table.age[val], saved["val_pred"])
+    on_test = metrics.age_bias_fit(saved["age"], saved["pred"])
+    assert max(abs(on_test[k] - bias[k]) for k in ("slope", "intercept")) > 1e-3        # the test rows would show
+    gap = finished_run.read_metrics()["test"]["gap"]
+    assert gap == metrics.gap_summary(saved["age"], saved["pred"], saved["sex"], bias)
+
+
 # ----------------------------------------------------------------------------------------------
 # A run folder is one run; divergence; interruption
 
