@@ -3394,6 +3394,26 @@ def test_a_prediction_depends_on_its_own_row_only_and_empty_cells_use_the_runs_s
     np.testing.assert_allclose(b["combined"][0], torch.softmax(logits, 1).mean(0).numpy(), rtol=1e-5, atol=1e-7)
 
 
+def test_predict_reads_each_brain_age_member_with_its_own_target_and_combines_them_by_the_eq6_mean(
+        brain_age_cohort20, fig4a_women_run, tmp_path):
+    """Three copies of one run whose saved targets are centred 0, 10 and 40 years apart: each member's ages move
+    by its own centre, and the ensemble is their mean (here 50/3 years above the first), not their median (10)."""
+    run_dir = fig4a_women_run[3]
+    for k, shift in enumerate((0.0, 10.0, 40.0)):
+        copy_dir = tmp_path / "runs" / f"member{k}"
+        shutil.copytree(run_dir, copy_dir)
+        ckpt = training.load_checkpoint(str(copy_dir / "best.pt"))
+        ckpt["target"] = dict(ckpt["target"], centre=ckpt["target"]["centre"] + shift)
+        training.save_checkpoint(ckpt, str(copy_dir / "best.pt"))
+    res = _predict(tmp_path / "runs", "--data-csv", brain_age_cohort20, "--out", tmp_path / "ages.csv")
+    out = res["outputs"]                                                    # (3, N) years
+    assert out.shape == (3, 20)
+    np.testing.assert_allclose(out[1] - out[0], 10.0, atol=1e-4)
+    np.testing.assert_allclose(out[2] - out[0], 40.0, atol=1e-4)
+    np.testing.assert_allclose(res["combined"], out[0] + 50.0 / 3, atol=1e-4)      # Eq. 6
+    np.testing.assert_allclose(res["combined"], metrics.mean_ensemble(out), rtol=1e-12)
+
+
 def test_predict_refuses_other_grids_mixed_runs_and_unfinished_runs_in_one_line(ad_cohort60, ad_fold_runs,
                                                                                 tmp_path):
     run_dir = _run_dir(ad_fold_runs, "hyperfusion", 0)
