@@ -2655,6 +2655,20 @@ def test_auc_and_maes_by_hand():
     assert (r["mae"], r["mae_male"], r["mae_female"]) == pytest.approx((2.25, 1.0, 3.5))
 
 
+def test_the_auc_is_the_macro_mean_of_the_one_vs_rest_aucs_not_weighted_micro_nor_one_vs_one():
+    labels = np.array([0, 0, 1, 1, 1, 2])                  # classes of 2, 3 and 1 subjects
+    probs = np.array([[.6, .3, .1], [.3, .5, .2], [.5, .4, .1], [.2, .7, .1], [.3, .3, .4], [.2, .2, .6]])
+    # one vs rest, by pair counting: CN 13/16 (a tie counts half), MCI 6.5/9, AD 5/5
+    per_class = [13 / 16, 6.5 / 9, 1.0]
+    macro = np.mean(per_class)                             # 0.8449
+    m = classification_metrics(labels, probs, NAMES)
+    assert m["auc_macro"] == pytest.approx(macro, abs=1e-12)
+    weighted = np.dot(per_class, np.bincount(labels) / len(labels))                      # 0.7986
+    one_vs_one = roc_auc_score(labels, probs, multi_class="ovo", average="macro")       # 0.8889
+    micro = roc_auc_score(np.eye(3)[labels].ravel(), probs.ravel())                      # 0.8542
+    assert min(abs(other - macro) for other in (weighted, one_vs_one, micro)) > 5e-3
+
+
 # ----------------------------------------------------------------------------------------------
 # the AD table (Table 3), late fusion (App. B), refusals
 
