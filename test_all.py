@@ -2492,6 +2492,30 @@ def test_eq5_class_weights_are_n_over_c_n_c_counted_on_the_training_and_validati
         assert not np.allclose(weights(other), expected, rtol=1e-3)
 
 
+def test_app_c4_oversampling_draws_every_class_equally_often_over_an_epoch(ad_cohort60, tmp_path, monkeypatch):
+    """--loss ce-oversample: the training loader's sampler draws an epoch of len(training rows) with replacement,
+    each class expected equally often, though the training rows hold 13 CN, 18 MCI and 5 AD."""
+    loaders, real = [], train_ad.fit
+
+    def spy(model, train_loader, *args, **kwargs):
+        loaders.append(train_loader)
+        return real(model, train_loader, *args, **kwargs)
+
+    monkeypatch.setattr(train_ad, "fit", spy)
+    train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "tabular", "--epochs", "1", "--loss", "ce-oversample"))
+    table = data.read_ad_table(ad_cohort60, need_images=False)
+    train, _, _ = splits.ad_fold(splits.ad_split(table.sex, table.labels, table.age, 0), 1)
+    labels = table.labels[train]
+    assert np.bincount(labels).tolist() == [13, 18, 5]
+    sampler = loaders[0].sampler
+    assert sampler.num_samples == len(train) and sampler.replacement
+    expected = np.bincount(labels, weights=sampler.weights.numpy()) / float(sampler.weights.sum())
+    np.testing.assert_allclose(expected, 1 / 3, rtol=1e-9)                  # exactly, in expectation
+    torch.manual_seed(0)
+    drawn = np.bincount(labels[np.concatenate([list(sampler) for _ in range(300)])], minlength=3)
+    assert np.abs(drawn / drawn.sum() - 1 / 3).max() < 0.02, drawn         # 10,800 draws: 4 sigma of noise
+
+
 def _scripted_fit(folder, scores, lower_is_better):
     """training.fit on a tiny net whose validation scores are `scores`, one per epoch -> (best, weights per epoch)."""
     class Net(nn.Module):
