@@ -37,6 +37,7 @@ import evaluate
 import images
 import launcher
 import metrics
+import models
 import plots
 import precision as prec
 import predict
@@ -1807,6 +1808,57 @@ def test_a_two_epoch_hyperfusion_run_writes_its_checkpoints_log_and_metrics(ad_c
     ckpt = training.load_checkpoint(os.path.join(run, "last.pt"))
     assert ckpt["epoch"] == 1 and ckpt["run"]["model"] == "hyperfusion"
     assert TabularPreprocessor(state=ckpt["tabular"]).n_features == ckpt["inputs"]["n_tabular"] == 15
+
+
+class _Initialised(Exception):
+    """Raised by _initial_weights' spy once the training script hands its initialised model to fit."""
+
+
+def _initial_weights(script, argv, monkeypatch, pretrained=()):
+    """The state dict a training script's model holds when it starts training (after Eq. 1-2, after loading the
+    tabular embedding), taken as the script calls training.fit; the run stops there. Models of the `pretrained`
+    classes (HyperFusion's tabular MLP) train as usual."""
+    seen, real = [], script.fit
+
+    def spy(model, *args, **kwargs):
+        if isinstance(model, pretrained):
+            return real(model, *args, **kwargs)
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        raise _Initialised
+
+    monkeypatch.setattr(script, "fit", spy)
+    with pytest.raises(_Initialised):
+        script.main(argv)
+    return seen[0]
+
+
+def _random_weights(state):
+    """The names of the randomly initialised tensors: every convolution's and linear layer's weight and the
+    generators' (biases that start at zero, BN's ones, PReLU's 0.25 and the brain-age sex embeddings' ones, SPEC
+    §1, are the same in every version)."""
+    return [k for k, v in state.items() if k.endswith("weight") and v.dim() >= 2
+            and not (k.startswith(("linear", "final_layer")) and ".hypernet.embedding." in k)]
+
+
+@pytest.mark.parametrize("task,model", [("ad", "imaging"), ("ad", "hyperfusion"), ("brain-age", "hyperfusion")])
+def test_versions_are_independent_initialisations_and_one_version_twice_starts_from_the_same_weights(
+        task, model, ad_cohort60, brain_age_cohort20, tmp_path, monkeypatch):
+    def initial(version, out):
+        if task == "ad":
+            argv = _ad_args(ad_cohort60, tmp_path / out, "--model", model, "--version", str(version))
+            return _initial_weights(train_ad, argv, monkeypatch, pretrained=models.TabularMLP)
+        return _initial_weights(train_brain_age, ["--data-csv", str(brain_age_cohort20), "--out", str(tmp_path / out),
+                                                  "--epochs", "1", "--batch-size", "4", "--model", model, "--quiet",
+                                                  "--version", str(version), "--precision", "fp32"], monkeypatch)
+    v0, v1, v0_again = initial(0, "a"), initial(1, "b"), initial(0, "a")   # AD: the v0 MLP trained, then reused
+    names = _random_weights(v0)
+    generators = [k for k in names if "weights_gen" in k or "bias_gen" in k]
+    assert len(generators) == (2 if task == "ad" else 8) if model == "hyperfusion" else not generators
+    assert v0.keys() == v0_again.keys() and all(torch.equal(v0[k], v0_again[k]) for k in v0)
+    assert [k for k in names if torch.equal(v0[k], v1[k])] == []
+    if model == "hyperfusion" and task == "ad":        # the embedding comes from the MLP of the same version
+        assert not torch.equal(v0["block4.downsample.hypernet.embedding.0.weight"],
+                               v1["block4.downsample.hypernet.embedding.0.weight"])
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
