@@ -395,6 +395,33 @@ def test_ad_training_measures_e_squared_on_its_preprocessed_training_rows(ad_coh
     assert abs(sq_mean - 1.0) > 0.2, sq_mean
 
 
+def test_hyperfusion_starts_from_the_trained_tabular_mlp_of_its_split_fold_and_version_and_eq1_2_from_its_outputs(
+        ad_cohort60, tmp_path, monkeypatch):
+    """Sec. 4.3.6: the embedding holds the trained MLP's first three modules (weights and BN statistics) as
+    training starts; then Eq. 1-2 draw the generators with E[e^2] of that embedding on the training rows (its
+    largest |G| is the bound sqrt(3 Var) to within 3e-4: 32,768 and 2,048 uniform draws)."""
+    start = _initial_weights(train_ad, _ad_args(ad_cohort60, tmp_path, "--version", "2"), monkeypatch,
+                             pretrained=models.TabularMLP)
+    mlp = load_run(training.ad_run_dir(tmp_path, "tabular", 0, 2, 1))
+    assert (mlp.run.split_seed, mlp.run.fold, mlp.run.version) == (0, 1, 2)
+    prefix = "block4.downsample.hypernet.embedding."
+    trained = mlp.model().embedding.state_dict()
+    assert {k[len(prefix):] for k in start if k.startswith(prefix)} == set(trained)
+    assert all(torch.equal(start[prefix + k], v) for k, v in trained.items())
+    table = data.read_ad_table(str(ad_cohort60))
+    train_idx = splits.ad_fold(splits.ad_split(table.sex, table.labels, table.age, 0), 1)[0]
+    rows = torch.as_tensor(mlp.tabular.transform([table.raw[i] for i in train_idx]))
+    with torch.no_grad():
+        sq_mean = float(copy.deepcopy(mlp.model().embedding).train()(rows).pow(2).mean())
+    d_j, d_k = 128, 8                                    # block4's 1x1 downsample: 128 channels in; k = 8; no ReLU
+    bounds = {"weights_gen": math.sqrt(3 * 2 ** 0 / (2 ** 1 * d_j * d_k * sq_mean)),      # Eq. 1, a bias: s = 1
+              "bias_gen": math.sqrt(3 * 2 ** 0 / (2 * d_k * sq_mean))}                    # Eq. 2
+    for name, bound in bounds.items():
+        largest = float(start[f"block4.downsample.hypernet.{name}.weight"].abs().max())
+        assert bound * (1 - 3e-4) <= largest <= bound, (name, largest, bound)
+        assert not start[f"block4.downsample.hypernet.{name}.bias"].any()      # c = 0
+
+
 def _decay_net():
     """An internal linear layer, then a hyperlayer with its own embedding, every parameter random."""
     class Net(nn.Module):
