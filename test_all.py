@@ -120,6 +120,13 @@ def run(script, *args):
     return subprocess.run([sys.executable, script, *map(str, args)], cwd=HERE, capture_output=True, text=True)
 
 
+def sigint_as_a_terminal_leaves_it():
+    """preexec_fn of a child the test will Ctrl-C: SIGINT back to its default before exec. pytest started as a
+    shell's background job (`pytest &`, nohup, some CI runners) runs with SIGINT ignored, an ignored signal stays
+    ignored across fork and exec, and the child's Python then never sees the Ctrl-C the test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def assert_clean_error(proc, *names):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error:"), proc.stderr
@@ -1481,7 +1488,8 @@ def _start_decode(ad_cohort40, tmp_path):
     env = dict(os.environ, PYTHONPATH=HERE, DECODE_MARKER=str(marker))
     proc = subprocess.Popen([sys.executable, str(script), os.path.join(os.path.dirname(ad_cohort40), "images"),
                              str(tmp_path / "cache")], cwd=HERE, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=sigint_as_a_terminal_leaves_it)
     t0 = time.time()
     while not marker.exists() and proc.poll() is None and time.time() - t0 < 60:
         time.sleep(0.05)
@@ -2468,7 +2476,7 @@ def test_ctrl_c_during_training_prints_one_line_with_what_is_kept_and_the_comman
     args = [str(a) for a in ("--data-csv", ad_cohort60, "--out", tmp_path, "--model", "tabular", "--epochs", "500",
                              "--batch-size", "8", "--split-seed", "0", "--fold", "1")]
     proc = subprocess.Popen([sys.executable, "train_ad.py", *args], cwd=HERE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_a_terminal_leaves_it)
     run_dir = _run_dir(tmp_path, "tabular")
     try:
         assert any(line.startswith("epoch   1/500") for line in proc.stdout), "no epoch line"
