@@ -1419,6 +1419,40 @@ def test_a_full_disk_or_an_unwritable_folder_is_one_error_line_naming_the_folder
                                                          "tabular")), tmp_path / "a_file", "Not a directory")
 
 
+@pytest.mark.parametrize("cache", ["absent", "present"])
+def test_a_cohort_on_read_only_storage_stops_in_one_line_naming_cache_dir_and_trains_with_a_writable_one(
+        ad_cohort40, tmp_path, monkeypatch, cache):
+    """A table and images on read-only storage (a shared archive, a read-only mount): the default cache,
+    <csv folder>/cache, cannot be made (or, made before, written). One `error:` line names that folder, the
+    reason and the way out, --cache-dir; with --cache-dir somewhere writable the same command trains. (os.mkdir and
+    the writes under the folder patched to fail with EROFS: tests run as root, where chmod stops nothing.)"""
+    ro = tmp_path / "archive"
+    shutil.copytree(os.path.dirname(ad_cohort40), ro, ignore=shutil.ignore_patterns("cache"))
+    if cache == "present":
+        os.mkdir(ro / "cache")
+    real_mkdir = os.mkdir
+
+    def read_only_mkdir(path, *args, **kwargs):
+        if os.path.abspath(os.fspath(path)).startswith(str(ro) + os.sep):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", read_only_mkdir)
+    for module in (images, safeio):
+        monkeypatch.setattr(module, "open", _full_disk_open(ro, errno.EROFS), raising=False)
+    args = _ad_args(ro / os.path.basename(ad_cohort40), tmp_path / "runs", "--model", "imaging", "--epochs", "1")
+    proc = run_main(train_ad.main, *args)
+    *warnings, error = proc.stderr.splitlines()          # present: sources.json not written, a warning says so
+    assert all(w.startswith("warning: ") and "sources.json" in w for w in warnings), warnings
+    assert bool(warnings) == (cache == "present"), warnings
+    assert_clean_error(types.SimpleNamespace(returncode=proc.returncode, stderr=error), ro / "cache",
+                       "Read-only file system", "--cache-dir")
+    assert not os.path.exists(tmp_path / "runs" / "ad" / "imaging" / "seed0" / "v0" / "fold1" / "best.pt")
+    assert os.listdir(ro / "cache") == [] if cache == "present" else not os.path.exists(ro / "cache")
+    proc = run_main(train_ad.main, *args, "--cache-dir", tmp_path / "cache")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
 DECODE_SCRIPT = '''"""A cache decode slow enough to stop midway: each entry written half, the rest 0.3 s later."""
 import os
 import sys
