@@ -356,6 +356,22 @@ def test_eq1_2_generators_are_drawn_uniform_with_the_hyperfan_in_variances_and_z
         assert torch.equal(generator.bias, torch.zeros_like(generator.bias)), name   # c = 0
 
 
+def test_eq1_2_take_r_1_for_the_brain_age_linears_a_relu_follows_and_r_0_for_the_final_layer_and_ad_downsample():
+    """Fig. 2-3: a ReLU follows linear1-3, nothing the final layer, BN the AD network's downsample. With e = 1 for
+    both sexes (E[e^2] = 1), G_w ~ U(+-sqrt(3 * 2^r / (2 d_j))): the largest of its (64 to 2,048) draws lies
+    within 1.2x of that bound, and a wrong r moves the bound by sqrt(2)."""
+    torch.manual_seed(0)
+    net = build_model("brain-age", "hyperfusion", image_shape=BRAIN_AGE_SMALL)
+    init_hyperlayers(net, torch.eye(2)[[0, 1, 1, 0]])
+    for name, r in (("linear1", 1), ("linear2", 1), ("linear3", 1), ("final_layer", 0)):
+        layer = getattr(net, name)
+        bound = math.sqrt(3 * 2 ** r / (2 * layer.in_features * 1 * 1.0))           # Eq. 1, s = 1, d_k = 1
+        largest = float(layer.hypernet.weights_gen.weight.detach().abs().max())
+        assert bound / 1.2 < largest <= bound, (name, largest, bound)
+    downsample = build_model("ad", "hyperfusion", n_tabular=15).block4.downsample
+    assert not downsample.relu_follows and downsample.fan_in == 128                 # then Eq. 1-2 with r = 0
+
+
 def test_init_measures_the_embedding_mean_square_on_training_rows():
     model = build_model("brain-age", "hyperfusion", image_shape=BRAIN_AGE_SMALL)
     sex = torch.eye(2)[torch.randint(0, 2, (50,))]
