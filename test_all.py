@@ -1465,8 +1465,9 @@ def test_a_cohort_on_read_only_storage_stops_in_one_line_naming_cache_dir_and_tr
                        "Read-only file system", "--cache-dir")
     assert not os.path.exists(tmp_path / "runs" / "ad" / "imaging" / "seed0" / "v0" / "fold1" / "best.pt")
     assert os.listdir(ro / "cache") == [] if cache == "present" else not os.path.exists(ro / "cache")
-    proc = run_main(train_ad.main, *args, "--cache-dir", tmp_path / "cache")
-    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    if cache == "absent":                                # the way out, once
+        proc = run_main(train_ad.main, *args, "--cache-dir", tmp_path / "cache")
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
 DECODE_SCRIPT = '''"""A cache decode slow enough to stop midway: each entry written half, the rest 0.3 s later."""
