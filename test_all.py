@@ -2248,29 +2248,42 @@ def test_fig4a_training_sets_are_one_size_min_men_women_drawn_with_the_seed_and_
 
 @pytest.fixture(scope="module")
 def fig4a_women_run(brain_age_cohort20, tmp_path_factory):
-    """A one-epoch imaging run of train_brain_age.py trained on women only (Fig. 4A), split 50/25/25, with what
-    select_training_sex was given -> (table, (train, val, test) of the split, what it was given, the run folder)."""
-    out, given = tmp_path_factory.mktemp("fig4a_women"), []
+    """A one-epoch imaging run of train_brain_age.py trained on women only (Fig. 4A), split 50/25/25 -> (table,
+    (train, val, test) of the split, (what select_training_sex was given, the ages each precise BN read), the run
+    folder)."""
+    out, given, calibrated = tmp_path_factory.mktemp("fig4a_women"), [], []
     real = train_brain_age.select_training_sex
 
     def spy(train_idx, sex, which, seed):
         given.append(np.array(train_idx))
         return real(train_idx, sex, which, seed)
 
+    def precise_bn_spy(model, loader, device, precision):
+        calibrated.append(torch.cat([age for _, _, age in loader]).numpy())
+        return training.recalibrate_batchnorm(model, loader, device, precision)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train_brain_age, "select_training_sex", spy)
+        mp.setattr(train_brain_age, "recalibrate_batchnorm", precise_bn_spy)
         train_brain_age.main(["--data-csv", str(brain_age_cohort20), "--out", str(out), "--epochs", "1",
                               "--batch-size", "4", "--model", "imaging", "--train-sex", "F", "--split", "0.5", "0.25",
                               "0.25", "--quiet", "--precision", "fp32"])
     table = data.read_brain_age_table(str(brain_age_cohort20), None)
     parts = splits.brain_age_split(table.age, table.sex, 0, (0.5, 0.25, 0.25))
-    return table, parts, given, training.brain_age_run_dir(out, "imaging", 0, train_sex="F")
+    return table, parts, (given, calibrated), training.brain_age_run_dir(out, "imaging", 0, train_sex="F")
 
 
 def test_fig4a_training_sets_are_drawn_from_the_training_split_alone(fig4a_women_run):
-    table, (train, val, test), given, _ = fig4a_women_run
+    table, (train, val, test), (given, _), _ = fig4a_women_run
     assert len(given) == 1 and np.array_equal(given[0], train)
     assert (table.sex[val] == 1).any() or (table.sex[test] == 1).any()     # women the wrong rows would add
+
+
+def test_precise_bn_of_a_fig4a_run_reads_its_chosen_training_subjects_alone_in_order(fig4a_women_run):
+    table, (train, _, _), (_, calibrated), _ = fig4a_women_run
+    women = train_brain_age.select_training_sex(train, table.sex, "F", 0)
+    assert len(calibrated) == 1 and len(women) < len(train)
+    np.testing.assert_array_equal(calibrated[0], table.age[women].astype(np.float32))
 
 
 def test_the_brain_age_target_is_centred_on_the_mean_age_of_the_training_rows_it_trains_on(fig4a_women_run):
