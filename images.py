@@ -326,12 +326,25 @@ def cache_folder(cache_dir, data_csv):
 ENTRY_MAGIC = b"HFcache1"   # the last 8 bytes of a cache entry, after its trailer and the trailer's length
 
 
+CACHE_WAY_OUT = "--cache-dir names a cache folder you can write to"
+
+
+def make_cache_folder(folder):
+    """os.makedirs of a cache folder; one that cannot be made (a cohort on read-only storage, a folder of
+    another user) is one error naming it, the reason and the way out, --cache-dir."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot make the decoded-image cache there ({exc.strerror or exc}); "
+                        f"{CACHE_WAY_OUT}") from None
+
+
 @contextlib.contextmanager
 def cache_lock(folder):
     """No other process is inside cache_lock of this folder meanwhile (fcntl.flock on the folder).
     Where that is not to be had (no fcntl, a file system without flock) it locks nothing: the
     entries stay right (atomic writes), only decoded (or hashed) more than once."""
-    os.makedirs(folder, exist_ok=True)
+    make_cache_folder(folder)
     fd = os.open(folder, os.O_RDONLY)
     try:
         with contextlib.suppress(OSError, AttributeError):
@@ -378,7 +391,7 @@ class ImageCache:
         self._index = None  # sources.json as read (then kept up to date) by this object
         self._sources = {}  # path -> (file key, sha256) of the version of the file last hashed
         self._checked = set()  # entries this object has read whole and found sound (or written itself)
-        os.makedirs(cache_dir, exist_ok=True)
+        make_cache_folder(cache_dir)
 
     def __len__(self):
         return len(self.paths)
@@ -468,13 +481,16 @@ class ImageCache:
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(self.cache_dir, old))
         blob = entry_bytes(arr, source, self.config(i))
-        with atomic_path(out, blob.nbytes) as tmp:
-            _writing.append(tmp)            # a decoding process that is stopped removes it (_stop_decoding)
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(blob)
-            finally:
-                _writing.remove(tmp)
+        try:
+            with atomic_path(out, blob.nbytes) as tmp:
+                _writing.append(tmp)            # a decoding process that is stopped removes it (_stop_decoding)
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(blob)
+                finally:
+                    _writing.remove(tmp)
+        except UserError as exc:                # a full or read-only cache folder: the way out
+            raise UserError(f"{exc} ({CACHE_WAY_OUT})") from None
         self._checked.add(out)
         self.n_decoded += 1
 

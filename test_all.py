@@ -39,6 +39,7 @@ import gpu_check
 import images
 import launcher
 import metrics
+import models
 import plots
 import precision as prec
 import predict
@@ -121,6 +122,13 @@ def tiny_ad(folder, n=3, group="CN", age="70.5"):
 
 def run(script, *args):
     return subprocess.run([sys.executable, script, *map(str, args)], cwd=HERE, capture_output=True, text=True)
+
+
+def sigint_as_a_terminal_leaves_it():
+    """preexec_fn of a child the test will Ctrl-C: SIGINT back to its default before exec. pytest started as a
+    shell's background job (`pytest &`, nohup, some CI runners) runs with SIGINT ignored, an ignored signal stays
+    ignored across fork and exec, and the child's Python then never sees the Ctrl-C the test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def assert_clean_error(proc, *names):
@@ -352,6 +360,22 @@ def test_eq1_2_generators_are_drawn_uniform_with_the_hyperfan_in_variances_and_z
         assert torch.equal(generator.bias, torch.zeros_like(generator.bias)), name   # c = 0
 
 
+def test_eq1_2_take_r_1_for_the_brain_age_linears_a_relu_follows_and_r_0_for_the_final_layer_and_ad_downsample():
+    """Fig. 2-3: a ReLU follows linear1-3, nothing the final layer, BN the AD network's downsample. With e = 1 for
+    both sexes (E[e^2] = 1), G_w ~ U(+-sqrt(3 * 2^r / (2 d_j))): the largest of its (64 to 2,048) draws lies
+    within 1.2x of that bound, and a wrong r moves the bound by sqrt(2)."""
+    torch.manual_seed(0)
+    net = build_model("brain-age", "hyperfusion", image_shape=BRAIN_AGE_SMALL)
+    init_hyperlayers(net, torch.eye(2)[[0, 1, 1, 0]])
+    for name, r in (("linear1", 1), ("linear2", 1), ("linear3", 1), ("final_layer", 0)):
+        layer = getattr(net, name)
+        bound = math.sqrt(3 * 2 ** r / (2 * layer.in_features * 1 * 1.0))           # Eq. 1, s = 1, d_k = 1
+        largest = float(layer.hypernet.weights_gen.weight.detach().abs().max())
+        assert bound / 1.2 < largest <= bound, (name, largest, bound)
+    downsample = build_model("ad", "hyperfusion", n_tabular=15).block4.downsample
+    assert not downsample.relu_follows and downsample.fan_in == 128                 # then Eq. 1-2 with r = 0
+
+
 def test_init_measures_the_embedding_mean_square_on_training_rows():
     model = build_model("brain-age", "hyperfusion", image_shape=BRAIN_AGE_SMALL)
     sex = torch.eye(2)[torch.randint(0, 2, (50,))]
@@ -396,6 +420,33 @@ def test_ad_training_measures_e_squared_on_its_preprocessed_training_rows(ad_coh
         embedding = copy.deepcopy(layer.hypernet.embedding).train()  # train-mode batch norm, as in training
         assert sq_mean == pytest.approx(float(embedding(expected).pow(2).mean()), rel=1e-5)
     assert abs(sq_mean - 1.0) > 0.2, sq_mean
+
+
+def test_hyperfusion_starts_from_the_trained_tabular_mlp_of_its_split_fold_and_version_and_eq1_2_from_its_outputs(
+        ad_cohort60, tmp_path, monkeypatch):
+    """Sec. 4.3.6: the embedding holds the trained MLP's first three modules (weights and BN statistics) as
+    training starts; then Eq. 1-2 draw the generators with E[e^2] of that embedding on the training rows (its
+    largest |G| is the bound sqrt(3 Var) to within 3e-4: 32,768 and 2,048 uniform draws)."""
+    start = _initial_weights(train_ad, _ad_args(ad_cohort60, tmp_path, "--version", "2"), monkeypatch,
+                             pretrained=models.TabularMLP)
+    mlp = load_run(training.ad_run_dir(tmp_path, "tabular", 0, 2, 1))
+    assert (mlp.run.split_seed, mlp.run.fold, mlp.run.version) == (0, 1, 2)
+    prefix = "block4.downsample.hypernet.embedding."
+    trained = mlp.model().embedding.state_dict()
+    assert {k[len(prefix):] for k in start if k.startswith(prefix)} == set(trained)
+    assert all(torch.equal(start[prefix + k], v) for k, v in trained.items())
+    table = data.read_ad_table(str(ad_cohort60))
+    train_idx = splits.ad_fold(splits.ad_split(table.sex, table.labels, table.age, 0), 1)[0]
+    rows = torch.as_tensor(mlp.tabular.transform([table.raw[i] for i in train_idx]))
+    with torch.no_grad():
+        sq_mean = float(copy.deepcopy(mlp.model().embedding).train()(rows).pow(2).mean())
+    d_j, d_k = 128, 8                                    # block4's 1x1 downsample: 128 channels in; k = 8; no ReLU
+    bounds = {"weights_gen": math.sqrt(3 * 2 ** 0 / (2 ** 1 * d_j * d_k * sq_mean)),      # Eq. 1, a bias: s = 1
+              "bias_gen": math.sqrt(3 * 2 ** 0 / (2 * d_k * sq_mean))}                    # Eq. 2
+    for name, bound in bounds.items():
+        largest = float(start[f"block4.downsample.hypernet.{name}.weight"].abs().max())
+        assert bound * (1 - 3e-4) <= largest <= bound, (name, largest, bound)
+        assert not start[f"block4.downsample.hypernet.{name}.bias"].any()      # c = 0
 
 
 def _decay_net():
@@ -535,6 +586,117 @@ def test_every_batch_norm_of_the_ad_image_network_has_momentum_0_05(name):
     if name == "hyperfusion":                  # another choice of hyperlayer keeps the plain downsample, BN first
         other = build_model("ad", name, n_tabular=15, hyperlayers=("conv1",)).block4
         assert {m.momentum for m in other.modules() if isinstance(m, nn.BatchNorm3d)} == {0.05}
+
+
+# Tables 5-6, Fig. 2-3 written out from SPEC §2 as plain functional calls: order of conv / activation / pool / BN /
+# dropout, each dropout rate in its place, each BN's momentum, what is concatenated where. Run in training mode from
+# one RNG seed, model and reference draw the same dropout masks only when every rate and place agree; the running
+# statistics the reference's BN calls leave (with the momenta written here) must equal the model's.
+
+def _bn_train(x, norm, momentum):
+    return F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias, True, momentum, norm.eps)
+
+
+def _hyper_weights(layer, e):
+    """Eq. (Sec. 3.1): W = G_w e + c_w, b = G_b e + c_b, per sample."""
+    g, gb = layer.hypernet.weights_gen, layer.hypernet.bias_gen
+    return (e @ g.weight.T + g.bias).view(-1, *layer.weight_shape), e @ gb.weight.T + gb.bias
+
+
+def _brain_age_by_hand(net, name, image, sex):
+    x = image
+    for i in (1, 2, 3):                               # Conv ReLU Conv ReLU MaxPool BN (Fig. 2), BN momentum 0.1
+        a, b = getattr(net, f"conv{i}_a"), getattr(net, f"conv{i}_b")
+        x = F.relu(F.conv3d(F.relu(F.conv3d(x, a.weight, a.bias)), b.weight, b.bias))
+        x = _bn_train(F.max_pool3d(x, 2), getattr(net, f"batchnorm{i}"), 0.1)
+    x = F.dropout3d(x, 0.2, True).flatten(1)          # Dropout3d(0.2), then flatten
+    for n in ("linear1", "linear2", "linear3", "final_layer"):
+        layer = getattr(net, n)
+        if name == "hyperfusion":                     # its own embedding Linear(2, k) of the sex vector
+            emb = layer.hypernet.embedding
+            w, b = _hyper_weights(layer, sex @ emb.weight.T + emb.bias)
+            x = torch.einsum("boi,bi->bo", w, x) + b
+        else:                                         # concat: the sex vector at the input of every linear
+            x = F.linear(torch.cat([x, sex], 1) if name == "concat" else x, layer.weight, layer.bias)
+        x = F.relu(x) if n != "final_layer" else x
+    return x.squeeze(1)
+
+
+def _conv_by_hand(conv, x, e, stride, padding):
+    if isinstance(conv, HyperConv):                   # per-sample generated kernel and bias
+        w, b = _hyper_weights(conv, e)
+        return torch.cat([F.conv3d(x[i:i + 1], w[i], b[i], stride, padding) for i in range(len(x))])
+    return F.conv3d(x, conv.weight, conv.bias, stride, padding)
+
+
+def _ad_block_by_hand(block, x, tabular, stride, rate, name):
+    """PreactResBlock: BN ReLU Dropout3d Conv3d(3, stride) BN ReLU Dropout3d Conv3d(3) + shortcut, BN momentum
+    0.05; the shortcut BN Conv3d(1x1, stride), in the HyperRes block HyperConv3d(1x1, stride) BN."""
+    def embed():                                      # Linear BatchNorm1d(8) PReLU, one call per hyperlayer
+        lin, norm, prelu = block.conv1.hypernet.embedding if isinstance(block.conv1, HyperConv) else \
+            block.downsample.hypernet.embedding
+        return F.prelu(_bn_train(F.linear(tabular, lin.weight, lin.bias), norm, 0.1), prelu.weight)
+    h = x
+    if name in ("film", "daft"):                      # scale * F + shift, no activation on the scale
+        z = tabular if name == "film" else torch.cat([x.mean((2, 3, 4)), tabular], 1)
+        scale, shift = (F.relu(z @ block.aux[0].weight.T) @ block.aux[2].weight.T)[:, :, None, None, None].chunk(2, 1)
+        h = scale * x + shift
+    e1 = embed() if isinstance(block.conv1, HyperConv) else None
+    h = _conv_by_hand(block.conv1, F.dropout3d(F.relu(_bn_train(h, block.bn1, 0.05)), rate, True), e1, stride, 1)
+    e2 = embed() if isinstance(block.conv2, HyperConv) else None
+    h = _conv_by_hand(block.conv2, F.dropout3d(F.relu(_bn_train(h, block.bn2, 0.05)), rate, True), e2, 1, 1)
+    if isinstance(block.downsample, HyperConv):
+        return h + _bn_train(_conv_by_hand(block.downsample, x, embed(), stride, 0), block.downsample_bn, 0.05)
+    if block.downsample is None:
+        return h + x
+    norm, conv = block.downsample
+    return h + F.conv3d(_bn_train(x, norm, 0.05), conv.weight, conv.bias, stride)
+
+
+def _ad_by_hand(net, name, image, tabular):
+    if name == "tabular":                             # Linear(n_tab, 8) BatchNorm1d(8) PReLU Linear(8, 3), Fig. 3C
+        lin, norm, prelu = net.embedding
+        e = F.prelu(_bn_train(F.linear(tabular, lin.weight, lin.bias), norm, 0.1), prelu.weight)
+        return F.linear(e, net.head.weight, net.head.bias)
+    c = net.conv_bn_relu[0]                           # Conv3d(1, f, 3, pad 1) BN(0.05) ReLU, MaxPool3d(2)
+    x = F.max_pool3d(F.relu(_bn_train(F.conv3d(image, c.weight, c.bias, 1, 1), net.conv_bn_relu[1], 0.05)), 2)
+    for i, stride, rate in ((1, 1, 0.1), (2, 2, 0.2), (3, 2, 0.2), (4, 2, 0.3)):
+        x = _ad_block_by_hand(getattr(net, f"block{i}"), x, tabular, stride, rate, name if i == 4 else "imaging")
+    x = F.adaptive_avg_pool3d(x, 1).flatten(1)
+    if name == "concat":                              # the tabular vector next to the pooled image features
+        x = torch.cat([x, tabular], 1)
+    x = F.relu(F.linear(F.dropout(x, 0.6, True), net.fc1.weight, net.fc1.bias))     # Dropout(0.6) fc1 ReLU
+    return F.linear(F.dropout(x, 0.5, True), net.fc2.weight, net.fc2.bias)            # Dropout(0.5) fc2
+
+
+def _tables_5_6_cases():
+    for name in BRAIN_AGE_MODELS:
+        yield "brain-age", name, dict(image_shape=BRAIN_AGE_SMALL)
+    yield "brain-age", "hyperfusion", dict(image_shape=BRAIN_AGE_SMALL, embedding_dim=2)
+    for name in ("imaging", "concat", "film", "daft", "hyperfusion"):
+        yield "ad", name, dict(n_tabular=5, f=4)
+    yield "ad", "hyperfusion", dict(n_tabular=5, f=4, hyperlayers=("conv1", "conv2", "downsample"))
+    yield "ad", "tabular", dict(n_tabular=5)
+
+
+@pytest.mark.parametrize("task,name,options", list(_tables_5_6_cases()))
+def test_tables_5_6_each_network_computes_its_layers_in_the_papers_order_with_its_dropout_rates_and_bn_momenta(
+        task, name, options):
+    net = _randomise(build_model(task, name, **options)).train()
+    by_hand = copy.deepcopy(net)                      # its running statistics are updated by the calls above
+    g = torch.Generator().manual_seed(1)
+    if task == "brain-age":
+        image, tab = torch.randn(4, 1, *BRAIN_AGE_SMALL, generator=g), torch.eye(2)[[0, 1, 1, 0]]
+    else:
+        image, tab = torch.randn(4, 1, *AD_SMALL, generator=g), torch.randn(4, 5, generator=g)
+    torch.manual_seed(7)
+    out = net(image, tab)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        expected = (_brain_age_by_hand if task == "brain-age" else _ad_by_hand)(by_hand, name, image, tab)
+    torch.testing.assert_close(out, expected)
+    for (k, v), (k2, v2) in zip(net.state_dict().items(), by_hand.state_dict().items()):     # BN momenta
+        assert k == k2 and (k.endswith("num_batches_tracked") or torch.allclose(v, v2, rtol=1e-5, atol=1e-6)), k
 
 
 def _all_models():
@@ -1277,6 +1439,41 @@ def test_a_full_disk_or_an_unwritable_folder_is_one_error_line_naming_the_folder
                                                          "tabular")), tmp_path / "a_file", "Not a directory")
 
 
+@pytest.mark.parametrize("cache", ["absent", "present"])
+def test_a_cohort_on_read_only_storage_stops_in_one_line_naming_cache_dir_and_trains_with_a_writable_one(
+        ad_cohort40, tmp_path, monkeypatch, cache):
+    """A table and images on read-only storage (a shared archive, a read-only mount): the default cache,
+    <csv folder>/cache, cannot be made (or, made before, written). One `error:` line names that folder, the
+    reason and the way out, --cache-dir; with --cache-dir somewhere writable the same command trains. (os.mkdir and
+    the writes under the folder patched to fail with EROFS: tests run as root, where chmod stops nothing.)"""
+    ro = tmp_path / "archive"
+    shutil.copytree(os.path.dirname(ad_cohort40), ro, ignore=shutil.ignore_patterns("cache"))
+    if cache == "present":
+        os.mkdir(ro / "cache")
+    real_mkdir = os.mkdir
+
+    def read_only_mkdir(path, *args, **kwargs):
+        if os.path.abspath(os.fspath(path)).startswith(str(ro) + os.sep):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", read_only_mkdir)
+    for module in (images, safeio):
+        monkeypatch.setattr(module, "open", _full_disk_open(ro, errno.EROFS), raising=False)
+    args = _ad_args(ro / os.path.basename(ad_cohort40), tmp_path / "runs", "--model", "imaging", "--epochs", "1")
+    proc = run_main(train_ad.main, *args)
+    *warnings, error = proc.stderr.splitlines()          # present: sources.json not written, a warning says so
+    assert all(w.startswith("warning: ") and "sources.json" in w for w in warnings), warnings
+    assert bool(warnings) == (cache == "present"), warnings
+    assert_clean_error(types.SimpleNamespace(returncode=proc.returncode, stderr=error), ro / "cache",
+                       "Read-only file system", "--cache-dir")
+    assert not os.path.exists(tmp_path / "runs" / "ad" / "imaging" / "seed0" / "v0" / "fold1" / "best.pt")
+    assert os.listdir(ro / "cache") == [] if cache == "present" else not os.path.exists(ro / "cache")
+    if cache == "absent":                                # the way out, once
+        proc = run_main(train_ad.main, *args, "--cache-dir", tmp_path / "cache")
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
 DECODE_SCRIPT = '''"""A cache decode slow enough to stop midway: each entry written half, the rest 0.3 s later."""
 import os
 import sys
@@ -1346,7 +1543,8 @@ def _start_decode(ad_cohort40, tmp_path):
     env = dict(os.environ, PYTHONPATH=HERE, DECODE_MARKER=str(marker))
     proc = subprocess.Popen([sys.executable, str(script), os.path.join(os.path.dirname(ad_cohort40), "images"),
                              str(tmp_path / "cache")], cwd=HERE, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=sigint_as_a_terminal_leaves_it)
     t0 = time.time()
     while not marker.exists() and proc.poll() is None and time.time() - t0 < 60:
         time.sleep(0.05)
@@ -1702,6 +1900,57 @@ def test_a_two_epoch_hyperfusion_run_writes_its_checkpoints_log_and_metrics(ad_c
     assert TabularPreprocessor(state=ckpt["tabular"]).n_features == ckpt["inputs"]["n_tabular"] == 15
 
 
+class _Initialised(Exception):
+    """Raised by _initial_weights' spy once the training script hands its initialised model to fit."""
+
+
+def _initial_weights(script, argv, monkeypatch, pretrained=()):
+    """The state dict a training script's model holds when it starts training (after Eq. 1-2, after loading the
+    tabular embedding), taken as the script calls training.fit; the run stops there. Models of the `pretrained`
+    classes (HyperFusion's tabular MLP) train as usual."""
+    seen, real = [], script.fit
+
+    def spy(model, *args, **kwargs):
+        if isinstance(model, pretrained):
+            return real(model, *args, **kwargs)
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        raise _Initialised
+
+    monkeypatch.setattr(script, "fit", spy)
+    with pytest.raises(_Initialised):
+        script.main(argv)
+    return seen[0]
+
+
+def _random_weights(state):
+    """The names of the randomly initialised tensors: every convolution's and linear layer's weight and the
+    generators' (biases that start at zero, BN's ones, PReLU's 0.25 and the brain-age sex embeddings' ones, SPEC
+    §1, are the same in every version)."""
+    return [k for k, v in state.items() if k.endswith("weight") and v.dim() >= 2
+            and not (k.startswith(("linear", "final_layer")) and ".hypernet.embedding." in k)]
+
+
+@pytest.mark.parametrize("task,model", [("ad", "imaging"), ("ad", "hyperfusion"), ("brain-age", "hyperfusion")])
+def test_versions_are_independent_initialisations_and_one_version_twice_starts_from_the_same_weights(
+        task, model, ad_cohort60, brain_age_cohort20, tmp_path, monkeypatch):
+    def initial(version, out):
+        if task == "ad":
+            argv = _ad_args(ad_cohort60, tmp_path / out, "--model", model, "--version", str(version))
+            return _initial_weights(train_ad, argv, monkeypatch, pretrained=models.TabularMLP)
+        return _initial_weights(train_brain_age, ["--data-csv", str(brain_age_cohort20), "--out", str(tmp_path / out),
+                                                  "--epochs", "1", "--batch-size", "4", "--model", model, "--quiet",
+                                                  "--version", str(version), "--precision", "fp32"], monkeypatch)
+    v0, v1, v0_again = initial(0, "a"), initial(1, "b"), initial(0, "a")   # AD: the v0 MLP trained, then reused
+    names = _random_weights(v0)
+    generators = [k for k in names if "weights_gen" in k or "bias_gen" in k]
+    assert len(generators) == (2 if task == "ad" else 8) if model == "hyperfusion" else not generators
+    assert v0.keys() == v0_again.keys() and all(torch.equal(v0[k], v0_again[k]) for k in v0)
+    assert [k for k in names if torch.equal(v0[k], v1[k])] == []
+    if model == "hyperfusion" and task == "ad":        # the embedding comes from the MLP of the same version
+        assert not torch.equal(v0["block4.downsample.hypernet.embedding.0.weight"],
+                               v1["block4.downsample.hypernet.embedding.0.weight"])
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_resume_after_an_interruption_ends_as_an_uninterrupted_run(ad_cohort60, tmp_path, monkeypatch, precision):
     """On CPU, at float32 and at bfloat16 (autocast is deterministic there too)."""
@@ -2001,6 +2250,67 @@ def test_fig4a_training_sets_are_one_size_min_men_women_drawn_with_the_seed_and_
         assert np.array_equal(train_brain_age.select_training_sex(idx, full, "all", 0), idx)
 
 
+@pytest.fixture(scope="module")
+def fig4a_women_run(brain_age_cohort20, tmp_path_factory):
+    """A one-epoch imaging run of train_brain_age.py trained on women only (Fig. 4A), split 50/25/25 -> (table,
+    (train, val, test) of the split, (what select_training_sex was given, the ages each precise BN read), the run
+    folder)."""
+    out, given, calibrated = tmp_path_factory.mktemp("fig4a_women"), [], []
+    real = train_brain_age.select_training_sex
+
+    def spy(train_idx, sex, which, seed):
+        given.append(np.array(train_idx))
+        return real(train_idx, sex, which, seed)
+
+    def precise_bn_spy(model, loader, device, precision):
+        calibrated.append(torch.cat([age for _, _, age in loader]).numpy())
+        return training.recalibrate_batchnorm(model, loader, device, precision)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_brain_age, "select_training_sex", spy)
+        mp.setattr(train_brain_age, "recalibrate_batchnorm", precise_bn_spy)
+        train_brain_age.main(["--data-csv", str(brain_age_cohort20), "--out", str(out), "--epochs", "1",
+                              "--batch-size", "4", "--model", "imaging", "--train-sex", "F", "--split", "0.5", "0.25",
+                              "0.25", "--quiet", "--precision", "fp32"])
+    table = data.read_brain_age_table(str(brain_age_cohort20), None)
+    parts = splits.brain_age_split(table.age, table.sex, 0, (0.5, 0.25, 0.25))
+    return table, parts, (given, calibrated), training.brain_age_run_dir(out, "imaging", 0, train_sex="F")
+
+
+def test_fig4a_training_sets_are_drawn_from_the_training_split_alone(fig4a_women_run):
+    table, (train, val, test), (given, _), _ = fig4a_women_run
+    assert len(given) == 1 and np.array_equal(given[0], train)
+    assert (table.sex[val] == 1).any() or (table.sex[test] == 1).any()     # women the wrong rows would add
+
+
+def test_precise_bn_of_a_fig4a_run_reads_its_chosen_training_subjects_alone_in_order(fig4a_women_run):
+    table, (train, _, _), (_, calibrated), _ = fig4a_women_run
+    women = train_brain_age.select_training_sex(train, table.sex, "F", 0)
+    assert len(calibrated) == 1 and len(women) < len(train)
+    np.testing.assert_array_equal(calibrated[0], table.age[women].astype(np.float32))
+
+
+def test_the_brain_age_target_is_centred_on_the_mean_age_of_the_training_rows_it_trains_on(fig4a_women_run):
+    table, (train, val, test), _, run_dir = fig4a_women_run
+    women = train_brain_age.select_training_sex(train, table.sex, "F", 0)
+    centre = load_run(run_dir).target.centre
+    assert centre == float(table.age[women].mean())
+    for other in (train, np.concatenate([women, val]), np.arange(len(table.age))):   # would move it
+        assert abs(float(table.age[other].mean()) - centre) > 0.1
+
+
+def test_the_age_bias_of_the_brain_age_gap_is_fitted_on_the_validation_rows_never_the_test_rows(fig4a_women_run):
+    table, (train, val, test), _, run_dir = fig4a_women_run
+    finished_run = load_run(run_dir)
+    saved, bias = finished_run.read_predictions(), finished_run.read_metrics()["age_bias"]
+    assert list(saved["val_subjects"]) == [table.subjects[i] for i in val]
+    assert bias == metrics.age_bias_fit(table.age[val], saved["val_pred"])
+    on_test = metrics.age_bias_fit(saved["age"], saved["pred"])
+    assert max(abs(on_test[k] - bias[k]) for k in ("slope", "intercept")) > 1e-3        # the test rows would show
+    gap = finished_run.read_metrics()["test"]["gap"]
+    assert gap == metrics.gap_summary(saved["age"], saved["pred"], saved["sex"], bias)
+
+
 # ----------------------------------------------------------------------------------------------
 # A run folder is one run; divergence; interruption
 
@@ -2269,7 +2579,7 @@ def test_ctrl_c_during_training_prints_one_line_with_what_is_kept_and_the_comman
     args = [str(a) for a in ("--data-csv", ad_cohort60, "--out", tmp_path, "--model", "tabular", "--epochs", "500",
                              "--batch-size", "8", "--split-seed", "0", "--fold", "1")]
     proc = subprocess.Popen([sys.executable, "train_ad.py", *args], cwd=HERE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_a_terminal_leaves_it)
     run_dir = _run_dir(tmp_path, "tabular")
     try:
         assert any(line.startswith("epoch   1/500") for line in proc.stdout), "no epoch line"
@@ -2398,6 +2708,30 @@ def test_eq5_class_weights_are_n_over_c_n_c_counted_on_the_training_and_validati
         np.testing.assert_allclose(w, expected, rtol=1e-6)
     for other in (train, np.arange(len(table.labels))):    # the cohort tells them apart: training only, or with test
         assert not np.allclose(weights(other), expected, rtol=1e-3)
+
+
+def test_app_c4_oversampling_draws_every_class_equally_often_over_an_epoch(ad_cohort60, tmp_path, monkeypatch):
+    """--loss ce-oversample: the training loader's sampler draws an epoch of len(training rows) with replacement,
+    each class expected equally often, though the training rows hold 13 CN, 18 MCI and 5 AD."""
+    loaders, real = [], train_ad.fit
+
+    def spy(model, train_loader, *args, **kwargs):
+        loaders.append(train_loader)
+        return real(model, train_loader, *args, **kwargs)
+
+    monkeypatch.setattr(train_ad, "fit", spy)
+    train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "tabular", "--epochs", "1", "--loss", "ce-oversample"))
+    table = data.read_ad_table(ad_cohort60, need_images=False)
+    train, _, _ = splits.ad_fold(splits.ad_split(table.sex, table.labels, table.age, 0), 1)
+    labels = table.labels[train]
+    assert np.bincount(labels).tolist() == [13, 18, 5]
+    sampler = loaders[0].sampler
+    assert sampler.num_samples == len(train) and sampler.replacement
+    expected = np.bincount(labels, weights=sampler.weights.numpy()) / float(sampler.weights.sum())
+    np.testing.assert_allclose(expected, 1 / 3, rtol=1e-9)                  # exactly, in expectation
+    torch.manual_seed(0)
+    drawn = np.bincount(labels[np.concatenate([list(sampler) for _ in range(300)])], minlength=3)
+    assert np.abs(drawn / drawn.sum() - 1 / 3).max() < 0.02, drawn         # 10,800 draws: 4 sigma of noise
 
 
 def _scripted_fit(folder, scores, lower_is_better):
@@ -2561,6 +2895,20 @@ def test_auc_and_maes_by_hand():
     assert m["auc_macro"] == pytest.approx(0.75)
     r = regression_metrics([50, 60, 70, 80], [52, 57, 70, 84], [0, 1, 0, 1])
     assert (r["mae"], r["mae_male"], r["mae_female"]) == pytest.approx((2.25, 1.0, 3.5))
+
+
+def test_the_auc_is_the_macro_mean_of_the_one_vs_rest_aucs_not_weighted_micro_nor_one_vs_one():
+    labels = np.array([0, 0, 1, 1, 1, 2])                  # classes of 2, 3 and 1 subjects
+    probs = np.array([[.6, .3, .1], [.3, .5, .2], [.5, .4, .1], [.2, .7, .1], [.3, .3, .4], [.2, .2, .6]])
+    # one vs rest, by pair counting: CN 13/16 (a tie counts half), MCI 6.5/9, AD 5/5
+    per_class = [13 / 16, 6.5 / 9, 1.0]
+    macro = np.mean(per_class)                             # 0.8449
+    m = classification_metrics(labels, probs, NAMES)
+    assert m["auc_macro"] == pytest.approx(macro, abs=1e-12)
+    weighted = np.dot(per_class, np.bincount(labels) / len(labels))                      # 0.7986
+    one_vs_one = roc_auc_score(labels, probs, multi_class="ovo", average="macro")       # 0.8889
+    micro = roc_auc_score(np.eye(3)[labels].ravel(), probs.ravel())                      # 0.8542
+    assert min(abs(other - macro) for other in (weighted, one_vs_one, micro)) > 5e-3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3300,6 +3648,26 @@ def test_a_prediction_depends_on_its_own_row_only_and_empty_cells_use_the_runs_s
     with torch.no_grad():
         logits = finished_run.model()(image[:, None], torch.as_tensor(tab).repeat(2, 1))    # both hippocampi
     np.testing.assert_allclose(b["combined"][0], torch.softmax(logits, 1).mean(0).numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_predict_reads_each_brain_age_member_with_its_own_target_and_combines_them_by_the_eq6_mean(
+        brain_age_cohort20, fig4a_women_run, tmp_path):
+    """Three copies of one run whose saved targets are centred 0, 10 and 40 years apart: each member's ages move
+    by its own centre, and the ensemble is their mean (here 50/3 years above the first), not their median (10)."""
+    run_dir = fig4a_women_run[3]
+    for k, shift in enumerate((0.0, 10.0, 40.0)):
+        copy_dir = tmp_path / "runs" / f"member{k}"
+        shutil.copytree(run_dir, copy_dir)
+        ckpt = training.load_checkpoint(str(copy_dir / "best.pt"))
+        ckpt["target"] = dict(ckpt["target"], centre=ckpt["target"]["centre"] + shift)
+        training.save_checkpoint(ckpt, str(copy_dir / "best.pt"))
+    res = _predict(tmp_path / "runs", "--data-csv", brain_age_cohort20, "--out", tmp_path / "ages.csv")
+    out = res["outputs"]                                                    # (3, N) years
+    assert out.shape == (3, 20)
+    np.testing.assert_allclose(out[1] - out[0], 10.0, atol=1e-4)
+    np.testing.assert_allclose(out[2] - out[0], 40.0, atol=1e-4)
+    np.testing.assert_allclose(res["combined"], out[0] + 50.0 / 3, atol=1e-4)      # Eq. 6
+    np.testing.assert_allclose(res["combined"], metrics.mean_ensemble(out), rtol=1e-12)
 
 
 def test_predict_refuses_other_grids_mixed_runs_and_unfinished_runs_in_one_line(ad_cohort60, ad_fold_runs,
