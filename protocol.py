@@ -32,7 +32,7 @@ from synthetic import builtin_cohort
 from runconfig import ad_run_dir, brain_age_run_dir
 
 
-def check_protocol_data(finished_dirs, task, data_csv=None, image_dir=None, data_dir="data", must=True):
+def check_protocol_data(finished_dirs, task, data_csv=None, image_dir=None, data_dir="data", must=True, cache_dir=None):
     """The finished runs a protocol skips were trained on the table and the images it would train the others on:
     the table's sha256 and the images' fingerprint held in their checkpoints, compared with those of the data now.
     A difference is refused before anything trains (must: some runs are still to train, which would mix two
@@ -54,7 +54,7 @@ def check_protocol_data(finished_dirs, task, data_csv=None, image_dir=None, data
             if key not in fingerprints:
                 table = (data.read_ad_table(csv_path, image_dir, classes=r.run.classes, group_map=r.run.group_map)
                          if task == "ad" else data.read_brain_age_table(csv_path, image_dir))
-                fingerprints[key] = data.image_fingerprint(table.image_paths, data.cache_folder(None, csv_path),
+                fingerprints[key] = data.image_fingerprint(table.image_paths, data.cache_folder(cache_dir, csv_path),
                                                            table.subjects)
             if fingerprints[key] != r.inputs["images_sha256"]:
                 problem = (f"{d} was trained on other images than {csv_path} names now (images_sha256 "
@@ -69,7 +69,7 @@ def check_protocol_data(finished_dirs, task, data_csv=None, image_dir=None, data
 
 def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None, epochs=None, data_csv=None,
                  image_dir=None, data_dir="data", binary=False, train_sex=("all",), embedding_dim=1, verbose=False,
-                 tabular_epochs=None, jobs=1, gpus=None, print_commands=False, quiet=False):
+                 tabular_epochs=None, jobs=1, gpus=None, print_commands=False, quiet=False, cache_dir=None):
     """Train every run of the protocol that has no metrics.json yet (an interrupted one resumes from
     last.pt), skip the finished ones, then build the task's table. -> (trained, skipped, results).
 
@@ -84,6 +84,7 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
     t0 = time.time()
     common = ["--out", runs, "--data-dir", data_dir] \
         + (["--data-csv", data_csv] if data_csv else []) + (["--image-dir", image_dir] if image_dir else []) \
+        + (["--cache-dir", cache_dir] if cache_dir else []) \
         + ([] if verbose else ["--quiet"])
     schedule = lambda model: ["--epochs", str(tabular_epochs if model == "tabular" and tabular_epochs else epochs)] \
         if (epochs or (model == "tabular" and tabular_epochs)) else []
@@ -121,7 +122,7 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
     trained, skipped, todo = [], [], []
     done = [job[0] for job in jobs if finished(job[0])]
     if done:   # before anything trains: the finished runs must be of the data the others would train on
-        check_protocol_data(done, task, data_csv, image_dir, data_dir, must=len(done) < len(jobs))
+        check_protocol_data(done, task, data_csv, image_dir, data_dir, len(done) < len(jobs), cache_dir)
     if print_commands:    # the tabular-only MLPs first: HyperFusion's embedding starts from them (Sec. 4.3.6)
         jobs.sort(key=lambda j: j[4] != train_ad.__file__ or "--model tabular" not in " ".join(j[3]))
     shown = Progress("train", None, "runs", quiet or print_commands,     # kinds: the models, each its own pace
@@ -181,6 +182,8 @@ def arguments():
     r.add_argument("--data-csv", help="default: the built-in synthetic cohort")
     r.add_argument("--image-dir")
     r.add_argument("--data-dir", default="data", help="where the synthetic cohort is generated")
+    r.add_argument("--cache-dir", help="decoded-image cache (default: <csv folder>/cache; somewhere writable when the "
+                   "data is on read-only storage)")
     return r
 
 
@@ -190,9 +193,7 @@ def main(argv=None):
         check_number("--" + option.replace("_", "-"), getattr(a, option, None), least=least)
     return run_protocol(a.task, a.runs, a.split_seeds, a.versions, a.models, a.epochs, a.data_csv, a.image_dir,
                         a.data_dir, a.binary, a.train_sex, a.embedding_dim, a.verbose, a.tabular_epochs, a.jobs, a.gpus,
-                        a.print_commands, a.quiet)
-
-
+                        a.print_commands, a.quiet, a.cache_dir)
 
 
 if __name__ == "__main__":

@@ -429,7 +429,7 @@ def test_hyperfusion_starts_from_the_trained_tabular_mlp_of_its_split_fold_and_v
     largest |G| is the bound sqrt(3 Var) to within 3e-4: 32,768 and 2,048 uniform draws)."""
     start = _initial_weights(train_ad, _ad_args(ad_cohort60, tmp_path, "--version", "2"), monkeypatch,
                              pretrained=models.TabularMLP)
-    mlp = load_run(training.ad_run_dir(tmp_path, "tabular", 0, 2, 1))
+    mlp = load_run(runconfig.ad_run_dir(tmp_path, "tabular", 0, 2, 1))
     assert (mlp.run.split_seed, mlp.run.fold, mlp.run.version) == (0, 1, 2)
     prefix = "block4.downsample.hypernet.embedding."
     trained = mlp.model().embedding.state_dict()
@@ -2274,7 +2274,7 @@ def fig4a_women_run(brain_age_cohort20, tmp_path_factory):
                               "0.25", "--quiet", "--precision", "fp32"])
     table = data.read_brain_age_table(str(brain_age_cohort20), None)
     parts = splits.brain_age_split(table.age, table.sex, 0, (0.5, 0.25, 0.25))
-    return table, parts, (given, calibrated), training.brain_age_run_dir(out, "imaging", 0, train_sex="F")
+    return table, parts, (given, calibrated), runconfig.brain_age_run_dir(out, "imaging", 0, train_sex="F")
 
 
 def test_fig4a_training_sets_are_drawn_from_the_training_split_alone(fig4a_women_run):
@@ -2619,6 +2619,14 @@ def test_sigterm_during_training_prints_the_same_one_line_and_exits_143(ad_cohor
     assert p.returncode == 143 and len(p.stderr.splitlines()) == 1, p.stderr
     assert p.stderr.startswith(f"interrupted (SIGTERM) in epoch 2 of 3: {run_dir}/last.pt holds epoch 1; "), p.stderr
     assert _epoch_of(run_dir) == 1 and runfolder.LOCK_NAME not in os.listdir(run_dir)
+
+
+def test_the_protocol_hands_its_cache_dir_to_every_run_it_trains(tmp_path, capsys):
+    """Data on read-only storage: protocol.py --cache-dir is where every run it starts decodes its images."""
+    protocol_runner.main(["--task", "ad", "--runs", str(tmp_path), "--models", "imaging", "--epochs", "1",
+                          "--cache-dir", str(tmp_path / "cache"), "--print-commands"])
+    argvs = [shlex.split(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(argvs) == 4 and all(a[a.index("--cache-dir") + 1] == str(tmp_path / "cache") for a in argvs)
 
 
 def test_gpus_are_indices_among_the_gpus_this_process_sees_and_one_that_does_not_exist_is_refused():
