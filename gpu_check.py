@@ -324,7 +324,8 @@ def render_report(report):
         lines += ["", f"## {name}: {sec['status']} ({sec['seconds']:.0f} s)"]
         if sec["status"] != "ok":
             lines.append(sec.get("reason") or sec.get("error", ""))
-            continue
+            if not sec.get("tasks"):                  # the precision section shows its versions so far, even failed
+                continue
         if name == "tests":
             lines.append(f"passed {sec['passed']}, failed {sec['failed']}, skipped {sec['skipped']}")
             tables = [sec["cases"]]
