@@ -5,6 +5,7 @@ import csv
 import copy
 import dataclasses
 import errno
+import gc
 import io
 import json
 import math
@@ -3742,6 +3743,8 @@ def _ddp_worker(rank, world, init_file, batch, out):
         model, net = distributed.wrap(_no_dropout_model(), torch.device("cpu"), sync_bn)
         _one_sgd_step(model, net, *(t.chunk(world)[rank] for t in batch))
         results[sync_bn] = {k: v.clone() for k, v in model.state_dict().items()}
+        del model, net                     # the DDP reducer holds the process group: gone before it is destroyed
+    gc.collect()
     share = list(distributed.shard(range(5), shuffle=False))             # rank 0: 0 2 4, rank 1: 1 3 0 (padding)
     results["gathered"] = distributed.gather(np.arange(5)[share] * 10, 5)
     if rank == 0:
