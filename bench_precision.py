@@ -239,7 +239,7 @@ def step_outputs(finished, recipe, batches):
         loss.backward()
         out["seconds"].append(time.perf_counter() - t0)
         out["train"].append(y.detach().float())
-        out["loss"].append(float(loss))
+        out["loss"].append(float(loss.detach()))
         out["grad"].append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
         with torch.no_grad(), precision.autocast(cpu, recipe, "eval"):
             out["eval"].append(model.eval()(image, tabular).float())
