@@ -105,7 +105,7 @@ def resolve_precision(name, device, quiet=False):
         if base(chosen) == "bf16" and not native_bf16(device) or unsupported(chosen, device):
             chosen = "fp32"
         why = ("float32 until bench_precision.py shows a faster recipe as accurate on this kind of device; "
-               "--precision bf16 is faster and may score lower" if chosen == "fp32" else
+               "--precision bf16 is the option, its cost measured in RESULTS.md" if chosen == "fp32" else
                "shown as accurate as float32 on this kind of device; --precision fp32 for full precision")
         _log(f"precision {chosen} (--precision auto: {why})", quiet)
         return chosen
