@@ -94,26 +94,25 @@ def command(args, recipe, version):
     return cmd + (["--epochs", str(args.epochs)] if args.epochs else [])
 
 
+def log_column(folder, name):
+    """One column of a run's log.csv (training.fit: a row per epoch), as floats."""
+    with open(os.path.join(folder, "log.csv")) as fh:
+        rows = [r.split(",") for r in fh.read().splitlines()]
+    col = rows[0].index(name)
+    return [float(r[col]) for r in rows[1:]]
+
+
 def training_seconds(folder, args):
-    """Seconds the run's epochs took (log.csv), with the tabular MLP's that AD HyperFusion trained first."""
+    """Seconds the run's epochs took, with the tabular MLP's that AD HyperFusion trained first."""
     folders = [folder]
     if args.task == "ad" and args.model == "hyperfusion":
         folders.append(folder.replace(os.sep + "hyperfusion" + os.sep, os.sep + "tabular" + os.sep))
-    total = 0.0
-    for f in folders:
-        with open(os.path.join(f, "log.csv")) as fh:
-            rows = fh.read().splitlines()
-        col = rows[0].split(",").index("seconds")
-        total += sum(float(r.split(",")[col]) for r in rows[1:])
-    return total
+    return sum(sum(log_column(f, "seconds")) for f in folders)
 
 
 def last_epochs_spread(folder, task, n=4):
-    """Brain age: max - min of the validation MAE over the last n epochs (how settled the demo ends)."""
-    with open(os.path.join(folder, "log.csv")) as fh:
-        rows = [r.split(",") for r in fh.read().splitlines()]
-    col = rows[0].index("mae" if task == "brain-age" else "balanced_accuracy")
-    values = [float(r[col]) for r in rows[1:][-n:]]
+    """max - min of the validation score (brain age MAE, AD BA) over the last n epochs: how settled a run ends."""
+    values = log_column(folder, "mae" if task == "brain-age" else "balanced_accuracy")[-n:]
     return max(values) - min(values)
 
 
@@ -359,12 +358,7 @@ def main(argv=None):
     args, recipes, versions = parse_args(argv)
     if args.per_step:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.jobs))
-        text, summary = per_step(args, recipes, versions, argv)
-        os.makedirs(args.out, exist_ok=True)
-        write_text(text, os.path.join(args.out, f"per-step-{args.task}-{args.model}.md"))
-        write_json(summary, os.path.join(args.out, f"per-step-{args.task}-{args.model}.json"))
-        print(text, end="")
-        return
+        return write_report(args, "per-step", *per_step(args, recipes, versions, argv))
     jobs = [Job(run_dir(args, r, v), command(args, r, v), kind=r, label=f"{r} v{v}")
             for v in versions for r in recipes if not os.path.isfile(os.path.join(run_dir(args, r, v), "metrics.json"))]
     if args.report_only:
@@ -376,11 +370,15 @@ def main(argv=None):
             builtin_cohort(args.task, args.data_dir)
         print(f"{len(jobs)} runs to train, {args.jobs} at a time", flush=True)
         run_jobs(jobs, args.jobs)
-    text, summary = report(args, recipes, versions, read_results(args, recipes, versions), argv)
+    write_report(args, "report", *report(args, recipes, versions, read_results(args, recipes, versions), argv))
+
+
+def write_report(args, kind, text, summary):
+    """<out>/<kind>-<task>-<model>.md and .json, and the markdown printed."""
     os.makedirs(args.out, exist_ok=True)
-    name = f"{args.task}-{args.model}"
-    write_text(text, os.path.join(args.out, f"report-{name}.md"))
-    write_json(summary, os.path.join(args.out, f"report-{name}.json"))
+    stem = os.path.join(args.out, f"{kind}-{args.task}-{args.model}")
+    write_text(text, stem + ".md")
+    write_json(summary, stem + ".json")
     print(text, end="")
 
 

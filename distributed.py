@@ -73,6 +73,12 @@ def is_main():
     return rank() == 0
 
 
+def log(message, quiet=False):
+    """Print, unless quiet or not rank 0 of a torchrun run."""
+    if not quiet and is_main():
+        print(message, flush=True)
+
+
 def barrier():
     if world_size() > 1:
         dist.barrier()

@@ -47,13 +47,13 @@ def run_jobs(jobs, k, gpus=None, poll_s=0.2, quiet=False):
     """Run every job, at most k at a time, each after its `after`; one line per job started and finished,
     the finished one with its final line and the time left (Progress.item_done, per kind; quiet: none). A
     failure stops new starts, lets the running ones finish, then raises UserError naming the run and the end of
-    its output. -> the run dirs in the order they finished.
+    its output. gpus: the CUDA_VISIBLE_DEVICES values of the slots (gpu_masks). -> the run dirs in the order
+    they finished.
     Interrupted (Ctrl-C, SIGTERM as safeio.Terminated, or any error here), it ends the runs it started
     (stop) before it goes on up, so that no training is left running with no one to wait for it."""
     if gpus is not None and not gpus:
         raise UserError("--gpus: give at least one GPU index, e.g. --gpus 0,1")
     running = {}
-    # gpus: the CUDA_VISIBLE_DEVICES of each slot (gpu_masks), from here on
     try:
         return schedule(jobs, k, gpus, poll_s, running, quiet)
     except BaseException:

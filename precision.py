@@ -9,13 +9,13 @@ The recipe is stored in the run (RunConfig.precision, part of its identity) and 
 
 --precision auto takes AUTO[device type]: a reduced-precision recipe only where the paired accuracy
 benchmark (bench_precision.py) has shown it non-inferior to float32 on that kind of device; float32
-otherwise. On the 2-core AVX512-BF16 CPU measured so far, bfloat16 trained the demos 1.3x (AD) and
-1.75x (brain age) faster and scored lower in every pair (RESULTS.md, "Precision"): auto is float32.
+otherwise. On a 2-core CPU with native bfloat16, 8 paired AD versions put bfloat16's loss of BA in
+[-0.051, +0.044] (not shown below 0.02) at 0.95x the speed (RESULTS.md, "Precision"): auto is float32.
 No GPU has measured it yet: auto is float32 on CUDA too, until bench_precision.py's GPU run says more.
 """
 import torch
 
-import distributed
+from distributed import log
 from layers import HyperLayer
 from safeio import UserError
 
@@ -107,7 +107,7 @@ def resolve_precision(name, device, quiet=False):
         why = ("float32 until bench_precision.py shows a faster recipe as accurate on this kind of device; "
                "--precision bf16 is the option, its cost measured in RESULTS.md" if chosen == "fp32" else
                "shown as accurate as float32 on this kind of device; --precision fp32 for full precision")
-        _log(f"precision {chosen} (--precision auto: {why})", quiet)
+        log(f"precision {chosen} (--precision auto: {why})", quiet)
         return chosen
     try:
         recipe = canonical(name)
@@ -115,14 +115,9 @@ def resolve_precision(name, device, quiet=False):
         raise UserError(f"--precision {name}: {exc}") from None
     if unsupported(recipe, device):
         raise UserError(f"--precision {name}: {unsupported(recipe, device)}")
-    _log(f"precision {recipe}" + (" (emulated on this CPU: slower than fp32)"
+    log(f"precision {recipe}" + (" (emulated on this CPU: slower than fp32)"
                                   if base(recipe) == "bf16" and not native_bf16(device) else ""), quiet)
     return recipe
-
-
-def _log(message, quiet):
-    if not quiet and distributed.is_main():
-        print(message, flush=True)
 
 
 def replay_precision(trained, device):
@@ -159,8 +154,7 @@ def keep_float32(model, recipe):
     wrapper: the state dict, deepcopy and the module tree stay as they are. Returns `model`."""
     if not recipe or base(recipe) == "fp32":
         return model
-    chosen = {id(m): m for part, ms in module_parts(model).items() if keeps(recipe, part) and part in MODULE_PARTS
-              for m in ms}
+    chosen = {id(m): m for part, ms in module_parts(model).items() if keeps(recipe, part) for m in ms}
     for m in chosen.values():
         m.register_forward_pre_hook(_enter_float32)
         m.register_forward_hook(_leave_float32, always_call=True)

@@ -10,7 +10,7 @@ import math
 import os
 from dataclasses import dataclass
 
-import distributed
+from distributed import log
 from models import build_model
 from precision import keep_float32
 from safeio import check_number
@@ -140,12 +140,6 @@ def resolve_schedule(args, defaults, name, quiet=False):
     schedule = {k: args[k] if args[k] is not None else defaults[k] for k in SCHEDULE_KEYS}
     log(f"schedule ({name}): " + ", ".join(f"{k} {schedule[k]}" for k in SCHEDULE_KEYS), quiet)
     return schedule
-
-
-def log(message, quiet=False):
-    """Print, unless quiet or not rank 0 of a torchrun run."""
-    if not quiet and distributed.is_main():
-        print(message, flush=True)
 
 
 def learning_rate(run, epoch):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import data
 import splits
-from distributed import alone, is_main, main_first
+from distributed import alone, is_main, log, main_first
 from layers import init_hyperlayers
 from metrics import classification_metrics
 from models import AD_MODELS, class_probabilities
@@ -28,7 +28,7 @@ from runs import load_run
 from runfolder import claim_run_folder
 from safeio import ArgumentParser, UserError, atomic_path, run_cli, write_json
 from precision import resolve_precision
-from runconfig import DATA_KEYS, RunConfig, add_common_arguments, identity, log, resolve_schedule
+from runconfig import DATA_KEYS, RunConfig, add_common_arguments, identity, resolve_schedule
 from synthetic import builtin_cohort
 from tabular import TabularPreprocessor
 from training import (batches, check_finite_outputs, fit, load_checkpoint, loader_workers, predict, resumable, seed_all,

@@ -22,12 +22,12 @@ import torch.nn.functional as F
 
 import data
 import splits
-from distributed import is_main, main_first
+from distributed import is_main, log, main_first
 from layers import init_hyperlayers
 from metrics import age_bias_fit, gap_summary, regression_metrics
 from models import BRAIN_AGE_MODELS, AgeTarget
 from precision import resolve_precision
-from runconfig import RunConfig, add_common_arguments, identity, log, resolve_schedule
+from runconfig import RunConfig, add_common_arguments, identity, resolve_schedule
 from runfolder import claim_run_folder
 from safeio import ArgumentParser, UserError, atomic_path, run_cli, warn, write_json
 from synthetic import builtin_cohort

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 import distributed
+from distributed import log
 from precision import autocast, base, keeps
-from runconfig import identity, learning_rate, log
+from runconfig import identity, learning_rate
 from runfolder import discard_finished_outputs
 from safeio import Progress, UserError, write_bytes, write_csv
 
