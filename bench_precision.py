@@ -212,7 +212,7 @@ def step_batches(finished, n_batches, seed=0):
                                   finished.target.encode(table.age[test_idx]))
     torch.manual_seed(seed)
     loader = make_loader(ds, run.batch_size, 0, torch.device("cpu"), shuffle=True)
-    return [batch for _, batch in zip(range(n_batches), loader)]
+    return [(image.float(), tab, target) for _, (image, tab, target) in zip(range(n_batches), loader)]
 
 
 def step_outputs(finished, recipe, batches):

@@ -44,6 +44,13 @@ def sex_onehot(sex):
 # ----------------------------------------------------------------------------------------------
 # Datasets
 
+def image_tensor(array):
+    """A copy of an image as a tensor in float16 when it is stored so (the image cache's default), else in float32.
+    Loaders ship the stored float16 (half the pinned memory, the shared memory of the workers and the bus) and
+    training.to_device upcasts on the device; float16 -> float32 is exact, so the network sees the same numbers."""
+    return torch.from_numpy(np.array(array, np.float16 if array.dtype == np.float16 else np.float32))
+
+
 class ADDataset(torch.utils.data.Dataset):
     """(image, tabular, target) for AD classification (Sec. 3.5.2, 4.3.6).
 
@@ -69,9 +76,9 @@ class ADDataset(torch.utils.data.Dataset):
         pair = self.crops(vol) if vol.ndim == 3 else vol                           # (2, D, H, W)
         if self.train:
             side = int(torch.randint(2, (1,)))
-            img = torch.from_numpy(np.array(pair[side], np.float32))[None]        # (1, D, H, W)
+            img = image_tensor(pair[side])[None]                                    # (1, D, H, W)
         else:
-            img = torch.from_numpy(np.array(pair, np.float32))[:, None]           # (2, 1, D, H, W)
+            img = image_tensor(pair)[:, None]                                       # (2, 1, D, H, W)
         return img, self.tabular[i], self.labels[i]
 
 
@@ -88,7 +95,7 @@ class BrainAgeDataset(torch.utils.data.Dataset):
         return len(self.age)
 
     def __getitem__(self, i):
-        return torch.from_numpy(np.array(self.images[i], np.float32))[None], self.tabular[i], self.age[i]
+        return image_tensor(self.images[i])[None], self.tabular[i], self.age[i]
 
 
 class TabularDataset(torch.utils.data.Dataset):

@@ -3817,6 +3817,57 @@ def test_images_kept_on_the_device_are_filled_one_by_one_in_float16_and_precise_
     assert not torch.equal(torch.cat([tab for _, tab, _ in train]), dataset.tensors[1][:8])  # training: shuffled
 
 
+def test_under_torchrun_a_process_holds_its_share_of_the_images_on_the_device_and_draws_from_it_alone(monkeypatch):
+    """--images-on-device under torchrun: the processes hold the cohort once between them (each the share
+    DistributedSampler deals it, fixed for the run), and every epoch each draws batches of batch / N from what it
+    holds, shuffled or by the weighted sampler restricted to its share."""
+    value = torch.arange(7.)
+    dataset = torch.utils.data.TensorDataset(value.view(7, 1, 1, 1, 1).expand(7, 1, 2, 2, 2).clone(), value[:, None],
+                                             value.long())
+    weights = torch.tensor([1., 1., 0., 1., 0., 1., 1.], dtype=torch.double)    # items 2 and 4 never drawn
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    held, cpu = {}, torch.device("cpu")
+    for r in (0, 1):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        train = training.DeviceBatches(dataset, 4, cpu, shuffle=True)
+        assert train.image.shape == (4, 1, 2, 2, 2)                          # ceil(7 / 2) items, not 7
+        held[r] = set(train.image[:, 0, 0, 0, 0].long().tolist())
+        assert set(train.target.tolist()) == held[r]                         # images and rows of the same items
+        for _ in range(2):                                                   # two epochs
+            got = [(image[:, 0, 0, 0, 0].long().tolist(), target.tolist()) for image, _, target in train]
+            assert len(got) == 2 and all(len(t) == 2 and i == t for i, t in got)
+            assert set(sum((t for _, t in got), [])) == held[r]
+        weighted = training.DeviceBatches(dataset, 4, cpu, sampler=torch.utils.data.WeightedRandomSampler(weights, 7))
+        drawn = set(sum((t.tolist() for _, _, t in weighted), []))
+        assert drawn and drawn <= held[r] - {2, 4}
+        assert sum(len(t) for _, _, t in weighted.ordered()) == 4
+    assert held[0] | held[1] == set(range(7)) and held[0] == {0, 2, 4, 6}
+
+
+def test_loaders_ship_images_in_the_float16_the_cache_stores_and_the_network_reads_them_in_float32():
+    """Half the pinned memory, the workers' shared memory and the bus: a float16-stored image travels as float16
+    and training.to_device upcasts it on the device, exactly, so predictions equal those of float32 batches."""
+    g = torch.Generator().manual_seed(0)
+    half = torch.randn(6, 36, 36, 36, generator=g).half().numpy()
+    sex, age = data.sex_onehot(np.arange(6) % 2), np.linspace(40, 80, 6).astype(np.float32)
+    shipped = data.BrainAgeDataset(half, sex, age)
+    assert shipped[0][0].dtype == torch.float16 and data.BrainAgeDataset(half.astype(np.float32), sex, age)[0][0].dtype \
+        == torch.float32
+    pairs = np.stack([half[:, :8, :8, :8]] * 2, 1)                                       # (N, 2, D, H, W) crops
+    assert data.ADDataset(pairs, np.zeros((6, 3)), np.arange(6) % 3)[0][0].dtype == torch.float16
+    assert data.ADDataset(pairs, np.zeros((6, 3)), np.arange(6) % 3, train=False)[0][0].dtype == torch.float16
+    cpu = torch.device("cpu")
+    image = next(iter(training.make_loader(shipped, 6, 0, cpu)))[0]
+    assert image.dtype == torch.float16
+    assert training.to_device(image, cpu).dtype == torch.float32
+    torch.manual_seed(0)
+    model = build_model("brain-age", "hyperfusion", image_shape=(36, 36, 36))
+    as_float = torch.utils.data.TensorDataset(torch.as_tensor(half).float()[:, None], torch.as_tensor(sex),
+                                              torch.as_tensor(age))
+    np.testing.assert_array_equal(training.predict(model, training.make_loader(shipped, 3, 0, cpu), cpu)[0],
+                                  training.predict(model, training.make_loader(as_float, 3, 0, cpu), cpu)[0])
+
+
 def test_precise_bn_over_the_images_on_the_device_equals_precise_bn_over_the_loader_in_order():
     """train_brain_age.py --images-on-device re-estimates BatchNorm from the training tensors on the device
     (DeviceBatches.ordered): the same statistics as from the training loader read in order."""

@@ -76,6 +76,12 @@ def make_loader(dataset, batch_size, workers, device, shuffle=False, sampler=Non
                                        persistent_workers=workers > 0)
 
 
+def to_device(image, device):
+    """A batch's images on the device in float32. Loaders ship them as the image cache stores them (float16 by
+    default, data.image_tensor), so the upcast, exact, happens on the device after the copy."""
+    return image.to(device, non_blocking=True).float()
+
+
 class DeviceBatches:
     """A dataset's items put once on the training device and batched there: no loader, no copies
     (--images-on-device; the AD crops of 2,120 subjects in float16 are about 3.3 GB, brain age's 21,353 training
@@ -85,32 +91,40 @@ class DeviceBatches:
     and filled item by item, so the host never holds the set (a float32 stack of the brain-age cohort would
     need about 88 GB of host memory before its conversion). pick_side: the items hold both hippocampi,
     (2, 1, D, H, W), and every training batch draws one side per sample on the device (Sec. 4.3.6), as
-    ADDataset does per item. Batches follow the sampler make_loader would use (shuffled with the seeded global
-    generator; under torchrun this process's share). ordered(): the same tensors in order (precise BN)."""
+    ADDataset does per item. Batches are shuffled with the seeded global generator, or drawn by the sampler
+    make_loader would use; ordered(): the same tensors in order (precise BN).
+
+    Under torchrun a process holds its share alone, fixed for the run: the items DistributedSampler deals it
+    in order (every N-th, padded), so N processes hold the cohort once between them. Each epoch it shuffles,
+    or draws the weighted sampler over, that share; the loader path instead re-deals the whole set each epoch."""
 
     def __init__(self, dataset, batch_size, device, shuffle=False, sampler=None, pick_side=False):
         self.dataset, self.pick_side = dataset, pick_side
-        first = dataset[0]
-        self.image = torch.empty((len(dataset), *first[0].shape), dtype=torch.float16, device=device)
-        tabular, target = [], []                                                 # image (N, [2,] 1, D, H, W)
-        for i in range(len(dataset)):
-            image, tab, tgt = first if i == 0 else dataset[i]
-            self.image[i] = torch.as_tensor(image).to(torch.float16).to(device, non_blocking=True)
+        self.held = list(distributed.shard(dataset, shuffle=False)) if distributed.world_size() > 1 \
+            else list(range(len(dataset)))                                      # dataset indices held here
+        first = dataset[self.held[0]]
+        self.image = torch.empty((len(self.held), *first[0].shape), dtype=torch.float16, device=device)
+        tabular, target = [], []                                                 # image (n, [2,] 1, D, H, W)
+        for k, i in enumerate(self.held):
+            image, tab, tgt = first if k == 0 else dataset[i]
+            self.image[k] = torch.as_tensor(image).to(torch.float16).to(device, non_blocking=True)
             tabular.append(tab)
             target.append(tgt)
         self.tabular, self.target = torch.stack(tabular).to(device), torch.stack(target).to(device)
         self.order(batch_size, shuffle, sampler)
 
     def order(self, batch_size, shuffle=False, sampler=None):
-        """How the items are drawn: shuffled, by a sampler, or in order; under torchrun this process's share."""
+        """How the held items are drawn: shuffled, by a sampler (restricted to them), or in order."""
         self.requested_batch = batch_size
-        drop_last = shuffle and len(self.dataset) > batch_size
+        n = len(self.held)
         if distributed.world_size() > 1:
-            sampler, batch_size = distributed.shard(self.dataset, shuffle, sampler), distributed.local_batch(batch_size)
-            shuffle, drop_last = False, drop_last and len(sampler) > batch_size
-        everyone = range(len(self.dataset))
-        self.sampler = sampler or (torch.utils.data.RandomSampler(self.dataset) if shuffle else everyone)
-        self.batch_size, self.drop_last = batch_size, drop_last
+            batch_size = distributed.local_batch(batch_size)
+            if sampler is not None:                              # the same weighted draw over this share
+                weights = torch.as_tensor(sampler.weights)[self.held]
+                sampler = torch.utils.data.WeightedRandomSampler(weights, n, sampler.replacement)
+        self.sampler = sampler or (torch.utils.data.RandomSampler(range(n)) if shuffle else range(n))
+        self.batch_size = batch_size
+        self.drop_last = shuffle and n > batch_size                  # as make_loader's
 
     def ordered(self):
         """The same items on the device, each once and in order (this process's share under torchrun): the
@@ -159,7 +173,7 @@ def recalibrate_batchnorm(model, loader, device, precision="fp32"):
     model.train()
     for image, tabular, _ in loader:
         with autocast(device, precision, "precise-bn"):
-            model(image.to(device, non_blocking=True), tabular.to(device, non_blocking=True))
+            model(to_device(image, device), tabular.to(device, non_blocking=True))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     distributed.average([b for m in norms for b in (m.running_mean, m.running_var)])
@@ -184,7 +198,7 @@ def predict(model, loader, device, transform=None, precision="fp32", on_batch=No
             B = image.shape[0]
             image, tabular = image.flatten(0, 1), tabular.repeat_interleave(2, 0)    # (2B, 1, D, H, W)
         with autocast(device, precision, "eval"):
-            out = model(image.to(device, non_blocking=True), tabular).float()
+            out = model(to_device(image, device), tabular).float()
         out = transform(out) if transform is not None else out
         if both:
             out = out.view(B, 2, *out.shape[1:]).mean(1)                             # (B, ...)
@@ -419,7 +433,7 @@ def train_epoch(net, opt, scaler, loader, loss_fn, device, channels_last=False, 
     total, first, n = torch.zeros((), dtype=torch.float64, device=device), None, 0
     bad_step, bad_value = torch.full((), -1, device=device), torch.zeros((), device=device)
     for step, (image, tabular, target) in enumerate(loader):
-        image = image.to(device, non_blocking=True)
+        image = to_device(image, device)
         if channels_last and image.dim() == 5:
             image = image.contiguous(memory_format=torch.channels_last_3d)
         tabular, target = tabular.to(device, non_blocking=True), target.to(device, non_blocking=True)
