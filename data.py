@@ -6,7 +6,8 @@ On-disk format (the synthetic cohorts of synthetic.py use it too, so the demos e
                <image dir>/<Subject>.nii.gz; crops.json with the hippocampus boxes.
     brain age: a CSV with Subject, Age, Sex (M/F) [, image]; images as above.
 Every error is a UserError naming the file, subject, line or column. The tables are read by tables.py,
-the images read, hashed, cropped and cached by images.py; their names are re-exported here, so `data`
+the images read, hashed and cropped by images.py and
+cached by imagecache.py; their names are re-exported here, so `data`
 stays the one door for data coming in.
 
 Command line (bad input -> one line `error: ...` on stderr, exit status 2):
@@ -23,9 +24,10 @@ import os
 import numpy as np
 import torch
 
-from images import (ENTRY_MAGIC, FLOAT16_MAX, SOURCES_INDEX, HippocampusCrops, ImageCache, cache_folder,  # noqa: F401
-                    cache_lock, check_image_geometry, check_values, crops_path, entry_bytes, file_sha256,
-                    image_fingerprint, image_geometry, load_crops, load_nifti, load_volume, save_nifti, source_hashes)
+from imagecache import ENTRY_MAGIC, ImageCache, entry_bytes  # noqa: F401
+from images import (FLOAT16_MAX, SOURCES_INDEX, HippocampusCrops, cache_folder, cache_lock,  # noqa: F401
+                    check_image_geometry, check_values, crops_path, file_sha256, image_fingerprint, image_geometry,
+                    load_crops, load_nifti, load_volume, save_nifti, source_hashes)
 from plots import write_png
 from safeio import (ArgumentParser, Progress, UserError, check_number, check_output, run_cli, warn, write_csv,
                     write_json)

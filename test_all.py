@@ -37,6 +37,7 @@ import data
 import distributed
 import evaluate
 import gpu_check
+import imagecache
 import images
 import launcher
 import metrics
@@ -1421,7 +1422,7 @@ def test_a_full_disk_or_an_unwritable_folder_is_one_error_line_naming_the_folder
     folder and the bytes the file needed, exit status 2; no entry, checkpoint or temporary file is left. An
     --out under a file is one line too. (Patched writes: tests run as root, where chmod stops nothing.)"""
     cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
-    monkeypatch.setattr(images, "open", _full_disk_open(cache_dir), raising=False)
+    monkeypatch.setattr(imagecache, "open", _full_disk_open(cache_dir), raising=False)
     proc = run_main(train_ad.main, *_ad_args(ad_cohort40, runs, "--model", "imaging", "--cache-dir", cache_dir))
     assert_clean_error(proc, f"{cache_dir}: no space left to write", ".npy", "No space left on device")
     assert re.search(r"it needs \d+ bytes", proc.stderr), proc.stderr
@@ -1459,7 +1460,7 @@ def test_a_cohort_on_read_only_storage_stops_in_one_line_naming_cache_dir_and_tr
         return real_mkdir(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "mkdir", read_only_mkdir)
-    for module in (images, safeio):
+    for module in (images, imagecache, safeio):
         monkeypatch.setattr(module, "open", _full_disk_open(ro, errno.EROFS), raising=False)
     args = _ad_args(ro / os.path.basename(ad_cohort40), tmp_path / "runs", "--model", "imaging", "--epochs", "1")
     proc = run_main(train_ad.main, *args)
@@ -1480,7 +1481,7 @@ import os
 import sys
 import time
 
-import images
+import imagecache
 import safeio
 
 MARKER, real_open = os.environ["DECODE_MARKER"], open
@@ -1500,13 +1501,13 @@ def slow_open(file, mode="r", *args, **kwargs):
     return f
 
 
-images.open = slow_open
+imagecache.open = slow_open
 
 
 def main(argv):
     folder, cache_dir = argv
     paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))
-    cache = images.ImageCache(paths, cache_dir)
+    cache = imagecache.ImageCache(paths, cache_dir)
     cache.PARALLEL_FROM = 1
     cache.prepare(progress=False, workers=2)
 
@@ -3963,13 +3964,48 @@ def test_imports_form_a_tree_with_no_circles_and_no_private_names():
         visit(module, [])
 
 
+def _depends(graph, module):
+    """Every module `module` imports, directly or through others."""
+    seen, todo = set(), [module]
+    while todo:
+        for dep in graph.get(todo.pop(), ()):
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+def test_the_readmes_file_table_and_import_tree_are_the_codes():
+    """The README's map is the code's: its file table names every source file and no other; its import tree
+    (`a <- b`: b imports a, directly or through others) draws no arrow the code lacks and leaves out no import."""
+    readme = open(os.path.join(HERE, "README.md")).read()
+    table = set(re.findall(r"^\| `(\w+\.py)`(?:, `(\w+\.py)`)?", readme, re.M))
+    assert {f for row in table for f in row if f} == set(SOURCES)
+    modules = {f[:-3] for f in SOURCES if not f.startswith("test_")}
+    code = {m: {dep for dep, _, _ in _project_imports(ast.parse(open(os.path.join(HERE, m + ".py")).read()), modules)}
+            for m in modules}
+    drawn = {}
+    block = readme.split("The imports form a tree", 1)[1].split("```", 2)[1]
+    for chain in (c for line in block.splitlines() for c in re.split(r"\s{3,}", line.strip()) if "<-" in c):
+        steps = [[name.strip() for name in step.split(",")] for step in chain.split("<-")]
+        for below, above in zip(steps, steps[1:]):
+            for a in above:
+                drawn.setdefault(a, set()).update(below)
+    named = set(drawn) | {m for deps in drawn.values() for m in deps}
+    assert named == modules, (named - modules, modules - named)
+    for module, deps in drawn.items():
+        assert deps <= _depends(code, module), f"README: {module} does not import {deps - _depends(code, module)}"
+    for module, deps in code.items():
+        assert deps <= _depends(drawn, module), f"README's tree leaves out {module} <- {deps - _depends(drawn, module)}"
+
+
 def test_every_source_file_names_its_one_job_and_fits_one_sitting():
     for f in SOURCES:
         text = open(os.path.join(HERE, f)).read()
         doc = ast.get_docstring(ast.parse(text))
         assert doc and doc.splitlines()[0].strip(), f"{f}: no docstring naming its job"
         if not f.startswith("test_"):
-            assert len(text.splitlines()) <= 700, f"{f}: {len(text.splitlines())} lines"
+            assert len(text.splitlines()) <= 600, f"{f}: {len(text.splitlines())} lines"   # a guard: aim for ~550
 
 
 def _documented_commands(*files):
@@ -4288,7 +4324,7 @@ def test_the_first_cache_decode_shows_its_progress_and_a_final_line_and_nothing_
     decoding = lambda out: [line for line in out.splitlines() if line.startswith("decoding the image cache")]
     data.ImageCache(paths, tmp_path / "short", "float16").prepare()          # a fraction of a second: no line
     assert decoding(capsys.readouterr().out) == []
-    monkeypatch.setattr(images.ImageCache, "PROGRESS_EVERY", 0)              # a line as often as 5% allows
+    monkeypatch.setattr(data.ImageCache, "PROGRESS_EVERY", 0)              # a line as often as 5% allows
     data.ImageCache(paths, tmp_path / "quiet", "float16").prepare(progress=False)
     assert capsys.readouterr().out == ""
     cache = data.ImageCache(paths, tmp_path / "cache", "float16").prepare()
