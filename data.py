@@ -29,8 +29,7 @@ from images import (FLOAT16_MAX, SOURCES_INDEX, HippocampusCrops, cache_folder, 
                     check_image_geometry, check_values, crops_path, file_sha256, image_fingerprint, image_geometry,
                     load_crops, load_nifti, load_volume, save_nifti, source_hashes)
 from plots import write_png
-from safeio import (ArgumentParser, Progress, UserError, check_number, check_output, run_cli, warn, write_csv,
-                    write_json)
+from safeio import ArgumentParser, Progress, UserError, check_number, check_output, run_cli, warn, write_csv
 from tables import (CLASS_NAMES, GROUP_ALIASES, ADTable, BrainAgeTable, check_subjects, diagnosis,  # noqa: F401
                     find_image, number_cell, output_names, parse_group_map, read_ad_table, read_brain_age_table,
                     read_csv_rows, skipped_summary, table_sha256)
