@@ -17,7 +17,8 @@ timed them, the tabular MLP included for AD HyperFusion), with the command line,
 A recipe is non-inferior when at least 8 versions put the upper end of the 95% interval of its loss below
 the margin: 0.02 BA for AD, 0.15 years for brain age (MARGINS). Only such a recipe may become what
 `--precision auto` takes on that kind of device (precision.AUTO). Finished runs are kept and reused:
-running it again with more versions or recipes trains only what is missing. A benchmark, not a test.
+running it again with more versions or recipes trains only what is missing, and a run it was stopped in
+continues from its last epoch (--resume: on a CPU it ends exactly as an uninterrupted run). A benchmark, not a test.
 
 --per-step trains nothing: it replays the first version's finished float32 run, with its trained weights,
 on batches of its own test set, once per recipe, and measures how far each recipe's arithmetic lands from
@@ -86,7 +87,8 @@ def command(args, recipe, version):
     """The training command of one (recipe, version): the demo command a user types, with --version and --precision."""
     script = "train_ad.py" if args.task == "ad" else "train_brain_age.py"
     cmd = [sys.executable, os.path.join(HERE, script), "--model", args.model, "--version", str(version),
-           "--precision", recipe, "--out", os.path.join(args.out, slug(recipe)), "--data-dir", args.data_dir, "--quiet"]
+           "--precision", recipe, "--out", os.path.join(args.out, slug(recipe)), "--data-dir", args.data_dir, "--quiet",
+           "--resume"]                               # a run the benchmark was stopped in continues where it was
     if args.task == "ad":
         cmd += ["--split-seed", str(args.split_seed), "--fold", str(args.fold)]
     if args.data_csv:
