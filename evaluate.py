@@ -10,6 +10,7 @@ runs it too).
     python evaluate.py select-layers --task ad            # Sec. 3.1.2: loss entropy of every layer
     python evaluate.py sweep runs/ad/hyperfusion/seed0/v0/fold0 --attribute ABETA --values 500 1500
     python evaluate.py sweep runs/brain-age/hyperfusion/v0/best.pt --attribute Sex --values M F
+    python evaluate.py calibrate runs/                    # temperature scaling of every AD run (calibration.py)
 
 `ad` ensembles the four fold models of every (model, split seed, version) on their shared test
 set with Eq. 7-8 and writes results_ad.{md,csv,json} next to the runs; `brain-age` averages
@@ -17,6 +18,8 @@ set with Eq. 7-8 and writes results_ad.{md,csv,json} next to the runs; `brain-ag
 `sweep` re-reads the same test scans with one tabular attribute set to each value in turn: the
 model is adjusted at test time (Sec. 1), which only a conditioned model can show.
 `--plots DIR` (ad, brain-age, sweep) also draws the figures as PNG files (plots.py; needs matplotlib).
+`ad` also reports the calibration of the ensembles' probabilities (ECE, class-wise ECE, Brier, NLL) after the
+paper's columns; `calibrate` fits and reports temperature scaling (calibration.py).
 Bad input (mismatched runs, missing files) -> one line `error: ...` on stderr, exit status 2.
 """
 import argparse
@@ -32,11 +35,12 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import mannwhitneyu
 
+import calibration
 import data
 import plots
 import predict
-from metrics import (age_bias_fit, classification_metrics, entropy_weighted_ensemble, fmt, gap_summary,
-                     markdown_table, mean_ensemble, regression_metrics)
+from metrics import (CALIBRATION_COLUMNS, age_bias_fit, classification_metrics, entropy_weighted_ensemble, fmt,
+                     gap_summary, markdown_table, mean_ensemble, regression_metrics)
 from models import AgeTarget, build_model, candidate_layers, layer_loss_entropy
 from runs import finished, load_run
 from safeio import (ArgumentParser, UserError, check_number, check_output, duration_text, run_cli, write_csv,
@@ -143,14 +147,17 @@ def ensemble_ad_folds(fold_dirs):
     cfg = first["config"]
     names = list(cfg.get("class_names") or data.CLASS_NAMES[:cfg["classes"]])
     return {"subjects": first["pred"]["subjects"], "labels": first["pred"]["labels"], "probs": probs,
-            "class_names": names, "config": cfg, "dir": first["dir"], "dirs": list(fold_dirs)}
+            "class_names": names, "config": cfg, "dir": first["dir"], "dirs": list(fold_dirs),
+            "members": [r["pred"]["probs"] for r in runs]}
 
 
 def metric_columns(class_names):
-    """Table 3's columns: (title, getter of classification_metrics' dict)."""
+    """Table 3's columns: (title, getter of classification_metrics' dict); the paper's, then the calibration of
+    the probabilities (metrics.calibration_metrics: lower is better), which the paper does not report."""
     cols = [("BA", lambda m: m["balanced_accuracy"]), ("PRC", lambda m: m["precision"]),
             ("F1", lambda m: m["f1_macro"]), ("AUC", lambda m: m["auc_macro"])]
-    return cols + [(f"TP-{c}", lambda m, c=c: m["tp_rate"][c]) for c in class_names]
+    cols += [(f"TP-{c}", lambda m, c=c: m["tp_rate"][c]) for c in class_names]
+    return cols + [(title, lambda m, k=k: m[k]) for title, k in CALIBRATION_COLUMNS]   # after the paper's
 
 
 def mean_std(values):
@@ -223,7 +230,8 @@ def ad_results(runs, binary=False, reference="hyperfusion", keep=None):
         x["p_value"] = {t: (mann_whitney_p([r[t] for r in x["rows"]], [r[t] for r in ref["rows"]])
                             if ref is not None and x is not ref else float("nan")) for t, _ in columns}
     return {"task": "ad-binary" if binary else "ad", "runs": os.path.abspath(runs), "class_names": class_names,
-            "columns": [t for t, _ in columns], "reference": reference, "models": models, "incomplete": incomplete}
+            "columns": [t for t, _ in columns], "paper_columns": [t for t, _ in columns[:-len(CALIBRATION_COLUMNS)]],
+            "reference": reference, "models": models, "incomplete": incomplete}
 
 
 def fmt_p(p):
@@ -497,6 +505,8 @@ def arguments():
     w.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     for sp in (a, b, w):
         sp.add_argument("--plots", metavar="DIR", help="also draw the figures as PNG files in DIR (needs matplotlib)")
+    sub.add_parser("calibrate", add_help=False,
+                   help="calibration.py: temperature scaling of every AD run under RUNS, and its report (its options)")
     sub.add_parser("run-protocol", add_help=False,
                    help="protocol.py: train every missing run of the protocol, then print the table (its options)")
     for sp in (a, b):
@@ -512,6 +522,8 @@ def main(argv=None):
     if argv[:1] == ["run-protocol"]:   # the old command: protocol.py run as its own script (it imports this file)
         sys.argv = [os.path.join(HERE, "protocol.py"), *argv[1:]]
         return runpy.run_path(sys.argv[0], run_name="__main__")
+    if argv[:1] == ["calibrate"]:
+        return calibration.main(argv[1:])
     a = arguments().parse_args(argv)
     for option, least in (("top", 1), ("samples", 2), ("draws", 1), ("seed", 0), ("batch_size", 1)):
         check_number("--" + option.replace("_", "-"), getattr(a, option, None), least=least)

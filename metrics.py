@@ -4,18 +4,23 @@ Training (validation every epoch), evaluation (the tables) and prediction all ca
 balanced accuracy or an MAE is computed one way only.
 """
 import numpy as np
-from sklearn.metrics import confusion_matrix, f1_score, precision_score, roc_auc_score
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import brier_score_loss, confusion_matrix, f1_score, log_loss, precision_score, roc_auc_score
+
+CALIBRATION_BINS = 15   # equal-width confidence bins of the expected calibration error (Guo et al. 2017)
+CALIBRATION_COLUMNS = [("ECE", "ece"), ("cwECE", "ece_classwise"), ("Brier", "brier"), ("NLL", "nll")]  # tables
 
 
 # ----------------------------------------------------------------------------------------------
 # Metrics
 
 def classification_metrics(labels, probs, class_names):
-    """labels (N,) ints, probs (N, C) soft predictions -> the metrics of Sec. 4.3.6.
+    """labels (N,) ints, probs (N, C) soft predictions -> the metrics of Sec. 4.3.6, then their calibration.
 
     balanced_accuracy is Eq. 9 (mean per-class recall), precision is Eq. 10 (macro precision),
     then macro F1, macro one-vs-rest AUC (NaN when a class is absent from labels), the per-class
-    TP rate and the confusion matrix (rows: true class, columns: predicted class)."""
+    TP rate and the confusion matrix (rows: true class, columns: predicted class); last, whether the
+    probabilities mean what they say (calibration_metrics: ece, ece_classwise, brier, nll)."""
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
     n_classes = len(class_names)
     pred = probs.argmax(1)
@@ -37,6 +42,44 @@ def classification_metrics(labels, probs, class_names):
         "tp_rate": {c: float(r) for c, r in zip(class_names, tp_rate)},
         "confusion_matrix": cm.tolist(),
         "n": int(len(labels)),
+        **calibration_metrics(labels, probs),
+    }
+
+
+def reliability(hit, confidence, n_bins=CALIBRATION_BINS):
+    """One reliability curve: the predictions binned by `confidence` into n_bins equal-width bins of [0, 1]
+    (scikit-learn's calibration_curve) -> (observed frequency of `hit`, mean confidence, count), one entry per
+    non-empty bin. A calibrated predictor's frequencies equal its confidences."""
+    hit, confidence = np.asarray(hit, float), np.asarray(confidence, float)
+    observed, predicted = calibration_curve(hit, confidence, n_bins=n_bins, strategy="uniform", pos_label=1)
+    counts = np.bincount(np.searchsorted(np.linspace(0, 1, n_bins + 1)[1:-1], confidence), minlength=n_bins)
+    return observed, predicted, counts[counts > 0]
+
+
+def expected_calibration_error(hit, confidence, n_bins=CALIBRATION_BINS):
+    """sum over bins of (share of the predictions in the bin) x |observed frequency - mean confidence|."""
+    observed, predicted, counts = reliability(hit, confidence, n_bins)
+    return float((counts / counts.sum() * np.abs(observed - predicted)).sum())
+
+
+def calibration_metrics(labels, probs, n_bins=CALIBRATION_BINS):
+    """Do the probabilities mean what they say? labels (N,), probs (N, C) ->
+    ece: top-label expected calibration error (Guo et al. 2017): each subject's largest probability (the
+         confidence of its predicted class) against whether that class is right, 15 equal-width bins; 0 when
+         the subjects predicted with confidence 0.8 are right 80% of the time, for every confidence.
+    ece_classwise: per class the one-vs-rest ECE of P(class) against "is that class", averaged over classes
+         (a miscalibration of a class that is rarely the top one shows here, not in ece).
+    brier: the multi-class Brier score, mean over subjects of sum_c (p_c - [label == c])^2 (0 best, 2 worst).
+    nll: the mean negative log-likelihood of the true class, -log p_label (scikit-learn's log_loss)."""
+    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+    classes = range(probs.shape[1])
+    onehot = labels[:, None] == np.arange(probs.shape[1])
+    return {
+        "ece": expected_calibration_error(probs.argmax(1) == labels, probs.max(1), n_bins),
+        "ece_classwise": float(np.mean([expected_calibration_error(onehot[:, c], probs[:, c], n_bins)
+                                        for c in classes])),
+        "brier": float(sum(brier_score_loss(onehot[:, c], probs[:, c], pos_label=True) for c in classes)),
+        "nll": float(log_loss(labels, probs / probs.sum(1, keepdims=True), labels=list(classes))),  # float32 sums
     }
 
 

@@ -195,9 +195,11 @@ class ADNet(nn.Module):
         return self.fc2(self.linear_drop2(x))              # (B, C) logits
 
 
-def class_probabilities(logits):
-    """(B, C) logits of the AD models -> (B, C) probabilities, what every ensemble and metric reads."""
-    return F.softmax(logits, 1)
+def class_probabilities(logits, temperature=1.0):
+    """(B, C) logits of the AD models -> (B, C) probabilities, what every ensemble and metric reads. A temperature
+    T != 1 is temperature scaling (Guo et al. 2017; calibration.py): softmax(logits / T), the same argmax,
+    probabilities flatter for T > 1."""
+    return F.softmax(logits / temperature if temperature != 1.0 else logits, 1)
 
 
 def build_model(task, name, image_shape=None, n_tabular=None, n_classes=3, embedding_dim=None, **options):

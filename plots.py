@@ -1,12 +1,13 @@
 """The figures as PNG files: Table 3 and Fig. 4 drawn, confusion matrices, ROC and learning curves, sweeps; and the
 one way this project writes a PNG (matplotlib when installed, else a standard-library encoder for the previews).
 
-    evaluate.py ad --plots DIR         confusion_<model>_seed<S>_v<V>.png, roc_<model>_seed<S>_v<V>.png per row of
-                                       Table 3, table3.png (its columns as bars per model: mean +- std, the rows as
-                                       points), learning_curves_<model>.png (--binary: each name ends _binary)
+    evaluate.py ad --plots DIR         confusion_<model>_seed<S>_v<V>.png, roc_<...>.png, reliability_<...>.png
+                                       per row of Table 3, table3.png (its columns as bars per model: mean +- std,
+                                       the rows as points), learning_curves_<model>.png (--binary: names end _binary)
     evaluate.py brain-age --plots DIR  brain_age_scatter_<folder>.png per ensemble, fig4a.png, fig4b.png,
                                        brain_age_gap_by_sex.png, learning_curves_<folder>.png
     evaluate.py sweep ... --plots DIR  sweep_<model>_<attribute>.png
+    evaluate.py calibrate --plots DIR  reliability_calibrated_<model>_seed<S>_v<V>.png (before and after)
     data.py check-ad ... --preview DIR the previews, through write_png
 
 matplotlib is optional (requirements.txt does not list it): it is imported inside the functions that draw, never
@@ -24,7 +25,7 @@ import zlib
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from metrics import age_bias_fit, corrected_gap, fmt
+from metrics import CALIBRATION_BINS, age_bias_fit, corrected_gap, expected_calibration_error, fmt, reliability
 from safeio import UserError, atomic_path, write_bytes
 
 DPI = 100
@@ -230,10 +231,33 @@ def roc_figure(figs, file, labels, probs, class_names, title):
     figs.save(fig, file)
 
 
+def reliability_figure(figs, file, curves, title):
+    """Top-label reliability diagram (metrics.reliability): per curve (name, labels, probs), the accuracy of the
+    subjects in each of 15 equal-width confidence bins against their mean confidence, the diagonal being
+    calibrated, ECE in the legend; right, how many subjects each bin holds (a point of few subjects says little)."""
+    fig, (ax, counts_ax) = figs.new(WIDE, 2)
+    edges = np.linspace(0, 1, CALIBRATION_BINS + 1)
+    for k, (name, labels, probs) in enumerate(curves):
+        labels, probs = np.asarray(labels), np.asarray(probs, float)
+        hit, confidence = probs.argmax(1) == labels, probs.max(1)
+        observed, predicted, counts = reliability(hit, confidence)
+        style = dict(lw=2.0, marker="o", ms=4) if k < 2 and "ensemble" in name else dict(lw=0.8, alpha=0.6)
+        line, = ax.plot(predicted, observed, label=f"{name}: ECE {fmt(expected_calibration_error(hit, confidence))}",
+                        **style)
+        full = np.bincount(np.searchsorted(edges[1:-1], confidence), minlength=CALIBRATION_BINS)
+        counts_ax.step(edges[:-1], full, where="post", color=line.get_color(), lw=style["lw"], label=name)
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="confidence (largest probability)", ylabel="accuracy", title=title)
+    ax.legend(loc="upper left", fontsize=7)
+    counts_ax.set(xlim=(0, 1), xlabel="confidence bin (15 of width 1/15)", ylabel="subjects",
+                  title="subjects per bin")
+    figs.save(fig, file)
+
+
 def table3_figure(figs, file, res):
-    """Every column of Table 3 as grouped bars, one bar per model: the mean over its rows, the sample std as an
-    error bar and the rows as points when it has several."""
-    cols, models = res["columns"], res["models"]
+    """Every column of Table 3 the paper has as grouped bars, one bar per model: the mean over its rows, the sample
+    std as an error bar and the rows as points when it has several."""
+    cols, models = res["paper_columns"], res["models"]
     fig, ax = figs.new(WIDE)
     width = 0.8 / len(models)
     colours = figs.plt.get_cmap("tab10")
@@ -256,7 +280,8 @@ def table3_figure(figs, file, res):
 
 
 def ad_figures(res, ensembles, folder, quiet=False):
-    """evaluate.py ad --plots: per row (model, split seed, version) its confusion matrix and ROC curves; Table 3
+    """evaluate.py ad --plots: per row (model, split seed, version) its confusion matrix, ROC curves and reliability
+    diagram (the ensemble beside its four fold members); Table 3
     as bars; a learning-curve figure per model. res: evaluate.ad_results; ensembles: {model: {(seed, version):
     its ensemble (labels, probs, dirs)}} as ad_results kept them. -> {"written", "skipped"}."""
     figs = Figures(folder, quiet)
@@ -270,6 +295,9 @@ def ad_figures(res, ensembles, folder, quiet=False):
             confusion_figure(figs, f"confusion_{stem}.png", r["metrics"]["confusion_matrix"], names,
                              f"{what}: BA {fmt(r['BA'])}")
             roc_figure(figs, f"roc_{stem}.png", e["labels"], e["probs"], names, f"{what}\nmacro AUC {fmt(r['AUC'])}")
+            members = [(f"fold {k}", e["labels"], p) for k, p in enumerate(e.get("members", []))]
+            reliability_figure(figs, f"reliability_{stem}.png", [("ensemble", e["labels"], e["probs"])] + members,
+                               f"{what}: test set")
     table3_figure(figs, f"table3{tag}.png", res)
     for m in res["models"]:
         dirs = [d for e in ensembles[m["model"]].values() for d in e.get("dirs", [])]

@@ -8,7 +8,10 @@ finished run is taken (runs/ad/hyperfusion/seed0 = its versions x folds). Every 
 subject with the state it was trained with: its tabular preprocessing and imputation (Sec. 3.3), its
 hippocampus boxes with both sides averaged (Sec. 4.3.6), its image shape and voxel size, its target
 scale. The members are then combined per subject: Eq. 7-8 (entropy-weighted) for AD, Eq. 6 (mean)
-for brain age. NEW.csv needs no diagnosis or age; when it has them, the metrics are printed too.
+for brain age. NEW.csv needs no diagnosis or age; when it has them, the metrics are printed too (AD: with
+the calibration of the probabilities, metrics.calibration_metrics). --calibrated (AD): every member's
+probabilities at its own temperature (calibration.json, fitted on its validation set: calibration.py) before
+Eq. 7-8; no member's predicted class changes, but Eq. 8's weights do, so the ensemble's may.
 
 Output columns. AD: Subject, prob_<class> for each class, predicted, n_models, prob_spread (the
 largest standard deviation of a class probability across members). Brain age: Subject,
@@ -89,12 +92,13 @@ def check_images(table, members):
 PROGRESS_EVERY = 5.0   # seconds at least between two progress lines over the batches (safeio.Progress)
 
 
-def member_outputs(members, table, cache_dir, batch_size, device, progress=True):
+def member_outputs(members, table, cache_dir, batch_size, device, progress=True, calibrated=False):
     """Each member's predictions for every subject of `table`: (K, N, C) probabilities or (K, N) ages.
     Images are decoded once per distinct crop (and once for brain age), then every member reads them.
     progress: a line per member, `member 2 of 20 done (<its folder>, 3 s); about 54 s left for the 18 still to
     predict` (the time left per model: a tabular MLP reads far faster than an image model), and when it is long
-    a line over the batches, `predicting 5000 subjects x 20 models: 12000 of 100000 predictions (12%), ...`."""
+    a line over the batches, `predicting 5000 subjects x 20 models: 12000 of 100000 predictions (12%), ...`.
+    calibrated: each AD member's probabilities at its temperature, softmax(logits / T) (calibration.py)."""
     task, n = members[0].run.task, len(table.subjects)
     caches, outputs = {}, []
     done = Progress("predict", None, "members", not progress, kinds=[m.run.model for m in members])
@@ -116,7 +120,8 @@ def member_outputs(members, table, cache_dir, batch_size, device, progress=True)
             targets = np.zeros(n, np.int64)
             ds = (data.ADDataset(images, tab, targets, train=False) if images is not None
                   else data.TabularDataset(tab, targets))
-            transform = class_probabilities
+            temperature = m.temperature if calibrated else 1.0                    # checked by check_calibrated
+            transform = lambda logits, t=temperature: class_probabilities(logits, t)
         else:
             ds = data.BrainAgeDataset(images, data.sex_onehot(table.sex), np.zeros(n, np.float32))
             transform = m.target.decode
@@ -125,6 +130,16 @@ def member_outputs(members, table, cache_dir, batch_size, device, progress=True)
         outputs.append(out)
         done.item_done(m.run.model, time.time() - t0, m.dir)
     return np.stack(outputs)
+
+
+def check_calibrated(members):
+    """--calibrated: every member an AD run with its temperature (calibration.json), else one line naming it."""
+    for m in members:
+        if m.run.task != "ad":
+            raise UserError(f"--calibrated: {m.dir} is a brain-age run; temperature scaling is for AD's probabilities")
+        if m.temperature is None:
+            raise UserError(f"--calibrated: {m.dir} has no temperature (no calibration.json); fit it with "
+                            f"`python evaluate.py calibrate {m.dir}`")
 
 
 def combine(task, outputs):
@@ -147,9 +162,10 @@ def ensemble_age_bias(members):
 # ----------------------------------------------------------------------------------------------
 # Test-time adjustment (Sec. 1): the same test scans with one tabular attribute changed
 
-def test_set(finished_run, data_csv=None, image_dir=None):
-    """Rebuild a finished run's test set exactly as its training script did (the table, the split and,
-    for image models, the training run's image cache with its crops). -> (table, test_idx, images or None)."""
+def test_set(finished_run, data_csv=None, image_dir=None, part="test"):
+    """Rebuild a finished run's test set (or with part="val" its validation set) exactly as its training script
+    did (the table, the split and, for image models, the training run's image cache with its crops).
+    -> (run, table, the subset's indices, images or None)."""
     run = finished_run.run.replace(data_csv=data_csv or finished_run.run.data_csv,
                                    image_dir=image_dir or finished_run.run.image_dir)
     held = finished_run.inputs.get("table_sha256")   # absent in runs written before runs were tied to their data
@@ -160,11 +176,12 @@ def test_set(finished_run, data_csv=None, image_dir=None):
         image_model = run.model != "tabular"
         table = data.read_ad_table(run.data_csv, run.image_dir, need_images=image_model, classes=run.classes,
                                    group_map=run.group_map)
-        test_idx = splits.ad_fold(splits.ad_split(table.sex, table.labels, table.age, run.split_seed), run.fold)[2]
+        parts = splits.ad_fold(splits.ad_split(table.sex, table.labels, table.age, run.split_seed), run.fold)
     else:
         image_model = True
         table = data.read_brain_age_table(run.data_csv, run.image_dir)
-        test_idx = splits.brain_age_split(table.age, table.sex, run.split_seed, run.split)[2]
+        parts = splits.brain_age_split(table.age, table.sex, run.split_seed, run.split)
+    test_idx = parts[{"val": 1, "test": 2}[part]]
     images = None
     if image_model:  # the training run's cache (same folder, dtype and crops), so nothing is decoded again
         cache = data.ImageCache(table.image_paths, data.cache_folder(run.cache_dir, run.data_csv),
@@ -272,6 +289,8 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="the predictions CSV to write")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--calibrated", action="store_true",
+                   help="AD: each member's probabilities at its temperature (calibration.json) before Eq. 7-8")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     check_number("--batch-size", a.batch_size, least=1)
@@ -279,6 +298,8 @@ def main(argv=None):
     t0 = time.time()
     members = find_runs(a.runs)
     check_members(members)
+    if a.calibrated:
+        check_calibrated(members)
     task, first = members[0].run.task, members[0]
     need_images = any(m.run.model != "tabular" for m in members)
     if task == "ad":
@@ -293,7 +314,7 @@ def main(argv=None):
         check_images(table, members)
     device = setup_device(a.device)
     outputs = member_outputs(members, table, data.cache_folder(a.cache_dir, a.data_csv), a.batch_size,
-                             device, progress=not a.quiet)
+                             device, progress=not a.quiet, calibrated=a.calibrated)
     combined, spread = combine(task, outputs)
     K, n = len(members), len(table.subjects)
     if task == "ad":
@@ -323,7 +344,9 @@ def main(argv=None):
         known = table.labels >= 0
         m = classification_metrics(table.labels[known], combined[known], names)
         print(f"ensemble on the {int(known.sum())} subjects with a diagnosis: BA {m['balanced_accuracy']:.3f} "
-              f"AUC {m['auc_macro']:.3f} F1 {m['f1_macro']:.3f} precision {m['precision']:.3f}")
+              f"AUC {m['auc_macro']:.3f} F1 {m['f1_macro']:.3f} precision {m['precision']:.3f}; calibration"
+              f"{' (each member at its temperature)' if a.calibrated else ''}: ECE {m['ece']:.3f} class-wise ECE "
+              f"{m['ece_classwise']:.3f} Brier {m['brier']:.3f} NLL {m['nll']:.3f}")
     elif task == "brain-age" and np.isfinite(table.age).any():
         known = np.isfinite(table.age)
         m = regression_metrics(table.age[known], combined[known], table.sex[known])

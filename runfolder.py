@@ -19,8 +19,8 @@ import torch
 import distributed
 from safeio import UserError, warn
 
-RUN_FILES = ("best.pt", "last.pt", "log.csv", "metrics.json", "predictions.npz")    # what a run writes in its folder
-FINISHED_FILES = ("metrics.json", "predictions.npz")   # written when it ends: they describe its final best.pt
+FINISHED_FILES = ("metrics.json", "predictions.npz", "logits.npz", "calibration.json")  # its final best.pt's
+RUN_FILES = ("best.pt", "last.pt", "log.csv") + FINISHED_FILES                          # what a run writes
 LOCK_NAME = ".lock"
 
 

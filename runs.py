@@ -2,10 +2,12 @@
 
 Evaluation (the tables), the test-time sweep and prediction all go through load_run, so a run is
 always replayed with its own state: the tabular preprocessing with its imputation (Sec. 3.3), the
-hippocampus boxes, the image shape and the brain-age target scale, all stored in its checkpoint.
+hippocampus boxes, the image shape and the brain-age target scale, all stored in its checkpoint, and for AD
+the temperature it was calibrated with (calibration.json).
 """
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -17,6 +19,9 @@ from safeio import UserError
 from tabular import TabularPreprocessor
 from runconfig import RunConfig
 from training import load_checkpoint, load_weights
+
+
+CALIBRATION_FILE = "calibration.json"   # an AD run's temperature and its validation calibration (calibration.py)
 
 
 def finished(run_dir):
@@ -67,12 +72,27 @@ class FinishedRun:
         return model.to(device).eval()
 
     def read_metrics(self):
-        path = os.path.join(self.dir, "metrics.json")
+        return self.read_json("metrics.json")
+
+    def read_json(self, name):
+        """A JSON file of the run's folder; unreadable is one error naming it."""
+        path = os.path.join(self.dir, name)
         try:
             with open(path) as f:
                 return json.load(f)
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+
+    @property
+    def temperature(self):
+        """AD: the run's temperature (calibration.json, fitted on its validation set), or None before calibration."""
+        path = os.path.join(self.dir, CALIBRATION_FILE)
+        if not os.path.isfile(path):
+            return None
+        t = self.read_json(CALIBRATION_FILE).get("temperature")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
+            raise UserError(f"{path}: temperature {t!r} is not a positive number")
+        return float(t)
 
     def read_predictions(self):
         """predictions.npz: the test subjects and the run's soft predictions (AD) or ages (brain age)."""

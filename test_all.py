@@ -33,6 +33,7 @@ from sklearn.metrics import roc_auc_score
 
 import bench
 import bench_precision
+import calibration
 import data
 import distributed
 import evaluate
@@ -1138,7 +1139,7 @@ def test_dataset_items_have_one_side_in_training_and_both_in_evaluation(ad_cohor
     X = TabularPreprocessor().fit_transform(t.raw)[:4]
     train = data.ADDataset(cache, X, t.labels[:4], train=True)
     img, tab, y = train[2]
-    assert img.shape == (1,) + crops.size and img.dtype == torch.float32
+    assert img.shape == (1,) + crops.size and img.dtype == torch.float16          # as the cache stores it
     assert tab.shape == (15,) and y.dtype == torch.int64 and y.shape == () and int(y) == t.labels[2]
     pair = np.array(cache[2], np.float32)
     torch.manual_seed(0)
@@ -3722,7 +3723,8 @@ def test_a_two_process_torchrun_run_writes_each_file_once_and_tests_each_subject
     assert len(lines) == 2 and all(line.startswith("test BA") for line in lines), p.stdout   # rank 0 alone prints:
     assert "tabular" in lines[0] and "hyperfusion" in lines[1]                        # the MLP once, then the run
     run = _run_dir(tmp_path, "hyperfusion")
-    assert sorted(os.listdir(run)) == ["best.pt", "last.pt", "log.csv", "metrics.json", "predictions.npz"]
+    assert sorted(os.listdir(run)) == ["best.pt", "calibration.json", "last.pt", "log.csv", "logits.npz",
+                                       "metrics.json", "predictions.npz"]
     with open(os.path.join(run, "log.csv")) as f:
         assert len(f.read().strip().splitlines()) == 1 + 2                            # one row per epoch
     table = data.read_ad_table(ad_cohort60)
@@ -3852,8 +3854,8 @@ def test_loaders_ship_images_in_the_float16_the_cache_stores_and_the_network_rea
     half = torch.randn(6, 36, 36, 36, generator=g).half().numpy()
     sex, age = data.sex_onehot(np.arange(6) % 2), np.linspace(40, 80, 6).astype(np.float32)
     shipped = data.BrainAgeDataset(half, sex, age)
-    assert shipped[0][0].dtype == torch.float16 and data.BrainAgeDataset(half.astype(np.float32), sex, age)[0][0].dtype \
-        == torch.float32
+    assert shipped[0][0].dtype == torch.float16
+    assert data.BrainAgeDataset(half.astype(np.float32), sex, age)[0][0].dtype == torch.float32
     pairs = np.stack([half[:, :8, :8, :8]] * 2, 1)                                       # (N, 2, D, H, W) crops
     assert data.ADDataset(pairs, np.zeros((6, 3)), np.arange(6) % 3)[0][0].dtype == torch.float16
     assert data.ADDataset(pairs, np.zeros((6, 3)), np.arange(6) % 3, train=False)[0][0].dtype == torch.float16
@@ -4091,8 +4093,8 @@ def _write_logs(run_dir, epochs=3, score="balanced_accuracy"):
                         for e in range(epochs)], os.path.join(run_dir, "log.csv"))
 
 
-def test_ad_plots_draw_each_rows_confusion_and_roc_table3_and_learning_curves_at_their_size(ad_runs, monkeypatch,
-                                                                                          capsys):
+def test_ad_plots_draw_each_rows_confusion_roc_and_reliability_table3_and_learning_curves_at_their_size(
+        ad_runs, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
     runs, made, labels = ad_runs
     for seed, version in GROUPS:
@@ -4103,7 +4105,8 @@ def test_ad_plots_draw_each_rows_confusion_and_roc_table3_and_learning_curves_at
     res = evaluate.main(["ad", "--runs", str(runs), "--plots", str(out)])
     printed = capsys.readouterr().out
     models = ["imaging", "tabular", "late-fusion", "hyperfusion"]
-    rows = [f"{kind}_{m}_seed{s}_v{v}.png" for m in models for s, v in GROUPS for kind in ("confusion", "roc")]
+    rows = [f"{kind}_{m}_seed{s}_v{v}.png" for m in models for s, v in GROUPS
+            for kind in ("confusion", "roc", "reliability")]
     expected = sorted(rows + ["table3.png", "learning_curves_hyperfusion.png"])
     assert sorted(os.listdir(out)) == expected and no_temp_files(out)
     for name in expected:
@@ -4129,6 +4132,12 @@ def test_ad_plots_draw_each_rows_confusion_and_roc_table3_and_learning_curves_at
         assert f"{name} vs rest: AUC {auc}" in texts["roc_hyperfusion_seed0_v0.png"]
     assert any(f"macro AUC {metrics.fmt(hf['AUC'])}" in t for t in texts["roc_hyperfusion_seed0_v0.png"])
     assert "Imaging only (3 rows)" in texts["table3.png"] and "HyperFusion (3 rows)" in texts["table3.png"]
+    # the reliability diagram: the ensemble's ECE beside each of its four members'
+    shown = texts["reliability_hyperfusion_seed0_v0.png"]
+    assert f"ensemble: ECE {metrics.fmt(hf['ECE'])}" in shown
+    for k, member in enumerate(made[("hyperfusion", 0, 0)]):
+        ece = metrics.calibration_metrics(labels[0], member)["ece"]
+        assert f"fold {k}: ECE {metrics.fmt(ece)}" in shown
 
 
 def test_brain_age_plots_draw_the_scatters_fig4a_fig4b_and_the_gap_or_say_which_is_skipped(tmp_path, monkeypatch,
@@ -4778,6 +4787,15 @@ def test_the_paired_precision_benchmark_pairs_each_version_with_itself_from_the_
     assert "| bf16 | MAE | +0.0535 |" in capsys.readouterr().out
 
 
+def test_the_paired_precision_benchmark_continues_a_run_it_was_stopped_in():
+    """Stopped midway (a session's end, a Ctrl-C), the benchmark run again resumes the unfinished run's last.pt
+    instead of failing on the folder it left (a resumed CPU run ends exactly as an uninterrupted one)."""
+    args = bench_precision.parse_args(["--task", "brain-age", "--versions", "3", "--out", "bp"])[0]
+    cmd = bench_precision.command(args, "bf16", 3)
+    assert cmd[1].endswith("train_brain_age.py") and "--resume" in cmd
+    assert cmd[cmd.index("--version") + 1] == "3" and cmd[cmd.index("--precision") + 1] == "bf16"
+
+
 def test_the_loader_measure_gives_every_worker_several_batches_of_each_timed_pass(monkeypatch):
     """With 4 batches for 8 workers a pass timed one batch's latency, not the loader's rate."""
     seen = {}
@@ -4833,3 +4851,168 @@ def test_data_scale_reports_decode_cache_and_loader_with_a_positive_number_in_ev
                if r["decode_workers"] == 2)           # (after the start: none when the tiny decode is within its noise)
     mb = {(r["task"], r["dtype"]): r["mb_per_subject"] for r in report["cache"]}
     assert all(mb[t, "float32"] > 1.8 * mb[t, "float16"] for t in tasks)
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration: the probabilities measured (ECE, Brier, NLL) and corrected (temperature scaling)
+
+def _ece_by_hand(hit, confidence, n_bins=15):
+    """Guo et al.'s ECE written out: bins (k/15, (k+1)/15] (the first closed), sum of |B|/N |acc(B) - conf(B)|."""
+    total = 0.0
+    for k in range(n_bins):
+        lo, hi = k / n_bins, (k + 1) / n_bins
+        members = [i for i, c in enumerate(confidence) if (lo < c <= hi) or (k == 0 and c == 0)]
+        if members:
+            acc = sum(hit[i] for i in members) / len(members)
+            conf = sum(confidence[i] for i in members) / len(members)
+            total += len(members) / len(confidence) * abs(acc - conf)
+    return total
+
+
+def test_ece_is_near_zero_for_calibrated_probabilities_and_clearly_above_for_over_confident_ones_as_by_hand():
+    """Labels drawn from the probabilities themselves: calibrated by construction. The same probabilities
+    sharpened (p^3, renormalised) claim more than they know. Every number against its definition written out."""
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet([1.0, 1.0, 1.0], 3000)
+    labels = np.array([rng.choice(3, p=p) for p in probs])
+    sharp = probs ** 3 / (probs ** 3).sum(1, keepdims=True)
+    found = {}
+    for name, p in (("calibrated", probs), ("over-confident", sharp)):
+        m = metrics.calibration_metrics(labels, p)
+        hit, conf = list(p.argmax(1) == labels), list(p.max(1))
+        assert m["ece"] == pytest.approx(_ece_by_hand(hit, conf), abs=1e-12)
+        classwise = np.mean([_ece_by_hand(list(labels == c), list(p[:, c])) for c in range(3)])
+        assert m["ece_classwise"] == pytest.approx(classwise, abs=1e-12)
+        assert m["brier"] == pytest.approx(np.mean([sum((p[i, c] - (labels[i] == c)) ** 2 for c in range(3))
+                                                    for i in range(len(labels))]), abs=1e-12)
+        assert m["nll"] == pytest.approx(-np.mean([math.log(p[i, labels[i]]) for i in range(len(labels))]), abs=1e-9)
+        found[name] = m
+    assert found["calibrated"]["ece"] < 0.03 and found["over-confident"]["ece"] > 0.1
+    assert found["calibrated"]["ece_classwise"] < 0.03 and found["over-confident"]["ece_classwise"] > 0.05
+    assert found["calibrated"]["nll"] < found["over-confident"]["nll"]
+
+
+def test_the_fitted_temperature_recovers_the_temperature_the_labels_were_drawn_at():
+    """Logits z, labels drawn from softmax(z / T) at T = 2.5 (under-confident logits) and 0.5 (over-confident):
+    minimising the NLL over T finds T again; both hippocampi: each side scaled, then the sides averaged."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 3, (6000, 3))
+    for true_t in (2.5, 0.5):
+        p = np.exp(logits / true_t)
+        p /= p.sum(1, keepdims=True)
+        labels = np.array([rng.choice(3, p=q) for q in p])
+        assert calibration.fit_temperature(logits, labels) == pytest.approx(true_t, rel=0.06)
+    sides = rng.normal(0, 2, (5, 2, 3))
+    by_hand = np.exp(sides / 1.7) / np.exp(sides / 1.7).sum(-1, keepdims=True)
+    np.testing.assert_allclose(calibration.probabilities(sides, 1.7), by_hand.mean(1), rtol=1e-12)
+    single = sides[:, 0]                                      # one side: T never changes the argmax
+    assert np.array_equal(calibration.probabilities(single, 0.3).argmax(1), single.argmax(1))
+
+
+def test_a_finished_ad_run_holds_its_temperature_fitted_on_its_own_validation_logits(ad_fold_runs):
+    """train_ad.py keeps the run's validation and test logits (both sides apart) and calibration.json: the
+    temperature that minimises the validation NLL, and the calibration before and after; the test
+    probabilities it reports are those logits' softmax, sides averaged."""
+    run_dir = _run_dir(ad_fold_runs, "hyperfusion", 0)
+    saved = calibration.read_logits(run_dir)
+    assert saved["val"][0].shape[1:] == (2, 3) and saved["test"][0].shape[1:] == (2, 3)   # (N, sides, C)
+    record = json.load(open(os.path.join(run_dir, "calibration.json")))
+    assert record["temperature"] == pytest.approx(calibration.fit_temperature(*saved["val"]), rel=1e-9)
+    assert load_run(run_dir).temperature == record["temperature"]
+    for part in ("val", "test"):
+        logits, labels = saved[part]
+        before = metrics.calibration_metrics(labels, calibration.probabilities(logits))
+        assert record[part]["before"] == pytest.approx(before)
+        assert record[part]["after"] == pytest.approx(
+            metrics.calibration_metrics(labels, calibration.probabilities(logits, record["temperature"])))
+    pred = np.load(os.path.join(run_dir, "predictions.npz"))
+    np.testing.assert_array_equal(pred["labels"], saved["test"][1])
+    np.testing.assert_allclose(pred["probs"], calibration.probabilities(saved["test"][0]), rtol=1e-5, atol=1e-7)
+    assert record["val"]["after"]["nll"] <= record["val"]["before"]["nll"] + 1e-12      # what the fit minimises
+
+
+def test_a_run_trained_before_calibration_is_calibrated_from_its_logits_predicted_again_not_retrained(
+        ad_fold_runs, tmp_path, capsys):
+    """evaluate.py calibrate on a run without logits.npz or calibration.json: the validation and test logits are
+    predicted again from its folder, table and cache, equal to those training kept, and the same temperature."""
+    src = _run_dir(ad_fold_runs, "hyperfusion", 1)
+    kept = calibration.read_logits(src)
+    old = tmp_path / "old"
+    shutil.copytree(src, old)
+    for f in ("logits.npz", "calibration.json"):
+        os.remove(old / f)
+    best = (old / "best.pt").read_bytes()
+    res = evaluate.main(["calibrate", str(old), "--quiet", "--device", "cpu"])
+    again = calibration.read_logits(str(old))
+    for part in ("val", "test"):
+        np.testing.assert_allclose(again[part][0], kept[part][0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(again[part][1], kept[part][1])
+    assert res["runs"][0]["temperature"] == pytest.approx(load_run(src).temperature, rel=1e-4)
+    assert (old / "best.pt").read_bytes() == best                                      # not retrained
+    assert os.path.isfile(old / "calibration_ad.md")
+
+
+def test_calibrated_prediction_keeps_every_members_class_and_changes_the_ensemble_only_through_eq8_weights(
+        ad_cohort60, ad_fold_runs, tmp_path):
+    """predict.py --calibrated: each member's probabilities are softmax(logits / T) with its own T (on its test
+    subjects, those of its logits.npz), its predicted class unchanged; the ensemble is Eq. 7-8 of them."""
+    runs = [_run_dir(ad_fold_runs, "hyperfusion", fold) for fold in (0, 1)]
+    plain = _predict(*runs, "--data-csv", ad_cohort60, "--out", tmp_path / "p.csv")
+    cal = _predict(*runs, "--data-csv", ad_cohort60, "--out", tmp_path / "c.csv", "--calibrated")
+    assert np.array_equal(cal["outputs"].argmax(-1), plain["outputs"].argmax(-1))
+    np.testing.assert_allclose(cal["combined"], _eq7_8_by_hand(cal["outputs"]), atol=1e-6)
+    assert not np.allclose(cal["combined"], plain["combined"], atol=1e-4)
+    table = data.read_ad_table(ad_cohort60)
+    test_idx = splits.ad_fold(splits.ad_split(table.sex, table.labels, table.age, 0), 0)[2]
+    for k, r in enumerate(runs):
+        logits = calibration.read_logits(r)["test"][0]
+        expected = calibration.probabilities(logits, load_run(r).temperature)
+        np.testing.assert_allclose(cal["outputs"][k][test_idx], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_calibrated_prediction_refuses_a_run_without_a_temperature_in_one_line_naming_it(
+        ad_cohort60, ad_fold_runs, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(_run_dir(ad_fold_runs, "hyperfusion", 0), old)
+    os.remove(old / "calibration.json")
+    proc = run_main(predict.main, old, "--data-csv", ad_cohort60, "--out", tmp_path / "p.csv", "--calibrated")
+    assert_clean_error(proc, str(old), "no temperature", "evaluate.py calibrate")
+    assert not os.path.exists(tmp_path / "p.csv")
+
+
+def test_table3_reports_the_calibration_of_every_ensemble_after_the_papers_columns(ad_runs):
+    runs, made, labels = ad_runs
+    res = evaluate.evaluate_ad(str(runs), quiet=True)
+    assert res["columns"][-4:] == ["ECE", "cwECE", "Brier", "NLL"] and res["paper_columns"] == res["columns"][:-4]
+    hyper = next(m for m in res["models"] if m["model"] == "hyperfusion")
+    for r, (seed, version) in zip(hyper["rows"], GROUPS):
+        expected = metrics.calibration_metrics(labels[seed], _eq7_8_by_hand(made[("hyperfusion", seed, version)]))
+        assert [r[t] for t in ("ECE", "cwECE", "Brier", "NLL")] == pytest.approx(
+            [expected[k] for k in ("ece", "ece_classwise", "brier", "nll")])
+    header = open(os.path.join(runs, "results_ad.csv")).readline()
+    assert header.index("ECE mean") > header.index("AUC mean")
+
+
+def test_the_calibration_report_ensembles_the_members_each_at_its_own_temperature(tmp_path):
+    """evaluate.py calibrate over four fold runs: each T fitted on that run's validation logits; the ensemble
+    after is Eq. 7-8, member by member, of softmax(test logits / T_k)."""
+    rng = np.random.default_rng(2)
+    val_labels, test_labels = rng.integers(0, 3, 40), rng.integers(0, 3, 30)
+    logits = []
+    for fold in range(4):
+        val = rng.normal(0, 1, (40, 3)) + 4 * np.eye(3)[val_labels] * (fold + 1) / 2     # ever more over-confident
+        test = rng.normal(0, 1, (30, 3)) + 4 * np.eye(3)[test_labels] * (fold + 1) / 2
+        p = calibration.probabilities(test)
+        run_dir = fake_ad_run(tmp_path, "hyperfusion", 0, 0, fold, p, test_labels)
+        calibration.save_logits(run_dir, (val, val_labels), (test, test_labels))
+        logits.append(test)
+    res = evaluate.main(["calibrate", str(tmp_path), "--quiet"])
+    temps = [r["temperature"] for r in sorted(res["runs"], key=lambda r: r["dir"])]
+    assert temps == pytest.approx([calibration.fit_temperature(*calibration.read_logits(
+        runconfig.ad_run_dir(tmp_path, "hyperfusion", 0, 0, f))["val"]) for f in range(4)])
+    (ens,) = res["ensembles"]
+    after = _eq7_8_by_hand([calibration.probabilities(z, t) for z, t in zip(logits, temps)])
+    before = _eq7_8_by_hand([calibration.probabilities(z) for z in logits])
+    assert ens["after"]["ece"] == pytest.approx(metrics.calibration_metrics(test_labels, after)["ece"])
+    assert ens["before"]["nll"] == pytest.approx(metrics.calibration_metrics(test_labels, before)["nll"])
+    assert ens["after"]["nll"] != pytest.approx(ens["before"]["nll"])

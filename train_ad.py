@@ -8,7 +8,8 @@ One run is one (model, split seed, version, fold) of the protocol (Sec. 4.3.4, 4
 subset 4 of the split is the test set, subset `fold` validates, the other three train. The epoch
 with the best validation balanced accuracy is kept and evaluated on the test subset at the end.
 Everything lands in <out>/ad/<model>/seed<S>/v<V>/fold<F>/: best.pt, last.pt, log.csv,
-metrics.json and predictions.npz (the test probabilities that evaluate.py ensembles).
+metrics.json and predictions.npz (the test probabilities that evaluate.py ensembles), logits.npz and
+calibration.json (the run's temperature, fitted on its validation set: calibration.py).
 The loop, checkpoints and device handling are training.py's.
 """
 import argparse
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 import data
 import splits
+from calibration import calibrate, save_logits
 from distributed import alone, is_main, log, main_first
 from layers import init_hyperlayers
 from metrics import classification_metrics
@@ -160,10 +162,14 @@ def run_ad(args, device, run):
     model.load_state_dict(load_checkpoint(os.path.join(run_dir, "best.pt"), identity(run, inputs))["model"])
     test_metrics, test_probs = ad_metrics(model, loader(test_set), device, names, run.precision)
     metrics = {"val": best["metrics"], "test": test_metrics, "best_epoch": best["epoch"]}
+    logits = {part: predict(model, loader(ds), device, None, run.precision, sides=True)       # (N, [2,] C)
+              for part, ds in (("val", val_set), ("test", test_set))}
     if is_main():  # torchrun: every rank holds all test predictions (gathered); one writes them
         with atomic_path(os.path.join(run_dir, "predictions.npz")) as tmp:
             np.savez(tmp, subjects=np.array(table.subjects)[test_idx], labels=table.labels[test_idx],
                      probs=test_probs)
+        save_logits(run_dir, logits["val"], logits["test"])
+        metrics["temperature"] = calibrate(run_dir, logits)["temperature"]    # on the validation set
         write_json(metrics, os.path.join(run_dir, "metrics.json"))
     log(f"test BA {test_metrics['balanced_accuracy']:.3f} AUC {test_metrics['auc_macro']:.3f} "
         f"F1 {test_metrics['f1_macro']:.3f} (best epoch {best['epoch'] + 1}, val BA "

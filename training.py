@@ -181,13 +181,14 @@ def recalibrate_batchnorm(model, loader, device, precision="fp32"):
 
 
 @torch.no_grad()
-def predict(model, loader, device, transform=None, precision="fp32", on_batch=None):
+def predict(model, loader, device, transform=None, precision="fp32", on_batch=None, sides=False):
     """Every item of a loader through the model in eval mode -> (outputs (N, ...), targets (N,)) as numpy.
     on_batch(n), if given, is told each batch's n items once they are through (predict.py's progress).
 
     `transform` maps the network's output (softmax for AD, AgeTarget.decode for brain age). An item
     that holds both hippocampi, image (B, 2, 1, D, H, W), is read as 2B images and the transformed
-    outputs of its two sides are averaged (Sec. 4.3.6). Under torchrun every process predicts its share
+    outputs of its two sides are averaged (Sec. 4.3.6), or with `sides` kept: (N, 2, ...) (what temperature
+    scaling fits its logits on, calibration.py). Under torchrun every process predicts its share
     and gets everyone's back, in dataset order (distributed.gather)."""
     model.eval()
     outputs, targets = [], []
@@ -201,7 +202,8 @@ def predict(model, loader, device, transform=None, precision="fp32", on_batch=No
             out = model(to_device(image, device), tabular).float()
         out = transform(out) if transform is not None else out
         if both:
-            out = out.view(B, 2, *out.shape[1:]).mean(1)                             # (B, ...)
+            out = out.view(B, 2, *out.shape[1:])                                     # (B, 2, ...)
+            out = out if sides else out.mean(1)                                      # (B, ...)
         outputs.append(out.cpu())
         targets.append(target.cpu())
         if on_batch is not None:
