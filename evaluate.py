@@ -33,14 +33,13 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import mannwhitneyu
 
 import calibration
 import data
 import plots
 import predict
-from metrics import (CALIBRATION_COLUMNS, age_bias_fit, classification_metrics, entropy_weighted_ensemble, fmt,
-                     gap_summary, markdown_table, mean_ensemble, regression_metrics)
+from metrics import (CALIBRATION_COLUMNS, age_bias_fit, classification_metrics, entropy_weighted_ensemble, fmt, fmt_p,
+                     gap_summary, mann_whitney_p, markdown_table, mean_ensemble, mean_std, regression_metrics)
 from models import AgeTarget, build_model, candidate_layers, layer_loss_entropy
 from runs import finished, load_run
 from safeio import (ArgumentParser, UserError, check_number, check_output, duration_text, run_cli, write_csv,
@@ -160,23 +159,6 @@ def metric_columns(class_names):
     return cols + [(title, lambda m, k=k: m[k]) for title, k in CALIBRATION_COLUMNS]   # after the paper's
 
 
-def mean_std(values):
-    """Mean and sample standard deviation (ddof 1) of the finite values; std NaN below 2 values."""
-    v = np.asarray([x for x in values if np.isfinite(x)], float)
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
-
-
-def mann_whitney_p(x, y):
-    """Two-sided Mann-Whitney U p-value of two samples of rows (Sec. 4.3.7); NaN below 2 finite values each."""
-    x = [v for v in x if np.isfinite(v)]
-    y = [v for v in y if np.isfinite(v)]
-    if len(x) < 2 or len(y) < 2:
-        return float("nan")
-    return float(mannwhitneyu(x, y, alternative="two-sided").pvalue)
-
-
 def ad_results(runs, binary=False, reference="hyperfusion", keep=None):
     """Table 3 from the runs folder.
 
@@ -232,12 +214,6 @@ def ad_results(runs, binary=False, reference="hyperfusion", keep=None):
     return {"task": "ad-binary" if binary else "ad", "runs": os.path.abspath(runs), "class_names": class_names,
             "columns": [t for t, _ in columns], "paper_columns": [t for t, _ in columns[:-len(CALIBRATION_COLUMNS)]],
             "reference": reference, "models": models, "incomplete": incomplete}
-
-
-def fmt_p(p):
-    if p is None or not np.isfinite(p):
-        return "-"
-    return "p<0.001" if p < 0.001 else "p<0.01" if p < 0.01 else f"{p:.2f}"
 
 
 def ad_markdown(res):

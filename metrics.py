@@ -1,9 +1,11 @@
-"""What a number means, everywhere: the metrics (Eq. 9-10) and the ensembles (Eq. 6-8) of Sec. 3.4 and 4.3.6.
+"""What a number means, everywhere: the metrics (Eq. 9-10), the calibration of probabilities, the ensembles
+(Eq. 6-8) of Sec. 3.4 and 4.3.6, and the statistics over a table's rows (Sec. 4.3.7).
 
 Training (validation every epoch), evaluation (the tables) and prediction all call these, so a
 balanced accuracy or an MAE is computed one way only.
 """
 import numpy as np
+from scipy.stats import mannwhitneyu
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, confusion_matrix, f1_score, log_loss, precision_score, roc_auc_score
 
@@ -144,7 +146,34 @@ def entropy_weighted_ensemble(probs, eps=1e-12):
 
 
 # ----------------------------------------------------------------------------------------------
+# Over the rows of a table (Sec. 4.3.7)
+
+def mean_std(values):
+    """Mean and sample standard deviation (ddof 1) of the finite values; std NaN below 2 values."""
+    v = np.asarray([x for x in values if np.isfinite(x)], float)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+
+
+def mann_whitney_p(x, y):
+    """Two-sided Mann-Whitney U p-value of two samples of rows (Sec. 4.3.7); NaN below 2 finite values each."""
+    x = [v for v in x if np.isfinite(v)]
+    y = [v for v in y if np.isfinite(v)]
+    if len(x) < 2 or len(y) < 2:
+        return float("nan")
+    return float(mannwhitneyu(x, y, alternative="two-sided").pvalue)
+
+
+# ----------------------------------------------------------------------------------------------
 # How the tables show numbers
+
+def fmt_p(p):
+    """A p-value as Table 3's footnotes print it: p<0.001, p<0.01, else two decimals; '-' for NaN."""
+    if p is None or not np.isfinite(p):
+        return "-"
+    return "p<0.001" if p < 0.001 else "p<0.01" if p < 0.01 else f"{p:.2f}"
+
 
 def fmt(v, digits=3):
     """.673 style (as Table 3) for values in [0, 1]; '-' for NaN."""
