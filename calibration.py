@@ -163,11 +163,13 @@ def report(calibrated, plots_dir=None, quiet=False):
     for finished_run, rec, _ in calibrated:
         r = finished_run.run
         shift = [f"{fmt(rec['test']['before'][k])} → {fmt(rec['test']['after'][k])}" for _, k in CALIBRATION_COLUMNS]
-        rows.append([r.model, r.split_seed, r.version, r.fold, f"{rec['temperature']:.3f}"] + shift)
+        fitted = f"{fmt(rec['val']['before']['ece'])} → {fmt(rec['val']['after']['ece'])}"
+        rows.append([r.model, r.split_seed, r.version, r.fold, f"{rec['temperature']:.3f}", fitted] + shift)
         out["runs"].append({"dir": finished_run.dir, **rec})
-    header = ["model", "seed", "version", "fold", "T"] + [f"{name} test" for name, _ in CALIBRATION_COLUMNS]
+    header = ["model", "seed", "version", "fold", "T", "ECE val"] + [f"{n} test" for n, _ in CALIBRATION_COLUMNS]
     md = ["# Calibration of the AD runs (temperature scaling, Guo et al. 2017)", "",
-          f"Test set, before → after; T fitted per run on its validation set ({len(calibrated)} runs).", "",
+          f"Before → after; T fitted per run on its validation set (ECE val: where it was fitted), then the test "
+          f"set ({len(calibrated)} runs).", "",
           markdown_table(header, rows)]
     groups, figs = ensembles(calibrated), None
     if plots_dir and groups:
