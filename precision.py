@@ -10,7 +10,8 @@ The recipe is stored in the run (RunConfig.precision, part of its identity) and 
 --precision auto takes AUTO[device type]: a reduced-precision recipe only where the paired accuracy
 benchmark (bench_precision.py) has shown it non-inferior to float32 on that kind of device; float32
 otherwise. On a 2-core CPU with native bfloat16, 8 paired AD versions put bfloat16's loss of BA in
-[-0.051, +0.044] (not shown below 0.02) at 0.95x the speed (RESULTS.md, "Precision"): auto is float32.
+[-0.051, +0.044] (not shown below 0.02) at 0.95x the speed, and 8 brain-age versions its loss of MAE in
+[-0.09, +0.19] years (not shown below 0.15) (RESULTS.md, "Precision"): auto is float32.
 No GPU has measured it yet: auto is float32 on CUDA too, until bench_precision.py's GPU run says more.
 """
 import torch
