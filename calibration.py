@@ -32,7 +32,7 @@ from scipy.optimize import minimize_scalar
 import data
 from metrics import (CALIBRATION_COLUMNS, calibration_metrics, classification_metrics, entropy_weighted_ensemble, fmt,
                      markdown_table)
-from models import class_probabilities
+from models import AD_MODEL_TITLES, class_probabilities
 from plots import Figures, check_plots_folder, file_part, reliability_figure
 from predict import find_runs, test_set
 from precision import replay_precision
@@ -188,7 +188,8 @@ def report(calibrated, plots_dir=None, quiet=False):
                              for m in members]
             reliability_figure(figs, f"reliability_calibrated_{file_part(model)}_seed{seed}_v{version}.png",
                                [("ensemble, uncalibrated", labels, before), ("ensemble, calibrated", labels, after)]
-                               + members_after, f"{model}, split seed {seed}, v{version}: test set")
+                               + members_after,
+                               f"{AD_MODEL_TITLES.get(model, model)}, split seed {seed}, v{version}: test set")
     if rows:
         md += ["", "Eq. 7-8 ensembles of the four folds, test set, before → after (after: every member at its own "
                "temperature, which changes Eq. 8's weights, so BA may move):", "",

@@ -40,7 +40,7 @@ import plots
 import predict
 from metrics import (CALIBRATION_COLUMNS, age_bias_fit, classification_metrics, entropy_weighted_ensemble, fmt, fmt_p,
                      gap_summary, mann_whitney_p, markdown_table, mean_ensemble, mean_std, regression_metrics)
-from models import AgeTarget, build_model, candidate_layers, layer_loss_entropy
+from models import AD_MODEL_TITLES, AgeTarget, build_model, candidate_layers, layer_loss_entropy
 from runs import finished, load_run
 from safeio import (ArgumentParser, UserError, check_number, check_output, duration_text, run_cli, write_csv,
                     write_json, write_text)
@@ -52,8 +52,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # ----------------------------------------------------------------------------------------------
 # Reading finished runs
 
-AD_MODEL_TITLES = {"imaging": "Imaging only", "tabular": "Tabular only", "late-fusion": "Late fusion",
-                   "concat": "Concatenation", "film": "FiLM-like", "daft": "DAFT-like", "hyperfusion": "HyperFusion"}
 AD_ORDER = ("imaging", "tabular", "late-fusion", "concat", "film", "daft", "hyperfusion")  # Table 3's order
 ENSEMBLE_KEYS = ("split_seed", "tabular_columns", "classes")        # the four folds of one ensemble share these
 BRAIN_AGE_KEYS = ("model", "split_seed", "split", "embedding_dim", "train_sex")

@@ -17,6 +17,8 @@ from layers import (HyperLayer, HyperLinear, HyperPreactResBlock, ModulatedPreac
 
 BRAIN_AGE_MODELS = ("imaging", "concat", "hyperfusion")
 AD_MODELS = ("imaging", "tabular", "concat", "film", "daft", "hyperfusion")
+AD_MODEL_TITLES = {"imaging": "Imaging only", "tabular": "Tabular only", "late-fusion": "Late fusion",  # Table 3's names
+                   "concat": "Concatenation", "film": "FiLM-like", "daft": "DAFT-like", "hyperfusion": "HyperFusion"}
 
 
 # ----------------------------------------------------------------------------------------------
