@@ -63,7 +63,8 @@ def seed_all(seed):
 
 
 def make_loader(dataset, batch_size, workers, device, shuffle=False, sampler=None):
-    """Batches of `dataset`; a training loader (shuffle, or a sampler) drops a last partial batch.
+    """Batches of `dataset`; a shuffled training loader drops a last partial batch (one drawn by a sampler,
+    --loss ce-oversample, keeps it, as DeviceBatches does).
 
     Under torchrun each process reads its share (distributed.shard, re-shuffled by fit every epoch) in
     batches of batch_size / N, so a step still sees batch_size samples."""
