@@ -4788,7 +4788,7 @@ def test_the_paired_precision_benchmark_pairs_each_version_with_itself_from_the_
 
 
 def test_the_paired_precision_benchmark_continues_a_run_it_was_stopped_in():
-    """Stopped midway (a session's end, a Ctrl-C), the benchmark run again resumes the unfinished run's last.pt
+    """Stopped midway (killed, or a Ctrl-C), the benchmark run again resumes the unfinished run's last.pt
     instead of failing on the folder it left (a resumed CPU run ends exactly as an uninterrupted one)."""
     args = bench_precision.parse_args(["--task", "brain-age", "--versions", "3", "--out", "bp"])[0]
     cmd = bench_precision.command(args, "bf16", 3)
