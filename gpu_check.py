@@ -6,8 +6,8 @@
 On a CUDA machine: install the torch build for your CUDA version, then `pip install -r requirements.txt`
 (nibabel and scipy for the data sections), then the command above. One report, printed and written as
 check.md and check.json under --out (default bench_results/), rewritten after each section; each section is
-caught on its own (a failure is reported, the rest still runs) and skipped once --budget seconds would be
-exceeded. The sections, the least measured first:
+caught on its own (a failure is reported with what the section kept so far, the rest still runs) and skipped
+once --budget seconds would be exceeded. The sections, the least measured first:
 - tests: pytest on test_all.py's test_check_* with the device's id (hyperlayers equal the per-sample loop, a
   bfloat16 step within tolerance of float32, --images-on-device predicts what the loader predicts, --compile
   and --channels-last train as eager), capped at --tests-budget seconds, each test's outcome kept;
@@ -306,8 +306,9 @@ def run_check(device, quick, out, budget_s=600, spawn=True, tests_budget=150, sk
         else:
             try:
                 result = dict(status="ok", **fn())
-            except Exception as e:                                   # reported; the other sections still run
-                result = dict(status="failed", error=f"{type(e).__name__}: {e}"[:800],
+            except Exception as e:     # reported with what the section kept so far; the other sections still run
+                kept = {k: v for k, v in report["sections"].get(name, {}).items() if k not in ("status", "seconds")}
+                result = dict(kept, status="failed", error=f"{type(e).__name__}: {e}"[:800],
                               traceback=traceback.format_exc()[-1500:])
         report["sections"][name] = dict(result, seconds=time.monotonic() - t)
         write_report(report, out, "check", render_report)

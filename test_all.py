@@ -4827,6 +4827,48 @@ def test_the_gpu_checks_report_has_every_section_with_numbers(tmp_path):
     assert "## protocols: ok" in (tmp_path / "check.md").read_text()
 
 
+@pytest.mark.parametrize("ending", ["budget", "failure"])
+def test_the_gpu_checks_precision_section_keeps_every_version_finished_when_its_budget_runs_out_or_a_run_fails(
+        tmp_path, monkeypatch, ending):
+    """The precision section asks bench_precision.py for one version more at a time, both tasks in turn; when a run
+    outlives the budget, or fails, the report (check.json and check.md) still holds each task's summary at its
+    last finished version. bench_precision.py is replaced by a stand-in that writes its report: its own tests
+    hold the benchmark."""
+    asked, run = [], subprocess.run
+
+    def bench_precision_stand_in(cmd, **kwargs):
+        if not any(str(c).endswith("bench_precision.py") for c in cmd):
+            return run(cmd, **kwargs)
+        task, versions, out = (cmd[cmd.index(o) + 1] for o in ("--task", "--versions", "--out"))
+        v = int(versions.split("-")[1])
+        asked.append((task, versions))
+        if (task, v) == ("brain-age", 2):
+            if ending == "budget":
+                raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
+            return subprocess.CompletedProcess(cmd, 1, "", "error: a run failed")
+        metric = "mae" if task == "brain-age" else "balanced_accuracy"
+        s = dict(mean=v / 100, low=-1.0, high=1.0, time_ratio=1.5, verdict=f"{task} after version {v}")
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"report-{task}-hyperfusion.json"), "w") as f:
+            json.dump({"summary": {"bf16": {metric: s}}}, f)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", bench_precision_stand_in)
+    report = gpu_check.run_check("cpu", True, str(tmp_path), spawn=False, precision_versions=4,
+                                 skip=("tests", "compile", "throughput", "loader", "sharing", "protocols"))
+    assert asked == [("ad", "0-0"), ("brain-age", "0-0"), ("ad", "0-1"), ("brain-age", "0-1"), ("ad", "0-2"),
+                     ("brain-age", "0-2")]             # each time the versions so far, the finished ones reused
+    saved = json.load(open(tmp_path / "check.json"))["sections"]["precision"]
+    assert saved["status"] == ("ok" if ending == "budget" else "failed")
+    assert {t: (x["versions"], *[s["verdict"] for s in x["summary"].values()]) for t, x in saved["tasks"].items()} \
+        == {"ad": (3, "ad after version 2"), "brain-age": (2, "brain-age after version 1")}
+    assert ("brain-age version 2 did not finish" in saved["stopped"] if ending == "budget" else
+            "error: a run failed" in saved["error"])
+    md = (tmp_path / "check.md").read_text()
+    assert "ad after version 2" in md and "brain-age after version 1" in md
+    assert report["sections"]["precision"]["tasks"] == saved["tasks"]
+
+
 def test_data_scale_reports_decode_cache_and_loader_with_a_positive_number_in_every_row(tmp_path, capsys, monkeypatch):
     """bench.py --data-scale at tiny shapes (3 subjects, decode workers 1 and 2): the machine, torch and the
     command, then the three tables, every row with its rates positive; the same report in data_scale.json."""
