@@ -11,9 +11,10 @@ once --budget seconds would be exceeded. The sections, the least measured first:
 - tests: pytest on test_all.py's test_check_* with the device's id (hyperlayers equal the per-sample loop, a
   bfloat16 step within tolerance of float32, --images-on-device predicts what the loader predicts, --compile
   and --channels-last train as eager), capped at --tests-budget seconds, each test's outcome kept;
-- precision: bench_precision.py's paired accuracy benchmark on the demo cohorts, fp32 against bf16, version
-  after version (--precision-versions, each task), the report kept after each version: the evidence that
-  decides what --precision auto takes on this kind of GPU (precision.AUTO);
+- precision: bench_precision.py's paired accuracy benchmark on the demo cohorts, fp32 against bf16 (or the
+  --precision-recipes given: fp16 is CUDA's other candidate), version after version (--precision-versions, each
+  task), the report kept after each version: the evidence that decides what --precision auto takes on this kind
+  of GPU (precision.AUTO);
 - compile: throughput of HyperFusion (and its backbone) under torch.compile;
 - throughput: backbone and HyperFusion at Table 1's shapes and batches in float32, bfloat16 and bfloat16 +
   channels_last (samples/s, peak memory, HyperFusion / backbone);
@@ -41,6 +42,7 @@ import torch
 
 from bench import (AD_PROTOCOL, BRAIN_AGE_PROTOCOL, fit_precision, loader_measure, markdown_rows, protocol_hours,
                    train_step_measure, write_report)
+from precision import canonical, parse
 
 try:
     import data          # needs nibabel: without it the loader and precision sections fail alone
@@ -48,6 +50,7 @@ except ImportError as error:
     data, DATA_MISSING = None, error
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SECTIONS = ("tests", "precision", "compile", "throughput", "loader", "sharing", "protocols")   # in run_check's order
 BENCH = os.path.join(HERE, "bench.py")            # its --child measures one model in a fresh process
 
 # (precision, channels_last, compile); fit trains at fit_precision (--precision auto) unless told otherwise
@@ -67,6 +70,7 @@ def check_settings(device, quick):
                 compile_cases=cases[:1] if quick else cases, compile_models=("hyperfusion",) if quick else MODELS,
                 tests="test_check_ and device-" + device + (" and not compile" if quick else ""),
                 precision_versions=2 if quick else 4, precision_epochs=3 if quick else None, precision_jobs=2,
+                precision_recipes=("bf16",),
                 data_dir="data")
 
 
@@ -244,11 +248,15 @@ def check_protocols(device, rows, sharing):
 
 
 def check_precision(device, settings, budget, out, report):
-    """bench_precision.py on each task's demo cohort, fp32 against bf16, one version more at a time (runs already
-    finished are reused), its report kept in this one after each version: a budget that runs out leaves every
-    version finished so far. On a device without native bfloat16 there is nothing to settle."""
+    """bench_precision.py on each task's demo cohort, fp32 against each of settings["precision_recipes"] (bf16; fp16
+    too with --precision-recipes bf16 fp16), one version more at a time (runs already finished are reused), its
+    report kept in this one after each version: a budget that runs out leaves every version finished so far. A GPU
+    without native bfloat16 leaves out the bfloat16 recipes."""
+    recipes = list(settings["precision_recipes"])
     if device == "cuda" and not torch.cuda.is_bf16_supported():
-        return dict(tasks={}, note="this GPU has no bfloat16: --precision auto stays fp32")
+        recipes = [r for r in recipes if not r.startswith("bf16")]
+        if not recipes:
+            return dict(tasks={}, note="this GPU has no bfloat16: --precision auto stays fp32")
     folder, tasks = os.path.join(out, "precision"), {}
     section = report["sections"].setdefault("precision", dict(status="running", tasks=tasks, seconds=0.0))
     for v in range(settings["precision_versions"]):
@@ -256,7 +264,7 @@ def check_precision(device, settings, budget, out, report):
             if budget() < 60:
                 return dict(tasks=tasks, stopped=f"budget: {budget():.0f} s left after version {v - 1}")
             cmd = [sys.executable, os.path.join(HERE, "bench_precision.py"), "--task", task, "--versions", f"0-{v}",
-                   "--recipes", "fp32", "bf16", "--jobs", str(settings["precision_jobs"]), "--out", folder,
+                   "--recipes", "fp32", *recipes, "--jobs", str(settings["precision_jobs"]), "--out", folder,
                    "--data-dir", settings["data_dir"], *(["--epochs", str(settings["precision_epochs"])]
                                                              if settings["precision_epochs"] else [])]
             env = dict(os.environ, **({} if device == "cuda" else {"CUDA_VISIBLE_DEVICES": ""}))
@@ -268,7 +276,7 @@ def check_precision(device, settings, budget, out, report):
                 raise RuntimeError(f"{task} version {v}: exit {p.returncode}: {(p.stdout + p.stderr).strip()[-600:]}")
             with open(os.path.join(folder, f"report-{task}-hyperfusion.json")) as f:
                 summary = json.load(f)
-            tasks[task] = dict(versions=v + 1, summary=summary["summary"].get("bf16", {}))
+            tasks[task] = dict(versions=v + 1, summary={r: summary["summary"].get(r, {}) for r in recipes})
             section["tasks"] = tasks
             write_report(report, out, "check", render_report)
     return dict(tasks=tasks)
@@ -330,9 +338,10 @@ def render_report(report):
             lines.append(f"passed {sec['passed']}, failed {sec['failed']}, skipped {sec['skipped']}")
             tables = [sec["cases"]]
         elif name == "precision":
-            tables = [[dict(task=task, versions=t["versions"], metric=k, mean_loss=v["mean"], low=v["low"],
+            tables = [[dict(task=task, versions=t["versions"], recipe=r, metric=k, mean_loss=v["mean"], low=v["low"],
                             high=v["high"], time_ratio=v["time_ratio"], verdict=v["verdict"])
-                       for task, t in sec.get("tasks", {}).items() for k, v in t["summary"].items()]]
+                       for task, t in sec.get("tasks", {}).items() for r, s in t["summary"].items()
+                       for k, v in s.items()]]
             lines += [sec[k] for k in ("note", "stopped") if sec.get(k)]
         elif name == "protocols":
             lines += [f"- {label}: " + (", ".join(f"{t} {h:,.1f} h" for t, h in v.items()) if label !=
@@ -355,14 +364,24 @@ def main(argv=None):
     p.add_argument("--tests-budget", type=float, default=150, help="seconds for the tests section at most")
     p.add_argument("--precision-versions", type=int, help="versions per task in the precision section "
                    "(default 4, --quick 2)")
+    p.add_argument("--precision-recipes", nargs="+", default=["bf16"], help="what the precision section pairs with "
+                   "fp32 (default bf16; add fp16 on CUDA, at the cost of versions in the budget)")
     p.add_argument("--data-dir", default="data", help="where the precision section's demo cohorts are (generated "
                    "on first use, as the training scripts do)")
-    p.add_argument("--skip", nargs="+", default=[], choices=["tests", "precision", "compile", "throughput", "loader",
-                                                               "sharing", "protocols"], help="sections to leave out")
+    p.add_argument("--skip", nargs="+", default=[], choices=SECTIONS, help="sections to leave out")
     args = p.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    overrides = dict(data_dir=args.data_dir, **({"precision_versions": args.precision_versions}
-                                                if args.precision_versions else {}))
+    for r in args.precision_recipes:
+        try:
+            base, _ = parse(r)
+        except ValueError as exc:
+            p.error(f"--precision-recipes {r}: {exc}")
+        if base == "fp32":
+            p.error(f"--precision-recipes {r}: fp32 is the reference every recipe is paired with")
+        if base == "fp16" and device != "cuda":
+            p.error(f"--precision-recipes {r}: fp16 runs on CUDA only")
+    overrides = dict(data_dir=args.data_dir, precision_recipes=tuple(canonical(r) for r in args.precision_recipes),
+                     **({"precision_versions": args.precision_versions} if args.precision_versions else {}))
     report = run_check(device, args.quick, args.out, args.budget, tests_budget=args.tests_budget, skip=args.skip,
                        **overrides)
     print(render_report(report), end="")

@@ -4846,27 +4846,45 @@ def test_the_gpu_checks_precision_section_keeps_every_version_finished_when_its_
             if ending == "budget":
                 raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
             return subprocess.CompletedProcess(cmd, 1, "", "error: a run failed")
+        recipes = cmd[cmd.index("--recipes") + 1:cmd.index("--jobs")]
+        assert recipes == ["fp32", "bf16", "bf16+fp32:hyper"]
         metric = "mae" if task == "brain-age" else "balanced_accuracy"
-        s = dict(mean=v / 100, low=-1.0, high=1.0, time_ratio=1.5, verdict=f"{task} after version {v}")
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, f"report-{task}-hyperfusion.json"), "w") as f:
-            json.dump({"summary": {"bf16": {metric: s}}}, f)
+            json.dump({"summary": {r: {metric: dict(mean=v / 100, low=-1.0, high=1.0, time_ratio=1.5,
+                                                    verdict=f"{r} {task} after version {v}")} for r in recipes[1:]}}, f)
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(gpu_check.subprocess, "run", bench_precision_stand_in)
     report = gpu_check.run_check("cpu", True, str(tmp_path), spawn=False, precision_versions=4,
+                                 precision_recipes=("bf16", "bf16+fp32:hyper"),
                                  skip=("tests", "compile", "throughput", "loader", "sharing", "protocols"))
     assert asked == [("ad", "0-0"), ("brain-age", "0-0"), ("ad", "0-1"), ("brain-age", "0-1"), ("ad", "0-2"),
                      ("brain-age", "0-2")]             # each time the versions so far, the finished ones reused
     saved = json.load(open(tmp_path / "check.json"))["sections"]["precision"]
     assert saved["status"] == ("ok" if ending == "budget" else "failed")
-    assert {t: (x["versions"], *[s["verdict"] for s in x["summary"].values()]) for t, x in saved["tasks"].items()} \
-        == {"ad": (3, "ad after version 2"), "brain-age": (2, "brain-age after version 1")}
+    assert {t: (x["versions"], *[m["verdict"] for s in x["summary"].values() for m in s.values()])
+            for t, x in saved["tasks"].items()} == {
+        "ad": (3, "bf16 ad after version 2", "bf16+fp32:hyper ad after version 2"),
+        "brain-age": (2, "bf16 brain-age after version 1", "bf16+fp32:hyper brain-age after version 1")}
     assert ("brain-age version 2 did not finish" in saved["stopped"] if ending == "budget" else
             "error: a run failed" in saved["error"])
     md = (tmp_path / "check.md").read_text()
-    assert "ad after version 2" in md and "brain-age after version 1" in md
+    assert all(f"{r} {t} after version {v}" in md for r in ("bf16", "bf16+fp32:hyper")
+               for t, v in (("ad", 2), ("brain-age", 1)))
     assert report["sections"]["precision"]["tasks"] == saved["tasks"]
+
+
+@pytest.mark.parametrize("recipe, why", [("bf16+fp32:nothing", "unknown part"), ("fp32", "the reference"),
+                                         ("fp16", "CUDA only")])
+def test_the_gpu_check_refuses_a_precision_recipe_it_cannot_pair_in_one_line_naming_the_option(recipe, why,
+                                                                                               tmp_path):
+    p = subprocess.run([sys.executable, "gpu_check.py", "--device", "cpu", "--precision-recipes", "bf16", recipe,
+                        "--out", str(tmp_path), "--skip", *gpu_check.SECTIONS], cwd=HERE, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and p.stdout == ""
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("gpu_check.py: error: --precision-recipes " + recipe) and why in last
 
 
 def test_data_scale_reports_decode_cache_and_loader_with_a_positive_number_in_every_row(tmp_path, capsys, monkeypatch):
