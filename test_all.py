@@ -4815,6 +4815,7 @@ def test_the_gpu_checks_report_has_every_section_with_numbers(tmp_path):
                                  tests="test_check_hyperlayers and factorised and device-cpu")
     sections = report["sections"]
     assert list(sections) == ["tests", "compile", "throughput", "loader", "sharing", "protocols"]
+    assert [s for s in gpu_check.SECTIONS if s != "precision"] == list(sections)   # --skip's names are run_check's
     assert all(s["status"] == "ok" for s in sections.values()), {k: s.get("error") for k, s in sections.items()}
     assert sections["tests"]["passed"] == 1 and sections["tests"]["failed"] == 0
     assert {(r["task"], r["model"]) for r in sections["throughput"]["rows"] if r["samples_s"] > 0} == \
