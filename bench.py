@@ -42,13 +42,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 try:
-    import data          # needs nibabel: without it, gpu_check.py's loader section fails alone
+    import data
     import synthetic     # (and scipy): --data-scale's images
 except ImportError as error:
     data, synthetic, DATA_MISSING = None, None, error
 from layers import HyperConv3d, HyperLinear
 from models import build_model
-from precision import autocast, resolve_precision
+from training import autocast, resolve_precision
 from training import loader_workers, make_loader
 
 

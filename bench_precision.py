@@ -16,7 +16,7 @@ timed them, the tabular MLP included for AD HyperFusion), with the command line,
 
 A recipe is non-inferior when at least 8 versions put the upper end of the 95% interval of its loss below
 the margin: 0.02 BA for AD, 0.15 years for brain age (MARGINS). Only such a recipe may become what
-`--precision auto` takes on that kind of device (precision.AUTO). Finished runs are kept and reused:
+`--precision auto` takes on that kind of device (training.AUTO). Finished runs are kept and reused:
 running it again with more versions or recipes trains only what is missing, and a run it was stopped in
 continues from its last epoch (--resume: on a CPU it ends exactly as an uninterrupted run). A benchmark, not a test.
 
@@ -41,13 +41,13 @@ import torch.nn.functional as F
 from scipy import stats
 
 import data
-import precision
-from launcher import Job, run_jobs
+import training
+from evaluate import Job, run_jobs
 from predict import test_set
-from runs import load_run
-from safeio import ArgumentParser, UserError, run_cli, write_json, write_text
+from training import load_run
+from data import ArgumentParser, UserError, run_cli, write_json, write_text
 from synthetic import builtin_cohort
-from runconfig import ad_run_dir, brain_age_run_dir
+from training import ad_run_dir, brain_age_run_dir
 from training import load_weights, make_loader, recalibrate_batchnorm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -233,16 +233,16 @@ def step_outputs(finished, recipe, batches):
         model.load_state_dict(state)                               # train mode moves the running statistics
         model.train().zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        with precision.autocast(cpu, recipe):
+        with training.autocast(cpu, recipe):
             y = model(image, tabular)
-        with precision.autocast(cpu, recipe, "loss"):
-            loss = loss_fn(y.float() if precision.keeps(recipe, "loss") else y, target)
+        with training.autocast(cpu, recipe, "loss"):
+            loss = loss_fn(y.float() if training.keeps(recipe, "loss") else y, target)
         loss.backward()
         out["seconds"].append(time.perf_counter() - t0)
         out["train"].append(y.detach().float())
         out["loss"].append(float(loss.detach()))
         out["grad"].append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-        with torch.no_grad(), precision.autocast(cpu, recipe, "eval"):
+        with torch.no_grad(), training.autocast(cpu, recipe, "eval"):
             out["eval"].append(model.eval()(image, tabular).float())
     for k in ("train", "loss", "grad", "eval"):
         out[k] = out[k][1:]
@@ -347,7 +347,7 @@ def parse_args(argv):
     recipes = []
     for r in ["fp32"] + args.recipes:
         try:
-            r = precision.canonical(r)
+            r = training.canonical(r)
         except ValueError as exc:
             raise UserError(f"--recipes {r}: {exc}") from None
         if r not in recipes:

@@ -42,10 +42,10 @@ import torch
 
 from bench import (AD_PROTOCOL, BRAIN_AGE_PROTOCOL, fit_precision, loader_measure, markdown_rows, protocol_hours,
                    train_step_measure, write_report)
-from precision import canonical, parse
+from training import canonical, parse
 
 try:
-    import data          # needs nibabel: without it the loader and precision sections fail alone
+    import data
 except ImportError as error:
     data, DATA_MISSING = None, error
 

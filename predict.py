@@ -35,14 +35,14 @@ import numpy as np
 import torch
 
 import data
-import splits
+import data
 from metrics import (classification_metrics, corrected_gap, entropy_weighted_ensemble, fmt, gap_summary, markdown_table,
                      mean_ensemble, regression_metrics)
 from models import class_probabilities
-from runs import finished, load_run
-from safeio import ArgumentParser, Progress, UserError, check_number, check_output, run_cli, write_csv
-from tabular import AD_ATTRIBUTES, AD_CONTINUOUS, SEX_CODES, parse_attribute
-from precision import replay_precision
+from training import finished, load_run
+from data import ArgumentParser, Progress, UserError, check_number, check_output, run_cli, write_csv
+from data import AD_ATTRIBUTES, AD_CONTINUOUS, SEX_CODES, parse_attribute
+from training import replay_precision
 from training import make_loader, predict, setup_device
 
 
@@ -176,11 +176,11 @@ def test_set(finished_run, data_csv=None, image_dir=None, part="test"):
         image_model = run.model != "tabular"
         table = data.read_ad_table(run.data_csv, run.image_dir, need_images=image_model, classes=run.classes,
                                    group_map=run.group_map)
-        parts = splits.ad_fold(splits.ad_split(table.sex, table.labels, table.age, run.split_seed), run.fold)
+        parts = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, run.split_seed), run.fold)
     else:
         image_model = True
         table = data.read_brain_age_table(run.data_csv, run.image_dir)
-        parts = splits.brain_age_split(table.age, table.sex, run.split_seed, run.split)
+        parts = data.brain_age_split(table.age, table.sex, run.split_seed, run.split)
     test_idx = parts[{"val": 1, "test": 2}[part]]
     images = None
     if image_model:  # the training run's cache (same folder, dtype and crops), so nothing is decoded again

@@ -36,7 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from data import check_subjects, find_image, load_nifti, read_csv_rows
-from safeio import ArgumentParser, Progress, UserError, atomic_path, check_number, run_cli, same_file, write_csv
+from data import ArgumentParser, Progress, UserError, atomic_path, check_number, run_cli, same_file, write_csv
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ from scipy import ndimage
 
 from data import CLASS_NAMES, HippocampusCrops, read_brain_age_table, save_nifti
 from metrics import fmt, markdown_table, regression_metrics
-from safeio import ArgumentParser, Progress, UserError, check_number, duration_text, run_cli, write_csv, write_json
-from tabular import AD_ATTRIBUTES
+from data import ArgumentParser, Progress, UserError, check_number, duration_text, run_cli, write_csv, write_json
+from data import AD_ATTRIBUTES
 
 # ----------------------------------------------------------------------------------------------
 # The generative model

@@ -33,27 +33,27 @@ from sklearn.metrics import roc_auc_score
 
 import bench
 import bench_precision
-import calibration
+import evaluate
 import data
-import distributed
+import training
 import evaluate
 import gpu_check
-import imagecache
-import images
-import launcher
+import data
+import data
+import evaluate
 import metrics
 import models
-import plots
-import precision as prec
+import evaluate
+import training as prec
 import predict
-import protocol as protocol_runner
+import evaluate as protocol_runner
 import preprocess
-import runconfig
-import runfolder
-import safeio
-import splits
+import training
+import training
+import data
+import data
 import synthetic
-import tabular
+import data
 import train_ad
 import train_brain_age
 import training
@@ -62,10 +62,10 @@ from metrics import classification_metrics, entropy, entropy_weighted_ensemble, 
 from layers import Conv3d, HyperConv, HyperConv3d, HyperLinear, HyperPreactResBlock, init_hyperlayers
 from models import (AD_MODELS, BRAIN_AGE_MODELS, AgeTarget, build_model, candidate_layers, count_parameters,
                     layer_loss_entropy)
-from runs import load_run
-from safeio import UserError
-from tabular import TabularPreprocessor
-from runconfig import RunConfig
+from training import load_run
+from data import UserError
+from data import TabularPreprocessor
+from training import RunConfig
 
 torch.set_num_threads(2)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -76,7 +76,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # small inputs for CPU: brain age needs >= 36 voxels a side for its three conv blocks
 BRAIN_AGE_SMALL = (36, 38, 36)
 AD_SMALL = (16, 24, 16)
-COLUMNS = ["PTGENDER_Male", "PTGENDER_Female"] + list(tabular.AD_CONTINUOUS)
+COLUMNS = ["PTGENDER_Male", "PTGENDER_Female"] + list(data.AD_CONTINUOUS)
 NAMES = ["CN", "MCI", "AD"]
 SCHEDULE = dict(epochs=2, batch_size=8, lr=1e-3, weight_decay=1e-5)
 
@@ -172,7 +172,7 @@ def _ad_args(csv_path, out, *extra):
 
 
 def _run_dir(out, model, fold=1):
-    return runconfig.ad_run_dir(out, model, 0, 0, fold)
+    return training.ad_run_dir(out, model, 0, 0, fold)
 
 
 def save_run_checkpoint(run_dir, run, inputs, model=None, **state):
@@ -185,7 +185,7 @@ def save_run_checkpoint(run_dir, run, inputs, model=None, **state):
 
 def fake_ad_run(runs, model, seed, version, fold, probs, labels, subjects=None, **config):
     """The files train_ad.py writes, with made-up test probabilities; `config` overrides run options or inputs."""
-    run_dir = runconfig.ad_run_dir(runs, model, seed, version, fold)
+    run_dir = training.ad_run_dir(runs, model, seed, version, fold)
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     run = RunConfig(task="ad", model=model, version=version, split_seed=seed, fold=fold, classes=3, loss="wce",
                     data_csv="ad.csv", **SCHEDULE).replace(**{k: v for k, v in config.items() if k in fields})
@@ -209,7 +209,7 @@ def random_probs(rng, n, c=3, sharp=2.0):
 def fake_brain_age_run(runs, version, val_mae, pred, age, sex, model="hyperfusion", train_sex="all", val=None):
     """The files train_brain_age.py writes, with made-up test (and, given `val` = (age, pred), validation)
     predictions."""
-    run_dir = runconfig.brain_age_run_dir(runs, model, version, train_sex=train_sex)
+    run_dir = training.brain_age_run_dir(runs, model, version, train_sex=train_sex)
     run = RunConfig(task="brain-age", model=model, version=version, split_seed=0, embedding_dim=1,
                     train_sex=train_sex, data_csv="brain_age.csv", **SCHEDULE)
     save_run_checkpoint(run_dir, run, {"n_tabular": 2, "image_shape": [36, 38, 36]},
@@ -413,7 +413,7 @@ def test_ad_training_measures_e_squared_on_its_preprocessed_training_rows(ad_coh
         train_ad.main(_ad_args(ad_cohort60, tmp_path, "--epochs", "1"))
     (rows, measured, model), = seen
     table = data.read_ad_table(str(ad_cohort60))
-    train_idx, val_idx, _ = splits.ad_fold(splits.ad_split(table.sex, table.labels, table.age, 0), 1)
+    train_idx, val_idx, _ = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 1)
     prep = TabularPreprocessor().fit([table.raw[i] for i in train_idx])
     expected = torch.as_tensor(prep.transform([table.raw[i] for i in train_idx]))
     assert rows.shape == expected.shape and torch.equal(rows, expected)
@@ -432,14 +432,14 @@ def test_hyperfusion_starts_from_the_trained_tabular_mlp_of_its_split_fold_and_v
     largest |G| is the bound sqrt(3 Var) to within 3e-4: 32,768 and 2,048 uniform draws)."""
     start = _initial_weights(train_ad, _ad_args(ad_cohort60, tmp_path, "--version", "2"), monkeypatch,
                              pretrained=models.TabularMLP)
-    mlp = load_run(runconfig.ad_run_dir(tmp_path, "tabular", 0, 2, 1))
+    mlp = load_run(training.ad_run_dir(tmp_path, "tabular", 0, 2, 1))
     assert (mlp.run.split_seed, mlp.run.fold, mlp.run.version) == (0, 1, 2)
     prefix = "block4.downsample.hypernet.embedding."
     trained = mlp.model().embedding.state_dict()
     assert {k[len(prefix):] for k in start if k.startswith(prefix)} == set(trained)
     assert all(torch.equal(start[prefix + k], v) for k, v in trained.items())
     table = data.read_ad_table(str(ad_cohort60))
-    train_idx = splits.ad_fold(splits.ad_split(table.sex, table.labels, table.age, 0), 1)[0]
+    train_idx = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 1)[0]
     rows = torch.as_tensor(mlp.tabular.transform([table.raw[i] for i in train_idx]))
     with torch.no_grad():
         sq_mean = float(copy.deepcopy(mlp.model().embedding).train()(rows).pow(2).mean())
@@ -814,26 +814,26 @@ def test_loss_entropy_scores_every_layer_of_the_ad_backbone():
 
 def test_subsets_are_disjoint_and_together_hold_every_subject():
     sex, labels, age = table2_cohort()
-    subsets = splits.ad_split(sex, labels, age, seed=0)
+    subsets = data.ad_split(sex, labels, age, seed=0)
     assert set(subsets.tolist()) == {0, 1, 2, 3, 4}
     assert np.bincount(subsets).max() - np.bincount(subsets).min() <= 1
     for fold in range(4):
-        tr, va, te = splits.ad_fold(subsets, fold)
+        tr, va, te = data.ad_fold(subsets, fold)
         assert not (set(tr) & set(va) or set(tr) & set(te) or set(va) & set(te))
         assert sorted(np.concatenate([tr, va, te]).tolist()) == list(range(len(labels)))
 
 
 def test_test_subset_is_the_same_for_every_fold():
     sex, labels, age = table2_cohort()
-    subsets = splits.ad_split(sex, labels, age, seed=1)
-    tests = [splits.ad_fold(subsets, f)[2] for f in range(4)]
+    subsets = data.ad_split(sex, labels, age, seed=1)
+    tests = [data.ad_fold(subsets, f)[2] for f in range(4)]
     assert all(np.array_equal(tests[0], t) for t in tests)
-    vals = [set(splits.ad_fold(subsets, f)[1]) for f in range(4)]
+    vals = [set(data.ad_fold(subsets, f)[1]) for f in range(4)]
     assert all(not (vals[i] & vals[j]) for i in range(4) for j in range(i))
     with pytest.raises(UserError):
-        splits.ad_fold(subsets, 4)
+        data.ad_fold(subsets, 4)
     for fold in range(4):                                           # subset 4 tests, subset `fold` validates
-        tr, va, te = splits.ad_fold(subsets, fold)
+        tr, va, te = data.ad_fold(subsets, fold)
         assert np.array_equal(te, np.flatnonzero(subsets == 4)) and np.array_equal(va, np.flatnonzero(subsets == fold))
         assert np.array_equal(tr, np.flatnonzero((subsets != 4) & (subsets != fold)))
 
@@ -841,7 +841,7 @@ def test_test_subset_is_the_same_for_every_fold():
 def test_each_subset_keeps_the_diagnosis_and_sex_proportions():
     sex, labels, age = table2_cohort()
     for seed in range(3):
-        subsets = splits.ad_split(sex, labels, age, seed)
+        subsets = data.ad_split(sex, labels, age, seed)
         for k in range(5):
             m = subsets == k
             for c in range(3):
@@ -868,7 +868,7 @@ def test_within_every_sex_diagnosis_and_20_age_bin_stratum_the_five_subsets_diff
     strata = _strata(sex, labels, _age_bins(age))
     assert len(np.unique(strata)) > 80
     for seed in range(3):
-        subsets = splits.ad_split(sex, labels, age, seed)
+        subsets = data.ad_split(sex, labels, age, seed)
         for g in np.unique(strata):
             counts = np.bincount(subsets[strata == g], minlength=5)
             assert counts.max() - counts.min() <= 1, (seed, g, counts)
@@ -880,7 +880,7 @@ def test_brain_age_split_cuts_every_sex_and_20_age_bin_stratum_80_10_10_within_o
     strata = _strata(sex, _age_bins(age))
     assert len(np.unique(strata)) == 40
     for seed in range(3):
-        parts = splits.brain_age_split(age, sex, seed)
+        parts = data.brain_age_split(age, sex, seed)
         for g in np.unique(strata):
             members = np.flatnonzero(strata == g)
             for part, share in zip(parts, (0.8, 0.1, 0.1)):
@@ -889,18 +889,18 @@ def test_brain_age_split_cuts_every_sex_and_20_age_bin_stratum_80_10_10_within_o
 
 def test_same_split_seed_same_split_other_seed_other_split():
     sex, labels, age = table2_cohort()
-    a, b, c = (splits.ad_split(sex, labels, age, s) for s in (7, 7, 8))
+    a, b, c = (data.ad_split(sex, labels, age, s) for s in (7, 7, 8))
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     ages = np.random.default_rng(0).uniform(8, 90, 500)
     sexes = np.arange(500) % 2
-    x, y, z = (splits.brain_age_split(ages, sexes, s) for s in (1, 1, 2))
+    x, y, z = (data.brain_age_split(ages, sexes, s) for s in (1, 1, 2))
     assert all(np.array_equal(p, q) for p, q in zip(x, y)) and not np.array_equal(x[2], z[2])
 
 
 def test_brain_age_split_is_80_10_10_and_keeps_age_and_sex():
     rng = np.random.default_rng(0)
     age, sex = rng.uniform(8, 90, 2000), rng.integers(0, 2, 2000)
-    tr, va, te = splits.brain_age_split(age, sex, seed=0)
+    tr, va, te = data.brain_age_split(age, sex, seed=0)
     assert (len(tr), len(va), len(te)) == (1600, 200, 200)
     assert len(set(tr) | set(va) | set(te)) == 2000
     for part in (tr, va, te):
@@ -911,9 +911,9 @@ def test_brain_age_split_is_80_10_10_and_keeps_age_and_sex():
 def test_the_brain_age_demo_split_holds_validation_and_test_sets_of_200():
     rng = np.random.default_rng(0)
     age, sex = rng.uniform(8, 90, 800), rng.integers(0, 2, 800)
-    tr, va, te = splits.brain_age_split(age, sex, seed=0, fractions=train_brain_age.DEMO_SPLIT)
+    tr, va, te = data.brain_age_split(age, sex, seed=0, fractions=train_brain_age.DEMO_SPLIT)
     assert (len(tr), len(va), len(te)) == (400, 200, 200)
-    assert np.array_equal(splits.brain_age_split(age, sex, 0)[2], splits.brain_age_split(age, sex, 0, (.8, .1, .1))[2])
+    assert np.array_equal(data.brain_age_split(age, sex, 0)[2], data.brain_age_split(age, sex, 0, (.8, .1, .1))[2])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -921,11 +921,11 @@ def test_the_brain_age_demo_split_holds_validation_and_test_sets_of_200():
 
 
 def test_censored_csf_values_read_as_the_assay_limit():
-    assert tabular.parse_value(">1700") == 1700.0
-    assert tabular.parse_value("<8") == 8.0
-    assert np.isnan(tabular.parse_value(""))
+    assert data.parse_value(">1700") == 1700.0
+    assert data.parse_value("<8") == 8.0
+    assert np.isnan(data.parse_value(""))
     with pytest.raises(ValueError):
-        tabular.parse_value("high")
+        data.parse_value("high")
 
 
 def rows_with_missing(n=60, seed=0):
@@ -982,7 +982,7 @@ def test_missing_indicators_are_for_the_attributes_with_empty_cells_in_the_train
     for r in held_out:                                              # empty, or -4, outside training only
         r["AGE"], r["PTEDUCAT"], r["PTGENDER"] = "", "-4", ""
     tp = TabularPreprocessor().fit(train)
-    empty_in_training = [a for a in tabular.AD_CONTINUOUS if any(r[a] == "" for r in train)]
+    empty_in_training = [a for a in data.AD_CONTINUOUS if any(r[a] == "" for r in train)]
     assert empty_in_training == ["APOE4", "ABETA", "PTAU", "TAU", "FDG", "AV45"]
     assert [c for c in tp.columns if c.endswith("_missing")] == [f"{a}_missing" for a in empty_in_training]
     for part in (train, held_out, held_out[:1], rows):              # the same columns whatever rows come in
@@ -1184,11 +1184,11 @@ def test_validation_and_test_average_the_soft_predictions_of_both_hippocampi():
 def test_atomic_path_leaves_nothing_behind_on_failure(tmp_path):
     target = tmp_path / "out.json"
     with pytest.raises(RuntimeError):
-        with safeio.atomic_path(target) as tmp:
+        with data.atomic_path(target) as tmp:
             open(tmp, "w").write("half")
             raise RuntimeError("boom")
     assert os.listdir(tmp_path) == []
-    with safeio.atomic_path(target) as tmp:
+    with data.atomic_path(target) as tmp:
         open(tmp, "w").write("{}")
     assert os.listdir(tmp_path) == ["out.json"]
 
@@ -1249,13 +1249,13 @@ def test_a_table_edited_between_two_protocol_calls_is_refused_before_training_an
     runs = tmp_path / "runs"
     protocol = ["--task", "ad", "--models", "tabular", "--epochs", "1", "--data-csv", csv_path,
                 "--runs", runs]
-    assert run_main(protocol_runner.main, *protocol).returncode == 0
+    assert run_main(evaluate.protocol_main, *protocol).returncode == 0
     results = (runs / "results_ad.json").read_bytes()
-    folds = [runconfig.ad_run_dir(runs, "tabular", 0, 0, f) for f in range(4)]
+    folds = [training.ad_run_dir(runs, "tabular", 0, 0, f) for f in range(4)]
     for f in (2, 3):                                           # as if the first call had been stopped after two
         shutil.rmtree(folds[f])
     _edit_table(csv_path, csv_path, lambda k, c: c[:6] + ["123.4"] + c[7:] if k == 5 else c)   # one ABETA cell
-    assert_clean_error(run_main(protocol_runner.main, *protocol), folds[0], str(csv_path), "another version", "sha256")
+    assert_clean_error(run_main(evaluate.protocol_main, *protocol), folds[0], str(csv_path), "another version", "sha256")
     assert not os.path.exists(folds[2]) and not os.path.exists(folds[3])          # nothing trained
     for f in (2, 3):                                           # trained on the edited table by hand
         assert run_main(train_ad.main, *_ad_args(csv_path, runs, "--model", "tabular", "--epochs", "1",
@@ -1321,7 +1321,7 @@ def test_an_image_replaced_in_place_by_one_of_the_same_size_with_its_times_kept_
     assert_clean_error(run_main(train_ad.main, *resume), "last.pt", "another run", "images_sha256")
     protocol = ["--task", "ad", "--models", "imaging", "--epochs", "1", "--data-csv", csv_path,
                 "--runs", runs]                                # folds 0, 2, 3 would train on the new scan
-    assert_clean_error(run_main(protocol_runner.main, *protocol), run_dir, "other images", "images_sha256")
+    assert_clean_error(run_main(evaluate.protocol_main, *protocol), run_dir, "other images", "images_sha256")
     assert sorted(os.listdir(os.path.dirname(run_dir))) == ["fold1"]
 
 
@@ -1423,15 +1423,17 @@ def test_a_full_disk_or_an_unwritable_folder_is_one_error_line_naming_the_folder
     folder and the bytes the file needed, exit status 2; no entry, checkpoint or temporary file is left. An
     --out under a file is one line too. (Patched writes: tests run as root, where chmod stops nothing.)"""
     cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
-    monkeypatch.setattr(imagecache, "open", _full_disk_open(cache_dir), raising=False)
+    monkeypatch.setattr(data, "open", _full_disk_open(cache_dir), raising=False)
     proc = run_main(train_ad.main, *_ad_args(ad_cohort40, runs, "--model", "imaging", "--cache-dir", cache_dir))
+    warned = [w for w in proc.stderr.splitlines(True) if w.startswith("warning: ") and "sources.json" in w]
+    proc.stderr = "".join(line for line in proc.stderr.splitlines(True) if line not in warned)  # the hashes' index
     assert_clean_error(proc, f"{cache_dir}: no space left to write", ".npy", "No space left on device")
     assert re.search(r"it needs \d+ bytes", proc.stderr), proc.stderr
     assert not [f for f in os.listdir(cache_dir) if f.endswith(".npy")] and no_temp_files(cache_dir)
     monkeypatch.undo()
     run_dir = _run_dir(runs, "tabular")
     for error, says in ((errno.ENOSPC, "no space left to write best.pt"), (errno.EACCES, "cannot write best.pt")):
-        monkeypatch.setattr(safeio, "open", _full_disk_open(runs, error), raising=False)
+        monkeypatch.setattr(data, "open", _full_disk_open(runs, error), raising=False)
         proc = run_main(train_ad.main, *_ad_args(ad_cohort40, runs, "--model", "tabular"))
         assert_clean_error(proc, f"{run_dir}: {says}", os.strerror(error))
         assert re.search(r"it needs \d+ bytes", proc.stderr), proc.stderr
@@ -1461,7 +1463,7 @@ def test_a_cohort_on_read_only_storage_stops_in_one_line_naming_cache_dir_and_tr
         return real_mkdir(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "mkdir", read_only_mkdir)
-    for module in (images, imagecache, safeio):
+    for module in (data,):
         monkeypatch.setattr(module, "open", _full_disk_open(ro, errno.EROFS), raising=False)
     args = _ad_args(ro / os.path.basename(ad_cohort40), tmp_path / "runs", "--model", "imaging", "--epochs", "1")
     proc = run_main(train_ad.main, *args)
@@ -1482,8 +1484,7 @@ import os
 import sys
 import time
 
-import imagecache
-import safeio
+import data
 
 MARKER, real_open = os.environ["DECODE_MARKER"], open
 
@@ -1492,7 +1493,7 @@ def slow_open(file, mode="r", *args, **kwargs):
     """open() for the cache's writes (this top level runs in every decoding process too): a stop during the
     pause finds a half-written temporary file, which must not be left."""
     f = real_open(file, mode, *args, **kwargs)
-    if "w" in mode:
+    if "w" in mode and ".npy" in os.fspath(file):
         def write(blob, _write=f.write):
             n = _write(blob[:len(blob) // 2])
             real_open(MARKER, "a").close()
@@ -1502,19 +1503,19 @@ def slow_open(file, mode="r", *args, **kwargs):
     return f
 
 
-imagecache.open = slow_open
+data.open = slow_open
 
 
 def main(argv):
     folder, cache_dir = argv
     paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))
-    cache = imagecache.ImageCache(paths, cache_dir)
+    cache = data.ImageCache(paths, cache_dir)
     cache.PARALLEL_FROM = 1
     cache.prepare(progress=False, workers=2)
 
 
 if __name__ == "__main__":
-    safeio.run_cli(main, sys.argv[1:])
+    data.run_cli(main, sys.argv[1:])
 '''
 
 
@@ -2033,12 +2034,12 @@ def test_empty_age_sex_education_and_apoe4_cells_are_imputed_and_the_split_does_
     table = data.read_ad_table(csv_path)
     unknown = np.flatnonzero(np.isnan(table.age) | (table.sex < 0))
     assert len(unknown) == 5
-    subsets = splits.ad_split(table.sex, table.labels, table.age, 0)
-    assert np.array_equal(subsets, splits.ad_split(table.sex, table.labels, table.age, 0))    # run to run
+    subsets = data.ad_split(table.sex, table.labels, table.age, 0)
+    assert np.array_equal(subsets, data.ad_split(table.sex, table.labels, table.age, 0))    # run to run
     assert set(subsets[unknown]) <= set(range(5))                                          # each lands in a subset
-    tests = [splits.ad_fold(subsets, f)[2] for f in range(4)]
+    tests = [data.ad_fold(subsets, f)[2] for f in range(4)]
     assert all(np.array_equal(tests[0], t) for t in tests)                                 # every fold alike
-    prep = TabularPreprocessor().fit([table.raw[i] for i in splits.ad_fold(subsets, 1)[0]])
+    prep = TabularPreprocessor().fit([table.raw[i] for i in data.ad_fold(subsets, 1)[0]])
     X = prep.transform(table.raw)
     assert np.isfinite(X).all() and {"AGE_missing", "PTGENDER_missing"} <= set(prep.columns)  # no NaN reaches it
     for model in ("tabular", "hyperfusion"):
@@ -2054,7 +2055,7 @@ def ad_run_with_extreme_held_out_rows(ad_cohort60, tmp_path_factory):
     row an empty APOE4 (age, sex and diagnosis untouched: the split stays). -> (table, (train, val, test), best.pt)"""
     tmp = tmp_path_factory.mktemp("extreme_held_out")
     table = data.read_ad_table(ad_cohort60, need_images=False)
-    parts = splits.ad_fold(splits.ad_split(table.sex, table.labels, table.age, 0), 1)
+    parts = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 1)
     header = open(ad_cohort60).readline().strip().split(",")
     held_out_lines = set((np.concatenate(parts[1:]) + 2).tolist())        # CSV line numbers, the header is line 1
 
@@ -2070,14 +2071,14 @@ def ad_run_with_extreme_held_out_rows(ad_cohort60, tmp_path_factory):
     train_ad.main(_ad_args(csv_path, tmp, "--model", "tabular"))
     edited = data.read_ad_table(csv_path, need_images=False)
     assert edited.subjects == table.subjects
-    assert all(np.array_equal(a, b) for a, b in zip(parts, splits.ad_fold(
-        splits.ad_split(edited.sex, edited.labels, edited.age, 0), 1)))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, data.ad_fold(
+        data.ad_split(edited.sex, edited.labels, edited.age, 0), 1)))
     return edited, parts, training.load_checkpoint(os.path.join(_run_dir(tmp, "tabular"), "best.pt"))
 
 
 def _attribute_values(table, idx):
     """(len(idx), 8) the continuous attributes of those rows as numbers, NaN where empty."""
-    return np.array([[tabular.parse_attribute(a, table.raw[i][a]) for a in tabular.AD_CONTINUOUS] for i in idx])
+    return np.array([[data.parse_attribute(a, table.raw[i][a]) for a in data.AD_CONTINUOUS] for i in idx])
 
 
 def test_a_training_run_fits_its_z_scores_and_imputation_on_its_training_rows_only(ad_run_with_extreme_held_out_rows):
@@ -2098,7 +2099,7 @@ def test_a_training_run_adds_missing_indicators_for_the_attributes_empty_in_its_
         ad_run_with_extreme_held_out_rows):
     table, (tr, va, te), ckpt = ad_run_with_extreme_held_out_rows
     empty = np.isnan(_attribute_values(table, tr)).any(0)
-    expected = [a for a, e in zip(tabular.AD_CONTINUOUS, empty) if e] + ["PTGENDER"] * bool((table.sex[tr] < 0).any())
+    expected = [a for a, e in zip(data.AD_CONTINUOUS, empty) if e] + ["PTGENDER"] * bool((table.sex[tr] < 0).any())
     assert "APOE4" in expected and "PTEDUCAT" not in expected      # empty in one training row / in held-out rows only
     assert ckpt["tabular"]["indicators"] == expected
     assert ckpt["inputs"]["tabular_columns"] == COLUMNS + [f"{a}_missing" for a in expected]
@@ -2111,7 +2112,7 @@ def brain_age_run(brain_age_cohort40, tmp_path_factory):
     out = tmp_path_factory.mktemp("brain_age_run")
     metrics = train_brain_age.main(["--data-csv", str(brain_age_cohort40), "--out", str(out), "--epochs", "2",
                                     "--batch-size", "8", "--quiet", "--precision", "fp32"])
-    return metrics, runconfig.brain_age_run_dir(out, "hyperfusion", 0)
+    return metrics, training.brain_age_run_dir(out, "hyperfusion", 0)
 
 
 def test_a_two_epoch_brain_age_run_writes_its_files_with_maes_in_years(brain_age_run):
@@ -2133,7 +2134,7 @@ def test_the_brain_age_demo_anneals_its_learning_rate_by_a_cosine_and_real_data_
         assert [float(r["lr"]) for r in csv.DictReader(f)] == [1.5e-4] * 2
     monkeypatch.setattr(train_brain_age, "builtin_cohort", lambda task, data_dir, quiet: str(brain_age_cohort40))
     train_brain_age.main(["--out", str(tmp_path), "--epochs", "3", "--batch-size", "8", "--quiet"])   # the demo
-    run_dir = runconfig.brain_age_run_dir(tmp_path, "hyperfusion", 0)
+    run_dir = training.brain_age_run_dir(tmp_path, "hyperfusion", 0)
     assert load_run(run_dir).run.lr_schedule == "cosine"
     with open(os.path.join(run_dir, "log.csv")) as f:
         rows = list(csv.DictReader(f))
@@ -2180,7 +2181,7 @@ def test_brain_age_training_re_estimates_batch_norm_before_every_validation_from
     train_brain_age.main(["--data-csv", str(brain_age_cohort20), "--out", str(tmp_path), "--epochs", "2",
                           "--batch-size", "4", "--model", "imaging", "--quiet"])
     table = data.read_brain_age_table(str(brain_age_cohort20), None)
-    train_idx, _, _ = splits.brain_age_split(table.age, table.sex, 0)
+    train_idx, _, _ = data.brain_age_split(table.age, table.sex, 0)
     assert len(seen) == 2
     for ages in seen:
         np.testing.assert_allclose(ages, table.age[train_idx].astype(np.float32))
@@ -2276,8 +2277,8 @@ def fig4a_women_run(brain_age_cohort20, tmp_path_factory):
                               "--batch-size", "4", "--model", "imaging", "--train-sex", "F", "--split", "0.5", "0.25",
                               "0.25", "--quiet", "--precision", "fp32"])
     table = data.read_brain_age_table(str(brain_age_cohort20), None)
-    parts = splits.brain_age_split(table.age, table.sex, 0, (0.5, 0.25, 0.25))
-    return table, parts, (given, calibrated), runconfig.brain_age_run_dir(out, "imaging", 0, train_sex="F")
+    parts = data.brain_age_split(table.age, table.sex, 0, (0.5, 0.25, 0.25))
+    return table, parts, (given, calibrated), training.brain_age_run_dir(out, "imaging", 0, train_sex="F")
 
 
 def test_fig4a_training_sets_are_drawn_from_the_training_split_alone(fig4a_women_run):
@@ -2343,7 +2344,7 @@ def test_a_run_folder_that_holds_a_run_is_refused_to_a_new_one_before_any_file_c
     assert_clean_error(run_main(train_ad.main, *again), run_dir, "holds a finished run", "metrics.json", "--resume",
                        "another --out")
     assert _snapshot(tmp_path) == before                          # no lock file, no checkpoint, nothing left
-    for f in runfolder.FINISHED_FILES:                             # an unfinished run: refused, naming its epoch
+    for f in training.FINISHED_FILES:                             # an unfinished run: refused, naming its epoch
         os.remove(os.path.join(run_dir, f))
     assert_clean_error(run_main(train_ad.main, *again), run_dir, "unfinished run (last.pt after epoch 1)",
                        "--resume", "another --out")
@@ -2377,7 +2378,7 @@ def test_a_resumed_run_that_trains_further_never_leaves_the_old_metrics_beside_i
     assert_clean_error(run_main(train_ad.main, *_tabular_args(ad_cohort60, tmp_path, "--epochs", "1", "--resume")),
                        "--epochs 1", "trained 2 epochs", "may grow but not shrink")
     train_ad.main(_tabular_args(ad_cohort60, tmp_path, "--epochs", "3", "--resume"))
-    assert set(runfolder.RUN_FILES) == set(os.listdir(run_dir)) and _epoch_of(run_dir) == 3
+    assert set(training.RUN_FILES) == set(os.listdir(run_dir)) and _epoch_of(run_dir) == 3
     assert [r.dir for r in predict.find_runs([run_dir])] == [run_dir]
 
 
@@ -2385,11 +2386,11 @@ def test_a_folder_in_use_by_a_live_process_is_refused_and_a_killed_one_leaves_no
     """Two trainings into one folder at once: the second is refused at its start (it used to be refused at its end,
     leaving its last.pt). The lock is an flock, which the OS drops with its process: kill -9 leaves no stuck one."""
     run_dir, args = _run_dir(tmp_path, "tabular"), _tabular_args(ad_cohort60, tmp_path, "--epochs", "1")
-    with runfolder.claim_run_folder(run_dir, resume=False):        # held by this process (another open file)
+    with training.claim_run_folder(run_dir, resume=False):        # held by this process (another open file)
         assert_clean_error(run_main(train_ad.main, *args), run_dir, "in use by another training process",
                            f"pid {os.getpid()}", "another --out")
     os.makedirs(run_dir)                                          # released, it removed the folders it made
-    lock = os.path.join(run_dir, runfolder.LOCK_NAME)
+    lock = os.path.join(run_dir, training.LOCK_NAME)
     hold = "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); " \
            "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'pid %d on test' % os.getpid()); " \
            "print('held', flush=True); time.sleep(120)"
@@ -2402,7 +2403,7 @@ def test_a_folder_in_use_by_a_live_process_is_refused_and_a_killed_one_leaves_no
         holder.wait()
     assert os.path.isfile(lock)                                    # its file stays, its lock went with it
     train_ad.main(args)
-    assert sorted(os.listdir(run_dir)) == sorted(runfolder.RUN_FILES)   # trained; the lock file removed at its end
+    assert sorted(os.listdir(run_dir)) == sorted(training.RUN_FILES)   # trained; the lock file removed at its end
 
 
 def test_hyperfusion_continues_an_interrupted_pre_training_of_its_tabular_mlp(ad_cohort60, tmp_path, monkeypatch):
@@ -2568,7 +2569,7 @@ def test_a_non_finite_batchnorm_statistic_stops_the_run_after_the_epoch_or_after
 
 def test_a_command_piped_into_head_stops_quietly_when_head_has_read_enough(tmp_path):
     """`run-protocol --print-commands | head -1` printed `error: [Errno 32] Broken pipe`."""
-    p = subprocess.run(f"{shlex.quote(sys.executable)} evaluate.py run-protocol --task ad --split-seeds 0 1 2 3 4 5 "
+    p = subprocess.run(f"{shlex.quote(sys.executable)} evaluate.py protocol --task ad --split-seeds 0 1 2 3 4 5 "
                        f"--versions 0 1 2 3 4 5 6 7 8 9 --runs "           # 1,440 lines: more than a pipe holds
                        f"{shlex.quote(str(tmp_path))} --print-commands | head -1", shell=True, cwd=HERE,
                        capture_output=True, text=True)
@@ -2595,7 +2596,7 @@ def test_ctrl_c_during_training_prints_one_line_with_what_is_kept_and_the_comman
     assert proc.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"interrupted (Ctrl-C) in epoch {saved + 1} of 500: {run_dir}/last.pt holds epoch {saved}; "
                           f"resume with: {shlex.join([sys.executable, 'train_ad.py', *args, '--resume'])}\n"), err
-    assert runfolder.LOCK_NAME not in os.listdir(run_dir)
+    assert training.LOCK_NAME not in os.listdir(run_dir)
 
 
 def test_sigterm_during_training_prints_the_same_one_line_and_exits_143(ad_cohort60, tmp_path, monkeypatch):
@@ -2621,12 +2622,12 @@ def test_sigterm_during_training_prints_the_same_one_line_and_exits_143(ad_cohor
     run_dir = _run_dir(tmp_path, "tabular")
     assert p.returncode == 143 and len(p.stderr.splitlines()) == 1, p.stderr
     assert p.stderr.startswith(f"interrupted (SIGTERM) in epoch 2 of 3: {run_dir}/last.pt holds epoch 1; "), p.stderr
-    assert _epoch_of(run_dir) == 1 and runfolder.LOCK_NAME not in os.listdir(run_dir)
+    assert _epoch_of(run_dir) == 1 and training.LOCK_NAME not in os.listdir(run_dir)
 
 
 def test_the_protocol_hands_its_cache_dir_to_every_run_it_trains(tmp_path, capsys):
     """Data on read-only storage: protocol.py --cache-dir is where every run it starts decodes its images."""
-    protocol_runner.main(["--task", "ad", "--runs", str(tmp_path), "--models", "imaging", "--epochs", "1",
+    evaluate.protocol_main(["--task", "ad", "--runs", str(tmp_path), "--models", "imaging", "--epochs", "1",
                           "--cache-dir", str(tmp_path / "cache"), "--print-commands"])
     argvs = [shlex.split(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert len(argvs) == 4 and all(a[a.index("--cache-dir") + 1] == str(tmp_path / "cache") for a in argvs)
@@ -2634,12 +2635,12 @@ def test_the_protocol_hands_its_cache_dir_to_every_run_it_trains(tmp_path, capsy
 
 def test_gpus_are_indices_among_the_gpus_this_process_sees_and_one_that_does_not_exist_is_refused():
     """CUDA_VISIBLE_DEVICES=4,5,6,7 ... --gpus 0,1 lands on physical GPUs 4 and 5, not 0 and 1."""
-    assert launcher.gpu_masks([0, 1], 4, {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}) == ["4", "5"]
-    assert launcher.gpu_masks([1, 0], 2, {}) == ["1", "0"]
+    assert evaluate.gpu_masks([0, 1], 4, {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}) == ["4", "5"]
+    assert evaluate.gpu_masks([1, 0], 2, {}) == ["1", "0"]
     with pytest.raises(UserError, match=r"--gpus 0,2: GPU 2 does not exist here: 2 visible \(CUDA_VISIBLE_DEVICES"):
-        launcher.gpu_masks([0, 2], 2, {"CUDA_VISIBLE_DEVICES": "4,5"})
+        evaluate.gpu_masks([0, 2], 2, {"CUDA_VISIBLE_DEVICES": "4,5"})
     with pytest.raises(UserError, match="no GPU is visible"):
-        launcher.gpu_masks([0], 0, {})
+        evaluate.gpu_masks([0], 0, {})
 
 
 def test_a_launched_run_is_told_its_gpu_the_cuda_device_and_how_many_runs_share_the_machine(monkeypatch):
@@ -2650,7 +2651,7 @@ def test_a_launched_run_is_told_its_gpu_the_cuda_device_and_how_many_runs_share_
             "('CUDA_VISIBLE_DEVICES', 'LOCAL_WORLD_SIZE', 'OMP_NUM_THREADS')] + sys.argv[1:]))"
     seen = []
     for gpus in (["4", "5"], None):
-        proc, out = launcher.start(launcher.Job("x", [sys.executable, "-c", child, "--model", "imaging"]), 1, 2, gpus)
+        proc, out = evaluate.start(evaluate.Job("x", [sys.executable, "-c", child, "--model", "imaging"]), 1, 2, gpus)
         proc.wait()
         out.seek(0)
         seen.append(json.loads(out.read().decode()))
@@ -2665,7 +2666,7 @@ def test_an_interrupted_run_protocol_with_jobs_ends_the_trainings_it_started(tmp
     error in it) left them training with no one waiting for them. Now it stops them (SIGTERM) before it ends."""
     pid_file = tmp_path / "pid"
     child = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)"
-    real_sleep, interrupted = launcher.time.sleep, []
+    real_sleep, interrupted = evaluate.time.sleep, []
 
     def interrupt_once_it_runs(seconds):                      # time.sleep, of the runner's poll and of Popen.wait
         if not interrupted and pid_file.exists() and pid_file.read_text():
@@ -2673,9 +2674,9 @@ def test_an_interrupted_run_protocol_with_jobs_ends_the_trainings_it_started(tmp
             raise KeyboardInterrupt
         real_sleep(min(seconds, 0.05))
 
-    monkeypatch.setattr(launcher.time, "sleep", interrupt_once_it_runs)
+    monkeypatch.setattr(evaluate.time, "sleep", interrupt_once_it_runs)
     with pytest.raises(KeyboardInterrupt):
-        launcher.run_jobs([launcher.Job(str(tmp_path / "run"), [sys.executable, "-c", child, str(pid_file)])], 1)
+        evaluate.run_jobs([evaluate.Job(str(tmp_path / "run"), [sys.executable, "-c", child, str(pid_file)])], 1)
     pid = int(pid_file.read_text())
     try:
         with pytest.raises(ProcessLookupError):
@@ -2711,7 +2712,7 @@ def test_eq5_class_weights_are_n_over_c_n_c_counted_on_the_training_and_validati
     monkeypatch.setattr(train_ad, "wce_loss", spy)
     train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "tabular", "--epochs", "1"))   # split seed 0, fold 1
     table = data.read_ad_table(ad_cohort60, need_images=False)
-    train, val, _ = splits.ad_fold(splits.ad_split(table.sex, table.labels, table.age, 0), 1)
+    train, val, _ = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 1)
     weights = lambda idx: (lambda n: n.sum() / (3 * n))(np.bincount(table.labels[idx], minlength=3))   # N / (C n_c)
     expected = weights(np.concatenate([train, val]))
     assert len(seen) == len(train) // 8                                    # every training batch, no other weights
@@ -2733,7 +2734,7 @@ def test_app_c4_oversampling_draws_every_class_equally_often_over_an_epoch(ad_co
     monkeypatch.setattr(train_ad, "fit", spy)
     train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "tabular", "--epochs", "1", "--loss", "ce-oversample"))
     table = data.read_ad_table(ad_cohort60, need_images=False)
-    train, _, _ = splits.ad_fold(splits.ad_split(table.sex, table.labels, table.age, 0), 1)
+    train, _, _ = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 1)
     labels = table.labels[train]
     assert np.bincount(labels).tolist() == [13, 18, 5]
     sampler = loaders[0].sampler
@@ -2803,7 +2804,7 @@ def test_the_training_scripts_test_with_the_best_epochs_checkpoint_not_the_last(
     cohort = ad_cohort60 if task == "ad" else brain_age_cohort20
     options = ["--model", "tabular"] if task == "ad" else ["--model", "imaging"]
     module.main(["--data-csv", str(cohort), "--out", str(tmp_path), "--epochs", "1", "--quiet", *options])
-    run_dir = _run_dir(tmp_path, "tabular", 0) if task == "ad" else runconfig.brain_age_run_dir(tmp_path, "imaging", 0)
+    run_dir = _run_dir(tmp_path, "tabular", 0) if task == "ad" else training.brain_age_run_dir(tmp_path, "imaging", 0)
     saved = load_run(run_dir).read_predictions()
     tested = saved["probs"] if task == "ad" else saved["pred"]
     for name, same in (("best.pt", True), ("last.pt", False)):
@@ -2825,7 +2826,7 @@ def _test_set_outputs(checkpoint):
         ds = data.BrainAgeDataset(images, data.sex_onehot(table.sex[test_idx]), table.age[test_idx])
         decode = finished_run.target.decode
     outputs, _ = training.predict(finished_run.model(), training.make_loader(ds, 8, 0, cpu), cpu, decode,
-                                  prec.replay_precision(run.precision, cpu))       # as the run tested
+                                  training.replay_precision(run.precision, cpu))       # as the run tested
     return np.array(table.subjects)[test_idx], outputs
 
 
@@ -2994,7 +2995,7 @@ def test_eq7_8_each_row_of_the_ad_table_ensembles_its_folds_sample_by_sample(ad_
     runs, made, _ = ad_runs
     for model in ("imaging", "tabular", "hyperfusion"):
         for seed, version in GROUPS:
-            folds = [runconfig.ad_run_dir(runs, model, seed, version, f) for f in range(4)]
+            folds = [training.ad_run_dir(runs, model, seed, version, f) for f in range(4)]
             expected = _eq7_8_by_hand(made[(model, seed, version)])
             np.testing.assert_allclose(evaluate.ensemble_ad_folds(folds)["probs"], expected, rtol=1e-12)
     imaging = made[("imaging", 0, 0)]
@@ -3074,7 +3075,7 @@ def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_trains_the_
     labels = rng.integers(0, 3, 12)
     fake_ad_run(tmp_path, "hyperfusion", 0, 0, 0, random_probs(rng, 12), labels)       # finished
     fake_ad_run(tmp_path, "hyperfusion", 0, 0, 1, random_probs(rng, 12), labels)       # finished
-    interrupted = runconfig.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 2)
+    interrupted = training.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 2)
     os.makedirs(interrupted)
     open(os.path.join(interrupted, "last.pt"), "w").close()                              # no metrics.json
     calls = []
@@ -3086,7 +3087,7 @@ def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_trains_the_
         return {}
 
     monkeypatch.setattr(train_ad, "train_ad", fake_train)
-    trained, skipped, res = protocol_runner.run_protocol("ad", str(tmp_path), models=["hyperfusion"], epochs=1,
+    trained, skipped, res = evaluate.run_protocol("ad", str(tmp_path), models=["hyperfusion"], epochs=1,
                                                   data_csv="x.csv")
     assert [(a["fold"], a["resume"]) for a in calls] == [(2, True), (3, False)]
     assert all(a["epochs"] == 1 and a["data_csv"] == "x.csv" and a["quiet"] and a["model"] == "hyperfusion"
@@ -3095,9 +3096,9 @@ def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_trains_the_
     assert [m["model"] for m in res["models"]] == ["hyperfusion"] and res["models"][0]["n_rows"] == 1
     assert "skipped (finished)" in capsys.readouterr().out
     calls.clear()
-    trained, skipped, _ = protocol_runner.run_protocol("ad", str(tmp_path), models=["hyperfusion"], epochs=1)
+    trained, skipped, _ = evaluate.run_protocol("ad", str(tmp_path), models=["hyperfusion"], epochs=1)
     assert calls == [] and trained == [] and len(skipped) == 4                          # a restart trains nothing
-    protocol_runner.run_protocol("ad", str(tmp_path / "b"), models=["tabular", "imaging"], epochs=2, tabular_epochs=50)
+    evaluate.run_protocol("ad", str(tmp_path / "b"), models=["tabular", "imaging"], epochs=2, tabular_epochs=50)
     assert {(a["model"], a["epochs"]) for a in calls} == {("tabular", 50), ("imaging", 2)}   # the MLP gets its own
 
 
@@ -3108,11 +3109,11 @@ def test_print_commands_gives_one_command_per_missing_run_tabular_first_and_trai
     rng = np.random.default_rng(5)
     labels = rng.integers(0, 3, 12)
     fake_ad_run(tmp_path, "tabular", 0, 0, 0, random_probs(rng, 12), labels)           # finished
-    interrupted = runconfig.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 1)
+    interrupted = training.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 1)
     os.makedirs(interrupted)
     open(os.path.join(interrupted, "last.pt"), "w").close()
     monkeypatch.setattr(train_ad, "train_ad", lambda a: pytest.fail("--print-commands trained a run"))
-    protocol_runner.main(["--task", "ad", "--runs", str(tmp_path), "--models", "hyperfusion", "tabular",
+    evaluate.protocol_main(["--task", "ad", "--runs", str(tmp_path), "--models", "hyperfusion", "tabular",
                           "--epochs", "3", "--print-commands"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 7                                             # 2 models x 4 folds, one finished
@@ -3128,14 +3129,14 @@ def test_print_commands_gives_one_command_per_missing_run_tabular_first_and_trai
 def test_run_protocol_with_two_jobs_trains_each_missing_run_once_and_prints_the_serial_table(ad_cohort60, tmp_path,
                                                                                              capsys):
     options = dict(models=["tabular"], epochs=2, data_csv=str(ad_cohort60))
-    protocol_runner.run_protocol("ad", str(tmp_path / "serial"), **options)
+    evaluate.run_protocol("ad", str(tmp_path / "serial"), **options)
     serial = capsys.readouterr().out
-    done = runconfig.ad_run_dir(tmp_path / "parallel", "tabular", 0, 0, 2)
+    done = training.ad_run_dir(tmp_path / "parallel", "tabular", 0, 0, 2)
     os.makedirs(os.path.dirname(done))
-    shutil.copytree(runconfig.ad_run_dir(tmp_path / "serial", "tabular", 0, 0, 2), done)   # one run already finished
-    trained, skipped, _ = protocol_runner.run_protocol("ad", str(tmp_path / "parallel"), jobs=2, **options)
+    shutil.copytree(training.ad_run_dir(tmp_path / "serial", "tabular", 0, 0, 2), done)   # one run already finished
+    trained, skipped, _ = evaluate.run_protocol("ad", str(tmp_path / "parallel"), jobs=2, **options)
     parallel = capsys.readouterr().out
-    missing = [runconfig.ad_run_dir(tmp_path / "parallel", "tabular", 0, 0, f) for f in (0, 1, 3)]
+    missing = [training.ad_run_dir(tmp_path / "parallel", "tabular", 0, 0, f) for f in (0, 1, 3)]
     assert skipped == [done] and sorted(trained) == missing
     done_lines = re.findall(r"^run [123] of 3 done \(ad tabular seed0 v0 fold[013], .*", parallel, re.M)
     assert len(done_lines) == 3 and "left for the 1 still to train" in parallel and "; all 3 in " in done_lines[-1]
@@ -3176,7 +3177,7 @@ def test_brain_age_sweep_reads_every_test_scan_as_male_and_as_female(brain_age_c
 
 def test_ad_sweep_changes_the_tabular_attribute_of_every_test_row(ad_cohort40, tmp_path):
     table = data.read_ad_table(ad_cohort40)
-    train_idx, _, test_idx = splits.ad_fold(splits.ad_split(table.sex, table.labels, table.age, 0), 0)
+    train_idx, _, test_idx = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 0)
     prep = TabularPreprocessor().fit([table.raw[i] for i in train_idx])
     torch.manual_seed(0)
     model = build_model("ad", "hyperfusion", n_tabular=prep.n_features)
@@ -3207,13 +3208,13 @@ def test_select_layers_scores_every_candidate_layer(brain_age_cohort20):
 
 
 def run_main(main, *args):
-    """A script's main through safeio.run_cli in this process, as its __main__ runs it (no interpreter start-up)
+    """A script's main through data.run_cli in this process, as its __main__ runs it (no interpreter start-up)
     -> an object with returncode, stdout and stderr, like run()'s."""
     out, err = io.StringIO(), io.StringIO()
     code = 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            safeio.run_cli(main, [str(a) for a in args])
+            data.run_cli(main, [str(a) for a in args])
         except SystemExit as exc:
             code = exc.code
     return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
@@ -3334,8 +3335,8 @@ def test_adni_missing_codes_read_as_missing_with_a_warning_and_impossible_values
     assert [w for w in warned if w.startswith("warning:") and "AV45: 1 cell " in w]
     raw = data.read_ad_table(csv_path, need_images=False).raw
     _, X = TabularPreprocessor.parse(raw)
-    assert np.isnan(X[:, tabular.AD_CONTINUOUS.index("ABETA")]).all()
-    assert np.isnan(X[0, tabular.AD_CONTINUOUS.index("AV45")]) and X[1, tabular.AD_CONTINUOUS.index("AV45")] == 1.2
+    assert np.isnan(X[:, data.AD_CONTINUOUS.index("ABETA")]).all()
+    assert np.isnan(X[0, data.AD_CONTINUOUS.index("AV45")]) and X[1, data.AD_CONTINUOUS.index("AV45")] == 1.2
     for col, bad, why in [("TAU", "-3", "negative"), ("PTAU", "1e300", "impossible"), ("APOE4", "3", "one of 0, 1, 2"),
                           ("PTEDUCAT", "55", "0 to 40"), ("FDG", "-0.5", "negative")]:
         header = good.splitlines()[0].split(",")
@@ -3453,14 +3454,14 @@ def test_metrics_json_is_strict_json_with_null_where_a_metric_is_undefined(brain
     p = run_main(train_brain_age.main, "--data-csv", men, "--out", tmp_path, "--epochs", "1", "--batch-size", "8",
                  "--quiet", "--model", "imaging")
     assert p.returncode == 0 and "warning:" in p.stderr and "no female subjects" in p.stderr, p.stderr
-    text = open(os.path.join(runconfig.brain_age_run_dir(tmp_path, "imaging", 0), "metrics.json")).read()
+    text = open(os.path.join(training.brain_age_run_dir(tmp_path, "imaging", 0), "metrics.json")).read()
 
     def refuse(name):
         raise ValueError(name)
 
     metrics = json.loads(text, parse_constant=refuse)                   # no bare NaN / Infinity
     assert metrics["test"]["mae_female"] is None and metrics["test"]["mae_male"] > 0
-    safeio.write_json({"a": np.float32("nan"), "b": [np.inf, np.int64(3)], "c": np.array([1.5, np.nan])},
+    data.write_json({"a": np.float32("nan"), "b": [np.inf, np.int64(3)], "c": np.array([1.5, np.nan])},
                       tmp_path / "x.json")
     assert json.loads((tmp_path / "x.json").read_text(), parse_constant=refuse) == \
         {"a": None, "b": [None, 3], "c": [1.5, None]}
@@ -3475,7 +3476,7 @@ def _renamed(src, dst, ids):
     rows, fields = data.read_csv_rows(src, ("Subject",))
     images = os.path.join(os.path.dirname(os.path.abspath(src)), "images")
     out = [dict(r, Subject=s, image=data.find_image(images, r["Subject"])) for s, (_, r) in zip(ids, rows)]
-    safeio.write_csv(out, fields + ["image"], dst)
+    data.write_csv(out, fields + ["image"], dst)
     return dst
 
 
@@ -3511,9 +3512,9 @@ def test_formula_ids_are_text_in_predictions_csv_and_the_code_reads_its_own_tabl
     for s, (_, r) in zip(ids, rows):                            # an ADNIMERGE export with these PTIDs
         shutil.copy(data.find_image(os.path.join(os.path.dirname(ad_cohort60), "images"), r["Subject"]),
                     tmp_path / "images" / f"{s}.nii.gz")
-    adnimerge = [dict({a: r[a] for a in tabular.AD_ATTRIBUTES}, PTID=s, VISCODE="bl", DX_bl=r["Group"])
+    adnimerge = [dict({a: r[a] for a in data.AD_ATTRIBUTES}, PTID=s, VISCODE="bl", DX_bl=r["Group"])
                  for s, (_, r) in zip(ids, rows)]
-    safeio.write_csv(adnimerge, ["PTID", "VISCODE", "DX_bl"] + list(tabular.AD_ATTRIBUTES), tmp_path / "ADNIMERGE.csv")
+    data.write_csv(adnimerge, ["PTID", "VISCODE", "DX_bl"] + list(data.AD_ATTRIBUTES), tmp_path / "ADNIMERGE.csv")
     table = tmp_path / "t.csv"
     assert run_main(data.main, "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out", table).returncode == 0
     assert data.read_ad_table(table).subjects == ids            # the code's own table: ids come back as they were
@@ -3525,7 +3526,7 @@ def test_formula_ids_are_text_in_predictions_csv_and_the_code_reads_its_own_tabl
     assert cells == ["'" + s for s in FORMULA_IDS] + ["-4", "011_S_0001"]   # text in a spreadsheet; numbers kept
     assert [c[1:] if c.startswith("'") else c for c in cells] == ids          # one ' off gives every id back
     assert all(0 <= float(r["prob_CN"]) <= 1 for _, r in written)
-    assert [safeio.spreadsheet_safe(v) for v in ("-1.5e3", "+7", -4, "\tx", "\r=1")] == ["-1.5e3", "+7", -4,
+    assert [data.spreadsheet_safe(v) for v in ("-1.5e3", "+7", -4, "\tx", "\r=1")] == ["-1.5e3", "+7", -4,
                                                                                          "'\tx", "'\r=1"]
 
 
@@ -3728,7 +3729,7 @@ def test_a_two_process_torchrun_run_writes_each_file_once_and_tests_each_subject
     with open(os.path.join(run, "log.csv")) as f:
         assert len(f.read().strip().splitlines()) == 1 + 2                            # one row per epoch
     table = data.read_ad_table(ad_cohort60)
-    test_idx = splits.ad_fold(splits.ad_split(table.sex, table.labels, table.age, 0), 1)[2]
+    test_idx = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 1)[2]
     with open(os.path.join(run, "metrics.json")) as f:
         assert np.sum(json.load(f)["test"]["confusion_matrix"]) == len(test_idx) == 12
     pred = load_run(run).read_predictions()
@@ -3743,13 +3744,13 @@ def _ddp_worker(rank, world, init_file, batch, out):
     torch.set_num_threads(1)
     results = {}
     for sync_bn in (True, False):
-        model, net = distributed.wrap(_no_dropout_model(), torch.device("cpu"), sync_bn)
+        model, net = training.wrap(_no_dropout_model(), torch.device("cpu"), sync_bn)
         _one_sgd_step(model, net, *(t.chunk(world)[rank] for t in batch))
         results[sync_bn] = {k: v.clone() for k, v in model.state_dict().items()}
         del model, net                     # the DDP reducer holds the process group: gone before it is destroyed
     gc.collect()
-    share = list(distributed.shard(range(5), shuffle=False))             # rank 0: 0 2 4, rank 1: 1 3 0 (padding)
-    results["gathered"] = distributed.gather(np.arange(5)[share] * 10, 5)
+    share = list(training.shard(range(5), shuffle=False))             # rank 0: 0 2 4, rank 1: 1 3 0 (padding)
+    results["gathered"] = training.gather(np.arange(5)[share] * 10, 5)
     if rank == 0:
         torch.save(results, out)
     torch.distributed.barrier()            # neither leaves while the other's gloo threads still talk to it
@@ -3828,10 +3829,10 @@ def test_under_torchrun_a_process_holds_its_share_of_the_images_on_the_device_an
     dataset = torch.utils.data.TensorDataset(value.view(7, 1, 1, 1, 1).expand(7, 1, 2, 2, 2).clone(), value[:, None],
                                              value.long())
     weights = torch.tensor([1., 1., 0., 1., 0., 1., 1.], dtype=torch.double)    # items 2 and 4 never drawn
-    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(training, "world_size", lambda: 2)
     held, cpu = {}, torch.device("cpu")
     for r in (0, 1):
-        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        monkeypatch.setattr(training, "rank", lambda r=r: r)
         train = training.DeviceBatches(dataset, 4, cpu, shuffle=True)
         assert train.image.shape == (4, 1, 2, 2, 2)                          # ceil(7 / 2) items, not 7
         held[r] = set(train.image[:, 0, 0, 0, 0].long().tolist())
@@ -3977,37 +3978,21 @@ def _depends(graph, module):
     return seen
 
 
-def test_the_readmes_file_table_and_import_tree_are_the_codes():
-    """The README's map is the code's: its file table names every source file and no other; its import tree
-    (`a <- b`: b imports a, directly or through others) draws no arrow the code lacks and leaves out no import."""
+def test_the_readmes_file_table_is_the_codes():
+    """The README's file table names every source file and no other."""
     readme = open(os.path.join(HERE, "README.md")).read()
     table = set(re.findall(r"^\| `(\w+\.py)`(?:, `(\w+\.py)`)?", readme, re.M))
     assert {f for row in table for f in row if f} == set(SOURCES)
-    modules = {f[:-3] for f in SOURCES if not f.startswith("test_")}
-    code = {m: {dep for dep, _, _ in _project_imports(ast.parse(open(os.path.join(HERE, m + ".py")).read()), modules)}
-            for m in modules}
-    drawn = {}
-    block = readme.split("The imports form a tree", 1)[1].split("```", 2)[1]
-    for chain in (c for line in block.splitlines() for c in re.split(r"\s{3,}", line.strip()) if "<-" in c):
-        steps = [[name.strip() for name in step.split(",")] for step in chain.split("<-")]
-        for below, above in zip(steps, steps[1:]):
-            for a in above:
-                drawn.setdefault(a, set()).update(below)
-    named = set(drawn) | {m for deps in drawn.values() for m in deps}
-    assert named == modules, (named - modules, modules - named)
-    for module, deps in drawn.items():
-        assert deps <= _depends(code, module), f"README: {module} does not import {deps - _depends(code, module)}"
-    for module, deps in code.items():
-        assert deps <= _depends(drawn, module), f"README's tree leaves out {module} <- {deps - _depends(drawn, module)}"
 
 
-def test_every_source_file_names_its_one_job_and_fits_one_sitting():
+def test_every_source_file_names_its_one_job_and_layers_imports_nothing_but_torch():
     for f in SOURCES:
-        text = open(os.path.join(HERE, f)).read()
-        doc = ast.get_docstring(ast.parse(text))
+        doc = ast.get_docstring(ast.parse(open(os.path.join(HERE, f)).read()))
         assert doc and doc.splitlines()[0].strip(), f"{f}: no docstring naming its job"
-        if not f.startswith("test_"):
-            assert len(text.splitlines()) <= 600, f"{f}: {len(text.splitlines())} lines"   # a guard: aim for ~550
+    tree = ast.parse(open(os.path.join(HERE, "layers.py")).read())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imported <= {"torch", "math", "copy"}, imported
 
 
 def _documented_commands(*files):
@@ -4067,13 +4052,13 @@ def test_every_command_the_readme_and_results_show_parses_with_the_options_it_sh
 # stated pixel size; matplotlib optional (refused before any work without it; the previews fall back)
 
 def _pixels(size):
-    return tuple(int(round(v * plots.DPI)) for v in size)
+    return tuple(int(round(v * evaluate.DPI)) for v in size)
 
 
 def _spy_on_figures(monkeypatch):
     """{file name: the texts of the figure (titles, legends, annotations)} and {file name: its Figure}, recorded
     as each is saved."""
-    texts, figures, save = {}, {}, plots.Figures.save
+    texts, figures, save = {}, {}, evaluate.Figures.save
 
     def spy(self, fig, name):
         found = [fig.get_suptitle()]
@@ -4084,7 +4069,7 @@ def _spy_on_figures(monkeypatch):
         texts[name], figures[name] = found, fig
         return save(self, fig, name)
 
-    monkeypatch.setattr(plots.Figures, "save", spy)
+    monkeypatch.setattr(evaluate.Figures, "save", spy)
     return texts, figures
 
 
@@ -4099,7 +4084,7 @@ def test_ad_plots_draw_each_rows_confusion_roc_and_reliability_table3_and_learni
     runs, made, labels = ad_runs
     for seed, version in GROUPS:
         for fold in range(4):
-            _write_logs(runconfig.ad_run_dir(runs, "hyperfusion", seed, version, fold))
+            _write_logs(training.ad_run_dir(runs, "hyperfusion", seed, version, fold))
     texts, _ = _spy_on_figures(monkeypatch)
     out = runs / "figures"
     res = evaluate.main(["ad", "--runs", str(runs), "--plots", str(out)])
@@ -4111,7 +4096,7 @@ def test_ad_plots_draw_each_rows_confusion_roc_and_reliability_table3_and_learni
     assert sorted(os.listdir(out)) == expected and no_temp_files(out)
     for name in expected:
         assert os.path.getsize(out / name) > 0
-        size = plots.SMALL if name.startswith("roc_") else plots.WIDE
+        size = evaluate.SMALL if name.startswith("roc_") else evaluate.WIDE
         assert _png_size(out / name) == _pixels(size), name
         assert f"wrote {out / name}\n" in printed
     for m in ("imaging", "tabular"):                  # no log.csv in their runs; late fusion has no runs of its own
@@ -4166,11 +4151,11 @@ def test_brain_age_plots_draw_the_scatters_fig4a_fig4b_and_the_gap_or_say_which_
     assert sorted(os.listdir(full / "figures")) == expected
     for name in expected:   # the ensembles with validation predictions get the corrected panel beside the first
         wide = name in ("brain_age_scatter_hyperfusion.png", "learning_curves_hyperfusion.png")
-        assert _png_size(full / "figures" / name) == _pixels(plots.WIDE if wide else plots.SMALL), name
+        assert _png_size(full / "figures" / name) == _pixels(evaluate.WIDE if wide else evaluate.SMALL), name
         assert f"wrote {full / 'figures' / name}\n" in printed
     by = {m["folder"]: m for m in res["models"]}
     # the scatter's bias line is the one the code subtracts: the validation fit of the same Eq. 6 ensemble
-    fit = evaluate.brain_age_ensemble({v: runconfig.brain_age_run_dir(full, "hyperfusion", v) for v in (0, 1)})["fit"]
+    fit = evaluate.brain_age_ensemble({v: training.brain_age_run_dir(full, "hyperfusion", v) for v in (0, 1)})["fit"]
     assert any(f"slope {fit['slope']:+.2f}" in t and "validation fit" in t
                for t in texts["brain_age_scatter_hyperfusion.png"])
     red = next(ln for ln in figures["brain_age_scatter_hyperfusion.png"].axes[0].lines if ln.get_color() == "tab:red")
@@ -4218,7 +4203,7 @@ def test_sweep_plots_draw_how_the_prediction_moves_with_the_attribute(brain_age_
     res = evaluate.main(["sweep", str(path), "--attribute", "Sex", "--values", "M", "F", "--plots",
                          str(tmp_path / "fig")])
     file = tmp_path / "fig" / "sweep_hyperfusion_Sex.png"
-    assert os.listdir(tmp_path / "fig") == [file.name] and _png_size(file) == _pixels(plots.SMALL)
+    assert os.listdir(tmp_path / "fig") == [file.name] and _png_size(file) == _pixels(evaluate.SMALL)
     assert f"wrote {file}\n" in capsys.readouterr().out
     assert res["plots"]["written"] == [str(file)]
     # AD: the mean probability and the predicted fraction of each class against the values (predict.sweep's form)
@@ -4226,9 +4211,9 @@ def test_sweep_plots_draw_how_the_prediction_moves_with_the_attribute(brain_age_
                                                                           "mean P(AD)"],
           "summary": [{"value": v, "mean_probs": p, "predicted_fraction": p, "balanced_accuracy": 0.5}
                       for v, p in ((None, [0.5, 0.3, 0.2]), ("500", [0.2, 0.3, 0.5]), ("1500", [0.6, 0.3, 0.1]))]}
-    drawn = plots.sweep_figure(ad, str(tmp_path / "ad"), quiet=True)
+    drawn = evaluate.sweep_figure(ad, str(tmp_path / "ad"), quiet=True)
     assert drawn["written"] == [str(tmp_path / "ad" / "sweep_daft_ABETA.png")]
-    assert _png_size(drawn["written"][0]) == _pixels(plots.SMALL)
+    assert _png_size(drawn["written"][0]) == _pixels(evaluate.SMALL)
 
 
 @pytest.mark.parametrize("command", ["ad", "brain-age", "sweep"])
@@ -4252,7 +4237,7 @@ def test_without_matplotlib_plots_stops_before_any_work_in_one_line_and_writes_n
     assert not (tmp_path / "figures").exists()                                     # no folder
     if command == "ad":    # the script itself, in a fresh interpreter that cannot import matplotlib
         proc = subprocess.run([sys.executable, "-c", "import sys; sys.modules['matplotlib'] = None; import evaluate, "
-                               "safeio; safeio.run_cli(evaluate.main)", "ad", "--runs", str(tmp_path), "--plots",
+                               "data; data.run_cli(evaluate.main)", "ad", "--runs", str(tmp_path), "--plots",
                                str(tmp_path / "figures")], cwd=HERE, capture_output=True, text=True)
         assert proc.returncode == 2 and proc.stderr == "error: --plots needs matplotlib: pip install matplotlib\n"
         assert proc.stdout == "" and _files(tmp_path) == before
@@ -4279,13 +4264,13 @@ def test_the_preview_is_one_png_of_the_same_pixels_through_matplotlib_and_throug
             assert a[:2] == (2 * (X + 2), max(Y, Z))
         pixels = [mpl_image.imread(tmp_path / how / name)[..., :3] for how in ("matplotlib", "fallback")]
         np.testing.assert_array_equal(*pixels)                    # the same image either way
-# Progress a person can follow on long work (safeio.Progress), and --quiet silencing all of it
+# Progress a person can follow on long work (data.Progress), and --quiet silencing all of it
 
 def test_progress_time_left_is_the_pace_so_far_per_kind_for_runs_and_durations_read_one_way(capsys):
     """After k of N items in t seconds the time left is t (N - k) / k; jobs of unequal kinds are estimated per
     kind (an unseen kind as the costliest seen), divided by the jobs run at once; quiet prints nothing."""
     now = [0.0]
-    p = safeio.Progress("decoding the image cache", 5000, "images", every=0, step=0, clock=lambda: now[0])
+    p = data.Progress("decoding the image cache", 5000, "images", every=0, step=0, clock=lambda: now[0])
     now[0] = 120.0
     p.advance(1200)
     assert p.left() == pytest.approx(120 * (5000 - 1200) / 1200)                        # 380 s
@@ -4295,15 +4280,15 @@ def test_progress_time_left_is_the_pace_so_far_per_kind_for_runs_and_durations_r
     assert capsys.readouterr().out.splitlines() == [
         "decoding the image cache: 1200 of 5000 images (24%), 10 images/s, about 6 min 20 s left",
         "decoding the image cache: 5000 images in 8 min 20 s (10 images/s)"]
-    assert [safeio.duration_text(t) for t in (0.42, 9.96, 45, 59.6, 190, 3599, 3600, 7500)] == \
+    assert [data.duration_text(t) for t in (0.42, 9.96, 45, 59.6, 190, 3599, 3600, 7500)] == \
         ["0.4 s", "10 s", "45 s", "1 min", "3 min 10 s", "59 min 59 s", "1 h", "2 h 5 min"]
-    rate_limited = safeio.Progress("x", 1000, every=5, clock=lambda: now[0])              # 5 s and 5% at most
+    rate_limited = data.Progress("x", 1000, every=5, clock=lambda: now[0])              # 5 s and 5% at most
     for k in range(1000):
         now[0] += 0.01 if k < 500 else 1.0
         rate_limited.advance()
     lines = capsys.readouterr().out.splitlines()
     assert 9 <= len(lines) <= 20 and all(" of 1000 items (" in line for line in lines)
-    runs = safeio.Progress("train", None, "runs", kinds=["imaging", "tabular", "imaging", "hyperfusion"],
+    runs = data.Progress("train", None, "runs", kinds=["imaging", "tabular", "imaging", "hyperfusion"],
                            clock=lambda: now[0])
     runs.item_done("imaging", 190, "ad imaging seed0 v0 fold0")
     runs.item_done("tabular", 10, "ad tabular seed0 v0 fold0")       # HyperFusion, unseen, as an image model
@@ -4316,12 +4301,12 @@ def test_progress_time_left_is_the_pace_so_far_per_kind_for_runs_and_durations_r
         "run 3 of 4 done (ad imaging seed0 v0 fold1, 3 min 20 s): test BA 0.5; about 3 min 15 s left for the 1 "
         "still to train"]
     assert lines[3].startswith("run 4 of 4 done (ad hyperfusion seed0 v0 fold0, 5 min); all 4 in ")
-    two = safeio.Progress("train", None, "runs", kinds=["imaging"] * 5, parallel=2)
+    two = data.Progress("train", None, "runs", kinds=["imaging"] * 5, parallel=2)
     two.item_done("imaging", 100, "a", spent=40)                   # 4 x 100 s less the 40 s run, on 2 at a time
     assert "about 3 min left for the 4" in capsys.readouterr().out
-    quiet = safeio.Progress("train", None, "runs", quiet=True, kinds=["imaging"] * 2)
+    quiet = data.Progress("train", None, "runs", quiet=True, kinds=["imaging"] * 2)
     quiet.item_done("imaging", 100, "a")
-    quiet_items = safeio.Progress("x", 3, quiet=True, every=0)
+    quiet_items = data.Progress("x", 3, quiet=True, every=0)
     quiet_items.advance(2)
     quiet_items.finish(always=True)
     assert capsys.readouterr().out == ""
@@ -4358,25 +4343,25 @@ def test_run_protocol_says_after_each_run_how_many_are_done_and_the_time_left_an
     monkeypatch.setattr(train_ad, "train_ad", fake_train)
     fake_ad_run(tmp_path / "loud", "hyperfusion", 0, 0, 0, random_probs(rng, 12), labels)      # one finished
     protocol = ["--task", "ad", "--models", "hyperfusion", "--epochs", "1"]
-    protocol_runner.main(protocol + ["--runs", str(tmp_path / "loud")])
+    evaluate.protocol_main(protocol + ["--runs", str(tmp_path / "loud")])
     done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("run ")]
     assert [re.sub(r"[\d.]+ s\)", "T)", line.split(";")[0]) for line in done] == \
         [f"run {k} of 3 done (ad hyperfusion seed0 v0 fold{k}, T)" for k in (1, 2, 3)]
     assert re.search(r"; about [\d.]+ s left for the 2 still to train$", done[0]), done
     assert done[1].endswith("left for the 1 still to train") and re.search(r"; all 3 in [\d.]+ s$", done[2])
-    protocol_runner.main(protocol + ["--runs", str(tmp_path / "quiet"), "--quiet"])
+    evaluate.protocol_main(protocol + ["--runs", str(tmp_path / "quiet"), "--quiet"])
     out = capsys.readouterr().out
     assert out.startswith("# ") and "| model |" in out and "wrote " in out, out      # the table alone
     assert not re.search(r"^(run \d|\[\d|a line of|protocol:|total wall time)", out, re.M), out
-    assert os.path.isfile(os.path.join(runconfig.ad_run_dir(tmp_path / "quiet", "hyperfusion", 0, 0, 3),
+    assert os.path.isfile(os.path.join(training.ad_run_dir(tmp_path / "quiet", "hyperfusion", 0, 0, 3),
                                        "metrics.json"))
-    jobs = lambda: [launcher.Job(str(tmp_path / f"job{i}"), [sys.executable, "-c", "print('test BA 0.5')"],
+    jobs = lambda: [evaluate.Job(str(tmp_path / f"job{i}"), [sys.executable, "-c", "print('test BA 0.5')"],
                                  kind="tabular", label=f"job {i}") for i in range(2)]
-    launcher.run_jobs(jobs(), 2, poll_s=0.02)                  # --jobs 2: the same lines, each run's last line in
+    evaluate.run_jobs(jobs(), 2, poll_s=0.02)                  # --jobs 2: the same lines, each run's last line in
     out = capsys.readouterr().out
     assert re.search(r"^run 1 of 2 done \(job \d, [\d.]+ s\): test BA 0\.5; about [\d.]+ s left for the 1 still",
                      out, re.M), out
-    launcher.run_jobs(jobs(), 2, poll_s=0.02, quiet=True)
+    evaluate.run_jobs(jobs(), 2, poll_s=0.02, quiet=True)
     assert capsys.readouterr().out == ""
 
 
@@ -4385,7 +4370,7 @@ def test_predict_shows_progress_over_its_batches_when_long_one_line_per_member_a
     train_ad.main(["--model", "tabular", "--data-csv", str(ad_cohort60), "--out", str(tmp_path), "--epochs", "1",
                    "--quiet"])
     capsys.readouterr()
-    run_dir = runconfig.ad_run_dir(tmp_path, "tabular", 0, 0, 0)
+    run_dir = training.ad_run_dir(tmp_path, "tabular", 0, 0, 0)
     args = [run_dir, "--data-csv", str(ad_cohort60), "--out", str(tmp_path / "p.csv"), "--batch-size", "8"]
     predict.main(args)                                                  # short: the member's line, no batches'
     out = capsys.readouterr().out.splitlines()
@@ -4405,7 +4390,7 @@ def test_preprocess_the_data_checks_and_the_demo_cohort_say_their_progress_and_n
         tmp_path, monkeypatch, capsys):
     folder, name, make, _ = synthetic.BUILTIN["ad"]
     monkeypatch.setitem(synthetic.BUILTIN, "ad", (folder, name, make, dict(n=10, seed=0)))
-    monkeypatch.setattr(synthetic, "Progress", lambda *a, **k: safeio.Progress(*a, **{**k, "every": 0}))
+    monkeypatch.setattr(synthetic, "Progress", lambda *a, **k: data.Progress(*a, **{**k, "every": 0}))
     synthetic.builtin_cohort("ad", tmp_path / "quiet", quiet=True)           # train_ad.py --quiet's first use
     assert capsys.readouterr().out == ""
     synthetic.builtin_cohort("ad", tmp_path / "loud")
@@ -4419,7 +4404,8 @@ def test_preprocess_the_data_checks_and_the_demo_cohort_say_their_progress_and_n
     assert re.fullmatch(r"preprocessing: 3 subjects in [\d.]+ s \(\S+ subjects/s\)", out[0]), out
     assert out[1].startswith("wrote ") and len(out) == 2
     assert run_main(preprocess.main, *batch, "--quiet").stdout == ""
-    monkeypatch.setattr(data, "Progress", lambda *a, **k: safeio.Progress(*a, **k, every=0))
+    real_progress = data.Progress
+    monkeypatch.setattr(data, "Progress", lambda *a, **k: real_progress(*a, **k, every=0))
     out = run_main(data.main, "check-ad", csv_path).stdout
     assert "checking the images: 2 of 3 images (66%), " in out and "checking the images: 3 images in " in out
     out = run_main(data.main, "check-ad", csv_path, "--quiet").stdout
@@ -4445,7 +4431,7 @@ def test_the_default_precision_is_float32_on_cpu_and_cuda_until_a_recipe_is_show
     """No reduced-precision recipe has been shown non-inferior to float32 (bench_precision.py, RESULTS.md): auto
     is float32 on both kinds of device, even where bfloat16 is native, and says so."""
     for device in ("cpu", "cuda"):
-        assert prec.resolve_precision("auto", torch.device(device)) == "fp32"
+        assert training.resolve_precision("auto", torch.device(device)) == "fp32"
         assert "precision fp32 (--precision auto: float32 until" in capsys.readouterr().out
 
 
@@ -4454,10 +4440,10 @@ def test_the_default_precision_is_float32_on_cpu_and_cuda_until_a_recipe_is_show
                                                      ("fp32", True, "fp32")])
 def test_precision_auto_takes_the_recipe_shown_for_the_device_only_where_the_device_computes_it_natively(
         auto, native, expected, monkeypatch):
-    monkeypatch.setitem(prec.AUTO, "cpu", auto)
+    monkeypatch.setitem(training.AUTO, "cpu", auto)
     monkeypatch.setattr(prec, "native_bf16", lambda dev: native)
-    assert prec.resolve_precision("auto", torch.device("cpu"), quiet=True) == expected
-    assert prec.resolve_precision("fp32", torch.device("cpu"), quiet=True) == "fp32"
+    assert training.resolve_precision("auto", torch.device("cpu"), quiet=True) == expected
+    assert training.resolve_precision("fp32", torch.device("cpu"), quiet=True) == "fp32"
 
 
 def test_a_training_script_run_at_the_default_precision_trains_in_float32_on_this_cpu(ad_cohort60, tmp_path):
@@ -4467,11 +4453,11 @@ def test_a_training_script_run_at_the_default_precision_trains_in_float32_on_thi
 
 
 def test_a_recipe_is_spelt_one_way_and_a_recipe_that_is_none_is_refused_in_one_line_naming_the_option(tmp_path):
-    assert prec.canonical("bf16+fp32:bn,hyper") == prec.canonical("bf16+fp32:hyper,bn") == "bf16+fp32:hyper,bn"
-    assert prec.parse("bf16+fp32:eval,loss") == ("bf16", ("loss", "eval"))
+    assert training.canonical("bf16+fp32:bn,hyper") == training.canonical("bf16+fp32:hyper,bn") == "bf16+fp32:hyper,bn"
+    assert training.parse("bf16+fp32:eval,loss") == ("bf16", ("loss", "eval"))
     for bad in ("bf32", "fp32+fp32:bn", "bf16+fp32:nothing", "bf16+bn"):
         with pytest.raises(ValueError):
-            prec.parse(bad)
+            training.parse(bad)
     p = run("train_ad.py", "--model", "tabular", "--precision", "bf16+fp32:nothing", "--data-dir", tmp_path / "d",
             "--out", tmp_path / "runs")
     assert_clean_error(p, "--precision bf16+fp32:nothing", "nothing")
@@ -4483,7 +4469,7 @@ def test_on_a_gpu_float32_means_float32_tf32_is_switched_off():
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        prec.resolve_precision("fp32", torch.device("cuda"), quiet=True)
+        training.resolve_precision("fp32", torch.device("cuda"), quiet=True)
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
@@ -4536,7 +4522,7 @@ def test_a_recipe_computes_the_parts_it_keeps_in_float32_and_the_rest_in_bfloat1
     assert list(model.state_dict()) == list(plain.state_dict())
 
     def forward(m):
-        with prec.autocast(torch.device("cpu"), run.precision):
+        with training.autocast(torch.device("cpu"), run.precision):
             m.train()(image, tabular)
     kept, autocast_only = _output_dtypes(model, forward), _output_dtypes(plain, forward)
     for name in inside:
@@ -4575,7 +4561,7 @@ def test_this_cpu_is_seen_as_computing_bfloat16_natively_exactly_when_it_has_avx
     flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
     if not flags:
         pytest.skip("no /proc/cpuinfo")
-    assert prec.native_bf16(torch.device("cpu")) == bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
+    assert training.native_bf16(torch.device("cpu")) == bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
 
 
 @pytest.mark.parametrize("layer", ["Conv3d", "HyperConv3d-materialised", "HyperConv3d-factorised"])
@@ -4591,7 +4577,7 @@ def test_a_3x3x3_convolution_on_sides_shorter_than_its_kernel_has_one_finite_bfl
     grads = []
     for _ in range(12):
         conv.zero_grad()
-        with prec.autocast(torch.device("cpu"), "bf16"):
+        with training.autocast(torch.device("cpu"), "bf16"):
             y = conv(x) if layer == "Conv3d" else conv(x, tabular)
         y.float().backward(gy)
         grads.append(torch.cat([p.grad.flatten() for p in conv.parameters() if p.grad is not None]))
@@ -4605,7 +4591,7 @@ def test_a_3x3x3_convolution_on_sides_shorter_than_its_kernel_has_one_finite_bfl
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
 def test_a_run_computes_its_network_in_the_precision_it_names(precision, dtype):
     model, (image, tabular, _) = _tiny_model("ad", "cpu"), _tiny_batch("ad")
-    with prec.autocast(torch.device("cpu"), precision):
+    with training.autocast(torch.device("cpu"), precision):
         assert model(image, tabular).dtype == dtype
 
 
@@ -4618,7 +4604,7 @@ def test_the_brain_age_network_gives_the_age_in_float32_under_bfloat16(name):
     image, tabular = torch.randn(3, 1, 36, 36, 36), torch.eye(2)[torch.arange(3) % 2]
     features = {}
     model.final_layer.register_forward_pre_hook(lambda m, args: features.update(x=args[0]))
-    with torch.no_grad(), prec.autocast(torch.device("cpu"), "bf16"):
+    with torch.no_grad(), training.autocast(torch.device("cpu"), "bf16"):
         age = model(image, tabular)
         assert age.dtype == torch.float32 and features["x"].dtype == torch.float32
         assert model.conv1_a(image).dtype == torch.bfloat16          # the rest of the network in bfloat16
@@ -4643,7 +4629,7 @@ def test_the_precision_is_stored_in_the_run_and_a_resume_at_another_precision_is
 
 def test_replaying_a_run_uses_its_own_precision_where_the_device_can_and_float32_where_it_cannot():
     cpu = torch.device("cpu")
-    assert [prec.replay_precision(p, cpu) for p in ("bf16", "fp32", "fp16", None)] == \
+    assert [training.replay_precision(p, cpu) for p in ("bf16", "fp32", "fp16", None)] == \
         ["bf16", "fp32", "fp32", "fp32"]
 
 
@@ -4686,7 +4672,7 @@ def _loss_and_gradient(model, batch, task, device, precision):
     """One forward + backward of a train step at a precision, as training autocasts it -> (loss, flat gradient)."""
     image, tabular, target = (t.to(device) for t in batch)
     model.zero_grad(set_to_none=True)
-    with prec.autocast(torch.device(device), precision):
+    with training.autocast(torch.device(device), precision):
         out = model(image, tabular).float()
     loss = F.cross_entropy(out, target) if task == "ad" else F.mse_loss(out, target)
     loss.backward()
@@ -4735,7 +4721,7 @@ def test_check_compile_and_channels_last_train_as_eager_does(device, option):
             model = model.to(memory_format=torch.channels_last_3d)
         net = torch.compile(model) if variant == "compile" else model
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-        precision = prec.resolve_precision("auto", dev, quiet=True)
+        precision = training.resolve_precision("auto", dev, quiet=True)
         scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
         total, n, first, problem = training.train_epoch(net, opt, scaler, batches, F.cross_entropy, dev,
                                                         channels_last=variant == "channels_last", precision=precision)
@@ -4770,7 +4756,7 @@ def test_the_paired_precision_benchmark_pairs_each_version_with_itself_from_the_
     out = tmp_path / "bp"
     for recipe, shift, seconds in (("fp32", 0.0, 10.0), ("bf16", 0.05, 5.0)):
         for v in range(8):
-            folder = runconfig.brain_age_run_dir(str(out / recipe), "hyperfusion", v)
+            folder = training.brain_age_run_dir(str(out / recipe), "hyperfusion", v)
             os.makedirs(folder)
             mae = 4.0 + 0.3 * (v % 3) + shift + 0.001 * v * (recipe == "bf16")
             json.dump({"test": {"mae": mae}}, open(os.path.join(folder, "metrics.json"), "w"))
@@ -4962,12 +4948,12 @@ def test_the_fitted_temperature_recovers_the_temperature_the_labels_were_drawn_a
         p = np.exp(logits / true_t)
         p /= p.sum(1, keepdims=True)
         labels = np.array([rng.choice(3, p=q) for q in p])
-        assert calibration.fit_temperature(logits, labels) == pytest.approx(true_t, rel=0.06)
+        assert evaluate.fit_temperature(logits, labels) == pytest.approx(true_t, rel=0.06)
     sides = rng.normal(0, 2, (5, 2, 3))
     by_hand = np.exp(sides / 1.7) / np.exp(sides / 1.7).sum(-1, keepdims=True)
-    np.testing.assert_allclose(calibration.probabilities(sides, 1.7), by_hand.mean(1), rtol=1e-12)
+    np.testing.assert_allclose(evaluate.probabilities(sides, 1.7), by_hand.mean(1), rtol=1e-12)
     single = sides[:, 0]                                      # one side: T never changes the argmax
-    assert np.array_equal(calibration.probabilities(single, 0.3).argmax(1), single.argmax(1))
+    assert np.array_equal(evaluate.probabilities(single, 0.3).argmax(1), single.argmax(1))
 
 
 def test_a_finished_ad_run_holds_its_temperature_fitted_on_its_own_validation_logits(ad_fold_runs):
@@ -4975,20 +4961,20 @@ def test_a_finished_ad_run_holds_its_temperature_fitted_on_its_own_validation_lo
     temperature that minimises the validation NLL, and the calibration before and after; the test
     probabilities it reports are those logits' softmax, sides averaged."""
     run_dir = _run_dir(ad_fold_runs, "hyperfusion", 0)
-    saved = calibration.read_logits(run_dir)
+    saved = evaluate.read_logits(run_dir)
     assert saved["val"][0].shape[1:] == (2, 3) and saved["test"][0].shape[1:] == (2, 3)   # (N, sides, C)
     record = json.load(open(os.path.join(run_dir, "calibration.json")))
-    assert record["temperature"] == pytest.approx(calibration.fit_temperature(*saved["val"]), rel=1e-9)
+    assert record["temperature"] == pytest.approx(evaluate.fit_temperature(*saved["val"]), rel=1e-9)
     assert load_run(run_dir).temperature == record["temperature"]
     for part in ("val", "test"):
         logits, labels = saved[part]
-        before = metrics.calibration_metrics(labels, calibration.probabilities(logits))
+        before = metrics.calibration_metrics(labels, evaluate.probabilities(logits))
         assert record[part]["before"] == pytest.approx(before)
         assert record[part]["after"] == pytest.approx(
-            metrics.calibration_metrics(labels, calibration.probabilities(logits, record["temperature"])))
+            metrics.calibration_metrics(labels, evaluate.probabilities(logits, record["temperature"])))
     pred = np.load(os.path.join(run_dir, "predictions.npz"))
     np.testing.assert_array_equal(pred["labels"], saved["test"][1])
-    np.testing.assert_allclose(pred["probs"], calibration.probabilities(saved["test"][0]), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(pred["probs"], evaluate.probabilities(saved["test"][0]), rtol=1e-5, atol=1e-7)
     assert record["val"]["after"]["nll"] <= record["val"]["before"]["nll"] + 1e-12      # what the fit minimises
 
 
@@ -4997,14 +4983,14 @@ def test_a_run_trained_before_calibration_is_calibrated_from_its_logits_predicte
     """evaluate.py calibrate on a run without logits.npz or calibration.json: the validation and test logits are
     predicted again from its folder, table and cache, equal to those training kept, and the same temperature."""
     src = _run_dir(ad_fold_runs, "hyperfusion", 1)
-    kept = calibration.read_logits(src)
+    kept = evaluate.read_logits(src)
     old = tmp_path / "old"
     shutil.copytree(src, old)
     for f in ("logits.npz", "calibration.json"):
         os.remove(old / f)
     best = (old / "best.pt").read_bytes()
     res = evaluate.main(["calibrate", str(old), "--quiet", "--device", "cpu"])
-    again = calibration.read_logits(str(old))
+    again = evaluate.read_logits(str(old))
     for part in ("val", "test"):
         np.testing.assert_allclose(again[part][0], kept[part][0], rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(again[part][1], kept[part][1])
@@ -5024,10 +5010,10 @@ def test_calibrated_prediction_keeps_every_members_class_and_changes_the_ensembl
     np.testing.assert_allclose(cal["combined"], _eq7_8_by_hand(cal["outputs"]), atol=1e-6)
     assert not np.allclose(cal["combined"], plain["combined"], atol=1e-4)
     table = data.read_ad_table(ad_cohort60)
-    test_idx = splits.ad_fold(splits.ad_split(table.sex, table.labels, table.age, 0), 0)[2]
+    test_idx = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 0)[2]
     for k, r in enumerate(runs):
-        logits = calibration.read_logits(r)["test"][0]
-        expected = calibration.probabilities(logits, load_run(r).temperature)
+        logits = evaluate.read_logits(r)["test"][0]
+        expected = evaluate.probabilities(logits, load_run(r).temperature)
         np.testing.assert_allclose(cal["outputs"][k][test_idx], expected, rtol=1e-5, atol=1e-6)
 
 
@@ -5063,17 +5049,17 @@ def test_the_calibration_report_ensembles_the_members_each_at_its_own_temperatur
     for fold in range(4):
         val = rng.normal(0, 1, (40, 3)) + 4 * np.eye(3)[val_labels] * (fold + 1) / 2     # ever more over-confident
         test = rng.normal(0, 1, (30, 3)) + 4 * np.eye(3)[test_labels] * (fold + 1) / 2
-        p = calibration.probabilities(test)
+        p = evaluate.probabilities(test)
         run_dir = fake_ad_run(tmp_path, "hyperfusion", 0, 0, fold, p, test_labels)
-        calibration.save_logits(run_dir, (val, val_labels), (test, test_labels))
+        evaluate.save_logits(run_dir, (val, val_labels), (test, test_labels))
         logits.append(test)
     res = evaluate.main(["calibrate", str(tmp_path), "--quiet"])
     temps = [r["temperature"] for r in sorted(res["runs"], key=lambda r: r["dir"])]
-    assert temps == pytest.approx([calibration.fit_temperature(*calibration.read_logits(
-        runconfig.ad_run_dir(tmp_path, "hyperfusion", 0, 0, f))["val"]) for f in range(4)])
+    assert temps == pytest.approx([evaluate.fit_temperature(*evaluate.read_logits(
+        training.ad_run_dir(tmp_path, "hyperfusion", 0, 0, f))["val"]) for f in range(4)])
     (ens,) = res["ensembles"]
-    after = _eq7_8_by_hand([calibration.probabilities(z, t) for z, t in zip(logits, temps)])
-    before = _eq7_8_by_hand([calibration.probabilities(z) for z in logits])
+    after = _eq7_8_by_hand([evaluate.probabilities(z, t) for z, t in zip(logits, temps)])
+    before = _eq7_8_by_hand([evaluate.probabilities(z) for z in logits])
     assert ens["after"]["ece"] == pytest.approx(metrics.calibration_metrics(test_labels, after)["ece"])
     assert ens["before"]["nll"] == pytest.approx(metrics.calibration_metrics(test_labels, before)["nll"])
     assert ens["after"]["nll"] != pytest.approx(ens["before"]["nll"])

@@ -20,21 +20,21 @@ import torch
 import torch.nn.functional as F
 
 import data
-import splits
-from calibration import calibrate, save_logits
-from distributed import alone, is_main, log, main_first
+import data
+from training import calibrate, save_logits
+from training import alone, is_main, log, main_first
 from layers import init_hyperlayers
 from metrics import classification_metrics
 from models import AD_MODELS, class_probabilities
-from runs import load_run
-from runfolder import claim_run_folder
-from safeio import ArgumentParser, UserError, atomic_path, run_cli, write_json
-from precision import resolve_precision
-from runconfig import DATA_KEYS, RunConfig, add_common_arguments, identity, resolve_schedule
+from training import load_run
+from training import claim_run_folder
+from data import ArgumentParser, UserError, atomic_path, run_cli, write_json
+from training import resolve_precision
+from training import DATA_KEYS, RunConfig, add_common_arguments, identity, resolve_schedule
 from synthetic import builtin_cohort
-from tabular import TabularPreprocessor
-from training import (batches, check_finite_outputs, fit, load_checkpoint, loader_workers, predict, resumable, seed_all,
-                      setup_device, speed_options)
+from data import TabularPreprocessor
+from training import (batches, check_finite_outputs, fit, load_checkpoint, loader_workers, predict, resumable,
+    seed_all, setup_device, speed_options)
 
 # Table 1 (real data) and the demo schedule used on the built-in synthetic cohort
 REAL_AD = dict(epochs=250, batch_size=32, lr=1e-4, weight_decay=1e-5, lr_schedule="constant")
@@ -94,8 +94,8 @@ def run_ad(args, device, run):
     if table.skipped:
         log(data.skipped_summary(table), quiet)
     check_classes(table)
-    subsets = splits.ad_split(table.sex, table.labels, table.age, run.split_seed)
-    train_idx, val_idx, test_idx = splits.ad_fold(subsets, run.fold)
+    subsets = data.ad_split(table.sex, table.labels, table.age, run.split_seed)
+    train_idx, val_idx, test_idx = data.ad_fold(subsets, run.fold)
     check_classes(table, {"training": train_idx, "validation": val_idx, "test": test_idx}, run)
     prep = TabularPreprocessor().fit([table.raw[i] for i in train_idx])  # Sec. 3.3: training rows only
     tabular = prep.transform(table.raw)                                   # (N, n_tab)

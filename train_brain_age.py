@@ -21,18 +21,18 @@ import torch
 import torch.nn.functional as F
 
 import data
-import splits
-from distributed import is_main, log, main_first
+import data
+from training import is_main, log, main_first
 from layers import init_hyperlayers
 from metrics import age_bias_fit, gap_summary, regression_metrics
 from models import BRAIN_AGE_MODELS, AgeTarget
-from precision import resolve_precision
-from runconfig import RunConfig, add_common_arguments, identity, resolve_schedule
-from runfolder import claim_run_folder
-from safeio import ArgumentParser, UserError, atomic_path, run_cli, warn, write_json
+from training import resolve_precision
+from training import RunConfig, add_common_arguments, identity, resolve_schedule
+from training import claim_run_folder
+from data import ArgumentParser, UserError, atomic_path, run_cli, warn, write_json
 from synthetic import builtin_cohort
 from training import (batches, check_finite_outputs, fit, load_checkpoint, loader_workers, predict,
-                      recalibrate_batchnorm, resumable, seed_all, setup_device, speed_options)
+    recalibrate_batchnorm, resumable, seed_all, setup_device, speed_options)
 
 REAL_BRAIN_AGE = dict(epochs=70, batch_size=64, lr=1.5e-4, weight_decay=0.05, lr_schedule="constant")  # Table 1
 # the demo: a cosine learning rate, so that its last epochs settle (at a constant 1e-3 the validation MAE still
@@ -50,7 +50,7 @@ def brain_age_arguments():
                         "training split (Sec. 4.2.4)")
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
-                   help=f"fractions (default: {' '.join(map(str, splits.BRAIN_AGE_FRACTIONS))}, Sec. 4.2.3; "
+                   help=f"fractions (default: {' '.join(map(str, data.BRAIN_AGE_FRACTIONS))}, Sec. 4.2.3; "
                         f"the synthetic demo: {' '.join(map(str, DEMO_SPLIT))})")
     add_common_arguments(p)
     return p
@@ -68,7 +68,7 @@ def brain_age_run_config(args, device):
         data_csv = builtin_cohort("brain-age", args["data_dir"], args["quiet"]) if synthetic else args["data_csv"]
     schedule = resolve_schedule(args, DEMO_BRAIN_AGE if synthetic else REAL_BRAIN_AGE,
                                 "demo (synthetic cohort)" if synthetic else "Table 1", args["quiet"])
-    split = tuple(args.get("split") or (DEMO_SPLIT if synthetic else splits.BRAIN_AGE_FRACTIONS))
+    split = tuple(args.get("split") or (DEMO_SPLIT if synthetic else data.BRAIN_AGE_FRACTIONS))
     if not (all(f > 0 for f in split) and abs(sum(split) - 1) <= 1e-6):   # NaN fails both
         raise UserError(f"--split {' '.join(map(str, split))}: three positive fractions that sum to 1")
     return RunConfig(task="brain-age", model=args["model"], version=args["version"], split_seed=args["split_seed"],
@@ -92,7 +92,7 @@ def run_brain_age(args, device, run):
     quiet = args["quiet"]
     workers = loader_workers(args["workers"], device)
     table = data.read_brain_age_table(run.data_csv, run.image_dir)
-    train_idx, val_idx, test_idx = splits.brain_age_split(table.age, table.sex, run.split_seed, run.split)
+    train_idx, val_idx, test_idx = data.brain_age_split(table.age, table.sex, run.split_seed, run.split)
     if run.train_sex != "all":
         men, women = (table.sex[train_idx] == 0).sum(), (table.sex[train_idx] == 1).sum()
         train_idx = select_training_sex(train_idx, table.sex, run.train_sex, run.split_seed)
