@@ -1,4 +1,4 @@
-"""HyperFusion building blocks: hypernetworks, hyperlayers and the residual blocks (Sec. 3.1, SPEC §1-2).
+"""HyperFusion's layers: hypernetworks, hyperlayers and the residual blocks (Sec. 3.1, 3.5.2).
 
 This file imports nothing but torch, so it can be copied into another project as it is.
 
@@ -20,18 +20,18 @@ import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------------------------
-# Initialisation (Sec. 3.1.3, Eq. 1-2)
+# Initialisation (Sec. 3.1.3, Eq. 1-2), after the hyperfan-in of Chang et al. (2020)
 
 def hyperfan_in_variances(fan_in, embedding_dim, embedding_sq_mean, relu_follows, has_bias):
-    """Variances of the generator weights G_w, G_b that make the hyperlayer's output variance
-    match its input variance at initialisation (hyperfan-in, Chang et al. 2020).
+    """Variances of the generators G_w, G_b that keep a hyperlayer's output variance equal to its input
+    variance at initialisation.
 
     fan_in: d_j, the primary layer's fan-in (in_features, or in_channels * prod(kernel)).
-    embedding_dim: d_k. embedding_sq_mean: E[e^2] of the generator input over the training set
-    (SPEC §1: the mean square, which equals Var(e) for zero-mean e and stays right for constant e).
+    embedding_dim: d_k. embedding_sq_mean: E[e^2] of the generator input over the training set; the
+    mean square equals Var(e) for a zero-mean e and stays right for a constant e (the sex embedding
+    of a one-hot vector through a Linear(2, 1) at ones). r = relu_follows, s = has_bias.
     """
-    r = 1 if relu_follows else 0
-    s = 1 if has_bias else 0
+    r, s = int(relu_follows), int(has_bias)
     var_w = 2 ** r / (2 ** s * fan_in * embedding_dim * embedding_sq_mean)  # Eq. 1
     var_b = 2 ** r / (2 * embedding_dim * embedding_sq_mean)                 # Eq. 2
     return var_w, var_b
@@ -53,8 +53,10 @@ class HyperNetwork(nn.Module):
 
     def generate(self, e):
         """Per-sample weights (B, n_weights) and biases (B, n_biases) or None."""
-        b = self.bias_gen(e) if self.bias_gen is not None else None
-        return self.weights_gen(e), b
+        return self.weights_gen(e), self.bias(e)
+
+    def bias(self, e):
+        return self.bias_gen(e) if self.bias_gen is not None else None
 
 
 class HyperLayer(nn.Module):
@@ -73,8 +75,8 @@ class HyperLayer(nn.Module):
         assert mode in ("factorised", "materialised"), mode
         self.fan_in, self.weight_shape, self.out_features = fan_in, tuple(weight_shape), out_features
         self.relu_follows, self.mode = relu_follows, mode
-        n_weights = math.prod(self.weight_shape)
-        self.hypernet = HyperNetwork(embedding, embedding_dim, n_weights, out_features if bias else 0)
+        self.hypernet = HyperNetwork(embedding, embedding_dim, math.prod(self.weight_shape),
+                                     out_features if bias else 0)
         self.reset_generators(1.0)
 
     @torch.no_grad()
@@ -83,16 +85,14 @@ class HyperLayer(nn.Module):
         h = self.hypernet
         var_w, var_b = hyperfan_in_variances(self.fan_in, h.embedding_dim, max(float(embedding_sq_mean), 1e-12),
                                              self.relu_follows, h.bias_gen is not None)
-        h.weights_gen.weight.uniform_(-math.sqrt(3 * var_w), math.sqrt(3 * var_w))
-        h.weights_gen.bias.zero_()
-        if h.bias_gen is not None:
-            h.bias_gen.weight.uniform_(-math.sqrt(3 * var_b), math.sqrt(3 * var_b))
-            h.bias_gen.bias.zero_()
+        for gen, var in ((h.weights_gen, var_w), (h.bias_gen, var_b)):
+            if gen is not None:
+                gen.weight.uniform_(-math.sqrt(3 * var), math.sqrt(3 * var))
+                gen.bias.zero_()
 
     def factorised_weight(self):
         """[A_1; ...; A_k; C] stacked along the output axis: ((k+1)*out, in, *kernel)."""
-        g = self.hypernet.weights_gen
-        k = self.hypernet.embedding_dim
+        g, k = self.hypernet.weights_gen, self.hypernet.embedding_dim
         a = g.weight.t().reshape(k, *self.weight_shape)          # (k, out, in, *kernel)
         c = g.bias.reshape(1, *self.weight_shape)                 # (1, out, in, *kernel)
         return torch.cat([a, c]).flatten(0, 1)
@@ -120,36 +120,13 @@ class HyperLinear(HyperLayer):
     def forward(self, x, tabular):  # x (B, in), tabular (B, n_tab)
         e = self.hypernet(tabular)                                               # (B, k)
         if self.mode == "factorised":
-            y = self.mix(F.linear(x, self.factorised_weight()), e)              # (B, out)
-            b = self.hypernet.bias_gen(e) if self.hypernet.bias_gen is not None else None
-        else:
-            w, b = self.hypernet.generate(e)
-            w = w.view(-1, *self.weight_shape)                                   # (B, out, in)
-            y = torch.bmm(w, x.unsqueeze(-1)).squeeze(-1)                        # (B, out)
+            return self.add_bias(self.mix(F.linear(x, self.factorised_weight()), e), self.hypernet.bias(e))
+        w, b = self.hypernet.generate(e)
+        y = torch.bmm(w.view(-1, *self.weight_shape), x.unsqueeze(-1)).squeeze(-1)  # (B, out, in) @ x: (B, out)
         return self.add_bias(y, b)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
-
-
-def padded_conv(conv, x, weight, bias, stride, padding, groups=1):
-    """conv(x, weight, bias, stride, padding, 1, groups), zero-padded. On a CPU under autocast, where a side of
-    the input is shorter than the kernel's, the padding is made explicit first: there oneDNN 3.12's (torch 2.13)
-    bfloat16 weight gradient with implicit padding reads memory outside the input (a different gradient at every
-    call, now and then NaN; input (8, 256, 2, 3, 2), 3x3x3 kernel, padding 1: the AD network's block4 on the
-    demo's 24x36x24 crops). The same convolution either way."""
-    if (any(padding) and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and any(side < k for side, k in zip(x.shape[2:], weight.shape[2:]))):
-        x = F.pad(x, [p for q in reversed(padding) for p in (q, q)])             # (B, C, *(S + 2 padding))
-        padding = 0
-    return conv(x, weight, bias, stride, padding, 1, groups)
-
-
-class Conv3d(nn.Conv3d):
-    """nn.Conv3d (same parameters, same state dict) through padded_conv."""
-
-    def _conv_forward(self, input, weight, bias):
-        return padded_conv(F.conv3d, input, weight, bias, self.stride, self.padding, self.groups)
 
 
 class HyperConv(HyperLayer):
@@ -168,11 +145,8 @@ class HyperConv(HyperLayer):
         e = self.hypernet(tabular)                                               # (B, k)
         B = x.shape[0]
         if self.mode == "factorised":
-            z = padded_conv(self.conv, x, self.factorised_weight(), None, self.stride, self.padding)
-            # z (B, (k+1)*out, *S')
-            y = self.mix(z, e)                                                   # (B, out, *S')
-            b = self.hypernet.bias_gen(e) if self.hypernet.bias_gen is not None else None
-            return self.add_bias(y, b)
+            z = self.conv(x, self.factorised_weight(), None, self.stride, self.padding)  # (B, (k+1)*out, *S')
+            return self.add_bias(self.mix(z, e), self.hypernet.bias(e))          # (B, out, *S')
         w, b = self.hypernet.generate(e)
         w = w.view(B, *self.weight_shape)                                        # (B, out, in, *kernel)
         if all(k == 1 for k in self.kernel_size) and not any(self.padding):
@@ -182,8 +156,8 @@ class HyperConv(HyperLayer):
             y = y.view(B, self.out_features, *x.shape[2:])                       # (B, out, *S')
         else:
             # one grouped convolution: sample b's channels form group b
-            y = padded_conv(self.conv, x.reshape(1, B * self.in_channels, *x.shape[2:]), w.flatten(0, 1), None,
-                            self.stride, self.padding, B)                        # (1, B*out, *S')
+            y = self.conv(x.reshape(1, B * self.in_channels, *x.shape[2:]), w.flatten(0, 1), None,
+                          self.stride, self.padding, 1, B)                       # (1, B*out, *S')
             y = y.view(B, self.out_features, *y.shape[2:])                       # (B, out, *S')
         return self.add_bias(y, b)
 
@@ -214,7 +188,7 @@ def init_hyperlayers(model, tabular):
 
 
 # ----------------------------------------------------------------------------------------------
-# Residual blocks of the AD network (Sec. 3.5.2, Fig. 3D, SPEC §2)
+# Residual blocks of the AD network (Sec. 3.5.2, Fig. 3D)
 
 def _bn(channels):
     return nn.BatchNorm3d(channels, momentum=0.05)
@@ -222,63 +196,57 @@ def _bn(channels):
 
 class PreactResBlock(nn.Module):
     """BN ReLU Dropout3d Conv3d(3, stride) BN ReLU Dropout3d Conv3d(3), plus the identity or,
-    when the stride or the width changes, a downsample BN Conv3d(1x1, stride) (He et al. 2016)."""
+    when the stride or the width changes, a downsample BN Conv3d(1x1, stride) (He et al. 2016).
 
-    def __init__(self, in_channels, out_channels, stride=1, dropout=0.0):
-        super().__init__()
-        self.bn1, self.bn2 = _bn(in_channels), _bn(out_channels)
-        self.conv1 = Conv3d(in_channels, out_channels, 3, stride, 1)
-        self.conv2 = Conv3d(out_channels, out_channels, 3, 1, 1)
-        self.dropout = nn.Dropout3d(dropout)
-        self.downsample = None
-        if stride != 1 or in_channels != out_channels:
-            self.downsample = nn.Sequential(_bn(in_channels), nn.Conv3d(in_channels, out_channels, 1, stride))
+    Any of conv1, conv2 and the downsample convolution named in `hyperlayers` is a HyperConv3d reading
+    `embedding` (one module, shared); a hyper downsample is HyperConv3d(1x1, stride) followed by BN."""
 
-    def residual(self, x):  # (B, C_in, D, H, W) -> (B, C_out, D', H', W')
-        h = self.conv1(self.dropout(F.relu(self.bn1(x))))
-        return self.conv2(self.dropout(F.relu(self.bn2(h))))
-
-    def shortcut(self, x):
-        return x if self.downsample is None else self.downsample(x)
-
-    def forward(self, x, tabular=None):
-        return self.residual(x) + self.shortcut(x)
-
-
-class HyperPreactResBlock(nn.Module):
-    """The HyperRes block (Sec. 3.5.2, Fig. 3D): a pre-activation block in which any of conv1,
-    conv2 and the downsample convolution are hyperlayers. The paper's choice (App. D.2) is the
-    downsample alone, which becomes HyperConv3d(1x1, stride) followed by BN. All hyperlayers of
-    the block share one embedding module."""
-
-    def __init__(self, in_channels, out_channels, stride, dropout, embedding, embedding_dim,
-                 hyperlayers=("downsample",), mode="materialised"):
+    def __init__(self, in_channels, out_channels, stride=1, dropout=0.0, embedding=None, embedding_dim=None,
+                 hyperlayers=(), mode="materialised"):
         super().__init__()
         unknown = set(hyperlayers) - {"conv1", "conv2", "downsample"}
         assert not unknown, f"unknown hyperlayers {unknown}"
+        conv = lambda name, c_in, k, s, p: (
+            HyperConv3d(c_in, out_channels, k, s, p, embedding, embedding_dim, mode=mode) if name in hyperlayers
+            else nn.Conv3d(c_in, out_channels, k, s, p))
         self.hyperlayers = tuple(hyperlayers)
-        hyper = dict(embedding=embedding, embedding_dim=embedding_dim, mode=mode)
         self.bn1, self.bn2 = _bn(in_channels), _bn(out_channels)
-        self.conv1 = (HyperConv3d(in_channels, out_channels, 3, stride, 1, **hyper) if "conv1" in hyperlayers
-                      else Conv3d(in_channels, out_channels, 3, stride, 1))
-        self.conv2 = (HyperConv3d(out_channels, out_channels, 3, 1, 1, **hyper) if "conv2" in hyperlayers
-                      else Conv3d(out_channels, out_channels, 3, 1, 1))
+        self.conv1 = conv("conv1", in_channels, 3, stride, 1)
+        self.conv2 = conv("conv2", out_channels, 3, 1, 1)
         self.dropout = nn.Dropout3d(dropout)
+        self.downsample = None
         if "downsample" in hyperlayers:
-            self.downsample = HyperConv3d(in_channels, out_channels, 1, stride, **hyper)
+            self.downsample = conv("downsample", in_channels, 1, stride, 0)
             self.downsample_bn = _bn(out_channels)
-        else:
+        elif stride != 1 or in_channels != out_channels:
             self.downsample = nn.Sequential(_bn(in_channels), nn.Conv3d(in_channels, out_channels, 1, stride))
 
-    def _call(self, layer, x, tabular):
+    @staticmethod
+    def _call(layer, x, tabular):
         return layer(x, tabular) if isinstance(layer, HyperLayer) else layer(x)
 
-    def forward(self, x, tabular):  # x (B, C_in, D, H, W), tabular (B, n_tab)
+    def residual(self, x, tabular=None):  # (B, C_in, D, H, W) -> (B, C_out, D', H', W')
         h = self._call(self.conv1, self.dropout(F.relu(self.bn1(x))), tabular)
-        h = self._call(self.conv2, self.dropout(F.relu(self.bn2(h))), tabular)
-        if "downsample" in self.hyperlayers:
-            return h + self.downsample_bn(self.downsample(x, tabular))
-        return h + self.downsample(x)
+        return self._call(self.conv2, self.dropout(F.relu(self.bn2(h))), tabular)
+
+    def shortcut(self, x, tabular=None):
+        if self.downsample is None:
+            return x
+        if isinstance(self.downsample, HyperLayer):
+            return self.downsample_bn(self.downsample(x, tabular))
+        return self.downsample(x)
+
+    def forward(self, x, tabular=None):
+        return self.residual(x, tabular) + self.shortcut(x, tabular)
+
+
+class HyperPreactResBlock(PreactResBlock):
+    """The HyperRes block (Sec. 3.5.2, Fig. 3D): the pre-activation block with hyperlayers; the paper's
+    choice (App. D.2) is the downsample convolution alone."""
+
+    def __init__(self, in_channels, out_channels, stride, dropout, embedding, embedding_dim,
+                 hyperlayers=("downsample",), mode="materialised"):
+        super().__init__(in_channels, out_channels, stride, dropout, embedding, embedding_dim, hyperlayers, mode)
 
 
 class ModulatedPreactResBlock(PreactResBlock):

@@ -1,4 +1,4 @@
-"""The paper's models (Sec. 3.5, 4.2.5, 4.3.5; Tables 5-6; SPEC §2) and hyperlayer selection (Sec. 3.1.2).
+"""The paper's models (Sec. 3.5, 4.2.5, 4.3.5; Tables 5-6) and hyperlayer selection (Sec. 3.1.2).
 
 Every model is called as model(image, tabular) and returns (B,) brain ages or (B, C) logits.
 build_model(task, name, **options) is the one entry point:
@@ -12,8 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layers import (HyperLayer, HyperLinear, HyperPreactResBlock, ModulatedPreactResBlock, PreactResBlock,
-                    init_hyperlayers)
+from layers import HyperLayer, HyperLinear, HyperPreactResBlock, ModulatedPreactResBlock, PreactResBlock
 
 BRAIN_AGE_MODELS = ("imaging", "concat", "hyperfusion")
 AD_MODELS = ("imaging", "tabular", "concat", "film", "daft", "hyperfusion")
@@ -32,8 +31,6 @@ class BrainAgeNet(nn.Module):
     with its own embedding Linear(2, embedding_dim) of the sex vector (Sec. 3.5.1, Fig. 2D).
     """
 
-    head_layers = ("linear1", "linear2", "linear3", "final_layer")   # after the image features (precision.PARTS)
-
     def __init__(self, name="hyperfusion", image_shape=(90, 120, 99), embedding_dim=1, n_tabular=2,
                  hyper_mode="factorised"):
         super().__init__()
@@ -51,29 +48,23 @@ class BrainAgeNet(nn.Module):
         assert min(spatial) > 0, f"image shape {tuple(image_shape)} is too small for three conv blocks"
         self.flat_features = 64 * math.prod(spatial)  # 64*7*11*8 = 39424 at 90x120x99
 
+        self.linears = ["linear1", "linear2", "linear3", "final_layer"]
         sizes = [self.flat_features, 16, 32, 64, 1]
-        names = ["linear1", "linear2", "linear3", "final_layer"]
-        for i, n in enumerate(names):
-            fin, fout = sizes[i], sizes[i + 1]
-            if name == "imaging":
-                layer = nn.Linear(fin, fout)
-            elif name == "concat":
-                layer = nn.Linear(fin + n_tabular, fout)
+        for n, fin, fout in zip(self.linears, sizes, sizes[1:]):
+            if name != "hyperfusion":
+                layer = nn.Linear(fin + (n_tabular if name == "concat" else 0), fout)
             else:
-                # The embedding starts at ones (SPEC §1): both sexes start from one shared set of weights
-                # and part only as far as training moves their embeddings (Sec. 3.5.1: the embedding keeps
-                # the sexes from getting distinct weights). PyTorch's random init often gives the sexes
-                # embeddings of opposite sign; with c = 0 (Eq. 1-2) their weights then start as each
-                # other's negatives and an update of G from one sex moves the other's weights the opposite
-                # way: measured, such runs ended with near-opposite weights per sex, a higher training
-                # loss and a sex sweep without direction (README, "Brain age on the synthetic cohort").
+                # The embedding starts at ones (our choice): both sexes start from one shared set of weights
+                # and part only as far as training moves their embeddings. PyTorch's random init often gives
+                # the sexes embeddings of opposite sign; with c = 0 (Eq. 1-2) their weights then start as each
+                # other's negatives: measured, such runs ended with near-opposite weights per sex, a higher
+                # training loss and a sex sweep without direction (README, "Brain age on the synthetic cohort").
                 embedding = nn.Linear(n_tabular, embedding_dim)
                 nn.init.ones_(embedding.weight)
                 nn.init.zeros_(embedding.bias)
                 layer = HyperLinear(fin, fout, embedding, embedding_dim, relu_follows=n != "final_layer",
                                     mode=hyper_mode)
             setattr(self, n, layer)
-        self.linears = names
 
     def forward(self, image, tabular):  # image (B, 1, D, H, W), tabular (B, 2) one-hot sex
         x = image
@@ -108,8 +99,7 @@ class AgeTarget:
     term (Eq. 3) is not divided with the loss, so a target divided by s makes a decay lambda act s^2
     times as strongly relative to the data: `decay(lambda)` = lambda / s^2 is the decay that means
     Table 1's lambda on ages in years, whatever the scale. Stored in every brain-age checkpoint, so a
-    run's outputs are turned back into years exactly as in training (runs trained before this change
-    hold scale 10). Works on arrays and tensors."""
+    run's outputs are turned back into years exactly as in training. Works on arrays and tensors."""
     centre: float
     scale: float = 1.0
 
@@ -131,8 +121,6 @@ class TabularMLP(nn.Module):
     """Tabular-only model, Linear(n_tab, 8) BatchNorm1d(8) PReLU Linear(8, C) (Fig. 3C). Its first
     three modules are the HyperFusion embedding, pre-trained on the same split and fold (Sec. 4.3.6)."""
 
-    head_layers = ("head",)
-
     def __init__(self, n_tabular=15, n_classes=3, hidden=8):
         super().__init__()
         self.embedding = tabular_embedding(n_tabular, hidden)
@@ -151,8 +139,6 @@ class ADNet(nn.Module):
     "imaging" and "concat": a plain pre-act block; "film" / "daft": the modulated block;
     "hyperfusion": the HyperRes block, whose downsample conv is generated from the tabular embedding.
     "concat" also feeds the tabular vector to fc1 next to the pooled image features."""
-
-    head_layers = ("fc1", "fc2")   # after the image features (precision.PARTS)
 
     def __init__(self, name="hyperfusion", n_tabular=15, n_classes=3, f=16, hyperlayers=("downsample",),
                  embedding_dim=8, hyper_mode="materialised"):
@@ -199,13 +185,14 @@ class ADNet(nn.Module):
 
 def class_probabilities(logits, temperature=1.0):
     """(B, C) logits of the AD models -> (B, C) probabilities, what every ensemble and metric reads. A temperature
-    T != 1 is temperature scaling (Guo et al. 2017; calibration.py): softmax(logits / T), the same argmax,
+    T != 1 is temperature scaling (Guo et al. 2017): softmax(logits / T), the same argmax,
     probabilities flatter for T > 1."""
     return F.softmax(logits / temperature if temperature != 1.0 else logits, 1)
 
 
 def build_model(task, name, image_shape=None, n_tabular=None, n_classes=3, embedding_dim=None, **options):
-    """Every model of SPEC §2 by task ("brain-age" or "ad") and name; defaults are the paper's sizes."""
+    """Every model of Tables 5-6 and its baselines by task ("brain-age" or "ad") and name; defaults are the
+    paper's sizes."""
     if task == "brain-age":
         return BrainAgeNet(name, image_shape or (90, 120, 99), embedding_dim or 1, n_tabular or 2, **options)
     if task == "ad":
@@ -261,7 +248,3 @@ def layer_loss_entropy(model, batch, loss_fn, names=None, n_draws=100, bins=10, 
         scores.append((name, float(-(p * p.log()).sum())))
     model.train(was_training)
     return sorted(scores, key=lambda s: -s[1])
-
-
-__all__ = ["BrainAgeNet", "AgeTarget", "TabularMLP", "ADNet", "class_probabilities", "build_model", "count_parameters",
-           "init_hyperlayers", "candidate_layers", "layer_loss_entropy", "BRAIN_AGE_MODELS", "AD_MODELS"]

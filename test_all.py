@@ -59,7 +59,7 @@ import train_brain_age
 import training
 
 from metrics import classification_metrics, entropy, entropy_weighted_ensemble, regression_metrics
-from layers import Conv3d, HyperConv, HyperConv3d, HyperLinear, HyperPreactResBlock, init_hyperlayers
+from layers import HyperConv, HyperConv3d, HyperLinear, HyperPreactResBlock, init_hyperlayers
 from models import (AD_MODELS, BRAIN_AGE_MODELS, AgeTarget, build_model, candidate_layers, count_parameters,
                     layer_loss_entropy)
 from training import load_run
@@ -591,7 +591,7 @@ def test_every_batch_norm_of_the_ad_image_network_has_momentum_0_05(name):
         assert {m.momentum for m in other.modules() if isinstance(m, nn.BatchNorm3d)} == {0.05}
 
 
-# Tables 5-6, Fig. 2-3 written out from SPEC §2 as plain functional calls: order of conv / activation / pool / BN /
+# Tables 5-6, Fig. 2-3 written out as plain functional calls: order of conv / activation / pool / BN /
 # dropout, each dropout rate in its place, each BN's momentum, what is concatenated where. Run in training mode from
 # one RNG seed, model and reference draw the same dropout masks only when every rate and place agree; the running
 # statistics the reference's BN calls leave (with the momenta written here) must equal the model's.
@@ -1928,8 +1928,8 @@ def _initial_weights(script, argv, monkeypatch, pretrained=()):
 
 def _random_weights(state):
     """The names of the randomly initialised tensors: every convolution's and linear layer's weight and the
-    generators' (biases that start at zero, BN's ones, PReLU's 0.25 and the brain-age sex embeddings' ones, SPEC
-    §1, are the same in every version)."""
+    generators' (biases that start at zero, BN's ones, PReLU's 0.25 and the brain-age sex embeddings' ones
+    are the same in every version)."""
     return [k for k, v in state.items() if k.endswith("weight") and v.dim() >= 2
             and not (k.startswith(("linear", "final_layer")) and ".hypernet.embedding." in k)]
 
@@ -2188,7 +2188,7 @@ def test_brain_age_training_re_estimates_batch_norm_before_every_validation_from
 
 
 def test_after_a_short_run_the_two_sexes_generate_different_weights_in_every_hyperlayer(brain_age_run):
-    """The embeddings start at ones (SPEC §1), so both sexes start from one shared set of weights; training
+    """The embeddings start at ones (models.py), so both sexes start from one shared set of weights; training
     parts them (8 Adam steps at lr 1.5e-4 here: ~1e-4 relative, a 2e-5 bound is 100x float32 rounding)."""
     def relative_differences(model):
         out = []
@@ -4562,30 +4562,6 @@ def test_this_cpu_is_seen_as_computing_bfloat16_natively_exactly_when_it_has_avx
     if not flags:
         pytest.skip("no /proc/cpuinfo")
     assert training.native_bf16(torch.device("cpu")) == bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
-
-
-@pytest.mark.parametrize("layer", ["Conv3d", "HyperConv3d-materialised", "HyperConv3d-factorised"])
-def test_a_3x3x3_convolution_on_sides_shorter_than_its_kernel_has_one_finite_bfloat16_gradient_on_cpu(layer):
-    """oneDNN's bfloat16 weight gradient with implicit padding on an input side shorter than the kernel (the AD
-    block4 on the demo's crops) differs at every call and is now and then NaN; layers.padded_conv pads first."""
-    torch.manual_seed(0)
-    conv = (Conv3d(64, 64, 3, 1, 1) if layer == "Conv3d" else
-            HyperConv3d(64, 64, 3, 1, 1, nn.Linear(5, 2), 2, mode=layer.split("-")[1]))
-    x, tabular = torch.relu(torch.randn(4, 64, 2, 3, 2)), torch.randn(4, 5)
-    out = conv(x) if layer == "Conv3d" else conv(x, tabular)
-    gy = torch.randn_like(out)
-    grads = []
-    for _ in range(12):
-        conv.zero_grad()
-        with training.autocast(torch.device("cpu"), "bf16"):
-            y = conv(x) if layer == "Conv3d" else conv(x, tabular)
-        y.float().backward(gy)
-        grads.append(torch.cat([p.grad.flatten() for p in conv.parameters() if p.grad is not None]))
-    assert all(torch.isfinite(g).all() and torch.equal(g, grads[0]) for g in grads)
-    conv.zero_grad()
-    out.backward(gy)                                                              # float32
-    grad32 = torch.cat([p.grad.flatten() for p in conv.parameters() if p.grad is not None])
-    assert F.cosine_similarity(grads[0], grad32, dim=0) > 0.99
 
 
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
