@@ -3,29 +3,24 @@
     python predict.py runs/ad/hyperfusion/seed0/v0 --data-csv new.csv --out predictions.csv
     python predict.py runs/brain-age/hyperfusion --data-csv new_scans.csv --image-dir preprocessed/ --out ages.csv
 
-Each RUN is a finished run folder (its best.pt and metrics.json), or a folder under which every
-finished run is taken (runs/ad/hyperfusion/seed0 = its versions x folds). Every member reads each
-subject with the state it was trained with: its tabular preprocessing and imputation (Sec. 3.3), its
-hippocampus boxes with both sides averaged (Sec. 4.3.6), its image shape and voxel size, its target
-scale. The members are then combined per subject: Eq. 7-8 (entropy-weighted) for AD, Eq. 6 (mean)
-for brain age. NEW.csv needs no diagnosis or age; when it has them, the metrics are printed too (AD: with
-the calibration of the probabilities, metrics.calibration_metrics). --calibrated (AD): every member's
-probabilities at its own temperature (calibration.json, fitted on its validation set: calibration.py) before
-Eq. 7-8; no member's predicted class changes, but Eq. 8's weights do, so the ensemble's may.
+Each RUN is a finished run folder (best.pt and metrics.json) or a folder above finished runs (runs/ad/hyperfusion/
+seed0 = its versions x folds). Every member reads each subject as it was trained: its tabular preprocessing and
+imputation (Sec. 3.3), its hippocampus boxes with both sides averaged (Sec. 4.3.6), its image grid, its target
+scale. The members are combined per subject: Eq. 7-8 (entropy-weighted) for AD, Eq. 6 (mean) for brain age.
+NEW.csv needs no diagnosis or age; when it has them, the metrics are printed too (AD: with the calibration).
+--calibrated (AD): every member's probabilities at its own temperature (calibration.json, fitted on its
+validation set) before Eq. 7-8; no member's predicted class changes, but Eq. 8's weights do.
 
-Output columns. AD: Subject, prob_<class> for each class, predicted, n_models, prob_spread (the
-largest standard deviation of a class probability across members). Brain age: Subject,
-predicted_age, n_models, age_spread, and when Age is given gap (predicted minus chronological age)
-and corrected_gap (minus the linear age bias fitted on the runs' validation sets). The file is for
-people and spreadsheets: a Subject that a spreadsheet would run as a formula (`=HYPERLINK(...)`, `+1+1`,
-`@SUM(1)`) is written with a leading ' (safeio.spreadsheet_safe; numbers are never touched); strip one
-leading ' from a cell that starts with one to get the id back. --out is never the table, an image or a
-file of a run it reads.
+Output columns. AD: Subject, prob_<class>, predicted, n_models, prob_spread (the largest standard deviation of
+a class probability across members). Brain age: Subject, predicted_age, n_models, age_spread, and when Age is
+given gap (predicted minus chronological age) and corrected_gap (minus the linear age bias fitted on the runs'
+validation sets). A Subject that a spreadsheet would run as a formula (`=HYPERLINK(...)`) is written with a
+leading ' (numbers never). --out is never the table, an image or a file of a run it reads.
 Bad input -> one line `error: ...` on stderr, exit status 2, and no output file.
 
-The test-time sweep lives here too, as a prediction with one attribute set (`sweep`, run by
-`python evaluate.py sweep RUN --attribute ABETA --values 200 1700`): a finished run's own test set,
-read once as recorded and once per value (Sec. 1: the image analysis adjusted at test time).
+The test-time sweep (`python evaluate.py sweep RUN --attribute ABETA --values 200 1700`) lives here too: a
+finished run's own test set read once as recorded and once per value (Sec. 1: the image analysis adjusted at
+test time).
 """
 import argparse
 import os
@@ -35,15 +30,12 @@ import numpy as np
 import torch
 
 import data
-import data
-from metrics import (classification_metrics, corrected_gap, entropy_weighted_ensemble, fmt, gap_summary, markdown_table,
-                     mean_ensemble, regression_metrics)
+from data import (AD_ATTRIBUTES, AD_CONTINUOUS, SEX_CODES, ArgumentParser, Progress, UserError, check_number,
+                  check_output, parse_attribute, run_cli, write_csv)
+from metrics import (classification_metrics, corrected_gap, entropy_weighted_ensemble, fmt, gap_summary,
+                     markdown_table, mean_ensemble, regression_metrics)
 from models import class_probabilities
-from training import finished, load_run
-from data import ArgumentParser, Progress, UserError, check_number, check_output, run_cli, write_csv
-from data import AD_ATTRIBUTES, AD_CONTINUOUS, SEX_CODES, parse_attribute
-from training import replay_precision
-from training import make_loader, predict, setup_device
+from training import finished, load_run, make_loader, predict, replay_precision, setup_device
 
 
 def find_runs(paths):

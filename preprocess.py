@@ -1,31 +1,22 @@
-"""
-MRI preprocessing of App. A.1 (brain age; Sec. 4.2.3) in numpy, scipy and nibabel.
+"""MRI preprocessing of App. A.1 (brain age; Sec. 4.2.3) in numpy, scipy and nibabel.
 
-Steps, in order:
-  1. reorient to RAS (nibabel.as_closest_canonical);
-  2. optional N4 bias correction (--n4, needs SimpleITK);
-  3. resample to isotropic `spacing` mm (trilinear; the mask nearest-neighbour);
-  4. brain mask: given (--mask), or estimated (Otsu threshold, largest connected component,
-     holes filled) -- the estimate is only right for an already skull-stripped image;
-  5. crop or zero-pad to `shape` around the mask's centre of mass (affine updated);
-  6. fuzzy c-means (3 classes) on brain voxels; the brightest class is white matter; divide by
-     the mean of voxels with WM membership > 0.8 (Reinhold et al. 2019, as in the paper);
-  7. zero outside the mask, z-score over non-zero voxels (Sec. 4.2.3).
-The paper normalises intensities before resampling; doing it after (on the cropped grid) is
-the same up to interpolation and much cheaper.
-
-Steps that need external tools and are not done here: neck removal (FSL robustfov), skull
-stripping (ROBEX, or FSL bet / HD-BET; then pass the brain mask with --mask) and N4 bias
-correction (ANTs N4BiasFieldCorrection, or --n4 with SimpleITK installed: pip install SimpleITK).
+Steps, in order: 1. reorient to RAS (nibabel.as_closest_canonical); 2. optional N4 bias correction (--n4, needs
+SimpleITK); 3. resample to isotropic `spacing` mm (trilinear; the mask too, then > 0.5); 4. brain mask: given
+(--mask), or estimated (Otsu threshold, largest connected component, holes filled: right only for an already
+skull-stripped image); 5. crop or zero-pad to `shape` around the mask's centre of mass (affine updated); 6. fuzzy
+c-means (3 classes) on brain voxels, divide by the mean of the voxels with white-matter (brightest class)
+membership > 0.8 (Reinhold et al. 2019, as in the paper); 7. zero outside the mask, z-score inside (Sec. 4.2.3).
+The paper normalises intensities before resampling; after (on the cropped grid) is the same up to interpolation
+and much cheaper. Not done here (external tools): neck removal (FSL robustfov), skull stripping (ROBEX, FSL bet
+or HD-BET; pass the brain mask with --mask), N4 without SimpleITK (ANTs N4BiasFieldCorrection).
 
     python preprocess.py IN.nii[.gz] OUT.nii.gz [--mask MASK] [--spacing 1.75] [--shape 90 120 99] [--n4]
     python preprocess.py --csv TABLE.csv --out-dir DIR [--column image] [--mask-column mask]
 
 Batch mode reads input paths (relative to the CSV) from --column (default `image`, else
-<csv folder>/images/<Subject>.nii.gz), writes DIR/<Subject>.nii.gz (skipping outputs that
-exist unless --overwrite) and a copy of the table in DIR whose `image` column points at them,
-ready for data.py's loaders. Bad input: one line `error: ...` on stderr, exit status 2, and no
-output file is left behind (every file is written atomically).
+<csv folder>/images/<Subject>.nii.gz), writes DIR/<Subject>.nii.gz (skipping outputs that exist unless
+--overwrite) and a copy of the table in DIR whose `image` column points at them, ready for data.py's loaders.
+Bad input: one line `error: ...` on stderr, exit status 2, and no output file left behind (atomic writes).
 """
 
 import argparse
@@ -35,18 +26,23 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from data import check_subjects, find_image, load_nifti, read_csv_rows
-from data import ArgumentParser, Progress, UserError, atomic_path, check_number, run_cli, same_file, write_csv
+from data import (ArgumentParser, Progress, UserError, atomic_path, check_number, check_subjects, find_image,
+                  load_nifti, read_csv_rows, run_cli, same_file, write_csv)
+
+try:
+    import SimpleITK as sitk   # optional: only --n4 needs it
+except ImportError:
+    sitk = None
+NO_SITK = ("--n4 needs SimpleITK, which is not installed (pip install SimpleITK); "
+           "or run ANTs N4BiasFieldCorrection beforehand and drop --n4")
 
 
 # ----------------------------------------------------------------------------------------------
 # Building blocks
 
 def resample_isotropic(img, spacing, order=1):
-    """Resample a nibabel image onto an axis-aligned grid of `spacing` mm covering the same field of view.
-
-    Works for any affine (oblique too): every output voxel is mapped back into the input grid.
-    """
+    """Resample a nibabel image onto an axis-aligned grid of `spacing` mm covering the same field of view;
+    any affine (oblique too): every output voxel is mapped back into the input grid."""
     A = img.affine
     data = np.asarray(img.dataobj, dtype=np.float32)
     corners = np.array([[i, j, k, 1] for i in (0, data.shape[0] - 1)
@@ -99,29 +95,22 @@ def crop_or_pad(data, affine, centre, shape):
 
 
 def fuzzy_cmeans(values, n_classes=3, m=2.0, max_iter=100, tol=1e-4, max_fit=200_000, seed=0):
-    """Fuzzy c-means on 1-D intensities (Bezdek), written in numpy.
-
-    values: (N,). -> (centroids (C,) sorted ascending, memberships (N, C)). Fitted on at most
-    `max_fit` randomly chosen values (deterministic), memberships computed for all.
-    """
+    """Fuzzy c-means (Bezdek) on 1-D intensities (N,) -> (centroids (C,) ascending, memberships (N, C)).
+    Fitted on at most `max_fit` values drawn with a fixed seed, memberships computed for all."""
     x = np.asarray(values, np.float64).ravel()
     if x.size < n_classes:
         raise UserError(f"fuzzy c-means needs at least {n_classes} brain voxels, got {x.size}")
     fit = x if x.size <= max_fit else np.random.default_rng(seed).choice(x, max_fit, replace=False)
     c = np.percentile(fit, np.linspace(10, 90, n_classes))
-    p = 2.0 / (m - 1)
 
     def memberships(v, c):
-        d = np.abs(v[:, None] - c[None, :]) + 1e-12                              # (N, C)
-        inv = d ** -p
+        inv = (np.abs(v[:, None] - c[None, :]) + 1e-12) ** (-2.0 / (m - 1))   # (N, C)
         return inv / inv.sum(1, keepdims=True)
 
     for _ in range(max_iter):
         um = memberships(fit, c) ** m
-        new = (um * fit[:, None]).sum(0) / um.sum(0)
-        done = np.max(np.abs(new - c)) < tol * (np.ptp(fit) + 1e-12)
-        c = new
-        if done:
+        c, old = (um * fit[:, None]).sum(0) / um.sum(0), c
+        if np.max(np.abs(c - old)) < tol * (np.ptp(fit) + 1e-12):
             break
     c = np.sort(c)
     return c, memberships(x, c)
@@ -142,11 +131,8 @@ def wm_normalise(data, mask, threshold=0.8):
 
 def n4_correct(img, mask=None):
     """N4 bias field correction with SimpleITK (optional dependency)."""
-    try:
-        import SimpleITK as sitk
-    except ImportError:
-        raise UserError("--n4 needs SimpleITK, which is not installed (pip install SimpleITK), "
-                        "or run ANTs N4BiasFieldCorrection yourself and drop --n4") from None
+    if sitk is None:
+        raise UserError(NO_SITK)
     data = np.asarray(img.dataobj, np.float32)
     s = sitk.GetImageFromArray(np.transpose(data, (2, 1, 0)).copy())              # sitk arrays are (z, y, x)
     s.SetSpacing([float(z) for z in img.header.get_zooms()[:3]])
@@ -161,11 +147,8 @@ def n4_correct(img, mask=None):
 # The pipeline
 
 def preprocess_volume(img, mask=None, spacing=1.75, shape=(90, 120, 99), n4=False):
-    """App. A.1 after skull stripping: nibabel image [+ mask image] -> preprocessed nibabel image.
-
-    Output: float32, RAS, isotropic `spacing` mm, `shape` voxels centred on the brain mask's
-    centre of mass, zero outside the brain, non-zero voxels with mean 0 and std 1.
-    """
+    """App. A.1 after skull stripping: nibabel image [+ mask image] -> float32, RAS, isotropic `spacing` mm,
+    `shape` voxels centred on the brain mask's centre of mass, zero outside the brain, z-scored inside."""
     img = nib.as_closest_canonical(img)
     if mask is not None:
         mask = nib.as_closest_canonical(mask)
@@ -247,10 +230,9 @@ def _batch(a):
 
 def main(argv=None):
     ap = ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="Skull stripping (ROBEX/bet), neck removal (robustfov) and, without "
-                                        "--n4, N4 bias correction (ANTs) must be run beforehand. --n4 without "
-                                        "SimpleITK installed is an error (exit 2), never silently skipped.")
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="Skull stripping (ROBEX/bet), neck removal (robustfov) and, without --n4, N4 bias "
+                               "correction (ANTs) must be run beforehand. --n4 without SimpleITK is an error.")
     ap.add_argument("input", nargs="?", help="input NIfTI (single-file mode)")
     ap.add_argument("output", nargs="?", help="output .nii.gz (single-file mode)")
     ap.add_argument("--mask", help="brain mask NIfTI on the input's grid (default: estimated)")
@@ -266,12 +248,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     check_number("--spacing", a.spacing, least=0.1, most=20)   # mm
     check_number("--shape", a.shape, least=1, most=2048)       # voxels
-    if a.n4:
-        try:
-            import SimpleITK  # noqa: F401
-        except ImportError:
-            raise UserError("--n4 needs SimpleITK, which is not installed (pip install SimpleITK); "
-                            "or run ANTs N4BiasFieldCorrection beforehand and drop --n4") from None
+    if a.n4 and sitk is None:
+        raise UserError(NO_SITK)
     if a.csv:
         if a.input or a.output or not a.out_dir:
             raise UserError("--csv: batch mode takes --csv and --out-dir and no positional paths")

@@ -1,15 +1,33 @@
-"""The built-in synthetic cohorts (SPEC §4): brain-like MRIs and tables written in the real on-disk format.
+"""The built-in synthetic cohorts: brain-like MRIs and tables written in the real on-disk format.
 
-No ADNI or UK Biobank access is needed to run anything: each task has a generator that writes one
-NIfTI per subject plus the CSV table (and, for AD, crops.json), so the real loading path of data.py
-is the one the demos and tests exercise. Deterministic for a seed. Results on these cohorts are
-sanity checks of the code, not clinical results.
+No ADNI or UK Biobank access is needed to run anything: each task has a generator that writes one NIfTI per
+subject plus the CSV table (and, for AD, crops.json), so the demos and tests exercise data.py's real loading
+path. Deterministic for a seed. Results on these cohorts are sanity checks of the code, not clinical results.
 
     python synthetic.py ad --out DIR [--n N] [--seed S]
     python synthetic.py brain-age --out DIR [--n N] [--seed S]
     python synthetic.py oracle --cohort DIR [--predictions RUN/predictions.npz]   # the brain-age oracle's MAE
 
 The training scripts generate the default cohort on first use (builtin_cohort).
+
+The generative model. Every image is a skull-stripped, brain-like volume: an ellipsoidal brain with an outer CSF
+shell, a folded cortex (GM), white matter, deep GM, two lateral ventricles and two hippocampi (GM) in CSF pockets;
+intensities CSF < GM < WM as in T1, a smooth multiplicative bias field, Gaussian noise, z-scored over the brain.
+AD: hippocampal volume = sex baseline (women smaller) x age decline x (1 - diagnosis atrophy, CN < MCI < AD,
+stronger in women) x noise, left and right a little different. The image alone is ambiguous (a small hippocampus
+may be an old woman's or an AD patient's); age and sex disambiguate it, so conditioning helps. Ventricles and
+outer CSF grow with age and diagnosis. The table: CSF (ABETA low in AD, PTAU/TAU high) and PET (FDG low, AV45
+high) depend on the diagnosis only, with large noise, assay censoring and ~50% missingness (more for CN); APOE4 is
+more frequent in AD. So each modality holds diagnosis information the other lacks.
+Brain age: each subject's brain age is the age plus a gap in years, wider in men (Sec. 4.2.6; sd 3.5 and 3, so
+that a perfect reader errs by under 3 years, as Sec. 2.3 reports of the best image models). The brain age sets a
+latent atrophy index a along a curve that starts after 20 and steepens after 40, 1.5x steeper in men (our choice,
+at the strong end of Coffey et al. 1998, the paper's ref. [10]). Each structure reads a with its own variability:
+ventricles grow (and vary most), outer CSF grows, the cortex thins (thickening before 20), the hippocampi shrink.
+Head size is ~11% smaller in volume in women with a 9% spread and grows until 14. So the image shows a, and sex
+only partly (head size); a given a means an older woman than man, which sex conditioning can exploit.
+brain_age_oracle reads the latent anatomy with the exact generative model: its MAE with and without the sex
+(cohort.json, oracle.csv) bounds what any model could reach on these images.
 """
 import contextlib
 import csv
@@ -23,38 +41,9 @@ import uuid
 import numpy as np
 from scipy import ndimage
 
-from data import CLASS_NAMES, HippocampusCrops, read_brain_age_table, save_nifti
+from data import (AD_ATTRIBUTES, CLASS_NAMES, ArgumentParser, HippocampusCrops, Progress, UserError, check_number,
+                  duration_text, read_brain_age_table, run_cli, save_nifti, write_csv, write_json)
 from metrics import fmt, markdown_table, regression_metrics
-from data import ArgumentParser, Progress, UserError, check_number, duration_text, run_cli, write_csv, write_json
-from data import AD_ATTRIBUTES
-
-# ----------------------------------------------------------------------------------------------
-# The generative model
-#
-# Every image is a skull-stripped, brain-like volume: an ellipsoidal brain
-# with an outer CSF shell, a folded cortex (GM), white matter, deep GM, two lateral ventricles
-# and two hippocampi (GM) sitting in CSF pockets (temporal horns); intensities CSF < GM < WM as
-# in T1, a smooth multiplicative bias field, Gaussian noise, then z-scoring over brain voxels.
-# AD: hippocampal volume = sex baseline (women smaller) x age decline x (1 - diagnosis atrophy,
-# CN < MCI < AD, stronger in women) x noise, left and right a little different. The image alone
-# is ambiguous (a small hippocampus may be an old woman's or an AD patient's); age and sex
-# disambiguate it, so conditioning helps. Ventricles and outer CSF grow with age and diagnosis.
-# The table: CSF (ABETA low in AD, PTAU/TAU high) and PET (FDG low, AV45 high) depend on the
-# diagnosis only, with large noise, assay censoring and ~50% missingness (more for CN); APOE4
-# is more frequent in AD. So each modality holds diagnosis information the other lacks.
-# Brain age (BRAIN_AGE_SYNTH, brain_age_anatomy): each subject's brain age is the age plus a
-# "brain-age gap" in years, wider in men (Sec. 4.2.6: male brain age varies more; sd 3.5 and 3,
-# so that a perfect reader errs by under 3 years, as Sec. 2.3 reports of the best image models).
-# The brain age sets one latent "atrophy index" a along a curve that starts after 20 and steepens
-# after 40, steeper in men (men's age-related atrophy, sulcal and ventricular CSF growth exceeds
-# women's: Coffey et al. 1998, the paper's ref. [10] in Sec. 2.3; the 1.5x rate is our choice, at
-# the strong end). Each structure reads a with its own person-to-person variability: ventricles grow (and
-# vary most), outer CSF grows, the cortex thins (and thickens with development before 20), the
-# hippocampi shrink. Head size is ~11% smaller in volume in women (linear 0.962) with a 9% spread
-# and grows until 14. So the image shows a, and sex only partly (through head size); a given a
-# means an older woman than man, which is what sex conditioning can exploit. brain_age_oracle
-# reads the latent anatomy with the exact generative model: its MAE with and without the sex
-# (cohort.json, oracle.csv) bounds what any model could reach on these images.
 
 AD_SYNTH = {
     "class_fraction": {"CN": 740 / 2120, "MCI": 1015 / 2120, "AD": 365 / 2120},   # Table 2
@@ -177,11 +166,10 @@ def _class_counts(n, fractions):
     return np.maximum(c, 1)
 
 
-def _fmt_censored(v, rng_limits, decimals):
-    if rng_limits is not None and v >= rng_limits[1]:
-        return f">{rng_limits[1]}"
-    if rng_limits is not None and v <= rng_limits[0]:
-        return f"<{rng_limits[0]}"
+def _fmt_censored(v, limits, decimals):
+    """A value as an assay reports it: beyond its range as >upper or <lower."""
+    if limits is not None and (v >= limits[1] or v <= limits[0]):
+        return f">{limits[1]}" if v >= limits[1] else f"<{limits[0]}"
     return f"{v:.{decimals}f}"
 
 
@@ -402,7 +390,7 @@ def oracle_report(cohort_dir, predictions=None):
 
 
 def main(argv=None):
-    ap = ArgumentParser(description="Write a synthetic cohort in the real on-disk format (SPEC §4), or report "
+    ap = ArgumentParser(description="Write a synthetic cohort in the real on-disk format, or report "
                                     "the brain-age oracle's MAE.")
     sub = ap.add_subparsers(dest="task", required=True)
     for task in sorted(BUILTIN):
