@@ -197,66 +197,57 @@ def sweep(checkpoint, attribute, values, data_csv=None, image_dir=None, batch_si
             if not np.array_equal(npz["subjects"], np.array(table.subjects)[test_idx]):
                 raise UserError(f"{checkpoint}: the rebuilt test set differs from the run's predictions.npz "
                                 f"(another table than {run.data_csv}?)")
-    dev = setup_device(device)
-    precision = replay_precision(run.precision, dev)     # as the run predicted its test set
-    loader = lambda ds: make_loader(ds, batch_size, 0, dev)
-    n = len(test_idx)
+    dev, n, rows, summary = setup_device(device), len(test_idx), [], []
+    run_on = lambda ds, transform: predict(model, make_loader(ds, batch_size, 0, dev), dev, transform,
+                                           replay_precision(run.precision, dev))   # as the run predicted its test set
     if run.task == "ad":
         attr = next((a for a in AD_ATTRIBUTES if a.lower() == attribute.lower()), None)
         if attr is None:
             raise UserError(f"--attribute {attribute}: not a tabular attribute of the AD model "
                             f"(one of {', '.join(AD_ATTRIBUTES)})")
-        prep, model, names = finished_run.tabular, finished_run.model(dev), finished_run.class_names
-        header = [attr, "n"] + [f"mean P({c})" for c in names] + [f"predicted {c}" for c in names] + ["BA"]
-        rows, summary = [], []
         for value in values:
             try:
                 parse_attribute(attr, str(value)) if attr in AD_CONTINUOUS else None
             except ValueError as exc:
                 raise UserError(f"--values {value}: {attr}: {exc}") from None
+        model, names = finished_run.model(dev), finished_run.class_names
+        header = [attr, "n"] + [f"mean P({c})" for c in names] + [f"predicted {c}" for c in names] + ["BA"]
         for value in [None] + list(values):
             raw = [dict(table.raw[i], **({} if value is None else {attr: str(value)})) for i in test_idx]
             try:
-                tab = prep.transform(raw)
+                tab = finished_run.tabular.transform(raw)
             except UserError as exc:
                 raise UserError(f"--values {value}: {exc}") from None
             ds = (data.ADDataset(images, tab, table.labels[test_idx], train=False) if images is not None
                   else data.TabularDataset(tab, table.labels[test_idx]))
-            probs, labels = predict(model, loader(ds), dev, class_probabilities, precision)
-            met = classification_metrics(labels, probs, names)
+            probs, labels = run_on(ds, class_probabilities)
+            ba = classification_metrics(labels, probs, names)["balanced_accuracy"]
             frac = np.bincount(probs.argmax(1), minlength=len(names)) / n
-            label = "(as recorded)" if value is None else str(value)
-            rows.append([label, n] + [f"{p:.3f}" for p in probs.mean(0)] + [f"{f:.0%}" for f in frac]
-                        + [fmt(met["balanced_accuracy"])])
+            rows.append(["(as recorded)" if value is None else str(value), n] + [f"{p:.3f}" for p in probs.mean(0)]
+                        + [f"{f:.0%}" for f in frac] + [fmt(ba)])
             summary.append({"value": value, "mean_probs": probs.mean(0).tolist(), "predicted_fraction": frac.tolist(),
-                            "balanced_accuracy": met["balanced_accuracy"]})
+                            "balanced_accuracy": ba})
     else:
         if attribute.lower() not in ("sex", "ptgender"):
             raise UserError(f"--attribute {attribute}: the brain-age models take one attribute, Sex (values M F)")
         attr = "Sex"
-        codes = []
-        for v in values:
-            if str(v).lower() not in SEX_CODES:
-                raise UserError(f"--values {v}: expected M or F")
-            codes.append(SEX_CODES[str(v).lower()])
-        model = finished_run.model(dev)
-        sex, age = table.sex[test_idx], table.age[test_idx]
+        bad = [v for v in values if str(v).lower() not in SEX_CODES]
+        if bad:
+            raise UserError(f"--values {bad[0]}: expected M or F")
+        model, sex, age, first = finished_run.model(dev), table.sex[test_idx], table.age[test_idx], None
         header = [attr, "n", "mean predicted age", "true males", "true females", "MAE", "per-scan change vs first"]
-        rows, summary, first = [], [], None
-        for value, code in [(None, None)] + list(zip(values, codes)):
-            onehot = data.sex_onehot(sex if code is None else np.full(n, code))
-            ds = data.BrainAgeDataset(images, onehot, age)
-            pred, _ = predict(model, loader(ds), dev, finished_run.target.decode, precision)
-            met = regression_metrics(age, pred, sex)
-            if value is not None and first is None:
-                first = pred
+        for value in [None] + list(values):
+            onehot = data.sex_onehot(sex if value is None else np.full(n, SEX_CODES[str(value).lower()]))
+            pred, _ = run_on(data.BrainAgeDataset(images, onehot, age), finished_run.target.decode)
+            mae = regression_metrics(age, pred, sex)["mae"]
+            first = pred if value is not None and first is None else first
             diff = pred - first if value is not None else None
             mean_sex = [float(pred[sex == s].mean()) if (sex == s).any() else float("nan") for s in (0, 1)]
             rows.append(["(as recorded)" if value is None else str(value), n, f"{pred.mean():.2f}",
-                         f"{mean_sex[0]:.2f}", f"{mean_sex[1]:.2f}", f"{met['mae']:.2f}",
+                         f"{mean_sex[0]:.2f}", f"{mean_sex[1]:.2f}", f"{mae:.2f}",
                          "-" if diff is None else f"{diff.mean():+.2f} ± {diff.std():.2f}"])
             summary.append({"value": value, "mean_pred": float(pred.mean()), "mean_pred_male": mean_sex[0],
-                            "mean_pred_female": mean_sex[1], "mae": met["mae"],
+                            "mean_pred_female": mean_sex[1], "mae": mae,
                             "change_vs_first": None if diff is None else float(diff.mean())})
     return {"task": run.task, "model": run.model, "checkpoint": checkpoint, "dir": finished_run.dir, "attribute": attr,
             "header": header, "rows": rows, "summary": summary}
