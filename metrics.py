@@ -1,9 +1,5 @@
-"""What a number means, everywhere: the metrics (Eq. 9-10), the calibration of probabilities, the ensembles
-(Eq. 6-8) of Sec. 3.4 and 4.3.6, and the statistics over a table's rows (Sec. 4.3.7).
-
-Training (validation every epoch), evaluation (the tables) and prediction all call these, so a
-balanced accuracy or an MAE is computed one way only.
-"""
+"""The metrics (Eq. 9-10), the calibration of probabilities, the ensembles (Eq. 6-8; Sec. 3.4, 4.3.6) and the
+statistics over a table's rows (Sec. 4.3.7): training, evaluation and prediction all compute a number here."""
 import numpy as np
 from scipy.stats import mannwhitneyu
 from sklearn.calibration import calibration_curve
@@ -13,8 +9,9 @@ CALIBRATION_BINS = 15   # equal-width confidence bins of the expected calibratio
 CALIBRATION_COLUMNS = [("ECE", "ece"), ("cwECE", "ece_classwise"), ("Brier", "brier"), ("NLL", "nll")]  # tables
 
 
-# ----------------------------------------------------------------------------------------------
-# Metrics
+def _mean(v):
+    return float(v.mean()) if len(v) else float("nan")
+
 
 def classification_metrics(labels, probs, class_names):
     """labels (N,) ints, probs (N, C) soft predictions -> the metrics of Sec. 4.3.6, then their calibration.
@@ -24,22 +21,19 @@ def classification_metrics(labels, probs, class_names):
     TP rate and the confusion matrix (rows: true class, columns: predicted class); last, whether the
     probabilities mean what they say (calibration_metrics: ece, ece_classwise, brier, nll)."""
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
-    n_classes = len(class_names)
-    pred = probs.argmax(1)
-    cm = confusion_matrix(labels, pred, labels=list(range(n_classes)))
+    n_classes, pred = len(class_names), probs.argmax(1)
+    every = list(range(n_classes))
+    cm = confusion_matrix(labels, pred, labels=every)            # rows: true class, columns: predicted class
     with np.errstate(invalid="ignore", divide="ignore"):
         tp_rate = np.diag(cm) / cm.sum(1)
-    present = np.unique(labels)
-    if len(present) == n_classes and n_classes > 1:
+    auc = float("nan")
+    if len(np.unique(labels)) == n_classes > 1:
         auc = (roc_auc_score(labels, probs[:, 1]) if n_classes == 2 else
-               roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=list(range(n_classes))))
-    else:
-        auc = float("nan")
+               roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=every))
     return {
-        "balanced_accuracy": float(np.nanmean(tp_rate)),                                   # Eq. 9
-        "precision": float(precision_score(labels, pred, labels=list(range(n_classes)), average="macro",
-                                           zero_division=0)),                              # Eq. 10
-        "f1_macro": float(f1_score(labels, pred, labels=list(range(n_classes)), average="macro", zero_division=0)),
+        "balanced_accuracy": float(np.nanmean(tp_rate)),                                                  # Eq. 9
+        "precision": float(precision_score(labels, pred, labels=every, average="macro", zero_division=0)),  # Eq. 10
+        "f1_macro": float(f1_score(labels, pred, labels=every, average="macro", zero_division=0)),
         "auc_macro": float(auc),
         "tp_rate": {c: float(r) for c, r in zip(class_names, tp_rate)},
         "confusion_matrix": cm.tolist(),
@@ -89,8 +83,7 @@ def regression_metrics(target, pred, sex):
     """Brain age (Sec. 4.2.2): MAE overall, on males (sex 0) and on females (sex 1)."""
     target, pred, sex = np.asarray(target, float), np.asarray(pred, float), np.asarray(sex)
     err = np.abs(pred - target)
-    mean = lambda e: float(e.mean()) if len(e) else float("nan")
-    return {"mae": mean(err), "mae_male": mean(err[sex == 0]), "mae_female": mean(err[sex == 1]), "n": int(len(err))}
+    return {"mae": _mean(err), "mae_male": _mean(err[sex == 0]), "mae_female": _mean(err[sex == 1]), "n": len(err)}
 
 
 def age_bias_fit(age, pred):
@@ -114,16 +107,15 @@ def gap_summary(age, pred, sex, fit):
     """Mean gap and bias-corrected gap, overall and by sex, and the correlation of each with age."""
     age, sex = np.asarray(age, float), np.asarray(sex)
     raw, corr = np.asarray(pred, float) - age, corrected_gap(age, pred, fit)
-    mean = lambda v: float(v.mean()) if len(v) else float("nan")
     r = lambda v: float(np.corrcoef(v, age)[0, 1]) if len(v) > 2 and np.ptp(age) > 0 and np.ptp(v) > 0 else 0.0
     out = {"r_gap_age": r(raw), "r_corrected_gap_age": r(corr)}
     for name, m in (("", np.ones(len(age), bool)), ("_male", sex == 0), ("_female", sex == 1)):
-        out[f"gap{name}"], out[f"corrected_gap{name}"] = mean(raw[m]), mean(corr[m])
+        out[f"gap{name}"], out[f"corrected_gap{name}"] = _mean(raw[m]), _mean(corr[m])
     return out
 
 
 # ----------------------------------------------------------------------------------------------
-# Ensembles (Sec. 3.4)
+# Ensembles (Sec. 3.4, Eq. 6-8)
 
 def mean_ensemble(preds):
     """Eq. 6: the plain average of K regressors' predictions, (K, B) -> (B,)."""
@@ -146,7 +138,7 @@ def entropy_weighted_ensemble(probs, eps=1e-12):
 
 
 # ----------------------------------------------------------------------------------------------
-# Over the rows of a table (Sec. 4.3.7)
+# Over the rows of a table (Sec. 4.3.7), and how the tables show numbers
 
 def mean_std(values):
     """Mean and sample standard deviation (ddof 1) of the finite values; std NaN below 2 values."""
@@ -163,10 +155,6 @@ def mann_whitney_p(x, y):
     if len(x) < 2 or len(y) < 2:
         return float("nan")
     return float(mannwhitneyu(x, y, alternative="two-sided").pvalue)
-
-
-# ----------------------------------------------------------------------------------------------
-# How the tables show numbers
 
 def fmt_p(p):
     """A p-value as Table 3's footnotes print it: p<0.001, p<0.01, else two decimals; '-' for NaN."""
