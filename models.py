@@ -214,21 +214,16 @@ def candidate_layers(model):
 
 @torch.no_grad()
 def layer_loss_entropy(model, batch, loss_fn, names=None, n_draws=100, bins=10, seed=0):
-    """Sec. 3.1.2: for each candidate layer of an untrained backbone, re-initialise that layer alone
-    n_draws times, every other weight fixed, and record the loss on one fixed batch; the layer's
-    score is the entropy of the normalised histogram of its losses.
-
-    All layers share one histogram range (the span of every loss drawn), so the entropy measures how
-    widely a layer's initialisation moves the loss, comparably across layers. Returns a list of
-    (name, entropy) sorted from most to least influential.
-    """
+    """Sec. 3.1.2: for each candidate layer of an untrained backbone, re-initialise that layer alone n_draws
+    times, every other weight fixed, and record the loss on one fixed batch; the layer's score is the entropy of
+    the normalised histogram of its losses, over one range shared by all layers (the span of every loss drawn),
+    so scores compare across layers. -> [(name, entropy)] from most to least influential."""
     image, tabular, target = batch
-    names = names or candidate_layers(model)
     was_training = model.training
     model.eval()
     torch.manual_seed(seed)
     losses = {}
-    for name in names:
+    for name in names or candidate_layers(model):
         layer = model.get_submodule(name)
         saved = {k: v.clone() for k, v in layer.state_dict().items()}
         draws = []

@@ -85,12 +85,10 @@ PROGRESS_EVERY = 5.0   # seconds at least between two progress lines over the ba
 
 
 def member_outputs(members, table, cache_dir, batch_size, device, progress=True, calibrated=False):
-    """Each member's predictions for every subject of `table`: (K, N, C) probabilities or (K, N) ages.
-    Images are decoded once per distinct crop (and once for brain age), then every member reads them.
-    progress: a line per member, `member 2 of 20 done (<its folder>, 3 s); about 54 s left for the 18 still to
-    predict` (the time left per model: a tabular MLP reads far faster than an image model), and when it is long
-    a line over the batches, `predicting 5000 subjects x 20 models: 12000 of 100000 predictions (12%), ...`.
-    calibrated: each AD member's probabilities at its temperature, softmax(logits / T) (calibration.py)."""
+    """Each member's predictions for every subject of `table`: (K, N, C) probabilities or (K, N) ages; images
+    decoded once per distinct crop. progress: a line per member (the time left per model kind: a tabular MLP reads
+    far faster than an image model) and, when long, lines over the batches. calibrated: each AD member's
+    probabilities at its temperature, softmax(logits / T)."""
     task, n = members[0].run.task, len(table.subjects)
     caches, outputs = {}, []
     done = Progress("predict", None, "members", not progress, kinds=[m.run.model for m in members])
@@ -155,12 +153,11 @@ def ensemble_age_bias(members):
 # Test-time adjustment (Sec. 1): the same test scans with one tabular attribute changed
 
 def test_set(finished_run, data_csv=None, image_dir=None, part="test"):
-    """Rebuild a finished run's test set (or with part="val" its validation set) exactly as its training script
-    did (the table, the split and, for image models, the training run's image cache with its crops).
-    -> (run, table, the subset's indices, images or None)."""
+    """A finished run's test set (part="val": its validation set) as its training script built it: the table, the
+    split, the run's image cache with its crops. -> (run, table, the subset's indices, images or None)."""
     run = finished_run.run.replace(data_csv=data_csv or finished_run.run.data_csv,
                                    image_dir=image_dir or finished_run.run.image_dir)
-    held = finished_run.inputs.get("table_sha256")   # absent in runs written before runs were tied to their data
+    held = finished_run.inputs.get("table_sha256")
     if held and os.path.isfile(run.data_csv) and data.table_sha256(run.data_csv) != held:
         raise UserError(f"{run.data_csv}: not the table {finished_run.checkpoint_path} was trained on "
                         f"(its sha256 differs); give that run's table with --data-csv")
@@ -183,12 +180,9 @@ def test_set(finished_run, data_csv=None, image_dir=None, part="test"):
 
 
 def sweep(checkpoint, attribute, values, data_csv=None, image_dir=None, batch_size=16, device="auto"):
-    """Predict the run's test set once as recorded and once per value of `attribute`.
-
-    AD: the raw attribute (e.g. ABETA 500, PTGENDER Female, AGE 80) is written into every test
-    row, then the run's own TabularPreprocessor turns the rows into features; both hippocampi are
-    averaged. Brain age: attribute Sex, values M / F, the one-hot sex vector.
-    -> {"task", "attribute", "header", "rows" (table cells), "summary" (numbers per value)}."""
+    """Predict the run's test set once as recorded and once per value of `attribute`. AD: the raw attribute
+    (ABETA 500, PTGENDER Female, AGE 80) written into every test row, then the run's own preprocessing; brain
+    age: Sex M / F. -> {"task", "attribute", "header", "rows" (table cells), "summary" (numbers per value)}."""
     finished_run = load_run(checkpoint)
     run, table, test_idx, images = test_set(finished_run, data_csv, image_dir)
     saved = os.path.join(finished_run.dir, "predictions.npz")

@@ -132,11 +132,8 @@ def synthetic_crops(shape, size):
 
 @contextlib.contextmanager
 def _cohort_dir(out_dir):
-    """Build a cohort in a hidden sibling folder and move it onto out_dir only when complete.
-
-    out_dir may be absent, empty, or an earlier synthetic cohort (has cohort.json; replaced);
-    anything else is refused, so nothing of the user's is deleted and no half cohort is left.
-    """
+    """Build a cohort in a hidden sibling folder, moved onto out_dir only when complete. out_dir may be absent,
+    empty or an earlier cohort (has cohort.json); anything else is refused: nothing of the user's is deleted."""
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and (not os.listdir(out_dir)
                                         or os.path.isfile(os.path.join(out_dir, "cohort.json")))):
@@ -252,12 +249,9 @@ def brain_age_anatomy(rng, n):
 
 
 def brain_age_oracle(anatomy, age_step=0.25):
-    """The posterior-median age of each subject given its latent structures, under the exact generative
-    model (the brain-age gap integrated out), read three ways -> {"as_male", "as_female", "without_sex"}:
-    (n,) years each, the scan read as a man's, as a woman's, and with the sex unknown.
-
-    The median minimises the expected absolute error, so this oracle's MAE is the floor for any reader
-    of these images: without the sex it is what the image alone can give (sex only through head size)."""
+    """The posterior-median age of each subject given its latent structures under the exact generative model
+    (the gap integrated out) -> {"as_male", "as_female", "without_sex"}: (n,) years each. The median minimises
+    the expected absolute error, so this oracle's MAE is the floor for any reader of these images."""
     P = BRAIN_AGE_SYNTH
     lo, hi = P["age_range"]
     ages = np.arange(lo, hi + age_step / 2, age_step)                              # (G,) chronological
@@ -332,11 +326,8 @@ BUILTIN = {"ad": ("synthetic_ad", "ad.csv", make_synthetic_ad, dict(n=600, seed=
 
 
 def builtin_cohort(task, data_dir, quiet=False):
-    """The task's built-in demo cohort under data_dir, generated on first use -> its CSV path (absolute);
-    quiet: without the lines saying so and its progress.
-
-    A cohort that an earlier version of its generator wrote is written again (runs trained on it are
-    then refused by their table's hash), so a demo never mixes two generative models silently."""
+    """The task's built-in demo cohort under data_dir, generated on first use -> its CSV path (absolute). One
+    that another version of the generator wrote is written again, so a demo never mixes two generative models."""
     folder, name, make, options = BUILTIN[task]
     csv_path = os.path.abspath(os.path.join(data_dir, folder, name))
     info_path = os.path.join(os.path.dirname(csv_path), "cohort.json")
