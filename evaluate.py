@@ -1,6 +1,5 @@
-"""The paper's evaluation: Table 3, the brain-age ensembles, layer selection, test-time sweeps, the calibration
-report, the figures, and the protocol runner that trains the runs they read (Eq. 6-8, Sec. 3.1.2, 3.4, 4.2.2,
-4.3.6-4.3.7, App. B).
+"""The paper's evaluation (Eq. 6-8, Sec. 3.1.2, 4.2, 4.3.6-4.3.7, App. B), its figures, the calibration report, and
+the protocol runner that trains the runs they read.
 
     python evaluate.py ad --runs runs/                    # Table 3: one row per (split seed, version)
     python evaluate.py ad --runs runs/ --binary           # App. B: CN vs AD, from runs/ad-binary/
@@ -13,13 +12,9 @@ report, the figures, and the protocol runner that trains the runs they read (Eq.
     python evaluate.py protocol --task ad ... --jobs 4 --gpus 0,1,2,3                     # 4 runs at a time
     python evaluate.py protocol --task ad ... --print-commands > runs.txt                 # for a job array
 
-`ad` ensembles the four fold models of every (model, split seed, version) on their shared test set with Eq. 7-8
-and writes results_ad.{md,csv,json} next to the runs, the calibration of the ensembles' probabilities (ECE,
-class-wise ECE, Brier, NLL) after the paper's columns; `brain-age` averages (Eq. 6) the 5 versions with the
-lowest validation MAE and writes results_brain-age.{md,csv,json}. `sweep` re-reads the test scans with one
-tabular attribute set to each value in turn: the model is adjusted at test time (Sec. 1). `--plots DIR` (ad,
-brain-age, sweep, calibrate) also draws the figures as PNG files (needs matplotlib, refused before any work
-without it). Bad input (mismatched runs, missing files) -> one line `error: ...` on stderr, exit status 2.
+Tables go to results_<task>.{md,csv,json} beside the runs; `--plots DIR` also draws the figures as PNG files
+(needs matplotlib: refused before any work without it). `sweep` shows the model adjusted at test time (Sec. 1).
+Bad input (mismatched runs, missing files) -> one line `error: ...` on stderr, exit status 2.
 """
 import argparse
 import csv
@@ -106,7 +101,7 @@ class Figures:
         os.makedirs(folder, exist_ok=True)
 
     def new(self, size=SMALL, panels=1):
-        return self.plt.subplots(1, panels, figsize=size, dpi=DPI)
+        return self.plt.subplots(1, panels, figsize=size, dpi=DPI)   # size x DPI pixels, kept by save
 
     def save(self, fig, name):
         path = os.path.join(self.folder, name)
@@ -153,23 +148,20 @@ def diagonal(ax, **axis):
 
 
 def read_log(run_dir):
-    """-> (epochs, train loss, validation score, the score's name) from run_dir/log.csv, or None without one."""
+    """-> [epochs, train loss, validation score, the score's name] from run_dir/log.csv, or None without one."""
     path = os.path.join(run_dir, "log.csv")
     if not os.path.isfile(path):
         return None
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     score = next((k for k in ("balanced_accuracy", "mae") if rows and k in rows[0]), None)   # AD / brain age
-    if score is None or "train_loss" not in rows[0]:
-        return None
-    col = lambda k: np.array([float(r[k]) for r in rows])
-    return col("epoch"), col("train_loss"), col(score), score
+    if score and "train_loss" in rows[0]:
+        return [np.array([float(r[k]) for r in rows]) for k in ("epoch", "train_loss", score)] + [score]
 
 
 def learning_curves(figs, name, run_dirs, label=None):
     """learning_curves_<name>.png: the training loss and the validation score per epoch of every run, overlaid."""
-    file = f"learning_curves_{file_part(name)}.png"
-    logs = [lg for lg in map(read_log, run_dirs) if lg is not None]
+    file, logs = f"learning_curves_{file_part(name)}.png", [lg for lg in map(read_log, run_dirs) if lg]
     if not logs:
         return figs.skip(file, f"no log.csv in the {len(run_dirs)} runs of {name}" if run_dirs
                          else f"{name} has no runs of its own")
@@ -228,7 +220,6 @@ def reliability_figure(figs, file, curves, title):
     """Top-label reliability diagram of each curve (name, labels, probs): the accuracy in each of the equal-width
     confidence bins against their mean confidence, ECE in the legend; right, the subjects each bin holds."""
     fig, (ax, counts_ax) = figs.new(WIDE, 2)
-    edges = np.linspace(0, 1, CALIBRATION_BINS + 1)
     for k, (name, labels, probs) in enumerate(curves):
         probs = np.asarray(probs, float)
         hit, confidence = probs.argmax(1) == np.asarray(labels), probs.max(1)
@@ -236,8 +227,8 @@ def reliability_figure(figs, file, curves, title):
         style = dict(lw=2.0, marker="o", ms=4) if k < 2 and "ensemble" in name else dict(lw=0.8, alpha=0.6)
         line, = ax.plot(predicted, observed, label=f"{name}: ECE {fmt(expected_calibration_error(hit, confidence))}",
                         **style)
-        full = np.bincount(np.searchsorted(edges[1:-1], confidence), minlength=CALIBRATION_BINS)
-        counts_ax.step(edges[:-1], full, where="post", color=line.get_color(), lw=style["lw"], label=name)
+        counts_ax.hist(confidence, np.linspace(0, 1, CALIBRATION_BINS + 1), histtype="step", color=line.get_color(),
+                       lw=style["lw"], label=name)
     diagonal(ax, xlabel="confidence (largest probability)", ylabel="accuracy", title=title)
     ax.legend(loc="upper left", fontsize=7)
     counts_ax.set(xlim=(0, 1), xlabel=f"confidence bin ({CALIBRATION_BINS} of width 1/{CALIBRATION_BINS})",
@@ -473,31 +464,6 @@ def calibration_report(calibrated, plots_dir=None, quiet=False):
     if figs is not None:
         out["plots"] = figs.summary()
     return "\n".join(md) + "\n", out
-
-
-def calibrate_main(argv=None):
-    p = ArgumentParser(prog="evaluate.py calibrate", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", metavar="RUNS", help="finished AD run folders, or folders above them")
-    p.add_argument("--out", help="folder of calibration_ad.md / .json (default: the first RUNS folder)")
-    p.add_argument("--plots", metavar="DIR", help="reliability diagrams of every ensemble, before and after")
-    p.add_argument("--refit", action="store_true", help="fit every temperature again from the kept logits")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--quiet", action="store_true")
-    a = p.parse_args(argv)
-    check_number("--batch-size", a.batch_size, least=1)
-    if a.plots:
-        check_plots_folder(a.plots)
-    md, res = calibration_report(calibrate_runs(a.runs, a.refit, a.device, a.batch_size, a.quiet), a.plots, a.quiet)
-    out_dir = a.out or (a.runs[0] if os.path.isdir(a.runs[0]) else os.path.dirname(a.runs[0]))
-    os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, f"calibration_ad.{ext}") for ext in ("md", "json")]
-    write_text(md, paths[0])
-    write_json(res, paths[1])
-    if not a.quiet:
-        print(md + "\nwrote " + ", ".join(paths))
-    return res
 
 
 # ----------------------------------------------------------------------------------------------
@@ -804,14 +770,9 @@ def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=
         model = build_model("brain-age", "imaging", image_shape=image.shape[1:])
         loss_fn = lambda pred, y: F.mse_loss(pred.float(), y)                    # Eq. 4
     batch = (torch.as_tensor(image, dtype=torch.float32)[:, None], torch.as_tensor(tabular), target)
-    if verbose:  # every draw is one forward pass of the whole network: say how long that will take
-        model.eval()
-        with torch.no_grad():
-            model(*batch[:2])                                   # warm-up, then time one forward pass
-            t0 = time.time()
-            model(*batch[:2])
-        print(f"{len(candidate_layers(model))} candidate layers x {draws} draws, {len(pick)} subjects of {csv_path}: "
-              f"about {duration_text((time.time() - t0) * len(candidate_layers(model)) * draws)}", flush=True)
+    if verbose:                 # every draw is one forward pass of the whole network
+        print(f"{len(candidate_layers(model))} candidate layers x {draws} draws, {len(pick)} subjects of {csv_path}",
+              flush=True)
     return layer_loss_entropy(model, batch, loss_fn, n_draws=draws, seed=seed)
 
 
@@ -1030,9 +991,43 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
     return trained, skipped, res
 
 
-def protocol_main(argv=None):
-    r = ArgumentParser(prog="evaluate.py protocol", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+def arguments():
+    p = ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("ad", help="Table 3 from <runs>/ad (or ad-binary): ensembles of the four folds")
+    a.add_argument("--binary", action="store_true", help="CN vs AD runs (App. B), <runs>/ad-binary")
+    b = sub.add_parser("brain-age", help="MAE of the 5-best ensembles (Eq. 6) and Fig. 4A from <runs>/brain-age")
+    b.add_argument("--top", type=int, default=5, help="versions per ensemble, lowest validation MAE first")
+    for sp, name in ((a, "ad"), (b, "brain-age")):
+        sp.add_argument("--runs", default="runs")
+        sp.add_argument("--out", help=f"folder of results_{name}.{{md,csv,json}} (default: --runs)")
+    s = sub.add_parser("select-layers", help="Sec. 3.1.2: loss entropy of every candidate layer, sorted")
+    s.add_argument("--task", required=True, choices=["ad", "brain-age"])
+    s.add_argument("--samples", type=int, default=8, help="subjects in the fixed batch")
+    s.add_argument("--draws", type=int, default=100, help="re-initialisations per layer")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", help="also write the table to this markdown file")
+    s.add_argument("--quiet", action="store_true", help="no estimate nor time taken: the table alone")
+    w = sub.add_parser("sweep", help="the test set read with one tabular attribute set to each value in turn")
+    w.add_argument("checkpoint", help="a run folder, or its best.pt")
+    w.add_argument("--attribute", required=True, help="AD: AGE, PTGENDER, ABETA, ...; brain age: Sex")
+    w.add_argument("--values", required=True, nargs="+")
+    w.add_argument("--data-csv", help="default: the run's own (its path is stored relative to where it ran)")
+    w.add_argument("--image-dir")
+    c = sub.add_parser("calibrate", help="temperature scaling of every AD run under RUNS, and its report")
+    c.add_argument("runs", nargs="+", metavar="RUNS", help="finished AD run folders, or folders above them")
+    c.add_argument("--out", help="folder of calibration_ad.md / .json (default: the first RUNS folder)")
+    c.add_argument("--refit", action="store_true", help="fit every temperature again from the kept logits")
+    c.add_argument("--quiet", action="store_true")
+    for sp in (w, c):
+        sp.add_argument("--batch-size", type=int, default=16)
+        sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    for sp in (a, b, w, c):
+        sp.add_argument("--plots", metavar="DIR", help="also draw the figures as PNG files in DIR (needs matplotlib)")
+    r = sub.add_parser("protocol", help="train every missing run of the protocol, then print the table")
     r.add_argument("--task", required=True, choices=["ad", "brain-age"])
     r.add_argument("--split-seeds", type=int, nargs="+", default=[0])
     r.add_argument("--versions", type=int, nargs="+", help="default: 0 (AD), 0 1 2 3 4 (brain age)")
@@ -1046,65 +1041,24 @@ def protocol_main(argv=None):
     r.add_argument("--verbose", action="store_true", help="the training scripts' per-epoch lines (--jobs 1)")
     r.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process (1: in this one)")
     r.add_argument("--gpus", type=lambda v: [int(g) for g in v.split(",") if g != ""],
-                   help="with --jobs: GPU indices shared out to the runs, one each, e.g. 0,1,2,3 (default: all)")
+                   help="GPU indices shared out to the runs, one each, e.g. 0,1,2,3 (default with --jobs: all)")
     r.add_argument("--print-commands", action="store_true",
                    help="train nothing: print one command per missing run (tabular-only first), for a scheduler")
     r.add_argument("--quiet", action="store_true", help="no progress lines: the table (and its files) alone")
     r.add_argument("--runs", default="runs")
-    r.add_argument("--data-csv", help="default: the built-in synthetic cohort")
-    r.add_argument("--image-dir")
-    r.add_argument("--data-dir", default="data", help="where the synthetic cohort is generated")
     r.add_argument("--cache-dir", help="decoded-image cache (default: <csv folder>/cache; somewhere writable when the "
                    "data is on read-only storage)")
-    a = r.parse_args(argv)
-    for option, least in (("split_seeds", 0), ("versions", 0), ("epochs", 1), ("tabular_epochs", 1)):
-        check_number("--" + option.replace("_", "-"), getattr(a, option), least=least)
-    return run_protocol(a.task, a.runs, a.split_seeds, a.versions, a.models, a.epochs, a.data_csv, a.image_dir,
-                        a.data_dir, a.binary, a.train_sex, a.embedding_dim, a.verbose, a.tabular_epochs, a.jobs,
-                        a.gpus, a.print_commands, a.quiet, a.cache_dir)
+    for sp in (s, r):
+        sp.add_argument("--data-csv", help="default: the built-in synthetic cohort")
+        sp.add_argument("--image-dir")
+        sp.add_argument("--data-dir", default="data", help="where the synthetic cohort is generated")
+    return p
 
-
-# ----------------------------------------------------------------------------------------------
-# Command line
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] in (["protocol"], ["calibrate"]):
-        return (protocol_main if argv[0] == "protocol" else calibrate_main)(argv[1:])
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("ad", help="Table 3 from <runs>/ad (or ad-binary): ensembles of the four folds")
-    a.add_argument("--binary", action="store_true", help="CN vs AD runs (App. B), <runs>/ad-binary")
-    a.add_argument("--out", help="folder of results_ad.{md,csv,json} (default: --runs)")
-    b = sub.add_parser("brain-age", help="MAE of the 5-best ensembles (Eq. 6) and Fig. 4A from <runs>/brain-age")
-    b.add_argument("--top", type=int, default=5, help="versions per ensemble, lowest validation MAE first")
-    b.add_argument("--out", help="folder of results_brain-age.{md,csv,json} (default: --runs)")
-    s = sub.add_parser("select-layers", help="Sec. 3.1.2: loss entropy of every candidate layer, sorted")
-    s.add_argument("--task", required=True, choices=["ad", "brain-age"])
-    s.add_argument("--samples", type=int, default=8, help="subjects in the fixed batch")
-    s.add_argument("--draws", type=int, default=100, help="re-initialisations per layer")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", help="also write the table to this markdown file")
-    s.add_argument("--quiet", action="store_true", help="no estimate nor time taken: the table alone")
-    s.add_argument("--data-csv", help="default: the built-in synthetic cohort")
-    s.add_argument("--image-dir")
-    s.add_argument("--data-dir", default="data", help="where the synthetic cohort is generated")
-    w = sub.add_parser("sweep", help="the test set read with one tabular attribute set to each value in turn")
-    w.add_argument("checkpoint", help="a run folder, or its best.pt")
-    w.add_argument("--attribute", required=True, help="AD: AGE, PTGENDER, ABETA, ...; brain age: Sex")
-    w.add_argument("--values", required=True, nargs="+")
-    w.add_argument("--data-csv", help="default: the run's own (its path is stored relative to where it ran)")
-    w.add_argument("--image-dir")
-    w.add_argument("--batch-size", type=int, default=16)
-    w.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    for sp in (a, b, w):
-        sp.add_argument("--plots", metavar="DIR", help="also draw the figures as PNG files in DIR (needs matplotlib)")
-    for sp in (a, b):
-        sp.add_argument("--runs", default="runs")
-    sub.add_parser("calibrate", add_help=False, help="temperature scaling of every AD run under RUNS, and its report")
-    sub.add_parser("protocol", add_help=False, help="train every missing run of the protocol, then print the table")
-    a = p.parse_args(argv)
-    for option, least in (("top", 1), ("samples", 2), ("draws", 1), ("seed", 0), ("batch_size", 1)):
+    a = arguments().parse_args(sys.argv[1:] if argv is None else [str(v) for v in argv])
+    for option, least in (("top", 1), ("samples", 2), ("draws", 1), ("seed", 0), ("batch_size", 1),
+                          ("split_seeds", 0), ("versions", 0), ("epochs", 1), ("tabular_epochs", 1)):
         check_number("--" + option.replace("_", "-"), getattr(a, option, None), least=least)
     if getattr(a, "plots", None):      # before any work: without matplotlib nothing is computed, nothing written
         check_plots_folder(a.plots)
@@ -1112,6 +1066,19 @@ def main(argv=None):
         return evaluate_ad(a.runs, a.binary, a.out, plots_dir=a.plots)
     if a.command == "brain-age":
         return evaluate_brain_age(a.runs, a.top, a.out, plots_dir=a.plots)
+    if a.command == "protocol":
+        return run_protocol(**{k: v for k, v in vars(a).items() if k != "command"})
+    if a.command == "calibrate":
+        md, res = calibration_report(calibrate_runs(a.runs, a.refit, a.device, a.batch_size, a.quiet), a.plots,
+                                     a.quiet)
+        out_dir = a.out or (a.runs[0] if os.path.isdir(a.runs[0]) else os.path.dirname(a.runs[0]))
+        os.makedirs(out_dir, exist_ok=True)
+        paths = [os.path.join(out_dir, f"calibration_ad.{ext}") for ext in ("md", "json")]
+        write_text(md, paths[0])
+        write_json(res, paths[1])
+        if not a.quiet:
+            print(md + "\nwrote " + ", ".join(paths))
+        return res
     if a.command == "select-layers":
         if a.out:
             check_output("--out", a.out, [a.data_csv])
@@ -1134,6 +1101,11 @@ def main(argv=None):
     if a.plots:
         res["plots"] = sweep_figure(res, a.plots)
     return res
+
+
+def protocol_main(argv=None):
+    """`evaluate.py protocol ...`, its options given apart."""
+    return main(["protocol", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
