@@ -574,7 +574,7 @@ def ad_results(runs, binary=False, reference="hyperfusion", keep=None):
                 raise UserError(f"{m} split seed {key[0]} v{key[1]}: classes {e['class_names']}, other runs have "
                                 f"{names}")
     columns = ([("BA", "balanced_accuracy"), ("PRC", "precision"), ("F1", "f1_macro"), ("AUC", "auc_macro")]
-               + [(f"TP-{c}", ("tp_rate", c)) for c in names] + list(CALIBRATION_COLUMNS))  # calibration: not the paper's
+               + [(f"TP-{c}", ("tp_rate", c)) for c in names] + list(CALIBRATION_COLUMNS))   # the last: not the paper's
     get = lambda met, k: met[k[0]][k[1]] if isinstance(k, tuple) else met[k]
     models = []
     for m in [m for m in AD_ORDER if m in ensembles] + sorted(m for m in ensembles if m not in AD_ORDER):
@@ -792,12 +792,12 @@ class Job:
 def gpu_masks(gpus, visible_count, environ=None):
     """--gpus indices -> each slot's CUDA_VISIBLE_DEVICES. An index counts among the GPUs this process sees (under
     CUDA_VISIBLE_DEVICES=4,5,6,7, --gpus 0,1 means GPUs 4 and 5); one past them is refused in one line."""
-    environ = os.environ if environ is None else environ
-    seen = ([g.strip() for g in environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
-            if "CUDA_VISIBLE_DEVICES" in environ else [str(i) for i in range(visible_count)])[:visible_count]
+    mask = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")
+    seen = ([g.strip() for g in mask.split(",") if g.strip()] if mask is not None
+            else [str(i) for i in range(visible_count)])[:visible_count]
     bad = [g for g in gpus if not 0 <= g < len(seen)]
     if bad:
-        where = f" (CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']})" if "CUDA_VISIBLE_DEVICES" in environ else ""
+        where = f" (CUDA_VISIBLE_DEVICES={mask})" if mask is not None else ""
         raise UserError(f"--gpus {','.join(map(str, gpus))}: " + (f"GPU {bad[0]} does not exist here: {len(seen)} "
                         f"visible{where}, indices 0 to {len(seen) - 1}" if seen else f"no GPU is visible here{where}"))
     return [seen[g] for g in gpus]
