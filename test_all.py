@@ -2645,8 +2645,11 @@ def test_gpus_are_indices_among_the_gpus_this_process_sees_and_one_that_does_not
 
 def test_a_launched_run_is_told_its_gpu_the_cuda_device_and_how_many_runs_share_the_machine(monkeypatch):
     """Each child of run-protocol --jobs K --gpus: its own GPU, --device cuda (a missing GPU is then an error, not
-    a run on the CPU at the CPU's precision), LOCAL_WORLD_SIZE=K and cores / K threads (its loader's workers)."""
+    a run on the CPU at the CPU's precision), LOCAL_WORLD_SIZE=K and cores / K threads (its loader's workers): the
+    cores this process may run on (a job's CPU set), not all the machine has."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)))
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
     child = "import os, sys, json; print(json.dumps([os.environ.get(k) for k in " \
             "('CUDA_VISIBLE_DEVICES', 'LOCAL_WORLD_SIZE', 'OMP_NUM_THREADS')] + sys.argv[1:]))"
     seen = []
@@ -2656,9 +2659,33 @@ def test_a_launched_run_is_told_its_gpu_the_cuda_device_and_how_many_runs_share_
         out.seek(0)
         seen.append(json.loads(out.read().decode()))
         out.close()
-    threads = str(max(1, (os.cpu_count() or 1) // 2))
-    assert seen[0] == ["5", "2", threads, "--model", "imaging", "--device", "cuda"]
-    assert seen[1][1:] == ["2", threads, "--model", "imaging"]
+    assert seen[0] == ["5", "2", "3", "--model", "imaging", "--device", "cuda"]
+    assert seen[1][1:] == ["2", "3", "--model", "imaging"]
+
+
+def test_jobs_without_gpus_spread_the_runs_over_every_visible_gpu(tmp_path, monkeypatch):
+    """evaluate.py protocol --jobs 3 on a machine with three GPUs and no --gpus put every run on GPU 0 (each child
+    picked cuda:0). Now the runs are shared out over the GPUs this process sees, one each, as with --gpus 0,1,2."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,6,7")
+    monkeypatch.setattr(evaluate, "evaluate_ad", lambda *a, **k: None)
+    child = "import os, sys; open(sys.argv[1], 'w').write(' '.join([os.environ['CUDA_VISIBLE_DEVICES']] + " \
+            "sys.argv[2:]))"
+    commands, real_start = [], evaluate.start
+
+    def spy(job, slot, k, gpus):                 # the training script's command kept, a child that says its GPU run
+        commands.append(job.command)
+        return real_start(dataclasses.replace(job, command=[sys.executable, "-c", child,
+                                                            str(tmp_path / f"{len(commands)}.txt")]), slot, k, gpus)
+
+    monkeypatch.setattr(evaluate, "start", spy)
+    trained, _, _ = evaluate.run_protocol("ad", str(tmp_path / "runs"), models=["imaging"], epochs=1, jobs=3,
+                                          quiet=True)
+    assert len(trained) == len(commands) == 4 and all("train_ad.py" in c[1] for c in commands)
+    told = [(tmp_path / f"{k}.txt").read_text().split() for k in range(1, 5)]
+    assert [t[1:] for t in told] == [["--device", "cuda"]] * 4
+    assert [t[0] for t in told[:3]] == ["5", "6", "7"] and told[3][0] in ("5", "6", "7")
 
 
 def test_an_interrupted_run_protocol_with_jobs_ends_the_trainings_it_started(tmp_path, monkeypatch):
@@ -4924,7 +4951,7 @@ def test_the_fitted_temperature_recovers_the_temperature_the_labels_were_drawn_a
         p = np.exp(logits / true_t)
         p /= p.sum(1, keepdims=True)
         labels = np.array([rng.choice(3, p=q) for q in p])
-        assert evaluate.fit_temperature(logits, labels) == pytest.approx(true_t, rel=0.06)
+        assert training.fit_temperature(logits, labels) == pytest.approx(true_t, rel=0.06)
     sides = rng.normal(0, 2, (5, 2, 3))
     by_hand = np.exp(sides / 1.7) / np.exp(sides / 1.7).sum(-1, keepdims=True)
     np.testing.assert_allclose(evaluate.probabilities(sides, 1.7), by_hand.mean(1), rtol=1e-12)
@@ -4940,7 +4967,7 @@ def test_a_finished_ad_run_holds_its_temperature_fitted_on_its_own_validation_lo
     saved = evaluate.read_logits(run_dir)
     assert saved["val"][0].shape[1:] == (2, 3) and saved["test"][0].shape[1:] == (2, 3)   # (N, sides, C)
     record = json.load(open(os.path.join(run_dir, "calibration.json")))
-    assert record["temperature"] == pytest.approx(evaluate.fit_temperature(*saved["val"]), rel=1e-9)
+    assert record["temperature"] == pytest.approx(training.fit_temperature(*saved["val"]), rel=1e-9)
     assert load_run(run_dir).temperature == record["temperature"]
     for part in ("val", "test"):
         logits, labels = saved[part]
@@ -5031,7 +5058,7 @@ def test_the_calibration_report_ensembles_the_members_each_at_its_own_temperatur
         logits.append(test)
     res = evaluate.main(["calibrate", str(tmp_path), "--quiet"])
     temps = [r["temperature"] for r in sorted(res["runs"], key=lambda r: r["dir"])]
-    assert temps == pytest.approx([evaluate.fit_temperature(*evaluate.read_logits(
+    assert temps == pytest.approx([training.fit_temperature(*evaluate.read_logits(
         training.ad_run_dir(tmp_path, "hyperfusion", 0, 0, f))["val"]) for f in range(4)])
     (ens,) = res["ensembles"]
     after = _eq7_8_by_hand([evaluate.probabilities(z, t) for z, t in zip(logits, temps)])
