@@ -972,7 +972,6 @@ def load_crops(crops_json, data_csv):
 CACHE_WAY_OUT = "--cache-dir names a cache folder you can write to"
 SOURCES_INDEX = "sources.json"   # in a cache folder: the images' content hashes, by path and file identity
 ENTRY_MAGIC = b"HFcache1"        # the last 8 bytes of a cache entry, after its trailer and the trailer's length
-PROGRESS_EVERY = 5.0             # seconds at least between two progress lines (hashing, checking, decoding)
 
 
 def cache_folder(cache_dir, data_csv):
@@ -1003,14 +1002,14 @@ def cache_lock(folder):
 
 
 def file_key(st):
-    """One version of a file without reading it: size, mtime, ctime, inode. ctime cannot be set back, so a file
-    replaced by one of the same size with its mtime kept still has another key."""
+    """One version of a file without reading it: size, mtime, ctime, inode (ctime cannot be set back, so a file
+    replaced by one of the same size with its mtime kept has another key)."""
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def read_sources(folder):
     """{absolute path: [size, mtime_ns, ctime_ns, inode, sha256]} of <folder>/sources.json; {} if absent or damaged
-    (remembered hashes only: anything unreadable is hashed again)."""
+    (remembered hashes only: what is unreadable is hashed again)."""
     try:
         with open(os.path.join(folder, SOURCES_INDEX)) as f:
             return {k: v for k, v in json.load(f)["files"].items() if isinstance(v, list) and len(v) == 5}
@@ -1018,9 +1017,9 @@ def read_sources(folder):
         return {}
 
 
-def source_hashes(paths, folder=None, subjects=None, progress=False, known=None, every=PROGRESS_EVERY):
-    """sha256 of every file -> [(file key, sha256)] in order ((None, None) for a missing file), remembered in
-    <folder>/sources.json by path and file_key so a second call reads no image; `known` is that index, updated."""
+def source_hashes(paths, folder=None, subjects=None, progress=False, known=None, every=5.0):
+    """sha256 of every file -> [(file key, sha256)] ((None, None) for a missing file), remembered in
+    <folder>/sources.json by path and file_key, so a second call reads no image; `known`: that index, updated."""
     known = (read_sources(folder) if folder else {}) if known is None else known
     out, new = [], 0
     shown = Progress("hashing the images", len(paths), "images", quiet=not progress, every=every)
@@ -1033,11 +1032,10 @@ def source_hashes(paths, folder=None, subjects=None, progress=False, known=None,
             continue
         if known.get(ap, [None] * 4)[:4] != key:
             try:
-                known[ap] = key + [file_sha256(ap)]
+                known[ap], new = key + [file_sha256(ap)], new + 1
             except OSError as exc:
-                raise UserError(f"{_where(p, subjects[k] if subjects is not None else None)}: unreadable image "
+                raise UserError(f"{_where(p, subjects[k] if subjects else None)}: unreadable image "
                                 f"({exc.strerror or exc})") from None
-            new += 1
         out.append((key, known[ap][4]))
         shown.advance()
     shown.finish()
@@ -1051,93 +1049,38 @@ def source_hashes(paths, folder=None, subjects=None, progress=False, known=None,
 
 
 def image_fingerprint(paths, cache_dir=None, subjects=None, progress=False):
-    """The images' part of a run's identity: sha256 over every image's file name and content hash, in table order.
-    Stable when the folder is moved; re-exported, re-ordered or replaced images change it. A missing image is
-    refused naming it."""
+    """The images' part of a run's identity: sha256 over every image's file name and content hash, in table order
+    (stable when the folder moves; re-exported, re-ordered or replaced images change it)."""
     h = hashlib.sha256()
     with cache_lock(cache_dir) if cache_dir else contextlib.nullcontext():
         hashes = source_hashes(paths, cache_dir, subjects, progress)
     for k, (p, (_, digest)) in enumerate(zip(paths, hashes)):
         if digest is None:
-            raise UserError(f"{_where(p, subjects[k] if subjects is not None else None)}: image file not found")
+            raise UserError(f"{_where(p, subjects[k] if subjects else None)}: image file not found")
         h.update(f"{os.path.basename(p)}\t{digest}\n".encode())
     return h.hexdigest()
 
 
-def entry_bytes(arr, source_sha256, config):
-    """One cache entry: np.save's bytes of `arr`, then a JSON trailer (the source's sha256, the config, the CRC-32
-    of the data bytes), its length (4 bytes) and ENTRY_MAGIC. np.load reads it as the plain .npy."""
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, arr, allow_pickle=False)
-    meta = json.dumps({"source_sha256": source_sha256, "config": config, "data_crc32": zlib.crc32(arr),
-                       "data_bytes": int(arr.nbytes)}, sort_keys=True).encode()
-    buf.write(meta + struct.pack("<I", len(meta)) + ENTRY_MAGIC)
-    return buf.getbuffer()
-
-
-def entry_problem(out, expected_dtype, config, source, whole=True):
-    """Why the file `out` is not a sound entry (a phrase), or None: it must be whole (header, size, trailer), hold
-    `expected_dtype` decoded under `config` from the source whose sha256 source() gives now and, with whole, data
-    bytes matching their checksum."""
-    if not os.path.exists(out):
-        return "missing"
-    try:
-        with open(out, "rb") as f:
-            major, _ = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read(f)
-            offset = f.tell()
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            size = f.seek(0, os.SEEK_END)
-            if size < offset + nbytes + 12:
-                return f"truncated ({size} bytes, at least {offset + nbytes + 12} expected)"
-            f.seek(size - 12)
-            n, magic = struct.unpack("<I8s", f.read(12))
-            if magic != ENTRY_MAGIC or size != offset + nbytes + n + 12:
-                return "no checksum trailer (damaged, or not written by this version)"
-            f.seek(offset + nbytes)
-            meta = json.loads(f.read(n))
-            if dtype != np.dtype(expected_dtype) or fortran or meta.get("config") != config:
-                return f"decoded for another path, dtype or crop ({meta.get('config')!r})"
-            if meta.get("source_sha256") != source():
-                return "decoded from another version of the image"
-            if whole:
-                f.seek(offset)
-                crc, left = 0, nbytes
-                while left:
-                    block = f.read(min(left, 1 << 22))
-                    if not block:
-                        return "truncated"
-                    crc, left = zlib.crc32(block, crc), left - len(block)
-                if crc != meta.get("data_crc32"):
-                    return "its data bytes do not match their checksum (damaged)"
-    except (OSError, ValueError, EOFError, struct.error, TypeError, AttributeError) as exc:
-        return f"unreadable ({type(exc).__name__}: {exc})"
-    return None
-
-
 class ImageCache:
-    """A cohort's NIfTI images, each decoded once (validated, transformed, in float16 or float32) into
+    """A cohort's NIfTI images, each decoded once (validated, transformed, float16 or float32) into
     `cache_dir/<subject>-<config>-<source>.npy`, then served as read-only memmaps (memory bounded by what the
-    batches touch, not by the cohort).
+    batches touch, not by the cohort). config: the path, dtype and transform; source: the file's sha256.
 
-    config: the path, dtype and transform's cache_key(); source: the file's sha256 (source_hashes). An entry
-    records both and a checksum of its data (entry_bytes): one that does not match, is damaged or truncated is
-    decoded again with one `warning:` line, never served; an edited source or another transform is never served
-    stale. prepare() decodes what is missing up front, in parallel processes when there are many."""
-    PARALLEL_FROM = 200  # below this many entries, starting the processes costs more than it saves
-    PROGRESS_EVERY = PROGRESS_EVERY
+    An entry is np.save's bytes then a trailer: the source's sha256, the config, the CRC-32 of the data, the
+    trailer's length and ENTRY_MAGIC. One that does not match, is damaged or truncated is decoded again with one
+    `warning:` line, never served stale. prepare() decodes what is missing up front, in parallel when many."""
+    PARALLEL_FROM = 200    # below this many entries, starting the processes costs more than it saves
+    PROGRESS_EVERY = 5.0   # seconds at least between two progress lines (hashing, checking, decoding)
 
     def __init__(self, paths, cache_dir, dtype="float16", transform=None, expected_shape=None, names=None):
         if dtype not in ("float16", "float32"):
             raise UserError(f"cache dtype must be float16 or float32, got {dtype!r}")
         self.paths = [os.path.abspath(p) for p in paths]
         self.names = list(names) if names is not None else [os.path.basename(p).split(".")[0] for p in paths]
-        self.cache_dir, self.dtype, self.transform = cache_dir, dtype, transform
-        self.expected_shape = expected_shape
-        self.n_decoded = 0  # decodes done by this object (tests check the cache is used)
-        self._index = None  # sources.json as read (then kept up to date) by this object
-        self._sources = {}  # path -> (file key, sha256) of the version of the file last hashed
+        self.cache_dir, self.dtype, self.transform, self.expected_shape = cache_dir, dtype, transform, expected_shape
+        self.n_decoded = 0     # decodes done by this object (tests check the cache is used)
+        self._index = None     # sources.json as read (then kept up to date) by this object
+        self._sources = {}     # path -> (file key, sha256) of the version of the file last hashed
         self._checked = set()  # entries this object has read whole and found sound (or written itself)
         make_cache_folder(cache_dir)
 
@@ -1146,19 +1089,18 @@ class ImageCache:
 
     def config(self, i):
         t = self.transform
-        tkey = "" if t is None else (t.cache_key() if hasattr(t, "cache_key") else repr(t))
-        return f"{self.paths[i]}|{self.dtype}|{tkey}"
+        return f"{self.paths[i]}|{self.dtype}|" + ("" if t is None else t.cache_key() if hasattr(t, "cache_key")
+                                                   else repr(t))
 
     def _hash(self, indices, progress=False):
         """Hash the sources of `indices` whose files changed since (or were never hashed)."""
-        if self._index is None:
-            self._index = read_sources(self.cache_dir)
+        self._index = read_sources(self.cache_dir) if self._index is None else self._index
         found = source_hashes([self.paths[i] for i in indices], self.cache_dir, [self.names[i] for i in indices],
                               progress, known=self._index, every=self.PROGRESS_EVERY)
         self._sources.update((self.paths[i], held) for i, held in zip(indices, found))
 
     def source(self, i):
-        """sha256 of item i's file as it is now (None when missing): rehashed when its file_key changed."""
+        """sha256 of item i's file as it is now (None when missing), hashed again when its file_key changed."""
         try:
             key = file_key(os.stat(self.paths[i]))
         except OSError:
@@ -1170,15 +1112,41 @@ class ImageCache:
     def entry(self, i):
         """Cache file `<subject>-<config hash>-<source content hash>.npy` of item i."""
         conf = hashlib.sha1(self.config(i).encode()).hexdigest()[:10]
-        stamp = (self.source(i) or "0" * 10)[:10]
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in self.names[i])[:64]
-        return os.path.join(self.cache_dir, f"{safe}-{conf}-{stamp}.npy")
+        return os.path.join(self.cache_dir, f"{safe}-{conf}-{(self.source(i) or '0' * 10)[:10]}.npy")
 
-    def problem(self, i, out, whole=True):
-        return entry_problem(out, self.dtype, self.config(i), lambda: self.source(i), whole)
+    def problem(self, i, out):
+        """Why the file `out` is not a sound entry of item i (a phrase), or None."""
+        if not os.path.exists(out):
+            return "missing"
+        try:
+            with open(out, "rb") as f:
+                major, _ = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read(f)
+                offset, nbytes = f.tell(), int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                size = f.seek(0, os.SEEK_END)
+                if size < offset + nbytes + 12:
+                    return f"truncated ({size} bytes, at least {offset + nbytes + 12} expected)"
+                f.seek(size - 12)
+                n, magic = struct.unpack("<I8s", f.read(12))
+                if magic != ENTRY_MAGIC or size != offset + nbytes + n + 12:
+                    return "no checksum trailer (damaged, or not written by this version)"
+                f.seek(offset + nbytes)
+                meta = json.loads(f.read(n))
+                if dtype != np.dtype(self.dtype) or fortran or meta.get("config") != self.config(i):
+                    return f"decoded for another path, dtype or crop ({meta.get('config')!r})"
+                if meta.get("source_sha256") != self.source(i):
+                    return "decoded from another version of the image"
+                f.seek(offset)
+                if zlib.crc32(f.read(nbytes)) != meta.get("data_crc32"):
+                    return "its data bytes do not match their checksum (damaged)"
+        except (OSError, ValueError, EOFError, struct.error, TypeError, AttributeError) as exc:
+            return f"unreadable ({type(exc).__name__}: {exc})"
+        return None
 
     def decode(self, i):
-        """Decode item i into its entry now, replacing the entries of older versions of its source."""
+        """Decode item i into its entry now (written whole or not at all), removing those of older sources."""
         out, source = self.entry(i), self.source(i)
         vol = load_volume(self.paths[i], self.names[i], self.expected_shape)
         arr = np.ascontiguousarray(vol if self.transform is None else self.transform(vol), dtype=self.dtype)
@@ -1190,8 +1158,13 @@ class ImageCache:
                     and old != name:
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(self.cache_dir, old))
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, arr, allow_pickle=False)
+        meta = json.dumps({"source_sha256": source, "config": self.config(i), "data_crc32": zlib.crc32(arr),
+                           "data_bytes": int(arr.nbytes)}, sort_keys=True).encode()
+        buf.write(meta + struct.pack("<I", len(meta)) + ENTRY_MAGIC)
         try:
-            write_bytes(entry_bytes(arr, source, self.config(i)), out)
+            write_bytes(buf.getbuffer(), out)
         except UserError as exc:                # a full or read-only cache folder: the way out
             raise UserError(f"{exc} ({CACHE_WAY_OUT})") from None
         self._checked.add(out)
@@ -1219,16 +1192,14 @@ class ImageCache:
         with cache_lock(self.cache_dir):
             self._hash(range(len(self)), progress)
             todo, damaged = [], []
-            shown = Progress("checking the image cache", len(self), "entries", quiet=not progress,
-                             every=self.PROGRESS_EVERY)
+            shown = Progress("checking the image cache", len(self), "entries", not progress, self.PROGRESS_EVERY)
             for i in range(len(self)):
                 out = self.entry(i)
                 shown.advance()
                 problem = None if out in self._checked else self.problem(i, out)
                 if problem:
                     todo.append(i)
-                    if problem != "missing":
-                        damaged.append(f"{self.names[i]} ({problem})")
+                    damaged += [f"{self.names[i]} ({problem})"] if problem != "missing" else []
                 else:
                     self._checked.add(out)
             shown.finish()
@@ -1238,7 +1209,7 @@ class ImageCache:
                      + (f"; and {len(damaged) - 5} more" if len(damaged) > 5 else ""))
             parallel = workers > 1 and len(todo) >= self.PARALLEL_FROM
             shown = Progress("decoding the image cache" + (f" with {workers} processes" if parallel else ""),
-                             len(todo), "images", quiet=not progress, every=self.PROGRESS_EVERY)
+                             len(todo), "images", not progress, self.PROGRESS_EVERY)
             try:
                 with decoding_processes(self, todo, workers) if parallel else \
                         contextlib.nullcontext(self.decode(i) or i for i in todo) as done:
