@@ -422,14 +422,9 @@ class TabularPreprocessor:
                       "indicators": [imputed[j] for j in range(Z.shape[1]) if missing[:, j].any()]}
         return self
 
-    def _state(self):
-        if self.state is None:
-            raise RuntimeError("TabularPreprocessor is not fitted; call fit() or load_state_dict()")
-        return self.state
-
     @property
     def columns(self):
-        s = self._state()
+        s = self.state
         return ["PTGENDER_Male", "PTGENDER_Female"] + list(s["attributes"]) + [f"{a}_missing" for a in s["indicators"]]
 
     @property
@@ -438,7 +433,7 @@ class TabularPreprocessor:
 
     def transform(self, raw_rows):
         """raw rows -> (N, n_features) float32, no NaN; each row on its own (IterativeImputer.transform's steps)."""
-        s = self._state()
+        s = self.state
         sex, X = self.parse(raw_rows)
         Z = np.concatenate([(X - np.array(s["mean"])) / np.array(s["std"]), sex[:, None]], 1)   # (N, 9)
         missing = np.isnan(Z)
@@ -456,7 +451,7 @@ class TabularPreprocessor:
         return self.fit(raw_rows).transform(raw_rows)
 
     def state_dict(self):
-        return json.loads(json.dumps(self._state()))  # a deep copy of plain numbers, lists and str
+        return json.loads(json.dumps(self.state))  # a deep copy of plain numbers, lists and str
 
     def load_state_dict(self, state):
         if not isinstance(state, dict) or state.get("version") != 2 or "steps" not in state:
@@ -947,10 +942,10 @@ class HippocampusCrops:
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{path}: not a crops file ({type(exc).__name__}: {exc})") from None
         for k, v in boxes.items():
-            if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                                and math.isfinite(x) and x == int(x) for x in v)):
+            if not (isinstance(v, list) and len(v) == 3 and all(type(x) in (int, float) and math.isfinite(x)
+                                                                and x == int(x) for x in v)):
                 raise UserError(f"{path}: {k} must be three whole numbers (x, y, z voxels), got {v!r}")
-            if min(v) < (1 if k == "size" else 0):
+            if min(v) < (k == "size"):
                 raise UserError(f"{path}: {k} {v}: " + ("every size must be at least 1 voxel" if k == "size"
                                                         else "a box cannot start before voxel 0"))
         return cls(**boxes)
