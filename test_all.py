@@ -998,7 +998,7 @@ def test_tabular_state_round_trips_exactly(tmp_path):
     rows = rows_with_missing()
     tp = TabularPreprocessor().fit(rows[:45])
     torch.save({"tabular": tp.state_dict()}, tmp_path / "ck.pt")
-    back = TabularPreprocessor.from_state_dict(torch.load(tmp_path / "ck.pt", weights_only=True)["tabular"])
+    back = TabularPreprocessor(state=torch.load(tmp_path / "ck.pt", weights_only=True)["tabular"])
     via_json = TabularPreprocessor(state=json.loads(json.dumps(tp.state_dict())))
     assert np.array_equal(tp.transform(rows), back.transform(rows))
     assert np.array_equal(tp.transform(rows), via_json.transform(rows))
