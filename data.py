@@ -66,6 +66,9 @@ def run_cli(main, argv=None, resume_option=None):
     previous = signal.signal(signal.SIGTERM, raise_terminated) if installed else None
     try:
         return main(argv)
+    except BrokenPipeError:   # the reader went away (`| head`): stop quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # so the exit's flush finds no pipe
+        sys.exit(141)                                                    # 128 + SIGPIPE, as a shell reports it
     except (UserError, OSError) as exc:
         msg = f"{exc.filename}: {exc.strerror or exc}" if isinstance(exc, OSError) and exc.filename else str(exc)
         print("error: " + " ".join(msg.split()), file=sys.stderr)
