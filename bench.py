@@ -433,7 +433,7 @@ def main(argv=None):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.child:
         return print(json.dumps(measure(**json.loads(args.child))))
-    for x in set(args.precision or []) - {"fp32"}:
+    for x in set(args.precision or ["bf16"] * (args.section == "precision")) - {"fp32"}:   # the section's default
         if device != "cuda" and (x == "fp16" or args.section != "ratios"):
             p.error(f"--precision {x}: " + ("CUDA only" if x == "fp16" else "training refuses it on a CPU"))
     sections = dict(precision=["precision"], ratios=["hyperlayers", "throughput", "loader"]).get(
