@@ -1,70 +1,89 @@
-"""Speed and memory, measured as ratios in one run (never as a test), and the paper's protocols' wall time from them.
+"""Speed, memory and accuracy of this code's choices, measured (never as a test), one report per command.
 
-    python bench.py                  # the three tables, at the paper's shapes
-    python bench.py --quick          # smaller shapes, a smoke run
-    python bench.py --device cuda    # on the GPU: the paper's batch sizes, mixed precision as training uses it
-    python gpu_check.py --device cuda                # the prepared GPU check (gpu_check.py; --check here runs it)
-    python bench.py --data-scale --subjects 96       # full-size images on this CPU machine (below)
+    python bench.py                         # ratios at the paper's shapes (--quick: tiny ones, a smoke run)
+    python bench.py --device cuda           # the same on the GPU, at Table 1's batches
+    python bench.py precision --task ad --versions 0-7 --precision bf16 --device cuda   # paired accuracy
+    python bench.py gpu-check --device cuda # the prepared GPU check, about 10 minutes (--budget seconds)
+    python bench.py gpu-check --device cpu --quick                                      # its dry run
 
-(a) each hyperlayer, forward + backward, in both exact formulations, against the naive hypernetwork:
-    one generator call and one F.linear / F.conv3d per sample with that sample's weights.
-(b) a HyperFusion train step (forward, loss, backward, Adam) against its image-only backbone:
-    time, and peak memory (CUDA: max_memory_allocated; CPU: the peak resident set size a fresh
-    subprocess reaches during the steps, above what it held before building the model).
-(c) training throughput per model as `training.fit` runs it (--precision auto: bfloat16 autocast where
-    native, the grad scaler with float16): samples per second and peak memory of AD imaging / HyperFusion at 64x96x64
-    and brain age imaging / HyperFusion at 90x120x99 (B = 32 and 64 on CUDA as Table 1, 4 and 2 on CPU), the
-    loader's samples per second reading the same shapes from an ImageCache with the workers training
-    would use, and the wall time of the paper's two protocols estimated from them.
-
---data-scale: N float32 .nii.gz per task (synthetic heads at AD's MNI152 1 mm 182x218x182, cropped as the AD
-cache holds them, and brain age's 90x120x99): ImageCache.prepare from scratch per --decode-workers W (images/s,
-per worker; a spawned pool's start timed alone), the entries' size per subject and cohort (float16, float32),
-the training loader's samples/s with 0, 1, 2 workers (Table 1's batches); the machine, its load, the command.
+ratios: hyperlayers (forward + backward, both exact formulations against the naive per-sample hypernetwork);
+throughput (a train step of each HyperFusion model and its backbone, each in a fresh process, at the paper's inputs
+and Table 1's B = 32, 64 on CUDA, 4, 2 on CPU: samples/s, peak memory, HyperFusion / backbone, the paper's
+protocols' wall time from the rates); loader (the training loader alone at the same shapes).
+precision: trains the demo's runs with the training scripts at fp32 and each --precision, one at a time on a GPU
+(two at once pull their time ratio toward 1), --jobs at a time on a CPU, and gives per version the paired loss of
+accuracy (AD test BA, Eq. 9, and AUC: fp32 minus it; brain-age MAE: it minus fp32), its mean, 95% Student t
+interval and the time ratio (log.csv). Non-inferior, so that --precision auto may take it: over at least 8
+versions the interval's upper end below 0.02 BA or 0.15 years.
+gpu-check: tests (test_all.py's test_check_* of the device), precision (bf16 where native and fp16 against fp32,
+one version more at a time; the CPU dry run pairs fp32 with itself), the ratios' sections and sharing (K processes
+training on one device at once), in a report rewritten after each section: a failing one keeps what it reported,
+the rest still run, one that --budget cannot afford is skipped.
 """
 import argparse
-import concurrent.futures
+import csv
 import json
-import multiprocessing
 import os
-import resource
 import platform
+import re
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections import Counter
 
 import numpy as np
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from scipy import stats
 
-try:
-    import data
-    import synthetic     # (and scipy): --data-scale's images
-except ImportError as error:
-    data, synthetic, DATA_MISSING = None, None, error
+import data
+import synthetic
 from layers import HyperConv3d, HyperLinear
 from models import build_model
-from training import autocast, resolve_precision
-from training import loader_workers, make_loader
+from training import loader_workers, make_loader, setup_device
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHECK_SECTIONS = ("tests", "precision", "hyperlayers", "throughput", "loader", "sharing")   # in their order
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # training's --precision: one autocast
+MARGINS, MIN_VERSIONS = {"ad": 0.02, "brain-age": 0.15}, 8       # the largest loss of accuracy that counts as none
+METRICS = {"ad": [("balanced_accuracy", +1), ("auc_macro", +1)], "brain-age": [("mae", -1)]}   # +1: higher is better
+# The protocols' training samples per model (AD, Sec. 4.3: 2,120 x 60% x 250 epochs x 3 seeds x 3 versions x 4 folds;
+# brain age, Sec. 4.2: 26,691 x 80% x 70 epochs x 5 versions), each image model at its backbone's or HyperFusion's cost
+PROTOCOLS = {"ad": (2_120 * 0.6 * 250 * 36, ["imaging"] * 4 + ["hyperfusion"]),
+             "brain-age": (26_691 * 0.8 * 70 * 5, ["imaging"] * 2 + ["hyperfusion"])}
 
 
-def timeit(fn, repeats, warmup=2, device="cpu"):
-    """Median wall time of fn() in seconds."""
+def cores():
+    return len(os.sched_getaffinity(0))
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_steps(step, steps, warmup, device):
+    """-> (median seconds of step() after `warmup` calls, CUDA peak MB of the timed steps or None)."""
     for _ in range(warmup):
-        fn()
+        step()
+    sync(device)
+    if device == "cuda":      # after the warm-up: cuDNN's algorithm trials (benchmark=True) are not training's memory
+        torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(repeats):
-        _sync(device)
+    for _ in range(steps):
         t = time.perf_counter()
-        fn()
-        _sync(device)
+        step()
+        sync(device)
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(times), torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else None
 
+
+# ---- measured here or in fresh processes: hyperlayers, throughput, loader, sharing --------------------------------
 
 def naive_hyperlayer(layer, x, tabular, functional, **kwargs):
     """The per-sample hypernetwork: generate sample b's weights, then one layer call for sample b."""
@@ -76,241 +95,317 @@ def naive_hyperlayer(layer, x, tabular, functional, **kwargs):
     return torch.cat(outs)
 
 
-def bench_hyperlayers(quick, device):
-    """Table (a): the paper's two hyperlayer shapes."""
+def hyperlayers(quick, device):
+    """ms per forward + backward (median) at the paper's two hyperlayer shapes, and the speed-ups over the naive
+    loop that chose HyperLinear's factorised and HyperConv's materialised default."""
     torch.manual_seed(0)
-    cases = [
-        ("brain-age linear1 39424->16, k=1, B=64",
-         lambda mode: HyperLinear(39424, 16, nn.Linear(2, 1), 1, relu_follows=True, mode=mode),
-         (16 if quick else 64, 39424), 2, F.linear, {}),
-        ("AD block4 downsample 1x1x1 128->256 on 8x12x8, k=8, B=32",
-         lambda mode: HyperConv3d(128, 256, 1, 2, 0, nn.Sequential(nn.Linear(15, 8), nn.BatchNorm1d(8), nn.PReLU()),
-                                  8, mode=mode),
-         (8 if quick else 32, 128, 8, 12, 8), 15, F.conv3d, dict(stride=2)),
-    ]
     rows = []
-    for title, make, xshape, n_tab, functional, kwargs in cases:
-        x = torch.randn(*xshape, device=device, requires_grad=True)
+    for title, xshape, n_tab, functional, kwargs, make in [
+            ("brain-age linear1 39424->16, k=1, B=64", (16 if quick else 64, 39424), 2, F.linear, {},
+             lambda mode: HyperLinear(39424, 16, nn.Linear(2, 1), 1, relu_follows=True, mode=mode)),
+            ("AD block4 downsample 1x1x1 128->256 on 8x12x8, k=8, B=32", (8 if quick else 32, 128, 8, 12, 8), 15,
+             F.conv3d, dict(stride=2), lambda mode: HyperConv3d(128, 256, 1, 2, 0, nn.Sequential(
+                 nn.Linear(15, 8), nn.BatchNorm1d(8), nn.PReLU()), 8, mode=mode))]:
+        x, ms = torch.randn(*xshape, device=device, requires_grad=True), {}
         tabular = torch.randn(xshape[0], n_tab, device=device)
-        times = {}
-        for mode in ("factorised", "materialised"):
-            layer = make(mode).to(device)
-            times[mode] = timeit(lambda: layer(x, tabular).sum().backward(), 3 if quick else 10, device=device)
-        layer = make("materialised").to(device)
-        times["naive"] = timeit(lambda: naive_hyperlayer(layer, x, tabular, functional, **kwargs).sum().backward(),
-                                3 if quick else 10, device=device)
-        rows.append(dict(case=title, **{k: v * 1e3 for k, v in times.items()},
-                         speedup_factorised=times["naive"] / times["factorised"],
-                         speedup_materialised=times["naive"] / times["materialised"]))
-    return rows
+        for mode in ("factorised", "materialised", "naive"):
+            layer = make("materialised" if mode == "naive" else mode).to(device)
+            fn = (lambda: naive_hyperlayer(layer, x, tabular, functional, **kwargs)) if mode == "naive" \
+                else (lambda: layer(x, tabular))
+            ms[mode] = 1e3 * run_steps(lambda: fn().sum().backward(), 3 if quick else 10, 2, device)[0]
+        rows.append(dict(case=title, **ms, speedup_factorised=ms["naive"] / ms["factorised"],
+                         speedup_materialised=ms["naive"] / ms["materialised"]))
+    return dict(rows=rows)
 
 
-def train_step_measure(task, name, shape, batch, steps, device, amp=False, precision=None, channels_last=False,
-                       compile=False, warmup=1, threads=None, ready=None, go=None, duration=None):
-    """Runs in a fresh process: median train-step time and peak memory of one model.
-
-    amp: autocast as fit trains; precision "fp32" / "bf16" overrides it; channels_last and compile as
-    fit's --channels-last and --compile. With duration (seconds), the steps after warm-up are counted over
-    that wall time instead, starting once the file `go` exists (the file `ready` is written first), so that
-    K processes sharing a GPU are timed together: seconds is then the mean time per step."""
+def measure(task, name, shape, batch, steps, device, precision="fp32", warmup=1, threads=None):
+    """In a fresh process (bench.py --child): one model's train step (forward, loss, backward, Adam) -> median
+    seconds, peak MB (CUDA: allocated; CPU: the resident set's peak above the process's before the model)."""
     torch.manual_seed(0)
-    if threads:
-        torch.set_num_threads(threads)
-    if device == "cuda":
-        torch.backends.cudnn.benchmark = True                  # as training.setup_device
-    n_tab = 2 if task == "brain-age" else 15
-    image = torch.randn(batch, 1, *shape, device=device)
-    image = image.contiguous(memory_format=torch.channels_last_3d) if channels_last else image
-    tabular = (torch.eye(2)[torch.arange(batch) % 2] if task == "brain-age" else torch.randn(batch, n_tab)).to(device)
-    target = (torch.rand(batch) * 80 if task == "brain-age" else torch.arange(batch) % 3).to(device)
-    rss_before = _rss_mb()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    model = build_model(task, name, image_shape=shape if task == "brain-age" else None, n_tabular=n_tab).to(device)
-    model = model.to(memory_format=torch.channels_last_3d) if channels_last else model
-    net = torch.compile(model) if compile else model
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    loss_fn = F.mse_loss if task == "brain-age" else F.cross_entropy
-    dev = torch.device(device)
-    precision = precision or (fit_precision(device) if amp else "fp32")
+    torch.set_num_threads(threads or torch.get_num_threads())
+    dev = setup_device(device)                                   # cudnn.benchmark, TF32 off: as training
+    image = torch.randn(batch, 1, *shape, device=dev)
+    tabular = (torch.eye(2)[torch.arange(batch) % 2] if task == "brain-age" else torch.randn(batch, 15)).to(dev)
+    target = (torch.rand(batch) * 80 if task == "brain-age" else torch.arange(batch) % 3).to(dev)
+    with open("/proc/self/statm") as f:
+        rss_before = int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
+    model = build_model(task, name, image_shape=shape if task == "brain-age" else None,
+                        n_tabular=tabular.shape[1]).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    loss_fn, dtype = F.mse_loss if task == "brain-age" else F.cross_entropy, DTYPES[precision]
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with autocast(dev, precision):
-            loss = loss_fn(net(image, tabular).float(), target)
+        with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = loss_fn(model(image, tabular).float(), target)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
 
-    if duration is None:
-        seconds = timeit(step, steps, warmup=warmup, device=device)
-    else:
-        for _ in range(warmup):
-            step()
-        _sync(device)
-        open(ready, "w").close()
-        while not os.path.exists(go):
-            time.sleep(0.005)
-        n, t = 0, time.perf_counter()
-        while time.perf_counter() - t < duration:
-            step()
-            n += 1
-        _sync(device)
-        seconds = (time.perf_counter() - t) / n
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
-    return dict(seconds=seconds, peak_mb=peak)
+    seconds, peak = run_steps(step, steps, warmup, device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
+    return dict(seconds=seconds, peak_mb=rss if peak is None else peak)
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
+def children(args, timeout):
+    """measure(**a) for each a of args, each in a fresh process, all at once."""
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "bench.py"), "--child", json.dumps(a)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for a in args]
+    try:
+        outs = [p.communicate(timeout=max(1, timeout)) for p in procs]
+    finally:
+        for p in procs:
+            p.kill() if p.poll() is None else None
+    for p, (_, err) in zip(procs, outs):
+        if p.returncode:
+            raise RuntimeError(f"exit {p.returncode}: " + (err.strip().splitlines() or [""])[-1])
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
 
 
-def _rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
+def throughput(s, device, budget):
+    """Samples/s and peak MB of backbone and HyperFusion per case and precision (fp32 first), HyperFusion /
+    backbone per task and precision, and the paper's protocols' training wall time, one run at a time."""
+    rows, ratios, hours = [], [], {}
+    for precision in dict.fromkeys(["fp32"] + s["precisions"]):
+        for task, shape, batch in s["cases"]:
+            row = dict(task=task, precision=precision, shape="x".join(map(str, shape)), batch=batch)
+            for name in ("imaging", "hyperfusion"):
+                try:                                             # one failing row leaves the others
+                    r, = children([dict(task=task, name=name, shape=shape, batch=batch, steps=s["steps"], device=device,
+                                        precision=precision, warmup=s["warmup"], threads=s["threads"])], budget())
+                    rows.append(dict(row, model=name, samples_s=batch / r["seconds"], peak_mb=r["peak_mb"]))
+                except Exception as e:
+                    rows.append(dict(row, model=name, error=f"{type(e).__name__}: {e}"[:600]))
+            im, hf = rows[-2:]
+            if "samples_s" in im and "samples_s" in hf:
+                ratios.append(dict(row, time_ratio=im["samples_s"] / hf["samples_s"],
+                                   memory_ratio=hf["peak_mb"] / im["peak_mb"]))
+        rate = {(r["task"], r["model"]): r["samples_s"] for r in rows if r["precision"] == precision and "peak_mb" in r}
+        hours[precision] = {t: sum(n / rate[t, m] for m in models) / 3600 for t, (n, models) in PROTOCOLS.items()
+                            if all((t, m) in rate for m in models)}
+    return dict(rows=rows, ratios=ratios, hours=hours)
 
 
-def bench_train_steps(quick, device):
-    """Table (b): each HyperFusion model against its image-only backbone, each in its own process."""
-    cases = [("ad", (32, 48, 32) if quick else (64, 96, 64), 4 if quick else 8),
-             ("brain-age", (45, 60, 50) if quick else (90, 120, 99), 2 if quick else 4)]
-    rows = []
-    for task, shape, batch in cases:
-        result = {}
-        for name in ("imaging", "hyperfusion"):
-            args = json.dumps(dict(task=task, name=name, shape=shape, batch=batch, steps=2 if quick else 5,
-                                   device=device))
-            out = subprocess.run([sys.executable, __file__, "--child", args], capture_output=True, text=True,
-                                 check=True)
-            result[name] = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append(dict(case=f"{task} {'x'.join(map(str, shape))} B={batch}",
-                         imaging_s=result["imaging"]["seconds"], hyperfusion_s=result["hyperfusion"]["seconds"],
-                         time_ratio=result["hyperfusion"]["seconds"] / result["imaging"]["seconds"],
-                         imaging_mb=result["imaging"]["peak_mb"], hyperfusion_mb=result["hyperfusion"]["peak_mb"],
-                         memory_ratio=result["hyperfusion"]["peak_mb"] / result["imaging"]["peak_mb"]))
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------
-# (c) Training throughput, the loader beside it, and the protocols' wall time
-
-# brain age (Sec. 4.2): 26,691 scans, 80% train, 70 epochs, 5 versions, 3 models (concat costs what imaging does)
-BRAIN_AGE_PROTOCOL = dict(scans=26_691, train_fraction=0.8, epochs=70, runs_per_model=5,
-                          models={"imaging": "imaging", "concat": "imaging", "hyperfusion": "hyperfusion"})
-# AD (Sec. 4.3): 2,120 subjects, 3 of 5 subsets train, 250 epochs, 3 seeds x 3 versions x 4 folds per model;
-# concat, FiLM and DAFT cost what the backbone does, the tabular MLP nothing
-AD_PROTOCOL = dict(scans=2_120, train_fraction=0.6, epochs=250, runs_per_model=3 * 3 * 4,
-                   models={"imaging": "imaging", "concat": "imaging", "film": "imaging", "daft": "imaging",
-                           "hyperfusion": "hyperfusion"})
-
-
-def throughput_cases(quick, device):
-    """(task, input shape, batch) of table (c): the paper's shapes; Table 1's batches on CUDA, small ones on CPU."""
-    cuda = device == "cuda"
-    return [("ad", (32, 48, 32) if quick else (64, 96, 64), 32 if cuda else 4),
-            ("brain-age", (45, 60, 50) if quick else (90, 120, 99), 64 if cuda else 2)]
-
-
-def loader_measure(task, shape, batch, device, n=None):
-    """Samples per second of the training loader alone (make_loader, the workers training would use),
-    reading `shape` images from an ImageCache of n synthetic volumes, timed on its second pass. A pass reads the n
-    volumes over and over, so that every worker makes several batches of it (3 x workers batches, at least 4):
-    with fewer batches than workers the pass times the latency of one batch, not the loader's rate."""
-    dev = torch.device(device)
+def loader(s, device, model_rows):
+    """Samples/s of the training loader alone (make_loader as training, its second pass) reading an ImageCache of
+    synthetic volumes, beside HyperFusion's fp32 rate; every worker makes several batches of a pass (3, at least 4
+    in all): with fewer batches than workers a pass times the latency of one batch, not the loader's rate."""
+    dev, rows, rng = torch.device(device), [], np.random.default_rng(0)
     workers = loader_workers(None, dev)
-    n = n or max(2 * batch, 16)
-    length = max(n, batch * max(4, 3 * workers))                  # samples a pass reads, cycling over the n
-    rng = np.random.default_rng(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = [os.path.join(tmp, f"s{i}.nii") for i in range(n)]
-        full = (2 * shape[0],) + tuple(shape[1:]) if task == "ad" else tuple(shape)   # AD: both boxes side by side
-        for p in paths:
-            data.save_nifti(rng.standard_normal(full).astype(np.float32), 1.0, p)
-        crops = data.HippocampusCrops((0, 0, 0), (shape[0], 0, 0), tuple(shape)) if task == "ad" else None
-        cache = data.ImageCache(paths, os.path.join(tmp, "cache"), "float16", transform=crops).prepare(progress=False)
-        labels = np.arange(n) % 3
-        ds = (data.ADDataset(cache, rng.standard_normal((n, 15)), labels) if task == "ad" else
-              data.BrainAgeDataset(cache, np.eye(2)[labels % 2], 20.0 + labels))
-        ds = torch.utils.data.Subset(ds, [i % n for i in range(length)])
-        return dict(samples_s=loader_rate(ds, batch, workers, dev), workers=workers, batches=length // batch)
+    for task, shape, batch in s["cases"]:
+        n = max(2 * batch, 16)
+        length = max(n, batch * max(4, 3 * workers))                  # samples a pass reads, cycling over the n
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = [os.path.join(tmp, f"s{i}.nii") for i in range(n)]
+            for p in paths:                                             # AD: both boxes side by side
+                data.save_nifti(rng.standard_normal(((2 * shape[0],) + shape[1:]) if task == "ad" else shape)
+                                .astype(np.float32), 1.0, p)
+            crops = data.HippocampusCrops((0, 0, 0), (shape[0], 0, 0), tuple(shape)) if task == "ad" else None
+            cache = data.ImageCache(paths, os.path.join(tmp, "c"), "float16", transform=crops).prepare(progress=False)
+            ds = (data.ADDataset(cache, rng.standard_normal((n, 15)), np.arange(n) % 3) if task == "ad" else
+                  data.BrainAgeDataset(cache, np.eye(2)[np.arange(n) % 2], 20.0 + np.arange(n) % 3))
+            batches = make_loader(torch.utils.data.Subset(ds, [i % n for i in range(length)]), batch, workers, dev,
+                                  shuffle=True)
+            for _ in batches:                  # the first pass reads the files into the page cache, starts workers
+                pass
+            t, count = time.perf_counter(), sum(len(image.to(dev, non_blocking=True)) for image, _, _ in batches)
+            sync(device)
+            rate = count / (time.perf_counter() - t)
+        m = next((m["samples_s"] for m in model_rows if (m["task"], m["model"], m["precision"]) ==
+                  (task, "hyperfusion", "fp32") and "samples_s" in m), None)
+        rows.append(dict(task=task, shape="x".join(map(str, shape)), batch=batch, workers=workers,
+                         batches=length // batch, samples_s=rate, model_samples_s=m, loader_over_model=m and rate / m))
+    return dict(rows=rows)
 
 
-def loader_rate(ds, batch, workers, dev):
-    """Samples per second of the training loader (make_loader, shuffled) over `ds`, timed on its second pass."""
-    loader = make_loader(ds, batch, workers, dev, shuffle=True)
-    for _ in loader:                     # the first pass reads the files into the page cache, starts workers
-        pass
-    t, count = time.perf_counter(), 0
-    for image, _, _ in loader:
-        image = image.to(dev, non_blocking=True)
-        count += len(image)
-    _sync(dev.type)
-    return count / (time.perf_counter() - t)
+def sharing(s, device, budget):
+    """Aggregate samples/s of K processes training AD HyperFusion (fp32) on one device at once (on a CPU each
+    with cores / K threads), and the speed-up over one."""
+    (task, shape, batch), rows = s["cases"][0], []
+    for k in s["ks"]:
+        results = children([dict(task=task, name="hyperfusion", shape=shape, batch=batch, steps=s["steps"],
+                                 device=device, warmup=s["warmup"], threads=s["threads"] or (
+                                     None if device == "cuda" else max(1, cores() // k)))] * k, budget())
+        per = [batch / r["seconds"] for r in results]
+        rows.append(dict(task=task, shape="x".join(map(str, shape)), batch=batch, k=k, aggregate_samples_s=sum(per),
+                         speedup=sum(per) / rows[0]["aggregate_samples_s"] if rows else 1.0,
+                         peak_mb_per_process=max(r["peak_mb"] for r in results)))
+    return dict(rows=rows)
 
 
-def bench_throughput(quick, device):
-    """Table (c): per model samples/s and peak memory, each in its own process, and the loader's samples/s."""
-    rows = []
-    for task, shape, batch in throughput_cases(quick, device):
-        loader = loader_measure(task, shape, batch, device)
-        for name in ("imaging", "hyperfusion"):
-            args = json.dumps(dict(task=task, name=name, shape=shape, batch=batch, steps=2 if quick else 5,
-                                   device=device, amp=True))
-            out = subprocess.run([sys.executable, __file__, "--child", args], capture_output=True, text=True,
-                                 check=True)
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append(dict(task=task, model=name, shape="x".join(map(str, shape)), batch=batch,
-                             samples_s=batch / r["seconds"], peak_mb=r["peak_mb"], loader_s=loader["samples_s"],
-                             workers=loader["workers"]))
-    return rows
+# ---- precision: the paired accuracy benchmark of a precision against float32 -------------------------------------
+
+def run_commands(cmds, jobs, timeout):
+    """Each command, `jobs` at a time (cores / jobs threads each); a failure raises with its last line, the
+    timeout (seconds for all) subprocess.TimeoutExpired; none is left running (a stopped run resumes)."""
+    env, end = dict(os.environ), time.monotonic() + timeout
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cores() // jobs)))
+    for i in range(0, len(cmds), jobs):
+        procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for c in cmds[i:i + jobs]]
+        try:
+            outs = [p.communicate(timeout=max(1, end - time.monotonic())) for p in procs]
+        finally:
+            for p in procs:
+                p.kill() if p.poll() is None else None
+        for c, p, (out, err) in zip(cmds[i:i + jobs], procs, outs):
+            if p.returncode:
+                raise RuntimeError(f"{' '.join(c[1:])}: exit {p.returncode}: " +
+                                   ((err or out).strip().splitlines() or [""])[-1])
 
 
-def protocol_hours(rows, task, protocol):
-    """Training wall time of a protocol on one device, in hours, from the measured samples/s of each model."""
-    rate = {r["model"]: r["samples_s"] for r in rows if r["task"] == task}
-    samples = protocol["scans"] * protocol["train_fraction"] * protocol["epochs"] * protocol["runs_per_model"]
-    return sum(samples / rate[measured] for measured in protocol["models"].values()) / 3600
+def paired_loss(reference, other, sign):
+    """The loss of accuracy per version (reference minus other where higher is better, sign +1; other minus
+    reference where lower is better, sign -1) and its summary: mean, 95% t interval, one-sided 95% bound."""
+    d = sign * (np.asarray(reference, float) - np.asarray(other, float))
+    n, mean = len(d), float(d.mean())
+    se, t2, t1 = ((d.std(ddof=1) / np.sqrt(n), stats.t.ppf(0.975, n - 1), stats.t.ppf(0.95, n - 1)) if n > 1
+                  else (np.nan,) * 3)
+    return dict(n=n, losses=d.tolist(), mean=mean, low=mean - t2 * se, high=mean + t2 * se, one_sided=mean + t1 * se)
 
 
-def print_throughput(rows, quick, device):
-    print("\n(c) training throughput (forward, loss, backward, Adam; autocast as training uses it), "
-          "and the loader alone")
-    print("| task | model | input | B | samples/s | peak MB | loader samples/s (workers) | loader / model |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['task']} | {r['model']} | {r['shape']} | {r['batch']} | {r['samples_s']:.2f} | "
-              f"{r['peak_mb']:.0f} | {r['loader_s']:.1f} ({r['workers']}) | {r['loader_s'] / r['samples_s']:.0f}x |")
-    for task in ("ad", "brain-age"):
-        im, hf = [next(r for r in rows if r["task"] == task and r["model"] == m) for m in ("imaging", "hyperfusion")]
-        print(f"{task}: HyperFusion / backbone: time per sample {im['samples_s'] / hf['samples_s']:.3f}, "
-              f"peak memory {hf['peak_mb'] / im['peak_mb']:.3f}")
-    ba, ad = protocol_hours(rows, "brain-age", BRAIN_AGE_PROTOCOL), protocol_hours(rows, "ad", AD_PROTOCOL)
-    print(f"\nEstimated training wall time of the paper's protocols on this device ({device}), one run at a time"
-          + (" (--quick: smaller inputs than the paper's, so these are underestimates)" if quick else "") + ":")
-    print(f"- brain age: 26,691 scans x 80% train x 70 epochs x 5 versions x 3 models (concat at the imaging "
-          f"rate): {ba:,.0f} h ({ba / 24:,.1f} days)")
-    print(f"- AD: 2,120 subjects x 60% train x 250 epochs x (3 seeds x 3 versions x 4 folds) x 5 image models "
-          f"(concat, FiLM, DAFT at the imaging rate; the tabular MLP and late fusion free): {ad:,.0f} h "
-          f"({ad / 24:,.1f} days)")
-    print("Assumptions: the measured steady-state rate of each model at the batch above; validation and test "
-          "passes (forward only, 20-40% of the subjects per epoch) and data loading (overlapped) not counted; "
-          "K processes on K devices (run-protocol --jobs K) divide these by about K.")
+def verdict(summary, margin):
+    """non-inferior (the 95% interval's upper end below the margin, over >= MIN_VERSIONS versions), or why not."""
+    n, high = summary["n"], summary["high"]
+    return (f"not shown ({n} versions, {MIN_VERSIONS} needed)" if n < MIN_VERSIONS else
+            f"non-inferior (upper bound {high:.3f} < {margin})" if high < margin else
+            f"not shown (upper bound {high:.3f} >= {margin})")
 
 
-# ----------------------------------------------------------------------------------------------
-# Reports as markdown and JSON (--data-scale here, gpu_check.py's check)
+def precision_pairs(task, vs, s, device, out, timeout):
+    """Trains the HyperFusion runs of fp32 and each precision at versions vs not finished yet (in <out>/<task>/
+    <precision>/v<V>), then pairs each precision's version v with fp32's -> the pairs' and versions' rows."""
+    runs = list(dict.fromkeys(["fp32"] + s["precisions"]))
+    folder = lambda p, v: os.path.join(out, task, p, f"v{v}")
+    run_files = lambda f, name, model=None: [os.path.join(d, name) for d, _, names in os.walk(f)
+                                             if name in names and model in (None, *os.path.relpath(d, f).split(os.sep))]
+    script = os.path.join(HERE, "train_ad.py" if task == "ad" else "train_brain_age.py")
+    demo = ["--split-seed", "0", "--fold", "2"] if task == "ad" else []                 # the demo command's
+    todo = [[sys.executable, script, "--version", str(v), "--precision", p, "--device", device, "--out", folder(p, v),
+             "--data-dir", s["data_dir"], "--quiet", "--resume", *demo] + ["--epochs", str(s["epochs"])] * bool(
+                 s["epochs"]) for v in vs for p in runs if not run_files(folder(p, v), "metrics.json", "hyperfusion")]
+    if todo:
+        synthetic.builtin_cohort(task, s["data_dir"], quiet=True)   # generated once here, not by two runs at once
+    run_commands(todo, 1 if device == "cuda" else s["jobs"], timeout)
+    test = {(p, v): json.load(open(run_files(folder(p, v), "metrics.json", "hyperfusion")[0]))["test"]
+            for p in runs for v in vs}
+    seconds = {p: sum(float(row["seconds"]) for v in vs for f in run_files(folder(p, v), "log.csv")   # the MLP's too
+                      for row in csv.DictReader(open(f))) for p in runs}
+    pairs = []
+    for p in s["precisions"]:
+        for i, (key, sign) in enumerate(METRICS[task]):
+            d = paired_loss([test["fp32", v][key] for v in vs], [test[p, v][key] for v in vs], sign)
+            pairs.append(dict(task=task, precision=p, metric=key, versions=len(vs), mean_loss=d["mean"], low=d["low"],
+                              high=d["high"], time_ratio=seconds["fp32"] / seconds[p],
+                              verdict="(secondary)" if i else verdict(d, MARGINS[task])))
+    return pairs, [dict(task=task, version=v, **{f"{p} {k}": float(test[p, v][k]) for p in runs for k, _ in
+                                                 METRICS[task]}) for v in vs]
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-fit_precision = lambda device: resolve_precision("auto", torch.device(device), quiet=True)   # training's default
+
+def precision(s, device, budget, out, report):
+    """precision_pairs on each task, one version more at a time (finished runs reused), the section kept in the
+    report after each: a budget that runs out, or a run that fails, leaves every version finished so far."""
+    done, section = {}, report["sections"].setdefault("precision", dict(status="running", seconds=0.0))
+    for i, v in enumerate(s["versions"]):
+        for task in s["tasks"]:
+            try:
+                done[task] = precision_pairs(task, s["versions"][:i + 1], s, device, os.path.join(out, "precision"),
+                                             budget() - 30)
+            except subprocess.TimeoutExpired:
+                return dict(section, stopped=f"budget: {task} version {v} did not finish")
+            section.update(rows=[r for t in done.values() for r in t[0]], per_version=[r for t in done.values()
+                                                                                      for r in t[1]])
+            write_report(report, out, s["name"])
+    return section
 
 
-def write_report(report, out, name, render):
-    """report as <out>/<name>.json and, through render(report), <out>/<name>.md."""
+# ---- the report: the sections in turn, each caught on its own, rewritten after each ------------------------------
+
+def tests(device, left):
+    """test_all.py's test_check_* of the device for at most `left` seconds -> the outcome of each that finished."""
+    try:
+        text, stopped = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "test_all.py",
+                                        "-k", f"test_check_ and device-{device}"], cwd=HERE, capture_output=True,
+                                       text=True, timeout=max(1, left)).stdout, None
+    except subprocess.TimeoutExpired as exc:                    # what pytest -v printed before the cap
+        text, stopped = (exc.stdout or b"").decode(errors="replace"), f"capped at {left:.0f} s"
+    cases = [dict(test=m[1], outcome=m[2].lower()) for m in re.finditer(r"::(\S+) (PASSED|FAILED|ERROR|SKIPPED)", text)]
+    if not cases and not stopped:
+        raise RuntimeError(f"pytest ran no test: {text.strip()[-800:]}")
+    failed = any(c["outcome"] in ("failed", "error") for c in cases)
+    return dict(cases=cases, stopped=stopped, output=text.strip()[-1500:] if failed else None)
+
+
+def settings(device, quick, name="gpu-check", **options):
+    """What a report measures: the paper's inputs at Table 1's batches on CUDA (4 and 2 on CPU), or tiny ones;
+    precisions: ratios fp32, precision bf16, gpu-check bf16 (where native: capability 8.0 on) and fp16 on a GPU."""
+    cuda = device == "cuda"
+    bf16 = ["bf16"] if cuda and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0) else []
+    return dict(dict(cases=[("ad", (16, 24, 16), 4), ("brain-age", (36, 40, 36), 2)] if quick else
+                     [("ad", (64, 96, 64), 32 if cuda else 4), ("brain-age", (90, 120, 99), 64 if cuda else 2)],
+                     precisions=dict(ratios=["fp32"], precision=["bf16"]).get(name, bf16 + ["fp16"] if cuda else
+                                                                             ["fp32"]), steps=2 if quick else 10,
+                     warmup=1 if quick else 3, ks=(1, 2) if quick else (1, 2, 4),
+                     threads=1 if quick and not cuda else None,          # a small loaded CPU: threads contend
+                     versions=list(range(8 if name == "precision" else 2 if quick else 4)), epochs=3 if quick else None,
+                     tasks=("ad", "brain-age"), jobs=2, data_dir="data", tests_budget=150,
+                     name={"gpu-check": "check"}.get(name, name)),
+                **{k: v for k, v in options.items() if v is not None})
+
+
+def run_report(sections, device, quick, out, budget_s=1e6, **options):
+    """Each section in turn, caught on its own, skipped when the budget cannot afford it; the report
+    (<out>/<name>.md and .json) rewritten after each -> the report dict."""
+    s, end = settings(device, quick, **options), time.monotonic() + budget_s
+    budget = lambda: end - time.monotonic()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+               platform.machine()) if os.path.exists("/proc/cpuinfo") else platform.machine()
+    report = dict(environment=dict(
+        machine=f"{cpu}, {cores()} cores, " + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"),
+        commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                              text=True).stdout.strip(), torch=torch.__version__, cuda=torch.version.cuda,
+        device=device, command=" ".join(["python", "bench.py"] + sys.argv[1:])), sections={})
+    run = dict(tests=(60, lambda: tests(device, min(budget() - 60, s["tests_budget"]))),
+               precision=(120, lambda: precision(s, device, budget, out, report)),
+               hyperlayers=(10, lambda: hyperlayers(quick, device)),
+               throughput=(30, lambda: throughput(s, device, budget)),
+               loader=(20, lambda: loader(s, device, report["sections"].get("throughput", {}).get("rows", []))),
+               sharing=(30, lambda: sharing(s, device, budget)))
+    for name in sections:
+        need, fn, t = *run[name], time.monotonic()
+        if budget() < need:
+            result = dict(status="skipped", reason=f"budget: {budget():.0f} s left, {need} s needed")
+        else:
+            try:
+                result = dict(fn(), status="ok")
+            except Exception as e:     # reported with what the section kept so far; the other sections still run
+                result = dict(report["sections"].get(name, {}), status="failed", error=f"{type(e).__name__}: {e}"[:800],
+                              traceback=traceback.format_exc()[-1500:])
+        report["sections"][name] = dict(result, seconds=time.monotonic() - t)
+        write_report(report, out, s["name"])
+    return report
+
+
+def render(report):
+    """The report as markdown: environment, then each section's status, lines and tables."""
+    lines = ["# bench.py", "", ", ".join(f"{k} {v}" for k, v in report["environment"].items())]
+    for name, sec in report["sections"].items():
+        lines += ["", f"## {name}: {sec['status']} ({sec['seconds']:.0f} s)"]
+        lines += [str(sec[k]) for k in ("reason", "error", "stopped", "output") if sec.get(k)]
+        lines += [", ".join(f"{o} {n}" for o, n in Counter(c["outcome"] for c in sec["cases"]).items())] \
+            if "cases" in sec else []
+        lines += [f"- the paper's protocols at {p}, one run at a time here (training passes only): " + ", ".join(
+            f"{t} {h:,.0f} h ({h / 24:,.1f} days)" for t, h in v.items()) for p, v in sec.get("hours", {}).items()]
+        for rows in filter(None, [sec.get(k) for k in ("cases", "rows", "ratios", "per_version")]):
+            keys = list(dict.fromkeys(k for r in rows for k in r))
+            cell = lambda v: f"{v:,.3g}" if isinstance(v, float) else " ".join(str("-" if v is None else v).split())
+            lines += ["", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)] + [
+                "| " + " | ".join(cell(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report, out, name):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, name + ".json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
@@ -318,132 +413,36 @@ def write_report(report, out, name, render):
         f.write(render(report))
 
 
-def fmt_cell(v):
-    return f"{v:,.3g}" if isinstance(v, float) else ("-" if v is None else str(v))
-
-
-def markdown_rows(rows):
-    """A list of dicts as the lines of one markdown table, a column per key."""
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    return ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)] + \
-        ["| " + " | ".join(fmt_cell(r.get(k)) for k in keys) + " |" for r in rows]
-
-
-# ----------------------------------------------------------------------------------------------
-# --data-scale: full-size images on one machine: first-use decode, the cache's size, the training loader
-
-def data_scale(n=48, decode_workers=(1, 2), workers=(0, 1, 2), quick=False, steps=10):
-    """Per task: ImageCache.prepare of n images from scratch (hash, decode, crop, write; a fresh folder per
-    decode-workers count, processes even below PARALLEL_FROM) and a spawned pool's start alone, the entries'
-    bytes, and loader_rate over the Dataset the training script builds (a Subset of the cache, its rows
-    repeated to `steps` batches) -> report dict."""
-    rng, dev, out = np.random.default_rng(0), torch.device("cpu"), dict(decode=[], cache=[], loader=[])
-    tag, load = lambda shape: "x".join(map(str, shape)), lambda: " ".join(f"{v:.2f}" for v in os.getloadavg())
-    env = dict(cpu=next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-                        platform.machine()), cores=os.cpu_count(), usable=len(os.sched_getaffinity(0)),
-               torch=torch.__version__, threads=torch.get_num_threads(), load_before=load(),
-               command=" ".join(["python", os.path.basename(sys.argv[0])] + sys.argv[1:]))
-    start = {1: 0.0}
-    for w in sorted(set(decode_workers) - {1}):   # a spawned pool alone: each process imports the main module
-        t = time.perf_counter()                    # (bench.py, torch with it) as prepare's import train_*.py
-        with concurrent.futures.ProcessPoolExecutor(w, multiprocessing.get_context("spawn")) as pool:
-            list(pool.map(abs, range(w)))
-        start[w] = time.perf_counter() - t
-    with tempfile.TemporaryDirectory() as tmp:
-        for task, shape, spacing, batch, crops in ([  # (task, image shape, voxel mm, Table 1's batch, AD crops)
-                ("ad", (24, 28, 24), 1.0, 4, synthetic.synthetic_crops((24, 28, 24), (8, 12, 8))),
-                ("brain-age", (12, 14, 12), 1.75, 4, None)] if quick else [
-                ("ad", (182, 218, 182), 1.0, 32, data.HippocampusCrops.mni152_1mm()),
-                ("brain-age", (90, 120, 99), 1.75, 64, None)]):
-            grid, anatomy = synthetic.head_grid(shape), synthetic.head_anatomy(rng, 1, 1, 1, 0.06, 0.12)
-            head, paths = synthetic.render_head(grid, anatomy, rng), [f"{tmp}/{task}{i:04d}.nii.gz" for i in range(n)]
-            for p in paths:       # float32 as preprocess.py writes it (brain z-scored, zero outside), noise of its own
-                data.save_nifti(np.where(head != 0, head + rng.normal(0, 0.1, shape).astype(np.float32), 0), spacing, p)
-            for w in decode_workers:
-                cache = data.ImageCache(paths, os.path.join(tmp, f"{task}-{w}"), "float16", transform=crops)
-                cache.PARALLEL_FROM, t = 1, time.perf_counter()
-                cache.prepare(progress=False, workers=w)
-                s = time.perf_counter() - t
-                out["decode"].append(dict(task=task, image=tag(shape), subjects=n, decode_workers=w, seconds=s,
-                                          nii_gz_mb=sum(map(os.path.getsize, paths)) / n / 2 ** 20, images_s=n / s,
-                                          images_s_per_worker=n / s / w, spawn_start_s=start[w],
-                                          per_worker_after_start=n / (s - start[w]) / w if s > start[w] else None))
-            f32 = data.ImageCache(paths[:2], os.path.join(tmp, f"{task}-f32"), "float32", transform=crops)
-            for c in (cache, f32.prepare(progress=False)):
-                b, scans = statistics.mean(map(os.path.getsize, map(c.entry, range(len(c))))), \
-                    (AD_PROTOCOL if task == "ad" else BRAIN_AGE_PROTOCOL)["scans"]
-                out["cache"].append(dict(task=task, entry=tag(c[0].shape), dtype=c.dtype, mb_per_subject=b / 2 ** 20,
-                                         paper_subjects=scans, paper_cohort_gb=b * scans / 2 ** 30))
-            idx = np.arange(steps * batch) % n
-            ds = (data.ADDataset(torch.utils.data.Subset(cache, idx), rng.standard_normal((len(idx), 15)), idx % 3)
-                  if task == "ad" else data.BrainAgeDataset(torch.utils.data.Subset(cache, idx),
-                                                            data.sex_onehot(idx % 2), 20.0 + idx % 60))
-            for w in workers:
-                r = loader_rate(ds, batch, w, dev)
-                out["loader"].append(dict(task=task, sample=tag(ds[0][0].shape), batch=batch, samples=len(ds),
-                                          workers=w, samples_s=r, samples_s_per_worker=r / max(w, 1)))
-    return dict(environment=dict(env, load_after=load()), **out)
-
-
-def render_data_scale(report):
-    lines = ["# bench.py --data-scale", "", ", ".join(f"{k} {v}" for k, v in report["environment"].items())]
-    for name in ("decode", "cache", "loader"):
-        lines += ["", f"## {name}", ""] + markdown_rows(report[name])
-    return "\n".join(lines) + "\n"
-
-
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smaller shapes for a smoke run")
+    p.add_argument("section", nargs="?", default="ratios", choices=["ratios", "precision", "gpu-check"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="tiny shapes, two steps, short runs: a smoke run")
+    p.add_argument("--out", default="bench_results", help="folder of the report (<section>.md, .json) and runs")
+    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16"], help="ratios: the steps' autocast "
+                   "(default fp32); precision, gpu-check: paired with fp32 (default bf16 where native, fp16 on CUDA)")
+    p.add_argument("--task", nargs="+", choices=["ad", "brain-age"], help="precision: the tasks (default both)")
+    p.add_argument("--versions", type=lambda t: list(range(int(t.split("-")[0]), int(t.split("-")[-1]) + 1)),
+                   help="precision: 0-7 (its default) or 3 (gpu-check: 0-3)")
+    p.add_argument("--jobs", type=int, default=2, choices=range(1, 65), metavar="K",
+                   help="precision on a CPU: runs at a time (on a GPU one)")
+    p.add_argument("--budget", type=float, default=600, help="gpu-check: seconds in all; a section past it skipped")
+    p.add_argument("--skip", nargs="+", default=[], choices=CHECK_SECTIONS, help="gpu-check: sections left out")
     p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--only", choices=["a", "b", "c"], help="one table")
-    p.add_argument("--check", action="store_true", help="the prepared GPU check: runs gpu_check.py with the same "
-                   "--device, --quick, --out and --budget")
-    p.add_argument("--out", help="--data-scale: folder of data_scale.md and .json (default none)")
-    p.add_argument("--data-scale", action="store_true", help="full-size images: decode rate, cache size, "
-                   "loader samples/s per worker (--quick: tiny shapes)")
-    p.add_argument("--subjects", type=int, default=48, help="--data-scale: images written per task")
-    p.add_argument("--decode-workers", type=int, nargs="+", default=[1, 2], help="--data-scale: prepare's workers")
-    p.add_argument("--budget", type=float, default=600, help="--check: gpu_check.py's --budget")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.child:
-        print(json.dumps(train_step_measure(**json.loads(args.child))))
-        return
-    if args.check:   # the old command: gpu_check.py, in its own process (it imports this file)
-        sys.exit(subprocess.run([sys.executable, os.path.join(HERE, "gpu_check.py"), "--device", device,
-                                 *(["--quick"] if args.quick else []), "--budget", str(args.budget),
-                                 *(["--out", args.out] if args.out else [])]).returncode)
-    if args.data_scale:
-        report = data_scale(args.subjects, args.decode_workers, quick=args.quick)
-        print(render_data_scale(report), end="")
-        return args.out and write_report(report, args.out, "data_scale", render_data_scale)
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    if args.only in (None, "a"):
-        print_hyperlayers(args.quick, device)
-    if args.only in (None, "b"):
-        print_train_steps(args.quick, device)
-    if args.only in (None, "c"):
-        print_throughput(bench_throughput(args.quick, device), args.quick, device)
-
-
-def print_hyperlayers(quick, device):
-    print("\n(a) hyperlayer forward+backward, ms (median); speed-up = naive per-sample loop / batched")
-    print("| case | factorised | materialised | naive loop | speed-up factorised | speed-up materialised |")
-    print("|---|---|---|---|---|---|")
-    for r in bench_hyperlayers(quick, device):
-        print(f"| {r['case']} | {r['factorised']:.1f} | {r['materialised']:.1f} | {r['naive']:.1f} | "
-              f"{r['speedup_factorised']:.1f}x | {r['speedup_materialised']:.1f}x |")
-
-
-def print_train_steps(quick, device):
-    print("\n(b) train step (forward, loss, backward, Adam), HyperFusion vs its image-only backbone")
-    print("| case | imaging s | HyperFusion s | time ratio | imaging MB | HyperFusion MB | memory ratio |")
-    print("|---|---|---|---|---|---|---|")
-    for r in bench_train_steps(quick, device):
-        print(f"| {r['case']} | {r['imaging_s']:.2f} | {r['hyperfusion_s']:.2f} | {r['time_ratio']:.3f} | "
-              f"{r['imaging_mb']:.0f} | {r['hyperfusion_mb']:.0f} | {r['memory_ratio']:.3f} |")
+        return print(json.dumps(measure(**json.loads(args.child))))
+    for x in set(args.precision or ["bf16"] * (args.section == "precision")) - {"fp32"}:   # the section's default
+        if device != "cuda" and (x == "fp16" or args.section != "ratios"):
+            p.error(f"--precision {x}: " + ("CUDA only" if x == "fp16" else "training refuses it on a CPU"))
+    sections = dict(precision=["precision"], ratios=["hyperlayers", "throughput", "loader"]).get(
+        args.section, [s for s in CHECK_SECTIONS if s not in args.skip])
+    report = run_report(sections, device, args.quick, args.out, args.budget if args.section == "gpu-check" else 1e6,
+                        name=args.section, precisions=args.precision, tasks=args.task, jobs=args.jobs,
+                        versions=args.versions)
+    print(render(report), end="")
+    sys.exit(1 if any(sec["status"] == "failed" for sec in report["sections"].values()) else 0)
 
 
 if __name__ == "__main__":

@@ -32,12 +32,10 @@ from scipy.stats import mannwhitneyu
 from sklearn.metrics import roc_auc_score
 
 import bench
-import bench_precision
 import evaluate
 import data
 import training
 import evaluate
-import gpu_check
 import data
 import data
 import evaluate
@@ -4440,15 +4438,11 @@ def test_preprocess_the_data_checks_and_the_demo_cohort_say_their_progress_and_n
 
 
 # ----------------------------------------------------------------------------------------------
-# The prepared GPU check's tests (gpu_check.py runs those whose id holds "device-cuda"). Each body takes
-# a device: the cuda parameter is skipped where no GPU is (CI), the cpu one runs in CI when it is fast.
+# The prepared GPU check's tests (bench.py gpu-check runs those whose id holds "device-cuda"). Each body takes
+# a device: the cuda parameter is skipped where no GPU is (CI), the cpu one runs in CI.
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = [pytest.param("cpu", id="device-cpu"), pytest.param("cuda", id="device-cuda", marks=cuda)]
-# cpu parameters over 3 s here (bfloat16's first kernels, loader workers, torch.compile) run only when asked, as
-# gpu_check.py --device cpu asks
-SLOW_CPU = pytest.mark.skipif(not os.environ.get("HYPERFUSION_SLOW_CPU_TESTS"), reason="HYPERFUSION_SLOW_CPU_TESTS=1")
-DEVICES_SLOW_CPU = [pytest.param("cpu", id="device-cpu", marks=SLOW_CPU), DEVICES[1]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -4698,213 +4692,191 @@ def test_check_a_bfloat16_train_step_stays_within_tolerance_of_float32(device, t
     assert abs(grad16.norm().item() - grad32.norm().item()) <= 0.25 * grad32.norm().item()
 
 
-@pytest.mark.parametrize("device", DEVICES_SLOW_CPU)
-def test_check_images_on_the_device_predict_what_the_loaders_batches_predict(device):
-    dev = torch.device(device)
-    image, tabular, target = _tiny_batch("ad", batch=12)
-    dataset = torch.utils.data.TensorDataset(image.half().float(), tabular, target)   # DeviceBatches holds float16
-    model = _tiny_model("ad", dev)
-    loaded = training.predict(model, training.make_loader(dataset, 4, 2 if dev.type == "cuda" else 0, dev), dev)
-    kept = training.predict(model, training.DeviceBatches(dataset, 4, dev), dev)
-    np.testing.assert_allclose(kept[0], loaded[0], rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(kept[1], target.numpy())
-
-
-@pytest.mark.parametrize("device", DEVICES_SLOW_CPU)
-@pytest.mark.parametrize("option", ["channels_last", "compile"])
-def test_check_compile_and_channels_last_train_as_eager_does(device, option):
-    """training.train_epoch, as fit runs it, two Adam steps (autocast as training uses it): the first loss
-    within 2% and the outputs after the steps within 0.02 of eager's."""
-    dev, batches = torch.device(device), [_tiny_batch("ad", seed=s) for s in (0, 1)]
-    eval_image, eval_tabular, _ = (t.to(dev) for t in _tiny_batch("ad", seed=2))
-    results = []
-    for variant in ("eager", option):
-        model = _tiny_model("ad", dev)
-        if variant == "channels_last":
-            model = model.to(memory_format=torch.channels_last_3d)
-        net = torch.compile(model) if variant == "compile" else model
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-        precision = training.resolve_precision("auto", dev, quiet=True)
-        scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-        total, n, first, problem = training.train_epoch(net, opt, scaler, batches, F.cross_entropy, dev,
-                                                        channels_last=variant == "channels_last", precision=precision)
-        assert problem is None and n == 8
-        with torch.no_grad():
-            results.append((first, torch.softmax(net.eval()(eval_image, eval_tabular).float(), 1)))
-    assert abs(results[1][0] - results[0][0]) <= 0.02 * abs(results[0][0])
-    torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=0.02)
-
-
 def test_the_paired_precision_benchmark_gives_the_t_interval_of_the_loss_and_calls_non_inferior_only_over_8_versions():
     ref = np.array([0.70, 0.72, 0.68, 0.71, 0.69, 0.73, 0.70, 0.72])
     loss = np.array([0.010, -0.005, 0.0, 0.004, 0.002, -0.001, 0.003, 0.0])
-    s = bench_precision.paired_loss(ref, ref - loss, +1)                   # BA: fp32 minus the recipe
+    s = bench.paired_loss(ref, ref - loss, +1)                             # BA: fp32 minus the precision's
     se = loss.std(ddof=1) / math.sqrt(8)
     assert s["mean"] == pytest.approx(loss.mean()) and s["n"] == 8
     assert s["high"] == pytest.approx(loss.mean() + 2.364624251592784 * se)      # Student t, 7 degrees of freedom
     assert s["low"] == pytest.approx(loss.mean() - 2.364624251592784 * se)
     assert s["one_sided"] == pytest.approx(loss.mean() + 1.8945786050900062 * se)
-    assert bench_precision.verdict(s, 0.02).startswith("non-inferior")
-    assert bench_precision.verdict(bench_precision.paired_loss(ref, ref - loss - 0.02, +1), 0.02).startswith(
-        "not shown (upper bound")
-    assert bench_precision.verdict(bench_precision.paired_loss(ref[:7], ref[:7] - loss[:7], +1), 0.02) == \
+    assert bench.verdict(s, 0.02).startswith("non-inferior")
+    assert bench.verdict(bench.paired_loss(ref, ref - loss - 0.02, +1), 0.02).startswith("not shown (upper bound")
+    assert bench.verdict(bench.paired_loss(ref[:7], ref[:7] - loss[:7], +1), 0.02) == \
         "not shown (7 versions, 8 needed)"
-    mae = bench_precision.paired_loss([3.0, 3.2], [3.5, 3.6], -1)          # MAE: the recipe minus fp32
+    mae = bench.paired_loss([3.0, 3.2], [3.5, 3.6], -1)                    # MAE: the precision's minus fp32
     assert mae["losses"] == pytest.approx([0.5, 0.4])
 
 
-def test_the_paired_precision_benchmark_pairs_each_version_with_itself_from_the_runs_files(tmp_path, capsys):
-    """--report-only over finished brain-age runs: version v of each recipe against version v of fp32, MAE from
-    metrics.json, training time and the last four epochs' spread from log.csv."""
-    out = tmp_path / "bp"
-    for recipe, shift, seconds in (("fp32", 0.0, 10.0), ("bf16", 0.05, 5.0)):
-        for v in range(8):
-            folder = training.brain_age_run_dir(str(out / recipe), "hyperfusion", v)
-            os.makedirs(folder)
-            mae = 4.0 + 0.3 * (v % 3) + shift + 0.001 * v * (recipe == "bf16")
-            json.dump({"test": {"mae": mae}}, open(os.path.join(folder, "metrics.json"), "w"))
-            rows = ["epoch,train_loss,mae,seconds"] + [f"{e},1.0,{5 + (e == 6) * (1 + v)},{seconds}"
-                                                       for e in range(1, 7)]
-            open(os.path.join(folder, "log.csv"), "w").write("\n".join(rows) + "\n")
-    bench_precision.main(["--task", "brain-age", "--versions", "0-7", "--recipes", "bf16", "--out", str(out),
-                          "--report-only"])
-    report = json.load(open(out / "report-brain-age-hyperfusion.json"))
-    s = report["summary"]["bf16"]["mae"]
-    assert s["losses"] == pytest.approx([0.05 + 0.001 * v for v in range(8)]) and s["n"] == 8
-    assert s["time_ratio"] == pytest.approx(2.0) and s["verdict"].startswith("non-inferior")
-    assert [report["runs"]["fp32"][str(v)]["spread"] for v in range(8)] == [1.0 + v for v in range(8)]
-    assert "| bf16 | MAE | +0.0535 |" in capsys.readouterr().out
+def _finished_precision_run(cmd, seconds=None, mae=None):
+    """Stands in for a brain-age training command of the precision benchmark: the run's metrics.json and log.csv
+    where the script writes them (<out>/brain-age/hyperfusion/v<V>)."""
+    version, precision, out = (cmd[cmd.index(o) + 1] for o in ("--version", "--precision", "--out"))
+    folder = training.brain_age_run_dir(out, "hyperfusion", int(version))
+    os.makedirs(folder)
+    v, bf16 = int(version), precision == "bf16"
+    mae = 4.0 + 0.3 * (v % 3) + (0.05 + 0.001 * v) * bf16 if mae is None else mae
+    json.dump({"test": {"mae": mae}}, open(os.path.join(folder, "metrics.json"), "w"))
+    seconds = (5.0 if bf16 else 10.0) if seconds is None else seconds
+    open(os.path.join(folder, "log.csv"), "w").write("epoch,train_loss,mae,seconds\n" + "".join(
+        f"{e},1.0,5.0,{seconds}\n" for e in range(1, 7)))
 
 
-def test_the_paired_precision_benchmark_continues_a_run_it_was_stopped_in():
-    """Stopped midway (killed, or a Ctrl-C), the benchmark run again resumes the unfinished run's last.pt
-    instead of failing on the folder it left (a resumed CPU run ends exactly as an uninterrupted one)."""
-    args = bench_precision.parse_args(["--task", "brain-age", "--versions", "3", "--out", "bp"])[0]
-    cmd = bench_precision.command(args, "bf16", 3)
-    assert cmd[1].endswith("train_brain_age.py") and "--resume" in cmd
-    assert cmd[cmd.index("--version") + 1] == "3" and cmd[cmd.index("--precision") + 1] == "bf16"
+def test_the_paired_precision_benchmark_pairs_each_version_with_itself_from_the_runs_files(tmp_path, monkeypatch):
+    """Version v of bf16 against version v of fp32: the test MAE from metrics.json, the training time from log.csv;
+    the runs are trained through the training script's command line, each with --version, --precision and
+    --resume (a run the benchmark was stopped in continues), and a finished run is not trained again."""
+    asked = []
+
+    def train(cmds, jobs, timeout):
+        asked.extend(cmds)
+        for cmd in cmds:
+            _finished_precision_run(cmd)
+    monkeypatch.setattr(bench, "run_commands", train)
+    monkeypatch.setattr(bench.synthetic, "builtin_cohort", lambda *a, **k: None)
+    s = bench.settings("cpu", False, name="precision")
+    pairs, per_version = bench.precision_pairs("brain-age", list(range(8)), s, "cpu", str(tmp_path), 1e7)
+    assert len(asked) == 16 and all(c[1].endswith("train_brain_age.py") and "--resume" in c for c in asked)
+    assert {(c[c.index("--precision") + 1], c[c.index("--version") + 1]) for c in asked} == \
+        {(p, str(v)) for p in ("fp32", "bf16") for v in range(8)}
+    (mae,) = pairs
+    assert (mae["precision"], mae["metric"], mae["versions"]) == ("bf16", "mae", 8)
+    assert mae["mean_loss"] == pytest.approx(0.05 + 0.0035) and mae["time_ratio"] == pytest.approx(2.0)
+    assert mae["verdict"].startswith("non-inferior")
+    assert [r["bf16 mae"] - r["fp32 mae"] for r in per_version] == pytest.approx([0.05 + 0.001 * v for v in range(8)])
+    asked.clear()
+    bench.precision_pairs("brain-age", list(range(9)), s, "cpu", str(tmp_path), 1e7)
+    assert sorted(c[c.index("--version") + 1] for c in asked) == ["8", "8"]          # the finished 16 reused
+
+
+def test_on_a_gpu_the_paired_precision_runs_train_one_at_a_time(tmp_path, monkeypatch):
+    """Two runs at once on one GPU share it and pull their time ratio toward 1: on CUDA the benchmark starts a
+    training only once the one before has ended, whatever --jobs says; on a CPU --jobs at a time."""
+    for device, most in (("cuda", 1), ("cpu", 2)):
+        running, seen = [], []
+
+        class Training:
+            def __init__(self, cmd, **kwargs):
+                self.cmd, self.returncode = cmd, None
+                running.append(self)
+                seen.append(len(running))
+
+            def communicate(self, timeout=None):
+                running.remove(self) if self in running else None
+                _finished_precision_run(self.cmd)
+                self.returncode = 0
+                return "", ""
+
+            def poll(self):
+                return self.returncode
+        monkeypatch.setattr(bench.subprocess, "Popen", Training)
+        monkeypatch.setattr(bench.synthetic, "builtin_cohort", lambda *a, **k: None)
+        s = bench.settings(device, False, name="precision", precisions=["fp16"], jobs=2)
+        bench.precision_pairs("brain-age", [0, 1], s, device, str(tmp_path / device), 1e7)
+        assert len(seen) == 4 and max(seen) == most, (device, seen)
+
+
+def test_the_benchmarks_peak_memory_is_reset_after_the_warm_up_steps():
+    """cudnn.benchmark tries convolution algorithms during the first steps, with workspaces training never holds:
+    the peak of the timed steps only is read, the CUDA calls recorded here on a CPU."""
+    order = []
+    saved = torch.cuda.synchronize, torch.cuda.reset_peak_memory_stats, torch.cuda.max_memory_allocated
+    try:
+        torch.cuda.synchronize = lambda *a: None
+        torch.cuda.reset_peak_memory_stats = lambda *a: order.append("reset")
+        torch.cuda.max_memory_allocated = lambda *a: order.append("peak") or 2 ** 21
+        seconds, peak = bench.run_steps(lambda: order.append("step"), steps=2, warmup=3, device="cuda")
+    finally:
+        torch.cuda.synchronize, torch.cuda.reset_peak_memory_stats, torch.cuda.max_memory_allocated = saved
+    assert order == ["step"] * 3 + ["reset"] + ["step"] * 2 + ["peak"] and peak == 2.0 and seconds >= 0
 
 
 def test_the_loader_measure_gives_every_worker_several_batches_of_each_timed_pass(monkeypatch):
     """With 4 batches for 8 workers a pass timed one batch's latency, not the loader's rate."""
     seen = {}
     monkeypatch.setattr(bench, "loader_workers", lambda requested, dev: 8)
-    monkeypatch.setattr(bench, "loader_rate", lambda ds, batch, workers, dev: seen.update(n=len(ds), w=workers) or 1.0)
-    r = bench.loader_measure("brain-age", (8, 8, 8), 4, "cpu")
-    assert seen == {"n": 4 * 3 * 8, "w": 8} and r["batches"] == 24
+    monkeypatch.setattr(bench, "make_loader", lambda ds, batch, workers, dev, shuffle: seen.update(n=len(ds), w=workers)
+                        or [(torch.zeros(batch), None, None)])
+    (r,) = bench.loader(dict(cases=[("brain-age", (8, 8, 8), 4)]), "cpu", [])["rows"]
+    assert seen == {"n": 4 * 3 * 8, "w": 8} and r["batches"] == 24 and r["samples_s"] > 0
 
 
 def test_the_gpu_checks_report_has_every_section_with_numbers(tmp_path):
-    """gpu_check.py's report-building on CPU at the smallest settings, measured in this process: each section
-    ran (the precision section trains demo runs: bench_precision.py's own tests hold it), with numbers in it, and
-    the markdown and JSON were written."""
-    report = gpu_check.run_check("cpu", True, str(tmp_path), spawn=False, skip=("precision",), steps=1, warmup=0,
-                                 duration=0.2, threads=None, variants=[(bench.fit_precision("cpu"), False, False)],
-                                 compile_cases=[], ks=(1,),
-                                 tests="test_check_hyperlayers and factorised and device-cpu")
+    """bench.py gpu-check's report on CPU at the smallest settings: each section ran (the precision section trains
+    demo runs: the tests above hold it), with numbers in it, and the markdown and JSON were written."""
+    sections = [s for s in bench.CHECK_SECTIONS if s != "precision"]
+    report = bench.run_report(sections, "cpu", True, str(tmp_path), steps=1, warmup=1, ks=(1,))
     sections = report["sections"]
-    assert list(sections) == ["tests", "compile", "throughput", "loader", "sharing", "protocols"]
-    assert [s for s in gpu_check.SECTIONS if s != "precision"] == list(sections)   # --skip's names are run_check's
+    assert list(sections) == ["tests", "hyperlayers", "throughput", "loader", "sharing"]
     assert all(s["status"] == "ok" for s in sections.values()), {k: s.get("error") for k, s in sections.items()}
-    assert sections["tests"]["passed"] == 1 and sections["tests"]["failed"] == 0
+    assert {c["outcome"] for c in sections["tests"]["cases"]} == {"passed"} and sections["tests"]["output"] is None
+    assert all(r["speedup_factorised"] > 0 for r in sections["hyperlayers"]["rows"])
     assert {(r["task"], r["model"]) for r in sections["throughput"]["rows"] if r["samples_s"] > 0} == \
         {(t, m) for t in ("ad", "brain-age") for m in ("imaging", "hyperfusion")}
     assert all(r["time_ratio"] > 0 for r in sections["throughput"]["ratios"])
-    assert all(r["loader_samples_s"] > 0 and r["loader_over_model"] > 0 for r in sections["loader"]["rows"])
+    assert all(h > 0 for h in sections["throughput"]["hours"]["fp32"].values())
+    assert len(sections["throughput"]["hours"]["fp32"]) == 2
+    assert all(r["samples_s"] > 0 and r["loader_over_model"] > 0 for r in sections["loader"]["rows"])
     assert sections["sharing"]["rows"][0]["aggregate_samples_s"] > 0
-    assert all(h > 0 for h in sections["protocols"]["default"].values()) and len(sections["protocols"]["default"]) == 2
     assert json.load(open(tmp_path / "check.json"))["sections"].keys() == sections.keys()
-    assert "## protocols: ok" in (tmp_path / "check.md").read_text()
+    md = (tmp_path / "check.md").read_text()
+    assert "## sharing: ok" in md and "passed " in md and "the paper's protocols at fp32" in md
 
 
 @pytest.mark.parametrize("ending", ["budget", "failure"])
 def test_the_gpu_checks_precision_section_keeps_every_version_finished_when_its_budget_runs_out_or_a_run_fails(
         tmp_path, monkeypatch, ending):
-    """The precision section asks bench_precision.py for one version more at a time, both tasks in turn; when a run
-    outlives the budget, or fails, the report (check.json and check.md) still holds each task's summary at its
-    last finished version. bench_precision.py is replaced by a stand-in that writes its report: its own tests
-    hold the benchmark."""
-    asked, run = [], subprocess.run
+    """The precision section trains one version more at a time, both tasks in turn; when a run outlives the
+    budget, or fails, the report (check.json and check.md) still holds each task's pairs at its last finished
+    version. The training commands are replaced by a stand-in that writes the runs' files."""
+    asked = []
 
-    def bench_precision_stand_in(cmd, **kwargs):
-        if not any(str(c).endswith("bench_precision.py") for c in cmd):
-            return run(cmd, **kwargs)
-        task, versions, out = (cmd[cmd.index(o) + 1] for o in ("--task", "--versions", "--out"))
-        v = int(versions.split("-")[1])
-        asked.append((task, versions))
-        if (task, v) == ("brain-age", 2):
-            if ending == "budget":
-                raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
-            return subprocess.CompletedProcess(cmd, 1, "", "error: a run failed")
-        recipes = cmd[cmd.index("--recipes") + 1:cmd.index("--jobs")]
-        assert recipes == ["fp32", "bf16", "bf16+fp32:hyper"]
-        metric = "mae" if task == "brain-age" else "balanced_accuracy"
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, f"report-{task}-hyperfusion.json"), "w") as f:
-            json.dump({"summary": {r: {metric: dict(mean=v / 100, low=-1.0, high=1.0, time_ratio=1.5,
-                                                    verdict=f"{r} {task} after version {v}")} for r in recipes[1:]}}, f)
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-
-    monkeypatch.setattr(gpu_check.subprocess, "run", bench_precision_stand_in)
-    report = gpu_check.run_check("cpu", True, str(tmp_path), spawn=False, precision_versions=4,
-                                 precision_recipes=("bf16", "bf16+fp32:hyper"),
-                                 skip=("tests", "compile", "throughput", "loader", "sharing", "protocols"))
-    assert asked == [("ad", "0-0"), ("brain-age", "0-0"), ("ad", "0-1"), ("brain-age", "0-1"), ("ad", "0-2"),
-                     ("brain-age", "0-2")]             # each time the versions so far, the finished ones reused
+    def train(cmds, jobs, timeout):
+        for cmd in cmds:
+            task = "ad" if cmd[1].endswith("train_ad.py") else "brain-age"
+            asked.append((task, cmd[cmd.index("--version") + 1], cmd[cmd.index("--precision") + 1]))
+            if (task, asked[-1][1]) == ("brain-age", "2"):
+                if ending == "budget":
+                    raise subprocess.TimeoutExpired(cmd, timeout)
+                raise RuntimeError("train_brain_age.py: exit 2: error: a run failed")
+            if task == "brain-age":
+                _finished_precision_run(cmd)
+                continue
+            out, v = cmd[cmd.index("--out") + 1], int(asked[-1][1])
+            folder = training.ad_run_dir(out, "hyperfusion", 0, v, 2)
+            os.makedirs(folder)
+            json.dump({"test": {"balanced_accuracy": 0.7 - 0.01 * v * (asked[-1][2] == "fp16"), "auc_macro": 0.8}},
+                      open(os.path.join(folder, "metrics.json"), "w"))
+            open(os.path.join(folder, "log.csv"), "w").write("epoch,seconds\n1,3.0\n")
+    monkeypatch.setattr(bench, "run_commands", train)
+    monkeypatch.setattr(bench.synthetic, "builtin_cohort", lambda *a, **k: None)
+    report = bench.run_report(["precision"], "cpu", True, str(tmp_path), precisions=["fp16"], versions=[0, 1, 2, 3])
+    assert [(t, v) for t, v, p in asked if p == "fp32"] == [("ad", "0"), ("brain-age", "0"), ("ad", "1"),
+                                                           ("brain-age", "1"), ("ad", "2"), ("brain-age", "2")]
     saved = json.load(open(tmp_path / "check.json"))["sections"]["precision"]
     assert saved["status"] == ("ok" if ending == "budget" else "failed")
-    assert {t: (x["versions"], *[m["verdict"] for s in x["summary"].values() for m in s.values()])
-            for t, x in saved["tasks"].items()} == {
-        "ad": (3, "bf16 ad after version 2", "bf16+fp32:hyper ad after version 2"),
-        "brain-age": (2, "bf16 brain-age after version 1", "bf16+fp32:hyper brain-age after version 1")}
+    assert {(r["task"], r["metric"], r["versions"]) for r in saved["rows"]} == {
+        ("ad", "balanced_accuracy", 3), ("ad", "auc_macro", 3), ("brain-age", "mae", 2)}
+    assert [r["mean_loss"] for r in saved["rows"] if r["metric"] == "balanced_accuracy"] == pytest.approx([0.01])
     assert ("brain-age version 2 did not finish" in saved["stopped"] if ending == "budget" else
             "error: a run failed" in saved["error"])
     md = (tmp_path / "check.md").read_text()
-    assert all(f"{r} {t} after version {v}" in md for r in ("bf16", "bf16+fp32:hyper")
-               for t, v in (("ad", 2), ("brain-age", 1)))
-    assert report["sections"]["precision"]["tasks"] == saved["tasks"]
+    assert "| ad | fp16 | balanced_accuracy | 3 | 0.01 |" in md and "| brain-age | fp16 | mae | 2 |" in md
+    assert report["sections"]["precision"]["rows"] == saved["rows"]
 
 
-@pytest.mark.parametrize("recipe, why", [("bf16+fp32:nothing", "unknown part"), ("fp32", "the reference"),
-                                         ("fp16", "CUDA only")])
-def test_the_gpu_check_refuses_a_precision_recipe_it_cannot_pair_in_one_line_naming_the_option(recipe, why,
-                                                                                               tmp_path):
-    p = subprocess.run([sys.executable, "gpu_check.py", "--device", "cpu", "--precision-recipes", "bf16", recipe,
-                        "--out", str(tmp_path), "--skip", *gpu_check.SECTIONS], cwd=HERE, capture_output=True,
-                       text=True, timeout=120)
-    assert p.returncode == 2 and p.stdout == ""
+@pytest.mark.parametrize("args, why", [(["gpu-check", "--precision", "fp16"], "--precision fp16: CUDA only"),
+                                       (["precision", "--precision", "bf16"], "--precision bf16: training refuses"),
+                                       (["--precision", "fp16"], "--precision fp16: CUDA only")])
+def test_the_benchmark_refuses_a_precision_this_device_cannot_train_in_one_line_naming_the_option(args, why,
+                                                                                                   tmp_path):
+    p = subprocess.run([sys.executable, "bench.py", *args, "--device", "cpu", "--out", str(tmp_path)], cwd=HERE,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stdout == "" and os.listdir(tmp_path) == []
     last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("gpu_check.py: error: --precision-recipes " + recipe) and why in last
+    assert last.startswith("bench.py: error: " + why), last
 
-
-def test_data_scale_reports_decode_cache_and_loader_with_a_positive_number_in_every_row(tmp_path, capsys, monkeypatch):
-    """bench.py --data-scale at tiny shapes (3 subjects, decode workers 1 and 2): the machine, torch and the
-    command, then the three tables, every row with its rates positive; the same report in data_scale.json."""
-    monkeypatch.setattr(sys, "argv", ["bench.py", "--data-scale", "--quick", "--subjects", "3", "--out", str(tmp_path)])
-    bench.main()
-    printed, report = capsys.readouterr().out, json.load(open(tmp_path / "data_scale.json"))
-    assert (tmp_path / "data_scale.md").read_text() == printed
-    head = printed.splitlines()[2]
-    assert all(f"{k} " in head for k in ("cpu", "cores", "torch", "load_before", "load_after")), head
-    assert "command python bench.py --data-scale --quick --subjects 3" in head
-    tasks = ("ad", "brain-age")
-    keys = dict(decode=("decode_workers", (1, 2), ("seconds", "nii_gz_mb", "images_s", "images_s_per_worker")),
-                cache=("dtype", ("float16", "float32"), ("mb_per_subject", "paper_cohort_gb")),
-                loader=("workers", (0, 1, 2), ("samples_s", "samples_s_per_worker")))
-    for name, (column, values, rates) in keys.items():
-        rows = report[name]
-        assert sorted((r["task"], r[column]) for r in rows) == [(t, v) for t in tasks for v in values], name
-        assert all(r[k] > 0 for r in rows for k in rates), (name, rows)
-        table = printed.split(f"## {name}\n\n")[1].split("\n\n")[0].splitlines()
-        assert len(table) == 2 + len(rows) and table[0].startswith("| task |"), table
-    assert all(r["spawn_start_s"] > 0 and (r["per_worker_after_start"] or 1) > 0 for r in report["decode"]
-               if r["decode_workers"] == 2)           # (after the start: none when the tiny decode is within its noise)
-    mb = {(r["task"], r["dtype"]): r["mb_per_subject"] for r in report["cache"]}
-    assert all(mb[t, "float32"] > 1.8 * mb[t, "float16"] for t in tasks)
-
-
-# ----------------------------------------------------------------------------------------------
-# Calibration: the probabilities measured (ECE, Brier, NLL) and corrected (temperature scaling)
 
 def _ece_by_hand(hit, confidence, n_bins=15):
     """Guo et al.'s ECE written out: bins (k/15, (k+1)/15] (the first closed), sum of |B|/N |acc(B) - conf(B)|."""
