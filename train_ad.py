@@ -9,7 +9,7 @@ subset 4 of the split is the test set, subset `fold` validates, the other three 
 with the best validation balanced accuracy is kept and evaluated on the test subset at the end.
 Everything lands in <out>/ad/<model>/seed<S>/v<V>/fold<F>/: best.pt, last.pt, log.csv,
 metrics.json and predictions.npz (the test probabilities that evaluate.py ensembles), logits.npz and
-calibration.json (the run's temperature, fitted on its validation set: calibration.py).
+calibration.json (the run's temperature, fitted on its validation set).
 The loop, checkpoints and device handling are training.py's.
 """
 import argparse
@@ -20,21 +20,15 @@ import torch
 import torch.nn.functional as F
 
 import data
-import data
-from training import calibrate, save_logits
-from training import alone, is_main, log, main_first
+from data import ArgumentParser, TabularPreprocessor, UserError, atomic_path, run_cli, write_json
 from layers import init_hyperlayers
 from metrics import classification_metrics
 from models import AD_MODELS, class_probabilities
-from training import load_run
-from training import claim_run_folder
-from data import ArgumentParser, UserError, atomic_path, run_cli, write_json
-from training import resolve_precision
-from training import DATA_KEYS, RunConfig, add_common_arguments, identity, resolve_schedule
 from synthetic import builtin_cohort
-from data import TabularPreprocessor
-from training import (batches, check_finite_outputs, fit, load_checkpoint, loader_workers, predict, resumable,
-    seed_all, setup_device, speed_options)
+from training import (DATA_KEYS, RunConfig, add_common_arguments, alone, calibrate, check_finite_outputs,
+                      claim_run_folder, fit, identity, is_main, load_checkpoint, load_run, loader_workers, log,
+                      main_first, make_loader, predict, resolve_precision, resolve_schedule, resumable, save_logits,
+                      seed_all, setup_device)
 
 # Table 1 (real data) and the demo schedule used on the built-in synthetic cohort
 REAL_AD = dict(epochs=250, batch_size=32, lr=1e-4, weight_decay=1e-5, lr_schedule="constant")
@@ -77,8 +71,8 @@ def ad_run_config(args, device):
 
 def train_ad(args):
     """One AD run from its parsed options (a dict, as vars(ad_arguments().parse_args())). -> metrics.
-    Its run folder is its own while it runs (runfolder.claim_run_folder), released however the run ends."""
-    device = setup_device(args["device"])
+    Its run folder is its own while it runs (claim_run_folder), released however the run ends."""
+    device = setup_device(args["device"], args["sync_bn"])
     run = ad_run_config(args, device)
     with claim_run_folder(run.run_dir(args["out"]), args["resume"]):   # refused before any work
         return run_ad(args, device, run)
@@ -129,8 +123,7 @@ def run_ad(args, device, run):
                                                  table.labels[idx], train=train)
     else:
         make = lambda idx, train: data.TabularDataset(tabular[idx], table.labels[idx])
-    pick_side = args["images_on_device"] and image_model   # on the device, a batch draws the sides itself
-    train_set, val_set, test_set = make(train_idx, not pick_side), make(val_idx, False), make(test_idx, False)
+    train_set, val_set, test_set = make(train_idx, True), make(val_idx, False), make(test_idx, False)
 
     # Eq. 5: class weights inversely proportional to the class frequencies of training + validation
     counts = np.bincount(table.labels[np.concatenate([train_idx, val_idx])], minlength=run.classes)
@@ -151,13 +144,13 @@ def run_ad(args, device, run):
         log("hyperlayer init (Eq. 1-2), E[e^2] on the training rows: "
             + ", ".join(f"{k} {v:.3g}" for k, v in measured.items()), quiet)
 
-    loader = lambda ds, **kw: batches(ds, run.batch_size, workers, device, args["images_on_device"], **kw)
-    train_loader = loader(train_set, shuffle=sampler is None, sampler=sampler, pick_side=pick_side)
+    loader = lambda ds, **kw: make_loader(ds, run.batch_size, workers, device, **kw)
+    train_loader = loader(train_set, shuffle=sampler is None, sampler=sampler)
     val_loader = loader(val_set)
     names = list(table.class_names)
     validate = lambda m: ad_metrics(m, val_loader, device, names, run.precision)[0]
     best = fit(model, train_loader, loss_fn, validate, "balanced_accuracy", run, run_dir, inputs,
-               state={"tabular": prep.state_dict()}, resume=args["resume"], quiet=quiet, **speed_options(args))
+               state={"tabular": prep.state_dict()}, resume=args["resume"], quiet=quiet, sync_bn=args["sync_bn"])
 
     model.load_state_dict(load_checkpoint(os.path.join(run_dir, "best.pt"), identity(run, inputs))["model"])
     test_metrics, test_probs = ad_metrics(model, loader(test_set), device, names, run.precision)

@@ -21,18 +21,14 @@ import torch
 import torch.nn.functional as F
 
 import data
-import data
-from training import is_main, log, main_first
+from data import ArgumentParser, UserError, atomic_path, run_cli, warn, write_json
 from layers import init_hyperlayers
 from metrics import age_bias_fit, gap_summary, regression_metrics
 from models import BRAIN_AGE_MODELS, AgeTarget
-from training import resolve_precision
-from training import RunConfig, add_common_arguments, identity, resolve_schedule
-from training import claim_run_folder
-from data import ArgumentParser, UserError, atomic_path, run_cli, warn, write_json
 from synthetic import builtin_cohort
-from training import (batches, check_finite_outputs, fit, load_checkpoint, loader_workers, predict,
-    recalibrate_batchnorm, resumable, seed_all, setup_device, speed_options)
+from training import (RunConfig, add_common_arguments, check_finite_outputs, claim_run_folder, fit, identity, is_main,
+                      load_checkpoint, loader_workers, log, main_first, make_loader, predict, recalibrate_batchnorm,
+                      resolve_precision, resolve_schedule, resumable, seed_all, setup_device)
 
 REAL_BRAIN_AGE = dict(epochs=70, batch_size=64, lr=1.5e-4, weight_decay=0.05, lr_schedule="constant")  # Table 1
 # the demo: a cosine learning rate, so that its last epochs settle (at a constant 1e-3 the validation MAE still
@@ -80,8 +76,8 @@ def brain_age_run_config(args, device):
 
 def train_brain_age(args):
     """One brain-age run from its parsed options (a dict, as vars(brain_age_arguments().parse_args())).
-    -> metrics. Its run folder is its own while it runs (runfolder.claim_run_folder), released however it ends."""
-    device = setup_device(args["device"])
+    -> metrics. Its run folder is its own while it runs (claim_run_folder), released however it ends."""
+    device = setup_device(args["device"], args["sync_bn"])
     run = brain_age_run_config(args, device)
     with claim_run_folder(run.run_dir(args["out"]), args["resume"]):   # refused before any work
         return run_brain_age(args, device, run)
@@ -118,7 +114,7 @@ def run_brain_age(args, device, run):
         f"{len(test_idx)} test subjects, images {image_shape} -> {run_dir}", quiet)
 
     make = lambda idx: data.BrainAgeDataset(torch.utils.data.Subset(cache, idx), sex[idx], table.age[idx])
-    loader = lambda idx, **kw: batches(make(idx), run.batch_size, workers, device, args["images_on_device"], **kw)
+    loader = lambda idx, **kw: make_loader(make(idx), run.batch_size, workers, device, **kw)
     train_loader, val_loader, test_loader = loader(train_idx, shuffle=True), loader(val_idx), loader(test_idx)
 
     seed_all(run.version)
@@ -129,12 +125,11 @@ def run_brain_age(args, device, run):
         f"(Eq. 3, AgeTarget.decay)", quiet)
     loss_fn = lambda pred, age: F.mse_loss(pred.float(), target.encode(age))   # Eq. 4
     validate = lambda m: age_metrics(m, val_loader, device, target, table.sex[val_idx], run.precision)[0]
-    # the training set in order, for the BatchNorm statistics (on the device: the training tensors themselves)
-    statistics_loader = train_loader.ordered() if args["images_on_device"] else loader(train_idx)
+    statistics_loader = loader(train_idx)                  # the training set in order, for the BatchNorm statistics
     best = fit(model, train_loader, loss_fn, validate, "mae", run, run_dir, inputs,
                state={"target": {"centre": target.centre, "scale": target.scale}}, resume=args["resume"],
                quiet=quiet, lower_is_better=True, weight_decay=target.decay(run.weight_decay),  # Table 1's, in years
-               **speed_options(args),
+               sync_bn=args["sync_bn"],
                before_validation=lambda m: recalibrate_batchnorm(m, statistics_loader, device, run.precision))
 
     model.load_state_dict(load_checkpoint(os.path.join(run_dir, "best.pt"), identity(run, inputs))["model"])
