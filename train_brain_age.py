@@ -5,13 +5,11 @@
     python train_brain_age.py --train-sex F                       # Fig. 4A: trained on women only
     python train_brain_age.py --data-csv ages.csv --image-dir preprocessed/
 
-The cohort is split 80/10/10 by age and sex (Sec. 4.2.3, split seed 0 unless --split-seed; the
-synthetic demo splits 50/25/25, so that its validation and test sets of 200 show half a year); the
-epoch with the best validation MAE is kept and tested. Output in <out>/brain-age/<model>/v<V>/
-(with --train-sex or --embedding-dim 2 in the model's folder name): best.pt, last.pt, log.csv,
-metrics.json ({"val": ..., "test": ...} with mae, mae_male, mae_female and the brain-age gap; "age_bias":
-the linear age-bias correction fitted on the validation set) and predictions.npz (test and validation).
-The loop, checkpoints and device handling are training.py's.
+The cohort is split 80/10/10 by age and sex (Sec. 4.2.3, split seed 0 unless --split-seed; the synthetic demo splits
+50/25/25, so that its validation and test sets of 200 show half a year); the epoch with the best validation MAE is
+kept and tested. Output in <out>/brain-age/<model>/v<V>/ (with --train-sex or --embedding-dim 2 in the folder name):
+best.pt, last.pt, log.csv, metrics.json (mae, mae_male, mae_female, the brain-age gap, and "age_bias": the linear
+age-bias correction fitted on the validation set) and predictions.npz (test and validation).
 """
 import argparse
 import os
@@ -57,26 +55,23 @@ def main(argv=None):
 
 
 def brain_age_run_config(args, device):
-    """The RunConfig that the parsed options describe (the schedule resolved for the data, the precision for
-    `device`)."""
-    synthetic = args["data_csv"] is None
+    """The RunConfig the parsed options describe, its schedule resolved for the data."""
+    synthetic, quiet = args["data_csv"] is None, args["quiet"]
     with main_first():  # torchrun: rank 0 generates the synthetic cohort, the others wait for it
-        data_csv = builtin_cohort("brain-age", args["data_dir"], args["quiet"]) if synthetic else args["data_csv"]
+        data_csv = builtin_cohort("brain-age", args["data_dir"], quiet) if synthetic else args["data_csv"]
     schedule = resolve_schedule(args, DEMO_BRAIN_AGE if synthetic else REAL_BRAIN_AGE,
-                                "demo (synthetic cohort)" if synthetic else "Table 1", args["quiet"])
+                                "demo (synthetic cohort)" if synthetic else "Table 1", quiet)
     split = tuple(args.get("split") or (DEMO_SPLIT if synthetic else data.BRAIN_AGE_FRACTIONS))
     if not (all(f > 0 for f in split) and abs(sum(split) - 1) <= 1e-6):   # NaN fails both
         raise UserError(f"--split {' '.join(map(str, split))}: three positive fractions that sum to 1")
     return RunConfig(task="brain-age", model=args["model"], version=args["version"], split_seed=args["split_seed"],
                      embedding_dim=args["embedding_dim"], train_sex=args["train_sex"], split=split, **schedule,
                      data_csv=data_csv, image_dir=args["image_dir"], cache_dir=args["cache_dir"],
-                     cache_dtype=args["cache_dtype"],
-                     precision=resolve_precision(args["precision"], device, args["quiet"]))
+                     cache_dtype=args["cache_dtype"], precision=resolve_precision(args["precision"], device, quiet))
 
 
 def train_brain_age(args):
-    """One brain-age run from its parsed options (a dict, as vars(brain_age_arguments().parse_args())).
-    -> metrics. Its run folder is its own while it runs (claim_run_folder), released however it ends."""
+    """One brain-age run from its parsed options (vars(brain_age_arguments().parse_args())) in its claimed folder."""
     device = setup_device(args["device"], args["sync_bn"])
     run = brain_age_run_config(args, device)
     with claim_run_folder(run.run_dir(args["out"]), args["resume"]):   # refused before any work
@@ -84,9 +79,7 @@ def train_brain_age(args):
 
 
 def run_brain_age(args, device, run):
-    """train_brain_age's run on `device`, in its claimed folder."""
-    quiet = args["quiet"]
-    workers = loader_workers(args["workers"], device)
+    quiet, workers = args["quiet"], loader_workers(args["workers"], device)
     table = data.read_brain_age_table(run.data_csv, run.image_dir)
     train_idx, val_idx, test_idx = data.brain_age_split(table.age, table.sex, run.split_seed, run.split)
     if run.train_sex != "all":
@@ -121,8 +114,7 @@ def run_brain_age(args, device, run):
     model = run.build_model(inputs).to(device)
     if run.model == "hyperfusion" and not resumable(run_dir, args["resume"]):
         init_hyperlayers(model, torch.as_tensor(sex[train_idx], device=device))  # Eq. 1-2, E[e^2] on training rows
-    log(f"target: age - {target.centre:.1f} years (Eq. 4); weight decay {run.weight_decay:g} on ages in years "
-        f"(Eq. 3, AgeTarget.decay)", quiet)
+    log(f"target: age - {target.centre:.1f} years (Eq. 4); weight decay {run.weight_decay:g} (Eq. 3)", quiet)
     loss_fn = lambda pred, age: F.mse_loss(pred.float(), target.encode(age))   # Eq. 4
     validate = lambda m: age_metrics(m, val_loader, device, target, table.sex[val_idx], run.precision)[0]
     statistics_loader = loader(train_idx)                  # the training set in order, for the BatchNorm statistics

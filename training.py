@@ -1,16 +1,11 @@
 """What both trainers share: the run's options and folder, the device, many processes, the loop `fit`, checkpoints.
 
-train_ad.py and train_brain_age.py each describe one run of their task (data, model, loss, metric) and hand it to
-`fit`, the loop of both: Adam with weight decay (Eq. 3) on the loss of Eq. 4 or Eq. 5. What defines a run is its
-RunConfig, written into every checkpoint with the facts it learned from its data (`inputs`: tabular columns,
-classes, crops, image shape), so that a checkpoint of another run is refused and a finished run is replayed exactly
-(load_run). A run that diverges stops in one line with its last good checkpoint kept; its folder holds that run alone.
-
-Many processes: `torchrun --nproc_per_node N train_ad.py ...` starts N copies of a script; each holds the whole model
-inside DDP and reads 1/N of every batch, and DDP averages the gradients, so one step is the single process's step
-on the whole batch. Rank 0 alone prints and writes; work done once (the synthetic cohort, the image cache, the
-tabular pre-training of Sec. 4.3.6) runs on rank 0 inside `main_first` while the others wait. Without torchrun
-every helper below is the single process's no-op.
+train_ad.py and train_brain_age.py each describe one run (data, model, loss, metric) and hand it to `fit`: Adam with
+weight decay (Eq. 3) on the loss of Eq. 4 or Eq. 5. A run is its RunConfig, stored in every checkpoint with the facts
+learned from its data (`inputs`), so that a checkpoint of another run is refused and a finished run is replayed
+exactly (load_run). Under `torchrun --nproc_per_node N` each process holds the model inside DDP and reads 1/N of
+every batch; rank 0 alone prints and writes, and work done once runs on rank 0 first (`main_first`). Without
+torchrun every helper below is the single process's no-op.
 """
 import atexit
 import contextlib
@@ -93,8 +88,8 @@ def alone():
 
 
 def wrap(model, device, sync_bn=False):
-    """-> (model, net): `net` trains (DDP around `model`), `model` is saved and evaluated. sync_bn: every BatchNorm
-    normalises with the whole batch's statistics (torch.nn.SyncBatchNorm, CUDA only). Alone: (model, model)."""
+    """-> (model, net): `net` trains (DDP, averaging the gradients), `model` is saved and evaluated. sync_bn: batch
+    norms over the whole batch (torch.nn.SyncBatchNorm, CUDA only)."""
     if world_size() == 1:
         return model, model
     if sync_bn:
@@ -136,9 +131,9 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 
 def unsupported(precision, device):
-    """Why `device` does not train in `precision`, or None. bfloat16 on this CPU was 0.93x float32's speed, not shown
-    as accurate, and oneDNN's bfloat16 weight gradient of a convolution is wrong where an input side is shorter than
-    the kernel; a GPU before compute capability 8.0 only emulates it. float16 needs CUDA's loss scaling."""
+    """Why `device` does not train in `precision`, or None. bfloat16 on a CPU was 0.93x float32's speed here, not
+    shown as accurate, and oneDNN's bfloat16 convolution weight gradient is wrong where an input side is shorter than
+    the kernel; a GPU before compute capability 8.0 only emulates it."""
     if precision == "fp16" and device.type != "cuda":
         return "float16 with loss scaling is for CUDA; use fp32"
     if precision == "bf16" and device.type != "cuda":
@@ -302,12 +297,9 @@ LOCK_NAME = ".lock"
 
 @contextlib.contextmanager
 def claim_run_folder(run_dir, resume):
-    """run_dir for this run alone while the block runs. Refused (UserError, before anything is decoded, trained or
-    written): a folder locked by a live process (an flock on <run_dir>/.lock, which the OS drops when the process
-    ends however it ends, kill -9 included); without --resume, a folder that holds a run's files, finished or not
-    (a new run's checkpoints beside an old run's metrics would be taken for a finished run: which run to keep is the
-    user's to say); with --resume, a folder with no last.pt but another run's files. On release the lock file
-    goes, and the folders this created if they are still empty."""
+    """run_dir for this run alone while the block runs. Refused before any work: a folder locked by a live process
+    (an flock the OS drops however the process ends), and one that holds another run's files (occupied). On release
+    the lock file goes, and the folders this created if they are still empty."""
     fd, created, refusal = None, [], None
     try:
         if is_main():
@@ -337,7 +329,8 @@ def occupied(run_dir, resume):
     if "metrics.json" in held:
         what, hint = f"a finished run ({', '.join(held)})", "use --resume to train it further (a larger --epochs)"
     elif "last.pt" in held:
-        what, hint = f"an unfinished run ({saved_epoch(os.path.join(run_dir, 'last.pt'))})", "use --resume to continue it"
+        what = f"an unfinished run ({saved_epoch(os.path.join(run_dir, 'last.pt'))})"
+        hint = "use --resume to continue it"
     else:
         what, hint = f"another run's {', '.join(held)}", "delete them"
     return f"{run_dir}: holds {what}, and a new run would mix with it; {hint}, or use another --out for the new run"
@@ -362,9 +355,8 @@ def make_folders(run_dir):
 
 
 def lock_folder(run_dir):
-    """An exclusive flock on <run_dir>/.lock holding "pid N on HOST" -> (fd, None); (None, that holder) when a live
-    process holds it; (None, None), with a warning, where the file system has no locks. The file is removed on
-    release, so a lock counts only when the name still leads to the file locked, else it is taken again."""
+    """An flock on <run_dir>/.lock holding "pid N on HOST" -> (fd, None); (None, holder) when a live process holds
+    it; (None, None), with a warning, without locks. A lock counts only while the name leads to the file locked."""
     path = os.path.join(run_dir, LOCK_NAME)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -410,9 +402,9 @@ def release_folder(run_dir, fd, created):
 # Device, randomness, loaders, evaluation passes
 
 def setup_device(name, sync_bn=False):
-    """auto: CUDA when present. On CUDA: cudnn.benchmark (fixed input shapes) and TF32 off, so that float32 means
-    float32 in training, prediction and benchmarks alike. Under torchrun: joins the process group (NCCL on CUDA,
-    gloo on CPU) and, on CUDA, takes the GPU of its local rank. sync_bn: refused off CUDA (torch's SyncBatchNorm)."""
+    """auto: CUDA when present. TF32 off (float32 means float32 in training, prediction and benchmarks alike);
+    cudnn.benchmark on CUDA (fixed input shapes). Under torchrun: joins the process group (NCCL on CUDA, gloo on
+    CPU), on CUDA with the GPU of its local rank. sync_bn: refused off CUDA (torch's SyncBatchNorm)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -452,10 +444,9 @@ def seed_all(seed):
 
 
 def make_loader(dataset, batch_size, workers, device, shuffle=False, sampler=None):
-    """Batches of `dataset`; a shuffled training loader drops a last partial batch (one drawn by a sampler,
-    --loss ce-oversample, keeps it). Under torchrun each process reads 1/N of the set (a DistributedSampler, which
-    fit re-shuffles each epoch, or 1/N of the weighted draws, seeded per process by fit) in batches of
-    batch_size / N, so that a step still sees batch_size samples (--batch-size is the whole step's, as in Table 1)."""
+    """Batches of `dataset`; shuffled, a last partial batch is dropped (not when drawn by a sampler). Under torchrun
+    each process reads 1/N of the set (a DistributedSampler, or 1/N of the weighted draws, seeded per process by
+    fit) in batches of batch_size / N: a step still sees batch_size samples (the whole step's, as in Table 1)."""
     drop_last = shuffle and len(dataset) > batch_size
     if world_size() > 1:
         if batch_size % world_size():
@@ -477,10 +468,9 @@ def to_device(image, device):
 
 @torch.no_grad()
 def recalibrate_batchnorm(model, loader, device, precision="fp32"):
-    """"Precise BN": every BatchNorm's running statistics re-estimated over `loader` (the training set, in order)
-    with the current weights, as a plain average over its batches; the weights do not change. With a high learning
-    rate and small batches the moving averages lag the weights (brain age: validation MAE 20.2 with the epoch's
-    running statistics, 5.4 re-estimated, same weights). Under torchrun the processes' statistics are averaged."""
+    """"Precise BN": every BatchNorm's running statistics re-estimated over `loader` (the training set, in order) as a
+    plain average with the current weights: with a high learning rate and small batches the moving averages lag
+    the weights (brain age: validation MAE 20.2 with the epoch's statistics, 5.4 re-estimated, same weights)."""
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
@@ -502,12 +492,9 @@ def recalibrate_batchnorm(model, loader, device, precision="fp32"):
 
 @torch.no_grad()
 def predict(model, loader, device, transform=None, precision="fp32", on_batch=None, sides=False):
-    """Every item of a loader through the model in eval mode -> (outputs (N, ...), targets (N,)) as numpy.
-
-    `transform` maps the network's output (softmax for AD, AgeTarget.decode for brain age). An item that holds both
-    hippocampi, image (B, 2, 1, D, H, W), is read as 2B images and its two sides' outputs averaged (Sec. 4.3.6), or
-    with `sides` kept, (N, 2, ...) (what temperature scaling fits). on_batch(n): told each batch's n items (progress).
-    Under torchrun every process predicts its share and gets everyone's back, in dataset order."""
+    """Every item of a loader through the model in eval mode -> (outputs (N, ...), targets (N,)) as numpy, every
+    process's share gathered. `transform`: softmax (AD) or AgeTarget.decode (brain age). Both hippocampi, image
+    (B, 2, 1, D, H, W): the two sides' outputs averaged (Sec. 4.3.6), or kept with `sides`. on_batch(n): progress."""
     model.eval()
     outputs, targets = [], []
     for image, tabular, target in loader:
@@ -552,8 +539,7 @@ def check_finite_outputs(outputs):
 # Checkpoints
 
 def save_checkpoint(obj, path):
-    """Atomic (a temporary file, then a rename), serialised in memory first, so that a full disk is one error naming
-    the folder and the bytes it needed, not a traceback from torch.save's writer."""
+    """Atomic, serialised in memory first: a full disk is one error naming the folder and the bytes it needed."""
     buf = io.BytesIO()
     torch.save(obj, buf)
     write_bytes(buf.getbuffer(), path)
@@ -600,9 +586,8 @@ def resumable(run_dir, resume):
 # The loop
 
 # Diverged though finite: an epoch's mean training loss over LOSS_BOUND times the untrained network's (its first
-# batch). A network that learns stays within a few times its starting loss, while --lr 1e3 on the AD cohort gives
-# 2e9 in the tabular MLP's first epoch and 1e17 in HyperFusion's, and the epochs after it learn nothing. Relative to
-# the run's own start, so that it does not depend on the loss's units.
+# batch). --lr 1e3 on the AD cohort gives 2e9 in the tabular MLP's first epoch (untrained: 1.3), and the epochs
+# after it learn nothing; relative to the run's own start, so that it does not depend on the loss's units.
 LOSS_BOUND = 1e6
 
 
@@ -614,20 +599,14 @@ def make_optimizer(model, lr, weight_decay, device):
 
 def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs, state=None, resume=False,
         quiet=False, lower_is_better=False, sync_bn=False, before_validation=None, weight_decay=None):
-    """The training loop of both tasks -> {"epoch", "score", "metrics"} of the best epoch.
+    """The training loop of both tasks -> {"epoch", "score", "metrics"} of the best epoch by validate(model)[score_key].
 
-    Each step: forward and loss (Eq. 4 or Eq. 5, loss_fn) at the run's precision, backward, an Adam step with the
-    weight decay of Eq. 3 (run.weight_decay unless `weight_decay` is given: brain age rescales it to its target).
-    Each epoch's randomness (shuffling, dropout, the hippocampus side) is seeded from (version, epoch), so a run
-    resumed from last.pt ends exactly as an uninterrupted one on CPU. The best epoch by validate(model)[score_key]
-    is kept: best.pt and last.pt (with the run, its data facts `inputs` and its saved `state`, such as its tabular
-    preprocessing) and log.csv are written every epoch. before_validation(model) runs before each validation (brain
-    age: recalibrate_batchnorm). Under torchrun the model trains inside DDP (wrap), rank 0 alone writes.
-
-    resume continues last.pt (its run must be this one; --epochs may grow, not shrink); a finished run trained
-    further loses its metrics.json and predictions.npz first, so that a half-trained best.pt is never taken for a
-    finished run's. Divergence stops the run with a UserError naming the epoch and what went non-finite, before
-    that epoch is saved. A KeyboardInterrupt (Ctrl-C, SIGTERM) goes up with `progress`, what last.pt holds."""
+    A step: forward and loss (Eq. 4 or 5) at the run's precision, backward, Adam with Eq. 3's decay (`weight_decay`,
+    else run.weight_decay). Each epoch is seeded from (version, epoch): resumed from last.pt, a run ends exactly as an
+    uninterrupted one on CPU. Every epoch writes last.pt (and best.pt when better: the run, `inputs`, its `state`)
+    and log.csv. before_validation(model): brain age's precise BN. resume: continues last.pt (--epochs may grow);
+    a finished run trained further loses its metrics first. Divergence stops the run (UserError) before its epoch
+    is saved; a KeyboardInterrupt goes up with `progress`, what last.pt holds."""
     os.makedirs(run_dir, exist_ok=True)
     device = next(model.parameters()).device
     model, net = wrap(model, device, sync_bn)
@@ -722,9 +701,8 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
 
 
 def check_losses(losses, sizes, epoch, initial, run_dir, saved):
-    """An epoch's step losses (on the device, read back once) -> (mean training loss over every process, the
-    untrained network's loss); divergence (check_divergence) at the first non-finite one, naming its step, or at a
-    mean over LOSS_BOUND times the untrained network's."""
+    """An epoch's step losses (read back once) -> (the mean over all processes, the untrained network's); diverged
+    at the first non-finite one, naming its step, or at a mean over LOSS_BOUND times the untrained network's."""
     values = torch.stack(losses).double().cpu() if losses else torch.zeros(0, dtype=torch.float64)
     bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
     problem = f"the training loss is {float(values[bad[0]])} (step {bad[0] + 1} of {len(values)})" if bad else None
@@ -772,9 +750,7 @@ def write_log(history, path):
 
 
 # ----------------------------------------------------------------------------------------------
-# A finished run read back: evaluation, the test-time sweep and prediction replay a run with its own state (the
-# tabular preprocessing and imputation of Sec. 3.3, the hippocampus boxes, the image shape, the brain-age target
-# scale, all in its checkpoint, and an AD run's temperature, calibration.json)
+# A finished run read back, replayed with its own state: tabular preprocessing (Sec. 3.3), boxes, target, temperature
 
 CALIBRATION_FILE = "calibration.json"   # an AD run's temperature and its validation calibration
 
@@ -830,7 +806,6 @@ class FinishedRun:
         return self.read_json("metrics.json")
 
     def read_json(self, name):
-        """A JSON file of the run's folder; unreadable is one error naming it."""
         path = os.path.join(self.dir, name)
         try:
             with open(path) as f:
