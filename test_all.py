@@ -4529,38 +4529,6 @@ def test_the_paired_precision_benchmark_gives_the_t_interval_of_the_loss_and_cal
     assert mae["losses"] == pytest.approx([0.5, 0.4])
 
 
-def test_the_paired_precision_benchmark_pairs_each_version_with_itself_from_the_runs_files(tmp_path, capsys):
-    """--report-only over finished brain-age runs: version v of each recipe against version v of fp32, MAE from
-    metrics.json, training time and the last four epochs' spread from log.csv."""
-    out = tmp_path / "bp"
-    for recipe, shift, seconds in (("fp32", 0.0, 10.0), ("bf16", 0.05, 5.0)):
-        for v in range(8):
-            folder = training.brain_age_run_dir(str(out / recipe), "hyperfusion", v)
-            os.makedirs(folder)
-            mae = 4.0 + 0.3 * (v % 3) + shift + 0.001 * v * (recipe == "bf16")
-            json.dump({"test": {"mae": mae}}, open(os.path.join(folder, "metrics.json"), "w"))
-            rows = ["epoch,train_loss,mae,seconds"] + [f"{e},1.0,{5 + (e == 6) * (1 + v)},{seconds}"
-                                                       for e in range(1, 7)]
-            open(os.path.join(folder, "log.csv"), "w").write("\n".join(rows) + "\n")
-    bench_precision.main(["--task", "brain-age", "--versions", "0-7", "--recipes", "bf16", "--out", str(out),
-                          "--report-only"])
-    report = json.load(open(out / "report-brain-age-hyperfusion.json"))
-    s = report["summary"]["bf16"]["mae"]
-    assert s["losses"] == pytest.approx([0.05 + 0.001 * v for v in range(8)]) and s["n"] == 8
-    assert s["time_ratio"] == pytest.approx(2.0) and s["verdict"].startswith("non-inferior")
-    assert [report["runs"]["fp32"][str(v)]["spread"] for v in range(8)] == [1.0 + v for v in range(8)]
-    assert "| bf16 | MAE | +0.0535 |" in capsys.readouterr().out
-
-
-def test_the_paired_precision_benchmark_continues_a_run_it_was_stopped_in():
-    """Stopped midway (killed, or a Ctrl-C), the benchmark run again resumes the unfinished run's last.pt
-    instead of failing on the folder it left (a resumed CPU run ends exactly as an uninterrupted one)."""
-    args = bench_precision.parse_args(["--task", "brain-age", "--versions", "3", "--out", "bp"])[0]
-    cmd = bench_precision.command(args, "bf16", 3)
-    assert cmd[1].endswith("train_brain_age.py") and "--resume" in cmd
-    assert cmd[cmd.index("--version") + 1] == "3" and cmd[cmd.index("--precision") + 1] == "bf16"
-
-
 def test_the_loader_measure_gives_every_worker_several_batches_of_each_timed_pass(monkeypatch):
     """With 4 batches for 8 workers a pass timed one batch's latency, not the loader's rate."""
     seen = {}
@@ -4639,18 +4607,6 @@ def test_the_gpu_checks_precision_section_keeps_every_version_finished_when_its_
     assert all(f"{r} {t} after version {v}" in md for r in ("bf16", "bf16+fp32:hyper")
                for t, v in (("ad", 2), ("brain-age", 1)))
     assert report["sections"]["precision"]["tasks"] == saved["tasks"]
-
-
-@pytest.mark.parametrize("recipe, why", [("bf16+fp32:nothing", "unknown part"), ("fp32", "the reference"),
-                                         ("fp16", "CUDA only")])
-def test_the_gpu_check_refuses_a_precision_recipe_it_cannot_pair_in_one_line_naming_the_option(recipe, why,
-                                                                                               tmp_path):
-    p = subprocess.run([sys.executable, "gpu_check.py", "--device", "cpu", "--precision-recipes", "bf16", recipe,
-                        "--out", str(tmp_path), "--skip", *gpu_check.SECTIONS], cwd=HERE, capture_output=True,
-                       text=True, timeout=120)
-    assert p.returncode == 2 and p.stdout == ""
-    last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("gpu_check.py: error: --precision-recipes " + recipe) and why in last
 
 
 def test_data_scale_reports_decode_cache_and_loader_with_a_positive_number_in_every_row(tmp_path, capsys, monkeypatch):
