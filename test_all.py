@@ -1953,9 +1953,9 @@ def test_versions_are_independent_initialisations_and_one_version_twice_starts_f
                                v1["block4.downsample.hypernet.embedding.0.weight"])
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32"])
 def test_resume_after_an_interruption_ends_as_an_uninterrupted_run(ad_cohort60, tmp_path, monkeypatch, precision):
-    """On CPU, at float32 and at bfloat16 (autocast is deterministic there too)."""
+    """On CPU, exactly."""
     precise = ("--precision", precision)
     straight = train_ad.main(_ad_args(ad_cohort60, tmp_path / "a", "--model", "concat", *precise))
 
@@ -2427,45 +2427,10 @@ def test_hyperfusion_continues_an_interrupted_pre_training_of_its_tabular_mlp(ad
     assert _epoch_of(tabular_dir) == 2 and os.path.isfile(os.path.join(tabular_dir, "metrics.json"))
 
 
-def test_a_training_epoch_reads_its_losses_back_every_sync_every_steps_not_every_step(monkeypatch):
-    """On a GPU a read per step (loss.item()) makes the host wait for every forward pass: train_epoch keeps the
-    losses on the device and reads them every sync_every steps (GPU_SYNC_EVERY there), still naming the step of
-    the first non-finite loss and stopping the epoch at the next read."""
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(3, 2)
-
-        def forward(self, image, tabular):
-            return self.fc(tabular)
-    torch.manual_seed(0)
-    batches = [(torch.zeros(4, 1), torch.randn(4, 3), torch.arange(4) % 2) for _ in range(8)]
-    reads, real = [], {k: getattr(torch.Tensor, k) for k in ("item", "__int__", "__float__", "__bool__")}
-    for k, f in real.items():
-        monkeypatch.setattr(torch.Tensor, k, lambda self, *a, f=f, k=k: reads.append(k) or f(self, *a))
-    cpu, scaler = torch.device("cpu"), torch.amp.GradScaler("cuda", enabled=False)
-    for every, expected in ((4, 8 // 4 + 3), (1, 8 + 3)):
-        net = Net()
-        start = copy.deepcopy(net)
-        reads.clear()
-        total, n, first, problem = training.train_epoch(net, torch.optim.SGD(net.parameters(), lr=0.1), scaler,
-                                                        batches, F.cross_entropy, cpu, sync_every=every)
-        assert len(reads) == expected and n == 32 and problem is None, reads
-        with torch.no_grad():
-            assert first == pytest.approx(float(F.cross_entropy(start(*batches[0][:2]), batches[0][2])), rel=1e-6)
-    steps = []
-    loss = lambda out, target: steps.append(1) or F.cross_entropy(out, target) * (float("nan") if len(steps) == 2
-                                                                                 else 1.0)
-    net = Net()
-    total, n, first, problem = training.train_epoch(net, torch.optim.SGD(net.parameters(), lr=0.1), scaler, batches,
-                                                    loss, cpu, sync_every=4)
-    assert problem == "the training loss is nan (step 2 of 8)" and len(steps) == 4 and n == 12   # read at step 4
-
-
 def test_a_non_finite_training_loss_stops_the_run_naming_the_epoch_with_the_last_good_checkpoint_kept(
         ad_cohort60, tmp_path, monkeypatch):
-    """It was a RuntimeError traceback. Now one line, exit 2, the epoch stopped at its first NaN loss (no step
-    taken with it) and last.pt and best.pt left holding epoch 1."""
+    """It was a RuntimeError traceback. Now one line, exit 2, naming the epoch's first NaN loss, and last.pt and
+    best.pt left holding epoch 1."""
     real_loss, steps = train_ad.wce_loss, []
 
     def nan_from_epoch_2(logits, target, weights):              # 36 training subjects, batches of 8: 4 steps an epoch
@@ -2476,7 +2441,7 @@ def test_a_non_finite_training_loss_stops_the_run_naming_the_epoch_with_the_last
     run_dir = _run_dir(tmp_path, "tabular")
     assert_clean_error(run_main(train_ad.main, *_tabular_args(ad_cohort60, tmp_path, "--epochs", "3")), run_dir,
                        "diverged in epoch 2", "the training loss is nan (step 1 of 4)", "last.pt still holds epoch 1")
-    assert len(steps) == 5 and sorted(os.listdir(run_dir)) == ["best.pt", "last.pt", "log.csv"]
+    assert len(steps) == 8 and sorted(os.listdir(run_dir)) == ["best.pt", "last.pt", "log.csv"]   # epoch 2 ends
     for name in ("last.pt", "best.pt"):
         ckpt = training.load_checkpoint(os.path.join(run_dir, name))
         assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
@@ -3742,7 +3707,7 @@ def test_predict_refuses_other_grids_mixed_runs_and_unfinished_runs_in_one_line(
 
 def test_a_two_process_torchrun_run_writes_each_file_once_and_tests_each_subject_once(ad_cohort60, tmp_path):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "train_ad.py", *_ad_args(ad_cohort60, tmp_path, "--device", "cpu", "--sync-bn")],
+                        "train_ad.py", *_ad_args(ad_cohort60, tmp_path, "--device", "cpu")],
                        cwd=HERE, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = p.stdout.strip().splitlines()
@@ -3763,18 +3728,16 @@ def test_a_two_process_torchrun_run_writes_each_file_once_and_tests_each_subject
 
 
 def _ddp_worker(rank, world, init_file, batch, out):
-    """One of two gloo processes: one SGD step on its share of the batch, with and without SyncBatchNorm
-    (a fresh model each time), then the rows of its share of 5 items gathered back."""
+    """One of two gloo processes: one SGD step on its share of the batch inside DDP (training.wrap), then the
+    rows of its share of 5 items gathered back."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    results = {}
-    for sync_bn in (True, False):
-        model, net = training.wrap(_no_dropout_model(), torch.device("cpu"), sync_bn)
-        _one_sgd_step(model, net, *(t.chunk(world)[rank] for t in batch))
-        results[sync_bn] = {k: v.clone() for k, v in model.state_dict().items()}
-        del model, net                     # the DDP reducer holds the process group: gone before it is destroyed
+    model, net = training.wrap(_no_dropout_model(), torch.device("cpu"))
+    _one_sgd_step(model, net, *(t.chunk(world)[rank] for t in batch))
+    results = {"ddp": {k: v.detach().clone() for k, v in model.named_parameters()}}
+    del model, net                         # the DDP reducer holds the process group: gone before it is destroyed
     gc.collect()
-    share = list(training.shard(range(5), shuffle=False))             # rank 0: 0 2 4, rank 1: 1 3 0 (padding)
+    share = list(torch.utils.data.DistributedSampler(range(5), 2, rank, shuffle=False))   # 0 2 4 | 1 3 0 (padding)
     results["gathered"] = training.gather(np.arange(5)[share] * 10, 5)
     if rank == 0:
         torch.save(results, out)
@@ -3808,69 +3771,20 @@ def _one_sgd_step(model, net, image, tabular, target):
     opt.step()
 
 
-def test_one_ddp_step_with_sync_bn_on_two_processes_equals_one_step_on_the_whole_batch(two_ddp_processes):
+def test_one_ddp_step_on_two_processes_takes_the_mean_of_their_shares_gradients(two_ddp_processes):
+    """Each process's BatchNorms normalise its own share (torch's SyncBatchNorm, --sync-bn, is CUDA's)."""
     ddp, batch = two_ddp_processes
-    model = _no_dropout_model()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    _one_sgd_step(model, model, *batch)
-    for k, v in model.state_dict().items():                      # parameters and batch-norm running statistics
-        torch.testing.assert_close(ddp[True][k], v, rtol=1e-5, atol=1e-6, msg=k)
-        if v.is_floating_point():                                # the step itself, not just the starting point
-            torch.testing.assert_close(ddp[True][k] - before[k], v - before[k], rtol=1e-3, atol=1e-6, msg=k)
-    moved = [k for k, v in model.state_dict().items() if v.is_floating_point() and "running" not in k
-             and not torch.allclose(ddp[False][k] - before[k], v - before[k], rtol=1e-3, atol=1e-6)]
-    assert moved                                                 # without --sync-bn the step differs
+    model = _no_dropout_model().train()
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    (sum(F.cross_entropy(model(i, t), y) for i, t, y in zip(*(b.chunk(2) for b in batch))) / 2).backward()
+    opt.step()
+    for k, v in model.named_parameters():                        # the step itself, not just the starting point
+        torch.testing.assert_close(ddp["ddp"][k] - before[k], v.detach() - before[k], rtol=1e-3, atol=1e-5, msg=k)
 
 
 def test_gathered_shares_hold_every_item_once_in_order_when_the_sampler_pads(two_ddp_processes):
     assert two_ddp_processes[0]["gathered"].tolist() == [0, 10, 20, 30, 40]
-
-
-def test_images_kept_on_the_device_are_filled_one_by_one_in_float16_and_precise_bn_reuses_them_in_order(monkeypatch):
-    """--images-on-device at the paper's scale: no float32 stack of the whole set on the host (it would need about
-    88 GB for brain age), and the precise-BN pass reads the training tensors themselves, in order, not a copy."""
-    g = torch.Generator().manual_seed(0)
-    dataset = torch.utils.data.TensorDataset(torch.randn(10, 1, 4, 5, 4, generator=g), torch.randn(10, 2),
-                                             torch.rand(10))
-    stacked, real_stack = [], torch.stack
-    monkeypatch.setattr(torch, "stack", lambda ts, *a, **k: stacked.append(sum(t.numel() for t in ts)) or
-                        real_stack(ts, *a, **k))
-    train = training.DeviceBatches(dataset, 4, torch.device("cpu"), shuffle=True)
-    assert train.image.dtype == torch.float16 and train.image.shape == (10, 1, 4, 5, 4)
-    assert max(stacked) <= 20                                        # the tabular rows and targets, never images
-    assert torch.equal(train.image.float(), dataset.tensors[0].half().float())
-    stats = train.ordered()
-    assert stats.image.data_ptr() == train.image.data_ptr()                          # the same tensors
-    got = torch.cat([tab for _, tab, _ in stats])
-    assert torch.equal(got, dataset.tensors[1]) and len(stats) == 3                  # every item once, in order
-    assert not torch.equal(torch.cat([tab for _, tab, _ in train]), dataset.tensors[1][:8])  # training: shuffled
-
-
-def test_under_torchrun_a_process_holds_its_share_of_the_images_on_the_device_and_draws_from_it_alone(monkeypatch):
-    """--images-on-device under torchrun: the processes hold the cohort once between them (each the share
-    DistributedSampler deals it, fixed for the run), and every epoch each draws batches of batch / N from what it
-    holds, shuffled or by the weighted sampler restricted to its share."""
-    value = torch.arange(7.)
-    dataset = torch.utils.data.TensorDataset(value.view(7, 1, 1, 1, 1).expand(7, 1, 2, 2, 2).clone(), value[:, None],
-                                             value.long())
-    weights = torch.tensor([1., 1., 0., 1., 0., 1., 1.], dtype=torch.double)    # items 2 and 4 never drawn
-    monkeypatch.setattr(training, "world_size", lambda: 2)
-    held, cpu = {}, torch.device("cpu")
-    for r in (0, 1):
-        monkeypatch.setattr(training, "rank", lambda r=r: r)
-        train = training.DeviceBatches(dataset, 4, cpu, shuffle=True)
-        assert train.image.shape == (4, 1, 2, 2, 2)                          # ceil(7 / 2) items, not 7
-        held[r] = set(train.image[:, 0, 0, 0, 0].long().tolist())
-        assert set(train.target.tolist()) == held[r]                         # images and rows of the same items
-        for _ in range(2):                                                   # two epochs
-            got = [(image[:, 0, 0, 0, 0].long().tolist(), target.tolist()) for image, _, target in train]
-            assert len(got) == 2 and all(len(t) == 2 and i == t for i, t in got)
-            assert set(sum((t for _, t in got), [])) == held[r]
-        weighted = training.DeviceBatches(dataset, 4, cpu, sampler=torch.utils.data.WeightedRandomSampler(weights, 7))
-        drawn = set(sum((t.tolist() for _, _, t in weighted), []))
-        assert drawn and drawn <= held[r] - {2, 4}
-        assert sum(len(t) for _, _, t in weighted.ordered()) == 4
-    assert held[0] | held[1] == set(range(7)) and held[0] == {0, 2, 4, 6}
 
 
 def test_loaders_ship_images_in_the_float16_the_cache_stores_and_the_network_reads_them_in_float32():
@@ -3895,53 +3809,6 @@ def test_loaders_ship_images_in_the_float16_the_cache_stores_and_the_network_rea
                                               torch.as_tensor(age))
     np.testing.assert_array_equal(training.predict(model, training.make_loader(shipped, 3, 0, cpu), cpu)[0],
                                   training.predict(model, training.make_loader(as_float, 3, 0, cpu), cpu)[0])
-
-
-def test_precise_bn_over_the_images_on_the_device_equals_precise_bn_over_the_loader_in_order():
-    """train_brain_age.py --images-on-device re-estimates BatchNorm from the training tensors on the device
-    (DeviceBatches.ordered): the same statistics as from the training loader read in order."""
-    g = torch.Generator().manual_seed(0)
-    image = torch.randn(12, 1, 36, 36, 36, generator=g).half().float()                # what a float16 cache holds
-    dataset = torch.utils.data.TensorDataset(image, torch.eye(2)[torch.arange(12) % 2], torch.rand(12, generator=g))
-    cpu, stats = torch.device("cpu"), []
-    for loader in (training.make_loader(dataset, 4, 0, cpu),
-                   training.DeviceBatches(dataset, 4, cpu, shuffle=True).ordered()):
-        torch.manual_seed(0)
-        model = build_model("brain-age", "hyperfusion", image_shape=(36, 36, 36))
-        training.recalibrate_batchnorm(model, loader, cpu)
-        stats.append(torch.cat([b.flatten() for k, b in model.state_dict().items() if "running" in k]))
-    assert torch.equal(stats[0], stats[1])
-
-
-def test_images_kept_on_the_device_predict_what_the_loader_predicts_and_train_on_one_side_each(ad_cohort40,
-                                                                                                tmp_path):
-    table = data.read_ad_table(ad_cohort40)
-    crops = data.load_crops(None, ad_cohort40)
-    cache = data.ImageCache(table.image_paths[:16], tmp_path / "cache", "float16", transform=crops)    # 16 subjects
-    both = data.ADDataset(cache, np.random.default_rng(0).standard_normal((16, 15)), table.labels[:16], train=False)
-    torch.manual_seed(0)
-    model, cpu = build_model("ad", "imaging", n_tabular=15), torch.device("cpu")
-    loaded = training.predict(model, training.make_loader(both, 8, 0, cpu), cpu)
-    kept = training.predict(model, training.DeviceBatches(both, 8, cpu), cpu)
-    np.testing.assert_array_equal(kept[0], loaded[0])
-    np.testing.assert_array_equal(kept[1], table.labels[:16])
-    torch.manual_seed(1)
-    pairs, passes = [both[i][0] for i in range(len(both))], []
-    device_batches = training.DeviceBatches(both, 8, cpu, shuffle=True, pick_side=True)
-    for _ in range(2):                                                               # two epochs
-        sides, n = {}, 0
-        for image, tab, _ in device_batches:
-            assert image.shape[1] == 1 and image.dtype == torch.float32                  # (B, 1, D, H, W)
-            drawn = []
-            for img, t in zip(image, tab):
-                i = next(i for i in range(16) if torch.equal(t, both[i][1]))
-                drawn += [s for s in (0, 1) if torch.equal(img, pairs[i][s])]
-                sides[i] = drawn[-1]
-            assert len(drawn) == len(image) and set(drawn) == {0, 1}               # a side per sample, not per batch
-            n += len(image)
-        assert n == 16 and len(sides) == 16                                         # each a real side of its own pair
-        passes.append(sides)
-    assert passes[0] != passes[1]                                                    # drawn again every epoch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -4446,25 +4313,12 @@ DEVICES = [pytest.param("cpu", id="device-cpu"), pytest.param("cuda", id="device
 
 
 # ----------------------------------------------------------------------------------------------
-# Precision: bfloat16 where the hardware computes it natively, float32 otherwise
+# Precision: float32 by default; bfloat16 and float16 autocast where the GPU computes them
 
-def test_the_default_precision_is_float32_on_cpu_and_cuda_until_a_recipe_is_shown_as_accurate(capsys):
-    """No reduced-precision recipe has been shown non-inferior to float32 (bench_precision.py, RESULTS.md): auto
-    is float32 on both kinds of device, even where bfloat16 is native, and says so."""
+def test_the_default_precision_is_float32_on_cpu_and_cuda(capsys):
     for device in ("cpu", "cuda"):
         assert training.resolve_precision("auto", torch.device(device)) == "fp32"
-        assert "precision fp32 (--precision auto: float32 until" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("auto, native, expected", [("bf16", True, "bf16"), ("bf16", False, "fp32"),
-                                                     ("bf16+fp32:hyper", True, "bf16+fp32:hyper"),
-                                                     ("fp32", True, "fp32")])
-def test_precision_auto_takes_the_recipe_shown_for_the_device_only_where_the_device_computes_it_natively(
-        auto, native, expected, monkeypatch):
-    monkeypatch.setitem(training.AUTO, "cpu", auto)
-    monkeypatch.setattr(prec, "native_bf16", lambda dev: native)
-    assert training.resolve_precision("auto", torch.device("cpu"), quiet=True) == expected
-    assert training.resolve_precision("fp32", torch.device("cpu"), quiet=True) == "fp32"
+        assert "precision fp32 (--precision auto)" in capsys.readouterr().out
 
 
 def test_a_training_script_run_at_the_default_precision_trains_in_float32_on_this_cpu(ad_cohort60, tmp_path):
@@ -4473,123 +4327,80 @@ def test_a_training_script_run_at_the_default_precision_trains_in_float32_on_thi
     assert load_run(_run_dir(tmp_path, "tabular")).run.precision == "fp32"
 
 
-def test_a_recipe_is_spelt_one_way_and_a_recipe_that_is_none_is_refused_in_one_line_naming_the_option(tmp_path):
-    assert training.canonical("bf16+fp32:bn,hyper") == training.canonical("bf16+fp32:hyper,bn") == "bf16+fp32:hyper,bn"
-    assert training.parse("bf16+fp32:eval,loss") == ("bf16", ("loss", "eval"))
-    for bad in ("bf32", "fp32+fp32:bn", "bf16+fp32:nothing", "bf16+bn"):
-        with pytest.raises(ValueError):
-            training.parse(bad)
-    p = run("train_ad.py", "--model", "tabular", "--precision", "bf16+fp32:nothing", "--data-dir", tmp_path / "d",
-            "--out", tmp_path / "runs")
-    assert_clean_error(p, "--precision bf16+fp32:nothing", "nothing")
-    assert not os.path.exists(tmp_path / "runs")
-
-
-def test_on_a_gpu_float32_means_float32_tf32_is_switched_off():
-    """cuDNN's convolutions (and matmuls where enabled) default to TF32 on Ampere and later, a 10-bit mantissa."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_on_a_gpu_float32_means_float32_tf32_is_switched_off_where_the_device_is_set_up(device, monkeypatch):
+    """cuDNN's convolutions (and matmuls where enabled) default to TF32 on Ampere and later, a 10-bit mantissa:
+    setup_device switches it off, so training, prediction and the benchmarks all inherit float32."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        training.resolve_precision("fp32", torch.device("cuda"), quiet=True)
+        assert training.setup_device(device).type == device
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
 
 
-def _output_dtypes(model, run_forward):
-    """{module name: dtype of its output} of one forward pass run_forward(model)."""
-    seen, hooks = {}, []
-
-    def record(name):
-        def hook(module, args, out):
-            seen.setdefault(name, out.dtype if torch.is_tensor(out) else None)
-        return hook
-    for name, m in model.named_modules():
-        hooks.append(m.register_forward_hook(record(name)))
-    run_forward(model)
-    for h in hooks:
-        h.remove()
-    return seen
+def test_loader_workers_and_decode_workers_count_the_cores_this_process_may_use_not_the_machines(monkeypatch):
+    """A container or a scheduler's share of a 64-core machine: 4 cores usable, os.cpu_count() still says 64."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert training.loader_workers(None, torch.device("cuda")) == 2                  # 4 cores / 2 processes
+    assert training.loader_workers(None, torch.device("cpu")) == 0 and training.loader_workers(3, None) == 3
+    assert train_ad.ad_arguments().parse_args([]).decode_workers == 4
 
 
-PART_MODULES = {   # (task, part): modules that the part holds, modules it does not (both compute in bfloat16 otherwise)
-    ("ad", "hyper"): (["block4.downsample", "block4.downsample.hypernet.weights_gen",
-                       "block4.downsample.hypernet.embedding.0"], ["block4.conv2", "fc1"]),
-    ("ad", "bn"): (["conv_bn_relu.1", "block2.bn1", "block4.downsample.hypernet.embedding.1"], ["block2.conv1"]),
-    ("ad", "first"): (["conv_bn_relu.0"], ["block1.conv1", "fc2"]),
-    ("ad", "head"): (["fc1", "fc2"], ["block4.conv2", "block1.conv1"]),
-    ("ad", "conv"): (["conv_bn_relu.0", "block1.conv1", "block3.downsample.0", "block4.conv2"],
-                     ["block4.downsample", "fc1"]),
-    ("brain-age", "hyper"): (["linear1", "linear2", "linear3"], ["conv2_a"]),
-    ("brain-age", "conv"): (["conv1_a", "conv2_b", "conv3_b"], ["linear1"]),
-    ("brain-age", "bn"): (["batchnorm1", "batchnorm3"], ["conv1_b"]),
-    ("brain-age", "first"): (["conv1_a"], ["conv1_b", "conv3_b"]),
-    ("brain-age", "head"): (["linear1", "linear2", "linear3"], ["conv3_b"]),
-}
+def test_adam_is_fused_on_cuda_and_plain_on_a_cpu(monkeypatch):
+    made = []
+    monkeypatch.setattr(torch.optim, "Adam", lambda params, **kwargs: made.append(kwargs))
+    for device in ("cuda", "cpu"):
+        training.make_optimizer(nn.Linear(2, 1), 1e-3, 1e-5, torch.device(device))
+    assert made == [dict(lr=1e-3, weight_decay=1e-5, fused=True), dict(lr=1e-3, weight_decay=1e-5, fused=False)]
 
 
-@pytest.mark.parametrize("task, part", list(PART_MODULES))
-def test_a_recipe_computes_the_parts_it_keeps_in_float32_and_the_rest_in_bfloat16(task, part):
-    """bench_precision.py's ablation keeps one part at a time in float32 under bfloat16 autocast: that part's
-    modules compute in float32 (and the state dict is the same), the others in bfloat16, in training and as
-    a finished run is replayed (RunConfig.build_model)."""
-    inside, outside = PART_MODULES[task, part]
-    image, tabular, _ = _tiny_batch(task)
-    run = RunConfig(task=task, model="hyperfusion", version=0, split_seed=0, epochs=1, batch_size=4, lr=1e-3,
-                    weight_decay=0.0, data_csv="x", precision=f"bf16+fp32:{part}", classes=3, embedding_dim=1)
-    model = run.build_model({"n_tabular": tabular.shape[1], "image_shape": (36, 36, 36)})
-    plain = build_model(task, "hyperfusion", image_shape=(36, 36, 36) if task == "brain-age" else None,
-                        n_tabular=tabular.shape[1])
-    assert list(model.state_dict()) == list(plain.state_dict())
-
-    def forward(m):
-        with training.autocast(torch.device("cpu"), run.precision):
-            m.train()(image, tabular)
-    kept, autocast_only = _output_dtypes(model, forward), _output_dtypes(plain, forward)
-    for name in inside:
-        assert kept[name] == torch.float32, (name, kept[name])
-    for name in outside + inside:                                   # without the recipe: all of them bfloat16,
-        # but brain age's BatchNorms, to which CPU autocast's float32 max_pool3d hands float32 already
-        assert autocast_only[name] == torch.bfloat16 or (task, part) == ("brain-age", "bn"), name
-    for name in outside:
-        assert kept[name] == torch.bfloat16, (name, kept[name])
+@pytest.mark.parametrize("capability, refused", [((7, 5), True), ((8, 0), False)])
+def test_bfloat16_is_refused_on_a_gpu_that_only_emulates_it_in_one_line_naming_the_option(capability, refused,
+                                                                                            monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    cuda = torch.device("cuda")
+    if refused:
+        with pytest.raises(UserError, match=r"--precision bf16: Tesla T4 only emulates bfloat16"):
+            training.resolve_precision("bf16", cuda, quiet=True)
+    else:
+        assert training.resolve_precision("bf16", cuda, quiet=True) == "bf16"
+    assert training.resolve_precision("fp16", cuda, quiet=True) == "fp16"
+    assert training.replay_precision("bf16", cuda) == ("fp32" if refused else "bf16")
 
 
-def test_a_recipe_that_keeps_the_loss_evaluation_or_precise_bn_in_float32_computes_them_so():
-    """The phases a recipe keeps: the loss on float32 outputs (train_epoch), the validation / test forward
-    (predict) and the precise-BN pass (recalibrate_batchnorm) without autocast; under plain bf16 with it."""
-    cpu = torch.device("cpu")
-    batch = _tiny_batch("ad")
-    for recipe, phase_dtype in [("bf16", torch.bfloat16), ("bf16+fp32:loss,eval,precise-bn", torch.float32)]:
-        model, seen = _tiny_model("ad", "cpu"), {}
-        model.fc2.register_forward_hook(lambda m, a, out: seen.setdefault("fc2", []).append(out.dtype) and None)
+def test_fit_runs_forward_and_loss_in_one_autocast_at_the_runs_precision_and_scales_float16s_loss(tmp_path,
+                                                                                                   monkeypatch):
+    """What a GPU run at bf16 or fp16 does (CPU autocast here): the forward pass and the loss inside one autocast
+    context; float16's GradScaler enabled with it alone."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, 2)
 
-        def loss_fn(out, target):
-            seen["loss input"], seen["loss autocast"] = out.dtype, torch.is_autocast_enabled("cpu")
-            return F.cross_entropy(out, target)
-        opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        training.train_epoch(model, opt, torch.amp.GradScaler("cuda", enabled=False), [batch], loss_fn, cpu,
-                             precision=recipe)
-        assert seen["fc2"] == [torch.bfloat16]                               # training's forward: bfloat16 always
-        assert (seen["loss input"] == torch.float32) == (not seen["loss autocast"]) == (recipe != "bf16")
-        dataset = torch.utils.data.TensorDataset(*batch)
-        training.predict(model, training.make_loader(dataset, 4, 0, cpu), cpu, precision=recipe)
-        training.recalibrate_batchnorm(model, training.make_loader(dataset, 4, 0, cpu), cpu, precision=recipe)
-        assert seen["fc2"][1:] == [phase_dtype, phase_dtype]                 # evaluation, then precise BN
+        def forward(self, image, tabular):
+            return self.linear(tabular)
 
+    seen, scalers, real_scaler = [], [], torch.amp.GradScaler
 
-def test_this_cpu_is_seen_as_computing_bfloat16_natively_exactly_when_it_has_avx512_bf16_or_amx():
-    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
-    if not flags:
-        pytest.skip("no /proc/cpuinfo")
-    assert training.native_bf16(torch.device("cpu")) == bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
-
-
-@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
-def test_a_run_computes_its_network_in_the_precision_it_names(precision, dtype):
-    model, (image, tabular, _) = _tiny_model("ad", "cpu"), _tiny_batch("ad")
-    with training.autocast(torch.device("cpu"), precision):
-        assert model(image, tabular).dtype == dtype
+    def loss_fn(out, target):
+        seen.append((out.dtype, torch.is_autocast_enabled("cpu")))
+        return F.cross_entropy(out.float(), target)
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: scalers.append(enabled) or
+                        real_scaler(device, enabled=False))                     # no CUDA here to scale on
+    items = torch.utils.data.TensorDataset(torch.zeros(8, 0), torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    for precision in ("fp32", "bf16", "fp16"):
+        run = RunConfig(task="ad", model="tabular", version=0, split_seed=0, fold=0, classes=2, loss="ce",
+                        data_csv="x", epochs=1, batch_size=4, lr=1e-3, weight_decay=0.0, precision=precision)
+        training.fit(Net(), torch.utils.data.DataLoader(items, batch_size=4), loss_fn, lambda m: {"score": 0.5},
+                     "score", run, str(tmp_path / precision), {}, quiet=True)
+    assert seen == [(torch.float32, False)] * 2 + [(torch.bfloat16, True)] * 2 + [(torch.float16, True)] * 2
+    assert scalers == [False, False, True]
 
 
 @pytest.mark.parametrize("name", BRAIN_AGE_MODELS)
@@ -4607,11 +4418,13 @@ def test_the_brain_age_network_gives_the_age_in_float32_under_bfloat16(name):
         assert model.conv1_a(image).dtype == torch.bfloat16          # the rest of the network in bfloat16
 
 
-def test_float16_on_a_cpu_is_refused_in_one_line_naming_the_option(tmp_path):
-    p = subprocess.run([sys.executable, "train_ad.py", "--model", "tabular", "--precision", "fp16", "--device", "cpu",
+@pytest.mark.parametrize("option", [("--precision", "fp16"), ("--precision", "bf16"), ("--sync-bn",)])
+def test_float16_bfloat16_or_sync_bn_on_a_cpu_is_refused_in_one_line_naming_the_option(tmp_path, option):
+    p = subprocess.run([sys.executable, "train_ad.py", "--model", "tabular", *option, "--device", "cpu",
                         "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "runs")],
                        cwd=HERE, capture_output=True, text=True)
-    assert p.returncode == 2 and p.stderr.startswith("error: --precision fp16: ") and len(p.stderr.splitlines()) == 1
+    assert p.returncode == 2 and p.stderr.startswith(f"error: {' '.join(option)}: ") and \
+        len(p.stderr.splitlines()) == 1, p.stderr
     assert not os.path.exists(tmp_path / "runs")
 
 
@@ -4619,15 +4432,18 @@ def test_the_precision_is_stored_in_the_run_and_a_resume_at_another_precision_is
     train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "tabular", "--precision", "fp32"))
     run_dir = _run_dir(tmp_path, "tabular")
     assert load_run(run_dir).run.precision == "fp32"
-    with pytest.raises(UserError, match="precision: checkpoint 'fp32', now 'bf16'"):
-        train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "tabular", "--precision", "bf16", "--resume",
+    last = os.path.join(run_dir, "last.pt")                      # as if trained at bfloat16 on a GPU
+    ckpt = training.load_checkpoint(last)
+    training.save_checkpoint({**ckpt, "run": {**ckpt["run"], "precision": "bf16"}}, last)
+    with pytest.raises(UserError, match="precision: checkpoint 'bf16', now 'fp32'"):
+        train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "tabular", "--precision", "fp32", "--resume",
                                "--epochs", "3"))
 
 
 def test_replaying_a_run_uses_its_own_precision_where_the_device_can_and_float32_where_it_cannot():
     cpu = torch.device("cpu")
-    assert [training.replay_precision(p, cpu) for p in ("bf16", "fp32", "fp16", None)] == \
-        ["bf16", "fp32", "fp32", "fp32"]
+    assert [training.replay_precision(p, cpu) for p in ("bf16", "fp32", "fp16", None, "bf16+fp32:hyper")] == \
+        ["fp32"] * 5
 
 
 def _tiny_batch(task, batch=4, seed=0):
@@ -4877,6 +4693,9 @@ def test_the_benchmark_refuses_a_precision_this_device_cannot_train_in_one_line_
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("bench.py: error: " + why), last
 
+
+# ----------------------------------------------------------------------------------------------
+# Calibration: the probabilities measured (ECE, Brier, NLL) and corrected (temperature scaling)
 
 def _ece_by_hand(hit, confidence, n_bins=15):
     """Guo et al.'s ECE written out: bins (k/15, (k+1)/15] (the first closed), sum of |B|/N |acc(B) - conf(B)|."""

@@ -4,13 +4,11 @@
     python train_ad.py --model tabular --data-csv ADNI.csv      # the table alone, no images needed
     python train_ad.py --model daft --data-csv ADNI.csv --image-dir nifti/ --split-seed 1 --fold 0
 
-One run is one (model, split seed, version, fold) of the protocol (Sec. 4.3.4, 4.3.6, App. C.1):
-subset 4 of the split is the test set, subset `fold` validates, the other three train. The epoch
-with the best validation balanced accuracy is kept and evaluated on the test subset at the end.
-Everything lands in <out>/ad/<model>/seed<S>/v<V>/fold<F>/: best.pt, last.pt, log.csv,
-metrics.json and predictions.npz (the test probabilities that evaluate.py ensembles), logits.npz and
-calibration.json (the run's temperature, fitted on its validation set: calibration.py).
-The loop, checkpoints and device handling are training.py's.
+One run is one (model, split seed, version, fold) of the protocol (Sec. 4.3.4, 4.3.6, App. C.1): subset 4 of the
+split is the test set, subset `fold` validates, the other three train. The epoch with the best validation balanced
+accuracy is kept and tested. Everything lands in <out>/ad/<model>/seed<S>/v<V>/fold<F>/: best.pt, last.pt, log.csv,
+metrics.json, predictions.npz (the test probabilities that evaluate.py ensembles), logits.npz and calibration.json
+(the run's temperature, fitted on its validation set).
 """
 import argparse
 import os
@@ -20,21 +18,15 @@ import torch
 import torch.nn.functional as F
 
 import data
-import data
-from training import calibrate, save_logits
-from training import alone, is_main, log, main_first
+from data import ArgumentParser, TabularPreprocessor, UserError, atomic_path, run_cli, write_json
 from layers import init_hyperlayers
 from metrics import classification_metrics
 from models import AD_MODELS, class_probabilities
-from training import load_run
-from training import claim_run_folder
-from data import ArgumentParser, UserError, atomic_path, run_cli, write_json
-from training import resolve_precision
-from training import DATA_KEYS, RunConfig, add_common_arguments, identity, resolve_schedule
 from synthetic import builtin_cohort
-from data import TabularPreprocessor
-from training import (batches, check_finite_outputs, fit, load_checkpoint, loader_workers, predict, resumable,
-    seed_all, setup_device, speed_options)
+from training import (DATA_KEYS, RunConfig, add_common_arguments, alone, calibrate, check_finite_outputs, fit,
+                      claim_run_folder, finished, identity, is_main, load_checkpoint, load_run, loader_workers, log,
+                      main_first, make_loader, predict, resolve_precision, resolve_schedule, resumable, save_logits,
+                      seed_all, setup_device)
 
 # Table 1 (real data) and the demo schedule used on the built-in synthetic cohort
 REAL_AD = dict(epochs=250, batch_size=32, lr=1e-4, weight_decay=1e-5, lr_schedule="constant")
@@ -60,49 +52,43 @@ def main(argv=None):
 
 
 def ad_run_config(args, device):
-    """The RunConfig that the parsed options describe (the schedule resolved for the data and model, the
-    precision for `device`)."""
-    synthetic = args["data_csv"] is None
+    """The RunConfig the parsed options describe, its schedule resolved for the data and model."""
+    synthetic, quiet = args["data_csv"] is None, args["quiet"]
     with main_first():  # torchrun: rank 0 generates the synthetic cohort, the others wait for it
-        data_csv = builtin_cohort("ad", args["data_dir"], args["quiet"]) if synthetic else args["data_csv"]
+        data_csv = builtin_cohort("ad", args["data_dir"], quiet) if synthetic else args["data_csv"]
     defaults = (DEMO_TABULAR if args["model"] == "tabular" else DEMO_AD) if synthetic else REAL_AD
-    schedule = resolve_schedule(args, defaults, "demo (synthetic cohort)" if synthetic else "Table 1", args["quiet"])
+    schedule = resolve_schedule(args, defaults, "demo (synthetic cohort)" if synthetic else "Table 1", quiet)
     return RunConfig(task="ad", model=args["model"], version=args["version"], split_seed=args["split_seed"],
                      fold=args["fold"], classes=args["classes"], loss=args["loss"],
                      group_map=data.parse_group_map(args["group_map"]) or None, **schedule, data_csv=data_csv,
                      image_dir=args["image_dir"], crops=args["crops"], cache_dir=args["cache_dir"],
-                     cache_dtype=args["cache_dtype"],
-                     precision=resolve_precision(args["precision"], device, args["quiet"]))
+                     cache_dtype=args["cache_dtype"], precision=resolve_precision(args["precision"], device, quiet))
 
 
 def train_ad(args):
-    """One AD run from its parsed options (a dict, as vars(ad_arguments().parse_args())). -> metrics.
-    Its run folder is its own while it runs (runfolder.claim_run_folder), released however the run ends."""
-    device = setup_device(args["device"])
+    """One AD run from its parsed options (a dict, as vars(ad_arguments().parse_args())) in its claimed folder."""
+    device = setup_device(args["device"], args["sync_bn"])
     run = ad_run_config(args, device)
     with claim_run_folder(run.run_dir(args["out"]), args["resume"]):   # refused before any work
         return run_ad(args, device, run)
 
 
 def run_ad(args, device, run):
-    """train_ad's run on `device`, in its claimed folder."""
-    quiet = args["quiet"]
-    workers = loader_workers(args["workers"], device)
-    image_model = run.model != "tabular"
+    quiet, workers, image_model = args["quiet"], loader_workers(args["workers"], device), run.model != "tabular"
     table = data.read_ad_table(run.data_csv, run.image_dir, need_images=image_model, classes=run.classes,
                                group_map=run.group_map)
     if table.skipped:
         log(data.skipped_summary(table), quiet)
     check_classes(table)
-    subsets = data.ad_split(table.sex, table.labels, table.age, run.split_seed)
-    train_idx, val_idx, test_idx = data.ad_fold(subsets, run.fold)
+    train_idx, val_idx, test_idx = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, run.split_seed),
+                                                run.fold)
     check_classes(table, {"training": train_idx, "validation": val_idx, "test": test_idx}, run)
     prep = TabularPreprocessor().fit([table.raw[i] for i in train_idx])  # Sec. 3.3: training rows only
     tabular = prep.transform(table.raw)                                   # (N, n_tab)
     crops = data.load_crops(run.crops, run.data_csv) if image_model else None
-    shape, voxel = None, None
-    if image_model:  # every header first (seconds), so a wrong image stops the run before the cache decodes
-        shape, voxel = data.check_image_geometry(table.image_paths, table.subjects)
+    # every header first (seconds), so that a wrong image stops the run before the cache decodes
+    shape, voxel = data.check_image_geometry(table.image_paths, table.subjects) if image_model else (None, None)
+    if image_model:
         crops.check(shape, data.crops_path(run.crops, run.data_csv) or "the default (MNI152) hippocampus boxes")
     inputs = {"n_tabular": int(tabular.shape[1]), "tabular_columns": prep.columns,
               "class_names": list(table.class_names), "crops": crops.as_dict() if crops else None,
@@ -117,8 +103,8 @@ def run_ad(args, device, run):
 
     # Sec. 4.3.6: the HyperFusion embedding starts from the tabular-only MLP of this split and fold
     # (found or trained before the images are decoded, so a tabular model of another table stops the run at once)
-    resume = resumable(run_dir, args["resume"])
-    tab_model = pretrained_tabular(args, run, inputs) if run.model == "hyperfusion" and not resume else None
+    tab_model = pretrained_tabular(args, run, inputs) if run.model == "hyperfusion" and \
+        not resumable(run_dir, args["resume"]) else None
 
     if image_model:
         with main_first():  # torchrun: rank 0 decodes, the others then find every entry decoded
@@ -129,18 +115,15 @@ def run_ad(args, device, run):
                                                  table.labels[idx], train=train)
     else:
         make = lambda idx, train: data.TabularDataset(tabular[idx], table.labels[idx])
-    pick_side = args["images_on_device"] and image_model   # on the device, a batch draws the sides itself
-    train_set, val_set, test_set = make(train_idx, not pick_side), make(val_idx, False), make(test_idx, False)
+    train_set, val_set, test_set = make(train_idx, True), make(val_idx, False), make(test_idx, False)
 
     # Eq. 5: class weights inversely proportional to the class frequencies of training + validation
     counts = np.bincount(table.labels[np.concatenate([train_idx, val_idx])], minlength=run.classes)
-    class_weights = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32,
-                                 device=device)
+    class_weights = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32).to(device)
     loss_fn = (lambda logits, y: wce_loss(logits, y, class_weights)) if run.loss == "wce" else F.cross_entropy
     sampler = None
     if run.loss == "ce-oversample":  # App. C.4: rare classes drawn as often as common ones
-        train_counts = np.bincount(table.labels[train_idx], minlength=run.classes)
-        w = 1.0 / np.maximum(train_counts[table.labels[train_idx]], 1)
+        w = 1.0 / np.maximum(np.bincount(table.labels[train_idx], minlength=run.classes)[table.labels[train_idx]], 1)
         sampler = torch.utils.data.WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), len(w))
 
     seed_all(run.version)  # the initialisation seed, the same whether the MLP was trained now or reused
@@ -151,13 +134,12 @@ def run_ad(args, device, run):
         log("hyperlayer init (Eq. 1-2), E[e^2] on the training rows: "
             + ", ".join(f"{k} {v:.3g}" for k, v in measured.items()), quiet)
 
-    loader = lambda ds, **kw: batches(ds, run.batch_size, workers, device, args["images_on_device"], **kw)
-    train_loader = loader(train_set, shuffle=sampler is None, sampler=sampler, pick_side=pick_side)
-    val_loader = loader(val_set)
-    names = list(table.class_names)
+    loader = lambda ds, **kw: make_loader(ds, run.batch_size, workers, device, **kw)
+    train_loader, val_loader = loader(train_set, shuffle=sampler is None, sampler=sampler), loader(val_set)
+    names = list(table.class_names)                       # the run's classes, in the order of its outputs
     validate = lambda m: ad_metrics(m, val_loader, device, names, run.precision)[0]
     best = fit(model, train_loader, loss_fn, validate, "balanced_accuracy", run, run_dir, inputs,
-               state={"tabular": prep.state_dict()}, resume=args["resume"], quiet=quiet, **speed_options(args))
+               state={"tabular": prep.state_dict()}, resume=args["resume"], quiet=quiet, sync_bn=args["sync_bn"])
 
     model.load_state_dict(load_checkpoint(os.path.join(run_dir, "best.pt"), identity(run, inputs))["model"])
     test_metrics, test_probs = ad_metrics(model, loader(test_set), device, names, run.precision)
@@ -179,8 +161,8 @@ def run_ad(args, device, run):
 
 def check_classes(table, parts=None, run=None):
     """Every class of the task in the cohort and, after the split, in each of `parts` ({name: indices}):
-    a class absent from training cannot be learnt, and one absent from validation or test leaves its
-    balanced accuracy and AUC undefined, so the run would report numbers that mean nothing."""
+    a class absent from training cannot be learnt, and one absent from validation or test leaves BA and AUC
+    undefined."""
     names = table.class_names
     counts = np.bincount(table.labels[table.labels >= 0], minlength=len(names))
     if (counts > 0).sum() < 2:
@@ -199,8 +181,7 @@ def check_classes(table, parts=None, run=None):
 
 
 def wce_loss(logits, target, weights):
-    """Eq. 5, divided by the batch size B as written (F.cross_entropy(weight=w) would divide by the
-    sum of the targets' weights instead)."""
+    """Eq. 5, divided by the batch size B as written (F.cross_entropy(weight=w) divides by the weights' sum)."""
     return -(weights[target] * F.log_softmax(logits.float(), 1).gather(1, target[:, None]).squeeze(1)).mean()
 
 
@@ -216,7 +197,7 @@ def pretrained_tabular(args, run, inputs):
     tab_run = run.replace(model="tabular")
     run_dir = tab_run.run_dir(args["out"])
     with main_first():  # torchrun: rank 0 pre-trains it alone while the others wait, then all load it
-        if not os.path.isfile(os.path.join(run_dir, "metrics.json")):
+        if not finished(run_dir):
             log(f"pre-training the tabular embedding (Sec. 4.3.6) -> {run_dir}", args["quiet"])
             with alone():
                 train_ad(dict(args, model="tabular", resume=True))   # an interrupted pre-training continues

@@ -5,13 +5,11 @@
     python train_brain_age.py --train-sex F                       # Fig. 4A: trained on women only
     python train_brain_age.py --data-csv ages.csv --image-dir preprocessed/
 
-The cohort is split 80/10/10 by age and sex (Sec. 4.2.3, split seed 0 unless --split-seed; the
-synthetic demo splits 50/25/25, so that its validation and test sets of 200 show half a year); the
-epoch with the best validation MAE is kept and tested. Output in <out>/brain-age/<model>/v<V>/
-(with --train-sex or --embedding-dim 2 in the model's folder name): best.pt, last.pt, log.csv,
-metrics.json ({"val": ..., "test": ...} with mae, mae_male, mae_female and the brain-age gap; "age_bias":
-the linear age-bias correction fitted on the validation set) and predictions.npz (test and validation).
-The loop, checkpoints and device handling are training.py's.
+The cohort is split 80/10/10 by age and sex (Sec. 4.2.3, split seed 0 unless --split-seed; the synthetic demo splits
+50/25/25, so that its validation and test sets of 200 show half a year); the epoch with the best validation MAE is
+kept and tested. Output in <out>/brain-age/<model>/v<V>/ (with --train-sex or --embedding-dim 2 in the folder name):
+best.pt, last.pt, log.csv, metrics.json (mae, mae_male, mae_female, the brain-age gap, and "age_bias": the linear
+age-bias correction fitted on the validation set) and predictions.npz (test and validation).
 """
 import argparse
 import os
@@ -21,18 +19,14 @@ import torch
 import torch.nn.functional as F
 
 import data
-import data
-from training import is_main, log, main_first
+from data import ArgumentParser, UserError, atomic_path, run_cli, warn, write_json
 from layers import init_hyperlayers
 from metrics import age_bias_fit, gap_summary, regression_metrics
 from models import BRAIN_AGE_MODELS, AgeTarget
-from training import resolve_precision
-from training import RunConfig, add_common_arguments, identity, resolve_schedule
-from training import claim_run_folder
-from data import ArgumentParser, UserError, atomic_path, run_cli, warn, write_json
 from synthetic import builtin_cohort
-from training import (batches, check_finite_outputs, fit, load_checkpoint, loader_workers, predict,
-    recalibrate_batchnorm, resumable, seed_all, setup_device, speed_options)
+from training import (RunConfig, add_common_arguments, check_finite_outputs, claim_run_folder, fit, identity, is_main,
+                      load_checkpoint, loader_workers, log, main_first, make_loader, predict, recalibrate_batchnorm,
+                      resolve_precision, resolve_schedule, resumable, seed_all, setup_device)
 
 REAL_BRAIN_AGE = dict(epochs=70, batch_size=64, lr=1.5e-4, weight_decay=0.05, lr_schedule="constant")  # Table 1
 # the demo: a cosine learning rate, so that its last epochs settle (at a constant 1e-3 the validation MAE still
@@ -61,36 +55,31 @@ def main(argv=None):
 
 
 def brain_age_run_config(args, device):
-    """The RunConfig that the parsed options describe (the schedule resolved for the data, the precision for
-    `device`)."""
-    synthetic = args["data_csv"] is None
+    """The RunConfig the parsed options describe, its schedule resolved for the data."""
+    synthetic, quiet = args["data_csv"] is None, args["quiet"]
     with main_first():  # torchrun: rank 0 generates the synthetic cohort, the others wait for it
-        data_csv = builtin_cohort("brain-age", args["data_dir"], args["quiet"]) if synthetic else args["data_csv"]
+        data_csv = builtin_cohort("brain-age", args["data_dir"], quiet) if synthetic else args["data_csv"]
     schedule = resolve_schedule(args, DEMO_BRAIN_AGE if synthetic else REAL_BRAIN_AGE,
-                                "demo (synthetic cohort)" if synthetic else "Table 1", args["quiet"])
+                                "demo (synthetic cohort)" if synthetic else "Table 1", quiet)
     split = tuple(args.get("split") or (DEMO_SPLIT if synthetic else data.BRAIN_AGE_FRACTIONS))
     if not (all(f > 0 for f in split) and abs(sum(split) - 1) <= 1e-6):   # NaN fails both
         raise UserError(f"--split {' '.join(map(str, split))}: three positive fractions that sum to 1")
     return RunConfig(task="brain-age", model=args["model"], version=args["version"], split_seed=args["split_seed"],
                      embedding_dim=args["embedding_dim"], train_sex=args["train_sex"], split=split, **schedule,
                      data_csv=data_csv, image_dir=args["image_dir"], cache_dir=args["cache_dir"],
-                     cache_dtype=args["cache_dtype"],
-                     precision=resolve_precision(args["precision"], device, args["quiet"]))
+                     cache_dtype=args["cache_dtype"], precision=resolve_precision(args["precision"], device, quiet))
 
 
 def train_brain_age(args):
-    """One brain-age run from its parsed options (a dict, as vars(brain_age_arguments().parse_args())).
-    -> metrics. Its run folder is its own while it runs (runfolder.claim_run_folder), released however it ends."""
-    device = setup_device(args["device"])
+    """One brain-age run from its parsed options (vars(brain_age_arguments().parse_args())) in its claimed folder."""
+    device = setup_device(args["device"], args["sync_bn"])
     run = brain_age_run_config(args, device)
     with claim_run_folder(run.run_dir(args["out"]), args["resume"]):   # refused before any work
         return run_brain_age(args, device, run)
 
 
 def run_brain_age(args, device, run):
-    """train_brain_age's run on `device`, in its claimed folder."""
-    quiet = args["quiet"]
-    workers = loader_workers(args["workers"], device)
+    quiet, workers = args["quiet"], loader_workers(args["workers"], device)
     table = data.read_brain_age_table(run.data_csv, run.image_dir)
     train_idx, val_idx, test_idx = data.brain_age_split(table.age, table.sex, run.split_seed, run.split)
     if run.train_sex != "all":
@@ -118,23 +107,21 @@ def run_brain_age(args, device, run):
         f"{len(test_idx)} test subjects, images {image_shape} -> {run_dir}", quiet)
 
     make = lambda idx: data.BrainAgeDataset(torch.utils.data.Subset(cache, idx), sex[idx], table.age[idx])
-    loader = lambda idx, **kw: batches(make(idx), run.batch_size, workers, device, args["images_on_device"], **kw)
+    loader = lambda idx, **kw: make_loader(make(idx), run.batch_size, workers, device, **kw)
     train_loader, val_loader, test_loader = loader(train_idx, shuffle=True), loader(val_idx), loader(test_idx)
 
     seed_all(run.version)
     model = run.build_model(inputs).to(device)
     if run.model == "hyperfusion" and not resumable(run_dir, args["resume"]):
         init_hyperlayers(model, torch.as_tensor(sex[train_idx], device=device))  # Eq. 1-2, E[e^2] on training rows
-    log(f"target: age - {target.centre:.1f} years (Eq. 4); weight decay {run.weight_decay:g} on ages in years "
-        f"(Eq. 3, AgeTarget.decay)", quiet)
+    log(f"target: age - {target.centre:.1f} years (Eq. 4); weight decay {run.weight_decay:g} (Eq. 3)", quiet)
     loss_fn = lambda pred, age: F.mse_loss(pred.float(), target.encode(age))   # Eq. 4
     validate = lambda m: age_metrics(m, val_loader, device, target, table.sex[val_idx], run.precision)[0]
-    # the training set in order, for the BatchNorm statistics (on the device: the training tensors themselves)
-    statistics_loader = train_loader.ordered() if args["images_on_device"] else loader(train_idx)
+    statistics_loader = loader(train_idx)                  # the training set in order, for the BatchNorm statistics
     best = fit(model, train_loader, loss_fn, validate, "mae", run, run_dir, inputs,
                state={"target": {"centre": target.centre, "scale": target.scale}}, resume=args["resume"],
                quiet=quiet, lower_is_better=True, weight_decay=target.decay(run.weight_decay),  # Table 1's, in years
-               **speed_options(args),
+               sync_bn=args["sync_bn"],
                before_validation=lambda m: recalibrate_batchnorm(m, statistics_loader, device, run.precision))
 
     model.load_state_dict(load_checkpoint(os.path.join(run_dir, "best.pt"), identity(run, inputs))["model"])

@@ -1,88 +1,48 @@
-"""The training machinery both tasks share: device, loaders, the loop, checkpoints.
+"""What both trainers share: the run's options and folder, the device, many processes, the loop `fit`, checkpoints.
 
-train_ad.py and train_brain_age.py each describe one run of their task (data, model, loss, metric)
-and hand it to `fit`, the hand-written loop of both (Adam with weight decay, Eq. 3). What defines the run
-is its RunConfig (runconfig.py), written into every checkpoint with the facts it learned from its data
-(`inputs`: tabular columns, classes, crops, image shape), so that a checkpoint of another run is refused and
-a finished run can be replayed exactly (runs.py). A run that diverges stops in one line with its last good
-checkpoint kept (fit); its folder holds that one run alone (runfolder.py).
+train_ad.py and train_brain_age.py each describe one run (data, model, loss, metric) and hand it to `fit`: Adam with
+weight decay (Eq. 3) on the loss of Eq. 4 or Eq. 5. A run is its RunConfig, stored in every checkpoint with the facts
+learned from its data (`inputs`), so that a checkpoint of another run is refused and a finished run is replayed
+exactly (load_run). Under `torchrun --nproc_per_node N` each process holds the model inside DDP and reads 1/N of
+every batch; rank 0 alone prints and writes, and work done once runs on rank 0 first (`main_first`). Without
+torchrun every helper below is the single process's no-op.
 """
 import atexit
 import contextlib
+import dataclasses
 import datetime
+import io
+import json
 import math
 import os
+import random
+import socket
+import time
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.distributed as dist
-import dataclasses
-import socket
-import copy
-import io
-import random
-import time
-import json
-from torch.nn.parallel import DistributedDataParallel
-from data import (UserError, check_number, warn, Progress, write_bytes, write_csv, CLASS_NAMES, HippocampusCrops,
-    TabularPreprocessor)
-from layers import HyperLayer
-from dataclasses import dataclass
-from models import build_model, AgeTarget
 from scipy.optimize import minimize_scalar
-from data import atomic_path, write_json
+from torch.nn.parallel import DistributedDataParallel
+
+from data import (CLASS_NAMES, HippocampusCrops, Progress, TabularPreprocessor, UserError, atomic_path, check_number,
+                  warn, write_bytes, write_csv, write_json)
 from metrics import calibration_metrics
-from models import class_probabilities
+from models import AgeTarget, build_model, class_probabilities
 
+try:
+    import fcntl
+except ImportError:  # Windows: run folders are not locked there (lock_folder warns)
+    fcntl = None
 
-# ---- distributed -------------------------------------------------------------------------------
-# Data-parallel training on many processes (torch.distributed): who this process is, its share of the data, gathering.
-#
-# `torchrun --nproc_per_node N train_ad.py ...` starts N copies of a training script and sets
-# RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous in their environment; `init` joins them into one
-# process group (NCCL on CUDA, gloo on CPU). Each process holds the whole model and reads its 1/N
-# share of every batch (`shard`); DDP averages the gradients, so one step is the single process's
-# step on the whole batch and Eq. 3 is unchanged (with --sync-bn even the batch norms see the whole
-# batch). Without torchrun every function here is the single process's no-op, so a plain
-# `python train_ad.py` run is exactly what it was.
-#
-# Rank 0 alone writes files and prints; work that must happen once (generating the synthetic
-# cohort, decoding the image cache, HyperFusion's tabular pre-training) runs on rank 0 inside
-# `main_first` while the others wait, then they read what it wrote. Predictions are `gather`ed so
-# every process computes the metrics on every validation and test subject, each counted once.
-
+# A collective's timeout: the other ranks wait while rank 0 decodes the image cache (26,691 brain-age scans: 24 min)
+WAIT_HOURS = 2
 _state = {"alone": False}  # True while rank 0 works by itself (see `alone`)
 
 
 # ----------------------------------------------------------------------------------------------
-# Who this process is
-
-def launched():
-    """Started by torchrun with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def local_rank():
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def local_world_size():
-    """Processes of this run on this machine (they share its cores and GPUs)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-
-
-def init(device_type):
-    """Join the process group torchrun describes: NCCL on CUDA, gloo on CPU. A no-op without torchrun.
-
-    The timeout of a collective is WAIT_HOURS, not NCCL's 10 minutes: the other ranks wait at a barrier
-    while rank 0 decodes the image cache (26,691 brain-age scans: 24 minutes in one process)."""
-    if launched() and not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(hours=WAIT_HOURS))
-        atexit.register(dist.destroy_process_group)
-
-
-WAIT_HOURS = 2
-
+# Many processes (torchrun, DDP)
 
 def world_size():
     return 1 if _state["alone"] or not dist.is_initialized() else dist.get_world_size()
@@ -98,7 +58,6 @@ def is_main():
 
 
 def log(message, quiet=False):
-    """Print, unless quiet or not rank 0 of a torchrun run."""
     if not quiet and is_main():
         print(message, flush=True)
 
@@ -128,366 +87,97 @@ def alone():
         _state["alone"] = before
 
 
-# ----------------------------------------------------------------------------------------------
-# The model: DDP, and batch norms over the whole batch
-
 def wrap(model, device, sync_bn=False):
-    """-> (model, net): `net` is what trains (DDP around `model`); `model` is what is saved and evaluated.
-
-    sync_bn: every BatchNorm normalises with the statistics of the whole batch across the processes:
-    on CUDA torch.nn.SyncBatchNorm (convert_sync_batchnorm); on CPU, which torch's refuses, the same
-    computation here (GlooSyncBatchNorm), so it is tested. The parameter names stay those of the
-    BatchNorm, so checkpoints load either way. Alone: (model, model)."""
+    """-> (model, net): `net` trains (DDP, averaging the gradients), `model` is saved and evaluated. sync_bn: batch
+    norms over the whole batch (torch.nn.SyncBatchNorm, CUDA only)."""
     if world_size() == 1:
         return model, model
-    if sync_bn and device.type == "cuda":
+    if sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    elif sync_bn:
-        for m in model.modules():
-            if type(m) in GLOO_SYNC:
-                m.__class__ = GLOO_SYNC[type(m)]
     return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-class GlooSyncBatchNorm:
-    """What torch.nn.SyncBatchNorm computes, for CPU tensors (mixed into BatchNorm1d/2d/3d below).
-
-    In training the per-channel sums are all-reduced over the processes (AllReduce, whose backward
-    all-reduces the gradients too): the output and the gradients are those of one
-    BatchNorm over the whole batch (two passes: the mean, then the squared deviations from it).
-    In evaluation, or alone, it is the BatchNorm it was."""
-
-    def forward(self, x):
-        if not self.training or world_size() == 1:
-            return super().forward(x)
-        dims, shape = [0] + list(range(2, x.dim())), [1, -1] + [1] * (x.dim() - 2)
-        n = torch.tensor(float(x.numel() // x.shape[1]), dtype=x.dtype)
-        dist.all_reduce(n)                                                   # samples x voxels, all processes
-        mean = AllReduce.apply(x.sum(dims)) / n                           # (C,)
-        var = AllReduce.apply(((x - mean.view(shape)) ** 2).sum(dims)) / n
-        if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            f = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            with torch.no_grad():
-                self.running_mean.mul_(1 - f).add_(mean.detach(), alpha=f)
-                self.running_var.mul_(1 - f).add_(var.detach() * n / max(float(n) - 1, 1.0), alpha=f)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
-
-
-class AllReduce(torch.autograd.Function):
-    """A sum over the processes that gradients flow through: every process's input reaches every
-    process's output, so the backward sums the incoming gradients over the processes as well."""
-
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-class GlooSyncBatchNorm1d(GlooSyncBatchNorm, torch.nn.BatchNorm1d):
-    """BatchNorm1d over the whole batch of all processes (CPU)."""
-
-
-class GlooSyncBatchNorm2d(GlooSyncBatchNorm, torch.nn.BatchNorm2d):
-    """BatchNorm2d over the whole batch of all processes (CPU)."""
-
-
-class GlooSyncBatchNorm3d(GlooSyncBatchNorm, torch.nn.BatchNorm3d):
-    """BatchNorm3d over the whole batch of all processes (CPU)."""
-
-
-GLOO_SYNC = {torch.nn.BatchNorm1d: GlooSyncBatchNorm1d, torch.nn.BatchNorm2d: GlooSyncBatchNorm2d,
-             torch.nn.BatchNorm3d: GlooSyncBatchNorm3d}
-
-
-# ----------------------------------------------------------------------------------------------
-# The data: each process's share, and the predictions gathered back
-
-def shard(dataset, shuffle, sampler=None):
-    """This process's share of `dataset`: a DistributedSampler, or, for a weighted sampler (App. C.4), the
-    same weighted draw on every process dealt out. Either pads to a multiple of N with the first items;
-    call set_epoch(seed) each epoch for a new order."""
-    if sampler is not None:
-        return ShardedSampler(sampler)
-    return torch.utils.data.DistributedSampler(dataset, world_size(), rank(), shuffle=shuffle)
-
-
-class ShardedSampler(torch.utils.data.Sampler):
-    """A sampler drawn with the same seed on every process, then dealt out round-robin (padded)."""
-
-    def __init__(self, base):
-        self.base, self.seed = base, 0
-        self.per_rank = math.ceil(len(base) / world_size())
-
-    def set_epoch(self, seed):
-        self.seed = seed
-
-    def __len__(self):
-        return self.per_rank
-
-    def __iter__(self):
-        self.base.generator = torch.Generator().manual_seed(self.seed)
-        idx = list(self.base)
-        idx += idx[:self.per_rank * world_size() - len(idx)]
-        return iter(idx[rank()::world_size()])
-
-
-def local_batch(batch_size):
-    """Each process's part of the run's batch (--batch-size is the whole step's, as in Table 1)."""
-    if batch_size % world_size():
-        raise UserError(f"--batch-size {batch_size}: not divisible by the {world_size()} processes")
-    return batch_size // world_size()
+def everyone(value):
+    """Every process's `value`, in rank order (objects: NCCL needs no CUDA tensor here); alone, [value]."""
+    if world_size() == 1:
+        return [value]
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, value)
+    return parts
 
 
 def gather(rows, n):
-    """Every process's rows of its DistributedSampler share (shuffle off) -> all n rows in dataset order.
-
-    The sampler gave rank r the items r, r + N, r + 2N, ... of the padded order; interleaving the
-    shares back and dropping the padding counts every subject exactly once."""
+    """Every process's rows of its DistributedSampler share (shuffle off) -> all n rows in dataset order: rank r held
+    items r, r + N, ... of the padded order, so interleaving the shares and dropping the padding counts each once."""
     if world_size() == 1:
         return rows
-    parts = [None] * world_size()
-    dist.all_gather_object(parts, rows)
+    parts = everyone(rows)
     out = np.empty((sum(len(p) for p in parts),) + rows.shape[1:], rows.dtype)
     for r, part in enumerate(parts):
         out[r::world_size()] = part
     return out[:n]
 
 
-def sum_all(*values):
-    """Each value summed over the processes (e.g. the epoch's loss total and sample count)."""
-    if world_size() == 1:
-        return values
-    parts = [None] * world_size()
-    dist.all_gather_object(parts, values)          # objects, so NCCL needs no CUDA tensor here
-    return tuple(map(sum, zip(*parts)))
-
-
 def first_reported(value):
-    """The first process's value that is not None, on every process (rank 0's refusal of a run folder, or
-    what one process found non-finite): one verdict for all, so that no process stops while the others
-    wait for it in a collective. Alone: value."""
-    if world_size() == 1:
-        return value
-    parts = [None] * world_size()
-    dist.all_gather_object(parts, value)
-    return next((p for p in parts if p is not None), None)
+    """The first process's value that is not None, on every process: one verdict for all (a refused run folder,
+    a divergence), so that no process stops while the others wait for it in a collective."""
+    return next((p for p in everyone(value) if p is not None), None)
 
 
-def average(tensors):
-    """Each tensor replaced, in place, by its mean over the processes (e.g. re-estimated BatchNorm statistics)."""
-    if world_size() == 1:
-        return
-    for t in tensors:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t.div_(world_size())
+# ----------------------------------------------------------------------------------------------
+# Precision: float32, or one autocast context around the forward pass and the loss
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-# ---- precision ---------------------------------------------------------------------------------
-# The arithmetic a run computes in (--precision): float32, or a reduced-precision recipe under autocast.
-#
-# A recipe is a base precision and the parts of the run it keeps in float32 (PARTS):
-#     fp32                    float32 everywhere; on a GPU with TF32 off, so that float32 means float32
-#     bf16                    bfloat16 autocast in training, precise BN and evaluation (no loss scaling)
-#     fp16                    float16 autocast with loss scaling (CUDA only)
-#     bf16+fp32:hyper,bn      bfloat16, the hyperlayers and every BatchNorm kept in float32
-# The recipe is stored in the run (RunConfig.precision, part of its identity) and replayed with it.
-#
-# --precision auto takes AUTO[device type]: a reduced-precision recipe only where the paired accuracy
-# benchmark (bench_precision.py) has shown it non-inferior to float32 on that kind of device; float32
-# otherwise. On a 2-core CPU with native bfloat16, 8 paired AD versions put bfloat16's loss of BA in
-# [-0.051, +0.044] (not shown below 0.02) at 0.95x the speed, and 8 brain-age versions its loss of MAE in
-# [-0.09, +0.19] years (not shown below 0.15) (RESULTS.md, "Precision"): auto is float32.
-# No GPU has measured it yet: auto is float32 on CUDA too, until bench_precision.py's GPU run says more.
-
-BASES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# What a recipe may keep in float32 under autocast, one part at a time (the ablation of bench_precision.py)
-PARTS = {
-    "hyper": "the hyperlayers: embedding, generators, generated weights and biases, and their product",
-    "bn": "every BatchNorm's forward (training, precise BN, evaluation)",
-    "first": "the first layer, on the raw input",
-    "head": "the layers after the image features (AD fc1 and fc2, brain age its four linears)",
-    "conv": "every convolution of the image network that is not a hyperlayer",
-    "loss": "the loss, on float32 outputs",
-    "precise-bn": "the precise-BN re-estimation pass (brain age)",
-    "eval": "validation, test and prediction forward passes",
-}
-MODULE_PARTS = ("hyper", "bn", "first", "head", "conv")      # kept in float32 by keep_float32, on the model's modules
-AUTO = {"cpu": "fp32", "cuda": "fp32"}               # what auto takes per device type (see the docstring)
-PRECISIONS = ("auto",) + tuple(BASES)                # the plain choices; recipes with parts are accepted too
-
-
-def parse(recipe):
-    """"bf16+fp32:hyper,bn" -> ("bf16", ("hyper", "bn")), parts in PARTS' order; ValueError saying what is wrong."""
-    base, _, kept = str(recipe).partition("+")
-    if base not in BASES:
-        raise ValueError(f"one of {', '.join(PRECISIONS)}, or a recipe such as bf16+fp32:hyper,bn")
-    if not kept:
-        return base, ()
-    if base == "fp32" or not kept.startswith("fp32:"):
-        raise ValueError(f"a recipe is bf16 or fp16, then +fp32: and the parts kept in float32 ({', '.join(PARTS)})")
-    parts = kept[len("fp32:"):].split(",")
-    unknown = [p for p in parts if p not in PARTS]
-    if unknown or not parts:
-        raise ValueError(f"unknown part {unknown[0] if unknown else '(none)'!r}: the parts are {', '.join(PARTS)}")
-    return base, tuple(p for p in PARTS if p in parts)
-
-
-def canonical(recipe):
-    """One spelling per recipe (parts in PARTS' order), so that a resume compares recipes, not spellings."""
-    base, parts = parse(recipe)
-    return base + ("+fp32:" + ",".join(parts) if parts else "")
-
-
-def base(recipe):
-    """The autocast precision of a recipe: "fp32", "bf16" or "fp16"; None (a run from before precision was
-    stored) is fp32."""
-    return parse(recipe)[0] if recipe else "fp32"
-
-
-def keeps(recipe, part):
-    """Whether `recipe` keeps `part` in float32 (fp32 keeps everything)."""
-    b, parts = parse(recipe) if recipe else ("fp32", ())
-    return b == "fp32" or part in parts
-
-
-def native_bf16(device):
-    """Whether `device` computes bfloat16 natively: a GPU with bf16 units (Ampere and later), a CPU with
-    AVX512-BF16 or AMX. Elsewhere bfloat16 is emulated, slower than float32."""
-    if device.type == "cuda":
-        try:
-            return torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # older torch: no emulation to exclude
-            return torch.cuda.is_bf16_supported()
-    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
-def unsupported(recipe, device):
-    """Why `device` cannot compute in `recipe`, or None when it can: float16 (with loss scaling) is for
-    CUDA, bfloat16 on CUDA needs a GPU that has it."""
-    b = base(recipe)
-    if b == "fp16" and device.type != "cuda":
-        return "float16 with loss scaling is for CUDA; on CPU use bf16 or fp32"
-    if b == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return f"{torch.cuda.get_device_name(device)} has no bfloat16; use fp16 or fp32"
+def unsupported(precision, device):
+    """Why `device` does not train in `precision`, or None. bfloat16 on a CPU was 0.93x float32's speed here, not
+    shown as accurate, and oneDNN's bfloat16 convolution weight gradient is wrong where an input side is shorter than
+    the kernel; a GPU before compute capability 8.0 only emulates it."""
+    if precision == "fp16" and device.type != "cuda":
+        return "float16 with loss scaling is for CUDA; use fp32"
+    if precision == "bf16" and device.type != "cuda":
+        return "bfloat16 on a CPU is slower than float32 here and its convolution gradients are not exact; use fp32"
+    if precision == "bf16" and torch.cuda.get_device_capability(device) < (8, 0):
+        return f"{torch.cuda.get_device_name(device)} only emulates bfloat16 (compute capability < 8.0); use fp16"
     return None
 
 
 def resolve_precision(name, device, quiet=False):
-    """--precision -> the run's recipe on `device` (canonical; stored in its identity). auto: AUTO[device type]
-    where the device computes it natively, else float32. A name that is no recipe, or one the device cannot
-    compute, is a UserError naming the option. On CUDA, TF32 is switched off (allow_tf32 = False for
-    matmuls and cuDNN, whose default is on): the float32 parts of every recipe are float32."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-    if name == "auto":
-        chosen = AUTO.get(device.type, "fp32")
-        if base(chosen) == "bf16" and not native_bf16(device) or unsupported(chosen, device):
-            chosen = "fp32"
-        why = ("float32 until bench_precision.py shows a faster recipe as accurate on this kind of device; "
-               "--precision bf16 is the option, its cost measured in RESULTS.md" if chosen == "fp32" else
-               "shown as accurate as float32 on this kind of device; --precision fp32 for full precision")
-        log(f"precision {chosen} (--precision auto: {why})", quiet)
-        return chosen
-    try:
-        recipe = canonical(name)
-    except ValueError as exc:
-        raise UserError(f"--precision {name}: {exc}") from None
-    if unsupported(recipe, device):
-        raise UserError(f"--precision {name}: {unsupported(recipe, device)}")
-    log(f"precision {recipe}" + (" (emulated on this CPU: slower than fp32)"
-                                  if base(recipe) == "bf16" and not native_bf16(device) else ""), quiet)
-    return recipe
+    """--precision -> the run's precision, stored in its identity: auto is fp32 (no faster precision has been shown
+    as accurate); one the device cannot do is a UserError naming the option."""
+    precision = "fp32" if name == "auto" else name
+    if unsupported(precision, device):
+        raise UserError(f"--precision {name}: {unsupported(precision, device)}")
+    log(f"precision {precision}" + (" (--precision auto)" if name == "auto" else ""), quiet)
+    return precision
 
 
 def replay_precision(trained, device):
-    """The recipe that replays a run on `device` as it was trained and tested: its own, unless the device
-    cannot do it (unsupported) or the run is from before precision was stored: float32."""
-    try:
-        return canonical(trained) if trained and not unsupported(trained, device) else "fp32"
-    except ValueError:
-        return "fp32"
+    """The precision a finished run is replayed at on `device` (predict.py, evaluate.py): its own where the device
+    can do it; float32 otherwise, and for a run from before precision was stored."""
+    return trained if trained in PRECISIONS and not unsupported(trained, device) else "fp32"
 
 
-def autocast(device, recipe, part=None):
-    """The forward pass at the recipe's precision: autocast to bfloat16 / float16, or none for fp32 and for a
-    `part` ("loss", "precise-bn", "eval") that the recipe keeps in float32."""
-    dtype = BASES[base(recipe)]
-    enabled = dtype is not None and not (part is not None and keeps(recipe, part))
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=enabled)
+def autocast(device, precision):
+    """The forward pass at `precision`: torch.autocast to bfloat16 / float16, disabled for fp32 (or None)."""
+    dtype = PRECISIONS[precision or "fp32"]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def module_parts(model):
-    """{part: [modules]} of MODULE_PARTS in `model`: its HyperLayers, BatchNorms, first layer (the first
-    convolution or linear registered), its head (the model's `head_layers`, models.py) and its convolutions."""
-    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.Linear, HyperLayer))]
-    return {"hyper": [m for m in model.modules() if isinstance(m, HyperLayer)],
-            "bn": [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)],
-            "first": layers[:1],
-            "head": [model.get_submodule(n) for n in getattr(model, "head_layers", ())],
-            "conv": [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)]}
-
-
-def keep_float32(model, recipe):
-    """Mark the modules of the recipe's kept MODULE_PARTS to run in float32 under autocast: a forward pre-hook
-    turns autocast off and casts the floating inputs to float32, a forward hook turns it back on. Hooks, not a
-    wrapper: the state dict, deepcopy and the module tree stay as they are. Returns `model`."""
-    if not recipe or base(recipe) == "fp32":
-        return model
-    chosen = {id(m): m for part, ms in module_parts(model).items() if keeps(recipe, part) for m in ms}
-    for m in chosen.values():
-        m.register_forward_pre_hook(_enter_float32)
-        m.register_forward_hook(_leave_float32, always_call=True)
-    return model
-
-
-_left = []   # the autocast contexts that kept modules have turned off, innermost last
-
-
-def _enter_float32(module, args):
-    device = next((a.device.type for a in args if torch.is_tensor(a)), "cpu")
-    ctx = torch.autocast(device, enabled=False)
-    ctx.__enter__()
-    _left.append(ctx)
-    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
-
-
-def _leave_float32(module, args, output):
-    _left.pop().__exit__(None, None, None)
-
-
-# ---- runconfig ---------------------------------------------------------------------------------
-# What defines a run: its options (RunConfig), where it lives, the options both training scripts take, its schedule.
-#
-# A run is a RunConfig: the options that define it. Every checkpoint holds it with the facts the run learned from
-# its data (`inputs`), and a checkpoint whose identity (IDENTITY_KEYS) differs from a run's is refused: resuming,
-# predicting and ensembling never mix two runs. The schedule is Table 1's on real data, the demo's on the
-# built-in synthetic cohorts (each training script's defaults), with a learning rate per epoch (learning_rate).
+# ----------------------------------------------------------------------------------------------
+# What defines a run: its options (RunConfig), where it lives, its schedule
 
 SCHEDULE_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "lr_schedule")
 SCHEDULE_TYPES = {"epochs": int, "batch_size": int, "lr": float, "weight_decay": float, "lr_schedule": str}
 LR_SCHEDULES = ("constant", "cosine")   # constant: Table 1's; cosine: the brain-age demo's (learning_rate)
-# a checkpoint belongs to a run when these match (epochs may grow on --resume; the data may move, but its
-# content is compared: the table's sha256 and the images' fingerprint, see data.table_sha256, image_fingerprint)
+# a checkpoint belongs to a run when these match (epochs may grow on --resume; the data may move, but its content is
+# compared: the table's sha256 and the images' fingerprint, data.table_sha256, data.image_fingerprint)
 DATA_KEYS = ("task", "model", "split_seed", "fold", "version", "classes", "group_map", "n_tabular",
              "tabular_columns", "embedding_dim", "train_sex", "split", "table_sha256")
 IDENTITY_KEYS = DATA_KEYS + ("loss", "batch_size", "lr", "weight_decay", "lr_schedule", "images_sha256", "image_shape",
-                             "crops",
-                             "target_scale",   # brain age: what its network regresses (models.AgeTarget)
-                             "precision")      # the arithmetic it trained in (resolve_precision)
+                             "crops", "target_scale", "precision")
 
-
-# ----------------------------------------------------------------------------------------------
-# What defines a run, and where it lives
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -512,7 +202,7 @@ class RunConfig:
     embedding_dim: int = None        # brain age: the sex embedding 2->1 or 2->2
     train_sex: str = None            # brain age: "all", or Fig. 4A's "M", "F", "mixed"
     split: tuple = None              # brain age: train/val/test fractions (None: Sec. 4.2.3's 80/10/10)
-    precision: str = None            # a recipe of precision.py ("fp32", "bf16", ...); None: a run from before
+    precision: str = None            # "fp32", "bf16" or "fp16" (resolve_precision); None: a run from before
     lr_schedule: str = None          # "constant" or "cosine" (learning_rate); None: constant, a run from before
 
     def run_dir(self, out):
@@ -524,11 +214,9 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
     def build_model(self, inputs):
-        """The run's network (models.build_model) for the inputs it was trained on, with the parts its precision
-        recipe keeps in float32 marked so (keep_float32)."""
-        return keep_float32(build_model(self.task, self.model, image_shape=inputs.get("image_shape"),
-                                        n_tabular=inputs["n_tabular"], n_classes=self.classes or 3,
-                                        embedding_dim=self.embedding_dim), self.precision)
+        """The run's network (models.build_model) for the inputs it was trained on."""
+        return build_model(self.task, self.model, image_shape=inputs.get("image_shape"), n_tabular=inputs["n_tabular"],
+                           n_classes=self.classes or 3, embedding_dim=self.embedding_dim)
 
 
 def ad_run_dir(out, model, split_seed, version, fold, binary=False):
@@ -549,8 +237,10 @@ def identity(run, inputs, keys=IDENTITY_KEYS):
     return {k: flat.get(k) for k in keys}
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line and schedule
+def cores():
+    """The cores this process may run on (its affinity: a container's or a scheduler's share, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
 
 def add_common_arguments(p):
     """The options both training scripts take (run-defining ones and those of this invocation alone)."""
@@ -565,36 +255,25 @@ def add_common_arguments(p):
         p.add_argument("--" + k.replace("_", "-"), type=SCHEDULE_TYPES[k], help="default: Table 1, or the demo",
                        **({"choices": LR_SCHEDULES} if k == "lr_schedule" else {}))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default="auto", metavar="{auto,fp32,bf16,fp16}",
-                   help="auto: float32 until a faster recipe is shown as accurate on this kind of device "
-                        "(AUTO); bf16, fp16 (CUDA), or a recipe such as bf16+fp32:hyper,bn")
+    p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                   help="auto: float32; bf16 (CUDA, compute capability 8.0+) or fp16 (CUDA) autocast")
     p.add_argument("--workers", type=int, default=None,
                    help="loader workers (default: min(8, cores / processes on this machine) on CUDA, 0 on CPU)")
-    p.add_argument("--decode-workers", type=int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--decode-workers", type=int, default=min(8, cores()),
                    help="processes that decode the image cache on first use (default: min(8, cores))")
-    p.add_argument("--sync-bn", action="store_true", help="torchrun: batch norms over the whole batch (SyncBatchNorm)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step (unmeasured on GPU here)")
-    p.add_argument("--channels-last", action="store_true",
-                   help="channels_last_3d memory format (unmeasured on GPU here)")
-    p.add_argument("--images-on-device", action="store_true",
-                   help="keep the run's decoded images on the training device and batch them there, no loader "
-                        "(unmeasured on GPU here)")
+    p.add_argument("--sync-bn", action="store_true", help="torchrun on CUDA: batch norms over the whole batch")
     p.add_argument("--out", default="runs")
     p.add_argument("--resume", action="store_true", help="continue from last.pt")
     p.add_argument("--quiet", action="store_true", help="print only the final line")
 
 
-def check_options(args):
-    """Numeric options within their range, refused naming the option (argparse only checks the type)."""
+def resolve_schedule(args, defaults, name, quiet=False):
+    """Numeric options checked (naming the option), unset schedule options from `defaults` (Table 1 on real data,
+    the demo schedule on the synthetic cohorts)."""
     for k, least in (("epochs", 1), ("batch_size", 1), ("weight_decay", 0), ("workers", 0), ("version", 0),
                      ("split_seed", 0)):
         check_number("--" + k.replace("_", "-"), args.get(k), least=least)
     check_number("--lr", args.get("lr"), above=0)
-
-
-def resolve_schedule(args, defaults, name, quiet=False):
-    """Unset schedule options from `defaults` (Table 1 on real data, the demo schedule on synthetic)."""
-    check_options(args)
     schedule = {k: args[k] if args[k] is not None else defaults[k] for k in SCHEDULE_KEYS}
     log(f"schedule ({name}): " + ", ".join(f"{k} {schedule[k]}" for k in SCHEDULE_KEYS), quiet)
     return schedule
@@ -602,27 +281,14 @@ def resolve_schedule(args, defaults, name, quiet=False):
 
 def learning_rate(run, epoch):
     """The learning rate of `epoch` (0-based): run.lr throughout ("constant", Table 1), or a cosine from run.lr
-    down towards 0 over run.epochs ("cosine": the brain-age demo's, so that its last epochs settle instead of
-    moving the validation MAE by a year or more from one epoch to the next)."""
+    towards 0 over run.epochs ("cosine": the brain-age demo's, so that its last epochs settle)."""
     if run.lr_schedule == "cosine":
         return run.lr * 0.5 * (1 + math.cos(math.pi * epoch / run.epochs))
     return run.lr
 
 
-# ---- runfolder ---------------------------------------------------------------------------------
-# A run folder holds one run, always: claimed by one live process at a time, refused to a new run while it holds one.
-#
-# The training scripts claim their run's folder (`claim_run_folder`) before they decode, train or write
-# anything, and hold it until the run ends, however it ends. A run folder is what predict.py, evaluate.py
-# and run-protocol read a run from (runs.finished: its metrics.json), so a second run's checkpoints beside
-# a first run's metrics would be taken for a finished run that never was.
-
-try:
-    import fcntl
-except ImportError:  # not on Windows: run folders are not locked there (lock_folder warns)
-    fcntl = None
-
-
+# ----------------------------------------------------------------------------------------------
+# A run folder holds one run: claimed by one live process at a time, refused to a new run while it holds one
 
 FINISHED_FILES = ("metrics.json", "predictions.npz", "logits.npz", "calibration.json")  # its final best.pt's
 RUN_FILES = ("best.pt", "last.pt", "log.csv") + FINISHED_FILES                          # what a run writes
@@ -631,19 +297,9 @@ LOCK_NAME = ".lock"
 
 @contextlib.contextmanager
 def claim_run_folder(run_dir, resume):
-    """run_dir for this run alone while the block runs: a run folder holds one run, always.
-
-    Refused (UserError, before anything is decoded, trained or written):
-    - a folder in use by a live process: a run holds an exclusive flock on <run_dir>/.lock while it
-      runs (under torchrun, rank 0 does), and the OS drops it when the process ends however it ends,
-      kill -9 included, so a dead run never leaves its folder locked;
-    - without --resume, a folder that holds a run's files, finished (metrics.json) or not (last.pt):
-      a new run would leave its checkpoints beside the old run's metrics and predictions, which
-      predict.py and evaluate.py would then take for its own. Refused rather than moved aside: which
-      run to keep is the user's to say (--resume continues it, another --out starts a new one);
-    - with --resume, a folder with no last.pt to continue but another run's files.
-    With --resume, fit removes a finished run's metrics.json and predictions.npz before it trains it
-    further. On release the lock file goes, and the folders this created if they are still empty."""
+    """run_dir for this run alone while the block runs. Refused before any work: a folder locked by a live process
+    (an flock the OS drops however the process ends), and one that holds another run's files (occupied). On release
+    the lock file goes, and the folders this created if they are still empty."""
     fd, created, refusal = None, [], None
     try:
         if is_main():
@@ -683,8 +339,7 @@ def occupied(run_dir, resume):
 def saved_epoch(path):
     """'last.pt after epoch N' of a checkpoint, or its bare name when it cannot be read."""
     try:
-        epoch = torch.load(path, map_location="cpu", weights_only=True)["epoch"]
-        return f"{os.path.basename(path)} after epoch {epoch + 1}"
+        return f"{os.path.basename(path)} after epoch {torch.load(path, 'cpu', weights_only=True)['epoch'] + 1}"
     except Exception:
         return os.path.basename(path)
 
@@ -700,11 +355,8 @@ def make_folders(run_dir):
 
 
 def lock_folder(run_dir):
-    """An exclusive flock on <run_dir>/.lock, with this process's id written in it -> (fd, None); (None, "pid
-    N on HOST") when a live process holds it; (None, None), with a warning, where the file system has no locks.
-
-    The file is removed on release (release_folder), so a process that opened it just before may lock a
-    removed file: the lock counts only when the name still leads to the file locked, else it is taken again."""
+    """An flock on <run_dir>/.lock holding "pid N on HOST" -> (fd, None); (None, holder) when a live process holds
+    it; (None, None), with a warning, without locks. A lock counts only while the name leads to the file locked."""
     path = os.path.join(run_dir, LOCK_NAME)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -746,48 +398,43 @@ def release_folder(run_dir, fd, created):
             break
 
 
-def discard_finished_outputs(run_dir):
-    """A finished run resumed to train further: its metrics.json (first: finished reads it) and
-    predictions.npz describe a best.pt that is about to change, so they go (rank 0 removes them); the run writes
-    them anew when it ends. -> a line saying so, or None when there were none."""
-    gone = [f for f in FINISHED_FILES if os.path.isfile(os.path.join(run_dir, f))]
-    if is_main():
-        for f in gone:
-            os.remove(os.path.join(run_dir, f))
-    return f"{run_dir}: trains further: {' and '.join(gone)} of the finished run removed until it ends" if gone \
-        else None
-
-
-
 # ----------------------------------------------------------------------------------------------
-# Device, randomness, loaders
+# Device, randomness, loaders, evaluation passes
 
-def setup_device(name):
-    """auto: CUDA when present. On CUDA, cudnn.benchmark (fixed input shapes). Under torchrun, joins the
-    process group (init) and, on CUDA, takes the GPU of its local rank."""
+def setup_device(name, sync_bn=False):
+    """auto: CUDA when present. TF32 off (float32 means float32 in training, prediction and benchmarks alike);
+    cudnn.benchmark on CUDA (fixed input shapes). Under torchrun: joins the process group (NCCL on CUDA, gloo on
+    CPU), on CUDA with the GPU of its local rank. sync_bn: refused off CUDA (torch's SyncBatchNorm)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
+    if sync_bn and name != "cuda":
+        raise UserError("--sync-bn: torch.nn.SyncBatchNorm is for CUDA; on a CPU each process normalises its share")
     device = torch.device(name)
+    launched, local_rank = int(os.environ.get("WORLD_SIZE", "1")) > 1, int(os.environ.get("LOCAL_RANK", "0"))
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        if launched():
-            if local_rank() >= torch.cuda.device_count():
-                raise UserError(f"--nproc_per_node: process {local_rank()} has no GPU of its own "
+        if launched:
+            if local_rank >= torch.cuda.device_count():
+                raise UserError(f"--nproc_per_node: process {local_rank} has no GPU of its own "
                                 f"({torch.cuda.device_count()} visible)")
-            device = torch.device("cuda", local_rank())
+            device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
-    init(device.type)
+    if launched and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=WAIT_HOURS))
+        atexit.register(dist.destroy_process_group)
     return device
 
 
 def loader_workers(requested, device):
-    """--workers, else on CUDA min(8, cores / processes on this machine) (decoding overlaps the GPU) and 0 on
-    CPU (the cores train)."""
+    """--workers, else on CUDA min(8, cores / processes on this machine) (decoding overlaps the GPU), 0 on a CPU
+    (its cores train)."""
     if requested is not None:
         return requested
-    return min(8, (os.cpu_count() or 1) // local_world_size()) if device.type == "cuda" else 0
+    return min(8, cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if device.type == "cuda" else 0
 
 
 def seed_all(seed):
@@ -797,107 +444,33 @@ def seed_all(seed):
 
 
 def make_loader(dataset, batch_size, workers, device, shuffle=False, sampler=None):
-    """Batches of `dataset`; a shuffled training loader drops a last partial batch (one drawn by a sampler,
-    --loss ce-oversample, keeps it, as DeviceBatches does).
-
-    Under torchrun each process reads its share (shard, re-shuffled by fit every epoch) in
-    batches of batch_size / N, so a step still sees batch_size samples."""
+    """Batches of `dataset`; shuffled, a last partial batch is dropped (not when drawn by a sampler). Under torchrun
+    each process reads 1/N of the set (a DistributedSampler, or 1/N of the weighted draws, seeded per process by
+    fit) in batches of batch_size / N: a step still sees batch_size samples (the whole step's, as in Table 1)."""
     drop_last = shuffle and len(dataset) > batch_size
     if world_size() > 1:
-        sampler, batch_size = shard(dataset, shuffle, sampler), local_batch(batch_size)
-        shuffle, drop_last = False, drop_last and len(sampler) > batch_size
+        if batch_size % world_size():
+            raise UserError(f"--batch-size {batch_size}: not divisible by the {world_size()} processes")
+        n = math.ceil(len(dataset) / world_size())
+        sampler = torch.utils.data.DistributedSampler(dataset, world_size(), rank(), shuffle=shuffle) \
+            if sampler is None else torch.utils.data.WeightedRandomSampler(sampler.weights, n, sampler.replacement)
+        batch_size, shuffle, drop_last = batch_size // world_size(), False, drop_last and n > batch_size
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
                                        num_workers=workers, pin_memory=device.type == "cuda", drop_last=drop_last,
                                        persistent_workers=workers > 0)
 
 
 def to_device(image, device):
-    """A batch's images on the device in float32. Loaders ship them as the image cache stores them (float16 by
-    default, data.image_tensor), so the upcast, exact, happens on the device after the copy."""
+    """A batch's images on the device in float32: loaders ship them as the cache stores them (float16 by default),
+    and the upcast, exact, happens after the copy."""
     return image.to(device, non_blocking=True).float()
-
-
-class DeviceBatches:
-    """A dataset's items put once on the training device and batched there: no loader, no copies
-    (--images-on-device; the AD crops of 2,120 subjects in float16 are about 3.3 GB, brain age's 21,353 training
-    scans of 90x120x99 about 44 GB).
-
-    Images are kept in float16 and handed out as float32 batches: one float16 tensor is allocated on the device
-    and filled item by item, so the host never holds the set (a float32 stack of the brain-age cohort would
-    need about 88 GB of host memory before its conversion). pick_side: the items hold both hippocampi,
-    (2, 1, D, H, W), and every training batch draws one side per sample on the device (Sec. 4.3.6), as
-    ADDataset does per item. Batches are shuffled with the seeded global generator, or drawn by the sampler
-    make_loader would use; ordered(): the same tensors in order (precise BN).
-
-    Under torchrun a process holds its share alone, fixed for the run: the items DistributedSampler deals it
-    in order (every N-th, padded), so N processes hold the cohort once between them. Each epoch it shuffles,
-    or draws the weighted sampler over, that share; the loader path instead re-deals the whole set each epoch."""
-
-    def __init__(self, dataset, batch_size, device, shuffle=False, sampler=None, pick_side=False):
-        self.dataset, self.pick_side = dataset, pick_side
-        self.held = list(shard(dataset, shuffle=False)) if world_size() > 1 \
-            else list(range(len(dataset)))                                      # dataset indices held here
-        first = dataset[self.held[0]]
-        self.image = torch.empty((len(self.held), *first[0].shape), dtype=torch.float16, device=device)
-        tabular, target = [], []                                                 # image (n, [2,] 1, D, H, W)
-        for k, i in enumerate(self.held):
-            image, tab, tgt = first if k == 0 else dataset[i]
-            self.image[k] = torch.as_tensor(image).to(torch.float16).to(device, non_blocking=True)
-            tabular.append(tab)
-            target.append(tgt)
-        self.tabular, self.target = torch.stack(tabular).to(device), torch.stack(target).to(device)
-        self.order(batch_size, shuffle, sampler)
-
-    def order(self, batch_size, shuffle=False, sampler=None):
-        """How the held items are drawn: shuffled, by a sampler (restricted to them), or in order."""
-        self.requested_batch = batch_size
-        n = len(self.held)
-        if world_size() > 1:
-            batch_size = local_batch(batch_size)
-            if sampler is not None:                              # the same weighted draw over this share
-                weights = torch.as_tensor(sampler.weights)[self.held]
-                sampler = torch.utils.data.WeightedRandomSampler(weights, n, sampler.replacement)
-        self.sampler = sampler or (torch.utils.data.RandomSampler(range(n)) if shuffle else range(n))
-        self.batch_size = batch_size
-        self.drop_last = shuffle and n > batch_size                  # as make_loader's
-
-    def ordered(self):
-        """The same items on the device, each once and in order (this process's share under torchrun): the
-        precise-BN pass over the training set without a second copy of it."""
-        view = copy.copy(self)
-        view.order(self.requested_batch)
-        return view
-
-    def __len__(self):
-        n = len(self.sampler)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def __iter__(self):
-        idx = torch.as_tensor(list(self.sampler), device=self.image.device)
-        stop = len(idx) - len(idx) % self.batch_size if self.drop_last else len(idx)
-        for start in range(0, stop, self.batch_size):
-            b = idx[start:start + self.batch_size]
-            image = self.image[b]
-            if self.pick_side:                                   # (B, 2, 1, D, H, W) -> (B, 1, D, H, W)
-                image = image[torch.arange(len(b), device=b.device), torch.randint(2, (len(b),), device=b.device)]
-            yield image.float(), self.tabular[b], self.target[b]
-
-
-def batches(dataset, batch_size, workers, device, on_device=False, shuffle=False, sampler=None, pick_side=False):
-    """The batches of a dataset: a DataLoader (make_loader), or DeviceBatches with on_device."""
-    if on_device:
-        return DeviceBatches(dataset, batch_size, device, shuffle, sampler, pick_side)
-    return make_loader(dataset, batch_size, workers, device, shuffle, sampler)
 
 
 @torch.no_grad()
 def recalibrate_batchnorm(model, loader, device, precision="fp32"):
-    """"Precise BN": every BatchNorm's running statistics re-estimated over `loader` (the training set,
-    in order) with the current weights, as a plain average over its batches (momentum None); the
-    weights do not change. Evaluation reads running statistics, and with a high learning rate and
-    small batches the moving averages lag the weights so far that a validation score jumps by
-    epochs (brain age: MAE 20.2 with the epoch's running statistics, 5.4 re-estimated, same weights).
-    Under torchrun each process averages its share, then the processes' statistics are averaged."""
+    """"Precise BN": every BatchNorm's running statistics re-estimated over `loader` (the training set, in order) as a
+    plain average with the current weights: with a high learning rate and small batches the moving averages lag
+    the weights (brain age: validation MAE 20.2 with the epoch's statistics, 5.4 re-estimated, same weights)."""
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
@@ -907,24 +480,21 @@ def recalibrate_batchnorm(model, loader, device, precision="fp32"):
         m.momentum = None
     model.train()
     for image, tabular, _ in loader:
-        with autocast(device, precision, "precise-bn"):
+        with autocast(device, precision):
             model(to_device(image, device), tabular.to(device, non_blocking=True))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
-    average([b for m in norms for b in (m.running_mean, m.running_var)])
+        for t in (m.running_mean, m.running_var) if world_size() > 1 else ():
+            dist.all_reduce(t)
+            t.div_(world_size())
     model.train(was_training)
 
 
 @torch.no_grad()
 def predict(model, loader, device, transform=None, precision="fp32", on_batch=None, sides=False):
-    """Every item of a loader through the model in eval mode -> (outputs (N, ...), targets (N,)) as numpy.
-    on_batch(n), if given, is told each batch's n items once they are through (predict.py's progress).
-
-    `transform` maps the network's output (softmax for AD, AgeTarget.decode for brain age). An item
-    that holds both hippocampi, image (B, 2, 1, D, H, W), is read as 2B images and the transformed
-    outputs of its two sides are averaged (Sec. 4.3.6), or with `sides` kept: (N, 2, ...) (what temperature
-    scaling fits its logits on, calibration.py). Under torchrun every process predicts its share
-    and gets everyone's back, in dataset order (gather)."""
+    """Every item of a loader through the model in eval mode -> (outputs (N, ...), targets (N,)) as numpy, every
+    process's share gathered. `transform`: softmax (AD) or AgeTarget.decode (brain age). Both hippocampi, image
+    (B, 2, 1, D, H, W): the two sides' outputs averaged (Sec. 4.3.6), or kept with `sides`. on_batch(n): progress."""
     model.eval()
     outputs, targets = [], []
     for image, tabular, target in loader:
@@ -933,7 +503,7 @@ def predict(model, loader, device, transform=None, precision="fp32", on_batch=No
         if both:
             B = image.shape[0]
             image, tabular = image.flatten(0, 1), tabular.repeat_interleave(2, 0)    # (2B, 1, D, H, W)
-        with autocast(device, precision, "eval"):
+        with autocast(device, precision):
             out = model(to_device(image, device), tabular).float()
         out = transform(out) if transform is not None else out
         if both:
@@ -948,7 +518,7 @@ def predict(model, loader, device, transform=None, precision="fp32", on_batch=No
 
 
 class NonFiniteOutputs(UserError):
-    """A model's outputs hold NaN or inf (check_finite_outputs): diverged weights, or absurd inputs."""
+    """A model's outputs hold NaN or inf: diverged weights, or absurd inputs."""
 
     def __init__(self, detail):
         super().__init__(f"the model's outputs are {detail}")
@@ -956,8 +526,8 @@ class NonFiniteOutputs(UserError):
 
 
 def check_finite_outputs(outputs):
-    """outputs (N, ...) as they are, or NonFiniteOutputs saying for how many of the N subjects they are NaN or inf
-    (a metric of them would be a scikit-learn traceback, or a number that means nothing)."""
+    """outputs as they are, or NonFiniteOutputs saying for how many subjects they are NaN or inf (a metric of them
+    would be a scikit-learn traceback, or a number that means nothing)."""
     bad = ~np.isfinite(outputs).reshape(len(outputs), -1).all(1)
     if bad.any():
         raise NonFiniteOutputs(f"{'nan' if np.isnan(outputs).any() else 'inf'} for {int(bad.sum())} of "
@@ -969,17 +539,15 @@ def check_finite_outputs(outputs):
 # Checkpoints
 
 def save_checkpoint(obj, path):
-    """Atomic: a temporary file, then a rename, so an interruption never leaves half a checkpoint. Serialised in
-    memory first, so a full disk is one error naming the folder and the bytes it needed (torch.save onto a
-    file would fail inside its C++ writer with a traceback)."""
+    """Atomic, serialised in memory first: a full disk is one error naming the folder and the bytes it needed."""
     buf = io.BytesIO()
     torch.save(obj, buf)
     write_bytes(buf.getbuffer(), path)
 
 
 def load_checkpoint(path, expected=None):
-    """Load a checkpoint of ours; a corrupt file, or one whose identity differs from `expected`
-    ({key: value} of run options and data facts), stops with a clear error."""
+    """A checkpoint of ours; a corrupt file, or one whose identity differs from `expected` ({key: value} of run
+    options and data facts), stops with a clear error."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -1017,55 +585,34 @@ def resumable(run_dir, resume):
 # ----------------------------------------------------------------------------------------------
 # The loop
 
-def speed_options(args):
-    """The options of `fit` that belong to this invocation, not to the run's identity: how it trains."""
-    return {k: args[k] for k in ("sync_bn", "compile", "channels_last")}
-
-
-# Diverged though finite: an epoch's mean training loss over LOSS_BOUND times the untrained network's
-# (its first batch, before any step). A network that learns stays within a few times its starting loss
-# (cross-entropy starts near log C, brain age's MSE near the variance of its scaled target), while one a
-# million times worse has weights blown up past recovery: --lr 1e3 on the AD cohort gives 2e9 in the
-# tabular MLP's first epoch, 1e17 in HyperFusion's, and the epochs after it learn nothing (chance-level
-# validation). A fixed bound would depend on the loss's units; this one is relative to the run's own start.
+# Diverged though finite: an epoch's mean training loss over LOSS_BOUND times the untrained network's (its first
+# batch). --lr 1e3 on the AD cohort gives 2e9 in the tabular MLP's first epoch (untrained: 1.3), and the epochs
+# after it learn nothing; relative to the run's own start, so that it does not depend on the loss's units.
 LOSS_BOUND = 1e6
 
 
+def make_optimizer(model, lr, weight_decay, device):
+    """Adam with weight decay on every trained parameter, internal and hypernetwork alike (Eq. 3: the generated
+    weights are not parameters, so they are not decayed); fused into one kernel on CUDA."""
+    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+
+
 def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs, state=None, resume=False,
-        quiet=False, lower_is_better=False, sync_bn=False, compile=False, channels_last=False, before_validation=None,
-        weight_decay=None):
-    """The hand-written training loop of both tasks.
+        quiet=False, lower_is_better=False, sync_bn=False, before_validation=None, weight_decay=None):
+    """The training loop of both tasks -> {"epoch", "score", "metrics"} of the best epoch by validate(model)[score_key].
 
-    Adam with weight decay lambda on every trained parameter, internal and hypernetwork alike
-    (Eq. 3: the generated weights are not parameters, so they are not decayed). lambda is
-    run.weight_decay unless `weight_decay` is given (brain age: rescaled to its target, AgeTarget). Each epoch's
-    randomness (shuffling, dropout, the hippocampus side) is seeded from (version, epoch), so a run
-    resumed from last.pt ends exactly as an uninterrupted one on CPU. Keeps the best epoch by
-    validate(model)[score_key]; writes best.pt and last.pt (each with the run, its data facts `inputs`
-    and the run's saved `state`, such as its tabular preprocessing) and log.csv in run_dir every epoch.
-    before_validation(model), if given, runs each epoch before validate (brain age: recalibrate_batchnorm).
-    -> {"epoch", "score", "metrics"} of the best epoch.
-
-    resume continues last.pt (its run must be this one, epochs excepted: --epochs may grow, not shrink); when
-    it trains further, a finished run's metrics.json and predictions.npz are removed first, so that a
-    half-trained best.pt is never taken for a finished run's (finished). Divergence stops the run with a
-    UserError naming the epoch and what went non-finite (check_divergence), before that epoch is saved: last.pt
-    and best.pt keep the last good epoch. A KeyboardInterrupt (Ctrl-C, or SIGTERM as data.Terminated)
-    goes on up with `progress`, what last.pt holds, for data.run_cli's one line.
-
-    Under torchrun (distributed.py) the model trains inside DDP (SyncBatchNorm with sync_bn), each
-    process on its share of the batch and with its own dropout draws; rank 0 alone writes. The
-    speed options: channels_last (channels_last_3d memory format) and compile (torch.compile).
-    """
+    A step: forward and loss (Eq. 4 or 5) at the run's precision, backward, Adam with Eq. 3's decay (`weight_decay`,
+    else run.weight_decay). Each epoch is seeded from (version, epoch): resumed from last.pt, a run ends exactly as an
+    uninterrupted one on CPU. Every epoch writes last.pt (and best.pt when better: the run, `inputs`, its `state`)
+    and log.csv. before_validation(model): brain age's precise BN. resume: continues last.pt (--epochs may grow);
+    a finished run trained further loses its metrics first. Divergence stops the run (UserError) before its epoch
+    is saved; a KeyboardInterrupt goes up with `progress`, what last.pt holds."""
     os.makedirs(run_dir, exist_ok=True)
     device = next(model.parameters()).device
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
-    model, net = wrap(model, device, sync_bn)   # net trains; model is saved and validated
-    net = torch.compile(net) if compile else net
-    decay = run.weight_decay if weight_decay is None else weight_decay
-    opt = torch.optim.Adam(model.parameters(), lr=run.lr, weight_decay=decay)           # Eq. 3
-    scaler = torch.amp.GradScaler("cuda", enabled=base(run.precision) == "fp16")  # bfloat16 needs no loss scaling
+    model, net = wrap(model, device, sync_bn)
+    opt = make_optimizer(model, run.lr, run.weight_decay if weight_decay is None else weight_decay, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=run.precision == "fp16")   # bfloat16 needs no loss scaling
+    ctx = autocast(device, run.precision)
     start, best, history, initial = 0, None, [], None
     last_path, best_path = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "best.pt")
     if resumable(run_dir, resume):
@@ -1079,10 +626,11 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
             raise UserError(f"--epochs {run.epochs}: {last_path} has trained {start} epochs already; --resume "
                             f"continues that run, so --epochs may grow but not shrink")
         log(f"resuming {last_path} after epoch {start}", quiet)
-        if start < run.epochs:
-            gone = discard_finished_outputs(run_dir)
-            if gone:
-                log(gone, quiet)
+        gone = [f for f in FINISHED_FILES if os.path.isfile(os.path.join(run_dir, f))] if start < run.epochs else []
+        if gone and is_main():
+            for f in gone:
+                os.remove(os.path.join(run_dir, f))
+            log(f"{run_dir}: trains further: {' and '.join(gone)} of the finished run removed until it ends", quiet)
     elif resume:
         log(f"--resume: no {last_path} yet, starting afresh", quiet)
     header = {"run": dataclasses.asdict(run), "inputs": inputs, **(state or {})}
@@ -1095,16 +643,20 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
                 group["lr"] = learning_rate(run, epoch)
             if hasattr(train_loader.sampler, "set_epoch"):        # torchrun: a new shuffle, the same on all ranks
                 train_loader.sampler.set_epoch(run.version * 1_000_003 + epoch)
-            total, n, first, problem = train_epoch(net, opt, scaler, train_loader, loss_fn, device, channels_last,
-                                                   run.precision or "fp32")
-            total, n, first = sum_all(total, n, first)
-            if initial is None and epoch == 0:                    # the untrained network's loss (LOSS_BOUND)
-                initial = first / world_size()
-            mean_loss = total / max(n, 1)
-            if problem is None and initial is not None and initial > 0 and mean_loss > LOSS_BOUND * initial:
-                problem = f"the training loss {mean_loss:.3g} is over {LOSS_BOUND:g} times the untrained " \
-                          f"network's ({initial:.3g})"
-            check_divergence(problem, epoch, run_dir, saved)
+            net.train()
+            losses, sizes = [], []
+            for image, tabular, target in train_loader:
+                image, tabular, target = (to_device(image, device), tabular.to(device, non_blocking=True),
+                                          target.to(device, non_blocking=True))
+                with ctx:
+                    loss = loss_fn(net(image, tabular), target)                   # Eq. 4 or Eq. 5
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)                                                  # Adam with Eq. 3's decay
+                scaler.update()
+                losses.append(loss.detach())
+                sizes.append(len(target))
+            mean_loss, initial = check_losses(losses, sizes, epoch, initial, run_dir, saved)
             check_divergence(non_finite(model), epoch, run_dir, saved, "after the epoch's steps")
             if before_validation is not None:
                 before_validation(model)
@@ -1123,21 +675,19 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
             history.append({"epoch": epoch + 1, "train_loss": mean_loss, score_key: score, "seconds": seconds,
                             "lr": opt.param_groups[0]["lr"],
                             **{k: v for k, v in metrics.items() if isinstance(v, float) and k != score_key}})
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": epoch, "best": best,
-                     "history": history, "initial_loss": initial, **header}
+            ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                    "epoch": epoch, "best": best, "history": history, "initial_loss": initial, **header}
             if is_main():
                 if improved:
-                    save_checkpoint(state, best_path)
-                save_checkpoint(state, last_path)
+                    save_checkpoint(ckpt, best_path)
+                save_checkpoint(ckpt, last_path)
             saved = epoch                                         # what last.pt holds from now on
             if is_main():
                 write_log(history, os.path.join(run_dir, "log.csv"))
-            pace.advance()                                        # its time left: the pace of this call's epochs
-            left = pace.left()
+            pace.advance()
             log(f"epoch {epoch + 1:3d}/{run.epochs} | train loss {mean_loss:.4f} | "
                 f"val {score_key.replace('balanced_accuracy', 'BA')} {score:.3f}{' *' if improved else '  '} | "
-                f"{seconds:.1f} s | {left / 60:.1f} min left", quiet)
+                f"{seconds:.1f} s | {pace.left() / 60:.1f} min left", quiet)
     except KeyboardInterrupt as exc:          # Ctrl-C or SIGTERM: data.run_cli says what is kept, in one line
         if not hasattr(exc, "progress"):                          # the epoch after the saved one was training
             when = f"in epoch {saved + 2}" if saved + 1 < run.epochs else f"after epoch {run.epochs}"
@@ -1150,49 +700,22 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
     return best
 
 
-# How often a training epoch on a GPU reads its losses back (a host sync): every step would make the host wait for
-# each forward pass before it even launches the backward, idling a GPU whose steps take a few milliseconds
-GPU_SYNC_EVERY = 32
-
-
-def train_epoch(net, opt, scaler, loader, loss_fn, device, channels_last=False, precision="fp32", sync_every=None):
-    """One pass of Adam steps over the training batches -> (loss total, samples, first batch's loss, problem).
-
-    The losses stay on the device: their sum, the first batch's and the first non-finite one with its step,
-    read back every `sync_every` steps (default: every step on a CPU, where reading costs nothing, every
-    GPU_SYNC_EVERY on a GPU) and at the end. problem: None, or "the training loss is nan (step k of K)" at the
-    first non-finite loss; alone, the epoch stops at the next read (on a CPU before that step is taken; on a GPU
-    up to sync_every - 1 poisoned steps later, which changes nothing: a diverged epoch is never saved, last.pt
-    keeps the last good one). Under torchrun the others would wait for this process's gradients, so it goes on,
-    its non-finite gradients reach every process, and all stop after the epoch."""
-    net.train()
-    every = sync_every or (GPU_SYNC_EVERY if device.type == "cuda" else 1)
-    total, first, n = torch.zeros((), dtype=torch.float64, device=device), None, 0
-    bad_step, bad_value = torch.full((), -1, device=device), torch.zeros((), device=device)
-    for step, (image, tabular, target) in enumerate(loader):
-        image = to_device(image, device)
-        if channels_last and image.dim() == 5:
-            image = image.contiguous(memory_format=torch.channels_last_3d)
-        tabular, target = tabular.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        with autocast(device, precision):
-            out = net(image, tabular)
-        with autocast(device, precision, "loss"):
-            loss = loss_fn(out.float() if keeps(precision, "loss") else out, target)
-        value = loss.detach().float()
-        first = value if first is None else first
-        newly = ~torch.isfinite(value) & (bad_step < 0)                    # on the device: no sync
-        bad_step, bad_value = torch.where(newly, step, bad_step), torch.where(newly, value, bad_value)
-        if (step + 1) % every == 0 and world_size() == 1 and int(bad_step) >= 0:
-            break
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        total, n = total + value.double() * len(target), n + len(target)
-    problem = None
-    if int(bad_step) >= 0:
-        problem = f"the training loss is {float(bad_value)} (step {int(bad_step) + 1} of {len(loader)})"
-    return float(total), n, float(first) if first is not None else 0.0, problem
+def check_losses(losses, sizes, epoch, initial, run_dir, saved):
+    """An epoch's step losses (read back once) -> (the mean over all processes, the untrained network's); diverged
+    at the first non-finite one, naming its step, or at a mean over LOSS_BOUND times the untrained network's."""
+    values = torch.stack(losses).double().cpu() if losses else torch.zeros(0, dtype=torch.float64)
+    bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+    problem = f"the training loss is {float(values[bad[0]])} (step {bad[0] + 1} of {len(values)})" if bad else None
+    mine = (float((values * torch.tensor(sizes, dtype=torch.float64)).sum()), sum(sizes),
+            float(values[0]) if len(values) else 0.0)
+    total, n, first = map(sum, zip(*everyone(mine)))
+    if initial is None and epoch == 0:                    # the untrained network's loss (LOSS_BOUND)
+        initial = first / world_size()
+    mean = total / max(n, 1)
+    if problem is None and initial is not None and initial > 0 and mean > LOSS_BOUND * initial:
+        problem = f"the training loss {mean:.3g} is over {LOSS_BOUND:g} times the untrained network's ({initial:.3g})"
+    check_divergence(problem, epoch, run_dir, saved)
+    return mean, initial
 
 
 def non_finite(model):
@@ -1211,8 +734,8 @@ def non_finite(model):
 
 
 def check_divergence(problem, epoch, run_dir, saved, when=""):
-    """A UserError naming the epoch and `problem` (what went non-finite) if any process reports one, else
-    nothing. Raised before the epoch is saved, so last.pt and best.pt keep the last good epoch."""
+    """A UserError naming the epoch and `problem` (what went non-finite) if any process reports one. Raised before
+    the epoch is saved, so last.pt and best.pt keep the last good epoch."""
     problem = first_reported(problem)
     if problem is None:
         return
@@ -1226,15 +749,10 @@ def write_log(history, path):
     write_csv(history, list(dict.fromkeys(k for row in history for k in row)), path)
 
 
-# ---- runs --------------------------------------------------------------------------------------
-# A finished run read back: what defined it, its trained model, and the saved state it predicts with.
-#
-# Evaluation (the tables), the test-time sweep and prediction all go through load_run, so a run is
-# always replayed with its own state: the tabular preprocessing with its imputation (Sec. 3.3), the
-# hippocampus boxes, the image shape and the brain-age target scale, all stored in its checkpoint, and for AD
-# the temperature it was calibrated with (calibration.json).
+# ----------------------------------------------------------------------------------------------
+# A finished run read back, replayed with its own state: tabular preprocessing (Sec. 3.3), boxes, target, temperature
 
-CALIBRATION_FILE = "calibration.json"   # an AD run's temperature and its validation calibration (calibration.py)
+CALIBRATION_FILE = "calibration.json"   # an AD run's temperature and its validation calibration
 
 
 def finished(run_dir):
@@ -1288,7 +806,6 @@ class FinishedRun:
         return self.read_json("metrics.json")
 
     def read_json(self, name):
-        """A JSON file of the run's folder; unreadable is one error naming it."""
         path = os.path.join(self.dir, name)
         try:
             with open(path) as f:
@@ -1321,8 +838,8 @@ class FinishedRun:
 
 
 def load_run(path, expected=None):
-    """A run folder, or a checkpoint file in one, -> FinishedRun (best.pt unless a file is named).
-    `expected` ({key: value}, see identity) refuses a run that is not the one asked for."""
+    """A run folder, or a checkpoint file in one, -> FinishedRun (best.pt unless a file is named). `expected`
+    ({key: value}, see identity) refuses a run that is not the one asked for."""
     path = os.fspath(path)
     checkpoint_path = path if os.path.isfile(path) else os.path.join(path, "best.pt")
     ckpt = load_checkpoint(checkpoint_path, expected)
@@ -1334,8 +851,8 @@ def load_run(path, expected=None):
     return FinishedRun(folder, checkpoint_path, ckpt, run, dict(ckpt["inputs"]))
 
 
-
-# ---- temperature scaling of a run's logits (calibration.json)
+# ----------------------------------------------------------------------------------------------
+# Temperature scaling of an AD run's logits (calibration.json)
 
 LOGITS_FILE = "logits.npz"      # a run's validation and test logits, (N, C) or (N, 2, C) with both hippocampi
 T_BOUNDS = (0.01, 100.0)        # the temperatures searched; a fit at a bound says the run is degenerate
