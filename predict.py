@@ -83,6 +83,9 @@ def check_images(table, members):
                             f"{train_voxel} mm; preprocess them the same way")
 
 
+PROGRESS_EVERY = 5.0   # seconds at least between two progress lines over the batches
+
+
 def run_outputs(finished_run, model, images, inputs, targets, device, batch_size, transform, on_batch=None):
     """A run's outputs for subjects given as images (or None) and `inputs`: its preprocessed tabular rows (AD) or
     the sex codes (brain age), read as the run read its own test set (its precision) -> (outputs, targets)."""
@@ -100,7 +103,7 @@ def member_outputs(members, table, cache_dir, batch_size, device, progress=True,
     n, caches, outputs = len(table.subjects), {}, []
     done = Progress("predict", None, "members", not progress, kinds=[m.run.model for m in members])
     shown = Progress(f"predicting {n} subjects x {len(members)} model{'s' * (len(members) > 1)}", n * len(members),
-                     "predictions", not progress, every=5.0)
+                     "predictions", not progress, every=PROGRESS_EVERY)
     for m in members:
         t0, images = time.time(), None
         if m.run.model != "tabular":
