@@ -14,12 +14,8 @@ def _mean(v):
 
 
 def classification_metrics(labels, probs, class_names):
-    """labels (N,) ints, probs (N, C) soft predictions -> the metrics of Sec. 4.3.6, then their calibration.
-
-    balanced_accuracy is Eq. 9 (mean per-class recall), precision is Eq. 10 (macro precision),
-    then macro F1, macro one-vs-rest AUC (NaN when a class is absent from labels), the per-class
-    TP rate and the confusion matrix (rows: true class, columns: predicted class); last, whether the
-    probabilities mean what they say (calibration_metrics: ece, ece_classwise, brier, nll)."""
+    """labels (N,) ints, probs (N, C) -> the metrics of Sec. 4.3.6 (macro one-vs-rest AUC NaN when a class is
+    absent from labels), then their calibration (calibration_metrics)."""
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
     n_classes, pred = len(class_names), probs.argmax(1)
     every = list(range(n_classes))
@@ -43,9 +39,8 @@ def classification_metrics(labels, probs, class_names):
 
 
 def reliability(hit, confidence, n_bins=CALIBRATION_BINS):
-    """One reliability curve: the predictions binned by `confidence` into n_bins equal-width bins of [0, 1]
-    (scikit-learn's calibration_curve) -> (observed frequency of `hit`, mean confidence, count), one entry per
-    non-empty bin. A calibrated predictor's frequencies equal its confidences."""
+    """One reliability curve over n_bins equal-width confidence bins -> (observed frequency of `hit`, mean
+    confidence, count), one entry per non-empty bin; a calibrated predictor's frequencies equal its confidences."""
     hit, confidence = np.asarray(hit, float), np.asarray(confidence, float)
     observed, predicted = calibration_curve(hit, confidence, n_bins=n_bins, strategy="uniform", pos_label=1)
     counts = np.bincount(np.searchsorted(np.linspace(0, 1, n_bins + 1)[1:-1], confidence), minlength=n_bins)
@@ -59,14 +54,9 @@ def expected_calibration_error(hit, confidence, n_bins=CALIBRATION_BINS):
 
 
 def calibration_metrics(labels, probs, n_bins=CALIBRATION_BINS):
-    """Do the probabilities mean what they say? labels (N,), probs (N, C) ->
-    ece: top-label expected calibration error (Guo et al. 2017): each subject's largest probability (the
-         confidence of its predicted class) against whether that class is right, 15 equal-width bins; 0 when
-         the subjects predicted with confidence 0.8 are right 80% of the time, for every confidence.
-    ece_classwise: per class the one-vs-rest ECE of P(class) against "is that class", averaged over classes
-         (a miscalibration of a class that is rarely the top one shows here, not in ece).
-    brier: the multi-class Brier score, mean over subjects of sum_c (p_c - [label == c])^2 (0 best, 2 worst).
-    nll: the mean negative log-likelihood of the true class, -log p_label (scikit-learn's log_loss)."""
+    """Do the probabilities mean what they say? labels (N,), probs (N, C) -> ece: top-label expected calibration
+    error (Guo et al. 2017); ece_classwise: the one-vs-rest ECE of each class, averaged (it shows a class that is
+    rarely the top one); brier: multi-class Brier score (0 best, 2 worst); nll: mean -log p_label."""
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
     classes = range(probs.shape[1])
     onehot = labels[:, None] == np.arange(probs.shape[1])
@@ -87,18 +77,15 @@ def regression_metrics(target, pred, sex):
 
 
 def age_bias_fit(age, pred):
-    """The linear age-bias correction of the brain-age gap (Smith et al. 2019; de Lange and Cole 2020):
-    least squares of gap = pred - age on age, over a fitting set (the validation subjects, never the
-    test ones). -> {"intercept", "slope", "n"}. Linear in the predictions, so the fit of an Eq. 6
-    ensemble on a shared fitting set is the mean of its members' fits."""
+    """The linear age bias of the brain-age gap (Smith et al. 2019; de Lange and Cole 2020): gap = pred - age
+    regressed on age over the validation subjects -> {"intercept", "slope", "n"}; an Eq. 6 ensemble's is the mean."""
     age, gap = np.asarray(age, float), np.asarray(pred, float) - np.asarray(age, float)
     slope, intercept = np.polyfit(age, gap, 1) if len(age) > 1 and np.ptp(age) > 0 else (0.0, float(gap.mean()))
     return {"intercept": float(intercept), "slope": float(slope), "n": int(len(age))}
 
 
 def corrected_gap(age, pred, fit):
-    """gap - (intercept + slope * age): the brain-age gap with the age bias that regression to the mean
-    puts into every brain-age model (over-estimating the young, under-estimating the old) removed."""
+    """The brain-age gap with the age bias (regression to the mean, age_bias_fit) removed."""
     age = np.asarray(age, float)
     return np.asarray(pred, float) - age - (fit["intercept"] + fit["slope"] * age)
 
@@ -129,8 +116,7 @@ def entropy(p, axis=-1, eps=1e-12):
 
 
 def entropy_weighted_ensemble(probs, eps=1e-12):
-    """Eq. 7-8: per sample, p = sum_k alpha_k p_k with alpha_k proportional to 1 / H(p_k), so a
-    confident (low-entropy) member weighs more. probs (K, B, C) -> (B, C)."""
+    """Eq. 7-8: a confident (low-entropy) member weighs more, per sample. probs (K, B, C) -> (B, C)."""
     probs = np.asarray(probs, dtype=np.float64)
     inv_h = 1.0 / np.maximum(entropy(probs), eps)          # (K, B)
     alpha = inv_h / inv_h.sum(0, keepdims=True)            # Eq. 8
@@ -155,6 +141,7 @@ def mann_whitney_p(x, y):
     if len(x) < 2 or len(y) < 2:
         return float("nan")
     return float(mannwhitneyu(x, y, alternative="two-sided").pvalue)
+
 
 def fmt_p(p):
     """A p-value as Table 3's footnotes print it: p<0.001, p<0.01, else two decimals; '-' for NaN."""

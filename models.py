@@ -24,12 +24,9 @@ AD_MODEL_TITLES = {"imaging": "Imaging only", "tabular": "Tabular only", "late-f
 # Brain age (Sec. 3.5.1, Fig. 2, Table 5)
 
 class BrainAgeNet(nn.Module):
-    """VGG-like 3D CNN (Levakov et al. 2020) with four linear layers at the end.
-
-    name "imaging": plain linears; "concat": the one-hot sex vector is concatenated to the input
-    of each linear layer (Sec. 4.2.5); "hyperfusion": the four linears are HyperLinear layers, each
-    with its own embedding Linear(2, embedding_dim) of the sex vector (Sec. 3.5.1, Fig. 2D).
-    """
+    """VGG-like 3D CNN (Levakov et al. 2020) with four linear layers at the end: plain ("imaging"), with the
+    one-hot sex concatenated to each one's input ("concat", Sec. 4.2.5), or HyperLinear layers, each with its own
+    embedding Linear(2, embedding_dim) of the sex ("hyperfusion", Sec. 3.5.1, Fig. 2D)."""
 
     def __init__(self, name="hyperfusion", image_shape=(90, 120, 99), embedding_dim=1, n_tabular=2,
                  hyper_mode="factorised"):
@@ -54,11 +51,9 @@ class BrainAgeNet(nn.Module):
             if name != "hyperfusion":
                 layer = nn.Linear(fin + (n_tabular if name == "concat" else 0), fout)
             else:
-                # The embedding starts at ones (our choice): both sexes start from one shared set of weights
-                # and part only as far as training moves their embeddings. PyTorch's random init often gives
-                # the sexes embeddings of opposite sign; with c = 0 (Eq. 1-2) their weights then start as each
-                # other's negatives: measured, two such runs scored test MAE 4.97 and 4.53 against 3.90 and 3.68
-                # (RESULTS.md, "Brain age on the synthetic cohort").
+                # The embedding starts at ones (our choice): both sexes start from shared weights, not (random
+                # init, c = 0 in Eq. 1-2) often from each other's negatives: test MAE 3.90 and 3.68 against 4.97
+                # and 4.53 (RESULTS.md, "Brain age on the synthetic cohort").
                 embedding = nn.Linear(n_tabular, embedding_dim)
                 nn.init.ones_(embedding.weight)
                 nn.init.zeros_(embedding.bias)
@@ -75,8 +70,7 @@ class BrainAgeNet(nn.Module):
         x = self.dropout1(x).flatten(1)                   # (B, 39424)
         for n in self.linears[:-1]:
             x = F.relu(self.linear(n, x, tabular))
-        # the age itself in float32: under bfloat16 autocast (8 bits of mantissa) it would be rounded to
-        # 1/8 year between 16 and 32 years from the centre and to 1/4 year beyond, in training and prediction
+        # the age itself in float32: bfloat16 would round it to 1/8 year 16-32 years from the centre, 1/4 beyond
         with torch.autocast(x.device.type, enabled=False):
             x = self.linear(self.linears[-1], x.float(), tabular.float())
         return x.squeeze(1)                               # (B,)
@@ -86,23 +80,18 @@ class BrainAgeNet(nn.Module):
         layer = getattr(self, name)
         if self.name == "hyperfusion":
             return layer(x, tabular)
-        if self.name == "concat":
-            return layer(torch.cat([x, tabular], 1))
-        return layer(x)
+        return layer(torch.cat([x, tabular], 1) if self.name == "concat" else x)
 
 
 @dataclass(frozen=True)
 class AgeTarget:
-    """What BrainAgeNet regresses: (age - centre) / scale, the age relative to the training mean (Eq. 4 as
-    written, centred); scale 1 (years) scored better on the demo than 10, 3.81 against 4.17 MAE over three
-    versions (RESULTS.md, "Brain age on the synthetic cohort"). Adam's L2 term (Eq. 3) is not divided with
-    the loss, so `decay(lambda)` = lambda / scale^2 is the decay that means Table 1's lambda on ages in years.
-    Stored in every brain-age checkpoint; works on arrays and tensors."""
+    """What BrainAgeNet regresses: (age - centre) / scale, centred on the training mean (Eq. 4); scale 1 scored
+    3.81 MAE against 4.17 for 10 over three versions (RESULTS.md, "Brain age on the synthetic cohort")."""
     centre: float
     scale: float = 1.0
 
     def decay(self, weight_decay):
-        """The Adam weight decay on this target that equals `weight_decay` on the age in years."""
+        """Adam's L2 term (Eq. 3) on this target that means `weight_decay` (Table 1's lambda) on ages in years."""
         return weight_decay / self.scale ** 2
 
     def encode(self, age):
@@ -133,10 +122,8 @@ def tabular_embedding(n_tabular, hidden=8):
 
 
 class ADNet(nn.Module):
-    """Pre-activation ResNet on one hippocampus crop, f = 16 (Fig. 3B). block4 is what differs:
-    "imaging" and "concat": a plain pre-act block; "film" / "daft": the modulated block;
-    "hyperfusion": the HyperRes block, whose downsample conv is generated from the tabular embedding.
-    "concat" also feeds the tabular vector to fc1 next to the pooled image features."""
+    """Pre-activation ResNet on one hippocampus crop, f = 16 (Fig. 3B); block4 is plain ("imaging", "concat": the
+    table also into fc1), modulated ("film", "daft") or the HyperRes block ("hyperfusion")."""
 
     def __init__(self, name="hyperfusion", n_tabular=15, n_classes=3, f=16, hyperlayers=("downsample",),
                  embedding_dim=8, hyper_mode="materialised"):
@@ -182,9 +169,7 @@ class ADNet(nn.Module):
 
 
 def class_probabilities(logits, temperature=1.0):
-    """(B, C) logits of the AD models -> (B, C) probabilities, what every ensemble and metric reads. A temperature
-    T != 1 is temperature scaling (Guo et al. 2017): softmax(logits / T), the same argmax,
-    probabilities flatter for T > 1."""
+    """(B, C) logits -> probabilities; T != 1 is temperature scaling (Guo et al. 2017), the same argmax."""
     return F.softmax(logits / temperature if temperature != 1.0 else logits, 1)
 
 
@@ -214,10 +199,9 @@ def candidate_layers(model):
 
 @torch.no_grad()
 def layer_loss_entropy(model, batch, loss_fn, names=None, n_draws=100, bins=10, seed=0):
-    """Sec. 3.1.2: for each candidate layer of an untrained backbone, re-initialise that layer alone n_draws
-    times, every other weight fixed, and record the loss on one fixed batch; the layer's score is the entropy of
-    the normalised histogram of its losses, over one range shared by all layers (the span of every loss drawn),
-    so scores compare across layers. -> [(name, entropy)] from most to least influential."""
+    """Sec. 3.1.2: each candidate layer of an untrained backbone re-initialised alone n_draws times, scored by the
+    entropy of the histogram of its losses on one batch over one range shared by all layers (so scores compare)
+    -> [(name, entropy)] from most to least influential."""
     image, tabular, target = batch
     was_training = model.training
     model.eval()

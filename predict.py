@@ -3,24 +3,19 @@
     python predict.py runs/ad/hyperfusion/seed0/v0 --data-csv new.csv --out predictions.csv
     python predict.py runs/brain-age/hyperfusion --data-csv new_scans.csv --image-dir preprocessed/ --out ages.csv
 
-Each RUN is a finished run folder (best.pt and metrics.json) or a folder above finished runs (runs/ad/hyperfusion/
-seed0 = its versions x folds). Every member reads each subject as it was trained: its tabular preprocessing and
-imputation (Sec. 3.3), its hippocampus boxes with both sides averaged (Sec. 4.3.6), its image grid, its target
-scale. The members are combined per subject: Eq. 7-8 (entropy-weighted) for AD, Eq. 6 (mean) for brain age.
-NEW.csv needs no diagnosis or age; when it has them, the metrics are printed too (AD: with the calibration).
---calibrated (AD): every member's probabilities at its own temperature (calibration.json, fitted on its
-validation set) before Eq. 7-8; no member's predicted class changes, but Eq. 8's weights do.
+Each RUN is a finished run folder (best.pt and metrics.json) or a folder above finished runs. Every member reads
+each subject as it was trained (its tabular preprocessing and imputation, Sec. 3.3; its hippocampus boxes, both
+sides averaged, Sec. 4.3.6; its image grid and target scale); the members are combined per subject by Eq. 7-8
+(AD) or Eq. 6 (brain age). NEW.csv needs no diagnosis or age; with them, the metrics are printed too.
+--calibrated (AD): each member's probabilities at its own temperature (calibration.json) before Eq. 7-8.
 
 Output columns. AD: Subject, prob_<class>, predicted, n_models, prob_spread (the largest standard deviation of
 a class probability across members). Brain age: Subject, predicted_age, n_models, age_spread, and when Age is
 given gap (predicted minus chronological age) and corrected_gap (minus the linear age bias fitted on the runs'
-validation sets). A Subject that a spreadsheet would run as a formula (`=HYPERLINK(...)`) is written with a
-leading ' (numbers never). --out is never the table, an image or a file of a run it reads.
-Bad input -> one line `error: ...` on stderr, exit status 2, and no output file.
+validation sets). A Subject a spreadsheet would run as a formula is written with a leading '. --out is never
+the table, an image or a file of a run it reads. Bad input -> one line `error: ...`, exit status 2, no output.
 
-The test-time sweep (`python evaluate.py sweep RUN --attribute ABETA --values 200 1700`) lives here too: a
-finished run's own test set read once as recorded and once per value (Sec. 1: the image analysis adjusted at
-test time).
+The test-time sweep (`python evaluate.py sweep RUN --attribute ABETA --values 200 1700`) lives here too.
 """
 import argparse
 import os
@@ -58,14 +53,21 @@ def find_runs(paths):
     return [load_run(p) for p in found]
 
 
-def check_members(members):
-    """All members must answer the same question: one task, one set of classes."""
+def check_members(members, calibrated=False):
+    """All members must answer the same question (one task, one set of classes); calibrated: each an AD run with
+    its temperature (calibration.json)."""
     first = members[0]
-    for m in members[1:]:
+    for m in members:
         if m.run.task != first.run.task or m.class_names != first.class_names:
             what = (f"task {m.run.task} vs {first.run.task}" if m.run.task != first.run.task
                     else f"classes {m.class_names} vs {first.class_names}")
             raise UserError(f"cannot combine {first.dir} and {m.dir}: {what}")
+    for m in members if calibrated else ():
+        if m.run.task != "ad":
+            raise UserError(f"--calibrated: {m.dir} is a brain-age run; temperature scaling is for AD's probabilities")
+        if m.temperature is None:
+            raise UserError(f"--calibrated: {m.dir} has no temperature (no calibration.json); fit it with "
+                            f"`python evaluate.py calibrate {m.dir}`")
 
 
 def check_images(table, members):
@@ -81,55 +83,46 @@ def check_images(table, members):
                             f"{train_voxel} mm; preprocess them the same way")
 
 
-PROGRESS_EVERY = 5.0   # seconds at least between two progress lines over the batches (safeio.Progress)
+PROGRESS_EVERY = 5.0   # seconds at least between two progress lines over the batches
+
+
+def run_outputs(finished_run, model, images, inputs, targets, device, batch_size, transform, on_batch=None):
+    """A run's outputs for subjects given as images (or None) and `inputs`: its preprocessed tabular rows (AD) or
+    the sex codes (brain age), read as the run read its own test set (its precision) -> (outputs, targets)."""
+    ds = (data.BrainAgeDataset(images, data.sex_onehot(inputs), targets) if finished_run.run.task != "ad"
+          else data.ADDataset(images, inputs, targets, train=False) if images is not None
+          else data.TabularDataset(inputs, targets))
+    return predict(model, make_loader(ds, batch_size, 0, device), device, transform,
+                   replay_precision(finished_run.run.precision, device), on_batch)
 
 
 def member_outputs(members, table, cache_dir, batch_size, device, progress=True, calibrated=False):
-    """Each member's predictions for every subject of `table`: (K, N, C) probabilities or (K, N) ages; images
-    decoded once per distinct crop. progress: a line per member (the time left per model kind: a tabular MLP reads
-    far faster than an image model) and, when long, lines over the batches. calibrated: each AD member's
-    probabilities at its temperature, softmax(logits / T)."""
-    task, n = members[0].run.task, len(table.subjects)
-    caches, outputs = {}, []
+    """Each member's predictions for every subject of `table`: (K, N, C) probabilities (each AD member's at its
+    temperature when calibrated) or (K, N) ages; images decoded once per distinct crop. Progress: a line per
+    member (the time left per model kind) and, when long, lines over the batches."""
+    n, caches, outputs = len(table.subjects), {}, []
     done = Progress("predict", None, "members", not progress, kinds=[m.run.model for m in members])
     shown = Progress(f"predicting {n} subjects x {len(members)} model{'s' * (len(members) > 1)}", n * len(members),
                      "predictions", not progress, every=PROGRESS_EVERY)
     for m in members:
-        t0 = time.time()
-        images = None
+        t0, images = time.time(), None
         if m.run.model != "tabular":
-            crops = m.crops
-            key = (crops.cache_key() if crops is not None else "", m.run.cache_dtype)
+            key = (m.crops.cache_key() if m.crops is not None else "", m.run.cache_dtype)
             if key not in caches:
-                caches[key] = data.ImageCache(table.image_paths, cache_dir, m.run.cache_dtype, transform=crops,
+                caches[key] = data.ImageCache(table.image_paths, cache_dir, m.run.cache_dtype, transform=m.crops,
                                               names=table.subjects).prepare(progress=progress)
                 shown.rebase()                        # the pace of predicting, not of the first decode
             images = caches[key]
-        if task == "ad":
-            tab = m.tabular.transform(table.raw)                                  # its own imputation (Sec. 3.3)
-            targets = np.zeros(n, np.int64)
-            ds = (data.ADDataset(images, tab, targets, train=False) if images is not None
-                  else data.TabularDataset(tab, targets))
-            temperature = m.temperature if calibrated else 1.0                    # checked by check_calibrated
-            transform = lambda logits, t=temperature: class_probabilities(logits, t)
+        if m.run.task == "ad":
+            temperature = m.temperature if calibrated else 1.0                    # checked by check_members
+            inputs, transform = m.tabular.transform(table.raw), lambda z, t=temperature: class_probabilities(z, t)
         else:
-            ds = data.BrainAgeDataset(images, data.sex_onehot(table.sex), np.zeros(n, np.float32))
-            transform = m.target.decode
-        out, _ = predict(m.model(device), make_loader(ds, batch_size, 0, device), device, transform,
-                         replay_precision(m.run.precision, device), shown.advance)
+            inputs, transform = table.sex, m.target.decode
+        out, _ = run_outputs(m, m.model(device), images, inputs, np.zeros(n, np.int64), device, batch_size,
+                             transform, shown.advance)
         outputs.append(out)
         done.item_done(m.run.model, time.time() - t0, m.dir)
     return np.stack(outputs)
-
-
-def check_calibrated(members):
-    """--calibrated: every member an AD run with its temperature (calibration.json), else one line naming it."""
-    for m in members:
-        if m.run.task != "ad":
-            raise UserError(f"--calibrated: {m.dir} is a brain-age run; temperature scaling is for AD's probabilities")
-        if m.temperature is None:
-            raise UserError(f"--calibrated: {m.dir} has no temperature (no calibration.json); fit it with "
-                            f"`python evaluate.py calibrate {m.dir}`")
 
 
 def combine(task, outputs):
@@ -138,15 +131,6 @@ def combine(task, outputs):
     if task == "ad":
         return entropy_weighted_ensemble(outputs), outputs.std(0).max(1)
     return mean_ensemble(outputs), outputs.std(0)
-
-
-def ensemble_age_bias(members):
-    """The age-bias correction of the Eq. 6 ensemble: the mean of the members' fits, each on its validation
-    set (exact when they share one, as the versions of a brain-age protocol do); None if a member has none."""
-    fits = [m.read_metrics().get("age_bias") for m in members]
-    if any(f is None for f in fits):
-        return None
-    return {k: float(np.mean([f[k] for f in fits])) for k in ("intercept", "slope")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,17 +145,15 @@ def test_set(finished_run, data_csv=None, image_dir=None, part="test"):
     if held and os.path.isfile(run.data_csv) and data.table_sha256(run.data_csv) != held:
         raise UserError(f"{run.data_csv}: not the table {finished_run.checkpoint_path} was trained on "
                         f"(its sha256 differs); give that run's table with --data-csv")
+    image_model = run.task != "ad" or run.model != "tabular"
     if run.task == "ad":
-        image_model = run.model != "tabular"
         table = data.read_ad_table(run.data_csv, run.image_dir, need_images=image_model, classes=run.classes,
                                    group_map=run.group_map)
         parts = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, run.split_seed), run.fold)
     else:
-        image_model = True
         table = data.read_brain_age_table(run.data_csv, run.image_dir)
         parts = data.brain_age_split(table.age, table.sex, run.split_seed, run.split)
-    test_idx = parts[{"val": 1, "test": 2}[part]]
-    images = None
+    test_idx, images = parts[{"val": 1, "test": 2}[part]], None
     if image_model:  # the training run's cache (same folder, dtype and crops), so nothing is decoded again
         cache = data.ImageCache(table.image_paths, data.cache_folder(run.cache_dir, run.data_csv),
                                 run.cache_dtype, transform=finished_run.crops, names=table.subjects)
@@ -192,8 +174,9 @@ def sweep(checkpoint, attribute, values, data_csv=None, image_dir=None, batch_si
                 raise UserError(f"{checkpoint}: the rebuilt test set differs from the run's predictions.npz "
                                 f"(another table than {run.data_csv}?)")
     dev, n, rows, summary = setup_device(device), len(test_idx), [], []
-    run_on = lambda ds, transform: predict(model, make_loader(ds, batch_size, 0, dev), dev, transform,
-                                           replay_precision(run.precision, dev))   # as the run predicted its test set
+    model, first = finished_run.model(dev), None
+    read = lambda inputs, targets, transform: run_outputs(finished_run, model, images, inputs, targets, dev,
+                                                          batch_size, transform)
     if run.task == "ad":
         attr = next((a for a in AD_ATTRIBUTES if a.lower() == attribute.lower()), None)
         if attr is None:
@@ -204,45 +187,42 @@ def sweep(checkpoint, attribute, values, data_csv=None, image_dir=None, batch_si
                 parse_attribute(attr, str(value)) if attr in AD_CONTINUOUS else None
             except ValueError as exc:
                 raise UserError(f"--values {value}: {attr}: {exc}") from None
-        model, names = finished_run.model(dev), finished_run.class_names
+        names = finished_run.class_names
         header = [attr, "n"] + [f"mean P({c})" for c in names] + [f"predicted {c}" for c in names] + ["BA"]
-        for value in [None] + list(values):
+    else:
+        if attribute.lower() not in ("sex", "ptgender"):
+            raise UserError(f"--attribute {attribute}: the brain-age models take one attribute, Sex (values M F)")
+        attr, bad = "Sex", [v for v in values if str(v).lower() not in SEX_CODES]
+        if bad:
+            raise UserError(f"--values {bad[0]}: expected M or F")
+        sex, age = table.sex[test_idx], table.age[test_idx]
+        header = [attr, "n", "mean predicted age", "true males", "true females", "MAE", "per-scan change vs first"]
+    for value in [None] + list(values):
+        cells = ["(as recorded)" if value is None else str(value), n]
+        if run.task == "ad":
             raw = [dict(table.raw[i], **({} if value is None else {attr: str(value)})) for i in test_idx]
             try:
                 tab = finished_run.tabular.transform(raw)
             except UserError as exc:
                 raise UserError(f"--values {value}: {exc}") from None
-            ds = (data.ADDataset(images, tab, table.labels[test_idx], train=False) if images is not None
-                  else data.TabularDataset(tab, table.labels[test_idx]))
-            probs, labels = run_on(ds, class_probabilities)
+            probs, labels = read(tab, table.labels[test_idx], class_probabilities)
             ba = classification_metrics(labels, probs, names)["balanced_accuracy"]
             frac = np.bincount(probs.argmax(1), minlength=len(names)) / n
-            rows.append(["(as recorded)" if value is None else str(value), n] + [f"{p:.3f}" for p in probs.mean(0)]
-                        + [f"{f:.0%}" for f in frac] + [fmt(ba)])
+            rows.append(cells + [f"{p:.3f}" for p in probs.mean(0)] + [f"{f:.0%}" for f in frac] + [fmt(ba)])
             summary.append({"value": value, "mean_probs": probs.mean(0).tolist(), "predicted_fraction": frac.tolist(),
                             "balanced_accuracy": ba})
-    else:
-        if attribute.lower() not in ("sex", "ptgender"):
-            raise UserError(f"--attribute {attribute}: the brain-age models take one attribute, Sex (values M F)")
-        attr = "Sex"
-        bad = [v for v in values if str(v).lower() not in SEX_CODES]
-        if bad:
-            raise UserError(f"--values {bad[0]}: expected M or F")
-        model, sex, age, first = finished_run.model(dev), table.sex[test_idx], table.age[test_idx], None
-        header = [attr, "n", "mean predicted age", "true males", "true females", "MAE", "per-scan change vs first"]
-        for value in [None] + list(values):
-            onehot = data.sex_onehot(sex if value is None else np.full(n, SEX_CODES[str(value).lower()]))
-            pred, _ = run_on(data.BrainAgeDataset(images, onehot, age), finished_run.target.decode)
-            mae = regression_metrics(age, pred, sex)["mae"]
-            first = pred if value is not None and first is None else first
-            diff = pred - first if value is not None else None
-            mean_sex = [float(pred[sex == s].mean()) if (sex == s).any() else float("nan") for s in (0, 1)]
-            rows.append(["(as recorded)" if value is None else str(value), n, f"{pred.mean():.2f}",
-                         f"{mean_sex[0]:.2f}", f"{mean_sex[1]:.2f}", f"{mae:.2f}",
-                         "-" if diff is None else f"{diff.mean():+.2f} ± {diff.std():.2f}"])
-            summary.append({"value": value, "mean_pred": float(pred.mean()), "mean_pred_male": mean_sex[0],
-                            "mean_pred_female": mean_sex[1], "mae": mae,
-                            "change_vs_first": None if diff is None else float(diff.mean())})
+            continue
+        pred, _ = read(sex if value is None else np.full(n, SEX_CODES[str(value).lower()]), age,
+                       finished_run.target.decode)
+        mae = regression_metrics(age, pred, sex)["mae"]
+        first = pred if value is not None and first is None else first
+        diff = pred - first if value is not None else None
+        mean_sex = [float(pred[sex == s].mean()) if (sex == s).any() else float("nan") for s in (0, 1)]
+        rows.append(cells + [f"{pred.mean():.2f}", f"{mean_sex[0]:.2f}", f"{mean_sex[1]:.2f}", f"{mae:.2f}",
+                             "-" if diff is None else f"{diff.mean():+.2f} ± {diff.std():.2f}"])
+        summary.append({"value": value, "mean_pred": float(pred.mean()), "mean_pred_male": mean_sex[0],
+                        "mean_pred_female": mean_sex[1], "mae": mae,
+                        "change_vs_first": None if diff is None else float(diff.mean())})
     return {"task": run.task, "model": run.model, "checkpoint": checkpoint, "dir": finished_run.dir, "attribute": attr,
             "header": header, "rows": rows, "summary": summary}
 
@@ -253,9 +233,6 @@ def sweep_markdown(res):
             f"Checkpoint: {res['checkpoint']}. Every test subject is read once per value (Sec. 1: the model is "
             f"adjusted at test time).\n\n" + markdown_table(res["header"], res["rows"]) + "\n")
 
-
-# ----------------------------------------------------------------------------------------------
-# Command line
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -274,19 +251,15 @@ def main(argv=None):
     check_output("--out", a.out, [a.data_csv])
     t0 = time.time()
     members = find_runs(a.runs)
-    check_members(members)
-    if a.calibrated:
-        check_calibrated(members)
+    check_members(members, a.calibrated)
     task, first = members[0].run.task, members[0]
     need_images = any(m.run.model != "tabular" for m in members)
-    if task == "ad":
-        table = data.read_ad_table(a.data_csv, a.image_dir, need_images, len(first.class_names),
-                                   first.run.group_map, for_prediction=True)
-    else:
-        table = data.read_brain_age_table(a.data_csv, a.image_dir, for_prediction=True)
-    runs_files = [os.path.join(m.dir, f) for m in members for f in os.listdir(m.dir)] + \
-        [m.checkpoint_path for m in members]
-    check_output("--out", a.out, (table.image_paths or []) + runs_files)   # never over what it reads
+    table = (data.read_ad_table(a.data_csv, a.image_dir, need_images, len(first.class_names), first.run.group_map,
+                                for_prediction=True) if task == "ad"
+             else data.read_brain_age_table(a.data_csv, a.image_dir, for_prediction=True))
+    check_output("--out", a.out, (table.image_paths or []) + [os.path.join(m.dir, f) for m in members  # never over
+                                                              for f in os.listdir(m.dir)]             # what it reads
+                 + [m.checkpoint_path for m in members])
     if need_images:
         check_images(table, members)
     device = setup_device(a.device)
@@ -300,17 +273,16 @@ def main(argv=None):
         rows = [[s] + [f"{q:.6f}" for q in pr] + [names[int(pr.argmax())], K, f"{sp:.6f}"]
                 for s, pr, sp in zip(table.subjects, combined, spread)]
     else:
-        bias = ensemble_age_bias(members)
-        header = ["Subject", "predicted_age", "n_models", "age_spread"]
-        gaps = []
-        if np.isfinite(table.age).any():
-            header.append("gap")
-            gaps.append(combined - table.age)
-            if bias is not None:
-                header.append("corrected_gap")
-                gaps.append(corrected_gap(table.age, combined, bias))
+        # the Eq. 6 ensemble's age bias: the mean of its members' fits, each on its validation set (exact when
+        # they share one, as the versions of a brain-age protocol do)
+        fits = [m.read_metrics().get("age_bias") for m in members]
+        bias = None if None in fits else {k: float(np.mean([f[k] for f in fits])) for k in ("intercept", "slope")}
+        gaps = {"gap": combined - table.age} if np.isfinite(table.age).any() else {}
+        if gaps and bias is not None:
+            gaps["corrected_gap"] = corrected_gap(table.age, combined, bias)
+        header = ["Subject", "predicted_age", "n_models", "age_spread"] + list(gaps)
         cell = lambda v: f"{v:.3f}" if np.isfinite(v) else ""
-        rows = [[s, f"{y:.3f}", K, f"{sp:.3f}"] + [cell(g[i]) for g in gaps]
+        rows = [[s, f"{y:.3f}", K, f"{sp:.3f}"] + [cell(g[i]) for g in gaps.values()]
                 for i, (s, y, sp) in enumerate(zip(table.subjects, combined, spread))]
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     write_csv(rows, header, a.out, for_people=True)   # `=HYPERLINK(..)` as '=HYPERLINK(..): a spreadsheet shows it

@@ -1,22 +1,19 @@
 """MRI preprocessing of App. A.1 (brain age; Sec. 4.2.3) in numpy, scipy and nibabel.
 
-Steps, in order: 1. reorient to RAS (nibabel.as_closest_canonical); 2. optional N4 bias correction (--n4, needs
-SimpleITK); 3. resample to isotropic `spacing` mm (trilinear; the mask too, then > 0.5); 4. brain mask: given
-(--mask), or estimated (Otsu threshold, largest connected component, holes filled: right only for an already
-skull-stripped image); 5. crop or zero-pad to `shape` around the mask's centre of mass (affine updated); 6. fuzzy
-c-means (3 classes) on brain voxels, divide by the mean of the voxels with white-matter (brightest class)
-membership > 0.8 (Reinhold et al. 2019, as in the paper); 7. zero outside the mask, z-score inside (Sec. 4.2.3).
-The paper normalises intensities before resampling; after (on the cropped grid) is the same up to interpolation
-and much cheaper. Not done here (external tools): neck removal (FSL robustfov), skull stripping (ROBEX, FSL bet
-or HD-BET; pass the brain mask with --mask), N4 without SimpleITK (ANTs N4BiasFieldCorrection).
+Steps: 1. reorient to RAS; 2. optional N4 bias correction (--n4, needs SimpleITK); 3. resample to isotropic
+`spacing` mm (trilinear; the mask too, then > 0.5); 4. brain mask: --mask, or estimated (Otsu, largest component,
+holes filled: right only for an already skull-stripped image); 5. crop or zero-pad to `shape` around the mask's
+centre of mass; 6. divide by the mean of white matter (fuzzy c-means' brightest class, membership > 0.8; Reinhold
+et al. 2019, as in the paper); 7. zero outside the mask, z-score inside (Sec. 4.2.3). The paper normalises before
+resampling; after is the same up to interpolation and much cheaper. Not done here: neck removal (FSL robustfov),
+skull stripping (ROBEX, FSL bet or HD-BET; pass the mask with --mask), N4 without SimpleITK (ANTs).
 
     python preprocess.py IN.nii[.gz] OUT.nii.gz [--mask MASK] [--spacing 1.75] [--shape 90 120 99] [--n4]
     python preprocess.py --csv TABLE.csv --out-dir DIR [--column image] [--mask-column mask]
 
-Batch mode reads input paths (relative to the CSV) from --column (default `image`, else
-<csv folder>/images/<Subject>.nii.gz), writes DIR/<Subject>.nii.gz (skipping outputs that exist unless
---overwrite) and a copy of the table in DIR whose `image` column points at them, ready for data.py's loaders.
-Bad input: one line `error: ...` on stderr, exit status 2, and no output file left behind (atomic writes).
+Batch mode reads input paths (relative to the CSV) from --column (else <csv folder>/images/<Subject>.nii.gz),
+writes DIR/<Subject>.nii.gz (kept when it exists, unless --overwrite) and DIR/<table> whose `image` column points
+at them. Bad input: one line `error: ...` on stderr, exit status 2, and no output file left behind.
 """
 
 import argparse
@@ -36,9 +33,6 @@ except ImportError:
 NO_SITK = ("--n4 needs SimpleITK, which is not installed (pip install SimpleITK); "
            "or run ANTs N4BiasFieldCorrection beforehand and drop --n4")
 
-
-# ----------------------------------------------------------------------------------------------
-# Building blocks
 
 def resample_isotropic(img, spacing, order=1):
     """Resample a nibabel image onto an axis-aligned grid of `spacing` mm covering the same field of view;
@@ -143,9 +137,6 @@ def n4_correct(img, mask=None):
     return nib.Nifti1Image(np.transpose(sitk.GetArrayFromImage(out), (2, 1, 0)).astype(np.float32), img.affine)
 
 
-# ----------------------------------------------------------------------------------------------
-# The pipeline
-
 def preprocess_volume(img, mask=None, spacing=1.75, shape=(90, 120, 99), n4=False):
     """App. A.1 after skull stripping: nibabel image [+ mask image] -> float32, RAS, isotropic `spacing` mm,
     `shape` voxels centred on the brain mask's centre of mass, zero outside the brain, z-scored inside."""
@@ -192,47 +183,40 @@ def preprocess_file(in_path, out_path, mask_path=None, spacing=1.75, shape=(90, 
         nib.save(out, tmp)
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line
-
 def _batch(a):
     """Preprocess every row of a table; write DIR/<Subject>.nii.gz and DIR/<table name> pointing at them."""
     rows, fields = read_csv_rows(a.csv, ("Subject",) + ((a.mask_column,) if a.mask_column else ()))
     subjects = check_subjects(a.csv, rows, as_file_names=True)  # DIR/<Subject>.nii.gz stays inside DIR
-    base = os.path.dirname(os.path.abspath(a.csv))
-    table_out = os.path.join(a.out_dir, os.path.basename(a.csv))
+    base, table_out = os.path.dirname(os.path.abspath(a.csv)), os.path.join(a.out_dir, os.path.basename(a.csv))
     if same_file(table_out, a.csv):
         raise UserError(f"--out-dir {a.out_dir}: the table's copy would overwrite {a.csv} itself; "
                         f"choose another output folder")
-    out_rows, shown = [], Progress("preprocessing", len(rows), "subjects", a.quiet)
+    shown = Progress("preprocessing", len(rows), "subjects", a.quiet)
     for (line, r), subj in zip(rows, subjects):
-        src = r.get(a.column) or find_image(os.path.join(base, "images"), subj) or \
-            os.path.join("images", f"{subj}.nii.gz")
+        src = os.path.join(base, r.get(a.column) or find_image(os.path.join(base, "images"), subj)
+                           or os.path.join("images", f"{subj}.nii.gz"))
         mask = os.path.join(base, r[a.mask_column]) if a.mask_column and r.get(a.mask_column) else None
         out = os.path.join(a.out_dir, f"{subj}.nii.gz")
-        out_rows.append({**r, "image": f"{subj}.nii.gz"})
         if any(same_file(out, p) or os.path.exists(out) and os.path.exists(p) and os.path.samefile(out, p)
-               for p in (os.path.join(base, src), mask) if p):         # by another path, or a link to it
+               for p in (src, mask) if p):         # by another path, or a link to it
             raise UserError(f"{a.csv} line {line}: --out-dir {a.out_dir}: {out} would overwrite its own input")
         if os.path.exists(out) and not a.overwrite:
             shown.total -= 1                      # kept as it is: no work, and not in the pace
             continue
         try:
-            preprocess_file(os.path.join(base, src), out, mask, a.spacing, a.shape, a.n4, subj)
+            preprocess_file(src, out, mask, a.spacing, a.shape, a.n4, subj)
         except UserError as exc:
             raise UserError(f"{a.csv} line {line}: {exc}") from None
         shown.advance()
     columns = [c for c in fields if c != a.mask_column] + ([] if "image" in fields else ["image"])
-    write_csv([{c: r.get(c, "") for c in columns} for r in out_rows], columns, table_out)
+    write_csv([{**{c: r.get(c, "") for c in columns}, "image": f"{subj}.nii.gz"}
+               for (_, r), subj in zip(rows, subjects)], columns, table_out)
     shown.finish(always=True)
     shown.say(f"wrote {table_out}")
 
 
 def main(argv=None):
-    ap = ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                        epilog="Skull stripping (ROBEX/bet), neck removal (robustfov) and, without --n4, N4 bias "
-                               "correction (ANTs) must be run beforehand. --n4 without SimpleITK is an error.")
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("input", nargs="?", help="input NIfTI (single-file mode)")
     ap.add_argument("output", nargs="?", help="output .nii.gz (single-file mode)")
     ap.add_argument("--mask", help="brain mask NIfTI on the input's grid (default: estimated)")

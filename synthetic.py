@@ -1,14 +1,10 @@
-"""The built-in synthetic cohorts: brain-like MRIs and tables written in the real on-disk format.
-
-No ADNI or UK Biobank access is needed to run anything: each task has a generator that writes one NIfTI per
-subject plus the CSV table (and, for AD, crops.json), so the demos and tests exercise data.py's real loading
-path. Deterministic for a seed. Results on these cohorts are sanity checks of the code, not clinical results.
+"""The built-in synthetic cohorts: brain-like MRIs and tables written in the real on-disk format (NIfTI per
+subject, the CSV table, crops.json for AD), so that everything runs through data.py's real loading path without
+ADNI or UK Biobank access. Deterministic for a seed; results on them are sanity checks, not clinical results.
 
     python synthetic.py ad --out DIR [--n N] [--seed S]
     python synthetic.py brain-age --out DIR [--n N] [--seed S]
     python synthetic.py oracle --cohort DIR [--predictions RUN/predictions.npz]   # the brain-age oracle's MAE
-
-The training scripts generate the default cohort on first use (builtin_cohort).
 
 The generative model. Every image is a skull-stripped, brain-like volume: an ellipsoidal brain with an outer CSF
 shell, a folded cortex (GM), white matter, deep GM, two lateral ventricles and two hippocampi (GM) in CSF pockets;
@@ -71,6 +67,7 @@ BRAIN_AGE_SYNTH = {
     # structure = f(a) with its own variability: log ventricle and hippocampus, CSF shell and cortex widths
     "vent_sd": 0.1, "csf_sd": 0.002, "cortex_sd": 0.002, "hippo_sd": 0.02,
 }
+SYNTH = {"ad": AD_SYNTH, "brain-age": BRAIN_AGE_SYNTH}
 HIPPO_CENTRE = (0.36, -0.12, -0.32)  # normalised (|x|, y, z) of the hippocampi
 
 
@@ -131,19 +128,32 @@ def synthetic_crops(shape, size):
 
 
 @contextlib.contextmanager
-def _cohort_dir(out_dir):
-    """Build a cohort in a hidden sibling folder, moved onto out_dir only when complete. out_dir may be absent,
-    empty or an earlier cohort (has cohort.json); anything else is refused: nothing of the user's is deleted."""
+def _cohort(task, out_dir, n, seed, verbose):
+    """Write a cohort in a hidden sibling folder, moved onto out_dir only when complete (out_dir may be absent,
+    empty or an earlier cohort: nothing of the user's is deleted) -> (rng, folder, save(subject, anatomy), info);
+    the caller adds to info, written last as cohort.json."""
+    P = SYNTH[task]
+    if n < 10:
+        raise UserError(f"--n must be at least 10 for {'an AD' if task == 'ad' else 'a brain-age'} cohort (got {n})")
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and (not os.listdir(out_dir)
                                         or os.path.isfile(os.path.join(out_dir, "cohort.json")))):
         raise UserError(f"{out_dir}: exists and is not an empty folder or a synthetic cohort; choose another --out")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex[:12]}-{os.path.basename(out_dir)}")
+    rng, grid, shown = np.random.default_rng(seed), head_grid(P["shape"]), Progress(f"synth-{task}", n, "subjects",
+                                                                                      quiet=not verbose)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(out_dir), f".tmp-{uuid.uuid4().hex[:12]}-{os.path.basename(out_dir)}")
     os.makedirs(os.path.join(tmp, "images"))
+
+    def save(subject, anatomy):
+        save_nifti(render_head(grid, anatomy, rng), P["spacing_mm"], os.path.join(tmp, "images", f"{subject}.nii.gz"))
+        shown.advance()
+
+    info = {"task": task.replace("-", "_"), "n": int(n), "seed": int(seed), "image_shape": list(P["shape"]),
+            "spacing_mm": P["spacing_mm"]}
     try:
-        yield tmp
+        yield rng, tmp, save, info
+        write_json({**info, "generator": P}, os.path.join(tmp, "cohort.json"))
         old = None
         if os.path.exists(out_dir):
             old = tmp + ".old"
@@ -155,60 +165,39 @@ def _cohort_dir(out_dir):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _class_counts(n, fractions):
-    """Largest-remainder rounding of n * fractions, at least one per class."""
-    f = np.array(fractions)
-    c = np.floor(n * f).astype(int)
-    c[np.argsort(-(n * f - c))[: n - c.sum()]] += 1
-    return np.maximum(c, 1)
-
-
-def _fmt_censored(v, limits, decimals):
-    """A value as an assay reports it: beyond its range as >upper or <lower."""
-    if limits is not None and (v >= limits[1] or v <= limits[0]):
-        return f">{limits[1]}" if v >= limits[1] else f"<{limits[0]}"
-    return f"{v:.{decimals}f}"
-
-
 def make_synthetic_ad(out_dir, n=360, seed=0, verbose=False):
     """Write a synthetic AD cohort (ad.csv, images/<Subject>.nii.gz, crops.json, cohort.json) -> csv path."""
     P = AD_SYNTH
-    if n < 10:
-        raise UserError(f"--n must be at least 10 for an AD cohort (got {n})")
-    rng = np.random.default_rng(seed)
-    counts = _class_counts(n, [P["class_fraction"][c] for c in CLASS_NAMES])
-    groups = rng.permutation(np.repeat(np.arange(3), counts))
-    shape, crops, grid = P["shape"], synthetic_crops(P["shape"], P["crop_size"]), head_grid(P["shape"])
-    shown = Progress("synth-ad", n, "subjects", quiet=not verbose)
-    with _cohort_dir(out_dir) as tmp:
+    with _cohort("ad", out_dir, n, seed, verbose) as (rng, tmp, save, info):
+        f = np.array([P["class_fraction"][c] for c in CLASS_NAMES])
+        counts = np.floor(n * f).astype(int)
+        counts[np.argsort(-(n * f - counts))[: n - counts.sum()]] += 1       # largest remainders
+        counts = np.maximum(counts, 1)
         rows = []
-        for i, g in enumerate(groups):
+        for i, g in enumerate(rng.permutation(np.repeat(np.arange(3), counts))):
             dx = CLASS_NAMES[g]
             male = rng.random() < P["male_fraction"][dx]
             age = float(np.clip(rng.normal(*P["age_mean_sd"][dx]), 55, 92))
             atrophy = P["hippo_atrophy"][dx] * (1 if male else P["hippo_atrophy_female_gain"])
             hippo = ((1 if male else P["hippo_female_factor"]) * (1 - P["hippo_age_slope"] * (age - 73))
                      * (1 - atrophy) * math.exp(rng.normal(0, P["hippo_noise_sd"])))
-            anat = head_anatomy(rng, (1.0 if male else 0.96) * math.exp(rng.normal(0, 0.02)), hippo,
-                            vent=1 + 0.025 * (age - 73) + (0, 0.1, 0.25)[g] + rng.normal(0, 0.08),
-                            csf=0.06 + 0.002 * (age - 73) + 0.01 * g, cortex=0.12 - 0.001 * (age - 73) - 0.008 * g)
             subj = f"SYN{i + 1:05d}"
-            save_nifti(render_head(grid, anat, rng), P["spacing_mm"], os.path.join(tmp, "images", f"{subj}.nii.gz"))
+            save(subj, head_anatomy(rng, (1.0 if male else 0.96) * math.exp(rng.normal(0, 0.02)), hippo,
+                                    vent=1 + 0.025 * (age - 73) + (0, 0.1, 0.25)[g] + rng.normal(0, 0.08),
+                                    csf=0.06 + 0.002 * (age - 73) + 0.01 * g,
+                                    cortex=0.12 - 0.001 * (age - 73) - 0.008 * g))
             row = {"Subject": subj, "Group": dx, "AGE": f"{age:.1f}", "PTGENDER": "Male" if male else "Female",
                    "PTEDUCAT": str(int(np.clip(round(rng.normal(16.2 - 0.6 * (g == 2), 2.8)), 6, 20))),
                    "APOE4": str(int(rng.choice(3, p=P["apoe4_probs"][dx])))}
             miss = {k: rng.random() < p[g] for k, p in P["missing_prob"].items()}
             for col, (mu, sd, lim, dec) in P["biomarkers"].items():
-                v = rng.normal(mu[g], sd[g])
-                gone = miss["CSF"] if col in ("ABETA", "PTAU", "TAU") else miss[col]
-                row[col] = "" if gone else _fmt_censored(max(v, 0.01), lim, dec)
+                v = max(rng.normal(mu[g], sd[g]), 0.01)                       # as the assay reports it: censored
+                row[col] = ("" if miss["CSF" if col in ("ABETA", "PTAU", "TAU") else col] else f">{lim[1]}"
+                            if lim and v >= lim[1] else f"<{lim[0]}" if lim and v <= lim[0] else f"{v:.{dec}f}")
             rows.append(row)
-            shown.advance()
         write_csv(rows, ["Subject", "Group"] + list(AD_ATTRIBUTES), os.path.join(tmp, "ad.csv"))
-        crops.save(os.path.join(tmp, "crops.json"))
-        write_json({"task": "ad", "n": int(n), "seed": int(seed), "image_shape": list(shape),
-                    "spacing_mm": P["spacing_mm"], "crops": "crops.json", "class_counts":
-                    dict(zip(CLASS_NAMES, map(int, counts))), "generator": P}, os.path.join(tmp, "cohort.json"))
+        synthetic_crops(P["shape"], P["crop_size"]).save(os.path.join(tmp, "crops.json"))
+        info.update(crops="crops.json", class_counts=dict(zip(CLASS_NAMES, map(int, counts))))
     return os.path.join(os.path.abspath(out_dir), "ad.csv")
 
 
@@ -285,41 +274,27 @@ def brain_age_oracle(anatomy, age_step=0.25):
 def make_synthetic_brain_age(out_dir, n=800, seed=0, verbose=False):
     """Write a synthetic brain-age cohort (brain_age.csv with an `image` column, images/, oracle.csv,
     cohort.json with the oracle's MAE) -> csv path."""
-    P = BRAIN_AGE_SYNTH
-    if n < 10:
-        raise UserError(f"--n must be at least 10 for a brain-age cohort (got {n})")
-    rng = np.random.default_rng(seed)
-    grid, shown = head_grid(P["shape"]), Progress("synth-brain-age", n, "subjects", quiet=not verbose)
-    anat = brain_age_anatomy(rng, n)
-    oracle = brain_age_oracle(anat)
-    oracle["with_sex"] = np.where(anat["male"], oracle["as_male"], oracle["as_female"])
-    with _cohort_dir(out_dir) as tmp:
-        rows, subjects = [], [f"BA{i + 1:05d}" for i in range(n)]
+    with _cohort("brain-age", out_dir, n, seed, verbose) as (rng, tmp, save, info):
+        anat = brain_age_anatomy(rng, n)
+        oracle = brain_age_oracle(anat)
+        oracle["with_sex"] = np.where(anat["male"], oracle["as_male"], oracle["as_female"])
+        subjects, columns = [f"BA{i + 1:05d}" for i in range(n)], ["with_sex", "without_sex", "as_male", "as_female"]
         for i, subj in enumerate(subjects):
-            head = head_anatomy(rng, math.exp(anat["log_scale"][i]), hippo=math.exp(anat["log_hippo"][i]),
-                                vent=math.exp(anat["log_vent"][i]), csf=anat["csf"][i], cortex=anat["cortex"][i])
-            save_nifti(render_head(grid, head, rng), P["spacing_mm"], os.path.join(tmp, "images", f"{subj}.nii.gz"))
-            rows.append({"Subject": subj, "Age": f"{anat['age'][i]:.1f}", "Sex": "M" if anat["male"][i] else "F",
-                         "image": f"images/{subj}.nii.gz"})
-            shown.advance()
-        write_csv(rows, ["Subject", "Age", "Sex", "image"], os.path.join(tmp, "brain_age.csv"))
-        columns = ["with_sex", "without_sex", "as_male", "as_female"]
+            save(subj, head_anatomy(rng, math.exp(anat["log_scale"][i]), hippo=math.exp(anat["log_hippo"][i]),
+                                    vent=math.exp(anat["log_vent"][i]), csf=anat["csf"][i], cortex=anat["cortex"][i]))
+        write_csv([{"Subject": s, "Age": f"{anat['age'][i]:.1f}", "Sex": "M" if anat["male"][i] else "F",
+                    "image": f"images/{s}.nii.gz"} for i, s in enumerate(subjects)],
+                  ["Subject", "Age", "Sex", "image"], os.path.join(tmp, "brain_age.csv"))
         write_csv([{"Subject": s, **{"oracle_" + c: f"{oracle[c][i]:.2f}" for c in columns}}
                    for i, s in enumerate(subjects)], ["Subject"] + ["oracle_" + c for c in columns],
                   os.path.join(tmp, "oracle.csv"))
-        age = np.round(anat["age"], 1)
-        mae = {k: float(np.mean(np.abs(oracle[k] - age))) for k in ("with_sex", "without_sex")}
-        write_json({"task": "brain_age", "n": int(n), "seed": int(seed), "image_shape": list(P["shape"]),
-                    "spacing_mm": P["spacing_mm"], "oracle_mae": mae, "generator": P},
-                   os.path.join(tmp, "cohort.json"))
+        mae = {k: float(np.mean(np.abs(oracle[k] - np.round(anat["age"], 1)))) for k in ("with_sex", "without_sex")}
+        info["oracle_mae"] = mae
     if verbose:
         print(f"oracle MAE (the generative model, latent anatomy read exactly): {mae['with_sex']:.2f} years "
               f"knowing sex, {mae['without_sex']:.2f} without")
     return os.path.join(os.path.abspath(out_dir), "brain_age.csv")
 
-
-# ----------------------------------------------------------------------------------------------
-# The built-in cohorts and the command line
 
 BUILTIN = {"ad": ("synthetic_ad", "ad.csv", make_synthetic_ad, dict(n=600, seed=0)),
            "brain-age": ("synthetic_brain_age", "brain_age.csv", make_synthetic_brain_age, dict(n=800, seed=0))}
@@ -331,17 +306,15 @@ def builtin_cohort(task, data_dir, quiet=False):
     folder, name, make, options = BUILTIN[task]
     csv_path = os.path.abspath(os.path.join(data_dir, folder, name))
     info_path = os.path.join(os.path.dirname(csv_path), "cohort.json")
-    why = "first use only"
-    if os.path.isfile(csv_path):
-        try:
-            with open(info_path) as f:
-                info = json.load(f)
-        except (OSError, ValueError):
-            info = {}
-        wanted = json.loads(json.dumps({"generator": AD_SYNTH if task == "ad" else BRAIN_AGE_SYNTH, **options}))
-        if all(info.get(k) == v for k, v in wanted.items()):
-            return csv_path
-        why = "its cohort.json is not the current generator's"
+    try:
+        with open(info_path) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        info = {}
+    if os.path.isfile(csv_path) and all(info.get(k) == v for k, v in
+                                        json.loads(json.dumps({"generator": SYNTH[task], **options})).items()):
+        return csv_path
+    why = "its cohort.json is not the current generator's" if os.path.isfile(csv_path) else "first use only"
     shown = Progress(f"generating the synthetic {task} cohort", 1, quiet=quiet)
     shown.say(f"generating the synthetic {task} cohort in {os.path.dirname(csv_path)} ({why}) ...")
     make(os.path.dirname(csv_path), **options, verbose=not quiet)
@@ -359,9 +332,7 @@ def oracle_report(cohort_dir, predictions=None):
         raise UserError(f"{path}: not found; --cohort must be a folder that `synthetic.py brain-age` wrote")
     with open(path, newline="") as f:
         oracle = {r["Subject"]: r for r in csv.DictReader(f)}
-    index = {s: i for i, s in enumerate(table.subjects)}
-    subjects = list(table.subjects)
-    run_pred = None
+    index, subjects, run_pred = {s: i for i, s in enumerate(table.subjects)}, list(table.subjects), None
     if predictions is not None:
         with np.load(predictions) as p:
             subjects, run_pred = [str(s) for s in p["subjects"]], p["pred"]
@@ -371,11 +342,12 @@ def oracle_report(cohort_dir, predictions=None):
                         f"({len(missing)} of {len(subjects)} missing)")
     rows = [index[s] for s in subjects]
     age, sex = table.age[rows], table.sex[rows]
-    out = {name: regression_metrics(age, np.array([float(oracle[s][col]) for s in subjects]), sex)
-           for name, col in (("oracle knowing sex", "oracle_with_sex"), ("oracle without sex", "oracle_without_sex"))}
+    read = lambda column: np.array([float(oracle[s]["oracle_" + column]) for s in subjects])
+    out = {"oracle knowing sex": regression_metrics(age, read("with_sex"), sex),
+           "oracle without sex": regression_metrics(age, read("without_sex"), sex)}
     if run_pred is not None:
         out["the run"] = regression_metrics(age, run_pred, sex)
-    change = np.array([float(oracle[s]["oracle_as_female"]) - float(oracle[s]["oracle_as_male"]) for s in subjects])
+    change = read("as_female") - read("as_male")
     out["sweep"] = {"female_minus_male": float(change.mean()), "sd": float(change.std()), "n": len(change)}
     return out
 
@@ -406,7 +378,7 @@ def main(argv=None):
     _, _, make, options = BUILTIN[a.task]
     n = a.n if a.n is not None else options["n"]
     path = make(a.out, n, a.seed, verbose=True)
-    P = AD_SYNTH if a.task == "ad" else BRAIN_AGE_SYNTH
+    P = SYNTH[a.task]
     print(f"wrote {n} subjects to {path}, images {P['shape']} at {P['spacing_mm']} mm"
           + (f", crops {P['crop_size']}" if a.task == "ad" else "") + f", {time.time() - t0:.1f} s")
 
