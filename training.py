@@ -1,11 +1,5 @@
 """What both trainers share: the run's options and folder, the device, many processes, the loop `fit`, checkpoints.
-
-train_ad.py and train_brain_age.py each describe one run (data, model, loss, metric) and hand it to `fit`: Adam with
-weight decay (Eq. 3) on the loss of Eq. 4 or Eq. 5. A run is its RunConfig, stored in every checkpoint with the facts
-learned from its data (`inputs`), so that a checkpoint of another run is refused and a finished run is replayed
-exactly (load_run). Under `torchrun --nproc_per_node N` each process holds the model inside DDP and reads 1/N of
-every batch; rank 0 alone prints and writes, and work done once runs on rank 0 first (`main_first`). Without
-torchrun every helper below is the single process's no-op.
+A run is its RunConfig, stored in every checkpoint with its data facts (`inputs`) so that a run is replayed exactly.
 """
 import atexit
 import contextlib
@@ -33,7 +27,7 @@ from models import AgeTarget, build_model, class_probabilities
 
 try:
     import fcntl
-except ImportError:  # Windows: run folders are not locked there (lock_folder warns)
+except ImportError:  # Windows: run folders are not locked there (claim_run_folder warns)
     fcntl = None
 
 # A collective's timeout: the other ranks wait while rank 0 decodes the image cache (26,691 brain-age scans: 24 min)
@@ -41,8 +35,7 @@ WAIT_HOURS = 2
 _state = {"alone": False}  # True while rank 0 works by itself (see `alone`)
 
 
-# ----------------------------------------------------------------------------------------------
-# Many processes (torchrun, DDP)
+# ---- Many processes (torchrun, DDP) ----
 
 def world_size():
     return 1 if _state["alone"] or not dist.is_initialized() else dist.get_world_size()
@@ -53,8 +46,7 @@ def rank():
 
 
 def is_main():
-    """Rank 0: the one process that prints and writes files."""
-    return rank() == 0
+    return rank() == 0  # the one process that prints and writes files
 
 
 def log(message, quiet=False):
@@ -69,7 +61,7 @@ def barrier():
 
 @contextlib.contextmanager
 def main_first():
-    """Rank 0 runs the block first (e.g. decodes the cache), the others run it once rank 0 is done."""
+    """Rank 0 runs the block first (e.g. decodes the cache), the others once rank 0 is done."""
     if not is_main():
         barrier()
     yield
@@ -88,8 +80,7 @@ def alone():
 
 
 def wrap(model, device, sync_bn=False):
-    """-> (model, net): `net` trains (DDP, averaging the gradients), `model` is saved and evaluated. sync_bn: batch
-    norms over the whole batch (torch.nn.SyncBatchNorm, CUDA only)."""
+    """-> (model, net): `net` trains (DDP averages the gradients), `model` is saved and evaluated."""
     if world_size() == 1:
         return model, model
     if sync_bn:
@@ -98,7 +89,7 @@ def wrap(model, device, sync_bn=False):
 
 
 def everyone(value):
-    """Every process's `value`, in rank order (objects: NCCL needs no CUDA tensor here); alone, [value]."""
+    """Every process's `value` in rank order (as objects: NCCL needs no CUDA tensor here)."""
     if world_size() == 1:
         return [value]
     parts = [None] * world_size()
@@ -107,36 +98,25 @@ def everyone(value):
 
 
 def gather(rows, n):
-    """Every process's rows of its DistributedSampler share (shuffle off) -> all n rows in dataset order: rank r held
-    items r, r + N, ... of the padded order, so interleaving the shares and dropping the padding counts each once."""
-    if world_size() == 1:
-        return rows
-    parts = everyone(rows)
-    out = np.empty((sum(len(p) for p in parts),) + rows.shape[1:], rows.dtype)
-    for r, part in enumerate(parts):
-        out[r::world_size()] = part
-    return out[:n]
+    """Each process's rows of its DistributedSampler share (rank r: items r, r + N, ...) -> all n in their order."""
+    return rows if world_size() == 1 else np.stack(everyone(rows), 1).reshape(-1, *rows.shape[1:])[:n]   # padded
 
 
 def first_reported(value):
-    """The first process's value that is not None, on every process: one verdict for all (a refused run folder,
-    a divergence), so that no process stops while the others wait for it in a collective."""
+    """The first process's value that is not None, on every process: one verdict, so that none stops alone."""
     return next((p for p in everyone(value) if p is not None), None)
 
 
-# ----------------------------------------------------------------------------------------------
-# Precision: float32, or one autocast context around the forward pass and the loss
+# ---- Precision: float32, or one autocast context around the forward pass and the loss ----
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def unsupported(precision, device):
-    """Why `device` does not train in `precision`, or None. bfloat16 on a CPU was 0.93x float32's speed here, not
-    shown as accurate, and oneDNN's bfloat16 convolution weight gradient is wrong where an input side is shorter than
-    the kernel; a GPU before compute capability 8.0 only emulates it."""
+    """Why `device` does not train in `precision`, or None."""
     if precision == "fp16" and device.type != "cuda":
         return "float16 with loss scaling is for CUDA; use fp32"
-    if precision == "bf16" and device.type != "cuda":
+    if precision == "bf16" and device.type != "cuda":  # 0.93x float32's speed here; oneDNN's conv gradient is wrong
         return "bfloat16 on a CPU is slower than float32 here and its convolution gradients are not exact; use fp32"
     if precision == "bf16" and torch.cuda.get_device_capability(device) < (8, 0):
         return f"{torch.cuda.get_device_name(device)} only emulates bfloat16 (compute capability < 8.0); use fp16"
@@ -144,8 +124,7 @@ def unsupported(precision, device):
 
 
 def resolve_precision(name, device, quiet=False):
-    """--precision -> the run's precision, stored in its identity: auto is fp32 (no faster precision has been shown
-    as accurate); one the device cannot do is a UserError naming the option."""
+    """--precision -> the run's precision: auto is fp32 (no faster precision has been shown as accurate)."""
     precision = "fp32" if name == "auto" else name
     if unsupported(precision, device):
         raise UserError(f"--precision {name}: {unsupported(precision, device)}")
@@ -154,25 +133,20 @@ def resolve_precision(name, device, quiet=False):
 
 
 def replay_precision(trained, device):
-    """The precision a finished run is replayed at on `device` (predict.py, evaluate.py): its own where the device
-    can do it; float32 otherwise, and for a run from before precision was stored."""
+    """A finished run's precision where `device` can do it; else (or from before precision was stored) fp32."""
     return trained if trained in PRECISIONS and not unsupported(trained, device) else "fp32"
 
 
 def autocast(device, precision):
-    """The forward pass at `precision`: torch.autocast to bfloat16 / float16, disabled for fp32 (or None)."""
     dtype = PRECISIONS[precision or "fp32"]
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-# ----------------------------------------------------------------------------------------------
-# What defines a run: its options (RunConfig), where it lives, its schedule
+# ---- What defines a run: its options (RunConfig), where it lives, its schedule ----
 
-SCHEDULE_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "lr_schedule")
-SCHEDULE_TYPES = {"epochs": int, "batch_size": int, "lr": float, "weight_decay": float, "lr_schedule": str}
-LR_SCHEDULES = ("constant", "cosine")   # constant: Table 1's; cosine: the brain-age demo's (learning_rate)
-# a checkpoint belongs to a run when these match (epochs may grow on --resume; the data may move, but its content is
-# compared: the table's sha256 and the images' fingerprint, data.table_sha256, data.image_fingerprint)
+SCHEDULE = {"epochs": int, "batch_size": int, "lr": float, "weight_decay": float, "lr_schedule": str}
+LR_SCHEDULES = ("constant", "cosine")   # constant: Table 1's; cosine: the brain-age demo's (fit)
+# a checkpoint belongs to a run when these match (epochs may grow on --resume; data is compared by content)
 DATA_KEYS = ("task", "model", "split_seed", "fold", "version", "classes", "group_map", "n_tabular",
              "tabular_columns", "embedding_dim", "train_sex", "split", "table_sha256")
 IDENTITY_KEYS = DATA_KEYS + ("loss", "batch_size", "lr", "weight_decay", "lr_schedule", "images_sha256", "image_shape",
@@ -203,7 +177,7 @@ class RunConfig:
     train_sex: str = None            # brain age: "all", or Fig. 4A's "M", "F", "mixed"
     split: tuple = None              # brain age: train/val/test fractions (None: Sec. 4.2.3's 80/10/10)
     precision: str = None            # "fp32", "bf16" or "fp16" (resolve_precision); None: a run from before
-    lr_schedule: str = None          # "constant" or "cosine" (learning_rate); None: constant, a run from before
+    lr_schedule: str = None          # "constant" or "cosine" (fit); None: constant, a run from before
 
     def run_dir(self, out):
         if self.task == "ad":
@@ -214,18 +188,17 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
     def build_model(self, inputs):
-        """The run's network (models.build_model) for the inputs it was trained on."""
         return build_model(self.task, self.model, image_shape=inputs.get("image_shape"), n_tabular=inputs["n_tabular"],
                            n_classes=self.classes or 3, embedding_dim=self.embedding_dim)
 
 
 def ad_run_dir(out, model, split_seed, version, fold, binary=False):
-    """Where one AD run lives: <out>/ad[-binary]/<model>/seed<S>/v<V>/fold<F>."""
+    """<out>/ad[-binary]/<model>/seed<S>/v<V>/fold<F>"""
     return os.path.join(out, "ad-binary" if binary else "ad", model, f"seed{split_seed}", f"v{version}", f"fold{fold}")
 
 
 def brain_age_run_dir(out, model, version, embedding_dim=1, train_sex="all"):
-    """Where one brain-age run lives: <out>/brain-age/<model>[-emb2][-train<M|F|mixed>]/v<V>."""
+    """<out>/brain-age/<model>[-emb2][-train<M|F|mixed>]/v<V>"""
     folder = model + (f"-emb{embedding_dim}" if embedding_dim not in (None, 1) else "") + \
         (f"-train{train_sex}" if train_sex not in (None, "all") else "")
     return os.path.join(out, "brain-age", folder, f"v{version}")
@@ -243,7 +216,6 @@ def cores():
 
 
 def add_common_arguments(p):
-    """The options both training scripts take (run-defining ones and those of this invocation alone)."""
     p.add_argument("--version", type=int, default=0, help="initialisation seed (Sec. 4.3.6 'versions')")
     p.add_argument("--data-csv", help="the table; default: the built-in synthetic cohort")
     p.add_argument("--image-dir", help="folder of <Subject>.nii.gz (default: <csv folder>/images)")
@@ -251,16 +223,13 @@ def add_common_arguments(p):
     p.add_argument("--crops", help="crops.json with the hippocampus boxes (default: next to the CSV)")
     p.add_argument("--cache-dir", help="decoded-image cache (default: <csv folder>/cache)")
     p.add_argument("--cache-dtype", default="float16", choices=["float16", "float32"])
-    for k in SCHEDULE_KEYS:
-        p.add_argument("--" + k.replace("_", "-"), type=SCHEDULE_TYPES[k], help="default: Table 1, or the demo",
+    for k, kind in SCHEDULE.items():
+        p.add_argument("--" + k.replace("_", "-"), type=kind, help="default: Table 1, or the demo",
                        **({"choices": LR_SCHEDULES} if k == "lr_schedule" else {}))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
-                   help="auto: float32; bf16 (CUDA, compute capability 8.0+) or fp16 (CUDA) autocast")
-    p.add_argument("--workers", type=int, default=None,
-                   help="loader workers (default: min(8, cores / processes on this machine) on CUDA, 0 on CPU)")
-    p.add_argument("--decode-workers", type=int, default=min(8, cores()),
-                   help="processes that decode the image cache on first use (default: min(8, cores))")
+    p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS], help="auto: fp32; bf16, fp16: CUDA")
+    p.add_argument("--workers", type=int, help="loader workers (default: CUDA min(8, cores / processes), CPU 0)")
+    p.add_argument("--decode-workers", type=int, default=min(8, cores()), help="image cache decoding processes")
     p.add_argument("--sync-bn", action="store_true", help="torchrun on CUDA: batch norms over the whole batch")
     p.add_argument("--out", default="runs")
     p.add_argument("--resume", action="store_true", help="continue from last.pt")
@@ -268,27 +237,17 @@ def add_common_arguments(p):
 
 
 def resolve_schedule(args, defaults, name, quiet=False):
-    """Numeric options checked (naming the option), unset schedule options from `defaults` (Table 1 on real data,
-    the demo schedule on the synthetic cohorts)."""
+    """Numeric options checked (naming the option); unset ones from `defaults` (Table 1, or the demo's)."""
     for k, least in (("epochs", 1), ("batch_size", 1), ("weight_decay", 0), ("workers", 0), ("version", 0),
                      ("split_seed", 0)):
         check_number("--" + k.replace("_", "-"), args.get(k), least=least)
     check_number("--lr", args.get("lr"), above=0)
-    schedule = {k: args[k] if args[k] is not None else defaults[k] for k in SCHEDULE_KEYS}
-    log(f"schedule ({name}): " + ", ".join(f"{k} {schedule[k]}" for k in SCHEDULE_KEYS), quiet)
+    schedule = {k: args[k] if args[k] is not None else defaults[k] for k in SCHEDULE}
+    log(f"schedule ({name}): " + ", ".join(f"{k} {v}" for k, v in schedule.items()), quiet)
     return schedule
 
 
-def learning_rate(run, epoch):
-    """The learning rate of `epoch` (0-based): run.lr throughout ("constant", Table 1), or a cosine from run.lr
-    towards 0 over run.epochs ("cosine": the brain-age demo's, so that its last epochs settle)."""
-    if run.lr_schedule == "cosine":
-        return run.lr * 0.5 * (1 + math.cos(math.pi * epoch / run.epochs))
-    return run.lr
-
-
-# ----------------------------------------------------------------------------------------------
-# A run folder holds one run: claimed by one live process at a time, refused to a new run while it holds one
+# ---- A run folder holds one run: claimed by one live process at a time, refused to a new run while it holds one ----
 
 FINISHED_FILES = ("metrics.json", "predictions.npz", "logits.npz", "calibration.json")  # its final best.pt's
 RUN_FILES = ("best.pt", "last.pt", "log.csv") + FINISHED_FILES                          # what a run writes
@@ -297,67 +256,37 @@ LOCK_NAME = ".lock"
 
 @contextlib.contextmanager
 def claim_run_folder(run_dir, resume):
-    """run_dir for this run alone while the block runs. Refused before any work: a folder locked by a live process
-    (an flock the OS drops however the process ends), and one that holds another run's files (occupied). On release
-    the lock file goes, and the folders this created if they are still empty."""
-    fd, created, refusal = None, [], None
+    """run_dir for this run alone (an flock, dropped however the process ends), refused before any work when
+    locked or occupied; on release the lock file goes, and the folders made here if still empty."""
+    fd, made, refusal, path = None, [], None, os.path.join(run_dir, LOCK_NAME)
     try:
         if is_main():
-            created = make_folders(run_dir)
-            fd, holder = lock_folder(run_dir)
-            if fd is None and holder is not None:
-                refusal = f"{run_dir}: in use by another training process ({holder}); wait for it to end, or " \
-                          f"use another --out"
-            else:
-                refusal = occupied(run_dir, resume)
+            d = os.path.abspath(run_dir)
+            while not os.path.isdir(d) and os.path.dirname(d) != d:
+                made, d = made + [d], os.path.dirname(d)                  # deepest first
+            os.makedirs(run_dir, exist_ok=True)
+            fd, holder = lock_file(path)
+            refusal = f"{run_dir}: in use by another training process ({holder}); wait for it to end, or use " \
+                      f"another --out" if holder else occupied(run_dir, resume)
         refusal = first_reported(refusal)      # torchrun: rank 0's verdict is every process's
         if refusal:
             raise UserError(refusal)
         yield
     finally:
-        release_folder(run_dir, fd, created)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    os.remove(path)                  # still locked: no one else can have taken it
+            os.close(fd)
+        for d in made:
+            try:
+                os.rmdir(d)
+            except OSError:                          # not empty (the run wrote in it), or gone
+                break
 
 
-def occupied(run_dir, resume):
-    """Why run_dir cannot take a new run (without --resume) or be resumed (with it), in words; None if it can."""
-    held = [f for f in RUN_FILES if os.path.isfile(os.path.join(run_dir, f))]
-    if not held or resume and "last.pt" in held:
-        return None
-    if resume:
-        return f"{run_dir}: --resume: no last.pt to continue from, and the folder holds another run's " \
-               f"{', '.join(held)}; use another --out, or delete them"
-    if "metrics.json" in held:
-        what, hint = f"a finished run ({', '.join(held)})", "use --resume to train it further (a larger --epochs)"
-    elif "last.pt" in held:
-        what = f"an unfinished run ({saved_epoch(os.path.join(run_dir, 'last.pt'))})"
-        hint = "use --resume to continue it"
-    else:
-        what, hint = f"another run's {', '.join(held)}", "delete them"
-    return f"{run_dir}: holds {what}, and a new run would mix with it; {hint}, or use another --out for the new run"
-
-
-def saved_epoch(path):
-    """'last.pt after epoch N' of a checkpoint, or its bare name when it cannot be read."""
-    try:
-        return f"{os.path.basename(path)} after epoch {torch.load(path, 'cpu', weights_only=True)['epoch'] + 1}"
-    except Exception:
-        return os.path.basename(path)
-
-
-def make_folders(run_dir):
-    """os.makedirs(run_dir) -> the folders it created, deepest first (release_folder removes them if left empty)."""
-    created, d = [], os.path.abspath(run_dir)
-    while not os.path.isdir(d) and os.path.dirname(d) != d:
-        created.append(d)
-        d = os.path.dirname(d)
-    os.makedirs(run_dir, exist_ok=True)
-    return created
-
-
-def lock_folder(run_dir):
-    """An flock on <run_dir>/.lock holding "pid N on HOST" -> (fd, None); (None, holder) when a live process holds
-    it; (None, None), with a warning, without locks. A lock counts only while the name leads to the file locked."""
-    path = os.path.join(run_dir, LOCK_NAME)
+def lock_file(path):
+    """An flock on `path` (which must still name it) -> (fd, None), or (None, "pid N on HOST" of its holder)."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -372,7 +301,8 @@ def lock_folder(run_dir):
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.remove(path)
-            warn(f"{run_dir}: cannot lock the run folder ({exc.strerror}): a second run into it would not be refused")
+            warn(f"{os.path.dirname(path)}: cannot lock the run folder ({exc.strerror}): a second run into it "
+                 f"would not be refused")
             return None, None
         with contextlib.suppress(OSError):
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
@@ -383,28 +313,29 @@ def lock_folder(run_dir):
     return fd, None
 
 
-def release_folder(run_dir, fd, created):
-    """The lock of lock_folder dropped and its file removed; the folders make_folders created removed if empty."""
-    if fd is not None:
-        path = os.path.join(run_dir, LOCK_NAME)
-        with contextlib.suppress(OSError):
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                os.remove(path)                      # still locked: no one else can have taken it
-        os.close(fd)
-    for d in created:
-        try:
-            os.rmdir(d)
-        except OSError:                              # not empty (the run wrote in it), or gone
-            break
+def occupied(run_dir, resume):
+    """Why run_dir cannot take a new run (without --resume) or be resumed (with it), in words; None if it can."""
+    held = [f for f in RUN_FILES if os.path.isfile(os.path.join(run_dir, f))]
+    if not held or resume and "last.pt" in held:
+        return None
+    if resume:
+        return f"{run_dir}: --resume: no last.pt to continue from, and the folder holds another run's " \
+               f"{', '.join(held)}; use another --out, or delete them"
+    what, hint = f"another run's {', '.join(held)}", "delete them"
+    if "metrics.json" in held:
+        what, hint = f"a finished run ({', '.join(held)})", "use --resume to train it further (a larger --epochs)"
+    elif "last.pt" in held:
+        what, hint = "an unfinished run (last.pt)", "use --resume to continue it"
+        with contextlib.suppress(Exception):          # unreadable: named alone
+            epoch = torch.load(os.path.join(run_dir, "last.pt"), "cpu", weights_only=True)["epoch"] + 1
+            what = f"an unfinished run (last.pt after epoch {epoch})"
+    return f"{run_dir}: holds {what}, and a new run would mix with it; {hint}, or use another --out for the new run"
 
 
-# ----------------------------------------------------------------------------------------------
-# Device, randomness, loaders, evaluation passes
+# ---- Device, randomness, loaders, evaluation passes ----
 
 def setup_device(name, sync_bn=False):
-    """auto: CUDA when present. TF32 off (float32 means float32 in training, prediction and benchmarks alike);
-    cudnn.benchmark on CUDA (fixed input shapes). Under torchrun: joins the process group (NCCL on CUDA, gloo on
-    CPU), on CUDA with the GPU of its local rank. sync_bn: refused off CUDA (torch's SyncBatchNorm)."""
+    """The device, TF32 off (float32 means float32); under torchrun the process group and the local rank's GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -430,8 +361,7 @@ def setup_device(name, sync_bn=False):
 
 
 def loader_workers(requested, device):
-    """--workers, else on CUDA min(8, cores / processes on this machine) (decoding overlaps the GPU), 0 on a CPU
-    (its cores train)."""
+    """--workers, else on CUDA min(8, cores / processes on this machine), 0 on a CPU (its cores train)."""
     if requested is not None:
         return requested
     return min(8, cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if device.type == "cuda" else 0
@@ -444,9 +374,7 @@ def seed_all(seed):
 
 
 def make_loader(dataset, batch_size, workers, device, shuffle=False, sampler=None):
-    """Batches of `dataset`; shuffled, a last partial batch is dropped (not when drawn by a sampler). Under torchrun
-    each process reads 1/N of the set (a DistributedSampler, or 1/N of the weighted draws, seeded per process by
-    fit) in batches of batch_size / N: a step still sees batch_size samples (the whole step's, as in Table 1)."""
+    """Batches of `dataset` (torchrun: 1/N of it in batches of batch_size / N); shuffled, no last partial batch."""
     drop_last = shuffle and len(dataset) > batch_size
     if world_size() > 1:
         if batch_size % world_size():
@@ -461,25 +389,20 @@ def make_loader(dataset, batch_size, workers, device, shuffle=False, sampler=Non
 
 
 def to_device(image, device):
-    """A batch's images on the device in float32: loaders ship them as the cache stores them (float16 by default),
-    and the upcast, exact, happens after the copy."""
+    """Images as the cache stores them (float16 by default) -> float32 on the device, upcast after the copy."""
     return image.to(device, non_blocking=True).float()
 
 
 @torch.no_grad()
 def recalibrate_batchnorm(model, loader, device, precision="fp32"):
-    """"Precise BN": every BatchNorm's running statistics re-estimated over `loader` (the training set, in order) as a
-    plain average with the current weights: with a high learning rate and small batches the moving averages lag
-    the weights (brain age: validation MAE 20.2 with the epoch's statistics, 5.4 re-estimated, same weights)."""
+    """"Precise BN": running statistics re-averaged over `loader` (brain age: val MAE 20.2 with moving ones, 5.4)."""
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
     momenta, was_training = [m.momentum for m in norms], model.training
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
     model.train()
-    for image, tabular, _ in loader:
+    for image, tabular, _ in loader if norms else ():
         with autocast(device, precision):
             model(to_device(image, device), tabular.to(device, non_blocking=True))
     for m, momentum in zip(norms, momenta):
@@ -492,14 +415,11 @@ def recalibrate_batchnorm(model, loader, device, precision="fp32"):
 
 @torch.no_grad()
 def predict(model, loader, device, transform=None, precision="fp32", on_batch=None, sides=False):
-    """Every item of a loader through the model in eval mode -> (outputs (N, ...), targets (N,)) as numpy, every
-    process's share gathered. `transform`: softmax (AD) or AgeTarget.decode (brain age). Both hippocampi, image
-    (B, 2, 1, D, H, W): the two sides' outputs averaged (Sec. 4.3.6), or kept with `sides`. on_batch(n): progress."""
+    """-> (outputs (N, ...), targets (N,)) of all processes; both hippocampi averaged (Sec. 4.3.6) unless `sides`."""
     model.eval()
     outputs, targets = [], []
     for image, tabular, target in loader:
-        tabular = tabular.to(device, non_blocking=True)
-        both = image.dim() == 6
+        tabular, both = tabular.to(device, non_blocking=True), image.dim() == 6       # (B, 2, 1, D, H, W): both
         if both:
             B = image.shape[0]
             image, tabular = image.flatten(0, 1), tabular.repeat_interleave(2, 0)    # (2B, 1, D, H, W)
@@ -518,16 +438,13 @@ def predict(model, loader, device, transform=None, precision="fp32", on_batch=No
 
 
 class NonFiniteOutputs(UserError):
-    """A model's outputs hold NaN or inf: diverged weights, or absurd inputs."""
-
     def __init__(self, detail):
         super().__init__(f"the model's outputs are {detail}")
         self.detail = detail
 
 
 def check_finite_outputs(outputs):
-    """outputs as they are, or NonFiniteOutputs saying for how many subjects they are NaN or inf (a metric of them
-    would be a scikit-learn traceback, or a number that means nothing)."""
+    """outputs, or NonFiniteOutputs naming for how many subjects they are NaN or inf (no metric means anything)."""
     bad = ~np.isfinite(outputs).reshape(len(outputs), -1).all(1)
     if bad.any():
         raise NonFiniteOutputs(f"{'nan' if np.isnan(outputs).any() else 'inf'} for {int(bad.sum())} of "
@@ -535,8 +452,7 @@ def check_finite_outputs(outputs):
     return outputs
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
+# ---- Checkpoints ----
 
 def save_checkpoint(obj, path):
     """Atomic, serialised in memory first: a full disk is one error naming the folder and the bytes it needed."""
@@ -546,8 +462,7 @@ def save_checkpoint(obj, path):
 
 
 def load_checkpoint(path, expected=None):
-    """A checkpoint of ours; a corrupt file, or one whose identity differs from `expected` ({key: value} of run
-    options and data facts), stops with a clear error."""
+    """A checkpoint of ours; a corrupt one, or one whose identity differs from `expected` (see identity), refused."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -557,13 +472,12 @@ def load_checkpoint(path, expected=None):
                         f"delete it to start the run afresh") from None
     if not isinstance(ckpt, dict) or not {"model", "run", "inputs", "epoch"} <= set(ckpt):
         raise UserError(f"{path}: not a checkpoint written by this version of the code")
-    if expected:
-        held = {**ckpt["run"], **ckpt["inputs"]}
-        diff = [f"{k}: checkpoint {held.get(k)!r}, now {v!r}" for k, v in expected.items() if held.get(k) != v]
-        if diff:
-            data = [k for k in ("table_sha256", "images_sha256") if held.get(k) != expected.get(k, held.get(k))]
-            hint = f"; it was trained on other data: {held.get('data_csv')}" if data else ""
-            raise UserError(f"{path}: checkpoint belongs to another run ({'; '.join(diff)}){hint}")
+    held = {**ckpt["run"], **ckpt["inputs"]} if expected else {}
+    diff = [f"{k}: checkpoint {held.get(k)!r}, now {v!r}" for k, v in (expected or {}).items() if held.get(k) != v]
+    if diff:
+        data = [k for k in ("table_sha256", "images_sha256") if held.get(k) != expected.get(k, held.get(k))]
+        hint = f"; it was trained on other data: {held.get('data_csv')}" if data else ""
+        raise UserError(f"{path}: checkpoint belongs to another run ({'; '.join(diff)}){hint}")
     return ckpt
 
 
@@ -572,65 +486,52 @@ def load_weights(module, state, path, what="model"):
     try:
         module.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError) as exc:
-        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
-        raise UserError(f"{path}: the saved {what} does not fit this run's ({detail})") from None
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()] or [type(exc).__name__]
+        raise UserError(f"{path}: the saved {what} does not fit this run's ({lines[min(1, len(lines) - 1)]})") from None
 
 
 def resumable(run_dir, resume):
-    """--resume and a last.pt to resume from."""
     return resume and os.path.isfile(os.path.join(run_dir, "last.pt"))
 
 
-# ----------------------------------------------------------------------------------------------
-# The loop
+# ---- The loop ----
 
-# Diverged though finite: an epoch's mean training loss over LOSS_BOUND times the untrained network's (its first
-# batch). --lr 1e3 on the AD cohort gives 2e9 in the tabular MLP's first epoch (untrained: 1.3), and the epochs
-# after it learn nothing; relative to the run's own start, so that it does not depend on the loss's units.
+# Diverged though finite: a mean training loss over LOSS_BOUND times the untrained network's (its first batch);
+# --lr 1e3 on the AD cohort gives 2e9 in the tabular MLP's first epoch (untrained: 1.3), and nothing learnt after.
 LOSS_BOUND = 1e6
 
 
 def make_optimizer(model, lr, weight_decay, device):
-    """Adam with weight decay on every trained parameter, internal and hypernetwork alike (Eq. 3: the generated
-    weights are not parameters, so they are not decayed); fused into one kernel on CUDA."""
+    """Adam with Eq. 3's decay on every trained parameter (generated weights are none); fused on CUDA."""
     return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
 
 
 def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs, state=None, resume=False,
         quiet=False, lower_is_better=False, sync_bn=False, before_validation=None, weight_decay=None):
-    """The training loop of both tasks -> {"epoch", "score", "metrics"} of the best epoch by validate(model)[score_key].
-
-    A step: forward and loss (Eq. 4 or 5) at the run's precision, backward, Adam with Eq. 3's decay (`weight_decay`,
-    else run.weight_decay). Each epoch is seeded from (version, epoch): resumed from last.pt, a run ends exactly as an
-    uninterrupted one on CPU. Every epoch writes last.pt (and best.pt when better: the run, `inputs`, its `state`)
-    and log.csv. before_validation(model): brain age's precise BN. resume: continues last.pt (--epochs may grow);
-    a finished run trained further loses its metrics first. Divergence stops the run (UserError) before its epoch
-    is saved; a KeyboardInterrupt goes up with `progress`, what last.pt holds."""
+    """The loop of both tasks -> the best epoch's {"epoch", "score", "metrics"}. Epochs are seeded from (version,
+    epoch): resumed from last.pt, a run ends as an uninterrupted one. Divergence stops it before the epoch is saved."""
     os.makedirs(run_dir, exist_ok=True)
     device = next(model.parameters()).device
     model, net = wrap(model, device, sync_bn)
     opt = make_optimizer(model, run.lr, run.weight_decay if weight_decay is None else weight_decay, device)
     scaler = torch.amp.GradScaler(device.type, enabled=run.precision == "fp16")   # bfloat16 needs no loss scaling
-    ctx = autocast(device, run.precision)
     start, best, history, initial = 0, None, [], None
     last_path, best_path = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "best.pt")
     if resumable(run_dir, resume):
         ckpt = load_checkpoint(last_path, identity(run, inputs))
         load_weights(model, ckpt["model"], last_path)
         load_weights(opt, ckpt["optimizer"], last_path, "optimiser state")
-        if ckpt.get("scaler"):   # float16: the loss scale continues where it was
-            scaler.load_state_dict(ckpt["scaler"])
+        load_weights(scaler, ckpt.get("scaler") or scaler.state_dict(), last_path, "loss scale")
         start, best, history, initial = ckpt["epoch"] + 1, ckpt["best"], ckpt["history"], ckpt.get("initial_loss")
         if start > run.epochs:
             raise UserError(f"--epochs {run.epochs}: {last_path} has trained {start} epochs already; --resume "
                             f"continues that run, so --epochs may grow but not shrink")
         log(f"resuming {last_path} after epoch {start}", quiet)
         gone = [f for f in FINISHED_FILES if os.path.isfile(os.path.join(run_dir, f))] if start < run.epochs else []
-        if gone and is_main():
-            for f in gone:
-                os.remove(os.path.join(run_dir, f))
-            log(f"{run_dir}: trains further: {' and '.join(gone)} of the finished run removed until it ends", quiet)
+        for f in gone if is_main() else ():
+            os.remove(os.path.join(run_dir, f))
+        log(f"{run_dir}: trains further: {' and '.join(gone)} of the finished run removed until it ends",
+            quiet or not gone)
     elif resume:
         log(f"--resume: no {last_path} yet, starting afresh", quiet)
     header = {"run": dataclasses.asdict(run), "inputs": inputs, **(state or {})}
@@ -639,8 +540,9 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
         for epoch in range(start, run.epochs):
             t0 = time.time()
             torch.manual_seed(run.version * 1_000_003 + epoch + 7_919 * rank())
+            cosine = run.lr_schedule == "cosine"                  # the brain-age demo's, so that its end settles
             for group in opt.param_groups:
-                group["lr"] = learning_rate(run, epoch)
+                group["lr"] = run.lr * (0.5 * (1 + math.cos(math.pi * epoch / run.epochs)) if cosine else 1)
             if hasattr(train_loader.sampler, "set_epoch"):        # torchrun: a new shuffle, the same on all ranks
                 train_loader.sampler.set_epoch(run.version * 1_000_003 + epoch)
             net.train()
@@ -648,7 +550,7 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
             for image, tabular, target in train_loader:
                 image, tabular, target = (to_device(image, device), tabular.to(device, non_blocking=True),
                                           target.to(device, non_blocking=True))
-                with ctx:
+                with autocast(device, run.precision):
                     loss = loss_fn(net(image, tabular), target)                   # Eq. 4 or Eq. 5
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -677,10 +579,8 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
                             **{k: v for k, v in metrics.items() if isinstance(v, float) and k != score_key}})
             ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                     "epoch": epoch, "best": best, "history": history, "initial_loss": initial, **header}
-            if is_main():
-                if improved:
-                    save_checkpoint(ckpt, best_path)
-                save_checkpoint(ckpt, last_path)
+            for path in ((best_path, last_path) if improved else (last_path,)) if is_main() else ():
+                save_checkpoint(ckpt, path)
             saved = epoch                                         # what last.pt holds from now on
             if is_main():
                 write_log(history, os.path.join(run_dir, "log.csv"))
@@ -701,9 +601,8 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
 
 
 def check_losses(losses, sizes, epoch, initial, run_dir, saved):
-    """An epoch's step losses (read back once) -> (the mean over all processes, the untrained network's); diverged
-    at the first non-finite one, naming its step, or at a mean over LOSS_BOUND times the untrained network's."""
-    values = torch.stack(losses).double().cpu() if losses else torch.zeros(0, dtype=torch.float64)
+    """-> (the epoch's mean loss over all processes, the untrained network's); diverged if non-finite or too high."""
+    values = torch.stack(losses).double().cpu() if losses else torch.zeros(0, dtype=torch.float64)  # one read-back
     bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
     problem = f"the training loss is {float(values[bad[0]])} (step {bad[0] + 1} of {len(values)})" if bad else None
     mine = (float((values * torch.tensor(sizes, dtype=torch.float64)).sum()), sum(sizes),
@@ -724,18 +623,15 @@ def non_finite(model):
     tensors += [(f"BatchNorm running statistic {name}.{k}", getattr(m, k)) for name, m in model.named_modules()
                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
                 for k in ("running_mean", "running_var") if getattr(m, k) is not None]
-    if not tensors:
-        return None
-    finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in tensors]).cpu()    # one device sync
-    if bool(finite.all()):
+    finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in tensors]).cpu() if tensors else None
+    if finite is None or bool(finite.all()):                                              # one device sync
         return None
     name, t = tensors[int((~finite).nonzero()[0])]
     return f"the {name} is {'nan' if torch.isnan(t).any() else 'inf'}"
 
 
 def check_divergence(problem, epoch, run_dir, saved, when=""):
-    """A UserError naming the epoch and `problem` (what went non-finite) if any process reports one. Raised before
-    the epoch is saved, so last.pt and best.pt keep the last good epoch."""
+    """A UserError naming the epoch and `problem` if any process reports one, raised before the epoch is saved."""
     problem = first_reported(problem)
     if problem is None:
         return
@@ -749,55 +645,33 @@ def write_log(history, path):
     write_csv(history, list(dict.fromkeys(k for row in history for k in row)), path)
 
 
-# ----------------------------------------------------------------------------------------------
-# A finished run read back, replayed with its own state: tabular preprocessing (Sec. 3.3), boxes, target, temperature
+# ---- A finished run read back with its own state: tabular preprocessing (Sec. 3.3), boxes, target, temperature ----
 
 CALIBRATION_FILE = "calibration.json"   # an AD run's temperature and its validation calibration
 
 
 def finished(run_dir):
-    """A run is finished when its metrics.json exists (written last, atomically, by the training scripts)."""
-    return os.path.isfile(os.path.join(run_dir, "metrics.json"))
+    return os.path.isfile(os.path.join(run_dir, "metrics.json"))   # written last, atomically, by the trainers
 
 
 @dataclass
 class FinishedRun:
-    """One trained run: its folder, its best.pt, the RunConfig and data facts (`inputs`) stored there."""
+    """One trained run: its folder, its best.pt, the RunConfig, data facts (`inputs`) and state stored there."""
     dir: str
     checkpoint_path: str
     checkpoint: dict
     run: RunConfig
     inputs: dict
+    class_names: list                    # AD: the classes of its outputs, in order
+    tabular: TabularPreprocessor = None  # AD: fitted on the run's training rows
+    crops: HippocampusCrops = None       # AD image models: the hippocampus boxes it was trained with
+    target: AgeTarget = None             # brain age: the network's output -> years
 
     @property
-    def config(self):
-        """Run options and data facts in one flat dict, for comparing runs before they are ensembled."""
+    def config(self):  # run options and data facts in one flat dict, compared before runs are ensembled
         return {**dataclasses.asdict(self.run), **self.inputs}
 
-    @property
-    def class_names(self):
-        return list(self.inputs.get("class_names") or CLASS_NAMES[:self.run.classes or 3])
-
-    @property
-    def tabular(self):
-        """AD: the TabularPreprocessor fitted on the run's training rows; brain age: None."""
-        state = self.checkpoint.get("tabular")
-        return TabularPreprocessor(state=state) if state is not None else None
-
-    @property
-    def crops(self):
-        """AD image models: the hippocampus boxes the run was trained with; otherwise None."""
-        boxes = self.inputs.get("crops")
-        return HippocampusCrops(**boxes) if boxes else None
-
-    @property
-    def target(self):
-        """Brain age: the AgeTarget that turns the network's output into years; AD: None."""
-        t = self.checkpoint.get("target")
-        return AgeTarget(**t) if t is not None else None
-
     def model(self, device="cpu"):
-        """The trained network, in eval mode on `device`."""
         model = self.run.build_model(self.inputs)
         load_weights(model, self.checkpoint["model"], self.checkpoint_path, f"{self.run.model} model")
         return model.to(device).eval()
@@ -815,14 +689,12 @@ class FinishedRun:
 
     @property
     def temperature(self):
-        """AD: the run's temperature (calibration.json, fitted on its validation set), or None before calibration."""
+        """AD: the temperature fitted on the run's validation set (calibration.json); None before calibration."""
         path = os.path.join(self.dir, CALIBRATION_FILE)
-        if not os.path.isfile(path):
-            return None
-        t = self.read_json(CALIBRATION_FILE).get("temperature")
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
+        t = self.read_json(CALIBRATION_FILE).get("temperature") if os.path.isfile(path) else None
+        if t is not None and not (type(t) in (int, float) and math.isfinite(t) and t > 0):   # bool is no number
             raise UserError(f"{path}: temperature {t!r} is not a positive number")
-        return float(t)
+        return None if t is None else float(t)
 
     def read_predictions(self):
         """predictions.npz: the test subjects and the run's soft predictions (AD) or ages (brain age)."""
@@ -838,8 +710,7 @@ class FinishedRun:
 
 
 def load_run(path, expected=None):
-    """A run folder, or a checkpoint file in one, -> FinishedRun (best.pt unless a file is named). `expected`
-    ({key: value}, see identity) refuses a run that is not the one asked for."""
+    """A run folder (its best.pt) or checkpoint -> FinishedRun; `expected` (see identity) refuses another run."""
     path = os.fspath(path)
     checkpoint_path = path if os.path.isfile(path) else os.path.join(path, "best.pt")
     ckpt = load_checkpoint(checkpoint_path, expected)
@@ -847,41 +718,38 @@ def load_run(path, expected=None):
         run = RunConfig(**ckpt["run"])
     except TypeError as exc:
         raise UserError(f"{checkpoint_path}: not a run description this code knows ({exc})") from None
-    folder = os.path.dirname(path) if os.path.isfile(path) else path
-    return FinishedRun(folder, checkpoint_path, ckpt, run, dict(ckpt["inputs"]))
+    inputs, tabular, target = dict(ckpt["inputs"]), ckpt.get("tabular"), ckpt.get("target")
+    return FinishedRun(os.path.dirname(checkpoint_path), checkpoint_path, ckpt, run, inputs,
+                       list(inputs.get("class_names") or CLASS_NAMES[:run.classes or 3]),
+                       TabularPreprocessor(state=tabular) if tabular is not None else None,
+                       HippocampusCrops(**inputs["crops"]) if inputs.get("crops") else None,
+                       AgeTarget(**target) if target is not None else None)
 
 
-# ----------------------------------------------------------------------------------------------
-# Temperature scaling of an AD run's logits (calibration.json)
+# ---- Temperature scaling of an AD run's logits (calibration.json) ----
 
 LOGITS_FILE = "logits.npz"      # a run's validation and test logits, (N, C) or (N, 2, C) with both hippocampi
 T_BOUNDS = (0.01, 100.0)        # the temperatures searched; a fit at a bound says the run is degenerate
 
 
 def probabilities(logits, temperature=1.0):
-    """Logits (N, C), or (N, 2, C) for both hippocampi -> (N, C) probabilities at `temperature`, in float64:
-    softmax(z / T) per side (models.class_probabilities), then the sides averaged (Sec. 4.3.6)."""
+    """Logits (N, C), or (N, 2, C) -> (N, C) float64 softmax(z / T), both hippocampi averaged (Sec. 4.3.6)."""
     z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     p = class_probabilities(z.reshape(-1, z.shape[-1]), temperature).reshape(z.shape).numpy()
     return p.mean(1) if p.ndim == 3 else p
 
 
-def nll(logits, labels, temperature):
-    """Mean -log p_label at `temperature` (what the fit minimises; metrics' nll is the same number)."""
-    p = probabilities(logits, temperature)
-    return float(-np.log(np.clip(p[np.arange(len(labels)), labels], 1e-300, None)).mean())
-
-
 def fit_temperature(logits, labels):
     """The T that minimises the validation NLL of softmax(logits / T), searched over log T within T_BOUNDS."""
     labels = np.asarray(labels)
-    found = minimize_scalar(lambda log_t: nll(logits, labels, math.exp(log_t)), method="bounded",
-                            bounds=tuple(math.log(b) for b in T_BOUNDS), options={"xatol": 1e-7})
+    nll = lambda log_t: -np.log(np.clip(probabilities(logits, math.exp(log_t))[np.arange(len(labels)), labels],
+                                        1e-300, None)).mean()
+    found = minimize_scalar(nll, method="bounded", bounds=tuple(map(math.log, T_BOUNDS)), options={"xatol": 1e-7})
     return float(math.exp(found.x))
 
 
 def save_logits(run_dir, val, test):
-    """logits.npz of a run: val and test as (logits, labels); the test subjects come from its predictions.npz."""
+    """logits.npz of a run: val and test as (logits, labels)."""
     with atomic_path(os.path.join(run_dir, LOGITS_FILE)) as tmp:
         np.savez(tmp, val_logits=val[0], val_labels=val[1], test_logits=test[0], test_labels=test[1])
 
@@ -899,8 +767,7 @@ def read_logits(run_dir):
 
 
 def calibrate(run_dir, outputs):
-    """Fit a run's temperature on its validation logits and write calibration.json: the temperature and the
-    validation and test calibration before and after. outputs: read_logits' dict. -> that record."""
+    """The temperature fitted on read_logits' "val" -> calibration.json's record (it, calibration before/after)."""
     T = fit_temperature(*outputs["val"])
     record = {"temperature": T, "fitted_on": "validation", "n_val": int(len(outputs["val"][1])),
               "at_bound": bool(min(abs(math.log(T / b)) for b in T_BOUNDS) < 1e-3)}
