@@ -1,20 +1,15 @@
 """The paper's evaluation (Eq. 6-8, Sec. 3.1.2, 4.2, 4.3.6-4.3.7, App. B), its figures, the calibration report, and
 the protocol runner that trains the runs they read.
 
-    python evaluate.py ad --runs runs/                    # Table 3: one row per (split seed, version)
-    python evaluate.py ad --runs runs/ --binary           # App. B: CN vs AD, from runs/ad-binary/
+    python evaluate.py ad --runs runs/ [--binary]         # Table 3 (App. B: CN vs AD, from runs/ad-binary/)
     python evaluate.py brain-age --runs runs/             # Fig. 4: ensemble of the 5 best versions
     python evaluate.py select-layers --task ad            # Sec. 3.1.2: loss entropy of every layer
     python evaluate.py sweep runs/ad/hyperfusion/seed0/v0/fold0 --attribute ABETA --values 500 1500
-    python evaluate.py sweep runs/brain-age/hyperfusion/v0/best.pt --attribute Sex --values M F
     python evaluate.py calibrate runs/                    # temperature scaling of every AD run, and its report
-    python evaluate.py protocol --task ad --split-seeds 0 1 2 --versions 0 1 2           # train what is missing
-    python evaluate.py protocol --task ad ... --jobs 4 --gpus 0,1,2,3                     # 4 runs at a time
-    python evaluate.py protocol --task ad ... --print-commands > runs.txt                 # for a job array
+    python evaluate.py protocol --task ad --split-seeds 0 1 2 --versions 0 1 2 --jobs 4   # train what is missing
 
-Tables go to results_<task>.{md,csv,json} beside the runs; `--plots DIR` also draws the figures as PNG files
-(needs matplotlib: refused before any work without it). `sweep` shows the model adjusted at test time (Sec. 1).
-Bad input (mismatched runs, missing files) -> one line `error: ...` on stderr, exit status 2.
+Tables go to results_<task>.{md,csv,json} beside the runs; `--plots DIR` also draws the figures as PNG files (needs
+matplotlib). Bad input (mismatched runs, missing files) -> one line `error: ...` on stderr, exit status 2.
 """
 import argparse
 import json
@@ -57,9 +52,7 @@ FIG4A = re.compile(r"(?P<base>.+)-train(?P<sex>M|F|mixed)")
 FIG4A_TRAIN = {"M": "males", "F": "females", "mixed": "mixed (sex-balanced)"}
 
 
-# ----------------------------------------------------------------------------------------------
-# Figures: PNG files of size x DPI pixels, written atomically; matplotlib is imported only where they are drawn
-
+# ---- Figures: PNG files of size x DPI pixels, written atomically; matplotlib imported only to draw them ----
 DPI = 100
 SMALL = (5, 4)        # inches: one panel, 500 x 400 pixels at DPI
 WIDE = (9, 4)         # two panels side by side, 900 x 400 pixels
@@ -76,8 +69,7 @@ AD_COLOURS = {"imaging": "tab:orange", "tabular": "tab:gray", "late-fusion": "ta
 
 
 def check_plots_folder(folder):
-    """Before any work of a command with --plots DIR: matplotlib is installed and DIR can be a folder; else a
-    UserError, so that nothing is computed nor half-written."""
+    """Before any work: --plots needs matplotlib and a folder, else nothing is computed nor half-written."""
     if matplotlib_or_none() is None:
         raise UserError(NEED_MATPLOTLIB)
     if os.path.exists(folder) and not os.path.isdir(folder):
@@ -90,8 +82,7 @@ def file_part(name):
 
 
 class Figures:
-    """Where one command's figures go: save() writes each atomically and says so (unless quiet), skip() says which
-    figure is not drawn and why (its runs are absent)."""
+    """Where one command's figures go: save() writes one atomically, skip() says which is not drawn and why."""
 
     def __init__(self, folder, quiet=False):
         check_plots_folder(folder)
@@ -124,8 +115,8 @@ class Figures:
 
 
 def grouped_bars(figs, ticks, series, size=SMALL, annotate=True):
-    """The shape of Table 3, Fig. 4A/4B and the gap by sex: a group of bars per tick, one bar per series (label,
-    values, bar options) in each. -> (figure, axes, each series' bar positions)."""
+    """Table 3's and Fig. 4's shape: a group of bars per tick, one bar per series (label, values, bar options).
+    -> (figure, axes, each series' bar positions)."""
     fig, ax = figs.new(size)
     x, width, where = np.arange(len(ticks)), 0.8 / len(series), []
     for k, (label, values, style) in enumerate(series):
@@ -236,9 +227,8 @@ def ad_figures(res, ensembles, folder, quiet=False):
 
 
 def scatter_figure(figs, file, e, title):
-    """Predicted against chronological age, coloured by sex, with the identity line. With the age bias fitted on
-    the validation predictions (e["fit"]): left, that bias line, which the correction subtracts; right, the
-    corrected predictions and their own least-squares line on these test scans."""
+    """Predicted against chronological age, by sex. With the validation age-bias fit (e["fit"]): left, the bias line
+    the correction subtracts; right, the corrected predictions and their own least-squares line."""
     age, pred, sex, fit = np.asarray(e["age"], float), np.asarray(e["pred"], float), np.asarray(e["sex"]), e["fit"]
     fig, axes = figs.new(WIDE if fit else SMALL, 2 if fit else 1)
     panels = [(pred, "as predicted")] + ([(age + corrected_gap(age, pred, fit), "age bias corrected")] if fit else [])
@@ -304,9 +294,8 @@ def brain_age_figures(res, ensembles, folder, quiet=False):
 
 
 def sweep_figure(res, folder, quiet=False):
-    """sweep_<model>_<attribute>.png: AD, the mean probability of each class (solid) and the fraction predicted as
-    it (dashed) against the attribute's values; brain age, the mean predicted age of all, of the true males and of
-    the true females. The first point is the test set as recorded."""
+    """AD: the mean probability (solid) and the predicted fraction (dashed) of each class against the attribute's
+    values; brain age: the mean predicted age of all, of the males, of the females. First point: as recorded."""
     figs, rows = Figures(folder, quiet), res["summary"]
     x = np.arange(len(rows))
     fig, ax = figs.new(SMALL)
@@ -331,13 +320,11 @@ def sweep_figure(res, folder, quiet=False):
     return figs.summary()
 
 
-# ----------------------------------------------------------------------------------------------
-# Calibration (Guo et al. 2017): temperature scaling of every AD run, and the report before -> after
+# ---- Calibration (Guo et al. 2017): temperature scaling of every AD run, and the report before -> after ----
 
 def calibrate_runs(paths, refit=False, device="auto", batch_size=16, quiet=False):
-    """Every finished AD run under `paths` with its temperature, fitted on its own validation logits (the kept
-    calibration.json unless refit; a run trained before has its logits predicted again, never retrained).
-    -> [(FinishedRun, its calibration record, its {"val", "test"} logits and labels)]."""
+    """Every finished AD run under `paths`, its temperature fitted on its validation logits (predicted again for a
+    run trained before, never retrained). -> [(FinishedRun, calibration record, {"val", "test"} logits, labels)]."""
     dev, found = None, []
     for run in predict.find_runs(paths):
         if run.run.task != "ad":
@@ -365,9 +352,8 @@ def calibrate_runs(paths, refit=False, device="auto", batch_size=16, quiet=False
 
 
 def calibration_report(calibrated, plots_dir=None, quiet=False):
-    """The test-set ECE, class-wise ECE, Brier and NLL of every run and every four-fold Eq. 7-8 ensemble, before
-    -> after. The ensemble after combines its members each at its own temperature, which also changes Eq. 8's
-    weights (a flatter member weighs less): it is measured, not assumed. -> (markdown, dict)."""
+    """Test ECE, class-wise ECE, Brier, NLL of every run and four-fold Eq. 7-8 ensemble, before -> after; after, each
+    member at its own temperature, which also changes Eq. 8's weights. -> (markdown, dict)."""
     rows, out, groups = [], {"runs": [], "ensembles": []}, {}
     for run, rec, outputs in calibrated:
         r = run.run
@@ -412,8 +398,7 @@ def calibration_report(calibrated, plots_dir=None, quiet=False):
     return "\n".join(md) + "\n", out
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading finished runs, refusing to combine what differs
+# ---- Reading finished runs, refusing to combine what differs ----
 
 def read_run(run_dir):
     """One finished run -> {"dir", "config", "metrics", "pred" (its test predictions, predictions.npz)}."""
@@ -467,8 +452,7 @@ def write_results(res, markdown, table, out_dir, stem, quiet):
         print(markdown + "\nwrote " + ", ".join(paths))
 
 
-# ----------------------------------------------------------------------------------------------
-# AD: Table 3 (Sec. 4.3.6-4.3.7) and late fusion (App. B)
+# ---- AD: Table 3 (Sec. 4.3.6-4.3.7) and late fusion (App. B) ----
 
 def ensemble_ad_folds(fold_dirs):
     """The fold models of one (split seed, version) on their shared test set, combined by Eq. 7-8 (each
@@ -485,10 +469,8 @@ def ensemble_ad_folds(fold_dirs):
 
 
 def ad_results(runs, binary=False, reference="hyperfusion", keep=None):
-    """Table 3: a row per model and (split seed, version) whose four folds are finished, their Eq. 7-8 ensemble on
-    the shared test set; late fusion (App. B) averages the imaging-only and tabular-only ensembles' probabilities.
-    Per model: mean +- std over its rows, each column's Mann-Whitney p-value against the reference model's rows,
-    the confusion matrix summed over rows. keep: a dict to receive {model: {(seed, version): ensemble}}."""
+    """Table 3: per model a row per (split seed, version) with four finished folds, their Eq. 7-8 ensemble; late
+    fusion (App. B) averages the imaging and tabular ensembles. keep: receives {model: {(seed, version): ensemble}}."""
     root, ensembles, incomplete = os.path.join(runs, "ad-binary" if binary else "ad"), {}, []
     for model in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         for seed, seed_dir in numbered(os.path.join(root, model), "seed").items():
@@ -567,8 +549,7 @@ def ad_markdown(res):
 
 
 def evaluate_ad(runs, binary=False, out_dir=None, quiet=False, plots_dir=None):
-    """The `ad` command: Table 3 printed and written to results_ad.{md,csv,json} (a line per model: mean, std and
-    p-value of every column, the summed confusion matrix); its figures in plots_dir."""
+    """The `ad` command: Table 3 printed and written to results_ad.{md,csv,json}; its figures in plots_dir."""
     ensembles = {}
     res = ad_results(runs, binary, keep=ensembles)
     cols = res["columns"]
@@ -581,8 +562,7 @@ def evaluate_ad(runs, binary=False, out_dir=None, quiet=False, plots_dir=None):
     return res
 
 
-# ----------------------------------------------------------------------------------------------
-# Brain age: Eq. 6 ensembles of the 5 best versions (Sec. 4.2.2), Fig. 4A, the brain-age gap
+# ---- Brain age: Eq. 6 ensembles of the 5 best versions (Sec. 4.2.2), Fig. 4A, the brain-age gap ----
 
 def brain_age_ensemble(version_dirs, top=5):
     """Eq. 6 over the `top` versions of {version: finished run dir} with the lowest validation MAE (Sec. 4.2.2);
@@ -600,24 +580,23 @@ def brain_age_ensemble(version_dirs, top=5):
         gap = gap_summary(p["age"], pred, p["sex"], fit)
     version_mae = {v: runs[v]["metrics"]["test"]["mae"] for v in sorted(runs)}
     return {"versions": ranked, "val_mae": [runs[v]["metrics"]["val"]["mae"] for v in ranked],
-            "members_mae": [version_mae[v] for v in ranked], "version_mae": version_mae,
+            "version_mae": version_mae,
             "metrics": regression_metrics(p["age"], pred, p["sex"]), "pred": pred, "age": p["age"], "sex": p["sex"],
             "subjects": p["subjects"], "available": sorted(runs), "gap": gap, "fit": fit, "dir": chosen[0]["dir"],
             "config": chosen[0]["config"]}
 
 
 def brain_age_results(runs, top=5, keep=None):
-    """Per model folder of <runs>/brain-age/: the top-5 ensemble's MAE overall, male, female, its test error minus
-    HyperFusion's paired over the same scans; the Fig. 4A table (rows: training set, columns: male / female / all
-    test MAE) from -trainM/-trainF/-trainmixed folders. keep: a dict to receive each folder's ensemble."""
+    """Per folder of <runs>/brain-age/: its top-5 ensemble's MAEs, paired against HyperFusion's; the Fig. 4A table
+    from -trainM/-trainF/-trainmixed folders. keep: receives each folder's ensemble."""
     root, models, ensembles = os.path.join(runs, "brain-age"), [], {}
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         done = {v: d for v, d in numbered(os.path.join(root, name), "v").items() if finished(d)}
         if done:
             ensembles[name] = e = brain_age_ensemble(done, top)
             check_same_data(list(ensembles.values()), "cannot put {a} and {b} in one table")
-            models.append({"folder": name, **{k: e[k] for k in ("versions", "available", "val_mae", "members_mae",
-                                                                 "version_mae", "metrics", "gap")}})
+            models.append({"folder": name, **{k: e[k] for k in ("versions", "available", "val_mae", "version_mae",
+                                                                 "metrics", "gap")}})
     if not models:
         raise UserError(f"{root}: no finished brain-age run")
     if keep is not None:
@@ -644,12 +623,11 @@ def brain_age_markdown(res):
            f"validation MAE (fewer when fewer exist); MAE in years on the test set; a model's MAE minus "
            f"HyperFusion's is paired over the same test scans.", "",
            markdown_table(["model", "versions used", "MAE", "minus HyperFusion's (paired, ± SE)", "MAE male",
-                           "MAE female", "members' test MAE", "test MAE per version"],
+                           "MAE female", "test MAE per version"],
                           [[m["folder"], f"{', '.join(map(str, m['versions']))} of {len(m['available'])}",
                             f"{m['metrics']['mae']:.2f}",
                             "{mean:+.2f} ± {se:.2f}".format(**m["vs_hyperfusion"]) if m["vs_hyperfusion"] else "-",
                             f"{m['metrics']['mae_male']:.2f}", f"{m['metrics']['mae_female']:.2f}",
-                            "{:.2f} ± {:.2f}".format(*mean_std(m["members_mae"])).replace("nan", "-"),
                             ", ".join(f"v{v} {mae:.2f}" for v, mae in m["version_mae"].items())]
                            for m in res["models"]])]
     kept_all = [m["folder"] for m in res["models"] if len(m["available"]) <= top]
@@ -688,13 +666,11 @@ def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False, plots_dir=None):
     return res
 
 
-# ----------------------------------------------------------------------------------------------
-# Hyperlayer selection (Sec. 3.1.2, App. D)
+# ---- Hyperlayer selection (Sec. 3.1.2, App. D) ----
 
 def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=8, draws=100, seed=0, verbose=False):
-    """Sec. 3.1.2: the loss entropy of every candidate layer of the untrained image-only backbone
-    (models.layer_loss_entropy) on one fixed batch of `samples` subjects, the classes (or sexes) taken in turn so
-    that a small batch holds each. -> [(layer, entropy)], sorted."""
+    """Sec. 3.1.2: the loss entropy of every candidate layer of the untrained image-only backbone on one fixed batch
+    holding each class (or sex). -> [(layer, entropy)], sorted."""
     if task not in ("ad", "brain-age"):
         raise UserError(f"unknown task {task!r}: expected ad or brain-age")
     torch.manual_seed(seed)
@@ -723,8 +699,7 @@ def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=
     return layer_loss_entropy(model, batch, loss_fn, n_draws=draws, seed=seed)
 
 
-# ----------------------------------------------------------------------------------------------
-# The protocol runner (Sec. 4.2.2, 4.3.6): every missing run trained, K at a time, then the task's table
+# ---- The protocol runner (Sec. 4.2.2, 4.3.6): every missing run trained, K at a time, then the table ----
 
 @dataclass
 class Job:
@@ -763,10 +738,8 @@ def start(job, slot, k, gpus):
 
 
 def run_jobs(jobs, k, gpus=None, poll_s=0.2, quiet=False):
-    """Every job, at most k at a time, each after its `after`; gpus: the slots' CUDA_VISIBLE_DEVICES (gpu_masks).
-    A failure stops new starts, then raises naming the run and its last line once the running ones have finished.
-    Interrupted (Ctrl-C, SIGTERM, any error), it first ends the runs it started (SIGTERM, SIGKILL after a minute).
-    -> the run dirs in the order they finished."""
+    """Every job, at most k at a time, each after its `after`. A failure stops new starts, then raises naming the run;
+    interrupted, it first ends the runs it started (SIGTERM, SIGKILL after a minute). -> run dirs, as finished."""
     if gpus is not None and not gpus:
         raise UserError("--gpus: give at least one GPU index, e.g. --gpus 0,1")
     waiting, done, failed, running, slots = list(jobs), [], None, {}, list(range(k))
@@ -848,10 +821,8 @@ def check_protocol_data(finished_dirs, task, data_csv=None, image_dir=None, data
 def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None, epochs=None, data_csv=None,
                  image_dir=None, data_dir="data", binary=False, train_sex=("all",), embedding_dim=1, verbose=False,
                  tabular_epochs=None, jobs=1, gpus=None, print_commands=False, quiet=False, cache_dir=None):
-    """Train every run of the protocol without a metrics.json (an interrupted one resumes from last.pt), then build
-    the task's table. jobs > 1 or gpus: `jobs` processes at a time, one GPU each (by default every visible GPU in
-    turn), HyperFusion after the tabular-only run its embedding starts from (Sec. 4.3.6). print_commands: print one
-    command per missing run instead, for a scheduler. -> (trained run dirs or commands, skipped, results or None)."""
+    """Train every missing run (an interrupted one resumes), `jobs` processes at a time on the GPUs (or print their
+    commands), then build the task's table. -> (trained run dirs or commands, skipped, results or None)."""
     t0, known, script = time.time(), *((AD_MODELS, train_ad) if task == "ad" else (BRAIN_AGE_MODELS, train_brain_age))
     check_number("--jobs", jobs, least=1)
     if task == "brain-age" and len(split_seeds) != 1:
@@ -915,8 +886,7 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
     return trained, skipped, res
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line
+# ---- Command line ----
 
 COMMANDS = {"ad": "Table 3 from <runs>/ad (or ad-binary): ensembles of the four folds",
             "brain-age": "MAE of the 5-best ensembles (Eq. 6) and Fig. 4A from <runs>/brain-age",
@@ -928,8 +898,7 @@ OPTIONS = (   # (the sub-commands that take it, the option, its argparse keyword
     ("ad protocol", "--binary", dict(action="store_true", help="CN vs AD runs (App. B), <runs>/ad-binary")),
     ("brain-age", "--top", dict(type=int, default=5, help="versions per ensemble, lowest validation MAE first")),
     ("ad brain-age protocol", "--runs", dict(default="runs")),
-    ("ad brain-age select-layers calibrate", "--out", dict(help="results folder (default: --runs, calibrate: the "
-                                                           "first RUNS); select-layers: a markdown file")),
+    ("ad brain-age select-layers calibrate", "--out", dict(help="results folder (select-layers: a markdown file)")),
     ("select-layers protocol", "--task", dict(required=True, choices=["ad", "brain-age"])),
     ("select-layers", "--samples", dict(type=int, default=8, help="subjects in the fixed batch")),
     ("select-layers", "--draws", dict(type=int, default=100, help="re-initialisations per layer")),
@@ -947,18 +916,14 @@ OPTIONS = (   # (the sub-commands that take it, the option, its argparse keyword
     ("protocol", "--models", dict(nargs="+", help="default: every model of the task")),
     ("protocol", "--epochs", dict(type=int, help="default: the training scripts' (Table 1, or the demo schedule)")),
     ("protocol", "--tabular-epochs", dict(type=int, help="AD: epochs of the tabular-only MLP (default --epochs)")),
-    ("protocol", "--train-sex", dict(nargs="+", default=["all"], choices=["all", "M", "F", "mixed"],
-                                     help="brain age: training sets (Fig. 4A: M F mixed)")),
+    ("protocol", "--train-sex", dict(nargs="+", default=["all"], choices=["all", "M", "F", "mixed"])),   # Fig. 4A
     ("protocol", "--embedding-dim", dict(type=int, default=1, choices=[1, 2], help="brain age: sex embedding size")),
     ("protocol", "--verbose", dict(action="store_true", help="the training scripts' per-epoch lines (--jobs 1)")),
     ("protocol", "--jobs", dict(type=int, default=1, help="runs at a time, each in its own process (1: in this one)")),
-    ("protocol", "--gpus", dict(type=lambda v: [int(g) for g in v.split(",") if g != ""],
-                                help="GPU indices shared out to the runs, e.g. 0,1,2,3 (default with --jobs: all)")),
-    ("protocol", "--print-commands", dict(action="store_true", help="train nothing: print one command per missing "
-                                          "run (tabular-only first), for a scheduler")),
+    ("protocol", "--gpus", dict(type=lambda v: [int(g) for g in v.split(",") if g != ""], help="e.g. 0,1,2,3")),
+    ("protocol", "--print-commands", dict(action="store_true", help="train nothing: print a command per run")),
     ("protocol", "--cache-dir", dict(help="decoded-image cache (default: <csv folder>/cache)")),
-    ("select-layers sweep protocol", "--data-csv", dict(help="default: the built-in synthetic cohort (sweep: the "
-                                                        "run's own)")),
+    ("select-layers sweep protocol", "--data-csv", dict(help="default: the synthetic cohort (sweep: the run's)")),
     ("select-layers sweep protocol", "--image-dir", {}),
     ("select-layers protocol", "--data-dir", dict(default="data", help="where the synthetic cohort is generated")),
     ("select-layers calibrate protocol", "--quiet", dict(action="store_true", help="no progress lines")),
