@@ -1,23 +1,17 @@
 """The paper's evaluation (Eq. 6-8, Sec. 3.1.2, 4.2, 4.3.6-4.3.7, App. B), its figures, the calibration report, and
 the protocol runner that trains the runs they read.
 
-    python evaluate.py ad --runs runs/                    # Table 3: one row per (split seed, version)
-    python evaluate.py ad --runs runs/ --binary           # App. B: CN vs AD, from runs/ad-binary/
+    python evaluate.py ad --runs runs/ [--binary]         # Table 3 (App. B: CN vs AD, from runs/ad-binary/)
     python evaluate.py brain-age --runs runs/             # Fig. 4: ensemble of the 5 best versions
     python evaluate.py select-layers --task ad            # Sec. 3.1.2: loss entropy of every layer
     python evaluate.py sweep runs/ad/hyperfusion/seed0/v0/fold0 --attribute ABETA --values 500 1500
-    python evaluate.py sweep runs/brain-age/hyperfusion/v0/best.pt --attribute Sex --values M F
     python evaluate.py calibrate runs/                    # temperature scaling of every AD run, and its report
-    python evaluate.py protocol --task ad --split-seeds 0 1 2 --versions 0 1 2           # train what is missing
-    python evaluate.py protocol --task ad ... --jobs 4 --gpus 0,1,2,3                     # 4 runs at a time
-    python evaluate.py protocol --task ad ... --print-commands > runs.txt                 # for a job array
+    python evaluate.py protocol --task ad --split-seeds 0 1 2 --versions 0 1 2 --jobs 4   # train what is missing
 
-Tables go to results_<task>.{md,csv,json} beside the runs; `--plots DIR` also draws the figures as PNG files
-(needs matplotlib: refused before any work without it). `sweep` shows the model adjusted at test time (Sec. 1).
-Bad input (mismatched runs, missing files) -> one line `error: ...` on stderr, exit status 2.
+Tables go to results_<task>.{md,csv,json} beside the runs; `--plots DIR` also draws the figures as PNG files (needs
+matplotlib). Bad input (mismatched runs, missing files) -> one line `error: ...` on stderr, exit status 2.
 """
 import argparse
-import csv
 import json
 import os
 import re
@@ -39,7 +33,7 @@ import train_ad
 import train_brain_age
 import training
 from data import (ArgumentParser, Progress, TabularPreprocessor, UserError, atomic_path, check_number, check_output,
-                  duration_text, matplotlib_or_none, run_cli, warn, write_csv, write_json, write_text)
+                  duration_text, matplotlib_or_none, run_cli, write_csv, write_json, write_text)
 from metrics import (CALIBRATION_BINS, CALIBRATION_COLUMNS, age_bias_fit, classification_metrics, corrected_gap,
                      entropy_weighted_ensemble, expected_calibration_error, fmt, fmt_p, gap_summary, mann_whitney_p,
                      markdown_table, mean_ensemble, mean_std, regression_metrics, reliability)
@@ -58,9 +52,7 @@ FIG4A = re.compile(r"(?P<base>.+)-train(?P<sex>M|F|mixed)")
 FIG4A_TRAIN = {"M": "males", "F": "females", "mixed": "mixed (sex-balanced)"}
 
 
-# ----------------------------------------------------------------------------------------------
-# Figures: PNG files of size x DPI pixels, written atomically; matplotlib is imported only where they are drawn
-
+# ---- Figures: PNG files of size x DPI pixels, written atomically; matplotlib imported only to draw them ----
 DPI = 100
 SMALL = (5, 4)        # inches: one panel, 500 x 400 pixels at DPI
 WIDE = (9, 4)         # two panels side by side, 900 x 400 pixels
@@ -77,8 +69,7 @@ AD_COLOURS = {"imaging": "tab:orange", "tabular": "tab:gray", "late-fusion": "ta
 
 
 def check_plots_folder(folder):
-    """Before any work of a command with --plots DIR: matplotlib is installed and DIR can be a folder; else a
-    UserError, so that nothing is computed nor half-written."""
+    """Before any work: --plots needs matplotlib and a folder, else nothing is computed nor half-written."""
     if matplotlib_or_none() is None:
         raise UserError(NEED_MATPLOTLIB)
     if os.path.exists(folder) and not os.path.isdir(folder):
@@ -91,8 +82,7 @@ def file_part(name):
 
 
 class Figures:
-    """Where one command's figures go: save() writes each atomically and says so (unless quiet), skip() says which
-    figure is not drawn and why (its runs are absent)."""
+    """Where one command's figures go: save() writes one atomically, skip() says which is not drawn and why."""
 
     def __init__(self, folder, quiet=False):
         check_plots_folder(folder)
@@ -125,8 +115,8 @@ class Figures:
 
 
 def grouped_bars(figs, ticks, series, size=SMALL, annotate=True):
-    """The shape of Table 3, Fig. 4A/4B and the gap by sex: a group of bars per tick, one bar per series (label,
-    values, bar options) in each. -> (figure, axes, each series' bar positions)."""
+    """Table 3's and Fig. 4's shape: a group of bars per tick, one bar per series (label, values, bar options).
+    -> (figure, axes, each series' bar positions)."""
     fig, ax = figs.new(size)
     x, width, where = np.arange(len(ticks)), 0.8 / len(series), []
     for k, (label, values, style) in enumerate(series):
@@ -145,37 +135,6 @@ def diagonal(ax, **axis):
     """The dashed identity line of a ROC curve or a reliability diagram, on the unit square."""
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
     ax.set(xlim=(0, 1), ylim=(0, 1.02), **axis)
-
-
-def read_log(run_dir):
-    """-> [epochs, train loss, validation score, the score's name] from run_dir/log.csv, or None without one."""
-    path = os.path.join(run_dir, "log.csv")
-    if not os.path.isfile(path):
-        return None
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    score = next((k for k in ("balanced_accuracy", "mae") if rows and k in rows[0]), None)   # AD / brain age
-    if score and "train_loss" in rows[0]:
-        return [np.array([float(r[k]) for r in rows]) for k in ("epoch", "train_loss", score)] + [score]
-
-
-def learning_curves(figs, name, run_dirs, label=None):
-    """learning_curves_<name>.png: the training loss and the validation score per epoch of every run, overlaid."""
-    file, logs = f"learning_curves_{file_part(name)}.png", [lg for lg in map(read_log, run_dirs) if lg]
-    if not logs:
-        return figs.skip(file, f"no log.csv in the {len(run_dirs)} runs of {name}" if run_dirs
-                         else f"{name} has no runs of its own")
-    fig, (left, right) = figs.new(WIDE, 2)
-    alpha = 0.35 if len(logs) > 3 else 0.7
-    for epoch, loss, score, _ in logs:
-        left.plot(epoch, loss, color="tab:blue", alpha=alpha, lw=1)
-        right.plot(epoch, score, color="tab:red", alpha=alpha, lw=1)
-    left.set(xlabel="epoch", ylabel="training loss", title=f"{label or name}: {len(logs)} runs")
-    if all((lg[1] > 0).all() for lg in logs):
-        left.set_yscale("log")
-    right.set(xlabel="epoch", title="validation", ylabel={"balanced_accuracy": "validation balanced accuracy",
-                                                         "mae": "validation MAE (years)"}[logs[0][3]])
-    figs.save(fig, file)
 
 
 def confusion_figure(figs, file, cm, class_names, title):
@@ -238,7 +197,7 @@ def reliability_figure(figs, file, curves, title):
 
 def ad_figures(res, ensembles, folder, quiet=False):
     """ad --plots: per row of Table 3 its confusion matrix, ROC curves and reliability diagram (the ensemble beside
-    its four folds); Table 3 as bars (mean +- std per model, its rows as points); learning curves per model."""
+    its four folds); Table 3 as bars (mean +- std per model, its rows as points)."""
     figs, tag, names = Figures(folder, quiet), "_binary" if res["task"] == "ad-binary" else "", res["class_names"]
     for m in res["models"]:
         for r in m["rows"]:
@@ -264,16 +223,12 @@ def ad_figures(res, ensembles, folder, quiet=False):
     ax.set(ylim=(0, 1.05), ylabel="test set, ensemble of 4 folds per row", title=title + ": mean ± std over rows")
     ax.legend(fontsize=6, ncol=min(4, len(series)), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     figs.save(fig, f"table3{tag}.png")
-    for m in res["models"]:
-        learning_curves(figs, m["model"] + tag, [d for e in ensembles[m["model"]].values() for d in e["dirs"]],
-                        m["title"])
     return figs.summary()
 
 
 def scatter_figure(figs, file, e, title):
-    """Predicted against chronological age, coloured by sex, with the identity line. With the age bias fitted on
-    the validation predictions (e["fit"]): left, that bias line, which the correction subtracts; right, the
-    corrected predictions and their own least-squares line on these test scans."""
+    """Predicted against chronological age, by sex. With the validation age-bias fit (e["fit"]): left, the bias line
+    the correction subtracts; right, the corrected predictions and their own least-squares line."""
     age, pred, sex, fit = np.asarray(e["age"], float), np.asarray(e["pred"], float), np.asarray(e["sex"]), e["fit"]
     fig, axes = figs.new(WIDE if fit else SMALL, 2 if fit else 1)
     panels = [(pred, "as predicted")] + ([(age + corrected_gap(age, pred, fit), "age bias corrected")] if fit else [])
@@ -308,9 +263,8 @@ def mae_bars(figs, file, bars, title, note=""):
 
 
 def brain_age_figures(res, ensembles, folder, quiet=False):
-    """brain-age --plots: a scatter per ensemble; Fig. 4A (per base model, trained on males, females, the mix),
-    Fig. 4B (image only, concatenation, HyperFusion with sex in 1 or 2 values, on every subject); the mean gap by
-    sex before and after the age-bias correction; learning curves per folder. Absent runs: skipped, saying why."""
+    """brain-age --plots: a scatter per ensemble, Fig. 4A (per base model: trained on males, females, the mix) and
+    Fig. 4B (image only, concatenation, HyperFusion with sex in 1 or 2 values). Absent runs: skipped, saying why."""
     figs, by = Figures(folder, quiet), {m["folder"]: m for m in res["models"]}
     for m in res["models"]:
         scatter_figure(figs, f"brain_age_scatter_{file_part(m['folder'])}.png", ensembles[m["folder"]],
@@ -336,31 +290,12 @@ def brain_age_figures(res, ensembles, folder, quiet=False):
         absent = [label for f, label, _ in FIG4B_BARS if f not in by]
         mae_bars(figs, "fig4b.png", [(label, colour, by[f]["metrics"]) for f, label, colour in FIG4B_BARS if f in by],
                  "Fig. 4B: trained on every subject", f"not trained: {', '.join(absent)}" if absent else "")
-    gaps = [m for m in res["models"] if m["gap"]]
-    if not gaps:
-        figs.skip("brain_age_gap_by_sex.png", "no ensemble has validation predictions (val_pred in "
-                  "predictions.npz) to fit the age bias on")
-    else:
-        series = [(label, [m["gap"][key] for m in gaps], dict(color=colour, hatch=hatch, alpha=0.6 if hatch else 1,
-                                                              edgecolor="black" if hatch else None, lw=0.3))
-                  for key, label, colour, hatch in (("gap_male", "male", "tab:blue", None),
-                                                    ("gap_female", "female", "tab:pink", None),
-                                                    ("corrected_gap_male", "male, corrected", "tab:blue", "//"),
-                                                    ("corrected_gap_female", "female, corrected", "tab:pink", "//"))]
-        fig, ax, _ = grouped_bars(figs, [m["folder"] for m in gaps], series, WIDE if len(gaps) > 3 else SMALL)
-        ax.axhline(0, color="black", lw=0.8)
-        ax.set(ylabel="mean gap: predicted - chronological (years)", title="Brain-age gap by sex (test set)")
-        ax.legend(fontsize=6)
-        figs.save(fig, "brain_age_gap_by_sex.png")
-    for m in res["models"]:
-        learning_curves(figs, m["folder"], ensembles[m["folder"]]["dirs"])
     return figs.summary()
 
 
 def sweep_figure(res, folder, quiet=False):
-    """sweep_<model>_<attribute>.png: AD, the mean probability of each class (solid) and the fraction predicted as
-    it (dashed) against the attribute's values; brain age, the mean predicted age of all, of the true males and of
-    the true females. The first point is the test set as recorded."""
+    """AD: the mean probability (solid) and the predicted fraction (dashed) of each class against the attribute's
+    values; brain age: the mean predicted age of all, of the males, of the females. First point: as recorded."""
     figs, rows = Figures(folder, quiet), res["summary"]
     x = np.arange(len(rows))
     fig, ax = figs.new(SMALL)
@@ -385,13 +320,11 @@ def sweep_figure(res, folder, quiet=False):
     return figs.summary()
 
 
-# ----------------------------------------------------------------------------------------------
-# Calibration (Guo et al. 2017): temperature scaling of every AD run, and the report before -> after
+# ---- Calibration (Guo et al. 2017): temperature scaling of every AD run, and the report before -> after ----
 
 def calibrate_runs(paths, refit=False, device="auto", batch_size=16, quiet=False):
-    """Every finished AD run under `paths` with its temperature, fitted on its own validation logits (the kept
-    calibration.json unless refit; a run trained before has its logits predicted again, never retrained).
-    -> [(FinishedRun, its calibration record, its {"val", "test"} logits and labels)]."""
+    """Every finished AD run under `paths`, its temperature fitted on its validation logits (predicted again for a
+    run trained before, never retrained). -> [(FinishedRun, calibration record, {"val", "test"} logits, labels)]."""
     dev, found = None, []
     for run in predict.find_runs(paths):
         if run.run.task != "ad":
@@ -419,9 +352,8 @@ def calibrate_runs(paths, refit=False, device="auto", batch_size=16, quiet=False
 
 
 def calibration_report(calibrated, plots_dir=None, quiet=False):
-    """The test-set ECE, class-wise ECE, Brier and NLL of every run and every four-fold Eq. 7-8 ensemble, before
-    -> after. The ensemble after combines its members each at its own temperature, which also changes Eq. 8's
-    weights (a flatter member weighs less): it is measured, not assumed. -> (markdown, dict)."""
+    """Test ECE, class-wise ECE, Brier, NLL of every run and four-fold Eq. 7-8 ensemble, before -> after; after, each
+    member at its own temperature, which also changes Eq. 8's weights. -> (markdown, dict)."""
     rows, out, groups = [], {"runs": [], "ensembles": []}, {}
     for run, rec, outputs in calibrated:
         r = run.run
@@ -466,8 +398,7 @@ def calibration_report(calibrated, plots_dir=None, quiet=False):
     return "\n".join(md) + "\n", out
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading finished runs, refusing to combine what differs
+# ---- Reading finished runs, refusing to combine what differs ----
 
 def read_run(run_dir):
     """One finished run -> {"dir", "config", "metrics", "pred" (its test predictions, predictions.npz)}."""
@@ -509,19 +440,19 @@ def numbered(folder, prefix):
     return dict(sorted(found.items()))
 
 
-def write_results(res, markdown, csv_table, out_dir, name, quiet):
-    """results_<name>.md / .csv / .json in out_dir, each written atomically; the markdown printed unless quiet."""
+def write_results(res, markdown, table, out_dir, stem, quiet):
+    """<stem>.md / .json / .csv (table: (header, rows), or None) in out_dir, each written atomically."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, f"results_{name}.{ext}") for ext in ("md", "csv", "json")]
+    paths = [os.path.join(out_dir, f"{stem}.{ext}") for ext in ("md", "json", "csv")[:3 if table else 2]]
     write_text(markdown, paths[0])
-    write_csv(csv_table[1], csv_table[0], paths[1], for_people=True)   # a folder named =1+1 shows as text
-    write_json(res, paths[2])                                          # NaN -> null
+    write_json(res, paths[1])                                          # NaN -> null
+    if table:
+        write_csv(table[1], table[0], paths[2], for_people=True)       # a folder named =1+1 shows as text
     if not quiet:
         print(markdown + "\nwrote " + ", ".join(paths))
 
 
-# ----------------------------------------------------------------------------------------------
-# AD: Table 3 (Sec. 4.3.6-4.3.7) and late fusion (App. B)
+# ---- AD: Table 3 (Sec. 4.3.6-4.3.7) and late fusion (App. B) ----
 
 def ensemble_ad_folds(fold_dirs):
     """The fold models of one (split seed, version) on their shared test set, combined by Eq. 7-8 (each
@@ -534,14 +465,12 @@ def ensemble_ad_folds(fold_dirs):
     return {"subjects": first["subjects"], "labels": first["labels"], "config": cfg, "dir": runs[0]["dir"],
             "probs": entropy_weighted_ensemble(np.stack(members)),                       # (K, N, C) -> (N, C)
             "class_names": list(cfg.get("class_names") or data.CLASS_NAMES[:cfg["classes"]]),
-            "dirs": list(fold_dirs), "members": members}
+            "members": members}
 
 
 def ad_results(runs, binary=False, reference="hyperfusion", keep=None):
-    """Table 3: a row per model and (split seed, version) whose four folds are finished, their Eq. 7-8 ensemble on
-    the shared test set; late fusion (App. B) averages the imaging-only and tabular-only ensembles' probabilities.
-    Per model: mean +- std over its rows, each column's Mann-Whitney p-value against the reference model's rows,
-    the confusion matrix summed over rows. keep: a dict to receive {model: {(seed, version): ensemble}}."""
+    """Table 3: per model a row per (split seed, version) with four finished folds, their Eq. 7-8 ensemble; late
+    fusion (App. B) averages the imaging and tabular ensembles. keep: receives {model: {(seed, version): ensemble}}."""
     root, ensembles, incomplete = os.path.join(runs, "ad-binary" if binary else "ad"), {}, []
     for model in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         for seed, seed_dir in numbered(os.path.join(root, model), "seed").items():
@@ -562,7 +491,7 @@ def ad_results(runs, binary=False, reference="hyperfusion", keep=None):
         if not np.array_equal(a["subjects"], b["subjects"]) or a["class_names"] != b["class_names"]:
             raise UserError(f"late fusion of split seed {key[0]} v{key[1]}: the imaging and tabular runs have "
                             f"different test subjects or classes")
-        late[key] = dict(a, probs=(a["probs"] + b["probs"]) / 2, dirs=[], members=[])    # no runs of its own
+        late[key] = dict(a, probs=(a["probs"] + b["probs"]) / 2, members=[])    # no runs of its own
     if late:
         ensembles["late-fusion"] = late
     if keep is not None:
@@ -620,22 +549,20 @@ def ad_markdown(res):
 
 
 def evaluate_ad(runs, binary=False, out_dir=None, quiet=False, plots_dir=None):
-    """The `ad` command: Table 3 printed and written to results_ad.{md,csv,json} (a line per model: mean, std and
-    p-value of every column, the summed confusion matrix); its figures in plots_dir."""
+    """The `ad` command: Table 3 printed and written to results_ad.{md,csv,json}; its figures in plots_dir."""
     ensembles = {}
     res = ad_results(runs, binary, keep=ensembles)
     cols = res["columns"]
     table = (["model", "rows"] + [f"{t} {s}" for t in cols for s in ("mean", "std", "p")] + ["confusion_matrix"],
              [[m["title"], m["n_rows"]] + [v for t in cols for v in (m["mean"][t], m["std"][t], m["p_value"][t])]
               + [json.dumps(m["confusion_matrix"])] for m in res["models"]])
-    write_results(res, ad_markdown(res), table, out_dir or runs, res["task"], quiet)
+    write_results(res, ad_markdown(res), table, out_dir or runs, f"results_{res['task']}", quiet)
     if plots_dir:
         res["plots"] = ad_figures(res, ensembles, plots_dir, quiet)
     return res
 
 
-# ----------------------------------------------------------------------------------------------
-# Brain age: Eq. 6 ensembles of the 5 best versions (Sec. 4.2.2), Fig. 4A, the brain-age gap
+# ---- Brain age: Eq. 6 ensembles of the 5 best versions (Sec. 4.2.2), Fig. 4A, the brain-age gap ----
 
 def brain_age_ensemble(version_dirs, top=5):
     """Eq. 6 over the `top` versions of {version: finished run dir} with the lowest validation MAE (Sec. 4.2.2);
@@ -653,24 +580,23 @@ def brain_age_ensemble(version_dirs, top=5):
         gap = gap_summary(p["age"], pred, p["sex"], fit)
     version_mae = {v: runs[v]["metrics"]["test"]["mae"] for v in sorted(runs)}
     return {"versions": ranked, "val_mae": [runs[v]["metrics"]["val"]["mae"] for v in ranked],
-            "members_mae": [version_mae[v] for v in ranked], "version_mae": version_mae,
+            "version_mae": version_mae,
             "metrics": regression_metrics(p["age"], pred, p["sex"]), "pred": pred, "age": p["age"], "sex": p["sex"],
             "subjects": p["subjects"], "available": sorted(runs), "gap": gap, "fit": fit, "dir": chosen[0]["dir"],
-            "dirs": [version_dirs[v] for v in sorted(version_dirs)], "config": chosen[0]["config"]}
+            "config": chosen[0]["config"]}
 
 
 def brain_age_results(runs, top=5, keep=None):
-    """Per model folder of <runs>/brain-age/: the top-5 ensemble's MAE overall, male, female, its test error minus
-    HyperFusion's paired over the same scans; the Fig. 4A table (rows: training set, columns: male / female / all
-    test MAE) from -trainM/-trainF/-trainmixed folders. keep: a dict to receive each folder's ensemble."""
+    """Per folder of <runs>/brain-age/: its top-5 ensemble's MAEs, paired against HyperFusion's; the Fig. 4A table
+    from -trainM/-trainF/-trainmixed folders. keep: receives each folder's ensemble."""
     root, models, ensembles = os.path.join(runs, "brain-age"), [], {}
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         done = {v: d for v, d in numbered(os.path.join(root, name), "v").items() if finished(d)}
         if done:
             ensembles[name] = e = brain_age_ensemble(done, top)
             check_same_data(list(ensembles.values()), "cannot put {a} and {b} in one table")
-            models.append({"folder": name, **{k: e[k] for k in ("versions", "available", "val_mae", "members_mae",
-                                                                 "version_mae", "metrics", "gap")}})
+            models.append({"folder": name, **{k: e[k] for k in ("versions", "available", "val_mae", "version_mae",
+                                                                 "metrics", "gap")}})
     if not models:
         raise UserError(f"{root}: no finished brain-age run")
     if keep is not None:
@@ -697,12 +623,11 @@ def brain_age_markdown(res):
            f"validation MAE (fewer when fewer exist); MAE in years on the test set; a model's MAE minus "
            f"HyperFusion's is paired over the same test scans.", "",
            markdown_table(["model", "versions used", "MAE", "minus HyperFusion's (paired, ± SE)", "MAE male",
-                           "MAE female", "members' test MAE", "test MAE per version"],
+                           "MAE female", "test MAE per version"],
                           [[m["folder"], f"{', '.join(map(str, m['versions']))} of {len(m['available'])}",
                             f"{m['metrics']['mae']:.2f}",
                             "{mean:+.2f} ± {se:.2f}".format(**m["vs_hyperfusion"]) if m["vs_hyperfusion"] else "-",
                             f"{m['metrics']['mae_male']:.2f}", f"{m['metrics']['mae_female']:.2f}",
-                            "{:.2f} ± {:.2f}".format(*mean_std(m["members_mae"])).replace("nan", "-"),
                             ", ".join(f"v{v} {mae:.2f}" for v, mae in m["version_mae"].items())]
                            for m in res["models"]])]
     kept_all = [m["folder"] for m in res["models"] if len(m["available"]) <= top]
@@ -735,19 +660,17 @@ def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False, plots_dir=None):
              [[m["folder"], " ".join(map(str, m["versions"]))] + [m["metrics"][k] for k in ("mae", "mae_male",
                                                                                              "mae_female", "n")]
               for m in res["models"]])
-    write_results(res, brain_age_markdown(res), table, out_dir or runs, "brain-age", quiet)
+    write_results(res, brain_age_markdown(res), table, out_dir or runs, "results_brain-age", quiet)
     if plots_dir:
         res["plots"] = brain_age_figures(res, ensembles, plots_dir, quiet)
     return res
 
 
-# ----------------------------------------------------------------------------------------------
-# Hyperlayer selection (Sec. 3.1.2, App. D)
+# ---- Hyperlayer selection (Sec. 3.1.2, App. D) ----
 
 def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=8, draws=100, seed=0, verbose=False):
-    """Sec. 3.1.2: the loss entropy of every candidate layer of the untrained image-only backbone
-    (models.layer_loss_entropy) on one fixed batch of `samples` subjects, the classes (or sexes) taken in turn so
-    that a small batch holds each. -> [(layer, entropy)], sorted."""
+    """Sec. 3.1.2: the loss entropy of every candidate layer of the untrained image-only backbone on one fixed batch
+    holding each class (or sex). -> [(layer, entropy)], sorted."""
     if task not in ("ad", "brain-age"):
         raise UserError(f"unknown task {task!r}: expected ad or brain-age")
     torch.manual_seed(seed)
@@ -776,8 +699,7 @@ def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=
     return layer_loss_entropy(model, batch, loss_fn, n_draws=draws, seed=seed)
 
 
-# ----------------------------------------------------------------------------------------------
-# The protocol runner (Sec. 4.2.2, 4.3.6): every missing run trained, K at a time, then the task's table
+# ---- The protocol runner (Sec. 4.2.2, 4.3.6): every missing run trained, K at a time, then the table ----
 
 @dataclass
 class Job:
@@ -785,13 +707,13 @@ class Job:
     run_dir: str
     command: list                  # [python, script, options...]
     after: str = None              # run_dir of a job that must finish first (HyperFusion: its tabular-only MLP)
-    kind: str = ""                 # what it trains (the model): the time left is estimated per kind (Progress)
+    kind: str = ""                 # the model: Progress estimates the time left per kind
     label: str = None              # how its progress line names it (None: run_dir)
 
 
 def gpu_masks(gpus, visible_count, environ=None):
-    """--gpus indices -> each slot's CUDA_VISIBLE_DEVICES. An index counts among the GPUs this process sees (under
-    CUDA_VISIBLE_DEVICES=4,5,6,7, --gpus 0,1 means GPUs 4 and 5); one past them is refused in one line."""
+    """--gpus indices, counted among the GPUs this process sees (under CUDA_VISIBLE_DEVICES=4,5,6,7, 0 is GPU 4) ->
+    each slot's CUDA_VISIBLE_DEVICES; an index past them is refused in one line."""
     mask = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")
     seen = ([g.strip() for g in mask.split(",") if g.strip()] if mask is not None
             else [str(i) for i in range(visible_count)])[:visible_count]
@@ -804,25 +726,20 @@ def gpu_masks(gpus, visible_count, environ=None):
 
 
 def start(job, slot, k, gpus):
-    """-> (the process of one job, the file collecting its output). k processes share this machine: each gets the
-    cores this process may use / k threads (unless OMP_NUM_THREADS is set), and with gpus (CUDA_VISIBLE_DEVICES
-    values) its slot's GPU and --device cuda, so that a missing GPU is an error, not a run on the CPU."""
+    """-> (the process of one of k jobs sharing this machine, the file collecting its output): its share of the
+    cores this process may use, and with gpus its slot's GPU and --device cuda (a missing GPU is then an error)."""
     env = dict(os.environ, LOCAL_WORLD_SIZE=str(k))
     env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // k)))
-    command = job.command
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = str(gpus[slot % len(gpus)])
-        command = command + ["--device", "cuda"]
     out = tempfile.TemporaryFile()
+    command = job.command + (["--device", "cuda"] if gpus else [])
     return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env), out
 
 
 def run_jobs(jobs, k, gpus=None, poll_s=0.2, quiet=False):
-    """Run every job, at most k at a time, each after its `after`; a line per job started and finished (its final
-    line, the time left; quiet: none). A failure stops new starts, lets the running ones finish, then raises
-    naming the run and its last line. Interrupted (Ctrl-C, SIGTERM, any error here), it first ends the runs it
-    started (SIGTERM: last.pt stays intact; SIGKILL after a minute): none is left training unwatched.
-    gpus: the slots' CUDA_VISIBLE_DEVICES values (gpu_masks). -> the run dirs in the order they finished."""
+    """Every job, at most k at a time, each after its `after`. A failure stops new starts, then raises naming the run;
+    interrupted, it first ends the runs it started (SIGTERM, SIGKILL after a minute). -> run dirs, as finished."""
     if gpus is not None and not gpus:
         raise UserError("--gpus: give at least one GPU index, e.g. --gpus 0,1")
     waiting, done, failed, running, slots = list(jobs), [], None, {}, list(range(k))
@@ -830,39 +747,34 @@ def run_jobs(jobs, k, gpus=None, poll_s=0.2, quiet=False):
     shown = Progress("train", None, "runs", quiet, kinds=[j.kind for j in jobs], parallel=k)
     try:
         while waiting or running:
-            while failed is None and slots and waiting:
-                job = next((j for j in waiting if j.after not in pending), None)
-                if job is None:
-                    break
+            ready = [j for j in waiting if j.after not in pending]
+            while failed is None and slots and ready:
+                job, slot = ready.pop(0), slots.pop(0)
                 waiting.remove(job)
-                slot = slots.pop(0)
-                running[job.run_dir] = (job, slot, start(job, slot, k, gpus), time.time())
+                running[job.run_dir] = (job, slot, *start(job, slot, k, gpus), time.time())
                 shown.say(f"started{f' on GPU {gpus[slot % len(gpus)]}' if gpus else ''}: {job.run_dir}")
             if failed is not None and not running:
                 break
             time.sleep(poll_s)
-            for run_dir, (job, slot, (proc, out), started) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                del running[run_dir]
+            for job, slot, proc, out, started in [r for r in running.values() if r[2].poll() is not None]:
+                del running[job.run_dir]
                 slots.append(slot)
                 out.seek(0)
-                lines = out.read().decode(errors="replace").strip().splitlines()
+                last = (out.read().decode(errors="replace").strip().splitlines() or [""])[-1]
                 out.close()
                 if proc.returncode != 0:
-                    failed = failed or (f"{run_dir}: training failed (exit {proc.returncode}): "
-                                        + (lines[-1] if lines else "no output"))
+                    failed = failed or f"{job.run_dir}: training failed (exit {proc.returncode}): {last or 'no output'}"
                     continue
-                pending.discard(run_dir)
-                done.append(run_dir)
+                pending.discard(job.run_dir)
+                done.append(job.run_dir)
                 now = time.time()
-                shown.item_done(job.kind, now - started, job.label or run_dir,
-                                f": {lines[-1].replace(f' -> {run_dir}', '')}" if lines else "",
-                                spent=sum(now - t for _, _, _, t in running.values()))
+                shown.item_done(job.kind, now - started, job.label or job.run_dir,
+                                f": {last.replace(f' -> {job.run_dir}', '')}" if last else "",
+                                spent=sum(now - r[4] for r in running.values()))
     except BaseException:
-        procs = [proc for _, _, (proc, _), _ in running.values()]
+        procs = [r[2] for r in running.values()]
         for proc in procs:
-            proc.terminate()
+            proc.terminate()          # last.pt stays intact: the run resumes
         for proc in procs:
             try:
                 proc.wait(timeout=60)
@@ -875,15 +787,14 @@ def run_jobs(jobs, k, gpus=None, poll_s=0.2, quiet=False):
     return done
 
 
-def check_protocol_data(finished_dirs, task, data_csv=None, image_dir=None, data_dir="data", must=True, cache_dir=None):
-    """The finished runs a protocol skips were trained on the table and images it would train the others on (the
-    sha256 and fingerprint their checkpoints hold). A difference is refused before anything trains when runs are
-    still to train (`must`: one result would mix two versions of the data), else warned."""
-    csv_path, now, fingerprints = None, None, {}
+def check_protocol_data(finished_dirs, task, data_csv=None, image_dir=None, data_dir="data", cache_dir=None):
+    """Refuse finished runs trained on another table or other images (the sha256 and fingerprint their checkpoints
+    hold) than the missing runs would train on: one result would mix two versions of the data."""
+    now, fingerprints = None, {}
     for d in finished_dirs:
         r = load_run(d)
         held, problem = r.inputs.get("table_sha256"), None
-        if not held:            # a run of a version of this code that did not tie runs to their data
+        if not held:            # a run from before runs were tied to their data
             continue
         if now is None:
             csv_path = data_csv or builtin_cohort(task, data_dir)
@@ -902,36 +813,25 @@ def check_protocol_data(finished_dirs, task, data_csv=None, image_dir=None, data
                 problem = (f"{d} was trained on other images than {csv_path} names now (images_sha256 "
                            f"{r.inputs['images_sha256'][:12]}..., now {fingerprints[key][:12]}...: replaced or "
                            f"re-preprocessed since?)")
-        if problem and must:
+        if problem:
             raise UserError(problem + "; training the missing runs would mix two versions of the data in one result: "
                             "restore the data, or train them all again into another --runs folder")
-        if problem:
-            warn(problem + "; every run is finished, so the results are all of the data they were trained on")
 
 
 def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None, epochs=None, data_csv=None,
                  image_dir=None, data_dir="data", binary=False, train_sex=("all",), embedding_dim=1, verbose=False,
                  tabular_epochs=None, jobs=1, gpus=None, print_commands=False, quiet=False, cache_dir=None):
-    """Train every run of the protocol without a metrics.json (an interrupted one resumes from last.pt), skip the
-    finished ones, then build the task's table. -> (trained, skipped, results).
-
-    jobs > 1 (or gpus): each run its training script in a process of its own, `jobs` at a time, one GPU each
-    (by default every visible GPU in turn); HyperFusion waits for the tabular-only run of its split seed, version
-    and fold, whose embedding it starts from (Sec. 4.3.6). print_commands: train nothing, print one shell command
-    per missing run instead (tabular-only first), for a scheduler. -> (commands, skipped, None)."""
-    t0 = time.time()
-    if jobs < 1:
-        raise UserError(f"--jobs {jobs}: give 1 or more runs at a time")
-    if task not in ("ad", "brain-age"):
-        raise UserError(f"unknown task {task!r}: expected ad or brain-age")
+    """Train every missing run (an interrupted one resumes), `jobs` processes at a time on the GPUs (or print their
+    commands), then build the task's table. -> (trained run dirs or commands, skipped, results or None)."""
+    t0, known, script = time.time(), *((AD_MODELS, train_ad) if task == "ad" else (BRAIN_AGE_MODELS, train_brain_age))
+    check_number("--jobs", jobs, least=1)
     if task == "brain-age" and len(split_seeds) != 1:
         raise UserError("brain-age runs are not kept per split seed (runs/brain-age/<model>/v<V>): give one "
                         "--split-seeds value")
-    known = AD_MODELS if task == "ad" else BRAIN_AGE_MODELS
-    for model in models or ():
-        if model not in known:
-            raise UserError(f"--models {model}: not {'an AD' if task == 'ad' else 'a brain-age'} model (one of "
-                            f"{', '.join(known)})")
+    bad = [m for m in models or () if m not in known]
+    if bad:
+        raise UserError(f"--models {bad[0]}: not {'an AD' if task == 'ad' else 'a brain-age'} model (one of "
+                        f"{', '.join(known)})")
     common = (["--out", runs, "--data-dir", data_dir] + (["--data-csv", data_csv] if data_csv else [])
               + (["--image-dir", image_dir] if image_dir else []) + (["--cache-dir", cache_dir] if cache_dir else [])
               + ([] if verbose else ["--quiet"]))
@@ -948,110 +848,95 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
             todo += [(brain_age_run_dir(runs, model, v, embedding_dim, sex), own + ["--version", str(v), "--split-seed",
                       str(split_seeds[0]), "--embedding-dim", str(embedding_dim), "--train-sex", sex] + common, None)
                      for sex in train_sex for v in (versions if versions is not None else range(5))]
-    script = train_ad if task == "ad" else train_brain_age
-    parser, train = (script.ad_arguments, "train_ad") if task == "ad" else (script.brain_age_arguments,
-                                                                             "train_brain_age")
-    done = [d for d, _, _ in todo if finished(d)]
-    if done:   # before anything trains: the finished runs must be of the data the others would train on
-        check_protocol_data(done, task, data_csv, image_dir, data_dir, len(done) < len(todo), cache_dir)
-    if print_commands:    # the tabular-only MLPs first: HyperFusion's embedding starts from them (Sec. 4.3.6)
-        todo.sort(key=lambda j: j[1][1] != "tabular")
-    shown = Progress("train", None, "runs", quiet or print_commands,     # kinds: the models, each its own pace
-                     kinds=[argv[1] for d, argv, _ in todo if d not in done])
+    skipped = [d for d, _, _ in todo if finished(d)]
+    todo = [job for job in todo if job[0] not in skipped]
+    if skipped and todo:    # before anything trains: the finished runs must be of the data the others would train on
+        check_protocol_data(skipped, task, data_csv, image_dir, data_dir, cache_dir)
+    if print_commands:      # the tabular-only MLPs first: HyperFusion's embedding starts from them (Sec. 4.3.6)
+        commands = [shlex.join(["python", os.path.basename(script.__file__)] + argv
+                               + (["--resume"] if os.path.isfile(os.path.join(d, "last.pt")) else []))
+                    for d, argv, _ in sorted(todo, key=lambda j: j[1][1] != "tabular")]
+        for command in commands:
+            print(command, flush=True)
+        return commands, skipped, None
+    shown = Progress("train", None, "runs", quiet, kinds=[argv[1] for _, argv, _ in todo])   # each model its pace
+    for d in skipped:
+        shown.say(f"skipped (finished): {d}")
     label = lambda run_dir: " ".join(os.path.relpath(run_dir, runs).split(os.sep))     # ad hyperfusion seed0 v0 fold2
-    trained, skipped, launched = [], [], []
-    for k, (run_dir, argv, after) in enumerate(todo):
-        if run_dir in done:
-            skipped.append(run_dir)
-            shown.say(f"[{k + 1}/{len(todo)}] skipped (finished): {run_dir}")
-            continue
+    trained, launched = [], []
+    for run_dir, argv, after in todo:
         resume = os.path.isfile(os.path.join(run_dir, "last.pt"))
         argv = argv + (["--resume"] if resume else [])
-        if print_commands:
-            trained.append(shlex.join(["python", os.path.basename(script.__file__)] + argv))
-            print(trained[-1], flush=True)
-        elif jobs > 1 or gpus:    # --gpus with --jobs 1: one run at a time, each in a process on its GPU
+        if jobs > 1 or gpus:    # --gpus with --jobs 1: one run at a time, each in a process on its GPU
             launched.append(Job(run_dir, [sys.executable, script.__file__] + argv, after, argv[1], label(run_dir)))
-        else:
-            shown.say(f"[{k + 1}/{len(todo)}] {'resuming' if resume else 'training'}: {run_dir}")
-            with shown.hushed():
-                t1 = time.time()
-                getattr(script, train)(vars(parser().parse_args(argv)))
-            trained.append(run_dir)
-            shown.item_done(argv[1], time.time() - t1, label(run_dir))
-    if print_commands:
-        return trained, skipped, None
+            continue
+        shown.say(f"{'resuming' if resume else 'training'}: {run_dir}")
+        with shown.hushed():
+            t1 = time.time()
+            script.main(argv)
+        trained.append(run_dir)
+        shown.item_done(argv[1], time.time() - t1, label(run_dir))
     if launched:            # without --gpus, every GPU this process sees, in turn (not all on GPU 0)
         visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        masks = gpu_masks(gpus if gpus else range(visible), visible) if gpus or visible else None
-        trained = run_jobs(launched, jobs, masks, quiet=quiet)
+        trained = run_jobs(launched, jobs, gpu_masks(gpus or range(visible), visible) if gpus or visible else None,
+                           quiet=quiet)
     shown.say(f"protocol: {len(trained)} trained, {len(skipped)} skipped, {duration_text(time.time() - t0)}")
     res = evaluate_ad(runs, binary) if task == "ad" else evaluate_brain_age(runs)
     shown.say(f"total wall time {duration_text(time.time() - t0)}")
     return trained, skipped, res
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line
+# ---- Command line ----
+
+COMMANDS = {"ad": "Table 3 from <runs>/ad (or ad-binary): ensembles of the four folds",
+            "brain-age": "MAE of the 5-best ensembles (Eq. 6) and Fig. 4A from <runs>/brain-age",
+            "select-layers": "Sec. 3.1.2: loss entropy of every candidate layer, sorted",
+            "sweep": "the test set read with one tabular attribute set to each value in turn",
+            "calibrate": "temperature scaling of every AD run under RUNS, and its report",
+            "protocol": "train every missing run of the protocol, then print the table"}
+OPTIONS = (   # (the sub-commands that take it, the option, its argparse keywords)
+    ("ad protocol", "--binary", dict(action="store_true", help="CN vs AD runs (App. B), <runs>/ad-binary")),
+    ("brain-age", "--top", dict(type=int, default=5, help="versions per ensemble, lowest validation MAE first")),
+    ("ad brain-age protocol", "--runs", dict(default="runs")),
+    ("ad brain-age select-layers calibrate", "--out", dict(help="results folder (select-layers: a markdown file)")),
+    ("select-layers protocol", "--task", dict(required=True, choices=["ad", "brain-age"])),
+    ("select-layers", "--samples", dict(type=int, default=8, help="subjects in the fixed batch")),
+    ("select-layers", "--draws", dict(type=int, default=100, help="re-initialisations per layer")),
+    ("select-layers", "--seed", dict(type=int, default=0)),
+    ("sweep", "checkpoint", dict(help="a run folder, or its best.pt")),
+    ("sweep", "--attribute", dict(required=True, help="AD: AGE, PTGENDER, ABETA, ...; brain age: Sex")),
+    ("sweep", "--values", dict(required=True, nargs="+")),
+    ("calibrate", "runs", dict(nargs="+", metavar="RUNS", help="finished AD run folders, or folders above them")),
+    ("calibrate", "--refit", dict(action="store_true", help="fit every temperature again from the kept logits")),
+    ("sweep calibrate", "--batch-size", dict(type=int, default=16)),
+    ("sweep calibrate", "--device", dict(default="auto", choices=["auto", "cpu", "cuda"])),
+    ("ad brain-age sweep calibrate", "--plots", dict(metavar="DIR", help="also draw the figures as PNG files in DIR")),
+    ("protocol", "--split-seeds", dict(type=int, nargs="+", default=[0])),
+    ("protocol", "--versions", dict(type=int, nargs="+", help="default: 0 (AD), 0 1 2 3 4 (brain age)")),
+    ("protocol", "--models", dict(nargs="+", help="default: every model of the task")),
+    ("protocol", "--epochs", dict(type=int, help="default: the training scripts' (Table 1, or the demo schedule)")),
+    ("protocol", "--tabular-epochs", dict(type=int, help="AD: epochs of the tabular-only MLP (default --epochs)")),
+    ("protocol", "--train-sex", dict(nargs="+", default=["all"], choices=["all", "M", "F", "mixed"])),   # Fig. 4A
+    ("protocol", "--embedding-dim", dict(type=int, default=1, choices=[1, 2], help="brain age: sex embedding size")),
+    ("protocol", "--verbose", dict(action="store_true", help="the training scripts' per-epoch lines (--jobs 1)")),
+    ("protocol", "--jobs", dict(type=int, default=1, help="runs at a time, each in its own process (1: in this one)")),
+    ("protocol", "--gpus", dict(type=lambda v: [int(g) for g in v.split(",") if g != ""], help="e.g. 0,1,2,3")),
+    ("protocol", "--print-commands", dict(action="store_true", help="train nothing: print a command per run")),
+    ("protocol", "--cache-dir", dict(help="decoded-image cache (default: <csv folder>/cache)")),
+    ("select-layers sweep protocol", "--data-csv", dict(help="default: the synthetic cohort (sweep: the run's)")),
+    ("select-layers sweep protocol", "--image-dir", {}),
+    ("select-layers protocol", "--data-dir", dict(default="data", help="where the synthetic cohort is generated")),
+    ("select-layers calibrate protocol", "--quiet", dict(action="store_true", help="no progress lines")),
+)
+
 
 def arguments():
     p = ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("ad", help="Table 3 from <runs>/ad (or ad-binary): ensembles of the four folds")
-    a.add_argument("--binary", action="store_true", help="CN vs AD runs (App. B), <runs>/ad-binary")
-    b = sub.add_parser("brain-age", help="MAE of the 5-best ensembles (Eq. 6) and Fig. 4A from <runs>/brain-age")
-    b.add_argument("--top", type=int, default=5, help="versions per ensemble, lowest validation MAE first")
-    for sp, name in ((a, "ad"), (b, "brain-age")):
-        sp.add_argument("--runs", default="runs")
-        sp.add_argument("--out", help=f"folder of results_{name}.{{md,csv,json}} (default: --runs)")
-    s = sub.add_parser("select-layers", help="Sec. 3.1.2: loss entropy of every candidate layer, sorted")
-    s.add_argument("--task", required=True, choices=["ad", "brain-age"])
-    s.add_argument("--samples", type=int, default=8, help="subjects in the fixed batch")
-    s.add_argument("--draws", type=int, default=100, help="re-initialisations per layer")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", help="also write the table to this markdown file")
-    s.add_argument("--quiet", action="store_true", help="no estimate nor time taken: the table alone")
-    w = sub.add_parser("sweep", help="the test set read with one tabular attribute set to each value in turn")
-    w.add_argument("checkpoint", help="a run folder, or its best.pt")
-    w.add_argument("--attribute", required=True, help="AD: AGE, PTGENDER, ABETA, ...; brain age: Sex")
-    w.add_argument("--values", required=True, nargs="+")
-    w.add_argument("--data-csv", help="default: the run's own (its path is stored relative to where it ran)")
-    w.add_argument("--image-dir")
-    c = sub.add_parser("calibrate", help="temperature scaling of every AD run under RUNS, and its report")
-    c.add_argument("runs", nargs="+", metavar="RUNS", help="finished AD run folders, or folders above them")
-    c.add_argument("--out", help="folder of calibration_ad.md / .json (default: the first RUNS folder)")
-    c.add_argument("--refit", action="store_true", help="fit every temperature again from the kept logits")
-    c.add_argument("--quiet", action="store_true")
-    for sp in (w, c):
-        sp.add_argument("--batch-size", type=int, default=16)
-        sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    for sp in (a, b, w, c):
-        sp.add_argument("--plots", metavar="DIR", help="also draw the figures as PNG files in DIR (needs matplotlib)")
-    r = sub.add_parser("protocol", help="train every missing run of the protocol, then print the table")
-    r.add_argument("--task", required=True, choices=["ad", "brain-age"])
-    r.add_argument("--split-seeds", type=int, nargs="+", default=[0])
-    r.add_argument("--versions", type=int, nargs="+", help="default: 0 (AD), 0 1 2 3 4 (brain age)")
-    r.add_argument("--models", nargs="+", help="default: every model of the task")
-    r.add_argument("--epochs", type=int, help="default: the training scripts' (Table 1, or the demo schedule)")
-    r.add_argument("--tabular-epochs", type=int, help="AD: epochs of the tabular-only MLP (cheap; default --epochs)")
-    r.add_argument("--binary", action="store_true", help="AD: CN vs AD (App. B)")
-    r.add_argument("--train-sex", nargs="+", default=["all"], choices=["all", "M", "F", "mixed"],
-                   help="brain age: training sets (Fig. 4A: M F mixed)")
-    r.add_argument("--embedding-dim", type=int, default=1, choices=[1, 2], help="brain age: sex embedding size")
-    r.add_argument("--verbose", action="store_true", help="the training scripts' per-epoch lines (--jobs 1)")
-    r.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process (1: in this one)")
-    r.add_argument("--gpus", type=lambda v: [int(g) for g in v.split(",") if g != ""],
-                   help="GPU indices shared out to the runs, one each, e.g. 0,1,2,3 (default with --jobs: all)")
-    r.add_argument("--print-commands", action="store_true",
-                   help="train nothing: print one command per missing run (tabular-only first), for a scheduler")
-    r.add_argument("--quiet", action="store_true", help="no progress lines: the table (and its files) alone")
-    r.add_argument("--runs", default="runs")
-    r.add_argument("--cache-dir", help="decoded-image cache (default: <csv folder>/cache; somewhere writable when the "
-                   "data is on read-only storage)")
-    for sp in (s, r):
-        sp.add_argument("--data-csv", help="default: the built-in synthetic cohort")
-        sp.add_argument("--image-dir")
-        sp.add_argument("--data-dir", default="data", help="where the synthetic cohort is generated")
+    parsers = {name: sub.add_parser(name, help=text) for name, text in COMMANDS.items()}
+    for names, option, keywords in OPTIONS:
+        for name in names.split():
+            parsers[name].add_argument(option, **keywords)
     return p
 
 
@@ -1072,12 +957,7 @@ def main(argv=None):
         md, res = calibration_report(calibrate_runs(a.runs, a.refit, a.device, a.batch_size, a.quiet), a.plots,
                                      a.quiet)
         out_dir = a.out or (a.runs[0] if os.path.isdir(a.runs[0]) else os.path.dirname(a.runs[0]))
-        os.makedirs(out_dir, exist_ok=True)
-        paths = [os.path.join(out_dir, f"calibration_ad.{ext}") for ext in ("md", "json")]
-        write_text(md, paths[0])
-        write_json(res, paths[1])
-        if not a.quiet:
-            print(md + "\nwrote " + ", ".join(paths))
+        write_results(res, md, None, out_dir, "calibration_ad", a.quiet)
         return res
     if a.command == "select-layers":
         if a.out:

@@ -3965,18 +3965,9 @@ def _spy_on_figures(monkeypatch):
     return texts, figures
 
 
-def _write_logs(run_dir, epochs=3, score="balanced_accuracy"):
-    training.write_log([{"epoch": e + 1, "train_loss": 1.0 / (e + 1), score: 0.5 + 0.1 * e, "seconds": 1.0}
-                        for e in range(epochs)], os.path.join(run_dir, "log.csv"))
-
-
-def test_ad_plots_draw_each_rows_confusion_roc_and_reliability_table3_and_learning_curves_at_their_size(
-        ad_runs, monkeypatch, capsys):
+def test_ad_plots_draw_each_rows_confusion_roc_and_reliability_and_table3_at_their_size(ad_runs, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
     runs, made, labels = ad_runs
-    for seed, version in GROUPS:
-        for fold in range(4):
-            _write_logs(training.ad_run_dir(runs, "hyperfusion", seed, version, fold))
     texts, _ = _spy_on_figures(monkeypatch)
     out = runs / "figures"
     res = evaluate.main(["ad", "--runs", str(runs), "--plots", str(out)])
@@ -3984,18 +3975,14 @@ def test_ad_plots_draw_each_rows_confusion_roc_and_reliability_table3_and_learni
     models = ["imaging", "tabular", "late-fusion", "hyperfusion"]
     rows = [f"{kind}_{m}_seed{s}_v{v}.png" for m in models for s, v in GROUPS
             for kind in ("confusion", "roc", "reliability")]
-    expected = sorted(rows + ["table3.png", "learning_curves_hyperfusion.png"])
+    expected = sorted(rows + ["table3.png"])
     assert sorted(os.listdir(out)) == expected and no_temp_files(out)
     for name in expected:
         assert os.path.getsize(out / name) > 0
         size = evaluate.SMALL if name.startswith("roc_") else evaluate.WIDE
         assert _png_size(out / name) == _pixels(size), name
         assert f"wrote {out / name}\n" in printed
-    for m in ("imaging", "tabular"):                  # no log.csv in their runs; late fusion has no runs of its own
-        assert f"skipped learning_curves_{m}.png: no log.csv in the 12 runs of {m}" in printed
-    assert "skipped learning_curves_late-fusion.png: late-fusion has no runs of its own" in printed
-    assert sorted(res["plots"]["skipped"]) == ["learning_curves_imaging.png", "learning_curves_late-fusion.png",
-                                               "learning_curves_tabular.png"]
+    assert res["plots"]["skipped"] == {}
     # what is drawn is the row's: its confusion matrix (counts and rows normalised), its classes' one-vs-rest AUCs
     hf = next(m for m in res["models"] if m["model"] == "hyperfusion")["rows"][0]
     cm = np.array(hf["metrics"]["confusion_matrix"], float)
@@ -4017,8 +4004,7 @@ def test_ad_plots_draw_each_rows_confusion_roc_and_reliability_table3_and_learni
         assert f"fold {k}: ECE {metrics.fmt(ece)}" in shown
 
 
-def test_brain_age_plots_draw_the_scatters_fig4a_fig4b_and_the_gap_or_say_which_is_skipped(tmp_path, monkeypatch,
-                                                                                         capsys):
+def test_brain_age_plots_draw_the_scatters_fig4a_and_fig4b_or_say_which_is_skipped(tmp_path, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
     rng = np.random.default_rng(5)
     age, sex = rng.uniform(20, 80, 24), np.arange(24) % 2
@@ -4026,9 +4012,8 @@ def test_brain_age_plots_draw_the_scatters_fig4a_fig4b_and_the_gap_or_say_which_
     full, partial, alone = tmp_path / "full", tmp_path / "partial", tmp_path / "alone"
     for v in range(2):
         for runs in (full, partial, alone):
-            d = fake_brain_age_run(runs, v, 2.0 + v, age + rng.normal(0, 3, 24), age, sex,
-                                   val=(val_age, 0.7 * val_age + 15 + rng.normal(0, 1, 10)))
-            _write_logs(d, score="mae")
+            fake_brain_age_run(runs, v, 2.0 + v, age + rng.normal(0, 3, 24), age, sex,
+                               val=(val_age, 0.7 * val_age + 15 + rng.normal(0, 1, 10)))
         fake_brain_age_run(full, v, 3.0, age + rng.normal(1, 4, 24), age, sex, model="imaging")
     for train_sex, bias in (("M", 1.0), ("F", -1.0), ("mixed", 0.0)):
         for runs in (full, partial) if train_sex != "mixed" else (full,):
@@ -4038,11 +4023,10 @@ def test_brain_age_plots_draw_the_scatters_fig4a_fig4b_and_the_gap_or_say_which_
     res = evaluate.main(["brain-age", "--runs", str(full), "--plots", str(full / "figures")])
     printed = capsys.readouterr().out
     folders = ["hyperfusion", "imaging", "imaging-trainF", "imaging-trainM", "imaging-trainmixed"]
-    expected = sorted([f"brain_age_scatter_{f}.png" for f in folders] + ["fig4a.png", "fig4b.png",
-                      "brain_age_gap_by_sex.png", "learning_curves_hyperfusion.png"])
+    expected = sorted([f"brain_age_scatter_{f}.png" for f in folders] + ["fig4a.png", "fig4b.png"])
     assert sorted(os.listdir(full / "figures")) == expected
     for name in expected:   # the ensembles with validation predictions get the corrected panel beside the first
-        wide = name in ("brain_age_scatter_hyperfusion.png", "learning_curves_hyperfusion.png")
+        wide = name == "brain_age_scatter_hyperfusion.png"
         assert _png_size(full / "figures" / name) == _pixels(evaluate.WIDE if wide else evaluate.SMALL), name
         assert f"wrote {full / 'figures' / name}\n" in printed
     by = {m["folder"]: m for m in res["models"]}
@@ -4062,9 +4046,6 @@ def test_brain_age_plots_draw_the_scatters_fig4a_fig4b_and_the_gap_or_say_which_
         assert bars == pytest.approx([by[f]["metrics"][k] for f in folders_in_order
                                       for k in ("mae_male", "mae_female", "mae")])
     assert "not trained: concatenation, HyperFusion (sex -> 2D)" in texts["fig4b.png"]
-    gap_bars = [p.get_height() for p in figures["brain_age_gap_by_sex.png"].axes[0].patches]
-    assert gap_bars == pytest.approx([by[f]["gap"][k] for k in ("gap_male", "gap_female", "corrected_gap_male",
-                                                                "corrected_gap_female") for f in ("hyperfusion",)])
     # absent runs: not drawn, one line each saying why
     evaluate.main(["brain-age", "--runs", str(partial), "--plots", str(partial / "figures")])
     printed = capsys.readouterr().out
