@@ -247,22 +247,16 @@ def duration_text(seconds):
 
 
 class Progress:
-    """Progress lines of a long job on stdout (none when quiet).
-
-    advance(n): `<what>: 1200 of 5000 images (24%), 38 images/s, about 1 min 40 s left`, at most every `every`
-    seconds and `step` of the work; finish(): `<what>: 5000 images in 2 min 12 s (38 images/s)` if a line was
-    printed or the job was long. Time left is the pace so far (from rebase(), past a start-up). Jobs of unequal
-    kinds (`kinds`, one per item; `what` the verb) report item_done() per item: the time left is, per kind, the
-    mean of its finished items times those to do (an unfinished kind as the costliest), divided by `parallel`."""
+    """Progress lines of a long job on stdout, none when quiet: advance() `<what>: 1200 of 5000 images (24%),
+    38 images/s, about 1 min 40 s left` (at most every `every` s and `step` of the work), finish() the total;
+    item_done() a line per finished item (a run), the time left from their mean, `parallel` at a time."""
 
     def __init__(self, what, total, unit="items", quiet=False, every=5.0, step=0.05, clock=time.monotonic,
-                 kinds=None, parallel=1):
-        self.what, self.unit, self.quiet, self.every, self.step, self.clock = what, unit, quiet, every, step, clock
-        self.kinds, self.parallel, self.seconds = list(kinds or []), parallel, {}   # seconds: {kind: [each's]}
-        self.total = len(self.kinds) if kinds is not None else total
-        self.done, self.printed = 0, False
-        self.t0 = self.last = clock()
-        self.base_t, self.base_done, self.last_done = self.t0, 0, 0
+                 parallel=1):
+        self.what, self.total, self.unit, self.quiet, self.every, self.step = what, total, unit, quiet, every, step
+        self.clock, self.parallel, self.seconds, self.printed = clock, parallel, 0.0, False
+        self.done = self.base_done = self.last_done = 0
+        self.t0 = self.last = self.base_t = clock()
 
     def say(self, line):
         if not self.quiet:
@@ -274,18 +268,20 @@ class Progress:
         return contextlib.redirect_stdout(io.StringIO()) if self.quiet else contextlib.nullcontext()
 
     def rebase(self):
+        """The time left from the pace after this point (past a start-up)."""
         self.base_t, self.base_done = self.clock(), self.done
 
     def elapsed(self):
         return self.clock() - self.t0
 
     def left(self, spent=0.0):
-        """Seconds still to go (None before the first item); by kind, less `spent` by the items in progress."""
-        if self.seconds:
-            mean = {k: sum(v) / len(v) for k, v in self.seconds.items()}
-            return max(0.0, sum(mean.get(k, max(mean.values())) for k in self.kinds) - spent) / self.parallel
+        """Seconds still to go at the pace so far (None before the first item), less `spent` by items running."""
         n = self.done - self.base_done
-        return (self.clock() - self.base_t) / n * (self.total - self.done) if n > 0 else None
+        if n <= 0:
+            return None
+        if self.seconds:
+            return max(0.0, self.seconds / n * (self.total - self.done) - spent) / self.parallel
+        return (self.clock() - self.base_t) / n * (self.total - self.done)
 
     def pace(self, done, seconds):
         r = done / max(seconds, 1e-9)
@@ -306,15 +302,13 @@ class Progress:
             self.say(f"{self.what}: {self.done} {self.unit} in {duration_text(self.elapsed())}"
                      + (f" ({self.pace(self.done, self.elapsed())})" if self.done else ""))
 
-    def item_done(self, kind, seconds, label, result="", spent=0.0):
+    def item_done(self, seconds, label, result="", spent=0.0):
         """`run 7 of 40 done (<label>, 3 min 10 s)<result>; about 2 h 5 min left for the 33 still to train`, the
         last `...; all 40 in 2 h 5 min`. spent: seconds the items still running have run."""
-        self.kinds.remove(kind)
-        self.seconds.setdefault(kind, []).append(seconds)
-        self.done += 1
+        self.seconds, self.done = self.seconds + seconds, self.done + 1
         head = f"{self.unit.rstrip('s')} {self.done} of {self.total} done ({label}, {duration_text(seconds)}){result}"
-        self.say(f"{head}; about {duration_text(self.left(spent))} left for the {len(self.kinds)} still to "
-                 f"{self.what}" if self.kinds else f"{head}; all {self.total} in {duration_text(self.elapsed())}")
+        left = f"about {duration_text(self.left(spent))} left for the {self.total - self.done} still to {self.what}"
+        self.say(f"{head}; {left if self.done < self.total else f'all {self.done} in {duration_text(self.elapsed())}'}")
 
 
 # ---- the AD tabular record (Sec. 3.3, 4.3.3) ------------------------------------------------------------------

@@ -785,7 +785,7 @@ class Job:
     run_dir: str
     command: list                  # [python, script, options...]
     after: str = None              # run_dir of a job that must finish first (HyperFusion: its tabular-only MLP)
-    kind: str = ""                 # what it trains (the model): the time left is estimated per kind (Progress)
+    kind: str = ""                 # what it trains (the model)
     label: str = None              # how its progress line names it (None: run_dir)
 
 
@@ -827,7 +827,7 @@ def run_jobs(jobs, k, gpus=None, poll_s=0.2, quiet=False):
         raise UserError("--gpus: give at least one GPU index, e.g. --gpus 0,1")
     waiting, done, failed, running, slots = list(jobs), [], None, {}, list(range(k))
     pending = {j.run_dir for j in jobs}
-    shown = Progress("train", None, "runs", quiet, kinds=[j.kind for j in jobs], parallel=k)
+    shown = Progress("train", len(jobs), "runs", quiet, parallel=k)
     try:
         while waiting or running:
             while failed is None and slots and waiting:
@@ -856,7 +856,7 @@ def run_jobs(jobs, k, gpus=None, poll_s=0.2, quiet=False):
                 pending.discard(run_dir)
                 done.append(run_dir)
                 now = time.time()
-                shown.item_done(job.kind, now - started, job.label or run_dir,
+                shown.item_done(now - started, job.label or run_dir,
                                 f": {lines[-1].replace(f' -> {run_dir}', '')}" if lines else "",
                                 spent=sum(now - t for _, _, _, t in running.values()))
     except BaseException:
@@ -956,8 +956,7 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
         check_protocol_data(done, task, data_csv, image_dir, data_dir, len(done) < len(todo), cache_dir)
     if print_commands:    # the tabular-only MLPs first: HyperFusion's embedding starts from them (Sec. 4.3.6)
         todo.sort(key=lambda j: j[1][1] != "tabular")
-    shown = Progress("train", None, "runs", quiet or print_commands,     # kinds: the models, each its own pace
-                     kinds=[argv[1] for d, argv, _ in todo if d not in done])
+    shown = Progress("train", sum(d not in done for d, _, _ in todo), "runs", quiet or print_commands)
     label = lambda run_dir: " ".join(os.path.relpath(run_dir, runs).split(os.sep))     # ad hyperfusion seed0 v0 fold2
     trained, skipped, launched = [], [], []
     for k, (run_dir, argv, after) in enumerate(todo):
@@ -978,7 +977,7 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
                 t1 = time.time()
                 getattr(script, train)(vars(parser().parse_args(argv)))
             trained.append(run_dir)
-            shown.item_done(argv[1], time.time() - t1, label(run_dir))
+            shown.item_done(time.time() - t1, label(run_dir))
     if print_commands:
         return trained, skipped, None
     if launched:            # without --gpus, every GPU this process sees, in turn (not all on GPU 0)

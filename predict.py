@@ -86,12 +86,11 @@ PROGRESS_EVERY = 5.0   # seconds at least between two progress lines over the ba
 
 def member_outputs(members, table, cache_dir, batch_size, device, progress=True, calibrated=False):
     """Each member's predictions for every subject of `table`: (K, N, C) probabilities or (K, N) ages; images
-    decoded once per distinct crop. progress: a line per member (the time left per model kind: a tabular MLP reads
-    far faster than an image model) and, when long, lines over the batches. calibrated: each AD member's
-    probabilities at its temperature, softmax(logits / T)."""
+    decoded once per distinct crop. progress: a line per member and, when long, lines over the batches.
+    calibrated: each AD member's probabilities at its temperature, softmax(logits / T)."""
     task, n = members[0].run.task, len(table.subjects)
     caches, outputs = {}, []
-    done = Progress("predict", None, "members", not progress, kinds=[m.run.model for m in members])
+    done = Progress("predict", len(members), "members", not progress)
     shown = Progress(f"predicting {n} subjects x {len(members)} model{'s' * (len(members) > 1)}", n * len(members),
                      "predictions", not progress, every=PROGRESS_EVERY)
     for m in members:
@@ -118,7 +117,7 @@ def member_outputs(members, table, cache_dir, batch_size, device, progress=True,
         out, _ = predict(m.model(device), make_loader(ds, batch_size, 0, device), device, transform,
                          replay_precision(m.run.precision, device), shown.advance)
         outputs.append(out)
-        done.item_done(m.run.model, time.time() - t0, m.dir)
+        done.item_done(time.time() - t0, m.dir)
     return np.stack(outputs)
 
 

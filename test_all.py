@@ -4293,9 +4293,9 @@ def test_the_preview_is_one_png_of_the_same_pixels_through_matplotlib_and_throug
         np.testing.assert_array_equal(*pixels)                    # the same image either way
 # Progress a person can follow on long work (data.Progress), and --quiet silencing all of it
 
-def test_progress_time_left_is_the_pace_so_far_per_kind_for_runs_and_durations_read_one_way(capsys):
-    """After k of N items in t seconds the time left is t (N - k) / k; jobs of unequal kinds are estimated per
-    kind (an unseen kind as the costliest seen), divided by the jobs run at once; quiet prints nothing."""
+def test_progress_time_left_is_the_pace_so_far_for_items_and_runs_and_durations_read_one_way(capsys):
+    """After k of N items in t seconds the time left is t (N - k) / k; for runs, their mean time times those to
+    run, less the time the running ones have run, divided by the runs run at once; quiet prints nothing."""
     now = [0.0]
     p = data.Progress("decoding the image cache", 5000, "images", every=0, step=0, clock=lambda: now[0])
     now[0] = 120.0
@@ -4315,24 +4315,23 @@ def test_progress_time_left_is_the_pace_so_far_per_kind_for_runs_and_durations_r
         rate_limited.advance()
     lines = capsys.readouterr().out.splitlines()
     assert 9 <= len(lines) <= 20 and all(" of 1000 items (" in line for line in lines)
-    runs = data.Progress("train", None, "runs", kinds=["imaging", "tabular", "imaging", "hyperfusion"],
-                           clock=lambda: now[0])
-    runs.item_done("imaging", 190, "ad imaging seed0 v0 fold0")
-    runs.item_done("tabular", 10, "ad tabular seed0 v0 fold0")       # HyperFusion, unseen, as an image model
-    runs.item_done("imaging", 200, "ad imaging seed0 v0 fold1", ": test BA 0.5")
-    runs.item_done("hyperfusion", 300, "ad hyperfusion seed0 v0 fold0")
+    runs = data.Progress("train", 4, "runs", clock=lambda: now[0])
+    runs.item_done(190, "ad imaging seed0 v0 fold0")
+    runs.item_done(10, "ad tabular seed0 v0 fold0")
+    runs.item_done(200, "ad imaging seed0 v0 fold1", ": test BA 0.5")
+    runs.item_done(300, "ad hyperfusion seed0 v0 fold0")
     lines = capsys.readouterr().out.splitlines()
     assert lines[:3] == [
         "run 1 of 4 done (ad imaging seed0 v0 fold0, 3 min 10 s); about 9 min 30 s left for the 3 still to train",
-        "run 2 of 4 done (ad tabular seed0 v0 fold0, 10 s); about 6 min 20 s left for the 2 still to train",
-        "run 3 of 4 done (ad imaging seed0 v0 fold1, 3 min 20 s): test BA 0.5; about 3 min 15 s left for the 1 "
+        "run 2 of 4 done (ad tabular seed0 v0 fold0, 10 s); about 3 min 20 s left for the 2 still to train",
+        "run 3 of 4 done (ad imaging seed0 v0 fold1, 3 min 20 s): test BA 0.5; about 2 min 13 s left for the 1 "
         "still to train"]
     assert lines[3].startswith("run 4 of 4 done (ad hyperfusion seed0 v0 fold0, 5 min); all 4 in ")
-    two = data.Progress("train", None, "runs", kinds=["imaging"] * 5, parallel=2)
-    two.item_done("imaging", 100, "a", spent=40)                   # 4 x 100 s less the 40 s run, on 2 at a time
+    two = data.Progress("train", 5, "runs", parallel=2)
+    two.item_done(100, "a", spent=40)                   # 4 x 100 s less the 40 s run, on 2 at a time
     assert "about 3 min left for the 4" in capsys.readouterr().out
-    quiet = data.Progress("train", None, "runs", quiet=True, kinds=["imaging"] * 2)
-    quiet.item_done("imaging", 100, "a")
+    quiet = data.Progress("train", 2, "runs", quiet=True)
+    quiet.item_done(100, "a")
     quiet_items = data.Progress("x", 3, quiet=True, every=0)
     quiet_items.advance(2)
     quiet_items.finish(always=True)
