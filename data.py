@@ -59,9 +59,8 @@ def raise_terminated(signum, frame):
 
 
 def run_cli(main, argv=None, resume_option=None):
-    """Run a script's `main(argv)`: a UserError or OSError is one `error:` line on stderr, exit status 2; Ctrl-C or
-    SIGTERM one `interrupted` line with what was kept (the exception's `progress`) and the command to run again
-    (plus `resume_option`), exit status 128 + the signal as a shell reports it."""
+    """Run `main(argv)`: a UserError / OSError is one `error:` line, exit 2; Ctrl-C / SIGTERM one `interrupted`
+    line with what was kept (exc.progress) and the command to run again, exit 128 + the signal."""
     installed = threading.current_thread() is threading.main_thread()     # signals reach the main thread only
     previous = signal.signal(signal.SIGTERM, raise_terminated) if installed else None
     try:
@@ -219,12 +218,11 @@ def write_csv(rows, columns, path, for_people=False):
         csv.DictWriter(buf, fieldnames=columns).writerows({k: cell(v) for k, v in r.items()} for r in rows)
     else:
         csv.writer(buf).writerows([cell(v) for v in r] for r in rows)
-    write_text(buf.getvalue(), path, newline="")
+    write_text(buf.getvalue(), path)
 
 
-def write_text(text, path, newline=None):
-    with atomic_path(path, len(text.encode())) as tmp, open(tmp, "w", newline=newline, encoding="utf-8") as f:
-        f.write(text)
+def write_text(text, path):
+    write_bytes(text.encode("utf-8"), path)
 
 
 def write_bytes(blob, path):
@@ -247,22 +245,15 @@ def duration_text(seconds):
 
 
 class Progress:
-    """Progress lines of a long job on stdout (none when quiet).
-
-    advance(n): `<what>: 1200 of 5000 images (24%), 38 images/s, about 1 min 40 s left`, at most every `every`
-    seconds and `step` of the work; finish(): `<what>: 5000 images in 2 min 12 s (38 images/s)` if a line was
-    printed or the job was long. Time left is the pace so far (from rebase(), past a start-up). Jobs of unequal
-    kinds (`kinds`, one per item; `what` the verb) report item_done() per item: the time left is, per kind, the
-    mean of its finished items times those to do (an unfinished kind as the costliest), divided by `parallel`."""
+    """Progress lines on stdout (none when quiet), at most every `every` s and `step` of the work; item_done(): a line
+    per finished item (a run), the time left from their mean, `parallel` at a time."""
 
     def __init__(self, what, total, unit="items", quiet=False, every=5.0, step=0.05, clock=time.monotonic,
-                 kinds=None, parallel=1):
-        self.what, self.unit, self.quiet, self.every, self.step, self.clock = what, unit, quiet, every, step, clock
-        self.kinds, self.parallel, self.seconds = list(kinds or []), parallel, {}   # seconds: {kind: [each's]}
-        self.total = len(self.kinds) if kinds is not None else total
-        self.done, self.printed = 0, False
-        self.t0 = self.last = clock()
-        self.base_t, self.base_done, self.last_done = self.t0, 0, 0
+                 parallel=1):
+        self.what, self.total, self.unit, self.quiet, self.every, self.step = what, total, unit, quiet, every, step
+        self.clock, self.parallel, self.seconds, self.printed = clock, parallel, 0.0, False
+        self.done = self.base_done = self.last_done = 0
+        self.t0 = self.last = self.base_t = clock()
 
     def say(self, line):
         if not self.quiet:
@@ -274,18 +265,20 @@ class Progress:
         return contextlib.redirect_stdout(io.StringIO()) if self.quiet else contextlib.nullcontext()
 
     def rebase(self):
+        """The time left from the pace after this point (past a start-up)."""
         self.base_t, self.base_done = self.clock(), self.done
 
     def elapsed(self):
         return self.clock() - self.t0
 
     def left(self, spent=0.0):
-        """Seconds still to go (None before the first item); by kind, less `spent` by the items in progress."""
-        if self.seconds:
-            mean = {k: sum(v) / len(v) for k, v in self.seconds.items()}
-            return max(0.0, sum(mean.get(k, max(mean.values())) for k in self.kinds) - spent) / self.parallel
+        """Seconds still to go at the pace so far (None before the first item), less `spent` by items running."""
         n = self.done - self.base_done
-        return (self.clock() - self.base_t) / n * (self.total - self.done) if n > 0 else None
+        if n <= 0:
+            return None
+        if self.seconds:
+            return max(0.0, self.seconds / n * (self.total - self.done) - spent) / self.parallel
+        return (self.clock() - self.base_t) / n * (self.total - self.done)
 
     def pace(self, done, seconds):
         r = done / max(seconds, 1e-9)
@@ -306,15 +299,13 @@ class Progress:
             self.say(f"{self.what}: {self.done} {self.unit} in {duration_text(self.elapsed())}"
                      + (f" ({self.pace(self.done, self.elapsed())})" if self.done else ""))
 
-    def item_done(self, kind, seconds, label, result="", spent=0.0):
+    def item_done(self, seconds, label, result="", spent=0.0):
         """`run 7 of 40 done (<label>, 3 min 10 s)<result>; about 2 h 5 min left for the 33 still to train`, the
         last `...; all 40 in 2 h 5 min`. spent: seconds the items still running have run."""
-        self.kinds.remove(kind)
-        self.seconds.setdefault(kind, []).append(seconds)
-        self.done += 1
+        self.seconds, self.done = self.seconds + seconds, self.done + 1
         head = f"{self.unit.rstrip('s')} {self.done} of {self.total} done ({label}, {duration_text(seconds)}){result}"
-        self.say(f"{head}; about {duration_text(self.left(spent))} left for the {len(self.kinds)} still to "
-                 f"{self.what}" if self.kinds else f"{head}; all {self.total} in {duration_text(self.elapsed())}")
+        left = f"about {duration_text(self.left(spent))} left for the {self.total - self.done} still to {self.what}"
+        self.say(f"{head}; {left if self.done < self.total else f'all {self.done} in {duration_text(self.elapsed())}'}")
 
 
 # ---- the AD tabular record (Sec. 3.3, 4.3.3) ------------------------------------------------------------------
@@ -366,14 +357,9 @@ def parse_attribute(col, text, checked=True):
 
 
 class TabularPreprocessor:
-    """AD tabular attributes -> float32 features, fitted on training rows only (Sec. 3.3).
-
-    Columns: PTGENDER one-hot (Male, Female); the 8 other attributes z-scored with the training mean / std; one
-    0/1 indicator per attribute missing in some training row. Missing values, sex included, are filled by
-    iterative imputation (each column regressed on the others, in turns) over the z-scores and sex as 0 / 1; an
-    imputed sex s in [0, 1] becomes (1 - s, s). The imputer is scikit-learn's IterativeImputer (BayesianRidge,
-    deterministic), as in the paper and DAFT; its steps are copied out as plain numbers and replayed in numpy,
-    so the state is JSON / torch-safe and no pickled sklearn object goes into a checkpoint."""
+    """AD attributes -> float32 features fitted on training rows (Sec. 3.3): sex one-hot, 8 z-scores, a 0/1
+    indicator per attribute missing in a training row; gaps filled by IterativeImputer, whose steps are kept as
+    plain numbers and replayed in numpy (a JSON-safe state, no pickled sklearn object in a checkpoint)."""
 
     def __init__(self, max_iter=10, state=None):
         self.max_iter, self.state = max_iter, None
@@ -588,10 +574,8 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
 
 
 def output_names(ids):
-    """A file name per id (a Subject), inside the folder it is joined to and distinct even on a case-insensitive
-    file system: a plain id (letters, digits, . _ -, at most 100) is its own name; any other (`../../x`, spaces,
-    `=HYPERLINK(...)`, a case-twin of an earlier one) its other characters as _ plus `-` and 8 hex digits of
-    its sha1 (`../../x` -> `_.._x-9bdbf20b`)."""
+    """A file name per id, inside its folder and distinct on a case-insensitive file system: a plain id is its own
+    name; another (`../../x`, a case-twin) its odd characters as _ plus `-` and 8 hex of its sha1."""
     names, used = [], set()
     for s in ids:
         name = s if _SAFE_NAME.fullmatch(s) else None
@@ -719,11 +703,8 @@ def diagnosis(group, group_map=None):
 
 
 def read_ad_table(csv_path, image_dir=None, need_images=True, classes=3, group_map=None, for_prediction=False):
-    """Read and validate an ADNIMERGE-like AD table (Sec. 4.3.1, 4.3.3); line numbers count the header as 1.
-
-    Only Subject and Group must be filled: any attribute may be empty (imputed, Sec. 3.3). Rows whose Group is
-    not a diagnosis (ADNI's SMC) are skipped and counted, unless --group-map names them; classes=2 leaves MCI
-    out. for_prediction: Group is optional and no row is left out (label -1 where unknown)."""
+    """An ADNIMERGE-like AD table, validated (Sec. 4.3.1, 4.3.3); any attribute may be empty (Sec. 3.3). Rows whose
+    Group is not a diagnosis are skipped and counted; for_prediction: Group optional, no row left out (label -1)."""
     if classes not in (2, 3):
         raise UserError(f"classes must be 2 (CN vs AD) or 3, got {classes}")
     names = CLASS_NAMES if classes == 3 else ("CN", "AD")
@@ -840,9 +821,8 @@ def load_nifti(path, subject=None, canonical=True):
 
 
 def load_volume(path, subject=None, expected_shape=None):
-    """A validated float32 (X, Y, Z) RAS array (load_nifti) whose values can be a scan in either cache dtype:
-    none beyond float16's +-65504 (a wrong scale in the header; a float32 cache would train on it, BatchNorm's
-    variance overflowing), not one constant (all zeros from a failed registration or an empty export)."""
+    """A validated float32 (X, Y, Z) RAS array: no value beyond float16's range (a wrong header scale), not one
+    constant (a failed registration or an empty export)."""
     where = _where(path, subject)
     volume = np.asarray(load_nifti(path, subject).dataobj, dtype=np.float32)
     if expected_shape is not None and tuple(volume.shape) != tuple(expected_shape):
@@ -859,9 +839,8 @@ def load_volume(path, subject=None, expected_shape=None):
 
 
 def check_image_geometry(paths, subjects):
-    """-> (shape, voxel size in mm) of a cohort's images in RAS, from the headers alone (checked in seconds, before
-    the cache decodes them). The first image of another shape or voxel size is refused naming it and the first
-    image: a network sees a fixed grid, and mixed voxel sizes mean the same voxel is not the same anatomy."""
+    """-> (shape, voxel size in mm) in RAS from the headers alone: one shape and one voxel size for the cohort, else
+    the first image that differs is refused, naming it and the first image."""
     first = None
     for p, s in zip(paths, subjects):
         img, raw_shape = _open_nifti(p, _where(p, s))
@@ -1060,13 +1039,9 @@ def image_fingerprint(paths, cache_dir=None, subjects=None, progress=False):
 
 
 class ImageCache:
-    """A cohort's NIfTI images, each decoded once (validated, transformed, float16 or float32) into
-    `cache_dir/<subject>-<config>-<source>.npy`, then served as read-only memmaps (memory bounded by what the
-    batches touch, not by the cohort). config: the path, dtype and transform; source: the file's sha256.
-
-    An entry is np.save's bytes then a trailer: the source's sha256, the config, the CRC-32 of the data, the
-    trailer's length and ENTRY_MAGIC. One that does not match, is damaged or truncated is decoded again with one
-    `warning:` line, never served stale. prepare() decodes what is missing up front, in parallel when many."""
+    """A cohort's images, each decoded once (validated, transformed, float16/32) into
+    `<subject>-<config>-<source sha256>.npy` plus a trailer (source, config, CRC-32), then served as read-only
+    memmaps. An entry that does not match or is damaged is decoded again with one `warning:` line, never served."""
     PARALLEL_FROM = 200    # below this many entries, starting the processes costs more than it saves
     PROGRESS_EVERY = 5.0   # seconds at least between two progress lines (hashing, checking, decoding)
 
@@ -1180,13 +1155,8 @@ class ImageCache:
         return np.load(out, mmap_mode="r")
 
     def prepare(self, progress=True, workers=1):
-        """Hash the sources, check every entry whole and decode each missing, damaged or mismatched one now (one
-        `warning:` line names those that were there), with progress lines when it is long.
-
-        workers > 1 and at least PARALLEL_FROM entries to decode: that many processes decode them, each entry
-        byte for byte what a serial decode writes. They end with this process however it ends (kill -9 too);
-        Ctrl-C or SIGTERM stops them, keeps the entries written and is one line (a UserError). Processes sharing
-        the cache (run-protocol --jobs) take turns: the first decodes, the others find its entries."""
+        """Check every entry and decode each missing or damaged one now (one `warning:` line names the damaged),
+        in `workers` processes from PARALLEL_FROM entries; Ctrl-C keeps what was written and is one line."""
         with cache_lock(self.cache_dir):
             self._hash(range(len(self)), progress)
             todo, damaged = [], []
@@ -1262,13 +1232,12 @@ def _decoding_process_start(cache, parent):
     _held = cache
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop_decoding)
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
 
-
-def _watch_parent(parent):
-    while os.getppid() == parent:
-        time.sleep(0.2)
-    _stop_decoding()
+    def watch():                  # the parent gone (kill -9 too): this process has another parent
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        _stop_decoding()
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _stop_decoding(signum=None, frame=None):
@@ -1298,9 +1267,8 @@ def image_tensor(array):
 
 
 class ADDataset(torch.utils.data.Dataset):
-    """(image, tabular, target) for AD classification (Sec. 3.5.2, 4.3.6). images[i]: a (X, Y, Z) volume, cropped
-    here with `crops`, or a cropped (2, D, H, W) pair. Training: one side drawn per sample (torch.randint),
-    image (1, D, H, W); evaluation: both sides, image (2, 1, D, H, W)."""
+    """(image, tabular, target) for AD (Sec. 3.5.2, 4.3.6) from (X, Y, Z) volumes and `crops`, or (2, D, H, W)
+    pairs. Training: one side drawn, image (1, D, H, W); evaluation: both, image (2, 1, D, H, W)."""
 
     def __init__(self, images, tabular, labels, crops=None, train=True):
         assert len(images) == len(tabular) == len(labels)
@@ -1393,15 +1361,12 @@ def _gray(plane):
     return np.repeat(g[:, :, None], 3, 2).copy()
 
 
-def _side_by_side(tiles):
-    height = max(t.shape[0] for t in tiles)
-    return np.concatenate([np.pad(t, ((0, height - t.shape[0]), (0, 2), (0, 0))) for t in tiles], 1)
-
-
 def preview_crops(volume, crops, path_boxes, path_crops):
     """Two PNGs: the axial and coronal mid-slices through the boxes, left box red, right green; and both crops'
     axial and coronal mid-slices (the right one mirrored)."""
     crops.check(volume.shape)
+    side_by_side = lambda tiles: np.concatenate([np.pad(t, ((0, max(u.shape[0] for u in tiles) - t.shape[0]),
+                                                            (0, 2), (0, 0))) for t in tiles], 1)
     panels = []
     for axis in (2, 1):                                                            # axial (z), coronal (y)
         img = _gray(np.take(volume, crops.left_start[axis] + crops.size[axis] // 2, axis))
@@ -1411,9 +1376,9 @@ def preview_crops(volume, crops, path_boxes, path_crops):
             r0, r1 = img.shape[0] - 1 - (start[b] + crops.size[b] - 1), img.shape[0] - 1 - start[b]
             img[[r0, r1], x0:x1 + 1], img[r0:r1 + 1, [x0, x1]] = colour, colour
         panels.append(img)
-    write_png(_side_by_side(panels), path_boxes)
+    write_png(side_by_side(panels), path_boxes)
     pair = crops(volume)                                                           # (2, D, H, W)
-    write_png(_side_by_side([_gray(np.take(side, side.shape[axis] // 2, axis)) for side in pair for axis in (2, 1)]),
+    write_png(side_by_side([_gray(np.take(side, side.shape[axis] // 2, axis)) for side in pair for axis in (2, 1)]),
               path_crops)
 
 
@@ -1429,25 +1394,15 @@ def matplotlib_or_none():
     return matplotlib
 
 
-def png_bytes(rgb):
-    """(H, W, 3) uint8 -> the bytes of an RGB PNG, with the standard library's zlib (the fallback writer)."""
+def write_png(rgb, path):
+    """(H, W, 3) uint8 -> an RGB PNG, atomically, written with zlib (no optional dependency)."""
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     h, w, _ = rgb.shape
     raw = b"".join(b"\x00" + rgb[i].tobytes() for i in range(h))                 # filter 0 on every row
     chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body
                                 + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-
-
-def write_png(rgb, path):
-    """(H, W, 3) uint8 -> a PNG, atomically: matplotlib's imsave when installed, else png_bytes."""
-    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
-    if matplotlib_or_none() is None:
-        write_bytes(png_bytes(rgb), path)
-        return
-    import matplotlib.image                  # deferred: optional, as in matplotlib_or_none
-    with atomic_path(path) as tmp:
-        matplotlib.image.imsave(tmp, rgb, format="png")
+    write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""), path)
 
 
 def _check_images(paths, subjects, quiet=False):

@@ -707,7 +707,7 @@ class Job:
     run_dir: str
     command: list                  # [python, script, options...]
     after: str = None              # run_dir of a job that must finish first (HyperFusion: its tabular-only MLP)
-    kind: str = ""                 # the model: Progress estimates the time left per kind
+    kind: str = ""                 # what it trains (the model)
     label: str = None              # how its progress line names it (None: run_dir)
 
 
@@ -744,7 +744,7 @@ def run_jobs(jobs, k, gpus=None, poll_s=0.2, quiet=False):
         raise UserError("--gpus: give at least one GPU index, e.g. --gpus 0,1")
     waiting, done, failed, running, slots = list(jobs), [], None, {}, list(range(k))
     pending = {j.run_dir for j in jobs}
-    shown = Progress("train", None, "runs", quiet, kinds=[j.kind for j in jobs], parallel=k)
+    shown = Progress("train", len(jobs), "runs", quiet, parallel=k)
     try:
         while waiting or running:
             ready = [j for j in waiting if j.after not in pending]
@@ -768,7 +768,7 @@ def run_jobs(jobs, k, gpus=None, poll_s=0.2, quiet=False):
                 pending.discard(job.run_dir)
                 done.append(job.run_dir)
                 now = time.time()
-                shown.item_done(job.kind, now - started, job.label or job.run_dir,
+                shown.item_done(now - started, job.label or job.run_dir,
                                 f": {last.replace(f' -> {job.run_dir}', '')}" if last else "",
                                 spent=sum(now - r[4] for r in running.values()))
     except BaseException:
@@ -859,7 +859,7 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
         for command in commands:
             print(command, flush=True)
         return commands, skipped, None
-    shown = Progress("train", None, "runs", quiet, kinds=[argv[1] for _, argv, _ in todo])   # each model its pace
+    shown = Progress("train", len(todo), "runs", quiet)
     for d in skipped:
         shown.say(f"skipped (finished): {d}")
     label = lambda run_dir: " ".join(os.path.relpath(run_dir, runs).split(os.sep))     # ad hyperfusion seed0 v0 fold2
@@ -875,7 +875,7 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
             t1 = time.time()
             script.main(argv)
         trained.append(run_dir)
-        shown.item_done(argv[1], time.time() - t1, label(run_dir))
+        shown.item_done(time.time() - t1, label(run_dir))
     if launched:            # without --gpus, every GPU this process sees, in turn (not all on GPU 0)
         visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
         trained = run_jobs(launched, jobs, gpu_masks(gpus or range(visible), visible) if gpus or visible else None,

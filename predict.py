@@ -99,9 +99,9 @@ def run_outputs(finished_run, model, images, inputs, targets, device, batch_size
 def member_outputs(members, table, cache_dir, batch_size, device, progress=True, calibrated=False):
     """Each member's predictions for every subject of `table`: (K, N, C) probabilities (each AD member's at its
     temperature when calibrated) or (K, N) ages; images decoded once per distinct crop. Progress: a line per
-    member (the time left per model kind) and, when long, lines over the batches."""
+    member and, when long, lines over the batches."""
     n, caches, outputs = len(table.subjects), {}, []
-    done = Progress("predict", None, "members", not progress, kinds=[m.run.model for m in members])
+    done = Progress("predict", len(members), "members", not progress)
     shown = Progress(f"predicting {n} subjects x {len(members)} model{'s' * (len(members) > 1)}", n * len(members),
                      "predictions", not progress, every=PROGRESS_EVERY)
     for m in members:
@@ -121,7 +121,7 @@ def member_outputs(members, table, cache_dir, batch_size, device, progress=True,
         out, _ = run_outputs(m, m.model(device), images, inputs, np.zeros(n, np.int64), device, batch_size,
                              transform, shown.advance)
         outputs.append(out)
-        done.item_done(m.run.model, time.time() - t0, m.dir)
+        done.item_done(time.time() - t0, m.dir)
     return np.stack(outputs)
 
 

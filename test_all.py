@@ -4116,32 +4116,24 @@ def test_without_matplotlib_plots_stops_before_any_work_in_one_line_and_writes_n
         assert proc.stdout == "" and _files(tmp_path) == before
 
 
-def test_the_preview_is_one_png_of_the_same_pixels_through_matplotlib_and_through_the_fallback(ad_cohort40,
-                                                                                             tmp_path, monkeypatch):
+def test_the_preview_is_an_rgb_png_that_matplotlib_reads_with_or_without_matplotlib_installed(ad_cohort40, tmp_path,
+                                                                                             monkeypatch):
     mpl_image = pytest.importorskip("matplotlib.image")
-    written = {}
-    for how in ("matplotlib", "fallback"):
-        if how == "fallback":
-            monkeypatch.setitem(sys.modules, "matplotlib", None)
-        p = run_main(data.main, "check-ad", ad_cohort40, "--preview", tmp_path / how, "--preview-n", 1)
-        assert p.returncode == 0 and "wrote 2 PNGs" in p.stdout, p.stderr
-        written[how] = sorted(os.listdir(tmp_path / how))
-        assert no_temp_files(tmp_path / how)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # the writer needs no optional dependency
+    p = run_main(data.main, "check-ad", ad_cohort40, "--preview", tmp_path, "--preview-n", 1)
     monkeypatch.undo()
-    assert written["matplotlib"] == written["fallback"] and len(written["fallback"]) == 2
+    assert p.returncode == 0 and "wrote 2 PNGs" in p.stdout and no_temp_files(tmp_path), p.stderr
     X, Y, Z = synthetic.AD_SYNTH["shape"]
-    for name in written["fallback"]:
-        a, b = _png_header(tmp_path / "matplotlib" / name), _png_header(tmp_path / "fallback" / name)
-        assert a[:2] == b[:2] and (a[2], b[2]) == (6, 2)          # matplotlib writes RGBA, the fallback RGB
+    for name in sorted(os.listdir(tmp_path)):
+        w, h, colour = _png_header(tmp_path / name)
+        assert colour == 2 and mpl_image.imread(tmp_path / name).shape == (h, w, 3)
         if name.endswith("_boxes.png"):
-            assert a[:2] == (2 * (X + 2), max(Y, Z))
-        pixels = [mpl_image.imread(tmp_path / how / name)[..., :3] for how in ("matplotlib", "fallback")]
-        np.testing.assert_array_equal(*pixels)                    # the same image either way
+            assert (w, h) == (2 * (X + 2), max(Y, Z))
 # Progress a person can follow on long work (data.Progress), and --quiet silencing all of it
 
-def test_progress_time_left_is_the_pace_so_far_per_kind_for_runs_and_durations_read_one_way(capsys):
-    """After k of N items in t seconds the time left is t (N - k) / k; jobs of unequal kinds are estimated per
-    kind (an unseen kind as the costliest seen), divided by the jobs run at once; quiet prints nothing."""
+def test_progress_time_left_is_the_pace_so_far_for_items_and_runs_and_durations_read_one_way(capsys):
+    """After k of N items in t seconds the time left is t (N - k) / k; for runs, their mean time times those to
+    run, less the time the running ones have run, divided by the runs run at once; quiet prints nothing."""
     now = [0.0]
     p = data.Progress("decoding the image cache", 5000, "images", every=0, step=0, clock=lambda: now[0])
     now[0] = 120.0
@@ -4161,24 +4153,23 @@ def test_progress_time_left_is_the_pace_so_far_per_kind_for_runs_and_durations_r
         rate_limited.advance()
     lines = capsys.readouterr().out.splitlines()
     assert 9 <= len(lines) <= 20 and all(" of 1000 items (" in line for line in lines)
-    runs = data.Progress("train", None, "runs", kinds=["imaging", "tabular", "imaging", "hyperfusion"],
-                           clock=lambda: now[0])
-    runs.item_done("imaging", 190, "ad imaging seed0 v0 fold0")
-    runs.item_done("tabular", 10, "ad tabular seed0 v0 fold0")       # HyperFusion, unseen, as an image model
-    runs.item_done("imaging", 200, "ad imaging seed0 v0 fold1", ": test BA 0.5")
-    runs.item_done("hyperfusion", 300, "ad hyperfusion seed0 v0 fold0")
+    runs = data.Progress("train", 4, "runs", clock=lambda: now[0])
+    runs.item_done(190, "ad imaging seed0 v0 fold0")
+    runs.item_done(10, "ad tabular seed0 v0 fold0")
+    runs.item_done(200, "ad imaging seed0 v0 fold1", ": test BA 0.5")
+    runs.item_done(300, "ad hyperfusion seed0 v0 fold0")
     lines = capsys.readouterr().out.splitlines()
     assert lines[:3] == [
         "run 1 of 4 done (ad imaging seed0 v0 fold0, 3 min 10 s); about 9 min 30 s left for the 3 still to train",
-        "run 2 of 4 done (ad tabular seed0 v0 fold0, 10 s); about 6 min 20 s left for the 2 still to train",
-        "run 3 of 4 done (ad imaging seed0 v0 fold1, 3 min 20 s): test BA 0.5; about 3 min 15 s left for the 1 "
+        "run 2 of 4 done (ad tabular seed0 v0 fold0, 10 s); about 3 min 20 s left for the 2 still to train",
+        "run 3 of 4 done (ad imaging seed0 v0 fold1, 3 min 20 s): test BA 0.5; about 2 min 13 s left for the 1 "
         "still to train"]
     assert lines[3].startswith("run 4 of 4 done (ad hyperfusion seed0 v0 fold0, 5 min); all 4 in ")
-    two = data.Progress("train", None, "runs", kinds=["imaging"] * 5, parallel=2)
-    two.item_done("imaging", 100, "a", spent=40)                   # 4 x 100 s less the 40 s run, on 2 at a time
+    two = data.Progress("train", 5, "runs", parallel=2)
+    two.item_done(100, "a", spent=40)                   # 4 x 100 s less the 40 s run, on 2 at a time
     assert "about 3 min left for the 4" in capsys.readouterr().out
-    quiet = data.Progress("train", None, "runs", quiet=True, kinds=["imaging"] * 2)
-    quiet.item_done("imaging", 100, "a")
+    quiet = data.Progress("train", 2, "runs", quiet=True)
+    quiet.item_done(100, "a")
     quiet_items = data.Progress("x", 3, quiet=True, every=0)
     quiet_items.advance(2)
     quiet_items.finish(always=True)
