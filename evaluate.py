@@ -31,7 +31,6 @@ import data
 import predict
 import train_ad
 import train_brain_age
-import training
 from data import (ArgumentParser, Progress, TabularPreprocessor, UserError, atomic_path, check_number, check_output,
                   duration_text, matplotlib_or_none, run_cli, write_csv, write_json, write_text)
 from metrics import (CALIBRATION_BINS, CALIBRATION_COLUMNS, age_bias_fit, classification_metrics, corrected_gap,
@@ -40,8 +39,8 @@ from metrics import (CALIBRATION_BINS, CALIBRATION_COLUMNS, age_bias_fit, classi
 from models import (AD_MODEL_TITLES, AD_MODELS, BRAIN_AGE_MODELS, AgeTarget, build_model, candidate_layers,
                     layer_loss_entropy)
 from synthetic import builtin_cohort
-from training import (CALIBRATION_FILE, ad_run_dir, brain_age_run_dir, calibrate, finished, load_run, make_loader,
-                      probabilities, read_logits, replay_precision, save_logits, setup_device)
+from training import (CALIBRATION_FILE, ad_run_dir, brain_age_run_dir, calibrate, finished, load_run, probabilities,
+                      read_logits, save_logits, setup_device)
 
 AD_ORDER = ("imaging", "tabular", "late-fusion", "concat", "film", "daft", "hyperfusion")  # Table 3's order
 ENSEMBLE_KEYS = ("split_seed", "tabular_columns", "classes")        # the four folds of one ensemble share these
@@ -332,13 +331,10 @@ def calibrate_runs(paths, refit=False, device="auto", batch_size=16, quiet=False
         outputs = read_logits(run.dir)
         if outputs is None:
             dev, outputs = dev or setup_device(device), {}
-            for part in ("val", "test"):
-                cfg, table, idx, images = predict.test_set(run, part=part)
-                tab = run.tabular.transform([table.raw[i] for i in idx])
-                ds = (data.ADDataset(images, tab, table.labels[idx], train=False) if images is not None
-                      else data.TabularDataset(tab, table.labels[idx]))
-                outputs[part] = training.predict(run.model(dev), make_loader(ds, batch_size, 0, dev), dev, None,
-                                                 replay_precision(cfg.precision, dev), sides=True)
+            for part in ("val", "test"):        # both hippocampi apart, as the training run kept them
+                _, table, idx, images = predict.test_set(run, part=part)
+                outputs[part] = predict.run_outputs(run, run.model(dev), images, run.tabular.transform(
+                    [table.raw[i] for i in idx]), table.labels[idx], dev, batch_size, None, sides=True)
             save_logits(run.dir, outputs["val"], outputs["test"])
         kept = run.temperature is not None and not refit
         record = run.read_json(CALIBRATION_FILE) if kept else calibrate(run.dir, outputs)
@@ -835,19 +831,18 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
     common = (["--out", runs, "--data-dir", data_dir] + (["--data-csv", data_csv] if data_csv else [])
               + (["--image-dir", image_dir] if image_dir else []) + (["--cache-dir", cache_dir] if cache_dir else [])
               + ([] if verbose else ["--quiet"]))
-    todo = []        # (run dir, argv, run dir to wait for)
-    for model in models or known:
+    vs = versions if versions is not None else (0,) if task == "ad" else range(5)
+    where = ([(s, v, f, None) for s in split_seeds for v in vs for f in range(N_FOLDS)] if task == "ad"
+             else [(split_seeds[0], v, None, sex) for sex in train_sex for v in vs])
+    todo = []        # (run dir, argv, run dir to wait for: HyperFusion's tabular-only MLP)
+    for model, (s, v, f, sex) in ((m, w) for m in models or known for w in where):
         n = tabular_epochs if model == "tabular" and tabular_epochs else epochs
-        own = ["--model", model] + (["--epochs", str(n)] if n else [])
-        if task == "ad":
-            todo += [(ad_run_dir(runs, model, s, v, f, binary), own + ["--split-seed", str(s), "--version", str(v),
-                      "--fold", str(f)] + (["--classes", "2"] if binary else []) + common,
-                      ad_run_dir(runs, "tabular", s, v, f, binary) if model == "hyperfusion" else None)
-                     for s in split_seeds for v in (versions if versions is not None else (0,)) for f in range(N_FOLDS)]
-        else:
-            todo += [(brain_age_run_dir(runs, model, v, embedding_dim, sex), own + ["--version", str(v), "--split-seed",
-                      str(split_seeds[0]), "--embedding-dim", str(embedding_dim), "--train-sex", sex] + common, None)
-                     for sex in train_sex for v in (versions if versions is not None else range(5))]
+        argv = (["--model", model, "--split-seed", str(s), "--version", str(v)] + (["--epochs", str(n)] if n else [])
+                + (["--embedding-dim", str(embedding_dim), "--train-sex", sex] if sex else ["--fold", str(f)])
+                + (["--classes", "2"] if binary and not sex else []) + common)
+        todo.append((brain_age_run_dir(runs, model, v, embedding_dim, sex) if sex else
+                     ad_run_dir(runs, model, s, v, f, binary), argv,
+                     ad_run_dir(runs, "tabular", s, v, f, binary) if model == "hyperfusion" and not sex else None))
     skipped = [d for d, _, _ in todo if finished(d)]
     todo = [job for job in todo if job[0] not in skipped]
     if skipped and todo:    # before anything trains: the finished runs must be of the data the others would train on
