@@ -47,6 +47,7 @@ ENSEMBLE_KEYS = ("split_seed", "tabular_columns", "classes")        # the four f
 BRAIN_AGE_KEYS = ("model", "split_seed", "split", "embedding_dim", "train_sex")
 DATA_HASHES = {"table_sha256": "tables", "images_sha256": "images"}   # stored in every checkpoint's `inputs`
 N_FOLDS = 4
+TITLES = {"ad": "AD classification (Table 3)", "ad-binary": "Binary CN vs AD (App. B)"}
 FIG4A = re.compile(r"(?P<base>.+)-train(?P<sex>M|F|mixed)")
 FIG4A_TRAIN = {"M": "males", "F": "females", "mixed": "mixed (sex-balanced)"}
 
@@ -218,8 +219,8 @@ def ad_figures(res, ensembles, folder, quiet=False):
     for m, pos in zip(res["models"], where):
         for j, t in enumerate(cols if m["n_rows"] > 1 else ()):
             ax.scatter(np.full(m["n_rows"], pos[j]), [r[t] for r in m["rows"]], s=3, color="black", zorder=3)
-    title = "Binary CN vs AD (App. B)" if tag else "AD classification (Table 3)"
-    ax.set(ylim=(0, 1.05), ylabel="test set, ensemble of 4 folds per row", title=title + ": mean ± std over rows")
+    ax.set(ylim=(0, 1.05), ylabel="test set, ensemble of 4 folds per row",
+           title=TITLES[res["task"]] + ": mean ± std over rows")
     ax.legend(fontsize=6, ncol=min(4, len(series)), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     figs.save(fig, f"table3{tag}.png")
     return figs.summary()
@@ -350,7 +351,7 @@ def calibrate_runs(paths, refit=False, device="auto", batch_size=16, quiet=False
 def calibration_report(calibrated, plots_dir=None, quiet=False):
     """Test ECE, class-wise ECE, Brier, NLL of every run and four-fold Eq. 7-8 ensemble, before -> after; after, each
     member at its own temperature, which also changes Eq. 8's weights. -> (markdown, dict)."""
-    rows, out, groups = [], {"runs": [], "ensembles": []}, {}
+    rows, out, groups, ensemble_rows = [], {"runs": [], "ensembles": []}, {}, []
     for run, rec, outputs in calibrated:
         r = run.run
         rows.append([r.model, r.split_seed, r.version, r.fold, f"{rec['temperature']:.3f}",
@@ -359,14 +360,9 @@ def calibration_report(calibrated, plots_dir=None, quiet=False):
                        for _, k in CALIBRATION_COLUMNS])
         out["runs"].append({"dir": run.dir, **rec})
         groups.setdefault((r.model, r.split_seed, r.version, r.classes), []).append((run, rec, outputs))
-    md = ["# Calibration of the AD runs (temperature scaling, Guo et al. 2017)", "",
-          f"Before → after; T fitted per run on its validation set (ECE val: where it was fitted), then the test "
-          f"set ({len(calibrated)} runs).", "",
-          markdown_table(["model", "seed", "version", "fold", "T", "ECE val"]
-                         + [f"{n} test" for n, _ in CALIBRATION_COLUMNS], rows)]
     groups = {key[:3]: sorted(g, key=lambda m: m[0].run.fold) for key, g in sorted(groups.items())
               if sorted(m[0].run.fold for m in g) == list(range(N_FOLDS))}
-    figs, rows = Figures(plots_dir, quiet) if plots_dir and groups else None, []
+    figs = Figures(plots_dir, quiet) if plots_dir and groups else None
     keys = ["balanced_accuracy", "auc_macro"] + [k for _, k in CALIBRATION_COLUMNS]
     for (model, seed, version), members in groups.items():
         labels = members[0][2]["test"][1]
@@ -377,7 +373,7 @@ def calibration_report(calibrated, plots_dir=None, quiet=False):
                   for t in (False, True)}
         before, after = (entropy_weighted_ensemble(np.stack(scaled[t])) for t in (False, True))   # Eq. 7-8
         m0, m1 = (classification_metrics(labels, p, members[0][0].class_names) for p in (before, after))
-        rows.append([model, seed, version] + [f"{fmt(m0[k])} → {fmt(m1[k])}" for k in keys])
+        ensemble_rows.append([model, seed, version] + [f"{fmt(m0[k])} → {fmt(m1[k])}" for k in keys])
         out["ensembles"].append({"model": model, "split_seed": seed, "version": version,
                                  "members": [m[0].dir for m in members], "before": m0, "after": m1})
         if figs is not None:
@@ -385,13 +381,15 @@ def calibration_report(calibrated, plots_dir=None, quiet=False):
                                [("ensemble, uncalibrated", labels, before), ("ensemble, calibrated", labels, after)]
                                + [(f"fold {m[0].run.fold}", labels, p) for m, p in zip(members, scaled[True])],
                                f"{AD_MODEL_TITLES.get(model, model)}, split seed {seed}, v{version}: test set")
-    if rows:
-        md += ["", "Eq. 7-8 ensembles of the four folds, test set, before → after (after: every member at its own "
-               "temperature, which changes Eq. 8's weights, so BA may move):", "",
-               markdown_table(["model", "seed", "version", "BA", "AUC"] + [n for n, _ in CALIBRATION_COLUMNS], rows)]
     if figs is not None:
         out["plots"] = figs.summary()
-    return "\n".join(md) + "\n", out
+    return page("Calibration of the AD runs (temperature scaling, Guo et al. 2017)",
+                f"Before → after; T fitted per run on its validation set (ECE val: where it was fitted), then the "
+                f"test set ({len(calibrated)} runs).", (["model", "seed", "version", "fold", "T", "ECE val"]
+                                                   + [f"{n} test" for n, _ in CALIBRATION_COLUMNS], rows),
+                *(["Eq. 7-8 ensembles of the four folds, test set, before → after (after: every member at its own "
+                   "temperature, which changes Eq. 8's weights, so BA may move):", (["model", "seed", "version", "BA",
+                   "AUC"] + [n for n, _ in CALIBRATION_COLUMNS], ensemble_rows)] if ensemble_rows else [])), out
 
 
 # ---- Reading finished runs, refusing to combine what differs ----
@@ -434,6 +432,11 @@ def numbered(folder, prefix):
     found = {int(n[len(prefix):]): os.path.join(folder, n) for n in names
              if re.fullmatch(re.escape(prefix) + r"\d+", n) and os.path.isdir(os.path.join(folder, n))}
     return dict(sorted(found.items()))
+
+
+def page(title, *parts):
+    """A results page in markdown: its title, then each part (a paragraph, or a table as (header, rows))."""
+    return "\n\n".join([f"# {title}"] + [markdown_table(*p) if isinstance(p, tuple) else p for p in parts]) + "\n"
 
 
 def write_results(res, markdown, table, out_dir, stem, quiet):
@@ -522,37 +525,31 @@ def ad_results(runs, binary=False, reference="hyperfusion", keep=None):
             "models": models, "incomplete": incomplete}
 
 
-def ad_markdown(res):
-    cols, names, ref = res["columns"], res["class_names"], AD_MODEL_TITLES.get(res["reference"], res["reference"])
-    out = [f"# {'Binary CN vs AD (App. B)' if res['task'] == 'ad-binary' else 'AD classification (Table 3)'}", "",
-           f"Runs: {res['runs']}. Each row of a model is the Eq. 7-8 ensemble of its four fold models for one "
-           f"(split seed, version); mean +- std (ddof 1) over those rows.", "",
-           markdown_table(["model", "rows"] + cols, [[m["title"], m["n_rows"]] + [
-               f"{fmt(m['mean'][t])} ± {fmt(m['std'][t])}" for t in cols] for m in res["models"]]),
-           "", f"Two-sided Mann-Whitney U p-value of each model's rows against {ref}'s:", "",
-           markdown_table(["model"] + cols, [[m["title"]] + [fmt_p(m["p_value"][t]) for t in cols]
-                                             for m in res["models"] if m["model"] != res["reference"]]),
-           "", "Confusion matrices summed over rows (rows: true class, columns: predicted):", ""]
-    for m in res["models"]:
-        out += [f"**{m['title']}**", "", markdown_table(["true \\ pred"] + names, [
-            [c] + row for c, row in zip(names, m["confusion_matrix"])]), ""]
-    out += ["Rows per (split seed, version):", "", markdown_table(["model", "seed", "version"] + cols, [
-        [m["title"], r["split_seed"], r["version"]] + [fmt(r[t]) for t in cols] for m in res["models"]
-        for r in m["rows"]])]
-    if res["incomplete"]:
-        out += ["", "Left out (not all four folds finished): " + "; ".join(res["incomplete"])]
-    return "\n".join(out) + "\n"
-
-
 def evaluate_ad(runs, binary=False, out_dir=None, quiet=False, plots_dir=None):
     """The `ad` command: Table 3 printed and written to results_ad.{md,csv,json}; its figures in plots_dir."""
     ensembles = {}
     res = ad_results(runs, binary, keep=ensembles)
-    cols = res["columns"]
+    cols, names, ms = res["columns"], res["class_names"], res["models"]
+    md = page(TITLES[res["task"]], f"Runs: {res['runs']}. Each row of a model is the Eq. 7-8 ensemble of its four fold "
+              f"models for one (split seed, version); mean +- std (ddof 1) over those rows.",
+              (["model", "rows"] + cols, [[m["title"], m["n_rows"]] + [f"{fmt(m['mean'][t])} ± {fmt(m['std'][t])}"
+                                          for t in cols] for m in ms]),
+              f"Two-sided Mann-Whitney U p-value of each model's rows against "
+              f"{AD_MODEL_TITLES.get(res['reference'], res['reference'])}'s:",
+              (["model"] + cols, [[m["title"]] + [fmt_p(m["p_value"][t]) for t in cols] for m in ms
+                                  if m["model"] != res["reference"]]),
+              "Confusion matrices summed over rows (rows: true class, columns: predicted):",
+              *[part for m in ms for part in (f"**{m['title']}**", (["true \\ pred"] + names, [
+                  [c] + row for c, row in zip(names, m["confusion_matrix"])]))],
+              "Rows per (split seed, version):", (["model", "seed", "version"] + cols, [
+                  [m["title"], r["split_seed"], r["version"]] + [fmt(r[t]) for t in cols] for m in ms
+                  for r in m["rows"]]),
+              *(["Left out (not all four folds finished): " + "; ".join(res["incomplete"])] if res["incomplete"]
+                else []))
     table = (["model", "rows"] + [f"{t} {s}" for t in cols for s in ("mean", "std", "p")] + ["confusion_matrix"],
              [[m["title"], m["n_rows"]] + [v for t in cols for v in (m["mean"][t], m["std"][t], m["p_value"][t])]
-              + [json.dumps(m["confusion_matrix"])] for m in res["models"]])
-    write_results(res, ad_markdown(res), table, out_dir or runs, f"results_{res['task']}", quiet)
+              + [json.dumps(m["confusion_matrix"])] for m in ms])
+    write_results(res, md, table, out_dir or runs, f"results_{res['task']}", quiet)
     if plots_dir:
         res["plots"] = ad_figures(res, ensembles, plots_dir, quiet)
     return res
@@ -612,51 +609,41 @@ def brain_age_results(runs, top=5, keep=None):
     return {"task": "brain-age", "runs": os.path.abspath(runs), "top": top, "models": models, "fig4a": fig4a}
 
 
-def brain_age_markdown(res):
-    top, gaps = res["top"], [m for m in res["models"] if m["gap"]]
-    out = ["# Brain age (Sec. 4.2, Fig. 4)", "",
-           f"Runs: {res['runs']}. Each row is the Eq. 6 ensemble of the {top} versions with the lowest "
-           f"validation MAE (fewer when fewer exist); MAE in years on the test set; a model's MAE minus "
-           f"HyperFusion's is paired over the same test scans.", "",
-           markdown_table(["model", "versions used", "MAE", "minus HyperFusion's (paired, ± SE)", "MAE male",
-                           "MAE female", "test MAE per version"],
-                          [[m["folder"], f"{', '.join(map(str, m['versions']))} of {len(m['available'])}",
-                            f"{m['metrics']['mae']:.2f}",
-                            "{mean:+.2f} ± {se:.2f}".format(**m["vs_hyperfusion"]) if m["vs_hyperfusion"] else "-",
-                            f"{m['metrics']['mae_male']:.2f}", f"{m['metrics']['mae_female']:.2f}",
-                            ", ".join(f"v{v} {mae:.2f}" for v, mae in m["version_mae"].items())]
-                           for m in res["models"]])]
-    kept_all = [m["folder"] for m in res["models"] if len(m["available"]) <= top]
-    if kept_all:  # Sec. 4.2.2's "5 best" chooses only among more than five
-        out += ["", f"All versions kept, none chosen by validation MAE (no more than {top} exist): "
-                f"{', '.join(kept_all)}. Train more than {top} versions (evaluate.py protocol --versions) for "
-                f"Sec. 4.2.2's choice of the {top} best."]
-    if gaps:
-        keys = ("gap", "gap_male", "gap_female", "corrected_gap_male", "corrected_gap_female", "r_gap_age",
-                "r_corrected_gap_age")
-        out += ["", "Brain-age gap (predicted minus chronological age) on the test set, mean in years; corrected: "
-                "minus the linear age bias fitted on the validation set (Smith et al. 2019); r: correlation with age:",
-                "", markdown_table(["model", "gap", "gap male", "gap female", "corrected male", "corrected female",
-                                    "r before", "r after"],
-                                   [[m["folder"]] + [f"{m['gap'][k]:+.2f}" for k in keys] for m in gaps])]
-    if res["fig4a"]:
-        out += ["", "Fig. 4A: training set (rows) against test set (columns), ensemble MAE in years:", "",
-                markdown_table(["model", "trained on", "test: male", "test: female", "test: all"],
-                               [[r["model"], FIG4A_TRAIN[r["train"]]] + [f"{r[k]:.2f}" for k in ("male", "female",
-                                                                                                  "all")]
-                                for r in res["fig4a"]])]
-    return "\n".join(out) + "\n"
-
-
 def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False, plots_dir=None):
     """The `brain-age` command: printed and written to results_brain-age.{md,csv,json}; figures in plots_dir."""
     ensembles = {}
     res = brain_age_results(runs, top, keep=ensembles)
+    gaps, kept_all = [m for m in res["models"] if m["gap"]], [m["folder"] for m in res["models"]
+                                                              if len(m["available"]) <= top]
+    keys = ("gap", "gap_male", "gap_female", "corrected_gap_male", "corrected_gap_female", "r_gap_age",
+            "r_corrected_gap_age")
+    md = page("Brain age (Sec. 4.2, Fig. 4)",
+              f"Runs: {res['runs']}. Each row is the Eq. 6 ensemble of the {top} versions with the lowest validation "
+              f"MAE (fewer when fewer exist); MAE in years on the test set; a model's MAE minus HyperFusion's is "
+              f"paired over the same test scans.",
+              (["model", "versions used", "MAE", "minus HyperFusion's (paired, ± SE)", "MAE male", "MAE female",
+                "test MAE per version"],
+               [[m["folder"], f"{', '.join(map(str, m['versions']))} of {len(m['available'])}",
+                 f"{m['metrics']['mae']:.2f}",
+                 "{mean:+.2f} ± {se:.2f}".format(**m["vs_hyperfusion"]) if m["vs_hyperfusion"] else "-",
+                 f"{m['metrics']['mae_male']:.2f}", f"{m['metrics']['mae_female']:.2f}",
+                 ", ".join(f"v{v} {mae:.2f}" for v, mae in m["version_mae"].items())] for m in res["models"]]),
+              *([f"All versions kept, none chosen by validation MAE (no more than {top} exist): "   # Sec. 4.2.2's
+                 f"{', '.join(kept_all)}. Train more than {top} versions (evaluate.py protocol --versions) for "
+                 f"Sec. 4.2.2's choice of the {top} best."] if kept_all else []),        # "5 best": among more
+              *(["Brain-age gap (predicted minus chronological age) on the test set, mean in years; corrected: minus "
+                 "the linear age bias fitted on the validation set (Smith et al. 2019); r: correlation with age:",
+                 (["model", "gap", "gap male", "gap female", "corrected male", "corrected female", "r before",
+                   "r after"], [[m["folder"]] + [f"{m['gap'][k]:+.2f}" for k in keys] for m in gaps])] if gaps else []),
+              *(["Fig. 4A: training set (rows) against test set (columns), ensemble MAE in years:",
+                 (["model", "trained on", "test: male", "test: female", "test: all"],
+                  [[r["model"], FIG4A_TRAIN[r["train"]]] + [f"{r[k]:.2f}" for k in ("male", "female", "all")]
+                   for r in res["fig4a"]])] if res["fig4a"] else []))
     table = (["model", "versions", "mae", "mae_male", "mae_female", "n"],
              [[m["folder"], " ".join(map(str, m["versions"]))] + [m["metrics"][k] for k in ("mae", "mae_male",
                                                                                              "mae_female", "n")]
               for m in res["models"]])
-    write_results(res, brain_age_markdown(res), table, out_dir or runs, "results_brain-age", quiet)
+    write_results(res, md, table, out_dir or runs, "results_brain-age", quiet)
     if plots_dir:
         res["plots"] = brain_age_figures(res, ensembles, plots_dir, quiet)
     return res
@@ -959,9 +946,9 @@ def main(argv=None):
             check_output("--out", a.out, [a.data_csv])
         t0 = time.time()
         scores = select_layers(a.task, a.data_csv, a.image_dir, a.data_dir, a.samples, a.draws, a.seed, not a.quiet)
-        md = (f"# Loss entropy per layer (Sec. 3.1.2), {a.task}: image-only backbone, untrained, {a.samples} "
-              f"subjects, {a.draws} draws\n\n" + markdown_table(["rank", "layer", "entropy"], [
-                  [k + 1, n, f"{max(h, 0.0):.3f}"] for k, (n, h) in enumerate(scores)]) + "\n")
+        md = page(f"Loss entropy per layer (Sec. 3.1.2), {a.task}: image-only backbone, untrained, {a.samples} "
+                  f"subjects, {a.draws} draws", (["rank", "layer", "entropy"], [
+                      [k + 1, n, f"{max(h, 0.0):.3f}"] for k, (n, h) in enumerate(scores)]))
         print(md)
         if a.out:
             write_text(md, a.out)
