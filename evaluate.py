@@ -87,7 +87,7 @@ class Figures:
     def __init__(self, folder, quiet=False):
         check_plots_folder(folder)
         import matplotlib.pyplot as plt         # optional: only `--plots` needs it
-        self.plt, self.folder, self.quiet, self.written, self.skipped = plt, folder, quiet, [], {}
+        self.plt, self.folder, self.quiet, self.summary = plt, folder, quiet, {"written": [], "skipped": {}}
         os.makedirs(folder, exist_ok=True)
 
     def new(self, size=SMALL, panels=1):
@@ -101,17 +101,14 @@ class Figures:
                 fig.savefig(tmp, format="png", dpi=DPI)        # no bbox_inches="tight": the size stays size x DPI
         finally:
             self.plt.close(fig)
-        self.written.append(path)
+        self.summary["written"].append(path)
         if not self.quiet:
             print(f"wrote {path}")
 
     def skip(self, name, why):
-        self.skipped[name] = why
+        self.summary["skipped"][name] = why
         if not self.quiet:
             print(f"skipped {name}: {why}")
-
-    def summary(self):
-        return {"written": self.written, "skipped": self.skipped}
 
 
 def grouped_bars(figs, ticks, series, size=SMALL, annotate=True):
@@ -223,7 +220,7 @@ def ad_figures(res, ensembles, folder, quiet=False):
            title=TITLES[res["task"]] + ": mean ± std over rows")
     ax.legend(fontsize=6, ncol=min(4, len(series)), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     figs.save(fig, f"table3{tag}.png")
-    return figs.summary()
+    return figs.summary
 
 
 def scatter_figure(figs, file, e, title):
@@ -290,7 +287,7 @@ def brain_age_figures(res, ensembles, folder, quiet=False):
         absent = [label for f, label, _ in FIG4B_BARS if f not in by]
         mae_bars(figs, "fig4b.png", [(label, colour, by[f]["metrics"]) for f, label, colour in FIG4B_BARS if f in by],
                  "Fig. 4B: trained on every subject", f"not trained: {', '.join(absent)}" if absent else "")
-    return figs.summary()
+    return figs.summary
 
 
 def sweep_figure(res, folder, quiet=False):
@@ -317,11 +314,10 @@ def sweep_figure(res, folder, quiet=False):
     ax.set_xticklabels(["as recorded" if s["value"] is None else str(s["value"]) for s in rows], fontsize=8)
     ax.legend(fontsize=6, ncol=2)
     figs.save(fig, f"sweep_{file_part(res['model'])}_{file_part(res['attribute'])}.png")
-    return figs.summary()
+    return figs.summary
 
 
 # ---- Calibration (Guo et al. 2017): temperature scaling of every AD run, and the report before -> after ----
-
 def calibrate_runs(paths, refit=False, device="auto", batch_size=16, quiet=False):
     """Every finished AD run under `paths`, its temperature fitted on its validation logits (predicted again for a
     run trained before, never retrained). -> [(FinishedRun, calibration record, {"val", "test"} logits, labels)]."""
@@ -382,7 +378,7 @@ def calibration_report(calibrated, plots_dir=None, quiet=False):
                                + [(f"fold {m[0].run.fold}", labels, p) for m, p in zip(members, scaled[True])],
                                f"{AD_MODEL_TITLES.get(model, model)}, split seed {seed}, v{version}: test set")
     if figs is not None:
-        out["plots"] = figs.summary()
+        out["plots"] = figs.summary
     return page("Calibration of the AD runs (temperature scaling, Guo et al. 2017)",
                 f"Before → after; T fitted per run on its validation set (ECE val: where it was fitted), then the "
                 f"test set ({len(calibrated)} runs).", (["model", "seed", "version", "fold", "T", "ECE val"]
@@ -393,29 +389,15 @@ def calibration_report(calibrated, plots_dir=None, quiet=False):
 
 
 # ---- Reading finished runs, refusing to combine what differs ----
-
 def read_run(run_dir):
     """One finished run -> {"dir", "config", "metrics", "pred" (its test predictions, predictions.npz)}."""
     r = load_run(run_dir)
     return {"dir": run_dir, "config": r.config, "metrics": r.read_metrics(), "pred": r.read_predictions()}
 
 
-def check_compatible(runs, keys):
-    """Refuse to ensemble runs whose configs differ on `keys`, or whose test subjects or labels differ."""
-    first = runs[0]
-    for other in runs[1:]:
-        why = f"cannot ensemble {first['dir']} and {other['dir']}: "
-        for k in keys:
-            if first["config"].get(k) != other["config"].get(k):
-                raise UserError(why + f"{k} differs ({first['config'].get(k)!r} vs {other['config'].get(k)!r})")
-        for k in ("subjects", "labels"):
-            if k in first["pred"] and not np.array_equal(first["pred"][k], other["pred"][k]):
-                raise UserError(why + f"their test {k} differ")
-
-
-def check_same_data(runs, why="cannot combine {a} and {b}"):
-    """Refuse runs whose checkpoints hold another table sha256 or images' fingerprint (the data changed between
-    their trainings); a run without a hash (a tabular-only run has no images) is not compared on it."""
+def check_same(runs, why, keys=None):
+    """Refuse runs trained on other data (the table sha256 and images' fingerprint their checkpoints hold; a run
+    without one (tabular-only: no images) is not compared on it); with keys (an ensemble): configs or test sets differing."""
     for key, what in DATA_HASHES.items():
         held = [r for r in runs if r["config"].get(key)]
         for other in held[1:]:
@@ -424,6 +406,15 @@ def check_same_data(runs, why="cannot combine {a} and {b}"):
                 raise UserError(why.format(a=held[0]["dir"], b=other["dir"]) + f": they were trained on different "
                                 f"{what} ({key} {a[:12]}... vs {b[:12]}...: changed between their trainings?); "
                                 f"train them again on the same data, or keep each version's runs in their own --runs")
+    first = runs[0]
+    for other in runs[1:] if keys else ():
+        say = why.format(a=first["dir"], b=other["dir"]) + ": "
+        for k in keys:
+            if first["config"].get(k) != other["config"].get(k):
+                raise UserError(say + f"{k} differs ({first['config'].get(k)!r} vs {other['config'].get(k)!r})")
+        for k in ("subjects", "labels"):
+            if k in first["pred"] and not np.array_equal(first["pred"][k], other["pred"][k]):
+                raise UserError(say + f"their test {k} differ")
 
 
 def numbered(folder, prefix):
@@ -452,13 +443,11 @@ def write_results(res, markdown, table, out_dir, stem, quiet):
 
 
 # ---- AD: Table 3 (Sec. 4.3.6-4.3.7) and late fusion (App. B) ----
-
 def ensemble_ad_folds(fold_dirs):
     """The fold models of one (split seed, version) on their shared test set, combined by Eq. 7-8 (each
     predictions.npz holds the test probabilities with both hippocampi averaged, Sec. 4.3.6)."""
     runs = [read_run(d) for d in fold_dirs]
-    check_same_data(runs, "cannot ensemble {a} and {b}")
-    check_compatible(runs, ENSEMBLE_KEYS)
+    check_same(runs, "cannot ensemble {a} and {b}", ENSEMBLE_KEYS)
     first, cfg = runs[0]["pred"], runs[0]["config"]
     members = [r["pred"]["probs"] for r in runs]
     return {"subjects": first["subjects"], "labels": first["labels"], "config": cfg, "dir": runs[0]["dir"],
@@ -483,7 +472,7 @@ def ad_results(runs, binary=False, reference="hyperfusion", keep=None):
     if not ensembles:
         raise UserError(f"{root}: no model has four finished folds for any (split seed, version)"
                         + (f" ({'; '.join(incomplete)})" if incomplete else ""))
-    check_same_data([e for ens in ensembles.values() for e in ens.values()], "cannot put {a} and {b} in one table")
+    check_same([e for ens in ensembles.values() for e in ens.values()], "cannot put {a} and {b} in one table")
     late = {}
     for key in sorted(set(ensembles.get("imaging", {})) & set(ensembles.get("tabular", {}))):     # App. B
         a, b = ensembles["imaging"][key], ensembles["tabular"][key]
@@ -556,15 +545,14 @@ def evaluate_ad(runs, binary=False, out_dir=None, quiet=False, plots_dir=None):
 
 
 # ---- Brain age: Eq. 6 ensembles of the 5 best versions (Sec. 4.2.2), Fig. 4A, the brain-age gap ----
-
 def brain_age_ensemble(version_dirs, top=5):
     """Eq. 6 over the `top` versions of {version: finished run dir} with the lowest validation MAE (Sec. 4.2.2);
     with validation predictions, the age bias fitted on the same ensemble's validation predictions and the gap."""
     runs = {v: read_run(d) for v, d in version_dirs.items()}
-    check_same_data(list(runs.values()), "cannot ensemble {a} and {b}")
+    check_same(list(runs.values()), "cannot ensemble {a} and {b}")
     ranked = sorted(runs, key=lambda v: (runs[v]["metrics"]["val"]["mae"], v))[:top]
     chosen = [runs[v] for v in ranked]
-    check_compatible(chosen, BRAIN_AGE_KEYS)
+    check_same(chosen, "cannot ensemble {a} and {b}", BRAIN_AGE_KEYS)
     p = chosen[0]["pred"]
     pred = mean_ensemble([r["pred"]["pred"] for r in chosen])                         # Eq. 6
     gap = fit = None
@@ -587,7 +575,7 @@ def brain_age_results(runs, top=5, keep=None):
         done = {v: d for v, d in numbered(os.path.join(root, name), "v").items() if finished(d)}
         if done:
             ensembles[name] = e = brain_age_ensemble(done, top)
-            check_same_data(list(ensembles.values()), "cannot put {a} and {b} in one table")
+            check_same(list(ensembles.values()), "cannot put {a} and {b} in one table")
             models.append({"folder": name, **{k: e[k] for k in ("versions", "available", "val_mae", "version_mae",
                                                                  "metrics", "gap")}})
     if not models:
@@ -650,7 +638,6 @@ def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False, plots_dir=None):
 
 
 # ---- Hyperlayer selection (Sec. 3.1.2, App. D) ----
-
 def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=8, draws=100, seed=0, verbose=False):
     """Sec. 3.1.2: the loss entropy of every candidate layer of the untrained image-only backbone on one fixed batch
     holding each class (or sex). -> [(layer, entropy)], sorted."""
@@ -683,7 +670,6 @@ def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=
 
 
 # ---- The protocol runner (Sec. 4.2.2, 4.3.6): every missing run trained, K at a time, then the table ----
-
 @dataclass
 class Job:
     """One training run, its script in a process of its own (evaluate.py protocol --jobs K)."""
@@ -869,7 +855,6 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
 
 
 # ---- Command line ----
-
 COMMANDS = {"ad": "Table 3 from <runs>/ad (or ad-binary): ensembles of the four folds",
             "brain-age": "MAE of the 5-best ensembles (Eq. 6) and Fig. 4A from <runs>/brain-age",
             "select-layers": "Sec. 3.1.2: loss entropy of every candidate layer, sorted",
