@@ -396,8 +396,8 @@ def read_run(run_dir):
 
 
 def check_same(runs, why, keys=None):
-    """Refuse runs trained on other data (the table sha256 and images' fingerprint their checkpoints hold; a run
-    without one (tabular-only: no images) is not compared on it); with keys (an ensemble): configs or test sets differing."""
+    """Refuse runs trained on other data (the table sha256, the images' fingerprint: a run without one, as a
+    tabular-only run has no images, is not compared on it); with keys (an ensemble): other configs or test sets."""
     for key, what in DATA_HASHES.items():
         held = [r for r in runs if r["config"].get(key)]
         for other in held[1:]:
