@@ -480,8 +480,7 @@ def ad_results(runs, binary=False, reference="hyperfusion", keep=None):
             raise UserError(f"late fusion of split seed {key[0]} v{key[1]}: the imaging and tabular runs have "
                             f"different test subjects or classes")
         late[key] = dict(a, probs=(a["probs"] + b["probs"]) / 2, members=[])    # no runs of its own
-    if late:
-        ensembles["late-fusion"] = late
+    ensembles.update({"late-fusion": late} if late else {})
     if keep is not None:
         keep.update(ensembles)
     names = next(iter(next(iter(ensembles.values())).values()))["class_names"]
@@ -555,13 +554,12 @@ def brain_age_ensemble(version_dirs, top=5):
     check_same(chosen, "cannot ensemble {a} and {b}", BRAIN_AGE_KEYS)
     p = chosen[0]["pred"]
     pred = mean_ensemble([r["pred"]["pred"] for r in chosen])                         # Eq. 6
-    gap = fit = None
+    gap = fit = None                  # the age bias and gap need every chosen version's validation predictions
     if all("val_pred" in r["pred"] and np.array_equal(r["pred"]["val_subjects"], p["val_subjects"]) for r in chosen):
         fit = age_bias_fit(p["val_age"], mean_ensemble([r["pred"]["val_pred"] for r in chosen]))
         gap = gap_summary(p["age"], pred, p["sex"], fit)
-    version_mae = {v: runs[v]["metrics"]["test"]["mae"] for v in sorted(runs)}
     return {"versions": ranked, "val_mae": [runs[v]["metrics"]["val"]["mae"] for v in ranked],
-            "version_mae": version_mae,
+            "version_mae": {v: runs[v]["metrics"]["test"]["mae"] for v in sorted(runs)},
             "metrics": regression_metrics(p["age"], pred, p["sex"]), "pred": pred, "age": p["age"], "sex": p["sex"],
             "subjects": p["subjects"], "available": sorted(runs), "gap": gap, "fit": fit, "dir": chosen[0]["dir"],
             "config": chosen[0]["config"]}
