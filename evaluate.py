@@ -31,7 +31,6 @@ import data
 import predict
 import train_ad
 import train_brain_age
-import training
 from data import (ArgumentParser, Progress, TabularPreprocessor, UserError, atomic_path, check_number, check_output,
                   duration_text, matplotlib_or_none, run_cli, write_csv, write_json, write_text)
 from metrics import (CALIBRATION_BINS, CALIBRATION_COLUMNS, age_bias_fit, classification_metrics, corrected_gap,
@@ -40,14 +39,15 @@ from metrics import (CALIBRATION_BINS, CALIBRATION_COLUMNS, age_bias_fit, classi
 from models import (AD_MODEL_TITLES, AD_MODELS, BRAIN_AGE_MODELS, AgeTarget, build_model, candidate_layers,
                     layer_loss_entropy)
 from synthetic import builtin_cohort
-from training import (CALIBRATION_FILE, ad_run_dir, brain_age_run_dir, calibrate, finished, load_run, make_loader,
-                      probabilities, read_logits, replay_precision, save_logits, setup_device)
+from training import (CALIBRATION_FILE, ad_run_dir, brain_age_run_dir, calibrate, finished, load_run, probabilities,
+                      read_logits, save_logits, setup_device)
 
 AD_ORDER = ("imaging", "tabular", "late-fusion", "concat", "film", "daft", "hyperfusion")  # Table 3's order
 ENSEMBLE_KEYS = ("split_seed", "tabular_columns", "classes")        # the four folds of one ensemble share these
 BRAIN_AGE_KEYS = ("model", "split_seed", "split", "embedding_dim", "train_sex")
 DATA_HASHES = {"table_sha256": "tables", "images_sha256": "images"}   # stored in every checkpoint's `inputs`
 N_FOLDS = 4
+TITLES = {"ad": "AD classification (Table 3)", "ad-binary": "Binary CN vs AD (App. B)"}
 FIG4A = re.compile(r"(?P<base>.+)-train(?P<sex>M|F|mixed)")
 FIG4A_TRAIN = {"M": "males", "F": "females", "mixed": "mixed (sex-balanced)"}
 
@@ -87,7 +87,7 @@ class Figures:
     def __init__(self, folder, quiet=False):
         check_plots_folder(folder)
         import matplotlib.pyplot as plt         # optional: only `--plots` needs it
-        self.plt, self.folder, self.quiet, self.written, self.skipped = plt, folder, quiet, [], {}
+        self.plt, self.folder, self.quiet, self.summary = plt, folder, quiet, {"written": [], "skipped": {}}
         os.makedirs(folder, exist_ok=True)
 
     def new(self, size=SMALL, panels=1):
@@ -101,17 +101,14 @@ class Figures:
                 fig.savefig(tmp, format="png", dpi=DPI)        # no bbox_inches="tight": the size stays size x DPI
         finally:
             self.plt.close(fig)
-        self.written.append(path)
+        self.summary["written"].append(path)
         if not self.quiet:
             print(f"wrote {path}")
 
     def skip(self, name, why):
-        self.skipped[name] = why
+        self.summary["skipped"][name] = why
         if not self.quiet:
             print(f"skipped {name}: {why}")
-
-    def summary(self):
-        return {"written": self.written, "skipped": self.skipped}
 
 
 def grouped_bars(figs, ticks, series, size=SMALL, annotate=True):
@@ -219,11 +216,11 @@ def ad_figures(res, ensembles, folder, quiet=False):
     for m, pos in zip(res["models"], where):
         for j, t in enumerate(cols if m["n_rows"] > 1 else ()):
             ax.scatter(np.full(m["n_rows"], pos[j]), [r[t] for r in m["rows"]], s=3, color="black", zorder=3)
-    title = "Binary CN vs AD (App. B)" if tag else "AD classification (Table 3)"
-    ax.set(ylim=(0, 1.05), ylabel="test set, ensemble of 4 folds per row", title=title + ": mean ± std over rows")
+    ax.set(ylim=(0, 1.05), ylabel="test set, ensemble of 4 folds per row",
+           title=TITLES[res["task"]] + ": mean ± std over rows")
     ax.legend(fontsize=6, ncol=min(4, len(series)), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     figs.save(fig, f"table3{tag}.png")
-    return figs.summary()
+    return figs.summary
 
 
 def scatter_figure(figs, file, e, title):
@@ -290,7 +287,7 @@ def brain_age_figures(res, ensembles, folder, quiet=False):
         absent = [label for f, label, _ in FIG4B_BARS if f not in by]
         mae_bars(figs, "fig4b.png", [(label, colour, by[f]["metrics"]) for f, label, colour in FIG4B_BARS if f in by],
                  "Fig. 4B: trained on every subject", f"not trained: {', '.join(absent)}" if absent else "")
-    return figs.summary()
+    return figs.summary
 
 
 def sweep_figure(res, folder, quiet=False):
@@ -317,11 +314,10 @@ def sweep_figure(res, folder, quiet=False):
     ax.set_xticklabels(["as recorded" if s["value"] is None else str(s["value"]) for s in rows], fontsize=8)
     ax.legend(fontsize=6, ncol=2)
     figs.save(fig, f"sweep_{file_part(res['model'])}_{file_part(res['attribute'])}.png")
-    return figs.summary()
+    return figs.summary
 
 
 # ---- Calibration (Guo et al. 2017): temperature scaling of every AD run, and the report before -> after ----
-
 def calibrate_runs(paths, refit=False, device="auto", batch_size=16, quiet=False):
     """Every finished AD run under `paths`, its temperature fitted on its validation logits (predicted again for a
     run trained before, never retrained). -> [(FinishedRun, calibration record, {"val", "test"} logits, labels)]."""
@@ -332,13 +328,10 @@ def calibrate_runs(paths, refit=False, device="auto", batch_size=16, quiet=False
         outputs = read_logits(run.dir)
         if outputs is None:
             dev, outputs = dev or setup_device(device), {}
-            for part in ("val", "test"):
-                cfg, table, idx, images = predict.test_set(run, part=part)
-                tab = run.tabular.transform([table.raw[i] for i in idx])
-                ds = (data.ADDataset(images, tab, table.labels[idx], train=False) if images is not None
-                      else data.TabularDataset(tab, table.labels[idx]))
-                outputs[part] = training.predict(run.model(dev), make_loader(ds, batch_size, 0, dev), dev, None,
-                                                 replay_precision(cfg.precision, dev), sides=True)
+            for part in ("val", "test"):        # both hippocampi apart, as the training run kept them
+                _, table, idx, images = predict.test_set(run, part=part)
+                outputs[part] = predict.run_outputs(run, run.model(dev), images, run.tabular.transform(
+                    [table.raw[i] for i in idx]), table.labels[idx], dev, batch_size, None, sides=True)
             save_logits(run.dir, outputs["val"], outputs["test"])
         kept = run.temperature is not None and not refit
         record = run.read_json(CALIBRATION_FILE) if kept else calibrate(run.dir, outputs)
@@ -354,7 +347,7 @@ def calibrate_runs(paths, refit=False, device="auto", batch_size=16, quiet=False
 def calibration_report(calibrated, plots_dir=None, quiet=False):
     """Test ECE, class-wise ECE, Brier, NLL of every run and four-fold Eq. 7-8 ensemble, before -> after; after, each
     member at its own temperature, which also changes Eq. 8's weights. -> (markdown, dict)."""
-    rows, out, groups = [], {"runs": [], "ensembles": []}, {}
+    rows, out, groups, ensemble_rows = [], {"runs": [], "ensembles": []}, {}, []
     for run, rec, outputs in calibrated:
         r = run.run
         rows.append([r.model, r.split_seed, r.version, r.fold, f"{rec['temperature']:.3f}",
@@ -363,14 +356,9 @@ def calibration_report(calibrated, plots_dir=None, quiet=False):
                        for _, k in CALIBRATION_COLUMNS])
         out["runs"].append({"dir": run.dir, **rec})
         groups.setdefault((r.model, r.split_seed, r.version, r.classes), []).append((run, rec, outputs))
-    md = ["# Calibration of the AD runs (temperature scaling, Guo et al. 2017)", "",
-          f"Before → after; T fitted per run on its validation set (ECE val: where it was fitted), then the test "
-          f"set ({len(calibrated)} runs).", "",
-          markdown_table(["model", "seed", "version", "fold", "T", "ECE val"]
-                         + [f"{n} test" for n, _ in CALIBRATION_COLUMNS], rows)]
     groups = {key[:3]: sorted(g, key=lambda m: m[0].run.fold) for key, g in sorted(groups.items())
               if sorted(m[0].run.fold for m in g) == list(range(N_FOLDS))}
-    figs, rows = Figures(plots_dir, quiet) if plots_dir and groups else None, []
+    figs = Figures(plots_dir, quiet) if plots_dir and groups else None
     keys = ["balanced_accuracy", "auc_macro"] + [k for _, k in CALIBRATION_COLUMNS]
     for (model, seed, version), members in groups.items():
         labels = members[0][2]["test"][1]
@@ -381,7 +369,7 @@ def calibration_report(calibrated, plots_dir=None, quiet=False):
                   for t in (False, True)}
         before, after = (entropy_weighted_ensemble(np.stack(scaled[t])) for t in (False, True))   # Eq. 7-8
         m0, m1 = (classification_metrics(labels, p, members[0][0].class_names) for p in (before, after))
-        rows.append([model, seed, version] + [f"{fmt(m0[k])} → {fmt(m1[k])}" for k in keys])
+        ensemble_rows.append([model, seed, version] + [f"{fmt(m0[k])} → {fmt(m1[k])}" for k in keys])
         out["ensembles"].append({"model": model, "split_seed": seed, "version": version,
                                  "members": [m[0].dir for m in members], "before": m0, "after": m1})
         if figs is not None:
@@ -389,39 +377,27 @@ def calibration_report(calibrated, plots_dir=None, quiet=False):
                                [("ensemble, uncalibrated", labels, before), ("ensemble, calibrated", labels, after)]
                                + [(f"fold {m[0].run.fold}", labels, p) for m, p in zip(members, scaled[True])],
                                f"{AD_MODEL_TITLES.get(model, model)}, split seed {seed}, v{version}: test set")
-    if rows:
-        md += ["", "Eq. 7-8 ensembles of the four folds, test set, before → after (after: every member at its own "
-               "temperature, which changes Eq. 8's weights, so BA may move):", "",
-               markdown_table(["model", "seed", "version", "BA", "AUC"] + [n for n, _ in CALIBRATION_COLUMNS], rows)]
     if figs is not None:
-        out["plots"] = figs.summary()
-    return "\n".join(md) + "\n", out
+        out["plots"] = figs.summary
+    return page("Calibration of the AD runs (temperature scaling, Guo et al. 2017)",
+                f"Before → after; T fitted per run on its validation set (ECE val: where it was fitted), then the "
+                f"test set ({len(calibrated)} runs).", (["model", "seed", "version", "fold", "T", "ECE val"]
+                                                   + [f"{n} test" for n, _ in CALIBRATION_COLUMNS], rows),
+                *(["Eq. 7-8 ensembles of the four folds, test set, before → after (after: every member at its own "
+                   "temperature, which changes Eq. 8's weights, so BA may move):", (["model", "seed", "version", "BA",
+                   "AUC"] + [n for n, _ in CALIBRATION_COLUMNS], ensemble_rows)] if ensemble_rows else [])), out
 
 
 # ---- Reading finished runs, refusing to combine what differs ----
-
 def read_run(run_dir):
     """One finished run -> {"dir", "config", "metrics", "pred" (its test predictions, predictions.npz)}."""
     r = load_run(run_dir)
     return {"dir": run_dir, "config": r.config, "metrics": r.read_metrics(), "pred": r.read_predictions()}
 
 
-def check_compatible(runs, keys):
-    """Refuse to ensemble runs whose configs differ on `keys`, or whose test subjects or labels differ."""
-    first = runs[0]
-    for other in runs[1:]:
-        why = f"cannot ensemble {first['dir']} and {other['dir']}: "
-        for k in keys:
-            if first["config"].get(k) != other["config"].get(k):
-                raise UserError(why + f"{k} differs ({first['config'].get(k)!r} vs {other['config'].get(k)!r})")
-        for k in ("subjects", "labels"):
-            if k in first["pred"] and not np.array_equal(first["pred"][k], other["pred"][k]):
-                raise UserError(why + f"their test {k} differ")
-
-
-def check_same_data(runs, why="cannot combine {a} and {b}"):
-    """Refuse runs whose checkpoints hold another table sha256 or images' fingerprint (the data changed between
-    their trainings); a run without a hash (a tabular-only run has no images) is not compared on it."""
+def check_same(runs, why, keys=None):
+    """Refuse runs trained on other data (the table sha256, the images' fingerprint: a run without one, as a
+    tabular-only run has no images, is not compared on it); with keys (an ensemble): other configs or test sets."""
     for key, what in DATA_HASHES.items():
         held = [r for r in runs if r["config"].get(key)]
         for other in held[1:]:
@@ -430,6 +406,15 @@ def check_same_data(runs, why="cannot combine {a} and {b}"):
                 raise UserError(why.format(a=held[0]["dir"], b=other["dir"]) + f": they were trained on different "
                                 f"{what} ({key} {a[:12]}... vs {b[:12]}...: changed between their trainings?); "
                                 f"train them again on the same data, or keep each version's runs in their own --runs")
+    first = runs[0]
+    for other in runs[1:] if keys else ():
+        say = why.format(a=first["dir"], b=other["dir"]) + ": "
+        for k in keys:
+            if first["config"].get(k) != other["config"].get(k):
+                raise UserError(say + f"{k} differs ({first['config'].get(k)!r} vs {other['config'].get(k)!r})")
+        for k in ("subjects", "labels"):
+            if k in first["pred"] and not np.array_equal(first["pred"][k], other["pred"][k]):
+                raise UserError(say + f"their test {k} differ")
 
 
 def numbered(folder, prefix):
@@ -438,6 +423,11 @@ def numbered(folder, prefix):
     found = {int(n[len(prefix):]): os.path.join(folder, n) for n in names
              if re.fullmatch(re.escape(prefix) + r"\d+", n) and os.path.isdir(os.path.join(folder, n))}
     return dict(sorted(found.items()))
+
+
+def page(title, *parts):
+    """A results page in markdown: its title, then each part (a paragraph, or a table as (header, rows))."""
+    return "\n\n".join([f"# {title}"] + [markdown_table(*p) if isinstance(p, tuple) else p for p in parts]) + "\n"
 
 
 def write_results(res, markdown, table, out_dir, stem, quiet):
@@ -453,13 +443,11 @@ def write_results(res, markdown, table, out_dir, stem, quiet):
 
 
 # ---- AD: Table 3 (Sec. 4.3.6-4.3.7) and late fusion (App. B) ----
-
 def ensemble_ad_folds(fold_dirs):
     """The fold models of one (split seed, version) on their shared test set, combined by Eq. 7-8 (each
     predictions.npz holds the test probabilities with both hippocampi averaged, Sec. 4.3.6)."""
     runs = [read_run(d) for d in fold_dirs]
-    check_same_data(runs, "cannot ensemble {a} and {b}")
-    check_compatible(runs, ENSEMBLE_KEYS)
+    check_same(runs, "cannot ensemble {a} and {b}", ENSEMBLE_KEYS)
     first, cfg = runs[0]["pred"], runs[0]["config"]
     members = [r["pred"]["probs"] for r in runs]
     return {"subjects": first["subjects"], "labels": first["labels"], "config": cfg, "dir": runs[0]["dir"],
@@ -484,7 +472,7 @@ def ad_results(runs, binary=False, reference="hyperfusion", keep=None):
     if not ensembles:
         raise UserError(f"{root}: no model has four finished folds for any (split seed, version)"
                         + (f" ({'; '.join(incomplete)})" if incomplete else ""))
-    check_same_data([e for ens in ensembles.values() for e in ens.values()], "cannot put {a} and {b} in one table")
+    check_same([e for ens in ensembles.values() for e in ens.values()], "cannot put {a} and {b} in one table")
     late = {}
     for key in sorted(set(ensembles.get("imaging", {})) & set(ensembles.get("tabular", {}))):     # App. B
         a, b = ensembles["imaging"][key], ensembles["tabular"][key]
@@ -492,8 +480,7 @@ def ad_results(runs, binary=False, reference="hyperfusion", keep=None):
             raise UserError(f"late fusion of split seed {key[0]} v{key[1]}: the imaging and tabular runs have "
                             f"different test subjects or classes")
         late[key] = dict(a, probs=(a["probs"] + b["probs"]) / 2, members=[])    # no runs of its own
-    if late:
-        ensembles["late-fusion"] = late
+    ensembles.update({"late-fusion": late} if late else {})
     if keep is not None:
         keep.update(ensembles)
     names = next(iter(next(iter(ensembles.values())).values()))["class_names"]
@@ -526,61 +513,53 @@ def ad_results(runs, binary=False, reference="hyperfusion", keep=None):
             "models": models, "incomplete": incomplete}
 
 
-def ad_markdown(res):
-    cols, names, ref = res["columns"], res["class_names"], AD_MODEL_TITLES.get(res["reference"], res["reference"])
-    out = [f"# {'Binary CN vs AD (App. B)' if res['task'] == 'ad-binary' else 'AD classification (Table 3)'}", "",
-           f"Runs: {res['runs']}. Each row of a model is the Eq. 7-8 ensemble of its four fold models for one "
-           f"(split seed, version); mean +- std (ddof 1) over those rows.", "",
-           markdown_table(["model", "rows"] + cols, [[m["title"], m["n_rows"]] + [
-               f"{fmt(m['mean'][t])} ± {fmt(m['std'][t])}" for t in cols] for m in res["models"]]),
-           "", f"Two-sided Mann-Whitney U p-value of each model's rows against {ref}'s:", "",
-           markdown_table(["model"] + cols, [[m["title"]] + [fmt_p(m["p_value"][t]) for t in cols]
-                                             for m in res["models"] if m["model"] != res["reference"]]),
-           "", "Confusion matrices summed over rows (rows: true class, columns: predicted):", ""]
-    for m in res["models"]:
-        out += [f"**{m['title']}**", "", markdown_table(["true \\ pred"] + names, [
-            [c] + row for c, row in zip(names, m["confusion_matrix"])]), ""]
-    out += ["Rows per (split seed, version):", "", markdown_table(["model", "seed", "version"] + cols, [
-        [m["title"], r["split_seed"], r["version"]] + [fmt(r[t]) for t in cols] for m in res["models"]
-        for r in m["rows"]])]
-    if res["incomplete"]:
-        out += ["", "Left out (not all four folds finished): " + "; ".join(res["incomplete"])]
-    return "\n".join(out) + "\n"
-
-
 def evaluate_ad(runs, binary=False, out_dir=None, quiet=False, plots_dir=None):
     """The `ad` command: Table 3 printed and written to results_ad.{md,csv,json}; its figures in plots_dir."""
     ensembles = {}
     res = ad_results(runs, binary, keep=ensembles)
-    cols = res["columns"]
+    cols, names, ms = res["columns"], res["class_names"], res["models"]
+    md = page(TITLES[res["task"]], f"Runs: {res['runs']}. Each row of a model is the Eq. 7-8 ensemble of its four fold "
+              f"models for one (split seed, version); mean +- std (ddof 1) over those rows.",
+              (["model", "rows"] + cols, [[m["title"], m["n_rows"]] + [f"{fmt(m['mean'][t])} ± {fmt(m['std'][t])}"
+                                          for t in cols] for m in ms]),
+              f"Two-sided Mann-Whitney U p-value of each model's rows against "
+              f"{AD_MODEL_TITLES.get(res['reference'], res['reference'])}'s:",
+              (["model"] + cols, [[m["title"]] + [fmt_p(m["p_value"][t]) for t in cols] for m in ms
+                                  if m["model"] != res["reference"]]),
+              "Confusion matrices summed over rows (rows: true class, columns: predicted):",
+              *[part for m in ms for part in (f"**{m['title']}**", (["true \\ pred"] + names, [
+                  [c] + row for c, row in zip(names, m["confusion_matrix"])]))],
+              "Rows per (split seed, version):", (["model", "seed", "version"] + cols, [
+                  [m["title"], r["split_seed"], r["version"]] + [fmt(r[t]) for t in cols] for m in ms
+                  for r in m["rows"]]),
+              *(["Left out (not all four folds finished): " + "; ".join(res["incomplete"])] if res["incomplete"]
+                else []))
     table = (["model", "rows"] + [f"{t} {s}" for t in cols for s in ("mean", "std", "p")] + ["confusion_matrix"],
              [[m["title"], m["n_rows"]] + [v for t in cols for v in (m["mean"][t], m["std"][t], m["p_value"][t])]
-              + [json.dumps(m["confusion_matrix"])] for m in res["models"]])
-    write_results(res, ad_markdown(res), table, out_dir or runs, f"results_{res['task']}", quiet)
+              + [json.dumps(m["confusion_matrix"])] for m in ms])
+    write_results(res, md, table, out_dir or runs, f"results_{res['task']}", quiet)
     if plots_dir:
         res["plots"] = ad_figures(res, ensembles, plots_dir, quiet)
     return res
 
 
 # ---- Brain age: Eq. 6 ensembles of the 5 best versions (Sec. 4.2.2), Fig. 4A, the brain-age gap ----
-
 def brain_age_ensemble(version_dirs, top=5):
     """Eq. 6 over the `top` versions of {version: finished run dir} with the lowest validation MAE (Sec. 4.2.2);
     with validation predictions, the age bias fitted on the same ensemble's validation predictions and the gap."""
     runs = {v: read_run(d) for v, d in version_dirs.items()}
-    check_same_data(list(runs.values()), "cannot ensemble {a} and {b}")
+    check_same(list(runs.values()), "cannot ensemble {a} and {b}")
     ranked = sorted(runs, key=lambda v: (runs[v]["metrics"]["val"]["mae"], v))[:top]
     chosen = [runs[v] for v in ranked]
-    check_compatible(chosen, BRAIN_AGE_KEYS)
+    check_same(chosen, "cannot ensemble {a} and {b}", BRAIN_AGE_KEYS)
     p = chosen[0]["pred"]
     pred = mean_ensemble([r["pred"]["pred"] for r in chosen])                         # Eq. 6
-    gap = fit = None
+    gap = fit = None                  # the age bias and gap need every chosen version's validation predictions
     if all("val_pred" in r["pred"] and np.array_equal(r["pred"]["val_subjects"], p["val_subjects"]) for r in chosen):
         fit = age_bias_fit(p["val_age"], mean_ensemble([r["pred"]["val_pred"] for r in chosen]))
         gap = gap_summary(p["age"], pred, p["sex"], fit)
-    version_mae = {v: runs[v]["metrics"]["test"]["mae"] for v in sorted(runs)}
     return {"versions": ranked, "val_mae": [runs[v]["metrics"]["val"]["mae"] for v in ranked],
-            "version_mae": version_mae,
+            "version_mae": {v: runs[v]["metrics"]["test"]["mae"] for v in sorted(runs)},
             "metrics": regression_metrics(p["age"], pred, p["sex"]), "pred": pred, "age": p["age"], "sex": p["sex"],
             "subjects": p["subjects"], "available": sorted(runs), "gap": gap, "fit": fit, "dir": chosen[0]["dir"],
             "config": chosen[0]["config"]}
@@ -594,7 +573,7 @@ def brain_age_results(runs, top=5, keep=None):
         done = {v: d for v, d in numbered(os.path.join(root, name), "v").items() if finished(d)}
         if done:
             ensembles[name] = e = brain_age_ensemble(done, top)
-            check_same_data(list(ensembles.values()), "cannot put {a} and {b} in one table")
+            check_same(list(ensembles.values()), "cannot put {a} and {b} in one table")
             models.append({"folder": name, **{k: e[k] for k in ("versions", "available", "val_mae", "version_mae",
                                                                  "metrics", "gap")}})
     if not models:
@@ -616,58 +595,47 @@ def brain_age_results(runs, top=5, keep=None):
     return {"task": "brain-age", "runs": os.path.abspath(runs), "top": top, "models": models, "fig4a": fig4a}
 
 
-def brain_age_markdown(res):
-    top, gaps = res["top"], [m for m in res["models"] if m["gap"]]
-    out = ["# Brain age (Sec. 4.2, Fig. 4)", "",
-           f"Runs: {res['runs']}. Each row is the Eq. 6 ensemble of the {top} versions with the lowest "
-           f"validation MAE (fewer when fewer exist); MAE in years on the test set; a model's MAE minus "
-           f"HyperFusion's is paired over the same test scans.", "",
-           markdown_table(["model", "versions used", "MAE", "minus HyperFusion's (paired, ± SE)", "MAE male",
-                           "MAE female", "test MAE per version"],
-                          [[m["folder"], f"{', '.join(map(str, m['versions']))} of {len(m['available'])}",
-                            f"{m['metrics']['mae']:.2f}",
-                            "{mean:+.2f} ± {se:.2f}".format(**m["vs_hyperfusion"]) if m["vs_hyperfusion"] else "-",
-                            f"{m['metrics']['mae_male']:.2f}", f"{m['metrics']['mae_female']:.2f}",
-                            ", ".join(f"v{v} {mae:.2f}" for v, mae in m["version_mae"].items())]
-                           for m in res["models"]])]
-    kept_all = [m["folder"] for m in res["models"] if len(m["available"]) <= top]
-    if kept_all:  # Sec. 4.2.2's "5 best" chooses only among more than five
-        out += ["", f"All versions kept, none chosen by validation MAE (no more than {top} exist): "
-                f"{', '.join(kept_all)}. Train more than {top} versions (evaluate.py protocol --versions) for "
-                f"Sec. 4.2.2's choice of the {top} best."]
-    if gaps:
-        keys = ("gap", "gap_male", "gap_female", "corrected_gap_male", "corrected_gap_female", "r_gap_age",
-                "r_corrected_gap_age")
-        out += ["", "Brain-age gap (predicted minus chronological age) on the test set, mean in years; corrected: "
-                "minus the linear age bias fitted on the validation set (Smith et al. 2019); r: correlation with age:",
-                "", markdown_table(["model", "gap", "gap male", "gap female", "corrected male", "corrected female",
-                                    "r before", "r after"],
-                                   [[m["folder"]] + [f"{m['gap'][k]:+.2f}" for k in keys] for m in gaps])]
-    if res["fig4a"]:
-        out += ["", "Fig. 4A: training set (rows) against test set (columns), ensemble MAE in years:", "",
-                markdown_table(["model", "trained on", "test: male", "test: female", "test: all"],
-                               [[r["model"], FIG4A_TRAIN[r["train"]]] + [f"{r[k]:.2f}" for k in ("male", "female",
-                                                                                                  "all")]
-                                for r in res["fig4a"]])]
-    return "\n".join(out) + "\n"
-
-
 def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False, plots_dir=None):
     """The `brain-age` command: printed and written to results_brain-age.{md,csv,json}; figures in plots_dir."""
     ensembles = {}
     res = brain_age_results(runs, top, keep=ensembles)
+    gaps, kept_all = [m for m in res["models"] if m["gap"]], [m["folder"] for m in res["models"]
+                                                              if len(m["available"]) <= top]
+    keys = ("gap", "gap_male", "gap_female", "corrected_gap_male", "corrected_gap_female", "r_gap_age",
+            "r_corrected_gap_age")
+    md = page("Brain age (Sec. 4.2, Fig. 4)",
+              f"Runs: {res['runs']}. Each row is the Eq. 6 ensemble of the {top} versions with the lowest validation "
+              f"MAE (fewer when fewer exist); MAE in years on the test set; a model's MAE minus HyperFusion's is "
+              f"paired over the same test scans.",
+              (["model", "versions used", "MAE", "minus HyperFusion's (paired, ± SE)", "MAE male", "MAE female",
+                "test MAE per version"],
+               [[m["folder"], f"{', '.join(map(str, m['versions']))} of {len(m['available'])}",
+                 f"{m['metrics']['mae']:.2f}",
+                 "{mean:+.2f} ± {se:.2f}".format(**m["vs_hyperfusion"]) if m["vs_hyperfusion"] else "-",
+                 f"{m['metrics']['mae_male']:.2f}", f"{m['metrics']['mae_female']:.2f}",
+                 ", ".join(f"v{v} {mae:.2f}" for v, mae in m["version_mae"].items())] for m in res["models"]]),
+              *([f"All versions kept, none chosen by validation MAE (no more than {top} exist): "   # Sec. 4.2.2's
+                 f"{', '.join(kept_all)}. Train more than {top} versions (evaluate.py protocol --versions) for "
+                 f"Sec. 4.2.2's choice of the {top} best."] if kept_all else []),        # "5 best": among more
+              *(["Brain-age gap (predicted minus chronological age) on the test set, mean in years; corrected: minus "
+                 "the linear age bias fitted on the validation set (Smith et al. 2019); r: correlation with age:",
+                 (["model", "gap", "gap male", "gap female", "corrected male", "corrected female", "r before",
+                   "r after"], [[m["folder"]] + [f"{m['gap'][k]:+.2f}" for k in keys] for m in gaps])] if gaps else []),
+              *(["Fig. 4A: training set (rows) against test set (columns), ensemble MAE in years:",
+                 (["model", "trained on", "test: male", "test: female", "test: all"],
+                  [[r["model"], FIG4A_TRAIN[r["train"]]] + [f"{r[k]:.2f}" for k in ("male", "female", "all")]
+                   for r in res["fig4a"]])] if res["fig4a"] else []))
     table = (["model", "versions", "mae", "mae_male", "mae_female", "n"],
              [[m["folder"], " ".join(map(str, m["versions"]))] + [m["metrics"][k] for k in ("mae", "mae_male",
                                                                                              "mae_female", "n")]
               for m in res["models"]])
-    write_results(res, brain_age_markdown(res), table, out_dir or runs, "results_brain-age", quiet)
+    write_results(res, md, table, out_dir or runs, "results_brain-age", quiet)
     if plots_dir:
         res["plots"] = brain_age_figures(res, ensembles, plots_dir, quiet)
     return res
 
 
 # ---- Hyperlayer selection (Sec. 3.1.2, App. D) ----
-
 def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=8, draws=100, seed=0, verbose=False):
     """Sec. 3.1.2: the loss entropy of every candidate layer of the untrained image-only backbone on one fixed batch
     holding each class (or sex). -> [(layer, entropy)], sorted."""
@@ -700,7 +668,6 @@ def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=
 
 
 # ---- The protocol runner (Sec. 4.2.2, 4.3.6): every missing run trained, K at a time, then the table ----
-
 @dataclass
 class Job:
     """One training run, its script in a process of its own (evaluate.py protocol --jobs K)."""
@@ -835,19 +802,18 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
     common = (["--out", runs, "--data-dir", data_dir] + (["--data-csv", data_csv] if data_csv else [])
               + (["--image-dir", image_dir] if image_dir else []) + (["--cache-dir", cache_dir] if cache_dir else [])
               + ([] if verbose else ["--quiet"]))
-    todo = []        # (run dir, argv, run dir to wait for)
-    for model in models or known:
+    vs = versions if versions is not None else (0,) if task == "ad" else range(5)
+    where = ([(s, v, f, None) for s in split_seeds for v in vs for f in range(N_FOLDS)] if task == "ad"
+             else [(split_seeds[0], v, None, sex) for sex in train_sex for v in vs])
+    todo = []        # (run dir, argv, run dir to wait for: HyperFusion's tabular-only MLP)
+    for model, (s, v, f, sex) in ((m, w) for m in models or known for w in where):
         n = tabular_epochs if model == "tabular" and tabular_epochs else epochs
-        own = ["--model", model] + (["--epochs", str(n)] if n else [])
-        if task == "ad":
-            todo += [(ad_run_dir(runs, model, s, v, f, binary), own + ["--split-seed", str(s), "--version", str(v),
-                      "--fold", str(f)] + (["--classes", "2"] if binary else []) + common,
-                      ad_run_dir(runs, "tabular", s, v, f, binary) if model == "hyperfusion" else None)
-                     for s in split_seeds for v in (versions if versions is not None else (0,)) for f in range(N_FOLDS)]
-        else:
-            todo += [(brain_age_run_dir(runs, model, v, embedding_dim, sex), own + ["--version", str(v), "--split-seed",
-                      str(split_seeds[0]), "--embedding-dim", str(embedding_dim), "--train-sex", sex] + common, None)
-                     for sex in train_sex for v in (versions if versions is not None else range(5))]
+        argv = (["--model", model, "--split-seed", str(s), "--version", str(v)] + (["--epochs", str(n)] if n else [])
+                + (["--embedding-dim", str(embedding_dim), "--train-sex", sex] if sex else ["--fold", str(f)])
+                + (["--classes", "2"] if binary and not sex else []) + common)
+        todo.append((brain_age_run_dir(runs, model, v, embedding_dim, sex) if sex else
+                     ad_run_dir(runs, model, s, v, f, binary), argv,
+                     ad_run_dir(runs, "tabular", s, v, f, binary) if model == "hyperfusion" and not sex else None))
     skipped = [d for d, _, _ in todo if finished(d)]
     todo = [job for job in todo if job[0] not in skipped]
     if skipped and todo:    # before anything trains: the finished runs must be of the data the others would train on
@@ -887,7 +853,6 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
 
 
 # ---- Command line ----
-
 COMMANDS = {"ad": "Table 3 from <runs>/ad (or ad-binary): ensembles of the four folds",
             "brain-age": "MAE of the 5-best ensembles (Eq. 6) and Fig. 4A from <runs>/brain-age",
             "select-layers": "Sec. 3.1.2: loss entropy of every candidate layer, sorted",
@@ -964,9 +929,9 @@ def main(argv=None):
             check_output("--out", a.out, [a.data_csv])
         t0 = time.time()
         scores = select_layers(a.task, a.data_csv, a.image_dir, a.data_dir, a.samples, a.draws, a.seed, not a.quiet)
-        md = (f"# Loss entropy per layer (Sec. 3.1.2), {a.task}: image-only backbone, untrained, {a.samples} "
-              f"subjects, {a.draws} draws\n\n" + markdown_table(["rank", "layer", "entropy"], [
-                  [k + 1, n, f"{max(h, 0.0):.3f}"] for k, (n, h) in enumerate(scores)]) + "\n")
+        md = page(f"Loss entropy per layer (Sec. 3.1.2), {a.task}: image-only backbone, untrained, {a.samples} "
+                  f"subjects, {a.draws} draws", (["rank", "layer", "entropy"], [
+                      [k + 1, n, f"{max(h, 0.0):.3f}"] for k, (n, h) in enumerate(scores)]))
         print(md)
         if a.out:
             write_text(md, a.out)

@@ -86,14 +86,15 @@ def check_images(table, members):
 PROGRESS_EVERY = 5.0   # seconds at least between two progress lines over the batches
 
 
-def run_outputs(finished_run, model, images, inputs, targets, device, batch_size, transform, on_batch=None):
+def run_outputs(finished_run, model, images, inputs, targets, device, batch_size, transform, on_batch=None,
+                sides=False):
     """A run's outputs for subjects given as images (or None) and `inputs`: its preprocessed tabular rows (AD) or
     the sex codes (brain age), read as the run read its own test set (its precision) -> (outputs, targets)."""
     ds = (data.BrainAgeDataset(images, data.sex_onehot(inputs), targets) if finished_run.run.task != "ad"
           else data.ADDataset(images, inputs, targets, train=False) if images is not None
           else data.TabularDataset(inputs, targets))
     return predict(model, make_loader(ds, batch_size, 0, device), device, transform,
-                   replay_precision(finished_run.run.precision, device), on_batch)
+                   replay_precision(finished_run.run.precision, device), on_batch, sides)
 
 
 def member_outputs(members, table, cache_dir, batch_size, device, progress=True, calibrated=False):
