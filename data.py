@@ -315,16 +315,17 @@ AD_CONTINUOUS = tuple(a for a in AD_ATTRIBUTES if a != "PTGENDER")  # 8 attribut
 SEX_CODES = {"male": 0, "m": 0, "female": 1, "f": 1}  # 0 = male, 1 = female everywhere
 # What an attribute can hold: (lowest, highest, whether it counts: APOE4 is copies of the e4 allele). The
 # biomarkers (CSF pg/mL, PET SUVR) cannot be negative; beyond 1e6 is a unit or export error.
-ATTRIBUTE_RANGES = {"AGE": (0, 120, False), "PTEDUCAT": (0, 40, False), "APOE4": (0, 2, True),
+ATTRIBUTE_RANGES = {"AGE": (0, 120, False), "PTEDUCAT": (0, 40, False), "APOE4": (0, 2, True), "Age": (0, 120, False),
                     **{a: (0, 1e6, False) for a in ("ABETA", "PTAU", "TAU", "FDG", "AV45")}}
 MISSING_CODES = (-4.0, -1.0)   # ADNI: -4 "not applicable / not collected", -1 "missing"
+EMPTY_CELLS = ("", "NA", "NAN")
 
 
 def parse_value(text):
     """A cell -> float: empty or NA is NaN (missing); ADNIMERGE's censored `>1700` is 1700.0, `<8` is 8.0.
     Anything else raises ValueError (callers add the row and column)."""
-    s = text.strip() if text is not None else ""
-    if s == "" or s.upper() in ("NA", "NAN"):
+    s = "" if text is None else str(text).strip()
+    if s.upper() in EMPTY_CELLS:
         return math.nan
     v = float(s[1:].strip() if s[0] in "<>" else s)
     if not math.isfinite(v):
@@ -332,27 +333,26 @@ def parse_value(text):
     return v
 
 
-def is_missing_code(text):
-    """True for ADNI's missing-value codes -4 and -1 ('-4', '-1.0', ...)."""
-    try:
-        return float(str(text or "").strip()) in MISSING_CODES
-    except ValueError:
-        return False
-
-
 def parse_attribute(col, text, checked=True):
-    """An AD attribute cell -> float, ADNI's -4 / -1 as NaN; if `checked`, within what `col` can hold
-    (ATTRIBUTE_RANGES). Raises ValueError saying what is wrong (callers add the row and column)."""
-    if is_missing_code(text):
-        return math.nan
+    """An AD attribute cell (or brain age's Age) -> float: PTGENDER 0 male / 1 female, ADNI's -4 / -1 NaN (missing);
+    if `checked`, within what `col` can hold (ATTRIBUTE_RANGES). Raises ValueError saying what is wrong (callers add
+    the row and column)."""
+    s = "" if text is None else str(text).strip()
+    with contextlib.suppress(ValueError):
+        if col in AD_ATTRIBUTES and float(s) in MISSING_CODES:
+            return math.nan
+    if col == "PTGENDER":
+        if s and s.lower() not in SEX_CODES:
+            raise ValueError(f"expected Male or Female, got {s!r}")
+        return float(SEX_CODES[s.lower()]) if s else math.nan
     try:
-        v = parse_value(text)
+        v = parse_value(s)
     except ValueError:
         raise ValueError(f"not a number: {text!r}") from None
     lo, hi, count = ATTRIBUTE_RANGES[col]
     if checked and not math.isnan(v) and (v < lo or v > hi or (count and v != int(v))):
         what = f"one of {', '.join(str(k) for k in range(int(lo), int(hi) + 1))}" if count else f"{lo:g} to {hi:g}"
-        raise ValueError(f"{'negative' if v < 0 else 'impossible'} value {text.strip()!r} (expected {what})")
+        raise ValueError(f"{'negative' if v < 0 else 'impossible'} value {s!r} (expected {what})")
     return v
 
 
@@ -369,19 +369,14 @@ class TabularPreprocessor:
     @staticmethod
     def parse(raw_rows):
         """raw rows (dicts of cell text) -> sex (N,) with NaN where missing, X (N, 8) float64 with NaN."""
-        sex, X = np.full(len(raw_rows), np.nan), np.full((len(raw_rows), len(AD_CONTINUOUS)), np.nan)
+        X = np.full((len(raw_rows), len(AD_ATTRIBUTES)), np.nan)
         for i, row in enumerate(raw_rows):
-            s = str(row.get("PTGENDER", "") or "").strip().lower()
-            if s and not is_missing_code(s):
-                if s not in SEX_CODES:
-                    raise UserError(f"tabular row {i + 1}: column PTGENDER: expected Male or Female, got {s!r}")
-                sex[i] = SEX_CODES[s]
-            for j, col in enumerate(AD_CONTINUOUS):
+            for j, col in enumerate(AD_ATTRIBUTES):
                 try:
-                    X[i, j] = parse_attribute(col, str(row.get(col, "") or ""), checked=False)
+                    X[i, j] = parse_attribute(col, row.get(col), checked=False)
                 except ValueError as exc:
                     raise UserError(f"tabular row {i + 1}: column {col}: {exc}") from None
-        return sex, X
+        return X[:, 1], np.delete(X, 1, 1)                              # PTGENDER is AD_ATTRIBUTES[1]
 
     def fit(self, raw_rows):
         sex, X = self.parse(raw_rows)
@@ -649,24 +644,12 @@ def _image_paths(csv_path, rows, fields, subjects, image_dir):
     return paths
 
 
-def number_cell(csv_path, line, row, col, required, codes=None):
-    """A numeric cell: AD attributes by parse_attribute (ADNI's codes counted in `codes`), others as a number,
-    an Age within 0-120."""
-    where = f"{csv_path} line {line}: subject {row.get('Subject')}: column {col}"
+def read_cell(csv_path, line, row, col, parse=parse_attribute):
+    """parse(col, the cell) -> float, its ValueError a UserError naming the file, line, subject and column."""
     try:
-        if col in AD_CONTINUOUS:
-            if codes is not None and is_missing_code(row.get(col, "")):
-                codes[col] = codes.get(col, 0) + 1
-            v = parse_attribute(col, row.get(col, ""))
-        else:
-            v = parse_value(row.get(col, ""))
+        return parse(col, row.get(col, ""))
     except ValueError as exc:
-        raise UserError(f"{where}: {exc}") from None
-    if required and math.isnan(v):
-        raise UserError(f"{where} is empty")
-    if col == "Age" and not math.isnan(v) and not 0 <= v <= 120:
-        raise UserError(f"{where}: implausible age {row.get(col)!r} (expected 0-120 years)")
-    return v
+        raise UserError(f"{csv_path} line {line}: subject {row.get('Subject')}: column {col}: {exc}") from None
 
 
 @dataclass
@@ -716,17 +699,11 @@ def read_ad_table(csv_path, image_dir=None, need_images=True, classes=3, group_m
         if g is None and not for_prediction:
             skipped[row["Group"]] = skipped.get(row["Group"], 0) + 1
             continue
-        cell = row["PTGENDER"]
-        if is_missing_code(cell):
-            codes["PTGENDER"] = codes.get("PTGENDER", 0) + 1
-            cell = ""
-        sx = SEX_CODES.get(cell.lower(), -1 if not cell else None)
-        if sx is None:
-            raise UserError(f"{csv_path} line {line}: subject {row['Subject']}: column PTGENDER: "
-                            f"expected Male or Female, got {cell!r}")
-        age = number_cell(csv_path, line, row, "AGE", required=False, codes=codes)
-        for col in AD_CONTINUOUS[1:]:   # validated now, parsed by the preprocessor
-            number_cell(csv_path, line, row, col, required=False, codes=codes)
+        v = {col: read_cell(csv_path, line, row, col) for col in AD_ATTRIBUTES}   # the cells parsed again later
+        for col in AD_ATTRIBUTES:
+            if math.isnan(v[col]) and row[col].upper() not in EMPTY_CELLS:         # ADNI's -4 / -1
+                codes[col] = codes.get(col, 0) + 1
+        sx, age = -1 if math.isnan(v["PTGENDER"]) else int(v["PTGENDER"]), v["AGE"]
         if classes == 2 and g == "MCI" and not for_prediction:
             continue
         keep.append((line, row))
@@ -764,7 +741,9 @@ def read_brain_age_table(csv_path, image_dir=None, need_images=True, for_predict
     rows, fields = read_csv_rows(csv_path, ("Subject", "Sex") if for_prediction else ("Subject", "Age", "Sex"))
     ages, sexes = [], []
     for line, row in rows:
-        ages.append(number_cell(csv_path, line, row, "Age", required=not for_prediction))
+        ages.append(read_cell(csv_path, line, row, "Age"))
+        if math.isnan(ages[-1]) and not for_prediction:
+            raise UserError(f"{csv_path} line {line}: subject {row['Subject']}: column Age is empty")
         sx = SEX_CODES.get(row["Sex"].lower())
         if sx is None:
             raise UserError(f"{csv_path} line {line}: subject {row['Subject']}: column Sex: "
@@ -984,20 +963,14 @@ def file_key(st):
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
-def read_sources(folder):
-    """{absolute path: [size, mtime_ns, ctime_ns, inode, sha256]} of <folder>/sources.json; {} if absent or damaged
-    (remembered hashes only: what is unreadable is hashed again)."""
-    try:
-        with open(os.path.join(folder, SOURCES_INDEX)) as f:
-            return {k: v for k, v in json.load(f)["files"].items() if isinstance(v, list) and len(v) == 5}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return {}
-
-
 def source_hashes(paths, folder=None, subjects=None, progress=False, known=None, every=5.0):
-    """sha256 of every file -> [(file key, sha256)] ((None, None) for a missing file), remembered in
-    <folder>/sources.json by path and file_key, so a second call reads no image; `known`: that index, updated."""
-    known = (read_sources(folder) if folder else {}) if known is None else known
+    """sha256 of every file (None for a missing one), remembered in <folder>/sources.json as [file_key..., sha256]
+    by absolute path, so a second call reads no image; `known`: that index ({}: read it here), updated in place."""
+    known = {} if known is None else known
+    if folder and not known:            # a damaged or absent index: what it held is hashed again
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError), \
+                open(os.path.join(folder, SOURCES_INDEX)) as f:
+            known.update((k, v) for k, v in json.load(f)["files"].items() if isinstance(v, list) and len(v) == 5)
     out, new = [], 0
     shown = Progress("hashing the images", len(paths), "images", quiet=not progress, every=every)
     for k, p in enumerate(paths):
@@ -1005,7 +978,7 @@ def source_hashes(paths, folder=None, subjects=None, progress=False, known=None,
         try:
             key = file_key(os.stat(ap))
         except OSError:
-            out.append((None, None))
+            out.append(None)
             continue
         if known.get(ap, [None] * 4)[:4] != key:
             try:
@@ -1013,12 +986,11 @@ def source_hashes(paths, folder=None, subjects=None, progress=False, known=None,
             except OSError as exc:
                 raise UserError(f"{_where(p, subjects[k] if subjects else None)}: unreadable image "
                                 f"({exc.strerror or exc})") from None
-        out.append((key, known[ap][4]))
+        out.append(known[ap][4])
         shown.advance()
     shown.finish()
     if new and folder:
         try:
-            os.makedirs(folder, exist_ok=True)
             write_json({"files": dict(sorted(known.items()))}, os.path.join(folder, SOURCES_INDEX))
         except (UserError, OSError) as exc:   # only a saving of time is lost
             warn(f"{exc}; the images' hashes are not remembered and are computed again next time")
@@ -1031,7 +1003,7 @@ def image_fingerprint(paths, cache_dir=None, subjects=None, progress=False):
     h = hashlib.sha256()
     with cache_lock(cache_dir) if cache_dir else contextlib.nullcontext():
         hashes = source_hashes(paths, cache_dir, subjects, progress)
-    for k, (p, (_, digest)) in enumerate(zip(paths, hashes)):
+    for k, (p, digest) in enumerate(zip(paths, hashes)):
         if digest is None:
             raise UserError(f"{_where(p, subjects[k] if subjects else None)}: image file not found")
         h.update(f"{os.path.basename(p)}\t{digest}\n".encode())
@@ -1052,8 +1024,7 @@ class ImageCache:
         self.names = list(names) if names is not None else [os.path.basename(p).split(".")[0] for p in paths]
         self.cache_dir, self.dtype, self.transform, self.expected_shape = cache_dir, dtype, transform, expected_shape
         self.n_decoded = 0     # decodes done by this object (tests check the cache is used)
-        self._index = None     # sources.json as read (then kept up to date) by this object
-        self._sources = {}     # path -> (file key, sha256) of the version of the file last hashed
+        self._index = {}       # sources.json as read (then kept up to date) by this object
         self._checked = set()  # entries this object has read whole and found sound (or written itself)
         make_cache_folder(cache_dir)
 
@@ -1066,11 +1037,8 @@ class ImageCache:
                                                    else repr(t))
 
     def _hash(self, indices, progress=False):
-        """Hash the sources of `indices` whose files changed since (or were never hashed)."""
-        self._index = read_sources(self.cache_dir) if self._index is None else self._index
-        found = source_hashes([self.paths[i] for i in indices], self.cache_dir, [self.names[i] for i in indices],
-                              progress, known=self._index, every=self.PROGRESS_EVERY)
-        self._sources.update((self.paths[i], held) for i, held in zip(indices, found))
+        source_hashes([self.paths[i] for i in indices], self.cache_dir, [self.names[i] for i in indices], progress,
+                      self._index, self.PROGRESS_EVERY)
 
     def source(self, i):
         """sha256 of item i's file as it is now (None when missing), hashed again when its file_key changed."""
@@ -1078,9 +1046,9 @@ class ImageCache:
             key = file_key(os.stat(self.paths[i]))
         except OSError:
             return None
-        if self._sources.get(self.paths[i], (None,))[0] != key:
-            self._hash([i] if self._sources else range(len(self)))     # the first time, all (one index write)
-        return self._sources[self.paths[i]][1]
+        if self._index.get(self.paths[i], [None])[:4] != key:
+            self._hash([i] if self._index else range(len(self)))     # the first time, all (one index write)
+        return self._index[self.paths[i]][4]
 
     def entry(self, i):
         """Cache file `<subject>-<config hash>-<source content hash>.npy` of item i."""
@@ -1340,8 +1308,8 @@ def from_adnimerge(path, out, visit="bl", dx_column=None, group_map=None):
             dropped[r[dx_column]] = dropped.get(r[dx_column], 0) + 1
             continue
         row = {"Subject": r["PTID"], "Group": g, **{a: r[a] for a in AD_ATTRIBUTES}}
-        years = number_cell(path, line, r, "Years_bl", required=False) if "Years_bl" in fields else math.nan
-        age = number_cell(path, line, r, "AGE", required=False)
+        years = read_cell(path, line, r, "Years_bl", lambda _, s: parse_value(s)) if "Years_bl" in fields else math.nan
+        age = read_cell(path, line, r, "AGE")
         if math.isfinite(years) and math.isfinite(age):
             row["AGE"] = f"{age + years:.1f}"
         kept.append(row)
@@ -1361,9 +1329,9 @@ def _gray(plane):
     return np.repeat(g[:, :, None], 3, 2).copy()
 
 
-def preview_crops(volume, crops, path_boxes, path_crops):
-    """Two PNGs: the axial and coronal mid-slices through the boxes, left box red, right green; and both crops'
-    axial and coronal mid-slices (the right one mirrored)."""
+def preview_crops(volume, crops, base):
+    """<base>_boxes.png: the axial and coronal mid-slices through the boxes, left box red, right green;
+    <base>_crops.png: both crops' axial and coronal mid-slices (the right one mirrored)."""
     crops.check(volume.shape)
     side_by_side = lambda tiles: np.concatenate([np.pad(t, ((0, max(u.shape[0] for u in tiles) - t.shape[0]),
                                                             (0, 2), (0, 0))) for t in tiles], 1)
@@ -1376,10 +1344,10 @@ def preview_crops(volume, crops, path_boxes, path_crops):
             r0, r1 = img.shape[0] - 1 - (start[b] + crops.size[b] - 1), img.shape[0] - 1 - start[b]
             img[[r0, r1], x0:x1 + 1], img[r0:r1 + 1, [x0, x1]] = colour, colour
         panels.append(img)
-    write_png(side_by_side(panels), path_boxes)
+    write_png(side_by_side(panels), base + "_boxes.png")
     pair = crops(volume)                                                           # (2, D, H, W)
     write_png(side_by_side([_gray(np.take(side, side.shape[axis] // 2, axis)) for side in pair for axis in (2, 1)]),
-              path_crops)
+              base + "_crops.png")
 
 
 def matplotlib_or_none():
@@ -1405,17 +1373,6 @@ def write_png(rgb, path):
                 + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""), path)
 
 
-def _check_images(paths, subjects, quiet=False):
-    """Every header (one shape, one voxel size), then every image decoded and validated. -> the shape."""
-    shape, shown = None, Progress("checking the images", len(paths), "images", quiet)
-    check_image_geometry(paths, subjects)
-    for p, s in zip(paths, subjects):
-        shape = load_volume(p, s, expected_shape=shape).shape
-        shown.advance()
-    shown.finish()
-    return shape
-
-
 def main(argv=None):
     ap = ArgumentParser(description="Validate a table and every image it names, before a long run.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -1439,21 +1396,26 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.cmd == "from-adnimerge":
         check_output("--out", a.out, [a.csv])
-        print(from_adnimerge(a.csv, a.out, a.visit, a.dx_column, parse_group_map(a.group_map)))
-    elif a.cmd == "check-brain-age":
-        t = read_brain_age_table(a.csv, a.image_dir, need_images=not a.no_images)
-        shape = _check_images(t.image_paths, t.subjects, a.quiet) if t.image_paths else None
-        print(f"ok: {a.csv}: {len(t.subjects)} subjects, {int((t.sex == 0).sum())} male, age "
-              f"{t.age.mean():.1f} +- {t.age.std():.1f} ({t.age.min():.0f}-{t.age.max():.0f})"
-              + (f", images {shape}" if shape else ""))
-    else:
+        return print(from_adnimerge(a.csv, a.out, a.visit, a.dx_column, parse_group_map(a.group_map)))
+    ad, about, tail = a.cmd == "check-ad", "", ""
+    if ad:
         check_number("--preview-n", a.preview_n, least=1)
         if a.preview and a.no_images:
             raise UserError(f"--preview {a.preview}: previews need the images; drop --no-images")
         t = read_ad_table(a.csv, a.image_dir, need_images=not a.no_images, group_map=parse_group_map(a.group_map))
         if t.skipped:
             print(skipped_summary(t))
-        shape = _check_images(t.image_paths, t.subjects, a.quiet) if t.image_paths else None
+    else:
+        t = read_brain_age_table(a.csv, a.image_dir, need_images=not a.no_images)
+    shape = None
+    if t.image_paths:          # every header (one shape, one voxel size), then every image decoded and validated
+        shape, shown = check_image_geometry(t.image_paths, t.subjects)[0], Progress("checking the images",
+                                                                                   len(t.subjects), "images", a.quiet)
+        for p, s in zip(t.image_paths, t.subjects):
+            load_volume(p, s, expected_shape=shape)
+            shown.advance()
+        shown.finish()
+    if ad:
         crops, own = load_crops(a.crops, a.csv), crops_path(a.crops, a.csv)
         if shape and own:
             crops.check(shape, own)
@@ -1463,27 +1425,24 @@ def main(argv=None):
                  f"need --crops FILE")
         if a.preview and t.image_paths:
             os.makedirs(a.preview, exist_ok=True)
-            shown = t.subjects[:a.preview_n]
-            names = output_names(shown)   # inside --preview whatever the Subject (`../../x` from an image column)
-            for i, name in enumerate(names):
-                base = os.path.join(a.preview, name)
-                preview_crops(load_volume(t.image_paths[i], t.subjects[i]), crops, base + "_boxes.png",
-                              base + "_crops.png")
-            renamed = [f"{s!r} as {n}" for s, n in zip(shown, names) if s != n]
+            names = output_names(t.subjects[:a.preview_n])   # inside --preview whatever the Subject (`../../x`)
+            for p, s, name in zip(t.image_paths, t.subjects, names):
+                preview_crops(load_volume(p, s), crops, os.path.join(a.preview, name))
+            renamed = [f"{s!r} as {n}" for s, n in zip(t.subjects, names) if s != n]
             print(f"wrote {2 * len(names)} PNGs to {a.preview}: <Subject>_boxes.png (axial and "
                   f"coronal mid-slices, left box red, right box green) and <Subject>_crops.png (both crops)"
                   + (f"; written under a safe file name: {', '.join(renamed)}" if renamed else ""))
-        counts = ", ".join(f"{c} {int((t.labels == k).sum())}" for k, c in enumerate(CLASS_NAMES))
-        absent = [c for k, c in enumerate(CLASS_NAMES) if not (t.labels == k).any()]
-        if absent:
-            warn(f"{a.csv}: no {' or '.join(absent)} subjects: train_ad.py needs every class in every subset "
-                 f"(--classes 2 for CN vs AD)")
-        empty = {c: sum(1 for r in t.raw if not r[c].strip() or is_missing_code(r[c])) for c in AD_ATTRIBUTES}
-        empty = ", ".join(f"{c} {k}" + (f" ({k / len(t.raw):.0%})" if k else "") for c, k in empty.items())
-        print(f"ok: {a.csv}: {len(t.subjects)} subjects ({counts}), {int((t.sex == 0).sum())} male, age "
-              f"{np.nanmean(t.age):.1f} +- {np.nanstd(t.age):.1f}, empty cells: {empty}"
-              + (f", images {shape}" if shape else ""))
-
+        counts = {c: int((t.labels == k).sum()) for k, c in enumerate(CLASS_NAMES)}
+        if not all(counts.values()):
+            warn(f"{a.csv}: no {' or '.join(c for c, n in counts.items() if not n)} subjects: train_ad.py needs "
+                 f"every class in every subset (--classes 2 for CN vs AD)")
+        empty = {c: sum(math.isnan(parse_attribute(c, r[c])) for r in t.raw) for c in AD_ATTRIBUTES}
+        about = f" ({', '.join(f'{c} {n}' for c, n in counts.items())})"
+        tail = ", empty cells: " + ", ".join(f"{c} {k}" + (f" ({k / len(t.raw):.0%})" if k else "")
+                                             for c, k in empty.items())
+    print(f"ok: {a.csv}: {len(t.subjects)} subjects{about}, {int((t.sex == 0).sum())} male, age "
+          f"{np.nanmean(t.age):.1f} +- {np.nanstd(t.age):.1f} ({np.nanmin(t.age):.0f}-{np.nanmax(t.age):.0f})"
+          + tail + (f", images {shape}" if shape else ""))
 
 if __name__ == "__main__":
     run_cli(main)
