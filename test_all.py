@@ -4464,10 +4464,11 @@ def _loss_and_gradient(model, batch, task, device, precision):
     return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES[1:])       # a CPU refuses bf16 (training.resolve_precision)
 @pytest.mark.parametrize("task", ["ad", "brain-age"])
 def test_check_a_bfloat16_train_step_stays_within_tolerance_of_float32(device, task):
-    """Stated tolerance, from bfloat16's 8-bit mantissa through a whole network at a batch of 4 (seen here: AD
+    """On a GPU (a CPU refuses bfloat16, whose oneDNN convolution gradient is wrong on sides shorter than the
+    kernel, as on the tiny inputs here). Stated tolerance, from bfloat16's 8-bit mantissa through a whole network at a batch of 4 (seen here: AD
     loss within 0.1% and gradient cosine 0.99, brain age 1.7% and 0.95, norms within 15%): the loss within 3%,
     the gradient at cosine >= 0.9 and its norm within 25% of float32's."""
     model, batch = _tiny_model(task, device), _tiny_batch(task)
