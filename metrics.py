@@ -14,11 +14,9 @@ def _mean(v):
 
 
 def classification_metrics(labels, probs, class_names):
-    """labels (N,) ints, probs (N, C) -> the metrics of Sec. 4.3.6 (macro one-vs-rest AUC NaN when a class is
-    absent from labels), then their calibration (calibration_metrics)."""
+    """labels (N,), probs (N, C) -> Sec. 4.3.6's metrics (AUC NaN when a class is absent), and calibration."""
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
-    n_classes, pred = len(class_names), probs.argmax(1)
-    every = list(range(n_classes))
+    n_classes, pred, every = len(class_names), probs.argmax(1), list(range(len(class_names)))
     cm = confusion_matrix(labels, pred, labels=every)            # rows: true class, columns: predicted class
     with np.errstate(invalid="ignore", divide="ignore"):
         tp_rate = np.diag(cm) / cm.sum(1)
@@ -39,8 +37,7 @@ def classification_metrics(labels, probs, class_names):
 
 
 def reliability(hit, confidence, n_bins=CALIBRATION_BINS):
-    """One reliability curve over n_bins equal-width confidence bins -> (observed frequency of `hit`, mean
-    confidence, count), one entry per non-empty bin; a calibrated predictor's frequencies equal its confidences."""
+    """Per non-empty equal-width confidence bin: (observed frequency of `hit`, mean confidence, count)."""
     hit, confidence = np.asarray(hit, float), np.asarray(confidence, float)
     observed, predicted = calibration_curve(hit, confidence, n_bins=n_bins, strategy="uniform", pos_label=1)
     counts = np.bincount(np.searchsorted(np.linspace(0, 1, n_bins + 1)[1:-1], confidence), minlength=n_bins)
@@ -54,9 +51,8 @@ def expected_calibration_error(hit, confidence, n_bins=CALIBRATION_BINS):
 
 
 def calibration_metrics(labels, probs, n_bins=CALIBRATION_BINS):
-    """Do the probabilities mean what they say? labels (N,), probs (N, C) -> ece: top-label expected calibration
-    error (Guo et al. 2017); ece_classwise: the one-vs-rest ECE of each class, averaged (it shows a class that is
-    rarely the top one); brier: multi-class Brier score (0 best, 2 worst); nll: mean -log p_label."""
+    """labels (N,), probs (N, C) -> top-label ECE (Guo et al. 2017), one-vs-rest ECE averaged over classes (it shows
+    a class rarely on top), multi-class Brier score (0 best, 2 worst), NLL."""
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
     classes = range(probs.shape[1])
     onehot = labels[:, None] == np.arange(probs.shape[1])
@@ -77,8 +73,7 @@ def regression_metrics(target, pred, sex):
 
 
 def age_bias_fit(age, pred):
-    """The linear age bias of the brain-age gap (Smith et al. 2019; de Lange and Cole 2020): gap = pred - age
-    regressed on age over the validation subjects -> {"intercept", "slope", "n"}; an Eq. 6 ensemble's is the mean."""
+    """The brain-age gap regressed on age (its linear age bias; Smith et al. 2019) -> {"intercept", "slope", "n"}."""
     age, gap = np.asarray(age, float), np.asarray(pred, float) - np.asarray(age, float)
     slope, intercept = np.polyfit(age, gap, 1) if len(age) > 1 and np.ptp(age) > 0 else (0.0, float(gap.mean()))
     return {"intercept": float(intercept), "slope": float(slope), "n": int(len(age))}
@@ -101,16 +96,12 @@ def gap_summary(age, pred, sex, fit):
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Ensembles (Sec. 3.4, Eq. 6-8)
-
 def mean_ensemble(preds):
     """Eq. 6: the plain average of K regressors' predictions, (K, B) -> (B,)."""
     return np.asarray(preds, dtype=np.float64).mean(0)
 
 
 def entropy(p, axis=-1, eps=1e-12):
-    """H(p) = -sum_c p_c log p_c."""
     p = np.asarray(p, dtype=np.float64)
     return -(p * np.log(np.clip(p, eps, 1.0))).sum(axis)
 
@@ -123,31 +114,21 @@ def entropy_weighted_ensemble(probs, eps=1e-12):
     return (alpha[..., None] * probs).sum(0)               # Eq. 7
 
 
-# ----------------------------------------------------------------------------------------------
-# Over the rows of a table (Sec. 4.3.7), and how the tables show numbers
-
 def mean_std(values):
     """Mean and sample standard deviation (ddof 1) of the finite values; std NaN below 2 values."""
     v = np.asarray([x for x in values if np.isfinite(x)], float)
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+    return _mean(v), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
 
 
 def mann_whitney_p(x, y):
     """Two-sided Mann-Whitney U p-value of two samples of rows (Sec. 4.3.7); NaN below 2 finite values each."""
-    x = [v for v in x if np.isfinite(v)]
-    y = [v for v in y if np.isfinite(v)]
-    if len(x) < 2 or len(y) < 2:
-        return float("nan")
-    return float(mannwhitneyu(x, y, alternative="two-sided").pvalue)
+    x, y = [v for v in x if np.isfinite(v)], [v for v in y if np.isfinite(v)]
+    return float(mannwhitneyu(x, y, alternative="two-sided").pvalue) if min(len(x), len(y)) > 1 else float("nan")
 
 
 def fmt_p(p):
     """A p-value as Table 3's footnotes print it: p<0.001, p<0.01, else two decimals; '-' for NaN."""
-    if p is None or not np.isfinite(p):
-        return "-"
-    return "p<0.001" if p < 0.001 else "p<0.01" if p < 0.01 else f"{p:.2f}"
+    return "-" if p is None or not np.isfinite(p) else "p<0.001" if p < 0.001 else "p<0.01" if p < 0.01 else f"{p:.2f}"
 
 
 def fmt(v, digits=3):

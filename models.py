@@ -20,9 +20,6 @@ AD_MODEL_TITLES = {"imaging": "Imaging only", "tabular": "Tabular only", "late-f
                    "concat": "Concatenation", "film": "FiLM-like", "daft": "DAFT-like", "hyperfusion": "HyperFusion"}
 
 
-# ----------------------------------------------------------------------------------------------
-# Brain age (Sec. 3.5.1, Fig. 2, Table 5)
-
 class BrainAgeNet(nn.Module):
     """VGG-like 3D CNN (Levakov et al. 2020) with four linear layers at the end: plain ("imaging"), with the
     one-hot sex concatenated to each one's input ("concat", Sec. 4.2.5), or HyperLinear layers, each with its own
@@ -101,9 +98,6 @@ class AgeTarget:
         return output * self.scale + self.centre
 
 
-# ----------------------------------------------------------------------------------------------
-# AD classification (Sec. 3.5.2, Fig. 3, Table 6)
-
 class TabularMLP(nn.Module):
     """Tabular-only model, Linear(n_tab, 8) BatchNorm1d(8) PReLU Linear(8, C) (Fig. 3C). Its first
     three modules are the HyperFusion embedding, pre-trained on the same split and fold (Sec. 4.3.6)."""
@@ -174,8 +168,7 @@ def class_probabilities(logits, temperature=1.0):
 
 
 def build_model(task, name, image_shape=None, n_tabular=None, n_classes=3, embedding_dim=None, **options):
-    """Every model of Tables 5-6 and its baselines by task ("brain-age" or "ad") and name; defaults are the
-    paper's sizes."""
+    """Every model of Tables 5-6 by task ("brain-age" or "ad") and name; defaults are the paper's sizes."""
     if task == "brain-age":
         return BrainAgeNet(name, image_shape or (90, 120, 99), embedding_dim or 1, n_tabular or 2, **options)
     if task == "ad":
@@ -188,9 +181,6 @@ def build_model(task, name, image_shape=None, n_tabular=None, n_classes=3, embed
 def count_parameters(module):
     return sum(p.numel() for p in module.parameters())
 
-
-# ----------------------------------------------------------------------------------------------
-# Hyperlayer selection (Sec. 3.1.2, App. D)
 
 def candidate_layers(model):
     """Names of the layers that could become hyperlayers: every convolution and linear layer."""

@@ -14,8 +14,6 @@ a class probability across members). Brain age: Subject, predicted_age, n_models
 given gap (predicted minus chronological age) and corrected_gap (minus the linear age bias fitted on the runs'
 validation sets). A Subject a spreadsheet would run as a formula is written with a leading '. --out is never
 the table, an image or a file of a run it reads. Bad input -> one line `error: ...`, exit status 2, no output.
-
-The test-time sweep (`python evaluate.py sweep RUN --attribute ABETA --values 200 1700`) lives here too.
 """
 import argparse
 import os
@@ -54,8 +52,7 @@ def find_runs(paths):
 
 
 def check_members(members, calibrated=False):
-    """All members must answer the same question (one task, one set of classes); calibrated: each an AD run with
-    its temperature (calibration.json)."""
+    """All members answer one question (one task, one set of classes); calibrated: each an AD run with a temperature."""
     first = members[0]
     for m in members:
         if m.run.task != first.run.task or m.class_names != first.class_names:
@@ -71,8 +68,7 @@ def check_members(members, calibrated=False):
 
 
 def check_images(table, members):
-    """The table's images on one grid (data.check_image_geometry, from the headers), and that grid the one
-    every member was trained on (shape and voxel size)."""
+    """The table's images on one grid, the one every member was trained on (shape and voxel size)."""
     shape, voxel = data.check_image_geometry(table.image_paths, table.subjects)
     for m in members:
         train_shape, train_voxel = m.inputs.get("image_shape"), m.inputs.get("voxel_size")
@@ -88,8 +84,8 @@ PROGRESS_EVERY = 5.0   # seconds at least between two progress lines over the ba
 
 def run_outputs(finished_run, model, images, inputs, targets, device, batch_size, transform, on_batch=None,
                 sides=False):
-    """A run's outputs for subjects given as images (or None) and `inputs`: its preprocessed tabular rows (AD) or
-    the sex codes (brain age), read as the run read its own test set (its precision) -> (outputs, targets)."""
+    """A run's outputs for images (or None) and `inputs` (preprocessed rows for AD, sex codes for brain age),
+    read as the run read its own test set -> (outputs, targets)."""
     ds = (data.BrainAgeDataset(images, data.sex_onehot(inputs), targets) if finished_run.run.task != "ad"
           else data.ADDataset(images, inputs, targets, train=False) if images is not None
           else data.TabularDataset(inputs, targets))
@@ -98,9 +94,8 @@ def run_outputs(finished_run, model, images, inputs, targets, device, batch_size
 
 
 def member_outputs(members, table, cache_dir, batch_size, device, progress=True, calibrated=False):
-    """Each member's predictions for every subject of `table`: (K, N, C) probabilities (each AD member's at its
-    temperature when calibrated) or (K, N) ages; images decoded once per distinct crop. Progress: a line per
-    member and, when long, lines over the batches."""
+    """Each member's predictions for every subject of `table`: (K, N, C) probabilities (at each member's
+    temperature when calibrated) or (K, N) ages; images decoded once per distinct crop."""
     n, caches, outputs = len(table.subjects), {}, []
     done = Progress("predict", len(members), "members", not progress)
     shown = Progress(f"predicting {n} subjects x {len(members)} model{'s' * (len(members) > 1)}", n * len(members),
@@ -126,20 +121,8 @@ def member_outputs(members, table, cache_dir, batch_size, device, progress=True,
     return np.stack(outputs)
 
 
-def combine(task, outputs):
-    """Eq. 7-8 for AD ((K, N, C) -> (N, C), spread = the largest std of a class probability across
-    members), Eq. 6 for brain age ((K, N) -> (N,), spread = the std of the members' ages)."""
-    if task == "ad":
-        return entropy_weighted_ensemble(outputs), outputs.std(0).max(1)
-    return mean_ensemble(outputs), outputs.std(0)
-
-
-# ----------------------------------------------------------------------------------------------
-# Test-time adjustment (Sec. 1): the same test scans with one tabular attribute changed
-
 def test_set(finished_run, data_csv=None, image_dir=None, part="test"):
-    """A finished run's test set (part="val": its validation set) as its training script built it: the table, the
-    split, the run's image cache with its crops. -> (run, table, the subset's indices, images or None)."""
+    """A finished run's test (or "val") set as its training built it -> (run, table, indices, images or None)."""
     run = finished_run.run.replace(data_csv=data_csv or finished_run.run.data_csv,
                                    image_dir=image_dir or finished_run.run.image_dir)
     held = finished_run.inputs.get("table_sha256")
@@ -163,9 +146,8 @@ def test_set(finished_run, data_csv=None, image_dir=None, part="test"):
 
 
 def sweep(checkpoint, attribute, values, data_csv=None, image_dir=None, batch_size=16, device="auto"):
-    """Predict the run's test set once as recorded and once per value of `attribute`. AD: the raw attribute
-    (ABETA 500, PTGENDER Female, AGE 80) written into every test row, then the run's own preprocessing; brain
-    age: Sex M / F. -> {"task", "attribute", "header", "rows" (table cells), "summary" (numbers per value)}."""
+    """The run's test set predicted as recorded and with every row's raw `attribute` set to each value (AD: e.g.
+    ABETA 500, then the run's preprocessing; brain age: Sex M / F) -> {"header", "rows", "summary", ...}."""
     finished_run = load_run(checkpoint)
     run, table, test_idx, images = test_set(finished_run, data_csv, image_dir)
     saved = os.path.join(finished_run.dir, "predictions.npz")
@@ -266,7 +248,8 @@ def main(argv=None):
     device = setup_device(a.device)
     outputs = member_outputs(members, table, data.cache_folder(a.cache_dir, a.data_csv), a.batch_size,
                              device, progress=not a.quiet, calibrated=a.calibrated)
-    combined, spread = combine(task, outputs)
+    spread = outputs.std(0).max(1) if task == "ad" else outputs.std(0)   # AD: a class probability's largest
+    combined = entropy_weighted_ensemble(outputs) if task == "ad" else mean_ensemble(outputs)   # Eq. 7-8 / Eq. 6
     K, n = len(members), len(table.subjects)
     if task == "ad":
         names = first.class_names

@@ -15,7 +15,6 @@ Batch mode reads input paths (relative to the CSV) from --column (else <csv fold
 writes DIR/<Subject>.nii.gz (kept when it exists, unless --overwrite) and DIR/<table> whose `image` column points
 at them. Bad input: one line `error: ...` on stderr, exit status 2, and no output file left behind.
 """
-
 import argparse
 import os
 
@@ -53,7 +52,6 @@ def resample_isotropic(img, spacing, order=1):
 
 
 def otsu_threshold(values, bins=256):
-    """Otsu's threshold of a 1-D array (maximises the between-class variance)."""
     hist, edges = np.histogram(values, bins=bins)
     centres = (edges[:-1] + edges[1:]) / 2
     w0 = np.cumsum(hist)
@@ -71,8 +69,7 @@ def estimate_brain_mask(data):
     if n == 0:
         raise UserError("no foreground found to estimate a brain mask")
     sizes = ndimage.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1))
-    mask = lab == (1 + int(np.argmax(sizes)))
-    return ndimage.binary_fill_holes(mask)
+    return ndimage.binary_fill_holes(lab == (1 + int(np.argmax(sizes))))
 
 
 def crop_or_pad(data, affine, centre, shape):
@@ -124,7 +121,6 @@ def wm_normalise(data, mask, threshold=0.8):
 
 
 def n4_correct(img, mask=None):
-    """N4 bias field correction with SimpleITK (optional dependency)."""
     if sitk is None:
         raise UserError(NO_SITK)
     data = np.asarray(img.dataobj, np.float32)
@@ -170,21 +166,18 @@ def preprocess_volume(img, mask=None, spacing=1.75, shape=(90, 120, 99), n4=Fals
 
 
 def preprocess_file(in_path, out_path, mask_path=None, spacing=1.75, shape=(90, 120, 99), n4=False, subject=None):
-    """Read, preprocess and atomically write one image; errors name the input file."""
     img = load_nifti(in_path, subject, canonical=False)
     mask = load_nifti(mask_path, subject, canonical=False) if mask_path else None
     try:
         out = preprocess_volume(img, mask, spacing, shape, n4)
     except UserError as exc:
-        where = f"{in_path}" + (f" (subject {subject})" if subject else "")
-        raise UserError(f"{where}: {exc}") from None
+        raise UserError(f"{in_path}{f' (subject {subject})' if subject else ''}: {exc}") from None
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with atomic_path(out_path) as tmp:
         nib.save(out, tmp)
 
 
 def _batch(a):
-    """Preprocess every row of a table; write DIR/<Subject>.nii.gz and DIR/<table name> pointing at them."""
     rows, fields = read_csv_rows(a.csv, ("Subject",) + ((a.mask_column,) if a.mask_column else ()))
     subjects = check_subjects(a.csv, rows, as_file_names=True)  # DIR/<Subject>.nii.gz stays inside DIR
     base, table_out = os.path.dirname(os.path.abspath(a.csv)), os.path.join(a.out_dir, os.path.basename(a.csv))

@@ -79,7 +79,6 @@ def head_grid(shape):
 
 
 def _ell(u, v, w, c, r):
-    """Normalised ellipsoid distance (< 1 inside) for centre c and radii r."""
     return ((u - c[0]) / r[0]) ** 2 + ((v - c[1]) / r[1]) ** 2 + ((w - c[2]) / r[2]) ** 2
 
 
@@ -129,9 +128,8 @@ def synthetic_crops(shape, size):
 
 @contextlib.contextmanager
 def _cohort(task, out_dir, n, seed, verbose):
-    """Write a cohort in a hidden sibling folder, moved onto out_dir only when complete (out_dir may be absent,
-    empty or an earlier cohort: nothing of the user's is deleted) -> (rng, folder, save(subject, anatomy), info);
-    the caller adds to info, written last as cohort.json."""
+    """Write a cohort in a hidden sibling folder moved onto out_dir (absent, empty or an earlier cohort) when
+    complete -> (rng, folder, save(subject, anatomy), info, written last as cohort.json)."""
     P = SYNTH[task]
     if n < 10:
         raise UserError(f"--n must be at least 10 for {'an AD' if task == 'ad' else 'a brain-age'} cohort (got {n})")
@@ -154,9 +152,8 @@ def _cohort(task, out_dir, n, seed, verbose):
     try:
         yield rng, tmp, save, info
         write_json({**info, "generator": P}, os.path.join(tmp, "cohort.json"))
-        old = None
-        if os.path.exists(out_dir):
-            old = tmp + ".old"
+        old = tmp + ".old" if os.path.exists(out_dir) else None
+        if old:
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
         if old:
@@ -202,8 +199,7 @@ def make_synthetic_ad(out_dir, n=360, seed=0, verbose=False):
 
 
 def brain_age_atrophy(age, male):
-    """The atrophy index's mean at `age` (years) for men (male True) or women: flat to 20, linear, then
-    a steeper quadratic term after 40 whose rate is sex's (arrays broadcast)."""
+    """The atrophy index's mean at `age`: flat to 20, linear, then a steeper sex-specific term after 40."""
     P = BRAIN_AGE_SYNTH
     rate = np.where(male, P["atrophy_after_40"]["M"], P["atrophy_after_40"]["F"])
     return P["atrophy_linear"] * np.maximum(age - 20, 0) / 50 + rate * np.maximum(age - 40, 0) ** 2 / 2500
@@ -272,8 +268,7 @@ def brain_age_oracle(anatomy, age_step=0.25):
 
 
 def make_synthetic_brain_age(out_dir, n=800, seed=0, verbose=False):
-    """Write a synthetic brain-age cohort (brain_age.csv with an `image` column, images/, oracle.csv,
-    cohort.json with the oracle's MAE) -> csv path."""
+    """Write a synthetic brain-age cohort (brain_age.csv, images/, oracle.csv, cohort.json) -> csv path."""
     with _cohort("brain-age", out_dir, n, seed, verbose) as (rng, tmp, save, info):
         anat = brain_age_anatomy(rng, n)
         oracle = brain_age_oracle(anat)
@@ -301,8 +296,7 @@ BUILTIN = {"ad": ("synthetic_ad", "ad.csv", make_synthetic_ad, dict(n=600, seed=
 
 
 def builtin_cohort(task, data_dir, quiet=False):
-    """The task's built-in demo cohort under data_dir, generated on first use -> its CSV path (absolute). One
-    that another version of the generator wrote is written again, so a demo never mixes two generative models."""
+    """The task's built-in cohort under data_dir, generated on first use or when another generator wrote it."""
     folder, name, make, options = BUILTIN[task]
     csv_path = os.path.abspath(os.path.join(data_dir, folder, name))
     info_path = os.path.join(os.path.dirname(csv_path), "cohort.json")
@@ -323,9 +317,8 @@ def builtin_cohort(task, data_dir, quiet=False):
 
 
 def oracle_report(cohort_dir, predictions=None):
-    """The oracle's MAE (brain_age_oracle, with and without sex) on a synthetic brain-age cohort, or on the
-    test subjects of a run's predictions.npz beside that run's own MAE; and the sweep the cohort encodes
-    (every scan read as a woman's minus as a man's). -> {name: {"mae", "mae_male", "mae_female"}, "sweep": {...}}"""
+    """The oracle's MAE with and without sex on a brain-age cohort (or a run's test subjects, beside the run's), and
+    the sweep the cohort encodes (as a woman's minus as a man's) -> {name: regression_metrics, "sweep": {...}}"""
     table = read_brain_age_table(os.path.join(cohort_dir, "brain_age.csv"))
     path = os.path.join(cohort_dir, "oracle.csv")
     if not os.path.isfile(path):

