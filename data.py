@@ -900,15 +900,14 @@ class HippocampusCrops:
             with open(path) as f:
                 d = json.load(f)
             boxes = {k: d[k] for k in ("left_start", "right_start", "size")}
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{path}: not a crops file ({type(exc).__name__}: {exc})") from None
         for k, v in boxes.items():
+            least = int(k == "size")   # a box starts at voxel 0 or after, and is at least 1 voxel wide
             if not (isinstance(v, list) and len(v) == 3 and all(type(x) in (int, float) and math.isfinite(x)
-                                                                and x == int(x) for x in v)):
-                raise UserError(f"{path}: {k} must be three whole numbers (x, y, z voxels), got {v!r}")
-            if min(v) < (k == "size"):
-                raise UserError(f"{path}: {k} {v}: " + ("every size must be at least 1 voxel" if k == "size"
-                                                        else "a box cannot start before voxel 0"))
+                                                                and x == int(x) >= least for x in v)):
+                raise UserError(f"{path}: {k} must be three whole numbers (x, y, z voxels), each at least {least}, "
+                                f"got {v!r}")
         return cls(**boxes)
 
 
@@ -1056,8 +1055,11 @@ class ImageCache:
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in self.names[i])[:64]
         return os.path.join(self.cache_dir, f"{safe}-{conf}-{(self.source(i) or '0' * 10)[:10]}.npy")
 
-    def problem(self, i, out):
-        """Why the file `out` is not a sound entry of item i (a phrase), or None."""
+    def problem(self, i):
+        """Why item i's entry is not sound (a phrase), or None; one checked (or written) by this object is."""
+        out = self.entry(i)
+        if out in self._checked:
+            return None
         if not os.path.exists(out):
             return "missing"
         try:
@@ -1095,8 +1097,7 @@ class ImageCache:
             raise UserError(f"{self.paths[i]} (subject {self.names[i]}): values overflow {self.dtype}; use float32")
         name = os.path.basename(out)
         for old in os.listdir(self.cache_dir):   # same subject and config, older source (never `out`, read maybe)
-            if old.startswith(name[:-len("0123456789.npy")]) and len(old) == len(name) and old.endswith(".npy") \
-                    and old != name:
+            if old != name and re.fullmatch(re.escape(name[:-14]) + r"\w{10}\.npy", old):
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(self.cache_dir, old))
         buf = io.BytesIO()
@@ -1112,14 +1113,12 @@ class ImageCache:
         self.n_decoded += 1
 
     def __getitem__(self, i):
-        out = self.entry(i)
-        if out not in self._checked:
-            problem = self.problem(i, out)
-            if problem not in (None, "missing"):
-                warn(f"cache entry {out} (subject {self.names[i]}): {problem}; decoded again")
-            if problem:
-                self.decode(i)
-            self._checked.add(out)
+        out, problem = self.entry(i), self.problem(i)
+        if problem not in (None, "missing"):
+            warn(f"cache entry {out} (subject {self.names[i]}): {problem}; decoded again")
+        if problem:
+            self.decode(i)
+        self._checked.add(out)
         return np.load(out, mmap_mode="r")
 
     def prepare(self, progress=True, workers=1):
@@ -1127,18 +1126,12 @@ class ImageCache:
         in `workers` processes from PARALLEL_FROM entries; Ctrl-C keeps what was written and is one line."""
         with cache_lock(self.cache_dir):
             self._hash(range(len(self)), progress)
-            todo, damaged = [], []
             shown = Progress("checking the image cache", len(self), "entries", not progress, self.PROGRESS_EVERY)
-            for i in range(len(self)):
-                out = self.entry(i)
-                shown.advance()
-                problem = None if out in self._checked else self.problem(i, out)
-                if problem:
-                    todo.append(i)
-                    damaged += [f"{self.names[i]} ({problem})"] if problem != "missing" else []
-                else:
-                    self._checked.add(out)
+            problems = [shown.advance() or self.problem(i) for i in range(len(self))]
             shown.finish()
+            todo = [i for i, p in enumerate(problems) if p]
+            self._checked.update(self.entry(i) for i, p in enumerate(problems) if not p)
+            damaged = [f"{self.names[i]} ({p})" for i, p in enumerate(problems) if p not in (None, "missing")]
             if damaged:
                 warn(f"cache {self.cache_dir}: {len(damaged)} entr{'y' if len(damaged) == 1 else 'ies'} damaged or "
                      f"not of their image, decoded again: " + "; ".join(damaged[:5])
@@ -1147,68 +1140,65 @@ class ImageCache:
             shown = Progress("decoding the image cache" + (f" with {workers} processes" if parallel else ""),
                              len(todo), "images", not progress, self.PROGRESS_EVERY)
             try:
-                with decoding_processes(self, todo, workers) if parallel else \
-                        contextlib.nullcontext(self.decode(i) or i for i in todo) as done:
-                    for k, _ in enumerate(done, start=1):
+                with contextlib.closing(self._decode_parallel(todo, workers) if parallel
+                                        else (self.decode(i) or i for i in todo)) as done:
+                    for k, i in enumerate(done):
+                        if parallel:              # (decoded by the processes, on their own copies of this object)
+                            self.n_decoded, _ = self.n_decoded + 1, self._checked.add(self.entry(i))
                         shown.advance()
-                        if parallel and k == 1:
+                        if parallel and k == 0:
                             shown.rebase()        # time left from the pace once the processes have started
             except KeyboardInterrupt:             # (Ctrl-C, or SIGTERM under run_cli): the processes are stopped
                 kept = sum(os.path.exists(self.entry(i)) for i in todo)
-                raise UserError(f"interrupted while decoding the image cache {self.cache_dir}: {kept} of {len(todo)} "
-                                f"images decoded and kept, no process left; the same command decodes the "
+                raise UserError(f"interrupted while decoding the image cache {self.cache_dir}: {kept} of "
+                                f"{len(todo)} images decoded and kept, no process left; the same command decodes the "
                                 f"rest") from None
-            if parallel:                          # (the processes decoded on their own copies of this object)
-                self.n_decoded += len(todo)
-                self._checked.update(self.entry(i) for i in todo)
             shown.finish()
         return self
 
-
-@contextlib.contextmanager
-def decoding_processes(cache, items, workers):
-    """Yield `items`, in order, each once a process of a spawned pool of `workers` has written its entry. Leaving
-    the block by an exception (Ctrl-C, a bad image) stops them now, each removing the file it was writing."""
-    main = threading.current_thread() is threading.main_thread()
-    pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
-                                                  initializer=_decoding_process_start, initargs=(cache, os.getpid()))
-    size = max(1, min(16, len(items) // (4 * workers)))
-    try:
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None   # processes start ignoring Ctrl-C,
-        try:                                                                    # which this one handles
-            futures = [pool.submit(_decode_chunk, items[s:s + size]) for s in range(0, len(items), size)]
+    def _decode_parallel(self, items, workers):
+        """Yield `items`, in order, each once one of `workers` spawned processes has written its entry. An exception
+        (Ctrl-C, a bad image) stops them now, each removing the file it was writing."""
+        main = threading.current_thread() is threading.main_thread()
+        pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=
+                                                      _decoding_process_start, initargs=(self, os.getpid()))
+        size = max(1, min(16, len(items) // (4 * workers)))
+        try:
+            old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None   # processes start ignoring Ctrl-C,
+            try:                                                                    # which this one handles
+                futures = [pool.submit(_decode_chunk, items[s:s + size]) for s in range(0, len(items), size)]
+            finally:
+                if main:
+                    signal.signal(signal.SIGINT, old or signal.SIG_DFL)
+            yield from (i for f in futures for i in f.result())
+        except BaseException:
+            for p in list((pool._processes or {}).values()):   # SIGTERM: each removes its file (_stop_decoding);
+                with contextlib.suppress(Exception):             # no future cancelled first (3.11's pool then fails)
+                    p.terminate()
+            raise
         finally:
-            if main:
-                signal.signal(signal.SIGINT, signal.SIG_DFL if old is None else old)
-        yield (i for f in futures for i in f.result())
-    except BaseException:
-        for p in list((pool._processes or {}).values()):   # SIGTERM: each removes its file (_stop_decoding);
-            with contextlib.suppress(Exception):             # no future cancelled first (3.11's pool then fails)
-                p.terminate()
-        raise
-    finally:
-        pool.shutdown()
+            pool.shutdown()
 
 
 _held = None  # the ImageCache a decoding process works for
 
 
 def _decoding_process_start(cache, parent):
-    """A decoding process holds `cache`, leaves Ctrl-C to its parent, and on SIGTERM or its parent's end (any
-    signal, kill -9 included: a thread watches os.getppid()) removes the file it was writing and exits."""
+    """A decoding process holds `cache`, leaves Ctrl-C to its parent, and on SIGTERM or its parent's end (kill -9
+    too: a thread watches os.getppid()) removes the file it was writing and exits."""
     global _held
     _held = cache
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop_decoding)
 
-    def watch():                  # the parent gone (kill -9 too): this process has another parent
+    def watch():
         while os.getppid() == parent:
             time.sleep(0.2)
         _stop_decoding()
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _stop_decoding(signum=None, frame=None):
+def _stop_decoding(*_):
     for tmp in list(_writing):
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -1216,9 +1206,7 @@ def _stop_decoding(signum=None, frame=None):
 
 
 def _decode_chunk(items):
-    for i in items:
-        _held.decode(i)
-    return items
+    return [_held.decode(i) or i for i in items]
 
 
 # ---- the Datasets ----------------------------------------------------------------------------------------------
