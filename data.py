@@ -261,7 +261,6 @@ class Progress:
             self.printed = True
 
     def hushed(self):
-        """A with-block whose stdout is swallowed when quiet."""
         return contextlib.redirect_stdout(io.StringIO()) if self.quiet else contextlib.nullcontext()
 
     def rebase(self):
@@ -502,8 +501,6 @@ def brain_age_split(age, sex, seed, fractions=None, n_age_bins=20):
 
 
 # ---- the tables: read and validated, a bad cell named with its file, line and column --------------------------
-# Refused: a delimiter other than a comma, a column named twice, a quote never closed, a Subject that is not a
-# plain file name where it names an image, a value no subject can have. ADNI's -4 / -1 read as empty cells.
 
 CLASS_NAMES = ("CN", "MCI", "AD")
 GROUP_ALIASES = {"CN": "CN", "MCI": "MCI", "EMCI": "MCI", "LMCI": "MCI", "AD": "AD", "DEMENTIA": "AD"}
@@ -529,12 +526,10 @@ def read_csv_rows(csv_path, required):
                 name = "semicolon" if other == ";" else "tab"
                 raise UserError(f"{csv_path}: the delimiter looks like a {name} ({counts[other]} {name}s, "
                                 f"{counts[',']} commas in the header line): save the table comma-separated")
-            seen = {}
             for k, c in enumerate(fields):
-                if c and c in seen:
-                    raise UserError(f"{csv_path}: column {c} appears twice in the header (columns {seen[c] + 1} "
-                                    f"and {k + 1}): rename or remove one")
-                seen[c] = k
+                if c and c in fields[:k]:
+                    raise UserError(f"{csv_path}: column {c} appears twice in the header (columns "
+                                    f"{fields.index(c) + 1} and {k + 1}): rename or remove one")
             missing = [c for c in required if c not in fields]
             if missing:
                 raise UserError(f"{csv_path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
@@ -561,7 +556,6 @@ def read_csv_rows(csv_path, required):
 
 
 def plain_file_name(name):
-    """True when `name` can be a file name inside a folder: no path separator, not '.' or '..'."""
     return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
 
 
@@ -610,7 +604,6 @@ def check_subjects(csv_path, rows, as_file_names=False):
 
 
 def find_image(folder, subject):
-    """<folder>/<subject>.nii.gz, else .nii -> the path, or None."""
     return next((p for p in (os.path.join(folder, subject + x) for x in IMAGE_SUFFIXES) if os.path.isfile(p)), None)
 
 
@@ -826,10 +819,8 @@ def check_image_geometry(paths, subjects):
         zooms = nib.affines.voxel_sizes(img.affine)[:3]
         ornt = nib.orientations.io_orientation(img.affine)
         axes = ornt[:, 0].astype(int) if np.isfinite(ornt).all() else np.arange(3)  # input axis i -> RAS axes[i]
-        shape, voxel = [0] * 3, [0.0] * 3
-        for i, j in enumerate(axes):
-            shape[j], voxel[j] = int(raw_shape[i]), round(float(zooms[i]), 4)
-        shape, voxel = tuple(shape), tuple(voxel)
+        shape = tuple(int(raw_shape[i]) for i in np.argsort(axes))
+        voxel = tuple(round(float(zooms[i]), 4) for i in np.argsort(axes))
         if first is None:
             first = (shape, voxel, _where(p, s))
         elif shape != first[0]:
@@ -930,7 +921,6 @@ ENTRY_MAGIC = b"HFcache1"        # the last 8 bytes of a cache entry, after its 
 
 
 def cache_folder(cache_dir, data_csv):
-    """Where decoded images are cached: --cache-dir, else <csv folder>/cache."""
     return cache_dir or os.path.join(os.path.dirname(os.path.abspath(data_csv)), "cache")
 
 
@@ -1050,7 +1040,6 @@ class ImageCache:
         return self._index[self.paths[i]][4]
 
     def entry(self, i):
-        """Cache file `<subject>-<config hash>-<source content hash>.npy` of item i."""
         conf = hashlib.sha1(self.config(i).encode()).hexdigest()[:10]
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in self.names[i])[:64]
         return os.path.join(self.cache_dir, f"{safe}-{conf}-{(self.source(i) or '0' * 10)[:10]}.npy")
@@ -1064,9 +1053,8 @@ class ImageCache:
             return "missing"
         try:
             with open(out, "rb") as f:
-                major, _ = np.lib.format.read_magic(f)
-                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-                shape, fortran, dtype = read(f)
+                major = np.lib.format.read_magic(f)[0]
+                shape, fortran, dtype = getattr(np.lib.format, f"read_array_header_{major}_0")(f)
                 offset, nbytes = f.tell(), int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
                 size = f.seek(0, os.SEEK_END)
                 if size < offset + nbytes + 12:
@@ -1431,6 +1419,7 @@ def main(argv=None):
     print(f"ok: {a.csv}: {len(t.subjects)} subjects{about}, {int((t.sex == 0).sum())} male, age "
           f"{np.nanmean(t.age):.1f} +- {np.nanstd(t.age):.1f} ({np.nanmin(t.age):.0f}-{np.nanmax(t.age):.0f})"
           + tail + (f", images {shape}" if shape else ""))
+
 
 if __name__ == "__main__":
     run_cli(main)
