@@ -197,13 +197,11 @@ def write_json(obj, path):
     write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False), path)
 
 
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-
-
 def spreadsheet_safe(cell):
     """A text cell a spreadsheet would run as a formula (= + - @ tab CR ') with a ' in front, so it shows as text
     (OWASP on CSV injection); numbers are kept. Removing one leading ' gives back what was escaped."""
-    if isinstance(cell, str) and cell.startswith(("=", "+", "-", "@", "\t", "\r", "'")) and not _NUMBER.fullmatch(cell):
+    if isinstance(cell, str) and cell.startswith(("=", "+", "-", "@", "\t", "\r", "'")) \
+            and not re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", cell):
         return "'" + cell
     return cell
 
@@ -559,15 +557,12 @@ def plain_file_name(name):
     return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
 
 
-_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
-
-
 def output_names(ids):
     """A file name per id, inside its folder and distinct on a case-insensitive file system: a plain id is its own
     name; another (`../../x`, a case-twin) its odd characters as _ plus `-` and 8 hex of its sha1."""
     names, used = [], set()
     for s in ids:
-        name = s if _SAFE_NAME.fullmatch(s) else None
+        name = s if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}", s) else None
         stem = re.sub(r"[^A-Za-z0-9._-]", "_", s)[:64].lstrip(".-") or "subject"
         tag, k = hashlib.sha1(s.encode()).hexdigest()[:8], 0
         while name is None or name.lower() in used:
@@ -869,10 +864,8 @@ class HippocampusCrops:
 
     def __call__(self, volume):
         self.check(volume.shape)
-        (l, r), s = (self.left_start, self.right_start), self.size
-        left = volume[l[0]:l[0] + s[0], l[1]:l[1] + s[1], l[2]:l[2] + s[2]]
-        right = volume[r[0]:r[0] + s[0], r[1]:r[1] + s[1], r[2]:r[2] + s[2]][::-1]
-        return np.stack([left, right])                                             # (2, D, H, W)
+        box = lambda start: volume[tuple(slice(a, a + d) for a, d in zip(start, self.size))]
+        return np.stack([box(self.left_start), box(self.right_start)[::-1]])       # (2, D, H, W)
 
     def cache_key(self):
         return f"crops{self.left_start}{self.right_start}{self.size}"
@@ -1026,18 +1019,14 @@ class ImageCache:
                                                    else repr(t))
 
     def _hash(self, indices, progress=False):
-        source_hashes([self.paths[i] for i in indices], self.cache_dir, [self.names[i] for i in indices], progress,
-                      self._index, self.PROGRESS_EVERY)
+        return source_hashes([self.paths[i] for i in indices], self.cache_dir, [self.names[i] for i in indices],
+                             progress, self._index, self.PROGRESS_EVERY)
 
     def source(self, i):
         """sha256 of item i's file as it is now (None when missing), hashed again when its file_key changed."""
-        try:
-            key = file_key(os.stat(self.paths[i]))
-        except OSError:
-            return None
-        if self._index.get(self.paths[i], [None])[:4] != key:
-            self._hash([i] if self._index else range(len(self)))     # the first time, all (one index write)
-        return self._index[self.paths[i]][4]
+        if not self._index:
+            self._hash(range(len(self)))     # the first time, all (one index write)
+        return self._hash([i])[0]
 
     def entry(self, i):
         conf = hashlib.sha1(self.config(i).encode()).hexdigest()[:10]
