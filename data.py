@@ -197,13 +197,11 @@ def write_json(obj, path):
     write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False), path)
 
 
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-
-
 def spreadsheet_safe(cell):
     """A text cell a spreadsheet would run as a formula (= + - @ tab CR ') with a ' in front, so it shows as text
     (OWASP on CSV injection); numbers are kept. Removing one leading ' gives back what was escaped."""
-    if isinstance(cell, str) and cell.startswith(("=", "+", "-", "@", "\t", "\r", "'")) and not _NUMBER.fullmatch(cell):
+    if isinstance(cell, str) and cell.startswith(("=", "+", "-", "@", "\t", "\r", "'")) \
+            and not re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", cell):
         return "'" + cell
     return cell
 
@@ -261,7 +259,6 @@ class Progress:
             self.printed = True
 
     def hushed(self):
-        """A with-block whose stdout is swallowed when quiet."""
         return contextlib.redirect_stdout(io.StringIO()) if self.quiet else contextlib.nullcontext()
 
     def rebase(self):
@@ -502,8 +499,6 @@ def brain_age_split(age, sex, seed, fractions=None, n_age_bins=20):
 
 
 # ---- the tables: read and validated, a bad cell named with its file, line and column --------------------------
-# Refused: a delimiter other than a comma, a column named twice, a quote never closed, a Subject that is not a
-# plain file name where it names an image, a value no subject can have. ADNI's -4 / -1 read as empty cells.
 
 CLASS_NAMES = ("CN", "MCI", "AD")
 GROUP_ALIASES = {"CN": "CN", "MCI": "MCI", "EMCI": "MCI", "LMCI": "MCI", "AD": "AD", "DEMENTIA": "AD"}
@@ -529,12 +524,10 @@ def read_csv_rows(csv_path, required):
                 name = "semicolon" if other == ";" else "tab"
                 raise UserError(f"{csv_path}: the delimiter looks like a {name} ({counts[other]} {name}s, "
                                 f"{counts[',']} commas in the header line): save the table comma-separated")
-            seen = {}
             for k, c in enumerate(fields):
-                if c and c in seen:
-                    raise UserError(f"{csv_path}: column {c} appears twice in the header (columns {seen[c] + 1} "
-                                    f"and {k + 1}): rename or remove one")
-                seen[c] = k
+                if c and c in fields[:k]:
+                    raise UserError(f"{csv_path}: column {c} appears twice in the header (columns "
+                                    f"{fields.index(c) + 1} and {k + 1}): rename or remove one")
             missing = [c for c in required if c not in fields]
             if missing:
                 raise UserError(f"{csv_path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
@@ -561,11 +554,7 @@ def read_csv_rows(csv_path, required):
 
 
 def plain_file_name(name):
-    """True when `name` can be a file name inside a folder: no path separator, not '.' or '..'."""
     return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
-
-
-_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
 
 
 def output_names(ids):
@@ -573,7 +562,7 @@ def output_names(ids):
     name; another (`../../x`, a case-twin) its odd characters as _ plus `-` and 8 hex of its sha1."""
     names, used = [], set()
     for s in ids:
-        name = s if _SAFE_NAME.fullmatch(s) else None
+        name = s if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}", s) else None
         stem = re.sub(r"[^A-Za-z0-9._-]", "_", s)[:64].lstrip(".-") or "subject"
         tag, k = hashlib.sha1(s.encode()).hexdigest()[:8], 0
         while name is None or name.lower() in used:
@@ -610,7 +599,6 @@ def check_subjects(csv_path, rows, as_file_names=False):
 
 
 def find_image(folder, subject):
-    """<folder>/<subject>.nii.gz, else .nii -> the path, or None."""
     return next((p for p in (os.path.join(folder, subject + x) for x in IMAGE_SUFFIXES) if os.path.isfile(p)), None)
 
 
@@ -826,10 +814,8 @@ def check_image_geometry(paths, subjects):
         zooms = nib.affines.voxel_sizes(img.affine)[:3]
         ornt = nib.orientations.io_orientation(img.affine)
         axes = ornt[:, 0].astype(int) if np.isfinite(ornt).all() else np.arange(3)  # input axis i -> RAS axes[i]
-        shape, voxel = [0] * 3, [0.0] * 3
-        for i, j in enumerate(axes):
-            shape[j], voxel[j] = int(raw_shape[i]), round(float(zooms[i]), 4)
-        shape, voxel = tuple(shape), tuple(voxel)
+        shape = tuple(int(raw_shape[i]) for i in np.argsort(axes))
+        voxel = tuple(round(float(zooms[i]), 4) for i in np.argsort(axes))
         if first is None:
             first = (shape, voxel, _where(p, s))
         elif shape != first[0]:
@@ -878,10 +864,8 @@ class HippocampusCrops:
 
     def __call__(self, volume):
         self.check(volume.shape)
-        (l, r), s = (self.left_start, self.right_start), self.size
-        left = volume[l[0]:l[0] + s[0], l[1]:l[1] + s[1], l[2]:l[2] + s[2]]
-        right = volume[r[0]:r[0] + s[0], r[1]:r[1] + s[1], r[2]:r[2] + s[2]][::-1]
-        return np.stack([left, right])                                             # (2, D, H, W)
+        box = lambda start: volume[tuple(slice(a, a + d) for a, d in zip(start, self.size))]
+        return np.stack([box(self.left_start), box(self.right_start)[::-1]])       # (2, D, H, W)
 
     def cache_key(self):
         return f"crops{self.left_start}{self.right_start}{self.size}"
@@ -900,15 +884,14 @@ class HippocampusCrops:
             with open(path) as f:
                 d = json.load(f)
             boxes = {k: d[k] for k in ("left_start", "right_start", "size")}
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{path}: not a crops file ({type(exc).__name__}: {exc})") from None
         for k, v in boxes.items():
+            least = int(k == "size")   # a box starts at voxel 0 or after, and is at least 1 voxel wide
             if not (isinstance(v, list) and len(v) == 3 and all(type(x) in (int, float) and math.isfinite(x)
-                                                                and x == int(x) for x in v)):
-                raise UserError(f"{path}: {k} must be three whole numbers (x, y, z voxels), got {v!r}")
-            if min(v) < (k == "size"):
-                raise UserError(f"{path}: {k} {v}: " + ("every size must be at least 1 voxel" if k == "size"
-                                                        else "a box cannot start before voxel 0"))
+                                                                and x == int(x) >= least for x in v)):
+                raise UserError(f"{path}: {k} must be three whole numbers (x, y, z voxels), each at least {least}, "
+                                f"got {v!r}")
         return cls(**boxes)
 
 
@@ -931,7 +914,6 @@ ENTRY_MAGIC = b"HFcache1"        # the last 8 bytes of a cache entry, after its 
 
 
 def cache_folder(cache_dir, data_csv):
-    """Where decoded images are cached: --cache-dir, else <csv folder>/cache."""
     return cache_dir or os.path.join(os.path.dirname(os.path.abspath(data_csv)), "cache")
 
 
@@ -1037,34 +1019,31 @@ class ImageCache:
                                                    else repr(t))
 
     def _hash(self, indices, progress=False):
-        source_hashes([self.paths[i] for i in indices], self.cache_dir, [self.names[i] for i in indices], progress,
-                      self._index, self.PROGRESS_EVERY)
+        return source_hashes([self.paths[i] for i in indices], self.cache_dir, [self.names[i] for i in indices],
+                             progress, self._index, self.PROGRESS_EVERY)
 
     def source(self, i):
         """sha256 of item i's file as it is now (None when missing), hashed again when its file_key changed."""
-        try:
-            key = file_key(os.stat(self.paths[i]))
-        except OSError:
-            return None
-        if self._index.get(self.paths[i], [None])[:4] != key:
-            self._hash([i] if self._index else range(len(self)))     # the first time, all (one index write)
-        return self._index[self.paths[i]][4]
+        if not self._index:
+            self._hash(range(len(self)))     # the first time, all (one index write)
+        return self._hash([i])[0]
 
     def entry(self, i):
-        """Cache file `<subject>-<config hash>-<source content hash>.npy` of item i."""
         conf = hashlib.sha1(self.config(i).encode()).hexdigest()[:10]
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in self.names[i])[:64]
         return os.path.join(self.cache_dir, f"{safe}-{conf}-{(self.source(i) or '0' * 10)[:10]}.npy")
 
-    def problem(self, i, out):
-        """Why the file `out` is not a sound entry of item i (a phrase), or None."""
+    def problem(self, i):
+        """Why item i's entry is not sound (a phrase), or None; one checked (or written) by this object is."""
+        out = self.entry(i)
+        if out in self._checked:
+            return None
         if not os.path.exists(out):
             return "missing"
         try:
             with open(out, "rb") as f:
-                major, _ = np.lib.format.read_magic(f)
-                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-                shape, fortran, dtype = read(f)
+                major = np.lib.format.read_magic(f)[0]
+                shape, fortran, dtype = getattr(np.lib.format, f"read_array_header_{major}_0")(f)
                 offset, nbytes = f.tell(), int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
                 size = f.seek(0, os.SEEK_END)
                 if size < offset + nbytes + 12:
@@ -1095,8 +1074,7 @@ class ImageCache:
             raise UserError(f"{self.paths[i]} (subject {self.names[i]}): values overflow {self.dtype}; use float32")
         name = os.path.basename(out)
         for old in os.listdir(self.cache_dir):   # same subject and config, older source (never `out`, read maybe)
-            if old.startswith(name[:-len("0123456789.npy")]) and len(old) == len(name) and old.endswith(".npy") \
-                    and old != name:
+            if old != name and re.fullmatch(re.escape(name[:-14]) + r"\w{10}\.npy", old):
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(self.cache_dir, old))
         buf = io.BytesIO()
@@ -1112,14 +1090,12 @@ class ImageCache:
         self.n_decoded += 1
 
     def __getitem__(self, i):
-        out = self.entry(i)
-        if out not in self._checked:
-            problem = self.problem(i, out)
-            if problem not in (None, "missing"):
-                warn(f"cache entry {out} (subject {self.names[i]}): {problem}; decoded again")
-            if problem:
-                self.decode(i)
-            self._checked.add(out)
+        out, problem = self.entry(i), self.problem(i)
+        if problem not in (None, "missing"):
+            warn(f"cache entry {out} (subject {self.names[i]}): {problem}; decoded again")
+        if problem:
+            self.decode(i)
+        self._checked.add(out)
         return np.load(out, mmap_mode="r")
 
     def prepare(self, progress=True, workers=1):
@@ -1127,18 +1103,12 @@ class ImageCache:
         in `workers` processes from PARALLEL_FROM entries; Ctrl-C keeps what was written and is one line."""
         with cache_lock(self.cache_dir):
             self._hash(range(len(self)), progress)
-            todo, damaged = [], []
             shown = Progress("checking the image cache", len(self), "entries", not progress, self.PROGRESS_EVERY)
-            for i in range(len(self)):
-                out = self.entry(i)
-                shown.advance()
-                problem = None if out in self._checked else self.problem(i, out)
-                if problem:
-                    todo.append(i)
-                    damaged += [f"{self.names[i]} ({problem})"] if problem != "missing" else []
-                else:
-                    self._checked.add(out)
+            problems = [shown.advance() or self.problem(i) for i in range(len(self))]
             shown.finish()
+            todo = [i for i, p in enumerate(problems) if p]
+            self._checked.update(self.entry(i) for i, p in enumerate(problems) if not p)
+            damaged = [f"{self.names[i]} ({p})" for i, p in enumerate(problems) if p not in (None, "missing")]
             if damaged:
                 warn(f"cache {self.cache_dir}: {len(damaged)} entr{'y' if len(damaged) == 1 else 'ies'} damaged or "
                      f"not of their image, decoded again: " + "; ".join(damaged[:5])
@@ -1147,68 +1117,65 @@ class ImageCache:
             shown = Progress("decoding the image cache" + (f" with {workers} processes" if parallel else ""),
                              len(todo), "images", not progress, self.PROGRESS_EVERY)
             try:
-                with decoding_processes(self, todo, workers) if parallel else \
-                        contextlib.nullcontext(self.decode(i) or i for i in todo) as done:
-                    for k, _ in enumerate(done, start=1):
+                with contextlib.closing(self._decode_parallel(todo, workers) if parallel
+                                        else (self.decode(i) or i for i in todo)) as done:
+                    for k, i in enumerate(done):
+                        if parallel:              # (decoded by the processes, on their own copies of this object)
+                            self.n_decoded, _ = self.n_decoded + 1, self._checked.add(self.entry(i))
                         shown.advance()
-                        if parallel and k == 1:
+                        if parallel and k == 0:
                             shown.rebase()        # time left from the pace once the processes have started
             except KeyboardInterrupt:             # (Ctrl-C, or SIGTERM under run_cli): the processes are stopped
                 kept = sum(os.path.exists(self.entry(i)) for i in todo)
-                raise UserError(f"interrupted while decoding the image cache {self.cache_dir}: {kept} of {len(todo)} "
-                                f"images decoded and kept, no process left; the same command decodes the "
+                raise UserError(f"interrupted while decoding the image cache {self.cache_dir}: {kept} of "
+                                f"{len(todo)} images decoded and kept, no process left; the same command decodes the "
                                 f"rest") from None
-            if parallel:                          # (the processes decoded on their own copies of this object)
-                self.n_decoded += len(todo)
-                self._checked.update(self.entry(i) for i in todo)
             shown.finish()
         return self
 
-
-@contextlib.contextmanager
-def decoding_processes(cache, items, workers):
-    """Yield `items`, in order, each once a process of a spawned pool of `workers` has written its entry. Leaving
-    the block by an exception (Ctrl-C, a bad image) stops them now, each removing the file it was writing."""
-    main = threading.current_thread() is threading.main_thread()
-    pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
-                                                  initializer=_decoding_process_start, initargs=(cache, os.getpid()))
-    size = max(1, min(16, len(items) // (4 * workers)))
-    try:
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None   # processes start ignoring Ctrl-C,
-        try:                                                                    # which this one handles
-            futures = [pool.submit(_decode_chunk, items[s:s + size]) for s in range(0, len(items), size)]
+    def _decode_parallel(self, items, workers):
+        """Yield `items`, in order, each once one of `workers` spawned processes has written its entry. An exception
+        (Ctrl-C, a bad image) stops them now, each removing the file it was writing."""
+        main = threading.current_thread() is threading.main_thread()
+        pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=
+                                                      _decoding_process_start, initargs=(self, os.getpid()))
+        size = max(1, min(16, len(items) // (4 * workers)))
+        try:
+            old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None   # processes start ignoring Ctrl-C,
+            try:                                                                    # which this one handles
+                futures = [pool.submit(_decode_chunk, items[s:s + size]) for s in range(0, len(items), size)]
+            finally:
+                if main:
+                    signal.signal(signal.SIGINT, old or signal.SIG_DFL)
+            yield from (i for f in futures for i in f.result())
+        except BaseException:
+            for p in list((pool._processes or {}).values()):   # SIGTERM: each removes its file (_stop_decoding);
+                with contextlib.suppress(Exception):             # no future cancelled first (3.11's pool then fails)
+                    p.terminate()
+            raise
         finally:
-            if main:
-                signal.signal(signal.SIGINT, signal.SIG_DFL if old is None else old)
-        yield (i for f in futures for i in f.result())
-    except BaseException:
-        for p in list((pool._processes or {}).values()):   # SIGTERM: each removes its file (_stop_decoding);
-            with contextlib.suppress(Exception):             # no future cancelled first (3.11's pool then fails)
-                p.terminate()
-        raise
-    finally:
-        pool.shutdown()
+            pool.shutdown()
 
 
 _held = None  # the ImageCache a decoding process works for
 
 
 def _decoding_process_start(cache, parent):
-    """A decoding process holds `cache`, leaves Ctrl-C to its parent, and on SIGTERM or its parent's end (any
-    signal, kill -9 included: a thread watches os.getppid()) removes the file it was writing and exits."""
+    """A decoding process holds `cache`, leaves Ctrl-C to its parent, and on SIGTERM or its parent's end (kill -9
+    too: a thread watches os.getppid()) removes the file it was writing and exits."""
     global _held
     _held = cache
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop_decoding)
 
-    def watch():                  # the parent gone (kill -9 too): this process has another parent
+    def watch():
         while os.getppid() == parent:
             time.sleep(0.2)
         _stop_decoding()
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _stop_decoding(signum=None, frame=None):
+def _stop_decoding(*_):
     for tmp in list(_writing):
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -1216,9 +1183,7 @@ def _stop_decoding(signum=None, frame=None):
 
 
 def _decode_chunk(items):
-    for i in items:
-        _held.decode(i)
-    return items
+    return [_held.decode(i) or i for i in items]
 
 
 # ---- the Datasets ----------------------------------------------------------------------------------------------
@@ -1443,6 +1408,7 @@ def main(argv=None):
     print(f"ok: {a.csv}: {len(t.subjects)} subjects{about}, {int((t.sex == 0).sum())} male, age "
           f"{np.nanmean(t.age):.1f} +- {np.nanstd(t.age):.1f} ({np.nanmin(t.age):.0f}-{np.nanmax(t.age):.0f})"
           + tail + (f", images {shape}" if shape else ""))
+
 
 if __name__ == "__main__":
     run_cli(main)
