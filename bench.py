@@ -45,7 +45,7 @@ import data
 import synthetic
 from layers import HyperConv3d, HyperLinear
 from models import build_model
-from training import loader_workers, make_loader, setup_device
+from training import cores, loader_workers, make_loader, setup_device
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECK_SECTIONS = ("tests", "precision", "hyperlayers", "throughput", "loader", "sharing")   # in their order
@@ -56,10 +56,6 @@ METRICS = {"ad": [("balanced_accuracy", +1), ("auc_macro", +1)], "brain-age": [(
 # brain age, Sec. 4.2: 26,691 x 80% x 70 epochs x 5 versions), each image model at its backbone's or HyperFusion's cost
 PROTOCOLS = {"ad": (2_120 * 0.6 * 250 * 36, ["imaging"] * 4 + ["hyperfusion"]),
              "brain-age": (26_691 * 0.8 * 70 * 5, ["imaging"] * 2 + ["hyperfusion"])}
-
-
-def cores():
-    return len(os.sched_getaffinity(0))
 
 
 def sync(device):

@@ -476,9 +476,9 @@ def ad_results(runs, binary=False, reference="hyperfusion", keep=None):
     late = {}
     for key in sorted(set(ensembles.get("imaging", {})) & set(ensembles.get("tabular", {}))):     # App. B
         a, b = ensembles["imaging"][key], ensembles["tabular"][key]
-        if not np.array_equal(a["subjects"], b["subjects"]) or a["class_names"] != b["class_names"]:
+        if not np.array_equal(a["subjects"], b["subjects"]):    # their classes: checked with every model's below
             raise UserError(f"late fusion of split seed {key[0]} v{key[1]}: the imaging and tabular runs have "
-                            f"different test subjects or classes")
+                            f"different test subjects")
         late[key] = dict(a, probs=(a["probs"] + b["probs"]) / 2, members=[])    # no runs of its own
     ensembles.update({"late-fusion": late} if late else {})
     if keep is not None:
@@ -932,12 +932,9 @@ def main(argv=None):
         md = page(f"Loss entropy per layer (Sec. 3.1.2), {a.task}: image-only backbone, untrained, {a.samples} "
                   f"subjects, {a.draws} draws", (["rank", "layer", "entropy"], [
                       [k + 1, n, f"{max(h, 0.0):.3f}"] for k, (n, h) in enumerate(scores)]))
-        print(md)
         if a.out:
             write_text(md, a.out)
-            print(f"wrote {a.out}")
-        if not a.quiet:
-            print(duration_text(time.time() - t0))
+        print(md + (f"\nwrote {a.out}" if a.out else "") + ("" if a.quiet else "\n" + duration_text(time.time() - t0)))
         return scores
     res = predict.sweep(a.checkpoint, a.attribute, a.values, a.data_csv, a.image_dir, a.batch_size, a.device)
     md, path = predict.sweep_markdown(res), os.path.join(res["dir"], f"sweep_{res['attribute']}.md")

@@ -2130,7 +2130,7 @@ def test_the_brain_age_demo_anneals_its_learning_rate_by_a_cosine_and_real_data_
     assert load_run(real).run.lr_schedule == "constant"
     with open(os.path.join(real, "log.csv")) as f:
         assert [float(r["lr"]) for r in csv.DictReader(f)] == [1.5e-4] * 2
-    monkeypatch.setattr(train_brain_age, "builtin_cohort", lambda task, data_dir, quiet: str(brain_age_cohort40))
+    monkeypatch.setattr(training, "builtin_cohort", lambda task, data_dir, quiet: str(brain_age_cohort40))
     train_brain_age.main(["--out", str(tmp_path), "--epochs", "3", "--batch-size", "8", "--quiet"])   # the demo
     run_dir = training.brain_age_run_dir(tmp_path, "hyperfusion", 0)
     assert load_run(run_dir).run.lr_schedule == "cosine"

@@ -22,11 +22,10 @@ from data import ArgumentParser, TabularPreprocessor, UserError, atomic_path, ru
 from layers import init_hyperlayers
 from metrics import classification_metrics
 from models import AD_MODELS, class_probabilities
-from synthetic import builtin_cohort
 from training import (DATA_KEYS, RunConfig, add_common_arguments, alone, calibrate, check_finite_outputs, fit,
-                      claim_run_folder, finished, identity, is_main, load_checkpoint, load_run, loader_workers, log,
-                      main_first, make_loader, predict, resolve_precision, resolve_schedule, resumable, save_logits,
-                      seed_all, setup_device)
+                      claim_run_folder, common_run_fields, finished, identity, is_main, load_checkpoint, load_run,
+                      loader_workers, log, main_first, make_loader, predict, resumable, save_logits, seed_all,
+                      setup_device)
 
 # Table 1 (real data) and the demo schedule used on the built-in synthetic cohort
 REAL_AD = dict(epochs=250, batch_size=32, lr=1e-4, weight_decay=1e-5, lr_schedule="constant")
@@ -53,16 +52,9 @@ def main(argv=None):
 
 def ad_run_config(args, device):
     """The RunConfig the parsed options describe, its schedule resolved for the data and model."""
-    synthetic, quiet = args["data_csv"] is None, args["quiet"]
-    with main_first():  # torchrun: rank 0 generates the synthetic cohort, the others wait for it
-        data_csv = builtin_cohort("ad", args["data_dir"], quiet) if synthetic else args["data_csv"]
-    defaults = (DEMO_TABULAR if args["model"] == "tabular" else DEMO_AD) if synthetic else REAL_AD
-    schedule = resolve_schedule(args, defaults, "demo (synthetic cohort)" if synthetic else "Table 1", quiet)
-    return RunConfig(task="ad", model=args["model"], version=args["version"], split_seed=args["split_seed"],
-                     fold=args["fold"], classes=args["classes"], loss=args["loss"],
-                     group_map=data.parse_group_map(args["group_map"]) or None, **schedule, data_csv=data_csv,
-                     image_dir=args["image_dir"], crops=args["crops"], cache_dir=args["cache_dir"],
-                     cache_dtype=args["cache_dtype"], precision=resolve_precision(args["precision"], device, quiet))
+    demo = DEMO_TABULAR if args["model"] == "tabular" else DEMO_AD
+    return RunConfig(**common_run_fields(args, device, "ad", demo, REAL_AD), fold=args["fold"], classes=args["classes"],
+                     loss=args["loss"], group_map=data.parse_group_map(args["group_map"]) or None, crops=args["crops"])
 
 
 def train_ad(args):

@@ -23,10 +23,9 @@ from data import ArgumentParser, UserError, atomic_path, run_cli, warn, write_js
 from layers import init_hyperlayers
 from metrics import age_bias_fit, gap_summary, regression_metrics
 from models import BRAIN_AGE_MODELS, AgeTarget
-from synthetic import builtin_cohort
-from training import (RunConfig, add_common_arguments, check_finite_outputs, claim_run_folder, fit, identity, is_main,
-                      load_checkpoint, loader_workers, log, main_first, make_loader, predict, recalibrate_batchnorm,
-                      resolve_precision, resolve_schedule, resumable, seed_all, setup_device)
+from training import (RunConfig, add_common_arguments, check_finite_outputs, claim_run_folder, common_run_fields, fit,
+                      identity, is_main, load_checkpoint, loader_workers, log, main_first, make_loader, predict,
+                      recalibrate_batchnorm, resumable, seed_all, setup_device)
 
 REAL_BRAIN_AGE = dict(epochs=70, batch_size=64, lr=1.5e-4, weight_decay=0.05, lr_schedule="constant")  # Table 1
 # the demo: a cosine learning rate, so that its last epochs settle (at a constant 1e-3 the validation MAE still
@@ -56,18 +55,12 @@ def main(argv=None):
 
 def brain_age_run_config(args, device):
     """The RunConfig the parsed options describe, its schedule resolved for the data."""
-    synthetic, quiet = args["data_csv"] is None, args["quiet"]
-    with main_first():  # torchrun: rank 0 generates the synthetic cohort, the others wait for it
-        data_csv = builtin_cohort("brain-age", args["data_dir"], quiet) if synthetic else args["data_csv"]
-    schedule = resolve_schedule(args, DEMO_BRAIN_AGE if synthetic else REAL_BRAIN_AGE,
-                                "demo (synthetic cohort)" if synthetic else "Table 1", quiet)
+    synthetic = args["data_csv"] is None
     split = tuple(args.get("split") or (DEMO_SPLIT if synthetic else data.BRAIN_AGE_FRACTIONS))
     if not (all(f > 0 for f in split) and abs(sum(split) - 1) <= 1e-6):   # NaN fails both
         raise UserError(f"--split {' '.join(map(str, split))}: three positive fractions that sum to 1")
-    return RunConfig(task="brain-age", model=args["model"], version=args["version"], split_seed=args["split_seed"],
-                     embedding_dim=args["embedding_dim"], train_sex=args["train_sex"], split=split, **schedule,
-                     data_csv=data_csv, image_dir=args["image_dir"], cache_dir=args["cache_dir"],
-                     cache_dtype=args["cache_dtype"], precision=resolve_precision(args["precision"], device, quiet))
+    return RunConfig(**common_run_fields(args, device, "brain-age", DEMO_BRAIN_AGE, REAL_BRAIN_AGE),
+                     embedding_dim=args["embedding_dim"], train_sex=args["train_sex"], split=split)
 
 
 def train_brain_age(args):

@@ -4,6 +4,7 @@ A run is its RunConfig, stored in every checkpoint with its data facts (`inputs`
 import atexit
 import contextlib
 import dataclasses
+import fcntl
 import datetime
 import io
 import json
@@ -21,14 +22,11 @@ from scipy.optimize import minimize_scalar
 from torch.nn.parallel import DistributedDataParallel
 
 from data import (CLASS_NAMES, HippocampusCrops, Progress, TabularPreprocessor, UserError, atomic_path, check_number,
-                  warn, write_bytes, write_csv, write_json)
+                  write_bytes, write_csv, write_json)
 from metrics import calibration_metrics
 from models import AgeTarget, build_model, class_probabilities
+from synthetic import builtin_cohort
 
-try:
-    import fcntl
-except ImportError:  # Windows: run folders are not locked there (claim_run_folder warns)
-    fcntl = None
 
 # A collective's timeout: the other ranks wait while rank 0 decodes the image cache (26,691 brain-age scans: 24 min)
 WAIT_HOURS = 2
@@ -212,7 +210,7 @@ def identity(run, inputs, keys=IDENTITY_KEYS):
 
 def cores():
     """The cores this process may run on (its affinity: a container's or a scheduler's share, not the machine's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return len(os.sched_getaffinity(0))
 
 
 def add_common_arguments(p):
@@ -247,6 +245,19 @@ def resolve_schedule(args, defaults, name, quiet=False):
     return schedule
 
 
+
+def common_run_fields(args, device, task, demo, real):
+    """The RunConfig fields both trainers resolve alike: the table (the built-in synthetic cohort without
+    --data-csv), the schedule (the demo's or Table 1's), the images and the precision."""
+    synthetic, quiet = args["data_csv"] is None, args["quiet"]
+    with main_first():  # torchrun: rank 0 generates the synthetic cohort, the others wait for it
+        data_csv = builtin_cohort(task, args["data_dir"], quiet) if synthetic else args["data_csv"]
+    schedule = resolve_schedule(args, demo if synthetic else real,
+                                "demo (synthetic cohort)" if synthetic else "Table 1", quiet)
+    return dict(task=task, model=args["model"], version=args["version"], split_seed=args["split_seed"], **schedule,
+                data_csv=data_csv, image_dir=args["image_dir"], cache_dir=args["cache_dir"],
+                cache_dtype=args["cache_dtype"], precision=resolve_precision(args["precision"], device, quiet))
+
 # ---- A run folder holds one run: claimed by one live process at a time, refused to a new run while it holds one ----
 
 FINISHED_FILES = ("metrics.json", "predictions.npz", "logits.npz", "calibration.json")  # its final best.pt's
@@ -265,18 +276,30 @@ def claim_run_folder(run_dir, resume):
             while not os.path.isdir(d) and os.path.dirname(d) != d:
                 made, d = made + [d], os.path.dirname(d)                  # deepest first
             os.makedirs(run_dir, exist_ok=True)
-            fd, holder = lock_file(path)
-            refusal = f"{run_dir}: in use by another training process ({holder}); wait for it to end, or use " \
-                      f"another --out" if holder else occupied(run_dir, resume)
+            while True:                                   # until the file locked is the one `path` names
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.read(fd, 200).decode(errors="replace").strip() or "a process that has just started"
+                    os.close(fd)
+                    fd, refusal = None, f"{run_dir}: in use by another training process ({holder}); wait for it " \
+                                        f"to end, or use another --out"
+                    break
+                if same_file(path, fd):
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+                    break
+                os.close(fd)
+            refusal = refusal or occupied(run_dir, resume)
         refusal = first_reported(refusal)      # torchrun: rank 0's verdict is every process's
         if refusal:
             raise UserError(refusal)
         yield
     finally:
         if fd is not None:
-            with contextlib.suppress(OSError):
-                if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                    os.remove(path)                  # still locked: no one else can have taken it
+            if same_file(path, fd):
+                os.remove(path)                      # still locked: no one else can have taken it
             os.close(fd)
         for d in made:
             try:
@@ -285,32 +308,10 @@ def claim_run_folder(run_dir, resume):
                 break
 
 
-def lock_file(path):
-    """An flock on `path` (which must still name it) -> (fd, None), or (None, "pid N on HOST" of its holder)."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            if fcntl is None:
-                raise OSError(0, "no fcntl on this system")
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip()
-            os.close(fd)
-            return None, holder or "a process that has just started"
-        except OSError as exc:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.remove(path)
-            warn(f"{os.path.dirname(path)}: cannot lock the run folder ({exc.strerror}): a second run into it "
-                 f"would not be refused")
-            return None, None
-        with contextlib.suppress(OSError):
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break
-        os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-    return fd, None
+def same_file(path, fd):
+    with contextlib.suppress(OSError):
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    return False
 
 
 def occupied(run_dir, resume):
