@@ -39,8 +39,8 @@ from metrics import (CALIBRATION_BINS, CALIBRATION_COLUMNS, age_bias_fit, classi
 from models import (AD_MODEL_TITLES, AD_MODELS, BRAIN_AGE_MODELS, AgeTarget, build_model, candidate_layers,
                     layer_loss_entropy)
 from synthetic import builtin_cohort
-from training import (CALIBRATION_FILE, ad_run_dir, brain_age_run_dir, calibrate, finished, load_run, probabilities,
-                      read_logits, save_logits, setup_device)
+from training import (CALIBRATION_FILE, ad_run_dir, brain_age_run_dir, calibrate, cores, finished, load_run,
+                      probabilities, read_logits, save_logits, setup_device)
 
 AD_ORDER = ("imaging", "tabular", "late-fusion", "concat", "film", "daft", "hyperfusion")  # Table 3's order
 ENSEMBLE_KEYS = ("split_seed", "tabular_columns", "classes")        # the four folds of one ensemble share these
@@ -696,7 +696,7 @@ def start(job, slot, k, gpus):
     """-> (the process of one of k jobs sharing this machine, the file collecting its output): its share of the
     cores this process may use, and with gpus its slot's GPU and --device cuda (a missing GPU is then an error)."""
     env = dict(os.environ, LOCAL_WORLD_SIZE=str(k))
-    env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // k)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cores() // k)))
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = str(gpus[slot % len(gpus)])
     out = tempfile.TemporaryFile()

@@ -4321,6 +4321,8 @@ def test_loader_workers_and_decode_workers_count_the_cores_this_process_may_use_
     assert training.loader_workers(None, torch.device("cuda")) == 2                  # 4 cores / 2 processes
     assert training.loader_workers(None, torch.device("cpu")) == 0 and training.loader_workers(3, None) == 3
     assert train_ad.ad_arguments().parse_args([]).decode_workers == 4
+    monkeypatch.delattr(os, "sched_getaffinity")                                     # macOS: no affinity
+    assert training.cores() == 64
 
 
 def test_adam_is_fused_on_cuda_and_plain_on_a_cpu(monkeypatch):

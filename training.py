@@ -209,8 +209,9 @@ def identity(run, inputs, keys=IDENTITY_KEYS):
 
 
 def cores():
-    """The cores this process may run on (its affinity: a container's or a scheduler's share, not the machine's)."""
-    return len(os.sched_getaffinity(0))
+    """The cores this process may run on (its affinity: a container's or a scheduler's share, not the machine's;
+    macOS has no affinity: all of them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def add_common_arguments(p):
