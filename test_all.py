@@ -3705,6 +3705,21 @@ def test_predict_refuses_other_grids_mixed_runs_and_unfinished_runs_in_one_line(
 # ----------------------------------------------------------------------------------------------
 # Scale: one run on many processes (torchrun, DDP), many runs at a time (run-protocol --jobs)
 
+def test_a_torchrun_process_leaves_at_a_barrier_before_tearing_the_group_down_and_alone_never(monkeypatch):
+    """A process that tore the group down while another still wrote its files was aborted by gloo now and then:
+    leave() waits at a barrier first; inside alone() (rank 0's nested pre-training) it does nothing."""
+    calls = []
+    monkeypatch.setattr(training.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(training.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(training.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(training.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    with training.alone():
+        training.leave()
+    assert calls == []
+    training.leave()
+    assert calls == ["barrier", "destroy"]
+
+
 def test_a_two_process_torchrun_run_writes_each_file_once_and_tests_each_subject_once(ad_cohort60, tmp_path):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "train_ad.py", *_ad_args(ad_cohort60, tmp_path, "--device", "cpu")],

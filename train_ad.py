@@ -23,8 +23,8 @@ from layers import init_hyperlayers
 from metrics import classification_metrics
 from models import AD_MODELS, class_probabilities
 from training import (DATA_KEYS, RunConfig, add_common_arguments, alone, calibrate, check_finite_outputs, fit,
-                      claim_run_folder, common_run_fields, finished, identity, is_main, load_checkpoint, load_run,
-                      loader_workers, log, main_first, make_loader, predict, resumable, save_logits, seed_all,
+                      claim_run_folder, common_run_fields, finished, identity, is_main, leave, load_checkpoint,
+                      load_run, loader_workers, log, main_first, make_loader, predict, resumable, save_logits, seed_all,
                       setup_device)
 
 # Table 1 (real data) and the demo schedule used on the built-in synthetic cohort
@@ -62,7 +62,9 @@ def train_ad(args):
     device = setup_device(args["device"], args["sync_bn"])
     run = ad_run_config(args, device)
     with claim_run_folder(run.run_dir(args["out"]), args["resume"]):   # refused before any work
-        return run_ad(args, device, run)
+        metrics = run_ad(args, device, run)
+    leave()
+    return metrics
 
 
 def run_ad(args, device, run):

@@ -24,7 +24,7 @@ from layers import init_hyperlayers
 from metrics import age_bias_fit, gap_summary, regression_metrics
 from models import BRAIN_AGE_MODELS, AgeTarget
 from training import (RunConfig, add_common_arguments, check_finite_outputs, claim_run_folder, common_run_fields, fit,
-                      identity, is_main, load_checkpoint, loader_workers, log, main_first, make_loader, predict,
+                      identity, is_main, leave, load_checkpoint, loader_workers, log, main_first, make_loader, predict,
                       recalibrate_batchnorm, resumable, seed_all, setup_device)
 
 REAL_BRAIN_AGE = dict(epochs=70, batch_size=64, lr=1.5e-4, weight_decay=0.05, lr_schedule="constant")  # Table 1
@@ -68,7 +68,9 @@ def train_brain_age(args):
     device = setup_device(args["device"], args["sync_bn"])
     run = brain_age_run_config(args, device)
     with claim_run_folder(run.run_dir(args["out"]), args["resume"]):   # refused before any work
-        return run_brain_age(args, device, run)
+        metrics = run_brain_age(args, device, run)
+    leave()
+    return metrics
 
 
 def run_brain_age(args, device, run):

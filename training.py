@@ -358,8 +358,17 @@ def setup_device(name, sync_bn=False):
     if launched and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(hours=WAIT_HOURS))
-        atexit.register(dist.destroy_process_group)
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())   # a failed run's exit
     return device
+
+
+def leave():
+    """The end of a run that succeeded: every process reaches it before any tears the process group down (one
+    that left while rank 0 still wrote its files was aborted by gloo now and then). A no-op without torchrun and
+    inside alone() (rank 0's nested tabular pre-training)."""
+    if world_size() > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def loader_workers(requested, device):
