@@ -2736,16 +2736,19 @@ def test_app_c4_oversampling_draws_every_class_equally_often_over_an_epoch(ad_co
     assert np.abs(drawn / drawn.sum() - 1 / 3).max() < 0.02, drawn         # 10,800 draws: 4 sigma of noise
 
 
+class _TabularNet(nn.Module):
+    """The smallest network fit() trains: a linear layer on the tabular vector, the image ignored."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+
+    def forward(self, image, tabular):
+        return self.linear(tabular)
+
+
 def _scripted_fit(folder, scores, lower_is_better):
     """training.fit on a tiny net whose validation scores are `scores`, one per epoch -> (best, weights per epoch)."""
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear = nn.Linear(3, 2)
-
-        def forward(self, image, tabular):
-            return self.linear(tabular)
-
     torch.manual_seed(0)
     items = torch.utils.data.TensorDataset(torch.zeros(8, 0), torch.randn(8, 3), torch.randint(0, 2, (8,)))
     batches = torch.utils.data.DataLoader(items, batch_size=4)
@@ -2757,7 +2760,7 @@ def _scripted_fit(folder, scores, lower_is_better):
         weights.append({k: v.clone() for k, v in model.state_dict().items()})
         return {"score": left.pop(0)}
 
-    best = training.fit(Net(), batches, F.cross_entropy, validate, "score", run, str(folder), {}, quiet=True,
+    best = training.fit(_TabularNet(), batches, F.cross_entropy, validate, "score", run, str(folder), {}, quiet=True,
                         lower_is_better=lower_is_better)
     return best, weights
 
@@ -4367,14 +4370,6 @@ def test_fit_runs_forward_and_loss_in_one_autocast_at_the_runs_precision_and_sca
                                                                                                    monkeypatch):
     """What a GPU run at bf16 or fp16 does (CPU autocast here): the forward pass and the loss inside one autocast
     context; float16's GradScaler enabled with it alone."""
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear = nn.Linear(3, 2)
-
-        def forward(self, image, tabular):
-            return self.linear(tabular)
-
     seen, scalers, real_scaler = [], [], torch.amp.GradScaler
 
     def loss_fn(out, target):
@@ -4386,7 +4381,7 @@ def test_fit_runs_forward_and_loss_in_one_autocast_at_the_runs_precision_and_sca
     for precision in ("fp32", "bf16", "fp16"):
         run = RunConfig(task="ad", model="tabular", version=0, split_seed=0, fold=0, classes=2, loss="ce",
                         data_csv="x", epochs=1, batch_size=4, lr=1e-3, weight_decay=0.0, precision=precision)
-        training.fit(Net(), torch.utils.data.DataLoader(items, batch_size=4), loss_fn, lambda m: {"score": 0.5},
+        training.fit(_TabularNet(), torch.utils.data.DataLoader(items, batch_size=4), loss_fn, lambda m: {"score": 0.5},
                      "score", run, str(tmp_path / precision), {}, quiet=True)
     assert seen == [(torch.float32, False)] * 2 + [(torch.bfloat16, True)] * 2 + [(torch.float16, True)] * 2
     assert scalers == [False, False, True]
