@@ -4826,3 +4826,142 @@ def test_the_calibration_report_ensembles_the_members_each_at_its_own_temperatur
     assert ens["after"]["ece"] == pytest.approx(metrics.calibration_metrics(test_labels, after)["ece"])
     assert ens["before"]["nll"] == pytest.approx(metrics.calibration_metrics(test_labels, before)["nll"])
     assert ens["after"]["nll"] != pytest.approx(ens["before"]["nll"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop itself (Sec. 3.2, 4.3.6): train_ad.py's real run, watched step by step
+
+class _Batches:
+    """A loader whose batches are recorded as fit() draws them (its sampler kept for set_epoch)."""
+
+    def __init__(self, loader, seen):
+        self.loader, self.sampler, self.seen = loader, loader.sampler, seen
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.seen.append(batch)
+            yield batch
+
+
+def test_the_loop_steps_on_eq5_gradients_alone_in_training_mode_and_keeps_the_epoch_best_on_validation_rows(
+        ad_cohort60, tmp_path, monkeypatch):
+    """train_ad.py's run through training.fit, watched: at every optimiser step each parameter's gradient is that of
+    Eq. 5 (weights N / (C n_c) on training + validation rows, divided by B) on that batch alone, taken in training
+    mode (zero_grad before backward; model.train() again after validation's eval()); each epoch is scored by the
+    balanced accuracy of the validation rows, and best.pt holds the first epoch best there."""
+    table = data.read_ad_table(ad_cohort60, need_images=False)
+    parts = dict(zip(("train", "val", "test"), data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 1)))
+    rows = torch.as_tensor(TabularPreprocessor().fit([table.raw[i] for i in parts["train"]]).transform(table.raw))
+    counts = np.bincount(table.labels[np.concatenate([parts["train"], parts["val"]])], minlength=3)
+    w = torch.tensor(counts.sum() / (3 * counts), dtype=torch.float32)
+    batches, steps, epochs, real_fit, real_optimizer = [], [], [], train_ad.fit, training.make_optimizer
+
+    def eq5_gradients(model, tabular, target):
+        twin = copy.deepcopy(model).train()
+        log_p = F.log_softmax(twin(None, tabular), 1)[torch.arange(len(target)), target]
+        loss = -(w[target] * log_p).sum() / len(target)                                      # Eq. 5
+        return torch.autograd.grad(loss, list(twin.parameters()))
+
+    def spy_fit(model, train_loader, loss_fn, validate, *args, **kwargs):
+        def optimizer(*a, **k):
+            opt = real_optimizer(*a, **k)
+            real_step = opt.step
+
+            def step(*sa, **sk):
+                _, tabular, target = batches[-1]
+                steps.append(model.training)
+                for p, g in zip(model.parameters(), eq5_gradients(model, tabular, target)):
+                    torch.testing.assert_close(p.grad, g)
+                return real_step(*sa, **sk)
+            opt.step = step
+            return opt
+
+        def scored(m):
+            score = validate(m)
+            with torch.no_grad():                                                             # m is in eval()
+                ba = {part: classification_metrics(table.labels[idx], torch.softmax(m(None, rows[idx]), 1).numpy(),
+                                                   NAMES)["balanced_accuracy"] for part, idx in parts.items()}
+            epochs.append((score["balanced_accuracy"], ba, copy.deepcopy(m.state_dict())))
+            return score
+
+        monkeypatch.setattr(training, "make_optimizer", optimizer)
+        return real_fit(model, _Batches(train_loader, batches), loss_fn, scored, *args, **kwargs)
+
+    monkeypatch.setattr(train_ad, "fit", spy_fit)
+    train_ad.main(_tabular_args(ad_cohort60, tmp_path, "--epochs", "4", "--lr", "3e-2"))
+    assert len(steps) == 4 * 4 and all(steps)                                 # 36 training rows, batches of 8
+    scores = [s for s, _, _ in epochs]
+    assert scores == [ba["val"] for _, ba, _ in epochs]
+    kept = int(np.argmax(scores))
+    for other in ("test", "train"):                                   # the rows tell the epochs apart differently
+        assert int(np.argmax([ba[other] for _, ba, _ in epochs])) != kept, other
+    run_dir = _run_dir(tmp_path, "tabular")
+    best = training.load_checkpoint(os.path.join(run_dir, "best.pt"))
+    assert best["epoch"] == kept and json.load(open(os.path.join(run_dir, "metrics.json")))["best_epoch"] == kept
+    for k, v in epochs[kept][2].items():
+        assert torch.equal(best["model"][k], v), k
+
+
+def test_brain_age_minimises_eq4_the_mean_squared_error_of_the_centred_age(brain_age_cohort20, tmp_path,
+                                                                              monkeypatch):
+    """The loss train_brain_age.py hands the loop: (1/B) sum_b (y_hat_b - (age_b - centre))^2 (Eq. 4), its value
+    and its gradient, on an age target centred where the run says."""
+    seen = []
+
+    def spy(model, train_loader, loss_fn, *args, **kwargs):
+        seen.append((loss_fn, kwargs["state"]["target"]))
+        raise _Stop
+
+    monkeypatch.setattr(train_brain_age, "fit", spy)
+    with pytest.raises(_Stop):
+        train_brain_age.main(["--data-csv", str(brain_age_cohort20), "--out", str(tmp_path), "--epochs", "1",
+                              "--quiet", "--precision", "fp32"])
+    (loss_fn, target), = seen
+    g = torch.Generator().manual_seed(0)
+    pred, age = torch.randn(6, generator=g, requires_grad=True), torch.rand(6, generator=g) * 80 + 8
+    by_hand = pred.detach().clone().requires_grad_()
+    expected = ((by_hand - (age - target["centre"]) / target["scale"]) ** 2).sum() / 6              # Eq. 4
+    loss = loss_fn(pred, age)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(pred.grad, by_hand.grad)
+
+
+def test_loss_entropy_bins_every_layers_losses_over_one_range_shared_by_all_layers():
+    """Sec. 3.1.2: the scores compare layers, so each layer's losses fall into bins over the range of all layers'
+    losses: a layer that moves the loss a thousand times less than another fills one bin (entropy 0), however its
+    own few losses spread, and the other spreads over several."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.strong, self.weak = nn.Linear(4, 1), nn.Linear(4, 1)
+
+        def forward(self, image, tabular):
+            return (self.strong(tabular) + 1e-3 * self.weak(tabular)).squeeze(1)
+
+    batch = (None, torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), torch.zeros(16))
+    scores = dict(layer_loss_entropy(Net(), batch, F.mse_loss, n_draws=30))
+    assert scores["weak"] == 0.0 and scores["strong"] > 1.0, scores
+
+
+def test_preprocess_centres_its_box_on_the_brain_masks_centre_of_mass_and_z_scores_the_brain_voxels_alone(tmp_path):
+    """App. A.1 (Sec. 4.2.3): the output box of `shape` starts at round(centre of mass - (shape - 1) / 2) of the
+    mask, axis by axis (shapes and centre differ per axis, so a swapped axis or an off-by-one shows), and the
+    volume is z-scored over the brain voxels of the box alone (zero outside), not over the whole box."""
+    g = np.random.default_rng(0)
+    vol = g.uniform(0.5, 1.5, (20, 24, 28)).astype(np.float32)
+    mask = np.zeros(vol.shape, bool)
+    mask[3:12, 5:20, 9:22] = True
+    mask[3:6, 5:8, 9:12] = False                                      # a centre of mass off the box's middle
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    out = preprocess.preprocess_volume(nib.Nifti1Image(vol, affine), nib.Nifti1Image(mask.astype(np.uint8), affine),
+                                       spacing=2.0, shape=(9, 11, 13))
+    com = np.array(np.nonzero(mask)).mean(1)
+    start = np.round(com - (np.array([9, 11, 13]) - 1) / 2).astype(int)
+    box = tuple(slice(s, s + n) for s, n in zip(start, (9, 11, 13)))
+    brain, values = mask[box], vol[box].astype(np.float64)
+    assert brain.any() and not brain.all()                            # the box holds brain and background
+    expected = np.where(brain, (values - values[brain].mean()) / values[brain].std(), 0)
+    np.testing.assert_allclose(out.get_fdata(), expected, rtol=1.3e-6, atol=1e-5)     # float32's
+    np.testing.assert_array_equal(out.affine[:3, 3], 2.0 * start)
