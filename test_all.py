@@ -1620,13 +1620,13 @@ def test_preprocess_gives_a_centred_zscored_90x120x99_volume_at_1_75mm(tmp_path,
 def test_preprocess_batch_mode_writes_every_subject_and_names_a_bad_row(tmp_path):
     csv_path = tiny_ad(tmp_path)
     args = ["--csv", csv_path, "--out-dir", tmp_path / "pre", "--shape", 6, 6, 6, "--spacing", 2]
-    p = run("preprocess.py", *args)
+    p = run_main(preprocess.main, *args)
     assert p.returncode == 0, p.stderr
     assert sorted(os.listdir(tmp_path / "pre")) == ["S0.nii.gz", "S1.nii.gz", "S2.nii.gz", "ad.csv"]
     assert data.read_ad_table(tmp_path / "pre" / "ad.csv").image_paths[2] == str(tmp_path / "pre" / "S2.nii.gz")
     assert nib.load(tmp_path / "pre" / "S1.nii.gz").shape == (6, 6, 6)
     os.remove(tmp_path / "images" / "S2.nii.gz")
-    assert_clean_error(run("preprocess.py", *args, "--overwrite"), "ad.csv line 4", "S2.nii.gz")
+    assert_clean_error(run_main(preprocess.main, *args, "--overwrite"), "ad.csv line 4", "S2.nii.gz")
     assert no_temp_files(tmp_path / "pre")
 
 
@@ -1664,7 +1664,7 @@ def test_truncated_nifti_is_named(tmp_path):
     csv_path = tiny_ad(tmp_path)
     p = tmp_path / "images" / "S2.nii.gz"
     p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
-    assert_clean_error(run("data.py", "check-ad", csv_path), "S2.nii.gz", "truncated")
+    assert_clean_error(run_main(data.main, "check-ad", csv_path), "S2.nii.gz", "truncated")
     with pytest.raises(UserError, match="S2.nii.gz"):
         preprocess.preprocess_file(p, tmp_path / "o.nii.gz")
     assert not (tmp_path / "o.nii.gz").exists() and no_temp_files(tmp_path)
@@ -1673,7 +1673,7 @@ def test_truncated_nifti_is_named(tmp_path):
 def test_4d_image_is_named_with_its_shape(tmp_path):
     csv_path = tiny_ad(tmp_path)
     nib.save(nib.Nifti1Image(np.ones((8, 8, 8, 2), np.float32), np.eye(4)), tmp_path / "images" / "S0.nii.gz")
-    assert_clean_error(run("data.py", "check-ad", csv_path), "S0.nii.gz", "(8, 8, 8, 2)")
+    assert_clean_error(run_main(data.main, "check-ad", csv_path), "S0.nii.gz", "(8, 8, 8, 2)")
     nib.save(nib.Nifti1Image(np.arange(512, dtype=np.float32).reshape(8, 8, 8, 1), np.eye(4)),   # not constant
              tmp_path / "images" / "S0.nii.gz")
     assert data.load_volume(tmp_path / "images" / "S0.nii.gz").shape == (8, 8, 8)   # trailing 1 squeezed
@@ -1684,34 +1684,34 @@ def test_nan_voxels_are_named_and_preprocess_writes_nothing(tmp_path):
     vol = np.ones((8, 8, 8), np.float32)
     vol[1, 2, 3] = np.nan
     data.save_nifti(vol, 2.0, tmp_path / "images" / "S1.nii.gz")
-    assert_clean_error(run("data.py", "check-ad", csv_path), "S1.nii.gz", "NaN")
+    assert_clean_error(run_main(data.main, "check-ad", csv_path), "S1.nii.gz", "NaN")
     out = tmp_path / "out" / "o.nii.gz"
-    assert_clean_error(run("preprocess.py", tmp_path / "images" / "S1.nii.gz", out), "S1.nii.gz", "NaN")
+    assert_clean_error(run_main(preprocess.main, tmp_path / "images" / "S1.nii.gz", out), "S1.nii.gz", "NaN")
     assert not out.exists()
 
 
 def test_csv_without_group_names_the_column(tmp_path):
     csv_path = tiny_ad(tmp_path)
     csv_path.write_text(csv_path.read_text().replace("Group", "Diagnosis"))
-    assert_clean_error(run("data.py", "check-ad", csv_path), "ad.csv", "Group")
+    assert_clean_error(run_main(data.main, "check-ad", csv_path), "ad.csv", "Group")
 
 
 def test_rows_whose_group_is_not_a_diagnosis_are_skipped_with_a_count_or_mapped(tmp_path):
     csv_path = tiny_ad(tmp_path, group="SMC")
-    p = run("data.py", "check-ad", csv_path)
+    p = run_main(data.main, "check-ad", csv_path)
     assert p.returncode == 0 and "skipped 1 row whose Group is not CN, MCI or AD: SMC 1" in p.stdout, p.stderr
     assert "2 subjects (CN 0, MCI 0, AD 2)" in p.stdout
-    p = run("data.py", "check-ad", csv_path, "--group-map", "smc=CN")
+    p = run_main(data.main, "check-ad", csv_path, "--group-map", "smc=CN")
     assert p.returncode == 0 and "3 subjects (CN 1, MCI 0, AD 2)" in p.stdout and "skipped" not in p.stdout
     csv_path.write_text(csv_path.read_text().replace(",AD,", ",XYZ,").replace(",SMC,", ",,"))
-    assert_clean_error(run("data.py", "check-ad", csv_path), "ad.csv", "no CN or MCI or AD subjects", "XYZ 2",
+    assert_clean_error(run_main(data.main, "check-ad", csv_path), "ad.csv", "no CN or MCI or AD subjects", "XYZ 2",
                        "(empty) 1", "--group-map")
-    assert_clean_error(run("data.py", "check-ad", csv_path, "--group-map", "XYZ=sick"), "--group-map XYZ=sick")
+    assert_clean_error(run_main(data.main, "check-ad", csv_path, "--group-map", "XYZ=sick"), "--group-map XYZ=sick")
 
 
 def test_non_numeric_age_names_the_row_and_column(tmp_path):
     csv_path = tiny_ad(tmp_path, age="seventy")
-    assert_clean_error(run("data.py", "check-ad", csv_path, "--no-images"), "line 3", "AGE", "seventy")
+    assert_clean_error(run_main(data.main, "check-ad", csv_path, "--no-images"), "line 3", "AGE", "seventy")
     with pytest.raises(UserError, match="line 3.*AGE"):
         data.read_ad_table(csv_path)
     csv_path.write_text(csv_path.read_text().replace("seventy", "70,extra"))
@@ -1741,20 +1741,21 @@ ADNIMERGE = """RID,PTID,VISCODE,EXAMDATE,DX_bl,DX,AGE,PTGENDER,PTEDUCAT,APOE4,AB
 
 def test_from_adnimerge_keeps_one_row_per_subject_with_the_diagnosis_of_that_visit(tmp_path):
     (tmp_path / "ADNIMERGE.csv").write_text(ADNIMERGE)
-    p = run("data.py", "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out", tmp_path / "t.csv")
+    p = run_main(data.main, "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out", tmp_path / "t.csv")
     assert p.returncode == 0, p.stderr
     assert "kept 3 subjects (CN 1, MCI 1, AD 1)" in p.stdout and "1 subjects without a 'bl' visit" in p.stdout
     assert "DX_bl SMC 1" in p.stdout
     t = data.read_ad_table(tmp_path / "t.csv", need_images=False)
     assert t.subjects == ["011_S_0001", "011_S_0004", "011_S_0005"] and t.labels.tolist() == [0, 1, 2]
     assert np.isnan(t.age[1]) and t.raw[0]["ABETA"] == ">1700"        # empty and censored cells as exported
-    p = run("data.py", "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out", tmp_path / "t.csv",
+    p = run_main(data.main, "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out", tmp_path / "t.csv",
             "--group-map", "SMC=CN")
     assert "kept 4 subjects (CN 2, MCI 1, AD 1)" in p.stdout
-    p = run("data.py", "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out", tmp_path / "m12.csv", "--visit", "m12")
+    p = run_main(data.main, "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out", tmp_path / "m12.csv", "--visit",
+                 "m12")
     t = data.read_ad_table(tmp_path / "m12.csv", need_images=False)
     assert t.subjects == ["011_S_0001"] and t.labels.tolist() == [1] and t.age[0] == pytest.approx(75.3)
-    assert_clean_error(run("data.py", "from-adnimerge", tmp_path / "t.csv", "--out", tmp_path / "x.csv"),
+    assert_clean_error(run_main(data.main, "from-adnimerge", tmp_path / "t.csv", "--out", tmp_path / "x.csv"),
                        "t.csv", "missing columns PTID, VISCODE")
     assert not (tmp_path / "x.csv").exists()
 
@@ -1785,7 +1786,7 @@ def _png_size(path):
 
 
 def test_check_ad_preview_draws_the_boxes_and_writes_the_crops_as_png(ad_cohort40, tmp_path):
-    p = run("data.py", "check-ad", ad_cohort40, "--preview", tmp_path / "pv", "--preview-n", "2")
+    p = run_main(data.main, "check-ad", ad_cohort40, "--preview", tmp_path / "pv", "--preview-n", "2")
     assert p.returncode == 0 and "wrote 4 PNGs" in p.stdout, p.stderr
     X, Y, Z = synthetic.AD_SYNTH["shape"]
     D, H, W = synthetic.AD_SYNTH["crop_size"]
@@ -3221,7 +3222,7 @@ def test_a_run_refuses_a_tabular_model_or_checkpoint_trained_on_another_table(ad
     ckpt = torch.load(os.path.join(tab, "last.pt"), weights_only=True)
     assert ckpt["inputs"]["table_sha256"] == data.table_sha256(ad_cohort60) and len(data.table_sha256(other)) == 64
     # HyperFusion on the other table finds the tabular model of this split, fold and version: refused
-    assert_clean_error(run("train_ad.py", *_ad_args(other, tmp_path, "--model", "hyperfusion")),
+    assert_clean_error(run_main(train_ad.main, *_ad_args(other, tmp_path, "--model", "hyperfusion")),
                        "best.pt", "another run", "table_sha256", str(ad_cohort60))
     # --resume with another --data-csv: refused
     assert_clean_error(run_main(train_ad.main, *_ad_args(other, tmp_path, "--model", "tabular", "--resume")),
@@ -3255,7 +3256,7 @@ def _tiny_brain_age(folder, n=10, sex="MF", shapes=None, spacing=None):
 def test_images_of_another_shape_or_voxel_size_are_refused_from_their_headers(ad_cohort40, tmp_path):
     ba = ["--out", tmp_path / "runs", "--epochs", "1", "--quiet"]
     csv_path = _tiny_brain_age(tmp_path / "a", shapes={6: (8, 9, 8)})
-    assert_clean_error(run("train_brain_age.py", "--data-csv", csv_path, *ba), "B6.nii.gz", "subject B6",
+    assert_clean_error(run_main(train_brain_age.main, "--data-csv", csv_path, *ba), "B6.nii.gz", "subject B6",
                        "(8, 9, 8)", "(8, 8, 8)", "B0.nii.gz")
     assert not (tmp_path / "a" / "cache").exists() and not (tmp_path / "runs").exists()
     csv_path = _tiny_brain_age(tmp_path / "b", spacing={3: 1.0})
@@ -3281,14 +3282,14 @@ def test_a_column_named_twice_is_refused_naming_it(tmp_path):
     csv_path = tiny_ad(tmp_path)
     lines = csv_path.read_text().splitlines()
     csv_path.write_text("\n".join([lines[0] + ",ABETA"] + [ln + ",900" for ln in lines[1:]]) + "\n")
-    assert_clean_error(run("data.py", "check-ad", csv_path), "ad.csv", "column ABETA appears twice",
+    assert_clean_error(run_main(data.main, "check-ad", csv_path), "ad.csv", "column ABETA appears twice",
                        "columns 7 and 12")
 
 
 def test_one_class_or_a_class_absent_from_a_subset_is_refused_after_the_split(ad_cohort40, tmp_path):
     out = tmp_path / "runs"
     one = _edit_table(ad_cohort40, tmp_path / "one.csv", lambda k, c: c[:1] + ["CN"] + c[2:])
-    assert_clean_error(run("train_ad.py", *_ad_args(one, out, "--model", "tabular")), "one.csv",
+    assert_clean_error(run_main(train_ad.main, *_ad_args(one, out, "--model", "tabular")), "one.csv",
                        "every subject is CN")
     no_mci = _edit_table(ad_cohort40, tmp_path / "no_mci.csv",
                          lambda k, c: c[:1] + ["CN" if c[1] == "MCI" else c[1]] + c[2:])
@@ -3322,7 +3323,7 @@ def test_adni_missing_codes_read_as_missing_with_a_warning_and_impossible_values
         csv_path.write_text(_cells(good, 3, header.index(col), bad))
         assert_clean_error(run_main(data.main, "check-ad", csv_path, "--no-images"), "line 3", "subject S1",
                            f"column {col}", bad, why)
-    assert_clean_error(run("train_ad.py", *_ad_args(csv_path, tmp_path / "runs", "--model", "tabular")),
+    assert_clean_error(run_main(train_ad.main, *_ad_args(csv_path, tmp_path / "runs", "--model", "tabular")),
                        "line 3", "column FDG")
     assert not (tmp_path / "runs").exists()
 
@@ -3355,7 +3356,7 @@ def test_preprocess_refuses_a_subject_that_is_not_a_plain_file_name(tmp_path):
 def test_an_unclosed_quote_is_named_at_the_line_where_it_opens(tmp_path):
     csv_path = tiny_ad(tmp_path)
     csv_path.write_text(csv_path.read_text().replace("S1,CN,", 'S1,"CN,'))
-    assert_clean_error(run("data.py", "check-ad", csv_path), "ad.csv line 3", "quote", "Group", "not closed")
+    assert_clean_error(run_main(data.main, "check-ad", csv_path), "ad.csv line 3", "quote", "Group", "not closed")
 
 
 def test_numeric_options_out_of_range_are_refused_naming_the_option(tmp_path):
@@ -3364,7 +3365,7 @@ def test_numeric_options_out_of_range_are_refused_naming_the_option(tmp_path):
     for option, value in [("--batch-size", "0"), ("--lr", "-1"), ("--weight-decay", "nan"), ("--workers", "-1"),
                           ("--version", "-5"), ("--epochs", "0"), ("--split-seed", "-1"), ("--lr", "inf")]:
         assert_clean_error(run_main(train_ad.main, *base, option, value), f"{option} {value}")
-    assert_clean_error(run("train_ad.py", *base, "--batch-size", "0"), "--batch-size 0", "at least 1")
+    assert_clean_error(run_main(train_ad.main, *base, "--batch-size", "0"), "--batch-size 0", "at least 1")
     assert_clean_error(run_main(train_brain_age.main, "--data-csv", csv_path, "--lr", "0"), "--lr 0", "above 0")
     for fractions in (("0.5", "0.5", "0.5"), ("0.9", "0.1", "0"), ("nan", "0.5", "0.5")):
         assert_clean_error(run_main(train_brain_age.main, "--data-csv", csv_path, "--split", *fractions),
@@ -3399,7 +3400,7 @@ def test_semicolon_or_tab_tables_are_named_and_nii_images_beside_nii_gz_are_foun
     good = csv_path.read_text()
     for sep, name in ((";", "semicolon"), ("\t", "tab")):
         csv_path.write_text(good.replace(",", sep))
-        assert_clean_error(run("data.py", "check-ad", csv_path), "ad.csv", f"delimiter looks like a {name}",
+        assert_clean_error(run_main(data.main, "check-ad", csv_path), "ad.csv", f"delimiter looks like a {name}",
                            "comma-separated")
     csv_path.write_text(good)
     img = nib.load(tmp_path / "images" / "S1.nii.gz")
@@ -3671,7 +3672,7 @@ def test_predict_refuses_other_grids_mixed_runs_and_unfinished_runs_in_one_line(
         data.save_nifti(np.zeros(shape, np.float32), spacing, folder / "images" / "NEW1.nii.gz")
         (folder / "t.csv").write_text("Subject,AGE,PTGENDER,PTEDUCAT,APOE4,ABETA,PTAU,TAU,FDG,AV45\n"
                                       "NEW1,70,Male,16,0,,,,,\n")
-        assert_clean_error(run("predict.py", run_dir, "--data-csv", folder / "t.csv", "--out", out),
+        assert_clean_error(run_main(predict.main, run_dir, "--data-csv", folder / "t.csv", "--out", out),
                            "NEW1", "NEW1.nii.gz", "trained on")
     rng = np.random.default_rng(0)
     age = rng.uniform(40, 80, 5)
@@ -3679,14 +3680,14 @@ def test_predict_refuses_other_grids_mixed_runs_and_unfinished_runs_in_one_line(
     binary = fake_ad_run(tmp_path / "fake", "imaging", 0, 0, 0, random_probs(rng, 5, 2), np.arange(5) % 2,
                          classes=2, class_names=["CN", "AD"])
     for other, what in [(other_task, "task"), (binary, "classes")]:
-        assert_clean_error(run("predict.py", run_dir, other, "--data-csv", ad_cohort60, "--out", out),
+        assert_clean_error(run_main(predict.main, run_dir, other, "--data-csv", ad_cohort60, "--out", out),
                            "cannot combine", what)
     unfinished = tmp_path / "unfinished"
     os.makedirs(unfinished)
     training.save_checkpoint(load_run(run_dir).checkpoint, unfinished / "best.pt")
-    assert_clean_error(run("predict.py", unfinished / "best.pt", "--data-csv", ad_cohort60, "--out", out),
+    assert_clean_error(run_main(predict.main, unfinished / "best.pt", "--data-csv", ad_cohort60, "--out", out),
                        "best.pt", "not the checkpoint of a finished run")
-    assert_clean_error(run("predict.py", unfinished, "--data-csv", ad_cohort60, "--out", out),
+    assert_clean_error(run_main(predict.main, unfinished, "--data-csv", ad_cohort60, "--out", out),
                        "unfinished", "no finished run")
     assert not out.exists() and no_temp_files(tmp_path)
 
