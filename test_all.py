@@ -3850,7 +3850,10 @@ def test_imports_form_a_tree_with_no_circles_and_no_private_names():
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules:
                 assert not (node.attr.startswith("_") and not node.attr.startswith("__")), \
                     f"{f} uses {node.value.id}.{node.attr}"
-    assert graph["layers"] == set()                        # copy-pasteable: imports nothing but torch
+    layers = ast.parse(open(os.path.join(HERE, "layers.py")).read())
+    imported = {a.name.split(".")[0] for n in ast.walk(layers) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(layers) if isinstance(n, ast.ImportFrom)}
+    assert imported <= {"torch", "math", "copy"}, imported  # copy-pasteable: imports nothing but torch
     assert "train_ad" not in graph["train_brain_age"]
 
     def visit(module, path):
@@ -3862,84 +3865,16 @@ def test_imports_form_a_tree_with_no_circles_and_no_private_names():
         visit(module, [])
 
 
-def _depends(graph, module):
-    """Every module `module` imports, directly or through others."""
-    seen, todo = set(), [module]
-    while todo:
-        for dep in graph.get(todo.pop(), ()):
-            if dep not in seen:
-                seen.add(dep)
-                todo.append(dep)
-    return seen
-
-
-def test_the_readmes_file_table_is_the_codes():
-    """The README's file table names every source file and no other."""
-    readme = open(os.path.join(HERE, "README.md")).read()
-    table = set(re.findall(r"^\| `(\w+\.py)`(?:, `(\w+\.py)`)?", readme, re.M))
-    assert {f for row in table for f in row if f} == set(SOURCES)
-
-
-def test_every_source_file_names_its_one_job_and_layers_imports_nothing_but_torch():
-    for f in SOURCES:
-        doc = ast.get_docstring(ast.parse(open(os.path.join(HERE, f)).read()))
-        assert doc and doc.splitlines()[0].strip(), f"{f}: no docstring naming its job"
-    tree = ast.parse(open(os.path.join(HERE, "layers.py")).read())
-    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert imported <= {"torch", "math", "copy"}, imported
-
-
-def _documented_commands(*files):
-    """Every `python <script>.py ...` command of the markdown files' shell blocks and inline code, as
-    (script, subcommand or None, [options]): continuation lines joined, comments and shell glue dropped."""
-    commands = []
-    for name in files:
-        text = open(os.path.join(HERE, name)).read()
-        pieces = [ln for block in re.findall(r"```bash\n(.*?)```", text, re.S)
-                  for ln in block.replace("\\\n", " ").splitlines()] + re.findall(r"`([^`\n]*python[^`\n]*)`", text)
-        for piece in pieces:
-            for part in re.split(r"&&|;|\||\$\(|\)|'", piece.split(" # ")[0]):
-                words = part.replace("[", " ").replace("]", " ").split()
-                script = next((k for k, w in enumerate(words) if re.fullmatch(r"\w+\.py", w)
-                               and {"python", "python3", "torchrun"} & set(words[:k])), None)
-                if script is None or words[script] == "test_all.py":
-                    continue
-                rest = words[script + 1:]
-                sub = rest[0] if rest and words[script] in ("evaluate.py", "data.py", "synthetic.py") else None
-                commands.append((words[script], sub, [w.split("=")[0] for w in rest if w.startswith("--")]))
-    return commands
-
-
-# each script's --help (its subcommand's), all in one interpreter: the script run as __main__ with argv set
-_HELPS = """
-import contextlib, io, json, runpy, sys
-out = {}
-for script, sub in json.loads(sys.argv[1]):
-    sys.argv, text = [script, *([sub] if sub else []), "--help"], io.StringIO()
-    try:
-        with contextlib.redirect_stdout(text):
-            runpy.run_path(script, run_name="__main__")
-        status = "no exit"
-    except SystemExit as exc:
-        status = exc.code
-    out[script + " " + str(sub)] = [status, text.getvalue()]
-print(json.dumps(out))
-"""
-
-
-def test_every_command_the_readme_and_results_show_parses_with_the_options_it_shows():
-    commands = _documented_commands("README.md", "RESULTS.md")
-    assert len(commands) > 30 and {c[0] for c in commands} >= {"train_ad.py", "train_brain_age.py", "evaluate.py",
-                                                               "predict.py", "preprocess.py", "data.py", "bench.py"}
-    wanted = sorted({(script, sub) for script, sub, _ in commands}, key=str)
-    p = subprocess.run([sys.executable, "-c", _HELPS, json.dumps(wanted)], cwd=HERE, capture_output=True, text=True)
-    helps = json.loads(p.stdout.splitlines()[-1])
-    for script, sub, options in commands:
-        status, text = helps[f"{script} {sub}"]
-        assert status == 0, (script, sub, status)
-        shown = set(re.findall(r"--[\w-]+", text))
-        assert set(options) <= shown, (script, sub, set(options) - shown)
+def test_the_readmes_first_command_names_files_that_exist_and_options_that_parse():
+    """The README's first shell block is what a reader runs first: each file it names is in the repository, and
+    its training command's options are train_ad.py's (its own parser reads them)."""
+    block = re.search(r"```bash\n(.*?)```", open(os.path.join(HERE, "README.md")).read(), re.S).group(1)
+    segments = [shlex.split(seg) for ln in block.splitlines() if not ln.startswith("#") for seg in ln.split("&&")]
+    files = [w for words in segments for w in words if re.fullmatch(r"[\w-]+\.(py|txt)", w)]
+    assert "train_ad.py" in files and all(os.path.isfile(os.path.join(HERE, f)) for f in files), files
+    for words in segments:
+        if "train_ad.py" in words:
+            train_ad.ad_arguments().parse_args(words[words.index("train_ad.py") + 1:])   # SystemExit if not
 
 
 # ----------------------------------------------------------------------------------------------
