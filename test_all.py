@@ -347,23 +347,10 @@ def test_eq1_2_generators_are_drawn_uniform_with_the_hyperfan_in_variances_and_z
         assert torch.equal(generator.bias, torch.zeros_like(generator.bias)), name   # c = 0
 
 
-def test_eq1_2_take_r_1_for_the_brain_age_linears_a_relu_follows_and_r_0_for_the_final_layer_and_ad_downsample():
-    """Fig. 2-3: a ReLU follows linear1-3, nothing the final layer, BN the AD network's downsample. With e = 1 for
-    both sexes (E[e^2] = 1), G_w ~ U(+-sqrt(3 * 2^r / (2 d_j))): the largest of its (64 to 2,048) draws lies
-    within 1.2x of that bound, and a wrong r moves the bound by sqrt(2)."""
-    torch.manual_seed(0)
-    net = build_model("brain-age", "hyperfusion", image_shape=BRAIN_AGE_SMALL)
-    init_hyperlayers(net, torch.eye(2)[[0, 1, 1, 0]])
-    for name, r in (("linear1", 1), ("linear2", 1), ("linear3", 1), ("final_layer", 0)):
-        layer = getattr(net, name)
-        bound = math.sqrt(3 * 2 ** r / (2 * layer.in_features * 1 * 1.0))           # Eq. 1, s = 1, d_k = 1
-        largest = float(layer.hypernet.weights_gen.weight.detach().abs().max())
-        assert bound / 1.2 < largest <= bound, (name, largest, bound)
-    downsample = build_model("ad", "hyperfusion", n_tabular=15).block4.downsample
-    assert not downsample.relu_follows and downsample.fan_in == 128                 # then Eq. 1-2 with r = 0
-
-
-def test_init_measures_the_embedding_mean_square_on_training_rows():
+def test_eq1_2_measure_e_squared_on_the_rows_given_and_take_r_1_where_a_relu_follows_r_0_at_the_end_and_downsample():
+    """Fig. 2-3: a ReLU follows linear1-3, nothing the final layer, BN the AD network's downsample. E[e^2] is the
+    embedding's mean square on the rows init_hyperlayers is given, and G_w ~ U(+-sqrt(3 * 2^r / (2 d_j E[e^2]))):
+    the largest of its (64 to 2,048) draws lies within 0.9x of that bound, and a wrong r moves it by sqrt(2)."""
     model = build_model("brain-age", "hyperfusion", image_shape=BRAIN_AGE_SMALL)
     sex = torch.eye(2)[torch.randint(0, 2, (50,))]
     measured = init_hyperlayers(model, sex)
@@ -375,7 +362,9 @@ def test_init_measures_the_embedding_mean_square_on_training_rows():
         g = layer.hypernet.weights_gen.weight.detach()
         r = 0 if name == "final_layer" else 1
         bound = (2 ** r / (2 * layer.fan_in * 1 * sq_mean) * 3) ** 0.5  # Eq. 1 with s = 1, d_k = 1
-        assert 0.9 * bound < float(g.abs().max()) <= bound
+        assert 0.9 * bound < float(g.abs().max()) <= bound, name
+    downsample = build_model("ad", "hyperfusion", n_tabular=15).block4.downsample
+    assert not downsample.relu_follows and downsample.fan_in == 128                 # then Eq. 1-2 with r = 0
 
 
 class _Stop(Exception):
@@ -865,6 +854,7 @@ def test_brain_age_split_cuts_every_sex_and_20_age_bin_stratum_80_10_10_within_o
     assert len(np.unique(strata)) == 40
     for seed in range(3):
         parts = data.brain_age_split(age, sex, seed)
+        assert [len(p) for p in parts] == [1600, 200, 200] and sorted(np.concatenate(parts)) == list(range(2000))
         for g in np.unique(strata):
             members = np.flatnonzero(strata == g)
             for part, share in zip(parts, (0.8, 0.1, 0.1)):
@@ -879,17 +869,6 @@ def test_same_split_seed_same_split_other_seed_other_split():
     sexes = np.arange(500) % 2
     x, y, z = (data.brain_age_split(ages, sexes, s) for s in (1, 1, 2))
     assert all(np.array_equal(p, q) for p, q in zip(x, y)) and not np.array_equal(x[2], z[2])
-
-
-def test_brain_age_split_is_80_10_10_and_keeps_age_and_sex():
-    rng = np.random.default_rng(0)
-    age, sex = rng.uniform(8, 90, 2000), rng.integers(0, 2, 2000)
-    tr, va, te = data.brain_age_split(age, sex, seed=0)
-    assert (len(tr), len(va), len(te)) == (1600, 200, 200)
-    assert len(set(tr) | set(va) | set(te)) == 2000
-    for part in (tr, va, te):
-        assert abs(sex[part].mean() - sex.mean()) < 0.03
-        assert abs(np.median(age[part]) - np.median(age)) < 3
 
 
 def test_the_brain_age_demo_split_holds_validation_and_test_sets_of_200():
@@ -1973,18 +1952,13 @@ def test_a_corrupt_checkpoint_given_to_resume_stops_with_a_clear_error(ad_cohort
     os.makedirs(run)
     with open(os.path.join(run, "last.pt"), "wb") as f:
         f.write(b"PK\x03\x04 not really a checkpoint")
-    p = subprocess.run([sys.executable, "train_ad.py", *_ad_args(ad_cohort60, tmp_path, "--model", "imaging",
-                                                                 "--resume")],
-                       cwd=HERE, capture_output=True, text=True)
-    assert p.returncode == 2
-    assert p.stderr.startswith("error: ") and "last.pt" in p.stderr and "corrupt" in p.stderr
-    assert "Traceback" not in p.stderr
+    assert_clean_error(run_main(train_ad.main, *_ad_args(ad_cohort60, tmp_path, "--model", "imaging", "--resume")),
+                       "last.pt", "corrupt")
 
 
-def test_a_checkpoint_of_another_run_is_refused(ad_cohort60, tmp_path):
-    train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "tabular"))
+def test_a_checkpoint_of_another_run_is_refused(ad_fold_runs):
     with pytest.raises(UserError, match="another run"):
-        training.load_checkpoint(os.path.join(_run_dir(tmp_path, "tabular"), "last.pt"),
+        training.load_checkpoint(os.path.join(_run_dir(ad_fold_runs, "tabular", 1), "last.pt"),
                                  {"model": "tabular", "fold": 3})
 
 
