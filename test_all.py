@@ -2976,10 +2976,7 @@ def test_folds_with_other_test_subjects_are_refused_and_the_cli_says_so_in_one_l
         fake_ad_run(tmp_path, "film", 0, 0, fold, random_probs(rng, 10), labels, subjects=subjects)
     with pytest.raises(UserError, match="fold0 and .*fold3: their test subjects differ"):
         evaluate.ad_results(str(tmp_path))
-    proc = subprocess.run([sys.executable, "evaluate.py", "ad", "--runs", str(tmp_path)], cwd=HERE,
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: cannot ensemble"), proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert_clean_error(run_main(evaluate.main, "ad", "--runs", tmp_path), "error: cannot ensemble")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -4298,9 +4295,8 @@ def test_the_brain_age_network_gives_the_age_in_float32_under_bfloat16(name):
 
 @pytest.mark.parametrize("option", [("--precision", "fp16"), ("--precision", "bf16"), ("--sync-bn",)])
 def test_float16_bfloat16_or_sync_bn_on_a_cpu_is_refused_in_one_line_naming_the_option(tmp_path, option):
-    p = subprocess.run([sys.executable, "train_ad.py", "--model", "tabular", *option, "--device", "cpu",
-                        "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "runs")],
-                       cwd=HERE, capture_output=True, text=True)
+    p = run_main(train_ad.main, "--model", "tabular", *option, "--device", "cpu", "--data-dir", tmp_path / "data",
+                 "--out", tmp_path / "runs")
     assert p.returncode == 2 and p.stderr.startswith(f"error: {' '.join(option)}: ") and \
         len(p.stderr.splitlines()) == 1, p.stderr
     assert not os.path.exists(tmp_path / "runs")
@@ -4564,10 +4560,10 @@ def test_the_gpu_checks_precision_section_keeps_every_version_finished_when_its_
 @pytest.mark.parametrize("args, why", [(["gpu-check", "--precision", "fp16"], "--precision fp16: CUDA only"),
                                        (["precision", "--precision", "bf16"], "--precision bf16: training refuses"),
                                        (["--precision", "fp16"], "--precision fp16: CUDA only")])
-def test_the_benchmark_refuses_a_precision_this_device_cannot_train_in_one_line_naming_the_option(args, why,
-                                                                                                   tmp_path):
-    p = subprocess.run([sys.executable, "bench.py", *args, "--device", "cpu", "--out", str(tmp_path)], cwd=HERE,
-                       capture_output=True, text=True, timeout=120)
+def test_the_benchmark_refuses_a_precision_this_device_cannot_train_in_one_line_naming_the_option(
+        args, why, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bench.py"])                # argparse names the script from argv[0]
+    p = run_main(bench.main, *args, "--device", "cpu", "--out", tmp_path)
     assert p.returncode == 2 and p.stdout == "" and os.listdir(tmp_path) == []
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("bench.py: error: " + why), last
