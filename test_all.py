@@ -1232,13 +1232,13 @@ def test_a_table_edited_between_two_protocol_calls_is_refused_before_training_an
     runs = tmp_path / "runs"
     protocol = ["--task", "ad", "--models", "tabular", "--epochs", "1", "--data-csv", csv_path,
                 "--runs", runs]
-    assert run_main(evaluate.protocol_main, *protocol).returncode == 0
+    assert run_main(evaluate.main, "protocol", *protocol).returncode == 0
     results = (runs / "results_ad.json").read_bytes()
     folds = [training.ad_run_dir(runs, "tabular", 0, 0, f) for f in range(4)]
     for f in (2, 3):                                           # as if the first call had been stopped after two
         shutil.rmtree(folds[f])
     _edit_table(csv_path, csv_path, lambda k, c: c[:6] + ["123.4"] + c[7:] if k == 5 else c)   # one ABETA cell
-    assert_clean_error(run_main(evaluate.protocol_main, *protocol), folds[0], str(csv_path), "another version", "sha256")
+    assert_clean_error(run_main(evaluate.main, "protocol", *protocol), folds[0], str(csv_path), "another version", "sha256")
     assert not os.path.exists(folds[2]) and not os.path.exists(folds[3])          # nothing trained
     for f in (2, 3):                                           # trained on the edited table by hand
         assert run_main(train_ad.main, *_ad_args(csv_path, runs, "--model", "tabular", "--epochs", "1",
@@ -1304,7 +1304,7 @@ def test_an_image_replaced_in_place_by_one_of_the_same_size_with_its_times_kept_
     assert_clean_error(run_main(train_ad.main, *resume), "last.pt", "another run", "images_sha256")
     protocol = ["--task", "ad", "--models", "imaging", "--epochs", "1", "--data-csv", csv_path,
                 "--runs", runs]                                # folds 0, 2, 3 would train on the new scan
-    assert_clean_error(run_main(evaluate.protocol_main, *protocol), run_dir, "other images", "images_sha256")
+    assert_clean_error(run_main(evaluate.main, "protocol", *protocol), run_dir, "other images", "images_sha256")
     assert sorted(os.listdir(os.path.dirname(run_dir))) == ["fold1"]
 
 
@@ -2528,7 +2528,7 @@ def test_sigterm_during_training_prints_the_same_one_line_and_exits_143(ad_cohor
 
 def test_the_protocol_hands_its_cache_dir_to_every_run_it_trains(tmp_path, capsys):
     """Data on read-only storage: protocol.py --cache-dir is where every run it starts decodes its images."""
-    evaluate.protocol_main(["--task", "ad", "--runs", str(tmp_path), "--models", "imaging", "--epochs", "1",
+    evaluate.main(["protocol", "--task", "ad", "--runs", str(tmp_path), "--models", "imaging", "--epochs", "1",
                           "--cache-dir", str(tmp_path / "cache"), "--print-commands"])
     argvs = [shlex.split(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert len(argvs) == 4 and all(a[a.index("--cache-dir") + 1] == str(tmp_path / "cache") for a in argvs)
@@ -3044,7 +3044,7 @@ def test_print_commands_gives_one_command_per_missing_run_tabular_first_and_trai
     os.makedirs(interrupted)
     open(os.path.join(interrupted, "last.pt"), "w").close()
     monkeypatch.setattr(train_ad, "train_ad", lambda a: pytest.fail("--print-commands trained a run"))
-    evaluate.protocol_main(["--task", "ad", "--runs", str(tmp_path), "--models", "hyperfusion", "tabular",
+    evaluate.main(["protocol", "--task", "ad", "--runs", str(tmp_path), "--models", "hyperfusion", "tabular",
                           "--epochs", "3", "--print-commands"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 7                                             # 2 models x 4 folds, one finished
@@ -4161,20 +4161,20 @@ def test_run_protocol_says_after_each_run_how_many_are_done_and_the_time_left_an
     monkeypatch.setattr(train_ad, "train_ad", fake_train)
     fake_ad_run(tmp_path / "loud", "hyperfusion", 0, 0, 0, random_probs(rng, 12), labels)      # one finished
     protocol = ["--task", "ad", "--models", "hyperfusion", "--epochs", "1"]
-    evaluate.protocol_main(protocol + ["--runs", str(tmp_path / "loud")])
+    evaluate.main(["protocol"] + protocol + ["--runs", str(tmp_path / "loud")])
     done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("run ")]
     assert [re.sub(r"[\d.]+ s\)", "T)", line.split(";")[0]) for line in done] == \
         [f"run {k} of 3 done (ad hyperfusion seed0 v0 fold{k}, T)" for k in (1, 2, 3)]
     assert re.search(r"; about [\d.]+ s left for the 2 still to train$", done[0]), done
     assert done[1].endswith("left for the 1 still to train") and re.search(r"; all 3 in [\d.]+ s$", done[2])
-    evaluate.protocol_main(protocol + ["--runs", str(tmp_path / "quiet"), "--quiet"])
+    evaluate.main(["protocol"] + protocol + ["--runs", str(tmp_path / "quiet"), "--quiet"])
     out = capsys.readouterr().out
     assert out.startswith("# ") and "| model |" in out and "wrote " in out, out      # the table alone
     assert not re.search(r"^(run \d|\[\d|a line of|protocol:|total wall time)", out, re.M), out
     assert os.path.isfile(os.path.join(training.ad_run_dir(tmp_path / "quiet", "hyperfusion", 0, 0, 3),
                                        "metrics.json"))
     jobs = lambda: [evaluate.Job(str(tmp_path / f"job{i}"), [sys.executable, "-c", "print('test BA 0.5')"],
-                                 kind="tabular", label=f"job {i}") for i in range(2)]
+                                 label=f"job {i}") for i in range(2)]
     evaluate.run_jobs(jobs(), 2, poll_s=0.02)                  # --jobs 2: the same lines, each run's last line in
     out = capsys.readouterr().out
     assert re.search(r"^run 1 of 2 done \(job \d, [\d.]+ s\): test BA 0\.5; about [\d.]+ s left for the 1 still",
