@@ -145,17 +145,9 @@ def measure(task, name, shape, batch, steps, device, precision="fp32", warmup=1,
 
 def children(args, timeout):
     """measure(**a) for each a of args, each in a fresh process, all at once."""
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "bench.py"), "--child", json.dumps(a)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for a in args]
-    try:
-        outs = [p.communicate(timeout=max(1, timeout)) for p in procs]
-    finally:
-        for p in procs:
-            p.kill() if p.poll() is None else None
-    for p, (_, err) in zip(procs, outs):
-        if p.returncode:
-            raise RuntimeError(f"exit {p.returncode}: " + (err.strip().splitlines() or [""])[-1])
-    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    outs = run_commands([[sys.executable, os.path.join(HERE, "bench.py"), "--child", json.dumps(a)] for a in args],
+                        len(args), timeout)
+    return [json.loads(out.strip().splitlines()[-1]) for out in outs]
 
 
 def throughput(s, device, budget):
@@ -217,9 +209,9 @@ def loader(s, device, model_rows):
 # ---- precision: the paired accuracy benchmark of a precision against float32 -------------------------------------
 
 def run_commands(cmds, jobs, timeout):
-    """Each command, `jobs` at a time (cores / jobs threads each); a failure raises with its last line, the
-    timeout (seconds for all) subprocess.TimeoutExpired; none is left running (a stopped run resumes)."""
-    env, end = dict(os.environ), time.monotonic() + timeout
+    """Each command, `jobs` at a time (cores / jobs threads each) -> their outputs; a failure raises with its last
+    line, the timeout (seconds for all) subprocess.TimeoutExpired; none is left running (a stopped run resumes)."""
+    env, end, done = dict(os.environ), time.monotonic() + timeout, []
     env.setdefault("OMP_NUM_THREADS", str(max(1, cores() // jobs)))
     for i in range(0, len(cmds), jobs):
         procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -233,6 +225,8 @@ def run_commands(cmds, jobs, timeout):
             if p.returncode:
                 raise RuntimeError(f"{' '.join(c[1:])}: exit {p.returncode}: " +
                                    ((err or out).strip().splitlines() or [""])[-1])
+        done += [out for out, _ in outs]
+    return done
 
 
 def paired_loss(reference, other, sign):
