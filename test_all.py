@@ -1238,7 +1238,8 @@ def test_a_table_edited_between_two_protocol_calls_is_refused_before_training_an
     for f in (2, 3):                                           # as if the first call had been stopped after two
         shutil.rmtree(folds[f])
     _edit_table(csv_path, csv_path, lambda k, c: c[:6] + ["123.4"] + c[7:] if k == 5 else c)   # one ABETA cell
-    assert_clean_error(run_main(evaluate.main, "protocol", *protocol), folds[0], str(csv_path), "another version", "sha256")
+    assert_clean_error(run_main(evaluate.main, "protocol", *protocol), folds[0], str(csv_path), "another version",
+                       "sha256")
     assert not os.path.exists(folds[2]) and not os.path.exists(folds[3])          # nothing trained
     for f in (2, 3):                                           # trained on the edited table by hand
         assert run_main(train_ad.main, *_ad_args(csv_path, runs, "--model", "tabular", "--epochs", "1",
