@@ -16,9 +16,8 @@ accuracy (AD test BA, Eq. 9, and AUC: fp32 minus it; brain-age MAE: it minus fp3
 interval and the time ratio (log.csv). Non-inferior, so that --precision auto may take it: over at least 8
 versions the interval's upper end below 0.02 BA or 0.15 years.
 gpu-check: tests (test_all.py's test_check_* of the device), precision (bf16 where native and fp16 against fp32,
-one version more at a time; the CPU dry run pairs fp32 with itself), the ratios' sections and sharing (K processes
-training on one device at once), in a report rewritten after each section: a failing one keeps what it reported,
-the rest still run, one that --budget cannot afford is skipped.
+one version more at a time; the CPU dry run pairs fp32 with itself) and the ratios' sections, in a report rewritten
+after each: a failing one keeps what it reported, the rest still run, one that --budget cannot afford is skipped.
 """
 import argparse
 import csv
@@ -48,7 +47,7 @@ from models import build_model
 from training import cores, loader_workers, make_loader, setup_device
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CHECK_SECTIONS = ("tests", "precision", "hyperlayers", "throughput", "loader", "sharing")   # in their order
+CHECK_SECTIONS = ("tests", "precision", "hyperlayers", "throughput", "loader")   # in their order
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # training's --precision: one autocast
 MARGINS, MIN_VERSIONS = {"ad": 0.02, "brain-age": 0.15}, 8       # the largest loss of accuracy that counts as none
 METRICS = {"ad": [("balanced_accuracy", +1), ("auc_macro", +1)], "brain-age": [("mae", -1)]}   # +1: higher is better
@@ -79,7 +78,7 @@ def run_steps(step, steps, warmup, device):
     return statistics.median(times), torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else None
 
 
-# ---- measured here or in fresh processes: hyperlayers, throughput, loader, sharing --------------------------------
+# ---- measured here or in fresh processes: hyperlayers, throughput, loader --------------------------------
 
 def naive_hyperlayer(layer, x, tabular, functional, **kwargs):
     """The per-sample hypernetwork: generate sample b's weights, then one layer call for sample b."""
@@ -146,17 +145,9 @@ def measure(task, name, shape, batch, steps, device, precision="fp32", warmup=1,
 
 def children(args, timeout):
     """measure(**a) for each a of args, each in a fresh process, all at once."""
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "bench.py"), "--child", json.dumps(a)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for a in args]
-    try:
-        outs = [p.communicate(timeout=max(1, timeout)) for p in procs]
-    finally:
-        for p in procs:
-            p.kill() if p.poll() is None else None
-    for p, (_, err) in zip(procs, outs):
-        if p.returncode:
-            raise RuntimeError(f"exit {p.returncode}: " + (err.strip().splitlines() or [""])[-1])
-    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    outs = run_commands([[sys.executable, os.path.join(HERE, "bench.py"), "--child", json.dumps(a)] for a in args],
+                        len(args), timeout)
+    return [json.loads(out.strip().splitlines()[-1]) for out in outs]
 
 
 def throughput(s, device, budget):
@@ -215,27 +206,12 @@ def loader(s, device, model_rows):
     return dict(rows=rows)
 
 
-def sharing(s, device, budget):
-    """Aggregate samples/s of K processes training AD HyperFusion (fp32) on one device at once (on a CPU each
-    with cores / K threads), and the speed-up over one."""
-    (task, shape, batch), rows = s["cases"][0], []
-    for k in s["ks"]:
-        results = children([dict(task=task, name="hyperfusion", shape=shape, batch=batch, steps=s["steps"],
-                                 device=device, warmup=s["warmup"], threads=s["threads"] or (
-                                     None if device == "cuda" else max(1, cores() // k)))] * k, budget())
-        per = [batch / r["seconds"] for r in results]
-        rows.append(dict(task=task, shape="x".join(map(str, shape)), batch=batch, k=k, aggregate_samples_s=sum(per),
-                         speedup=sum(per) / rows[0]["aggregate_samples_s"] if rows else 1.0,
-                         peak_mb_per_process=max(r["peak_mb"] for r in results)))
-    return dict(rows=rows)
-
-
 # ---- precision: the paired accuracy benchmark of a precision against float32 -------------------------------------
 
 def run_commands(cmds, jobs, timeout):
-    """Each command, `jobs` at a time (cores / jobs threads each); a failure raises with its last line, the
-    timeout (seconds for all) subprocess.TimeoutExpired; none is left running (a stopped run resumes)."""
-    env, end = dict(os.environ), time.monotonic() + timeout
+    """Each command, `jobs` at a time (cores / jobs threads each) -> their outputs; a failure raises with its last
+    line, the timeout (seconds for all) subprocess.TimeoutExpired; none is left running (a stopped run resumes)."""
+    env, end, done = dict(os.environ), time.monotonic() + timeout, []
     env.setdefault("OMP_NUM_THREADS", str(max(1, cores() // jobs)))
     for i in range(0, len(cmds), jobs):
         procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -249,6 +225,8 @@ def run_commands(cmds, jobs, timeout):
             if p.returncode:
                 raise RuntimeError(f"{' '.join(c[1:])}: exit {p.returncode}: " +
                                    ((err or out).strip().splitlines() or [""])[-1])
+        done += [out for out, _ in outs]
+    return done
 
 
 def paired_loss(reference, other, sign):
@@ -342,7 +320,7 @@ def settings(device, quick, name="gpu-check", **options):
                      [("ad", (64, 96, 64), 32 if cuda else 4), ("brain-age", (90, 120, 99), 64 if cuda else 2)],
                      precisions=dict(ratios=["fp32"], precision=["bf16"]).get(name, bf16 + ["fp16"] if cuda else
                                                                              ["fp32"]), steps=2 if quick else 10,
-                     warmup=1 if quick else 3, ks=(1, 2) if quick else (1, 2, 4),
+                     warmup=1 if quick else 3,
                      threads=1 if quick and not cuda else None,          # a small loaded CPU: threads contend
                      versions=list(range(8 if name == "precision" else 2 if quick else 4)), epochs=3 if quick else None,
                      tasks=("ad", "brain-age"), jobs=2, data_dir="data", tests_budget=150,
@@ -366,8 +344,7 @@ def run_report(sections, device, quick, out, budget_s=1e6, **options):
                precision=(120, lambda: precision(s, device, budget, out, report)),
                hyperlayers=(10, lambda: hyperlayers(quick, device)),
                throughput=(30, lambda: throughput(s, device, budget)),
-               loader=(20, lambda: loader(s, device, report["sections"].get("throughput", {}).get("rows", []))),
-               sharing=(30, lambda: sharing(s, device, budget)))
+               loader=(20, lambda: loader(s, device, report["sections"].get("throughput", {}).get("rows", []))))
     for name in sections:
         need, fn, t = *run[name], time.monotonic()
         if budget() < need:
@@ -403,10 +380,8 @@ def render(report):
 
 def write_report(report, out, name):
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, name + ".json"), "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    with open(os.path.join(out, name + ".md"), "w") as f:
-        f.write(render(report))
+    data.write_json(report, os.path.join(out, name + ".json"))
+    data.write_text(render(report), os.path.join(out, name + ".md"))
 
 
 def main(argv=None):

@@ -17,7 +17,6 @@ import hashlib
 import io
 import json
 import math
-import multiprocessing
 import numbers
 import os
 import re
@@ -91,7 +90,6 @@ def run_cli(main, argv=None, resume_option=None):
 # errors of a write that are the folder's, not the program's: the disk or quota is full, or it cannot be written
 DISK_FULL = {errno.ENOSPC, errno.EFBIG} | ({errno.EDQUOT} if hasattr(errno, "EDQUOT") else set())
 UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOENT}
-_writing = []   # the temporary files this process is writing now (a decoding process stopped removes them)
 
 
 def size_text(n):
@@ -106,7 +104,6 @@ def atomic_path(path, nbytes=None):
     partial file. A full disk or an unwritable folder is a UserError naming the folder and the bytes needed."""
     d, base = os.path.split(os.path.abspath(os.fspath(path)))
     tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex[:12]}-{base}")   # ends as `path`: writers read the extension
-    _writing.append(tmp)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -123,8 +120,6 @@ def atomic_path(path, nbytes=None):
                             f"choose another folder" if exc.errno in DISK_FULL else f"{d}: cannot write {base} there "
                             f"({why}); it needs {need}; choose a folder you can write to") from None
         raise
-    finally:
-        _writing.remove(tmp)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -996,7 +991,6 @@ class ImageCache:
     """A cohort's images, each decoded once (validated, transformed, float16/32) into
     `<subject>-<config>-<source sha256>.npy` plus a trailer (source, config, CRC-32), then served as read-only
     memmaps. An entry that does not match or is damaged is decoded again with one `warning:` line, never served."""
-    PARALLEL_FROM = 200    # below this many entries, starting the processes costs more than it saves
     PROGRESS_EVERY = 5.0   # seconds at least between two progress lines (hashing, checking, decoding)
 
     def __init__(self, paths, cache_dir, dtype="float16", transform=None, expected_shape=None, names=None):
@@ -1086,8 +1080,7 @@ class ImageCache:
             write_bytes(buf.getbuffer(), out)
         except UserError as exc:                # a full or read-only cache folder: the way out
             raise UserError(f"{exc} ({CACHE_WAY_OUT})") from None
-        self._checked.add(out)
-        self.n_decoded += 1
+        return out
 
     def __getitem__(self, i):
         out, problem = self.entry(i), self.problem(i)
@@ -1095,12 +1088,13 @@ class ImageCache:
             warn(f"cache entry {out} (subject {self.names[i]}): {problem}; decoded again")
         if problem:
             self.decode(i)
+            self.n_decoded += 1
         self._checked.add(out)
         return np.load(out, mmap_mode="r")
 
     def prepare(self, progress=True, workers=1):
         """Check every entry and decode each missing or damaged one now (one `warning:` line names the damaged),
-        in `workers` processes from PARALLEL_FROM entries; Ctrl-C keeps what was written and is one line."""
+        `workers` at a time in threads; Ctrl-C keeps what was written and is one line."""
         with cache_lock(self.cache_dir):
             self._hash(range(len(self)), progress)
             shown = Progress("checking the image cache", len(self), "entries", not progress, self.PROGRESS_EVERY)
@@ -1113,77 +1107,23 @@ class ImageCache:
                 warn(f"cache {self.cache_dir}: {len(damaged)} entr{'y' if len(damaged) == 1 else 'ies'} damaged or "
                      f"not of their image, decoded again: " + "; ".join(damaged[:5])
                      + (f"; and {len(damaged) - 5} more" if len(damaged) > 5 else ""))
-            parallel = workers > 1 and len(todo) >= self.PARALLEL_FROM
-            shown = Progress("decoding the image cache" + (f" with {workers} processes" if parallel else ""),
-                             len(todo), "images", not progress, self.PROGRESS_EVERY)
+            shown = Progress("decoding the image cache", len(todo), "images", not progress, self.PROGRESS_EVERY)
+            pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))   # zlib, nibabel, numpy: GIL released
             try:
-                with contextlib.closing(self._decode_parallel(todo, workers) if parallel
-                                        else (self.decode(i) or i for i in todo)) as done:
-                    for k, i in enumerate(done):
-                        if parallel:              # (decoded by the processes, on their own copies of this object)
-                            self.n_decoded, _ = self.n_decoded + 1, self._checked.add(self.entry(i))
-                        shown.advance()
-                        if parallel and k == 0:
-                            shown.rebase()        # time left from the pace once the processes have started
-            except KeyboardInterrupt:             # (Ctrl-C, or SIGTERM under run_cli): the processes are stopped
+                for future in [pool.submit(self.decode, i) for i in todo]:
+                    self._checked.add(future.result())
+                    self.n_decoded += 1
+                    shown.advance()
+            except KeyboardInterrupt:             # (Ctrl-C, or SIGTERM under run_cli): the decodes under way end whole
+                pool.shutdown(cancel_futures=True)
                 kept = sum(os.path.exists(self.entry(i)) for i in todo)
                 raise UserError(f"interrupted while decoding the image cache {self.cache_dir}: {kept} of "
-                                f"{len(todo)} images decoded and kept, no process left; the same command decodes the "
-                                f"rest") from None
+                                f"{len(todo)} images decoded and kept, none half-written; the same command decodes "
+                                f"the rest") from None
+            finally:
+                pool.shutdown(cancel_futures=True)
             shown.finish()
         return self
-
-    def _decode_parallel(self, items, workers):
-        """Yield `items`, in order, each once one of `workers` spawned processes has written its entry. An exception
-        (Ctrl-C, a bad image) stops them now, each removing the file it was writing."""
-        main = threading.current_thread() is threading.main_thread()
-        pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=
-                                                      _decoding_process_start, initargs=(self, os.getpid()))
-        size = max(1, min(16, len(items) // (4 * workers)))
-        try:
-            old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None   # processes start ignoring Ctrl-C,
-            try:                                                                    # which this one handles
-                futures = [pool.submit(_decode_chunk, items[s:s + size]) for s in range(0, len(items), size)]
-            finally:
-                if main:
-                    signal.signal(signal.SIGINT, old or signal.SIG_DFL)
-            yield from (i for f in futures for i in f.result())
-        except BaseException:
-            for p in list((pool._processes or {}).values()):   # SIGTERM: each removes its file (_stop_decoding);
-                with contextlib.suppress(Exception):             # no future cancelled first (3.11's pool then fails)
-                    p.terminate()
-            raise
-        finally:
-            pool.shutdown()
-
-
-_held = None  # the ImageCache a decoding process works for
-
-
-def _decoding_process_start(cache, parent):
-    """A decoding process holds `cache`, leaves Ctrl-C to its parent, and on SIGTERM or its parent's end (kill -9
-    too: a thread watches os.getppid()) removes the file it was writing and exits."""
-    global _held
-    _held = cache
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _stop_decoding)
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(0.2)
-        _stop_decoding()
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def _stop_decoding(*_):
-    for tmp in list(_writing):
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-    os._exit(1)
-
-
-def _decode_chunk(items):
-    return [_held.decode(i) or i for i in items]
 
 
 # ---- the Datasets ----------------------------------------------------------------------------------------------

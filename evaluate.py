@@ -674,7 +674,6 @@ class Job:
     run_dir: str
     command: list                  # [python, script, options...]
     after: str = None              # run_dir of a job that must finish first (HyperFusion: its tabular-only MLP)
-    kind: str = ""                 # what it trains (the model)
     label: str = None              # how its progress line names it (None: run_dir)
 
 
@@ -834,7 +833,7 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
         resume = os.path.isfile(os.path.join(run_dir, "last.pt"))
         argv = argv + (["--resume"] if resume else [])
         if jobs > 1 or gpus:    # --gpus with --jobs 1: one run at a time, each in a process on its GPU
-            launched.append(Job(run_dir, [sys.executable, script.__file__] + argv, after, argv[1], label(run_dir)))
+            launched.append(Job(run_dir, [sys.executable, script.__file__] + argv, after, label(run_dir)))
             continue
         shown.say(f"{'resuming' if resume else 'training'}: {run_dir}")
         with shown.hushed():
@@ -943,11 +942,6 @@ def main(argv=None):
     if a.plots:
         res["plots"] = sweep_figure(res, a.plots)
     return res
-
-
-def protocol_main(argv=None):
-    """`evaluate.py protocol ...`, its options given apart."""
-    return main(["protocol", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1106,7 +1106,6 @@ def test_a_parallel_cache_decode_writes_entries_byte_identical_to_a_serial_decod
     for workers in (1, 2):
         caches[workers] = data.ImageCache(table.image_paths, tmp_path / f"w{workers}", "float16", transform=crops,
                                           names=table.subjects)
-        caches[workers].PARALLEL_FROM = 1                       # 40 subjects: decode them in 2 processes anyway
         caches[workers].prepare(progress=False, workers=workers)
     names = sorted(os.listdir(tmp_path / "w1"))
     assert names == sorted(os.listdir(tmp_path / "w2")) and data.SOURCES_INDEX in names
@@ -1233,13 +1232,14 @@ def test_a_table_edited_between_two_protocol_calls_is_refused_before_training_an
     runs = tmp_path / "runs"
     protocol = ["--task", "ad", "--models", "tabular", "--epochs", "1", "--data-csv", csv_path,
                 "--runs", runs]
-    assert run_main(evaluate.protocol_main, *protocol).returncode == 0
+    assert run_main(evaluate.main, "protocol", *protocol).returncode == 0
     results = (runs / "results_ad.json").read_bytes()
     folds = [training.ad_run_dir(runs, "tabular", 0, 0, f) for f in range(4)]
     for f in (2, 3):                                           # as if the first call had been stopped after two
         shutil.rmtree(folds[f])
     _edit_table(csv_path, csv_path, lambda k, c: c[:6] + ["123.4"] + c[7:] if k == 5 else c)   # one ABETA cell
-    assert_clean_error(run_main(evaluate.protocol_main, *protocol), folds[0], str(csv_path), "another version", "sha256")
+    assert_clean_error(run_main(evaluate.main, "protocol", *protocol), folds[0], str(csv_path), "another version",
+                       "sha256")
     assert not os.path.exists(folds[2]) and not os.path.exists(folds[3])          # nothing trained
     for f in (2, 3):                                           # trained on the edited table by hand
         assert run_main(train_ad.main, *_ad_args(csv_path, runs, "--model", "tabular", "--epochs", "1",
@@ -1305,7 +1305,7 @@ def test_an_image_replaced_in_place_by_one_of_the_same_size_with_its_times_kept_
     assert_clean_error(run_main(train_ad.main, *resume), "last.pt", "another run", "images_sha256")
     protocol = ["--task", "ad", "--models", "imaging", "--epochs", "1", "--data-csv", csv_path,
                 "--runs", runs]                                # folds 0, 2, 3 would train on the new scan
-    assert_clean_error(run_main(evaluate.protocol_main, *protocol), run_dir, "other images", "images_sha256")
+    assert_clean_error(run_main(evaluate.main, "protocol", *protocol), run_dir, "other images", "images_sha256")
     assert sorted(os.listdir(os.path.dirname(run_dir))) == ["fold1"]
 
 
@@ -1474,8 +1474,8 @@ MARKER, real_open = os.environ["DECODE_MARKER"], open
 
 
 def slow_open(file, mode="r", *args, **kwargs):
-    """open() for the cache's writes (this top level runs in every decoding process too): a stop during the
-    pause finds a half-written temporary file, which must not be left."""
+    """open() for the cache's writes: a stop during the pause finds a half-written temporary file, which must not
+    be left."""
     f = real_open(file, mode, *args, **kwargs)
     if "w" in mode and ".npy" in os.fspath(file):
         def write(blob, _write=f.write):
@@ -1493,9 +1493,7 @@ data.open = slow_open
 def main(argv):
     folder, cache_dir = argv
     paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))
-    cache = data.ImageCache(paths, cache_dir)
-    cache.PARALLEL_FROM = 1
-    cache.prepare(progress=False, workers=2)
+    data.ImageCache(paths, cache_dir).prepare(progress=False, workers=2)
 
 
 if __name__ == "__main__":
@@ -1503,29 +1501,9 @@ if __name__ == "__main__":
 '''
 
 
-def _children(pid):
-    """The ids of the processes whose parent is `pid` (Linux /proc)."""
-    out = []
-    for d in os.listdir("/proc"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            stat = open(f"/proc/{d}/stat").read()
-            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
-                out.append(int(d))
-    return out
-
-
-def _alive(pid):
-    """The process exists and is not a zombie (a zombie has ended; only its parent has not read its status)."""
-    try:
-        stat = open(f"/proc/{pid}/stat").read()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
 def _start_decode(ad_cohort40, tmp_path):
-    """A parallel decode of the cohort's images in its own process group, once a decoding process is writing an
-    entry. -> (the process, its children then)."""
+    """A parallel decode of the cohort's images in its own process group, once a decoding thread is writing an
+    entry. -> the process."""
     script, marker = tmp_path / "decode.py", tmp_path / "began"
     script.write_text(DECODE_SCRIPT)
     env = dict(os.environ, PYTHONPATH=HERE, DECODE_MARKER=str(marker))
@@ -1537,50 +1515,25 @@ def _start_decode(ad_cohort40, tmp_path):
     while not marker.exists() and proc.poll() is None and time.time() - t0 < 60:
         time.sleep(0.05)
     assert marker.exists(), proc.communicate()
-    kids = _children(proc.pid)
-    assert len(kids) >= 2, kids                                # the two decoding processes (and a tracker)
-    return proc, kids
+    return proc
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_a_parallel_decode_killed_with_sigkill_leaves_no_process_behind_nor_its_pipes_open(ad_cohort40, tmp_path):
-    """kill -9 of a process whose cache decode runs in worker processes: they end too, within seconds, close its
-    output pipes (a `| tee` or a wrapper reading them would otherwise wait for good) and leave no half-written
-    temporary file."""
-    proc, kids = _start_decode(ad_cohort40, tmp_path)
-    os.kill(proc.pid, signal.SIGKILL)
-    try:
-        proc.communicate(timeout=10)                           # returns once every holder of the pipes is gone
-    except subprocess.TimeoutExpired:
-        for k in kids:
-            with contextlib.suppress(OSError):
-                os.kill(k, signal.SIGKILL)
-        pytest.fail("the decoding processes outlived their parent, holding its pipes open")
-    t0 = time.time()
-    while any(_alive(k) for k in kids) and time.time() - t0 < 5:
-        time.sleep(0.05)
-    assert not [k for k in kids if _alive(k)] and no_temp_files(tmp_path / "cache")   # each removed its own
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
-def test_ctrl_c_or_sigterm_during_a_parallel_decode_is_one_line_and_leaves_no_process(ad_cohort40, tmp_path, how):
+def test_ctrl_c_or_sigterm_during_a_parallel_decode_is_one_line_and_leaves_nothing_half_written(ad_cohort40, tmp_path,
+                                                                                               how):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) or SIGTERM (to the process alone, as a
     scheduler sends it) during a parallel decode: one `error:` line saying what was kept, exit status 2, no
-    traceback from any process, no decoding process left, no temporary file in the cache."""
-    proc, kids = _start_decode(ad_cohort40, tmp_path)
+    traceback, no temporary file in the cache."""
+    proc = _start_decode(ad_cohort40, tmp_path)
     if how == "ctrl-c":
         os.killpg(proc.pid, signal.SIGINT)
     else:
         os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert_clean_error(types.SimpleNamespace(returncode=proc.returncode, stderr=err), "interrupted",
-                       tmp_path / "cache", "decoded and kept", "no process left")
+                       tmp_path / "cache", "decoded and kept", "none half-written")
     assert int(re.search(r"(\d+) of 40 images decoded", err).group(1)) < 40   # stopped, not waited for
-    t0 = time.time()
-    while any(_alive(k) for k in kids) and time.time() - t0 < 5:
-        time.sleep(0.05)
-    assert not [k for k in kids if _alive(k)] and no_temp_files(tmp_path / "cache")
+    assert no_temp_files(tmp_path / "cache")
 
 # ----------------------------------------------------------------------------------------------
 # preprocess.py (App. A.1)
@@ -2576,7 +2529,7 @@ def test_sigterm_during_training_prints_the_same_one_line_and_exits_143(ad_cohor
 
 def test_the_protocol_hands_its_cache_dir_to_every_run_it_trains(tmp_path, capsys):
     """Data on read-only storage: protocol.py --cache-dir is where every run it starts decodes its images."""
-    evaluate.protocol_main(["--task", "ad", "--runs", str(tmp_path), "--models", "imaging", "--epochs", "1",
+    evaluate.main(["protocol", "--task", "ad", "--runs", str(tmp_path), "--models", "imaging", "--epochs", "1",
                           "--cache-dir", str(tmp_path / "cache"), "--print-commands"])
     argvs = [shlex.split(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert len(argvs) == 4 and all(a[a.index("--cache-dir") + 1] == str(tmp_path / "cache") for a in argvs)
@@ -3092,7 +3045,7 @@ def test_print_commands_gives_one_command_per_missing_run_tabular_first_and_trai
     os.makedirs(interrupted)
     open(os.path.join(interrupted, "last.pt"), "w").close()
     monkeypatch.setattr(train_ad, "train_ad", lambda a: pytest.fail("--print-commands trained a run"))
-    evaluate.protocol_main(["--task", "ad", "--runs", str(tmp_path), "--models", "hyperfusion", "tabular",
+    evaluate.main(["protocol", "--task", "ad", "--runs", str(tmp_path), "--models", "hyperfusion", "tabular",
                           "--epochs", "3", "--print-commands"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 7                                             # 2 models x 4 folds, one finished
@@ -4209,20 +4162,20 @@ def test_run_protocol_says_after_each_run_how_many_are_done_and_the_time_left_an
     monkeypatch.setattr(train_ad, "train_ad", fake_train)
     fake_ad_run(tmp_path / "loud", "hyperfusion", 0, 0, 0, random_probs(rng, 12), labels)      # one finished
     protocol = ["--task", "ad", "--models", "hyperfusion", "--epochs", "1"]
-    evaluate.protocol_main(protocol + ["--runs", str(tmp_path / "loud")])
+    evaluate.main(["protocol"] + protocol + ["--runs", str(tmp_path / "loud")])
     done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("run ")]
     assert [re.sub(r"[\d.]+ s\)", "T)", line.split(";")[0]) for line in done] == \
         [f"run {k} of 3 done (ad hyperfusion seed0 v0 fold{k}, T)" for k in (1, 2, 3)]
     assert re.search(r"; about [\d.]+ s left for the 2 still to train$", done[0]), done
     assert done[1].endswith("left for the 1 still to train") and re.search(r"; all 3 in [\d.]+ s$", done[2])
-    evaluate.protocol_main(protocol + ["--runs", str(tmp_path / "quiet"), "--quiet"])
+    evaluate.main(["protocol"] + protocol + ["--runs", str(tmp_path / "quiet"), "--quiet"])
     out = capsys.readouterr().out
     assert out.startswith("# ") and "| model |" in out and "wrote " in out, out      # the table alone
     assert not re.search(r"^(run \d|\[\d|a line of|protocol:|total wall time)", out, re.M), out
     assert os.path.isfile(os.path.join(training.ad_run_dir(tmp_path / "quiet", "hyperfusion", 0, 0, 3),
                                        "metrics.json"))
     jobs = lambda: [evaluate.Job(str(tmp_path / f"job{i}"), [sys.executable, "-c", "print('test BA 0.5')"],
-                                 kind="tabular", label=f"job {i}") for i in range(2)]
+                                 label=f"job {i}") for i in range(2)]
     evaluate.run_jobs(jobs(), 2, poll_s=0.02)                  # --jobs 2: the same lines, each run's last line in
     out = capsys.readouterr().out
     assert re.search(r"^run 1 of 2 done \(job \d, [\d.]+ s\): test BA 0\.5; about [\d.]+ s left for the 1 still",
@@ -4591,9 +4544,9 @@ def test_the_gpu_checks_report_has_every_section_with_numbers(tmp_path):
     """bench.py gpu-check's report on CPU at the smallest settings: each section ran (the precision section trains
     demo runs: the tests above hold it), with numbers in it, and the markdown and JSON were written."""
     sections = [s for s in bench.CHECK_SECTIONS if s != "precision"]
-    report = bench.run_report(sections, "cpu", True, str(tmp_path), steps=1, warmup=1, ks=(1,))
+    report = bench.run_report(sections, "cpu", True, str(tmp_path), steps=1, warmup=1)
     sections = report["sections"]
-    assert list(sections) == ["tests", "hyperlayers", "throughput", "loader", "sharing"]
+    assert list(sections) == ["tests", "hyperlayers", "throughput", "loader"]
     assert all(s["status"] == "ok" for s in sections.values()), {k: s.get("error") for k, s in sections.items()}
     assert {c["outcome"] for c in sections["tests"]["cases"]} == {"passed"} and sections["tests"]["output"] is None
     assert all(r["speedup_factorised"] > 0 for r in sections["hyperlayers"]["rows"])
@@ -4603,10 +4556,9 @@ def test_the_gpu_checks_report_has_every_section_with_numbers(tmp_path):
     assert all(h > 0 for h in sections["throughput"]["hours"]["fp32"].values())
     assert len(sections["throughput"]["hours"]["fp32"]) == 2
     assert all(r["samples_s"] > 0 and r["loader_over_model"] > 0 for r in sections["loader"]["rows"])
-    assert sections["sharing"]["rows"][0]["aggregate_samples_s"] > 0
     assert json.load(open(tmp_path / "check.json"))["sections"].keys() == sections.keys()
     md = (tmp_path / "check.md").read_text()
-    assert "## sharing: ok" in md and "passed " in md and "the paper's protocols at fp32" in md
+    assert "## loader: ok" in md and "passed " in md and "the paper's protocols at fp32" in md
 
 
 @pytest.mark.parametrize("ending", ["budget", "failure"])

@@ -246,7 +246,6 @@ def resolve_schedule(args, defaults, name, quiet=False):
     return schedule
 
 
-
 def common_run_fields(args, device, task, demo, real):
     """The RunConfig fields both trainers resolve alike: the table (the built-in synthetic cohort without
     --data-csv), the schedule (the demo's or Table 1's), the images and the precision."""
@@ -258,6 +257,7 @@ def common_run_fields(args, device, task, demo, real):
     return dict(task=task, model=args["model"], version=args["version"], split_seed=args["split_seed"], **schedule,
                 data_csv=data_csv, image_dir=args["image_dir"], cache_dir=args["cache_dir"],
                 cache_dtype=args["cache_dtype"], precision=resolve_precision(args["precision"], device, quiet))
+
 
 # ---- A run folder holds one run: claimed by one live process at a time, refused to a new run while it holds one ----
 
