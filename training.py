@@ -22,7 +22,7 @@ from scipy.optimize import minimize_scalar
 from torch.nn.parallel import DistributedDataParallel
 
 from data import (CLASS_NAMES, HippocampusCrops, Progress, TabularPreprocessor, UserError, atomic_path, check_number,
-                  write_bytes, write_csv, write_json)
+                  warn, write_bytes, write_csv, write_json)
 from metrics import calibration_metrics
 from models import AgeTarget, build_model, class_probabilities
 from synthetic import builtin_cohort
@@ -148,7 +148,7 @@ LR_SCHEDULES = ("constant", "cosine")   # constant: Table 1's; cosine: the brain
 DATA_KEYS = ("task", "model", "split_seed", "fold", "version", "classes", "group_map", "n_tabular",
              "tabular_columns", "embedding_dim", "train_sex", "split", "table_sha256")
 IDENTITY_KEYS = DATA_KEYS + ("loss", "batch_size", "lr", "weight_decay", "lr_schedule", "images_sha256", "image_shape",
-                             "crops", "target_scale", "precision")
+                             "crops", "target_scale", "precision", "cache_dtype")
 
 
 @dataclass(frozen=True)
@@ -778,12 +778,18 @@ def read_logits(run_dir):
 
 
 def calibrate(run_dir, outputs):
-    """The temperature fitted on read_logits' "val" -> calibration.json's record (it, calibration before/after)."""
+    """The temperature fitted on read_logits' "val" -> calibration.json's record (it, calibration before/after).
+    A fit at a bound (a perfectly separated validation set drives T to 0.01) is not used: T = 1, with a warning."""
     T = fit_temperature(*outputs["val"])
-    record = {"temperature": T, "fitted_on": "validation", "n_val": int(len(outputs["val"][1])),
-              "at_bound": bool(min(abs(math.log(T / b)) for b in T_BOUNDS) < 1e-3)}
+    at_bound = bool(min(abs(math.log(T / b)) for b in T_BOUNDS) < 1e-3)
+    record = {"temperature": 1.0 if at_bound else T, "fitted_on": "validation", "n_val": int(len(outputs["val"][1])),
+              "at_bound": at_bound}
+    if at_bound:
+        record["warning"] = (f"{run_dir}: the temperature's fit ended at the search's bound ({T:.3g}; a perfectly "
+                             f"separated validation set): not used, T = 1 (no scaling)")
+        warn(record["warning"])
     for part, (logits, labels) in outputs.items():
         record[part] = {"before": calibration_metrics(labels, probabilities(logits)),
-                        "after": calibration_metrics(labels, probabilities(logits, T))}
+                        "after": calibration_metrics(labels, probabilities(logits, record["temperature"]))}
     write_json(record, os.path.join(run_dir, CALIBRATION_FILE))
     return record
