@@ -73,9 +73,10 @@ def check_members(members, calibrated=False):
         if m.temperature is None:
             raise UserError(f"--calibrated: {m.dir} has no temperature (no calibration.json); fit it with "
                             f"`python evaluate.py calibrate {m.dir}`")
-        if m.read_json(CALIBRATION_FILE).get("at_bound"):
-            raise UserError(f"--calibrated: {m.dir}: its temperature was fitted at the search's bound (a perfectly "
-                            f"separated validation set: nothing to calibrate on); predict without --calibrated")
+        rec = m.read_json(CALIBRATION_FILE)
+        if rec.get("at_bound") and rec.get("fitted", rec["temperature"]) < 1:     # training.calibrate
+            raise UserError(f"--calibrated: {m.dir}: its temperature was fitted at the search's lower bound (a "
+                            f"perfectly separated validation set: nothing to calibrate); predict without --calibrated")
 
 
 def check_images(table, members):

@@ -779,14 +779,15 @@ def read_logits(run_dir):
 
 def calibrate(run_dir, outputs):
     """The temperature fitted on read_logits' "val" -> calibration.json's record (it, calibration before/after).
-    A fit at a bound (a perfectly separated validation set drives T to 0.01) is not used: T = 1, with a warning."""
+    A fit at the lower bound (a perfectly separated validation set drives T to 0: every probability to 0 or 1) is
+    not used: T = 1, with a warning; at the upper bound the probabilities only flatten (a run that learnt little)."""
     T = fit_temperature(*outputs["val"])
-    at_bound = bool(min(abs(math.log(T / b)) for b in T_BOUNDS) < 1e-3)
-    record = {"temperature": 1.0 if at_bound else T, "fitted_on": "validation", "n_val": int(len(outputs["val"][1])),
-              "at_bound": at_bound}
-    if at_bound:
-        record["warning"] = (f"{run_dir}: the temperature's fit ended at the search's bound ({T:.3g}; a perfectly "
-                             f"separated validation set): not used, T = 1 (no scaling)")
+    low = abs(math.log(T / T_BOUNDS[0])) < 1e-3
+    record = {"temperature": 1.0 if low else T, "fitted": T, "fitted_on": "validation", "n_val": len(outputs["val"][1]),
+              "at_bound": bool(min(abs(math.log(T / b)) for b in T_BOUNDS) < 1e-3)}
+    if low:
+        record["warning"] = (f"{run_dir}: the temperature's fit ended at the search's lower bound ({T:.3g}; a "
+                             f"perfectly separated validation set): not used, T = 1 (no scaling)")
         warn(record["warning"])
     for part, (logits, labels) in outputs.items():
         record[part] = {"before": calibration_metrics(labels, probabilities(logits)),
