@@ -264,8 +264,9 @@ def main(argv=None):
     combined = entropy_weighted_ensemble(outputs) if task == "ad" else mean_ensemble(outputs)   # Eq. 7-8 / Eq. 6
     K, n = len(members), len(table.subjects)
     ignored = {}   # column -> (models that cannot read it, (N,) rows with a value they read as missing)
-    for col, rows in ((c, r) for m in members if task == "ad" for c, r in m.tabular.unlearned(table.raw).items()):
-        ignored[col] = (ignored.get(col, (0,))[0] + 1, rows)
+    for m in members if task == "ad" else ():
+        for col, rows in m.tabular.unlearned(table.raw).items():
+            ignored[col] = (ignored.get(col, (0,))[0] + 1, rows)
     ignored = {c: v for c, v in ignored.items() if v[1].any()}
     for col, (k, rows) in ignored.items():
         warn(f"{a.data_csv}: column {col}: {rows.sum()} of {n} subjects have a value that {k} of {K} models cannot "
