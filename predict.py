@@ -177,6 +177,8 @@ def sweep(checkpoint, attribute, values, data_csv=None, image_dir=None, batch_si
         if attr is None:
             raise UserError(f"--attribute {attribute}: not a tabular attribute of the AD model "
                             f"(one of {', '.join(AD_ATTRIBUTES)})")
+        if attr in finished_run.tabular.unlearned([]):
+            raise UserError(f"--attribute {attr}: empty for every subject {checkpoint} was trained on: unreadable")
         for value in values:
             try:
                 parse_attribute(attr, str(value)) if attr in AD_CONTINUOUS else None

@@ -4851,6 +4851,8 @@ def test_a_column_empty_for_every_training_subject_is_read_as_missing_at_predict
     out = list(csv.DictReader(open(tmp_path / "p.csv")))
     assert [r["ignored"] for r in out] == ["AV45" if r["AV45"] else "" for r in rows]
     assert "ignored" not in open(tmp_path / "b.csv").readline()
+    with pytest.raises(UserError, match="--attribute AV45: empty for every subject"):
+        predict.sweep(run_dir, "AV45", ["1.5"])
 
 
 @pytest.mark.parametrize("n", [3, 6])
