@@ -756,7 +756,8 @@ def fit_temperature(logits, labels):
     nll = lambda log_t: -np.log(np.clip(probabilities(logits, math.exp(log_t))[np.arange(len(labels)), labels],
                                         1e-300, None)).mean()
     found = minimize_scalar(nll, method="bounded", bounds=tuple(map(math.log, T_BOUNDS)), options={"xatol": 1e-7})
-    return float(math.exp(found.x))
+    low = math.log(T_BOUNDS[0])   # a perfectly separated set: the NLL falls to 0 as T -> 0, flat once it underflows
+    return T_BOUNDS[0] if nll(low) <= found.fun else float(math.exp(found.x))
 
 
 def save_logits(run_dir, val, test):
