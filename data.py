@@ -395,7 +395,8 @@ class TabularPreprocessor:
         self.state = {"version": 2, "attributes": list(AD_CONTINUOUS), "imputed": imputed,
                       "mean": [float(v) for v in mean], "std": [float(v) for v in std],
                       "init": [float(v) for v in init], "steps": steps,
-                      "indicators": [imputed[j] for j in range(Z.shape[1]) if missing[:, j].any()]}
+                      "indicators": [imputed[j] for j in range(Z.shape[1]) if missing[:, j].any()],
+                      "empty": [imputed[j] for j in range(Z.shape[1]) if missing[:, j].all()]}   # see unlearned
         return self
 
     @property
@@ -407,11 +408,20 @@ class TabularPreprocessor:
     def n_features(self):
         return len(self.columns)
 
+    def unlearned(self, raw_rows):
+        """{column: (N,) bool, the rows with a value}: columns empty in every training row, whose values transform
+        reads as missing (imputed, as every training row was): the model never learned to read them; the callers
+        say so rather than refuse, since the rest of the record is read as learned."""
+        sex, X = self.parse(raw_rows)
+        Z = np.concatenate([X, sex[:, None]], 1)
+        return {a: ~np.isnan(Z[:, self.state["imputed"].index(a)]) for a in self.state.get("empty", [])}
+
     def transform(self, raw_rows):
         """raw rows -> (N, n_features) float32, no NaN; each row on its own (IterativeImputer.transform's steps)."""
         s = self.state
         sex, X = self.parse(raw_rows)
         Z = np.concatenate([(X - np.array(s["mean"])) / np.array(s["std"]), sex[:, None]], 1)   # (N, 9)
+        Z[:, [s["imputed"].index(a) for a in s.get("empty", [])]] = np.nan                # see unlearned
         missing = np.isnan(Z)
         Z = np.where(missing, np.array(s["init"])[None, :], Z)                    # initial (mean) fill
         for st in s["steps"]:
@@ -747,8 +757,9 @@ def _where(path, subject=None):
     return f"{path} (subject {subject})" if subject is not None else f"{path}"
 
 
-def _open_nifti(path, where):
-    """One NIfTI's header, nothing decoded -> (nibabel image, its 3D shape with trailing 1s squeezed)."""
+def _open_nifti(path, where, axis_aligned=True):
+    """One NIfTI's header, nothing decoded -> (nibabel image, its 3D shape with trailing 1s squeezed). axis_aligned:
+    a rotated affine refused (as_closest_canonical only permutes and flips axes: it would be read as unrotated)."""
     if not os.path.isfile(path):
         raise UserError(f"{where}: image file not found")
     try:
@@ -763,6 +774,10 @@ def _open_nifti(path, where):
     if not np.isfinite(img.affine).all() or abs(np.linalg.det(img.affine[:3, :3])) < 1e-9:
         raise UserError(f"{where}: the header's voxel-to-world affine is degenerate (a zero voxel size?): "
                         f"{img.affine[:3, :3].round(4).tolist()}")
+    cosines = np.abs(img.affine[:3, :3] / np.linalg.norm(img.affine[:3, :3], axis=0))    # 0 or 1 unless rotated
+    if axis_aligned and np.abs(cosines - cosines.round()).max() > 1e-3:
+        raise UserError(f"{where}: the header's affine is rotated off the voxel axes ({cosines.round(3).tolist()}), "
+                        f"which would be read as unrotated; resample it to the training orientation (preprocess.py)")
     return img, shape
 
 
@@ -770,7 +785,7 @@ def load_nifti(path, subject=None, canonical=True):
     """One NIfTI -> a nibabel image of float32 3D data (RAS if canonical); missing, unreadable, truncated, not
     3D (checked from the header) or NaN / inf voxels: a UserError naming the file and subject."""
     where = _where(path, subject)
-    img, shape = _open_nifti(path, where)
+    img, shape = _open_nifti(path, where, canonical)
     try:
         data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
     except (OSError, ValueError, EOFError, zlib.error) as exc:  # short gzip stream, bad CRC, short file

@@ -333,7 +333,8 @@ def calibrate_runs(paths, refit=False, device="auto", batch_size=16, quiet=False
                 outputs[part] = predict.run_outputs(run, run.model(dev), images, run.tabular.transform(
                     [table.raw[i] for i in idx]), table.labels[idx], dev, batch_size, None, sides=True)
             save_logits(run.dir, outputs["val"], outputs["test"])
-        kept = run.temperature is not None and not refit
+        kept = run.temperature is not None and not refit     # a record at the lower bound from before: fit again
+        kept = kept and not (run.read_json(CALIBRATION_FILE).get("at_bound") and run.temperature < 1)
         record = run.read_json(CALIBRATION_FILE) if kept else calibrate(run.dir, outputs)
         if not quiet:
             print(f"{run.dir}: T {record['temperature']:.3f}, validation ECE {record['val']['before']['ece']:.3f} -> "
@@ -350,7 +351,8 @@ def calibration_report(calibrated, plots_dir=None, quiet=False):
     rows, out, groups, ensemble_rows = [], {"runs": [], "ensembles": []}, {}, []
     for run, rec, outputs in calibrated:
         r = run.run
-        rows.append([r.model, r.split_seed, r.version, r.fold, f"{rec['temperature']:.3f}",
+        T = f"{rec['temperature']:.3f}" + " (fit at its lower bound: not used)" * bool(rec.get("warning"))
+        rows.append([r.model, r.split_seed, r.version, r.fold, T,
                      f"{fmt(rec['val']['before']['ece'])} → {fmt(rec['val']['after']['ece'])}"]
                     + [f"{fmt(rec['test']['before'][k])} → {fmt(rec['test']['after'][k])}"
                        for _, k in CALIBRATION_COLUMNS])

@@ -4760,9 +4760,10 @@ def test_the_calibration_report_ensembles_the_members_each_at_its_own_temperatur
     after is Eq. 7-8, member by member, of softmax(test logits / T_k)."""
     rng = np.random.default_rng(2)
     val_labels, test_labels = rng.integers(0, 3, 40), rng.integers(0, 3, 30)
+    seen = np.where(np.arange(40) % 5 == 0, (val_labels + 1) % 3, val_labels)      # one in five wrong: T fits inside
     logits = []
     for fold in range(4):
-        val = rng.normal(0, 1, (40, 3)) + 4 * np.eye(3)[val_labels] * (fold + 1) / 2     # ever more over-confident
+        val = rng.normal(0, 1, (40, 3)) + 4 * np.eye(3)[seen] * (fold + 1) / 2           # ever more over-confident
         test = rng.normal(0, 1, (30, 3)) + 4 * np.eye(3)[test_labels] * (fold + 1) / 2
         p = evaluate.probabilities(test)
         run_dir = fake_ad_run(tmp_path, "hyperfusion", 0, 0, fold, p, test_labels)
@@ -4778,3 +4779,102 @@ def test_the_calibration_report_ensembles_the_members_each_at_its_own_temperatur
     assert ens["after"]["ece"] == pytest.approx(metrics.calibration_metrics(test_labels, after)["ece"])
     assert ens["before"]["nll"] == pytest.approx(metrics.calibration_metrics(test_labels, before)["nll"])
     assert ens["after"]["nll"] != pytest.approx(ens["before"]["nll"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing silent: inputs a model could not have learned to read, runs counted twice, a temperature at its bound
+
+def test_a_column_empty_for_every_training_subject_is_read_as_missing_at_prediction_and_said(
+        ad_cohort60, tmp_path, capsys):
+    """A run trained without AV45 (ADNI-1 has none) reads a patient's AV45 as missing, as every training row was:
+    its predictions equal those of the same table with AV45 blanked; training and predict.py say so."""
+    rows = list(csv.DictReader(open(ad_cohort60)))
+    blank = tmp_path / "no_av45.csv"
+    data.write_csv([dict(r, AV45="") for r in rows], rows[0].keys(), blank)
+    proc = run_main(train_ad.main, *_tabular_args(blank, tmp_path / "runs", "--epochs", "1"))
+    assert proc.returncode == 0 and "warning:" in proc.stderr and "column AV45 is empty" in proc.stderr, proc.stderr
+    run_dir = _run_dir(tmp_path / "runs", "tabular")
+    assert json.load(open(os.path.join(run_dir, "metrics.json")))["unlearned_columns"] == ["AV45"]
+    capsys.readouterr()
+    given = predict.main([run_dir, "--data-csv", str(ad_cohort60), "--out", str(tmp_path / "p.csv"), "--quiet"])
+    n = sum(bool(r["AV45"]) for r in rows)
+    assert f"column AV45: {n} of 60 subjects" in capsys.readouterr().err and n > 0
+    blanked = predict.main([run_dir, "--data-csv", str(blank), "--out", str(tmp_path / "b.csv"), "--quiet"])
+    np.testing.assert_array_equal(given["combined"], blanked["combined"])
+    out = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert [r["ignored"] for r in out] == ["AV45" if r["AV45"] else "" for r in rows]
+    assert "ignored" not in open(tmp_path / "b.csv").readline()
+    with pytest.raises(UserError, match="--attribute AV45: empty for every subject"):
+        predict.sweep(run_dir, "AV45", ["1.5"])
+
+
+@pytest.mark.parametrize("n", [3, 6])
+def test_a_brain_age_cohort_too_small_for_its_split_is_refused_in_one_line_before_anything_is_written(
+        brain_age_cohort20, tmp_path, n):
+    small = os.path.join(os.path.dirname(brain_age_cohort20), f"first{n}.csv")   # beside the images
+    with open(small, "w") as f:
+        f.write("\n".join(open(brain_age_cohort20).read().splitlines()[:n + 1]) + "\n")
+    parts = data.brain_age_split(*(lambda t: (t.age, t.sex))(data.read_brain_age_table(small)), 0)
+    proc = run_main(train_brain_age.main, "--data-csv", small, "--out", tmp_path, "--model", "imaging",
+                    "--epochs", "1", "--quiet", "--precision", "fp32")
+    assert_clean_error(proc, small, "{} training, {} validation and {} test".format(*map(len, parts)), "--split")
+    assert _files(tmp_path) == []
+
+
+def test_a_temperature_fitted_at_its_lower_bound_is_not_used_and_calibrated_prediction_refuses_it(tmp_path, capsys):
+    """A perfectly separated validation set drives T to 0.01 (every probability 0 or 1, wrong ones too): evaluate.py
+    calibrate keeps T = 1 and says so in its report; predict.py --calibrated refuses the run."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 30)
+    val, test = rng.normal(0, 1, (30, 3)) + 9 * np.eye(3)[labels], rng.normal(0, 1, (30, 3)) + np.eye(3)[labels]
+    run_dir = fake_ad_run(tmp_path / "runs", "tabular", 0, 0, 0, evaluate.probabilities(test), labels)
+    evaluate.save_logits(run_dir, (val, labels), (test, labels))
+    (rec,) = evaluate.main(["calibrate", str(tmp_path / "runs"), "--quiet"])["runs"]
+    assert rec["at_bound"] and rec["fitted"] == training.T_BOUNDS[0] and rec["temperature"] == 1.0
+    assert rec["test"]["after"] == rec["test"]["before"] and "lower bound" in capsys.readouterr().err
+    proc = run_main(predict.main, run_dir, "--data-csv", tmp_path / "new.csv", "--out", tmp_path / "p.csv",
+                    "--calibrated")
+    assert_clean_error(proc, run_dir, "lower bound", "without --calibrated")
+
+
+def test_a_run_named_twice_is_one_member_and_a_runs_metrics_file_is_not_called_a_corrupt_checkpoint(tmp_path):
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 20)
+    runs = [fake_ad_run(tmp_path / "runs", "tabular", 0, 0, f, random_probs(rng, 20), labels) for f in range(4)]
+    for r in runs:
+        evaluate.save_logits(r, (rng.normal(0, 1, (20, 3)), labels), (rng.normal(0, 1, (20, 3)), labels))
+    os.symlink(runs[1], tmp_path / "link")
+    named = [os.path.dirname(runs[0]), runs[2], tmp_path / "link", os.path.join(runs[3], "best.pt")]
+    assert [m.dir for m in predict.find_runs(named)] == runs
+    res = evaluate.main(["calibrate", *map(str, named), "--quiet"])
+    assert len(res["runs"]) == 4 and len(res["ensembles"]) == 1
+    proc = run_main(predict.main, os.path.join(runs[0], "metrics.json"), "--data-csv", tmp_path / "new.csv",
+                    "--out", tmp_path / "p.csv")
+    assert_clean_error(proc, "metrics.json", runs[0], "give that run folder")
+    assert "corrupt" not in proc.stderr
+
+
+def test_an_image_whose_header_is_rotated_is_refused_in_one_line_naming_it(tmp_path):
+    """The same voxels under an affine turned 25 degrees (as SPM's coregistration writes) would be read as
+    unrotated: refused, naming the file; a flipped header is read (as_closest_canonical); preprocess.py reads both."""
+    csv_path = tiny_ad(tmp_path)
+    path = tmp_path / "images" / "S1.nii.gz"
+    img = nib.load(path)
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0]) @ img.affine
+    nib.save(nib.Nifti1Image(img.get_fdata(dtype=np.float32), flip), path)
+    assert run_main(data.main, "check-ad", csv_path).returncode == 0
+    c, s = math.cos(math.radians(25)), math.sin(math.radians(25))
+    turned = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]) @ img.affine
+    nib.save(nib.Nifti1Image(img.get_fdata(dtype=np.float32), turned), path)
+    assert_clean_error(run_main(data.main, "check-ad", csv_path), "S1.nii.gz", "rotated", "preprocess.py")
+    with pytest.raises(UserError, match="rotated"):
+        data.load_nifti(path)
+    read = data.load_nifti(path, canonical=False).affine                   # preprocess.py's reading: as written
+    np.testing.assert_array_equal(read.astype(np.float32), turned.astype(np.float32))
+
+
+def test_resume_with_another_cache_dtype_is_refused_naming_both_values(ad_cohort60, tmp_path):
+    train_ad.main(_tabular_args(ad_cohort60, tmp_path, "--epochs", "1"))
+    proc = run_main(train_ad.main, *_tabular_args(ad_cohort60, tmp_path, "--epochs", "2", "--resume",
+                                                  "--cache-dtype", "float32"))
+    assert_clean_error(proc, "last.pt", "cache_dtype: checkpoint 'float16', now 'float32'")

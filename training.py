@@ -22,7 +22,7 @@ from scipy.optimize import minimize_scalar
 from torch.nn.parallel import DistributedDataParallel
 
 from data import (CLASS_NAMES, HippocampusCrops, Progress, TabularPreprocessor, UserError, atomic_path, check_number,
-                  write_bytes, write_csv, write_json)
+                  warn, write_bytes, write_csv, write_json)
 from metrics import calibration_metrics
 from models import AgeTarget, build_model, class_probabilities
 from synthetic import builtin_cohort
@@ -148,7 +148,7 @@ LR_SCHEDULES = ("constant", "cosine")   # constant: Table 1's; cosine: the brain
 DATA_KEYS = ("task", "model", "split_seed", "fold", "version", "classes", "group_map", "n_tabular",
              "tabular_columns", "embedding_dim", "train_sex", "split", "table_sha256")
 IDENTITY_KEYS = DATA_KEYS + ("loss", "batch_size", "lr", "weight_decay", "lr_schedule", "images_sha256", "image_shape",
-                             "crops", "target_scale", "precision")
+                             "crops", "target_scale", "precision", "cache_dtype")
 
 
 @dataclass(frozen=True)
@@ -756,7 +756,8 @@ def fit_temperature(logits, labels):
     nll = lambda log_t: -np.log(np.clip(probabilities(logits, math.exp(log_t))[np.arange(len(labels)), labels],
                                         1e-300, None)).mean()
     found = minimize_scalar(nll, method="bounded", bounds=tuple(map(math.log, T_BOUNDS)), options={"xatol": 1e-7})
-    return float(math.exp(found.x))
+    low = math.log(T_BOUNDS[0])   # a perfectly separated set: the NLL falls to 0 as T -> 0, flat once it underflows
+    return T_BOUNDS[0] if nll(low) <= found.fun else float(math.exp(found.x))
 
 
 def save_logits(run_dir, val, test):
@@ -778,12 +779,19 @@ def read_logits(run_dir):
 
 
 def calibrate(run_dir, outputs):
-    """The temperature fitted on read_logits' "val" -> calibration.json's record (it, calibration before/after)."""
+    """The temperature fitted on read_logits' "val" -> calibration.json's record (it, calibration before/after).
+    A fit at the lower bound (a perfectly separated validation set drives T to 0: every probability to 0 or 1) is
+    not used: T = 1, with a warning; at the upper bound the probabilities only flatten (a run that learnt little)."""
     T = fit_temperature(*outputs["val"])
-    record = {"temperature": T, "fitted_on": "validation", "n_val": int(len(outputs["val"][1])),
+    low = abs(math.log(T / T_BOUNDS[0])) < 1e-3
+    record = {"temperature": 1.0 if low else T, "fitted": T, "fitted_on": "validation", "n_val": len(outputs["val"][1]),
               "at_bound": bool(min(abs(math.log(T / b)) for b in T_BOUNDS) < 1e-3)}
+    if low:
+        record["warning"] = (f"{run_dir}: the temperature's fit ended at the search's lower bound ({T:.3g}; a "
+                             f"perfectly separated validation set): not used, T = 1 (no scaling)")
+        warn(record["warning"])
     for part, (logits, labels) in outputs.items():
         record[part] = {"before": calibration_metrics(labels, probabilities(logits)),
-                        "after": calibration_metrics(labels, probabilities(logits, T))}
+                        "after": calibration_metrics(labels, probabilities(logits, record["temperature"]))}
     write_json(record, os.path.join(run_dir, CALIBRATION_FILE))
     return record
