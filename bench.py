@@ -91,8 +91,7 @@ def naive_hyperlayer(layer, x, tabular, functional, **kwargs):
 
 
 def hyperlayers(quick, device):
-    """ms per forward + backward (median) at the paper's two hyperlayer shapes, and the speed-ups over the naive
-    loop that chose HyperLinear's factorised and HyperConv's materialised default."""
+    """ms per forward + backward at the paper's two hyperlayer shapes, and the speed-ups over the naive loop."""
     torch.manual_seed(0)
     rows = []
     for title, xshape, n_tab, functional, kwargs, make in [
@@ -114,8 +113,7 @@ def hyperlayers(quick, device):
 
 
 def measure(task, name, shape, batch, steps, device, precision="fp32", warmup=1, threads=None):
-    """In a fresh process (bench.py --child): one model's train step (forward, loss, backward, Adam) -> median
-    seconds, peak MB (CUDA: allocated; CPU: the resident set's peak above the process's before the model)."""
+    """In a fresh process: one model's train step -> median seconds, peak MB (CUDA allocated, CPU resident)."""
     torch.manual_seed(0)
     torch.set_num_threads(threads or torch.get_num_threads())
     dev = setup_device(device)                                   # cudnn.benchmark, TF32 off: as training
@@ -143,24 +141,19 @@ def measure(task, name, shape, batch, steps, device, precision="fp32", warmup=1,
     return dict(seconds=seconds, peak_mb=rss if peak is None else peak)
 
 
-def children(args, timeout):
-    """measure(**a) for each a of args, each in a fresh process, all at once."""
-    outs = run_commands([[sys.executable, os.path.join(HERE, "bench.py"), "--child", json.dumps(a)] for a in args],
-                        len(args), timeout)
-    return [json.loads(out.strip().splitlines()[-1]) for out in outs]
-
-
 def throughput(s, device, budget):
-    """Samples/s and peak MB of backbone and HyperFusion per case and precision (fp32 first), HyperFusion /
-    backbone per task and precision, and the paper's protocols' training wall time, one run at a time."""
+    """Samples/s and peak MB of backbone and HyperFusion per case and precision, their ratios, protocol hours."""
     rows, ratios, hours = [], [], {}
     for precision in dict.fromkeys(["fp32"] + s["precisions"]):
         for task, shape, batch in s["cases"]:
             row = dict(task=task, precision=precision, shape="x".join(map(str, shape)), batch=batch)
             for name in ("imaging", "hyperfusion"):
-                try:                                             # one failing row leaves the others
-                    r, = children([dict(task=task, name=name, shape=shape, batch=batch, steps=s["steps"], device=device,
-                                        precision=precision, warmup=s["warmup"], threads=s["threads"])], budget())
+                child = dict(task=task, name=name, shape=shape, batch=batch, steps=s["steps"], device=device,
+                             precision=precision, warmup=s["warmup"], threads=s["threads"])
+                try:                                             # one failing row leaves the others; measure() in a
+                    out, = run_commands([[sys.executable, os.path.join(HERE, "bench.py"), "--child", json.dumps(
+                        child)]], 1, budget())                                            # fresh process
+                    r = json.loads(out.strip().splitlines()[-1])
                     rows.append(dict(row, model=name, samples_s=batch / r["seconds"], peak_mb=r["peak_mb"]))
                 except Exception as e:
                     rows.append(dict(row, model=name, error=f"{type(e).__name__}: {e}"[:600]))
@@ -230,8 +223,7 @@ def run_commands(cmds, jobs, timeout):
 
 
 def paired_loss(reference, other, sign):
-    """The loss of accuracy per version (reference minus other where higher is better, sign +1; other minus
-    reference where lower is better, sign -1) and its summary: mean, 95% t interval, one-sided 95% bound."""
+    """Loss of accuracy per version (sign +1: higher is better) and its mean, 95% t interval, one-sided bound."""
     d = sign * (np.asarray(reference, float) - np.asarray(other, float))
     n, mean = len(d), float(d.mean())
     se, t2, t1 = ((d.std(ddof=1) / np.sqrt(n), stats.t.ppf(0.975, n - 1), stats.t.ppf(0.95, n - 1)) if n > 1
@@ -248,8 +240,7 @@ def verdict(summary, margin):
 
 
 def precision_pairs(task, vs, s, device, out, timeout):
-    """Trains the HyperFusion runs of fp32 and each precision at versions vs not finished yet (in <out>/<task>/
-    <precision>/v<V>), then pairs each precision's version v with fp32's -> the pairs' and versions' rows."""
+    """Train fp32 and each precision's runs at versions vs, pair them -> the pairs' and versions' rows."""
     runs = list(dict.fromkeys(["fp32"] + s["precisions"]))
     folder = lambda p, v: os.path.join(out, task, p, f"v{v}")
     run_files = lambda f, name, model=None: [os.path.join(d, name) for d, _, names in os.walk(f)
@@ -278,8 +269,7 @@ def precision_pairs(task, vs, s, device, out, timeout):
 
 
 def precision(s, device, budget, out, report):
-    """precision_pairs on each task, one version more at a time (finished runs reused), the section kept in the
-    report after each: a budget that runs out, or a run that fails, leaves every version finished so far."""
+    """precision_pairs one version more at a time, the report rewritten after each: a stop keeps them."""
     done, section = {}, report["sections"].setdefault("precision", dict(status="running", seconds=0.0))
     for i, v in enumerate(s["versions"]):
         for task in s["tasks"]:
@@ -329,8 +319,7 @@ def settings(device, quick, name="gpu-check", **options):
 
 
 def run_report(sections, device, quick, out, budget_s=1e6, **options):
-    """Each section in turn, caught on its own, skipped when the budget cannot afford it; the report
-    (<out>/<name>.md and .json) rewritten after each -> the report dict."""
+    """Each section in turn, caught on its own, skipped past the budget; the report rewritten after each."""
     s, end = settings(device, quick, **options), time.monotonic() + budget_s
     budget = lambda: end - time.monotonic()
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),

@@ -1259,14 +1259,14 @@ def test_runs_trained_on_other_images_or_tables_are_not_ensembled_nor_put_in_one
         fake_ad_run(tmp_path / "a", "imaging", 0, 0, fold, random_probs(rng, 10), labels, table_sha256="t1",
                     images_sha256="i2" if fold == 2 else "i1")
     with pytest.raises(UserError, match="cannot ensemble .*fold0 and .*fold2: they were trained on different images"):
-        evaluate.ad_results(str(tmp_path / "a"))
+        evaluate.evaluate_ad(str(tmp_path / "a"), quiet=True)
     for fold in range(4):                                      # each row sound, the two models of two tables
         fake_ad_run(tmp_path / "b", "imaging", 0, 0, fold, random_probs(rng, 10), labels, table_sha256="t1",
                     images_sha256="i1")
         fake_ad_run(tmp_path / "b", "tabular", 0, 0, fold, random_probs(rng, 10), labels, table_sha256="t1",
                     images_sha256=None)
-    assert [m["model"] for m in evaluate.ad_results(str(tmp_path / "b"))["models"]] == ["imaging", "tabular",
-                                                                                       "late-fusion"]
+    assert [m["model"] for m in evaluate.evaluate_ad(str(tmp_path / "b"), quiet=True)["models"]] == [
+        "imaging", "tabular", "late-fusion"]
     for fold in range(4):
         fake_ad_run(tmp_path / "b", "hyperfusion", 0, 0, fold, random_probs(rng, 10), labels, table_sha256="t2",
                     images_sha256="i1")
@@ -2943,7 +2943,7 @@ def test_folds_whose_configs_differ_are_refused(tmp_path, key, value):
         differ = {key: value} if fold == 2 else {}
         fake_ad_run(tmp_path, "concat", 0, 0, fold, random_probs(rng, 10), labels, **differ)
     with pytest.raises(UserError, match=f"cannot ensemble .*fold0 and .*fold2: {key} differs"):
-        evaluate.ad_results(str(tmp_path))
+        evaluate.evaluate_ad(str(tmp_path), quiet=True)
 
 
 def test_folds_with_other_test_subjects_are_refused_and_the_cli_says_so_in_one_line(tmp_path):
@@ -2953,7 +2953,7 @@ def test_folds_with_other_test_subjects_are_refused_and_the_cli_says_so_in_one_l
         subjects = [f"S{i + (fold == 3)}" for i in range(10)]
         fake_ad_run(tmp_path, "film", 0, 0, fold, random_probs(rng, 10), labels, subjects=subjects)
     with pytest.raises(UserError, match="fold0 and .*fold3: their test subjects differ"):
-        evaluate.ad_results(str(tmp_path))
+        evaluate.evaluate_ad(str(tmp_path), quiet=True)
     proc = subprocess.run([sys.executable, "evaluate.py", "ad", "--runs", str(tmp_path)], cwd=HERE,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: cannot ensemble"), proc.stderr
