@@ -144,20 +144,17 @@ def check_number(option, value, least=None, above=None, most=None):
 def same_file(a, b):
     """Whether writing `a` would replace `b`: the same path or another spelling of it (a symlinked folder, `..`, a
     case-insensitive file system, a hard link). A symlink `a` does not count: an atomic write replaces the link."""
-    if os.path.abspath(a) == os.path.abspath(b):
-        return True
     with contextlib.suppress(OSError):
-        return not os.path.islink(a) and os.path.samefile(a, b)
-    return False
+        return os.path.abspath(a) == os.path.abspath(b) or not os.path.islink(a) and os.path.samefile(a, b)
+    return os.path.abspath(a) == os.path.abspath(b)
 
 
 def check_output(option, path, inputs=()):
     """An output file named by `option`: refused when it is a folder or would replace one of `inputs`."""
     if os.path.isdir(path):
         raise UserError(f"{option} {path}: is a folder; give the file to write")
-    for p in inputs:
-        if p and same_file(path, p):
-            raise UserError(f"{option} {path}: would overwrite {p}, an input of this command; choose another file")
+    for p in (p for p in inputs if p and same_file(path, p)):
+        raise UserError(f"{option} {path}: would overwrite {p}, an input of this command; choose another file")
 
 
 def file_sha256(path):
@@ -189,7 +186,7 @@ def json_safe(obj):
 
 
 def write_json(obj, path):
-    write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False), path)
+    write_bytes(json.dumps(json_safe(obj), indent=2, allow_nan=False).encode(), path)
 
 
 def spreadsheet_safe(cell):
@@ -204,13 +201,9 @@ def spreadsheet_safe(cell):
 def write_csv(rows, columns, path, for_people=False):
     """rows: dicts or lists in column order. for_people: a file for a spreadsheet, never read back by this code,
     every cell through spreadsheet_safe; the tables the code reads back are written verbatim."""
-    columns, cell = list(columns), (spreadsheet_safe if for_people else (lambda v: v))
-    buf = io.StringIO(newline="")
-    csv.writer(buf).writerow([cell(c) for c in columns])
-    if rows and isinstance(rows[0], dict):
-        csv.DictWriter(buf, fieldnames=columns).writerows({k: cell(v) for k, v in r.items()} for r in rows)
-    else:
-        csv.writer(buf).writerows([cell(v) for v in r] for r in rows)
+    columns, cell, buf = list(columns), (spreadsheet_safe if for_people else (lambda v: v)), io.StringIO(newline="")
+    rows = [[r.get(c, "") for c in columns] if isinstance(r, dict) else r for r in rows]
+    csv.writer(buf).writerows([cell(v) for v in r] for r in [columns, *rows])
     write_text(buf.getvalue(), path)
 
 
@@ -219,8 +212,7 @@ def write_text(text, path):
 
 
 def write_bytes(blob, path):
-    blob = memoryview(blob)
-    with atomic_path(path, blob.nbytes) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path, memoryview(blob).nbytes) as tmp, open(tmp, "wb") as f:
         f.write(blob)
 
 
@@ -256,8 +248,7 @@ class Progress:
     def hushed(self):
         return contextlib.redirect_stdout(io.StringIO()) if self.quiet else contextlib.nullcontext()
 
-    def rebase(self):
-        """The time left from the pace after this point (past a start-up)."""
+    def rebase(self):   # the time left from the pace after this point (past a start-up)
         self.base_t, self.base_done = self.clock(), self.done
 
     def elapsed(self):
@@ -536,21 +527,18 @@ def read_csv_rows(csv_path, required):
             missing = [c for c in required if c not in fields]
             if missing:
                 raise UserError(f"{csv_path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
-            while True:
-                start = reader.line_num + 1
-                cells = next(reader, None)
-                if cells is None:
-                    break
-                multi = next((j for j, v in enumerate(cells) if "\n" in v or "\r" in v), None)
-                if multi is not None:
-                    col = fields[multi] if multi < len(fields) else "(beyond the header)"
-                    raise UserError(f"{csv_path} line {start}: a quote opened in column {col} is not closed "
+            start = reader.line_num + 1
+            for cells in reader:
+                for j in (j for j, v in enumerate(cells) if "\n" in v or "\r" in v):
+                    raise UserError(f"{csv_path} line {start}: a quote opened in column "
+                                    f"{fields[j] if j < len(fields) else '(beyond the header)'} is not closed "
                                     f"before line {reader.line_num} (cells cannot span lines)")
                 if len(cells) > len(fields):
                     raise UserError(f"{csv_path} line {start}: {len(cells)} fields, the header has {len(fields)}")
                 row = {k: v.strip() for k, v in zip(fields, cells + [""] * (len(fields) - len(cells)))}
                 if any(row.values()):                                  # skip blank lines; short rows: empty cells
                     rows.append((start, row))
+                start = reader.line_num + 1
     except (UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"{csv_path}: not a readable UTF-8 CSV table ({type(exc).__name__}: {exc})") from None
     if not rows:
@@ -580,13 +568,12 @@ def output_names(ids):
 def check_subjects(csv_path, rows, as_file_names=False):
     """-> the Subject of every row: filled, unique and, where it names a file, a plain file name of at most
     200 bytes that no earlier one equals but for case (one file on a case-insensitive file system)."""
-    subjects, seen, folded = [], {}, {}
+    seen, folded = {}, {}
     for line, row in rows:
         s = row.get("Subject", "")
-        if not s:
-            raise UserError(f"{csv_path} line {line}: empty Subject")
-        if s in seen:
-            raise UserError(f"{csv_path} line {line}: subject {s} repeats line {seen[s]}")
+        if not s or s in seen:
+            raise UserError(f"{csv_path} line {line}: " + (f"subject {s} repeats line {seen[s]}" if s else
+                                                           "empty Subject"))
         if as_file_names and not plain_file_name(s):
             raise UserError(f"{csv_path} line {line}: Subject {s!r} is not a plain file name (it names the "
                             f"subject's image file, so it may not hold / or \\ or be . or ..)")
@@ -599,8 +586,7 @@ def check_subjects(csv_path, rows, as_file_names=False):
                             f"{other[0]}) only in case: as file names they are one file on a case-insensitive "
                             f"file system; rename one")
         seen[s], folded[s.casefold()] = line, (line, s)
-        subjects.append(s)
-    return subjects
+    return list(seen)
 
 
 def find_image(folder, subject):
@@ -696,21 +682,19 @@ def read_ad_table(csv_path, image_dir=None, need_images=True, classes=3, group_m
         for col in AD_ATTRIBUTES:
             if math.isnan(v[col]) and row[col].upper() not in EMPTY_CELLS:         # ADNI's -4 / -1
                 codes[col] = codes.get(col, 0) + 1
-        sx, age = -1 if math.isnan(v["PTGENDER"]) else int(v["PTGENDER"]), v["AGE"]
         if classes == 2 and g == "MCI" and not for_prediction:
             continue
         keep.append((line, row))
         labels.append(names.index(g) if g in names else -1)
-        sexes.append(sx)
-        ages.append(age)
+        sexes.append(-1 if math.isnan(v["PTGENDER"]) else int(v["PTGENDER"]))
+        ages.append(v["AGE"])
     if not keep:
         seen = ", ".join(f"{k or '(empty)'} {n}" for k, n in skipped.items())
         raise UserError(f"{csv_path}: no {' or '.join(names)} subjects" + (f" (Group values: {seen}; "
                         f"map them with --group-map VALUE=CN|MCI|AD)" if seen else ""))
-    for col in AD_ATTRIBUTES:
-        if codes.get(col):
-            cells = f"{codes[col]} cell{'s hold' if codes[col] > 1 else ' holds'}"
-            warn(f"{csv_path}: column {col}: {cells} ADNI's missing-value code -4 or -1, read as missing")
+    for col in sorted(codes, key=AD_ATTRIBUTES.index):
+        warn(f"{csv_path}: column {col}: {codes[col]} cell{'s hold' if codes[col] > 1 else ' holds'} ADNI's "
+             f"missing-value code -4 or -1, read as missing")
     subjects = check_subjects(csv_path, keep)
     paths = _image_paths(csv_path, keep, fields, subjects, image_dir) if need_images else None
     raw = [{a: row[a] for a in AD_ATTRIBUTES} for _, row in keep]
@@ -735,13 +719,10 @@ def read_brain_age_table(csv_path, image_dir=None, need_images=True, for_predict
     ages, sexes = [], []
     for line, row in rows:
         ages.append(read_cell(csv_path, line, row, "Age"))
-        if math.isnan(ages[-1]) and not for_prediction:
-            raise UserError(f"{csv_path} line {line}: subject {row['Subject']}: column Age is empty")
-        sx = SEX_CODES.get(row["Sex"].lower())
-        if sx is None:
-            raise UserError(f"{csv_path} line {line}: subject {row['Subject']}: column Sex: "
-                            f"expected M or F, got {row['Sex']!r}")
-        sexes.append(sx)
+        sexes.append(SEX_CODES.get(row["Sex"].lower()))
+        if sexes[-1] is None or math.isnan(ages[-1]) and not for_prediction:
+            raise UserError(f"{csv_path} line {line}: subject {row['Subject']}: column " + ("Age is empty" if
+                            sexes[-1] is not None else f"Sex: expected M or F, got {row['Sex']!r}"))
     subjects = check_subjects(csv_path, rows)
     paths = _image_paths(csv_path, rows, fields, subjects, image_dir) if need_images else None
     return Table(subjects, None, None, np.array(sexes, np.int64), np.array(ages, np.float32), paths,
@@ -949,15 +930,9 @@ def cache_lock(folder):
         os.close(fd)                   # releases the lock
 
 
-def file_key(st):
-    """One version of a file without reading it: size, mtime, ctime, inode (ctime cannot be set back, so a file
-    replaced by one of the same size with its mtime kept has another key)."""
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-
-
 def source_hashes(paths, folder=None, subjects=None, progress=False, known=None, every=5.0):
-    """sha256 of every file (None for a missing one), remembered in <folder>/sources.json as [file_key..., sha256]
-    by absolute path, so a second call reads no image; `known`: that index ({}: read it here), updated in place."""
+    """sha256 of every file (None for a missing one), remembered in <folder>/sources.json as [size, mtime, ctime,
+    inode, sha256] by absolute path, so a second call reads no image; `known`: that index ({}: read it here)."""
     known = {} if known is None else known
     if folder and not known:            # a damaged or absent index: what it held is hashed again
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError), \
@@ -968,10 +943,11 @@ def source_hashes(paths, folder=None, subjects=None, progress=False, known=None,
     for k, p in enumerate(paths):
         ap = os.path.abspath(p)
         try:
-            key = file_key(os.stat(ap))
+            st = os.stat(ap)     # a file replaced by one of its size and mtime has another ctime (not settable)
         except OSError:
             out.append(None)
             continue
+        key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         if known.get(ap, [None] * 4)[:4] != key:
             try:
                 known[ap], new = key + [file_sha256(ap)], new + 1
@@ -1032,7 +1008,7 @@ class ImageCache:
                              progress, self._index, self.PROGRESS_EVERY)
 
     def source(self, i):
-        """sha256 of item i's file as it is now (None when missing), hashed again when its file_key changed."""
+        """sha256 of item i's file as it is now (None when missing), hashed again when its size or times changed."""
         if not self._index:
             self._hash(range(len(self)))     # the first time, all (one index write)
         return self._hash([i])[0]
@@ -1245,8 +1221,7 @@ def from_adnimerge(path, out, visit="bl", dx_column=None, group_map=None):
 def _gray(plane):
     """A 2D slice -> (H, W, 3) uint8, 1st-99th percentile window, anterior / superior at the top."""
     lo, hi = np.percentile(plane, [1, 99])
-    g = (np.clip((plane - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8).T[::-1]
-    return np.repeat(g[:, :, None], 3, 2).copy()
+    return np.repeat((np.clip((plane - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8).T[::-1, :, None], 3, 2)
 
 
 def preview_crops(volume, crops, base):
@@ -1271,8 +1246,7 @@ def preview_crops(volume, crops, base):
 
 
 def matplotlib_or_none():
-    """matplotlib on the non-interactive Agg backend, or None when it is not installed (an optional dependency,
-    hence imported here: the project imports without it)."""
+    """matplotlib on the Agg backend, or None: an optional dependency, imported here so the project runs without."""
     try:
         import matplotlib
     except ImportError:

@@ -77,15 +77,6 @@ def alone():
         _state["alone"] = before
 
 
-def wrap(model, device, sync_bn=False):
-    """-> (model, net): `net` trains (DDP averages the gradients), `model` is saved and evaluated."""
-    if world_size() == 1:
-        return model, model
-    if sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
 def everyone(value):
     """Every process's `value` in rank order (as objects: NCCL needs no CUDA tensor here)."""
     if world_size() == 1:
@@ -98,6 +89,15 @@ def everyone(value):
 def gather(rows, n):
     """Each process's rows of its DistributedSampler share (rank r: items r, r + N, ...) -> all n in their order."""
     return rows if world_size() == 1 else np.stack(everyone(rows), 1).reshape(-1, *rows.shape[1:])[:n]   # padded
+
+
+def wrap(model, device, sync_bn=False):
+    """-> (model, net): `net` trains (DDP averages the gradients), `model` is saved and evaluated."""
+    if world_size() == 1:
+        return model, model
+    if sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def first_reported(value):
@@ -209,8 +209,7 @@ def identity(run, inputs, keys=IDENTITY_KEYS):
 
 
 def cores():
-    """The cores this process may run on (its affinity: a container's or a scheduler's share, not the machine's;
-    macOS has no affinity: all of them)."""
+    """The cores this process may run on: its affinity (a container's or a scheduler's share), on macOS all."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -235,25 +234,19 @@ def add_common_arguments(p):
     p.add_argument("--quiet", action="store_true", help="print only the final line")
 
 
-def resolve_schedule(args, defaults, name, quiet=False):
-    """Numeric options checked (naming the option); unset ones from `defaults` (Table 1, or the demo's)."""
+def common_run_fields(args, device, task, demo, real):
+    """The RunConfig fields both trainers resolve alike: the table (the built-in synthetic cohort without
+    --data-csv), the schedule (numbers checked; unset ones the demo's or Table 1's), the images, the precision."""
+    synthetic, quiet = args["data_csv"] is None, args["quiet"]
     for k, least in (("epochs", 1), ("batch_size", 1), ("weight_decay", 0), ("workers", 0), ("version", 0),
                      ("split_seed", 0)):
         check_number("--" + k.replace("_", "-"), args.get(k), least=least)
     check_number("--lr", args.get("lr"), above=0)
-    schedule = {k: args[k] if args[k] is not None else defaults[k] for k in SCHEDULE}
-    log(f"schedule ({name}): " + ", ".join(f"{k} {v}" for k, v in schedule.items()), quiet)
-    return schedule
-
-
-def common_run_fields(args, device, task, demo, real):
-    """The RunConfig fields both trainers resolve alike: the table (the built-in synthetic cohort without
-    --data-csv), the schedule (the demo's or Table 1's), the images and the precision."""
-    synthetic, quiet = args["data_csv"] is None, args["quiet"]
     with main_first():  # torchrun: rank 0 generates the synthetic cohort, the others wait for it
         data_csv = builtin_cohort(task, args["data_dir"], quiet) if synthetic else args["data_csv"]
-    schedule = resolve_schedule(args, demo if synthetic else real,
-                                "demo (synthetic cohort)" if synthetic else "Table 1", quiet)
+    schedule = {k: args[k] if args[k] is not None else (demo if synthetic else real)[k] for k in SCHEDULE}
+    log(f"schedule ({'demo (synthetic cohort)' if synthetic else 'Table 1'}): "
+        + ", ".join(f"{k} {v}" for k, v in schedule.items()), quiet)
     return dict(task=task, model=args["model"], version=args["version"], split_seed=args["split_seed"], **schedule,
                 data_csv=data_csv, image_dir=args["image_dir"], cache_dir=args["cache_dir"],
                 cache_dtype=args["cache_dtype"], precision=resolve_precision(args["precision"], device, quiet))
@@ -338,8 +331,7 @@ def occupied(run_dir, resume):
 
 def setup_device(name, sync_bn=False):
     """The device, TF32 off (float32 means float32); under torchrun the process group and the local rank's GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
     if sync_bn and name != "cuda":
@@ -363,9 +355,7 @@ def setup_device(name, sync_bn=False):
 
 
 def leave():
-    """The end of a run that succeeded: every process reaches it before any tears the process group down (one
-    that left while rank 0 still wrote its files was aborted by gloo now and then). A no-op without torchrun and
-    inside alone() (rank 0's nested tabular pre-training)."""
+    """A successful run's end: all processes meet before the group is torn down (gloo aborted early leavers)."""
     if world_size() > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -569,7 +559,19 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
                 scaler.update()
                 losses.append(loss.detach())
                 sizes.append(len(target))
-            mean_loss, initial = check_losses(losses, sizes, epoch, initial, run_dir, saved)
+            values = torch.stack(losses).double().cpu() if losses else torch.zeros(0, dtype=torch.float64)
+            bad = (~torch.isfinite(values)).nonzero().flatten().tolist()                # one read-back above
+            problem = f"the training loss is {float(values[bad[0]])} (step {bad[0] + 1} of {len(values)})" \
+                if bad else None
+            total, n, first = map(sum, zip(*everyone((float((values * torch.tensor(sizes).double()).sum()),
+                                                      sum(sizes), float(values[0]) if len(values) else 0.0))))
+            if initial is None and epoch == 0:                    # the untrained network's loss (LOSS_BOUND)
+                initial = first / world_size()
+            mean_loss = total / max(n, 1)
+            if problem is None and initial is not None and initial > 0 and mean_loss > LOSS_BOUND * initial:
+                problem = f"the training loss {mean_loss:.3g} is over {LOSS_BOUND:g} times the untrained " \
+                          f"network's ({initial:.3g})"
+            check_divergence(problem, epoch, run_dir, saved)
             check_divergence(non_finite(model), epoch, run_dir, saved, "after the epoch's steps")
             if before_validation is not None:
                 before_validation(model)
@@ -609,23 +611,6 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
     if best is None:
         raise UserError(f"{run_dir}: no epoch was trained (--epochs {run.epochs})")
     return best
-
-
-def check_losses(losses, sizes, epoch, initial, run_dir, saved):
-    """-> (the epoch's mean loss over all processes, the untrained network's); diverged if non-finite or too high."""
-    values = torch.stack(losses).double().cpu() if losses else torch.zeros(0, dtype=torch.float64)  # one read-back
-    bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
-    problem = f"the training loss is {float(values[bad[0]])} (step {bad[0] + 1} of {len(values)})" if bad else None
-    mine = (float((values * torch.tensor(sizes, dtype=torch.float64)).sum()), sum(sizes),
-            float(values[0]) if len(values) else 0.0)
-    total, n, first = map(sum, zip(*everyone(mine)))
-    if initial is None and epoch == 0:                    # the untrained network's loss (LOSS_BOUND)
-        initial = first / world_size()
-    mean = total / max(n, 1)
-    if problem is None and initial is not None and initial > 0 and mean > LOSS_BOUND * initial:
-        problem = f"the training loss {mean:.3g} is over {LOSS_BOUND:g} times the untrained network's ({initial:.3g})"
-    check_divergence(problem, epoch, run_dir, saved)
-    return mean, initial
 
 
 def non_finite(model):
