@@ -16,9 +16,8 @@ accuracy (AD test BA, Eq. 9, and AUC: fp32 minus it; brain-age MAE: it minus fp3
 interval and the time ratio (log.csv). Non-inferior, so that --precision auto may take it: over at least 8
 versions the interval's upper end below 0.02 BA or 0.15 years.
 gpu-check: tests (test_all.py's test_check_* of the device), precision (bf16 where native and fp16 against fp32,
-one version more at a time; the CPU dry run pairs fp32 with itself), the ratios' sections and sharing (K processes
-training on one device at once), in a report rewritten after each section: a failing one keeps what it reported,
-the rest still run, one that --budget cannot afford is skipped.
+one version more at a time; the CPU dry run pairs fp32 with itself) and the ratios' sections, in a report rewritten
+after each: a failing one keeps what it reported, the rest still run, one that --budget cannot afford is skipped.
 """
 import argparse
 import csv
@@ -48,7 +47,7 @@ from models import build_model
 from training import cores, loader_workers, make_loader, setup_device
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CHECK_SECTIONS = ("tests", "precision", "hyperlayers", "throughput", "loader", "sharing")   # in their order
+CHECK_SECTIONS = ("tests", "precision", "hyperlayers", "throughput", "loader")   # in their order
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # training's --precision: one autocast
 MARGINS, MIN_VERSIONS = {"ad": 0.02, "brain-age": 0.15}, 8       # the largest loss of accuracy that counts as none
 METRICS = {"ad": [("balanced_accuracy", +1), ("auc_macro", +1)], "brain-age": [("mae", -1)]}   # +1: higher is better
@@ -79,7 +78,7 @@ def run_steps(step, steps, warmup, device):
     return statistics.median(times), torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else None
 
 
-# ---- measured here or in fresh processes: hyperlayers, throughput, loader, sharing --------------------------------
+# ---- measured here or in fresh processes: hyperlayers, throughput, loader --------------------------------
 
 def naive_hyperlayer(layer, x, tabular, functional, **kwargs):
     """The per-sample hypernetwork: generate sample b's weights, then one layer call for sample b."""
@@ -92,8 +91,7 @@ def naive_hyperlayer(layer, x, tabular, functional, **kwargs):
 
 
 def hyperlayers(quick, device):
-    """ms per forward + backward (median) at the paper's two hyperlayer shapes, and the speed-ups over the naive
-    loop that chose HyperLinear's factorised and HyperConv's materialised default."""
+    """ms per forward + backward at the paper's two hyperlayer shapes, and the speed-ups over the naive loop."""
     torch.manual_seed(0)
     rows = []
     for title, xshape, n_tab, functional, kwargs, make in [
@@ -115,8 +113,7 @@ def hyperlayers(quick, device):
 
 
 def measure(task, name, shape, batch, steps, device, precision="fp32", warmup=1, threads=None):
-    """In a fresh process (bench.py --child): one model's train step (forward, loss, backward, Adam) -> median
-    seconds, peak MB (CUDA: allocated; CPU: the resident set's peak above the process's before the model)."""
+    """In a fresh process: one model's train step -> median seconds, peak MB (CUDA allocated, CPU resident)."""
     torch.manual_seed(0)
     torch.set_num_threads(threads or torch.get_num_threads())
     dev = setup_device(device)                                   # cudnn.benchmark, TF32 off: as training
@@ -144,32 +141,19 @@ def measure(task, name, shape, batch, steps, device, precision="fp32", warmup=1,
     return dict(seconds=seconds, peak_mb=rss if peak is None else peak)
 
 
-def children(args, timeout):
-    """measure(**a) for each a of args, each in a fresh process, all at once."""
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "bench.py"), "--child", json.dumps(a)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for a in args]
-    try:
-        outs = [p.communicate(timeout=max(1, timeout)) for p in procs]
-    finally:
-        for p in procs:
-            p.kill() if p.poll() is None else None
-    for p, (_, err) in zip(procs, outs):
-        if p.returncode:
-            raise RuntimeError(f"exit {p.returncode}: " + (err.strip().splitlines() or [""])[-1])
-    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
-
-
 def throughput(s, device, budget):
-    """Samples/s and peak MB of backbone and HyperFusion per case and precision (fp32 first), HyperFusion /
-    backbone per task and precision, and the paper's protocols' training wall time, one run at a time."""
+    """Samples/s and peak MB of backbone and HyperFusion per case and precision, their ratios, protocol hours."""
     rows, ratios, hours = [], [], {}
     for precision in dict.fromkeys(["fp32"] + s["precisions"]):
         for task, shape, batch in s["cases"]:
             row = dict(task=task, precision=precision, shape="x".join(map(str, shape)), batch=batch)
             for name in ("imaging", "hyperfusion"):
-                try:                                             # one failing row leaves the others
-                    r, = children([dict(task=task, name=name, shape=shape, batch=batch, steps=s["steps"], device=device,
-                                        precision=precision, warmup=s["warmup"], threads=s["threads"])], budget())
+                child = dict(task=task, name=name, shape=shape, batch=batch, steps=s["steps"], device=device,
+                             precision=precision, warmup=s["warmup"], threads=s["threads"])
+                try:                                             # one failing row leaves the others; measure() in a
+                    out, = run_commands([[sys.executable, os.path.join(HERE, "bench.py"), "--child", json.dumps(
+                        child)]], 1, budget())                                            # fresh process
+                    r = json.loads(out.strip().splitlines()[-1])
                     rows.append(dict(row, model=name, samples_s=batch / r["seconds"], peak_mb=r["peak_mb"]))
                 except Exception as e:
                     rows.append(dict(row, model=name, error=f"{type(e).__name__}: {e}"[:600]))
@@ -215,27 +199,12 @@ def loader(s, device, model_rows):
     return dict(rows=rows)
 
 
-def sharing(s, device, budget):
-    """Aggregate samples/s of K processes training AD HyperFusion (fp32) on one device at once (on a CPU each
-    with cores / K threads), and the speed-up over one."""
-    (task, shape, batch), rows = s["cases"][0], []
-    for k in s["ks"]:
-        results = children([dict(task=task, name="hyperfusion", shape=shape, batch=batch, steps=s["steps"],
-                                 device=device, warmup=s["warmup"], threads=s["threads"] or (
-                                     None if device == "cuda" else max(1, cores() // k)))] * k, budget())
-        per = [batch / r["seconds"] for r in results]
-        rows.append(dict(task=task, shape="x".join(map(str, shape)), batch=batch, k=k, aggregate_samples_s=sum(per),
-                         speedup=sum(per) / rows[0]["aggregate_samples_s"] if rows else 1.0,
-                         peak_mb_per_process=max(r["peak_mb"] for r in results)))
-    return dict(rows=rows)
-
-
 # ---- precision: the paired accuracy benchmark of a precision against float32 -------------------------------------
 
 def run_commands(cmds, jobs, timeout):
-    """Each command, `jobs` at a time (cores / jobs threads each); a failure raises with its last line, the
-    timeout (seconds for all) subprocess.TimeoutExpired; none is left running (a stopped run resumes)."""
-    env, end = dict(os.environ), time.monotonic() + timeout
+    """Each command, `jobs` at a time (cores / jobs threads each) -> their outputs; a failure raises with its last
+    line, the timeout (seconds for all) subprocess.TimeoutExpired; none is left running (a stopped run resumes)."""
+    env, end, done = dict(os.environ), time.monotonic() + timeout, []
     env.setdefault("OMP_NUM_THREADS", str(max(1, cores() // jobs)))
     for i in range(0, len(cmds), jobs):
         procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -249,11 +218,12 @@ def run_commands(cmds, jobs, timeout):
             if p.returncode:
                 raise RuntimeError(f"{' '.join(c[1:])}: exit {p.returncode}: " +
                                    ((err or out).strip().splitlines() or [""])[-1])
+        done += [out for out, _ in outs]
+    return done
 
 
 def paired_loss(reference, other, sign):
-    """The loss of accuracy per version (reference minus other where higher is better, sign +1; other minus
-    reference where lower is better, sign -1) and its summary: mean, 95% t interval, one-sided 95% bound."""
+    """Loss of accuracy per version (sign +1: higher is better) and its mean, 95% t interval, one-sided bound."""
     d = sign * (np.asarray(reference, float) - np.asarray(other, float))
     n, mean = len(d), float(d.mean())
     se, t2, t1 = ((d.std(ddof=1) / np.sqrt(n), stats.t.ppf(0.975, n - 1), stats.t.ppf(0.95, n - 1)) if n > 1
@@ -270,8 +240,7 @@ def verdict(summary, margin):
 
 
 def precision_pairs(task, vs, s, device, out, timeout):
-    """Trains the HyperFusion runs of fp32 and each precision at versions vs not finished yet (in <out>/<task>/
-    <precision>/v<V>), then pairs each precision's version v with fp32's -> the pairs' and versions' rows."""
+    """Train fp32 and each precision's runs at versions vs, pair them -> the pairs' and versions' rows."""
     runs = list(dict.fromkeys(["fp32"] + s["precisions"]))
     folder = lambda p, v: os.path.join(out, task, p, f"v{v}")
     run_files = lambda f, name, model=None: [os.path.join(d, name) for d, _, names in os.walk(f)
@@ -300,8 +269,7 @@ def precision_pairs(task, vs, s, device, out, timeout):
 
 
 def precision(s, device, budget, out, report):
-    """precision_pairs on each task, one version more at a time (finished runs reused), the section kept in the
-    report after each: a budget that runs out, or a run that fails, leaves every version finished so far."""
+    """precision_pairs one version more at a time, the report rewritten after each: a stop keeps them."""
     done, section = {}, report["sections"].setdefault("precision", dict(status="running", seconds=0.0))
     for i, v in enumerate(s["versions"]):
         for task in s["tasks"]:
@@ -342,7 +310,7 @@ def settings(device, quick, name="gpu-check", **options):
                      [("ad", (64, 96, 64), 32 if cuda else 4), ("brain-age", (90, 120, 99), 64 if cuda else 2)],
                      precisions=dict(ratios=["fp32"], precision=["bf16"]).get(name, bf16 + ["fp16"] if cuda else
                                                                              ["fp32"]), steps=2 if quick else 10,
-                     warmup=1 if quick else 3, ks=(1, 2) if quick else (1, 2, 4),
+                     warmup=1 if quick else 3,
                      threads=1 if quick and not cuda else None,          # a small loaded CPU: threads contend
                      versions=list(range(8 if name == "precision" else 2 if quick else 4)), epochs=3 if quick else None,
                      tasks=("ad", "brain-age"), jobs=2, data_dir="data", tests_budget=150,
@@ -351,8 +319,7 @@ def settings(device, quick, name="gpu-check", **options):
 
 
 def run_report(sections, device, quick, out, budget_s=1e6, **options):
-    """Each section in turn, caught on its own, skipped when the budget cannot afford it; the report
-    (<out>/<name>.md and .json) rewritten after each -> the report dict."""
+    """Each section in turn, caught on its own, skipped past the budget; the report rewritten after each."""
     s, end = settings(device, quick, **options), time.monotonic() + budget_s
     budget = lambda: end - time.monotonic()
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
@@ -366,8 +333,7 @@ def run_report(sections, device, quick, out, budget_s=1e6, **options):
                precision=(120, lambda: precision(s, device, budget, out, report)),
                hyperlayers=(10, lambda: hyperlayers(quick, device)),
                throughput=(30, lambda: throughput(s, device, budget)),
-               loader=(20, lambda: loader(s, device, report["sections"].get("throughput", {}).get("rows", []))),
-               sharing=(30, lambda: sharing(s, device, budget)))
+               loader=(20, lambda: loader(s, device, report["sections"].get("throughput", {}).get("rows", []))))
     for name in sections:
         need, fn, t = *run[name], time.monotonic()
         if budget() < need:
@@ -403,10 +369,8 @@ def render(report):
 
 def write_report(report, out, name):
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, name + ".json"), "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    with open(os.path.join(out, name + ".md"), "w") as f:
-        f.write(render(report))
+    data.write_json(report, os.path.join(out, name + ".json"))
+    data.write_text(render(report), os.path.join(out, name + ".md"))
 
 
 def main(argv=None):

@@ -17,7 +17,6 @@ import hashlib
 import io
 import json
 import math
-import multiprocessing
 import numbers
 import os
 import re
@@ -91,7 +90,6 @@ def run_cli(main, argv=None, resume_option=None):
 # errors of a write that are the folder's, not the program's: the disk or quota is full, or it cannot be written
 DISK_FULL = {errno.ENOSPC, errno.EFBIG} | ({errno.EDQUOT} if hasattr(errno, "EDQUOT") else set())
 UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOENT}
-_writing = []   # the temporary files this process is writing now (a decoding process stopped removes them)
 
 
 def size_text(n):
@@ -106,7 +104,6 @@ def atomic_path(path, nbytes=None):
     partial file. A full disk or an unwritable folder is a UserError naming the folder and the bytes needed."""
     d, base = os.path.split(os.path.abspath(os.fspath(path)))
     tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex[:12]}-{base}")   # ends as `path`: writers read the extension
-    _writing.append(tmp)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -123,8 +120,6 @@ def atomic_path(path, nbytes=None):
                             f"choose another folder" if exc.errno in DISK_FULL else f"{d}: cannot write {base} there "
                             f"({why}); it needs {need}; choose a folder you can write to") from None
         raise
-    finally:
-        _writing.remove(tmp)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -149,20 +144,17 @@ def check_number(option, value, least=None, above=None, most=None):
 def same_file(a, b):
     """Whether writing `a` would replace `b`: the same path or another spelling of it (a symlinked folder, `..`, a
     case-insensitive file system, a hard link). A symlink `a` does not count: an atomic write replaces the link."""
-    if os.path.abspath(a) == os.path.abspath(b):
-        return True
     with contextlib.suppress(OSError):
-        return not os.path.islink(a) and os.path.samefile(a, b)
-    return False
+        return os.path.abspath(a) == os.path.abspath(b) or not os.path.islink(a) and os.path.samefile(a, b)
+    return os.path.abspath(a) == os.path.abspath(b)
 
 
 def check_output(option, path, inputs=()):
     """An output file named by `option`: refused when it is a folder or would replace one of `inputs`."""
     if os.path.isdir(path):
         raise UserError(f"{option} {path}: is a folder; give the file to write")
-    for p in inputs:
-        if p and same_file(path, p):
-            raise UserError(f"{option} {path}: would overwrite {p}, an input of this command; choose another file")
+    for p in (p for p in inputs if p and same_file(path, p)):
+        raise UserError(f"{option} {path}: would overwrite {p}, an input of this command; choose another file")
 
 
 def file_sha256(path):
@@ -194,7 +186,7 @@ def json_safe(obj):
 
 
 def write_json(obj, path):
-    write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False), path)
+    write_bytes(json.dumps(json_safe(obj), indent=2, allow_nan=False).encode(), path)
 
 
 def spreadsheet_safe(cell):
@@ -209,13 +201,9 @@ def spreadsheet_safe(cell):
 def write_csv(rows, columns, path, for_people=False):
     """rows: dicts or lists in column order. for_people: a file for a spreadsheet, never read back by this code,
     every cell through spreadsheet_safe; the tables the code reads back are written verbatim."""
-    columns, cell = list(columns), (spreadsheet_safe if for_people else (lambda v: v))
-    buf = io.StringIO(newline="")
-    csv.writer(buf).writerow([cell(c) for c in columns])
-    if rows and isinstance(rows[0], dict):
-        csv.DictWriter(buf, fieldnames=columns).writerows({k: cell(v) for k, v in r.items()} for r in rows)
-    else:
-        csv.writer(buf).writerows([cell(v) for v in r] for r in rows)
+    columns, cell, buf = list(columns), (spreadsheet_safe if for_people else (lambda v: v)), io.StringIO(newline="")
+    rows = [[r.get(c, "") for c in columns] if isinstance(r, dict) else r for r in rows]
+    csv.writer(buf).writerows([cell(v) for v in r] for r in [columns, *rows])
     write_text(buf.getvalue(), path)
 
 
@@ -224,8 +212,7 @@ def write_text(text, path):
 
 
 def write_bytes(blob, path):
-    blob = memoryview(blob)
-    with atomic_path(path, blob.nbytes) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path, memoryview(blob).nbytes) as tmp, open(tmp, "wb") as f:
         f.write(blob)
 
 
@@ -261,8 +248,7 @@ class Progress:
     def hushed(self):
         return contextlib.redirect_stdout(io.StringIO()) if self.quiet else contextlib.nullcontext()
 
-    def rebase(self):
-        """The time left from the pace after this point (past a start-up)."""
+    def rebase(self):   # the time left from the pace after this point (past a start-up)
         self.base_t, self.base_done = self.clock(), self.done
 
     def elapsed(self):
@@ -400,7 +386,8 @@ class TabularPreprocessor:
         self.state = {"version": 2, "attributes": list(AD_CONTINUOUS), "imputed": imputed,
                       "mean": [float(v) for v in mean], "std": [float(v) for v in std],
                       "init": [float(v) for v in init], "steps": steps,
-                      "indicators": [imputed[j] for j in range(Z.shape[1]) if missing[:, j].any()]}
+                      "indicators": [imputed[j] for j in range(Z.shape[1]) if missing[:, j].any()],
+                      "empty": [imputed[j] for j in range(Z.shape[1]) if missing[:, j].all()]}   # see unlearned
         return self
 
     @property
@@ -412,11 +399,20 @@ class TabularPreprocessor:
     def n_features(self):
         return len(self.columns)
 
+    def unlearned(self, raw_rows):
+        """{column: (N,) bool, the rows with a value}: columns empty in every training row, whose values transform
+        reads as missing (imputed, as every training row was): the model never learned to read them; the callers
+        say so rather than refuse, since the rest of the record is read as learned."""
+        sex, X = self.parse(raw_rows)
+        Z = np.concatenate([X, sex[:, None]], 1)
+        return {a: ~np.isnan(Z[:, self.state["imputed"].index(a)]) for a in self.state.get("empty", [])}
+
     def transform(self, raw_rows):
         """raw rows -> (N, n_features) float32, no NaN; each row on its own (IterativeImputer.transform's steps)."""
         s = self.state
         sex, X = self.parse(raw_rows)
         Z = np.concatenate([(X - np.array(s["mean"])) / np.array(s["std"]), sex[:, None]], 1)   # (N, 9)
+        Z[:, [s["imputed"].index(a) for a in s.get("empty", [])]] = np.nan                # see unlearned
         missing = np.isnan(Z)
         Z = np.where(missing, np.array(s["init"])[None, :], Z)                    # initial (mean) fill
         for st in s["steps"]:
@@ -531,21 +527,18 @@ def read_csv_rows(csv_path, required):
             missing = [c for c in required if c not in fields]
             if missing:
                 raise UserError(f"{csv_path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
-            while True:
-                start = reader.line_num + 1
-                cells = next(reader, None)
-                if cells is None:
-                    break
-                multi = next((j for j, v in enumerate(cells) if "\n" in v or "\r" in v), None)
-                if multi is not None:
-                    col = fields[multi] if multi < len(fields) else "(beyond the header)"
-                    raise UserError(f"{csv_path} line {start}: a quote opened in column {col} is not closed "
+            start = reader.line_num + 1
+            for cells in reader:
+                for j in (j for j, v in enumerate(cells) if "\n" in v or "\r" in v):
+                    raise UserError(f"{csv_path} line {start}: a quote opened in column "
+                                    f"{fields[j] if j < len(fields) else '(beyond the header)'} is not closed "
                                     f"before line {reader.line_num} (cells cannot span lines)")
                 if len(cells) > len(fields):
                     raise UserError(f"{csv_path} line {start}: {len(cells)} fields, the header has {len(fields)}")
                 row = {k: v.strip() for k, v in zip(fields, cells + [""] * (len(fields) - len(cells)))}
                 if any(row.values()):                                  # skip blank lines; short rows: empty cells
                     rows.append((start, row))
+                start = reader.line_num + 1
     except (UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"{csv_path}: not a readable UTF-8 CSV table ({type(exc).__name__}: {exc})") from None
     if not rows:
@@ -575,13 +568,12 @@ def output_names(ids):
 def check_subjects(csv_path, rows, as_file_names=False):
     """-> the Subject of every row: filled, unique and, where it names a file, a plain file name of at most
     200 bytes that no earlier one equals but for case (one file on a case-insensitive file system)."""
-    subjects, seen, folded = [], {}, {}
+    seen, folded = {}, {}
     for line, row in rows:
         s = row.get("Subject", "")
-        if not s:
-            raise UserError(f"{csv_path} line {line}: empty Subject")
-        if s in seen:
-            raise UserError(f"{csv_path} line {line}: subject {s} repeats line {seen[s]}")
+        if not s or s in seen:
+            raise UserError(f"{csv_path} line {line}: " + (f"subject {s} repeats line {seen[s]}" if s else
+                                                           "empty Subject"))
         if as_file_names and not plain_file_name(s):
             raise UserError(f"{csv_path} line {line}: Subject {s!r} is not a plain file name (it names the "
                             f"subject's image file, so it may not hold / or \\ or be . or ..)")
@@ -594,8 +586,7 @@ def check_subjects(csv_path, rows, as_file_names=False):
                             f"{other[0]}) only in case: as file names they are one file on a case-insensitive "
                             f"file system; rename one")
         seen[s], folded[s.casefold()] = line, (line, s)
-        subjects.append(s)
-    return subjects
+    return list(seen)
 
 
 def find_image(folder, subject):
@@ -691,21 +682,19 @@ def read_ad_table(csv_path, image_dir=None, need_images=True, classes=3, group_m
         for col in AD_ATTRIBUTES:
             if math.isnan(v[col]) and row[col].upper() not in EMPTY_CELLS:         # ADNI's -4 / -1
                 codes[col] = codes.get(col, 0) + 1
-        sx, age = -1 if math.isnan(v["PTGENDER"]) else int(v["PTGENDER"]), v["AGE"]
         if classes == 2 and g == "MCI" and not for_prediction:
             continue
         keep.append((line, row))
         labels.append(names.index(g) if g in names else -1)
-        sexes.append(sx)
-        ages.append(age)
+        sexes.append(-1 if math.isnan(v["PTGENDER"]) else int(v["PTGENDER"]))
+        ages.append(v["AGE"])
     if not keep:
         seen = ", ".join(f"{k or '(empty)'} {n}" for k, n in skipped.items())
         raise UserError(f"{csv_path}: no {' or '.join(names)} subjects" + (f" (Group values: {seen}; "
                         f"map them with --group-map VALUE=CN|MCI|AD)" if seen else ""))
-    for col in AD_ATTRIBUTES:
-        if codes.get(col):
-            cells = f"{codes[col]} cell{'s hold' if codes[col] > 1 else ' holds'}"
-            warn(f"{csv_path}: column {col}: {cells} ADNI's missing-value code -4 or -1, read as missing")
+    for col in sorted(codes, key=AD_ATTRIBUTES.index):
+        warn(f"{csv_path}: column {col}: {codes[col]} cell{'s hold' if codes[col] > 1 else ' holds'} ADNI's "
+             f"missing-value code -4 or -1, read as missing")
     subjects = check_subjects(csv_path, keep)
     paths = _image_paths(csv_path, keep, fields, subjects, image_dir) if need_images else None
     raw = [{a: row[a] for a in AD_ATTRIBUTES} for _, row in keep]
@@ -730,13 +719,10 @@ def read_brain_age_table(csv_path, image_dir=None, need_images=True, for_predict
     ages, sexes = [], []
     for line, row in rows:
         ages.append(read_cell(csv_path, line, row, "Age"))
-        if math.isnan(ages[-1]) and not for_prediction:
-            raise UserError(f"{csv_path} line {line}: subject {row['Subject']}: column Age is empty")
-        sx = SEX_CODES.get(row["Sex"].lower())
-        if sx is None:
-            raise UserError(f"{csv_path} line {line}: subject {row['Subject']}: column Sex: "
-                            f"expected M or F, got {row['Sex']!r}")
-        sexes.append(sx)
+        sexes.append(SEX_CODES.get(row["Sex"].lower()))
+        if sexes[-1] is None or math.isnan(ages[-1]) and not for_prediction:
+            raise UserError(f"{csv_path} line {line}: subject {row['Subject']}: column " + ("Age is empty" if
+                            sexes[-1] is not None else f"Sex: expected M or F, got {row['Sex']!r}"))
     subjects = check_subjects(csv_path, rows)
     paths = _image_paths(csv_path, rows, fields, subjects, image_dir) if need_images else None
     return Table(subjects, None, None, np.array(sexes, np.int64), np.array(ages, np.float32), paths,
@@ -752,8 +738,9 @@ def _where(path, subject=None):
     return f"{path} (subject {subject})" if subject is not None else f"{path}"
 
 
-def _open_nifti(path, where):
-    """One NIfTI's header, nothing decoded -> (nibabel image, its 3D shape with trailing 1s squeezed)."""
+def _open_nifti(path, where, axis_aligned=True):
+    """One NIfTI's header, nothing decoded -> (nibabel image, its 3D shape with trailing 1s squeezed). axis_aligned:
+    a rotated affine refused (as_closest_canonical only permutes and flips axes: it would be read as unrotated)."""
     if not os.path.isfile(path):
         raise UserError(f"{where}: image file not found")
     try:
@@ -768,6 +755,10 @@ def _open_nifti(path, where):
     if not np.isfinite(img.affine).all() or abs(np.linalg.det(img.affine[:3, :3])) < 1e-9:
         raise UserError(f"{where}: the header's voxel-to-world affine is degenerate (a zero voxel size?): "
                         f"{img.affine[:3, :3].round(4).tolist()}")
+    cosines = np.abs(img.affine[:3, :3] / np.linalg.norm(img.affine[:3, :3], axis=0))    # 0 or 1 unless rotated
+    if axis_aligned and np.abs(cosines - cosines.round()).max() > 1e-3:
+        raise UserError(f"{where}: the header's affine is rotated off the voxel axes ({cosines.round(3).tolist()}), "
+                        f"which would be read as unrotated; resample it to the training orientation (preprocess.py)")
     return img, shape
 
 
@@ -775,7 +766,7 @@ def load_nifti(path, subject=None, canonical=True):
     """One NIfTI -> a nibabel image of float32 3D data (RAS if canonical); missing, unreadable, truncated, not
     3D (checked from the header) or NaN / inf voxels: a UserError naming the file and subject."""
     where = _where(path, subject)
-    img, shape = _open_nifti(path, where)
+    img, shape = _open_nifti(path, where, canonical)
     try:
         data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
     except (OSError, ValueError, EOFError, zlib.error) as exc:  # short gzip stream, bad CRC, short file
@@ -939,15 +930,9 @@ def cache_lock(folder):
         os.close(fd)                   # releases the lock
 
 
-def file_key(st):
-    """One version of a file without reading it: size, mtime, ctime, inode (ctime cannot be set back, so a file
-    replaced by one of the same size with its mtime kept has another key)."""
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-
-
 def source_hashes(paths, folder=None, subjects=None, progress=False, known=None, every=5.0):
-    """sha256 of every file (None for a missing one), remembered in <folder>/sources.json as [file_key..., sha256]
-    by absolute path, so a second call reads no image; `known`: that index ({}: read it here), updated in place."""
+    """sha256 of every file (None for a missing one), remembered in <folder>/sources.json as [size, mtime, ctime,
+    inode, sha256] by absolute path, so a second call reads no image; `known`: that index ({}: read it here)."""
     known = {} if known is None else known
     if folder and not known:            # a damaged or absent index: what it held is hashed again
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError), \
@@ -958,10 +943,11 @@ def source_hashes(paths, folder=None, subjects=None, progress=False, known=None,
     for k, p in enumerate(paths):
         ap = os.path.abspath(p)
         try:
-            key = file_key(os.stat(ap))
+            st = os.stat(ap)     # a file replaced by one of its size and mtime has another ctime (not settable)
         except OSError:
             out.append(None)
             continue
+        key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         if known.get(ap, [None] * 4)[:4] != key:
             try:
                 known[ap], new = key + [file_sha256(ap)], new + 1
@@ -996,7 +982,6 @@ class ImageCache:
     """A cohort's images, each decoded once (validated, transformed, float16/32) into
     `<subject>-<config>-<source sha256>.npy` plus a trailer (source, config, CRC-32), then served as read-only
     memmaps. An entry that does not match or is damaged is decoded again with one `warning:` line, never served."""
-    PARALLEL_FROM = 200    # below this many entries, starting the processes costs more than it saves
     PROGRESS_EVERY = 5.0   # seconds at least between two progress lines (hashing, checking, decoding)
 
     def __init__(self, paths, cache_dir, dtype="float16", transform=None, expected_shape=None, names=None):
@@ -1023,7 +1008,7 @@ class ImageCache:
                              progress, self._index, self.PROGRESS_EVERY)
 
     def source(self, i):
-        """sha256 of item i's file as it is now (None when missing), hashed again when its file_key changed."""
+        """sha256 of item i's file as it is now (None when missing), hashed again when its size or times changed."""
         if not self._index:
             self._hash(range(len(self)))     # the first time, all (one index write)
         return self._hash([i])[0]
@@ -1086,8 +1071,7 @@ class ImageCache:
             write_bytes(buf.getbuffer(), out)
         except UserError as exc:                # a full or read-only cache folder: the way out
             raise UserError(f"{exc} ({CACHE_WAY_OUT})") from None
-        self._checked.add(out)
-        self.n_decoded += 1
+        return out
 
     def __getitem__(self, i):
         out, problem = self.entry(i), self.problem(i)
@@ -1095,12 +1079,13 @@ class ImageCache:
             warn(f"cache entry {out} (subject {self.names[i]}): {problem}; decoded again")
         if problem:
             self.decode(i)
+            self.n_decoded += 1
         self._checked.add(out)
         return np.load(out, mmap_mode="r")
 
     def prepare(self, progress=True, workers=1):
         """Check every entry and decode each missing or damaged one now (one `warning:` line names the damaged),
-        in `workers` processes from PARALLEL_FROM entries; Ctrl-C keeps what was written and is one line."""
+        `workers` at a time in threads; Ctrl-C keeps what was written and is one line."""
         with cache_lock(self.cache_dir):
             self._hash(range(len(self)), progress)
             shown = Progress("checking the image cache", len(self), "entries", not progress, self.PROGRESS_EVERY)
@@ -1113,77 +1098,23 @@ class ImageCache:
                 warn(f"cache {self.cache_dir}: {len(damaged)} entr{'y' if len(damaged) == 1 else 'ies'} damaged or "
                      f"not of their image, decoded again: " + "; ".join(damaged[:5])
                      + (f"; and {len(damaged) - 5} more" if len(damaged) > 5 else ""))
-            parallel = workers > 1 and len(todo) >= self.PARALLEL_FROM
-            shown = Progress("decoding the image cache" + (f" with {workers} processes" if parallel else ""),
-                             len(todo), "images", not progress, self.PROGRESS_EVERY)
+            shown = Progress("decoding the image cache", len(todo), "images", not progress, self.PROGRESS_EVERY)
+            pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))   # zlib, nibabel, numpy: GIL released
             try:
-                with contextlib.closing(self._decode_parallel(todo, workers) if parallel
-                                        else (self.decode(i) or i for i in todo)) as done:
-                    for k, i in enumerate(done):
-                        if parallel:              # (decoded by the processes, on their own copies of this object)
-                            self.n_decoded, _ = self.n_decoded + 1, self._checked.add(self.entry(i))
-                        shown.advance()
-                        if parallel and k == 0:
-                            shown.rebase()        # time left from the pace once the processes have started
-            except KeyboardInterrupt:             # (Ctrl-C, or SIGTERM under run_cli): the processes are stopped
+                for future in [pool.submit(self.decode, i) for i in todo]:
+                    self._checked.add(future.result())
+                    self.n_decoded += 1
+                    shown.advance()
+            except KeyboardInterrupt:             # (Ctrl-C, or SIGTERM under run_cli): the decodes under way end whole
+                pool.shutdown(cancel_futures=True)
                 kept = sum(os.path.exists(self.entry(i)) for i in todo)
                 raise UserError(f"interrupted while decoding the image cache {self.cache_dir}: {kept} of "
-                                f"{len(todo)} images decoded and kept, no process left; the same command decodes the "
-                                f"rest") from None
+                                f"{len(todo)} images decoded and kept, none half-written; the same command decodes "
+                                f"the rest") from None
+            finally:
+                pool.shutdown(cancel_futures=True)
             shown.finish()
         return self
-
-    def _decode_parallel(self, items, workers):
-        """Yield `items`, in order, each once one of `workers` spawned processes has written its entry. An exception
-        (Ctrl-C, a bad image) stops them now, each removing the file it was writing."""
-        main = threading.current_thread() is threading.main_thread()
-        pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=
-                                                      _decoding_process_start, initargs=(self, os.getpid()))
-        size = max(1, min(16, len(items) // (4 * workers)))
-        try:
-            old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None   # processes start ignoring Ctrl-C,
-            try:                                                                    # which this one handles
-                futures = [pool.submit(_decode_chunk, items[s:s + size]) for s in range(0, len(items), size)]
-            finally:
-                if main:
-                    signal.signal(signal.SIGINT, old or signal.SIG_DFL)
-            yield from (i for f in futures for i in f.result())
-        except BaseException:
-            for p in list((pool._processes or {}).values()):   # SIGTERM: each removes its file (_stop_decoding);
-                with contextlib.suppress(Exception):             # no future cancelled first (3.11's pool then fails)
-                    p.terminate()
-            raise
-        finally:
-            pool.shutdown()
-
-
-_held = None  # the ImageCache a decoding process works for
-
-
-def _decoding_process_start(cache, parent):
-    """A decoding process holds `cache`, leaves Ctrl-C to its parent, and on SIGTERM or its parent's end (kill -9
-    too: a thread watches os.getppid()) removes the file it was writing and exits."""
-    global _held
-    _held = cache
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _stop_decoding)
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(0.2)
-        _stop_decoding()
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def _stop_decoding(*_):
-    for tmp in list(_writing):
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-    os._exit(1)
-
-
-def _decode_chunk(items):
-    return [_held.decode(i) or i for i in items]
 
 
 # ---- the Datasets ----------------------------------------------------------------------------------------------
@@ -1290,8 +1221,7 @@ def from_adnimerge(path, out, visit="bl", dx_column=None, group_map=None):
 def _gray(plane):
     """A 2D slice -> (H, W, 3) uint8, 1st-99th percentile window, anterior / superior at the top."""
     lo, hi = np.percentile(plane, [1, 99])
-    g = (np.clip((plane - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8).T[::-1]
-    return np.repeat(g[:, :, None], 3, 2).copy()
+    return np.repeat((np.clip((plane - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8).T[::-1, :, None], 3, 2)
 
 
 def preview_crops(volume, crops, base):
@@ -1316,8 +1246,7 @@ def preview_crops(volume, crops, base):
 
 
 def matplotlib_or_none():
-    """matplotlib on the non-interactive Agg backend, or None when it is not installed (an optional dependency,
-    hence imported here: the project imports without it)."""
+    """matplotlib on the Agg backend, or None: an optional dependency, imported here so the project runs without."""
     try:
         import matplotlib
     except ImportError:

@@ -53,10 +53,7 @@ FIG4A_TRAIN = {"M": "males", "F": "females", "mixed": "mixed (sex-balanced)"}
 
 
 # ---- Figures: PNG files of size x DPI pixels, written atomically; matplotlib imported only to draw them ----
-DPI = 100
-SMALL = (5, 4)        # inches: one panel, 500 x 400 pixels at DPI
-WIDE = (9, 4)         # two panels side by side, 900 x 400 pixels
-NEED_MATPLOTLIB = "--plots needs matplotlib: pip install matplotlib"
+DPI, SMALL, WIDE = 100, (5, 4), (9, 4)    # inches: one panel (500 x 400 pixels at DPI), two side by side
 SEX_COLOURS = {0: ("male", "tab:blue"), 1: ("female", "tab:pink")}
 FIG4A_BARS = (("M", "trained on males", "tab:blue"), ("F", "trained on females", "tab:pink"),
               ("mixed", "trained on a mix", "tab:green"))                    # Sec. 4.2.4: blue, pink, green
@@ -71,7 +68,7 @@ AD_COLOURS = {"imaging": "tab:orange", "tabular": "tab:gray", "late-fusion": "ta
 def check_plots_folder(folder):
     """Before any work: --plots needs matplotlib and a folder, else nothing is computed nor half-written."""
     if matplotlib_or_none() is None:
-        raise UserError(NEED_MATPLOTLIB)
+        raise UserError("--plots needs matplotlib: pip install matplotlib")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"--plots {folder}: is a file; give a folder for the PNG files")
 
@@ -112,19 +109,15 @@ class Figures:
 
 
 def grouped_bars(figs, ticks, series, size=SMALL, annotate=True):
-    """Table 3's and Fig. 4's shape: a group of bars per tick, one bar per series (label, values, bar options).
-    -> (figure, axes, each series' bar positions)."""
+    """Table 3's and Fig. 4's bars: a group per tick, a bar per series -> (figure, axes, bar positions)."""
     fig, ax = figs.new(size)
     x, width, where = np.arange(len(ticks)), 0.8 / len(series), []
     for k, (label, values, style) in enumerate(series):
         where.append(x - 0.4 + width * (k + 0.5))
         bars = ax.bar(where[-1], np.nan_to_num(np.asarray(values, float)), width, label=label, **style)
-        for b, v in zip(bars, values if annotate else ()):
-            if np.isfinite(v):
-                ax.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
-                            fontsize=6)
-    ax.set_xticks(x)
-    ax.set_xticklabels(ticks, fontsize=7)
+        if annotate:
+            ax.bar_label(bars, [f"{v:.2f}" if np.isfinite(v) else "" for v in values], fontsize=6)
+    ax.set_xticks(x, ticks, fontsize=7)
     return fig, ax, where
 
 
@@ -136,20 +129,16 @@ def diagonal(ax, **axis):
 
 def confusion_figure(figs, file, cm, class_names, title):
     """Two panels: the counts, and each row divided by its true class's count."""
-    cm = np.asarray(cm, float)
+    cm, n = np.asarray(cm, float), len(class_names)
     with np.errstate(invalid="ignore", divide="ignore"):
         norm = cm / cm.sum(1, keepdims=True)
     fig, axes = figs.new(WIDE, 2)
-    n, top = len(class_names), max(cm.max(), 1)
-    for ax, values, what in ((axes[0], cm, "counts"), (axes[1], norm, "row-normalised")):
-        counts = values is cm
-        ax.imshow(np.nan_to_num(values), cmap="Blues", vmin=0, vmax=top if counts else 1)
-        for i in range(n):
-            for j in range(n):
-                v = values[i, j]
-                text = f"{int(v)}" if counts else ("-" if not np.isfinite(v) else f"{v:.2f}")
-                dark = (v / top if counts else np.nan_to_num(v)) > 0.5
-                ax.text(j, i, text, ha="center", va="center", color="white" if dark else "black", fontsize=9)
+    for ax, values, top, what in ((axes[0], cm, max(cm.max(), 1), "counts"), (axes[1], norm, 1, "row-normalised")):
+        ax.imshow(np.nan_to_num(values), cmap="Blues", vmin=0, vmax=top)
+        for (i, j), v in np.ndenumerate(values):
+            text = f"{int(v)}" if values is cm else "-" if not np.isfinite(v) else f"{v:.2f}"
+            ax.text(j, i, text, ha="center", va="center", color="white" if np.nan_to_num(v) / top > 0.5 else "black",
+                    fontsize=9)
         ax.set(xticks=range(n), yticks=range(n), xticklabels=class_names, yticklabels=class_names,
                xlabel="predicted", ylabel="true", title=what)
     fig.suptitle(title, fontsize=10)
@@ -173,8 +162,7 @@ def roc_figure(figs, file, labels, probs, class_names, title):
 
 
 def reliability_figure(figs, file, curves, title):
-    """Top-label reliability diagram of each curve (name, labels, probs): the accuracy in each of the equal-width
-    confidence bins against their mean confidence, ECE in the legend; right, the subjects each bin holds."""
+    """Reliability diagram of each (name, labels, probs), ECE in the legend; right, subjects per bin."""
     fig, (ax, counts_ax) = figs.new(WIDE, 2)
     for k, (name, labels, probs) in enumerate(curves):
         probs = np.asarray(probs, float)
@@ -193,8 +181,7 @@ def reliability_figure(figs, file, curves, title):
 
 
 def ad_figures(res, ensembles, folder, quiet=False):
-    """ad --plots: per row of Table 3 its confusion matrix, ROC curves and reliability diagram (the ensemble beside
-    its four folds); Table 3 as bars (mean +- std per model, its rows as points)."""
+    """ad --plots: per row its confusion matrix, ROC and reliability diagram; Table 3 as bars."""
     figs, tag, names = Figures(folder, quiet), "_binary" if res["task"] == "ad-binary" else "", res["class_names"]
     for m in res["models"]:
         for r in m["rows"]:
@@ -224,8 +211,7 @@ def ad_figures(res, ensembles, folder, quiet=False):
 
 
 def scatter_figure(figs, file, e, title):
-    """Predicted against chronological age, by sex. With the validation age-bias fit (e["fit"]): left, the bias line
-    the correction subtracts; right, the corrected predictions and their own least-squares line."""
+    """Predicted against true age by sex; with e["fit"], left the age bias, right the corrected ages."""
     age, pred, sex, fit = np.asarray(e["age"], float), np.asarray(e["pred"], float), np.asarray(e["sex"]), e["fit"]
     fig, axes = figs.new(WIDE if fit else SMALL, 2 if fit else 1)
     panels = [(pred, "as predicted")] + ([(age + corrected_gap(age, pred, fit), "age bias corrected")] if fit else [])
@@ -260,8 +246,7 @@ def mae_bars(figs, file, bars, title, note=""):
 
 
 def brain_age_figures(res, ensembles, folder, quiet=False):
-    """brain-age --plots: a scatter per ensemble, Fig. 4A (per base model: trained on males, females, the mix) and
-    Fig. 4B (image only, concatenation, HyperFusion with sex in 1 or 2 values). Absent runs: skipped, saying why."""
+    """brain-age --plots: a scatter per ensemble, Fig. 4A and 4B; absent runs: skipped, saying why."""
     figs, by = Figures(folder, quiet), {m["folder"]: m for m in res["models"]}
     for m in res["models"]:
         scatter_figure(figs, f"brain_age_scatter_{file_part(m['folder'])}.png", ensembles[m["folder"]],
@@ -291,8 +276,7 @@ def brain_age_figures(res, ensembles, folder, quiet=False):
 
 
 def sweep_figure(res, folder, quiet=False):
-    """AD: the mean probability (solid) and the predicted fraction (dashed) of each class against the attribute's
-    values; brain age: the mean predicted age of all, of the males, of the females. First point: as recorded."""
+    """The sweep's mean probabilities and predicted fractions (AD) or mean ages (brain age) per value."""
     figs, rows = Figures(folder, quiet), res["summary"]
     x = np.arange(len(rows))
     fig, ax = figs.new(SMALL)
@@ -333,7 +317,8 @@ def calibrate_runs(paths, refit=False, device="auto", batch_size=16, quiet=False
                 outputs[part] = predict.run_outputs(run, run.model(dev), images, run.tabular.transform(
                     [table.raw[i] for i in idx]), table.labels[idx], dev, batch_size, None, sides=True)
             save_logits(run.dir, outputs["val"], outputs["test"])
-        kept = run.temperature is not None and not refit
+        kept = run.temperature is not None and not refit     # a record at the lower bound from before: fit again
+        kept = kept and not (run.read_json(CALIBRATION_FILE).get("at_bound") and run.temperature < 1)
         record = run.read_json(CALIBRATION_FILE) if kept else calibrate(run.dir, outputs)
         if not quiet:
             print(f"{run.dir}: T {record['temperature']:.3f}, validation ECE {record['val']['before']['ece']:.3f} -> "
@@ -350,7 +335,8 @@ def calibration_report(calibrated, plots_dir=None, quiet=False):
     rows, out, groups, ensemble_rows = [], {"runs": [], "ensembles": []}, {}, []
     for run, rec, outputs in calibrated:
         r = run.run
-        rows.append([r.model, r.split_seed, r.version, r.fold, f"{rec['temperature']:.3f}",
+        T = f"{rec['temperature']:.3f}" + " (fit at its lower bound: not used)" * bool(rec.get("warning"))
+        rows.append([r.model, r.split_seed, r.version, r.fold, T,
                      f"{fmt(rec['val']['before']['ece'])} → {fmt(rec['val']['after']['ece'])}"]
                     + [f"{fmt(rec['test']['before'][k])} → {fmt(rec['test']['after'][k])}"
                        for _, k in CALIBRATION_COLUMNS])
@@ -396,8 +382,7 @@ def read_run(run_dir):
 
 
 def check_same(runs, why, keys=None):
-    """Refuse runs trained on other data (the table sha256, the images' fingerprint: a run without one, as a
-    tabular-only run has no images, is not compared on it); with keys (an ensemble): other configs or test sets."""
+    """Refuse runs trained on other data; with keys (an ensemble), other configs or test sets too."""
     for key, what in DATA_HASHES.items():
         held = [r for r in runs if r["config"].get(key)]
         for other in held[1:]:
@@ -444,8 +429,7 @@ def write_results(res, markdown, table, out_dir, stem, quiet):
 
 # ---- AD: Table 3 (Sec. 4.3.6-4.3.7) and late fusion (App. B) ----
 def ensemble_ad_folds(fold_dirs):
-    """The fold models of one (split seed, version) on their shared test set, combined by Eq. 7-8 (each
-    predictions.npz holds the test probabilities with both hippocampi averaged, Sec. 4.3.6)."""
+    """The four fold models of one (split seed, version) on their shared test set, by Eq. 7-8."""
     runs = [read_run(d) for d in fold_dirs]
     check_same(runs, "cannot ensemble {a} and {b}", ENSEMBLE_KEYS)
     first, cfg = runs[0]["pred"], runs[0]["config"]
@@ -456,9 +440,9 @@ def ensemble_ad_folds(fold_dirs):
             "members": members}
 
 
-def ad_results(runs, binary=False, reference="hyperfusion", keep=None):
-    """Table 3: per model a row per (split seed, version) with four finished folds, their Eq. 7-8 ensemble; late
-    fusion (App. B) averages the imaging and tabular ensembles. keep: receives {model: {(seed, version): ensemble}}."""
+def evaluate_ad(runs, binary=False, out_dir=None, quiet=False, plots_dir=None):
+    """The `ad` command, Table 3: per model a row per (split seed, version) with four finished folds, their Eq. 7-8
+    ensemble, and late fusion (App. B); printed, written to results_ad.{md,csv,json}, its figures in plots_dir."""
     root, ensembles, incomplete = os.path.join(runs, "ad-binary" if binary else "ad"), {}, []
     for model in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         for seed, seed_dir in numbered(os.path.join(root, model), "seed").items():
@@ -481,59 +465,43 @@ def ad_results(runs, binary=False, reference="hyperfusion", keep=None):
                             f"different test subjects")
         late[key] = dict(a, probs=(a["probs"] + b["probs"]) / 2, members=[])    # no runs of its own
     ensembles.update({"late-fusion": late} if late else {})
-    if keep is not None:
-        keep.update(ensembles)
     names = next(iter(next(iter(ensembles.values())).values()))["class_names"]
-    for m, ens in ensembles.items():
-        for key, e in ens.items():
-            if e["class_names"] != names:
-                raise UserError(f"{m} split seed {key[0]} v{key[1]}: classes {e['class_names']}, other runs have "
-                                f"{names}")
+    for m, key, e in ((m, key, e) for m, ens in ensembles.items() for key, e in ens.items()):
+        if e["class_names"] != names:
+            raise UserError(f"{m} split seed {key[0]} v{key[1]}: classes {e['class_names']}, other runs have {names}")
     columns = ([("BA", "balanced_accuracy"), ("PRC", "precision"), ("F1", "f1_macro"), ("AUC", "auc_macro")]
                + [(f"TP-{c}", ("tp_rate", c)) for c in names] + list(CALIBRATION_COLUMNS))   # the last: not the paper's
-    get = lambda met, k: met[k[0]][k[1]] if isinstance(k, tuple) else met[k]
-    models = []
+    cols, ms = [t for t, _ in columns], []
     for m in [m for m in AD_ORDER if m in ensembles] + sorted(m for m in ensembles if m not in AD_ORDER):
         rows = []
         for (seed, version), e in sorted(ensembles[m].items()):
             met = classification_metrics(e["labels"], e["probs"], names)
-            rows.append({"split_seed": seed, "version": version, "metrics": met,
-                         **{t: float(get(met, k)) for t, k in columns}})
-        summary = {t: mean_std([r[t] for r in rows]) for t, _ in columns}
-        models.append({"model": m, "title": AD_MODEL_TITLES.get(m, m), "n_rows": len(rows), "rows": rows,
-                       "mean": {t: s[0] for t, s in summary.items()}, "std": {t: s[1] for t, s in summary.items()},
-                       "confusion_matrix": np.sum([r["metrics"]["confusion_matrix"] for r in rows], 0).tolist()})
-    ref = next((x for x in models if x["model"] == reference), None)
-    for x in models:
+            rows.append({"split_seed": seed, "version": version, "metrics": met, **{
+                t: float(met[k[0]][k[1]] if isinstance(k, tuple) else met[k]) for t, k in columns}})
+        summary = {t: mean_std([r[t] for r in rows]) for t in cols}
+        ms.append({"model": m, "title": AD_MODEL_TITLES.get(m, m), "n_rows": len(rows), "rows": rows,
+                   "mean": {t: s[0] for t, s in summary.items()}, "std": {t: s[1] for t, s in summary.items()},
+                   "confusion_matrix": np.sum([r["metrics"]["confusion_matrix"] for r in rows], 0).tolist()})
+    ref = next((x for x in ms if x["model"] == "hyperfusion"), None)          # the reference of the p-values
+    for x in ms:
         x["p_value"] = {t: (mann_whitney_p([r[t] for r in x["rows"]], [r[t] for r in ref["rows"]])
-                            if ref is not None and x is not ref else float("nan")) for t, _ in columns}
-    cols = [t for t, _ in columns]
-    return {"task": "ad-binary" if binary else "ad", "runs": os.path.abspath(runs), "class_names": names,
-            "columns": cols, "paper_columns": cols[:-len(CALIBRATION_COLUMNS)], "reference": reference,
-            "models": models, "incomplete": incomplete}
-
-
-def evaluate_ad(runs, binary=False, out_dir=None, quiet=False, plots_dir=None):
-    """The `ad` command: Table 3 printed and written to results_ad.{md,csv,json}; its figures in plots_dir."""
-    ensembles = {}
-    res = ad_results(runs, binary, keep=ensembles)
-    cols, names, ms = res["columns"], res["class_names"], res["models"]
+                            if ref is not None and x is not ref else float("nan")) for t in cols}
+    res = {"task": "ad-binary" if binary else "ad", "runs": os.path.abspath(runs), "class_names": names,
+           "columns": cols, "paper_columns": cols[:-len(CALIBRATION_COLUMNS)], "reference": "hyperfusion",
+           "models": ms, "incomplete": incomplete}
     md = page(TITLES[res["task"]], f"Runs: {res['runs']}. Each row of a model is the Eq. 7-8 ensemble of its four fold "
               f"models for one (split seed, version); mean +- std (ddof 1) over those rows.",
               (["model", "rows"] + cols, [[m["title"], m["n_rows"]] + [f"{fmt(m['mean'][t])} ± {fmt(m['std'][t])}"
                                           for t in cols] for m in ms]),
-              f"Two-sided Mann-Whitney U p-value of each model's rows against "
-              f"{AD_MODEL_TITLES.get(res['reference'], res['reference'])}'s:",
-              (["model"] + cols, [[m["title"]] + [fmt_p(m["p_value"][t]) for t in cols] for m in ms
-                                  if m["model"] != res["reference"]]),
+              f"Two-sided Mann-Whitney U p-value of each model's rows against {AD_MODEL_TITLES['hyperfusion']}'s:",
+              (["model"] + cols, [[m["title"]] + [fmt_p(m["p_value"][t]) for t in cols] for m in ms if m is not ref]),
               "Confusion matrices summed over rows (rows: true class, columns: predicted):",
               *[part for m in ms for part in (f"**{m['title']}**", (["true \\ pred"] + names, [
                   [c] + row for c, row in zip(names, m["confusion_matrix"])]))],
               "Rows per (split seed, version):", (["model", "seed", "version"] + cols, [
                   [m["title"], r["split_seed"], r["version"]] + [fmt(r[t]) for t in cols] for m in ms
                   for r in m["rows"]]),
-              *(["Left out (not all four folds finished): " + "; ".join(res["incomplete"])] if res["incomplete"]
-                else []))
+              *(["Left out (not all four folds finished): " + "; ".join(incomplete)] if incomplete else []))
     table = (["model", "rows"] + [f"{t} {s}" for t in cols for s in ("mean", "std", "p")] + ["confusion_matrix"],
              [[m["title"], m["n_rows"]] + [v for t in cols for v in (m["mean"][t], m["std"][t], m["p_value"][t])]
               + [json.dumps(m["confusion_matrix"])] for m in ms])
@@ -545,8 +513,7 @@ def evaluate_ad(runs, binary=False, out_dir=None, quiet=False, plots_dir=None):
 
 # ---- Brain age: Eq. 6 ensembles of the 5 best versions (Sec. 4.2.2), Fig. 4A, the brain-age gap ----
 def brain_age_ensemble(version_dirs, top=5):
-    """Eq. 6 over the `top` versions of {version: finished run dir} with the lowest validation MAE (Sec. 4.2.2);
-    with validation predictions, the age bias fitted on the same ensemble's validation predictions and the gap."""
+    """Eq. 6 over the `top` versions of lowest validation MAE (Sec. 4.2.2), with the age bias."""
     runs = {v: read_run(d) for v, d in version_dirs.items()}
     check_same(list(runs.values()), "cannot ensemble {a} and {b}")
     ranked = sorted(runs, key=lambda v: (runs[v]["metrics"]["val"]["mae"], v))[:top]
@@ -565,23 +532,21 @@ def brain_age_ensemble(version_dirs, top=5):
             "config": chosen[0]["config"]}
 
 
-def brain_age_results(runs, top=5, keep=None):
-    """Per folder of <runs>/brain-age/: its top-5 ensemble's MAEs, paired against HyperFusion's; the Fig. 4A table
-    from -trainM/-trainF/-trainmixed folders. keep: receives each folder's ensemble."""
-    root, models, ensembles = os.path.join(runs, "brain-age"), [], {}
+def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False, plots_dir=None):
+    """The `brain-age` command: per <runs>/brain-age folder its top-5 ensemble, paired against HyperFusion's, and
+    Fig. 4A's table; printed, written to results_brain-age.{md,csv,json}, its figures in plots_dir."""
+    root, ms, ensembles = os.path.join(runs, "brain-age"), [], {}
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         done = {v: d for v, d in numbered(os.path.join(root, name), "v").items() if finished(d)}
         if done:
             ensembles[name] = e = brain_age_ensemble(done, top)
             check_same(list(ensembles.values()), "cannot put {a} and {b} in one table")
-            models.append({"folder": name, **{k: e[k] for k in ("versions", "available", "val_mae", "version_mae",
-                                                                 "metrics", "gap")}})
-    if not models:
+            ms.append({"folder": name, **{k: e[k] for k in ("versions", "available", "val_mae", "version_mae",
+                                                             "metrics", "gap")}})
+    if not ms:
         raise UserError(f"{root}: no finished brain-age run")
-    if keep is not None:
-        keep.update(ensembles)
     base, fig4a = ensembles.get("hyperfusion"), []
-    for m in models:
+    for m in ms:
         e, m["vs_hyperfusion"] = ensembles[m["folder"]], None
         if base and e is not base and list(e["subjects"]) == list(base["subjects"]):
             d = np.abs(e["pred"] - e["age"]) - np.abs(base["pred"] - base["age"])
@@ -589,18 +554,10 @@ def brain_age_results(runs, top=5, keep=None):
         match = FIG4A.fullmatch(m["folder"])
         if match:
             fig4a.append({"model": match["base"], "train": match["sex"], "folder": m["folder"],
-                          "male": m["metrics"]["mae_male"], "female": m["metrics"]["mae_female"],
-                          "all": m["metrics"]["mae"]})
+                          **{k: m["metrics"][key] for key, k in TEST_SETS}})
     fig4a.sort(key=lambda r: (r["model"], list(FIG4A_TRAIN).index(r["train"])))
-    return {"task": "brain-age", "runs": os.path.abspath(runs), "top": top, "models": models, "fig4a": fig4a}
-
-
-def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False, plots_dir=None):
-    """The `brain-age` command: printed and written to results_brain-age.{md,csv,json}; figures in plots_dir."""
-    ensembles = {}
-    res = brain_age_results(runs, top, keep=ensembles)
-    gaps, kept_all = [m for m in res["models"] if m["gap"]], [m["folder"] for m in res["models"]
-                                                              if len(m["available"]) <= top]
+    res = {"task": "brain-age", "runs": os.path.abspath(runs), "top": top, "models": ms, "fig4a": fig4a}
+    gaps, kept_all = [m for m in ms if m["gap"]], [m["folder"] for m in ms if len(m["available"]) <= top]
     keys = ("gap", "gap_male", "gap_female", "corrected_gap_male", "corrected_gap_female", "r_gap_age",
             "r_corrected_gap_age")
     md = page("Brain age (Sec. 4.2, Fig. 4)",
@@ -613,7 +570,7 @@ def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False, plots_dir=None):
                  f"{m['metrics']['mae']:.2f}",
                  "{mean:+.2f} ± {se:.2f}".format(**m["vs_hyperfusion"]) if m["vs_hyperfusion"] else "-",
                  f"{m['metrics']['mae_male']:.2f}", f"{m['metrics']['mae_female']:.2f}",
-                 ", ".join(f"v{v} {mae:.2f}" for v, mae in m["version_mae"].items())] for m in res["models"]]),
+                 ", ".join(f"v{v} {mae:.2f}" for v, mae in m["version_mae"].items())] for m in ms]),
               *([f"All versions kept, none chosen by validation MAE (no more than {top} exist): "   # Sec. 4.2.2's
                  f"{', '.join(kept_all)}. Train more than {top} versions (evaluate.py protocol --versions) for "
                  f"Sec. 4.2.2's choice of the {top} best."] if kept_all else []),        # "5 best": among more
@@ -622,13 +579,11 @@ def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False, plots_dir=None):
                  (["model", "gap", "gap male", "gap female", "corrected male", "corrected female", "r before",
                    "r after"], [[m["folder"]] + [f"{m['gap'][k]:+.2f}" for k in keys] for m in gaps])] if gaps else []),
               *(["Fig. 4A: training set (rows) against test set (columns), ensemble MAE in years:",
-                 (["model", "trained on", "test: male", "test: female", "test: all"],
-                  [[r["model"], FIG4A_TRAIN[r["train"]]] + [f"{r[k]:.2f}" for k in ("male", "female", "all")]
-                   for r in res["fig4a"]])] if res["fig4a"] else []))
-    table = (["model", "versions", "mae", "mae_male", "mae_female", "n"],
-             [[m["folder"], " ".join(map(str, m["versions"]))] + [m["metrics"][k] for k in ("mae", "mae_male",
-                                                                                             "mae_female", "n")]
-              for m in res["models"]])
+                 (["model", "trained on"] + [f"test: {t}" for _, t in TEST_SETS],
+                  [[r["model"], FIG4A_TRAIN[r["train"]]] + [f"{r[t]:.2f}" for _, t in TEST_SETS]
+                   for r in fig4a])] if fig4a else []))
+    table = (["model", "versions", "mae", "mae_male", "mae_female", "n"], [[m["folder"], " ".join(
+        map(str, m["versions"]))] + [m["metrics"][k] for k in ("mae", "mae_male", "mae_female", "n")] for m in ms])
     write_results(res, md, table, out_dir or runs, "results_brain-age", quiet)
     if plots_dir:
         res["plots"] = brain_age_figures(res, ensembles, plots_dir, quiet)
@@ -637,10 +592,7 @@ def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False, plots_dir=None):
 
 # ---- Hyperlayer selection (Sec. 3.1.2, App. D) ----
 def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=8, draws=100, seed=0, verbose=False):
-    """Sec. 3.1.2: the loss entropy of every candidate layer of the untrained image-only backbone on one fixed batch
-    holding each class (or sex). -> [(layer, entropy)], sorted."""
-    if task not in ("ad", "brain-age"):
-        raise UserError(f"unknown task {task!r}: expected ad or brain-age")
+    """Sec. 3.1.2: loss entropy of each candidate layer of the untrained backbone -> [(layer, entropy)]."""
     torch.manual_seed(seed)
     csv_path = data_csv or builtin_cohort(task, data_dir)
     table = data.read_ad_table(csv_path, image_dir) if task == "ad" else data.read_brain_age_table(csv_path, image_dir)
@@ -674,13 +626,11 @@ class Job:
     run_dir: str
     command: list                  # [python, script, options...]
     after: str = None              # run_dir of a job that must finish first (HyperFusion: its tabular-only MLP)
-    kind: str = ""                 # what it trains (the model)
     label: str = None              # how its progress line names it (None: run_dir)
 
 
 def gpu_masks(gpus, visible_count, environ=None):
-    """--gpus indices, counted among the GPUs this process sees (under CUDA_VISIBLE_DEVICES=4,5,6,7, 0 is GPU 4) ->
-    each slot's CUDA_VISIBLE_DEVICES; an index past them is refused in one line."""
+    """--gpus indices among the GPUs this process sees -> each slot's CUDA_VISIBLE_DEVICES."""
     mask = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")
     seen = ([g.strip() for g in mask.split(",") if g.strip()] if mask is not None
             else [str(i) for i in range(visible_count)])[:visible_count]
@@ -693,20 +643,18 @@ def gpu_masks(gpus, visible_count, environ=None):
 
 
 def start(job, slot, k, gpus):
-    """-> (the process of one of k jobs sharing this machine, the file collecting its output): its share of the
-    cores this process may use, and with gpus its slot's GPU and --device cuda (a missing GPU is then an error)."""
+    """-> (process, output file) of one of k jobs: its share of the cores, with gpus its slot's GPU."""
     env = dict(os.environ, LOCAL_WORLD_SIZE=str(k))
     env.setdefault("OMP_NUM_THREADS", str(max(1, cores() // k)))
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = str(gpus[slot % len(gpus)])
     out = tempfile.TemporaryFile()
-    command = job.command + (["--device", "cuda"] if gpus else [])
-    return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env), out
+    return subprocess.Popen(job.command + ["--device", "cuda"] * bool(gpus), stdout=out, stderr=subprocess.STDOUT,
+                            env=env), out
 
 
 def run_jobs(jobs, k, gpus=None, poll_s=0.2, quiet=False):
-    """Every job, at most k at a time, each after its `after`. A failure stops new starts, then raises naming the run;
-    interrupted, it first ends the runs it started (SIGTERM, SIGKILL after a minute). -> run dirs, as finished."""
+    """Every job, k at a time, each after its `after` -> run dirs; a failure raises, an interrupt ends every run."""
     if gpus is not None and not gpus:
         raise UserError("--gpus: give at least one GPU index, e.g. --gpus 0,1")
     waiting, done, failed, running, slots = list(jobs), [], None, {}, list(range(k))
@@ -755,8 +703,7 @@ def run_jobs(jobs, k, gpus=None, poll_s=0.2, quiet=False):
 
 
 def check_protocol_data(finished_dirs, task, data_csv=None, image_dir=None, data_dir="data", cache_dir=None):
-    """Refuse finished runs trained on another table or other images (the sha256 and fingerprint their checkpoints
-    hold) than the missing runs would train on: one result would mix two versions of the data."""
+    """Refuse finished runs trained on other data than the missing runs would: one result, one data."""
     now, fingerprints = None, {}
     for d in finished_dirs:
         r = load_run(d)
@@ -788,8 +735,7 @@ def check_protocol_data(finished_dirs, task, data_csv=None, image_dir=None, data
 def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None, epochs=None, data_csv=None,
                  image_dir=None, data_dir="data", binary=False, train_sex=("all",), embedding_dim=1, verbose=False,
                  tabular_epochs=None, jobs=1, gpus=None, print_commands=False, quiet=False, cache_dir=None):
-    """Train every missing run (an interrupted one resumes), `jobs` processes at a time on the GPUs (or print their
-    commands), then build the task's table. -> (trained run dirs or commands, skipped, results or None)."""
+    """Train every missing run (resuming), `jobs` at a time, then the table -> (trained, skipped, results)."""
     t0, known, script = time.time(), *((AD_MODELS, train_ad) if task == "ad" else (BRAIN_AGE_MODELS, train_brain_age))
     check_number("--jobs", jobs, least=1)
     if task == "brain-age" and len(split_seeds) != 1:
@@ -808,20 +754,21 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
     todo = []        # (run dir, argv, run dir to wait for: HyperFusion's tabular-only MLP)
     for model, (s, v, f, sex) in ((m, w) for m in models or known for w in where):
         n = tabular_epochs if model == "tabular" and tabular_epochs else epochs
+        run_dir = brain_age_run_dir(runs, model, v, embedding_dim, sex) if sex else ad_run_dir(runs, model, s, v, f,
+                                                                                               binary)
         argv = (["--model", model, "--split-seed", str(s), "--version", str(v)] + (["--epochs", str(n)] if n else [])
                 + (["--embedding-dim", str(embedding_dim), "--train-sex", sex] if sex else ["--fold", str(f)])
-                + (["--classes", "2"] if binary and not sex else []) + common)
-        todo.append((brain_age_run_dir(runs, model, v, embedding_dim, sex) if sex else
-                     ad_run_dir(runs, model, s, v, f, binary), argv,
+                + (["--classes", "2"] if binary and not sex else []) + common
+                + ["--resume"] * os.path.isfile(os.path.join(run_dir, "last.pt")))      # an interrupted run resumes
+        todo.append((run_dir, argv,
                      ad_run_dir(runs, "tabular", s, v, f, binary) if model == "hyperfusion" and not sex else None))
     skipped = [d for d, _, _ in todo if finished(d)]
     todo = [job for job in todo if job[0] not in skipped]
     if skipped and todo:    # before anything trains: the finished runs must be of the data the others would train on
         check_protocol_data(skipped, task, data_csv, image_dir, data_dir, cache_dir)
     if print_commands:      # the tabular-only MLPs first: HyperFusion's embedding starts from them (Sec. 4.3.6)
-        commands = [shlex.join(["python", os.path.basename(script.__file__)] + argv
-                               + (["--resume"] if os.path.isfile(os.path.join(d, "last.pt")) else []))
-                    for d, argv, _ in sorted(todo, key=lambda j: j[1][1] != "tabular")]
+        commands = [shlex.join(["python", os.path.basename(script.__file__)] + argv)
+                    for _, argv, _ in sorted(todo, key=lambda j: j[1][1] != "tabular")]
         for command in commands:
             print(command, flush=True)
         return commands, skipped, None
@@ -831,12 +778,10 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
     label = lambda run_dir: " ".join(os.path.relpath(run_dir, runs).split(os.sep))     # ad hyperfusion seed0 v0 fold2
     trained, launched = [], []
     for run_dir, argv, after in todo:
-        resume = os.path.isfile(os.path.join(run_dir, "last.pt"))
-        argv = argv + (["--resume"] if resume else [])
         if jobs > 1 or gpus:    # --gpus with --jobs 1: one run at a time, each in a process on its GPU
-            launched.append(Job(run_dir, [sys.executable, script.__file__] + argv, after, argv[1], label(run_dir)))
+            launched.append(Job(run_dir, [sys.executable, script.__file__] + argv, after, label(run_dir)))
             continue
-        shown.say(f"{'resuming' if resume else 'training'}: {run_dir}")
+        shown.say(f"{'resuming' if '--resume' in argv else 'training'}: {run_dir}")
         with shown.hushed():
             t1 = time.time()
             script.main(argv)
@@ -895,18 +840,14 @@ OPTIONS = (   # (the sub-commands that take it, the option, its argparse keyword
 )
 
 
-def arguments():
+def main(argv=None):
     p = ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     parsers = {name: sub.add_parser(name, help=text) for name, text in COMMANDS.items()}
     for names, option, keywords in OPTIONS:
         for name in names.split():
             parsers[name].add_argument(option, **keywords)
-    return p
-
-
-def main(argv=None):
-    a = arguments().parse_args(sys.argv[1:] if argv is None else [str(v) for v in argv])
+    a = p.parse_args(sys.argv[1:] if argv is None else [str(v) for v in argv])
     for option, least in (("top", 1), ("samples", 2), ("draws", 1), ("seed", 0), ("batch_size", 1),
                           ("split_seeds", 0), ("versions", 0), ("epochs", 1), ("tabular_epochs", 1)):
         check_number("--" + option.replace("_", "-"), getattr(a, option, None), least=least)
@@ -943,11 +884,6 @@ def main(argv=None):
     if a.plots:
         res["plots"] = sweep_figure(res, a.plots)
     return res
-
-
-def protocol_main(argv=None):
-    """`evaluate.py protocol ...`, its options given apart."""
-    return main(["protocol", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ sides averaged, Sec. 4.3.6; its image grid and target scale); the members are co
 --calibrated (AD): each member's probabilities at its own temperature (calibration.json) before Eq. 7-8.
 
 Output columns. AD: Subject, prob_<class>, predicted, n_models, prob_spread (the largest standard deviation of
-a class probability across members). Brain age: Subject, predicted_age, n_models, age_spread, and when Age is
-given gap (predicted minus chronological age) and corrected_gap (minus the linear age bias fitted on the runs'
-validation sets). A Subject a spreadsheet would run as a formula is written with a leading '. --out is never
-the table, an image or a file of a run it reads. Bad input -> one line `error: ...`, exit status 2, no output.
+a class probability across members), and ignored (columns a model cannot read, empty for every subject it was
+trained on: read as missing) when a subject has one. Brain age: Subject, predicted_age, n_models, age_spread,
+and when Age is given gap (predicted minus chronological age) and corrected_gap (minus the linear age bias fitted
+on the runs' validation sets). A Subject a spreadsheet would run as a formula is written with a leading '. --out is
+never the table, an image or a file of a run it reads. Bad input -> one line `error: ...`, exit status 2, no output.
 """
 import argparse
 import os
@@ -24,20 +25,24 @@ import torch
 
 import data
 from data import (AD_ATTRIBUTES, AD_CONTINUOUS, SEX_CODES, ArgumentParser, Progress, UserError, check_number,
-                  check_output, parse_attribute, run_cli, write_csv)
+                  check_output, parse_attribute, run_cli, warn, write_csv)
 from metrics import (classification_metrics, corrected_gap, entropy_weighted_ensemble, fmt, gap_summary,
                      markdown_table, mean_ensemble, regression_metrics)
 from models import class_probabilities
-from training import finished, load_run, make_loader, predict, replay_precision, setup_device
+from training import CALIBRATION_FILE, finished, load_run, make_loader, predict, replay_precision, setup_device
 
 
 def find_runs(paths):
-    """Every finished run named by `paths` (a run folder, a best.pt in one, or a folder above runs), in order."""
+    """Every finished run named by `paths` (a run folder, a best.pt in one, or a folder above runs), in order, each
+    once (by its real path: a fold named beside its group folder, or through a link, is one member of Eq. 7-8)."""
     found = []
     for path in paths:
         if os.path.isfile(path):
             if not finished(os.path.dirname(os.path.abspath(path))):
                 raise UserError(f"{path}: not the checkpoint of a finished run (no metrics.json beside it)")
+            if not path.endswith(".pt"):
+                raise UserError(f"{path}: a file of the run in {os.path.dirname(os.path.abspath(path))}, not its "
+                                f"checkpoint; give that run folder (or its best.pt)")
             found.append(path)
         elif finished(path):
             found.append(path)
@@ -48,7 +53,10 @@ def find_runs(paths):
             found += below
         else:
             raise UserError(f"{path}: no such run folder")
-    return [load_run(p) for p in found]
+    unique = {}
+    for p in found:
+        unique.setdefault(os.path.realpath(p if os.path.isfile(p) else os.path.join(p, "best.pt")), p)
+    return [load_run(p) for p in unique.values()]
 
 
 def check_members(members, calibrated=False):
@@ -65,6 +73,10 @@ def check_members(members, calibrated=False):
         if m.temperature is None:
             raise UserError(f"--calibrated: {m.dir} has no temperature (no calibration.json); fit it with "
                             f"`python evaluate.py calibrate {m.dir}`")
+        rec = m.read_json(CALIBRATION_FILE)
+        if rec.get("at_bound") and rec.get("fitted", rec["temperature"]) < 1:     # training.calibrate
+            raise UserError(f"--calibrated: {m.dir}: its temperature was fitted at the search's lower bound (a "
+                            f"perfectly separated validation set: nothing to calibrate); predict without --calibrated")
 
 
 def check_images(table, members):
@@ -165,6 +177,8 @@ def sweep(checkpoint, attribute, values, data_csv=None, image_dir=None, batch_si
         if attr is None:
             raise UserError(f"--attribute {attribute}: not a tabular attribute of the AD model "
                             f"(one of {', '.join(AD_ATTRIBUTES)})")
+        if attr in finished_run.tabular.unlearned([]):
+            raise UserError(f"--attribute {attr}: empty for every subject {checkpoint} was trained on: unreadable")
         for value in values:
             try:
                 parse_attribute(attr, str(value)) if attr in AD_CONTINUOUS else None
@@ -251,11 +265,22 @@ def main(argv=None):
     spread = outputs.std(0).max(1) if task == "ad" else outputs.std(0)   # AD: a class probability's largest
     combined = entropy_weighted_ensemble(outputs) if task == "ad" else mean_ensemble(outputs)   # Eq. 7-8 / Eq. 6
     K, n = len(members), len(table.subjects)
+    ignored = {}   # column -> (models that cannot read it, (N,) rows with a value they read as missing)
+    for m in members if task == "ad" else ():
+        for col, rows in m.tabular.unlearned(table.raw).items():
+            ignored[col] = (ignored.get(col, (0,))[0] + 1, rows)
+    ignored = {c: v for c, v in ignored.items() if v[1].any()}
+    for col, (k, rows) in ignored.items():
+        warn(f"{a.data_csv}: column {col}: {rows.sum()} of {n} subjects have a value that {k} of {K} models cannot "
+             f"read (empty for every subject they were trained on): ignored, read as missing (column ignored of "
+             f"{a.out})")
     if task == "ad":
         names = first.class_names
         header = ["Subject"] + [f"prob_{c}" for c in names] + ["predicted", "n_models", "prob_spread"]
+        header += ["ignored"] * bool(ignored)
         rows = [[s] + [f"{q:.6f}" for q in pr] + [names[int(pr.argmax())], K, f"{sp:.6f}"]
-                for s, pr, sp in zip(table.subjects, combined, spread)]
+                + [" ".join(c for c, (_, r) in ignored.items() if r[i])] * bool(ignored)
+                for i, (s, pr, sp) in enumerate(zip(table.subjects, combined, spread))]
     else:
         # the Eq. 6 ensemble's age bias: the mean of its members' fits, each on its validation set (exact when
         # they share one, as the versions of a brain-age protocol do)
@@ -292,7 +317,7 @@ def main(argv=None):
                   f"{g['corrected_gap_female']:+.2f}); r(gap, age) {g['r_gap_age']:+.2f} -> "
                   f"{g['r_corrected_gap_age']:+.2f}")
     return {"task": task, "subjects": table.subjects, "combined": combined, "spread": spread,
-            "outputs": outputs, "members": [m.dir for m in members]}
+            "outputs": outputs, "members": [m.dir for m in members], "ignored": {c: r for c, (_, r) in ignored.items()}}
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ skull stripping (ROBEX, FSL bet or HD-BET; pass the mask with --mask), N4 withou
 
 Batch mode reads input paths (relative to the CSV) from --column (else <csv folder>/images/<Subject>.nii.gz),
 writes DIR/<Subject>.nii.gz (kept when it exists, unless --overwrite) and DIR/<table> whose `image` column points
-at them. Bad input: one line `error: ...` on stderr, exit status 2, and no output file left behind.
+at them.
 """
 import argparse
 import os
@@ -38,9 +38,8 @@ def resample_isotropic(img, spacing, order=1):
     any affine (oblique too): every output voxel is mapped back into the input grid."""
     A = img.affine
     data = np.asarray(img.dataobj, dtype=np.float32)
-    corners = np.array([[i, j, k, 1] for i in (0, data.shape[0] - 1)
-                        for j in (0, data.shape[1] - 1) for k in (0, data.shape[2] - 1)], float)
-    world = (A @ corners.T)[:3]                                                    # (3, 8) mm
+    corners = np.array(np.meshgrid(*[(0, n - 1) for n in data.shape], [1], indexing="ij"), float).reshape(4, -1)
+    world = (A @ corners)[:3]                                                      # (3, 8) mm
     lo, hi = world.min(1), world.max(1)
     out_shape = tuple(int(np.floor((h - l) / spacing + 1e-6)) + 1 for l, h in zip(lo, hi))
     new = np.diag([spacing, spacing, spacing, 1.0])
@@ -51,21 +50,13 @@ def resample_isotropic(img, spacing, order=1):
     return nib.Nifti1Image(out.astype(np.float32), new)
 
 
-def otsu_threshold(values, bins=256):
-    hist, edges = np.histogram(values, bins=bins)
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
-    m1 = (np.sum(hist * centres) - np.cumsum(hist * centres)) / np.maximum(w1, 1)
-    return float(centres[np.argmax(w0 * w1 * (m0 - m1) ** 2)])
-
-
 def estimate_brain_mask(data):
-    """Foreground mask of a skull-stripped image: Otsu threshold, largest component, holes filled."""
-    vals = data[data > 0] if np.any(data > 0) else data.ravel()
-    mask = data > otsu_threshold(vals) * 0.5
-    lab, n = ndimage.label(mask)
+    """Foreground mask of a skull-stripped image: half Otsu's threshold, largest component, holes filled."""
+    hist, edges = np.histogram(data[data > 0] if np.any(data > 0) else data.ravel(), bins=256)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0, m = np.cumsum(hist), np.cumsum(hist * centres)
+    m0, m1 = m / np.maximum(w0, 1), (m[-1] - m) / np.maximum(w0[-1] - w0, 1)
+    lab, n = ndimage.label(data > 0.5 * centres[np.argmax(w0 * (w0[-1] - w0) * (m0 - m1) ** 2)])
     if n == 0:
         raise UserError("no foreground found to estimate a brain mask")
     sizes = ndimage.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1))
@@ -86,8 +77,8 @@ def crop_or_pad(data, affine, centre, shape):
 
 
 def fuzzy_cmeans(values, n_classes=3, m=2.0, max_iter=100, tol=1e-4, max_fit=200_000, seed=0):
-    """Fuzzy c-means (Bezdek) on 1-D intensities (N,) -> (centroids (C,) ascending, memberships (N, C)).
-    Fitted on at most `max_fit` values drawn with a fixed seed, memberships computed for all."""
+    """Fuzzy c-means (Bezdek) on 1-D intensities (N,), fitted on at most `max_fit` drawn with a fixed seed ->
+    (centroids (C,) ascending, memberships (N, C) of all)."""
     x = np.asarray(values, np.float64).ravel()
     if x.size < n_classes:
         raise UserError(f"fuzzy c-means needs at least {n_classes} brain voxels, got {x.size}")
@@ -105,19 +96,6 @@ def fuzzy_cmeans(values, n_classes=3, m=2.0, max_iter=100, tol=1e-4, max_fit=200
             break
     c = np.sort(c)
     return c, memberships(x, c)
-
-
-def wm_normalise(data, mask, threshold=0.8):
-    """Divide by the mean intensity of white matter (FCM's brightest class, membership > threshold)."""
-    vals = data[mask]
-    _, u = fuzzy_cmeans(vals)
-    wm = u[:, -1] > threshold
-    if not wm.any():
-        wm = u.argmax(1) == u.shape[1] - 1
-    wm_mean = float(vals[wm].mean())
-    if not wm_mean > 0:
-        raise UserError(f"white-matter mean is {wm_mean:.3g}; is this a T1 image?")
-    return data / wm_mean
 
 
 def n4_correct(img, mask=None):
@@ -146,17 +124,19 @@ def preprocess_volume(img, mask=None, spacing=1.75, shape=(90, 120, 99), n4=Fals
     res = resample_isotropic(img, spacing, order=1)
     data = np.asarray(res.dataobj, np.float32)
     if mask is not None:
-        m_img = nib.Nifti1Image((np.asarray(mask.dataobj) > 0.5).astype(np.float32), mask.affine)
-        m = np.asarray(resample_isotropic(m_img, spacing, order=1).dataobj) > 0.5
-    else:
-        m = estimate_brain_mask(data)
+        mask = nib.Nifti1Image((np.asarray(mask.dataobj) > 0.5).astype(np.float32), mask.affine)
+    m = estimate_brain_mask(data) if mask is None else np.asarray(resample_isotropic(mask, spacing).dataobj) > 0.5
     if not m.any():
         raise UserError("the brain mask is empty")
     centre = ndimage.center_of_mass(m)
     data, affine = crop_or_pad(data * m, res.affine, centre, tuple(shape))
     m, _ = crop_or_pad(m, res.affine, centre, tuple(shape))
     m &= data != 0
-    data = wm_normalise(data, m)
+    _, u = fuzzy_cmeans(data[m])                           # white matter: the brightest class, membership > 0.8
+    wm_mean = float(data[m][u[:, -1] > 0.8 if (u[:, -1] > 0.8).any() else u.argmax(1) == u.shape[1] - 1].mean())
+    if not wm_mean > 0:
+        raise UserError(f"white-matter mean is {wm_mean:.3g}; is this a T1 image?")
+    data = data / wm_mean
     vals = data[m]
     data = np.where(m, (data - vals.mean()) / max(float(vals.std()), 1e-8), 0).astype(np.float32)
     out = nib.Nifti1Image(data, affine)
@@ -227,19 +207,18 @@ def main(argv=None):
     check_number("--shape", a.shape, least=1, most=2048)       # voxels
     if a.n4 and sitk is None:
         raise UserError(NO_SITK)
+    if a.csv and (a.input or a.output or not a.out_dir):
+        raise UserError("--csv: batch mode takes --csv and --out-dir and no positional paths")
     if a.csv:
-        if a.input or a.output or not a.out_dir:
-            raise UserError("--csv: batch mode takes --csv and --out-dir and no positional paths")
-        _batch(a)
-    else:
-        if not (a.input and a.output):
-            raise UserError("give IN.nii[.gz] OUT.nii.gz, or --csv TABLE --out-dir DIR")
-        if not a.output.endswith((".nii", ".nii.gz")):
-            raise UserError(f"{a.output}: the output must end in .nii or .nii.gz")
-        if any(same_file(a.output, p) for p in (a.input, a.mask) if p):
-            raise UserError(f"{a.output}: the output would overwrite its own input")
-        preprocess_file(a.input, a.output, a.mask, a.spacing, a.shape, a.n4)
-        print(f"wrote {a.output}", flush=True)
+        return _batch(a)
+    if not (a.input and a.output):
+        raise UserError("give IN.nii[.gz] OUT.nii.gz, or --csv TABLE --out-dir DIR")
+    if not a.output.endswith((".nii", ".nii.gz")):
+        raise UserError(f"{a.output}: the output must end in .nii or .nii.gz")
+    if any(same_file(a.output, p) for p in (a.input, a.mask) if p):
+        raise UserError(f"{a.output}: the output would overwrite its own input")
+    preprocess_file(a.input, a.output, a.mask, a.spacing, a.shape, a.n4)
+    print(f"wrote {a.output}", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,24 +6,19 @@ ADNI or UK Biobank access. Deterministic for a seed; results on them are sanity 
     python synthetic.py brain-age --out DIR [--n N] [--seed S]
     python synthetic.py oracle --cohort DIR [--predictions RUN/predictions.npz]   # the brain-age oracle's MAE
 
-The generative model. Every image is a skull-stripped, brain-like volume: an ellipsoidal brain with an outer CSF
-shell, a folded cortex (GM), white matter, deep GM, two lateral ventricles and two hippocampi (GM) in CSF pockets;
-intensities CSF < GM < WM as in T1, a smooth multiplicative bias field, Gaussian noise, z-scored over the brain.
+Images: an ellipsoidal skull-stripped brain (outer CSF, folded cortex, white matter, deep GM, two ventricles, two
+hippocampi in CSF pockets), T1 intensities CSF < GM < WM, a smooth bias field and noise, z-scored over the brain.
 AD: hippocampal volume = sex baseline (women smaller) x age decline x (1 - diagnosis atrophy, CN < MCI < AD,
-stronger in women) x noise, left and right a little different. The image alone is ambiguous (a small hippocampus
-may be an old woman's or an AD patient's); age and sex disambiguate it, so conditioning helps. Ventricles and
-outer CSF grow with age and diagnosis. The table: CSF (ABETA low in AD, PTAU/TAU high) and PET (FDG low, AV45
-high) depend on the diagnosis only, with large noise, assay censoring and ~50% missingness (more for CN); APOE4 is
-more frequent in AD. So each modality holds diagnosis information the other lacks.
-Brain age: each subject's brain age is the age plus a gap in years, wider in men (Sec. 4.2.6; sd 3.5 and 3, so
-that a perfect reader errs by under 3 years, as Sec. 2.3 reports of the best image models). The brain age sets a
-latent atrophy index a along a curve that starts after 20 and steepens after 40, 1.5x steeper in men (our choice,
-at the strong end of Coffey et al. 1998, the paper's ref. [10]). Each structure reads a with its own variability:
-ventricles grow (and vary most), outer CSF grows, the cortex thins (thickening before 20), the hippocampi shrink.
-Head size is ~11% smaller in volume in women with a 9% spread and grows until 14. So the image shows a, and sex
-only partly (head size); a given a means an older woman than man, which sex conditioning can exploit.
-brain_age_oracle reads the latent anatomy with the exact generative model: its MAE with and without the sex
-(cohort.json, oracle.csv) bounds what any model could reach on these images.
+stronger in women) x noise, so the image alone is ambiguous (an old woman's or an AD patient's?) and age and sex
+disambiguate it; ventricles and outer CSF grow with age and diagnosis. The table's CSF and PET markers depend on
+the diagnosis only, with large noise, censoring and ~50% missingness, APOE4 more frequent in AD: each modality
+holds diagnosis information the other lacks.
+Brain age: brain age = age + a gap wider in men (sd 3.5 and 3 years, Sec. 4.2.6, so that a perfect reader errs by
+under 3, as Sec. 2.3 reports of the best image models). It sets a latent atrophy index, rising after 20 and
+steeper after 40, 1.5x in men (the strong end of Coffey et al. 1998, ref. [10]), that each structure reads with
+its own noise (ventricles, outer CSF, cortex, hippocampi); heads are ~11% smaller in women. A given atrophy means
+an older woman than man, which sex conditioning can exploit. brain_age_oracle reads the latent anatomy with the
+exact model: its MAE with and without sex (cohort.json, oracle.csv) bounds what any model could reach.
 """
 import contextlib
 import csv
@@ -84,8 +79,7 @@ def _ell(u, v, w, c, r):
 
 def render_head(grid, p, rng):
     """Brain-like float32 volume from anatomy parameters p (see the model above), z-scored in the brain."""
-    u, v, w, fold = grid
-    s = p["scale"]
+    (u, v, w, fold), s = grid, p["scale"]
     r = np.sqrt(_ell(u, v, w, (0, 0, 0), (0.82 * s, 0.88 * s, 0.78 * s)))         # 1 at the surface
     brain = r < 1
     lab = np.where(brain, 3, 0).astype(np.uint8)                                  # 0 bg 1 CSF 2 GM 3 WM 4 hippo
@@ -139,7 +133,6 @@ def _cohort(task, out_dir, n, seed, verbose):
         raise UserError(f"{out_dir}: exists and is not an empty folder or a synthetic cohort; choose another --out")
     rng, grid, shown = np.random.default_rng(seed), head_grid(P["shape"]), Progress(f"synth-{task}", n, "subjects",
                                                                                       quiet=not verbose)
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     tmp = os.path.join(os.path.dirname(out_dir), f".tmp-{uuid.uuid4().hex[:12]}-{os.path.basename(out_dir)}")
     os.makedirs(os.path.join(tmp, "images"))
 
@@ -152,12 +145,11 @@ def _cohort(task, out_dir, n, seed, verbose):
     try:
         yield rng, tmp, save, info
         write_json({**info, "generator": P}, os.path.join(tmp, "cohort.json"))
-        old = tmp + ".old" if os.path.exists(out_dir) else None
-        if old:
+        old = tmp + ".old"
+        if os.path.exists(out_dir):
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -205,9 +197,9 @@ def brain_age_atrophy(age, male):
     return P["atrophy_linear"] * np.maximum(age - 20, 0) / 50 + rate * np.maximum(age - 40, 0) ** 2 / 2500
 
 
-def brain_age_structures(a, age, male):
-    """Each structure's mean given the atrophy index a, age and sex -> dict of arrays (broadcast)."""
-    P = BRAIN_AGE_SYNTH
+def brain_age_structures(brain_age, age, male):
+    """Each structure's mean given the brain age (its atrophy index a), age and sex -> dict of arrays (broadcast)."""
+    P, a = BRAIN_AGE_SYNTH, brain_age_atrophy(brain_age, male)
     return {"log_scale": np.log(np.where(male, P["head_scale"]["M"], P["head_scale"]["F"]))
             + np.log(0.92 + 0.08 * np.minimum(age, 14) / 14),                      # development to 14
             "log_vent": np.log(np.maximum(0.8 + 1.2 * a, 0.05)), "csf": 0.04 + 0.08 * a,
@@ -228,8 +220,7 @@ def brain_age_anatomy(rng, n):
                    np.clip(rng.normal(*P["age_bump"], n), lo, hi))
     gap_sd = np.where(male, P["brain_age_gap_sd"]["M"], P["brain_age_gap_sd"]["F"])
     brain_age = age + rng.normal(0, 1, n) * gap_sd             # the brain looks `gap` years older than it is
-    a = brain_age_atrophy(brain_age, male)
-    mean = brain_age_structures(a, age, male)
+    mean = brain_age_structures(brain_age, age, male)
     return {"age": age, "male": male, **{k: mean[k] + rng.normal(0, P[sd], n) for k, sd in STRUCTURE_SD.items()}}
 
 
@@ -246,7 +237,7 @@ def brain_age_oracle(anatomy, age_step=0.25):
     log_normal = lambda x, m, s: -0.5 * ((x - m) / s) ** 2 - math.log(s)
     means, log_gap = [], []                                # per sex: structure means on the (G, K) grid
     for male in (True, False):
-        means.append(brain_age_structures(brain_age_atrophy(ages[:, None] + gap[None, :], male), ages[:, None], male))
+        means.append(brain_age_structures(ages[:, None] + gap[None, :], ages[:, None], male))
         log_gap.append(log_normal(gap, 0, P["brain_age_gap_sd"]["M" if male else "F"])[None, :])
 
     def median(log_post):
@@ -300,11 +291,9 @@ def builtin_cohort(task, data_dir, quiet=False):
     folder, name, make, options = BUILTIN[task]
     csv_path = os.path.abspath(os.path.join(data_dir, folder, name))
     info_path = os.path.join(os.path.dirname(csv_path), "cohort.json")
-    try:
-        with open(info_path) as f:
-            info = json.load(f)
-    except (OSError, ValueError):
-        info = {}
+    info = {}
+    with contextlib.suppress(OSError, ValueError), open(info_path) as f:
+        info = json.load(f)
     if os.path.isfile(csv_path) and all(info.get(k) == v for k, v in
                                         json.loads(json.dumps({"generator": SYNTH[task], **options})).items()):
         return csv_path
@@ -346,13 +335,12 @@ def oracle_report(cohort_dir, predictions=None):
 
 
 def main(argv=None):
-    ap = ArgumentParser(description="Write a synthetic cohort in the real on-disk format, or report "
-                                    "the brain-age oracle's MAE.")
+    ap = ArgumentParser(description="Write a synthetic cohort in the real on-disk format, or the oracle's MAE.")
     sub = ap.add_subparsers(dest="task", required=True)
     for task in sorted(BUILTIN):
         s = sub.add_parser(task, help=f"write a synthetic {task} cohort")
         s.add_argument("--out", required=True, help="output folder (absent, empty, or an earlier cohort)")
-        s.add_argument("--n", type=int, help="subjects (default: the built-in cohort's, 600 AD / 800 brain age)")
+        s.add_argument("--n", type=int, default=BUILTIN[task][3]["n"], help="subjects (default %(default)s)")
         s.add_argument("--seed", type=int, default=0)
     s = sub.add_parser("oracle", help="the oracle's MAE on a brain-age cohort or on a run's test subjects")
     s.add_argument("--cohort", required=True, help="a folder that `synthetic.py brain-age` wrote")
@@ -367,12 +355,9 @@ def main(argv=None):
               f"{sweep['female_minus_male']:+.2f} ± {sweep['sd']:.2f} years older than read as a man's")
         return res
     check_number("--seed", a.seed, least=0)
-    t0 = time.time()
-    _, _, make, options = BUILTIN[a.task]
-    n = a.n if a.n is not None else options["n"]
-    path = make(a.out, n, a.seed, verbose=True)
-    P = SYNTH[a.task]
-    print(f"wrote {n} subjects to {path}, images {P['shape']} at {P['spacing_mm']} mm"
+    t0, P = time.time(), SYNTH[a.task]
+    path = BUILTIN[a.task][2](a.out, a.n, a.seed, verbose=True)
+    print(f"wrote {a.n} subjects to {path}, images {P['shape']} at {P['spacing_mm']} mm"
           + (f", crops {P['crop_size']}" if a.task == "ad" else "") + f", {time.time() - t0:.1f} s")
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from data import ArgumentParser, TabularPreprocessor, UserError, atomic_path, run_cli, write_json
+from data import ArgumentParser, TabularPreprocessor, UserError, atomic_path, run_cli, warn, write_json
 from layers import init_hyperlayers
 from metrics import classification_metrics
 from models import AD_MODELS, class_probabilities
@@ -79,6 +79,9 @@ def run_ad(args, device, run):
     check_classes(table, {"training": train_idx, "validation": val_idx, "test": test_idx}, run)
     prep = TabularPreprocessor().fit([table.raw[i] for i in train_idx])  # Sec. 3.3: training rows only
     tabular = prep.transform(table.raw)                                   # (N, n_tab)
+    for a in prep.state["empty"]:
+        warn(f"{run.data_csv}: column {a} is empty for every training subject: this run cannot learn it and reads "
+             f"every value of it as missing (metrics.json: unlearned_columns)")
     crops = data.load_crops(run.crops, run.data_csv) if image_model else None
     # every header first (seconds), so that a wrong image stops the run before the cache decodes
     shape, voxel = data.check_image_geometry(table.image_paths, table.subjects) if image_model else (None, None)
@@ -137,7 +140,8 @@ def run_ad(args, device, run):
 
     model.load_state_dict(load_checkpoint(os.path.join(run_dir, "best.pt"), identity(run, inputs))["model"])
     test_metrics, test_probs = ad_metrics(model, loader(test_set), device, names, run.precision)
-    metrics = {"val": best["metrics"], "test": test_metrics, "best_epoch": best["epoch"]}
+    metrics = {"val": best["metrics"], "test": test_metrics, "best_epoch": best["epoch"],
+               "unlearned_columns": prep.state["empty"]}
     logits = {part: predict(model, loader(ds), device, None, run.precision, sides=True)       # (N, [2,] C)
               for part, ds in (("val", val_set), ("test", test_set))}
     if is_main():  # torchrun: every rank holds all test predictions (gathered); one writes them

@@ -77,6 +77,10 @@ def run_brain_age(args, device, run):
     quiet, workers = args["quiet"], loader_workers(args["workers"], device)
     table = data.read_brain_age_table(run.data_csv, run.image_dir)
     train_idx, val_idx, test_idx = data.brain_age_split(table.age, table.sex, run.split_seed, run.split)
+    if min(len(train_idx), len(val_idx), len(test_idx)) == 0:   # as train_ad.check_classes: before anything is written
+        raise UserError(f"{run.data_csv}: {len(table.age)} subjects split into {len(train_idx)} training, "
+                        f"{len(val_idx)} validation and {len(test_idx)} test subjects (--split "
+                        f"{' '.join(map(str, run.split))}): each needs at least one; add subjects or change --split")
     if run.train_sex != "all":
         men, women = (table.sex[train_idx] == 0).sum(), (table.sex[train_idx] == 1).sum()
         train_idx = select_training_sex(train_idx, table.sex, run.train_sex, run.split_seed)

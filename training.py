@@ -22,7 +22,7 @@ from scipy.optimize import minimize_scalar
 from torch.nn.parallel import DistributedDataParallel
 
 from data import (CLASS_NAMES, HippocampusCrops, Progress, TabularPreprocessor, UserError, atomic_path, check_number,
-                  write_bytes, write_csv, write_json)
+                  warn, write_bytes, write_csv, write_json)
 from metrics import calibration_metrics
 from models import AgeTarget, build_model, class_probabilities
 from synthetic import builtin_cohort
@@ -77,15 +77,6 @@ def alone():
         _state["alone"] = before
 
 
-def wrap(model, device, sync_bn=False):
-    """-> (model, net): `net` trains (DDP averages the gradients), `model` is saved and evaluated."""
-    if world_size() == 1:
-        return model, model
-    if sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
 def everyone(value):
     """Every process's `value` in rank order (as objects: NCCL needs no CUDA tensor here)."""
     if world_size() == 1:
@@ -98,6 +89,15 @@ def everyone(value):
 def gather(rows, n):
     """Each process's rows of its DistributedSampler share (rank r: items r, r + N, ...) -> all n in their order."""
     return rows if world_size() == 1 else np.stack(everyone(rows), 1).reshape(-1, *rows.shape[1:])[:n]   # padded
+
+
+def wrap(model, device, sync_bn=False):
+    """-> (model, net): `net` trains (DDP averages the gradients), `model` is saved and evaluated."""
+    if world_size() == 1:
+        return model, model
+    if sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model, DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def first_reported(value):
@@ -148,7 +148,7 @@ LR_SCHEDULES = ("constant", "cosine")   # constant: Table 1's; cosine: the brain
 DATA_KEYS = ("task", "model", "split_seed", "fold", "version", "classes", "group_map", "n_tabular",
              "tabular_columns", "embedding_dim", "train_sex", "split", "table_sha256")
 IDENTITY_KEYS = DATA_KEYS + ("loss", "batch_size", "lr", "weight_decay", "lr_schedule", "images_sha256", "image_shape",
-                             "crops", "target_scale", "precision")
+                             "crops", "target_scale", "precision", "cache_dtype")
 
 
 @dataclass(frozen=True)
@@ -209,8 +209,7 @@ def identity(run, inputs, keys=IDENTITY_KEYS):
 
 
 def cores():
-    """The cores this process may run on (its affinity: a container's or a scheduler's share, not the machine's;
-    macOS has no affinity: all of them)."""
+    """The cores this process may run on: its affinity (a container's or a scheduler's share), on macOS all."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -235,29 +234,23 @@ def add_common_arguments(p):
     p.add_argument("--quiet", action="store_true", help="print only the final line")
 
 
-def resolve_schedule(args, defaults, name, quiet=False):
-    """Numeric options checked (naming the option); unset ones from `defaults` (Table 1, or the demo's)."""
+def common_run_fields(args, device, task, demo, real):
+    """The RunConfig fields both trainers resolve alike: the table (the built-in synthetic cohort without
+    --data-csv), the schedule (numbers checked; unset ones the demo's or Table 1's), the images, the precision."""
+    synthetic, quiet = args["data_csv"] is None, args["quiet"]
     for k, least in (("epochs", 1), ("batch_size", 1), ("weight_decay", 0), ("workers", 0), ("version", 0),
                      ("split_seed", 0)):
         check_number("--" + k.replace("_", "-"), args.get(k), least=least)
     check_number("--lr", args.get("lr"), above=0)
-    schedule = {k: args[k] if args[k] is not None else defaults[k] for k in SCHEDULE}
-    log(f"schedule ({name}): " + ", ".join(f"{k} {v}" for k, v in schedule.items()), quiet)
-    return schedule
-
-
-
-def common_run_fields(args, device, task, demo, real):
-    """The RunConfig fields both trainers resolve alike: the table (the built-in synthetic cohort without
-    --data-csv), the schedule (the demo's or Table 1's), the images and the precision."""
-    synthetic, quiet = args["data_csv"] is None, args["quiet"]
     with main_first():  # torchrun: rank 0 generates the synthetic cohort, the others wait for it
         data_csv = builtin_cohort(task, args["data_dir"], quiet) if synthetic else args["data_csv"]
-    schedule = resolve_schedule(args, demo if synthetic else real,
-                                "demo (synthetic cohort)" if synthetic else "Table 1", quiet)
+    schedule = {k: args[k] if args[k] is not None else (demo if synthetic else real)[k] for k in SCHEDULE}
+    log(f"schedule ({'demo (synthetic cohort)' if synthetic else 'Table 1'}): "
+        + ", ".join(f"{k} {v}" for k, v in schedule.items()), quiet)
     return dict(task=task, model=args["model"], version=args["version"], split_seed=args["split_seed"], **schedule,
                 data_csv=data_csv, image_dir=args["image_dir"], cache_dir=args["cache_dir"],
                 cache_dtype=args["cache_dtype"], precision=resolve_precision(args["precision"], device, quiet))
+
 
 # ---- A run folder holds one run: claimed by one live process at a time, refused to a new run while it holds one ----
 
@@ -338,8 +331,7 @@ def occupied(run_dir, resume):
 
 def setup_device(name, sync_bn=False):
     """The device, TF32 off (float32 means float32); under torchrun the process group and the local rank's GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
     if sync_bn and name != "cuda":
@@ -363,9 +355,7 @@ def setup_device(name, sync_bn=False):
 
 
 def leave():
-    """The end of a run that succeeded: every process reaches it before any tears the process group down (one
-    that left while rank 0 still wrote its files was aborted by gloo now and then). A no-op without torchrun and
-    inside alone() (rank 0's nested tabular pre-training)."""
+    """A successful run's end: all processes meet before the group is torn down (gloo aborted early leavers)."""
     if world_size() > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -569,7 +559,19 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
                 scaler.update()
                 losses.append(loss.detach())
                 sizes.append(len(target))
-            mean_loss, initial = check_losses(losses, sizes, epoch, initial, run_dir, saved)
+            values = torch.stack(losses).double().cpu() if losses else torch.zeros(0, dtype=torch.float64)
+            bad = (~torch.isfinite(values)).nonzero().flatten().tolist()                # one read-back above
+            problem = f"the training loss is {float(values[bad[0]])} (step {bad[0] + 1} of {len(values)})" \
+                if bad else None
+            total, n, first = map(sum, zip(*everyone((float((values * torch.tensor(sizes).double()).sum()),
+                                                      sum(sizes), float(values[0]) if len(values) else 0.0))))
+            if initial is None and epoch == 0:                    # the untrained network's loss (LOSS_BOUND)
+                initial = first / world_size()
+            mean_loss = total / max(n, 1)
+            if problem is None and initial is not None and initial > 0 and mean_loss > LOSS_BOUND * initial:
+                problem = f"the training loss {mean_loss:.3g} is over {LOSS_BOUND:g} times the untrained " \
+                          f"network's ({initial:.3g})"
+            check_divergence(problem, epoch, run_dir, saved)
             check_divergence(non_finite(model), epoch, run_dir, saved, "after the epoch's steps")
             if before_validation is not None:
                 before_validation(model)
@@ -609,23 +611,6 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
     if best is None:
         raise UserError(f"{run_dir}: no epoch was trained (--epochs {run.epochs})")
     return best
-
-
-def check_losses(losses, sizes, epoch, initial, run_dir, saved):
-    """-> (the epoch's mean loss over all processes, the untrained network's); diverged if non-finite or too high."""
-    values = torch.stack(losses).double().cpu() if losses else torch.zeros(0, dtype=torch.float64)  # one read-back
-    bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
-    problem = f"the training loss is {float(values[bad[0]])} (step {bad[0] + 1} of {len(values)})" if bad else None
-    mine = (float((values * torch.tensor(sizes, dtype=torch.float64)).sum()), sum(sizes),
-            float(values[0]) if len(values) else 0.0)
-    total, n, first = map(sum, zip(*everyone(mine)))
-    if initial is None and epoch == 0:                    # the untrained network's loss (LOSS_BOUND)
-        initial = first / world_size()
-    mean = total / max(n, 1)
-    if problem is None and initial is not None and initial > 0 and mean > LOSS_BOUND * initial:
-        problem = f"the training loss {mean:.3g} is over {LOSS_BOUND:g} times the untrained network's ({initial:.3g})"
-    check_divergence(problem, epoch, run_dir, saved)
-    return mean, initial
 
 
 def non_finite(model):
@@ -756,7 +741,8 @@ def fit_temperature(logits, labels):
     nll = lambda log_t: -np.log(np.clip(probabilities(logits, math.exp(log_t))[np.arange(len(labels)), labels],
                                         1e-300, None)).mean()
     found = minimize_scalar(nll, method="bounded", bounds=tuple(map(math.log, T_BOUNDS)), options={"xatol": 1e-7})
-    return float(math.exp(found.x))
+    low = math.log(T_BOUNDS[0])   # a perfectly separated set: the NLL falls to 0 as T -> 0, flat once it underflows
+    return T_BOUNDS[0] if nll(low) <= found.fun else float(math.exp(found.x))
 
 
 def save_logits(run_dir, val, test):
@@ -778,12 +764,19 @@ def read_logits(run_dir):
 
 
 def calibrate(run_dir, outputs):
-    """The temperature fitted on read_logits' "val" -> calibration.json's record (it, calibration before/after)."""
+    """The temperature fitted on read_logits' "val" -> calibration.json's record (it, calibration before/after).
+    A fit at the lower bound (a perfectly separated validation set drives T to 0: every probability to 0 or 1) is
+    not used: T = 1, with a warning; at the upper bound the probabilities only flatten (a run that learnt little)."""
     T = fit_temperature(*outputs["val"])
-    record = {"temperature": T, "fitted_on": "validation", "n_val": int(len(outputs["val"][1])),
+    low = abs(math.log(T / T_BOUNDS[0])) < 1e-3
+    record = {"temperature": 1.0 if low else T, "fitted": T, "fitted_on": "validation", "n_val": len(outputs["val"][1]),
               "at_bound": bool(min(abs(math.log(T / b)) for b in T_BOUNDS) < 1e-3)}
+    if low:
+        record["warning"] = (f"{run_dir}: the temperature's fit ended at the search's lower bound ({T:.3g}; a "
+                             f"perfectly separated validation set): not used, T = 1 (no scaling)")
+        warn(record["warning"])
     for part, (logits, labels) in outputs.items():
         record[part] = {"before": calibration_metrics(labels, probabilities(logits)),
-                        "after": calibration_metrics(labels, probabilities(logits, T))}
+                        "after": calibration_metrics(labels, probabilities(logits, record["temperature"]))}
     write_json(record, os.path.join(run_dir, CALIBRATION_FILE))
     return record
