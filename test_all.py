@@ -54,14 +54,263 @@ from training import RunConfig
 torch.set_num_threads(2)
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+
+# ==============================================================================================
+# Index: the paper's elements -> the tests that hold them (sections below in this order)
+#
+# Sec. 3.1: hyperlayers (Eq. 1-2)
+# Sec. 3.1 hyperlayer = per-sample layer: test_hyperlinear_equals_the_per_sample_computation,
+#     test_hyper_convolution_equals_the_per_sample_computation,
+#     test_gradients_reach_the_embedding_and_both_generators,
+#     test_two_tabular_vectors_give_two_outputs_for_the_same_image
+# Eq. 1-2 initialisation: test_eq1_2_output_variance_matches_input_variance_at_initialisation,
+#     test_eq1_2_generators_are_drawn_uniform_with_the_hyperfan_in_variances_and_zero_offsets,
+#     test_eq1_2_measure_e_squared_on_the_rows_given_and_take_r_1_where_a_relu_follows_r_0_at_the_end_and_downsample,
+#     test_ad_training_measures_e_squared_on_its_preprocessed_training_rows,
+#     test_hyperfusion_starts_from_the_trained_tabular_mlp_of_its_split_fold_and_version_and_eq1_2_from_its_outputs,
+#     test_after_a_short_run_the_two_sexes_generate_different_weights_in_every_hyperlayer
+# also: test_check_hyperlayers_on_the_device_equal_the_per_sample_computation
+#
+# Sec. 3.1.2, App. D: hyperlayer selection
+# Sec. 3.1.2 loss entropy: test_loss_entropy_ranks_a_layer_the_loss_depends_on_above_one_it_ignores,
+#     test_loss_entropy_bins_every_layers_losses_over_one_range_shared_by_all_layers,
+#     test_loss_entropy_scores_every_layer_of_the_ad_backbone, test_select_layers_scores_every_candidate_layer
+#
+# Sec. 3.2: the loss (Eq. 3-5) and the training loop
+# Eq. 3 weight decay: test_eq3_every_trained_parameter_is_decayed_with_the_runs_lambda_and_generated_weights_are_none,
+#     test_brain_age_decay_over_the_target_scale_squared_gives_the_steps_of_lambda_on_ages_in_years,
+#     test_brain_age_training_gives_adam_the_runs_decay_over_the_target_scale_squared
+# Eq. 4 regression loss: test_brain_age_minimises_eq4_the_mean_squared_error_of_the_centred_age
+# Eq. 5 weighted cross-entropy:
+#     test_eq5_weighted_cross_entropy_is_divided_by_the_batch_size_not_by_the_sum_of_the_targets_weights,
+#     test_eq5_class_weights_are_n_over_c_n_c_counted_on_the_training_and_validation_rows
+# the loop: steps, kept epoch (Sec. 4.2.2, 4.3.6):
+#     test_the_loop_steps_on_eq5_gradients_alone_in_training_mode_and_keeps_the_epoch_best_on_validation_rows,
+#     test_best_pt_holds_the_epoch_with_the_best_validation_score_and_last_pt_the_last,
+#     test_the_training_scripts_test_with_the_best_epochs_checkpoint_not_the_last,
+#     test_versions_are_independent_initialisations_and_one_version_twice_starts_from_the_same_weights,
+#     test_a_hyperfusion_run_writes_its_checkpoints_log_and_metrics,
+#     test_the_tabular_model_trains_from_the_table_alone
+#
+# Sec. 3.3, 4.3.3: tabular attributes and missing values
+# Sec. 3.3 imputation and indicators: test_censored_csf_values_read_as_the_assay_limit,
+#     test_imputation_is_fitted_on_training_rows_only, test_missing_indicators_are_added_and_no_nan_remains,
+#     test_missing_indicators_are_for_the_attributes_with_empty_cells_in_the_training_rows_alone,
+#     test_tabular_state_round_trips_exactly, test_imputation_replays_scikit_learns_iterative_imputer,
+#     test_a_training_run_fits_its_z_scores_and_imputation_on_its_training_rows_only,
+#     test_a_training_run_adds_missing_indicators_for_the_attributes_empty_in_its_training_rows_alone,
+#     test_empty_age_sex_education_and_apoe4_cells_are_imputed_and_the_split_does_not_depend_on_them
+#
+# Sec. 3.4: ensembles and metrics (Eq. 6-10)
+# Eq. 6-8 ensembles: test_eq7_8_equal_entropies_give_the_plain_mean,
+#     test_eq7_8_a_near_one_hot_member_dominates_a_flat_one,
+#     test_predict_combines_ad_members_by_eq7_8_and_brain_age_members_by_eq6_sample_by_sample
+# Eq. 9-10 and the other metrics: test_metrics_against_a_hand_made_confusion_matrix, test_auc_and_maes_by_hand,
+#     test_the_auc_is_the_macro_mean_of_the_one_vs_rest_aucs_not_weighted_micro_nor_one_vs_one
+# also: test_a_run_named_twice_is_one_member_and_a_runs_metrics_file_is_not_called_a_corrupt_checkpoint
+#
+# Sec. 3.5, Tables 5-6, Fig. 2-3: the networks
+# Tables 5-6 parameter counts: test_brain_age_parameter_counts_equal_table_5, test_ad_parameter_counts_equal_table_6,
+#     test_every_batch_norm_of_the_ad_image_network_has_momentum_0_05
+# Fig. 2-3 layers in order:
+#     test_tables_5_6_each_network_computes_its_layers_in_the_papers_order_with_its_dropout_rates_and_bn_momenta,
+#     test_film_and_daft_scale_and_shift_the_residual_branch_only_and_the_shortcut_reads_the_original_map,
+#     test_every_model_runs_forward_and_backward, test_in_eval_mode_a_batch_equals_its_samples_one_at_a_time,
+#     test_hyperfusion_embedding_can_start_from_the_tabular_model,
+#     test_hyper_block_can_make_any_convolution_a_hyperlayer
+#
+# Sec. 4.2: brain age, Fig. 4
+# Sec. 4.2.3 split: test_brain_age_split_cuts_every_sex_and_20_age_bin_stratum_80_10_10_within_one_subject,
+#     test_the_brain_age_demo_split_holds_validation_and_test_sets_of_200
+# Sec. 4.2.2 training and testing: test_a_two_epoch_brain_age_run_writes_its_files_with_maes_in_years,
+#     test_the_brain_age_target_is_centred_on_the_mean_age_of_the_training_rows_it_trains_on,
+#     test_the_brain_age_demo_anneals_its_learning_rate_by_a_cosine_and_real_data_keeps_table_1s_constant_rate,
+#     test_precise_bn_re_estimates_the_running_statistics_from_the_training_batches_alone,
+#     test_brain_age_training_re_estimates_batch_norm_before_every_validation_from_its_training_rows_in_order,
+#     test_the_age_bias_correction_leaves_a_gap_uncorrelated_with_age_on_its_fitting_set,
+#     test_the_age_bias_of_the_brain_age_gap_is_fitted_on_the_validation_rows_never_the_test_rows,
+#     test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae
+# Fig. 4A training sets, Fig. 4 sweep:
+#     test_fig4a_training_sets_are_one_size_min_men_women_drawn_with_the_seed_and_the_mix_is_half_and_half,
+#     test_fig4a_training_sets_are_drawn_from_the_training_split_alone,
+#     test_precise_bn_of_a_fig4a_run_reads_its_chosen_training_subjects_alone_in_order,
+#     test_brain_age_sweep_reads_every_test_scan_as_male_and_as_female,
+#     test_brain_age_plots_draw_the_scatters_fig4a_and_fig4b_or_say_which_is_skipped
+# the synthetic brain-age cohort:
+#     test_in_the_brain_age_cohort_mens_brains_age_faster_so_reading_the_image_without_sex_leaves_years_behind,
+#     test_the_oracle_report_names_both_oracles_and_the_run_on_its_test_subjects,
+#     test_synthetic_brain_age_cohort_loads_back
+# also: test_the_brain_age_network_gives_the_age_in_float32_under_bfloat16,
+#     test_a_brain_age_cohort_too_small_for_its_split_is_refused_in_one_line_before_anything_is_written
+#
+# Sec. 4.3: AD classification, Table 3
+# Sec. 4.3.4, App. C.1 split: test_subsets_are_disjoint_and_together_hold_every_subject,
+#     test_test_subset_is_the_same_for_every_fold, test_each_subset_keeps_the_diagnosis_and_sex_proportions,
+#     test_within_every_sex_diagnosis_and_20_age_bin_stratum_the_five_subsets_differ_by_at_most_one,
+#     test_same_split_seed_same_split_other_seed_other_split
+# Sec. 3.5.2, 4.3.6 hippocampus crops: test_mirrored_crop_is_the_flip_of_the_right_box,
+#     test_dataset_items_have_one_side_in_training_and_both_in_evaluation,
+#     test_validation_and_test_average_the_soft_predictions_of_both_hippocampi,
+#     test_synthetic_ad_anatomy_depends_on_diagnosis
+# Table 3 and its runs: test_ad_table_has_a_row_per_seed_and_version_with_mean_std_and_mann_whitney,
+#     test_eq7_8_each_row_of_the_ad_table_ensembles_its_folds_sample_by_sample,
+#     test_folds_whose_configs_differ_are_refused,
+#     test_folds_with_other_test_subjects_are_refused_and_the_cli_says_so_in_one_line,
+#     test_ad_plots_draw_each_rows_confusion_roc_and_reliability_and_table3_at_their_size,
+#     test_ad_sweep_changes_the_tabular_attribute_of_every_test_row,
+#     test_sweep_plots_draw_how_the_prediction_moves_with_the_attribute,
+#     test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_trains_the_rest,
+#     test_print_commands_gives_one_command_per_missing_run_tabular_first_and_trains_nothing,
+#     test_run_protocol_with_two_jobs_trains_each_missing_run_once_and_prints_the_serial_table
+#
+# App. A-C: preprocessing, oversampling
+# App. A.1 preprocessing:
+#     test_preprocess_centres_its_box_on_the_brain_masks_centre_of_mass_and_z_scores_the_brain_voxels_alone,
+#     test_preprocess_gives_a_centred_zscored_90x120x99_volume_at_1_75mm,
+#     test_fuzzy_cmeans_finds_three_tissue_classes,
+#     test_preprocess_batch_mode_writes_every_subject_and_names_a_bad_row,
+#     test_preprocess_n4_without_simpleitk_says_so
+# App. C.4 oversampling: test_app_c4_oversampling_draws_every_class_equally_often_over_an_epoch
+#
+# The program: real data in
+#   test_synthetic_ad_cohort_loads_back_with_its_shapes_and_labels, test_group_aliases_read_as_mci_and_ad,
+#     test_from_adnimerge_keeps_one_row_per_subject_with_the_diagnosis_of_that_visit,
+#     test_check_ad_accepts_a_good_table, test_check_ad_preview_draws_the_boxes_and_writes_the_crops_as_png,
+#     test_the_preview_is_an_rgb_png_that_matplotlib_reads_with_or_without_matplotlib_installed,
+#     test_a_table_saved_by_a_spreadsheet_with_a_bom_and_crlf_line_ends_reads_as_the_plain_one,
+#     test_cache_decodes_once_and_redecodes_a_changed_source,
+#     test_a_parallel_cache_decode_writes_entries_byte_identical_to_a_serial_decode,
+#     test_an_image_replaced_in_place_by_one_of_the_same_size_with_its_times_kept_is_noticed,
+#     test_a_damaged_or_mismatched_cache_entry_is_decoded_again_with_one_warning_and_never_used,
+#     test_a_table_edited_between_two_protocol_calls_is_refused_before_training_and_evaluate_never_mixes_it,
+#     test_runs_trained_on_other_images_or_tables_are_not_ensembled_nor_put_in_one_table,
+#     test_a_run_refuses_a_tabular_model_or_checkpoint_trained_on_another_table,
+#     test_failed_synthesis_leaves_no_partial_cohort,
+#     test_a_built_in_cohort_that_another_generator_wrote_is_written_again,
+#     test_atomic_path_leaves_nothing_behind_on_failure
+#
+# The program: bad input
+#   test_missing_nifti_is_named, test_truncated_nifti_is_named, test_4d_image_is_named_with_its_shape,
+#     test_nan_voxels_are_named_and_preprocess_writes_nothing,
+#     test_images_with_non_finite_absurd_or_no_signal_values_are_refused_in_either_cache_dtype,
+#     test_images_of_another_shape_or_voxel_size_are_refused_from_their_headers,
+#     test_csv_without_group_names_the_column,
+#     test_rows_whose_group_is_not_a_diagnosis_are_skipped_with_a_count_or_mapped,
+#     test_non_numeric_age_names_the_row_and_column, test_a_column_named_twice_is_refused_naming_it,
+#     test_an_unclosed_quote_is_named_at_the_line_where_it_opens,
+#     test_semicolon_or_tab_tables_are_named_and_nii_images_beside_nii_gz_are_found,
+#     test_adni_missing_codes_read_as_missing_with_a_warning_and_impossible_values_are_refused,
+#     test_one_class_or_a_class_absent_from_a_subset_is_refused_after_the_split,
+#     test_numeric_options_out_of_range_are_refused_naming_the_option,
+#     test_preprocess_refuses_a_subject_that_is_not_a_plain_file_name,
+#     test_preprocess_refuses_an_out_dir_that_is_its_image_folder_by_a_symlink_and_subjects_equal_but_for_case,
+#     test_one_image_under_two_subjects_is_refused_when_a_hard_link_names_it_twice,
+#     test_an_out_file_that_is_an_input_or_a_folder_is_refused_and_the_input_kept,
+#     test_a_preview_of_a_subject_named_like_a_path_stays_in_its_folder_under_a_distinct_safe_name,
+#     test_formula_ids_are_text_in_predictions_csv_and_the_code_reads_its_own_tables_back_unchanged,
+#     test_a_results_table_shows_a_model_folder_named_like_a_formula_as_text,
+#     test_metrics_json_is_strict_json_with_null_where_a_metric_is_undefined
+# also: test_an_image_whose_header_is_rotated_is_refused_in_one_line_naming_it
+#
+# The program: faults and resume
+#   test_resume_after_an_interruption_ends_as_an_uninterrupted_run,
+#     test_a_corrupt_checkpoint_given_to_resume_stops_with_a_clear_error, test_a_checkpoint_of_another_run_is_refused,
+#     test_a_run_folder_that_holds_a_run_is_refused_to_a_new_one_before_any_file_changes,
+#     test_a_resumed_run_that_trains_further_never_leaves_the_old_metrics_beside_its_new_checkpoints,
+#     test_a_folder_in_use_by_a_live_process_is_refused_and_a_killed_one_leaves_no_stuck_lock,
+#     test_hyperfusion_continues_an_interrupted_pre_training_of_its_tabular_mlp,
+#     test_a_non_finite_training_loss_stops_the_run_naming_the_epoch_with_the_last_good_checkpoint_kept,
+#     test_a_loss_a_million_times_the_untrained_networks_stops_the_run_though_finite,
+#     test_nan_validation_outputs_stop_the_run_in_one_line_not_a_scikit_learn_traceback,
+#     test_a_non_finite_batchnorm_statistic_stops_the_run_after_the_epoch_or_after_precise_bn,
+#     test_ctrl_c_during_training_prints_one_line_with_what_is_kept_and_the_command_to_resume,
+#     test_sigterm_during_training_prints_the_same_one_line_and_exits_143,
+#     test_a_full_disk_or_an_unwritable_folder_is_one_error_line_naming_the_folder_and_the_bytes,
+#     test_a_cohort_on_read_only_storage_stops_in_one_line_naming_cache_dir_and_trains_with_a_writable_one,
+#     test_a_command_piped_into_head_stops_quietly_when_head_has_read_enough
+# also: test_ctrl_c_or_sigterm_during_a_parallel_decode_is_one_line_and_leaves_nothing_half_written,
+#     test_resume_with_another_cache_dtype_is_refused_naming_both_values
+#
+# The program: predict.py
+#   test_a_finished_run_predicts_its_test_set_again_from_its_saved_state,
+#     test_predict_combines_the_members_by_eq7_8_and_each_member_reproduces_its_test_predictions,
+#     test_a_prediction_depends_on_its_own_row_only_and_empty_cells_use_the_runs_saved_imputation,
+#     test_predict_reads_each_brain_age_member_with_its_own_target_and_combines_them_by_the_eq6_mean,
+#     test_predict_reproduces_a_brain_age_runs_test_predictions_and_reports_the_corrected_gap,
+#     test_predict_refuses_other_grids_mixed_runs_and_unfinished_runs_in_one_line
+# also: test_a_column_empty_for_every_training_subject_is_read_as_missing_at_prediction_and_said
+#
+# The program: calibration
+#   test_ece_is_near_zero_for_calibrated_probabilities_and_clearly_above_for_over_confident_ones_as_by_hand,
+#     test_the_fitted_temperature_recovers_the_temperature_the_labels_were_drawn_at,
+#     test_a_finished_ad_run_holds_its_temperature_fitted_on_its_own_validation_logits,
+#     test_a_run_trained_before_calibration_is_calibrated_from_its_logits_predicted_again_not_retrained,
+#     test_calibrated_prediction_keeps_every_members_class_and_changes_the_ensemble_only_through_eq8_weights,
+#     test_calibrated_prediction_refuses_a_run_without_a_temperature_in_one_line_naming_it,
+#     test_table3_reports_the_calibration_of_every_ensemble_after_the_papers_columns,
+#     test_the_calibration_report_ensembles_the_members_each_at_its_own_temperature
+# also: test_a_temperature_fitted_at_its_lower_bound_is_not_used_and_calibrated_prediction_refuses_it
+#
+# The program: many processes, devices, precision
+#   test_a_torchrun_process_leaves_at_a_barrier_before_tearing_the_group_down_and_alone_never,
+#     test_a_two_process_torchrun_run_writes_each_file_once_and_tests_each_subject_once,
+#     test_one_ddp_step_on_two_processes_takes_the_mean_of_their_shares_gradients,
+#     test_gathered_shares_hold_every_item_once_in_order_when_the_sampler_pads,
+#     test_loaders_ship_images_in_the_float16_the_cache_stores_and_the_network_reads_them_in_float32,
+#     test_the_protocol_hands_its_cache_dir_to_every_run_it_trains,
+#     test_gpus_are_indices_among_the_gpus_this_process_sees_and_one_that_does_not_exist_is_refused,
+#     test_a_launched_run_is_told_its_gpu_the_cuda_device_and_how_many_runs_share_the_machine,
+#     test_jobs_without_gpus_spread_the_runs_over_every_visible_gpu,
+#     test_an_interrupted_run_protocol_with_jobs_ends_the_trainings_it_started,
+#     test_loader_workers_and_decode_workers_count_the_cores_this_process_may_use_not_the_machines
+# also: test_the_default_precision_is_float32_on_cpu_and_cuda,
+#     test_a_training_script_run_at_the_default_precision_trains_in_float32_on_this_cpu,
+#     test_on_a_gpu_float32_means_float32_tf32_is_switched_off_where_the_device_is_set_up,
+#     test_adam_is_fused_on_cuda_and_plain_on_a_cpu,
+#     test_bfloat16_is_refused_on_a_gpu_that_only_emulates_it_in_one_line_naming_the_option,
+#     test_fit_runs_forward_and_loss_in_one_autocast_at_the_runs_precision_and_scales_float16s_loss,
+#     test_float16_bfloat16_or_sync_bn_on_a_cpu_is_refused_in_one_line_naming_the_option,
+#     test_the_precision_is_stored_in_the_run_and_a_resume_at_another_precision_is_refused,
+#     test_replaying_a_run_uses_its_own_precision_where_the_device_can_and_float32_where_it_cannot,
+#     test_check_a_bfloat16_train_step_stays_within_tolerance_of_float32,
+#     test_the_paired_precision_benchmark_gives_the_t_interval_of_the_loss_and_calls_non_inferior_only_over_8_versions,
+#     test_the_paired_precision_benchmark_pairs_each_version_with_itself_from_the_runs_files,
+#     test_on_a_gpu_the_paired_precision_runs_train_one_at_a_time,
+#     test_the_benchmarks_peak_memory_is_reset_after_the_warm_up_steps,
+#     test_the_loader_measure_gives_every_worker_several_batches_of_each_timed_pass,
+#     test_the_gpu_checks_report_has_every_section_with_numbers,
+#     test_the_gpu_checks_precision_section_keeps_every_version_finished_when_its_budget_runs_out_or_a_run_fails,
+#     test_the_benchmark_refuses_a_precision_this_device_cannot_train_in_one_line_naming_the_option
+#
+# The program: command lines, progress, the code's shape
+#   test_the_readmes_first_command_names_files_that_exist_and_options_that_parse,
+#     test_imports_form_a_tree_with_no_circles_and_no_private_names,
+#     test_without_matplotlib_plots_stops_before_any_work_in_one_line_and_writes_nothing,
+#     test_progress_time_left_is_the_pace_so_far_for_items_and_runs_and_durations_read_one_way,
+#     test_the_first_cache_decode_shows_its_progress_and_a_final_line_and_nothing_when_quiet_or_short,
+#     test_run_protocol_says_after_each_run_how_many_are_done_and_the_time_left_and_quiet_says_none,
+#     test_predict_shows_progress_over_its_batches_when_long_one_line_per_member_and_nothing_with_quiet,
+#     test_preprocess_the_data_checks_and_the_demo_cohort_say_their_progress_and_nothing_of_it_with_quiet
+# ==============================================================================================
+
+
 # ----------------------------------------------------------------------------------------------
-# Shared fixtures and helpers
+# Shared fixtures and helpers (used by more than one section)
+
 
 # small inputs for CPU: brain age needs >= 36 voxels a side for its three conv blocks
 BRAIN_AGE_SMALL = (36, 38, 36)
+
+
 AD_SMALL = (16, 24, 16)
+
+
 COLUMNS = ["PTGENDER_Male", "PTGENDER_Female"] + list(data.AD_CONTINUOUS)
+
+
 NAMES = ["CN", "MCI", "AD"]
+
+
 SCHEDULE = dict(epochs=2, batch_size=8, lr=1e-3, weight_decay=1e-5)
 
 
@@ -73,7 +322,11 @@ def ad_cohort40(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ad_cohort60(tmp_path_factory):
-    return synthetic.make_synthetic_ad(tmp_path_factory.mktemp("ad60"), n=60, seed=0)
+    """60 subjects whose crops.json holds AD_SMALL boxes around the same hippocampi: image runs a third the cost."""
+    csv_path = synthetic.make_synthetic_ad(tmp_path_factory.mktemp("ad60"), n=60, seed=0)
+    synthetic.synthetic_crops(synthetic.AD_SYNTH["shape"], AD_SMALL).save(os.path.join(os.path.dirname(csv_path),
+                                                                                       "crops.json"))
+    return csv_path
 
 
 @pytest.fixture(scope="session")
@@ -84,15 +337,6 @@ def brain_age_cohort20(tmp_path_factory):
 @pytest.fixture(scope="session")
 def brain_age_cohort40(tmp_path_factory):
     return synthetic.make_synthetic_brain_age(tmp_path_factory.mktemp("ba40"), n=40, seed=0)
-
-
-def table2_cohort(seed=0):
-    """Labels, sex and age with the sizes and proportions of Table 2 (2120 subjects)."""
-    rng = np.random.default_rng(seed)
-    labels = np.repeat([0, 1, 2], [740, 1015, 365])
-    male = rng.random(len(labels)) < np.array([309 / 740, 569 / 1015, 198 / 365])[labels]
-    age = rng.normal(np.array([72.2, 72.8, 75.1])[labels], 7.4)
-    return (~male).astype(np.int64), labels, age
 
 
 def tiny_ad(folder, n=3, group="CN", age="70.5"):
@@ -109,13 +353,6 @@ def tiny_ad(folder, n=3, group="CN", age="70.5"):
 
 def run(script, *args):
     return subprocess.run([sys.executable, script, *map(str, args)], cwd=HERE, capture_output=True, text=True)
-
-
-def sigint_as_a_terminal_leaves_it():
-    """preexec_fn of a child the test will Ctrl-C: SIGINT back to its default before exec. pytest started as a
-    shell's background job (`pytest &`, nohup, some CI runners) runs with SIGINT ignored, an ignored signal stays
-    ignored across fork and exec, and the child's Python then never sees the Ctrl-C the test sends."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def assert_clean_error(proc, *names):
@@ -138,16 +375,6 @@ def _randomise(module, seed=0):
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return module
-
-
-def _per_sample(layer, x, tabular, functional, **kwargs):
-    """The naive hypernetwork: one F.linear / F.conv per sample with that sample's generated weights."""
-    outs = []
-    for b in range(x.shape[0]):
-        e = layer.hypernet(tabular[b:b + 1])
-        w, bias = layer.hypernet.generate(e)
-        outs.append(functional(x[b:b + 1], w.view(layer.weight_shape), bias.view(-1), **kwargs))
-    return torch.cat(outs)
 
 
 def _ad_args(csv_path, out, *extra):
@@ -207,8 +434,270 @@ def fake_brain_age_run(runs, version, val_mae, pred, age, sex, model="hyperfusio
     return run_dir
 
 
+class _Stop(Exception):
+    """Raised by a spy to end a training script at the point a test has seen."""
+
+
+def _strata(*keys):
+    """One group id per subject from its stratification keys."""
+    return np.unique(np.stack(keys, 1), axis=0, return_inverse=True)[1].ravel()
+
+
+def _age_bins(age, n_bins=20):
+    """Equal-width age bins over the known ages, computed here on their own; an unknown age is bin -1."""
+    known = np.isfinite(age)
+    edges = np.linspace(np.nanmin(age), np.nanmax(age), n_bins + 1)
+    inside = np.clip(np.searchsorted(edges, np.where(known, age, edges[0]), side="right") - 1, 0, n_bins - 1)
+    return np.where(known, inside, -1)
+
+
+ADNIMERGE = """RID,PTID,VISCODE,EXAMDATE,DX_bl,DX,AGE,PTGENDER,PTEDUCAT,APOE4,ABETA,PTAU,TAU,FDG,AV45,Years_bl,MMSE
+1,011_S_0001,bl,2005-09-08,CN,CN,74.3,Male,16,0,>1700,20.1,230,6.5,,0,29
+1,011_S_0001,m12,2006-09-12,CN,MCI,74.3,Male,16,0,,,,6.1,,1.0,27
+2,011_S_0002,m06,2006-03-01,AD,Dementia,80.1,Female,12,1,,,,,,0.5,20
+3,011_S_0003,bl,2005-11-08,SMC,CN,70.0,Female,18,0,900,,,,1.1,0,30
+3,011_S_0003,m06,2006-05-02,SMC,CN,70.0,Female,18,0,,,,,,0.5,30
+4,011_S_0004,bl,2005-11-10,LMCI,MCI,,Male,,1,640,31,330,,,0,26
+5,011_S_0005,bl,2005-12-01,AD,Dementia,77.7,Female,14,2,<200,55,520,5.2,1.5,0,21
+"""
+
+
+def _png_header(path):
+    """(width, height, colour type) from a PNG's IHDR, after checking the signature, every chunk's CRC, the
+    IEND at the end and that the IDAT chunks decompress to height rows of width 8-bit RGB (colour type 2: the
+    standard-library writer) or RGBA (6: matplotlib's) pixels, one filter byte a row."""
+    blob = open(path, "rb").read()
+    assert blob[:8] == b"\x89PNG\r\n\x1a\n" and blob[12:16] == b"IHDR"
+    w, h, depth, colour = struct.unpack(">IIBB", blob[16:26])
+    pos, kinds, idat = 8, [], b""
+    while pos < len(blob):
+        n, kind = struct.unpack(">I4s", blob[pos:pos + 8])
+        body = blob[pos + 8:pos + 8 + n]
+        assert struct.unpack(">I", blob[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(kind + body) & 0xFFFFFFFF
+        kinds.append(kind)
+        idat += body if kind == b"IDAT" else b""
+        pos += 12 + n
+    assert kinds[-1] == b"IEND" and depth == 8 and colour in (2, 6), (kinds[-1], depth, colour)
+    assert len(zlib.decompress(idat)) == h * (1 + (3 if colour == 2 else 4) * w)
+    return w, h, colour
+
+
+def _png_size(path):
+    """(width, height) of a valid PNG (_png_header)."""
+    return _png_header(path)[:2]
+
+
+class _Initialised(Exception):
+    """Raised by _initial_weights' spy once the training script hands its initialised model to fit."""
+
+
+def _initial_weights(script, argv, monkeypatch, pretrained=()):
+    """The state dict a training script's model holds when it starts training (after Eq. 1-2, after loading the
+    tabular embedding), taken as the script calls training.fit; the run stops there. Models of the `pretrained`
+    classes (HyperFusion's tabular MLP) train as usual."""
+    seen, real = [], script.fit
+
+    def spy(model, *args, **kwargs):
+        if isinstance(model, pretrained):
+            return real(model, *args, **kwargs)
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        raise _Initialised
+
+    monkeypatch.setattr(script, "fit", spy)
+    with pytest.raises(_Initialised):
+        script.main(argv)
+    return seen[0]
+
+
+@pytest.fixture(scope="session")
+def brain_age_run(brain_age_cohort40, tmp_path_factory):
+    """A two-epoch HyperFusion brain-age run on the 40-subject cohort -> (its metrics, its folder)."""
+    out = tmp_path_factory.mktemp("brain_age_run")
+    metrics = train_brain_age.main(["--data-csv", str(brain_age_cohort40), "--out", str(out), "--epochs", "2",
+                                    "--batch-size", "8", "--quiet", "--precision", "fp32"])
+    return metrics, training.brain_age_run_dir(out, "hyperfusion", 0)
+
+
+@pytest.fixture(scope="module")
+def fig4a_women_run(brain_age_cohort20, tmp_path_factory):
+    """A one-epoch imaging run of train_brain_age.py trained on women only (Fig. 4A), split 50/25/25 -> (table,
+    (train, val, test) of the split, (what select_training_sex was given, the ages each precise BN read), the run
+    folder)."""
+    out, given, calibrated = tmp_path_factory.mktemp("fig4a_women"), [], []
+    real = train_brain_age.select_training_sex
+
+    def spy(train_idx, sex, which, seed):
+        given.append(np.array(train_idx))
+        return real(train_idx, sex, which, seed)
+
+    def precise_bn_spy(model, loader, device, precision):
+        calibrated.append(torch.cat([age for _, _, age in loader]).numpy())
+        return training.recalibrate_batchnorm(model, loader, device, precision)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_brain_age, "select_training_sex", spy)
+        mp.setattr(train_brain_age, "recalibrate_batchnorm", precise_bn_spy)
+        train_brain_age.main(["--data-csv", str(brain_age_cohort20), "--out", str(out), "--epochs", "1",
+                              "--batch-size", "4", "--model", "imaging", "--train-sex", "F", "--split", "0.5", "0.25",
+                              "0.25", "--quiet", "--precision", "fp32"])
+    table = data.read_brain_age_table(str(brain_age_cohort20), None)
+    parts = data.brain_age_split(table.age, table.sex, 0, (0.5, 0.25, 0.25))
+    return table, parts, (given, calibrated), training.brain_age_run_dir(out, "imaging", 0, train_sex="F")
+
+
+def _tabular_args(csv_path, out, *extra):
+    """train_ad.py options of the cheapest AD run that trains (the tabular MLP: well under a second an epoch)."""
+    return _ad_args(csv_path, out, "--model", "tabular", *extra)
+
+
+class _TabularNet(nn.Module):
+    """The smallest network fit() trains: a linear layer on the tabular vector, the image ignored."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+
+    def forward(self, image, tabular):
+        return self.linear(tabular)
+
+
+def _scripted_fit(folder, scores, lower_is_better):
+    """training.fit on a tiny net whose validation scores are `scores`, one per epoch -> (best, weights per epoch)."""
+    torch.manual_seed(0)
+    items = torch.utils.data.TensorDataset(torch.zeros(8, 0), torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    batches = torch.utils.data.DataLoader(items, batch_size=4)
+    run = RunConfig(task="ad", model="tabular", version=0, split_seed=0, fold=0, classes=2, loss="ce", data_csv="x",
+                    epochs=len(scores), batch_size=4, lr=0.1, weight_decay=0.0)
+    weights, left = [], list(scores)
+
+    def validate(model):
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"score": left.pop(0)}
+
+    best = training.fit(_TabularNet(), batches, F.cross_entropy, validate, "score", run, str(folder), {}, quiet=True,
+                        lower_is_better=lower_is_better)
+    return best, weights
+
+
+def _eq7_8_by_hand(probs):
+    """Eq. 7-8 member by member, sample by sample: H_k = -sum_c p_c log p_c, alpha_k = (1/H_k) / sum_j (1/H_j),
+    p = sum_k alpha_k p_k. probs (K, B, C) -> (B, C)."""
+    probs = np.asarray(probs, np.float64)
+    out = np.zeros(probs.shape[1:])
+    for b in range(probs.shape[1]):
+        h = [-sum(p * math.log(p) for p in member[b] if p > 0) for member in probs]
+        alpha = [(1 / h_k) / sum(1 / h_j for h_j in h) for h_k in h]
+        out[b] = sum(a * member[b] for a, member in zip(alpha, probs))
+    return out
+
+
+GROUPS = [(0, 0), (0, 1), (1, 0)]
+
+
+@pytest.fixture
+def ad_runs(tmp_path):
+    """imaging, tabular and hyperfusion runs for three (seed, version) groups of four folds; an
+    incomplete daft group. -> (runs dir, {(model, seed, version): fold probs (4, N, C)}, labels per seed)."""
+    rng = np.random.default_rng(0)
+    labels = {s: rng.integers(0, 3, 20) for s in (0, 1)}
+    made = {}
+    for model, skill in [("imaging", 0.5), ("tabular", 1.0), ("hyperfusion", 3.0)]:
+        for seed, version in GROUPS:
+            folds = []
+            for fold in range(4):
+                p = random_probs(rng, 20) + skill * np.eye(3)[labels[seed]]
+                p /= p.sum(1, keepdims=True)
+                fake_ad_run(tmp_path, model, seed, version, fold, p, labels[seed])
+                folds.append(p)
+            made[(model, seed, version)] = np.stack(folds)
+    for fold in range(3):  # fold 3 never finished
+        fake_ad_run(tmp_path, "daft", 0, 0, fold, random_probs(rng, 20), labels[0])
+    return tmp_path, made, labels
+
+
+def run_main(main, *args):
+    """A script's main through data.run_cli in this process, as its __main__ runs it (no interpreter start-up)
+    -> an object with returncode, stdout and stderr, like run()'s."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            data.run_cli(main, [str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def _edit_table(src, dst, edit):
+    """Copy a CSV applying edit(line number, cells) -> cells to every data line (line 1 is the header)."""
+    lines = open(src).read().splitlines()
+    out = [lines[0]] + [",".join(edit(k, line.split(","))) for k, line in enumerate(lines[1:], start=2)]
+    with open(dst, "w") as f:
+        f.write("\n".join(out) + "\n")
+    return dst
+
+
+def _files(folder):
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
+
+
+@pytest.fixture(scope="session")
+def ad_fold_runs(ad_cohort60, tmp_path_factory):
+    """Folds 0 and 1 of HyperFusion, split seed 0, version 0, one epoch each (with their tabular MLPs)."""
+    out = tmp_path_factory.mktemp("fold_runs")
+    for fold in (0, 1):
+        train_ad.main(["--data-csv", str(ad_cohort60), "--out", str(out), "--epochs", "1", "--batch-size", "8",
+                       "--quiet", "--split-seed", "0", "--fold", str(fold), "--precision", "fp32"])
+    return out
+
+
+def _predict(*args):
+    return predict.main([*map(str, args), "--quiet"])
+
+
+def _pixels(size):
+    return tuple(int(round(v * evaluate.DPI)) for v in size)
+
+
+def _spy_on_figures(monkeypatch):
+    """{file name: the texts of the figure (titles, legends, annotations)} and {file name: its Figure}, recorded
+    as each is saved."""
+    texts, figures, save = {}, {}, evaluate.Figures.save
+
+    def spy(self, fig, name):
+        found = [fig.get_suptitle()]
+        for ax in fig.axes:
+            legend = ax.get_legend()
+            found += [ax.get_title(), ax.get_xlabel()] + [t.get_text() for t in ax.texts] \
+                + ([t.get_text() for t in legend.get_texts()] if legend else [])
+        texts[name], figures[name] = found, fig
+        return save(self, fig, name)
+
+    monkeypatch.setattr(evaluate.Figures, "save", spy)
+    return texts, figures
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+DEVICES = [pytest.param("cpu", id="device-cpu"), pytest.param("cuda", id="device-cuda", marks=cuda)]
+
+
 # ----------------------------------------------------------------------------------------------
-# Hyperlayers (Sec. 3.1)
+# Sec. 3.1: hyperlayers (Eq. 1-2)
+# A hyperlayer equals the per-sample computation with W = G_w e + c_w; Eq. 1-2 initialise the generators from E[e^2]
+# measured on the training rows.
+
+
+def _per_sample(layer, x, tabular, functional, **kwargs):
+    """The naive hypernetwork: one F.linear / F.conv per sample with that sample's generated weights."""
+    outs = []
+    for b in range(x.shape[0]):
+        e = layer.hypernet(tabular[b:b + 1])
+        w, bias = layer.hypernet.generate(e)
+        outs.append(functional(x[b:b + 1], w.view(layer.weight_shape), bias.view(-1), **kwargs))
+    return torch.cat(outs)
+
 
 def _assert_generated_by_hand(layer, tabular):
     """The per-sample weights and bias are W = G_w e + c_w and b = G_b e + c_b, written out from the generators'
@@ -347,23 +836,10 @@ def test_eq1_2_generators_are_drawn_uniform_with_the_hyperfan_in_variances_and_z
         assert torch.equal(generator.bias, torch.zeros_like(generator.bias)), name   # c = 0
 
 
-def test_eq1_2_take_r_1_for_the_brain_age_linears_a_relu_follows_and_r_0_for_the_final_layer_and_ad_downsample():
-    """Fig. 2-3: a ReLU follows linear1-3, nothing the final layer, BN the AD network's downsample. With e = 1 for
-    both sexes (E[e^2] = 1), G_w ~ U(+-sqrt(3 * 2^r / (2 d_j))): the largest of its (64 to 2,048) draws lies
-    within 1.2x of that bound, and a wrong r moves the bound by sqrt(2)."""
-    torch.manual_seed(0)
-    net = build_model("brain-age", "hyperfusion", image_shape=BRAIN_AGE_SMALL)
-    init_hyperlayers(net, torch.eye(2)[[0, 1, 1, 0]])
-    for name, r in (("linear1", 1), ("linear2", 1), ("linear3", 1), ("final_layer", 0)):
-        layer = getattr(net, name)
-        bound = math.sqrt(3 * 2 ** r / (2 * layer.in_features * 1 * 1.0))           # Eq. 1, s = 1, d_k = 1
-        largest = float(layer.hypernet.weights_gen.weight.detach().abs().max())
-        assert bound / 1.2 < largest <= bound, (name, largest, bound)
-    downsample = build_model("ad", "hyperfusion", n_tabular=15).block4.downsample
-    assert not downsample.relu_follows and downsample.fan_in == 128                 # then Eq. 1-2 with r = 0
-
-
-def test_init_measures_the_embedding_mean_square_on_training_rows():
+def test_eq1_2_measure_e_squared_on_the_rows_given_and_take_r_1_where_a_relu_follows_r_0_at_the_end_and_downsample():
+    """Fig. 2-3: a ReLU follows linear1-3, nothing the final layer, BN the AD network's downsample. E[e^2] is the
+    embedding's mean square on the rows init_hyperlayers is given, and G_w ~ U(+-sqrt(3 * 2^r / (2 d_j E[e^2]))):
+    the largest of its (64 to 2,048) draws lies within 0.9x of that bound, and a wrong r moves it by sqrt(2)."""
     model = build_model("brain-age", "hyperfusion", image_shape=BRAIN_AGE_SMALL)
     sex = torch.eye(2)[torch.randint(0, 2, (50,))]
     measured = init_hyperlayers(model, sex)
@@ -375,11 +851,9 @@ def test_init_measures_the_embedding_mean_square_on_training_rows():
         g = layer.hypernet.weights_gen.weight.detach()
         r = 0 if name == "final_layer" else 1
         bound = (2 ** r / (2 * layer.fan_in * 1 * sq_mean) * 3) ** 0.5  # Eq. 1 with s = 1, d_k = 1
-        assert 0.9 * bound < float(g.abs().max()) <= bound
-
-
-class _Stop(Exception):
-    """Raised by a spy to end a training script at the point a test has seen."""
+        assert 0.9 * bound < float(g.abs().max()) <= bound, name
+    downsample = build_model("ad", "hyperfusion", n_tabular=15).block4.downsample
+    assert not downsample.relu_follows and downsample.fan_in == 128                 # then Eq. 1-2 with r = 0
 
 
 def test_ad_training_measures_e_squared_on_its_preprocessed_training_rows(ad_cohort60, tmp_path, monkeypatch):
@@ -436,6 +910,96 @@ def test_hyperfusion_starts_from_the_trained_tabular_mlp_of_its_split_fold_and_v
         assert not start[f"block4.downsample.hypernet.{name}.bias"].any()      # c = 0
 
 
+def test_after_a_short_run_the_two_sexes_generate_different_weights_in_every_hyperlayer(brain_age_run):
+    """The embeddings start at ones (models.py), so both sexes start from one shared set of weights; training
+    parts them (8 Adam steps at lr 1.5e-4 here: ~1e-4 relative, a 2e-5 bound is 100x float32 rounding)."""
+    def relative_differences(model):
+        out = []
+        for name in model.linears:
+            h = getattr(model, name).hypernet
+            with torch.no_grad():
+                (w_male, b_male), (w_female, b_female) = (h.generate(h(torch.eye(2)[[s]])) for s in (0, 1))
+            out += [float((w_male - w_female).norm() / w_male.norm()),
+                    float((b_male - b_female).norm() / b_male.norm())]
+        return out
+    untrained = build_model("brain-age", "hyperfusion", image_shape=synthetic.BRAIN_AGE_SYNTH["shape"])
+    assert relative_differences(untrained) == [0.0] * 8
+    assert min(relative_differences(load_run(brain_age_run[1]).model())) > 2e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["factorised", "materialised"])
+def test_check_hyperlayers_on_the_device_equal_the_per_sample_computation(device, mode):
+    torch.manual_seed(0)
+    linear = _randomise(HyperLinear(37, 11, nn.Sequential(nn.Linear(5, 3), nn.Tanh()), 3, mode=mode)).to(device)
+    conv = _randomise(HyperConv(3, 4, 6, 3, 2, 1, nn.Linear(5, 2), 2, mode=mode)).to(device)
+    x, image, tabular = (torch.randn(6, 37, device=device), torch.randn(6, 4, 9, 8, 7, device=device),
+                         torch.randn(6, 5, device=device))
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False):  # fp32
+        torch.testing.assert_close(linear(x, tabular), _per_sample(linear, x, tabular, F.linear), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(conv(image, tabular), _per_sample(conv, image, tabular, F.conv3d, stride=2,
+                                                                     padding=1), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sec. 3.1.2, App. D: hyperlayer selection
+# Each candidate layer is scored by the entropy of its losses over random re-initialisations, binned over one range
+# shared by all layers.
+
+
+def test_loss_entropy_ranks_a_layer_the_loss_depends_on_above_one_it_ignores():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 1), nn.Linear(4, 1)
+
+        def forward(self, image, tabular):
+            return self.used(tabular).squeeze(1)
+
+    batch = (None, torch.randn(16, 4), torch.randn(16))
+    scores = dict(layer_loss_entropy(Net(), batch, F.mse_loss, n_draws=30))
+    assert scores["unused"] == 0.0 and scores["used"] > 1.0
+
+
+def test_loss_entropy_bins_every_layers_losses_over_one_range_shared_by_all_layers():
+    """Sec. 3.1.2: the scores compare layers, so each layer's losses fall into bins over the range of all layers'
+    losses: a layer that moves the loss a thousand times less than another fills one bin (entropy 0), however its
+    own few losses spread, and the other spreads over several."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.strong, self.weak = nn.Linear(4, 1), nn.Linear(4, 1)
+
+        def forward(self, image, tabular):
+            return (self.strong(tabular) + 1e-3 * self.weak(tabular)).squeeze(1)
+
+    batch = (None, torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), torch.zeros(16))
+    scores = dict(layer_loss_entropy(Net(), batch, F.mse_loss, n_draws=30))
+    assert scores["weak"] == 0.0 and scores["strong"] > 1.0, scores
+
+
+def test_loss_entropy_scores_every_layer_of_the_ad_backbone():
+    model = build_model("ad", "imaging", f=4)                          # Fig. 3B's layers, a quarter of the width
+    batch = (torch.randn(4, 1, *AD_SMALL), torch.randn(4, 15), torch.tensor([0, 1, 2, 1]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = layer_loss_entropy(model, batch, F.cross_entropy, n_draws=5)
+    assert len(scores) == 1 + 4 * 3 + 2 and scores[0][1] >= scores[-1][1]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights restored
+
+
+def test_select_layers_scores_every_candidate_layer(brain_age_cohort20):
+    scores = evaluate.select_layers("brain-age", data_csv=str(brain_age_cohort20), samples=2, draws=2)
+    expected = candidate_layers(build_model("brain-age", "imaging", image_shape=synthetic.BRAIN_AGE_SYNTH["shape"]))
+    assert sorted(n for n, _ in scores) == sorted(expected)
+    assert [h for _, h in scores] == sorted((h for _, h in scores), reverse=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sec. 3.2: the loss (Eq. 3-5) and the training loop
+# Adam minimises Eq. 4 (brain age) or Eq. 5 (AD) with Eq. 3's decay, from clean gradients in training mode; the
+# epoch best on the validation rows is kept and tested.
+
+
 def _decay_net():
     """An internal linear layer, then a hyperlayer with its own embedding, every parameter random."""
     class Net(nn.Module):
@@ -448,6 +1012,43 @@ def _decay_net():
             return self.hyper(F.relu(self.fc(image)), tabular)
 
     return _randomise(Net(), seed=5)
+
+
+def _random_weights(state):
+    """The names of the randomly initialised tensors: every convolution's and linear layer's weight and the
+    generators' (biases that start at zero, BN's ones, PReLU's 0.25 and the brain-age sex embeddings' ones
+    are the same in every version)."""
+    return [k for k, v in state.items() if k.endswith("weight") and v.dim() >= 2
+            and not (k.startswith(("linear", "final_layer")) and ".hypernet.embedding." in k)]
+
+
+def _test_set_outputs(checkpoint):
+    """A checkpoint's outputs on its run's test set, rebuilt as the sweep rebuilds it (predict.test_set):
+    class probabilities of the AD tabular model, ages in years for brain age. -> (subjects, outputs)."""
+    finished_run, cpu = load_run(checkpoint), torch.device("cpu")
+    run, table, test_idx, images = predict.test_set(finished_run)
+    if run.task == "ad":
+        tab = finished_run.tabular.transform([table.raw[i] for i in test_idx])
+        ds = data.TabularDataset(tab, table.labels[test_idx])
+        decode = lambda logits: torch.softmax(logits, 1)
+    else:
+        ds = data.BrainAgeDataset(images, data.sex_onehot(table.sex[test_idx]), table.age[test_idx])
+        decode = finished_run.target.decode
+    outputs, _ = training.predict(finished_run.model(), training.make_loader(ds, 8, 0, cpu), cpu, decode,
+                                  training.replay_precision(run.precision, cpu))       # as the run tested
+    return np.array(table.subjects)[test_idx], outputs
+
+
+class _Batches:
+    """A loader whose batches are recorded as fit() draws them (its sampler kept for set_epoch)."""
+
+    def __init__(self, loader, seen):
+        self.loader, self.sampler, self.seen = loader, loader.sampler, seen
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.seen.append(batch)
+            yield batch
 
 
 def test_eq3_every_trained_parameter_is_decayed_with_the_runs_lambda_and_generated_weights_are_none(tmp_path,
@@ -537,49 +1138,522 @@ def test_brain_age_training_gives_adam_the_runs_decay_over_the_target_scale_squa
     assert len(params) == len(list(build_model("brain-age", "hyperfusion", image_shape=BRAIN_AGE_SMALL).parameters()))
 
 
+def test_brain_age_minimises_eq4_the_mean_squared_error_of_the_centred_age(brain_age_cohort20, tmp_path,
+                                                                              monkeypatch):
+    """The loss train_brain_age.py hands the loop: (1/B) sum_b (y_hat_b - (age_b - centre))^2 (Eq. 4), its value
+    and its gradient, on an age target centred where the run says."""
+    seen = []
+
+    def spy(model, train_loader, loss_fn, *args, **kwargs):
+        seen.append((loss_fn, kwargs["state"]["target"]))
+        raise _Stop
+
+    monkeypatch.setattr(train_brain_age, "fit", spy)
+    with pytest.raises(_Stop):
+        train_brain_age.main(["--data-csv", str(brain_age_cohort20), "--out", str(tmp_path), "--epochs", "1",
+                              "--quiet", "--precision", "fp32"])
+    (loss_fn, target), = seen
+    g = torch.Generator().manual_seed(0)
+    pred, age = torch.randn(6, generator=g, requires_grad=True), torch.rand(6, generator=g) * 80 + 8
+    by_hand = pred.detach().clone().requires_grad_()
+    expected = ((by_hand - (age - target["centre"]) / target["scale"]) ** 2).sum() / 6              # Eq. 4
+    loss = loss_fn(pred, age)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(pred.grad, by_hand.grad)
+
+
+def test_eq5_weighted_cross_entropy_is_divided_by_the_batch_size_not_by_the_sum_of_the_targets_weights():
+    torch.manual_seed(0)
+    logits, target = torch.randn(5, 3), torch.tensor([0, 1, 1, 2, 2])
+    w = torch.tensor([0.9, 0.6, 2.4])                                     # the targets' weights sum to 6.9, B = 5
+    log_p = [math.log(float(torch.softmax(logits[b], 0)[y])) for b, y in enumerate(target.tolist())]
+    by_hand = -sum(float(w[y]) * lp for y, lp in zip(target.tolist(), log_p)) / 5          # Eq. 5
+    assert float(train_ad.wce_loss(logits, target, w)) == pytest.approx(by_hand, rel=1e-6)
+    assert float(F.cross_entropy(logits, target, weight=w)) == pytest.approx(by_hand * 5 / 6.9, rel=1e-6)
+
+
+def test_eq5_class_weights_are_n_over_c_n_c_counted_on_the_training_and_validation_rows(ad_cohort60, tmp_path,
+                                                                                       monkeypatch):
+    seen, real = [], train_ad.wce_loss
+
+    def spy(logits, target, weights):
+        seen.append(weights.detach().cpu().numpy().copy())
+        return real(logits, target, weights)
+
+    monkeypatch.setattr(train_ad, "wce_loss", spy)
+    train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "tabular", "--epochs", "1"))   # split seed 0, fold 1
+    table = data.read_ad_table(ad_cohort60, need_images=False)
+    train, val, _ = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 1)
+    weights = lambda idx: (lambda n: n.sum() / (3 * n))(np.bincount(table.labels[idx], minlength=3))   # N / (C n_c)
+    expected = weights(np.concatenate([train, val]))
+    assert len(seen) == len(train) // 8                                    # every training batch, no other weights
+    for w in seen:
+        np.testing.assert_allclose(w, expected, rtol=1e-6)
+    for other in (train, np.arange(len(table.labels))):    # the cohort tells them apart: training only, or with test
+        assert not np.allclose(weights(other), expected, rtol=1e-3)
+
+
+def test_the_loop_steps_on_eq5_gradients_alone_in_training_mode_and_keeps_the_epoch_best_on_validation_rows(
+        ad_cohort60, tmp_path, monkeypatch):
+    """train_ad.py's run through training.fit, watched: at every optimiser step each parameter's gradient is that of
+    Eq. 5 (weights N / (C n_c) on training + validation rows, divided by B) on that batch alone, taken in training
+    mode (zero_grad before backward; model.train() again after validation's eval()); each epoch is scored by the
+    balanced accuracy of the validation rows, and best.pt holds the first epoch best there."""
+    table = data.read_ad_table(ad_cohort60, need_images=False)
+    parts = dict(zip(("train", "val", "test"), data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 1)))
+    rows = torch.as_tensor(TabularPreprocessor().fit([table.raw[i] for i in parts["train"]]).transform(table.raw))
+    counts = np.bincount(table.labels[np.concatenate([parts["train"], parts["val"]])], minlength=3)
+    w = torch.tensor(counts.sum() / (3 * counts), dtype=torch.float32)
+    batches, steps, epochs, real_fit, real_optimizer = [], [], [], train_ad.fit, training.make_optimizer
+
+    def eq5_gradients(model, tabular, target):
+        twin = copy.deepcopy(model).train()
+        log_p = F.log_softmax(twin(None, tabular), 1)[torch.arange(len(target)), target]
+        loss = -(w[target] * log_p).sum() / len(target)                                      # Eq. 5
+        return torch.autograd.grad(loss, list(twin.parameters()))
+
+    def spy_fit(model, train_loader, loss_fn, validate, *args, **kwargs):
+        def optimizer(*a, **k):
+            opt = real_optimizer(*a, **k)
+            real_step = opt.step
+
+            def step(*sa, **sk):
+                _, tabular, target = batches[-1]
+                steps.append(model.training)
+                for p, g in zip(model.parameters(), eq5_gradients(model, tabular, target)):
+                    torch.testing.assert_close(p.grad, g)
+                return real_step(*sa, **sk)
+            opt.step = step
+            return opt
+
+        def scored(m):
+            score = validate(m)
+            with torch.no_grad():                                                             # m is in eval()
+                ba = {part: classification_metrics(table.labels[idx], torch.softmax(m(None, rows[idx]), 1).numpy(),
+                                                   NAMES)["balanced_accuracy"] for part, idx in parts.items()}
+            epochs.append((score["balanced_accuracy"], ba, copy.deepcopy(m.state_dict())))
+            return score
+
+        monkeypatch.setattr(training, "make_optimizer", optimizer)
+        return real_fit(model, _Batches(train_loader, batches), loss_fn, scored, *args, **kwargs)
+
+    monkeypatch.setattr(train_ad, "fit", spy_fit)
+    train_ad.main(_tabular_args(ad_cohort60, tmp_path, "--epochs", "4", "--lr", "3e-2"))
+    assert len(steps) == 4 * 4 and all(steps)                                 # 36 training rows, batches of 8
+    scores = [s for s, _, _ in epochs]
+    assert scores == [ba["val"] for _, ba, _ in epochs]
+    kept = int(np.argmax(scores))
+    for other in ("test", "train"):                                   # the rows tell the epochs apart differently
+        assert int(np.argmax([ba[other] for _, ba, _ in epochs])) != kept, other
+    run_dir = _run_dir(tmp_path, "tabular")
+    best = training.load_checkpoint(os.path.join(run_dir, "best.pt"))
+    assert best["epoch"] == kept and json.load(open(os.path.join(run_dir, "metrics.json")))["best_epoch"] == kept
+    for k, v in epochs[kept][2].items():
+        assert torch.equal(best["model"][k], v), k
+
+
+@pytest.mark.parametrize("scores,lower_is_better", [([0.3, 0.9, 0.5, 0.7], False),    # balanced accuracy
+                                                    ([6.0, 2.0, 4.0, 3.0], True)])     # MAE
+def test_best_pt_holds_the_epoch_with_the_best_validation_score_and_last_pt_the_last(tmp_path, scores,
+                                                                                      lower_is_better):
+    best, weights = _scripted_fit(tmp_path, scores, lower_is_better)
+    assert best["epoch"] == 1 and best["score"] == scores[1]
+    kept, last = (training.load_checkpoint(os.path.join(tmp_path, f)) for f in ("best.pt", "last.pt"))
+    assert kept["epoch"] == 1 and last["epoch"] == len(scores) - 1
+    for k, v in weights[1].items():
+        torch.testing.assert_close(kept["model"][k], v, rtol=0, atol=0)               # epoch 2's weights
+        torch.testing.assert_close(last["model"][k], weights[-1][k], rtol=0, atol=0)
+    assert not torch.equal(weights[1]["linear.weight"], weights[-1]["linear.weight"])  # the epochs differ
+
+
+@pytest.mark.parametrize("task", ["ad", "brain-age"])
+def test_the_training_scripts_test_with_the_best_epochs_checkpoint_not_the_last(task, ad_cohort60, brain_age_cohort20,
+                                                                                tmp_path, monkeypatch):
+    def best_then_worse(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs, state=None, **_):
+        """fit's contract without training: best.pt holds epoch 1, then the model in memory and last.pt move on."""
+        os.makedirs(run_dir, exist_ok=True)
+        metrics = validate(model)
+        header = {"run": dataclasses.asdict(run), "inputs": inputs, **(state or {})}
+        training.save_checkpoint({"model": model.state_dict(), "epoch": 0, **header}, os.path.join(run_dir, "best.pt"))
+        _randomise(model, seed=1)
+        training.save_checkpoint({"model": model.state_dict(), "epoch": 1, **header}, os.path.join(run_dir, "last.pt"))
+        return {"epoch": 0, "score": metrics[score_key], "metrics": metrics}
+
+    module = train_ad if task == "ad" else train_brain_age
+    monkeypatch.setattr(module, "fit", best_then_worse)
+    cohort = ad_cohort60 if task == "ad" else brain_age_cohort20
+    options = ["--model", "tabular"] if task == "ad" else ["--model", "imaging"]
+    module.main(["--data-csv", str(cohort), "--out", str(tmp_path), "--epochs", "1", "--quiet", *options])
+    run_dir = _run_dir(tmp_path, "tabular", 0) if task == "ad" else training.brain_age_run_dir(tmp_path, "imaging", 0)
+    saved = load_run(run_dir).read_predictions()
+    tested = saved["probs"] if task == "ad" else saved["pred"]
+    for name, same in (("best.pt", True), ("last.pt", False)):
+        subjects, outputs = _test_set_outputs(os.path.join(run_dir, name))
+        assert list(subjects) == list(saved["subjects"])
+        assert np.allclose(outputs, tested, atol=1e-5) == same, name
+
+
+@pytest.mark.parametrize("task,model", [("ad", "imaging"), ("ad", "hyperfusion"), ("brain-age", "hyperfusion")])
+def test_versions_are_independent_initialisations_and_one_version_twice_starts_from_the_same_weights(
+        task, model, ad_cohort60, brain_age_cohort20, tmp_path, monkeypatch):
+    def initial(version, out):
+        if task == "ad":
+            argv = _ad_args(ad_cohort60, tmp_path / out, "--model", model, "--version", str(version))
+            return _initial_weights(train_ad, argv, monkeypatch, pretrained=models.TabularMLP)
+        return _initial_weights(train_brain_age, ["--data-csv", str(brain_age_cohort20), "--out", str(tmp_path / out),
+                                                  "--epochs", "1", "--batch-size", "4", "--model", model, "--quiet",
+                                                  "--version", str(version), "--precision", "fp32"], monkeypatch)
+    v0, v1, v0_again = initial(0, "a"), initial(1, "b"), initial(0, "a")   # AD: the v0 MLP trained, then reused
+    names = _random_weights(v0)
+    generators = [k for k in names if "weights_gen" in k or "bias_gen" in k]
+    assert len(generators) == (2 if task == "ad" else 8) if model == "hyperfusion" else not generators
+    assert v0.keys() == v0_again.keys() and all(torch.equal(v0[k], v0_again[k]) for k in v0)
+    assert [k for k in names if torch.equal(v0[k], v1[k])] == []
+    if model == "hyperfusion" and task == "ad":        # the embedding comes from the MLP of the same version
+        assert not torch.equal(v0["block4.downsample.hypernet.embedding.0.weight"],
+                               v1["block4.downsample.hypernet.embedding.0.weight"])
+
+
+def test_a_hyperfusion_run_writes_its_checkpoints_log_and_metrics(ad_fold_runs):
+    run = _run_dir(ad_fold_runs, "hyperfusion")
+    for f in ["best.pt", "last.pt", "log.csv", "metrics.json", "predictions.npz"]:
+        assert os.path.isfile(os.path.join(run, f)), f
+    assert os.path.isfile(os.path.join(_run_dir(ad_fold_runs, "tabular"), "best.pt"))  # the pre-trained embedding
+    assert not [f for f in os.listdir(run) if f.startswith(".tmp")]
+    with open(os.path.join(run, "metrics.json")) as f:
+        saved = json.load(f)
+    tested = np.load(os.path.join(run, "predictions.npz"))
+    assert saved["test"] == json.loads(json.dumps(classification_metrics(tested["labels"], tested["probs"], NAMES)))
+    for split in ("val", "test"):
+        m = saved[split]
+        for k in ("balanced_accuracy", "precision", "f1_macro"):
+            assert 0.0 <= m[k] <= 1.0
+        assert set(m["tp_rate"]) == {"CN", "MCI", "AD"}
+        assert np.array(m["confusion_matrix"]).shape == (3, 3)
+    assert sum(map(sum, saved["test"]["confusion_matrix"])) == 12  # subset 4 of 60 subjects
+    with open(os.path.join(run, "log.csv")) as f:
+        assert len(f.read().strip().splitlines()) == 1 + 1                     # one row per epoch
+    ckpt = training.load_checkpoint(os.path.join(run, "last.pt"))
+    assert ckpt["epoch"] == 0 and ckpt["run"]["model"] == "hyperfusion"
+    assert TabularPreprocessor(state=ckpt["tabular"]).n_features == ckpt["inputs"]["n_tabular"] == 15
+
+
+def test_the_tabular_model_trains_from_the_table_alone(ad_cohort60, tmp_path):
+    table_only = tmp_path / "table.csv"
+    table_only.write_text(open(ad_cohort60).read())  # no images folder next to it
+    metrics = train_ad.main(_ad_args(table_only, tmp_path, "--model", "tabular"))
+    assert 0.0 <= metrics["test"]["balanced_accuracy"] <= 1.0
+
+
 # ----------------------------------------------------------------------------------------------
-# The paper's models (Tables 5-6)
-
-def test_brain_age_parameter_counts_equal_table_5():
-    model = build_model("brain-age", "hyperfusion")
-    table5 = {"conv1_a": 448, "conv1_b": 6928, "batchnorm1": 32, "conv2_a": 13856, "conv2_b": 27680,
-              "batchnorm2": 64, "conv3_a": 55360, "conv3_b": 110656, "batchnorm3": 128, "dropout1": 0,
-              "linear1": 1261603, "linear2": 1091, "linear3": 4227, "final_layer": 133}
-    assert {n: count_parameters(m) for n, m in model.named_children()} == table5
-    assert count_parameters(model) == 1482206
-    assert model.flat_features == 39424
-    assert count_parameters(build_model("brain-age", "imaging")) == 848673
+# Sec. 3.3, 4.3.3: tabular attributes and missing values
+# Sex one-hot, z-scores and iterative imputation fitted on the training rows alone, a missing indicator for each
+# attribute empty there.
 
 
-def test_ad_parameter_counts_equal_table_6():
-    model = build_model("ad", "hyperfusion", n_tabular=15)
-    table6 = {"conv_bn_relu": 480, "max_pool3d_1": 0, "block1": 42208, "block2": 168384, "block3": 672640,
-              "block4": 2953216 + 145, "adaptive_avg_pool3d": 0, "linear_drop1": 0, "fc1": 16448,
-              "linear_drop2": 0, "fc2": 195}
-    assert {n: count_parameters(m) for n, m in model.named_children()} == table6
-    assert count_parameters(model.embedding) == 145  # Linear(15, 8) BatchNorm1d(8) PReLU
-    assert count_parameters(model) == 3853716
-    assert count_parameters(build_model("ad", "imaging")) == 3589123
-    assert count_parameters(build_model("ad", "tabular", n_tabular=15)) == 15 * 8 + 8 + 16 + 1 + 8 * 3 + 3
+def rows_with_missing(n=60, seed=0):
+    """Raw rows like ADTable.raw; CSF missing in every third row, AV45 in every other, FDG every fourth."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        r = {"AGE": f"{rng.normal(73, 7):.1f}", "PTGENDER": "Male" if i % 2 else "Female",
+             "PTEDUCAT": str(rng.integers(8, 20)), "APOE4": str(rng.integers(0, 3)),
+             "ABETA": f"{rng.normal(900, 300):.1f}", "PTAU": f"{rng.normal(25, 8):.1f}",
+             "TAU": f"{rng.normal(280, 90):.1f}", "FDG": f"{rng.normal(6, 0.6):.2f}", "AV45": ""}
+        if i % 3 == 0:
+            r["ABETA"] = r["PTAU"] = r["TAU"] = ""
+        if i % 4 == 0:
+            r["FDG"] = ""
+        if i % 2 == 0:
+            r["AV45"] = f"{rng.normal(1.2, 0.2):.2f}"
+        if i == 5:
+            r["ABETA"] = ">1700"
+        rows.append(r)
+    return rows
 
 
-@pytest.mark.parametrize("name", [m for m in AD_MODELS if m != "tabular"])
-def test_every_batch_norm_of_the_ad_image_network_has_momentum_0_05(name):
-    model = build_model("ad", name, n_tabular=15)
-    norms = {n: m.momentum for n, m in model.named_modules() if isinstance(m, nn.BatchNorm3d)}
-    shortcut = "block4.downsample_bn" if name == "hyperfusion" else "block4.downsample.0"   # after / before its conv
-    assert len(norms) == 1 + 4 * 3 and {"block1.downsample.0", "block4.bn1", "block4.bn2", shortcut} <= set(norms)
-    assert set(norms.values()) == {0.05}, norms
-    if name == "hyperfusion":                  # another choice of hyperlayer keeps the plain downsample, BN first
-        other = build_model("ad", name, n_tabular=15, hyperlayers=("conv1",)).block4
-        assert {m.momentum for m in other.modules() if isinstance(m, nn.BatchNorm3d)} == {0.05}
+@pytest.fixture(scope="module")
+def ad_run_with_extreme_held_out_rows(ad_cohort60, tmp_path_factory):
+    """A 2-epoch tabular run of train_ad.py (split seed 0, fold 1) on ad_cohort60 edited so that only the
+    validation and test rows hold extreme ABETA, FDG and AV45 values and empty education cells, and one training
+    row an empty APOE4 (age, sex and diagnosis untouched: the split stays). -> (table, (train, val, test), best.pt)"""
+    tmp = tmp_path_factory.mktemp("extreme_held_out")
+    table = data.read_ad_table(ad_cohort60, need_images=False)
+    parts = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 1)
+    header = open(ad_cohort60).readline().strip().split(",")
+    held_out_lines = set((np.concatenate(parts[1:]) + 2).tolist())        # CSV line numbers, the header is line 1
+
+    def edit(line, cells):
+        if line in held_out_lines:
+            for col, value in (("PTEDUCAT", ""), ("ABETA", "900000"), ("FDG", "60"), ("AV45", "40")):
+                cells[header.index(col)] = value
+        elif line == parts[0][0] + 2:
+            cells[header.index("APOE4")] = ""
+        return cells
+
+    csv_path = _edit_table(ad_cohort60, tmp / "ad.csv", edit)
+    train_ad.main(_ad_args(csv_path, tmp, "--model", "tabular"))
+    edited = data.read_ad_table(csv_path, need_images=False)
+    assert edited.subjects == table.subjects
+    assert all(np.array_equal(a, b) for a, b in zip(parts, data.ad_fold(
+        data.ad_split(edited.sex, edited.labels, edited.age, 0), 1)))
+    return edited, parts, training.load_checkpoint(os.path.join(_run_dir(tmp, "tabular"), "best.pt"))
+
+
+def _attribute_values(table, idx):
+    """(len(idx), 8) the continuous attributes of those rows as numbers, NaN where empty."""
+    return np.array([[data.parse_attribute(a, table.raw[i][a]) for a in data.AD_CONTINUOUS] for i in idx])
+
+
+def test_censored_csf_values_read_as_the_assay_limit():
+    assert data.parse_value(">1700") == 1700.0
+    assert data.parse_value("<8") == 8.0
+    assert np.isnan(data.parse_value(""))
+    with pytest.raises(ValueError):
+        data.parse_value("high")
+
+
+def test_imputation_is_fitted_on_training_rows_only():
+    rows = rows_with_missing()
+    train, test = rows[:45], [dict(r) for r in rows[45:]]
+    state = TabularPreprocessor().fit(train).state_dict()
+    test[0]["ABETA"], test[1]["FDG"], test[2]["AGE"] = "5", "", "99"
+    test.append({"AGE": "55", "PTGENDER": "Male", "PTEDUCAT": "", "APOE4": "2", "ABETA": ">1700",
+                 "PTAU": "<8", "TAU": "", "FDG": "", "AV45": ""})
+    again = TabularPreprocessor().fit(train)
+    again.transform(test)
+    assert again.state_dict() == state
+
+
+def test_missing_indicators_are_added_and_no_nan_remains():
+    rows = rows_with_missing()
+    tp = TabularPreprocessor().fit(rows[:45])
+    assert tp.columns[:2] == ["PTGENDER_Male", "PTGENDER_Female"]
+    ind = [c for c in tp.columns if c.endswith("_missing")]
+    assert ind == ["ABETA_missing", "PTAU_missing", "TAU_missing", "FDG_missing", "AV45_missing"]
+    X = tp.transform(rows)
+    assert X.dtype == np.float32 and X.shape == (60, 2 + 8 + 5) and np.isfinite(X).all()
+    j = tp.columns.index("ABETA_missing")
+    assert X[0, j] == 1 and X[1, j] == 0
+    z = X[:45, tp.columns.index("AGE")]
+    assert abs(z.mean()) < 1e-5 and abs(z.std() - 1) < 1e-4       # z-scored with training statistics
+
+
+def test_missing_indicators_are_for_the_attributes_with_empty_cells_in_the_training_rows_alone():
+    rows = rows_with_missing()
+    train, held_out = rows[:45], [dict(r) for r in rows[45:]]
+    train[7]["APOE4"] = ""                                          # empty in one training row only
+    for r in held_out:                                              # empty, or -4, outside training only
+        r["AGE"], r["PTEDUCAT"], r["PTGENDER"] = "", "-4", ""
+    tp = TabularPreprocessor().fit(train)
+    empty_in_training = [a for a in data.AD_CONTINUOUS if any(r[a] == "" for r in train)]
+    assert empty_in_training == ["APOE4", "ABETA", "PTAU", "TAU", "FDG", "AV45"]
+    assert [c for c in tp.columns if c.endswith("_missing")] == [f"{a}_missing" for a in empty_in_training]
+    for part in (train, held_out, held_out[:1], rows):              # the same columns whatever rows come in
+        X = tp.transform(part)
+        assert X.shape == (len(part), tp.n_features) and np.isfinite(X).all()
+    X = tp.transform(held_out)
+    assert (X[:, tp.columns.index("APOE4_missing")] == 0).all()     # filled in every held-out row
+    j = tp.columns.index("ABETA_missing")
+    np.testing.assert_array_equal(X[:, j], [r["ABETA"] == "" for r in held_out])
+
+
+def test_tabular_state_round_trips_exactly(tmp_path):
+    rows = rows_with_missing()
+    tp = TabularPreprocessor().fit(rows[:45])
+    torch.save({"tabular": tp.state_dict()}, tmp_path / "ck.pt")
+    back = TabularPreprocessor(state=torch.load(tmp_path / "ck.pt", weights_only=True)["tabular"])
+    via_json = TabularPreprocessor(state=json.loads(json.dumps(tp.state_dict())))
+    assert np.array_equal(tp.transform(rows), back.transform(rows))
+    assert np.array_equal(tp.transform(rows), via_json.transform(rows))
+    assert back.columns == tp.columns
+
+
+def test_imputation_replays_scikit_learns_iterative_imputer():
+    from sklearn.experimental import enable_iterative_imputer  # noqa: F401
+    from sklearn.impute import IterativeImputer
+    rows = rows_with_missing()
+    for i in (3, 50):
+        rows[i]["PTGENDER"] = ""                                # sex is imputed like the others
+    tp = TabularPreprocessor().fit(rows[:45])
+    sex, X = tp.parse(rows)
+    Z = np.concatenate([(X - np.array(tp.state["mean"])) / np.array(tp.state["std"]), sex[:, None]], 1)
+    imp = IterativeImputer(max_iter=10, random_state=0, keep_empty_features=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                         # ConvergenceWarning after max_iter rounds
+        imp.fit(Z[:45])
+    expected = imp.transform(Z)
+    out = tp.transform(rows)
+    np.testing.assert_allclose(out[:, 2:10], expected[:, :8], atol=1e-5)
+    female = np.clip(expected[:, 8], 0, 1)
+    np.testing.assert_allclose(out[:, :2], np.stack([1 - female, female], 1), atol=1e-5)
+    assert tp.columns[-1] == "PTGENDER_missing" and out[3, -1] == 1 and out[4, -1] == 0
+
+
+def test_a_training_run_fits_its_z_scores_and_imputation_on_its_training_rows_only(ad_run_with_extreme_held_out_rows):
+    table, (tr, va, te), ckpt = ad_run_with_extreme_held_out_rows
+    state = ckpt["tabular"]
+    X = _attribute_values(table, tr)
+    np.testing.assert_allclose(state["mean"], np.nanmean(X, 0), rtol=1e-12)
+    np.testing.assert_allclose(state["std"], np.nanstd(X, 0), rtol=1e-12)
+    # the imputer starts from the training means (0 once z-scored; sex: the share of women) and fits its steps there
+    np.testing.assert_allclose(state["init"][:8], 0, atol=1e-9)
+    assert state["init"][8] == pytest.approx(table.sex[tr].mean()) and state["steps"]
+    assert state == TabularPreprocessor().fit([table.raw[i] for i in tr]).state_dict()
+    for rows in (np.concatenate([tr, va]), np.arange(len(table.labels))):  # the edited rows would show
+        assert state != TabularPreprocessor().fit([table.raw[i] for i in rows]).state_dict()
+
+
+def test_a_training_run_adds_missing_indicators_for_the_attributes_empty_in_its_training_rows_alone(
+        ad_run_with_extreme_held_out_rows):
+    table, (tr, va, te), ckpt = ad_run_with_extreme_held_out_rows
+    empty = np.isnan(_attribute_values(table, tr)).any(0)
+    expected = [a for a, e in zip(data.AD_CONTINUOUS, empty) if e] + ["PTGENDER"] * bool((table.sex[tr] < 0).any())
+    assert "APOE4" in expected and "PTEDUCAT" not in expected      # empty in one training row / in held-out rows only
+    assert ckpt["tabular"]["indicators"] == expected
+    assert ckpt["inputs"]["tabular_columns"] == COLUMNS + [f"{a}_missing" for a in expected]
+    assert ckpt["inputs"]["n_tabular"] == len(COLUMNS) + len(expected)
+
+
+def test_empty_age_sex_education_and_apoe4_cells_are_imputed_and_the_split_does_not_depend_on_them(ad_cohort60,
+                                                                                                       tmp_path):
+    lines = open(ad_cohort60).read().splitlines()
+    header = lines[0].split(",")
+    for k, col in [(2, "AGE"), (3, "AGE"), (4, "PTGENDER"), (5, "PTGENDER"), (6, "PTEDUCAT"), (7, "APOE4"),
+                   (8, "AGE")]:
+        cells = lines[k].split(",")
+        cells[header.index(col)] = ""
+        lines[k] = ",".join(cells)
+    csv_path = os.path.join(os.path.dirname(ad_cohort60), "ad_empty_cells.csv")   # beside the images
+    with open(csv_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    table = data.read_ad_table(csv_path)
+    unknown = np.flatnonzero(np.isnan(table.age) | (table.sex < 0))
+    assert len(unknown) == 5
+    subsets = data.ad_split(table.sex, table.labels, table.age, 0)
+    assert np.array_equal(subsets, data.ad_split(table.sex, table.labels, table.age, 0))    # run to run
+    assert set(subsets[unknown]) <= set(range(5))                                          # each lands in a subset
+    tests = [data.ad_fold(subsets, f)[2] for f in range(4)]
+    assert all(np.array_equal(tests[0], t) for t in tests)                                 # every fold alike
+    prep = TabularPreprocessor().fit([table.raw[i] for i in data.ad_fold(subsets, 1)[0]])
+    X = prep.transform(table.raw)
+    assert np.isfinite(X).all() and {"AGE_missing", "PTGENDER_missing"} <= set(prep.columns)  # no NaN reaches it
+    for model in ("tabular", "hyperfusion"):
+        metrics = train_ad.main(_ad_args(csv_path, tmp_path, "--model", model, "--epochs", "1"))
+        assert sum(map(sum, metrics["test"]["confusion_matrix"])) == len(tests[0])
+        assert np.isfinite(load_run(_run_dir(tmp_path, model)).read_predictions()["probs"]).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Sec. 3.4: ensembles and metrics (Eq. 6-10)
+# Brain-age members are averaged (Eq. 6), AD members weighted by their inverse entropies (Eq. 7-8); the metrics (Eq.
+# 9-10, AUC, MAE) as defined.
+
+
+def test_eq7_8_equal_entropies_give_the_plain_mean():
+    # a permutation keeps the entropy, so alpha = 1/2 each
+    probs = np.array([[[0.7, 0.2, 0.1]], [[0.1, 0.2, 0.7]]])
+    np.testing.assert_allclose(entropy_weighted_ensemble(probs), [[0.4, 0.2, 0.4]], atol=1e-12)
+    three = np.array([[[0.5, 0.3, 0.2]], [[0.2, 0.5, 0.3]], [[0.3, 0.2, 0.5]]])
+    np.testing.assert_allclose(entropy_weighted_ensemble(three), [[1 / 3, 1 / 3, 1 / 3]], atol=1e-12)
+
+
+def test_eq7_8_a_near_one_hot_member_dominates_a_flat_one():
+    sharp, flat = [0.98, 0.01, 0.01], [1 / 3, 1 / 3, 1 / 3]
+    h_sharp = -(0.98 * math.log(0.98) + 2 * 0.01 * math.log(0.01))     # 0.1119 nats
+    h_flat = math.log(3)                                                  # 1.0986 nats
+    a_sharp = (1 / h_sharp) / (1 / h_sharp + 1 / h_flat)                  # Eq. 8: 0.9076
+    expected = a_sharp * np.array(sharp) + (1 - a_sharp) * np.array(flat)  # Eq. 7
+    # two samples: the weights are per sample, so swapping the members' roles swaps the result
+    probs = np.array([[sharp, flat], [flat, sharp]])                      # (K=2, B=2, C=3)
+    out = entropy_weighted_ensemble(probs)
+    np.testing.assert_allclose(out, [expected, expected], rtol=1e-9)
+    assert out[0, 0] > 0.9 > np.mean([0.98, 1 / 3])                       # far above the plain mean
+    assert entropy(flat) == pytest.approx(h_flat)
+    np.testing.assert_allclose(out.sum(1), 1.0)
+
+
+def test_predict_combines_ad_members_by_eq7_8_and_brain_age_members_by_eq6_sample_by_sample():
+    rng = np.random.default_rng(5)
+    probs = np.stack([random_probs(rng, 6, sharp=s) for s in (0.3, 3.0, 1.0)])       # flat, sharp, between
+    combined = metrics.entropy_weighted_ensemble(probs)
+    np.testing.assert_allclose(combined, _eq7_8_by_hand(probs), rtol=1e-12)
+    assert not np.allclose(combined, probs.mean(0), atol=1e-3)                       # not the plain mean
+    ages = np.array([[50.0, 20.0], [52.0, 30.0], [60.0, 70.0]])                      # (K=3, N=2)
+    combined = metrics.mean_ensemble(ages)
+    np.testing.assert_allclose(combined, [(50 + 52 + 60) / 3, (20 + 30 + 70) / 3], rtol=1e-12)    # Eq. 6, not 52, 30
+
+
+def test_metrics_against_a_hand_made_confusion_matrix():
+    cm = np.array([[4, 1, 0],     # true CN
+                   [2, 2, 1],     # true MCI
+                   [0, 1, 1]])    # true AD
+    labels = np.repeat([0, 1, 2], cm.sum(1))
+    pred = np.repeat(np.tile([0, 1, 2], 3), cm.ravel())           # row by row, as many of each as the cell says
+    m = classification_metrics(labels, np.eye(3)[pred] * 0.8 + 0.2 / 3, NAMES)
+    recall = [4 / 5, 2 / 5, 1 / 2]                  # TP / (TP + FN), rows
+    precision = [4 / 6, 2 / 4, 1 / 2]               # TP / (TP + FP), columns
+    assert m["confusion_matrix"] == cm.tolist()
+    assert m["tp_rate"] == pytest.approx(dict(zip(NAMES, recall)))
+    accuracy = 7 / 12                               # = micro precision; neither is Eq. 9 or 10
+    assert len({round(v, 4) for v in (accuracy, np.mean(recall), np.mean(precision))}) == 3
+    assert m["balanced_accuracy"] == pytest.approx(np.mean(recall))     # Eq. 9: 0.5667
+    assert m["precision"] == pytest.approx(np.mean(precision))          # Eq. 10: 0.5556
+    assert m["f1_macro"] == pytest.approx(np.mean([2 * p * r / (p + r) for p, r in zip(precision, recall)]))
+    assert m["n"] == 12
+
+
+def test_auc_and_maes_by_hand():
+    # binary AUC: of the 4 (negative, positive) pairs, 3 rank the positive higher
+    m = classification_metrics([0, 0, 1, 1], [[0.9, 0.1], [0.6, 0.4], [0.65, 0.35], [0.2, 0.8]], ["CN", "AD"])
+    assert m["auc_macro"] == pytest.approx(0.75)
+    r = regression_metrics([50, 60, 70, 80], [52, 57, 70, 84], [0, 1, 0, 1])
+    assert (r["mae"], r["mae_male"], r["mae_female"]) == pytest.approx((2.25, 1.0, 3.5))
+
+
+def test_the_auc_is_the_macro_mean_of_the_one_vs_rest_aucs_not_weighted_micro_nor_one_vs_one():
+    labels = np.array([0, 0, 1, 1, 1, 2])                  # classes of 2, 3 and 1 subjects
+    probs = np.array([[.6, .3, .1], [.3, .5, .2], [.5, .4, .1], [.2, .7, .1], [.3, .3, .4], [.2, .2, .6]])
+    # one vs rest, by pair counting: CN 13/16 (a tie counts half), MCI 6.5/9, AD 5/5
+    per_class = [13 / 16, 6.5 / 9, 1.0]
+    macro = np.mean(per_class)                             # 0.8449
+    m = classification_metrics(labels, probs, NAMES)
+    assert m["auc_macro"] == pytest.approx(macro, abs=1e-12)
+    weighted = np.dot(per_class, np.bincount(labels) / len(labels))                      # 0.7986
+    one_vs_one = roc_auc_score(labels, probs, multi_class="ovo", average="macro")       # 0.8889
+    micro = roc_auc_score(np.eye(3)[labels].ravel(), probs.ravel())                      # 0.8542
+    assert min(abs(other - macro) for other in (weighted, one_vs_one, micro)) > 5e-3
+
+
+def test_a_run_named_twice_is_one_member_and_a_runs_metrics_file_is_not_called_a_corrupt_checkpoint(tmp_path):
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 20)
+    runs = [fake_ad_run(tmp_path / "runs", "tabular", 0, 0, f, random_probs(rng, 20), labels) for f in range(4)]
+    for r in runs:
+        evaluate.save_logits(r, (rng.normal(0, 1, (20, 3)), labels), (rng.normal(0, 1, (20, 3)), labels))
+    os.symlink(runs[1], tmp_path / "link")
+    named = [os.path.dirname(runs[0]), runs[2], tmp_path / "link", os.path.join(runs[3], "best.pt")]
+    assert [m.dir for m in predict.find_runs(named)] == runs
+    res = evaluate.main(["calibrate", *map(str, named), "--quiet"])
+    assert len(res["runs"]) == 4 and len(res["ensembles"]) == 1
+    proc = run_main(predict.main, os.path.join(runs[0], "metrics.json"), "--data-csv", tmp_path / "new.csv",
+                    "--out", tmp_path / "p.csv")
+    assert_clean_error(proc, "metrics.json", runs[0], "give that run folder")
+    assert "corrupt" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Sec. 3.5, Tables 5-6, Fig. 2-3: the networks
+# Each network has Table 5-6's parameters and computes Fig. 2-3's layers in order, with their dropout rates and BN
+# momenta.
 
 
 # Tables 5-6, Fig. 2-3 written out as plain functional calls: order of conv / activation / pool / BN /
 # dropout, each dropout rate in its place, each BN's momentum, what is concatenated where. Run in training mode from
 # one RNG seed, model and reference draw the same dropout masks only when every rate and place agree; the running
 # statistics the reference's BN calls leave (with the momenta written here) must equal the model's.
-
 def _bn_train(x, norm, momentum):
     return F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias, True, momentum, norm.eps)
 
@@ -666,6 +1740,61 @@ def _tables_5_6_cases():
     yield "ad", "tabular", dict(n_tabular=5)
 
 
+def _all_models():
+    for name in BRAIN_AGE_MODELS:
+        yield ("brain-age", name, dict(image_shape=BRAIN_AGE_SMALL))
+    yield ("brain-age", "hyperfusion", dict(image_shape=BRAIN_AGE_SMALL, embedding_dim=2))
+    for name in AD_MODELS:
+        yield ("ad", name, dict(n_tabular=15))
+    yield ("ad", "hyperfusion", dict(n_tabular=15, hyperlayers=("conv1", "conv2", "downsample")))
+
+
+def _inputs(task, model, batch=3):
+    torch.manual_seed(1)
+    if task == "brain-age":
+        return torch.randn(batch, 1, *BRAIN_AGE_SMALL), torch.eye(2)[torch.tensor([0, 1, 1, 0, 1][:batch])]
+    return torch.randn(batch, 1, *AD_SMALL), torch.randn(batch, 15)
+
+
+def _eval_bn(norm, h):
+    return F.batch_norm(h, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
+
+
+def test_brain_age_parameter_counts_equal_table_5():
+    model = build_model("brain-age", "hyperfusion")
+    table5 = {"conv1_a": 448, "conv1_b": 6928, "batchnorm1": 32, "conv2_a": 13856, "conv2_b": 27680,
+              "batchnorm2": 64, "conv3_a": 55360, "conv3_b": 110656, "batchnorm3": 128, "dropout1": 0,
+              "linear1": 1261603, "linear2": 1091, "linear3": 4227, "final_layer": 133}
+    assert {n: count_parameters(m) for n, m in model.named_children()} == table5
+    assert count_parameters(model) == 1482206
+    assert model.flat_features == 39424
+    assert count_parameters(build_model("brain-age", "imaging")) == 848673
+
+
+def test_ad_parameter_counts_equal_table_6():
+    model = build_model("ad", "hyperfusion", n_tabular=15)
+    table6 = {"conv_bn_relu": 480, "max_pool3d_1": 0, "block1": 42208, "block2": 168384, "block3": 672640,
+              "block4": 2953216 + 145, "adaptive_avg_pool3d": 0, "linear_drop1": 0, "fc1": 16448,
+              "linear_drop2": 0, "fc2": 195}
+    assert {n: count_parameters(m) for n, m in model.named_children()} == table6
+    assert count_parameters(model.embedding) == 145  # Linear(15, 8) BatchNorm1d(8) PReLU
+    assert count_parameters(model) == 3853716
+    assert count_parameters(build_model("ad", "imaging")) == 3589123
+    assert count_parameters(build_model("ad", "tabular", n_tabular=15)) == 15 * 8 + 8 + 16 + 1 + 8 * 3 + 3
+
+
+@pytest.mark.parametrize("name", [m for m in AD_MODELS if m != "tabular"])
+def test_every_batch_norm_of_the_ad_image_network_has_momentum_0_05(name):
+    model = build_model("ad", name, n_tabular=15)
+    norms = {n: m.momentum for n, m in model.named_modules() if isinstance(m, nn.BatchNorm3d)}
+    shortcut = "block4.downsample_bn" if name == "hyperfusion" else "block4.downsample.0"   # after / before its conv
+    assert len(norms) == 1 + 4 * 3 and {"block1.downsample.0", "block4.bn1", "block4.bn2", shortcut} <= set(norms)
+    assert set(norms.values()) == {0.05}, norms
+    if name == "hyperfusion":                  # another choice of hyperlayer keeps the plain downsample, BN first
+        other = build_model("ad", name, n_tabular=15, hyperlayers=("conv1",)).block4
+        assert {m.momentum for m in other.modules() if isinstance(m, nn.BatchNorm3d)} == {0.05}
+
+
 @pytest.mark.parametrize("task,name,options", list(_tables_5_6_cases()))
 def test_tables_5_6_each_network_computes_its_layers_in_the_papers_order_with_its_dropout_rates_and_bn_momenta(
         task, name, options):
@@ -686,20 +1815,22 @@ def test_tables_5_6_each_network_computes_its_layers_in_the_papers_order_with_it
         assert k == k2 and (k.endswith("num_batches_tracked") or torch.allclose(v, v2, rtol=1e-5, atol=1e-6)), k
 
 
-def _all_models():
-    for name in BRAIN_AGE_MODELS:
-        yield ("brain-age", name, dict(image_shape=BRAIN_AGE_SMALL))
-    yield ("brain-age", "hyperfusion", dict(image_shape=BRAIN_AGE_SMALL, embedding_dim=2))
-    for name in AD_MODELS:
-        yield ("ad", name, dict(n_tabular=15))
-    yield ("ad", "hyperfusion", dict(n_tabular=15, hyperlayers=("conv1", "conv2", "downsample")))
-
-
-def _inputs(task, model, batch=3):
-    torch.manual_seed(1)
-    if task == "brain-age":
-        return torch.randn(batch, 1, *BRAIN_AGE_SMALL), torch.eye(2)[torch.tensor([0, 1, 1, 0, 1][:batch])]
-    return torch.randn(batch, 1, *AD_SMALL), torch.randn(batch, 15)
+@pytest.mark.parametrize("method", ["film", "daft"])
+def test_film_and_daft_scale_and_shift_the_residual_branch_only_and_the_shortcut_reads_the_original_map(method):
+    block = _randomise(build_model("ad", method, n_tabular=5, f=2).block4).eval()        # 16 -> 32 channels, stride 2
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(3, 16, 6, 6, 6, generator=g), torch.randn(3, 5, generator=g)
+    z = t if method == "film" else torch.cat([x.mean((2, 3, 4)), t], 1)                  # DAFT: pooled F, tabular
+    assert block.aux[0].in_features == z.shape[1]
+    aux = F.relu(z @ block.aux[0].weight.T) @ block.aux[2].weight.T                        # both without bias
+    scale, shift = aux.view(3, 2, 16, 1, 1, 1).unbind(1)                                   # no activation on the scale
+    h = scale * x + shift
+    h = F.conv3d(F.relu(_eval_bn(block.bn1, h)), block.conv1.weight, block.conv1.bias, 2, 1)
+    h = F.conv3d(F.relu(_eval_bn(block.bn2, h)), block.conv2.weight, block.conv2.bias, 1, 1)
+    norm, conv = block.downsample
+    shortcut = F.conv3d(_eval_bn(norm, x), conv.weight, conv.bias, 2)                      # the unmodulated map
+    torch.testing.assert_close(block(x, t), h + shortcut)
+    assert (scale < 0).any() and (shift.abs() > 0.1).any()                                # a real modulation
 
 
 @pytest.mark.parametrize("task,name,options", list(_all_models()))
@@ -741,59 +1872,379 @@ def test_hyper_block_can_make_any_convolution_a_hyperlayer():
     assert block(torch.randn(2, 8, 6, 6, 6), torch.randn(2, 4)).shape == (2, 16, 3, 3, 3)
 
 
-def _eval_bn(norm, h):
-    return F.batch_norm(h, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
-
-
-@pytest.mark.parametrize("method", ["film", "daft"])
-def test_film_and_daft_scale_and_shift_the_residual_branch_only_and_the_shortcut_reads_the_original_map(method):
-    block = _randomise(build_model("ad", method, n_tabular=5, f=2).block4).eval()        # 16 -> 32 channels, stride 2
-    g = torch.Generator().manual_seed(1)
-    x, t = torch.randn(3, 16, 6, 6, 6, generator=g), torch.randn(3, 5, generator=g)
-    z = t if method == "film" else torch.cat([x.mean((2, 3, 4)), t], 1)                  # DAFT: pooled F, tabular
-    assert block.aux[0].in_features == z.shape[1]
-    aux = F.relu(z @ block.aux[0].weight.T) @ block.aux[2].weight.T                        # both without bias
-    scale, shift = aux.view(3, 2, 16, 1, 1, 1).unbind(1)                                   # no activation on the scale
-    h = scale * x + shift
-    h = F.conv3d(F.relu(_eval_bn(block.bn1, h)), block.conv1.weight, block.conv1.bias, 2, 1)
-    h = F.conv3d(F.relu(_eval_bn(block.bn2, h)), block.conv2.weight, block.conv2.bias, 1, 1)
-    norm, conv = block.downsample
-    shortcut = F.conv3d(_eval_bn(norm, x), conv.weight, conv.bias, 2)                      # the unmodulated map
-    torch.testing.assert_close(block(x, t), h + shortcut)
-    assert (scale < 0).any() and (shift.abs() > 0.1).any()                                # a real modulation
-
-
 # ----------------------------------------------------------------------------------------------
-# Hyperlayer selection (Sec. 3.1.2, App. D)
+# Sec. 4.2: brain age, Fig. 4
+# The 80/10/10 split by sex and age, the centred target, precise BN, the age-bias correction fitted on validation,
+# the 5-best ensemble, Fig. 4A's training sets, the sex sweep.
 
-def test_loss_entropy_ranks_a_layer_the_loss_depends_on_above_one_it_ignores():
+
+def test_brain_age_split_cuts_every_sex_and_20_age_bin_stratum_80_10_10_within_one_subject():
+    rng = np.random.default_rng(0)
+    age, sex = rng.uniform(8, 90, 2000), rng.integers(0, 2, 2000)
+    strata = _strata(sex, _age_bins(age))
+    assert len(np.unique(strata)) == 40
+    for seed in range(3):
+        parts = data.brain_age_split(age, sex, seed)
+        assert [len(p) for p in parts] == [1600, 200, 200] and sorted(np.concatenate(parts)) == list(range(2000))
+        for g in np.unique(strata):
+            members = np.flatnonzero(strata == g)
+            for part, share in zip(parts, (0.8, 0.1, 0.1)):
+                assert abs(np.isin(members, part).sum() - share * len(members)) <= 1 + 1e-9, (seed, g)
+
+
+def test_the_brain_age_demo_split_holds_validation_and_test_sets_of_200():
+    rng = np.random.default_rng(0)
+    age, sex = rng.uniform(8, 90, 800), rng.integers(0, 2, 800)
+    tr, va, te = data.brain_age_split(age, sex, seed=0, fractions=train_brain_age.DEMO_SPLIT)
+    assert (len(tr), len(va), len(te)) == (400, 200, 200)
+    assert np.array_equal(data.brain_age_split(age, sex, 0)[2], data.brain_age_split(age, sex, 0, (.8, .1, .1))[2])
+
+
+def test_a_two_epoch_brain_age_run_writes_its_files_with_maes_in_years(brain_age_run):
+    metrics, run = brain_age_run
+    for f in ["best.pt", "last.pt", "log.csv", "metrics.json", "predictions.npz"]:
+        assert os.path.isfile(os.path.join(run, f)), f
+    for split in ("val", "test"):
+        for k in ("mae", "mae_male", "mae_female"):
+            assert 0.0 < metrics[split][k] < 100.0
+
+
+def test_the_brain_age_target_is_centred_on_the_mean_age_of_the_training_rows_it_trains_on(fig4a_women_run):
+    table, (train, val, test), _, run_dir = fig4a_women_run
+    women = train_brain_age.select_training_sex(train, table.sex, "F", 0)
+    centre = load_run(run_dir).target.centre
+    assert centre == float(table.age[women].mean())
+    for other in (train, np.concatenate([women, val]), np.arange(len(table.age))):   # would move it
+        assert abs(float(table.age[other].mean()) - centre) > 0.1
+
+
+def test_the_brain_age_demo_anneals_its_learning_rate_by_a_cosine_and_real_data_keeps_table_1s_constant_rate(
+        brain_age_run, brain_age_cohort20, tmp_path, monkeypatch):
+    """The demo's last epochs settle (a cosine from lr towards 0, epoch by epoch as log.csv records it); a table
+    of the user's trains at Table 1's constant rate."""
+    _, real = brain_age_run
+    assert load_run(real).run.lr_schedule == "constant"
+    with open(os.path.join(real, "log.csv")) as f:
+        assert [float(r["lr"]) for r in csv.DictReader(f)] == [1.5e-4] * 2
+    monkeypatch.setattr(training, "builtin_cohort", lambda task, data_dir, quiet: str(brain_age_cohort20))
+    train_brain_age.main(["--out", str(tmp_path), "--epochs", "3", "--batch-size", "8", "--quiet"])   # the demo
+    run_dir = training.brain_age_run_dir(tmp_path, "hyperfusion", 0)
+    assert load_run(run_dir).run.lr_schedule == "cosine"
+    with open(os.path.join(run_dir, "log.csv")) as f:
+        rows = list(csv.DictReader(f))
+    expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * e / 3)) for e in range(3)]      # 1e-3, 7.5e-4, 2.5e-4
+    assert [float(r["lr"]) for r in rows] == pytest.approx(expected, rel=1e-12)
+
+
+def test_precise_bn_re_estimates_the_running_statistics_from_the_training_batches_alone():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.used, self.unused = nn.Linear(4, 1), nn.Linear(4, 1)
+            self.linear, self.norm = nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=0.05)
 
         def forward(self, image, tabular):
-            return self.used(tabular).squeeze(1)
+            return self.norm(self.linear(tabular))
 
-    batch = (None, torch.randn(16, 4), torch.randn(16))
-    scores = dict(layer_loss_entropy(Net(), batch, F.mse_loss, n_draws=30))
-    assert scores["unused"] == 0.0 and scores["used"] > 1.0
+    torch.manual_seed(0)
+    net = Net().eval()
+    net.norm.running_mean.fill_(99.0)                                        # stale statistics
+    net.norm.running_var.fill_(50.0)
+    net.norm.num_batches_tracked.fill_(1000)                                 # as after an epoch of training
+    xs = [torch.randn(8, 3) * 2 + 1 for _ in range(3)]
+    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "num_batches" not in k}
+    training.recalibrate_batchnorm(net, [(torch.zeros(8, 0), x, torch.zeros(8)) for x in xs], torch.device("cpu"))
+    with torch.no_grad():
+        h = [net.linear(x) for x in xs]
+    torch.testing.assert_close(net.norm.running_mean, torch.stack([v.mean(0) for v in h]).mean(0))
+    torch.testing.assert_close(net.norm.running_var, torch.stack([v.var(0) for v in h]).mean(0))
+    assert net.norm.momentum == 0.05 and not net.training                   # left as it was found
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in weights.items())
 
 
-def test_loss_entropy_scores_every_layer_of_the_ad_backbone():
-    model = build_model("ad", "imaging")
-    batch = (torch.randn(4, 1, *AD_SMALL), torch.randn(4, 15), torch.tensor([0, 1, 2, 1]))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    scores = layer_loss_entropy(model, batch, F.cross_entropy, n_draws=5)
-    assert len(scores) == 1 + 4 * 3 + 2 and scores[0][1] >= scores[-1][1]
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights restored
+def test_brain_age_training_re_estimates_batch_norm_before_every_validation_from_its_training_rows_in_order(
+        brain_age_cohort20, tmp_path, monkeypatch):
+    """Precise BN in train_brain_age.py's own path: each epoch, before validation, the statistics are
+    re-estimated over the training split, every training subject once, in order (not validation, not shuffled)."""
+    seen = []
+
+    def spy(model, loader, device, precision):
+        seen.append(torch.cat([age for _, _, age in loader]).numpy())
+        return training.recalibrate_batchnorm(model, loader, device, precision)
+
+    monkeypatch.setattr(train_brain_age, "recalibrate_batchnorm", spy)
+    train_brain_age.main(["--data-csv", str(brain_age_cohort20), "--out", str(tmp_path), "--epochs", "2",
+                          "--batch-size", "4", "--model", "imaging", "--quiet"])
+    table = data.read_brain_age_table(str(brain_age_cohort20), None)
+    train_idx, _, _ = data.brain_age_split(table.age, table.sex, 0)
+    assert len(seen) == 2
+    for ages in seen:
+        np.testing.assert_allclose(ages, table.age[train_idx].astype(np.float32))
+
+
+def test_the_age_bias_correction_leaves_a_gap_uncorrelated_with_age_on_its_fitting_set():
+    age = np.array([20.0, 30.0, 40.0, 50.0, 60.0, 70.0])
+    pred = np.array([30.0, 36.0, 43.0, 50.0, 56.0, 61.0])  # regression to the mean: young over-, old under-estimated
+    gap = pred - age                                      # 10, 6, 3, 0, -4, -9
+    slope = ((age - age.mean()) * (gap - gap.mean())).sum() / ((age - age.mean()) ** 2).sum()   # by hand
+    fit = metrics.age_bias_fit(age, pred)
+    assert fit["slope"] == pytest.approx(slope) and fit["intercept"] == pytest.approx(gap.mean() - slope * age.mean())
+    corrected = metrics.corrected_gap(age, pred, fit)
+    assert abs(np.corrcoef(corrected, age)[0, 1]) < 1e-9 and abs(corrected.mean()) < 1e-9
+    summary = metrics.gap_summary(age, pred, np.array([0, 1, 0, 1, 0, 1]), fit)
+    assert summary["r_gap_age"] < -0.99 and abs(summary["r_corrected_gap_age"]) < 1e-9
+    assert summary["gap_male"] == pytest.approx(np.mean(gap[[0, 2, 4]]))
+
+
+def test_the_age_bias_of_the_brain_age_gap_is_fitted_on_the_validation_rows_never_the_test_rows(fig4a_women_run):
+    table, (train, val, test), _, run_dir = fig4a_women_run
+    finished_run = load_run(run_dir)
+    saved, bias = finished_run.read_predictions(), finished_run.read_metrics()["age_bias"]
+    assert list(saved["val_subjects"]) == [table.subjects[i] for i in val]
+    assert bias == metrics.age_bias_fit(table.age[val], saved["val_pred"])
+    on_test = metrics.age_bias_fit(saved["age"], saved["pred"])
+    assert max(abs(on_test[k] - bias[k]) for k in ("slope", "intercept")) > 1e-3        # the test rows would show
+    gap = finished_run.read_metrics()["test"]["gap"]
+    assert gap == metrics.gap_summary(saved["age"], saved["pred"], saved["sex"], bias)
+
+
+def test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae(tmp_path):
+    rng = np.random.default_rng(3)
+    age, sex = rng.uniform(20, 80, 30), np.arange(30) % 2
+    val_mae = [5.0, 1.0, 6.0, 2.0, 3.0, 7.0, 4.0]
+    preds = {v: age + rng.normal(0, 3, 30) for v in range(7)}
+    val_age = rng.uniform(20, 80, 12)
+    val_preds = {v: 0.7 * val_age + 15 + rng.normal(0, 2, 12) for v in range(7)}     # regression to the mean
+    for v, mae in enumerate(val_mae):
+        fake_brain_age_run(tmp_path, v, mae, preds[v], age, sex, val=(val_age, val_preds[v]))
+    for train_sex in ("M", "F"):
+        fake_brain_age_run(tmp_path, 0, 1.0, age + 2, age, sex, train_sex=train_sex)
+    res = evaluate.evaluate_brain_age(str(tmp_path), quiet=True)
+    hf = next(m for m in res["models"] if m["folder"] == "hyperfusion")
+    assert hf["versions"] == [1, 3, 4, 6, 0]                              # val MAE 1, 2, 3, 4, 5
+    expected = regression_metrics(age, np.mean([preds[v] for v in (1, 3, 4, 6, 0)], 0), sex)   # Eq. 6
+    assert hf["metrics"] == pytest.approx(expected)
+    chosen = (1, 3, 4, 6, 0)   # the gap is corrected with the fit of the same ensemble's validation predictions
+    val_ensemble = np.mean([val_preds[v].astype(np.float32) for v in chosen], 0)
+    fit = metrics.age_bias_fit(val_age.astype(np.float32), val_ensemble)
+    gap = metrics.gap_summary(age.astype(np.float32), np.mean([preds[v].astype(np.float32) for v in chosen], 0), sex,
+                              fit)
+    assert hf["gap"] == pytest.approx(gap, abs=1e-4)
+    assert [r["train"] for r in res["fig4a"]] == ["M", "F"]
+    assert [(r["male"], r["female"], r["all"]) for r in res["fig4a"]] == [pytest.approx((2, 2, 2), abs=1e-4)] * 2
+    md = (tmp_path / "results_brain-age.md").read_text()
+    assert "Fig. 4A" in md and "1, 3, 4, 6, 0 of 7" in md and "Brain-age gap" in md
+    # Sec. 4.2.2's "5 best" is a choice only among more than five: the folders with fewer are named as all kept
+    assert "All versions kept, none chosen by validation MAE (no more than 5 exist): hyperfusion-trainF, " \
+           "hyperfusion-trainM." in md
+    assert hf["version_mae"] == {v: pytest.approx(np.abs(preds[v] - age).mean(), abs=1e-4) for v in range(7)}
+    trained_on_men = next(m for m in res["models"] if m["folder"] == "hyperfusion-trainM")
+    paired = np.abs(age + 2 - age) - np.abs(np.mean([preds[v] for v in chosen], 0) - age)   # the same scans
+    assert trained_on_men["vs_hyperfusion"]["mean"] == pytest.approx(paired.mean(), abs=1e-4)
+    assert trained_on_men["vs_hyperfusion"]["se"] == pytest.approx(paired.std(ddof=1) / np.sqrt(30), abs=1e-4)
+
+
+def test_fig4a_training_sets_are_one_size_min_men_women_drawn_with_the_seed_and_the_mix_is_half_and_half():
+    """Sec. 4.2.4: M, F and the mix each hold min(men, women) of the training split, the mix half and half,
+    whichever sex is the larger."""
+    idx = np.arange(100, 151)                             # training-split indices into the table
+    for men in (30, 21):
+        full = np.r_[np.zeros(100, int), np.zeros(men, int), np.ones(51 - men, int)]
+        sets = {s: train_brain_age.select_training_sex(idx, full, s, 0) for s in ("M", "F", "mixed")}
+        assert {s: len(v) for s, v in sets.items()} == {"M": 21, "F": 21, "mixed": 21}
+        assert set(full[sets["M"]]) == {0} and set(full[sets["F"]]) == {1}
+        assert sorted(np.bincount(full[sets["mixed"]], minlength=2)) == [10, 11]
+        for v in sets.values():
+            assert set(v) <= set(idx) and len(set(v)) == len(v)
+        larger = "M" if men > 21 else "F"                 # the larger sex's set is a draw, made with the seed
+        again = train_brain_age.select_training_sex(idx, full, larger, 0)
+        other = train_brain_age.select_training_sex(idx, full, larger, 1)
+        assert np.array_equal(again, sets[larger]) and not np.array_equal(other, sets[larger])
+        assert np.array_equal(train_brain_age.select_training_sex(idx, full, "all", 0), idx)
+
+
+def test_fig4a_training_sets_are_drawn_from_the_training_split_alone(fig4a_women_run):
+    table, (train, val, test), (given, _), _ = fig4a_women_run
+    assert len(given) == 1 and np.array_equal(given[0], train)
+    assert (table.sex[val] == 1).any() or (table.sex[test] == 1).any()     # women the wrong rows would add
+
+
+def test_precise_bn_of_a_fig4a_run_reads_its_chosen_training_subjects_alone_in_order(fig4a_women_run):
+    table, (train, _, _), (_, calibrated), _ = fig4a_women_run
+    women = train_brain_age.select_training_sex(train, table.sex, "F", 0)
+    assert len(calibrated) == 1 and len(women) < len(train)
+    np.testing.assert_array_equal(calibrated[0], table.age[women].astype(np.float32))
+
+
+def test_brain_age_sweep_reads_every_test_scan_as_male_and_as_female(brain_age_cohort20, tmp_path):
+    torch.manual_seed(0)
+    shape = synthetic.BRAIN_AGE_SYNTH["shape"]
+    results = {}
+    for name in ("hyperfusion", "imaging"):
+        model = build_model("brain-age", name, image_shape=shape)
+        if name == "hyperfusion":  # sexes embedded far apart, as after training
+            for layer in model.linears:
+                getattr(model, layer).hypernet.embedding.weight.data = torch.tensor([[1.0, 2.0]])
+            init_hyperlayers(model, torch.eye(2)[torch.arange(10) % 2])
+        run = RunConfig(task="brain-age", model=name, version=0, split_seed=0, embedding_dim=1, train_sex="all",
+                        data_csv=str(brain_age_cohort20), cache_dir=str(tmp_path / "cache"), cache_dtype="float32",
+                        **SCHEDULE)
+        path = tmp_path / f"{name}.pt"
+        training.save_checkpoint({"model": model.state_dict(), "run": dataclasses.asdict(run), "epoch": 0,
+                                  "inputs": {"n_tabular": 2, "image_shape": list(shape)},
+                                  "target": {"centre": 50.0, "scale": 10.0}}, path)
+        results[name] = evaluate.main(["sweep", str(path), "--attribute", "Sex", "--values", "M", "F"])
+    hf, im = results["hyperfusion"]["summary"], results["imaging"]["summary"]
+    assert [s["value"] for s in hf] == [None, "M", "F"]
+    assert hf[2]["mean_pred"] != pytest.approx(hf[1]["mean_pred"], abs=1e-4)      # sex changes the reading
+    assert im[2]["mean_pred"] == pytest.approx(im[1]["mean_pred"], abs=1e-4)      # the image-only model ignores it
+    assert (tmp_path / "sweep_Sex.md").is_file()
+
+
+def test_brain_age_plots_draw_the_scatters_fig4a_and_fig4b_or_say_which_is_skipped(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    rng = np.random.default_rng(5)
+    age, sex = rng.uniform(20, 80, 24), np.arange(24) % 2
+    val_age = rng.uniform(20, 80, 10)
+    full, partial, alone = tmp_path / "full", tmp_path / "partial", tmp_path / "alone"
+    for v in range(2):
+        for runs in (full, partial, alone):
+            fake_brain_age_run(runs, v, 2.0 + v, age + rng.normal(0, 3, 24), age, sex,
+                               val=(val_age, 0.7 * val_age + 15 + rng.normal(0, 1, 10)))
+        fake_brain_age_run(full, v, 3.0, age + rng.normal(1, 4, 24), age, sex, model="imaging")
+    for train_sex, bias in (("M", 1.0), ("F", -1.0), ("mixed", 0.0)):
+        for runs in (full, partial) if train_sex != "mixed" else (full,):
+            fake_brain_age_run(runs, 0, 3.0, age + bias + rng.normal(0, 3, 24), age, sex, model="imaging",
+                               train_sex=train_sex)
+    texts, figures = _spy_on_figures(monkeypatch)
+    res = evaluate.main(["brain-age", "--runs", str(full), "--plots", str(full / "figures")])
+    printed = capsys.readouterr().out
+    folders = ["hyperfusion", "imaging", "imaging-trainF", "imaging-trainM", "imaging-trainmixed"]
+    expected = sorted([f"brain_age_scatter_{f}.png" for f in folders] + ["fig4a.png", "fig4b.png"])
+    assert sorted(os.listdir(full / "figures")) == expected
+    for name in expected:   # the ensembles with validation predictions get the corrected panel beside the first
+        wide = name == "brain_age_scatter_hyperfusion.png"
+        assert _png_size(full / "figures" / name) == _pixels(evaluate.WIDE if wide else evaluate.SMALL), name
+        assert f"wrote {full / 'figures' / name}\n" in printed
+    by = {m["folder"]: m for m in res["models"]}
+    # the scatter's bias line is the one the code subtracts: the validation fit of the same Eq. 6 ensemble
+    fit = evaluate.brain_age_ensemble({v: training.brain_age_run_dir(full, "hyperfusion", v) for v in (0, 1)})["fit"]
+    assert any(f"slope {fit['slope']:+.2f}" in t and "validation fit" in t
+               for t in texts["brain_age_scatter_hyperfusion.png"])
+    red = next(ln for ln in figures["brain_age_scatter_hyperfusion.png"].axes[0].lines if ln.get_color() == "tab:red")
+    x, y = red.get_data()
+    np.testing.assert_allclose(y, x + fit["intercept"] + fit["slope"] * x)
+    assert f"r(gap, age) {by['hyperfusion']['gap']['r_corrected_gap_age']:+.2f}" in \
+        " ".join(texts["brain_age_scatter_hyperfusion.png"])
+    # Fig. 4A and 4B draw the MAEs of the table, by test sex, in the paper's order of bars
+    for name, folders_in_order in (("fig4a.png", ["imaging-trainM", "imaging-trainF", "imaging-trainmixed"]),
+                                   ("fig4b.png", ["imaging", "hyperfusion"])):
+        bars = [p.get_height() for p in figures[name].axes[0].patches]
+        assert bars == pytest.approx([by[f]["metrics"][k] for f in folders_in_order
+                                      for k in ("mae_male", "mae_female", "mae")])
+    assert "not trained: concatenation, HyperFusion (sex -> 2D)" in texts["fig4b.png"]
+    # absent runs: not drawn, one line each saying why
+    evaluate.main(["brain-age", "--runs", str(partial), "--plots", str(partial / "figures")])
+    printed = capsys.readouterr().out
+    assert "skipped fig4a.png: Fig. 4A compares three training sets: no finished runs in imaging-trainmixed" in printed
+    assert "skipped fig4b.png: Fig. 4B compares image-only and HyperFusion: no finished runs in imaging" in printed
+    evaluate.main(["brain-age", "--runs", str(alone), "--plots", str(alone / "figures")])
+    printed = capsys.readouterr().out
+    assert "skipped fig4a.png: no runs trained on one sex" in printed
+    for runs in (partial, alone):
+        assert not {"fig4a.png", "fig4b.png"} & set(os.listdir(runs / "figures"))
+        assert "brain_age_scatter_hyperfusion.png" in os.listdir(runs / "figures")
+
+
+def test_in_the_brain_age_cohort_mens_brains_age_faster_so_reading_the_image_without_sex_leaves_years_behind():
+    P = synthetic.BRAIN_AGE_SYNTH
+    assert P["atrophy_after_40"]["M"] > P["atrophy_after_40"]["F"]                     # Coffey et al. 1998
+    assert P["brain_age_gap_sd"]["M"] > P["brain_age_gap_sd"]["F"]                     # Sec. 4.2.6
+    assert synthetic.brain_age_atrophy(75.0, True) > synthetic.brain_age_atrophy(75.0, False)
+    anatomy = synthetic.brain_age_anatomy(np.random.default_rng(0), 600)
+    age, male, oracle = anatomy["age"], anatomy["male"], synthetic.brain_age_oracle(anatomy)
+    knowing = np.abs(np.where(male, oracle["as_male"], oracle["as_female"]) - age).mean()
+    without = np.abs(oracle["without_sex"] - age).mean()
+    misled = np.abs(np.where(male, oracle["as_female"], oracle["as_male"]) - age).mean()   # told the other sex
+    assert knowing < without < misled
+    assert knowing < 3.5                          # Sec. 2.3: healthy brains are read to within ~3 years
+
+
+def test_the_oracle_report_names_both_oracles_and_the_run_on_its_test_subjects(brain_age_cohort20, tmp_path):
+    cohort = os.path.dirname(brain_age_cohort20)
+    res = synthetic.oracle_report(cohort)
+    assert set(res) == {"oracle knowing sex", "oracle without sex", "sweep"} and res["oracle knowing sex"]["n"] == 20
+    table = data.read_brain_age_table(brain_age_cohort20)
+    np.savez(tmp_path / "p.npz", subjects=np.array(table.subjects[:5]), pred=table.age[:5] + 1.0)
+    res = synthetic.oracle_report(cohort, str(tmp_path / "p.npz"))
+    assert res["the run"]["mae"] == pytest.approx(1.0) and res["oracle without sex"]["n"] == 5
+    np.savez(tmp_path / "q.npz", subjects=np.array(["nobody"]), pred=np.zeros(1))
+    assert_clean_error(run_main(synthetic.main, "oracle", "--cohort", cohort, "--predictions", tmp_path / "q.npz"),
+                       "nobody")
+
+
+def test_synthetic_brain_age_cohort_loads_back(brain_age_cohort20):
+    t = data.read_brain_age_table(brain_age_cohort20)
+    assert len(t.subjects) == 20 and t.age.dtype == np.float32 and set(t.sex.tolist()) <= {0, 1}
+    assert 8 <= t.age.min() and t.age.max() <= 90
+    cache = data.ImageCache(t.image_paths, os.path.join(os.path.dirname(brain_age_cohort20), "cache"), "float32",
+                            expected_shape=synthetic.BRAIN_AGE_SYNTH["shape"])
+    ds = data.BrainAgeDataset(cache, data.sex_onehot(t.sex), t.age)
+    img, tab, y = ds[0]
+    assert img.shape == (1,) + synthetic.BRAIN_AGE_SYNTH["shape"] and img.dtype == torch.float32
+    assert tab.shape == (2,) and tab.sum() == 1 and y.dtype == torch.float32 and y.shape == ()
+    brain = img[img != 0]
+    assert abs(float(brain.mean())) < 1e-3 and abs(float(brain.std()) - 1) < 1e-2
+
+
+@pytest.mark.parametrize("name", BRAIN_AGE_MODELS)
+def test_the_brain_age_network_gives_the_age_in_float32_under_bfloat16(name):
+    """bfloat16 would round an age 16-32 years from the centre to 1/8 year, beyond to 1/4: the last layer runs
+    in float32, on float32 features, while the rest of the network runs in bfloat16."""
+    torch.manual_seed(0)
+    model = build_model("brain-age", name, image_shape=(36, 36, 36)).eval()
+    image, tabular = torch.randn(3, 1, 36, 36, 36), torch.eye(2)[torch.arange(3) % 2]
+    features = {}
+    model.final_layer.register_forward_pre_hook(lambda m, args: features.update(x=args[0]))
+    with torch.no_grad(), training.autocast(torch.device("cpu"), "bf16"):
+        age = model(image, tabular)
+        assert age.dtype == torch.float32 and features["x"].dtype == torch.float32
+        assert model.conv1_a(image).dtype == torch.bfloat16          # the rest of the network in bfloat16
+
+
+@pytest.mark.parametrize("n", [3, 6])
+def test_a_brain_age_cohort_too_small_for_its_split_is_refused_in_one_line_before_anything_is_written(
+        brain_age_cohort20, tmp_path, n):
+    small = os.path.join(os.path.dirname(brain_age_cohort20), f"first{n}.csv")   # beside the images
+    with open(small, "w") as f:
+        f.write("\n".join(open(brain_age_cohort20).read().splitlines()[:n + 1]) + "\n")
+    parts = data.brain_age_split(*(lambda t: (t.age, t.sex))(data.read_brain_age_table(small)), 0)
+    proc = run_main(train_brain_age.main, "--data-csv", small, "--out", tmp_path, "--model", "imaging",
+                    "--epochs", "1", "--quiet", "--precision", "fp32")
+    assert_clean_error(proc, small, "{} training, {} validation and {} test".format(*map(len, parts)), "--split")
+    assert _files(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------------------------
-# Data (Sec. 3.3, 4.2.3, 4.3.1-4.3.4, App. A.1)
+# Sec. 4.3: AD classification, Table 3
+# The stratified 5-subset split and its folds, both hippocampi (one in training, both averaged in evaluation), Table
+# 3's rows ensembling folds by Eq. 7-8, the attribute sweep.
 
-# ----------------------------------------------------------------------------------------------
-# splits (Sec. 4.3.4, App. C.1; Sec. 4.2.3)
+
+def table2_cohort(seed=0):
+    """Labels, sex and age with the sizes and proportions of Table 2 (2120 subjects)."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat([0, 1, 2], [740, 1015, 365])
+    male = rng.random(len(labels)) < np.array([309 / 740, 569 / 1015, 198 / 365])[labels]
+    age = rng.normal(np.array([72.2, 72.8, 75.1])[labels], 7.4)
+    return (~male).astype(np.int64), labels, age
+
+
+class _LogitsOfTheImage(nn.Module):
+    """Logits that depend on the image nonlinearly, so that averaging probabilities and averaging logits differ."""
+
+    def forward(self, image, tabular):
+        x = image.flatten(1)
+        return torch.stack([3 * x.mean(1), x.amax(1), -2 * x.mean(1)], 1) + tabular[:, :3]
 
 
 def test_subsets_are_disjoint_and_together_hold_every_subject():
@@ -833,19 +2284,6 @@ def test_each_subset_keeps_the_diagnosis_and_sex_proportions():
             assert abs(sex[m].mean() - sex.mean()) < 0.03
 
 
-def _strata(*keys):
-    """One group id per subject from its stratification keys."""
-    return np.unique(np.stack(keys, 1), axis=0, return_inverse=True)[1].ravel()
-
-
-def _age_bins(age, n_bins=20):
-    """Equal-width age bins over the known ages, computed here on their own; an unknown age is bin -1."""
-    known = np.isfinite(age)
-    edges = np.linspace(np.nanmin(age), np.nanmax(age), n_bins + 1)
-    inside = np.clip(np.searchsorted(edges, np.where(known, age, edges[0]), side="right") - 1, 0, n_bins - 1)
-    return np.where(known, inside, -1)
-
-
 def test_within_every_sex_diagnosis_and_20_age_bin_stratum_the_five_subsets_differ_by_at_most_one():
     sex, labels, age = table2_cohort()
     age[::97], sex[5::131] = np.nan, -1                             # unknown age or sex: strata of their own
@@ -858,19 +2296,6 @@ def test_within_every_sex_diagnosis_and_20_age_bin_stratum_the_five_subsets_diff
             assert counts.max() - counts.min() <= 1, (seed, g, counts)
 
 
-def test_brain_age_split_cuts_every_sex_and_20_age_bin_stratum_80_10_10_within_one_subject():
-    rng = np.random.default_rng(0)
-    age, sex = rng.uniform(8, 90, 2000), rng.integers(0, 2, 2000)
-    strata = _strata(sex, _age_bins(age))
-    assert len(np.unique(strata)) == 40
-    for seed in range(3):
-        parts = data.brain_age_split(age, sex, seed)
-        for g in np.unique(strata):
-            members = np.flatnonzero(strata == g)
-            for part, share in zip(parts, (0.8, 0.1, 0.1)):
-                assert abs(np.isin(members, part).sum() - share * len(members)) <= 1 + 1e-9, (seed, g)
-
-
 def test_same_split_seed_same_split_other_seed_other_split():
     sex, labels, age = table2_cohort()
     a, b, c = (data.ad_split(sex, labels, age, s) for s in (7, 7, 8))
@@ -881,189 +2306,6 @@ def test_same_split_seed_same_split_other_seed_other_split():
     assert all(np.array_equal(p, q) for p, q in zip(x, y)) and not np.array_equal(x[2], z[2])
 
 
-def test_brain_age_split_is_80_10_10_and_keeps_age_and_sex():
-    rng = np.random.default_rng(0)
-    age, sex = rng.uniform(8, 90, 2000), rng.integers(0, 2, 2000)
-    tr, va, te = data.brain_age_split(age, sex, seed=0)
-    assert (len(tr), len(va), len(te)) == (1600, 200, 200)
-    assert len(set(tr) | set(va) | set(te)) == 2000
-    for part in (tr, va, te):
-        assert abs(sex[part].mean() - sex.mean()) < 0.03
-        assert abs(np.median(age[part]) - np.median(age)) < 3
-
-
-def test_the_brain_age_demo_split_holds_validation_and_test_sets_of_200():
-    rng = np.random.default_rng(0)
-    age, sex = rng.uniform(8, 90, 800), rng.integers(0, 2, 800)
-    tr, va, te = data.brain_age_split(age, sex, seed=0, fractions=train_brain_age.DEMO_SPLIT)
-    assert (len(tr), len(va), len(te)) == (400, 200, 200)
-    assert np.array_equal(data.brain_age_split(age, sex, 0)[2], data.brain_age_split(age, sex, 0, (.8, .1, .1))[2])
-
-
-# ----------------------------------------------------------------------------------------------
-# tabular preprocessing (Sec. 3.3, 4.3.3)
-
-
-def test_censored_csf_values_read_as_the_assay_limit():
-    assert data.parse_value(">1700") == 1700.0
-    assert data.parse_value("<8") == 8.0
-    assert np.isnan(data.parse_value(""))
-    with pytest.raises(ValueError):
-        data.parse_value("high")
-
-
-def rows_with_missing(n=60, seed=0):
-    """Raw rows like ADTable.raw; CSF missing in every third row, AV45 in every other, FDG every fourth."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        r = {"AGE": f"{rng.normal(73, 7):.1f}", "PTGENDER": "Male" if i % 2 else "Female",
-             "PTEDUCAT": str(rng.integers(8, 20)), "APOE4": str(rng.integers(0, 3)),
-             "ABETA": f"{rng.normal(900, 300):.1f}", "PTAU": f"{rng.normal(25, 8):.1f}",
-             "TAU": f"{rng.normal(280, 90):.1f}", "FDG": f"{rng.normal(6, 0.6):.2f}", "AV45": ""}
-        if i % 3 == 0:
-            r["ABETA"] = r["PTAU"] = r["TAU"] = ""
-        if i % 4 == 0:
-            r["FDG"] = ""
-        if i % 2 == 0:
-            r["AV45"] = f"{rng.normal(1.2, 0.2):.2f}"
-        if i == 5:
-            r["ABETA"] = ">1700"
-        rows.append(r)
-    return rows
-
-
-def test_imputation_is_fitted_on_training_rows_only():
-    rows = rows_with_missing()
-    train, test = rows[:45], [dict(r) for r in rows[45:]]
-    state = TabularPreprocessor().fit(train).state_dict()
-    test[0]["ABETA"], test[1]["FDG"], test[2]["AGE"] = "5", "", "99"
-    test.append({"AGE": "55", "PTGENDER": "Male", "PTEDUCAT": "", "APOE4": "2", "ABETA": ">1700",
-                 "PTAU": "<8", "TAU": "", "FDG": "", "AV45": ""})
-    again = TabularPreprocessor().fit(train)
-    again.transform(test)
-    assert again.state_dict() == state
-
-
-def test_missing_indicators_are_added_and_no_nan_remains():
-    rows = rows_with_missing()
-    tp = TabularPreprocessor().fit(rows[:45])
-    assert tp.columns[:2] == ["PTGENDER_Male", "PTGENDER_Female"]
-    ind = [c for c in tp.columns if c.endswith("_missing")]
-    assert ind == ["ABETA_missing", "PTAU_missing", "TAU_missing", "FDG_missing", "AV45_missing"]
-    X = tp.transform(rows)
-    assert X.dtype == np.float32 and X.shape == (60, 2 + 8 + 5) and np.isfinite(X).all()
-    j = tp.columns.index("ABETA_missing")
-    assert X[0, j] == 1 and X[1, j] == 0
-    z = X[:45, tp.columns.index("AGE")]
-    assert abs(z.mean()) < 1e-5 and abs(z.std() - 1) < 1e-4       # z-scored with training statistics
-
-
-def test_missing_indicators_are_for_the_attributes_with_empty_cells_in_the_training_rows_alone():
-    rows = rows_with_missing()
-    train, held_out = rows[:45], [dict(r) for r in rows[45:]]
-    train[7]["APOE4"] = ""                                          # empty in one training row only
-    for r in held_out:                                              # empty, or -4, outside training only
-        r["AGE"], r["PTEDUCAT"], r["PTGENDER"] = "", "-4", ""
-    tp = TabularPreprocessor().fit(train)
-    empty_in_training = [a for a in data.AD_CONTINUOUS if any(r[a] == "" for r in train)]
-    assert empty_in_training == ["APOE4", "ABETA", "PTAU", "TAU", "FDG", "AV45"]
-    assert [c for c in tp.columns if c.endswith("_missing")] == [f"{a}_missing" for a in empty_in_training]
-    for part in (train, held_out, held_out[:1], rows):              # the same columns whatever rows come in
-        X = tp.transform(part)
-        assert X.shape == (len(part), tp.n_features) and np.isfinite(X).all()
-    X = tp.transform(held_out)
-    assert (X[:, tp.columns.index("APOE4_missing")] == 0).all()     # filled in every held-out row
-    j = tp.columns.index("ABETA_missing")
-    np.testing.assert_array_equal(X[:, j], [r["ABETA"] == "" for r in held_out])
-
-
-def test_tabular_state_round_trips_exactly(tmp_path):
-    rows = rows_with_missing()
-    tp = TabularPreprocessor().fit(rows[:45])
-    torch.save({"tabular": tp.state_dict()}, tmp_path / "ck.pt")
-    back = TabularPreprocessor(state=torch.load(tmp_path / "ck.pt", weights_only=True)["tabular"])
-    via_json = TabularPreprocessor(state=json.loads(json.dumps(tp.state_dict())))
-    assert np.array_equal(tp.transform(rows), back.transform(rows))
-    assert np.array_equal(tp.transform(rows), via_json.transform(rows))
-    assert back.columns == tp.columns
-
-
-def test_imputation_replays_scikit_learns_iterative_imputer():
-    from sklearn.experimental import enable_iterative_imputer  # noqa: F401
-    from sklearn.impute import IterativeImputer
-    rows = rows_with_missing()
-    for i in (3, 50):
-        rows[i]["PTGENDER"] = ""                                # sex is imputed like the others
-    tp = TabularPreprocessor().fit(rows[:45])
-    sex, X = tp.parse(rows)
-    Z = np.concatenate([(X - np.array(tp.state["mean"])) / np.array(tp.state["std"]), sex[:, None]], 1)
-    imp = IterativeImputer(max_iter=10, random_state=0, keep_empty_features=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")                         # ConvergenceWarning after max_iter rounds
-        imp.fit(Z[:45])
-    expected = imp.transform(Z)
-    out = tp.transform(rows)
-    np.testing.assert_allclose(out[:, 2:10], expected[:, :8], atol=1e-5)
-    female = np.clip(expected[:, 8], 0, 1)
-    np.testing.assert_allclose(out[:, :2], np.stack([1 - female, female], 1), atol=1e-5)
-    assert tp.columns[-1] == "PTGENDER_missing" and out[3, -1] == 1 and out[4, -1] == 0
-
-# ----------------------------------------------------------------------------------------------
-# synthetic cohorts, loading, crops, cache, datasets
-
-
-def test_synthetic_ad_cohort_loads_back_with_its_shapes_and_labels(ad_cohort40):
-    t = data.read_ad_table(ad_cohort40)
-    meta = json.load(open(os.path.join(os.path.dirname(ad_cohort40), "cohort.json")))
-    assert len(t.subjects) == 40 and t.labels.dtype == np.int64
-    assert np.bincount(t.labels).tolist() == [meta["class_counts"][c] for c in data.CLASS_NAMES] == [14, 19, 7]
-    assert all(os.path.isfile(p) for p in t.image_paths)
-    vol = data.load_volume(t.image_paths[0])
-    assert vol.shape == tuple(meta["image_shape"])
-    assert np.allclose(nib.load(t.image_paths[0]).header.get_zooms(), meta["spacing_mm"])
-    crops = data.HippocampusCrops.load(os.path.join(os.path.dirname(ad_cohort40), "crops.json"))
-    assert crops(vol).shape == (2,) + crops.size
-    X = TabularPreprocessor().fit_transform(t.raw)
-    assert X.shape == (40, 15)                                  # the paper's n_tab = 15
-    two = data.read_ad_table(ad_cohort40, classes=2)
-    assert set(two.labels.tolist()) == {0, 1} and len(two.subjects) == 14 + 7
-    text = open(ad_cohort40).read()
-    assert ",," in text                                         # empty cells = missing values
-
-
-def test_synthetic_ad_anatomy_depends_on_diagnosis():
-    grid = synthetic.head_grid(synthetic.AD_SYNTH["shape"])
-    crops = synthetic.synthetic_crops(synthetic.AD_SYNTH["shape"], synthetic.AD_SYNTH["crop_size"])
-    dark = []
-    for hippo in (1.0, 0.7):
-        rng = np.random.default_rng(0)  # the same head, noise and bias field: only the hippocampus differs
-        vol = synthetic.render_head(grid, synthetic.head_anatomy(rng, 1.0, hippo, 1.0, 0.06, 0.12), rng)
-        dark.append((crops(vol) < -1.2).sum())                  # CSF around a smaller hippocampus
-    assert dark[1] > dark[0] * 1.03  # deterministic: same head, noise and bias field
-
-
-def test_synthetic_brain_age_cohort_loads_back(brain_age_cohort20):
-    t = data.read_brain_age_table(brain_age_cohort20)
-    assert len(t.subjects) == 20 and t.age.dtype == np.float32 and set(t.sex.tolist()) <= {0, 1}
-    assert 8 <= t.age.min() and t.age.max() <= 90
-    cache = data.ImageCache(t.image_paths, os.path.join(os.path.dirname(brain_age_cohort20), "cache"), "float32",
-                            expected_shape=synthetic.BRAIN_AGE_SYNTH["shape"])
-    ds = data.BrainAgeDataset(cache, data.sex_onehot(t.sex), t.age)
-    img, tab, y = ds[0]
-    assert img.shape == (1,) + synthetic.BRAIN_AGE_SYNTH["shape"] and img.dtype == torch.float32
-    assert tab.shape == (2,) and tab.sum() == 1 and y.dtype == torch.float32 and y.shape == ()
-    brain = img[img != 0]
-    assert abs(float(brain.mean())) < 1e-3 and abs(float(brain.std()) - 1) < 1e-2
-
-
-def test_group_aliases_read_as_mci_and_ad(tmp_path):
-    csv_path = tiny_ad(tmp_path, group="LMCI")
-    text = csv_path.read_text().replace("S0,AD", "S0,Dementia").replace("S2,AD", "S2,EMCI")
-    csv_path.write_text(text)
-    assert data.read_ad_table(csv_path).labels.tolist() == [2, 1, 1]
-
-
 def test_mirrored_crop_is_the_flip_of_the_right_box():
     vol = np.random.default_rng(0).random((20, 24, 16)).astype(np.float32)
     c = data.HippocampusCrops((1, 2, 3), (11, 4, 5), (6, 8, 7))
@@ -1072,47 +2314,6 @@ def test_mirrored_crop_is_the_flip_of_the_right_box():
     assert np.array_equal(right, np.flip(vol[11:17, 4:12, 5:12], axis=0))
     with pytest.raises(UserError):
         data.HippocampusCrops((15, 0, 0), (0, 0, 0), (6, 8, 7))(vol)
-
-
-def test_cache_decodes_once_and_redecodes_a_changed_source(tmp_path):
-    csv_path = tiny_ad(tmp_path)
-    paths = data.read_ad_table(csv_path).image_paths
-    crops = data.HippocampusCrops((0, 0, 0), (4, 0, 0), (4, 8, 8))
-    cache = data.ImageCache(paths, tmp_path / "cache", "float16", transform=crops).prepare(progress=False)
-    assert cache.n_decoded == 3
-    first = np.array(cache[1])
-    assert isinstance(cache[1], np.memmap) and first.shape == (2, 4, 8, 8) and first.dtype == np.float16
-    again = data.ImageCache(paths, tmp_path / "cache", "float16", transform=crops)
-    again.prepare(progress=False)
-    np.array(again[1])
-    assert again.n_decoded == 0                                 # served from the .npy, no gzip decode
-    changed = np.ones((8, 8, 8), np.float32)
-    changed[0, 0, 0] = 2                                        # (a constant image would be refused: no signal)
-    data.save_nifti(changed, 2.0, paths[1])
-    os.utime(paths[1], ns=(1, 10**18))                          # a changed source (new mtime)
-    assert np.array_equal(np.array(again[1]), crops(changed))
-    assert again.n_decoded == 1
-    entries = lambda: [f for f in os.listdir(tmp_path / "cache") if f.endswith(".npy")]   # (and sources.json)
-    assert len(entries()) == 3                                  # the stale entry was removed
-    other = data.ImageCache(paths, tmp_path / "cache", "float32", transform=crops)
-    assert other[0].dtype == np.float32 and other.n_decoded == 1  # another dtype: its own entry
-    assert len(entries()) == 4 and again[0].dtype == np.float16
-
-
-def test_a_parallel_cache_decode_writes_entries_byte_identical_to_a_serial_decode(ad_cohort40, tmp_path):
-    table = data.read_ad_table(ad_cohort40)
-    crops = data.load_crops(None, ad_cohort40)
-    caches = {}
-    for workers in (1, 2):
-        caches[workers] = data.ImageCache(table.image_paths, tmp_path / f"w{workers}", "float16", transform=crops,
-                                          names=table.subjects)
-        caches[workers].prepare(progress=False, workers=workers)
-    names = sorted(os.listdir(tmp_path / "w1"))
-    assert names == sorted(os.listdir(tmp_path / "w2")) and data.SOURCES_INDEX in names
-    assert len(names) == len(table.subjects) + 1                # an entry per subject, and the sources' hashes
-    for name in names:
-        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
-    assert caches[2].n_decoded == len(table.subjects) and no_temp_files(tmp_path / "w2")
 
 
 def test_dataset_items_have_one_side_in_training_and_both_in_evaluation(ad_cohort40, tmp_path):
@@ -1140,14 +2341,6 @@ def test_dataset_items_have_one_side_in_training_and_both_in_evaluation(ad_cohor
     assert batch[0].shape == (4, 1) + crops.size
 
 
-class _LogitsOfTheImage(nn.Module):
-    """Logits that depend on the image nonlinearly, so that averaging probabilities and averaging logits differ."""
-
-    def forward(self, image, tabular):
-        x = image.flatten(1)
-        return torch.stack([3 * x.mean(1), x.amax(1), -2 * x.mean(1)], 1) + tabular[:, :3]
-
-
 def test_validation_and_test_average_the_soft_predictions_of_both_hippocampi():
     g = torch.Generator().manual_seed(0)
     pairs = torch.randn(6, 2, 1, 3, 4, 3, generator=g) * torch.tensor([1.0, 3.0]).view(1, 2, 1, 1, 1, 1)
@@ -1164,19 +2357,380 @@ def test_validation_and_test_average_the_soft_predictions_of_both_hippocampi():
     np.testing.assert_allclose(probs, expected, atol=1e-6)
 
 
-def test_atomic_path_leaves_nothing_behind_on_failure(tmp_path):
-    target = tmp_path / "out.json"
-    with pytest.raises(RuntimeError):
-        with data.atomic_path(target) as tmp:
-            open(tmp, "w").write("half")
-            raise RuntimeError("boom")
-    assert os.listdir(tmp_path) == []
-    with data.atomic_path(target) as tmp:
-        open(tmp, "w").write("{}")
-    assert os.listdir(tmp_path) == ["out.json"]
+def test_synthetic_ad_anatomy_depends_on_diagnosis():
+    grid = synthetic.head_grid(synthetic.AD_SYNTH["shape"])
+    crops = synthetic.synthetic_crops(synthetic.AD_SYNTH["shape"], synthetic.AD_SYNTH["crop_size"])
+    dark = []
+    for hippo in (1.0, 0.7):
+        rng = np.random.default_rng(0)  # the same head, noise and bias field: only the hippocampus differs
+        vol = synthetic.render_head(grid, synthetic.head_anatomy(rng, 1.0, hippo, 1.0, 0.06, 0.12), rng)
+        dark.append((crops(vol) < -1.2).sum())                  # CSF around a smaller hippocampus
+    assert dark[1] > dark[0] * 1.03  # deterministic: same head, noise and bias field
+
+
+def test_ad_table_has_a_row_per_seed_and_version_with_mean_std_and_mann_whitney(ad_runs, capsys):
+    runs, made, labels = ad_runs
+    res = evaluate.evaluate_ad(str(runs))
+    by = {m["model"]: m for m in res["models"]}
+    assert list(by) == ["imaging", "tabular", "late-fusion", "hyperfusion"]      # Table 3's order; daft incomplete
+    assert any("daft" in s for s in res["incomplete"])
+    for model in ("imaging", "tabular", "hyperfusion"):
+        rows = by[model]["rows"]
+        assert [(r["split_seed"], r["version"]) for r in rows] == GROUPS
+        for r in rows:  # each row: the Eq. 7-8 ensemble of its four folds
+            ens = entropy_weighted_ensemble(made[(model, r["split_seed"], r["version"])])
+            assert r["metrics"] == classification_metrics(labels[r["split_seed"]], ens, NAMES)
+        ba = [r["BA"] for r in rows]
+        assert by[model]["mean"]["BA"] == pytest.approx(np.mean(ba))
+        assert by[model]["std"]["BA"] == pytest.approx(np.std(ba, ddof=1))
+        summed = np.sum([r["metrics"]["confusion_matrix"] for r in rows], 0)
+        assert np.array_equal(by[model]["confusion_matrix"], summed)
+    for col in ("BA", "AUC", "TP-MCI"):
+        expected = mannwhitneyu([r[col] for r in by["imaging"]["rows"]], [r[col] for r in by["hyperfusion"]["rows"]],
+                                alternative="two-sided").pvalue
+        assert by["imaging"]["p_value"][col] == pytest.approx(expected)
+        for one_sided in ("less", "greater"):                                 # the rows tell them apart
+            assert mannwhitneyu([r[col] for r in by["imaging"]["rows"]], [r[col] for r in by["hyperfusion"]["rows"]],
+                                alternative=one_sided).pvalue != pytest.approx(expected)
+    assert math.isnan(by["hyperfusion"]["p_value"]["BA"])
+    # late fusion: the plain average of the imaging and tabular ensembles, per (seed, version)
+    for r in by["late-fusion"]["rows"]:
+        key = (r["split_seed"], r["version"])
+        fused = (entropy_weighted_ensemble(made[("imaging", *key)])
+                 + entropy_weighted_ensemble(made[("tabular", *key)])) / 2
+        assert r["metrics"] == classification_metrics(labels[key[0]], fused, NAMES)
+    # written in three forms, and printed
+    md = (runs / "results_ad.md").read_text()
+    assert "Late fusion" in md and "HyperFusion" in md and " ± " in md and "TP-MCI" in md
+    with open(runs / "results_ad.json") as f:
+        assert len(json.load(f)["models"]) == 4
+    csv_lines = (runs / "results_ad.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == 1 + 4 and csv_lines[0].startswith("model,rows,BA mean,BA std,BA p")
+    assert "Imaging only" in capsys.readouterr().out
+
+
+def test_eq7_8_each_row_of_the_ad_table_ensembles_its_folds_sample_by_sample(ad_runs):
+    runs, made, _ = ad_runs
+    for model in ("imaging", "tabular", "hyperfusion"):
+        for seed, version in GROUPS:
+            folds = [training.ad_run_dir(runs, model, seed, version, f) for f in range(4)]
+            expected = _eq7_8_by_hand(made[(model, seed, version)])
+            np.testing.assert_allclose(evaluate.ensemble_ad_folds(folds)["probs"], expected, rtol=1e-12)
+    imaging = made[("imaging", 0, 0)]
+    assert not np.allclose(_eq7_8_by_hand(imaging), imaging.mean(0), atol=1e-3)       # the folds' weights differ
+
+
+@pytest.mark.parametrize("key,value", [("split_seed", 1), ("tabular_columns", COLUMNS + ["ABETA_missing"]),
+                                       ("classes", 2)])
+def test_folds_whose_configs_differ_are_refused(tmp_path, key, value):
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 10)
+    for fold in range(4):
+        differ = {key: value} if fold == 2 else {}
+        fake_ad_run(tmp_path, "concat", 0, 0, fold, random_probs(rng, 10), labels, **differ)
+    with pytest.raises(UserError, match=f"cannot ensemble .*fold0 and .*fold2: {key} differs"):
+        evaluate.evaluate_ad(str(tmp_path), quiet=True)
+
+
+def test_folds_with_other_test_subjects_are_refused_and_the_cli_says_so_in_one_line(tmp_path):
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 3, 10)
+    for fold in range(4):
+        subjects = [f"S{i + (fold == 3)}" for i in range(10)]
+        fake_ad_run(tmp_path, "film", 0, 0, fold, random_probs(rng, 10), labels, subjects=subjects)
+    with pytest.raises(UserError, match="fold0 and .*fold3: their test subjects differ"):
+        evaluate.evaluate_ad(str(tmp_path), quiet=True)
+    assert_clean_error(run_main(evaluate.main, "ad", "--runs", tmp_path), "error: cannot ensemble")
+
+
+def test_ad_plots_draw_each_rows_confusion_roc_and_reliability_and_table3_at_their_size(ad_runs, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    runs, made, labels = ad_runs
+    texts, _ = _spy_on_figures(monkeypatch)
+    out = runs / "figures"
+    res = evaluate.main(["ad", "--runs", str(runs), "--plots", str(out)])
+    printed = capsys.readouterr().out
+    models = ["imaging", "tabular", "late-fusion", "hyperfusion"]
+    rows = [f"{kind}_{m}_seed{s}_v{v}.png" for m in models for s, v in GROUPS
+            for kind in ("confusion", "roc", "reliability")]
+    expected = sorted(rows + ["table3.png"])
+    assert sorted(os.listdir(out)) == expected and no_temp_files(out)
+    for name in expected:
+        assert os.path.getsize(out / name) > 0
+        size = evaluate.SMALL if name.startswith("roc_") else evaluate.WIDE
+        assert _png_size(out / name) == _pixels(size), name
+        assert f"wrote {out / name}\n" in printed
+    assert res["plots"]["skipped"] == {}
+    # what is drawn is the row's: its confusion matrix (counts and rows normalised), its classes' one-vs-rest AUCs
+    hf = next(m for m in res["models"] if m["model"] == "hyperfusion")["rows"][0]
+    cm = np.array(hf["metrics"]["confusion_matrix"], float)
+    cells = texts["confusion_hyperfusion_seed0_v0.png"]
+    assert [t for t in cells if t.isdigit()] == [str(int(v)) for v in cm.ravel()]
+    assert [t for t in cells if t.startswith("0.") or t == "1.00"] == \
+        [f"{v:.2f}" for v in (cm / cm.sum(1, keepdims=True)).ravel()]
+    probs = entropy_weighted_ensemble(made[("hyperfusion", 0, 0)])
+    for c, name in enumerate(NAMES):
+        auc = metrics.fmt(roc_auc_score(labels[0] == c, probs[:, c]))
+        assert f"{name} vs rest: AUC {auc}" in texts["roc_hyperfusion_seed0_v0.png"]
+    assert any(f"macro AUC {metrics.fmt(hf['AUC'])}" in t for t in texts["roc_hyperfusion_seed0_v0.png"])
+    assert "Imaging only (3 rows)" in texts["table3.png"] and "HyperFusion (3 rows)" in texts["table3.png"]
+    # the reliability diagram: the ensemble's ECE beside each of its four members'
+    shown = texts["reliability_hyperfusion_seed0_v0.png"]
+    assert f"ensemble: ECE {metrics.fmt(hf['ECE'])}" in shown
+    for k, member in enumerate(made[("hyperfusion", 0, 0)]):
+        ece = metrics.calibration_metrics(labels[0], member)["ece"]
+        assert f"fold {k}: ECE {metrics.fmt(ece)}" in shown
+
+
+def test_ad_sweep_changes_the_tabular_attribute_of_every_test_row(ad_cohort40, tmp_path):
+    table = data.read_ad_table(ad_cohort40)
+    train_idx, _, test_idx = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 0)
+    prep = TabularPreprocessor().fit([table.raw[i] for i in train_idx])
+    torch.manual_seed(0)
+    model = build_model("ad", "hyperfusion", n_tabular=prep.n_features)
+    run = RunConfig(task="ad", model="hyperfusion", version=0, split_seed=0, fold=0, classes=3, loss="wce",
+                    data_csv=str(ad_cohort40), cache_dir=str(tmp_path / "cache"), **SCHEDULE)
+    crops = data.load_crops(None, ad_cohort40)
+    save_run_checkpoint(tmp_path, run, {"n_tabular": prep.n_features, "tabular_columns": prep.columns,
+                                        "class_names": NAMES, "crops": crops.as_dict()}, model,
+                        tabular=prep.state_dict())
+    path = tmp_path / "best.pt"
+    res = predict.sweep(str(path), "abeta", ["200", "1700"])
+    assert res["attribute"] == "ABETA" and len(res["rows"]) == 3 and res["rows"][0][1] == len(test_idx)
+    p = [np.array(s["mean_probs"]) for s in res["summary"]]
+    assert all(np.isclose(q.sum(), 1) for q in p) and not np.allclose(p[1], p[2], atol=1e-6)
+    with pytest.raises(UserError, match="not a tabular attribute"):
+        predict.sweep(str(path), "MMSE", ["30"])
+
+
+def test_sweep_plots_draw_how_the_prediction_moves_with_the_attribute(brain_age_cohort20, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    torch.manual_seed(0)
+    shape = synthetic.BRAIN_AGE_SYNTH["shape"]
+    model = build_model("brain-age", "hyperfusion", image_shape=shape)
+    for layer in model.linears:     # sexes embedded far apart, as after training
+        getattr(model, layer).hypernet.embedding.weight.data = torch.tensor([[1.0, 2.0]])
+    run = RunConfig(task="brain-age", model="hyperfusion", version=0, split_seed=0, embedding_dim=1, train_sex="all",
+                    data_csv=str(brain_age_cohort20), cache_dir=str(tmp_path / "cache"), cache_dtype="float32",
+                    **SCHEDULE)
+    path = tmp_path / "best.pt"
+    training.save_checkpoint({"model": model.state_dict(), "run": dataclasses.asdict(run), "epoch": 0,
+                              "inputs": {"n_tabular": 2, "image_shape": list(shape)},
+                              "target": {"centre": 50.0, "scale": 10.0}}, path)
+    res = evaluate.main(["sweep", str(path), "--attribute", "Sex", "--values", "M", "F", "--plots",
+                         str(tmp_path / "fig")])
+    file = tmp_path / "fig" / "sweep_hyperfusion_Sex.png"
+    assert os.listdir(tmp_path / "fig") == [file.name] and _png_size(file) == _pixels(evaluate.SMALL)
+    assert f"wrote {file}\n" in capsys.readouterr().out
+    assert res["plots"]["written"] == [str(file)]
+    # AD: the mean probability and the predicted fraction of each class against the values (predict.sweep's form)
+    ad = {"task": "ad", "model": "daft", "attribute": "ABETA", "header": ["ABETA", "n", "mean P(CN)", "mean P(MCI)",
+                                                                          "mean P(AD)"],
+          "summary": [{"value": v, "mean_probs": p, "predicted_fraction": p, "balanced_accuracy": 0.5}
+                      for v, p in ((None, [0.5, 0.3, 0.2]), ("500", [0.2, 0.3, 0.5]), ("1500", [0.6, 0.3, 0.1]))]}
+    drawn = evaluate.sweep_figure(ad, str(tmp_path / "ad"), quiet=True)
+    assert drawn["written"] == [str(tmp_path / "ad" / "sweep_daft_ABETA.png")]
+    assert _png_size(drawn["written"][0]) == _pixels(evaluate.SMALL)
+
+
+def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_trains_the_rest(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 3, 12)
+    fake_ad_run(tmp_path, "hyperfusion", 0, 0, 0, random_probs(rng, 12), labels)       # finished
+    fake_ad_run(tmp_path, "hyperfusion", 0, 0, 1, random_probs(rng, 12), labels)       # finished
+    interrupted = training.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 2)
+    os.makedirs(interrupted)
+    open(os.path.join(interrupted, "last.pt"), "w").close()                              # no metrics.json
+    calls = []
+
+    def fake_train(args):
+        calls.append(args)
+        fake_ad_run(args["out"], args["model"], args["split_seed"], args["version"], args["fold"],
+                    random_probs(rng, 12), labels)
+        return {}
+
+    monkeypatch.setattr(train_ad, "train_ad", fake_train)
+    trained, skipped, res = evaluate.run_protocol("ad", str(tmp_path), models=["hyperfusion"], epochs=1,
+                                                  data_csv="x.csv")
+    assert [(a["fold"], a["resume"]) for a in calls] == [(2, True), (3, False)]
+    assert all(a["epochs"] == 1 and a["data_csv"] == "x.csv" and a["quiet"] and a["model"] == "hyperfusion"
+               for a in calls)
+    assert len(skipped) == 2 and len(trained) == 2
+    assert [m["model"] for m in res["models"]] == ["hyperfusion"] and res["models"][0]["n_rows"] == 1
+    assert "skipped (finished)" in capsys.readouterr().out
+    calls.clear()
+    trained, skipped, _ = evaluate.run_protocol("ad", str(tmp_path), models=["hyperfusion"], epochs=1)
+    assert calls == [] and trained == [] and len(skipped) == 4                          # a restart trains nothing
+    evaluate.run_protocol("ad", str(tmp_path / "b"), models=["tabular", "imaging"], epochs=2, tabular_epochs=50)
+    assert {(a["model"], a["epochs"]) for a in calls} == {("tabular", 50), ("imaging", 2)}   # the MLP gets its own
+
+
+def test_print_commands_gives_one_command_per_missing_run_tabular_first_and_trains_nothing(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """For a scheduler: one shell line per missing run, --resume where a last.pt exists, finished runs left out,
+    every tabular-only MLP before any HyperFusion run (its embedding starts from them, Sec. 4.3.6)."""
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 3, 12)
+    fake_ad_run(tmp_path, "tabular", 0, 0, 0, random_probs(rng, 12), labels)           # finished
+    interrupted = training.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 1)
+    os.makedirs(interrupted)
+    open(os.path.join(interrupted, "last.pt"), "w").close()
+    monkeypatch.setattr(train_ad, "train_ad", lambda a: pytest.fail("--print-commands trained a run"))
+    evaluate.main(["protocol", "--task", "ad", "--runs", str(tmp_path), "--models", "hyperfusion", "tabular",
+                          "--epochs", "3", "--print-commands"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 7                                             # 2 models x 4 folds, one finished
+    argvs = [shlex.split(line) for line in lines]
+    assert all(a[:2] == ["python", "train_ad.py"] for a in argvs)
+    parsed = [vars(train_ad.ad_arguments().parse_args(a[2:])) for a in argvs]
+    assert [(p["model"], p["fold"]) for p in parsed] == [("tabular", 1), ("tabular", 2), ("tabular", 3)] + \
+        [("hyperfusion", f) for f in range(4)]
+    assert [p["resume"] for p in parsed] == [False] * 4 + [True, False, False]
+    assert all(p["epochs"] == 3 and p["out"] == str(tmp_path) for p in parsed)
+
+
+def test_run_protocol_with_two_jobs_trains_each_missing_run_once_and_prints_the_serial_table(ad_cohort60, tmp_path,
+                                                                                             capsys):
+    options = dict(models=["tabular"], epochs=2, data_csv=str(ad_cohort60))
+    evaluate.run_protocol("ad", str(tmp_path / "serial"), **options)
+    serial = capsys.readouterr().out
+    done = training.ad_run_dir(tmp_path / "parallel", "tabular", 0, 0, 2)
+    os.makedirs(os.path.dirname(done))
+    shutil.copytree(training.ad_run_dir(tmp_path / "serial", "tabular", 0, 0, 2), done)   # one run already finished
+    trained, skipped, _ = evaluate.run_protocol("ad", str(tmp_path / "parallel"), jobs=2, **options)
+    parallel = capsys.readouterr().out
+    missing = [training.ad_run_dir(tmp_path / "parallel", "tabular", 0, 0, f) for f in (0, 1, 3)]
+    assert skipped == [done] and sorted(trained) == missing
+    done_lines = re.findall(r"^run [123] of 3 done \(ad tabular seed0 v0 fold[013], .*", parallel, re.M)
+    assert len(done_lines) == 3 and "left for the 1 still to train" in parallel and "; all 3 in " in done_lines[-1]
+    for run_dir in missing:                                      # each trained once: two epochs in its log
+        with open(os.path.join(run_dir, "log.csv")) as log:
+            assert len(log.read().strip().splitlines()) == 1 + 2
+    table = lambda out: out[out.index("| model |"):out.index("wrote ")]
+    assert table(parallel) == table(serial)
+
 
 # ----------------------------------------------------------------------------------------------
-# Data changes, damaged caches, full disks, orphans
+# App. A-C: preprocessing, oversampling
+# App. A.1: RAS, 1.75 mm, a box centred on the brain mask's centre of mass, z-scored over the brain; App. C.4:
+# oversampling draws every class equally often.
+
+
+def synthetic_head(tmp_path):
+    """A 1 mm LAS head: off-centre ellipsoidal brain (CSF, GM, WM) with a smooth bias, and its mask."""
+    shape = (150, 176, 150)
+    i, j, k = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+    centre = np.array([70.0, 96.0, 80.0])
+    r = np.sqrt(((i - centre[0]) / 62) ** 2 + ((j - centre[1]) / 78) ** 2 + ((k - centre[2]) / 58) ** 2)
+    vol = np.where(r < 1, 0.9, 0.0) - np.where((r < 1) & (r > 0.8), 0.35, 0) - np.where((r > 0.92) & (r < 1), 0.4, 0)
+    vol = (vol * (1 + 0.1 * (i / shape[0] - 0.5))).astype(np.float32)
+    affine = np.array([[-1, 0, 0, 80], [0, 1, 0, -110], [0, 0, 1, -70], [0, 0, 0, 1]], float)  # LAS, 1 mm
+    nib.save(nib.Nifti1Image(vol, affine), tmp_path / "head.nii.gz")
+    nib.save(nib.Nifti1Image((r < 1).astype(np.uint8), affine), tmp_path / "mask.nii.gz")
+    return tmp_path / "head.nii.gz", tmp_path / "mask.nii.gz", affine @ np.append(centre, 1)
+
+
+def test_preprocess_centres_its_box_on_the_brain_masks_centre_of_mass_and_z_scores_the_brain_voxels_alone(tmp_path):
+    """App. A.1 (Sec. 4.2.3): the output box of `shape` starts at round(centre of mass - (shape - 1) / 2) of the
+    mask, axis by axis (shapes and centre differ per axis, so a swapped axis or an off-by-one shows), and the
+    volume is z-scored over the brain voxels of the box alone (zero outside), not over the whole box."""
+    g = np.random.default_rng(0)
+    vol = g.uniform(0.5, 1.5, (20, 24, 28)).astype(np.float32)
+    mask = np.zeros(vol.shape, bool)
+    mask[3:12, 5:20, 9:22] = True
+    mask[3:6, 5:8, 9:12] = False                                      # a centre of mass off the box's middle
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    out = preprocess.preprocess_volume(nib.Nifti1Image(vol, affine), nib.Nifti1Image(mask.astype(np.uint8), affine),
+                                       spacing=2.0, shape=(9, 11, 13))
+    com = np.array(np.nonzero(mask)).mean(1)
+    start = np.round(com - (np.array([9, 11, 13]) - 1) / 2).astype(int)
+    box = tuple(slice(s, s + n) for s, n in zip(start, (9, 11, 13)))
+    brain, values = mask[box], vol[box].astype(np.float64)
+    assert brain.any() and not brain.all()                            # the box holds brain and background
+    expected = np.where(brain, (values - values[brain].mean()) / values[brain].std(), 0)
+    np.testing.assert_allclose(out.get_fdata(), expected, rtol=1.3e-6, atol=1e-5)     # float32's
+    np.testing.assert_array_equal(out.affine[:3, 3], 2.0 * start)
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_preprocess_gives_a_centred_zscored_90x120x99_volume_at_1_75mm(tmp_path, with_mask):
+    head, mask, world_centre = synthetic_head(tmp_path)
+    out = tmp_path / "out.nii.gz"
+    preprocess.preprocess_file(head, out, mask if with_mask else None)
+    img = nib.load(out)
+    vol = img.get_fdata()
+    assert vol.shape == (90, 120, 99)
+    assert np.allclose(img.header.get_zooms(), 1.75)
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+    nz = vol != 0
+    com = np.array(np.nonzero(nz)).mean(1)
+    assert np.all(np.abs(com - (np.array(vol.shape) - 1) / 2) <= 2)
+    assert np.allclose((img.affine @ np.append(com, 1))[:3], world_centre[:3], atol=2 * 1.75)
+    assert abs(vol[nz].mean()) < 1e-4 and abs(vol[nz].std() - 1) < 1e-3
+
+
+def test_fuzzy_cmeans_finds_three_tissue_classes():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(m, 0.03, 3000) for m in (0.2, 0.55, 0.9)])
+    c, u = preprocess.fuzzy_cmeans(x)
+    assert np.allclose(c, [0.2, 0.55, 0.9], atol=0.02)
+    assert u.shape == (9000, 3) and np.allclose(u.sum(1), 1)
+
+
+def test_preprocess_batch_mode_writes_every_subject_and_names_a_bad_row(tmp_path):
+    csv_path = tiny_ad(tmp_path)
+    args = ["--csv", csv_path, "--out-dir", tmp_path / "pre", "--shape", 6, 6, 6, "--spacing", 2]
+    p = run_main(preprocess.main, *args)
+    assert p.returncode == 0, p.stderr
+    assert sorted(os.listdir(tmp_path / "pre")) == ["S0.nii.gz", "S1.nii.gz", "S2.nii.gz", "ad.csv"]
+    assert data.read_ad_table(tmp_path / "pre" / "ad.csv").image_paths[2] == str(tmp_path / "pre" / "S2.nii.gz")
+    assert nib.load(tmp_path / "pre" / "S1.nii.gz").shape == (6, 6, 6)
+    os.remove(tmp_path / "images" / "S2.nii.gz")
+    assert_clean_error(run_main(preprocess.main, *args, "--overwrite"), "ad.csv line 4", "S2.nii.gz")
+    assert no_temp_files(tmp_path / "pre")
+
+
+def test_preprocess_n4_without_simpleitk_says_so(tmp_path):
+    try:
+        import SimpleITK  # noqa: F401
+        pytest.skip("SimpleITK is installed")
+    except ImportError:
+        pass
+    head = tmp_path / "h.nii.gz"
+    data.save_nifti(np.ones((8, 8, 8), np.float32), 1.0, head)
+    with pytest.raises(UserError, match="SimpleITK"):
+        preprocess.main([str(head), str(tmp_path / "o.nii.gz"), "--n4"])
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_app_c4_oversampling_draws_every_class_equally_often_over_an_epoch(ad_cohort60, tmp_path, monkeypatch):
+    """--loss ce-oversample: the training loader's sampler draws an epoch of len(training rows) with replacement,
+    each class expected equally often, though the training rows hold 13 CN, 18 MCI and 5 AD."""
+    loaders, real = [], train_ad.fit
+
+    def spy(model, train_loader, *args, **kwargs):
+        loaders.append(train_loader)
+        return real(model, train_loader, *args, **kwargs)
+
+    monkeypatch.setattr(train_ad, "fit", spy)
+    train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "tabular", "--epochs", "1", "--loss", "ce-oversample"))
+    table = data.read_ad_table(ad_cohort60, need_images=False)
+    train, _, _ = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 1)
+    labels = table.labels[train]
+    assert np.bincount(labels).tolist() == [13, 18, 5]
+    sampler = loaders[0].sampler
+    assert sampler.num_samples == len(train) and sampler.replacement
+    expected = np.bincount(labels, weights=sampler.weights.numpy()) / float(sampler.weights.sum())
+    np.testing.assert_allclose(expected, 1 / 3, rtol=1e-9)                  # exactly, in expectation
+    torch.manual_seed(0)
+    drawn = np.bincount(labels[np.concatenate([list(sampler) for _ in range(300)])], minlength=3)
+    assert np.abs(drawn / drawn.sum() - 1 / 3).max() < 0.02, drawn         # 10,800 draws: 4 sigma of noise
+
+
+# ----------------------------------------------------------------------------------------------
+# The program: real data in
+# Tables and NIfTI folders read as exported (ADNIMERGE, aliases, .nii, BOM), the image cache decoded once and kept
+# in step with its sources, the synthetic cohorts.
 
 
 def _nii_copy(cohort_csv, folder):
@@ -1222,62 +2776,132 @@ def _set_inputs(run_dir, **inputs):
     training.save_checkpoint(ckpt, path)
 
 
-def test_a_table_edited_between_two_protocol_calls_is_refused_before_training_and_evaluate_never_mixes_it(
-        ad_cohort60, tmp_path):
-    """The issue's case: run-protocol stopped after two folds, the table edited, run-protocol again. The finished
-    folds hold the old table's sha256: the second call is refused before anything trains, naming a finished run
-    and the table; folds trained on the edited table anyway are never ensembled with the old ones."""
-    csv_path = tmp_path / "ad.csv"
-    shutil.copy(ad_cohort60, csv_path)
-    runs = tmp_path / "runs"
-    protocol = ["--task", "ad", "--models", "tabular", "--epochs", "1", "--data-csv", csv_path,
-                "--runs", runs]
-    assert run_main(evaluate.main, "protocol", *protocol).returncode == 0
-    results = (runs / "results_ad.json").read_bytes()
-    folds = [training.ad_run_dir(runs, "tabular", 0, 0, f) for f in range(4)]
-    for f in (2, 3):                                           # as if the first call had been stopped after two
-        shutil.rmtree(folds[f])
-    _edit_table(csv_path, csv_path, lambda k, c: c[:6] + ["123.4"] + c[7:] if k == 5 else c)   # one ABETA cell
-    assert_clean_error(run_main(evaluate.main, "protocol", *protocol), folds[0], str(csv_path), "another version",
-                       "sha256")
-    assert not os.path.exists(folds[2]) and not os.path.exists(folds[3])          # nothing trained
-    for f in (2, 3):                                           # trained on the edited table by hand
-        assert run_main(train_ad.main, *_ad_args(csv_path, runs, "--model", "tabular", "--epochs", "1",
-                                                 "--fold", str(f))).returncode == 0
-    assert_clean_error(run_main(evaluate.main, "ad", "--runs", runs), "cannot ensemble", folds[0], folds[2],
-                       "different tables", "table_sha256")
-    assert (runs / "results_ad.json").read_bytes() == results                       # no table of mixed folds
+def test_synthetic_ad_cohort_loads_back_with_its_shapes_and_labels(ad_cohort40):
+    t = data.read_ad_table(ad_cohort40)
+    meta = json.load(open(os.path.join(os.path.dirname(ad_cohort40), "cohort.json")))
+    assert len(t.subjects) == 40 and t.labels.dtype == np.int64
+    assert np.bincount(t.labels).tolist() == [meta["class_counts"][c] for c in data.CLASS_NAMES] == [14, 19, 7]
+    assert all(os.path.isfile(p) for p in t.image_paths)
+    vol = data.load_volume(t.image_paths[0])
+    assert vol.shape == tuple(meta["image_shape"])
+    assert np.allclose(nib.load(t.image_paths[0]).header.get_zooms(), meta["spacing_mm"])
+    crops = data.HippocampusCrops.load(os.path.join(os.path.dirname(ad_cohort40), "crops.json"))
+    assert crops(vol).shape == (2,) + crops.size
+    X = TabularPreprocessor().fit_transform(t.raw)
+    assert X.shape == (40, 15)                                  # the paper's n_tab = 15
+    two = data.read_ad_table(ad_cohort40, classes=2)
+    assert set(two.labels.tolist()) == {0, 1} and len(two.subjects) == 14 + 7
+    text = open(ad_cohort40).read()
+    assert ",," in text                                         # empty cells = missing values
 
 
-def test_runs_trained_on_other_images_or_tables_are_not_ensembled_nor_put_in_one_table(tmp_path):
-    """Within one ensemble (an AD row's four folds, a brain-age model's versions) and across the rows and models
-    of one table, runs whose checkpoints hold other images' fingerprints or another table's sha256 are refused
-    naming two of them; a run without images (tabular-only) is not compared on images."""
-    rng = np.random.default_rng(5)
-    labels = rng.integers(0, 3, 10)
-    for fold in range(4):
-        fake_ad_run(tmp_path / "a", "imaging", 0, 0, fold, random_probs(rng, 10), labels, table_sha256="t1",
-                    images_sha256="i2" if fold == 2 else "i1")
-    with pytest.raises(UserError, match="cannot ensemble .*fold0 and .*fold2: they were trained on different images"):
-        evaluate.evaluate_ad(str(tmp_path / "a"), quiet=True)
-    for fold in range(4):                                      # each row sound, the two models of two tables
-        fake_ad_run(tmp_path / "b", "imaging", 0, 0, fold, random_probs(rng, 10), labels, table_sha256="t1",
-                    images_sha256="i1")
-        fake_ad_run(tmp_path / "b", "tabular", 0, 0, fold, random_probs(rng, 10), labels, table_sha256="t1",
-                    images_sha256=None)
-    assert [m["model"] for m in evaluate.evaluate_ad(str(tmp_path / "b"), quiet=True)["models"]] == [
-        "imaging", "tabular", "late-fusion"]
-    for fold in range(4):
-        fake_ad_run(tmp_path / "b", "hyperfusion", 0, 0, fold, random_probs(rng, 10), labels, table_sha256="t2",
-                    images_sha256="i1")
-    assert_clean_error(run_main(evaluate.main, "ad", "--runs", tmp_path / "b"), "cannot put", "in one table",
-                       "hyperfusion", "different tables")
-    age, sex = rng.uniform(20, 80, 12), np.arange(12) % 2
-    for v in range(3):
-        run_dir = fake_brain_age_run(tmp_path / "c", v, 1.0 + v, age + rng.normal(0, 3, 12), age, sex)
-        _set_inputs(run_dir, table_sha256="t1" if v != 1 else "t2")
-    assert_clean_error(run_main(evaluate.main, "brain-age", "--runs", tmp_path / "c"), "cannot ensemble", "v0",
-                       "v1", "different tables")
+def test_group_aliases_read_as_mci_and_ad(tmp_path):
+    csv_path = tiny_ad(tmp_path, group="LMCI")
+    text = csv_path.read_text().replace("S0,AD", "S0,Dementia").replace("S2,AD", "S2,EMCI")
+    csv_path.write_text(text)
+    assert data.read_ad_table(csv_path).labels.tolist() == [2, 1, 1]
+
+
+def test_from_adnimerge_keeps_one_row_per_subject_with_the_diagnosis_of_that_visit(tmp_path):
+    (tmp_path / "ADNIMERGE.csv").write_text(ADNIMERGE)
+    p = run_main(data.main, "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out", tmp_path / "t.csv")
+    assert p.returncode == 0, p.stderr
+    assert "kept 3 subjects (CN 1, MCI 1, AD 1)" in p.stdout and "1 subjects without a 'bl' visit" in p.stdout
+    assert "DX_bl SMC 1" in p.stdout
+    t = data.read_ad_table(tmp_path / "t.csv", need_images=False)
+    assert t.subjects == ["011_S_0001", "011_S_0004", "011_S_0005"] and t.labels.tolist() == [0, 1, 2]
+    assert np.isnan(t.age[1]) and t.raw[0]["ABETA"] == ">1700"        # empty and censored cells as exported
+    p = run_main(data.main, "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out", tmp_path / "t.csv",
+            "--group-map", "SMC=CN")
+    assert "kept 4 subjects (CN 2, MCI 1, AD 1)" in p.stdout
+    p = run_main(data.main, "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out", tmp_path / "m12.csv", "--visit",
+                 "m12")
+    t = data.read_ad_table(tmp_path / "m12.csv", need_images=False)
+    assert t.subjects == ["011_S_0001"] and t.labels.tolist() == [1] and t.age[0] == pytest.approx(75.3)
+    assert_clean_error(run_main(data.main, "from-adnimerge", tmp_path / "t.csv", "--out", tmp_path / "x.csv"),
+                       "t.csv", "missing columns PTID, VISCODE")
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_check_ad_accepts_a_good_table(tmp_path, capsys):
+    data.main(["check-ad", str(tiny_ad(tmp_path))])
+    out = capsys.readouterr().out
+    assert out.startswith("ok:") and "CN 1, MCI 0, AD 2" in out
+
+
+def test_check_ad_preview_draws_the_boxes_and_writes_the_crops_as_png(ad_cohort40, tmp_path):
+    p = run_main(data.main, "check-ad", ad_cohort40, "--preview", tmp_path / "pv", "--preview-n", "2")
+    assert p.returncode == 0 and "wrote 4 PNGs" in p.stdout, p.stderr
+    X, Y, Z = synthetic.AD_SYNTH["shape"]
+    D, H, W = synthetic.AD_SYNTH["crop_size"]
+    subject = data.read_ad_table(ad_cohort40).subjects[0]
+    assert _png_size(tmp_path / "pv" / f"{subject}_boxes.png") == (2 * (X + 2), max(Y, Z))  # axial | coronal
+    assert _png_size(tmp_path / "pv" / f"{subject}_crops.png") == (2 * (D + 2 + D + 2), max(H, W))
+
+
+def test_the_preview_is_an_rgb_png_that_matplotlib_reads_with_or_without_matplotlib_installed(ad_cohort40, tmp_path,
+                                                                                             monkeypatch):
+    mpl_image = pytest.importorskip("matplotlib.image")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # the writer needs no optional dependency
+    p = run_main(data.main, "check-ad", ad_cohort40, "--preview", tmp_path, "--preview-n", 1)
+    monkeypatch.undo()
+    assert p.returncode == 0 and "wrote 2 PNGs" in p.stdout and no_temp_files(tmp_path), p.stderr
+    X, Y, Z = synthetic.AD_SYNTH["shape"]
+    for name in sorted(os.listdir(tmp_path)):
+        w, h, colour = _png_header(tmp_path / name)
+        assert colour == 2 and mpl_image.imread(tmp_path / name).shape == (h, w, 3)
+        if name.endswith("_boxes.png"):
+            assert (w, h) == (2 * (X + 2), max(Y, Z))
+
+
+def test_a_table_saved_by_a_spreadsheet_with_a_bom_and_crlf_line_ends_reads_as_the_plain_one(tmp_path):
+    table = tiny_ad(tmp_path)
+    excel = tmp_path / "excel.csv"                              # Excel's "CSV UTF-8": a BOM, then CRLF lines
+    excel.write_bytes(b"\xef\xbb\xbf" + table.read_text().replace("\n", "\r\n").encode())
+    plain, saved = data.read_ad_table(table), data.read_ad_table(excel)
+    assert saved.subjects == plain.subjects == ["S0", "S1", "S2"] and saved.raw == plain.raw
+    assert saved.labels.tolist() == plain.labels.tolist()
+
+
+def test_cache_decodes_once_and_redecodes_a_changed_source(tmp_path):
+    csv_path = tiny_ad(tmp_path)
+    paths = data.read_ad_table(csv_path).image_paths
+    crops = data.HippocampusCrops((0, 0, 0), (4, 0, 0), (4, 8, 8))
+    cache = data.ImageCache(paths, tmp_path / "cache", "float16", transform=crops).prepare(progress=False)
+    assert cache.n_decoded == 3
+    first = np.array(cache[1])
+    assert isinstance(cache[1], np.memmap) and first.shape == (2, 4, 8, 8) and first.dtype == np.float16
+    again = data.ImageCache(paths, tmp_path / "cache", "float16", transform=crops)
+    again.prepare(progress=False)
+    np.array(again[1])
+    assert again.n_decoded == 0                                 # served from the .npy, no gzip decode
+    changed = np.ones((8, 8, 8), np.float32)
+    changed[0, 0, 0] = 2                                        # (a constant image would be refused: no signal)
+    data.save_nifti(changed, 2.0, paths[1])
+    os.utime(paths[1], ns=(1, 10**18))                          # a changed source (new mtime)
+    assert np.array_equal(np.array(again[1]), crops(changed))
+    assert again.n_decoded == 1
+    entries = lambda: [f for f in os.listdir(tmp_path / "cache") if f.endswith(".npy")]   # (and sources.json)
+    assert len(entries()) == 3                                  # the stale entry was removed
+    other = data.ImageCache(paths, tmp_path / "cache", "float32", transform=crops)
+    assert other[0].dtype == np.float32 and other.n_decoded == 1  # another dtype: its own entry
+    assert len(entries()) == 4 and again[0].dtype == np.float16
+
+
+def test_a_parallel_cache_decode_writes_entries_byte_identical_to_a_serial_decode(ad_cohort40, tmp_path):
+    table = data.read_ad_table(ad_cohort40)
+    crops = data.load_crops(None, ad_cohort40)
+    caches = {}
+    for workers in (1, 2):
+        caches[workers] = data.ImageCache(table.image_paths, tmp_path / f"w{workers}", "float16", transform=crops,
+                                          names=table.subjects)
+        caches[workers].prepare(progress=False, workers=workers)
+    names = sorted(os.listdir(tmp_path / "w1"))
+    assert names == sorted(os.listdir(tmp_path / "w2")) and data.SOURCES_INDEX in names
+    assert len(names) == len(table.subjects) + 1                # an entry per subject, and the sources' hashes
+    for name in names:
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
+    assert caches[2].n_decoded == len(table.subjects) and no_temp_files(tmp_path / "w2")
 
 
 def test_an_image_replaced_in_place_by_one_of_the_same_size_with_its_times_kept_is_noticed(nii_imaging_run,
@@ -1350,6 +2974,219 @@ def test_a_damaged_or_mismatched_cache_entry_is_decoded_again_with_one_warning_a
     assert fresh.n_decoded == 1 and no_temp_files(cache.cache_dir)
 
 
+def test_a_table_edited_between_two_protocol_calls_is_refused_before_training_and_evaluate_never_mixes_it(
+        ad_cohort60, tmp_path):
+    """The issue's case: run-protocol stopped after two folds, the table edited, run-protocol again. The finished
+    folds hold the old table's sha256: the second call is refused before anything trains, naming a finished run
+    and the table; folds trained on the edited table anyway are never ensembled with the old ones."""
+    csv_path = tmp_path / "ad.csv"
+    shutil.copy(ad_cohort60, csv_path)
+    runs = tmp_path / "runs"
+    protocol = ["--task", "ad", "--models", "tabular", "--epochs", "1", "--data-csv", csv_path,
+                "--runs", runs]
+    assert run_main(evaluate.main, "protocol", *protocol).returncode == 0
+    results = (runs / "results_ad.json").read_bytes()
+    folds = [training.ad_run_dir(runs, "tabular", 0, 0, f) for f in range(4)]
+    for f in (2, 3):                                           # as if the first call had been stopped after two
+        shutil.rmtree(folds[f])
+    _edit_table(csv_path, csv_path, lambda k, c: c[:6] + ["123.4"] + c[7:] if k == 5 else c)   # one ABETA cell
+    assert_clean_error(run_main(evaluate.main, "protocol", *protocol), folds[0], str(csv_path), "another version",
+                       "sha256")
+    assert not os.path.exists(folds[2]) and not os.path.exists(folds[3])          # nothing trained
+    for f in (2, 3):                                           # trained on the edited table by hand
+        assert run_main(train_ad.main, *_ad_args(csv_path, runs, "--model", "tabular", "--epochs", "1",
+                                                 "--fold", str(f))).returncode == 0
+    assert_clean_error(run_main(evaluate.main, "ad", "--runs", runs), "cannot ensemble", folds[0], folds[2],
+                       "different tables", "table_sha256")
+    assert (runs / "results_ad.json").read_bytes() == results                       # no table of mixed folds
+
+
+def test_runs_trained_on_other_images_or_tables_are_not_ensembled_nor_put_in_one_table(tmp_path):
+    """Within one ensemble (an AD row's four folds, a brain-age model's versions) and across the rows and models
+    of one table, runs whose checkpoints hold other images' fingerprints or another table's sha256 are refused
+    naming two of them; a run without images (tabular-only) is not compared on images."""
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 3, 10)
+    for fold in range(4):
+        fake_ad_run(tmp_path / "a", "imaging", 0, 0, fold, random_probs(rng, 10), labels, table_sha256="t1",
+                    images_sha256="i2" if fold == 2 else "i1")
+    with pytest.raises(UserError, match="cannot ensemble .*fold0 and .*fold2: they were trained on different images"):
+        evaluate.evaluate_ad(str(tmp_path / "a"), quiet=True)
+    for fold in range(4):                                      # each row sound, the two models of two tables
+        fake_ad_run(tmp_path / "b", "imaging", 0, 0, fold, random_probs(rng, 10), labels, table_sha256="t1",
+                    images_sha256="i1")
+        fake_ad_run(tmp_path / "b", "tabular", 0, 0, fold, random_probs(rng, 10), labels, table_sha256="t1",
+                    images_sha256=None)
+    assert [m["model"] for m in evaluate.evaluate_ad(str(tmp_path / "b"), quiet=True)["models"]] == [
+        "imaging", "tabular", "late-fusion"]
+    for fold in range(4):
+        fake_ad_run(tmp_path / "b", "hyperfusion", 0, 0, fold, random_probs(rng, 10), labels, table_sha256="t2",
+                    images_sha256="i1")
+    assert_clean_error(run_main(evaluate.main, "ad", "--runs", tmp_path / "b"), "cannot put", "in one table",
+                       "hyperfusion", "different tables")
+    age, sex = rng.uniform(20, 80, 12), np.arange(12) % 2
+    for v in range(3):
+        run_dir = fake_brain_age_run(tmp_path / "c", v, 1.0 + v, age + rng.normal(0, 3, 12), age, sex)
+        _set_inputs(run_dir, table_sha256="t1" if v != 1 else "t2")
+    assert_clean_error(run_main(evaluate.main, "brain-age", "--runs", tmp_path / "c"), "cannot ensemble", "v0",
+                       "v1", "different tables")
+
+
+def test_a_run_refuses_a_tabular_model_or_checkpoint_trained_on_another_table(ad_cohort60, tmp_path):
+    other = _edit_table(ad_cohort60, os.path.join(os.path.dirname(ad_cohort60), "ad_other_values.csv"),
+                        lambda k, c: c[:6] + ["123.4"] + c[7:] if k == 5 else c)   # one ABETA cell differs
+    train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "tabular", "--epochs", "1"))
+    tab = _run_dir(tmp_path, "tabular")
+    before = _files(tmp_path), open(os.path.join(tab, "last.pt"), "rb").read()
+    ckpt = torch.load(os.path.join(tab, "last.pt"), weights_only=True)
+    assert ckpt["inputs"]["table_sha256"] == data.table_sha256(ad_cohort60) and len(data.table_sha256(other)) == 64
+    # HyperFusion on the other table finds the tabular model of this split, fold and version: refused
+    assert_clean_error(run_main(train_ad.main, *_ad_args(other, tmp_path, "--model", "hyperfusion")),
+                       "best.pt", "another run", "table_sha256", str(ad_cohort60))
+    # --resume with another --data-csv: refused
+    assert_clean_error(run_main(train_ad.main, *_ad_args(other, tmp_path, "--model", "tabular", "--resume")),
+                       "last.pt", "table_sha256")
+    assert (_files(tmp_path), open(os.path.join(tab, "last.pt"), "rb").read()) == before
+    # the evaluation tools refuse it too, and an impossible sweep value
+    assert_clean_error(run_main(evaluate.main, "sweep", tab, "--attribute", "ABETA", "--values", "500",
+                                "--data-csv", other), "ad_other_values.csv", "sha256")
+    assert_clean_error(run_main(evaluate.main, "sweep", tab, "--attribute", "ABETA", "--values", "-5"),
+                       "--values -5", "ABETA", "negative")
+    # a checkpoint whose tensors have other shapes: refused naming it, not a traceback
+    ckpt["model"] = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) if v.dim() else v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, os.path.join(tab, "last.pt"))
+    assert_clean_error(run_main(train_ad.main, *_ad_args(ad_cohort60, tmp_path, "--model", "tabular", "--resume")),
+                       "last.pt", "does not fit")
+    assert no_temp_files(tab)
+
+
+def test_failed_synthesis_leaves_no_partial_cohort(tmp_path, monkeypatch):
+    calls = []
+
+    def failing_save(vol, spacing, path):
+        calls.append(path)
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device", str(path))
+        return real(vol, spacing, path)
+
+    real = synthetic.save_nifti
+    monkeypatch.setattr(synthetic, "save_nifti", failing_save)
+    with pytest.raises(OSError):
+        synthetic.make_synthetic_ad(tmp_path / "cohort", n=12)
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="mine"):
+        synthetic.main(["ad", "--out", str(tmp_path / "mine"), "--n", "12"])
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"] and no_temp_files(tmp_path)
+    with pytest.raises(UserError, match="--n"):
+        synthetic.make_synthetic_brain_age(tmp_path / "x", n=3)
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_built_in_cohort_that_another_generator_wrote_is_written_again(tmp_path, monkeypatch):
+    folder, name, make, _ = synthetic.BUILTIN["brain-age"]
+    monkeypatch.setitem(synthetic.BUILTIN, "brain-age", (folder, name, make, dict(n=12, seed=0)))
+    csv_path = synthetic.builtin_cohort("brain-age", tmp_path)
+    stamp = os.stat(csv_path).st_mtime_ns
+    assert synthetic.builtin_cohort("brain-age", tmp_path) == csv_path and os.stat(csv_path).st_mtime_ns == stamp
+    info_path = os.path.join(os.path.dirname(csv_path), "cohort.json")
+    info = json.load(open(info_path))
+    info["generator"]["atrophy_after_40"]["M"] = 0.6                                  # an older generator's
+    json.dump(info, open(info_path, "w"))
+    synthetic.builtin_cohort("brain-age", tmp_path)
+    assert json.load(open(info_path))["generator"]["atrophy_after_40"]["M"] == synthetic.BRAIN_AGE_SYNTH[
+        "atrophy_after_40"]["M"]
+
+
+def test_atomic_path_leaves_nothing_behind_on_failure(tmp_path):
+    target = tmp_path / "out.json"
+    with pytest.raises(RuntimeError):
+        with data.atomic_path(target) as tmp:
+            open(tmp, "w").write("half")
+            raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+    with data.atomic_path(target) as tmp:
+        open(tmp, "w").write("{}")
+    assert os.listdir(tmp_path) == ["out.json"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The program: bad input
+# Every wrong input stops in one `error:` line naming the file, row, column or option, exit status 2, nothing
+# half-written.
+
+
+def _tiny_brain_age(folder, n=10, sex="MF", shapes=None, spacing=None):
+    """An n-subject brain-age table with 8x8x8 images (shapes / spacing: {index: other}); returns the CSV path."""
+    os.makedirs(folder / "images", exist_ok=True)
+    rows = ["Subject,Age,Sex"]
+    for i in range(n):
+        vol = np.random.default_rng(i).random((shapes or {}).get(i, (8, 8, 8))).astype(np.float32)
+        data.save_nifti(vol, (spacing or {}).get(i, 2.0), folder / "images" / f"B{i}.nii.gz")
+        rows.append(f"B{i},{40 + 3 * i},{sex[i % len(sex)]}")
+    (folder / "ba.csv").write_text("\n".join(rows) + "\n")
+    return folder / "ba.csv"
+
+
+def _cells(text, line, col, value):
+    """text with the cell of CSV line `line` (1 = header), column index `col` set to value."""
+    lines = text.splitlines()
+    cells = lines[line - 1].split(",")
+    cells[col] = value
+    lines[line - 1] = ",".join(cells)
+    return "\n".join(lines) + "\n"
+
+
+def _renamed(src, dst, ids):
+    """A copy of table `src` with its first len(ids) subjects renamed `ids` (the other rows dropped), each
+    image named by an `image` column (an absolute path), so that an id need not be a file name."""
+    rows, fields = data.read_csv_rows(src, ("Subject",))
+    images = os.path.join(os.path.dirname(os.path.abspath(src)), "images")
+    out = [dict(r, Subject=s, image=data.find_image(images, r["Subject"])) for s, (_, r) in zip(ids, rows)]
+    data.write_csv(out, fields + ["image"], dst)
+    return dst
+
+
+FORMULA_IDS = ['=HYPERLINK("evil.example";"open me")', "+1+1", "@SUM(1)", "-2+3", "'quoted"]
+
+
+def test_missing_nifti_is_named(tmp_path):
+    csv_path = tiny_ad(tmp_path)
+    os.remove(tmp_path / "images" / "S1.nii.gz")
+    assert_clean_error(run("data.py", "check-ad", csv_path), "S1", "S1.nii.gz", "line 3")
+
+
+def test_truncated_nifti_is_named(tmp_path):
+    csv_path = tiny_ad(tmp_path)
+    p = tmp_path / "images" / "S2.nii.gz"
+    p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
+    assert_clean_error(run_main(data.main, "check-ad", csv_path), "S2.nii.gz", "truncated")
+    with pytest.raises(UserError, match="S2.nii.gz"):
+        preprocess.preprocess_file(p, tmp_path / "o.nii.gz")
+    assert not (tmp_path / "o.nii.gz").exists() and no_temp_files(tmp_path)
+
+
+def test_4d_image_is_named_with_its_shape(tmp_path):
+    csv_path = tiny_ad(tmp_path)
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8, 2), np.float32), np.eye(4)), tmp_path / "images" / "S0.nii.gz")
+    assert_clean_error(run_main(data.main, "check-ad", csv_path), "S0.nii.gz", "(8, 8, 8, 2)")
+    nib.save(nib.Nifti1Image(np.arange(512, dtype=np.float32).reshape(8, 8, 8, 1), np.eye(4)),   # not constant
+             tmp_path / "images" / "S0.nii.gz")
+    assert data.load_volume(tmp_path / "images" / "S0.nii.gz").shape == (8, 8, 8)   # trailing 1 squeezed
+
+
+def test_nan_voxels_are_named_and_preprocess_writes_nothing(tmp_path):
+    csv_path = tiny_ad(tmp_path)
+    vol = np.ones((8, 8, 8), np.float32)
+    vol[1, 2, 3] = np.nan
+    data.save_nifti(vol, 2.0, tmp_path / "images" / "S1.nii.gz")
+    assert_clean_error(run_main(data.main, "check-ad", csv_path), "S1.nii.gz", "NaN")
+    out = tmp_path / "out" / "o.nii.gz"
+    assert_clean_error(run_main(preprocess.main, tmp_path / "images" / "S1.nii.gz", out), "S1.nii.gz", "NaN")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_images_with_non_finite_absurd_or_no_signal_values_are_refused_in_either_cache_dtype(ad_cohort40, tmp_path,
                                                                                             dtype):
@@ -1385,6 +3222,361 @@ def test_images_with_non_finite_absurd_or_no_signal_values_are_refused_in_either
                                f"subject {subject}", says)
 
 
+def test_images_of_another_shape_or_voxel_size_are_refused_from_their_headers(ad_cohort40, tmp_path):
+    ba = ["--out", tmp_path / "runs", "--epochs", "1", "--quiet"]
+    csv_path = _tiny_brain_age(tmp_path / "a", shapes={6: (8, 9, 8)})
+    assert_clean_error(run_main(train_brain_age.main, "--data-csv", csv_path, *ba), "B6.nii.gz", "subject B6",
+                       "(8, 9, 8)", "(8, 8, 8)", "B0.nii.gz")
+    assert not (tmp_path / "a" / "cache").exists() and not (tmp_path / "runs").exists()
+    csv_path = _tiny_brain_age(tmp_path / "b", spacing={3: 1.0})
+    assert_clean_error(run_main(data.main, "check-brain-age", csv_path), "B3.nii.gz", "voxel size",
+                       "(1.0, 1.0, 1.0)", "(2.0, 2.0, 2.0)")
+    assert_clean_error(run_main(train_brain_age.main, "--data-csv", csv_path, *ba), "B3.nii.gz", "voxel size")
+    # AD: one scan of another shape among the cohort's, through train_ad.py, before any crop is decoded
+    images = tmp_path / "ad_images"
+    images.mkdir()
+    table = data.read_ad_table(ad_cohort40)
+    for s, p in zip(table.subjects, table.image_paths):
+        os.symlink(p, images / os.path.basename(p))
+    odd = table.subjects[7]
+    os.remove(images / f"{odd}.nii.gz")
+    data.save_nifti(np.zeros((20, 20, 20), np.float32), 1.0, images / f"{odd}.nii.gz")
+    args = _ad_args(ad_cohort40, tmp_path / "runs", "--model", "imaging", "--image-dir", images,
+                    "--cache-dir", tmp_path / "cache")
+    assert_clean_error(run_main(train_ad.main, *args), f"subject {odd}", "(20, 20, 20)")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
+
+
+def test_csv_without_group_names_the_column(tmp_path):
+    csv_path = tiny_ad(tmp_path)
+    csv_path.write_text(csv_path.read_text().replace("Group", "Diagnosis"))
+    assert_clean_error(run_main(data.main, "check-ad", csv_path), "ad.csv", "Group")
+
+
+def test_rows_whose_group_is_not_a_diagnosis_are_skipped_with_a_count_or_mapped(tmp_path):
+    csv_path = tiny_ad(tmp_path, group="SMC")
+    p = run_main(data.main, "check-ad", csv_path)
+    assert p.returncode == 0 and "skipped 1 row whose Group is not CN, MCI or AD: SMC 1" in p.stdout, p.stderr
+    assert "2 subjects (CN 0, MCI 0, AD 2)" in p.stdout
+    p = run_main(data.main, "check-ad", csv_path, "--group-map", "smc=CN")
+    assert p.returncode == 0 and "3 subjects (CN 1, MCI 0, AD 2)" in p.stdout and "skipped" not in p.stdout
+    csv_path.write_text(csv_path.read_text().replace(",AD,", ",XYZ,").replace(",SMC,", ",,"))
+    assert_clean_error(run_main(data.main, "check-ad", csv_path), "ad.csv", "no CN or MCI or AD subjects", "XYZ 2",
+                       "(empty) 1", "--group-map")
+    assert_clean_error(run_main(data.main, "check-ad", csv_path, "--group-map", "XYZ=sick"), "--group-map XYZ=sick")
+
+
+def test_non_numeric_age_names_the_row_and_column(tmp_path):
+    csv_path = tiny_ad(tmp_path, age="seventy")
+    assert_clean_error(run_main(data.main, "check-ad", csv_path, "--no-images"), "line 3", "AGE", "seventy")
+    with pytest.raises(UserError, match="line 3.*AGE"):
+        data.read_ad_table(csv_path)
+    csv_path.write_text(csv_path.read_text().replace("seventy", "70,extra"))
+    with pytest.raises(UserError, match="line 3: 12 fields, the header has 11"):
+        data.read_ad_table(csv_path)
+    csv_path.write_bytes(b"Subject,Group\n\xff\xfe,CN\n")
+    with pytest.raises(UserError, match="UTF-8"):
+        data.read_ad_table(csv_path)
+
+
+def test_a_column_named_twice_is_refused_naming_it(tmp_path):
+    csv_path = tiny_ad(tmp_path)
+    lines = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join([lines[0] + ",ABETA"] + [ln + ",900" for ln in lines[1:]]) + "\n")
+    assert_clean_error(run_main(data.main, "check-ad", csv_path), "ad.csv", "column ABETA appears twice",
+                       "columns 7 and 12")
+
+
+def test_an_unclosed_quote_is_named_at_the_line_where_it_opens(tmp_path):
+    csv_path = tiny_ad(tmp_path)
+    csv_path.write_text(csv_path.read_text().replace("S1,CN,", 'S1,"CN,'))
+    assert_clean_error(run_main(data.main, "check-ad", csv_path), "ad.csv line 3", "quote", "Group", "not closed")
+
+
+def test_semicolon_or_tab_tables_are_named_and_nii_images_beside_nii_gz_are_found(tmp_path):
+    csv_path = tiny_ad(tmp_path)
+    good = csv_path.read_text()
+    for sep, name in ((";", "semicolon"), ("\t", "tab")):
+        csv_path.write_text(good.replace(",", sep))
+        assert_clean_error(run_main(data.main, "check-ad", csv_path), "ad.csv", f"delimiter looks like a {name}",
+                           "comma-separated")
+    csv_path.write_text(good)
+    img = nib.load(tmp_path / "images" / "S1.nii.gz")
+    nib.save(img, tmp_path / "images" / "S1.nii")
+    os.remove(tmp_path / "images" / "S1.nii.gz")
+    p = run_main(data.main, "check-ad", csv_path)
+    assert p.returncode == 0 and "images (8, 8, 8)" in p.stdout, p.stderr
+    assert data.read_ad_table(csv_path).image_paths[1] == str(tmp_path / "images" / "S1.nii")
+    os.remove(tmp_path / "images" / "S1.nii")
+    assert_clean_error(run_main(data.main, "check-ad", csv_path), "line 3", "S1.nii.gz (or .nii)")
+    # found beside them: an empty file, an --image-dir that is not a folder
+    (tmp_path / "empty.csv").write_text("")
+    assert_clean_error(run_main(data.main, "check-ad", tmp_path / "empty.csv"), "empty.csv", "no header")
+    assert_clean_error(run_main(data.main, "check-ad", csv_path, "--image-dir", tmp_path / "nope"),
+                       "--image-dir", "not found")
+    # ... one image named by two subjects, an image whose header has a zero voxel size
+    data.save_nifti(np.ones((8, 8, 8), np.float32), 2.0, tmp_path / "images" / "S1.nii.gz")
+    twice = good.replace("Subject,", "Subject,image,").replace("S0,", "S0,images/S2.nii.gz,")
+    (tmp_path / "twice.csv").write_text(twice.replace("S1,", "S1,,").replace("S2,", "S2,images/S2.nii.gz,"))
+    assert_clean_error(run_main(data.main, "check-ad", tmp_path / "twice.csv"), "line 4", "subject S2",
+                       "also subject S0's")
+    header = nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)).header
+    header["qform_code"], header["sform_code"], header["srow_y"] = 0, 1, [0, 0, 0, 0]   # a y axis of 0 mm
+    nib.Nifti1Image(np.ones((8, 8, 8), np.float32), None, header).to_filename(tmp_path / "images" / "S1.nii.gz")
+    assert_clean_error(run_main(data.main, "check-ad", csv_path), "S1.nii.gz", "degenerate")
+
+
+def test_adni_missing_codes_read_as_missing_with_a_warning_and_impossible_values_are_refused(tmp_path):
+    csv_path = tiny_ad(tmp_path)
+    good = csv_path.read_text()
+    csv_path.write_text(good.replace(",>1700,", ",-4,").replace(",1.2\n", ",-1\n", 1))
+    p = run_main(data.main, "check-ad", csv_path, "--no-images")
+    assert p.returncode == 0 and p.stdout.startswith("ok:"), p.stderr
+    warned = p.stderr.strip().splitlines()
+    assert [w for w in warned if w.startswith("warning:") and "ABETA: 3 cells" in w and "-4 or -1" in w]
+    assert [w for w in warned if w.startswith("warning:") and "AV45: 1 cell " in w]
+    raw = data.read_ad_table(csv_path, need_images=False).raw
+    _, X = TabularPreprocessor.parse(raw)
+    assert np.isnan(X[:, data.AD_CONTINUOUS.index("ABETA")]).all()
+    assert np.isnan(X[0, data.AD_CONTINUOUS.index("AV45")]) and X[1, data.AD_CONTINUOUS.index("AV45")] == 1.2
+    for col, bad, why in [("TAU", "-3", "negative"), ("PTAU", "1e300", "impossible"), ("APOE4", "3", "one of 0, 1, 2"),
+                          ("PTEDUCAT", "55", "0 to 40"), ("FDG", "-0.5", "negative")]:
+        header = good.splitlines()[0].split(",")
+        csv_path.write_text(_cells(good, 3, header.index(col), bad))
+        assert_clean_error(run_main(data.main, "check-ad", csv_path, "--no-images"), "line 3", "subject S1",
+                           f"column {col}", bad, why)
+    assert_clean_error(run_main(train_ad.main, *_ad_args(csv_path, tmp_path / "runs", "--model", "tabular")),
+                       "line 3", "column FDG")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_one_class_or_a_class_absent_from_a_subset_is_refused_after_the_split(ad_cohort40, tmp_path):
+    out = tmp_path / "runs"
+    one = _edit_table(ad_cohort40, tmp_path / "one.csv", lambda k, c: c[:1] + ["CN"] + c[2:])
+    assert_clean_error(run_main(train_ad.main, *_ad_args(one, out, "--model", "tabular")), "one.csv",
+                       "every subject is CN")
+    no_mci = _edit_table(ad_cohort40, tmp_path / "no_mci.csv",
+                         lambda k, c: c[:1] + ["CN" if c[1] == "MCI" else c[1]] + c[2:])
+    assert_clean_error(run_main(train_ad.main, *_ad_args(no_mci, out, "--model", "tabular")), "no MCI subjects",
+                       "--classes 2")
+    n_ad = []
+    few_ad = _edit_table(ad_cohort40, tmp_path / "few_ad.csv",
+                         lambda k, c: c[:1] + ["CN" if c[1] == "AD" and n_ad.append(k) is None and len(n_ad) > 2
+                                               else c[1]] + c[2:])
+    assert_clean_error(run_main(train_ad.main, *_ad_args(few_ad, out, "--model", "tabular")), "few_ad.csv",
+                       "class AD is absent from the", "split seed 0, fold 1", "2 AD subjects")
+    assert not out.exists()
+
+
+def test_numeric_options_out_of_range_are_refused_naming_the_option(tmp_path):
+    csv_path = tiny_ad(tmp_path)
+    base = ["--data-csv", csv_path, "--out", tmp_path / "runs", "--model", "tabular", "--quiet"]
+    for option, value in [("--batch-size", "0"), ("--lr", "-1"), ("--weight-decay", "nan"), ("--workers", "-1"),
+                          ("--version", "-5"), ("--epochs", "0"), ("--split-seed", "-1"), ("--lr", "inf")]:
+        assert_clean_error(run_main(train_ad.main, *base, option, value), f"{option} {value}")
+    assert_clean_error(run_main(train_ad.main, *base, "--batch-size", "0"), "--batch-size 0", "at least 1")
+    assert_clean_error(run_main(train_brain_age.main, "--data-csv", csv_path, "--lr", "0"), "--lr 0", "above 0")
+    for fractions in (("0.5", "0.5", "0.5"), ("0.9", "0.1", "0"), ("nan", "0.5", "0.5")):
+        assert_clean_error(run_main(train_brain_age.main, "--data-csv", csv_path, "--split", *fractions),
+                           "--split " + " ".join(fractions))
+    assert not (tmp_path / "runs").exists()
+    head = tmp_path / "images" / "S0.nii.gz"
+    for spacing in ("0.01", "50", "nan"):
+        assert_clean_error(run_main(preprocess.main, head, tmp_path / "o.nii.gz", "--spacing", spacing),
+                           f"--spacing {spacing}")
+    assert_clean_error(run_main(preprocess.main, head, tmp_path / "o.nii.gz", "--shape", 0, 9, 9), "--shape 0 9 9")
+    assert_clean_error(run_main(preprocess.main, head, head), "S0.nii.gz", "overwrite its own input")
+    assert not (tmp_path / "o.nii.gz").exists()
+    assert_clean_error(run_main(evaluate.main, "brain-age", "--runs", tmp_path, "--top", "0"), "--top 0")
+    # argparse's own refusals are one line too (not its usage line first)
+    assert_clean_error(run("train_ad.py", "--fold", "7"), "--fold", "invalid choice")
+    assert_clean_error(run_main(train_brain_age.main, "--batch-size", "abc"), "--batch-size", "abc")
+    assert_clean_error(run_main(synthetic.main, "ad", "--out", tmp_path / "syn", "--seed", "-1"), "--seed -1")
+    # crops.json: two numbers, a zero size
+    for boxes, culprit in [({"left_start": [1, 2], "right_start": [0, 0, 0], "size": [4, 4, 4]}, "left_start"),
+                           ({"left_start": [0, 0, 0], "right_start": [0, 0, 0], "size": [4, 0, 4]}, "size")]:
+        (tmp_path / "crops.json").write_text(json.dumps(boxes))
+        assert_clean_error(run_main(data.main, "check-ad", csv_path), "crops.json", culprit)
+    # brain age: --train-sex with no such subjects in the training split
+    ba = _tiny_brain_age(tmp_path / "ba", sex="M")
+    assert_clean_error(run_main(train_brain_age.main, "--data-csv", ba, "--train-sex", "F", "--out", tmp_path / "r",
+                                "--quiet"), "--train-sex F", "0 female subjects")
+    assert not (tmp_path / "r").exists()
+
+
+def test_preprocess_refuses_a_subject_that_is_not_a_plain_file_name(tmp_path):
+    csv_path = tiny_ad(tmp_path)
+    good = csv_path.read_text()
+    for subject in ("../escape", str(tmp_path / "abs"), ".."):
+        csv_path.write_text(good.replace("S1,", f"{subject},") + "")
+        assert_clean_error(run_main(preprocess.main, "--csv", csv_path, "--out-dir", tmp_path / "pre"),
+                           "ad.csv line 3", repr(subject), "not a plain file name")
+        assert not (tmp_path / "pre").exists() and not (tmp_path / "escape.nii.gz").exists()
+        assert_clean_error(run_main(data.main, "check-ad", csv_path), "line 3", "not a plain file name")
+    # found beside it: --out-dir beside the table would overwrite the table with its copy
+    csv_path.write_text(good)
+    assert_clean_error(run_main(preprocess.main, "--csv", csv_path, "--out-dir", tmp_path), "--out-dir",
+                       "overwrite", "ad.csv")
+    assert csv_path.read_text() == good
+
+
+def test_preprocess_refuses_an_out_dir_that_is_its_image_folder_by_a_symlink_and_subjects_equal_but_for_case(
+        tmp_path):
+    table = tiny_ad(tmp_path)
+    os.symlink(tmp_path / "images", tmp_path / "link")
+    before = (tmp_path / "images" / "S0.nii.gz").read_bytes()
+    assert_clean_error(run_main(preprocess.main, "--csv", table, "--out-dir", tmp_path / "link", "--overwrite"),
+                       "ad.csv line 2", "would overwrite its own input")
+    assert (tmp_path / "images" / "S0.nii.gz").read_bytes() == before
+    lines = table.read_text().splitlines()
+    shutil.copy(tmp_path / "images" / "S0.nii.gz", tmp_path / "images" / "s0.nii.gz")
+    (tmp_path / "case.csv").write_text("\n".join([lines[0], lines[1], lines[2].replace("S1,", "s0,", 1)]) + "\n")
+    assert_clean_error(run_main(preprocess.main, "--csv", tmp_path / "case.csv", "--out-dir", tmp_path / "pp"),
+                       "case.csv line 3", "s0", "S0", "only in case")
+    (tmp_path / "long.csv").write_text("\n".join([lines[0], lines[1].replace("S0,", "S" * 240 + ",", 1)]) + "\n")
+    assert_clean_error(run_main(preprocess.main, "--csv", tmp_path / "long.csv", "--out-dir", tmp_path / "pp"),
+                       "long.csv line 2", "240 bytes long")             # not a `File name too long` on a temp name
+    assert not (tmp_path / "pp").exists()
+
+
+def test_one_image_under_two_subjects_is_refused_when_a_hard_link_names_it_twice(tmp_path):
+    table = tiny_ad(tmp_path)
+    os.link(tmp_path / "images" / "S0.nii.gz", tmp_path / "images" / "again.nii.gz")
+    lines = table.read_text().splitlines()
+    rows = [lines[0] + ",image"] + [f"{line},images/{'again' if k == 2 else f'S{k}'}.nii.gz"
+                                    for k, line in enumerate(lines[1:])]
+    (tmp_path / "linked.csv").write_text("\n".join(rows) + "\n")
+    assert_clean_error(run_main(data.main, "check-ad", tmp_path / "linked.csv"), "line 4", "subject S2",
+                       "also subject S0's")
+
+
+def test_an_out_file_that_is_an_input_or_a_folder_is_refused_and_the_input_kept(ad_cohort60, ad_fold_runs,
+                                                                                tmp_path):
+    (tmp_path / "ADNIMERGE.csv").write_text(ADNIMERGE)
+    os.makedirs(tmp_path / "sub")
+    os.symlink(tmp_path, tmp_path / "sub" / "here")             # the same file by another path
+    assert_clean_error(run_main(data.main, "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out",
+                                tmp_path / "sub" / "here" / "ADNIMERGE.csv"), "would overwrite", "ADNIMERGE.csv")
+    assert (tmp_path / "ADNIMERGE.csv").read_text() == ADNIMERGE
+    assert_clean_error(run_main(data.main, "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out", tmp_path / "sub"),
+                       "--out", "is a folder")
+    run_dir = _run_dir(ad_fold_runs, "hyperfusion", 0)
+    image = data.read_ad_table(ad_cohort60).image_paths[0]
+    before = open(image, "rb").read()
+    for out in (image, os.path.join(run_dir, "metrics.json"), tmp_path / "sub"):
+        assert_clean_error(run_main(predict.main, run_dir, "--data-csv", ad_cohort60, "--out", out, "--quiet"),
+                           "--out", out)
+    assert open(image, "rb").read() == before and no_temp_files(tmp_path / "sub")
+
+
+def test_a_preview_of_a_subject_named_like_a_path_stays_in_its_folder_under_a_distinct_safe_name(ad_cohort40,
+                                                                                                  tmp_path):
+    ids = ["../../x", "a/b", "S1", "s1", ".."]                  # possible with an image column
+    table = _renamed(ad_cohort40, tmp_path / "t.csv", ids)
+    pv = tmp_path / "one" / "two" / "pv"
+    crops = os.path.join(os.path.dirname(ad_cohort40), "crops.json")
+    p = run_main(data.main, "check-ad", table, "--crops", crops, "--preview", pv, "--preview-n", len(ids))
+    assert p.returncode == 0 and "wrote 10 PNGs" in p.stdout, p.stderr
+    assert "'../../x' as _.._x-" in p.stdout and "'s1' as s1-" in p.stdout and "'S1' as" not in p.stdout
+    names = sorted(os.listdir(pv))
+    everything = sorted(os.path.relpath(os.path.join(r, f), tmp_path) for r, _, fs in os.walk(tmp_path) for f in fs)
+    assert everything == sorted(["t.csv"] + [os.path.join("one", "two", "pv", n) for n in names])   # nothing outside
+    assert len({n.lower() for n in names}) == 10                # distinct on a case-insensitive file system too
+    assert "S1_boxes.png" in names and not any(n.startswith(".") or "/" in n or "\\" in n for n in names)
+    X, Y, Z = synthetic.AD_SYNTH["shape"]
+    assert _png_size(pv / next(n for n in names if n.startswith("_.._x-") and n.endswith("_boxes.png"))) == \
+        (2 * (X + 2), max(Y, Z))
+    assert_clean_error(run_main(data.main, "check-ad", table, "--no-images", "--preview", tmp_path / "no"),
+                       "--preview", "--no-images")
+
+
+def test_formula_ids_are_text_in_predictions_csv_and_the_code_reads_its_own_tables_back_unchanged(
+        ad_cohort60, ad_fold_runs, tmp_path):
+    ids = FORMULA_IDS + ["-4", "011_S_0001"]
+    rows, _ = data.read_csv_rows(ad_cohort60, ("Subject",))
+    os.makedirs(tmp_path / "images")
+    for s, (_, r) in zip(ids, rows):                            # an ADNIMERGE export with these PTIDs
+        shutil.copy(data.find_image(os.path.join(os.path.dirname(ad_cohort60), "images"), r["Subject"]),
+                    tmp_path / "images" / f"{s}.nii.gz")
+    adnimerge = [dict({a: r[a] for a in data.AD_ATTRIBUTES}, PTID=s, VISCODE="bl", DX_bl=r["Group"])
+                 for s, (_, r) in zip(ids, rows)]
+    data.write_csv(adnimerge, ["PTID", "VISCODE", "DX_bl"] + list(data.AD_ATTRIBUTES), tmp_path / "ADNIMERGE.csv")
+    table = tmp_path / "t.csv"
+    assert run_main(data.main, "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out", table).returncode == 0
+    assert data.read_ad_table(table).subjects == ids            # the code's own table: ids come back as they were
+    out = tmp_path / "predictions.csv"
+    p = run_main(predict.main, _run_dir(ad_fold_runs, "hyperfusion", 0), "--data-csv", table, "--out", out, "--quiet")
+    assert p.returncode == 0, p.stderr
+    written, _ = data.read_csv_rows(out, ("Subject", "prob_CN"))
+    cells = [r["Subject"] for _, r in written]
+    assert cells == ["'" + s for s in FORMULA_IDS] + ["-4", "011_S_0001"]   # text in a spreadsheet; numbers kept
+    assert [c[1:] if c.startswith("'") else c for c in cells] == ids          # one ' off gives every id back
+    assert all(0 <= float(r["prob_CN"]) <= 1 for _, r in written)
+    assert [data.spreadsheet_safe(v) for v in ("-1.5e3", "+7", -4, "\tx", "\r=1")] == ["-1.5e3", "+7", -4,
+                                                                                         "'\tx", "'\r=1"]
+
+
+def test_a_results_table_shows_a_model_folder_named_like_a_formula_as_text(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.arange(30) % 3
+    for fold in range(4):
+        fake_ad_run(tmp_path, "=1+1", 0, 0, fold, random_probs(rng, 30), labels)
+    assert run_main(evaluate.main, "ad", "--runs", tmp_path, "--out", tmp_path / "res").returncode == 0
+    lines = (tmp_path / "res" / "results_ad.csv").read_text().splitlines()
+    assert lines[0].startswith("model,rows,") and lines[1].startswith("'=1+1,1,0."), lines[1]
+
+
+def test_metrics_json_is_strict_json_with_null_where_a_metric_is_undefined(brain_age_cohort20, tmp_path):
+    men = _edit_table(brain_age_cohort20, os.path.join(os.path.dirname(brain_age_cohort20), "men_only.csv"),
+                      lambda k, c: c[:2] + ["M"] + c[3:])
+    p = run_main(train_brain_age.main, "--data-csv", men, "--out", tmp_path, "--epochs", "1", "--batch-size", "8",
+                 "--quiet", "--model", "imaging")
+    assert p.returncode == 0 and "warning:" in p.stderr and "no female subjects" in p.stderr, p.stderr
+    text = open(os.path.join(training.brain_age_run_dir(tmp_path, "imaging", 0), "metrics.json")).read()
+
+    def refuse(name):
+        raise ValueError(name)
+
+    metrics = json.loads(text, parse_constant=refuse)                   # no bare NaN / Infinity
+    assert metrics["test"]["mae_female"] is None and metrics["test"]["mae_male"] > 0
+    data.write_json({"a": np.float32("nan"), "b": [np.inf, np.int64(3)], "c": np.array([1.5, np.nan])},
+                      tmp_path / "x.json")
+    assert json.loads((tmp_path / "x.json").read_text(), parse_constant=refuse) == \
+        {"a": None, "b": [None, 3], "c": [1.5, None]}
+
+
+def test_an_image_whose_header_is_rotated_is_refused_in_one_line_naming_it(tmp_path):
+    """The same voxels under an affine turned 25 degrees (as SPM's coregistration writes) would be read as
+    unrotated: refused, naming the file; a flipped header is read (as_closest_canonical); preprocess.py reads both."""
+    csv_path = tiny_ad(tmp_path)
+    path = tmp_path / "images" / "S1.nii.gz"
+    img = nib.load(path)
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0]) @ img.affine
+    nib.save(nib.Nifti1Image(img.get_fdata(dtype=np.float32), flip), path)
+    assert run_main(data.main, "check-ad", csv_path).returncode == 0
+    c, s = math.cos(math.radians(25)), math.sin(math.radians(25))
+    turned = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]) @ img.affine
+    nib.save(nib.Nifti1Image(img.get_fdata(dtype=np.float32), turned), path)
+    assert_clean_error(run_main(data.main, "check-ad", csv_path), "S1.nii.gz", "rotated", "preprocess.py")
+    with pytest.raises(UserError, match="rotated"):
+        data.load_nifti(path)
+    read = data.load_nifti(path, canonical=False).affine                   # preprocess.py's reading: as written
+    np.testing.assert_array_equal(read.astype(np.float32), turned.astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# The program: faults and resume
+# A run folder holds one run; resume ends as an uninterrupted run; divergence, Ctrl-C, SIGTERM, kill -9, a full disk
+# or read-only storage stop in one line with the last good state kept.
+
+
+def sigint_as_a_terminal_leaves_it():
+    """preexec_fn of a child the test will Ctrl-C: SIGINT back to its default before exec. pytest started as a
+    shell's background job (`pytest &`, nohup, some CI runners) runs with SIGINT ignored, an ignored signal stays
+    ignored across fork and exec, and the child's Python then never sees the Ctrl-C the test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _full_disk_open(folder, error=errno.ENOSPC):
     """open() whose files opened for writing under `folder` take a little, then fail as a full disk (or, with
     EACCES, an unwritable folder) does: OSError(error) from write."""
@@ -1399,68 +3591,6 @@ def _full_disk_open(folder, error=errno.ENOSPC):
             f.write = write
         return f
     return patched
-
-
-def test_a_full_disk_or_an_unwritable_folder_is_one_error_line_naming_the_folder_and_the_bytes(ad_cohort40, tmp_path,
-                                                                                             monkeypatch):
-    """A write that fails with ENOSPC (a full --cache-dir, a full --out) or EACCES is one `error:` line naming the
-    folder and the bytes the file needed, exit status 2; no entry, checkpoint or temporary file is left. An
-    --out under a file is one line too. (Patched writes: tests run as root, where chmod stops nothing.)"""
-    cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
-    monkeypatch.setattr(data, "open", _full_disk_open(cache_dir), raising=False)
-    proc = run_main(train_ad.main, *_ad_args(ad_cohort40, runs, "--model", "imaging", "--cache-dir", cache_dir))
-    warned = [w for w in proc.stderr.splitlines(True) if w.startswith("warning: ") and "sources.json" in w]
-    proc.stderr = "".join(line for line in proc.stderr.splitlines(True) if line not in warned)  # the hashes' index
-    assert_clean_error(proc, f"{cache_dir}: no space left to write", ".npy", "No space left on device")
-    assert re.search(r"it needs \d+ bytes", proc.stderr), proc.stderr
-    assert not [f for f in os.listdir(cache_dir) if f.endswith(".npy")] and no_temp_files(cache_dir)
-    monkeypatch.undo()
-    run_dir = _run_dir(runs, "tabular")
-    for error, says in ((errno.ENOSPC, "no space left to write best.pt"), (errno.EACCES, "cannot write best.pt")):
-        monkeypatch.setattr(data, "open", _full_disk_open(runs, error), raising=False)
-        proc = run_main(train_ad.main, *_ad_args(ad_cohort40, runs, "--model", "tabular"))
-        assert_clean_error(proc, f"{run_dir}: {says}", os.strerror(error))
-        assert re.search(r"it needs \d+ bytes", proc.stderr), proc.stderr
-        assert not os.path.exists(run_dir) or os.listdir(run_dir) == []   # no checkpoint, log or temporary file
-        monkeypatch.undo()
-    (tmp_path / "a_file").write_text("")
-    assert_clean_error(run_main(train_ad.main, *_ad_args(ad_cohort40, tmp_path / "a_file" / "runs", "--model",
-                                                         "tabular")), tmp_path / "a_file", "Not a directory")
-
-
-@pytest.mark.parametrize("cache", ["absent", "present"])
-def test_a_cohort_on_read_only_storage_stops_in_one_line_naming_cache_dir_and_trains_with_a_writable_one(
-        ad_cohort40, tmp_path, monkeypatch, cache):
-    """A table and images on read-only storage (a shared archive, a read-only mount): the default cache,
-    <csv folder>/cache, cannot be made (or, made before, written). One `error:` line names that folder, the
-    reason and the way out, --cache-dir; with --cache-dir somewhere writable the same command trains. (os.mkdir and
-    the writes under the folder patched to fail with EROFS: tests run as root, where chmod stops nothing.)"""
-    ro = tmp_path / "archive"
-    shutil.copytree(os.path.dirname(ad_cohort40), ro, ignore=shutil.ignore_patterns("cache"))
-    if cache == "present":
-        os.mkdir(ro / "cache")
-    real_mkdir = os.mkdir
-
-    def read_only_mkdir(path, *args, **kwargs):
-        if os.path.abspath(os.fspath(path)).startswith(str(ro) + os.sep):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
-        return real_mkdir(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "mkdir", read_only_mkdir)
-    for module in (data,):
-        monkeypatch.setattr(module, "open", _full_disk_open(ro, errno.EROFS), raising=False)
-    args = _ad_args(ro / os.path.basename(ad_cohort40), tmp_path / "runs", "--model", "imaging", "--epochs", "1")
-    proc = run_main(train_ad.main, *args)
-    *warnings, error = proc.stderr.splitlines()          # present: sources.json not written, a warning says so
-    assert all(w.startswith("warning: ") and "sources.json" in w for w in warnings), warnings
-    assert bool(warnings) == (cache == "present"), warnings
-    assert_clean_error(types.SimpleNamespace(returncode=proc.returncode, stderr=error), ro / "cache",
-                       "Read-only file system", "--cache-dir")
-    assert not os.path.exists(tmp_path / "runs" / "ad" / "imaging" / "seed0" / "v0" / "fold1" / "best.pt")
-    assert os.listdir(ro / "cache") == [] if cache == "present" else not os.path.exists(ro / "cache")
-    if cache == "absent":                                # the way out, once
-        proc = run_main(train_ad.main, *args, "--cache-dir", tmp_path / "cache")
-        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
 DECODE_SCRIPT = '''"""A cache decode slow enough to stop midway: each entry written half, the rest 0.3 s later."""
@@ -1518,378 +3648,14 @@ def _start_decode(ad_cohort40, tmp_path):
     return proc
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
-def test_ctrl_c_or_sigterm_during_a_parallel_decode_is_one_line_and_leaves_nothing_half_written(ad_cohort40, tmp_path,
-                                                                                               how):
-    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) or SIGTERM (to the process alone, as a
-    scheduler sends it) during a parallel decode: one `error:` line saying what was kept, exit status 2, no
-    traceback, no temporary file in the cache."""
-    proc = _start_decode(ad_cohort40, tmp_path)
-    if how == "ctrl-c":
-        os.killpg(proc.pid, signal.SIGINT)
-    else:
-        os.kill(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=30)
-    assert_clean_error(types.SimpleNamespace(returncode=proc.returncode, stderr=err), "interrupted",
-                       tmp_path / "cache", "decoded and kept", "none half-written")
-    assert int(re.search(r"(\d+) of 40 images decoded", err).group(1)) < 40   # stopped, not waited for
-    assert no_temp_files(tmp_path / "cache")
-
-# ----------------------------------------------------------------------------------------------
-# preprocess.py (App. A.1)
+def _snapshot(folder):
+    """{file: (bytes, modification time)} of every file under folder: equal snapshots mean nothing was touched."""
+    return {f: (open(os.path.join(folder, f), "rb").read(), os.stat(os.path.join(folder, f)).st_mtime_ns)
+            for f in _files(folder)}
 
 
-def synthetic_head(tmp_path):
-    """A 1 mm LAS head: off-centre ellipsoidal brain (CSF, GM, WM) with a smooth bias, and its mask."""
-    shape = (150, 176, 150)
-    i, j, k = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
-    centre = np.array([70.0, 96.0, 80.0])
-    r = np.sqrt(((i - centre[0]) / 62) ** 2 + ((j - centre[1]) / 78) ** 2 + ((k - centre[2]) / 58) ** 2)
-    vol = np.where(r < 1, 0.9, 0.0) - np.where((r < 1) & (r > 0.8), 0.35, 0) - np.where((r > 0.92) & (r < 1), 0.4, 0)
-    vol = (vol * (1 + 0.1 * (i / shape[0] - 0.5))).astype(np.float32)
-    affine = np.array([[-1, 0, 0, 80], [0, 1, 0, -110], [0, 0, 1, -70], [0, 0, 0, 1]], float)  # LAS, 1 mm
-    nib.save(nib.Nifti1Image(vol, affine), tmp_path / "head.nii.gz")
-    nib.save(nib.Nifti1Image((r < 1).astype(np.uint8), affine), tmp_path / "mask.nii.gz")
-    return tmp_path / "head.nii.gz", tmp_path / "mask.nii.gz", affine @ np.append(centre, 1)
-
-
-@pytest.mark.parametrize("with_mask", [True, False])
-def test_preprocess_gives_a_centred_zscored_90x120x99_volume_at_1_75mm(tmp_path, with_mask):
-    head, mask, world_centre = synthetic_head(tmp_path)
-    out = tmp_path / "out.nii.gz"
-    preprocess.preprocess_file(head, out, mask if with_mask else None)
-    img = nib.load(out)
-    vol = img.get_fdata()
-    assert vol.shape == (90, 120, 99)
-    assert np.allclose(img.header.get_zooms(), 1.75)
-    assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
-    nz = vol != 0
-    com = np.array(np.nonzero(nz)).mean(1)
-    assert np.all(np.abs(com - (np.array(vol.shape) - 1) / 2) <= 2)
-    assert np.allclose((img.affine @ np.append(com, 1))[:3], world_centre[:3], atol=2 * 1.75)
-    assert abs(vol[nz].mean()) < 1e-4 and abs(vol[nz].std() - 1) < 1e-3
-
-
-def test_preprocess_batch_mode_writes_every_subject_and_names_a_bad_row(tmp_path):
-    csv_path = tiny_ad(tmp_path)
-    args = ["--csv", csv_path, "--out-dir", tmp_path / "pre", "--shape", 6, 6, 6, "--spacing", 2]
-    p = run("preprocess.py", *args)
-    assert p.returncode == 0, p.stderr
-    assert sorted(os.listdir(tmp_path / "pre")) == ["S0.nii.gz", "S1.nii.gz", "S2.nii.gz", "ad.csv"]
-    assert data.read_ad_table(tmp_path / "pre" / "ad.csv").image_paths[2] == str(tmp_path / "pre" / "S2.nii.gz")
-    assert nib.load(tmp_path / "pre" / "S1.nii.gz").shape == (6, 6, 6)
-    os.remove(tmp_path / "images" / "S2.nii.gz")
-    assert_clean_error(run("preprocess.py", *args, "--overwrite"), "ad.csv line 4", "S2.nii.gz")
-    assert no_temp_files(tmp_path / "pre")
-
-
-def test_fuzzy_cmeans_finds_three_tissue_classes():
-    rng = np.random.default_rng(0)
-    x = np.concatenate([rng.normal(m, 0.03, 3000) for m in (0.2, 0.55, 0.9)])
-    c, u = preprocess.fuzzy_cmeans(x)
-    assert np.allclose(c, [0.2, 0.55, 0.9], atol=0.02)
-    assert u.shape == (9000, 3) and np.allclose(u.sum(1), 1)
-
-
-def test_preprocess_n4_without_simpleitk_says_so(tmp_path):
-    try:
-        import SimpleITK  # noqa: F401
-        pytest.skip("SimpleITK is installed")
-    except ImportError:
-        pass
-    head = tmp_path / "h.nii.gz"
-    data.save_nifti(np.ones((8, 8, 8), np.float32), 1.0, head)
-    with pytest.raises(UserError, match="SimpleITK"):
-        preprocess.main([str(head), str(tmp_path / "o.nii.gz"), "--n4"])
-    assert not (tmp_path / "o.nii.gz").exists()
-
-# ----------------------------------------------------------------------------------------------
-# bad input: one line `error: ...`, exit status 2, no traceback, no partial output
-
-
-def test_missing_nifti_is_named(tmp_path):
-    csv_path = tiny_ad(tmp_path)
-    os.remove(tmp_path / "images" / "S1.nii.gz")
-    assert_clean_error(run("data.py", "check-ad", csv_path), "S1", "S1.nii.gz", "line 3")
-
-
-def test_truncated_nifti_is_named(tmp_path):
-    csv_path = tiny_ad(tmp_path)
-    p = tmp_path / "images" / "S2.nii.gz"
-    p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
-    assert_clean_error(run("data.py", "check-ad", csv_path), "S2.nii.gz", "truncated")
-    with pytest.raises(UserError, match="S2.nii.gz"):
-        preprocess.preprocess_file(p, tmp_path / "o.nii.gz")
-    assert not (tmp_path / "o.nii.gz").exists() and no_temp_files(tmp_path)
-
-
-def test_4d_image_is_named_with_its_shape(tmp_path):
-    csv_path = tiny_ad(tmp_path)
-    nib.save(nib.Nifti1Image(np.ones((8, 8, 8, 2), np.float32), np.eye(4)), tmp_path / "images" / "S0.nii.gz")
-    assert_clean_error(run("data.py", "check-ad", csv_path), "S0.nii.gz", "(8, 8, 8, 2)")
-    nib.save(nib.Nifti1Image(np.arange(512, dtype=np.float32).reshape(8, 8, 8, 1), np.eye(4)),   # not constant
-             tmp_path / "images" / "S0.nii.gz")
-    assert data.load_volume(tmp_path / "images" / "S0.nii.gz").shape == (8, 8, 8)   # trailing 1 squeezed
-
-
-def test_nan_voxels_are_named_and_preprocess_writes_nothing(tmp_path):
-    csv_path = tiny_ad(tmp_path)
-    vol = np.ones((8, 8, 8), np.float32)
-    vol[1, 2, 3] = np.nan
-    data.save_nifti(vol, 2.0, tmp_path / "images" / "S1.nii.gz")
-    assert_clean_error(run("data.py", "check-ad", csv_path), "S1.nii.gz", "NaN")
-    out = tmp_path / "out" / "o.nii.gz"
-    assert_clean_error(run("preprocess.py", tmp_path / "images" / "S1.nii.gz", out), "S1.nii.gz", "NaN")
-    assert not out.exists()
-
-
-def test_csv_without_group_names_the_column(tmp_path):
-    csv_path = tiny_ad(tmp_path)
-    csv_path.write_text(csv_path.read_text().replace("Group", "Diagnosis"))
-    assert_clean_error(run("data.py", "check-ad", csv_path), "ad.csv", "Group")
-
-
-def test_rows_whose_group_is_not_a_diagnosis_are_skipped_with_a_count_or_mapped(tmp_path):
-    csv_path = tiny_ad(tmp_path, group="SMC")
-    p = run("data.py", "check-ad", csv_path)
-    assert p.returncode == 0 and "skipped 1 row whose Group is not CN, MCI or AD: SMC 1" in p.stdout, p.stderr
-    assert "2 subjects (CN 0, MCI 0, AD 2)" in p.stdout
-    p = run("data.py", "check-ad", csv_path, "--group-map", "smc=CN")
-    assert p.returncode == 0 and "3 subjects (CN 1, MCI 0, AD 2)" in p.stdout and "skipped" not in p.stdout
-    csv_path.write_text(csv_path.read_text().replace(",AD,", ",XYZ,").replace(",SMC,", ",,"))
-    assert_clean_error(run("data.py", "check-ad", csv_path), "ad.csv", "no CN or MCI or AD subjects", "XYZ 2",
-                       "(empty) 1", "--group-map")
-    assert_clean_error(run("data.py", "check-ad", csv_path, "--group-map", "XYZ=sick"), "--group-map XYZ=sick")
-
-
-def test_non_numeric_age_names_the_row_and_column(tmp_path):
-    csv_path = tiny_ad(tmp_path, age="seventy")
-    assert_clean_error(run("data.py", "check-ad", csv_path, "--no-images"), "line 3", "AGE", "seventy")
-    with pytest.raises(UserError, match="line 3.*AGE"):
-        data.read_ad_table(csv_path)
-    csv_path.write_text(csv_path.read_text().replace("seventy", "70,extra"))
-    with pytest.raises(UserError, match="line 3: 12 fields, the header has 11"):
-        data.read_ad_table(csv_path)
-    csv_path.write_bytes(b"Subject,Group\n\xff\xfe,CN\n")
-    with pytest.raises(UserError, match="UTF-8"):
-        data.read_ad_table(csv_path)
-
-
-def test_check_ad_accepts_a_good_table(tmp_path, capsys):
-    data.main(["check-ad", str(tiny_ad(tmp_path))])
-    out = capsys.readouterr().out
-    assert out.startswith("ok:") and "CN 1, MCI 0, AD 2" in out
-
-
-ADNIMERGE = """RID,PTID,VISCODE,EXAMDATE,DX_bl,DX,AGE,PTGENDER,PTEDUCAT,APOE4,ABETA,PTAU,TAU,FDG,AV45,Years_bl,MMSE
-1,011_S_0001,bl,2005-09-08,CN,CN,74.3,Male,16,0,>1700,20.1,230,6.5,,0,29
-1,011_S_0001,m12,2006-09-12,CN,MCI,74.3,Male,16,0,,,,6.1,,1.0,27
-2,011_S_0002,m06,2006-03-01,AD,Dementia,80.1,Female,12,1,,,,,,0.5,20
-3,011_S_0003,bl,2005-11-08,SMC,CN,70.0,Female,18,0,900,,,,1.1,0,30
-3,011_S_0003,m06,2006-05-02,SMC,CN,70.0,Female,18,0,,,,,,0.5,30
-4,011_S_0004,bl,2005-11-10,LMCI,MCI,,Male,,1,640,31,330,,,0,26
-5,011_S_0005,bl,2005-12-01,AD,Dementia,77.7,Female,14,2,<200,55,520,5.2,1.5,0,21
-"""
-
-
-def test_from_adnimerge_keeps_one_row_per_subject_with_the_diagnosis_of_that_visit(tmp_path):
-    (tmp_path / "ADNIMERGE.csv").write_text(ADNIMERGE)
-    p = run("data.py", "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out", tmp_path / "t.csv")
-    assert p.returncode == 0, p.stderr
-    assert "kept 3 subjects (CN 1, MCI 1, AD 1)" in p.stdout and "1 subjects without a 'bl' visit" in p.stdout
-    assert "DX_bl SMC 1" in p.stdout
-    t = data.read_ad_table(tmp_path / "t.csv", need_images=False)
-    assert t.subjects == ["011_S_0001", "011_S_0004", "011_S_0005"] and t.labels.tolist() == [0, 1, 2]
-    assert np.isnan(t.age[1]) and t.raw[0]["ABETA"] == ">1700"        # empty and censored cells as exported
-    p = run("data.py", "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out", tmp_path / "t.csv",
-            "--group-map", "SMC=CN")
-    assert "kept 4 subjects (CN 2, MCI 1, AD 1)" in p.stdout
-    p = run("data.py", "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out", tmp_path / "m12.csv", "--visit", "m12")
-    t = data.read_ad_table(tmp_path / "m12.csv", need_images=False)
-    assert t.subjects == ["011_S_0001"] and t.labels.tolist() == [1] and t.age[0] == pytest.approx(75.3)
-    assert_clean_error(run("data.py", "from-adnimerge", tmp_path / "t.csv", "--out", tmp_path / "x.csv"),
-                       "t.csv", "missing columns PTID, VISCODE")
-    assert not (tmp_path / "x.csv").exists()
-
-
-def _png_header(path):
-    """(width, height, colour type) from a PNG's IHDR, after checking the signature, every chunk's CRC, the
-    IEND at the end and that the IDAT chunks decompress to height rows of width 8-bit RGB (colour type 2: the
-    standard-library writer) or RGBA (6: matplotlib's) pixels, one filter byte a row."""
-    blob = open(path, "rb").read()
-    assert blob[:8] == b"\x89PNG\r\n\x1a\n" and blob[12:16] == b"IHDR"
-    w, h, depth, colour = struct.unpack(">IIBB", blob[16:26])
-    pos, kinds, idat = 8, [], b""
-    while pos < len(blob):
-        n, kind = struct.unpack(">I4s", blob[pos:pos + 8])
-        body = blob[pos + 8:pos + 8 + n]
-        assert struct.unpack(">I", blob[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(kind + body) & 0xFFFFFFFF
-        kinds.append(kind)
-        idat += body if kind == b"IDAT" else b""
-        pos += 12 + n
-    assert kinds[-1] == b"IEND" and depth == 8 and colour in (2, 6), (kinds[-1], depth, colour)
-    assert len(zlib.decompress(idat)) == h * (1 + (3 if colour == 2 else 4) * w)
-    return w, h, colour
-
-
-def _png_size(path):
-    """(width, height) of a valid PNG (_png_header)."""
-    return _png_header(path)[:2]
-
-
-def test_check_ad_preview_draws_the_boxes_and_writes_the_crops_as_png(ad_cohort40, tmp_path):
-    p = run("data.py", "check-ad", ad_cohort40, "--preview", tmp_path / "pv", "--preview-n", "2")
-    assert p.returncode == 0 and "wrote 4 PNGs" in p.stdout, p.stderr
-    X, Y, Z = synthetic.AD_SYNTH["shape"]
-    D, H, W = synthetic.AD_SYNTH["crop_size"]
-    subject = data.read_ad_table(ad_cohort40).subjects[0]
-    assert _png_size(tmp_path / "pv" / f"{subject}_boxes.png") == (2 * (X + 2), max(Y, Z))  # axial | coronal
-    assert _png_size(tmp_path / "pv" / f"{subject}_crops.png") == (2 * (D + 2 + D + 2), max(H, W))
-
-
-def test_failed_synthesis_leaves_no_partial_cohort(tmp_path, monkeypatch):
-    calls = []
-
-    def failing_save(vol, spacing, path):
-        calls.append(path)
-        if len(calls) == 5:
-            raise OSError(28, "No space left on device", str(path))
-        return real(vol, spacing, path)
-
-    real = synthetic.save_nifti
-    monkeypatch.setattr(synthetic, "save_nifti", failing_save)
-    with pytest.raises(OSError):
-        synthetic.make_synthetic_ad(tmp_path / "cohort", n=12)
-    assert os.listdir(tmp_path) == []
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(UserError, match="mine"):
-        synthetic.main(["ad", "--out", str(tmp_path / "mine"), "--n", "12"])
-    assert os.listdir(tmp_path / "mine") == ["notes.txt"] and no_temp_files(tmp_path)
-    with pytest.raises(UserError, match="--n"):
-        synthetic.make_synthetic_brain_age(tmp_path / "x", n=3)
-    assert not (tmp_path / "x").exists()
-
-
-def test_in_the_brain_age_cohort_mens_brains_age_faster_so_reading_the_image_without_sex_leaves_years_behind():
-    P = synthetic.BRAIN_AGE_SYNTH
-    assert P["atrophy_after_40"]["M"] > P["atrophy_after_40"]["F"]                     # Coffey et al. 1998
-    assert P["brain_age_gap_sd"]["M"] > P["brain_age_gap_sd"]["F"]                     # Sec. 4.2.6
-    assert synthetic.brain_age_atrophy(75.0, True) > synthetic.brain_age_atrophy(75.0, False)
-    anatomy = synthetic.brain_age_anatomy(np.random.default_rng(0), 600)
-    age, male, oracle = anatomy["age"], anatomy["male"], synthetic.brain_age_oracle(anatomy)
-    knowing = np.abs(np.where(male, oracle["as_male"], oracle["as_female"]) - age).mean()
-    without = np.abs(oracle["without_sex"] - age).mean()
-    misled = np.abs(np.where(male, oracle["as_female"], oracle["as_male"]) - age).mean()   # told the other sex
-    assert knowing < without < misled
-    assert knowing < 3.5                          # Sec. 2.3: healthy brains are read to within ~3 years
-
-
-def test_the_oracle_report_names_both_oracles_and_the_run_on_its_test_subjects(brain_age_cohort20, tmp_path):
-    cohort = os.path.dirname(brain_age_cohort20)
-    res = synthetic.oracle_report(cohort)
-    assert set(res) == {"oracle knowing sex", "oracle without sex", "sweep"} and res["oracle knowing sex"]["n"] == 20
-    table = data.read_brain_age_table(brain_age_cohort20)
-    np.savez(tmp_path / "p.npz", subjects=np.array(table.subjects[:5]), pred=table.age[:5] + 1.0)
-    res = synthetic.oracle_report(cohort, str(tmp_path / "p.npz"))
-    assert res["the run"]["mae"] == pytest.approx(1.0) and res["oracle without sex"]["n"] == 5
-    np.savez(tmp_path / "q.npz", subjects=np.array(["nobody"]), pred=np.zeros(1))
-    assert_clean_error(run_main(synthetic.main, "oracle", "--cohort", cohort, "--predictions", tmp_path / "q.npz"),
-                       "nobody")
-
-
-def test_a_built_in_cohort_that_another_generator_wrote_is_written_again(tmp_path, monkeypatch):
-    folder, name, make, _ = synthetic.BUILTIN["brain-age"]
-    monkeypatch.setitem(synthetic.BUILTIN, "brain-age", (folder, name, make, dict(n=12, seed=0)))
-    csv_path = synthetic.builtin_cohort("brain-age", tmp_path)
-    stamp = os.stat(csv_path).st_mtime_ns
-    assert synthetic.builtin_cohort("brain-age", tmp_path) == csv_path and os.stat(csv_path).st_mtime_ns == stamp
-    info_path = os.path.join(os.path.dirname(csv_path), "cohort.json")
-    info = json.load(open(info_path))
-    info["generator"]["atrophy_after_40"]["M"] = 0.6                                  # an older generator's
-    json.dump(info, open(info_path, "w"))
-    synthetic.builtin_cohort("brain-age", tmp_path)
-    assert json.load(open(info_path))["generator"]["atrophy_after_40"]["M"] == synthetic.BRAIN_AGE_SYNTH[
-        "atrophy_after_40"]["M"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Training (Sec. 3.2, 4.2.2, 4.3.6): tiny synthetic cohorts, two epochs
-
-
-def test_a_two_epoch_hyperfusion_run_writes_its_checkpoints_log_and_metrics(ad_cohort60, tmp_path):
-    metrics = train_ad.main(_ad_args(ad_cohort60, tmp_path))
-    run = _run_dir(tmp_path, "hyperfusion")
-    for f in ["best.pt", "last.pt", "log.csv", "metrics.json", "predictions.npz"]:
-        assert os.path.isfile(os.path.join(run, f)), f
-    assert os.path.isfile(os.path.join(_run_dir(tmp_path, "tabular"), "best.pt"))  # the pre-trained embedding
-    assert not [f for f in os.listdir(run) if f.startswith(".tmp")]
-    with open(os.path.join(run, "metrics.json")) as f:
-        saved = json.load(f)
-    assert saved["test"] == metrics["test"]
-    for split in ("val", "test"):
-        m = saved[split]
-        for k in ("balanced_accuracy", "precision", "f1_macro"):
-            assert 0.0 <= m[k] <= 1.0
-        assert set(m["tp_rate"]) == {"CN", "MCI", "AD"}
-        assert np.array(m["confusion_matrix"]).shape == (3, 3)
-    assert sum(map(sum, saved["test"]["confusion_matrix"])) == 12  # subset 4 of 60 subjects
-    with open(os.path.join(run, "log.csv")) as f:
-        assert len(f.read().strip().splitlines()) == 1 + 2
-    ckpt = training.load_checkpoint(os.path.join(run, "last.pt"))
-    assert ckpt["epoch"] == 1 and ckpt["run"]["model"] == "hyperfusion"
-    assert TabularPreprocessor(state=ckpt["tabular"]).n_features == ckpt["inputs"]["n_tabular"] == 15
-
-
-class _Initialised(Exception):
-    """Raised by _initial_weights' spy once the training script hands its initialised model to fit."""
-
-
-def _initial_weights(script, argv, monkeypatch, pretrained=()):
-    """The state dict a training script's model holds when it starts training (after Eq. 1-2, after loading the
-    tabular embedding), taken as the script calls training.fit; the run stops there. Models of the `pretrained`
-    classes (HyperFusion's tabular MLP) train as usual."""
-    seen, real = [], script.fit
-
-    def spy(model, *args, **kwargs):
-        if isinstance(model, pretrained):
-            return real(model, *args, **kwargs)
-        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        raise _Initialised
-
-    monkeypatch.setattr(script, "fit", spy)
-    with pytest.raises(_Initialised):
-        script.main(argv)
-    return seen[0]
-
-
-def _random_weights(state):
-    """The names of the randomly initialised tensors: every convolution's and linear layer's weight and the
-    generators' (biases that start at zero, BN's ones, PReLU's 0.25 and the brain-age sex embeddings' ones
-    are the same in every version)."""
-    return [k for k, v in state.items() if k.endswith("weight") and v.dim() >= 2
-            and not (k.startswith(("linear", "final_layer")) and ".hypernet.embedding." in k)]
-
-
-@pytest.mark.parametrize("task,model", [("ad", "imaging"), ("ad", "hyperfusion"), ("brain-age", "hyperfusion")])
-def test_versions_are_independent_initialisations_and_one_version_twice_starts_from_the_same_weights(
-        task, model, ad_cohort60, brain_age_cohort20, tmp_path, monkeypatch):
-    def initial(version, out):
-        if task == "ad":
-            argv = _ad_args(ad_cohort60, tmp_path / out, "--model", model, "--version", str(version))
-            return _initial_weights(train_ad, argv, monkeypatch, pretrained=models.TabularMLP)
-        return _initial_weights(train_brain_age, ["--data-csv", str(brain_age_cohort20), "--out", str(tmp_path / out),
-                                                  "--epochs", "1", "--batch-size", "4", "--model", model, "--quiet",
-                                                  "--version", str(version), "--precision", "fp32"], monkeypatch)
-    v0, v1, v0_again = initial(0, "a"), initial(1, "b"), initial(0, "a")   # AD: the v0 MLP trained, then reused
-    names = _random_weights(v0)
-    generators = [k for k in names if "weights_gen" in k or "bias_gen" in k]
-    assert len(generators) == (2 if task == "ad" else 8) if model == "hyperfusion" else not generators
-    assert v0.keys() == v0_again.keys() and all(torch.equal(v0[k], v0_again[k]) for k in v0)
-    assert [k for k in names if torch.equal(v0[k], v1[k])] == []
-    if model == "hyperfusion" and task == "ad":        # the embedding comes from the MLP of the same version
-        assert not torch.equal(v0["block4.downsample.hypernet.embedding.0.weight"],
-                               v1["block4.downsample.hypernet.embedding.0.weight"])
+def _epoch_of(run_dir, name="last.pt"):
+    return training.load_checkpoint(os.path.join(run_dir, name))["epoch"] + 1
 
 
 @pytest.mark.parametrize("precision", ["fp32"])
@@ -1913,361 +3679,19 @@ def test_resume_after_an_interruption_ends_as_an_uninterrupted_run(ad_cohort60, 
     assert resumed == straight
 
 
-def test_the_tabular_model_trains_from_the_table_alone(ad_cohort60, tmp_path):
-    table_only = tmp_path / "table.csv"
-    table_only.write_text(open(ad_cohort60).read())  # no images folder next to it
-    metrics = train_ad.main(_ad_args(table_only, tmp_path, "--model", "tabular"))
-    assert 0.0 <= metrics["test"]["balanced_accuracy"] <= 1.0
-
-
 def test_a_corrupt_checkpoint_given_to_resume_stops_with_a_clear_error(ad_cohort60, tmp_path):
     run = _run_dir(tmp_path, "imaging")
     os.makedirs(run)
     with open(os.path.join(run, "last.pt"), "wb") as f:
         f.write(b"PK\x03\x04 not really a checkpoint")
-    p = subprocess.run([sys.executable, "train_ad.py", *_ad_args(ad_cohort60, tmp_path, "--model", "imaging",
-                                                                 "--resume")],
-                       cwd=HERE, capture_output=True, text=True)
-    assert p.returncode == 2
-    assert p.stderr.startswith("error: ") and "last.pt" in p.stderr and "corrupt" in p.stderr
-    assert "Traceback" not in p.stderr
+    assert_clean_error(run_main(train_ad.main, *_ad_args(ad_cohort60, tmp_path, "--model", "imaging", "--resume")),
+                       "last.pt", "corrupt")
 
 
-def test_a_checkpoint_of_another_run_is_refused(ad_cohort60, tmp_path):
-    train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "tabular"))
+def test_a_checkpoint_of_another_run_is_refused(ad_fold_runs):
     with pytest.raises(UserError, match="another run"):
-        training.load_checkpoint(os.path.join(_run_dir(tmp_path, "tabular"), "last.pt"),
+        training.load_checkpoint(os.path.join(_run_dir(ad_fold_runs, "tabular", 1), "last.pt"),
                                  {"model": "tabular", "fold": 3})
-
-
-def test_a_finished_run_predicts_its_test_set_again_from_its_saved_state(ad_cohort60, tmp_path, monkeypatch):
-    scored, real_ad_metrics = [], train_ad.ad_metrics
-    monkeypatch.setattr(train_ad, "ad_metrics", lambda model, loader, *a: scored.append(
-        (len(loader.dataset), loader.dataset[0][0].shape[:2])) or real_ad_metrics(model, loader, *a))
-    train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "concat", "--epochs", "1"))
-    assert scored == [(12, (2, 1))] * 2       # validation (subset 1) and test (subset 4): both hippocampi, averaged
-    finished = load_run(_run_dir(tmp_path, "concat"))
-    assert finished.run.model == "concat" and finished.run.fold == 1 and finished.crops is not None
-    _, table, test_idx, images = predict.test_set(finished)
-    tab = finished.tabular.transform([table.raw[i] for i in test_idx])      # the run's own imputation
-    loader = torch.utils.data.DataLoader(data.ADDataset(images, tab, table.labels[test_idx], train=False), 8)
-    _, probs = train_ad.ad_metrics(finished.model(), loader, torch.device("cpu"), finished.class_names,
-                                   finished.run.precision)
-    np.testing.assert_allclose(probs, finished.read_predictions()["probs"], atol=1e-6)
-
-
-def test_empty_age_sex_education_and_apoe4_cells_are_imputed_and_the_split_does_not_depend_on_them(ad_cohort60,
-                                                                                                       tmp_path):
-    lines = open(ad_cohort60).read().splitlines()
-    header = lines[0].split(",")
-    for k, col in [(2, "AGE"), (3, "AGE"), (4, "PTGENDER"), (5, "PTGENDER"), (6, "PTEDUCAT"), (7, "APOE4"),
-                   (8, "AGE")]:
-        cells = lines[k].split(",")
-        cells[header.index(col)] = ""
-        lines[k] = ",".join(cells)
-    csv_path = os.path.join(os.path.dirname(ad_cohort60), "ad_empty_cells.csv")   # beside the images
-    with open(csv_path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    table = data.read_ad_table(csv_path)
-    unknown = np.flatnonzero(np.isnan(table.age) | (table.sex < 0))
-    assert len(unknown) == 5
-    subsets = data.ad_split(table.sex, table.labels, table.age, 0)
-    assert np.array_equal(subsets, data.ad_split(table.sex, table.labels, table.age, 0))    # run to run
-    assert set(subsets[unknown]) <= set(range(5))                                          # each lands in a subset
-    tests = [data.ad_fold(subsets, f)[2] for f in range(4)]
-    assert all(np.array_equal(tests[0], t) for t in tests)                                 # every fold alike
-    prep = TabularPreprocessor().fit([table.raw[i] for i in data.ad_fold(subsets, 1)[0]])
-    X = prep.transform(table.raw)
-    assert np.isfinite(X).all() and {"AGE_missing", "PTGENDER_missing"} <= set(prep.columns)  # no NaN reaches it
-    for model in ("tabular", "hyperfusion"):
-        metrics = train_ad.main(_ad_args(csv_path, tmp_path, "--model", model, "--epochs", "1"))
-        assert sum(map(sum, metrics["test"]["confusion_matrix"])) == len(tests[0])
-        assert np.isfinite(load_run(_run_dir(tmp_path, model)).read_predictions()["probs"]).all()
-
-
-@pytest.fixture(scope="module")
-def ad_run_with_extreme_held_out_rows(ad_cohort60, tmp_path_factory):
-    """A 2-epoch tabular run of train_ad.py (split seed 0, fold 1) on ad_cohort60 edited so that only the
-    validation and test rows hold extreme ABETA, FDG and AV45 values and empty education cells, and one training
-    row an empty APOE4 (age, sex and diagnosis untouched: the split stays). -> (table, (train, val, test), best.pt)"""
-    tmp = tmp_path_factory.mktemp("extreme_held_out")
-    table = data.read_ad_table(ad_cohort60, need_images=False)
-    parts = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 1)
-    header = open(ad_cohort60).readline().strip().split(",")
-    held_out_lines = set((np.concatenate(parts[1:]) + 2).tolist())        # CSV line numbers, the header is line 1
-
-    def edit(line, cells):
-        if line in held_out_lines:
-            for col, value in (("PTEDUCAT", ""), ("ABETA", "900000"), ("FDG", "60"), ("AV45", "40")):
-                cells[header.index(col)] = value
-        elif line == parts[0][0] + 2:
-            cells[header.index("APOE4")] = ""
-        return cells
-
-    csv_path = _edit_table(ad_cohort60, tmp / "ad.csv", edit)
-    train_ad.main(_ad_args(csv_path, tmp, "--model", "tabular"))
-    edited = data.read_ad_table(csv_path, need_images=False)
-    assert edited.subjects == table.subjects
-    assert all(np.array_equal(a, b) for a, b in zip(parts, data.ad_fold(
-        data.ad_split(edited.sex, edited.labels, edited.age, 0), 1)))
-    return edited, parts, training.load_checkpoint(os.path.join(_run_dir(tmp, "tabular"), "best.pt"))
-
-
-def _attribute_values(table, idx):
-    """(len(idx), 8) the continuous attributes of those rows as numbers, NaN where empty."""
-    return np.array([[data.parse_attribute(a, table.raw[i][a]) for a in data.AD_CONTINUOUS] for i in idx])
-
-
-def test_a_training_run_fits_its_z_scores_and_imputation_on_its_training_rows_only(ad_run_with_extreme_held_out_rows):
-    table, (tr, va, te), ckpt = ad_run_with_extreme_held_out_rows
-    state = ckpt["tabular"]
-    X = _attribute_values(table, tr)
-    np.testing.assert_allclose(state["mean"], np.nanmean(X, 0), rtol=1e-12)
-    np.testing.assert_allclose(state["std"], np.nanstd(X, 0), rtol=1e-12)
-    # the imputer starts from the training means (0 once z-scored; sex: the share of women) and fits its steps there
-    np.testing.assert_allclose(state["init"][:8], 0, atol=1e-9)
-    assert state["init"][8] == pytest.approx(table.sex[tr].mean()) and state["steps"]
-    assert state == TabularPreprocessor().fit([table.raw[i] for i in tr]).state_dict()
-    for rows in (np.concatenate([tr, va]), np.arange(len(table.labels))):  # the edited rows would show
-        assert state != TabularPreprocessor().fit([table.raw[i] for i in rows]).state_dict()
-
-
-def test_a_training_run_adds_missing_indicators_for_the_attributes_empty_in_its_training_rows_alone(
-        ad_run_with_extreme_held_out_rows):
-    table, (tr, va, te), ckpt = ad_run_with_extreme_held_out_rows
-    empty = np.isnan(_attribute_values(table, tr)).any(0)
-    expected = [a for a, e in zip(data.AD_CONTINUOUS, empty) if e] + ["PTGENDER"] * bool((table.sex[tr] < 0).any())
-    assert "APOE4" in expected and "PTEDUCAT" not in expected      # empty in one training row / in held-out rows only
-    assert ckpt["tabular"]["indicators"] == expected
-    assert ckpt["inputs"]["tabular_columns"] == COLUMNS + [f"{a}_missing" for a in expected]
-    assert ckpt["inputs"]["n_tabular"] == len(COLUMNS) + len(expected)
-
-
-@pytest.fixture(scope="session")
-def brain_age_run(brain_age_cohort40, tmp_path_factory):
-    """A two-epoch HyperFusion brain-age run on the 40-subject cohort -> (its metrics, its folder)."""
-    out = tmp_path_factory.mktemp("brain_age_run")
-    metrics = train_brain_age.main(["--data-csv", str(brain_age_cohort40), "--out", str(out), "--epochs", "2",
-                                    "--batch-size", "8", "--quiet", "--precision", "fp32"])
-    return metrics, training.brain_age_run_dir(out, "hyperfusion", 0)
-
-
-def test_a_two_epoch_brain_age_run_writes_its_files_with_maes_in_years(brain_age_run):
-    metrics, run = brain_age_run
-    for f in ["best.pt", "last.pt", "log.csv", "metrics.json", "predictions.npz"]:
-        assert os.path.isfile(os.path.join(run, f)), f
-    for split in ("val", "test"):
-        for k in ("mae", "mae_male", "mae_female"):
-            assert 0.0 < metrics[split][k] < 100.0
-
-
-def test_the_brain_age_demo_anneals_its_learning_rate_by_a_cosine_and_real_data_keeps_table_1s_constant_rate(
-        brain_age_run, brain_age_cohort40, tmp_path, monkeypatch):
-    """The demo's last epochs settle (a cosine from lr towards 0, epoch by epoch as log.csv records it); a table
-    of the user's trains at Table 1's constant rate."""
-    _, real = brain_age_run
-    assert load_run(real).run.lr_schedule == "constant"
-    with open(os.path.join(real, "log.csv")) as f:
-        assert [float(r["lr"]) for r in csv.DictReader(f)] == [1.5e-4] * 2
-    monkeypatch.setattr(training, "builtin_cohort", lambda task, data_dir, quiet: str(brain_age_cohort40))
-    train_brain_age.main(["--out", str(tmp_path), "--epochs", "3", "--batch-size", "8", "--quiet"])   # the demo
-    run_dir = training.brain_age_run_dir(tmp_path, "hyperfusion", 0)
-    assert load_run(run_dir).run.lr_schedule == "cosine"
-    with open(os.path.join(run_dir, "log.csv")) as f:
-        rows = list(csv.DictReader(f))
-    expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * e / 3)) for e in range(3)]      # 1e-3, 7.5e-4, 2.5e-4
-    assert [float(r["lr"]) for r in rows] == pytest.approx(expected, rel=1e-12)
-
-
-def test_precise_bn_re_estimates_the_running_statistics_from_the_training_batches_alone():
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear, self.norm = nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=0.05)
-
-        def forward(self, image, tabular):
-            return self.norm(self.linear(tabular))
-
-    torch.manual_seed(0)
-    net = Net().eval()
-    net.norm.running_mean.fill_(99.0)                                        # stale statistics
-    net.norm.running_var.fill_(50.0)
-    net.norm.num_batches_tracked.fill_(1000)                                 # as after an epoch of training
-    xs = [torch.randn(8, 3) * 2 + 1 for _ in range(3)]
-    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "num_batches" not in k}
-    training.recalibrate_batchnorm(net, [(torch.zeros(8, 0), x, torch.zeros(8)) for x in xs], torch.device("cpu"))
-    with torch.no_grad():
-        h = [net.linear(x) for x in xs]
-    torch.testing.assert_close(net.norm.running_mean, torch.stack([v.mean(0) for v in h]).mean(0))
-    torch.testing.assert_close(net.norm.running_var, torch.stack([v.var(0) for v in h]).mean(0))
-    assert net.norm.momentum == 0.05 and not net.training                   # left as it was found
-    assert all(torch.equal(v, net.state_dict()[k]) for k, v in weights.items())
-
-
-def test_brain_age_training_re_estimates_batch_norm_before_every_validation_from_its_training_rows_in_order(
-        brain_age_cohort20, tmp_path, monkeypatch):
-    """Precise BN in train_brain_age.py's own path: each epoch, before validation, the statistics are
-    re-estimated over the training split, every training subject once, in order (not validation, not shuffled)."""
-    seen = []
-
-    def spy(model, loader, device, precision):
-        seen.append(torch.cat([age for _, _, age in loader]).numpy())
-        return training.recalibrate_batchnorm(model, loader, device, precision)
-
-    monkeypatch.setattr(train_brain_age, "recalibrate_batchnorm", spy)
-    train_brain_age.main(["--data-csv", str(brain_age_cohort20), "--out", str(tmp_path), "--epochs", "2",
-                          "--batch-size", "4", "--model", "imaging", "--quiet"])
-    table = data.read_brain_age_table(str(brain_age_cohort20), None)
-    train_idx, _, _ = data.brain_age_split(table.age, table.sex, 0)
-    assert len(seen) == 2
-    for ages in seen:
-        np.testing.assert_allclose(ages, table.age[train_idx].astype(np.float32))
-
-
-def test_after_a_short_run_the_two_sexes_generate_different_weights_in_every_hyperlayer(brain_age_run):
-    """The embeddings start at ones (models.py), so both sexes start from one shared set of weights; training
-    parts them (8 Adam steps at lr 1.5e-4 here: ~1e-4 relative, a 2e-5 bound is 100x float32 rounding)."""
-    def relative_differences(model):
-        out = []
-        for name in model.linears:
-            h = getattr(model, name).hypernet
-            with torch.no_grad():
-                (w_male, b_male), (w_female, b_female) = (h.generate(h(torch.eye(2)[[s]])) for s in (0, 1))
-            out += [float((w_male - w_female).norm() / w_male.norm()),
-                    float((b_male - b_female).norm() / b_male.norm())]
-        return out
-    untrained = build_model("brain-age", "hyperfusion", image_shape=synthetic.BRAIN_AGE_SYNTH["shape"])
-    assert relative_differences(untrained) == [0.0] * 8
-    assert min(relative_differences(load_run(brain_age_run[1]).model())) > 2e-5
-
-
-def test_the_age_bias_correction_leaves_a_gap_uncorrelated_with_age_on_its_fitting_set():
-    age = np.array([20.0, 30.0, 40.0, 50.0, 60.0, 70.0])
-    pred = np.array([30.0, 36.0, 43.0, 50.0, 56.0, 61.0])  # regression to the mean: young over-, old under-estimated
-    gap = pred - age                                      # 10, 6, 3, 0, -4, -9
-    slope = ((age - age.mean()) * (gap - gap.mean())).sum() / ((age - age.mean()) ** 2).sum()   # by hand
-    fit = metrics.age_bias_fit(age, pred)
-    assert fit["slope"] == pytest.approx(slope) and fit["intercept"] == pytest.approx(gap.mean() - slope * age.mean())
-    corrected = metrics.corrected_gap(age, pred, fit)
-    assert abs(np.corrcoef(corrected, age)[0, 1]) < 1e-9 and abs(corrected.mean()) < 1e-9
-    summary = metrics.gap_summary(age, pred, np.array([0, 1, 0, 1, 0, 1]), fit)
-    assert summary["r_gap_age"] < -0.99 and abs(summary["r_corrected_gap_age"]) < 1e-9
-    assert summary["gap_male"] == pytest.approx(np.mean(gap[[0, 2, 4]]))
-
-
-def test_predict_reproduces_a_brain_age_runs_test_predictions_and_reports_the_corrected_gap(brain_age_cohort40,
-                                                                                           brain_age_run, tmp_path):
-    _, run_dir = brain_age_run
-    res = _predict(run_dir, "--data-csv", brain_age_cohort40, "--out", tmp_path / "ages.csv")
-    saved = load_run(run_dir).read_predictions()
-    rows = [res["subjects"].index(s) for s in saved["subjects"]]
-    np.testing.assert_allclose(res["combined"][rows], saved["pred"], atol=1e-4)
-    lines = (tmp_path / "ages.csv").read_text().splitlines()
-    assert lines[0] == "Subject,predicted_age,n_models,age_spread,gap,corrected_gap" and len(lines) == 41
-    bias = load_run(run_dir).read_metrics()["age_bias"]
-    table = data.read_brain_age_table(brain_age_cohort40)
-    first = lines[1].split(",")
-    age = float(table.age[table.subjects.index(first[0])])
-    expected = float(first[1]) - age - (bias["intercept"] + bias["slope"] * age)
-    assert float(first[5]) == pytest.approx(expected, abs=2e-3)
-
-
-def test_fig4a_training_sets_are_one_size_min_men_women_drawn_with_the_seed_and_the_mix_is_half_and_half():
-    """Sec. 4.2.4: M, F and the mix each hold min(men, women) of the training split, the mix half and half,
-    whichever sex is the larger."""
-    idx = np.arange(100, 151)                             # training-split indices into the table
-    for men in (30, 21):
-        full = np.r_[np.zeros(100, int), np.zeros(men, int), np.ones(51 - men, int)]
-        sets = {s: train_brain_age.select_training_sex(idx, full, s, 0) for s in ("M", "F", "mixed")}
-        assert {s: len(v) for s, v in sets.items()} == {"M": 21, "F": 21, "mixed": 21}
-        assert set(full[sets["M"]]) == {0} and set(full[sets["F"]]) == {1}
-        assert sorted(np.bincount(full[sets["mixed"]], minlength=2)) == [10, 11]
-        for v in sets.values():
-            assert set(v) <= set(idx) and len(set(v)) == len(v)
-        larger = "M" if men > 21 else "F"                 # the larger sex's set is a draw, made with the seed
-        again = train_brain_age.select_training_sex(idx, full, larger, 0)
-        other = train_brain_age.select_training_sex(idx, full, larger, 1)
-        assert np.array_equal(again, sets[larger]) and not np.array_equal(other, sets[larger])
-        assert np.array_equal(train_brain_age.select_training_sex(idx, full, "all", 0), idx)
-
-
-@pytest.fixture(scope="module")
-def fig4a_women_run(brain_age_cohort20, tmp_path_factory):
-    """A one-epoch imaging run of train_brain_age.py trained on women only (Fig. 4A), split 50/25/25 -> (table,
-    (train, val, test) of the split, (what select_training_sex was given, the ages each precise BN read), the run
-    folder)."""
-    out, given, calibrated = tmp_path_factory.mktemp("fig4a_women"), [], []
-    real = train_brain_age.select_training_sex
-
-    def spy(train_idx, sex, which, seed):
-        given.append(np.array(train_idx))
-        return real(train_idx, sex, which, seed)
-
-    def precise_bn_spy(model, loader, device, precision):
-        calibrated.append(torch.cat([age for _, _, age in loader]).numpy())
-        return training.recalibrate_batchnorm(model, loader, device, precision)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_brain_age, "select_training_sex", spy)
-        mp.setattr(train_brain_age, "recalibrate_batchnorm", precise_bn_spy)
-        train_brain_age.main(["--data-csv", str(brain_age_cohort20), "--out", str(out), "--epochs", "1",
-                              "--batch-size", "4", "--model", "imaging", "--train-sex", "F", "--split", "0.5", "0.25",
-                              "0.25", "--quiet", "--precision", "fp32"])
-    table = data.read_brain_age_table(str(brain_age_cohort20), None)
-    parts = data.brain_age_split(table.age, table.sex, 0, (0.5, 0.25, 0.25))
-    return table, parts, (given, calibrated), training.brain_age_run_dir(out, "imaging", 0, train_sex="F")
-
-
-def test_fig4a_training_sets_are_drawn_from_the_training_split_alone(fig4a_women_run):
-    table, (train, val, test), (given, _), _ = fig4a_women_run
-    assert len(given) == 1 and np.array_equal(given[0], train)
-    assert (table.sex[val] == 1).any() or (table.sex[test] == 1).any()     # women the wrong rows would add
-
-
-def test_precise_bn_of_a_fig4a_run_reads_its_chosen_training_subjects_alone_in_order(fig4a_women_run):
-    table, (train, _, _), (_, calibrated), _ = fig4a_women_run
-    women = train_brain_age.select_training_sex(train, table.sex, "F", 0)
-    assert len(calibrated) == 1 and len(women) < len(train)
-    np.testing.assert_array_equal(calibrated[0], table.age[women].astype(np.float32))
-
-
-def test_the_brain_age_target_is_centred_on_the_mean_age_of_the_training_rows_it_trains_on(fig4a_women_run):
-    table, (train, val, test), _, run_dir = fig4a_women_run
-    women = train_brain_age.select_training_sex(train, table.sex, "F", 0)
-    centre = load_run(run_dir).target.centre
-    assert centre == float(table.age[women].mean())
-    for other in (train, np.concatenate([women, val]), np.arange(len(table.age))):   # would move it
-        assert abs(float(table.age[other].mean()) - centre) > 0.1
-
-
-def test_the_age_bias_of_the_brain_age_gap_is_fitted_on_the_validation_rows_never_the_test_rows(fig4a_women_run):
-    table, (train, val, test), _, run_dir = fig4a_women_run
-    finished_run = load_run(run_dir)
-    saved, bias = finished_run.read_predictions(), finished_run.read_metrics()["age_bias"]
-    assert list(saved["val_subjects"]) == [table.subjects[i] for i in val]
-    assert bias == metrics.age_bias_fit(table.age[val], saved["val_pred"])
-    on_test = metrics.age_bias_fit(saved["age"], saved["pred"])
-    assert max(abs(on_test[k] - bias[k]) for k in ("slope", "intercept")) > 1e-3        # the test rows would show
-    gap = finished_run.read_metrics()["test"]["gap"]
-    assert gap == metrics.gap_summary(saved["age"], saved["pred"], saved["sex"], bias)
-
-
-# ----------------------------------------------------------------------------------------------
-# A run folder is one run; divergence; interruption
-
-def _tabular_args(csv_path, out, *extra):
-    """train_ad.py options of the cheapest AD run that trains (the tabular MLP: well under a second an epoch)."""
-    return _ad_args(csv_path, out, "--model", "tabular", *extra)
-
-
-def _snapshot(folder):
-    """{file: (bytes, modification time)} of every file under folder: equal snapshots mean nothing was touched."""
-    return {f: (open(os.path.join(folder, f), "rb").read(), os.stat(os.path.join(folder, f)).st_mtime_ns)
-            for f in _files(folder)}
-
-
-def _epoch_of(run_dir, name="last.pt"):
-    return training.load_checkpoint(os.path.join(run_dir, name))["epoch"] + 1
 
 
 def test_a_run_folder_that_holds_a_run_is_refused_to_a_new_one_before_any_file_changes(ad_cohort60, tmp_path):
@@ -2469,16 +3893,6 @@ def test_a_non_finite_batchnorm_statistic_stops_the_run_after_the_epoch_or_after
     assert _epoch_of(folder) == 1
 
 
-def test_a_command_piped_into_head_stops_quietly_when_head_has_read_enough(tmp_path):
-    """`run-protocol --print-commands | head -1` printed `error: [Errno 32] Broken pipe`."""
-    p = subprocess.run(f"{shlex.quote(sys.executable)} evaluate.py protocol --task ad --split-seeds 0 1 2 3 4 5 "
-                       f"--versions 0 1 2 3 4 5 6 7 8 9 --runs "           # 1,440 lines: more than a pipe holds
-                       f"{shlex.quote(str(tmp_path))} --print-commands | head -1", shell=True, cwd=HERE,
-                       capture_output=True, text=True)
-    assert p.stdout.startswith("python train_ad.py --model ") and len(p.stdout.splitlines()) == 1
-    assert p.stderr == "", p.stderr
-
-
 def test_ctrl_c_during_training_prints_one_line_with_what_is_kept_and_the_command_to_resume(ad_cohort60, tmp_path):
     """Ctrl-C printed a traceback. Now one line: the epoch, what last.pt holds, the exact command with --resume;
     exit 130 as a shell reports SIGINT. While it trains, the folder is refused to a second run naming its pid."""
@@ -2527,1024 +3941,122 @@ def test_sigterm_during_training_prints_the_same_one_line_and_exits_143(ad_cohor
     assert _epoch_of(run_dir) == 1 and training.LOCK_NAME not in os.listdir(run_dir)
 
 
-def test_the_protocol_hands_its_cache_dir_to_every_run_it_trains(tmp_path, capsys):
-    """Data on read-only storage: protocol.py --cache-dir is where every run it starts decodes its images."""
-    evaluate.main(["protocol", "--task", "ad", "--runs", str(tmp_path), "--models", "imaging", "--epochs", "1",
-                          "--cache-dir", str(tmp_path / "cache"), "--print-commands"])
-    argvs = [shlex.split(line) for line in capsys.readouterr().out.strip().splitlines()]
-    assert len(argvs) == 4 and all(a[a.index("--cache-dir") + 1] == str(tmp_path / "cache") for a in argvs)
+def test_a_full_disk_or_an_unwritable_folder_is_one_error_line_naming_the_folder_and_the_bytes(ad_cohort40, tmp_path,
+                                                                                             monkeypatch):
+    """A write that fails with ENOSPC (a full --cache-dir, a full --out) or EACCES is one `error:` line naming the
+    folder and the bytes the file needed, exit status 2; no entry, checkpoint or temporary file is left. An
+    --out under a file is one line too. (Patched writes: tests run as root, where chmod stops nothing.)"""
+    cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
+    monkeypatch.setattr(data, "open", _full_disk_open(cache_dir), raising=False)
+    proc = run_main(train_ad.main, *_ad_args(ad_cohort40, runs, "--model", "imaging", "--cache-dir", cache_dir))
+    warned = [w for w in proc.stderr.splitlines(True) if w.startswith("warning: ") and "sources.json" in w]
+    proc.stderr = "".join(line for line in proc.stderr.splitlines(True) if line not in warned)  # the hashes' index
+    assert_clean_error(proc, f"{cache_dir}: no space left to write", ".npy", "No space left on device")
+    assert re.search(r"it needs \d+ bytes", proc.stderr), proc.stderr
+    assert not [f for f in os.listdir(cache_dir) if f.endswith(".npy")] and no_temp_files(cache_dir)
+    monkeypatch.undo()
+    run_dir = _run_dir(runs, "tabular")
+    for error, says in ((errno.ENOSPC, "no space left to write best.pt"), (errno.EACCES, "cannot write best.pt")):
+        monkeypatch.setattr(data, "open", _full_disk_open(runs, error), raising=False)
+        proc = run_main(train_ad.main, *_ad_args(ad_cohort40, runs, "--model", "tabular"))
+        assert_clean_error(proc, f"{run_dir}: {says}", os.strerror(error))
+        assert re.search(r"it needs \d+ bytes", proc.stderr), proc.stderr
+        assert not os.path.exists(run_dir) or os.listdir(run_dir) == []   # no checkpoint, log or temporary file
+        monkeypatch.undo()
+    (tmp_path / "a_file").write_text("")
+    assert_clean_error(run_main(train_ad.main, *_ad_args(ad_cohort40, tmp_path / "a_file" / "runs", "--model",
+                                                         "tabular")), tmp_path / "a_file", "Not a directory")
 
 
-def test_gpus_are_indices_among_the_gpus_this_process_sees_and_one_that_does_not_exist_is_refused():
-    """CUDA_VISIBLE_DEVICES=4,5,6,7 ... --gpus 0,1 lands on physical GPUs 4 and 5, not 0 and 1."""
-    assert evaluate.gpu_masks([0, 1], 4, {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}) == ["4", "5"]
-    assert evaluate.gpu_masks([1, 0], 2, {}) == ["1", "0"]
-    with pytest.raises(UserError, match=r"--gpus 0,2: GPU 2 does not exist here: 2 visible \(CUDA_VISIBLE_DEVICES"):
-        evaluate.gpu_masks([0, 2], 2, {"CUDA_VISIBLE_DEVICES": "4,5"})
-    with pytest.raises(UserError, match="no GPU is visible"):
-        evaluate.gpu_masks([0], 0, {})
+@pytest.mark.parametrize("cache", ["absent", "present"])
+def test_a_cohort_on_read_only_storage_stops_in_one_line_naming_cache_dir_and_trains_with_a_writable_one(
+        ad_cohort40, tmp_path, monkeypatch, cache):
+    """A table and images on read-only storage (a shared archive, a read-only mount): the default cache,
+    <csv folder>/cache, cannot be made (or, made before, written). One `error:` line names that folder, the
+    reason and the way out, --cache-dir; with --cache-dir somewhere writable the same command trains. (os.mkdir and
+    the writes under the folder patched to fail with EROFS: tests run as root, where chmod stops nothing.)"""
+    ro = tmp_path / "archive"
+    shutil.copytree(os.path.dirname(ad_cohort40), ro, ignore=shutil.ignore_patterns("cache"))
+    if cache == "present":
+        os.mkdir(ro / "cache")
+    real_mkdir = os.mkdir
+
+    def read_only_mkdir(path, *args, **kwargs):
+        if os.path.abspath(os.fspath(path)).startswith(str(ro) + os.sep):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", read_only_mkdir)
+    for module in (data,):
+        monkeypatch.setattr(module, "open", _full_disk_open(ro, errno.EROFS), raising=False)
+    args = _ad_args(ro / os.path.basename(ad_cohort40), tmp_path / "runs", "--model", "imaging", "--epochs", "1")
+    proc = run_main(train_ad.main, *args)
+    *warnings, error = proc.stderr.splitlines()          # present: sources.json not written, a warning says so
+    assert all(w.startswith("warning: ") and "sources.json" in w for w in warnings), warnings
+    assert bool(warnings) == (cache == "present"), warnings
+    assert_clean_error(types.SimpleNamespace(returncode=proc.returncode, stderr=error), ro / "cache",
+                       "Read-only file system", "--cache-dir")
+    assert not os.path.exists(tmp_path / "runs" / "ad" / "imaging" / "seed0" / "v0" / "fold1" / "best.pt")
+    assert os.listdir(ro / "cache") == [] if cache == "present" else not os.path.exists(ro / "cache")
+    if cache == "absent":                                # the way out, once
+        proc = run_main(train_ad.main, *args, "--cache-dir", tmp_path / "cache")
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
-def test_a_launched_run_is_told_its_gpu_the_cuda_device_and_how_many_runs_share_the_machine(monkeypatch):
-    """Each child of run-protocol --jobs K --gpus: its own GPU, --device cuda (a missing GPU is then an error, not
-    a run on the CPU at the CPU's precision), LOCAL_WORLD_SIZE=K and cores / K threads (its loader's workers): the
-    cores this process may run on (a job's CPU set), not all the machine has."""
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)))
-    monkeypatch.setattr(os, "cpu_count", lambda: 64)
-    child = "import os, sys, json; print(json.dumps([os.environ.get(k) for k in " \
-            "('CUDA_VISIBLE_DEVICES', 'LOCAL_WORLD_SIZE', 'OMP_NUM_THREADS')] + sys.argv[1:]))"
-    seen = []
-    for gpus in (["4", "5"], None):
-        proc, out = evaluate.start(evaluate.Job("x", [sys.executable, "-c", child, "--model", "imaging"]), 1, 2, gpus)
-        proc.wait()
-        out.seek(0)
-        seen.append(json.loads(out.read().decode()))
-        out.close()
-    assert seen[0] == ["5", "2", "3", "--model", "imaging", "--device", "cuda"]
-    assert seen[1][1:] == ["2", "3", "--model", "imaging"]
+def test_a_command_piped_into_head_stops_quietly_when_head_has_read_enough(tmp_path):
+    """`run-protocol --print-commands | head -1` printed `error: [Errno 32] Broken pipe`."""
+    p = subprocess.run(f"{shlex.quote(sys.executable)} evaluate.py protocol --task ad --split-seeds 0 1 2 3 4 5 "
+                       f"--versions 0 1 2 3 4 5 6 7 8 9 --runs "           # 1,440 lines: more than a pipe holds
+                       f"{shlex.quote(str(tmp_path))} --print-commands | head -1", shell=True, cwd=HERE,
+                       capture_output=True, text=True)
+    assert p.stdout.startswith("python train_ad.py --model ") and len(p.stdout.splitlines()) == 1
+    assert p.stderr == "", p.stderr
 
 
-def test_jobs_without_gpus_spread_the_runs_over_every_visible_gpu(tmp_path, monkeypatch):
-    """evaluate.py protocol --jobs 3 on a machine with three GPUs and no --gpus put every run on GPU 0 (each child
-    picked cuda:0). Now the runs are shared out over the GPUs this process sees, one each, as with --gpus 0,1,2."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,6,7")
-    monkeypatch.setattr(evaluate, "evaluate_ad", lambda *a, **k: None)
-    child = "import os, sys; open(sys.argv[1], 'w').write(' '.join([os.environ['CUDA_VISIBLE_DEVICES']] + " \
-            "sys.argv[2:]))"
-    commands, real_start = [], evaluate.start
-
-    def spy(job, slot, k, gpus):                 # the training script's command kept, a child that says its GPU run
-        commands.append(job.command)
-        return real_start(dataclasses.replace(job, command=[sys.executable, "-c", child,
-                                                            str(tmp_path / f"{len(commands)}.txt")]), slot, k, gpus)
-
-    monkeypatch.setattr(evaluate, "start", spy)
-    trained, _, _ = evaluate.run_protocol("ad", str(tmp_path / "runs"), models=["imaging"], epochs=1, jobs=3,
-                                          quiet=True)
-    assert len(trained) == len(commands) == 4 and all("train_ad.py" in c[1] for c in commands)
-    told = [(tmp_path / f"{k}.txt").read_text().split() for k in range(1, 5)]
-    assert [t[1:] for t in told] == [["--device", "cuda"]] * 4
-    assert [t[0] for t in told[:3]] == ["5", "6", "7"] and told[3][0] in ("5", "6", "7")
-
-
-def test_an_interrupted_run_protocol_with_jobs_ends_the_trainings_it_started(tmp_path, monkeypatch):
-    """run-protocol --jobs K runs each training in a process of its own: Ctrl-C or SIGTERM of the runner (or an
-    error in it) left them training with no one waiting for them. Now it stops them (SIGTERM) before it ends."""
-    pid_file = tmp_path / "pid"
-    child = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)"
-    real_sleep, interrupted = evaluate.time.sleep, []
-
-    def interrupt_once_it_runs(seconds):                      # time.sleep, of the runner's poll and of Popen.wait
-        if not interrupted and pid_file.exists() and pid_file.read_text():
-            interrupted.append(True)
-            raise KeyboardInterrupt
-        real_sleep(min(seconds, 0.05))
-
-    monkeypatch.setattr(evaluate.time, "sleep", interrupt_once_it_runs)
-    with pytest.raises(KeyboardInterrupt):
-        evaluate.run_jobs([evaluate.Job(str(tmp_path / "run"), [sys.executable, "-c", child, str(pid_file)])], 1)
-    pid = int(pid_file.read_text())
-    try:
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)                                   # ended, and waited for (no zombie left either)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation (Sec. 3.4, 4.2.2, 4.3.6-4.3.7): metrics, ensembles, tables, sweeps, the protocol runner
-# ----------------------------------------------------------------------------------------------
-# Eq. 5 (the AD loss) and the kept epoch (Sec. 4.2.2, 4.3.6)
-
-def test_eq5_weighted_cross_entropy_is_divided_by_the_batch_size_not_by_the_sum_of_the_targets_weights():
-    torch.manual_seed(0)
-    logits, target = torch.randn(5, 3), torch.tensor([0, 1, 1, 2, 2])
-    w = torch.tensor([0.9, 0.6, 2.4])                                     # the targets' weights sum to 6.9, B = 5
-    log_p = [math.log(float(torch.softmax(logits[b], 0)[y])) for b, y in enumerate(target.tolist())]
-    by_hand = -sum(float(w[y]) * lp for y, lp in zip(target.tolist(), log_p)) / 5          # Eq. 5
-    assert float(train_ad.wce_loss(logits, target, w)) == pytest.approx(by_hand, rel=1e-6)
-    assert float(F.cross_entropy(logits, target, weight=w)) == pytest.approx(by_hand * 5 / 6.9, rel=1e-6)
-
-
-def test_eq5_class_weights_are_n_over_c_n_c_counted_on_the_training_and_validation_rows(ad_cohort60, tmp_path,
-                                                                                       monkeypatch):
-    seen, real = [], train_ad.wce_loss
-
-    def spy(logits, target, weights):
-        seen.append(weights.detach().cpu().numpy().copy())
-        return real(logits, target, weights)
-
-    monkeypatch.setattr(train_ad, "wce_loss", spy)
-    train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "tabular", "--epochs", "1"))   # split seed 0, fold 1
-    table = data.read_ad_table(ad_cohort60, need_images=False)
-    train, val, _ = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 1)
-    weights = lambda idx: (lambda n: n.sum() / (3 * n))(np.bincount(table.labels[idx], minlength=3))   # N / (C n_c)
-    expected = weights(np.concatenate([train, val]))
-    assert len(seen) == len(train) // 8                                    # every training batch, no other weights
-    for w in seen:
-        np.testing.assert_allclose(w, expected, rtol=1e-6)
-    for other in (train, np.arange(len(table.labels))):    # the cohort tells them apart: training only, or with test
-        assert not np.allclose(weights(other), expected, rtol=1e-3)
-
-
-def test_app_c4_oversampling_draws_every_class_equally_often_over_an_epoch(ad_cohort60, tmp_path, monkeypatch):
-    """--loss ce-oversample: the training loader's sampler draws an epoch of len(training rows) with replacement,
-    each class expected equally often, though the training rows hold 13 CN, 18 MCI and 5 AD."""
-    loaders, real = [], train_ad.fit
-
-    def spy(model, train_loader, *args, **kwargs):
-        loaders.append(train_loader)
-        return real(model, train_loader, *args, **kwargs)
-
-    monkeypatch.setattr(train_ad, "fit", spy)
-    train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "tabular", "--epochs", "1", "--loss", "ce-oversample"))
-    table = data.read_ad_table(ad_cohort60, need_images=False)
-    train, _, _ = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 1)
-    labels = table.labels[train]
-    assert np.bincount(labels).tolist() == [13, 18, 5]
-    sampler = loaders[0].sampler
-    assert sampler.num_samples == len(train) and sampler.replacement
-    expected = np.bincount(labels, weights=sampler.weights.numpy()) / float(sampler.weights.sum())
-    np.testing.assert_allclose(expected, 1 / 3, rtol=1e-9)                  # exactly, in expectation
-    torch.manual_seed(0)
-    drawn = np.bincount(labels[np.concatenate([list(sampler) for _ in range(300)])], minlength=3)
-    assert np.abs(drawn / drawn.sum() - 1 / 3).max() < 0.02, drawn         # 10,800 draws: 4 sigma of noise
-
-
-class _TabularNet(nn.Module):
-    """The smallest network fit() trains: a linear layer on the tabular vector, the image ignored."""
-
-    def __init__(self):
-        super().__init__()
-        self.linear = nn.Linear(3, 2)
-
-    def forward(self, image, tabular):
-        return self.linear(tabular)
-
-
-def _scripted_fit(folder, scores, lower_is_better):
-    """training.fit on a tiny net whose validation scores are `scores`, one per epoch -> (best, weights per epoch)."""
-    torch.manual_seed(0)
-    items = torch.utils.data.TensorDataset(torch.zeros(8, 0), torch.randn(8, 3), torch.randint(0, 2, (8,)))
-    batches = torch.utils.data.DataLoader(items, batch_size=4)
-    run = RunConfig(task="ad", model="tabular", version=0, split_seed=0, fold=0, classes=2, loss="ce", data_csv="x",
-                    epochs=len(scores), batch_size=4, lr=0.1, weight_decay=0.0)
-    weights, left = [], list(scores)
-
-    def validate(model):
-        weights.append({k: v.clone() for k, v in model.state_dict().items()})
-        return {"score": left.pop(0)}
-
-    best = training.fit(_TabularNet(), batches, F.cross_entropy, validate, "score", run, str(folder), {}, quiet=True,
-                        lower_is_better=lower_is_better)
-    return best, weights
-
-
-@pytest.mark.parametrize("scores,lower_is_better", [([0.3, 0.9, 0.5, 0.7], False),    # balanced accuracy
-                                                    ([6.0, 2.0, 4.0, 3.0], True)])     # MAE
-def test_best_pt_holds_the_epoch_with_the_best_validation_score_and_last_pt_the_last(tmp_path, scores,
-                                                                                      lower_is_better):
-    best, weights = _scripted_fit(tmp_path, scores, lower_is_better)
-    assert best["epoch"] == 1 and best["score"] == scores[1]
-    kept, last = (training.load_checkpoint(os.path.join(tmp_path, f)) for f in ("best.pt", "last.pt"))
-    assert kept["epoch"] == 1 and last["epoch"] == len(scores) - 1
-    for k, v in weights[1].items():
-        torch.testing.assert_close(kept["model"][k], v, rtol=0, atol=0)               # epoch 2's weights
-        torch.testing.assert_close(last["model"][k], weights[-1][k], rtol=0, atol=0)
-    assert not torch.equal(weights[1]["linear.weight"], weights[-1]["linear.weight"])  # the epochs differ
-
-
-@pytest.mark.parametrize("task", ["ad", "brain-age"])
-def test_the_training_scripts_test_with_the_best_epochs_checkpoint_not_the_last(task, ad_cohort60, brain_age_cohort20,
-                                                                                tmp_path, monkeypatch):
-    def best_then_worse(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs, state=None, **_):
-        """fit's contract without training: best.pt holds epoch 1, then the model in memory and last.pt move on."""
-        os.makedirs(run_dir, exist_ok=True)
-        metrics = validate(model)
-        header = {"run": dataclasses.asdict(run), "inputs": inputs, **(state or {})}
-        training.save_checkpoint({"model": model.state_dict(), "epoch": 0, **header}, os.path.join(run_dir, "best.pt"))
-        _randomise(model, seed=1)
-        training.save_checkpoint({"model": model.state_dict(), "epoch": 1, **header}, os.path.join(run_dir, "last.pt"))
-        return {"epoch": 0, "score": metrics[score_key], "metrics": metrics}
-
-    module = train_ad if task == "ad" else train_brain_age
-    monkeypatch.setattr(module, "fit", best_then_worse)
-    cohort = ad_cohort60 if task == "ad" else brain_age_cohort20
-    options = ["--model", "tabular"] if task == "ad" else ["--model", "imaging"]
-    module.main(["--data-csv", str(cohort), "--out", str(tmp_path), "--epochs", "1", "--quiet", *options])
-    run_dir = _run_dir(tmp_path, "tabular", 0) if task == "ad" else training.brain_age_run_dir(tmp_path, "imaging", 0)
-    saved = load_run(run_dir).read_predictions()
-    tested = saved["probs"] if task == "ad" else saved["pred"]
-    for name, same in (("best.pt", True), ("last.pt", False)):
-        subjects, outputs = _test_set_outputs(os.path.join(run_dir, name))
-        assert list(subjects) == list(saved["subjects"])
-        assert np.allclose(outputs, tested, atol=1e-5) == same, name
-
-
-def _test_set_outputs(checkpoint):
-    """A checkpoint's outputs on its run's test set, rebuilt as the sweep rebuilds it (predict.test_set):
-    class probabilities of the AD tabular model, ages in years for brain age. -> (subjects, outputs)."""
-    finished_run, cpu = load_run(checkpoint), torch.device("cpu")
-    run, table, test_idx, images = predict.test_set(finished_run)
-    if run.task == "ad":
-        tab = finished_run.tabular.transform([table.raw[i] for i in test_idx])
-        ds = data.TabularDataset(tab, table.labels[test_idx])
-        decode = lambda logits: torch.softmax(logits, 1)
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_during_a_parallel_decode_is_one_line_and_leaves_nothing_half_written(ad_cohort40, tmp_path,
+                                                                                               how):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) or SIGTERM (to the process alone, as a
+    scheduler sends it) during a parallel decode: one `error:` line saying what was kept, exit status 2, no
+    traceback, no temporary file in the cache."""
+    proc = _start_decode(ad_cohort40, tmp_path)
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)
     else:
-        ds = data.BrainAgeDataset(images, data.sex_onehot(table.sex[test_idx]), table.age[test_idx])
-        decode = finished_run.target.decode
-    outputs, _ = training.predict(finished_run.model(), training.make_loader(ds, 8, 0, cpu), cpu, decode,
-                                  training.replay_precision(run.precision, cpu))       # as the run tested
-    return np.array(table.subjects)[test_idx], outputs
+        os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert_clean_error(types.SimpleNamespace(returncode=proc.returncode, stderr=err), "interrupted",
+                       tmp_path / "cache", "decoded and kept", "none half-written")
+    assert int(re.search(r"(\d+) of 40 images decoded", err).group(1)) < 40   # stopped, not waited for
+    assert no_temp_files(tmp_path / "cache")
+
+
+def test_resume_with_another_cache_dtype_is_refused_naming_both_values(ad_cohort60, tmp_path):
+    train_ad.main(_tabular_args(ad_cohort60, tmp_path, "--epochs", "1"))
+    proc = run_main(train_ad.main, *_tabular_args(ad_cohort60, tmp_path, "--epochs", "2", "--resume",
+                                                  "--cache-dtype", "float32"))
+    assert_clean_error(proc, "last.pt", "cache_dtype: checkpoint 'float16', now 'float32'")
 
 
 # ----------------------------------------------------------------------------------------------
-# Eq. 7-8
-
-def test_eq7_8_equal_entropies_give_the_plain_mean():
-    # a permutation keeps the entropy, so alpha = 1/2 each
-    probs = np.array([[[0.7, 0.2, 0.1]], [[0.1, 0.2, 0.7]]])
-    np.testing.assert_allclose(entropy_weighted_ensemble(probs), [[0.4, 0.2, 0.4]], atol=1e-12)
-    three = np.array([[[0.5, 0.3, 0.2]], [[0.2, 0.5, 0.3]], [[0.3, 0.2, 0.5]]])
-    np.testing.assert_allclose(entropy_weighted_ensemble(three), [[1 / 3, 1 / 3, 1 / 3]], atol=1e-12)
-
-
-def test_eq7_8_a_near_one_hot_member_dominates_a_flat_one():
-    sharp, flat = [0.98, 0.01, 0.01], [1 / 3, 1 / 3, 1 / 3]
-    h_sharp = -(0.98 * math.log(0.98) + 2 * 0.01 * math.log(0.01))     # 0.1119 nats
-    h_flat = math.log(3)                                                  # 1.0986 nats
-    a_sharp = (1 / h_sharp) / (1 / h_sharp + 1 / h_flat)                  # Eq. 8: 0.9076
-    expected = a_sharp * np.array(sharp) + (1 - a_sharp) * np.array(flat)  # Eq. 7
-    # two samples: the weights are per sample, so swapping the members' roles swaps the result
-    probs = np.array([[sharp, flat], [flat, sharp]])                      # (K=2, B=2, C=3)
-    out = entropy_weighted_ensemble(probs)
-    np.testing.assert_allclose(out, [expected, expected], rtol=1e-9)
-    assert out[0, 0] > 0.9 > np.mean([0.98, 1 / 3])                       # far above the plain mean
-    assert entropy(flat) == pytest.approx(h_flat)
-    np.testing.assert_allclose(out.sum(1), 1.0)
-
-
-def _eq7_8_by_hand(probs):
-    """Eq. 7-8 member by member, sample by sample: H_k = -sum_c p_c log p_c, alpha_k = (1/H_k) / sum_j (1/H_j),
-    p = sum_k alpha_k p_k. probs (K, B, C) -> (B, C)."""
-    probs = np.asarray(probs, np.float64)
-    out = np.zeros(probs.shape[1:])
-    for b in range(probs.shape[1]):
-        h = [-sum(p * math.log(p) for p in member[b] if p > 0) for member in probs]
-        alpha = [(1 / h_k) / sum(1 / h_j for h_j in h) for h_k in h]
-        out[b] = sum(a * member[b] for a, member in zip(alpha, probs))
-    return out
-
-
-def test_predict_combines_ad_members_by_eq7_8_and_brain_age_members_by_eq6_sample_by_sample():
-    rng = np.random.default_rng(5)
-    probs = np.stack([random_probs(rng, 6, sharp=s) for s in (0.3, 3.0, 1.0)])       # flat, sharp, between
-    combined = metrics.entropy_weighted_ensemble(probs)
-    np.testing.assert_allclose(combined, _eq7_8_by_hand(probs), rtol=1e-12)
-    assert not np.allclose(combined, probs.mean(0), atol=1e-3)                       # not the plain mean
-    ages = np.array([[50.0, 20.0], [52.0, 30.0], [60.0, 70.0]])                      # (K=3, N=2)
-    combined = metrics.mean_ensemble(ages)
-    np.testing.assert_allclose(combined, [(50 + 52 + 60) / 3, (20 + 30 + 70) / 3], rtol=1e-12)    # Eq. 6, not 52, 30
-
-
-# ----------------------------------------------------------------------------------------------
-# Eq. 9-10 and the other metrics
-
-def test_metrics_against_a_hand_made_confusion_matrix():
-    cm = np.array([[4, 1, 0],     # true CN
-                   [2, 2, 1],     # true MCI
-                   [0, 1, 1]])    # true AD
-    labels = np.repeat([0, 1, 2], cm.sum(1))
-    pred = np.repeat(np.tile([0, 1, 2], 3), cm.ravel())           # row by row, as many of each as the cell says
-    m = classification_metrics(labels, np.eye(3)[pred] * 0.8 + 0.2 / 3, NAMES)
-    recall = [4 / 5, 2 / 5, 1 / 2]                  # TP / (TP + FN), rows
-    precision = [4 / 6, 2 / 4, 1 / 2]               # TP / (TP + FP), columns
-    assert m["confusion_matrix"] == cm.tolist()
-    assert m["tp_rate"] == pytest.approx(dict(zip(NAMES, recall)))
-    accuracy = 7 / 12                               # = micro precision; neither is Eq. 9 or 10
-    assert len({round(v, 4) for v in (accuracy, np.mean(recall), np.mean(precision))}) == 3
-    assert m["balanced_accuracy"] == pytest.approx(np.mean(recall))     # Eq. 9: 0.5667
-    assert m["precision"] == pytest.approx(np.mean(precision))          # Eq. 10: 0.5556
-    assert m["f1_macro"] == pytest.approx(np.mean([2 * p * r / (p + r) for p, r in zip(precision, recall)]))
-    assert m["n"] == 12
-
-
-def test_auc_and_maes_by_hand():
-    # binary AUC: of the 4 (negative, positive) pairs, 3 rank the positive higher
-    m = classification_metrics([0, 0, 1, 1], [[0.9, 0.1], [0.6, 0.4], [0.65, 0.35], [0.2, 0.8]], ["CN", "AD"])
-    assert m["auc_macro"] == pytest.approx(0.75)
-    r = regression_metrics([50, 60, 70, 80], [52, 57, 70, 84], [0, 1, 0, 1])
-    assert (r["mae"], r["mae_male"], r["mae_female"]) == pytest.approx((2.25, 1.0, 3.5))
-
-
-def test_the_auc_is_the_macro_mean_of_the_one_vs_rest_aucs_not_weighted_micro_nor_one_vs_one():
-    labels = np.array([0, 0, 1, 1, 1, 2])                  # classes of 2, 3 and 1 subjects
-    probs = np.array([[.6, .3, .1], [.3, .5, .2], [.5, .4, .1], [.2, .7, .1], [.3, .3, .4], [.2, .2, .6]])
-    # one vs rest, by pair counting: CN 13/16 (a tie counts half), MCI 6.5/9, AD 5/5
-    per_class = [13 / 16, 6.5 / 9, 1.0]
-    macro = np.mean(per_class)                             # 0.8449
-    m = classification_metrics(labels, probs, NAMES)
-    assert m["auc_macro"] == pytest.approx(macro, abs=1e-12)
-    weighted = np.dot(per_class, np.bincount(labels) / len(labels))                      # 0.7986
-    one_vs_one = roc_auc_score(labels, probs, multi_class="ovo", average="macro")       # 0.8889
-    micro = roc_auc_score(np.eye(3)[labels].ravel(), probs.ravel())                      # 0.8542
-    assert min(abs(other - macro) for other in (weighted, one_vs_one, micro)) > 5e-3
-
-
-# ----------------------------------------------------------------------------------------------
-# the AD table (Table 3), late fusion (App. B), refusals
-
-GROUPS = [(0, 0), (0, 1), (1, 0)]
-
-
-@pytest.fixture
-def ad_runs(tmp_path):
-    """imaging, tabular and hyperfusion runs for three (seed, version) groups of four folds; an
-    incomplete daft group. -> (runs dir, {(model, seed, version): fold probs (4, N, C)}, labels per seed)."""
-    rng = np.random.default_rng(0)
-    labels = {s: rng.integers(0, 3, 20) for s in (0, 1)}
-    made = {}
-    for model, skill in [("imaging", 0.5), ("tabular", 1.0), ("hyperfusion", 3.0)]:
-        for seed, version in GROUPS:
-            folds = []
-            for fold in range(4):
-                p = random_probs(rng, 20) + skill * np.eye(3)[labels[seed]]
-                p /= p.sum(1, keepdims=True)
-                fake_ad_run(tmp_path, model, seed, version, fold, p, labels[seed])
-                folds.append(p)
-            made[(model, seed, version)] = np.stack(folds)
-    for fold in range(3):  # fold 3 never finished
-        fake_ad_run(tmp_path, "daft", 0, 0, fold, random_probs(rng, 20), labels[0])
-    return tmp_path, made, labels
-
-
-def test_ad_table_has_a_row_per_seed_and_version_with_mean_std_and_mann_whitney(ad_runs, capsys):
-    runs, made, labels = ad_runs
-    res = evaluate.evaluate_ad(str(runs))
-    by = {m["model"]: m for m in res["models"]}
-    assert list(by) == ["imaging", "tabular", "late-fusion", "hyperfusion"]      # Table 3's order; daft incomplete
-    assert any("daft" in s for s in res["incomplete"])
-    for model in ("imaging", "tabular", "hyperfusion"):
-        rows = by[model]["rows"]
-        assert [(r["split_seed"], r["version"]) for r in rows] == GROUPS
-        for r in rows:  # each row: the Eq. 7-8 ensemble of its four folds
-            ens = entropy_weighted_ensemble(made[(model, r["split_seed"], r["version"])])
-            assert r["metrics"] == classification_metrics(labels[r["split_seed"]], ens, NAMES)
-        ba = [r["BA"] for r in rows]
-        assert by[model]["mean"]["BA"] == pytest.approx(np.mean(ba))
-        assert by[model]["std"]["BA"] == pytest.approx(np.std(ba, ddof=1))
-        summed = np.sum([r["metrics"]["confusion_matrix"] for r in rows], 0)
-        assert np.array_equal(by[model]["confusion_matrix"], summed)
-    for col in ("BA", "AUC", "TP-MCI"):
-        expected = mannwhitneyu([r[col] for r in by["imaging"]["rows"]], [r[col] for r in by["hyperfusion"]["rows"]],
-                                alternative="two-sided").pvalue
-        assert by["imaging"]["p_value"][col] == pytest.approx(expected)
-        for one_sided in ("less", "greater"):                                 # the rows tell them apart
-            assert mannwhitneyu([r[col] for r in by["imaging"]["rows"]], [r[col] for r in by["hyperfusion"]["rows"]],
-                                alternative=one_sided).pvalue != pytest.approx(expected)
-    assert math.isnan(by["hyperfusion"]["p_value"]["BA"])
-    # late fusion: the plain average of the imaging and tabular ensembles, per (seed, version)
-    for r in by["late-fusion"]["rows"]:
-        key = (r["split_seed"], r["version"])
-        fused = (entropy_weighted_ensemble(made[("imaging", *key)])
-                 + entropy_weighted_ensemble(made[("tabular", *key)])) / 2
-        assert r["metrics"] == classification_metrics(labels[key[0]], fused, NAMES)
-    # written in three forms, and printed
-    md = (runs / "results_ad.md").read_text()
-    assert "Late fusion" in md and "HyperFusion" in md and " ± " in md and "TP-MCI" in md
-    with open(runs / "results_ad.json") as f:
-        assert len(json.load(f)["models"]) == 4
-    csv_lines = (runs / "results_ad.csv").read_text().strip().splitlines()
-    assert len(csv_lines) == 1 + 4 and csv_lines[0].startswith("model,rows,BA mean,BA std,BA p")
-    assert "Imaging only" in capsys.readouterr().out
-
-
-def test_eq7_8_each_row_of_the_ad_table_ensembles_its_folds_sample_by_sample(ad_runs):
-    runs, made, _ = ad_runs
-    for model in ("imaging", "tabular", "hyperfusion"):
-        for seed, version in GROUPS:
-            folds = [training.ad_run_dir(runs, model, seed, version, f) for f in range(4)]
-            expected = _eq7_8_by_hand(made[(model, seed, version)])
-            np.testing.assert_allclose(evaluate.ensemble_ad_folds(folds)["probs"], expected, rtol=1e-12)
-    imaging = made[("imaging", 0, 0)]
-    assert not np.allclose(_eq7_8_by_hand(imaging), imaging.mean(0), atol=1e-3)       # the folds' weights differ
-
-
-@pytest.mark.parametrize("key,value", [("split_seed", 1), ("tabular_columns", COLUMNS + ["ABETA_missing"]),
-                                       ("classes", 2)])
-def test_folds_whose_configs_differ_are_refused(tmp_path, key, value):
-    rng = np.random.default_rng(1)
-    labels = rng.integers(0, 3, 10)
-    for fold in range(4):
-        differ = {key: value} if fold == 2 else {}
-        fake_ad_run(tmp_path, "concat", 0, 0, fold, random_probs(rng, 10), labels, **differ)
-    with pytest.raises(UserError, match=f"cannot ensemble .*fold0 and .*fold2: {key} differs"):
-        evaluate.evaluate_ad(str(tmp_path), quiet=True)
-
-
-def test_folds_with_other_test_subjects_are_refused_and_the_cli_says_so_in_one_line(tmp_path):
-    rng = np.random.default_rng(2)
-    labels = rng.integers(0, 3, 10)
-    for fold in range(4):
-        subjects = [f"S{i + (fold == 3)}" for i in range(10)]
-        fake_ad_run(tmp_path, "film", 0, 0, fold, random_probs(rng, 10), labels, subjects=subjects)
-    with pytest.raises(UserError, match="fold0 and .*fold3: their test subjects differ"):
-        evaluate.evaluate_ad(str(tmp_path), quiet=True)
-    proc = subprocess.run([sys.executable, "evaluate.py", "ad", "--runs", str(tmp_path)], cwd=HERE,
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: cannot ensemble"), proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
-
-
-# ----------------------------------------------------------------------------------------------
-# brain age: the ensemble of the 5 best versions (Sec. 4.2.2), Fig. 4A
-
-def test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae(tmp_path):
-    rng = np.random.default_rng(3)
-    age, sex = rng.uniform(20, 80, 30), np.arange(30) % 2
-    val_mae = [5.0, 1.0, 6.0, 2.0, 3.0, 7.0, 4.0]
-    preds = {v: age + rng.normal(0, 3, 30) for v in range(7)}
-    val_age = rng.uniform(20, 80, 12)
-    val_preds = {v: 0.7 * val_age + 15 + rng.normal(0, 2, 12) for v in range(7)}     # regression to the mean
-    for v, mae in enumerate(val_mae):
-        fake_brain_age_run(tmp_path, v, mae, preds[v], age, sex, val=(val_age, val_preds[v]))
-    for train_sex in ("M", "F"):
-        fake_brain_age_run(tmp_path, 0, 1.0, age + 2, age, sex, train_sex=train_sex)
-    res = evaluate.evaluate_brain_age(str(tmp_path), quiet=True)
-    hf = next(m for m in res["models"] if m["folder"] == "hyperfusion")
-    assert hf["versions"] == [1, 3, 4, 6, 0]                              # val MAE 1, 2, 3, 4, 5
-    expected = regression_metrics(age, np.mean([preds[v] for v in (1, 3, 4, 6, 0)], 0), sex)   # Eq. 6
-    assert hf["metrics"] == pytest.approx(expected)
-    chosen = (1, 3, 4, 6, 0)   # the gap is corrected with the fit of the same ensemble's validation predictions
-    val_ensemble = np.mean([val_preds[v].astype(np.float32) for v in chosen], 0)
-    fit = metrics.age_bias_fit(val_age.astype(np.float32), val_ensemble)
-    gap = metrics.gap_summary(age.astype(np.float32), np.mean([preds[v].astype(np.float32) for v in chosen], 0), sex,
-                              fit)
-    assert hf["gap"] == pytest.approx(gap, abs=1e-4)
-    assert [r["train"] for r in res["fig4a"]] == ["M", "F"]
-    assert [(r["male"], r["female"], r["all"]) for r in res["fig4a"]] == [pytest.approx((2, 2, 2), abs=1e-4)] * 2
-    md = (tmp_path / "results_brain-age.md").read_text()
-    assert "Fig. 4A" in md and "1, 3, 4, 6, 0 of 7" in md and "Brain-age gap" in md
-    # Sec. 4.2.2's "5 best" is a choice only among more than five: the folders with fewer are named as all kept
-    assert "All versions kept, none chosen by validation MAE (no more than 5 exist): hyperfusion-trainF, " \
-           "hyperfusion-trainM." in md
-    assert hf["version_mae"] == {v: pytest.approx(np.abs(preds[v] - age).mean(), abs=1e-4) for v in range(7)}
-    trained_on_men = next(m for m in res["models"] if m["folder"] == "hyperfusion-trainM")
-    paired = np.abs(age + 2 - age) - np.abs(np.mean([preds[v] for v in chosen], 0) - age)   # the same scans
-    assert trained_on_men["vs_hyperfusion"]["mean"] == pytest.approx(paired.mean(), abs=1e-4)
-    assert trained_on_men["vs_hyperfusion"]["se"] == pytest.approx(paired.std(ddof=1) / np.sqrt(30), abs=1e-4)
-
-
-# ----------------------------------------------------------------------------------------------
-# run-protocol: trains only what is missing
-
-def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_trains_the_rest(tmp_path, monkeypatch, capsys):
-    rng = np.random.default_rng(4)
-    labels = rng.integers(0, 3, 12)
-    fake_ad_run(tmp_path, "hyperfusion", 0, 0, 0, random_probs(rng, 12), labels)       # finished
-    fake_ad_run(tmp_path, "hyperfusion", 0, 0, 1, random_probs(rng, 12), labels)       # finished
-    interrupted = training.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 2)
-    os.makedirs(interrupted)
-    open(os.path.join(interrupted, "last.pt"), "w").close()                              # no metrics.json
-    calls = []
-
-    def fake_train(args):
-        calls.append(args)
-        fake_ad_run(args["out"], args["model"], args["split_seed"], args["version"], args["fold"],
-                    random_probs(rng, 12), labels)
-        return {}
-
-    monkeypatch.setattr(train_ad, "train_ad", fake_train)
-    trained, skipped, res = evaluate.run_protocol("ad", str(tmp_path), models=["hyperfusion"], epochs=1,
-                                                  data_csv="x.csv")
-    assert [(a["fold"], a["resume"]) for a in calls] == [(2, True), (3, False)]
-    assert all(a["epochs"] == 1 and a["data_csv"] == "x.csv" and a["quiet"] and a["model"] == "hyperfusion"
-               for a in calls)
-    assert len(skipped) == 2 and len(trained) == 2
-    assert [m["model"] for m in res["models"]] == ["hyperfusion"] and res["models"][0]["n_rows"] == 1
-    assert "skipped (finished)" in capsys.readouterr().out
-    calls.clear()
-    trained, skipped, _ = evaluate.run_protocol("ad", str(tmp_path), models=["hyperfusion"], epochs=1)
-    assert calls == [] and trained == [] and len(skipped) == 4                          # a restart trains nothing
-    evaluate.run_protocol("ad", str(tmp_path / "b"), models=["tabular", "imaging"], epochs=2, tabular_epochs=50)
-    assert {(a["model"], a["epochs"]) for a in calls} == {("tabular", 50), ("imaging", 2)}   # the MLP gets its own
-
-
-def test_print_commands_gives_one_command_per_missing_run_tabular_first_and_trains_nothing(tmp_path, monkeypatch,
-                                                                                             capsys):
-    """For a scheduler: one shell line per missing run, --resume where a last.pt exists, finished runs left out,
-    every tabular-only MLP before any HyperFusion run (its embedding starts from them, Sec. 4.3.6)."""
-    rng = np.random.default_rng(5)
-    labels = rng.integers(0, 3, 12)
-    fake_ad_run(tmp_path, "tabular", 0, 0, 0, random_probs(rng, 12), labels)           # finished
-    interrupted = training.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 1)
-    os.makedirs(interrupted)
-    open(os.path.join(interrupted, "last.pt"), "w").close()
-    monkeypatch.setattr(train_ad, "train_ad", lambda a: pytest.fail("--print-commands trained a run"))
-    evaluate.main(["protocol", "--task", "ad", "--runs", str(tmp_path), "--models", "hyperfusion", "tabular",
-                          "--epochs", "3", "--print-commands"])
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 7                                             # 2 models x 4 folds, one finished
-    argvs = [shlex.split(line) for line in lines]
-    assert all(a[:2] == ["python", "train_ad.py"] for a in argvs)
-    parsed = [vars(train_ad.ad_arguments().parse_args(a[2:])) for a in argvs]
-    assert [(p["model"], p["fold"]) for p in parsed] == [("tabular", 1), ("tabular", 2), ("tabular", 3)] + \
-        [("hyperfusion", f) for f in range(4)]
-    assert [p["resume"] for p in parsed] == [False] * 4 + [True, False, False]
-    assert all(p["epochs"] == 3 and p["out"] == str(tmp_path) for p in parsed)
-
-
-def test_run_protocol_with_two_jobs_trains_each_missing_run_once_and_prints_the_serial_table(ad_cohort60, tmp_path,
-                                                                                             capsys):
-    options = dict(models=["tabular"], epochs=2, data_csv=str(ad_cohort60))
-    evaluate.run_protocol("ad", str(tmp_path / "serial"), **options)
-    serial = capsys.readouterr().out
-    done = training.ad_run_dir(tmp_path / "parallel", "tabular", 0, 0, 2)
-    os.makedirs(os.path.dirname(done))
-    shutil.copytree(training.ad_run_dir(tmp_path / "serial", "tabular", 0, 0, 2), done)   # one run already finished
-    trained, skipped, _ = evaluate.run_protocol("ad", str(tmp_path / "parallel"), jobs=2, **options)
-    parallel = capsys.readouterr().out
-    missing = [training.ad_run_dir(tmp_path / "parallel", "tabular", 0, 0, f) for f in (0, 1, 3)]
-    assert skipped == [done] and sorted(trained) == missing
-    done_lines = re.findall(r"^run [123] of 3 done \(ad tabular seed0 v0 fold[013], .*", parallel, re.M)
-    assert len(done_lines) == 3 and "left for the 1 still to train" in parallel and "; all 3 in " in done_lines[-1]
-    for run_dir in missing:                                      # each trained once: two epochs in its log
-        with open(os.path.join(run_dir, "log.csv")) as log:
-            assert len(log.read().strip().splitlines()) == 1 + 2
-    table = lambda out: out[out.index("| model |"):out.index("wrote ")]
-    assert table(parallel) == table(serial)
-
-
-# ----------------------------------------------------------------------------------------------
-# sweep (Sec. 1: adjusted at test time) and select-layers, on tiny cohorts with untrained models
-
-def test_brain_age_sweep_reads_every_test_scan_as_male_and_as_female(brain_age_cohort20, tmp_path):
-    torch.manual_seed(0)
-    shape = synthetic.BRAIN_AGE_SYNTH["shape"]
-    results = {}
-    for name in ("hyperfusion", "imaging"):
-        model = build_model("brain-age", name, image_shape=shape)
-        if name == "hyperfusion":  # sexes embedded far apart, as after training
-            for layer in model.linears:
-                getattr(model, layer).hypernet.embedding.weight.data = torch.tensor([[1.0, 2.0]])
-            init_hyperlayers(model, torch.eye(2)[torch.arange(10) % 2])
-        run = RunConfig(task="brain-age", model=name, version=0, split_seed=0, embedding_dim=1, train_sex="all",
-                        data_csv=str(brain_age_cohort20), cache_dir=str(tmp_path / "cache"), cache_dtype="float32",
-                        **SCHEDULE)
-        path = tmp_path / f"{name}.pt"
-        training.save_checkpoint({"model": model.state_dict(), "run": dataclasses.asdict(run), "epoch": 0,
-                                  "inputs": {"n_tabular": 2, "image_shape": list(shape)},
-                                  "target": {"centre": 50.0, "scale": 10.0}}, path)
-        results[name] = evaluate.main(["sweep", str(path), "--attribute", "Sex", "--values", "M", "F"])
-    hf, im = results["hyperfusion"]["summary"], results["imaging"]["summary"]
-    assert [s["value"] for s in hf] == [None, "M", "F"]
-    assert hf[2]["mean_pred"] != pytest.approx(hf[1]["mean_pred"], abs=1e-4)      # sex changes the reading
-    assert im[2]["mean_pred"] == pytest.approx(im[1]["mean_pred"], abs=1e-4)      # the image-only model ignores it
-    assert (tmp_path / "sweep_Sex.md").is_file()
-
-
-def test_ad_sweep_changes_the_tabular_attribute_of_every_test_row(ad_cohort40, tmp_path):
-    table = data.read_ad_table(ad_cohort40)
-    train_idx, _, test_idx = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 0)
-    prep = TabularPreprocessor().fit([table.raw[i] for i in train_idx])
-    torch.manual_seed(0)
-    model = build_model("ad", "hyperfusion", n_tabular=prep.n_features)
-    run = RunConfig(task="ad", model="hyperfusion", version=0, split_seed=0, fold=0, classes=3, loss="wce",
-                    data_csv=str(ad_cohort40), cache_dir=str(tmp_path / "cache"), **SCHEDULE)
-    crops = data.load_crops(None, ad_cohort40)
-    save_run_checkpoint(tmp_path, run, {"n_tabular": prep.n_features, "tabular_columns": prep.columns,
-                                        "class_names": NAMES, "crops": crops.as_dict()}, model,
-                        tabular=prep.state_dict())
-    path = tmp_path / "best.pt"
-    res = predict.sweep(str(path), "abeta", ["200", "1700"])
-    assert res["attribute"] == "ABETA" and len(res["rows"]) == 3 and res["rows"][0][1] == len(test_idx)
-    p = [np.array(s["mean_probs"]) for s in res["summary"]]
-    assert all(np.isclose(q.sum(), 1) for q in p) and not np.allclose(p[1], p[2], atol=1e-6)
-    with pytest.raises(UserError, match="not a tabular attribute"):
-        predict.sweep(str(path), "MMSE", ["30"])
-
-
-def test_select_layers_scores_every_candidate_layer(brain_age_cohort20):
-    scores = evaluate.select_layers("brain-age", data_csv=str(brain_age_cohort20), samples=2, draws=2)
-    expected = candidate_layers(build_model("brain-age", "imaging", image_shape=synthetic.BRAIN_AGE_SYNTH["shape"]))
-    assert sorted(n for n, _ in scores) == sorted(expected)
-    assert [h for _, h in scores] == sorted((h for _, h in scores), reverse=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Nothing silent: every wrong input refused in one line, every run tied to its data
-
-
-def run_main(main, *args):
-    """A script's main through data.run_cli in this process, as its __main__ runs it (no interpreter start-up)
-    -> an object with returncode, stdout and stderr, like run()'s."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            data.run_cli(main, [str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code
-    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
-
-
-def _edit_table(src, dst, edit):
-    """Copy a CSV applying edit(line number, cells) -> cells to every data line (line 1 is the header)."""
-    lines = open(src).read().splitlines()
-    out = [lines[0]] + [",".join(edit(k, line.split(","))) for k, line in enumerate(lines[1:], start=2)]
-    with open(dst, "w") as f:
-        f.write("\n".join(out) + "\n")
-    return dst
-
-
-def _files(folder):
-    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
-
-
-def test_a_run_refuses_a_tabular_model_or_checkpoint_trained_on_another_table(ad_cohort60, tmp_path):
-    other = _edit_table(ad_cohort60, os.path.join(os.path.dirname(ad_cohort60), "ad_other_values.csv"),
-                        lambda k, c: c[:6] + ["123.4"] + c[7:] if k == 5 else c)   # one ABETA cell differs
-    train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "tabular", "--epochs", "1"))
-    tab = _run_dir(tmp_path, "tabular")
-    before = _files(tmp_path), open(os.path.join(tab, "last.pt"), "rb").read()
-    ckpt = torch.load(os.path.join(tab, "last.pt"), weights_only=True)
-    assert ckpt["inputs"]["table_sha256"] == data.table_sha256(ad_cohort60) and len(data.table_sha256(other)) == 64
-    # HyperFusion on the other table finds the tabular model of this split, fold and version: refused
-    assert_clean_error(run("train_ad.py", *_ad_args(other, tmp_path, "--model", "hyperfusion")),
-                       "best.pt", "another run", "table_sha256", str(ad_cohort60))
-    # --resume with another --data-csv: refused
-    assert_clean_error(run_main(train_ad.main, *_ad_args(other, tmp_path, "--model", "tabular", "--resume")),
-                       "last.pt", "table_sha256")
-    assert (_files(tmp_path), open(os.path.join(tab, "last.pt"), "rb").read()) == before
-    # the evaluation tools refuse it too, and an impossible sweep value
-    assert_clean_error(run_main(evaluate.main, "sweep", tab, "--attribute", "ABETA", "--values", "500",
-                                "--data-csv", other), "ad_other_values.csv", "sha256")
-    assert_clean_error(run_main(evaluate.main, "sweep", tab, "--attribute", "ABETA", "--values", "-5"),
-                       "--values -5", "ABETA", "negative")
-    # a checkpoint whose tensors have other shapes: refused naming it, not a traceback
-    ckpt["model"] = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) if v.dim() else v for k, v in ckpt["model"].items()}
-    torch.save(ckpt, os.path.join(tab, "last.pt"))
-    assert_clean_error(run_main(train_ad.main, *_ad_args(ad_cohort60, tmp_path, "--model", "tabular", "--resume")),
-                       "last.pt", "does not fit")
-    assert no_temp_files(tab)
-
-
-def _tiny_brain_age(folder, n=10, sex="MF", shapes=None, spacing=None):
-    """An n-subject brain-age table with 8x8x8 images (shapes / spacing: {index: other}); returns the CSV path."""
-    os.makedirs(folder / "images", exist_ok=True)
-    rows = ["Subject,Age,Sex"]
-    for i in range(n):
-        vol = np.random.default_rng(i).random((shapes or {}).get(i, (8, 8, 8))).astype(np.float32)
-        data.save_nifti(vol, (spacing or {}).get(i, 2.0), folder / "images" / f"B{i}.nii.gz")
-        rows.append(f"B{i},{40 + 3 * i},{sex[i % len(sex)]}")
-    (folder / "ba.csv").write_text("\n".join(rows) + "\n")
-    return folder / "ba.csv"
-
-
-def test_images_of_another_shape_or_voxel_size_are_refused_from_their_headers(ad_cohort40, tmp_path):
-    ba = ["--out", tmp_path / "runs", "--epochs", "1", "--quiet"]
-    csv_path = _tiny_brain_age(tmp_path / "a", shapes={6: (8, 9, 8)})
-    assert_clean_error(run("train_brain_age.py", "--data-csv", csv_path, *ba), "B6.nii.gz", "subject B6",
-                       "(8, 9, 8)", "(8, 8, 8)", "B0.nii.gz")
-    assert not (tmp_path / "a" / "cache").exists() and not (tmp_path / "runs").exists()
-    csv_path = _tiny_brain_age(tmp_path / "b", spacing={3: 1.0})
-    assert_clean_error(run_main(data.main, "check-brain-age", csv_path), "B3.nii.gz", "voxel size",
-                       "(1.0, 1.0, 1.0)", "(2.0, 2.0, 2.0)")
-    assert_clean_error(run_main(train_brain_age.main, "--data-csv", csv_path, *ba), "B3.nii.gz", "voxel size")
-    # AD: one scan of another shape among the cohort's, through train_ad.py, before any crop is decoded
-    images = tmp_path / "ad_images"
-    images.mkdir()
-    table = data.read_ad_table(ad_cohort40)
-    for s, p in zip(table.subjects, table.image_paths):
-        os.symlink(p, images / os.path.basename(p))
-    odd = table.subjects[7]
-    os.remove(images / f"{odd}.nii.gz")
-    data.save_nifti(np.zeros((20, 20, 20), np.float32), 1.0, images / f"{odd}.nii.gz")
-    args = _ad_args(ad_cohort40, tmp_path / "runs", "--model", "imaging", "--image-dir", images,
-                    "--cache-dir", tmp_path / "cache")
-    assert_clean_error(run_main(train_ad.main, *args), f"subject {odd}", "(20, 20, 20)")
-    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
-
-
-def test_a_column_named_twice_is_refused_naming_it(tmp_path):
-    csv_path = tiny_ad(tmp_path)
-    lines = csv_path.read_text().splitlines()
-    csv_path.write_text("\n".join([lines[0] + ",ABETA"] + [ln + ",900" for ln in lines[1:]]) + "\n")
-    assert_clean_error(run("data.py", "check-ad", csv_path), "ad.csv", "column ABETA appears twice",
-                       "columns 7 and 12")
-
-
-def test_one_class_or_a_class_absent_from_a_subset_is_refused_after_the_split(ad_cohort40, tmp_path):
-    out = tmp_path / "runs"
-    one = _edit_table(ad_cohort40, tmp_path / "one.csv", lambda k, c: c[:1] + ["CN"] + c[2:])
-    assert_clean_error(run("train_ad.py", *_ad_args(one, out, "--model", "tabular")), "one.csv",
-                       "every subject is CN")
-    no_mci = _edit_table(ad_cohort40, tmp_path / "no_mci.csv",
-                         lambda k, c: c[:1] + ["CN" if c[1] == "MCI" else c[1]] + c[2:])
-    assert_clean_error(run_main(train_ad.main, *_ad_args(no_mci, out, "--model", "tabular")), "no MCI subjects",
-                       "--classes 2")
-    n_ad = []
-    few_ad = _edit_table(ad_cohort40, tmp_path / "few_ad.csv",
-                         lambda k, c: c[:1] + ["CN" if c[1] == "AD" and n_ad.append(k) is None and len(n_ad) > 2
-                                               else c[1]] + c[2:])
-    assert_clean_error(run_main(train_ad.main, *_ad_args(few_ad, out, "--model", "tabular")), "few_ad.csv",
-                       "class AD is absent from the", "split seed 0, fold 1", "2 AD subjects")
-    assert not out.exists()
-
-
-def test_adni_missing_codes_read_as_missing_with_a_warning_and_impossible_values_are_refused(tmp_path):
-    csv_path = tiny_ad(tmp_path)
-    good = csv_path.read_text()
-    csv_path.write_text(good.replace(",>1700,", ",-4,").replace(",1.2\n", ",-1\n", 1))
-    p = run_main(data.main, "check-ad", csv_path, "--no-images")
-    assert p.returncode == 0 and p.stdout.startswith("ok:"), p.stderr
-    warned = p.stderr.strip().splitlines()
-    assert [w for w in warned if w.startswith("warning:") and "ABETA: 3 cells" in w and "-4 or -1" in w]
-    assert [w for w in warned if w.startswith("warning:") and "AV45: 1 cell " in w]
-    raw = data.read_ad_table(csv_path, need_images=False).raw
-    _, X = TabularPreprocessor.parse(raw)
-    assert np.isnan(X[:, data.AD_CONTINUOUS.index("ABETA")]).all()
-    assert np.isnan(X[0, data.AD_CONTINUOUS.index("AV45")]) and X[1, data.AD_CONTINUOUS.index("AV45")] == 1.2
-    for col, bad, why in [("TAU", "-3", "negative"), ("PTAU", "1e300", "impossible"), ("APOE4", "3", "one of 0, 1, 2"),
-                          ("PTEDUCAT", "55", "0 to 40"), ("FDG", "-0.5", "negative")]:
-        header = good.splitlines()[0].split(",")
-        csv_path.write_text(_cells(good, 3, header.index(col), bad))
-        assert_clean_error(run_main(data.main, "check-ad", csv_path, "--no-images"), "line 3", "subject S1",
-                           f"column {col}", bad, why)
-    assert_clean_error(run("train_ad.py", *_ad_args(csv_path, tmp_path / "runs", "--model", "tabular")),
-                       "line 3", "column FDG")
-    assert not (tmp_path / "runs").exists()
-
-
-def _cells(text, line, col, value):
-    """text with the cell of CSV line `line` (1 = header), column index `col` set to value."""
-    lines = text.splitlines()
-    cells = lines[line - 1].split(",")
-    cells[col] = value
-    lines[line - 1] = ",".join(cells)
-    return "\n".join(lines) + "\n"
-
-
-def test_preprocess_refuses_a_subject_that_is_not_a_plain_file_name(tmp_path):
-    csv_path = tiny_ad(tmp_path)
-    good = csv_path.read_text()
-    for subject in ("../escape", str(tmp_path / "abs"), ".."):
-        csv_path.write_text(good.replace("S1,", f"{subject},") + "")
-        assert_clean_error(run_main(preprocess.main, "--csv", csv_path, "--out-dir", tmp_path / "pre"),
-                           "ad.csv line 3", repr(subject), "not a plain file name")
-        assert not (tmp_path / "pre").exists() and not (tmp_path / "escape.nii.gz").exists()
-        assert_clean_error(run_main(data.main, "check-ad", csv_path), "line 3", "not a plain file name")
-    # found beside it: --out-dir beside the table would overwrite the table with its copy
-    csv_path.write_text(good)
-    assert_clean_error(run_main(preprocess.main, "--csv", csv_path, "--out-dir", tmp_path), "--out-dir",
-                       "overwrite", "ad.csv")
-    assert csv_path.read_text() == good
-
-
-def test_an_unclosed_quote_is_named_at_the_line_where_it_opens(tmp_path):
-    csv_path = tiny_ad(tmp_path)
-    csv_path.write_text(csv_path.read_text().replace("S1,CN,", 'S1,"CN,'))
-    assert_clean_error(run("data.py", "check-ad", csv_path), "ad.csv line 3", "quote", "Group", "not closed")
-
-
-def test_numeric_options_out_of_range_are_refused_naming_the_option(tmp_path):
-    csv_path = tiny_ad(tmp_path)
-    base = ["--data-csv", csv_path, "--out", tmp_path / "runs", "--model", "tabular", "--quiet"]
-    for option, value in [("--batch-size", "0"), ("--lr", "-1"), ("--weight-decay", "nan"), ("--workers", "-1"),
-                          ("--version", "-5"), ("--epochs", "0"), ("--split-seed", "-1"), ("--lr", "inf")]:
-        assert_clean_error(run_main(train_ad.main, *base, option, value), f"{option} {value}")
-    assert_clean_error(run("train_ad.py", *base, "--batch-size", "0"), "--batch-size 0", "at least 1")
-    assert_clean_error(run_main(train_brain_age.main, "--data-csv", csv_path, "--lr", "0"), "--lr 0", "above 0")
-    for fractions in (("0.5", "0.5", "0.5"), ("0.9", "0.1", "0"), ("nan", "0.5", "0.5")):
-        assert_clean_error(run_main(train_brain_age.main, "--data-csv", csv_path, "--split", *fractions),
-                           "--split " + " ".join(fractions))
-    assert not (tmp_path / "runs").exists()
-    head = tmp_path / "images" / "S0.nii.gz"
-    for spacing in ("0.01", "50", "nan"):
-        assert_clean_error(run_main(preprocess.main, head, tmp_path / "o.nii.gz", "--spacing", spacing),
-                           f"--spacing {spacing}")
-    assert_clean_error(run_main(preprocess.main, head, tmp_path / "o.nii.gz", "--shape", 0, 9, 9), "--shape 0 9 9")
-    assert_clean_error(run_main(preprocess.main, head, head), "S0.nii.gz", "overwrite its own input")
-    assert not (tmp_path / "o.nii.gz").exists()
-    assert_clean_error(run_main(evaluate.main, "brain-age", "--runs", tmp_path, "--top", "0"), "--top 0")
-    # argparse's own refusals are one line too (not its usage line first)
-    assert_clean_error(run("train_ad.py", "--fold", "7"), "--fold", "invalid choice")
-    assert_clean_error(run_main(train_brain_age.main, "--batch-size", "abc"), "--batch-size", "abc")
-    assert_clean_error(run_main(synthetic.main, "ad", "--out", tmp_path / "syn", "--seed", "-1"), "--seed -1")
-    # crops.json: two numbers, a zero size
-    for boxes, culprit in [({"left_start": [1, 2], "right_start": [0, 0, 0], "size": [4, 4, 4]}, "left_start"),
-                           ({"left_start": [0, 0, 0], "right_start": [0, 0, 0], "size": [4, 0, 4]}, "size")]:
-        (tmp_path / "crops.json").write_text(json.dumps(boxes))
-        assert_clean_error(run_main(data.main, "check-ad", csv_path), "crops.json", culprit)
-    # brain age: --train-sex with no such subjects in the training split
-    ba = _tiny_brain_age(tmp_path / "ba", sex="M")
-    assert_clean_error(run_main(train_brain_age.main, "--data-csv", ba, "--train-sex", "F", "--out", tmp_path / "r",
-                                "--quiet"), "--train-sex F", "0 female subjects")
-    assert not (tmp_path / "r").exists()
-
-
-def test_semicolon_or_tab_tables_are_named_and_nii_images_beside_nii_gz_are_found(tmp_path):
-    csv_path = tiny_ad(tmp_path)
-    good = csv_path.read_text()
-    for sep, name in ((";", "semicolon"), ("\t", "tab")):
-        csv_path.write_text(good.replace(",", sep))
-        assert_clean_error(run("data.py", "check-ad", csv_path), "ad.csv", f"delimiter looks like a {name}",
-                           "comma-separated")
-    csv_path.write_text(good)
-    img = nib.load(tmp_path / "images" / "S1.nii.gz")
-    nib.save(img, tmp_path / "images" / "S1.nii")
-    os.remove(tmp_path / "images" / "S1.nii.gz")
-    p = run_main(data.main, "check-ad", csv_path)
-    assert p.returncode == 0 and "images (8, 8, 8)" in p.stdout, p.stderr
-    assert data.read_ad_table(csv_path).image_paths[1] == str(tmp_path / "images" / "S1.nii")
-    os.remove(tmp_path / "images" / "S1.nii")
-    assert_clean_error(run_main(data.main, "check-ad", csv_path), "line 3", "S1.nii.gz (or .nii)")
-    # found beside them: an empty file, an --image-dir that is not a folder
-    (tmp_path / "empty.csv").write_text("")
-    assert_clean_error(run_main(data.main, "check-ad", tmp_path / "empty.csv"), "empty.csv", "no header")
-    assert_clean_error(run_main(data.main, "check-ad", csv_path, "--image-dir", tmp_path / "nope"),
-                       "--image-dir", "not found")
-    # ... one image named by two subjects, an image whose header has a zero voxel size
-    data.save_nifti(np.ones((8, 8, 8), np.float32), 2.0, tmp_path / "images" / "S1.nii.gz")
-    twice = good.replace("Subject,", "Subject,image,").replace("S0,", "S0,images/S2.nii.gz,")
-    (tmp_path / "twice.csv").write_text(twice.replace("S1,", "S1,,").replace("S2,", "S2,images/S2.nii.gz,"))
-    assert_clean_error(run_main(data.main, "check-ad", tmp_path / "twice.csv"), "line 4", "subject S2",
-                       "also subject S0's")
-    header = nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)).header
-    header["qform_code"], header["sform_code"], header["srow_y"] = 0, 1, [0, 0, 0, 0]   # a y axis of 0 mm
-    nib.Nifti1Image(np.ones((8, 8, 8), np.float32), None, header).to_filename(tmp_path / "images" / "S1.nii.gz")
-    assert_clean_error(run_main(data.main, "check-ad", csv_path), "S1.nii.gz", "degenerate")
-
-
-def test_metrics_json_is_strict_json_with_null_where_a_metric_is_undefined(brain_age_cohort20, tmp_path):
-    men = _edit_table(brain_age_cohort20, os.path.join(os.path.dirname(brain_age_cohort20), "men_only.csv"),
-                      lambda k, c: c[:2] + ["M"] + c[3:])
-    p = run_main(train_brain_age.main, "--data-csv", men, "--out", tmp_path, "--epochs", "1", "--batch-size", "8",
-                 "--quiet", "--model", "imaging")
-    assert p.returncode == 0 and "warning:" in p.stderr and "no female subjects" in p.stderr, p.stderr
-    text = open(os.path.join(training.brain_age_run_dir(tmp_path, "imaging", 0), "metrics.json")).read()
-
-    def refuse(name):
-        raise ValueError(name)
-
-    metrics = json.loads(text, parse_constant=refuse)                   # no bare NaN / Infinity
-    assert metrics["test"]["mae_female"] is None and metrics["test"]["mae_male"] > 0
-    data.write_json({"a": np.float32("nan"), "b": [np.inf, np.int64(3)], "c": np.array([1.5, np.nan])},
-                      tmp_path / "x.json")
-    assert json.loads((tmp_path / "x.json").read_text(), parse_constant=refuse) == \
-        {"a": None, "b": [None, 3], "c": [1.5, None]}
-
-
-# ----------------------------------------------------------------------------------------------
-# Writes stay inside their folder; ids a spreadsheet would run
-
-def _renamed(src, dst, ids):
-    """A copy of table `src` with its first len(ids) subjects renamed `ids` (the other rows dropped), each
-    image named by an `image` column (an absolute path), so that an id need not be a file name."""
-    rows, fields = data.read_csv_rows(src, ("Subject",))
-    images = os.path.join(os.path.dirname(os.path.abspath(src)), "images")
-    out = [dict(r, Subject=s, image=data.find_image(images, r["Subject"])) for s, (_, r) in zip(ids, rows)]
-    data.write_csv(out, fields + ["image"], dst)
-    return dst
-
-
-def test_a_preview_of_a_subject_named_like_a_path_stays_in_its_folder_under_a_distinct_safe_name(ad_cohort40,
-                                                                                                  tmp_path):
-    ids = ["../../x", "a/b", "S1", "s1", ".."]                  # possible with an image column
-    table = _renamed(ad_cohort40, tmp_path / "t.csv", ids)
-    pv = tmp_path / "one" / "two" / "pv"
-    crops = os.path.join(os.path.dirname(ad_cohort40), "crops.json")
-    p = run_main(data.main, "check-ad", table, "--crops", crops, "--preview", pv, "--preview-n", len(ids))
-    assert p.returncode == 0 and "wrote 10 PNGs" in p.stdout, p.stderr
-    assert "'../../x' as _.._x-" in p.stdout and "'s1' as s1-" in p.stdout and "'S1' as" not in p.stdout
-    names = sorted(os.listdir(pv))
-    everything = sorted(os.path.relpath(os.path.join(r, f), tmp_path) for r, _, fs in os.walk(tmp_path) for f in fs)
-    assert everything == sorted(["t.csv"] + [os.path.join("one", "two", "pv", n) for n in names])   # nothing outside
-    assert len({n.lower() for n in names}) == 10                # distinct on a case-insensitive file system too
-    assert "S1_boxes.png" in names and not any(n.startswith(".") or "/" in n or "\\" in n for n in names)
-    X, Y, Z = synthetic.AD_SYNTH["shape"]
-    assert _png_size(pv / next(n for n in names if n.startswith("_.._x-") and n.endswith("_boxes.png"))) == \
-        (2 * (X + 2), max(Y, Z))
-    assert_clean_error(run_main(data.main, "check-ad", table, "--no-images", "--preview", tmp_path / "no"),
-                       "--preview", "--no-images")
-
-
-FORMULA_IDS = ['=HYPERLINK("evil.example";"open me")', "+1+1", "@SUM(1)", "-2+3", "'quoted"]
-
-
-def test_formula_ids_are_text_in_predictions_csv_and_the_code_reads_its_own_tables_back_unchanged(
-        ad_cohort60, ad_fold_runs, tmp_path):
-    ids = FORMULA_IDS + ["-4", "011_S_0001"]
-    rows, _ = data.read_csv_rows(ad_cohort60, ("Subject",))
-    os.makedirs(tmp_path / "images")
-    for s, (_, r) in zip(ids, rows):                            # an ADNIMERGE export with these PTIDs
-        shutil.copy(data.find_image(os.path.join(os.path.dirname(ad_cohort60), "images"), r["Subject"]),
-                    tmp_path / "images" / f"{s}.nii.gz")
-    adnimerge = [dict({a: r[a] for a in data.AD_ATTRIBUTES}, PTID=s, VISCODE="bl", DX_bl=r["Group"])
-                 for s, (_, r) in zip(ids, rows)]
-    data.write_csv(adnimerge, ["PTID", "VISCODE", "DX_bl"] + list(data.AD_ATTRIBUTES), tmp_path / "ADNIMERGE.csv")
-    table = tmp_path / "t.csv"
-    assert run_main(data.main, "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out", table).returncode == 0
-    assert data.read_ad_table(table).subjects == ids            # the code's own table: ids come back as they were
-    out = tmp_path / "predictions.csv"
-    p = run_main(predict.main, _run_dir(ad_fold_runs, "hyperfusion", 0), "--data-csv", table, "--out", out, "--quiet")
-    assert p.returncode == 0, p.stderr
-    written, _ = data.read_csv_rows(out, ("Subject", "prob_CN"))
-    cells = [r["Subject"] for _, r in written]
-    assert cells == ["'" + s for s in FORMULA_IDS] + ["-4", "011_S_0001"]   # text in a spreadsheet; numbers kept
-    assert [c[1:] if c.startswith("'") else c for c in cells] == ids          # one ' off gives every id back
-    assert all(0 <= float(r["prob_CN"]) <= 1 for _, r in written)
-    assert [data.spreadsheet_safe(v) for v in ("-1.5e3", "+7", -4, "\tx", "\r=1")] == ["-1.5e3", "+7", -4,
-                                                                                         "'\tx", "'\r=1"]
-
-
-def test_a_results_table_shows_a_model_folder_named_like_a_formula_as_text(tmp_path):
-    rng = np.random.default_rng(0)
-    labels = np.arange(30) % 3
-    for fold in range(4):
-        fake_ad_run(tmp_path, "=1+1", 0, 0, fold, random_probs(rng, 30), labels)
-    assert run_main(evaluate.main, "ad", "--runs", tmp_path, "--out", tmp_path / "res").returncode == 0
-    lines = (tmp_path / "res" / "results_ad.csv").read_text().splitlines()
-    assert lines[0].startswith("model,rows,") and lines[1].startswith("'=1+1,1,0."), lines[1]
-
-
-def test_an_out_file_that_is_an_input_or_a_folder_is_refused_and_the_input_kept(ad_cohort60, ad_fold_runs,
-                                                                                tmp_path):
-    (tmp_path / "ADNIMERGE.csv").write_text(ADNIMERGE)
-    os.makedirs(tmp_path / "sub")
-    os.symlink(tmp_path, tmp_path / "sub" / "here")             # the same file by another path
-    assert_clean_error(run_main(data.main, "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out",
-                                tmp_path / "sub" / "here" / "ADNIMERGE.csv"), "would overwrite", "ADNIMERGE.csv")
-    assert (tmp_path / "ADNIMERGE.csv").read_text() == ADNIMERGE
-    assert_clean_error(run_main(data.main, "from-adnimerge", tmp_path / "ADNIMERGE.csv", "--out", tmp_path / "sub"),
-                       "--out", "is a folder")
-    run_dir = _run_dir(ad_fold_runs, "hyperfusion", 0)
-    image = data.read_ad_table(ad_cohort60).image_paths[0]
-    before = open(image, "rb").read()
-    for out in (image, os.path.join(run_dir, "metrics.json"), tmp_path / "sub"):
-        assert_clean_error(run_main(predict.main, run_dir, "--data-csv", ad_cohort60, "--out", out, "--quiet"),
-                           "--out", out)
-    assert open(image, "rb").read() == before and no_temp_files(tmp_path / "sub")
-
-
-def test_preprocess_refuses_an_out_dir_that_is_its_image_folder_by_a_symlink_and_subjects_equal_but_for_case(
-        tmp_path):
-    table = tiny_ad(tmp_path)
-    os.symlink(tmp_path / "images", tmp_path / "link")
-    before = (tmp_path / "images" / "S0.nii.gz").read_bytes()
-    assert_clean_error(run_main(preprocess.main, "--csv", table, "--out-dir", tmp_path / "link", "--overwrite"),
-                       "ad.csv line 2", "would overwrite its own input")
-    assert (tmp_path / "images" / "S0.nii.gz").read_bytes() == before
-    lines = table.read_text().splitlines()
-    shutil.copy(tmp_path / "images" / "S0.nii.gz", tmp_path / "images" / "s0.nii.gz")
-    (tmp_path / "case.csv").write_text("\n".join([lines[0], lines[1], lines[2].replace("S1,", "s0,", 1)]) + "\n")
-    assert_clean_error(run_main(preprocess.main, "--csv", tmp_path / "case.csv", "--out-dir", tmp_path / "pp"),
-                       "case.csv line 3", "s0", "S0", "only in case")
-    (tmp_path / "long.csv").write_text("\n".join([lines[0], lines[1].replace("S0,", "S" * 240 + ",", 1)]) + "\n")
-    assert_clean_error(run_main(preprocess.main, "--csv", tmp_path / "long.csv", "--out-dir", tmp_path / "pp"),
-                       "long.csv line 2", "240 bytes long")             # not a `File name too long` on a temp name
-    assert not (tmp_path / "pp").exists()
-
-
-def test_one_image_under_two_subjects_is_refused_when_a_hard_link_names_it_twice(tmp_path):
-    table = tiny_ad(tmp_path)
-    os.link(tmp_path / "images" / "S0.nii.gz", tmp_path / "images" / "again.nii.gz")
-    lines = table.read_text().splitlines()
-    rows = [lines[0] + ",image"] + [f"{line},images/{'again' if k == 2 else f'S{k}'}.nii.gz"
-                                    for k, line in enumerate(lines[1:])]
-    (tmp_path / "linked.csv").write_text("\n".join(rows) + "\n")
-    assert_clean_error(run_main(data.main, "check-ad", tmp_path / "linked.csv"), "line 4", "subject S2",
-                       "also subject S0's")
-
-
-def test_a_table_saved_by_a_spreadsheet_with_a_bom_and_crlf_line_ends_reads_as_the_plain_one(tmp_path):
-    table = tiny_ad(tmp_path)
-    excel = tmp_path / "excel.csv"                              # Excel's "CSV UTF-8": a BOM, then CRLF lines
-    excel.write_bytes(b"\xef\xbb\xbf" + table.read_text().replace("\n", "\r\n").encode())
-    plain, saved = data.read_ad_table(table), data.read_ad_table(excel)
-    assert saved.subjects == plain.subjects == ["S0", "S1", "S2"] and saved.raw == plain.raw
-    assert saved.labels.tolist() == plain.labels.tolist()
-
-
-# ----------------------------------------------------------------------------------------------
-# predict.py: new patients, every member with its own saved state, combined by Eq. 7-8 / Eq. 6
-
-@pytest.fixture(scope="session")
-def ad_fold_runs(ad_cohort60, tmp_path_factory):
-    """Folds 0 and 1 of HyperFusion, split seed 0, version 0, one epoch each (with their tabular MLPs)."""
-    out = tmp_path_factory.mktemp("fold_runs")
-    for fold in (0, 1):
-        train_ad.main(["--data-csv", str(ad_cohort60), "--out", str(out), "--epochs", "1", "--batch-size", "8",
-                       "--quiet", "--split-seed", "0", "--fold", str(fold), "--precision", "fp32"])
-    return out
-
-
-def _predict(*args):
-    return predict.main([*map(str, args), "--quiet"])
+# The program: predict.py
+# New patients through every member with its own saved state, combined by Eq. 7-8 or Eq. 6.
+
+
+def test_a_finished_run_predicts_its_test_set_again_from_its_saved_state(ad_cohort60, tmp_path, monkeypatch):
+    scored, real_ad_metrics = [], train_ad.ad_metrics
+    monkeypatch.setattr(train_ad, "ad_metrics", lambda model, loader, *a: scored.append(
+        (len(loader.dataset), loader.dataset[0][0].shape[:2])) or real_ad_metrics(model, loader, *a))
+    train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "concat", "--epochs", "1"))
+    assert scored == [(12, (2, 1))] * 2       # validation (subset 1) and test (subset 4): both hippocampi, averaged
+    finished = load_run(_run_dir(tmp_path, "concat"))
+    assert finished.run.model == "concat" and finished.run.fold == 1 and finished.crops is not None
+    _, table, test_idx, images = predict.test_set(finished)
+    tab = finished.tabular.transform([table.raw[i] for i in test_idx])      # the run's own imputation
+    loader = torch.utils.data.DataLoader(data.ADDataset(images, tab, table.labels[test_idx], train=False), 8)
+    _, probs = train_ad.ad_metrics(finished.model(), loader, torch.device("cpu"), finished.class_names,
+                                   finished.run.precision)
+    np.testing.assert_allclose(probs, finished.read_predictions()["probs"], atol=1e-6)
 
 
 def test_predict_combines_the_members_by_eq7_8_and_each_member_reproduces_its_test_predictions(
@@ -3614,6 +4126,23 @@ def test_predict_reads_each_brain_age_member_with_its_own_target_and_combines_th
     np.testing.assert_allclose(res["combined"], metrics.mean_ensemble(out), rtol=1e-12)
 
 
+def test_predict_reproduces_a_brain_age_runs_test_predictions_and_reports_the_corrected_gap(brain_age_cohort40,
+                                                                                           brain_age_run, tmp_path):
+    _, run_dir = brain_age_run
+    res = _predict(run_dir, "--data-csv", brain_age_cohort40, "--out", tmp_path / "ages.csv")
+    saved = load_run(run_dir).read_predictions()
+    rows = [res["subjects"].index(s) for s in saved["subjects"]]
+    np.testing.assert_allclose(res["combined"][rows], saved["pred"], atol=1e-4)
+    lines = (tmp_path / "ages.csv").read_text().splitlines()
+    assert lines[0] == "Subject,predicted_age,n_models,age_spread,gap,corrected_gap" and len(lines) == 41
+    bias = load_run(run_dir).read_metrics()["age_bias"]
+    table = data.read_brain_age_table(brain_age_cohort40)
+    first = lines[1].split(",")
+    age = float(table.age[table.subjects.index(first[0])])
+    expected = float(first[1]) - age - (bias["intercept"] + bias["slope"] * age)
+    assert float(first[5]) == pytest.approx(expected, abs=2e-3)
+
+
 def test_predict_refuses_other_grids_mixed_runs_and_unfinished_runs_in_one_line(ad_cohort60, ad_fold_runs,
                                                                                 tmp_path):
     run_dir = _run_dir(ad_fold_runs, "hyperfusion", 0)
@@ -3624,7 +4153,7 @@ def test_predict_refuses_other_grids_mixed_runs_and_unfinished_runs_in_one_line(
         data.save_nifti(np.zeros(shape, np.float32), spacing, folder / "images" / "NEW1.nii.gz")
         (folder / "t.csv").write_text("Subject,AGE,PTGENDER,PTEDUCAT,APOE4,ABETA,PTAU,TAU,FDG,AV45\n"
                                       "NEW1,70,Male,16,0,,,,,\n")
-        assert_clean_error(run("predict.py", run_dir, "--data-csv", folder / "t.csv", "--out", out),
+        assert_clean_error(run_main(predict.main, run_dir, "--data-csv", folder / "t.csv", "--out", out),
                            "NEW1", "NEW1.nii.gz", "trained on")
     rng = np.random.default_rng(0)
     age = rng.uniform(40, 80, 5)
@@ -3632,991 +4161,46 @@ def test_predict_refuses_other_grids_mixed_runs_and_unfinished_runs_in_one_line(
     binary = fake_ad_run(tmp_path / "fake", "imaging", 0, 0, 0, random_probs(rng, 5, 2), np.arange(5) % 2,
                          classes=2, class_names=["CN", "AD"])
     for other, what in [(other_task, "task"), (binary, "classes")]:
-        assert_clean_error(run("predict.py", run_dir, other, "--data-csv", ad_cohort60, "--out", out),
+        assert_clean_error(run_main(predict.main, run_dir, other, "--data-csv", ad_cohort60, "--out", out),
                            "cannot combine", what)
     unfinished = tmp_path / "unfinished"
     os.makedirs(unfinished)
     training.save_checkpoint(load_run(run_dir).checkpoint, unfinished / "best.pt")
-    assert_clean_error(run("predict.py", unfinished / "best.pt", "--data-csv", ad_cohort60, "--out", out),
+    assert_clean_error(run_main(predict.main, unfinished / "best.pt", "--data-csv", ad_cohort60, "--out", out),
                        "best.pt", "not the checkpoint of a finished run")
-    assert_clean_error(run("predict.py", unfinished, "--data-csv", ad_cohort60, "--out", out),
+    assert_clean_error(run_main(predict.main, unfinished, "--data-csv", ad_cohort60, "--out", out),
                        "unfinished", "no finished run")
     assert not out.exists() and no_temp_files(tmp_path)
 
 
-# ----------------------------------------------------------------------------------------------
-# Scale: one run on many processes (torchrun, DDP), many runs at a time (run-protocol --jobs)
-
-def test_a_torchrun_process_leaves_at_a_barrier_before_tearing_the_group_down_and_alone_never(monkeypatch):
-    """A process that tore the group down while another still wrote its files was aborted by gloo now and then:
-    leave() waits at a barrier first; inside alone() (rank 0's nested pre-training) it does nothing."""
-    calls = []
-    monkeypatch.setattr(training.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(training.dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(training.dist, "barrier", lambda: calls.append("barrier"))
-    monkeypatch.setattr(training.dist, "destroy_process_group", lambda: calls.append("destroy"))
-    with training.alone():
-        training.leave()
-    assert calls == []
-    training.leave()
-    assert calls == ["barrier", "destroy"]
-
-
-def test_a_two_process_torchrun_run_writes_each_file_once_and_tests_each_subject_once(ad_cohort60, tmp_path):
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "train_ad.py", *_ad_args(ad_cohort60, tmp_path, "--device", "cpu")],
-                       cwd=HERE, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    lines = p.stdout.strip().splitlines()
-    assert len(lines) == 2 and all(line.startswith("test BA") for line in lines), p.stdout   # rank 0 alone prints:
-    assert "tabular" in lines[0] and "hyperfusion" in lines[1]                        # the MLP once, then the run
-    run = _run_dir(tmp_path, "hyperfusion")
-    assert sorted(os.listdir(run)) == ["best.pt", "calibration.json", "last.pt", "log.csv", "logits.npz",
-                                       "metrics.json", "predictions.npz"]
-    with open(os.path.join(run, "log.csv")) as f:
-        assert len(f.read().strip().splitlines()) == 1 + 2                            # one row per epoch
-    table = data.read_ad_table(ad_cohort60)
-    test_idx = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 1)[2]
-    with open(os.path.join(run, "metrics.json")) as f:
-        assert np.sum(json.load(f)["test"]["confusion_matrix"]) == len(test_idx) == 12
-    pred = load_run(run).read_predictions()
-    assert list(pred["subjects"]) == [table.subjects[i] for i in test_idx]             # every subject once, in order
-    assert np.array_equal(pred["labels"], table.labels[test_idx])
-
-
-def _ddp_worker(rank, world, init_file, batch, out):
-    """One of two gloo processes: one SGD step on its share of the batch inside DDP (training.wrap), then the
-    rows of its share of 5 items gathered back."""
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    model, net = training.wrap(_no_dropout_model(), torch.device("cpu"))
-    _one_sgd_step(model, net, *(t.chunk(world)[rank] for t in batch))
-    results = {"ddp": {k: v.detach().clone() for k, v in model.named_parameters()}}
-    share = list(torch.utils.data.DistributedSampler(range(5), 2, rank, shuffle=False))   # 0 2 4 | 1 3 0 (padding)
-    results["gathered"] = training.gather(np.arange(5)[share] * 10, 5)
-    if rank == 0:
-        torch.save(results, out)
-    torch.distributed.barrier()            # neither leaves while the other's gloo threads still talk to it
-    os._exit(0)    # no C++ destructors at exit: one ran on a live gloo thread now and then ("terminate called")
-
-
-@pytest.fixture(scope="module")
-def two_ddp_processes(tmp_path_factory):
-    """What _ddp_worker's rank 0 saw, and the batch both processes shared."""
-    tmp = tmp_path_factory.mktemp("ddp")
-    g = torch.Generator().manual_seed(1)
-    batch = (torch.randn(8, 1, *AD_SMALL, generator=g), torch.randn(8, 15, generator=g), torch.arange(8) % 3)
-    torch.multiprocessing.spawn(_ddp_worker, (2, str(tmp / "init"), batch, str(tmp / "ddp.pt")), nprocs=2)
-    return torch.load(tmp / "ddp.pt", weights_only=False), batch
-
-
-def _no_dropout_model():
-    torch.manual_seed(0)
-    model = build_model("ad", "hyperfusion", n_tabular=15)
-    for m in model.modules():
-        if isinstance(m, (nn.Dropout, nn.Dropout3d)):
-            m.p = 0.0
-    return model
-
-
-def _one_sgd_step(model, net, image, tabular, target):
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    net.train()
-    F.cross_entropy(net(image, tabular), target).backward()
-    opt.step()
-
-
-def test_one_ddp_step_on_two_processes_takes_the_mean_of_their_shares_gradients(two_ddp_processes):
-    """Each process's BatchNorms normalise its own share (torch's SyncBatchNorm, --sync-bn, is CUDA's)."""
-    ddp, batch = two_ddp_processes
-    model = _no_dropout_model().train()
-    before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    (sum(F.cross_entropy(model(i, t), y) for i, t, y in zip(*(b.chunk(2) for b in batch))) / 2).backward()
-    opt.step()
-    for k, v in model.named_parameters():                        # the step itself, not just the starting point
-        torch.testing.assert_close(ddp["ddp"][k] - before[k], v.detach() - before[k], rtol=1e-3, atol=1e-5, msg=k)
-
-
-def test_gathered_shares_hold_every_item_once_in_order_when_the_sampler_pads(two_ddp_processes):
-    assert two_ddp_processes[0]["gathered"].tolist() == [0, 10, 20, 30, 40]
-
-
-def test_loaders_ship_images_in_the_float16_the_cache_stores_and_the_network_reads_them_in_float32():
-    """Half the pinned memory, the workers' shared memory and the bus: a float16-stored image travels as float16
-    and training.to_device upcasts it on the device, exactly, so predictions equal those of float32 batches."""
-    g = torch.Generator().manual_seed(0)
-    half = torch.randn(6, 36, 36, 36, generator=g).half().numpy()
-    sex, age = data.sex_onehot(np.arange(6) % 2), np.linspace(40, 80, 6).astype(np.float32)
-    shipped = data.BrainAgeDataset(half, sex, age)
-    assert shipped[0][0].dtype == torch.float16
-    assert data.BrainAgeDataset(half.astype(np.float32), sex, age)[0][0].dtype == torch.float32
-    pairs = np.stack([half[:, :8, :8, :8]] * 2, 1)                                       # (N, 2, D, H, W) crops
-    assert data.ADDataset(pairs, np.zeros((6, 3)), np.arange(6) % 3)[0][0].dtype == torch.float16
-    assert data.ADDataset(pairs, np.zeros((6, 3)), np.arange(6) % 3, train=False)[0][0].dtype == torch.float16
-    cpu = torch.device("cpu")
-    image = next(iter(training.make_loader(shipped, 6, 0, cpu)))[0]
-    assert image.dtype == torch.float16
-    assert training.to_device(image, cpu).dtype == torch.float32
-    torch.manual_seed(0)
-    model = build_model("brain-age", "hyperfusion", image_shape=(36, 36, 36))
-    as_float = torch.utils.data.TensorDataset(torch.as_tensor(half).float()[:, None], torch.as_tensor(sex),
-                                              torch.as_tensor(age))
-    np.testing.assert_array_equal(training.predict(model, training.make_loader(shipped, 3, 0, cpu), cpu)[0],
-                                  training.predict(model, training.make_loader(as_float, 3, 0, cpu), cpu)[0])
-
-
-# ----------------------------------------------------------------------------------------------
-# The code's shape: one job per file, imports that form a tree
-
-SOURCES = sorted(f for f in os.listdir(HERE) if f.endswith(".py"))
-
-
-def _project_imports(tree, modules):
-    """(module, imported name or None, inside a function?) for every import of a project module."""
-    inside = {id(n) for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
-              for n in ast.walk(fn)}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            pairs = [(a.name.split(".")[0], None) for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            pairs = [(node.module.split(".")[0], a.name) for a in node.names]
-        else:
-            continue
-        for module, name in pairs:
-            if module in modules:
-                yield module, name, id(node) in inside
-
-
-def test_imports_form_a_tree_with_no_circles_and_no_private_names():
-    modules = {f[:-3] for f in SOURCES}
-    graph = {}
-    for f in SOURCES:
-        tree = ast.parse(open(os.path.join(HERE, f)).read(), f)
-        graph[f[:-3]] = set()
-        for module, name, in_function in _project_imports(tree, modules):
-            graph[f[:-3]].add(module)
-            assert not in_function, f"{f} imports {module} inside a function"
-            assert not (name or "").startswith("_"), f"{f} imports {module}.{name}"
-        for node in ast.walk(tree):  # module._name is a private name too
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules:
-                assert not (node.attr.startswith("_") and not node.attr.startswith("__")), \
-                    f"{f} uses {node.value.id}.{node.attr}"
-    assert graph["layers"] == set()                        # copy-pasteable: imports nothing but torch
-    assert "train_ad" not in graph["train_brain_age"]
-
-    def visit(module, path):
-        assert module not in path, "import circle: " + " -> ".join(path + [module])
-        for dep in graph[module]:
-            visit(dep, path + [module])
-
-    for module in graph:
-        visit(module, [])
-
-
-def _depends(graph, module):
-    """Every module `module` imports, directly or through others."""
-    seen, todo = set(), [module]
-    while todo:
-        for dep in graph.get(todo.pop(), ()):
-            if dep not in seen:
-                seen.add(dep)
-                todo.append(dep)
-    return seen
-
-
-def test_the_readmes_file_table_is_the_codes():
-    """The README's file table names every source file and no other."""
-    readme = open(os.path.join(HERE, "README.md")).read()
-    table = set(re.findall(r"^\| `(\w+\.py)`(?:, `(\w+\.py)`)?", readme, re.M))
-    assert {f for row in table for f in row if f} == set(SOURCES)
-
-
-def test_every_source_file_names_its_one_job_and_layers_imports_nothing_but_torch():
-    for f in SOURCES:
-        doc = ast.get_docstring(ast.parse(open(os.path.join(HERE, f)).read()))
-        assert doc and doc.splitlines()[0].strip(), f"{f}: no docstring naming its job"
-    tree = ast.parse(open(os.path.join(HERE, "layers.py")).read())
-    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert imported <= {"torch", "math", "copy"}, imported
-
-
-def _documented_commands(*files):
-    """Every `python <script>.py ...` command of the markdown files' shell blocks and inline code, as
-    (script, subcommand or None, [options]): continuation lines joined, comments and shell glue dropped."""
-    commands = []
-    for name in files:
-        text = open(os.path.join(HERE, name)).read()
-        pieces = [ln for block in re.findall(r"```bash\n(.*?)```", text, re.S)
-                  for ln in block.replace("\\\n", " ").splitlines()] + re.findall(r"`([^`\n]*python[^`\n]*)`", text)
-        for piece in pieces:
-            for part in re.split(r"&&|;|\||\$\(|\)|'", piece.split(" # ")[0]):
-                words = part.replace("[", " ").replace("]", " ").split()
-                script = next((k for k, w in enumerate(words) if re.fullmatch(r"\w+\.py", w)
-                               and {"python", "python3", "torchrun"} & set(words[:k])), None)
-                if script is None or words[script] == "test_all.py":
-                    continue
-                rest = words[script + 1:]
-                sub = rest[0] if rest and words[script] in ("evaluate.py", "data.py", "synthetic.py") else None
-                commands.append((words[script], sub, [w.split("=")[0] for w in rest if w.startswith("--")]))
-    return commands
-
-
-# each script's --help (its subcommand's), all in one interpreter: the script run as __main__ with argv set
-_HELPS = """
-import contextlib, io, json, runpy, sys
-out = {}
-for script, sub in json.loads(sys.argv[1]):
-    sys.argv, text = [script, *([sub] if sub else []), "--help"], io.StringIO()
-    try:
-        with contextlib.redirect_stdout(text):
-            runpy.run_path(script, run_name="__main__")
-        status = "no exit"
-    except SystemExit as exc:
-        status = exc.code
-    out[script + " " + str(sub)] = [status, text.getvalue()]
-print(json.dumps(out))
-"""
-
-
-def test_every_command_the_readme_and_results_show_parses_with_the_options_it_shows():
-    commands = _documented_commands("README.md", "RESULTS.md")
-    assert len(commands) > 30 and {c[0] for c in commands} >= {"train_ad.py", "train_brain_age.py", "evaluate.py",
-                                                               "predict.py", "preprocess.py", "data.py", "bench.py"}
-    wanted = sorted({(script, sub) for script, sub, _ in commands}, key=str)
-    p = subprocess.run([sys.executable, "-c", _HELPS, json.dumps(wanted)], cwd=HERE, capture_output=True, text=True)
-    helps = json.loads(p.stdout.splitlines()[-1])
-    for script, sub, options in commands:
-        status, text = helps[f"{script} {sub}"]
-        assert status == 0, (script, sub, status)
-        shown = set(re.findall(r"--[\w-]+", text))
-        assert set(options) <= shown, (script, sub, set(options) - shown)
-
-
-# ----------------------------------------------------------------------------------------------
-# Figures (plots.py, --plots): each drawn when its runs exist, skipped in one line when not, small PNGs of the
-# stated pixel size; matplotlib optional (refused before any work without it; the previews fall back)
-
-def _pixels(size):
-    return tuple(int(round(v * evaluate.DPI)) for v in size)
-
-
-def _spy_on_figures(monkeypatch):
-    """{file name: the texts of the figure (titles, legends, annotations)} and {file name: its Figure}, recorded
-    as each is saved."""
-    texts, figures, save = {}, {}, evaluate.Figures.save
-
-    def spy(self, fig, name):
-        found = [fig.get_suptitle()]
-        for ax in fig.axes:
-            legend = ax.get_legend()
-            found += [ax.get_title(), ax.get_xlabel()] + [t.get_text() for t in ax.texts] \
-                + ([t.get_text() for t in legend.get_texts()] if legend else [])
-        texts[name], figures[name] = found, fig
-        return save(self, fig, name)
-
-    monkeypatch.setattr(evaluate.Figures, "save", spy)
-    return texts, figures
-
-
-def test_ad_plots_draw_each_rows_confusion_roc_and_reliability_and_table3_at_their_size(ad_runs, monkeypatch, capsys):
-    pytest.importorskip("matplotlib")
-    runs, made, labels = ad_runs
-    texts, _ = _spy_on_figures(monkeypatch)
-    out = runs / "figures"
-    res = evaluate.main(["ad", "--runs", str(runs), "--plots", str(out)])
-    printed = capsys.readouterr().out
-    models = ["imaging", "tabular", "late-fusion", "hyperfusion"]
-    rows = [f"{kind}_{m}_seed{s}_v{v}.png" for m in models for s, v in GROUPS
-            for kind in ("confusion", "roc", "reliability")]
-    expected = sorted(rows + ["table3.png"])
-    assert sorted(os.listdir(out)) == expected and no_temp_files(out)
-    for name in expected:
-        assert os.path.getsize(out / name) > 0
-        size = evaluate.SMALL if name.startswith("roc_") else evaluate.WIDE
-        assert _png_size(out / name) == _pixels(size), name
-        assert f"wrote {out / name}\n" in printed
-    assert res["plots"]["skipped"] == {}
-    # what is drawn is the row's: its confusion matrix (counts and rows normalised), its classes' one-vs-rest AUCs
-    hf = next(m for m in res["models"] if m["model"] == "hyperfusion")["rows"][0]
-    cm = np.array(hf["metrics"]["confusion_matrix"], float)
-    cells = texts["confusion_hyperfusion_seed0_v0.png"]
-    assert [t for t in cells if t.isdigit()] == [str(int(v)) for v in cm.ravel()]
-    assert [t for t in cells if t.startswith("0.") or t == "1.00"] == \
-        [f"{v:.2f}" for v in (cm / cm.sum(1, keepdims=True)).ravel()]
-    probs = entropy_weighted_ensemble(made[("hyperfusion", 0, 0)])
-    for c, name in enumerate(NAMES):
-        auc = metrics.fmt(roc_auc_score(labels[0] == c, probs[:, c]))
-        assert f"{name} vs rest: AUC {auc}" in texts["roc_hyperfusion_seed0_v0.png"]
-    assert any(f"macro AUC {metrics.fmt(hf['AUC'])}" in t for t in texts["roc_hyperfusion_seed0_v0.png"])
-    assert "Imaging only (3 rows)" in texts["table3.png"] and "HyperFusion (3 rows)" in texts["table3.png"]
-    # the reliability diagram: the ensemble's ECE beside each of its four members'
-    shown = texts["reliability_hyperfusion_seed0_v0.png"]
-    assert f"ensemble: ECE {metrics.fmt(hf['ECE'])}" in shown
-    for k, member in enumerate(made[("hyperfusion", 0, 0)]):
-        ece = metrics.calibration_metrics(labels[0], member)["ece"]
-        assert f"fold {k}: ECE {metrics.fmt(ece)}" in shown
-
-
-def test_brain_age_plots_draw_the_scatters_fig4a_and_fig4b_or_say_which_is_skipped(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("matplotlib")
-    rng = np.random.default_rng(5)
-    age, sex = rng.uniform(20, 80, 24), np.arange(24) % 2
-    val_age = rng.uniform(20, 80, 10)
-    full, partial, alone = tmp_path / "full", tmp_path / "partial", tmp_path / "alone"
-    for v in range(2):
-        for runs in (full, partial, alone):
-            fake_brain_age_run(runs, v, 2.0 + v, age + rng.normal(0, 3, 24), age, sex,
-                               val=(val_age, 0.7 * val_age + 15 + rng.normal(0, 1, 10)))
-        fake_brain_age_run(full, v, 3.0, age + rng.normal(1, 4, 24), age, sex, model="imaging")
-    for train_sex, bias in (("M", 1.0), ("F", -1.0), ("mixed", 0.0)):
-        for runs in (full, partial) if train_sex != "mixed" else (full,):
-            fake_brain_age_run(runs, 0, 3.0, age + bias + rng.normal(0, 3, 24), age, sex, model="imaging",
-                               train_sex=train_sex)
-    texts, figures = _spy_on_figures(monkeypatch)
-    res = evaluate.main(["brain-age", "--runs", str(full), "--plots", str(full / "figures")])
-    printed = capsys.readouterr().out
-    folders = ["hyperfusion", "imaging", "imaging-trainF", "imaging-trainM", "imaging-trainmixed"]
-    expected = sorted([f"brain_age_scatter_{f}.png" for f in folders] + ["fig4a.png", "fig4b.png"])
-    assert sorted(os.listdir(full / "figures")) == expected
-    for name in expected:   # the ensembles with validation predictions get the corrected panel beside the first
-        wide = name == "brain_age_scatter_hyperfusion.png"
-        assert _png_size(full / "figures" / name) == _pixels(evaluate.WIDE if wide else evaluate.SMALL), name
-        assert f"wrote {full / 'figures' / name}\n" in printed
-    by = {m["folder"]: m for m in res["models"]}
-    # the scatter's bias line is the one the code subtracts: the validation fit of the same Eq. 6 ensemble
-    fit = evaluate.brain_age_ensemble({v: training.brain_age_run_dir(full, "hyperfusion", v) for v in (0, 1)})["fit"]
-    assert any(f"slope {fit['slope']:+.2f}" in t and "validation fit" in t
-               for t in texts["brain_age_scatter_hyperfusion.png"])
-    red = next(ln for ln in figures["brain_age_scatter_hyperfusion.png"].axes[0].lines if ln.get_color() == "tab:red")
-    x, y = red.get_data()
-    np.testing.assert_allclose(y, x + fit["intercept"] + fit["slope"] * x)
-    assert f"r(gap, age) {by['hyperfusion']['gap']['r_corrected_gap_age']:+.2f}" in \
-        " ".join(texts["brain_age_scatter_hyperfusion.png"])
-    # Fig. 4A and 4B draw the MAEs of the table, by test sex, in the paper's order of bars
-    for name, folders_in_order in (("fig4a.png", ["imaging-trainM", "imaging-trainF", "imaging-trainmixed"]),
-                                   ("fig4b.png", ["imaging", "hyperfusion"])):
-        bars = [p.get_height() for p in figures[name].axes[0].patches]
-        assert bars == pytest.approx([by[f]["metrics"][k] for f in folders_in_order
-                                      for k in ("mae_male", "mae_female", "mae")])
-    assert "not trained: concatenation, HyperFusion (sex -> 2D)" in texts["fig4b.png"]
-    # absent runs: not drawn, one line each saying why
-    evaluate.main(["brain-age", "--runs", str(partial), "--plots", str(partial / "figures")])
-    printed = capsys.readouterr().out
-    assert "skipped fig4a.png: Fig. 4A compares three training sets: no finished runs in imaging-trainmixed" in printed
-    assert "skipped fig4b.png: Fig. 4B compares image-only and HyperFusion: no finished runs in imaging" in printed
-    evaluate.main(["brain-age", "--runs", str(alone), "--plots", str(alone / "figures")])
-    printed = capsys.readouterr().out
-    assert "skipped fig4a.png: no runs trained on one sex" in printed
-    for runs in (partial, alone):
-        assert not {"fig4a.png", "fig4b.png"} & set(os.listdir(runs / "figures"))
-        assert "brain_age_scatter_hyperfusion.png" in os.listdir(runs / "figures")
-
-
-def test_sweep_plots_draw_how_the_prediction_moves_with_the_attribute(brain_age_cohort20, tmp_path, capsys):
-    pytest.importorskip("matplotlib")
-    torch.manual_seed(0)
-    shape = synthetic.BRAIN_AGE_SYNTH["shape"]
-    model = build_model("brain-age", "hyperfusion", image_shape=shape)
-    for layer in model.linears:     # sexes embedded far apart, as after training
-        getattr(model, layer).hypernet.embedding.weight.data = torch.tensor([[1.0, 2.0]])
-    run = RunConfig(task="brain-age", model="hyperfusion", version=0, split_seed=0, embedding_dim=1, train_sex="all",
-                    data_csv=str(brain_age_cohort20), cache_dir=str(tmp_path / "cache"), cache_dtype="float32",
-                    **SCHEDULE)
-    path = tmp_path / "best.pt"
-    training.save_checkpoint({"model": model.state_dict(), "run": dataclasses.asdict(run), "epoch": 0,
-                              "inputs": {"n_tabular": 2, "image_shape": list(shape)},
-                              "target": {"centre": 50.0, "scale": 10.0}}, path)
-    res = evaluate.main(["sweep", str(path), "--attribute", "Sex", "--values", "M", "F", "--plots",
-                         str(tmp_path / "fig")])
-    file = tmp_path / "fig" / "sweep_hyperfusion_Sex.png"
-    assert os.listdir(tmp_path / "fig") == [file.name] and _png_size(file) == _pixels(evaluate.SMALL)
-    assert f"wrote {file}\n" in capsys.readouterr().out
-    assert res["plots"]["written"] == [str(file)]
-    # AD: the mean probability and the predicted fraction of each class against the values (predict.sweep's form)
-    ad = {"task": "ad", "model": "daft", "attribute": "ABETA", "header": ["ABETA", "n", "mean P(CN)", "mean P(MCI)",
-                                                                          "mean P(AD)"],
-          "summary": [{"value": v, "mean_probs": p, "predicted_fraction": p, "balanced_accuracy": 0.5}
-                      for v, p in ((None, [0.5, 0.3, 0.2]), ("500", [0.2, 0.3, 0.5]), ("1500", [0.6, 0.3, 0.1]))]}
-    drawn = evaluate.sweep_figure(ad, str(tmp_path / "ad"), quiet=True)
-    assert drawn["written"] == [str(tmp_path / "ad" / "sweep_daft_ABETA.png")]
-    assert _png_size(drawn["written"][0]) == _pixels(evaluate.SMALL)
-
-
-@pytest.mark.parametrize("command", ["ad", "brain-age", "sweep"])
-def test_without_matplotlib_plots_stops_before_any_work_in_one_line_and_writes_nothing(tmp_path, monkeypatch,
-                                                                                     command):
-    rng = np.random.default_rng(6)
-    if command == "ad":
-        labels = rng.integers(0, 3, 12)
-        for fold in range(4):
-            fake_ad_run(tmp_path, "hyperfusion", 0, 0, fold, random_probs(rng, 12), labels)
-    elif command == "brain-age":
-        age = rng.uniform(20, 80, 12)
-        fake_brain_age_run(tmp_path, 0, 2.0, age + 1, age, np.arange(12) % 2)
-    args = ["sweep", tmp_path / "no-such-run", "--attribute", "Sex", "--values", "M"] if command == "sweep" \
-        else [command, "--runs", tmp_path]
-    before = _files(tmp_path)
-    monkeypatch.setitem(sys.modules, "matplotlib", None)         # `import matplotlib` raises ImportError
-    p = run_main(evaluate.main, *args, "--plots", tmp_path / "figures")
-    assert p.returncode == 2 and p.stderr == "error: --plots needs matplotlib: pip install matplotlib\n", p.stderr
-    assert p.stdout == "" and _files(tmp_path) == before                           # no table, no temp file
-    assert not (tmp_path / "figures").exists()                                     # no folder
-    if command == "ad":    # the script itself, in a fresh interpreter that cannot import matplotlib
-        proc = subprocess.run([sys.executable, "-c", "import sys; sys.modules['matplotlib'] = None; import evaluate, "
-                               "data; data.run_cli(evaluate.main)", "ad", "--runs", str(tmp_path), "--plots",
-                               str(tmp_path / "figures")], cwd=HERE, capture_output=True, text=True)
-        assert proc.returncode == 2 and proc.stderr == "error: --plots needs matplotlib: pip install matplotlib\n"
-        assert proc.stdout == "" and _files(tmp_path) == before
-
-
-def test_the_preview_is_an_rgb_png_that_matplotlib_reads_with_or_without_matplotlib_installed(ad_cohort40, tmp_path,
-                                                                                             monkeypatch):
-    mpl_image = pytest.importorskip("matplotlib.image")
-    monkeypatch.setitem(sys.modules, "matplotlib", None)          # the writer needs no optional dependency
-    p = run_main(data.main, "check-ad", ad_cohort40, "--preview", tmp_path, "--preview-n", 1)
-    monkeypatch.undo()
-    assert p.returncode == 0 and "wrote 2 PNGs" in p.stdout and no_temp_files(tmp_path), p.stderr
-    X, Y, Z = synthetic.AD_SYNTH["shape"]
-    for name in sorted(os.listdir(tmp_path)):
-        w, h, colour = _png_header(tmp_path / name)
-        assert colour == 2 and mpl_image.imread(tmp_path / name).shape == (h, w, 3)
-        if name.endswith("_boxes.png"):
-            assert (w, h) == (2 * (X + 2), max(Y, Z))
-# Progress a person can follow on long work (data.Progress), and --quiet silencing all of it
-
-def test_progress_time_left_is_the_pace_so_far_for_items_and_runs_and_durations_read_one_way(capsys):
-    """After k of N items in t seconds the time left is t (N - k) / k; for runs, their mean time times those to
-    run, less the time the running ones have run, divided by the runs run at once; quiet prints nothing."""
-    now = [0.0]
-    p = data.Progress("decoding the image cache", 5000, "images", every=0, step=0, clock=lambda: now[0])
-    now[0] = 120.0
-    p.advance(1200)
-    assert p.left() == pytest.approx(120 * (5000 - 1200) / 1200)                        # 380 s
-    now[0] = 500.0
-    p.advance(3800)
-    p.finish()
-    assert capsys.readouterr().out.splitlines() == [
-        "decoding the image cache: 1200 of 5000 images (24%), 10 images/s, about 6 min 20 s left",
-        "decoding the image cache: 5000 images in 8 min 20 s (10 images/s)"]
-    assert [data.duration_text(t) for t in (0.42, 9.96, 45, 59.6, 190, 3599, 3600, 7500)] == \
-        ["0.4 s", "10 s", "45 s", "1 min", "3 min 10 s", "59 min 59 s", "1 h", "2 h 5 min"]
-    rate_limited = data.Progress("x", 1000, every=5, clock=lambda: now[0])              # 5 s and 5% at most
-    for k in range(1000):
-        now[0] += 0.01 if k < 500 else 1.0
-        rate_limited.advance()
-    lines = capsys.readouterr().out.splitlines()
-    assert 9 <= len(lines) <= 20 and all(" of 1000 items (" in line for line in lines)
-    runs = data.Progress("train", 4, "runs", clock=lambda: now[0])
-    runs.item_done(190, "ad imaging seed0 v0 fold0")
-    runs.item_done(10, "ad tabular seed0 v0 fold0")
-    runs.item_done(200, "ad imaging seed0 v0 fold1", ": test BA 0.5")
-    runs.item_done(300, "ad hyperfusion seed0 v0 fold0")
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[:3] == [
-        "run 1 of 4 done (ad imaging seed0 v0 fold0, 3 min 10 s); about 9 min 30 s left for the 3 still to train",
-        "run 2 of 4 done (ad tabular seed0 v0 fold0, 10 s); about 3 min 20 s left for the 2 still to train",
-        "run 3 of 4 done (ad imaging seed0 v0 fold1, 3 min 20 s): test BA 0.5; about 2 min 13 s left for the 1 "
-        "still to train"]
-    assert lines[3].startswith("run 4 of 4 done (ad hyperfusion seed0 v0 fold0, 5 min); all 4 in ")
-    two = data.Progress("train", 5, "runs", parallel=2)
-    two.item_done(100, "a", spent=40)                   # 4 x 100 s less the 40 s run, on 2 at a time
-    assert "about 3 min left for the 4" in capsys.readouterr().out
-    quiet = data.Progress("train", 2, "runs", quiet=True)
-    quiet.item_done(100, "a")
-    quiet_items = data.Progress("x", 3, quiet=True, every=0)
-    quiet_items.advance(2)
-    quiet_items.finish(always=True)
-    assert capsys.readouterr().out == ""
-
-
-def test_the_first_cache_decode_shows_its_progress_and_a_final_line_and_nothing_when_quiet_or_short(
-        tmp_path, monkeypatch, capsys):
-    paths = data.read_ad_table(tiny_ad(tmp_path, n=6)).image_paths
-    decoding = lambda out: [line for line in out.splitlines() if line.startswith("decoding the image cache")]
-    data.ImageCache(paths, tmp_path / "short", "float16").prepare()          # a fraction of a second: no line
-    assert decoding(capsys.readouterr().out) == []
-    monkeypatch.setattr(data.ImageCache, "PROGRESS_EVERY", 0)              # a line as often as 5% allows
-    data.ImageCache(paths, tmp_path / "quiet", "float16").prepare(progress=False)
-    assert capsys.readouterr().out == ""
-    cache = data.ImageCache(paths, tmp_path / "cache", "float16").prepare()
-    lines = decoding(capsys.readouterr().out)
-    assert cache.n_decoded == 6 and len(lines) == 6, lines
-    for k, line in enumerate(lines[:-1], start=1):
-        assert re.fullmatch(rf"decoding the image cache: {k} of 6 images \({100 * k // 6}%\), \S+ images/s, "
-                            r"about [\d.]+ s left", line), line
-    assert re.fullmatch(r"decoding the image cache: 6 images in [\d.]+ s \(\S+ images/s\)", lines[-1]), lines[-1]
-
-
-def test_run_protocol_says_after_each_run_how_many_are_done_and_the_time_left_and_quiet_says_none(
-        tmp_path, monkeypatch, capsys):
-    rng = np.random.default_rng(6)
-    labels = rng.integers(0, 3, 12)
-
-    def fake_train(args):
-        print("a line of the training script's own")
-        fake_ad_run(args["out"], args["model"], args["split_seed"], args["version"], args["fold"],
-                    random_probs(rng, 12), labels)
-
-    monkeypatch.setattr(train_ad, "train_ad", fake_train)
-    fake_ad_run(tmp_path / "loud", "hyperfusion", 0, 0, 0, random_probs(rng, 12), labels)      # one finished
-    protocol = ["--task", "ad", "--models", "hyperfusion", "--epochs", "1"]
-    evaluate.main(["protocol"] + protocol + ["--runs", str(tmp_path / "loud")])
-    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("run ")]
-    assert [re.sub(r"[\d.]+ s\)", "T)", line.split(";")[0]) for line in done] == \
-        [f"run {k} of 3 done (ad hyperfusion seed0 v0 fold{k}, T)" for k in (1, 2, 3)]
-    assert re.search(r"; about [\d.]+ s left for the 2 still to train$", done[0]), done
-    assert done[1].endswith("left for the 1 still to train") and re.search(r"; all 3 in [\d.]+ s$", done[2])
-    evaluate.main(["protocol"] + protocol + ["--runs", str(tmp_path / "quiet"), "--quiet"])
-    out = capsys.readouterr().out
-    assert out.startswith("# ") and "| model |" in out and "wrote " in out, out      # the table alone
-    assert not re.search(r"^(run \d|\[\d|a line of|protocol:|total wall time)", out, re.M), out
-    assert os.path.isfile(os.path.join(training.ad_run_dir(tmp_path / "quiet", "hyperfusion", 0, 0, 3),
-                                       "metrics.json"))
-    jobs = lambda: [evaluate.Job(str(tmp_path / f"job{i}"), [sys.executable, "-c", "print('test BA 0.5')"],
-                                 label=f"job {i}") for i in range(2)]
-    evaluate.run_jobs(jobs(), 2, poll_s=0.02)                  # --jobs 2: the same lines, each run's last line in
-    out = capsys.readouterr().out
-    assert re.search(r"^run 1 of 2 done \(job \d, [\d.]+ s\): test BA 0\.5; about [\d.]+ s left for the 1 still",
-                     out, re.M), out
-    evaluate.run_jobs(jobs(), 2, poll_s=0.02, quiet=True)
-    assert capsys.readouterr().out == ""
-
-
-def test_predict_shows_progress_over_its_batches_when_long_one_line_per_member_and_nothing_with_quiet(
-        ad_cohort60, tmp_path, monkeypatch, capsys):
-    train_ad.main(["--model", "tabular", "--data-csv", str(ad_cohort60), "--out", str(tmp_path), "--epochs", "1",
-                   "--quiet"])
+def test_a_column_empty_for_every_training_subject_is_read_as_missing_at_prediction_and_said(
+        ad_cohort60, tmp_path, capsys):
+    """A run trained without AV45 (ADNI-1 has none) reads a patient's AV45 as missing, as every training row was:
+    its predictions equal those of the same table with AV45 blanked; training and predict.py say so."""
+    rows = list(csv.DictReader(open(ad_cohort60)))
+    blank = tmp_path / "no_av45.csv"
+    data.write_csv([dict(r, AV45="") for r in rows], rows[0].keys(), blank)
+    proc = run_main(train_ad.main, *_tabular_args(blank, tmp_path / "runs", "--epochs", "1"))
+    assert proc.returncode == 0 and "warning:" in proc.stderr and "column AV45 is empty" in proc.stderr, proc.stderr
+    run_dir = _run_dir(tmp_path / "runs", "tabular")
+    assert json.load(open(os.path.join(run_dir, "metrics.json")))["unlearned_columns"] == ["AV45"]
     capsys.readouterr()
-    run_dir = training.ad_run_dir(tmp_path, "tabular", 0, 0, 0)
-    args = [run_dir, "--data-csv", str(ad_cohort60), "--out", str(tmp_path / "p.csv"), "--batch-size", "8"]
-    predict.main(args)                                                  # short: the member's line, no batches'
-    out = capsys.readouterr().out.splitlines()
-    assert re.fullmatch(rf"member 1 of 1 done \({re.escape(run_dir)}, [\d.]+ s\); all 1 in [\d.]+ s", out[0]), out
-    assert not any(line.startswith("predicting") for line in out) and out[1].startswith("60 subjects x 1 models")
-    monkeypatch.setattr(predict, "PROGRESS_EVERY", 0)                   # long work: a line every batch or so
-    predict.main(args)
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("predicting")]
-    assert len(lines) == 7 and lines[0].startswith("predicting 60 subjects x 1 model: 8 of 60 predictions (13%), ")
-    assert all(re.search(r", \S+ predictions/s, about [\d.]+ s left$", line) for line in lines)
-    predict.main(args + ["--quiet"])
-    out = capsys.readouterr().out.splitlines()
-    assert len(out) == 2 and out[0].startswith("60 subjects x 1 models") and out[1].startswith("ensemble on"), out
-
-
-def test_preprocess_the_data_checks_and_the_demo_cohort_say_their_progress_and_nothing_of_it_with_quiet(
-        tmp_path, monkeypatch, capsys):
-    folder, name, make, _ = synthetic.BUILTIN["ad"]
-    monkeypatch.setitem(synthetic.BUILTIN, "ad", (folder, name, make, dict(n=10, seed=0)))
-    monkeypatch.setattr(synthetic, "Progress", lambda *a, **k: data.Progress(*a, **{**k, "every": 0}))
-    synthetic.builtin_cohort("ad", tmp_path / "quiet", quiet=True)           # train_ad.py --quiet's first use
-    assert capsys.readouterr().out == ""
-    synthetic.builtin_cohort("ad", tmp_path / "loud")
-    out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("generating the synthetic ad cohort in ") and re.fullmatch(r"generated in [\d.]+ s",
-                                                                                        out[-1]), out
-    assert "synth-ad: 5 of 10 subjects (50%), " in "\n".join(out)
-    csv_path = tiny_ad(tmp_path)
-    batch = ["--csv", csv_path, "--out-dir", tmp_path / "pre", "--shape", 6, 6, 6, "--spacing", 2, "--overwrite"]
-    out = run_main(preprocess.main, *batch).stdout.splitlines()
-    assert re.fullmatch(r"preprocessing: 3 subjects in [\d.]+ s \(\S+ subjects/s\)", out[0]), out
-    assert out[1].startswith("wrote ") and len(out) == 2
-    assert run_main(preprocess.main, *batch, "--quiet").stdout == ""
-    real_progress = data.Progress
-    monkeypatch.setattr(data, "Progress", lambda *a, **k: real_progress(*a, **k, every=0))
-    out = run_main(data.main, "check-ad", csv_path).stdout
-    assert "checking the images: 2 of 3 images (66%), " in out and "checking the images: 3 images in " in out
-    out = run_main(data.main, "check-ad", csv_path, "--quiet").stdout
-    assert out.startswith("ok: ") and "checking" not in out
+    given = predict.main([run_dir, "--data-csv", str(ad_cohort60), "--out", str(tmp_path / "p.csv"), "--quiet"])
+    n = sum(bool(r["AV45"]) for r in rows)
+    assert f"column AV45: {n} of 60 subjects" in capsys.readouterr().err and n > 0
+    blanked = predict.main([run_dir, "--data-csv", str(blank), "--out", str(tmp_path / "b.csv"), "--quiet"])
+    np.testing.assert_array_equal(given["combined"], blanked["combined"])
+    out = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert [r["ignored"] for r in out] == ["AV45" if r["AV45"] else "" for r in rows]
+    assert "ignored" not in open(tmp_path / "b.csv").readline()
+    with pytest.raises(UserError, match="--attribute AV45: empty for every subject"):
+        predict.sweep(run_dir, "AV45", ["1.5"])
 
 
 # ----------------------------------------------------------------------------------------------
-# The prepared GPU check's tests (bench.py gpu-check runs those whose id holds "device-cuda"). Each body takes
-# a device: the cuda parameter is skipped where no GPU is (CI), the cpu one runs in CI.
+# The program: calibration
+# ECE, Brier and NLL as defined; the temperature fitted on each run's validation logits; calibrated ensembles.
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-DEVICES = [pytest.param("cpu", id="device-cpu"), pytest.param("cuda", id="device-cuda", marks=cuda)]
-
-
-# ----------------------------------------------------------------------------------------------
-# Precision: float32 by default; bfloat16 and float16 autocast where the GPU computes them
-
-def test_the_default_precision_is_float32_on_cpu_and_cuda(capsys):
-    for device in ("cpu", "cuda"):
-        assert training.resolve_precision("auto", torch.device(device)) == "fp32"
-        assert "precision fp32 (--precision auto)" in capsys.readouterr().out
-
-
-def test_a_training_script_run_at_the_default_precision_trains_in_float32_on_this_cpu(ad_cohort60, tmp_path):
-    train_ad.main(["--data-csv", str(ad_cohort60), "--out", str(tmp_path), "--epochs", "1", "--batch-size", "8",
-                   "--quiet", "--split-seed", "0", "--fold", "1", "--model", "tabular"])
-    assert load_run(_run_dir(tmp_path, "tabular")).run.precision == "fp32"
-
-
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_on_a_gpu_float32_means_float32_tf32_is_switched_off_where_the_device_is_set_up(device, monkeypatch):
-    """cuDNN's convolutions (and matmuls where enabled) default to TF32 on Ampere and later, a 10-bit mantissa:
-    setup_device switches it off, so training, prediction and the benchmarks all inherit float32."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        assert training.setup_device(device).type == device
-        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
-
-
-def test_loader_workers_and_decode_workers_count_the_cores_this_process_may_use_not_the_machines(monkeypatch):
-    """A container or a scheduler's share of a 64-core machine: 4 cores usable, os.cpu_count() still says 64."""
-    monkeypatch.setattr(os, "cpu_count", lambda: 64)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert training.loader_workers(None, torch.device("cuda")) == 2                  # 4 cores / 2 processes
-    assert training.loader_workers(None, torch.device("cpu")) == 0 and training.loader_workers(3, None) == 3
-    assert train_ad.ad_arguments().parse_args([]).decode_workers == 4
-    monkeypatch.delattr(os, "sched_getaffinity")                                     # macOS: no affinity
-    assert training.cores() == 64
-
-
-def test_adam_is_fused_on_cuda_and_plain_on_a_cpu(monkeypatch):
-    made = []
-    monkeypatch.setattr(torch.optim, "Adam", lambda params, **kwargs: made.append(kwargs))
-    for device in ("cuda", "cpu"):
-        training.make_optimizer(nn.Linear(2, 1), 1e-3, 1e-5, torch.device(device))
-    assert made == [dict(lr=1e-3, weight_decay=1e-5, fused=True), dict(lr=1e-3, weight_decay=1e-5, fused=False)]
-
-
-@pytest.mark.parametrize("capability, refused", [((7, 5), True), ((8, 0), False)])
-def test_bfloat16_is_refused_on_a_gpu_that_only_emulates_it_in_one_line_naming_the_option(capability, refused,
-                                                                                            monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
-    cuda = torch.device("cuda")
-    if refused:
-        with pytest.raises(UserError, match=r"--precision bf16: Tesla T4 only emulates bfloat16"):
-            training.resolve_precision("bf16", cuda, quiet=True)
-    else:
-        assert training.resolve_precision("bf16", cuda, quiet=True) == "bf16"
-    assert training.resolve_precision("fp16", cuda, quiet=True) == "fp16"
-    assert training.replay_precision("bf16", cuda) == ("fp32" if refused else "bf16")
-
-
-def test_fit_runs_forward_and_loss_in_one_autocast_at_the_runs_precision_and_scales_float16s_loss(tmp_path,
-                                                                                                   monkeypatch):
-    """What a GPU run at bf16 or fp16 does (CPU autocast here): the forward pass and the loss inside one autocast
-    context; float16's GradScaler enabled with it alone."""
-    seen, scalers, real_scaler = [], [], torch.amp.GradScaler
-
-    def loss_fn(out, target):
-        seen.append((out.dtype, torch.is_autocast_enabled("cpu")))
-        return F.cross_entropy(out.float(), target)
-    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: scalers.append(enabled) or
-                        real_scaler(device, enabled=False))                     # no CUDA here to scale on
-    items = torch.utils.data.TensorDataset(torch.zeros(8, 0), torch.randn(8, 3), torch.randint(0, 2, (8,)))
-    for precision in ("fp32", "bf16", "fp16"):
-        run = RunConfig(task="ad", model="tabular", version=0, split_seed=0, fold=0, classes=2, loss="ce",
-                        data_csv="x", epochs=1, batch_size=4, lr=1e-3, weight_decay=0.0, precision=precision)
-        training.fit(_TabularNet(), torch.utils.data.DataLoader(items, batch_size=4), loss_fn, lambda m: {"score": 0.5},
-                     "score", run, str(tmp_path / precision), {}, quiet=True)
-    assert seen == [(torch.float32, False)] * 2 + [(torch.bfloat16, True)] * 2 + [(torch.float16, True)] * 2
-    assert scalers == [False, False, True]
-
-
-@pytest.mark.parametrize("name", BRAIN_AGE_MODELS)
-def test_the_brain_age_network_gives_the_age_in_float32_under_bfloat16(name):
-    """bfloat16 would round an age 16-32 years from the centre to 1/8 year, beyond to 1/4: the last layer runs
-    in float32, on float32 features, while the rest of the network runs in bfloat16."""
-    torch.manual_seed(0)
-    model = build_model("brain-age", name, image_shape=(36, 36, 36)).eval()
-    image, tabular = torch.randn(3, 1, 36, 36, 36), torch.eye(2)[torch.arange(3) % 2]
-    features = {}
-    model.final_layer.register_forward_pre_hook(lambda m, args: features.update(x=args[0]))
-    with torch.no_grad(), training.autocast(torch.device("cpu"), "bf16"):
-        age = model(image, tabular)
-        assert age.dtype == torch.float32 and features["x"].dtype == torch.float32
-        assert model.conv1_a(image).dtype == torch.bfloat16          # the rest of the network in bfloat16
-
-
-@pytest.mark.parametrize("option", [("--precision", "fp16"), ("--precision", "bf16"), ("--sync-bn",)])
-def test_float16_bfloat16_or_sync_bn_on_a_cpu_is_refused_in_one_line_naming_the_option(tmp_path, option):
-    p = subprocess.run([sys.executable, "train_ad.py", "--model", "tabular", *option, "--device", "cpu",
-                        "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "runs")],
-                       cwd=HERE, capture_output=True, text=True)
-    assert p.returncode == 2 and p.stderr.startswith(f"error: {' '.join(option)}: ") and \
-        len(p.stderr.splitlines()) == 1, p.stderr
-    assert not os.path.exists(tmp_path / "runs")
-
-
-def test_the_precision_is_stored_in_the_run_and_a_resume_at_another_precision_is_refused(ad_cohort60, tmp_path):
-    train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "tabular", "--precision", "fp32"))
-    run_dir = _run_dir(tmp_path, "tabular")
-    assert load_run(run_dir).run.precision == "fp32"
-    last = os.path.join(run_dir, "last.pt")                      # as if trained at bfloat16 on a GPU
-    ckpt = training.load_checkpoint(last)
-    training.save_checkpoint({**ckpt, "run": {**ckpt["run"], "precision": "bf16"}}, last)
-    with pytest.raises(UserError, match="precision: checkpoint 'bf16', now 'fp32'"):
-        train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "tabular", "--precision", "fp32", "--resume",
-                               "--epochs", "3"))
-
-
-def test_replaying_a_run_uses_its_own_precision_where_the_device_can_and_float32_where_it_cannot():
-    cpu = torch.device("cpu")
-    assert [training.replay_precision(p, cpu) for p in ("bf16", "fp32", "fp16", None, "bf16+fp32:hyper")] == \
-        ["fp32"] * 5
-
-
-def _tiny_batch(task, batch=4, seed=0):
-    """A small (image, tabular, target) batch of either task: AD 12x16x12 with 15 attributes, brain age 36^3."""
-    g = torch.Generator().manual_seed(seed)
-    if task == "ad":
-        return torch.randn(batch, 1, 12, 16, 12, generator=g), torch.randn(batch, 15, generator=g), \
-            torch.arange(batch) % 3
-    return torch.randn(batch, 1, 36, 36, 36, generator=g), torch.eye(2)[torch.arange(batch) % 2], \
-        torch.rand(batch, generator=g)
-
-
-def _tiny_model(task, device):
-    """HyperFusion of a task at _tiny_batch's shapes, dropout off (eager and compiled draw different masks)."""
-    torch.manual_seed(0)
-    model = build_model(task, "hyperfusion", image_shape=(36, 36, 36) if task == "brain-age" else None,
-                        n_tabular=15 if task == "ad" else 2)
-    for m in model.modules():
-        if isinstance(m, (nn.Dropout, nn.Dropout3d)):
-            m.p = 0.0
-    return model.to(device)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mode", ["factorised", "materialised"])
-def test_check_hyperlayers_on_the_device_equal_the_per_sample_computation(device, mode):
-    torch.manual_seed(0)
-    linear = _randomise(HyperLinear(37, 11, nn.Sequential(nn.Linear(5, 3), nn.Tanh()), 3, mode=mode)).to(device)
-    conv = _randomise(HyperConv(3, 4, 6, 3, 2, 1, nn.Linear(5, 2), 2, mode=mode)).to(device)
-    x, image, tabular = (torch.randn(6, 37, device=device), torch.randn(6, 4, 9, 8, 7, device=device),
-                         torch.randn(6, 5, device=device))
-    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False):  # fp32
-        torch.testing.assert_close(linear(x, tabular), _per_sample(linear, x, tabular, F.linear), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(conv(image, tabular), _per_sample(conv, image, tabular, F.conv3d, stride=2,
-                                                                     padding=1), rtol=1e-4, atol=1e-5)
-
-
-def _loss_and_gradient(model, batch, task, device, precision):
-    """One forward + backward of a train step at a precision, as training autocasts it -> (loss, flat gradient)."""
-    image, tabular, target = (t.to(device) for t in batch)
-    model.zero_grad(set_to_none=True)
-    with training.autocast(torch.device(device), precision):
-        out = model(image, tabular).float()
-    loss = F.cross_entropy(out, target) if task == "ad" else F.mse_loss(out, target)
-    loss.backward()
-    return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-
-
-@pytest.mark.parametrize("device", DEVICES[1:])       # a CPU refuses bf16 (training.resolve_precision)
-@pytest.mark.parametrize("task", ["ad", "brain-age"])
-def test_check_a_bfloat16_train_step_stays_within_tolerance_of_float32(device, task):
-    """On a GPU (a CPU refuses bfloat16, whose oneDNN convolution gradient is wrong on sides shorter than the
-    kernel, as on the tiny inputs here). Stated tolerance, from bfloat16's 8-bit mantissa through a whole network at a batch of 4 (seen here: AD
-    loss within 0.1% and gradient cosine 0.99, brain age 1.7% and 0.95, norms within 15%): the loss within 3%,
-    the gradient at cosine >= 0.9 and its norm within 25% of float32's."""
-    model, batch = _tiny_model(task, device), _tiny_batch(task)
-    state = copy.deepcopy(model.state_dict())                 # batch norm's running statistics move in train mode
-    loss32, grad32 = _loss_and_gradient(model.train(), batch, task, device, "fp32")
-    model.load_state_dict(state)
-    loss16, grad16 = _loss_and_gradient(model.train(), batch, task, device, "bf16")
-    assert abs(loss16 - loss32) <= 0.03 * abs(loss32), (loss16, loss32)
-    assert F.cosine_similarity(grad16, grad32, dim=0).item() >= 0.9
-    assert abs(grad16.norm().item() - grad32.norm().item()) <= 0.25 * grad32.norm().item()
-
-
-def test_the_paired_precision_benchmark_gives_the_t_interval_of_the_loss_and_calls_non_inferior_only_over_8_versions():
-    ref = np.array([0.70, 0.72, 0.68, 0.71, 0.69, 0.73, 0.70, 0.72])
-    loss = np.array([0.010, -0.005, 0.0, 0.004, 0.002, -0.001, 0.003, 0.0])
-    s = bench.paired_loss(ref, ref - loss, +1)                             # BA: fp32 minus the precision's
-    se = loss.std(ddof=1) / math.sqrt(8)
-    assert s["mean"] == pytest.approx(loss.mean()) and s["n"] == 8
-    assert s["high"] == pytest.approx(loss.mean() + 2.364624251592784 * se)      # Student t, 7 degrees of freedom
-    assert s["low"] == pytest.approx(loss.mean() - 2.364624251592784 * se)
-    assert s["one_sided"] == pytest.approx(loss.mean() + 1.8945786050900062 * se)
-    assert bench.verdict(s, 0.02).startswith("non-inferior")
-    assert bench.verdict(bench.paired_loss(ref, ref - loss - 0.02, +1), 0.02).startswith("not shown (upper bound")
-    assert bench.verdict(bench.paired_loss(ref[:7], ref[:7] - loss[:7], +1), 0.02) == \
-        "not shown (7 versions, 8 needed)"
-    mae = bench.paired_loss([3.0, 3.2], [3.5, 3.6], -1)                    # MAE: the precision's minus fp32
-    assert mae["losses"] == pytest.approx([0.5, 0.4])
-
-
-def _finished_precision_run(cmd, seconds=None, mae=None):
-    """Stands in for a brain-age training command of the precision benchmark: the run's metrics.json and log.csv
-    where the script writes them (<out>/brain-age/hyperfusion/v<V>)."""
-    version, precision, out = (cmd[cmd.index(o) + 1] for o in ("--version", "--precision", "--out"))
-    folder = training.brain_age_run_dir(out, "hyperfusion", int(version))
-    os.makedirs(folder)
-    v, bf16 = int(version), precision == "bf16"
-    mae = 4.0 + 0.3 * (v % 3) + (0.05 + 0.001 * v) * bf16 if mae is None else mae
-    json.dump({"test": {"mae": mae}}, open(os.path.join(folder, "metrics.json"), "w"))
-    seconds = (5.0 if bf16 else 10.0) if seconds is None else seconds
-    open(os.path.join(folder, "log.csv"), "w").write("epoch,train_loss,mae,seconds\n" + "".join(
-        f"{e},1.0,5.0,{seconds}\n" for e in range(1, 7)))
-
-
-def test_the_paired_precision_benchmark_pairs_each_version_with_itself_from_the_runs_files(tmp_path, monkeypatch):
-    """Version v of bf16 against version v of fp32: the test MAE from metrics.json, the training time from log.csv;
-    the runs are trained through the training script's command line, each with --version, --precision and
-    --resume (a run the benchmark was stopped in continues), and a finished run is not trained again."""
-    asked = []
-
-    def train(cmds, jobs, timeout):
-        asked.extend(cmds)
-        for cmd in cmds:
-            _finished_precision_run(cmd)
-    monkeypatch.setattr(bench, "run_commands", train)
-    monkeypatch.setattr(bench.synthetic, "builtin_cohort", lambda *a, **k: None)
-    s = bench.settings("cpu", False, name="precision")
-    pairs, per_version = bench.precision_pairs("brain-age", list(range(8)), s, "cpu", str(tmp_path), 1e7)
-    assert len(asked) == 16 and all(c[1].endswith("train_brain_age.py") and "--resume" in c for c in asked)
-    assert {(c[c.index("--precision") + 1], c[c.index("--version") + 1]) for c in asked} == \
-        {(p, str(v)) for p in ("fp32", "bf16") for v in range(8)}
-    (mae,) = pairs
-    assert (mae["precision"], mae["metric"], mae["versions"]) == ("bf16", "mae", 8)
-    assert mae["mean_loss"] == pytest.approx(0.05 + 0.0035) and mae["time_ratio"] == pytest.approx(2.0)
-    assert mae["verdict"].startswith("non-inferior")
-    assert [r["bf16 mae"] - r["fp32 mae"] for r in per_version] == pytest.approx([0.05 + 0.001 * v for v in range(8)])
-    asked.clear()
-    bench.precision_pairs("brain-age", list(range(9)), s, "cpu", str(tmp_path), 1e7)
-    assert sorted(c[c.index("--version") + 1] for c in asked) == ["8", "8"]          # the finished 16 reused
-
-
-def test_on_a_gpu_the_paired_precision_runs_train_one_at_a_time(tmp_path, monkeypatch):
-    """Two runs at once on one GPU share it and pull their time ratio toward 1: on CUDA the benchmark starts a
-    training only once the one before has ended, whatever --jobs says; on a CPU --jobs at a time."""
-    for device, most in (("cuda", 1), ("cpu", 2)):
-        running, seen = [], []
-
-        class Training:
-            def __init__(self, cmd, **kwargs):
-                self.cmd, self.returncode = cmd, None
-                running.append(self)
-                seen.append(len(running))
-
-            def communicate(self, timeout=None):
-                running.remove(self) if self in running else None
-                _finished_precision_run(self.cmd)
-                self.returncode = 0
-                return "", ""
-
-            def poll(self):
-                return self.returncode
-        monkeypatch.setattr(bench.subprocess, "Popen", Training)
-        monkeypatch.setattr(bench.synthetic, "builtin_cohort", lambda *a, **k: None)
-        s = bench.settings(device, False, name="precision", precisions=["fp16"], jobs=2)
-        bench.precision_pairs("brain-age", [0, 1], s, device, str(tmp_path / device), 1e7)
-        assert len(seen) == 4 and max(seen) == most, (device, seen)
-
-
-def test_the_benchmarks_peak_memory_is_reset_after_the_warm_up_steps():
-    """cudnn.benchmark tries convolution algorithms during the first steps, with workspaces training never holds:
-    the peak of the timed steps only is read, the CUDA calls recorded here on a CPU."""
-    order = []
-    saved = torch.cuda.synchronize, torch.cuda.reset_peak_memory_stats, torch.cuda.max_memory_allocated
-    try:
-        torch.cuda.synchronize = lambda *a: None
-        torch.cuda.reset_peak_memory_stats = lambda *a: order.append("reset")
-        torch.cuda.max_memory_allocated = lambda *a: order.append("peak") or 2 ** 21
-        seconds, peak = bench.run_steps(lambda: order.append("step"), steps=2, warmup=3, device="cuda")
-    finally:
-        torch.cuda.synchronize, torch.cuda.reset_peak_memory_stats, torch.cuda.max_memory_allocated = saved
-    assert order == ["step"] * 3 + ["reset"] + ["step"] * 2 + ["peak"] and peak == 2.0 and seconds >= 0
-
-
-def test_the_loader_measure_gives_every_worker_several_batches_of_each_timed_pass(monkeypatch):
-    """With 4 batches for 8 workers a pass timed one batch's latency, not the loader's rate."""
-    seen = {}
-    monkeypatch.setattr(bench, "loader_workers", lambda requested, dev: 8)
-    monkeypatch.setattr(bench, "make_loader", lambda ds, batch, workers, dev, shuffle: seen.update(n=len(ds), w=workers)
-                        or [(torch.zeros(batch), None, None)])
-    (r,) = bench.loader(dict(cases=[("brain-age", (8, 8, 8), 4)]), "cpu", [])["rows"]
-    assert seen == {"n": 4 * 3 * 8, "w": 8} and r["batches"] == 24 and r["samples_s"] > 0
-
-
-def test_the_gpu_checks_report_has_every_section_with_numbers(tmp_path):
-    """bench.py gpu-check's report on CPU at the smallest settings: each section ran (the precision section trains
-    demo runs: the tests above hold it), with numbers in it, and the markdown and JSON were written."""
-    sections = [s for s in bench.CHECK_SECTIONS if s != "precision"]
-    report = bench.run_report(sections, "cpu", True, str(tmp_path), steps=1, warmup=1)
-    sections = report["sections"]
-    assert list(sections) == ["tests", "hyperlayers", "throughput", "loader"]
-    assert all(s["status"] == "ok" for s in sections.values()), {k: s.get("error") for k, s in sections.items()}
-    assert {c["outcome"] for c in sections["tests"]["cases"]} == {"passed"} and sections["tests"]["output"] is None
-    assert all(r["speedup_factorised"] > 0 for r in sections["hyperlayers"]["rows"])
-    assert {(r["task"], r["model"]) for r in sections["throughput"]["rows"] if r["samples_s"] > 0} == \
-        {(t, m) for t in ("ad", "brain-age") for m in ("imaging", "hyperfusion")}
-    assert all(r["time_ratio"] > 0 for r in sections["throughput"]["ratios"])
-    assert all(h > 0 for h in sections["throughput"]["hours"]["fp32"].values())
-    assert len(sections["throughput"]["hours"]["fp32"]) == 2
-    assert all(r["samples_s"] > 0 and r["loader_over_model"] > 0 for r in sections["loader"]["rows"])
-    assert json.load(open(tmp_path / "check.json"))["sections"].keys() == sections.keys()
-    md = (tmp_path / "check.md").read_text()
-    assert "## loader: ok" in md and "passed " in md and "the paper's protocols at fp32" in md
-
-
-@pytest.mark.parametrize("ending", ["budget", "failure"])
-def test_the_gpu_checks_precision_section_keeps_every_version_finished_when_its_budget_runs_out_or_a_run_fails(
-        tmp_path, monkeypatch, ending):
-    """The precision section trains one version more at a time, both tasks in turn; when a run outlives the
-    budget, or fails, the report (check.json and check.md) still holds each task's pairs at its last finished
-    version. The training commands are replaced by a stand-in that writes the runs' files."""
-    asked = []
-
-    def train(cmds, jobs, timeout):
-        for cmd in cmds:
-            task = "ad" if cmd[1].endswith("train_ad.py") else "brain-age"
-            asked.append((task, cmd[cmd.index("--version") + 1], cmd[cmd.index("--precision") + 1]))
-            if (task, asked[-1][1]) == ("brain-age", "2"):
-                if ending == "budget":
-                    raise subprocess.TimeoutExpired(cmd, timeout)
-                raise RuntimeError("train_brain_age.py: exit 2: error: a run failed")
-            if task == "brain-age":
-                _finished_precision_run(cmd)
-                continue
-            out, v = cmd[cmd.index("--out") + 1], int(asked[-1][1])
-            folder = training.ad_run_dir(out, "hyperfusion", 0, v, 2)
-            os.makedirs(folder)
-            json.dump({"test": {"balanced_accuracy": 0.7 - 0.01 * v * (asked[-1][2] == "fp16"), "auc_macro": 0.8}},
-                      open(os.path.join(folder, "metrics.json"), "w"))
-            open(os.path.join(folder, "log.csv"), "w").write("epoch,seconds\n1,3.0\n")
-    monkeypatch.setattr(bench, "run_commands", train)
-    monkeypatch.setattr(bench.synthetic, "builtin_cohort", lambda *a, **k: None)
-    report = bench.run_report(["precision"], "cpu", True, str(tmp_path), precisions=["fp16"], versions=[0, 1, 2, 3])
-    assert [(t, v) for t, v, p in asked if p == "fp32"] == [("ad", "0"), ("brain-age", "0"), ("ad", "1"),
-                                                           ("brain-age", "1"), ("ad", "2"), ("brain-age", "2")]
-    saved = json.load(open(tmp_path / "check.json"))["sections"]["precision"]
-    assert saved["status"] == ("ok" if ending == "budget" else "failed")
-    assert {(r["task"], r["metric"], r["versions"]) for r in saved["rows"]} == {
-        ("ad", "balanced_accuracy", 3), ("ad", "auc_macro", 3), ("brain-age", "mae", 2)}
-    assert [r["mean_loss"] for r in saved["rows"] if r["metric"] == "balanced_accuracy"] == pytest.approx([0.01])
-    assert ("brain-age version 2 did not finish" in saved["stopped"] if ending == "budget" else
-            "error: a run failed" in saved["error"])
-    md = (tmp_path / "check.md").read_text()
-    assert "| ad | fp16 | balanced_accuracy | 3 | 0.01 |" in md and "| brain-age | fp16 | mae | 2 |" in md
-    assert report["sections"]["precision"]["rows"] == saved["rows"]
-
-
-@pytest.mark.parametrize("args, why", [(["gpu-check", "--precision", "fp16"], "--precision fp16: CUDA only"),
-                                       (["precision", "--precision", "bf16"], "--precision bf16: training refuses"),
-                                       (["--precision", "fp16"], "--precision fp16: CUDA only")])
-def test_the_benchmark_refuses_a_precision_this_device_cannot_train_in_one_line_naming_the_option(args, why,
-                                                                                                   tmp_path):
-    p = subprocess.run([sys.executable, "bench.py", *args, "--device", "cpu", "--out", str(tmp_path)], cwd=HERE,
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and p.stdout == "" and os.listdir(tmp_path) == []
-    last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("bench.py: error: " + why), last
-
-
-# ----------------------------------------------------------------------------------------------
-# Calibration: the probabilities measured (ECE, Brier, NLL) and corrected (temperature scaling)
 
 def _ece_by_hand(hit, confidence, n_bins=15):
     """Guo et al.'s ECE written out: bins (k/15, (k+1)/15] (the first closed), sum of |B|/N |acc(B) - conf(B)|."""
@@ -4781,46 +4365,6 @@ def test_the_calibration_report_ensembles_the_members_each_at_its_own_temperatur
     assert ens["after"]["nll"] != pytest.approx(ens["before"]["nll"])
 
 
-# ----------------------------------------------------------------------------------------------
-# Nothing silent: inputs a model could not have learned to read, runs counted twice, a temperature at its bound
-
-def test_a_column_empty_for_every_training_subject_is_read_as_missing_at_prediction_and_said(
-        ad_cohort60, tmp_path, capsys):
-    """A run trained without AV45 (ADNI-1 has none) reads a patient's AV45 as missing, as every training row was:
-    its predictions equal those of the same table with AV45 blanked; training and predict.py say so."""
-    rows = list(csv.DictReader(open(ad_cohort60)))
-    blank = tmp_path / "no_av45.csv"
-    data.write_csv([dict(r, AV45="") for r in rows], rows[0].keys(), blank)
-    proc = run_main(train_ad.main, *_tabular_args(blank, tmp_path / "runs", "--epochs", "1"))
-    assert proc.returncode == 0 and "warning:" in proc.stderr and "column AV45 is empty" in proc.stderr, proc.stderr
-    run_dir = _run_dir(tmp_path / "runs", "tabular")
-    assert json.load(open(os.path.join(run_dir, "metrics.json")))["unlearned_columns"] == ["AV45"]
-    capsys.readouterr()
-    given = predict.main([run_dir, "--data-csv", str(ad_cohort60), "--out", str(tmp_path / "p.csv"), "--quiet"])
-    n = sum(bool(r["AV45"]) for r in rows)
-    assert f"column AV45: {n} of 60 subjects" in capsys.readouterr().err and n > 0
-    blanked = predict.main([run_dir, "--data-csv", str(blank), "--out", str(tmp_path / "b.csv"), "--quiet"])
-    np.testing.assert_array_equal(given["combined"], blanked["combined"])
-    out = list(csv.DictReader(open(tmp_path / "p.csv")))
-    assert [r["ignored"] for r in out] == ["AV45" if r["AV45"] else "" for r in rows]
-    assert "ignored" not in open(tmp_path / "b.csv").readline()
-    with pytest.raises(UserError, match="--attribute AV45: empty for every subject"):
-        predict.sweep(run_dir, "AV45", ["1.5"])
-
-
-@pytest.mark.parametrize("n", [3, 6])
-def test_a_brain_age_cohort_too_small_for_its_split_is_refused_in_one_line_before_anything_is_written(
-        brain_age_cohort20, tmp_path, n):
-    small = os.path.join(os.path.dirname(brain_age_cohort20), f"first{n}.csv")   # beside the images
-    with open(small, "w") as f:
-        f.write("\n".join(open(brain_age_cohort20).read().splitlines()[:n + 1]) + "\n")
-    parts = data.brain_age_split(*(lambda t: (t.age, t.sex))(data.read_brain_age_table(small)), 0)
-    proc = run_main(train_brain_age.main, "--data-csv", small, "--out", tmp_path, "--model", "imaging",
-                    "--epochs", "1", "--quiet", "--precision", "fp32")
-    assert_clean_error(proc, small, "{} training, {} validation and {} test".format(*map(len, parts)), "--split")
-    assert _files(tmp_path) == []
-
-
 def test_a_temperature_fitted_at_its_lower_bound_is_not_used_and_calibrated_prediction_refuses_it(tmp_path, capsys):
     """A perfectly separated validation set drives T to 0.01 (every probability 0 or 1, wrong ones too): evaluate.py
     calibrate keeps T = 1 and says so in its report; predict.py --calibrated refuses the run."""
@@ -4837,44 +4381,795 @@ def test_a_temperature_fitted_at_its_lower_bound_is_not_used_and_calibrated_pred
     assert_clean_error(proc, run_dir, "lower bound", "without --calibrated")
 
 
-def test_a_run_named_twice_is_one_member_and_a_runs_metrics_file_is_not_called_a_corrupt_checkpoint(tmp_path):
-    rng = np.random.default_rng(1)
-    labels = rng.integers(0, 3, 20)
-    runs = [fake_ad_run(tmp_path / "runs", "tabular", 0, 0, f, random_probs(rng, 20), labels) for f in range(4)]
-    for r in runs:
-        evaluate.save_logits(r, (rng.normal(0, 1, (20, 3)), labels), (rng.normal(0, 1, (20, 3)), labels))
-    os.symlink(runs[1], tmp_path / "link")
-    named = [os.path.dirname(runs[0]), runs[2], tmp_path / "link", os.path.join(runs[3], "best.pt")]
-    assert [m.dir for m in predict.find_runs(named)] == runs
-    res = evaluate.main(["calibrate", *map(str, named), "--quiet"])
-    assert len(res["runs"]) == 4 and len(res["ensembles"]) == 1
-    proc = run_main(predict.main, os.path.join(runs[0], "metrics.json"), "--data-csv", tmp_path / "new.csv",
-                    "--out", tmp_path / "p.csv")
-    assert_clean_error(proc, "metrics.json", runs[0], "give that run folder")
-    assert "corrupt" not in proc.stderr
+# ----------------------------------------------------------------------------------------------
+# The program: many processes, devices, precision
+# One run on many processes (torchrun, DDP), many runs at a time (--jobs, --gpus); float32 by default, bf16 and fp16
+# where the GPU computes them; the benchmark.
 
 
-def test_an_image_whose_header_is_rotated_is_refused_in_one_line_naming_it(tmp_path):
-    """The same voxels under an affine turned 25 degrees (as SPM's coregistration writes) would be read as
-    unrotated: refused, naming the file; a flipped header is read (as_closest_canonical); preprocess.py reads both."""
+def _ddp_worker(rank, world, init_file, batch, out):
+    """One of two gloo processes: one SGD step on its share of the batch inside DDP (training.wrap), then the
+    rows of its share of 5 items gathered back."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model, net = training.wrap(_no_dropout_model(), torch.device("cpu"))
+    _one_sgd_step(model, net, *(t.chunk(world)[rank] for t in batch))
+    results = {"ddp": {k: v.detach().clone() for k, v in model.named_parameters()}}
+    share = list(torch.utils.data.DistributedSampler(range(5), 2, rank, shuffle=False))   # 0 2 4 | 1 3 0 (padding)
+    results["gathered"] = training.gather(np.arange(5)[share] * 10, 5)
+    if rank == 0:
+        torch.save(results, out)
+    torch.distributed.barrier()            # neither leaves while the other's gloo threads still talk to it
+    os._exit(0)    # no C++ destructors at exit: one ran on a live gloo thread now and then ("terminate called")
+
+
+@pytest.fixture(scope="module")
+def two_ddp_processes(tmp_path_factory):
+    """What _ddp_worker's rank 0 saw, and the batch both processes shared."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(8, 1, *AD_SMALL, generator=g), torch.randn(8, 15, generator=g), torch.arange(8) % 3)
+    torch.multiprocessing.spawn(_ddp_worker, (2, str(tmp / "init"), batch, str(tmp / "ddp.pt")), nprocs=2)
+    return torch.load(tmp / "ddp.pt", weights_only=False), batch
+
+
+def _no_dropout_model():
+    torch.manual_seed(0)
+    model = build_model("ad", "hyperfusion", n_tabular=15)
+    for m in model.modules():
+        if isinstance(m, (nn.Dropout, nn.Dropout3d)):
+            m.p = 0.0
+    return model
+
+
+def _one_sgd_step(model, net, image, tabular, target):
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    net.train()
+    F.cross_entropy(net(image, tabular), target).backward()
+    opt.step()
+
+
+def _tiny_batch(task, batch=4, seed=0):
+    """A small (image, tabular, target) batch of either task: AD 12x16x12 with 15 attributes, brain age 36^3."""
+    g = torch.Generator().manual_seed(seed)
+    if task == "ad":
+        return torch.randn(batch, 1, 12, 16, 12, generator=g), torch.randn(batch, 15, generator=g), \
+            torch.arange(batch) % 3
+    return torch.randn(batch, 1, 36, 36, 36, generator=g), torch.eye(2)[torch.arange(batch) % 2], \
+        torch.rand(batch, generator=g)
+
+
+def _tiny_model(task, device):
+    """HyperFusion of a task at _tiny_batch's shapes, dropout off (eager and compiled draw different masks)."""
+    torch.manual_seed(0)
+    model = build_model(task, "hyperfusion", image_shape=(36, 36, 36) if task == "brain-age" else None,
+                        n_tabular=15 if task == "ad" else 2)
+    for m in model.modules():
+        if isinstance(m, (nn.Dropout, nn.Dropout3d)):
+            m.p = 0.0
+    return model.to(device)
+
+
+def _loss_and_gradient(model, batch, task, device, precision):
+    """One forward + backward of a train step at a precision, as training autocasts it -> (loss, flat gradient)."""
+    image, tabular, target = (t.to(device) for t in batch)
+    model.zero_grad(set_to_none=True)
+    with training.autocast(torch.device(device), precision):
+        out = model(image, tabular).float()
+    loss = F.cross_entropy(out, target) if task == "ad" else F.mse_loss(out, target)
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def _finished_precision_run(cmd, seconds=None, mae=None):
+    """Stands in for a brain-age training command of the precision benchmark: the run's metrics.json and log.csv
+    where the script writes them (<out>/brain-age/hyperfusion/v<V>)."""
+    version, precision, out = (cmd[cmd.index(o) + 1] for o in ("--version", "--precision", "--out"))
+    folder = training.brain_age_run_dir(out, "hyperfusion", int(version))
+    os.makedirs(folder)
+    v, bf16 = int(version), precision == "bf16"
+    mae = 4.0 + 0.3 * (v % 3) + (0.05 + 0.001 * v) * bf16 if mae is None else mae
+    json.dump({"test": {"mae": mae}}, open(os.path.join(folder, "metrics.json"), "w"))
+    seconds = (5.0 if bf16 else 10.0) if seconds is None else seconds
+    open(os.path.join(folder, "log.csv"), "w").write("epoch,train_loss,mae,seconds\n" + "".join(
+        f"{e},1.0,5.0,{seconds}\n" for e in range(1, 7)))
+
+
+def test_a_torchrun_process_leaves_at_a_barrier_before_tearing_the_group_down_and_alone_never(monkeypatch):
+    """A process that tore the group down while another still wrote its files was aborted by gloo now and then:
+    leave() waits at a barrier first; inside alone() (rank 0's nested pre-training) it does nothing."""
+    calls = []
+    monkeypatch.setattr(training.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(training.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(training.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(training.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    with training.alone():
+        training.leave()
+    assert calls == []
+    training.leave()
+    assert calls == ["barrier", "destroy"]
+
+
+def test_a_two_process_torchrun_run_writes_each_file_once_and_tests_each_subject_once(ad_cohort60, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "train_ad.py", *_ad_args(ad_cohort60, tmp_path, "--device", "cpu")],
+                       cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("test BA") for line in lines), p.stdout   # rank 0 alone prints:
+    assert "tabular" in lines[0] and "hyperfusion" in lines[1]                        # the MLP once, then the run
+    run = _run_dir(tmp_path, "hyperfusion")
+    assert sorted(os.listdir(run)) == ["best.pt", "calibration.json", "last.pt", "log.csv", "logits.npz",
+                                       "metrics.json", "predictions.npz"]
+    with open(os.path.join(run, "log.csv")) as f:
+        assert len(f.read().strip().splitlines()) == 1 + 2                            # one row per epoch
+    table = data.read_ad_table(ad_cohort60)
+    test_idx = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 1)[2]
+    with open(os.path.join(run, "metrics.json")) as f:
+        assert np.sum(json.load(f)["test"]["confusion_matrix"]) == len(test_idx) == 12
+    pred = load_run(run).read_predictions()
+    assert list(pred["subjects"]) == [table.subjects[i] for i in test_idx]             # every subject once, in order
+    assert np.array_equal(pred["labels"], table.labels[test_idx])
+
+
+def test_one_ddp_step_on_two_processes_takes_the_mean_of_their_shares_gradients(two_ddp_processes):
+    """Each process's BatchNorms normalise its own share (torch's SyncBatchNorm, --sync-bn, is CUDA's)."""
+    ddp, batch = two_ddp_processes
+    model = _no_dropout_model().train()
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    (sum(F.cross_entropy(model(i, t), y) for i, t, y in zip(*(b.chunk(2) for b in batch))) / 2).backward()
+    opt.step()
+    for k, v in model.named_parameters():                        # the step itself, not just the starting point
+        torch.testing.assert_close(ddp["ddp"][k] - before[k], v.detach() - before[k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+def test_gathered_shares_hold_every_item_once_in_order_when_the_sampler_pads(two_ddp_processes):
+    assert two_ddp_processes[0]["gathered"].tolist() == [0, 10, 20, 30, 40]
+
+
+def test_loaders_ship_images_in_the_float16_the_cache_stores_and_the_network_reads_them_in_float32():
+    """Half the pinned memory, the workers' shared memory and the bus: a float16-stored image travels as float16
+    and training.to_device upcasts it on the device, exactly, so predictions equal those of float32 batches."""
+    g = torch.Generator().manual_seed(0)
+    half = torch.randn(6, 36, 36, 36, generator=g).half().numpy()
+    sex, age = data.sex_onehot(np.arange(6) % 2), np.linspace(40, 80, 6).astype(np.float32)
+    shipped = data.BrainAgeDataset(half, sex, age)
+    assert shipped[0][0].dtype == torch.float16
+    assert data.BrainAgeDataset(half.astype(np.float32), sex, age)[0][0].dtype == torch.float32
+    pairs = np.stack([half[:, :8, :8, :8]] * 2, 1)                                       # (N, 2, D, H, W) crops
+    assert data.ADDataset(pairs, np.zeros((6, 3)), np.arange(6) % 3)[0][0].dtype == torch.float16
+    assert data.ADDataset(pairs, np.zeros((6, 3)), np.arange(6) % 3, train=False)[0][0].dtype == torch.float16
+    cpu = torch.device("cpu")
+    image = next(iter(training.make_loader(shipped, 6, 0, cpu)))[0]
+    assert image.dtype == torch.float16
+    assert training.to_device(image, cpu).dtype == torch.float32
+    torch.manual_seed(0)
+    model = build_model("brain-age", "hyperfusion", image_shape=(36, 36, 36))
+    as_float = torch.utils.data.TensorDataset(torch.as_tensor(half).float()[:, None], torch.as_tensor(sex),
+                                              torch.as_tensor(age))
+    np.testing.assert_array_equal(training.predict(model, training.make_loader(shipped, 3, 0, cpu), cpu)[0],
+                                  training.predict(model, training.make_loader(as_float, 3, 0, cpu), cpu)[0])
+
+
+def test_the_protocol_hands_its_cache_dir_to_every_run_it_trains(tmp_path, capsys):
+    """Data on read-only storage: protocol.py --cache-dir is where every run it starts decodes its images."""
+    evaluate.main(["protocol", "--task", "ad", "--runs", str(tmp_path), "--models", "imaging", "--epochs", "1",
+                          "--cache-dir", str(tmp_path / "cache"), "--print-commands"])
+    argvs = [shlex.split(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(argvs) == 4 and all(a[a.index("--cache-dir") + 1] == str(tmp_path / "cache") for a in argvs)
+
+
+def test_gpus_are_indices_among_the_gpus_this_process_sees_and_one_that_does_not_exist_is_refused():
+    """CUDA_VISIBLE_DEVICES=4,5,6,7 ... --gpus 0,1 lands on physical GPUs 4 and 5, not 0 and 1."""
+    assert evaluate.gpu_masks([0, 1], 4, {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}) == ["4", "5"]
+    assert evaluate.gpu_masks([1, 0], 2, {}) == ["1", "0"]
+    with pytest.raises(UserError, match=r"--gpus 0,2: GPU 2 does not exist here: 2 visible \(CUDA_VISIBLE_DEVICES"):
+        evaluate.gpu_masks([0, 2], 2, {"CUDA_VISIBLE_DEVICES": "4,5"})
+    with pytest.raises(UserError, match="no GPU is visible"):
+        evaluate.gpu_masks([0], 0, {})
+
+
+def test_a_launched_run_is_told_its_gpu_the_cuda_device_and_how_many_runs_share_the_machine(monkeypatch):
+    """Each child of run-protocol --jobs K --gpus: its own GPU, --device cuda (a missing GPU is then an error, not
+    a run on the CPU at the CPU's precision), LOCAL_WORLD_SIZE=K and cores / K threads (its loader's workers): the
+    cores this process may run on (a job's CPU set), not all the machine has."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)))
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    child = "import os, sys, json; print(json.dumps([os.environ.get(k) for k in " \
+            "('CUDA_VISIBLE_DEVICES', 'LOCAL_WORLD_SIZE', 'OMP_NUM_THREADS')] + sys.argv[1:]))"
+    seen = []
+    for gpus in (["4", "5"], None):
+        proc, out = evaluate.start(evaluate.Job("x", [sys.executable, "-c", child, "--model", "imaging"]), 1, 2, gpus)
+        proc.wait()
+        out.seek(0)
+        seen.append(json.loads(out.read().decode()))
+        out.close()
+    assert seen[0] == ["5", "2", "3", "--model", "imaging", "--device", "cuda"]
+    assert seen[1][1:] == ["2", "3", "--model", "imaging"]
+
+
+def test_jobs_without_gpus_spread_the_runs_over_every_visible_gpu(tmp_path, monkeypatch):
+    """evaluate.py protocol --jobs 3 on a machine with three GPUs and no --gpus put every run on GPU 0 (each child
+    picked cuda:0). Now the runs are shared out over the GPUs this process sees, one each, as with --gpus 0,1,2."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,6,7")
+    monkeypatch.setattr(evaluate, "evaluate_ad", lambda *a, **k: None)
+    child = "import os, sys; open(sys.argv[1], 'w').write(' '.join([os.environ['CUDA_VISIBLE_DEVICES']] + " \
+            "sys.argv[2:]))"
+    commands, real_start = [], evaluate.start
+
+    def spy(job, slot, k, gpus):                 # the training script's command kept, a child that says its GPU run
+        commands.append(job.command)
+        return real_start(dataclasses.replace(job, command=[sys.executable, "-c", child,
+                                                            str(tmp_path / f"{len(commands)}.txt")]), slot, k, gpus)
+
+    monkeypatch.setattr(evaluate, "start", spy)
+    trained, _, _ = evaluate.run_protocol("ad", str(tmp_path / "runs"), models=["imaging"], epochs=1, jobs=3,
+                                          quiet=True)
+    assert len(trained) == len(commands) == 4 and all("train_ad.py" in c[1] for c in commands)
+    told = [(tmp_path / f"{k}.txt").read_text().split() for k in range(1, 5)]
+    assert [t[1:] for t in told] == [["--device", "cuda"]] * 4
+    assert [t[0] for t in told[:3]] == ["5", "6", "7"] and told[3][0] in ("5", "6", "7")
+
+
+def test_an_interrupted_run_protocol_with_jobs_ends_the_trainings_it_started(tmp_path, monkeypatch):
+    """run-protocol --jobs K runs each training in a process of its own: Ctrl-C or SIGTERM of the runner (or an
+    error in it) left them training with no one waiting for them. Now it stops them (SIGTERM) before it ends."""
+    pid_file = tmp_path / "pid"
+    child = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)"
+    real_sleep, interrupted = evaluate.time.sleep, []
+
+    def interrupt_once_it_runs(seconds):                      # time.sleep, of the runner's poll and of Popen.wait
+        if not interrupted and pid_file.exists() and pid_file.read_text():
+            interrupted.append(True)
+            raise KeyboardInterrupt
+        real_sleep(min(seconds, 0.05))
+
+    monkeypatch.setattr(evaluate.time, "sleep", interrupt_once_it_runs)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.run_jobs([evaluate.Job(str(tmp_path / "run"), [sys.executable, "-c", child, str(pid_file)])], 1)
+    pid = int(pid_file.read_text())
+    try:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)                                   # ended, and waited for (no zombie left either)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_loader_workers_and_decode_workers_count_the_cores_this_process_may_use_not_the_machines(monkeypatch):
+    """A container or a scheduler's share of a 64-core machine: 4 cores usable, os.cpu_count() still says 64."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert training.loader_workers(None, torch.device("cuda")) == 2                  # 4 cores / 2 processes
+    assert training.loader_workers(None, torch.device("cpu")) == 0 and training.loader_workers(3, None) == 3
+    assert train_ad.ad_arguments().parse_args([]).decode_workers == 4
+    monkeypatch.delattr(os, "sched_getaffinity")                                     # macOS: no affinity
+    assert training.cores() == 64
+
+
+def test_the_default_precision_is_float32_on_cpu_and_cuda(capsys):
+    for device in ("cpu", "cuda"):
+        assert training.resolve_precision("auto", torch.device(device)) == "fp32"
+        assert "precision fp32 (--precision auto)" in capsys.readouterr().out
+
+
+def test_a_training_script_run_at_the_default_precision_trains_in_float32_on_this_cpu(ad_cohort60, tmp_path):
+    train_ad.main(["--data-csv", str(ad_cohort60), "--out", str(tmp_path), "--epochs", "1", "--batch-size", "8",
+                   "--quiet", "--split-seed", "0", "--fold", "1", "--model", "tabular"])
+    assert load_run(_run_dir(tmp_path, "tabular")).run.precision == "fp32"
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_on_a_gpu_float32_means_float32_tf32_is_switched_off_where_the_device_is_set_up(device, monkeypatch):
+    """cuDNN's convolutions (and matmuls where enabled) default to TF32 on Ampere and later, a 10-bit mantissa:
+    setup_device switches it off, so training, prediction and the benchmarks all inherit float32."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        assert training.setup_device(device).type == device
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
+
+
+def test_adam_is_fused_on_cuda_and_plain_on_a_cpu(monkeypatch):
+    made = []
+    monkeypatch.setattr(torch.optim, "Adam", lambda params, **kwargs: made.append(kwargs))
+    for device in ("cuda", "cpu"):
+        training.make_optimizer(nn.Linear(2, 1), 1e-3, 1e-5, torch.device(device))
+    assert made == [dict(lr=1e-3, weight_decay=1e-5, fused=True), dict(lr=1e-3, weight_decay=1e-5, fused=False)]
+
+
+@pytest.mark.parametrize("capability, refused", [((7, 5), True), ((8, 0), False)])
+def test_bfloat16_is_refused_on_a_gpu_that_only_emulates_it_in_one_line_naming_the_option(capability, refused,
+                                                                                            monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    cuda = torch.device("cuda")
+    if refused:
+        with pytest.raises(UserError, match=r"--precision bf16: Tesla T4 only emulates bfloat16"):
+            training.resolve_precision("bf16", cuda, quiet=True)
+    else:
+        assert training.resolve_precision("bf16", cuda, quiet=True) == "bf16"
+    assert training.resolve_precision("fp16", cuda, quiet=True) == "fp16"
+    assert training.replay_precision("bf16", cuda) == ("fp32" if refused else "bf16")
+
+
+def test_fit_runs_forward_and_loss_in_one_autocast_at_the_runs_precision_and_scales_float16s_loss(tmp_path,
+                                                                                                   monkeypatch):
+    """What a GPU run at bf16 or fp16 does (CPU autocast here): the forward pass and the loss inside one autocast
+    context; float16's GradScaler enabled with it alone."""
+    seen, scalers, real_scaler = [], [], torch.amp.GradScaler
+
+    def loss_fn(out, target):
+        seen.append((out.dtype, torch.is_autocast_enabled("cpu")))
+        return F.cross_entropy(out.float(), target)
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: scalers.append(enabled) or
+                        real_scaler(device, enabled=False))                     # no CUDA here to scale on
+    items = torch.utils.data.TensorDataset(torch.zeros(8, 0), torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    for precision in ("fp32", "bf16", "fp16"):
+        run = RunConfig(task="ad", model="tabular", version=0, split_seed=0, fold=0, classes=2, loss="ce",
+                        data_csv="x", epochs=1, batch_size=4, lr=1e-3, weight_decay=0.0, precision=precision)
+        training.fit(_TabularNet(), torch.utils.data.DataLoader(items, batch_size=4), loss_fn, lambda m: {"score": 0.5},
+                     "score", run, str(tmp_path / precision), {}, quiet=True)
+    assert seen == [(torch.float32, False)] * 2 + [(torch.bfloat16, True)] * 2 + [(torch.float16, True)] * 2
+    assert scalers == [False, False, True]
+
+
+@pytest.mark.parametrize("option", [("--precision", "fp16"), ("--precision", "bf16"), ("--sync-bn",)])
+def test_float16_bfloat16_or_sync_bn_on_a_cpu_is_refused_in_one_line_naming_the_option(tmp_path, option):
+    p = run_main(train_ad.main, "--model", "tabular", *option, "--device", "cpu", "--data-dir", tmp_path / "data",
+                 "--out", tmp_path / "runs")
+    assert p.returncode == 2 and p.stderr.startswith(f"error: {' '.join(option)}: ") and \
+        len(p.stderr.splitlines()) == 1, p.stderr
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_the_precision_is_stored_in_the_run_and_a_resume_at_another_precision_is_refused(ad_cohort60, tmp_path):
+    train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "tabular", "--precision", "fp32"))
+    run_dir = _run_dir(tmp_path, "tabular")
+    assert load_run(run_dir).run.precision == "fp32"
+    last = os.path.join(run_dir, "last.pt")                      # as if trained at bfloat16 on a GPU
+    ckpt = training.load_checkpoint(last)
+    training.save_checkpoint({**ckpt, "run": {**ckpt["run"], "precision": "bf16"}}, last)
+    with pytest.raises(UserError, match="precision: checkpoint 'bf16', now 'fp32'"):
+        train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "tabular", "--precision", "fp32", "--resume",
+                               "--epochs", "3"))
+
+
+def test_replaying_a_run_uses_its_own_precision_where_the_device_can_and_float32_where_it_cannot():
+    cpu = torch.device("cpu")
+    assert [training.replay_precision(p, cpu) for p in ("bf16", "fp32", "fp16", None, "bf16+fp32:hyper")] == \
+        ["fp32"] * 5
+
+
+@pytest.mark.parametrize("device", DEVICES[1:])       # a CPU refuses bf16 (training.resolve_precision)
+@pytest.mark.parametrize("task", ["ad", "brain-age"])
+def test_check_a_bfloat16_train_step_stays_within_tolerance_of_float32(device, task):
+    """On a GPU (a CPU refuses bfloat16, whose oneDNN convolution gradient is wrong on sides shorter than the
+    kernel, as on the tiny inputs here). Stated tolerance, from bfloat16's 8-bit mantissa through a whole network at a batch of 4 (seen here: AD
+    loss within 0.1% and gradient cosine 0.99, brain age 1.7% and 0.95, norms within 15%): the loss within 3%,
+    the gradient at cosine >= 0.9 and its norm within 25% of float32's."""
+    model, batch = _tiny_model(task, device), _tiny_batch(task)
+    state = copy.deepcopy(model.state_dict())                 # batch norm's running statistics move in train mode
+    loss32, grad32 = _loss_and_gradient(model.train(), batch, task, device, "fp32")
+    model.load_state_dict(state)
+    loss16, grad16 = _loss_and_gradient(model.train(), batch, task, device, "bf16")
+    assert abs(loss16 - loss32) <= 0.03 * abs(loss32), (loss16, loss32)
+    assert F.cosine_similarity(grad16, grad32, dim=0).item() >= 0.9
+    assert abs(grad16.norm().item() - grad32.norm().item()) <= 0.25 * grad32.norm().item()
+
+
+def test_the_paired_precision_benchmark_gives_the_t_interval_of_the_loss_and_calls_non_inferior_only_over_8_versions():
+    ref = np.array([0.70, 0.72, 0.68, 0.71, 0.69, 0.73, 0.70, 0.72])
+    loss = np.array([0.010, -0.005, 0.0, 0.004, 0.002, -0.001, 0.003, 0.0])
+    s = bench.paired_loss(ref, ref - loss, +1)                             # BA: fp32 minus the precision's
+    se = loss.std(ddof=1) / math.sqrt(8)
+    assert s["mean"] == pytest.approx(loss.mean()) and s["n"] == 8
+    assert s["high"] == pytest.approx(loss.mean() + 2.364624251592784 * se)      # Student t, 7 degrees of freedom
+    assert s["low"] == pytest.approx(loss.mean() - 2.364624251592784 * se)
+    assert s["one_sided"] == pytest.approx(loss.mean() + 1.8945786050900062 * se)
+    assert bench.verdict(s, 0.02).startswith("non-inferior")
+    assert bench.verdict(bench.paired_loss(ref, ref - loss - 0.02, +1), 0.02).startswith("not shown (upper bound")
+    assert bench.verdict(bench.paired_loss(ref[:7], ref[:7] - loss[:7], +1), 0.02) == \
+        "not shown (7 versions, 8 needed)"
+    mae = bench.paired_loss([3.0, 3.2], [3.5, 3.6], -1)                    # MAE: the precision's minus fp32
+    assert mae["losses"] == pytest.approx([0.5, 0.4])
+
+
+def test_the_paired_precision_benchmark_pairs_each_version_with_itself_from_the_runs_files(tmp_path, monkeypatch):
+    """Version v of bf16 against version v of fp32: the test MAE from metrics.json, the training time from log.csv;
+    the runs are trained through the training script's command line, each with --version, --precision and
+    --resume (a run the benchmark was stopped in continues), and a finished run is not trained again."""
+    asked = []
+
+    def train(cmds, jobs, timeout):
+        asked.extend(cmds)
+        for cmd in cmds:
+            _finished_precision_run(cmd)
+    monkeypatch.setattr(bench, "run_commands", train)
+    monkeypatch.setattr(bench.synthetic, "builtin_cohort", lambda *a, **k: None)
+    s = bench.settings("cpu", False, name="precision")
+    pairs, per_version = bench.precision_pairs("brain-age", list(range(8)), s, "cpu", str(tmp_path), 1e7)
+    assert len(asked) == 16 and all(c[1].endswith("train_brain_age.py") and "--resume" in c for c in asked)
+    assert {(c[c.index("--precision") + 1], c[c.index("--version") + 1]) for c in asked} == \
+        {(p, str(v)) for p in ("fp32", "bf16") for v in range(8)}
+    (mae,) = pairs
+    assert (mae["precision"], mae["metric"], mae["versions"]) == ("bf16", "mae", 8)
+    assert mae["mean_loss"] == pytest.approx(0.05 + 0.0035) and mae["time_ratio"] == pytest.approx(2.0)
+    assert mae["verdict"].startswith("non-inferior")
+    assert [r["bf16 mae"] - r["fp32 mae"] for r in per_version] == pytest.approx([0.05 + 0.001 * v for v in range(8)])
+    asked.clear()
+    bench.precision_pairs("brain-age", list(range(9)), s, "cpu", str(tmp_path), 1e7)
+    assert sorted(c[c.index("--version") + 1] for c in asked) == ["8", "8"]          # the finished 16 reused
+
+
+def test_on_a_gpu_the_paired_precision_runs_train_one_at_a_time(tmp_path, monkeypatch):
+    """Two runs at once on one GPU share it and pull their time ratio toward 1: on CUDA the benchmark starts a
+    training only once the one before has ended, whatever --jobs says; on a CPU --jobs at a time."""
+    for device, most in (("cuda", 1), ("cpu", 2)):
+        running, seen = [], []
+
+        class Training:
+            def __init__(self, cmd, **kwargs):
+                self.cmd, self.returncode = cmd, None
+                running.append(self)
+                seen.append(len(running))
+
+            def communicate(self, timeout=None):
+                running.remove(self) if self in running else None
+                _finished_precision_run(self.cmd)
+                self.returncode = 0
+                return "", ""
+
+            def poll(self):
+                return self.returncode
+        monkeypatch.setattr(bench.subprocess, "Popen", Training)
+        monkeypatch.setattr(bench.synthetic, "builtin_cohort", lambda *a, **k: None)
+        s = bench.settings(device, False, name="precision", precisions=["fp16"], jobs=2)
+        bench.precision_pairs("brain-age", [0, 1], s, device, str(tmp_path / device), 1e7)
+        assert len(seen) == 4 and max(seen) == most, (device, seen)
+
+
+def test_the_benchmarks_peak_memory_is_reset_after_the_warm_up_steps():
+    """cudnn.benchmark tries convolution algorithms during the first steps, with workspaces training never holds:
+    the peak of the timed steps only is read, the CUDA calls recorded here on a CPU."""
+    order = []
+    saved = torch.cuda.synchronize, torch.cuda.reset_peak_memory_stats, torch.cuda.max_memory_allocated
+    try:
+        torch.cuda.synchronize = lambda *a: None
+        torch.cuda.reset_peak_memory_stats = lambda *a: order.append("reset")
+        torch.cuda.max_memory_allocated = lambda *a: order.append("peak") or 2 ** 21
+        seconds, peak = bench.run_steps(lambda: order.append("step"), steps=2, warmup=3, device="cuda")
+    finally:
+        torch.cuda.synchronize, torch.cuda.reset_peak_memory_stats, torch.cuda.max_memory_allocated = saved
+    assert order == ["step"] * 3 + ["reset"] + ["step"] * 2 + ["peak"] and peak == 2.0 and seconds >= 0
+
+
+def test_the_loader_measure_gives_every_worker_several_batches_of_each_timed_pass(monkeypatch):
+    """With 4 batches for 8 workers a pass timed one batch's latency, not the loader's rate."""
+    seen = {}
+    monkeypatch.setattr(bench, "loader_workers", lambda requested, dev: 8)
+    monkeypatch.setattr(bench, "make_loader", lambda ds, batch, workers, dev, shuffle: seen.update(n=len(ds), w=workers)
+                        or [(torch.zeros(batch), None, None)])
+    (r,) = bench.loader(dict(cases=[("brain-age", (8, 8, 8), 4)]), "cpu", [])["rows"]
+    assert seen == {"n": 4 * 3 * 8, "w": 8} and r["batches"] == 24 and r["samples_s"] > 0
+
+
+def test_the_gpu_checks_report_has_every_section_with_numbers(tmp_path):
+    """bench.py gpu-check's report on CPU at the smallest settings: each section ran (the precision section trains
+    demo runs: the tests above hold it), with numbers in it, and the markdown and JSON were written."""
+    sections = [s for s in bench.CHECK_SECTIONS if s != "precision"]
+    report = bench.run_report(sections, "cpu", True, str(tmp_path), steps=1, warmup=1)
+    sections = report["sections"]
+    assert list(sections) == ["tests", "hyperlayers", "throughput", "loader"]
+    assert all(s["status"] == "ok" for s in sections.values()), {k: s.get("error") for k, s in sections.items()}
+    assert {c["outcome"] for c in sections["tests"]["cases"]} == {"passed"} and sections["tests"]["output"] is None
+    assert all(r["speedup_factorised"] > 0 for r in sections["hyperlayers"]["rows"])
+    assert {(r["task"], r["model"]) for r in sections["throughput"]["rows"] if r["samples_s"] > 0} == \
+        {(t, m) for t in ("ad", "brain-age") for m in ("imaging", "hyperfusion")}
+    assert all(r["time_ratio"] > 0 for r in sections["throughput"]["ratios"])
+    assert all(h > 0 for h in sections["throughput"]["hours"]["fp32"].values())
+    assert len(sections["throughput"]["hours"]["fp32"]) == 2
+    assert all(r["samples_s"] > 0 and r["loader_over_model"] > 0 for r in sections["loader"]["rows"])
+    assert json.load(open(tmp_path / "check.json"))["sections"].keys() == sections.keys()
+    md = (tmp_path / "check.md").read_text()
+    assert "## loader: ok" in md and "passed " in md and "the paper's protocols at fp32" in md
+
+
+@pytest.mark.parametrize("ending", ["budget", "failure"])
+def test_the_gpu_checks_precision_section_keeps_every_version_finished_when_its_budget_runs_out_or_a_run_fails(
+        tmp_path, monkeypatch, ending):
+    """The precision section trains one version more at a time, both tasks in turn; when a run outlives the
+    budget, or fails, the report (check.json and check.md) still holds each task's pairs at its last finished
+    version. The training commands are replaced by a stand-in that writes the runs' files."""
+    asked = []
+
+    def train(cmds, jobs, timeout):
+        for cmd in cmds:
+            task = "ad" if cmd[1].endswith("train_ad.py") else "brain-age"
+            asked.append((task, cmd[cmd.index("--version") + 1], cmd[cmd.index("--precision") + 1]))
+            if (task, asked[-1][1]) == ("brain-age", "2"):
+                if ending == "budget":
+                    raise subprocess.TimeoutExpired(cmd, timeout)
+                raise RuntimeError("train_brain_age.py: exit 2: error: a run failed")
+            if task == "brain-age":
+                _finished_precision_run(cmd)
+                continue
+            out, v = cmd[cmd.index("--out") + 1], int(asked[-1][1])
+            folder = training.ad_run_dir(out, "hyperfusion", 0, v, 2)
+            os.makedirs(folder)
+            json.dump({"test": {"balanced_accuracy": 0.7 - 0.01 * v * (asked[-1][2] == "fp16"), "auc_macro": 0.8}},
+                      open(os.path.join(folder, "metrics.json"), "w"))
+            open(os.path.join(folder, "log.csv"), "w").write("epoch,seconds\n1,3.0\n")
+    monkeypatch.setattr(bench, "run_commands", train)
+    monkeypatch.setattr(bench.synthetic, "builtin_cohort", lambda *a, **k: None)
+    report = bench.run_report(["precision"], "cpu", True, str(tmp_path), precisions=["fp16"], versions=[0, 1, 2, 3])
+    assert [(t, v) for t, v, p in asked if p == "fp32"] == [("ad", "0"), ("brain-age", "0"), ("ad", "1"),
+                                                           ("brain-age", "1"), ("ad", "2"), ("brain-age", "2")]
+    saved = json.load(open(tmp_path / "check.json"))["sections"]["precision"]
+    assert saved["status"] == ("ok" if ending == "budget" else "failed")
+    assert {(r["task"], r["metric"], r["versions"]) for r in saved["rows"]} == {
+        ("ad", "balanced_accuracy", 3), ("ad", "auc_macro", 3), ("brain-age", "mae", 2)}
+    assert [r["mean_loss"] for r in saved["rows"] if r["metric"] == "balanced_accuracy"] == pytest.approx([0.01])
+    assert ("brain-age version 2 did not finish" in saved["stopped"] if ending == "budget" else
+            "error: a run failed" in saved["error"])
+    md = (tmp_path / "check.md").read_text()
+    assert "| ad | fp16 | balanced_accuracy | 3 | 0.01 |" in md and "| brain-age | fp16 | mae | 2 |" in md
+    assert report["sections"]["precision"]["rows"] == saved["rows"]
+
+
+@pytest.mark.parametrize("args, why", [(["gpu-check", "--precision", "fp16"], "--precision fp16: CUDA only"),
+                                       (["precision", "--precision", "bf16"], "--precision bf16: training refuses"),
+                                       (["--precision", "fp16"], "--precision fp16: CUDA only")])
+def test_the_benchmark_refuses_a_precision_this_device_cannot_train_in_one_line_naming_the_option(
+        args, why, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bench.py"])                # argparse names the script from argv[0]
+    p = run_main(bench.main, *args, "--device", "cpu", "--out", tmp_path)
+    assert p.returncode == 2 and p.stdout == "" and os.listdir(tmp_path) == []
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("bench.py: error: " + why), last
+
+
+# ----------------------------------------------------------------------------------------------
+# The program: command lines, progress, the code's shape
+# Documented commands parse; progress a person can follow and --quiet; figures optional; imports form a tree.
+
+
+SOURCES = sorted(f for f in os.listdir(HERE) if f.endswith(".py"))
+
+
+def _project_imports(tree, modules):
+    """(module, imported name or None, inside a function?) for every import of a project module."""
+    inside = {id(n) for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for n in ast.walk(fn)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            pairs = [(a.name.split(".")[0], None) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            pairs = [(node.module.split(".")[0], a.name) for a in node.names]
+        else:
+            continue
+        for module, name in pairs:
+            if module in modules:
+                yield module, name, id(node) in inside
+
+
+def test_the_readmes_first_command_names_files_that_exist_and_options_that_parse():
+    """The README's first shell block is what a reader runs first: each file it names is in the repository, and
+    its training command's options are train_ad.py's (its own parser reads them)."""
+    block = re.search(r"```bash\n(.*?)```", open(os.path.join(HERE, "README.md")).read(), re.S).group(1)
+    segments = [shlex.split(seg) for ln in block.splitlines() if not ln.startswith("#") for seg in ln.split("&&")]
+    files = [w for words in segments for w in words if re.fullmatch(r"[\w-]+\.(py|txt)", w)]
+    assert "train_ad.py" in files and all(os.path.isfile(os.path.join(HERE, f)) for f in files), files
+    for words in segments:
+        if "train_ad.py" in words:
+            train_ad.ad_arguments().parse_args(words[words.index("train_ad.py") + 1:])   # SystemExit if not
+
+
+def test_imports_form_a_tree_with_no_circles_and_no_private_names():
+    modules = {f[:-3] for f in SOURCES}
+    graph = {}
+    for f in SOURCES:
+        tree = ast.parse(open(os.path.join(HERE, f)).read(), f)
+        graph[f[:-3]] = set()
+        for module, name, in_function in _project_imports(tree, modules):
+            graph[f[:-3]].add(module)
+            assert not in_function, f"{f} imports {module} inside a function"
+            assert not (name or "").startswith("_"), f"{f} imports {module}.{name}"
+        for node in ast.walk(tree):  # module._name is a private name too
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules:
+                assert not (node.attr.startswith("_") and not node.attr.startswith("__")), \
+                    f"{f} uses {node.value.id}.{node.attr}"
+    layers = ast.parse(open(os.path.join(HERE, "layers.py")).read())
+    imported = {a.name.split(".")[0] for n in ast.walk(layers) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(layers) if isinstance(n, ast.ImportFrom)}
+    assert imported <= {"torch", "math", "copy"}, imported  # copy-pasteable: imports nothing but torch
+    assert "train_ad" not in graph["train_brain_age"]
+
+    def visit(module, path):
+        assert module not in path, "import circle: " + " -> ".join(path + [module])
+        for dep in graph[module]:
+            visit(dep, path + [module])
+
+    for module in graph:
+        visit(module, [])
+
+
+@pytest.mark.parametrize("command", ["ad", "brain-age", "sweep"])
+def test_without_matplotlib_plots_stops_before_any_work_in_one_line_and_writes_nothing(tmp_path, monkeypatch,
+                                                                                     command):
+    rng = np.random.default_rng(6)
+    if command == "ad":
+        labels = rng.integers(0, 3, 12)
+        for fold in range(4):
+            fake_ad_run(tmp_path, "hyperfusion", 0, 0, fold, random_probs(rng, 12), labels)
+    elif command == "brain-age":
+        age = rng.uniform(20, 80, 12)
+        fake_brain_age_run(tmp_path, 0, 2.0, age + 1, age, np.arange(12) % 2)
+    args = ["sweep", tmp_path / "no-such-run", "--attribute", "Sex", "--values", "M"] if command == "sweep" \
+        else [command, "--runs", tmp_path]
+    before = _files(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)         # `import matplotlib` raises ImportError
+    p = run_main(evaluate.main, *args, "--plots", tmp_path / "figures")
+    assert p.returncode == 2 and p.stderr == "error: --plots needs matplotlib: pip install matplotlib\n", p.stderr
+    assert p.stdout == "" and _files(tmp_path) == before                           # no table, no temp file
+    assert not (tmp_path / "figures").exists()                                     # no folder
+    if command == "ad":    # the script itself, in a fresh interpreter that cannot import matplotlib
+        proc = subprocess.run([sys.executable, "-c", "import sys; sys.modules['matplotlib'] = None; import evaluate, "
+                               "data; data.run_cli(evaluate.main)", "ad", "--runs", str(tmp_path), "--plots",
+                               str(tmp_path / "figures")], cwd=HERE, capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stderr == "error: --plots needs matplotlib: pip install matplotlib\n"
+        assert proc.stdout == "" and _files(tmp_path) == before
+
+
+# Progress a person can follow on long work (data.Progress), and --quiet silencing all of it
+def test_progress_time_left_is_the_pace_so_far_for_items_and_runs_and_durations_read_one_way(capsys):
+    """After k of N items in t seconds the time left is t (N - k) / k; for runs, their mean time times those to
+    run, less the time the running ones have run, divided by the runs run at once; quiet prints nothing."""
+    now = [0.0]
+    p = data.Progress("decoding the image cache", 5000, "images", every=0, step=0, clock=lambda: now[0])
+    now[0] = 120.0
+    p.advance(1200)
+    assert p.left() == pytest.approx(120 * (5000 - 1200) / 1200)                        # 380 s
+    now[0] = 500.0
+    p.advance(3800)
+    p.finish()
+    assert capsys.readouterr().out.splitlines() == [
+        "decoding the image cache: 1200 of 5000 images (24%), 10 images/s, about 6 min 20 s left",
+        "decoding the image cache: 5000 images in 8 min 20 s (10 images/s)"]
+    assert [data.duration_text(t) for t in (0.42, 9.96, 45, 59.6, 190, 3599, 3600, 7500)] == \
+        ["0.4 s", "10 s", "45 s", "1 min", "3 min 10 s", "59 min 59 s", "1 h", "2 h 5 min"]
+    rate_limited = data.Progress("x", 1000, every=5, clock=lambda: now[0])              # 5 s and 5% at most
+    for k in range(1000):
+        now[0] += 0.01 if k < 500 else 1.0
+        rate_limited.advance()
+    lines = capsys.readouterr().out.splitlines()
+    assert 9 <= len(lines) <= 20 and all(" of 1000 items (" in line for line in lines)
+    runs = data.Progress("train", 4, "runs", clock=lambda: now[0])
+    runs.item_done(190, "ad imaging seed0 v0 fold0")
+    runs.item_done(10, "ad tabular seed0 v0 fold0")
+    runs.item_done(200, "ad imaging seed0 v0 fold1", ": test BA 0.5")
+    runs.item_done(300, "ad hyperfusion seed0 v0 fold0")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == [
+        "run 1 of 4 done (ad imaging seed0 v0 fold0, 3 min 10 s); about 9 min 30 s left for the 3 still to train",
+        "run 2 of 4 done (ad tabular seed0 v0 fold0, 10 s); about 3 min 20 s left for the 2 still to train",
+        "run 3 of 4 done (ad imaging seed0 v0 fold1, 3 min 20 s): test BA 0.5; about 2 min 13 s left for the 1 "
+        "still to train"]
+    assert lines[3].startswith("run 4 of 4 done (ad hyperfusion seed0 v0 fold0, 5 min); all 4 in ")
+    two = data.Progress("train", 5, "runs", parallel=2)
+    two.item_done(100, "a", spent=40)                   # 4 x 100 s less the 40 s run, on 2 at a time
+    assert "about 3 min left for the 4" in capsys.readouterr().out
+    quiet = data.Progress("train", 2, "runs", quiet=True)
+    quiet.item_done(100, "a")
+    quiet_items = data.Progress("x", 3, quiet=True, every=0)
+    quiet_items.advance(2)
+    quiet_items.finish(always=True)
+    assert capsys.readouterr().out == ""
+
+
+def test_the_first_cache_decode_shows_its_progress_and_a_final_line_and_nothing_when_quiet_or_short(
+        tmp_path, monkeypatch, capsys):
+    paths = data.read_ad_table(tiny_ad(tmp_path, n=6)).image_paths
+    decoding = lambda out: [line for line in out.splitlines() if line.startswith("decoding the image cache")]
+    data.ImageCache(paths, tmp_path / "short", "float16").prepare()          # a fraction of a second: no line
+    assert decoding(capsys.readouterr().out) == []
+    monkeypatch.setattr(data.ImageCache, "PROGRESS_EVERY", 0)              # a line as often as 5% allows
+    data.ImageCache(paths, tmp_path / "quiet", "float16").prepare(progress=False)
+    assert capsys.readouterr().out == ""
+    cache = data.ImageCache(paths, tmp_path / "cache", "float16").prepare()
+    lines = decoding(capsys.readouterr().out)
+    assert cache.n_decoded == 6 and len(lines) == 6, lines
+    for k, line in enumerate(lines[:-1], start=1):
+        assert re.fullmatch(rf"decoding the image cache: {k} of 6 images \({100 * k // 6}%\), \S+ images/s, "
+                            r"about [\d.]+ s left", line), line
+    assert re.fullmatch(r"decoding the image cache: 6 images in [\d.]+ s \(\S+ images/s\)", lines[-1]), lines[-1]
+
+
+def test_run_protocol_says_after_each_run_how_many_are_done_and_the_time_left_and_quiet_says_none(
+        tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(6)
+    labels = rng.integers(0, 3, 12)
+
+    def fake_train(args):
+        print("a line of the training script's own")
+        fake_ad_run(args["out"], args["model"], args["split_seed"], args["version"], args["fold"],
+                    random_probs(rng, 12), labels)
+
+    monkeypatch.setattr(train_ad, "train_ad", fake_train)
+    fake_ad_run(tmp_path / "loud", "hyperfusion", 0, 0, 0, random_probs(rng, 12), labels)      # one finished
+    protocol = ["--task", "ad", "--models", "hyperfusion", "--epochs", "1"]
+    evaluate.main(["protocol"] + protocol + ["--runs", str(tmp_path / "loud")])
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("run ")]
+    assert [re.sub(r"[\d.]+ s\)", "T)", line.split(";")[0]) for line in done] == \
+        [f"run {k} of 3 done (ad hyperfusion seed0 v0 fold{k}, T)" for k in (1, 2, 3)]
+    assert re.search(r"; about [\d.]+ s left for the 2 still to train$", done[0]), done
+    assert done[1].endswith("left for the 1 still to train") and re.search(r"; all 3 in [\d.]+ s$", done[2])
+    evaluate.main(["protocol"] + protocol + ["--runs", str(tmp_path / "quiet"), "--quiet"])
+    out = capsys.readouterr().out
+    assert out.startswith("# ") and "| model |" in out and "wrote " in out, out      # the table alone
+    assert not re.search(r"^(run \d|\[\d|a line of|protocol:|total wall time)", out, re.M), out
+    assert os.path.isfile(os.path.join(training.ad_run_dir(tmp_path / "quiet", "hyperfusion", 0, 0, 3),
+                                       "metrics.json"))
+    jobs = lambda: [evaluate.Job(str(tmp_path / f"job{i}"), [sys.executable, "-c", "print('test BA 0.5')"],
+                                 label=f"job {i}") for i in range(2)]
+    evaluate.run_jobs(jobs(), 2, poll_s=0.02)                  # --jobs 2: the same lines, each run's last line in
+    out = capsys.readouterr().out
+    assert re.search(r"^run 1 of 2 done \(job \d, [\d.]+ s\): test BA 0\.5; about [\d.]+ s left for the 1 still",
+                     out, re.M), out
+    evaluate.run_jobs(jobs(), 2, poll_s=0.02, quiet=True)
+    assert capsys.readouterr().out == ""
+
+
+def test_predict_shows_progress_over_its_batches_when_long_one_line_per_member_and_nothing_with_quiet(
+        ad_cohort60, tmp_path, monkeypatch, capsys):
+    train_ad.main(["--model", "tabular", "--data-csv", str(ad_cohort60), "--out", str(tmp_path), "--epochs", "1",
+                   "--quiet"])
+    capsys.readouterr()
+    run_dir = training.ad_run_dir(tmp_path, "tabular", 0, 0, 0)
+    args = [run_dir, "--data-csv", str(ad_cohort60), "--out", str(tmp_path / "p.csv"), "--batch-size", "8"]
+    predict.main(args)                                                  # short: the member's line, no batches'
+    out = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(rf"member 1 of 1 done \({re.escape(run_dir)}, [\d.]+ s\); all 1 in [\d.]+ s", out[0]), out
+    assert not any(line.startswith("predicting") for line in out) and out[1].startswith("60 subjects x 1 models")
+    monkeypatch.setattr(predict, "PROGRESS_EVERY", 0)                   # long work: a line every batch or so
+    predict.main(args)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("predicting")]
+    assert len(lines) == 7 and lines[0].startswith("predicting 60 subjects x 1 model: 8 of 60 predictions (13%), ")
+    assert all(re.search(r", \S+ predictions/s, about [\d.]+ s left$", line) for line in lines)
+    predict.main(args + ["--quiet"])
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[0].startswith("60 subjects x 1 models") and out[1].startswith("ensemble on"), out
+
+
+def test_preprocess_the_data_checks_and_the_demo_cohort_say_their_progress_and_nothing_of_it_with_quiet(
+        tmp_path, monkeypatch, capsys):
+    folder, name, make, _ = synthetic.BUILTIN["ad"]
+    monkeypatch.setitem(synthetic.BUILTIN, "ad", (folder, name, make, dict(n=10, seed=0)))
+    monkeypatch.setattr(synthetic, "Progress", lambda *a, **k: data.Progress(*a, **{**k, "every": 0}))
+    synthetic.builtin_cohort("ad", tmp_path / "quiet", quiet=True)           # train_ad.py --quiet's first use
+    assert capsys.readouterr().out == ""
+    synthetic.builtin_cohort("ad", tmp_path / "loud")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("generating the synthetic ad cohort in ") and re.fullmatch(r"generated in [\d.]+ s",
+                                                                                        out[-1]), out
+    assert "synth-ad: 5 of 10 subjects (50%), " in "\n".join(out)
     csv_path = tiny_ad(tmp_path)
-    path = tmp_path / "images" / "S1.nii.gz"
-    img = nib.load(path)
-    flip = np.diag([-1.0, 1.0, 1.0, 1.0]) @ img.affine
-    nib.save(nib.Nifti1Image(img.get_fdata(dtype=np.float32), flip), path)
-    assert run_main(data.main, "check-ad", csv_path).returncode == 0
-    c, s = math.cos(math.radians(25)), math.sin(math.radians(25))
-    turned = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]) @ img.affine
-    nib.save(nib.Nifti1Image(img.get_fdata(dtype=np.float32), turned), path)
-    assert_clean_error(run_main(data.main, "check-ad", csv_path), "S1.nii.gz", "rotated", "preprocess.py")
-    with pytest.raises(UserError, match="rotated"):
-        data.load_nifti(path)
-    read = data.load_nifti(path, canonical=False).affine                   # preprocess.py's reading: as written
-    np.testing.assert_array_equal(read.astype(np.float32), turned.astype(np.float32))
-
-
-def test_resume_with_another_cache_dtype_is_refused_naming_both_values(ad_cohort60, tmp_path):
-    train_ad.main(_tabular_args(ad_cohort60, tmp_path, "--epochs", "1"))
-    proc = run_main(train_ad.main, *_tabular_args(ad_cohort60, tmp_path, "--epochs", "2", "--resume",
-                                                  "--cache-dtype", "float32"))
-    assert_clean_error(proc, "last.pt", "cache_dtype: checkpoint 'float16', now 'float32'")
+    batch = ["--csv", csv_path, "--out-dir", tmp_path / "pre", "--shape", 6, 6, 6, "--spacing", 2, "--overwrite"]
+    out = run_main(preprocess.main, *batch).stdout.splitlines()
+    assert re.fullmatch(r"preprocessing: 3 subjects in [\d.]+ s \(\S+ subjects/s\)", out[0]), out
+    assert out[1].startswith("wrote ") and len(out) == 2
+    assert run_main(preprocess.main, *batch, "--quiet").stdout == ""
+    real_progress = data.Progress
+    monkeypatch.setattr(data, "Progress", lambda *a, **k: real_progress(*a, **k, every=0))
+    out = run_main(data.main, "check-ad", csv_path).stdout
+    assert "checking the images: 2 of 3 images (66%), " in out and "checking the images: 3 images in " in out
+    out = run_main(data.main, "check-ad", csv_path, "--quiet").stdout
+    assert out.startswith("ok: ") and "checking" not in out
