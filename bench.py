@@ -8,7 +8,8 @@
 
 ratios: hyperlayers (forward + backward, both exact formulations against the naive per-sample hypernetwork);
 throughput (a train step of each HyperFusion model and its backbone, each in a fresh process, at the paper's inputs
-and Table 1's B = 32, 64 on CUDA, 4, 2 on CPU: samples/s, peak memory, HyperFusion / backbone, the paper's
+and Table 1's B = 32, 64 on CUDA, 4, 2 on CPU: samples/s, peak memory, FLOPs per sample (torch's FlopCounterMode)
+and GFLOP/s as a fraction of this machine's float32 matmul and Conv3d rates, HyperFusion / backbone, the paper's
 protocols' wall time from the rates); loader (the training loader alone at the same shapes).
 precision: trains the demo's runs with the training scripts at fp32 and each --precision, one at a time on a GPU
 (two at once pull their time ratio toward 1), --jobs at a time on a CPU, and gives per version the paired loss of
@@ -166,7 +167,8 @@ def reference(device, size, shape, batch, threads=None, reps=3):
 
 
 def throughput(s, device, budget):
-    """Samples/s and peak MB of backbone and HyperFusion per case and precision, their ratios, protocol hours."""
+    """Samples/s, peak MB and GFLOP/s of backbone and HyperFusion per case and precision, their ratios, protocol hours;
+    the reference rates first, in a fresh process as the steps."""
     rows, ratios, hours = [], [], {}
     bench_py = [sys.executable, os.path.join(HERE, "bench.py"), "--child"]         # the reference at the AD case's
     ref, = run_commands([bench_py + [json.dumps(dict(reference=True, device=device, size=s["reference_size"],
