@@ -8,7 +8,8 @@
 
 ratios: hyperlayers (forward + backward, both exact formulations against the naive per-sample hypernetwork);
 throughput (a train step of each HyperFusion model and its backbone, each in a fresh process, at the paper's inputs
-and Table 1's B = 32, 64 on CUDA, 4, 2 on CPU: samples/s, peak memory, HyperFusion / backbone, the paper's
+and Table 1's B = 32, 64 on CUDA, 4, 2 on CPU: samples/s, peak memory, FLOPs per sample (torch's FlopCounterMode)
+and GFLOP/s as a fraction of this machine's float32 matmul and Conv3d rates, HyperFusion / backbone, the paper's
 protocols' wall time from the rates); loader (the training loader alone at the same shapes).
 precision: trains the demo's runs with the training scripts at fp32 and each --precision, one at a time on a GPU
 (two at once pull their time ratio toward 1), --jobs at a time on a CPU, and gives per version the paired loss of
@@ -39,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy import stats
+from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import synthetic
@@ -76,6 +78,14 @@ def run_steps(step, steps, warmup, device):
         sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times), torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else None
+
+
+def counted_flops(fn):
+    """Floating-point operations of one fn() as torch's FlopCounterMode counts them: matmuls and convolutions,
+    forward and backward, 2 per multiply-add, the same at every precision (Adam's elementwise updates count none)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 # ---- measured here or in fresh processes: hyperlayers, throughput, loader --------------------------------
@@ -136,14 +146,34 @@ def measure(task, name, shape, batch, steps, device, precision="fp32", warmup=1,
         scaler.step(opt)
         scaler.update()
 
+    flops = counted_flops(step)                                  # one step more, before the timed ones
     seconds, peak = run_steps(step, steps, warmup, device)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
-    return dict(seconds=seconds, peak_mb=rss if peak is None else peak)
+    return dict(seconds=seconds, peak_mb=rss if peak is None else peak, flops=flops)
+
+
+def reference(device, size, shape, batch, threads=None, reps=3):
+    """In a fresh process: the machine's float32 GFLOP/s (FlopCounterMode's flops / median seconds, after a warm-up)
+    of a size^3 matmul and of block1's first AD convolution, Conv3d(16, 32, 3) forward + backward after the first
+    max-pool of `shape`: the rates a train step's GFLOP/s is a fraction of."""
+    torch.manual_seed(0)
+    torch.set_num_threads(threads or torch.get_num_threads())
+    dev = setup_device(device)
+    a, b = torch.randn(size, size, device=dev), torch.randn(size, size, device=dev)
+    conv = nn.Conv3d(16, 32, 3, padding=1).to(dev)
+    x = torch.randn(batch, 16, *(n // 2 for n in shape), device=dev, requires_grad=True)
+    cases = dict(matmul=lambda: a @ b, conv3d=lambda: conv(x).sum().backward())
+    return {k: counted_flops(fn) / run_steps(fn, reps, 1, device)[0] / 1e9 for k, fn in cases.items()}
 
 
 def throughput(s, device, budget):
-    """Samples/s and peak MB of backbone and HyperFusion per case and precision, their ratios, protocol hours."""
+    """Samples/s, peak MB and GFLOP/s of backbone and HyperFusion per case and precision, their ratios, protocol hours;
+    the reference rates first, in a fresh process as the steps."""
     rows, ratios, hours = [], [], {}
+    bench_py = [sys.executable, os.path.join(HERE, "bench.py"), "--child"]         # the reference at the AD case's
+    ref, = run_commands([bench_py + [json.dumps(dict(reference=True, device=device, size=s["reference_size"],
+                        shape=s["cases"][0][1], batch=s["cases"][0][2], threads=s["threads"]))]], 1, budget())
+    ref = json.loads(ref.strip().splitlines()[-1])
     for precision in dict.fromkeys(["fp32"] + s["precisions"]):
         for task, shape, batch in s["cases"]:
             row = dict(task=task, precision=precision, shape="x".join(map(str, shape)), batch=batch)
@@ -151,10 +181,12 @@ def throughput(s, device, budget):
                 child = dict(task=task, name=name, shape=shape, batch=batch, steps=s["steps"], device=device,
                              precision=precision, warmup=s["warmup"], threads=s["threads"])
                 try:                                             # one failing row leaves the others; measure() in a
-                    out, = run_commands([[sys.executable, os.path.join(HERE, "bench.py"), "--child", json.dumps(
-                        child)]], 1, budget())                                            # fresh process
+                    out, = run_commands([bench_py + [json.dumps(child)]], 1, budget())   # fresh process
                     r = json.loads(out.strip().splitlines()[-1])
-                    rows.append(dict(row, model=name, samples_s=batch / r["seconds"], peak_mb=r["peak_mb"]))
+                    gflop_s = r["flops"] / r["seconds"] / 1e9
+                    rows.append(dict(row, model=name, samples_s=batch / r["seconds"], peak_mb=r["peak_mb"],
+                                     gflop_sample=r["flops"] / batch / 1e9, gflop_s=gflop_s,
+                                     **{f"of_{k}": gflop_s / v for k, v in ref.items()}))
                 except Exception as e:
                     rows.append(dict(row, model=name, error=f"{type(e).__name__}: {e}"[:600]))
             im, hf = rows[-2:]
@@ -164,7 +196,7 @@ def throughput(s, device, budget):
         rate = {(r["task"], r["model"]): r["samples_s"] for r in rows if r["precision"] == precision and "peak_mb" in r}
         hours[precision] = {t: sum(n / rate[t, m] for m in models) / 3600 for t, (n, models) in PROTOCOLS.items()
                             if all((t, m) in rate for m in models)}
-    return dict(rows=rows, ratios=ratios, hours=hours)
+    return dict(rows=rows, ratios=ratios, hours=hours, reference_gflop_s=ref)
 
 
 def loader(s, device, model_rows):
@@ -310,7 +342,7 @@ def settings(device, quick, name="gpu-check", **options):
                      [("ad", (64, 96, 64), 32 if cuda else 4), ("brain-age", (90, 120, 99), 64 if cuda else 2)],
                      precisions=dict(ratios=["fp32"], precision=["bf16"]).get(name, bf16 + ["fp16"] if cuda else
                                                                              ["fp32"]), steps=2 if quick else 10,
-                     warmup=1 if quick else 3,
+                     warmup=1 if quick else 3, reference_size=512 if quick else 2048,
                      threads=1 if quick and not cuda else None,          # a small loaded CPU: threads contend
                      versions=list(range(8 if name == "precision" else 2 if quick else 4)), epochs=3 if quick else None,
                      tasks=("ad", "brain-age"), jobs=2, data_dir="data", tests_budget=150,
@@ -359,6 +391,8 @@ def render(report):
             if "cases" in sec else []
         lines += [f"- the paper's protocols at {p}, one run at a time here (training passes only): " + ", ".join(
             f"{t} {h:,.0f} h ({h / 24:,.1f} days)" for t, h in v.items()) for p, v in sec.get("hours", {}).items()]
+        lines += ["- float32 reference here, GFLOP/s (of_* below: a step's GFLOP/s over them): " + ", ".join(
+            f"{k} {v:,.1f}" for k, v in sec["reference_gflop_s"].items())] if "reference_gflop_s" in sec else []
         for rows in filter(None, [sec.get(k) for k in ("cases", "rows", "ratios", "per_version")]):
             keys = list(dict.fromkeys(k for r in rows for k in r))
             cell = lambda v: f"{v:,.3g}" if isinstance(v, float) else " ".join(str("-" if v is None else v).split())
@@ -391,8 +425,9 @@ def main(argv=None):
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if args.child:
-        return print(json.dumps(measure(**json.loads(args.child))))
+    if args.child:                                 # a train step's measure, or the machine's reference rates
+        child = json.loads(args.child)
+        return print(json.dumps(reference(**child) if child.pop("reference", False) else measure(**child)))
     for x in set(args.precision or ["bf16"] * (args.section == "precision")) - {"fp32"}:   # the section's default
         if device != "cuda" and (x == "fp16" or args.section != "ratios"):
             p.error(f"--precision {x}: " + ("CUDA only" if x == "fp16" else "training refuses it on a CPU"))

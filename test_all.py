@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.stats import mannwhitneyu
 from sklearn.metrics import roc_auc_score
+from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import data
@@ -277,6 +278,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_the_paired_precision_benchmark_pairs_each_version_with_itself_from_the_runs_files,
 #     test_on_a_gpu_the_paired_precision_runs_train_one_at_a_time,
 #     test_the_benchmarks_peak_memory_is_reset_after_the_warm_up_steps,
+#     test_the_benchmarks_step_flops_are_torchs_count_of_forward_loss_and_backward_and_its_rate_flops_per_second,
 #     test_the_loader_measure_gives_every_worker_several_batches_of_each_timed_pass,
 #     test_the_gpu_checks_report_has_every_section_with_numbers,
 #     test_the_gpu_checks_precision_section_keeps_every_version_finished_when_its_budget_runs_out_or_a_run_fails,
@@ -4850,6 +4852,27 @@ def test_the_benchmarks_peak_memory_is_reset_after_the_warm_up_steps():
     finally:
         torch.cuda.synchronize, torch.cuda.reset_peak_memory_stats, torch.cuda.max_memory_allocated = saved
     assert order == ["step"] * 3 + ["reset"] + ["step"] * 2 + ["peak"] and peak == 2.0 and seconds >= 0
+
+
+def test_the_benchmarks_step_flops_are_torchs_count_of_forward_loss_and_backward_and_its_rate_flops_per_second(
+        monkeypatch):
+    """A train step's FLOPs are FlopCounterMode's of one forward + loss + backward on the step's inputs (Adam adds
+    none); the throughput row gives flops / seconds as GFLOP/s and its fraction of each reference rate."""
+    torch.manual_seed(0)
+    model, image, tabular = models.build_model("ad", "hyperfusion", n_tabular=15), torch.randn(2, 1, 16, 24, 16), \
+        torch.randn(2, 15)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(image, tabular), torch.arange(2) % 3).backward()
+    assert bench.measure("ad", "hyperfusion", (16, 24, 16), 2, 1, "cpu", warmup=0)["flops"] == \
+        counter.get_total_flops() > 0
+    monkeypatch.setattr(bench, "run_commands", lambda cmds, jobs, timeout: [json.dumps(
+        dict(matmul=48.0, conv3d=24.0) if '"reference": true' in cmds[0][-1] else
+        dict(seconds=0.5, peak_mb=1.0, flops=6e9))])
+    s = bench.settings("cpu", True, cases=[("ad", (16, 24, 16), 4)])
+    out = bench.throughput(s, "cpu", lambda: 60)
+    assert out["reference_gflop_s"] == {"matmul": 48.0, "conv3d": 24.0}
+    assert [(r["gflop_sample"], r["gflop_s"], r["of_matmul"], r["of_conv3d"]) for r in out["rows"]] == \
+        [(1.5, 12.0, 0.25, 0.5)] * 2
 
 
 def test_the_loader_measure_gives_every_worker_several_batches_of_each_timed_pass(monkeypatch):
