@@ -4176,7 +4176,7 @@ def test_predict_refuses_other_grids_mixed_runs_and_unfinished_runs_in_one_line(
 
 
 def test_a_column_empty_for_every_training_subject_is_read_as_missing_at_prediction_and_said(
-        ad_cohort60, tmp_path, capsys):
+        ad_cohort60, tmp_path, capsys, monkeypatch):
     """A run trained without AV45 (ADNI-1 has none) reads a patient's AV45 as missing, as every training row was:
     its predictions equal those of the same table with AV45 blanked; training and predict.py say so."""
     rows = list(csv.DictReader(open(ad_cohort60)))
@@ -4197,6 +4197,9 @@ def test_a_column_empty_for_every_training_subject_is_read_as_missing_at_predict
     assert "ignored" not in open(tmp_path / "b.csv").readline()
     with pytest.raises(UserError, match="--attribute AV45: empty for every subject"):
         predict.sweep(run_dir, "AV45", ["1.5"])
+    monkeypatch.setattr(train_ad, "is_main", lambda: False)                 # torchrun's other ranks say nothing
+    proc = run_main(train_ad.main, *_tabular_args(blank, tmp_path / "runs2", "--epochs", "1"))
+    assert "column AV45 is empty" not in proc.stderr, proc.stderr
 
 
 # ----------------------------------------------------------------------------------------------

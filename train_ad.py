@@ -79,7 +79,7 @@ def run_ad(args, device, run):
     check_classes(table, {"training": train_idx, "validation": val_idx, "test": test_idx}, run)
     prep = TabularPreprocessor().fit([table.raw[i] for i in train_idx])  # Sec. 3.3: training rows only
     tabular = prep.transform(table.raw)                                   # (N, n_tab)
-    for a in prep.state["empty"]:
+    for a in prep.state["empty"] if is_main() else ():             # torchrun: said once, by rank 0
         warn(f"{run.data_csv}: column {a} is empty for every training subject: this run cannot learn it and reads "
              f"every value of it as missing (metrics.json: unlearned_columns)")
     crops = data.load_crops(run.crops, run.data_csv) if image_model else None
