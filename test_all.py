@@ -4733,7 +4733,7 @@ def test_float16_bfloat16_or_sync_bn_on_a_cpu_is_refused_in_one_line_naming_the_
                  "--out", tmp_path / "runs")
     assert p.returncode == 2 and p.stderr.startswith(f"error: {' '.join(option)}: ") and \
         len(p.stderr.splitlines()) == 1, p.stderr
-    assert not os.path.exists(tmp_path / "runs")
+    assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "data")    # before any work
 
 
 def test_the_precision_is_stored_in_the_run_and_a_resume_at_another_precision_is_refused(ad_cohort60, tmp_path):

@@ -242,6 +242,7 @@ def common_run_fields(args, device, task, demo, real):
                      ("split_seed", 0)):
         check_number("--" + k.replace("_", "-"), args.get(k), least=least)
     check_number("--lr", args.get("lr"), above=0)
+    precision = resolve_precision(args["precision"], device, quiet)     # refused before the cohort is generated
     with main_first():  # torchrun: rank 0 generates the synthetic cohort, the others wait for it
         data_csv = builtin_cohort(task, args["data_dir"], quiet) if synthetic else args["data_csv"]
     schedule = {k: args[k] if args[k] is not None else (demo if synthetic else real)[k] for k in SCHEDULE}
@@ -249,7 +250,7 @@ def common_run_fields(args, device, task, demo, real):
         + ", ".join(f"{k} {v}" for k, v in schedule.items()), quiet)
     return dict(task=task, model=args["model"], version=args["version"], split_seed=args["split_seed"], **schedule,
                 data_csv=data_csv, image_dir=args["image_dir"], cache_dir=args["cache_dir"],
-                cache_dtype=args["cache_dtype"], precision=resolve_precision(args["precision"], device, quiet))
+                cache_dtype=args["cache_dtype"], precision=precision)
 
 
 # ---- A run folder holds one run: claimed by one live process at a time, refused to a new run while it holds one ----
