@@ -144,17 +144,20 @@ def check_number(option, value, least=None, above=None, most=None):
 def same_file(a, b):
     """Whether writing `a` would replace `b`: the same path or another spelling of it (a symlinked folder, `..`, a
     case-insensitive file system, a hard link). A symlink `a` does not count: an atomic write replaces the link."""
+    if os.path.abspath(a) == os.path.abspath(b):
+        return True
     with contextlib.suppress(OSError):
-        return os.path.abspath(a) == os.path.abspath(b) or not os.path.islink(a) and os.path.samefile(a, b)
-    return os.path.abspath(a) == os.path.abspath(b)
+        return not os.path.islink(a) and os.path.samefile(a, b)
+    return False
 
 
 def check_output(option, path, inputs=()):
     """An output file named by `option`: refused when it is a folder or would replace one of `inputs`."""
     if os.path.isdir(path):
         raise UserError(f"{option} {path}: is a folder; give the file to write")
-    for p in (p for p in inputs if p and same_file(path, p)):
-        raise UserError(f"{option} {path}: would overwrite {p}, an input of this command; choose another file")
+    for p in inputs:
+        if p and same_file(path, p):
+            raise UserError(f"{option} {path}: would overwrite {p}, an input of this command; choose another file")
 
 
 def file_sha256(path):
@@ -529,9 +532,10 @@ def read_csv_rows(csv_path, required):
                 raise UserError(f"{csv_path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
             start = reader.line_num + 1
             for cells in reader:
-                for j in (j for j, v in enumerate(cells) if "\n" in v or "\r" in v):
-                    raise UserError(f"{csv_path} line {start}: a quote opened in column "
-                                    f"{fields[j] if j < len(fields) else '(beyond the header)'} is not closed "
+                multi = next((j for j, v in enumerate(cells) if "\n" in v or "\r" in v), None)
+                if multi is not None:
+                    col = fields[multi] if multi < len(fields) else "(beyond the header)"
+                    raise UserError(f"{csv_path} line {start}: a quote opened in column {col} is not closed "
                                     f"before line {reader.line_num} (cells cannot span lines)")
                 if len(cells) > len(fields):
                     raise UserError(f"{csv_path} line {start}: {len(cells)} fields, the header has {len(fields)}")
@@ -571,9 +575,10 @@ def check_subjects(csv_path, rows, as_file_names=False):
     seen, folded = {}, {}
     for line, row in rows:
         s = row.get("Subject", "")
-        if not s or s in seen:
-            raise UserError(f"{csv_path} line {line}: " + (f"subject {s} repeats line {seen[s]}" if s else
-                                                           "empty Subject"))
+        if not s:
+            raise UserError(f"{csv_path} line {line}: empty Subject")
+        if s in seen:
+            raise UserError(f"{csv_path} line {line}: subject {s} repeats line {seen[s]}")
         if as_file_names and not plain_file_name(s):
             raise UserError(f"{csv_path} line {line}: Subject {s!r} is not a plain file name (it names the "
                             f"subject's image file, so it may not hold / or \\ or be . or ..)")
@@ -719,10 +724,12 @@ def read_brain_age_table(csv_path, image_dir=None, need_images=True, for_predict
     ages, sexes = [], []
     for line, row in rows:
         ages.append(read_cell(csv_path, line, row, "Age"))
+        if math.isnan(ages[-1]) and not for_prediction:
+            raise UserError(f"{csv_path} line {line}: subject {row['Subject']}: column Age is empty")
         sexes.append(SEX_CODES.get(row["Sex"].lower()))
-        if sexes[-1] is None or math.isnan(ages[-1]) and not for_prediction:
-            raise UserError(f"{csv_path} line {line}: subject {row['Subject']}: column " + ("Age is empty" if
-                            sexes[-1] is not None else f"Sex: expected M or F, got {row['Sex']!r}"))
+        if sexes[-1] is None:
+            raise UserError(f"{csv_path} line {line}: subject {row['Subject']}: column Sex: "
+                            f"expected M or F, got {row['Sex']!r}")
     subjects = check_subjects(csv_path, rows)
     paths = _image_paths(csv_path, rows, fields, subjects, image_dir) if need_images else None
     return Table(subjects, None, None, np.array(sexes, np.int64), np.array(ages, np.float32), paths,

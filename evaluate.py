@@ -466,9 +466,11 @@ def evaluate_ad(runs, binary=False, out_dir=None, quiet=False, plots_dir=None):
         late[key] = dict(a, probs=(a["probs"] + b["probs"]) / 2, members=[])    # no runs of its own
     ensembles.update({"late-fusion": late} if late else {})
     names = next(iter(next(iter(ensembles.values())).values()))["class_names"]
-    for m, key, e in ((m, key, e) for m, ens in ensembles.items() for key, e in ens.items()):
-        if e["class_names"] != names:
-            raise UserError(f"{m} split seed {key[0]} v{key[1]}: classes {e['class_names']}, other runs have {names}")
+    for m, ens in ensembles.items():
+        for key, e in ens.items():
+            if e["class_names"] != names:
+                raise UserError(f"{m} split seed {key[0]} v{key[1]}: classes {e['class_names']}, other runs have "
+                                f"{names}")
     columns = ([("BA", "balanced_accuracy"), ("PRC", "precision"), ("F1", "f1_macro"), ("AUC", "auc_macro")]
                + [(f"TP-{c}", ("tp_rate", c)) for c in names] + list(CALIBRATION_COLUMNS))   # the last: not the paper's
     cols, ms = [t for t, _ in columns], []

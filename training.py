@@ -560,19 +560,7 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
                 scaler.update()
                 losses.append(loss.detach())
                 sizes.append(len(target))
-            values = torch.stack(losses).double().cpu() if losses else torch.zeros(0, dtype=torch.float64)
-            bad = (~torch.isfinite(values)).nonzero().flatten().tolist()                # one read-back above
-            problem = f"the training loss is {float(values[bad[0]])} (step {bad[0] + 1} of {len(values)})" \
-                if bad else None
-            total, n, first = map(sum, zip(*everyone((float((values * torch.tensor(sizes).double()).sum()),
-                                                      sum(sizes), float(values[0]) if len(values) else 0.0))))
-            if initial is None and epoch == 0:                    # the untrained network's loss (LOSS_BOUND)
-                initial = first / world_size()
-            mean_loss = total / max(n, 1)
-            if problem is None and initial is not None and initial > 0 and mean_loss > LOSS_BOUND * initial:
-                problem = f"the training loss {mean_loss:.3g} is over {LOSS_BOUND:g} times the untrained " \
-                          f"network's ({initial:.3g})"
-            check_divergence(problem, epoch, run_dir, saved)
+            mean_loss, initial = check_losses(losses, sizes, epoch, initial, run_dir, saved)
             check_divergence(non_finite(model), epoch, run_dir, saved, "after the epoch's steps")
             if before_validation is not None:
                 before_validation(model)
@@ -612,6 +600,23 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
     if best is None:
         raise UserError(f"{run_dir}: no epoch was trained (--epochs {run.epochs})")
     return best
+
+
+def check_losses(losses, sizes, epoch, initial, run_dir, saved):
+    """-> (the epoch's mean loss over all processes, the untrained network's); diverged if non-finite or too high."""
+    values = torch.stack(losses).double().cpu() if losses else torch.zeros(0, dtype=torch.float64)  # one read-back
+    bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+    problem = f"the training loss is {float(values[bad[0]])} (step {bad[0] + 1} of {len(values)})" if bad else None
+    mine = (float((values * torch.tensor(sizes, dtype=torch.float64)).sum()), sum(sizes),
+            float(values[0]) if len(values) else 0.0)
+    total, n, first = map(sum, zip(*everyone(mine)))
+    if initial is None and epoch == 0:                    # the untrained network's loss (LOSS_BOUND)
+        initial = first / world_size()
+    mean = total / max(n, 1)
+    if problem is None and initial is not None and initial > 0 and mean > LOSS_BOUND * initial:
+        problem = f"the training loss {mean:.3g} is over {LOSS_BOUND:g} times the untrained network's ({initial:.3g})"
+    check_divergence(problem, epoch, run_dir, saved)
+    return mean, initial
 
 
 def non_finite(model):
