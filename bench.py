@@ -89,7 +89,6 @@ def counted_flops(fn):
 
 
 # ---- measured here or in fresh processes: hyperlayers, throughput, loader --------------------------------
-
 def naive_hyperlayer(layer, x, tabular, functional, **kwargs):
     """The per-sample hypernetwork: generate sample b's weights, then one layer call for sample b."""
     e = layer.hypernet(tabular)  # the embedding sees the batch (its batch norm needs one)
@@ -170,19 +169,17 @@ def throughput(s, device, budget):
     """Samples/s, peak MB and GFLOP/s of backbone and HyperFusion per case and precision, their ratios, protocol hours;
     the reference rates first, in a fresh process as the steps."""
     rows, ratios, hours = [], [], {}
-    bench_py = [sys.executable, os.path.join(HERE, "bench.py"), "--child"]         # the reference at the AD case's
-    ref, = run_commands([bench_py + [json.dumps(dict(reference=True, device=device, size=s["reference_size"],
-                        shape=s["cases"][0][1], batch=s["cases"][0][2], threads=s["threads"]))]], 1, budget())
-    ref = json.loads(ref.strip().splitlines()[-1])
+    child = lambda **options: json.loads(run_commands([[sys.executable, os.path.join(HERE, "bench.py"), "--child",
+                                                        json.dumps(options)]], 1, budget())[0].strip().splitlines()[-1])
+    ref = child(reference=True, device=device, size=s["reference_size"], shape=s["cases"][0][1],   # the AD case's
+                batch=s["cases"][0][2], threads=s["threads"])
     for precision in dict.fromkeys(["fp32"] + s["precisions"]):
         for task, shape, batch in s["cases"]:
             row = dict(task=task, precision=precision, shape="x".join(map(str, shape)), batch=batch)
             for name in ("imaging", "hyperfusion"):
-                child = dict(task=task, name=name, shape=shape, batch=batch, steps=s["steps"], device=device,
-                             precision=precision, warmup=s["warmup"], threads=s["threads"])
-                try:                                             # one failing row leaves the others; measure() in a
-                    out, = run_commands([bench_py + [json.dumps(child)]], 1, budget())   # fresh process
-                    r = json.loads(out.strip().splitlines()[-1])
+                try:                       # one failing row leaves the others; measure() in a fresh process
+                    r = child(task=task, name=name, shape=shape, batch=batch, steps=s["steps"], device=device,
+                              precision=precision, warmup=s["warmup"], threads=s["threads"])
                     gflop_s = r["flops"] / r["seconds"] / 1e9
                     rows.append(dict(row, model=name, samples_s=batch / r["seconds"], peak_mb=r["peak_mb"],
                                      gflop_sample=r["flops"] / batch / 1e9, gflop_s=gflop_s,
@@ -232,7 +229,6 @@ def loader(s, device, model_rows):
 
 
 # ---- precision: the paired accuracy benchmark of a precision against float32 -------------------------------------
-
 def run_commands(cmds, jobs, timeout):
     """Each command, `jobs` at a time (cores / jobs threads each) -> their outputs; a failure raises with its last
     line, the timeout (seconds for all) subprocess.TimeoutExpired; none is left running (a stopped run resumes)."""
@@ -317,7 +313,6 @@ def precision(s, device, budget, out, report):
 
 
 # ---- the report: the sections in turn, each caught on its own, rewritten after each ------------------------------
-
 def tests(device, left):
     """test_all.py's test_check_* of the device for at most `left` seconds -> the outcome of each that finished."""
     try:

@@ -43,9 +43,6 @@ from training import (CALIBRATION_FILE, ad_run_dir, brain_age_run_dir, calibrate
                       probabilities, read_logits, save_logits, setup_device)
 
 AD_ORDER = ("imaging", "tabular", "late-fusion", "concat", "film", "daft", "hyperfusion")  # Table 3's order
-ENSEMBLE_KEYS = ("split_seed", "tabular_columns", "classes")        # the four folds of one ensemble share these
-BRAIN_AGE_KEYS = ("model", "split_seed", "split", "embedding_dim", "train_sex")
-DATA_HASHES = {"table_sha256": "tables", "images_sha256": "images"}   # stored in every checkpoint's `inputs`
 N_FOLDS = 4
 TITLES = {"ad": "AD classification (Table 3)", "ad-binary": "Binary CN vs AD (App. B)"}
 FIG4A = re.compile(r"(?P<base>.+)-train(?P<sex>M|F|mixed)")
@@ -84,7 +81,8 @@ class Figures:
     def __init__(self, folder, quiet=False):
         check_plots_folder(folder)
         import matplotlib.pyplot as plt         # optional: only `--plots` needs it
-        self.plt, self.folder, self.quiet, self.summary = plt, folder, quiet, {"written": [], "skipped": {}}
+        self.plt, self.folder, self.summary = plt, folder, {"written": [], "skipped": {}}
+        self.say = (lambda line: None) if quiet else print
         os.makedirs(folder, exist_ok=True)
 
     def new(self, size=SMALL, panels=1):
@@ -99,13 +97,11 @@ class Figures:
         finally:
             self.plt.close(fig)
         self.summary["written"].append(path)
-        if not self.quiet:
-            print(f"wrote {path}")
+        self.say(f"wrote {path}")
 
     def skip(self, name, why):
         self.summary["skipped"][name] = why
-        if not self.quiet:
-            print(f"skipped {name}: {why}")
+        self.say(f"skipped {name}: {why}")
 
 
 def grouped_bars(figs, ticks, series, size=SMALL, annotate=True):
@@ -266,8 +262,7 @@ def brain_age_figures(res, ensembles, folder, quiet=False):
                      f"Fig. 4A: {base}, equal-size training sets")
     missing = [f for f in ("imaging", "hyperfusion") if f not in by]
     if missing:
-        figs.skip("fig4b.png", f"Fig. 4B compares image-only and HyperFusion: no finished runs in "
-                  f"{', '.join(missing)}")
+        figs.skip("fig4b.png", f"Fig. 4B compares image-only and HyperFusion: no finished runs in {', '.join(missing)}")
     else:
         absent = [label for f, label, _ in FIG4B_BARS if f not in by]
         mae_bars(figs, "fig4b.png", [(label, colour, by[f]["metrics"]) for f, label, colour in FIG4B_BARS if f in by],
@@ -306,9 +301,7 @@ def calibrate_runs(paths, refit=False, device="auto", batch_size=16, quiet=False
     """Every finished AD run under `paths`, its temperature fitted on its validation logits (predicted again for a
     run trained before, never retrained). -> [(FinishedRun, calibration record, {"val", "test"} logits, labels)]."""
     dev, found = None, []
-    for run in predict.find_runs(paths):
-        if run.run.task != "ad":
-            continue
+    for run in (r for r in predict.find_runs(paths) if r.run.task == "ad"):
         outputs = read_logits(run.dir)
         if outputs is None:
             dev, outputs = dev or setup_device(device), {}
@@ -336,10 +329,9 @@ def calibration_report(calibrated, plots_dir=None, quiet=False):
     for run, rec, outputs in calibrated:
         r = run.run
         T = f"{rec['temperature']:.3f}" + " (fit at its lower bound: not used)" * bool(rec.get("warning"))
-        rows.append([r.model, r.split_seed, r.version, r.fold, T,
-                     f"{fmt(rec['val']['before']['ece'])} → {fmt(rec['val']['after']['ece'])}"]
-                    + [f"{fmt(rec['test']['before'][k])} → {fmt(rec['test']['after'][k])}"
-                       for _, k in CALIBRATION_COLUMNS])
+        change = lambda part, k: f"{fmt(rec[part]['before'][k])} → {fmt(rec[part]['after'][k])}"
+        rows.append([r.model, r.split_seed, r.version, r.fold, T, change("val", "ece")]
+                    + [change("test", k) for _, k in CALIBRATION_COLUMNS])
         out["runs"].append({"dir": run.dir, **rec})
         groups.setdefault((r.model, r.split_seed, r.version, r.classes), []).append((run, rec, outputs))
     groups = {key[:3]: sorted(g, key=lambda m: m[0].run.fold) for key, g in sorted(groups.items())
@@ -383,7 +375,7 @@ def read_run(run_dir):
 
 def check_same(runs, why, keys=None):
     """Refuse runs trained on other data; with keys (an ensemble), other configs or test sets too."""
-    for key, what in DATA_HASHES.items():
+    for key, what in (("table_sha256", "tables"), ("images_sha256", "images")):   # in every checkpoint's `inputs`
         held = [r for r in runs if r["config"].get(key)]
         for other in held[1:]:
             a, b = held[0]["config"][key], other["config"][key]
@@ -431,13 +423,12 @@ def write_results(res, markdown, table, out_dir, stem, quiet):
 def ensemble_ad_folds(fold_dirs):
     """The four fold models of one (split seed, version) on their shared test set, by Eq. 7-8."""
     runs = [read_run(d) for d in fold_dirs]
-    check_same(runs, "cannot ensemble {a} and {b}", ENSEMBLE_KEYS)
+    check_same(runs, "cannot ensemble {a} and {b}", ("split_seed", "tabular_columns", "classes"))   # the folds share
     first, cfg = runs[0]["pred"], runs[0]["config"]
     members = [r["pred"]["probs"] for r in runs]
     return {"subjects": first["subjects"], "labels": first["labels"], "config": cfg, "dir": runs[0]["dir"],
             "probs": entropy_weighted_ensemble(np.stack(members)),                       # (K, N, C) -> (N, C)
-            "class_names": list(cfg.get("class_names") or data.CLASS_NAMES[:cfg["classes"]]),
-            "members": members}
+            "class_names": list(cfg.get("class_names") or data.CLASS_NAMES[:cfg["classes"]]), "members": members}
 
 
 def evaluate_ad(runs, binary=False, out_dir=None, quiet=False, plots_dir=None):
@@ -520,7 +511,7 @@ def brain_age_ensemble(version_dirs, top=5):
     check_same(list(runs.values()), "cannot ensemble {a} and {b}")
     ranked = sorted(runs, key=lambda v: (runs[v]["metrics"]["val"]["mae"], v))[:top]
     chosen = [runs[v] for v in ranked]
-    check_same(chosen, "cannot ensemble {a} and {b}", BRAIN_AGE_KEYS)
+    check_same(chosen, "cannot ensemble {a} and {b}", ("model", "split_seed", "split", "embedding_dim", "train_sex"))
     p = chosen[0]["pred"]
     pred = mean_ensemble([r["pred"]["pred"] for r in chosen])                         # Eq. 6
     gap = fit = None                  # the age bias and gap need every chosen version's validation predictions
@@ -528,10 +519,9 @@ def brain_age_ensemble(version_dirs, top=5):
         fit = age_bias_fit(p["val_age"], mean_ensemble([r["pred"]["val_pred"] for r in chosen]))
         gap = gap_summary(p["age"], pred, p["sex"], fit)
     return {"versions": ranked, "val_mae": [runs[v]["metrics"]["val"]["mae"] for v in ranked],
-            "version_mae": {v: runs[v]["metrics"]["test"]["mae"] for v in sorted(runs)},
+            "version_mae": {v: runs[v]["metrics"]["test"]["mae"] for v in sorted(runs)}, "available": sorted(runs),
             "metrics": regression_metrics(p["age"], pred, p["sex"]), "pred": pred, "age": p["age"], "sex": p["sex"],
-            "subjects": p["subjects"], "available": sorted(runs), "gap": gap, "fit": fit, "dir": chosen[0]["dir"],
-            "config": chosen[0]["config"]}
+            "subjects": p["subjects"], "gap": gap, "fit": fit, "dir": chosen[0]["dir"], "config": chosen[0]["config"]}
 
 
 def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False, plots_dir=None):
@@ -862,8 +852,7 @@ def main(argv=None):
     if a.command == "protocol":
         return run_protocol(**{k: v for k, v in vars(a).items() if k != "command"})
     if a.command == "calibrate":
-        md, res = calibration_report(calibrate_runs(a.runs, a.refit, a.device, a.batch_size, a.quiet), a.plots,
-                                     a.quiet)
+        md, res = calibration_report(calibrate_runs(a.runs, a.refit, a.device, a.batch_size, a.quiet), a.plots, a.quiet)
         out_dir = a.out or (a.runs[0] if os.path.isdir(a.runs[0]) else os.path.dirname(a.runs[0]))
         write_results(res, md, None, out_dir, "calibration_ad", a.quiet)
         return res
@@ -880,7 +869,11 @@ def main(argv=None):
         print(md + (f"\nwrote {a.out}" if a.out else "") + ("" if a.quiet else "\n" + duration_text(time.time() - t0)))
         return scores
     res = predict.sweep(a.checkpoint, a.attribute, a.values, a.data_csv, a.image_dir, a.batch_size, a.device)
-    md, path = predict.sweep_markdown(res), os.path.join(res["dir"], f"sweep_{res['attribute']}.md")
+    what = "class probabilities" if res["task"] == "ad" else "predicted brain age in years"
+    md = page(f"{res['model']}: {what} on the test set as {res['attribute']} varies", f"Checkpoint: "
+              f"{res['checkpoint']}. Every test subject is read once per value (Sec. 1: the model is adjusted at "
+              f"test time).", (res["header"], res["rows"]))
+    path = os.path.join(res["dir"], f"sweep_{res['attribute']}.md")
     write_text(md, path)
     print(f"{md}\nwrote {path}")
     if a.plots:

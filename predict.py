@@ -26,8 +26,8 @@ import torch
 import data
 from data import (AD_ATTRIBUTES, AD_CONTINUOUS, SEX_CODES, ArgumentParser, Progress, UserError, check_number,
                   check_output, parse_attribute, run_cli, warn, write_csv)
-from metrics import (classification_metrics, corrected_gap, entropy_weighted_ensemble, fmt, gap_summary,
-                     markdown_table, mean_ensemble, regression_metrics)
+from metrics import (classification_metrics, corrected_gap, entropy_weighted_ensemble, fmt, gap_summary, mean_ensemble,
+                     regression_metrics)
 from models import class_probabilities
 from training import CALIBRATION_FILE, finished, load_run, make_loader, predict, replay_precision, setup_device
 
@@ -224,13 +224,6 @@ def sweep(checkpoint, attribute, values, data_csv=None, image_dir=None, batch_si
             "header": header, "rows": rows, "summary": summary}
 
 
-def sweep_markdown(res):
-    what = ("class probabilities" if res["task"] == "ad" else "predicted brain age in years")
-    return (f"# {res['model']}: {what} on the test set as {res['attribute']} varies\n\n"
-            f"Checkpoint: {res['checkpoint']}. Every test subject is read once per value (Sec. 1: the model is "
-            f"adjusted at test time).\n\n" + markdown_table(res["header"], res["rows"]) + "\n")
-
-
 def main(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN", help="finished run folders, or folders above them")
@@ -259,9 +252,8 @@ def main(argv=None):
                  + [m.checkpoint_path for m in members])
     if need_images:
         check_images(table, members)
-    device = setup_device(a.device)
     outputs = member_outputs(members, table, data.cache_folder(a.cache_dir, a.data_csv), a.batch_size,
-                             device, progress=not a.quiet, calibrated=a.calibrated)
+                             setup_device(a.device), progress=not a.quiet, calibrated=a.calibrated)
     spread = outputs.std(0).max(1) if task == "ad" else outputs.std(0)   # AD: a class probability's largest
     combined = entropy_weighted_ensemble(outputs) if task == "ad" else mean_ensemble(outputs)   # Eq. 7-8 / Eq. 6
     K, n = len(members), len(table.subjects)
