@@ -306,8 +306,8 @@ def precision(s, device, budget, out, report):
                                              budget() - 30)
             except subprocess.TimeoutExpired:
                 return dict(section, stopped=f"budget: {task} version {v} did not finish")
-            section.update(rows=[r for t in done.values() for r in t[0]], per_version=[r for t in done.values()
-                                                                                      for r in t[1]])
+            section.update(rows=[r for t in done.values() for r in t[0]],
+                           per_version=[r for t in done.values() for r in t[1]])
             write_report(report, out, s["name"])
     return section
 
@@ -333,16 +333,15 @@ def settings(device, quick, name="gpu-check", **options):
     precisions: ratios fp32, precision bf16, gpu-check bf16 (where native: capability 8.0 on) and fp16 on a GPU."""
     cuda = device == "cuda"
     bf16 = ["bf16"] if cuda and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0) else []
-    return dict(dict(cases=[("ad", (16, 24, 16), 4), ("brain-age", (36, 40, 36), 2)] if quick else
-                     [("ad", (64, 96, 64), 32 if cuda else 4), ("brain-age", (90, 120, 99), 64 if cuda else 2)],
-                     precisions=dict(ratios=["fp32"], precision=["bf16"]).get(name, bf16 + ["fp16"] if cuda else
-                                                                             ["fp32"]), steps=2 if quick else 10,
-                     warmup=1 if quick else 3, reference_size=512 if quick else 2048,
-                     threads=1 if quick and not cuda else None,          # a small loaded CPU: threads contend
-                     versions=list(range(8 if name == "precision" else 2 if quick else 4)), epochs=3 if quick else None,
-                     tasks=("ad", "brain-age"), jobs=2, data_dir="data", tests_budget=150,
-                     name={"gpu-check": "check"}.get(name, name)),
-                **{k: v for k, v in options.items() if v is not None})
+    s = dict(cases=[("ad", (16, 24, 16), 4), ("brain-age", (36, 40, 36), 2)] if quick else
+             [("ad", (64, 96, 64), 32 if cuda else 4), ("brain-age", (90, 120, 99), 64 if cuda else 2)],
+             precisions=dict(ratios=["fp32"], precision=["bf16"]).get(name, bf16 + ["fp16"] if cuda else ["fp32"]),
+             steps=2 if quick else 10, warmup=1 if quick else 3, reference_size=512 if quick else 2048,
+             threads=1 if quick and not cuda else None,                  # a small loaded CPU: threads contend
+             versions=list(range(8 if name == "precision" else 2 if quick else 4)), epochs=3 if quick else None,
+             tasks=("ad", "brain-age"), jobs=2, data_dir="data", tests_budget=150,
+             name={"gpu-check": "check"}.get(name, name))
+    return dict(s, **{k: v for k, v in options.items() if v is not None})
 
 
 def run_report(sections, device, quick, out, budget_s=1e6, **options):
