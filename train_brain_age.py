@@ -53,20 +53,14 @@ def main(argv=None):
     return train_brain_age(vars(brain_age_arguments().parse_args(argv)))
 
 
-def brain_age_run_config(args, device):
-    """The RunConfig the parsed options describe, its schedule resolved for the data."""
-    synthetic = args["data_csv"] is None
-    split = tuple(args.get("split") or (DEMO_SPLIT if synthetic else data.BRAIN_AGE_FRACTIONS))
-    if not (all(f > 0 for f in split) and abs(sum(split) - 1) <= 1e-6):   # NaN fails both
-        raise UserError(f"--split {' '.join(map(str, split))}: three positive fractions that sum to 1")
-    return RunConfig(**common_run_fields(args, device, "brain-age", DEMO_BRAIN_AGE, REAL_BRAIN_AGE),
-                     embedding_dim=args["embedding_dim"], train_sex=args["train_sex"], split=split)
-
-
 def train_brain_age(args):
     """One brain-age run from its parsed options (vars(brain_age_arguments().parse_args())) in its claimed folder."""
     device = setup_device(args["device"], args["sync_bn"])
-    run = brain_age_run_config(args, device)
+    split = tuple(args.get("split") or (DEMO_SPLIT if args["data_csv"] is None else data.BRAIN_AGE_FRACTIONS))
+    if not (all(f > 0 for f in split) and abs(sum(split) - 1) <= 1e-6):   # NaN fails both
+        raise UserError(f"--split {' '.join(map(str, split))}: three positive fractions that sum to 1")
+    run = RunConfig(**common_run_fields(args, device, "brain-age", DEMO_BRAIN_AGE, REAL_BRAIN_AGE),
+                    embedding_dim=args["embedding_dim"], train_sex=args["train_sex"], split=split)
     with claim_run_folder(run.run_dir(args["out"]), args["resume"]):   # refused before any work
         metrics = run_brain_age(args, device, run)
     leave()

@@ -1,6 +1,5 @@
 """What both trainers share: the run's options and folder, the device, many processes, the loop `fit`, checkpoints.
-A run is its RunConfig, stored in every checkpoint with its data facts (`inputs`) so that a run is replayed exactly.
-"""
+A run is its RunConfig, stored in every checkpoint with its data facts (`inputs`) so that a run is replayed exactly."""
 import atexit
 import contextlib
 import dataclasses
@@ -446,12 +445,11 @@ class NonFiniteOutputs(UserError):
 
 
 def check_finite_outputs(outputs):
-    """outputs, or NonFiniteOutputs naming for how many subjects they are NaN or inf (no metric means anything)."""
+    """NonFiniteOutputs naming for how many subjects the outputs are NaN or inf (no metric means anything)."""
     bad = ~np.isfinite(outputs).reshape(len(outputs), -1).all(1)
     if bad.any():
         raise NonFiniteOutputs(f"{'nan' if np.isnan(outputs).any() else 'inf'} for {int(bad.sum())} of "
                                f"{len(bad)} subjects")
-    return outputs
 
 
 # ---- Checkpoints ----
