@@ -27,9 +27,8 @@ from training import (DATA_KEYS, RunConfig, add_common_arguments, alone, calibra
                       load_run, loader_workers, log, main_first, make_loader, predict, resumable, save_logits, seed_all,
                       setup_device)
 
-# Table 1 (real data) and the demo schedule used on the built-in synthetic cohort
-REAL_AD = dict(epochs=250, batch_size=32, lr=1e-4, weight_decay=1e-5, lr_schedule="constant")
-DEMO_AD = dict(epochs=25, batch_size=16, lr=1e-3, weight_decay=1e-5, lr_schedule="constant")
+REAL_AD = dict(epochs=250, batch_size=32, lr=1e-4, weight_decay=1e-5, lr_schedule="constant")  # Table 1
+DEMO_AD = dict(epochs=25, batch_size=16, lr=1e-3, weight_decay=1e-5, lr_schedule="constant")   # the synthetic cohort
 DEMO_TABULAR = dict(DEMO_AD, epochs=100)  # the MLP costs nothing per epoch
 
 

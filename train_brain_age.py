@@ -111,10 +111,9 @@ def run_brain_age(args, device, run):
     loss_fn = lambda pred, age: F.mse_loss(pred.float(), target.encode(age))   # Eq. 4
     validate = lambda m: age_metrics(m, val_loader, device, target, table.sex[val_idx], run.precision)[0]
     statistics_loader = loader(train_idx)                  # the training set in order, for the BatchNorm statistics
-    best = fit(model, train_loader, loss_fn, validate, "mae", run, run_dir, inputs,
-               state={"target": {"centre": target.centre, "scale": target.scale}}, resume=args["resume"],
-               quiet=quiet, lower_is_better=True, weight_decay=target.decay(run.weight_decay),  # Table 1's, in years
-               sync_bn=args["sync_bn"],
+    best = fit(model, train_loader, loss_fn, validate, "mae", run, run_dir, inputs, resume=args["resume"], quiet=quiet,
+               state={"target": {"centre": target.centre, "scale": target.scale}}, sync_bn=args["sync_bn"],
+               lower_is_better=True, weight_decay=target.decay(run.weight_decay),  # Table 1's, in years
                before_validation=lambda m: recalibrate_batchnorm(m, statistics_loader, device, run.precision))
 
     model.load_state_dict(load_checkpoint(os.path.join(run_dir, "best.pt"), identity(run, inputs))["model"])

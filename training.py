@@ -237,8 +237,7 @@ def common_run_fields(args, device, task, demo, real):
     """The RunConfig fields both trainers resolve alike: the table (the built-in synthetic cohort without
     --data-csv), the schedule (numbers checked; unset ones the demo's or Table 1's), the images, the precision."""
     synthetic, quiet = args["data_csv"] is None, args["quiet"]
-    for k, least in (("epochs", 1), ("batch_size", 1), ("weight_decay", 0), ("workers", 0), ("version", 0),
-                     ("split_seed", 0)):
+    for k, least in dict(epochs=1, batch_size=1, weight_decay=0, workers=0, version=0, split_seed=0).items():
         check_number("--" + k.replace("_", "-"), args.get(k), least=least)
     check_number("--lr", args.get("lr"), above=0)
     precision = resolve_precision(args["precision"], device, quiet)     # refused before the cohort is generated
