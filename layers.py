@@ -23,14 +23,11 @@ import torch.nn.functional as F
 # Initialisation (Sec. 3.1.3, Eq. 1-2), after the hyperfan-in of Chang et al. (2020)
 
 def hyperfan_in_variances(fan_in, embedding_dim, embedding_sq_mean, relu_follows, has_bias):
-    """Variances of the generators G_w, G_b that keep a hyperlayer's output variance equal to its input
-    variance at initialisation.
-
-    fan_in: d_j, the primary layer's fan-in (in_features, or in_channels * prod(kernel)).
-    embedding_dim: d_k. embedding_sq_mean: E[e^2] of the generator input over the training set; the
-    mean square equals Var(e) for a zero-mean e and stays right for a constant e (the sex embedding
-    of a one-hot vector through a Linear(2, 1) at ones). r = relu_follows, s = has_bias.
-    """
+    """Variances of the generators G_w, G_b that keep a hyperlayer's output variance equal to its input variance at
+    initialisation. fan_in: d_j, the primary layer's fan-in (in_features, or in_channels * prod(kernel)).
+    embedding_dim: d_k. embedding_sq_mean: E[e^2] of the generator input over the training set; the mean square
+    equals Var(e) for a zero-mean e and stays right for a constant e (the sex embedding of a one-hot vector through
+    a Linear(2, 1) at ones). r = relu_follows, s = has_bias."""
     r, s = int(relu_follows), int(has_bias)
     var_w = 2 ** r / (2 ** s * fan_in * embedding_dim * embedding_sq_mean)  # Eq. 1
     var_b = 2 ** r / (2 * embedding_dim * embedding_sq_mean)                 # Eq. 2
@@ -63,11 +60,10 @@ class HyperLayer(nn.Module):
     """What every hyperlayer shares: its hypernetwork and the Eq. 1-2 initialisation.
 
     relu_follows is the r of Eq. 1-2: whether a ReLU comes right after this layer.
-    mode: "factorised" never builds per-sample weights: since W(e) = sum_k e_k A_k + C is linear
-    in e, x W(e)^T = sum_k e_k (x A_k^T) + x C^T, i.e. one ordinary layer with (k+1)*out outputs
-    mixed by e. "materialised" builds W (B, out, in, ...) and applies it with one batched call.
-    Both are exact; bench.py measures which is faster where.
-    """
+    mode: "factorised" never builds per-sample weights: since W(e) = sum_k e_k A_k + C is linear in e,
+    x W(e)^T = sum_k e_k (x A_k^T) + x C^T, i.e. one ordinary layer with (k+1)*out outputs mixed by e.
+    "materialised" builds W (B, out, in, ...) and applies it with one batched call. Both are exact;
+    bench.py measures which is faster where."""
 
     def __init__(self, fan_in, weight_shape, out_features, embedding, embedding_dim, bias, relu_follows,
                  mode):
@@ -195,11 +191,10 @@ def _bn(channels):
 
 
 class PreactResBlock(nn.Module):
-    """BN ReLU Dropout3d Conv3d(3, stride) BN ReLU Dropout3d Conv3d(3), plus the identity or,
-    when the stride or the width changes, a downsample BN Conv3d(1x1, stride) (He et al. 2016).
-
-    Any of conv1, conv2 and the downsample convolution named in `hyperlayers` is a HyperConv3d reading
-    `embedding` (one module, shared); a hyper downsample is HyperConv3d(1x1, stride) followed by BN."""
+    """BN ReLU Dropout3d Conv3d(3, stride) BN ReLU Dropout3d Conv3d(3), plus the identity or, when the stride or the
+    width changes, a downsample BN Conv3d(1x1, stride) (He et al. 2016). Any of conv1, conv2 and the downsample
+    convolution named in `hyperlayers` is a HyperConv3d reading `embedding` (one module, shared); a hyper downsample
+    is HyperConv3d(1x1, stride) followed by BN."""
 
     def __init__(self, in_channels, out_channels, stride=1, dropout=0.0, embedding=None, embedding_dim=None,
                  hyperlayers=(), mode="materialised"):

@@ -44,22 +44,21 @@ def reliability(hit, confidence, n_bins=CALIBRATION_BINS):
     return observed, predicted, counts[counts > 0]
 
 
-def expected_calibration_error(hit, confidence, n_bins=CALIBRATION_BINS):
+def expected_calibration_error(hit, confidence):
     """sum over bins of (share of the predictions in the bin) x |observed frequency - mean confidence|."""
-    observed, predicted, counts = reliability(hit, confidence, n_bins)
+    observed, predicted, counts = reliability(hit, confidence)
     return float((counts / counts.sum() * np.abs(observed - predicted)).sum())
 
 
-def calibration_metrics(labels, probs, n_bins=CALIBRATION_BINS):
+def calibration_metrics(labels, probs):
     """labels (N,), probs (N, C) -> top-label ECE (Guo et al. 2017), one-vs-rest ECE averaged over classes (it shows
     a class rarely on top), multi-class Brier score (0 best, 2 worst), NLL."""
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
     classes = range(probs.shape[1])
     onehot = labels[:, None] == np.arange(probs.shape[1])
     return {
-        "ece": expected_calibration_error(probs.argmax(1) == labels, probs.max(1), n_bins),
-        "ece_classwise": float(np.mean([expected_calibration_error(onehot[:, c], probs[:, c], n_bins)
-                                        for c in classes])),
+        "ece": expected_calibration_error(probs.argmax(1) == labels, probs.max(1)),
+        "ece_classwise": float(np.mean([expected_calibration_error(onehot[:, c], probs[:, c]) for c in classes])),
         "brier": float(sum(brier_score_loss(onehot[:, c], probs[:, c], pos_label=True) for c in classes)),
         "nll": float(log_loss(labels, probs / probs.sum(1, keepdims=True), labels=list(classes))),  # float32 sums
     }

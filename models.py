@@ -73,7 +73,6 @@ class BrainAgeNet(nn.Module):
         return x.squeeze(1)                               # (B,)
 
     def linear(self, name, x, tabular):
-        """Linear layer `name` of the model's kind: HyperLinear of the sex, the sex concatenated, or plain."""
         layer = getattr(self, name)
         if self.name == "hyperfusion":
             return layer(x, tabular)

@@ -27,9 +27,8 @@ from training import (DATA_KEYS, RunConfig, add_common_arguments, alone, calibra
                       load_run, loader_workers, log, main_first, make_loader, predict, resumable, save_logits, seed_all,
                       setup_device)
 
-# Table 1 (real data) and the demo schedule used on the built-in synthetic cohort
-REAL_AD = dict(epochs=250, batch_size=32, lr=1e-4, weight_decay=1e-5, lr_schedule="constant")
-DEMO_AD = dict(epochs=25, batch_size=16, lr=1e-3, weight_decay=1e-5, lr_schedule="constant")
+REAL_AD = dict(epochs=250, batch_size=32, lr=1e-4, weight_decay=1e-5, lr_schedule="constant")  # Table 1
+DEMO_AD = dict(epochs=25, batch_size=16, lr=1e-3, weight_decay=1e-5, lr_schedule="constant")   # the synthetic cohort
 DEMO_TABULAR = dict(DEMO_AD, epochs=100)  # the MLP costs nothing per epoch
 
 
@@ -50,17 +49,12 @@ def main(argv=None):
     return train_ad(vars(ad_arguments().parse_args(argv)))
 
 
-def ad_run_config(args, device):
-    """The RunConfig the parsed options describe, its schedule resolved for the data and model."""
-    demo = DEMO_TABULAR if args["model"] == "tabular" else DEMO_AD
-    return RunConfig(**common_run_fields(args, device, "ad", demo, REAL_AD), fold=args["fold"], classes=args["classes"],
-                     loss=args["loss"], group_map=data.parse_group_map(args["group_map"]) or None, crops=args["crops"])
-
-
 def train_ad(args):
     """One AD run from its parsed options (a dict, as vars(ad_arguments().parse_args())) in its claimed folder."""
     device = setup_device(args["device"], args["sync_bn"])
-    run = ad_run_config(args, device)
+    demo = DEMO_TABULAR if args["model"] == "tabular" else DEMO_AD      # the schedule resolved for data and model
+    run = RunConfig(**common_run_fields(args, device, "ad", demo, REAL_AD), fold=args["fold"], classes=args["classes"],
+                    loss=args["loss"], group_map=data.parse_group_map(args["group_map"]) or None, crops=args["crops"])
     with claim_run_folder(run.run_dir(args["out"]), args["resume"]):   # refused before any work
         metrics = run_ad(args, device, run)
     leave()
@@ -146,8 +140,7 @@ def run_ad(args, device, run):
               for part, ds in (("val", val_set), ("test", test_set))}
     if is_main():  # torchrun: every rank holds all test predictions (gathered); one writes them
         with atomic_path(os.path.join(run_dir, "predictions.npz")) as tmp:
-            np.savez(tmp, subjects=np.array(table.subjects)[test_idx], labels=table.labels[test_idx],
-                     probs=test_probs)
+            np.savez(tmp, subjects=np.array(table.subjects)[test_idx], labels=table.labels[test_idx], probs=test_probs)
         save_logits(run_dir, logits["val"], logits["test"])
         metrics["temperature"] = calibrate(run_dir, logits)["temperature"]    # on the validation set
         write_json(metrics, os.path.join(run_dir, "metrics.json"))

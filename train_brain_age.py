@@ -53,20 +53,14 @@ def main(argv=None):
     return train_brain_age(vars(brain_age_arguments().parse_args(argv)))
 
 
-def brain_age_run_config(args, device):
-    """The RunConfig the parsed options describe, its schedule resolved for the data."""
-    synthetic = args["data_csv"] is None
-    split = tuple(args.get("split") or (DEMO_SPLIT if synthetic else data.BRAIN_AGE_FRACTIONS))
-    if not (all(f > 0 for f in split) and abs(sum(split) - 1) <= 1e-6):   # NaN fails both
-        raise UserError(f"--split {' '.join(map(str, split))}: three positive fractions that sum to 1")
-    return RunConfig(**common_run_fields(args, device, "brain-age", DEMO_BRAIN_AGE, REAL_BRAIN_AGE),
-                     embedding_dim=args["embedding_dim"], train_sex=args["train_sex"], split=split)
-
-
 def train_brain_age(args):
     """One brain-age run from its parsed options (vars(brain_age_arguments().parse_args())) in its claimed folder."""
     device = setup_device(args["device"], args["sync_bn"])
-    run = brain_age_run_config(args, device)
+    split = tuple(args.get("split") or (DEMO_SPLIT if args["data_csv"] is None else data.BRAIN_AGE_FRACTIONS))
+    if not (all(f > 0 for f in split) and abs(sum(split) - 1) <= 1e-6):   # NaN fails both
+        raise UserError(f"--split {' '.join(map(str, split))}: three positive fractions that sum to 1")
+    run = RunConfig(**common_run_fields(args, device, "brain-age", DEMO_BRAIN_AGE, REAL_BRAIN_AGE),
+                    embedding_dim=args["embedding_dim"], train_sex=args["train_sex"], split=split)
     with claim_run_folder(run.run_dir(args["out"]), args["resume"]):   # refused before any work
         metrics = run_brain_age(args, device, run)
     leave()
@@ -117,10 +111,9 @@ def run_brain_age(args, device, run):
     loss_fn = lambda pred, age: F.mse_loss(pred.float(), target.encode(age))   # Eq. 4
     validate = lambda m: age_metrics(m, val_loader, device, target, table.sex[val_idx], run.precision)[0]
     statistics_loader = loader(train_idx)                  # the training set in order, for the BatchNorm statistics
-    best = fit(model, train_loader, loss_fn, validate, "mae", run, run_dir, inputs,
-               state={"target": {"centre": target.centre, "scale": target.scale}}, resume=args["resume"],
-               quiet=quiet, lower_is_better=True, weight_decay=target.decay(run.weight_decay),  # Table 1's, in years
-               sync_bn=args["sync_bn"],
+    best = fit(model, train_loader, loss_fn, validate, "mae", run, run_dir, inputs, resume=args["resume"], quiet=quiet,
+               state={"target": {"centre": target.centre, "scale": target.scale}}, sync_bn=args["sync_bn"],
+               lower_is_better=True, weight_decay=target.decay(run.weight_decay),  # Table 1's, in years
                before_validation=lambda m: recalibrate_batchnorm(m, statistics_loader, device, run.precision))
 
     model.load_state_dict(load_checkpoint(os.path.join(run_dir, "best.pt"), identity(run, inputs))["model"])

@@ -1,6 +1,5 @@
 """What both trainers share: the run's options and folder, the device, many processes, the loop `fit`, checkpoints.
-A run is its RunConfig, stored in every checkpoint with its data facts (`inputs`) so that a run is replayed exactly.
-"""
+A run is its RunConfig, stored in every checkpoint with its data facts (`inputs`) so that a run is replayed exactly."""
 import atexit
 import contextlib
 import dataclasses
@@ -238,8 +237,7 @@ def common_run_fields(args, device, task, demo, real):
     """The RunConfig fields both trainers resolve alike: the table (the built-in synthetic cohort without
     --data-csv), the schedule (numbers checked; unset ones the demo's or Table 1's), the images, the precision."""
     synthetic, quiet = args["data_csv"] is None, args["quiet"]
-    for k, least in (("epochs", 1), ("batch_size", 1), ("weight_decay", 0), ("workers", 0), ("version", 0),
-                     ("split_seed", 0)):
+    for k, least in dict(epochs=1, batch_size=1, weight_decay=0, workers=0, version=0, split_seed=0).items():
         check_number("--" + k.replace("_", "-"), args.get(k), least=least)
     check_number("--lr", args.get("lr"), above=0)
     precision = resolve_precision(args["precision"], device, quiet)     # refused before the cohort is generated
@@ -446,12 +444,11 @@ class NonFiniteOutputs(UserError):
 
 
 def check_finite_outputs(outputs):
-    """outputs, or NonFiniteOutputs naming for how many subjects they are NaN or inf (no metric means anything)."""
+    """NonFiniteOutputs naming for how many subjects the outputs are NaN or inf (no metric means anything)."""
     bad = ~np.isfinite(outputs).reshape(len(outputs), -1).all(1)
     if bad.any():
         raise NonFiniteOutputs(f"{'nan' if np.isnan(outputs).any() else 'inf'} for {int(bad.sum())} of "
                                f"{len(bad)} subjects")
-    return outputs
 
 
 # ---- Checkpoints ----
