@@ -334,11 +334,11 @@ def calibration_report(calibrated, plots_dir=None, quiet=False):
                     + [change("test", k) for _, k in CALIBRATION_COLUMNS])
         out["runs"].append({"dir": run.dir, **rec})
         groups.setdefault((r.model, r.split_seed, r.version, r.classes), []).append((run, rec, outputs))
-    groups = {key[:3]: sorted(g, key=lambda m: m[0].run.fold) for key, g in sorted(groups.items())
-              if sorted(m[0].run.fold for m in g) == list(range(N_FOLDS))}
+    groups = {key: sorted(g, key=lambda m: m[0].run.fold) for key, g in sorted(groups.items())
+              if sorted(m[0].run.fold for m in g) == list(range(N_FOLDS))}   # 3-class and CN/AD runs apart
     figs = Figures(plots_dir, quiet) if plots_dir and groups else None
     keys = ["balanced_accuracy", "auc_macro"] + [k for _, k in CALIBRATION_COLUMNS]
-    for (model, seed, version), members in groups.items():
+    for (model, seed, version, classes), members in groups.items():
         labels = members[0][2]["test"][1]
         for run, _, outputs in members[1:]:
             if not np.array_equal(outputs["test"][1], labels):
@@ -347,11 +347,13 @@ def calibration_report(calibrated, plots_dir=None, quiet=False):
                   for t in (False, True)}
         before, after = (entropy_weighted_ensemble(np.stack(scaled[t])) for t in (False, True))   # Eq. 7-8
         m0, m1 = (classification_metrics(labels, p, members[0][0].class_names) for p in (before, after))
-        ensemble_rows.append([model, seed, version] + [f"{fmt(m0[k])} → {fmt(m1[k])}" for k in keys])
-        out["ensembles"].append({"model": model, "split_seed": seed, "version": version,
+        ensemble_rows.append([model + " (CN vs AD)" * (classes == 2), seed, version]
+                             + [f"{fmt(m0[k])} → {fmt(m1[k])}" for k in keys])
+        out["ensembles"].append({"model": model, "classes": classes, "split_seed": seed, "version": version,
                                  "members": [m[0].dir for m in members], "before": m0, "after": m1})
         if figs is not None:
-            reliability_figure(figs, f"reliability_calibrated_{file_part(model)}_seed{seed}_v{version}.png",
+            name = f"reliability_calibrated_{file_part(model)}{'_binary' * (classes == 2)}_seed{seed}_v{version}.png"
+            reliability_figure(figs, name,
                                [("ensemble, uncalibrated", labels, before), ("ensemble, calibrated", labels, after)]
                                + [(f"fold {m[0].run.fold}", labels, p) for m, p in zip(members, scaled[True])],
                                f"{AD_MODEL_TITLES.get(model, model)}, split seed {seed}, v{version}: test set")

@@ -162,12 +162,10 @@ def sweep(checkpoint, attribute, values, data_csv=None, image_dir=None, batch_si
     ABETA 500, then the run's preprocessing; brain age: Sex M / F) -> {"header", "rows", "summary", ...}."""
     finished_run = load_run(checkpoint)
     run, table, test_idx, images = test_set(finished_run, data_csv, image_dir)
-    saved = os.path.join(finished_run.dir, "predictions.npz")
-    if os.path.isfile(saved):
-        with np.load(saved, allow_pickle=False) as npz:
-            if not np.array_equal(npz["subjects"], np.array(table.subjects)[test_idx]):
-                raise UserError(f"{checkpoint}: the rebuilt test set differs from the run's predictions.npz "
-                                f"(another table than {run.data_csv}?)")
+    if os.path.isfile(os.path.join(finished_run.dir, "predictions.npz")):      # a damaged one: one error line
+        if not np.array_equal(finished_run.read_predictions()["subjects"], np.array(table.subjects)[test_idx]):
+            raise UserError(f"{checkpoint}: the rebuilt test set differs from the run's predictions.npz "
+                            f"(another table than {run.data_csv}?)")
     dev, n, rows, summary = setup_device(device), len(test_idx), [], []
     model, first = finished_run.model(dev), None
     read = lambda inputs, targets, transform: run_outputs(finished_run, model, images, inputs, targets, dev,
