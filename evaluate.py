@@ -430,7 +430,7 @@ def ensemble_ad_folds(fold_dirs):
     members = [r["pred"]["probs"] for r in runs]
     return {"subjects": first["subjects"], "labels": first["labels"], "config": cfg, "dir": runs[0]["dir"],
             "probs": entropy_weighted_ensemble(np.stack(members)),                       # (K, N, C) -> (N, C)
-            "class_names": list(cfg.get("class_names") or data.CLASS_NAMES[:cfg["classes"]]), "members": members}
+            "class_names": list(cfg["class_names"]), "members": members}
 
 
 def evaluate_ad(runs, binary=False, out_dir=None, quiet=False, plots_dir=None):

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from scipy.optimize import minimize_scalar
 from torch.nn.parallel import DistributedDataParallel
 
-from data import (CLASS_NAMES, HippocampusCrops, Progress, TabularPreprocessor, UserError, atomic_path, check_number,
+from data import (HippocampusCrops, Progress, TabularPreprocessor, UserError, atomic_path, check_number,
                   warn, write_bytes, write_csv, write_json)
 from metrics import calibration_metrics
 from models import AgeTarget, build_model, class_probabilities
@@ -719,7 +719,7 @@ def load_run(path, expected=None):
         raise UserError(f"{checkpoint_path}: not a run description this code knows ({exc})") from None
     inputs, tabular, target = dict(ckpt["inputs"]), ckpt.get("tabular"), ckpt.get("target")
     return FinishedRun(os.path.dirname(checkpoint_path), checkpoint_path, ckpt, run, inputs,
-                       list(inputs.get("class_names") or CLASS_NAMES[:run.classes or 3]),
+                       list(inputs.get("class_names", ())),     # AD: the classes of its outputs, in order
                        TabularPreprocessor(state=tabular) if tabular is not None else None,
                        HippocampusCrops(**inputs["crops"]) if inputs.get("crops") else None,
                        AgeTarget(**target) if target is not None else None)
