@@ -689,9 +689,7 @@ HYPERLAYER_CASES = [(0, 1, 1, 0), (0, 3, 1, 0)] + [(dim, kernel, stride, padding
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["factorised", "materialised"])
 def test_check_hyperlayers_on_the_device_equal_the_per_sample_computation(device, mode):
-    """For HyperLinear (dim 0, embedding of 1 or 3) and 1-3D HyperConv: W = G_w e + c_w and b = G_b e + c_b written
-    out from the generators (offsets c not zero, as once trained), the output equals one F.linear / F.conv per
-    sample, and gradients reach the embedding and both generators."""
+    """HyperLinear (dim 0) and 1-3D HyperConv, offsets c not zero (as once trained); gradients reach e, G_w and G_b."""
     for dim, k, stride, padding in HYPERLAYER_CASES:
         torch.manual_seed(dim * 100 + k * 10 + stride)
         if dim == 0:        # k: the embedding's size
@@ -724,10 +722,7 @@ def test_check_hyperlayers_on_the_device_equal_the_per_sample_computation(device
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_eq1_2_generators_are_drawn_uniform_with_the_hyperfan_in_variances_and_zero_offsets(kind, relu_follows,
                                                                                              bias, d_k):
-    """G_w ~ U(+-sqrt(3 V_w)), V_w = 2^r / (2^s d_j d_k E[e^2]); G_b ~ U(+-sqrt(3 V_b)), V_b = 2^r / (2 d_k E[e^2]);
-    c = 0; E[e^2] the embedding's mean square on the rows given (~13: neither 1 nor the variance 9). Over thousands
-    of draws max |G| is within 3% of the bound, the mean square within 4 standard errors of V (sd 0.894 V); so a
-    hyperlayer keeps a unit-variance input's variance (after a ReLU, in He et al.'s second-moment sense)."""
+    """V_w = 2^r / (2^s d_j d_k E[e^2]), V_b = 2^r / (2 d_k E[e^2]), c = 0: a unit-variance input keeps its variance."""
     torch.manual_seed(10 * d_k + 4 * bias + 2 * relu_follows + (kind == "conv"))
     embedding = nn.Linear(4, d_k)
     if kind == "linear":
@@ -741,7 +736,7 @@ def test_eq1_2_generators_are_drawn_uniform_with_the_hyperfan_in_variances_and_z
         embedding.weight.mul_(3 / embedding.weight.norm(dim=1, keepdim=True))   # each e_k of sd 3 and mean 2
         embedding.bias.fill_(2.0)
         sq_mean, var = float(embedding(rows).pow(2).mean()), float(embedding(rows).var())
-    assert sq_mean > 4 and sq_mean > 1.2 * var
+    assert sq_mean > 4 and sq_mean > 1.2 * var                      # E[e^2] ~13: neither 1 nor the variance 9
     init_hyperlayers(layer, rows)
     r, s, h = int(relu_follows), int(bias), layer.hypernet
     variances = {"weights_gen": 2 ** r / (2 ** s * d_j * d_k * sq_mean)}                  # Eq. 1
@@ -749,21 +744,20 @@ def test_eq1_2_generators_are_drawn_uniform_with_the_hyperfan_in_variances_and_z
         variances["bias_gen"] = 2 ** r / (2 * d_k * sq_mean)                              # Eq. 2
     assert bias or h.bias_gen is None
     for name, var in variances.items():
-        g, bound = getattr(h, name).weight.detach(), math.sqrt(3 * var)
+        g, bound = getattr(h, name).weight.detach(), math.sqrt(3 * var)      # U(+-bound): max within 3% of it
         assert g.numel() >= 4000 and 0.97 * bound < float(g.abs().max()) <= bound * (1 + 1e-6), (name, bound)
-        assert float(g.pow(2).mean()) == pytest.approx(var, rel=4 * 0.894 / math.sqrt(g.numel())), name
+        assert float(g.pow(2).mean()) == pytest.approx(var, rel=4 * 0.894 / math.sqrt(g.numel())), name  # 4 s.e.
         assert not getattr(h, name).bias.any(), name                                      # c = 0
     if kind == "linear":
         x = torch.randn(300, 7)
         with torch.no_grad():
             y = layer(x, rows)
-        ratio = float(F.relu(y).pow(2).mean() if relu_follows else y.var()) / float(x.var())
+        ratio = float(F.relu(y).pow(2).mean() if relu_follows else y.var()) / float(x.var())   # He et al.'s sense
         assert 0.9 <= ratio <= 1.1, ratio
 
 
 def test_eq1_2_measure_e_squared_on_the_rows_given_and_take_r_1_where_a_relu_follows_r_0_at_the_end_and_downsample():
-    """Fig. 2-3: a ReLU follows linear1-3, nothing the final layer, BN the AD downsample; the largest of 64 to 2,048
-    draws is within 0.9x of sqrt(3 * 2^r / (2 d_j E[e^2])), and a wrong r moves it by sqrt(2)."""
+    """Fig. 2-3: a ReLU follows linear1-3 (r = 1), not the final layer nor the AD downsample (BN does: r = 0)."""
     model = build_model("brain-age", "hyperfusion", image_shape=BRAIN_AGE_SMALL)
     sex = torch.eye(2)[torch.randint(0, 2, (50,))]
     measured = init_hyperlayers(model, sex)
@@ -772,7 +766,7 @@ def test_eq1_2_measure_e_squared_on_the_rows_given_and_take_r_1_where_a_relu_fol
         layer = getattr(model, name)
         with torch.no_grad():
             assert sq_mean == pytest.approx(float(layer.hypernet.embedding(sex).pow(2).mean()), rel=1e-5)
-        bound = (2 ** (name != "final_layer") / (2 * layer.fan_in * 1 * sq_mean) * 3) ** 0.5  # s = 1, d_k = 1
+        bound = (2 ** (name != "final_layer") / (2 * layer.fan_in * 1 * sq_mean) * 3) ** 0.5  # a wrong r: x sqrt(2)
         assert 0.9 * bound < float(layer.hypernet.weights_gen.weight.detach().abs().max()) <= bound, name
     downsample = build_model("ad", "hyperfusion", n_tabular=15).block4.downsample
     assert not downsample.relu_follows and downsample.fan_in == 128                 # then Eq. 1-2 with r = 0
@@ -780,9 +774,7 @@ def test_eq1_2_measure_e_squared_on_the_rows_given_and_take_r_1_where_a_relu_fol
 
 def test_hyperfusion_starts_from_the_trained_tabular_mlp_of_its_split_fold_and_version_and_eq1_2_from_its_outputs(
         ad_cohort60, tmp_path, monkeypatch):
-    """Sec. 3.1.3, 4.3.6: the embedding holds the trained MLP's first three modules (weights, BN statistics) as
-    training starts; init_hyperlayers is handed the training rows alone as preprocessed, and Eq. 1-2 draw the
-    generators from E[e^2] of the embedding there (max |G| within 3e-4 of the bound: 32,768 and 2,048 draws)."""
+    """Sec. 3.1.3, 4.3.6: the MLP's weights and BN statistics; E[e^2] of its embedding on the training rows."""
     seen, real = [], train_ad.init_hyperlayers
     monkeypatch.setattr(train_ad, "init_hyperlayers", lambda model, rows: seen.append(rows.clone()) or real(model,
                                                                                                             rows))
@@ -806,13 +798,12 @@ def test_hyperfusion_starts_from_the_trained_tabular_mlp_of_its_split_fold_and_v
               "bias_gen": math.sqrt(3 * 2 ** 0 / (2 * d_k * sq_mean))}                    # Eq. 2
     for name, bound in bounds.items():
         largest = float(start[f"block4.downsample.hypernet.{name}.weight"].abs().max())
-        assert bound * (1 - 3e-4) <= largest <= bound, (name, largest, bound)
+        assert bound * (1 - 3e-4) <= largest <= bound, (name, largest, bound)      # 32,768 and 2,048 draws
         assert not start[f"block4.downsample.hypernet.{name}.bias"].any()      # c = 0
 
 
 def test_after_a_short_run_the_two_sexes_generate_different_weights_in_every_hyperlayer(brain_age_run):
-    """The embeddings start at ones, so both sexes share the first weights; 8 Adam steps at lr 1.5e-4 part them
-    (~1e-4 relative; 2e-5 is 100x float32 rounding)."""
+    """The embeddings start at ones (one set of weights for both); 8 Adam steps at lr 1.5e-4 part them by ~1e-4."""
     def relative_differences(model):
         out = []
         for name in model.linears:
@@ -824,7 +815,7 @@ def test_after_a_short_run_the_two_sexes_generate_different_weights_in_every_hyp
         return out
     untrained = build_model("brain-age", "hyperfusion", image_shape=synthetic.BRAIN_AGE_SYNTH["shape"])
     assert relative_differences(untrained) == [0.0] * 8
-    assert min(relative_differences(load_run(brain_age_run[1]).model())) > 2e-5
+    assert min(relative_differences(load_run(brain_age_run[1]).model())) > 2e-5     # 100x float32 rounding
 
 
 # ----------------------------------------------------------------------------------------------
@@ -834,8 +825,7 @@ def test_after_a_short_run_the_two_sexes_generate_different_weights_in_every_hyp
 
 
 def test_loss_entropy_ranks_a_layer_the_loss_depends_on_above_one_it_ignores_over_one_range_shared_by_all_layers():
-    """An ignored layer scores 0; so does one that moves the loss a thousand times less than another, however its
-    own few losses spread, as all layers' losses fall into bins over one shared range; the strong one spreads."""
+    """An ignored layer scores 0, and so does one moving the loss 1000x less than another, however its losses spread."""
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -872,8 +862,7 @@ def test_select_layers_scores_every_candidate_layer(brain_age_cohort20):
 
 
 def _random_weights(state):
-    """The names of the randomly initialised tensors: every convolution's, linear layer's and generator's weight
-    (not biases, BN, PReLU or the brain-age sex embeddings, which start alike in every version)."""
+    """Names of the weights drawn at random (of convolutions, linear layers, generators; not the sex embeddings')."""
     return [k for k, v in state.items() if k.endswith("weight") and v.dim() >= 2
             and not (k.startswith(("linear", "final_layer")) and ".hypernet.embedding." in k)]
 
@@ -924,9 +913,7 @@ def _spy_adam(monkeypatch, stop=False):
 
 def test_eq3_every_trained_parameter_is_decayed_with_the_runs_lambda_and_generated_weights_are_none(tmp_path,
                                                                                                       monkeypatch):
-    """Eq. 3: the primary network's own parameters and the hypernetwork's (embedding, generators) decay with the
-    run's lambda; no hyperlayer holds a parameter of the generated weight's shape. Under a loss of zero gradient
-    Adam's first step is the decay's alone: every parameter moves lr towards zero."""
+    """Eq. 3: lambda (||theta_P_internal||^2 + ||theta_H||^2); no hyperlayer holds the generated weight's shape."""
     for model in (build_model("brain-age", "hyperfusion", image_shape=BRAIN_AGE_SMALL),
                   build_model("ad", "hyperfusion", n_tabular=15)):
         for layer in (m for m in model.modules() if isinstance(m, (HyperConv, HyperLinear))):
@@ -951,15 +938,13 @@ def test_eq3_every_trained_parameter_is_decayed_with_the_runs_lambda_and_generat
                  str(tmp_path), {"n_tabular": 2}, quiet=True)
     (params, kwargs), = made
     assert {id(p) for p in params} == {id(p) for p in model.parameters()} and kwargs["weight_decay"] == 0.01
-    for n, p in model.named_parameters():
+    for n, p in model.named_parameters():             # a zero gradient: Adam's first step is the decay's, lr to 0
         torch.testing.assert_close(p.detach(), before[n] - 1e-3 * before[n].sign(), rtol=0, atol=1e-5, msg=n)
 
 
 @pytest.mark.parametrize("scale", [10.0, 4.0])
 def test_brain_age_decay_over_the_target_scale_squared_gives_the_steps_of_lambda_on_ages_in_years(scale):
-    """Encoding the age / s makes Adam's L2 term s^2 times stronger, so AgeTarget.decay(lambda) = lambda / s^2:
-    the gradients of MSE(encoded) + decay(lambda) ||theta||^2 are 1/s^2 those of MSE(years) + lambda ||theta||^2,
-    and Adam, blind to a gradient's scale, takes the same steps with either."""
+    """Ages / s make L2 s^2 as strong: gradients are 1/s^2 those in years; Adam, scale-blind, steps alike."""
     target, lam = AgeTarget(centre=63.0, scale=scale), 0.5
     torch.manual_seed(0)
     x, age = torch.randn(16, 3), 40 + 40 * torch.rand(16)
@@ -983,8 +968,7 @@ def test_brain_age_decay_over_the_target_scale_squared_gives_the_steps_of_lambda
 
 def test_brain_age_minimises_eq4_on_the_centred_age_and_gives_adam_the_runs_decay_over_the_target_scale_squared(
         brain_age_cohort20, tmp_path, monkeypatch):
-    """train_brain_age.py hands the loop (1/B) sum_b (y_hat_b - (age_b - centre) / s)^2 (Eq. 4: the default s = 1,
-    centred years), its value and gradient, and Adam --weight-decay lambda / s^2 on every parameter."""
+    """Eq. 4, (1/B) sum_b (y_hat_b - (age_b - centre) / s)^2 (s = 1 by default), and lambda / s^2 on every parameter."""
     assert AgeTarget(centre=50.0).encode(np.array([62.0])) == pytest.approx([12.0])
     seen, made, real, scale = [], _spy_adam(monkeypatch, stop=True), train_brain_age.fit, 10.0
     monkeypatch.setattr(train_brain_age, "AgeTarget", lambda centre: AgeTarget(centre, scale))    # ages in decades
@@ -1021,51 +1005,44 @@ def test_eq5_weighted_cross_entropy_is_divided_by_the_batch_size_not_by_the_sum_
 
 def test_the_loop_steps_on_eq5_gradients_alone_in_training_mode_and_keeps_the_epoch_best_on_validation_rows(
         ad_cohort60, tmp_path, monkeypatch):
-    """train_ad.py's tabular run (from a table with no images beside it), watched: at every step each gradient is
-    Eq. 5's on that batch alone (weights N / (C n_c) counted on training + validation rows, / B), in training mode
-    (zero_grad first; train() again after validation); epochs are scored by the validation rows' balanced accuracy
-    and best.pt holds the first best there."""
+    """Each step's gradient is Eq. 5's on its batch alone, in train mode; best.pt holds the first epoch best on val."""
     table = data.read_ad_table(ad_cohort60, need_images=False)
     parts = dict(zip(("train", "val", "test"), data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 1)))
     rows = torch.as_tensor(TabularPreprocessor().fit([table.raw[i] for i in parts["train"]]).transform(table.raw))
     class_weights = lambda idx: (lambda n: n.sum() / (3 * n))(np.bincount(table.labels[idx], minlength=3))
-    w = torch.tensor(class_weights(np.concatenate([parts["train"], parts["val"]])), dtype=torch.float32)
+    w = torch.tensor(class_weights(np.concatenate([parts["train"], parts["val"]])), dtype=torch.float32)   # N / (C n_c)
     for other in (parts["train"], np.arange(len(table.labels))):     # the cohort tells them apart
         assert not np.allclose(class_weights(other), w.numpy(), rtol=1e-3)
     batches, steps, epochs, real_fit, real_optimizer = [], [], [], train_ad.fit, training.make_optimizer
 
-    def eq5_gradients(model, tabular, target):
-        twin = copy.deepcopy(model).train()
-        log_p = F.log_softmax(twin(None, tabular), 1)[torch.arange(len(target)), target]
-        return torch.autograd.grad(-(w[target] * log_p).sum() / len(target), list(twin.parameters()))   # Eq. 5
+    def optimizer(model, *args):
+        opt = real_optimizer(model, *args)
+        real_step = opt.step
 
-    def spy_fit(model, train_loader, loss_fn, validate, *args, **kwargs):
-        def optimizer(*a, **k):
-            opt = real_optimizer(*a, **k)
-            real_step = opt.step
+        def step(*a, **k):
+            _, tabular, target = batches[-1]
+            steps.append(model.training)
+            twin = copy.deepcopy(model).train()
+            log_p = F.log_softmax(twin(None, tabular), 1)[torch.arange(len(target)), target]
+            eq5 = torch.autograd.grad(-(w[target] * log_p).sum() / len(target), list(twin.parameters()))   # Eq. 5
+            for p, g in zip(model.parameters(), eq5):
+                torch.testing.assert_close(p.grad, g)
+            return real_step(*a, **k)
+        opt.step = step
+        return opt
 
-            def step(*sa, **sk):
-                _, tabular, target = batches[-1]
-                steps.append(model.training)
-                for p, g in zip(model.parameters(), eq5_gradients(model, tabular, target)):
-                    torch.testing.assert_close(p.grad, g)
-                return real_step(*sa, **sk)
-            opt.step = step
-            return opt
+    def scored(validate, m):
+        score = validate(m)
+        with torch.no_grad():                                                                 # m is in eval()
+            ba = {part: classification_metrics(table.labels[idx], torch.softmax(m(None, rows[idx]), 1).numpy(),
+                                               NAMES)["balanced_accuracy"] for part, idx in parts.items()}
+        epochs.append((score["balanced_accuracy"], ba, copy.deepcopy(m.state_dict())))
+        return score
 
-        def scored(m):
-            score = validate(m)
-            with torch.no_grad():                                                             # m is in eval()
-                ba = {part: classification_metrics(table.labels[idx], torch.softmax(m(None, rows[idx]), 1).numpy(),
-                                                   NAMES)["balanced_accuracy"] for part, idx in parts.items()}
-            epochs.append((score["balanced_accuracy"], ba, copy.deepcopy(m.state_dict())))
-            return score
-
-        monkeypatch.setattr(training, "make_optimizer", optimizer)
-        return real_fit(model, _Batches(train_loader, batches), loss_fn, scored, *args, **kwargs)
-
-    monkeypatch.setattr(train_ad, "fit", spy_fit)
-    shutil.copy(ad_cohort60, tmp_path / "table.csv")
+    monkeypatch.setattr(training, "make_optimizer", optimizer)
+    monkeypatch.setattr(train_ad, "fit", lambda model, loader, loss_fn, validate, *a, **k: real_fit(
+        model, _Batches(loader, batches), loss_fn, lambda m: scored(validate, m), *a, **k))
+    shutil.copy(ad_cohort60, tmp_path / "table.csv")                       # the tabular model needs no images
     train_ad.main(_tabular_args(tmp_path / "table.csv", tmp_path, "--epochs", "4", "--lr", "3e-2"))
     assert len(steps) == 4 * 4 and all(steps)                                 # 36 training rows, batches of 8
     scores = [s for s, _, _ in epochs]
@@ -1172,15 +1149,10 @@ def rows_with_missing(n=60, seed=0):
         r = {"AGE": f"{rng.normal(73, 7):.1f}", "PTGENDER": "Male" if i % 2 else "Female",
              "PTEDUCAT": str(rng.integers(8, 20)), "APOE4": str(rng.integers(0, 3)),
              "ABETA": f"{rng.normal(900, 300):.1f}", "PTAU": f"{rng.normal(25, 8):.1f}",
-             "TAU": f"{rng.normal(280, 90):.1f}", "FDG": f"{rng.normal(6, 0.6):.2f}", "AV45": ""}
-        if i % 3 == 0:
-            r["ABETA"] = r["PTAU"] = r["TAU"] = ""
-        if i % 4 == 0:
-            r["FDG"] = ""
-        if i % 2 == 0:
-            r["AV45"] = f"{rng.normal(1.2, 0.2):.2f}"
-        if i == 5:
-            r["ABETA"] = ">1700"
+             "TAU": f"{rng.normal(280, 90):.1f}", "FDG": f"{rng.normal(6, 0.6):.2f}"}
+        r["AV45"] = "" if i % 2 else f"{rng.normal(1.2, 0.2):.2f}"
+        r["FDG"] = "" if i % 4 == 0 else r["FDG"]
+        r.update(dict.fromkeys(["ABETA", "PTAU", "TAU"], "") if i % 3 == 0 else {"ABETA": ">1700"} if i == 5 else {})
         rows.append(r)
     return rows
 
@@ -1493,32 +1465,31 @@ def _model_inputs(task, batch=4):
     return torch.randn(batch, 1, *AD_SMALL, generator=g), torch.randn(batch, 5, generator=g)
 
 
-def test_brain_age_parameter_counts_equal_table_5():
-    model = build_model("brain-age", "hyperfusion")
-    table5 = {"conv1_a": 448, "conv1_b": 6928, "batchnorm1": 32, "conv2_a": 13856, "conv2_b": 27680,
-              "batchnorm2": 64, "conv3_a": 55360, "conv3_b": 110656, "batchnorm3": 128, "dropout1": 0,
-              "linear1": 1261603, "linear2": 1091, "linear3": 4227, "final_layer": 133}
-    assert {n: count_parameters(m) for n, m in model.named_children()} == table5
-    assert count_parameters(model) == 1482206 and model.flat_features == 39424
-    assert count_parameters(build_model("brain-age", "imaging")) == 848673
+TABLE_5 = {"conv1_a": 448, "conv1_b": 6928, "batchnorm1": 32, "conv2_a": 13856, "conv2_b": 27680, "batchnorm2": 64,
+           "conv3_a": 55360, "conv3_b": 110656, "batchnorm3": 128, "dropout1": 0, "linear1": 1261603, "linear2": 1091,
+           "linear3": 4227, "final_layer": 133}
+TABLE_6 = {"conv_bn_relu": 480, "max_pool3d_1": 0, "block1": 42208, "block2": 168384, "block3": 672640,
+           "block4": 2953216 + 145, "adaptive_avg_pool3d": 0, "linear_drop1": 0, "fc1": 16448, "linear_drop2": 0,
+           "fc2": 195}
 
 
-def test_ad_parameter_counts_equal_table_6():
-    model = build_model("ad", "hyperfusion", n_tabular=15)
-    table6 = {"conv_bn_relu": 480, "max_pool3d_1": 0, "block1": 42208, "block2": 168384, "block3": 672640,
-              "block4": 2953216 + 145, "adaptive_avg_pool3d": 0, "linear_drop1": 0, "fc1": 16448,
-              "linear_drop2": 0, "fc2": 195}
-    assert {n: count_parameters(m) for n, m in model.named_children()} == table6
-    assert count_parameters(model.embedding) == 145  # Linear(15, 8) BatchNorm1d(8) PReLU
-    assert count_parameters(model) == 3853716 and count_parameters(build_model("ad", "imaging")) == 3589123
-    assert count_parameters(build_model("ad", "tabular", n_tabular=15)) == 15 * 8 + 8 + 16 + 1 + 8 * 3 + 3
+@pytest.mark.parametrize("task,options,table,total,imaging", [("brain-age", {}, TABLE_5, 1482206, 848673),
+                                                              ("ad", dict(n_tabular=15), TABLE_6, 3853716, 3589123)])
+def test_parameter_counts_equal_tables_5_and_6(task, options, table, total, imaging):
+    model = build_model(task, "hyperfusion", **options)
+    assert {n: count_parameters(m) for n, m in model.named_children()} == table
+    assert count_parameters(model) == total and count_parameters(build_model(task, "imaging", **options)) == imaging
+    if task == "brain-age":
+        assert model.flat_features == 39424
+    else:                                             # the embedding Linear(15, 8) BatchNorm1d(8) PReLU, then the MLP
+        assert count_parameters(model.embedding) == 145
+        assert count_parameters(build_model("ad", "tabular", n_tabular=15)) == 15 * 8 + 8 + 16 + 1 + 8 * 3 + 3
 
 
 @pytest.mark.parametrize("task,name,options", MODEL_CASES)
 def test_tables_5_6_each_network_computes_its_layers_in_the_papers_order_with_its_dropout_rates_and_bn_momenta(
         task, name, options):
-    """Also: the hyperlayers named are HyperConvs, the embedding is the tabular model's, and every parameter gets a
-    gradient."""
+    """Also: the hyperlayers named, the tabular model's embedding loaded, a gradient for every parameter."""
     net = _randomise(build_model(task, name, **options)).to("cpu").train()    # .to() walks every submodule
     if "hyperlayers" in options:
         assert {n for n, m in net.block4.named_children() if isinstance(m, HyperConv)} == set(options["hyperlayers"])
