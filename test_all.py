@@ -1880,7 +1880,7 @@ def test_hyper_block_can_make_any_convolution_a_hyperlayer():
 # the 5-best ensemble, Fig. 4A's training sets, the sex sweep.
 
 
-def test_brain_age_split_cuts_every_sex_and_20_age_bin_stratum_80_10_10_within_one_subject():
+def test_brain_age_split_cuts_every_sex_and_age_stratum_80_10_10_by_its_seed_and_the_demo_keeps_200_and_200():
     rng = np.random.default_rng(0)
     age, sex = rng.uniform(8, 90, 2000), rng.integers(0, 2, 2000)
     strata = _strata(sex, _age_bins(age))
@@ -1892,23 +1892,17 @@ def test_brain_age_split_cuts_every_sex_and_20_age_bin_stratum_80_10_10_within_o
             members = np.flatnonzero(strata == g)
             for part, share in zip(parts, (0.8, 0.1, 0.1)):
                 assert abs(np.isin(members, part).sum() - share * len(members)) <= 1 + 1e-9, (seed, g)
-
-
-def test_the_brain_age_demo_split_holds_validation_and_test_sets_of_200():
-    rng = np.random.default_rng(0)
-    age, sex = rng.uniform(8, 90, 800), rng.integers(0, 2, 800)
-    tr, va, te = data.brain_age_split(age, sex, seed=0, fractions=train_brain_age.DEMO_SPLIT)
-    assert (len(tr), len(va), len(te)) == (400, 200, 200)
-    assert np.array_equal(data.brain_age_split(age, sex, 0)[2], data.brain_age_split(age, sex, 0, (.8, .1, .1))[2])
+    again, other = data.brain_age_split(age, sex, 2, (.8, .1, .1)), data.brain_age_split(age, sex, 3)
+    assert all(np.array_equal(p, q) for p, q in zip(parts, again)) and not np.array_equal(parts[2], other[2])
+    demo = data.brain_age_split(age[:800], sex[:800], seed=0, fractions=train_brain_age.DEMO_SPLIT)
+    assert [len(p) for p in demo] == [400, 200, 200]
 
 
 def test_a_two_epoch_brain_age_run_writes_its_files_with_maes_in_years(brain_age_run):
     metrics, run = brain_age_run
     for f in ["best.pt", "last.pt", "log.csv", "metrics.json", "predictions.npz"]:
         assert os.path.isfile(os.path.join(run, f)), f
-    for split in ("val", "test"):
-        for k in ("mae", "mae_male", "mae_female"):
-            assert 0.0 < metrics[split][k] < 100.0
+    assert all(0.0 < metrics[s][k] < 100.0 for s in ("val", "test") for k in ("mae", "mae_male", "mae_female"))
 
 
 def test_the_brain_age_target_is_centred_on_the_mean_age_of_the_training_rows_it_trains_on(fig4a_women_run):
@@ -1922,36 +1916,34 @@ def test_the_brain_age_target_is_centred_on_the_mean_age_of_the_training_rows_it
 
 def test_the_brain_age_demo_anneals_its_learning_rate_by_a_cosine_and_real_data_keeps_table_1s_constant_rate(
         brain_age_run, brain_age_cohort20, tmp_path, monkeypatch):
-    """The demo's last epochs settle (a cosine from lr towards 0, epoch by epoch as log.csv records it); a table
-    of the user's trains at Table 1's constant rate."""
     _, real = brain_age_run
     assert load_run(real).run.lr_schedule == "constant"
     with open(os.path.join(real, "log.csv")) as f:
         assert [float(r["lr"]) for r in csv.DictReader(f)] == [1.5e-4] * 2
     monkeypatch.setattr(training, "builtin_cohort", lambda task, data_dir, quiet: str(brain_age_cohort20))
-    train_brain_age.main(["--out", str(tmp_path), "--epochs", "3", "--batch-size", "8", "--quiet"])   # the demo
-    run_dir = training.brain_age_run_dir(tmp_path, "hyperfusion", 0)
+    train_brain_age.main(["--out", str(tmp_path), "--epochs", "3", "--batch-size", "8", "--model", "imaging",
+                          "--quiet"])
+    run_dir = training.brain_age_run_dir(tmp_path, "imaging", 0)
     assert load_run(run_dir).run.lr_schedule == "cosine"
     with open(os.path.join(run_dir, "log.csv")) as f:
-        rows = list(csv.DictReader(f))
-    expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * e / 3)) for e in range(3)]      # 1e-3, 7.5e-4, 2.5e-4
-    assert [float(r["lr"]) for r in rows] == pytest.approx(expected, rel=1e-12)
+        lrs = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert lrs == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * e / 3)) for e in range(3)], rel=1e-12)
 
 
 def test_precise_bn_re_estimates_the_running_statistics_from_the_training_batches_alone():
-    class Net(nn.Module):
+    class Net(_TabularNet):
         def __init__(self):
             super().__init__()
-            self.linear, self.norm = nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=0.05)
+            self.norm = nn.BatchNorm1d(2, momentum=0.05)
 
         def forward(self, image, tabular):
             return self.norm(self.linear(tabular))
 
     torch.manual_seed(0)
     net = Net().eval()
-    net.norm.running_mean.fill_(99.0)                                        # stale statistics
+    net.norm.running_mean.fill_(99.0)                                        # stale statistics, as after an epoch
     net.norm.running_var.fill_(50.0)
-    net.norm.num_batches_tracked.fill_(1000)                                 # as after an epoch of training
+    net.norm.num_batches_tracked.fill_(1000)
     xs = [torch.randn(8, 3) * 2 + 1 for _ in range(3)]
     weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "num_batches" not in k}
     training.recalibrate_batchnorm(net, [(torch.zeros(8, 0), x, torch.zeros(8)) for x in xs], torch.device("cpu"))
@@ -1963,30 +1955,30 @@ def test_precise_bn_re_estimates_the_running_statistics_from_the_training_batche
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in weights.items())
 
 
-def test_brain_age_training_re_estimates_batch_norm_before_every_validation_from_its_training_rows_in_order(
+def test_brain_age_training_re_estimates_batch_norm_before_every_validation_from_its_chosen_training_rows_in_order(
         brain_age_cohort20, tmp_path, monkeypatch):
-    """Precise BN in train_brain_age.py's own path: each epoch, before validation, the statistics are
-    re-estimated over the training split, every training subject once, in order (not validation, not shuffled)."""
-    seen = []
+    """Each epoch, over the training subjects of the chosen sex, each once, in order (not validation, not shuffled)."""
+    seen, split = [], (0.5, 0.25, 0.25)
 
     def spy(model, loader, device, precision):
         seen.append(torch.cat([age for _, _, age in loader]).numpy())
         return training.recalibrate_batchnorm(model, loader, device, precision)
 
     monkeypatch.setattr(train_brain_age, "recalibrate_batchnorm", spy)
-    train_brain_age.main(["--data-csv", str(brain_age_cohort20), "--out", str(tmp_path), "--epochs", "2",
-                          "--batch-size", "4", "--model", "imaging", "--quiet"])
+    train_brain_age.main(["--data-csv", str(brain_age_cohort20), "--out", str(tmp_path), "--epochs", "2", "--quiet",
+                          "--batch-size", "4", "--model", "imaging", "--train-sex", "F", "--split", *map(str, split)])
     table = data.read_brain_age_table(str(brain_age_cohort20), None)
-    train_idx, _, _ = data.brain_age_split(table.age, table.sex, 0)
-    assert len(seen) == 2
+    train = data.brain_age_split(table.age, table.sex, 0, split)[0]
+    women = train_brain_age.select_training_sex(train, table.sex, "F", 0)
+    assert len(seen) == 2 and len(women) < len(train)
     for ages in seen:
-        np.testing.assert_allclose(ages, table.age[train_idx].astype(np.float32))
+        np.testing.assert_array_equal(ages, table.age[women].astype(np.float32))
 
 
 def test_the_age_bias_correction_leaves_a_gap_uncorrelated_with_age_on_its_fitting_set():
     age = np.array([20.0, 30.0, 40.0, 50.0, 60.0, 70.0])
     pred = np.array([30.0, 36.0, 43.0, 50.0, 56.0, 61.0])  # regression to the mean: young over-, old under-estimated
-    gap = pred - age                                      # 10, 6, 3, 0, -4, -9
+    gap = pred - age
     slope = ((age - age.mean()) * (gap - gap.mean())).sum() / ((age - age.mean()) ** 2).sum()   # by hand
     fit = metrics.age_bias_fit(age, pred)
     assert fit["slope"] == pytest.approx(slope) and fit["intercept"] == pytest.approx(gap.mean() - slope * age.mean())
@@ -2011,25 +2003,23 @@ def test_the_age_bias_of_the_brain_age_gap_is_fitted_on_the_validation_rows_neve
 
 def test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae(tmp_path):
     rng = np.random.default_rng(3)
-    age, sex = rng.uniform(20, 80, 30), np.arange(30) % 2
-    val_mae = [5.0, 1.0, 6.0, 2.0, 3.0, 7.0, 4.0]
+    age, sex, val_age = rng.uniform(20, 80, 30), np.arange(30) % 2, rng.uniform(20, 80, 12)
     preds = {v: age + rng.normal(0, 3, 30) for v in range(7)}
-    val_age = rng.uniform(20, 80, 12)
     val_preds = {v: 0.7 * val_age + 15 + rng.normal(0, 2, 12) for v in range(7)}     # regression to the mean
-    for v, mae in enumerate(val_mae):
+    for v, mae in enumerate([5.0, 1.0, 6.0, 2.0, 3.0, 7.0, 4.0]):
         fake_brain_age_run(tmp_path, v, mae, preds[v], age, sex, val=(val_age, val_preds[v]))
     for train_sex in ("M", "F"):
         fake_brain_age_run(tmp_path, 0, 1.0, age + 2, age, sex, train_sex=train_sex)
     res = evaluate.evaluate_brain_age(str(tmp_path), quiet=True)
     hf = next(m for m in res["models"] if m["folder"] == "hyperfusion")
-    assert hf["versions"] == [1, 3, 4, 6, 0]                              # val MAE 1, 2, 3, 4, 5
-    expected = regression_metrics(age, np.mean([preds[v] for v in (1, 3, 4, 6, 0)], 0), sex)   # Eq. 6
-    assert hf["metrics"] == pytest.approx(expected)
-    chosen = (1, 3, 4, 6, 0)   # the gap is corrected with the fit of the same ensemble's validation predictions
-    val_ensemble = np.mean([val_preds[v].astype(np.float32) for v in chosen], 0)
-    fit = metrics.age_bias_fit(val_age.astype(np.float32), val_ensemble)
-    gap = metrics.gap_summary(age.astype(np.float32), np.mean([preds[v].astype(np.float32) for v in chosen], 0), sex,
-                              fit)
+    chosen = (1, 3, 4, 6, 0)                                              # val MAE 1, 2, 3, 4, 5
+    assert hf["versions"] == list(chosen)
+    ensemble = np.mean([preds[v] for v in chosen], 0)
+    assert hf["metrics"] == pytest.approx(regression_metrics(age, ensemble, sex))   # Eq. 6
+    # the gap is corrected with the fit of the same ensemble's validation predictions
+    f32 = lambda p: np.mean([p[v].astype(np.float32) for v in chosen], 0)
+    gap = metrics.gap_summary(age.astype(np.float32), f32(preds), sex, metrics.age_bias_fit(val_age.astype(np.float32),
+                                                                                           f32(val_preds)))
     assert hf["gap"] == pytest.approx(gap, abs=1e-4)
     assert [r["train"] for r in res["fig4a"]] == ["M", "F"]
     assert [(r["male"], r["female"], r["all"]) for r in res["fig4a"]] == [pytest.approx((2, 2, 2), abs=1e-4)] * 2
@@ -2039,24 +2029,21 @@ def test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae(tm
     assert "All versions kept, none chosen by validation MAE (no more than 5 exist): hyperfusion-trainF, " \
            "hyperfusion-trainM." in md
     assert hf["version_mae"] == {v: pytest.approx(np.abs(preds[v] - age).mean(), abs=1e-4) for v in range(7)}
-    trained_on_men = next(m for m in res["models"] if m["folder"] == "hyperfusion-trainM")
-    paired = np.abs(age + 2 - age) - np.abs(np.mean([preds[v] for v in chosen], 0) - age)   # the same scans
-    assert trained_on_men["vs_hyperfusion"]["mean"] == pytest.approx(paired.mean(), abs=1e-4)
-    assert trained_on_men["vs_hyperfusion"]["se"] == pytest.approx(paired.std(ddof=1) / np.sqrt(30), abs=1e-4)
+    paired = np.abs(age + 2 - age) - np.abs(ensemble - age)                          # the same scans
+    vs = next(m for m in res["models"] if m["folder"] == "hyperfusion-trainM")["vs_hyperfusion"]
+    assert vs["mean"] == pytest.approx(paired.mean(), abs=1e-4)
+    assert vs["se"] == pytest.approx(paired.std(ddof=1) / np.sqrt(30), abs=1e-4)
 
 
 def test_fig4a_training_sets_are_one_size_min_men_women_drawn_with_the_seed_and_the_mix_is_half_and_half():
-    """Sec. 4.2.4: M, F and the mix each hold min(men, women) of the training split, the mix half and half,
-    whichever sex is the larger."""
     idx = np.arange(100, 151)                             # training-split indices into the table
-    for men in (30, 21):
+    for men in (30, 21):                                  # whichever sex is the larger
         full = np.r_[np.zeros(100, int), np.zeros(men, int), np.ones(51 - men, int)]
         sets = {s: train_brain_age.select_training_sex(idx, full, s, 0) for s in ("M", "F", "mixed")}
         assert {s: len(v) for s, v in sets.items()} == {"M": 21, "F": 21, "mixed": 21}
         assert set(full[sets["M"]]) == {0} and set(full[sets["F"]]) == {1}
         assert sorted(np.bincount(full[sets["mixed"]], minlength=2)) == [10, 11]
-        for v in sets.values():
-            assert set(v) <= set(idx) and len(set(v)) == len(v)
+        assert all(set(v) <= set(idx) and len(set(v)) == len(v) for v in sets.values())
         larger = "M" if men > 21 else "F"                 # the larger sex's set is a draw, made with the seed
         again = train_brain_age.select_training_sex(idx, full, larger, 0)
         other = train_brain_age.select_training_sex(idx, full, larger, 1)
@@ -2070,32 +2057,28 @@ def test_fig4a_training_sets_are_drawn_from_the_training_split_alone(fig4a_women
     assert (table.sex[val] == 1).any() or (table.sex[test] == 1).any()     # women the wrong rows would add
 
 
-def test_precise_bn_of_a_fig4a_run_reads_its_chosen_training_subjects_alone_in_order(fig4a_women_run):
-    table, (train, _, _), (_, calibrated), _ = fig4a_women_run
-    women = train_brain_age.select_training_sex(train, table.sex, "F", 0)
-    assert len(calibrated) == 1 and len(women) < len(train)
-    np.testing.assert_array_equal(calibrated[0], table.age[women].astype(np.float32))
+def _sweep_checkpoint(path, name, cohort, cache):
+    """A brain-age checkpoint of `name` on `cohort`; HyperFusion's sexes embedded far apart, as after training."""
+    torch.manual_seed(0)
+    shape = synthetic.BRAIN_AGE_SYNTH["shape"]
+    model = build_model("brain-age", name, image_shape=shape)
+    if name == "hyperfusion":
+        for layer in model.linears:
+            getattr(model, layer).hypernet.embedding.weight.data = torch.tensor([[1.0, 2.0]])
+        init_hyperlayers(model, torch.eye(2)[torch.arange(10) % 2])
+    run = RunConfig(task="brain-age", model=name, version=0, split_seed=0, embedding_dim=1, train_sex="all",
+                    data_csv=str(cohort), cache_dir=str(cache), cache_dtype="float32", **SCHEDULE)
+    training.save_checkpoint({"model": model.state_dict(), "run": dataclasses.asdict(run), "epoch": 0,
+                              "inputs": {"n_tabular": 2, "image_shape": list(shape)},
+                              "target": {"centre": 50.0, "scale": 10.0}}, path)
+    return str(path)
 
 
 def test_brain_age_sweep_reads_every_test_scan_as_male_and_as_female(brain_age_cohort20, tmp_path):
-    torch.manual_seed(0)
-    shape = synthetic.BRAIN_AGE_SYNTH["shape"]
-    results = {}
-    for name in ("hyperfusion", "imaging"):
-        model = build_model("brain-age", name, image_shape=shape)
-        if name == "hyperfusion":  # sexes embedded far apart, as after training
-            for layer in model.linears:
-                getattr(model, layer).hypernet.embedding.weight.data = torch.tensor([[1.0, 2.0]])
-            init_hyperlayers(model, torch.eye(2)[torch.arange(10) % 2])
-        run = RunConfig(task="brain-age", model=name, version=0, split_seed=0, embedding_dim=1, train_sex="all",
-                        data_csv=str(brain_age_cohort20), cache_dir=str(tmp_path / "cache"), cache_dtype="float32",
-                        **SCHEDULE)
-        path = tmp_path / f"{name}.pt"
-        training.save_checkpoint({"model": model.state_dict(), "run": dataclasses.asdict(run), "epoch": 0,
-                                  "inputs": {"n_tabular": 2, "image_shape": list(shape)},
-                                  "target": {"centre": 50.0, "scale": 10.0}}, path)
-        results[name] = evaluate.main(["sweep", str(path), "--attribute", "Sex", "--values", "M", "F"])
-    hf, im = results["hyperfusion"]["summary"], results["imaging"]["summary"]
+    res = {name: evaluate.main(["sweep", _sweep_checkpoint(tmp_path / f"{name}.pt", name, brain_age_cohort20,
+                                                           tmp_path / "cache"), "--attribute", "Sex", "--values", "M",
+                                "F"])["summary"] for name in ("hyperfusion", "imaging")}
+    hf, im = res["hyperfusion"], res["imaging"]
     assert [s["value"] for s in hf] == [None, "M", "F"]
     assert hf[2]["mean_pred"] != pytest.approx(hf[1]["mean_pred"], abs=1e-4)      # sex changes the reading
     assert im[2]["mean_pred"] == pytest.approx(im[1]["mean_pred"], abs=1e-4)      # the image-only model ignores it
@@ -2105,16 +2088,15 @@ def test_brain_age_sweep_reads_every_test_scan_as_male_and_as_female(brain_age_c
 def test_brain_age_plots_draw_the_scatters_fig4a_and_fig4b_or_say_which_is_skipped(tmp_path, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
     rng = np.random.default_rng(5)
-    age, sex = rng.uniform(20, 80, 24), np.arange(24) % 2
-    val_age = rng.uniform(20, 80, 10)
+    age, sex, val_age = rng.uniform(20, 80, 24), np.arange(24) % 2, rng.uniform(20, 80, 10)
     full, partial, alone = tmp_path / "full", tmp_path / "partial", tmp_path / "alone"
     for v in range(2):
         for runs in (full, partial, alone):
             fake_brain_age_run(runs, v, 2.0 + v, age + rng.normal(0, 3, 24), age, sex,
                                val=(val_age, 0.7 * val_age + 15 + rng.normal(0, 1, 10)))
         fake_brain_age_run(full, v, 3.0, age + rng.normal(1, 4, 24), age, sex, model="imaging")
-    for train_sex, bias in (("M", 1.0), ("F", -1.0), ("mixed", 0.0)):
-        for runs in (full, partial) if train_sex != "mixed" else (full,):
+    for train_sex, bias, where in (("M", 1.0, (full, partial)), ("F", -1.0, (full, partial)), ("mixed", 0.0, (full,))):
+        for runs in where:
             fake_brain_age_run(runs, 0, 3.0, age + bias + rng.normal(0, 3, 24), age, sex, model="imaging",
                                train_sex=train_sex)
     texts, figures = _spy_on_figures(monkeypatch)
@@ -2130,29 +2112,26 @@ def test_brain_age_plots_draw_the_scatters_fig4a_and_fig4b_or_say_which_is_skipp
     by = {m["folder"]: m for m in res["models"]}
     # the scatter's bias line is the one the code subtracts: the validation fit of the same Eq. 6 ensemble
     fit = evaluate.brain_age_ensemble({v: training.brain_age_run_dir(full, "hyperfusion", v) for v in (0, 1)})["fit"]
-    assert any(f"slope {fit['slope']:+.2f}" in t and "validation fit" in t
-               for t in texts["brain_age_scatter_hyperfusion.png"])
+    scatter = texts["brain_age_scatter_hyperfusion.png"]
+    assert any(f"slope {fit['slope']:+.2f}" in t and "validation fit" in t for t in scatter)
     red = next(ln for ln in figures["brain_age_scatter_hyperfusion.png"].axes[0].lines if ln.get_color() == "tab:red")
     x, y = red.get_data()
     np.testing.assert_allclose(y, x + fit["intercept"] + fit["slope"] * x)
-    assert f"r(gap, age) {by['hyperfusion']['gap']['r_corrected_gap_age']:+.2f}" in \
-        " ".join(texts["brain_age_scatter_hyperfusion.png"])
+    assert f"r(gap, age) {by['hyperfusion']['gap']['r_corrected_gap_age']:+.2f}" in " ".join(scatter)
     # Fig. 4A and 4B draw the MAEs of the table, by test sex, in the paper's order of bars
-    for name, folders_in_order in (("fig4a.png", ["imaging-trainM", "imaging-trainF", "imaging-trainmixed"]),
-                                   ("fig4b.png", ["imaging", "hyperfusion"])):
+    for name, in_order in (("fig4a.png", ["imaging-trainM", "imaging-trainF", "imaging-trainmixed"]),
+                           ("fig4b.png", ["imaging", "hyperfusion"])):
         bars = [p.get_height() for p in figures[name].axes[0].patches]
-        assert bars == pytest.approx([by[f]["metrics"][k] for f in folders_in_order
-                                      for k in ("mae_male", "mae_female", "mae")])
+        assert bars == pytest.approx([by[f]["metrics"][k] for f in in_order for k in ("mae_male", "mae_female", "mae")])
     assert "not trained: concatenation, HyperFusion (sex -> 2D)" in texts["fig4b.png"]
     # absent runs: not drawn, one line each saying why
-    evaluate.main(["brain-age", "--runs", str(partial), "--plots", str(partial / "figures")])
-    printed = capsys.readouterr().out
-    assert "skipped fig4a.png: Fig. 4A compares three training sets: no finished runs in imaging-trainmixed" in printed
-    assert "skipped fig4b.png: Fig. 4B compares image-only and HyperFusion: no finished runs in imaging" in printed
-    evaluate.main(["brain-age", "--runs", str(alone), "--plots", str(alone / "figures")])
-    printed = capsys.readouterr().out
-    assert "skipped fig4a.png: no runs trained on one sex" in printed
-    for runs in (partial, alone):
+    for runs, why in ((partial, ["skipped fig4a.png: Fig. 4A compares three training sets: no finished runs in "
+                                 "imaging-trainmixed", "skipped fig4b.png: Fig. 4B compares image-only and "
+                                 "HyperFusion: no finished runs in imaging"]),
+                      (alone, ["skipped fig4a.png: no runs trained on one sex"])):
+        evaluate.main(["brain-age", "--runs", str(runs), "--plots", str(runs / "figures")])
+        printed = capsys.readouterr().out
+        assert all(line in printed for line in why), printed
         assert not {"fig4a.png", "fig4b.png"} & set(os.listdir(runs / "figures"))
         assert "brain_age_scatter_hyperfusion.png" in os.listdir(runs / "figures")
 
@@ -2188,11 +2167,11 @@ def test_synthetic_brain_age_cohort_loads_back(brain_age_cohort20):
     t = data.read_brain_age_table(brain_age_cohort20)
     assert len(t.subjects) == 20 and t.age.dtype == np.float32 and set(t.sex.tolist()) <= {0, 1}
     assert 8 <= t.age.min() and t.age.max() <= 90
+    shape = synthetic.BRAIN_AGE_SYNTH["shape"]
     cache = data.ImageCache(t.image_paths, os.path.join(os.path.dirname(brain_age_cohort20), "cache"), "float32",
-                            expected_shape=synthetic.BRAIN_AGE_SYNTH["shape"])
-    ds = data.BrainAgeDataset(cache, data.sex_onehot(t.sex), t.age)
-    img, tab, y = ds[0]
-    assert img.shape == (1,) + synthetic.BRAIN_AGE_SYNTH["shape"] and img.dtype == torch.float32
+                            expected_shape=shape)
+    img, tab, y = data.BrainAgeDataset(cache, data.sex_onehot(t.sex), t.age)[0]
+    assert img.shape == (1,) + shape and img.dtype == torch.float32
     assert tab.shape == (2,) and tab.sum() == 1 and y.dtype == torch.float32 and y.shape == ()
     brain = img[img != 0]
     assert abs(float(brain.mean())) < 1e-3 and abs(float(brain.std()) - 1) < 1e-2
@@ -2200,16 +2179,14 @@ def test_synthetic_brain_age_cohort_loads_back(brain_age_cohort20):
 
 @pytest.mark.parametrize("name", BRAIN_AGE_MODELS)
 def test_the_brain_age_network_gives_the_age_in_float32_under_bfloat16(name):
-    """bfloat16 would round an age 16-32 years from the centre to 1/8 year, beyond to 1/4: the last layer runs
-    in float32, on float32 features, while the rest of the network runs in bfloat16."""
+    """bfloat16 would round an age 16-32 years from the centre to 1/8 year: the last layer runs in float32."""
     torch.manual_seed(0)
     model = build_model("brain-age", name, image_shape=(36, 36, 36)).eval()
     image, tabular = torch.randn(3, 1, 36, 36, 36), torch.eye(2)[torch.arange(3) % 2]
     features = {}
     model.final_layer.register_forward_pre_hook(lambda m, args: features.update(x=args[0]))
     with torch.no_grad(), training.autocast(torch.device("cpu"), "bf16"):
-        age = model(image, tabular)
-        assert age.dtype == torch.float32 and features["x"].dtype == torch.float32
+        assert model(image, tabular).dtype == torch.float32 and features["x"].dtype == torch.float32
         assert model.conv1_a(image).dtype == torch.bfloat16          # the rest of the network in bfloat16
 
 
@@ -2219,7 +2196,8 @@ def test_a_brain_age_cohort_too_small_for_its_split_is_refused_in_one_line_befor
     small = os.path.join(os.path.dirname(brain_age_cohort20), f"first{n}.csv")   # beside the images
     with open(small, "w") as f:
         f.write("\n".join(open(brain_age_cohort20).read().splitlines()[:n + 1]) + "\n")
-    parts = data.brain_age_split(*(lambda t: (t.age, t.sex))(data.read_brain_age_table(small)), 0)
+    table = data.read_brain_age_table(small)
+    parts = data.brain_age_split(table.age, table.sex, 0)
     proc = run_main(train_brain_age.main, "--data-csv", small, "--out", tmp_path, "--model", "imaging",
                     "--epochs", "1", "--quiet", "--precision", "fp32")
     assert_clean_error(proc, small, "{} training, {} validation and {} test".format(*map(len, parts)), "--split")
