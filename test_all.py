@@ -2644,10 +2644,11 @@ def _nii_copy(cohort_csv, folder):
 
 
 @pytest.fixture(scope="module")
-def nii_imaging_run(ad_cohort40, tmp_path_factory):
-    """An imaging-only AD run (one epoch) on a .nii copy of the 40-subject cohort -> (the table, the runs folder)."""
-    folder = tmp_path_factory.mktemp("nii40")
-    csv_path = _nii_copy(ad_cohort40, folder / "cohort")
+def nii_imaging_run(ad_cohort60, tmp_path_factory):
+    """An imaging-only AD run (one epoch) on a .nii copy of the 60-subject cohort (small crops) -> (the table, the
+    runs folder)."""
+    folder = tmp_path_factory.mktemp("nii60")
+    csv_path = _nii_copy(ad_cohort60, folder / "cohort")
     proc = run_main(train_ad.main, *_ad_args(csv_path, folder / "runs", "--model", "imaging", "--epochs", "1"))
     assert proc.returncode == 0, proc.stderr
     return csv_path, folder / "runs"
@@ -3377,7 +3378,7 @@ def test_metrics_json_is_strict_json_with_null_where_a_metric_is_undefined(brain
     men = _edit_table(brain_age_cohort20, os.path.join(os.path.dirname(brain_age_cohort20), "men_only.csv"),
                       lambda k, c: c[:2] + ["M"] + c[3:])
     p = run_main(train_brain_age.main, "--data-csv", men, "--out", tmp_path, "--epochs", "1", "--batch-size", "8",
-                 "--quiet", "--model", "imaging")
+                 "--quiet", "--model", "imaging", "--split", "0.5", "0.25", "0.25")
     assert p.returncode == 0 and "warning:" in p.stderr and "no female subjects" in p.stderr, p.stderr
     strict = lambda text: json.loads(text, parse_constant=lambda name: pytest.fail(name))   # no bare NaN / Infinity
     saved = strict(open(os.path.join(training.brain_age_run_dir(tmp_path, "imaging", 0), "metrics.json")).read())
