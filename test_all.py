@@ -2644,11 +2644,10 @@ def _nii_copy(cohort_csv, folder):
 
 
 @pytest.fixture(scope="module")
-def nii_imaging_run(ad_cohort60, tmp_path_factory):
-    """An imaging-only AD run (one epoch) on a .nii copy of the 60-subject cohort (small crops) -> (the table, the
-    runs folder)."""
-    folder = tmp_path_factory.mktemp("nii60")
-    csv_path = _nii_copy(ad_cohort60, folder / "cohort")
+def nii_imaging_run(ad_cohort40, tmp_path_factory):
+    """An imaging-only AD run (one epoch) on a .nii copy of the 40-subject cohort -> (the table, the runs folder)."""
+    folder = tmp_path_factory.mktemp("nii40")
+    csv_path = _nii_copy(ad_cohort40, folder / "cohort")
     proc = run_main(train_ad.main, *_ad_args(csv_path, folder / "runs", "--model", "imaging", "--epochs", "1"))
     assert proc.returncode == 0, proc.stderr
     return csv_path, folder / "runs"
