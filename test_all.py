@@ -2990,15 +2990,6 @@ def _tiny_brain_age(folder, n=10, sex="MF", shapes=None, spacing=None):
     return folder / "ba.csv"
 
 
-def _cells(text, line, col, value):
-    """text with the cell of CSV line `line` (1 = header), column index `col` set to value."""
-    lines = text.splitlines()
-    cells = lines[line - 1].split(",")
-    cells[col] = value
-    lines[line - 1] = ",".join(cells)
-    return "\n".join(lines) + "\n"
-
-
 def _renamed(src, dst, ids):
     """A copy of table `src` with its first len(ids) subjects renamed `ids` (the other rows dropped), each
     image named by an `image` column (an absolute path), so that an id need not be a file name."""
@@ -3017,8 +3008,10 @@ def _sub(table, old, new, count=-1):
 
 
 def _cell(table, col, value):
-    """Subject S1's cell of column `col` set to value (tiny_ad's table)."""
-    table.write_text(_cells(table.read_text(), 3, table.read_text().split("\n")[0].split(",").index(col), value))
+    """Subject S1's cell of column `col` set to value (tiny_ad's table: S1 is on line 3)."""
+    lines = [line.split(",") for line in table.read_text().splitlines()]
+    lines[2][lines[0].index(col)] = value
+    table.write_text("\n".join(",".join(cells) for cells in lines) + "\n")
 
 
 def _image(folder, subject, vol=None, affine=None, header=None):
@@ -3139,37 +3132,34 @@ def test_check_ad_finds_nii_beside_nii_gz_and_reads_a_flipped_header_or_a_traili
     np.testing.assert_array_equal(read.astype(np.float32), _turned(25).astype(np.float32))
 
 
+# what the voxels hold -> (what the refusal says, where, the value)
+SPOILED = {"inf": ("NaN/inf", (3, 4, 5), np.inf), "huge": ("beyond +-65504", (3, 4, 5), 1e30),
+           "negative": ("beyond +-65504", (9, 9, 9), -1e30), "zeros": ("no signal: every voxel is 0", ..., 0),
+           "constant": ("no signal: every voxel is 3.5", ..., 3.5)}
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("case", SPOILED)
 def test_images_with_non_finite_absurd_or_no_signal_values_are_refused_in_either_cache_dtype(ad_cohort40, tmp_path,
-                                                                                            dtype):
+                                                                                            case, dtype):
     """An inf voxel, +-1e30 (beyond float16's 65504: a float32 cache would train on it), all zeros (a failed
     registration) or one constant: refused before any epoch naming the subject and the file; so by check-ad."""
+    says, where, value = SPOILED[case]
     table = data.read_ad_table(ad_cohort40)
-    subject, source = table.subjects[4], table.image_paths[4]
-    good = data.load_volume(source)
-    for case, (says, spoil) in {"inf": ("NaN/inf", lambda v: v.__setitem__((3, 4, 5), np.inf)),
-                                "huge": ("beyond +-65504", lambda v: v.__setitem__((3, 4, 5), 1e30)),
-                                "negative": ("beyond +-65504", lambda v: v.__setitem__((9, 9, 9), -1e30)),
-                                "zeros": ("no signal: every voxel is 0", lambda v: v.__setitem__(slice(None), 0)),
-                                "constant": ("no signal: every voxel is 3.5",
-                                             lambda v: v.__setitem__(slice(None), 3.5))}.items():
-        folder = tmp_path / case / "images"
-        folder.mkdir(parents=True)
-        for p in table.image_paths:
-            if p != source:
-                os.symlink(p, folder / os.path.basename(p))
-        vol = good.copy()
-        spoil(vol)
-        data.save_nifti(vol, synthetic.AD_SYNTH["spacing_mm"], folder / os.path.basename(source))
-        runs = tmp_path / case / "runs"
-        args = _ad_args(ad_cohort40, runs, "--model", "imaging", "--image-dir", folder, "--cache-dtype", dtype,
-                        "--cache-dir", tmp_path / case / "cache")
-        assert_clean_error(run_main(train_ad.main, *args), f"subject {subject}", folder / os.path.basename(source),
+    subject, source, folder = table.subjects[4], table.image_paths[4], tmp_path / "images"
+    folder.mkdir()
+    for p in table.image_paths[:4] + table.image_paths[5:]:
+        os.symlink(p, folder / os.path.basename(p))
+    vol = data.load_volume(source)
+    vol[where] = value
+    data.save_nifti(vol, synthetic.AD_SYNTH["spacing_mm"], folder / os.path.basename(source))
+    args = _ad_args(ad_cohort40, tmp_path / "runs", "--model", "imaging", "--image-dir", folder, "--cache-dtype", dtype,
+                    "--cache-dir", tmp_path / "cache")
+    assert_clean_error(run_main(train_ad.main, *args), f"subject {subject}", folder / os.path.basename(source), says)
+    assert not (tmp_path / "runs").exists()
+    if dtype == "float32":
+        assert_clean_error(run_main(data.main, "check-ad", ad_cohort40, "--image-dir", folder), f"subject {subject}",
                            says)
-        assert not runs.exists()
-        if dtype == "float32":
-            assert_clean_error(run_main(data.main, "check-ad", ad_cohort40, "--image-dir", folder),
-                               f"subject {subject}", says)
 
 
 def test_images_of_another_shape_or_voxel_size_are_refused_from_their_headers(ad_cohort40, tmp_path):
