@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy.stats import mannwhitneyu
+from sklearn.experimental import enable_iterative_imputer  # noqa: F401  (IterativeImputer is experimental)
+from sklearn.impute import IterativeImputer
 from sklearn.metrics import roc_auc_score
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -44,7 +46,7 @@ import train_brain_age
 import training
 
 from metrics import classification_metrics, entropy, entropy_weighted_ensemble, regression_metrics
-from layers import HyperConv, HyperLinear, HyperPreactResBlock, init_hyperlayers
+from layers import HyperConv, HyperLinear, init_hyperlayers
 from models import (AD_MODELS, BRAIN_AGE_MODELS, AgeTarget, build_model, candidate_layers, count_parameters,
                     layer_loss_entropy)
 from training import load_run
@@ -1200,8 +1202,6 @@ def test_missing_indicators_are_for_the_attributes_with_empty_cells_in_the_train
 
 
 def test_imputation_replays_scikit_learns_iterative_imputer():
-    from sklearn.experimental import enable_iterative_imputer  # noqa: F401
-    from sklearn.impute import IterativeImputer
     rows = rows_with_missing()
     for i in (3, 50):
         rows[i]["PTGENDER"] = ""                                # sex is imputed like the others
