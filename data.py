@@ -202,8 +202,7 @@ def spreadsheet_safe(cell):
 
 
 def write_csv(rows, columns, path, for_people=False):
-    """rows: dicts or lists in column order. for_people: a file for a spreadsheet, never read back by this code,
-    every cell through spreadsheet_safe; the tables the code reads back are written verbatim."""
+    """rows: dicts or lists in column order; for_people (never read back): every cell through spreadsheet_safe."""
     columns, cell, buf = list(columns), (spreadsheet_safe if for_people else (lambda v: v)), io.StringIO(newline="")
     rows = [[r.get(c, "") for c in columns] if isinstance(r, dict) else r for r in rows]
     csv.writer(buf).writerows([cell(v) for v in r] for r in [columns, *rows])
@@ -308,8 +307,7 @@ EMPTY_CELLS = ("", "NA", "NAN")
 
 
 def parse_value(text):
-    """A cell -> float: empty or NA is NaN (missing); ADNIMERGE's censored `>1700` is 1700.0, `<8` is 8.0.
-    Anything else raises ValueError (callers add the row and column)."""
+    """A cell -> float: empty or NA is NaN (missing); ADNIMERGE's censored `>1700` is 1700.0, `<8` is 8.0."""
     s = "" if text is None else str(text).strip()
     if s.upper() in EMPTY_CELLS:
         return math.nan
@@ -321,8 +319,7 @@ def parse_value(text):
 
 def parse_attribute(col, text, checked=True):
     """An AD attribute cell (or brain age's Age) -> float: PTGENDER 0 male / 1 female, ADNI's -4 / -1 NaN (missing);
-    if `checked`, within what `col` can hold (ATTRIBUTE_RANGES). Raises ValueError saying what is wrong (callers add
-    the row and column)."""
+    if `checked`, within what `col` can hold (ATTRIBUTE_RANGES), else a ValueError (callers add the row and column)."""
     s = "" if text is None else str(text).strip()
     with contextlib.suppress(ValueError):
         if col in AD_ATTRIBUTES and float(s) in MISSING_CODES:
@@ -347,8 +344,8 @@ class TabularPreprocessor:
     indicator per attribute missing in a training row; gaps filled by IterativeImputer, whose steps are kept as
     plain numbers and replayed in numpy (a JSON-safe state, no pickled sklearn object in a checkpoint)."""
 
-    def __init__(self, max_iter=10, state=None):
-        self.max_iter, self.state = max_iter, None
+    def __init__(self, state=None):
+        self.state = None
         if state is not None:
             self.load_state_dict(state)
 
@@ -377,7 +374,7 @@ class TabularPreprocessor:
         missing = np.isnan(Z)
         steps, init = [], np.zeros(Z.shape[1])
         if missing.any():
-            imp = IterativeImputer(max_iter=self.max_iter, random_state=0, keep_empty_features=True)
+            imp = IterativeImputer(max_iter=10, random_state=0, keep_empty_features=True)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # ConvergenceWarning when max_iter rounds are reached
                 imp.fit(Z)
@@ -403,9 +400,8 @@ class TabularPreprocessor:
         return len(self.columns)
 
     def unlearned(self, raw_rows):
-        """{column: (N,) bool, the rows with a value}: columns empty in every training row, whose values transform
-        reads as missing (imputed, as every training row was): the model never learned to read them; the callers
-        say so rather than refuse, since the rest of the record is read as learned."""
+        """{column: (N,) bool, the rows with a value} of the columns empty in every training row: transform reads them
+        as missing, as in training (the model never learned them); callers say so rather than refuse."""
         sex, X = self.parse(raw_rows)
         Z = np.concatenate([X, sex[:, None]], 1)
         return {a: ~np.isnan(Z[:, self.state["imputed"].index(a)]) for a in self.state.get("empty", [])}
@@ -505,8 +501,7 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii")
 
 
 def read_csv_rows(csv_path, required):
-    """-> ([(line number, row dict)], fieldnames), checking the delimiter, the columns (present, not repeated),
-    quotes (a cell spanning lines is a quote never closed), field counts and the encoding."""
+    """-> ([(line number, row dict)], fieldnames); a cell spanning lines is a quote never closed, refused."""
     if not os.path.isfile(csv_path):
         raise UserError(f"{csv_path}: table not found")
     rows = []
@@ -570,8 +565,7 @@ def output_names(ids):
 
 
 def check_subjects(csv_path, rows, as_file_names=False):
-    """-> the Subject of every row: filled, unique and, where it names a file, a plain file name of at most
-    200 bytes that no earlier one equals but for case (one file on a case-insensitive file system)."""
+    """-> the Subject of every row: filled, unique and, as_file_names, a plain file name unique but for case."""
     seen, folded = {}, {}
     for line, row in rows:
         s = row.get("Subject", "")
@@ -648,7 +642,6 @@ class Table:
     csv_path: str
     class_names: tuple = CLASS_NAMES
     skipped: dict = None    # AD: {Group value: rows skipped}, "" for an empty Group
-    missing_codes: dict = None  # AD: {attribute: cells holding ADNI's -4 / -1, read as missing}
 
 
 def parse_group_map(pairs):
@@ -704,7 +697,7 @@ def read_ad_table(csv_path, image_dir=None, need_images=True, classes=3, group_m
     paths = _image_paths(csv_path, keep, fields, subjects, image_dir) if need_images else None
     raw = [{a: row[a] for a in AD_ATTRIBUTES} for _, row in keep]
     return Table(subjects, np.array(labels, np.int64), raw, np.array(sexes, np.int64), np.array(ages, np.float32),
-                 paths, os.fspath(csv_path), names, skipped, codes)
+                 paths, os.fspath(csv_path), names, skipped)
 
 
 def skipped_summary(table):
@@ -770,8 +763,7 @@ def _open_nifti(path, where, axis_aligned=True):
 
 
 def load_nifti(path, subject=None, canonical=True):
-    """One NIfTI -> a nibabel image of float32 3D data (RAS if canonical); missing, unreadable, truncated, not
-    3D (checked from the header) or NaN / inf voxels: a UserError naming the file and subject."""
+    """One NIfTI -> a nibabel image of float32 3D data (RAS if canonical), refused if truncated or NaN / inf."""
     where = _where(path, subject)
     img, shape = _open_nifti(path, where, canonical)
     try:
@@ -786,8 +778,7 @@ def load_nifti(path, subject=None, canonical=True):
 
 
 def load_volume(path, subject=None, expected_shape=None):
-    """A validated float32 (X, Y, Z) RAS array: no value beyond float16's range (a wrong header scale), not one
-    constant (a failed registration or an empty export)."""
+    """A validated float32 (X, Y, Z) RAS array: within float16's range (the cache's) and not one constant."""
     where = _where(path, subject)
     volume = np.asarray(load_nifti(path, subject).dataobj, dtype=np.float32)
     if expected_shape is not None and tuple(volume.shape) != tuple(expected_shape):
@@ -804,8 +795,7 @@ def load_volume(path, subject=None, expected_shape=None):
 
 
 def check_image_geometry(paths, subjects):
-    """-> (shape, voxel size in mm) in RAS from the headers alone: one shape and one voxel size for the cohort, else
-    the first image that differs is refused, naming it and the first image."""
+    """-> (shape, voxel size in mm) in RAS, from the headers alone: one of each for the whole cohort, else refused."""
     first = None
     for p, s in zip(paths, subjects):
         img, raw_shape = _open_nifti(p, _where(p, s))
@@ -937,17 +927,17 @@ def cache_lock(folder):
         os.close(fd)                   # releases the lock
 
 
-def source_hashes(paths, folder=None, subjects=None, progress=False, known=None, every=5.0):
+def source_hashes(paths, folder, subjects, progress=False, known=None, every=5.0):
     """sha256 of every file (None for a missing one), remembered in <folder>/sources.json as [size, mtime, ctime,
     inode, sha256] by absolute path, so a second call reads no image; `known`: that index ({}: read it here)."""
     known = {} if known is None else known
-    if folder and not known:            # a damaged or absent index: what it held is hashed again
+    if not known:                       # a damaged or absent index: what it held is hashed again
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError), \
                 open(os.path.join(folder, SOURCES_INDEX)) as f:
             known.update((k, v) for k, v in json.load(f)["files"].items() if isinstance(v, list) and len(v) == 5)
     out, new = [], 0
     shown = Progress("hashing the images", len(paths), "images", quiet=not progress, every=every)
-    for k, p in enumerate(paths):
+    for p, subject in zip(paths, subjects):
         ap = os.path.abspath(p)
         try:
             st = os.stat(ap)     # a file replaced by one of its size and mtime has another ctime (not settable)
@@ -959,12 +949,11 @@ def source_hashes(paths, folder=None, subjects=None, progress=False, known=None,
             try:
                 known[ap], new = key + [file_sha256(ap)], new + 1
             except OSError as exc:
-                raise UserError(f"{_where(p, subjects[k] if subjects else None)}: unreadable image "
-                                f"({exc.strerror or exc})") from None
+                raise UserError(f"{_where(p, subject)}: unreadable image ({exc.strerror or exc})") from None
         out.append(known[ap][4])
         shown.advance()
     shown.finish()
-    if new and folder:
+    if new:
         try:
             write_json({"files": dict(sorted(known.items()))}, os.path.join(folder, SOURCES_INDEX))
         except (UserError, OSError) as exc:   # only a saving of time is lost
@@ -972,15 +961,15 @@ def source_hashes(paths, folder=None, subjects=None, progress=False, known=None,
     return out
 
 
-def image_fingerprint(paths, cache_dir=None, subjects=None, progress=False):
+def image_fingerprint(paths, cache_dir, subjects, progress=False):
     """The images' part of a run's identity: sha256 over every image's file name and content hash, in table order
     (stable when the folder moves; re-exported, re-ordered or replaced images change it)."""
     h = hashlib.sha256()
-    with cache_lock(cache_dir) if cache_dir else contextlib.nullcontext():
+    with cache_lock(cache_dir):
         hashes = source_hashes(paths, cache_dir, subjects, progress)
-    for k, (p, digest) in enumerate(zip(paths, hashes)):
+    for p, subject, digest in zip(paths, subjects, hashes):
         if digest is None:
-            raise UserError(f"{_where(p, subjects[k] if subjects else None)}: image file not found")
+            raise UserError(f"{_where(p, subject)}: image file not found")
         h.update(f"{os.path.basename(p)}\t{digest}\n".encode())
     return h.hexdigest()
 
@@ -1005,10 +994,8 @@ class ImageCache:
     def __len__(self):
         return len(self.paths)
 
-    def config(self, i):
-        t = self.transform
-        return f"{self.paths[i]}|{self.dtype}|" + ("" if t is None else t.cache_key() if hasattr(t, "cache_key")
-                                                   else repr(t))
+    def config(self, i):   # the transform: HippocampusCrops or None
+        return f"{self.paths[i]}|{self.dtype}|" + ("" if self.transform is None else self.transform.cache_key())
 
     def _hash(self, indices, progress=False):
         return source_hashes([self.paths[i] for i in indices], self.cache_dir, [self.names[i] for i in indices],
@@ -1137,18 +1124,28 @@ def image_tensor(array):
     return torch.from_numpy(np.array(array, np.float16 if array.dtype == np.float16 else np.float32))
 
 
-class ADDataset(torch.utils.data.Dataset):
+class TabularDataset(torch.utils.data.Dataset):
+    """(empty image, tabular, target) for the tabular-only model, so the training loop is shared; the others' base."""
+
+    def __init__(self, tabular, targets):
+        self.tabular = torch.as_tensor(np.asarray(tabular, np.float32))
+        self.targets = torch.as_tensor(np.asarray(targets))
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return torch.zeros(0), self.tabular[i], self.targets[i]
+
+
+class ADDataset(TabularDataset):
     """(image, tabular, target) for AD (Sec. 3.5.2, 4.3.6) from (X, Y, Z) volumes and `crops`, or (2, D, H, W)
     pairs. Training: one side drawn, image (1, D, H, W); evaluation: both, image (2, 1, D, H, W)."""
 
     def __init__(self, images, tabular, labels, crops=None, train=True):
         assert len(images) == len(tabular) == len(labels)
+        super().__init__(tabular, np.asarray(labels, np.int64))
         self.images, self.crops, self.train = images, crops, train
-        self.tabular = torch.as_tensor(np.asarray(tabular, np.float32))
-        self.labels = torch.as_tensor(np.asarray(labels, np.int64))
-
-    def __len__(self):
-        return len(self.labels)
 
     def __getitem__(self, i):
         vol = self.images[i]
@@ -1160,37 +1157,19 @@ class ADDataset(torch.utils.data.Dataset):
             img = image_tensor(pair[int(torch.randint(2, (1,)))])[None]            # (1, D, H, W)
         else:
             img = image_tensor(pair)[:, None]                                       # (2, 1, D, H, W)
-        return img, self.tabular[i], self.labels[i]
+        return img, self.tabular[i], self.targets[i]
 
 
-class BrainAgeDataset(torch.utils.data.Dataset):
+class BrainAgeDataset(TabularDataset):
     """(image (1, D, H, W), sex one-hot (2,), age) for brain age (Sec. 3.5.1)."""
 
     def __init__(self, images, sex_onehot, age):
         assert len(images) == len(sex_onehot) == len(age)
+        super().__init__(sex_onehot, np.asarray(age, np.float32))
         self.images = images
-        self.tabular = torch.as_tensor(np.asarray(sex_onehot, np.float32))
-        self.age = torch.as_tensor(np.asarray(age, np.float32))
-
-    def __len__(self):
-        return len(self.age)
 
     def __getitem__(self, i):
-        return image_tensor(self.images[i])[None], self.tabular[i], self.age[i]
-
-
-class TabularDataset(torch.utils.data.Dataset):
-    """(empty image, tabular, target) for the tabular-only model, so the training loop is shared."""
-
-    def __init__(self, tabular, labels):
-        self.tabular = torch.as_tensor(np.asarray(tabular, np.float32))
-        self.labels = torch.as_tensor(np.asarray(labels))
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return torch.zeros(0), self.tabular[i], self.labels[i]
+        return image_tensor(self.images[i])[None], self.tabular[i], self.targets[i]
 
 
 # ---- the commands: ADNIMERGE in, a cohort checked before a long run, its boxes previewed -----------------------

@@ -290,9 +290,8 @@ def builtin_cohort(task, data_dir, quiet=False):
     """The task's built-in cohort under data_dir, generated on first use or when another generator wrote it."""
     folder, name, make, options = BUILTIN[task]
     csv_path = os.path.abspath(os.path.join(data_dir, folder, name))
-    info_path = os.path.join(os.path.dirname(csv_path), "cohort.json")
     info = {}
-    with contextlib.suppress(OSError, ValueError), open(info_path) as f:
+    with contextlib.suppress(OSError, ValueError), open(os.path.join(os.path.dirname(csv_path), "cohort.json")) as f:
         info = json.load(f)
     if os.path.isfile(csv_path) and all(info.get(k) == v for k, v in
                                         json.loads(json.dumps({"generator": SYNTH[task], **options})).items()):
