@@ -340,9 +340,8 @@ def parse_attribute(col, text, checked=True):
 
 
 class TabularPreprocessor:
-    """AD attributes -> float32 features fitted on training rows (Sec. 3.3): sex one-hot, 8 z-scores, a 0/1
-    indicator per attribute missing in a training row; gaps filled by IterativeImputer, whose steps are kept as
-    plain numbers and replayed in numpy (a JSON-safe state, no pickled sklearn object in a checkpoint)."""
+    """AD attributes -> float32 features fitted on training rows (Sec. 3.3): sex one-hot, 8 z-scores, missing
+    indicators; IterativeImputer's steps kept as numbers, replayed in numpy (no pickled sklearn in a checkpoint)."""
 
     def __init__(self, state=None):
         self.state = None
@@ -592,7 +591,7 @@ def find_image(folder, subject):
     return next((p for p in (os.path.join(folder, subject + x) for x in IMAGE_SUFFIXES) if os.path.isfile(p)), None)
 
 
-def _image_paths(csv_path, rows, fields, subjects, image_dir):
+def _image_paths(csv_path, rows, subjects, image_dir):
     """Image path per subject: the `image` column (relative to the CSV), else <image_dir>/<Subject>.nii[.gz]; one
     scan under two subjects (a symlink, a hard link) is refused: it could sit in training and test at once."""
     base = os.path.dirname(os.path.abspath(csv_path))
@@ -601,7 +600,7 @@ def _image_paths(csv_path, rows, fields, subjects, image_dir):
     image_dir = image_dir if image_dir is not None else os.path.join(base, "images")
     paths, seen = [], {}
     for (line, row), subj in zip(rows, subjects):
-        if "image" in fields and row.get("image"):
+        if row.get("image"):
             p = os.path.join(base, row["image"])
             if not os.path.isfile(p):
                 raise UserError(f"{csv_path} line {line}: subject {subj}: image file not found: {p}")
@@ -669,7 +668,7 @@ def read_ad_table(csv_path, image_dir=None, need_images=True, classes=3, group_m
         raise UserError(f"classes must be 2 (CN vs AD) or 3, got {classes}")
     names = CLASS_NAMES if classes == 3 else ("CN", "AD")
     required = ("Subject",) + (() if for_prediction else ("Group",)) + AD_ATTRIBUTES
-    rows, fields = read_csv_rows(csv_path, required)
+    rows, _ = read_csv_rows(csv_path, required)
     keep, labels, sexes, ages, skipped, codes = [], [], [], [], {}, {}
     for line, row in rows:
         g = diagnosis(row.get("Group", ""), group_map)
@@ -694,7 +693,7 @@ def read_ad_table(csv_path, image_dir=None, need_images=True, classes=3, group_m
         warn(f"{csv_path}: column {col}: {codes[col]} cell{'s hold' if codes[col] > 1 else ' holds'} ADNI's "
              f"missing-value code -4 or -1, read as missing")
     subjects = check_subjects(csv_path, keep)
-    paths = _image_paths(csv_path, keep, fields, subjects, image_dir) if need_images else None
+    paths = _image_paths(csv_path, keep, subjects, image_dir) if need_images else None
     raw = [{a: row[a] for a in AD_ATTRIBUTES} for _, row in keep]
     return Table(subjects, np.array(labels, np.int64), raw, np.array(sexes, np.int64), np.array(ages, np.float32),
                  paths, os.fspath(csv_path), names, skipped)
@@ -711,9 +710,8 @@ def skipped_summary(table):
 
 
 def read_brain_age_table(csv_path, image_dir=None, need_images=True, for_prediction=False):
-    """Read and validate a brain-age table: Subject, Age, Sex (M/F) [, image] (Sec. 4.2.1). for_prediction: Age
-    is optional (NaN where empty); Sex, which conditions the model, is not."""
-    rows, fields = read_csv_rows(csv_path, ("Subject", "Sex") if for_prediction else ("Subject", "Age", "Sex"))
+    """Subject, Age, Sex (M/F) [, image] (Sec. 4.2.1); for_prediction: Age may be empty (NaN), never Sex."""
+    rows, _ = read_csv_rows(csv_path, ("Subject", "Sex") if for_prediction else ("Subject", "Age", "Sex"))
     ages, sexes = [], []
     for line, row in rows:
         ages.append(read_cell(csv_path, line, row, "Age"))
@@ -724,7 +722,7 @@ def read_brain_age_table(csv_path, image_dir=None, need_images=True, for_predict
             raise UserError(f"{csv_path} line {line}: subject {row['Subject']}: column Sex: "
                             f"expected M or F, got {row['Sex']!r}")
     subjects = check_subjects(csv_path, rows)
-    paths = _image_paths(csv_path, rows, fields, subjects, image_dir) if need_images else None
+    paths = _image_paths(csv_path, rows, subjects, image_dir) if need_images else None
     return Table(subjects, None, None, np.array(sexes, np.int64), np.array(ages, np.float32), paths,
                  os.fspath(csv_path))
 
@@ -975,9 +973,8 @@ def image_fingerprint(paths, cache_dir, subjects, progress=False):
 
 
 class ImageCache:
-    """A cohort's images, each decoded once (validated, transformed, float16/32) into
-    `<subject>-<config>-<source sha256>.npy` plus a trailer (source, config, CRC-32), then served as read-only
-    memmaps. An entry that does not match or is damaged is decoded again with one `warning:` line, never served."""
+    """A cohort's images, each decoded once (validated, transformed, float16/32) into `<subject>-<config>-<source>.npy`
+    with a trailer (source, config, CRC-32), served as read-only memmaps; a stale or damaged entry is decoded again."""
     PROGRESS_EVERY = 5.0   # seconds at least between two progress lines (hashing, checking, decoding)
 
     def __init__(self, paths, cache_dir, dtype="float16", transform=None, expected_shape=None, names=None):
@@ -1078,8 +1075,7 @@ class ImageCache:
         return np.load(out, mmap_mode="r")
 
     def prepare(self, progress=True, workers=1):
-        """Check every entry and decode each missing or damaged one now (one `warning:` line names the damaged),
-        `workers` at a time in threads; Ctrl-C keeps what was written and is one line."""
+        """Check every entry and decode each missing or damaged one now, `workers` at a time in threads."""
         with cache_lock(self.cache_dir):
             self._hash(range(len(self)), progress)
             shown = Progress("checking the image cache", len(self), "entries", not progress, self.PROGRESS_EVERY)
@@ -1178,7 +1174,7 @@ def from_adnimerge(path, out, visit="bl", dx_column=None, group_map=None):
     """One row per subject of an ADNIMERGE export (one row per visit): the `visit` row, its diagnosis mapped to
     CN / MCI / AD (others dropped with a count), AGE the age at that visit (AGE + Years_bl). -> a report line."""
     dx_column = dx_column or ("DX_bl" if visit == "bl" else "DX")
-    rows, fields = read_csv_rows(path, ("PTID", "VISCODE", dx_column) + AD_ATTRIBUTES)
+    rows, _ = read_csv_rows(path, ("PTID", "VISCODE", dx_column) + AD_ATTRIBUTES)
     kept, seen, dropped = [], set(), {}
     subjects = {r["PTID"] for _, r in rows if r["PTID"]}
     for line, r in rows:
@@ -1190,7 +1186,7 @@ def from_adnimerge(path, out, visit="bl", dx_column=None, group_map=None):
             dropped[r[dx_column]] = dropped.get(r[dx_column], 0) + 1
             continue
         row = {"Subject": r["PTID"], "Group": g, **{a: r[a] for a in AD_ATTRIBUTES}}
-        years = read_cell(path, line, r, "Years_bl", lambda _, s: parse_value(s)) if "Years_bl" in fields else math.nan
+        years = read_cell(path, line, r, "Years_bl", lambda _, s: parse_value(s))     # NaN where absent or empty
         age = read_cell(path, line, r, "AGE")
         if math.isfinite(years) and math.isfinite(age):
             row["AGE"] = f"{age + years:.1f}"
@@ -1211,8 +1207,7 @@ def _gray(plane):
 
 
 def preview_crops(volume, crops, base):
-    """<base>_boxes.png: the axial and coronal mid-slices through the boxes, left box red, right green;
-    <base>_crops.png: both crops' axial and coronal mid-slices (the right one mirrored)."""
+    """<base>_boxes.png: the boxes (left red, right green) on axial and coronal mid-slices; <base>_crops.png: theirs."""
     crops.check(volume.shape)
     side_by_side = lambda tiles: np.concatenate([np.pad(t, ((0, max(u.shape[0] for u in tiles) - t.shape[0]),
                                                             (0, 2), (0, 0))) for t in tiles], 1)

@@ -235,10 +235,9 @@ def brain_age_oracle(anatomy, age_step=0.25):
     u, (mu, sd) = P["age_uniform_fraction"], P["age_bump"]
     log_prior = np.log(u / (hi - lo) + (1 - u) * np.exp(-0.5 * ((ages - mu) / sd) ** 2) / (sd * math.sqrt(2 * math.pi)))
     log_normal = lambda x, m, s: -0.5 * ((x - m) / s) ** 2 - math.log(s)
-    means, log_gap = [], []                                # per sex: structure means on the (G, K) grid
-    for male in (True, False):
-        means.append(brain_age_structures(ages[:, None] + gap[None, :], ages[:, None], male))
-        log_gap.append(log_normal(gap, 0, P["brain_age_gap_sd"]["M" if male else "F"])[None, :])
+    # per sex (male, female): the structures' means on the (G, K) grid, the gap's log density (1, K)
+    means = [brain_age_structures(ages[:, None] + gap[None, :], ages[:, None], male) for male in (True, False)]
+    log_gap = [log_normal(gap, 0, P["brain_age_gap_sd"][sex])[None, :] for sex in "MF"]
 
     def median(log_post):
         p = np.exp(log_post - log_post.max())
