@@ -378,13 +378,12 @@ class TabularPreprocessor:
                 warnings.simplefilter("ignore")  # ConvergenceWarning when max_iter rounds are reached
                 imp.fit(Z)
             init = imp.initial_imputer_.statistics_
-            steps = [{"feat": int(t.feat_idx), "neighbors": [int(k) for k in t.neighbor_feat_idx],
-                      "coef": [float(c) for c in t.estimator.coef_], "intercept": float(t.estimator.intercept_)}
+            steps = [{"feat": int(t.feat_idx), "neighbors": t.neighbor_feat_idx.tolist(),
+                      "coef": t.estimator.coef_.tolist(), "intercept": float(t.estimator.intercept_)}
                      for t in imp.imputation_sequence_]
         imputed = list(AD_CONTINUOUS) + ["PTGENDER"]
-        self.state = {"version": 2, "attributes": list(AD_CONTINUOUS), "imputed": imputed,
-                      "mean": [float(v) for v in mean], "std": [float(v) for v in std],
-                      "init": [float(v) for v in init], "steps": steps,
+        self.state = {"version": 2, "attributes": list(AD_CONTINUOUS), "imputed": imputed, "mean": mean.tolist(),
+                      "std": std.tolist(), "init": init.tolist(), "steps": steps,
                       "indicators": [imputed[j] for j in range(Z.shape[1]) if missing[:, j].any()],
                       "empty": [imputed[j] for j in range(Z.shape[1]) if missing[:, j].all()]}   # see unlearned
         return self

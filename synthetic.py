@@ -21,7 +21,6 @@ an older woman than man, which sex conditioning can exploit. brain_age_oracle re
 exact model: its MAE with and without sex (cohort.json, oracle.csv) bounds what any model could reach.
 """
 import contextlib
-import csv
 import json
 import math
 import os
@@ -33,7 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from data import (AD_ATTRIBUTES, CLASS_NAMES, ArgumentParser, HippocampusCrops, Progress, UserError, check_number,
-                  duration_text, read_brain_age_table, run_cli, save_nifti, write_csv, write_json)
+                  duration_text, read_brain_age_table, read_csv_rows, run_cli, save_nifti, write_csv, write_json)
 from metrics import fmt, markdown_table, regression_metrics
 
 AD_SYNTH = {
@@ -310,8 +309,7 @@ def oracle_report(cohort_dir, predictions=None):
     path = os.path.join(cohort_dir, "oracle.csv")
     if not os.path.isfile(path):
         raise UserError(f"{path}: not found; --cohort must be a folder that `synthetic.py brain-age` wrote")
-    with open(path, newline="") as f:
-        oracle = {r["Subject"]: r for r in csv.DictReader(f)}
+    oracle = {r["Subject"]: r for _, r in read_csv_rows(path, ("Subject",))[0]}
     index, subjects, run_pred = {s: i for i, s in enumerate(table.subjects)}, list(table.subjects), None
     if predictions is not None:
         with np.load(predictions) as p:
