@@ -548,8 +548,7 @@ def plain_file_name(name):
 
 
 def output_names(ids):
-    """A file name per id, inside its folder and distinct on a case-insensitive file system: a plain id is its own
-    name; another (`../../x`, a case-twin) its odd characters as _ plus `-` and 8 hex of its sha1."""
+    """A file name per id, inside its folder and distinct but for case: the id if plain, else made so (+ its sha1)."""
     names, used = [], set()
     for s in ids:
         name = s if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}", s) else None

@@ -34,8 +34,7 @@ NO_SITK = ("--n4 needs SimpleITK, which is not installed (pip install SimpleITK)
 
 
 def resample_isotropic(img, spacing):
-    """Trilinear onto an axis-aligned grid of `spacing` mm over the same field of view, from any affine (oblique too):
-    every output voxel is mapped back into the input grid."""
+    """Trilinear onto an axis-aligned grid of `spacing` mm over the same field of view; any affine, oblique too."""
     A = img.affine
     data = np.asarray(img.dataobj, dtype=np.float32)
     corners = np.array(np.meshgrid(*[(0, n - 1) for n in data.shape], [1], indexing="ij"), float).reshape(4, -1)
