@@ -9,6 +9,7 @@ ABETA, PTAU, TAU, FDG, AV45 (ADNIMERGE's names) [, image: a path relative to the
     python data.py from-adnimerge ADNIMERGE.csv --out table.csv [--visit bl] [--group-map SMC=CN]
 """
 import argparse
+import collections
 import concurrent.futures
 import contextlib
 import csv
@@ -417,8 +418,7 @@ class TabularPreprocessor:
             if rows.any():
                 Z[rows, st["feat"]] = Z[rows][:, st["neighbors"]] @ np.array(st["coef"]) + st["intercept"]
         female = np.clip(Z[:, -1], 0.0, 1.0)                                      # imputed sex in [0, 1]
-        ind = [missing[:, s["imputed"].index(a)] for a in s["indicators"]]
-        ind = np.stack(ind, 1) if ind else np.zeros((len(sex), 0))
+        ind = missing[:, [s["imputed"].index(a) for a in s["indicators"]]]      # (N, indicators)
         return np.concatenate([np.stack([1.0 - female, female], 1), Z[:, :-1], ind], 1).astype(np.float32)
 
     def fit_transform(self, raw_rows):
@@ -667,16 +667,14 @@ def read_ad_table(csv_path, image_dir=None, need_images=True, classes=3, group_m
     names = CLASS_NAMES if classes == 3 else ("CN", "AD")
     required = ("Subject",) + (() if for_prediction else ("Group",)) + AD_ATTRIBUTES
     rows, _ = read_csv_rows(csv_path, required)
-    keep, labels, sexes, ages, skipped, codes = [], [], [], [], {}, {}
+    keep, labels, sexes, ages, skipped, codes = [], [], [], [], collections.Counter(), collections.Counter()
     for line, row in rows:
         g = diagnosis(row.get("Group", ""), group_map)
         if g is None and not for_prediction:
-            skipped[row["Group"]] = skipped.get(row["Group"], 0) + 1
+            skipped[row["Group"]] += 1
             continue
         v = {col: read_cell(csv_path, line, row, col) for col in AD_ATTRIBUTES}   # the cells parsed again later
-        for col in AD_ATTRIBUTES:
-            if math.isnan(v[col]) and row[col].upper() not in EMPTY_CELLS:         # ADNI's -4 / -1
-                codes[col] = codes.get(col, 0) + 1
+        codes.update(c for c in AD_ATTRIBUTES if math.isnan(v[c]) and row[c].upper() not in EMPTY_CELLS)  # -4 / -1
         if classes == 2 and g == "MCI" and not for_prediction:
             continue
         keep.append((line, row))
@@ -743,9 +741,7 @@ def _open_nifti(path, where, axis_aligned=True):
         img = nib.load(path)
     except (OSError, ValueError, EOFError, zlib.error, nib.filebasedimages.ImageFileError) as exc:
         raise UserError(f"{where}: unreadable NIfTI header ({type(exc).__name__}: {exc})") from None
-    shape = tuple(img.shape)
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
+    shape = tuple(img.shape[:3]) + tuple(n for n in img.shape[3:] if n != 1)     # one volume in 4D is 3D
     if len(shape) != 3:
         raise UserError(f"{where}: expected a 3D image, got shape {tuple(img.shape)}")
     if not np.isfinite(img.affine).all() or abs(np.linalg.det(img.affine[:3, :3])) < 1e-9:
@@ -1173,7 +1169,7 @@ def from_adnimerge(path, out, visit="bl", dx_column=None, group_map=None):
     CN / MCI / AD (others dropped with a count), AGE the age at that visit (AGE + Years_bl). -> a report line."""
     dx_column = dx_column or ("DX_bl" if visit == "bl" else "DX")
     rows, _ = read_csv_rows(path, ("PTID", "VISCODE", dx_column) + AD_ATTRIBUTES)
-    kept, seen, dropped = [], set(), {}
+    kept, seen, dropped = [], set(), collections.Counter()
     subjects = {r["PTID"] for _, r in rows if r["PTID"]}
     for line, r in rows:
         if r["VISCODE"].strip().lower() != visit.lower() or not r["PTID"] or r["PTID"] in seen:
@@ -1181,7 +1177,7 @@ def from_adnimerge(path, out, visit="bl", dx_column=None, group_map=None):
         seen.add(r["PTID"])
         g = diagnosis(r[dx_column], group_map)
         if g is None:
-            dropped[r[dx_column]] = dropped.get(r[dx_column], 0) + 1
+            dropped[r[dx_column]] += 1
             continue
         row = {"Subject": r["PTID"], "Group": g, **{a: r[a] for a in AD_ATTRIBUTES}}
         years = read_cell(path, line, r, "Years_bl", lambda _, s: parse_value(s))     # NaN where absent or empty
