@@ -499,7 +499,7 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii")
 
 
 def read_csv_rows(csv_path, required):
-    """-> ([(line number, row dict)], fieldnames); a cell spanning lines is a quote never closed, refused."""
+    """-> ([(line number, row dict)], fieldnames), the delimiter, columns, quotes, field counts and encoding checked."""
     if not os.path.isfile(csv_path):
         raise UserError(f"{csv_path}: table not found")
     rows = []
@@ -1278,8 +1278,8 @@ def main(argv=None):
         t = read_brain_age_table(a.csv, a.image_dir, need_images=not a.no_images)
     shape = None
     if t.image_paths:          # every header (one shape, one voxel size), then every image decoded and validated
-        shape, shown = check_image_geometry(t.image_paths, t.subjects)[0], Progress("checking the images",
-                                                                                   len(t.subjects), "images", a.quiet)
+        shape = check_image_geometry(t.image_paths, t.subjects)[0]
+        shown = Progress("checking the images", len(t.subjects), "images", a.quiet)
         for p, s in zip(t.image_paths, t.subjects):
             load_volume(p, s, expected_shape=shape)
             shown.advance()

@@ -130,8 +130,8 @@ def _cohort(task, out_dir, n, seed, verbose):
     if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and (not os.listdir(out_dir)
                                         or os.path.isfile(os.path.join(out_dir, "cohort.json")))):
         raise UserError(f"{out_dir}: exists and is not an empty folder or a synthetic cohort; choose another --out")
-    rng, grid, shown = np.random.default_rng(seed), head_grid(P["shape"]), Progress(f"synth-{task}", n, "subjects",
-                                                                                      quiet=not verbose)
+    rng, grid = np.random.default_rng(seed), head_grid(P["shape"])
+    shown = Progress(f"synth-{task}", n, "subjects", quiet=not verbose)
     tmp = os.path.join(os.path.dirname(out_dir), f".tmp-{uuid.uuid4().hex[:12]}-{os.path.basename(out_dir)}")
     os.makedirs(os.path.join(tmp, "images"))
 
@@ -224,9 +224,8 @@ def brain_age_anatomy(rng, n):
 
 
 def brain_age_oracle(anatomy, age_step=0.25):
-    """The posterior-median age of each subject given its latent structures under the exact generative model
-    (the gap integrated out) -> {"as_male", "as_female", "without_sex"}: (n,) years each. The median minimises
-    the expected absolute error, so this oracle's MAE is the floor for any reader of these images."""
+    """Each subject's posterior-median age given its latent structures under the exact model (the gap integrated
+    out) -> {"as_male", "as_female", "without_sex"}: (n,) years; the median minimises the expected absolute error."""
     P = BRAIN_AGE_SYNTH
     lo, hi = P["age_range"]
     ages = np.arange(lo, hi + age_step / 2, age_step)                              # (G,) chronological
