@@ -9,6 +9,7 @@ ABETA, PTAU, TAU, FDG, AV45 (ADNIMERGE's names) [, image: a path relative to the
     python data.py from-adnimerge ADNIMERGE.csv --out table.csv [--visit bl] [--group-map SMC=CN]
 """
 import argparse
+import collections
 import concurrent.futures
 import contextlib
 import csv
@@ -202,8 +203,7 @@ def spreadsheet_safe(cell):
 
 
 def write_csv(rows, columns, path, for_people=False):
-    """rows: dicts or lists in column order. for_people: a file for a spreadsheet, never read back by this code,
-    every cell through spreadsheet_safe; the tables the code reads back are written verbatim."""
+    """rows: dicts or lists in column order; for_people (never read back): every cell through spreadsheet_safe."""
     columns, cell, buf = list(columns), (spreadsheet_safe if for_people else (lambda v: v)), io.StringIO(newline="")
     rows = [[r.get(c, "") for c in columns] if isinstance(r, dict) else r for r in rows]
     csv.writer(buf).writerows([cell(v) for v in r] for r in [columns, *rows])
@@ -308,8 +308,7 @@ EMPTY_CELLS = ("", "NA", "NAN")
 
 
 def parse_value(text):
-    """A cell -> float: empty or NA is NaN (missing); ADNIMERGE's censored `>1700` is 1700.0, `<8` is 8.0.
-    Anything else raises ValueError (callers add the row and column)."""
+    """A cell -> float: empty or NA is NaN (missing); ADNIMERGE's censored `>1700` is 1700.0, `<8` is 8.0."""
     s = "" if text is None else str(text).strip()
     if s.upper() in EMPTY_CELLS:
         return math.nan
@@ -321,8 +320,7 @@ def parse_value(text):
 
 def parse_attribute(col, text, checked=True):
     """An AD attribute cell (or brain age's Age) -> float: PTGENDER 0 male / 1 female, ADNI's -4 / -1 NaN (missing);
-    if `checked`, within what `col` can hold (ATTRIBUTE_RANGES). Raises ValueError saying what is wrong (callers add
-    the row and column)."""
+    if `checked`, within what `col` can hold (ATTRIBUTE_RANGES), else a ValueError (callers add the row and column)."""
     s = "" if text is None else str(text).strip()
     with contextlib.suppress(ValueError):
         if col in AD_ATTRIBUTES and float(s) in MISSING_CODES:
@@ -343,12 +341,11 @@ def parse_attribute(col, text, checked=True):
 
 
 class TabularPreprocessor:
-    """AD attributes -> float32 features fitted on training rows (Sec. 3.3): sex one-hot, 8 z-scores, a 0/1
-    indicator per attribute missing in a training row; gaps filled by IterativeImputer, whose steps are kept as
-    plain numbers and replayed in numpy (a JSON-safe state, no pickled sklearn object in a checkpoint)."""
+    """AD attributes -> float32 features fitted on training rows (Sec. 3.3): sex one-hot, 8 z-scores, missing
+    indicators; IterativeImputer's steps kept as numbers, replayed in numpy (no pickled sklearn in a checkpoint)."""
 
-    def __init__(self, max_iter=10, state=None):
-        self.max_iter, self.state = max_iter, None
+    def __init__(self, state=None):
+        self.state = None
         if state is not None:
             self.load_state_dict(state)
 
@@ -377,18 +374,17 @@ class TabularPreprocessor:
         missing = np.isnan(Z)
         steps, init = [], np.zeros(Z.shape[1])
         if missing.any():
-            imp = IterativeImputer(max_iter=self.max_iter, random_state=0, keep_empty_features=True)
+            imp = IterativeImputer(max_iter=10, random_state=0, keep_empty_features=True)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # ConvergenceWarning when max_iter rounds are reached
                 imp.fit(Z)
             init = imp.initial_imputer_.statistics_
-            steps = [{"feat": int(t.feat_idx), "neighbors": [int(k) for k in t.neighbor_feat_idx],
-                      "coef": [float(c) for c in t.estimator.coef_], "intercept": float(t.estimator.intercept_)}
+            steps = [{"feat": int(t.feat_idx), "neighbors": t.neighbor_feat_idx.tolist(),
+                      "coef": t.estimator.coef_.tolist(), "intercept": float(t.estimator.intercept_)}
                      for t in imp.imputation_sequence_]
         imputed = list(AD_CONTINUOUS) + ["PTGENDER"]
-        self.state = {"version": 2, "attributes": list(AD_CONTINUOUS), "imputed": imputed,
-                      "mean": [float(v) for v in mean], "std": [float(v) for v in std],
-                      "init": [float(v) for v in init], "steps": steps,
+        self.state = {"version": 2, "attributes": list(AD_CONTINUOUS), "imputed": imputed, "mean": mean.tolist(),
+                      "std": std.tolist(), "init": init.tolist(), "steps": steps,
                       "indicators": [imputed[j] for j in range(Z.shape[1]) if missing[:, j].any()],
                       "empty": [imputed[j] for j in range(Z.shape[1]) if missing[:, j].all()]}   # see unlearned
         return self
@@ -403,9 +399,8 @@ class TabularPreprocessor:
         return len(self.columns)
 
     def unlearned(self, raw_rows):
-        """{column: (N,) bool, the rows with a value}: columns empty in every training row, whose values transform
-        reads as missing (imputed, as every training row was): the model never learned to read them; the callers
-        say so rather than refuse, since the rest of the record is read as learned."""
+        """{column: (N,) bool, the rows with a value} of the columns empty in every training row: transform reads them
+        as missing, as in training (the model never learned them); callers say so rather than refuse."""
         sex, X = self.parse(raw_rows)
         Z = np.concatenate([X, sex[:, None]], 1)
         return {a: ~np.isnan(Z[:, self.state["imputed"].index(a)]) for a in self.state.get("empty", [])}
@@ -423,8 +418,7 @@ class TabularPreprocessor:
             if rows.any():
                 Z[rows, st["feat"]] = Z[rows][:, st["neighbors"]] @ np.array(st["coef"]) + st["intercept"]
         female = np.clip(Z[:, -1], 0.0, 1.0)                                      # imputed sex in [0, 1]
-        ind = [missing[:, s["imputed"].index(a)] for a in s["indicators"]]
-        ind = np.stack(ind, 1) if ind else np.zeros((len(sex), 0))
+        ind = missing[:, [s["imputed"].index(a) for a in s["indicators"]]]      # (N, indicators)
         return np.concatenate([np.stack([1.0 - female, female], 1), Z[:, :-1], ind], 1).astype(np.float32)
 
     def fit_transform(self, raw_rows):
@@ -505,8 +499,7 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii")
 
 
 def read_csv_rows(csv_path, required):
-    """-> ([(line number, row dict)], fieldnames), checking the delimiter, the columns (present, not repeated),
-    quotes (a cell spanning lines is a quote never closed), field counts and the encoding."""
+    """-> ([(line number, row dict)], fieldnames), the delimiter, columns, quotes, field counts and encoding checked."""
     if not os.path.isfile(csv_path):
         raise UserError(f"{csv_path}: table not found")
     rows = []
@@ -555,8 +548,7 @@ def plain_file_name(name):
 
 
 def output_names(ids):
-    """A file name per id, inside its folder and distinct on a case-insensitive file system: a plain id is its own
-    name; another (`../../x`, a case-twin) its odd characters as _ plus `-` and 8 hex of its sha1."""
+    """A file name per id, inside its folder and distinct but for case: the id if plain, else made so (+ its sha1)."""
     names, used = [], set()
     for s in ids:
         name = s if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}", s) else None
@@ -570,8 +562,7 @@ def output_names(ids):
 
 
 def check_subjects(csv_path, rows, as_file_names=False):
-    """-> the Subject of every row: filled, unique and, where it names a file, a plain file name of at most
-    200 bytes that no earlier one equals but for case (one file on a case-insensitive file system)."""
+    """-> the Subject of every row: filled, unique and, as_file_names, a plain file name unique but for case."""
     seen, folded = {}, {}
     for line, row in rows:
         s = row.get("Subject", "")
@@ -598,7 +589,7 @@ def find_image(folder, subject):
     return next((p for p in (os.path.join(folder, subject + x) for x in IMAGE_SUFFIXES) if os.path.isfile(p)), None)
 
 
-def _image_paths(csv_path, rows, fields, subjects, image_dir):
+def _image_paths(csv_path, rows, subjects, image_dir):
     """Image path per subject: the `image` column (relative to the CSV), else <image_dir>/<Subject>.nii[.gz]; one
     scan under two subjects (a symlink, a hard link) is refused: it could sit in training and test at once."""
     base = os.path.dirname(os.path.abspath(csv_path))
@@ -607,7 +598,7 @@ def _image_paths(csv_path, rows, fields, subjects, image_dir):
     image_dir = image_dir if image_dir is not None else os.path.join(base, "images")
     paths, seen = [], {}
     for (line, row), subj in zip(rows, subjects):
-        if "image" in fields and row.get("image"):
+        if row.get("image"):
             p = os.path.join(base, row["image"])
             if not os.path.isfile(p):
                 raise UserError(f"{csv_path} line {line}: subject {subj}: image file not found: {p}")
@@ -648,7 +639,6 @@ class Table:
     csv_path: str
     class_names: tuple = CLASS_NAMES
     skipped: dict = None    # AD: {Group value: rows skipped}, "" for an empty Group
-    missing_codes: dict = None  # AD: {attribute: cells holding ADNI's -4 / -1, read as missing}
 
 
 def parse_group_map(pairs):
@@ -676,17 +666,15 @@ def read_ad_table(csv_path, image_dir=None, need_images=True, classes=3, group_m
         raise UserError(f"classes must be 2 (CN vs AD) or 3, got {classes}")
     names = CLASS_NAMES if classes == 3 else ("CN", "AD")
     required = ("Subject",) + (() if for_prediction else ("Group",)) + AD_ATTRIBUTES
-    rows, fields = read_csv_rows(csv_path, required)
-    keep, labels, sexes, ages, skipped, codes = [], [], [], [], {}, {}
+    rows, _ = read_csv_rows(csv_path, required)
+    keep, labels, sexes, ages, skipped, codes = [], [], [], [], collections.Counter(), collections.Counter()
     for line, row in rows:
         g = diagnosis(row.get("Group", ""), group_map)
         if g is None and not for_prediction:
-            skipped[row["Group"]] = skipped.get(row["Group"], 0) + 1
+            skipped[row["Group"]] += 1
             continue
         v = {col: read_cell(csv_path, line, row, col) for col in AD_ATTRIBUTES}   # the cells parsed again later
-        for col in AD_ATTRIBUTES:
-            if math.isnan(v[col]) and row[col].upper() not in EMPTY_CELLS:         # ADNI's -4 / -1
-                codes[col] = codes.get(col, 0) + 1
+        codes.update(c for c in AD_ATTRIBUTES if math.isnan(v[c]) and row[c].upper() not in EMPTY_CELLS)  # -4 / -1
         if classes == 2 and g == "MCI" and not for_prediction:
             continue
         keep.append((line, row))
@@ -701,10 +689,10 @@ def read_ad_table(csv_path, image_dir=None, need_images=True, classes=3, group_m
         warn(f"{csv_path}: column {col}: {codes[col]} cell{'s hold' if codes[col] > 1 else ' holds'} ADNI's "
              f"missing-value code -4 or -1, read as missing")
     subjects = check_subjects(csv_path, keep)
-    paths = _image_paths(csv_path, keep, fields, subjects, image_dir) if need_images else None
+    paths = _image_paths(csv_path, keep, subjects, image_dir) if need_images else None
     raw = [{a: row[a] for a in AD_ATTRIBUTES} for _, row in keep]
     return Table(subjects, np.array(labels, np.int64), raw, np.array(sexes, np.int64), np.array(ages, np.float32),
-                 paths, os.fspath(csv_path), names, skipped, codes)
+                 paths, os.fspath(csv_path), names, skipped)
 
 
 def skipped_summary(table):
@@ -718,9 +706,8 @@ def skipped_summary(table):
 
 
 def read_brain_age_table(csv_path, image_dir=None, need_images=True, for_prediction=False):
-    """Read and validate a brain-age table: Subject, Age, Sex (M/F) [, image] (Sec. 4.2.1). for_prediction: Age
-    is optional (NaN where empty); Sex, which conditions the model, is not."""
-    rows, fields = read_csv_rows(csv_path, ("Subject", "Sex") if for_prediction else ("Subject", "Age", "Sex"))
+    """Subject, Age, Sex (M/F) [, image] (Sec. 4.2.1); for_prediction: Age may be empty (NaN), never Sex."""
+    rows, _ = read_csv_rows(csv_path, ("Subject", "Sex") if for_prediction else ("Subject", "Age", "Sex"))
     ages, sexes = [], []
     for line, row in rows:
         ages.append(read_cell(csv_path, line, row, "Age"))
@@ -731,7 +718,7 @@ def read_brain_age_table(csv_path, image_dir=None, need_images=True, for_predict
             raise UserError(f"{csv_path} line {line}: subject {row['Subject']}: column Sex: "
                             f"expected M or F, got {row['Sex']!r}")
     subjects = check_subjects(csv_path, rows)
-    paths = _image_paths(csv_path, rows, fields, subjects, image_dir) if need_images else None
+    paths = _image_paths(csv_path, rows, subjects, image_dir) if need_images else None
     return Table(subjects, None, None, np.array(sexes, np.int64), np.array(ages, np.float32), paths,
                  os.fspath(csv_path))
 
@@ -754,9 +741,7 @@ def _open_nifti(path, where, axis_aligned=True):
         img = nib.load(path)
     except (OSError, ValueError, EOFError, zlib.error, nib.filebasedimages.ImageFileError) as exc:
         raise UserError(f"{where}: unreadable NIfTI header ({type(exc).__name__}: {exc})") from None
-    shape = tuple(img.shape)
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
+    shape = tuple(img.shape[:3]) + tuple(n for n in img.shape[3:] if n != 1)     # one volume in 4D is 3D
     if len(shape) != 3:
         raise UserError(f"{where}: expected a 3D image, got shape {tuple(img.shape)}")
     if not np.isfinite(img.affine).all() or abs(np.linalg.det(img.affine[:3, :3])) < 1e-9:
@@ -770,8 +755,7 @@ def _open_nifti(path, where, axis_aligned=True):
 
 
 def load_nifti(path, subject=None, canonical=True):
-    """One NIfTI -> a nibabel image of float32 3D data (RAS if canonical); missing, unreadable, truncated, not
-    3D (checked from the header) or NaN / inf voxels: a UserError naming the file and subject."""
+    """One NIfTI -> a nibabel image of float32 3D data (RAS if canonical), refused if truncated or NaN / inf."""
     where = _where(path, subject)
     img, shape = _open_nifti(path, where, canonical)
     try:
@@ -786,8 +770,7 @@ def load_nifti(path, subject=None, canonical=True):
 
 
 def load_volume(path, subject=None, expected_shape=None):
-    """A validated float32 (X, Y, Z) RAS array: no value beyond float16's range (a wrong header scale), not one
-    constant (a failed registration or an empty export)."""
+    """A validated float32 (X, Y, Z) RAS array: within float16's range (the cache's) and not one constant."""
     where = _where(path, subject)
     volume = np.asarray(load_nifti(path, subject).dataobj, dtype=np.float32)
     if expected_shape is not None and tuple(volume.shape) != tuple(expected_shape):
@@ -804,8 +787,7 @@ def load_volume(path, subject=None, expected_shape=None):
 
 
 def check_image_geometry(paths, subjects):
-    """-> (shape, voxel size in mm) in RAS from the headers alone: one shape and one voxel size for the cohort, else
-    the first image that differs is refused, naming it and the first image."""
+    """-> (shape, voxel size in mm) in RAS, from the headers alone: one of each for the whole cohort, else refused."""
     first = None
     for p, s in zip(paths, subjects):
         img, raw_shape = _open_nifti(p, _where(p, s))
@@ -937,17 +919,17 @@ def cache_lock(folder):
         os.close(fd)                   # releases the lock
 
 
-def source_hashes(paths, folder=None, subjects=None, progress=False, known=None, every=5.0):
+def source_hashes(paths, folder, subjects, progress=False, known=None, every=5.0):
     """sha256 of every file (None for a missing one), remembered in <folder>/sources.json as [size, mtime, ctime,
     inode, sha256] by absolute path, so a second call reads no image; `known`: that index ({}: read it here)."""
     known = {} if known is None else known
-    if folder and not known:            # a damaged or absent index: what it held is hashed again
+    if not known:                       # a damaged or absent index: what it held is hashed again
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError), \
                 open(os.path.join(folder, SOURCES_INDEX)) as f:
             known.update((k, v) for k, v in json.load(f)["files"].items() if isinstance(v, list) and len(v) == 5)
     out, new = [], 0
     shown = Progress("hashing the images", len(paths), "images", quiet=not progress, every=every)
-    for k, p in enumerate(paths):
+    for p, subject in zip(paths, subjects):
         ap = os.path.abspath(p)
         try:
             st = os.stat(ap)     # a file replaced by one of its size and mtime has another ctime (not settable)
@@ -959,12 +941,11 @@ def source_hashes(paths, folder=None, subjects=None, progress=False, known=None,
             try:
                 known[ap], new = key + [file_sha256(ap)], new + 1
             except OSError as exc:
-                raise UserError(f"{_where(p, subjects[k] if subjects else None)}: unreadable image "
-                                f"({exc.strerror or exc})") from None
+                raise UserError(f"{_where(p, subject)}: unreadable image ({exc.strerror or exc})") from None
         out.append(known[ap][4])
         shown.advance()
     shown.finish()
-    if new and folder:
+    if new:
         try:
             write_json({"files": dict(sorted(known.items()))}, os.path.join(folder, SOURCES_INDEX))
         except (UserError, OSError) as exc:   # only a saving of time is lost
@@ -972,23 +953,22 @@ def source_hashes(paths, folder=None, subjects=None, progress=False, known=None,
     return out
 
 
-def image_fingerprint(paths, cache_dir=None, subjects=None, progress=False):
+def image_fingerprint(paths, cache_dir, subjects, progress=False):
     """The images' part of a run's identity: sha256 over every image's file name and content hash, in table order
     (stable when the folder moves; re-exported, re-ordered or replaced images change it)."""
     h = hashlib.sha256()
-    with cache_lock(cache_dir) if cache_dir else contextlib.nullcontext():
+    with cache_lock(cache_dir):
         hashes = source_hashes(paths, cache_dir, subjects, progress)
-    for k, (p, digest) in enumerate(zip(paths, hashes)):
+    for p, subject, digest in zip(paths, subjects, hashes):
         if digest is None:
-            raise UserError(f"{_where(p, subjects[k] if subjects else None)}: image file not found")
+            raise UserError(f"{_where(p, subject)}: image file not found")
         h.update(f"{os.path.basename(p)}\t{digest}\n".encode())
     return h.hexdigest()
 
 
 class ImageCache:
-    """A cohort's images, each decoded once (validated, transformed, float16/32) into
-    `<subject>-<config>-<source sha256>.npy` plus a trailer (source, config, CRC-32), then served as read-only
-    memmaps. An entry that does not match or is damaged is decoded again with one `warning:` line, never served."""
+    """A cohort's images, each decoded once (validated, transformed, float16/32) into `<subject>-<config>-<source>.npy`
+    with a trailer (source, config, CRC-32), served as read-only memmaps; a stale or damaged entry is decoded again."""
     PROGRESS_EVERY = 5.0   # seconds at least between two progress lines (hashing, checking, decoding)
 
     def __init__(self, paths, cache_dir, dtype="float16", transform=None, expected_shape=None, names=None):
@@ -1005,10 +985,8 @@ class ImageCache:
     def __len__(self):
         return len(self.paths)
 
-    def config(self, i):
-        t = self.transform
-        return f"{self.paths[i]}|{self.dtype}|" + ("" if t is None else t.cache_key() if hasattr(t, "cache_key")
-                                                   else repr(t))
+    def config(self, i):   # the transform: HippocampusCrops or None
+        return f"{self.paths[i]}|{self.dtype}|" + ("" if self.transform is None else self.transform.cache_key())
 
     def _hash(self, indices, progress=False):
         return source_hashes([self.paths[i] for i in indices], self.cache_dir, [self.names[i] for i in indices],
@@ -1091,8 +1069,7 @@ class ImageCache:
         return np.load(out, mmap_mode="r")
 
     def prepare(self, progress=True, workers=1):
-        """Check every entry and decode each missing or damaged one now (one `warning:` line names the damaged),
-        `workers` at a time in threads; Ctrl-C keeps what was written and is one line."""
+        """Check every entry and decode each missing or damaged one now, `workers` at a time in threads."""
         with cache_lock(self.cache_dir):
             self._hash(range(len(self)), progress)
             shown = Progress("checking the image cache", len(self), "entries", not progress, self.PROGRESS_EVERY)
@@ -1137,18 +1114,28 @@ def image_tensor(array):
     return torch.from_numpy(np.array(array, np.float16 if array.dtype == np.float16 else np.float32))
 
 
-class ADDataset(torch.utils.data.Dataset):
+class TabularDataset(torch.utils.data.Dataset):
+    """(empty image, tabular, target) for the tabular-only model, so the training loop is shared; the others' base."""
+
+    def __init__(self, tabular, targets):
+        self.tabular = torch.as_tensor(np.asarray(tabular, np.float32))
+        self.targets = torch.as_tensor(np.asarray(targets))
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return torch.zeros(0), self.tabular[i], self.targets[i]
+
+
+class ADDataset(TabularDataset):
     """(image, tabular, target) for AD (Sec. 3.5.2, 4.3.6) from (X, Y, Z) volumes and `crops`, or (2, D, H, W)
     pairs. Training: one side drawn, image (1, D, H, W); evaluation: both, image (2, 1, D, H, W)."""
 
     def __init__(self, images, tabular, labels, crops=None, train=True):
         assert len(images) == len(tabular) == len(labels)
+        super().__init__(tabular, np.asarray(labels, np.int64))
         self.images, self.crops, self.train = images, crops, train
-        self.tabular = torch.as_tensor(np.asarray(tabular, np.float32))
-        self.labels = torch.as_tensor(np.asarray(labels, np.int64))
-
-    def __len__(self):
-        return len(self.labels)
 
     def __getitem__(self, i):
         vol = self.images[i]
@@ -1160,37 +1147,19 @@ class ADDataset(torch.utils.data.Dataset):
             img = image_tensor(pair[int(torch.randint(2, (1,)))])[None]            # (1, D, H, W)
         else:
             img = image_tensor(pair)[:, None]                                       # (2, 1, D, H, W)
-        return img, self.tabular[i], self.labels[i]
+        return img, self.tabular[i], self.targets[i]
 
 
-class BrainAgeDataset(torch.utils.data.Dataset):
+class BrainAgeDataset(TabularDataset):
     """(image (1, D, H, W), sex one-hot (2,), age) for brain age (Sec. 3.5.1)."""
 
     def __init__(self, images, sex_onehot, age):
         assert len(images) == len(sex_onehot) == len(age)
+        super().__init__(sex_onehot, np.asarray(age, np.float32))
         self.images = images
-        self.tabular = torch.as_tensor(np.asarray(sex_onehot, np.float32))
-        self.age = torch.as_tensor(np.asarray(age, np.float32))
-
-    def __len__(self):
-        return len(self.age)
 
     def __getitem__(self, i):
-        return image_tensor(self.images[i])[None], self.tabular[i], self.age[i]
-
-
-class TabularDataset(torch.utils.data.Dataset):
-    """(empty image, tabular, target) for the tabular-only model, so the training loop is shared."""
-
-    def __init__(self, tabular, labels):
-        self.tabular = torch.as_tensor(np.asarray(tabular, np.float32))
-        self.labels = torch.as_tensor(np.asarray(labels))
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return torch.zeros(0), self.tabular[i], self.labels[i]
+        return image_tensor(self.images[i])[None], self.tabular[i], self.targets[i]
 
 
 # ---- the commands: ADNIMERGE in, a cohort checked before a long run, its boxes previewed -----------------------
@@ -1199,8 +1168,8 @@ def from_adnimerge(path, out, visit="bl", dx_column=None, group_map=None):
     """One row per subject of an ADNIMERGE export (one row per visit): the `visit` row, its diagnosis mapped to
     CN / MCI / AD (others dropped with a count), AGE the age at that visit (AGE + Years_bl). -> a report line."""
     dx_column = dx_column or ("DX_bl" if visit == "bl" else "DX")
-    rows, fields = read_csv_rows(path, ("PTID", "VISCODE", dx_column) + AD_ATTRIBUTES)
-    kept, seen, dropped = [], set(), {}
+    rows, _ = read_csv_rows(path, ("PTID", "VISCODE", dx_column) + AD_ATTRIBUTES)
+    kept, seen, dropped = [], set(), collections.Counter()
     subjects = {r["PTID"] for _, r in rows if r["PTID"]}
     for line, r in rows:
         if r["VISCODE"].strip().lower() != visit.lower() or not r["PTID"] or r["PTID"] in seen:
@@ -1208,10 +1177,10 @@ def from_adnimerge(path, out, visit="bl", dx_column=None, group_map=None):
         seen.add(r["PTID"])
         g = diagnosis(r[dx_column], group_map)
         if g is None:
-            dropped[r[dx_column]] = dropped.get(r[dx_column], 0) + 1
+            dropped[r[dx_column]] += 1
             continue
         row = {"Subject": r["PTID"], "Group": g, **{a: r[a] for a in AD_ATTRIBUTES}}
-        years = read_cell(path, line, r, "Years_bl", lambda _, s: parse_value(s)) if "Years_bl" in fields else math.nan
+        years = read_cell(path, line, r, "Years_bl", lambda _, s: parse_value(s))     # NaN where absent or empty
         age = read_cell(path, line, r, "AGE")
         if math.isfinite(years) and math.isfinite(age):
             row["AGE"] = f"{age + years:.1f}"
@@ -1232,8 +1201,7 @@ def _gray(plane):
 
 
 def preview_crops(volume, crops, base):
-    """<base>_boxes.png: the axial and coronal mid-slices through the boxes, left box red, right green;
-    <base>_crops.png: both crops' axial and coronal mid-slices (the right one mirrored)."""
+    """<base>_boxes.png: the boxes (left red, right green) on axial and coronal mid-slices; <base>_crops.png: theirs."""
     crops.check(volume.shape)
     side_by_side = lambda tiles: np.concatenate([np.pad(t, ((0, max(u.shape[0] for u in tiles) - t.shape[0]),
                                                             (0, 2), (0, 0))) for t in tiles], 1)
@@ -1310,8 +1278,8 @@ def main(argv=None):
         t = read_brain_age_table(a.csv, a.image_dir, need_images=not a.no_images)
     shape = None
     if t.image_paths:          # every header (one shape, one voxel size), then every image decoded and validated
-        shape, shown = check_image_geometry(t.image_paths, t.subjects)[0], Progress("checking the images",
-                                                                                   len(t.subjects), "images", a.quiet)
+        shape = check_image_geometry(t.image_paths, t.subjects)[0]
+        shown = Progress("checking the images", len(t.subjects), "images", a.quiet)
         for p, s in zip(t.image_paths, t.subjects):
             load_volume(p, s, expected_shape=shape)
             shown.advance()

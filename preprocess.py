@@ -33,9 +33,8 @@ NO_SITK = ("--n4 needs SimpleITK, which is not installed (pip install SimpleITK)
            "or run ANTs N4BiasFieldCorrection beforehand and drop --n4")
 
 
-def resample_isotropic(img, spacing, order=1):
-    """Resample a nibabel image onto an axis-aligned grid of `spacing` mm covering the same field of view;
-    any affine (oblique too): every output voxel is mapped back into the input grid."""
+def resample_isotropic(img, spacing):
+    """Trilinear onto an axis-aligned grid of `spacing` mm over the same field of view; any affine, oblique too."""
     A = img.affine
     data = np.asarray(img.dataobj, dtype=np.float32)
     corners = np.array(np.meshgrid(*[(0, n - 1) for n in data.shape], [1], indexing="ij"), float).reshape(4, -1)
@@ -45,7 +44,7 @@ def resample_isotropic(img, spacing, order=1):
     new = np.diag([spacing, spacing, spacing, 1.0])
     new[:3, 3] = lo
     M = np.linalg.inv(A) @ new                                                     # new voxel -> old voxel
-    out = ndimage.affine_transform(data, M[:3, :3], M[:3, 3], output_shape=out_shape, order=order,
+    out = ndimage.affine_transform(data, M[:3, :3], M[:3, 3], output_shape=out_shape, order=1,
                                    mode="constant", cval=0.0)
     return nib.Nifti1Image(out.astype(np.float32), new)
 
@@ -119,12 +118,11 @@ def preprocess_volume(img, mask=None, spacing=1.75, shape=(90, 120, 99), n4=Fals
         mask = nib.as_closest_canonical(mask)
         if mask.shape[:3] != img.shape[:3] or not np.allclose(mask.affine, img.affine, atol=1e-3):
             raise UserError(f"mask shape {mask.shape[:3]} / affine does not match the image {img.shape[:3]}")
+        mask = nib.Nifti1Image((np.asarray(mask.dataobj) > 0.5).astype(np.float32), mask.affine)   # 0 / 1
     if n4:
         img = n4_correct(img, None if mask is None else np.asarray(mask.dataobj) > 0.5)
-    res = resample_isotropic(img, spacing, order=1)
+    res = resample_isotropic(img, spacing)
     data = np.asarray(res.dataobj, np.float32)
-    if mask is not None:
-        mask = nib.Nifti1Image((np.asarray(mask.dataobj) > 0.5).astype(np.float32), mask.affine)
     m = estimate_brain_mask(data) if mask is None else np.asarray(resample_isotropic(mask, spacing).dataobj) > 0.5
     if not m.any():
         raise UserError("the brain mask is empty")

@@ -21,7 +21,6 @@ an older woman than man, which sex conditioning can exploit. brain_age_oracle re
 exact model: its MAE with and without sex (cohort.json, oracle.csv) bounds what any model could reach.
 """
 import contextlib
-import csv
 import json
 import math
 import os
@@ -33,7 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from data import (AD_ATTRIBUTES, CLASS_NAMES, ArgumentParser, HippocampusCrops, Progress, UserError, check_number,
-                  duration_text, read_brain_age_table, run_cli, save_nifti, write_csv, write_json)
+                  duration_text, read_brain_age_table, read_csv_rows, run_cli, save_nifti, write_csv, write_json)
 from metrics import fmt, markdown_table, regression_metrics
 
 AD_SYNTH = {
@@ -131,8 +130,8 @@ def _cohort(task, out_dir, n, seed, verbose):
     if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and (not os.listdir(out_dir)
                                         or os.path.isfile(os.path.join(out_dir, "cohort.json")))):
         raise UserError(f"{out_dir}: exists and is not an empty folder or a synthetic cohort; choose another --out")
-    rng, grid, shown = np.random.default_rng(seed), head_grid(P["shape"]), Progress(f"synth-{task}", n, "subjects",
-                                                                                      quiet=not verbose)
+    rng, grid = np.random.default_rng(seed), head_grid(P["shape"])
+    shown = Progress(f"synth-{task}", n, "subjects", quiet=not verbose)
     tmp = os.path.join(os.path.dirname(out_dir), f".tmp-{uuid.uuid4().hex[:12]}-{os.path.basename(out_dir)}")
     os.makedirs(os.path.join(tmp, "images"))
 
@@ -225,9 +224,8 @@ def brain_age_anatomy(rng, n):
 
 
 def brain_age_oracle(anatomy, age_step=0.25):
-    """The posterior-median age of each subject given its latent structures under the exact generative model
-    (the gap integrated out) -> {"as_male", "as_female", "without_sex"}: (n,) years each. The median minimises
-    the expected absolute error, so this oracle's MAE is the floor for any reader of these images."""
+    """Each subject's posterior-median age given its latent structures under the exact model (the gap integrated
+    out) -> {"as_male", "as_female", "without_sex"}: (n,) years; the median minimises the expected absolute error."""
     P = BRAIN_AGE_SYNTH
     lo, hi = P["age_range"]
     ages = np.arange(lo, hi + age_step / 2, age_step)                              # (G,) chronological
@@ -235,10 +233,9 @@ def brain_age_oracle(anatomy, age_step=0.25):
     u, (mu, sd) = P["age_uniform_fraction"], P["age_bump"]
     log_prior = np.log(u / (hi - lo) + (1 - u) * np.exp(-0.5 * ((ages - mu) / sd) ** 2) / (sd * math.sqrt(2 * math.pi)))
     log_normal = lambda x, m, s: -0.5 * ((x - m) / s) ** 2 - math.log(s)
-    means, log_gap = [], []                                # per sex: structure means on the (G, K) grid
-    for male in (True, False):
-        means.append(brain_age_structures(ages[:, None] + gap[None, :], ages[:, None], male))
-        log_gap.append(log_normal(gap, 0, P["brain_age_gap_sd"]["M" if male else "F"])[None, :])
+    # per sex (male, female): the structures' means on the (G, K) grid, the gap's log density (1, K)
+    means = [brain_age_structures(ages[:, None] + gap[None, :], ages[:, None], male) for male in (True, False)]
+    log_gap = [log_normal(gap, 0, P["brain_age_gap_sd"][sex])[None, :] for sex in "MF"]
 
     def median(log_post):
         p = np.exp(log_post - log_post.max())
@@ -290,9 +287,8 @@ def builtin_cohort(task, data_dir, quiet=False):
     """The task's built-in cohort under data_dir, generated on first use or when another generator wrote it."""
     folder, name, make, options = BUILTIN[task]
     csv_path = os.path.abspath(os.path.join(data_dir, folder, name))
-    info_path = os.path.join(os.path.dirname(csv_path), "cohort.json")
     info = {}
-    with contextlib.suppress(OSError, ValueError), open(info_path) as f:
+    with contextlib.suppress(OSError, ValueError), open(os.path.join(os.path.dirname(csv_path), "cohort.json")) as f:
         info = json.load(f)
     if os.path.isfile(csv_path) and all(info.get(k) == v for k, v in
                                         json.loads(json.dumps({"generator": SYNTH[task], **options})).items()):
@@ -312,8 +308,7 @@ def oracle_report(cohort_dir, predictions=None):
     path = os.path.join(cohort_dir, "oracle.csv")
     if not os.path.isfile(path):
         raise UserError(f"{path}: not found; --cohort must be a folder that `synthetic.py brain-age` wrote")
-    with open(path, newline="") as f:
-        oracle = {r["Subject"]: r for r in csv.DictReader(f)}
+    oracle = {r["Subject"]: r for _, r in read_csv_rows(path, ("Subject",))[0]}
     index, subjects, run_pred = {s: i for i, s in enumerate(table.subjects)}, list(table.subjects), None
     if predictions is not None:
         with np.load(predictions) as p:
