@@ -3758,7 +3758,8 @@ def test_hyperfusion_continues_an_interrupted_pre_training_of_its_tabular_mlp(ad
 @pytest.mark.parametrize("poison, says", [
     ("training loss", "the training loss is nan (step 1 of 4)"),
     ("validation outputs", "validation outputs are nan for 12 of 12 subjects"),
-    ("batchnorm", "BatchNorm running statistic embedding.1.running_var is inf after the epoch's steps")])
+    ("batchnorm", "BatchNorm running statistic embedding.1.running_var is inf after the epoch's steps")],
+    ids=["training-loss", "validation-outputs", "batchnorm"])
 def test_a_non_finite_loss_output_or_batchnorm_statistic_stops_the_run_naming_the_epoch_with_the_last_good_kept(
         ad_cohort60, tmp_path, monkeypatch, poison, says):
     """Epoch 2 poisoned (1e30 voxels gave an infinite BatchNorm variance with a finite loss); epoch 1 kept."""
@@ -4525,7 +4526,8 @@ def test_loader_workers_and_decode_workers_count_the_cores_this_process_may_use_
     ("cpu", None, "auto", "fp32", "fp32"), ("cuda", (8, 0), "auto", "fp32", "fp32"),
     ("cpu", None, "bf16", "bfloat16 on a CPU is slower", "fp32"), ("cpu", None, "fp16", "float16 with loss", "fp32"),
     ("cuda", (8, 0), "bf16", "bf16", "bf16"), ("cuda", (7, 5), "bf16", "Tesla T4 only emulates bfloat16", "fp32"),
-    ("cuda", (7, 5), "fp16", "fp16", "fp16")])
+    ("cuda", (7, 5), "fp16", "fp16", "fp16")],
+    ids=["cpu-auto", "gpu-auto", "cpu-bf16", "cpu-fp16", "ampere-bf16", "turing-bf16", "turing-fp16"])
 def test_the_precision_is_float32_by_default_refused_where_the_device_cannot_train_it_and_replayed_where_it_can(
         device, capability, asked, resolved, replayed, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
