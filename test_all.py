@@ -3032,16 +3032,11 @@ def test_metrics_json_is_strict_json_with_null_where_a_metric_is_undefined(brain
 # or read-only storage stop in one line with the last good state kept.
 
 
-def sigint_as_a_terminal_leaves_it():
-    """preexec_fn of a child the test will Ctrl-C: SIGINT back to its default before exec. pytest started as a
-    shell's background job (`pytest &`, nohup, some CI runners) runs with SIGINT ignored, an ignored signal stays
-    ignored across fork and exec, and the child's Python then never sees the Ctrl-C the test sends."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+NAN = float("nan")
 
 
 def _full_disk_open(folder, error=errno.ENOSPC):
-    """open() whose files opened for writing under `folder` take a little, then fail as a full disk (or, with
-    EACCES, an unwritable folder) does: OSError(error) from write."""
+    """open() whose writes under `folder` fail with OSError(error) after 100 bytes (root ignores chmod)."""
     folder, real = os.path.abspath(folder), open
 
     def patched(file, mode="r", *args, **kwargs):
@@ -3055,63 +3050,8 @@ def _full_disk_open(folder, error=errno.ENOSPC):
     return patched
 
 
-DECODE_SCRIPT = '''"""A cache decode slow enough to stop midway: each entry written half, the rest 0.3 s later."""
-import os
-import sys
-import time
-
-import data
-
-MARKER, real_open = os.environ["DECODE_MARKER"], open
-
-
-def slow_open(file, mode="r", *args, **kwargs):
-    """open() for the cache's writes: a stop during the pause finds a half-written temporary file, which must not
-    be left."""
-    f = real_open(file, mode, *args, **kwargs)
-    if "w" in mode and ".npy" in os.fspath(file):
-        def write(blob, _write=f.write):
-            n = _write(blob[:len(blob) // 2])
-            real_open(MARKER, "a").close()
-            time.sleep(0.3)
-            return n + _write(blob[len(blob) // 2:])
-        f.write = write
-    return f
-
-
-data.open = slow_open
-
-
-def main(argv):
-    folder, cache_dir = argv
-    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))
-    data.ImageCache(paths, cache_dir).prepare(progress=False, workers=2)
-
-
-if __name__ == "__main__":
-    data.run_cli(main, sys.argv[1:])
-'''
-
-
-def _start_decode(ad_cohort40, tmp_path):
-    """A parallel decode of the cohort's images in its own process group, once a decoding thread is writing an
-    entry. -> the process."""
-    script, marker = tmp_path / "decode.py", tmp_path / "began"
-    script.write_text(DECODE_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=HERE, DECODE_MARKER=str(marker))
-    proc = subprocess.Popen([sys.executable, str(script), os.path.join(os.path.dirname(ad_cohort40), "images"),
-                             str(tmp_path / "cache")], cwd=HERE, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=sigint_as_a_terminal_leaves_it)
-    t0 = time.time()
-    while not marker.exists() and proc.poll() is None and time.time() - t0 < 60:
-        time.sleep(0.05)
-    assert marker.exists(), proc.communicate()
-    return proc
-
-
 def _snapshot(folder):
-    """{file: (bytes, modification time)} of every file under folder: equal snapshots mean nothing was touched."""
+    """{file: (bytes, modification time)} under folder: equal snapshots mean nothing was touched."""
     return {f: (open(os.path.join(folder, f), "rb").read(), os.stat(os.path.join(folder, f)).st_mtime_ns)
             for f in _files(folder)}
 
@@ -3120,48 +3060,93 @@ def _epoch_of(run_dir, name="last.pt"):
     return training.load_checkpoint(os.path.join(run_dir, name))["epoch"] + 1
 
 
-@pytest.mark.parametrize("precision", ["fp32"])
-def test_resume_after_an_interruption_ends_as_an_uninterrupted_run(ad_cohort60, tmp_path, monkeypatch, precision):
-    """On CPU, exactly."""
-    precise = ("--precision", precision)
-    straight = train_ad.main(_ad_args(ad_cohort60, tmp_path / "a", "--model", "concat", *precise))
+def _stop_after_epoch(monkeypatch, epoch, stop=None):
+    """training.write_log that calls stop() (raises KeyboardInterrupt if None) once the log holds `epoch` epochs."""
+    real = training.write_log
 
-    real_write_log = training.write_log
+    def write_log(history, path):
+        real(history, path)
+        if len(history) == epoch:
+            if stop is None:
+                raise KeyboardInterrupt
+            stop()
+    monkeypatch.setattr(training, "write_log", write_log)
 
-    def interrupt_after_first_epoch(history, path):
-        real_write_log(history, path)
-        raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "write_log", interrupt_after_first_epoch)
+def _under_signal(sig, call):
+    """call() with SIGINT's handler Python's own (pytest in the background ignores it), SIGTERM's failing the test."""
+    def unhandled(signum, frame):
+        raise AssertionError(f"signal {signum} reached the test's handler")
+    previous = signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else unhandled)
+    try:
+        return call()
+    finally:
+        signal.signal(sig, previous)
+
+
+@pytest.fixture(scope="module")
+def concat_run(ad_cohort60, tmp_path_factory):
+    """A two-epoch concat run -> (its metrics, its folder, (subjects, item[0].shape[:2]) of each loader scored)."""
+    out, scored, real = tmp_path_factory.mktemp("concat"), [], train_ad.ad_metrics
+
+    def spy(model, loader, *args):
+        scored.append((len(loader.dataset), loader.dataset[0][0].shape[:2]))
+        return real(model, loader, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_ad, "ad_metrics", spy)
+        metrics = train_ad.main(_ad_args(ad_cohort60, out, "--model", "concat"))
+    return metrics, _run_dir(out, "concat"), scored
+
+
+@pytest.fixture(scope="module")
+def tabular_run(ad_cohort60, tmp_path_factory):
+    """The --out of a finished one-epoch tabular run (fold 1) at the default precision; tests work on copies."""
+    out = tmp_path_factory.mktemp("tabular")
+    train_ad.main(["--data-csv", str(ad_cohort60), "--out", str(out), "--model", "tabular", "--epochs", "1",
+                   "--batch-size", "8", "--quiet", "--split-seed", "0", "--fold", "1"])
+    return out
+
+
+def _copy_of(tabular_run, tmp_path):
+    shutil.copytree(tabular_run, tmp_path, dirs_exist_ok=True)
+    return _run_dir(tmp_path, "tabular")
+
+
+def test_resume_after_an_interruption_ends_as_an_uninterrupted_run(ad_cohort60, concat_run, tmp_path, monkeypatch):
+    _stop_after_epoch(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
-        train_ad.main(_ad_args(ad_cohort60, tmp_path / "b", "--model", "concat", *precise))
-    monkeypatch.setattr(training, "write_log", real_write_log)
-    assert training.load_checkpoint(os.path.join(_run_dir(tmp_path / "b", "concat"), "last.pt"))["epoch"] == 0
-    resumed = train_ad.main(_ad_args(ad_cohort60, tmp_path / "b", "--model", "concat", "--resume", *precise))
-    assert resumed == straight
+        train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "concat"))
+    monkeypatch.undo()
+    assert _epoch_of(_run_dir(tmp_path, "concat")) == 1
+    assert train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "concat", "--resume")) == concat_run[0]
 
 
-def test_a_corrupt_checkpoint_given_to_resume_stops_with_a_clear_error(ad_cohort60, tmp_path):
-    run = _run_dir(tmp_path, "imaging")
-    os.makedirs(run)
-    with open(os.path.join(run, "last.pt"), "wb") as f:
-        f.write(b"PK\x03\x04 not really a checkpoint")
-    assert_clean_error(run_main(train_ad.main, *_ad_args(ad_cohort60, tmp_path, "--model", "imaging", "--resume")),
-                       "last.pt", "corrupt")
+@pytest.mark.parametrize("change, says", [
+    ("corrupt", ["corrupt or unreadable checkpoint"]),
+    (("--cache-dtype", "float32"), ["belongs to another run", "cache_dtype: checkpoint 'float16', now 'float32'"]),
+    (("--lr", "2e-3"), ["belongs to another run", "lr: checkpoint 0.0001, now 0.002"]),
+    ("trained at bf16", ["belongs to another run", "precision: checkpoint 'bf16', now 'fp32'"])],
+    ids=["corrupt", "cache-dtype", "lr", "precision"])
+def test_resume_refuses_a_corrupt_checkpoint_or_one_of_another_run_naming_what_differs(ad_cohort60, tabular_run,
+                                                                                       tmp_path, change, says):
+    last = os.path.join(_copy_of(tabular_run, tmp_path), "last.pt")
+    if change == "corrupt":
+        with open(last, "wb") as f:
+            f.write(b"PK\x03\x04 not really a checkpoint")
+    elif change == "trained at bf16":                             # as if trained at bfloat16 on a GPU
+        ckpt = training.load_checkpoint(last)
+        training.save_checkpoint({**ckpt, "run": {**ckpt["run"], "precision": "bf16"}}, last)
+    before = _snapshot(tmp_path)
+    extra = change if isinstance(change, tuple) else ()
+    assert_clean_error(run_main(train_ad.main, *_tabular_args(ad_cohort60, tmp_path, "--resume", *extra)), last,
+                       *says)
+    assert _snapshot(tmp_path) == before
 
 
-def test_a_checkpoint_of_another_run_is_refused(ad_fold_runs):
-    with pytest.raises(UserError, match="another run"):
-        training.load_checkpoint(os.path.join(_run_dir(ad_fold_runs, "tabular", 1), "last.pt"),
-                                 {"model": "tabular", "fold": 3})
-
-
-def test_a_run_folder_that_holds_a_run_is_refused_to_a_new_one_before_any_file_changes(ad_cohort60, tmp_path):
-    """The issue's re-run: a finished run's command again with another --lr (no --resume), interrupted after an
-    epoch, left the old metrics.json beside a half-trained best.pt, which predict.py then used. Now a folder
-    that holds a run, finished or not, is refused to a new run before anything is written."""
-    train_ad.main(_tabular_args(ad_cohort60, tmp_path, "--epochs", "1"))
-    run_dir = _run_dir(tmp_path, "tabular")
+def test_a_run_folder_that_holds_a_run_is_refused_to_a_new_one_before_any_file_changes(ad_cohort60, tabular_run,
+                                                                                        tmp_path):
+    run_dir = _copy_of(tabular_run, tmp_path)
     before = _snapshot(tmp_path)
     again = _tabular_args(ad_cohort60, tmp_path, "--epochs", "1", "--lr", "2e-3")
     assert_clean_error(run_main(train_ad.main, *again), run_dir, "holds a finished run", "metrics.json", "--resume",
@@ -3177,27 +3162,17 @@ def test_a_run_folder_that_holds_a_run_is_refused_to_a_new_one_before_any_file_c
 
 
 def test_a_resumed_run_that_trains_further_never_leaves_the_old_metrics_beside_its_new_checkpoints(
-        ad_cohort60, tmp_path, monkeypatch):
-    """--resume with a larger --epochs continues a finished run: its metrics.json and predictions.npz go before
-    the first new epoch, so an interruption leaves an unfinished run that predict.py refuses and run-protocol
-    resumes; --epochs may grow on --resume, never shrink (epochs is not part of a run's identity)."""
-    train_ad.main(_tabular_args(ad_cohort60, tmp_path, "--epochs", "1"))
-    run_dir = _run_dir(tmp_path, "tabular")
-    real_write_log = training.write_log
-
-    def interrupt_after_epoch_2(history, path):
-        real_write_log(history, path)
-        if len(history) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(training, "write_log", interrupt_after_epoch_2)
+        ad_cohort60, tabular_run, tmp_path, monkeypatch):
+    """metrics.json and predictions.npz go before the first new epoch; --epochs may grow on --resume, not shrink."""
+    run_dir = _copy_of(tabular_run, tmp_path)
+    _stop_after_epoch(monkeypatch, 2)
     p = run_main(train_ad.main, *_tabular_args(ad_cohort60, tmp_path, "--epochs", "3", "--resume"))
     assert p.returncode == 130 and p.stderr.startswith("interrupted (Ctrl-C) in epoch 3 of 3: ") and \
         f"{run_dir}/last.pt holds epoch 2" in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr
     assert _epoch_of(run_dir) == 2 and not {"metrics.json", "predictions.npz"} & set(os.listdir(run_dir))
     with pytest.raises(UserError, match="no finished run"):
         predict.find_runs([run_dir])
-    monkeypatch.setattr(training, "write_log", real_write_log)
+    monkeypatch.undo()
     assert_clean_error(run_main(train_ad.main, *_tabular_args(ad_cohort60, tmp_path, "--epochs", "1", "--resume")),
                        "--epochs 1", "trained 2 epochs", "may grow but not shrink")
     train_ad.main(_tabular_args(ad_cohort60, tmp_path, "--epochs", "3", "--resume"))
@@ -3206,8 +3181,7 @@ def test_a_resumed_run_that_trains_further_never_leaves_the_old_metrics_beside_i
 
 
 def test_a_folder_in_use_by_a_live_process_is_refused_and_a_killed_one_leaves_no_stuck_lock(ad_cohort60, tmp_path):
-    """Two trainings into one folder at once: the second is refused at its start (it used to be refused at its end,
-    leaving its last.pt). The lock is an flock, which the OS drops with its process: kill -9 leaves no stuck one."""
+    """The lock is an flock, which the OS drops with its process: kill -9 leaves none stuck."""
     run_dir, args = _run_dir(tmp_path, "tabular"), _tabular_args(ad_cohort60, tmp_path, "--epochs", "1")
     with training.claim_run_folder(run_dir, resume=False):        # held by this process (another open file)
         assert_clean_error(run_main(train_ad.main, *args), run_dir, "in use by another training process",
@@ -3222,201 +3196,138 @@ def test_a_folder_in_use_by_a_live_process_is_refused_and_a_killed_one_leaves_no
         assert holder.stdout.readline().strip() == "held"
         assert_clean_error(run_main(train_ad.main, *args, "--resume"), run_dir, f"pid {holder.pid} on test")
     finally:
-        holder.kill()                                             # SIGKILL: no clean-up of its own runs
+        holder.kill()                                             # SIGKILL: no clean-up of its own
         holder.wait()
-    assert os.path.isfile(lock)                                    # its file stays, its lock went with it
+        holder.stdout.close()
+    assert os.path.isfile(lock)                                   # its file stays, its lock went with it
     train_ad.main(args)
     assert sorted(os.listdir(run_dir)) == sorted(training.RUN_FILES)   # trained; the lock file removed at its end
 
 
 def test_hyperfusion_continues_an_interrupted_pre_training_of_its_tabular_mlp(ad_cohort60, tmp_path, monkeypatch):
-    """HyperFusion's tabular MLP (Sec. 4.3.6) is pre-trained as part of its run, in its own folder: interrupted,
-    the next HyperFusion run continues it there (--resume of its own), rather than being refused a folder that
-    holds an unfinished run the user never started by name."""
-    real_write_log, tabular_dir = training.write_log, _run_dir(tmp_path, "tabular")
-
-    def interrupt_the_mlp_after_epoch_1(history, path):
-        real_write_log(history, path)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(training, "write_log", interrupt_the_mlp_after_epoch_1)
+    """The MLP (Sec. 4.3.6) pre-trains in a folder of its own: the next HyperFusion run resumes it there."""
+    tabular_dir = _run_dir(tmp_path, "tabular")
+    _stop_after_epoch(monkeypatch, 1)
     p = run_main(train_ad.main, *_ad_args(ad_cohort60, tmp_path))
     assert p.returncode == 130 and f"{tabular_dir}/last.pt holds epoch 1" in p.stderr, p.stderr
-    def stop_at_hyperfusion(*args):
-        raise _Stop
-
-    monkeypatch.setattr(training, "write_log", real_write_log)
-    monkeypatch.setattr(train_ad, "init_hyperlayers", stop_at_hyperfusion)
-    with pytest.raises(_Stop):                               # past the MLP, where HyperFusion's own training starts
-        train_ad.main(_ad_args(ad_cohort60, tmp_path))
+    monkeypatch.undo()
+    _initial_weights(train_ad, _ad_args(ad_cohort60, tmp_path), monkeypatch, pretrained=models.TabularMLP)
     assert _epoch_of(tabular_dir) == 2 and os.path.isfile(os.path.join(tabular_dir, "metrics.json"))
 
 
-def test_a_non_finite_training_loss_stops_the_run_naming_the_epoch_with_the_last_good_checkpoint_kept(
-        ad_cohort60, tmp_path, monkeypatch):
-    """It was a RuntimeError traceback. Now one line, exit 2, naming the epoch's first NaN loss, and last.pt and
-    best.pt left holding epoch 1."""
-    real_loss, steps = train_ad.wce_loss, []
+@pytest.mark.parametrize("poison, says", [
+    ("training loss", "the training loss is nan (step 1 of 4)"),
+    ("validation outputs", "validation outputs are nan for 12 of 12 subjects"),
+    ("batchnorm", "BatchNorm running statistic embedding.1.running_var is inf after the epoch's steps")],
+    ids=["training-loss", "validation-outputs", "batchnorm"])
+def test_a_non_finite_loss_output_or_batchnorm_statistic_stops_the_run_naming_the_epoch_with_the_last_good_kept(
+        ad_cohort60, tmp_path, monkeypatch, poison, says):
+    """Epoch 2 poisoned (1e30 voxels gave an infinite BatchNorm variance with a finite loss); epoch 1 kept."""
+    calls = []
+    if poison == "training loss":                 # 36 training subjects, batches of 8: 4 steps an epoch
+        real_loss = train_ad.wce_loss
+        monkeypatch.setattr(train_ad, "wce_loss", lambda *a: calls.append(1) or real_loss(*a) * (
+            NAN if len(calls) > 4 else 1.0))
+    elif poison == "validation outputs":
+        real_predict = train_ad.predict
 
-    def nan_from_epoch_2(logits, target, weights):              # 36 training subjects, batches of 8: 4 steps an epoch
-        steps.append(len(target))
-        return real_loss(logits, target, weights) * (float("nan") if len(steps) > 4 else 1.0)
+        def nan_in_epoch_2(*args):
+            calls.append(1)
+            out, targets = real_predict(*args)
+            return out * (NAN if len(calls) == 2 else 1.0), targets
+        monkeypatch.setattr(train_ad, "predict", nan_in_epoch_2)
+    else:
+        real_forward = nn.BatchNorm1d.forward
 
-    monkeypatch.setattr(train_ad, "wce_loss", nan_from_epoch_2)
+        def forward(self, x):                     # the tabular MLP's one BatchNorm1d
+            out = real_forward(self, x)
+            calls.append(self.training)
+            if self.training and calls.count(True) == 6:     # epoch 2, step 2; a new tensor (autograd's is the old)
+                self.running_var = self.running_var.clone().fill_(float("inf"))
+            return out
+        monkeypatch.setattr(nn.BatchNorm1d, "forward", forward)
     run_dir = _run_dir(tmp_path, "tabular")
     assert_clean_error(run_main(train_ad.main, *_tabular_args(ad_cohort60, tmp_path, "--epochs", "3")), run_dir,
-                       "diverged in epoch 2", "the training loss is nan (step 1 of 4)", "last.pt still holds epoch 1")
-    assert len(steps) == 8 and sorted(os.listdir(run_dir)) == ["best.pt", "last.pt", "log.csv"]   # epoch 2 ends
+                       "diverged in epoch 2", says, "last.pt still holds epoch 1")
+    assert sorted(os.listdir(run_dir)) == ["best.pt", "last.pt", "log.csv"]
     for name in ("last.pt", "best.pt"):
         ckpt = training.load_checkpoint(os.path.join(run_dir, name))
-        assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+        assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values()), name
+    assert poison != "training loss" or len(calls) == 8          # epoch 2's steps end first
+    if poison == "validation outputs":                            # a score of nan, from fit itself
+        with pytest.raises(UserError, match=r"diverged in epoch 2: the validation score \(score\) is nan"):
+            _scripted_fit(tmp_path / "scripted", [0.5, NAN], False)
+
+
+def test_a_nan_batchnorm_statistic_after_brain_ages_precise_bn_stops_the_run_with_epoch_1_kept(tmp_path):
+    class Net(_TabularNet):                                   # fit as train_brain_age.py calls it, on a tiny net
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.BatchNorm1d(2)
+
+        def forward(self, image, tabular):
+            return self.norm(self.linear(tabular))
+
+    items = torch.utils.data.TensorDataset(torch.zeros(16, 0), torch.randn(16, 3), torch.randn(16, 2))
+    batches = torch.utils.data.DataLoader(items, batch_size=8)
+    run = RunConfig(task="brain-age", model="imaging", version=0, split_seed=0, data_csv="x", epochs=3, batch_size=8,
+                    lr=1e-3, weight_decay=0.0)
+    calls = []
+
+    def precise_bn_nan_in_epoch_2(model):
+        training.recalibrate_batchnorm(model, batches, torch.device("cpu"))
+        calls.append(1)
+        if len(calls) == 2:
+            model.norm.running_mean.fill_(NAN)
+
+    with pytest.raises(UserError, match=r"diverged in epoch 2: the BatchNorm running statistic norm\.running_mean is "
+                                        r"nan after the precise-BN re-estimation; last\.pt still holds epoch 1"):
+        training.fit(Net(), batches, F.mse_loss, lambda m: {"mae": 1.0}, "mae", run, str(tmp_path), {}, quiet=True,
+                     lower_is_better=True, before_validation=precise_bn_nan_in_epoch_2)
+    assert _epoch_of(tmp_path) == 1
 
 
 def test_a_loss_a_million_times_the_untrained_networks_stops_the_run_though_finite(ad_cohort60, tmp_path):
-    """The issue's --lr 1e3: the AD run finished at a training loss of 4e17 without a word. The tabular MLP's first
-    epoch there is at 2e9 against an untrained 1.3: stopped in epoch 1, nothing saved, no folder left behind."""
+    """--lr 1e3: the MLP's first epoch at 2e9 against an untrained 1.3; it once finished at 4e17 without a word."""
     p = run_main(train_ad.main, *_tabular_args(ad_cohort60, tmp_path, "--epochs", "2", "--lr", "1e3"))
     assert_clean_error(p, "diverged in epoch 1", "the training loss", "times the untrained network's",
                        "nothing was saved")
     assert _files(tmp_path) == []
 
 
-def test_nan_validation_outputs_stop_the_run_in_one_line_not_a_scikit_learn_traceback(ad_cohort60, tmp_path,
-                                                                                       monkeypatch):
-    """--lr 1e3 on AD gave scikit-learn's `Input contains NaN` traceback: the validation probabilities were NaN."""
-    real_predict, calls = train_ad.predict, []
+@pytest.mark.parametrize("sig, name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")],
+                         ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_during_training_prints_one_line_with_what_is_kept_and_the_command_to_resume(
+        ad_cohort60, tmp_path, monkeypatch, sig, name):
+    """Exit 128 + the signal, as a shell reports it; while it trains, its folder is refused to a second run."""
+    args, run_dir, second = _tabular_args(ad_cohort60, tmp_path, "--epochs", "3"), _run_dir(tmp_path, "tabular"), []
 
-    def nan_in_epoch_2(model, loader, device, transform, precision):
-        calls.append(1)
-        out, targets = real_predict(model, loader, device, transform, precision)
-        return out * (float("nan") if len(calls) == 2 else 1.0), targets
+    def second_run_then_the_signal():
+        second.append(run_main(train_ad.main, *args, "--resume"))
+        os.kill(os.getpid(), sig)
 
-    monkeypatch.setattr(train_ad, "predict", nan_in_epoch_2)
-    run_dir = _run_dir(tmp_path, "tabular")
-    assert_clean_error(run_main(train_ad.main, *_tabular_args(ad_cohort60, tmp_path, "--epochs", "3")), run_dir,
-                       "diverged in epoch 2", "validation outputs are nan for 12 of 12 subjects",
-                       "last.pt still holds epoch 1")
-    assert _epoch_of(run_dir) == _epoch_of(run_dir, "best.pt") == 1
-    with pytest.raises(UserError, match=r"diverged in epoch 2: the validation score \(score\) is nan"):
-        _scripted_fit(tmp_path / "scripted", [0.5, float("nan")], False)
-
-
-def test_a_non_finite_batchnorm_statistic_stops_the_run_after_the_epoch_or_after_precise_bn(ad_cohort60, tmp_path,
-                                                                                            monkeypatch):
-    """Voxels of 1e30 in a float32 cache gave exit 0 and a best.pt with an infinite BatchNorm variance (every
-    test subject the same probabilities): the loss stays finite, as training normalises with the batch's own
-    statistics. A running statistic is checked after each epoch's steps and after brain age's precise-BN."""
-    real_forward, steps = nn.BatchNorm1d.forward, []
-
-    def forward(self, x):                                     # the AD tabular MLP's one BatchNorm1d
-        out = real_forward(self, x)
-        if self.training:
-            steps.append(1)
-            if len(steps) == 6:                               # epoch 2, step 2 (4 steps an epoch); a new tensor,
-                self.running_var = self.running_var.clone().fill_(float("inf"))   # the old one is autograd's
-        return out
-
-    monkeypatch.setattr(nn.BatchNorm1d, "forward", forward)
-    run_dir = _run_dir(tmp_path, "tabular")
-    assert_clean_error(run_main(train_ad.main, *_tabular_args(ad_cohort60, tmp_path, "--epochs", "3")), run_dir,
-                       "diverged in epoch 2", "BatchNorm running statistic embedding.1.running_var is inf",
-                       "after the epoch's steps", "last.pt still holds epoch 1")
-    assert _epoch_of(run_dir) == 1 and torch.isfinite(training.load_checkpoint(
-        os.path.join(run_dir, "last.pt"))["model"]["embedding.1.running_var"]).all()
-    monkeypatch.undo()
-
-    # brain age's precise BN (re-estimated before each validation; a brain-age run costs 10 s an epoch here, so
-    # fit is called as train_brain_age.py calls it, on a tiny net)
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear, self.norm = nn.Linear(3, 4), nn.BatchNorm1d(4)
-
-        def forward(self, image, tabular):
-            return self.norm(self.linear(tabular))
-
-    items = torch.utils.data.TensorDataset(torch.zeros(16, 0), torch.randn(16, 3), torch.randn(16, 4))
-    train_batches = torch.utils.data.DataLoader(items, batch_size=8)
-    run = RunConfig(task="brain-age", model="imaging", version=0, split_seed=0, data_csv="x", epochs=3, batch_size=8,
-                    lr=1e-3, weight_decay=0.0)
-    calls = []
-
-    def precise_bn_nan_in_epoch_2(model):
-        training.recalibrate_batchnorm(model, train_batches, torch.device("cpu"))
-        calls.append(1)
-        if len(calls) == 2:
-            model.norm.running_mean.fill_(float("nan"))
-
-    folder = tmp_path / "precise_bn"
-    with pytest.raises(UserError, match=r"diverged in epoch 2: the BatchNorm running statistic norm\.running_mean is "
-                                        r"nan after the precise-BN re-estimation; last\.pt still holds epoch 1"):
-        training.fit(Net(), train_batches, F.mse_loss, lambda m: {"mae": 1.0}, "mae", run, str(folder),
-                     {}, quiet=True, lower_is_better=True, before_validation=precise_bn_nan_in_epoch_2)
-    assert _epoch_of(folder) == 1
-
-
-def test_ctrl_c_during_training_prints_one_line_with_what_is_kept_and_the_command_to_resume(ad_cohort60, tmp_path):
-    """Ctrl-C printed a traceback. Now one line: the epoch, what last.pt holds, the exact command with --resume;
-    exit 130 as a shell reports SIGINT. While it trains, the folder is refused to a second run naming its pid."""
-    args = [str(a) for a in ("--data-csv", ad_cohort60, "--out", tmp_path, "--model", "tabular", "--epochs", "500",
-                             "--batch-size", "8", "--split-seed", "0", "--fold", "1")]
-    proc = subprocess.Popen([sys.executable, "train_ad.py", *args], cwd=HERE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_a_terminal_leaves_it)
-    run_dir = _run_dir(tmp_path, "tabular")
-    try:
-        assert any(line.startswith("epoch   1/500") for line in proc.stdout), "no epoch line"
-        assert_clean_error(run_main(train_ad.main, *args, "--resume"), run_dir, f"pid {proc.pid}")
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    saved = _epoch_of(run_dir)
-    assert proc.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert err.startswith(f"interrupted (Ctrl-C) in epoch {saved + 1} of 500: {run_dir}/last.pt holds epoch {saved}; "
-                          f"resume with: {shlex.join([sys.executable, 'train_ad.py', *args, '--resume'])}\n"), err
-    assert training.LOCK_NAME not in os.listdir(run_dir)
-
-
-def test_sigterm_during_training_prints_the_same_one_line_and_exits_143(ad_cohort60, tmp_path, monkeypatch):
-    """A scheduler's SIGTERM (or `kill PID`) ends a run as Ctrl-C does: one line, exit 143 (128 + 15)."""
-    class Unhandled(Exception):
-        pass
-
-    def fallback(signum, frame):                       # were SIGTERM not handled, this test fails, pytest lives on
-        raise Unhandled
-
-    real_write_log = training.write_log
-
-    def sigterm_after_epoch_1(history, path):
-        real_write_log(history, path)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(training, "write_log", sigterm_after_epoch_1)
-    previous = signal.signal(signal.SIGTERM, fallback)
-    try:
-        p = run_main(train_ad.main, *_tabular_args(ad_cohort60, tmp_path, "--epochs", "3"))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    run_dir = _run_dir(tmp_path, "tabular")
-    assert p.returncode == 143 and len(p.stderr.splitlines()) == 1, p.stderr
-    assert p.stderr.startswith(f"interrupted (SIGTERM) in epoch 2 of 3: {run_dir}/last.pt holds epoch 1; "), p.stderr
+    _stop_after_epoch(monkeypatch, 1, second_run_then_the_signal)
+    monkeypatch.setattr(sys, "argv", ["train_ad.py"])
+    with contextlib.redirect_stderr(io.StringIO()) as err, pytest.raises(SystemExit) as end:
+        _under_signal(sig, lambda: data.run_cli(train_ad.main, args, resume_option="--resume"))   # its __main__
+    assert_clean_error(second[0], run_dir, "in use by another training process", f"pid {os.getpid()}")
+    command = shlex.join([sys.executable, "train_ad.py", *args, "--resume"])
+    assert end.value.code == 128 + sig and err.getvalue() == f"interrupted ({name}) in epoch 2 of 3: {run_dir}/" \
+        f"last.pt holds epoch 1; resume with: {command}\n", err.getvalue()
     assert _epoch_of(run_dir) == 1 and training.LOCK_NAME not in os.listdir(run_dir)
 
 
 def test_a_full_disk_or_an_unwritable_folder_is_one_error_line_naming_the_folder_and_the_bytes(ad_cohort40, tmp_path,
                                                                                              monkeypatch):
-    """A write that fails with ENOSPC (a full --cache-dir, a full --out) or EACCES is one `error:` line naming the
-    folder and the bytes the file needed, exit status 2; no entry, checkpoint or temporary file is left. An
-    --out under a file is one line too. (Patched writes: tests run as root, where chmod stops nothing.)"""
+    """ENOSPC (a full --cache-dir or --out) or EACCES, or an --out under a file: nothing left behind."""
     cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
     monkeypatch.setattr(data, "open", _full_disk_open(cache_dir), raising=False)
     proc = run_main(train_ad.main, *_ad_args(ad_cohort40, runs, "--model", "imaging", "--cache-dir", cache_dir))
-    warned = [w for w in proc.stderr.splitlines(True) if w.startswith("warning: ") and "sources.json" in w]
-    proc.stderr = "".join(line for line in proc.stderr.splitlines(True) if line not in warned)  # the hashes' index
+    proc.stderr = "".join(line for line in proc.stderr.splitlines(True)                   # the hashes' index
+                          if not (line.startswith("warning: ") and "sources.json" in line))
     assert_clean_error(proc, f"{cache_dir}: no space left to write", ".npy", "No space left on device")
     assert re.search(r"it needs \d+ bytes", proc.stderr), proc.stderr
     assert not [f for f in os.listdir(cache_dir) if f.endswith(".npy")] and no_temp_files(cache_dir)
-    monkeypatch.undo()
     run_dir = _run_dir(runs, "tabular")
     for error, says in ((errno.ENOSPC, "no space left to write best.pt"), (errno.EACCES, "cannot write best.pt")):
         monkeypatch.setattr(data, "open", _full_disk_open(runs, error), raising=False)
@@ -3424,7 +3335,7 @@ def test_a_full_disk_or_an_unwritable_folder_is_one_error_line_naming_the_folder
         assert_clean_error(proc, f"{run_dir}: {says}", os.strerror(error))
         assert re.search(r"it needs \d+ bytes", proc.stderr), proc.stderr
         assert not os.path.exists(run_dir) or os.listdir(run_dir) == []   # no checkpoint, log or temporary file
-        monkeypatch.undo()
+    monkeypatch.undo()
     (tmp_path / "a_file").write_text("")
     assert_clean_error(run_main(train_ad.main, *_ad_args(ad_cohort40, tmp_path / "a_file" / "runs", "--model",
                                                          "tabular")), tmp_path / "a_file", "Not a directory")
@@ -3432,11 +3343,8 @@ def test_a_full_disk_or_an_unwritable_folder_is_one_error_line_naming_the_folder
 
 @pytest.mark.parametrize("cache", ["absent", "present"])
 def test_a_cohort_on_read_only_storage_stops_in_one_line_naming_cache_dir_and_trains_with_a_writable_one(
-        ad_cohort40, tmp_path, monkeypatch, cache):
-    """A table and images on read-only storage (a shared archive, a read-only mount): the default cache,
-    <csv folder>/cache, cannot be made (or, made before, written). One `error:` line names that folder, the
-    reason and the way out, --cache-dir; with --cache-dir somewhere writable the same command trains. (os.mkdir and
-    the writes under the folder patched to fail with EROFS: tests run as root, where chmod stops nothing.)"""
+        ad_cohort40, tmp_path, monkeypatch, capsys, cache):
+    """<csv folder>/cache cannot be made (or written): one line names it and --cache-dir, with which it trains."""
     ro = tmp_path / "archive"
     shutil.copytree(os.path.dirname(ad_cohort40), ro, ignore=shutil.ignore_patterns("cache"))
     if cache == "present":
@@ -3449,20 +3357,19 @@ def test_a_cohort_on_read_only_storage_stops_in_one_line_naming_cache_dir_and_tr
         return real_mkdir(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "mkdir", read_only_mkdir)
-    for module in (data,):
-        monkeypatch.setattr(module, "open", _full_disk_open(ro, errno.EROFS), raising=False)
+    monkeypatch.setattr(data, "open", _full_disk_open(ro, errno.EROFS), raising=False)
     args = _ad_args(ro / os.path.basename(ad_cohort40), tmp_path / "runs", "--model", "imaging", "--epochs", "1")
     proc = run_main(train_ad.main, *args)
-    *warnings, error = proc.stderr.splitlines()          # present: sources.json not written, a warning says so
-    assert all(w.startswith("warning: ") and "sources.json" in w for w in warnings), warnings
-    assert bool(warnings) == (cache == "present"), warnings
+    *warned, error = proc.stderr.splitlines()            # present: sources.json not written, a warning says so
+    assert all(w.startswith("warning: ") and "sources.json" in w for w in warned), warned
+    assert bool(warned) == (cache == "present"), warned
     assert_clean_error(types.SimpleNamespace(returncode=proc.returncode, stderr=error), ro / "cache",
                        "Read-only file system", "--cache-dir")
-    assert not os.path.exists(tmp_path / "runs" / "ad" / "imaging" / "seed0" / "v0" / "fold1" / "best.pt")
+    assert not os.path.exists(os.path.join(_run_dir(tmp_path / "runs", "imaging"), "best.pt"))
     assert os.listdir(ro / "cache") == [] if cache == "present" else not os.path.exists(ro / "cache")
-    if cache == "absent":                                # the way out, once
-        proc = run_main(train_ad.main, *args, "--cache-dir", tmp_path / "cache")
-        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    if cache == "absent":                                # the way out, once: it decodes and starts training
+        _initial_weights(train_ad, args + ["--cache-dir", str(tmp_path / "cache")], monkeypatch)
+        assert capsys.readouterr().err == ""
 
 
 def test_a_command_piped_into_head_stops_quietly_when_head_has_read_enough(tmp_path):
@@ -3475,29 +3382,32 @@ def test_a_command_piped_into_head_stops_quietly_when_head_has_read_enough(tmp_p
     assert p.stderr == "", p.stderr
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_or_sigterm_during_a_parallel_decode_is_one_line_and_leaves_nothing_half_written(ad_cohort40, tmp_path,
-                                                                                               how):
-    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) or SIGTERM (to the process alone, as a
-    scheduler sends it) during a parallel decode: one `error:` line saying what was kept, exit status 2, no
-    traceback, no temporary file in the cache."""
-    proc = _start_decode(ad_cohort40, tmp_path)
-    if how == "ctrl-c":
-        os.killpg(proc.pid, signal.SIGINT)
-    else:
-        os.kill(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=30)
-    assert_clean_error(types.SimpleNamespace(returncode=proc.returncode, stderr=err), "interrupted",
-                       tmp_path / "cache", "decoded and kept", "none half-written")
-    assert int(re.search(r"(\d+) of 40 images decoded", err).group(1)) < 40   # stopped, not waited for
+                                                                                               monkeypatch, sig):
+    """The signal comes while a decoding thread has half an entry written."""
+    real_open, signals = open, [sig]
+
+    def slow_open(file, mode="r", *args, **kwargs):       # each entry written half, the rest 0.3 s later
+        f = real_open(file, mode, *args, **kwargs)
+        if "w" in mode and ".npy" in os.fspath(file):
+            def write(blob, _write=f.write):
+                n = _write(blob[:len(blob) // 2])
+                with contextlib.suppress(IndexError):     # the first write alone (list.pop is atomic)
+                    os.kill(os.getpid(), signals.pop())
+                time.sleep(0.3)
+                return n + _write(blob[len(blob) // 2:])
+            f.write = write
+        return f
+
+    monkeypatch.setattr(data, "open", slow_open, raising=False)
+    folder = os.path.join(os.path.dirname(ad_cohort40), "images")
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))
+    proc = _under_signal(sig, lambda: run_main(lambda argv: data.ImageCache(paths, str(tmp_path / "cache")).prepare(
+        progress=False, workers=2)))
+    assert_clean_error(proc, "interrupted", tmp_path / "cache", "decoded and kept", "none half-written")
+    assert int(re.search(r"(\d+) of 40 images decoded", proc.stderr).group(1)) < 40   # stopped, not waited for
     assert no_temp_files(tmp_path / "cache")
-
-
-def test_resume_with_another_cache_dtype_is_refused_naming_both_values(ad_cohort60, tmp_path):
-    train_ad.main(_tabular_args(ad_cohort60, tmp_path, "--epochs", "1"))
-    proc = run_main(train_ad.main, *_tabular_args(ad_cohort60, tmp_path, "--epochs", "2", "--resume",
-                                                  "--cache-dtype", "float32"))
-    assert_clean_error(proc, "last.pt", "cache_dtype: checkpoint 'float16', now 'float32'")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3505,13 +3415,19 @@ def test_resume_with_another_cache_dtype_is_refused_naming_both_values(ad_cohort
 # New patients through every member with its own saved state, combined by Eq. 7-8 or Eq. 6.
 
 
-def test_a_finished_run_predicts_its_test_set_again_from_its_saved_state(ad_cohort60, tmp_path, monkeypatch):
-    scored, real_ad_metrics = [], train_ad.ad_metrics
-    monkeypatch.setattr(train_ad, "ad_metrics", lambda model, loader, *a: scored.append(
-        (len(loader.dataset), loader.dataset[0][0].shape[:2])) or real_ad_metrics(model, loader, *a))
-    train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "concat", "--epochs", "1"))
-    assert scored == [(12, (2, 1))] * 2       # validation (subset 1) and test (subset 4): both hippocampi, averaged
-    finished = load_run(_run_dir(tmp_path, "concat"))
+@pytest.fixture(scope="module")
+def fold_predictions(ad_cohort60, ad_fold_runs, tmp_path_factory):
+    """predict.py on ad_fold_runs' two HyperFusion folds -> (its result, the runs, the CSV it wrote)."""
+    runs = [_run_dir(ad_fold_runs, "hyperfusion", fold) for fold in (0, 1)]
+    out = tmp_path_factory.mktemp("predict") / "p.csv"
+    return _predict(os.path.dirname(runs[0]), "--data-csv", ad_cohort60, "--out", out), runs, out
+
+
+def test_a_finished_run_predicts_its_test_set_again_from_its_saved_state(concat_run):
+    """Validation and test read both hippocampi; the saved model, imputation and crops give the test set again."""
+    _, run_dir, scored = concat_run
+    assert scored == [(12, (2, 1))] * 3       # validation (subset 1) after each of 2 epochs, test (subset 4)
+    finished = load_run(run_dir)
     assert finished.run.model == "concat" and finished.run.fold == 1 and finished.crops is not None
     _, table, test_idx, images = predict.test_set(finished)
     tab = finished.tabular.transform([table.raw[i] for i in test_idx])      # the run's own imputation
@@ -3521,38 +3437,32 @@ def test_a_finished_run_predicts_its_test_set_again_from_its_saved_state(ad_coho
     np.testing.assert_allclose(probs, finished.read_predictions()["probs"], atol=1e-6)
 
 
-def test_predict_combines_the_members_by_eq7_8_and_each_member_reproduces_its_test_predictions(
-        ad_cohort60, ad_fold_runs, tmp_path):
-    runs = [_run_dir(ad_fold_runs, "hyperfusion", fold) for fold in (0, 1)]
-    both = _predict(os.path.dirname(runs[0]), "--data-csv", ad_cohort60, "--out", tmp_path / "p.csv")
+def test_predict_combines_the_members_by_eq7_8_and_each_member_reproduces_its_test_predictions(fold_predictions):
+    both, runs, out = fold_predictions
     assert both["members"] == runs and len(both["subjects"]) == 60
-    alone = [_predict(r, "--data-csv", ad_cohort60, "--out", tmp_path / f"p{k}.csv") for k, r in enumerate(runs)]
-    members = np.stack([a["combined"] for a in alone])                      # (K, N, C), one checkpoint at a time
+    members = both["outputs"]                                               # (K, N, C)
     np.testing.assert_allclose(both["combined"], _eq7_8_by_hand(members), atol=1e-6)       # Eq. 7-8
     assert not np.allclose(both["combined"], members.mean(0), atol=1e-5)         # not the plain mean
-    for r, a in zip(runs, alone):
+    for r, member in zip(runs, members):
         saved = load_run(r).read_predictions()
-        rows = [a["subjects"].index(s) for s in saved["subjects"]]
-        np.testing.assert_allclose(a["combined"][rows], saved["probs"], atol=1e-5)
-    lines = (tmp_path / "p.csv").read_text().splitlines()
+        rows = [both["subjects"].index(s) for s in saved["subjects"]]
+        np.testing.assert_allclose(member[rows], saved["probs"], atol=1e-5)
+    lines = out.read_text().splitlines()
     assert lines[0] == "Subject,prob_CN,prob_MCI,prob_AD,predicted,n_models,prob_spread" and len(lines) == 61
     assert lines[1].split(",")[5] == "2"
 
 
 def test_a_prediction_depends_on_its_own_row_only_and_empty_cells_use_the_runs_saved_imputation(
         ad_cohort60, ad_fold_runs, tmp_path):
-    lines = open(ad_cohort60).read().splitlines()
-    header = lines[0].split(",")
-    cells = lines[5].split(",")
+    rows = [line.split(",") for line in open(ad_cohort60).read().splitlines()[:9]]     # the header, 8 patients
     for col in ("AGE", "ABETA", "PTAU", "TAU", "FDG"):
-        cells[header.index(col)] = ""
-    lines[5] = ",".join(cells)
-    folder = os.path.dirname(ad_cohort60)
-    everyone, one = os.path.join(folder, "new_all.csv"), os.path.join(folder, "new_one.csv")
-    drop = header.index("Group")                                            # a new patient has no diagnosis
-    strip = lambda line: ",".join(c for i, c in enumerate(line.split(",")) if i != drop)
-    open(everyone, "w").write("\n".join(map(strip, lines)) + "\n")
-    open(one, "w").write("\n".join(map(strip, [lines[0], lines[5]])) + "\n")
+        rows[5][rows[0].index(col)] = ""
+    group = rows[0].index("Group")                                          # a new patient has no diagnosis
+    rows = [",".join(c for i, c in enumerate(r) if i != group) for r in rows]
+    everyone, one = (os.path.join(os.path.dirname(ad_cohort60), f"new_{n}.csv") for n in ("all", "one"))
+    for path, lines in ((everyone, rows), (one, [rows[0], rows[5]])):
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
     run_dir = _run_dir(ad_fold_runs, "hyperfusion", 0)
     a = _predict(run_dir, "--data-csv", everyone, "--out", tmp_path / "a.csv")
     b = _predict(run_dir, "--data-csv", one, "--out", tmp_path / "b.csv")
@@ -3570,12 +3480,10 @@ def test_a_prediction_depends_on_its_own_row_only_and_empty_cells_use_the_runs_s
 
 def test_predict_reads_each_brain_age_member_with_its_own_target_and_combines_them_by_the_eq6_mean(
         brain_age_cohort20, fig4a_women_run, tmp_path):
-    """Three copies of one run whose saved targets are centred 0, 10 and 40 years apart: each member's ages move
-    by its own centre, and the ensemble is their mean (here 50/3 years above the first), not their median (10)."""
-    run_dir = fig4a_women_run[3]
+    """Copies of one run with targets centred 0, 10 and 40 years apart: the ensemble is their mean, not median."""
     for k, shift in enumerate((0.0, 10.0, 40.0)):
         copy_dir = tmp_path / "runs" / f"member{k}"
-        shutil.copytree(run_dir, copy_dir)
+        shutil.copytree(fig4a_women_run[3], copy_dir)
         ckpt = training.load_checkpoint(str(copy_dir / "best.pt"))
         ckpt["target"] = dict(ckpt["target"], centre=ckpt["target"]["centre"] + shift)
         training.save_checkpoint(ckpt, str(copy_dir / "best.pt"))
@@ -3584,7 +3492,7 @@ def test_predict_reads_each_brain_age_member_with_its_own_target_and_combines_th
     assert out.shape == (3, 20)
     np.testing.assert_allclose(out[1] - out[0], 10.0, atol=1e-4)
     np.testing.assert_allclose(out[2] - out[0], 40.0, atol=1e-4)
-    np.testing.assert_allclose(res["combined"], out[0] + 50.0 / 3, atol=1e-4)      # Eq. 6
+    np.testing.assert_allclose(res["combined"], out[0] + 50.0 / 3, atol=1e-4)      # Eq. 6, the median 10 above
     np.testing.assert_allclose(res["combined"], metrics.mean_ensemble(out), rtol=1e-12)
 
 
@@ -3607,8 +3515,7 @@ def test_predict_reproduces_a_brain_age_runs_test_predictions_and_reports_the_co
 
 def test_predict_refuses_other_grids_mixed_runs_and_unfinished_runs_in_one_line(ad_cohort60, ad_fold_runs,
                                                                                 tmp_path):
-    run_dir = _run_dir(ad_fold_runs, "hyperfusion", 0)
-    out = tmp_path / "out.csv"
+    run_dir, out = _run_dir(ad_fold_runs, "hyperfusion", 0), tmp_path / "out.csv"
     for name, shape, spacing in [("big", (50, 60, 48), 2.67), ("coarse", synthetic.AD_SYNTH["shape"], 3.0)]:
         folder = tmp_path / name
         os.makedirs(folder / "images")
@@ -3637,8 +3544,7 @@ def test_predict_refuses_other_grids_mixed_runs_and_unfinished_runs_in_one_line(
 
 def test_a_column_empty_for_every_training_subject_is_read_as_missing_at_prediction_and_said(
         ad_cohort60, tmp_path, capsys, monkeypatch):
-    """A run trained without AV45 (ADNI-1 has none) reads a patient's AV45 as missing, as every training row was:
-    its predictions equal those of the same table with AV45 blanked; training and predict.py say so."""
+    """A run trained without AV45 (ADNI-1 has none) reads a patient's AV45 as missing, as every training row was."""
     rows = list(csv.DictReader(open(ad_cohort60)))
     blank = tmp_path / "no_av45.csv"
     data.write_csv([dict(r, AV45="") for r in rows], rows[0].keys(), blank)
@@ -3647,10 +3553,10 @@ def test_a_column_empty_for_every_training_subject_is_read_as_missing_at_predict
     run_dir = _run_dir(tmp_path / "runs", "tabular")
     assert json.load(open(os.path.join(run_dir, "metrics.json")))["unlearned_columns"] == ["AV45"]
     capsys.readouterr()
-    given = predict.main([run_dir, "--data-csv", str(ad_cohort60), "--out", str(tmp_path / "p.csv"), "--quiet"])
+    given = _predict(run_dir, "--data-csv", ad_cohort60, "--out", tmp_path / "p.csv")
     n = sum(bool(r["AV45"]) for r in rows)
     assert f"column AV45: {n} of 60 subjects" in capsys.readouterr().err and n > 0
-    blanked = predict.main([run_dir, "--data-csv", str(blank), "--out", str(tmp_path / "b.csv"), "--quiet"])
+    blanked = _predict(run_dir, "--data-csv", blank, "--out", tmp_path / "b.csv")
     np.testing.assert_array_equal(given["combined"], blanked["combined"])
     out = list(csv.DictReader(open(tmp_path / "p.csv")))
     assert [r["ignored"] for r in out] == ["AV45" if r["AV45"] else "" for r in rows]
@@ -3681,8 +3587,7 @@ def _ece_by_hand(hit, confidence, n_bins=15):
 
 
 def test_ece_is_near_zero_for_calibrated_probabilities_and_clearly_above_for_over_confident_ones_as_by_hand():
-    """Labels drawn from the probabilities themselves: calibrated by construction. The same probabilities
-    sharpened (p^3, renormalised) claim more than they know. Every number against its definition written out."""
+    """Labels drawn from the probabilities: calibrated; sharpened (p^3): over-confident. Each number by hand."""
     rng = np.random.default_rng(0)
     probs = rng.dirichlet([1.0, 1.0, 1.0], 3000)
     labels = np.array([rng.choice(3, p=p) for p in probs])
@@ -3704,8 +3609,7 @@ def test_ece_is_near_zero_for_calibrated_probabilities_and_clearly_above_for_ove
 
 
 def test_the_fitted_temperature_recovers_the_temperature_the_labels_were_drawn_at():
-    """Logits z, labels drawn from softmax(z / T) at T = 2.5 (under-confident logits) and 0.5 (over-confident):
-    minimising the NLL over T finds T again; both hippocampi: each side scaled, then the sides averaged."""
+    """T = 2.5 and 0.5 found again; both hippocampi: each side scaled, then the sides averaged."""
     rng = np.random.default_rng(1)
     logits = rng.normal(0, 3, (6000, 3))
     for true_t in (2.5, 0.5):
@@ -3721,9 +3625,7 @@ def test_the_fitted_temperature_recovers_the_temperature_the_labels_were_drawn_a
 
 
 def test_a_finished_ad_run_holds_its_temperature_fitted_on_its_own_validation_logits(ad_fold_runs):
-    """train_ad.py keeps the run's validation and test logits (both sides apart) and calibration.json: the
-    temperature that minimises the validation NLL, and the calibration before and after; the test
-    probabilities it reports are those logits' softmax, sides averaged."""
+    """logits.npz (sides apart), calibration.json before and after; the test probabilities are the logits' softmax."""
     run_dir = _run_dir(ad_fold_runs, "hyperfusion", 0)
     saved = evaluate.read_logits(run_dir)
     assert saved["val"][0].shape[1:] == (2, 3) and saved["test"][0].shape[1:] == (2, 3)   # (N, sides, C)
@@ -3743,9 +3645,7 @@ def test_a_finished_ad_run_holds_its_temperature_fitted_on_its_own_validation_lo
 
 
 def test_a_run_trained_before_calibration_is_calibrated_from_its_logits_predicted_again_not_retrained(
-        ad_fold_runs, tmp_path, capsys):
-    """evaluate.py calibrate on a run without logits.npz or calibration.json: the validation and test logits are
-    predicted again from its folder, table and cache, equal to those training kept, and the same temperature."""
+        ad_fold_runs, tmp_path):
     src = _run_dir(ad_fold_runs, "hyperfusion", 1)
     kept = evaluate.read_logits(src)
     old = tmp_path / "old"
@@ -3764,30 +3664,35 @@ def test_a_run_trained_before_calibration_is_calibrated_from_its_logits_predicte
 
 
 def test_calibrated_prediction_keeps_every_members_class_and_changes_the_ensemble_only_through_eq8_weights(
-        ad_cohort60, ad_fold_runs, tmp_path):
-    """predict.py --calibrated: each member's probabilities are softmax(logits / T) with its own T (on its test
-    subjects, those of its logits.npz), its predicted class unchanged; the ensemble is Eq. 7-8 of them."""
-    runs = [_run_dir(ad_fold_runs, "hyperfusion", fold) for fold in (0, 1)]
-    plain = _predict(*runs, "--data-csv", ad_cohort60, "--out", tmp_path / "p.csv")
-    cal = _predict(*runs, "--data-csv", ad_cohort60, "--out", tmp_path / "c.csv", "--calibrated")
+        ad_cohort60, fold_predictions, tmp_path):
+    """Each member softmax(logits / T) at its own T on its logits.npz's test subjects; the ensemble Eq. 7-8."""
+    plain, runs, _ = fold_predictions
+    cal = _predict(os.path.dirname(runs[0]), "--data-csv", ad_cohort60, "--out", tmp_path / "c.csv", "--calibrated")
     assert np.array_equal(cal["outputs"].argmax(-1), plain["outputs"].argmax(-1))
     np.testing.assert_allclose(cal["combined"], _eq7_8_by_hand(cal["outputs"]), atol=1e-6)
     assert not np.allclose(cal["combined"], plain["combined"], atol=1e-4)
     table = data.read_ad_table(ad_cohort60)
     test_idx = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 0)[2]
     for k, r in enumerate(runs):
-        logits = evaluate.read_logits(r)["test"][0]
-        expected = evaluate.probabilities(logits, load_run(r).temperature)
+        expected = evaluate.probabilities(evaluate.read_logits(r)["test"][0], load_run(r).temperature)
         np.testing.assert_allclose(cal["outputs"][k][test_idx], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_calibrated_prediction_refuses_a_run_without_a_temperature_in_one_line_naming_it(
-        ad_cohort60, ad_fold_runs, tmp_path):
-    old = tmp_path / "old"
-    shutil.copytree(_run_dir(ad_fold_runs, "hyperfusion", 0), old)
-    os.remove(old / "calibration.json")
-    proc = run_main(predict.main, old, "--data-csv", ad_cohort60, "--out", tmp_path / "p.csv", "--calibrated")
-    assert_clean_error(proc, str(old), "no temperature", "evaluate.py calibrate")
+def test_calibrated_prediction_refuses_a_run_without_a_temperature_or_fitted_at_its_lower_bound_which_is_not_used(
+        tmp_path, capsys):
+    """A perfectly separated validation set drives T to its lower bound: calibrate keeps T = 1 and says so."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 30)
+    val, test = rng.normal(0, 1, (30, 3)) + 9 * np.eye(3)[labels], rng.normal(0, 1, (30, 3)) + np.eye(3)[labels]
+    run_dir = fake_ad_run(tmp_path / "runs", "tabular", 0, 0, 0, evaluate.probabilities(test), labels)
+    calibrated = lambda: run_main(predict.main, run_dir, "--data-csv", tmp_path / "new.csv", "--out",
+                                  tmp_path / "p.csv", "--calibrated")
+    assert_clean_error(calibrated(), run_dir, "no temperature", "evaluate.py calibrate")
+    evaluate.save_logits(run_dir, (val, labels), (test, labels))
+    (rec,) = evaluate.main(["calibrate", str(tmp_path / "runs"), "--quiet"])["runs"]
+    assert rec["at_bound"] and rec["fitted"] == training.T_BOUNDS[0] and rec["temperature"] == 1.0
+    assert rec["test"]["after"] == rec["test"]["before"] and "lower bound" in capsys.readouterr().err
+    assert_clean_error(calibrated(), run_dir, "lower bound", "without --calibrated")
     assert not os.path.exists(tmp_path / "p.csv")
 
 
@@ -3805,8 +3710,7 @@ def test_table3_reports_the_calibration_of_every_ensemble_after_the_papers_colum
 
 
 def test_the_calibration_report_ensembles_the_members_each_at_its_own_temperature(tmp_path):
-    """evaluate.py calibrate over four fold runs: each T fitted on that run's validation logits; the ensemble
-    after is Eq. 7-8, member by member, of softmax(test logits / T_k)."""
+    """Each T fitted on its run's validation logits; after: Eq. 7-8 of softmax(test logits / T_k)."""
     rng = np.random.default_rng(2)
     val_labels, test_labels = rng.integers(0, 3, 40), rng.integers(0, 3, 30)
     seen = np.where(np.arange(40) % 5 == 0, (val_labels + 1) % 3, val_labels)      # one in five wrong: T fits inside
@@ -3814,8 +3718,7 @@ def test_the_calibration_report_ensembles_the_members_each_at_its_own_temperatur
     for fold in range(4):
         val = rng.normal(0, 1, (40, 3)) + 4 * np.eye(3)[seen] * (fold + 1) / 2           # ever more over-confident
         test = rng.normal(0, 1, (30, 3)) + 4 * np.eye(3)[test_labels] * (fold + 1) / 2
-        p = evaluate.probabilities(test)
-        run_dir = fake_ad_run(tmp_path, "hyperfusion", 0, 0, fold, p, test_labels)
+        run_dir = fake_ad_run(tmp_path, "hyperfusion", 0, 0, fold, evaluate.probabilities(test), test_labels)
         evaluate.save_logits(run_dir, (val, val_labels), (test, test_labels))
         logits.append(test)
     res = evaluate.main(["calibrate", str(tmp_path), "--quiet"])
@@ -3830,68 +3733,10 @@ def test_the_calibration_report_ensembles_the_members_each_at_its_own_temperatur
     assert ens["after"]["nll"] != pytest.approx(ens["before"]["nll"])
 
 
-def test_a_temperature_fitted_at_its_lower_bound_is_not_used_and_calibrated_prediction_refuses_it(tmp_path, capsys):
-    """A perfectly separated validation set drives T to 0.01 (every probability 0 or 1, wrong ones too): evaluate.py
-    calibrate keeps T = 1 and says so in its report; predict.py --calibrated refuses the run."""
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 3, 30)
-    val, test = rng.normal(0, 1, (30, 3)) + 9 * np.eye(3)[labels], rng.normal(0, 1, (30, 3)) + np.eye(3)[labels]
-    run_dir = fake_ad_run(tmp_path / "runs", "tabular", 0, 0, 0, evaluate.probabilities(test), labels)
-    evaluate.save_logits(run_dir, (val, labels), (test, labels))
-    (rec,) = evaluate.main(["calibrate", str(tmp_path / "runs"), "--quiet"])["runs"]
-    assert rec["at_bound"] and rec["fitted"] == training.T_BOUNDS[0] and rec["temperature"] == 1.0
-    assert rec["test"]["after"] == rec["test"]["before"] and "lower bound" in capsys.readouterr().err
-    proc = run_main(predict.main, run_dir, "--data-csv", tmp_path / "new.csv", "--out", tmp_path / "p.csv",
-                    "--calibrated")
-    assert_clean_error(proc, run_dir, "lower bound", "without --calibrated")
-
-
 # ----------------------------------------------------------------------------------------------
 # The program: many processes, devices, precision
 # One run on many processes (torchrun, DDP), many runs at a time (--jobs, --gpus); float32 by default, bf16 and fp16
 # where the GPU computes them; the benchmark.
-
-
-def _ddp_worker(rank, world, init_file, batch, out):
-    """One of two gloo processes: one SGD step on its share of the batch inside DDP (training.wrap), then the
-    rows of its share of 5 items gathered back."""
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    model, net = training.wrap(_no_dropout_model(), torch.device("cpu"))
-    _one_sgd_step(model, net, *(t.chunk(world)[rank] for t in batch))
-    results = {"ddp": {k: v.detach().clone() for k, v in model.named_parameters()}}
-    share = list(torch.utils.data.DistributedSampler(range(5), 2, rank, shuffle=False))   # 0 2 4 | 1 3 0 (padding)
-    results["gathered"] = training.gather(np.arange(5)[share] * 10, 5)
-    if rank == 0:
-        torch.save(results, out)
-    torch.distributed.barrier()            # neither leaves while the other's gloo threads still talk to it
-    os._exit(0)    # no C++ destructors at exit: one ran on a live gloo thread now and then ("terminate called")
-
-
-@pytest.fixture(scope="module")
-def two_ddp_processes(tmp_path_factory):
-    """What _ddp_worker's rank 0 saw, and the batch both processes shared."""
-    tmp = tmp_path_factory.mktemp("ddp")
-    g = torch.Generator().manual_seed(1)
-    batch = (torch.randn(8, 1, *AD_SMALL, generator=g), torch.randn(8, 15, generator=g), torch.arange(8) % 3)
-    torch.multiprocessing.spawn(_ddp_worker, (2, str(tmp / "init"), batch, str(tmp / "ddp.pt")), nprocs=2)
-    return torch.load(tmp / "ddp.pt", weights_only=False), batch
-
-
-def _no_dropout_model():
-    torch.manual_seed(0)
-    model = build_model("ad", "hyperfusion", n_tabular=15)
-    for m in model.modules():
-        if isinstance(m, (nn.Dropout, nn.Dropout3d)):
-            m.p = 0.0
-    return model
-
-
-def _one_sgd_step(model, net, image, tabular, target):
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    net.train()
-    F.cross_entropy(net(image, tabular), target).backward()
-    opt.step()
 
 
 def _tiny_batch(task, batch=4, seed=0):
@@ -3915,6 +3760,32 @@ def _tiny_model(task, device):
     return model.to(device)
 
 
+def _ddp_worker(rank, world, init_file, batch, out):
+    """One of two gloo processes: an SGD step on its share inside DDP, then its share of 5 items gathered back."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model, net = training.wrap(_tiny_model("ad", "cpu"), torch.device("cpu"))
+    image, tabular, target = (t.chunk(world)[rank] for t in batch)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    F.cross_entropy(net.train()(image, tabular), target).backward()
+    opt.step()
+    results = {"ddp": {k: v.detach().clone() for k, v in model.named_parameters()}}
+    share = list(torch.utils.data.DistributedSampler(range(5), 2, rank, shuffle=False))   # 0 2 4 | 1 3 0 (padding)
+    results["gathered"] = training.gather(np.arange(5)[share] * 10, 5)
+    if rank == 0:
+        torch.save(results, out)
+    torch.distributed.barrier()            # neither leaves while the other's gloo threads still talk to it
+    os._exit(0)    # no C++ destructors at exit: one ran on a live gloo thread now and then ("terminate called")
+
+
+@pytest.fixture(scope="module")
+def two_ddp_processes(tmp_path_factory):
+    """What _ddp_worker's rank 0 saw, and the batch both processes shared."""
+    tmp, batch = tmp_path_factory.mktemp("ddp"), _tiny_batch("ad", 8, seed=1)
+    torch.multiprocessing.spawn(_ddp_worker, (2, str(tmp / "init"), batch, str(tmp / "ddp.pt")), nprocs=2)
+    return torch.load(tmp / "ddp.pt", weights_only=False), batch
+
+
 def _loss_and_gradient(model, batch, task, device, precision):
     """One forward + backward of a train step at a precision, as training autocasts it -> (loss, flat gradient)."""
     image, tabular, target = (t.to(device) for t in batch)
@@ -3926,29 +3797,31 @@ def _loss_and_gradient(model, batch, task, device, precision):
     return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
-def _finished_precision_run(cmd, seconds=None, mae=None):
-    """Stands in for a brain-age training command of the precision benchmark: the run's metrics.json and log.csv
-    where the script writes them (<out>/brain-age/hyperfusion/v<V>)."""
-    version, precision, out = (cmd[cmd.index(o) + 1] for o in ("--version", "--precision", "--out"))
-    folder = training.brain_age_run_dir(out, "hyperfusion", int(version))
+def _finished_precision_run(cmd):
+    """Stands in for a training command of the precision benchmark: metrics.json and log.csv where the script writes
+    them; at bf16 half the time and an MAE 0.05 + 0.001 v higher, at fp16 a balanced accuracy 0.01 v lower."""
+    v, precision, out = (cmd[cmd.index(o) + 1] for o in ("--version", "--precision", "--out"))
+    if cmd[1].endswith("train_ad.py"):
+        folder = training.ad_run_dir(out, "hyperfusion", 0, int(v), 2)
+        test = {"balanced_accuracy": 0.7 - 0.01 * int(v) * (precision == "fp16"), "auc_macro": 0.8}
+    else:
+        folder = training.brain_age_run_dir(out, "hyperfusion", int(v))
+        test = {"mae": 4.0 + 0.3 * (int(v) % 3) + (0.05 + 0.001 * int(v)) * (precision == "bf16")}
     os.makedirs(folder)
-    v, bf16 = int(version), precision == "bf16"
-    mae = 4.0 + 0.3 * (v % 3) + (0.05 + 0.001 * v) * bf16 if mae is None else mae
-    json.dump({"test": {"mae": mae}}, open(os.path.join(folder, "metrics.json"), "w"))
-    seconds = (5.0 if bf16 else 10.0) if seconds is None else seconds
-    open(os.path.join(folder, "log.csv"), "w").write("epoch,train_loss,mae,seconds\n" + "".join(
-        f"{e},1.0,5.0,{seconds}\n" for e in range(1, 7)))
+    data.write_json({"test": test}, os.path.join(folder, "metrics.json"))
+    seconds = 5.0 if precision == "bf16" else 10.0
+    data.write_text("epoch,seconds\n" + "".join(f"{e},{seconds}\n" for e in range(1, 7)),
+                    os.path.join(folder, "log.csv"))
 
 
 def test_a_torchrun_process_leaves_at_a_barrier_before_tearing_the_group_down_and_alone_never(monkeypatch):
-    """A process that tore the group down while another still wrote its files was aborted by gloo now and then:
-    leave() waits at a barrier first; inside alone() (rank 0's nested pre-training) it does nothing."""
+    """One that tore the group down while another still wrote its files was aborted by gloo now and then."""
     calls = []
     monkeypatch.setattr(training.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(training.dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(training.dist, "barrier", lambda: calls.append("barrier"))
     monkeypatch.setattr(training.dist, "destroy_process_group", lambda: calls.append("destroy"))
-    with training.alone():
+    with training.alone():                                       # rank 0's nested pre-training
         training.leave()
     assert calls == []
     training.leave()
@@ -3957,17 +3830,16 @@ def test_a_torchrun_process_leaves_at_a_barrier_before_tearing_the_group_down_an
 
 def test_a_two_process_torchrun_run_writes_each_file_once_and_tests_each_subject_once(ad_cohort60, tmp_path):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "train_ad.py", *_ad_args(ad_cohort60, tmp_path, "--device", "cpu")],
+                        "train_ad.py", *_ad_args(ad_cohort60, tmp_path, "--device", "cpu", "--epochs", "1")],
                        cwd=HERE, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = p.stdout.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith("test BA") for line in lines), p.stdout   # rank 0 alone prints:
     assert "tabular" in lines[0] and "hyperfusion" in lines[1]                        # the MLP once, then the run
     run = _run_dir(tmp_path, "hyperfusion")
-    assert sorted(os.listdir(run)) == ["best.pt", "calibration.json", "last.pt", "log.csv", "logits.npz",
-                                       "metrics.json", "predictions.npz"]
+    assert sorted(os.listdir(run)) == sorted(training.RUN_FILES)
     with open(os.path.join(run, "log.csv")) as f:
-        assert len(f.read().strip().splitlines()) == 1 + 2                            # one row per epoch
+        assert len(f.read().strip().splitlines()) == 1 + 1                            # one row per epoch
     table = data.read_ad_table(ad_cohort60)
     test_idx = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 1)[2]
     with open(os.path.join(run, "metrics.json")) as f:
@@ -3980,7 +3852,7 @@ def test_a_two_process_torchrun_run_writes_each_file_once_and_tests_each_subject
 def test_one_ddp_step_on_two_processes_takes_the_mean_of_their_shares_gradients(two_ddp_processes):
     """Each process's BatchNorms normalise its own share (torch's SyncBatchNorm, --sync-bn, is CUDA's)."""
     ddp, batch = two_ddp_processes
-    model = _no_dropout_model().train()
+    model = _tiny_model("ad", "cpu").train()
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     (sum(F.cross_entropy(model(i, t), y) for i, t, y in zip(*(b.chunk(2) for b in batch))) / 2).backward()
@@ -3994,8 +3866,7 @@ def test_gathered_shares_hold_every_item_once_in_order_when_the_sampler_pads(two
 
 
 def test_loaders_ship_images_in_the_float16_the_cache_stores_and_the_network_reads_them_in_float32():
-    """Half the pinned memory, the workers' shared memory and the bus: a float16-stored image travels as float16
-    and training.to_device upcasts it on the device, exactly, so predictions equal those of float32 batches."""
+    """Half the pinned memory, shared memory and bus; to_device upcasts exactly: predictions equal float32's."""
     g = torch.Generator().manual_seed(0)
     half = torch.randn(6, 36, 36, 36, generator=g).half().numpy()
     sex, age = data.sex_onehot(np.arange(6) % 2), np.linspace(40, 80, 6).astype(np.float32)
@@ -4003,12 +3874,11 @@ def test_loaders_ship_images_in_the_float16_the_cache_stores_and_the_network_rea
     assert shipped[0][0].dtype == torch.float16
     assert data.BrainAgeDataset(half.astype(np.float32), sex, age)[0][0].dtype == torch.float32
     pairs = np.stack([half[:, :8, :8, :8]] * 2, 1)                                       # (N, 2, D, H, W) crops
-    assert data.ADDataset(pairs, np.zeros((6, 3)), np.arange(6) % 3)[0][0].dtype == torch.float16
-    assert data.ADDataset(pairs, np.zeros((6, 3)), np.arange(6) % 3, train=False)[0][0].dtype == torch.float16
+    for train in (True, False):
+        assert data.ADDataset(pairs, np.zeros((6, 3)), np.arange(6) % 3, train=train)[0][0].dtype == torch.float16
     cpu = torch.device("cpu")
     image = next(iter(training.make_loader(shipped, 6, 0, cpu)))[0]
-    assert image.dtype == torch.float16
-    assert training.to_device(image, cpu).dtype == torch.float32
+    assert image.dtype == torch.float16 and training.to_device(image, cpu).dtype == torch.float32
     torch.manual_seed(0)
     model = build_model("brain-age", "hyperfusion", image_shape=(36, 36, 36))
     as_float = torch.utils.data.TensorDataset(torch.as_tensor(half).float()[:, None], torch.as_tensor(sex),
@@ -4018,9 +3888,8 @@ def test_loaders_ship_images_in_the_float16_the_cache_stores_and_the_network_rea
 
 
 def test_the_protocol_hands_its_cache_dir_to_every_run_it_trains(tmp_path, capsys):
-    """Data on read-only storage: protocol.py --cache-dir is where every run it starts decodes its images."""
     evaluate.main(["protocol", "--task", "ad", "--runs", str(tmp_path), "--models", "imaging", "--epochs", "1",
-                          "--cache-dir", str(tmp_path / "cache"), "--print-commands"])
+                   "--cache-dir", str(tmp_path / "cache"), "--print-commands"])
     argvs = [shlex.split(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert len(argvs) == 4 and all(a[a.index("--cache-dir") + 1] == str(tmp_path / "cache") for a in argvs)
 
@@ -4036,9 +3905,7 @@ def test_gpus_are_indices_among_the_gpus_this_process_sees_and_one_that_does_not
 
 
 def test_a_launched_run_is_told_its_gpu_the_cuda_device_and_how_many_runs_share_the_machine(monkeypatch):
-    """Each child of run-protocol --jobs K --gpus: its own GPU, --device cuda (a missing GPU is then an error, not
-    a run on the CPU at the CPU's precision), LOCAL_WORLD_SIZE=K and cores / K threads (its loader's workers): the
-    cores this process may run on (a job's CPU set), not all the machine has."""
+    """--device cuda (no silent CPU run), LOCAL_WORLD_SIZE=K, cores / K threads of this process's CPU set."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)))
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
@@ -4056,8 +3923,7 @@ def test_a_launched_run_is_told_its_gpu_the_cuda_device_and_how_many_runs_share_
 
 
 def test_jobs_without_gpus_spread_the_runs_over_every_visible_gpu(tmp_path, monkeypatch):
-    """evaluate.py protocol --jobs 3 on a machine with three GPUs and no --gpus put every run on GPU 0 (each child
-    picked cuda:0). Now the runs are shared out over the GPUs this process sees, one each, as with --gpus 0,1,2."""
+    """--jobs 3 on three GPUs and no --gpus put every run on GPU 0; now one each, as with --gpus 0,1,2."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,6,7")
@@ -4081,8 +3947,7 @@ def test_jobs_without_gpus_spread_the_runs_over_every_visible_gpu(tmp_path, monk
 
 
 def test_an_interrupted_run_protocol_with_jobs_ends_the_trainings_it_started(tmp_path, monkeypatch):
-    """run-protocol --jobs K runs each training in a process of its own: Ctrl-C or SIGTERM of the runner (or an
-    error in it) left them training with no one waiting for them. Now it stops them (SIGTERM) before it ends."""
+    """Ctrl-C, SIGTERM or an error of the runner left its --jobs trainings running; now it stops them first."""
     pid_file = tmp_path / "pid"
     child = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)"
     real_sleep, interrupted = evaluate.time.sleep, []
@@ -4117,22 +3982,34 @@ def test_loader_workers_and_decode_workers_count_the_cores_this_process_may_use_
     assert training.cores() == 64
 
 
-def test_the_default_precision_is_float32_on_cpu_and_cuda(capsys):
-    for device in ("cpu", "cuda"):
-        assert training.resolve_precision("auto", torch.device(device)) == "fp32"
-        assert "precision fp32 (--precision auto)" in capsys.readouterr().out
+@pytest.mark.parametrize("device, capability, asked, resolved, replayed", [
+    ("cpu", None, "auto", "fp32", "fp32"), ("cuda", (8, 0), "auto", "fp32", "fp32"),
+    ("cpu", None, "bf16", "bfloat16 on a CPU is slower", "fp32"), ("cpu", None, "fp16", "float16 with loss", "fp32"),
+    ("cuda", (8, 0), "bf16", "bf16", "bf16"), ("cuda", (7, 5), "bf16", "Tesla T4 only emulates bfloat16", "fp32"),
+    ("cuda", (7, 5), "fp16", "fp16", "fp16")],
+    ids=["cpu-auto", "gpu-auto", "cpu-bf16", "cpu-fp16", "ampere-bf16", "turing-bf16", "turing-fp16"])
+def test_the_precision_is_float32_by_default_refused_where_the_device_cannot_train_it_and_replayed_where_it_can(
+        device, capability, asked, resolved, replayed, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    dev = torch.device(device)
+    if resolved in training.PRECISIONS:
+        assert training.resolve_precision(asked, dev) == resolved
+        assert f"precision {resolved}" + " (--precision auto)" * (asked == "auto") in capsys.readouterr().out
+    else:
+        with pytest.raises(UserError, match=f"--precision {asked}: {resolved}"):
+            training.resolve_precision(asked, dev)
+    assert training.replay_precision(asked, dev) == replayed
+    assert [training.replay_precision(p, dev) for p in ("fp32", None, "bf16+fp32:hyper")] == ["fp32"] * 3
 
 
-def test_a_training_script_run_at_the_default_precision_trains_in_float32_on_this_cpu(ad_cohort60, tmp_path):
-    train_ad.main(["--data-csv", str(ad_cohort60), "--out", str(tmp_path), "--epochs", "1", "--batch-size", "8",
-                   "--quiet", "--split-seed", "0", "--fold", "1", "--model", "tabular"])
-    assert load_run(_run_dir(tmp_path, "tabular")).run.precision == "fp32"
+def test_a_training_script_run_at_the_default_precision_trains_in_float32_on_this_cpu(tabular_run):
+    assert load_run(_run_dir(tabular_run, "tabular")).run.precision == "fp32"
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_on_a_gpu_float32_means_float32_tf32_is_switched_off_where_the_device_is_set_up(device, monkeypatch):
-    """cuDNN's convolutions (and matmuls where enabled) default to TF32 on Ampere and later, a 10-bit mantissa:
-    setup_device switches it off, so training, prediction and the benchmarks all inherit float32."""
+    """cuDNN's convolutions default to TF32 (a 10-bit mantissa) on Ampere on."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
     try:
@@ -4151,25 +4028,9 @@ def test_adam_is_fused_on_cuda_and_plain_on_a_cpu(monkeypatch):
     assert made == [dict(lr=1e-3, weight_decay=1e-5, fused=True), dict(lr=1e-3, weight_decay=1e-5, fused=False)]
 
 
-@pytest.mark.parametrize("capability, refused", [((7, 5), True), ((8, 0), False)])
-def test_bfloat16_is_refused_on_a_gpu_that_only_emulates_it_in_one_line_naming_the_option(capability, refused,
-                                                                                            monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
-    cuda = torch.device("cuda")
-    if refused:
-        with pytest.raises(UserError, match=r"--precision bf16: Tesla T4 only emulates bfloat16"):
-            training.resolve_precision("bf16", cuda, quiet=True)
-    else:
-        assert training.resolve_precision("bf16", cuda, quiet=True) == "bf16"
-    assert training.resolve_precision("fp16", cuda, quiet=True) == "fp16"
-    assert training.replay_precision("bf16", cuda) == ("fp32" if refused else "bf16")
-
-
 def test_fit_runs_forward_and_loss_in_one_autocast_at_the_runs_precision_and_scales_float16s_loss(tmp_path,
                                                                                                    monkeypatch):
-    """What a GPU run at bf16 or fp16 does (CPU autocast here): the forward pass and the loss inside one autocast
-    context; float16's GradScaler enabled with it alone."""
+    """What a GPU run at bf16 or fp16 does (CPU autocast here); float16's GradScaler enabled with it alone."""
     seen, scalers, real_scaler = [], [], torch.amp.GradScaler
 
     def loss_fn(out, target):
@@ -4196,31 +4057,10 @@ def test_float16_bfloat16_or_sync_bn_on_a_cpu_is_refused_in_one_line_naming_the_
     assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "data")    # before any work
 
 
-def test_the_precision_is_stored_in_the_run_and_a_resume_at_another_precision_is_refused(ad_cohort60, tmp_path):
-    train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "tabular", "--precision", "fp32"))
-    run_dir = _run_dir(tmp_path, "tabular")
-    assert load_run(run_dir).run.precision == "fp32"
-    last = os.path.join(run_dir, "last.pt")                      # as if trained at bfloat16 on a GPU
-    ckpt = training.load_checkpoint(last)
-    training.save_checkpoint({**ckpt, "run": {**ckpt["run"], "precision": "bf16"}}, last)
-    with pytest.raises(UserError, match="precision: checkpoint 'bf16', now 'fp32'"):
-        train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "tabular", "--precision", "fp32", "--resume",
-                               "--epochs", "3"))
-
-
-def test_replaying_a_run_uses_its_own_precision_where_the_device_can_and_float32_where_it_cannot():
-    cpu = torch.device("cpu")
-    assert [training.replay_precision(p, cpu) for p in ("bf16", "fp32", "fp16", None, "bf16+fp32:hyper")] == \
-        ["fp32"] * 5
-
-
 @pytest.mark.parametrize("device", DEVICES[1:])       # a CPU refuses bf16 (training.resolve_precision)
 @pytest.mark.parametrize("task", ["ad", "brain-age"])
 def test_check_a_bfloat16_train_step_stays_within_tolerance_of_float32(device, task):
-    """On a GPU (a CPU refuses bfloat16, whose oneDNN convolution gradient is wrong on sides shorter than the
-    kernel, as on the tiny inputs here). Stated tolerance, from bfloat16's 8-bit mantissa through a whole network at a batch of 4 (seen here: AD
-    loss within 0.1% and gradient cosine 0.99, brain age 1.7% and 0.95, norms within 15%): the loss within 3%,
-    the gradient at cosine >= 0.9 and its norm within 25% of float32's."""
+    """On a GPU: bfloat16's 8-bit mantissa through a network (seen: loss 0.1-1.7%, cosine 0.95-0.99, norms 15%)."""
     model, batch = _tiny_model(task, device), _tiny_batch(task)
     state = copy.deepcopy(model.state_dict())                 # batch norm's running statistics move in train mode
     loss32, grad32 = _loss_and_gradient(model.train(), batch, task, device, "fp32")
@@ -4249,9 +4089,7 @@ def test_the_paired_precision_benchmark_gives_the_t_interval_of_the_loss_and_cal
 
 
 def test_the_paired_precision_benchmark_pairs_each_version_with_itself_from_the_runs_files(tmp_path, monkeypatch):
-    """Version v of bf16 against version v of fp32: the test MAE from metrics.json, the training time from log.csv;
-    the runs are trained through the training script's command line, each with --version, --precision and
-    --resume (a run the benchmark was stopped in continues), and a finished run is not trained again."""
+    """Test MAE from metrics.json, time from log.csv; runs via the script with --resume; finished ones not again."""
     asked = []
 
     def train(cmds, jobs, timeout):
@@ -4276,8 +4114,7 @@ def test_the_paired_precision_benchmark_pairs_each_version_with_itself_from_the_
 
 
 def test_on_a_gpu_the_paired_precision_runs_train_one_at_a_time(tmp_path, monkeypatch):
-    """Two runs at once on one GPU share it and pull their time ratio toward 1: on CUDA the benchmark starts a
-    training only once the one before has ended, whatever --jobs says; on a CPU --jobs at a time."""
+    """Two runs sharing one GPU pull their time ratio toward 1: on CUDA one at a time whatever --jobs says."""
     for device, most in (("cuda", 1), ("cpu", 2)):
         running, seen = [], []
 
@@ -4303,8 +4140,7 @@ def test_on_a_gpu_the_paired_precision_runs_train_one_at_a_time(tmp_path, monkey
 
 
 def test_the_benchmarks_peak_memory_is_reset_after_the_warm_up_steps():
-    """cudnn.benchmark tries convolution algorithms during the first steps, with workspaces training never holds:
-    the peak of the timed steps only is read, the CUDA calls recorded here on a CPU."""
+    """cudnn.benchmark's first steps try algorithms with workspaces training never holds (CUDA calls recorded)."""
     order = []
     saved = torch.cuda.synchronize, torch.cuda.reset_peak_memory_stats, torch.cuda.max_memory_allocated
     try:
@@ -4319,14 +4155,12 @@ def test_the_benchmarks_peak_memory_is_reset_after_the_warm_up_steps():
 
 def test_the_benchmarks_step_flops_are_torchs_count_of_forward_loss_and_backward_and_its_rate_flops_per_second(
         monkeypatch):
-    """A train step's FLOPs are FlopCounterMode's of one forward + loss + backward on the step's inputs (Adam adds
-    none); the throughput row gives flops / seconds as GFLOP/s and its fraction of each reference rate."""
     torch.manual_seed(0)
-    model, image, tabular = models.build_model("ad", "hyperfusion", n_tabular=15), torch.randn(2, 1, 16, 24, 16), \
+    model, image, tabular = models.build_model("ad", "hyperfusion", n_tabular=15), torch.randn(2, 1, 12, 16, 12), \
         torch.randn(2, 15)
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(image, tabular), torch.arange(2) % 3).backward()
-    assert bench.measure("ad", "hyperfusion", (16, 24, 16), 2, 1, "cpu", warmup=0)["flops"] == \
+    assert bench.measure("ad", "hyperfusion", (12, 16, 12), 2, 1, "cpu", warmup=0)["flops"] == \
         counter.get_total_flops() > 0
     monkeypatch.setattr(bench, "run_commands", lambda cmds, jobs, timeout: [json.dumps(
         dict(matmul=48.0, conv3d=24.0) if '"reference": true' in cmds[0][-1] else
@@ -4348,9 +4182,21 @@ def test_the_loader_measure_gives_every_worker_several_batches_of_each_timed_pas
     assert seen == {"n": 4 * 3 * 8, "w": 8} and r["batches"] == 24 and r["samples_s"] > 0
 
 
-def test_the_gpu_checks_report_has_every_section_with_numbers(tmp_path):
-    """bench.py gpu-check's report on CPU at the smallest settings: each section ran (the precision section trains
-    demo runs: the tests above hold it), with numbers in it, and the markdown and JSON were written."""
+def test_the_gpu_checks_report_has_every_section_with_numbers(tmp_path, monkeypatch):
+    """On CPU at the smallest settings, the precision section aside (held below); the children run in-process."""
+    threads = torch.get_num_threads()
+
+    def here(cmds, jobs, timeout):
+        outs = []
+        for cmd in cmds:
+            assert cmd[1:3] == [os.path.join(bench.HERE, "bench.py"), "--child"], cmd
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                bench.main(cmd[2:])
+            outs.append(out.getvalue())
+        torch.set_num_threads(threads)                            # a child sets its own
+        return outs
+
+    monkeypatch.setattr(bench, "run_commands", here)
     sections = [s for s in bench.CHECK_SECTIONS if s != "precision"]
     report = bench.run_report(sections, "cpu", True, str(tmp_path), steps=1, warmup=1)
     sections = report["sections"]
@@ -4372,28 +4218,18 @@ def test_the_gpu_checks_report_has_every_section_with_numbers(tmp_path):
 @pytest.mark.parametrize("ending", ["budget", "failure"])
 def test_the_gpu_checks_precision_section_keeps_every_version_finished_when_its_budget_runs_out_or_a_run_fails(
         tmp_path, monkeypatch, ending):
-    """The precision section trains one version more at a time, both tasks in turn; when a run outlives the
-    budget, or fails, the report (check.json and check.md) still holds each task's pairs at its last finished
-    version. The training commands are replaced by a stand-in that writes the runs' files."""
+    """One version more at a time, both tasks in turn."""
     asked = []
 
     def train(cmds, jobs, timeout):
         for cmd in cmds:
             task = "ad" if cmd[1].endswith("train_ad.py") else "brain-age"
             asked.append((task, cmd[cmd.index("--version") + 1], cmd[cmd.index("--precision") + 1]))
-            if (task, asked[-1][1]) == ("brain-age", "2"):
+            if asked[-1][:2] == ("brain-age", "2"):
                 if ending == "budget":
                     raise subprocess.TimeoutExpired(cmd, timeout)
                 raise RuntimeError("train_brain_age.py: exit 2: error: a run failed")
-            if task == "brain-age":
-                _finished_precision_run(cmd)
-                continue
-            out, v = cmd[cmd.index("--out") + 1], int(asked[-1][1])
-            folder = training.ad_run_dir(out, "hyperfusion", 0, v, 2)
-            os.makedirs(folder)
-            json.dump({"test": {"balanced_accuracy": 0.7 - 0.01 * v * (asked[-1][2] == "fp16"), "auc_macro": 0.8}},
-                      open(os.path.join(folder, "metrics.json"), "w"))
-            open(os.path.join(folder, "log.csv"), "w").write("epoch,seconds\n1,3.0\n")
+            _finished_precision_run(cmd)
     monkeypatch.setattr(bench, "run_commands", train)
     monkeypatch.setattr(bench.synthetic, "builtin_cohort", lambda *a, **k: None)
     report = bench.run_report(["precision"], "cpu", True, str(tmp_path), precisions=["fp16"], versions=[0, 1, 2, 3])
@@ -4448,8 +4284,7 @@ def _project_imports(tree, modules):
 
 
 def test_the_readmes_first_command_names_files_that_exist_and_options_that_parse():
-    """The README's first shell block is what a reader runs first: each file it names is in the repository, and
-    its training command's options are train_ad.py's (its own parser reads them)."""
+    """What a reader runs first: each file it names is here, and train_ad.py's own parser reads its options."""
     block = re.search(r"```bash\n(.*?)```", open(os.path.join(HERE, "README.md")).read(), re.S).group(1)
     segments = [shlex.split(seg) for ln in block.splitlines() if not ln.startswith("#") for seg in ln.split("&&")]
     files = [w for words in segments for w in words if re.fullmatch(r"[\w-]+\.(py|txt)", w)]
@@ -4517,8 +4352,7 @@ def test_without_matplotlib_plots_stops_before_any_work_in_one_line_and_writes_n
 
 # Progress a person can follow on long work (data.Progress), and --quiet silencing all of it
 def test_progress_time_left_is_the_pace_so_far_for_items_and_runs_and_durations_read_one_way(capsys):
-    """After k of N items in t seconds the time left is t (N - k) / k; for runs, their mean time times those to
-    run, less the time the running ones have run, divided by the runs run at once; quiet prints nothing."""
+    """k of N items in t s: t (N - k) / k left; runs: mean time x those left, less time run, over runs at once."""
     now = [0.0]
     p = data.Progress("decoding the image cache", 5000, "images", every=0, step=0, clock=lambda: now[0])
     now[0] = 120.0
@@ -4615,11 +4449,8 @@ def test_run_protocol_says_after_each_run_how_many_are_done_and_the_time_left_an
 
 
 def test_predict_shows_progress_over_its_batches_when_long_one_line_per_member_and_nothing_with_quiet(
-        ad_cohort60, tmp_path, monkeypatch, capsys):
-    train_ad.main(["--model", "tabular", "--data-csv", str(ad_cohort60), "--out", str(tmp_path), "--epochs", "1",
-                   "--quiet"])
-    capsys.readouterr()
-    run_dir = training.ad_run_dir(tmp_path, "tabular", 0, 0, 0)
+        ad_cohort60, tabular_run, tmp_path, monkeypatch, capsys):
+    run_dir = _run_dir(tabular_run, "tabular")
     args = [run_dir, "--data-csv", str(ad_cohort60), "--out", str(tmp_path / "p.csv"), "--batch-size", "8"]
     predict.main(args)                                                  # short: the member's line, no batches'
     out = capsys.readouterr().out.splitlines()
