@@ -62,239 +62,111 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Index: the paper's elements -> the tests that hold them (sections below in this order)
 #
 # Sec. 3.1: hyperlayers (Eq. 1-2)
-# Sec. 3.1 hyperlayer = per-sample layer: test_hyperlinear_equals_the_per_sample_computation,
-#     test_hyper_convolution_equals_the_per_sample_computation,
-#     test_gradients_reach_the_embedding_and_both_generators,
-#     test_two_tabular_vectors_give_two_outputs_for_the_same_image
-# Eq. 1-2 initialisation: test_eq1_2_output_variance_matches_input_variance_at_initialisation,
-#     test_eq1_2_generators_are_drawn_uniform_with_the_hyperfan_in_variances_and_zero_offsets,
-#     test_eq1_2_measure_e_squared_on_the_rows_given_and_take_r_1_where_a_relu_follows_r_0_at_the_end_and_downsample,
-#     test_ad_training_measures_e_squared_on_its_preprocessed_training_rows,
-#     test_hyperfusion_starts_from_the_trained_tabular_mlp_of_its_split_fold_and_version_and_eq1_2_from_its_outputs,
+# Sec. 3.1 hyperlayer = per-sample layer: test_check_hyperlayers_on_the_device_equal_the_per_sample_computation,
 #     test_after_a_short_run_the_two_sexes_generate_different_weights_in_every_hyperlayer
-# also: test_check_hyperlayers_on_the_device_equal_the_per_sample_computation
+# Eq. 1-2 initialisation: test_eq1_2_generators_are_drawn_uniform_with_the_hyperfan_in_variances_and_zero_offsets,
+#     test_eq1_2_measure_e_squared_on_the_rows_given_and_take_r_1_where_a_relu_follows_r_0_at_the_end_and_downsample,
+#     test_hyperfusion_starts_from_the_trained_tabular_mlp_of_its_split_fold_and_version_and_eq1_2_from_its_outputs
 #
 # Sec. 3.1.2, App. D: hyperlayer selection
-# Sec. 3.1.2 loss entropy: test_loss_entropy_ranks_a_layer_the_loss_depends_on_above_one_it_ignores,
-#     test_loss_entropy_bins_every_layers_losses_over_one_range_shared_by_all_layers,
+# Sec. 3.1.2 loss entropy:
+#     test_loss_entropy_ranks_a_layer_the_loss_depends_on_above_one_it_ignores_over_one_range_shared_by_all_layers,
 #     test_loss_entropy_scores_every_layer_of_the_ad_backbone, test_select_layers_scores_every_candidate_layer
 #
 # Sec. 3.2: the loss (Eq. 3-5) and the training loop
 # Eq. 3 weight decay: test_eq3_every_trained_parameter_is_decayed_with_the_runs_lambda_and_generated_weights_are_none,
-#     test_brain_age_decay_over_the_target_scale_squared_gives_the_steps_of_lambda_on_ages_in_years,
-#     test_brain_age_training_gives_adam_the_runs_decay_over_the_target_scale_squared
-# Eq. 4 regression loss: test_brain_age_minimises_eq4_the_mean_squared_error_of_the_centred_age
+#     test_brain_age_decay_over_the_target_scale_squared_gives_the_steps_of_lambda_on_ages_in_years
+# Eq. 4 regression loss (and Eq. 3's decay in its units):
+#     test_brain_age_minimises_eq4_on_the_centred_age_and_gives_adam_the_runs_decay_over_the_target_scale_squared
 # Eq. 5 weighted cross-entropy:
 #     test_eq5_weighted_cross_entropy_is_divided_by_the_batch_size_not_by_the_sum_of_the_targets_weights,
-#     test_eq5_class_weights_are_n_over_c_n_c_counted_on_the_training_and_validation_rows
-# the loop: steps, kept epoch (Sec. 4.2.2, 4.3.6):
-#     test_the_loop_steps_on_eq5_gradients_alone_in_training_mode_and_keeps_the_epoch_best_on_validation_rows,
+#     test_the_loop_steps_on_eq5_gradients_alone_in_training_mode_and_keeps_the_epoch_best_on_validation_rows
+# the loop: steps, the kept epoch (Sec. 4.2.2, 4.3.6):
 #     test_best_pt_holds_the_epoch_with_the_best_validation_score_and_last_pt_the_last,
 #     test_the_training_scripts_test_with_the_best_epochs_checkpoint_not_the_last,
 #     test_versions_are_independent_initialisations_and_one_version_twice_starts_from_the_same_weights,
-#     test_a_hyperfusion_run_writes_its_checkpoints_log_and_metrics,
-#     test_the_tabular_model_trains_from_the_table_alone
+#     test_a_hyperfusion_run_writes_its_checkpoints_log_and_metrics
+# also: test_fit_runs_forward_and_loss_in_one_autocast_at_the_runs_precision_and_scales_float16s_loss,
+#     test_one_ddp_step_on_two_processes_takes_the_mean_of_their_shares_gradients,
+#     test_resume_after_an_interruption_ends_as_an_uninterrupted_run
 #
 # Sec. 3.3, 4.3.3: tabular attributes and missing values
 # Sec. 3.3 imputation and indicators: test_censored_csf_values_read_as_the_assay_limit,
-#     test_imputation_is_fitted_on_training_rows_only, test_missing_indicators_are_added_and_no_nan_remains,
-#     test_missing_indicators_are_for_the_attributes_with_empty_cells_in_the_training_rows_alone,
-#     test_tabular_state_round_trips_exactly, test_imputation_replays_scikit_learns_iterative_imputer,
-#     test_a_training_run_fits_its_z_scores_and_imputation_on_its_training_rows_only,
-#     test_a_training_run_adds_missing_indicators_for_the_attributes_empty_in_its_training_rows_alone,
+#     test_imputation_is_fitted_on_training_rows_only_and_its_state_round_trips_exactly,
+#     test_missing_indicators_are_for_the_attributes_with_empty_cells_in_the_training_rows_alone_and_no_nan_remains,
+#     test_imputation_replays_scikit_learns_iterative_imputer,
+#     test_a_training_run_fits_its_z_scores_imputation_and_missing_indicators_on_its_training_rows_only,
 #     test_empty_age_sex_education_and_apoe4_cells_are_imputed_and_the_split_does_not_depend_on_them
+# also: test_a_prediction_depends_on_its_own_row_only_and_empty_cells_use_the_runs_saved_imputation,
+#     test_a_column_empty_for_every_training_subject_is_read_as_missing_at_prediction_and_said
 #
 # Sec. 3.4: ensembles and metrics (Eq. 6-10)
-# Eq. 6-8 ensembles: test_eq7_8_equal_entropies_give_the_plain_mean,
-#     test_eq7_8_a_near_one_hot_member_dominates_a_flat_one,
-#     test_predict_combines_ad_members_by_eq7_8_and_brain_age_members_by_eq6_sample_by_sample
-# Eq. 9-10 and the other metrics: test_metrics_against_a_hand_made_confusion_matrix, test_auc_and_maes_by_hand,
+# Eq. 6-8 ensembles: test_eq7_8_weight_each_member_by_its_inverse_entropy_sample_by_sample_and_eq6_takes_the_mean,
+#     test_a_run_named_twice_is_one_member_and_a_runs_metrics_file_is_not_called_a_corrupt_checkpoint
+# Eq. 9-10 and the other metrics: test_metrics_against_a_hand_made_confusion_matrix_and_maes_by_hand,
 #     test_the_auc_is_the_macro_mean_of_the_one_vs_rest_aucs_not_weighted_micro_nor_one_vs_one
-# also: test_a_run_named_twice_is_one_member_and_a_runs_metrics_file_is_not_called_a_corrupt_checkpoint
+# also: test_eq7_8_each_row_of_the_ad_table_ensembles_its_folds_sample_by_sample,
+#     test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae,
+#     test_predict_combines_the_members_by_eq7_8_and_each_member_reproduces_its_test_predictions,
+#     test_predict_reads_each_brain_age_member_with_its_own_target_and_combines_them_by_the_eq6_mean,
+#     test_calibrated_prediction_keeps_every_members_class_and_changes_the_ensemble_only_through_eq8_weights
 #
 # Sec. 3.5, Tables 5-6, Fig. 2-3: the networks
-# Tables 5-6 parameter counts: test_brain_age_parameter_counts_equal_table_5, test_ad_parameter_counts_equal_table_6,
-#     test_every_batch_norm_of_the_ad_image_network_has_momentum_0_05
-# Fig. 2-3 layers in order:
+# Tables 5-6, Fig. 2-3: test_parameter_counts_equal_tables_5_and_6,
 #     test_tables_5_6_each_network_computes_its_layers_in_the_papers_order_with_its_dropout_rates_and_bn_momenta,
-#     test_film_and_daft_scale_and_shift_the_residual_branch_only_and_the_shortcut_reads_the_original_map,
-#     test_every_model_runs_forward_and_backward, test_in_eval_mode_a_batch_equals_its_samples_one_at_a_time,
-#     test_hyperfusion_embedding_can_start_from_the_tabular_model,
-#     test_hyper_block_can_make_any_convolution_a_hyperlayer
+#     test_in_eval_mode_a_batch_equals_its_samples_one_at_a_time
 #
 # Sec. 4.2: brain age, Fig. 4
-# Sec. 4.2.3 split: test_brain_age_split_cuts_every_sex_and_20_age_bin_stratum_80_10_10_within_one_subject,
-#     test_the_brain_age_demo_split_holds_validation_and_test_sets_of_200
+# Sec. 4.2.3 split:
+#     test_brain_age_split_cuts_every_sex_and_age_stratum_80_10_10_by_its_seed_and_the_demo_keeps_200_and_200,
+#     test_a_brain_age_cohort_too_small_for_its_split_is_refused_in_one_line_before_anything_is_written
 # Sec. 4.2.2 training and testing: test_a_two_epoch_brain_age_run_writes_its_files_with_maes_in_years,
 #     test_the_brain_age_target_is_centred_on_the_mean_age_of_the_training_rows_it_trains_on,
 #     test_the_brain_age_demo_anneals_its_learning_rate_by_a_cosine_and_real_data_keeps_table_1s_constant_rate,
 #     test_precise_bn_re_estimates_the_running_statistics_from_the_training_batches_alone,
-#     test_brain_age_training_re_estimates_batch_norm_before_every_validation_from_its_training_rows_in_order,
+#     test_brain_age_training_re_estimates_batch_norm_before_every_validation_from_its_chosen_training_rows_in_order,
 #     test_the_age_bias_correction_leaves_a_gap_uncorrelated_with_age_on_its_fitting_set,
 #     test_the_age_bias_of_the_brain_age_gap_is_fitted_on_the_validation_rows_never_the_test_rows,
-#     test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae
-# Fig. 4A training sets, Fig. 4 sweep:
+#     test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae,
+#     test_the_brain_age_network_gives_the_age_in_float32_under_bfloat16
+# Fig. 4A training sets, Fig. 4 sweep and plots:
 #     test_fig4a_training_sets_are_one_size_min_men_women_drawn_with_the_seed_and_the_mix_is_half_and_half,
 #     test_fig4a_training_sets_are_drawn_from_the_training_split_alone,
-#     test_precise_bn_of_a_fig4a_run_reads_its_chosen_training_subjects_alone_in_order,
 #     test_brain_age_sweep_reads_every_test_scan_as_male_and_as_female,
 #     test_brain_age_plots_draw_the_scatters_fig4a_and_fig4b_or_say_which_is_skipped
 # the synthetic brain-age cohort:
 #     test_in_the_brain_age_cohort_mens_brains_age_faster_so_reading_the_image_without_sex_leaves_years_behind,
 #     test_the_oracle_report_names_both_oracles_and_the_run_on_its_test_subjects,
 #     test_synthetic_brain_age_cohort_loads_back
-# also: test_the_brain_age_network_gives_the_age_in_float32_under_bfloat16,
-#     test_a_brain_age_cohort_too_small_for_its_split_is_refused_in_one_line_before_anything_is_written
 #
 # Sec. 4.3: AD classification, Table 3
-# Sec. 4.3.4, App. C.1 split: test_subsets_are_disjoint_and_together_hold_every_subject,
-#     test_test_subset_is_the_same_for_every_fold, test_each_subset_keeps_the_diagnosis_and_sex_proportions,
-#     test_within_every_sex_diagnosis_and_20_age_bin_stratum_the_five_subsets_differ_by_at_most_one,
-#     test_same_split_seed_same_split_other_seed_other_split
+# Sec. 4.3.4, App. C.1 split:
+#     test_the_ad_split_is_five_subsets_by_its_seed_subset_4_tests_every_fold_and_subset_k_validates_fold_k,
+#     test_each_ad_subset_keeps_the_diagnosis_and_sex_proportions_and_every_sex_diagnosis_20_age_bin_stratum
 # Sec. 3.5.2, 4.3.6 hippocampus crops: test_mirrored_crop_is_the_flip_of_the_right_box,
 #     test_dataset_items_have_one_side_in_training_and_both_in_evaluation,
 #     test_validation_and_test_average_the_soft_predictions_of_both_hippocampi,
 #     test_synthetic_ad_anatomy_depends_on_diagnosis
 # Table 3 and its runs: test_ad_table_has_a_row_per_seed_and_version_with_mean_std_and_mann_whitney,
 #     test_eq7_8_each_row_of_the_ad_table_ensembles_its_folds_sample_by_sample,
-#     test_folds_whose_configs_differ_are_refused,
-#     test_folds_with_other_test_subjects_are_refused_and_the_cli_says_so_in_one_line,
+#     test_folds_whose_configs_or_test_subjects_differ_are_refused_and_the_cli_says_so_in_one_line,
 #     test_ad_plots_draw_each_rows_confusion_roc_and_reliability_and_table3_at_their_size,
 #     test_ad_sweep_changes_the_tabular_attribute_of_every_test_row,
 #     test_sweep_plots_draw_how_the_prediction_moves_with_the_attribute,
 #     test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_trains_the_rest,
 #     test_print_commands_gives_one_command_per_missing_run_tabular_first_and_trains_nothing,
-#     test_run_protocol_with_two_jobs_trains_each_missing_run_once_and_prints_the_serial_table
+#     test_run_protocol_with_two_jobs_trains_each_missing_run_once_and_prints_the_serial_table,
+#     test_table3_reports_the_calibration_of_every_ensemble_after_the_papers_columns
 #
 # App. A-C: preprocessing, oversampling
 # App. A.1 preprocessing:
 #     test_preprocess_centres_its_box_on_the_brain_masks_centre_of_mass_and_z_scores_the_brain_voxels_alone,
-#     test_preprocess_gives_a_centred_zscored_90x120x99_volume_at_1_75mm,
-#     test_fuzzy_cmeans_finds_three_tissue_classes,
-#     test_preprocess_batch_mode_writes_every_subject_and_names_a_bad_row,
-#     test_preprocess_n4_without_simpleitk_says_so
+#     test_preprocess_gives_a_centred_zscored_90x120x99_volume_at_1_75mm, test_fuzzy_cmeans_finds_three_tissue_classes,
+#     test_preprocess_batch_mode_writes_every_subject_and_names_a_bad_row, test_preprocess_n4_without_simpleitk_says_so
 # App. C.4 oversampling: test_app_c4_oversampling_draws_every_class_equally_often_over_an_epoch
 #
-# The program: real data in
-#   test_synthetic_ad_cohort_loads_back_with_its_shapes_and_labels, test_group_aliases_read_as_mci_and_ad,
-#     test_from_adnimerge_keeps_one_row_per_subject_with_the_diagnosis_of_that_visit,
-#     test_check_ad_accepts_a_good_table, test_check_ad_preview_draws_the_boxes_and_writes_the_crops_as_png,
-#     test_the_preview_is_an_rgb_png_that_matplotlib_reads_with_or_without_matplotlib_installed,
-#     test_a_table_saved_by_a_spreadsheet_with_a_bom_and_crlf_line_ends_reads_as_the_plain_one,
-#     test_cache_decodes_once_and_redecodes_a_changed_source,
-#     test_a_parallel_cache_decode_writes_entries_byte_identical_to_a_serial_decode,
-#     test_an_image_replaced_in_place_by_one_of_the_same_size_with_its_times_kept_is_noticed,
-#     test_a_damaged_or_mismatched_cache_entry_is_decoded_again_with_one_warning_and_never_used,
-#     test_a_table_edited_between_two_protocol_calls_is_refused_before_training_and_evaluate_never_mixes_it,
-#     test_runs_trained_on_other_images_or_tables_are_not_ensembled_nor_put_in_one_table,
-#     test_a_run_refuses_a_tabular_model_or_checkpoint_trained_on_another_table,
-#     test_failed_synthesis_leaves_no_partial_cohort,
-#     test_a_built_in_cohort_that_another_generator_wrote_is_written_again,
-#     test_atomic_path_leaves_nothing_behind_on_failure
-#
-# The program: bad input
-#   test_missing_nifti_is_named, test_truncated_nifti_is_named, test_4d_image_is_named_with_its_shape,
-#     test_nan_voxels_are_named_and_preprocess_writes_nothing,
-#     test_images_with_non_finite_absurd_or_no_signal_values_are_refused_in_either_cache_dtype,
-#     test_images_of_another_shape_or_voxel_size_are_refused_from_their_headers,
-#     test_csv_without_group_names_the_column,
-#     test_rows_whose_group_is_not_a_diagnosis_are_skipped_with_a_count_or_mapped,
-#     test_non_numeric_age_names_the_row_and_column, test_a_column_named_twice_is_refused_naming_it,
-#     test_an_unclosed_quote_is_named_at_the_line_where_it_opens,
-#     test_semicolon_or_tab_tables_are_named_and_nii_images_beside_nii_gz_are_found,
-#     test_adni_missing_codes_read_as_missing_with_a_warning_and_impossible_values_are_refused,
-#     test_one_class_or_a_class_absent_from_a_subset_is_refused_after_the_split,
-#     test_numeric_options_out_of_range_are_refused_naming_the_option,
-#     test_preprocess_refuses_a_subject_that_is_not_a_plain_file_name,
-#     test_preprocess_refuses_an_out_dir_that_is_its_image_folder_by_a_symlink_and_subjects_equal_but_for_case,
-#     test_one_image_under_two_subjects_is_refused_when_a_hard_link_names_it_twice,
-#     test_an_out_file_that_is_an_input_or_a_folder_is_refused_and_the_input_kept,
-#     test_a_preview_of_a_subject_named_like_a_path_stays_in_its_folder_under_a_distinct_safe_name,
-#     test_formula_ids_are_text_in_predictions_csv_and_the_code_reads_its_own_tables_back_unchanged,
-#     test_a_results_table_shows_a_model_folder_named_like_a_formula_as_text,
-#     test_metrics_json_is_strict_json_with_null_where_a_metric_is_undefined
-# also: test_an_image_whose_header_is_rotated_is_refused_in_one_line_naming_it
-#
-# The program: faults and resume
-#   test_resume_after_an_interruption_ends_as_an_uninterrupted_run,
-#     test_a_corrupt_checkpoint_given_to_resume_stops_with_a_clear_error, test_a_checkpoint_of_another_run_is_refused,
-#     test_a_run_folder_that_holds_a_run_is_refused_to_a_new_one_before_any_file_changes,
-#     test_a_resumed_run_that_trains_further_never_leaves_the_old_metrics_beside_its_new_checkpoints,
-#     test_a_folder_in_use_by_a_live_process_is_refused_and_a_killed_one_leaves_no_stuck_lock,
-#     test_hyperfusion_continues_an_interrupted_pre_training_of_its_tabular_mlp,
-#     test_a_non_finite_training_loss_stops_the_run_naming_the_epoch_with_the_last_good_checkpoint_kept,
-#     test_a_loss_a_million_times_the_untrained_networks_stops_the_run_though_finite,
-#     test_nan_validation_outputs_stop_the_run_in_one_line_not_a_scikit_learn_traceback,
-#     test_a_non_finite_batchnorm_statistic_stops_the_run_after_the_epoch_or_after_precise_bn,
-#     test_ctrl_c_during_training_prints_one_line_with_what_is_kept_and_the_command_to_resume,
-#     test_sigterm_during_training_prints_the_same_one_line_and_exits_143,
-#     test_a_full_disk_or_an_unwritable_folder_is_one_error_line_naming_the_folder_and_the_bytes,
-#     test_a_cohort_on_read_only_storage_stops_in_one_line_naming_cache_dir_and_trains_with_a_writable_one,
-#     test_a_command_piped_into_head_stops_quietly_when_head_has_read_enough
-# also: test_ctrl_c_or_sigterm_during_a_parallel_decode_is_one_line_and_leaves_nothing_half_written,
-#     test_resume_with_another_cache_dtype_is_refused_naming_both_values
-#
-# The program: predict.py
-#   test_a_finished_run_predicts_its_test_set_again_from_its_saved_state,
-#     test_predict_combines_the_members_by_eq7_8_and_each_member_reproduces_its_test_predictions,
-#     test_a_prediction_depends_on_its_own_row_only_and_empty_cells_use_the_runs_saved_imputation,
-#     test_predict_reads_each_brain_age_member_with_its_own_target_and_combines_them_by_the_eq6_mean,
-#     test_predict_reproduces_a_brain_age_runs_test_predictions_and_reports_the_corrected_gap,
-#     test_predict_refuses_other_grids_mixed_runs_and_unfinished_runs_in_one_line
-# also: test_a_column_empty_for_every_training_subject_is_read_as_missing_at_prediction_and_said
-#
-# The program: calibration
-#   test_ece_is_near_zero_for_calibrated_probabilities_and_clearly_above_for_over_confident_ones_as_by_hand,
-#     test_the_fitted_temperature_recovers_the_temperature_the_labels_were_drawn_at,
-#     test_a_finished_ad_run_holds_its_temperature_fitted_on_its_own_validation_logits,
-#     test_a_run_trained_before_calibration_is_calibrated_from_its_logits_predicted_again_not_retrained,
-#     test_calibrated_prediction_keeps_every_members_class_and_changes_the_ensemble_only_through_eq8_weights,
-#     test_calibrated_prediction_refuses_a_run_without_a_temperature_in_one_line_naming_it,
-#     test_table3_reports_the_calibration_of_every_ensemble_after_the_papers_columns,
-#     test_the_calibration_report_ensembles_the_members_each_at_its_own_temperature
-# also: test_a_temperature_fitted_at_its_lower_bound_is_not_used_and_calibrated_prediction_refuses_it
-#
-# The program: many processes, devices, precision
-#   test_a_torchrun_process_leaves_at_a_barrier_before_tearing_the_group_down_and_alone_never,
-#     test_a_two_process_torchrun_run_writes_each_file_once_and_tests_each_subject_once,
-#     test_one_ddp_step_on_two_processes_takes_the_mean_of_their_shares_gradients,
-#     test_gathered_shares_hold_every_item_once_in_order_when_the_sampler_pads,
-#     test_loaders_ship_images_in_the_float16_the_cache_stores_and_the_network_reads_them_in_float32,
-#     test_the_protocol_hands_its_cache_dir_to_every_run_it_trains,
-#     test_gpus_are_indices_among_the_gpus_this_process_sees_and_one_that_does_not_exist_is_refused,
-#     test_a_launched_run_is_told_its_gpu_the_cuda_device_and_how_many_runs_share_the_machine,
-#     test_jobs_without_gpus_spread_the_runs_over_every_visible_gpu,
-#     test_an_interrupted_run_protocol_with_jobs_ends_the_trainings_it_started,
-#     test_loader_workers_and_decode_workers_count_the_cores_this_process_may_use_not_the_machines
-# also: test_the_default_precision_is_float32_on_cpu_and_cuda,
-#     test_a_training_script_run_at_the_default_precision_trains_in_float32_on_this_cpu,
-#     test_on_a_gpu_float32_means_float32_tf32_is_switched_off_where_the_device_is_set_up,
-#     test_adam_is_fused_on_cuda_and_plain_on_a_cpu,
-#     test_bfloat16_is_refused_on_a_gpu_that_only_emulates_it_in_one_line_naming_the_option,
-#     test_fit_runs_forward_and_loss_in_one_autocast_at_the_runs_precision_and_scales_float16s_loss,
-#     test_float16_bfloat16_or_sync_bn_on_a_cpu_is_refused_in_one_line_naming_the_option,
-#     test_the_precision_is_stored_in_the_run_and_a_resume_at_another_precision_is_refused,
-#     test_replaying_a_run_uses_its_own_precision_where_the_device_can_and_float32_where_it_cannot,
-#     test_check_a_bfloat16_train_step_stays_within_tolerance_of_float32,
-#     test_the_paired_precision_benchmark_gives_the_t_interval_of_the_loss_and_calls_non_inferior_only_over_8_versions,
-#     test_the_paired_precision_benchmark_pairs_each_version_with_itself_from_the_runs_files,
-#     test_on_a_gpu_the_paired_precision_runs_train_one_at_a_time,
-#     test_the_benchmarks_peak_memory_is_reset_after_the_warm_up_steps,
-#     test_the_benchmarks_step_flops_are_torchs_count_of_forward_loss_and_backward_and_its_rate_flops_per_second,
-#     test_the_loader_measure_gives_every_worker_several_batches_of_each_timed_pass,
-#     test_the_gpu_checks_report_has_every_section_with_numbers,
-#     test_the_gpu_checks_precision_section_keeps_every_version_finished_when_its_budget_runs_out_or_a_run_fails,
-#     test_the_benchmark_refuses_a_precision_this_device_cannot_train_in_one_line_naming_the_option
-#
-# The program: command lines, progress, the code's shape
-#   test_the_readmes_first_command_names_files_that_exist_and_options_that_parse,
-#     test_imports_form_a_tree_with_no_circles_and_no_private_names,
-#     test_without_matplotlib_plots_stops_before_any_work_in_one_line_and_writes_nothing,
-#     test_progress_time_left_is_the_pace_so_far_for_items_and_runs_and_durations_read_one_way,
-#     test_the_first_cache_decode_shows_its_progress_and_a_final_line_and_nothing_when_quiet_or_short,
-#     test_run_protocol_says_after_each_run_how_many_are_done_and_the_time_left_and_quiet_says_none,
-#     test_predict_shows_progress_over_its_batches_when_long_one_line_per_member_and_nothing_with_quiet,
-#     test_preprocess_the_data_checks_and_the_demo_cohort_say_their_progress_and_nothing_of_it_with_quiet
+# The program's own behaviour follows in sections of its own, each opening with its claims: real data in; bad
+# input; faults and resume; predict.py; calibration; many processes, devices, precision; command lines, progress.
 # ==============================================================================================
 
 
