@@ -1947,6 +1947,9 @@ def test_ad_sweep_changes_the_tabular_attribute_of_every_test_row(ad_cohort40, t
     assert all(np.isclose(q.sum(), 1) for q in p) and not np.allclose(p[1], p[2], atol=1e-6)
     with pytest.raises(UserError, match="not a tabular attribute"):
         predict.sweep(str(tmp_path / "best.pt"), "MMSE", ["30"])
+    (tmp_path / "predictions.npz").write_bytes(b"PK\x03\x04 cut short")     # the run's test predictions, damaged
+    assert_clean_error(run_main(evaluate.main, "sweep", tmp_path, "--attribute", "ABETA", "--values", "200"),
+                       "predictions.npz", "unreadable")
 
 
 def test_sweep_plots_draw_how_the_prediction_moves_with_the_attribute(brain_age_cohort20, tmp_path, capsys):
@@ -3603,6 +3606,22 @@ def test_the_calibration_report_ensembles_the_members_each_at_its_own_temperatur
     assert ens["after"]["ece"] == pytest.approx(metrics.calibration_metrics(test_labels, after)["ece"])
     assert ens["before"]["nll"] == pytest.approx(metrics.calibration_metrics(test_labels, before)["nll"])
     assert ens["after"]["nll"] != pytest.approx(ens["before"]["nll"])
+
+
+def test_the_calibration_report_keeps_a_cn_vs_ad_ensemble_apart_from_the_3_class_one_of_the_same_model_and_version(
+        tmp_path):
+    rng = np.random.default_rng(3)
+    for classes in (3, 2):
+        val_labels, test_labels = rng.integers(0, classes, 40), rng.integers(0, classes, 30)
+        for fold in range(4):
+            val = rng.normal(0, 1, (40, classes)) + 2 * np.eye(classes)[val_labels]
+            test = rng.normal(0, 1, (30, classes)) + 2 * np.eye(classes)[test_labels]
+            run_dir = fake_ad_run(tmp_path / f"c{classes}", "hyperfusion", 0, 0, fold, evaluate.probabilities(test),
+                                  test_labels, classes=classes, class_names=NAMES if classes == 3 else ["CN", "AD"])
+            evaluate.save_logits(run_dir, (val, val_labels), (test, test_labels))
+    res = evaluate.main(["calibrate", str(tmp_path), "--quiet"])
+    assert sorted((e["classes"], len(e["members"])) for e in res["ensembles"]) == [(2, 4), (3, 4)]
+    assert all(all(f"{os.sep}c{e['classes']}{os.sep}" in m for m in e["members"]) for e in res["ensembles"])
 
 
 # ----------------------------------------------------------------------------------------------
