@@ -649,8 +649,6 @@ def start(job, slot, k, gpus):
 
 def run_jobs(jobs, k, gpus=None, poll_s=0.2, quiet=False):
     """Every job, k at a time, each after its `after` -> run dirs; a failure raises, an interrupt ends every run."""
-    if gpus is not None and not gpus:
-        raise UserError("--gpus: give at least one GPU index, e.g. --gpus 0,1")
     waiting, done, failed, running, slots = list(jobs), [], None, {}, list(range(k))
     pending = {j.run_dir for j in jobs}
     shown = Progress("train", len(jobs), "runs", quiet, parallel=k)
@@ -792,6 +790,13 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
 
 
 # ---- Command line ----
+def gpu_indices(text):
+    try:
+        return [int(g) for g in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: GPU indices separated by commas, e.g. 0,1") from None
+
+
 COMMANDS = {"ad": "Table 3 from <runs>/ad (or ad-binary): ensembles of the four folds",
             "brain-age": "MAE of the 5-best ensembles (Eq. 6) and Fig. 4A from <runs>/brain-age",
             "select-layers": "Sec. 3.1.2: loss entropy of every candidate layer, sorted",
@@ -824,7 +829,7 @@ OPTIONS = (   # (the sub-commands that take it, the option, its argparse keyword
     ("protocol", "--embedding-dim", dict(type=int, default=1, choices=[1, 2], help="brain age: sex embedding size")),
     ("protocol", "--verbose", dict(action="store_true", help="the training scripts' per-epoch lines (--jobs 1)")),
     ("protocol", "--jobs", dict(type=int, default=1, help="runs at a time, each in its own process (1: in this one)")),
-    ("protocol", "--gpus", dict(type=lambda v: [int(g) for g in v.split(",") if g != ""], help="e.g. 0,1,2,3")),
+    ("protocol", "--gpus", dict(type=gpu_indices, help="e.g. 0,1,2,3")),
     ("protocol", "--print-commands", dict(action="store_true", help="train nothing: print a command per run")),
     ("protocol", "--cache-dir", dict(help="decoded-image cache (default: <csv folder>/cache)")),
     ("select-layers sweep protocol", "--data-csv", dict(help="default: the synthetic cohort (sweep: the run's)")),

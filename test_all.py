@@ -3793,6 +3793,9 @@ def test_gpus_are_indices_among_the_gpus_this_process_sees_and_one_that_does_not
         evaluate.gpu_masks([0, 2], 2, {"CUDA_VISIBLE_DEVICES": "4,5"})
     with pytest.raises(UserError, match="no GPU is visible"):
         evaluate.gpu_masks([0], 0, {})
+    for gpus in (",", "0,", "a"):       # never read as "no --gpus" (the runs would go to every visible GPU)
+        assert_clean_error(run_main(evaluate.main, "protocol", "--task", "ad", "--gpus", gpus, "--print-commands"),
+                           f"--gpus: '{gpus}': GPU indices separated by commas")
 
 
 def test_a_launched_run_is_told_its_gpu_the_cuda_device_and_how_many_runs_share_the_machine(monkeypatch):
