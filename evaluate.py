@@ -534,11 +534,11 @@ def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False, plots_dir=None):
         done = {v: d for v, d in numbered(os.path.join(root, name), "v").items() if finished(d)}
         if done:
             ensembles[name] = e = brain_age_ensemble(done, top)
-            check_same(list(ensembles.values()), "cannot put {a} and {b} in one table")
             ms.append({"folder": name, **{k: e[k] for k in ("versions", "available", "val_mae", "version_mae",
                                                              "metrics", "gap")}})
     if not ms:
         raise UserError(f"{root}: no finished brain-age run")
+    check_same(list(ensembles.values()), "cannot put {a} and {b} in one table")
     base, fig4a = ensembles.get("hyperfusion"), []
     for m in ms:
         e, m["vs_hyperfusion"] = ensembles[m["folder"]], None
