@@ -88,7 +88,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_a_hyperfusion_run_writes_its_checkpoints_log_and_metrics
 # also: test_fit_runs_forward_and_loss_in_one_autocast_at_the_runs_precision_and_scales_float16s_loss,
 #     test_one_ddp_step_on_two_processes_takes_the_mean_of_their_shares_gradients,
-#     test_resume_after_an_interruption_ends_as_an_uninterrupted_run
+#     test_resume_after_an_interruption_ends_as_an_uninterrupted_run,
+#     test_resume_continues_adam_from_its_saved_moments_so_the_weights_end_as_an_uninterrupted_runs
 #
 # Sec. 3.3, 4.3.3: tabular attributes and missing values
 # Sec. 3.3 imputation and indicators: test_censored_csf_values_read_as_the_assay_limit,
@@ -96,7 +97,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_missing_indicators_are_for_the_attributes_with_empty_cells_in_the_training_rows_alone_and_no_nan_remains,
 #     test_imputation_replays_scikit_learns_iterative_imputer,
 #     test_a_training_run_fits_its_z_scores_imputation_and_missing_indicators_on_its_training_rows_only,
-#     test_empty_age_sex_education_and_apoe4_cells_are_imputed_and_the_split_does_not_depend_on_them
+#     test_empty_age_sex_education_and_apoe4_cells_are_imputed_and_the_split_does_not_depend_on_them,
+#     test_the_sex_one_hot_is_male_then_female_in_both_tasks_so_a_saved_run_reads_each_sex_as_it_was_trained,
+#     test_an_imputed_sex_is_a_probability_its_two_columns_in_0_1_summing_to_1_however_far_its_neighbours_lie
 # also: test_a_prediction_depends_on_its_own_row_only_and_empty_cells_use_the_runs_saved_imputation,
 #     test_a_column_empty_for_every_training_subject_is_read_as_missing_at_prediction_and_said
 #
@@ -109,6 +112,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae,
 #     test_predict_combines_the_members_by_eq7_8_and_each_member_reproduces_its_test_predictions,
 #     test_predict_reads_each_brain_age_member_with_its_own_target_and_combines_them_by_the_eq6_mean,
+#     test_predict_corrects_an_eq6_ensembles_gap_by_the_mean_of_its_members_validation_age_bias_fits,
 #     test_calibrated_prediction_keeps_every_members_class_and_changes_the_ensemble_only_through_eq8_weights
 #
 # Sec. 3.5, Tables 5-6, Fig. 2-3: the networks
@@ -1051,6 +1055,30 @@ def test_imputation_is_fitted_on_training_rows_only_and_its_state_round_trips_ex
     for back in (TabularPreprocessor(state=torch.load(tmp_path / "ck.pt", weights_only=True)["tabular"]),
                  TabularPreprocessor(state=json.loads(json.dumps(state)))):
         assert back.columns == tp.columns and np.array_equal(tp.transform(rows), back.transform(rows))
+
+
+def test_the_sex_one_hot_is_male_then_female_in_both_tasks_so_a_saved_run_reads_each_sex_as_it_was_trained():
+    """Brain age's sex codes (0 male, 1 female) and AD's PTGENDER give [male, female]: a checkpoint's first input
+    column means male whichever code wrote it."""
+    assert np.array_equal(data.sex_onehot(np.array([0, 1, 1])), np.array([[1, 0], [0, 1], [0, 1]], np.float32))
+    rows = rows_with_missing()
+    tp = TabularPreprocessor().fit(rows)
+    assert tp.columns[:2] == ["PTGENDER_Male", "PTGENDER_Female"]
+    sexes = np.array([r["PTGENDER"] == "Female" for r in rows], np.int64)
+    assert np.array_equal(tp.transform(rows)[:, :2], data.sex_onehot(sexes))
+
+
+def test_an_imputed_sex_is_a_probability_its_two_columns_in_0_1_summing_to_1_however_far_its_neighbours_lie():
+    """Sex, regressed on the other attributes where it is empty, is clipped to [0, 1]: a held-out row far outside
+    the training rows' range reads as certainly one sex, never as more than male or less than female."""
+    rows = rows_with_missing()
+    for i, r in enumerate(rows):                     # women 60 years old, men 85: age predicts sex almost exactly
+        r["AGE"] = f"{60 + 25 * (r['PTGENDER'] == 'Male') + (i % 5) * 0.5:.1f}"
+    rows[0]["PTGENDER"] = rows[1]["PTGENDER"] = ""   # a step for sex in the imputation
+    tp = TabularPreprocessor().fit(rows)
+    far = [dict(rows[2], PTGENDER="", AGE=age) for age in ("20", "130")]
+    onehot = tp.transform(far)[:, :2]
+    assert np.array_equal(onehot, np.array([[0, 1], [1, 0]], np.float32)), onehot
 
 
 def test_missing_indicators_are_for_the_attributes_with_empty_cells_in_the_training_rows_alone_and_no_nan_remains():
@@ -2997,6 +3025,23 @@ def test_resume_after_an_interruption_ends_as_an_uninterrupted_run(ad_cohort60, 
     assert train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "concat", "--resume")) == concat_run[0]
 
 
+def test_resume_continues_adam_from_its_saved_moments_so_the_weights_end_as_an_uninterrupted_runs(ad_cohort60,
+                                                                                                    tabular_run,
+                                                                                                    tmp_path):
+    """last.pt holds Adam's moments and step count beside the weights: a run resumed after epoch 1 steps on from
+    them (a fresh Adam would restart its moments and bias correction) and ends exactly as a run never stopped."""
+    resumed = _copy_of(tabular_run, tmp_path / "resumed")                    # a one-epoch run, trained on to 2
+    train_ad.main(_tabular_args(ad_cohort60, tmp_path / "resumed", "--epochs", "2", "--resume"))
+    train_ad.main(_tabular_args(ad_cohort60, tmp_path / "whole", "--epochs", "2"))
+    a, b = (training.load_checkpoint(os.path.join(d, "last.pt"))
+            for d in (resumed, _run_dir(tmp_path / "whole", "tabular")))
+    assert a["epoch"] == b["epoch"] == 1 and a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"]), "weights differ"
+    moments = lambda ckpt: [(k, s[k]) for s in ckpt["optimizer"]["state"].values() for k in sorted(s)]
+    assert len(moments(a)) == len(moments(b)) > 0
+    assert all(ka == kb and torch.equal(va, vb) for (ka, va), (kb, vb) in zip(moments(a), moments(b)))
+
+
 @pytest.mark.parametrize("change, says", [
     ("corrupt", ["corrupt or unreadable checkpoint"]),
     (("--cache-dtype", "float32"), ["belongs to another run", "cache_dtype: checkpoint 'float16', now 'float32'"]),
@@ -3369,6 +3414,29 @@ def test_predict_reads_each_brain_age_member_with_its_own_target_and_combines_th
     np.testing.assert_allclose(out[2] - out[0], 40.0, atol=1e-4)
     np.testing.assert_allclose(res["combined"], out[0] + 50.0 / 3, atol=1e-4)      # Eq. 6, the median 10 above
     np.testing.assert_allclose(res["combined"], metrics.mean_ensemble(out), rtol=1e-12)
+
+
+def test_predict_corrects_an_eq6_ensembles_gap_by_the_mean_of_its_members_validation_age_bias_fits(
+        brain_age_cohort20, fig4a_women_run, tmp_path):
+    """The fit of a mean prediction on one validation set is the mean of the members' fits (a line fitted by least
+    squares is linear in the predictions): copies of one run 0, 10 and 40 years apart, each with its own fit."""
+    fits = []
+    for k, shift in enumerate((0.0, 10.0, 40.0)):
+        copy_dir = tmp_path / "runs" / f"member{k}"
+        shutil.copytree(fig4a_women_run[3], copy_dir)
+        ckpt = training.load_checkpoint(str(copy_dir / "best.pt"))
+        ckpt["target"] = dict(ckpt["target"], centre=ckpt["target"]["centre"] + shift)
+        training.save_checkpoint(ckpt, str(copy_dir / "best.pt"))
+        saved = json.loads((copy_dir / "metrics.json").read_text())
+        fits.append({"intercept": saved["age_bias"]["intercept"] + shift, "slope": 0.1 * k})
+        data.write_json(dict(saved, age_bias=dict(saved["age_bias"], **fits[-1])), copy_dir / "metrics.json")
+    res = _predict(tmp_path / "runs", "--data-csv", brain_age_cohort20, "--out", tmp_path / "ages.csv")
+    rows = list(csv.DictReader(open(tmp_path / "ages.csv")))
+    age = data.read_brain_age_table(brain_age_cohort20).age
+    mean_fit = {k: np.mean([f[k] for f in fits]) for k in ("intercept", "slope")}
+    assert [r["Subject"] for r in rows] == res["subjects"]
+    np.testing.assert_allclose([float(r["corrected_gap"]) for r in rows],
+                               metrics.corrected_gap(age, res["combined"], mean_fit), atol=1e-3)   # 3 decimals
 
 
 def test_predict_reproduces_a_brain_age_runs_test_predictions_and_reports_the_corrected_gap(brain_age_cohort40,
