@@ -97,7 +97,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_missing_indicators_are_for_the_attributes_with_empty_cells_in_the_training_rows_alone_and_no_nan_remains,
 #     test_imputation_replays_scikit_learns_iterative_imputer,
 #     test_a_training_run_fits_its_z_scores_imputation_and_missing_indicators_on_its_training_rows_only,
-#     test_empty_age_sex_education_and_apoe4_cells_are_imputed_and_the_split_does_not_depend_on_them,
+#     test_empty_age_sex_education_and_apoe4_cells_are_imputed_and_the_split_does_not_depend_on_them
+# sex (Sec. 3.3, 4.2):
 #     test_the_sex_one_hot_is_male_then_female_in_both_tasks_so_a_saved_run_reads_each_sex_as_it_was_trained,
 #     test_an_imputed_sex_is_a_probability_its_two_columns_in_0_1_summing_to_1_however_far_its_neighbours_lie
 # also: test_a_prediction_depends_on_its_own_row_only_and_empty_cells_use_the_runs_saved_imputation,
@@ -112,7 +113,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae,
 #     test_predict_combines_the_members_by_eq7_8_and_each_member_reproduces_its_test_predictions,
 #     test_predict_reads_each_brain_age_member_with_its_own_target_and_combines_them_by_the_eq6_mean,
-#     test_predict_corrects_an_eq6_ensembles_gap_by_the_mean_of_its_members_validation_age_bias_fits,
 #     test_calibrated_prediction_keeps_every_members_class_and_changes_the_ensemble_only_through_eq8_weights
 #
 # Sec. 3.5, Tables 5-6, Fig. 2-3: the networks
@@ -132,6 +132,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_the_age_bias_correction_leaves_a_gap_uncorrelated_with_age_on_its_fitting_set,
 #     test_the_age_bias_of_the_brain_age_gap_is_fitted_on_the_validation_rows_never_the_test_rows,
 #     test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae,
+#     test_predict_corrects_an_eq6_ensembles_gap_by_the_mean_of_its_members_validation_age_bias_fits,
 #     test_the_brain_age_network_gives_the_age_in_float32_under_bfloat16
 # Fig. 4A training sets, Fig. 4 sweep and plots:
 #     test_fig4a_training_sets_are_one_size_min_men_women_drawn_with_the_seed_and_the_mix_is_half_and_half,
