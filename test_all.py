@@ -3399,15 +3399,23 @@ def test_a_prediction_depends_on_its_own_row_only_and_empty_cells_use_the_runs_s
     np.testing.assert_allclose(b["combined"][0], torch.softmax(logits, 1).mean(0).numpy(), rtol=1e-5, atol=1e-7)
 
 
-def test_predict_reads_each_brain_age_member_with_its_own_target_and_combines_them_by_the_eq6_mean(
-        brain_age_cohort20, fig4a_women_run, tmp_path):
-    """Copies of one run with targets centred 0, 10 and 40 years apart: the ensemble is their mean, not median."""
-    for k, shift in enumerate((0.0, 10.0, 40.0)):
-        copy_dir = tmp_path / "runs" / f"member{k}"
-        shutil.copytree(fig4a_women_run[3], copy_dir)
+def _shifted_copies(run_dir, root, shifts=(0.0, 10.0, 40.0)):
+    """Copies of a brain-age run under root, their targets centred `shifts` years apart -> [(shift, copy)]."""
+    copies = []
+    for k, shift in enumerate(shifts):
+        copy_dir = root / f"member{k}"
+        shutil.copytree(run_dir, copy_dir)
         ckpt = training.load_checkpoint(str(copy_dir / "best.pt"))
         ckpt["target"] = dict(ckpt["target"], centre=ckpt["target"]["centre"] + shift)
         training.save_checkpoint(ckpt, str(copy_dir / "best.pt"))
+        copies.append((shift, copy_dir))
+    return copies
+
+
+def test_predict_reads_each_brain_age_member_with_its_own_target_and_combines_them_by_the_eq6_mean(
+        brain_age_cohort20, fig4a_women_run, tmp_path):
+    """Copies of one run with targets centred 0, 10 and 40 years apart: the ensemble is their mean, not median."""
+    _shifted_copies(fig4a_women_run[3], tmp_path / "runs")
     res = _predict(tmp_path / "runs", "--data-csv", brain_age_cohort20, "--out", tmp_path / "ages.csv")
     out = res["outputs"]                                                    # (3, N) years
     assert out.shape == (3, 20)
@@ -3422,12 +3430,7 @@ def test_predict_corrects_an_eq6_ensembles_gap_by_the_mean_of_its_members_valida
     """The fit of a mean prediction on one validation set is the mean of the members' fits (a line fitted by least
     squares is linear in the predictions): copies of one run 0, 10 and 40 years apart, each with its own fit."""
     fits = []
-    for k, shift in enumerate((0.0, 10.0, 40.0)):
-        copy_dir = tmp_path / "runs" / f"member{k}"
-        shutil.copytree(fig4a_women_run[3], copy_dir)
-        ckpt = training.load_checkpoint(str(copy_dir / "best.pt"))
-        ckpt["target"] = dict(ckpt["target"], centre=ckpt["target"]["centre"] + shift)
-        training.save_checkpoint(ckpt, str(copy_dir / "best.pt"))
+    for k, (shift, copy_dir) in enumerate(_shifted_copies(fig4a_women_run[3], tmp_path / "runs")):
         saved = json.loads((copy_dir / "metrics.json").read_text())
         fits.append({"intercept": saved["age_bias"]["intercept"] + shift, "slope": 0.1 * k})
         data.write_json(dict(saved, age_bias=dict(saved["age_bias"], **fits[-1])), copy_dir / "metrics.json")
