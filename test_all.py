@@ -4014,6 +4014,46 @@ def test_fit_runs_forward_and_loss_in_one_autocast_at_the_runs_precision_and_sca
     assert scalers == [False, False, True]
 
 
+class _SmallNet(nn.Module):
+    """What the networks are made of, small enough to compile in seconds: Conv3d, BatchNorm, ReLU, max-pool,
+    dropout and a hyperlayer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm, self.dropout = nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.Dropout(0.5)
+        self.head = HyperLinear(4 * 6 * 8 * 6, 3, nn.Linear(15, 2), 2)
+
+    def forward(self, image, tabular):
+        x = F.max_pool3d(F.relu(self.norm(self.conv(image))), 2)         # (B, 4, 6, 8, 6)
+        return self.head(self.dropout(x.flatten(1)), tabular)
+
+
+def test_compile_trains_with_eager_float32s_arithmetic_and_dropout_masks(tmp_path, monkeypatch):
+    """--compile: the same step as eager float32 (dropout on, the same masks), within float32's own error of it."""
+    torch.manual_seed(0)
+    model, batch = _SmallNet(), _tiny_batch("ad")
+    state, results = copy.deepcopy(model.state_dict()), {}
+    for name, net in (("eager", model), ("compiled", training.compiled(model)), ("float64", model)):
+        model.load_state_dict(state)                        # the running statistics move in train mode
+        torch.manual_seed(1)                                # the same dropout masks
+        dtype = torch.float64 if name == "float64" else torch.float32
+        results[name] = _loss_and_gradient(net.to(dtype).train(), tuple(t.to(dtype) if t.is_floating_point() else t
+                                                                         for t in batch), "ad", "cpu", "fp32")
+    (loss, grad), (loss_c, grad_c), (_, grad64) = results["eager"], results["compiled"], results["float64"]
+    assert loss_c == pytest.approx(loss, rel=1e-6) and grad.norm() > 0
+    assert (grad_c - grad).norm() <= 2 * (grad.double() - grad64).norm(), "compiled and eager differ beyond float32"
+    compiles = []
+    monkeypatch.setattr(training, "compiled", lambda net: compiles.append(net) or net)
+    run = RunConfig(task="ad", model="tabular", version=0, split_seed=0, fold=0, classes=2, loss="ce", data_csv="x",
+                    epochs=1, batch_size=4, lr=1e-3, weight_decay=0.0, precision="fp32")
+    items = torch.utils.data.TensorDataset(torch.zeros(8, 0), torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    for compile in (False, True):                           # fit trains through it with --compile alone
+        training.fit(_TabularNet(), torch.utils.data.DataLoader(items, batch_size=4), F.cross_entropy,
+                     lambda m: {"score": 0.5}, "score", run, str(tmp_path / str(compile)), {}, quiet=True,
+                     compile=compile)
+    assert len(compiles) == 1 and isinstance(compiles[0], _TabularNet)
+
+
 @pytest.mark.parametrize("option", [("--precision", "fp16"), ("--precision", "bf16"), ("--sync-bn",)])
 def test_float16_bfloat16_or_sync_bn_on_a_cpu_is_refused_in_one_line_naming_the_option(tmp_path, option):
     p = run_main(train_ad.main, "--model", "tabular", *option, "--device", "cpu", "--data-dir", tmp_path / "data",

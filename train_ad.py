@@ -130,7 +130,8 @@ def run_ad(args, device, run):
     names = list(table.class_names)                       # the run's classes, in the order of its outputs
     validate = lambda m: ad_metrics(m, val_loader, device, names, run.precision)[0]
     best = fit(model, train_loader, loss_fn, validate, "balanced_accuracy", run, run_dir, inputs,
-               state={"tabular": prep.state_dict()}, resume=args["resume"], quiet=quiet, sync_bn=args["sync_bn"])
+               state={"tabular": prep.state_dict()}, resume=args["resume"], quiet=quiet, sync_bn=args["sync_bn"],
+               compile=args["compile"])
 
     model.load_state_dict(load_checkpoint(os.path.join(run_dir, "best.pt"), identity(run, inputs))["model"])
     test_metrics, test_probs = ad_metrics(model, loader(test_set), device, names, run.precision)

@@ -113,6 +113,7 @@ def run_brain_age(args, device, run):
     statistics_loader = loader(train_idx)                  # the training set in order, for the BatchNorm statistics
     best = fit(model, train_loader, loss_fn, validate, "mae", run, run_dir, inputs, resume=args["resume"], quiet=quiet,
                state={"target": {"centre": target.centre, "scale": target.scale}}, sync_bn=args["sync_bn"],
+               compile=args["compile"],
                lower_is_better=True, weight_decay=target.decay(run.weight_decay),  # Table 1's, in years
                before_validation=lambda m: recalibrate_batchnorm(m, statistics_loader, device, run.precision))
 
