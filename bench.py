@@ -2,6 +2,7 @@
 
     python bench.py                         # ratios at the paper's shapes (--quick: tiny ones, a smoke run)
     python bench.py --device cuda           # the same on the GPU, at Table 1's batches
+    python bench.py --compile               # HyperFusion's step also compiled (training's --compile)
     python bench.py precision --task ad --versions 0-7 --precision bf16 --device cuda   # paired accuracy
     python bench.py gpu-check --device cuda # the prepared GPU check, about 10 minutes (--budget seconds)
     python bench.py gpu-check --device cpu --quick                                      # its dry run
@@ -46,7 +47,7 @@ import data
 import synthetic
 from layers import HyperConv3d, HyperLinear
 from models import build_model
-from training import cores, loader_workers, make_loader, setup_device
+from training import compiled, cores, loader_workers, make_loader, setup_device
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECK_SECTIONS = ("tests", "precision", "hyperlayers", "throughput", "loader")   # in their order
@@ -121,8 +122,9 @@ def hyperlayers(quick, device):
     return dict(rows=rows)
 
 
-def measure(task, name, shape, batch, steps, device, precision="fp32", warmup=1, threads=None):
-    """In a fresh process: one model's train step -> median seconds, peak MB (CUDA allocated, CPU resident)."""
+def measure(task, name, shape, batch, steps, device, precision="fp32", warmup=1, threads=None, compile=False):
+    """In a fresh process: one model's train step (compile: training's --compile) -> median seconds, peak MB (CUDA
+    allocated, CPU resident), flops (counted eager: compiling changes no arithmetic's count)."""
     torch.manual_seed(0)
     torch.set_num_threads(threads or torch.get_num_threads())
     dev = setup_device(device)                                   # cudnn.benchmark, TF32 off: as training
@@ -135,17 +137,19 @@ def measure(task, name, shape, batch, steps, device, precision="fp32", warmup=1,
                         n_tabular=tabular.shape[1]).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
     loss_fn, dtype = F.mse_loss if task == "brain-age" else F.cross_entropy, DTYPES[precision]
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    scaler, nets = torch.amp.GradScaler("cuda", enabled=precision == "fp16"), [model]
 
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = loss_fn(model(image, tabular).float(), target)
+            loss = loss_fn(nets[-1](image, tabular).float(), target)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
 
     flops = counted_flops(step)                                  # one step more, before the timed ones
+    if compile:                                                  # compiled in the warm-up steps
+        nets.append(compiled(model))
     seconds, peak = run_steps(step, steps, warmup, device)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
     return dict(seconds=seconds, peak_mb=rss if peak is None else peak, flops=flops)
@@ -176,20 +180,23 @@ def throughput(s, device, budget):
     for precision in dict.fromkeys(["fp32"] + s["precisions"]):
         for task, shape, batch in s["cases"]:
             row = dict(task=task, precision=precision, shape="x".join(map(str, shape)), batch=batch)
-            for name in ("imaging", "hyperfusion"):
+            runs = [("imaging", False), ("hyperfusion", False)] + [("hyperfusion", True)] * s["compile"]
+            for name, compile in runs:
                 try:                       # one failing row leaves the others; measure() in a fresh process
                     r = child(task=task, name=name, shape=shape, batch=batch, steps=s["steps"], device=device,
-                              precision=precision, warmup=s["warmup"], threads=s["threads"])
+                              precision=precision, warmup=s["warmup"], threads=s["threads"], compile=compile)
                     gflop_s = r["flops"] / r["seconds"] / 1e9
-                    rows.append(dict(row, model=name, samples_s=batch / r["seconds"], peak_mb=r["peak_mb"],
-                                     gflop_sample=r["flops"] / batch / 1e9, gflop_s=gflop_s,
+                    rows.append(dict(row, model=name + " compiled" * compile, samples_s=batch / r["seconds"],
+                                     peak_mb=r["peak_mb"], gflop_sample=r["flops"] / batch / 1e9, gflop_s=gflop_s,
                                      **{f"of_{k}": gflop_s / v for k, v in ref.items()}))
                 except Exception as e:
-                    rows.append(dict(row, model=name, error=f"{type(e).__name__}: {e}"[:600]))
-            im, hf = rows[-2:]
-            if "samples_s" in im and "samples_s" in hf:
+                    rows.append(dict(row, model=name + " compiled" * compile, error=f"{type(e).__name__}: {e}"[:600]))
+            got = {r["model"]: r for r in rows[-len(runs):] if "samples_s" in r}
+            im, hf, hfc = (got.get(m) for m in ("imaging", "hyperfusion", "hyperfusion compiled"))
+            if im and hf:
                 ratios.append(dict(row, time_ratio=im["samples_s"] / hf["samples_s"],
-                                   memory_ratio=hf["peak_mb"] / im["peak_mb"]))
+                                   memory_ratio=hf["peak_mb"] / im["peak_mb"],
+                                   **({"compiled_speedup": hfc["samples_s"] / hf["samples_s"]} if hfc else {})))
         rate = {(r["task"], r["model"]): r["samples_s"] for r in rows if r["precision"] == precision and "peak_mb" in r}
         hours[precision] = {t: sum(n / rate[t, m] for m in models) / 3600 for t, (n, models) in PROTOCOLS.items()
                             if all((t, m) in rate for m in models)}
@@ -339,7 +346,7 @@ def settings(device, quick, name="gpu-check", **options):
              steps=2 if quick else 10, warmup=1 if quick else 3, reference_size=512 if quick else 2048,
              threads=1 if quick and not cuda else None,                  # a small loaded CPU: threads contend
              versions=list(range(8 if name == "precision" else 2 if quick else 4)), epochs=3 if quick else None,
-             tasks=("ad", "brain-age"), jobs=2, data_dir="data", tests_budget=150,
+             tasks=("ad", "brain-age"), jobs=2, data_dir="data", tests_budget=150, compile=False,
              name={"gpu-check": "check"}.get(name, name))
     return dict(s, **{k: v for k, v in options.items() if v is not None})
 
@@ -416,6 +423,7 @@ def main(argv=None):
                    help="precision on a CPU: runs at a time (on a GPU one)")
     p.add_argument("--budget", type=float, default=600, help="gpu-check: seconds in all; a section past it skipped")
     p.add_argument("--skip", nargs="+", default=[], choices=CHECK_SECTIONS, help="gpu-check: sections left out")
+    p.add_argument("--compile", action="store_true", help="ratios: HyperFusion's step compiled too (--compile)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -429,7 +437,7 @@ def main(argv=None):
         args.section, [s for s in CHECK_SECTIONS if s not in args.skip])
     report = run_report(sections, device, args.quick, args.out, args.budget if args.section == "gpu-check" else 1e6,
                         name=args.section, precisions=args.precision, tasks=args.task, jobs=args.jobs,
-                        versions=args.versions)
+                        versions=args.versions, compile=args.compile or None)
     print(render(report), end="")
     sys.exit(1 if any(sec["status"] == "failed" for sec in report["sections"].values()) else 0)
 

@@ -3713,7 +3713,7 @@ def _tiny_batch(task, batch=4, seed=0):
 
 
 def _tiny_model(task, device):
-    """HyperFusion of a task at _tiny_batch's shapes, dropout off (eager and compiled draw different masks)."""
+    """HyperFusion of a task at _tiny_batch's shapes, dropout off (the steps compared draw no masks)."""
     torch.manual_seed(0)
     model = build_model(task, "hyperfusion", image_shape=(36, 36, 36) if task == "brain-age" else None,
                         n_tabular=15 if task == "ad" else 2)
@@ -4029,19 +4029,23 @@ class _SmallNet(nn.Module):
 
 
 def test_compile_trains_with_eager_float32s_arithmetic_and_dropout_masks(tmp_path, monkeypatch):
-    """--compile: the same step as eager float32 (dropout on, the same masks), within float32's own error of it."""
+    """--compile: the same step as eager float32 (dropout on, the same masks; the running statistics it moves),
+    within float32's own error of it."""
     torch.manual_seed(0)
     model, batch = _SmallNet(), _tiny_batch("ad")
-    state, results = copy.deepcopy(model.state_dict()), {}
+    state, results, moved = copy.deepcopy(model.state_dict()), {}, {}
     for name, net in (("eager", model), ("compiled", training.compiled(model)), ("float64", model)):
         model.load_state_dict(state)                        # the running statistics move in train mode
         torch.manual_seed(1)                                # the same dropout masks
         dtype = torch.float64 if name == "float64" else torch.float32
         results[name] = _loss_and_gradient(net.to(dtype).train(), tuple(t.to(dtype) if t.is_floating_point() else t
                                                                          for t in batch), "ad", "cpu", "fp32")
+        moved[name] = torch.cat([model.norm.running_mean, model.norm.running_var]).double()
     (loss, grad), (loss_c, grad_c), (_, grad64) = results["eager"], results["compiled"], results["float64"]
     assert loss_c == pytest.approx(loss, rel=1e-6) and grad.norm() > 0
     assert (grad_c - grad).norm() <= 2 * (grad.double() - grad64).norm(), "compiled and eager differ beyond float32"
+    assert torch.equal(moved["eager"].float(), moved["compiled"].float()) or \
+        (moved["compiled"] - moved["eager"]).norm() <= 2 * (moved["eager"] - moved["float64"]).norm()
     compiles = []
     monkeypatch.setattr(training, "compiled", lambda net: compiles.append(net) or net)
     run = RunConfig(task="ad", model="tabular", version=0, split_seed=0, fold=0, classes=2, loss="ce", data_csv="x",
@@ -4166,16 +4170,21 @@ def test_the_benchmarks_step_flops_are_torchs_count_of_forward_loss_and_backward
         torch.randn(2, 15)
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(image, tabular), torch.arange(2) % 3).backward()
-    assert bench.measure("ad", "hyperfusion", (12, 16, 12), 2, 1, "cpu", warmup=0)["flops"] == \
-        counter.get_total_flops() > 0
+    compiles = []
+    monkeypatch.setattr(bench, "compiled", lambda net: compiles.append(net) or net)   # training's --compile
+    for compile in (False, True):
+        assert bench.measure("ad", "hyperfusion", (12, 16, 12), 2, 1, "cpu", warmup=0, compile=compile)["flops"] == \
+            counter.get_total_flops() > 0
+    assert len(compiles) == 1
     monkeypatch.setattr(bench, "run_commands", lambda cmds, jobs, timeout: [json.dumps(
         dict(matmul=48.0, conv3d=24.0) if '"reference": true' in cmds[0][-1] else
         dict(seconds=0.5, peak_mb=1.0, flops=6e9))])
-    s = bench.settings("cpu", True, cases=[("ad", (16, 24, 16), 4)])
+    s = bench.settings("cpu", True, cases=[("ad", (16, 24, 16), 4)], compile=True)
     out = bench.throughput(s, "cpu", lambda: 60)
     assert out["reference_gflop_s"] == {"matmul": 48.0, "conv3d": 24.0}
-    assert [(r["gflop_sample"], r["gflop_s"], r["of_matmul"], r["of_conv3d"]) for r in out["rows"]] == \
-        [(1.5, 12.0, 0.25, 0.5)] * 2
+    assert [(r["model"], r["gflop_sample"], r["gflop_s"], r["of_matmul"], r["of_conv3d"]) for r in out["rows"]] == \
+        [(m, 1.5, 12.0, 0.25, 0.5) for m in ("imaging", "hyperfusion", "hyperfusion compiled")]
+    assert out["ratios"][0]["compiled_speedup"] == 1.0
 
 
 def test_the_loader_measure_gives_every_worker_several_batches_of_each_timed_pass(monkeypatch):
