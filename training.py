@@ -229,7 +229,7 @@ def add_common_arguments(p):
     p.add_argument("--decode-workers", type=int, default=min(8, cores()), help="image cache decoding processes")
     p.add_argument("--sync-bn", action="store_true", help="torchrun on CUDA: batch norms over the whole batch")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step: the same arithmetic, "
-                   "a step 1.15-1.24x faster on a CPU (RESULTS.md), after a minute of compiling")
+                   "a step 1.13-1.30x faster on a CPU after 10-30 s of compiling: for long runs (RESULTS.md)")
     p.add_argument("--out", default="runs")
     p.add_argument("--resume", action="store_true", help="continue from last.pt")
     p.add_argument("--quiet", action="store_true", help="print only the final line")
