@@ -726,7 +726,8 @@ def check_protocol_data(finished_dirs, task, data_csv=None, image_dir=None, data
 
 def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None, epochs=None, data_csv=None,
                  image_dir=None, data_dir="data", binary=False, train_sex=("all",), embedding_dim=1, verbose=False,
-                 tabular_epochs=None, jobs=1, gpus=None, print_commands=False, quiet=False, cache_dir=None):
+                 tabular_epochs=None, jobs=1, gpus=None, print_commands=False, quiet=False, cache_dir=None,
+                 compile=False):
     """Train every missing run (resuming), `jobs` at a time, then the table -> (trained, skipped, results)."""
     t0, known, script = time.time(), *((AD_MODELS, train_ad) if task == "ad" else (BRAIN_AGE_MODELS, train_brain_age))
     check_number("--jobs", jobs, least=1)
@@ -739,7 +740,7 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
                         f"{', '.join(known)})")
     common = (["--out", runs, "--data-dir", data_dir] + (["--data-csv", data_csv] if data_csv else [])
               + (["--image-dir", image_dir] if image_dir else []) + (["--cache-dir", cache_dir] if cache_dir else [])
-              + ([] if verbose else ["--quiet"]))
+              + ([] if verbose else ["--quiet"]) + ["--compile"] * compile)
     vs = versions if versions is not None else (0,) if task == "ad" else range(5)
     where = ([(s, v, f, None) for s in split_seeds for v in vs for f in range(N_FOLDS)] if task == "ad"
              else [(split_seeds[0], v, None, sex) for sex in train_sex for v in vs])
@@ -832,6 +833,7 @@ OPTIONS = (   # (the sub-commands that take it, the option, its argparse keyword
     ("protocol", "--gpus", dict(type=gpu_indices, help="e.g. 0,1,2,3")),
     ("protocol", "--print-commands", dict(action="store_true", help="train nothing: print a command per run")),
     ("protocol", "--cache-dir", dict(help="decoded-image cache (default: <csv folder>/cache)")),
+    ("protocol", "--compile", dict(action="store_true", help="train every run with --compile (for long runs)")),
     ("select-layers sweep protocol", "--data-csv", dict(help="default: the synthetic cohort (sweep: the run's)")),
     ("select-layers sweep protocol", "--image-dir", {}),
     ("select-layers protocol", "--data-dir", dict(default="data", help="where the synthetic cohort is generated")),

@@ -3850,11 +3850,13 @@ def test_loaders_ship_images_in_the_float16_the_cache_stores_and_the_network_rea
                                   training.predict(model, training.make_loader(as_float, 3, 0, cpu), cpu)[0])
 
 
-def test_the_protocol_hands_its_cache_dir_to_every_run_it_trains(tmp_path, capsys):
-    evaluate.main(["protocol", "--task", "ad", "--runs", str(tmp_path), "--models", "imaging", "--epochs", "1",
-                   "--cache-dir", str(tmp_path / "cache"), "--print-commands"])
-    argvs = [shlex.split(line) for line in capsys.readouterr().out.strip().splitlines()]
-    assert len(argvs) == 4 and all(a[a.index("--cache-dir") + 1] == str(tmp_path / "cache") for a in argvs)
+def test_the_protocol_hands_its_cache_dir_and_compile_to_every_run_it_trains(tmp_path, capsys):
+    for compile in ([], ["--compile"]):
+        evaluate.main(["protocol", "--task", "ad", "--runs", str(tmp_path), "--models", "imaging", "--epochs", "1",
+                       "--cache-dir", str(tmp_path / "cache"), "--print-commands", *compile])
+        argvs = [shlex.split(line) for line in capsys.readouterr().out.strip().splitlines()]
+        assert len(argvs) == 4 and all(a[a.index("--cache-dir") + 1] == str(tmp_path / "cache") for a in argvs)
+        assert [train_ad.ad_arguments().parse_args(a[2:]).compile for a in argvs] == [bool(compile)] * 4
 
 
 def test_gpus_are_indices_among_the_gpus_this_process_sees_and_one_that_does_not_exist_is_refused():
