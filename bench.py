@@ -17,9 +17,10 @@ precision: trains the demo's runs with the training scripts at fp32 and each --p
 accuracy (AD test BA, Eq. 9, and AUC: fp32 minus it; brain-age MAE: it minus fp32), its mean, 95% Student t
 interval and the time ratio (log.csv). Non-inferior, so that --precision auto may take it: over at least 8
 versions the interval's upper end below 0.02 BA or 0.15 years.
-gpu-check: tests (test_all.py's test_check_* of the device), precision (bf16 where native and fp16 against fp32,
-one version more at a time; the CPU dry run pairs fp32 with itself) and the ratios' sections, in a report rewritten
-after each: a failing one keeps what it reported, the rest still run, one that --budget cannot afford is skipped.
+gpu-check: tests (test_all.py's test_check_* of the device), the ratios' sections, then precision (bf16 where
+native and fp16 against fp32, one version more at a time while the budget lasts; the CPU dry run pairs fp32 with
+itself), in a report rewritten after each: a failing one keeps what it reported, the rest still run, one that
+--budget cannot afford is skipped.
 """
 import argparse
 import csv
@@ -50,7 +51,8 @@ from models import build_model
 from training import compiled, cores, loader_workers, make_loader, setup_device
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CHECK_SECTIONS = ("tests", "precision", "hyperlayers", "throughput", "loader")   # in their order
+# in their order: the paired precision runs last, as they take whatever time the budget has left
+CHECK_SECTIONS = ("tests", "hyperlayers", "throughput", "loader", "precision")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # training's --precision: one autocast
 MARGINS, MIN_VERSIONS = {"ad": 0.02, "brain-age": 0.15}, 8       # the largest loss of accuracy that counts as none
 METRICS = {"ad": [("balanced_accuracy", +1), ("auc_macro", +1)], "brain-age": [("mae", -1)]}   # +1: higher is better
