@@ -182,7 +182,7 @@ def throughput(s, device, budget):
     for precision in dict.fromkeys(["fp32"] + s["precisions"]):
         for task, shape, batch in s["cases"]:
             row = dict(task=task, precision=precision, shape="x".join(map(str, shape)), batch=batch)
-            runs = [("imaging", False), ("hyperfusion", False)] + [("hyperfusion", True)] * s["compile"]
+            runs = [("imaging", False), ("hyperfusion", False)] + [("hyperfusion", True)] * (precision in s["compile"])
             for name, compile in runs:
                 try:                       # one failing row leaves the others; measure() in a fresh process
                     r = child(task=task, name=name, shape=shape, batch=batch, steps=s["steps"], device=device,
@@ -339,7 +339,8 @@ def tests(device, left):
 
 def settings(device, quick, name="gpu-check", **options):
     """What a report measures: the paper's inputs at Table 1's batches on CUDA (4 and 2 on CPU), or tiny ones;
-    precisions: ratios fp32, precision bf16, gpu-check bf16 (where native: capability 8.0 on) and fp16 on a GPU."""
+    precisions: ratios fp32, precision bf16, gpu-check bf16 (where native: capability 8.0 on) and fp16 on a GPU;
+    compile: the precisions HyperFusion's step is also compiled at (--compile: all; gpu-check on a GPU: fp32)."""
     cuda = device == "cuda"
     bf16 = ["bf16"] if cuda and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0) else []
     s = dict(cases=[("ad", (16, 24, 16), 4), ("brain-age", (36, 40, 36), 2)] if quick else
@@ -348,7 +349,8 @@ def settings(device, quick, name="gpu-check", **options):
              steps=2 if quick else 10, warmup=1 if quick else 3, reference_size=512 if quick else 2048,
              threads=1 if quick and not cuda else None,                  # a small loaded CPU: threads contend
              versions=list(range(8 if name == "precision" else 2 if quick else 4)), epochs=3 if quick else None,
-             tasks=("ad", "brain-age"), jobs=2, data_dir="data", tests_budget=150, compile=False,
+             tasks=("ad", "brain-age"), jobs=2, data_dir="data", tests_budget=150,
+             compile=["fp32"] if cuda and name == "gpu-check" else [],
              name={"gpu-check": "check"}.get(name, name))
     return dict(s, **{k: v for k, v in options.items() if v is not None})
 
@@ -439,7 +441,7 @@ def main(argv=None):
         args.section, [s for s in CHECK_SECTIONS if s not in args.skip])
     report = run_report(sections, device, args.quick, args.out, args.budget if args.section == "gpu-check" else 1e6,
                         name=args.section, precisions=args.precision, tasks=args.task, jobs=args.jobs,
-                        versions=args.versions, compile=args.compile or None)
+                        versions=args.versions, compile=list(DTYPES) if args.compile else None)
     print(render(report), end="")
     sys.exit(1 if any(sec["status"] == "failed" for sec in report["sections"].values()) else 0)
 

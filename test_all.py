@@ -4181,12 +4181,14 @@ def test_the_benchmarks_step_flops_are_torchs_count_of_forward_loss_and_backward
     monkeypatch.setattr(bench, "run_commands", lambda cmds, jobs, timeout: [json.dumps(
         dict(matmul=48.0, conv3d=24.0) if '"reference": true' in cmds[0][-1] else
         dict(seconds=0.5, peak_mb=1.0, flops=6e9))])
-    s = bench.settings("cpu", True, cases=[("ad", (16, 24, 16), 4)], compile=True)
+    s = bench.settings("cpu", True, cases=[("ad", (16, 24, 16), 4)], compile=["fp32"])
     out = bench.throughput(s, "cpu", lambda: 60)
     assert out["reference_gflop_s"] == {"matmul": 48.0, "conv3d": 24.0}
     assert [(r["model"], r["gflop_sample"], r["gflop_s"], r["of_matmul"], r["of_conv3d"]) for r in out["rows"]] == \
         [(m, 1.5, 12.0, 0.25, 0.5) for m in ("imaging", "hyperfusion", "hyperfusion compiled")]
     assert out["ratios"][0]["compiled_speedup"] == 1.0
+    where = (("cuda", False), ("cpu", True), ("cuda", False, "ratios"))   # the GPU check: compiled too, at float32
+    assert [bench.settings(*w)["compile"] for w in where] == [["fp32"], [], []]
 
 
 def test_the_loader_measure_gives_every_worker_several_batches_of_each_timed_pass(monkeypatch):
