@@ -108,6 +108,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Eq. 6-8 ensembles: test_eq7_8_weight_each_member_by_its_inverse_entropy_sample_by_sample_and_eq6_takes_the_mean,
 #     test_a_run_named_twice_is_one_member_and_a_runs_metrics_file_is_not_called_a_corrupt_checkpoint
 # Eq. 9-10 and the other metrics: test_metrics_against_a_hand_made_confusion_matrix_and_maes_by_hand,
+#     test_eq9_averages_the_recalls_of_the_classes_present_when_a_class_has_no_subjects,
 #     test_the_auc_is_the_macro_mean_of_the_one_vs_rest_aucs_not_weighted_micro_nor_one_vs_one
 # also: test_eq7_8_each_row_of_the_ad_table_ensembles_its_folds_sample_by_sample,
 #     test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae,
@@ -118,7 +119,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Sec. 3.5, Tables 5-6, Fig. 2-3: the networks
 # Tables 5-6, Fig. 2-3: test_parameter_counts_equal_tables_5_and_6,
 #     test_tables_5_6_each_network_computes_its_layers_in_the_papers_order_with_its_dropout_rates_and_bn_momenta,
-#     test_in_eval_mode_a_batch_equals_its_samples_one_at_a_time
+#     test_in_eval_mode_a_batch_equals_its_samples_one_at_a_time,
+#     test_app_b_every_ad_network_of_cn_vs_ad_ends_in_two_outputs
 #
 # Sec. 4.2: brain age, Fig. 4
 # Sec. 4.2.3 split:
@@ -166,8 +168,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # App. A-C: preprocessing, oversampling
 # App. A.1 preprocessing:
 #     test_preprocess_centres_its_box_on_the_brain_masks_centre_of_mass_and_z_scores_the_brain_voxels_alone,
-#     test_preprocess_gives_a_centred_zscored_90x120x99_volume_at_1_75mm, test_fuzzy_cmeans_finds_three_tissue_classes,
-#     test_preprocess_batch_mode_writes_every_subject_and_names_a_bad_row, test_preprocess_n4_without_simpleitk_says_so
+#     test_preprocess_gives_a_centred_zscored_90x120x99_volume_at_1_75mm,
+#     test_preprocess_resamples_trilinearly_so_a_ramp_reads_as_the_ramp_between_the_input_voxels,
+#     test_preprocess_starts_an_even_sided_box_half_a_voxel_before_the_masks_centre_of_mass_however_bright_a_side,
+#     test_an_estimated_brain_mask_is_the_largest_bright_component_with_the_dark_ventricles_inside_it,
+#     test_fuzzy_cmeans_finds_three_tissue_classes, test_preprocess_batch_mode_writes_every_subject_and_names_a_bad_row,
+#     test_preprocess_n4_without_simpleitk_says_so
 # App. C.4 oversampling: test_app_c4_oversampling_draws_every_class_equally_often_over_an_epoch
 #
 # The program's own behaviour follows in sections of its own, each opening with its claims: real data in; bad
@@ -1245,6 +1251,14 @@ def test_the_auc_is_the_macro_mean_of_the_one_vs_rest_aucs_not_weighted_micro_no
     assert min(abs(other - macro) for other in (weighted, one_vs_one, micro)) > 5e-3
 
 
+def test_eq9_averages_the_recalls_of_the_classes_present_when_a_class_has_no_subjects():
+    """A set without AD subjects (new patients given to predict.py): BA over CN and MCI; AD's TP rate, AUC undefined."""
+    labels, pred = np.array([0, 0, 0, 1, 1]), np.array([0, 1, 0, 1, 2])
+    m = classification_metrics(labels, np.eye(3)[pred] * 0.8 + 0.2 / 3, NAMES)
+    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert math.isnan(m["tp_rate"]["AD"]) and math.isnan(m["auc_macro"])
+
+
 def test_a_run_named_twice_is_one_member_and_a_runs_metrics_file_is_not_called_a_corrupt_checkpoint(tmp_path):
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 3, 20)
@@ -1422,6 +1436,14 @@ def test_in_eval_mode_a_batch_equals_its_samples_one_at_a_time(task, name, optio
         batched = model(image, tabular)
         single = torch.cat([model(image[b:b + 1], tabular[b:b + 1]) for b in range(3)])
     torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", AD_MODELS)
+def test_app_b_every_ad_network_of_cn_vs_ad_ends_in_two_outputs(name):
+    """--classes 2 (App. B): two logits, from the tabular MLP's Linear(8, 2) as from the image networks' fc2."""
+    image, tabular = _model_inputs("ad", batch=2)
+    with torch.no_grad():
+        assert build_model("ad", name, n_tabular=5, n_classes=2, f=4).eval()(image, tabular).shape == (2, 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2127,6 +2149,42 @@ def test_preprocess_gives_a_centred_zscored_90x120x99_volume_at_1_75mm(tmp_path,
     assert abs(vol[nz].mean()) < 1e-4 and abs(vol[nz].std() - 1) < 1e-3
 
 
+def test_preprocess_resamples_trilinearly_so_a_ramp_reads_as_the_ramp_between_the_input_voxels():
+    """App. A.1's resampling to 1.75 mm: a 1 mm ramp along x read at 0, 1.75, 3.5, ... mm gives those values, the
+    linear interpolation of the two voxels around each point (the nearest voxel would give 0, 2, 4, ...)."""
+    ramp = np.broadcast_to(np.arange(20, dtype=np.float32)[:, None, None], (20, 6, 6)).copy()
+    out = preprocess.resample_isotropic(nib.Nifti1Image(ramp, np.eye(4)), 1.75)
+    assert out.shape == (11, 3, 3) and np.allclose(nib.affines.voxel_sizes(out.affine), 1.75)
+    np.testing.assert_allclose(np.asarray(out.dataobj)[:, 1, 1], 1.75 * np.arange(11), rtol=0, atol=1e-5)
+
+
+def test_preprocess_starts_an_even_sided_box_half_a_voxel_before_the_masks_centre_of_mass_however_bright_a_side():
+    """round(centre - (n - 1) / 2) for an even side too (n / 2 puts the centre a voxel off after rounding), the
+    centre of the mask, not of the brightness (a bright side would pull the box toward it)."""
+    vol = np.random.default_rng(0).uniform(0.5, 1.5, (20, 24, 28)).astype(np.float32)
+    vol[:8] *= 30                                                      # a bright side
+    mask = np.zeros(vol.shape, np.uint8)
+    mask[3:14, 4:17, 6:21] = 1
+    mask[3:5, 4:6, 6:8] = 0                                            # a centre of mass off the half voxels
+    shape, affine = np.array([10, 12, 14]), np.diag([2.0, 2.0, 2.0, 1.0])
+    com = np.array(np.nonzero(mask)).mean(1)
+    start = np.round(com - (shape - 1) / 2).astype(int)
+    assert (np.round(com - shape // 2) != start).any()                 # the two rules differ here
+    out = preprocess.preprocess_volume(nib.Nifti1Image(vol, affine), nib.Nifti1Image(mask, affine), spacing=2.0,
+                                       shape=tuple(shape))
+    np.testing.assert_array_equal(out.affine[:3, 3], 2.0 * start)
+
+
+def test_an_estimated_brain_mask_is_the_largest_bright_component_with_the_dark_ventricles_inside_it():
+    """Without --mask: voxels over half Otsu's threshold, the largest component kept (not a bright speck that skull
+    stripping left), its holes filled (the ventricles, dark in a T1, are brain)."""
+    i, j, k = np.meshgrid(*[np.arange(30)] * 3, indexing="ij")
+    r = np.sqrt((i - 14) ** 2 + (j - 14) ** 2 + (k - 14) ** 2)
+    vol = np.where(r < 10, 0.6, 0.0) + np.where(r < 7, 0.4, 0.0) - np.where(r < 3, 1.0, 0.0)   # GM, WM, ventricles
+    vol[27:29, 27:29, 27:29] = 1.0                                     # a speck outside the brain
+    np.testing.assert_array_equal(preprocess.estimate_brain_mask(vol.astype(np.float32)), r < 10)
+
+
 def test_fuzzy_cmeans_finds_three_tissue_classes():
     rng = np.random.default_rng(0)
     c, u = preprocess.fuzzy_cmeans(np.concatenate([rng.normal(m, 0.03, 3000) for m in (0.2, 0.55, 0.9)]))
@@ -2284,6 +2342,13 @@ def test_check_ad_preview_draws_the_boxes_and_crops_as_rgb_pngs_that_matplotlib_
     for name in os.listdir(tmp_path / "pv"):
         w, h, colour = _png_header(tmp_path / "pv" / name)
         assert colour == 2 and mpl_image.imread(tmp_path / "pv" / name).shape == (h, w, 3)
+
+
+def test_a_group_map_wins_over_an_alias_so_emci_can_be_read_as_cn(tmp_path):
+    """--group-map first, then the aliases: a study that counts early MCI as CN maps EMCI=CN, and is obeyed."""
+    csv_path = tiny_ad(tmp_path, group="EMCI")                              # S1 EMCI, S0 and S2 AD
+    assert data.read_ad_table(csv_path).labels.tolist() == [2, 1, 2]
+    assert data.read_ad_table(csv_path, group_map=data.parse_group_map(["EMCI=CN"])).labels.tolist() == [2, 0, 2]
 
 
 def test_a_table_saved_by_a_spreadsheet_with_a_bom_and_crlf_line_ends_reads_as_the_plain_one(tmp_path):
@@ -2651,6 +2716,9 @@ CHECK_AD_REFUSALS = [
         {"left_start": [0, 0, 0], "right_start": [0, 0, 0], "size": [4, 0, 4]})), ["crops.json", "size"], None),
     ("a preview without images", lambda d, t: ["--no-images", "--preview", d / "pv"], ["--preview", "--no-images"],
      None),
+    ("a subject twice", lambda d, t: _sub(t, "S2,", "S0,"), ["ad.csv line 4", "subject S0 repeats line 2"], None),
+    ("a sex that is neither", lambda d, t: _cell(t, "PTGENDER", "Mal") or ["--no-images"],
+     ["line 3", "subject S1", "column PTGENDER", "expected Male or Female, got 'Mal'"], None),
 ]
 
 
@@ -3373,6 +3441,16 @@ def test_predict_combines_the_members_by_eq7_8_and_each_member_reproduces_its_te
     assert lines[1].split(",")[5] == "2"
 
 
+def test_prob_spread_is_the_largest_across_member_standard_deviation_of_a_class_probability(fold_predictions):
+    both, _, out = fold_predictions
+    members = both["outputs"]                                               # (K, N, C)
+    by_hand = [max(np.std([m[i, c] for m in members]) for c in range(members.shape[2]))
+               for i in range(members.shape[1])]
+    np.testing.assert_allclose(both["spread"], by_hand, rtol=1e-12)
+    np.testing.assert_allclose([float(r["prob_spread"]) for r in csv.DictReader(open(out))], by_hand, atol=1e-6)
+    assert not np.allclose(by_hand, members.std(0).mean(1), atol=1e-4)     # not the mean over the classes
+
+
 def test_a_prediction_depends_on_its_own_row_only_and_empty_cells_use_the_runs_saved_imputation(
         ad_cohort60, ad_fold_runs, tmp_path):
     rows = [line.split(",") for line in open(ad_cohort60).read().splitlines()[:9]]     # the header, 8 patients
@@ -3458,6 +3536,23 @@ def test_predict_reproduces_a_brain_age_runs_test_predictions_and_reports_the_co
     age = float(table.age[table.subjects.index(first[0])])
     expected = float(first[1]) - age - (bias["intercept"] + bias["slope"] * age)
     assert float(first[5]) == pytest.approx(expected, abs=2e-3)
+
+
+def test_predict_gives_the_gap_of_every_scan_with_an_age_and_leaves_it_empty_where_the_age_is(
+        brain_age_cohort20, fig4a_women_run, tmp_path):
+    """A new table may give Age for some scans only: those get gap and corrected_gap, the others empty cells."""
+    rows = list(csv.DictReader(open(brain_age_cohort20)))
+    some = os.path.join(os.path.dirname(brain_age_cohort20), "some_ages.csv")    # beside it: the same images
+    data.write_csv([dict(r, Age="" if k % 3 == 0 else r["Age"]) for k, r in enumerate(rows)], rows[0].keys(), some)
+    _predict(fig4a_women_run[3], "--data-csv", some, "--out", tmp_path / "ages.csv")
+    out = list(csv.DictReader(open(tmp_path / "ages.csv")))
+    assert [o["Subject"] for o in out] == [r["Subject"] for r in rows]
+    for k, (r, o) in enumerate(zip(rows, out)):
+        if k % 3 == 0:
+            assert o["gap"] == o["corrected_gap"] == ""
+        else:
+            assert float(o["gap"]) == pytest.approx(float(o["predicted_age"]) - float(r["Age"]), abs=2e-3)
+            assert o["corrected_gap"] != ""
 
 
 def test_predict_refuses_other_grids_mixed_runs_and_unfinished_runs_in_one_line(ad_cohort60, ad_fold_runs,
@@ -3569,6 +3664,16 @@ def test_the_fitted_temperature_recovers_the_temperature_the_labels_were_drawn_a
     np.testing.assert_allclose(evaluate.probabilities(sides, 1.7), by_hand.mean(1), rtol=1e-12)
     single = sides[:, 0]                                      # one side: T never changes the argmax
     assert np.array_equal(evaluate.probabilities(single, 0.3).argmax(1), single.argmax(1))
+
+
+def test_the_temperature_is_searched_from_0_01_to_100_so_a_far_over_or_under_confident_run_is_fitted_not_clipped():
+    """Logits 20 times too large (a run that memorised its training rows) fit T = 20; 20 times too small, 0.05."""
+    rng = np.random.default_rng(2)
+    base = rng.normal(0, 3, (6000, 3))
+    p = np.exp(base) / np.exp(base).sum(1, keepdims=True)
+    labels = np.array([rng.choice(3, p=q) for q in p])
+    for true_t in (20.0, 0.05):
+        assert training.fit_temperature(base * true_t, labels) == pytest.approx(true_t, rel=0.06)
 
 
 def test_a_finished_ad_run_holds_its_temperature_fitted_on_its_own_validation_logits(ad_fold_runs):
