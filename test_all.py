@@ -128,6 +128,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_a_brain_age_cohort_too_small_for_its_split_is_refused_in_one_line_before_anything_is_written
 # Sec. 4.2.2 training and testing: test_a_two_epoch_brain_age_run_writes_its_files_with_maes_in_years,
 #     test_the_brain_age_target_is_centred_on_the_mean_age_of_the_training_rows_it_trains_on,
+#     test_real_data_trains_on_table_1s_schedule_and_an_option_overrides_one_number_of_it,
 #     test_the_brain_age_demo_anneals_its_learning_rate_by_a_cosine_and_real_data_keeps_table_1s_constant_rate,
 #     test_precise_bn_re_estimates_the_running_statistics_from_the_training_batches_alone,
 #     test_brain_age_training_re_estimates_batch_norm_before_every_validation_from_its_chosen_training_rows_in_order,
@@ -1484,6 +1485,18 @@ def test_the_brain_age_target_is_centred_on_the_mean_age_of_the_training_rows_it
     assert centre == float(table.age[women].mean())
     for other in (train, np.concatenate([women, val]), np.arange(len(table.age))):   # would move it
         assert abs(float(table.age[other].mean()) - centre) > 0.1
+
+
+@pytest.mark.parametrize("task,table_1", [("ad", dict(epochs=250, batch_size=32, lr=1e-4, weight_decay=1e-5)),
+                                           ("brain-age", dict(epochs=70, batch_size=64, lr=1.5e-4, weight_decay=0.05))])
+def test_real_data_trains_on_table_1s_schedule_and_an_option_overrides_one_number_of_it(task, table_1, tmp_path):
+    parse = train_ad.ad_arguments if task == "ad" else train_brain_age.brain_age_arguments
+    for extra, want in (([], table_1), (["--epochs", "3"], dict(table_1, epochs=3))):
+        args = vars(parse().parse_args(["--data-csv", str(tmp_path / "real.csv"), "--quiet", *extra]))
+        fields = training.common_run_fields(args, torch.device("cpu"), task, {}, {**table_1, "lr_schedule": "constant"})
+        assert {k: fields[k] for k in table_1} == want and fields["data_csv"] == str(tmp_path / "real.csv")
+    real = train_ad.REAL_AD if task == "ad" else train_brain_age.REAL_BRAIN_AGE      # what the scripts pass
+    assert real == {**table_1, "lr_schedule": "constant"}
 
 
 def test_the_brain_age_demo_anneals_its_learning_rate_by_a_cosine_and_real_data_keeps_table_1s_constant_rate(
