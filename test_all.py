@@ -286,7 +286,7 @@ def fake_ad_run(runs, model, seed, version, fold, probs, labels, subjects=None, 
     np.savez(os.path.join(run_dir, "predictions.npz"), subjects=np.array(subjects), labels=np.asarray(labels),
              probs=np.asarray(probs))
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
-        json.dump({"val": {}, "test": classification_metrics(labels, probs, NAMES), "best_epoch": 0}, f)
+        json.dump({"val": {}, "test": classification_metrics(labels, probs, inputs["class_names"]), "best_epoch": 0}, f)
     return run_dir
 
 
@@ -1233,6 +1233,8 @@ def test_metrics_against_a_hand_made_confusion_matrix_and_maes_by_hand():
     assert m["balanced_accuracy"] == pytest.approx(np.mean(recall))     # Eq. 9: 0.5667
     assert m["precision"] == pytest.approx(np.mean(precision))          # Eq. 10: 0.5556
     assert m["f1_macro"] == pytest.approx(np.mean([2 * p * r / (p + r) for p, r in zip(precision, recall)]))
+    with pytest.raises(ValueError, match="for 2 classes"):      # a third column would be counted as no class
+        classification_metrics(labels[labels < 2], np.eye(3)[pred][labels < 2], ("CN", "AD"))
     r = regression_metrics([50, 60, 70, 80], [52, 57, 70, 84], [0, 1, 0, 1])
     assert (r["mae"], r["mae_male"], r["mae_female"]) == pytest.approx((2.25, 1.0, 3.5))
 
