@@ -16,9 +16,9 @@ def _mean(v):
 def classification_metrics(labels, probs, class_names):
     """labels (N,), probs (N, C) -> Sec. 4.3.6's metrics (AUC NaN when a class is absent), and calibration."""
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] != len(class_names):   # a column too many would be counted as no class
+        raise ValueError(f"probabilities of shape {probs.shape} for {len(class_names)} classes {tuple(class_names)}")
     n_classes, pred, every = len(class_names), probs.argmax(1), list(range(len(class_names)))
-    if probs.ndim != 2 or probs.shape[1] != n_classes:      # a column too many would be counted as no class
-        raise ValueError(f"probabilities of shape {probs.shape} for {n_classes} classes {tuple(class_names)}")
     cm = confusion_matrix(labels, pred, labels=every)            # rows: true class, columns: predicted class
     with np.errstate(invalid="ignore", divide="ignore"):
         tp_rate = np.diag(cm) / cm.sum(1)
