@@ -10,7 +10,6 @@ ABETA, PTAU, TAU, FDG, AV45 (ADNIMERGE's names) [, image: a path relative to the
 """
 import argparse
 import collections
-import concurrent.futures
 import contextlib
 import csv
 import errno
@@ -1068,8 +1067,8 @@ class ImageCache:
         self._checked.add(out)
         return np.load(out, mmap_mode="r")
 
-    def prepare(self, progress=True, workers=1):
-        """Check every entry and decode each missing or damaged one now, `workers` at a time in threads."""
+    def prepare(self, progress=True):
+        """Check every entry and decode each missing or damaged one now."""
         with cache_lock(self.cache_dir):
             self._hash(range(len(self)), progress)
             shown = Progress("checking the image cache", len(self), "entries", not progress, self.PROGRESS_EVERY)
@@ -1083,20 +1082,16 @@ class ImageCache:
                      f"not of their image, decoded again: " + "; ".join(damaged[:5])
                      + (f"; and {len(damaged) - 5} more" if len(damaged) > 5 else ""))
             shown = Progress("decoding the image cache", len(todo), "images", not progress, self.PROGRESS_EVERY)
-            pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))   # zlib, nibabel, numpy: GIL released
             try:
-                for future in [pool.submit(self.decode, i) for i in todo]:
-                    self._checked.add(future.result())
+                for i in todo:
+                    self._checked.add(self.decode(i))
                     self.n_decoded += 1
                     shown.advance()
-            except KeyboardInterrupt:             # (Ctrl-C, or SIGTERM under run_cli): the decodes under way end whole
-                pool.shutdown(cancel_futures=True)
+            except KeyboardInterrupt:             # Ctrl-C, or SIGTERM under run_cli: atomic writes leave no partial entry
                 kept = sum(os.path.exists(self.entry(i)) for i in todo)
                 raise UserError(f"interrupted while decoding the image cache {self.cache_dir}: {kept} of "
                                 f"{len(todo)} images decoded and kept, none half-written; the same command decodes "
                                 f"the rest") from None
-            finally:
-                pool.shutdown(cancel_futures=True)
             shown.finish()
         return self
 

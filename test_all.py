@@ -2398,19 +2398,6 @@ def test_cache_decodes_once_and_redecodes_a_changed_source(tmp_path):
     assert len(entries()) == 4 and again[0].dtype == np.float16
 
 
-def test_a_parallel_cache_decode_writes_entries_byte_identical_to_a_serial_decode(ad_cohort40, tmp_path):
-    table = data.read_ad_table(ad_cohort40)
-    caches = {w: data.ImageCache(table.image_paths, tmp_path / f"w{w}", "float16", names=table.subjects,
-                                 transform=data.load_crops(None, ad_cohort40)).prepare(progress=False, workers=w)
-              for w in (1, 2)}
-    names = sorted(os.listdir(tmp_path / "w1"))
-    assert names == sorted(os.listdir(tmp_path / "w2")) and data.SOURCES_INDEX in names
-    assert len(names) == len(table.subjects) + 1                # an entry per subject, and the sources' hashes
-    for name in names:
-        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
-    assert caches[2].n_decoded == len(table.subjects) and no_temp_files(tmp_path / "w2")
-
-
 def test_an_image_replaced_in_place_by_one_of_the_same_size_with_its_times_kept_is_noticed(nii_imaging_run,
                                                                                          tmp_path):
     """--resume and run-protocol adding folds are refused by the images' fingerprint; predict.py reads the new
@@ -3387,19 +3374,18 @@ def test_a_command_piped_into_head_stops_quietly_when_head_has_read_enough(tmp_p
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_ctrl_c_or_sigterm_during_a_parallel_decode_is_one_line_and_leaves_nothing_half_written(ad_cohort40, tmp_path,
-                                                                                               monkeypatch, sig):
-    """The signal comes while a decoding thread has half an entry written."""
+def test_ctrl_c_or_sigterm_during_a_cache_decode_is_one_line_and_leaves_nothing_half_written(ad_cohort40, tmp_path,
+                                                                                            monkeypatch, sig):
+    """The signal comes while an entry is half written."""
     real_open, signals = open, [sig]
 
-    def slow_open(file, mode="r", *args, **kwargs):       # each entry written half, the rest 0.3 s later
+    def slow_open(file, mode="r", *args, **kwargs):       # the first entry's first half written, then the signal
         f = real_open(file, mode, *args, **kwargs)
         if "w" in mode and ".npy" in os.fspath(file):
             def write(blob, _write=f.write):
                 n = _write(blob[:len(blob) // 2])
-                with contextlib.suppress(IndexError):     # the first write alone (list.pop is atomic)
+                if signals:
                     os.kill(os.getpid(), signals.pop())
-                time.sleep(0.3)
                 return n + _write(blob[len(blob) // 2:])
             f.write = write
         return f
@@ -3408,7 +3394,7 @@ def test_ctrl_c_or_sigterm_during_a_parallel_decode_is_one_line_and_leaves_nothi
     folder = os.path.join(os.path.dirname(ad_cohort40), "images")
     paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))
     proc = _under_signal(sig, lambda: run_main(lambda argv: data.ImageCache(paths, str(tmp_path / "cache")).prepare(
-        progress=False, workers=2)))
+        progress=False)))
     assert_clean_error(proc, "interrupted", tmp_path / "cache", "decoded and kept", "none half-written")
     assert int(re.search(r"(\d+) of 40 images decoded", proc.stderr).group(1)) < 40   # stopped, not waited for
     assert no_temp_files(tmp_path / "cache")
@@ -4058,14 +4044,14 @@ def test_an_interrupted_run_protocol_with_jobs_ends_the_trainings_it_started(tmp
             os.kill(pid, signal.SIGKILL)
 
 
-def test_loader_workers_and_decode_workers_count_the_cores_this_process_may_use_not_the_machines(monkeypatch):
+def test_loader_workers_count_the_cores_this_process_may_use_not_the_machines(monkeypatch):
     """A container or a scheduler's share of a 64-core machine: 4 cores usable, os.cpu_count() still says 64."""
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert training.loader_workers(None, torch.device("cuda")) == 2                  # 4 cores / 2 processes
     assert training.loader_workers(None, torch.device("cpu")) == 0 and training.loader_workers(3, None) == 3
-    assert train_ad.ad_arguments().parse_args([]).decode_workers == 4
+    assert training.cores() == 4
     monkeypatch.delattr(os, "sched_getaffinity")                                     # macOS: no affinity
     assert training.cores() == 64
 

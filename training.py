@@ -226,7 +226,6 @@ def add_common_arguments(p):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS], help="auto: fp32; bf16, fp16: CUDA")
     p.add_argument("--workers", type=int, help="loader workers (default: CUDA min(8, cores / processes), CPU 0)")
-    p.add_argument("--decode-workers", type=int, default=min(8, cores()), help="image cache decoding processes")
     p.add_argument("--sync-bn", action="store_true", help="torchrun on CUDA: batch norms over the whole batch")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step: the same arithmetic, "
                    "a step 1.13-1.30x faster on a CPU after 10-30 s of compiling: for long runs (RESULTS.md)")
