@@ -1389,8 +1389,11 @@ TABLE_6 = {"conv_bn_relu": 480, "max_pool3d_1": 0, "block1": 42208, "block2": 16
            "fc2": 195}
 
 
-@pytest.mark.parametrize("task,options,table,total,imaging", [("brain-age", {}, TABLE_5, 1482206, 848673),
-                                                              ("ad", dict(n_tabular=15), TABLE_6, 3853716, 3589123)])
+@pytest.mark.parametrize("task,options,table,total,imaging", [
+    ("brain-age", {}, TABLE_5, 1482206, 848673),
+    ("brain-age", dict(embedding_dim=2), dict(TABLE_5, **{n: 6 + 3 * i * o + 3 * o for n, i, o in [  # 2->2 embeddings
+        ("linear1", 39424, 16), ("linear2", 16, 32), ("linear3", 32, 64), ("final_layer", 64, 1)]}), 2115739, 848673),
+    ("ad", dict(n_tabular=15), TABLE_6, 3853716, 3589123)])
 def test_parameter_counts_equal_tables_5_and_6(task, options, table, total, imaging):
     model = build_model(task, "hyperfusion", **options)
     assert {n: count_parameters(m) for n, m in model.named_children()} == table
