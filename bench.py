@@ -48,12 +48,13 @@ import data
 import synthetic
 from layers import HyperConv3d, HyperLinear
 from models import build_model
-from training import compiled, cores, loader_workers, make_loader, setup_device
+from metrics import markdown_table
+from training import (PRECISIONS, autocast, compiled, cores, loader_workers, make_loader, make_optimizer,
+                      setup_device)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # in their order: the paired precision runs last, as they take whatever time the budget has left
 CHECK_SECTIONS = ("tests", "hyperlayers", "throughput", "loader", "precision")
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # training's --precision: one autocast
 MARGINS, MIN_VERSIONS = {"ad": 0.02, "brain-age": 0.15}, 8       # the largest loss of accuracy that counts as none
 METRICS = {"ad": [("balanced_accuracy", +1), ("auc_macro", +1)], "brain-age": [("mae", -1)]}   # +1: higher is better
 # The protocols' training samples per model (AD, Sec. 4.3: 2,120 x 60% x 250 epochs x 3 seeds x 3 versions x 4 folds;
@@ -124,26 +125,22 @@ def hyperlayers(quick, device):
     return dict(rows=rows)
 
 
-def measure(task, name, shape, batch, steps, device, precision="fp32", warmup=1, threads=None, compile=False):
+def measure(task, name, shape, batch, steps, device, precision="fp32", warmup=1, compile=False):
     """In a fresh process: one model's train step (compile: training's --compile) -> median seconds, peak MB (CUDA
     allocated, CPU resident), flops (counted eager: compiling changes no arithmetic's count)."""
-    torch.manual_seed(0)
-    torch.set_num_threads(threads or torch.get_num_threads())
     dev = setup_device(device)                                   # cudnn.benchmark, TF32 off: as training
     image = torch.randn(batch, 1, *shape, device=dev)
     tabular = (torch.eye(2)[torch.arange(batch) % 2] if task == "brain-age" else torch.randn(batch, 15)).to(dev)
     target = (torch.rand(batch) * 80 if task == "brain-age" else torch.arange(batch) % 3).to(dev)
     with open("/proc/self/statm") as f:
         rss_before = int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
-    model = build_model(task, name, image_shape=shape if task == "brain-age" else None,
-                        n_tabular=tabular.shape[1]).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
-    loss_fn, dtype = F.mse_loss if task == "brain-age" else F.cross_entropy, DTYPES[precision]
+    model = build_model(task, name, image_shape=shape if task == "brain-age" else None).to(dev)   # 15 or 2 inputs
+    opt, loss_fn = make_optimizer(model, 1e-4, 0.0, dev), F.mse_loss if task == "brain-age" else F.cross_entropy
     scaler, nets = torch.amp.GradScaler("cuda", enabled=precision == "fp16"), [model]
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(dev, precision):                           # training's --precision
             loss = loss_fn(nets[-1](image, tabular).float(), target)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -157,18 +154,16 @@ def measure(task, name, shape, batch, steps, device, precision="fp32", warmup=1,
     return dict(seconds=seconds, peak_mb=rss if peak is None else peak, flops=flops)
 
 
-def reference(device, size, shape, batch, threads=None, reps=3):
+def reference(device, size, shape, batch):
     """In a fresh process: the machine's float32 GFLOP/s (FlopCounterMode's flops / median seconds, after a warm-up)
     of a size^3 matmul and of block1's first AD convolution, Conv3d(16, 32, 3) forward + backward after the first
     max-pool of `shape`: the rates a train step's GFLOP/s is a fraction of."""
-    torch.manual_seed(0)
-    torch.set_num_threads(threads or torch.get_num_threads())
     dev = setup_device(device)
     a, b = torch.randn(size, size, device=dev), torch.randn(size, size, device=dev)
     conv = nn.Conv3d(16, 32, 3, padding=1).to(dev)
     x = torch.randn(batch, 16, *(n // 2 for n in shape), device=dev, requires_grad=True)
     cases = dict(matmul=lambda: a @ b, conv3d=lambda: conv(x).sum().backward())
-    return {k: counted_flops(fn) / run_steps(fn, reps, 1, device)[0] / 1e9 for k, fn in cases.items()}
+    return {k: counted_flops(fn) / run_steps(fn, 3, 1, device)[0] / 1e9 for k, fn in cases.items()}
 
 
 def throughput(s, device, budget):
@@ -401,8 +396,7 @@ def render(report):
         for rows in filter(None, [sec.get(k) for k in ("cases", "rows", "ratios", "per_version")]):
             keys = list(dict.fromkeys(k for r in rows for k in r))
             cell = lambda v: f"{v:,.3g}" if isinstance(v, float) else " ".join(str("-" if v is None else v).split())
-            lines += ["", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)] + [
-                "| " + " | ".join(cell(r.get(k)) for k in keys) + " |" for r in rows]
+            lines += ["", markdown_table(keys, [[cell(r.get(k)) for k in keys] for r in rows])]
     return "\n".join(lines) + "\n"
 
 
@@ -433,6 +427,8 @@ def main(argv=None):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.child:                                 # a train step's measure, or the machine's reference rates
         child = json.loads(args.child)
+        torch.manual_seed(0)
+        torch.set_num_threads(child.pop("threads") or torch.get_num_threads())
         return print(json.dumps(reference(**child) if child.pop("reference", False) else measure(**child)))
     for x in set(args.precision or ["bf16"] * (args.section == "precision")) - {"fp32"}:   # the section's default
         if device != "cuda" and (x == "fp16" or args.section != "ratios"):
@@ -441,7 +437,7 @@ def main(argv=None):
         args.section, [s for s in CHECK_SECTIONS if s not in args.skip])
     report = run_report(sections, device, args.quick, args.out, args.budget if args.section == "gpu-check" else 1e6,
                         name=args.section, precisions=args.precision, tasks=args.task, jobs=args.jobs,
-                        versions=args.versions, compile=list(DTYPES) if args.compile else None)
+                        versions=args.versions, compile=list(PRECISIONS) if args.compile else None)
     print(render(report), end="")
     sys.exit(1 if any(sec["status"] == "failed" for sec in report["sections"].values()) else 0)
 
