@@ -47,7 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import synthetic
 from layers import HyperConv3d, HyperLinear
-from models import build_model
+from models import build_model, tabular_embedding
 from metrics import markdown_table
 from training import (PRECISIONS, autocast, compiled, cores, loader_workers, make_loader, make_optimizer,
                       setup_device)
@@ -111,8 +111,8 @@ def hyperlayers(quick, device):
             ("brain-age linear1 39424->16, k=1, B=64", (16 if quick else 64, 39424), 2, F.linear, {},
              lambda mode: HyperLinear(39424, 16, nn.Linear(2, 1), 1, relu_follows=True, mode=mode)),
             ("AD block4 downsample 1x1x1 128->256 on 8x12x8, k=8, B=32", (8 if quick else 32, 128, 8, 12, 8), 15,
-             F.conv3d, dict(stride=2), lambda mode: HyperConv3d(128, 256, 1, 2, 0, nn.Sequential(
-                 nn.Linear(15, 8), nn.BatchNorm1d(8), nn.PReLU()), 8, mode=mode))]:
+             F.conv3d, dict(stride=2),
+             lambda mode: HyperConv3d(128, 256, 1, 2, 0, tabular_embedding(15, 8), 8, mode=mode))]:
         x, ms = torch.randn(*xshape, device=device, requires_grad=True), {}
         tabular = torch.randn(xshape[0], n_tab, device=device)
         for mode in ("factorised", "materialised", "naive"):
@@ -167,8 +167,7 @@ def reference(device, size, shape, batch):
 
 
 def throughput(s, device, budget):
-    """Samples/s, peak MB and GFLOP/s of backbone and HyperFusion per case and precision, their ratios, protocol hours;
-    the reference rates first, in a fresh process as the steps."""
+    """The throughput section (above) per case and precision; the reference rates first, in a fresh process too."""
     rows, ratios, hours = [], [], {}
     child = lambda **options: json.loads(run_commands([[sys.executable, os.path.join(HERE, "bench.py"), "--child",
                                                         json.dumps(options)]], 1, budget())[0].strip().splitlines()[-1])
@@ -333,9 +332,8 @@ def tests(device, left):
 
 
 def settings(device, quick, name="gpu-check", **options):
-    """What a report measures: the paper's inputs at Table 1's batches on CUDA (4 and 2 on CPU), or tiny ones;
-    precisions: ratios fp32, precision bf16, gpu-check bf16 (where native: capability 8.0 on) and fp16 on a GPU;
-    compile: the precisions HyperFusion's step is also compiled at (--compile: all; gpu-check on a GPU: fp32)."""
+    """What a report measures, per section and device (the paper's inputs, or tiny ones), `options` overriding it;
+    gpu-check on a GPU also times HyperFusion's compiled step at fp32: whether --compile pays there."""
     cuda = device == "cuda"
     bf16 = ["bf16"] if cuda and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0) else []
     s = dict(cases=[("ad", (16, 24, 16), 4), ("brain-age", (36, 40, 36), 2)] if quick else

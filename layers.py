@@ -204,7 +204,6 @@ class PreactResBlock(nn.Module):
         conv = lambda name, c_in, k, s, p: (
             HyperConv3d(c_in, out_channels, k, s, p, embedding, embedding_dim, mode=mode) if name in hyperlayers
             else nn.Conv3d(c_in, out_channels, k, s, p))
-        self.hyperlayers = tuple(hyperlayers)
         self.bn1, self.bn2 = _bn(in_channels), _bn(out_channels)
         self.conv1 = conv("conv1", in_channels, 3, stride, 1)
         self.conv2 = conv("conv2", out_channels, 3, 1, 1)

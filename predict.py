@@ -7,7 +7,6 @@ Each RUN is a finished run folder (best.pt and metrics.json) or a folder above f
 each subject as it was trained (its tabular preprocessing and imputation, Sec. 3.3; its hippocampus boxes, both
 sides averaged, Sec. 4.3.6; its image grid and target scale); the members are combined per subject by Eq. 7-8
 (AD) or Eq. 6 (brain age). NEW.csv needs no diagnosis or age; with them, the metrics are printed too.
---calibrated (AD): each member's probabilities at its own temperature (calibration.json) before Eq. 7-8.
 
 Output columns. AD: Subject, prob_<class>, predicted, n_models, prob_spread (the largest standard deviation of
 a class probability across members), and ignored (columns a model cannot read, empty for every subject it was
@@ -63,10 +62,9 @@ def check_members(members, calibrated=False):
     """All members answer one question (one task, one set of classes); calibrated: each an AD run with a temperature."""
     first = members[0]
     for m in members:
-        if m.run.task != first.run.task or m.class_names != first.class_names:
-            what = (f"task {m.run.task} vs {first.run.task}" if m.run.task != first.run.task
-                    else f"classes {m.class_names} vs {first.class_names}")
-            raise UserError(f"cannot combine {first.dir} and {m.dir}: {what}")
+        for what, mine, theirs in (("task", m.run.task, first.run.task), ("classes", m.class_names, first.class_names)):
+            if mine != theirs:
+                raise UserError(f"cannot combine {first.dir} and {m.dir}: {what} {mine} vs {theirs}")
     for m in members if calibrated else ():
         if m.run.task != "ad":
             raise UserError(f"--calibrated: {m.dir} is a brain-age run; temperature scaling is for AD's probabilities")
@@ -177,9 +175,9 @@ def sweep(checkpoint, attribute, values, data_csv=None, image_dir=None, batch_si
                             f"(one of {', '.join(AD_ATTRIBUTES)})")
         if attr in finished_run.tabular.unlearned([]):
             raise UserError(f"--attribute {attr}: empty for every subject {checkpoint} was trained on: unreadable")
-        for value in values:
+        for value in values if attr in AD_CONTINUOUS else ():
             try:
-                parse_attribute(attr, str(value)) if attr in AD_CONTINUOUS else None
+                parse_attribute(attr, str(value))
             except ValueError as exc:
                 raise UserError(f"--values {value}: {attr}: {exc}") from None
         names = finished_run.class_names

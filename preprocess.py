@@ -111,8 +111,7 @@ def n4_correct(img, mask=None):
 
 
 def preprocess_volume(img, mask=None, spacing=1.75, shape=(90, 120, 99), n4=False):
-    """App. A.1 after skull stripping: nibabel image [+ mask image] -> float32, RAS, isotropic `spacing` mm,
-    `shape` voxels centred on the brain mask's centre of mass, zero outside the brain, z-scored inside."""
+    """App. A.1 after skull stripping, steps 1-7 above: nibabel image [+ mask image] -> the float32 NIfTI image."""
     img = nib.as_closest_canonical(img)
     if mask is not None:
         mask = nib.as_closest_canonical(mask)
