@@ -44,8 +44,7 @@ def resample_isotropic(img, spacing):
     new = np.diag([spacing, spacing, spacing, 1.0])
     new[:3, 3] = lo
     M = np.linalg.inv(A) @ new                                                     # new voxel -> old voxel
-    out = ndimage.affine_transform(data, M[:3, :3], M[:3, 3], output_shape=out_shape, order=1,
-                                   mode="constant", cval=0.0)
+    out = ndimage.affine_transform(data, M[:3, :3], M[:3, 3], output_shape=out_shape, order=1)   # 0 outside
     return nib.Nifti1Image(out.astype(np.float32), new)
 
 
