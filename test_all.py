@@ -16,7 +16,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import types
 import warnings
 import zlib
