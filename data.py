@@ -448,8 +448,7 @@ def _stratified_order(keys, age, n_bins, seed):
         edges = np.linspace(age[known].min(), age[known].max(), n_bins + 1)[1:-1]
         bins = np.where(known, np.digitize(np.where(known, age, 0.0), edges), -1)
     perm = np.random.default_rng(seed).permutation(len(age))
-    keys = [*keys, bins]
-    return perm[np.lexsort(tuple(np.asarray(k)[perm] for k in reversed(keys)))]   # stable: keeps perm in groups
+    return perm[np.lexsort(tuple(np.asarray(k)[perm] for k in reversed([*keys, bins])))]   # stable: perm in groups
 
 
 def ad_split(sex, labels, age, seed, n_subsets=5, n_age_bins=20):
@@ -598,17 +597,14 @@ def _image_paths(csv_path, rows, subjects, image_dir):
     paths, seen = [], {}
     for (line, row), subj in zip(rows, subjects):
         if row.get("image"):
-            p = os.path.join(base, row["image"])
-            if not os.path.isfile(p):
-                raise UserError(f"{csv_path} line {line}: subject {subj}: image file not found: {p}")
+            p = want = os.path.join(base, row["image"])
+        elif not plain_file_name(subj):
+            raise UserError(f"{csv_path} line {line}: Subject {subj!r} is not a plain file name, so it cannot "
+                            f"name an image in {image_dir} (give the path in an `image` column)")
         else:
-            if not plain_file_name(subj):
-                raise UserError(f"{csv_path} line {line}: Subject {subj!r} is not a plain file name, so it cannot "
-                                f"name an image in {image_dir} (give the path in an `image` column)")
-            p = find_image(image_dir, subj)
-            if p is None:
-                raise UserError(f"{csv_path} line {line}: subject {subj}: image file not found: "
-                                f"{os.path.join(image_dir, subj)}.nii.gz (or .nii)")
+            p, want = find_image(image_dir, subj), f"{os.path.join(image_dir, subj)}.nii.gz (or .nii)"
+        if p is None or not os.path.isfile(p):
+            raise UserError(f"{csv_path} line {line}: subject {subj}: image file not found: {want}")
         st = os.stat(p)
         other = seen.setdefault((st.st_dev, st.st_ino) if st.st_ino else os.path.realpath(p), (subj, line))
         if other != (subj, line):
@@ -1138,10 +1134,8 @@ class ADDataset(TabularDataset):
             raise UserError(f"item {i}: a whole volume {tuple(vol.shape)} needs `crops` "
                             "(or a cache with the crops as transform)")
         pair = self.crops(vol) if vol.ndim == 3 else vol                           # (2, D, H, W)
-        if self.train:
-            img = image_tensor(pair[int(torch.randint(2, (1,)))])[None]            # (1, D, H, W)
-        else:
-            img = image_tensor(pair)[:, None]                                       # (2, 1, D, H, W)
+        img = (image_tensor(pair[int(torch.randint(2, (1,)))])[None] if self.train  # one side, (1, D, H, W)
+               else image_tensor(pair)[:, None])                                    # both, (2, 1, D, H, W)
         return img, self.tabular[i], self.targets[i]
 
 
