@@ -974,7 +974,7 @@ class ImageCache:
         self.cache_dir, self.dtype, self.transform, self.expected_shape = cache_dir, dtype, transform, expected_shape
         self.n_decoded = 0     # decodes done by this object (tests check the cache is used)
         self._index = {}       # sources.json as read (then kept up to date) by this object
-        self._checked = set()  # entries this object has read whole and found sound (or written itself)
+        self._checked = set()  # entries this object has read whole and found sound (problem) or written (decode)
         make_cache_folder(cache_dir)
 
     def __len__(self):
@@ -1028,6 +1028,7 @@ class ImageCache:
                     return "its data bytes do not match their checksum (damaged)"
         except (OSError, ValueError, EOFError, struct.error, TypeError, AttributeError) as exc:
             return f"unreadable ({type(exc).__name__}: {exc})"
+        self._checked.add(out)
         return None
 
     def decode(self, i):
@@ -1051,7 +1052,8 @@ class ImageCache:
             write_bytes(buf.getbuffer(), out)
         except UserError as exc:                # a full or read-only cache folder: the way out
             raise UserError(f"{exc} ({CACHE_WAY_OUT})") from None
-        return out
+        self._checked.add(out)
+        self.n_decoded += 1
 
     def __getitem__(self, i):
         out, problem = self.entry(i), self.problem(i)
@@ -1059,8 +1061,6 @@ class ImageCache:
             warn(f"cache entry {out} (subject {self.names[i]}): {problem}; decoded again")
         if problem:
             self.decode(i)
-            self.n_decoded += 1
-        self._checked.add(out)
         return np.load(out, mmap_mode="r")
 
     def prepare(self, progress=True):
@@ -1071,7 +1071,6 @@ class ImageCache:
             problems = [shown.advance() or self.problem(i) for i in range(len(self))]
             shown.finish()
             todo = [i for i, p in enumerate(problems) if p]
-            self._checked.update(self.entry(i) for i, p in enumerate(problems) if not p)
             damaged = [f"{self.names[i]} ({p})" for i, p in enumerate(problems) if p not in (None, "missing")]
             if damaged:
                 warn(f"cache {self.cache_dir}: {len(damaged)} entr{'y' if len(damaged) == 1 else 'ies'} damaged or "
@@ -1080,8 +1079,7 @@ class ImageCache:
             shown = Progress("decoding the image cache", len(todo), "images", not progress, self.PROGRESS_EVERY)
             try:
                 for i in todo:
-                    self._checked.add(self.decode(i))
-                    self.n_decoded += 1
+                    self.decode(i)
                     shown.advance()
             except KeyboardInterrupt:             # Ctrl-C, or SIGTERM under run_cli: atomic writes leave no partial entry
                 kept = sum(os.path.exists(self.entry(i)) for i in todo)
@@ -1191,7 +1189,7 @@ def _gray(plane):
 
 def preview_crops(volume, crops, base):
     """<base>_boxes.png: the boxes (left red, right green) on axial and coronal mid-slices; <base>_crops.png: theirs."""
-    crops.check(volume.shape)
+    pair = crops(volume)                                     # (2, D, H, W); refused if the boxes do not fit
     side_by_side = lambda tiles: np.concatenate([np.pad(t, ((0, max(u.shape[0] for u in tiles) - t.shape[0]),
                                                             (0, 2), (0, 0))) for t in tiles], 1)
     panels = []
@@ -1204,7 +1202,6 @@ def preview_crops(volume, crops, base):
             img[[r0, r1], x0:x1 + 1], img[r0:r1 + 1, [x0, x1]] = colour, colour
         panels.append(img)
     write_png(side_by_side(panels), base + "_boxes.png")
-    pair = crops(volume)                                                           # (2, D, H, W)
     write_png(side_by_side([_gray(np.take(side, side.shape[axis] // 2, axis)) for side in pair for axis in (2, 1)]),
               base + "_crops.png")
 
