@@ -1081,7 +1081,7 @@ class ImageCache:
                 for i in todo:
                     self.decode(i)
                     shown.advance()
-            except KeyboardInterrupt:             # Ctrl-C, or SIGTERM under run_cli: atomic writes leave no partial entry
+            except KeyboardInterrupt:   # Ctrl-C, or SIGTERM under run_cli: atomic writes leave no partial entry
                 kept = sum(os.path.exists(self.entry(i)) for i in todo)
                 raise UserError(f"interrupted while decoding the image cache {self.cache_dir}: {kept} of "
                                 f"{len(todo)} images decoded and kept, none half-written; the same command decodes "
