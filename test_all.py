@@ -136,9 +136,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae,
 #     test_predict_corrects_an_eq6_ensembles_gap_by_the_mean_of_its_members_validation_age_bias_fits,
 #     test_the_brain_age_network_gives_the_age_in_float32_under_bfloat16
-# Fig. 4A training sets, Fig. 4 sweep and plots:
+# Fig. 4A training sets, Sec. 4.2.5's 2->2 embedding, Fig. 4 sweep and plots:
 #     test_fig4a_training_sets_are_one_size_min_men_women_drawn_with_the_seed_and_the_mix_is_half_and_half,
 #     test_fig4a_training_sets_are_drawn_from_the_training_split_alone,
+#     test_embedding_dim_2_trains_the_two_to_two_sex_embedding_of_the_ablation_in_its_own_folder,
 #     test_brain_age_sweep_reads_every_test_scan_as_male_and_as_female,
 #     test_brain_age_plots_draw_the_scatters_fig4a_and_fig4b_or_say_which_is_skipped
 # the synthetic brain-age cohort:
@@ -1644,6 +1645,25 @@ def test_fig4a_training_sets_are_drawn_from_the_training_split_alone(fig4a_women
     table, (train, val, test), (given, _), _ = fig4a_women_run
     assert len(given) == 1 and np.array_equal(given[0], train)
     assert (table.sex[val] == 1).any() or (table.sex[test] == 1).any()     # women the wrong rows would add
+
+
+def test_embedding_dim_2_trains_the_two_to_two_sex_embedding_of_the_ablation_in_its_own_folder(brain_age_cohort20,
+                                                                                                 tmp_path, monkeypatch):
+    """Sec. 4.2.5's ablation: `--embedding-dim 2` gives every hyperlayer a Linear(2, 2) sex embedding."""
+    seen = []
+
+    def fit(model, loader, loss_fn, validate, score_key, run, run_dir, *args, **kwargs):
+        seen.append((model, run_dir))
+        raise _Stop
+
+    monkeypatch.setattr(train_brain_age, "fit", fit)
+    with pytest.raises(_Stop):
+        train_brain_age.main(["--data-csv", str(brain_age_cohort20), "--out", str(tmp_path), "--embedding-dim", "2",
+                              "--quiet"])
+    (model, run_dir), = seen
+    embeddings = [m.hypernet.embedding for m in model.modules() if isinstance(m, HyperLinear)]
+    assert len(embeddings) == 4 and all(e.weight.shape == (2, 2) for e in embeddings)
+    assert run_dir == os.path.join(tmp_path, "brain-age", "hyperfusion-emb2", "v0")
 
 
 def _sweep_checkpoint(path, name, cohort, cache):
