@@ -3952,6 +3952,24 @@ def test_one_ddp_step_on_two_processes_takes_the_mean_of_their_shares_gradients(
         torch.testing.assert_close(ddp["ddp"][k] - before[k], v.detach() - before[k], rtol=1e-3, atol=1e-5, msg=k)
 
 
+def test_fit_steps_through_the_ddp_wrapper_so_every_step_averages_the_processes_gradients(tmp_path, monkeypatch):
+    """The step calls what training.wrap returns (DistributedDataParallel under torchrun), never the bare model."""
+    calls = []
+
+    class Wrapper(nn.Module):                                    # stands in for DistributedDataParallel
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, image, tabular):
+            calls.append(len(tabular))
+            return self.module(image, tabular)
+
+    monkeypatch.setattr(training, "wrap", lambda model, device, sync_bn=False: (model, Wrapper(model)))
+    _scripted_fit(tmp_path, [0.1, 0.2], lower_is_better=False)
+    assert calls == [4, 4] * 2                                   # both training batches of both epochs
+
+
 def test_gathered_shares_hold_every_item_once_in_order_when_the_sampler_pads(two_ddp_processes):
     assert two_ddp_processes[0]["gathered"].tolist() == [0, 10, 20, 30, 40]
 
