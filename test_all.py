@@ -70,7 +70,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Sec. 3.1.2, App. D: hyperlayer selection
 # Sec. 3.1.2 loss entropy:
 #     test_loss_entropy_ranks_a_layer_the_loss_depends_on_above_one_it_ignores_over_one_range_shared_by_all_layers,
-#     test_loss_entropy_scores_every_layer_of_the_ad_backbone, test_select_layers_scores_every_candidate_layer
+#     test_loss_entropy_scores_every_layer_of_the_ad_backbone, test_select_layers_scores_every_candidate_layer,
+#     test_loss_entropy_draws_each_layer_100_times_by_default_in_the_function_and_the_command
 #
 # Sec. 3.2: the loss (Eq. 3-5) and the training loop
 # Eq. 3 weight decay: test_eq3_every_trained_parameter_is_decayed_with_the_runs_lambda_and_generated_weights_are_none,
@@ -732,6 +733,26 @@ def test_loss_entropy_scores_every_layer_of_the_ad_backbone():
     scores = layer_loss_entropy(model, batch, F.cross_entropy, n_draws=3)
     assert len(scores) == 1 + 4 * 3 + 2 and scores[0][1] >= scores[-1][1]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights restored
+
+
+def test_loss_entropy_draws_each_layer_100_times_by_default_in_the_function_and_the_command(monkeypatch):
+    """Sec. 3.1.2's N = 100 re-initialisations per candidate layer."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(2, 3), nn.Linear(3, 1)
+
+        def forward(self, image, tabular):
+            return self.b(self.a(tabular)).squeeze(1)
+
+    losses = []
+    layer_loss_entropy(Net(), (None, torch.randn(4, 2), torch.zeros(4)), lambda out, y: losses.append(1) or out.sum())
+    assert len(losses) == 2 * 100
+    seen = []
+    monkeypatch.setattr(evaluate, "select_layers", lambda task, csv, images, folder, samples, draws, *a: seen.append(
+        draws) or [])
+    evaluate.main(["select-layers", "--task", "ad", "--quiet"])
+    assert seen == [100]
 
 
 def test_select_layers_scores_every_candidate_layer(brain_age_cohort20):
