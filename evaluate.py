@@ -132,9 +132,8 @@ def confusion_figure(figs, file, cm, class_names, title):
     for ax, values, top, what in ((axes[0], cm, max(cm.max(), 1), "counts"), (axes[1], norm, 1, "row-normalised")):
         ax.imshow(np.nan_to_num(values), cmap="Blues", vmin=0, vmax=top)
         for (i, j), v in np.ndenumerate(values):
-            text = f"{int(v)}" if values is cm else "-" if not np.isfinite(v) else f"{v:.2f}"
-            ax.text(j, i, text, ha="center", va="center", color="white" if np.nan_to_num(v) / top > 0.5 else "black",
-                    fontsize=9)
+            ax.text(j, i, f"{int(v)}" if values is cm else "-" if not np.isfinite(v) else f"{v:.2f}", fontsize=9,
+                    ha="center", va="center", color="white" if np.nan_to_num(v) / top > 0.5 else "black")
         ax.set(xticks=range(n), yticks=range(n), xticklabels=class_names, yticklabels=class_names,
                xlabel="predicted", ylabel="true", title=what)
     fig.suptitle(title, fontsize=10)
@@ -187,9 +186,8 @@ def ad_figures(res, ensembles, folder, quiet=False):
             confusion_figure(figs, f"confusion_{stem}.png", r["metrics"]["confusion_matrix"], names,
                              f"{what}: BA {fmt(r['BA'])}")
             roc_figure(figs, f"roc_{stem}.png", e["labels"], e["probs"], names, f"{what}\nmacro AUC {fmt(r['AUC'])}")
-            members = [(f"fold {k}", e["labels"], p) for k, p in enumerate(e.get("members", []))]
-            reliability_figure(figs, f"reliability_{stem}.png", [("ensemble", e["labels"], e["probs"])] + members,
-                               f"{what}: test set")
+            reliability_figure(figs, f"reliability_{stem}.png", [("ensemble", e["labels"], e["probs"])] + [
+                (f"fold {k}", e["labels"], p) for k, p in enumerate(e["members"])], f"{what}: test set")
     cols, colours = res["paper_columns"], figs.plt.get_cmap("tab10")
     series = [(f"{m['title']} ({m['n_rows']} row{'s' * (m['n_rows'] != 1)})", [m["mean"][t] for t in cols],
                dict(yerr=np.nan_to_num([m["std"][t] for t in cols]) if m["n_rows"] > 1 else None, capsize=1.5,
@@ -297,12 +295,13 @@ def sweep_figure(res, folder, quiet=False):
 
 
 # ---- Calibration (Guo et al. 2017): temperature scaling of every AD run, and the report before -> after ----
-def calibrate_runs(paths, refit=False, device="auto", batch_size=16, quiet=False):
+def calibration_report(paths, refit, device, batch_size, out_dir=None, plots_dir=None, quiet=False):
     """Every finished AD run under `paths`, its temperature fitted on its validation logits (predicted again for a
-    run trained before, never retrained). -> [(FinishedRun, calibration record, {"val", "test"} logits, labels)]."""
-    dev, found = None, []
+    run trained before, never retrained); its and each four-fold Eq. 7-8 ensemble's test ECE, class-wise ECE, Brier,
+    NLL before -> after, written to calibration_ad.{md,json} in out_dir (default: the first of `paths`) -> the dict."""
+    dev, rows, out, groups, ensemble_rows = None, [], {"runs": [], "ensembles": []}, {}, []
     for run in (r for r in predict.find_runs(paths) if r.run.task == "ad"):
-        outputs = read_logits(run.dir)
+        outputs, r = read_logits(run.dir), run.run
         if outputs is None:
             dev, outputs = dev or setup_device(device), {}
             for part in ("val", "test"):        # both hippocampi apart, as the training run kept them
@@ -312,28 +311,18 @@ def calibrate_runs(paths, refit=False, device="auto", batch_size=16, quiet=False
             save_logits(run.dir, outputs["val"], outputs["test"])
         kept = run.temperature is not None and not refit     # a record at the lower bound from before: fit again
         kept = kept and not (run.read_json(CALIBRATION_FILE).get("at_bound") and run.temperature < 1)
-        record = run.read_json(CALIBRATION_FILE) if kept else calibrate(run.dir, outputs)
+        rec = run.read_json(CALIBRATION_FILE) if kept else calibrate(run.dir, outputs)
         if not quiet:
-            print(f"{run.dir}: T {record['temperature']:.3f}, validation ECE {record['val']['before']['ece']:.3f} -> "
-                  f"{record['val']['after']['ece']:.3f}" + (" (kept)" if kept else ""))
-        found.append((run, record, outputs))
-    if not found:
-        raise UserError(f"{', '.join(map(str, paths))}: no finished AD run in or under it")
-    return found
-
-
-def calibration_report(calibrated, plots_dir=None, quiet=False):
-    """Test ECE, class-wise ECE, Brier, NLL of every run and four-fold Eq. 7-8 ensemble, before -> after; after, each
-    member at its own temperature, which also changes Eq. 8's weights. -> (markdown, dict)."""
-    rows, out, groups, ensemble_rows = [], {"runs": [], "ensembles": []}, {}, []
-    for run, rec, outputs in calibrated:
-        r = run.run
+            print(f"{run.dir}: T {rec['temperature']:.3f}, validation ECE {rec['val']['before']['ece']:.3f} -> "
+                  f"{rec['val']['after']['ece']:.3f}" + (" (kept)" if kept else ""))
         T = f"{rec['temperature']:.3f}" + " (fit at its lower bound: not used)" * bool(rec.get("warning"))
         change = lambda part, k: f"{fmt(rec[part]['before'][k])} → {fmt(rec[part]['after'][k])}"
         rows.append([r.model, r.split_seed, r.version, r.fold, T, change("val", "ece")]
                     + [change("test", k) for _, k in CALIBRATION_COLUMNS])
         out["runs"].append({"dir": run.dir, **rec})
         groups.setdefault((r.model, r.split_seed, r.version, r.classes), []).append((run, rec, outputs))
+    if not rows:
+        raise UserError(f"{', '.join(map(str, paths))}: no finished AD run in or under it")
     groups = {key: sorted(g, key=lambda m: m[0].run.fold) for key, g in sorted(groups.items())
               if sorted(m[0].run.fold for m in g) == list(range(N_FOLDS))}   # 3-class and CN/AD runs apart
     figs = Figures(plots_dir, quiet) if plots_dir and groups else None
@@ -359,13 +348,16 @@ def calibration_report(calibrated, plots_dir=None, quiet=False):
                                f"{AD_MODEL_TITLES.get(model, model)}, split seed {seed}, v{version}: test set")
     if figs is not None:
         out["plots"] = figs.summary
-    return page("Calibration of the AD runs (temperature scaling, Guo et al. 2017)",
-                f"Before → after; T fitted per run on its validation set (ECE val: where it was fitted), then the "
-                f"test set ({len(calibrated)} runs).", (["model", "seed", "version", "fold", "T", "ECE val"]
-                                                   + [f"{n} test" for n, _ in CALIBRATION_COLUMNS], rows),
-                *(["Eq. 7-8 ensembles of the four folds, test set, before → after (after: every member at its own "
-                   "temperature, which changes Eq. 8's weights, so BA may move):", (["model", "seed", "version", "BA",
-                   "AUC"] + [n for n, _ in CALIBRATION_COLUMNS], ensemble_rows)] if ensemble_rows else [])), out
+    md = page("Calibration of the AD runs (temperature scaling, Guo et al. 2017)",
+              f"Before → after; T fitted per run on its validation set (ECE val: where it was fitted), then the "
+              f"test set ({len(rows)} runs).", (["model", "seed", "version", "fold", "T", "ECE val"]
+                                                + [f"{n} test" for n, _ in CALIBRATION_COLUMNS], rows),
+              *(["Eq. 7-8 ensembles of the four folds, test set, before → after (after: every member at its own "
+                 "temperature, which changes Eq. 8's weights, so BA may move):", (["model", "seed", "version", "BA",
+                 "AUC"] + [n for n, _ in CALIBRATION_COLUMNS], ensemble_rows)] if ensemble_rows else []))
+    write_results(out, md, None, out_dir or (paths[0] if os.path.isdir(paths[0]) else os.path.dirname(paths[0])),
+                  "calibration_ad", quiet)
+    return out
 
 
 # ---- Reading finished runs, refusing to combine what differs ----
@@ -399,9 +391,8 @@ def check_same(runs, why, keys=None):
 def numbered(folder, prefix):
     """{number: path} of the sub-folders of `folder` named <prefix><number>, in order."""
     names = os.listdir(folder) if os.path.isdir(folder) else []
-    found = {int(n[len(prefix):]): os.path.join(folder, n) for n in names
-             if re.fullmatch(re.escape(prefix) + r"\d+", n) and os.path.isdir(os.path.join(folder, n))}
-    return dict(sorted(found.items()))
+    return dict(sorted((int(n[len(prefix):]), os.path.join(folder, n)) for n in names
+                       if re.fullmatch(re.escape(prefix) + r"\d+", n) and os.path.isdir(os.path.join(folder, n))))
 
 
 def page(title, *parts):
@@ -450,20 +441,16 @@ def evaluate_ad(runs, binary=False, out_dir=None, quiet=False, plots_dir=None):
         raise UserError(f"{root}: no model has four finished folds for any (split seed, version)"
                         + (f" ({'; '.join(incomplete)})" if incomplete else ""))
     check_same([e for ens in ensembles.values() for e in ens.values()], "cannot put {a} and {b} in one table")
-    late = {}
-    for key in sorted(set(ensembles.get("imaging", {})) & set(ensembles.get("tabular", {}))):     # App. B
+    for key in sorted(set(ensembles.get("imaging", {})) & set(ensembles.get("tabular", {}))):  # App. B (no fold runs)
         a, b = ensembles["imaging"][key], ensembles["tabular"][key]
         if not np.array_equal(a["subjects"], b["subjects"]):    # their classes: checked with every model's below
             raise UserError(f"late fusion of split seed {key[0]} v{key[1]}: the imaging and tabular runs have "
                             f"different test subjects")
-        late[key] = dict(a, probs=(a["probs"] + b["probs"]) / 2, members=[])    # no runs of its own
-    ensembles.update({"late-fusion": late} if late else {})
+        ensembles.setdefault("late-fusion", {})[key] = dict(a, probs=(a["probs"] + b["probs"]) / 2, members=[])
     names = next(iter(next(iter(ensembles.values())).values()))["class_names"]
-    for m, ens in ensembles.items():
-        for key, e in ens.items():
-            if e["class_names"] != names:
-                raise UserError(f"{m} split seed {key[0]} v{key[1]}: classes {e['class_names']}, other runs have "
-                                f"{names}")
+    for m, key, e in ((m, key, e) for m, ens in ensembles.items() for key, e in ens.items()):
+        if e["class_names"] != names:
+            raise UserError(f"{m} split seed {key[0]} v{key[1]}: classes {e['class_names']}, other runs have {names}")
     columns = ([("BA", "balanced_accuracy"), ("PRC", "precision"), ("F1", "f1_macro"), ("AUC", "auc_macro")]
                + [(f"TP-{c}", ("tp_rate", c)) for c in names] + list(CALIBRATION_COLUMNS))   # the last: not the paper's
     cols, ms = [t for t, _ in columns], []
@@ -529,26 +516,25 @@ def brain_age_ensemble(version_dirs, top=5):
 def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False, plots_dir=None):
     """The `brain-age` command: per <runs>/brain-age folder its top-5 ensemble, paired against HyperFusion's, and
     Fig. 4A's table; printed, written to results_brain-age.{md,csv,json}, its figures in plots_dir."""
-    root, ms, ensembles = os.path.join(runs, "brain-age"), [], {}
+    root, ensembles = os.path.join(runs, "brain-age"), {}
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         done = {v: d for v, d in numbered(os.path.join(root, name), "v").items() if finished(d)}
         if done:
-            ensembles[name] = e = brain_age_ensemble(done, top)
-            ms.append({"folder": name, **{k: e[k] for k in ("versions", "available", "val_mae", "version_mae",
-                                                             "metrics", "gap")}})
-    if not ms:
+            ensembles[name] = brain_age_ensemble(done, top)
+    if not ensembles:
         raise UserError(f"{root}: no finished brain-age run")
     check_same(list(ensembles.values()), "cannot put {a} and {b} in one table")
-    base, fig4a = ensembles.get("hyperfusion"), []
-    for m in ms:
-        e, m["vs_hyperfusion"] = ensembles[m["folder"]], None
+    base, ms, fig4a = ensembles.get("hyperfusion"), [], []
+    for name, e in ensembles.items():
+        ms.append({"folder": name, **{k: e[k] for k in ("versions", "available", "val_mae", "version_mae", "metrics",
+                                                         "gap")}, "vs_hyperfusion": None})
         if base and e is not base and list(e["subjects"]) == list(base["subjects"]):
             d = np.abs(e["pred"] - e["age"]) - np.abs(base["pred"] - base["age"])
-            m["vs_hyperfusion"] = {"mean": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d)))}
-        match = FIG4A.fullmatch(m["folder"])
+            ms[-1]["vs_hyperfusion"] = {"mean": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d)))}
+        match = FIG4A.fullmatch(name)
         if match:
-            fig4a.append({"model": match["base"], "train": match["sex"], "folder": m["folder"],
-                          **{k: m["metrics"][key] for key, k in TEST_SETS}})
+            fig4a.append({"model": match["base"], "train": match["sex"], "folder": name,
+                          **{k: e["metrics"][key] for key, k in TEST_SETS}})
     fig4a.sort(key=lambda r: (r["model"], list(FIG4A_TRAIN).index(r["train"])))
     res = {"task": "brain-age", "runs": os.path.abspath(runs), "top": top, "models": ms, "fig4a": fig4a}
     gaps, kept_all = [m for m in ms if m["gap"]], [m["folder"] for m in ms if len(m["available"]) <= top]
@@ -650,11 +636,11 @@ def start(job, slot, k, gpus):
 def run_jobs(jobs, k, gpus=None, poll_s=0.2, quiet=False):
     """Every job, k at a time, each after its `after` -> run dirs; a failure raises, an interrupt ends every run."""
     waiting, done, failed, running, slots = list(jobs), [], None, {}, list(range(k))
-    pending = {j.run_dir for j in jobs}
+    every = {j.run_dir for j in jobs}
     shown = Progress("train", len(jobs), "runs", quiet, parallel=k)
     try:
         while waiting or running:
-            ready = [j for j in waiting if j.after not in pending]
+            ready = [j for j in waiting if j.after not in every.difference(done)]  # `after`: done, or not one of these
             while failed is None and slots and ready:
                 job, slot = ready.pop(0), slots.pop(0)
                 waiting.remove(job)
@@ -672,7 +658,6 @@ def run_jobs(jobs, k, gpus=None, poll_s=0.2, quiet=False):
                 if proc.returncode != 0:
                     failed = failed or f"{job.run_dir}: training failed (exit {proc.returncode}): {last or 'no output'}"
                     continue
-                pending.discard(job.run_dir)
                 done.append(job.run_dir)
                 now = time.time()
                 shown.item_done(now - started, job.label or job.run_dir,
@@ -696,19 +681,21 @@ def run_jobs(jobs, k, gpus=None, poll_s=0.2, quiet=False):
 
 def check_protocol_data(finished_dirs, task, data_csv=None, image_dir=None, data_dir="data", cache_dir=None):
     """Refuse finished runs trained on other data than the missing runs would: one result, one data."""
+    mixed = ("; training the missing runs would mix two versions of the data in one result: restore the data, or "
+             "train them all again into another --runs folder")
     now, fingerprints = None, {}
     for d in finished_dirs:
         r = load_run(d)
-        held, problem = r.inputs.get("table_sha256"), None
+        held = r.inputs.get("table_sha256")
         if not held:            # a run from before runs were tied to their data
             continue
         if now is None:
             csv_path = data_csv or builtin_cohort(task, data_dir)
             now = data.table_sha256(csv_path)
         if held != now:
-            problem = (f"{d} was trained on another version of {csv_path} (table sha256 {held[:12]}..., now "
-                       f"{now[:12]}...: edited since?)")
-        elif r.inputs.get("images_sha256"):
+            raise UserError(f"{d} was trained on another version of {csv_path} (table sha256 {held[:12]}..., now "
+                            f"{now[:12]}...: edited since?)" + mixed)
+        if r.inputs.get("images_sha256"):
             key = (r.run.classes, json.dumps(r.run.group_map, sort_keys=True))   # the rows, so the images, it read
             if key not in fingerprints:
                 table = (data.read_ad_table(csv_path, image_dir, classes=r.run.classes, group_map=r.run.group_map)
@@ -716,12 +703,9 @@ def check_protocol_data(finished_dirs, task, data_csv=None, image_dir=None, data
                 fingerprints[key] = data.image_fingerprint(table.image_paths, data.cache_folder(cache_dir, csv_path),
                                                            table.subjects)
             if fingerprints[key] != r.inputs["images_sha256"]:
-                problem = (f"{d} was trained on other images than {csv_path} names now (images_sha256 "
-                           f"{r.inputs['images_sha256'][:12]}..., now {fingerprints[key][:12]}...: replaced or "
-                           f"re-preprocessed since?)")
-        if problem:
-            raise UserError(problem + "; training the missing runs would mix two versions of the data in one result: "
-                            "restore the data, or train them all again into another --runs folder")
+                raise UserError(f"{d} was trained on other images than {csv_path} names now (images_sha256 "
+                                f"{r.inputs['images_sha256'][:12]}..., now {fingerprints[key][:12]}...: replaced or "
+                                f"re-preprocessed since?)" + mixed)
 
 
 def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None, epochs=None, data_csv=None,
@@ -769,21 +753,19 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
     for d in skipped:
         shown.say(f"skipped (finished): {d}")
     label = lambda run_dir: " ".join(os.path.relpath(run_dir, runs).split(os.sep))     # ad hyperfusion seed0 v0 fold2
-    trained, launched = [], []
-    for run_dir, argv, after in todo:
-        if jobs > 1 or gpus:    # --gpus with --jobs 1: one run at a time, each in a process on its GPU
-            launched.append(Job(run_dir, [sys.executable, script.__file__] + argv, after, label(run_dir)))
-            continue
+    trained, parallel = [], jobs > 1 or gpus    # --gpus with --jobs 1: one run at a time, each in a process on its GPU
+    for run_dir, argv, _ in () if parallel else todo:
         shown.say(f"{'resuming' if '--resume' in argv else 'training'}: {run_dir}")
         with shown.hushed():
             t1 = time.time()
             script.main(argv)
         trained.append(run_dir)
         shown.item_done(time.time() - t1, label(run_dir))
-    if launched:            # without --gpus, every GPU this process sees, in turn (not all on GPU 0)
+    if parallel and todo:   # without --gpus, every GPU this process sees, in turn (not all on GPU 0)
         visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        trained = run_jobs(launched, jobs, gpu_masks(gpus or range(visible), visible) if gpus or visible else None,
-                           quiet=quiet)
+        masks = gpu_masks(gpus or range(visible), visible) if gpus or visible else None
+        trained = run_jobs([Job(d, [sys.executable, script.__file__] + argv, after, label(d))
+                            for d, argv, after in todo], jobs, masks, quiet=quiet)
     shown.say(f"protocol: {len(trained)} trained, {len(skipped)} skipped, {duration_text(time.time() - t0)}")
     res = evaluate_ad(runs, binary) if task == "ad" else evaluate_brain_age(runs)
     shown.say(f"total wall time {duration_text(time.time() - t0)}")
@@ -861,10 +843,7 @@ def main(argv=None):
     if a.command == "protocol":
         return run_protocol(**{k: v for k, v in vars(a).items() if k != "command"})
     if a.command == "calibrate":
-        md, res = calibration_report(calibrate_runs(a.runs, a.refit, a.device, a.batch_size, a.quiet), a.plots, a.quiet)
-        out_dir = a.out or (a.runs[0] if os.path.isdir(a.runs[0]) else os.path.dirname(a.runs[0]))
-        write_results(res, md, None, out_dir, "calibration_ad", a.quiet)
-        return res
+        return calibration_report(a.runs, a.refit, a.device, a.batch_size, a.out, a.plots, a.quiet)
     if a.command == "select-layers":
         if a.out:
             check_output("--out", a.out, [a.data_csv])

@@ -134,10 +134,8 @@ def fmt_p(p):
 
 def fmt(v, digits=3):
     """.673 style (as Table 3) for values in [0, 1]; '-' for NaN."""
-    if v is None or not np.isfinite(v):
-        return "-"
-    s = f"{v:.{digits}f}"
-    return s[1:] if s.startswith("0.") else ("-" + s[2:] if s.startswith("-0.") else s)
+    s = "-" if v is None or not np.isfinite(v) else f"{v:.{digits}f}"
+    return s.replace("0.", ".", 1) if s.lstrip("-").startswith("0.") else s
 
 
 def markdown_table(header, rows):
