@@ -209,8 +209,7 @@ def scatter_figure(figs, file, e, title):
     age, pred, sex, fit = np.asarray(e["age"], float), np.asarray(e["pred"], float), np.asarray(e["sex"]), e["fit"]
     fig, axes = figs.new(WIDE if fit else SMALL, 2 if fit else 1)
     panels = [(pred, "as predicted")] + ([(age + corrected_gap(age, pred, fit), "age bias corrected")] if fit else [])
-    lo, hi = min(age.min(), *(y.min() for y, _ in panels)), max(age.max(), *(y.max() for y, _ in panels))
-    line = np.array([lo, hi])
+    line = np.array([min(age.min(), *(y.min() for y, _ in panels)), max(age.max(), *(y.max() for y, _ in panels))])
     for k, (ax, (y, what)) in enumerate(zip(axes if fit else [axes], panels)):
         for code, (name, colour) in SEX_COLOURS.items():
             ax.scatter(age[sex == code], y[sex == code], s=6, alpha=0.6, color=colour, label=name)
@@ -221,7 +220,7 @@ def scatter_figure(figs, file, e, title):
                     label=(f"age bias (validation fit, n {fit['n']})" if k == 0 else "least squares on the test "
                            "scans") + f": slope {bias['slope']:+.2f}")
         r = e["gap"] and e["gap"]["r_corrected_gap_age" if k else "r_gap_age"]
-        ax.set(xlabel="chronological age (years)", ylabel="predicted age (years)", xlim=(lo, hi), ylim=(lo, hi),
+        ax.set(xlabel="chronological age (years)", ylabel="predicted age (years)", xlim=line, ylim=line,
                title=what + ("" if r is None else f": r(gap, age) {r:+.2f}"))
         ax.set_aspect("equal")
         ax.legend(fontsize=6, loc="upper left")
@@ -639,15 +638,13 @@ def run_jobs(jobs, k, gpus=None, poll_s=0.2, quiet=False):
     every = {j.run_dir for j in jobs}
     shown = Progress("train", len(jobs), "runs", quiet, parallel=k)
     try:
-        while waiting or running:
+        while running or waiting and failed is None:      # after a failure: only until the running ones end
             ready = [j for j in waiting if j.after not in every.difference(done)]  # `after`: done, or not one of these
             while failed is None and slots and ready:
                 job, slot = ready.pop(0), slots.pop(0)
                 waiting.remove(job)
                 running[job.run_dir] = (job, slot, *start(job, slot, k, gpus), time.time())
                 shown.say(f"started{f' on GPU {gpus[slot % len(gpus)]}' if gpus else ''}: {job.run_dir}")
-            if failed is not None and not running:
-                break
             time.sleep(poll_s)
             for job, slot, proc, out, started in [r for r in running.values() if r[2].poll() is not None]:
                 del running[job.run_dir]
