@@ -681,8 +681,7 @@ def check_protocol_data(finished_dirs, task, data_csv=None, image_dir=None, data
     mixed = ("; training the missing runs would mix two versions of the data in one result: restore the data, or "
              "train them all again into another --runs folder")
     now, fingerprints = None, {}
-    for d in finished_dirs:
-        r = load_run(d)
+    for r in map(load_run, finished_dirs):
         held = r.inputs.get("table_sha256")
         if not held:            # a run from before runs were tied to their data
             continue
@@ -690,7 +689,7 @@ def check_protocol_data(finished_dirs, task, data_csv=None, image_dir=None, data
             csv_path = data_csv or builtin_cohort(task, data_dir)
             now = data.table_sha256(csv_path)
         if held != now:
-            raise UserError(f"{d} was trained on another version of {csv_path} (table sha256 {held[:12]}..., now "
+            raise UserError(f"{r.dir} was trained on another version of {csv_path} (table sha256 {held[:12]}..., now "
                             f"{now[:12]}...: edited since?)" + mixed)
         if r.inputs.get("images_sha256"):
             key = (r.run.classes, json.dumps(r.run.group_map, sort_keys=True))   # the rows, so the images, it read
@@ -700,7 +699,7 @@ def check_protocol_data(finished_dirs, task, data_csv=None, image_dir=None, data
                 fingerprints[key] = data.image_fingerprint(table.image_paths, data.cache_folder(cache_dir, csv_path),
                                                            table.subjects)
             if fingerprints[key] != r.inputs["images_sha256"]:
-                raise UserError(f"{d} was trained on other images than {csv_path} names now (images_sha256 "
+                raise UserError(f"{r.dir} was trained on other images than {csv_path} names now (images_sha256 "
                                 f"{r.inputs['images_sha256'][:12]}..., now {fingerprints[key][:12]}...: replaced or "
                                 f"re-preprocessed since?)" + mixed)
 
