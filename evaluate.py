@@ -297,7 +297,8 @@ def sweep_figure(res, folder, quiet=False):
 def calibration_report(paths, refit, device, batch_size, out_dir=None, plots_dir=None, quiet=False):
     """Every finished AD run under `paths`, its temperature fitted on its validation logits (predicted again for a
     run trained before, never retrained); its and each four-fold Eq. 7-8 ensemble's test ECE, class-wise ECE, Brier,
-    NLL before -> after, written to calibration_ad.{md,json} in out_dir (default: the first of `paths`) -> the dict."""
+    NLL before -> after (after: every member at its own temperature, which also changes Eq. 8's weights), written to
+    calibration_ad.{md,json} in out_dir (default: the first of `paths`) -> the dict."""
     dev, rows, out, groups, ensemble_rows = None, [], {"runs": [], "ensembles": []}, {}, []
     for run in (r for r in predict.find_runs(paths) if r.run.task == "ad"):
         outputs, r = read_logits(run.dir), run.run
@@ -416,11 +417,10 @@ def ensemble_ad_folds(fold_dirs):
     """The four fold models of one (split seed, version) on their shared test set, by Eq. 7-8."""
     runs = [read_run(d) for d in fold_dirs]
     check_same(runs, "cannot ensemble {a} and {b}", ("split_seed", "tabular_columns", "classes"))   # the folds share
-    first, cfg = runs[0]["pred"], runs[0]["config"]
-    members = [r["pred"]["probs"] for r in runs]
-    return {"subjects": first["subjects"], "labels": first["labels"], "config": cfg, "dir": runs[0]["dir"],
-            "probs": entropy_weighted_ensemble(np.stack(members)),                       # (K, N, C) -> (N, C)
-            "class_names": list(cfg["class_names"]), "members": members}
+    first, members = runs[0], [r["pred"]["probs"] for r in runs]
+    return {"subjects": first["pred"]["subjects"], "labels": first["pred"]["labels"], "config": first["config"],
+            "dir": first["dir"], "probs": entropy_weighted_ensemble(np.stack(members)),     # (K, N, C) -> (N, C)
+            "class_names": list(first["config"]["class_names"]), "members": members}
 
 
 def evaluate_ad(runs, binary=False, out_dir=None, quiet=False, plots_dir=None):
