@@ -638,7 +638,7 @@ def run_jobs(jobs, k, gpus=None, poll_s=0.2, quiet=False):
     every = {j.run_dir for j in jobs}
     shown = Progress("train", len(jobs), "runs", quiet, parallel=k)
     try:
-        while running or waiting and failed is None:      # after a failure: only until the running ones end
+        while running or (waiting and failed is None):    # after a failure: only until the running ones end
             ready = [j for j in waiting if j.after not in every.difference(done)]  # `after`: done, or not one of these
             while failed is None and slots and ready:
                 job, slot = ready.pop(0), slots.pop(0)
