@@ -2115,6 +2115,21 @@ def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_trains_the_
     assert {(a["model"], a["epochs"]) for a in calls} == {("tabular", 50), ("imaging", 2)}   # the MLP gets its own
 
 
+def test_a_failing_run_of_the_protocol_stops_it_in_one_line_its_dependents_never_start_and_the_others_finish(
+        tmp_path):
+    """--jobs 2: the tabular MLP fails; neither the HyperFusion run that starts from it nor a run waiting for a free
+    slot starts; the run already training ends before the error, which names the failed run, exit and last line."""
+    mark = lambda name, wait=0: [sys.executable, "-c", f"import time; time.sleep({wait}); "
+                                 f"open({str(tmp_path / name)!r}, 'w').close()"]
+    jobs = [evaluate.Job(str(tmp_path / "mlp"), [sys.executable, "-c", "print('CUDA out of memory'); exit(3)"]),
+            evaluate.Job(str(tmp_path / "hyperfusion"), mark("hyperfusion-ran"), after=str(tmp_path / "mlp")),
+            evaluate.Job(str(tmp_path / "other"), mark("other-ran", 1)), evaluate.Job(str(tmp_path / "later"),
+                                                                                 mark("later-ran"))]
+    with pytest.raises(UserError, match=r"^\S+mlp: training failed \(exit 3\): CUDA out of memory$"):
+        evaluate.run_jobs(jobs, 2, poll_s=0.02, quiet=True)
+    assert sorted(p.name for p in tmp_path.glob("*-ran")) == ["other-ran"]
+
+
 def test_print_commands_gives_one_command_per_missing_run_tabular_first_and_trains_nothing(tmp_path, monkeypatch,
                                                                                              capsys):
     """--resume where a last.pt exists, finished runs left out, every tabular MLP before any HyperFusion run."""
