@@ -295,11 +295,9 @@ def claim_run_folder(run_dir, resume):
             if same_file(path, fd):
                 os.remove(path)                      # still locked: no one else can have taken it
             os.close(fd)
-        for d in made:
-            try:
+        with contextlib.suppress(OSError):           # up to the first one not empty (the run wrote in it), or gone
+            for d in made:
                 os.rmdir(d)
-            except OSError:                          # not empty (the run wrote in it), or gone
-                break
 
 
 def same_file(path, fd):
@@ -422,13 +420,12 @@ def predict(model, loader, device, transform=None, precision="fp32", on_batch=No
     for image, tabular, target in loader:
         tabular, both = tabular.to(device, non_blocking=True), image.dim() == 6       # (B, 2, 1, D, H, W): both
         if both:
-            B = image.shape[0]
             image, tabular = image.flatten(0, 1), tabular.repeat_interleave(2, 0)    # (2B, 1, D, H, W)
         with autocast(device, precision):
             out = model(to_device(image, device), tabular).float()
         out = transform(out) if transform is not None else out
         if both:
-            out = out.view(B, 2, *out.shape[1:])                                     # (B, 2, ...)
+            out = out.unflatten(0, (-1, 2))                                          # (B, 2, ...)
             out = out if sides else out.mean(1)                                      # (B, ...)
         outputs.append(out.cpu())
         targets.append(target.cpu())
@@ -629,9 +626,8 @@ def check_losses(losses, sizes, epoch, initial, run_dir, saved):
 def non_finite(model):
     """The first parameter or BatchNorm running statistic of `model` that holds NaN or inf, in words; else None."""
     tensors = [(f"parameter {k}", p) for k, p in model.named_parameters()]
-    tensors += [(f"BatchNorm running statistic {name}.{k}", getattr(m, k)) for name, m in model.named_modules()
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-                for k in ("running_mean", "running_var") if getattr(m, k) is not None]
+    tensors += [(f"BatchNorm running statistic {k}", b) for k, b in model.named_buffers()   # None ones are not listed
+                if k.endswith(("running_mean", "running_var"))]
     finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in tensors]).cpu() if tensors else None
     if finite is None or bool(finite.all()):                                              # one device sync
         return None
@@ -663,18 +659,23 @@ def finished(run_dir):
     return os.path.isfile(os.path.join(run_dir, "metrics.json"))   # written last, atomically, by the trainers
 
 
-@dataclass
 class FinishedRun:
-    """One trained run: its folder, its best.pt, the RunConfig, data facts (`inputs`) and state stored there."""
-    dir: str
-    checkpoint_path: str
-    checkpoint: dict
-    run: RunConfig
-    inputs: dict
-    class_names: list                    # AD: the classes of its outputs, in order
-    tabular: TabularPreprocessor = None  # AD: fitted on the run's training rows
-    crops: HippocampusCrops = None       # AD image models: the hippocampus boxes it was trained with
-    target: AgeTarget = None             # brain age: the network's output -> years
+    """One trained run read back from its folder (its best.pt) or a checkpoint: the RunConfig, the data facts
+    (`inputs`) and the state stored with them; `expected` (see identity) refuses another run."""
+
+    def __init__(self, path, expected=None):
+        path = os.fspath(path)
+        self.checkpoint_path = path = path if os.path.isfile(path) else os.path.join(path, "best.pt")
+        self.dir, self.checkpoint = os.path.dirname(path), load_checkpoint(path, expected)
+        try:
+            self.run = RunConfig(**self.checkpoint["run"])
+        except TypeError as exc:
+            raise UserError(f"{path}: not a run description this code knows ({exc})") from None
+        ckpt, self.inputs = self.checkpoint, dict(self.checkpoint["inputs"])
+        self.class_names = list(self.inputs.get("class_names", ()))         # AD: the classes of its outputs, in order
+        self.tabular = TabularPreprocessor(state=ckpt["tabular"]) if ckpt.get("tabular") is not None else None  # AD
+        self.crops = HippocampusCrops(**self.inputs["crops"]) if self.inputs.get("crops") else None  # AD image models
+        self.target = AgeTarget(**ckpt["target"]) if ckpt.get("target") is not None else None  # brain age: -> years
 
     @property
     def config(self):  # run options and data facts in one flat dict, compared before runs are ensembled
@@ -718,21 +719,7 @@ class FinishedRun:
         return pred
 
 
-def load_run(path, expected=None):
-    """A run folder (its best.pt) or checkpoint -> FinishedRun; `expected` (see identity) refuses another run."""
-    path = os.fspath(path)
-    checkpoint_path = path if os.path.isfile(path) else os.path.join(path, "best.pt")
-    ckpt = load_checkpoint(checkpoint_path, expected)
-    try:
-        run = RunConfig(**ckpt["run"])
-    except TypeError as exc:
-        raise UserError(f"{checkpoint_path}: not a run description this code knows ({exc})") from None
-    inputs, tabular, target = dict(ckpt["inputs"]), ckpt.get("tabular"), ckpt.get("target")
-    return FinishedRun(os.path.dirname(checkpoint_path), checkpoint_path, ckpt, run, inputs,
-                       list(inputs.get("class_names", ())),     # AD: the classes of its outputs, in order
-                       TabularPreprocessor(state=tabular) if tabular is not None else None,
-                       HippocampusCrops(**inputs["crops"]) if inputs.get("crops") else None,
-                       AgeTarget(**target) if target is not None else None)
+load_run = FinishedRun   # a run folder or checkpoint -> its FinishedRun
 
 
 # ---- Temperature scaling of an AD run's logits (calibration.json) ----
