@@ -22,10 +22,9 @@ from data import ArgumentParser, TabularPreprocessor, UserError, atomic_path, ru
 from layers import init_hyperlayers
 from metrics import classification_metrics
 from models import AD_MODELS, class_probabilities
-from training import (DATA_KEYS, RunConfig, add_common_arguments, alone, calibrate, check_finite_outputs, fit,
-                      claim_run_folder, common_run_fields, finished, identity, is_main, leave, load_checkpoint,
-                      load_run, loader_workers, log, main_first, make_loader, predict, resumable, save_logits, seed_all,
-                      setup_device)
+from training import (DATA_KEYS, add_common_arguments, alone, calibrate, check_finite_outputs, finished, fit, identity,
+                      is_main, load_checkpoint, load_run, loader_workers, log, main_first, make_loader, predict,
+                      resumable, save_logits, seed_all, train_run)
 
 REAL_AD = dict(epochs=250, batch_size=32, lr=1e-4, weight_decay=1e-5, lr_schedule="constant")  # Table 1
 DEMO_AD = dict(epochs=25, batch_size=16, lr=1e-3, weight_decay=1e-5, lr_schedule="constant")   # the synthetic cohort
@@ -51,22 +50,16 @@ def main(argv=None):
 
 def train_ad(args):
     """One AD run from its parsed options (a dict, as vars(ad_arguments().parse_args())) in its claimed folder."""
-    device = setup_device(args["device"], args["sync_bn"])
     demo = DEMO_TABULAR if args["model"] == "tabular" else DEMO_AD      # the schedule resolved for data and model
-    run = RunConfig(**common_run_fields(args, device, "ad", demo, REAL_AD), fold=args["fold"], classes=args["classes"],
-                    loss=args["loss"], group_map=data.parse_group_map(args["group_map"]) or None, crops=args["crops"])
-    with claim_run_folder(run.run_dir(args["out"]), args["resume"]):   # refused before any work
-        metrics = run_ad(args, device, run)
-    leave()
-    return metrics
+    return train_run(args, "ad", demo, REAL_AD, run_ad, fold=args["fold"], classes=args["classes"], loss=args["loss"],
+                     group_map=data.parse_group_map(args["group_map"]) or None, crops=args["crops"])
 
 
 def run_ad(args, device, run):
     quiet, workers, image_model = args["quiet"], loader_workers(args["workers"], device), run.model != "tabular"
     table = data.read_ad_table(run.data_csv, run.image_dir, need_images=image_model, classes=run.classes,
                                group_map=run.group_map)
-    if table.skipped:
-        log(data.skipped_summary(table), quiet)
+    log(data.skipped_summary(table), quiet or not table.skipped)
     check_classes(table)
     train_idx, val_idx, test_idx = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, run.split_seed),
                                                 run.fold)
@@ -126,14 +119,13 @@ def run_ad(args, device, run):
 
     loader = lambda ds, **kw: make_loader(ds, run.batch_size, workers, device, **kw)
     train_loader, val_loader = loader(train_set, shuffle=sampler is None, sampler=sampler), loader(val_set)
-    names = list(table.class_names)                       # the run's classes, in the order of its outputs
-    validate = lambda m: ad_metrics(m, val_loader, device, names, run.precision)[0]
+    validate = lambda m: ad_metrics(m, val_loader, device, inputs["class_names"], run.precision)[0]
     best = fit(model, train_loader, loss_fn, validate, "balanced_accuracy", run, run_dir, inputs,
                state={"tabular": prep.state_dict()}, resume=args["resume"], quiet=quiet, sync_bn=args["sync_bn"],
                compile=args["compile"])
 
     model.load_state_dict(load_checkpoint(os.path.join(run_dir, "best.pt"), identity(run, inputs))["model"])
-    test_metrics, test_probs = ad_metrics(model, loader(test_set), device, names, run.precision)
+    test_metrics, test_probs = ad_metrics(model, loader(test_set), device, inputs["class_names"], run.precision)
     metrics = {"val": best["metrics"], "test": test_metrics, "best_epoch": best["epoch"],
                "unlearned_columns": prep.state["empty"]}
     logits = {part: predict(model, loader(ds), device, None, run.precision, sides=True)       # (N, [2,] C)
@@ -151,9 +143,8 @@ def run_ad(args, device, run):
 
 
 def check_classes(table, parts=None, run=None):
-    """Every class of the task in the cohort and, after the split, in each of `parts` ({name: indices}):
-    a class absent from training cannot be learnt, and one absent from validation or test leaves BA and AUC
-    undefined."""
+    """Every class of the task in the cohort and, after the split, in each of `parts` ({name: indices}): a class absent
+    from training cannot be learnt, and one absent from validation or test leaves BA and AUC undefined."""
     names = table.class_names
     counts = np.bincount(table.labels[table.labels >= 0], minlength=len(names))
     if (counts > 0).sum() < 2:

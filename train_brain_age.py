@@ -23,9 +23,9 @@ from data import ArgumentParser, UserError, atomic_path, run_cli, warn, write_js
 from layers import init_hyperlayers
 from metrics import age_bias_fit, gap_summary, regression_metrics
 from models import BRAIN_AGE_MODELS, AgeTarget
-from training import (RunConfig, add_common_arguments, check_finite_outputs, claim_run_folder, common_run_fields, fit,
-                      identity, is_main, leave, load_checkpoint, loader_workers, log, main_first, make_loader, predict,
-                      recalibrate_batchnorm, resumable, seed_all, setup_device)
+from training import (add_common_arguments, check_finite_outputs, fit, identity, is_main, load_checkpoint,
+                      loader_workers, log, main_first, make_loader, predict, recalibrate_batchnorm, resumable, seed_all,
+                      train_run)
 
 REAL_BRAIN_AGE = dict(epochs=70, batch_size=64, lr=1.5e-4, weight_decay=0.05, lr_schedule="constant")  # Table 1
 # the demo: a cosine learning rate, so that its last epochs settle (at a constant 1e-3 the validation MAE still
@@ -55,16 +55,11 @@ def main(argv=None):
 
 def train_brain_age(args):
     """One brain-age run from its parsed options (vars(brain_age_arguments().parse_args())) in its claimed folder."""
-    device = setup_device(args["device"], args["sync_bn"])
     split = tuple(args.get("split") or (DEMO_SPLIT if args["data_csv"] is None else data.BRAIN_AGE_FRACTIONS))
     if not (all(f > 0 for f in split) and abs(sum(split) - 1) <= 1e-6):   # NaN fails both
         raise UserError(f"--split {' '.join(map(str, split))}: three positive fractions that sum to 1")
-    run = RunConfig(**common_run_fields(args, device, "brain-age", DEMO_BRAIN_AGE, REAL_BRAIN_AGE),
-                    embedding_dim=args["embedding_dim"], train_sex=args["train_sex"], split=split)
-    with claim_run_folder(run.run_dir(args["out"]), args["resume"]):   # refused before any work
-        metrics = run_brain_age(args, device, run)
-    leave()
-    return metrics
+    return train_run(args, "brain-age", DEMO_BRAIN_AGE, REAL_BRAIN_AGE, run_brain_age,
+                     embedding_dim=args["embedding_dim"], train_sex=args["train_sex"], split=split)
 
 
 def run_brain_age(args, device, run):
@@ -135,10 +130,10 @@ def run_brain_age(args, device, run):
 
 
 def select_training_sex(train_idx, sex, which, seed):
-    """Fig. 4A's training sets (Sec. 4.2.4, "maintaining equal-size training sets"): males only, females
-    only, or a sex-balanced mix, each of n = min(men, women) of the training split, drawn with the run's
-    split seed, so that the comparison is about sex and not about the amount of data. The mix takes
-    ceil(n/2) men and floor(n/2) women. "all": the whole training split."""
+    """Fig. 4A's training sets (Sec. 4.2.4, "maintaining equal-size training sets"): males only, females only, or a
+    sex-balanced mix, each of n = min(men, women) of the training split, drawn with the run's split seed, so that the
+    comparison is about sex and not about the amount of data. The mix takes ceil(n/2) men and floor(n/2) women.
+    "all": the whole training split."""
     if which == "all":
         return train_idx
     males, females = train_idx[sex[train_idx] == 0], train_idx[sex[train_idx] == 1]

@@ -325,6 +325,17 @@ def occupied(run_dir, resume):
     return f"{run_dir}: holds {what}, and a new run would mix with it; {hint}, or use another --out for the new run"
 
 
+def train_run(args, task, demo, real, body, **fields):
+    """One run of `task` from its parsed options: the device, the RunConfig (common_run_fields and the task's
+    `fields`), then body(args, device, run) -> its metrics, in the run's folder claimed before any work."""
+    device = setup_device(args["device"], args["sync_bn"])
+    run = RunConfig(**common_run_fields(args, device, task, demo, real), **fields)
+    with claim_run_folder(run.run_dir(args["out"]), args["resume"]):
+        metrics = body(args, device, run)
+    leave()
+    return metrics
+
+
 # ---- Device, randomness, loaders, evaluation passes ----
 
 def setup_device(name, sync_bn=False):
