@@ -2930,6 +2930,7 @@ def test_numeric_options_out_of_range_are_refused_naming_the_option(tmp_path):
     # argparse's own refusals are one line too (not its usage line first), from the script itself as well
     assert_clean_error(run("train_ad.py", "--fold", "7"), "--fold", "invalid choice")
     assert_clean_error(run_main(train_brain_age.main, "--batch-size", "abc"), "--batch-size", "abc")
+    assert_clean_error(run_main(train_brain_age.main, "--crops", "c.json"), "unrecognized", "--crops")  # AD's alone
     assert_clean_error(run_main(synthetic.main, "ad", "--out", tmp_path / "syn", "--seed", "-1"), "--seed -1")
     ba = _tiny_brain_age(tmp_path / "ba", sex="M")           # --train-sex with no such subjects in the training split
     assert_clean_error(run_main(train_brain_age.main, "--data-csv", ba, "--train-sex", "F", "--out", tmp_path / "r",

@@ -40,6 +40,7 @@ def ad_arguments():
     p.add_argument("--classes", type=int, default=3, choices=[3, 2], help="2: CN vs AD (App. B)")
     p.add_argument("--group-map", nargs="+", metavar="VALUE=DX",
                    help="read other Group values as a diagnosis, e.g. SMC=CN (default: such rows are skipped)")
+    p.add_argument("--crops", help="crops.json with the hippocampus boxes (default: next to the CSV)")
     add_common_arguments(p)
     return p
 

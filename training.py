@@ -217,7 +217,6 @@ def add_common_arguments(p):
     p.add_argument("--data-csv", help="the table; default: the built-in synthetic cohort")
     p.add_argument("--image-dir", help="folder of <Subject>.nii.gz (default: <csv folder>/images)")
     p.add_argument("--data-dir", default="data", help="where the synthetic cohort is generated")
-    p.add_argument("--crops", help="crops.json with the hippocampus boxes (default: next to the CSV)")
     p.add_argument("--cache-dir", help="decoded-image cache (default: <csv folder>/cache)")
     p.add_argument("--cache-dtype", default="float16", choices=["float16", "float32"])
     for k, kind in SCHEDULE.items():
