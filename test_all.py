@@ -4243,6 +4243,31 @@ def test_compile_trains_with_eager_float32s_arithmetic_and_dropout_masks(tmp_pat
     assert len(compiles) == 1 and isinstance(compiles[0], _TabularNet)
 
 
+def test_the_time_left_of_a_compiled_run_is_the_pace_of_its_epochs_after_the_one_that_compiled(tmp_path, monkeypatch,
+                                                                                                capsys):
+    """A compiled run's first epoch also compiles (10-30 s here, more on a GPU): 660 s, then 60 s an epoch."""
+    now = [0.0]
+
+    class Compiled(nn.Module):                                   # 600 s to compile, 30 s a batch (two an epoch)
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, image, tabular):
+            now[0] += 30 + 600 * (now[0] == 0)
+            return self.net(image, tabular)
+
+    monkeypatch.setattr(training, "compiled", Compiled)
+    monkeypatch.setattr(training, "Progress", lambda *a, **k: data.Progress(*a, **k, clock=lambda: now[0]))
+    items = torch.utils.data.TensorDataset(torch.zeros(8, 0), torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    run = RunConfig(task="ad", model="tabular", version=0, split_seed=0, fold=0, classes=2, loss="ce", data_csv="x",
+                    epochs=4, batch_size=4, lr=0.1, weight_decay=0.0)
+    training.fit(_TabularNet(), torch.utils.data.DataLoader(items, batch_size=4), F.cross_entropy,
+                 lambda m: {"score": 0.5}, "score", run, str(tmp_path), {}, compile=True)
+    left = re.findall(r"\| ([\d.]+) min left", capsys.readouterr().out)
+    assert left == ["33.0", "2.0", "1.0", "0.0"]                # 660 s x 3; then 60 s x 2, 60 s x 1
+
+
 @pytest.mark.parametrize("option", [("--precision", "fp16"), ("--precision", "bf16"), ("--sync-bn",)])
 def test_float16_bfloat16_or_sync_bn_on_a_cpu_is_refused_in_one_line_naming_the_option(tmp_path, option):
     p = run_main(train_ad.main, "--model", "tabular", *option, "--device", "cpu", "--data-dir", tmp_path / "data",

@@ -604,6 +604,8 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
             log(f"epoch {epoch + 1:3d}/{run.epochs} | train loss {mean_loss:.4f} | "
                 f"val {score_key.replace('balanced_accuracy', 'BA')} {score:.3f}{' *' if improved else '  '} | "
                 f"{seconds:.1f} s | {pace.left() / 60:.1f} min left", quiet)
+            if compile and epoch == start:                        # it compiled the step: the time left is the pace
+                pace.rebase()                                     # of the epochs after it
     except KeyboardInterrupt as exc:          # Ctrl-C or SIGTERM: data.run_cli says what is kept, in one line
         if not hasattr(exc, "progress"):                          # the epoch after the saved one was training
             when = f"in epoch {saved + 2}" if saved + 1 < run.epochs else f"after epoch {run.epochs}"
