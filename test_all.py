@@ -3956,6 +3956,16 @@ def test_a_torchrun_process_leaves_at_a_barrier_before_tearing_the_group_down_an
     assert calls == ["barrier", "destroy"]
 
 
+def test_each_trainer_leaves_the_process_group_once_its_run_has_ended(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(training, "leave", lambda: calls.append("leave"))
+    monkeypatch.setattr(train_ad, "run_ad", lambda args, device, run: calls.append(run.task) or {})
+    monkeypatch.setattr(train_brain_age, "run_brain_age", lambda args, device, run: calls.append(run.task) or {})
+    train_ad.main(["--data-csv", str(tiny_ad(tmp_path)), "--out", str(tmp_path / "r"), "--quiet"])
+    train_brain_age.main(["--data-csv", str(_tiny_brain_age(tmp_path / "ba")), "--out", str(tmp_path / "r"), "--quiet"])
+    assert calls == ["ad", "leave", "brain-age", "leave"]
+
+
 def test_a_two_process_torchrun_run_writes_each_file_once_and_tests_each_subject_once(ad_cohort60, tmp_path):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "train_ad.py", *_ad_args(ad_cohort60, tmp_path, "--device", "cpu", "--epochs", "1")],
