@@ -1254,6 +1254,8 @@ def test_metrics_against_a_hand_made_confusion_matrix_and_maes_by_hand():
     assert m["balanced_accuracy"] == pytest.approx(np.mean(recall))     # Eq. 9: 0.5667
     assert m["precision"] == pytest.approx(np.mean(precision))          # Eq. 10: 0.5556
     assert m["f1_macro"] == pytest.approx(np.mean([2 * p * r / (p + r) for p, r in zip(precision, recall)]))
+    never_ad = np.where(pred == 2, 1, pred)                       # AD never predicted: its TP / (TP + FP) is 0 / 0
+    assert classification_metrics(labels, np.eye(3)[never_ad], NAMES)["precision"] == pytest.approx((4 / 6 + 3 / 6) / 3)
     with pytest.raises(ValueError, match="for 2 classes"):      # a third column would be counted as no class
         classification_metrics(labels[labels < 2], np.eye(3)[pred][labels < 2], ("CN", "AD"))
     r = regression_metrics([50, 60, 70, 80], [52, 57, 70, 84], [0, 1, 0, 1])
