@@ -3488,6 +3488,28 @@ def test_a_finished_run_predicts_its_test_set_again_from_its_saved_state(concat_
     np.testing.assert_allclose(probs, finished.read_predictions()["probs"], atol=1e-6)
 
 
+def test_a_brain_age_run_rebuilds_its_own_split_not_sec_4_2_3s_default(fig4a_women_run):
+    table, (_, val, test), _, run_dir = fig4a_women_run                        # trained with --split 0.5 0.25 0.25
+    finished = load_run(run_dir)
+    for part, rows in (("val", val), ("test", test)):
+        assert np.array_equal(predict.test_set(finished, part=part)[2], rows)
+    assert not np.array_equal(test, data.brain_age_split(table.age, table.sex, 0)[2])    # 80/10/10 would differ
+
+
+def test_each_member_reads_the_images_through_its_own_crops(ad_fold_runs, ad_cohort60, tmp_path):
+    """Members whose boxes differ each get their own decoded crops, not the first member's."""
+    first = _run_dir(ad_fold_runs, "hyperfusion", 0)
+    moved = tmp_path / "moved" / "v0"
+    shutil.copytree(first, moved)
+    ckpt = torch.load(moved / "best.pt", weights_only=True)
+    ckpt["inputs"]["crops"]["left_start"][0] += 2                              # the left box 2 voxels along x
+    torch.save(ckpt, moved / "best.pt")
+    alone = _predict(moved, "--data-csv", ad_cohort60, "--out", tmp_path / "alone.csv")["outputs"][0]
+    both = _predict(first, moved, "--data-csv", ad_cohort60, "--out", tmp_path / "both.csv")["outputs"]
+    np.testing.assert_allclose(both[1], alone, atol=1e-6)
+    assert not np.allclose(both[0], both[1], atol=1e-4)                        # the same weights, other images
+
+
 def test_predict_combines_the_members_by_eq7_8_and_each_member_reproduces_its_test_predictions(fold_predictions):
     both, runs, out = fold_predictions
     assert both["members"] == runs and len(both["subjects"]) == 60
