@@ -1130,6 +1130,17 @@ def test_missing_indicators_are_for_the_attributes_with_empty_cells_in_the_train
     np.testing.assert_array_equal(X[:, tp.columns.index("ABETA_missing")], [r["ABETA"] == "" for r in held_out])
 
 
+def test_a_column_constant_over_the_training_rows_is_z_scored_about_its_value_not_read_as_missing():
+    rows = rows_with_missing()
+    train, held_out = rows[:45], [dict(rows[45], APOE4="2")]
+    for r in train:
+        r["APOE4"] = "1"                                        # one value in every training row: std 0
+    tp = TabularPreprocessor().fit(train)
+    assert "APOE4_missing" not in tp.columns
+    col = tp.columns.index("APOE4")
+    assert (tp.transform(train)[:, col] == 0).all() and tp.transform(held_out)[0, col] == 1.0   # (2 - 1) / 1
+
+
 def test_imputation_replays_scikit_learns_iterative_imputer():
     rows = rows_with_missing()
     for i in (3, 50):
