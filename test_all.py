@@ -2782,7 +2782,8 @@ CHECK_AD_REFUSALS = [
     *[(f"{col} {bad}", lambda d, t, col=col, bad=bad: _cell(t, col, bad) or ["--no-images"],
        ["line 3", "subject S1", f"column {col}", bad, why], None)
       for col, bad, why in [("TAU", "-3", "negative"), ("PTAU", "1e300", "impossible"), ("FDG", "-0.5", "negative"),
-                            ("APOE4", "3", "one of 0, 1, 2"), ("PTEDUCAT", "55", "0 to 40")]],
+                            ("APOE4", "3", "one of 0, 1, 2"), ("APOE4", "1.5", "one of 0, 1, 2"),
+                            ("PTEDUCAT", "55", "0 to 40")]],
     ("crops.json of two numbers", lambda d, t: (d / "crops.json").write_text(json.dumps(
         {"left_start": [1, 2], "right_start": [0, 0, 0], "size": [4, 4, 4]})), ["crops.json", "left_start"], None),
     ("crops.json of a zero size", lambda d, t: (d / "crops.json").write_text(json.dumps(
