@@ -435,19 +435,21 @@ class _TabularNet(nn.Module):
         return self.linear(tabular)
 
 
-def _scripted_fit(folder, scores, lower_is_better):
-    """training.fit on a tiny net whose validation scores are `scores`, one per epoch -> (best, weights per epoch)."""
+def _scripted_fit(folder, scores, lower_is_better, version=0, sampler=None):
+    """training.fit on a tiny net whose validation scores are `scores`, one per epoch -> (best, weights per epoch);
+    sampler: items -> the loader's sampler."""
     torch.manual_seed(0)
     items = torch.utils.data.TensorDataset(torch.zeros(8, 0), torch.randn(8, 3), torch.randint(0, 2, (8,)))
-    run = RunConfig(task="ad", model="tabular", version=0, split_seed=0, fold=0, classes=2, loss="ce", data_csv="x",
-                    epochs=len(scores), batch_size=4, lr=0.1, weight_decay=0.0)
+    run = RunConfig(task="ad", model="tabular", version=version, split_seed=0, fold=0, classes=2, loss="ce",
+                    data_csv="x", epochs=len(scores), batch_size=4, lr=0.1, weight_decay=0.0)
     weights, left = [], list(scores)
 
     def validate(model):
         weights.append({k: v.clone() for k, v in model.state_dict().items()})
         return {"score": left.pop(0)}
 
-    best = training.fit(_TabularNet(), torch.utils.data.DataLoader(items, batch_size=4), F.cross_entropy, validate,
+    loader = torch.utils.data.DataLoader(items, batch_size=4, sampler=sampler and sampler(items))
+    best = training.fit(_TabularNet(), loader, F.cross_entropy, validate,
                         "score", run, str(folder), {}, quiet=True, lower_is_better=lower_is_better)
     return best, weights
 
@@ -4051,6 +4053,22 @@ def test_fit_steps_through_the_ddp_wrapper_so_every_step_averages_the_processes_
     monkeypatch.setattr(training, "wrap", lambda model, device, sync_bn=False: (model, Wrapper(model)))
     _scripted_fit(tmp_path, [0.1, 0.2], lower_is_better=False)
     assert calls == [4, 4] * 2                                   # both training batches of both epochs
+
+
+def test_under_torchrun_each_epochs_shuffle_is_drawn_from_the_version_and_the_epoch(tmp_path):
+    """As one process seeds its shuffle from (version, epoch), so is the DistributedSampler set: the versions of an
+    ensemble see their data in different orders, and each epoch in another."""
+    orders = {}
+    for version in (0, 1):
+        seen = orders[version] = []
+
+        def sampler(items, seen=seen):
+            s = torch.utils.data.DistributedSampler(items, num_replicas=2, rank=0, shuffle=True)
+            s.set_epoch = lambda epoch, real=s.set_epoch: (real(epoch), seen.append(list(s)))
+            return s
+        _scripted_fit(tmp_path / f"v{version}", [0.1, 0.2], False, version, sampler)
+    assert len(orders[0]) == 2 and orders[0][0] != orders[0][1]
+    assert orders[0][0] != orders[1][0] and orders[0][1] != orders[1][1]
 
 
 def test_gathered_shares_hold_every_item_once_in_order_when_the_sampler_pads(two_ddp_processes):
