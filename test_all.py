@@ -1986,6 +1986,7 @@ def test_ad_table_has_a_row_per_seed_and_version_with_mean_std_and_mann_whitney(
         for one_sided in ("less", "greater"):                                 # the rows tell them apart
             assert mannwhitneyu(*pair, alternative=one_sided).pvalue != pytest.approx(expected)
     assert math.isnan(by["hyperfusion"]["p_value"]["BA"])
+    assert [metrics.fmt_p(p) for p in (4e-4, 4e-3, 0.04, 0.5, math.nan)] == ["p<0.001", "p<0.01", "0.04", "0.50", "-"]
     for r in by["late-fusion"]["rows"]:      # the plain average of the imaging and tabular ensembles, per row
         key = (r["split_seed"], r["version"])
         fused = sum(entropy_weighted_ensemble(made[(m, *key)]) for m in ("imaging", "tabular")) / 2
@@ -2022,6 +2023,18 @@ def test_folds_whose_configs_or_test_subjects_differ_are_refused_and_the_cli_say
     with pytest.raises(UserError, match=f"cannot ensemble .*fold0 and .*fold2: {says}"):
         evaluate.evaluate_ad(str(tmp_path), quiet=True)
     assert_clean_error(run_main(evaluate.main, "ad", "--runs", tmp_path), "error: cannot ensemble", says)
+
+
+def test_brain_age_versions_whose_validation_subjects_differ_are_refused_in_one_line(tmp_path):
+    """The gap's age bias is fitted on the versions' validation predictions averaged row by row."""
+    rng = np.random.default_rng(2)
+    age, sex, val_age = rng.uniform(20, 80, 12), np.arange(12) % 2, rng.uniform(20, 80, 6)
+    dirs = [fake_brain_age_run(tmp_path, v, 1.0 + v, age + 1, age, sex, val=(val_age, val_age + 2)) for v in (0, 1)]
+    with np.load(os.path.join(dirs[1], "predictions.npz")) as npz:
+        saved = {k: npz[k] for k in npz.files}
+    np.savez(os.path.join(dirs[1], "predictions.npz"), **dict(saved, val_subjects=saved["val_subjects"][::-1]))
+    assert_clean_error(run_main(evaluate.main, "brain-age", "--runs", tmp_path), "cannot ensemble", "v0", "v1",
+                       "their validation subjects differ")
 
 
 def test_ad_plots_draw_each_rows_confusion_roc_and_reliability_and_table3_at_their_size(ad_runs, monkeypatch, capsys):
