@@ -296,16 +296,18 @@ def random_probs(rng, n, c=3, sharp=2.0):
     return p / p.sum(1, keepdims=True)
 
 
-def fake_brain_age_run(runs, version, val_mae, pred, age, sex, model="hyperfusion", train_sex="all", val=None):
-    """The files train_brain_age.py writes, with made-up test (and, given `val` = (age, pred), validation) ages."""
+def fake_brain_age_run(runs, version, val_mae, pred, age, sex, model="hyperfusion", train_sex="all", val=None,
+                       names="BV"):
+    """The files train_brain_age.py writes, with made-up test (and, given `val` = (age, pred), validation) ages;
+    the test and validation subjects named by names[0] and names[1] and a number."""
     run_dir = training.brain_age_run_dir(runs, model, version, train_sex=train_sex)
     run = RunConfig(task="brain-age", model=model, version=version, split_seed=0, embedding_dim=1,
                     train_sex=train_sex, data_csv="brain_age.csv", **SCHEDULE)
     save_run_checkpoint(run_dir, run, {"n_tabular": 2, "image_shape": [36, 38, 36]},
                         target={"centre": 50.0, "scale": 10.0})
-    extra = {} if val is None else dict(val_subjects=np.array([f"V{i}" for i in range(len(val[0]))]),
+    extra = {} if val is None else dict(val_subjects=np.array([f"{names[1]}{i}" for i in range(len(val[0]))]),
                                         val_age=np.asarray(val[0], np.float32), val_pred=np.asarray(val[1], np.float32))
-    np.savez(os.path.join(run_dir, "predictions.npz"), subjects=np.array([f"B{i}" for i in range(len(age))]),
+    np.savez(os.path.join(run_dir, "predictions.npz"), subjects=np.array([f"{names[0]}{i}" for i in range(len(age))]),
              age=np.asarray(age, np.float32), sex=np.asarray(sex), pred=np.asarray(pred, np.float32), **extra)
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump({"val": {"mae": val_mae}, "test": regression_metrics(age, pred, sex), "best_epoch": 0}, f)
@@ -1659,6 +1661,9 @@ def test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae(tm
     vs = next(m for m in res["models"] if m["folder"] == "hyperfusion-trainM")["vs_hyperfusion"]
     assert vs["mean"] == pytest.approx(paired.mean(), abs=1e-4)
     assert vs["se"] == pytest.approx(paired.std(ddof=1) / np.sqrt(30), abs=1e-4)
+    fake_brain_age_run(tmp_path, 0, 1.0, age + 2, age, sex, model="imaging", names="CV")     # other test scans
+    res = evaluate.evaluate_brain_age(str(tmp_path), quiet=True)
+    assert next(m for m in res["models"] if m["folder"] == "imaging")["vs_hyperfusion"] is None   # never paired
 
 
 def test_fig4a_training_sets_are_one_size_min_men_women_drawn_with_the_seed_and_the_mix_is_half_and_half():
@@ -2029,10 +2034,8 @@ def test_brain_age_versions_whose_validation_subjects_differ_are_refused_in_one_
     """The gap's age bias is fitted on the versions' validation predictions averaged row by row."""
     rng = np.random.default_rng(2)
     age, sex, val_age = rng.uniform(20, 80, 12), np.arange(12) % 2, rng.uniform(20, 80, 6)
-    dirs = [fake_brain_age_run(tmp_path, v, 1.0 + v, age + 1, age, sex, val=(val_age, val_age + 2)) for v in (0, 1)]
-    with np.load(os.path.join(dirs[1], "predictions.npz")) as npz:
-        saved = {k: npz[k] for k in npz.files}
-    np.savez(os.path.join(dirs[1], "predictions.npz"), **dict(saved, val_subjects=saved["val_subjects"][::-1]))
+    for v, names in ((0, "BV"), (1, "BW")):
+        fake_brain_age_run(tmp_path, v, 1.0 + v, age + 1, age, sex, val=(val_age, val_age + 2), names=names)
     assert_clean_error(run_main(evaluate.main, "brain-age", "--runs", tmp_path), "cannot ensemble", "v0", "v1",
                        "their validation subjects differ")
 
