@@ -2455,12 +2455,15 @@ def test_a_group_map_wins_over_an_alias_so_emci_can_be_read_as_cn(tmp_path):
     assert data.read_ad_table(csv_path, group_map=data.parse_group_map(["EMCI=CN"])).labels.tolist() == [2, 0, 2]
 
 
-def test_a_table_saved_by_a_spreadsheet_with_a_bom_and_crlf_line_ends_reads_as_the_plain_one(tmp_path):
+def test_a_table_saved_by_a_spreadsheet_with_a_bom_crlf_line_ends_and_blank_rows_reads_as_the_plain_one(tmp_path):
     table = tiny_ad(tmp_path)
     excel = tmp_path / "excel.csv"                              # Excel's "CSV UTF-8": a BOM, then CRLF lines
-    excel.write_bytes(b"\xef\xbb\xbf" + table.read_text().replace("\n", "\r\n").encode())
+    lines = table.read_text().splitlines()
+    lines = lines[:2] + [""] + lines[2:] + [",,,,,,,,,,", ""]     # a blank line, and rows of empty cells at the end
+    excel.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode())
     plain, saved = data.read_ad_table(table), data.read_ad_table(excel)
     assert saved.subjects == plain.subjects == ["S0", "S1", "S2"] and saved.raw == plain.raw
+    assert not saved.skipped                                    # no row counted as one without a diagnosis
     assert saved.labels.tolist() == plain.labels.tolist()
 
 
