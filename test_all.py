@@ -1074,6 +1074,13 @@ def test_censored_csf_values_read_as_the_assay_limit():
         data.parse_value("high")
 
 
+def test_na_cells_of_an_r_export_read_as_empty_ones():
+    rows = rows_with_missing()
+    as_r = [{k: "NA" if v == "" else v for k, v in r.items()} for r in rows]      # ADNIMERGE as R writes it
+    tp = TabularPreprocessor().fit(rows)
+    assert TabularPreprocessor().fit(as_r).state == tp.state and np.array_equal(tp.transform(as_r), tp.transform(rows))
+
+
 def test_imputation_is_fitted_on_training_rows_only_and_its_state_round_trips_exactly(tmp_path):
     rows = rows_with_missing()
     train, test = rows[:45], [dict(r) for r in rows[45:]]
