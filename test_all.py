@@ -339,6 +339,7 @@ ADNIMERGE = """RID,PTID,VISCODE,EXAMDATE,DX_bl,DX,AGE,PTGENDER,PTEDUCAT,APOE4,AB
 3,011_S_0003,m06,2006-05-02,SMC,CN,70.0,Female,18,0,,,,,,0.5,30
 4,011_S_0004,bl,2005-11-10,LMCI,MCI,,Male,,1,640,31,330,,,0,26
 5,011_S_0005,bl,2005-12-01,AD,Dementia,77.7,Female,14,2,<200,55,520,5.2,1.5,0,21
+5,011_S_0005,bl,2005-12-01,AD,Dementia,77.7,Female,14,2,,,,,,0,21
 """
 
 
@@ -2429,6 +2430,7 @@ def test_from_adnimerge_keeps_one_row_per_subject_with_the_diagnosis_of_that_vis
     t = data.read_ad_table(tmp_path / "t.csv", need_images=False)
     assert t.subjects == ["011_S_0001", "011_S_0004", "011_S_0005"] and t.labels.tolist() == [0, 1, 2]
     assert np.isnan(t.age[1]) and t.raw[0]["ABETA"] == ">1700"        # empty and censored cells as exported
+    assert t.raw[2]["ABETA"] == "<200"                                # a visit's row twice: the first kept
     p = run_main(data.main, "from-adnimerge", merged, "--out", tmp_path / "t.csv", "--group-map", "SMC=CN")
     assert "kept 4 subjects (CN 2, MCI 1, AD 1)" in p.stdout
     run_main(data.main, "from-adnimerge", merged, "--out", tmp_path / "m12.csv", "--visit", "m12")
