@@ -2169,6 +2169,26 @@ def test_a_failing_run_of_the_protocol_stops_it_in_one_line_its_dependents_never
     assert sorted(p.name for p in tmp_path.glob("*-ran")) == ["other-ran"]
 
 
+def test_with_jobs_each_hyperfusion_run_waits_for_the_tabular_mlp_of_its_split_seed_version_and_fold(tmp_path,
+                                                                                                   monkeypatch):
+    """Sec. 4.3.6: HyperFusion's embedding starts from that MLP, so the two never train at once."""
+    jobs = []
+
+    def run_jobs(todo, *args, **kwargs):
+        jobs.extend(todo)
+        raise _Stop
+
+    monkeypatch.setattr(evaluate, "run_jobs", run_jobs)
+    with pytest.raises(_Stop):
+        evaluate.run_protocol("ad", str(tmp_path), split_seeds=(0, 1), versions=(0, 1),
+                              models=["hyperfusion", "tabular"], jobs=2)
+    after = {j.run_dir: j.after for j in jobs}
+    where = [(s, v, f) for s in (0, 1) for v in (0, 1) for f in range(4)]
+    assert after == {**{training.ad_run_dir(tmp_path, "tabular", *w): None for w in where},
+                     **{training.ad_run_dir(tmp_path, "hyperfusion", *w): training.ad_run_dir(tmp_path, "tabular", *w)
+                        for w in where}}
+
+
 def test_print_commands_gives_one_command_per_missing_run_tabular_first_and_trains_nothing(tmp_path, monkeypatch,
                                                                                              capsys):
     """--resume where a last.pt exists, finished runs left out, every tabular MLP before any HyperFusion run."""
