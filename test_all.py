@@ -563,15 +563,6 @@ DEVICES = [pytest.param("cpu", id="device-cpu"), pytest.param("cuda", id="device
 # measured on the training rows.
 
 
-def _per_sample(layer, x, tabular, functional, **kwargs):
-    """The naive hypernetwork: one F.linear / F.conv per sample with that sample's generated weights."""
-    outs = []
-    for b in range(x.shape[0]):
-        w, bias = layer.hypernet.generate(layer.hypernet(tabular[b:b + 1]))
-        outs.append(functional(x[b:b + 1], w.view(layer.weight_shape), bias.view(-1), **kwargs))
-    return torch.cat(outs)
-
-
 # (dim, kernel, stride, padding) of a HyperConv, or (0, k, 1, 0): a HyperLinear with an embedding of size k
 CONV_SHAPES = [(1, 1, 0), (1, 2, 0), (3, 1, 1), (3, 2, 1), (3, 1, 0), (3, 2, 0), (1, 1, 1)]
 HYPERLAYER_CASES = [(0, 1, 1, 0), (0, 3, 1, 0)] + [(dim, *shape) for dim in (1, 2, 3) for shape in CONV_SHAPES]
@@ -600,7 +591,7 @@ def test_check_hyperlayers_on_the_device_equal_the_per_sample_computation(device
             by_hand = dict(rtol=1e-6, atol=1e-6) if cpu else dict(rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(w, e @ h.weights_gen.weight.T + h.weights_gen.bias, **by_hand)
             torch.testing.assert_close(b, e @ h.bias_gen.weight.T + h.bias_gen.bias, **by_hand)
-            naive = _per_sample(layer, x, tabular, functional, **kwargs)
+            naive = bench.naive_hyperlayer(layer, x, tabular, functional, **kwargs)     # the benchmark's baseline
             torch.testing.assert_close(layer(x, tabular), naive, rtol=1e-5 if cpu else 1e-4, atol=1e-5,
                                        msg=str((dim, k, stride, padding)))
         layer(x, tabular).square().sum().backward()
@@ -765,6 +756,16 @@ def test_select_layers_scores_every_candidate_layer(brain_age_cohort20):
     expected = candidate_layers(build_model("brain-age", "imaging", image_shape=synthetic.BRAIN_AGE_SYNTH["shape"]))
     assert sorted(n for n, _ in scores) == sorted(expected)
     assert [h for _, h in scores] == sorted((h for _, h in scores), reverse=True)
+
+
+def test_select_layers_scores_on_a_batch_that_takes_the_classes_or_the_sexes_in_turn(ad_cohort60, brain_age_cohort20,
+                                                                                       monkeypatch):
+    seen = []
+    monkeypatch.setattr(evaluate, "layer_loss_entropy", lambda model, batch, *a, **k: seen.append(batch) or [])
+    evaluate.select_layers("ad", data_csv=str(ad_cohort60), samples=6, draws=1)
+    evaluate.select_layers("brain-age", data_csv=str(brain_age_cohort20), samples=4, draws=1)
+    (_, _, labels), (_, sex, _) = seen
+    assert np.bincount(labels.numpy(), minlength=3).tolist() == [2, 2, 2] and sex.sum(0).tolist() == [2, 2]
 
 
 # ----------------------------------------------------------------------------------------------
