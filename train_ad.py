@@ -24,7 +24,7 @@ from metrics import classification_metrics
 from models import AD_MODELS, class_probabilities
 from training import (DATA_KEYS, add_common_arguments, alone, calibrate, check_finite_outputs, finished, fit, identity,
                       is_main, load_checkpoint, load_run, loader_workers, log, main_first, make_loader, predict,
-                      resumable, save_logits, seed_all, train_run)
+                      resumable, save_logits, train_run)
 
 REAL_AD = dict(epochs=250, batch_size=32, lr=1e-4, weight_decay=1e-5, lr_schedule="constant")  # Table 1
 DEMO_AD = dict(epochs=25, batch_size=16, lr=1e-3, weight_decay=1e-5, lr_schedule="constant")   # the synthetic cohort
@@ -110,7 +110,7 @@ def run_ad(args, device, run):
         w = 1.0 / np.maximum(np.bincount(table.labels[train_idx], minlength=run.classes)[table.labels[train_idx]], 1)
         sampler = torch.utils.data.WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), len(w))
 
-    seed_all(run.version)  # the initialisation seed, the same whether the MLP was trained now or reused
+    torch.manual_seed(run.version)  # the initialisation seed, the same whether the MLP was trained now or reused
     model = run.build_model(inputs).to(device)
     if tab_model is not None:
         model.load_embedding(tab_model)

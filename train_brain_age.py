@@ -24,7 +24,7 @@ from layers import init_hyperlayers
 from metrics import age_bias_fit, gap_summary, regression_metrics
 from models import BRAIN_AGE_MODELS, AgeTarget
 from training import (add_common_arguments, check_finite_outputs, fit, identity, is_main, load_checkpoint,
-                      loader_workers, log, main_first, make_loader, predict, recalibrate_batchnorm, resumable, seed_all,
+                      loader_workers, log, main_first, make_loader, predict, recalibrate_batchnorm, resumable,
                       train_run)
 
 REAL_BRAIN_AGE = dict(epochs=70, batch_size=64, lr=1.5e-4, weight_decay=0.05, lr_schedule="constant")  # Table 1
@@ -97,7 +97,7 @@ def run_brain_age(args, device, run):
     loader = lambda idx, **kw: make_loader(make(idx), run.batch_size, workers, device, **kw)
     train_loader, val_loader, test_loader = loader(train_idx, shuffle=True), loader(val_idx), loader(test_idx)
 
-    seed_all(run.version)
+    torch.manual_seed(run.version)                                  # the initialisation seed
     model = run.build_model(inputs).to(device)
     if run.model == "hyperfusion" and not resumable(run_dir, args["resume"]):
         init_hyperlayers(model, torch.as_tensor(sex[train_idx], device=device))  # Eq. 1-2, E[e^2] on training rows

@@ -9,7 +9,6 @@ import io
 import json
 import math
 import os
-import random
 import socket
 import time
 from dataclasses import dataclass
@@ -374,12 +373,6 @@ def loader_workers(requested, device):
     if requested is not None:
         return requested
     return min(8, cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if device.type == "cuda" else 0
-
-
-def seed_all(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
 
 
 def make_loader(dataset, batch_size, workers, device, shuffle=False, sampler=None):
