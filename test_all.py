@@ -1621,6 +1621,8 @@ def test_the_age_bias_correction_leaves_a_gap_uncorrelated_with_age_on_its_fitti
     assert fit["slope"] == pytest.approx(slope) and fit["intercept"] == pytest.approx(gap.mean() - slope * age.mean())
     corrected = metrics.corrected_gap(age, pred, fit)
     assert abs(np.corrcoef(corrected, age)[0, 1]) < 1e-9 and abs(corrected.mean()) < 1e-9
+    for ages, preds in (([50.0], [53.0]), ([50.0, 50.0], [52.0, 54.0])):     # no age spread: no slope to fit
+        assert metrics.age_bias_fit(ages, preds) == {"intercept": 3.0, "slope": 0.0, "n": len(ages)}
     summary = metrics.gap_summary(age, pred, np.array([0, 1, 0, 1, 0, 1]), fit)
     assert summary["r_gap_age"] < -0.99 and abs(summary["r_corrected_gap_age"]) < 1e-9
     assert summary["gap_male"] == pytest.approx(np.mean(gap[[0, 2, 4]]))
