@@ -1808,6 +1808,7 @@ def test_in_the_brain_age_cohort_mens_brains_age_faster_so_reading_the_image_wit
     without = np.abs(oracle["without_sex"] - age).mean()
     misled = np.abs(np.where(male, oracle["as_female"], oracle["as_male"]) - age).mean()   # told the other sex
     assert knowing < without < misled
+    assert without < min(np.abs(oracle[k] - age).mean() for k in ("as_male", "as_female"))   # sex integrated out
     assert knowing < 3.5                          # Sec. 2.3: healthy brains are read to within ~3 years
 
 
