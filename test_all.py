@@ -71,7 +71,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Sec. 3.1.2 loss entropy:
 #     test_loss_entropy_ranks_a_layer_the_loss_depends_on_above_one_it_ignores_over_one_range_shared_by_all_layers,
 #     test_loss_entropy_scores_every_layer_of_the_ad_backbone, test_select_layers_scores_every_candidate_layer,
-#     test_loss_entropy_draws_each_layer_100_times_by_default_in_the_function_and_the_command
+#     test_loss_entropy_draws_each_layer_100_times_by_default_in_the_function_and_the_command,
+#     test_select_layers_scores_on_a_batch_that_takes_the_classes_or_the_sexes_in_turn
 #
 # Sec. 3.2: the loss (Eq. 3-5) and the training loop
 # Eq. 3 weight decay: test_eq3_every_trained_parameter_is_decayed_with_the_runs_lambda_and_generated_weights_are_none,
@@ -97,7 +98,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_missing_indicators_are_for_the_attributes_with_empty_cells_in_the_training_rows_alone_and_no_nan_remains,
 #     test_imputation_replays_scikit_learns_iterative_imputer,
 #     test_a_training_run_fits_its_z_scores_imputation_and_missing_indicators_on_its_training_rows_only,
-#     test_empty_age_sex_education_and_apoe4_cells_are_imputed_and_the_split_does_not_depend_on_them
+#     test_empty_age_sex_education_and_apoe4_cells_are_imputed_and_the_split_does_not_depend_on_them,
+#     test_a_column_constant_over_the_training_rows_is_z_scored_about_its_value_not_read_as_missing,
+#     test_na_cells_of_an_r_export_read_as_empty_ones
 # sex (Sec. 3.3, 4.2):
 #     test_the_sex_one_hot_is_male_then_female_in_both_tasks_so_a_saved_run_reads_each_sex_as_it_was_trained,
 #     test_an_imputed_sex_is_a_probability_its_two_columns_in_0_1_summing_to_1_however_far_its_neighbours_lie
@@ -135,6 +138,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_the_age_bias_correction_leaves_a_gap_uncorrelated_with_age_on_its_fitting_set,
 #     test_the_age_bias_of_the_brain_age_gap_is_fitted_on_the_validation_rows_never_the_test_rows,
 #     test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae,
+#     test_brain_age_versions_whose_validation_subjects_differ_are_refused_in_one_line,
 #     test_predict_corrects_an_eq6_ensembles_gap_by_the_mean_of_its_members_validation_age_bias_fits,
 #     test_the_brain_age_network_gives_the_age_in_float32_under_bfloat16
 # Fig. 4A training sets, Sec. 4.2.5's 2->2 embedding, Fig. 4 sweep and plots:
@@ -155,7 +159,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Sec. 3.5.2, 4.3.6 hippocampus crops: test_mirrored_crop_is_the_flip_of_the_right_box,
 #     test_dataset_items_have_one_side_in_training_and_both_in_evaluation,
 #     test_validation_and_test_average_the_soft_predictions_of_both_hippocampi,
-#     test_synthetic_ad_anatomy_depends_on_diagnosis
+#     test_synthetic_ad_anatomy_depends_on_diagnosis_and_its_boxes_mirror_each_other
 # Table 3 and its runs: test_ad_table_has_a_row_per_seed_and_version_with_mean_std_and_mann_whitney,
 #     test_eq7_8_each_row_of_the_ad_table_ensembles_its_folds_sample_by_sample,
 #     test_folds_whose_configs_or_test_subjects_differ_are_refused_and_the_cli_says_so_in_one_line,
@@ -165,6 +169,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_trains_the_rest,
 #     test_print_commands_gives_one_command_per_missing_run_tabular_first_and_trains_nothing,
 #     test_run_protocol_with_two_jobs_trains_each_missing_run_once_and_prints_the_serial_table,
+#     test_with_jobs_each_hyperfusion_run_waits_for_the_tabular_mlp_of_its_split_seed_version_and_fold,
+#     test_a_failing_run_of_the_protocol_stops_it_in_one_line_its_dependents_never_start_and_the_others_finish,
 #     test_table3_reports_the_calibration_of_every_ensemble_after_the_papers_columns
 #
 # App. A-C: preprocessing, oversampling
@@ -1677,6 +1683,16 @@ def test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae(tm
     assert next(m for m in res["models"] if m["folder"] == "imaging")["vs_hyperfusion"] is None   # never paired
 
 
+def test_brain_age_versions_whose_validation_subjects_differ_are_refused_in_one_line(tmp_path):
+    """The gap's age bias is fitted on the versions' validation predictions averaged row by row."""
+    rng = np.random.default_rng(2)
+    age, sex, val_age = rng.uniform(20, 80, 12), np.arange(12) % 2, rng.uniform(20, 80, 6)
+    for v, names in ((0, "BV"), (1, "BW")):
+        fake_brain_age_run(tmp_path, v, 1.0 + v, age + 1, age, sex, val=(val_age, val_age + 2), names=names)
+    assert_clean_error(run_main(evaluate.main, "brain-age", "--runs", tmp_path), "cannot ensemble", "v0", "v1",
+                       "their validation subjects differ")
+
+
 def test_fig4a_training_sets_are_one_size_min_men_women_drawn_with_the_seed_and_the_mix_is_half_and_half():
     idx = np.arange(100, 151)                             # training-split indices into the table
     for men in (30, 21):                                  # whichever sex is the larger
@@ -1968,9 +1984,12 @@ def test_validation_and_test_average_the_soft_predictions_of_both_hippocampi():
     np.testing.assert_allclose(probs, expected, atol=1e-6)
 
 
-def test_synthetic_ad_anatomy_depends_on_diagnosis():
+def test_synthetic_ad_anatomy_depends_on_diagnosis_and_its_boxes_mirror_each_other():
     grid = synthetic.head_grid(synthetic.AD_SYNTH["shape"])
     crops = synthetic.synthetic_crops(synthetic.AD_SYNTH["shape"], synthetic.AD_SYNTH["crop_size"])
+    noise = np.random.default_rng(0).random(synthetic.AD_SYNTH["shape"])
+    pair = crops(noise + noise[::-1])                           # symmetric about the midline: the two sides alike
+    assert np.array_equal(pair[0], pair[1])
     dark = []
     for hippo in (1.0, 0.7):
         rng = np.random.default_rng(0)  # the same head, noise and bias field: only the hippocampus differs
@@ -2040,16 +2059,6 @@ def test_folds_whose_configs_or_test_subjects_differ_are_refused_and_the_cli_say
     with pytest.raises(UserError, match=f"cannot ensemble .*fold0 and .*fold2: {says}"):
         evaluate.evaluate_ad(str(tmp_path), quiet=True)
     assert_clean_error(run_main(evaluate.main, "ad", "--runs", tmp_path), "error: cannot ensemble", says)
-
-
-def test_brain_age_versions_whose_validation_subjects_differ_are_refused_in_one_line(tmp_path):
-    """The gap's age bias is fitted on the versions' validation predictions averaged row by row."""
-    rng = np.random.default_rng(2)
-    age, sex, val_age = rng.uniform(20, 80, 12), np.arange(12) % 2, rng.uniform(20, 80, 6)
-    for v, names in ((0, "BV"), (1, "BW")):
-        fake_brain_age_run(tmp_path, v, 1.0 + v, age + 1, age, sex, val=(val_age, val_age + 2), names=names)
-    assert_clean_error(run_main(evaluate.main, "brain-age", "--runs", tmp_path), "cannot ensemble", "v0", "v1",
-                       "their validation subjects differ")
 
 
 def test_ad_plots_draw_each_rows_confusion_roc_and_reliability_and_table3_at_their_size(ad_runs, monkeypatch, capsys):
