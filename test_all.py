@@ -2851,6 +2851,9 @@ CHECK_AD_REFUSALS = [
         {"left_start": [1, 2], "right_start": [0, 0, 0], "size": [4, 4, 4]})), ["crops.json", "left_start"], None),
     ("crops.json of a zero size", lambda d, t: (d / "crops.json").write_text(json.dumps(
         {"left_start": [0, 0, 0], "right_start": [0, 0, 0], "size": [4, 0, 4]})), ["crops.json", "size"], None),
+    ("crops.json of a negative start", lambda d, t: (d / "crops.json").write_text(json.dumps(
+        {"left_start": [-1, 0, 0], "right_start": [0, 0, 0], "size": [4, 4, 4]})),
+     ["crops.json", "left_start", "at least 0"], None),
     ("a preview without images", lambda d, t: ["--no-images", "--preview", d / "pv"], ["--preview", "--no-images"],
      None),
     ("a subject twice", lambda d, t: _sub(t, "S2,", "S0,"), ["ad.csv line 4", "subject S0 repeats line 2"], None),
