@@ -2345,8 +2345,11 @@ def test_preprocess_batch_mode_writes_every_subject_and_names_a_bad_row(tmp_path
     assert sorted(os.listdir(tmp_path / "pre")) == ["S0.nii.gz", "S1.nii.gz", "S2.nii.gz", "ad.csv"]
     assert data.read_ad_table(tmp_path / "pre" / "ad.csv").image_paths[2] == str(tmp_path / "pre" / "S2.nii.gz")
     assert nib.load(tmp_path / "pre" / "S1.nii.gz").shape == (6, 6, 6)
+    (tmp_path / "pre" / "S1.nii.gz").write_bytes(b"kept")              # an output already there is kept
+    assert run_main(preprocess.main, *args).returncode == 0 and (tmp_path / "pre" / "S1.nii.gz").read_bytes() == b"kept"
     os.remove(tmp_path / "images" / "S2.nii.gz")
     assert_clean_error(run_main(preprocess.main, *args, "--overwrite"), "ad.csv line 4", "S2.nii.gz")
+    assert nib.load(tmp_path / "pre" / "S1.nii.gz").shape == (6, 6, 6)  # --overwrite: written again, in order
     assert no_temp_files(tmp_path / "pre")
 
 
