@@ -178,6 +178,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_preprocess_centres_its_box_on_the_brain_masks_centre_of_mass_and_z_scores_the_brain_voxels_alone,
 #     test_preprocess_gives_a_centred_zscored_90x120x99_volume_at_1_75mm,
 #     test_preprocess_resamples_trilinearly_so_a_ramp_reads_as_the_ramp_between_the_input_voxels,
+#     test_preprocess_reads_a_mask_of_0_and_255_as_the_same_brain_as_one_of_0_and_1,
 #     test_preprocess_starts_an_even_sided_box_half_a_voxel_before_the_masks_centre_of_mass_however_bright_a_side,
 #     test_an_estimated_brain_mask_is_the_largest_bright_component_with_the_dark_ventricles_inside_it,
 #     test_fuzzy_cmeans_finds_three_tissue_classes, test_preprocess_batch_mode_writes_every_subject_and_names_a_bad_row,
@@ -2292,6 +2293,17 @@ def test_preprocess_gives_a_centred_zscored_90x120x99_volume_at_1_75mm(tmp_path,
     assert np.all(np.abs(com - (np.array(vol.shape) - 1) / 2) <= 2)
     assert np.allclose((img.affine @ np.append(com, 1))[:3], world_centre[:3], atol=2 * 1.75)
     assert abs(vol[nz].mean()) < 1e-4 and abs(vol[nz].std() - 1) < 1e-3
+
+
+def test_preprocess_reads_a_mask_of_0_and_255_as_the_same_brain_as_one_of_0_and_1():
+    """A mask is binarised before it is resampled: a uint8 export's 255 would widen it through the interpolation."""
+    vol = np.random.default_rng(0).random((20, 20, 20)).astype(np.float32) + 1
+    mask = np.zeros((20, 20, 20), np.float32)
+    mask[4:16, 5:15, 3:17] = 1
+    image = lambda v: nib.Nifti1Image(v, np.eye(4))
+    outs = [np.asarray(preprocess.preprocess_volume(image(vol), image(mask * k), 1.75, (12, 12, 12)).dataobj)
+            for k in (1, 255)]
+    np.testing.assert_array_equal(outs[0], outs[1])
 
 
 def test_preprocess_resamples_trilinearly_so_a_ramp_reads_as_the_ramp_between_the_input_voxels():
