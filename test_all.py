@@ -2365,6 +2365,23 @@ def test_preprocess_batch_mode_writes_every_subject_and_names_a_bad_row(tmp_path
     assert no_temp_files(tmp_path / "pre")
 
 
+def test_preprocess_batch_mode_reads_each_subjects_mask_from_its_column_and_leaves_the_column_out(tmp_path):
+    rows = tiny_ad(tmp_path).read_text().splitlines()
+    mask = np.zeros((8, 8, 8), np.float32)
+    mask[1:7, 1:7, 1:7] = 1
+    data.save_nifti(mask, 2.0, tmp_path / "m.nii.gz")
+    (tmp_path / "masked.csv").write_text("\n".join([rows[0] + ",mask"] + [r + ",m.nii.gz" for r in rows[1:]]) + "\n")
+    assert run_main(preprocess.main, "--csv", tmp_path / "masked.csv", "--out-dir", tmp_path / "pre", "--shape", 6, 6,
+                    6, "--spacing", 2, "--mask-column", "mask").returncode == 0
+    assert data.read_csv_rows(tmp_path / "pre" / "masked.csv", ())[1] == rows[0].split(",") + ["image"]
+    alone = {}
+    for name, m in (("masked", tmp_path / "m.nii.gz"), ("estimated", None)):
+        preprocess.preprocess_file(tmp_path / "images" / "S0.nii.gz", tmp_path / f"{name}.nii.gz", m, 2, (6, 6, 6))
+        alone[name] = nib.load(tmp_path / f"{name}.nii.gz").get_fdata()
+    assert np.array_equal(nib.load(tmp_path / "pre" / "S0.nii.gz").get_fdata(), alone["masked"])
+    assert not np.array_equal(alone["masked"], alone["estimated"])
+
+
 def test_preprocess_n4_without_simpleitk_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(preprocess, "sitk", None)                    # as where SimpleITK is not installed
     data.save_nifti(np.ones((8, 8, 8), np.float32), 1.0, tmp_path / "h.nii.gz")
