@@ -3939,6 +3939,9 @@ def test_calibrated_prediction_refuses_a_run_without_a_temperature_or_fitted_at_
     assert rec["at_bound"] and rec["fitted"] == training.T_BOUNDS[0] and rec["temperature"] == 1.0
     assert rec["test"]["after"] == rec["test"]["before"] and "lower bound" in capsys.readouterr().err
     assert_clean_error(calibrated(), run_dir, "lower bound", "without --calibrated")
+    for bad in (0, -1.0, True, "2"):                                    # a hand-edited record: never divided by
+        data.write_json({"temperature": bad}, os.path.join(run_dir, "calibration.json"))
+        assert_clean_error(calibrated(), "calibration.json", f"temperature {bad!r} is not a positive number")
     assert not os.path.exists(tmp_path / "p.csv")
 
 
