@@ -112,7 +112,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_a_run_named_twice_is_one_member_and_a_runs_metrics_file_is_not_called_a_corrupt_checkpoint
 # Eq. 9-10 and the other metrics: test_metrics_against_a_hand_made_confusion_matrix_and_maes_by_hand,
 #     test_eq9_averages_the_recalls_of_the_classes_present_when_a_class_has_no_subjects,
-#     test_the_auc_is_the_macro_mean_of_the_one_vs_rest_aucs_not_weighted_micro_nor_one_vs_one
+#     test_the_auc_is_the_macro_mean_of_the_one_vs_rest_aucs_not_weighted_micro_nor_one_vs_one,
+#     test_the_nll_reads_probabilities_off_one_by_float32s_rounding_as_probabilities_without_a_warning
 # also: test_eq7_8_each_row_of_the_ad_table_ensembles_its_folds_sample_by_sample,
 #     test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae,
 #     test_predict_combines_the_members_by_eq7_8_and_each_member_reproduces_its_test_predictions,
@@ -1291,6 +1292,15 @@ def test_metrics_against_a_hand_made_confusion_matrix_and_maes_by_hand():
         classification_metrics(labels[labels < 2], np.eye(3)[pred][labels < 2], ("CN", "AD"))
     r = regression_metrics([50, 60, 70, 80], [52, 57, 70, 84], [0, 1, 0, 1])
     assert (r["mae"], r["mae_male"], r["mae_female"]) == pytest.approx((2.25, 1.0, 3.5))
+
+
+def test_the_nll_reads_probabilities_off_one_by_float32s_rounding_as_probabilities_without_a_warning():
+    rng = np.random.default_rng(0)
+    probs, labels = rng.dirichlet([1, 1, 1], 40) * (1 + 3e-7), rng.integers(0, 3, 40)   # an averaged float32 row
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                          # scikit-learn warns of rows that do not sum to one
+        nll = metrics.calibration_metrics(labels, probs)["nll"]
+    assert nll == pytest.approx(-np.log(probs[np.arange(40), labels] / probs.sum(1)).mean(), rel=1e-12)
 
 
 def test_the_auc_is_the_macro_mean_of_the_one_vs_rest_aucs_not_weighted_micro_nor_one_vs_one():
@@ -3860,14 +3870,19 @@ def test_the_fitted_temperature_recovers_the_temperature_the_labels_were_drawn_a
     assert np.array_equal(evaluate.probabilities(single, 0.3).argmax(1), single.argmax(1))
 
 
-def test_the_temperature_is_searched_from_0_01_to_100_so_a_far_over_or_under_confident_run_is_fitted_not_clipped():
-    """Logits 50 times too large (a run that memorised its training rows) fit T = 50; 50 times too small, 0.02."""
+def test_the_temperature_is_searched_from_0_01_to_100_so_a_far_over_or_under_confident_run_is_fitted_not_clipped(
+        tmp_path):
+    """Logits 50 times too large (a run that memorised its training rows) fit T = 50; 50 times too small, 0.02.
+    Logits that say nothing fit the upper bound: used (they only flatten), and the record says it is a bound."""
     rng = np.random.default_rng(2)
     base = rng.normal(0, 3, (6000, 3))
     p = np.exp(base) / np.exp(base).sum(1, keepdims=True)
     labels = np.array([rng.choice(3, p=q) for q in p])
     for true_t in (50.0, 0.02):
         assert training.fit_temperature(base * true_t, labels) == pytest.approx(true_t, rel=0.06)
+    noise = (rng.normal(0, 50, (600, 3)), labels[:600])
+    rec = training.calibrate(str(tmp_path), {"val": noise, "test": noise})
+    assert rec["at_bound"] and rec["temperature"] == pytest.approx(100, rel=1e-3) and "warning" not in rec
 
 
 def test_a_finished_ad_run_holds_its_temperature_fitted_on_its_own_validation_logits(ad_fold_runs):
