@@ -2896,6 +2896,9 @@ CHECK_AD_REFUSALS = [
     ("crops.json of a negative start", lambda d, t: (d / "crops.json").write_text(json.dumps(
         {"left_start": [-1, 0, 0], "right_start": [0, 0, 0], "size": [4, 4, 4]})),
      ["crops.json", "left_start", "at least 0"], None),
+    ("crops.json beyond the images", lambda d, t: (d / "crops.json").write_text(json.dumps(
+        {"left_start": [0, 0, 0], "right_start": [6, 0, 0], "size": [4, 4, 4]})),
+     ["crops.json", "right hippocampus box", "does not fit in image shape (8, 8, 8)"], None),
     ("a preview without images", lambda d, t: ["--no-images", "--preview", d / "pv"], ["--preview", "--no-images"],
      None),
     ("a subject twice", lambda d, t: _sub(t, "S2,", "S0,"), ["ad.csv line 4", "subject S0 repeats line 2"], None),
