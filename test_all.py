@@ -2488,11 +2488,13 @@ def test_synthetic_ad_cohort_loads_back_with_its_shapes_and_labels(ad_cohort40):
 
 def test_group_aliases_read_as_mci_and_ad_and_check_ad_accepts_the_table(tmp_path, capsys):
     csv_path = tiny_ad(tmp_path, group="LMCI")
-    csv_path.write_text(csv_path.read_text().replace("S0,AD", "S0,Dementia").replace("S2,AD", "S2,EMCI"))
+    csv_path.write_text(csv_path.read_text().replace("S0,AD", "S0,Dementia").replace("S2,AD", "S2,EMCI")
+                        .replace(",300,", ",-4,", 1))                    # S0's TAU: ADNI's missing-value code
     assert data.read_ad_table(csv_path).labels.tolist() == [2, 1, 1]
     data.main(["check-ad", str(csv_path)])
     out = capsys.readouterr().out
     assert out.startswith("ok:") and "CN 0, MCI 2, AD 1" in out
+    assert "TAU 1 (33%)" in out and "FDG 3 (100%)" in out               # the code counted as an empty cell
 
 
 def test_from_adnimerge_keeps_one_row_per_subject_with_the_diagnosis_of_that_visit(tmp_path):
