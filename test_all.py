@@ -3122,17 +3122,17 @@ def test_an_out_file_that_is_an_input_or_a_folder_is_refused_and_the_input_kept(
 
 def test_a_preview_of_a_subject_named_like_a_path_stays_in_its_folder_under_a_distinct_safe_name(ad_cohort40,
                                                                                                   tmp_path):
-    ids = ["../../x", "a/b", "S1", "s1", ".."]                  # possible with an image column
+    ids = ["../../x", "a/b", "s1", "S1", ".."]                  # possible with an image column
     table = _renamed(ad_cohort40, tmp_path / "t.csv", ids)
     pv = tmp_path / "one" / "two" / "pv"
     crops = os.path.join(os.path.dirname(ad_cohort40), "crops.json")
     p = run_main(data.main, "check-ad", table, "--crops", crops, "--preview", pv, "--preview-n", len(ids))
     assert p.returncode == 0 and "wrote 10 PNGs" in p.stdout, p.stderr
-    assert "'../../x' as _.._x-" in p.stdout and "'s1' as s1-" in p.stdout and "'S1' as" not in p.stdout
+    assert "'../../x' as _.._x-" in p.stdout and "'S1' as S1-" in p.stdout and "'s1' as" not in p.stdout
     names = sorted(os.listdir(pv))
     assert _files(tmp_path) == sorted(["t.csv"] + [os.path.join("one", "two", "pv", n) for n in names])   # nothing out
     assert len({n.lower() for n in names}) == 10                # distinct on a case-insensitive file system too
-    assert "S1_boxes.png" in names and not any(n.startswith(".") or "/" in n or "\\" in n for n in names)
+    assert "s1_boxes.png" in names and not any(n.startswith(".") or "/" in n or "\\" in n for n in names)
     X, Y, Z = synthetic.AD_SYNTH["shape"]
     assert _png_size(pv / next(n for n in names if n.startswith("_.._x-") and n.endswith("_boxes.png"))) == \
         (2 * (X + 2), max(Y, Z))
