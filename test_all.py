@@ -3814,6 +3814,9 @@ def test_a_column_empty_for_every_training_subject_is_read_as_missing_at_predict
     assert "ignored" not in open(tmp_path / "b.csv").readline()
     with pytest.raises(UserError, match="--attribute AV45: empty for every subject"):
         predict.sweep(run_dir, "AV45", ["1.5"])
+    train_ad.main(_tabular_args(blank, tmp_path / "runs", "--epochs", "1", "--version", "1"))
+    _predict(tmp_path / "runs", "--data-csv", ad_cohort60, "--out", tmp_path / "two.csv")      # both versions
+    assert f"column AV45: {n} of 60 subjects have a value that 2 of 2 models cannot read" in capsys.readouterr().err
     monkeypatch.setattr(train_ad, "is_main", lambda: False)                 # torchrun's other ranks say nothing
     proc = run_main(train_ad.main, *_tabular_args(blank, tmp_path / "runs2", "--epochs", "1"))
     assert "column AV45 is empty" not in proc.stderr, proc.stderr
