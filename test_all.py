@@ -69,7 +69,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #
 # Sec. 3.1.2, App. D: hyperlayer selection
 # Sec. 3.1.2 loss entropy:
-#     test_loss_entropy_ranks_a_layer_the_loss_depends_on_above_one_it_ignores_over_one_range_shared_by_all_layers,
+#     test_loss_entropy_ranks_a_layer_the_loss_depends_on_above_one_it_ignores_over_one_range_and_a_seed_draws_alike,
 #     test_loss_entropy_scores_every_layer_of_the_ad_backbone, test_select_layers_scores_every_candidate_layer,
 #     test_loss_entropy_draws_each_layer_100_times_by_default_in_the_function_and_the_command,
 #     test_select_layers_scores_on_a_batch_that_takes_the_classes_or_the_sexes_in_turn
@@ -715,7 +715,7 @@ def test_after_a_short_run_the_two_sexes_generate_different_weights_in_every_hyp
 # shared by all layers.
 
 
-def test_loss_entropy_ranks_a_layer_the_loss_depends_on_above_one_it_ignores_over_one_range_shared_by_all_layers():
+def test_loss_entropy_ranks_a_layer_the_loss_depends_on_above_one_it_ignores_over_one_range_and_a_seed_draws_alike():
     """An ignored layer scores 0, and so does one moving the loss 1000x less than another, however its losses spread."""
     class Net(nn.Module):
         def __init__(self):
@@ -728,6 +728,13 @@ def test_loss_entropy_ranks_a_layer_the_loss_depends_on_above_one_it_ignores_ove
     batch = (None, torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), torch.zeros(16))
     scores = dict(layer_loss_entropy(Net(), batch, F.mse_loss, n_draws=30))
     assert scores["unused"] == 0.0 and scores["weak"] == 0.0 and scores["strong"] > 1.0, scores
+
+    def drawn(net, seed):   # every re-initialisation's loss: the seed's draws, whatever the global generator holds
+        seen = []
+        layer_loss_entropy(net, batch, lambda out, y: seen.append(F.mse_loss(out, y)) or seen[-1], n_draws=5, seed=seed)
+        return torch.stack(seen)
+    net = Net()
+    assert torch.equal(drawn(net, 1), drawn(net, 1)) and not torch.equal(drawn(net, 1), drawn(net, 2))
 
 
 def test_loss_entropy_scores_every_layer_of_the_ad_backbone():
