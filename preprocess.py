@@ -125,7 +125,7 @@ def preprocess_volume(img, mask=None, spacing=1.75, shape=(90, 120, 99), n4=Fals
     if not m.any():
         raise UserError("the brain mask is empty")
     centre = ndimage.center_of_mass(m)
-    data, affine = crop_or_pad(data * m, res.affine, centre, tuple(shape))
+    data, affine = crop_or_pad(data, res.affine, centre, tuple(shape))   # zeroed outside the mask below
     m, _ = crop_or_pad(m, res.affine, centre, tuple(shape))
     m &= data != 0
     _, u = fuzzy_cmeans(data[m])                           # white matter: the brightest class, membership > 0.8

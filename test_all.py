@@ -2355,7 +2355,7 @@ def test_an_estimated_brain_mask_is_the_largest_bright_component_with_the_dark_v
     i, j, k = np.meshgrid(*[np.arange(30)] * 3, indexing="ij")
     r = np.sqrt((i - 14) ** 2 + (j - 14) ** 2 + (k - 14) ** 2)
     vol = np.where(r < 10, 0.6, 0.0) + np.where(r < 7, 0.4, 0.0) - np.where(r < 3, 1.0, 0.0)   # GM, WM, ventricles
-    vol[27:29, 27:29, 27:29] = 1.0                                     # a speck outside the brain
+    vol[1:3, 1:3, 1:3] = vol[27:29, 27:29, 27:29] = 1.0               # specks outside it, before and after it
     np.testing.assert_array_equal(preprocess.estimate_brain_mask(vol.astype(np.float32)), r < 10)
 
 
