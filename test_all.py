@@ -2361,9 +2361,11 @@ def test_an_estimated_brain_mask_is_the_largest_bright_component_with_the_dark_v
 
 def test_fuzzy_cmeans_finds_three_tissue_classes():
     rng = np.random.default_rng(0)
-    c, u = preprocess.fuzzy_cmeans(np.concatenate([rng.normal(m, 0.03, 3000) for m in (0.2, 0.55, 0.9)]))
+    x = np.concatenate([rng.normal(m, 0.03, 3000) for m in (0.2, 0.55, 0.9)])
+    c, u = preprocess.fuzzy_cmeans(x)
     assert np.allclose(c, [0.2, 0.55, 0.9], atol=0.02)
-    assert u.shape == (9000, 3) and np.allclose(u.sum(1), 1)
+    inv = np.abs(x[:, None] - c) ** -2.0                     # Bezdek's memberships at m = 2: 1 / d^2, normalised
+    np.testing.assert_allclose(u, inv / inv.sum(1, keepdims=True), rtol=0, atol=1e-9)
 
 
 def test_preprocess_batch_mode_writes_every_subject_and_names_a_bad_row(tmp_path):
