@@ -2280,18 +2280,19 @@ def synthetic_head(tmp_path):
 
 def test_preprocess_centres_its_box_on_the_brain_masks_centre_of_mass_and_z_scores_the_brain_voxels_alone(tmp_path):
     """The box starts at round(centre of mass - (shape - 1) / 2) axis by axis (shapes and centre differ per axis:
-    a swapped axis or an off-by-one shows); z-scores over the box's brain voxels alone, zero outside."""
+    a swapped axis or an off-by-one shows); z-scores over the box's non-zero brain voxels alone, zero outside."""
     vol = np.random.default_rng(0).uniform(0.5, 1.5, (20, 24, 28)).astype(np.float32)
     mask = np.zeros(vol.shape, bool)
     mask[3:12, 5:20, 9:22] = True
     mask[3:6, 5:8, 9:12] = False                                      # a centre of mass off the box's middle
+    vol[6:8, 11:13, 14:16] = 0.0                                      # zeros inside the mask: not brain voxels
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     out = preprocess.preprocess_volume(nib.Nifti1Image(vol, affine), nib.Nifti1Image(mask.astype(np.uint8), affine),
                                        spacing=2.0, shape=(9, 11, 13))
     start = np.round(np.array(np.nonzero(mask)).mean(1) - (np.array([9, 11, 13]) - 1) / 2).astype(int)
     box = tuple(slice(s, s + n) for s, n in zip(start, (9, 11, 13)))
-    brain, values = mask[box], vol[box].astype(np.float64)
-    assert brain.any() and not brain.all()                            # the box holds brain and background
+    brain, values = mask[box] & (vol[box] != 0), vol[box].astype(np.float64)    # z-scored over non-zero voxels
+    assert brain.any() and not brain.all() and (mask[box] & ~brain).any()       # brain, background, masked zeros
     expected = np.where(brain, (values - values[brain].mean()) / values[brain].std(), 0)
     np.testing.assert_allclose(out.get_fdata(), expected, rtol=1.3e-6, atol=1e-5)     # float32's
     np.testing.assert_array_equal(out.affine[:3, 3], 2.0 * start)
