@@ -6,8 +6,9 @@ holes filled: right only for an already skull-stripped image); 5. crop or zero-p
 centre of mass; 6. divide by the mean of white matter (fuzzy c-means' brightest class, membership > 0.8; Reinhold
 et al. 2019, as in the paper; step 7's z-score then undoes any scale, so step 6 leaves the output as it is and
 only refuses an image whose white matter is not bright); 7. zero outside the mask, z-score the non-zero voxels inside
-(Sec. 4.2.3). The paper normalises before resampling; after is the same up to interpolation and much cheaper. Not done here: neck removal (FSL robustfov),
-skull stripping (ROBEX, FSL bet or HD-BET; pass the mask with --mask), N4 without SimpleITK (ANTs).
+(Sec. 4.2.3). The paper normalises before resampling; after is the same up to interpolation and much cheaper. Not
+done here: neck removal (FSL robustfov), skull stripping (ROBEX, FSL bet or HD-BET; pass the mask with --mask), N4
+without SimpleITK (ANTs).
 
     python preprocess.py IN.nii[.gz] OUT.nii.gz [--mask MASK] [--spacing 1.75] [--shape 90 120 99] [--n4]
     python preprocess.py --csv TABLE.csv --out-dir DIR [--column image] [--mask-column mask]
