@@ -1777,6 +1777,8 @@ def test_brain_age_sweep_reads_every_test_scan_as_male_and_as_female(brain_age_c
     assert [s["value"] for s in hf] == [None, "M", "F"]
     assert hf[2]["mean_pred"] != pytest.approx(hf[1]["mean_pred"], abs=1e-4)      # sex changes the reading
     assert im[2]["mean_pred"] == pytest.approx(im[1]["mean_pred"], abs=1e-4)      # the image-only model ignores it
+    assert hf[0]["change_vs_first"] is None and hf[1]["change_vs_first"] == 0.0     # per scan, against the first value
+    assert hf[2]["change_vs_first"] == pytest.approx(hf[2]["mean_pred"] - hf[1]["mean_pred"], abs=1e-4)
     assert (tmp_path / "sweep_Sex.md").is_file()
 
 
