@@ -1779,6 +1779,12 @@ def test_brain_age_sweep_reads_every_test_scan_as_male_and_as_female(brain_age_c
     assert im[2]["mean_pred"] == pytest.approx(im[1]["mean_pred"], abs=1e-4)      # the image-only model ignores it
     assert hf[0]["change_vs_first"] is None and hf[1]["change_vs_first"] == 0.0     # per scan, against the first value
     assert hf[2]["change_vs_first"] == pytest.approx(hf[2]["mean_pred"] - hf[1]["mean_pred"], abs=1e-4)
+    run = load_run(tmp_path / "hyperfusion.pt")                     # the true males' and true females' means
+    _, table, idx, images = predict.test_set(run)
+    pred, _ = predict.run_outputs(run, run.model(), images, table.sex[idx], table.age[idx], torch.device("cpu"), 16,
+                                  run.target.decode)
+    assert set(table.sex[idx]) == {0, 1} and [hf[0]["mean_pred_male"], hf[0]["mean_pred_female"]] == pytest.approx(
+        [pred[table.sex[idx] == 0].mean(), pred[table.sex[idx] == 1].mean()], abs=1e-4)
     assert (tmp_path / "sweep_Sex.md").is_file()
 
 
@@ -2126,6 +2132,12 @@ def test_ad_sweep_changes_the_tabular_attribute_of_every_test_row(ad_cohort40, t
     assert res["attribute"] == "ABETA" and len(res["rows"]) == 3 and res["rows"][0][1] == len(test_idx)
     p = [np.array(s["mean_probs"]) for s in res["summary"]]
     assert all(np.isclose(q.sum(), 1) for q in p) and not np.allclose(p[1], p[2], atol=1e-6)
+    finished_run = load_run(tmp_path / "best.pt")                   # predicted fractions: of the argmax, per subject
+    _, _, _, images = predict.test_set(finished_run)
+    probs, _ = predict.run_outputs(finished_run, finished_run.model(), images, finished_run.tabular.transform(
+        [table.raw[i] for i in test_idx]), table.labels[test_idx], torch.device("cpu"), 16, models.class_probabilities)
+    assert res["summary"][0]["predicted_fraction"] == pytest.approx(np.bincount(probs.argmax(1), minlength=3) / len(
+        test_idx)) and res["summary"][0]["mean_probs"] == pytest.approx(probs.mean(0))
     with pytest.raises(UserError, match="not a tabular attribute"):
         predict.sweep(str(tmp_path / "best.pt"), "MMSE", ["30"])
     (tmp_path / "predictions.npz").write_bytes(b"PK\x03\x04 cut short")     # the run's test predictions, damaged
