@@ -153,6 +153,15 @@ def _cohort(task, out_dir, n, seed, verbose):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def ad_hippocampus(dx, male, age, noise=0.0):
+    """Hippocampal volume, 1 for a CN man of 73: sex baseline x age decline x (1 - the diagnosis' atrophy, stronger
+    in women) x exp(noise)."""
+    P = AD_SYNTH
+    atrophy = P["hippo_atrophy"][dx] * (1 if male else P["hippo_atrophy_female_gain"])
+    return ((1 if male else P["hippo_female_factor"]) * (1 - P["hippo_age_slope"] * (age - 73)) * (1 - atrophy)
+            * math.exp(noise))
+
+
 def make_synthetic_ad(out_dir, n=360, seed=0, verbose=False):
     """Write a synthetic AD cohort (ad.csv, images/<Subject>.nii.gz, crops.json, cohort.json) -> csv path."""
     P = AD_SYNTH
@@ -166,9 +175,7 @@ def make_synthetic_ad(out_dir, n=360, seed=0, verbose=False):
             dx = CLASS_NAMES[g]
             male = rng.random() < P["male_fraction"][dx]
             age = float(np.clip(rng.normal(*P["age_mean_sd"][dx]), 55, 92))
-            atrophy = P["hippo_atrophy"][dx] * (1 if male else P["hippo_atrophy_female_gain"])
-            hippo = ((1 if male else P["hippo_female_factor"]) * (1 - P["hippo_age_slope"] * (age - 73))
-                     * (1 - atrophy) * math.exp(rng.normal(0, P["hippo_noise_sd"])))
+            hippo = ad_hippocampus(dx, male, age, rng.normal(0, P["hippo_noise_sd"]))
             subj = f"SYN{i + 1:05d}"
             save(subj, head_anatomy(rng, (1.0 if male else 0.96) * math.exp(rng.normal(0, 0.02)), hippo,
                                     vent=1 + 0.025 * (age - 73) + (0, 0.1, 0.25)[g] + rng.normal(0, 0.08),

@@ -160,7 +160,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Sec. 3.5.2, 4.3.6 hippocampus crops: test_mirrored_crop_is_the_flip_of_the_right_box,
 #     test_dataset_items_have_one_side_in_training_and_both_in_evaluation,
 #     test_validation_and_test_average_the_soft_predictions_of_both_hippocampi,
-#     test_synthetic_ad_anatomy_depends_on_diagnosis_and_its_boxes_mirror_each_other
+#     test_synthetic_ad_anatomy_depends_on_diagnosis_age_and_sex_and_its_boxes_mirror_each_other
 # Table 3 and its runs: test_ad_table_has_a_row_per_seed_and_version_with_mean_std_and_mann_whitney,
 #     test_eq7_8_each_row_of_the_ad_table_ensembles_its_folds_sample_by_sample,
 #     test_folds_whose_configs_or_test_subjects_differ_are_refused_and_the_cli_says_so_in_one_line,
@@ -2010,7 +2010,7 @@ def test_validation_and_test_average_the_soft_predictions_of_both_hippocampi():
     np.testing.assert_allclose(probs, expected, atol=1e-6)
 
 
-def test_synthetic_ad_anatomy_depends_on_diagnosis_and_its_boxes_mirror_each_other():
+def test_synthetic_ad_anatomy_depends_on_diagnosis_age_and_sex_and_its_boxes_mirror_each_other():
     grid = synthetic.head_grid(synthetic.AD_SYNTH["shape"])
     crops = synthetic.synthetic_crops(synthetic.AD_SYNTH["shape"], synthetic.AD_SYNTH["crop_size"])
     noise = np.random.default_rng(0).random(synthetic.AD_SYNTH["shape"])
@@ -2022,6 +2022,9 @@ def test_synthetic_ad_anatomy_depends_on_diagnosis_and_its_boxes_mirror_each_oth
         vol = synthetic.render_head(grid, synthetic.head_anatomy(rng, 1.0, hippo, 1.0, 0.06, 0.12), rng)
         dark.append((crops(vol) < -1.2).sum())                  # CSF around a smaller hippocampus
     assert dark[1] > dark[0] * 1.03
+    h = synthetic.ad_hippocampus           # the volume the image draws: smaller in women, with age, CN > MCI > AD
+    assert h("CN", True, 73) == 1.0 and h("CN", False, 73) < 1.0 and h("CN", True, 80) < h("CN", True, 73)
+    assert h("AD", True, 73) < h("MCI", True, 73) < 1.0 and h("AD", False, 73) / h("CN", False, 73) < h("AD", True, 73)
 
 
 def test_ad_table_has_a_row_per_seed_and_version_with_mean_std_and_mann_whitney(ad_runs, capsys):
