@@ -2511,6 +2511,8 @@ def test_synthetic_ad_cohort_loads_back_with_its_shapes_and_labels(ad_cohort40):
     two = data.read_ad_table(ad_cohort40, classes=2)
     assert set(two.labels.tolist()) == {0, 1} and len(two.subjects) == 14 + 7
     assert ",," in open(ad_cohort40).read()                                      # empty cells = missing values
+    assert re.search(r",[<>]\d", open(ad_cohort40).read())                     # CSF censored as ADNIMERGE writes it
+    assert all(0.3 < np.mean([r[c] == "" for r in t.raw]) < 0.7 for c in ("ABETA", "FDG", "AV45"))   # about half
 
 
 def test_group_aliases_read_as_mci_and_ad_and_check_ad_accepts_the_table(tmp_path, capsys):
