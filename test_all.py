@@ -1858,6 +1858,7 @@ def test_the_oracle_report_names_both_oracles_and_the_run_on_its_test_subjects(b
     cohort = os.path.dirname(brain_age_cohort20)
     res = synthetic.oracle_report(cohort)
     assert set(res) == {"oracle knowing sex", "oracle without sex", "sweep"} and res["oracle knowing sex"]["n"] == 20
+    assert res["sweep"]["female_minus_male"] > 1.0       # a scan read as a woman's is older: women's brains age slower
     table = data.read_brain_age_table(brain_age_cohort20)
     np.savez(tmp_path / "p.npz", subjects=np.array(table.subjects[:5]), pred=table.age[:5] + 1.0)
     res = synthetic.oracle_report(cohort, str(tmp_path / "p.npz"))
