@@ -218,7 +218,7 @@ STRUCTURE_SD = {"log_scale": "head_scale_sd", "log_vent": "vent_sd", "csf": "csf
 
 
 def brain_age_anatomy(rng, n):
-    """n subjects' ages, sexes and structures (the latent anatomy the images are drawn from) -> dict of (n,) arrays."""
+    """n subjects' ages, sexes, brain ages and structures (the latent anatomy the images are drawn from) -> (n,) arrays."""
     P = BRAIN_AGE_SYNTH
     lo, hi = P["age_range"]
     male = rng.random(n) < 0.5
@@ -227,7 +227,8 @@ def brain_age_anatomy(rng, n):
     gap_sd = np.where(male, P["brain_age_gap_sd"]["M"], P["brain_age_gap_sd"]["F"])
     brain_age = age + rng.normal(0, 1, n) * gap_sd             # the brain looks `gap` years older than it is
     mean = brain_age_structures(brain_age, age, male)
-    return {"age": age, "male": male, **{k: mean[k] + rng.normal(0, P[sd], n) for k, sd in STRUCTURE_SD.items()}}
+    return {"age": age, "male": male, "brain_age": brain_age,
+            **{k: mean[k] + rng.normal(0, P[sd], n) for k, sd in STRUCTURE_SD.items()}}
 
 
 def brain_age_oracle(anatomy, age_step=0.25):

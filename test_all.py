@@ -1846,6 +1846,8 @@ def test_in_the_brain_age_cohort_mens_brains_age_faster_so_reading_the_image_wit
     assert synthetic.brain_age_atrophy(75.0, True) > synthetic.brain_age_atrophy(75.0, False)
     anatomy = synthetic.brain_age_anatomy(np.random.default_rng(0), 600)
     age, male, oracle = anatomy["age"], anatomy["male"], synthetic.brain_age_oracle(anatomy)
+    gap = anatomy["brain_age"] - age                                                    # drawn as the oracle reads it
+    assert gap[male].std() == pytest.approx(3.5, rel=0.1) and gap[~male].std() == pytest.approx(3.0, rel=0.1)
     knowing = np.abs(np.where(male, oracle["as_male"], oracle["as_female"]) - age).mean()
     without = np.abs(oracle["without_sex"] - age).mean()
     misled = np.abs(np.where(male, oracle["as_female"], oracle["as_male"]) - age).mean()   # told the other sex
