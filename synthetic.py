@@ -218,7 +218,7 @@ STRUCTURE_SD = {"log_scale": "head_scale_sd", "log_vent": "vent_sd", "csf": "csf
 
 
 def brain_age_anatomy(rng, n):
-    """n subjects' ages, sexes, brain ages and structures (the latent anatomy the images are drawn from) -> (n,) arrays."""
+    """n subjects' ages, sexes, brain ages and structures (the latent anatomy the images are drawn from): (n,) each."""
     P = BRAIN_AGE_SYNTH
     lo, hi = P["age_range"]
     male = rng.random(n) < 0.5
