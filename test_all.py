@@ -1839,7 +1839,7 @@ def test_brain_age_plots_draw_the_scatters_fig4a_and_fig4b_or_say_which_is_skipp
         assert "brain_age_scatter_hyperfusion.png" in os.listdir(runs / "figures")
 
 
-def test_in_the_brain_age_cohort_mens_brains_age_faster_so_reading_the_image_without_sex_leaves_years_behind():
+def test_in_the_brain_age_cohort_mens_brains_age_faster_so_reading_the_image_without_sex_leaves_years_behind(monkeypatch):
     P = synthetic.BRAIN_AGE_SYNTH
     assert P["atrophy_after_40"]["M"] > P["atrophy_after_40"]["F"]                     # Coffey et al. 1998
     assert P["brain_age_gap_sd"]["M"] > P["brain_age_gap_sd"]["F"]                     # Sec. 4.2.6
@@ -1854,6 +1854,10 @@ def test_in_the_brain_age_cohort_mens_brains_age_faster_so_reading_the_image_wit
     assert knowing < without < misled
     assert without < min(np.abs(oracle[k] - age).mean() for k in ("as_male", "as_female"))   # sex integrated out
     assert knowing < 3.5                          # Sec. 2.3: healthy brains are read to within ~3 years
+    few = {k: v[:20] for k, v in anatomy.items()}   # each reading weighs the cohort's ages (the prior): with the
+    monkeypatch.setitem(P, "age_bump", (30, 8))     # bump moved, the same scans read otherwise
+    moved = synthetic.brain_age_oracle(few)
+    assert all(np.abs(moved[k] - oracle[k][:20]).max() > 1.0 for k in ("as_male", "as_female", "without_sex"))
 
 
 def test_the_oracle_report_names_both_oracles_and_the_run_on_its_test_subjects(brain_age_cohort20, tmp_path):
