@@ -4529,6 +4529,8 @@ def test_the_paired_precision_benchmark_gives_the_t_interval_of_the_loss_and_cal
     assert s["one_sided"] == pytest.approx(loss.mean() + 1.8945786050900062 * se)
     assert bench.verdict(s, 0.02).startswith("non-inferior")
     assert bench.verdict(bench.paired_loss(ref, ref - loss - 0.02, +1), 0.02).startswith("not shown (upper bound")
+    within = bench.paired_loss(ref, ref - loss - 0.017, +1)                # a mean loss within the margin: not enough
+    assert within["mean"] < 0.02 < within["high"] and bench.verdict(within, 0.02).startswith("not shown (upper")
     assert bench.verdict(bench.paired_loss(ref[:7], ref[:7] - loss[:7], +1), 0.02) == \
         "not shown (7 versions, 8 needed)"
     mae = bench.paired_loss([3.0, 3.2], [3.5, 3.6], -1)                    # MAE: the precision's minus fp32
