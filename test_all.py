@@ -1839,7 +1839,8 @@ def test_brain_age_plots_draw_the_scatters_fig4a_and_fig4b_or_say_which_is_skipp
         assert "brain_age_scatter_hyperfusion.png" in os.listdir(runs / "figures")
 
 
-def test_in_the_brain_age_cohort_mens_brains_age_faster_so_reading_the_image_without_sex_leaves_years_behind(monkeypatch):
+def test_in_the_brain_age_cohort_mens_brains_age_faster_so_reading_the_image_without_sex_leaves_years_behind(
+        monkeypatch):
     P = synthetic.BRAIN_AGE_SYNTH
     assert P["atrophy_after_40"]["M"] > P["atrophy_after_40"]["F"]                     # Coffey et al. 1998
     assert P["brain_age_gap_sd"]["M"] > P["brain_age_gap_sd"]["F"]                     # Sec. 4.2.6
@@ -4615,15 +4616,18 @@ def test_the_benchmarks_step_flops_are_torchs_count_of_forward_loss_and_backward
         assert bench.measure("ad", "hyperfusion", (12, 16, 12), 2, 1, "cpu", warmup=0, compile=compile)["flops"] == \
             counter.get_total_flops() > 0
     assert len(compiles) == 1
-    monkeypatch.setattr(bench, "run_commands", lambda cmds, jobs, timeout: [json.dumps(
-        dict(matmul=48.0, conv3d=24.0) if '"reference": true' in cmds[0][-1] else
-        dict(seconds=0.5, peak_mb=1.0, flops=6e9))])
+    monkeypatch.setattr(bench, "run_commands", lambda cmds, jobs, timeout: [json.dumps(   # HyperFusion: half the
+        dict(matmul=48.0, conv3d=24.0) if '"reference": true' in cmds[0][-1] else        # speed, 3x the memory
+        dict(seconds=0.5, peak_mb=1.0, flops=6e9) if '"imaging"' in cmds[0][-1] else
+        dict(seconds=1.0, peak_mb=3.0, flops=6e9))])
     s = bench.settings("cpu", True, cases=[("ad", (16, 24, 16), 4)], compile=["fp32"])
     out = bench.throughput(s, "cpu", lambda: 60)
     assert out["reference_gflop_s"] == {"matmul": 48.0, "conv3d": 24.0}
     assert [(r["model"], r["gflop_sample"], r["gflop_s"], r["of_matmul"], r["of_conv3d"]) for r in out["rows"]] == \
-        [(m, 1.5, 12.0, 0.25, 0.5) for m in ("imaging", "hyperfusion", "hyperfusion compiled")]
-    assert out["ratios"][0]["compiled_speedup"] == 1.0
+        [("imaging", 1.5, 12.0, 0.25, 0.5)] + [(m, 1.5, 6.0, 0.125, 0.25) for m in ("hyperfusion",
+                                                                              "hyperfusion compiled")]
+    assert [out["ratios"][0][k] for k in ("time_ratio", "memory_ratio", "compiled_speedup")] == [2.0, 3.0, 1.0]
+    assert out["hours"]["fp32"] == {"ad": pytest.approx(2_120 * 0.6 * 250 * 36 * (4 / 8 + 1 / 4) / 3600)}  # 4 + 1
     where = (("cuda", False), ("cpu", True), ("cuda", False, "ratios"))   # the GPU check: compiled too, at float32
     assert [bench.settings(*w)["compile"] for w in where] == [["fp32"], [], []]
 
