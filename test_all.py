@@ -4632,6 +4632,14 @@ def test_the_benchmarks_step_flops_are_torchs_count_of_forward_loss_and_backward
     assert [bench.settings(*w)["compile"] for w in where] == [["fp32"], [], []]
 
 
+def test_the_hyperlayer_benchmark_gives_each_modes_speed_up_as_the_naive_loops_time_over_its_own(monkeypatch):
+    timed = iter([0.001, 0.002, 0.008] * 2)               # factorised, materialised, naive; for each of two layers
+    monkeypatch.setattr(bench, "run_steps", lambda step, steps, warmup, device: (next(timed), None))
+    rows = bench.hyperlayers(True, "cpu")["rows"]
+    assert [(r["factorised"], r["speedup_factorised"], r["speedup_materialised"]) for r in rows] == \
+        [(pytest.approx(1.0), pytest.approx(8.0), pytest.approx(4.0))] * 2
+
+
 def test_the_loader_measure_gives_every_worker_several_batches_of_each_timed_pass(monkeypatch):
     """With 4 batches for 8 workers a pass timed one batch's latency, not the loader's rate."""
     seen = {}
