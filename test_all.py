@@ -4640,6 +4640,14 @@ def test_the_hyperlayer_benchmark_gives_each_modes_speed_up_as_the_naive_loops_t
         [(pytest.approx(1.0), pytest.approx(8.0), pytest.approx(4.0))] * 2
 
 
+def test_the_gpu_checks_tests_stop_at_their_time_cap_keeping_the_outcomes_printed_before_it(monkeypatch):
+    def run(command, timeout, **kwargs):                  # pytest still running when the cap comes
+        raise subprocess.TimeoutExpired(command, timeout, output=b"test_all.py::test_check_a[device-cpu] PASSED\n")
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    assert bench.tests("cpu", 7.2) == dict(cases=[dict(test="test_check_a[device-cpu]", outcome="passed")],
+                                           stopped="capped at 7 s", output=None)
+
+
 def test_the_loader_measure_gives_every_worker_several_batches_of_each_timed_pass(monkeypatch):
     """With 4 batches for 8 workers a pass timed one batch's latency, not the loader's rate."""
     seen = {}
