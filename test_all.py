@@ -4650,12 +4650,17 @@ def test_the_gpu_checks_tests_stop_at_their_time_cap_keeping_the_outcomes_printe
 
 def test_the_loader_measure_gives_every_worker_several_batches_of_each_timed_pass(monkeypatch):
     """With 4 batches for 8 workers a pass timed one batch's latency, not the loader's rate."""
-    seen = {}
+    seen, passes = {}, []
+
+    class Batches(list):                                  # a pass to start the workers and fill the page cache, then
+        def __iter__(self):                               # the timed one
+            passes.append(len(self))
+            return super().__iter__()
     monkeypatch.setattr(bench, "loader_workers", lambda requested, dev: 8)
     monkeypatch.setattr(bench, "make_loader", lambda ds, batch, workers, dev, shuffle: seen.update(n=len(ds), w=workers)
-                        or [(torch.zeros(batch), None, None)])
+                        or Batches([(torch.zeros(batch), None, None)]))
     (r,) = bench.loader(dict(cases=[("brain-age", (8, 8, 8), 4)]), "cpu", [])["rows"]
-    assert seen == {"n": 4 * 3 * 8, "w": 8} and r["batches"] == 24 and r["samples_s"] > 0
+    assert seen == {"n": 4 * 3 * 8, "w": 8} and r["batches"] == 24 and r["samples_s"] > 0 and passes == [1, 1]
 
 
 def test_the_gpu_checks_report_has_every_section_with_numbers(tmp_path, monkeypatch):
