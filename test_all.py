@@ -990,7 +990,7 @@ def test_the_loop_steps_on_eq5_gradients_alone_in_training_mode_and_keeps_the_ep
 def test_best_pt_holds_the_first_epoch_with_the_best_validation_score_and_last_pt_the_last(tmp_path, scores,
                                                                                             lower_is_better):
     best, weights = _scripted_fit(tmp_path, scores, lower_is_better)
-    assert best["epoch"] == 1 and best["score"] == scores[1]
+    assert best["epoch"] == 1 and best["score"] == scores[1] and best["metrics"] == {"score": scores[1]}   # its metrics
     kept, last = (training.load_checkpoint(os.path.join(tmp_path, f)) for f in ("best.pt", "last.pt"))
     assert kept["epoch"] == 1 and last["epoch"] == len(scores) - 1
     for k, v in weights[1].items():
