@@ -2085,14 +2085,15 @@ def test_eq7_8_each_row_of_the_ad_table_ensembles_its_folds_sample_by_sample(ad_
 @pytest.mark.parametrize("key,value,says", [
     ("split_seed", 1, "split_seed differs"), ("classes", 2, "classes differs"),
     ("tabular_columns", COLUMNS + ["ABETA_missing"], "tabular_columns differs"),
-    ("subjects", [f"S{i + 1}" for i in range(10)], "their test subjects differ")])
+    ("subjects", [f"S{i + 1}" for i in range(10)], "their test subjects differ"),
+    ("labels", np.arange(10) % 3, "their test labels differ")])
 def test_folds_whose_configs_or_test_subjects_differ_are_refused_and_the_cli_says_so_in_one_line(tmp_path, key, value,
                                                                                                   says):
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 3, 10)
     for fold in range(4):
         differ = {key: value} if fold == 2 else {}
-        fake_ad_run(tmp_path, "concat", 0, 0, fold, random_probs(rng, 10), labels, **differ)
+        fake_ad_run(tmp_path, "concat", 0, 0, fold, random_probs(rng, 10), differ.pop("labels", labels), **differ)
     with pytest.raises(UserError, match=f"cannot ensemble .*fold0 and .*fold2: {says}"):
         evaluate.evaluate_ad(str(tmp_path), quiet=True)
     assert_clean_error(run_main(evaluate.main, "ad", "--runs", tmp_path), "error: cannot ensemble", says)
