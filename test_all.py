@@ -2102,7 +2102,7 @@ def test_folds_whose_configs_or_test_subjects_differ_are_refused_and_the_cli_say
 def test_ad_plots_draw_each_rows_confusion_roc_and_reliability_and_table3_at_their_size(ad_runs, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
     runs, made, labels = ad_runs
-    texts, _ = _spy_on_figures(monkeypatch)
+    texts, figures = _spy_on_figures(monkeypatch)
     out = runs / "figures"
     res = evaluate.main(["ad", "--runs", str(runs), "--plots", str(out)])
     printed = capsys.readouterr().out
@@ -2124,6 +2124,8 @@ def test_ad_plots_draw_each_rows_confusion_roc_and_reliability_and_table3_at_the
         assert f"{name} vs rest: AUC {metrics.fmt(roc_auc_score(labels[0] == c, probs[:, c]))}" in roc
     assert any(f"macro AUC {metrics.fmt(hf['AUC'])}" in t for t in roc)
     assert "Imaging only (3 rows)" in texts["table3.png"] and "HyperFusion (3 rows)" in texts["table3.png"]
+    assert [bar.get_height() for bar in figures["table3.png"].axes[0].patches] == pytest.approx(
+        [m["mean"][t] for m in res["models"] for t in res["paper_columns"]])        # each model's mean over its rows
     shown = texts["reliability_hyperfusion_seed0_v0.png"]          # the ensemble's ECE beside each member's
     assert f"ensemble: ECE {metrics.fmt(hf['ECE'])}" in shown
     for k, member in enumerate(made[("hyperfusion", 0, 0)]):
