@@ -1821,6 +1821,10 @@ def test_brain_age_plots_draw_the_scatters_fig4a_and_fig4b_or_say_which_is_skipp
     x, y = red.get_data()
     np.testing.assert_allclose(y, x + fit["intercept"] + fit["slope"] * x)
     assert f"r(gap, age) {by['hyperfusion']['gap']['r_corrected_gap_age']:+.2f}" in " ".join(scatter)
+    dots = {c.get_label(): np.sort(c.get_offsets()[:, 0]) for c in
+            figures["brain_age_scatter_hyperfusion.png"].axes[0].collections}                  # each sex's scans
+    for code, name in ((0, "male"), (1, "female")):
+        np.testing.assert_allclose(dots[name], np.sort(age[sex == code]))
     # Fig. 4A and 4B draw the MAEs of the table, by test sex, in the paper's order of bars
     for name, in_order in (("fig4a.png", ["imaging-trainM", "imaging-trainF", "imaging-trainmixed"]),
                            ("fig4b.png", ["imaging", "hyperfusion"])):
