@@ -1814,7 +1814,8 @@ def test_brain_age_plots_draw_the_scatters_fig4a_and_fig4b_or_say_which_is_skipp
         assert f"wrote {full / 'figures' / name}\n" in printed
     by = {m["folder"]: m for m in res["models"]}
     # the scatter's bias line is the one the code subtracts: the validation fit of the same Eq. 6 ensemble
-    fit = evaluate.brain_age_ensemble({v: training.brain_age_run_dir(full, "hyperfusion", v) for v in (0, 1)})["fit"]
+    ens = evaluate.brain_age_ensemble({v: training.brain_age_run_dir(full, "hyperfusion", v) for v in (0, 1)})
+    fit = ens["fit"]
     scatter = texts["brain_age_scatter_hyperfusion.png"]
     assert any(f"slope {fit['slope']:+.2f}" in t and "validation fit" in t for t in scatter)
     red = next(ln for ln in figures["brain_age_scatter_hyperfusion.png"].axes[0].lines if ln.get_color() == "tab:red")
@@ -1825,6 +1826,9 @@ def test_brain_age_plots_draw_the_scatters_fig4a_and_fig4b_or_say_which_is_skipp
             figures["brain_age_scatter_hyperfusion.png"].axes[0].collections}                  # each sex's scans
     for code, name in ((0, "male"), (1, "female")):
         np.testing.assert_allclose(dots[name], np.sort(age[sex == code]))
+    right = figures["brain_age_scatter_hyperfusion.png"].axes[1].collections     # the ages with the bias removed
+    np.testing.assert_allclose(np.sort(np.concatenate([c.get_offsets()[:, 1] for c in right])),
+                               np.sort(ens["age"] + metrics.corrected_gap(ens["age"], ens["pred"], fit)))
     # Fig. 4A and 4B draw the MAEs of the table, by test sex, in the paper's order of bars
     for name, in_order in (("fig4a.png", ["imaging-trainM", "imaging-trainF", "imaging-trainmixed"]),
                            ("fig4b.png", ["imaging", "hyperfusion"])):
