@@ -2167,7 +2167,8 @@ def test_ad_sweep_changes_the_tabular_attribute_of_every_test_row(ad_cohort40, t
                        "predictions.npz", "unreadable")
 
 
-def test_sweep_plots_draw_how_the_prediction_moves_with_the_attribute(brain_age_cohort20, tmp_path, capsys):
+def test_sweep_plots_draw_how_the_prediction_moves_with_the_attribute(brain_age_cohort20, tmp_path, capsys,
+                                                                          monkeypatch):
     pytest.importorskip("matplotlib")
     path = _sweep_checkpoint(tmp_path / "best.pt", "hyperfusion", brain_age_cohort20, tmp_path / "cache")
     res = evaluate.main(["sweep", path, "--attribute", "Sex", "--values", "M", "F", "--plots", str(tmp_path / "fig")])
@@ -2177,11 +2178,15 @@ def test_sweep_plots_draw_how_the_prediction_moves_with_the_attribute(brain_age_
     # AD: the mean probability and the predicted fraction of each class against the values (predict.sweep's form)
     ad = {"task": "ad", "model": "daft", "attribute": "ABETA",
           "header": ["ABETA", "n", "mean P(CN)", "mean P(MCI)", "mean P(AD)"],
-          "summary": [{"value": v, "mean_probs": p, "predicted_fraction": p, "balanced_accuracy": 0.5}
-                      for v, p in ((None, [0.5, 0.3, 0.2]), ("500", [0.2, 0.3, 0.5]), ("1500", [0.6, 0.3, 0.1]))]}
+          "summary": [{"value": v, "mean_probs": p, "predicted_fraction": f, "balanced_accuracy": 0.5}
+                      for v, p, f in ((None, [0.5, 0.3, 0.2], [1, 0, 0]), ("500", [0.2, 0.3, 0.5], [0, 0, 1]),
+                                      ("1500", [0.6, 0.3, 0.1], [1, 0, 0]))]}
+    _, figures = _spy_on_figures(monkeypatch)
     drawn = evaluate.sweep_figure(ad, str(tmp_path / "ad"), quiet=True)
     assert drawn["written"] == [str(tmp_path / "ad" / "sweep_daft_ABETA.png")]
     assert _png_size(drawn["written"][0]) == _pixels(evaluate.SMALL)
+    lines = {ln.get_label(): list(ln.get_ydata()) for ln in figures["sweep_daft_ABETA.png"].axes[0].lines}
+    assert lines["mean P(AD)"] == [0.2, 0.5, 0.1] and lines["predicted AD"] == [0, 1, 0]
 
 
 def _unfinished_run(runs, model, fold):
