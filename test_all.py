@@ -2585,6 +2585,10 @@ def test_check_ad_preview_draws_the_boxes_and_crops_as_rgb_pngs_that_matplotlib_
     for name in os.listdir(tmp_path / "pv"):
         w, h, colour = _png_header(tmp_path / "pv" / name)
         assert colour == 2 and mpl_image.imread(tmp_path / "pv" / name).shape == (h, w, 3)
+    axial = mpl_image.imread(tmp_path / "pv" / f"{subject}_boxes.png")[:, :X]     # x across: left box red, right green
+    crops = data.HippocampusCrops.load(os.path.join(os.path.dirname(ad_cohort40), "crops.json"))
+    for rgb, start in (([1, 0, 0], crops.left_start), ([0, 1, 0], crops.right_start)):
+        assert np.argwhere((axial == rgb).all(2))[:, 1].min() == start[0]
 
 
 def test_a_group_map_wins_over_an_alias_so_emci_can_be_read_as_cn(tmp_path):
