@@ -2990,6 +2990,10 @@ def test_check_ad_finds_nii_beside_nii_gz_and_reads_a_flipped_header_or_a_traili
     assert p.returncode == 0 and "images (8, 8, 8)" in p.stdout, p.stderr
     assert data.read_ad_table(table).image_paths[1] == str(tmp_path / "images" / "S1.nii")
     assert data.load_volume(tmp_path / "images" / "S0.nii.gz").shape == (8, 8, 8)
+    # axes stored as z, x, y (a cyclic permutation): the headers' shape in RAS is the decoded volume's
+    cyclic = _image(tmp_path, "S2", np.arange(192, dtype=np.float32).reshape(4, 6, 8),
+                    np.array([[0, 2.0, 0, 0], [0, 0, 2.0, 0], [2.0, 0, 0, 0], [0, 0, 0, 1]]))
+    assert data.check_image_geometry([cyclic], ["S2"])[0] == data.load_volume(cyclic).shape == (6, 8, 4)
     rotated = _image(tmp_path, "S2", affine=_turned(25))
     with pytest.raises(UserError, match="rotated"):
         data.load_nifti(rotated)
