@@ -1112,6 +1112,9 @@ def test_imputation_is_fitted_on_training_rows_only_and_its_state_round_trips_ex
     for back in (TabularPreprocessor(state=torch.load(tmp_path / "ck.pt", weights_only=True)["tabular"]),
                  TabularPreprocessor(state=json.loads(json.dumps(state)))):
         assert back.columns == tp.columns and np.array_equal(tp.transform(rows), back.transform(rows))
+    for older in (dict(state, version=1), {k: v for k, v in state.items() if k != "steps"}):   # an older format
+        with pytest.raises(UserError, match="not a version-2 TabularPreprocessor state"):
+            TabularPreprocessor(state=older)
 
 
 def test_the_sex_one_hot_is_male_then_female_in_both_tasks_so_a_saved_run_reads_each_sex_as_it_was_trained():
