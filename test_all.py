@@ -3066,6 +3066,9 @@ def test_rows_whose_group_is_not_a_diagnosis_are_skipped_with_a_count_or_mapped(
     assert "2 subjects (CN 0, MCI 0, AD 2)" in p.stdout
     p = run_main(data.main, "check-ad", csv_path, "--group-map", "smc=CN")
     assert p.returncode == 0 and "3 subjects (CN 1, MCI 0, AD 2)" in p.stdout and "skipped" not in p.stdout
+    csv_path.write_text(csv_path.read_text().replace("S0,AD", "S0,SMC"))     # rows counted, not Group values
+    p = run_main(data.main, "check-ad", csv_path, "--no-images")
+    assert "skipped 2 rows whose Group is not CN, MCI or AD: SMC 2" in p.stdout, p.stdout + p.stderr
 
 
 def test_adni_missing_codes_read_as_missing_with_a_warning_and_train_ad_refuses_an_impossible_value(tmp_path):
