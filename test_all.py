@@ -1676,6 +1676,8 @@ def test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae(tm
         fake_brain_age_run(tmp_path, v, mae, preds[v], age, sex, val=(val_age, val_preds[v]))
     for train_sex in ("M", "F"):
         fake_brain_age_run(tmp_path, 0, 1.0, age + 2, age, sex, train_sex=train_sex)
+    v1 = training.brain_age_run_dir(tmp_path, "hyperfusion", 1)
+    shutil.copytree(v1, v1 + ".bak")                                      # a copy beside the versions: not one
     res = evaluate.evaluate_brain_age(str(tmp_path), quiet=True)
     hf = next(m for m in res["models"] if m["folder"] == "hyperfusion")
     chosen = (1, 3, 4, 6, 0)                                              # val MAE 1, 2, 3, 4, 5
