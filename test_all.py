@@ -4075,6 +4075,16 @@ def test_the_calibration_report_ensembles_the_members_each_at_its_own_temperatur
     assert ens["after"]["ece"] == pytest.approx(metrics.calibration_metrics(test_labels, after)["ece"])
     assert ens["before"]["nll"] == pytest.approx(metrics.calibration_metrics(test_labels, before)["nll"])
     assert ens["after"]["nll"] != pytest.approx(ens["before"]["nll"])
+    # a temperature already fitted is kept, --refit fits it again
+    fold0 = training.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 0)
+    data.write_json(dict(json.load(open(os.path.join(fold0, "calibration.json"))), temperature=0.5),
+                    os.path.join(fold0, "calibration.json"))
+    for extra, t in (([], 0.5), (["--refit"], temps[0])):
+        again = evaluate.main(["calibrate", str(tmp_path), "--quiet"] + extra)["runs"]
+        assert [r["temperature"] for r in again if os.path.samefile(r["dir"], fold0)] == [pytest.approx(t)]
+    shutil.rmtree(training.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 3))   # three folds: runs, but no ensemble
+    res = evaluate.main(["calibrate", str(tmp_path), "--quiet"])
+    assert len(res["runs"]) == 3 and res["ensembles"] == []
 
 
 def test_the_calibration_report_keeps_a_cn_vs_ad_ensemble_apart_from_the_3_class_one_of_the_same_model_and_version(
