@@ -2170,6 +2170,9 @@ def test_ad_sweep_changes_the_tabular_attribute_of_every_test_row(ad_cohort40, t
     (tmp_path / "predictions.npz").write_bytes(b"PK\x03\x04 cut short")     # the run's test predictions, damaged
     assert_clean_error(run_main(evaluate.main, "sweep", tmp_path, "--attribute", "ABETA", "--values", "200"),
                        "predictions.npz", "unreadable")
+    np.savez(tmp_path / "predictions.npz", subjects=np.array(["S1"]), ages=np.zeros(1))   # another file's arrays
+    assert_clean_error(run_main(evaluate.main, "sweep", tmp_path, "--attribute", "ABETA", "--values", "200"),
+                       "predictions.npz: not the test predictions of a training run (arrays: subjects, ages)")
 
 
 def test_sweep_plots_draw_how_the_prediction_moves_with_the_attribute(brain_age_cohort20, tmp_path, capsys,
