@@ -309,8 +309,7 @@ def calibration_report(paths, refit, device, batch_size, out_dir=None, plots_dir
                 outputs[part] = predict.run_outputs(run, run.model(dev), images, run.tabular.transform(
                     [table.raw[i] for i in idx]), table.labels[idx], dev, batch_size, None, sides=True)
             save_logits(run.dir, outputs["val"], outputs["test"])
-        kept = run.temperature is not None and not refit     # a record at the lower bound from before: fit again
-        kept = kept and not (run.read_json(CALIBRATION_FILE).get("at_bound") and run.temperature < 1)
+        kept = run.temperature is not None and not refit
         rec = run.read_json(CALIBRATION_FILE) if kept else calibrate(run.dir, outputs)
         if not quiet:
             print(f"{run.dir}: T {rec['temperature']:.3f}, validation ECE {rec['val']['before']['ece']:.3f} -> "
