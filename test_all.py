@@ -183,6 +183,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_preprocess_starts_an_even_sided_box_half_a_voxel_before_the_masks_centre_of_mass_however_bright_a_side,
 #     test_an_estimated_brain_mask_is_the_largest_bright_component_with_the_dark_ventricles_inside_it,
 #     test_fuzzy_cmeans_finds_three_tissue_classes, test_preprocess_batch_mode_writes_every_subject_and_names_a_bad_row,
+#     test_preprocess_batch_mode_reads_each_subjects_mask_from_its_column_and_leaves_the_column_out,
 #     test_preprocess_n4_without_simpleitk_says_so
 # App. C.4 oversampling: test_app_c4_oversampling_draws_every_class_equally_often_over_an_epoch
 #
