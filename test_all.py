@@ -2285,6 +2285,20 @@ def test_print_commands_gives_one_command_per_missing_run_tabular_first_and_trai
     assert [(p["model"], p["fold"], p["resume"]) for p in parsed] == [("tabular", f, False) for f in (1, 2, 3)] + \
         [("hyperfusion", f, f == 1) for f in range(4)]
     assert all(p["epochs"] == 3 and p["out"] == str(tmp_path) for p in parsed)
+    # App. B's runs are CN vs AD and the MLPs take --tabular-epochs; brain age's runs carry the sex embedding's size,
+    # the training sex and, with --verbose, their epoch lines; five versions each
+    for task, extra, script in (("ad", ["--binary", "--tabular-epochs", "9"], train_ad.ad_arguments),
+                                ("brain-age", ["--embedding-dim", "2", "--train-sex", "M", "--verbose"],
+                                 train_brain_age.brain_age_arguments)):
+        evaluate.main(["protocol", "--task", task, "--runs", str(tmp_path / task), "--epochs", "3", "--print-commands"]
+                      + extra)
+        parsed = [vars(script().parse_args(shlex.split(line)[2:])) for line in capsys.readouterr().out.splitlines()]
+        if task == "ad":
+            assert {(p["model"], p["epochs"], p["classes"], p["quiet"]) for p in parsed} == \
+                {(m, 9 if m == "tabular" else 3, 2, True) for m in AD_MODELS}
+        else:
+            assert sorted((p["model"], p["version"], p["embedding_dim"], p["train_sex"], p["quiet"]) for p in parsed) \
+                == sorted((m, v, 2, "M", False) for m in BRAIN_AGE_MODELS for v in range(5))
 
 
 def test_run_protocol_with_two_jobs_trains_each_missing_run_once_and_prints_the_serial_table(ad_cohort60, tmp_path,
