@@ -3735,6 +3735,9 @@ def test_predict_combines_the_members_by_eq7_8_and_each_member_reproduces_its_te
     lines = out.read_text().splitlines()
     assert lines[0] == "Subject,prob_CN,prob_MCI,prob_AD,predicted,n_models,prob_spread" and len(lines) == 61
     assert lines[1].split(",")[5] == "2"
+    written = list(csv.DictReader(open(out)))                               # each subject's class: its largest
+    assert [r["predicted"] for r in written] == [NAMES[int(p.argmax())] for p in both["combined"]]
+    assert len({r["predicted"] for r in written}) > 1
 
 
 def test_prob_spread_is_the_largest_across_member_standard_deviation_of_a_class_probability(fold_predictions):
