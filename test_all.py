@@ -3105,6 +3105,10 @@ def test_adni_missing_codes_read_as_missing_with_a_warning_and_train_ad_refuses_
     csv_path.write_text(good)
     _cell(csv_path, "FDG", "-0.5")
     assert_clean_error(run_main(train_ad.main, *_tabular_args(csv_path, tmp_path / "runs")), "line 3", "column FDG")
+    csv_path.write_text(good)
+    _cell(csv_path, "AGE", "250")                                             # an age no one reaches
+    assert_clean_error(run_main(train_ad.main, *_tabular_args(csv_path, tmp_path / "runs")), "line 3", "column AGE",
+                       "impossible value '250' (expected 0 to 120)")
     assert not (tmp_path / "runs").exists()
 
 
