@@ -105,6 +105,7 @@ def naive_hyperlayer(layer, x, tabular, functional, **kwargs):
 
 def hyperlayers(quick, device):
     """ms per forward + backward at the paper's two hyperlayer shapes, and the speed-ups over the naive loop."""
+    setup_device(device)                                         # TF32 off: at training's float32
     torch.manual_seed(0)
     rows = []
     for title, xshape, n_tab, functional, kwargs, make in [
@@ -219,8 +220,8 @@ def loader(s, device, model_rows):
                   data.BrainAgeDataset(cache, np.eye(2)[np.arange(n) % 2], 20.0 + np.arange(n) % 3))
             batches = make_loader(torch.utils.data.Subset(ds, [i % n for i in range(length)]), batch, workers, dev,
                                   shuffle=True)
-            for _ in batches:                  # the first pass reads the files into the page cache, starts workers
-                pass
+            for _ in batches:                  # the first pass reads the files into the page cache; the timed one
+                pass                           # starts its workers, as each training epoch does
             t, count = time.perf_counter(), sum(len(image.to(dev, non_blocking=True)) for image, _, _ in batches)
             sync(device)
             rate = count / (time.perf_counter() - t)

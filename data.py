@@ -813,10 +813,19 @@ def save_nifti(volume, spacing, path):
         nib.save(img, tmp)
 
 
+def zscore(volume, inside):
+    """float32 `volume` z-scored over the voxels `inside` (a boolean mask), 0 elsewhere (and everywhere if none)."""
+    values = volume[inside]
+    if not values.size:
+        return np.zeros(volume.shape, np.float32)
+    return np.where(inside, (volume - values.mean()) / max(float(values.std()), 1e-8), 0).astype(np.float32)
+
+
 @dataclass
 class HippocampusCrops:
     """Two boxes around the hippocampi of a RAS volume (Sec. 3.5.2); starts are voxel corners, size (D, H, W).
-    __call__(volume (X, Y, Z)) -> (2, D, H, W): [left box, right box flipped along x], both like a left one."""
+    __call__(volume (X, Y, Z)) -> (2, D, H, W): [left box, right box flipped along x], both like a left one, each
+    z-scored over its non-zero voxels (as the authors' code: a scanner's intensity scale is no feature)."""
     left_start: tuple
     right_start: tuple
     size: tuple
@@ -840,10 +849,10 @@ class HippocampusCrops:
     def __call__(self, volume):
         self.check(volume.shape)
         box = lambda start: volume[tuple(slice(a, a + d) for a, d in zip(start, self.size))]
-        return np.stack([box(self.left_start), box(self.right_start)[::-1]])       # (2, D, H, W)
+        return np.stack([zscore(side, side != 0) for side in (box(self.left_start), box(self.right_start)[::-1])])
 
     def cache_key(self):
-        return f"crops{self.left_start}{self.right_start}{self.size}"
+        return f"crops-zscored{self.left_start}{self.right_start}{self.size}"
 
     def as_dict(self):
         """The boxes as crops.json (and checkpoints, so a run replays its crops) hold them."""

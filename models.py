@@ -154,10 +154,10 @@ class ADNet(nn.Module):
         x = self.max_pool3d_1(self.conv_bn_relu(image))
         x = self.block3(self.block2(self.block1(x)))
         x = self.block4(x, tabular)
-        x = self.adaptive_avg_pool3d(x).flatten(1)         # (B, 16f)
-        if self.name == "concat":
-            x = torch.cat([x, tabular], 1)
-        x = F.relu(self.fc1(self.linear_drop1(x)))
+        x = self.linear_drop1(self.adaptive_avg_pool3d(x).flatten(1))         # (B, 16f)
+        if self.name == "concat":                          # the record joins after the dropout, never dropped
+            x = torch.cat([x, tabular], 1)                 # (B, 16f + n_tab)
+        x = F.relu(self.fc1(x))
         return self.fc2(self.linear_drop2(x))              # (B, C) logits
 
 

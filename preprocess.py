@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from data import (ArgumentParser, Progress, UserError, atomic_path, check_number, check_subjects, find_image,
-                  load_nifti, read_csv_rows, run_cli, same_file, write_csv)
+                  load_nifti, read_csv_rows, run_cli, same_file, write_csv, zscore)
 
 try:
     import SimpleITK as sitk   # optional: only --n4 needs it
@@ -135,8 +135,7 @@ def preprocess_volume(img, mask=None, spacing=1.75, shape=(90, 120, 99), n4=Fals
     if not wm_mean > 0:
         raise UserError(f"white-matter mean is {wm_mean:.3g}; is this a T1 image?")
     data = data / wm_mean
-    vals = data[m]
-    data = np.where(m, (data - vals.mean()) / max(float(vals.std()), 1e-8), 0).astype(np.float32)
+    data = zscore(data, m)
     out = nib.Nifti1Image(data, affine)
     out.set_qform(affine, code=1)
     out.set_sform(affine, code=1)

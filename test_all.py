@@ -157,8 +157,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Sec. 4.3.4, App. C.1 split:
 #     test_the_ad_split_is_five_subsets_by_its_seed_subset_4_tests_every_fold_and_subset_k_validates_fold_k,
 #     test_each_ad_subset_keeps_the_diagnosis_and_sex_proportions_and_every_sex_diagnosis_20_age_bin_stratum
-# Sec. 3.5.2, 4.3.6 hippocampus crops: test_mirrored_crop_is_the_flip_of_the_right_box,
+# Sec. 3.5.2, 4.3.6 hippocampus crops:
+#     test_mirrored_crop_is_the_flip_of_the_right_box_each_box_z_scored_over_its_non_zero_voxels,
 #     test_dataset_items_have_one_side_in_training_and_both_in_evaluation,
+#     test_each_epoch_draws_its_hippocampus_sides_from_its_own_seed_with_loader_workers_as_a_resumed_run_does,
 #     test_validation_and_test_average_the_soft_predictions_of_both_hippocampi,
 #     test_synthetic_ad_anatomy_depends_on_diagnosis_age_and_sex_and_its_boxes_mirror_each_other
 # Table 3 and its runs: test_ad_table_has_a_row_per_seed_and_version_with_mean_std_and_mann_whitney,
@@ -942,7 +944,7 @@ def test_the_loop_steps_on_eq5_gradients_alone_in_training_mode_and_keeps_the_ep
     w = torch.tensor(class_weights(np.concatenate([parts["train"], parts["val"]])), dtype=torch.float32)   # N / (C n_c)
     for other in (parts["train"], np.arange(len(table.labels))):     # the cohort tells them apart
         assert not np.allclose(class_weights(other), w.numpy(), rtol=1e-3)
-    batches, steps, epochs, real_fit, real_optimizer = [], [], [], train_ad.fit, training.make_optimizer
+    batches, steps, epochs, losses, real_fit, real_optimizer = [], [], [], [], train_ad.fit, training.make_optimizer
 
     def optimizer(model, *args):
         opt = real_optimizer(model, *args)
@@ -953,7 +955,8 @@ def test_the_loop_steps_on_eq5_gradients_alone_in_training_mode_and_keeps_the_ep
             steps.append(model.training)
             twin = copy.deepcopy(model).train()
             log_p = F.log_softmax(twin(None, tabular), 1)[torch.arange(len(target)), target]
-            eq5 = torch.autograd.grad(-(w[target] * log_p).sum() / len(target), list(twin.parameters()))   # Eq. 5
+            loss = -(w[target] * log_p).sum() / len(target)                                        # Eq. 5
+            eq5, _ = torch.autograd.grad(loss, list(twin.parameters())), losses.append(loss.item())
             for p, g in zip(model.parameters(), eq5):
                 torch.testing.assert_close(p.grad, g)
             return real_step(*a, **k)
@@ -974,6 +977,11 @@ def test_the_loop_steps_on_eq5_gradients_alone_in_training_mode_and_keeps_the_ep
     shutil.copy(ad_cohort60, tmp_path / "table.csv")                       # the tabular model needs no images
     train_ad.main(_tabular_args(tmp_path / "table.csv", tmp_path, "--epochs", "4", "--lr", "3e-2"))
     assert len(steps) == 4 * 4 and all(steps)                                 # 36 training rows, batches of 8
+    orders = {torch.cat([tab for _, tab, _ in batches[4 * e:4 * e + 4]]).numpy().tobytes() for e in range(4)}
+    assert len(orders) == 4                                                   # each epoch shuffled anew
+    with open(os.path.join(_run_dir(tmp_path, "tabular"), "log.csv")) as f:  # the logged loss: the epoch's Eq. 5
+        logged = [float(row["train_loss"]) for row in csv.DictReader(f)]
+    np.testing.assert_allclose(logged, np.reshape(losses, (4, 4)).mean(1), rtol=1e-5)
     scores = [s for s, _, _ in epochs]
     assert scores == [ba["val"] for _, ba, _ in epochs]
     kept = int(np.argmax(scores))
@@ -1434,10 +1442,10 @@ def _ad_by_hand(net, name, image, tabular):
     x = F.max_pool3d(F.relu(_bn_train(F.conv3d(image, c.weight, c.bias, 1, 1), net.conv_bn_relu[1], 0.05)), 2)
     for i, stride, rate in ((1, 1, 0.1), (2, 2, 0.2), (3, 2, 0.2), (4, 2, 0.3)):
         x = _ad_block_by_hand(getattr(net, f"block{i}"), x, tabular, stride, rate, name if i == 4 else "imaging")
-    x = F.adaptive_avg_pool3d(x, 1).flatten(1)
+    x = F.dropout(F.adaptive_avg_pool3d(x, 1).flatten(1), 0.6, True)                   # Dropout(0.6)
     if name == "concat":                              # the tabular vector next to the pooled image features
         x = torch.cat([x, tabular], 1)
-    x = F.relu(F.linear(F.dropout(x, 0.6, True), net.fc1.weight, net.fc1.bias))     # Dropout(0.6) fc1 ReLU
+    x = F.relu(F.linear(x, net.fc1.weight, net.fc1.bias))                              # fc1 ReLU
     return F.linear(F.dropout(x, 0.5, True), net.fc2.weight, net.fc2.bias)            # Dropout(0.5) fc2
 
 
@@ -1984,11 +1992,17 @@ def test_each_ad_subset_keeps_the_diagnosis_and_sex_proportions_and_every_sex_di
             assert counts.max() - counts.min() <= 1, (seed, g, counts)
 
 
-def test_mirrored_crop_is_the_flip_of_the_right_box():
+def test_mirrored_crop_is_the_flip_of_the_right_box_each_box_z_scored_over_its_non_zero_voxels():
+    """Both sides read like a left one; a scanner's intensity scale and offset change no crop."""
     vol = np.random.default_rng(0).random((20, 24, 16)).astype(np.float32)
-    left, right = data.HippocampusCrops((1, 2, 3), (11, 4, 5), (6, 8, 7))(vol)
-    assert np.array_equal(left, vol[1:7, 2:10, 3:10])
-    assert np.array_equal(right, np.flip(vol[11:17, 4:12, 5:12], axis=0))
+    vol[:, :3] = 0                                                           # outside the brain: stays 0
+    crops = data.HippocampusCrops((1, 2, 3), (11, 4, 5), (6, 8, 7))
+    left, right = crops(vol)
+    z = lambda box: np.where(box != 0, (box - box[box != 0].mean()) / box[box != 0].std(), 0)
+    np.testing.assert_allclose(left, z(vol[1:7, 2:10, 3:10]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(right, z(np.flip(vol[11:17, 4:12, 5:12], axis=0)), rtol=1e-5, atol=1e-5)
+    assert (left[:, 0] == 0).all() and (left[:, 1:] != 0).all()
+    np.testing.assert_allclose(crops(np.where(vol != 0, 1000 * vol + 300, 0)), crops(vol), rtol=1e-5, atol=1e-5)
     with pytest.raises(UserError):
         data.HippocampusCrops((15, 0, 0), (0, 0, 0), (6, 8, 7))(vol)
 
@@ -2014,6 +2028,20 @@ def test_dataset_items_have_one_side_in_training_and_both_in_evaluation(ad_cohor
     img, tab, y = data.TabularDataset(X, y4)[1]
     assert img.numel() == 0 and tab.shape == (15,) and y.dtype == torch.int64
     assert next(iter(torch.utils.data.DataLoader(train, batch_size=4)))[0].shape == (4, 1) + crops.size
+
+
+def test_each_epoch_draws_its_hippocampus_sides_from_its_own_seed_with_loader_workers_as_a_resumed_run_does():
+    """Workers kept over epochs would go on from their first epoch's seed: a resumed run would draw other sides."""
+    pairs = np.stack([np.zeros((16, 2, 2, 2)), np.ones((16, 2, 2, 2))], 1).astype(np.float16)   # left 0, right 1
+    ds, cpu = data.ADDataset(pairs, np.zeros((16, 3)), np.arange(16) % 3), torch.device("cpu")
+
+    def epoch(loader, seed):
+        torch.manual_seed(seed)                                   # as fit seeds each epoch from (version, epoch)
+        return [(image.flatten(1).mean(1).tolist(), y.tolist()) for image, _, y in loader]
+    loader = training.make_loader(ds, 4, 2, cpu, shuffle=True)
+    whole = [epoch(loader, seed) for seed in (1, 2)]
+    assert whole[1] == epoch(training.make_loader(ds, 4, 2, cpu, shuffle=True), 2)   # epoch 2, resumed after 1
+    assert {side for batch, _ in whole[1] for side in batch} == {0.0, 1.0}
 
 
 def test_validation_and_test_average_the_soft_predictions_of_both_hippocampi():
@@ -2042,7 +2070,9 @@ def test_synthetic_ad_anatomy_depends_on_diagnosis_age_and_sex_and_its_boxes_mir
     for hippo in (1.0, 0.7):
         rng = np.random.default_rng(0)  # the same head, noise and bias field: only the hippocampus differs
         vol = synthetic.render_head(grid, synthetic.head_anatomy(rng, 1.0, hippo, 1.0, 0.06, 0.12), rng)
-        dark.append((crops(vol) < -1.2).sum())                  # CSF around a smaller hippocampus
+        boxes = [vol[tuple(slice(a, a + d) for a, d in zip(start, crops.size))] for start in (crops.left_start,
+                                                                                             crops.right_start)]
+        dark.append(sum((box < -1.2).sum() for box in boxes))   # CSF around a smaller hippocampus
     assert dark[1] > dark[0] * 1.03
     h = synthetic.ad_hippocampus           # the volume the image draws: smaller in women, with age, CN > MCI > AD
     assert h("CN", True, 73) == 1.0 and h("CN", False, 73) < 1.0 and h("CN", True, 80) < h("CN", True, 73)
@@ -2648,7 +2678,7 @@ def test_cache_decodes_once_and_redecodes_a_changed_source(tmp_path):
     changed[0, 0, 0] = 2                                        # (a constant image would be refused: no signal)
     data.save_nifti(changed, 2.0, paths[1])
     os.utime(paths[1], ns=(1, 10**18))                          # a changed source (new mtime)
-    assert np.array_equal(np.array(again[1]), crops(changed)) and again.n_decoded == 1
+    assert np.array_equal(np.array(again[1]), crops(changed).astype(np.float16)) and again.n_decoded == 1
     entries = lambda: [f for f in os.listdir(tmp_path / "cache") if f.endswith(".npy")]   # (and sources.json)
     assert len(entries()) == 3                                  # the stale entry was removed
     other = data.ImageCache(paths, tmp_path / "cache", "float32", transform=crops)
@@ -4168,6 +4198,9 @@ def _ddp_worker(rank, world, init_file, batch, out):
     results = {"ddp": {k: v.detach().clone() for k, v in model.named_parameters()}}
     share = list(torch.utils.data.DistributedSampler(range(5), 2, rank, shuffle=False))   # 0 2 4 | 1 3 0 (padding)
     results["gathered"] = training.gather(np.arange(5)[share] * 10, 5)
+    fresh = _tiny_model("ad", "cpu")                                           # precise BN over its share
+    training.recalibrate_batchnorm(fresh, [(image, tabular, target)], torch.device("cpu"))
+    results["bn"] = {k: v for k, v in fresh.state_dict().items() if k.endswith(("running_mean", "running_var"))}
     if rank == 0:
         torch.save(results, out)
     torch.distributed.barrier()            # neither leaves while the other's gloo threads still talk to it
@@ -4253,6 +4286,10 @@ def test_a_two_process_torchrun_run_writes_each_file_once_and_tests_each_subject
     pred = load_run(run).read_predictions()
     assert list(pred["subjects"]) == [table.subjects[i] for i in test_idx]             # every subject once, in order
     assert np.array_equal(pred["labels"], table.labels[test_idx])
+    logits, labels = training.read_logits(run)["val"]                       # best.pt's validation, read again
+    with open(os.path.join(run, "metrics.json")) as f:    # every process validated the model rank 0 saved (its
+        assert json.load(f)["val"]["nll"] == pytest.approx(                   # BatchNorm statistics included)
+            classification_metrics(labels, training.probabilities(logits), data.CLASS_NAMES)["nll"], rel=1e-5)
 
 
 def test_one_ddp_step_on_two_processes_takes_the_mean_of_their_shares_gradients(two_ddp_processes):
@@ -4303,6 +4340,27 @@ def test_under_torchrun_each_epochs_shuffle_is_drawn_from_the_version_and_the_ep
 
 def test_gathered_shares_hold_every_item_once_in_order_when_the_sampler_pads(two_ddp_processes):
     assert two_ddp_processes[0]["gathered"].tolist() == [0, 10, 20, 30, 40]
+
+
+def test_precise_bn_under_torchrun_gives_the_statistics_of_one_process_reading_every_share(two_ddp_processes):
+    ddp, batch = two_ddp_processes
+    model = _tiny_model("ad", "cpu")
+    training.recalibrate_batchnorm(model, list(zip(*(b.chunk(2) for b in batch))), torch.device("cpu"))
+    assert len(ddp["bn"]) > 10
+    for k, v in ddp["bn"].items():
+        torch.testing.assert_close(v, model.state_dict()[k], msg=k)
+
+
+def test_a_training_loader_ends_in_no_partial_batch_alone_oversampled_or_in_a_torchrun_processs_share(monkeypatch):
+    """A last batch of one sample would stop the tabular embedding's BatchNorm in training mode."""
+    cpu, sizes = torch.device("cpu"), lambda loader: [len(y) for (y,) in loader]
+    oversampled = torch.utils.data.WeightedRandomSampler(torch.ones(33, dtype=torch.double), 33)   # App. C.4
+    assert sizes(training.make_loader(torch.utils.data.TensorDataset(torch.arange(33)), 16, 0, cpu,
+                                      sampler=oversampled)) == [16, 16]
+    monkeypatch.setattr(training, "world_size", lambda: 4)
+    monkeypatch.setattr(training, "rank", lambda: 0)
+    assert sizes(training.make_loader(torch.utils.data.TensorDataset(torch.arange(36)), 16, 0, cpu,
+                                      shuffle=True)) == [4, 4]                 # 9 of the 36, in batches of 16 / 4
 
 
 def test_loaders_ship_images_in_the_float16_the_cache_stores_and_the_network_reads_them_in_float32():
@@ -4452,19 +4510,47 @@ def test_a_training_script_run_at_the_default_precision_trains_in_float32_on_thi
     assert load_run(_run_dir(tabular_run, "tabular")).run.precision == "fp32"
 
 
+@contextlib.contextmanager
+def _backend_flags_kept():
+    """TF32 and cuDNN's benchmark flag as they were, after a test that sets up a device."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_on_a_gpu_float32_means_float32_tf32_is_switched_off_where_the_device_is_set_up(device, monkeypatch):
     """cuDNN's convolutions default to TF32 (a 10-bit mantissa) on Ampere on."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
-    try:
+    with _backend_flags_kept():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = False
         assert training.setup_device(device).type == device
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
         assert torch.backends.cudnn.benchmark == (device == "cuda")      # its fastest algorithm for each shape
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_under_torchrun_each_process_takes_its_local_ranks_gpu_in_an_nccl_group_or_joins_gloo_on_a_cpu(device,
+                                                                                                      monkeypatch):
+    groups, chosen = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(training.dist, "init_process_group", lambda backend, timeout: groups.append(backend))
+    monkeypatch.setattr(training.atexit, "register", lambda fn: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with _backend_flags_kept():
+        assert training.setup_device(device) == (torch.device("cuda", 1) if device == "cuda" else torch.device("cpu"))
+        assert groups == ["nccl" if device == "cuda" else "gloo"]
+        assert chosen == ([torch.device("cuda", 1)] if device == "cuda" else [])
+        monkeypatch.setenv("LOCAL_RANK", "2")
+        with pytest.raises(UserError, match="process 2 has no GPU of its own") if device == "cuda" else \
+                contextlib.nullcontext():
+            training.setup_device(device)
 
 
 def test_adam_is_fused_on_cuda_and_plain_on_a_cpu(monkeypatch):
@@ -4702,10 +4788,14 @@ def test_the_benchmarks_step_flops_are_torchs_count_of_forward_loss_and_backward
 
 def test_the_hyperlayer_benchmark_gives_each_modes_speed_up_as_the_naive_loops_time_over_its_own(monkeypatch):
     timed = iter([0.001, 0.002, 0.008] * 2)               # factorised, materialised, naive; for each of two layers
-    monkeypatch.setattr(bench, "run_steps", lambda step, steps, warmup, device: (next(timed), None))
-    rows = bench.hyperlayers(True, "cpu")["rows"]
+    tf32 = []                                             # each timed at training's float32, not TF32
+    monkeypatch.setattr(bench, "run_steps", lambda step, steps, warmup, device: (
+        tf32.append(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32), next(timed), None)[1:])
+    with _backend_flags_kept():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        rows = bench.hyperlayers(True, "cpu")["rows"]
     assert [(r["factorised"], r["speedup_factorised"], r["speedup_materialised"]) for r in rows] == \
-        [(pytest.approx(1.0), pytest.approx(8.0), pytest.approx(4.0))] * 2
+        [(pytest.approx(1.0), pytest.approx(8.0), pytest.approx(4.0))] * 2 and tf32 == [False] * 6
 
 
 def test_the_gpu_checks_tests_stop_at_their_time_cap_keeping_the_outcomes_printed_before_it(monkeypatch):

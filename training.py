@@ -376,18 +376,21 @@ def loader_workers(requested, device):
 
 
 def make_loader(dataset, batch_size, workers, device, shuffle=False, sampler=None):
-    """Batches of `dataset` (torchrun: 1/N of it in batches of batch_size / N); shuffled, no last partial batch."""
-    drop_last = shuffle and len(dataset) > batch_size
+    """Batches of `dataset` (torchrun: 1/N of it in batches of batch_size / N); for training (shuffle or sampler)
+    drawn anew each epoch."""
+    train, n = shuffle or sampler is not None, len(dataset)
     if world_size() > 1:
         if batch_size % world_size():
             raise UserError(f"--batch-size {batch_size}: not divisible by the {world_size()} processes")
         n = math.ceil(len(dataset) / world_size())
         sampler = torch.utils.data.DistributedSampler(dataset, world_size(), rank(), shuffle=shuffle) \
             if sampler is None else torch.utils.data.WeightedRandomSampler(sampler.weights, n, sampler.replacement)
-        batch_size, shuffle, drop_last = batch_size // world_size(), False, drop_last and n > batch_size
+        batch_size, shuffle = batch_size // world_size(), False
+    # training: no last partial batch (one sample would stop a BatchNorm), workers started each epoch (seeded by
+    # fit's (version, epoch) seed, so the sides drawn, Sec. 4.3.6, are a resumed run's too)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
-                                       num_workers=workers, pin_memory=device.type == "cuda", drop_last=drop_last,
-                                       persistent_workers=workers > 0)
+                                       num_workers=workers, pin_memory=device.type == "cuda",
+                                       drop_last=train and n > batch_size, persistent_workers=workers > 0 and not train)
 
 
 def to_device(image, device):
@@ -568,6 +571,8 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
                 losses.append(loss.detach())
                 sizes.append(len(target))
             mean_loss, initial = check_losses(losses, sizes, epoch, initial, run_dir, saved)
+            for b in model.buffers() if world_size() > 1 else ():   # DDP syncs them at a forward's start only: each
+                dist.broadcast(b, 0)                              # process validates the model rank 0 saves
             check_divergence(non_finite(model), epoch, run_dir, saved, "after the epoch's steps")
             if before_validation is not None:
                 before_validation(model)
