@@ -67,7 +67,7 @@ def run_cli(main, argv=None, resume_option=None):
     except BrokenPipeError:   # the reader went away (`| head`): stop quietly, as a shell tool does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # so the exit's flush finds no pipe
         sys.exit(141)                                                    # 128 + SIGPIPE, as a shell reports it
-    except (UserError, OSError) as exc:
+    except (UserError, OSError, MemoryError) as exc:   # MemoryError: e.g. an option asking for a 32 GiB array
         msg = f"{exc.filename}: {exc.strerror or exc}" if isinstance(exc, OSError) and exc.filename else str(exc)
         print("error: " + " ".join(msg.split()), file=sys.stderr)
         sys.exit(2)
@@ -103,6 +103,8 @@ def atomic_path(path, nbytes=None):
     """A temporary path beside `path`, renamed onto it when the block ends well, else removed: no reader sees a
     partial file. A full disk or an unwritable folder is a UserError naming the folder and the bytes needed."""
     d, base = os.path.split(os.path.abspath(os.fspath(path)))
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):   # /dev/null, a pipe: kept
+        raise UserError(f"{path}: not a regular file (a device or a pipe?); give a file to write")
     tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex[:12]}-{base}")   # ends as `path`: writers read the extension
     try:
         yield tmp
@@ -153,8 +155,9 @@ def same_file(a, b):
 
 def check_output(option, path, inputs=()):
     """An output file named by `option`: refused when it is a folder or would replace one of `inputs`."""
-    if os.path.isdir(path):
-        raise UserError(f"{option} {path}: is a folder; give the file to write")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UserError(f"{option} {path}: is a folder; give the file to write" if os.path.isdir(path) else
+                        f"{option} {path}: not a regular file (a device or a pipe?); give the file to write")
     for p in inputs:
         if p and same_file(path, p):
             raise UserError(f"{option} {path}: would overwrite {p}, an input of this command; choose another file")
@@ -303,6 +306,7 @@ SEX_CODES = {"male": 0, "m": 0, "female": 1, "f": 1}  # 0 = male, 1 = female eve
 ATTRIBUTE_RANGES = {"AGE": (0, 120, False), "PTEDUCAT": (0, 40, False), "APOE4": (0, 2, True), "Age": (0, 120, False),
                     **{a: (0, 1e6, False) for a in ("ABETA", "PTAU", "TAU", "FDG", "AV45")}}
 MISSING_CODES = (-4.0, -1.0)   # ADNI: -4 "not applicable / not collected", -1 "missing"
+CENSORED = ("ABETA", "PTAU", "TAU")   # beyond the assay's range ADNIMERGE writes `>1700`, `<8`
 EMPTY_CELLS = ("", "NA", "NAN")
 
 
@@ -328,6 +332,8 @@ def parse_attribute(col, text, checked=True):
         if s and s.lower() not in SEX_CODES:
             raise ValueError(f"expected Male or Female, got {s!r}")
         return float(SEX_CODES[s.lower()]) if s else math.nan
+    if s[:1] in ("<", ">") and col not in CENSORED:
+        raise ValueError(f"censored value {s!r}: only the CSF assays ({', '.join(CENSORED)}) are censored")
     try:
         v = parse_value(s)
     except ValueError:
@@ -528,11 +534,10 @@ def read_csv_rows(csv_path, required):
                     col = fields[multi] if multi < len(fields) else "(beyond the header)"
                     raise UserError(f"{csv_path} line {start}: a quote opened in column {col} is not closed "
                                     f"before line {reader.line_num} (cells cannot span lines)")
-                if len(cells) > len(fields):
-                    raise UserError(f"{csv_path} line {start}: {len(cells)} fields, the header has {len(fields)}")
-                row = {k: v.strip() for k, v in zip(fields, cells + [""] * (len(fields) - len(cells)))}
-                if any(row.values()):                                  # skip blank lines; short rows: empty cells
-                    rows.append((start, row))
+                if any(v.strip() for v in cells):                      # blank lines and rows of empty cells skipped
+                    if len(cells) != len(fields):                      # a cell left out shifts the others along
+                        raise UserError(f"{csv_path} line {start}: {len(cells)} fields, the header has {len(fields)}")
+                    rows.append((start, {k: v.strip() for k, v in zip(fields, cells)}))
                 start = reader.line_num + 1
     except (UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"{csv_path}: not a readable UTF-8 CSV table ({type(exc).__name__}: {exc})") from None
@@ -656,12 +661,16 @@ def diagnosis(group, group_map=None):
 
 def read_ad_table(csv_path, image_dir=None, need_images=True, classes=3, group_map=None, for_prediction=False):
     """An ADNIMERGE-like AD table, validated (Sec. 4.3.1, 4.3.3); any attribute may be empty (Sec. 3.3). Rows whose
-    Group is not a diagnosis are skipped and counted; for_prediction: Group optional, no row left out (label -1)."""
+    Group is not a diagnosis are skipped and counted; for_prediction: Group and attribute columns optional (absent:
+    empty), no row left out (label -1)."""
     if classes not in (2, 3):
         raise UserError(f"classes must be 2 (CN vs AD) or 3, got {classes}")
     names = CLASS_NAMES if classes == 3 else ("CN", "AD")
-    required = ("Subject",) + (() if for_prediction else ("Group",)) + AD_ATTRIBUTES
-    rows, _ = read_csv_rows(csv_path, required)
+    required = ("Subject",) + (() if for_prediction else ("Group",) + AD_ATTRIBUTES)
+    rows, fields = read_csv_rows(csv_path, required)
+    absent = [c for c in AD_ATTRIBUTES if c not in fields]                   # for_prediction: a patient's unknowns
+    if absent:
+        warn(f"{csv_path}: no column {', '.join(absent)}: read as empty for every subject (Sec. 3.3)")
     keep, labels, sexes, ages, skipped, codes = [], [], [], [], collections.Counter(), collections.Counter()
     for line, row in rows:
         g = diagnosis(row.get("Group", ""), group_map)
@@ -669,7 +678,7 @@ def read_ad_table(csv_path, image_dir=None, need_images=True, classes=3, group_m
             skipped[row["Group"]] += 1
             continue
         v = {col: read_cell(csv_path, line, row, col) for col in AD_ATTRIBUTES}   # the cells parsed again later
-        codes.update(c for c in AD_ATTRIBUTES if math.isnan(v[c]) and row[c].upper() not in EMPTY_CELLS)  # -4 / -1
+        codes.update(c for c in AD_ATTRIBUTES if math.isnan(v[c]) and row.get(c, "").upper() not in EMPTY_CELLS)
         if classes == 2 and g == "MCI" and not for_prediction:
             continue
         keep.append((line, row))
@@ -685,7 +694,7 @@ def read_ad_table(csv_path, image_dir=None, need_images=True, classes=3, group_m
              f"missing-value code -4 or -1, read as missing")
     subjects = check_subjects(csv_path, keep)
     paths = _image_paths(csv_path, keep, subjects, image_dir) if need_images else None
-    raw = [{a: row[a] for a in AD_ATTRIBUTES} for _, row in keep]
+    raw = [{a: row.get(a, "") for a in AD_ATTRIBUTES} for _, row in keep]
     return Table(subjects, np.array(labels, np.int64), raw, np.array(sexes, np.int64), np.array(ages, np.float32),
                  paths, os.fspath(csv_path), names, skipped)
 

@@ -13,6 +13,7 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -93,7 +94,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_resume_continues_adam_from_its_saved_moments_so_the_weights_end_as_an_uninterrupted_runs
 #
 # Sec. 3.3, 4.3.3: tabular attributes and missing values
-# Sec. 3.3 imputation and indicators: test_censored_csf_values_read_as_the_assay_limit,
+# Sec. 3.3 imputation and indicators:
+#     test_censored_csf_values_read_as_the_assay_limit_and_no_other_value_is_read_censored,
 #     test_imputation_is_fitted_on_training_rows_only_and_its_state_round_trips_exactly,
 #     test_missing_indicators_are_for_the_attributes_with_empty_cells_in_the_training_rows_alone_and_no_nan_remains,
 #     test_imputation_replays_scikit_learns_iterative_imputer,
@@ -1094,8 +1096,13 @@ def rows_with_missing(n=60, seed=0):
     return rows
 
 
-def test_censored_csf_values_read_as_the_assay_limit():
+def test_censored_csf_values_read_as_the_assay_limit_and_no_other_value_is_read_censored():
     assert (data.parse_value(">1700"), data.parse_value("<8")) == (1700.0, 8.0) and np.isnan(data.parse_value(""))
+    assert [data.parse_attribute(c, v) for c, v in (("ABETA", ">1700"), ("PTAU", "<8"), ("TAU", "< 80"))] == [
+        1700.0, 8.0, 80.0]
+    for col in ("AGE", "Age", "FDG", "AV45", "APOE4", "PTEDUCAT"):    # a brain age of `>80` is no age
+        with pytest.raises(ValueError, match="only the CSF assays"):
+            data.parse_attribute(col, ">80")
     with pytest.raises(ValueError):
         data.parse_value("high")
 
@@ -2128,7 +2135,6 @@ def test_eq7_8_each_row_of_the_ad_table_ensembles_its_folds_sample_by_sample(ad_
 
 @pytest.mark.parametrize("key,value,says", [
     ("split_seed", 1, "split_seed differs"), ("classes", 2, "classes differs"),
-    ("tabular_columns", COLUMNS + ["ABETA_missing"], "tabular_columns differs"),
     ("subjects", [f"S{i + 1}" for i in range(10)], "their test subjects differ"),
     ("labels", np.arange(10) % 3, "their test labels differ")])
 def test_folds_whose_configs_or_test_subjects_differ_are_refused_and_the_cli_says_so_in_one_line(tmp_path, key, value,
@@ -2141,6 +2147,18 @@ def test_folds_whose_configs_or_test_subjects_differ_are_refused_and_the_cli_say
     with pytest.raises(UserError, match=f"cannot ensemble .*fold0 and .*fold2: {says}"):
         evaluate.evaluate_ad(str(tmp_path), quiet=True)
     assert_clean_error(run_main(evaluate.main, "ad", "--runs", tmp_path), "error: cannot ensemble", says)
+
+
+def test_folds_ensemble_though_their_training_rows_gave_them_other_missing_indicators(tmp_path):
+    """A column empty for a few subjects gives the folds whose training rows hold them its indicator (Sec. 3.3);
+    Eq. 7-8 combine the folds' probabilities, whatever features each read."""
+    rng = np.random.default_rng(1)
+    labels, probs = rng.integers(0, 3, 10), [random_probs(rng, 10) for _ in range(4)]
+    for fold in range(4):
+        fake_ad_run(tmp_path, "concat", 0, 0, fold, probs[fold], labels, **(dict(
+            tabular_columns=COLUMNS + ["AGE_missing"], n_tabular=len(COLUMNS) + 1) if fold == 2 else {}))
+    (row,) = evaluate.evaluate_ad(str(tmp_path), quiet=True)["models"][0]["rows"]
+    assert row["BA"] == classification_metrics(labels, _eq7_8_by_hand(probs), NAMES)["balanced_accuracy"]
 
 
 def test_ad_plots_draw_each_rows_confusion_roc_and_reliability_and_table3_at_their_size(ad_runs, monkeypatch, capsys):
@@ -2198,6 +2216,8 @@ def test_ad_sweep_changes_the_tabular_attribute_of_every_test_row(ad_cohort40, t
         test_idx)) and res["summary"][0]["mean_probs"] == pytest.approx(probs.mean(0))
     with pytest.raises(UserError, match="not a tabular attribute"):
         predict.sweep(str(tmp_path / "best.pt"), "MMSE", ["30"])
+    with pytest.raises(UserError, match="--values -5: ABETA: negative value"):       # as a table's cell would be
+        predict.sweep(str(tmp_path / "best.pt"), "ABETA", ["-5"])
     (tmp_path / "predictions.npz").write_bytes(b"PK\x03\x04 cut short")     # the run's test predictions, damaged
     assert_clean_error(run_main(evaluate.main, "sweep", tmp_path, "--attribute", "ABETA", "--values", "200"),
                        "predictions.npz", "unreadable")
@@ -2755,6 +2775,17 @@ def _one_abeta_cell_edited(src, dst):
     return _edit_table(src, dst, lambda k, c: c[:6] + ["123.4"] + c[7:] if k == 5 else c)
 
 
+def test_the_protocol_refuses_to_train_beside_finished_runs_of_other_images(ad_cohort40, tmp_path):
+    """Images replaced or preprocessed again since those runs: their table is the same, their images not."""
+    table = data.read_ad_table(ad_cohort40)
+    now = data.image_fingerprint(table.image_paths, tmp_path / "cache", table.subjects)
+    for images, refused in ((now, False), ("0" * 64, True)):
+        run_dir = fake_ad_run(tmp_path / images[:4], "imaging", 0, 0, 0, np.eye(3), [0, 1, 2], images_sha256=images,
+                              table_sha256=data.table_sha256(ad_cohort40))
+        with pytest.raises(UserError, match="trained on other images") if refused else contextlib.nullcontext():
+            evaluate.check_protocol_data([run_dir], "ad", str(ad_cohort40), cache_dir=str(tmp_path / "cache"))
+
+
 def test_a_table_edited_between_two_protocol_calls_is_refused_before_training_and_evaluate_never_mixes_it(
         ad_cohort60, tmp_path):
     """run-protocol stopped after two folds, the table edited, run-protocol again: refused before anything trains,
@@ -2979,6 +3010,9 @@ CHECK_AD_REFUSALS = [
     ("non-numeric age", lambda d, t: _sub(t, "70.5", "seventy") or ["--no-images"], ["line 3", "AGE", "seventy"],
      None),
     ("a cell too many", lambda d, t: _sub(t, "70.5", "70,extra"), ["line 3: 12 fields, the header has 11"], None),
+    ("a cell left out", lambda d, t: _sub(t, "70.5,", ""), ["line 3: 10 fields, the header has 11"], None),  # shifted
+    ("a censored age", lambda d, t: _sub(t, "70.5", ">70") or ["--no-images"], ["line 3", "AGE", "only the CSF"],
+     None),
     ("not UTF-8", lambda d, t: t.write_bytes(b"Subject,Group\n\xff\xfe,CN\n"), ["UTF-8"], None),
     ("empty file", lambda d, t: t.write_text(""), ["ad.csv", "no header"], None),
     ("a column twice", lambda d, t: t.write_text("\n".join(ln + (",ABETA" if k == 0 else ",900") for k, ln in
@@ -3162,9 +3196,11 @@ def test_numeric_options_out_of_range_are_refused_naming_the_option(tmp_path):
     head, o = tmp_path / "images" / "S0.nii.gz", tmp_path / "o.nii.gz"
     base = ["--data-csv", csv_path, "--out", tmp_path / "runs", "--model", "tabular", "--quiet"]
     for option, value in [("--batch-size", "0"), ("--lr", "-1"), ("--weight-decay", "nan"), ("--workers", "-1"),
-                          ("--version", "-5"), ("--epochs", "0"), ("--split-seed", "-1"), ("--lr", "inf")]:
+                          ("--version", "-5"), ("--epochs", "0"), ("--split-seed", "-1"), ("--lr", "inf"),
+                          ("--version", str(2 ** 31)), ("--split-seed", "35184372088832")]:   # no seed torch takes
         assert_clean_error(run_main(train_ad.main, *base, option, value), f"{option} {value}")
-    assert_clean_error(run_main(train_ad.main, *base, "--batch-size", "0"), "--batch-size 0", "at least 1")
+    assert_clean_error(run_main(train_ad.main, *base, "--batch-size", "1"), "--batch-size 1", "at least 2")   # BN
+    assert_clean_error(run_main(train_brain_age.main, "--data-csv", csv_path, "--batch-size", "0"), "at least 1")
     assert_clean_error(run_main(train_brain_age.main, "--data-csv", csv_path, "--lr", "0"), "--lr 0", "above 0")
     for fractions in (("0.5", "0.5", "0.5"), ("0.9", "0.1", "0"), ("nan", "0.5", "0.5")):
         assert_clean_error(run_main(train_brain_age.main, "--data-csv", csv_path, "--split", *fractions),
@@ -3175,6 +3211,7 @@ def test_numeric_options_out_of_range_are_refused_naming_the_option(tmp_path):
     assert_clean_error(run_main(preprocess.main, head, head), "S0.nii.gz", "overwrite its own input")
     assert not o.exists()
     assert_clean_error(run_main(evaluate.main, "brain-age", "--runs", tmp_path, "--top", "0"), "--top 0")
+    assert_clean_error(run_main(lambda argv: np.zeros(1 << 62, np.uint8)), "Unable to allocate")   # one line too
     # argparse's own refusals are one line too (not its usage line first), from the script itself as well
     assert_clean_error(run("train_ad.py", "--fold", "7"), "--fold", "invalid choice")
     assert_clean_error(run_main(train_brain_age.main, "--batch-size", "abc"), "--batch-size", "abc")
@@ -3222,8 +3259,9 @@ def test_preprocess_refuses_a_subject_that_is_not_a_plain_file_name_or_an_out_di
     assert ({f: (tmp_path / f).read_bytes() for f in _files(tmp_path)}, sorted(os.listdir(tmp_path))) == before
 
 
-def test_an_out_file_that_is_an_input_or_a_folder_is_refused_and_the_input_kept(ad_cohort60, ad_fold_runs,
-                                                                                tmp_path):
+def test_an_out_file_that_is_an_input_a_folder_or_a_pipe_is_refused_and_the_input_kept(ad_cohort60, ad_fold_runs,
+                                                                                        tmp_path):
+    """A device or a pipe (`--out /dev/null`) would be replaced by a regular file: as root, for the whole machine."""
     (tmp_path / "ADNIMERGE.csv").write_text(ADNIMERGE)
     os.makedirs(tmp_path / "sub")
     os.symlink(tmp_path, tmp_path / "sub" / "here")             # the same file by another path
@@ -3239,6 +3277,12 @@ def test_an_out_file_that_is_an_input_or_a_folder_is_refused_and_the_input_kept(
         assert_clean_error(run_main(predict.main, run_dir, "--data-csv", ad_cohort60, "--out", out, "--quiet"),
                            "--out", out)
     assert open(image, "rb").read() == before and no_temp_files(tmp_path / "sub")
+    os.mkfifo(tmp_path / "pipe")
+    assert_clean_error(run_main(predict.main, run_dir, "--data-csv", ad_cohort60, "--out", tmp_path / "pipe",
+                                "--quiet"), "--out", "pipe: not a regular file")
+    with pytest.raises(UserError, match="pipe: not a regular file"), data.atomic_path(tmp_path / "pipe"):
+        pass                                                  # every writer's last guard
+    assert stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode)
 
 
 def test_a_preview_of_a_subject_named_like_a_path_stays_in_its_folder_under_a_distinct_safe_name(ad_cohort40,
@@ -3392,6 +3436,19 @@ def tabular_run(ad_cohort60, tmp_path_factory):
 def _copy_of(tabular_run, tmp_path):
     shutil.copytree(tabular_run, tmp_path, dirs_exist_ok=True)
     return _run_dir(tmp_path, "tabular")
+
+
+def test_a_run_folders_json_of_another_shape_is_refused_in_one_line(ad_cohort60, tabular_run, tmp_path):
+    """Parsed, but not what a training run writes (`[]`, `{}`): one line naming the file, not a KeyError."""
+    run_dir = _copy_of(tabular_run, tmp_path / "runs")
+    data.write_text("[]", os.path.join(run_dir, "calibration.json"))
+    assert_clean_error(run_main(predict.main, run_dir, "--data-csv", ad_cohort60, "--out", tmp_path / "p.csv",
+                                "--calibrated", "--quiet"), "calibration.json: not the calibration.json a training")
+    for text in ("{}", "[]", '{"val": {}, "test": 3}'):
+        data.write_text(text, os.path.join(run_dir, "metrics.json"))
+        with pytest.raises(UserError, match="metrics.json: not the metrics.json a training run writes"):
+            load_run(run_dir).read_metrics()
+    assert not (tmp_path / "p.csv").exists()
 
 
 def test_resume_after_an_interruption_ends_as_an_uninterrupted_run(ad_cohort60, concat_run, tmp_path, monkeypatch):
@@ -3720,7 +3777,7 @@ def fold_predictions(ad_cohort60, ad_fold_runs, tmp_path_factory):
     return _predict(os.path.dirname(runs[0]), "--data-csv", ad_cohort60, "--out", out), runs, out
 
 
-def test_a_finished_run_predicts_its_test_set_again_from_its_saved_state(concat_run):
+def test_a_finished_run_predicts_its_test_set_again_from_its_saved_state(concat_run, tmp_path):
     """Validation and test read both hippocampi; the saved model, imputation and crops give the test set again."""
     _, run_dir, scored = concat_run
     assert scored == [(12, (2, 1))] * 3       # validation (subset 1) after each of 2 epochs, test (subset 4)
@@ -3732,6 +3789,10 @@ def test_a_finished_run_predicts_its_test_set_again_from_its_saved_state(concat_
     _, probs = train_ad.ad_metrics(finished.model(), loader, torch.device("cpu"), finished.class_names,
                                    finished.run.precision)
     np.testing.assert_allclose(probs, finished.read_predictions()["probs"], atol=1e-6)
+    edited = tmp_path / "ad.csv"                                              # another table: another test set
+    edited.write_text(open(finished.run.data_csv).read() + "\n")
+    with pytest.raises(UserError, match="ad.csv: not the table .*best.pt was trained on"):
+        predict.test_set(finished, data_csv=str(edited))
 
 
 def test_a_brain_age_run_rebuilds_its_own_split_not_sec_4_2_3s_default(fig4a_women_run):
@@ -3772,6 +3833,32 @@ def test_predict_combines_the_members_by_eq7_8_and_each_member_reproduces_its_te
     written = list(csv.DictReader(open(out)))                               # each subject's class: its largest
     assert [r["predicted"] for r in written] == [NAMES[int(p.argmax())] for p in both["combined"]]
     assert len({r["predicted"] for r in written}) > 1
+
+
+def test_a_new_patients_table_may_leave_out_attribute_columns_and_they_read_as_empty_cells(ad_cohort60, tabular_run,
+                                                                                            tmp_path, capsys):
+    lines = [line.split(",") for line in open(ad_cohort60).read().splitlines()[:6]]
+    gone = [lines[0].index(c) for c in ("AGE", "AV45")]
+    empty, without = tmp_path / "empty.csv", tmp_path / "without.csv"
+    empty.write_text("".join(",".join("" if i in gone and k else c for i, c in enumerate(r)) + "\n"
+                             for k, r in enumerate(lines)))
+    without.write_text("".join(",".join(c for i, c in enumerate(r) if i not in gone) + "\n" for r in lines))
+    run_dir = _run_dir(tabular_run, "tabular")
+    a, b = (_predict(run_dir, "--data-csv", t, "--out", tmp_path / f"{t.stem}-p.csv") for t in (empty, without))
+    np.testing.assert_array_equal(a["combined"], b["combined"])
+    assert "without.csv: no column AGE, AV45: read as empty for every subject" in capsys.readouterr().err
+    assert_clean_error(run_main(train_ad.main, *_tabular_args(without, tmp_path / "r")), "missing columns AGE, AV45")
+
+
+def test_predict_prints_the_ensembles_metrics_over_the_subjects_with_a_diagnosis_alone(ad_cohort60, tabular_run,
+                                                                                         tmp_path, capsys):
+    table = _edit_table(ad_cohort60, tmp_path / "new.csv", lambda k, c: c[:1] + [c[1] if k > 11 else ""] + c[2:])
+    res = predict.main([_run_dir(tabular_run, "tabular"), "--data-csv", str(table), "--out", str(tmp_path / "p.csv")])
+    labels = data.read_ad_table(table, need_images=False, for_prediction=True).labels
+    known = labels >= 0
+    m = classification_metrics(labels[known], res["combined"][known], NAMES)
+    assert f"ensemble on the {known.sum()} subjects with a diagnosis: BA {m['balanced_accuracy']:.3f} AUC " \
+           f"{m['auc_macro']:.3f}" in capsys.readouterr().out and known.sum() == 50
 
 
 def test_prob_spread_is_the_largest_across_member_standard_deviation_of_a_class_probability(fold_predictions):
@@ -4452,7 +4539,8 @@ def test_jobs_without_gpus_spread_the_runs_over_every_visible_gpu(tmp_path, monk
 def test_an_interrupted_run_protocol_with_jobs_ends_the_trainings_it_started(tmp_path, monkeypatch):
     """Ctrl-C, SIGTERM or an error of the runner left its --jobs trainings running; now it stops them first."""
     pid_file = tmp_path / "pid"
-    child = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)"
+    child = "import os, signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (open(sys.argv[1] + '.term', " \
+            "'w').close(), sys.exit(143))); open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)"
     real_sleep, interrupted = evaluate.time.sleep, []
 
     def interrupt_once_it_runs(seconds):                      # time.sleep, of the runner's poll and of Popen.wait
@@ -4468,6 +4556,7 @@ def test_an_interrupted_run_protocol_with_jobs_ends_the_trainings_it_started(tmp
     try:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)                                   # ended, and waited for (no zombie left either)
+        assert (tmp_path / "pid.term").exists()               # by SIGTERM: a training saves what it holds
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -5004,8 +5093,9 @@ def test_progress_time_left_is_the_pace_so_far_for_items_and_runs_and_durations_
     assert capsys.readouterr().out.splitlines() == [
         "decoding the image cache: 1200 of 5000 images (24%), 10 images/s, about 6 min 20 s left",
         "decoding the image cache: 5000 images in 8 min 20 s (10 images/s)"]
-    assert [data.duration_text(t) for t in (0.42, 9.96, 45, 59.6, 190, 3599, 3600, 7500)] == \
-        ["0.4 s", "10 s", "45 s", "1 min", "3 min 10 s", "59 min 59 s", "1 h", "2 h 5 min"]
+    assert [data.duration_text(t) for t in (0.42, 9.96, 45, 59.6, 190, 3599, 3600, 7500, 7540)] == \
+        ["0.4 s", "10 s", "45 s", "1 min", "3 min 10 s", "59 min 59 s", "1 h", "2 h 5 min", "2 h 6 min"]
+    assert [p.pace(n, 10.0) for n in (5000, 25, 4)] == ["500 images/s", "2.5 images/s", "0.4 images/s"]   # slow too
     rate_limited = data.Progress("x", 1000, every=5, clock=lambda: now[0])              # 5 s and 5% at most
     for k in range(1000):
         now[0] += 0.01 if k < 500 else 1.0

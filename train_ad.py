@@ -52,6 +52,7 @@ def main(argv=None):
 def train_ad(args):
     """One AD run from its parsed options (a dict, as vars(ad_arguments().parse_args())) in its claimed folder."""
     demo = DEMO_TABULAR if args["model"] == "tabular" else DEMO_AD      # the schedule resolved for data and model
+    data.check_number("--batch-size", args["batch_size"], least=2)   # one sample stops a BatchNorm1d in training
     return train_run(args, "ad", demo, REAL_AD, run_ad, fold=args["fold"], classes=args["classes"], loss=args["loss"],
                      group_map=data.parse_group_map(args["group_map"]) or None, crops=args["crops"])
 
@@ -183,7 +184,7 @@ def pretrained_tabular(args, run, inputs):
         if not finished(run_dir):
             log(f"pre-training the tabular embedding (Sec. 4.3.6) -> {run_dir}", args["quiet"])
             with alone():
-                train_ad(dict(args, model="tabular", resume=True))   # an interrupted pre-training continues
+                train_ad(dict(args, model="tabular", resume=resumable(run_dir, True)))   # an interrupted one goes on
         else:
             log(f"reusing the tabular embedding of {run_dir}", args["quiet"])
     return load_run(run_dir, expected=identity(tab_run, inputs, DATA_KEYS)).model()

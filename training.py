@@ -237,7 +237,8 @@ def common_run_fields(args, device, task, demo, real):
     --data-csv), the schedule (numbers checked; unset ones the demo's or Table 1's), the images, the precision."""
     synthetic, quiet = args["data_csv"] is None, args["quiet"]
     for k, least in dict(epochs=1, batch_size=1, weight_decay=0, workers=0, version=0, split_seed=0).items():
-        check_number("--" + k.replace("_", "-"), args.get(k), least=least)
+        check_number("--" + k.replace("_", "-"), args.get(k), least=least,
+                     most=2 ** 31 - 1 if k in ("version", "split_seed") else None)   # a seed torch takes
     check_number("--lr", args.get("lr"), above=0)
     precision = resolve_precision(args["precision"], device, quiet)     # refused before the cohort is generated
     with main_first():  # torchrun: rank 0 generates the synthetic cohort, the others wait for it
@@ -703,9 +704,13 @@ class FinishedRun:
         path = os.path.join(self.dir, name)
         try:
             with open(path) as f:
-                return json.load(f)
+                obj = json.load(f)
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+        parts = ("val", "test") if name == "metrics.json" else ()                   # what the trainers write
+        if not isinstance(obj, dict) or not all(isinstance(obj.get(p), dict) for p in parts):
+            raise UserError(f"{path}: not the {name} a training run writes")
+        return obj
 
     @property
     def temperature(self):
