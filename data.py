@@ -505,7 +505,8 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii")
 def read_csv_rows(csv_path, required):
     """-> ([(line number, row dict)], fieldnames), the delimiter, columns, quotes, field counts and encoding checked."""
     if not os.path.isfile(csv_path):
-        raise UserError(f"{csv_path}: table not found")
+        raise UserError(f"{csv_path}: " + ("a folder, not a table (a CSV file)" if os.path.isdir(csv_path) else
+                                           "table not found"))
     rows = []
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:

@@ -832,6 +832,8 @@ def main(argv=None):
         check_number("--" + option.replace("_", "-"), getattr(a, option, None), least=least)
     if getattr(a, "plots", None):      # before any work: without matplotlib nothing is computed, nothing written
         check_plots_folder(a.plots)
+    if a.command in ("ad", "brain-age", "calibrate") and a.out and os.path.exists(a.out) and not os.path.isdir(a.out):
+        raise UserError(f"--out {a.out}: a file, not a folder; give the folder for the results")
     if a.command == "ad":
         return evaluate_ad(a.runs, a.binary, a.out, plots_dir=a.plots)
     if a.command == "brain-age":

@@ -168,6 +168,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Table 3 and its runs: test_ad_table_has_a_row_per_seed_and_version_with_mean_std_and_mann_whitney,
 #     test_eq7_8_each_row_of_the_ad_table_ensembles_its_folds_sample_by_sample,
 #     test_folds_whose_configs_or_test_subjects_differ_are_refused_and_the_cli_says_so_in_one_line,
+#     test_folds_ensemble_though_their_training_rows_gave_them_other_missing_indicators,
 #     test_ad_plots_draw_each_rows_confusion_roc_and_reliability_and_table3_at_their_size,
 #     test_ad_sweep_changes_the_tabular_attribute_of_every_test_row,
 #     test_sweep_plots_draw_how_the_prediction_moves_with_the_attribute,
@@ -184,6 +185,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_preprocess_gives_a_centred_zscored_90x120x99_volume_at_1_75mm,
 #     test_preprocess_resamples_trilinearly_so_a_ramp_reads_as_the_ramp_between_the_input_voxels,
 #     test_preprocess_reads_a_mask_of_0_and_255_as_the_same_brain_as_one_of_0_and_1,
+#     test_preprocess_refuses_to_estimate_the_mask_of_an_image_normalised_already_and_takes_its_given_mask,
 #     test_preprocess_starts_an_even_sided_box_half_a_voxel_before_the_masks_centre_of_mass_however_bright_a_side,
 #     test_an_estimated_brain_mask_is_the_largest_bright_component_with_the_dark_ventricles_inside_it,
 #     test_fuzzy_cmeans_finds_three_tissue_classes, test_preprocess_batch_mode_writes_every_subject_and_names_a_bad_row,
@@ -2427,6 +2429,21 @@ def test_preprocess_gives_a_centred_zscored_90x120x99_volume_at_1_75mm(tmp_path,
     assert abs(vol[nz].mean()) < 1e-4 and abs(vol[nz].std() - 1) < 1e-3
 
 
+def test_preprocess_refuses_to_estimate_the_mask_of_an_image_normalised_already_and_takes_its_given_mask(tmp_path):
+    """Negative brain voxels (a z-scored input) fall outside the estimated mask: half the brain would go silently."""
+    head, mask, _ = synthetic_head(tmp_path)
+    img = nib.load(head)
+    vol = img.get_fdata(dtype=np.float32)
+    inside = vol != 0
+    z = nib.Nifti1Image(np.where(inside, (vol - vol[inside].mean()) / vol[inside].std(), 0).astype(np.float32),
+                        img.affine)
+    with pytest.raises(UserError, match="of the voxels are negative: an image normalised already.*--mask"):
+        preprocess.preprocess_volume(z, None, 1.75, (40, 48, 40))
+    out = np.asarray(preprocess.preprocess_volume(z, nib.load(mask), 1.75, (40, 48, 40)).dataobj)
+    assert np.count_nonzero(out) > 0.9 * np.count_nonzero(np.asarray(preprocess.preprocess_volume(
+        img, nib.load(mask), 1.75, (40, 48, 40)).dataobj))                  # the brain kept, as from the raw T1
+
+
 def test_preprocess_reads_a_mask_of_0_and_255_as_the_same_brain_as_one_of_0_and_1():
     """A mask is binarised before it is resampled: a uint8 export's 255 would widen it through the interpolation."""
     vol = np.random.default_rng(0).random((20, 20, 20)).astype(np.float32) + 1
@@ -3221,6 +3238,11 @@ def test_numeric_options_out_of_range_are_refused_naming_the_option(tmp_path):
     assert_clean_error(run_main(train_brain_age.main, "--data-csv", ba, "--train-sex", "F", "--out", tmp_path / "r",
                                 "--quiet"), "--train-sex F", "0 female subjects")
     assert not (tmp_path / "r").exists()
+    # a folder for a file and a file for a folder, named as what they are
+    assert_clean_error(run_main(train_ad.main, *base[2:], "--data-csv", tmp_path), "a folder, not a table")
+    assert_clean_error(run_main(evaluate.main, "calibrate", tmp_path, "--out", csv_path), "--out", "a file, not a folder")
+    assert_clean_error(run_main(evaluate.main, "sweep", tmp_path, "--attribute", "Sex", "--values", "M"),
+                       "not a run folder (no best.pt in it)")
 
 
 def _rows_of(table, dst, *rows):

@@ -161,7 +161,8 @@ def check_classes(table, parts=None, run=None):
             if not (table.labels[idx] == k).any():
                 raise UserError(f"{table.csv_path}: class {c} is absent from the {part} subset (split seed "
                                 f"{run.split_seed}, fold {run.fold}): the cohort has {counts[k]} {c} subject"
-                                f"{'s' * int(counts[k] != 1)}, each of the 5 subsets needs at least one")
+                                f"{'s' * int(counts[k] != 1)}; each of the 5 subsets needs one, and the split deals "
+                                f"each (sex, age) stratum apart, so it takes more")
 
 
 def wce_loss(logits, target, weights):

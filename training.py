@@ -676,6 +676,8 @@ class FinishedRun:
 
     def __init__(self, path, expected=None):
         path = os.fspath(path)
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "best.pt")):
+            raise UserError(f"{path}: not a run folder (no best.pt in it); give the folder of one finished run")
         self.checkpoint_path = path = path if os.path.isfile(path) else os.path.join(path, "best.pt")
         self.dir, self.checkpoint = os.path.dirname(path), load_checkpoint(path, expected)
         try:
