@@ -169,6 +169,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_eq7_8_each_row_of_the_ad_table_ensembles_its_folds_sample_by_sample,
 #     test_folds_whose_configs_or_test_subjects_differ_are_refused_and_the_cli_says_so_in_one_line,
 #     test_folds_ensemble_though_their_training_rows_gave_them_other_missing_indicators,
+#     test_late_fusion_of_imaging_and_tabular_runs_of_other_test_subjects_is_refused,
 #     test_ad_plots_draw_each_rows_confusion_roc_and_reliability_and_table3_at_their_size,
 #     test_ad_sweep_changes_the_tabular_attribute_of_every_test_row,
 #     test_sweep_plots_draw_how_the_prediction_moves_with_the_attribute,
@@ -177,6 +178,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_run_protocol_with_two_jobs_trains_each_missing_run_once_and_prints_the_serial_table,
 #     test_with_jobs_each_hyperfusion_run_waits_for_the_tabular_mlp_of_its_split_seed_version_and_fold,
 #     test_a_failing_run_of_the_protocol_stops_it_in_one_line_its_dependents_never_start_and_the_others_finish,
+#     test_of_two_failed_runs_the_protocol_names_the_first_to_fail,
 #     test_table3_reports_the_calibration_of_every_ensemble_after_the_papers_columns
 #
 # App. A-C: preprocessing, oversampling
@@ -2163,6 +2165,17 @@ def test_folds_ensemble_though_their_training_rows_gave_them_other_missing_indic
     assert row["BA"] == classification_metrics(labels, _eq7_8_by_hand(probs), NAMES)["balanced_accuracy"]
 
 
+def test_late_fusion_of_imaging_and_tabular_runs_of_other_test_subjects_is_refused(tmp_path):
+    """App. B averages the two ensembles subject by subject: only over one test set."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 10)
+    for model, names in (("imaging", None), ("tabular", [f"T{i}" for i in range(10)])):
+        for fold in range(4):
+            fake_ad_run(tmp_path, model, 0, 0, fold, random_probs(rng, 10), labels, subjects=names)
+    with pytest.raises(UserError, match="late fusion of split seed 0 v0: the imaging and tabular runs have different"):
+        evaluate.evaluate_ad(str(tmp_path), quiet=True)
+
+
 def test_ad_plots_draw_each_rows_confusion_roc_and_reliability_and_table3_at_their_size(ad_runs, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
     runs, made, labels = ad_runs
@@ -2285,6 +2298,13 @@ def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_trains_the_
     assert calls == [] and trained == [] and len(skipped) == 4                          # a restart trains nothing
     evaluate.run_protocol("ad", str(tmp_path / "b"), models=["tabular", "imaging"], epochs=2, tabular_epochs=50)
     assert {(a["model"], a["epochs"]) for a in calls} == {("tabular", 50), ("imaging", 2)}   # the MLP gets its own
+
+
+def test_of_two_failed_runs_the_protocol_names_the_first_to_fail(tmp_path):
+    job = lambda delay, name: evaluate.Job(str(tmp_path / name), [sys.executable, "-c", f"import sys, time; "
+                                                                  f"time.sleep({delay}); print('{name}'); sys.exit(3)"])
+    with pytest.raises(UserError, match=r"first: training failed \(exit 3\): first$"):
+        evaluate.run_jobs([job(0, "first"), job(2, "second")], 2, quiet=True)
 
 
 def test_a_failing_run_of_the_protocol_stops_it_in_one_line_its_dependents_never_start_and_the_others_finish(
@@ -3671,6 +3691,14 @@ def test_a_loss_a_million_times_the_untrained_networks_stops_the_run_though_fini
     assert_clean_error(p, "diverged in epoch 1", "the training loss", "times the untrained network's",
                        "nothing was saved")
     assert _files(tmp_path) == []
+
+
+def test_under_torchrun_the_epochs_loss_is_every_processs_sample_mean_and_the_untrained_ones_their_first_batches(
+        tmp_path, monkeypatch):
+    """Two processes: 4 samples at loss 1 here, 4 at loss 3 there, their first batches 1 and 3."""
+    monkeypatch.setattr(training, "world_size", lambda: 2)
+    monkeypatch.setattr(training, "everyone", lambda mine: [mine, (12.0, 4, 3.0) if isinstance(mine, tuple) else None])
+    assert training.check_losses([torch.tensor(1.0)], [4], 0, None, str(tmp_path), -1) == (2.0, 2.0)
 
 
 @pytest.mark.parametrize("sig, name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")],
