@@ -179,6 +179,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_with_jobs_each_hyperfusion_run_waits_for_the_tabular_mlp_of_its_split_seed_version_and_fold,
 #     test_a_failing_run_of_the_protocol_stops_it_in_one_line_its_dependents_never_start_and_the_others_finish,
 #     test_of_two_failed_runs_the_protocol_names_the_first_to_fail,
+#     test_the_runners_time_left_counts_what_the_runs_still_running_have_run,
 #     test_table3_reports_the_calibration_of_every_ensemble_after_the_papers_columns
 #
 # App. A-C: preprocessing, oversampling
@@ -2305,6 +2306,19 @@ def test_of_two_failed_runs_the_protocol_names_the_first_to_fail(tmp_path):
                                                                   f"time.sleep({delay}); print('{name}'); sys.exit(3)"])
     with pytest.raises(UserError, match=r"first: training failed \(exit 3\): first$"):
         evaluate.run_jobs([job(0, "first"), job(2, "second")], 2, quiet=True)
+
+
+def test_the_runners_time_left_counts_what_the_runs_still_running_have_run(tmp_path, monkeypatch):
+    times, real = [], data.Progress.item_done
+
+    def item_done(self, *args, spent=0.0):
+        times.append(spent)
+        return real(self, *args, spent=spent)
+    monkeypatch.setattr(data.Progress, "item_done", item_done)
+    job = lambda delay, name: evaluate.Job(str(tmp_path / name), [sys.executable, "-c", f"import time; "
+                                                                  f"time.sleep({delay})"])
+    evaluate.run_jobs([job(0, "quick"), job(1.5, "slow")], 2, quiet=True)
+    assert times[0] > 0.2 and times[1] == 0                  # the slow run had run when the quick one ended
 
 
 def test_a_failing_run_of_the_protocol_stops_it_in_one_line_its_dependents_never_start_and_the_others_finish(
