@@ -3302,6 +3302,8 @@ PREPROCESS_REFUSALS = [
     ("subjects equal but for case", _case_twins, ["case.csv line 3", "s0", "S0", "only in case"]),
     ("a 240-byte subject", lambda d, t: [_rows_of(t, d / "long.csv", lambda r: r[0].replace("S0,", "S" * 240 + ",")),
                                          "--out-dir", d / "pp"], ["long.csv line 2", "240 bytes long"]),
+    ("a subject of 80 characters, 240 bytes", lambda d, t: [_rows_of(t, d / "long.csv", lambda r: r[0].replace(
+        "S0,", "\u4e2d" * 80 + ",")), "--out-dir", d / "pp"], ["long.csv line 2", "240 bytes long"]),   # UTF-8
 ]
 
 
