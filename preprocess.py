@@ -123,10 +123,10 @@ def preprocess_volume(img, mask=None, spacing=1.75, shape=(90, 120, 99), n4=Fals
         img = n4_correct(img, None if mask is None else np.asarray(mask.dataobj) > 0.5)
     res = resample_isotropic(img, spacing)
     data = np.asarray(res.dataobj, np.float32)
-    negative = np.count_nonzero(data < 0) / max(np.count_nonzero(data), 1)     # a T1 in scanner units is >= 0
-    if mask is None and negative > 0.01:
-        raise UserError(f"{negative:.0%} of the voxels are negative: an image normalised already? The estimated brain "
-                        f"mask (step 4) keeps the bright voxels alone; give the brain mask with --mask")
+    if mask is None and np.count_nonzero(data < 0) > 0.01 * np.count_nonzero(data):   # a T1 in scanner units: >= 0
+        raise UserError(f"{np.count_nonzero(data < 0) / np.count_nonzero(data):.0%} of the voxels are negative: an "
+                        f"image normalised already? The estimated brain mask (step 4) keeps the bright voxels alone; "
+                        f"give the brain mask with --mask")
     m = estimate_brain_mask(data) if mask is None else np.asarray(resample_isotropic(mask, spacing).dataobj) > 0.5
     if not m.any():
         raise UserError("the brain mask is empty")

@@ -2318,7 +2318,7 @@ def test_the_runners_time_left_counts_what_the_runs_still_running_have_run(tmp_p
     job = lambda delay, name: evaluate.Job(str(tmp_path / name), [sys.executable, "-c", f"import time; "
                                                                   f"time.sleep({delay})"])
     evaluate.run_jobs([job(0, "quick"), job(1.5, "slow")], 2, quiet=True)
-    assert times[0] > 0.2 and times[1] == 0                  # the slow run had run when the quick one ended
+    assert times[0] > 0.1 and times[1] == 0                  # the slow run had run when the quick one ended
 
 
 def test_a_failing_run_of_the_protocol_stops_it_in_one_line_its_dependents_never_start_and_the_others_finish(

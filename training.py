@@ -700,7 +700,10 @@ class FinishedRun:
         return model.to(device).eval()
 
     def read_metrics(self):
-        return self.read_json("metrics.json")
+        metrics = self.read_json("metrics.json")
+        if not all(isinstance(metrics.get(part), dict) for part in ("val", "test")):   # what the trainers write
+            raise UserError(f"{os.path.join(self.dir, 'metrics.json')}: not the metrics.json a training run writes")
+        return metrics
 
     def read_json(self, name):
         path = os.path.join(self.dir, name)
@@ -709,8 +712,7 @@ class FinishedRun:
                 obj = json.load(f)
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
-        parts = ("val", "test") if name == "metrics.json" else ()                   # what the trainers write
-        if not isinstance(obj, dict) or not all(isinstance(obj.get(p), dict) for p in parts):
+        if not isinstance(obj, dict):
             raise UserError(f"{path}: not the {name} a training run writes")
         return obj
 
