@@ -586,6 +586,11 @@ CONV_SHAPES = [(1, 1, 0), (1, 2, 0), (3, 1, 1), (3, 2, 1), (3, 1, 0), (3, 2, 0),
 HYPERLAYER_CASES = [(0, 1, 1, 0), (0, 3, 1, 0)] + [(dim, *shape) for dim in (1, 2, 3) for shape in CONV_SHAPES]
 
 
+def _ad_parts(table, fold=1):
+    """(train, val, test) rows of an AD table's fold under split seed 0."""
+    return data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), fold)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["factorised", "materialised"])
 def test_check_hyperlayers_on_the_device_equal_the_per_sample_computation(device, mode):
@@ -625,12 +630,9 @@ def test_eq1_2_generators_are_drawn_uniform_with_the_hyperfan_in_variances_and_z
                                                                                              bias, d_k):
     """V_w = 2^r / (2^s d_j d_k E[e^2]), V_b = 2^r / (2 d_k E[e^2]), c = 0: a unit-variance input keeps its variance."""
     torch.manual_seed(10 * d_k + 4 * bias + 2 * relu_follows + (kind == "conv"))
-    embedding = nn.Linear(4, d_k)
-    if kind == "linear":
-        layer, d_j = HyperLinear(7, 5000, embedding, d_k, bias=bias, relu_follows=relu_follows), 7
-    else:
-        layer = HyperConv(2, 5, 4000, 3, embedding=embedding, embedding_dim=d_k, bias=bias, relu_follows=relu_follows)
-        d_j = 5 * 3 * 3
+    embedding, options = nn.Linear(4, d_k), dict(bias=bias, relu_follows=relu_follows)
+    layer, d_j = (HyperLinear(7, 5000, embedding, d_k, **options), 7) if kind == "linear" else \
+        (HyperConv(2, 5, 4000, 3, embedding=embedding, embedding_dim=d_k, **options), 5 * 3 * 3)
     _randomise(layer, seed=d_k)
     rows = torch.randn(300, 4)
     with torch.no_grad():
@@ -683,13 +685,11 @@ def test_hyperfusion_starts_from_the_trained_tabular_mlp_of_its_split_fold_and_v
                              monkeypatch, pretrained=models.TabularMLP)
     mlp = load_run(training.ad_run_dir(tmp_path, "tabular", 0, 2, 1))
     assert (mlp.run.split_seed, mlp.run.fold, mlp.run.version) == (0, 1, 2)
-    prefix = "block4.downsample.hypernet.embedding."
-    trained = mlp.model().embedding.state_dict()
+    prefix, trained = "block4.downsample.hypernet.embedding.", mlp.model().embedding.state_dict()
     assert {k[len(prefix):] for k in start if k.startswith(prefix)} == set(trained)
     assert all(torch.equal(start[prefix + k], v) for k, v in trained.items())
     table = data.read_ad_table(str(ad_cohort60))
-    train_idx = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 1)[0]
-    rows = torch.as_tensor(mlp.tabular.transform([table.raw[i] for i in train_idx]))
+    rows = torch.as_tensor(mlp.tabular.transform([table.raw[i] for i in _ad_parts(table)[0]]))
     assert len(seen) == 1 and torch.equal(seen[0].cpu(), rows)
     with torch.no_grad():
         sq_mean = float(copy.deepcopy(mlp.model().embedding).train()(rows).pow(2).mean())   # train-mode BN
@@ -725,25 +725,28 @@ def test_after_a_short_run_the_two_sexes_generate_different_weights_in_every_hyp
 # shared by all layers.
 
 
+class _ThreeLayers(nn.Module):
+    """A loss that depends on `strong`, 1000x less on `weak`, not at all on `unused`."""
+
+    def __init__(self):
+        super().__init__()
+        self.strong, self.weak, self.unused = nn.Linear(4, 1), nn.Linear(4, 1), nn.Linear(4, 1)
+
+    def forward(self, image, tabular):
+        return (self.strong(tabular) + 1e-3 * self.weak(tabular)).squeeze(1)
+
+
 def test_loss_entropy_ranks_a_layer_the_loss_depends_on_above_one_it_ignores_over_one_range_and_a_seed_draws_alike():
     """An ignored layer scores 0, and so does one moving the loss 1000x less than another, however its losses spread."""
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.strong, self.weak, self.unused = nn.Linear(4, 1), nn.Linear(4, 1), nn.Linear(4, 1)
-
-        def forward(self, image, tabular):
-            return (self.strong(tabular) + 1e-3 * self.weak(tabular)).squeeze(1)
-
     batch = (None, torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), torch.zeros(16))
-    scores = dict(layer_loss_entropy(Net(), batch, F.mse_loss, n_draws=30))
+    scores = dict(layer_loss_entropy(_ThreeLayers(), batch, F.mse_loss, n_draws=30))
     assert scores["unused"] == 0.0 and scores["weak"] == 0.0 and scores["strong"] > 1.0, scores
 
     def drawn(net, seed):   # every re-initialisation's loss: the seed's draws, whatever the global generator holds
         seen = []
         layer_loss_entropy(net, batch, lambda out, y: seen.append(F.mse_loss(out, y)) or seen[-1], n_draws=5, seed=seed)
         return torch.stack(seen)
-    net = Net()
+    net = _ThreeLayers()
     assert torch.equal(drawn(net, 1), drawn(net, 1)) and not torch.equal(drawn(net, 1), drawn(net, 2))
 
 
@@ -758,20 +761,12 @@ def test_loss_entropy_scores_every_layer_of_the_ad_backbone():
 
 def test_loss_entropy_draws_each_layer_100_times_by_default_in_the_function_and_the_command(monkeypatch):
     """Sec. 3.1.2's N = 100 re-initialisations per candidate layer."""
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(2, 3), nn.Linear(3, 1)
-
-        def forward(self, image, tabular):
-            return self.b(self.a(tabular)).squeeze(1)
-
-    losses = []
-    layer_loss_entropy(Net(), (None, torch.randn(4, 2), torch.zeros(4)), lambda out, y: losses.append(1) or out.sum())
-    assert len(losses) == 2 * 100
-    seen = []
-    monkeypatch.setattr(evaluate, "select_layers", lambda task, csv, images, folder, samples, draws, *a: seen.append(
-        draws) or [])
+    losses, seen = [], []
+    layer_loss_entropy(_ThreeLayers(), (None, torch.randn(4, 4), torch.zeros(4)),
+                       lambda out, y: losses.append(1) or out.sum())
+    assert len(losses) == 3 * 100
+    monkeypatch.setattr(evaluate, "select_layers",
+                        lambda task, csv, images, folder, samples, draws, *a: seen.append(draws) or [])
     evaluate.main(["select-layers", "--task", "ad", "--quiet"])
     assert seen == [100]
 
@@ -799,6 +794,11 @@ def test_select_layers_scores_on_a_batch_that_takes_the_classes_or_the_sexes_in_
 # epoch best on the validation rows is kept and tested.
 
 
+def _ba_args(cohort, out, *extra):
+    """train_brain_age.py's options of a quiet float32 run on `cohort` into `out`."""
+    return ["--data-csv", str(cohort), "--out", str(out), "--quiet", "--precision", "fp32", *extra]
+
+
 def _random_weights(state):
     """Names of the weights drawn at random (of convolutions, linear layers, generators; not the sex embeddings')."""
     return [k for k, v in state.items() if k.endswith("weight") and v.dim() >= 2
@@ -811,9 +811,8 @@ def _test_set_outputs(checkpoint):
     finished_run, cpu = load_run(checkpoint), torch.device("cpu")
     run, table, test_idx, images = predict.test_set(finished_run)
     if run.task == "ad":
-        ds = data.TabularDataset(finished_run.tabular.transform([table.raw[i] for i in test_idx]),
-                                 table.labels[test_idx])
-        decode = lambda logits: torch.softmax(logits, 1)
+        rows = finished_run.tabular.transform([table.raw[i] for i in test_idx])
+        ds, decode = data.TabularDataset(rows, table.labels[test_idx]), lambda logits: torch.softmax(logits, 1)
     else:
         ds = data.BrainAgeDataset(images, data.sex_onehot(table.sex[test_idx]), table.age[test_idx])
         decode = finished_run.target.decode
@@ -868,12 +867,11 @@ def test_eq3_every_trained_parameter_is_decayed_with_the_runs_lambda_and_generat
     made, model = _spy_adam(monkeypatch), _randomise(Net(), seed=5)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert {n.split(".")[0] for n in before} == {"fc", "hyper"} and len(before) == 8
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 3), torch.randn(8, 2),
-                                                                        torch.zeros(8)), batch_size=8)
+    items = torch.utils.data.TensorDataset(torch.randn(8, 3), torch.randn(8, 2), torch.zeros(8))
     run = RunConfig(task="ad", model="hyperfusion", version=0, split_seed=0, epochs=1, batch_size=8, lr=1e-3,
                     weight_decay=0.01, data_csv="ad.csv")
-    training.fit(model, loader, lambda out, y: 0 * out.sum(), lambda m: {"score": 0.0}, "score", run,
-                 str(tmp_path), {"n_tabular": 2}, quiet=True)
+    training.fit(model, torch.utils.data.DataLoader(items, batch_size=8), lambda out, y: 0 * out.sum(),
+                 lambda m: {"score": 0.0}, "score", run, str(tmp_path), {"n_tabular": 2}, quiet=True)
     (params, kwargs), = made
     assert {id(p) for p in params} == {id(p) for p in model.parameters()} and kwargs["weight_decay"] == 0.01
     for n, p in model.named_parameters():             # a zero gradient: Adam's first step is the decay's, lr to 0
@@ -913,8 +911,8 @@ def test_brain_age_minimises_eq4_on_the_centred_age_and_gives_adam_the_runs_deca
     monkeypatch.setattr(train_brain_age, "fit", lambda model, loader, loss_fn, *a, **k: seen.append(
         (loss_fn, k["state"]["target"])) or real(model, loader, loss_fn, *a, **k))
     with pytest.raises(_Stop):
-        train_brain_age.main(["--data-csv", str(brain_age_cohort20), "--out", str(tmp_path), "--epochs", "1",
-                              "--batch-size", "4", "--weight-decay", "0.05", "--quiet", "--precision", "fp32"])
+        train_brain_age.main(_ba_args(brain_age_cohort20, tmp_path, "--epochs", "1", "--batch-size", "4",
+                                      "--weight-decay", "0.05"))
     (params, kwargs), = made
     assert kwargs["weight_decay"] == pytest.approx(0.05 / scale ** 2, rel=1e-9)
     assert len(params) == len(list(build_model("brain-age", "hyperfusion", image_shape=BRAIN_AGE_SMALL).parameters()))
@@ -945,7 +943,7 @@ def test_the_loop_steps_on_eq5_gradients_alone_in_training_mode_and_keeps_the_ep
         ad_cohort60, tmp_path, monkeypatch):
     """Each step's gradient is Eq. 5's on its batch alone, in train mode; best.pt holds the first epoch best on val."""
     table = data.read_ad_table(ad_cohort60, need_images=False)
-    parts = dict(zip(("train", "val", "test"), data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 1)))
+    parts = dict(zip(("train", "val", "test"), _ad_parts(table)))
     rows = torch.as_tensor(TabularPreprocessor().fit([table.raw[i] for i in parts["train"]]).transform(table.raw))
     class_weights = lambda idx: (lambda n: n.sum() / (3 * n))(np.bincount(table.labels[idx], minlength=3))
     w = torch.tensor(class_weights(np.concatenate([parts["train"], parts["val"]])), dtype=torch.float32)   # N / (C n_c)
@@ -986,7 +984,8 @@ def test_the_loop_steps_on_eq5_gradients_alone_in_training_mode_and_keeps_the_ep
     assert len(steps) == 4 * 4 and all(steps)                                 # 36 training rows, batches of 8
     orders = {torch.cat([tab for _, tab, _ in batches[4 * e:4 * e + 4]]).numpy().tobytes() for e in range(4)}
     assert len(orders) == 4                                                   # each epoch shuffled anew
-    with open(os.path.join(_run_dir(tmp_path, "tabular"), "log.csv")) as f:  # the logged loss: the epoch's Eq. 5
+    run_dir = _run_dir(tmp_path, "tabular")
+    with open(os.path.join(run_dir, "log.csv")) as f:                         # the logged loss: the epoch's Eq. 5
         logged = [float(row["train_loss"]) for row in csv.DictReader(f)]
     np.testing.assert_allclose(logged, np.reshape(losses, (4, 4)).mean(1), rtol=1e-5)
     scores = [s for s, _, _ in epochs]
@@ -994,7 +993,6 @@ def test_the_loop_steps_on_eq5_gradients_alone_in_training_mode_and_keeps_the_ep
     kept = int(np.argmax(scores))
     for other in ("test", "train"):                                   # the rows tell the epochs apart differently
         assert int(np.argmax([ba[other] for _, ba, _ in epochs])) != kept, other
-    run_dir = _run_dir(tmp_path, "tabular")
     best = training.load_checkpoint(os.path.join(run_dir, "best.pt"))
     assert best["epoch"] == kept and json.load(open(os.path.join(run_dir, "metrics.json")))["best_epoch"] == kept
     for k, v in epochs[kept][2].items():
@@ -1028,16 +1026,17 @@ def test_the_training_scripts_test_with_the_best_epochs_checkpoint_not_the_last(
         training.save_checkpoint({"model": model.state_dict(), "epoch": 1, **header}, os.path.join(run_dir, "last.pt"))
         return {"epoch": 0, "score": metrics[score_key], "metrics": metrics}
 
-    module, cohort, model = (train_ad, ad_cohort60, "tabular") if task == "ad" else \
-        (train_brain_age, brain_age_cohort20, "imaging")
+    ad = task == "ad"
+    module, cohort, model = (train_ad, ad_cohort60, "tabular") if ad else (train_brain_age, brain_age_cohort20,
+                                                                             "imaging")
     monkeypatch.setattr(module, "fit", best_then_worse)
     module.main(["--data-csv", str(cohort), "--out", str(tmp_path), "--epochs", "1", "--quiet", "--model", model])
-    run_dir = _run_dir(tmp_path, model, 0) if task == "ad" else training.brain_age_run_dir(tmp_path, model, 0)
+    run_dir = _run_dir(tmp_path, model, 0) if ad else training.brain_age_run_dir(tmp_path, model, 0)
     saved = load_run(run_dir).read_predictions()
     for name, same in (("best.pt", True), ("last.pt", False)):
         subjects, outputs = _test_set_outputs(os.path.join(run_dir, name))
         assert list(subjects) == list(saved["subjects"])
-        assert np.allclose(outputs, saved["probs" if task == "ad" else "pred"], atol=1e-5) == same, name
+        assert np.allclose(outputs, saved["probs" if ad else "pred"], atol=1e-5) == same, name
 
 
 @pytest.mark.parametrize("task,model", [("ad", "imaging"), ("ad", "hyperfusion"), ("brain-age", "hyperfusion")])
@@ -1047,9 +1046,8 @@ def test_versions_are_independent_initialisations_and_one_version_twice_starts_f
         if task == "ad":
             argv = _ad_args(ad_cohort60, tmp_path / out, "--model", model, "--version", str(version))
             return _initial_weights(train_ad, argv, monkeypatch, pretrained=models.TabularMLP)
-        return _initial_weights(train_brain_age, ["--data-csv", str(brain_age_cohort20), "--out", str(tmp_path / out),
-                                                  "--epochs", "1", "--batch-size", "4", "--model", model, "--quiet",
-                                                  "--version", str(version), "--precision", "fp32"], monkeypatch)
+        return _initial_weights(train_brain_age, _ba_args(brain_age_cohort20, tmp_path / out, "--epochs", "1",
+                                "--batch-size", "4", "--model", model, "--version", str(version)), monkeypatch)
     v0, v1, v0_again = initial(0, "a"), initial(1, "b"), initial(0, "a")   # AD: the v0 MLP trained, then reused
     names = _random_weights(v0)
     generators = [k for k in names if "weights_gen" in k or "bias_gen" in k]
@@ -1061,21 +1059,31 @@ def test_versions_are_independent_initialisations_and_one_version_twice_starts_f
         assert not torch.equal(v0[key], v1[key])
 
 
-def test_a_hyperfusion_run_writes_its_checkpoints_log_and_metrics(ad_fold_runs):
-    run = _run_dir(ad_fold_runs, "hyperfusion")
+@pytest.mark.parametrize("task", ["ad", "brain-age"])
+def test_a_run_writes_its_checkpoints_log_predictions_and_metrics_with_one_log_row_an_epoch(task, request):
+    """AD: HyperFusion, one epoch, its tabular MLP beside it; brain age: two epochs, MAEs in years."""
+    if task == "ad":
+        runs, epochs = request.getfixturevalue("ad_fold_runs"), 1
+        run = _run_dir(runs, "hyperfusion")
+        assert os.path.isfile(os.path.join(_run_dir(runs, "tabular"), "best.pt"))  # the pre-trained embedding
+    else:
+        (returned, run), epochs = request.getfixturevalue("brain_age_run"), 2
     assert {"best.pt", "last.pt", "log.csv", "metrics.json", "predictions.npz"} <= set(os.listdir(run))
-    assert os.path.isfile(os.path.join(_run_dir(ad_fold_runs, "tabular"), "best.pt"))  # the pre-trained embedding
-    assert not [f for f in os.listdir(run) if f.startswith(".tmp")]
-    saved = json.load(open(os.path.join(run, "metrics.json")))
-    tested = np.load(os.path.join(run, "predictions.npz"))
+    assert no_temp_files(run) and len(open(os.path.join(run, "log.csv")).read().strip().splitlines()) == 1 + epochs
+    saved, tested = json.load(open(os.path.join(run, "metrics.json"))), np.load(os.path.join(run, "predictions.npz"))
+    ckpt = training.load_checkpoint(os.path.join(run, "last.pt"))
+    assert ckpt["epoch"] == epochs - 1 and ckpt["run"]["model"] == "hyperfusion"
+    if task == "brain-age":
+        expected = json.loads(json.dumps(regression_metrics(tested["age"], tested["pred"], tested["sex"])))
+        assert {k: saved["test"][k] for k in expected} == expected
+        assert all(0.0 < m[s][k] < 100.0 for m in (saved, returned) for s in ("val", "test")
+                   for k in ("mae", "mae_male", "mae_female"))
+        return
     assert saved["test"] == json.loads(json.dumps(classification_metrics(tested["labels"], tested["probs"], NAMES)))
     for m in (saved["val"], saved["test"]):
         assert all(0.0 <= m[k] <= 1.0 for k in ("balanced_accuracy", "precision", "f1_macro"))
         assert set(m["tp_rate"]) == {"CN", "MCI", "AD"} and np.array(m["confusion_matrix"]).shape == (3, 3)
     assert sum(map(sum, saved["test"]["confusion_matrix"])) == 12  # subset 4 of 60 subjects
-    assert len(open(os.path.join(run, "log.csv")).read().strip().splitlines()) == 1 + 1     # one row per epoch
-    ckpt = training.load_checkpoint(os.path.join(run, "last.pt"))
-    assert ckpt["epoch"] == 0 and ckpt["run"]["model"] == "hyperfusion"
     assert TabularPreprocessor(state=ckpt["tabular"]).n_features == ckpt["inputs"]["n_tabular"] == 15
 
 
@@ -1103,8 +1111,8 @@ def rows_with_missing(n=60, seed=0):
 
 def test_censored_csf_values_read_as_the_assay_limit_and_no_other_value_is_read_censored():
     assert (data.parse_value(">1700"), data.parse_value("<8")) == (1700.0, 8.0) and np.isnan(data.parse_value(""))
-    assert [data.parse_attribute(c, v) for c, v in (("ABETA", ">1700"), ("PTAU", "<8"), ("TAU", "< 80"))] == [
-        1700.0, 8.0, 80.0]
+    cells = (("ABETA", ">1700"), ("PTAU", "<8"), ("TAU", "< 80"))
+    assert [data.parse_attribute(c, v) for c, v in cells] == [1700.0, 8.0, 80.0]
     for col in ("AGE", "Age", "FDG", "AV45", "APOE4", "PTEDUCAT"):    # a brain age of `>80` is no age
         with pytest.raises(ValueError, match="only the CSF assays"):
             data.parse_attribute(col, ">80")
@@ -1139,8 +1147,7 @@ def test_imputation_is_fitted_on_training_rows_only_and_its_state_round_trips_ex
 
 
 def test_the_sex_one_hot_is_male_then_female_in_both_tasks_so_a_saved_run_reads_each_sex_as_it_was_trained():
-    """Brain age's sex codes (0 male, 1 female) and AD's PTGENDER give [male, female]: a checkpoint's first input
-    column means male whichever code wrote it."""
+    """Brain age's codes (0 male, 1 female) and AD's PTGENDER: a checkpoint's first column means male in both."""
     assert np.array_equal(data.sex_onehot(np.array([0, 1, 1])), np.array([[1, 0], [0, 1], [0, 1]], np.float32))
     rows = rows_with_missing()
     tp = TabularPreprocessor().fit(rows)
@@ -1150,8 +1157,7 @@ def test_the_sex_one_hot_is_male_then_female_in_both_tasks_so_a_saved_run_reads_
 
 
 def test_an_imputed_sex_is_a_probability_its_two_columns_in_0_1_summing_to_1_however_far_its_neighbours_lie():
-    """Sex, regressed on the other attributes where it is empty, is clipped to [0, 1]: a held-out row far outside
-    the training rows' range reads as certainly one sex, never as more than male or less than female."""
+    """Regressed on the other attributes and clipped: a row far outside the training rows' range is one sex for sure."""
     rows = rows_with_missing()
     for i, r in enumerate(rows):                     # women 60 years old, men 85: age predicts sex almost exactly
         r["AGE"] = f"{60 + 25 * (r['PTGENDER'] == 'Male') + (i % 5) * 0.5:.1f}"
@@ -1216,23 +1222,20 @@ def test_a_training_run_fits_its_z_scores_imputation_and_missing_indicators_on_i
                                                                                                         tmp_path):
     """Only the held-out rows hold extreme ABETA, FDG and AV45 and empty education; one training row no APOE4."""
     table = data.read_ad_table(ad_cohort60, need_images=False)
-    tr, va, te = data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 1)
+    tr, va, te = _ad_parts(table)
     header = open(ad_cohort60).readline().strip().split(",")
     held_out_lines = set((np.concatenate([va, te]) + 2).tolist())        # CSV line numbers, the header is line 1
 
+    held_out = dict(PTEDUCAT="", ABETA="900000", FDG="60", AV45="40")
+
     def edit(line, cells):
-        if line in held_out_lines:
-            for col, value in (("PTEDUCAT", ""), ("ABETA", "900000"), ("FDG", "60"), ("AV45", "40")):
-                cells[header.index(col)] = value
-        elif line == tr[0] + 2:
-            cells[header.index("APOE4")] = ""
-        return cells
+        new = held_out if line in held_out_lines else {"APOE4": ""} if line == tr[0] + 2 else {}
+        return [new.get(col, c) for col, c in zip(header, cells)]
 
     train_ad.main(_tabular_args(_edit_table(ad_cohort60, tmp_path / "ad.csv", edit), tmp_path))
     ckpt = training.load_checkpoint(os.path.join(_run_dir(tmp_path, "tabular"), "best.pt"))
     table = data.read_ad_table(tmp_path / "ad.csv", need_images=False)        # age, sex, diagnosis: the same split
-    assert all(np.array_equal(a, b) for a, b in zip((tr, va, te), data.ad_fold(
-        data.ad_split(table.sex, table.labels, table.age, 0), 1)))
+    assert all(np.array_equal(a, b) for a, b in zip((tr, va, te), _ad_parts(table)))
     state = ckpt["tabular"]
     X = np.array([[data.parse_attribute(a, table.raw[i][a]) for a in data.AD_CONTINUOUS] for i in tr])
     np.testing.assert_allclose(state["mean"], np.nanmean(X, 0), rtol=1e-12)
@@ -1245,8 +1248,7 @@ def test_a_training_run_fits_its_z_scores_imputation_and_missing_indicators_on_i
         assert state != TabularPreprocessor().fit([table.raw[i] for i in rows]).state_dict()
     expected = [a for a, e in zip(data.AD_CONTINUOUS, np.isnan(X).any(0)) if e]
     expected += ["PTGENDER"] if (table.sex[tr] < 0).any() else []
-    assert "APOE4" in expected and "PTEDUCAT" not in expected      # empty in one training row / in held-out rows only
-    assert state["indicators"] == expected
+    assert "APOE4" in expected and "PTEDUCAT" not in expected and state["indicators"] == expected  # see the docstring
     assert ckpt["inputs"]["tabular_columns"] == COLUMNS + [f"{a}_missing" for a in expected]
     assert ckpt["inputs"]["n_tabular"] == len(COLUMNS) + len(expected)
 
@@ -1303,9 +1305,7 @@ def test_eq7_8_weight_each_member_by_its_inverse_entropy_sample_by_sample_and_eq
 
 
 def test_metrics_against_a_hand_made_confusion_matrix_and_maes_by_hand():
-    cm = np.array([[4, 1, 0],     # true CN
-                   [2, 2, 1],     # true MCI
-                   [0, 1, 1]])    # true AD
+    cm = np.array([[4, 1, 0], [2, 2, 1], [0, 1, 1]])              # rows: true CN, MCI, AD
     labels = np.repeat([0, 1, 2], cm.sum(1))
     pred = np.repeat(np.tile([0, 1, 2], 3), cm.ravel())           # row by row, as many of each as the cell says
     m = classification_metrics(labels, np.eye(3)[pred] * 0.8 + 0.2 / 3, NAMES)
@@ -1368,8 +1368,8 @@ def test_a_run_named_twice_is_one_member_and_a_runs_metrics_file_is_not_called_a
     assert [m.dir for m in predict.find_runs(named)] == runs
     res = evaluate.main(["calibrate", *map(str, named), "--quiet"])
     assert len(res["runs"]) == 4 and len(res["ensembles"]) == 1
-    proc = run_main(predict.main, os.path.join(runs[0], "metrics.json"), "--data-csv", tmp_path / "new.csv",
-                    "--out", tmp_path / "p.csv")
+    proc = run_main(predict.main, os.path.join(runs[0], "metrics.json"), "--data-csv", tmp_path / "new.csv", "--out",
+                    tmp_path / "p.csv")
     assert_clean_error(proc, "metrics.json", runs[0], "give that run folder")
     assert "corrupt" not in proc.stderr
 
@@ -1571,13 +1571,6 @@ def test_brain_age_split_cuts_every_sex_and_age_stratum_80_10_10_by_its_seed_and
     assert [len(p) for p in demo] == [400, 200, 200]
 
 
-def test_a_two_epoch_brain_age_run_writes_its_files_with_maes_in_years(brain_age_run):
-    metrics, run = brain_age_run
-    for f in ["best.pt", "last.pt", "log.csv", "metrics.json", "predictions.npz"]:
-        assert os.path.isfile(os.path.join(run, f)), f
-    assert all(0.0 < metrics[s][k] < 100.0 for s in ("val", "test") for k in ("mae", "mae_male", "mae_female"))
-
-
 def test_the_brain_age_target_is_centred_on_the_mean_age_of_the_training_rows_it_trains_on(fig4a_women_run):
     table, (train, val, test), _, run_dir = fig4a_women_run
     women = train_brain_age.select_training_sex(train, table.sex, "F", 0)
@@ -1650,8 +1643,8 @@ def test_brain_age_training_re_estimates_batch_norm_before_every_validation_from
         return training.recalibrate_batchnorm(model, loader, device, precision)
 
     monkeypatch.setattr(train_brain_age, "recalibrate_batchnorm", spy)
-    train_brain_age.main(["--data-csv", str(brain_age_cohort20), "--out", str(tmp_path), "--epochs", "2", "--quiet",
-                          "--batch-size", "4", "--model", "imaging", "--train-sex", "F", "--split", *map(str, split)])
+    train_brain_age.main(_ba_args(brain_age_cohort20, tmp_path, "--epochs", "2", "--batch-size", "4", "--model",
+                                  "imaging", "--train-sex", "F", "--split", *map(str, split)))
     table = data.read_brain_age_table(str(brain_age_cohort20), None)
     train = data.brain_age_split(table.age, table.sex, 0, split)[0]
     women = train_brain_age.select_training_sex(train, table.sex, "F", 0)
@@ -1770,8 +1763,7 @@ def test_embedding_dim_2_trains_the_two_to_two_sex_embedding_of_the_ablation_in_
 
     monkeypatch.setattr(train_brain_age, "fit", fit)
     with pytest.raises(_Stop):
-        train_brain_age.main(["--data-csv", str(brain_age_cohort20), "--out", str(tmp_path), "--embedding-dim", "2",
-                              "--quiet"])
+        train_brain_age.main(_ba_args(brain_age_cohort20, tmp_path, "--embedding-dim", "2"))
     (model, run_dir), = seen
     embeddings = [m.hypernet.embedding for m in model.modules() if isinstance(m, HyperLinear)]
     assert len(embeddings) == 4 and all(e.weight.shape == (2, 2) for e in embeddings)
@@ -1796,10 +1788,9 @@ def _sweep_checkpoint(path, name, cohort, cache):
 
 
 def test_brain_age_sweep_reads_every_test_scan_as_male_and_as_female(brain_age_cohort20, tmp_path):
-    res = {name: evaluate.main(["sweep", _sweep_checkpoint(tmp_path / f"{name}.pt", name, brain_age_cohort20,
-                                                           tmp_path / "cache"), "--attribute", "Sex", "--values", "M",
-                                "F"])["summary"] for name in ("hyperfusion", "imaging")}
-    hf, im = res["hyperfusion"], res["imaging"]
+    hf, im = (evaluate.main(["sweep", _sweep_checkpoint(tmp_path / f"{name}.pt", name, brain_age_cohort20, tmp_path /
+                                                       "cache"), "--attribute", "Sex", "--values", "M", "F"])["summary"]
+              for name in ("hyperfusion", "imaging"))
     assert [s["value"] for s in hf] == [None, "M", "F"]
     assert hf[2]["mean_pred"] != pytest.approx(hf[1]["mean_pred"], abs=1e-4)      # sex changes the reading
     assert im[2]["mean_pred"] == pytest.approx(im[1]["mean_pred"], abs=1e-4)      # the image-only model ignores it
@@ -1944,8 +1935,7 @@ def test_a_brain_age_cohort_too_small_for_its_split_is_refused_in_one_line_befor
         f.write("\n".join(open(brain_age_cohort20).read().splitlines()[:n + 1]) + "\n")
     table = data.read_brain_age_table(small)
     parts = data.brain_age_split(table.age, table.sex, 0)
-    proc = run_main(train_brain_age.main, "--data-csv", small, "--out", tmp_path, "--model", "imaging",
-                    "--epochs", "1", "--quiet", "--precision", "fp32")
+    proc = run_main(train_brain_age.main, *_ba_args(small, tmp_path, "--model", "imaging", "--epochs", "1"))
     assert_clean_error(proc, small, "{} training, {} validation and {} test".format(*map(len, parts)), "--split")
     assert _files(tmp_path) == []
 
