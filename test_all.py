@@ -87,7 +87,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_best_pt_holds_the_first_epoch_with_the_best_validation_score_and_last_pt_the_last,
 #     test_the_training_scripts_test_with_the_best_epochs_checkpoint_not_the_last,
 #     test_versions_are_independent_initialisations_and_one_version_twice_starts_from_the_same_weights,
-#     test_a_hyperfusion_run_writes_its_checkpoints_log_and_metrics
+#     test_a_run_writes_its_checkpoints_log_predictions_and_metrics_with_one_log_row_an_epoch
 # also: test_fit_runs_forward_and_loss_in_one_autocast_at_the_runs_precision_and_scales_float16s_loss,
 #     test_one_ddp_step_on_two_processes_takes_the_mean_of_their_shares_gradients,
 #     test_resume_after_an_interruption_ends_as_an_uninterrupted_run,
@@ -132,7 +132,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Sec. 4.2.3 split:
 #     test_brain_age_split_cuts_every_sex_and_age_stratum_80_10_10_by_its_seed_and_the_demo_keeps_200_and_200,
 #     test_a_brain_age_cohort_too_small_for_its_split_is_refused_in_one_line_before_anything_is_written
-# Sec. 4.2.2 training and testing: test_a_two_epoch_brain_age_run_writes_its_files_with_maes_in_years,
+# Sec. 4.2.2 training and testing:
+#     test_a_run_writes_its_checkpoints_log_predictions_and_metrics_with_one_log_row_an_epoch,
 #     test_the_brain_age_target_is_centred_on_the_mean_age_of_the_training_rows_it_trains_on,
 #     test_real_data_trains_on_table_1s_schedule_and_an_option_overrides_one_number_of_it,
 #     test_the_brain_age_demo_anneals_its_learning_rate_by_a_cosine_and_real_data_keeps_table_1s_constant_rate,
