@@ -2301,9 +2301,13 @@ def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_trains_the_
     assert {(a["model"], a["epochs"]) for a in calls} == {("tabular", 50), ("imaging", 2)}   # the MLP gets its own
 
 
+def _job(folder, name, code, after=None):
+    """A protocol job `name` whose process runs the Python `code`."""
+    return evaluate.Job(str(folder / name), [sys.executable, "-c", code], after=after and str(folder / after))
+
+
 def test_of_two_failed_runs_the_protocol_names_the_first_to_fail(tmp_path):
-    job = lambda delay, name: evaluate.Job(str(tmp_path / name), [sys.executable, "-c", f"import sys, time; "
-                                                                  f"time.sleep({delay}); print('{name}'); sys.exit(3)"])
+    job = lambda delay, name: _job(tmp_path, name, f"import time; time.sleep({delay}); print('{name}'); exit(3)")
     with pytest.raises(UserError, match=r"first: training failed \(exit 3\): first$"):
         evaluate.run_jobs([job(0, "first"), job(2, "second")], 2, quiet=True)
 
@@ -2315,9 +2319,8 @@ def test_the_runners_time_left_counts_what_the_runs_still_running_have_run(tmp_p
         times.append(spent)
         return real(self, *args, spent=spent)
     monkeypatch.setattr(data.Progress, "item_done", item_done)
-    job = lambda delay, name: evaluate.Job(str(tmp_path / name), [sys.executable, "-c", f"import time; "
-                                                                  f"time.sleep({delay})"])
-    evaluate.run_jobs([job(0, "quick"), job(1.5, "slow")], 2, quiet=True)
+    evaluate.run_jobs([_job(tmp_path, "quick", "pass"), _job(tmp_path, "slow", "import time; time.sleep(1.5)")], 2,
+                      quiet=True)
     assert times[0] > 0.1 and times[1] == 0                  # the slow run had run when the quick one ended
 
 
@@ -2325,12 +2328,10 @@ def test_a_failing_run_of_the_protocol_stops_it_in_one_line_its_dependents_never
         tmp_path):
     """--jobs 2: the tabular MLP fails; neither the HyperFusion run that starts from it nor a run waiting for a free
     slot starts; the run already training ends before the error, which names the failed run, exit and last line."""
-    mark = lambda name, wait=0: [sys.executable, "-c", f"import time; time.sleep({wait}); "
-                                 f"open({str(tmp_path / name)!r}, 'w').close()"]
-    jobs = [evaluate.Job(str(tmp_path / "mlp"), [sys.executable, "-c", "print('CUDA out of memory'); exit(3)"]),
-            evaluate.Job(str(tmp_path / "hyperfusion"), mark("hyperfusion-ran"), after=str(tmp_path / "mlp")),
-            evaluate.Job(str(tmp_path / "other"), mark("other-ran", 1)), evaluate.Job(str(tmp_path / "later"),
-                                                                                 mark("later-ran"))]
+    mark = lambda name, wait=0, after=None: _job(tmp_path, name, f"import time; time.sleep({wait}); "
+                                                 f"open({str(tmp_path / name)!r} + '-ran', 'w').close()", after)
+    jobs = [_job(tmp_path, "mlp", "print('CUDA out of memory'); exit(3)"), mark("hyperfusion", after="mlp"),
+            mark("other", 1), mark("later")]
     with pytest.raises(UserError, match=r"^\S+mlp: training failed \(exit 3\): CUDA out of memory$"):
         evaluate.run_jobs(jobs, 2, poll_s=0.02, quiet=True)
     assert sorted(p.name for p in tmp_path.glob("*-ran")) == ["other-ran"]
@@ -2428,19 +2429,23 @@ def synthetic_head(tmp_path):
     return tmp_path / "head.nii.gz", tmp_path / "mask.nii.gz", affine @ np.append(centre, 1)
 
 
-def test_preprocess_centres_its_box_on_the_brain_masks_centre_of_mass_and_z_scores_the_brain_voxels_alone(tmp_path):
+@pytest.mark.parametrize("shape", [(9, 11, 13), (10, 12, 14)])
+def test_preprocess_centres_its_box_on_the_brain_masks_centre_of_mass_and_z_scores_the_brain_voxels_alone(shape):
     """The box starts at round(centre of mass - (shape - 1) / 2) axis by axis (shapes and centre differ per axis:
-    a swapped axis or an off-by-one shows); z-scores over the box's non-zero brain voxels alone, zero outside."""
+    a swapped axis or an off-by-one shows; for an even side n / 2 would put it a voxel off), of the mask, not of the
+    brightness (a bright side would pull it); z-scores over the box's non-zero brain voxels alone, zero outside."""
     vol = np.random.default_rng(0).uniform(0.5, 1.5, (20, 24, 28)).astype(np.float32)
+    vol[:8] *= 30                                                     # a bright side
     mask = np.zeros(vol.shape, bool)
     mask[3:12, 5:20, 9:22] = True
     mask[3:6, 5:8, 9:12] = False                                      # a centre of mass off the box's middle
     vol[6:8, 11:13, 14:16] = 0.0                                      # zeros inside the mask: not brain voxels
-    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine, com = np.diag([2.0, 2.0, 2.0, 1.0]), np.array(np.nonzero(mask)).mean(1)
     out = preprocess.preprocess_volume(nib.Nifti1Image(vol, affine), nib.Nifti1Image(mask.astype(np.uint8), affine),
-                                       spacing=2.0, shape=(9, 11, 13))
-    start = np.round(np.array(np.nonzero(mask)).mean(1) - (np.array([9, 11, 13]) - 1) / 2).astype(int)
-    box = tuple(slice(s, s + n) for s, n in zip(start, (9, 11, 13)))
+                                       spacing=2.0, shape=shape)
+    start = np.round(com - (np.array(shape) - 1) / 2).astype(int)
+    assert (np.round(com - np.array(shape) // 2) != start).any() == (shape[0] % 2 == 0)   # the two rules differ
+    box = tuple(slice(s, s + n) for s, n in zip(start, shape))
     brain, values = mask[box] & (vol[box] != 0), vol[box].astype(np.float64)    # z-scored over non-zero voxels
     assert brain.any() and not brain.all() and (mask[box] & ~brain).any()       # brain, background, masked zeros
     expected = np.where(brain, (values - values[brain].mean()) / values[brain].std(), 0)
@@ -2496,23 +2501,6 @@ def test_preprocess_resamples_trilinearly_so_a_ramp_reads_as_the_ramp_between_th
     out = preprocess.resample_isotropic(nib.Nifti1Image(ramp, np.eye(4)), 1.75)
     assert out.shape == (11, 3, 3) and np.allclose(nib.affines.voxel_sizes(out.affine), 1.75)
     np.testing.assert_allclose(np.asarray(out.dataobj)[:, 1, 1], 1.75 * np.arange(11), rtol=0, atol=1e-5)
-
-
-def test_preprocess_starts_an_even_sided_box_half_a_voxel_before_the_masks_centre_of_mass_however_bright_a_side():
-    """round(centre - (n - 1) / 2) for an even side too (n / 2 puts the centre a voxel off after rounding), the
-    centre of the mask, not of the brightness (a bright side would pull the box toward it)."""
-    vol = np.random.default_rng(0).uniform(0.5, 1.5, (20, 24, 28)).astype(np.float32)
-    vol[:8] *= 30                                                      # a bright side
-    mask = np.zeros(vol.shape, np.uint8)
-    mask[3:14, 4:17, 6:21] = 1
-    mask[3:5, 4:6, 6:8] = 0                                            # a centre of mass off the half voxels
-    shape, affine = np.array([10, 12, 14]), np.diag([2.0, 2.0, 2.0, 1.0])
-    com = np.array(np.nonzero(mask)).mean(1)
-    start = np.round(com - (shape - 1) / 2).astype(int)
-    assert (np.round(com - shape // 2) != start).any()                 # the two rules differ here
-    out = preprocess.preprocess_volume(nib.Nifti1Image(vol, affine), nib.Nifti1Image(mask, affine), spacing=2.0,
-                                       shape=tuple(shape))
-    np.testing.assert_array_equal(out.affine[:3, 3], 2.0 * start)
 
 
 def test_an_estimated_brain_mask_is_the_largest_bright_component_with_the_dark_ventricles_inside_it():
