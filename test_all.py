@@ -3030,77 +3030,69 @@ def _image_column(table, images):
                                                          for line, img in zip(lines[1:], images)]) + "\n")
 
 
-# (what is wrong, an edit of tiny_ad's folder and table returning check-ad's further options, what the line names,
-# the subject whose image preprocess.py must refuse naming the same)
+def _crops(folder, **box):
+    """crops.json in `folder`: 4-voxel boxes at the origin, but for `box`."""
+    (folder / "crops.json").write_text(json.dumps(dict(left_start=[0] * 3, right_start=[0] * 3, size=[4] * 3) | box))
+
+
+# (what is wrong, an edit of tiny_ad's folder and table returning check-ad's further options, what the line names)
 CHECK_AD_REFUSALS = [
-    ("missing image", lambda d, t: os.remove(d / "images" / "S1.nii.gz"), ["line 3", "S1", "S1.nii.gz (or .nii)"],
-     None),
-    ("truncated image", lambda d, t: _halve(d / "images" / "S2.nii.gz"), ["S2.nii.gz", "truncated"], "S2"),
-    ("4-D image", lambda d, t: _image(d, "S0", np.ones((8, 8, 8, 2), np.float32)), ["S0.nii.gz", "(8, 8, 8, 2)"],
-     None),
-    ("NaN voxel", lambda d, t: _image(d, "S1", _with_nan()), ["S1.nii.gz", "NaN"], "S1"),
-    ("zero voxel size", lambda d, t: _zero_y_voxel(d), ["S1.nii.gz", "degenerate"], None),
-    ("rotated header", lambda d, t: _image(d, "S1", affine=_turned(3)), ["S1.nii.gz", "rotated", "preprocess.py"],
-     None),
-    ("no Group column", lambda d, t: _sub(t, "Group", "Diagnosis"), ["ad.csv", "Group"], None),
+    ("missing image", lambda d, t: os.remove(d / "images" / "S1.nii.gz"), ["line 3", "S1", "S1.nii.gz (or .nii)"]),
+    ("truncated image", lambda d, t: _halve(d / "images" / "S2.nii.gz"), ["S2.nii.gz", "truncated"]),
+    ("4-D image", lambda d, t: _image(d, "S0", np.ones((8, 8, 8, 2), np.float32)), ["S0.nii.gz", "(8, 8, 8, 2)"]),
+    ("NaN voxel", lambda d, t: _image(d, "S1", _with_nan()), ["S1.nii.gz", "NaN"]),
+    ("zero voxel size", lambda d, t: _zero_y_voxel(d), ["S1.nii.gz", "degenerate"]),
+    ("rotated header", lambda d, t: _image(d, "S1", affine=_turned(3)), ["S1.nii.gz", "rotated", "preprocess.py"]),
+    ("no Group column", lambda d, t: _sub(t, "Group", "Diagnosis"), ["ad.csv", "Group"]),
     ("no group is a diagnosis", lambda d, t: _sub(t, ",AD,", ",XYZ,") or _sub(t, ",CN,", ",,"),
-     ["ad.csv", "no CN or MCI or AD subjects", "XYZ 2", "(empty) 1", "--group-map"], None),
-    ("a group map to no diagnosis", lambda d, t: ["--group-map", "XYZ=sick"], ["--group-map XYZ=sick"], None),
-    ("non-numeric age", lambda d, t: _sub(t, "70.5", "seventy") or ["--no-images"], ["line 3", "AGE", "seventy"],
-     None),
-    ("a cell too many", lambda d, t: _sub(t, "70.5", "70,extra"), ["line 3: 12 fields, the header has 11"], None),
-    ("a cell left out", lambda d, t: _sub(t, "70.5,", ""), ["line 3: 10 fields, the header has 11"], None),  # shifted
-    ("a censored age", lambda d, t: _sub(t, "70.5", ">70") or ["--no-images"], ["line 3", "AGE", "only the CSF"],
-     None),
-    ("not UTF-8", lambda d, t: t.write_bytes(b"Subject,Group\n\xff\xfe,CN\n"), ["UTF-8"], None),
-    ("empty file", lambda d, t: t.write_text(""), ["ad.csv", "no header"], None),
+     ["ad.csv", "no CN or MCI or AD subjects", "XYZ 2", "(empty) 1", "--group-map"]),
+    ("a group map to no diagnosis", lambda d, t: ["--group-map", "XYZ=sick"], ["--group-map XYZ=sick"]),
+    ("non-numeric age", lambda d, t: _sub(t, "70.5", "seventy") or ["--no-images"], ["line 3", "AGE", "seventy"]),
+    ("a cell too many", lambda d, t: _sub(t, "70.5", "70,extra"), ["line 3: 12 fields, the header has 11"]),
+    ("a cell left out", lambda d, t: _sub(t, "70.5,", ""), ["line 3: 10 fields, the header has 11"]),  # shifted
+    ("a censored age", lambda d, t: _sub(t, "70.5", ">70") or ["--no-images"], ["line 3", "AGE", "only the CSF"]),
+    ("not UTF-8", lambda d, t: t.write_bytes(b"Subject,Group\n\xff\xfe,CN\n"), ["UTF-8"]),
+    ("empty file", lambda d, t: t.write_text(""), ["ad.csv", "no header"]),
     ("a column twice", lambda d, t: t.write_text("\n".join(ln + (",ABETA" if k == 0 else ",900") for k, ln in
                                                            enumerate(t.read_text().splitlines())) + "\n"),
-     ["ad.csv", "column ABETA appears twice", "columns 7 and 12"], None),
-    ("unclosed quote", lambda d, t: _sub(t, "S1,CN,", 'S1,"CN,'), ["ad.csv line 3", "quote", "Group", "not closed"],
-     None),
-    ("semicolons", lambda d, t: _sub(t, ",", ";"), ["ad.csv", "delimiter looks like a semicolon", "comma-separated"],
-     None),
-    ("tabs", lambda d, t: _sub(t, ",", "\t"), ["ad.csv", "delimiter looks like a tab", "comma-separated"], None),
-    ("no --image-dir", lambda d, t: ["--image-dir", d / "nope"], ["--image-dir", "not found"], None),
+     ["ad.csv", "column ABETA appears twice", "columns 7 and 12"]),
+    ("unclosed quote", lambda d, t: _sub(t, "S1,CN,", 'S1,"CN,'), ["ad.csv line 3", "quote", "Group", "not closed"]),
+    ("semicolons", lambda d, t: _sub(t, ",", ";"), ["ad.csv", "delimiter looks like a semicolon", "comma-separated"]),
+    ("tabs", lambda d, t: _sub(t, ",", "\t"), ["ad.csv", "delimiter looks like a tab", "comma-separated"]),
+    ("no --image-dir", lambda d, t: ["--image-dir", d / "nope"], ["--image-dir", "not found"]),
     ("one image for two subjects", lambda d, t: _image_column(t, ["S2", "S1", "S2"]),
-     ["line 4", "subject S2", "also subject S0's"], None),
+     ["line 4", "subject S2", "also subject S0's"]),
     ("one image by a hard link", lambda d, t: os.link(d / "images" / "S0.nii.gz", d / "images" / "again.nii.gz")
-     or _image_column(t, ["S0", "S1", "again"]), ["line 4", "subject S2", "also subject S0's"], None),
-    *[(f"subject {s}", lambda d, t, s=s: _sub(t, "S1,", f"{s},"), ["line 3", "not a plain file name"], None)
+     or _image_column(t, ["S0", "S1", "again"]), ["line 4", "subject S2", "also subject S0's"]),
+    *[(f"subject {s}", lambda d, t, s=s: _sub(t, "S1,", f"{s},"), ["line 3", "not a plain file name"])
       for s in ("../escape", "/abs", "..")],
     *[(f"{col} {bad}", lambda d, t, col=col, bad=bad: _cell(t, col, bad) or ["--no-images"],
-       ["line 3", "subject S1", f"column {col}", bad, why], None)
+       ["line 3", "subject S1", f"column {col}", bad, why])
       for col, bad, why in [("TAU", "-3", "negative"), ("PTAU", "1e300", "impossible"), ("FDG", "-0.5", "negative"),
                             ("APOE4", "3", "one of 0, 1, 2"), ("APOE4", "1.5", "one of 0, 1, 2"),
                             ("PTEDUCAT", "55", "0 to 40")]],
-    ("crops.json of two numbers", lambda d, t: (d / "crops.json").write_text(json.dumps(
-        {"left_start": [1, 2], "right_start": [0, 0, 0], "size": [4, 4, 4]})), ["crops.json", "left_start"], None),
-    ("crops.json of a zero size", lambda d, t: (d / "crops.json").write_text(json.dumps(
-        {"left_start": [0, 0, 0], "right_start": [0, 0, 0], "size": [4, 0, 4]})), ["crops.json", "size"], None),
-    ("crops.json of a negative start", lambda d, t: (d / "crops.json").write_text(json.dumps(
-        {"left_start": [-1, 0, 0], "right_start": [0, 0, 0], "size": [4, 4, 4]})),
-     ["crops.json", "left_start", "at least 0"], None),
-    ("crops.json beyond the images", lambda d, t: (d / "crops.json").write_text(json.dumps(
-        {"left_start": [0, 0, 0], "right_start": [6, 0, 0], "size": [4, 4, 4]})),
-     ["crops.json", "right hippocampus box", "does not fit in image shape (8, 8, 8)"], None),
-    ("a preview without images", lambda d, t: ["--no-images", "--preview", d / "pv"], ["--preview", "--no-images"],
-     None),
-    ("a subject twice", lambda d, t: _sub(t, "S2,", "S0,"), ["ad.csv line 4", "subject S0 repeats line 2"], None),
+    ("crops.json of two numbers", lambda d, t: _crops(d, left_start=[1, 2]), ["crops.json", "left_start"]),
+    ("crops.json of a zero size", lambda d, t: _crops(d, size=[4, 0, 4]), ["crops.json", "size"]),
+    ("crops.json of a negative start", lambda d, t: _crops(d, left_start=[-1, 0, 0]),
+     ["crops.json", "left_start", "at least 0"]),
+    ("crops.json beyond the images", lambda d, t: _crops(d, right_start=[6, 0, 0]),
+     ["crops.json", "right hippocampus box", "does not fit in image shape (8, 8, 8)"]),
+    ("a preview without images", lambda d, t: ["--no-images", "--preview", d / "pv"], ["--preview", "--no-images"]),
+    ("a subject twice", lambda d, t: _sub(t, "S2,", "S0,"), ["ad.csv line 4", "subject S0 repeats line 2"]),
     ("a sex that is neither", lambda d, t: _cell(t, "PTGENDER", "Mal") or ["--no-images"],
-     ["line 3", "subject S1", "column PTGENDER", "expected Male or Female, got 'Mal'"], None),
+     ["line 3", "subject S1", "column PTGENDER", "expected Male or Female, got 'Mal'"]),
 ]
+PREPROCESS_REFUSES_TOO = {"truncated image": "S2", "NaN voxel": "S1"}     # the subject whose image it refuses
 
 
-@pytest.mark.parametrize("edit,names,preprocessed", [c[1:] for c in CHECK_AD_REFUSALS],
-                         ids=[c[0] for c in CHECK_AD_REFUSALS])
-def test_check_ad_refuses_a_bad_table_or_image_in_one_line_naming_the_file_row_column_or_option(tmp_path, edit, names,
-                                                                                              preprocessed):
+@pytest.mark.parametrize("case,edit,names", CHECK_AD_REFUSALS, ids=[c[0] for c in CHECK_AD_REFUSALS])
+def test_check_ad_refuses_a_bad_table_or_image_in_one_line_naming_the_file_row_column_or_option(tmp_path, case, edit,
+                                                                                              names):
     table = tiny_ad(tmp_path)
     options = edit(tmp_path, table)                          # the edits that return a list return options
     assert_clean_error(run_main(data.main, "check-ad", table, *(options if isinstance(options, list) else [])), *names)
-    if preprocessed:                                         # preprocess.py refuses the image too, writing nothing
-        image = tmp_path / "images" / f"{preprocessed}.nii.gz"
+    if case in PREPROCESS_REFUSES_TOO:                       # preprocess.py refuses the image too, writing nothing
+        image = tmp_path / "images" / f"{PREPROCESS_REFUSES_TOO[case]}.nii.gz"
         assert_clean_error(run_main(preprocess.main, image, tmp_path / "out" / "o.nii.gz"), *names)
         assert not (tmp_path / "out").exists() and no_temp_files(tmp_path)
 
