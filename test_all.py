@@ -189,7 +189,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_preprocess_resamples_trilinearly_so_a_ramp_reads_as_the_ramp_between_the_input_voxels,
 #     test_preprocess_reads_a_mask_of_0_and_255_as_the_same_brain_as_one_of_0_and_1,
 #     test_preprocess_refuses_to_estimate_the_mask_of_an_image_normalised_already_and_takes_its_given_mask,
-#     test_preprocess_starts_an_even_sided_box_half_a_voxel_before_the_masks_centre_of_mass_however_bright_a_side,
 #     test_an_estimated_brain_mask_is_the_largest_bright_component_with_the_dark_ventricles_inside_it,
 #     test_fuzzy_cmeans_finds_three_tissue_classes, test_preprocess_batch_mode_writes_every_subject_and_names_a_bad_row,
 #     test_preprocess_batch_mode_reads_each_subjects_mask_from_its_column_and_leaves_the_column_out,
@@ -2324,8 +2323,7 @@ def test_the_runners_time_left_counts_what_the_runs_still_running_have_run(tmp_p
     assert times[0] > 0.1 and times[1] == 0                  # the slow run had run when the quick one ended
 
 
-def test_a_failing_run_of_the_protocol_stops_it_in_one_line_its_dependents_never_start_and_the_others_finish(
-        tmp_path):
+def test_a_failing_run_of_the_protocol_stops_it_in_one_line_its_dependents_never_start_and_the_others_finish(tmp_path):
     """--jobs 2: the tabular MLP fails; neither the HyperFusion run that starts from it nor a run waiting for a free
     slot starts; the run already training ends before the error, which names the failed run, exit and last line."""
     mark = lambda name, wait=0, after=None: _job(tmp_path, name, f"import time; time.sleep({wait}); "
@@ -2651,11 +2649,13 @@ def test_synthetic_ad_cohort_loads_back_with_its_shapes_and_labels(ad_cohort40):
     assert all(0.3 < np.mean([r[c] == "" for r in t.raw]) < 0.7 for c in ("ABETA", "FDG", "AV45"))   # about half
 
 
-def test_group_aliases_read_as_mci_and_ad_and_check_ad_accepts_the_table(tmp_path, capsys):
+def test_group_aliases_read_as_mci_and_ad_a_group_map_wins_over_them_and_check_ad_accepts_the_table(tmp_path, capsys):
+    """--group-map first, then the aliases: a study that counts early MCI as CN maps EMCI=CN, and is obeyed."""
     csv_path = tiny_ad(tmp_path, group="LMCI")
     csv_path.write_text(csv_path.read_text().replace("S0,AD", "S0,Dementia").replace("S2,AD", "S2,EMCI")
                         .replace(",300,", ",-4,", 1))                    # S0's TAU: ADNI's missing-value code
     assert data.read_ad_table(csv_path).labels.tolist() == [2, 1, 1]
+    assert data.read_ad_table(csv_path, group_map=data.parse_group_map(["EMCI=CN"])).labels.tolist() == [2, 1, 0]
     data.main(["check-ad", str(csv_path)])
     out = capsys.readouterr().out
     assert out.startswith("ok:") and "CN 0, MCI 2, AD 1" in out
@@ -2703,13 +2703,6 @@ def test_check_ad_preview_draws_the_boxes_and_crops_as_rgb_pngs_that_matplotlib_
         assert np.argwhere((axial == rgb).all(2))[:, 1].min() == start[0]
 
 
-def test_a_group_map_wins_over_an_alias_so_emci_can_be_read_as_cn(tmp_path):
-    """--group-map first, then the aliases: a study that counts early MCI as CN maps EMCI=CN, and is obeyed."""
-    csv_path = tiny_ad(tmp_path, group="EMCI")                              # S1 EMCI, S0 and S2 AD
-    assert data.read_ad_table(csv_path).labels.tolist() == [2, 1, 2]
-    assert data.read_ad_table(csv_path, group_map=data.parse_group_map(["EMCI=CN"])).labels.tolist() == [2, 0, 2]
-
-
 def test_a_table_saved_by_a_spreadsheet_with_a_bom_crlf_line_ends_and_blank_rows_reads_as_the_plain_one(tmp_path):
     table = tiny_ad(tmp_path)
     excel = tmp_path / "excel.csv"                              # Excel's "CSV UTF-8": a BOM, then CRLF lines
@@ -2745,8 +2738,7 @@ def test_cache_decodes_once_and_redecodes_a_changed_source(tmp_path):
     assert len(entries()) == 4 and again[0].dtype == np.float16
 
 
-def test_an_image_replaced_in_place_by_one_of_the_same_size_with_its_times_kept_is_noticed(nii_imaging_run,
-                                                                                         tmp_path):
+def test_an_image_replaced_in_place_by_one_of_the_same_size_with_its_times_kept_is_noticed(nii_imaging_run, tmp_path):
     """--resume and run-protocol adding folds are refused by the images' fingerprint; predict.py reads the new
     scan (its row changes, no other does), never the old decoded crops."""
     csv_path, runs = nii_imaging_run
@@ -2937,17 +2929,6 @@ def test_a_built_in_cohort_that_another_generator_wrote_is_written_again(tmp_pat
     synthetic.builtin_cohort("brain-age", tmp_path)
     assert json.load(open(info_path))["generator"]["atrophy_after_40"]["M"] == \
         synthetic.BRAIN_AGE_SYNTH["atrophy_after_40"]["M"]
-
-
-def test_atomic_path_leaves_nothing_behind_on_failure(tmp_path):
-    with pytest.raises(RuntimeError):
-        with data.atomic_path(tmp_path / "out.json") as tmp:
-            open(tmp, "w").write("half")
-            raise RuntimeError("boom")
-    assert os.listdir(tmp_path) == []
-    with data.atomic_path(tmp_path / "out.json") as tmp:
-        open(tmp, "w").write("{}")
-    assert os.listdir(tmp_path) == ["out.json"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3280,10 +3261,9 @@ PREPROCESS_REFUSALS = [
     ("--out-dir the images by a symlink", lambda d, t: os.symlink(d / "images", d / "link") or
      [t, "--out-dir", d / "link", "--overwrite"], ["ad.csv line 2", "would overwrite its own input"]),
     ("subjects equal but for case", _case_twins, ["case.csv line 3", "s0", "S0", "only in case"]),
-    ("a 240-byte subject", lambda d, t: [_rows_of(t, d / "long.csv", lambda r: r[0].replace("S0,", "S" * 240 + ",")),
-                                         "--out-dir", d / "pp"], ["long.csv line 2", "240 bytes long"]),
-    ("a subject of 80 characters, 240 bytes", lambda d, t: [_rows_of(t, d / "long.csv", lambda r: r[0].replace(
-        "S0,", "\u4e2d" * 80 + ",")), "--out-dir", d / "pp"], ["long.csv line 2", "240 bytes long"]),   # UTF-8
+    *[(f"a subject of {len(s)} characters, 240 bytes", lambda d, t, s=s: [_rows_of(t, d / "long.csv", lambda r: r[0]
+       .replace("S0,", s + ",")), "--out-dir", d / "pp"], ["long.csv line 2", "240 bytes long"])
+      for s in ("S" * 240, "\u4e2d" * 80)],                                               # 80 of 3 bytes in UTF-8
 ]
 
 
@@ -3324,8 +3304,7 @@ def test_an_out_file_that_is_an_input_a_folder_or_a_pipe_is_refused_and_the_inpu
     assert stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode)
 
 
-def test_a_preview_of_a_subject_named_like_a_path_stays_in_its_folder_under_a_distinct_safe_name(ad_cohort40,
-                                                                                                  tmp_path):
+def test_a_preview_of_a_subject_named_like_a_path_stays_in_its_folder_under_a_distinct_safe_name(ad_cohort40, tmp_path):
     ids = ["../../x", "a/b", "s1", "S1", ".."]                  # possible with an image column
     table = _renamed(ad_cohort40, tmp_path / "t.csv", ids)
     pv = tmp_path / "one" / "two" / "pv"
