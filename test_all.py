@@ -178,7 +178,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_run_protocol_with_two_jobs_trains_each_missing_run_once_and_prints_the_serial_table,
 #     test_with_jobs_each_hyperfusion_run_waits_for_the_tabular_mlp_of_its_split_seed_version_and_fold,
 #     test_a_failing_run_of_the_protocol_stops_it_in_one_line_its_dependents_never_start_and_the_others_finish,
-#     test_of_two_failed_runs_the_protocol_names_the_first_to_fail,
 #     test_the_runners_time_left_counts_what_the_runs_still_running_have_run,
 #     test_table3_reports_the_calibration_of_every_ensemble_after_the_papers_columns
 #
@@ -2306,12 +2305,6 @@ def _job(folder, name, code, after=None):
     return evaluate.Job(str(folder / name), [sys.executable, "-c", code], after=after and str(folder / after))
 
 
-def test_of_two_failed_runs_the_protocol_names_the_first_to_fail(tmp_path):
-    job = lambda delay, name: _job(tmp_path, name, f"import time; time.sleep({delay}); print('{name}'); exit(3)")
-    with pytest.raises(UserError, match=r"first: training failed \(exit 3\): first$"):
-        evaluate.run_jobs([job(0, "first"), job(2, "second")], 2, quiet=True)
-
-
 def test_the_runners_time_left_counts_what_the_runs_still_running_have_run(tmp_path, monkeypatch):
     times, real = [], data.Progress.item_done
 
@@ -2326,9 +2319,11 @@ def test_the_runners_time_left_counts_what_the_runs_still_running_have_run(tmp_p
 
 def test_a_failing_run_of_the_protocol_stops_it_in_one_line_its_dependents_never_start_and_the_others_finish(tmp_path):
     """--jobs 2: the tabular MLP fails; neither the HyperFusion run that starts from it nor a run waiting for a free
-    slot starts; the run already training ends before the error, which names the failed run, exit and last line."""
-    mark = lambda name, wait=0, after=None: _job(tmp_path, name, f"import time; time.sleep({wait}); "
-                                                 f"open({str(tmp_path / name)!r} + '-ran', 'w').close()", after)
+    slot starts; the run already training ends (failing too) before the error, which names the first run to fail,
+    its exit and last line."""
+    mark = lambda name, wait=0, after=None: _job(tmp_path, name, f"import time; time.sleep({wait}); open("
+                                                 f"{str(tmp_path / name)!r} + '-ran', 'w').close(); exit({wait} and 4)",
+                                                 after)
     jobs = [_job(tmp_path, "mlp", "print('CUDA out of memory'); exit(3)"), mark("hyperfusion", after="mlp"),
             mark("other", 1), mark("later")]
     with pytest.raises(UserError, match=r"^\S+mlp: training failed \(exit 3\): CUDA out of memory$"):
@@ -2614,8 +2609,7 @@ def nii_imaging_run(ad_cohort40, tmp_path_factory):
 
 
 def _predict_rows(run_dir, csv_path, out, n=8):
-    """predict.py's rows for the table's first n subjects (a table beside it: the same cache) -> ({subject: row},
-    stderr)."""
+    """predict.py's rows for the table's first n subjects (a table beside it: one cache) -> ({subject: row}, stderr)."""
     first = os.path.join(os.path.dirname(csv_path), f"first{n}.csv")
     with open(first, "w") as f:
         f.write("\n".join(open(csv_path).read().splitlines()[:n + 1]) + "\n")
