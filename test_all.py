@@ -168,7 +168,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_synthetic_ad_anatomy_depends_on_diagnosis_age_and_sex_and_its_boxes_mirror_each_other
 # Table 3 and its runs: test_ad_table_has_a_row_per_seed_and_version_with_mean_std_and_mann_whitney,
 #     test_eq7_8_each_row_of_the_ad_table_ensembles_its_folds_sample_by_sample,
-#     test_folds_whose_configs_or_test_subjects_differ_are_refused_and_the_cli_says_so_in_one_line,
+#     test_folds_whose_configs_images_or_test_subjects_differ_are_refused_and_the_cli_says_so_in_one_line,
 #     test_folds_ensemble_though_their_training_rows_gave_them_other_missing_indicators,
 #     test_late_fusion_of_imaging_and_tabular_runs_of_other_test_subjects_is_refused,
 #     test_ad_plots_draw_each_rows_confusion_roc_and_reliability_and_table3_at_their_size,
@@ -179,7 +179,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_run_protocol_with_two_jobs_trains_each_missing_run_once_and_prints_the_serial_table,
 #     test_with_jobs_each_hyperfusion_run_waits_for_the_tabular_mlp_of_its_split_seed_version_and_fold,
 #     test_a_failing_run_of_the_protocol_stops_it_in_one_line_its_dependents_never_start_and_the_others_finish,
-#     test_of_two_failed_runs_the_protocol_names_the_first_to_fail,
 #     test_the_runners_time_left_counts_what_the_runs_still_running_have_run,
 #     test_table3_reports_the_calibration_of_every_ensemble_after_the_papers_columns
 #
@@ -190,7 +189,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_preprocess_resamples_trilinearly_so_a_ramp_reads_as_the_ramp_between_the_input_voxels,
 #     test_preprocess_reads_a_mask_of_0_and_255_as_the_same_brain_as_one_of_0_and_1,
 #     test_preprocess_refuses_to_estimate_the_mask_of_an_image_normalised_already_and_takes_its_given_mask,
-#     test_preprocess_starts_an_even_sided_box_half_a_voxel_before_the_masks_centre_of_mass_however_bright_a_side,
 #     test_an_estimated_brain_mask_is_the_largest_bright_component_with_the_dark_ventricles_inside_it,
 #     test_fuzzy_cmeans_finds_three_tissue_classes, test_preprocess_batch_mode_writes_every_subject_and_names_a_bad_row,
 #     test_preprocess_batch_mode_reads_each_subjects_mask_from_its_column_and_leaves_the_column_out,
@@ -2019,13 +2017,8 @@ def test_dataset_items_have_one_side_in_training_and_both_in_evaluation(ad_cohor
     img, tab, y = train[2]
     assert img.shape == (1,) + crops.size and img.dtype == torch.float16          # as the cache stores it
     assert tab.shape == (15,) and y.dtype == torch.int64 and y.shape == () and int(y) == t.labels[2]
-    pair = np.array(cache[2], np.float32)
-    torch.manual_seed(0)
-    draws = [train[2][0][0].numpy() for _ in range(20)]
-    sides = {next(k for k in range(2) if np.array_equal(d, pair[k])) for d in draws}
-    assert sides == {0, 1}                                      # training draws either side
-    img = data.ADDataset(cache, X, y4, train=False)[2][0]
-    assert img.shape == (2, 1) + crops.size and np.array_equal(img[:, 0].numpy(), pair)
+    img = data.ADDataset(cache, X, y4, train=False)[2][0]     # (training draws either side: the epoch test next)
+    assert img.shape == (2, 1) + crops.size and np.array_equal(img[:, 0].numpy(), np.array(cache[2], np.float32))
     vols = [data.load_volume(p) for p in t.image_paths[:4]]     # uncropped volumes + crops also work
     assert data.ADDataset(vols, X, y4, crops=crops, train=False)[0][0].shape == (2, 1) + crops.size
     img, tab, y = data.TabularDataset(X, y4)[1]
@@ -2132,13 +2125,14 @@ def test_eq7_8_each_row_of_the_ad_table_ensembles_its_folds_sample_by_sample(ad_
 @pytest.mark.parametrize("key,value,says", [
     ("split_seed", 1, "split_seed differs"), ("classes", 2, "classes differs"),
     ("subjects", [f"S{i + 1}" for i in range(10)], "their test subjects differ"),
-    ("labels", np.arange(10) % 3, "their test labels differ")])
-def test_folds_whose_configs_or_test_subjects_differ_are_refused_and_the_cli_says_so_in_one_line(tmp_path, key, value,
-                                                                                                  says):
+    ("labels", np.arange(10) % 3, "their test labels differ"),
+    ("images_sha256", "i2", "they were trained on different images")])
+def test_folds_whose_configs_images_or_test_subjects_differ_are_refused_and_the_cli_says_so_in_one_line(tmp_path, key,
+                                                                                                         value, says):
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 3, 10)
     for fold in range(4):
-        differ = {key: value} if fold == 2 else {}
+        differ = {"images_sha256": "i1", **({key: value} if fold == 2 else {})}
         fake_ad_run(tmp_path, "concat", 0, 0, fold, random_probs(rng, 10), differ.pop("labels", labels), **differ)
     with pytest.raises(UserError, match=f"cannot ensemble .*fold0 and .*fold2: {says}"):
         evaluate.evaluate_ad(str(tmp_path), quiet=True)
@@ -2292,11 +2286,9 @@ def test_the_runner_skips_finished_runs_resumes_interrupted_ones_and_trains_the_
     assert {(a["model"], a["epochs"]) for a in calls} == {("tabular", 50), ("imaging", 2)}   # the MLP gets its own
 
 
-def test_of_two_failed_runs_the_protocol_names_the_first_to_fail(tmp_path):
-    job = lambda delay, name: evaluate.Job(str(tmp_path / name), [sys.executable, "-c", f"import sys, time; "
-                                                                  f"time.sleep({delay}); print('{name}'); sys.exit(3)"])
-    with pytest.raises(UserError, match=r"first: training failed \(exit 3\): first$"):
-        evaluate.run_jobs([job(0, "first"), job(2, "second")], 2, quiet=True)
+def _job(folder, name, code, after=None):
+    """A protocol job `name` whose process runs the Python `code`."""
+    return evaluate.Job(str(folder / name), [sys.executable, "-c", code], after=after and str(folder / after))
 
 
 def test_the_runners_time_left_counts_what_the_runs_still_running_have_run(tmp_path, monkeypatch):
@@ -2306,22 +2298,20 @@ def test_the_runners_time_left_counts_what_the_runs_still_running_have_run(tmp_p
         times.append(spent)
         return real(self, *args, spent=spent)
     monkeypatch.setattr(data.Progress, "item_done", item_done)
-    job = lambda delay, name: evaluate.Job(str(tmp_path / name), [sys.executable, "-c", f"import time; "
-                                                                  f"time.sleep({delay})"])
-    evaluate.run_jobs([job(0, "quick"), job(1.5, "slow")], 2, quiet=True)
+    evaluate.run_jobs([_job(tmp_path, "quick", "pass"), _job(tmp_path, "slow", "import time; time.sleep(1.5)")], 2,
+                      quiet=True)
     assert times[0] > 0.1 and times[1] == 0                  # the slow run had run when the quick one ended
 
 
-def test_a_failing_run_of_the_protocol_stops_it_in_one_line_its_dependents_never_start_and_the_others_finish(
-        tmp_path):
+def test_a_failing_run_of_the_protocol_stops_it_in_one_line_its_dependents_never_start_and_the_others_finish(tmp_path):
     """--jobs 2: the tabular MLP fails; neither the HyperFusion run that starts from it nor a run waiting for a free
-    slot starts; the run already training ends before the error, which names the failed run, exit and last line."""
-    mark = lambda name, wait=0: [sys.executable, "-c", f"import time; time.sleep({wait}); "
-                                 f"open({str(tmp_path / name)!r}, 'w').close()"]
-    jobs = [evaluate.Job(str(tmp_path / "mlp"), [sys.executable, "-c", "print('CUDA out of memory'); exit(3)"]),
-            evaluate.Job(str(tmp_path / "hyperfusion"), mark("hyperfusion-ran"), after=str(tmp_path / "mlp")),
-            evaluate.Job(str(tmp_path / "other"), mark("other-ran", 1)), evaluate.Job(str(tmp_path / "later"),
-                                                                                 mark("later-ran"))]
+    slot starts; the run already training ends (failing too) before the error, which names the first run to fail,
+    its exit and last line."""
+    mark = lambda name, wait=0, after=None: _job(tmp_path, name, f"import time; time.sleep({wait}); open("
+                                                 f"{str(tmp_path / name)!r} + '-ran', 'w').close(); exit({wait} and 4)",
+                                                 after)
+    jobs = [_job(tmp_path, "mlp", "print('CUDA out of memory'); exit(3)"), mark("hyperfusion", after="mlp"),
+            mark("other", 1), mark("later")]
     with pytest.raises(UserError, match=r"^\S+mlp: training failed \(exit 3\): CUDA out of memory$"):
         evaluate.run_jobs(jobs, 2, poll_s=0.02, quiet=True)
     assert sorted(p.name for p in tmp_path.glob("*-ran")) == ["other-ran"]
@@ -2419,19 +2409,23 @@ def synthetic_head(tmp_path):
     return tmp_path / "head.nii.gz", tmp_path / "mask.nii.gz", affine @ np.append(centre, 1)
 
 
-def test_preprocess_centres_its_box_on_the_brain_masks_centre_of_mass_and_z_scores_the_brain_voxels_alone(tmp_path):
+@pytest.mark.parametrize("shape", [(9, 11, 13), (10, 12, 14)])
+def test_preprocess_centres_its_box_on_the_brain_masks_centre_of_mass_and_z_scores_the_brain_voxels_alone(shape):
     """The box starts at round(centre of mass - (shape - 1) / 2) axis by axis (shapes and centre differ per axis:
-    a swapped axis or an off-by-one shows); z-scores over the box's non-zero brain voxels alone, zero outside."""
+    a swapped axis or an off-by-one shows; for an even side n / 2 would put it a voxel off), of the mask, not of the
+    brightness (a bright side would pull it); z-scores over the box's non-zero brain voxels alone, zero outside."""
     vol = np.random.default_rng(0).uniform(0.5, 1.5, (20, 24, 28)).astype(np.float32)
+    vol[:8] *= 30                                                     # a bright side
     mask = np.zeros(vol.shape, bool)
     mask[3:12, 5:20, 9:22] = True
     mask[3:6, 5:8, 9:12] = False                                      # a centre of mass off the box's middle
     vol[6:8, 11:13, 14:16] = 0.0                                      # zeros inside the mask: not brain voxels
-    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine, com = np.diag([2.0, 2.0, 2.0, 1.0]), np.array(np.nonzero(mask)).mean(1)
     out = preprocess.preprocess_volume(nib.Nifti1Image(vol, affine), nib.Nifti1Image(mask.astype(np.uint8), affine),
-                                       spacing=2.0, shape=(9, 11, 13))
-    start = np.round(np.array(np.nonzero(mask)).mean(1) - (np.array([9, 11, 13]) - 1) / 2).astype(int)
-    box = tuple(slice(s, s + n) for s, n in zip(start, (9, 11, 13)))
+                                       spacing=2.0, shape=shape)
+    start = np.round(com - (np.array(shape) - 1) / 2).astype(int)
+    assert (np.round(com - np.array(shape) // 2) != start).any() == (shape[0] % 2 == 0)   # the two rules differ
+    box = tuple(slice(s, s + n) for s, n in zip(start, shape))
     brain, values = mask[box] & (vol[box] != 0), vol[box].astype(np.float64)    # z-scored over non-zero voxels
     assert brain.any() and not brain.all() and (mask[box] & ~brain).any()       # brain, background, masked zeros
     expected = np.where(brain, (values - values[brain].mean()) / values[brain].std(), 0)
@@ -2487,23 +2481,6 @@ def test_preprocess_resamples_trilinearly_so_a_ramp_reads_as_the_ramp_between_th
     out = preprocess.resample_isotropic(nib.Nifti1Image(ramp, np.eye(4)), 1.75)
     assert out.shape == (11, 3, 3) and np.allclose(nib.affines.voxel_sizes(out.affine), 1.75)
     np.testing.assert_allclose(np.asarray(out.dataobj)[:, 1, 1], 1.75 * np.arange(11), rtol=0, atol=1e-5)
-
-
-def test_preprocess_starts_an_even_sided_box_half_a_voxel_before_the_masks_centre_of_mass_however_bright_a_side():
-    """round(centre - (n - 1) / 2) for an even side too (n / 2 puts the centre a voxel off after rounding), the
-    centre of the mask, not of the brightness (a bright side would pull the box toward it)."""
-    vol = np.random.default_rng(0).uniform(0.5, 1.5, (20, 24, 28)).astype(np.float32)
-    vol[:8] *= 30                                                      # a bright side
-    mask = np.zeros(vol.shape, np.uint8)
-    mask[3:14, 4:17, 6:21] = 1
-    mask[3:5, 4:6, 6:8] = 0                                            # a centre of mass off the half voxels
-    shape, affine = np.array([10, 12, 14]), np.diag([2.0, 2.0, 2.0, 1.0])
-    com = np.array(np.nonzero(mask)).mean(1)
-    start = np.round(com - (shape - 1) / 2).astype(int)
-    assert (np.round(com - shape // 2) != start).any()                 # the two rules differ here
-    out = preprocess.preprocess_volume(nib.Nifti1Image(vol, affine), nib.Nifti1Image(mask, affine), spacing=2.0,
-                                       shape=tuple(shape))
-    np.testing.assert_array_equal(out.affine[:3, 3], 2.0 * start)
 
 
 def test_an_estimated_brain_mask_is_the_largest_bright_component_with_the_dark_ventricles_inside_it():
@@ -2618,8 +2595,7 @@ def nii_imaging_run(ad_cohort40, tmp_path_factory):
 
 
 def _predict_rows(run_dir, csv_path, out, n=8):
-    """predict.py's rows for the table's first n subjects (a table beside it: the same cache) -> ({subject: row},
-    stderr)."""
+    """predict.py's rows for the table's first n subjects (a table beside it: one cache) -> ({subject: row}, stderr)."""
     first = os.path.join(os.path.dirname(csv_path), f"first{n}.csv")
     with open(first, "w") as f:
         f.write("\n".join(open(csv_path).read().splitlines()[:n + 1]) + "\n")
@@ -2654,11 +2630,13 @@ def test_synthetic_ad_cohort_loads_back_with_its_shapes_and_labels(ad_cohort40):
     assert all(0.3 < np.mean([r[c] == "" for r in t.raw]) < 0.7 for c in ("ABETA", "FDG", "AV45"))   # about half
 
 
-def test_group_aliases_read_as_mci_and_ad_and_check_ad_accepts_the_table(tmp_path, capsys):
+def test_group_aliases_read_as_mci_and_ad_a_group_map_wins_over_them_and_check_ad_accepts_the_table(tmp_path, capsys):
+    """--group-map first, then the aliases: a study that counts early MCI as CN maps EMCI=CN, and is obeyed."""
     csv_path = tiny_ad(tmp_path, group="LMCI")
     csv_path.write_text(csv_path.read_text().replace("S0,AD", "S0,Dementia").replace("S2,AD", "S2,EMCI")
                         .replace(",300,", ",-4,", 1))                    # S0's TAU: ADNI's missing-value code
     assert data.read_ad_table(csv_path).labels.tolist() == [2, 1, 1]
+    assert data.read_ad_table(csv_path, group_map=data.parse_group_map(["EMCI=CN"])).labels.tolist() == [2, 1, 0]
     data.main(["check-ad", str(csv_path)])
     out = capsys.readouterr().out
     assert out.startswith("ok:") and "CN 0, MCI 2, AD 1" in out
@@ -2706,13 +2684,6 @@ def test_check_ad_preview_draws_the_boxes_and_crops_as_rgb_pngs_that_matplotlib_
         assert np.argwhere((axial == rgb).all(2))[:, 1].min() == start[0]
 
 
-def test_a_group_map_wins_over_an_alias_so_emci_can_be_read_as_cn(tmp_path):
-    """--group-map first, then the aliases: a study that counts early MCI as CN maps EMCI=CN, and is obeyed."""
-    csv_path = tiny_ad(tmp_path, group="EMCI")                              # S1 EMCI, S0 and S2 AD
-    assert data.read_ad_table(csv_path).labels.tolist() == [2, 1, 2]
-    assert data.read_ad_table(csv_path, group_map=data.parse_group_map(["EMCI=CN"])).labels.tolist() == [2, 0, 2]
-
-
 def test_a_table_saved_by_a_spreadsheet_with_a_bom_crlf_line_ends_and_blank_rows_reads_as_the_plain_one(tmp_path):
     table = tiny_ad(tmp_path)
     excel = tmp_path / "excel.csv"                              # Excel's "CSV UTF-8": a BOM, then CRLF lines
@@ -2748,8 +2719,7 @@ def test_cache_decodes_once_and_redecodes_a_changed_source(tmp_path):
     assert len(entries()) == 4 and again[0].dtype == np.float16
 
 
-def test_an_image_replaced_in_place_by_one_of_the_same_size_with_its_times_kept_is_noticed(nii_imaging_run,
-                                                                                         tmp_path):
+def test_an_image_replaced_in_place_by_one_of_the_same_size_with_its_times_kept_is_noticed(nii_imaging_run, tmp_path):
     """--resume and run-protocol adding folds are refused by the images' fingerprint; predict.py reads the new
     scan (its row changes, no other does), never the old decoded crops."""
     csv_path, runs = nii_imaging_run
@@ -2852,15 +2822,11 @@ def test_a_table_edited_between_two_protocol_calls_is_refused_before_training_an
 
 
 def test_runs_trained_on_other_images_or_tables_are_not_ensembled_nor_put_in_one_table(tmp_path):
-    """Within one ensemble and across one table's rows and models; a tabular-only run is not compared on images."""
+    """Across one table's rows and models (folds: Sec. 4.3's test); a tabular-only run is not compared on images."""
     rng = np.random.default_rng(5)
     labels = rng.integers(0, 3, 10)
     ad = lambda runs, model, fold, table, images: fake_ad_run(tmp_path / runs, model, 0, 0, fold, random_probs(rng, 10),
                                                               labels, table_sha256=table, images_sha256=images)
-    for fold in range(4):
-        ad("a", "imaging", fold, "t1", "i2" if fold == 2 else "i1")
-    with pytest.raises(UserError, match="cannot ensemble .*fold0 and .*fold2: they were trained on different images"):
-        evaluate.evaluate_ad(str(tmp_path / "a"), quiet=True)
     for fold in range(4):                                      # each row sound, the two models of two tables
         ad("b", "imaging", fold, "t1", "i1")
         ad("b", "tabular", fold, "t1", None)
@@ -2940,17 +2906,6 @@ def test_a_built_in_cohort_that_another_generator_wrote_is_written_again(tmp_pat
     synthetic.builtin_cohort("brain-age", tmp_path)
     assert json.load(open(info_path))["generator"]["atrophy_after_40"]["M"] == \
         synthetic.BRAIN_AGE_SYNTH["atrophy_after_40"]["M"]
-
-
-def test_atomic_path_leaves_nothing_behind_on_failure(tmp_path):
-    with pytest.raises(RuntimeError):
-        with data.atomic_path(tmp_path / "out.json") as tmp:
-            open(tmp, "w").write("half")
-            raise RuntimeError("boom")
-    assert os.listdir(tmp_path) == []
-    with data.atomic_path(tmp_path / "out.json") as tmp:
-        open(tmp, "w").write("{}")
-    assert os.listdir(tmp_path) == ["out.json"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3033,77 +2988,69 @@ def _image_column(table, images):
                                                          for line, img in zip(lines[1:], images)]) + "\n")
 
 
-# (what is wrong, an edit of tiny_ad's folder and table returning check-ad's further options, what the line names,
-# the subject whose image preprocess.py must refuse naming the same)
+def _crops(folder, **box):
+    """crops.json in `folder`: 4-voxel boxes at the origin, but for `box`."""
+    (folder / "crops.json").write_text(json.dumps(dict(left_start=[0] * 3, right_start=[0] * 3, size=[4] * 3) | box))
+
+
+# (what is wrong, an edit of tiny_ad's folder and table returning check-ad's further options, what the line names)
 CHECK_AD_REFUSALS = [
-    ("missing image", lambda d, t: os.remove(d / "images" / "S1.nii.gz"), ["line 3", "S1", "S1.nii.gz (or .nii)"],
-     None),
-    ("truncated image", lambda d, t: _halve(d / "images" / "S2.nii.gz"), ["S2.nii.gz", "truncated"], "S2"),
-    ("4-D image", lambda d, t: _image(d, "S0", np.ones((8, 8, 8, 2), np.float32)), ["S0.nii.gz", "(8, 8, 8, 2)"],
-     None),
-    ("NaN voxel", lambda d, t: _image(d, "S1", _with_nan()), ["S1.nii.gz", "NaN"], "S1"),
-    ("zero voxel size", lambda d, t: _zero_y_voxel(d), ["S1.nii.gz", "degenerate"], None),
-    ("rotated header", lambda d, t: _image(d, "S1", affine=_turned(3)), ["S1.nii.gz", "rotated", "preprocess.py"],
-     None),
-    ("no Group column", lambda d, t: _sub(t, "Group", "Diagnosis"), ["ad.csv", "Group"], None),
+    ("missing image", lambda d, t: os.remove(d / "images" / "S1.nii.gz"), ["line 3", "S1", "S1.nii.gz (or .nii)"]),
+    ("truncated image", lambda d, t: _halve(d / "images" / "S2.nii.gz"), ["S2.nii.gz", "truncated"]),
+    ("4-D image", lambda d, t: _image(d, "S0", np.ones((8, 8, 8, 2), np.float32)), ["S0.nii.gz", "(8, 8, 8, 2)"]),
+    ("NaN voxel", lambda d, t: _image(d, "S1", _with_nan()), ["S1.nii.gz", "NaN"]),
+    ("zero voxel size", lambda d, t: _zero_y_voxel(d), ["S1.nii.gz", "degenerate"]),
+    ("rotated header", lambda d, t: _image(d, "S1", affine=_turned(3)), ["S1.nii.gz", "rotated", "preprocess.py"]),
+    ("no Group column", lambda d, t: _sub(t, "Group", "Diagnosis"), ["ad.csv", "Group"]),
     ("no group is a diagnosis", lambda d, t: _sub(t, ",AD,", ",XYZ,") or _sub(t, ",CN,", ",,"),
-     ["ad.csv", "no CN or MCI or AD subjects", "XYZ 2", "(empty) 1", "--group-map"], None),
-    ("a group map to no diagnosis", lambda d, t: ["--group-map", "XYZ=sick"], ["--group-map XYZ=sick"], None),
-    ("non-numeric age", lambda d, t: _sub(t, "70.5", "seventy") or ["--no-images"], ["line 3", "AGE", "seventy"],
-     None),
-    ("a cell too many", lambda d, t: _sub(t, "70.5", "70,extra"), ["line 3: 12 fields, the header has 11"], None),
-    ("a cell left out", lambda d, t: _sub(t, "70.5,", ""), ["line 3: 10 fields, the header has 11"], None),  # shifted
-    ("a censored age", lambda d, t: _sub(t, "70.5", ">70") or ["--no-images"], ["line 3", "AGE", "only the CSF"],
-     None),
-    ("not UTF-8", lambda d, t: t.write_bytes(b"Subject,Group\n\xff\xfe,CN\n"), ["UTF-8"], None),
-    ("empty file", lambda d, t: t.write_text(""), ["ad.csv", "no header"], None),
+     ["ad.csv", "no CN or MCI or AD subjects", "XYZ 2", "(empty) 1", "--group-map"]),
+    ("a group map to no diagnosis", lambda d, t: ["--group-map", "XYZ=sick"], ["--group-map XYZ=sick"]),
+    ("non-numeric age", lambda d, t: _sub(t, "70.5", "seventy") or ["--no-images"], ["line 3", "AGE", "seventy"]),
+    ("a cell too many", lambda d, t: _sub(t, "70.5", "70,extra"), ["line 3: 12 fields, the header has 11"]),
+    ("a cell left out", lambda d, t: _sub(t, "70.5,", ""), ["line 3: 10 fields, the header has 11"]),  # shifted
+    ("a censored age", lambda d, t: _sub(t, "70.5", ">70") or ["--no-images"], ["line 3", "AGE", "only the CSF"]),
+    ("not UTF-8", lambda d, t: t.write_bytes(b"Subject,Group\n\xff\xfe,CN\n"), ["UTF-8"]),
+    ("empty file", lambda d, t: t.write_text(""), ["ad.csv", "no header"]),
     ("a column twice", lambda d, t: t.write_text("\n".join(ln + (",ABETA" if k == 0 else ",900") for k, ln in
                                                            enumerate(t.read_text().splitlines())) + "\n"),
-     ["ad.csv", "column ABETA appears twice", "columns 7 and 12"], None),
-    ("unclosed quote", lambda d, t: _sub(t, "S1,CN,", 'S1,"CN,'), ["ad.csv line 3", "quote", "Group", "not closed"],
-     None),
-    ("semicolons", lambda d, t: _sub(t, ",", ";"), ["ad.csv", "delimiter looks like a semicolon", "comma-separated"],
-     None),
-    ("tabs", lambda d, t: _sub(t, ",", "\t"), ["ad.csv", "delimiter looks like a tab", "comma-separated"], None),
-    ("no --image-dir", lambda d, t: ["--image-dir", d / "nope"], ["--image-dir", "not found"], None),
+     ["ad.csv", "column ABETA appears twice", "columns 7 and 12"]),
+    ("unclosed quote", lambda d, t: _sub(t, "S1,CN,", 'S1,"CN,'), ["ad.csv line 3", "quote", "Group", "not closed"]),
+    ("semicolons", lambda d, t: _sub(t, ",", ";"), ["ad.csv", "delimiter looks like a semicolon", "comma-separated"]),
+    ("tabs", lambda d, t: _sub(t, ",", "\t"), ["ad.csv", "delimiter looks like a tab", "comma-separated"]),
+    ("no --image-dir", lambda d, t: ["--image-dir", d / "nope"], ["--image-dir", "not found"]),
     ("one image for two subjects", lambda d, t: _image_column(t, ["S2", "S1", "S2"]),
-     ["line 4", "subject S2", "also subject S0's"], None),
+     ["line 4", "subject S2", "also subject S0's"]),
     ("one image by a hard link", lambda d, t: os.link(d / "images" / "S0.nii.gz", d / "images" / "again.nii.gz")
-     or _image_column(t, ["S0", "S1", "again"]), ["line 4", "subject S2", "also subject S0's"], None),
-    *[(f"subject {s}", lambda d, t, s=s: _sub(t, "S1,", f"{s},"), ["line 3", "not a plain file name"], None)
+     or _image_column(t, ["S0", "S1", "again"]), ["line 4", "subject S2", "also subject S0's"]),
+    *[(f"subject {s}", lambda d, t, s=s: _sub(t, "S1,", f"{s},"), ["line 3", "not a plain file name"])
       for s in ("../escape", "/abs", "..")],
     *[(f"{col} {bad}", lambda d, t, col=col, bad=bad: _cell(t, col, bad) or ["--no-images"],
-       ["line 3", "subject S1", f"column {col}", bad, why], None)
+       ["line 3", "subject S1", f"column {col}", bad, why])
       for col, bad, why in [("TAU", "-3", "negative"), ("PTAU", "1e300", "impossible"), ("FDG", "-0.5", "negative"),
                             ("APOE4", "3", "one of 0, 1, 2"), ("APOE4", "1.5", "one of 0, 1, 2"),
                             ("PTEDUCAT", "55", "0 to 40")]],
-    ("crops.json of two numbers", lambda d, t: (d / "crops.json").write_text(json.dumps(
-        {"left_start": [1, 2], "right_start": [0, 0, 0], "size": [4, 4, 4]})), ["crops.json", "left_start"], None),
-    ("crops.json of a zero size", lambda d, t: (d / "crops.json").write_text(json.dumps(
-        {"left_start": [0, 0, 0], "right_start": [0, 0, 0], "size": [4, 0, 4]})), ["crops.json", "size"], None),
-    ("crops.json of a negative start", lambda d, t: (d / "crops.json").write_text(json.dumps(
-        {"left_start": [-1, 0, 0], "right_start": [0, 0, 0], "size": [4, 4, 4]})),
-     ["crops.json", "left_start", "at least 0"], None),
-    ("crops.json beyond the images", lambda d, t: (d / "crops.json").write_text(json.dumps(
-        {"left_start": [0, 0, 0], "right_start": [6, 0, 0], "size": [4, 4, 4]})),
-     ["crops.json", "right hippocampus box", "does not fit in image shape (8, 8, 8)"], None),
-    ("a preview without images", lambda d, t: ["--no-images", "--preview", d / "pv"], ["--preview", "--no-images"],
-     None),
-    ("a subject twice", lambda d, t: _sub(t, "S2,", "S0,"), ["ad.csv line 4", "subject S0 repeats line 2"], None),
+    ("crops.json of two numbers", lambda d, t: _crops(d, left_start=[1, 2]), ["crops.json", "left_start"]),
+    ("crops.json of a zero size", lambda d, t: _crops(d, size=[4, 0, 4]), ["crops.json", "size"]),
+    ("crops.json of a negative start", lambda d, t: _crops(d, left_start=[-1, 0, 0]),
+     ["crops.json", "left_start", "at least 0"]),
+    ("crops.json beyond the images", lambda d, t: _crops(d, right_start=[6, 0, 0]),
+     ["crops.json", "right hippocampus box", "does not fit in image shape (8, 8, 8)"]),
+    ("a preview without images", lambda d, t: ["--no-images", "--preview", d / "pv"], ["--preview", "--no-images"]),
+    ("a subject twice", lambda d, t: _sub(t, "S2,", "S0,"), ["ad.csv line 4", "subject S0 repeats line 2"]),
     ("a sex that is neither", lambda d, t: _cell(t, "PTGENDER", "Mal") or ["--no-images"],
-     ["line 3", "subject S1", "column PTGENDER", "expected Male or Female, got 'Mal'"], None),
+     ["line 3", "subject S1", "column PTGENDER", "expected Male or Female, got 'Mal'"]),
 ]
+PREPROCESS_REFUSES_TOO = {"truncated image": "S2", "NaN voxel": "S1"}     # the subject whose image it refuses
 
 
-@pytest.mark.parametrize("edit,names,preprocessed", [c[1:] for c in CHECK_AD_REFUSALS],
-                         ids=[c[0] for c in CHECK_AD_REFUSALS])
-def test_check_ad_refuses_a_bad_table_or_image_in_one_line_naming_the_file_row_column_or_option(tmp_path, edit, names,
-                                                                                              preprocessed):
+@pytest.mark.parametrize("case,edit,names", CHECK_AD_REFUSALS, ids=[c[0] for c in CHECK_AD_REFUSALS])
+def test_check_ad_refuses_a_bad_table_or_image_in_one_line_naming_the_file_row_column_or_option(tmp_path, case, edit,
+                                                                                              names):
     table = tiny_ad(tmp_path)
     options = edit(tmp_path, table)                          # the edits that return a list return options
     assert_clean_error(run_main(data.main, "check-ad", table, *(options if isinstance(options, list) else [])), *names)
-    if preprocessed:                                         # preprocess.py refuses the image too, writing nothing
-        image = tmp_path / "images" / f"{preprocessed}.nii.gz"
+    if case in PREPROCESS_REFUSES_TOO:                       # preprocess.py refuses the image too, writing nothing
+        image = tmp_path / "images" / f"{PREPROCESS_REFUSES_TOO[case]}.nii.gz"
         assert_clean_error(run_main(preprocess.main, image, tmp_path / "out" / "o.nii.gz"), *names)
         assert not (tmp_path / "out").exists() and no_temp_files(tmp_path)
 
@@ -3291,10 +3238,9 @@ PREPROCESS_REFUSALS = [
     ("--out-dir the images by a symlink", lambda d, t: os.symlink(d / "images", d / "link") or
      [t, "--out-dir", d / "link", "--overwrite"], ["ad.csv line 2", "would overwrite its own input"]),
     ("subjects equal but for case", _case_twins, ["case.csv line 3", "s0", "S0", "only in case"]),
-    ("a 240-byte subject", lambda d, t: [_rows_of(t, d / "long.csv", lambda r: r[0].replace("S0,", "S" * 240 + ",")),
-                                         "--out-dir", d / "pp"], ["long.csv line 2", "240 bytes long"]),
-    ("a subject of 80 characters, 240 bytes", lambda d, t: [_rows_of(t, d / "long.csv", lambda r: r[0].replace(
-        "S0,", "\u4e2d" * 80 + ",")), "--out-dir", d / "pp"], ["long.csv line 2", "240 bytes long"]),   # UTF-8
+    *[(f"a subject of {len(s)} characters, 240 bytes", lambda d, t, s=s: [_rows_of(t, d / "long.csv", lambda r: r[0]
+       .replace("S0,", s + ",")), "--out-dir", d / "pp"], ["long.csv line 2", "240 bytes long"])
+      for s in ("S" * 240, "\u4e2d" * 80)],                                               # 80 of 3 bytes in UTF-8
 ]
 
 
@@ -3335,8 +3281,7 @@ def test_an_out_file_that_is_an_input_a_folder_or_a_pipe_is_refused_and_the_inpu
     assert stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode)
 
 
-def test_a_preview_of_a_subject_named_like_a_path_stays_in_its_folder_under_a_distinct_safe_name(ad_cohort40,
-                                                                                                  tmp_path):
+def test_a_preview_of_a_subject_named_like_a_path_stays_in_its_folder_under_a_distinct_safe_name(ad_cohort40, tmp_path):
     ids = ["../../x", "a/b", "s1", "S1", ".."]                  # possible with an image column
     table = _renamed(ad_cohort40, tmp_path / "t.csv", ids)
     pv = tmp_path / "one" / "two" / "pv"
