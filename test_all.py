@@ -4513,14 +4513,13 @@ def test_precise_bn_under_torchrun_gives_the_statistics_of_one_process_reading_e
 
 def test_a_training_loader_ends_in_no_partial_batch_alone_oversampled_or_in_a_torchrun_processs_share(monkeypatch):
     """A last batch of one sample would stop the tabular embedding's BatchNorm in training mode."""
-    cpu, sizes = torch.device("cpu"), lambda loader: [len(y) for (y,) in loader]
+    sizes = lambda n, **how: [len(y) for (y,) in training.make_loader(torch.utils.data.TensorDataset(torch.arange(n)),
+                                                                       16, 0, torch.device("cpu"), **how)]
     oversampled = torch.utils.data.WeightedRandomSampler(torch.ones(33, dtype=torch.double), 33)   # App. C.4
-    assert sizes(training.make_loader(torch.utils.data.TensorDataset(torch.arange(33)), 16, 0, cpu,
-                                      sampler=oversampled)) == [16, 16]
+    assert sizes(33, sampler=oversampled) == [16, 16]
     monkeypatch.setattr(training, "world_size", lambda: 4)
     monkeypatch.setattr(training, "rank", lambda: 0)
-    assert sizes(training.make_loader(torch.utils.data.TensorDataset(torch.arange(36)), 16, 0, cpu,
-                                      shuffle=True)) == [4, 4]                 # 9 of the 36, in batches of 16 / 4
+    assert sizes(36, shuffle=True) == [4, 4]                                  # 9 of the 36, in batches of 16 / 4
 
 
 def test_loaders_ship_images_in_the_float16_the_cache_stores_and_the_network_reads_them_in_float32():
