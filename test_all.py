@@ -5041,20 +5041,15 @@ def test_the_benchmark_refuses_a_precision_this_device_cannot_train_in_one_line_
 SOURCES = sorted(f for f in os.listdir(HERE) if f.endswith(".py"))
 
 
-def _project_imports(tree, modules):
-    """(module, imported name or None, inside a function?) for every import of a project module."""
+def _imports(tree):
+    """(top-level module, imported name or None, inside a function?) for every absolute import in the tree."""
     inside = {id(n) for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
               for n in ast.walk(fn)}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            pairs = [(a.name.split(".")[0], None) for a in node.names]
+            yield from ((a.name.split(".")[0], None, id(node) in inside) for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            pairs = [(node.module.split(".")[0], a.name) for a in node.names]
-        else:
-            continue
-        for module, name in pairs:
-            if module in modules:
-                yield module, name, id(node) in inside
+            yield from ((node.module.split(".")[0], a.name, id(node) in inside) for a in node.names)
 
 
 def test_the_readmes_first_command_names_files_that_exist_and_options_that_parse():
@@ -5069,23 +5064,20 @@ def test_the_readmes_first_command_names_files_that_exist_and_options_that_parse
 
 
 def test_imports_form_a_tree_with_no_circles_and_no_private_names():
-    modules = {f[:-3] for f in SOURCES}
-    graph = {}
+    modules, graph = {f[:-3] for f in SOURCES}, {}
     for f in SOURCES:
         tree = ast.parse(open(os.path.join(HERE, f)).read(), f)
-        graph[f[:-3]] = set()
-        for module, name, in_function in _project_imports(tree, modules):
-            graph[f[:-3]].add(module)
+        imports = list(_imports(tree))
+        if f == "layers.py":                                     # copy-pasteable: imports nothing but torch
+            assert {module for module, _, _ in imports} <= {"torch", "math", "copy"}, imports
+        graph[f[:-3]] = {module for module, _, _ in imports if module in modules}
+        for module, name, in_function in (i for i in imports if i[0] in modules):
             assert not in_function, f"{f} imports {module} inside a function"
             assert not (name or "").startswith("_"), f"{f} imports {module}.{name}"
         for node in ast.walk(tree):  # module._name is a private name too
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules:
                 assert not (node.attr.startswith("_") and not node.attr.startswith("__")), \
                     f"{f} uses {node.value.id}.{node.attr}"
-    layers = ast.parse(open(os.path.join(HERE, "layers.py")).read())
-    imported = {a.name.split(".")[0] for n in ast.walk(layers) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module.split(".")[0] for n in ast.walk(layers) if isinstance(n, ast.ImportFrom)}
-    assert imported <= {"torch", "math", "copy"}, imported  # copy-pasteable: imports nothing but torch
     assert "train_ad" not in graph["train_brain_age"]
     import graphlib
     list(graphlib.TopologicalSorter(graph).static_order())       # CycleError names an import circle
