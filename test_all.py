@@ -4792,13 +4792,24 @@ def test_the_time_left_of_a_compiled_run_is_the_pace_of_its_epochs_after_the_one
     assert left == ["33.0", "2.0", "1.0", "0.0"]                # 660 s x 3; then 60 s x 2, 60 s x 1
 
 
-@pytest.mark.parametrize("option", [("--precision", "fp16"), ("--precision", "bf16"), ("--sync-bn",)])
-def test_float16_bfloat16_or_sync_bn_on_a_cpu_is_refused_in_one_line_naming_the_option(tmp_path, option):
-    p = run_main(train_ad.main, "--model", "tabular", *option, "--device", "cpu", "--data-dir", tmp_path / "data",
-                 "--out", tmp_path / "runs")
-    assert p.returncode == 2 and p.stderr.startswith(f"error: {' '.join(option)}: ") and \
-        len(p.stderr.splitlines()) == 1, p.stderr
-    assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "data")    # before any work
+@pytest.mark.parametrize("main, args, why", [
+    (train_ad.main, ["--precision", "fp16"], "error: --precision fp16: "),
+    (train_ad.main, ["--precision", "bf16"], "error: --precision bf16: "),
+    (train_ad.main, ["--sync-bn"], "error: --sync-bn: "),
+    (bench.main, ["gpu-check", "--precision", "fp16"], "bench.py: error: --precision fp16: CUDA only"),
+    (bench.main, ["precision", "--precision", "bf16"], "bench.py: error: --precision bf16: training refuses"),
+    (bench.main, ["--precision", "fp16"], "bench.py: error: --precision fp16: CUDA only")],
+    ids=["train-fp16", "train-bf16", "train-sync-bn", "bench-gpu-check-fp16", "bench-precision-bf16", "bench-fp16"])
+def test_float16_bfloat16_or_sync_bn_on_a_cpu_is_refused_by_training_and_the_benchmark_in_one_line_naming_it(
+        main, args, why, tmp_path, monkeypatch):
+    """Before any work."""
+    monkeypatch.setattr(sys, "argv", ["bench.py"])                # argparse names the script from argv[0]
+    data_dir = ["--model", "tabular", "--data-dir", tmp_path / "data"] if main is train_ad.main else []
+    p = run_main(main, *args, *data_dir, "--device", "cpu", "--out", tmp_path / "runs")
+    lines = p.stderr.splitlines()
+    assert p.returncode == 2 and p.stdout == "" and lines[-1].startswith(why), p.stderr
+    assert len(lines) == 1 or main is bench.main, p.stderr                  # the benchmark's usage, argparse's, first
+    assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "data")
 
 
 @pytest.mark.parametrize("device", DEVICES[1:])       # a CPU refuses bf16 (training.resolve_precision)
@@ -5019,18 +5030,6 @@ def test_the_gpu_checks_precision_section_keeps_every_version_finished_when_its_
     md = (tmp_path / "check.md").read_text()
     assert "| ad | fp16 | balanced_accuracy | 3 | 0.01 |" in md and "| brain-age | fp16 | mae | 2 |" in md
     assert report["sections"]["precision"]["rows"] == saved["rows"]
-
-
-@pytest.mark.parametrize("args, why", [(["gpu-check", "--precision", "fp16"], "--precision fp16: CUDA only"),
-                                       (["precision", "--precision", "bf16"], "--precision bf16: training refuses"),
-                                       (["--precision", "fp16"], "--precision fp16: CUDA only")])
-def test_the_benchmark_refuses_a_precision_this_device_cannot_train_in_one_line_naming_the_option(
-        args, why, tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["bench.py"])                # argparse names the script from argv[0]
-    p = run_main(bench.main, *args, "--device", "cpu", "--out", tmp_path)
-    assert p.returncode == 2 and p.stdout == "" and os.listdir(tmp_path) == []
-    last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("bench.py: error: " + why), last
 
 
 # ----------------------------------------------------------------------------------------------
