@@ -4802,14 +4802,13 @@ def test_the_time_left_of_a_compiled_run_is_the_pace_of_its_epochs_after_the_one
     ids=["train-fp16", "train-bf16", "train-sync-bn", "bench-gpu-check-fp16", "bench-precision-bf16", "bench-fp16"])
 def test_float16_bfloat16_or_sync_bn_on_a_cpu_is_refused_by_training_and_the_benchmark_in_one_line_naming_it(
         main, args, why, tmp_path, monkeypatch):
-    """Before any work."""
     monkeypatch.setattr(sys, "argv", ["bench.py"])                # argparse names the script from argv[0]
     data_dir = ["--model", "tabular", "--data-dir", tmp_path / "data"] if main is train_ad.main else []
     p = run_main(main, *args, *data_dir, "--device", "cpu", "--out", tmp_path / "runs")
     lines = p.stderr.splitlines()
     assert p.returncode == 2 and p.stdout == "" and lines[-1].startswith(why), p.stderr
     assert len(lines) == 1 or main is bench.main, p.stderr                  # the benchmark's usage, argparse's, first
-    assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "data")
+    assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "data")    # before any work
 
 
 @pytest.mark.parametrize("device", DEVICES[1:])       # a CPU refuses bf16 (training.resolve_precision)
@@ -4992,8 +4991,7 @@ def test_the_gpu_checks_report_has_every_section_with_numbers(tmp_path, monkeypa
     assert {(r["task"], r["model"]) for r in sections["throughput"]["rows"] if r["samples_s"] > 0} == \
         {(t, m) for t in ("ad", "brain-age") for m in ("imaging", "hyperfusion")}
     assert all(r["time_ratio"] > 0 for r in sections["throughput"]["ratios"])
-    assert all(h > 0 for h in sections["throughput"]["hours"]["fp32"].values())
-    assert len(sections["throughput"]["hours"]["fp32"]) == 2
+    assert len(hours := sections["throughput"]["hours"]["fp32"]) == 2 and all(h > 0 for h in hours.values())
     assert all(r["samples_s"] > 0 and r["loader_over_model"] > 0 for r in sections["loader"]["rows"])
     assert json.load(open(tmp_path / "check.json"))["sections"].keys() == sections.keys()
     md = (tmp_path / "check.md").read_text()
