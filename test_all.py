@@ -3497,38 +3497,17 @@ def _copy_of(tabular_run, tmp_path):
     return _run_dir(tmp_path, "tabular")
 
 
-def test_a_run_folders_json_of_another_shape_is_refused_in_one_line(ad_cohort60, tabular_run, tmp_path):
-    """Parsed, but not what a training run writes (`[]`, `{}`): one line naming the file, not a KeyError."""
-    run_dir = _copy_of(tabular_run, tmp_path / "runs")
-    data.write_text("[]", os.path.join(run_dir, "calibration.json"))
-    assert_clean_error(run_main(predict.main, run_dir, "--data-csv", ad_cohort60, "--out", tmp_path / "p.csv",
-                                "--calibrated", "--quiet"), "calibration.json: not the calibration.json a training")
-    for text in ("{}", "[]", '{"val": {}, "test": 3}'):
-        data.write_text(text, os.path.join(run_dir, "metrics.json"))
-        with pytest.raises(UserError, match="metrics.json: not the metrics.json a training run writes"):
-            load_run(run_dir).read_metrics()
-    assert not (tmp_path / "p.csv").exists()
-
-
-def test_resume_after_an_interruption_ends_as_an_uninterrupted_run(ad_cohort60, concat_run, tmp_path, monkeypatch):
+def test_resume_after_an_interruption_ends_as_an_uninterrupted_run_from_the_saved_adam_moments(
+        ad_cohort60, concat_run, tmp_path, monkeypatch):
+    """last.pt holds Adam's moments and step count beside the weights: a resumed run steps on from them (a fresh Adam
+    would restart its moments and bias correction) and ends exactly as the run never stopped."""
     _stop_after_epoch(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "concat"))
     monkeypatch.undo()
     assert _epoch_of(_run_dir(tmp_path, "concat")) == 1
     assert train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "concat", "--resume")) == concat_run[0]
-
-
-def test_resume_continues_adam_from_its_saved_moments_so_the_weights_end_as_an_uninterrupted_runs(ad_cohort60,
-                                                                                                    tabular_run,
-                                                                                                    tmp_path):
-    """last.pt holds Adam's moments and step count beside the weights: a run resumed after epoch 1 steps on from
-    them (a fresh Adam would restart its moments and bias correction) and ends exactly as a run never stopped."""
-    resumed = _copy_of(tabular_run, tmp_path / "resumed")                    # a one-epoch run, trained on to 2
-    train_ad.main(_tabular_args(ad_cohort60, tmp_path / "resumed", "--epochs", "2", "--resume"))
-    train_ad.main(_tabular_args(ad_cohort60, tmp_path / "whole", "--epochs", "2"))
-    a, b = (training.load_checkpoint(os.path.join(d, "last.pt"))
-            for d in (resumed, _run_dir(tmp_path / "whole", "tabular")))
+    a, b = (training.load_checkpoint(os.path.join(d, "last.pt")) for d in (_run_dir(tmp_path, "concat"), concat_run[1]))
     assert a["epoch"] == b["epoch"] == 1 and a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"]), "weights differ"
     moments = lambda ckpt: [(k, s[k]) for s in ckpt["optimizer"]["state"].values() for k in sorted(s)]
@@ -3536,43 +3515,42 @@ def test_resume_continues_adam_from_its_saved_moments_so_the_weights_end_as_an_u
     assert all(ka == kb and torch.equal(va, vb) for (ka, va), (kb, vb) in zip(moments(a), moments(b)))
 
 
-@pytest.mark.parametrize("change, says", [
-    ("corrupt", ["corrupt or unreadable checkpoint"]),
-    (("--cache-dtype", "float32"), ["belongs to another run", "cache_dtype: checkpoint 'float16', now 'float32'"]),
-    (("--lr", "2e-3"), ["belongs to another run", "lr: checkpoint 0.0001, now 0.002"]),
-    ("trained at bf16", ["belongs to another run", "precision: checkpoint 'bf16', now 'fp32'"])],
-    ids=["corrupt", "cache-dtype", "lr", "precision"])
-def test_resume_refuses_a_corrupt_checkpoint_or_one_of_another_run_naming_what_differs(ad_cohort60, tabular_run,
-                                                                                       tmp_path, change, says):
-    last = os.path.join(_copy_of(tabular_run, tmp_path), "last.pt")
-    if change == "corrupt":
-        with open(last, "wb") as f:
-            f.write(b"PK\x03\x04 not really a checkpoint")
-    elif change == "trained at bf16":                             # as if trained at bfloat16 on a GPU
-        ckpt = training.load_checkpoint(last)
-        training.save_checkpoint({**ckpt, "run": {**ckpt["run"], "precision": "bf16"}}, last)
-    before = _snapshot(tmp_path)
-    extra = change if isinstance(change, tuple) else ()
-    assert_clean_error(run_main(train_ad.main, *_tabular_args(ad_cohort60, tmp_path, "--resume", *extra)), last,
-                       *says)
-    assert _snapshot(tmp_path) == before
-
-
-def test_a_run_folder_that_holds_a_run_is_refused_to_a_new_one_before_any_file_changes(ad_cohort60, tabular_run,
-                                                                                        tmp_path):
-    run_dir = _copy_of(tabular_run, tmp_path)
-    before = _snapshot(tmp_path)
-    again = _tabular_args(ad_cohort60, tmp_path, "--epochs", "1", "--lr", "2e-3")
-    assert_clean_error(run_main(train_ad.main, *again), run_dir, "holds a finished run", "metrics.json", "--resume",
-                       "another --out")
-    assert _snapshot(tmp_path) == before                          # no lock file, no checkpoint, nothing left
-    for f in training.FINISHED_FILES:                             # an unfinished run: refused, naming its epoch
+def _unfinish(run_dir, *more):
+    for f in (*training.FINISHED_FILES, *more):
         os.remove(os.path.join(run_dir, f))
-    assert_clean_error(run_main(train_ad.main, *again), run_dir, "unfinished run (last.pt after epoch 1)",
-                       "--resume", "another --out")
-    os.remove(os.path.join(run_dir, "last.pt"))                   # --resume with nothing to resume, but best.pt
-    assert_clean_error(run_main(train_ad.main, *again, "--resume"), run_dir, "no last.pt", "best.pt")
-    assert _files(tmp_path) == [os.path.relpath(os.path.join(run_dir, f), tmp_path) for f in ("best.pt", "log.csv")]
+
+
+def _garble(run_dir):
+    with open(os.path.join(run_dir, "last.pt"), "wb") as f:
+        f.write(b"PK\x03\x04 not really a checkpoint")
+
+
+def _trained_at_bf16(run_dir):                                    # as if trained at bfloat16 on a GPU
+    ckpt = training.load_checkpoint(os.path.join(run_dir, "last.pt"))
+    training.save_checkpoint({**ckpt, "run": {**ckpt["run"], "precision": "bf16"}}, os.path.join(run_dir, "last.pt"))
+
+
+NEW_RUN, OTHER = ("--epochs", "1", "--lr", "2e-3"), ["{run}/last.pt", "belongs to another run"]
+
+
+@pytest.mark.parametrize("edit, options, says", [
+    (None, NEW_RUN, ["{run}", "holds a finished run", "metrics.json", "--resume", "another --out"]),
+    (_unfinish, NEW_RUN, ["{run}", "unfinished run (last.pt after epoch 1)", "--resume", "another --out"]),
+    (lambda d: _unfinish(d, "last.pt"), NEW_RUN + ("--resume",), ["{run}", "no last.pt", "best.pt"]),
+    (_garble, ("--resume",), ["{run}/last.pt", "corrupt or unreadable checkpoint"]),
+    (None, ("--resume", "--cache-dtype", "float32"), OTHER + ["cache_dtype: checkpoint 'float16', now 'float32'"]),
+    (None, ("--resume", "--lr", "2e-3"), OTHER + ["lr: checkpoint 0.0001, now 0.002"]),
+    (_trained_at_bf16, ("--resume",), OTHER + ["precision: checkpoint 'bf16', now 'fp32'"])],
+    ids=["finished", "unfinished", "nothing-to-resume", "corrupt", "cache-dtype", "lr", "precision"])
+def test_a_run_folder_is_refused_to_a_new_run_or_a_resume_it_cannot_serve_naming_why_before_any_file_changes(
+        ad_cohort60, tabular_run, tmp_path, edit, options, says):
+    run_dir = _copy_of(tabular_run, tmp_path)
+    if edit:
+        edit(run_dir)
+    before = _snapshot(tmp_path)                                  # no lock file, no checkpoint, nothing left
+    assert_clean_error(run_main(train_ad.main, *_tabular_args(ad_cohort60, tmp_path, *options)),
+                       *(s.replace("{run}", run_dir) for s in says))
+    assert _snapshot(tmp_path) == before
 
 
 def test_a_resumed_run_that_trains_further_never_leaves_the_old_metrics_beside_its_new_checkpoints(
@@ -3964,24 +3942,25 @@ def test_a_prediction_depends_on_its_own_row_only_and_empty_cells_use_the_runs_s
     np.testing.assert_allclose(b["combined"][0], torch.softmax(logits, 1).mean(0).numpy(), rtol=1e-5, atol=1e-7)
 
 
-def _shifted_copies(run_dir, root, shifts=(0.0, 10.0, 40.0)):
-    """Copies of a brain-age run under root, their targets centred `shifts` years apart -> [(shift, copy)]."""
-    copies = []
-    for k, shift in enumerate(shifts):
-        copy_dir = root / f"member{k}"
-        shutil.copytree(run_dir, copy_dir)
-        ckpt = training.load_checkpoint(str(copy_dir / "best.pt"))
-        ckpt["target"] = dict(ckpt["target"], centre=ckpt["target"]["centre"] + shift)
-        training.save_checkpoint(ckpt, str(copy_dir / "best.pt"))
-        copies.append((shift, copy_dir))
-    return copies
-
-
-def test_predict_reads_each_brain_age_member_with_its_own_target_and_combines_them_by_the_eq6_mean(
+def test_predict_reads_each_brain_age_member_with_its_own_target_and_corrects_the_eq6_means_gap_by_the_mean_fit(
         brain_age_cohort20, fig4a_women_run, tmp_path):
-    """Copies of one run with targets centred 0, 10 and 40 years apart: the ensemble is their mean, not median."""
-    _shifted_copies(fig4a_women_run[3], tmp_path / "runs")
-    res = _predict(tmp_path / "runs", "--data-csv", brain_age_cohort20, "--out", tmp_path / "ages.csv")
+    """Copies of one run, targets centred 0, 10 and 40 years apart, each with its own age-bias fit: the ensemble is
+    their mean, not median; the fit of a mean prediction on one validation set is the mean of the members' fits (a line
+    fitted by least squares is linear in the predictions). Scans without an Age get empty gaps, the others theirs."""
+    fits = []
+    for k, shift in enumerate((0.0, 10.0, 40.0)):
+        member = tmp_path / "runs" / f"member{k}"
+        shutil.copytree(fig4a_women_run[3], member)
+        ckpt = training.load_checkpoint(str(member / "best.pt"))
+        ckpt["target"] = dict(ckpt["target"], centre=ckpt["target"]["centre"] + shift)
+        training.save_checkpoint(ckpt, str(member / "best.pt"))
+        saved = json.loads((member / "metrics.json").read_text())
+        fits.append({"intercept": saved["age_bias"]["intercept"] + shift, "slope": 0.1 * k})
+        data.write_json(dict(saved, age_bias=dict(saved["age_bias"], **fits[-1])), member / "metrics.json")
+    rows = list(csv.DictReader(open(brain_age_cohort20)))
+    some = os.path.join(os.path.dirname(brain_age_cohort20), "some_ages.csv")    # beside it: the same images
+    data.write_csv([dict(r, Age="" if k % 3 == 0 else r["Age"]) for k, r in enumerate(rows)], rows[0].keys(), some)
+    res = _predict(tmp_path / "runs", "--data-csv", some, "--out", tmp_path / "ages.csv")
     out = res["outputs"]                                                    # (3, N) years
     assert out.shape == (3, 20)
     np.testing.assert_allclose(out[1] - out[0], 10.0, atol=1e-4)
@@ -3990,26 +3969,18 @@ def test_predict_reads_each_brain_age_member_with_its_own_target_and_combines_th
     np.testing.assert_allclose(res["combined"], metrics.mean_ensemble(out), rtol=1e-12)
     np.testing.assert_allclose(res["spread"], np.std([0, 10, 40]), atol=1e-4)   # age_spread: the members' std
     written = list(csv.DictReader(open(tmp_path / "ages.csv")))
-    np.testing.assert_allclose([float(r["age_spread"]) for r in written], np.std([0, 10, 40]), atol=2e-3)
-    assert {r["n_models"] for r in written} == {"3"}
-
-
-def test_predict_corrects_an_eq6_ensembles_gap_by_the_mean_of_its_members_validation_age_bias_fits(
-        brain_age_cohort20, fig4a_women_run, tmp_path):
-    """The fit of a mean prediction on one validation set is the mean of the members' fits (a line fitted by least
-    squares is linear in the predictions): copies of one run 0, 10 and 40 years apart, each with its own fit."""
-    fits = []
-    for k, (shift, copy_dir) in enumerate(_shifted_copies(fig4a_women_run[3], tmp_path / "runs")):
-        saved = json.loads((copy_dir / "metrics.json").read_text())
-        fits.append({"intercept": saved["age_bias"]["intercept"] + shift, "slope": 0.1 * k})
-        data.write_json(dict(saved, age_bias=dict(saved["age_bias"], **fits[-1])), copy_dir / "metrics.json")
-    res = _predict(tmp_path / "runs", "--data-csv", brain_age_cohort20, "--out", tmp_path / "ages.csv")
-    rows = list(csv.DictReader(open(tmp_path / "ages.csv")))
-    age = data.read_brain_age_table(brain_age_cohort20).age
+    assert [w["Subject"] for w in written] == [r["Subject"] for r in rows] == res["subjects"]
+    np.testing.assert_allclose([float(w["age_spread"]) for w in written], np.std([0, 10, 40]), atol=2e-3)
+    assert {w["n_models"] for w in written} == {"3"}
+    age = np.array([float(r["Age"]) for r in rows])
     mean_fit = {k: np.mean([f[k] for f in fits]) for k in ("intercept", "slope")}
-    assert [r["Subject"] for r in rows] == res["subjects"]
-    np.testing.assert_allclose([float(r["corrected_gap"]) for r in rows],
-                               metrics.corrected_gap(age, res["combined"], mean_fit), atol=1e-3)   # 3 decimals
+    corrected = metrics.corrected_gap(age, res["combined"], mean_fit)
+    for k, w in enumerate(written):
+        if k % 3 == 0:
+            assert w["gap"] == w["corrected_gap"] == ""
+        else:
+            assert float(w["gap"]) == pytest.approx(float(w["predicted_age"]) - age[k], abs=2e-3)
+            assert float(w["corrected_gap"]) == pytest.approx(corrected[k], abs=1e-3)     # 3 decimals
 
 
 def test_predict_reproduces_a_brain_age_runs_test_predictions_and_reports_the_corrected_gap(brain_age_cohort40,
@@ -4027,23 +3998,6 @@ def test_predict_reproduces_a_brain_age_runs_test_predictions_and_reports_the_co
     age = float(table.age[table.subjects.index(first[0])])
     expected = float(first[1]) - age - (bias["intercept"] + bias["slope"] * age)
     assert float(first[5]) == pytest.approx(expected, abs=2e-3)
-
-
-def test_predict_gives_the_gap_of_every_scan_with_an_age_and_leaves_it_empty_where_the_age_is(
-        brain_age_cohort20, fig4a_women_run, tmp_path):
-    """A new table may give Age for some scans only: those get gap and corrected_gap, the others empty cells."""
-    rows = list(csv.DictReader(open(brain_age_cohort20)))
-    some = os.path.join(os.path.dirname(brain_age_cohort20), "some_ages.csv")    # beside it: the same images
-    data.write_csv([dict(r, Age="" if k % 3 == 0 else r["Age"]) for k, r in enumerate(rows)], rows[0].keys(), some)
-    _predict(fig4a_women_run[3], "--data-csv", some, "--out", tmp_path / "ages.csv")
-    out = list(csv.DictReader(open(tmp_path / "ages.csv")))
-    assert [o["Subject"] for o in out] == [r["Subject"] for r in rows]
-    for k, (r, o) in enumerate(zip(rows, out)):
-        if k % 3 == 0:
-            assert o["gap"] == o["corrected_gap"] == ""
-        else:
-            assert float(o["gap"]) == pytest.approx(float(o["predicted_age"]) - float(r["Age"]), abs=2e-3)
-            assert o["corrected_gap"] != ""
 
 
 def test_predict_refuses_other_grids_mixed_runs_and_unfinished_runs_in_one_line(ad_cohort60, ad_fold_runs,
