@@ -3416,9 +3416,6 @@ def test_metrics_json_is_strict_json_with_null_where_a_metric_is_undefined(brain
 # or read-only storage stop in one line with the last good state kept.
 
 
-NAN = float("nan")
-
-
 def _full_disk_open(folder, error=errno.ENOSPC):
     """open() whose writes under `folder` fail with OSError(error) after 100 bytes (root ignores chmod)."""
     folder, real = os.path.abspath(folder), open
@@ -3520,11 +3517,6 @@ def _unfinish(run_dir, *more):
         os.remove(os.path.join(run_dir, f))
 
 
-def _garble(run_dir):
-    with open(os.path.join(run_dir, "last.pt"), "wb") as f:
-        f.write(b"PK\x03\x04 not really a checkpoint")
-
-
 def _trained_at_bf16(run_dir):                                    # as if trained at bfloat16 on a GPU
     ckpt = training.load_checkpoint(os.path.join(run_dir, "last.pt"))
     training.save_checkpoint({**ckpt, "run": {**ckpt["run"], "precision": "bf16"}}, os.path.join(run_dir, "last.pt"))
@@ -3537,7 +3529,8 @@ NEW_RUN, OTHER = ("--epochs", "1", "--lr", "2e-3"), ["{run}/last.pt", "belongs t
     (None, NEW_RUN, ["{run}", "holds a finished run", "metrics.json", "--resume", "another --out"]),
     (_unfinish, NEW_RUN, ["{run}", "unfinished run (last.pt after epoch 1)", "--resume", "another --out"]),
     (lambda d: _unfinish(d, "last.pt"), NEW_RUN + ("--resume",), ["{run}", "no last.pt", "best.pt"]),
-    (_garble, ("--resume",), ["{run}/last.pt", "corrupt or unreadable checkpoint"]),
+    (lambda d: data.write_text("PK\x03\x04 not really a checkpoint", os.path.join(d, "last.pt")), ("--resume",),
+     ["{run}/last.pt", "corrupt or unreadable checkpoint"]),
     (None, ("--resume", "--cache-dtype", "float32"), OTHER + ["cache_dtype: checkpoint 'float16', now 'float32'"]),
     (None, ("--resume", "--lr", "2e-3"), OTHER + ["lr: checkpoint 0.0001, now 0.002"]),
     (_trained_at_bf16, ("--resume",), OTHER + ["precision: checkpoint 'bf16', now 'fp32'"])],
@@ -3619,14 +3612,14 @@ def test_a_non_finite_loss_output_or_batchnorm_statistic_stops_the_run_naming_th
     if poison == "training loss":                 # 36 training subjects, batches of 8: 4 steps an epoch
         real_loss = train_ad.wce_loss
         monkeypatch.setattr(train_ad, "wce_loss", lambda *a: calls.append(1) or real_loss(*a) * (
-            NAN if len(calls) > 4 else 1.0))
+            float("nan") if len(calls) > 4 else 1.0))
     elif poison == "validation outputs":
         real_predict = train_ad.predict
 
         def nan_in_epoch_2(*args):
             calls.append(1)
             out, targets = real_predict(*args)
-            return out * (NAN if len(calls) == 2 else 1.0), targets
+            return out * (float("nan") if len(calls) == 2 else 1.0), targets
         monkeypatch.setattr(train_ad, "predict", nan_in_epoch_2)
     else:
         real_forward = nn.BatchNorm1d.forward
@@ -3648,33 +3641,26 @@ def test_a_non_finite_loss_output_or_batchnorm_statistic_stops_the_run_naming_th
     assert poison != "training loss" or len(calls) == 8          # epoch 2's steps end first
     if poison == "validation outputs":                            # a score of nan, from fit itself
         with pytest.raises(UserError, match=r"diverged in epoch 2: the validation score \(score\) is nan"):
-            _scripted_fit(tmp_path / "scripted", [0.5, NAN], False)
+            _scripted_fit(tmp_path / "scripted", [0.5, float("nan")], False)
 
 
 def test_a_nan_batchnorm_statistic_after_brain_ages_precise_bn_stops_the_run_with_epoch_1_kept(tmp_path):
-    class Net(_TabularNet):                                   # fit as train_brain_age.py calls it, on a tiny net
-        def __init__(self):
-            super().__init__()
-            self.norm = nn.BatchNorm1d(2)
-
-        def forward(self, image, tabular):
-            return self.norm(self.linear(tabular))
-
+    net, calls = _TabularNet(), []                            # fit as train_brain_age.py calls it, on a tiny net
+    net.norm = nn.BatchNorm1d(2)
     items = torch.utils.data.TensorDataset(torch.zeros(16, 0), torch.randn(16, 3), torch.randn(16, 2))
     batches = torch.utils.data.DataLoader(items, batch_size=8)
     run = RunConfig(task="brain-age", model="imaging", version=0, split_seed=0, data_csv="x", epochs=3, batch_size=8,
                     lr=1e-3, weight_decay=0.0)
-    calls = []
 
     def precise_bn_nan_in_epoch_2(model):
         training.recalibrate_batchnorm(model, batches, torch.device("cpu"))
         calls.append(1)
         if len(calls) == 2:
-            model.norm.running_mean.fill_(NAN)
+            model.norm.running_mean.fill_(float("nan"))
 
     with pytest.raises(UserError, match=r"diverged in epoch 2: the BatchNorm running statistic norm\.running_mean is "
                                         r"nan after the precise-BN re-estimation; last\.pt still holds epoch 1"):
-        training.fit(Net(), batches, F.mse_loss, lambda m: {"mae": 1.0}, "mae", run, str(tmp_path), {}, quiet=True,
+        training.fit(net, batches, F.mse_loss, lambda m: {"mae": 1.0}, "mae", run, str(tmp_path), {}, quiet=True,
                      lower_is_better=True, before_validation=precise_bn_nan_in_epoch_2)
     assert _epoch_of(tmp_path) == 1
 
@@ -3717,8 +3703,8 @@ def test_ctrl_c_or_sigterm_during_training_prints_one_line_with_what_is_kept_and
     assert _epoch_of(run_dir) == 1 and training.LOCK_NAME not in os.listdir(run_dir)
 
 
-def test_a_full_disk_or_an_unwritable_folder_is_one_error_line_naming_the_folder_and_the_bytes(ad_cohort40, tmp_path,
-                                                                                             monkeypatch):
+def test_a_full_disk_or_an_unwritable_folder_is_one_error_line_naming_the_folder_and_the_bytes(
+        ad_cohort40, tmp_path, monkeypatch):
     """ENOSPC (a full --cache-dir or --out) or EACCES, or an --out under a file: nothing left behind."""
     cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
     monkeypatch.setattr(data, "open", _full_disk_open(cache_dir), raising=False)
@@ -3783,9 +3769,8 @@ def test_a_command_piped_into_head_stops_quietly_when_head_has_read_enough(tmp_p
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_ctrl_c_or_sigterm_during_a_cache_decode_is_one_line_and_leaves_nothing_half_written(ad_cohort40, tmp_path,
-                                                                                            monkeypatch, sig):
-    """The signal comes while an entry is half written."""
+def test_ctrl_c_or_sigterm_during_a_cache_decode_is_one_line_and_leaves_nothing_half_written(
+        ad_cohort40, tmp_path, monkeypatch, sig):
     real_open, signals = open, [sig]
 
     def slow_open(file, mode="r", *args, **kwargs):       # the first entry's first half written, then the signal
@@ -3862,7 +3847,9 @@ def test_each_member_reads_the_images_through_its_own_crops(ad_fold_runs, ad_coh
     assert not np.allclose(both[0], both[1], atol=1e-4)                        # the same weights, other images
 
 
-def test_predict_combines_the_members_by_eq7_8_and_each_member_reproduces_its_test_predictions(fold_predictions):
+def test_predict_combines_the_members_by_eq7_8_each_reproducing_its_test_predictions_and_writes_their_spread(
+        fold_predictions):
+    """prob_spread: the largest across-member standard deviation of a class probability, not the mean over classes."""
     both, runs, out = fold_predictions
     assert both["members"] == runs and len(both["subjects"]) == 60
     members = both["outputs"]                                               # (K, N, C)
@@ -3878,6 +3865,11 @@ def test_predict_combines_the_members_by_eq7_8_and_each_member_reproduces_its_te
     written = list(csv.DictReader(open(out)))                               # each subject's class: its largest
     assert [r["predicted"] for r in written] == [NAMES[int(p.argmax())] for p in both["combined"]]
     assert len({r["predicted"] for r in written}) > 1
+    by_hand = [max(np.std([m[i, c] for m in members]) for c in range(members.shape[2]))
+               for i in range(members.shape[1])]
+    np.testing.assert_allclose(both["spread"], by_hand, rtol=1e-12)
+    np.testing.assert_allclose([float(r["prob_spread"]) for r in written], by_hand, atol=1e-6)
+    assert not np.allclose(by_hand, members.std(0).mean(1), atol=1e-4)     # not the mean over the classes
 
 
 def test_a_new_patients_table_may_leave_out_attribute_columns_and_they_read_as_empty_cells(ad_cohort60, tabular_run,
@@ -3904,16 +3896,6 @@ def test_predict_prints_the_ensembles_metrics_over_the_subjects_with_a_diagnosis
     m = classification_metrics(labels[known], res["combined"][known], NAMES)
     assert f"ensemble on the {known.sum()} subjects with a diagnosis: BA {m['balanced_accuracy']:.3f} AUC " \
            f"{m['auc_macro']:.3f}" in capsys.readouterr().out and known.sum() == 50
-
-
-def test_prob_spread_is_the_largest_across_member_standard_deviation_of_a_class_probability(fold_predictions):
-    both, _, out = fold_predictions
-    members = both["outputs"]                                               # (K, N, C)
-    by_hand = [max(np.std([m[i, c] for m in members]) for c in range(members.shape[2]))
-               for i in range(members.shape[1])]
-    np.testing.assert_allclose(both["spread"], by_hand, rtol=1e-12)
-    np.testing.assert_allclose([float(r["prob_spread"]) for r in csv.DictReader(open(out))], by_hand, atol=1e-6)
-    assert not np.allclose(by_hand, members.std(0).mean(1), atol=1e-4)     # not the mean over the classes
 
 
 def test_a_prediction_depends_on_its_own_row_only_and_empty_cells_use_the_runs_saved_imputation(
@@ -4098,35 +4080,24 @@ def test_ece_is_near_zero_for_calibrated_probabilities_and_clearly_above_for_ove
     assert found["calibrated"]["nll"] < found["over-confident"]["nll"]
 
 
-def test_the_fitted_temperature_recovers_the_temperature_the_labels_were_drawn_at():
-    """T = 2.5 and 0.5 found again; both hippocampi: each side scaled, then the sides averaged."""
-    rng = np.random.default_rng(1)
-    logits = rng.normal(0, 3, (6000, 3))
-    for true_t in (2.5, 0.5):
-        p = np.exp(logits / true_t)
-        p /= p.sum(1, keepdims=True)
-        labels = np.array([rng.choice(3, p=q) for q in p])
-        assert training.fit_temperature(logits, labels) == pytest.approx(true_t, rel=0.06)
+def test_the_fitted_temperature_recovers_the_one_the_labels_were_drawn_at_from_0_01_to_100_not_clipped(tmp_path):
+    """T = 2.5, 0.5 and, for logits 50 times too large (a run that memorised its training rows) or too small, 50 and
+    0.02; logits that say nothing fit the upper bound: used (they only flatten), and the record says it is a bound.
+    Both hippocampi: each side scaled, then the sides averaged."""
+    rng = np.random.default_rng(2)
+    base = rng.normal(0, 3, (6000, 3))
+    p = np.exp(base) / np.exp(base).sum(1, keepdims=True)
+    labels = np.array([rng.choice(3, p=q) for q in p])
+    for true_t in (2.5, 0.5, 50.0, 0.02):
+        assert training.fit_temperature(base * true_t, labels) == pytest.approx(true_t, rel=0.06)
+    noise = (rng.normal(0, 50, (600, 3)), labels[:600])
+    rec = training.calibrate(str(tmp_path), {"val": noise, "test": noise})
+    assert rec["at_bound"] and rec["temperature"] == pytest.approx(100, rel=1e-3) and "warning" not in rec
     sides = rng.normal(0, 2, (5, 2, 3))
     by_hand = np.exp(sides / 1.7) / np.exp(sides / 1.7).sum(-1, keepdims=True)
     np.testing.assert_allclose(evaluate.probabilities(sides, 1.7), by_hand.mean(1), rtol=1e-12)
     single = sides[:, 0]                                      # one side: T never changes the argmax
     assert np.array_equal(evaluate.probabilities(single, 0.3).argmax(1), single.argmax(1))
-
-
-def test_the_temperature_is_searched_from_0_01_to_100_so_a_far_over_or_under_confident_run_is_fitted_not_clipped(
-        tmp_path):
-    """Logits 50 times too large (a run that memorised its training rows) fit T = 50; 50 times too small, 0.02.
-    Logits that say nothing fit the upper bound: used (they only flatten), and the record says it is a bound."""
-    rng = np.random.default_rng(2)
-    base = rng.normal(0, 3, (6000, 3))
-    p = np.exp(base) / np.exp(base).sum(1, keepdims=True)
-    labels = np.array([rng.choice(3, p=q) for q in p])
-    for true_t in (50.0, 0.02):
-        assert training.fit_temperature(base * true_t, labels) == pytest.approx(true_t, rel=0.06)
-    noise = (rng.normal(0, 50, (600, 3)), labels[:600])
-    rec = training.calibrate(str(tmp_path), {"val": noise, "test": noise})
-    assert rec["at_bound"] and rec["temperature"] == pytest.approx(100, rel=1e-3) and "warning" not in rec
 
 
 def test_a_finished_ad_run_holds_its_temperature_fitted_on_its_own_validation_logits(ad_fold_runs):
@@ -4183,9 +4154,10 @@ def test_calibrated_prediction_keeps_every_members_class_and_changes_the_ensembl
         np.testing.assert_allclose(cal["outputs"][k][test_idx], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_calibrated_prediction_refuses_a_run_without_a_temperature_or_fitted_at_its_lower_bound_which_is_not_used(
+def test_calibrated_prediction_refuses_a_run_without_a_usable_temperature_or_fitted_at_its_lower_bound_not_used(
         tmp_path, capsys):
-    """A perfectly separated validation set drives T to its lower bound: calibrate keeps T = 1 and says so."""
+    """A perfectly separated validation set drives T to its lower bound: calibrate keeps T = 1 and says so. A
+    hand-edited calibration.json, or a metrics.json, parsed but of another shape: one line naming it, no KeyError."""
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 30)
     val, test = rng.normal(0, 1, (30, 3)) + 9 * np.eye(3)[labels], rng.normal(0, 1, (30, 3)) + np.eye(3)[labels]
@@ -4198,10 +4170,16 @@ def test_calibrated_prediction_refuses_a_run_without_a_temperature_or_fitted_at_
     assert rec["at_bound"] and rec["fitted"] == training.T_BOUNDS[0] and rec["temperature"] == 1.0
     assert rec["test"]["after"] == rec["test"]["before"] and "lower bound" in capsys.readouterr().err
     assert_clean_error(calibrated(), run_dir, "lower bound", "without --calibrated")
-    for bad in (0, -1.0, True, "2"):                                    # a hand-edited record: never divided by
-        data.write_json({"temperature": bad}, os.path.join(run_dir, "calibration.json"))
-        assert_clean_error(calibrated(), "calibration.json", f"temperature {bad!r} is not a positive number")
+    for text, says in [("[]", "calibration.json: not the calibration.json a training run writes")] + [
+            (json.dumps({"temperature": t}), f"calibration.json: temperature {t!r} is not a positive number")
+            for t in (0, -1.0, True, "2")]:                           # never divided by
+        data.write_text(text, os.path.join(run_dir, "calibration.json"))
+        assert_clean_error(calibrated(), says)
     assert not os.path.exists(tmp_path / "p.csv")
+    for text in ("{}", "[]", '{"val": {}, "test": 3}'):
+        data.write_text(text, os.path.join(run_dir, "metrics.json"))
+        with pytest.raises(UserError, match="metrics.json: not the metrics.json a training run writes"):
+            load_run(run_dir).read_metrics()
 
 
 def test_table3_reports_the_calibration_of_every_ensemble_after_the_papers_columns(ad_runs):
