@@ -3872,21 +3872,6 @@ def test_predict_combines_the_members_by_eq7_8_each_reproducing_its_test_predict
     assert not np.allclose(by_hand, members.std(0).mean(1), atol=1e-4)     # not the mean over the classes
 
 
-def test_a_new_patients_table_may_leave_out_attribute_columns_and_they_read_as_empty_cells(ad_cohort60, tabular_run,
-                                                                                            tmp_path, capsys):
-    lines = [line.split(",") for line in open(ad_cohort60).read().splitlines()[:6]]
-    gone = [lines[0].index(c) for c in ("AGE", "AV45")]
-    empty, without = tmp_path / "empty.csv", tmp_path / "without.csv"
-    empty.write_text("".join(",".join("" if i in gone and k else c for i, c in enumerate(r)) + "\n"
-                             for k, r in enumerate(lines)))
-    without.write_text("".join(",".join(c for i, c in enumerate(r) if i not in gone) + "\n" for r in lines))
-    run_dir = _run_dir(tabular_run, "tabular")
-    a, b = (_predict(run_dir, "--data-csv", t, "--out", tmp_path / f"{t.stem}-p.csv") for t in (empty, without))
-    np.testing.assert_array_equal(a["combined"], b["combined"])
-    assert "without.csv: no column AGE, AV45: read as empty for every subject" in capsys.readouterr().err
-    assert_clean_error(run_main(train_ad.main, *_tabular_args(without, tmp_path / "r")), "missing columns AGE, AV45")
-
-
 def test_predict_prints_the_ensembles_metrics_over_the_subjects_with_a_diagnosis_alone(ad_cohort60, tabular_run,
                                                                                          tmp_path, capsys):
     table = _edit_table(ad_cohort60, tmp_path / "new.csv", lambda k, c: c[:1] + [c[1] if k > 11 else ""] + c[2:])
@@ -3898,21 +3883,22 @@ def test_predict_prints_the_ensembles_metrics_over_the_subjects_with_a_diagnosis
            f"{m['auc_macro']:.3f}" in capsys.readouterr().out and known.sum() == 50
 
 
-def test_a_prediction_depends_on_its_own_row_only_and_empty_cells_use_the_runs_saved_imputation(
-        ad_cohort60, ad_fold_runs, tmp_path):
+def test_a_prediction_depends_on_its_own_row_only_and_empty_cells_or_absent_columns_use_the_runs_saved_imputation(
+        ad_cohort60, ad_fold_runs, tmp_path, capsys):
+    """A new patient has no diagnosis; a table may leave out attribute columns: read as empty cells, said."""
     rows = [line.split(",") for line in open(ad_cohort60).read().splitlines()[:9]]     # the header, 8 patients
-    for col in ("AGE", "ABETA", "PTAU", "TAU", "FDG"):
+    for col in ("AGE", "ABETA", "PTAU", "TAU", "FDG", "AV45"):
         rows[5][rows[0].index(col)] = ""
-    group = rows[0].index("Group")                                          # a new patient has no diagnosis
-    rows = [",".join(c for i, c in enumerate(r) if i != group) for r in rows]
+    gone = [rows[0].index(c) for c in ("Group", "AGE", "AV45")]
     everyone, one = (os.path.join(os.path.dirname(ad_cohort60), f"new_{n}.csv") for n in ("all", "one"))
-    for path, lines in ((everyone, rows), (one, [rows[0], rows[5]])):
-        with open(path, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    for path, lines, left_out in ((everyone, rows, gone[:1]), (one, [rows[0], rows[5]], gone)):
+        data.write_text("".join(",".join(c for i, c in enumerate(r) if i not in left_out) + "\n" for r in lines), path)
     run_dir = _run_dir(ad_fold_runs, "hyperfusion", 0)
     a = _predict(run_dir, "--data-csv", everyone, "--out", tmp_path / "a.csv")
     b = _predict(run_dir, "--data-csv", one, "--out", tmp_path / "b.csv")
     np.testing.assert_allclose(a["combined"][4], b["combined"][0], atol=1e-6)
+    assert "new_one.csv: no column AGE, AV45: read as empty for every subject" in capsys.readouterr().err
+    assert_clean_error(run_main(train_ad.main, *_tabular_args(one, tmp_path / "r")), "missing columns Group, AGE, AV45")
     finished_run = load_run(run_dir)                                        # by hand: the run's own state
     table = data.read_ad_table(one, for_prediction=True)
     tab = finished_run.tabular.transform(table.raw)
