@@ -3834,7 +3834,6 @@ def test_a_brain_age_run_rebuilds_its_own_split_not_sec_4_2_3s_default(fig4a_wom
 
 
 def test_each_member_reads_the_images_through_its_own_crops(ad_fold_runs, ad_cohort60, tmp_path):
-    """Members whose boxes differ each get their own decoded crops, not the first member's."""
     first = _run_dir(ad_fold_runs, "hyperfusion", 0)
     moved = tmp_path / "moved" / "v0"
     shutil.copytree(first, moved)
