@@ -4085,8 +4085,10 @@ def test_the_fitted_temperature_recovers_the_one_the_labels_were_drawn_at_from_0
     assert np.array_equal(evaluate.probabilities(single, 0.3).argmax(1), single.argmax(1))
 
 
-def test_a_finished_ad_run_holds_its_temperature_fitted_on_its_own_validation_logits(ad_fold_runs):
-    """logits.npz (sides apart), calibration.json before and after; the test probabilities are the logits' softmax."""
+def test_a_finished_ad_run_holds_its_temperature_fitted_on_its_own_validation_logits_and_an_older_run_gets_one(
+        ad_fold_runs, tmp_path):
+    """logits.npz (sides apart), calibration.json before and after; the test probabilities are the logits' softmax.
+    A run trained before calibration (neither file) is calibrated from its logits predicted again, not retrained."""
     run_dir = _run_dir(ad_fold_runs, "hyperfusion", 0)
     saved = evaluate.read_logits(run_dir)
     assert saved["val"][0].shape[1:] == (2, 3) and saved["test"][0].shape[1:] == (2, 3)   # (N, sides, C)
@@ -4103,23 +4105,17 @@ def test_a_finished_ad_run_holds_its_temperature_fitted_on_its_own_validation_lo
     np.testing.assert_array_equal(pred["labels"], saved["test"][1])
     np.testing.assert_allclose(pred["probs"], evaluate.probabilities(saved["test"][0]), rtol=1e-5, atol=1e-7)
     assert record["val"]["after"]["nll"] <= record["val"]["before"]["nll"] + 1e-12      # what the fit minimises
-
-
-def test_a_run_trained_before_calibration_is_calibrated_from_its_logits_predicted_again_not_retrained(
-        ad_fold_runs, tmp_path):
-    src = _run_dir(ad_fold_runs, "hyperfusion", 1)
-    kept = evaluate.read_logits(src)
     old = tmp_path / "old"
-    shutil.copytree(src, old)
+    shutil.copytree(run_dir, old)
     for f in ("logits.npz", "calibration.json"):
         os.remove(old / f)
     best = (old / "best.pt").read_bytes()
     res = evaluate.main(["calibrate", str(old), "--quiet", "--device", "cpu"])
     again = evaluate.read_logits(str(old))
     for part in ("val", "test"):
-        np.testing.assert_allclose(again[part][0], kept[part][0], rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(again[part][1], kept[part][1])
-    assert res["runs"][0]["temperature"] == pytest.approx(load_run(src).temperature, rel=1e-4)
+        np.testing.assert_allclose(again[part][0], saved[part][0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(again[part][1], saved[part][1])
+    assert res["runs"][0]["temperature"] == pytest.approx(record["temperature"], rel=1e-4)
     assert (old / "best.pt").read_bytes() == best                                      # not retrained
     assert os.path.isfile(old / "calibration_ad.md")
 
