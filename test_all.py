@@ -4176,7 +4176,7 @@ def test_table3_reports_the_calibration_of_every_ensemble_after_the_papers_colum
     assert header.index("ECE mean") > header.index("AUC mean")
 
 
-def test_the_calibration_report_ensembles_the_members_each_at_its_own_temperature(tmp_path):
+def test_the_calibration_report_ensembles_the_members_each_at_its_own_temperature_apart_from_cn_vs_ad_ones(tmp_path):
     """Each T fitted on its run's validation logits; after: Eq. 7-8 of softmax(test logits / T_k)."""
     rng = np.random.default_rng(2)
     val_labels, test_labels = rng.integers(0, 3, 40), rng.integers(0, 3, 30)
@@ -4205,25 +4205,18 @@ def test_the_calibration_report_ensembles_the_members_each_at_its_own_temperatur
     for extra, t in (([], 0.5), (["--refit"], temps[0])):
         again = evaluate.main(["calibrate", str(tmp_path), "--quiet"] + extra)["runs"]
         assert [r["temperature"] for r in again if os.path.samefile(r["dir"], fold0)] == [pytest.approx(t)]
-    shutil.rmtree(training.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 3))   # three folds: runs, but no ensemble
-    res = evaluate.main(["calibrate", str(tmp_path), "--quiet"])
-    assert len(res["runs"]) == 3 and res["ensembles"] == []
-
-
-def test_the_calibration_report_keeps_a_cn_vs_ad_ensemble_apart_from_the_3_class_one_of_the_same_model_and_version(
-        tmp_path):
-    rng = np.random.default_rng(3)
-    for classes in (3, 2):
-        val_labels, test_labels = rng.integers(0, classes, 40), rng.integers(0, classes, 30)
-        for fold in range(4):
-            val = rng.normal(0, 1, (40, classes)) + 2 * np.eye(classes)[val_labels]
-            test = rng.normal(0, 1, (30, classes)) + 2 * np.eye(classes)[test_labels]
-            run_dir = fake_ad_run(tmp_path / f"c{classes}", "hyperfusion", 0, 0, fold, evaluate.probabilities(test),
-                                  test_labels, classes=classes, class_names=NAMES if classes == 3 else ["CN", "AD"])
-            evaluate.save_logits(run_dir, (val, val_labels), (test, test_labels))
+    two = rng.integers(0, 2, 30)
+    for fold in range(4):                                 # CN vs AD folds of the same model, seed and version
+        z = rng.normal(0, 1, (30, 2)) + 2 * np.eye(2)[two]
+        run_dir = fake_ad_run(tmp_path / "c2", "hyperfusion", 0, 0, fold, evaluate.probabilities(z), two, classes=2,
+                              class_names=["CN", "AD"])
+        evaluate.save_logits(run_dir, (z, two), (z, two))
     res = evaluate.main(["calibrate", str(tmp_path), "--quiet"])
     assert sorted((e["classes"], len(e["members"])) for e in res["ensembles"]) == [(2, 4), (3, 4)]
-    assert all(all(f"{os.sep}c{e['classes']}{os.sep}" in m for m in e["members"]) for e in res["ensembles"])
+    assert all((f"{os.sep}c2{os.sep}" in m) == (e["classes"] == 2) for e in res["ensembles"] for m in e["members"])
+    shutil.rmtree(training.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 3))   # three folds: runs, but no ensemble
+    res = evaluate.main(["calibrate", str(tmp_path), "--quiet"])
+    assert len(res["runs"]) == 7 and [e["classes"] for e in res["ensembles"]] == [2]
 
 
 # ----------------------------------------------------------------------------------------------
