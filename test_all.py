@@ -3352,9 +3352,6 @@ def test_metrics_json_is_strict_json_with_null_where_a_metric_is_undefined(brain
 # or read-only storage stop in one line with the last good state kept.
 
 
-NAN = float("nan")
-
-
 def _full_disk_open(folder, error=errno.ENOSPC):
     """open() whose writes under `folder` fail with OSError(error) after 100 bytes (root ignores chmod)."""
     folder, real = os.path.abspath(folder), open
@@ -3433,38 +3430,17 @@ def _copy_of(tabular_run, tmp_path):
     return _run_dir(tmp_path, "tabular")
 
 
-def test_a_run_folders_json_of_another_shape_is_refused_in_one_line(ad_cohort60, tabular_run, tmp_path):
-    """Parsed, but not what a training run writes (`[]`, `{}`): one line naming the file, not a KeyError."""
-    run_dir = _copy_of(tabular_run, tmp_path / "runs")
-    data.write_text("[]", os.path.join(run_dir, "calibration.json"))
-    assert_clean_error(run_main(predict.main, run_dir, "--data-csv", ad_cohort60, "--out", tmp_path / "p.csv",
-                                "--calibrated", "--quiet"), "calibration.json: not the calibration.json a training")
-    for text in ("{}", "[]", '{"val": {}, "test": 3}'):
-        data.write_text(text, os.path.join(run_dir, "metrics.json"))
-        with pytest.raises(UserError, match="metrics.json: not the metrics.json a training run writes"):
-            load_run(run_dir).read_metrics()
-    assert not (tmp_path / "p.csv").exists()
-
-
-def test_resume_after_an_interruption_ends_as_an_uninterrupted_run(ad_cohort60, concat_run, tmp_path, monkeypatch):
+def test_resume_after_an_interruption_ends_as_an_uninterrupted_run_from_the_saved_adam_moments(
+        ad_cohort60, concat_run, tmp_path, monkeypatch):
+    """last.pt holds Adam's moments and step count beside the weights: a resumed run steps on from them (a fresh Adam
+    would restart its moments and bias correction) and ends exactly as the run never stopped."""
     _stop_after_epoch(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "concat"))
     monkeypatch.undo()
     assert _epoch_of(_run_dir(tmp_path, "concat")) == 1
     assert train_ad.main(_ad_args(ad_cohort60, tmp_path, "--model", "concat", "--resume")) == concat_run[0]
-
-
-def test_resume_continues_adam_from_its_saved_moments_so_the_weights_end_as_an_uninterrupted_runs(ad_cohort60,
-                                                                                                    tabular_run,
-                                                                                                    tmp_path):
-    """last.pt holds Adam's moments and step count beside the weights: a run resumed after epoch 1 steps on from
-    them (a fresh Adam would restart its moments and bias correction) and ends exactly as a run never stopped."""
-    resumed = _copy_of(tabular_run, tmp_path / "resumed")                    # a one-epoch run, trained on to 2
-    train_ad.main(_tabular_args(ad_cohort60, tmp_path / "resumed", "--epochs", "2", "--resume"))
-    train_ad.main(_tabular_args(ad_cohort60, tmp_path / "whole", "--epochs", "2"))
-    a, b = (training.load_checkpoint(os.path.join(d, "last.pt"))
-            for d in (resumed, _run_dir(tmp_path / "whole", "tabular")))
+    a, b = (training.load_checkpoint(os.path.join(d, "last.pt")) for d in (_run_dir(tmp_path, "concat"), concat_run[1]))
     assert a["epoch"] == b["epoch"] == 1 and a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"]), "weights differ"
     moments = lambda ckpt: [(k, s[k]) for s in ckpt["optimizer"]["state"].values() for k in sorted(s)]
@@ -3472,43 +3448,38 @@ def test_resume_continues_adam_from_its_saved_moments_so_the_weights_end_as_an_u
     assert all(ka == kb and torch.equal(va, vb) for (ka, va), (kb, vb) in zip(moments(a), moments(b)))
 
 
-@pytest.mark.parametrize("change, says", [
-    ("corrupt", ["corrupt or unreadable checkpoint"]),
-    (("--cache-dtype", "float32"), ["belongs to another run", "cache_dtype: checkpoint 'float16', now 'float32'"]),
-    (("--lr", "2e-3"), ["belongs to another run", "lr: checkpoint 0.0001, now 0.002"]),
-    ("trained at bf16", ["belongs to another run", "precision: checkpoint 'bf16', now 'fp32'"])],
-    ids=["corrupt", "cache-dtype", "lr", "precision"])
-def test_resume_refuses_a_corrupt_checkpoint_or_one_of_another_run_naming_what_differs(ad_cohort60, tabular_run,
-                                                                                       tmp_path, change, says):
-    last = os.path.join(_copy_of(tabular_run, tmp_path), "last.pt")
-    if change == "corrupt":
-        with open(last, "wb") as f:
-            f.write(b"PK\x03\x04 not really a checkpoint")
-    elif change == "trained at bf16":                             # as if trained at bfloat16 on a GPU
-        ckpt = training.load_checkpoint(last)
-        training.save_checkpoint({**ckpt, "run": {**ckpt["run"], "precision": "bf16"}}, last)
-    before = _snapshot(tmp_path)
-    extra = change if isinstance(change, tuple) else ()
-    assert_clean_error(run_main(train_ad.main, *_tabular_args(ad_cohort60, tmp_path, "--resume", *extra)), last,
-                       *says)
-    assert _snapshot(tmp_path) == before
-
-
-def test_a_run_folder_that_holds_a_run_is_refused_to_a_new_one_before_any_file_changes(ad_cohort60, tabular_run,
-                                                                                        tmp_path):
-    run_dir = _copy_of(tabular_run, tmp_path)
-    before = _snapshot(tmp_path)
-    again = _tabular_args(ad_cohort60, tmp_path, "--epochs", "1", "--lr", "2e-3")
-    assert_clean_error(run_main(train_ad.main, *again), run_dir, "holds a finished run", "metrics.json", "--resume",
-                       "another --out")
-    assert _snapshot(tmp_path) == before                          # no lock file, no checkpoint, nothing left
-    for f in training.FINISHED_FILES:                             # an unfinished run: refused, naming its epoch
+def _unfinish(run_dir, *more):
+    for f in (*training.FINISHED_FILES, *more):
         os.remove(os.path.join(run_dir, f))
-    assert_clean_error(run_main(train_ad.main, *again), run_dir, "unfinished run (last.pt after epoch 1)",
-                       "--resume", "another --out")
-    os.remove(os.path.join(run_dir, "last.pt"))                   # --resume with nothing to resume, but best.pt
-    assert_clean_error(run_main(train_ad.main, *again, "--resume"), run_dir, "no last.pt", "best.pt")
-    assert _files(tmp_path) == [os.path.relpath(os.path.join(run_dir, f), tmp_path) for f in ("best.pt", "log.csv")]
+
+
+def _trained_at_bf16(run_dir):                                    # as if trained at bfloat16 on a GPU
+    ckpt = training.load_checkpoint(os.path.join(run_dir, "last.pt"))
+    training.save_checkpoint({**ckpt, "run": {**ckpt["run"], "precision": "bf16"}}, os.path.join(run_dir, "last.pt"))
+
+
+NEW_RUN, OTHER = ("--epochs", "1", "--lr", "2e-3"), ["{run}/last.pt", "belongs to another run"]
+
+
+@pytest.mark.parametrize("edit, options, says", [
+    (None, NEW_RUN, ["{run}", "holds a finished run", "metrics.json", "--resume", "another --out"]),
+    (_unfinish, NEW_RUN, ["{run}", "unfinished run (last.pt after epoch 1)", "--resume", "another --out"]),
+    (lambda d: _unfinish(d, "last.pt"), NEW_RUN + ("--resume",), ["{run}", "no last.pt", "best.pt"]),
+    (lambda d: data.write_text("PK\x03\x04 not really a checkpoint", os.path.join(d, "last.pt")), ("--resume",),
+     ["{run}/last.pt", "corrupt or unreadable checkpoint"]),
+    (None, ("--resume", "--cache-dtype", "float32"), OTHER + ["cache_dtype: checkpoint 'float16', now 'float32'"]),
+    (None, ("--resume", "--lr", "2e-3"), OTHER + ["lr: checkpoint 0.0001, now 0.002"]),
+    (_trained_at_bf16, ("--resume",), OTHER + ["precision: checkpoint 'bf16', now 'fp32'"])],
+    ids=["finished", "unfinished", "nothing-to-resume", "corrupt", "cache-dtype", "lr", "precision"])
+def test_a_run_folder_is_refused_to_a_new_run_or_a_resume_it_cannot_serve_naming_why_before_any_file_changes(
+        ad_cohort60, tabular_run, tmp_path, edit, options, says):
+    run_dir = _copy_of(tabular_run, tmp_path)
+    if edit:
+        edit(run_dir)
+    before = _snapshot(tmp_path)                                  # no lock file, no checkpoint, nothing left
+    assert_clean_error(run_main(train_ad.main, *_tabular_args(ad_cohort60, tmp_path, *options)),
+                       *(s.replace("{run}", run_dir) for s in says))
+    assert _snapshot(tmp_path) == before
 
 
 def test_a_resumed_run_that_trains_further_never_leaves_the_old_metrics_beside_its_new_checkpoints(
@@ -3577,14 +3548,14 @@ def test_a_non_finite_loss_output_or_batchnorm_statistic_stops_the_run_naming_th
     if poison == "training loss":                 # 36 training subjects, batches of 8: 4 steps an epoch
         real_loss = train_ad.wce_loss
         monkeypatch.setattr(train_ad, "wce_loss", lambda *a: calls.append(1) or real_loss(*a) * (
-            NAN if len(calls) > 4 else 1.0))
+            float("nan") if len(calls) > 4 else 1.0))
     elif poison == "validation outputs":
         real_predict = train_ad.predict
 
         def nan_in_epoch_2(*args):
             calls.append(1)
             out, targets = real_predict(*args)
-            return out * (NAN if len(calls) == 2 else 1.0), targets
+            return out * (float("nan") if len(calls) == 2 else 1.0), targets
         monkeypatch.setattr(train_ad, "predict", nan_in_epoch_2)
     else:
         real_forward = nn.BatchNorm1d.forward
@@ -3606,33 +3577,26 @@ def test_a_non_finite_loss_output_or_batchnorm_statistic_stops_the_run_naming_th
     assert poison != "training loss" or len(calls) == 8          # epoch 2's steps end first
     if poison == "validation outputs":                            # a score of nan, from fit itself
         with pytest.raises(UserError, match=r"diverged in epoch 2: the validation score \(score\) is nan"):
-            _scripted_fit(tmp_path / "scripted", [0.5, NAN], False)
+            _scripted_fit(tmp_path / "scripted", [0.5, float("nan")], False)
 
 
 def test_a_nan_batchnorm_statistic_after_brain_ages_precise_bn_stops_the_run_with_epoch_1_kept(tmp_path):
-    class Net(_TabularNet):                                   # fit as train_brain_age.py calls it, on a tiny net
-        def __init__(self):
-            super().__init__()
-            self.norm = nn.BatchNorm1d(2)
-
-        def forward(self, image, tabular):
-            return self.norm(self.linear(tabular))
-
+    net, calls = _TabularNet(), []                            # fit as train_brain_age.py calls it, on a tiny net
+    net.norm = nn.BatchNorm1d(2)
     items = torch.utils.data.TensorDataset(torch.zeros(16, 0), torch.randn(16, 3), torch.randn(16, 2))
     batches = torch.utils.data.DataLoader(items, batch_size=8)
     run = RunConfig(task="brain-age", model="imaging", version=0, split_seed=0, data_csv="x", epochs=3, batch_size=8,
                     lr=1e-3, weight_decay=0.0)
-    calls = []
 
     def precise_bn_nan_in_epoch_2(model):
         training.recalibrate_batchnorm(model, batches, torch.device("cpu"))
         calls.append(1)
         if len(calls) == 2:
-            model.norm.running_mean.fill_(NAN)
+            model.norm.running_mean.fill_(float("nan"))
 
     with pytest.raises(UserError, match=r"diverged in epoch 2: the BatchNorm running statistic norm\.running_mean is "
                                         r"nan after the precise-BN re-estimation; last\.pt still holds epoch 1"):
-        training.fit(Net(), batches, F.mse_loss, lambda m: {"mae": 1.0}, "mae", run, str(tmp_path), {}, quiet=True,
+        training.fit(net, batches, F.mse_loss, lambda m: {"mae": 1.0}, "mae", run, str(tmp_path), {}, quiet=True,
                      lower_is_better=True, before_validation=precise_bn_nan_in_epoch_2)
     assert _epoch_of(tmp_path) == 1
 
@@ -3675,8 +3639,8 @@ def test_ctrl_c_or_sigterm_during_training_prints_one_line_with_what_is_kept_and
     assert _epoch_of(run_dir) == 1 and training.LOCK_NAME not in os.listdir(run_dir)
 
 
-def test_a_full_disk_or_an_unwritable_folder_is_one_error_line_naming_the_folder_and_the_bytes(ad_cohort40, tmp_path,
-                                                                                             monkeypatch):
+def test_a_full_disk_or_an_unwritable_folder_is_one_error_line_naming_the_folder_and_the_bytes(
+        ad_cohort40, tmp_path, monkeypatch):
     """ENOSPC (a full --cache-dir or --out) or EACCES, or an --out under a file: nothing left behind."""
     cache_dir, runs = tmp_path / "cache", tmp_path / "runs"
     monkeypatch.setattr(data, "open", _full_disk_open(cache_dir), raising=False)
@@ -3741,9 +3705,8 @@ def test_a_command_piped_into_head_stops_quietly_when_head_has_read_enough(tmp_p
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_ctrl_c_or_sigterm_during_a_cache_decode_is_one_line_and_leaves_nothing_half_written(ad_cohort40, tmp_path,
-                                                                                            monkeypatch, sig):
-    """The signal comes while an entry is half written."""
+def test_ctrl_c_or_sigterm_during_a_cache_decode_is_one_line_and_leaves_nothing_half_written(
+        ad_cohort40, tmp_path, monkeypatch, sig):
     real_open, signals = open, [sig]
 
     def slow_open(file, mode="r", *args, **kwargs):       # the first entry's first half written, then the signal
@@ -3807,7 +3770,6 @@ def test_a_brain_age_run_rebuilds_its_own_split_not_sec_4_2_3s_default(fig4a_wom
 
 
 def test_each_member_reads_the_images_through_its_own_crops(ad_fold_runs, ad_cohort60, tmp_path):
-    """Members whose boxes differ each get their own decoded crops, not the first member's."""
     first = _run_dir(ad_fold_runs, "hyperfusion", 0)
     moved = tmp_path / "moved" / "v0"
     shutil.copytree(first, moved)
@@ -3820,7 +3782,9 @@ def test_each_member_reads_the_images_through_its_own_crops(ad_fold_runs, ad_coh
     assert not np.allclose(both[0], both[1], atol=1e-4)                        # the same weights, other images
 
 
-def test_predict_combines_the_members_by_eq7_8_and_each_member_reproduces_its_test_predictions(fold_predictions):
+def test_predict_combines_the_members_by_eq7_8_each_reproducing_its_test_predictions_and_writes_their_spread(
+        fold_predictions):
+    """prob_spread: the largest across-member standard deviation of a class probability, not the mean over classes."""
     both, runs, out = fold_predictions
     assert both["members"] == runs and len(both["subjects"]) == 60
     members = both["outputs"]                                               # (K, N, C)
@@ -3836,21 +3800,11 @@ def test_predict_combines_the_members_by_eq7_8_and_each_member_reproduces_its_te
     written = list(csv.DictReader(open(out)))                               # each subject's class: its largest
     assert [r["predicted"] for r in written] == [NAMES[int(p.argmax())] for p in both["combined"]]
     assert len({r["predicted"] for r in written}) > 1
-
-
-def test_a_new_patients_table_may_leave_out_attribute_columns_and_they_read_as_empty_cells(ad_cohort60, tabular_run,
-                                                                                            tmp_path, capsys):
-    lines = [line.split(",") for line in open(ad_cohort60).read().splitlines()[:6]]
-    gone = [lines[0].index(c) for c in ("AGE", "AV45")]
-    empty, without = tmp_path / "empty.csv", tmp_path / "without.csv"
-    empty.write_text("".join(",".join("" if i in gone and k else c for i, c in enumerate(r)) + "\n"
-                             for k, r in enumerate(lines)))
-    without.write_text("".join(",".join(c for i, c in enumerate(r) if i not in gone) + "\n" for r in lines))
-    run_dir = _run_dir(tabular_run, "tabular")
-    a, b = (_predict(run_dir, "--data-csv", t, "--out", tmp_path / f"{t.stem}-p.csv") for t in (empty, without))
-    np.testing.assert_array_equal(a["combined"], b["combined"])
-    assert "without.csv: no column AGE, AV45: read as empty for every subject" in capsys.readouterr().err
-    assert_clean_error(run_main(train_ad.main, *_tabular_args(without, tmp_path / "r")), "missing columns AGE, AV45")
+    by_hand = [max(np.std([m[i, c] for m in members]) for c in range(members.shape[2]))
+               for i in range(members.shape[1])]
+    np.testing.assert_allclose(both["spread"], by_hand, rtol=1e-12)
+    np.testing.assert_allclose([float(r["prob_spread"]) for r in written], by_hand, atol=1e-6)
+    assert not np.allclose(by_hand, members.std(0).mean(1), atol=1e-4)     # not the mean over the classes
 
 
 def test_predict_prints_the_ensembles_metrics_over_the_subjects_with_a_diagnosis_alone(ad_cohort60, tabular_run,
@@ -3864,31 +3818,22 @@ def test_predict_prints_the_ensembles_metrics_over_the_subjects_with_a_diagnosis
            f"{m['auc_macro']:.3f}" in capsys.readouterr().out and known.sum() == 50
 
 
-def test_prob_spread_is_the_largest_across_member_standard_deviation_of_a_class_probability(fold_predictions):
-    both, _, out = fold_predictions
-    members = both["outputs"]                                               # (K, N, C)
-    by_hand = [max(np.std([m[i, c] for m in members]) for c in range(members.shape[2]))
-               for i in range(members.shape[1])]
-    np.testing.assert_allclose(both["spread"], by_hand, rtol=1e-12)
-    np.testing.assert_allclose([float(r["prob_spread"]) for r in csv.DictReader(open(out))], by_hand, atol=1e-6)
-    assert not np.allclose(by_hand, members.std(0).mean(1), atol=1e-4)     # not the mean over the classes
-
-
-def test_a_prediction_depends_on_its_own_row_only_and_empty_cells_use_the_runs_saved_imputation(
-        ad_cohort60, ad_fold_runs, tmp_path):
+def test_a_prediction_depends_on_its_own_row_only_and_empty_cells_or_absent_columns_use_the_runs_saved_imputation(
+        ad_cohort60, ad_fold_runs, tmp_path, capsys):
+    """A new patient has no diagnosis; a table may leave out attribute columns: read as empty cells, said."""
     rows = [line.split(",") for line in open(ad_cohort60).read().splitlines()[:9]]     # the header, 8 patients
-    for col in ("AGE", "ABETA", "PTAU", "TAU", "FDG"):
+    for col in ("AGE", "ABETA", "PTAU", "TAU", "FDG", "AV45"):
         rows[5][rows[0].index(col)] = ""
-    group = rows[0].index("Group")                                          # a new patient has no diagnosis
-    rows = [",".join(c for i, c in enumerate(r) if i != group) for r in rows]
+    gone = [rows[0].index(c) for c in ("Group", "AGE", "AV45")]
     everyone, one = (os.path.join(os.path.dirname(ad_cohort60), f"new_{n}.csv") for n in ("all", "one"))
-    for path, lines in ((everyone, rows), (one, [rows[0], rows[5]])):
-        with open(path, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    for path, lines, left_out in ((everyone, rows, gone[:1]), (one, [rows[0], rows[5]], gone)):
+        data.write_text("".join(",".join(c for i, c in enumerate(r) if i not in left_out) + "\n" for r in lines), path)
     run_dir = _run_dir(ad_fold_runs, "hyperfusion", 0)
     a = _predict(run_dir, "--data-csv", everyone, "--out", tmp_path / "a.csv")
     b = _predict(run_dir, "--data-csv", one, "--out", tmp_path / "b.csv")
     np.testing.assert_allclose(a["combined"][4], b["combined"][0], atol=1e-6)
+    assert "new_one.csv: no column AGE, AV45: read as empty for every subject" in capsys.readouterr().err
+    assert_clean_error(run_main(train_ad.main, *_tabular_args(one, tmp_path / "r")), "missing columns Group, AGE, AV45")
     finished_run = load_run(run_dir)                                        # by hand: the run's own state
     table = data.read_ad_table(one, for_prediction=True)
     tab = finished_run.tabular.transform(table.raw)
@@ -3900,24 +3845,25 @@ def test_a_prediction_depends_on_its_own_row_only_and_empty_cells_use_the_runs_s
     np.testing.assert_allclose(b["combined"][0], torch.softmax(logits, 1).mean(0).numpy(), rtol=1e-5, atol=1e-7)
 
 
-def _shifted_copies(run_dir, root, shifts=(0.0, 10.0, 40.0)):
-    """Copies of a brain-age run under root, their targets centred `shifts` years apart -> [(shift, copy)]."""
-    copies = []
-    for k, shift in enumerate(shifts):
-        copy_dir = root / f"member{k}"
-        shutil.copytree(run_dir, copy_dir)
-        ckpt = training.load_checkpoint(str(copy_dir / "best.pt"))
-        ckpt["target"] = dict(ckpt["target"], centre=ckpt["target"]["centre"] + shift)
-        training.save_checkpoint(ckpt, str(copy_dir / "best.pt"))
-        copies.append((shift, copy_dir))
-    return copies
-
-
-def test_predict_reads_each_brain_age_member_with_its_own_target_and_combines_them_by_the_eq6_mean(
+def test_predict_reads_each_brain_age_member_with_its_own_target_and_corrects_the_eq6_means_gap_by_the_mean_fit(
         brain_age_cohort20, fig4a_women_run, tmp_path):
-    """Copies of one run with targets centred 0, 10 and 40 years apart: the ensemble is their mean, not median."""
-    _shifted_copies(fig4a_women_run[3], tmp_path / "runs")
-    res = _predict(tmp_path / "runs", "--data-csv", brain_age_cohort20, "--out", tmp_path / "ages.csv")
+    """Copies of one run, targets centred 0, 10 and 40 years apart, each with its own age-bias fit: the ensemble is
+    their mean, not median; the fit of a mean prediction on one validation set is the mean of the members' fits (a line
+    fitted by least squares is linear in the predictions). Scans without an Age get empty gaps, the others theirs."""
+    fits = []
+    for k, shift in enumerate((0.0, 10.0, 40.0)):
+        member = tmp_path / "runs" / f"member{k}"
+        shutil.copytree(fig4a_women_run[3], member)
+        ckpt = training.load_checkpoint(str(member / "best.pt"))
+        ckpt["target"] = dict(ckpt["target"], centre=ckpt["target"]["centre"] + shift)
+        training.save_checkpoint(ckpt, str(member / "best.pt"))
+        saved = json.loads((member / "metrics.json").read_text())
+        fits.append({"intercept": saved["age_bias"]["intercept"] + shift, "slope": 0.1 * k})
+        data.write_json(dict(saved, age_bias=dict(saved["age_bias"], **fits[-1])), member / "metrics.json")
+    rows = list(csv.DictReader(open(brain_age_cohort20)))
+    some = os.path.join(os.path.dirname(brain_age_cohort20), "some_ages.csv")    # beside it: the same images
+    data.write_csv([dict(r, Age="" if k % 3 == 0 else r["Age"]) for k, r in enumerate(rows)], rows[0].keys(), some)
+    res = _predict(tmp_path / "runs", "--data-csv", some, "--out", tmp_path / "ages.csv")
     out = res["outputs"]                                                    # (3, N) years
     assert out.shape == (3, 20)
     np.testing.assert_allclose(out[1] - out[0], 10.0, atol=1e-4)
@@ -3926,26 +3872,18 @@ def test_predict_reads_each_brain_age_member_with_its_own_target_and_combines_th
     np.testing.assert_allclose(res["combined"], metrics.mean_ensemble(out), rtol=1e-12)
     np.testing.assert_allclose(res["spread"], np.std([0, 10, 40]), atol=1e-4)   # age_spread: the members' std
     written = list(csv.DictReader(open(tmp_path / "ages.csv")))
-    np.testing.assert_allclose([float(r["age_spread"]) for r in written], np.std([0, 10, 40]), atol=2e-3)
-    assert {r["n_models"] for r in written} == {"3"}
-
-
-def test_predict_corrects_an_eq6_ensembles_gap_by_the_mean_of_its_members_validation_age_bias_fits(
-        brain_age_cohort20, fig4a_women_run, tmp_path):
-    """The fit of a mean prediction on one validation set is the mean of the members' fits (a line fitted by least
-    squares is linear in the predictions): copies of one run 0, 10 and 40 years apart, each with its own fit."""
-    fits = []
-    for k, (shift, copy_dir) in enumerate(_shifted_copies(fig4a_women_run[3], tmp_path / "runs")):
-        saved = json.loads((copy_dir / "metrics.json").read_text())
-        fits.append({"intercept": saved["age_bias"]["intercept"] + shift, "slope": 0.1 * k})
-        data.write_json(dict(saved, age_bias=dict(saved["age_bias"], **fits[-1])), copy_dir / "metrics.json")
-    res = _predict(tmp_path / "runs", "--data-csv", brain_age_cohort20, "--out", tmp_path / "ages.csv")
-    rows = list(csv.DictReader(open(tmp_path / "ages.csv")))
-    age = data.read_brain_age_table(brain_age_cohort20).age
+    assert [w["Subject"] for w in written] == [r["Subject"] for r in rows] == res["subjects"]
+    np.testing.assert_allclose([float(w["age_spread"]) for w in written], np.std([0, 10, 40]), atol=2e-3)
+    assert {w["n_models"] for w in written} == {"3"}
+    age = np.array([float(r["Age"]) for r in rows])
     mean_fit = {k: np.mean([f[k] for f in fits]) for k in ("intercept", "slope")}
-    assert [r["Subject"] for r in rows] == res["subjects"]
-    np.testing.assert_allclose([float(r["corrected_gap"]) for r in rows],
-                               metrics.corrected_gap(age, res["combined"], mean_fit), atol=1e-3)   # 3 decimals
+    corrected = metrics.corrected_gap(age, res["combined"], mean_fit)
+    for k, w in enumerate(written):
+        if k % 3 == 0:
+            assert w["gap"] == w["corrected_gap"] == ""
+        else:
+            assert float(w["gap"]) == pytest.approx(float(w["predicted_age"]) - age[k], abs=2e-3)
+            assert float(w["corrected_gap"]) == pytest.approx(corrected[k], abs=1e-3)     # 3 decimals
 
 
 def test_predict_reproduces_a_brain_age_runs_test_predictions_and_reports_the_corrected_gap(brain_age_cohort40,
@@ -3963,23 +3901,6 @@ def test_predict_reproduces_a_brain_age_runs_test_predictions_and_reports_the_co
     age = float(table.age[table.subjects.index(first[0])])
     expected = float(first[1]) - age - (bias["intercept"] + bias["slope"] * age)
     assert float(first[5]) == pytest.approx(expected, abs=2e-3)
-
-
-def test_predict_gives_the_gap_of_every_scan_with_an_age_and_leaves_it_empty_where_the_age_is(
-        brain_age_cohort20, fig4a_women_run, tmp_path):
-    """A new table may give Age for some scans only: those get gap and corrected_gap, the others empty cells."""
-    rows = list(csv.DictReader(open(brain_age_cohort20)))
-    some = os.path.join(os.path.dirname(brain_age_cohort20), "some_ages.csv")    # beside it: the same images
-    data.write_csv([dict(r, Age="" if k % 3 == 0 else r["Age"]) for k, r in enumerate(rows)], rows[0].keys(), some)
-    _predict(fig4a_women_run[3], "--data-csv", some, "--out", tmp_path / "ages.csv")
-    out = list(csv.DictReader(open(tmp_path / "ages.csv")))
-    assert [o["Subject"] for o in out] == [r["Subject"] for r in rows]
-    for k, (r, o) in enumerate(zip(rows, out)):
-        if k % 3 == 0:
-            assert o["gap"] == o["corrected_gap"] == ""
-        else:
-            assert float(o["gap"]) == pytest.approx(float(o["predicted_age"]) - float(r["Age"]), abs=2e-3)
-            assert o["corrected_gap"] != ""
 
 
 def test_predict_refuses_other_grids_mixed_runs_and_unfinished_runs_in_one_line(ad_cohort60, ad_fold_runs,
@@ -4080,15 +4001,19 @@ def test_ece_is_near_zero_for_calibrated_probabilities_and_clearly_above_for_ove
     assert found["calibrated"]["nll"] < found["over-confident"]["nll"]
 
 
-def test_the_fitted_temperature_recovers_the_temperature_the_labels_were_drawn_at():
-    """T = 2.5 and 0.5 found again; both hippocampi: each side scaled, then the sides averaged."""
-    rng = np.random.default_rng(1)
-    logits = rng.normal(0, 3, (6000, 3))
-    for true_t in (2.5, 0.5):
-        p = np.exp(logits / true_t)
-        p /= p.sum(1, keepdims=True)
-        labels = np.array([rng.choice(3, p=q) for q in p])
-        assert training.fit_temperature(logits, labels) == pytest.approx(true_t, rel=0.06)
+def test_the_fitted_temperature_recovers_the_one_the_labels_were_drawn_at_from_0_01_to_100_not_clipped(tmp_path):
+    """T = 2.5, 0.5 and, for logits 50 times too large (a run that memorised its training rows) or too small, 50 and
+    0.02; logits that say nothing fit the upper bound: used (they only flatten), and the record says it is a bound.
+    Both hippocampi: each side scaled, then the sides averaged."""
+    rng = np.random.default_rng(2)
+    base = rng.normal(0, 3, (6000, 3))
+    p = np.exp(base) / np.exp(base).sum(1, keepdims=True)
+    labels = np.array([rng.choice(3, p=q) for q in p])
+    for true_t in (2.5, 0.5, 50.0, 0.02):
+        assert training.fit_temperature(base * true_t, labels) == pytest.approx(true_t, rel=0.06)
+    noise = (rng.normal(0, 50, (600, 3)), labels[:600])
+    rec = training.calibrate(str(tmp_path), {"val": noise, "test": noise})
+    assert rec["at_bound"] and rec["temperature"] == pytest.approx(100, rel=1e-3) and "warning" not in rec
     sides = rng.normal(0, 2, (5, 2, 3))
     by_hand = np.exp(sides / 1.7) / np.exp(sides / 1.7).sum(-1, keepdims=True)
     np.testing.assert_allclose(evaluate.probabilities(sides, 1.7), by_hand.mean(1), rtol=1e-12)
@@ -4096,23 +4021,10 @@ def test_the_fitted_temperature_recovers_the_temperature_the_labels_were_drawn_a
     assert np.array_equal(evaluate.probabilities(single, 0.3).argmax(1), single.argmax(1))
 
 
-def test_the_temperature_is_searched_from_0_01_to_100_so_a_far_over_or_under_confident_run_is_fitted_not_clipped(
-        tmp_path):
-    """Logits 50 times too large (a run that memorised its training rows) fit T = 50; 50 times too small, 0.02.
-    Logits that say nothing fit the upper bound: used (they only flatten), and the record says it is a bound."""
-    rng = np.random.default_rng(2)
-    base = rng.normal(0, 3, (6000, 3))
-    p = np.exp(base) / np.exp(base).sum(1, keepdims=True)
-    labels = np.array([rng.choice(3, p=q) for q in p])
-    for true_t in (50.0, 0.02):
-        assert training.fit_temperature(base * true_t, labels) == pytest.approx(true_t, rel=0.06)
-    noise = (rng.normal(0, 50, (600, 3)), labels[:600])
-    rec = training.calibrate(str(tmp_path), {"val": noise, "test": noise})
-    assert rec["at_bound"] and rec["temperature"] == pytest.approx(100, rel=1e-3) and "warning" not in rec
-
-
-def test_a_finished_ad_run_holds_its_temperature_fitted_on_its_own_validation_logits(ad_fold_runs):
-    """logits.npz (sides apart), calibration.json before and after; the test probabilities are the logits' softmax."""
+def test_a_finished_ad_run_holds_its_temperature_fitted_on_its_own_validation_logits_and_an_older_run_gets_one(
+        ad_fold_runs, tmp_path):
+    """logits.npz (sides apart), calibration.json before and after; the test probabilities are the logits' softmax.
+    A run trained before calibration (neither file) is calibrated from its logits predicted again, not retrained."""
     run_dir = _run_dir(ad_fold_runs, "hyperfusion", 0)
     saved = evaluate.read_logits(run_dir)
     assert saved["val"][0].shape[1:] == (2, 3) and saved["test"][0].shape[1:] == (2, 3)   # (N, sides, C)
@@ -4129,23 +4041,17 @@ def test_a_finished_ad_run_holds_its_temperature_fitted_on_its_own_validation_lo
     np.testing.assert_array_equal(pred["labels"], saved["test"][1])
     np.testing.assert_allclose(pred["probs"], evaluate.probabilities(saved["test"][0]), rtol=1e-5, atol=1e-7)
     assert record["val"]["after"]["nll"] <= record["val"]["before"]["nll"] + 1e-12      # what the fit minimises
-
-
-def test_a_run_trained_before_calibration_is_calibrated_from_its_logits_predicted_again_not_retrained(
-        ad_fold_runs, tmp_path):
-    src = _run_dir(ad_fold_runs, "hyperfusion", 1)
-    kept = evaluate.read_logits(src)
     old = tmp_path / "old"
-    shutil.copytree(src, old)
+    shutil.copytree(run_dir, old)
     for f in ("logits.npz", "calibration.json"):
         os.remove(old / f)
     best = (old / "best.pt").read_bytes()
     res = evaluate.main(["calibrate", str(old), "--quiet", "--device", "cpu"])
     again = evaluate.read_logits(str(old))
     for part in ("val", "test"):
-        np.testing.assert_allclose(again[part][0], kept[part][0], rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(again[part][1], kept[part][1])
-    assert res["runs"][0]["temperature"] == pytest.approx(load_run(src).temperature, rel=1e-4)
+        np.testing.assert_allclose(again[part][0], saved[part][0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(again[part][1], saved[part][1])
+    assert res["runs"][0]["temperature"] == pytest.approx(record["temperature"], rel=1e-4)
     assert (old / "best.pt").read_bytes() == best                                      # not retrained
     assert os.path.isfile(old / "calibration_ad.md")
 
@@ -4165,9 +4071,10 @@ def test_calibrated_prediction_keeps_every_members_class_and_changes_the_ensembl
         np.testing.assert_allclose(cal["outputs"][k][test_idx], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_calibrated_prediction_refuses_a_run_without_a_temperature_or_fitted_at_its_lower_bound_which_is_not_used(
+def test_calibrated_prediction_refuses_a_run_without_a_usable_temperature_or_fitted_at_its_lower_bound_not_used(
         tmp_path, capsys):
-    """A perfectly separated validation set drives T to its lower bound: calibrate keeps T = 1 and says so."""
+    """A perfectly separated validation set drives T to its lower bound: calibrate keeps T = 1 and says so. A
+    hand-edited calibration.json, or a metrics.json, parsed but of another shape: one line naming it, no KeyError."""
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 30)
     val, test = rng.normal(0, 1, (30, 3)) + 9 * np.eye(3)[labels], rng.normal(0, 1, (30, 3)) + np.eye(3)[labels]
@@ -4180,10 +4087,16 @@ def test_calibrated_prediction_refuses_a_run_without_a_temperature_or_fitted_at_
     assert rec["at_bound"] and rec["fitted"] == training.T_BOUNDS[0] and rec["temperature"] == 1.0
     assert rec["test"]["after"] == rec["test"]["before"] and "lower bound" in capsys.readouterr().err
     assert_clean_error(calibrated(), run_dir, "lower bound", "without --calibrated")
-    for bad in (0, -1.0, True, "2"):                                    # a hand-edited record: never divided by
-        data.write_json({"temperature": bad}, os.path.join(run_dir, "calibration.json"))
-        assert_clean_error(calibrated(), "calibration.json", f"temperature {bad!r} is not a positive number")
+    for text, says in [("[]", "calibration.json: not the calibration.json a training run writes")] + [
+            (json.dumps({"temperature": t}), f"calibration.json: temperature {t!r} is not a positive number")
+            for t in (0, -1.0, True, "2")]:                           # never divided by
+        data.write_text(text, os.path.join(run_dir, "calibration.json"))
+        assert_clean_error(calibrated(), says)
     assert not os.path.exists(tmp_path / "p.csv")
+    for text in ("{}", "[]", '{"val": {}, "test": 3}'):
+        data.write_text(text, os.path.join(run_dir, "metrics.json"))
+        with pytest.raises(UserError, match="metrics.json: not the metrics.json a training run writes"):
+            load_run(run_dir).read_metrics()
 
 
 def test_table3_reports_the_calibration_of_every_ensemble_after_the_papers_columns(ad_runs):
@@ -4199,7 +4112,7 @@ def test_table3_reports_the_calibration_of_every_ensemble_after_the_papers_colum
     assert header.index("ECE mean") > header.index("AUC mean")
 
 
-def test_the_calibration_report_ensembles_the_members_each_at_its_own_temperature(tmp_path):
+def test_the_calibration_report_ensembles_the_members_each_at_its_own_temperature_apart_from_cn_vs_ad_ones(tmp_path):
     """Each T fitted on its run's validation logits; after: Eq. 7-8 of softmax(test logits / T_k)."""
     rng = np.random.default_rng(2)
     val_labels, test_labels = rng.integers(0, 3, 40), rng.integers(0, 3, 30)
@@ -4228,25 +4141,18 @@ def test_the_calibration_report_ensembles_the_members_each_at_its_own_temperatur
     for extra, t in (([], 0.5), (["--refit"], temps[0])):
         again = evaluate.main(["calibrate", str(tmp_path), "--quiet"] + extra)["runs"]
         assert [r["temperature"] for r in again if os.path.samefile(r["dir"], fold0)] == [pytest.approx(t)]
-    shutil.rmtree(training.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 3))   # three folds: runs, but no ensemble
-    res = evaluate.main(["calibrate", str(tmp_path), "--quiet"])
-    assert len(res["runs"]) == 3 and res["ensembles"] == []
-
-
-def test_the_calibration_report_keeps_a_cn_vs_ad_ensemble_apart_from_the_3_class_one_of_the_same_model_and_version(
-        tmp_path):
-    rng = np.random.default_rng(3)
-    for classes in (3, 2):
-        val_labels, test_labels = rng.integers(0, classes, 40), rng.integers(0, classes, 30)
-        for fold in range(4):
-            val = rng.normal(0, 1, (40, classes)) + 2 * np.eye(classes)[val_labels]
-            test = rng.normal(0, 1, (30, classes)) + 2 * np.eye(classes)[test_labels]
-            run_dir = fake_ad_run(tmp_path / f"c{classes}", "hyperfusion", 0, 0, fold, evaluate.probabilities(test),
-                                  test_labels, classes=classes, class_names=NAMES if classes == 3 else ["CN", "AD"])
-            evaluate.save_logits(run_dir, (val, val_labels), (test, test_labels))
+    two = rng.integers(0, 2, 30)
+    for fold in range(4):                                 # CN vs AD folds of the same model, seed and version
+        z = rng.normal(0, 1, (30, 2)) + 2 * np.eye(2)[two]
+        run_dir = fake_ad_run(tmp_path / "c2", "hyperfusion", 0, 0, fold, evaluate.probabilities(z), two, classes=2,
+                              class_names=["CN", "AD"])
+        evaluate.save_logits(run_dir, (z, two), (z, two))
     res = evaluate.main(["calibrate", str(tmp_path), "--quiet"])
     assert sorted((e["classes"], len(e["members"])) for e in res["ensembles"]) == [(2, 4), (3, 4)]
-    assert all(all(f"{os.sep}c{e['classes']}{os.sep}" in m for m in e["members"]) for e in res["ensembles"])
+    assert all((f"{os.sep}c2{os.sep}" in m) == (e["classes"] == 2) for e in res["ensembles"] for m in e["members"])
+    shutil.rmtree(training.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 3))   # three folds: runs, but no ensemble
+    res = evaluate.main(["calibrate", str(tmp_path), "--quiet"])
+    assert len(res["runs"]) == 7 and [e["classes"] for e in res["ensembles"]] == [2]
 
 
 # ----------------------------------------------------------------------------------------------
