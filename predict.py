@@ -289,8 +289,9 @@ def main(argv=None):
     if task == "ad" and (table.labels >= 0).any():
         known = table.labels >= 0
         m = classification_metrics(table.labels[known], combined[known], names)
+        auc = f"{m['auc_macro']:.3f}" if np.isfinite(m["auc_macro"]) else "undefined (a class has no subject)"
         print(f"ensemble on the {int(known.sum())} subjects with a diagnosis: BA {m['balanced_accuracy']:.3f} "
-              f"AUC {m['auc_macro']:.3f} F1 {m['f1_macro']:.3f} precision {m['precision']:.3f}; calibration"
+              f"AUC {auc} F1 {m['f1_macro']:.3f} precision {m['precision']:.3f}; calibration"
               f"{' (each member at its temperature)' if a.calibrated else ''}: ECE {m['ece']:.3f} class-wise ECE "
               f"{m['ece_classwise']:.3f} Brier {m['brier']:.3f} NLL {m['nll']:.3f}")
     elif task == "brain-age" and np.isfinite(table.age).any():

@@ -90,8 +90,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_a_run_writes_its_checkpoints_log_predictions_and_metrics_with_one_log_row_an_epoch
 # also: test_fit_runs_forward_and_loss_in_one_autocast_at_the_runs_precision_and_scales_float16s_loss,
 #     test_one_ddp_step_on_two_processes_takes_the_mean_of_their_shares_gradients,
-#     test_resume_after_an_interruption_ends_as_an_uninterrupted_run,
-#     test_resume_continues_adam_from_its_saved_moments_so_the_weights_end_as_an_uninterrupted_runs
+#     test_resume_after_an_interruption_ends_as_an_uninterrupted_run_from_the_saved_adam_moments
 #
 # Sec. 3.3, 4.3.3: tabular attributes and missing values
 # Sec. 3.3 imputation and indicators:
@@ -106,7 +105,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # sex (Sec. 3.3, 4.2):
 #     test_the_sex_one_hot_is_male_then_female_in_both_tasks_so_a_saved_run_reads_each_sex_as_it_was_trained,
 #     test_an_imputed_sex_is_a_probability_its_two_columns_in_0_1_summing_to_1_however_far_its_neighbours_lie
-# also: test_a_prediction_depends_on_its_own_row_only_and_empty_cells_use_the_runs_saved_imputation,
+# also: test_a_prediction_depends_on_its_own_row_only_and_empty_cells_or_absent_columns_use_the_runs_saved_imputation,
 #     test_a_column_empty_for_every_training_subject_is_read_as_missing_at_prediction_and_said
 #
 # Sec. 3.4: ensembles and metrics (Eq. 6-10)
@@ -118,8 +117,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_the_nll_reads_probabilities_off_one_by_float32s_rounding_as_probabilities_without_a_warning
 # also: test_eq7_8_each_row_of_the_ad_table_ensembles_its_folds_sample_by_sample,
 #     test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae,
-#     test_predict_combines_the_members_by_eq7_8_and_each_member_reproduces_its_test_predictions,
-#     test_predict_reads_each_brain_age_member_with_its_own_target_and_combines_them_by_the_eq6_mean,
+#     test_predict_combines_the_members_by_eq7_8_each_reproducing_its_test_predictions_and_writes_their_spread,
+#     test_predict_reads_each_brain_age_member_with_its_own_target_and_corrects_the_eq6_means_gap_by_the_mean_fit,
 #     test_calibrated_prediction_keeps_every_members_class_and_changes_the_ensemble_only_through_eq8_weights
 #
 # Sec. 3.5, Tables 5-6, Fig. 2-3: the networks
@@ -143,7 +142,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_the_age_bias_of_the_brain_age_gap_is_fitted_on_the_validation_rows_never_the_test_rows,
 #     test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae,
 #     test_brain_age_versions_whose_validation_subjects_differ_are_refused_in_one_line,
-#     test_predict_corrects_an_eq6_ensembles_gap_by_the_mean_of_its_members_validation_age_bias_fits,
+#     test_predict_reads_each_brain_age_member_with_its_own_target_and_corrects_the_eq6_means_gap_by_the_mean_fit,
 #     test_the_brain_age_network_gives_the_age_in_float32_under_bfloat16
 # Fig. 4A training sets, Sec. 4.2.5's 2->2 embedding, Fig. 4 sweep and plots:
 #     test_fig4a_training_sets_are_one_size_min_men_women_drawn_with_the_seed_and_the_mix_is_half_and_half,
