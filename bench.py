@@ -215,7 +215,7 @@ def loader(s, device, model_rows):
                 data.save_nifti(rng.standard_normal(((2 * shape[0],) + shape[1:]) if task == "ad" else shape)
                                 .astype(np.float32), 1.0, p)
             crops = data.HippocampusCrops((0, 0, 0), (shape[0], 0, 0), tuple(shape)) if task == "ad" else None
-            cache = data.ImageCache(paths, os.path.join(tmp, "c"), "float16", transform=crops).prepare(progress=False)
+            cache = data.ImageCache(paths, os.path.join(tmp, "c"), transform=crops).prepare(progress=False)
             ds = (data.ADDataset(cache, rng.standard_normal((n, 15)), np.arange(n) % 3) if task == "ad" else
                   data.BrainAgeDataset(cache, np.eye(2)[np.arange(n) % 2], 20.0 + np.arange(n) % 3))
             batches = make_loader(torch.utils.data.Subset(ds, [i % n for i in range(length)]), batch, workers, dev,

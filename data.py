@@ -730,7 +730,7 @@ def read_brain_age_table(csv_path, image_dir=None, need_images=True, for_predict
 
 # ---- the images: NIfTI read and validated, their content hashes, the hippocampus crops -------------------------
 
-FLOAT16_MAX = float(np.finfo(np.float16).max)   # 65504
+ABSURD = 1e15   # |voxel|: no scanner's scale reaches it (a wrong header scale); below it float32 z-scores stay finite
 
 
 def _where(path, subject=None):
@@ -775,17 +775,16 @@ def load_nifti(path, subject=None, canonical=True):
 
 
 def load_volume(path, subject=None, expected_shape=None):
-    """A validated float32 (X, Y, Z) RAS array: within float16's range (the cache's) and not one constant."""
+    """A validated float32 (X, Y, Z) RAS array: no absurd value and not one constant."""
     where = _where(path, subject)
     volume = np.asarray(load_nifti(path, subject).dataobj, dtype=np.float32)
     if expected_shape is not None and tuple(volume.shape) != tuple(expected_shape):
         raise UserError(f"{where}: image shape {tuple(volume.shape)}, expected {tuple(expected_shape)}")
     lo, hi = float(volume.min()), float(volume.max())
-    if max(-lo, hi) > FLOAT16_MAX:
-        n = int(np.count_nonzero(np.abs(volume) > FLOAT16_MAX))
-        raise UserError(f"{where}: {n} voxels beyond +-{FLOAT16_MAX:g} (the largest {max(-lo, hi):.3g}), beyond "
-                        f"float16's range: a wrong scale in the header or a broken export? Rescale or z-score the "
-                        f"image (preprocess.py)")
+    if max(-lo, hi) > ABSURD:
+        n = int(np.count_nonzero(np.abs(volume) > ABSURD))
+        raise UserError(f"{where}: {n} voxels beyond +-{ABSURD:g} (the largest {max(-lo, hi):.3g}): a wrong scale in "
+                        f"the header or a broken export? Rescale or z-score the image (preprocess.py)")
     if lo == hi:
         raise UserError(f"{where}: no signal: every voxel is {lo:g} (a failed registration or an empty export?)")
     return volume
@@ -981,16 +980,14 @@ def image_fingerprint(paths, cache_dir, subjects, progress=False):
 
 
 class ImageCache:
-    """A cohort's images, each decoded once (validated, transformed, float16/32) into `<subject>-<config>-<source>.npy`
+    """A cohort's images, each decoded once (validated, transformed, float32) into `<subject>-<config>-<source>.npy`
     with a trailer (source, config, CRC-32), served as read-only memmaps; a stale or damaged entry is decoded again."""
     PROGRESS_EVERY = 5.0   # seconds at least between two progress lines (hashing, checking, decoding)
 
-    def __init__(self, paths, cache_dir, dtype="float16", transform=None, expected_shape=None, names=None):
-        if dtype not in ("float16", "float32"):
-            raise UserError(f"cache dtype must be float16 or float32, got {dtype!r}")
+    def __init__(self, paths, cache_dir, transform=None, expected_shape=None, names=None):
         self.paths = [os.path.abspath(p) for p in paths]
         self.names = list(names) if names is not None else [os.path.basename(p).split(".")[0] for p in paths]
-        self.cache_dir, self.dtype, self.transform, self.expected_shape = cache_dir, dtype, transform, expected_shape
+        self.cache_dir, self.transform, self.expected_shape = cache_dir, transform, expected_shape
         self.n_decoded = 0     # decodes done by this object (tests check the cache is used)
         self._index = {}       # sources.json as read (then kept up to date) by this object
         self._checked = set()  # entries this object has read whole and found sound (problem) or written (decode)
@@ -1000,7 +997,7 @@ class ImageCache:
         return len(self.paths)
 
     def config(self, i):   # the transform: HippocampusCrops or None
-        return f"{self.paths[i]}|{self.dtype}|" + ("" if self.transform is None else self.transform.cache_key())
+        return f"{self.paths[i]}|float32|" + ("" if self.transform is None else self.transform.cache_key())
 
     def _hash(self, indices, progress=False):
         return source_hashes([self.paths[i] for i in indices], self.cache_dir, [self.names[i] for i in indices],
@@ -1038,7 +1035,7 @@ class ImageCache:
                     return "no checksum trailer (damaged, or not written by this version)"
                 f.seek(offset + nbytes)
                 meta = json.loads(f.read(n))
-                if dtype != np.dtype(self.dtype) or fortran or meta.get("config") != self.config(i):
+                if dtype != np.float32 or fortran or meta.get("config") != self.config(i):
                     return f"decoded for another path, dtype or crop ({meta.get('config')!r})"
                 if meta.get("source_sha256") != self.source(i):
                     return "decoded from another version of the image"
@@ -1054,9 +1051,7 @@ class ImageCache:
         """Decode item i into its entry now (written whole or not at all), removing those of older sources."""
         out, source = self.entry(i), self.source(i)
         vol = load_volume(self.paths[i], self.names[i], self.expected_shape)
-        arr = np.ascontiguousarray(vol if self.transform is None else self.transform(vol), dtype=self.dtype)
-        if not np.isfinite(arr).all():
-            raise UserError(f"{self.paths[i]} (subject {self.names[i]}): values overflow {self.dtype}; use float32")
+        arr = np.ascontiguousarray(vol if self.transform is None else self.transform(vol), dtype=np.float32)
         name = os.path.basename(out)
         for old in os.listdir(self.cache_dir):   # same subject and config, older source (never `out`, read maybe)
             if old != name and re.fullmatch(re.escape(name[:-14]) + r"\w{10}\.npy", old):
@@ -1117,9 +1112,8 @@ def sex_onehot(sex):
 
 
 def image_tensor(array):
-    """A copy of an image as a tensor, float16 when stored so (the cache's default; half the memory and bus),
-    else float32; training.to_device upcasts on the device, exactly."""
-    return torch.from_numpy(np.array(array, np.float16 if array.dtype == np.float16 else np.float32))
+    """A float32 copy of an image (a memory-mapped cache entry) as a tensor."""
+    return torch.from_numpy(np.array(array, np.float32))
 
 
 class TabularDataset(torch.utils.data.Dataset):

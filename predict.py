@@ -113,9 +113,9 @@ def member_outputs(members, table, cache_dir, batch_size, device, progress=True,
     for m in members:
         t0, images = time.time(), None
         if m.run.model != "tabular":
-            key = (m.crops.cache_key() if m.crops is not None else "", m.run.cache_dtype)
+            key = m.crops.cache_key() if m.crops is not None else ""
             if key not in caches:
-                caches[key] = data.ImageCache(table.image_paths, cache_dir, m.run.cache_dtype, transform=m.crops,
+                caches[key] = data.ImageCache(table.image_paths, cache_dir, transform=m.crops,
                                               names=table.subjects).prepare(progress=progress)
                 shown.rebase()                        # the pace of predicting, not of the first decode
             images = caches[key]
@@ -148,9 +148,9 @@ def test_set(finished_run, data_csv=None, image_dir=None, part="test"):
         table = data.read_brain_age_table(run.data_csv, run.image_dir)
         parts = data.brain_age_split(table.age, table.sex, run.split_seed, run.split)
     test_idx, images = parts[{"val": 1, "test": 2}[part]], None
-    if image_model:  # the training run's cache (same folder, dtype and crops), so nothing is decoded again
+    if image_model:  # the training run's cache (same folder and crops), so nothing is decoded again
         cache = data.ImageCache(table.image_paths, data.cache_folder(run.cache_dir, run.data_csv),
-                                run.cache_dtype, transform=finished_run.crops, names=table.subjects)
+                                transform=finished_run.crops, names=table.subjects)
         images = torch.utils.data.Subset(cache, test_idx)
     return run, table, test_idx, images
 

@@ -95,7 +95,7 @@ def run_ad(args, device, run):
     if image_model:
         with main_first():  # torchrun: rank 0 decodes, the others then find every entry decoded
             cache = data.ImageCache(table.image_paths, data.cache_folder(run.cache_dir, run.data_csv),
-                                    run.cache_dtype, transform=crops, names=table.subjects).prepare(not quiet)
+                                    transform=crops, names=table.subjects).prepare(not quiet)
         make = lambda idx, train: data.ADDataset(torch.utils.data.Subset(cache, idx), tabular[idx],
                                                  table.labels[idx], train=train)
     else:

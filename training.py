@@ -146,7 +146,7 @@ LR_SCHEDULES = ("constant", "cosine")   # constant: Table 1's; cosine: the brain
 DATA_KEYS = ("task", "model", "split_seed", "fold", "version", "classes", "group_map", "n_tabular",
              "tabular_columns", "embedding_dim", "train_sex", "split", "table_sha256")
 IDENTITY_KEYS = DATA_KEYS + ("loss", "batch_size", "lr", "weight_decay", "lr_schedule", "images_sha256", "image_shape",
-                             "crops", "target_scale", "precision", "cache_dtype")
+                             "crops", "target_scale", "precision")
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,6 @@ class RunConfig:
     data_csv: str                    # as given; the built-in synthetic cohort's is absolute
     image_dir: str = None
     cache_dir: str = None            # None: <csv folder>/cache (data.cache_folder)
-    cache_dtype: str = "float16"
     fold: int = None                 # AD: the validation subset, 0..3
     classes: int = None              # AD: 3, or 2 for CN vs AD (App. B)
     loss: str = None                 # AD: "wce" (Eq. 5), "ce" or "ce-oversample" (App. C.4)
@@ -217,7 +216,6 @@ def add_common_arguments(p):
     p.add_argument("--image-dir", help="folder of <Subject>.nii.gz (default: <csv folder>/images)")
     p.add_argument("--data-dir", default="data", help="where the synthetic cohort is generated")
     p.add_argument("--cache-dir", help="decoded-image cache (default: <csv folder>/cache)")
-    p.add_argument("--cache-dtype", default="float16", choices=["float16", "float32"])
     for k, kind in SCHEDULE.items():
         p.add_argument("--" + k.replace("_", "-"), type=kind, help="default: Table 1, or the demo",
                        **({"choices": LR_SCHEDULES} if k == "lr_schedule" else {}))
@@ -247,8 +245,7 @@ def common_run_fields(args, device, task, demo, real):
     log(f"schedule ({'demo (synthetic cohort)' if synthetic else 'Table 1'}): "
         + ", ".join(f"{k} {v}" for k, v in schedule.items()), quiet)
     return dict(task=task, model=args["model"], version=args["version"], split_seed=args["split_seed"], **schedule,
-                data_csv=data_csv, image_dir=args["image_dir"], cache_dir=args["cache_dir"],
-                cache_dtype=args["cache_dtype"], precision=precision)
+                data_csv=data_csv, image_dir=args["image_dir"], cache_dir=args["cache_dir"], precision=precision)
 
 
 # ---- A run folder holds one run: claimed by one live process at a time, refused to a new run while it holds one ----
@@ -394,11 +391,6 @@ def make_loader(dataset, batch_size, workers, device, shuffle=False, sampler=Non
                                        drop_last=train and n > batch_size, persistent_workers=workers > 0 and not train)
 
 
-def to_device(image, device):
-    """Images as the cache stores them (float16 by default) -> float32 on the device, upcast after the copy."""
-    return image.to(device, non_blocking=True).float()
-
-
 @torch.no_grad()
 def recalibrate_batchnorm(model, loader, device, precision="fp32"):
     """"Precise BN": running statistics re-averaged over `loader` (brain age: val MAE 20.2 with moving ones, 5.4)."""
@@ -410,7 +402,7 @@ def recalibrate_batchnorm(model, loader, device, precision="fp32"):
     model.train()
     for image, tabular, _ in loader if norms else ():
         with autocast(device, precision):
-            model(to_device(image, device), tabular.to(device, non_blocking=True))
+            model(image.to(device, non_blocking=True), tabular.to(device, non_blocking=True))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
         for t in (m.running_mean, m.running_var) if world_size() > 1 else ():
@@ -429,7 +421,7 @@ def predict(model, loader, device, transform=None, precision="fp32", on_batch=No
         if both:
             image, tabular = image.flatten(0, 1), tabular.repeat_interleave(2, 0)    # (2B, 1, D, H, W)
         with autocast(device, precision):
-            out = model(to_device(image, device), tabular).float()
+            out = model(image.to(device, non_blocking=True), tabular).float()
         out = transform(out) if transform is not None else out
         if both:
             out = out.unflatten(0, (-1, 2))                                          # (B, 2, ...)
@@ -561,7 +553,7 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
             net.train()
             losses, sizes = [], []
             for image, tabular, target in train_loader:
-                image, tabular, target = (to_device(image, device), tabular.to(device, non_blocking=True),
+                image, tabular, target = (image.to(device, non_blocking=True), tabular.to(device, non_blocking=True),
                                           target.to(device, non_blocking=True))
                 with autocast(device, run.precision):
                     loss = loss_fn(net(image, tabular), target)                   # Eq. 4 or Eq. 5
