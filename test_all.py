@@ -1778,7 +1778,7 @@ def _sweep_checkpoint(path, name, cohort, cache):
             getattr(model, layer).hypernet.embedding.weight.data = torch.tensor([[1.0, 2.0]])
         init_hyperlayers(model, torch.eye(2)[torch.arange(10) % 2])
     run = RunConfig(task="brain-age", model=name, version=0, split_seed=0, embedding_dim=1, train_sex="all",
-                    data_csv=str(cohort), cache_dir=str(cache), cache_dtype="float32", **SCHEDULE)
+                    data_csv=str(cohort), cache_dir=str(cache), **SCHEDULE)
     training.save_checkpoint({"model": model.state_dict(), "run": dataclasses.asdict(run), "epoch": 0,
                               "inputs": {"n_tabular": 2, "image_shape": list(shape)},
                               "target": {"centre": 50.0, "scale": 10.0}}, path)
@@ -1903,7 +1903,7 @@ def test_synthetic_brain_age_cohort_loads_back(brain_age_cohort20):
     assert len(t.subjects) == 20 and t.age.dtype == np.float32 and set(t.sex.tolist()) <= {0, 1}
     assert 8 <= t.age.min() and t.age.max() <= 90
     shape = synthetic.BRAIN_AGE_SYNTH["shape"]
-    cache = data.ImageCache(t.image_paths, os.path.join(os.path.dirname(brain_age_cohort20), "cache"), "float32",
+    cache = data.ImageCache(t.image_paths, os.path.join(os.path.dirname(brain_age_cohort20), "cache"),
                             expected_shape=shape)
     img, tab, y = data.BrainAgeDataset(cache, data.sex_onehot(t.sex), t.age)[0]
     assert img.shape == (1,) + shape and img.dtype == torch.float32
@@ -2010,11 +2010,11 @@ def test_mirrored_crop_is_the_flip_of_the_right_box_each_box_z_scored_over_its_n
 def test_dataset_items_have_one_side_in_training_and_both_in_evaluation(ad_cohort40, tmp_path):
     t = data.read_ad_table(ad_cohort40)
     crops = data.HippocampusCrops.load(os.path.join(os.path.dirname(ad_cohort40), "crops.json"))
-    cache = data.ImageCache(t.image_paths[:4], tmp_path / "c", "float16", transform=crops, names=t.subjects[:4])
+    cache = data.ImageCache(t.image_paths[:4], tmp_path / "c", transform=crops, names=t.subjects[:4])
     X, y4 = TabularPreprocessor().fit_transform(t.raw)[:4], t.labels[:4]
     train = data.ADDataset(cache, X, y4, train=True)
     img, tab, y = train[2]
-    assert img.shape == (1,) + crops.size and img.dtype == torch.float16          # as the cache stores it
+    assert img.shape == (1,) + crops.size and img.dtype == torch.float32
     assert tab.shape == (15,) and y.dtype == torch.int64 and y.shape == () and int(y) == t.labels[2]
     img = data.ADDataset(cache, X, y4, train=False)[2][0]     # (training draws either side: the epoch test next)
     assert img.shape == (2, 1) + crops.size and np.array_equal(img[:, 0].numpy(), np.array(cache[2], np.float32))
@@ -2027,7 +2027,7 @@ def test_dataset_items_have_one_side_in_training_and_both_in_evaluation(ad_cohor
 
 def test_each_epoch_draws_its_hippocampus_sides_from_its_own_seed_with_loader_workers_as_a_resumed_run_does():
     """Workers kept over epochs would go on from their first epoch's seed: a resumed run would draw other sides."""
-    pairs = np.stack([np.zeros((16, 2, 2, 2)), np.ones((16, 2, 2, 2))], 1).astype(np.float16)   # left 0, right 1
+    pairs = np.stack([np.zeros((16, 2, 2, 2)), np.ones((16, 2, 2, 2))], 1).astype(np.float32)   # left 0, right 1
     ds, cpu = data.ADDataset(pairs, np.zeros((16, 3)), np.arange(16) % 3), torch.device("cpu")
 
     def epoch(loader, seed):
@@ -2698,11 +2698,11 @@ def test_a_table_saved_by_a_spreadsheet_with_a_bom_crlf_line_ends_and_blank_rows
 def test_cache_decodes_once_and_redecodes_a_changed_source(tmp_path):
     paths = data.read_ad_table(tiny_ad(tmp_path)).image_paths
     crops = data.HippocampusCrops((0, 0, 0), (4, 0, 0), (4, 8, 8))
-    cache = data.ImageCache(paths, tmp_path / "cache", "float16", transform=crops).prepare(progress=False)
+    cache = data.ImageCache(paths, tmp_path / "cache", transform=crops).prepare(progress=False)
     assert cache.n_decoded == 3
     first = np.array(cache[1])
-    assert isinstance(cache[1], np.memmap) and first.shape == (2, 4, 8, 8) and first.dtype == np.float16
-    again = data.ImageCache(paths, tmp_path / "cache", "float16", transform=crops)
+    assert isinstance(cache[1], np.memmap) and first.shape == (2, 4, 8, 8) and first.dtype == np.float32
+    again = data.ImageCache(paths, tmp_path / "cache", transform=crops)
     again.prepare(progress=False)
     np.array(again[1])
     assert again.n_decoded == 0                                 # served from the .npy, no gzip decode
@@ -2710,12 +2710,23 @@ def test_cache_decodes_once_and_redecodes_a_changed_source(tmp_path):
     changed[0, 0, 0] = 2                                        # (a constant image would be refused: no signal)
     data.save_nifti(changed, 2.0, paths[1])
     os.utime(paths[1], ns=(1, 10**18))                          # a changed source (new mtime)
-    assert np.array_equal(np.array(again[1]), crops(changed).astype(np.float16)) and again.n_decoded == 1
+    assert np.array_equal(np.array(again[1]), crops(changed)) and again.n_decoded == 1
     entries = lambda: [f for f in os.listdir(tmp_path / "cache") if f.endswith(".npy")]   # (and sources.json)
     assert len(entries()) == 3                                  # the stale entry was removed
-    other = data.ImageCache(paths, tmp_path / "cache", "float32", transform=crops)
-    assert other[0].dtype == np.float32 and other.n_decoded == 1  # another dtype: its own entry
-    assert len(entries()) == 4 and again[0].dtype == np.float16
+    other = data.ImageCache(paths, tmp_path / "cache", transform=data.HippocampusCrops((0, 0, 0), (4, 0, 0), (4, 8, 4)))
+    assert other[0].shape == (2, 4, 8, 4) and other.n_decoded == 1    # other boxes: an entry of their own
+    assert len(entries()) == 4 and again[0].shape == (2, 4, 8, 8) and again.n_decoded == 1
+
+
+def test_the_cache_holds_every_voxel_as_float32_reads_it_a_raw_scan_beyond_float16s_range_included(tmp_path):
+    """No rounding between the NIfTI and the network: a uint16 scanner's 65535 and its fractions stay as they are."""
+    paths = data.read_ad_table(tiny_ad(tmp_path)).image_paths
+    bright = (np.random.default_rng(0).random((8, 8, 8)) * 65535).astype(np.float32)
+    bright[1, 2, 3] = 65535.0
+    data.save_nifti(bright, 2.0, paths[0])
+    cache = data.ImageCache(paths, tmp_path / "cache").prepare(progress=False)
+    assert all(np.array_equal(cache[i], data.load_volume(p)) for i, p in enumerate(paths))
+    assert np.array_equal(cache[0], bright) and float(np.max(cache[0])) == 65535
 
 
 def test_an_image_replaced_in_place_by_one_of_the_same_size_with_its_times_kept_is_noticed(nii_imaging_run, tmp_path):
@@ -3077,17 +3088,15 @@ def test_check_ad_finds_nii_beside_nii_gz_and_reads_a_flipped_header_or_a_traili
 
 
 # what the voxels hold -> (what the refusal says, where, the value)
-SPOILED = {"inf": ("NaN/inf", (3, 4, 5), np.inf), "huge": ("beyond +-65504", (3, 4, 5), 1e30),
-           "negative": ("beyond +-65504", (9, 9, 9), -1e30), "zeros": ("no signal: every voxel is 0", ..., 0),
+SPOILED = {"inf": ("NaN/inf", (3, 4, 5), np.inf), "huge": ("beyond +-1e+15", (3, 4, 5), 1e30),
+           "negative": ("beyond +-1e+15", (9, 9, 9), -1e30), "zeros": ("no signal: every voxel is 0", ..., 0),
            "constant": ("no signal: every voxel is 3.5", ..., 3.5)}
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize("case", SPOILED)
-def test_images_with_non_finite_absurd_or_no_signal_values_are_refused_in_either_cache_dtype(ad_cohort40, tmp_path,
-                                                                                            case, dtype):
-    """An inf voxel, +-1e30 (beyond float16's 65504: a float32 cache would train on it), all zeros (a failed
-    registration) or one constant: refused before any epoch naming the subject and the file; so by check-ad."""
+def test_images_with_non_finite_absurd_or_no_signal_values_are_refused(ad_cohort40, tmp_path, case):
+    """An inf voxel, +-1e30 (a wrong header scale; z-scores overflow float32), all zeros (a failed registration) or
+    one constant: refused before any epoch naming the subject and the file; so by check-ad."""
     says, where, value = SPOILED[case]
     table = data.read_ad_table(ad_cohort40)
     subject, source, folder = table.subjects[4], table.image_paths[4], tmp_path / "images"
@@ -3097,13 +3106,11 @@ def test_images_with_non_finite_absurd_or_no_signal_values_are_refused_in_either
     vol = data.load_volume(source)
     vol[where] = value
     data.save_nifti(vol, synthetic.AD_SYNTH["spacing_mm"], folder / os.path.basename(source))
-    args = _ad_args(ad_cohort40, tmp_path / "runs", "--model", "imaging", "--image-dir", folder, "--cache-dtype", dtype,
+    args = _ad_args(ad_cohort40, tmp_path / "runs", "--model", "imaging", "--image-dir", folder,
                     "--cache-dir", tmp_path / "cache")
     assert_clean_error(run_main(train_ad.main, *args), f"subject {subject}", folder / os.path.basename(source), says)
     assert not (tmp_path / "runs").exists()
-    if dtype == "float32":
-        assert_clean_error(run_main(data.main, "check-ad", ad_cohort40, "--image-dir", folder), f"subject {subject}",
-                           says)
+    assert_clean_error(run_main(data.main, "check-ad", ad_cohort40, "--image-dir", folder), f"subject {subject}", says)
 
 
 def test_images_of_another_shape_or_voxel_size_are_refused_from_their_headers(ad_cohort40, tmp_path):
@@ -3466,10 +3473,9 @@ NEW_RUN, OTHER = ("--epochs", "1", "--lr", "2e-3"), ["{run}/last.pt", "belongs t
     (lambda d: _unfinish(d, "last.pt"), NEW_RUN + ("--resume",), ["{run}", "no last.pt", "best.pt"]),
     (lambda d: data.write_text("PK\x03\x04 not really a checkpoint", os.path.join(d, "last.pt")), ("--resume",),
      ["{run}/last.pt", "corrupt or unreadable checkpoint"]),
-    (None, ("--resume", "--cache-dtype", "float32"), OTHER + ["cache_dtype: checkpoint 'float16', now 'float32'"]),
     (None, ("--resume", "--lr", "2e-3"), OTHER + ["lr: checkpoint 0.0001, now 0.002"]),
     (_trained_at_bf16, ("--resume",), OTHER + ["precision: checkpoint 'bf16', now 'fp32'"])],
-    ids=["finished", "unfinished", "nothing-to-resume", "corrupt", "cache-dtype", "lr", "precision"])
+    ids=["finished", "unfinished", "nothing-to-resume", "corrupt", "lr", "precision"])
 def test_a_run_folder_is_refused_to_a_new_run_or_a_resume_it_cannot_serve_naming_why_before_any_file_changes(
         ad_cohort60, tabular_run, tmp_path, edit, options, says):
     run_dir = _copy_of(tabular_run, tmp_path)
@@ -3806,8 +3812,8 @@ def test_predict_combines_the_members_by_eq7_8_each_reproducing_its_test_predict
     assert not np.allclose(by_hand, members.std(0).mean(1), atol=1e-4)     # not the mean over the classes
 
 
-def test_predict_prints_the_ensembles_metrics_over_the_subjects_with_a_diagnosis_alone(ad_cohort60, tabular_run,
-                                                                                         tmp_path, capsys):
+def test_predict_prints_the_ensembles_metrics_over_the_subjects_with_a_diagnosis_alone_an_auc_only_if_defined(
+        ad_cohort60, tabular_run, tmp_path, capsys):
     table = _edit_table(ad_cohort60, tmp_path / "new.csv", lambda k, c: c[:1] + [c[1] if k > 11 else ""] + c[2:])
     res = predict.main([_run_dir(tabular_run, "tabular"), "--data-csv", str(table), "--out", str(tmp_path / "p.csv")])
     labels = data.read_ad_table(table, need_images=False, for_prediction=True).labels
@@ -3815,6 +3821,9 @@ def test_predict_prints_the_ensembles_metrics_over_the_subjects_with_a_diagnosis
     m = classification_metrics(labels[known], res["combined"][known], NAMES)
     assert f"ensemble on the {known.sum()} subjects with a diagnosis: BA {m['balanced_accuracy']:.3f} AUC " \
            f"{m['auc_macro']:.3f}" in capsys.readouterr().out and known.sum() == 50
+    no_ad = _edit_table(ad_cohort60, tmp_path / "no_ad.csv", lambda k, c: [c[0], c[1] * (c[1] != "AD")] + c[2:])
+    predict.main([_run_dir(tabular_run, "tabular"), "--data-csv", str(no_ad), "--out", str(tmp_path / "q.csv")])
+    assert " AUC undefined (a class has no subject) F1 " in capsys.readouterr().out        # not "nan"
 
 
 def test_a_prediction_depends_on_its_own_row_only_and_empty_cells_or_absent_columns_use_the_runs_saved_imputation(
@@ -4361,28 +4370,6 @@ def test_a_training_loader_ends_in_no_partial_batch_alone_oversampled_or_in_a_to
     monkeypatch.setattr(training, "world_size", lambda: 4)
     monkeypatch.setattr(training, "rank", lambda: 0)
     assert sizes(36, shuffle=True) == [4, 4]                                  # 9 of the 36, in batches of 16 / 4
-
-
-def test_loaders_ship_images_in_the_float16_the_cache_stores_and_the_network_reads_them_in_float32():
-    """Half the pinned memory, shared memory and bus; to_device upcasts exactly: predictions equal float32's."""
-    g = torch.Generator().manual_seed(0)
-    half = torch.randn(6, 36, 36, 36, generator=g).half().numpy()
-    sex, age = data.sex_onehot(np.arange(6) % 2), np.linspace(40, 80, 6).astype(np.float32)
-    shipped = data.BrainAgeDataset(half, sex, age)
-    assert shipped[0][0].dtype == torch.float16
-    assert data.BrainAgeDataset(half.astype(np.float32), sex, age)[0][0].dtype == torch.float32
-    pairs = np.stack([half[:, :8, :8, :8]] * 2, 1)                                       # (N, 2, D, H, W) crops
-    for train in (True, False):
-        assert data.ADDataset(pairs, np.zeros((6, 3)), np.arange(6) % 3, train=train)[0][0].dtype == torch.float16
-    cpu = torch.device("cpu")
-    image = next(iter(training.make_loader(shipped, 6, 0, cpu)))[0]
-    assert image.dtype == torch.float16 and training.to_device(image, cpu).dtype == torch.float32
-    torch.manual_seed(0)
-    model = build_model("brain-age", "hyperfusion", image_shape=(36, 36, 36))
-    as_float = torch.utils.data.TensorDataset(torch.as_tensor(half).float()[:, None], torch.as_tensor(sex),
-                                              torch.as_tensor(age))
-    np.testing.assert_array_equal(training.predict(model, training.make_loader(shipped, 3, 0, cpu), cpu)[0],
-                                  training.predict(model, training.make_loader(as_float, 3, 0, cpu), cpu)[0])
 
 
 def test_the_protocol_hands_its_cache_dir_and_compile_to_every_run_it_trains(tmp_path, capsys):
@@ -4998,12 +4985,12 @@ def test_the_first_cache_decode_shows_its_progress_and_a_final_line_and_nothing_
         tmp_path, monkeypatch, capsys):
     paths = data.read_ad_table(tiny_ad(tmp_path, n=6)).image_paths
     decoding = lambda out: [line for line in out.splitlines() if line.startswith("decoding the image cache")]
-    data.ImageCache(paths, tmp_path / "short", "float16").prepare()          # a fraction of a second: no line
+    data.ImageCache(paths, tmp_path / "short").prepare()          # a fraction of a second: no line
     assert decoding(capsys.readouterr().out) == []
     monkeypatch.setattr(data.ImageCache, "PROGRESS_EVERY", 0)              # a line as often as 5% allows
-    data.ImageCache(paths, tmp_path / "quiet", "float16").prepare(progress=False)
+    data.ImageCache(paths, tmp_path / "quiet").prepare(progress=False)
     assert capsys.readouterr().out == ""
-    cache = data.ImageCache(paths, tmp_path / "cache", "float16").prepare()
+    cache = data.ImageCache(paths, tmp_path / "cache").prepare()
     lines = decoding(capsys.readouterr().out)
     assert cache.n_decoded == 6 and len(lines) == 6, lines
     for k, line in enumerate(lines[:-1], start=1):
