@@ -5,6 +5,7 @@ import csv
 import copy
 import dataclasses
 import errno
+import graphlib
 import io
 import json
 import math
@@ -246,10 +247,6 @@ def tiny_ad(folder, n=3, group="CN", age="70.5"):
         rows.append(f"S{i},{group if i == 1 else 'AD'},{age if i == 1 else '71'},Female,16,1,>1700,<8,300,,1.2")
     (folder / "ad.csv").write_text("\n".join(rows) + "\n")
     return folder / "ad.csv"
-
-
-def run(script, *args):
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=HERE, capture_output=True, text=True)
 
 
 def assert_clean_error(proc, *names):
@@ -510,8 +507,7 @@ def ad_runs(tmp_path):
 
 
 def run_main(main, *args):
-    """A script's main through data.run_cli in this process, as its __main__ runs it -> returncode, stdout, stderr
-    like run()'s."""
+    """A script's main through data.run_cli in this process, as its __main__ runs it -> returncode, stdout, stderr."""
     out, err, code = io.StringIO(), io.StringIO(), 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -3207,8 +3203,8 @@ def test_numeric_options_out_of_range_are_refused_naming_the_option(tmp_path):
     assert not o.exists()
     assert_clean_error(run_main(evaluate.main, "brain-age", "--runs", tmp_path, "--top", "0"), "--top 0")
     assert_clean_error(run_main(lambda argv: np.zeros(1 << 62, np.uint8)), "Unable to allocate")   # one line too
-    # argparse's own refusals are one line too (not its usage line first), from the script itself as well
-    assert_clean_error(run("train_ad.py", "--fold", "7"), "--fold", "invalid choice")
+    # argparse's own refusals are one line too (not its usage line first)
+    assert_clean_error(run_main(train_ad.main, "--fold", "7"), "--fold", "invalid choice")
     assert_clean_error(run_main(train_brain_age.main, "--batch-size", "abc"), "--batch-size", "abc")
     assert_clean_error(run_main(train_brain_age.main, "--crops", "c.json"), "unrecognized", "--crops")  # AD's alone
     assert_clean_error(run_main(synthetic.main, "ad", "--out", tmp_path / "syn", "--seed", "-1"), "--seed -1")
@@ -4904,8 +4900,18 @@ def test_imports_form_a_tree_with_no_circles_and_no_private_names():
                 assert not (node.attr.startswith("_") and not node.attr.startswith("__")), \
                     f"{f} uses {node.value.id}.{node.attr}"
     assert "train_ad" not in graph["train_brain_age"]
-    import graphlib
     list(graphlib.TopologicalSorter(graph).static_order())       # CycleError names an import circle
+
+
+def test_matplotlib_is_imported_only_where_a_figure_is_drawn_and_every_command_line_goes_through_run_cli():
+    """Without matplotlib everything but --plots runs; a script's refusals (argparse's too) are one `error:` line."""
+    for f in (f for f in SOURCES if f != "test_all.py"):
+        tree = ast.parse(open(os.path.join(HERE, f)).read(), f)
+        assert all(inside for module, _, inside in _imports(tree) if module == "matplotlib"), f
+        if f != "bench.py" and any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body):
+            last = tree.body[-1]
+            assert isinstance(last, ast.If) and ast.unparse(last.test) == "__name__ == '__main__'", f
+            assert ast.unparse(last.body[0]).startswith("run_cli(main"), f
 
 
 @pytest.mark.parametrize("command", ["ad", "brain-age", "sweep"])
@@ -4927,12 +4933,6 @@ def test_without_matplotlib_plots_stops_before_any_work_in_one_line_and_writes_n
     assert p.returncode == 2 and p.stderr == "error: --plots needs matplotlib: pip install matplotlib\n", p.stderr
     assert p.stdout == "" and _files(tmp_path) == before                           # no table, no temp file
     assert not (tmp_path / "figures").exists()                                     # no folder
-    if command == "ad":    # the script itself, in a fresh interpreter that cannot import matplotlib
-        proc = subprocess.run([sys.executable, "-c", "import sys; sys.modules['matplotlib'] = None; import evaluate, "
-                               "data; data.run_cli(evaluate.main)", "ad", "--runs", str(tmp_path), "--plots",
-                               str(tmp_path / "figures")], cwd=HERE, capture_output=True, text=True)
-        assert proc.returncode == 2 and proc.stderr == "error: --plots needs matplotlib: pip install matplotlib\n"
-        assert proc.stdout == "" and _files(tmp_path) == before
 
 
 # Progress a person can follow on long work (data.Progress), and --quiet silencing all of it
