@@ -4621,7 +4621,7 @@ def test_the_time_left_of_a_compiled_run_is_the_pace_of_its_epochs_after_the_one
     (train_ad.main, ["--precision", "bf16"], "error: --precision bf16: "),
     (train_ad.main, ["--sync-bn"], "error: --sync-bn: "),
     (bench.main, ["gpu-check", "--precision", "fp16"], "bench.py: error: --precision fp16: CUDA only"),
-    (bench.main, ["precision", "--precision", "bf16"], "bench.py: error: --precision bf16: training refuses"),
+    (bench.main, ["precision"], "bench.py: error: --precision bf16: training refuses"),     # its default
     (bench.main, ["--precision", "fp16"], "bench.py: error: --precision fp16: CUDA only")],
     ids=["train-fp16", "train-bf16", "train-sync-bn", "bench-gpu-check-fp16", "bench-precision-bf16", "bench-fp16"])
 def test_float16_bfloat16_or_sync_bn_on_a_cpu_is_refused_by_training_and_the_benchmark_in_one_line_naming_it(
