@@ -149,7 +149,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_fig4a_training_sets_are_one_size_min_men_women_drawn_with_the_seed_and_the_mix_is_half_and_half,
 #     test_fig4a_training_sets_are_drawn_from_the_training_split_alone,
 #     test_embedding_dim_2_trains_the_two_to_two_sex_embedding_of_the_ablation_in_its_own_folder,
-#     test_brain_age_sweep_reads_every_test_scan_as_male_and_as_female,
+#     test_brain_age_sweep_reads_every_test_scan_as_male_and_as_female_and_an_absent_sex_has_no_mean,
 #     test_brain_age_plots_draw_the_scatters_fig4a_and_fig4b_or_say_which_is_skipped
 # the synthetic brain-age cohort:
 #     test_in_the_brain_age_cohort_mens_brains_age_faster_so_reading_the_image_without_sex_leaves_years_behind,
@@ -1781,7 +1781,7 @@ def _sweep_checkpoint(path, name, cohort, cache):
     return str(path)
 
 
-def test_brain_age_sweep_reads_every_test_scan_as_male_and_as_female(brain_age_cohort20, tmp_path):
+def test_brain_age_sweep_reads_every_test_scan_as_male_and_as_female_and_an_absent_sex_has_no_mean(brain_age_cohort20, tmp_path):
     hf, im = (evaluate.main(["sweep", _sweep_checkpoint(tmp_path / f"{name}.pt", name, brain_age_cohort20, tmp_path /
                                                        "cache"), "--attribute", "Sex", "--values", "M", "F"])["summary"]
               for name in ("hyperfusion", "imaging"))
@@ -1797,6 +1797,11 @@ def test_brain_age_sweep_reads_every_test_scan_as_male_and_as_female(brain_age_c
     assert set(table.sex[idx]) == {0, 1} and [hf[0]["mean_pred_male"], hf[0]["mean_pred_female"]] == pytest.approx(
         [pred[table.sex[idx] == 0].mean(), pred[table.sex[idx] == 1].mean()], abs=1e-4)
     assert (tmp_path / "sweep_Sex.md").is_file()
+    men = _edit_table(brain_age_cohort20, tmp_path / "men.csv",                     # test scans of one sex alone
+                      lambda k, c: [c[0], c[1], "M", os.path.join(os.path.dirname(brain_age_cohort20), c[3])])
+    alone = evaluate.main(["sweep", _sweep_checkpoint(tmp_path / "men.pt", "imaging", men, tmp_path / "cache"),
+                           "--attribute", "Sex", "--values", "F"])["summary"][0]
+    assert math.isnan(alone["mean_pred_female"]) and np.isfinite(alone["mean_pred_male"])   # no woman: no mean
 
 
 def test_brain_age_plots_draw_the_scatters_fig4a_and_fig4b_or_say_which_is_skipped(tmp_path, monkeypatch, capsys):
