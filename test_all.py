@@ -1781,7 +1781,8 @@ def _sweep_checkpoint(path, name, cohort, cache):
     return str(path)
 
 
-def test_brain_age_sweep_reads_every_test_scan_as_male_and_as_female_and_an_absent_sex_has_no_mean(brain_age_cohort20, tmp_path):
+def test_brain_age_sweep_reads_every_test_scan_as_male_and_as_female_and_an_absent_sex_has_no_mean(
+        brain_age_cohort20, tmp_path):
     hf, im = (evaluate.main(["sweep", _sweep_checkpoint(tmp_path / f"{name}.pt", name, brain_age_cohort20, tmp_path /
                                                        "cache"), "--attribute", "Sex", "--values", "M", "F"])["summary"]
               for name in ("hyperfusion", "imaging"))
