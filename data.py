@@ -997,7 +997,7 @@ class ImageCache:
         return len(self.paths)
 
     def config(self, i):   # the transform: HippocampusCrops or None
-        return f"{self.paths[i]}|float32|" + ("" if self.transform is None else self.transform.cache_key())
+        return f"{self.paths[i]}|" + ("" if self.transform is None else self.transform.cache_key())
 
     def _hash(self, indices, progress=False):
         return source_hashes([self.paths[i] for i in indices], self.cache_dir, [self.names[i] for i in indices],
