@@ -350,9 +350,7 @@ class TabularPreprocessor:
     indicators; IterativeImputer's steps kept as numbers, replayed in numpy (no pickled sklearn in a checkpoint)."""
 
     def __init__(self, state=None):
-        self.state = None
-        if state is not None:
-            self.load_state_dict(state)
+        self.state = None if state is None else self.load_state_dict(state).state
 
     @staticmethod
     def parse(raw_rows):
@@ -667,8 +665,7 @@ def read_ad_table(csv_path, image_dir=None, need_images=True, classes=3, group_m
     if classes not in (2, 3):
         raise UserError(f"classes must be 2 (CN vs AD) or 3, got {classes}")
     names = CLASS_NAMES if classes == 3 else ("CN", "AD")
-    required = ("Subject",) + (() if for_prediction else ("Group",) + AD_ATTRIBUTES)
-    rows, fields = read_csv_rows(csv_path, required)
+    rows, fields = read_csv_rows(csv_path, ("Subject",) + (() if for_prediction else ("Group",) + AD_ATTRIBUTES))
     absent = [c for c in AD_ATTRIBUTES if c not in fields]                   # for_prediction: a patient's unknowns
     if absent:
         warn(f"{csv_path}: no column {', '.join(absent)}: read as empty for every subject (Sec. 3.3)")
