@@ -69,8 +69,7 @@ def crop_or_pad(data, affine, centre, shape):
     out = np.zeros(shape, data.dtype)
     src = [slice(max(s, 0), min(s + n, m)) for s, n, m in zip(start, shape, data.shape)]
     dst = [slice(sl.start - s, sl.stop - s) for sl, s in zip(src, start)]
-    if all(sl.stop > sl.start for sl in src):
-        out[tuple(dst)] = data[tuple(src)]
+    out[tuple(dst)] = data[tuple(src)]   # the box holds `centre`, a voxel of the input: they overlap
     new = affine.copy()
     new[:3, 3] = (affine @ np.append(start, 1.0))[:3]                             # voxel `start` becomes (0,0,0)
     return out, new

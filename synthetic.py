@@ -154,8 +154,7 @@ def _cohort(task, out_dir, n, seed, verbose):
 
 
 def ad_hippocampus(dx, male, age, noise=0.0):
-    """Hippocampal volume, 1 for a CN man of 73: sex baseline x age decline x (1 - the diagnosis' atrophy, stronger
-    in women) x exp(noise)."""
+    """Hippocampal volume, 1 for a CN man of 73 (the AD model above)."""
     P = AD_SYNTH
     atrophy = P["hippo_atrophy"][dx] * (1 if male else P["hippo_atrophy_female_gain"])
     return ((1 if male else P["hippo_female_factor"]) * (1 - P["hippo_age_slope"] * (age - 73)) * (1 - atrophy)
@@ -169,7 +168,6 @@ def make_synthetic_ad(out_dir, n=360, seed=0, verbose=False):
         f = np.array([P["class_fraction"][c] for c in CLASS_NAMES])
         counts = np.floor(n * f).astype(int)
         counts[np.argsort(-(n * f - counts))[: n - counts.sum()]] += 1       # largest remainders
-        counts = np.maximum(counts, 1)
         rows = []
         for i, g in enumerate(rng.permutation(np.repeat(np.arange(3), counts))):
             dx = CLASS_NAMES[g]
