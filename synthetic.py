@@ -271,12 +271,10 @@ def make_synthetic_brain_age(out_dir, n=800, seed=0, verbose=False):
         for i, subj in enumerate(subjects):
             save(subj, head_anatomy(rng, math.exp(anat["log_scale"][i]), hippo=math.exp(anat["log_hippo"][i]),
                                     vent=math.exp(anat["log_vent"][i]), csf=anat["csf"][i], cortex=anat["cortex"][i]))
-        write_csv([{"Subject": s, "Age": f"{anat['age'][i]:.1f}", "Sex": "M" if anat["male"][i] else "F",
-                    "image": f"images/{s}.nii.gz"} for i, s in enumerate(subjects)],
-                  ["Subject", "Age", "Sex", "image"], os.path.join(tmp, "brain_age.csv"))
-        write_csv([{"Subject": s, **{"oracle_" + c: f"{oracle[c][i]:.2f}" for c in columns}}
-                   for i, s in enumerate(subjects)], ["Subject"] + ["oracle_" + c for c in columns],
-                  os.path.join(tmp, "oracle.csv"))
+        write_csv([[s, f"{anat['age'][i]:.1f}", "M" if anat["male"][i] else "F", f"images/{s}.nii.gz"] for i, s in
+                   enumerate(subjects)], ["Subject", "Age", "Sex", "image"], os.path.join(tmp, "brain_age.csv"))
+        write_csv([[s] + [f"{oracle[c][i]:.2f}" for c in columns] for i, s in enumerate(subjects)],
+                  ["Subject"] + ["oracle_" + c for c in columns], os.path.join(tmp, "oracle.csv"))
         mae = {k: float(np.mean(np.abs(oracle[k] - np.round(anat["age"], 1)))) for k in ("with_sex", "without_sex")}
         info["oracle_mae"] = mae
     if verbose:
