@@ -142,7 +142,6 @@ def confusion_figure(figs, file, cm, class_names, title):
 
 def roc_figure(figs, file, labels, probs, class_names, title):
     """One-vs-rest ROC curve of every class, its AUC in the legend."""
-    labels, probs = np.asarray(labels), np.asarray(probs, float)
     fig, ax = figs.new(SMALL)
     for c, name in enumerate(class_names):
         positive = labels == c
@@ -251,14 +250,12 @@ def brain_age_figures(res, ensembles, folder, quiet=False):
     for base in bases:
         file = "fig4a.png" if len(bases) == 1 else f"fig4a_{file_part(base)}.png"
         have = {r["train"]: by[r["folder"]] for r in res["fig4a"] if r["model"] == base}
-        missing = [f"{base}-train{s}" for s, _, _ in FIG4A_BARS if s not in have]
-        if missing:
+        if missing := [f"{base}-train{s}" for s, _, _ in FIG4A_BARS if s not in have]:
             figs.skip(file, f"Fig. 4A compares three training sets: no finished runs in {', '.join(missing)}")
         else:
             mae_bars(figs, file, [(label, colour, have[s]["metrics"]) for s, label, colour in FIG4A_BARS],
                      f"Fig. 4A: {base}, equal-size training sets")
-    missing = [f for f in ("imaging", "hyperfusion") if f not in by]
-    if missing:
+    if missing := [f for f in ("imaging", "hyperfusion") if f not in by]:
         figs.skip("fig4b.png", f"Fig. 4B compares image-only and HyperFusion: no finished runs in {', '.join(missing)}")
     else:
         absent = [label for f, label, _ in FIG4B_BARS if f not in by]
@@ -517,8 +514,7 @@ def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False, plots_dir=None):
     Fig. 4A's table; printed, written to results_brain-age.{md,csv,json}, its figures in plots_dir."""
     root, ensembles = os.path.join(runs, "brain-age"), {}
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        done = {v: d for v, d in numbered(os.path.join(root, name), "v").items() if finished(d)}
-        if done:
+        if done := {v: d for v, d in numbered(os.path.join(root, name), "v").items() if finished(d)}:
             ensembles[name] = brain_age_ensemble(done, top)
     if not ensembles:
         raise UserError(f"{root}: no finished brain-age run")
@@ -530,8 +526,7 @@ def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False, plots_dir=None):
         if base and e is not base and list(e["subjects"]) == list(base["subjects"]):
             d = np.abs(e["pred"] - e["age"]) - np.abs(base["pred"] - base["age"])
             ms[-1]["vs_hyperfusion"] = {"mean": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d)))}
-        match = FIG4A.fullmatch(name)
-        if match:
+        if match := FIG4A.fullmatch(name):
             fig4a.append({"model": match["base"], "train": match["sex"], "folder": name,
                           **{k: e["metrics"][key] for key, k in TEST_SETS}})
     fig4a.sort(key=lambda r: (r["model"], list(FIG4A_TRAIN).index(r["train"])))
@@ -613,8 +608,7 @@ def gpu_masks(gpus, visible_count, environ=None):
     mask = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")
     seen = ([g.strip() for g in mask.split(",") if g.strip()] if mask is not None
             else [str(i) for i in range(visible_count)])[:visible_count]
-    bad = [g for g in gpus if not 0 <= g < len(seen)]
-    if bad:
+    if bad := [g for g in gpus if not 0 <= g < len(seen)]:
         where = f" (CUDA_VISIBLE_DEVICES={mask})" if mask is not None else ""
         raise UserError(f"--gpus {','.join(map(str, gpus))}: " + (f"GPU {bad[0]} does not exist here: {len(seen)} "
                         f"visible{where}, indices 0 to {len(seen) - 1}" if seen else f"no GPU is visible here{where}"))
@@ -714,8 +708,7 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
     if task == "brain-age" and len(split_seeds) != 1:
         raise UserError("brain-age runs are not kept per split seed (runs/brain-age/<model>/v<V>): give one "
                         "--split-seeds value")
-    bad = [m for m in models or () if m not in known]
-    if bad:
+    if bad := [m for m in models or () if m not in known]:
         raise UserError(f"--models {bad[0]}: not {'an AD' if task == 'ad' else 'a brain-age'} model (one of "
                         f"{', '.join(known)})")
     common = (["--out", runs, "--data-dir", data_dir] + (["--data-csv", data_csv] if data_csv else [])
@@ -834,14 +827,12 @@ def main(argv=None):
         check_plots_folder(a.plots)
     if a.command in ("ad", "brain-age", "calibrate") and a.out and os.path.exists(a.out) and not os.path.isdir(a.out):
         raise UserError(f"--out {a.out}: a file, not a folder; give the folder for the results")
-    if a.command == "ad":
-        return evaluate_ad(a.runs, a.binary, a.out, plots_dir=a.plots)
-    if a.command == "brain-age":
-        return evaluate_brain_age(a.runs, a.top, a.out, plots_dir=a.plots)
-    if a.command == "protocol":
-        return run_protocol(**{k: v for k, v in vars(a).items() if k != "command"})
-    if a.command == "calibrate":
-        return calibration_report(a.runs, a.refit, a.device, a.batch_size, a.out, a.plots, a.quiet)
+    run = {"ad": lambda: evaluate_ad(a.runs, a.binary, a.out, plots_dir=a.plots),
+           "brain-age": lambda: evaluate_brain_age(a.runs, a.top, a.out, plots_dir=a.plots),
+           "protocol": lambda: run_protocol(**{k: v for k, v in vars(a).items() if k != "command"}),
+           "calibrate": lambda: calibration_report(a.runs, a.refit, a.device, a.batch_size, a.out, a.plots, a.quiet)}
+    if a.command in run:
+        return run[a.command]()
     if a.command == "select-layers":
         if a.out:
             check_output("--out", a.out, [a.data_csv])

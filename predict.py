@@ -36,14 +36,12 @@ def find_runs(paths):
     once (by its real path: a fold named beside its group folder, or through a link, is one member of Eq. 7-8)."""
     found = []
     for path in paths:
-        if os.path.isfile(path):
-            if not finished(os.path.dirname(os.path.abspath(path))):
-                raise UserError(f"{path}: not the checkpoint of a finished run (no metrics.json beside it)")
-            if not path.endswith(".pt"):
-                raise UserError(f"{path}: a file of the run in {os.path.dirname(os.path.abspath(path))}, not its "
-                                f"checkpoint; give that run folder (or its best.pt)")
-            found.append(path)
-        elif finished(path):
+        if os.path.isfile(path) and not finished(os.path.dirname(os.path.abspath(path))):
+            raise UserError(f"{path}: not the checkpoint of a finished run (no metrics.json beside it)")
+        if os.path.isfile(path) and not path.endswith(".pt"):
+            raise UserError(f"{path}: a file of the run in {os.path.dirname(os.path.abspath(path))}, not its "
+                            f"checkpoint; give that run folder (or its best.pt)")
+        if os.path.isfile(path) or finished(path):
             found.append(path)
         elif os.path.isdir(path):
             below = sorted(root for root, _, files in os.walk(path) if "metrics.json" in files)
@@ -75,18 +73,6 @@ def check_members(members, calibrated=False):
         if rec.get("at_bound") and rec.get("fitted", rec["temperature"]) < 1:     # training.calibrate
             raise UserError(f"--calibrated: {m.dir}: its temperature was fitted at the search's lower bound (a "
                             f"perfectly separated validation set: nothing to calibrate); predict without --calibrated")
-
-
-def check_images(table, members):
-    """The table's images on one grid, the one every member was trained on (shape and voxel size)."""
-    shape, voxel = data.check_image_geometry(table.image_paths, table.subjects)
-    for m in members:
-        train_shape, train_voxel = m.inputs.get("image_shape"), m.inputs.get("voxel_size")
-        if train_shape and (shape != tuple(train_shape)
-                            or (train_voxel and not np.allclose(voxel, train_voxel, atol=1e-3))):
-            raise UserError(f"{table.image_paths[0]} (subject {table.subjects[0]}) and the table's other images: "
-                            f"{shape} at {voxel} mm, but {m.dir} was trained on {tuple(train_shape)} at "
-                            f"{train_voxel} mm; preprocess them the same way")
 
 
 PROGRESS_EVERY = 5.0   # seconds at least between two progress lines over the batches
@@ -246,8 +232,15 @@ def main(argv=None):
     check_output("--out", a.out, (table.image_paths or []) + [os.path.join(m.dir, f) for m in members  # never over
                                                               for f in os.listdir(m.dir)]             # what it reads
                  + [m.checkpoint_path for m in members])
-    if need_images:
-        check_images(table, members)
+    if need_images:   # the table's images on one grid, the one every member was trained on (shape and voxel size)
+        shape, voxel = data.check_image_geometry(table.image_paths, table.subjects)
+        for m in members:
+            train_shape, train_voxel = m.inputs.get("image_shape"), m.inputs.get("voxel_size")
+            if train_shape and (shape != tuple(train_shape)
+                                or (train_voxel and not np.allclose(voxel, train_voxel, atol=1e-3))):
+                raise UserError(f"{table.image_paths[0]} (subject {table.subjects[0]}) and the table's other images: "
+                                f"{shape} at {voxel} mm, but {m.dir} was trained on {tuple(train_shape)} at "
+                                f"{train_voxel} mm; preprocess them the same way")
     outputs = member_outputs(members, table, data.cache_folder(a.cache_dir, a.data_csv), a.batch_size,
                              setup_device(a.device), progress=not a.quiet, calibrated=a.calibrated)
     spread = outputs.std(0).max(1) if task == "ad" else outputs.std(0)   # AD: a class probability's largest
@@ -262,6 +255,7 @@ def main(argv=None):
         warn(f"{a.data_csv}: column {col}: {rows.sum()} of {n} subjects have a value that {k} of {K} models cannot "
              f"read (empty for every subject they were trained on): ignored, read as missing (column ignored of "
              f"{a.out})")
+    known = table.labels >= 0 if task == "ad" else np.isfinite(table.age)   # the subjects with a diagnosis / an age
     if task == "ad":
         names = first.class_names
         header = ["Subject"] + [f"prob_{c}" for c in names] + ["predicted", "n_models", "prob_spread"]
@@ -274,7 +268,7 @@ def main(argv=None):
         # they share one, as the versions of a brain-age protocol do)
         fits = [m.read_metrics().get("age_bias") for m in members]
         bias = None if None in fits else {k: float(np.mean([f[k] for f in fits])) for k in ("intercept", "slope")}
-        gaps = {"gap": combined - table.age} if np.isfinite(table.age).any() else {}
+        gaps = {"gap": combined - table.age} if known.any() else {}
         if gaps and bias is not None:
             gaps["corrected_gap"] = corrected_gap(table.age, combined, bias)
         header = ["Subject", "predicted_age", "n_models", "age_spread"] + list(gaps)
@@ -286,16 +280,14 @@ def main(argv=None):
     seconds = time.time() - t0
     print(f"{n} subjects x {K} models ({task}, {', '.join(sorted({m.run.model for m in members}))}) -> {a.out}, "
           f"{seconds:.1f} s ({n / seconds:.1f} subjects/s)")
-    if task == "ad" and (table.labels >= 0).any():
-        known = table.labels >= 0
+    if task == "ad" and known.any():
         m = classification_metrics(table.labels[known], combined[known], names)
         auc = f"{m['auc_macro']:.3f}" if np.isfinite(m["auc_macro"]) else "undefined (a class has no subject)"
         print(f"ensemble on the {int(known.sum())} subjects with a diagnosis: BA {m['balanced_accuracy']:.3f} "
               f"AUC {auc} F1 {m['f1_macro']:.3f} precision {m['precision']:.3f}; calibration"
               f"{' (each member at its temperature)' if a.calibrated else ''}: ECE {m['ece']:.3f} class-wise ECE "
               f"{m['ece_classwise']:.3f} Brier {m['brier']:.3f} NLL {m['nll']:.3f}")
-    elif task == "brain-age" and np.isfinite(table.age).any():
-        known = np.isfinite(table.age)
+    elif task == "brain-age" and known.any():
         m = regression_metrics(table.age[known], combined[known], table.sex[known])
         print(f"ensemble on the {int(known.sum())} subjects with an age: MAE {m['mae']:.2f} (male "
               f"{m['mae_male']:.2f}, female {m['mae_female']:.2f}) years")

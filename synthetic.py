@@ -154,8 +154,7 @@ def _cohort(task, out_dir, n, seed, verbose):
 
 
 def ad_hippocampus(dx, male, age, noise=0.0):
-    """Hippocampal volume, 1 for a CN man of 73: sex baseline x age decline x (1 - the diagnosis' atrophy, stronger
-    in women) x exp(noise)."""
+    """Hippocampal volume, 1 for a CN man of 73 (the AD model above)."""
     P = AD_SYNTH
     atrophy = P["hippo_atrophy"][dx] * (1 if male else P["hippo_atrophy_female_gain"])
     return ((1 if male else P["hippo_female_factor"]) * (1 - P["hippo_age_slope"] * (age - 73)) * (1 - atrophy)
@@ -169,7 +168,6 @@ def make_synthetic_ad(out_dir, n=360, seed=0, verbose=False):
         f = np.array([P["class_fraction"][c] for c in CLASS_NAMES])
         counts = np.floor(n * f).astype(int)
         counts[np.argsort(-(n * f - counts))[: n - counts.sum()]] += 1       # largest remainders
-        counts = np.maximum(counts, 1)
         rows = []
         for i, g in enumerate(rng.permutation(np.repeat(np.arange(3), counts))):
             dx = CLASS_NAMES[g]
@@ -273,12 +271,10 @@ def make_synthetic_brain_age(out_dir, n=800, seed=0, verbose=False):
         for i, subj in enumerate(subjects):
             save(subj, head_anatomy(rng, math.exp(anat["log_scale"][i]), hippo=math.exp(anat["log_hippo"][i]),
                                     vent=math.exp(anat["log_vent"][i]), csf=anat["csf"][i], cortex=anat["cortex"][i]))
-        write_csv([{"Subject": s, "Age": f"{anat['age'][i]:.1f}", "Sex": "M" if anat["male"][i] else "F",
-                    "image": f"images/{s}.nii.gz"} for i, s in enumerate(subjects)],
-                  ["Subject", "Age", "Sex", "image"], os.path.join(tmp, "brain_age.csv"))
-        write_csv([{"Subject": s, **{"oracle_" + c: f"{oracle[c][i]:.2f}" for c in columns}}
-                   for i, s in enumerate(subjects)], ["Subject"] + ["oracle_" + c for c in columns],
-                  os.path.join(tmp, "oracle.csv"))
+        write_csv([[s, f"{anat['age'][i]:.1f}", "M" if anat["male"][i] else "F", f"images/{s}.nii.gz"] for i, s in
+                   enumerate(subjects)], ["Subject", "Age", "Sex", "image"], os.path.join(tmp, "brain_age.csv"))
+        write_csv([[s] + [f"{oracle[c][i]:.2f}" for c in columns] for i, s in enumerate(subjects)],
+                  ["Subject"] + ["oracle_" + c for c in columns], os.path.join(tmp, "oracle.csv"))
         mae = {k: float(np.mean(np.abs(oracle[k] - np.round(anat["age"], 1)))) for k in ("with_sex", "without_sex")}
         info["oracle_mae"] = mae
     if verbose:

@@ -11,7 +11,6 @@ import math
 import os
 import socket
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -116,7 +115,6 @@ def unsupported(precision, device):
         return "bfloat16 on a CPU is slower than float32 here and its convolution gradients are not exact; use fp32"
     if precision == "bf16" and torch.cuda.get_device_capability(device) < (8, 0):
         return f"{torch.cuda.get_device_name(device)} only emulates bfloat16 (compute capability < 8.0); use fp16"
-    return None
 
 
 def resolve_precision(name, device, quiet=False):
@@ -149,7 +147,7 @@ IDENTITY_KEYS = DATA_KEYS + ("loss", "batch_size", "lr", "weight_decay", "lr_sch
                              "crops", "target_scale", "precision")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """The options that define one run of either task; fields that belong to the other task are None."""
     task: str                        # "ad" or "brain-age"
@@ -553,8 +551,7 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
             net.train()
             losses, sizes = [], []
             for image, tabular, target in train_loader:
-                image, tabular, target = (image.to(device, non_blocking=True), tabular.to(device, non_blocking=True),
-                                          target.to(device, non_blocking=True))
+                image, tabular, target = (t.to(device, non_blocking=True) for t in (image, tabular, target))
                 with autocast(device, run.precision):
                     loss = loss_fn(net(image, tabular), target)                   # Eq. 4 or Eq. 5
                 opt.zero_grad(set_to_none=True)
@@ -640,8 +637,7 @@ def non_finite(model):
 
 def check_divergence(problem, epoch, run_dir, saved, when=""):
     """A UserError naming the epoch and `problem` if any process reports one, raised before the epoch is saved."""
-    problem = first_reported(problem)
-    if problem is None:
+    if (problem := first_reported(problem)) is None:
         return
     kept = f"last.pt still holds epoch {saved + 1}, the last good one" if saved >= 0 else "nothing was saved"
     raise UserError(f"{run_dir}: training diverged in epoch {epoch + 1}: {problem}{' ' + when if when else ''}; "
