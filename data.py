@@ -350,7 +350,9 @@ class TabularPreprocessor:
     indicators; IterativeImputer's steps kept as numbers, replayed in numpy (no pickled sklearn in a checkpoint)."""
 
     def __init__(self, state=None):
-        self.state = None if state is None else self.load_state_dict(state).state
+        self.state = None
+        if state is not None:
+            self.load_state_dict(state)
 
     @staticmethod
     def parse(raw_rows):

@@ -184,7 +184,8 @@ def main(argv=None):
         if any(same_file(a.output, p) for p in (a.input, a.mask) if p):
             raise UserError(f"{a.output}: the output would overwrite its own input")
         preprocess_file(a.input, a.output, a.mask, a.spacing, a.shape, a.n4)
-        return print(f"wrote {a.output}", flush=True)
+        print(f"wrote {a.output}", flush=True)
+        return
     rows, fields = read_csv_rows(a.csv, ("Subject",) + ((a.mask_column,) if a.mask_column else ()))   # batch mode
     subjects = check_subjects(a.csv, rows, as_file_names=True)  # DIR/<Subject>.nii.gz stays inside DIR
     base, table_out = os.path.dirname(os.path.abspath(a.csv)), os.path.join(a.out_dir, os.path.basename(a.csv))
