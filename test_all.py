@@ -3514,7 +3514,8 @@ def test_a_folder_in_use_by_a_live_process_is_refused_and_a_killed_one_leaves_no
     with training.claim_run_folder(run_dir, resume=False):        # held by this process (another open file)
         assert_clean_error(run_main(train_ad.main, *args), run_dir, "in use by another training process",
                            f"pid {os.getpid()}", "another --out")
-    os.makedirs(run_dir)                                          # released, it removed the folders it made
+    assert os.listdir(tmp_path) == []                             # released, it removed every folder it made
+    os.makedirs(run_dir)
     lock = os.path.join(run_dir, training.LOCK_NAME)
     hold = "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); " \
            "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'pid %d on test' % os.getpid()); " \
