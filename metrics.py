@@ -138,6 +138,11 @@ def fmt(v, digits=3):
     return s.replace("0.", ".", 1) if s.lstrip("-").startswith("0.") else s
 
 
+def shown(v, spec):
+    """A figure as `spec` formats it, or `undefined` where no subject defines it (a sex absent from the table)."""
+    return format(v, spec) if np.isfinite(v) else "undefined"
+
+
 def markdown_table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])

@@ -26,7 +26,7 @@ import data
 from data import (AD_ATTRIBUTES, AD_CONTINUOUS, SEX_CODES, ArgumentParser, Progress, UserError, check_number,
                   check_output, parse_attribute, run_cli, warn, write_csv)
 from metrics import (classification_metrics, corrected_gap, entropy_weighted_ensemble, fmt, gap_summary, mean_ensemble,
-                     regression_metrics)
+                     regression_metrics, shown)
 from models import class_probabilities
 from training import CALIBRATION_FILE, finished, load_run, make_loader, predict, replay_precision, setup_device
 
@@ -290,13 +290,13 @@ def main(argv=None):
     elif task == "brain-age" and known.any():
         m = regression_metrics(table.age[known], combined[known], table.sex[known])
         print(f"ensemble on the {int(known.sum())} subjects with an age: MAE {m['mae']:.2f} (male "
-              f"{m['mae_male']:.2f}, female {m['mae_female']:.2f}) years")
+              f"{shown(m['mae_male'], '.2f')}, female {shown(m['mae_female'], '.2f')}) years")
         if bias is not None:
-            g = gap_summary(table.age[known], combined[known], table.sex[known], bias)
-            print(f"brain-age gap: mean {g['gap']:+.2f} (male {g['gap_male']:+.2f}, female {g['gap_female']:+.2f}), "
-                  f"bias-corrected {g['corrected_gap']:+.2f} (male {g['corrected_gap_male']:+.2f}, female "
-                  f"{g['corrected_gap_female']:+.2f}); r(gap, age) {g['r_gap_age']:+.2f} -> "
-                  f"{g['r_corrected_gap_age']:+.2f}")
+            g = {k: shown(v, "+.2f") for k, v in gap_summary(table.age[known], combined[known], table.sex[known],
+                                                              bias).items()}
+            print(f"brain-age gap: mean {g['gap']} (male {g['gap_male']}, female {g['gap_female']}), bias-corrected "
+                  f"{g['corrected_gap']} (male {g['corrected_gap_male']}, female {g['corrected_gap_female']}); "
+                  f"r(gap, age) {g['r_gap_age']} -> {g['r_corrected_gap_age']}")
     return {"task": task, "subjects": table.subjects, "combined": combined, "spread": spread,
             "outputs": outputs, "members": [m.dir for m in members], "ignored": {c: r for c, (_, r) in ignored.items()}}
 

@@ -3898,7 +3898,8 @@ def test_predict_reads_each_brain_age_member_with_its_own_target_and_corrects_th
 
 
 def test_predict_reproduces_a_brain_age_runs_test_predictions_and_reports_the_corrected_gap(brain_age_cohort40,
-                                                                                           brain_age_run, tmp_path):
+                                                                                           brain_age_run, tmp_path,
+                                                                                           capsys):
     _, run_dir = brain_age_run
     res = _predict(run_dir, "--data-csv", brain_age_cohort40, "--out", tmp_path / "ages.csv")
     saved = load_run(run_dir).read_predictions()
@@ -3912,6 +3913,15 @@ def test_predict_reproduces_a_brain_age_runs_test_predictions_and_reports_the_co
     age = float(table.age[table.subjects.index(first[0])])
     expected = float(first[1]) - age - (bias["intercept"] + bias["slope"] * age)
     assert float(first[5]) == pytest.approx(expected, abs=2e-3)
+    header, *cells = [line.split(",") for line in open(brain_age_cohort40).read().splitlines()]
+    men = tmp_path / "men.csv"                                    # no woman: her figures are undefined, not nan
+    men.write_text("\n".join(",".join(c) for c in [header] + [c[:3] + [os.path.join(
+        os.path.dirname(brain_age_cohort40), c[3])] for c in cells if c[2] == "M"]) + "\n")
+    capsys.readouterr()
+    _predict(run_dir, "--data-csv", men, "--out", tmp_path / "men_ages.csv")
+    printed = capsys.readouterr().out
+    assert "female undefined) years" in printed and "female undefined);" in printed and "nan" not in printed
+    assert re.search(r"male \d+\.\d\d, female undefined\) years", printed), printed
 
 
 def test_predict_refuses_other_grids_mixed_runs_and_unfinished_runs_in_one_line(ad_cohort60, ad_fold_runs,

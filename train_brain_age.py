@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import data
 from data import ArgumentParser, UserError, atomic_path, run_cli, warn, write_json
 from layers import init_hyperlayers
-from metrics import age_bias_fit, gap_summary, regression_metrics
+from metrics import age_bias_fit, gap_summary, regression_metrics, shown
 from models import BRAIN_AGE_MODELS, AgeTarget
 from training import (add_common_arguments, check_finite_outputs, fit, identity, is_main, load_checkpoint,
                       loader_workers, log, main_first, make_loader, predict, recalibrate_batchnorm, resumable,
@@ -123,8 +123,8 @@ def run_brain_age(args, device, run):
                      sex=table.sex[test_idx], pred=pred, val_subjects=np.array(table.subjects)[val_idx],
                      val_age=table.age[val_idx], val_sex=table.sex[val_idx], val_pred=val_pred)
         write_json(metrics, os.path.join(run_dir, "metrics.json"))
-    log(f"test MAE {test_metrics['mae']:.2f} (male {test_metrics['mae_male']:.2f}, female "
-        f"{test_metrics['mae_female']:.2f}) years, mean gap {test_metrics['gap']['gap']:+.2f}, bias-corrected "
+    log(f"test MAE {test_metrics['mae']:.2f} (male {shown(test_metrics['mae_male'], '.2f')}, female "
+        f"{shown(test_metrics['mae_female'], '.2f')}) years, mean gap {test_metrics['gap']['gap']:+.2f}, bias-corrected "
         f"{test_metrics['gap']['corrected_gap']:+.2f}, best epoch {best['epoch'] + 1} -> {run_dir}")
     return metrics
 
