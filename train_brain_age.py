@@ -124,8 +124,8 @@ def run_brain_age(args, device, run):
                      val_age=table.age[val_idx], val_sex=table.sex[val_idx], val_pred=val_pred)
         write_json(metrics, os.path.join(run_dir, "metrics.json"))
     log(f"test MAE {test_metrics['mae']:.2f} (male {shown(test_metrics['mae_male'], '.2f')}, female "
-        f"{shown(test_metrics['mae_female'], '.2f')}) years, mean gap {test_metrics['gap']['gap']:+.2f}, bias-corrected "
-        f"{test_metrics['gap']['corrected_gap']:+.2f}, best epoch {best['epoch'] + 1} -> {run_dir}")
+        f"{shown(test_metrics['mae_female'], '.2f')}) years, mean gap {test_metrics['gap']['gap']:+.2f}, "
+        f"bias-corrected {test_metrics['gap']['corrected_gap']:+.2f}, best epoch {best['epoch'] + 1} -> {run_dir}")
     return metrics
 
 
