@@ -3898,8 +3898,7 @@ def test_predict_reads_each_brain_age_member_with_its_own_target_and_corrects_th
 
 
 def test_predict_reproduces_a_brain_age_runs_test_predictions_and_reports_the_corrected_gap(brain_age_cohort40,
-                                                                                           brain_age_run, tmp_path,
-                                                                                           capsys):
+                                                                                           brain_age_run, tmp_path):
     _, run_dir = brain_age_run
     res = _predict(run_dir, "--data-csv", brain_age_cohort40, "--out", tmp_path / "ages.csv")
     saved = load_run(run_dir).read_predictions()
@@ -3913,15 +3912,20 @@ def test_predict_reproduces_a_brain_age_runs_test_predictions_and_reports_the_co
     age = float(table.age[table.subjects.index(first[0])])
     expected = float(first[1]) - age - (bias["intercept"] + bias["slope"] * age)
     assert float(first[5]) == pytest.approx(expected, abs=2e-3)
+
+
+def test_a_brain_age_table_of_men_alone_trains_and_predicts_with_womens_figures_undefined_not_nan(
+        brain_age_cohort40, brain_age_run, tmp_path, capsys):
     header, *cells = [line.split(",") for line in open(brain_age_cohort40).read().splitlines()]
-    men = tmp_path / "men.csv"                                    # no woman: her figures are undefined, not nan
+    men = tmp_path / "men.csv"
     men.write_text("\n".join(",".join(c) for c in [header] + [c[:3] + [os.path.join(
         os.path.dirname(brain_age_cohort40), c[3])] for c in cells if c[2] == "M"]) + "\n")
-    capsys.readouterr()
-    _predict(run_dir, "--data-csv", men, "--out", tmp_path / "men_ages.csv")
-    printed = capsys.readouterr().out
-    assert "female undefined) years" in printed and "female undefined);" in printed and "nan" not in printed
-    assert re.search(r"male \d+\.\d\d, female undefined\) years", printed), printed
+    train_brain_age.main(_ba_args(men, tmp_path / "runs", "--model", "imaging", "--epochs", "1", "--batch-size", "4"))
+    _predict(brain_age_run[1], "--data-csv", men, "--out", tmp_path / "men_ages.csv")
+    trained, predicted = capsys.readouterr().out.split("\n", 1)
+    assert re.fullmatch(r"test MAE \d+\.\d\d \(male \d+\.\d\d, female undefined\) years, .*", trained), trained
+    assert re.search(r"male \d+\.\d\d, female undefined\) years", predicted) and "nan" not in predicted, predicted
+    assert re.search(r"\(male [+-]\d+\.\d\d, female undefined\), bias-corrected", predicted), predicted
 
 
 def test_predict_refuses_other_grids_mixed_runs_and_unfinished_runs_in_one_line(ad_cohort60, ad_fold_runs,
