@@ -827,12 +827,14 @@ def main(argv=None):
         check_plots_folder(a.plots)
     if a.command in ("ad", "brain-age", "calibrate") and a.out and os.path.exists(a.out) and not os.path.isdir(a.out):
         raise UserError(f"--out {a.out}: a file, not a folder; give the folder for the results")
-    run = {"ad": lambda: evaluate_ad(a.runs, a.binary, a.out, plots_dir=a.plots),
-           "brain-age": lambda: evaluate_brain_age(a.runs, a.top, a.out, plots_dir=a.plots),
-           "protocol": lambda: run_protocol(**{k: v for k, v in vars(a).items() if k != "command"}),
-           "calibrate": lambda: calibration_report(a.runs, a.refit, a.device, a.batch_size, a.out, a.plots, a.quiet)}
-    if a.command in run:
-        return run[a.command]()
+    if a.command == "ad":
+        return evaluate_ad(a.runs, a.binary, a.out, plots_dir=a.plots)
+    if a.command == "brain-age":
+        return evaluate_brain_age(a.runs, a.top, a.out, plots_dir=a.plots)
+    if a.command == "protocol":
+        return run_protocol(**{k: v for k, v in vars(a).items() if k != "command"})
+    if a.command == "calibrate":
+        return calibration_report(a.runs, a.refit, a.device, a.batch_size, a.out, a.plots, a.quiet)
     if a.command == "select-layers":
         if a.out:
             check_output("--out", a.out, [a.data_csv])

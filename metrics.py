@@ -138,9 +138,9 @@ def fmt(v, digits=3):
     return s.replace("0.", ".", 1) if s.lstrip("-").startswith("0.") else s
 
 
-def shown(v, spec):
-    """A figure as `spec` formats it, or `undefined` where no subject defines it (a sex absent from the table)."""
-    return format(v, spec) if np.isfinite(v) else "undefined"
+def shown(v, spec, why=""):
+    """A figure as `spec` formats it, or `undefined (why)` where no subject defines it (a sex or class absent)."""
+    return format(v, spec) if np.isfinite(v) else "undefined" + (f" ({why})" if why else "")
 
 
 def markdown_table(header, rows):

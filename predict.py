@@ -36,12 +36,14 @@ def find_runs(paths):
     once (by its real path: a fold named beside its group folder, or through a link, is one member of Eq. 7-8)."""
     found = []
     for path in paths:
-        if os.path.isfile(path) and not finished(os.path.dirname(os.path.abspath(path))):
-            raise UserError(f"{path}: not the checkpoint of a finished run (no metrics.json beside it)")
-        if os.path.isfile(path) and not path.endswith(".pt"):
-            raise UserError(f"{path}: a file of the run in {os.path.dirname(os.path.abspath(path))}, not its "
-                            f"checkpoint; give that run folder (or its best.pt)")
-        if os.path.isfile(path) or finished(path):
+        if os.path.isfile(path):
+            if not finished(os.path.dirname(os.path.abspath(path))):
+                raise UserError(f"{path}: not the checkpoint of a finished run (no metrics.json beside it)")
+            if not path.endswith(".pt"):
+                raise UserError(f"{path}: a file of the run in {os.path.dirname(os.path.abspath(path))}, not its "
+                                f"checkpoint; give that run folder (or its best.pt)")
+            found.append(path)
+        elif finished(path):
             found.append(path)
         elif os.path.isdir(path):
             below = sorted(root for root, _, files in os.walk(path) if "metrics.json" in files)
@@ -282,11 +284,10 @@ def main(argv=None):
           f"{seconds:.1f} s ({n / seconds:.1f} subjects/s)")
     if task == "ad" and known.any():
         m = classification_metrics(table.labels[known], combined[known], names)
-        auc = f"{m['auc_macro']:.3f}" if np.isfinite(m["auc_macro"]) else "undefined (a class has no subject)"
         print(f"ensemble on the {int(known.sum())} subjects with a diagnosis: BA {m['balanced_accuracy']:.3f} "
-              f"AUC {auc} F1 {m['f1_macro']:.3f} precision {m['precision']:.3f}; calibration"
-              f"{' (each member at its temperature)' if a.calibrated else ''}: ECE {m['ece']:.3f} class-wise ECE "
-              f"{m['ece_classwise']:.3f} Brier {m['brier']:.3f} NLL {m['nll']:.3f}")
+              f"AUC {shown(m['auc_macro'], '.3f', 'a class has no subject')} F1 {m['f1_macro']:.3f} precision "
+              f"{m['precision']:.3f}; calibration{' (each member at its temperature)' if a.calibrated else ''}: "
+              f"ECE {m['ece']:.3f} class-wise ECE {m['ece_classwise']:.3f} Brier {m['brier']:.3f} NLL {m['nll']:.3f}")
     elif task == "brain-age" and known.any():
         m = regression_metrics(table.age[known], combined[known], table.sex[known])
         print(f"ensemble on the {int(known.sum())} subjects with an age: MAE {m['mae']:.2f} (male "

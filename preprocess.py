@@ -155,38 +155,8 @@ def preprocess_file(in_path, out_path, mask_path=None, spacing=1.75, shape=(90, 
         nib.save(out, tmp)
 
 
-def main(argv=None):
-    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("input", nargs="?", help="input NIfTI (single-file mode)")
-    ap.add_argument("output", nargs="?", help="output .nii.gz (single-file mode)")
-    ap.add_argument("--mask", help="brain mask NIfTI on the input's grid (default: estimated)")
-    ap.add_argument("--spacing", type=float, default=1.75, help="isotropic voxel size in mm (default 1.75)")
-    ap.add_argument("--shape", type=int, nargs=3, default=[90, 120, 99], help="output shape (default 90 120 99)")
-    ap.add_argument("--n4", action="store_true", help="N4 bias correction with SimpleITK (must be installed)")
-    ap.add_argument("--csv", help="batch mode: table with Subject and input paths")
-    ap.add_argument("--out-dir", help="batch mode: output folder")
-    ap.add_argument("--column", default="image", help="batch mode: input path column (default image)")
-    ap.add_argument("--mask-column", default=None, help="batch mode: brain mask path column")
-    ap.add_argument("--overwrite", action="store_true", help="batch mode: redo existing outputs")
-    ap.add_argument("--quiet", action="store_true", help="batch mode: no progress lines, only errors")
-    a = ap.parse_args(argv)
-    check_number("--spacing", a.spacing, least=0.1, most=20)   # mm
-    check_number("--shape", a.shape, least=1, most=2048)       # voxels
-    if a.n4 and sitk is None:
-        raise UserError(NO_SITK)
-    if a.csv and (a.input or a.output or not a.out_dir):
-        raise UserError("--csv: batch mode takes --csv and --out-dir and no positional paths")
-    if not a.csv:
-        if not (a.input and a.output):
-            raise UserError("give IN.nii[.gz] OUT.nii.gz, or --csv TABLE --out-dir DIR")
-        if not a.output.endswith((".nii", ".nii.gz")):
-            raise UserError(f"{a.output}: the output must end in .nii or .nii.gz")
-        if any(same_file(a.output, p) for p in (a.input, a.mask) if p):
-            raise UserError(f"{a.output}: the output would overwrite its own input")
-        preprocess_file(a.input, a.output, a.mask, a.spacing, a.shape, a.n4)
-        print(f"wrote {a.output}", flush=True)
-        return
-    rows, fields = read_csv_rows(a.csv, ("Subject",) + ((a.mask_column,) if a.mask_column else ()))   # batch mode
+def _batch(a):
+    rows, fields = read_csv_rows(a.csv, ("Subject",) + ((a.mask_column,) if a.mask_column else ()))
     subjects = check_subjects(a.csv, rows, as_file_names=True)  # DIR/<Subject>.nii.gz stays inside DIR
     base, table_out = os.path.dirname(os.path.abspath(a.csv)), os.path.join(a.out_dir, os.path.basename(a.csv))
     if same_file(table_out, a.csv):
@@ -214,6 +184,39 @@ def main(argv=None):
                for (_, r), subj in zip(rows, subjects)], columns, table_out)
     shown.finish(always=True)
     shown.say(f"wrote {table_out}")
+
+
+def main(argv=None):
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("input", nargs="?", help="input NIfTI (single-file mode)")
+    ap.add_argument("output", nargs="?", help="output .nii.gz (single-file mode)")
+    ap.add_argument("--mask", help="brain mask NIfTI on the input's grid (default: estimated)")
+    ap.add_argument("--spacing", type=float, default=1.75, help="isotropic voxel size in mm (default 1.75)")
+    ap.add_argument("--shape", type=int, nargs=3, default=[90, 120, 99], help="output shape (default 90 120 99)")
+    ap.add_argument("--n4", action="store_true", help="N4 bias correction with SimpleITK (must be installed)")
+    ap.add_argument("--csv", help="batch mode: table with Subject and input paths")
+    ap.add_argument("--out-dir", help="batch mode: output folder")
+    ap.add_argument("--column", default="image", help="batch mode: input path column (default image)")
+    ap.add_argument("--mask-column", default=None, help="batch mode: brain mask path column")
+    ap.add_argument("--overwrite", action="store_true", help="batch mode: redo existing outputs")
+    ap.add_argument("--quiet", action="store_true", help="batch mode: no progress lines, only errors")
+    a = ap.parse_args(argv)
+    check_number("--spacing", a.spacing, least=0.1, most=20)   # mm
+    check_number("--shape", a.shape, least=1, most=2048)       # voxels
+    if a.n4 and sitk is None:
+        raise UserError(NO_SITK)
+    if a.csv and (a.input or a.output or not a.out_dir):
+        raise UserError("--csv: batch mode takes --csv and --out-dir and no positional paths")
+    if a.csv:
+        return _batch(a)
+    if not (a.input and a.output):
+        raise UserError("give IN.nii[.gz] OUT.nii.gz, or --csv TABLE --out-dir DIR")
+    if not a.output.endswith((".nii", ".nii.gz")):
+        raise UserError(f"{a.output}: the output must end in .nii or .nii.gz")
+    if any(same_file(a.output, p) for p in (a.input, a.mask) if p):
+        raise UserError(f"{a.output}: the output would overwrite its own input")
+    preprocess_file(a.input, a.output, a.mask, a.spacing, a.shape, a.n4)
+    print(f"wrote {a.output}", flush=True)
 
 
 if __name__ == "__main__":
