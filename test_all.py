@@ -2663,6 +2663,11 @@ def test_from_adnimerge_keeps_one_row_per_subject_with_the_diagnosis_of_that_vis
     assert_clean_error(run_main(data.main, "from-adnimerge", tmp_path / "t.csv", "--out", tmp_path / "x.csv"),
                        "t.csv", "missing columns PTID, VISCODE")
     assert not (tmp_path / "x.csv").exists()
+    trimmed = tmp_path / "trimmed.csv"         # no Years_bl: an m12 row's AGE would pass for the age at m12
+    trimmed.write_text("\n".join(",".join(r.split(",")[:15] + r.split(",")[16:]) for r in ADNIMERGE.splitlines()))
+    assert_clean_error(run_main(data.main, "from-adnimerge", trimmed, "--out", tmp_path / "x.csv", "--visit", "m12"),
+                       "trimmed.csv", "missing column Years_bl")
+    assert not (tmp_path / "x.csv").exists()
 
 
 def test_check_ad_preview_draws_the_boxes_and_crops_as_rgb_pngs_that_matplotlib_reads_with_or_without_it(
