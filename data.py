@@ -1285,8 +1285,8 @@ def main(argv=None):
         shown.finish()
     if ad:
         crops, own = load_crops(a.crops, a.csv), crops_path(a.crops, a.csv)
-        if shape and own:
-            crops.check(shape, own)
+        if shape and (own or a.preview):        # a preview draws the boxes: they must fit
+            crops.check(shape, own or "--preview with the default MNI152 1 mm boxes (no crops.json; give --crops FILE)")
         elif shape and any(s + d > n for st in (crops.left_start, crops.right_start)
                            for s, d, n in zip(st, crops.size, shape)):
             warn(f"no crops.json: the default MNI152 1 mm boxes do not fit images {shape}; image models "

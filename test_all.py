@@ -3053,6 +3053,8 @@ CHECK_AD_REFUSALS = [
     ("crops.json beyond the images", lambda d, t: _crops(d, right_start=[6, 0, 0]),
      ["crops.json", "right hippocampus box", "does not fit in image shape (8, 8, 8)"]),
     ("a preview without images", lambda d, t: ["--no-images", "--preview", d / "pv"], ["--preview", "--no-images"]),
+    ("a preview with boxes that do not fit", lambda d, t: ["--preview", d / "pv"],
+     ["--preview", "default MNI152", "--crops", "does not fit in image shape (8, 8, 8)"]),
     ("a subject twice", lambda d, t: _sub(t, "S2,", "S0,"), ["ad.csv line 4", "subject S0 repeats line 2"]),
     ("a sex that is neither", lambda d, t: _cell(t, "PTGENDER", "Mal") or ["--no-images"],
      ["line 3", "subject S1", "column PTGENDER", "expected Male or Female, got 'Mal'"]),
