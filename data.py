@@ -1166,7 +1166,7 @@ class BrainAgeDataset(TabularDataset):
 def from_adnimerge(path, out, visit="bl", dx_column=None, group_map=None):
     """One row per subject of an ADNIMERGE export (one row per visit): the `visit` row, its diagnosis mapped to
     CN / MCI / AD (others dropped with a count), AGE the age at that visit (AGE + Years_bl). -> a report line."""
-    dx_column = dx_column or ("DX_bl" if visit == "bl" else "DX")
+    dx_column = dx_column or ("DX_bl" if visit.lower() == "bl" else "DX")
     years_bl = () if visit.lower() == "bl" else ("Years_bl",)    # AGE is the baseline age on every visit's row
     rows, _ = read_csv_rows(path, ("PTID", "VISCODE", dx_column) + AD_ATTRIBUTES + years_bl)
     kept, seen, dropped = [], set(), collections.Counter()

@@ -2647,9 +2647,9 @@ def test_group_aliases_read_as_mci_and_ad_a_group_map_wins_over_them_and_check_a
 def test_from_adnimerge_keeps_one_row_per_subject_with_the_diagnosis_of_that_visit(tmp_path):
     merged = tmp_path / "ADNIMERGE.csv"
     merged.write_text(ADNIMERGE)
-    p = run_main(data.main, "from-adnimerge", merged, "--out", tmp_path / "t.csv")
+    p = run_main(data.main, "from-adnimerge", merged, "--out", tmp_path / "t.csv", "--visit", "BL")   # any case
     assert p.returncode == 0, p.stderr
-    assert "kept 3 subjects (CN 1, MCI 1, AD 1)" in p.stdout and "1 subjects without a 'bl' visit" in p.stdout
+    assert "kept 3 subjects (CN 1, MCI 1, AD 1)" in p.stdout and "1 subjects without a 'BL' visit" in p.stdout
     assert "DX_bl SMC 1" in p.stdout
     t = data.read_ad_table(tmp_path / "t.csv", need_images=False)
     assert t.subjects == ["011_S_0001", "011_S_0004", "011_S_0005"] and t.labels.tolist() == [0, 1, 2]
