@@ -1308,8 +1308,9 @@ def main(argv=None):
         about = f" ({', '.join(f'{c} {n}' for c, n in counts.items())})"
         tail = ", empty cells: " + ", ".join(f"{c} {k}" + (f" ({k / len(t.raw):.0%})" if k else "")
                                              for c, k in empty.items())
+    age = t.age[~np.isnan(t.age)]                  # AD: every AGE cell may be empty
     print(f"ok: {a.csv}: {len(t.subjects)} subjects{about}, {int((t.sex == 0).sum())} male, age "
-          f"{np.nanmean(t.age):.1f} +- {np.nanstd(t.age):.1f} ({np.nanmin(t.age):.0f}-{np.nanmax(t.age):.0f})"
+          + (f"{age.mean():.1f} +- {age.std():.1f} ({age.min():.0f}-{age.max():.0f})" if age.size else "unknown")
           + tail + (f", images {shape}" if shape else ""))
 
 

@@ -3170,6 +3170,9 @@ def test_adni_missing_codes_read_as_missing_with_a_warning_and_train_ad_refuses_
     _, X = TabularPreprocessor.parse(data.read_ad_table(csv_path, need_images=False).raw)
     assert np.isnan(X[:, data.AD_CONTINUOUS.index("ABETA")]).all()
     assert np.isnan(X[0, data.AD_CONTINUOUS.index("AV45")]) and X[1, data.AD_CONTINUOUS.index("AV45")] == 1.2
+    csv_path.write_text(good.replace(",71,", ",-4,").replace(",70.5,", ",,"))       # no subject's age known
+    p = run_main(data.main, "check-ad", csv_path, "--no-images")
+    assert p.returncode == 0 and "0 male, age unknown, empty cells: AGE 3 (100%)" in p.stdout, p.stdout + p.stderr
     csv_path.write_text(good)
     _cell(csv_path, "FDG", "-0.5")
     assert_clean_error(run_main(train_ad.main, *_tabular_args(csv_path, tmp_path / "runs")), "line 3", "column FDG")
