@@ -599,6 +599,10 @@ def _image_paths(csv_path, rows, subjects, image_dir):
     base = os.path.dirname(os.path.abspath(csv_path))
     if image_dir is not None and not os.path.isdir(image_dir):
         raise UserError(f"--image-dir {image_dir}: folder not found")
+    named = sum(bool(row.get("image")) for _, row in rows)
+    if image_dir is not None and named:             # the option given, and not obeyed: said
+        warn(f"{csv_path}: --image-dir {image_dir} is not read for the {named} subject{'s' * (named > 1)} whose "
+             f"`image` column names the image (relative to the CSV)")
     image_dir = image_dir if image_dir is not None else os.path.join(base, "images")
     paths, seen = [], {}
     for (line, row), subj in zip(rows, subjects):

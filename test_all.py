@@ -3096,6 +3096,15 @@ def test_check_ad_finds_nii_beside_nii_gz_and_reads_a_flipped_header_or_a_traili
     np.testing.assert_array_equal(read.astype(np.float32), _turned(25).astype(np.float32))
 
 
+def test_an_image_column_is_read_before_image_dir_and_an_image_dir_it_overrides_is_said(tmp_path):
+    table = tiny_ad(tmp_path)
+    _image_column(table, ["S0", "S1", "S2"])
+    os.makedirs(tmp_path / "other")
+    p = run_main(data.main, "check-ad", table, "--image-dir", tmp_path / "other")
+    assert p.returncode == 0 and data.read_ad_table(table).image_paths[1] == str(tmp_path / "images" / "S1.nii.gz")
+    assert f"--image-dir {tmp_path / 'other'} is not read for the 3 subjects whose `image` column" in p.stderr
+
+
 # what the voxels hold -> (what the refusal says, where, the value)
 SPOILED = {"inf": ("NaN/inf", (3, 4, 5), np.inf), "huge": ("beyond +-1e+15", (3, 4, 5), 1e30),
            "negative": ("beyond +-1e+15", (9, 9, 9), -1e30), "zeros": ("no signal: every voxel is 0", ..., 0),
