@@ -770,6 +770,9 @@ def load_nifti(path, subject=None, canonical=True):
         data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
     except (OSError, ValueError, EOFError, zlib.error) as exc:  # short gzip stream, bad CRC, short file
         raise UserError(f"{where}: truncated or corrupt NIfTI ({type(exc).__name__}: {exc})") from None
+    step = getattr(img.dataobj, "slope", 0) if np.issubdtype(img.get_data_dtype(), np.integer) else 0
+    if step:     # integers scaled by the header: their zero (the background) decodes up to half a step off zero
+        data = np.where(np.abs(data) < abs(step) / 2, np.float32(0), data)
     bad = int(data.size - np.count_nonzero(np.isfinite(data)))
     if bad:
         raise UserError(f"{where}: {bad} NaN/inf voxels")

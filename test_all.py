@@ -3096,6 +3096,18 @@ def test_check_ad_finds_nii_beside_nii_gz_and_reads_a_flipped_header_or_a_traili
     np.testing.assert_array_equal(read.astype(np.float32), _turned(25).astype(np.float32))
 
 
+def test_a_scaled_integer_image_keeps_its_zero_background_so_a_box_is_z_scored_over_its_brain_alone(tmp_path):
+    vol = np.zeros((8, 8, 8), np.float32)
+    vol[2:6, 2:6, 2:6] = np.random.default_rng(0).normal(size=(4, 4, 4)) + 0.5
+    img = nib.Nifti1Image(vol, np.diag([2.0, 2.0, 2.0, 1.0]))
+    img.set_data_dtype(np.int16)                     # stored as int16 with a scl_slope and a non-zero scl_inter
+    img.to_filename(tmp_path / "s.nii.gz")
+    assert nib.load(tmp_path / "s.nii.gz").dataobj.inter != 0
+    read, box = data.load_volume(tmp_path / "s.nii.gz"), data.HippocampusCrops((0, 0, 0), (0, 0, 0), (8, 8, 8))
+    np.testing.assert_array_equal(read == 0, vol == 0)
+    np.testing.assert_allclose(box(read), box(vol), atol=1e-3)
+
+
 def test_an_image_column_is_read_before_image_dir_and_an_image_dir_it_overrides_is_said(tmp_path):
     table = tiny_ad(tmp_path)
     _image_column(table, ["S0", "S1", "S2"])
