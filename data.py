@@ -861,10 +861,15 @@ class HippocampusCrops:
                 raise UserError(f"{where}: {name} hippocampus box start {st} size {self.size} "
                                 f"does not fit in image shape {tuple(shape)}")
 
-    def __call__(self, volume):
-        self.check(volume.shape)
+    def __call__(self, volume, where="volume"):
+        self.check(volume.shape, where)
         box = lambda start: volume[tuple(slice(a, a + d) for a, d in zip(start, self.size))]
-        return np.stack([zscore(side, side != 0) for side in (box(self.left_start), box(self.right_start)[::-1])])
+        sides = {"left": box(self.left_start), "right": box(self.right_start)[::-1]}
+        empty = [name for name, side in sides.items() if not side.any()]
+        if empty:
+            raise UserError(f"{where}: no signal in the {' and '.join(empty)} hippocampus box{'es' * (len(empty) > 1)} "
+                            f"(every voxel 0): boxes off the brain (see check-ad --preview) or a failed registration?")
+        return np.stack([zscore(side, side != 0) for side in sides.values()])
 
     def cache_key(self):
         return f"crops-zscored{self.left_start}{self.right_start}{self.size}"
@@ -1057,7 +1062,8 @@ class ImageCache:
         """Decode item i into its entry now (written whole or not at all), removing those of older sources."""
         out, source = self.entry(i), self.source(i)
         vol = load_volume(self.paths[i], self.names[i], self.expected_shape)
-        arr = np.ascontiguousarray(vol if self.transform is None else self.transform(vol), dtype=np.float32)
+        where = _where(self.paths[i], self.names[i])
+        arr = np.ascontiguousarray(vol if self.transform is None else self.transform(vol, where), dtype=np.float32)
         name = os.path.basename(out)
         for old in os.listdir(self.cache_dir):   # same subject and config, older source (never `out`, read maybe)
             if old != name and re.fullmatch(re.escape(name[:-14]) + r"\w{10}\.npy", old):
@@ -1282,22 +1288,24 @@ def main(argv=None):
             print(skipped_summary(t))
     else:
         t = read_brain_age_table(a.csv, a.image_dir, need_images=not a.no_images)
-    shape = None
+    shape, (crops, own) = None, (load_crops(a.crops, a.csv), crops_path(a.crops, a.csv)) if ad else (None, None)
     if t.image_paths:          # every header (one shape, one voxel size), then every image decoded and validated
         shape = check_image_geometry(t.image_paths, t.subjects)[0]
+        if crops and (own or a.preview):        # a preview draws the boxes: they must fit
+            crops.check(shape, own or "--preview with the default MNI152 1 mm boxes (no crops.json; give --crops FILE)")
+        fits = crops and all(s + d <= n for st in (crops.left_start, crops.right_start)
+                             for s, d, n in zip(st, crops.size, shape))
         shown = Progress("checking the images", len(t.subjects), "images", a.quiet)
         for p, s in zip(t.image_paths, t.subjects):
-            load_volume(p, s, expected_shape=shape)
+            volume = load_volume(p, s, expected_shape=shape)
+            if fits:
+                crops(volume, _where(p, s))      # each box holds signal
             shown.advance()
         shown.finish()
-    if ad:
-        crops, own = load_crops(a.crops, a.csv), crops_path(a.crops, a.csv)
-        if shape and (own or a.preview):        # a preview draws the boxes: they must fit
-            crops.check(shape, own or "--preview with the default MNI152 1 mm boxes (no crops.json; give --crops FILE)")
-        elif shape and any(s + d > n for st in (crops.left_start, crops.right_start)
-                           for s, d, n in zip(st, crops.size, shape)):
+        if crops and not fits:
             warn(f"no crops.json: the default MNI152 1 mm boxes do not fit images {shape}; image models "
                  f"need --crops FILE")
+    if ad:
         if a.preview and t.image_paths:
             os.makedirs(a.preview, exist_ok=True)
             names = output_names(t.subjects[:a.preview_n])   # inside --preview whatever the Subject (`../../x`)

@@ -3120,13 +3120,15 @@ def test_an_image_column_is_read_before_image_dir_and_an_image_dir_it_overrides_
 # what the voxels hold -> (what the refusal says, where, the value)
 SPOILED = {"inf": ("NaN/inf", (3, 4, 5), np.inf), "huge": ("beyond +-1e+15", (3, 4, 5), 1e30),
            "negative": ("beyond +-1e+15", (9, 9, 9), -1e30), "zeros": ("no signal: every voxel is 0", ..., 0),
-           "constant": ("no signal: every voxel is 3.5", ..., 3.5)}
+           "constant": ("no signal: every voxel is 3.5", ..., 3.5),
+           "left box zeros": ("no signal in the left hippocampus box", np.s_[3:27, 8:44, 4:28], 0)}  # its crops.json
 
 
 @pytest.mark.parametrize("case", SPOILED)
 def test_images_with_non_finite_absurd_or_no_signal_values_are_refused(ad_cohort40, tmp_path, case):
-    """An inf voxel, +-1e30 (a wrong header scale; z-scores overflow float32), all zeros (a failed registration) or
-    one constant: refused before any epoch naming the subject and the file; so by check-ad."""
+    """An inf voxel, +-1e30 (a wrong header scale; z-scores overflow float32), all zeros (a failed registration),
+    one constant or a hippocampus box of zeros: refused before any epoch naming the subject and the file; so by
+    check-ad."""
     says, where, value = SPOILED[case]
     table = data.read_ad_table(ad_cohort40)
     subject, source, folder = table.subjects[4], table.image_paths[4], tmp_path / "images"
