@@ -1007,8 +1007,8 @@ class ImageCache:
     def __len__(self):
         return len(self.paths)
 
-    def config(self, i):   # the transform: HippocampusCrops or None
-        return f"{self.paths[i]}|" + ("" if self.transform is None else self.transform.cache_key())
+    def config(self, i):   # the decoding (renamed when load_nifti changes what it returns), the transform or None
+        return f"{self.paths[i]}|scaled-zero|" + ("" if self.transform is None else self.transform.cache_key())
 
     def _hash(self, indices, progress=False):
         return source_hashes([self.paths[i] for i in indices], self.cache_dir, [self.names[i] for i in indices],
