@@ -133,8 +133,9 @@ def preprocess_volume(img, mask=None, spacing=1.75, shape=(90, 120, 99), n4=Fals
     data, affine = crop_or_pad(data, res.affine, centre, tuple(shape))   # zeroed outside the mask below
     m, _ = crop_or_pad(m, res.affine, centre, tuple(shape))
     m &= data != 0
-    _, u = fuzzy_cmeans(data[m])                           # white matter: the brightest class, membership > 0.8
-    wm_mean = float(data[m][u[:, -1] > 0.8 if (u[:, -1] > 0.8).any() else u.argmax(1) == u.shape[1] - 1].mean())
+    _, u = fuzzy_cmeans(data[m])   # white matter: the brightest class, membership > 0.8, else where it is largest
+    # (ties too: white matter most of the brain at one value, as FreeSurfer's 110, gives two equal centroids)
+    wm_mean = float(data[m][u[:, -1] > 0.8 if (u[:, -1] > 0.8).any() else u[:, -1] == u.max(1)].mean())
     if not wm_mean > 0:
         raise UserError(f"white-matter mean is {wm_mean:.3g}; is this a T1 image?")
     out = nib.Nifti1Image(zscore(data / wm_mean, m), affine)                      # steps 6 and 7

@@ -188,6 +188,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_preprocess_gives_a_centred_zscored_90x120x99_volume_at_1_75mm,
 #     test_preprocess_resamples_trilinearly_so_a_ramp_reads_as_the_ramp_between_the_input_voxels,
 #     test_preprocess_reads_a_mask_of_0_and_255_as_the_same_brain_as_one_of_0_and_1,
+#     test_preprocess_reads_a_brain_whose_white_matter_is_most_of_its_voxels_at_one_value,
 #     test_preprocess_refuses_to_estimate_the_mask_of_an_image_normalised_already_and_takes_its_given_mask,
 #     test_an_estimated_brain_mask_is_the_largest_bright_component_with_the_dark_ventricles_inside_it,
 #     test_fuzzy_cmeans_finds_three_tissue_classes, test_preprocess_batch_mode_writes_every_subject_and_names_a_bad_row,
@@ -2473,6 +2474,17 @@ def test_preprocess_reads_a_mask_of_0_and_255_as_the_same_brain_as_one_of_0_and_
     outs = [np.asarray(preprocess.preprocess_volume(image(vol), image(mask * k), 1.75, (12, 12, 12)).dataobj)
             for k in (1, 255)]
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_preprocess_reads_a_brain_whose_white_matter_is_most_of_its_voxels_at_one_value():
+    """FreeSurfer's brain.mgz holds its white matter at 110: fuzzy c-means then starts two classes at that one value
+    (percentiles 50 and 90) and ends them equal, white matter shared between them (0.5 each): still the brightest."""
+    i, j, k = np.meshgrid(*[np.arange(20)] * 3, indexing="ij")
+    r = np.sqrt((i - 9.5) ** 2 + (j - 9.5) ** 2 + (k - 9.5) ** 2)
+    vol = (np.where(r < 8, 60.0, 0.0) + np.where(r < 7, 50.0, 0.0)).astype(np.float32)   # 68% white matter, at 110
+    out = preprocess.preprocess_volume(nib.Nifti1Image(vol, np.eye(4)), None, 1.0, (16, 16, 16))
+    box = vol[2:18, 2:18, 2:18]                                      # centred on the sphere's centre, 9.5
+    np.testing.assert_allclose(np.asarray(out.dataobj), data.zscore(box, box > 0), rtol=0, atol=1e-5)
 
 
 def test_preprocess_resamples_trilinearly_so_a_ramp_reads_as_the_ramp_between_the_input_voxels():
