@@ -157,7 +157,7 @@ def preprocess_file(in_path, out_path, mask_path=None, spacing=1.75, shape=(90, 
 
 
 def _batch(a):
-    rows, fields = read_csv_rows(a.csv, ("Subject",) + ((a.mask_column,) if a.mask_column else ()))
+    rows, fields = read_csv_rows(a.csv, ("Subject",) + tuple(c for c in (a.column, a.mask_column) if c))
     subjects = check_subjects(a.csv, rows, as_file_names=True)  # DIR/<Subject>.nii.gz stays inside DIR
     base, table_out = os.path.dirname(os.path.abspath(a.csv)), os.path.join(a.out_dir, os.path.basename(a.csv))
     if same_file(table_out, a.csv):
@@ -165,7 +165,7 @@ def _batch(a):
                         f"choose another output folder")
     shown = Progress("preprocessing", len(rows), "subjects", a.quiet)
     for (line, r), subj in zip(rows, subjects):
-        src = os.path.join(base, r.get(a.column) or find_image(os.path.join(base, "images"), subj)
+        src = os.path.join(base, r.get(a.column or "image") or find_image(os.path.join(base, "images"), subj)
                            or os.path.join("images", f"{subj}.nii.gz"))
         mask = os.path.join(base, r[a.mask_column]) if a.mask_column and r.get(a.mask_column) else None
         out = os.path.join(a.out_dir, f"{subj}.nii.gz")
@@ -197,7 +197,7 @@ def main(argv=None):
     ap.add_argument("--n4", action="store_true", help="N4 bias correction with SimpleITK (must be installed)")
     ap.add_argument("--csv", help="batch mode: table with Subject and input paths")
     ap.add_argument("--out-dir", help="batch mode: output folder")
-    ap.add_argument("--column", default="image", help="batch mode: input path column (default image)")
+    ap.add_argument("--column", help="batch mode: input path column (default image, if there)")
     ap.add_argument("--mask-column", default=None, help="batch mode: brain mask path column")
     ap.add_argument("--overwrite", action="store_true", help="batch mode: redo existing outputs")
     ap.add_argument("--quiet", action="store_true", help="batch mode: no progress lines, only errors")
