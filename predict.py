@@ -64,7 +64,7 @@ def check_members(members, calibrated=False):
     for m in members:
         for what, mine, theirs in (("task", m.run.task, first.run.task), ("classes", m.class_names, first.class_names)):
             if mine != theirs:
-                raise UserError(f"cannot combine {first.dir} and {m.dir}: {what} {mine} vs {theirs}")
+                raise UserError(f"cannot combine {first.dir} and {m.dir}: {what} {theirs} vs {mine}")
     for m in members if calibrated else ():
         if m.run.task != "ad":
             raise UserError(f"--calibrated: {m.dir} is a brain-age run; temperature scaling is for AD's probabilities")

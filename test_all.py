@@ -3958,7 +3958,7 @@ def test_predict_refuses_other_grids_mixed_runs_and_unfinished_runs_in_one_line(
     other_task = fake_brain_age_run(tmp_path / "fake", 0, 3.0, age, age, np.arange(5) % 2)
     binary = fake_ad_run(tmp_path / "fake", "imaging", 0, 0, 0, random_probs(rng, 5, 2), np.arange(5) % 2,
                          classes=2, class_names=["CN", "AD"])
-    for other, what in [(other_task, "task"), (binary, "classes")]:
+    for other, what in [(other_task, "task ad vs brain-age"), (binary, "classes")]:   # in the order named
         assert_clean_error(run_main(predict.main, run_dir, other, "--data-csv", ad_cohort60, "--out", out),
                            "cannot combine", what)
     unfinished = tmp_path / "unfinished"
