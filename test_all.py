@@ -1659,6 +1659,7 @@ def test_the_age_bias_correction_leaves_a_gap_uncorrelated_with_age_on_its_fitti
     assert abs(np.corrcoef(corrected, age)[0, 1]) < 1e-9 and abs(corrected.mean()) < 1e-9
     for ages, preds in (([50.0], [53.0]), ([50.0, 50.0], [52.0, 54.0])):     # no age spread: no slope to fit
         assert metrics.age_bias_fit(ages, preds) == {"intercept": 3.0, "slope": 0.0, "n": len(ages)}
+        assert np.isnan(metrics.gap_summary(ages, preds, [0] * len(ages), fit)["r_gap_age"])   # nor r, not 0
     summary = metrics.gap_summary(age, pred, np.array([0, 1, 0, 1, 0, 1]), fit)
     assert summary["r_gap_age"] < -0.99 and abs(summary["r_corrected_gap_age"]) < 1e-9
     assert summary["gap_male"] == pytest.approx(np.mean(gap[[0, 2, 4]]))
