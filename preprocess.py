@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from data import (ArgumentParser, Progress, UserError, atomic_path, check_number, check_subjects, find_image,
-                  load_nifti, read_csv_rows, run_cli, same_file, write_csv, zscore)
+                  load_nifti, read_csv_rows, run_cli, same_file, warn, write_csv, zscore)
 
 try:
     import SimpleITK as sitk   # optional: only --n4 needs it
@@ -110,8 +110,9 @@ def n4_correct(img, mask=None):
     return nib.Nifti1Image(np.transpose(sitk.GetArrayFromImage(out), (2, 1, 0)).astype(np.float32), img.affine)
 
 
-def preprocess_volume(img, mask=None, spacing=1.75, shape=(90, 120, 99), n4=False):
-    """App. A.1 after skull stripping, steps 1-7 above: nibabel image [+ mask image] -> the float32 NIfTI image."""
+def preprocess_volume(img, mask=None, spacing=1.75, shape=(90, 120, 99), n4=False, where="the image"):
+    """App. A.1 after skull stripping, steps 1-7 above: nibabel image [+ mask image] -> the float32 NIfTI image;
+    a box that cuts off more than 1% of the brain is said in a warning naming `where`."""
     img = nib.as_closest_canonical(img)
     if mask is not None:
         mask = nib.as_closest_canonical(mask)
@@ -131,7 +132,10 @@ def preprocess_volume(img, mask=None, spacing=1.75, shape=(90, 120, 99), n4=Fals
         raise UserError("the brain mask is empty")
     centre = ndimage.center_of_mass(m)
     data, affine = crop_or_pad(data, res.affine, centre, tuple(shape))   # zeroed outside the mask below
-    m, _ = crop_or_pad(m, res.affine, centre, tuple(shape))
+    brain, (m, _) = np.count_nonzero(m), crop_or_pad(m, res.affine, centre, tuple(shape))
+    if np.count_nonzero(m) < 0.99 * brain:
+        warn(f"{where}: the {' x '.join(map(str, shape))} box at {spacing:g} mm holds "
+             f"{np.count_nonzero(m) / brain:.0%} of the brain mask, the rest is cut off; a larger --shape keeps it")
     m &= data != 0
     _, u = fuzzy_cmeans(data[m])   # white matter: the brightest class, membership > 0.8, else where it is largest
     # (ties too: white matter most of the brain at one value, as FreeSurfer's 110, gives two equal centroids)
@@ -147,10 +151,11 @@ def preprocess_volume(img, mask=None, spacing=1.75, shape=(90, 120, 99), n4=Fals
 def preprocess_file(in_path, out_path, mask_path=None, spacing=1.75, shape=(90, 120, 99), n4=False, subject=None):
     img = load_nifti(in_path, subject, canonical=False)
     mask = load_nifti(mask_path, subject, canonical=False) if mask_path else None
+    where = f"{in_path}{f' (subject {subject})' if subject else ''}"
     try:
-        out = preprocess_volume(img, mask, spacing, shape, n4)
+        out = preprocess_volume(img, mask, spacing, shape, n4, where)
     except UserError as exc:
-        raise UserError(f"{in_path}{f' (subject {subject})' if subject else ''}: {exc}") from None
+        raise UserError(f"{where}: {exc}") from None
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with atomic_path(out_path) as tmp:
         nib.save(out, tmp)

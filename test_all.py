@@ -2413,10 +2413,12 @@ def synthetic_head(tmp_path):
 
 
 @pytest.mark.parametrize("shape", [(9, 11, 13), (10, 12, 14)])
-def test_preprocess_centres_its_box_on_the_brain_masks_centre_of_mass_and_z_scores_the_brain_voxels_alone(shape):
+def test_preprocess_centres_its_box_on_the_brain_masks_centre_of_mass_and_z_scores_the_brain_voxels_alone(
+        shape, capsys):
     """The box starts at round(centre of mass - (shape - 1) / 2) axis by axis (shapes and centre differ per axis:
     a swapped axis or an off-by-one shows; for an even side n / 2 would put it a voxel off), of the mask, not of the
-    brightness (a bright side would pull it); z-scores over the box's non-zero brain voxels alone, zero outside."""
+    brightness (a bright side would pull it); z-scores over the box's non-zero brain voxels alone, zero outside. The
+    box cuts the brain here: a warning says how much it holds."""
     vol = np.random.default_rng(0).uniform(0.5, 1.5, (20, 24, 28)).astype(np.float32)
     vol[:8] *= 30                                                     # a bright side
     mask = np.zeros(vol.shape, bool)
@@ -2434,6 +2436,7 @@ def test_preprocess_centres_its_box_on_the_brain_masks_centre_of_mass_and_z_scor
     expected = np.where(brain, (values - values[brain].mean()) / values[brain].std(), 0)
     np.testing.assert_allclose(out.get_fdata(), expected, rtol=1.3e-6, atol=1e-5)     # float32's
     np.testing.assert_array_equal(out.affine[:3, 3], 2.0 * start)
+    assert f"box at 2 mm holds {mask[box].sum() / mask.sum():.0%} of the brain mask" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("with_mask", [True, False])
@@ -2518,17 +2521,17 @@ def test_fuzzy_cmeans_finds_three_tissue_classes():
 
 def test_preprocess_batch_mode_writes_every_subject_and_names_a_bad_row(tmp_path):
     csv_path = tiny_ad(tmp_path)
-    args = ["--csv", csv_path, "--out-dir", tmp_path / "pre", "--shape", 6, 6, 6, "--spacing", 2]
+    args = ["--csv", csv_path, "--out-dir", tmp_path / "pre", "--shape", 8, 8, 8, "--spacing", 2]
     p = run_main(preprocess.main, *args)
-    assert p.returncode == 0, p.stderr
+    assert p.returncode == 0 and p.stderr == "", p.stderr                 # each brain whole in its box: no warning
     assert sorted(os.listdir(tmp_path / "pre")) == ["S0.nii.gz", "S1.nii.gz", "S2.nii.gz", "ad.csv"]
     assert data.read_ad_table(tmp_path / "pre" / "ad.csv").image_paths[2] == str(tmp_path / "pre" / "S2.nii.gz")
-    assert nib.load(tmp_path / "pre" / "S1.nii.gz").shape == (6, 6, 6)
+    assert nib.load(tmp_path / "pre" / "S1.nii.gz").shape == (8, 8, 8)
     (tmp_path / "pre" / "S1.nii.gz").write_bytes(b"kept")              # an output already there is kept
     assert run_main(preprocess.main, *args).returncode == 0 and (tmp_path / "pre" / "S1.nii.gz").read_bytes() == b"kept"
     os.remove(tmp_path / "images" / "S2.nii.gz")
     assert_clean_error(run_main(preprocess.main, *args, "--overwrite"), "ad.csv line 4", "S2.nii.gz")
-    assert nib.load(tmp_path / "pre" / "S1.nii.gz").shape == (6, 6, 6)  # --overwrite: written again, in order
+    assert nib.load(tmp_path / "pre" / "S1.nii.gz").shape == (8, 8, 8)  # --overwrite: written again, in order
     assert no_temp_files(tmp_path / "pre")
 
 
