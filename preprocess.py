@@ -13,9 +13,9 @@ without SimpleITK (ANTs).
     python preprocess.py IN.nii[.gz] OUT.nii.gz [--mask MASK] [--spacing 1.75] [--shape 90 120 99] [--n4]
     python preprocess.py --csv TABLE.csv --out-dir DIR [--column image] [--mask-column mask]
 
-Batch mode reads input paths (relative to the CSV) from --column (else <csv folder>/images/<Subject>.nii.gz),
-writes DIR/<Subject>.nii.gz (kept when it exists, unless --overwrite) and DIR/<table> whose `image` column points
-at them.
+Batch mode reads input paths (relative to the CSV) from --column (else <csv folder>/images/<Subject>.nii.gz), masks
+from --mask-column (an empty cell: estimated, with a warning), writes DIR/<Subject>.nii.gz (kept when it exists,
+unless --overwrite) and DIR/<table> whose `image` column points at them.
 """
 import argparse
 import os
@@ -180,6 +180,9 @@ def _batch(a):
         if os.path.exists(out) and not a.overwrite:
             shown.total -= 1                      # kept as it is: no work, and not in the pace
             continue
+        if a.mask_column and mask is None:
+            warn(f"{a.csv} line {line}: subject {subj}: column {a.mask_column} is empty: the brain mask is estimated "
+                 f"(step 4), right only for a skull-stripped image")
         try:
             preprocess_file(src, out, mask, a.spacing, a.shape, a.n4, subj)
         except UserError as exc:

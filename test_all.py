@@ -2540,9 +2540,12 @@ def test_preprocess_batch_mode_reads_each_subjects_mask_from_its_column_and_leav
     mask = np.zeros((8, 8, 8), np.float32)
     mask[1:7, 1:7, 1:7] = 1
     data.save_nifti(mask, 2.0, tmp_path / "m.nii.gz")
-    (tmp_path / "masked.csv").write_text("\n".join([rows[0] + ",mask"] + [r + ",m.nii.gz" for r in rows[1:]]) + "\n")
-    assert run_main(preprocess.main, "--csv", tmp_path / "masked.csv", "--out-dir", tmp_path / "pre", "--shape", 6, 6,
-                    6, "--spacing", 2, "--mask-column", "mask").returncode == 0
+    (tmp_path / "masked.csv").write_text("\n".join([rows[0] + ",mask"] + [r + ",m.nii.gz" for r in rows[1:3]]
+                                                   + [rows[3] + ","]) + "\n")            # S2's mask cell empty
+    p = run_main(preprocess.main, "--csv", tmp_path / "masked.csv", "--out-dir", tmp_path / "pre", "--shape", 6, 6, 6,
+                 "--spacing", 2, "--mask-column", "mask")
+    assert p.returncode == 0 and re.match(r"warning: \S+masked.csv line 4: subject S2: column mask is empty: the brain "
+                                          r"mask is estimated", p.stderr), p.stderr
     assert data.read_csv_rows(tmp_path / "pre" / "masked.csv", ())[1] == rows[0].split(",") + ["image"]
     alone = {}
     for name, m in (("masked", tmp_path / "m.nii.gz"), ("estimated", None)):
