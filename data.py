@@ -377,7 +377,7 @@ class TabularPreprocessor:
         std = np.where(~np.isfinite(std) | (std < 1e-12), 1.0, std)
         Z = np.concatenate([(X - mean) / std, sex[:, None]], 1)                  # (N, 8 + 1): attributes, sex
         missing = np.isnan(Z)
-        steps, init = [], np.zeros(Z.shape[1])
+        steps, init = [], Z.mean(0)     # no empty cell in training: an empty one is the mean (sex: the share of women)
         if missing.any():
             imp = IterativeImputer(max_iter=10, random_state=0, keep_empty_features=True)
             with warnings.catch_warnings():

@@ -105,7 +105,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_na_cells_of_an_r_export_read_as_empty_ones
 # sex (Sec. 3.3, 4.2):
 #     test_the_sex_one_hot_is_male_then_female_in_both_tasks_so_a_saved_run_reads_each_sex_as_it_was_trained,
-#     test_an_imputed_sex_is_a_probability_its_two_columns_in_0_1_summing_to_1_however_far_its_neighbours_lie
+#     test_an_imputed_sex_is_a_probability_its_two_columns_in_0_1_summing_to_1_however_far_its_neighbours_lie,
+#     test_training_rows_without_an_empty_cell_read_a_new_patients_empty_cells_as_their_means_sex_too
 # also: test_a_prediction_depends_on_its_own_row_only_and_empty_cells_or_absent_columns_use_the_runs_saved_imputation,
 #     test_a_column_empty_for_every_training_subject_is_read_as_missing_at_prediction_and_said
 #
@@ -1161,6 +1162,15 @@ def test_an_imputed_sex_is_a_probability_its_two_columns_in_0_1_summing_to_1_how
     far = [dict(rows[2], PTGENDER="", AGE=age) for age in ("20", "130")]
     onehot = tp.transform(far)[:, :2]
     assert np.array_equal(onehot, np.array([[0, 1], [1, 0]], np.float32)), onehot
+
+
+def test_training_rows_without_an_empty_cell_read_a_new_patients_empty_cells_as_their_means_sex_too():
+    """Nothing imputed in training, no step to replay: an empty cell is the training mean (a z-score of 0), an empty
+    sex the share of women (23 of 45), not a man for sure (0, in the sex column)."""
+    complete = [{a: v or "1.0" for a, v in r.items()} for r in rows_with_missing()[:45]]
+    tp = TabularPreprocessor().fit(complete)
+    X = tp.transform([dict(complete[0], PTGENDER="", AGE="")])
+    np.testing.assert_allclose(X[0, :3], [22 / 45, 23 / 45, 0], rtol=1e-6, atol=1e-6)   # male, female, AGE
 
 
 def test_missing_indicators_are_for_the_attributes_with_empty_cells_in_the_training_rows_alone_and_no_nan_remains():
