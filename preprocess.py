@@ -114,6 +114,9 @@ def preprocess_volume(img, mask=None, spacing=1.75, shape=(90, 120, 99), n4=Fals
     """App. A.1 after skull stripping, steps 1-7 above: nibabel image [+ mask image] -> the float32 NIfTI image;
     a box that cuts off more than 1% of the brain is said in a warning naming `where`."""
     img = nib.as_closest_canonical(img)
+    if np.ptp(np.asarray(img.dataobj)) == 0:                                    # as data.load_volume
+        raise UserError(f"no signal: every voxel is {np.asarray(img.dataobj).flat[0]:g} (a failed registration or an "
+                        f"empty export?)")
     if mask is not None:
         mask = nib.as_closest_canonical(mask)
         if mask.shape[:3] != img.shape[:3] or not np.allclose(mask.affine, img.affine, atol=1e-3):
@@ -133,15 +136,16 @@ def preprocess_volume(img, mask=None, spacing=1.75, shape=(90, 120, 99), n4=Fals
     centre = ndimage.center_of_mass(m)
     data, affine = crop_or_pad(data, res.affine, centre, tuple(shape))   # zeroed outside the mask below
     brain, (m, _) = np.count_nonzero(m), crop_or_pad(m, res.affine, centre, tuple(shape))
-    if np.count_nonzero(m) < 0.99 * brain:
-        warn(f"{where}: the {' x '.join(map(str, shape))} box at {spacing:g} mm holds "
-             f"{np.count_nonzero(m) / brain:.0%} of the brain mask, the rest is cut off; a larger --shape keeps it")
+    kept = np.count_nonzero(m) / brain                     # said below, once no error can follow
     m &= data != 0
     _, u = fuzzy_cmeans(data[m])   # white matter: the brightest class, membership > 0.8, else where it is largest
     # (ties too: white matter most of the brain at one value, as FreeSurfer's 110, gives two equal centroids)
     wm_mean = float(data[m][u[:, -1] > 0.8 if (u[:, -1] > 0.8).any() else u[:, -1] == u.max(1)].mean())
     if not wm_mean > 0:
         raise UserError(f"white-matter mean is {wm_mean:.3g}; is this a T1 image?")
+    if kept < 0.99:
+        warn(f"{where}: the {' x '.join(map(str, shape))} box at {spacing:g} mm holds {kept:.0%} of the brain mask, "
+             f"the rest is cut off; a larger --shape keeps it")
     out = nib.Nifti1Image(zscore(data / wm_mean, m), affine)                      # steps 6 and 7
     out.set_qform(affine, code=1)
     out.set_sform(affine, code=1)

@@ -3127,7 +3127,7 @@ SPOILED = {"inf": ("NaN/inf", (3, 4, 5), np.inf), "huge": ("beyond +-1e+15", (3,
 @pytest.mark.parametrize("case", SPOILED)
 def test_images_with_non_finite_absurd_or_no_signal_values_are_refused(ad_cohort40, tmp_path, case):
     """An inf voxel, +-1e30 (a wrong header scale; z-scores overflow float32), all zeros (a failed registration) or
-    one constant: refused before any epoch naming the subject and the file; so by check-ad."""
+    one constant: refused before any epoch naming the subject and the file; so by check-ad, and by preprocess.py."""
     says, where, value = SPOILED[case]
     table = data.read_ad_table(ad_cohort40)
     subject, source, folder = table.subjects[4], table.image_paths[4], tmp_path / "images"
@@ -3142,6 +3142,9 @@ def test_images_with_non_finite_absurd_or_no_signal_values_are_refused(ad_cohort
     assert_clean_error(run_main(train_ad.main, *args), f"subject {subject}", folder / os.path.basename(source), says)
     assert not (tmp_path / "runs").exists()
     assert_clean_error(run_main(data.main, "check-ad", ad_cohort40, "--image-dir", folder), f"subject {subject}", says)
+    if case in ("inf", "zeros", "constant"):            # preprocess.py refuses it too, first thing, writing nothing
+        assert_clean_error(run_main(preprocess.main, folder / os.path.basename(source), tmp_path / "o.nii.gz"), says)
+        assert not (tmp_path / "o.nii.gz").exists()
 
 
 def test_images_of_another_shape_or_voxel_size_are_refused_from_their_headers(ad_cohort40, tmp_path):
