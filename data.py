@@ -595,8 +595,9 @@ def find_image(folder, subject):
 
 def _image_paths(csv_path, rows, subjects, image_dir):
     """Image path per subject: the `image` column (relative to the CSV), else <image_dir>/<Subject>.nii[.gz]; one
-    scan under two subjects (a symlink, a hard link) is refused: it could sit in training and test at once."""
-    base = os.path.dirname(os.path.abspath(csv_path))
+    scan under two subjects (a symlink, a hard link) is refused: it could sit in training and test at once, and so
+    are two scans for one subject, one in the column and one in the --image-dir given."""
+    base, given = os.path.dirname(os.path.abspath(csv_path)), image_dir
     if image_dir is not None and not os.path.isdir(image_dir):
         raise UserError(f"--image-dir {image_dir}: folder not found")
     image_dir = image_dir if image_dir is not None else os.path.join(base, "images")
@@ -604,6 +605,10 @@ def _image_paths(csv_path, rows, subjects, image_dir):
     for (line, row), subj in zip(rows, subjects):
         if row.get("image"):
             p = want = os.path.join(base, row["image"])
+            other = given and plain_file_name(subj) and find_image(image_dir, subj)
+            if other and os.path.isfile(p) and not os.path.samefile(other, p):
+                raise UserError(f"{csv_path} line {line}: subject {subj}: column image names {p}, --image-dir another "
+                                f"file, {other}: give the images one way (drop the column or --image-dir)")
         elif not plain_file_name(subj):
             raise UserError(f"{csv_path} line {line}: Subject {subj!r} is not a plain file name, so it cannot "
                             f"name an image in {image_dir} (give the path in an `image` column)")

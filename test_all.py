@@ -3059,6 +3059,9 @@ CHECK_AD_REFUSALS = [
     ("semicolons", lambda d, t: _sub(t, ",", ";"), ["ad.csv", "delimiter looks like a semicolon", "comma-separated"]),
     ("tabs", lambda d, t: _sub(t, ",", "\t"), ["ad.csv", "delimiter looks like a tab", "comma-separated"]),
     ("no --image-dir", lambda d, t: ["--image-dir", d / "nope"], ["--image-dir", "not found"]),
+    ("--image-dir and an image column naming other files", lambda d, t: _image_column(t, ["S0", "S1", "S2"])
+     or shutil.copytree(d / "images", d / "copies") and ["--image-dir", d / "copies"],
+     ["line 2", "subject S0", "column image names", "--image-dir another file", "copies"]),
     ("one image for two subjects", lambda d, t: _image_column(t, ["S2", "S1", "S2"]),
      ["line 4", "subject S2", "also subject S0's"]),
     ("one image by a hard link", lambda d, t: os.link(d / "images" / "S0.nii.gz", d / "images" / "again.nii.gz")
