@@ -46,7 +46,14 @@ def find_runs(paths):
         elif finished(path):
             found.append(path)
         elif os.path.isdir(path):
-            below = sorted(root for root, _, files in os.walk(path) if "metrics.json" in files)
+            below, seen = [], set()
+            for root, dirs, files in os.walk(path, followlinks=True):       # runs linked into a folder too
+                if os.path.realpath(root) in seen:                           # a loop of links: walked once
+                    dirs.clear()
+                elif "metrics.json" in files:
+                    below.append(root)
+                seen.add(os.path.realpath(root))
+            below.sort()
             if not below:
                 raise UserError(f"{path}: no finished run (a folder with best.pt and metrics.json) in or under it")
             found += below

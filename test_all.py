@@ -1371,6 +1371,10 @@ def test_a_run_named_twice_is_one_member_and_a_runs_metrics_file_is_not_called_a
     os.symlink(runs[1], tmp_path / "link")
     named = [os.path.dirname(runs[0]), runs[2], tmp_path / "link", os.path.join(runs[3], "best.pt")]
     assert [m.dir for m in predict.find_runs(named)] == runs
+    os.makedirs(tmp_path / "chosen")                                       # a folder of links to the runs chosen
+    os.symlink(runs[2], tmp_path / "chosen" / "fold2")
+    os.symlink(tmp_path / "chosen", tmp_path / "chosen" / "loop")         # and a loop of links: walked once
+    assert [m.dir for m in predict.find_runs([tmp_path / "chosen"])] == [str(tmp_path / "chosen" / "fold2")]
     res = evaluate.main(["calibrate", *map(str, named), "--quiet"])
     assert len(res["runs"]) == 4 and len(res["ensembles"]) == 1
     proc = run_main(predict.main, os.path.join(runs[0], "metrics.json"), "--data-csv", tmp_path / "new.csv", "--out",
