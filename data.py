@@ -154,9 +154,11 @@ def same_file(a, b):
 
 
 def check_output(option, path, inputs=()):
-    """An output file named by `option`: refused when it is a folder or would replace one of `inputs`."""
-    if os.path.exists(path) and not os.path.isfile(path):
-        raise UserError(f"{option} {path}: is a folder; give the file to write" if os.path.isdir(path) else
+    """An output file named by `option`: refused when it is a folder (or named as one: `out/`) or would replace one
+    of `inputs`."""
+    folder = os.path.isdir(path) or os.fspath(path).endswith(("/", os.sep))
+    if folder or os.path.exists(path) and not os.path.isfile(path):
+        raise UserError(f"{option} {path}: is a folder; give the file to write" if folder else
                         f"{option} {path}: not a regular file (a device or a pipe?); give the file to write")
     for p in inputs:
         if p and same_file(path, p):

@@ -3318,10 +3318,10 @@ def test_an_out_file_that_is_an_input_a_folder_or_a_pipe_is_refused_and_the_inpu
     run_dir = _run_dir(ad_fold_runs, "hyperfusion", 0)
     image = data.read_ad_table(ad_cohort60).image_paths[0]
     before = open(image, "rb").read()
-    for out in (image, os.path.join(run_dir, "metrics.json"), tmp_path / "sub"):
+    for out in (image, os.path.join(run_dir, "metrics.json"), tmp_path / "sub", f"{tmp_path / 'new'}{os.sep}"):
         assert_clean_error(run_main(predict.main, run_dir, "--data-csv", ad_cohort60, "--out", out, "--quiet"),
                            "--out", out)
-    assert open(image, "rb").read() == before and no_temp_files(tmp_path / "sub")
+    assert open(image, "rb").read() == before and no_temp_files(tmp_path / "sub") and not (tmp_path / "new").exists()
     os.mkfifo(tmp_path / "pipe")
     assert_clean_error(run_main(predict.main, run_dir, "--data-csv", ad_cohort60, "--out", tmp_path / "pipe",
                                 "--quiet"), "--out", "pipe: not a regular file")
