@@ -218,8 +218,9 @@ def main(argv=None):
     check_number("--shape", a.shape, least=1, most=2048)       # voxels
     if a.n4 and sitk is None:
         raise UserError(NO_SITK)
-    if a.csv and (a.input or a.output or not a.out_dir):
-        raise UserError("--csv: batch mode takes --csv and --out-dir and no positional paths")
+    if a.csv and (a.input or a.output or a.mask or not a.out_dir):
+        raise UserError("--csv: batch mode takes --csv and --out-dir, no positional paths and no --mask (each "
+                        "subject's mask comes from --mask-column)")
     if a.csv:
         return _batch(a)
     if not (a.input and a.output):

@@ -3287,6 +3287,8 @@ PREPROCESS_REFUSALS = [
     ("subjects equal but for case", _case_twins, ["case.csv line 3", "s0", "S0", "only in case"]),
     ("--column naming no column", lambda d, t: [t, "--out-dir", d / "pre", "--column", "T1_brain"],   # not images/
      ["ad.csv", "missing column T1_brain"]),
+    ("--mask in batch mode", lambda d, t: [t, "--out-dir", d / "pre", "--mask", d / "images" / "S0.nii.gz"],
+     ["--csv", "no --mask", "--mask-column"]),                                          # not left out silently
     *[(f"a subject of {len(s)} characters, 240 bytes", lambda d, t, s=s: [_rows_of(t, d / "long.csv", lambda r: r[0]
        .replace("S0,", s + ",")), "--out-dir", d / "pp"], ["long.csv line 2", "240 bytes long"])
       for s in ("S" * 240, "\u4e2d" * 80)],                                               # 80 of 3 bytes in UTF-8
