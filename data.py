@@ -154,9 +154,11 @@ def same_file(a, b):
 
 
 def check_output(option, path, inputs=()):
-    """An output file named by `option`: refused when it is a folder or would replace one of `inputs`."""
-    if os.path.exists(path) and not os.path.isfile(path):
-        raise UserError(f"{option} {path}: is a folder; give the file to write" if os.path.isdir(path) else
+    """An output file named by `option`: refused when it is a folder (or named as one: `out/`) or would replace one
+    of `inputs`."""
+    folder = os.path.isdir(path) or os.fspath(path).endswith(("/", os.sep))
+    if folder or os.path.exists(path) and not os.path.isfile(path):
+        raise UserError(f"{option} {path}: is a folder; give the file to write" if folder else
                         f"{option} {path}: not a regular file (a device or a pipe?); give the file to write")
     for p in inputs:
         if p and same_file(path, p):
@@ -377,7 +379,7 @@ class TabularPreprocessor:
         std = np.where(~np.isfinite(std) | (std < 1e-12), 1.0, std)
         Z = np.concatenate([(X - mean) / std, sex[:, None]], 1)                  # (N, 8 + 1): attributes, sex
         missing = np.isnan(Z)
-        steps, init = [], np.zeros(Z.shape[1])
+        steps, init = [], Z.mean(0)     # no empty cell in training: an empty one is the mean (sex: the share of women)
         if missing.any():
             imp = IterativeImputer(max_iter=10, random_state=0, keep_empty_features=True)
             with warnings.catch_warnings():
@@ -595,19 +597,20 @@ def find_image(folder, subject):
 
 def _image_paths(csv_path, rows, subjects, image_dir):
     """Image path per subject: the `image` column (relative to the CSV), else <image_dir>/<Subject>.nii[.gz]; one
-    scan under two subjects (a symlink, a hard link) is refused: it could sit in training and test at once."""
-    base = os.path.dirname(os.path.abspath(csv_path))
+    scan under two subjects (a symlink, a hard link) is refused: it could sit in training and test at once, and so
+    are two scans for one subject, one in the column and one in the --image-dir given."""
+    base, given = os.path.dirname(os.path.abspath(csv_path)), image_dir
     if image_dir is not None and not os.path.isdir(image_dir):
         raise UserError(f"--image-dir {image_dir}: folder not found")
-    named = sum(bool(row.get("image")) for _, row in rows)
-    if image_dir is not None and named:             # the option given, and not obeyed: said
-        warn(f"{csv_path}: --image-dir {image_dir} is not read for the {named} subject{'s' * (named > 1)} whose "
-             f"`image` column names the image (relative to the CSV)")
     image_dir = image_dir if image_dir is not None else os.path.join(base, "images")
     paths, seen = [], {}
     for (line, row), subj in zip(rows, subjects):
         if row.get("image"):
             p = want = os.path.join(base, row["image"])
+            other = given and plain_file_name(subj) and find_image(image_dir, subj)
+            if other and os.path.isfile(p) and not os.path.samefile(other, p):
+                raise UserError(f"{csv_path} line {line}: subject {subj}: column image names {p}, --image-dir another "
+                                f"file, {other}: give the images one way (drop the column or --image-dir)")
         elif not plain_file_name(subj):
             raise UserError(f"{csv_path} line {line}: Subject {subj!r} is not a plain file name, so it cannot "
                             f"name an image in {image_dir} (give the path in an `image` column)")

@@ -35,7 +35,7 @@ from data import (ArgumentParser, Progress, TabularPreprocessor, UserError, atom
                   duration_text, matplotlib_or_none, run_cli, write_csv, write_json, write_text)
 from metrics import (CALIBRATION_BINS, CALIBRATION_COLUMNS, age_bias_fit, classification_metrics, corrected_gap,
                      entropy_weighted_ensemble, expected_calibration_error, fmt, fmt_p, gap_summary, mann_whitney_p,
-                     markdown_table, mean_ensemble, mean_std, regression_metrics, reliability)
+                     markdown_table, mean_ensemble, mean_std, regression_metrics, reliability, shown)
 from models import (AD_MODEL_TITLES, AD_MODELS, BRAIN_AGE_MODELS, AgeTarget, build_model, candidate_layers,
                     layer_loss_entropy)
 from synthetic import builtin_cohort
@@ -220,7 +220,7 @@ def scatter_figure(figs, file, e, title):
                            "scans") + f": slope {bias['slope']:+.2f}")
         r = e["gap"] and e["gap"]["r_corrected_gap_age" if k else "r_gap_age"]
         ax.set(xlabel="chronological age (years)", ylabel="predicted age (years)", xlim=line, ylim=line,
-               title=what + ("" if r is None else f": r(gap, age) {r:+.2f}"))
+               title=what + ("" if r is None else f": r(gap, age) {shown(r, '+.2f')}"))
         ax.set_aspect("equal")
         ax.legend(fontsize=6, loc="upper left")
     fig.suptitle(f"{title}: test MAE {e['metrics']['mae']:.2f} years", fontsize=10)
@@ -551,7 +551,8 @@ def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False, plots_dir=None):
               *(["Brain-age gap (predicted minus chronological age) on the test set, mean in years; corrected: minus "
                  "the linear age bias fitted on the validation set (Smith et al. 2019); r: correlation with age:",
                  (["model", "gap", "gap male", "gap female", "corrected male", "corrected female", "r before",
-                   "r after"], [[m["folder"]] + [f"{m['gap'][k]:+.2f}" for k in keys] for m in gaps])] if gaps else []),
+                   "r after"], [[m["folder"]] + [shown(m["gap"][k], "+.2f") for k in keys] for m in gaps])]
+                if gaps else []),
               *(["Fig. 4A: training set (rows) against test set (columns), ensemble MAE in years:",
                  (["model", "trained on"] + [f"test: {t}" for _, t in TEST_SETS],
                   [[r["model"], FIG4A_TRAIN[r["train"]]] + [f"{r[t]:.2f}" for _, t in TEST_SETS]

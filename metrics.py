@@ -90,7 +90,7 @@ def gap_summary(age, pred, sex, fit):
     """Mean gap and bias-corrected gap, overall and by sex, and the correlation of each with age."""
     age, sex = np.asarray(age, float), np.asarray(sex)
     raw, corr = np.asarray(pred, float) - age, corrected_gap(age, pred, fit)
-    r = lambda v: float(np.corrcoef(v, age)[0, 1]) if len(v) > 2 and np.ptp(age) > 0 and np.ptp(v) > 0 else 0.0
+    r = lambda v: float(np.corrcoef(v, age)[0, 1]) if len(v) > 2 and np.ptp(age) > 0 and np.ptp(v) > 0 else np.nan
     out = {"r_gap_age": r(raw), "r_corrected_gap_age": r(corr)}
     for name, m in (("", np.ones(len(age), bool)), ("_male", sex == 0), ("_female", sex == 1)):
         out[f"gap{name}"], out[f"corrected_gap{name}"] = _mean(raw[m]), _mean(corr[m])

@@ -46,7 +46,14 @@ def find_runs(paths):
         elif finished(path):
             found.append(path)
         elif os.path.isdir(path):
-            below = sorted(root for root, _, files in os.walk(path) if "metrics.json" in files)
+            below, seen = [], set()
+            for root, dirs, files in os.walk(path, followlinks=True):       # runs linked into a folder too
+                if os.path.realpath(root) in seen:                           # a loop of links: walked once
+                    dirs.clear()
+                elif "metrics.json" in files:
+                    below.append(root)
+                seen.add(os.path.realpath(root))
+            below.sort()
             if not below:
                 raise UserError(f"{path}: no finished run (a folder with best.pt and metrics.json) in or under it")
             found += below
@@ -64,7 +71,7 @@ def check_members(members, calibrated=False):
     for m in members:
         for what, mine, theirs in (("task", m.run.task, first.run.task), ("classes", m.class_names, first.class_names)):
             if mine != theirs:
-                raise UserError(f"cannot combine {first.dir} and {m.dir}: {what} {mine} vs {theirs}")
+                raise UserError(f"cannot combine {first.dir} and {m.dir}: {what} {theirs} vs {mine}")
     for m in members if calibrated else ():
         if m.run.task != "ad":
             raise UserError(f"--calibrated: {m.dir} is a brain-age run; temperature scaling is for AD's probabilities")

@@ -13,9 +13,9 @@ without SimpleITK (ANTs).
     python preprocess.py IN.nii[.gz] OUT.nii.gz [--mask MASK] [--spacing 1.75] [--shape 90 120 99] [--n4]
     python preprocess.py --csv TABLE.csv --out-dir DIR [--column image] [--mask-column mask]
 
-Batch mode reads input paths (relative to the CSV) from --column (else <csv folder>/images/<Subject>.nii.gz),
-writes DIR/<Subject>.nii.gz (kept when it exists, unless --overwrite) and DIR/<table> whose `image` column points
-at them.
+Batch mode reads input paths (relative to the CSV) from --column (else <csv folder>/images/<Subject>.nii.gz), masks
+from --mask-column (an empty cell: estimated, with a warning), writes DIR/<Subject>.nii.gz (kept when it exists,
+unless --overwrite) and DIR/<table> whose `image` column points at them.
 """
 import argparse
 import os
@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from data import (ArgumentParser, Progress, UserError, atomic_path, check_number, check_subjects, find_image,
-                  load_nifti, read_csv_rows, run_cli, same_file, write_csv, zscore)
+                  load_nifti, read_csv_rows, run_cli, same_file, warn, write_csv, zscore)
 
 try:
     import SimpleITK as sitk   # optional: only --n4 needs it
@@ -110,9 +110,13 @@ def n4_correct(img, mask=None):
     return nib.Nifti1Image(np.transpose(sitk.GetArrayFromImage(out), (2, 1, 0)).astype(np.float32), img.affine)
 
 
-def preprocess_volume(img, mask=None, spacing=1.75, shape=(90, 120, 99), n4=False):
-    """App. A.1 after skull stripping, steps 1-7 above: nibabel image [+ mask image] -> the float32 NIfTI image."""
+def preprocess_volume(img, mask=None, spacing=1.75, shape=(90, 120, 99), n4=False, where="the image"):
+    """App. A.1 after skull stripping, steps 1-7 above: nibabel image [+ mask image] -> the float32 NIfTI image;
+    a box that cuts off more than 1% of the brain is said in a warning naming `where`."""
     img = nib.as_closest_canonical(img)
+    if np.ptp(np.asarray(img.dataobj)) == 0:                                    # as data.load_volume
+        raise UserError(f"no signal: every voxel is {np.asarray(img.dataobj).flat[0]:g} (a failed registration or an "
+                        f"empty export?)")
     if mask is not None:
         mask = nib.as_closest_canonical(mask)
         if mask.shape[:3] != img.shape[:3] or not np.allclose(mask.affine, img.affine, atol=1e-3):
@@ -131,12 +135,17 @@ def preprocess_volume(img, mask=None, spacing=1.75, shape=(90, 120, 99), n4=Fals
         raise UserError("the brain mask is empty")
     centre = ndimage.center_of_mass(m)
     data, affine = crop_or_pad(data, res.affine, centre, tuple(shape))   # zeroed outside the mask below
-    m, _ = crop_or_pad(m, res.affine, centre, tuple(shape))
+    brain, (m, _) = np.count_nonzero(m), crop_or_pad(m, res.affine, centre, tuple(shape))
+    kept = np.count_nonzero(m) / brain                     # said below, once no error can follow
     m &= data != 0
-    _, u = fuzzy_cmeans(data[m])                           # white matter: the brightest class, membership > 0.8
-    wm_mean = float(data[m][u[:, -1] > 0.8 if (u[:, -1] > 0.8).any() else u.argmax(1) == u.shape[1] - 1].mean())
+    _, u = fuzzy_cmeans(data[m])   # white matter: the brightest class, membership > 0.8, else where it is largest
+    # (ties too: white matter most of the brain at one value, as FreeSurfer's 110, gives two equal centroids)
+    wm_mean = float(data[m][u[:, -1] > 0.8 if (u[:, -1] > 0.8).any() else u[:, -1] == u.max(1)].mean())
     if not wm_mean > 0:
         raise UserError(f"white-matter mean is {wm_mean:.3g}; is this a T1 image?")
+    if kept < 0.99:
+        warn(f"{where}: the {' x '.join(map(str, shape))} box at {spacing:g} mm holds {kept:.0%} of the brain mask, "
+             f"the rest is cut off; a larger --shape keeps it")
     out = nib.Nifti1Image(zscore(data / wm_mean, m), affine)                      # steps 6 and 7
     out.set_qform(affine, code=1)
     out.set_sform(affine, code=1)
@@ -146,17 +155,18 @@ def preprocess_volume(img, mask=None, spacing=1.75, shape=(90, 120, 99), n4=Fals
 def preprocess_file(in_path, out_path, mask_path=None, spacing=1.75, shape=(90, 120, 99), n4=False, subject=None):
     img = load_nifti(in_path, subject, canonical=False)
     mask = load_nifti(mask_path, subject, canonical=False) if mask_path else None
+    where = f"{in_path}{f' (subject {subject})' if subject else ''}"
     try:
-        out = preprocess_volume(img, mask, spacing, shape, n4)
+        out = preprocess_volume(img, mask, spacing, shape, n4, where)
     except UserError as exc:
-        raise UserError(f"{in_path}{f' (subject {subject})' if subject else ''}: {exc}") from None
+        raise UserError(f"{where}: {exc}") from None
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with atomic_path(out_path) as tmp:
         nib.save(out, tmp)
 
 
 def _batch(a):
-    rows, fields = read_csv_rows(a.csv, ("Subject",) + ((a.mask_column,) if a.mask_column else ()))
+    rows, fields = read_csv_rows(a.csv, ("Subject",) + tuple(c for c in (a.column, a.mask_column) if c))
     subjects = check_subjects(a.csv, rows, as_file_names=True)  # DIR/<Subject>.nii.gz stays inside DIR
     base, table_out = os.path.dirname(os.path.abspath(a.csv)), os.path.join(a.out_dir, os.path.basename(a.csv))
     if same_file(table_out, a.csv):
@@ -164,7 +174,7 @@ def _batch(a):
                         f"choose another output folder")
     shown = Progress("preprocessing", len(rows), "subjects", a.quiet)
     for (line, r), subj in zip(rows, subjects):
-        src = os.path.join(base, r.get(a.column) or find_image(os.path.join(base, "images"), subj)
+        src = os.path.join(base, r.get(a.column or "image") or find_image(os.path.join(base, "images"), subj)
                            or os.path.join("images", f"{subj}.nii.gz"))
         mask = os.path.join(base, r[a.mask_column]) if a.mask_column and r.get(a.mask_column) else None
         out = os.path.join(a.out_dir, f"{subj}.nii.gz")
@@ -174,6 +184,9 @@ def _batch(a):
         if os.path.exists(out) and not a.overwrite:
             shown.total -= 1                      # kept as it is: no work, and not in the pace
             continue
+        if a.mask_column and mask is None:
+            warn(f"{a.csv} line {line}: subject {subj}: column {a.mask_column} is empty: the brain mask is estimated "
+                 f"(step 4), right only for a skull-stripped image")
         try:
             preprocess_file(src, out, mask, a.spacing, a.shape, a.n4, subj)
         except UserError as exc:
@@ -196,7 +209,7 @@ def main(argv=None):
     ap.add_argument("--n4", action="store_true", help="N4 bias correction with SimpleITK (must be installed)")
     ap.add_argument("--csv", help="batch mode: table with Subject and input paths")
     ap.add_argument("--out-dir", help="batch mode: output folder")
-    ap.add_argument("--column", default="image", help="batch mode: input path column (default image)")
+    ap.add_argument("--column", help="batch mode: input path column (default image, if there)")
     ap.add_argument("--mask-column", default=None, help="batch mode: brain mask path column")
     ap.add_argument("--overwrite", action="store_true", help="batch mode: redo existing outputs")
     ap.add_argument("--quiet", action="store_true", help="batch mode: no progress lines, only errors")
@@ -205,8 +218,9 @@ def main(argv=None):
     check_number("--shape", a.shape, least=1, most=2048)       # voxels
     if a.n4 and sitk is None:
         raise UserError(NO_SITK)
-    if a.csv and (a.input or a.output or not a.out_dir):
-        raise UserError("--csv: batch mode takes --csv and --out-dir and no positional paths")
+    if a.csv and (a.input or a.output or a.mask or not a.out_dir):
+        raise UserError("--csv: batch mode takes --csv and --out-dir, no positional paths and no --mask (each "
+                        "subject's mask comes from --mask-column)")
     if a.csv:
         return _batch(a)
     if not (a.input and a.output):

@@ -105,7 +105,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_na_cells_of_an_r_export_read_as_empty_ones
 # sex (Sec. 3.3, 4.2):
 #     test_the_sex_one_hot_is_male_then_female_in_both_tasks_so_a_saved_run_reads_each_sex_as_it_was_trained,
-#     test_an_imputed_sex_is_a_probability_its_two_columns_in_0_1_summing_to_1_however_far_its_neighbours_lie
+#     test_an_imputed_sex_is_a_probability_its_two_columns_in_0_1_summing_to_1_however_far_its_neighbours_lie,
+#     test_training_rows_without_an_empty_cell_read_a_new_patients_empty_cells_as_their_means_sex_too
 # also: test_a_prediction_depends_on_its_own_row_only_and_empty_cells_or_absent_columns_use_the_runs_saved_imputation,
 #     test_a_column_empty_for_every_training_subject_is_read_as_missing_at_prediction_and_said
 #
@@ -188,6 +189,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_preprocess_gives_a_centred_zscored_90x120x99_volume_at_1_75mm,
 #     test_preprocess_resamples_trilinearly_so_a_ramp_reads_as_the_ramp_between_the_input_voxels,
 #     test_preprocess_reads_a_mask_of_0_and_255_as_the_same_brain_as_one_of_0_and_1,
+#     test_preprocess_reads_a_brain_whose_white_matter_is_most_of_its_voxels_at_one_value,
 #     test_preprocess_refuses_to_estimate_the_mask_of_an_image_normalised_already_and_takes_its_given_mask,
 #     test_an_estimated_brain_mask_is_the_largest_bright_component_with_the_dark_ventricles_inside_it,
 #     test_fuzzy_cmeans_finds_three_tissue_classes, test_preprocess_batch_mode_writes_every_subject_and_names_a_bad_row,
@@ -1162,6 +1164,15 @@ def test_an_imputed_sex_is_a_probability_its_two_columns_in_0_1_summing_to_1_how
     assert np.array_equal(onehot, np.array([[0, 1], [1, 0]], np.float32)), onehot
 
 
+def test_training_rows_without_an_empty_cell_read_a_new_patients_empty_cells_as_their_means_sex_too():
+    """Nothing imputed in training, no step to replay: an empty cell is the training mean (a z-score of 0), an empty
+    sex the share of women (23 of 45), not a man for sure (0, in the sex column)."""
+    complete = [{a: v or "1.0" for a, v in r.items()} for r in rows_with_missing()[:45]]
+    tp = TabularPreprocessor().fit(complete)
+    X = tp.transform([dict(complete[0], PTGENDER="", AGE="")])
+    np.testing.assert_allclose(X[0, :3], [22 / 45, 23 / 45, 0], rtol=1e-6, atol=1e-6)   # male, female, AGE
+
+
 def test_missing_indicators_are_for_the_attributes_with_empty_cells_in_the_training_rows_alone_and_no_nan_remains():
     rows = rows_with_missing()
     train, held_out = rows[:45], [dict(r) for r in rows[45:]]
@@ -1360,6 +1371,10 @@ def test_a_run_named_twice_is_one_member_and_a_runs_metrics_file_is_not_called_a
     os.symlink(runs[1], tmp_path / "link")
     named = [os.path.dirname(runs[0]), runs[2], tmp_path / "link", os.path.join(runs[3], "best.pt")]
     assert [m.dir for m in predict.find_runs(named)] == runs
+    os.makedirs(tmp_path / "chosen")                                       # a folder of links to the runs chosen
+    os.symlink(runs[2], tmp_path / "chosen" / "fold2")
+    os.symlink(tmp_path / "chosen", tmp_path / "chosen" / "loop")         # and a loop of links: walked once
+    assert [m.dir for m in predict.find_runs([tmp_path / "chosen"])] == [str(tmp_path / "chosen" / "fold2")]
     res = evaluate.main(["calibrate", *map(str, named), "--quiet"])
     assert len(res["runs"]) == 4 and len(res["ensembles"]) == 1
     proc = run_main(predict.main, os.path.join(runs[0], "metrics.json"), "--data-csv", tmp_path / "new.csv", "--out",
@@ -1658,6 +1673,7 @@ def test_the_age_bias_correction_leaves_a_gap_uncorrelated_with_age_on_its_fitti
     assert abs(np.corrcoef(corrected, age)[0, 1]) < 1e-9 and abs(corrected.mean()) < 1e-9
     for ages, preds in (([50.0], [53.0]), ([50.0, 50.0], [52.0, 54.0])):     # no age spread: no slope to fit
         assert metrics.age_bias_fit(ages, preds) == {"intercept": 3.0, "slope": 0.0, "n": len(ages)}
+        assert np.isnan(metrics.gap_summary(ages, preds, [0] * len(ages), fit)["r_gap_age"])   # nor r, not 0
     summary = metrics.gap_summary(age, pred, np.array([0, 1, 0, 1, 0, 1]), fit)
     assert summary["r_gap_age"] < -0.99 and abs(summary["r_corrected_gap_age"]) < 1e-9
     assert summary["gap_male"] == pytest.approx(np.mean(gap[[0, 2, 4]]))
@@ -2411,10 +2427,12 @@ def synthetic_head(tmp_path):
 
 
 @pytest.mark.parametrize("shape", [(9, 11, 13), (10, 12, 14)])
-def test_preprocess_centres_its_box_on_the_brain_masks_centre_of_mass_and_z_scores_the_brain_voxels_alone(shape):
+def test_preprocess_centres_its_box_on_the_brain_masks_centre_of_mass_and_z_scores_the_brain_voxels_alone(
+        shape, capsys):
     """The box starts at round(centre of mass - (shape - 1) / 2) axis by axis (shapes and centre differ per axis:
     a swapped axis or an off-by-one shows; for an even side n / 2 would put it a voxel off), of the mask, not of the
-    brightness (a bright side would pull it); z-scores over the box's non-zero brain voxels alone, zero outside."""
+    brightness (a bright side would pull it); z-scores over the box's non-zero brain voxels alone, zero outside. The
+    box cuts the brain here: a warning says how much it holds."""
     vol = np.random.default_rng(0).uniform(0.5, 1.5, (20, 24, 28)).astype(np.float32)
     vol[:8] *= 30                                                     # a bright side
     mask = np.zeros(vol.shape, bool)
@@ -2432,6 +2450,7 @@ def test_preprocess_centres_its_box_on_the_brain_masks_centre_of_mass_and_z_scor
     expected = np.where(brain, (values - values[brain].mean()) / values[brain].std(), 0)
     np.testing.assert_allclose(out.get_fdata(), expected, rtol=1.3e-6, atol=1e-5)     # float32's
     np.testing.assert_array_equal(out.affine[:3, 3], 2.0 * start)
+    assert f"box at 2 mm holds {mask[box].sum() / mask.sum():.0%} of the brain mask" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("with_mask", [True, False])
@@ -2475,6 +2494,17 @@ def test_preprocess_reads_a_mask_of_0_and_255_as_the_same_brain_as_one_of_0_and_
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
+def test_preprocess_reads_a_brain_whose_white_matter_is_most_of_its_voxels_at_one_value():
+    """FreeSurfer's brain.mgz holds its white matter at 110: fuzzy c-means then starts two classes at that one value
+    (percentiles 50 and 90) and ends them equal, white matter shared between them (0.5 each): still the brightest."""
+    i, j, k = np.meshgrid(*[np.arange(20)] * 3, indexing="ij")
+    r = np.sqrt((i - 9.5) ** 2 + (j - 9.5) ** 2 + (k - 9.5) ** 2)
+    vol = (np.where(r < 8, 60.0, 0.0) + np.where(r < 7, 50.0, 0.0)).astype(np.float32)   # 68% white matter, at 110
+    out = preprocess.preprocess_volume(nib.Nifti1Image(vol, np.eye(4)), None, 1.0, (16, 16, 16))
+    box = vol[2:18, 2:18, 2:18]                                      # centred on the sphere's centre, 9.5
+    np.testing.assert_allclose(np.asarray(out.dataobj), data.zscore(box, box > 0), rtol=0, atol=1e-5)
+
+
 def test_preprocess_resamples_trilinearly_so_a_ramp_reads_as_the_ramp_between_the_input_voxels():
     """App. A.1's resampling to 1.75 mm: a 1 mm ramp along x read at 0, 1.75, 3.5, ... mm gives those values, the
     linear interpolation of the two voxels around each point (the nearest voxel would give 0, 2, 4, ...)."""
@@ -2505,17 +2535,17 @@ def test_fuzzy_cmeans_finds_three_tissue_classes():
 
 def test_preprocess_batch_mode_writes_every_subject_and_names_a_bad_row(tmp_path):
     csv_path = tiny_ad(tmp_path)
-    args = ["--csv", csv_path, "--out-dir", tmp_path / "pre", "--shape", 6, 6, 6, "--spacing", 2]
+    args = ["--csv", csv_path, "--out-dir", tmp_path / "pre", "--shape", 8, 8, 8, "--spacing", 2]
     p = run_main(preprocess.main, *args)
-    assert p.returncode == 0, p.stderr
+    assert p.returncode == 0 and p.stderr == "", p.stderr                 # each brain whole in its box: no warning
     assert sorted(os.listdir(tmp_path / "pre")) == ["S0.nii.gz", "S1.nii.gz", "S2.nii.gz", "ad.csv"]
     assert data.read_ad_table(tmp_path / "pre" / "ad.csv").image_paths[2] == str(tmp_path / "pre" / "S2.nii.gz")
-    assert nib.load(tmp_path / "pre" / "S1.nii.gz").shape == (6, 6, 6)
+    assert nib.load(tmp_path / "pre" / "S1.nii.gz").shape == (8, 8, 8)
     (tmp_path / "pre" / "S1.nii.gz").write_bytes(b"kept")              # an output already there is kept
     assert run_main(preprocess.main, *args).returncode == 0 and (tmp_path / "pre" / "S1.nii.gz").read_bytes() == b"kept"
     os.remove(tmp_path / "images" / "S2.nii.gz")
     assert_clean_error(run_main(preprocess.main, *args, "--overwrite"), "ad.csv line 4", "S2.nii.gz")
-    assert nib.load(tmp_path / "pre" / "S1.nii.gz").shape == (6, 6, 6)  # --overwrite: written again, in order
+    assert nib.load(tmp_path / "pre" / "S1.nii.gz").shape == (8, 8, 8)  # --overwrite: written again, in order
     assert no_temp_files(tmp_path / "pre")
 
 
@@ -2524,9 +2554,12 @@ def test_preprocess_batch_mode_reads_each_subjects_mask_from_its_column_and_leav
     mask = np.zeros((8, 8, 8), np.float32)
     mask[1:7, 1:7, 1:7] = 1
     data.save_nifti(mask, 2.0, tmp_path / "m.nii.gz")
-    (tmp_path / "masked.csv").write_text("\n".join([rows[0] + ",mask"] + [r + ",m.nii.gz" for r in rows[1:]]) + "\n")
-    assert run_main(preprocess.main, "--csv", tmp_path / "masked.csv", "--out-dir", tmp_path / "pre", "--shape", 6, 6,
-                    6, "--spacing", 2, "--mask-column", "mask").returncode == 0
+    (tmp_path / "masked.csv").write_text("\n".join([rows[0] + ",mask"] + [r + ",m.nii.gz" for r in rows[1:3]]
+                                                   + [rows[3] + ","]) + "\n")            # S2's mask cell empty
+    p = run_main(preprocess.main, "--csv", tmp_path / "masked.csv", "--out-dir", tmp_path / "pre", "--shape", 6, 6, 6,
+                 "--spacing", 2, "--mask-column", "mask")
+    assert p.returncode == 0 and re.match(r"warning: \S+masked.csv line 4: subject S2: column mask is empty: the brain "
+                                          r"mask is estimated", p.stderr), p.stderr
     assert data.read_csv_rows(tmp_path / "pre" / "masked.csv", ())[1] == rows[0].split(",") + ["image"]
     alone = {}
     for name, m in (("masked", tmp_path / "m.nii.gz"), ("estimated", None)):
@@ -3035,6 +3068,9 @@ CHECK_AD_REFUSALS = [
     ("semicolons", lambda d, t: _sub(t, ",", ";"), ["ad.csv", "delimiter looks like a semicolon", "comma-separated"]),
     ("tabs", lambda d, t: _sub(t, ",", "\t"), ["ad.csv", "delimiter looks like a tab", "comma-separated"]),
     ("no --image-dir", lambda d, t: ["--image-dir", d / "nope"], ["--image-dir", "not found"]),
+    ("--image-dir and an image column naming other files", lambda d, t: _image_column(t, ["S0", "S1", "S2"])
+     or shutil.copytree(d / "images", d / "copies") and ["--image-dir", d / "copies"],
+     ["line 2", "subject S0", "column image names", "--image-dir another file", "copies"]),
     ("one image for two subjects", lambda d, t: _image_column(t, ["S2", "S1", "S2"]),
      ["line 4", "subject S2", "also subject S0's"]),
     ("one image by a hard link", lambda d, t: os.link(d / "images" / "S0.nii.gz", d / "images" / "again.nii.gz")
@@ -3108,15 +3144,6 @@ def test_a_scaled_integer_image_keeps_its_zero_background_so_a_box_is_z_scored_o
     np.testing.assert_allclose(box(read), box(vol), atol=1e-3)
 
 
-def test_an_image_column_is_read_before_image_dir_and_an_image_dir_it_overrides_is_said(tmp_path):
-    table = tiny_ad(tmp_path)
-    _image_column(table, ["S0", "S1", "S2"])
-    os.makedirs(tmp_path / "other")
-    p = run_main(data.main, "check-ad", table, "--image-dir", tmp_path / "other")
-    assert p.returncode == 0 and data.read_ad_table(table).image_paths[1] == str(tmp_path / "images" / "S1.nii.gz")
-    assert f"--image-dir {tmp_path / 'other'} is not read for the 3 subjects whose `image` column" in p.stderr
-
-
 # what the voxels hold -> (what the refusal says, where, the value)
 SPOILED = {"inf": ("NaN/inf", (3, 4, 5), np.inf), "huge": ("beyond +-1e+15", (3, 4, 5), 1e30),
            "negative": ("beyond +-1e+15", (9, 9, 9), -1e30), "zeros": ("no signal: every voxel is 0", ..., 0),
@@ -3128,7 +3155,7 @@ SPOILED = {"inf": ("NaN/inf", (3, 4, 5), np.inf), "huge": ("beyond +-1e+15", (3,
 def test_images_with_non_finite_absurd_or_no_signal_values_are_refused(ad_cohort40, tmp_path, case):
     """An inf voxel, +-1e30 (a wrong header scale; z-scores overflow float32), all zeros (a failed registration),
     one constant or a hippocampus box of zeros: refused before any epoch naming the subject and the file; so by
-    check-ad."""
+    check-ad, and by preprocess.py where the whole image is spoiled."""
     says, where, value = SPOILED[case]
     table = data.read_ad_table(ad_cohort40)
     subject, source, folder = table.subjects[4], table.image_paths[4], tmp_path / "images"
@@ -3143,6 +3170,9 @@ def test_images_with_non_finite_absurd_or_no_signal_values_are_refused(ad_cohort
     assert_clean_error(run_main(train_ad.main, *args), f"subject {subject}", folder / os.path.basename(source), says)
     assert not (tmp_path / "runs").exists()
     assert_clean_error(run_main(data.main, "check-ad", ad_cohort40, "--image-dir", folder), f"subject {subject}", says)
+    if case in ("inf", "zeros", "constant"):            # preprocess.py refuses it too, first thing, writing nothing
+        assert_clean_error(run_main(preprocess.main, folder / os.path.basename(source), tmp_path / "o.nii.gz"), says)
+        assert not (tmp_path / "o.nii.gz").exists()
 
 
 def test_images_of_another_shape_or_voxel_size_are_refused_from_their_headers(ad_cohort40, tmp_path):
@@ -3279,6 +3309,10 @@ PREPROCESS_REFUSALS = [
     ("--out-dir the images by a symlink", lambda d, t: os.symlink(d / "images", d / "link") or
      [t, "--out-dir", d / "link", "--overwrite"], ["ad.csv line 2", "would overwrite its own input"]),
     ("subjects equal but for case", _case_twins, ["case.csv line 3", "s0", "S0", "only in case"]),
+    ("--column naming no column", lambda d, t: [t, "--out-dir", d / "pre", "--column", "T1_brain"],   # not images/
+     ["ad.csv", "missing column T1_brain"]),
+    ("--mask in batch mode", lambda d, t: [t, "--out-dir", d / "pre", "--mask", d / "images" / "S0.nii.gz"],
+     ["--csv", "no --mask", "--mask-column"]),                                          # not left out silently
     *[(f"a subject of {len(s)} characters, 240 bytes", lambda d, t, s=s: [_rows_of(t, d / "long.csv", lambda r: r[0]
        .replace("S0,", s + ",")), "--out-dir", d / "pp"], ["long.csv line 2", "240 bytes long"])
       for s in ("S" * 240, "\u4e2d" * 80)],                                               # 80 of 3 bytes in UTF-8
@@ -3310,10 +3344,10 @@ def test_an_out_file_that_is_an_input_a_folder_or_a_pipe_is_refused_and_the_inpu
     run_dir = _run_dir(ad_fold_runs, "hyperfusion", 0)
     image = data.read_ad_table(ad_cohort60).image_paths[0]
     before = open(image, "rb").read()
-    for out in (image, os.path.join(run_dir, "metrics.json"), tmp_path / "sub"):
+    for out in (image, os.path.join(run_dir, "metrics.json"), tmp_path / "sub", f"{tmp_path / 'new'}{os.sep}"):
         assert_clean_error(run_main(predict.main, run_dir, "--data-csv", ad_cohort60, "--out", out, "--quiet"),
                            "--out", out)
-    assert open(image, "rb").read() == before and no_temp_files(tmp_path / "sub")
+    assert open(image, "rb").read() == before and no_temp_files(tmp_path / "sub") and not (tmp_path / "new").exists()
     os.mkfifo(tmp_path / "pipe")
     assert_clean_error(run_main(predict.main, run_dir, "--data-csv", ad_cohort60, "--out", tmp_path / "pipe",
                                 "--quiet"), "--out", "pipe: not a regular file")
@@ -3977,7 +4011,7 @@ def test_predict_refuses_other_grids_mixed_runs_and_unfinished_runs_in_one_line(
     other_task = fake_brain_age_run(tmp_path / "fake", 0, 3.0, age, age, np.arange(5) % 2)
     binary = fake_ad_run(tmp_path / "fake", "imaging", 0, 0, 0, random_probs(rng, 5, 2), np.arange(5) % 2,
                          classes=2, class_names=["CN", "AD"])
-    for other, what in [(other_task, "task"), (binary, "classes")]:
+    for other, what in [(other_task, "task ad vs brain-age"), (binary, "classes")]:   # in the order named
         assert_clean_error(run_main(predict.main, run_dir, other, "--data-csv", ad_cohort60, "--out", out),
                            "cannot combine", what)
     unfinished = tmp_path / "unfinished"
