@@ -360,7 +360,8 @@ def calibration_report(paths, refit, device, batch_size, out_dir=None, plots_dir
 def read_run(run_dir):
     """One finished run -> {"dir", "config", "metrics", "pred" (its test predictions, predictions.npz)}."""
     r = load_run(run_dir)
-    return {"dir": run_dir, "config": r.config, "metrics": r.read_metrics(), "pred": r.read_predictions()}
+    return {"dir": run_dir, "config": r.config, "metrics": r.read_metrics(), "pred": r.read_predictions(),
+            "place": r.run.run_dir("")}            # where its trainer put it: ad/<model>/seed<S>/v<V>/fold<F>, ...
 
 
 def check_same(runs, why, keys=None):
@@ -383,6 +384,10 @@ def check_same(runs, why, keys=None):
                         ("val_subjects", "validation subjects")):
             if k in first["pred"] and not np.array_equal(first["pred"][k], other["pred"].get(k)):
                 raise UserError(say + f"their {what} differ")
+    for r in runs if keys else ():        # a table names a run by its folder: one copied or moved there is refused
+        if not os.path.abspath(r["dir"]).endswith(os.sep + r["place"]):
+            raise UserError(f"{r['dir']}: holds the run of {r['place']} (its best.pt), not of this folder: copied or "
+                            f"moved there? put it back in <runs>/{r['place']}, or train this folder's run")
 
 
 def numbered(folder, prefix):

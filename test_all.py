@@ -171,6 +171,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_folds_whose_configs_images_or_test_subjects_differ_are_refused_and_the_cli_says_so_in_one_line,
 #     test_folds_ensemble_though_their_training_rows_gave_them_other_missing_indicators,
 #     test_late_fusion_of_imaging_and_tabular_runs_of_other_test_subjects_is_refused,
+#     test_a_run_copied_into_another_runs_folder_is_refused_by_the_tables_that_name_runs_by_their_folders,
 #     test_ad_plots_draw_each_rows_confusion_roc_and_reliability_and_table3_at_their_size,
 #     test_ad_sweep_changes_the_tabular_attribute_of_every_test_row,
 #     test_sweep_plots_draw_how_the_prediction_moves_with_the_attribute,
@@ -2161,6 +2162,22 @@ def test_late_fusion_of_imaging_and_tabular_runs_of_other_test_subjects_is_refus
             fake_ad_run(tmp_path, model, 0, 0, fold, random_probs(rng, 10), labels, subjects=names)
     with pytest.raises(UserError, match="late fusion of split seed 0 v0: the imaging and tabular runs have different"):
         evaluate.evaluate_ad(str(tmp_path), quiet=True)
+
+
+def test_a_run_copied_into_another_runs_folder_is_refused_by_the_tables_that_name_runs_by_their_folders(ad_runs):
+    """Table 3 reads a run's model, seed, version and fold off its folder, the brain-age table its model and version:
+    fold 1 copied over fold 2 would be one member twice, imaging runs under tabular/ a row of the wrong model."""
+    runs, _, _ = ad_runs
+    for model, fold, other in (("tabular", 2, ("tabular", 0, 0, 1)), ("hyperfusion", 0, ("imaging", 0, 0, 0))):
+        shutil.rmtree(training.ad_run_dir(runs, model, 0, 0, fold))
+        shutil.copytree(training.ad_run_dir(runs, *other), training.ad_run_dir(runs, model, 0, 0, fold))
+        assert_clean_error(run_main(evaluate.main, "ad", "--runs", runs), training.ad_run_dir(runs, model, 0, 0, fold),
+                           "holds the run of " + training.ad_run_dir("", *other))
+    age = np.arange(12.0) + 50
+    v1 = training.brain_age_run_dir(runs, "hyperfusion", 1)
+    shutil.copytree(fake_brain_age_run(runs, 0, 1.0, age + 1, age, np.arange(12) % 2), v1)     # v0 twice in Eq. 6
+    assert_clean_error(run_main(evaluate.main, "brain-age", "--runs", runs), v1,
+                       "holds the run of " + training.brain_age_run_dir("", "hyperfusion", 0))
 
 
 def test_ad_plots_draw_each_rows_confusion_roc_and_reliability_and_table3_at_their_size(ad_runs, monkeypatch, capsys):
