@@ -39,8 +39,8 @@ from metrics import (CALIBRATION_BINS, CALIBRATION_COLUMNS, age_bias_fit, classi
 from models import (AD_MODEL_TITLES, AD_MODELS, BRAIN_AGE_MODELS, AgeTarget, build_model, candidate_layers,
                     layer_loss_entropy)
 from synthetic import builtin_cohort
-from training import (CALIBRATION_FILE, ad_run_dir, brain_age_run_dir, calibrate, cores, finished, load_run,
-                      probabilities, read_logits, save_logits, setup_device)
+from training import (CALIBRATION_FILE, ad_run_dir, brain_age_run_dir, calibrate, calibration_change, cores, finished,
+                      load_run, probabilities, read_logits, save_logits, setup_device)
 
 AD_ORDER = ("imaging", "tabular", "late-fusion", "concat", "film", "daft", "hyperfusion")  # Table 3's order
 N_FOLDS = 4
@@ -307,7 +307,8 @@ def calibration_report(paths, refit, device, batch_size, out_dir=None, plots_dir
                     [table.raw[i] for i in idx]), table.labels[idx], dev, batch_size, None, sides=True)
             save_logits(run.dir, outputs["val"], outputs["test"])
         kept = run.temperature is not None and not refit
-        rec = run.read_json(CALIBRATION_FILE) if kept else calibrate(run.dir, outputs)
+        rec = {**run.read_json(CALIBRATION_FILE), **calibration_change(outputs, run.temperature)} if kept else \
+            calibrate(run.dir, outputs)      # kept: its figures at the temperature it holds now (set by hand?)
         if not quiet:
             print(f"{run.dir}: T {rec['temperature']:.3f}, validation ECE {rec['val']['before']['ece']:.3f} -> "
                   f"{rec['val']['after']['ece']:.3f}" + (" (kept)" if kept else ""))

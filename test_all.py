@@ -4179,13 +4179,14 @@ def test_the_calibration_report_ensembles_the_members_each_at_its_own_temperatur
     assert ens["after"]["ece"] == pytest.approx(metrics.calibration_metrics(test_labels, after)["ece"])
     assert ens["before"]["nll"] == pytest.approx(metrics.calibration_metrics(test_labels, before)["nll"])
     assert ens["after"]["nll"] != pytest.approx(ens["before"]["nll"])
-    # a temperature already fitted is kept, --refit fits it again
+    # a temperature already fitted is kept (one set by hand too: its figures are those at it), --refit fits it again
     fold0 = training.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 0)
-    data.write_json(dict(json.load(open(os.path.join(fold0, "calibration.json"))), temperature=0.5),
-                    os.path.join(fold0, "calibration.json"))
+    data.write_json({"temperature": 0.5}, os.path.join(fold0, "calibration.json"))
     for extra, t in (([], 0.5), (["--refit"], temps[0])):
         again = evaluate.main(["calibrate", str(tmp_path), "--quiet"] + extra)["runs"]
-        assert [r["temperature"] for r in again if os.path.samefile(r["dir"], fold0)] == [pytest.approx(t)]
+        (rec,) = [r for r in again if os.path.samefile(r["dir"], fold0)]
+        assert rec["temperature"] == pytest.approx(t) and rec["test"]["after"]["nll"] == pytest.approx(
+            metrics.calibration_metrics(test_labels, evaluate.probabilities(logits[0], t))["nll"])
     two = rng.integers(0, 2, 30)
     for fold in range(4):                                 # CN vs AD folds of the same model, seed and version
         z = rng.normal(0, 1, (30, 2)) + 2 * np.eye(2)[two]

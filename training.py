@@ -782,8 +782,13 @@ def calibrate(run_dir, outputs):
         record["warning"] = (f"{run_dir}: the temperature's fit ended at the search's lower bound ({T:.3g}; a "
                              f"perfectly separated validation set): not used, T = 1 (no scaling)")
         warn(record["warning"])
-    for part, (logits, labels) in outputs.items():
-        record[part] = {"before": calibration_metrics(labels, probabilities(logits)),
-                        "after": calibration_metrics(labels, probabilities(logits, record["temperature"]))}
+    record.update(calibration_change(outputs, record["temperature"]))
     write_json(record, os.path.join(run_dir, CALIBRATION_FILE))
     return record
+
+
+def calibration_change(outputs, temperature):
+    """{part: {"before": its calibration metrics at T = 1, "after": at `temperature`}} of read_logits' outputs."""
+    return {part: {"before": calibration_metrics(labels, probabilities(logits)),
+                   "after": calibration_metrics(labels, probabilities(logits, temperature))}
+            for part, (logits, labels) in outputs.items()}
