@@ -829,7 +829,7 @@ def main(argv=None):
     for option, least in (("top", 1), ("samples", 2), ("draws", 1), ("seed", 0), ("batch_size", 1),
                           ("split_seeds", 0), ("versions", 0), ("epochs", 1), ("tabular_epochs", 1)):
         check_number("--" + option.replace("_", "-"), getattr(a, option, None), least=least,
-                     most=2 ** 31 - 1 if option in ("split_seeds", "versions") else None)   # the trainers' seeds
+                     most=2 ** 31 - 1 if option in ("split_seeds", "versions", "seed") else None)   # the trainers'
     if getattr(a, "plots", None):      # before any work: without matplotlib nothing is computed, nothing written
         check_plots_folder(a.plots)
     if a.command in ("ad", "brain-age", "calibrate") and a.out and os.path.exists(a.out) and not os.path.isdir(a.out):
