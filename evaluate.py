@@ -579,6 +579,8 @@ def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=
     groups = table.labels if task == "ad" else table.sex
     by_group = [list(np.flatnonzero(groups == c)) for c in np.unique(groups)]
     order = [idx[k] for k in range(len(groups)) for idx in by_group if k < len(idx)]      # the groups in turn
+    if samples > len(order):                                  # not fewer than the page says
+        raise UserError(f"--samples {samples}: {csv_path} has {len(order)} subjects")
     pick = np.array(sorted(order[:samples]))
     volumes = [data.load_volume(table.image_paths[i], table.subjects[i]) for i in pick]
     if task == "ad":

@@ -781,6 +781,8 @@ def test_select_layers_scores_on_a_batch_that_takes_the_classes_or_the_sexes_in_
     evaluate.select_layers("brain-age", data_csv=str(brain_age_cohort20), samples=4, draws=1)
     (_, _, labels), (_, sex, _) = seen
     assert np.bincount(labels.numpy(), minlength=3).tolist() == [2, 2, 2] and sex.sum(0).tolist() == [2, 2]
+    assert_clean_error(run_main(evaluate.main, "select-layers", "--task", "ad", "--data-csv", ad_cohort60, "--samples",
+                                61), "--samples 61", "has 60 subjects")    # not scored on fewer than its page says
 
 
 # ----------------------------------------------------------------------------------------------
