@@ -3036,6 +3036,7 @@ CHECK_AD_REFUSALS = [
     ("no group is a diagnosis", lambda d, t: _sub(t, ",AD,", ",XYZ,") or _sub(t, ",CN,", ",,"),
      ["ad.csv", "no CN or MCI or AD subjects", "XYZ 2", "(empty) 1", "--group-map"]),
     ("a group map to no diagnosis", lambda d, t: ["--group-map", "XYZ=sick"], ["--group-map XYZ=sick"]),
+    ("a value mapped twice", lambda d, t: ["--group-map", "XYZ=CN", "xyz=AD"], ["--group-map XYZ=CN xyz=AD", "two"]),
     ("non-numeric age", lambda d, t: _sub(t, "70.5", "seventy") or ["--no-images"], ["line 3", "AGE", "seventy"]),
     ("a cell too many", lambda d, t: _sub(t, "70.5", "70,extra"), ["line 3: 12 fields, the header has 11"]),
     ("a cell left out", lambda d, t: _sub(t, "70.5,", ""), ["line 3: 10 fields, the header has 11"]),  # shifted
