@@ -236,6 +236,8 @@ def common_run_fields(args, device, task, demo, real):
         check_number("--" + k.replace("_", "-"), args.get(k), least=least,
                      most=2 ** 31 - 1 if k in ("version", "split_seed") else None)   # a seed torch takes
     check_number("--lr", args.get("lr"), above=0)
+    if os.path.exists(args["out"]) and not os.path.isdir(args["out"]):       # before the cohort is generated
+        raise UserError(f"--out {args['out']}: a file, not a folder; give the folder for the runs")
     precision = resolve_precision(args["precision"], device, quiet)     # refused before the cohort is generated
     with main_first():  # torchrun: rank 0 generates the synthetic cohort, the others wait for it
         data_csv = builtin_cohort(task, args["data_dir"], quiet) if synthetic else args["data_csv"]
