@@ -4147,6 +4147,9 @@ def test_calibrated_prediction_refuses_a_run_without_a_usable_temperature_or_fit
         data.write_text(text, os.path.join(run_dir, "metrics.json"))
         with pytest.raises(UserError, match="metrics.json: not the metrics.json a training run writes"):
             load_run(run_dir).read_metrics()
+    ba = fake_brain_age_run(tmp_path / "ba", 0, 1.0, [61.0, 62.0], [60.0, 60.0], [0, 1])
+    data.write_text('{"val": {}, "test": {"mae": 1.0}}', os.path.join(ba, "metrics.json"))      # no MAE to rank by
+    assert_clean_error(run_main(evaluate.main, "brain-age", "--runs", tmp_path / "ba"), "metrics.json: not the")
 
 
 def test_table3_reports_the_calibration_of_every_ensemble_after_the_papers_columns(ad_runs):

@@ -690,8 +690,9 @@ class FinishedRun:
         return model.to(device).eval()
 
     def read_metrics(self):
-        metrics = self.read_json("metrics.json")
-        if not all(isinstance(metrics.get(part), dict) for part in ("val", "test")):   # what the trainers write
+        metrics, need = self.read_json("metrics.json"), ("mae",) * (self.run.task == "brain-age")   # evaluate ranks
+        if not all(isinstance(metrics.get(part), dict) and all(type(metrics[part].get(k)) in (int, float) for k in need)
+                   for part in ("val", "test")):                                       # what the trainers write
             raise UserError(f"{os.path.join(self.dir, 'metrics.json')}: not the metrics.json a training run writes")
         return metrics
 
