@@ -4124,7 +4124,7 @@ def test_calibrated_prediction_keeps_every_members_class_and_changes_the_ensembl
 def test_calibrated_prediction_refuses_a_run_without_a_usable_temperature_or_fitted_at_its_lower_bound_not_used(
         tmp_path, capsys):
     """A perfectly separated validation set drives T to its lower bound: calibrate keeps T = 1 and says so. A
-    hand-edited calibration.json, or a metrics.json, parsed but of another shape: one line naming it, no KeyError."""
+    hand-edited calibration.json, metrics.json or predictions.npz, read but of another shape: one line naming it."""
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 30)
     val, test = rng.normal(0, 1, (30, 3)) + 9 * np.eye(3)[labels], rng.normal(0, 1, (30, 3)) + np.eye(3)[labels]
@@ -4147,6 +4147,10 @@ def test_calibrated_prediction_refuses_a_run_without_a_usable_temperature_or_fit
         data.write_text(text, os.path.join(run_dir, "metrics.json"))
         with pytest.raises(UserError, match="metrics.json: not the metrics.json a training run writes"):
             load_run(run_dir).read_metrics()
+    for probs in (np.full((30, 2), 0.5), np.where(np.eye(3)[labels] > 0, np.nan, 0.5)):   # 2 classes, NaN
+        np.savez(os.path.join(run_dir, "predictions.npz"), subjects=labels.astype(str), labels=labels, probs=probs)
+        with pytest.raises(UserError, match=r"predictions.npz: its arrays .* the 3 classes of the run, or hold NaN"):
+            load_run(run_dir).read_predictions()
     ba = fake_brain_age_run(tmp_path / "ba", 0, 1.0, [61.0, 62.0], [60.0, 60.0], [0, 1])
     data.write_text('{"val": {}, "test": {"mae": 1.0}}', os.path.join(ba, "metrics.json"))      # no MAE to rank by
     assert_clean_error(run_main(evaluate.main, "brain-age", "--runs", tmp_path / "ba"), "metrics.json: not the")

@@ -726,6 +726,12 @@ class FinishedRun:
             raise UserError(f"{path}: missing or unreadable test predictions ({type(exc).__name__})") from None
         if "subjects" not in pred or not ({"probs", "labels"} <= set(pred) or {"pred", "age", "sex"} <= set(pred)):
             raise UserError(f"{path}: not the test predictions of a training run (arrays: {', '.join(pred)})")
+        n, c = len(pred["subjects"]), len(self.class_names)              # AD: (n, c) finite probabilities
+        if pred.get("probs", np.zeros((n, c))).shape != (n, c) or not np.isfinite(pred.get("probs", 0)).all() \
+                or any(len(pred[k]) != n for k in ("labels", "pred", "age", "sex") if k in pred):
+            raise UserError(f"{path}: its arrays ({', '.join(f'{k} {v.shape}' for k, v in pred.items())}) do not fit "
+                            f"one another{f' and the {c} classes of the run' if c else ''}, or hold NaN: edited? train "
+                            f"the run again")
         return pred
 
 
