@@ -726,7 +726,7 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
     where = ([(s, v, f, None) for s in split_seeds for v in vs for f in range(N_FOLDS)] if task == "ad"
              else [(split_seeds[0], v, None, sex) for sex in train_sex for v in vs])
     todo = []        # (run dir, argv, run dir to wait for: HyperFusion's tabular-only MLP)
-    for model, (s, v, f, sex) in ((m, w) for m in models or known for w in where):
+    for model, (s, v, f, sex) in ((m, w) for m in dict.fromkeys(models or known) for w in dict.fromkeys(where)):
         n = tabular_epochs if model == "tabular" and tabular_epochs else epochs
         run_dir = brain_age_run_dir(runs, model, v, embedding_dim, sex) if sex else ad_run_dir(runs, model, s, v, f,
                                                                                                binary)

@@ -2365,7 +2365,7 @@ def test_print_commands_gives_one_command_per_missing_run_tabular_first_and_trai
     _unfinished_run(tmp_path, "hyperfusion", 1)
     monkeypatch.setattr(train_ad, "train_ad", lambda a: pytest.fail("--print-commands trained a run"))
     evaluate.main(["protocol", "--task", "ad", "--runs", str(tmp_path), "--models", "hyperfusion", "tabular",
-                   "--epochs", "3", "--print-commands"])
+                   "tabular", "--versions", "0", "0", "--epochs", "3", "--print-commands"])   # named twice: once
     argvs = [shlex.split(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert len(argvs) == 7 and all(a[:2] == ["python", "train_ad.py"] for a in argvs)   # 2 models x 4 folds - 1
     parsed = [vars(train_ad.ad_arguments().parse_args(a[2:])) for a in argvs]
