@@ -598,7 +598,10 @@ def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=
     if verbose:                 # every draw is one forward pass of the whole network
         print(f"{len(candidate_layers(model))} candidate layers x {draws} draws, {len(pick)} subjects of {csv_path}",
               flush=True)
-    return layer_loss_entropy(model, batch, loss_fn, n_draws=draws, seed=seed)
+    shown = Progress("loss entropy", len(candidate_layers(model)) * draws, "draws", not verbose)   # AD: ~10 min
+    scores = layer_loss_entropy(model, batch, loss_fn, n_draws=draws, seed=seed, on_draw=shown.advance)
+    shown.finish()
+    return scores
 
 
 # ---- The protocol runner (Sec. 4.2.2, 4.3.6): every missing run trained, K at a time, then the table ----

@@ -5106,6 +5106,17 @@ def test_predict_shows_progress_over_its_batches_when_long_one_line_per_member_a
     assert len(out) == 2 and out[0].startswith("60 subjects x 1 models") and out[1].startswith("ensemble on"), out
 
 
+def test_select_layers_says_its_progress_over_the_draws_and_nothing_of_it_with_quiet(ad_cohort60, monkeypatch, capsys):
+    """100 draws of each layer of the AD backbone take about 10 minutes on a CPU."""
+    monkeypatch.setattr(evaluate, "Progress", lambda *a, **k: data.Progress(*a, **{**k, "every": 0}))
+    for quiet in ([], ["--quiet"]):
+        evaluate.main(["select-layers", "--task", "ad", "--data-csv", str(ad_cohort60), "--samples", "2", "--draws",
+                       "2", *quiet])
+        out = capsys.readouterr().out
+        assert (re.search(r"loss entropy: 2 of (\d+) draws .*\n(.*\n)*loss entropy: \1 draws in ", out) is None) == \
+            bool(quiet), out
+
+
 def test_preprocess_the_data_checks_and_the_demo_cohort_say_their_progress_and_nothing_of_it_with_quiet(
         tmp_path, monkeypatch, capsys):
     folder, name, make, _ = synthetic.BUILTIN["ad"]
