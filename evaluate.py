@@ -286,7 +286,7 @@ def sweep_figure(res, folder, quiet=False):
            title=f"{res['model']}: test-time sweep of {res['attribute']}")
     ax.set_xticklabels(["as recorded" if s["value"] is None else str(s["value"]) for s in rows], fontsize=8)
     ax.legend(fontsize=6, ncol=2)
-    figs.save(fig, f"sweep_{file_part(res['model'])}_{file_part(res['attribute'])}.png")
+    figs.save(fig, f"sweep_{file_part(res['place'])}_{file_part(res['attribute'])}.png")   # one a run, not a model
     return figs.summary
 
 

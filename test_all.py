@@ -2252,21 +2252,25 @@ def test_sweep_plots_draw_how_the_prediction_moves_with_the_attribute(brain_age_
     pytest.importorskip("matplotlib")
     path = _sweep_checkpoint(tmp_path / "best.pt", "hyperfusion", brain_age_cohort20, tmp_path / "cache")
     res = evaluate.main(["sweep", path, "--attribute", "Sex", "--values", "M", "F", "--plots", str(tmp_path / "fig")])
-    file = tmp_path / "fig" / "sweep_hyperfusion_Sex.png"
+    file = tmp_path / "fig" / "sweep_brain-age_hyperfusion_v0_Sex.png"
     assert os.listdir(tmp_path / "fig") == [file.name] and _png_size(file) == _pixels(evaluate.SMALL)
     assert f"wrote {file}\n" in capsys.readouterr().out and res["plots"]["written"] == [str(file)]
     # AD: the mean probability and the predicted fraction of each class against the values (predict.sweep's form)
-    ad = {"task": "ad", "model": "daft", "attribute": "ABETA",
+    ad = {"task": "ad", "model": "daft", "place": os.path.join("ad", "daft", "seed0", "v0", "fold0"),
+          "attribute": "ABETA",
           "header": ["ABETA", "n", "mean P(CN)", "mean P(MCI)", "mean P(AD)"],
           "summary": [{"value": v, "mean_probs": p, "predicted_fraction": f, "balanced_accuracy": 0.5}
                       for v, p, f in ((None, [0.5, 0.3, 0.2], [1, 0, 0]), ("500", [0.2, 0.3, 0.5], [0, 0, 1]),
                                       ("1500", [0.6, 0.3, 0.1], [1, 0, 0]))]}
     _, figures = _spy_on_figures(monkeypatch)
     drawn = evaluate.sweep_figure(ad, str(tmp_path / "ad"), quiet=True)
-    assert drawn["written"] == [str(tmp_path / "ad" / "sweep_daft_ABETA.png")]
+    assert drawn["written"] == [str(tmp_path / "ad" / "sweep_ad_daft_seed0_v0_fold0_ABETA.png")]
     assert _png_size(drawn["written"][0]) == _pixels(evaluate.SMALL)
-    lines = {ln.get_label(): list(ln.get_ydata()) for ln in figures["sweep_daft_ABETA.png"].axes[0].lines}
+    lines = {ln.get_label(): list(ln.get_ydata())
+             for ln in figures["sweep_ad_daft_seed0_v0_fold0_ABETA.png"].axes[0].lines}
     assert lines["mean P(AD)"] == [0.2, 0.5, 0.1] and lines["predicted AD"] == [0, 1, 0]
+    evaluate.sweep_figure(dict(ad, place=os.path.join("ad", "daft", "seed0", "v0", "fold1")), str(tmp_path / "ad"))
+    assert len(os.listdir(tmp_path / "ad")) == 2                                    # another fold's beside it
 
 
 def _unfinished_run(runs, model, fold):
