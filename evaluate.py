@@ -837,8 +837,9 @@ def main(argv=None):
                      most=2 ** 31 - 1 if option in ("split_seeds", "versions", "seed") else None)   # the trainers'
     if getattr(a, "plots", None):      # before any work: without matplotlib nothing is computed, nothing written
         check_plots_folder(a.plots)
-    if a.command in ("ad", "brain-age", "calibrate") and a.out and os.path.exists(a.out) and not os.path.isdir(a.out):
-        raise UserError(f"--out {a.out}: a file, not a folder; give the folder for the results")
+    option, out = ("--runs", a.runs) if a.command == "protocol" else ("--out", getattr(a, "out", None))
+    if a.command != "select-layers" and out and os.path.exists(out) and not os.path.isdir(out):   # its --out: a file
+        raise UserError(f"{option} {out}: a file, not a folder; give the folder for the results")
     if a.command == "ad":
         return evaluate_ad(a.runs, a.binary, a.out, plots_dir=a.plots)
     if a.command == "brain-age":

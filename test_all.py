@@ -3250,6 +3250,8 @@ def test_numeric_options_out_of_range_are_refused_naming_the_option(tmp_path):
     assert_clean_error(run_main(train_ad.main, *base[2:], "--data-csv", tmp_path), "a folder, not a table")
     assert_clean_error(run_main(train_ad.main, *base[:2], "--out", csv_path), "--out", "a file, not a folder")
     assert_clean_error(run_main(train_ad.main, "--data-dir", csv_path, "--out", tmp_path / "r"), "--data-dir", "a file")
+    assert_clean_error(run_main(evaluate.main, "protocol", "--task", "ad", "--runs", csv_path, "--print-commands"),
+                       "--runs", "a file, not a folder")
     assert_clean_error(run_main(evaluate.main, "calibrate", tmp_path, "--out", csv_path), "--out",
                        "a file, not a folder")
     assert_clean_error(run_main(evaluate.main, "sweep", tmp_path, "--attribute", "Sex", "--values", "M"),
