@@ -518,9 +518,11 @@ def brain_age_ensemble(version_dirs, top=5):
 def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False, plots_dir=None):
     """The `brain-age` command: per <runs>/brain-age folder its top-5 ensemble, paired against HyperFusion's, and
     Fig. 4A's table; printed, written to results_brain-age.{md,csv,json}, its figures in plots_dir."""
-    root, ensembles = os.path.join(runs, "brain-age"), {}
+    root, ensembles, unfinished = os.path.join(runs, "brain-age"), {}, []
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        if done := {v: d for v, d in numbered(os.path.join(root, name), "v").items() if finished(d)}:
+        versions = numbered(os.path.join(root, name), "v")
+        unfinished += [f"{name} v{v}" for v, d in versions.items() if not finished(d)]    # said, as ad's incomplete
+        if done := {v: d for v, d in versions.items() if finished(d)}:
             ensembles[name] = brain_age_ensemble(done, top)
     if not ensembles:
         raise UserError(f"{root}: no finished brain-age run")
@@ -536,7 +538,8 @@ def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False, plots_dir=None):
             fig4a.append({"model": match["base"], "train": match["sex"], "folder": name,
                           **{k: e["metrics"][key] for key, k in TEST_SETS}})
     fig4a.sort(key=lambda r: (r["model"], list(FIG4A_TRAIN).index(r["train"])))
-    res = {"task": "brain-age", "runs": os.path.abspath(runs), "top": top, "models": ms, "fig4a": fig4a}
+    res = {"task": "brain-age", "runs": os.path.abspath(runs), "top": top, "models": ms, "fig4a": fig4a,
+           "unfinished": unfinished}
     gaps, kept_all = [m for m in ms if m["gap"]], [m["folder"] for m in ms if len(m["available"]) <= top]
     keys = ("gap", "gap_male", "gap_female", "corrected_gap_male", "corrected_gap_female", "r_gap_age",
             "r_corrected_gap_age")
@@ -561,7 +564,8 @@ def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False, plots_dir=None):
               *(["Fig. 4A: training set (rows) against test set (columns), ensemble MAE in years:",
                  (["model", "trained on"] + [f"test: {t}" for _, t in TEST_SETS],
                   [[r["model"], FIG4A_TRAIN[r["train"]]] + [f"{r[t]:.2f}" for _, t in TEST_SETS]
-                   for r in fig4a])] if fig4a else []))
+                   for r in fig4a])] if fig4a else []),
+              *([f"Left out (not finished): {', '.join(unfinished)}"] if unfinished else []))
     table = (["model", "versions", "mae", "mae_male", "mae_female", "n"], [[m["folder"], " ".join(
         map(str, m["versions"]))] + [m["metrics"][k] for k in ("mae", "mae_male", "mae_female", "n")] for m in ms])
     write_results(res, md, table, out_dir or runs, "results_brain-age", quiet)

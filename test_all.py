@@ -1689,6 +1689,8 @@ def test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae(tm
         fake_brain_age_run(tmp_path, 0, 1.0, age + 2, age, sex, train_sex=train_sex)
     v1 = training.brain_age_run_dir(tmp_path, "hyperfusion", 1)
     shutil.copytree(v1, v1 + ".bak")                                      # a copy beside the versions: not one
+    os.makedirs(training.brain_age_run_dir(tmp_path, "hyperfusion", 7))    # a version still training: said
+    open(os.path.join(training.brain_age_run_dir(tmp_path, "hyperfusion", 7), "last.pt"), "wb").close()
     res = evaluate.evaluate_brain_age(str(tmp_path), quiet=True)
     hf = next(m for m in res["models"] if m["folder"] == "hyperfusion")
     chosen = (1, 3, 4, 6, 0)                                              # val MAE 1, 2, 3, 4, 5
@@ -1704,6 +1706,7 @@ def test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae(tm
     assert [(r["male"], r["female"], r["all"]) for r in res["fig4a"]] == [pytest.approx((2, 2, 2), abs=1e-4)] * 2
     md = (tmp_path / "results_brain-age.md").read_text()
     assert "Fig. 4A" in md and "1, 3, 4, 6, 0 of 7" in md and "Brain-age gap" in md
+    assert res["unfinished"] == ["hyperfusion v7"] and "Left out (not finished): hyperfusion v7" in md
     # Sec. 4.2.2's "5 best" is a choice only among more than five: the folders with fewer are named as all kept
     assert "All versions kept, none chosen by validation MAE (no more than 5 exist): hyperfusion-trainF, " \
            "hyperfusion-trainM." in md
