@@ -657,7 +657,8 @@ def parse_group_map(pairs):
         target = GROUP_ALIASES.get(value.strip().upper())
         if not sep or not key.strip() or target is None:
             raise UserError(f"--group-map {p}: expected VALUE=DIAGNOSIS with DIAGNOSIS one of CN, MCI, AD")
-        out[key.strip().upper()] = target
+        if out.setdefault(key.strip().upper(), target) != target:
+            raise UserError(f"--group-map {' '.join(pairs)}: {key.strip()} is mapped to two diagnoses; give it one")
     return out
 
 

@@ -39,8 +39,8 @@ from metrics import (CALIBRATION_BINS, CALIBRATION_COLUMNS, age_bias_fit, classi
 from models import (AD_MODEL_TITLES, AD_MODELS, BRAIN_AGE_MODELS, AgeTarget, build_model, candidate_layers,
                     layer_loss_entropy)
 from synthetic import builtin_cohort
-from training import (CALIBRATION_FILE, ad_run_dir, brain_age_run_dir, calibrate, cores, finished, load_run,
-                      probabilities, read_logits, save_logits, setup_device)
+from training import (CALIBRATION_FILE, ad_run_dir, brain_age_run_dir, calibrate, calibration_change, cores, finished,
+                      load_run, probabilities, read_logits, save_logits, setup_device)
 
 AD_ORDER = ("imaging", "tabular", "late-fusion", "concat", "film", "daft", "hyperfusion")  # Table 3's order
 N_FOLDS = 4
@@ -286,7 +286,7 @@ def sweep_figure(res, folder, quiet=False):
            title=f"{res['model']}: test-time sweep of {res['attribute']}")
     ax.set_xticklabels(["as recorded" if s["value"] is None else str(s["value"]) for s in rows], fontsize=8)
     ax.legend(fontsize=6, ncol=2)
-    figs.save(fig, f"sweep_{file_part(res['model'])}_{file_part(res['attribute'])}.png")
+    figs.save(fig, f"sweep_{file_part(res['place'])}_{file_part(res['attribute'])}.png")   # one a run, not a model
     return figs.summary
 
 
@@ -307,7 +307,8 @@ def calibration_report(paths, refit, device, batch_size, out_dir=None, plots_dir
                     [table.raw[i] for i in idx]), table.labels[idx], dev, batch_size, None, sides=True)
             save_logits(run.dir, outputs["val"], outputs["test"])
         kept = run.temperature is not None and not refit
-        rec = run.read_json(CALIBRATION_FILE) if kept else calibrate(run.dir, outputs)
+        rec = {**run.read_json(CALIBRATION_FILE), **calibration_change(outputs, run.temperature)} if kept else \
+            calibrate(run.dir, outputs)      # kept: its figures at the temperature it holds now (set by hand?)
         if not quiet:
             print(f"{run.dir}: T {rec['temperature']:.3f}, validation ECE {rec['val']['before']['ece']:.3f} -> "
                   f"{rec['val']['after']['ece']:.3f}" + (" (kept)" if kept else ""))
@@ -360,7 +361,8 @@ def calibration_report(paths, refit, device, batch_size, out_dir=None, plots_dir
 def read_run(run_dir):
     """One finished run -> {"dir", "config", "metrics", "pred" (its test predictions, predictions.npz)}."""
     r = load_run(run_dir)
-    return {"dir": run_dir, "config": r.config, "metrics": r.read_metrics(), "pred": r.read_predictions()}
+    return {"dir": run_dir, "config": r.config, "metrics": r.read_metrics(), "pred": r.read_predictions(),
+            "place": r.run.run_dir("")}            # where its trainer put it: ad/<model>/seed<S>/v<V>/fold<F>, ...
 
 
 def check_same(runs, why, keys=None):
@@ -383,6 +385,10 @@ def check_same(runs, why, keys=None):
                         ("val_subjects", "validation subjects")):
             if k in first["pred"] and not np.array_equal(first["pred"][k], other["pred"].get(k)):
                 raise UserError(say + f"their {what} differ")
+    for r in runs if keys else ():        # a table names a run by its folder: one copied or moved there is refused
+        if not os.path.abspath(r["dir"]).endswith(os.sep + r["place"]):
+            raise UserError(f"{r['dir']}: holds the run of {r['place']} (its best.pt), not of this folder: copied or "
+                            f"moved there? put it back in <runs>/{r['place']}, or train this folder's run")
 
 
 def numbered(folder, prefix):
@@ -512,9 +518,11 @@ def brain_age_ensemble(version_dirs, top=5):
 def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False, plots_dir=None):
     """The `brain-age` command: per <runs>/brain-age folder its top-5 ensemble, paired against HyperFusion's, and
     Fig. 4A's table; printed, written to results_brain-age.{md,csv,json}, its figures in plots_dir."""
-    root, ensembles = os.path.join(runs, "brain-age"), {}
+    root, ensembles, unfinished = os.path.join(runs, "brain-age"), {}, []
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        if done := {v: d for v, d in numbered(os.path.join(root, name), "v").items() if finished(d)}:
+        versions = numbered(os.path.join(root, name), "v")
+        unfinished += [f"{name} v{v}" for v, d in versions.items() if not finished(d)]    # said, as ad's incomplete
+        if done := {v: d for v, d in versions.items() if finished(d)}:
             ensembles[name] = brain_age_ensemble(done, top)
     if not ensembles:
         raise UserError(f"{root}: no finished brain-age run")
@@ -530,7 +538,8 @@ def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False, plots_dir=None):
             fig4a.append({"model": match["base"], "train": match["sex"], "folder": name,
                           **{k: e["metrics"][key] for key, k in TEST_SETS}})
     fig4a.sort(key=lambda r: (r["model"], list(FIG4A_TRAIN).index(r["train"])))
-    res = {"task": "brain-age", "runs": os.path.abspath(runs), "top": top, "models": ms, "fig4a": fig4a}
+    res = {"task": "brain-age", "runs": os.path.abspath(runs), "top": top, "models": ms, "fig4a": fig4a,
+           "unfinished": unfinished}
     gaps, kept_all = [m for m in ms if m["gap"]], [m["folder"] for m in ms if len(m["available"]) <= top]
     keys = ("gap", "gap_male", "gap_female", "corrected_gap_male", "corrected_gap_female", "r_gap_age",
             "r_corrected_gap_age")
@@ -556,7 +565,8 @@ def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False, plots_dir=None):
               *(["Fig. 4A: training set (rows) against test set (columns), ensemble MAE in years:",
                  (["model", "trained on"] + [f"test: {t}" for _, t in TEST_SETS],
                   [[r["model"], FIG4A_TRAIN[r["train"]]] + [f"{r[t]:.2f}" for _, t in TEST_SETS]
-                   for r in fig4a])] if fig4a else []))
+                   for r in fig4a])] if fig4a else []),
+              *([f"Left out (not finished): {', '.join(unfinished)}"] if unfinished else []))
     table = (["model", "versions", "mae", "mae_male", "mae_female", "n"], [[m["folder"], " ".join(
         map(str, m["versions"]))] + [m["metrics"][k] for k in ("mae", "mae_male", "mae_female", "n")] for m in ms])
     write_results(res, md, table, out_dir or runs, "results_brain-age", quiet)
@@ -574,6 +584,8 @@ def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=
     groups = table.labels if task == "ad" else table.sex
     by_group = [list(np.flatnonzero(groups == c)) for c in np.unique(groups)]
     order = [idx[k] for k in range(len(groups)) for idx in by_group if k < len(idx)]      # the groups in turn
+    if samples > len(order):                                  # not fewer than the page says
+        raise UserError(f"--samples {samples}: {csv_path} has {len(order)} subjects")
     pick = np.array(sorted(order[:samples]))
     volumes = [data.load_volume(table.image_paths[i], table.subjects[i]) for i in pick]
     if task == "ad":
@@ -591,7 +603,10 @@ def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=
     if verbose:                 # every draw is one forward pass of the whole network
         print(f"{len(candidate_layers(model))} candidate layers x {draws} draws, {len(pick)} subjects of {csv_path}",
               flush=True)
-    return layer_loss_entropy(model, batch, loss_fn, n_draws=draws, seed=seed)
+    shown = Progress("loss entropy", len(candidate_layers(model)) * draws, "draws", not verbose)   # AD: ~10 min
+    scores = layer_loss_entropy(model, batch, loss_fn, n_draws=draws, seed=seed, on_draw=shown.advance)
+    shown.finish()
+    return scores
 
 
 # ---- The protocol runner (Sec. 4.2.2, 4.3.6): every missing run trained, K at a time, then the table ----
@@ -719,7 +734,7 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
     where = ([(s, v, f, None) for s in split_seeds for v in vs for f in range(N_FOLDS)] if task == "ad"
              else [(split_seeds[0], v, None, sex) for sex in train_sex for v in vs])
     todo = []        # (run dir, argv, run dir to wait for: HyperFusion's tabular-only MLP)
-    for model, (s, v, f, sex) in ((m, w) for m in models or known for w in where):
+    for model, (s, v, f, sex) in ((m, w) for m in dict.fromkeys(models or known) for w in dict.fromkeys(where)):
         n = tabular_epochs if model == "tabular" and tabular_epochs else epochs
         run_dir = brain_age_run_dir(runs, model, v, embedding_dim, sex) if sex else ad_run_dir(runs, model, s, v, f,
                                                                                                binary)
@@ -823,11 +838,13 @@ def main(argv=None):
     a = p.parse_args(sys.argv[1:] if argv is None else [str(v) for v in argv])
     for option, least in (("top", 1), ("samples", 2), ("draws", 1), ("seed", 0), ("batch_size", 1),
                           ("split_seeds", 0), ("versions", 0), ("epochs", 1), ("tabular_epochs", 1)):
-        check_number("--" + option.replace("_", "-"), getattr(a, option, None), least=least)
+        check_number("--" + option.replace("_", "-"), getattr(a, option, None), least=least,
+                     most=2 ** 31 - 1 if option in ("split_seeds", "versions", "seed") else None)   # the trainers'
     if getattr(a, "plots", None):      # before any work: without matplotlib nothing is computed, nothing written
         check_plots_folder(a.plots)
-    if a.command in ("ad", "brain-age", "calibrate") and a.out and os.path.exists(a.out) and not os.path.isdir(a.out):
-        raise UserError(f"--out {a.out}: a file, not a folder; give the folder for the results")
+    option, out = ("--runs", a.runs) if a.command == "protocol" else ("--out", getattr(a, "out", None))
+    if a.command != "select-layers" and out and os.path.exists(out) and not os.path.isdir(out):   # its --out: a file
+        raise UserError(f"{option} {out}: a file, not a folder; give the folder for the results")
     if a.command == "ad":
         return evaluate_ad(a.runs, a.binary, a.out, plots_dir=a.plots)
     if a.command == "brain-age":

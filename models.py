@@ -187,10 +187,10 @@ def candidate_layers(model):
 
 
 @torch.no_grad()
-def layer_loss_entropy(model, batch, loss_fn, names=None, n_draws=100, bins=10, seed=0):
+def layer_loss_entropy(model, batch, loss_fn, names=None, n_draws=100, bins=10, seed=0, on_draw=None):
     """Sec. 3.1.2: each candidate layer of an untrained backbone re-initialised alone n_draws times, scored by the
     entropy of the histogram of its losses on one batch over one range shared by all layers (so scores compare)
-    -> [(name, entropy)] from most to least influential."""
+    -> [(name, entropy)] from most to least influential; on_draw() after each draw."""
     image, tabular, target = batch
     was_training = model.training
     model.eval()
@@ -203,6 +203,8 @@ def layer_loss_entropy(model, batch, loss_fn, names=None, n_draws=100, bins=10, 
         for _ in range(n_draws):
             layer.reset_parameters()
             draws.append(float(loss_fn(model(image, tabular), target)))
+            if on_draw is not None:
+                on_draw()
         layer.load_state_dict(saved)
         losses[name] = torch.tensor(draws)
     everything = torch.cat(list(losses.values()))

@@ -211,8 +211,8 @@ def sweep(checkpoint, attribute, values, data_csv=None, image_dir=None, batch_si
         summary.append({"value": value, "mean_pred": float(pred.mean()), "mean_pred_male": mean_sex[0],
                         "mean_pred_female": mean_sex[1], "mae": mae,
                         "change_vs_first": None if diff is None else float(diff.mean())})
-    return {"task": run.task, "model": run.model, "checkpoint": checkpoint, "dir": finished_run.dir, "attribute": attr,
-            "header": header, "rows": rows, "summary": summary}
+    return {"task": run.task, "model": run.model, "place": run.run_dir(""), "checkpoint": checkpoint,
+            "dir": finished_run.dir, "attribute": attr, "header": header, "rows": rows, "summary": summary}
 
 
 def main(argv=None):

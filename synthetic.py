@@ -290,6 +290,8 @@ BUILTIN = {"ad": ("synthetic_ad", "ad.csv", make_synthetic_ad, dict(n=600, seed=
 def builtin_cohort(task, data_dir, quiet=False):
     """The task's built-in cohort under data_dir, generated on first use or when another generator wrote it."""
     folder, name, make, options = BUILTIN[task]
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise UserError(f"--data-dir {data_dir}: a file, not a folder; give the folder for the synthetic cohort")
     csv_path = os.path.abspath(os.path.join(data_dir, folder, name))
     info = {}
     with contextlib.suppress(OSError, ValueError), open(os.path.join(os.path.dirname(csv_path), "cohort.json")) as f:

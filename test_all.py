@@ -172,6 +172,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_folds_whose_configs_images_or_test_subjects_differ_are_refused_and_the_cli_says_so_in_one_line,
 #     test_folds_ensemble_though_their_training_rows_gave_them_other_missing_indicators,
 #     test_late_fusion_of_imaging_and_tabular_runs_of_other_test_subjects_is_refused,
+#     test_a_run_copied_into_another_runs_folder_is_refused_by_the_tables_that_name_runs_by_their_folders,
 #     test_ad_plots_draw_each_rows_confusion_roc_and_reliability_and_table3_at_their_size,
 #     test_ad_sweep_changes_the_tabular_attribute_of_every_test_row,
 #     test_sweep_plots_draw_how_the_prediction_moves_with_the_attribute,
@@ -782,6 +783,8 @@ def test_select_layers_scores_on_a_batch_that_takes_the_classes_or_the_sexes_in_
     evaluate.select_layers("brain-age", data_csv=str(brain_age_cohort20), samples=4, draws=1)
     (_, _, labels), (_, sex, _) = seen
     assert np.bincount(labels.numpy(), minlength=3).tolist() == [2, 2, 2] and sex.sum(0).tolist() == [2, 2]
+    assert_clean_error(run_main(evaluate.main, "select-layers", "--task", "ad", "--data-csv", ad_cohort60, "--samples",
+                                61), "--samples 61", "has 60 subjects")    # not scored on fewer than its page says
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1702,6 +1705,8 @@ def test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae(tm
         fake_brain_age_run(tmp_path, 0, 1.0, age + 2, age, sex, train_sex=train_sex)
     v1 = training.brain_age_run_dir(tmp_path, "hyperfusion", 1)
     shutil.copytree(v1, v1 + ".bak")                                      # a copy beside the versions: not one
+    os.makedirs(training.brain_age_run_dir(tmp_path, "hyperfusion", 7))    # a version still training: said
+    open(os.path.join(training.brain_age_run_dir(tmp_path, "hyperfusion", 7), "last.pt"), "wb").close()
     res = evaluate.evaluate_brain_age(str(tmp_path), quiet=True)
     hf = next(m for m in res["models"] if m["folder"] == "hyperfusion")
     chosen = (1, 3, 4, 6, 0)                                              # val MAE 1, 2, 3, 4, 5
@@ -1717,6 +1722,7 @@ def test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae(tm
     assert [(r["male"], r["female"], r["all"]) for r in res["fig4a"]] == [pytest.approx((2, 2, 2), abs=1e-4)] * 2
     md = (tmp_path / "results_brain-age.md").read_text()
     assert "Fig. 4A" in md and "1, 3, 4, 6, 0 of 7" in md and "Brain-age gap" in md
+    assert res["unfinished"] == ["hyperfusion v7"] and "Left out (not finished): hyperfusion v7" in md
     # Sec. 4.2.2's "5 best" is a choice only among more than five: the folders with fewer are named as all kept
     assert "All versions kept, none chosen by validation MAE (no more than 5 exist): hyperfusion-trainF, " \
            "hyperfusion-trainM." in md
@@ -2179,6 +2185,22 @@ def test_late_fusion_of_imaging_and_tabular_runs_of_other_test_subjects_is_refus
         evaluate.evaluate_ad(str(tmp_path), quiet=True)
 
 
+def test_a_run_copied_into_another_runs_folder_is_refused_by_the_tables_that_name_runs_by_their_folders(ad_runs):
+    """Table 3 reads a run's model, seed, version and fold off its folder, the brain-age table its model and version:
+    fold 1 copied over fold 2 would be one member twice, imaging runs under tabular/ a row of the wrong model."""
+    runs, _, _ = ad_runs
+    for model, fold, other in (("tabular", 2, ("tabular", 0, 0, 1)), ("hyperfusion", 0, ("imaging", 0, 0, 0))):
+        shutil.rmtree(training.ad_run_dir(runs, model, 0, 0, fold))
+        shutil.copytree(training.ad_run_dir(runs, *other), training.ad_run_dir(runs, model, 0, 0, fold))
+        assert_clean_error(run_main(evaluate.main, "ad", "--runs", runs), training.ad_run_dir(runs, model, 0, 0, fold),
+                           "holds the run of " + training.ad_run_dir("", *other))
+    age = np.arange(12.0) + 50
+    v1 = training.brain_age_run_dir(runs, "hyperfusion", 1)
+    shutil.copytree(fake_brain_age_run(runs, 0, 1.0, age + 1, age, np.arange(12) % 2), v1)     # v0 twice in Eq. 6
+    assert_clean_error(run_main(evaluate.main, "brain-age", "--runs", runs), v1,
+                       "holds the run of " + training.brain_age_run_dir("", "hyperfusion", 0))
+
+
 def test_ad_plots_draw_each_rows_confusion_roc_and_reliability_and_table3_at_their_size(ad_runs, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
     runs, made, labels = ad_runs
@@ -2249,21 +2271,25 @@ def test_sweep_plots_draw_how_the_prediction_moves_with_the_attribute(brain_age_
     pytest.importorskip("matplotlib")
     path = _sweep_checkpoint(tmp_path / "best.pt", "hyperfusion", brain_age_cohort20, tmp_path / "cache")
     res = evaluate.main(["sweep", path, "--attribute", "Sex", "--values", "M", "F", "--plots", str(tmp_path / "fig")])
-    file = tmp_path / "fig" / "sweep_hyperfusion_Sex.png"
+    file = tmp_path / "fig" / "sweep_brain-age_hyperfusion_v0_Sex.png"
     assert os.listdir(tmp_path / "fig") == [file.name] and _png_size(file) == _pixels(evaluate.SMALL)
     assert f"wrote {file}\n" in capsys.readouterr().out and res["plots"]["written"] == [str(file)]
     # AD: the mean probability and the predicted fraction of each class against the values (predict.sweep's form)
-    ad = {"task": "ad", "model": "daft", "attribute": "ABETA",
+    ad = {"task": "ad", "model": "daft", "place": os.path.join("ad", "daft", "seed0", "v0", "fold0"),
+          "attribute": "ABETA",
           "header": ["ABETA", "n", "mean P(CN)", "mean P(MCI)", "mean P(AD)"],
           "summary": [{"value": v, "mean_probs": p, "predicted_fraction": f, "balanced_accuracy": 0.5}
                       for v, p, f in ((None, [0.5, 0.3, 0.2], [1, 0, 0]), ("500", [0.2, 0.3, 0.5], [0, 0, 1]),
                                       ("1500", [0.6, 0.3, 0.1], [1, 0, 0]))]}
     _, figures = _spy_on_figures(monkeypatch)
     drawn = evaluate.sweep_figure(ad, str(tmp_path / "ad"), quiet=True)
-    assert drawn["written"] == [str(tmp_path / "ad" / "sweep_daft_ABETA.png")]
+    assert drawn["written"] == [str(tmp_path / "ad" / "sweep_ad_daft_seed0_v0_fold0_ABETA.png")]
     assert _png_size(drawn["written"][0]) == _pixels(evaluate.SMALL)
-    lines = {ln.get_label(): list(ln.get_ydata()) for ln in figures["sweep_daft_ABETA.png"].axes[0].lines}
+    lines = {ln.get_label(): list(ln.get_ydata())
+             for ln in figures["sweep_ad_daft_seed0_v0_fold0_ABETA.png"].axes[0].lines}
     assert lines["mean P(AD)"] == [0.2, 0.5, 0.1] and lines["predicted AD"] == [0, 1, 0]
+    evaluate.sweep_figure(dict(ad, place=os.path.join("ad", "daft", "seed0", "v0", "fold1")), str(tmp_path / "ad"))
+    assert len(os.listdir(tmp_path / "ad")) == 2                                    # another fold's beside it
 
 
 def _unfinished_run(runs, model, fold):
@@ -2362,7 +2388,7 @@ def test_print_commands_gives_one_command_per_missing_run_tabular_first_and_trai
     _unfinished_run(tmp_path, "hyperfusion", 1)
     monkeypatch.setattr(train_ad, "train_ad", lambda a: pytest.fail("--print-commands trained a run"))
     evaluate.main(["protocol", "--task", "ad", "--runs", str(tmp_path), "--models", "hyperfusion", "tabular",
-                   "--epochs", "3", "--print-commands"])
+                   "tabular", "--versions", "0", "0", "--epochs", "3", "--print-commands"])   # named twice: once
     argvs = [shlex.split(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert len(argvs) == 7 and all(a[:2] == ["python", "train_ad.py"] for a in argvs)   # 2 models x 4 folds - 1
     parsed = [vars(train_ad.ad_arguments().parse_args(a[2:])) for a in argvs]
@@ -3055,6 +3081,7 @@ CHECK_AD_REFUSALS = [
     ("no group is a diagnosis", lambda d, t: _sub(t, ",AD,", ",XYZ,") or _sub(t, ",CN,", ",,"),
      ["ad.csv", "no CN or MCI or AD subjects", "XYZ 2", "(empty) 1", "--group-map"]),
     ("a group map to no diagnosis", lambda d, t: ["--group-map", "XYZ=sick"], ["--group-map XYZ=sick"]),
+    ("a value mapped twice", lambda d, t: ["--group-map", "XYZ=CN", "xyz=AD"], ["--group-map XYZ=CN xyz=AD", "two"]),
     ("non-numeric age", lambda d, t: _sub(t, "70.5", "seventy") or ["--no-images"], ["line 3", "AGE", "seventy"]),
     ("a cell too many", lambda d, t: _sub(t, "70.5", "70,extra"), ["line 3: 12 fields, the header has 11"]),
     ("a cell left out", lambda d, t: _sub(t, "70.5,", ""), ["line 3: 10 fields, the header has 11"]),  # shifted
@@ -3271,6 +3298,10 @@ def test_numeric_options_out_of_range_are_refused_naming_the_option(tmp_path):
     assert_clean_error(run_main(preprocess.main, head, head), "S0.nii.gz", "overwrite its own input")
     assert not o.exists()
     assert_clean_error(run_main(evaluate.main, "brain-age", "--runs", tmp_path, "--top", "0"), "--top 0")
+    for option in ("--split-seeds", "--versions"):           # a seed the trainers take, before a command is printed
+        assert_clean_error(run_main(evaluate.main, "protocol", "--task", "ad", option, 2 ** 31, "--print-commands"),
+                           f"{option} {2 ** 31}", "at most 2147483647")
+    assert_clean_error(run_main(evaluate.main, "select-layers", "--task", "ad", "--seed", 2 ** 64), f"--seed {2 ** 64}")
     assert_clean_error(run_main(lambda argv: np.zeros(1 << 62, np.uint8)), "Unable to allocate")   # one line too
     # argparse's own refusals are one line too (not its usage line first)
     assert_clean_error(run_main(train_ad.main, "--fold", "7"), "--fold", "invalid choice")
@@ -3283,6 +3314,10 @@ def test_numeric_options_out_of_range_are_refused_naming_the_option(tmp_path):
     assert not (tmp_path / "r").exists()
     # a folder for a file and a file for a folder, named as what they are
     assert_clean_error(run_main(train_ad.main, *base[2:], "--data-csv", tmp_path), "a folder, not a table")
+    assert_clean_error(run_main(train_ad.main, *base[:2], "--out", csv_path), "--out", "a file, not a folder")
+    assert_clean_error(run_main(train_ad.main, "--data-dir", csv_path, "--out", tmp_path / "r"), "--data-dir", "a file")
+    assert_clean_error(run_main(evaluate.main, "protocol", "--task", "ad", "--runs", csv_path, "--print-commands"),
+                       "--runs", "a file, not a folder")
     assert_clean_error(run_main(evaluate.main, "calibrate", tmp_path, "--out", csv_path), "--out",
                        "a file, not a folder")
     assert_clean_error(run_main(evaluate.main, "sweep", tmp_path, "--attribute", "Sex", "--values", "M"),
@@ -4166,7 +4201,7 @@ def test_calibrated_prediction_keeps_every_members_class_and_changes_the_ensembl
 def test_calibrated_prediction_refuses_a_run_without_a_usable_temperature_or_fitted_at_its_lower_bound_not_used(
         tmp_path, capsys):
     """A perfectly separated validation set drives T to its lower bound: calibrate keeps T = 1 and says so. A
-    hand-edited calibration.json, or a metrics.json, parsed but of another shape: one line naming it, no KeyError."""
+    hand-edited calibration.json, metrics.json or predictions.npz, read but of another shape: one line naming it."""
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 30)
     val, test = rng.normal(0, 1, (30, 3)) + 9 * np.eye(3)[labels], rng.normal(0, 1, (30, 3)) + np.eye(3)[labels]
@@ -4189,6 +4224,13 @@ def test_calibrated_prediction_refuses_a_run_without_a_usable_temperature_or_fit
         data.write_text(text, os.path.join(run_dir, "metrics.json"))
         with pytest.raises(UserError, match="metrics.json: not the metrics.json a training run writes"):
             load_run(run_dir).read_metrics()
+    for probs in (np.full((30, 2), 0.5), np.where(np.eye(3)[labels] > 0, np.nan, 0.5)):   # 2 classes, NaN
+        np.savez(os.path.join(run_dir, "predictions.npz"), subjects=labels.astype(str), labels=labels, probs=probs)
+        with pytest.raises(UserError, match=r"predictions.npz: its arrays .* the 3 classes of the run, or hold NaN"):
+            load_run(run_dir).read_predictions()
+    ba = fake_brain_age_run(tmp_path / "ba", 0, 1.0, [61.0, 62.0], [60.0, 60.0], [0, 1])
+    data.write_text('{"val": {}, "test": {"mae": 1.0}}', os.path.join(ba, "metrics.json"))      # no MAE to rank by
+    assert_clean_error(run_main(evaluate.main, "brain-age", "--runs", tmp_path / "ba"), "metrics.json: not the")
 
 
 def test_table3_reports_the_calibration_of_every_ensemble_after_the_papers_columns(ad_runs):
@@ -4226,13 +4268,14 @@ def test_the_calibration_report_ensembles_the_members_each_at_its_own_temperatur
     assert ens["after"]["ece"] == pytest.approx(metrics.calibration_metrics(test_labels, after)["ece"])
     assert ens["before"]["nll"] == pytest.approx(metrics.calibration_metrics(test_labels, before)["nll"])
     assert ens["after"]["nll"] != pytest.approx(ens["before"]["nll"])
-    # a temperature already fitted is kept, --refit fits it again
+    # a temperature already fitted is kept (one set by hand too: its figures are those at it), --refit fits it again
     fold0 = training.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 0)
-    data.write_json(dict(json.load(open(os.path.join(fold0, "calibration.json"))), temperature=0.5),
-                    os.path.join(fold0, "calibration.json"))
+    data.write_json({"temperature": 0.5}, os.path.join(fold0, "calibration.json"))
     for extra, t in (([], 0.5), (["--refit"], temps[0])):
         again = evaluate.main(["calibrate", str(tmp_path), "--quiet"] + extra)["runs"]
-        assert [r["temperature"] for r in again if os.path.samefile(r["dir"], fold0)] == [pytest.approx(t)]
+        (rec,) = [r for r in again if os.path.samefile(r["dir"], fold0)]
+        assert rec["temperature"] == pytest.approx(t) and rec["test"]["after"]["nll"] == pytest.approx(
+            metrics.calibration_metrics(test_labels, evaluate.probabilities(logits[0], t))["nll"])
     two = rng.integers(0, 2, 30)
     for fold in range(4):                                 # CN vs AD folds of the same model, seed and version
         z = rng.normal(0, 1, (30, 2)) + 2 * np.eye(2)[two]
@@ -5138,6 +5181,17 @@ def test_predict_shows_progress_over_its_batches_when_long_one_line_per_member_a
     predict.main(args + ["--quiet"])
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and out[0].startswith("60 subjects x 1 models") and out[1].startswith("ensemble on"), out
+
+
+def test_select_layers_says_its_progress_over_the_draws_and_nothing_of_it_with_quiet(ad_cohort60, monkeypatch, capsys):
+    """100 draws of each layer of the AD backbone take about 10 minutes on a CPU."""
+    monkeypatch.setattr(evaluate, "Progress", lambda *a, **k: data.Progress(*a, **{**k, "every": 0}))
+    for quiet in ([], ["--quiet"]):
+        evaluate.main(["select-layers", "--task", "ad", "--data-csv", str(ad_cohort60), "--samples", "2", "--draws",
+                       "2", *quiet])
+        out = capsys.readouterr().out
+        assert (re.search(r"loss entropy: 2 of (\d+) draws .*\n(.*\n)*loss entropy: \1 draws in ", out) is None) == \
+            bool(quiet), out
 
 
 def test_preprocess_the_data_checks_and_the_demo_cohort_say_their_progress_and_nothing_of_it_with_quiet(

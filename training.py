@@ -236,6 +236,8 @@ def common_run_fields(args, device, task, demo, real):
         check_number("--" + k.replace("_", "-"), args.get(k), least=least,
                      most=2 ** 31 - 1 if k in ("version", "split_seed") else None)   # a seed torch takes
     check_number("--lr", args.get("lr"), above=0)
+    if os.path.exists(args["out"]) and not os.path.isdir(args["out"]):       # before the cohort is generated
+        raise UserError(f"--out {args['out']}: a file, not a folder; give the folder for the runs")
     precision = resolve_precision(args["precision"], device, quiet)     # refused before the cohort is generated
     with main_first():  # torchrun: rank 0 generates the synthetic cohort, the others wait for it
         data_csv = builtin_cohort(task, args["data_dir"], quiet) if synthetic else args["data_csv"]
@@ -688,8 +690,9 @@ class FinishedRun:
         return model.to(device).eval()
 
     def read_metrics(self):
-        metrics = self.read_json("metrics.json")
-        if not all(isinstance(metrics.get(part), dict) for part in ("val", "test")):   # what the trainers write
+        metrics, need = self.read_json("metrics.json"), ("mae",) * (self.run.task == "brain-age")   # evaluate ranks
+        if not all(isinstance(metrics.get(part), dict) and all(type(metrics[part].get(k)) in (int, float) for k in need)
+                   for part in ("val", "test")):                                       # what the trainers write
             raise UserError(f"{os.path.join(self.dir, 'metrics.json')}: not the metrics.json a training run writes")
         return metrics
 
@@ -723,6 +726,12 @@ class FinishedRun:
             raise UserError(f"{path}: missing or unreadable test predictions ({type(exc).__name__})") from None
         if "subjects" not in pred or not ({"probs", "labels"} <= set(pred) or {"pred", "age", "sex"} <= set(pred)):
             raise UserError(f"{path}: not the test predictions of a training run (arrays: {', '.join(pred)})")
+        n, c = len(pred["subjects"]), len(self.class_names)              # AD: (n, c) finite probabilities
+        if pred.get("probs", np.zeros((n, c))).shape != (n, c) or not np.isfinite(pred.get("probs", 0)).all() \
+                or any(len(pred[k]) != n for k in ("labels", "pred", "age", "sex") if k in pred):
+            raise UserError(f"{path}: its arrays ({', '.join(f'{k} {v.shape}' for k, v in pred.items())}) do not fit "
+                            f"one another{f' and the {c} classes of the run' if c else ''}, or hold NaN: edited? train "
+                            f"the run again")
         return pred
 
 
@@ -782,8 +791,13 @@ def calibrate(run_dir, outputs):
         record["warning"] = (f"{run_dir}: the temperature's fit ended at the search's lower bound ({T:.3g}; a "
                              f"perfectly separated validation set): not used, T = 1 (no scaling)")
         warn(record["warning"])
-    for part, (logits, labels) in outputs.items():
-        record[part] = {"before": calibration_metrics(labels, probabilities(logits)),
-                        "after": calibration_metrics(labels, probabilities(logits, record["temperature"]))}
+    record.update(calibration_change(outputs, record["temperature"]))
     write_json(record, os.path.join(run_dir, CALIBRATION_FILE))
     return record
+
+
+def calibration_change(outputs, temperature):
+    """{part: {"before": its calibration metrics at T = 1, "after": at `temperature`}} of read_logits' outputs."""
+    return {part: {"before": calibration_metrics(labels, probabilities(logits)),
+                   "after": calibration_metrics(labels, probabilities(logits, temperature))}
+            for part, (logits, labels) in outputs.items()}
