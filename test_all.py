@@ -1395,9 +1395,11 @@ def test_a_run_named_twice_is_one_member_and_a_runs_metrics_file_is_not_called_a
 # Tables 5-6, Fig. 2-3 written out as plain functional calls: order of conv / activation / pool / BN / dropout, each
 # dropout rate in its place, each BN's momentum, what is concatenated where. Run in training mode from one RNG seed,
 # model and reference draw the same dropout masks only when every rate and place agree; the running statistics the
-# reference's BN calls leave (with the momenta written here) must equal the model's.
-def _bn_train(x, norm, momentum):
-    return F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias, True, momentum, norm.eps)
+# reference's BN calls leave (with the momenta written here) must equal the model's. Then in eval mode: the running
+# statistics, no dropout.
+def _bn(x, norm, momentum):
+    return F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias, norm.training, momentum,
+                        norm.eps)
 
 
 def _hyper_weights(layer, e):
@@ -1411,8 +1413,8 @@ def _brain_age_by_hand(net, name, image, sex):
     for i in (1, 2, 3):                               # Conv ReLU Conv ReLU MaxPool BN (Fig. 2), BN momentum 0.1
         a, b = getattr(net, f"conv{i}_a"), getattr(net, f"conv{i}_b")
         x = F.relu(F.conv3d(F.relu(F.conv3d(x, a.weight, a.bias)), b.weight, b.bias))
-        x = _bn_train(F.max_pool3d(x, 2), getattr(net, f"batchnorm{i}"), 0.1)
-    x = F.dropout3d(x, 0.2, True).flatten(1)          # Dropout3d(0.2), then flatten
+        x = _bn(F.max_pool3d(x, 2), getattr(net, f"batchnorm{i}"), 0.1)
+    x = F.dropout3d(x, 0.2, net.training).flatten(1)          # Dropout3d(0.2), then flatten
     for n in ("linear1", "linear2", "linear3", "final_layer"):
         layer = getattr(net, n)
         if name == "hyperfusion":                     # its own embedding Linear(2, k) of the sex vector
@@ -1438,7 +1440,7 @@ def _ad_block_by_hand(block, x, tabular, stride, rate, name):
     def embed():                                      # Linear BatchNorm1d(8) PReLU, one call per hyperlayer
         lin, norm, prelu = block.conv1.hypernet.embedding if isinstance(block.conv1, HyperConv) else \
             block.downsample.hypernet.embedding
-        return F.prelu(_bn_train(F.linear(tabular, lin.weight, lin.bias), norm, 0.1), prelu.weight)
+        return F.prelu(_bn(F.linear(tabular, lin.weight, lin.bias), norm, 0.1), prelu.weight)
     h = x
     if name in ("film", "daft"):                      # scale * F + shift on the residual branch, no activation
         z = tabular if name == "film" else torch.cat([x.mean((2, 3, 4)), tabular], 1)      # DAFT: pooled F too
@@ -1446,31 +1448,32 @@ def _ad_block_by_hand(block, x, tabular, stride, rate, name):
         assert (scale < 0).any() and (shift.abs() > 0.1).any()                         # a real modulation
         h = scale * x + shift
     e1 = embed() if isinstance(block.conv1, HyperConv) else None
-    h = _conv_by_hand(block.conv1, F.dropout3d(F.relu(_bn_train(h, block.bn1, 0.05)), rate, True), e1, stride, 1)
+    h = _conv_by_hand(block.conv1, F.dropout3d(F.relu(_bn(h, block.bn1, 0.05)), rate, block.training), e1,
+                      stride, 1)
     e2 = embed() if isinstance(block.conv2, HyperConv) else None
-    h = _conv_by_hand(block.conv2, F.dropout3d(F.relu(_bn_train(h, block.bn2, 0.05)), rate, True), e2, 1, 1)
+    h = _conv_by_hand(block.conv2, F.dropout3d(F.relu(_bn(h, block.bn2, 0.05)), rate, block.training), e2, 1, 1)
     if isinstance(block.downsample, HyperConv):       # the shortcut reads the original (unmodulated) map
-        return h + _bn_train(_conv_by_hand(block.downsample, x, embed(), stride, 0), block.downsample_bn, 0.05)
+        return h + _bn(_conv_by_hand(block.downsample, x, embed(), stride, 0), block.downsample_bn, 0.05)
     if block.downsample is None:
         return h + x
     norm, conv = block.downsample
-    return h + F.conv3d(_bn_train(x, norm, 0.05), conv.weight, conv.bias, stride)
+    return h + F.conv3d(_bn(x, norm, 0.05), conv.weight, conv.bias, stride)
 
 
 def _ad_by_hand(net, name, image, tabular):
     if name == "tabular":                             # Linear(n_tab, 8) BatchNorm1d(8) PReLU Linear(8, 3), Fig. 3C
         lin, norm, prelu = net.embedding
-        e = F.prelu(_bn_train(F.linear(tabular, lin.weight, lin.bias), norm, 0.1), prelu.weight)
+        e = F.prelu(_bn(F.linear(tabular, lin.weight, lin.bias), norm, 0.1), prelu.weight)
         return F.linear(e, net.head.weight, net.head.bias)
     c = net.conv_bn_relu[0]                           # Conv3d(1, f, 3, pad 1) BN(0.05) ReLU, MaxPool3d(2)
-    x = F.max_pool3d(F.relu(_bn_train(F.conv3d(image, c.weight, c.bias, 1, 1), net.conv_bn_relu[1], 0.05)), 2)
+    x = F.max_pool3d(F.relu(_bn(F.conv3d(image, c.weight, c.bias, 1, 1), net.conv_bn_relu[1], 0.05)), 2)
     for i, stride, rate in ((1, 1, 0.1), (2, 2, 0.2), (3, 2, 0.2), (4, 2, 0.3)):
         x = _ad_block_by_hand(getattr(net, f"block{i}"), x, tabular, stride, rate, name if i == 4 else "imaging")
-    x = F.dropout(F.adaptive_avg_pool3d(x, 1).flatten(1), 0.6, True)                   # Dropout(0.6)
+    x = F.dropout(F.adaptive_avg_pool3d(x, 1).flatten(1), 0.6, net.training)             # Dropout(0.6)
     if name == "concat":                              # the tabular vector next to the pooled image features
         x = torch.cat([x, tabular], 1)
     x = F.relu(F.linear(x, net.fc1.weight, net.fc1.bias))                              # fc1 ReLU
-    return F.linear(F.dropout(x, 0.5, True), net.fc2.weight, net.fc2.bias)            # Dropout(0.5) fc2
+    return F.linear(F.dropout(x, 0.5, net.training), net.fc2.weight, net.fc2.bias)  # Dropout(0.5) fc2
 
 
 # every model of each task; HyperFusion also with another embedding size and hyperlayers (App. D)
@@ -1529,13 +1532,15 @@ def test_tables_5_6_each_network_computes_its_layers_in_the_papers_order_with_it
     torch.manual_seed(7)
     out = net(image, tab)
     torch.manual_seed(7)
+    reference = _brain_age_by_hand if task == "brain-age" else _ad_by_hand
     with torch.no_grad():
-        expected = (_brain_age_by_hand if task == "brain-age" else _ad_by_hand)(by_hand, name, image, tab)
-    torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(out, reference(by_hand, name, image, tab))
     for (k, v), (k2, v2) in zip(net.state_dict().items(), by_hand.state_dict().items()):     # BN momenta
         assert k == k2 and (k.endswith("num_batches_tracked") or torch.allclose(v, v2, rtol=1e-5, atol=1e-6)), k
     out.square().sum().backward()
     assert [n for n, p in net.named_parameters() if p.grad is None] == []
+    with torch.no_grad():                             # eval: the same layers on the running statistics, no dropout
+        torch.testing.assert_close(net.eval()(image, tab), reference(by_hand.eval(), name, image, tab))
 
 
 @pytest.mark.parametrize("task,name,options", MODEL_CASES)
