@@ -3289,7 +3289,8 @@ def test_numeric_options_out_of_range_are_refused_naming_the_option(tmp_path):
     base = ["--data-csv", csv_path, "--out", tmp_path / "runs", "--model", "tabular", "--quiet"]
     for option, value in [("--batch-size", "0"), ("--lr", "-1"), ("--weight-decay", "nan"), ("--workers", "-1"),
                           ("--version", "-5"), ("--epochs", "0"), ("--split-seed", "-1"), ("--lr", "inf"),
-                          ("--version", str(2 ** 31)), ("--split-seed", "35184372088832")]:   # no seed torch takes
+                          ("--version", str(2 ** 31)), ("--split-seed", "35184372088832"),    # no seed torch takes
+                          ("--workers", str(4 * training.cores() + 1))]:      # a typo would spawn processes unbounded
         assert_clean_error(run_main(train_ad.main, *base, option, value), f"{option} {value}")
     assert_clean_error(run_main(train_ad.main, *base, "--batch-size", "1"), "--batch-size 1", "at least 2")   # BN
     assert_clean_error(run_main(train_brain_age.main, "--data-csv", csv_path, "--batch-size", "0"), "at least 1")

@@ -219,7 +219,8 @@ def add_common_arguments(p):
                        **({"choices": LR_SCHEDULES} if k == "lr_schedule" else {}))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS], help="auto: fp32; bf16, fp16: CUDA")
-    p.add_argument("--workers", type=int, help="loader workers (default: CUDA min(8, cores / processes), CPU 0)")
+    p.add_argument("--workers", type=int,
+                   help="loader workers, at most 4 a core (default: CUDA min(8, cores / processes), CPU 0)")
     p.add_argument("--sync-bn", action="store_true", help="torchrun on CUDA: batch norms over the whole batch")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step: the same arithmetic, "
                    "a step 1.13-1.30x faster on a CPU after 10-30 s of compiling: for long runs (RESULTS.md)")
@@ -232,9 +233,10 @@ def common_run_fields(args, device, task, demo, real):
     """The RunConfig fields both trainers resolve alike: the table (the built-in synthetic cohort without
     --data-csv), the schedule (numbers checked; unset ones the demo's or Table 1's), the images, the precision."""
     synthetic, quiet = args["data_csv"] is None, args["quiet"]
+    most = dict(version=2 ** 31 - 1, split_seed=2 ** 31 - 1,   # a seed torch takes
+                workers=4 * cores())                           # loader processes: a typo would spawn thousands
     for k, least in dict(epochs=1, batch_size=1, weight_decay=0, workers=0, version=0, split_seed=0).items():
-        check_number("--" + k.replace("_", "-"), args.get(k), least=least,
-                     most=2 ** 31 - 1 if k in ("version", "split_seed") else None)   # a seed torch takes
+        check_number("--" + k.replace("_", "-"), args.get(k), least=least, most=most.get(k))
     check_number("--lr", args.get("lr"), above=0)
     if os.path.exists(args["out"]) and not os.path.isdir(args["out"]):       # before the cohort is generated
         raise UserError(f"--out {args['out']}: a file, not a folder; give the folder for the runs")
