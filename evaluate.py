@@ -731,6 +731,8 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
               + (["--image-dir", image_dir] if image_dir else []) + (["--cache-dir", cache_dir] if cache_dir else [])
               + ([] if verbose else ["--quiet"]) + ["--compile"] * compile)
     vs = versions if versions is not None else (0,) if task == "ad" else range(5)
+    if tabular_epochs and task == "ad" and "hyperfusion" in (models or ()):   # else it trains its MLPs at --epochs
+        models = ["tabular", *models]
     where = ([(s, v, f, None) for s in split_seeds for v in vs for f in range(N_FOLDS)] if task == "ad"
              else [(split_seeds[0], v, None, sex) for sex in train_sex for v in vs])
     todo = []        # (run dir, argv, run dir to wait for: HyperFusion's tabular-only MLP)
