@@ -840,6 +840,20 @@ def zscore(volume, inside):
     return np.where(inside, (volume - values.mean()) / max(float(values.std()), 1e-8), 0).astype(np.float32)
 
 
+class NonZeroZscore:
+    """Sec. 4.2.1: each brain-age image z-scored over its non-zero voxels before the model reads it, so a scanner's
+    intensity scale is no feature (as for the AD crops); an ImageCache transform: done once per image."""
+
+    def __call__(self, volume, where="volume"):
+        return zscore(volume, volume != 0)
+
+    def cache_key(self):
+        return "zscored-non-zero"
+
+
+BRAIN_ZSCORE = NonZeroZscore()
+
+
 @dataclass
 class HippocampusCrops:
     """Two boxes around the hippocampi of a RAS volume (Sec. 3.5.2); starts are voxel corners, size (D, H, W).

@@ -595,7 +595,7 @@ def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=
         model = build_model("ad", "imaging", n_tabular=tabular.shape[1], n_classes=3)
         target, loss_fn = torch.as_tensor(table.labels[pick]), F.cross_entropy
     else:
-        image, tabular = np.stack(volumes), data.sex_onehot(table.sex[pick])
+        image, tabular = np.stack([data.BRAIN_ZSCORE(v) for v in volumes]), data.sex_onehot(table.sex[pick])   # as fed
         target = torch.as_tensor(AgeTarget(float(table.age.mean())).encode(table.age[pick]))  # as in training
         model = build_model("brain-age", "imaging", image_shape=image.shape[1:])
         loss_fn = lambda pred, y: F.mse_loss(pred.float(), y)                    # Eq. 4

@@ -108,12 +108,12 @@ def member_outputs(members, table, cache_dir, batch_size, device, progress=True,
     for m in members:
         t0, images = time.time(), None
         if m.run.model != "tabular":
-            key = m.crops.cache_key() if m.crops is not None else ""
-            if key not in caches:
-                caches[key] = data.ImageCache(table.image_paths, cache_dir, transform=m.crops,
-                                              names=table.subjects).prepare(progress=progress)
+            transform = m.crops or data.BRAIN_ZSCORE          # an AD image model's boxes, or brain age's z-score
+            if transform.cache_key() not in caches:
+                caches[transform.cache_key()] = data.ImageCache(table.image_paths, cache_dir, transform=transform,
+                                                                names=table.subjects).prepare(progress=progress)
                 shown.rebase()                        # the pace of predicting, not of the first decode
-            images = caches[key]
+            images = caches[transform.cache_key()]
         if m.run.task == "ad":
             temperature = m.temperature if calibrated else 1.0                    # checked by check_members
             inputs, transform = m.tabular.transform(table.raw), lambda z, t=temperature: class_probabilities(z, t)
@@ -145,7 +145,7 @@ def test_set(finished_run, data_csv=None, image_dir=None, part="test"):
     test_idx, images = parts[{"val": 1, "test": 2}[part]], None
     if image_model:  # the training run's cache (same folder and crops), so nothing is decoded again
         cache = data.ImageCache(table.image_paths, data.cache_folder(run.cache_dir, run.data_csv),
-                                transform=finished_run.crops, names=table.subjects)
+                                transform=finished_run.crops or data.BRAIN_ZSCORE, names=table.subjects)
         images = torch.utils.data.Subset(cache, test_idx)
     return run, table, test_idx, images
 

@@ -145,7 +145,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_brain_age_ensembles_the_five_versions_with_the_lowest_validation_mae,
 #     test_brain_age_versions_whose_validation_subjects_differ_are_refused_in_one_line,
 #     test_predict_reads_each_brain_age_member_with_its_own_target_and_corrects_the_eq6_means_gap_by_the_mean_fit,
-#     test_the_brain_age_network_gives_the_age_in_float32_under_bfloat16
+#     test_the_brain_age_network_gives_the_age_in_float32_under_bfloat16,
+#     test_brain_age_scans_at_another_scanners_intensity_scale_are_read_as_their_z_scores_in_training_and_prediction
 # Fig. 4A training sets, Sec. 4.2.5's 2->2 embedding, Fig. 4 sweep and plots:
 #     test_fig4a_training_sets_are_one_size_min_men_women_drawn_with_the_seed_and_the_mix_is_half_and_half,
 #     test_fig4a_training_sets_are_drawn_from_the_training_split_alone,
@@ -2634,8 +2635,8 @@ def test_app_c4_oversampling_draws_every_class_equally_often_over_an_epoch(ad_co
 
 # ----------------------------------------------------------------------------------------------
 # The program: real data in
-# Tables and NIfTI folders read as exported (ADNIMERGE, aliases, .nii, BOM), the image cache decoded once and kept
-# in step with its sources, the synthetic cohorts.
+# Tables and NIfTI folders read as exported (ADNIMERGE, aliases, .nii, BOM; brain-age scans at any intensity scale),
+# the image cache decoded once and kept in step with its sources, the synthetic cohorts.
 
 
 def _nii_copy(cohort_csv, folder):
@@ -2676,6 +2677,32 @@ def _set_inputs(run_dir, **inputs):
     ckpt = torch.load(path, weights_only=True)
     ckpt["inputs"].update(inputs)
     training.save_checkpoint(ckpt, path)
+
+
+def test_brain_age_scans_at_another_scanners_intensity_scale_are_read_as_their_z_scores_in_training_and_prediction(
+        brain_age_cohort40, brain_age_run, tmp_path, monkeypatch):
+    """Sec. 4.2.1: every image z-scored over its non-zero voxels before the model reads it; a raw export (its
+    scale, one per scan) predicts as the preprocessed scans do, and training reads its images through it too."""
+    table, rng, (_, run_dir) = data.read_brain_age_table(brain_age_cohort40), np.random.default_rng(0), brain_age_run
+    os.makedirs(tmp_path / "images")
+    for p in table.image_paths:
+        img = nib.load(p)
+        v = np.asarray(img.dataobj, np.float32)                  # z-scored, above -4
+        nib.save(nib.Nifti1Image(np.where(v != 0, rng.uniform(300, 3000) * (v + 4), 0).astype(np.float32),
+                                 img.affine), tmp_path / "images" / os.path.basename(p))
+    shutil.copy(brain_age_cohort40, tmp_path / "raw.csv")
+    as_stored = _predict(run_dir, "--data-csv", brain_age_cohort40, "--out", tmp_path / "a.csv")["combined"]
+    raw = _predict(run_dir, "--data-csv", tmp_path / "raw.csv", "--out", tmp_path / "b.csv")["combined"]
+    np.testing.assert_allclose(raw, as_stored, atol=1e-3)
+    seen = []
+
+    def prepare(cache, progress=True):                           # training decodes its images with the transform
+        seen.append(cache.transform)
+        raise _Stop
+    monkeypatch.setattr(data.ImageCache, "prepare", prepare)
+    with pytest.raises(_Stop):
+        train_brain_age.main(_ba_args(tmp_path / "raw.csv", tmp_path / "runs", "--epochs", "1"))
+    assert seen == [data.BRAIN_ZSCORE]
 
 
 def test_synthetic_ad_cohort_loads_back_with_its_shapes_and_labels(ad_cohort40):

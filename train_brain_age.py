@@ -83,7 +83,7 @@ def run_brain_age(args, device, run):
     image_shape, voxel = data.check_image_geometry(table.image_paths, table.subjects)
     with main_first():  # torchrun: rank 0 decodes, the others then find every entry decoded
         cache = data.ImageCache(table.image_paths, data.cache_folder(run.cache_dir, run.data_csv),
-                                names=table.subjects).prepare(not quiet)
+                                transform=data.BRAIN_ZSCORE, names=table.subjects).prepare(not quiet)
     sex = data.sex_onehot(table.sex)                                            # (N, 2) [male, female]
     target = AgeTarget(centre=float(table.age[train_idx].mean()))
     inputs = {"n_tabular": 2, "image_shape": list(image_shape), "voxel_size": list(voxel),
