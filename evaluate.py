@@ -724,6 +724,11 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
     if task == "brain-age" and len(split_seeds) != 1:
         raise UserError("brain-age runs are not kept per split seed (runs/brain-age/<model>/v<V>): give one "
                         "--split-seeds value")
+    other = {"--binary": binary, "--tabular-epochs": tabular_epochs} if task == "brain-age" else {
+        "--train-sex": list(train_sex) != ["all"], "--embedding-dim": embedding_dim != 1}   # never ignored unsaid
+    if given := [o for o, v in other.items() if v]:
+        raise UserError(f"{given[0]}: an option of the {'AD' if task == 'brain-age' else 'brain-age'} runs, not of "
+                        f"--task {task}'s; leave it out")
     if bad := [m for m in models or () if m not in known]:
         raise UserError(f"--models {bad[0]}: not {'an AD' if task == 'ad' else 'a brain-age'} model (one of "
                         f"{', '.join(known)})")

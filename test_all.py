@@ -3335,6 +3335,10 @@ def test_numeric_options_out_of_range_are_refused_naming_the_option(tmp_path):
     for option in ("--split-seeds", "--versions"):           # a seed the trainers take, before a command is printed
         assert_clean_error(run_main(evaluate.main, "protocol", "--task", "ad", option, 2 ** 31, "--print-commands"),
                            f"{option} {2 ** 31}", "at most 2147483647")
+    for task, option in (("ad", "--train-sex M"), ("ad", "--embedding-dim 2"), ("brain-age", "--binary"),
+                         ("brain-age", "--tabular-epochs 5")):              # the other task's: refused, not ignored
+        assert_clean_error(run_main(evaluate.main, "protocol", "--task", task, *option.split(), "--print-commands"),
+                           option.split()[0], f"not of --task {task}'s")
     assert_clean_error(run_main(evaluate.main, "select-layers", "--task", "ad", "--seed", 2 ** 64), f"--seed {2 ** 64}")
     assert_clean_error(run_main(lambda argv: np.zeros(1 << 62, np.uint8)), "Unable to allocate")   # one line too
     # argparse's own refusals are one line too (not its usage line first)
