@@ -108,12 +108,12 @@ def member_outputs(members, table, cache_dir, batch_size, device, progress=True,
     for m in members:
         t0, images = time.time(), None
         if m.run.model != "tabular":
-            transform = m.crops or data.BRAIN_ZSCORE          # an AD image model's boxes, or brain age's z-score
-            if transform.cache_key() not in caches:
-                caches[transform.cache_key()] = data.ImageCache(table.image_paths, cache_dir, transform=transform,
+            per_image = m.crops or data.BRAIN_ZSCORE          # an AD image model's boxes, or brain age's z-score
+            if per_image.cache_key() not in caches:
+                caches[per_image.cache_key()] = data.ImageCache(table.image_paths, cache_dir, transform=per_image,
                                                                 names=table.subjects).prepare(progress=progress)
                 shown.rebase()                        # the pace of predicting, not of the first decode
-            images = caches[transform.cache_key()]
+            images = caches[per_image.cache_key()]
         if m.run.task == "ad":
             temperature = m.temperature if calibrated else 1.0                    # checked by check_members
             inputs, transform = m.tabular.transform(table.raw), lambda z, t=temperature: class_probabilities(z, t)
