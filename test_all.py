@@ -3617,7 +3617,8 @@ def test_a_resumed_run_that_trains_further_never_leaves_the_old_metrics_beside_i
 
 
 def test_a_folder_in_use_by_a_live_process_is_refused_and_a_killed_one_leaves_no_stuck_lock(ad_cohort60, tmp_path):
-    """The lock is an flock, which the OS drops with its process: kill -9 leaves none stuck."""
+    """The lock is an flock, which the OS drops with its process: kill -9 leaves none stuck, and the next run of the
+    folder removes the temporary file of the write it cut short (a partial last.pt, 46 MB for HyperFusion)."""
     run_dir, args = _run_dir(tmp_path, "tabular"), _tabular_args(ad_cohort60, tmp_path, "--epochs", "1")
     with training.claim_run_folder(run_dir, resume=False):        # held by this process (another open file)
         assert_clean_error(run_main(train_ad.main, *args), run_dir, "in use by another training process",
@@ -3637,6 +3638,7 @@ def test_a_folder_in_use_by_a_live_process_is_refused_and_a_killed_one_leaves_no
         holder.wait()
         holder.stdout.close()
     assert os.path.isfile(lock)                                   # its file stays, its lock went with it
+    data.write_text("a checkpoint cut short", os.path.join(run_dir, ".tmp-0123456789ab-last.pt"))   # and its write
     train_ad.main(args)
     assert sorted(os.listdir(run_dir)) == sorted(training.RUN_FILES)   # trained; the lock file removed at its end
 

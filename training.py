@@ -283,6 +283,9 @@ def claim_run_folder(run_dir, resume):
                     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
                     break
                 os.close(fd)
+            for f in os.listdir(run_dir) if refusal is None else ():    # a killed writer's partial file (kill -9)
+                if f.startswith(".tmp-") and f.split("-", 2)[-1] in RUN_FILES:
+                    os.remove(os.path.join(run_dir, f))
             refusal = refusal or occupied(run_dir, resume)
         refusal = first_reported(refusal)      # torchrun: rank 0's verdict is every process's
         if refusal:
