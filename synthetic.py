@@ -31,8 +31,9 @@ import uuid
 import numpy as np
 from scipy import ndimage
 
-from data import (AD_ATTRIBUTES, CLASS_NAMES, ArgumentParser, HippocampusCrops, Progress, UserError, check_number,
-                  duration_text, read_brain_age_table, read_csv_rows, run_cli, save_nifti, write_csv, write_json)
+from data import (AD_ATTRIBUTES, CLASS_NAMES, ArgumentParser, HippocampusCrops, Progress, UserError, cache_lock,
+                  check_number, duration_text, read_brain_age_table, read_csv_rows, run_cli, save_nifti, write_csv,
+                  write_json)
 from metrics import fmt, markdown_table, regression_metrics
 
 AD_SYNTH = {
@@ -293,17 +294,19 @@ def builtin_cohort(task, data_dir, quiet=False):
     if os.path.exists(data_dir) and not os.path.isdir(data_dir):
         raise UserError(f"--data-dir {data_dir}: a file, not a folder; give the folder for the synthetic cohort")
     csv_path = os.path.abspath(os.path.join(data_dir, folder, name))
-    info = {}
-    with contextlib.suppress(OSError, ValueError), open(os.path.join(os.path.dirname(csv_path), "cohort.json")) as f:
-        info = json.load(f)
-    if os.path.isfile(csv_path) and all(info.get(k) == v for k, v in
-                                        json.loads(json.dumps({"generator": SYNTH[task], **options})).items()):
-        return csv_path
-    why = "its cohort.json is not the current generator's" if os.path.isfile(csv_path) else "first use only"
-    shown = Progress(f"generating the synthetic {task} cohort", 1, quiet=quiet)
-    shown.say(f"generating the synthetic {task} cohort in {os.path.dirname(csv_path)} ({why}) ...")
-    make(os.path.dirname(csv_path), **options, verbose=not quiet)
-    shown.say(f"generated in {duration_text(shown.elapsed())}")
+    os.makedirs(data_dir, exist_ok=True)
+    with cache_lock(data_dir):    # runs started at once (a job array): one generates, the others wait and find it
+        info = {}
+        with contextlib.suppress(OSError, ValueError), open(os.path.join(data_dir, folder, "cohort.json")) as f:
+            info = json.load(f)
+        if os.path.isfile(csv_path) and all(info.get(k) == v for k, v in
+                                            json.loads(json.dumps({"generator": SYNTH[task], **options})).items()):
+            return csv_path
+        why = "its cohort.json is not the current generator's" if os.path.isfile(csv_path) else "first use only"
+        shown = Progress(f"generating the synthetic {task} cohort", 1, quiet=quiet)
+        shown.say(f"generating the synthetic {task} cohort in {os.path.dirname(csv_path)} ({why}) ...")
+        make(os.path.dirname(csv_path), **options, verbose=not quiet)
+        shown.say(f"generated in {duration_text(shown.elapsed())}")
     return csv_path
 
 

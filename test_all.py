@@ -21,6 +21,7 @@ import sys
 import types
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import nibabel as nib
 import numpy as np
@@ -2974,9 +2975,17 @@ def test_failed_synthesis_leaves_no_partial_cohort(tmp_path, monkeypatch):
     assert not (tmp_path / "x").exists()
 
 
-def test_a_built_in_cohort_that_another_generator_wrote_is_written_again(tmp_path, monkeypatch):
+def test_a_built_in_cohort_that_another_generator_wrote_is_written_again_and_runs_started_at_once_make_it_once(
+        tmp_path, monkeypatch):
+    """Two runs started at once on a fresh --data-dir: the second generated too and moved the first's cohort away
+    while the first read it ('cannot write ... cache ... No such file or directory')."""
     folder, name, make, _ = synthetic.BUILTIN["brain-age"]
-    monkeypatch.setitem(synthetic.BUILTIN, "brain-age", (folder, name, make, dict(n=12, seed=0)))
+    made = []
+    monkeypatch.setitem(synthetic.BUILTIN, "brain-age", (folder, name, lambda *a, **k: made.append(make(*a, **k)),
+                                                         dict(n=12, seed=0)))
+    with ThreadPoolExecutor(2) as pool:
+        assert len(set(pool.map(synthetic.builtin_cohort, ["brain-age"] * 2, [tmp_path / "at-once"] * 2))) == 1
+    assert len(made) == 1 and os.listdir(tmp_path / "at-once") == [folder]
     csv_path = synthetic.builtin_cohort("brain-age", tmp_path)
     stamp = os.stat(csv_path).st_mtime_ns
     assert synthetic.builtin_cohort("brain-age", tmp_path) == csv_path and os.stat(csv_path).st_mtime_ns == stamp
