@@ -130,7 +130,8 @@ def _cohort(task, out_dir, n, seed, verbose):
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and (not os.listdir(out_dir)
                                         or os.path.isfile(os.path.join(out_dir, "cohort.json")))):
-        raise UserError(f"{out_dir}: exists and is not an empty folder or a synthetic cohort; choose another --out")
+        raise UserError(f"{out_dir}: exists and is not an empty folder or a synthetic cohort (no cohort.json in it); "
+                        f"empty it, or choose another folder")   # synthetic.py's --out, or the trainers' --data-dir
     rng, grid = np.random.default_rng(seed), head_grid(P["shape"])
     shown = Progress(f"synth-{task}", n, "subjects", quiet=not verbose)
     tmp = os.path.join(os.path.dirname(out_dir), f".tmp-{uuid.uuid4().hex[:12]}-{os.path.basename(out_dir)}")

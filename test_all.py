@@ -2970,6 +2970,10 @@ def test_failed_synthesis_leaves_no_partial_cohort(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="mine"):
         synthetic.main(["ad", "--out", str(tmp_path / "mine"), "--n", "12"])
     assert os.listdir(tmp_path / "mine") == ["notes.txt"] and no_temp_files(tmp_path)
+    (tmp_path / "data" / "synthetic_ad").mkdir(parents=True)       # half-deleted: the trainers' option is --data-dir
+    (tmp_path / "data" / "synthetic_ad" / "ad.csv").write_text("Subject,Group\n")
+    with pytest.raises(UserError, match="synthetic_ad: exists.*no cohort.json.*another folder$"):
+        synthetic.builtin_cohort("ad", tmp_path / "data")
     with pytest.raises(UserError, match="--n"):
         synthetic.make_synthetic_brain_age(tmp_path / "x", n=3)
     assert not (tmp_path / "x").exists()
