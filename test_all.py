@@ -3788,6 +3788,17 @@ def test_a_full_disk_or_an_unwritable_folder_is_one_error_line_naming_the_folder
         assert_clean_error(proc, f"{run_dir}: {says}", os.strerror(error))
         assert re.search(r"it needs \d+ bytes", proc.stderr), proc.stderr
         assert not os.path.exists(run_dir) or os.listdir(run_dir) == []   # no checkpoint, log or temporary file
+
+    def full_after_best(blob, path):   # the first best.pt written, then the disk full: its best.pt went too (or
+        with pytest.MonkeyPatch.context() as mp:   # the rerun was refused: "holds another run's best.pt")
+            if path.endswith("last.pt"):
+                mp.setattr(data, "open", _full_disk_open(runs), raising=False)
+            data.write_bytes(blob, path)
+    monkeypatch.setattr(data, "open", open, raising=False)
+    monkeypatch.setattr(training, "write_bytes", full_after_best)
+    assert_clean_error(run_main(train_ad.main, *_ad_args(ad_cohort40, runs, "--model", "tabular")),
+                       f"{run_dir}: no space left to write last.pt")
+    assert not os.path.exists(run_dir)
     monkeypatch.undo()
     (tmp_path / "a_file").write_text("")
     assert_clean_error(run_main(train_ad.main, *_ad_args(ad_cohort40, tmp_path / "a_file" / "runs", "--model",

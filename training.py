@@ -590,8 +590,14 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
                             **{k: v for k, v in metrics.items() if isinstance(v, float) and k != score_key}})
             ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                     "epoch": epoch, "best": best, "history": history, "initial_loss": initial, **header}
-            for path in ((best_path, last_path) if improved else (last_path,)) if is_main() else ():
-                save_checkpoint(ckpt, path)
+            try:
+                for path in ((best_path, last_path) if improved else (last_path,)) if is_main() else ():
+                    save_checkpoint(ckpt, path)
+            except UserError:          # a full disk: a best.pt without last.pt would block the folder's rerun
+                if saved < 0:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(best_path)
+                raise
             saved = epoch                                         # what last.pt holds from now on
             if is_main():
                 write_log(history, os.path.join(run_dir, "log.csv"))
