@@ -297,6 +297,9 @@ def builtin_cohort(task, data_dir, quiet=False):
     csv_path = os.path.abspath(os.path.join(data_dir, folder, name))
     os.makedirs(data_dir, exist_ok=True)
     with cache_lock(data_dir):    # runs started at once (a job array): one generates, the others wait and find it
+        for old in os.listdir(data_dir):    # the hidden folder of a generation killed (kill -9) half-way
+            if old.startswith(".tmp-") and old.split("-", 2)[-1] in (folder, folder + ".old"):
+                shutil.rmtree(os.path.join(data_dir, old), ignore_errors=True)
         info = {}
         with contextlib.suppress(OSError, ValueError), open(os.path.join(data_dir, folder, "cohort.json")) as f:
             info = json.load(f)

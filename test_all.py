@@ -2982,11 +2982,13 @@ def test_failed_synthesis_leaves_no_partial_cohort(tmp_path, monkeypatch):
 def test_a_built_in_cohort_that_another_generator_wrote_is_written_again_and_runs_started_at_once_make_it_once(
         tmp_path, monkeypatch):
     """Two runs started at once on a fresh --data-dir: the second generated too and moved the first's cohort away
-    while the first read it ('cannot write ... cache ... No such file or directory')."""
+    while the first read it ('cannot write ... cache ... No such file or directory'); a generation killed half-way
+    left its hidden folder (32 MB of the AD cohort) beside the cohort for good."""
     folder, name, make, _ = synthetic.BUILTIN["brain-age"]
     made = []
     monkeypatch.setitem(synthetic.BUILTIN, "brain-age", (folder, name, lambda *a, **k: made.append(make(*a, **k)),
                                                          dict(n=12, seed=0)))
+    os.makedirs(tmp_path / "at-once" / f".tmp-0123456789ab-{folder}" / "images")   # a generation killed half-way
     with ThreadPoolExecutor(2) as pool:
         assert len(set(pool.map(synthetic.builtin_cohort, ["brain-age"] * 2, [tmp_path / "at-once"] * 2))) == 1
     assert len(made) == 1 and os.listdir(tmp_path / "at-once") == [folder]
