@@ -1125,11 +1125,11 @@ class ImageCache:
                 for i in todo:
                     self.decode(i)
                     shown.advance()
-            except KeyboardInterrupt:   # Ctrl-C, or SIGTERM under run_cli: atomic writes leave no partial entry
+            except KeyboardInterrupt as exc:   # Ctrl-C, or SIGTERM under run_cli: atomic writes, no partial entry
                 kept = sum(os.path.exists(self.entry(i)) for i in todo)
-                raise UserError(f"interrupted while decoding the image cache {self.cache_dir}: {kept} of "
-                                f"{len(todo)} images decoded and kept, none half-written; the same command decodes "
-                                f"the rest") from None
+                exc.progress = (f"while decoding the image cache {self.cache_dir}: {kept} of {len(todo)} images "
+                                f"decoded and kept, none half-written")   # run_cli adds the command that goes on
+                raise
             shown.finish()
         return self
 

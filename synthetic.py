@@ -31,8 +31,9 @@ import uuid
 import numpy as np
 from scipy import ndimage
 
-from data import (AD_ATTRIBUTES, CLASS_NAMES, ArgumentParser, HippocampusCrops, Progress, UserError, check_number,
-                  duration_text, read_brain_age_table, read_csv_rows, run_cli, save_nifti, write_csv, write_json)
+from data import (AD_ATTRIBUTES, CLASS_NAMES, ArgumentParser, HippocampusCrops, Progress, UserError, cache_lock,
+                  check_number, duration_text, read_brain_age_table, read_csv_rows, run_cli, save_nifti, write_csv,
+                  write_json)
 from metrics import fmt, markdown_table, regression_metrics
 
 AD_SYNTH = {
@@ -129,7 +130,8 @@ def _cohort(task, out_dir, n, seed, verbose):
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and (not os.listdir(out_dir)
                                         or os.path.isfile(os.path.join(out_dir, "cohort.json")))):
-        raise UserError(f"{out_dir}: exists and is not an empty folder or a synthetic cohort; choose another --out")
+        raise UserError(f"{out_dir}: exists and is not an empty folder or a synthetic cohort (no cohort.json in it); "
+                        f"empty it, or choose another folder")   # synthetic.py's --out, or the trainers' --data-dir
     rng, grid = np.random.default_rng(seed), head_grid(P["shape"])
     shown = Progress(f"synth-{task}", n, "subjects", quiet=not verbose)
     tmp = os.path.join(os.path.dirname(out_dir), f".tmp-{uuid.uuid4().hex[:12]}-{os.path.basename(out_dir)}")
@@ -293,17 +295,22 @@ def builtin_cohort(task, data_dir, quiet=False):
     if os.path.exists(data_dir) and not os.path.isdir(data_dir):
         raise UserError(f"--data-dir {data_dir}: a file, not a folder; give the folder for the synthetic cohort")
     csv_path = os.path.abspath(os.path.join(data_dir, folder, name))
-    info = {}
-    with contextlib.suppress(OSError, ValueError), open(os.path.join(os.path.dirname(csv_path), "cohort.json")) as f:
-        info = json.load(f)
-    if os.path.isfile(csv_path) and all(info.get(k) == v for k, v in
-                                        json.loads(json.dumps({"generator": SYNTH[task], **options})).items()):
-        return csv_path
-    why = "its cohort.json is not the current generator's" if os.path.isfile(csv_path) else "first use only"
-    shown = Progress(f"generating the synthetic {task} cohort", 1, quiet=quiet)
-    shown.say(f"generating the synthetic {task} cohort in {os.path.dirname(csv_path)} ({why}) ...")
-    make(os.path.dirname(csv_path), **options, verbose=not quiet)
-    shown.say(f"generated in {duration_text(shown.elapsed())}")
+    os.makedirs(data_dir, exist_ok=True)
+    with cache_lock(data_dir):    # runs started at once (a job array): one generates, the others wait and find it
+        for old in os.listdir(data_dir):    # the hidden folder of a generation killed (kill -9) half-way
+            if old.startswith(".tmp-") and old.split("-", 2)[-1] in (folder, folder + ".old"):
+                shutil.rmtree(os.path.join(data_dir, old), ignore_errors=True)
+        info = {}
+        with contextlib.suppress(OSError, ValueError), open(os.path.join(data_dir, folder, "cohort.json")) as f:
+            info = json.load(f)
+        if os.path.isfile(csv_path) and all(info.get(k) == v for k, v in
+                                            json.loads(json.dumps({"generator": SYNTH[task], **options})).items()):
+            return csv_path
+        why = "its cohort.json is not the current generator's" if os.path.isfile(csv_path) else "first use only"
+        shown = Progress(f"generating the synthetic {task} cohort", 1, quiet=quiet)
+        shown.say(f"generating the synthetic {task} cohort in {os.path.dirname(csv_path)} ({why}) ...")
+        make(os.path.dirname(csv_path), **options, verbose=not quiet)
+        shown.say(f"generated in {duration_text(shown.elapsed())}")
     return csv_path
 
 

@@ -21,6 +21,7 @@ import sys
 import types
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import nibabel as nib
 import numpy as np
@@ -2997,14 +2998,28 @@ def test_failed_synthesis_leaves_no_partial_cohort(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="mine"):
         synthetic.main(["ad", "--out", str(tmp_path / "mine"), "--n", "12"])
     assert os.listdir(tmp_path / "mine") == ["notes.txt"] and no_temp_files(tmp_path)
+    (tmp_path / "data" / "synthetic_ad").mkdir(parents=True)       # half-deleted: the trainers' option is --data-dir
+    (tmp_path / "data" / "synthetic_ad" / "ad.csv").write_text("Subject,Group\n")
+    with pytest.raises(UserError, match="synthetic_ad: exists.*no cohort.json.*another folder$"):
+        synthetic.builtin_cohort("ad", tmp_path / "data")
     with pytest.raises(UserError, match="--n"):
         synthetic.make_synthetic_brain_age(tmp_path / "x", n=3)
     assert not (tmp_path / "x").exists()
 
 
-def test_a_built_in_cohort_that_another_generator_wrote_is_written_again(tmp_path, monkeypatch):
+def test_a_built_in_cohort_that_another_generator_wrote_is_written_again_and_runs_started_at_once_make_it_once(
+        tmp_path, monkeypatch):
+    """Two runs started at once on a fresh --data-dir: the second generated too and moved the first's cohort away
+    while the first read it ('cannot write ... cache ... No such file or directory'); a generation killed half-way
+    left its hidden folder (32 MB of the AD cohort) beside the cohort for good."""
     folder, name, make, _ = synthetic.BUILTIN["brain-age"]
-    monkeypatch.setitem(synthetic.BUILTIN, "brain-age", (folder, name, make, dict(n=12, seed=0)))
+    made = []
+    monkeypatch.setitem(synthetic.BUILTIN, "brain-age", (folder, name, lambda *a, **k: made.append(make(*a, **k)),
+                                                         dict(n=12, seed=0)))
+    os.makedirs(tmp_path / "at-once" / f".tmp-0123456789ab-{folder}" / "images")   # a generation killed half-way
+    with ThreadPoolExecutor(2) as pool:
+        assert len(set(pool.map(synthetic.builtin_cohort, ["brain-age"] * 2, [tmp_path / "at-once"] * 2))) == 1
+    assert len(made) == 1 and os.listdir(tmp_path / "at-once") == [folder]
     csv_path = synthetic.builtin_cohort("brain-age", tmp_path)
     stamp = os.stat(csv_path).st_mtime_ns
     assert synthetic.builtin_cohort("brain-age", tmp_path) == csv_path and os.stat(csv_path).st_mtime_ns == stamp
@@ -3649,7 +3664,8 @@ def test_a_resumed_run_that_trains_further_never_leaves_the_old_metrics_beside_i
 
 
 def test_a_folder_in_use_by_a_live_process_is_refused_and_a_killed_one_leaves_no_stuck_lock(ad_cohort60, tmp_path):
-    """The lock is an flock, which the OS drops with its process: kill -9 leaves none stuck."""
+    """The lock is an flock, which the OS drops with its process: kill -9 leaves none stuck, and the next run of the
+    folder removes the temporary file of the write it cut short (a partial last.pt, 46 MB for HyperFusion)."""
     run_dir, args = _run_dir(tmp_path, "tabular"), _tabular_args(ad_cohort60, tmp_path, "--epochs", "1")
     with training.claim_run_folder(run_dir, resume=False):        # held by this process (another open file)
         assert_clean_error(run_main(train_ad.main, *args), run_dir, "in use by another training process",
@@ -3669,6 +3685,7 @@ def test_a_folder_in_use_by_a_live_process_is_refused_and_a_killed_one_leaves_no
         holder.wait()
         holder.stdout.close()
     assert os.path.isfile(lock)                                   # its file stays, its lock went with it
+    data.write_text("a checkpoint cut short", os.path.join(run_dir, ".tmp-0123456789ab-last.pt"))   # and its write
     train_ad.main(args)
     assert sorted(os.listdir(run_dir)) == sorted(training.RUN_FILES)   # trained; the lock file removed at its end
 
@@ -3805,6 +3822,17 @@ def test_a_full_disk_or_an_unwritable_folder_is_one_error_line_naming_the_folder
         assert_clean_error(proc, f"{run_dir}: {says}", os.strerror(error))
         assert re.search(r"it needs \d+ bytes", proc.stderr), proc.stderr
         assert not os.path.exists(run_dir) or os.listdir(run_dir) == []   # no checkpoint, log or temporary file
+
+    def full_after_best(blob, path):   # the first best.pt written, then the disk full: its best.pt went too (or
+        with pytest.MonkeyPatch.context() as mp:   # the rerun was refused: "holds another run's best.pt")
+            if path.endswith("last.pt"):
+                mp.setattr(data, "open", _full_disk_open(runs), raising=False)
+            data.write_bytes(blob, path)
+    monkeypatch.setattr(data, "open", open, raising=False)
+    monkeypatch.setattr(training, "write_bytes", full_after_best)
+    assert_clean_error(run_main(train_ad.main, *_ad_args(ad_cohort40, runs, "--model", "tabular")),
+                       f"{run_dir}: no space left to write last.pt")
+    assert not os.path.exists(run_dir)
     monkeypatch.undo()
     (tmp_path / "a_file").write_text("")
     assert_clean_error(run_main(train_ad.main, *_ad_args(ad_cohort40, tmp_path / "a_file" / "runs", "--model",
@@ -3873,7 +3901,9 @@ def test_ctrl_c_or_sigterm_during_a_cache_decode_is_one_line_and_leaves_nothing_
     paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))
     proc = _under_signal(sig, lambda: run_main(lambda argv: data.ImageCache(paths, str(tmp_path / "cache")).prepare(
         progress=False)))
-    assert_clean_error(proc, "interrupted", tmp_path / "cache", "decoded and kept", "none half-written")
+    assert proc.returncode == 128 + sig and len(proc.stderr.splitlines()) == 1, proc.stderr   # exit 2 said bad input
+    assert re.match(rf"interrupted \((Ctrl-C|SIGTERM)\) while decoding the image cache {tmp_path / 'cache'}: \d+ of "
+                    r"40 images decoded and kept, none half-written; run again with: ", proc.stderr), proc.stderr
     assert int(re.search(r"(\d+) of 40 images decoded", proc.stderr).group(1)) < 40   # stopped, not waited for
     assert no_temp_files(tmp_path / "cache")
 

@@ -283,6 +283,9 @@ def claim_run_folder(run_dir, resume):
                     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
                     break
                 os.close(fd)
+            for f in os.listdir(run_dir) if refusal is None else ():    # a killed writer's partial file (kill -9)
+                if f.startswith(".tmp-") and f.split("-", 2)[-1] in RUN_FILES:
+                    os.remove(os.path.join(run_dir, f))
             refusal = refusal or occupied(run_dir, resume)
         refusal = first_reported(refusal)      # torchrun: rank 0's verdict is every process's
         if refusal:
@@ -587,8 +590,14 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
                             **{k: v for k, v in metrics.items() if isinstance(v, float) and k != score_key}})
             ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                     "epoch": epoch, "best": best, "history": history, "initial_loss": initial, **header}
-            for path in ((best_path, last_path) if improved else (last_path,)) if is_main() else ():
-                save_checkpoint(ckpt, path)
+            try:
+                for path in ((best_path, last_path) if improved else (last_path,)) if is_main() else ():
+                    save_checkpoint(ckpt, path)
+            except UserError:          # a full disk: a best.pt without last.pt would block the folder's rerun
+                if saved < 0:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(best_path)
+                raise
             saved = epoch                                         # what last.pt holds from now on
             if is_main():
                 write_log(history, os.path.join(run_dir, "log.csv"))
