@@ -331,9 +331,9 @@ def parse_attribute(col, text, checked=True):
         if col in AD_ATTRIBUTES and float(s) in MISSING_CODES:
             return math.nan
     if col == "PTGENDER":
-        if s and s.lower() not in SEX_CODES:
+        if s.upper() not in EMPTY_CELLS and s.lower() not in SEX_CODES:     # R's NA empty as in every column
             raise ValueError(f"expected Male or Female, got {s!r}")
-        return float(SEX_CODES[s.lower()]) if s else math.nan
+        return math.nan if s.upper() in EMPTY_CELLS else float(SEX_CODES[s.lower()])
     if s[:1] in ("<", ">") and col not in CENSORED:
         raise ValueError(f"censored value {s!r}: only the CSF assays ({', '.join(CENSORED)}) are censored")
     try:
