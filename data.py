@@ -504,7 +504,7 @@ GROUP_ALIASES = {"CN": "CN", "MCI": "MCI", "EMCI": "MCI", "LMCI": "MCI", "AD": "
 IMAGE_SUFFIXES = (".nii.gz", ".nii")
 
 
-def read_csv_rows(csv_path, required):
+def read_csv_rows(csv_path, required, optional=()):
     """-> ([(line number, row dict)], fieldnames), the delimiter, columns, quotes, field counts and encoding checked."""
     if not os.path.isfile(csv_path):
         raise UserError(f"{csv_path}: " + ("a folder, not a table (a CSV file)" if os.path.isdir(csv_path) else
@@ -516,7 +516,9 @@ def read_csv_rows(csv_path, required):
             header = next(reader, None)
             if header is None:
                 raise UserError(f"{csv_path}: empty file, no header line")
-            fields = [c.strip() for c in header]
+            fields = [c.strip() for c in header]   # a column read in any case (ptgender, AGE for Age) takes its name
+            fields = [next((k for k in (*required, *optional) if k.lower() == c.lower() and k not in fields), c)
+                      for c in fields]
             counts = {d: ",".join(fields).count(d) for d in ",;\t"}
             other = max((";", "\t"), key=counts.get)
             if counts[other] > counts[","]:
@@ -675,7 +677,8 @@ def read_ad_table(csv_path, image_dir=None, need_images=True, classes=3, group_m
     if classes not in (2, 3):
         raise UserError(f"classes must be 2 (CN vs AD) or 3, got {classes}")
     names = CLASS_NAMES if classes == 3 else ("CN", "AD")
-    rows, fields = read_csv_rows(csv_path, ("Subject",) + (() if for_prediction else ("Group",) + AD_ATTRIBUTES))
+    rows, fields = read_csv_rows(csv_path, ("Subject",) + (() if for_prediction else ("Group",) + AD_ATTRIBUTES),
+                                 ("Group", "image") + AD_ATTRIBUTES)
     absent = [c for c in AD_ATTRIBUTES if c not in fields]                   # for_prediction: a patient's unknowns
     if absent:
         warn(f"{csv_path}: no column {', '.join(absent)}: read as empty for every subject (Sec. 3.3)")
@@ -719,7 +722,8 @@ def skipped_summary(table):
 
 def read_brain_age_table(csv_path, image_dir=None, need_images=True, for_prediction=False):
     """Subject, Age, Sex (M/F) [, image] (Sec. 4.2.1); for_prediction: Age may be empty (NaN), never Sex."""
-    rows, _ = read_csv_rows(csv_path, ("Subject", "Sex") if for_prediction else ("Subject", "Age", "Sex"))
+    rows, _ = read_csv_rows(csv_path, ("Subject", "Sex") if for_prediction else ("Subject", "Age", "Sex"),
+                            ("Age", "image"))
     ages, sexes = [], []
     for line, row in rows:
         ages.append(read_cell(csv_path, line, row, "Age"))

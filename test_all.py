@@ -2794,6 +2794,10 @@ def test_a_table_saved_by_a_spreadsheet_with_a_bom_crlf_line_ends_and_blank_rows
     assert saved.subjects == plain.subjects == ["S0", "S1", "S2"] and saved.raw == plain.raw
     assert not saved.skipped                                    # no row counted as one without a diagnosis
     assert saved.labels.tolist() == plain.labels.tolist()
+    excel.write_text(table.read_text().replace("PTGENDER", "ptgender ").replace("AGE", "Age"))   # another export's case
+    assert data.read_ad_table(excel).raw == plain.raw
+    excel.write_text("subject,AGE,sex\nS0,70,M\n")
+    assert data.read_brain_age_table(excel, need_images=False, for_prediction=True).age.tolist() == [70.0]
 
 
 def test_cache_decodes_once_and_redecodes_a_changed_source(tmp_path):
