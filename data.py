@@ -309,7 +309,7 @@ ATTRIBUTE_RANGES = {"AGE": (0, 120, False), "PTEDUCAT": (0, 40, False), "APOE4":
                     **{a: (0, 1e6, False) for a in ("ABETA", "PTAU", "TAU", "FDG", "AV45")}}
 MISSING_CODES = (-4.0, -1.0)   # ADNI: -4 "not applicable / not collected", -1 "missing"
 CENSORED = ("ABETA", "PTAU", "TAU")   # beyond the assay's range ADNIMERGE writes `>1700`, `<8`
-EMPTY_CELLS = ("", "NA", "NAN")
+EMPTY_CELLS = ("", "NA", "NAN", "N/A", "NULL")   # R, pandas, spreadsheets and databases write an empty cell so
 
 
 def parse_value(text):

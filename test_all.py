@@ -1124,9 +1124,11 @@ def test_censored_csf_values_read_as_the_assay_limit_and_no_other_value_is_read_
 def test_na_cells_of_an_r_export_read_as_empty_ones():
     rows = rows_with_missing()
     rows[7]["PTGENDER"] = ""
-    as_r = [{k: "NA" if v == "" else v for k, v in r.items()} for r in rows]      # ADNIMERGE as R writes it
     tp = TabularPreprocessor().fit(rows)
-    assert TabularPreprocessor().fit(as_r).state == tp.state and np.array_equal(tp.transform(as_r), tp.transform(rows))
+    for na in ("NA", "nan", "N/A", "NULL"):                   # ADNIMERGE as R writes it, pandas, a database export
+        as_r = [{k: na if v == "" else v for k, v in r.items()} for r in rows]
+        assert TabularPreprocessor().fit(as_r).state == tp.state
+        assert np.array_equal(tp.transform(as_r), tp.transform(rows))
 
 
 def test_imputation_is_fitted_on_training_rows_only_and_its_state_round_trips_exactly(tmp_path):
