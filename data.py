@@ -510,8 +510,15 @@ def read_csv_rows(csv_path, required, optional=()):
         raise UserError(f"{csv_path}: " + ("a folder, not a table (a CSV file)" if os.path.isdir(csv_path) else
                                            "table not found"))
     rows = []
+    with open(csv_path, "rb") as f:
+        blob = f.read().removeprefix(b"\xef\xbb\xbf")   # decoded whole: a bad byte's position is the file's
     try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        text = blob.decode()
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{csv_path} line {len((blob[:exc.start] + b'.').splitlines())}: byte "
+                        f"{blob[exc.start]:#04x} is not UTF-8: save the table as CSV UTF-8") from None
+    try:
+        with io.StringIO(text, newline="") as f:
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None:
@@ -544,7 +551,7 @@ def read_csv_rows(csv_path, required, optional=()):
                         raise UserError(f"{csv_path} line {start}: {len(cells)} fields, the header has {len(fields)}")
                     rows.append((start, {k: v.strip() for k, v in zip(fields, cells)}))
                 start = reader.line_num + 1
-    except (UnicodeDecodeError, csv.Error) as exc:
+    except csv.Error as exc:
         raise UserError(f"{csv_path}: not a readable UTF-8 CSV table ({type(exc).__name__}: {exc})") from None
     if not rows:
         raise UserError(f"{csv_path}: no data rows")

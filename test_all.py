@@ -3141,7 +3141,9 @@ CHECK_AD_REFUSALS = [
     ("a cell too many", lambda d, t: _sub(t, "70.5", "70,extra"), ["line 3: 12 fields, the header has 11"]),
     ("a cell left out", lambda d, t: _sub(t, "70.5,", ""), ["line 3: 10 fields, the header has 11"]),  # shifted
     ("a censored age", lambda d, t: _sub(t, "70.5", ">70") or ["--no-images"], ["line 3", "AGE", "only the CSF"]),
-    ("not UTF-8", lambda d, t: t.write_bytes(b"Subject,Group\n\xff\xfe,CN\n"), ["UTF-8"]),
+    ("not UTF-8", lambda d, t: t.write_bytes(b"Subject,Group\n\xff\xfe,CN\n"), ["ad.csv line 2", "0xff", "UTF-8"]),
+    *[(f"Latin-1 after {k} rows", lambda d, t, k=k: t.write_bytes(b"Subject,Group\r" + b"S,CN\r" * k + b"Jos\xe9,AD"),
+       [f"ad.csv line {k + 2}: byte 0xe9 is not UTF-8"]) for k in (1, 9000)],     # CR lines; beyond a read's chunk
     ("empty file", lambda d, t: t.write_text(""), ["ad.csv", "no header"]),
     ("a column twice", lambda d, t: t.write_text("\n".join(ln + (",ABETA" if k == 0 else ",900") for k, ln in
                                                            enumerate(t.read_text().splitlines())) + "\n"),
