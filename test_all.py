@@ -4576,6 +4576,17 @@ def test_a_training_loader_ends_in_no_partial_batch_alone_oversampled_or_in_a_to
     assert sizes(36, shuffle=True) == [4, 4]                                  # 9 of the 36, in batches of 16 / 4
 
 
+@pytest.mark.parametrize("main, batch", [(train_ad.main, 3), (train_ad.main, 2), (train_brain_age.main, 3)])
+def test_under_torchrun_a_batch_size_its_processes_cannot_share_is_refused_before_any_work(main, batch, tmp_path,
+                                                                                            monkeypatch):
+    """Refused once the cache had been decoded; AD's batch of 2 on 2 processes was BatchNorm1d's traceback."""
+    monkeypatch.setattr(training, "world_size", lambda: 2)
+    csv_path = tiny_ad(tmp_path) if main is train_ad.main else _tiny_brain_age(tmp_path)
+    p = run_main(main, "--data-csv", csv_path, "--batch-size", batch, "--device", "cpu", "--out", tmp_path / "runs")
+    assert_clean_error(p, f"--batch-size {batch}: each of the 2 processes")
+    assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "cache")
+
+
 def test_the_protocol_hands_its_cache_dir_and_compile_to_every_run_it_trains(tmp_path, capsys):
     for compile in ([], ["--compile"]):
         evaluate.main(["protocol", "--task", "ad", "--runs", str(tmp_path), "--models", "imaging", "--epochs", "1",

@@ -241,9 +241,13 @@ def common_run_fields(args, device, task, demo, real):
     if os.path.exists(args["out"]) and not os.path.isdir(args["out"]):       # before the cohort is generated
         raise UserError(f"--out {args['out']}: a file, not a folder; give the folder for the runs")
     precision = resolve_precision(args["precision"], device, quiet)     # refused before the cohort is generated
+    schedule = {k: args[k] if args[k] is not None else (demo if synthetic else real)[k] for k in SCHEDULE}
+    b, n = schedule["batch_size"], world_size()    # torchrun: each process takes b / n of every step's batch
+    if b % n or task == "ad" and b < 2 * n:       # AD: one sample a process stops the tabular BatchNorm1d
+        raise UserError(f"--batch-size {b}: each of the {n} processes takes --batch-size / {n} of a step's batch; "
+                        f"give a multiple of {n}" + (f", at least {2 * n}" if task == "ad" else ""))
     with main_first():  # torchrun: rank 0 generates the synthetic cohort, the others wait for it
         data_csv = builtin_cohort(task, args["data_dir"], quiet) if synthetic else args["data_csv"]
-    schedule = {k: args[k] if args[k] is not None else (demo if synthetic else real)[k] for k in SCHEDULE}
     log(f"schedule ({'demo (synthetic cohort)' if synthetic else 'Table 1'}): "
         + ", ".join(f"{k} {v}" for k, v in schedule.items()), quiet)
     return dict(task=task, model=args["model"], version=args["version"], split_seed=args["split_seed"], **schedule,
@@ -382,9 +386,7 @@ def make_loader(dataset, batch_size, workers, device, shuffle=False, sampler=Non
     """Batches of `dataset` (torchrun: 1/N of it in batches of batch_size / N); for training (shuffle or sampler)
     drawn anew each epoch."""
     train, n = shuffle or sampler is not None, len(dataset)
-    if world_size() > 1:
-        if batch_size % world_size():
-            raise UserError(f"--batch-size {batch_size}: not divisible by the {world_size()} processes")
+    if world_size() > 1:                                       # batch_size: a multiple (common_run_fields)
         n = math.ceil(len(dataset) / world_size())
         sampler = torch.utils.data.DistributedSampler(dataset, world_size(), rank(), shuffle=shuffle) \
             if sampler is None else torch.utils.data.WeightedRandomSampler(sampler.weights, n, sampler.replacement)
