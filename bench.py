@@ -429,6 +429,8 @@ def main(argv=None):
         torch.manual_seed(0)
         torch.set_num_threads(child.pop("threads") or torch.get_num_threads())
         return print(json.dumps(reference(**child) if child.pop("reference", False) else measure(**child)))
+    if device == "cuda" and not torch.cuda.is_available():   # else each section failed, the skipped tests "ok"
+        p.error("--device cuda: no CUDA device is available" + " (a CPU build of torch)" * (torch.version.cuda is None))
     for x in set(args.precision or ["bf16"] * (args.section == "precision")) - {"fp32"}:   # the section's default
         if device != "cuda" and (x == "fp16" or args.section != "ratios"):
             p.error(f"--precision {x}: " + ("CUDA only" if x == "fp16" else "training refuses it on a CPU"))

@@ -4841,13 +4841,16 @@ def test_the_time_left_of_a_compiled_run_is_the_pace_of_its_epochs_after_the_one
     (train_ad.main, ["--sync-bn"], "error: --sync-bn: "),
     (bench.main, ["gpu-check", "--precision", "fp16"], "bench.py: error: --precision fp16: CUDA only"),
     (bench.main, ["precision"], "bench.py: error: --precision bf16: training refuses"),     # its default
-    (bench.main, ["--precision", "fp16"], "bench.py: error: --precision fp16: CUDA only")],
-    ids=["train-fp16", "train-bf16", "train-sync-bn", "bench-gpu-check-fp16", "bench-precision-bf16", "bench-fp16"])
+    (bench.main, ["--precision", "fp16"], "bench.py: error: --precision fp16: CUDA only"),
+    (bench.main, ["gpu-check", "--device", "cuda"], "bench.py: error: --device cuda: no CUDA device")],
+    ids=["train-fp16", "train-bf16", "train-sync-bn", "bench-gpu-check-fp16", "bench-precision-bf16", "bench-fp16",
+         "bench-gpu-check-no-gpu"])
 def test_float16_bfloat16_or_sync_bn_on_a_cpu_is_refused_by_training_and_the_benchmark_in_one_line_naming_it(
         main, args, why, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["bench.py"])                # argparse names the script from argv[0]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     data_dir = ["--model", "tabular", "--data-dir", tmp_path / "data"] if main is train_ad.main else []
-    p = run_main(main, *args, *data_dir, "--device", "cpu", "--out", tmp_path / "runs")
+    p = run_main(main, "--device", "cpu", *args, *data_dir, "--out", tmp_path / "runs")
     lines = p.stderr.splitlines()
     assert p.returncode == 2 and p.stdout == "" and lines[-1].startswith(why), p.stderr
     assert len(lines) == 1 or main is bench.main, p.stderr                  # the benchmark's usage, argparse's, first
