@@ -4740,12 +4740,13 @@ def test_under_torchrun_each_process_takes_its_local_ranks_gpu_in_an_nccl_group_
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
-    monkeypatch.setattr(training.dist, "init_process_group", lambda backend, timeout: groups.append(backend))
+    monkeypatch.setattr(training.dist, "init_process_group",
+                        lambda backend, timeout, device_id: groups.append((backend, device_id)))
     monkeypatch.setattr(training.atexit, "register", lambda fn: None)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert training.setup_device(device) == (torch.device("cuda", 1) if device == "cuda" else torch.device("cpu"))
-    assert groups == ["nccl" if device == "cuda" else "gloo"]
+    assert groups == [("nccl", torch.device("cuda", 1)) if device == "cuda" else ("gloo", None)]
     assert chosen == ([torch.device("cuda", 1)] if device == "cuda" else [])
     monkeypatch.setenv("LOCAL_RANK", "2")
     with pytest.raises(UserError, match="process 2 has no GPU of its own") if device == "cuda" else \

@@ -362,8 +362,9 @@ def setup_device(name, sync_bn=False):
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
     if launched and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(hours=WAIT_HOURS))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",   # device_id: NCCL's barrier on its
+                                timeout=datetime.timedelta(hours=WAIT_HOURS),   # GPU, no guess (nor context on GPU 0)
+                                device_id=device if device.type == "cuda" else None)
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())   # a failed run's exit
     return device
 
