@@ -67,8 +67,9 @@ def run_cli(main, argv=None, resume_option=None):
     except BrokenPipeError:   # the reader went away (`| head`): stop quietly, as a shell tool does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # so the exit's flush finds no pipe
         sys.exit(141)                                                    # 128 + SIGPIPE, as a shell reports it
-    except (UserError, OSError, MemoryError) as exc:   # MemoryError: e.g. an option asking for a 32 GiB array
+    except (UserError, OSError, MemoryError, torch.OutOfMemoryError) as exc:   # MemoryError: e.g. an option asking
         msg = f"{exc.filename}: {exc.strerror or exc}" if isinstance(exc, OSError) and exc.filename else str(exc)
+        msg += "; a smaller --batch-size needs less" * isinstance(exc, torch.OutOfMemoryError)   # for 32 GiB; torch's:
         print("error: " + " ".join(msg.split()), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as exc:

@@ -3813,6 +3813,17 @@ def test_ctrl_c_or_sigterm_during_training_prints_one_line_with_what_is_kept_and
     assert _epoch_of(run_dir) == 1 and training.LOCK_NAME not in os.listdir(run_dir)
 
 
+def test_a_gpu_out_of_memory_is_one_error_line_naming_the_batch_size_and_last_pt_keeps_the_last_epoch(
+        ad_cohort60, tmp_path, monkeypatch):
+    """torch.OutOfMemoryError (CUDA's) is no MemoryError: it was a traceback."""
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+    _stop_after_epoch(monkeypatch, 1, out_of_memory)
+    p = run_main(train_ad.main, *_tabular_args(ad_cohort60, tmp_path, "--epochs", "3"))
+    assert_clean_error(p, "error: CUDA out of memory. Tried to allocate 2.00 GiB.; a smaller --batch-size needs less")
+    assert _epoch_of(_run_dir(tmp_path, "tabular")) == 1
+
+
 def test_a_full_disk_or_an_unwritable_folder_is_one_error_line_naming_the_folder_and_the_bytes(
         ad_cohort40, tmp_path, monkeypatch):
     """ENOSPC (a full --cache-dir or --out) or EACCES, or an --out under a file: nothing left behind."""
