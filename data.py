@@ -72,17 +72,21 @@ def run_cli(main, argv=None, resume_option=None):
         msg += "; a smaller --batch-size needs less" * isinstance(exc, torch.OutOfMemoryError)   # for 32 GiB; torch's:
         print("error: " + " ".join(msg.split()), file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt as exc:
+    except (KeyboardInterrupt, RuntimeError) as exc:
+        torchrun, lost = int(os.environ.get("WORLD_SIZE", "1")) > 1, isinstance(exc, RuntimeError)
+        if lost and not (torchrun and ("gloo" in str(exc) or isinstance(exc, torch.distributed.DistError))):
+            raise                                      # lost: a collective failed, another process having stopped
         args = list(sys.argv[1:] if argv is None else argv)
         if resume_option and resume_option not in args:
             args.append(resume_option)
         progress, term = getattr(exc, "progress", None), isinstance(exc, Terminated)
         command = shlex.join([sys.executable, sys.argv[0], *args])
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:                # one of torchrun's processes
+        if torchrun:                                   # one of torchrun's processes
             command = "torchrun <its options> " + shlex.join([sys.argv[0], *args])
-        print(f"interrupted ({'SIGTERM' if term else 'Ctrl-C'})" + (f" {' '.join(progress.split())}" if progress
+        print(("error: another of torchrun's processes stopped (torchrun names it); this one stopped" if lost else
+               f"interrupted ({'SIGTERM' if term else 'Ctrl-C'})") + (f" {' '.join(progress.split())}" if progress
               else "") + f"; {'resume' if resume_option else 'run again'} with: {command}", file=sys.stderr, flush=True)
-        sys.exit(128 + (signal.SIGTERM if term else signal.SIGINT))
+        sys.exit(2 if lost else 128 + (signal.SIGTERM if term else signal.SIGINT))
     finally:
         if installed:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

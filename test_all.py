@@ -4517,6 +4517,26 @@ def test_a_two_process_torchrun_run_writes_each_file_once_and_tests_each_subject
         classification_metrics(labels, training.probabilities(logits), data.CLASS_NAMES)["nll"], rel=1e-5)
 
 
+def test_a_torchrun_process_whose_peer_stopped_says_so_in_one_line_with_what_is_kept_and_the_resume_command(
+        ad_cohort60, tmp_path, monkeypatch):
+    """gloo's error on the survivors (the peer killed, out of memory, or stopped by its own error) was a traceback;
+    any other RuntimeError stays one."""
+    errors = ["[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:17818: Connection reset "
+              "by peer", "a bug"]
+
+    def peer_lost():
+        monkeypatch.setenv("WORLD_SIZE", "2")            # now, so that this process trained alone until then
+        raise RuntimeError(errors.pop(0))
+    _stop_after_epoch(monkeypatch, 1, peer_lost)
+    args, run_dir = _tabular_args(ad_cohort60, tmp_path, "--epochs", "3"), _run_dir(tmp_path, "tabular")
+    assert_clean_error(run_main(train_ad.main, *args), "error: another of torchrun's processes stopped (torchrun "
+                       f"names it); this one stopped in epoch 2 of 3: {run_dir}/last.pt holds epoch 1; run again "
+                       f"with: torchrun <its options> {shlex.join([sys.argv[0], *args])}")   # train_ad.py: resume
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_main(train_ad.main, *_tabular_args(ad_cohort60, tmp_path / "bug", "--epochs", "3"))
+
+
 def test_one_ddp_step_on_two_processes_takes_the_mean_of_their_shares_gradients(two_ddp_processes):
     """Each process's BatchNorms normalise its own share (torch's SyncBatchNorm, --sync-bn, is CUDA's)."""
     ddp, batch = two_ddp_processes

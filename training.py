@@ -610,7 +610,7 @@ def fit(model, train_loader, loss_fn, validate, score_key, run, run_dir, inputs,
                 f"{seconds:.1f} s | {pace.left() / 60:.1f} min left", quiet)
             if compile and epoch == start:                        # it compiled the step: the time left is the pace
                 pace.rebase()                                     # of the epochs after it
-    except KeyboardInterrupt as exc:          # Ctrl-C or SIGTERM: data.run_cli says what is kept, in one line
+    except (KeyboardInterrupt, RuntimeError) as exc:  # Ctrl-C, SIGTERM, a torchrun peer lost: run_cli says what is kept
         if not hasattr(exc, "progress"):                          # the epoch after the saved one was training
             when = f"in epoch {saved + 2}" if saved + 1 < run.epochs else f"after epoch {run.epochs}"
             exc.progress = f"{when} of {run.epochs}: " + (
