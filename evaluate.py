@@ -716,10 +716,12 @@ def check_protocol_data(finished_dirs, task, data_csv=None, image_dir=None, data
 
 def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None, epochs=None, data_csv=None,
                  image_dir=None, data_dir="data", binary=False, train_sex=("all",), embedding_dim=1, verbose=False,
-                 tabular_epochs=None, jobs=1, gpus=None, print_commands=False, quiet=False, cache_dir=None,
+                 tabular_epochs=None, jobs=None, gpus=None, print_commands=False, quiet=False, cache_dir=None,
                  compile=False):
-    """Train every missing run (resuming), `jobs` at a time, then the table -> (trained, skipped, results)."""
+    """Train every missing run (resuming), `jobs` at a time (default: one a GPU of `gpus`, else 1), then the table
+    -> (trained, skipped, results)."""
     t0, known, script = time.time(), *((AD_MODELS, train_ad) if task == "ad" else (BRAIN_AGE_MODELS, train_brain_age))
+    jobs = len(gpus or [0]) if jobs is None else jobs     # --gpus 0,1 alone: GPU 1 was left idle
     check_number("--jobs", jobs, least=1)
     if task == "brain-age" and len(split_seeds) != 1:
         raise UserError("brain-age runs are not kept per split seed (runs/brain-age/<model>/v<V>): give one "
@@ -823,7 +825,8 @@ OPTIONS = (   # (the sub-commands that take it, the option, its argparse keyword
     ("protocol", "--train-sex", dict(nargs="+", default=["all"], choices=["all", "M", "F", "mixed"])),   # Fig. 4A
     ("protocol", "--embedding-dim", dict(type=int, default=1, choices=[1, 2], help="brain age: sex embedding size")),
     ("protocol", "--verbose", dict(action="store_true", help="the training scripts' per-epoch lines (--jobs 1)")),
-    ("protocol", "--jobs", dict(type=int, default=1, help="runs at a time, each in its own process (1: in this one)")),
+    ("protocol", "--jobs", dict(type=int, help="runs at a time, each in its own process (1: in this one); default: "
+                                               "one a --gpus index, else 1")),
     ("protocol", "--gpus", dict(type=gpu_indices, help="e.g. 0,1,2,3")),
     ("protocol", "--print-commands", dict(action="store_true", help="train nothing: print a command per run")),
     ("protocol", "--cache-dir", dict(help="decoded-image cache (default: <csv folder>/cache)")),

@@ -4658,8 +4658,11 @@ def test_a_launched_run_is_told_its_gpu_the_cuda_device_and_how_many_runs_share_
     assert seen[1][1:] == ["2", "3", "--model", "imaging"]
 
 
-def test_jobs_without_gpus_spread_the_runs_over_every_visible_gpu(tmp_path, monkeypatch):
-    """--jobs 3 on three GPUs and no --gpus put every run on GPU 0; now one each, as with --gpus 0,1,2."""
+@pytest.mark.parametrize("options", [dict(jobs=3), dict(gpus=[0, 1, 2])], ids=["jobs-3", "gpus-0,1,2"])
+def test_jobs_without_gpus_spread_the_runs_over_every_visible_gpu_and_gpus_without_jobs_a_run_on_each(
+        options, tmp_path, monkeypatch):
+    """--jobs 3 on three GPUs and no --gpus put every run on GPU 0; now one each, as with --gpus 0,1,2, which
+    without --jobs ran one at a time, all on its first GPU."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,6,7")
@@ -4674,8 +4677,8 @@ def test_jobs_without_gpus_spread_the_runs_over_every_visible_gpu(tmp_path, monk
                                                             str(tmp_path / f"{len(commands)}.txt")]), slot, k, gpus)
 
     monkeypatch.setattr(evaluate, "start", spy)
-    trained, _, _ = evaluate.run_protocol("ad", str(tmp_path / "runs"), models=["imaging"], epochs=1, jobs=3,
-                                          quiet=True)
+    trained, _, _ = evaluate.run_protocol("ad", str(tmp_path / "runs"), models=["imaging"], epochs=1, quiet=True,
+                                          **options)
     assert len(trained) == len(commands) == 4 and all("train_ad.py" in c[1] for c in commands)
     told = [(tmp_path / f"{k}.txt").read_text().split() for k in range(1, 5)]
     assert [t[1:] for t in told] == [["--device", "cuda"]] * 4
