@@ -4736,7 +4736,8 @@ def test_the_precision_is_float32_by_default_refused_where_the_device_cannot_tra
     dev = torch.device(device)
     if resolved in training.PRECISIONS:
         assert training.resolve_precision(asked, dev) == resolved
-        assert f"precision {resolved}" + " (--precision auto)" * (asked == "auto") in capsys.readouterr().out
+        assert f"device {device}, precision {resolved}" + " (--precision auto)" * (asked == "auto") in \
+            capsys.readouterr().out                                    # a CPU build on a GPU machine is seen
     else:
         with pytest.raises(UserError, match=f"--precision {asked}: {resolved}"):
             training.resolve_precision(asked, dev)

@@ -122,7 +122,7 @@ def resolve_precision(name, device, quiet=False):
     precision = "fp32" if name == "auto" else name
     if unsupported(precision, device):
         raise UserError(f"--precision {name}: {unsupported(precision, device)}")
-    log(f"precision {precision}" + (" (--precision auto)" if name == "auto" else ""), quiet)
+    log(f"device {device}, precision {precision}" + (" (--precision auto)" if name == "auto" else ""), quiet)
     return precision
 
 
