@@ -297,7 +297,14 @@ def calibration_report(paths, refit, device, batch_size, out_dir=None, plots_dir
     NLL before -> after (after: every member at its own temperature, which also changes Eq. 8's weights), written to
     calibration_ad.{md,json} in out_dir (default: the first of `paths`) -> the dict."""
     dev, rows, out, groups, ensemble_rows = None, [], {"runs": [], "ensembles": []}, {}, []
-    for run in (r for r in predict.find_runs(paths) if r.run.task == "ad"):
+    found, folders = [r for r in predict.find_runs(paths) if r.run.task == "ad"], {}
+    for run in found:      # before any work: one four-fold ensemble per (model, seed, version, classes) in a report
+        r, here = run.run, os.path.dirname(run.dir)
+        there = folders.setdefault((r.model, r.split_seed, r.version, r.classes), here)
+        if not os.path.samefile(there, here):
+            raise UserError(f"{there} and {here}: both hold {r.model} split seed {r.split_seed} v{r.version} runs, "
+                            f"and one report holds one four-fold ensemble of each; calibrate each runs folder apart")
+    for run in found:
         outputs, r = read_logits(run.dir), run.run
         if outputs is None:
             dev, outputs = dev or setup_device(device), {}

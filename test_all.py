@@ -4365,6 +4365,11 @@ def test_the_calibration_report_ensembles_the_members_each_at_its_own_temperatur
     shutil.rmtree(training.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 3))   # three folds: runs, but no ensemble
     res = evaluate.main(["calibrate", str(tmp_path), "--quiet"])
     assert len(res["runs"]) == 7 and [e["classes"] for e in res["ensembles"]] == [2]
+    shutil.copytree(tmp_path / "c2", tmp_path / "c3")     # two runs folders of one ensemble: neither left out unsaid
+    group = os.path.join("ad", "hyperfusion", "seed0", "v0")
+    assert_clean_error(run_main(evaluate.main, "calibrate", tmp_path / "c2", tmp_path / "c3", "--quiet"),
+                       os.path.join(tmp_path, "c2", group), os.path.join(tmp_path, "c3", group))
+    assert not os.path.exists(tmp_path / "c2" / "calibration_ad.md")
 
 
 # ----------------------------------------------------------------------------------------------
