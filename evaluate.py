@@ -298,12 +298,14 @@ def calibration_report(paths, refit, device, batch_size, out_dir=None, plots_dir
     calibration_ad.{md,json} in out_dir (default: the first of `paths`) -> the dict."""
     dev, rows, out, groups, ensemble_rows = None, [], {"runs": [], "ensembles": []}, {}, []
     found, folders = [r for r in predict.find_runs(paths) if r.run.task == "ad"], {}
+    name = lambda r: r.run_dir("").split(os.sep)[1]      # its model's folder: hyperfusion, hyperfusion-ce (App. C.4)
     for run in found:      # before any work: one four-fold ensemble per (model, seed, version, classes) in a report
         r, here = run.run, os.path.dirname(run.dir)
-        there = folders.setdefault((r.model, r.split_seed, r.version, r.classes), here)
+        there = folders.setdefault((name(r), r.split_seed, r.version, r.classes), here)
         if not os.path.samefile(there, here):
-            raise UserError(f"{there} and {here}: both hold {r.model} split seed {r.split_seed} v{r.version} runs, "
-                            f"and one report holds one four-fold ensemble of each; calibrate each runs folder apart")
+            raise UserError(f"{there} and {here}: both hold runs of {name(r)} split seed {r.split_seed} v{r.version} "
+                            f"(their best.pt says so), and a report holds one four-fold ensemble of each; calibrate "
+                            f"the two folders apart")
     for run in found:
         outputs, r = read_logits(run.dir), run.run
         if outputs is None:
@@ -321,10 +323,10 @@ def calibration_report(paths, refit, device, batch_size, out_dir=None, plots_dir
                   f"{rec['val']['after']['ece']:.3f}" + (" (kept)" if kept else ""))
         T = f"{rec['temperature']:.3f}" + " (fit at its lower bound: not used)" * bool(rec.get("warning"))
         change = lambda part, k: f"{fmt(rec[part]['before'][k])} → {fmt(rec[part]['after'][k])}"
-        rows.append([r.model, r.split_seed, r.version, r.fold, T, change("val", "ece")]
+        rows.append([name(r), r.split_seed, r.version, r.fold, T, change("val", "ece")]
                     + [change("test", k) for _, k in CALIBRATION_COLUMNS])
         out["runs"].append({"dir": run.dir, **rec})
-        groups.setdefault((r.model, r.split_seed, r.version, r.classes), []).append((run, rec, outputs))
+        groups.setdefault((name(r), r.split_seed, r.version, r.classes), []).append((run, rec, outputs))
     if not rows:
         raise UserError(f"{', '.join(map(str, paths))}: no finished AD run in or under it")
     groups = {key: sorted(g, key=lambda m: m[0].run.fold) for key, g in sorted(groups.items())

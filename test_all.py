@@ -2198,12 +2198,16 @@ def test_late_fusion_of_imaging_and_tabular_runs_of_other_test_subjects_is_refus
 def test_a_run_copied_into_another_runs_folder_is_refused_by_the_tables_that_name_runs_by_their_folders(ad_runs):
     """Table 3 reads a run's model, seed, version and fold off its folder, the brain-age table its model and version:
     fold 1 copied over fold 2 would be one member twice, imaging runs under tabular/ a row of the wrong model."""
-    runs, _, _ = ad_runs
+    runs, made, labels = ad_runs
     for model, fold, other in (("tabular", 2, ("tabular", 0, 0, 1)), ("hyperfusion", 0, ("imaging", 0, 0, 0))):
         shutil.rmtree(training.ad_run_dir(runs, model, 0, 0, fold))
         shutil.copytree(training.ad_run_dir(runs, *other), training.ad_run_dir(runs, model, 0, 0, fold))
         assert_clean_error(run_main(evaluate.main, "ad", "--runs", runs), training.ad_run_dir(runs, model, 0, 0, fold),
                            "holds the run of " + training.ad_run_dir("", *other))
+        shutil.rmtree(training.ad_run_dir(runs, model, 0, 0, fold))
+    fake_ad_run(runs, "imaging", 0, 0, 1, made["imaging", 0, 0][1], labels[0], loss="ce")       # App. C.4's loss
+    assert_clean_error(run_main(evaluate.main, "ad", "--runs", runs), training.ad_run_dir(runs, "imaging", 0, 0, 1),
+                       "holds the run of " + training.ad_run_dir("", "imaging-ce", 0, 0, 1))   # never a Table 3 fold
     age = np.arange(12.0) + 50
     v1 = training.brain_age_run_dir(runs, "hyperfusion", 1)
     shutil.copytree(fake_brain_age_run(runs, 0, 1.0, age + 1, age, np.arange(12) % 2), v1)     # v0 twice in Eq. 6
@@ -2625,6 +2629,9 @@ def test_app_c4_oversampling_draws_every_class_equally_often_over_an_epoch(ad_co
 
     monkeypatch.setattr(train_ad, "fit", spy)
     train_ad.main(_tabular_args(ad_cohort60, tmp_path, "--epochs", "1", "--loss", "ce-oversample"))
+    train_ad.main(_tabular_args(ad_cohort60, tmp_path, "--epochs", "1"))      # Eq. 5's run beside it, in its own folder
+    assert [load_run(_run_dir(tmp_path, m)).run.loss for m in ("tabular-ce-oversample", "tabular")] == [
+        "ce-oversample", "wce"]
     table = data.read_ad_table(ad_cohort60, need_images=False)
     labels = table.labels[data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 1)[0]]
     assert np.bincount(labels).tolist() == [13, 18, 5]
