@@ -3291,7 +3291,8 @@ def test_images_of_another_shape_or_voxel_size_are_refused_from_their_headers(ad
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
 
 
-def test_rows_whose_group_is_not_a_diagnosis_are_skipped_with_a_count_or_mapped(tmp_path):
+def test_rows_whose_group_is_not_a_diagnosis_or_brain_age_rows_without_an_age_are_skipped_with_a_count(tmp_path,
+                                                                                                      capsys):
     csv_path = tiny_ad(tmp_path, group="SMC")
     p = run_main(data.main, "check-ad", csv_path)
     assert p.returncode == 0 and "skipped 1 row whose Group is not CN, MCI or AD: SMC 1" in p.stdout, p.stderr
@@ -3301,6 +3302,13 @@ def test_rows_whose_group_is_not_a_diagnosis_are_skipped_with_a_count_or_mapped(
     csv_path.write_text(csv_path.read_text().replace("S0,AD", "S0,SMC"))     # rows counted, not Group values
     p = run_main(data.main, "check-ad", csv_path, "--no-images")
     assert "skipped 2 rows whose Group is not CN, MCI or AD: SMC 2" in p.stdout, p.stdout + p.stderr
+    ba = _tiny_brain_age(tmp_path)                                  # brain age: an empty Age is no target
+    ba.write_text(ba.read_text().replace("B3,49,", "B3,,").replace("B6,58,", "B6,NA,"))
+    table = data.read_brain_age_table(ba)
+    assert table.subjects == [f"B{i}" for i in (0, 1, 2, 4, 5, 7, 8, 9)] and not np.isnan(table.age).any()
+    assert capsys.readouterr().err == f"warning: {ba}: skipped 2 of 10 subjects whose Age is empty (the first: B3): " \
+                                      f"no age to train or test on\n"
+    assert len(data.read_brain_age_table(ba, for_prediction=True).subjects) == 10         # predict.py: Age optional
 
 
 def test_adni_missing_codes_read_as_missing_with_a_warning_and_train_ad_refuses_an_impossible_value(tmp_path):
