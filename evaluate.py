@@ -738,6 +738,11 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
     if given := [o for o, v in other.items() if v]:
         raise UserError(f"{given[0]}: an option of the {'AD' if task == 'brain-age' else 'brain-age'} runs, not of "
                         f"--task {task}'s; leave it out")
+    if print_commands and (gpus or jobs > 1):      # printed, not run: a scheduler gives each command its GPU
+        option = f"--gpus {','.join(map(str, gpus))}" if gpus else f"--jobs {jobs}"
+        raise UserError(f"{option} with --print-commands: the commands are printed, not run here, so no GPU or "
+                        f"process is given to them; leave {option.split()[0]} out, or train here without "
+                        f"--print-commands")
     if bad := [m for m in models or () if m not in known]:
         raise UserError(f"--models {bad[0]}: not {'an AD' if task == 'ad' else 'a brain-age'} model (one of "
                         f"{', '.join(known)})")

@@ -3378,6 +3378,9 @@ def test_numeric_options_out_of_range_are_refused_naming_the_option(tmp_path):
                          ("brain-age", "--tabular-epochs 5")):              # the other task's: refused, not ignored
         assert_clean_error(run_main(evaluate.main, "protocol", "--task", task, *option.split(), "--print-commands"),
                            option.split()[0], f"not of --task {task}'s")
+    for option in ("--gpus 0,1", "--jobs 2"):             # the commands are printed, not run: given no GPU nor process
+        assert_clean_error(run_main(evaluate.main, "protocol", "--task", "ad", *option.split(), "--print-commands"),
+                           f"{option} with --print-commands")
     assert_clean_error(run_main(evaluate.main, "select-layers", "--task", "ad", "--seed", 2 ** 64), f"--seed {2 ** 64}")
     assert_clean_error(run_main(lambda argv: np.zeros(1 << 62, np.uint8)), "Unable to allocate")   # one line too
     # argparse's own refusals are one line too (not its usage line first)
