@@ -968,14 +968,20 @@ def make_cache_folder(folder):
 
 
 @contextlib.contextmanager
-def cache_lock(folder):
+def cache_lock(folder, doing="decoding or hashing these images"):
     """No other process is inside cache_lock of this folder meanwhile (flock), so jobs sharing a cache decode and
-    hash once. Without flock it locks nothing: the entries stay right (atomic writes), only made more than once."""
+    hash once; a wait for it is said once. Without flock it locks nothing: the entries stay right (atomic writes),
+    only made more than once."""
     make_cache_folder(folder)
     fd = os.open(folder, os.O_RDONLY)
     try:
         with contextlib.suppress(OSError, AttributeError):
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for the lock on {folder}: another process holds it ({doing}); this one goes on when "
+                      f"it is done", file=sys.stderr, flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)                   # releases the lock

@@ -5230,6 +5230,32 @@ def test_the_first_cache_decode_shows_its_progress_and_a_final_line_and_nothing_
     assert re.fullmatch(r"decoding the image cache: 6 images in [\d.]+ s \(\S+ images/s\)", lines[-1]), lines[-1]
 
 
+@pytest.mark.parametrize("doing", ["decoding or hashing these images",
+                                   "checking or generating the synthetic brain-age cohort"])
+def test_a_process_waiting_for_the_lock_another_holds_on_a_cache_or_cohort_says_so_once(doing, tmp_path, monkeypatch,
+                                                                                         capsys):
+    folder, name, _, _ = synthetic.BUILTIN["brain-age"]
+    monkeypatch.setitem(synthetic.BUILTIN, "brain-age", (folder, name, lambda *a, **k: None, {}))  # made at once
+    held = os.open(tmp_path, os.O_RDONLY)
+    data.fcntl.flock(held, data.fcntl.LOCK_EX)                # flock: another open file's lock, as another process's
+
+    def take():
+        if "cohort" in doing:
+            return synthetic.builtin_cohort("brain-age", tmp_path, quiet=True)
+        with data.cache_lock(tmp_path):
+            pass
+
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(take)
+        with contextlib.suppress(TimeoutError):
+            waiting.result(timeout=1)                          # it waits ...
+        assert not waiting.done()
+        os.close(held)                                         # ... until the holder lets go
+        waiting.result(timeout=60)
+    assert capsys.readouterr().err == f"waiting for the lock on {tmp_path}: another process holds it ({doing}); " \
+                                      f"this one goes on when it is done\n"
+
+
 def test_run_protocol_says_after_each_run_how_many_are_done_and_the_time_left_and_quiet_says_none(
         tmp_path, monkeypatch, capsys):
     rng = np.random.default_rng(6)
