@@ -297,15 +297,15 @@ def calibration_report(paths, refit, device, batch_size, out_dir=None, plots_dir
     NLL before -> after (after: every member at its own temperature, which also changes Eq. 8's weights), written to
     calibration_ad.{md,json} in out_dir (default: the first of `paths`) -> the dict."""
     dev, rows, out, groups, ensemble_rows = None, [], {"runs": [], "ensembles": []}, {}, []
-    found, folders = [r for r in predict.find_runs(paths) if r.run.task == "ad"], {}
+    found, seen = [r for r in predict.find_runs(paths) if r.run.task == "ad"], {}
     name = lambda r: r.run_dir("").split(os.sep)[1]      # its model's folder: hyperfusion, hyperfusion-ce (App. C.4)
-    for run in found:      # before any work: one four-fold ensemble per (model, seed, version, classes) in a report
-        r, here = run.run, os.path.dirname(run.dir)
-        there = folders.setdefault((name(r), r.split_seed, r.version, r.classes), here)
-        if not os.path.samefile(there, here):
-            raise UserError(f"{there} and {here}: both hold runs of {name(r)} split seed {r.split_seed} v{r.version} "
-                            f"(their best.pt says so), and a report holds one four-fold ensemble of each; calibrate "
-                            f"the two folders apart")
+    for run in found:      # before any work: each fold of a four-fold ensemble once (two runs folders, a copied run)
+        r = run.run
+        other = seen.setdefault((name(r), r.split_seed, r.version, r.classes, r.fold), run.dir)
+        if other != run.dir:
+            raise UserError(f"{other} and {run.dir}: both hold fold {r.fold} of {name(r)} split seed {r.split_seed} "
+                            f"v{r.version} (their best.pt says so), and a four-fold ensemble takes each fold once; "
+                            f"calibrate them apart, or put a copied run back in its own folder")
     for run in found:
         outputs, r = read_logits(run.dir), run.run
         if outputs is None:
@@ -335,6 +335,7 @@ def calibration_report(paths, refit, device, batch_size, out_dir=None, plots_dir
     keys = ["balanced_accuracy", "auc_macro"] + [k for _, k in CALIBRATION_COLUMNS]
     for (model, seed, version, classes), members in groups.items():
         labels = members[0][2]["test"][1]
+        check_same([read_run(m[0].dir) for m in members], "cannot ensemble {a} and {b}")    # one version of the data
         for run, _, outputs in members[1:]:
             if not np.array_equal(outputs["test"][1], labels):
                 raise UserError(f"cannot ensemble {members[0][0].dir} and {run.dir}: their test labels differ")

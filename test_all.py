@@ -4388,6 +4388,14 @@ def test_the_calibration_report_ensembles_the_members_each_at_its_own_temperatur
     assert_clean_error(run_main(evaluate.main, "calibrate", tmp_path / "c2", tmp_path / "c3", "--quiet"),
                        os.path.join(tmp_path, "c2", group), os.path.join(tmp_path, "c3", group))
     assert not os.path.exists(tmp_path / "c2" / "calibration_ad.md")
+    c2 = [training.ad_run_dir(tmp_path / "c2", "hyperfusion", 0, 0, f) for f in range(4)]
+    shutil.rmtree(c2[3])
+    shutil.copytree(c2[2], c2[3])                          # fold 2 copied over fold 3: refused, not left out
+    assert_clean_error(run_main(evaluate.main, "calibrate", tmp_path / "c2", "--quiet"), c2[2], c2[3], "fold 2")
+    for fold, sha in ((2, "a" * 64), (3, "b" * 64)):       # two versions of the table: never one ensemble
+        evaluate.save_logits(fake_ad_run(tmp_path / "c2", "hyperfusion", 0, 0, fold, evaluate.probabilities(z), two,
+                                         classes=2, class_names=["CN", "AD"], table_sha256=sha), (z, two), (z, two))
+    assert_clean_error(run_main(evaluate.main, "calibrate", tmp_path / "c2", "--quiet"), c2[2], c2[3], "tables")
 
 
 # ----------------------------------------------------------------------------------------------
