@@ -198,7 +198,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_fuzzy_cmeans_finds_three_tissue_classes, test_preprocess_batch_mode_writes_every_subject_and_names_a_bad_row,
 #     test_preprocess_batch_mode_reads_each_subjects_mask_from_its_column_and_leaves_the_column_out,
 #     test_preprocess_n4_without_simpleitk_says_so
-# App. C.4 oversampling: test_app_c4_oversampling_draws_every_class_equally_often_over_an_epoch
+# App. C.4 oversampling: test_app_c4_oversampling_draws_every_class_equally_often_in_a_run_folder_apart_from_eq5s
 #
 # The program's own behaviour follows in sections of its own, each opening with its claims: real data in; bad
 # input; faults and resume; predict.py; calibration; many processes, devices, precision; command lines, progress.
@@ -2618,7 +2618,8 @@ def test_preprocess_n4_without_simpleitk_says_so(tmp_path, monkeypatch):
     assert not (tmp_path / "o.nii.gz").exists()
 
 
-def test_app_c4_oversampling_draws_every_class_equally_often_over_an_epoch(ad_cohort60, tmp_path, monkeypatch):
+def test_app_c4_oversampling_draws_every_class_equally_often_in_a_run_folder_apart_from_eq5s(ad_cohort60, tmp_path,
+                                                                                            monkeypatch):
     """--loss ce-oversample: an epoch of len(training rows) drawn with replacement, each class expected equally
     often, though the training rows hold 13 CN, 18 MCI and 5 AD."""
     loaders, real = [], train_ad.fit
