@@ -323,8 +323,8 @@ def calibration_report(paths, refit, device, batch_size, out_dir=None, plots_dir
                   f"{rec['val']['after']['ece']:.3f}" + (" (kept)" if kept else ""))
         T = f"{rec['temperature']:.3f}" + " (fit at its lower bound: not used)" * bool(rec.get("warning"))
         change = lambda part, k: f"{fmt(rec[part]['before'][k])} → {fmt(rec[part]['after'][k])}"
-        rows.append([name(r), r.split_seed, r.version, r.fold, T, change("val", "ece")]
-                    + [change("test", k) for _, k in CALIBRATION_COLUMNS])
+        rows.append([name(r) + " (CN vs AD)" * (r.classes == 2), r.split_seed, r.version, r.fold, T,
+                     change("val", "ece")] + [change("test", k) for _, k in CALIBRATION_COLUMNS])
         out["runs"].append({"dir": run.dir, **rec})
         groups.setdefault((name(r), r.split_seed, r.version, r.classes), []).append((run, rec, outputs))
     if not rows:

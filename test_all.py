@@ -4380,6 +4380,8 @@ def test_the_calibration_report_ensembles_the_members_each_at_its_own_temperatur
         evaluate.save_logits(run_dir, (z, two), (z, two))
     res = evaluate.main(["calibrate", str(tmp_path), "--quiet"])
     assert sorted((e["classes"], len(e["members"])) for e in res["ensembles"]) == [(2, 4), (3, 4)]
+    page = (tmp_path / "calibration_ad.md").read_text()                 # each run's row says which question it is
+    assert all(page.count(f"| hyperfusion{c} | 0 | 0 | {f} |") == 1 for c in ("", " (CN vs AD)") for f in range(4))
     assert all((f"{os.sep}c2{os.sep}" in m) == (e["classes"] == 2) for e in res["ensembles"] for m in e["members"])
     shutil.rmtree(training.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 3))   # three folds: runs, but no ensemble
     res = evaluate.main(["calibrate", str(tmp_path), "--quiet"])
