@@ -733,20 +733,29 @@ def skipped_summary(table):
 
 
 def read_brain_age_table(csv_path, image_dir=None, need_images=True, for_prediction=False):
-    """Subject, Age, Sex (M/F) [, image] (Sec. 4.2.1); for_prediction: Age may be empty (NaN), never Sex."""
+    """Subject, Age, Sex (M/F) [, image] (Sec. 4.2.1); rows with an empty Age skipped and counted (no target), but
+    for_prediction: Age may be empty (NaN), never Sex."""
     rows, _ = read_csv_rows(csv_path, ("Subject", "Sex") if for_prediction else ("Subject", "Age", "Sex"),
                             ("Age", "image"))
-    ages, sexes = [], []
+    ages, sexes, keep, no_age = [], [], [], []
     for line, row in rows:
-        ages.append(read_cell(csv_path, line, row, "Age"))
-        if math.isnan(ages[-1]) and not for_prediction:
-            raise UserError(f"{csv_path} line {line}: subject {row['Subject']}: column Age is empty")
+        age = read_cell(csv_path, line, row, "Age")
+        if math.isnan(age) and not for_prediction:
+            no_age.append(row["Subject"])
+            continue
+        ages.append(age)
         sexes.append(SEX_CODES.get(row["Sex"].lower()))
         if sexes[-1] is None:
             raise UserError(f"{csv_path} line {line}: subject {row['Subject']}: column Sex: "
                             f"expected M or F, got {row['Sex']!r}")
-    subjects = check_subjects(csv_path, rows)
-    paths = _image_paths(csv_path, rows, subjects, image_dir) if need_images else None
+        keep.append((line, row))
+    if no_age and not keep:
+        raise UserError(f"{csv_path}: column Age is empty for every subject: no age to train or test on")
+    if no_age:
+        warn(f"{csv_path}: skipped {len(no_age)} of {len(rows)} subjects whose Age is empty (the first: {no_age[0]}): "
+             f"no age to train or test on")
+    subjects = check_subjects(csv_path, keep)
+    paths = _image_paths(csv_path, keep, subjects, image_dir) if need_images else None
     return Table(subjects, None, None, np.array(sexes, np.int64), np.array(ages, np.float32), paths,
                  os.fspath(csv_path))
 
@@ -964,14 +973,20 @@ def make_cache_folder(folder):
 
 
 @contextlib.contextmanager
-def cache_lock(folder):
+def cache_lock(folder, doing="decoding or hashing these images"):
     """No other process is inside cache_lock of this folder meanwhile (flock), so jobs sharing a cache decode and
-    hash once. Without flock it locks nothing: the entries stay right (atomic writes), only made more than once."""
+    hash once; a wait for it is said once. Without flock it locks nothing: the entries stay right (atomic writes),
+    only made more than once."""
     make_cache_folder(folder)
     fd = os.open(folder, os.O_RDONLY)
     try:
         with contextlib.suppress(OSError, AttributeError):
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for the lock on {folder}: another process holds it ({doing}); this one goes on when "
+                      f"it is done", file=sys.stderr, flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)                   # releases the lock

@@ -297,7 +297,16 @@ def calibration_report(paths, refit, device, batch_size, out_dir=None, plots_dir
     NLL before -> after (after: every member at its own temperature, which also changes Eq. 8's weights), written to
     calibration_ad.{md,json} in out_dir (default: the first of `paths`) -> the dict."""
     dev, rows, out, groups, ensemble_rows = None, [], {"runs": [], "ensembles": []}, {}, []
-    for run in (r for r in predict.find_runs(paths) if r.run.task == "ad"):
+    found, seen = [r for r in predict.find_runs(paths) if r.run.task == "ad"], {}
+    name = lambda r: r.run_dir("").split(os.sep)[1]      # its model's folder: hyperfusion, hyperfusion-ce (App. C.4)
+    for run in found:      # before any work: each fold of a four-fold ensemble once (two runs folders, a copied run)
+        r = run.run
+        other = seen.setdefault((name(r), r.split_seed, r.version, r.classes, r.fold), run.dir)
+        if other != run.dir:
+            raise UserError(f"{other} and {run.dir}: both hold fold {r.fold} of {name(r)} split seed {r.split_seed} "
+                            f"v{r.version} (their best.pt says so), and a four-fold ensemble takes each fold once; "
+                            f"calibrate them apart, or put a copied run back in its own folder")
+    for run in found:
         outputs, r = read_logits(run.dir), run.run
         if outputs is None:
             dev, outputs = dev or setup_device(device), {}
@@ -314,10 +323,10 @@ def calibration_report(paths, refit, device, batch_size, out_dir=None, plots_dir
                   f"{rec['val']['after']['ece']:.3f}" + (" (kept)" if kept else ""))
         T = f"{rec['temperature']:.3f}" + " (fit at its lower bound: not used)" * bool(rec.get("warning"))
         change = lambda part, k: f"{fmt(rec[part]['before'][k])} → {fmt(rec[part]['after'][k])}"
-        rows.append([r.model, r.split_seed, r.version, r.fold, T, change("val", "ece")]
-                    + [change("test", k) for _, k in CALIBRATION_COLUMNS])
+        rows.append([name(r) + " (CN vs AD)" * (r.classes == 2), r.split_seed, r.version, r.fold, T,
+                     change("val", "ece")] + [change("test", k) for _, k in CALIBRATION_COLUMNS])
         out["runs"].append({"dir": run.dir, **rec})
-        groups.setdefault((r.model, r.split_seed, r.version, r.classes), []).append((run, rec, outputs))
+        groups.setdefault((name(r), r.split_seed, r.version, r.classes), []).append((run, rec, outputs))
     if not rows:
         raise UserError(f"{', '.join(map(str, paths))}: no finished AD run in or under it")
     groups = {key: sorted(g, key=lambda m: m[0].run.fold) for key, g in sorted(groups.items())
@@ -326,6 +335,7 @@ def calibration_report(paths, refit, device, batch_size, out_dir=None, plots_dir
     keys = ["balanced_accuracy", "auc_macro"] + [k for _, k in CALIBRATION_COLUMNS]
     for (model, seed, version, classes), members in groups.items():
         labels = members[0][2]["test"][1]
+        check_same([read_run(m[0].dir) for m in members], "cannot ensemble {a} and {b}")    # one version of the data
         for run, _, outputs in members[1:]:
             if not np.array_equal(outputs["test"][1], labels):
                 raise UserError(f"cannot ensemble {members[0][0].dir} and {run.dir}: their test labels differ")
@@ -731,6 +741,11 @@ def run_protocol(task, runs="runs", split_seeds=(0,), versions=None, models=None
     if given := [o for o, v in other.items() if v]:
         raise UserError(f"{given[0]}: an option of the {'AD' if task == 'brain-age' else 'brain-age'} runs, not of "
                         f"--task {task}'s; leave it out")
+    if print_commands and (gpus or jobs > 1):      # printed, not run: a scheduler gives each command its GPU
+        option = f"--gpus {','.join(map(str, gpus))}" if gpus else f"--jobs {jobs}"
+        raise UserError(f"{option} with --print-commands: the commands are printed, not run here, so no GPU or "
+                        f"process is given to them; leave {option.split()[0]} out, or train here without "
+                        f"--print-commands")
     if bad := [m for m in models or () if m not in known]:
         raise UserError(f"--models {bad[0]}: not {'an AD' if task == 'ad' else 'a brain-age'} model (one of "
                         f"{', '.join(known)})")

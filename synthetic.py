@@ -296,7 +296,8 @@ def builtin_cohort(task, data_dir, quiet=False):
         raise UserError(f"--data-dir {data_dir}: a file, not a folder; give the folder for the synthetic cohort")
     csv_path = os.path.abspath(os.path.join(data_dir, folder, name))
     os.makedirs(data_dir, exist_ok=True)
-    with cache_lock(data_dir):    # runs started at once (a job array): one generates, the others wait and find it
+    # runs started at once (a job array): one generates, the others wait and find it
+    with cache_lock(data_dir, f"checking or generating the synthetic {task} cohort"):
         for old in os.listdir(data_dir):    # the hidden folder of a generation killed (kill -9) half-way
             if old.startswith(".tmp-") and old.split("-", 2)[-1] in (folder, folder + ".old"):
                 shutil.rmtree(os.path.join(data_dir, old), ignore_errors=True)

@@ -198,7 +198,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #     test_fuzzy_cmeans_finds_three_tissue_classes, test_preprocess_batch_mode_writes_every_subject_and_names_a_bad_row,
 #     test_preprocess_batch_mode_reads_each_subjects_mask_from_its_column_and_leaves_the_column_out,
 #     test_preprocess_n4_without_simpleitk_says_so
-# App. C.4 oversampling: test_app_c4_oversampling_draws_every_class_equally_often_over_an_epoch
+# App. C.4 oversampling: test_app_c4_oversampling_draws_every_class_equally_often_in_a_run_folder_apart_from_eq5s
 #
 # The program's own behaviour follows in sections of its own, each opening with its claims: real data in; bad
 # input; faults and resume; predict.py; calibration; many processes, devices, precision; command lines, progress.
@@ -2198,12 +2198,16 @@ def test_late_fusion_of_imaging_and_tabular_runs_of_other_test_subjects_is_refus
 def test_a_run_copied_into_another_runs_folder_is_refused_by_the_tables_that_name_runs_by_their_folders(ad_runs):
     """Table 3 reads a run's model, seed, version and fold off its folder, the brain-age table its model and version:
     fold 1 copied over fold 2 would be one member twice, imaging runs under tabular/ a row of the wrong model."""
-    runs, _, _ = ad_runs
+    runs, made, labels = ad_runs
     for model, fold, other in (("tabular", 2, ("tabular", 0, 0, 1)), ("hyperfusion", 0, ("imaging", 0, 0, 0))):
         shutil.rmtree(training.ad_run_dir(runs, model, 0, 0, fold))
         shutil.copytree(training.ad_run_dir(runs, *other), training.ad_run_dir(runs, model, 0, 0, fold))
         assert_clean_error(run_main(evaluate.main, "ad", "--runs", runs), training.ad_run_dir(runs, model, 0, 0, fold),
                            "holds the run of " + training.ad_run_dir("", *other))
+        shutil.rmtree(training.ad_run_dir(runs, model, 0, 0, fold))
+    fake_ad_run(runs, "imaging", 0, 0, 1, made["imaging", 0, 0][1], labels[0], loss="ce")       # App. C.4's loss
+    assert_clean_error(run_main(evaluate.main, "ad", "--runs", runs), training.ad_run_dir(runs, "imaging", 0, 0, 1),
+                       "holds the run of " + training.ad_run_dir("", "imaging-ce", 0, 0, 1))   # never a Table 3 fold
     age = np.arange(12.0) + 50
     v1 = training.brain_age_run_dir(runs, "hyperfusion", 1)
     shutil.copytree(fake_brain_age_run(runs, 0, 1.0, age + 1, age, np.arange(12) % 2), v1)     # v0 twice in Eq. 6
@@ -2614,7 +2618,8 @@ def test_preprocess_n4_without_simpleitk_says_so(tmp_path, monkeypatch):
     assert not (tmp_path / "o.nii.gz").exists()
 
 
-def test_app_c4_oversampling_draws_every_class_equally_often_over_an_epoch(ad_cohort60, tmp_path, monkeypatch):
+def test_app_c4_oversampling_draws_every_class_equally_often_in_a_run_folder_apart_from_eq5s(ad_cohort60, tmp_path,
+                                                                                            monkeypatch):
     """--loss ce-oversample: an epoch of len(training rows) drawn with replacement, each class expected equally
     often, though the training rows hold 13 CN, 18 MCI and 5 AD."""
     loaders, real = [], train_ad.fit
@@ -2625,6 +2630,9 @@ def test_app_c4_oversampling_draws_every_class_equally_often_over_an_epoch(ad_co
 
     monkeypatch.setattr(train_ad, "fit", spy)
     train_ad.main(_tabular_args(ad_cohort60, tmp_path, "--epochs", "1", "--loss", "ce-oversample"))
+    train_ad.main(_tabular_args(ad_cohort60, tmp_path, "--epochs", "1"))      # Eq. 5's run beside it, in its own folder
+    assert [load_run(_run_dir(tmp_path, m)).run.loss for m in ("tabular-ce-oversample", "tabular")] == [
+        "ce-oversample", "wce"]
     table = data.read_ad_table(ad_cohort60, need_images=False)
     labels = table.labels[data.ad_fold(data.ad_split(table.sex, table.labels, table.age, 0), 1)[0]]
     assert np.bincount(labels).tolist() == [13, 18, 5]
@@ -3284,7 +3292,8 @@ def test_images_of_another_shape_or_voxel_size_are_refused_from_their_headers(ad
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
 
 
-def test_rows_whose_group_is_not_a_diagnosis_are_skipped_with_a_count_or_mapped(tmp_path):
+def test_rows_whose_group_is_not_a_diagnosis_or_brain_age_rows_without_an_age_are_skipped_with_a_count(tmp_path,
+                                                                                                      capsys):
     csv_path = tiny_ad(tmp_path, group="SMC")
     p = run_main(data.main, "check-ad", csv_path)
     assert p.returncode == 0 and "skipped 1 row whose Group is not CN, MCI or AD: SMC 1" in p.stdout, p.stderr
@@ -3294,6 +3303,13 @@ def test_rows_whose_group_is_not_a_diagnosis_are_skipped_with_a_count_or_mapped(
     csv_path.write_text(csv_path.read_text().replace("S0,AD", "S0,SMC"))     # rows counted, not Group values
     p = run_main(data.main, "check-ad", csv_path, "--no-images")
     assert "skipped 2 rows whose Group is not CN, MCI or AD: SMC 2" in p.stdout, p.stdout + p.stderr
+    ba = _tiny_brain_age(tmp_path)                                  # brain age: an empty Age is no target
+    ba.write_text(ba.read_text().replace("B3,49,", "B3,,").replace("B6,58,", "B6,NA,"))
+    table = data.read_brain_age_table(ba)
+    assert table.subjects == [f"B{i}" for i in (0, 1, 2, 4, 5, 7, 8, 9)] and not np.isnan(table.age).any()
+    assert capsys.readouterr().err == f"warning: {ba}: skipped 2 of 10 subjects whose Age is empty (the first: B3): " \
+                                      f"no age to train or test on\n"
+    assert len(data.read_brain_age_table(ba, for_prediction=True).subjects) == 10         # predict.py: Age optional
 
 
 def test_adni_missing_codes_read_as_missing_with_a_warning_and_train_ad_refuses_an_impossible_value(tmp_path):
@@ -3363,6 +3379,9 @@ def test_numeric_options_out_of_range_are_refused_naming_the_option(tmp_path):
                          ("brain-age", "--tabular-epochs 5")):              # the other task's: refused, not ignored
         assert_clean_error(run_main(evaluate.main, "protocol", "--task", task, *option.split(), "--print-commands"),
                            option.split()[0], f"not of --task {task}'s")
+    for option in ("--gpus 0,1", "--jobs 2"):             # the commands are printed, not run: given no GPU nor process
+        assert_clean_error(run_main(evaluate.main, "protocol", "--task", "ad", *option.split(), "--print-commands"),
+                           f"{option} with --print-commands")
     assert_clean_error(run_main(evaluate.main, "select-layers", "--task", "ad", "--seed", 2 ** 64), f"--seed {2 ** 64}")
     assert_clean_error(run_main(lambda argv: np.zeros(1 << 62, np.uint8)), "Unable to allocate")   # one line too
     # argparse's own refusals are one line too (not its usage line first)
@@ -4372,10 +4391,25 @@ def test_the_calibration_report_ensembles_the_members_each_at_its_own_temperatur
         evaluate.save_logits(run_dir, (z, two), (z, two))
     res = evaluate.main(["calibrate", str(tmp_path), "--quiet"])
     assert sorted((e["classes"], len(e["members"])) for e in res["ensembles"]) == [(2, 4), (3, 4)]
+    page = (tmp_path / "calibration_ad.md").read_text()                 # each run's row says which question it is
+    assert all(page.count(f"| hyperfusion{c} | 0 | 0 | {f} |") == 1 for c in ("", " (CN vs AD)") for f in range(4))
     assert all((f"{os.sep}c2{os.sep}" in m) == (e["classes"] == 2) for e in res["ensembles"] for m in e["members"])
     shutil.rmtree(training.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 3))   # three folds: runs, but no ensemble
     res = evaluate.main(["calibrate", str(tmp_path), "--quiet"])
     assert len(res["runs"]) == 7 and [e["classes"] for e in res["ensembles"]] == [2]
+    shutil.copytree(tmp_path / "c2", tmp_path / "c3")     # two runs folders of one ensemble: neither left out unsaid
+    group = os.path.join("ad", "hyperfusion", "seed0", "v0")
+    assert_clean_error(run_main(evaluate.main, "calibrate", tmp_path / "c2", tmp_path / "c3", "--quiet"),
+                       os.path.join(tmp_path, "c2", group), os.path.join(tmp_path, "c3", group))
+    assert not os.path.exists(tmp_path / "c2" / "calibration_ad.md")
+    c2 = [training.ad_run_dir(tmp_path / "c2", "hyperfusion", 0, 0, f) for f in range(4)]
+    shutil.rmtree(c2[3])
+    shutil.copytree(c2[2], c2[3])                          # fold 2 copied over fold 3: refused, not left out
+    assert_clean_error(run_main(evaluate.main, "calibrate", tmp_path / "c2", "--quiet"), c2[2], c2[3], "fold 2")
+    for fold, sha in ((2, "a" * 64), (3, "b" * 64)):       # two versions of the table: never one ensemble
+        evaluate.save_logits(fake_ad_run(tmp_path / "c2", "hyperfusion", 0, 0, fold, evaluate.probabilities(z), two,
+                                         classes=2, class_names=["CN", "AD"], table_sha256=sha), (z, two), (z, two))
+    assert_clean_error(run_main(evaluate.main, "calibrate", tmp_path / "c2", "--quiet"), c2[2], c2[3], "tables")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -5255,6 +5289,32 @@ def test_the_first_cache_decode_shows_its_progress_and_a_final_line_and_nothing_
         assert re.fullmatch(rf"decoding the image cache: {k} of 6 images \({100 * k // 6}%\), \S+ images/s, "
                             r"about [\d.]+ s left", line), line
     assert re.fullmatch(r"decoding the image cache: 6 images in [\d.]+ s \(\S+ images/s\)", lines[-1]), lines[-1]
+
+
+@pytest.mark.parametrize("doing", ["decoding or hashing these images",
+                                   "checking or generating the synthetic brain-age cohort"])
+def test_a_process_waiting_for_the_lock_another_holds_on_a_cache_or_cohort_says_so_once(doing, tmp_path, monkeypatch,
+                                                                                         capsys):
+    folder, name, _, _ = synthetic.BUILTIN["brain-age"]
+    monkeypatch.setitem(synthetic.BUILTIN, "brain-age", (folder, name, lambda *a, **k: None, {}))  # made at once
+    held = os.open(tmp_path, os.O_RDONLY)
+    data.fcntl.flock(held, data.fcntl.LOCK_EX)                # flock: another open file's lock, as another process's
+
+    def take():
+        if "cohort" in doing:
+            return synthetic.builtin_cohort("brain-age", tmp_path, quiet=True)
+        with data.cache_lock(tmp_path):
+            pass
+
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(take)
+        with contextlib.suppress(TimeoutError):
+            waiting.result(timeout=1)                          # it waits ...
+        assert not waiting.done()
+        os.close(held)                                         # ... until the holder lets go
+        waiting.result(timeout=60)
+    assert capsys.readouterr().err == f"waiting for the lock on {tmp_path}: another process holds it ({doing}); " \
+                                      f"this one goes on when it is done\n"
 
 
 def test_run_protocol_says_after_each_run_how_many_are_done_and_the_time_left_and_quiet_says_none(

@@ -6,9 +6,10 @@
 
 One run is one (model, split seed, version, fold) of the protocol (Sec. 4.3.4, 4.3.6, App. C.1): subset 4 of the
 split is the test set, subset `fold` validates, the other three train. The epoch with the best validation balanced
-accuracy is kept and tested. Everything lands in <out>/ad/<model>/seed<S>/v<V>/fold<F>/: best.pt, last.pt, log.csv,
-metrics.json, predictions.npz (the test probabilities that evaluate.py ensembles), logits.npz and calibration.json
-(the run's temperature, fitted on its validation set).
+accuracy is kept and tested. Everything lands in <out>/ad[-binary]/<model>[-<loss>]/seed<S>/v<V>/fold<F>/ (--classes
+2, --loss ce or ce-oversample in the folder names): best.pt, last.pt, log.csv, metrics.json, predictions.npz (the
+test probabilities that evaluate.py ensembles), logits.npz and calibration.json (the run's temperature, fitted on its
+validation set).
 """
 import argparse
 import os

@@ -174,7 +174,7 @@ class RunConfig:
 
     def run_dir(self, out):
         if self.task == "ad":
-            return ad_run_dir(out, self.model, self.split_seed, self.version, self.fold, self.classes == 2)
+            return ad_run_dir(out, self.model, self.split_seed, self.version, self.fold, self.classes == 2, self.loss)
         return brain_age_run_dir(out, self.model, self.version, self.embedding_dim, self.train_sex)
 
     def replace(self, **changes):
@@ -185,9 +185,10 @@ class RunConfig:
                            n_classes=self.classes or 3, embedding_dim=self.embedding_dim)
 
 
-def ad_run_dir(out, model, split_seed, version, fold, binary=False):
-    """<out>/ad[-binary]/<model>/seed<S>/v<V>/fold<F>"""
-    return os.path.join(out, "ad-binary" if binary else "ad", model, f"seed{split_seed}", f"v{version}", f"fold{fold}")
+def ad_run_dir(out, model, split_seed, version, fold, binary=False, loss="wce"):
+    """<out>/ad[-binary]/<model>[-<loss>]/seed<S>/v<V>/fold<F>: App. C.4's losses apart from Eq. 5's (Table 3's)"""
+    return os.path.join(out, "ad-binary" if binary else "ad", model + (f"-{loss}" if loss not in (None, "wce") else ""),
+                        f"seed{split_seed}", f"v{version}", f"fold{fold}")
 
 
 def brain_age_run_dir(out, model, version, embedding_dim=1, train_sex="all"):
