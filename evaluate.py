@@ -587,9 +587,11 @@ def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=
     if samples > len(order):                                  # not fewer than the page says
         raise UserError(f"--samples {samples}: {csv_path} has {len(order)} subjects")
     pick = np.array(sorted(order[:samples]))
+    shape = data.check_image_geometry(table.image_paths, table.subjects)[0]   # as the trainers: one shape
     volumes = [data.load_volume(table.image_paths[i], table.subjects[i]) for i in pick]
     if task == "ad":
         crops = data.load_crops(None, csv_path)
+        crops.check(shape, data.crops_path(None, csv_path) or "the default (MNI152) hippocampus boxes")
         image = np.stack([crops(v)[0] for v in volumes])
         tabular = TabularPreprocessor().fit(table.raw).transform([table.raw[i] for i in pick])
         model = build_model("ad", "imaging", n_tabular=tabular.shape[1], n_classes=3)

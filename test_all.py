@@ -3264,6 +3264,8 @@ def test_images_of_another_shape_or_voxel_size_are_refused_from_their_headers(ad
     csv_path = _tiny_brain_age(tmp_path / "a", shapes={6: (8, 9, 8)})
     assert_clean_error(run_main(train_brain_age.main, "--data-csv", csv_path, *ba), "B6.nii.gz", "subject B6",
                        "(8, 9, 8)", "(8, 8, 8)", "B0.nii.gz")
+    assert_clean_error(run_main(evaluate.main, "select-layers", "--task", "brain-age", "--data-csv", csv_path),
+                       "B6.nii.gz", "(8, 9, 8)")                 # select-layers too: not numpy's stack error
     assert not (tmp_path / "a" / "cache").exists() and not (tmp_path / "runs").exists()
     csv_path = _tiny_brain_age(tmp_path / "b", spacing={3: 1.9})           # 5% off: another grid all the same
     assert_clean_error(run_main(data.main, "check-brain-age", csv_path), "B3.nii.gz", "voxel size",
@@ -3282,6 +3284,11 @@ def test_images_of_another_shape_or_voxel_size_are_refused_from_their_headers(ad
                     "--cache-dir", tmp_path / "cache")
     assert_clean_error(run_main(train_ad.main, *args), f"subject {odd}", "(20, 20, 20)")
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
+    sl = ["select-layers", "--task", "ad", "--data-csv", ad_cohort40, "--image-dir", images, "--samples", 2]
+    assert_clean_error(run_main(evaluate.main, *sl, "--draws", 1), f"subject {odd}", "(20, 20, 20)")  # not scored
+    _crops(tmp_path, right_start=[300, 0, 0])        # boxes outside the images: the file named, as the trainers do
+    assert_clean_error(run_main(evaluate.main, *sl, "--data-csv", shutil.copy(ad_cohort40, tmp_path), "--image-dir",
+                                os.path.dirname(table.image_paths[0])), tmp_path / "crops.json", "does not fit")
 
 
 def test_rows_whose_group_is_not_a_diagnosis_are_skipped_with_a_count_or_mapped(tmp_path):
