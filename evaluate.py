@@ -871,6 +871,7 @@ def main(argv=None):
                   f"subjects, {a.draws} draws", (["rank", "layer", "entropy"], [
                       [k + 1, n, f"{max(h, 0.0):.3f}"] for k, (n, h) in enumerate(scores)]))
         if a.out:
+            os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)   # as predict.py's --out
             write_text(md, a.out)
         print(md + (f"\nwrote {a.out}" if a.out else "") + ("" if a.quiet else "\n" + duration_text(time.time() - t0)))
         return scores

@@ -770,8 +770,11 @@ def test_loss_entropy_draws_each_layer_100_times_by_default_in_the_function_and_
     assert seen == [100]
 
 
-def test_select_layers_scores_every_candidate_layer(brain_age_cohort20):
-    scores = evaluate.select_layers("brain-age", data_csv=str(brain_age_cohort20), samples=2, draws=2)
+def test_select_layers_scores_every_candidate_layer(brain_age_cohort20, tmp_path, capsys):
+    out = tmp_path / "new" / "layers.md"                              # its folder made, as predict.py's --out
+    scores = evaluate.main(["select-layers", "--task", "brain-age", "--data-csv", brain_age_cohort20, "--samples", 2,
+                            "--draws", 2, "--out", out, "--quiet"])
+    assert out.read_text() in capsys.readouterr().out
     expected = candidate_layers(build_model("brain-age", "imaging", image_shape=synthetic.BRAIN_AGE_SYNTH["shape"]))
     assert sorted(n for n, _ in scores) == sorted(expected)
     assert [h for _, h in scores] == sorted((h for _, h in scores), reverse=True)
