@@ -869,7 +869,7 @@ def main(argv=None):
         scores = select_layers(a.task, a.data_csv, a.image_dir, a.data_dir, a.samples, a.draws, a.seed, not a.quiet)
         md = page(f"Loss entropy per layer (Sec. 3.1.2), {a.task}: image-only backbone, untrained, {a.samples} "
                   f"subjects, {a.draws} draws", (["rank", "layer", "entropy"], [
-                      [k + 1, n, f"{max(h, 0.0):.3f}"] for k, (n, h) in enumerate(scores)]))
+                      [k + 1, n, f"{max(0.0, h):.3f}"] for k, (n, h) in enumerate(scores)]))   # not -0.0
         if a.out:
             os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)   # as predict.py's --out
             write_text(md, a.out)
