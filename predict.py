@@ -154,6 +154,9 @@ def sweep(checkpoint, attribute, values, data_csv=None, image_dir=None, batch_si
     """The run's test set predicted as recorded and with every row's raw `attribute` set to each value (AD: e.g.
     ABETA 500, then the run's preprocessing; brain age: Sex M / F) -> {"header", "rows", "summary", ...}."""
     finished_run = load_run(checkpoint)
+    if os.path.isfile(os.path.join(finished_run.dir, "last.pt")) and not finished(finished_run.dir):
+        raise UserError(f"{checkpoint}: an unfinished run (last.pt, no metrics.json): its best.pt is not its trained "
+                        f"model yet; finish its training first (the same command with --resume)")
     run, table, test_idx, images = test_set(finished_run, data_csv, image_dir)
     if os.path.isfile(os.path.join(finished_run.dir, "predictions.npz")):      # a damaged one: one error line
         if not np.array_equal(finished_run.read_predictions()["subjects"], np.array(table.subjects)[test_idx]):

@@ -2277,6 +2277,10 @@ def test_ad_sweep_changes_the_tabular_attribute_of_every_test_row(ad_cohort40, t
     np.savez(tmp_path / "predictions.npz", subjects=np.array(["S1"]), ages=np.zeros(1))   # another file's arrays
     assert_clean_error(run_main(evaluate.main, "sweep", tmp_path, "--attribute", "ABETA", "--values", "200"),
                        "predictions.npz: not the test predictions of a training run (arrays: subjects, ages)")
+    os.remove(tmp_path / "predictions.npz")
+    (tmp_path / "last.pt").write_bytes(b"")              # an interrupted run: its best.pt is not its trained model
+    assert_clean_error(run_main(evaluate.main, "sweep", tmp_path, "--attribute", "ABETA", "--values", "200"),
+                       f"{tmp_path}: an unfinished run", "--resume")
 
 
 def test_sweep_plots_draw_how_the_prediction_moves_with_the_attribute(brain_age_cohort20, tmp_path, capsys,
