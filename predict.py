@@ -39,9 +39,6 @@ def find_runs(paths):
         if os.path.isfile(path):
             if not finished(os.path.dirname(os.path.abspath(path))):
                 raise UserError(f"{path}: not the checkpoint of a finished run (no metrics.json beside it)")
-            if not path.endswith(".pt"):
-                raise UserError(f"{path}: a file of the run in {os.path.dirname(os.path.abspath(path))}, not its "
-                                f"checkpoint; give that run folder (or its best.pt)")
             found.append(path)
         elif finished(path):
             found.append(path)

@@ -1388,10 +1388,12 @@ def test_a_run_named_twice_is_one_member_and_a_runs_metrics_file_is_not_called_a
     assert [m.dir for m in predict.find_runs([tmp_path / "chosen"])] == [str(tmp_path / "chosen" / "fold2")]
     res = evaluate.main(["calibrate", *map(str, named), "--quiet"])
     assert len(res["runs"]) == 4 and len(res["ensembles"]) == 1
-    proc = run_main(predict.main, os.path.join(runs[0], "metrics.json"), "--data-csv", tmp_path / "new.csv", "--out",
-                    tmp_path / "p.csv")
-    assert_clean_error(proc, "metrics.json", runs[0], "give that run folder")
-    assert "corrupt" not in proc.stderr
+    for proc in (run_main(predict.main, os.path.join(runs[0], "metrics.json"), "--data-csv", tmp_path / "new.csv",
+                          "--out", tmp_path / "p.csv"),
+                 run_main(evaluate.main, "sweep", os.path.join(runs[0], "metrics.json"), "--attribute", "ABETA",
+                          "--values", "200")):             # not 'corrupt ... delete it to start the run afresh'
+        assert_clean_error(proc, "metrics.json", runs[0], "give that run folder")
+        assert "corrupt" not in proc.stderr
 
 
 # ----------------------------------------------------------------------------------------------
