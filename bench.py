@@ -405,6 +405,14 @@ def write_report(report, out, name):
     data.write_text(render(report), os.path.join(out, name + ".md"))
 
 
+def version_range(text):
+    """--versions 0-7 or 3 -> [0, ..., 7] or [3]; 3-1 (no version) is refused, not measured as none."""
+    m = re.fullmatch(r"(\d+)(?:-(\d+))?", text)
+    if not m or int(m[2] or m[1]) < int(m[1]):
+        raise argparse.ArgumentTypeError(f"{text!r}: a version or a range FIRST-LAST, e.g. 0-7")
+    return list(range(int(m[1]), int(m[2] or m[1]) + 1))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("section", nargs="?", default="ratios", choices=["ratios", "precision", "gpu-check"])
@@ -414,8 +422,7 @@ def main(argv=None):
     p.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16"], help="ratios: the steps' autocast "
                    "(default fp32); precision, gpu-check: paired with fp32 (default bf16 where native, fp16 on CUDA)")
     p.add_argument("--task", nargs="+", choices=["ad", "brain-age"], help="precision: the tasks (default both)")
-    p.add_argument("--versions", type=lambda t: list(range(int(t.split("-")[0]), int(t.split("-")[-1]) + 1)),
-                   help="precision: 0-7 (its default) or 3 (gpu-check: 0-3)")
+    p.add_argument("--versions", type=version_range, help="precision: 0-7 (its default) or 3 (gpu-check: 0-3)")
     p.add_argument("--jobs", type=int, default=2, choices=range(1, 65), metavar="K",
                    help="precision on a CPU: runs at a time (on a GPU one)")
     p.add_argument("--budget", type=float, default=600, help="gpu-check: seconds in all; a section past it skipped")
@@ -423,6 +430,10 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="ratios: HyperFusion's step compiled too (--compile)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if not args.budget > 0:                                       # nan too: every section skipped, an empty report
+        p.error(f"--budget {args.budget:g}: must be above 0 seconds")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):  # found after the first section, else
+        p.error(f"--out {args.out}: a file, not a folder; give the folder for the report")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.child:                                 # a train step's measure, or the machine's reference rates
         child = json.loads(args.child)

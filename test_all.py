@@ -4859,6 +4859,18 @@ def test_float16_bfloat16_or_sync_bn_on_a_cpu_is_refused_by_training_and_the_ben
     assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "data")    # before any work
 
 
+def test_the_benchmark_refuses_a_budget_versions_or_out_it_cannot_use_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bench.py"])                # argparse names the script from argv[0]
+    (tmp_path / "file").write_text("")
+    for args, why in [(["gpu-check", "--budget", "-5"], "--budget -5: must be above 0"),   # not an empty report
+                      (["gpu-check", "--budget", "nan"], "--budget nan"),
+                      (["precision", "--precision", "fp32", "--versions", "3-1"], "argument --versions: '3-1'"),
+                      (["--out", tmp_path / "file"], f"--out {tmp_path / 'file'}: a file")]:   # not a traceback
+        p = run_main(bench.main, "--device", "cpu", "--quick", "--out", tmp_path / "b", *args)
+        assert p.returncode == 2 and p.stderr.splitlines()[-1].startswith(f"bench.py: error: {why}"), p.stderr
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
 @pytest.mark.parametrize("device", DEVICES[1:])       # a CPU refuses bf16 (training.resolve_precision)
 @pytest.mark.parametrize("task", ["ad", "brain-age"])
 def test_check_a_bfloat16_train_step_stays_within_tolerance_of_float32(device, task):
