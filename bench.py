@@ -109,9 +109,9 @@ def hyperlayers(quick, device):
     torch.manual_seed(0)
     rows = []
     for title, xshape, n_tab, functional, kwargs, make in [
-            ("brain-age linear1 39424->16, k=1, B=64", (16 if quick else 64, 39424), 2, F.linear, {},
+            ("brain-age linear1 39424->16, k=1", (16 if quick else 64, 39424), 2, F.linear, {},
              lambda mode: HyperLinear(39424, 16, nn.Linear(2, 1), 1, relu_follows=True, mode=mode)),
-            ("AD block4 downsample 1x1x1 128->256 on 8x12x8, k=8, B=32", (8 if quick else 32, 128, 8, 12, 8), 15,
+            ("AD block4 downsample 1x1x1 128->256 on 8x12x8, k=8", (8 if quick else 32, 128, 8, 12, 8), 15,
              F.conv3d, dict(stride=2),
              lambda mode: HyperConv3d(128, 256, 1, 2, 0, tabular_embedding(15, 8), 8, mode=mode))]:
         x, ms = torch.randn(*xshape, device=device, requires_grad=True), {}
@@ -121,7 +121,7 @@ def hyperlayers(quick, device):
             fn = (lambda: naive_hyperlayer(layer, x, tabular, functional, **kwargs)) if mode == "naive" \
                 else (lambda: layer(x, tabular))
             ms[mode] = 1e3 * run_steps(lambda: fn().sum().backward(), 3 if quick else 10, 2, device)[0]
-        rows.append(dict(case=title, **ms, speedup_factorised=ms["naive"] / ms["factorised"],
+        rows.append(dict(case=f"{title}, B={xshape[0]}", **ms, speedup_factorised=ms["naive"] / ms["factorised"],
                          speedup_materialised=ms["naive"] / ms["materialised"]))
     return dict(rows=rows)
 

@@ -5000,6 +5000,7 @@ def test_the_hyperlayer_benchmark_gives_each_modes_speed_up_as_the_naive_loops_t
     rows = bench.hyperlayers(True, "cpu")["rows"]
     assert [(r["factorised"], r["speedup_factorised"], r["speedup_materialised"]) for r in rows] == \
         [(pytest.approx(1.0), pytest.approx(8.0), pytest.approx(4.0))] * 2 and tf32 == [False] * 6
+    assert [r["case"].split(", ")[-1] for r in rows] == ["B=16", "B=8"]   # the batches --quick measured, not 64, 32
 
 
 def test_the_gpu_checks_tests_stop_at_their_time_cap_keeping_the_outcomes_printed_before_it(monkeypatch):
