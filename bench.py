@@ -453,4 +453,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    data.run_cli(main)    # Ctrl-C / SIGTERM: one line, exit 130 / 143, and run_commands ends the runs it started
