@@ -274,7 +274,8 @@ def verdict(summary, margin):
 def precision_pairs(task, vs, s, device, out, timeout):
     """Train fp32 and each precision's runs at versions vs, pair them -> the pairs' and versions' rows."""
     runs = list(dict.fromkeys(["fp32"] + s["precisions"]))
-    folder = lambda p, v: os.path.join(out, task, p, f"v{v}")
+    schedule = f"{device}-{s['epochs'] or 'default'}-epochs"      # a --quick dry run's runs are not these
+    folder = lambda p, v: os.path.join(out, task, schedule, p, f"v{v}")
     run_files = lambda f, name, model=None: [os.path.join(d, name) for d, _, names in os.walk(f)
                                              if name in names and model in (None, *os.path.relpath(d, f).split(os.sep))]
     script = os.path.join(HERE, "train_ad.py" if task == "ad" else "train_brain_age.py")

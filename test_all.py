@@ -4928,6 +4928,10 @@ def test_the_paired_precision_benchmark_pairs_each_version_with_itself_from_the_
     asked.clear()
     bench.precision_pairs("brain-age", list(range(9)), s, "cpu", str(tmp_path), 1e7)
     assert sorted(c[c.index("--version") + 1] for c in asked) == ["8", "8"]          # the finished 16 reused
+    for settings, device in ((dict(s, epochs=3), "cpu"), (s, "cuda")):   # a --quick dry run's or another device's
+        asked.clear()                                                          # runs: not reused as these
+        bench.precision_pairs("brain-age", [0], settings, device, str(tmp_path), 1e7)
+        assert len(asked) == 2, (settings["epochs"], device)
 
 
 def test_on_a_gpu_the_paired_precision_runs_train_one_at_a_time(tmp_path, monkeypatch):
