@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import data
-from data import (AD_ATTRIBUTES, AD_CONTINUOUS, SEX_CODES, ArgumentParser, Progress, UserError, check_number,
+from data import (AD_ATTRIBUTES, SEX_CODES, ArgumentParser, Progress, UserError, check_number,
                   check_output, parse_attribute, run_cli, warn, write_csv)
 from metrics import (classification_metrics, corrected_gap, entropy_weighted_ensemble, fmt, gap_summary, mean_ensemble,
                      regression_metrics, shown)
@@ -170,7 +170,7 @@ def sweep(checkpoint, attribute, values, data_csv=None, image_dir=None, batch_si
                             f"(one of {', '.join(AD_ATTRIBUTES)})")
         if attr in finished_run.tabular.unlearned([]):
             raise UserError(f"--attribute {attr}: empty for every subject {checkpoint} was trained on: unreadable")
-        for value in values if attr in AD_CONTINUOUS else ():
+        for value in values:                  # PTGENDER too: refused before any scan is read
             try:
                 parse_attribute(attr, str(value))
             except ValueError as exc:

@@ -2274,6 +2274,8 @@ def test_ad_sweep_changes_the_tabular_attribute_of_every_test_row(ad_cohort40, t
         predict.sweep(str(tmp_path / "best.pt"), "MMSE", ["30"])
     with pytest.raises(UserError, match="--values -5: ABETA: negative value"):       # as a table's cell would be
         predict.sweep(str(tmp_path / "best.pt"), "ABETA", ["-5"])
+    with pytest.raises(UserError, match="^--values Mal: PTGENDER: expected Male or Female"):   # before any reading
+        predict.sweep(str(tmp_path / "best.pt"), "PTGENDER", ["Mal"])
     (tmp_path / "predictions.npz").write_bytes(b"PK\x03\x04 cut short")     # the run's test predictions, damaged
     assert_clean_error(run_main(evaluate.main, "sweep", tmp_path, "--attribute", "ABETA", "--values", "200"),
                        "predictions.npz", "unreadable")
