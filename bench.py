@@ -431,6 +431,10 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="ratios: HyperFusion's step compiled too (--compile)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    foreign = dict(ratios=("task", "versions", "jobs", "budget", "skip"), precision=("budget", "skip", "compile"))
+    for name in foreign.get(args.section, ()):                    # never ignored unsaid: --budget 60 is no cap there
+        if getattr(args, name) != p.get_default(name):
+            p.error(f"--{name}: not an option of {args.section}; leave it out")
     if not args.budget > 0:                                       # nan too: every section skipped, an empty report
         p.error(f"--budget {args.budget:g}: must be above 0 seconds")
     if os.path.exists(args.out) and not os.path.isdir(args.out):  # found after the first section, else

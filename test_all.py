@@ -4865,7 +4865,9 @@ def test_float16_bfloat16_or_sync_bn_on_a_cpu_is_refused_by_training_and_the_ben
 def test_the_benchmark_refuses_a_budget_versions_or_out_it_cannot_use_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["bench.py"])                # argparse names the script from argv[0]
     (tmp_path / "file").write_text("")
-    for args, why in [(["gpu-check", "--budget", "-5"], "--budget -5: must be above 0"),   # not an empty report
+    for args, why in [(["--budget", "60"], "--budget: not an option of ratios"),    # not ignored: no cap there
+                      (["precision", "--skip", "tests", "--precision", "fp32"], "--skip: not an option of precision"),
+                      (["gpu-check", "--budget", "-5"], "--budget -5: must be above 0"),   # not an empty report
                       (["gpu-check", "--budget", "nan"], "--budget nan"),
                       (["precision", "--precision", "fp32", "--versions", "3-1"], "argument --versions: '3-1'"),
                       (["--out", tmp_path / "file"], f"--out {tmp_path / 'file'}: a file")]:   # not a traceback
