@@ -322,7 +322,10 @@ def calibration_report(paths, refit, device, batch_size, out_dir=None, plots_dir
         raise UserError(f"{', '.join(map(str, paths))}: no finished AD run in or under it")
     groups = {key: sorted(g, key=lambda m: m[0].run.fold) for key, g in sorted(groups.items())
               if sorted(m[0].run.fold for m in g) == list(range(N_FOLDS))}   # 3-class and CN/AD runs apart
-    figs = Figures(plots_dir, quiet) if plots_dir and groups else None
+    figs = Figures(plots_dir, quiet) if plots_dir else None
+    if figs is not None and not groups:                     # asked for: said, never left out without a word
+        figs.skip("reliability_calibrated_*.png", "no model has its four folds of one split seed and version finished: "
+                  "the diagrams are of the Eq. 7-8 ensembles of four folds")
     keys = ["balanced_accuracy", "auc_macro"] + [k for _, k in CALIBRATION_COLUMNS]
     for (model, seed, version, classes), members in groups.items():
         labels = members[0][2]["test"][1]

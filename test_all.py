@@ -4384,6 +4384,10 @@ def test_the_calibration_report_ensembles_the_members_each_at_its_own_temperatur
     shutil.rmtree(training.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 3))   # three folds: runs, but no ensemble
     res = evaluate.main(["calibrate", str(tmp_path), "--quiet"])
     assert len(res["runs"]) == 7 and [e["classes"] for e in res["ensembles"]] == [2]
+    shutil.rmtree(training.ad_run_dir(tmp_path / "c2", "hyperfusion", 0, 0, 3))    # no four folds: --plots says so
+    if evaluate.matplotlib_or_none() is not None:
+        res = evaluate.main(["calibrate", str(tmp_path), "--quiet", "--plots", str(tmp_path / "fig")])
+        assert list(res["plots"]["skipped"]) == ["reliability_calibrated_*.png"] and not res["plots"]["written"]
 
 
 # ----------------------------------------------------------------------------------------------
