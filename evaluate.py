@@ -848,7 +848,7 @@ def main(argv=None):
         for name in names.split():
             parsers[name].add_argument(option, **keywords)
     a = p.parse_args(sys.argv[1:] if argv is None else [str(v) for v in argv])
-    for option, least in (("top", 1), ("samples", 2), ("draws", 1), ("seed", 0), ("batch_size", 1),
+    for option, least in (("top", 1), ("samples", 2), ("draws", 2), ("seed", 0), ("batch_size", 1),
                           ("split_seeds", 0), ("versions", 0), ("epochs", 1), ("tabular_epochs", 1)):
         check_number("--" + option.replace("_", "-"), getattr(a, option, None), least=least,
                      most=2 ** 31 - 1 if option in ("split_seeds", "versions", "seed") else None)   # the trainers'

@@ -3383,6 +3383,8 @@ def test_numeric_options_out_of_range_are_refused_naming_the_option(tmp_path):
         assert_clean_error(run_main(evaluate.main, "protocol", "--task", task, *option.split(), "--print-commands"),
                            option.split()[0], f"not of --task {task}'s")
     assert_clean_error(run_main(evaluate.main, "select-layers", "--task", "ad", "--seed", 2 ** 64), f"--seed {2 ** 64}")
+    assert_clean_error(run_main(evaluate.main, "select-layers", "--task", "ad", "--data-csv", csv_path, "--draws", 1),
+                       "--draws 1", "at least 2")              # one loss a layer: every entropy 0, a ranking of none
     assert_clean_error(run_main(lambda argv: np.zeros(1 << 62, np.uint8)), "Unable to allocate")   # one line too
     # argparse's own refusals are one line too (not its usage line first)
     assert_clean_error(run_main(train_ad.main, "--fold", "7"), "--fold", "invalid choice")
