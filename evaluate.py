@@ -579,11 +579,15 @@ def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False, plots_dir=None):
 
 
 # ---- Hyperlayer selection (Sec. 3.1.2, App. D) ----
-def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=8, draws=100, seed=0, verbose=False):
-    """Sec. 3.1.2: loss entropy of each candidate layer of the untrained backbone -> [(layer, entropy)]."""
+def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=8, draws=100, seed=0, verbose=False,
+                  out=None):
+    """Sec. 3.1.2: loss entropy of each candidate layer of the untrained backbone -> [(layer, entropy)]; `out`, the
+    page's file, checked first: never over what it reads."""
     torch.manual_seed(seed)
     csv_path = data_csv or builtin_cohort(task, data_dir)
     table = data.read_ad_table(csv_path, image_dir) if task == "ad" else data.read_brain_age_table(csv_path, image_dir)
+    if out:
+        check_output("--out", out, [csv_path, data.crops_path(None, csv_path), *table.image_paths])
     groups = table.labels if task == "ad" else table.sex
     by_group = [list(np.flatnonzero(groups == c)) for c in np.unique(groups)]
     order = [idx[k] for k in range(len(groups)) for idx in by_group if k < len(idx)]      # the groups in turn
@@ -866,10 +870,9 @@ def main(argv=None):
     if a.command == "calibrate":
         return calibration_report(a.runs, a.refit, a.device, a.batch_size, a.out, a.plots, a.quiet)
     if a.command == "select-layers":
-        if a.out:
-            check_output("--out", a.out, [a.data_csv])
         t0 = time.time()
-        scores = select_layers(a.task, a.data_csv, a.image_dir, a.data_dir, a.samples, a.draws, a.seed, not a.quiet)
+        scores = select_layers(a.task, a.data_csv, a.image_dir, a.data_dir, a.samples, a.draws, a.seed, not a.quiet,
+                               a.out)
         md = page(f"Loss entropy per layer (Sec. 3.1.2), {a.task}: image-only backbone, untrained, {a.samples} "
                   f"subjects, {a.draws} draws", (["rank", "layer", "entropy"], [
                       [k + 1, n, f"{max(0.0, h):.3f}"] for k, (n, h) in enumerate(scores)]))   # not -0.0

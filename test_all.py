@@ -775,6 +775,9 @@ def test_select_layers_scores_every_candidate_layer(brain_age_cohort20, tmp_path
     scores = evaluate.main(["select-layers", "--task", "brain-age", "--data-csv", brain_age_cohort20, "--samples", 2,
                             "--draws", 2, "--out", out, "--quiet"])
     assert out.read_text() in capsys.readouterr().out and "| -0.000 |" not in out.read_text()   # no entropy below 0
+    image = data.read_brain_age_table(str(brain_age_cohort20)).image_paths[0]   # an input: refused before any draw
+    assert_clean_error(run_main(evaluate.main, "select-layers", "--task", "brain-age", "--data-csv", brain_age_cohort20,
+                                "--samples", 2, "--draws", 2, "--out", image), f"--out {image}: would overwrite")
     expected = candidate_layers(build_model("brain-age", "imaging", image_shape=synthetic.BRAIN_AGE_SYNTH["shape"]))
     assert sorted(n for n, _ in scores) == sorted(expected)
     assert [h for _, h in scores] == sorted((h for _, h in scores), reverse=True)
