@@ -3300,7 +3300,7 @@ def test_images_of_another_shape_or_voxel_size_are_refused_from_their_headers(ad
     assert_clean_error(run_main(train_ad.main, *args), f"subject {odd}", "(20, 20, 20)")
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
     sl = ["select-layers", "--task", "ad", "--data-csv", ad_cohort40, "--image-dir", images, "--samples", 2]
-    assert_clean_error(run_main(evaluate.main, *sl, "--draws", 1), f"subject {odd}", "(20, 20, 20)")  # not scored
+    assert_clean_error(run_main(evaluate.main, *sl, "--draws", 2), f"subject {odd}", "(20, 20, 20)")  # not scored
     _crops(tmp_path, right_start=[300, 0, 0])        # boxes outside the images: the file named, as the trainers do
     assert_clean_error(run_main(evaluate.main, *sl, "--data-csv", shutil.copy(ad_cohort40, tmp_path), "--image-dir",
                                 os.path.dirname(table.image_paths[0])), tmp_path / "crops.json", "does not fit")
