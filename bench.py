@@ -109,9 +109,9 @@ def hyperlayers(quick, device):
     torch.manual_seed(0)
     rows = []
     for title, xshape, n_tab, functional, kwargs, make in [
-            ("brain-age linear1 39424->16, k=1, B=64", (16 if quick else 64, 39424), 2, F.linear, {},
+            ("brain-age linear1 39424->16, k=1", (16 if quick else 64, 39424), 2, F.linear, {},
              lambda mode: HyperLinear(39424, 16, nn.Linear(2, 1), 1, relu_follows=True, mode=mode)),
-            ("AD block4 downsample 1x1x1 128->256 on 8x12x8, k=8, B=32", (8 if quick else 32, 128, 8, 12, 8), 15,
+            ("AD block4 downsample 1x1x1 128->256 on 8x12x8, k=8", (8 if quick else 32, 128, 8, 12, 8), 15,
              F.conv3d, dict(stride=2),
              lambda mode: HyperConv3d(128, 256, 1, 2, 0, tabular_embedding(15, 8), 8, mode=mode))]:
         x, ms = torch.randn(*xshape, device=device, requires_grad=True), {}
@@ -121,7 +121,7 @@ def hyperlayers(quick, device):
             fn = (lambda: naive_hyperlayer(layer, x, tabular, functional, **kwargs)) if mode == "naive" \
                 else (lambda: layer(x, tabular))
             ms[mode] = 1e3 * run_steps(lambda: fn().sum().backward(), 3 if quick else 10, 2, device)[0]
-        rows.append(dict(case=title, **ms, speedup_factorised=ms["naive"] / ms["factorised"],
+        rows.append(dict(case=f"{title}, B={xshape[0]}", **ms, speedup_factorised=ms["naive"] / ms["factorised"],
                          speedup_materialised=ms["naive"] / ms["materialised"]))
     return dict(rows=rows)
 
@@ -274,7 +274,8 @@ def verdict(summary, margin):
 def precision_pairs(task, vs, s, device, out, timeout):
     """Train fp32 and each precision's runs at versions vs, pair them -> the pairs' and versions' rows."""
     runs = list(dict.fromkeys(["fp32"] + s["precisions"]))
-    folder = lambda p, v: os.path.join(out, task, p, f"v{v}")
+    schedule = f"{device}-{s['epochs'] or 'default'}-epochs"      # a --quick dry run's runs are not these
+    folder = lambda p, v: os.path.join(out, task, schedule, p, f"v{v}")
     run_files = lambda f, name, model=None: [os.path.join(d, name) for d, _, names in os.walk(f)
                                              if name in names and model in (None, *os.path.relpath(d, f).split(os.sep))]
     script = os.path.join(HERE, "train_ad.py" if task == "ad" else "train_brain_age.py")
@@ -405,6 +406,14 @@ def write_report(report, out, name):
     data.write_text(render(report), os.path.join(out, name + ".md"))
 
 
+def version_range(text):
+    """--versions 0-7 or 3 -> [0, ..., 7] or [3]; 3-1 (no version) is refused, not measured as none."""
+    m = re.fullmatch(r"(\d+)(?:-(\d+))?", text)
+    if not m or int(m[2] or m[1]) < int(m[1]):
+        raise argparse.ArgumentTypeError(f"{text!r}: a version or a range FIRST-LAST, e.g. 0-7")
+    return list(range(int(m[1]), int(m[2] or m[1]) + 1))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("section", nargs="?", default="ratios", choices=["ratios", "precision", "gpu-check"])
@@ -414,8 +423,7 @@ def main(argv=None):
     p.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16"], help="ratios: the steps' autocast "
                    "(default fp32); precision, gpu-check: paired with fp32 (default bf16 where native, fp16 on CUDA)")
     p.add_argument("--task", nargs="+", choices=["ad", "brain-age"], help="precision: the tasks (default both)")
-    p.add_argument("--versions", type=lambda t: list(range(int(t.split("-")[0]), int(t.split("-")[-1]) + 1)),
-                   help="precision: 0-7 (its default) or 3 (gpu-check: 0-3)")
+    p.add_argument("--versions", type=version_range, help="precision: 0-7 (its default) or 3 (gpu-check: 0-3)")
     p.add_argument("--jobs", type=int, default=2, choices=range(1, 65), metavar="K",
                    help="precision on a CPU: runs at a time (on a GPU one)")
     p.add_argument("--budget", type=float, default=600, help="gpu-check: seconds in all; a section past it skipped")
@@ -423,6 +431,14 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="ratios: HyperFusion's step compiled too (--compile)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    foreign = dict(ratios=("task", "versions", "jobs", "budget", "skip"), precision=("budget", "skip", "compile"))
+    for name in foreign.get(args.section, ()):                    # never ignored unsaid: --budget 60 is no cap there
+        if getattr(args, name) != p.get_default(name):
+            p.error(f"--{name}: not an option of {args.section}; leave it out")
+    if not args.budget > 0:                                       # nan too: every section skipped, an empty report
+        p.error(f"--budget {args.budget:g}: must be above 0 seconds")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):  # found after the first section, else
+        p.error(f"--out {args.out}: a file, not a folder; give the folder for the report")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.child:                                 # a train step's measure, or the machine's reference rates
         child = json.loads(args.child)
@@ -444,4 +460,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    data.run_cli(main)    # Ctrl-C / SIGTERM: one line, exit 130 / 143, and run_commands ends the runs it started

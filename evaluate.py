@@ -331,7 +331,10 @@ def calibration_report(paths, refit, device, batch_size, out_dir=None, plots_dir
         raise UserError(f"{', '.join(map(str, paths))}: no finished AD run in or under it")
     groups = {key: sorted(g, key=lambda m: m[0].run.fold) for key, g in sorted(groups.items())
               if sorted(m[0].run.fold for m in g) == list(range(N_FOLDS))}   # 3-class and CN/AD runs apart
-    figs = Figures(plots_dir, quiet) if plots_dir and groups else None
+    figs = Figures(plots_dir, quiet) if plots_dir else None
+    if figs is not None and not groups:                     # asked for: said, never left out without a word
+        figs.skip("reliability_calibrated_*.png", "no model has its four folds of one split seed and version finished: "
+                  "the diagrams are of the Eq. 7-8 ensembles of four folds")
     keys = ["balanced_accuracy", "auc_macro"] + [k for _, k in CALIBRATION_COLUMNS]
     for (model, seed, version, classes), members in groups.items():
         labels = members[0][2]["test"][1]
@@ -429,7 +432,7 @@ def write_results(res, markdown, table, out_dir, stem, quiet):
 def ensemble_ad_folds(fold_dirs):
     """The four fold models of one (split seed, version) on their shared test set, by Eq. 7-8."""
     runs = [read_run(d) for d in fold_dirs]
-    check_same(runs, "cannot ensemble {a} and {b}", ("split_seed", "classes"))   # their own indicators (Sec. 3.3)
+    check_same(runs, "cannot ensemble {a} and {b}", ("split_seed", "classes", "loss"))   # own indicators (Sec. 3.3)
     first, members = runs[0], [r["pred"]["probs"] for r in runs]
     return {"subjects": first["pred"]["subjects"], "labels": first["pred"]["labels"], "config": first["config"],
             "dir": first["dir"], "probs": entropy_weighted_ensemble(np.stack(members)),     # (K, N, C) -> (N, C)
@@ -586,20 +589,26 @@ def evaluate_brain_age(runs, top=5, out_dir=None, quiet=False, plots_dir=None):
 
 
 # ---- Hyperlayer selection (Sec. 3.1.2, App. D) ----
-def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=8, draws=100, seed=0, verbose=False):
-    """Sec. 3.1.2: loss entropy of each candidate layer of the untrained backbone -> [(layer, entropy)]."""
+def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=8, draws=100, seed=0, verbose=False,
+                  out=None):
+    """Sec. 3.1.2: loss entropy of each candidate layer of the untrained backbone -> [(layer, entropy)]; `out`, the
+    page's file, checked first: never over what it reads."""
     torch.manual_seed(seed)
     csv_path = data_csv or builtin_cohort(task, data_dir)
     table = data.read_ad_table(csv_path, image_dir) if task == "ad" else data.read_brain_age_table(csv_path, image_dir)
+    if out:
+        check_output("--out", out, [csv_path, data.crops_path(None, csv_path), *table.image_paths])
     groups = table.labels if task == "ad" else table.sex
     by_group = [list(np.flatnonzero(groups == c)) for c in np.unique(groups)]
     order = [idx[k] for k in range(len(groups)) for idx in by_group if k < len(idx)]      # the groups in turn
     if samples > len(order):                                  # not fewer than the page says
         raise UserError(f"--samples {samples}: {csv_path} has {len(order)} subjects")
     pick = np.array(sorted(order[:samples]))
+    shape = data.check_image_geometry(table.image_paths, table.subjects)[0]   # as the trainers: one shape
     volumes = [data.load_volume(table.image_paths[i], table.subjects[i]) for i in pick]
     if task == "ad":
         crops = data.load_crops(None, csv_path)
+        crops.check(shape, data.crops_path(None, csv_path) or "the default (MNI152) hippocampus boxes")
         image = np.stack([crops(v)[0] for v in volumes])
         tabular = TabularPreprocessor().fit(table.raw).transform([table.raw[i] for i in pick])
         model = build_model("ad", "imaging", n_tabular=tabular.shape[1], n_classes=3)
@@ -861,7 +870,7 @@ def main(argv=None):
         for name in names.split():
             parsers[name].add_argument(option, **keywords)
     a = p.parse_args(sys.argv[1:] if argv is None else [str(v) for v in argv])
-    for option, least in (("top", 1), ("samples", 2), ("draws", 1), ("seed", 0), ("batch_size", 1),
+    for option, least in (("top", 1), ("samples", 2), ("draws", 2), ("seed", 0), ("batch_size", 1),
                           ("split_seeds", 0), ("versions", 0), ("epochs", 1), ("tabular_epochs", 1)):
         check_number("--" + option.replace("_", "-"), getattr(a, option, None), least=least,
                      most=2 ** 31 - 1 if option in ("split_seeds", "versions", "seed") else None)   # the trainers'
@@ -879,14 +888,14 @@ def main(argv=None):
     if a.command == "calibrate":
         return calibration_report(a.runs, a.refit, a.device, a.batch_size, a.out, a.plots, a.quiet)
     if a.command == "select-layers":
-        if a.out:
-            check_output("--out", a.out, [a.data_csv])
         t0 = time.time()
-        scores = select_layers(a.task, a.data_csv, a.image_dir, a.data_dir, a.samples, a.draws, a.seed, not a.quiet)
+        scores = select_layers(a.task, a.data_csv, a.image_dir, a.data_dir, a.samples, a.draws, a.seed, not a.quiet,
+                               a.out)
         md = page(f"Loss entropy per layer (Sec. 3.1.2), {a.task}: image-only backbone, untrained, {a.samples} "
                   f"subjects, {a.draws} draws", (["rank", "layer", "entropy"], [
-                      [k + 1, n, f"{max(h, 0.0):.3f}"] for k, (n, h) in enumerate(scores)]))
+                      [k + 1, n, f"{max(0.0, h):.3f}"] for k, (n, h) in enumerate(scores)]))   # not -0.0
         if a.out:
+            os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)   # as predict.py's --out
             write_text(md, a.out)
         print(md + (f"\nwrote {a.out}" if a.out else "") + ("" if a.quiet else "\n" + duration_text(time.time() - t0)))
         return scores

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import data
-from data import (AD_ATTRIBUTES, AD_CONTINUOUS, SEX_CODES, ArgumentParser, Progress, UserError, check_number,
+from data import (AD_ATTRIBUTES, SEX_CODES, ArgumentParser, Progress, UserError, check_number,
                   check_output, parse_attribute, run_cli, warn, write_csv)
 from metrics import (classification_metrics, corrected_gap, entropy_weighted_ensemble, fmt, gap_summary, mean_ensemble,
                      regression_metrics, shown)
@@ -39,9 +39,6 @@ def find_runs(paths):
         if os.path.isfile(path):
             if not finished(os.path.dirname(os.path.abspath(path))):
                 raise UserError(f"{path}: not the checkpoint of a finished run (no metrics.json beside it)")
-            if not path.endswith(".pt"):
-                raise UserError(f"{path}: a file of the run in {os.path.dirname(os.path.abspath(path))}, not its "
-                                f"checkpoint; give that run folder (or its best.pt)")
             found.append(path)
         elif finished(path):
             found.append(path)
@@ -154,6 +151,9 @@ def sweep(checkpoint, attribute, values, data_csv=None, image_dir=None, batch_si
     """The run's test set predicted as recorded and with every row's raw `attribute` set to each value (AD: e.g.
     ABETA 500, then the run's preprocessing; brain age: Sex M / F) -> {"header", "rows", "summary", ...}."""
     finished_run = load_run(checkpoint)
+    if os.path.isfile(os.path.join(finished_run.dir, "last.pt")) and not finished(finished_run.dir):
+        raise UserError(f"{checkpoint}: an unfinished run (last.pt, no metrics.json): its best.pt is not its trained "
+                        f"model yet; finish its training first (the same command with --resume)")
     run, table, test_idx, images = test_set(finished_run, data_csv, image_dir)
     if os.path.isfile(os.path.join(finished_run.dir, "predictions.npz")):      # a damaged one: one error line
         if not np.array_equal(finished_run.read_predictions()["subjects"], np.array(table.subjects)[test_idx]):
@@ -170,7 +170,7 @@ def sweep(checkpoint, attribute, values, data_csv=None, image_dir=None, batch_si
                             f"(one of {', '.join(AD_ATTRIBUTES)})")
         if attr in finished_run.tabular.unlearned([]):
             raise UserError(f"--attribute {attr}: empty for every subject {checkpoint} was trained on: unreadable")
-        for value in values if attr in AD_CONTINUOUS else ():
+        for value in values:                  # PTGENDER too: refused before any scan is read
             try:
                 parse_attribute(attr, str(value))
             except ValueError as exc:

@@ -770,8 +770,14 @@ def test_loss_entropy_draws_each_layer_100_times_by_default_in_the_function_and_
     assert seen == [100]
 
 
-def test_select_layers_scores_every_candidate_layer(brain_age_cohort20):
-    scores = evaluate.select_layers("brain-age", data_csv=str(brain_age_cohort20), samples=2, draws=2)
+def test_select_layers_scores_every_candidate_layer(brain_age_cohort20, tmp_path, capsys):
+    out = tmp_path / "new" / "layers.md"                              # its folder made, as predict.py's --out
+    scores = evaluate.main(["select-layers", "--task", "brain-age", "--data-csv", brain_age_cohort20, "--samples", 2,
+                            "--draws", 2, "--out", out, "--quiet"])
+    assert out.read_text() in capsys.readouterr().out and "| -0.000 |" not in out.read_text()   # no entropy below 0
+    image = data.read_brain_age_table(str(brain_age_cohort20)).image_paths[0]   # an input: refused before any draw
+    assert_clean_error(run_main(evaluate.main, "select-layers", "--task", "brain-age", "--data-csv", brain_age_cohort20,
+                                "--samples", 2, "--draws", 2, "--out", image), f"--out {image}: would overwrite")
     expected = candidate_layers(build_model("brain-age", "imaging", image_shape=synthetic.BRAIN_AGE_SYNTH["shape"]))
     assert sorted(n for n, _ in scores) == sorted(expected)
     assert [h for _, h in scores] == sorted((h for _, h in scores), reverse=True)
@@ -1385,10 +1391,12 @@ def test_a_run_named_twice_is_one_member_and_a_runs_metrics_file_is_not_called_a
     assert [m.dir for m in predict.find_runs([tmp_path / "chosen"])] == [str(tmp_path / "chosen" / "fold2")]
     res = evaluate.main(["calibrate", *map(str, named), "--quiet"])
     assert len(res["runs"]) == 4 and len(res["ensembles"]) == 1
-    proc = run_main(predict.main, os.path.join(runs[0], "metrics.json"), "--data-csv", tmp_path / "new.csv", "--out",
-                    tmp_path / "p.csv")
-    assert_clean_error(proc, "metrics.json", runs[0], "give that run folder")
-    assert "corrupt" not in proc.stderr
+    for proc in (run_main(predict.main, os.path.join(runs[0], "metrics.json"), "--data-csv", tmp_path / "new.csv",
+                          "--out", tmp_path / "p.csv"),
+                 run_main(evaluate.main, "sweep", os.path.join(runs[0], "metrics.json"), "--attribute", "ABETA",
+                          "--values", "200")):             # not 'corrupt ... delete it to start the run afresh'
+        assert_clean_error(proc, "metrics.json", runs[0], "give that run folder")
+        assert "corrupt" not in proc.stderr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2157,6 +2165,7 @@ def test_eq7_8_each_row_of_the_ad_table_ensembles_its_folds_sample_by_sample(ad_
 
 @pytest.mark.parametrize("key,value,says", [
     ("split_seed", 1, "split_seed differs"), ("classes", 2, "classes differs"),
+    ("loss", "ce-oversample", "loss differs"),                           # App. C.4's: in the same fold folders
     ("subjects", [f"S{i + 1}" for i in range(10)], "their test subjects differ"),
     ("labels", np.arange(10) % 3, "their test labels differ"),
     ("images_sha256", "i2", "they were trained on different images")])
@@ -2272,12 +2281,18 @@ def test_ad_sweep_changes_the_tabular_attribute_of_every_test_row(ad_cohort40, t
         predict.sweep(str(tmp_path / "best.pt"), "MMSE", ["30"])
     with pytest.raises(UserError, match="--values -5: ABETA: negative value"):       # as a table's cell would be
         predict.sweep(str(tmp_path / "best.pt"), "ABETA", ["-5"])
+    with pytest.raises(UserError, match="^--values Mal: PTGENDER: expected Male or Female"):   # before any reading
+        predict.sweep(str(tmp_path / "best.pt"), "PTGENDER", ["Mal"])
     (tmp_path / "predictions.npz").write_bytes(b"PK\x03\x04 cut short")     # the run's test predictions, damaged
     assert_clean_error(run_main(evaluate.main, "sweep", tmp_path, "--attribute", "ABETA", "--values", "200"),
                        "predictions.npz", "unreadable")
     np.savez(tmp_path / "predictions.npz", subjects=np.array(["S1"]), ages=np.zeros(1))   # another file's arrays
     assert_clean_error(run_main(evaluate.main, "sweep", tmp_path, "--attribute", "ABETA", "--values", "200"),
                        "predictions.npz: not the test predictions of a training run (arrays: subjects, ages)")
+    os.remove(tmp_path / "predictions.npz")
+    (tmp_path / "last.pt").write_bytes(b"")              # an interrupted run: its best.pt is not its trained model
+    assert_clean_error(run_main(evaluate.main, "sweep", tmp_path, "--attribute", "ABETA", "--values", "200"),
+                       f"{tmp_path}: an unfinished run", "--resume")
 
 
 def test_sweep_plots_draw_how_the_prediction_moves_with_the_attribute(brain_age_cohort20, tmp_path, capsys,
@@ -3272,6 +3287,8 @@ def test_images_of_another_shape_or_voxel_size_are_refused_from_their_headers(ad
     csv_path = _tiny_brain_age(tmp_path / "a", shapes={6: (8, 9, 8)})
     assert_clean_error(run_main(train_brain_age.main, "--data-csv", csv_path, *ba), "B6.nii.gz", "subject B6",
                        "(8, 9, 8)", "(8, 8, 8)", "B0.nii.gz")
+    assert_clean_error(run_main(evaluate.main, "select-layers", "--task", "brain-age", "--data-csv", csv_path),
+                       "B6.nii.gz", "(8, 9, 8)")                 # select-layers too: not numpy's stack error
     assert not (tmp_path / "a" / "cache").exists() and not (tmp_path / "runs").exists()
     csv_path = _tiny_brain_age(tmp_path / "b", spacing={3: 1.9})           # 5% off: another grid all the same
     assert_clean_error(run_main(data.main, "check-brain-age", csv_path), "B3.nii.gz", "voxel size",
@@ -3290,6 +3307,11 @@ def test_images_of_another_shape_or_voxel_size_are_refused_from_their_headers(ad
                     "--cache-dir", tmp_path / "cache")
     assert_clean_error(run_main(train_ad.main, *args), f"subject {odd}", "(20, 20, 20)")
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
+    sl = ["select-layers", "--task", "ad", "--data-csv", ad_cohort40, "--image-dir", images, "--samples", 2]
+    assert_clean_error(run_main(evaluate.main, *sl, "--draws", 2), f"subject {odd}", "(20, 20, 20)")  # not scored
+    _crops(tmp_path, right_start=[300, 0, 0])        # boxes outside the images: the file named, as the trainers do
+    assert_clean_error(run_main(evaluate.main, *sl, "--data-csv", shutil.copy(ad_cohort40, tmp_path), "--image-dir",
+                                os.path.dirname(table.image_paths[0])), tmp_path / "crops.json", "does not fit")
 
 
 def test_rows_whose_group_is_not_a_diagnosis_or_brain_age_rows_without_an_age_are_skipped_with_a_count(tmp_path,
@@ -3383,6 +3405,8 @@ def test_numeric_options_out_of_range_are_refused_naming_the_option(tmp_path):
         assert_clean_error(run_main(evaluate.main, "protocol", "--task", "ad", *option.split(), "--print-commands"),
                            f"{option} with --print-commands")
     assert_clean_error(run_main(evaluate.main, "select-layers", "--task", "ad", "--seed", 2 ** 64), f"--seed {2 ** 64}")
+    assert_clean_error(run_main(evaluate.main, "select-layers", "--task", "ad", "--data-csv", csv_path, "--draws", 1),
+                       "--draws 1", "at least 2")              # one loss a layer: every entropy 0, a ranking of none
     assert_clean_error(run_main(lambda argv: np.zeros(1 << 62, np.uint8)), "Unable to allocate")   # one line too
     # argparse's own refusals are one line too (not its usage line first)
     assert_clean_error(run_main(train_ad.main, "--fold", "7"), "--fold", "invalid choice")
@@ -4397,6 +4421,12 @@ def test_the_calibration_report_ensembles_the_members_each_at_its_own_temperatur
     shutil.rmtree(training.ad_run_dir(tmp_path, "hyperfusion", 0, 0, 3))   # three folds: runs, but no ensemble
     res = evaluate.main(["calibrate", str(tmp_path), "--quiet"])
     assert len(res["runs"]) == 7 and [e["classes"] for e in res["ensembles"]] == [2]
+    fold3, aside = training.ad_run_dir(tmp_path / "c2", "hyperfusion", 0, 0, 3), f"{tmp_path}-fold3"
+    shutil.move(fold3, aside)                             # no four folds: --plots says so
+    if evaluate.matplotlib_or_none() is not None:
+        res = evaluate.main(["calibrate", str(tmp_path), "--quiet", "--plots", str(tmp_path / "fig")])
+        assert list(res["plots"]["skipped"]) == ["reliability_calibrated_*.png"] and not res["plots"]["written"]
+    shutil.move(aside, fold3)
     shutil.copytree(tmp_path / "c2", tmp_path / "c3")     # two runs folders of one ensemble: neither left out unsaid
     group = os.path.join("ad", "hyperfusion", "seed0", "v0")
     assert_clean_error(run_main(evaluate.main, "calibrate", tmp_path / "c2", tmp_path / "c3", "--quiet"),
@@ -4927,6 +4957,20 @@ def test_float16_bfloat16_or_sync_bn_on_a_cpu_is_refused_by_training_and_the_ben
     assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "data")    # before any work
 
 
+def test_the_benchmark_refuses_a_budget_versions_or_out_it_cannot_use_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bench.py"])                # argparse names the script from argv[0]
+    (tmp_path / "file").write_text("")
+    for args, why in [(["--budget", "60"], "--budget: not an option of ratios"),    # not ignored: no cap there
+                      (["precision", "--skip", "tests", "--precision", "fp32"], "--skip: not an option of precision"),
+                      (["gpu-check", "--budget", "-5"], "--budget -5: must be above 0"),   # not an empty report
+                      (["gpu-check", "--budget", "nan"], "--budget nan"),
+                      (["precision", "--precision", "fp32", "--versions", "3-1"], "argument --versions: '3-1'"),
+                      (["--out", tmp_path / "file"], f"--out {tmp_path / 'file'}: a file")]:   # not a traceback
+        p = run_main(bench.main, "--device", "cpu", "--quick", "--out", tmp_path / "b", *args)
+        assert p.returncode == 2 and p.stderr.splitlines()[-1].startswith(f"bench.py: error: {why}"), p.stderr
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
 @pytest.mark.parametrize("device", DEVICES[1:])       # a CPU refuses bf16 (training.resolve_precision)
 @pytest.mark.parametrize("task", ["ad", "brain-age"])
 def test_check_a_bfloat16_train_step_stays_within_tolerance_of_float32(device, task):
@@ -4983,6 +5027,10 @@ def test_the_paired_precision_benchmark_pairs_each_version_with_itself_from_the_
     asked.clear()
     bench.precision_pairs("brain-age", list(range(9)), s, "cpu", str(tmp_path), 1e7)
     assert sorted(c[c.index("--version") + 1] for c in asked) == ["8", "8"]          # the finished 16 reused
+    for settings, device in ((dict(s, epochs=3), "cpu"), (s, "cuda")):   # a --quick dry run's or another device's
+        asked.clear()                                                          # runs: not reused as these
+        bench.precision_pairs("brain-age", [0], settings, device, str(tmp_path), 1e7)
+        assert len(asked) == 2, (settings["epochs"], device)
 
 
 def test_on_a_gpu_the_paired_precision_runs_train_one_at_a_time(tmp_path, monkeypatch):
@@ -5056,6 +5104,7 @@ def test_the_hyperlayer_benchmark_gives_each_modes_speed_up_as_the_naive_loops_t
     rows = bench.hyperlayers(True, "cpu")["rows"]
     assert [(r["factorised"], r["speedup_factorised"], r["speedup_materialised"]) for r in rows] == \
         [(pytest.approx(1.0), pytest.approx(8.0), pytest.approx(4.0))] * 2 and tf32 == [False] * 6
+    assert [r["case"].split(", ")[-1] for r in rows] == ["B=16", "B=8"]   # the batches --quick measured, not 64, 32
 
 
 def test_the_gpu_checks_tests_stop_at_their_time_cap_keeping_the_outcomes_printed_before_it(monkeypatch):
@@ -5200,10 +5249,10 @@ def test_matplotlib_is_imported_only_where_a_figure_is_drawn_and_every_command_l
     for f in (f for f in SOURCES if f != "test_all.py"):
         tree = ast.parse(open(os.path.join(HERE, f)).read(), f)
         assert all(inside for module, _, inside in _imports(tree) if module == "matplotlib"), f
-        if f != "bench.py" and any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body):
-            last = tree.body[-1]
+        if any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body):   # bench.py: SIGTERM ends
+            last = tree.body[-1]                                                       # its runs, none orphaned
             assert isinstance(last, ast.If) and ast.unparse(last.test) == "__name__ == '__main__'", f
-            assert ast.unparse(last.body[0]).startswith("run_cli(main"), f
+            assert ast.unparse(last.body[0]).startswith(("run_cli(main", "data.run_cli(main")), f
 
 
 @pytest.mark.parametrize("command", ["ad", "brain-age", "sweep"])

@@ -683,6 +683,9 @@ class FinishedRun:
         path = os.fspath(path)
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "best.pt")):
             raise UserError(f"{path}: not a run folder (no best.pt in it); give the folder of one finished run")
+        if os.path.isfile(path) and not path.endswith(".pt"):          # metrics.json: not a 'corrupt checkpoint'
+            raise UserError(f"{path}: a file of the run in {os.path.dirname(os.path.abspath(path))}, not its "
+                            f"checkpoint; give that run folder (or its best.pt)")
         self.checkpoint_path = path = path if os.path.isfile(path) else os.path.join(path, "best.pt")
         self.dir, self.checkpoint = os.path.dirname(path), load_checkpoint(path, expected)
         try:
