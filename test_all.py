@@ -4430,7 +4430,8 @@ def _ddp_worker(rank, world, init_file, batch, out):
 def two_ddp_processes(tmp_path_factory):
     """What _ddp_worker's rank 0 saw, and the batch both processes shared."""
     tmp, batch = tmp_path_factory.mktemp("ddp"), _tiny_batch("ad", 8, seed=1)
-    torch.multiprocessing.spawn(_ddp_worker, (2, str(tmp / "init"), batch, str(tmp / "ddp.pt")), nprocs=2)
+    torch.multiprocessing.start_processes(_ddp_worker, (2, str(tmp / "init"), batch, str(tmp / "ddp.pt")), nprocs=2,
+                                          start_method="fork")     # spawn's children imported this file again
     return torch.load(tmp / "ddp.pt", weights_only=False), batch
 
 
