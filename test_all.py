@@ -4430,8 +4430,9 @@ def _ddp_worker(rank, world, init_file, batch, out):
 def two_ddp_processes(tmp_path_factory):
     """What _ddp_worker's rank 0 saw, and the batch both processes shared."""
     tmp, batch = tmp_path_factory.mktemp("ddp"), _tiny_batch("ad", 8, seed=1)
+    fork = not torch.cuda.is_initialized()          # spawn's children import this file again; CUDA forbids a fork
     torch.multiprocessing.start_processes(_ddp_worker, (2, str(tmp / "init"), batch, str(tmp / "ddp.pt")), nprocs=2,
-                                          start_method="fork")     # spawn's children imported this file again
+                                          start_method="fork" if fork else "spawn")
     return torch.load(tmp / "ddp.pt", weights_only=False), batch
 
 
