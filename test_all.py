@@ -4494,7 +4494,9 @@ def _ddp_worker(rank, world, init_file, batch, out):
 def two_ddp_processes(tmp_path_factory):
     """What _ddp_worker's rank 0 saw, and the batch both processes shared."""
     tmp, batch = tmp_path_factory.mktemp("ddp"), _tiny_batch("ad", 8, seed=1)
-    torch.multiprocessing.spawn(_ddp_worker, (2, str(tmp / "init"), batch, str(tmp / "ddp.pt")), nprocs=2)
+    fork = not torch.cuda.is_initialized()          # spawn's children import this file again; CUDA forbids a fork
+    torch.multiprocessing.start_processes(_ddp_worker, (2, str(tmp / "init"), batch, str(tmp / "ddp.pt")), nprocs=2,
+                                          start_method="fork" if fork else "spawn")
     return torch.load(tmp / "ddp.pt", weights_only=False), batch
 
 
@@ -5145,6 +5147,8 @@ def test_the_gpu_checks_report_has_every_section_with_numbers(tmp_path, monkeypa
         return outs
 
     monkeypatch.setattr(bench, "run_commands", here)
+    real_steps = bench.run_steps                         # one timed step, no warm-up: numbers, not good ones
+    monkeypatch.setattr(bench, "run_steps", lambda step, steps, warmup, device: real_steps(step, 1, 0, device))
     assert bench.CHECK_SECTIONS[-1] == "precision"       # the paired runs take the time the measures leave
     sections = [s for s in bench.CHECK_SECTIONS if s != "precision"]
     report = bench.run_report(sections, "cpu", True, str(tmp_path), steps=1, warmup=1)
