@@ -432,7 +432,7 @@ def write_results(res, markdown, table, out_dir, stem, quiet):
 def ensemble_ad_folds(fold_dirs):
     """The four fold models of one (split seed, version) on their shared test set, by Eq. 7-8."""
     runs = [read_run(d) for d in fold_dirs]
-    check_same(runs, "cannot ensemble {a} and {b}", ("split_seed", "classes", "loss"))   # own indicators (Sec. 3.3)
+    check_same(runs, "cannot ensemble {a} and {b}", ("split_seed", "classes"))   # their own indicators (Sec. 3.3)
     first, members = runs[0], [r["pred"]["probs"] for r in runs]
     return {"subjects": first["pred"]["subjects"], "labels": first["pred"]["labels"], "config": first["config"],
             "dir": first["dir"], "probs": entropy_weighted_ensemble(np.stack(members)),     # (K, N, C) -> (N, C)

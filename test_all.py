@@ -2165,7 +2165,6 @@ def test_eq7_8_each_row_of_the_ad_table_ensembles_its_folds_sample_by_sample(ad_
 
 @pytest.mark.parametrize("key,value,says", [
     ("split_seed", 1, "split_seed differs"), ("classes", 2, "classes differs"),
-    ("loss", "ce-oversample", "loss differs"),                           # App. C.4's: in the same fold folders
     ("subjects", [f"S{i + 1}" for i in range(10)], "their test subjects differ"),
     ("labels", np.arange(10) % 3, "their test labels differ"),
     ("images_sha256", "i2", "they were trained on different images")])
