@@ -4273,6 +4273,14 @@ def test_calibrated_prediction_keeps_every_members_class_and_changes_the_ensembl
     for k, r in enumerate(runs):
         expected = evaluate.probabilities(evaluate.read_logits(r)["test"][0], load_run(r).temperature)
         np.testing.assert_allclose(cal["outputs"][k][test_idx], expected, rtol=1e-5, atol=1e-6)
+    own = tmp_path / "own"                                       # members at other temperatures: each at its own
+    for k, (r, t) in enumerate(zip(runs, (0.5, 3.0))):
+        shutil.copytree(r, own / f"fold{k}")
+        data.write_json({"temperature": t}, str(own / f"fold{k}" / "calibration.json"))
+    at_own = _predict(own, "--data-csv", ad_cohort60, "--out", tmp_path / "o.csv", "--calibrated")["outputs"]
+    for k, t in enumerate((0.5, 3.0)):
+        expected = evaluate.probabilities(evaluate.read_logits(str(own / f"fold{k}"))["test"][0], t)
+        np.testing.assert_allclose(at_own[k][test_idx], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_calibrated_prediction_refuses_a_run_without_a_usable_temperature_or_fitted_at_its_lower_bound_not_used(
