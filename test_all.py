@@ -1829,6 +1829,9 @@ def test_brain_age_sweep_reads_every_test_scan_as_male_and_as_female_and_an_abse
                                   run.target.decode)
     assert set(table.sex[idx]) == {0, 1} and [hf[0]["mean_pred_male"], hf[0]["mean_pred_female"]] == pytest.approx(
         [pred[table.sex[idx] == 0].mean(), pred[table.sex[idx] == 1].mean()], abs=1e-4)
+    as_male, _ = predict.run_outputs(run, run.model(), images, np.zeros(len(idx), np.int64), table.age[idx],
+                                     torch.device("cpu"), 16, run.target.decode)
+    assert hf[1]["mean_pred"] == pytest.approx(as_male.mean(), abs=1e-4)           # M: every test scan read as male
     assert (tmp_path / "sweep_Sex.md").is_file()
     men = _edit_table(brain_age_cohort20, tmp_path / "men.csv",                     # test scans of one sex alone
                       lambda k, c: [c[0], c[1], "M", os.path.join(os.path.dirname(brain_age_cohort20), c[3])])
