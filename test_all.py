@@ -779,12 +779,17 @@ def test_select_layers_scores_every_candidate_layer(brain_age_cohort20):
 
 def test_select_layers_scores_on_a_batch_that_takes_the_classes_or_the_sexes_in_turn(ad_cohort60, brain_age_cohort20,
                                                                                        monkeypatch):
-    seen = []
-    monkeypatch.setattr(evaluate, "layer_loss_entropy", lambda model, batch, *a, **k: seen.append(batch) or [])
+    seen, draws = [], []
+    monkeypatch.setattr(evaluate, "layer_loss_entropy",
+                        lambda model, batch, *a, **k: seen.append(batch) or draws.append(k["n_draws"]) or [])
     evaluate.select_layers("ad", data_csv=str(ad_cohort60), samples=6, draws=1)
-    evaluate.select_layers("brain-age", data_csv=str(brain_age_cohort20), samples=4, draws=1)
-    (_, _, labels), (_, sex, _) = seen
+    evaluate.select_layers("brain-age", data_csv=str(brain_age_cohort20), samples=4)
+    (_, _, labels), (_, sex, target) = seen
     assert np.bincount(labels.numpy(), minlength=3).tolist() == [2, 2, 2] and sex.sum(0).tolist() == [2, 2]
+    assert draws == [1, 100]                                       # Sec. 3.1.2's N = 100 when not given
+    ages = data.read_brain_age_table(brain_age_cohort20).age         # the target centred as training centres it: on
+    years = AgeTarget(float(ages.mean())).decode(target.numpy())     # the cohort's mean age, not the batch's own
+    assert np.isin(np.round(years, 4), np.round(ages, 4)).all()
     assert_clean_error(run_main(evaluate.main, "select-layers", "--task", "ad", "--data-csv", ad_cohort60, "--samples",
                                 61), "--samples 61", "has 60 subjects")    # not scored on fewer than its page says
 
