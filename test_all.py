@@ -2529,7 +2529,8 @@ def test_preprocess_refuses_to_estimate_the_mask_of_an_image_normalised_already_
 
 
 def test_preprocess_reads_a_mask_of_0_and_255_as_the_same_brain_as_one_of_0_and_1():
-    """A mask is binarised before it is resampled: a uint8 export's 255 would widen it through the interpolation."""
+    """A mask is binarised before it is resampled (a uint8 export's 255 would widen it through the interpolation),
+    and the resampled one is the brain where it is over 0.5 (App. A.1's step 3)."""
     vol = np.random.default_rng(0).random((20, 20, 20)).astype(np.float32) + 1
     mask = np.zeros((20, 20, 20), np.float32)
     mask[4:16, 5:15, 3:17] = 1
@@ -2537,6 +2538,8 @@ def test_preprocess_reads_a_mask_of_0_and_255_as_the_same_brain_as_one_of_0_and_
     outs = [np.asarray(preprocess.preprocess_volume(image(vol), image(mask * k), 1.75, (12, 12, 12)).dataobj)
             for k in (1, 255)]
     np.testing.assert_array_equal(outs[0], outs[1])
+    resampled = np.asarray(preprocess.resample_isotropic(image(mask), 1.75).dataobj)    # then over 0.5: not widened
+    assert np.count_nonzero(outs[0]) == np.count_nonzero(resampled > 0.5) < np.count_nonzero(resampled > 0)
 
 
 def test_preprocess_reads_a_brain_whose_white_matter_is_most_of_its_voxels_at_one_value():
