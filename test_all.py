@@ -4593,6 +4593,8 @@ def test_a_training_loader_ends_in_no_partial_batch_alone_oversampled_or_in_a_to
     monkeypatch.setattr(training, "world_size", lambda: 4)
     monkeypatch.setattr(training, "rank", lambda: 0)
     assert sizes(36, shuffle=True) == [4, 4]                                  # 9 of the 36, in batches of 16 / 4
+    oversampled = torch.utils.data.WeightedRandomSampler(torch.ones(36, dtype=torch.double), 36)
+    assert sizes(36, sampler=oversampled) == [4, 4]              # a process's share of the oversampled epoch too
 
 
 def test_the_protocol_hands_its_cache_dir_and_compile_to_every_run_it_trains(tmp_path, capsys):
