@@ -785,12 +785,17 @@ def test_select_layers_scores_every_candidate_layer(brain_age_cohort20, tmp_path
 
 def test_select_layers_scores_on_a_batch_that_takes_the_classes_or_the_sexes_in_turn(ad_cohort60, brain_age_cohort20,
                                                                                        monkeypatch):
-    seen = []
-    monkeypatch.setattr(evaluate, "layer_loss_entropy", lambda model, batch, *a, **k: seen.append(batch) or [])
+    seen, draws = [], []
+    monkeypatch.setattr(evaluate, "layer_loss_entropy",
+                        lambda model, batch, *a, **k: seen.append(batch) or draws.append(k["n_draws"]) or [])
     evaluate.select_layers("ad", data_csv=str(ad_cohort60), samples=6, draws=1)
-    evaluate.select_layers("brain-age", data_csv=str(brain_age_cohort20), samples=4, draws=1)
-    (_, _, labels), (_, sex, _) = seen
+    evaluate.select_layers("brain-age", data_csv=str(brain_age_cohort20), samples=4)
+    (_, _, labels), (_, sex, target) = seen
     assert np.bincount(labels.numpy(), minlength=3).tolist() == [2, 2, 2] and sex.sum(0).tolist() == [2, 2]
+    assert draws == [1, 100]                                       # Sec. 3.1.2's N = 100 when not given
+    ages = data.read_brain_age_table(brain_age_cohort20).age         # the target centred as training centres it: on
+    years = AgeTarget(float(ages.mean())).decode(target.numpy())     # the cohort's mean age, not the batch's own
+    assert np.isin(np.round(years, 4), np.round(ages, 4)).all()
     assert_clean_error(run_main(evaluate.main, "select-layers", "--task", "ad", "--data-csv", ad_cohort60, "--samples",
                                 61), "--samples 61", "has 60 subjects")    # not scored on fewer than its page says
 
@@ -1837,6 +1842,9 @@ def test_brain_age_sweep_reads_every_test_scan_as_male_and_as_female_and_an_abse
                                   run.target.decode)
     assert set(table.sex[idx]) == {0, 1} and [hf[0]["mean_pred_male"], hf[0]["mean_pred_female"]] == pytest.approx(
         [pred[table.sex[idx] == 0].mean(), pred[table.sex[idx] == 1].mean()], abs=1e-4)
+    as_male, _ = predict.run_outputs(run, run.model(), images, np.zeros(len(idx), np.int64), table.age[idx],
+                                     torch.device("cpu"), 16, run.target.decode)
+    assert hf[1]["mean_pred"] == pytest.approx(as_male.mean(), abs=1e-4)           # M: every test scan read as male
     assert (tmp_path / "sweep_Sex.md").is_file()
     men = _edit_table(brain_age_cohort20, tmp_path / "men.csv",                     # test scans of one sex alone
                       lambda k, c: [c[0], c[1], "M", os.path.join(os.path.dirname(brain_age_cohort20), c[3])])
@@ -2539,7 +2547,8 @@ def test_preprocess_refuses_to_estimate_the_mask_of_an_image_normalised_already_
 
 
 def test_preprocess_reads_a_mask_of_0_and_255_as_the_same_brain_as_one_of_0_and_1():
-    """A mask is binarised before it is resampled: a uint8 export's 255 would widen it through the interpolation."""
+    """A mask is binarised before it is resampled (a uint8 export's 255 would widen it through the interpolation),
+    and the resampled one is the brain where it is over 0.5 (App. A.1's step 3)."""
     vol = np.random.default_rng(0).random((20, 20, 20)).astype(np.float32) + 1
     mask = np.zeros((20, 20, 20), np.float32)
     mask[4:16, 5:15, 3:17] = 1
@@ -2547,6 +2556,8 @@ def test_preprocess_reads_a_mask_of_0_and_255_as_the_same_brain_as_one_of_0_and_
     outs = [np.asarray(preprocess.preprocess_volume(image(vol), image(mask * k), 1.75, (12, 12, 12)).dataobj)
             for k in (1, 255)]
     np.testing.assert_array_equal(outs[0], outs[1])
+    resampled = np.asarray(preprocess.resample_isotropic(image(mask), 1.75).dataobj)    # then over 0.5: not widened
+    assert np.count_nonzero(outs[0]) == np.count_nonzero(resampled > 0.5) < np.count_nonzero(resampled > 0)
 
 
 def test_preprocess_reads_a_brain_whose_white_matter_is_most_of_its_voxels_at_one_value():
@@ -4326,6 +4337,14 @@ def test_calibrated_prediction_keeps_every_members_class_and_changes_the_ensembl
     for k, r in enumerate(runs):
         expected = evaluate.probabilities(evaluate.read_logits(r)["test"][0], load_run(r).temperature)
         np.testing.assert_allclose(cal["outputs"][k][test_idx], expected, rtol=1e-5, atol=1e-6)
+    own = tmp_path / "own"                                       # members at other temperatures: each at its own
+    for k, (r, t) in enumerate(zip(runs, (0.5, 3.0))):
+        shutil.copytree(r, own / f"fold{k}")
+        data.write_json({"temperature": t}, str(own / f"fold{k}" / "calibration.json"))
+    at_own = _predict(own, "--data-csv", ad_cohort60, "--out", tmp_path / "o.csv", "--calibrated")["outputs"]
+    for k, t in enumerate((0.5, 3.0)):
+        expected = evaluate.probabilities(evaluate.read_logits(str(own / f"fold{k}"))["test"][0], t)
+        np.testing.assert_allclose(at_own[k][test_idx], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_calibrated_prediction_refuses_a_run_without_a_usable_temperature_or_fitted_at_its_lower_bound_not_used(
@@ -4670,6 +4689,8 @@ def test_a_training_loader_ends_in_no_partial_batch_alone_oversampled_or_in_a_to
     monkeypatch.setattr(training, "world_size", lambda: 4)
     monkeypatch.setattr(training, "rank", lambda: 0)
     assert sizes(36, shuffle=True) == [4, 4]                                  # 9 of the 36, in batches of 16 / 4
+    oversampled = torch.utils.data.WeightedRandomSampler(torch.ones(36, dtype=torch.double), 36)
+    assert sizes(36, sampler=oversampled) == [4, 4]              # a process's share of the oversampled epoch too
 
 
 @pytest.mark.parametrize("main, batch", [(train_ad.main, 3), (train_ad.main, 2), (train_brain_age.main, 3)])
