@@ -615,7 +615,7 @@ def select_layers(task, data_csv=None, image_dir=None, data_dir="data", samples=
         target, loss_fn = torch.as_tensor(table.labels[pick]), F.cross_entropy
     else:
         image, tabular = np.stack([data.BRAIN_ZSCORE(v) for v in volumes]), data.sex_onehot(table.sex[pick])   # as fed
-        target = torch.as_tensor(AgeTarget(float(table.age.mean())).encode(table.age[pick]))  # as in training
+        target = torch.as_tensor(AgeTarget(float(table.age.mean())).encode(table.age[pick]))  # cohort: no split yet
         model = build_model("brain-age", "imaging", image_shape=image.shape[1:])
         loss_fn = lambda pred, y: F.mse_loss(pred.float(), y)                    # Eq. 4
     batch = (torch.as_tensor(image, dtype=torch.float32)[:, None], torch.as_tensor(tabular), target)
