@@ -170,6 +170,12 @@ def check_output(option, path, inputs=()):
             raise UserError(f"{option} {path}: would overwrite {p}, an input of this command; choose another file")
 
 
+def check_folder(option, path, what):
+    """An output folder named by `option`, before any work: refused when it is a file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{option} {path}: a file, not a folder; give the folder for {what}")
+
+
 def file_sha256(path):
     """sha256 of a file's bytes: a table's identity (stored in checkpoints), an image's content."""
     h = hashlib.sha256()

@@ -31,8 +31,8 @@ import data
 import predict
 import train_ad
 import train_brain_age
-from data import (ArgumentParser, Progress, TabularPreprocessor, UserError, atomic_path, check_number, check_output,
-                  duration_text, matplotlib_or_none, run_cli, write_csv, write_json, write_text)
+from data import (ArgumentParser, Progress, TabularPreprocessor, UserError, atomic_path, check_folder, check_number,
+                  check_output, duration_text, matplotlib_or_none, run_cli, write_csv, write_json, write_text)
 from metrics import (CALIBRATION_BINS, CALIBRATION_COLUMNS, age_bias_fit, classification_metrics, corrected_gap,
                      entropy_weighted_ensemble, expected_calibration_error, fmt, fmt_p, gap_summary, mann_whitney_p,
                      markdown_table, mean_ensemble, mean_std, regression_metrics, reliability, shown)
@@ -66,8 +66,7 @@ def check_plots_folder(folder):
     """Before any work: --plots needs matplotlib and a folder, else nothing is computed nor half-written."""
     if matplotlib_or_none() is None:
         raise UserError("--plots needs matplotlib: pip install matplotlib")
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise UserError(f"--plots {folder}: is a file; give a folder for the PNG files")
+    check_folder("--plots", folder, "the PNG files")
 
 
 def file_part(name):
@@ -877,8 +876,8 @@ def main(argv=None):
     if getattr(a, "plots", None):      # before any work: without matplotlib nothing is computed, nothing written
         check_plots_folder(a.plots)
     option, out = ("--runs", a.runs) if a.command == "protocol" else ("--out", getattr(a, "out", None))
-    if a.command != "select-layers" and out and os.path.exists(out) and not os.path.isdir(out):   # its --out: a file
-        raise UserError(f"{option} {out}: a file, not a folder; give the folder for the results")
+    if a.command != "select-layers" and out:                     # select-layers' --out: a file
+        check_folder(option, out, "the results")
     if a.command == "ad":
         return evaluate_ad(a.runs, a.binary, a.out, plots_dir=a.plots)
     if a.command == "brain-age":

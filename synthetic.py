@@ -32,8 +32,8 @@ import numpy as np
 from scipy import ndimage
 
 from data import (AD_ATTRIBUTES, CLASS_NAMES, ArgumentParser, HippocampusCrops, Progress, UserError, cache_lock,
-                  check_number, duration_text, read_brain_age_table, read_csv_rows, run_cli, save_nifti, write_csv,
-                  write_json)
+                  check_folder, check_number, duration_text, read_brain_age_table, read_csv_rows, run_cli, save_nifti,
+                  write_csv, write_json)
 from metrics import fmt, markdown_table, regression_metrics
 
 AD_SYNTH = {
@@ -292,8 +292,7 @@ BUILTIN = {"ad": ("synthetic_ad", "ad.csv", make_synthetic_ad, dict(n=600, seed=
 def builtin_cohort(task, data_dir, quiet=False):
     """The task's built-in cohort under data_dir, generated on first use or when another generator wrote it."""
     folder, name, make, options = BUILTIN[task]
-    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
-        raise UserError(f"--data-dir {data_dir}: a file, not a folder; give the folder for the synthetic cohort")
+    check_folder("--data-dir", data_dir, "the synthetic cohort")
     csv_path = os.path.abspath(os.path.join(data_dir, folder, name))
     os.makedirs(data_dir, exist_ok=True)
     # runs started at once (a job array): one generates, the others wait and find it

@@ -3433,8 +3433,9 @@ def test_numeric_options_out_of_range_are_refused_naming_the_option(tmp_path):
     assert_clean_error(run_main(train_ad.main, "--data-dir", csv_path, "--out", tmp_path / "r"), "--data-dir", "a file")
     assert_clean_error(run_main(evaluate.main, "protocol", "--task", "ad", "--runs", csv_path, "--print-commands"),
                        "--runs", "a file, not a folder")
-    assert_clean_error(run_main(evaluate.main, "calibrate", tmp_path, "--out", csv_path), "--out",
-                       "a file, not a folder")
+    for option in ("--out", "--plots"):
+        assert_clean_error(run_main(evaluate.main, "calibrate", tmp_path, option, csv_path), f"{option} {csv_path}",
+                           "a file, not a folder")
     assert_clean_error(run_main(evaluate.main, "sweep", tmp_path, "--attribute", "Sex", "--values", "M"),
                        "not a run folder (no best.pt in it)")
 

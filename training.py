@@ -18,7 +18,7 @@ import torch.distributed as dist
 from scipy.optimize import minimize_scalar
 from torch.nn.parallel import DistributedDataParallel
 
-from data import (HippocampusCrops, Progress, TabularPreprocessor, UserError, atomic_path, check_number,
+from data import (HippocampusCrops, Progress, TabularPreprocessor, UserError, atomic_path, check_folder, check_number,
                   warn, write_bytes, write_csv, write_json)
 from metrics import calibration_metrics
 from models import AgeTarget, build_model, class_probabilities
@@ -239,8 +239,7 @@ def common_run_fields(args, device, task, demo, real):
     for k, least in dict(epochs=1, batch_size=1, weight_decay=0, workers=0, version=0, split_seed=0).items():
         check_number("--" + k.replace("_", "-"), args.get(k), least=least, most=most.get(k))
     check_number("--lr", args.get("lr"), above=0)
-    if os.path.exists(args["out"]) and not os.path.isdir(args["out"]):       # before the cohort is generated
-        raise UserError(f"--out {args['out']}: a file, not a folder; give the folder for the runs")
+    check_folder("--out", args["out"], "the runs")                      # before the cohort is generated
     precision = resolve_precision(args["precision"], device, quiet)     # refused before the cohort is generated
     schedule = {k: args[k] if args[k] is not None else (demo if synthetic else real)[k] for k in SCHEDULE}
     b, n = schedule["batch_size"], world_size()    # torchrun: each process takes b / n of every step's batch
